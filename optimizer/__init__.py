@@ -1,0 +1,44 @@
+"""onnxpress: make exported ONNX models smaller and faster, and prove how much accuracy they kept.
+
+Public API (each function accepts a path or an ``onnx.ModelProto`` and never modifies it)::
+
+    import onnxpress
+    onnxpress.cleanup("model.onnx", "clean.onnx")       # fold constants and BatchNormalization
+"""
+
+from __future__ import annotations
+
+from onnxpress.api import cleanup
+from onnxpress.driver import TransformResult, transform
+from onnxpress.errors import (
+    CalibrationError,
+    DataError,
+    ModelLoadError,
+    OnnxpressError,
+    OutputError,
+    PassError,
+    UnsupportedModelError,
+    ValidationError,
+)
+from onnxpress.model_io import load_model, normalize_model, save_model
+from onnxpress.pipeline import run_passes
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CalibrationError",
+    "DataError",
+    "ModelLoadError",
+    "OnnxpressError",
+    "OutputError",
+    "PassError",
+    "TransformResult",
+    "UnsupportedModelError",
+    "ValidationError",
+    "cleanup",
+    "load_model",
+    "normalize_model",
+    "run_passes",
+    "save_model",
+    "transform",
+]

@@ -1,0 +1,27 @@
+"""Public Python API functions that are not big enough for a module of their own."""
+
+from __future__ import annotations
+
+import os
+
+from onnxpress.driver import TransformResult, transform
+from onnxpress.model_io import ModelSource
+from onnxpress.pipeline import cleanup_passes
+
+__all__ = ["cleanup"]
+
+
+def cleanup(
+    model: ModelSource,
+    output: str | os.PathLike[str] | None = None,
+    *,
+    progress: bool = False,
+) -> TransformResult:
+    """Fold constants (and ``Constant``-node weights) and BatchNormalization; exact in float.
+
+    Args:
+        model: path or ModelProto (never modified).
+        output: where to write the result (atomically, checked); ``None`` to only return it.
+        progress: show a progress bar over the passes.
+    """
+    return transform(model, cleanup_passes(), output, progress=progress)

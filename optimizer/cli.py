@@ -1,0 +1,74 @@
+"""The ``onnxpress`` command line.
+
+The CLI only parses arguments and calls the same Python API users call. Each subcommand lives in
+``onnxpress.commands.<name>`` and exposes ``register(subparsers)``, which adds its parser with
+``set_defaults(func=run)``; ``run(args) -> int``. Our own errors print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from onnxpress.errors import OnnxpressError
+
+__all__ = ["build_parser", "main"]
+
+# Only commands that work are listed (no stubs).
+_COMMANDS: tuple[str, ...] = (
+    "onnxpress.commands.cleanup",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser with every subcommand registered."""
+    from onnxpress import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="onnxpress",
+        description="Make exported ONNX models smaller and faster; validate them on onnxruntime.",
+    )
+    parser.add_argument("--version", action="version", version=f"onnxpress {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module in _COMMANDS:
+        importlib.import_module(module).register(sub)
+    return parser
+
+
+def add_common(parser: argparse.ArgumentParser) -> None:
+    """Options every subcommand shares."""
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
+def progress_enabled(args: argparse.Namespace) -> bool:
+    """Progress bars unless ``--quiet`` or stderr is not a terminal."""
+    return not getattr(args, "quiet", False) and sys.stderr.isatty()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the process exit status (0 ok, 2 for our errors)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING - 10 * min(args.verbose, 2),
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except OnnxpressError as exc:
+        print(f"onnxpress: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("onnxpress: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,31 @@
+"""``onnxpress cleanup MODEL -o OUT``: fold constants and BatchNormalization (exact)."""
+
+from __future__ import annotations
+
+import argparse
+
+from onnxpress.api import cleanup
+from onnxpress.cli import add_common, progress_enabled
+from onnxpress.reporting import format_table, node_count
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``cleanup`` subcommand."""
+    p = sub.add_parser("cleanup", help="fold constants and BatchNormalization into Conv/Gemm (exact)")
+    p.add_argument("model", help="input .onnx model (never modified)")
+    p.add_argument("-o", "--output", required=True, help="where to write the cleaned model")
+    add_common(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run cleanup and print what changed."""
+    from onnxpress.model_io import load_model
+
+    before = load_model(args.model)
+    result = cleanup(before, args.output, progress=progress_enabled(args))
+    rows = [[key, str(value)] for key, value in sorted(result.stats.items())]
+    rows.append(["nodes", f"{node_count(before)} -> {node_count(result.model)}"])
+    print(format_table(["what", "count"], rows))
+    print(f"wrote {result.output}")
+    return 0

@@ -1,0 +1,295 @@
+"""Model I/O: load, check, normalise and save ONNX models without ever damaging a file.
+
+- ``load_model`` accepts a path or a ``ModelProto`` and always returns a private copy, so the
+  caller's object and file are never modified. External data is resolved relative to the model.
+- ``normalize_model`` rewrites what exporters leave behind into the form our passes expect:
+  weights held in ``Constant`` nodes become initializers, and opsets older than ``min_opset`` are
+  upgraded with onnx's version converter.
+- ``save_model`` writes atomically: model (and external data, chosen automatically above ~1.8 GiB)
+  go to a hidden scratch folder beside the destination, are checked with ``onnx.checker`` and loaded
+  in onnxruntime, and only then renamed into place. On any failure nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Union
+
+import onnx
+from google.protobuf.message import DecodeError
+from onnx import numpy_helper
+
+from onnxpress.errors import ModelLoadError, OutputError, UnsupportedModelError
+
+__all__ = [
+    "ModelSource",
+    "check_model",
+    "check_output_path",
+    "default_opset",
+    "infer_shapes",
+    "load_model",
+    "model_digest",
+    "normalize_model",
+    "save_model",
+]
+
+log = logging.getLogger(__name__)
+
+ModelSource = Union[str, "os.PathLike[str]", onnx.ModelProto]
+"""What every public API accepts as a model: a path or a ModelProto."""
+
+# Protobuf refuses to serialise a message of 2 GiB or more; stay clear of the edge.
+_EXTERNAL_DATA_THRESHOLD = int(1.8 * 2**30)
+
+
+def load_model(source: str | os.PathLike[str] | onnx.ModelProto, *, check: bool = True) -> onnx.ModelProto:
+    """Load a model from a path or copy a ``ModelProto``; never returns the caller's object.
+
+    Args:
+        source: path to an ``.onnx`` file (external data is resolved beside it) or a ModelProto.
+        check: run ``onnx.checker`` (full check) on the loaded model.
+
+    Raises:
+        ModelLoadError: the file is missing, a folder, empty, not an ONNX model, its external data
+            is missing or truncated, or the checker rejects it.
+    """
+    if isinstance(source, onnx.ModelProto):
+        model = copy.deepcopy(source)
+        where = "the given ModelProto"
+    else:
+        path = Path(source)
+        where = str(path)
+        if not path.exists():
+            raise ModelLoadError(f"model file not found: {path}")
+        if path.is_dir():
+            raise ModelLoadError(f"{path} is a folder, not an ONNX model file")
+        if path.stat().st_size == 0:
+            raise ModelLoadError(f"{path} is empty; expected an ONNX model file")
+        try:
+            model = onnx.load(str(path), load_external_data=False)
+        except (DecodeError, RuntimeError, ValueError) as exc:
+            raise ModelLoadError(f"{path} is not a valid ONNX model ({_first_line(exc)})") from None
+        _load_external_data(model, path)
+    if model.ir_version == 0 or not model.HasField("graph") or not model.opset_import:
+        raise ModelLoadError(f"{where} is not an ONNX model (no graph, IR version or opset)")
+    if check:
+        check_model(model, where=where)
+    return model
+
+
+def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
+    """Resolve external tensors beside ``path`` with a clear error for missing/short files."""
+    base = path.parent
+    for tensor in onnx.external_data_helper._get_all_tensors(model):
+        if not onnx.external_data_helper.uses_external_data(tensor):
+            continue
+        info = onnx.external_data_helper.ExternalDataInfo(tensor)
+        data_path = (base / info.location).resolve()
+        if not data_path.is_file():
+            raise ModelLoadError(
+                f"external data file {info.location!r} of tensor {tensor.name!r} not found beside {path}; "
+                "copy it next to the model"
+            )
+        needed = (info.offset or 0) + (info.length or 0)
+        if info.length and data_path.stat().st_size < needed:
+            raise ModelLoadError(
+                f"external data file {data_path.name} is truncated: tensor {tensor.name!r} needs bytes "
+                f"up to {needed}, file has {data_path.stat().st_size}"
+            )
+    try:
+        onnx.load_external_data_for_model(model, str(base))
+    except (OSError, ValueError, onnx.checker.ValidationError) as exc:
+        raise ModelLoadError(f"cannot read external data of {path}: {_first_line(exc)}") from None
+
+
+def check_model(model: onnx.ModelProto, *, where: str = "model") -> None:
+    """Run ``onnx.checker`` with full check (shape inference included); raise ModelLoadError."""
+    try:
+        if _approx_size(model) < _EXTERNAL_DATA_THRESHOLD:
+            onnx.checker.check_model(model, full_check=True)
+        else:  # the in-memory checker cannot take >2 GiB; check structure without shape inference
+            onnx.checker.check_model(model, full_check=False)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, ValueError) as exc:
+        raise ModelLoadError(f"{where} fails onnx.checker: {_first_line(exc)}") from None
+
+
+def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Return a copy with inferred value_info; the model unchanged when inference cannot run."""
+    if _approx_size(model) >= _EXTERNAL_DATA_THRESHOLD:
+        return copy.deepcopy(model)
+    try:
+        return onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+    except (onnx.shape_inference.InferenceError, ValueError) as exc:
+        log.debug("shape inference failed: %s", exc)
+        return copy.deepcopy(model)
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    """The opset version of the default (``ai.onnx``) domain."""
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return imp.version
+    raise UnsupportedModelError("model imports no ai.onnx opset")
+
+
+def normalize_model(model: onnx.ModelProto, *, min_opset: int | None = 13) -> onnx.ModelProto:
+    """Return a normalised copy: Constant-node weights as initializers, opset >= ``min_opset``.
+
+    Raises:
+        UnsupportedModelError: the opset cannot be upgraded (names the versions and the reason).
+    """
+    model = copy.deepcopy(model)
+    _constants_to_initializers(model.graph)
+    if min_opset is not None:
+        current = default_opset(model)
+        if current < min_opset:
+            try:
+                upgraded = onnx.version_converter.convert_version(model, min_opset)
+            except Exception as exc:  # the converter raises bare RuntimeError/IndexError on failure
+                raise UnsupportedModelError(
+                    f"cannot upgrade the model from opset {current} to {min_opset} "
+                    f"({_first_line(exc)}); re-export it with opset >= {min_opset}"
+                ) from None
+            log.info("upgraded opset %d -> %d", current, min_opset)
+            model = upgraded
+            _constants_to_initializers(model.graph)
+    return model
+
+
+def _constants_to_initializers(graph: onnx.GraphProto) -> int:
+    """Turn main-graph ``Constant`` nodes that hold tensors into initializers; return how many."""
+    keep, moved = [], 0
+    for node in graph.node:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and len(node.attribute) == 1:
+            attr = node.attribute[0]
+            tensor = None
+            if attr.name == "value":
+                tensor = numpy_helper.to_array(attr.t)
+            elif attr.name in ("value_float", "value_floats", "value_int", "value_ints"):
+                import numpy as np
+
+                value = onnx.helper.get_attribute_value(attr)
+                dtype = np.float32 if "float" in attr.name else np.int64
+                tensor = np.asarray(value, dtype=dtype)
+            if tensor is not None:
+                init = numpy_helper.from_array(tensor, node.output[0])
+                graph.initializer.append(init)
+                moved += 1
+                continue
+        keep.append(node)
+    if moved:
+        del graph.node[:]
+        graph.node.extend(keep)
+    return moved
+
+
+def model_digest(model: onnx.ModelProto) -> str:
+    """A stable hex digest of the model's serialised bytes (for caches)."""
+    h = hashlib.sha256()
+    h.update(model.SerializeToString(deterministic=True) if _approx_size(model) < _EXTERNAL_DATA_THRESHOLD else b"")
+    for init in model.graph.initializer:
+        h.update(init.name.encode())
+        h.update(init.raw_data)
+    return h.hexdigest()[:16]
+
+
+def check_output_path(output: str | os.PathLike[str], inputs: Iterable[str | os.PathLike[str] | object] = ()) -> Path:
+    """Check that ``output`` can be written and is none of ``inputs``; return it as a Path.
+
+    Raises:
+        OutputError: the folder is missing or not writable, the path is a folder, or it equals an input.
+    """
+    out = Path(output)
+    for src in inputs:
+        if isinstance(src, (str, os.PathLike)) and Path(src).exists() and out.exists() and out.resolve() == Path(src).resolve():
+            raise OutputError(f"output path {out} is the input model; write the result to another path")
+    if out.is_dir():
+        raise OutputError(f"output path {out} is a folder; give a file name such as {out / 'model.onnx'}")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise OutputError(f"cannot write {out}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write {out}: no permission to write in {parent}")
+    return out
+
+
+def save_model(
+    model: onnx.ModelProto,
+    path: str | os.PathLike[str],
+    *,
+    external_data: bool | None = None,
+    verify: bool = True,
+) -> Path:
+    """Write ``model`` atomically, checked by ``onnx.checker`` and loaded in onnxruntime first.
+
+    Args:
+        model: the model; it is not modified.
+        path: destination file. With external data the tensors go to ``<name>.data`` beside it.
+        external_data: force (True) or forbid (False) external data; by default it is used only
+            when the model would exceed protobuf's 2 GiB limit.
+        verify: load the written model in onnxruntime before moving it into place.
+
+    Raises:
+        OutputError: the destination cannot be written.
+        ModelLoadError / UnsupportedModelError: the model fails the checker or does not load.
+    """
+    out = check_output_path(path)
+    if external_data is None:
+        external_data = _approx_size(model) >= _EXTERNAL_DATA_THRESHOLD
+    try:
+        scratch = Path(tempfile.mkdtemp(prefix=".onnxpress-", dir=out.parent))
+    except OSError as exc:
+        raise OutputError(f"cannot write {out}: {exc.strerror}") from None
+    try:
+        tmp_model = scratch / out.name
+        data_name = out.name + ".data"
+        to_write = copy.deepcopy(model)
+        if external_data:
+            onnx.save_model(
+                to_write,
+                str(tmp_model),
+                save_as_external_data=True,
+                all_tensors_to_one_file=True,
+                location=data_name,
+                size_threshold=1024,
+            )
+        else:
+            onnx.external_data_helper.convert_model_from_external_data(to_write)
+            onnx.save_model(to_write, str(tmp_model))
+        try:
+            onnx.checker.check_model(str(tmp_model), full_check=True)
+        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+            raise ModelLoadError(f"refusing to write {out}: result fails onnx.checker: {_first_line(exc)}") from None
+        if verify:
+            from onnxpress.runtime import make_session
+
+            make_session(str(tmp_model), what=f"result for {out}")
+        if external_data:
+            os.replace(scratch / data_name, out.parent / data_name)
+        os.replace(tmp_model, out)
+    except OSError as exc:
+        raise OutputError(f"cannot write {out}: {exc.strerror or exc}") from None
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    log.info("wrote %s", out)
+    return out
+
+
+def _approx_size(model: onnx.ModelProto) -> int:
+    """Bytes of initializer data plus a margin; cheap, and safe to call on >2 GiB models."""
+    total = 0
+    for init in model.graph.initializer:
+        total += len(init.raw_data) or init.ByteSize()
+    return total + 1_000_000
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]

@@ -1,0 +1,105 @@
+"""Run lists of passes; pipelines are functions that return lists of passes.
+
+``run_passes`` imports the model once into onnx-graphsurgeon, then for each pass: ``requires``,
+the pass, ``cleanup().toposort()`` (the checker rejects unsorted graphs), stats merged under
+``"<pass>.<key>"``. An unexpected exception becomes a ``PassError`` naming the passes that ran
+before; our own typed errors pass through unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+
+import onnx
+import onnx_graphsurgeon as gs
+from tqdm.auto import tqdm
+
+from onnxpress.errors import OnnxpressError, PassError
+from onnxpress.passes.base import GraphPass
+
+__all__ = ["PipelineResult", "cleanup_passes", "export_graph", "import_graph", "run_passes"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineResult:
+    """The rewritten model, merged counters, the names of the passes that ran, and their notes."""
+
+    model: onnx.ModelProto
+    stats: dict[str, int]
+    history: tuple[str, ...]
+    notes: tuple[str, ...] = ()
+
+    @property
+    def modified(self) -> bool:
+        """Whether any pass changed the graph."""
+        return any(v for k, v in self.stats.items() if k.endswith(".modified"))
+
+
+def import_graph(model: onnx.ModelProto) -> gs.Graph:
+    """onnx-graphsurgeon graph of ``model`` (the model itself is not modified)."""
+    return gs.import_onnx(model)
+
+
+def export_graph(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
+    """Export ``graph`` to a ModelProto, keeping ``like``'s IR version, producer and metadata."""
+    model = gs.export_onnx(graph.cleanup().toposort())
+    model.ir_version = max(like.ir_version, 7) if like.ir_version else model.ir_version
+    model.producer_name = like.producer_name or "onnxpress"
+    model.producer_version = like.producer_version
+    del model.metadata_props[:]
+    model.metadata_props.extend(like.metadata_props)
+    known = {imp.domain for imp in model.opset_import}
+    for imp in like.opset_import:  # keep imported domains gs dropped (e.g. unused-by-now domains)
+        if imp.domain not in known:
+            model.opset_import.append(imp)
+    return model
+
+
+def run_passes(
+    model: onnx.ModelProto,
+    passes: Sequence[GraphPass],
+    *,
+    progress: bool = False,
+) -> PipelineResult:
+    """Run ``passes`` in order on a copy of ``model``.
+
+    Raises:
+        PassError: a pass failed unexpectedly (message names it and the passes before it).
+        OnnxpressError: a pass's ``requires`` (or the pass) raised one of our typed errors.
+    """
+    graph = import_graph(model)
+    stats: dict[str, int] = {}
+    notes: list[str] = []
+    history: list[str] = []
+    bar = tqdm(passes, desc="passes", unit="pass", disable=not progress, leave=False)
+    for pass_ in bar:
+        bar.set_postfix_str(pass_.name)
+        try:
+            pass_.requires(graph)
+            result = pass_(graph)
+            graph = result.graph.cleanup().toposort()
+        except OnnxpressError:
+            raise
+        except Exception as exc:
+            before = ", ".join(history) or "none"
+            raise PassError(
+                f"pass {pass_.name!r} failed ({type(exc).__name__}: {exc}); passes run before it: [{before}]"
+            ) from exc
+        history.append(pass_.name)
+        stats[f"{pass_.name}.modified"] = stats.get(f"{pass_.name}.modified", 0) + int(result.modified)
+        for key, value in result.stats.items():
+            stats[f"{pass_.name}.{key}"] = stats.get(f"{pass_.name}.{key}", 0) + int(value)
+        notes.extend(f"{pass_.name}: {n}" for n in result.notes)
+        log.debug("pass %s: modified=%s stats=%s", pass_.name, result.modified, dict(result.stats))
+    return PipelineResult(export_graph(graph, model), stats, tuple(history), tuple(notes))
+
+
+def cleanup_passes() -> list[GraphPass]:
+    """The passes every pipeline starts with: fold constants, then fold BatchNormalization."""
+    from onnxpress.passes.fold import FoldBatchNorm, FoldConstants
+
+    return [FoldConstants(), FoldBatchNorm()]

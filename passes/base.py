@@ -1,0 +1,78 @@
+"""The pass interface shared by every graph rewrite.
+
+A pass is a small object with typed constructor arguments::
+
+    class FoldBatchNorm:
+        name = "fold_batchnorm"
+        def requires(self, graph): ...          # raise UnsupportedModelError if it cannot run
+        def __call__(self, graph) -> PassResult  # edit the graph, count what changed
+
+``PassResult.stats`` holds counters (``{"folded": 3}``) that the driver merges under
+``"<pass name>.<key>"``; ``notes`` holds one line per node the pass declined and why, for reports.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+from collections.abc import Iterator, Mapping
+from typing import Protocol, runtime_checkable
+
+import onnx_graphsurgeon as gs
+
+__all__ = ["GraphPass", "PassResult", "quiet_graphsurgeon", "unique_name"]
+
+
+@dataclasses.dataclass(frozen=True)
+class PassResult:
+    """What one pass did: the graph, whether it changed, counters and per-node notes."""
+
+    graph: gs.Graph
+    modified: bool
+    stats: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    notes: tuple[str, ...] = ()
+
+
+@runtime_checkable
+class GraphPass(Protocol):
+    """Protocol of a graph pass (see the module docstring)."""
+
+    name: str
+
+    def requires(self, graph: gs.Graph) -> None:
+        """Raise ``UnsupportedModelError`` when the pass cannot run on this graph."""
+
+    def __call__(self, graph: gs.Graph) -> PassResult:
+        """Rewrite ``graph`` (in place or into a new graph) and report what changed."""
+
+
+def unique_name(graph: gs.Graph, base: str) -> str:
+    """A tensor/node name starting with ``base`` that is not used anywhere in ``graph`` yet."""
+    used = _used_names(graph)
+    if base not in used:
+        return base
+    for i in itertools.count(1):
+        candidate = f"{base}_{i}"
+        if candidate not in used:
+            return candidate
+    raise AssertionError("unreachable")
+
+
+def _used_names(graph: gs.Graph) -> set[str]:
+    names = set(graph.tensors().keys())
+    names.update(node.name for node in graph.nodes if node.name)
+    return names
+
+
+@contextlib.contextmanager
+def quiet_graphsurgeon() -> Iterator[None]:
+    """Silence onnx-graphsurgeon's own logger (it prints warnings to stdout) for a block."""
+    from onnx_graphsurgeon.logger import G_LOGGER
+
+    old = G_LOGGER.severity
+    G_LOGGER.severity = G_LOGGER.CRITICAL
+    try:
+        yield
+    finally:
+        G_LOGGER.severity = old

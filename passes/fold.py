@@ -1,0 +1,164 @@
+"""Cleanup passes: constant folding and BatchNormalization folding.
+
+FoldBatchNorm, for a Conv (or ConvTranspose/Gemm) whose only consumer is a BatchNormalization::
+
+    y = gamma * (W*x + b - mean) / sqrt(var + eps) + beta
+      = (W * a) * x + (b - mean) * a + beta,        a = gamma / sqrt(var + eps)  (per channel)
+
+    X -> Conv(W, b) -> BN(gamma, beta, mean, var) -> Y   ==>   X -> Conv(W', b') -> Y
+
+The fold is exact up to float rounding (tested ≤ 1e-5 on onnxruntime). It declines, with a reason,
+when the conv output is also a graph output or has other consumers, when a parameter is not a
+constant, or when BN is in training mode.
+
+FoldConstants uses onnx-graphsurgeon's ``fold_constants`` (which evaluates constant subgraphs with
+onnxruntime) rather than a folder of our own: it is well kept, handles shape subgraphs that
+exporters leave behind, and folding is not where this project adds value.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxpress.passes.base import PassResult, quiet_graphsurgeon
+
+__all__ = ["FoldBatchNorm", "FoldConstants"]
+
+log = logging.getLogger(__name__)
+
+
+class FoldConstants:
+    """Fold constant subgraphs and ``Constant`` nodes into initializers; drop dead nodes."""
+
+    name = "fold_constants"
+
+    def requires(self, graph: gs.Graph) -> None:
+        """No preconditions."""
+
+    def __call__(self, graph: gs.Graph) -> PassResult:
+        """Fold in place; count the nodes removed."""
+        before = len(graph.nodes)
+        _constant_nodes_to_tensors(graph)
+        with quiet_graphsurgeon():
+            graph.fold_constants(error_ok=True).cleanup()
+        removed = before - len(graph.nodes)
+        return PassResult(graph, removed > 0, {"nodes_removed": removed})
+
+
+def _constant_nodes_to_tensors(graph: gs.Graph) -> None:
+    """Replace ``Constant`` nodes by constant tensors with ONNX's dtypes.
+
+    Done by hand because onnx-graphsurgeon 0.6 turns ``value_float`` into float64, which then
+    breaks folding of float32 arithmetic (Mul(float, double)).
+    """
+    for node in [n for n in graph.nodes if n.op == "Constant" and len(n.outputs) == 1 and len(n.attrs) == 1]:
+        (key, value), = node.attrs.items()
+        if key == "value" and isinstance(value, gs.Constant):
+            array = value.values
+        elif key in ("value_float", "value_floats"):
+            array = np.asarray(value, dtype=np.float32)
+        elif key in ("value_int", "value_ints"):
+            array = np.asarray(value, dtype=np.int64)
+        else:
+            continue
+        out = node.outputs[0]
+        const = gs.Constant(out.name, np.asarray(array))
+        for consumer in list(out.outputs):
+            for i, tensor in enumerate(consumer.inputs):
+                if tensor is out:
+                    consumer.inputs[i] = const
+        graph.outputs[:] = [const if t is out else t for t in graph.outputs]
+        node.outputs.clear()
+
+
+_FOLDABLE = {"Conv": 0, "ConvTranspose": 1, "Gemm": None}
+
+
+class FoldBatchNorm:
+    """Fold ``BatchNormalization`` into a preceding Conv, ConvTranspose or Gemm."""
+
+    name = "fold_batchnorm"
+
+    def requires(self, graph: gs.Graph) -> None:
+        """No preconditions."""
+
+    def __call__(self, graph: gs.Graph) -> PassResult:
+        """Fold every eligible producer → BatchNormalization pair."""
+        folded, notes = 0, []
+        for bn in [n for n in graph.nodes if n.op == "BatchNormalization"]:
+            reason = self._decline_reason(graph, bn)
+            if reason:
+                notes.append(f"{bn.name or bn.outputs[0].name}: kept ({reason})")
+                log.debug("fold_batchnorm declines %s: %s", bn.name, reason)
+                continue
+            self._fold(graph, bn)
+            folded += 1
+        return PassResult(graph, folded > 0, {"folded": folded}, tuple(notes))
+
+    @staticmethod
+    def _decline_reason(graph: gs.Graph, bn: gs.Node) -> str | None:
+        x = bn.inputs[0]
+        if not x.inputs:
+            return "input is not produced by a node"
+        prod = x.inputs[0]
+        if prod.op not in _FOLDABLE:
+            return f"producer is {prod.op}, not Conv/ConvTranspose/Gemm"
+        if len(x.outputs) != 1:
+            return "producer output has other consumers"
+        if x in graph.outputs:
+            return "producer output is a graph output"
+        if len(bn.outputs) != 1 or int(bn.attrs.get("training_mode", 0)):
+            return "training-mode BatchNormalization"
+        if not all(isinstance(t, gs.Constant) for t in bn.inputs[1:5]):
+            return "BN parameters are not constants"
+        params = prod.inputs[1:]
+        if not all(isinstance(t, gs.Constant) for t in params if t is not None and t.name):
+            return "weights are not constants"
+        w = prod.inputs[1]
+        if any(len(t.outputs) > 1 for t in params if isinstance(t, gs.Constant)):
+            return "weights are shared with another node"
+        if prod.op == "ConvTranspose" and int(prod.attrs.get("group", 1)) != 1:
+            return "grouped ConvTranspose"
+        if prod.op == "Gemm":
+            if len(bn.inputs[0].shape or ()) not in (0, 2) and bn.inputs[0].shape is not None:
+                return "Gemm output is not 2-D"
+            if float(prod.attrs.get("alpha", 1.0)) != 1.0 or (len(prod.inputs) > 2 and float(prod.attrs.get("beta", 1.0)) != 1.0):
+                return "Gemm alpha/beta != 1"
+        if not np.issubdtype(w.values.dtype, np.floating):
+            return "weights are not floating point"
+        return None
+
+    @staticmethod
+    def _fold(graph: gs.Graph, bn: gs.Node) -> None:
+        prod = bn.inputs[0].inputs[0]
+        gamma, beta, mean, var = (t.values.astype(np.float64) for t in bn.inputs[1:5])
+        eps = float(bn.attrs.get("epsilon", 1e-5))
+        a = gamma / np.sqrt(var + eps)
+        w_t = prod.inputs[1]
+        w = w_t.values.astype(np.float64)
+        dtype = w_t.values.dtype
+        if prod.op == "Conv":
+            w = w * a.reshape((-1,) + (1,) * (w.ndim - 1))
+        elif prod.op == "ConvTranspose":  # weight layout [C_in, C_out/group, k...]
+            w = w * a.reshape((1, -1) + (1,) * (w.ndim - 2))
+        else:  # Gemm: output features are W's rows if transB else its columns
+            w = w * (a.reshape(-1, 1) if int(prod.attrs.get("transB", 0)) else a.reshape(1, -1))
+        has_bias = len(prod.inputs) > 2 and prod.inputs[2] is not None and prod.inputs[2].name
+        b = prod.inputs[2].values.astype(np.float64) if has_bias else np.zeros_like(a)
+        b = np.broadcast_to(b, a.shape)
+        new_b = (b - mean) * a + beta
+        prod.inputs[1] = gs.Constant(w_t.name, w.astype(dtype))
+        bias = gs.Constant(prod.inputs[2].name if has_bias else f"{w_t.name}_bnbias", new_b.astype(dtype))
+        if has_bias:
+            prod.inputs[2] = bias
+        else:
+            if prod.op == "Gemm":
+                prod.attrs["beta"] = 1.0
+            prod.inputs.append(bias)
+        y = bn.outputs[0]
+        prod.outputs[0] = y
+        bn.outputs.clear()
+        bn.inputs.clear()

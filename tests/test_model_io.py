@@ -1,0 +1,91 @@
+"""Model I/O: private copies, clear load errors, atomic checked saves, normalisation."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+from onnxpress.errors import ModelLoadError, OutputError
+from onnxpress.model_io import default_opset, load_model, normalize_model, save_model
+from tests import graphs
+
+
+def test_load_returns_a_private_copy():
+    model = graphs.gemm()
+    loaded = load_model(model)
+    loaded.graph.node[0].op_type = "MatMul"
+    assert model.graph.node[0].op_type == "Gemm"
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [(b"", "is empty"), (b"hello, this is text\n", "not a valid ONNX model"), (None, "not found")],
+)
+def test_bad_files_give_clear_errors(tmp_path, content, message):
+    path = tmp_path / "m.onnx"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(ModelLoadError, match=message):
+        load_model(path)
+
+
+def test_folder_instead_of_file(tmp_path):
+    with pytest.raises(ModelLoadError, match="is a folder"):
+        load_model(tmp_path)
+
+
+def test_truncated_file(tmp_path):
+    data = graphs.gemm().SerializeToString()
+    path = tmp_path / "t.onnx"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelLoadError):
+        load_model(path)
+
+
+def test_external_data_round_trip_and_missing_data(tmp_path):
+    model = graphs.gemm(k=64, n=64)
+    out = save_model(model, tmp_path / "ext.onnx", external_data=True)
+    assert (tmp_path / "ext.onnx.data").is_file()
+    again = load_model(out)
+    np.testing.assert_array_equal(
+        numpy_helper.to_array(again.graph.initializer[0]), numpy_helper.to_array(model.graph.initializer[0])
+    )
+    os.remove(tmp_path / "ext.onnx.data")
+    with pytest.raises(ModelLoadError, match="external data file"):
+        load_model(out)
+
+
+def test_save_is_atomic_and_leaves_no_scratch(tmp_path):
+    model = graphs.gemm()
+    save_model(model, tmp_path / "a.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.onnx"]
+    broken = graphs.gemm()
+    broken.graph.node[0].input[1] = "missing"
+    with pytest.raises(ModelLoadError, match="onnx.checker"):
+        save_model(broken, tmp_path / "b.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.onnx"]
+
+
+def test_unwritable_outputs(tmp_path):
+    with pytest.raises(OutputError, match="does not exist"):
+        save_model(graphs.gemm(), tmp_path / "nope" / "m.onnx")
+    with pytest.raises(OutputError, match="is a folder"):
+        save_model(graphs.gemm(), tmp_path)
+
+
+def test_normalize_moves_constant_weights_and_upgrades_opset():
+    w = numpy_helper.from_array(np.eye(4, dtype=np.float32), "wv")
+    nodes = [helper.make_node("Constant", [], ["W"], value=w), helper.make_node("MatMul", ["X", "W"], ["Y"])]
+    model = graphs.make_model(nodes, [("X", [2, 4])], [("Y", [2, 4])], opset=11)
+    norm = normalize_model(model, min_opset=13)
+    assert [n.op_type for n in norm.graph.node] == ["MatMul"]
+    assert [i.name for i in norm.graph.initializer] == ["W"]
+    assert default_opset(norm) == 13
+    onnx.checker.check_model(norm, full_check=True)
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    np.testing.assert_array_equal(graphs.run(norm, {"X": x})[0], x)
+    assert default_opset(model) == 11  # the input is untouched

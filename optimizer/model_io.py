@@ -208,7 +208,9 @@ def check_output_path(output: str | os.PathLike[str], inputs: Iterable[str | os.
     """
     out = Path(output)
     for src in inputs:
-        if isinstance(src, (str, os.PathLike)) and Path(src).exists() and out.exists() and out.resolve() == Path(src).resolve():
+        if not isinstance(src, (str, os.PathLike)):
+            continue
+        if Path(src).exists() and out.exists() and out.resolve() == Path(src).resolve():
             raise OutputError(f"output path {out} is the input model; write the result to another path")
     if out.is_dir():
         raise OutputError(f"output path {out} is a folder; give a file name such as {out / 'model.onnx'}")

@@ -16,7 +16,7 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
 
     def fmt(row: Sequence[str]) -> str:
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
 
     lines = [fmt(cells[0]), "  ".join("-" * w for w in widths)]
     lines.extend(fmt(r) for r in cells[1:])

@@ -125,7 +125,8 @@ class FoldBatchNorm:
         if prod.op == "Gemm":
             if len(bn.inputs[0].shape or ()) not in (0, 2) and bn.inputs[0].shape is not None:
                 return "Gemm output is not 2-D"
-            if float(prod.attrs.get("alpha", 1.0)) != 1.0 or (len(prod.inputs) > 2 and float(prod.attrs.get("beta", 1.0)) != 1.0):
+            beta_used = len(prod.inputs) > 2 and float(prod.attrs.get("beta", 1.0)) != 1.0
+            if float(prod.attrs.get("alpha", 1.0)) != 1.0 or beta_used:
                 return "Gemm alpha/beta != 1"
         if not np.issubdtype(w.values.dtype, np.floating):
             return "weights are not floating point"

@@ -1,0 +1,757 @@
+"""InsertQDQ: QuantizeLinear/DequantizeLinear pairs from a calibration table.
+
+For a tensor ``x`` with calibrated range ``[lo, hi]`` (widened to contain 0) and an integer type
+with limits ``[q_min, q_max]``::
+
+    uint8 (asymmetric):  s = (hi - lo) / 255,          z = round(-lo / s)   clipped to [0, 255]
+    int8  (symmetric):   s = max(|lo|, |hi|) / 127,    z = 0
+    Q(x)  = clip(round(x / s) + z, q_min, q_max),      DQ(q) = (q - z) * s
+
+so that ``|DQ(Q(x)) - x| <= s / 2`` inside the range. Weights are int8, symmetric, per output
+channel (``s_c = max|W_c| / 127``) or per tensor; a bias becomes int32 with ``s_b,c = s_x * s_w,c``
+and zero point 0, so ``Conv(DQ(x), DQ(W)) + DQ(b)`` is exactly what an integer kernel accumulates.
+
+Before / after on a Conv -> Relu feeding another Conv::
+
+    x -> Conv(W, b) -> Relu -> y -> Conv(W2, b2) -> ...
+    x -> Q -> DQ -> Conv(DQ(Wq), DQ(bq)) -> Relu -> y -> Q -> DQ -> Conv(DQ(W2q), DQ(b2q)) -> ...
+
+The placement follows what onnxruntime's CPU provider fuses (``QDQSelectorActionTransformer``):
+
+- ``DQ -> Conv -> Q`` becomes QLinearConv, ``DQ -> MatMul [-> Q]`` QLinearMatMul (or
+  MatMulIntegerToFloat without Q), ``DQ -> Gemm [-> Q]`` QGemm, ``DQ, DQ -> Add/Mul -> Q`` QLinearAdd /
+  QLinearMul, ``DQ* -> Concat -> Q`` QLinearConcat, ``DQ -> AveragePool/GlobalAveragePool/Sigmoid/
+  Softmax/LeakyRelu -> Q`` their QLinear forms. Each node output that the runtime fuses must go to
+  one Q only, so a Relu/Clip after Conv/Gemm/MatMul/Add gets no Q/DQ of its own: the Q goes after the
+  activation, with the activation's range, and onnxruntime's Relu/Clip-Quant fusion removes the
+  activation (uint8 zero point 0 for Relu; the Clip range covers the quantized range). A constant
+  bias Add after a MatMul is likewise kept inside the MatMul's epilogue.
+- ``DQ -> MaxPool/Reshape/Transpose/Flatten/Squeeze/Unsqueeze/Resize/Slice/Expand/Tile -> Q`` is
+  dropped to the integer op only when both sides share scale and zero point, so these outputs reuse
+  their input's parameters (no requantize). Concat inputs are given the Concat's range, so
+  QLinearConcat only copies.
+- One Q and one DQ per tensor, shared by every quantized consumer. Graph outputs stay float.
+
+A node is quantized when it can be (not excluded, float, every activation input has a range) and
+either it carries weights (Conv, ConvTranspose, Gemm, MatMul) or its output feeds a quantized node;
+so a residual Add whose consumers are all float stays float. LayerNormalization and HardSigmoid (no
+integer kernel on the CPU provider) stay float unless asked. Unknown ops pass through untouched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxpress.calibration.table import CalibrationTable
+from onnxpress.errors import UnsupportedModelError
+from onnxpress.passes.base import PassResult
+
+__all__ = [
+    "ACTIVATION_TYPES",
+    "InsertQDQ",
+    "NodeDecision",
+    "QParams",
+    "Selection",
+    "TensorOverride",
+    "activation_qparams",
+    "bias_qparams",
+    "dequantize_array",
+    "quantize_array",
+    "weight_qparams",
+]
+
+log = logging.getLogger(__name__)
+
+ACTIVATION_TYPES: dict[str, tuple[type[np.integer], int, int]] = {
+    "uint8": (np.uint8, 0, 255),
+    "int8": (np.int8, -128, 127),
+}
+_INT32_MAX = 2**31 - 1
+
+WEIGHTED_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+BINARY_OPS = frozenset({"Add", "Mul"})
+VARIADIC_OPS = frozenset({"Concat"})
+UNARY_OPS = frozenset({"AveragePool", "GlobalAveragePool", "Sigmoid", "Softmax", "LeakyRelu"})
+# Ops that run in float by default because onnxruntime's CPU provider has no integer kernel.
+FLOAT_BY_DEFAULT = frozenset({"LayerNormalization", "HardSigmoid"})
+SCALE_KEEPING_OPS = frozenset(
+    {"MaxPool", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Resize", "Slice", "Expand", "Tile"}
+)
+_EPILOGUE_HOSTS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "Add"})
+# Ops whose output the CPU provider only fuses when a Q follows: always quantize their output.
+_OUTPUT_ALWAYS = frozenset({"Conv"}) | BINARY_OPS | VARIADIC_OPS | UNARY_OPS
+
+
+@dataclasses.dataclass(frozen=True)
+class QParams:
+    """Scale and zero point of one quantized tensor (per tensor when ``axis`` is None)."""
+
+    scale: np.ndarray
+    zero_point: np.ndarray
+    axis: int | None = None
+
+    @property
+    def qmin(self) -> int:
+        """Smallest integer of the zero point's type."""
+        return int(np.iinfo(self.zero_point.dtype).min)
+
+    @property
+    def qmax(self) -> int:
+        """Largest integer of the zero point's type."""
+        return int(np.iinfo(self.zero_point.dtype).max)
+
+
+def _expand(v: np.ndarray, axis: int | None, ndim: int) -> np.ndarray:
+    if axis is None or v.ndim == 0:
+        return v
+    shape = [1] * ndim
+    shape[axis] = -1
+    return v.reshape(shape)
+
+
+def quantize_array(x: np.ndarray, qp: QParams) -> np.ndarray:
+    """``clip(round(x / s) + z)`` as onnxruntime's QuantizeLinear computes it (round half to even)."""
+    s = _expand(qp.scale.astype(np.float32), qp.axis, x.ndim)
+    z = _expand(qp.zero_point.astype(np.int64), qp.axis, x.ndim)
+    q = np.rint(x.astype(np.float32) / s).astype(np.int64) + z
+    return np.clip(q, qp.qmin, qp.qmax).astype(qp.zero_point.dtype)
+
+
+def dequantize_array(q: np.ndarray, qp: QParams) -> np.ndarray:
+    """``(q - z) * s`` in float32."""
+    s = _expand(qp.scale.astype(np.float32), qp.axis, q.ndim)
+    z = _expand(qp.zero_point.astype(np.int64), qp.axis, q.ndim)
+    return ((q.astype(np.int64) - z).astype(np.float32) * s).astype(np.float32)
+
+
+def activation_qparams(lo: float, hi: float, dtype: str = "uint8") -> QParams:
+    """Per-tensor parameters for a range: asymmetric uint8 or symmetric int8 (see module docstring).
+
+    Raises:
+        ValueError: unknown dtype, or a range of zero width (nothing to quantize).
+    """
+    if dtype not in ACTIVATION_TYPES:
+        raise ValueError(f"activation type must be one of {sorted(ACTIVATION_TYPES)}, got {dtype!r}")
+    np_type, qmin, qmax = ACTIVATION_TYPES[dtype]
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    if hi - lo <= 0.0:
+        raise ValueError("range has zero width")
+    if dtype == "uint8":
+        scale = np.float32((hi - lo) / (qmax - qmin))
+        zp = int(np.clip(np.rint(qmin - lo / float(scale)), qmin, qmax))
+    else:
+        scale = np.float32(max(-lo, hi) / qmax)
+        zp = 0
+    return QParams(np.asarray(scale, np.float32), np.asarray(zp, np_type))
+
+
+def weight_qparams(w: np.ndarray, axis: int | None, *, bits: int = 8) -> QParams:
+    """Symmetric signed parameters (``s = max|W| / (2^(bits-1) - 1)``), per channel along ``axis``.
+
+    An all-zero channel gets the smallest scale of the other channels (its values are exact with
+    any scale; a tiny one keeps its bias representable in int32).
+    """
+    qmax = 2 ** (bits - 1) - 1
+    w = np.asarray(w, dtype=np.float32)
+    if axis is None:
+        amax = np.asarray(np.max(np.abs(w)) if w.size else 0.0, np.float64)
+    else:
+        amax = np.max(np.abs(np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)), axis=1).astype(np.float64)
+    scale = amax / qmax
+    positive = scale[scale > 0] if scale.ndim else scale[None][scale[None] > 0]
+    fill = float(positive.min()) if positive.size else 1.0
+    scale = np.where(scale > 0, scale, fill).astype(np.float32)
+    zp_type = np.int8 if bits == 8 else np.int8
+    return QParams(scale, np.zeros(scale.shape, zp_type), axis if scale.ndim else None)
+
+
+def bias_qparams(x_scale: np.ndarray, w: QParams, n_out: int) -> QParams:
+    """int32 bias parameters ``s_b = s_x * s_w`` (per channel when the weight is), zero point 0."""
+    s_w = np.broadcast_to(w.scale.astype(np.float32), (n_out,)) if w.scale.ndim else w.scale
+    scale = (np.float32(x_scale) * s_w).astype(np.float32)
+    axis = 0 if scale.ndim else None
+    return QParams(scale, np.zeros(scale.shape, np.int32), axis)
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorOverride:
+    """Per-tensor choice that replaces the pass defaults.
+
+    Attributes:
+        dtype: "uint8" or "int8" for an activation, "float" to leave the tensor unquantized.
+        range: (min, max) to use instead of the table's.
+        per_channel: for a weight, per channel (True) or per tensor (False).
+    """
+
+    dtype: str | None = None
+    range: tuple[float, float] | None = None
+    per_channel: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.dtype is not None and self.dtype not in (*ACTIVATION_TYPES, "float"):
+            raise ValueError(f"override dtype must be uint8, int8 or float, got {self.dtype!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Selection:
+    """Which nodes must stay float: by node name, op type, or a regular expression on node names."""
+
+    nodes: frozenset[str] = frozenset()
+    op_types: frozenset[str] = frozenset()
+    pattern: str | None = None
+
+    @classmethod
+    def from_strings(cls, items: Iterable[str]) -> Selection:
+        """Parse ``--exclude`` items: ``op:Conv``, ``re:^/head/``, otherwise a node name."""
+        nodes, ops, patterns = set(), set(), []
+        for item in items:
+            if item.startswith("op:"):
+                ops.add(item[3:])
+            elif item.startswith("re:"):
+                patterns.append(item[3:])
+            else:
+                nodes.add(item)
+        pattern = "|".join(f"(?:{p})" for p in patterns) or None
+        if pattern:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"invalid exclude pattern {pattern!r}: {exc}") from None
+        return cls(frozenset(nodes), frozenset(ops), pattern)
+
+    def reason(self, node: gs.Node) -> str | None:
+        """Why ``node`` is excluded, or None."""
+        if node.name and node.name in self.nodes:
+            return "excluded by name"
+        if node.op in self.op_types:
+            return f"excluded op type {node.op}"
+        if self.pattern and node.name and re.search(self.pattern, node.name):
+            return f"excluded by pattern {self.pattern!r}"
+        return None
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeDecision:
+    """What the pass did with one candidate node: quantized, or left float and why."""
+
+    name: str
+    op: str
+    quantized: bool
+    reason: str = ""
+
+
+def _is_float_const(t: gs.Tensor) -> bool:
+    return isinstance(t, gs.Constant) and np.issubdtype(np.asarray(t.values).dtype, np.floating)
+
+
+def _is_float_var(t: gs.Tensor) -> bool:
+    if not isinstance(t, gs.Variable):
+        return False
+    return t.dtype is None or np.dtype(t.dtype) == np.float32
+
+
+def _present(t: gs.Tensor | None) -> bool:
+    return t is not None and bool(t.name)
+
+
+class InsertQDQ:
+    """Insert Q/DQ pairs for weights, biases and activations from a calibration table.
+
+    Args:
+        table: calibrated activation ranges (tensor name -> range); ``table.excluded`` tensors stay float.
+        per_channel: per-output-channel weight scales (else one scale per weight tensor).
+        activations: "uint8" (asymmetric; what onnxruntime's x86 integer kernels want) or "int8"
+            (symmetric; what TensorRT wants).
+        exclude: nodes that stay float.
+        overrides: per-tensor dtype / range / per-channel choices.
+        quantize_ops: ops from ``FLOAT_BY_DEFAULT`` to quantize anyway (e.g. {"LayerNormalization"}).
+
+    After a call, ``decisions`` lists every candidate node and whether it was quantized.
+    """
+
+    name = "insert_qdq"
+
+    def __init__(
+        self,
+        table: CalibrationTable,
+        *,
+        per_channel: bool = True,
+        activations: str = "uint8",
+        exclude: Selection | None = None,
+        overrides: Mapping[str, TensorOverride] | None = None,
+        quantize_ops: Iterable[str] = (),
+    ) -> None:
+        if activations not in ACTIVATION_TYPES:
+            raise ValueError(f"activations must be one of {sorted(ACTIVATION_TYPES)}, got {activations!r}")
+        self.table = table
+        self.per_channel = per_channel
+        self.activations = activations
+        self.exclude = exclude or Selection()
+        self.overrides = dict(overrides or {})
+        extra = set(quantize_ops)
+        unknown = extra - FLOAT_BY_DEFAULT
+        if unknown:
+            raise ValueError(f"quantize_ops accepts only {sorted(FLOAT_BY_DEFAULT)}, got {sorted(unknown)}")
+        self.unary_ops = UNARY_OPS | frozenset(extra)
+        self.decisions: list[NodeDecision] = []
+
+    # ------------------------------------------------------------------ requires
+    def requires(self, graph: gs.Graph) -> None:
+        """QDQ with per-axis scales needs opset >= 13.
+
+        Raises:
+            UnsupportedModelError: opset below 13 (normalise the model first).
+        """
+        if graph.opset < 13:
+            raise UnsupportedModelError(
+                f"InsertQDQ needs opset >= 13 (model has {graph.opset}); normalise it with "
+                "onnxpress.normalize_model(model, min_opset=13) first"
+            )
+
+    # ------------------------------------------------------------------ analysis helpers
+    def _act_dtype(self, name: str) -> str | None:
+        ov = self.overrides.get(name)
+        if ov is not None and ov.dtype is not None:
+            return None if ov.dtype == "float" else ov.dtype
+        return self.activations
+
+    def _own_range(self, name: str) -> tuple[float, float] | None:
+        ov = self.overrides.get(name)
+        if ov is not None and ov.range is not None:
+            return (float(ov.range[0]), float(ov.range[1]))
+        if name in self.table:
+            r = self.table[name]
+            return (r.min, r.max)
+        return None
+
+    def _roles(self, node: gs.Node) -> list[tuple[int, str]] | str:
+        """(input index, role) pairs to quantize, or a reason the node cannot be quantized."""
+        ins = node.inputs
+        op = node.op
+        roles: list[tuple[int, str]] = []
+        if op in ("Conv", "ConvTranspose"):
+            if len(ins) < 2 or not _is_float_const(ins[1]):
+                return "weight is not a float constant"
+            if not _is_float_var(ins[0]):
+                return "input is not a float activation"
+            roles = [(0, "act"), (1, "weight")]
+            if len(ins) > 2 and _present(ins[2]):
+                if not _is_float_const(ins[2]):
+                    return "bias is not a float constant"
+                roles.append((2, "bias"))
+            return roles
+        if op == "Gemm":
+            if not _is_float_var(ins[0]):
+                return "A is not a float activation"
+            roles = [(0, "act")]
+            if _is_float_const(ins[1]):
+                roles.append((1, "weight"))
+                if len(ins) > 2 and _present(ins[2]):
+                    if not _is_float_const(ins[2]):
+                        return "C is not a float constant"
+                    n_out = ins[1].values.shape[0 if int(node.attrs.get("transB", 0)) else 1]
+                    unit = float(node.attrs.get("alpha", 1.0)) == 1.0 and float(node.attrs.get("beta", 1.0)) == 1.0
+                    if unit and np.asarray(ins[2].values).size == n_out and np.asarray(ins[2].values).ndim == 1:
+                        roles.append((2, "bias"))
+            elif _is_float_var(ins[1]):
+                roles.append((1, "act"))
+            else:
+                return "B is neither a float constant nor a float activation"
+            return roles
+        if op == "MatMul":
+            for i in (0, 1):
+                if _is_float_const(ins[i]):
+                    roles.append((i, "weight"))
+                elif _is_float_var(ins[i]):
+                    roles.append((i, "act"))
+                else:
+                    return f"input {i} is not float"
+            if all(r == "weight" for _, r in roles):
+                return "both inputs are constants"
+            return roles
+        if op in BINARY_OPS or op in VARIADIC_OPS:
+            for i, t in enumerate(ins):
+                if _is_float_var(t):
+                    roles.append((i, "act"))
+                elif _is_float_const(t):
+                    roles.append((i, "const"))
+                else:
+                    return f"input {i} is not float"
+            if not any(r == "act" for _, r in roles):
+                return "all inputs are constants"
+            return roles
+        if op in self.unary_ops or op in SCALE_KEEPING_OPS:
+            if not ins or not _is_float_var(ins[0]):
+                return "input is not a float activation"
+            if len(node.outputs) != 1:
+                return "more than one output"
+            if op == "Resize" and node.attrs.get("mode", "nearest") not in ("nearest", "linear"):
+                return "cubic Resize can leave the input's range"
+            return [(0, "act")]
+        return "no quantized form"
+
+    def _epilogue_end(self, graph_outputs: set[int], node: gs.Node) -> tuple[gs.Tensor, list[gs.Node]]:
+        """The tensor after the activations/bias the runtime fuses into ``node``, and those nodes."""
+        t = node.outputs[0]
+        chain: list[gs.Node] = []
+        if node.op not in _EPILOGUE_HOSTS:
+            return t, chain
+        while id(t) not in graph_outputs and len(t.outputs) == 1:
+            c = t.outputs[0]
+            if self.exclude.reason(c):
+                break
+            if c.op == "Relu":
+                pass
+            elif c.op == "Clip" and all(_is_float_const(x) for x in c.inputs[1:3] if _present(x)) and len(c.inputs) > 1:
+                pass
+            elif (
+                node.op == "MatMul"
+                and not chain
+                and c.op == "Add"
+                and len(c.inputs) == 2
+                and any(_is_float_const(x) and np.asarray(x.values).ndim <= 1 for x in c.inputs)
+            ):
+                pass
+            else:
+                break
+            chain.append(c)
+            t = c.outputs[0]
+        return t, chain
+
+    # ------------------------------------------------------------------ the pass
+    def __call__(self, graph: gs.Graph) -> PassResult:
+        """Plan which nodes and tensors to quantize, then insert the Q/DQ nodes."""
+        graph.toposort()
+        graph_outputs = {id(t) for t in graph.outputs}
+        nodes = list(graph.nodes)
+        roles: dict[int, list[tuple[int, str]]] = {}
+        ends: dict[int, tuple[gs.Tensor, list[gs.Node]]] = {}
+        reasons: dict[int, str] = {}
+        in_epilogue: set[int] = set()
+        candidates = (
+            WEIGHTED_OPS | BINARY_OPS | VARIADIC_OPS | self.unary_ops | SCALE_KEEPING_OPS | FLOAT_BY_DEFAULT
+        )
+        for node in nodes:
+            if node.op not in candidates or node.domain not in (None, "", "ai.onnx"):
+                continue
+            why = self.exclude.reason(node)
+            r = why or self._roles(node)
+            if isinstance(r, str):
+                reasons[id(node)] = r if node.op not in FLOAT_BY_DEFAULT or why else "no integer kernel on CPU; kept float"
+                continue
+            roles[id(node)] = r
+            ends[id(node)] = self._epilogue_end(graph_outputs, node)
+        for _, chain in ends.values():
+            in_epilogue.update(id(c) for c in chain)
+        for nid in list(roles):
+            if nid in in_epilogue:  # a bias Add folded into a MatMul epilogue is not a node of its own
+                del roles[nid]
+                ends.pop(nid, None)
+
+        by_id = {id(n): n for n in nodes}
+        # Ranges: own table ranges, plus scale-keeping outputs inheriting from their input.
+        def available(t: gs.Tensor) -> bool:
+            seen = 0
+            while True:
+                if self._act_dtype(t.name) is None:
+                    return False
+                if self._own_range(t.name) is not None:
+                    return True
+                prod = t.inputs[0] if t.inputs else None
+                if prod is None or prod.op not in SCALE_KEEPING_OPS or id(prod) not in roles or seen > 1000:
+                    return False
+                t, seen = prod.inputs[0], seen + 1
+
+        def eligible(n: gs.Node) -> str | None:
+            for i, role in roles[id(n)]:
+                if role == "act" and not available(n.inputs[i]):
+                    return self._missing_reason(n.inputs[i].name)
+            if n.op in _OUTPUT_ALWAYS or n.op in SCALE_KEEPING_OPS:
+                end = ends[id(n)][0]
+                if n.op in SCALE_KEEPING_OPS:
+                    return None
+                if self._own_range(end.name) is None or self._act_dtype(end.name) is None:
+                    return self._missing_reason(end.name)
+            return None
+
+        quantized: set[int] = set()
+        for nid in roles:
+            n = by_id[nid]
+            if n.op in WEIGHTED_OPS:
+                why = eligible(n)
+                if why:
+                    reasons[nid] = why
+                else:
+                    quantized.add(nid)
+        changed = True
+        while changed:
+            changed = False
+            for nid in roles:
+                if nid in quantized or nid in reasons:
+                    continue
+                n = by_id[nid]
+                end = ends[nid][0]
+                if id(end) in graph_outputs or not any(id(c) in quantized for c in end.outputs):
+                    continue
+                why = eligible(n)
+                if why:
+                    reasons[nid] = why
+                    continue
+                quantized.add(nid)
+                changed = True
+
+        # Tensors to quantize, with the node that fixes their parameters.
+        act_needed: dict[str, gs.Tensor] = {}
+        produced_by_quantized: set[str] = set()
+        for n in nodes:
+            nid = id(n)
+            if nid not in quantized:
+                continue
+            for i, role in roles[nid]:
+                if role == "act":
+                    act_needed[n.inputs[i].name] = n.inputs[i]
+            end = ends[nid][0]
+            wants_out = n.op in _OUTPUT_ALWAYS or any(id(c) in quantized for c in end.outputs)
+            if n.op in SCALE_KEEPING_OPS:
+                wants_out = any(id(c) in quantized for c in end.outputs)
+            if wants_out and id(end) not in graph_outputs and self._act_dtype(end.name) is not None:
+                act_needed[end.name] = end
+                produced_by_quantized.add(end.name)
+
+        params = self._activation_params(nodes, quantized, roles, ends, act_needed)
+        stats = self._insert(graph, nodes, quantized, roles, params, produced_by_quantized)
+
+        self.decisions = []
+        notes = []
+        for n in nodes:
+            nid = id(n)
+            label = n.name or n.outputs[0].name
+            if nid in quantized:
+                self.decisions.append(NodeDecision(label, n.op, True))
+            elif nid in reasons or nid in roles:
+                why = reasons.get(nid, "its output feeds no quantized node")
+                if n.op in SCALE_KEEPING_OPS and nid not in reasons:
+                    continue  # a float Reshape between float ops is not worth a report line
+                self.decisions.append(NodeDecision(label, n.op, False, why))
+                notes.append(f"{label} ({n.op}): float ({why})")
+        stats["nodes_quantized"] = len(quantized)
+        stats["nodes_kept_float"] = sum(1 for d in self.decisions if not d.quantized)
+        return PassResult(graph, bool(quantized), stats, tuple(notes))
+
+    def _missing_reason(self, name: str) -> str:
+        if self._act_dtype(name) is None:
+            return f"tensor {name!r} kept float by override"
+        why = self.table.excluded.get(name)
+        if why:
+            return f"tensor {name!r} has no usable range ({why})"
+        return f"tensor {name!r} has no calibrated range"
+
+    def _activation_params(
+        self,
+        nodes: list[gs.Node],
+        quantized: set[int],
+        roles: dict[int, list[tuple[int, str]]],
+        ends: dict[int, tuple[gs.Tensor, list[gs.Node]]],
+        act_needed: dict[str, gs.Tensor],
+    ) -> dict[str, QParams]:
+        ranges: dict[str, tuple[float, float]] = {}
+        for name in act_needed:
+            r = self._own_range(name)
+            if r is not None:
+                ranges[name] = r
+        # Clip epilogues: the quantized range must sit inside the clip bounds for the runtime to drop it.
+        clip_bounds: dict[str, tuple[float, float]] = {}
+        for n in nodes:
+            if id(n) in quantized:
+                end, chain = ends[id(n)]
+                for c in chain:
+                    if c.op == "Clip" and end.name in ranges:
+                        lo_b = float(np.asarray(c.inputs[1].values)) if len(c.inputs) > 1 and _present(c.inputs[1]) else -np.inf
+                        hi_b = float(np.asarray(c.inputs[2].values)) if len(c.inputs) > 2 and _present(c.inputs[2]) else np.inf
+                        lo, hi = ranges[end.name]
+                        ranges[end.name] = (max(lo, lo_b), min(hi, hi_b))
+                        clip_bounds[end.name] = (lo_b, hi_b)
+        # Concat: every input and the output share one range, so QLinearConcat only copies.
+        for n in nodes:
+            if id(n) in quantized and n.op == "Concat":
+                names = [n.inputs[i].name for i, role in roles[id(n)] if role == "act"] + [n.outputs[0].name]
+                own = [ranges[x] for x in names if x in ranges]
+                if own:
+                    common = (min(r[0] for r in own), max(r[1] for r in own))
+                    for x in names:
+                        if x in ranges and not self._has_range_override(x):
+                            ranges[x] = common
+        params: dict[str, QParams] = {}
+        for name, (lo, hi) in ranges.items():
+            dtype = self._act_dtype(name) or self.activations
+            try:
+                qp = activation_qparams(lo, hi, dtype)
+            except ValueError:
+                log.debug("tensor %s has a zero-width range; left float", name)
+                continue
+            if name in clip_bounds:
+                qp = _fit_inside(qp, *clip_bounds[name])
+            params[name] = qp
+        # Scale-keeping ops: output reuses the input's parameters (in topological order).
+        for n in nodes:
+            if id(n) in quantized and n.op in SCALE_KEEPING_OPS:
+                src, dst = n.inputs[0].name, n.outputs[0].name
+                if src in params:
+                    params[dst] = params[src]
+        return params
+
+    def _has_range_override(self, name: str) -> bool:
+        ov = self.overrides.get(name)
+        return ov is not None and ov.range is not None
+
+    # ------------------------------------------------------------------ graph edits
+    def _insert(
+        self,
+        graph: gs.Graph,
+        nodes: list[gs.Node],
+        quantized: set[int],
+        roles: dict[int, list[tuple[int, str]]],
+        params: dict[str, QParams],
+        produced_by_quantized: set[str],
+    ) -> dict[str, int]:
+        used = set(graph.tensors().keys()) | {n.name for n in graph.nodes if n.name}
+
+        def fresh(base: str) -> str:
+            name, i = base, 0
+            while name in used:
+                i += 1
+                name = f"{base}_{i}"
+            used.add(name)
+            return name
+
+        tensors = graph.tensors()
+        dq_of: dict[str, gs.Variable] = {}
+        dq_params: dict[int, QParams] = {}
+        new_nodes: list[gs.Node] = []
+
+        def qp_consts(base: str, qp: QParams) -> tuple[gs.Constant, gs.Constant]:
+            return (
+                gs.Constant(fresh(f"{base}_scale"), np.asarray(qp.scale, np.float32)),
+                gs.Constant(fresh(f"{base}_zero_point"), np.asarray(qp.zero_point)),
+            )
+
+        def attrs(qp: QParams) -> dict[str, int]:
+            return {} if qp.axis is None else {"axis": int(qp.axis)}
+
+        # Activations: one Q and one DQ per tensor.
+        for name, qp in params.items():
+            t = tensors.get(name)
+            if t is None or not isinstance(t, gs.Variable):
+                continue
+            scale, zp = qp_consts(name, qp)
+            q_out = gs.Variable(fresh(f"{name}_quantized"), dtype=qp.zero_point.dtype, shape=t.shape)
+            dq_out = gs.Variable(fresh(f"{name}_dequantized"), dtype=np.float32, shape=t.shape)
+            q_node = gs.Node("QuantizeLinear", fresh(f"{name}_QuantizeLinear"), attrs(qp), [t, scale, zp], [q_out])
+            dq_node = gs.Node("DequantizeLinear", fresh(f"{name}_DequantizeLinear"), attrs(qp), [q_out, scale, zp], [dq_out])
+            consumers = [c for c in t.outputs if c is not q_node]
+            redirect_all = name in produced_by_quantized
+            for c in consumers:
+                if redirect_all or id(c) in quantized:
+                    for i, x in enumerate(c.inputs):
+                        if x is t:
+                            c.inputs[i] = dq_out
+            dq_of[name] = dq_out
+            dq_params[id(dq_out)] = qp
+            new_nodes += [q_node, dq_node]
+
+        weights = biases = consts = 0
+        w_cache: dict[tuple[str, int | None], tuple[gs.Variable, QParams]] = {}
+        for n in nodes:
+            nid = id(n)
+            if nid not in quantized:
+                continue
+            w_qp: QParams | None = None
+            for i, role in roles[nid]:
+                t = n.inputs[i]
+                if role == "weight":
+                    axis = self._weight_axis(n, i, t) if self._per_channel(t.name) else None
+                    key = (t.name, axis)
+                    if key not in w_cache:
+                        w = np.asarray(t.values, np.float32)
+                        qp = weight_qparams(w, axis)
+                        w_cache[key] = (self._const_dq(t.name, quantize_array(w, qp), qp, fresh, new_nodes), qp)
+                        weights += 1
+                    n.inputs[i], w_qp = w_cache[key]
+                elif role == "const":
+                    vals = np.asarray(t.values, np.float32)
+                    try:
+                        qp = activation_qparams(float(vals.min()), float(vals.max()), self.activations)
+                    except ValueError:
+                        continue  # an all-zero constant: leave it float
+                    n.inputs[i] = self._const_dq(t.name, quantize_array(vals, qp), qp, fresh, new_nodes)
+                    consts += 1
+            for i, role in roles[nid]:
+                if role != "bias":
+                    continue
+                x_qp = dq_params.get(id(n.inputs[0]))
+                if x_qp is None or w_qp is None:
+                    continue  # input or weight left float: bias stays float
+                b = np.asarray(n.inputs[i].values, np.float32).reshape(-1)
+                b_qp = bias_qparams(x_qp.scale, w_qp, b.size)
+                q = np.rint(b.astype(np.float64) / b_qp.scale.astype(np.float64))
+                if np.any(np.abs(q) > _INT32_MAX):
+                    log.debug("bias of %s overflows int32; left float", n.name)
+                    continue
+                q_b = q.astype(np.int32)
+                n.inputs[i] = self._const_dq(n.inputs[i].name, q_b, b_qp, fresh, new_nodes)
+                biases += 1
+        graph.nodes.extend(new_nodes)
+        return {
+            "activations_quantized": len(dq_of),
+            "weights_quantized": weights,
+            "biases_quantized": biases,
+            "constants_quantized": consts,
+        }
+
+    def _per_channel(self, name: str) -> bool:
+        ov = self.overrides.get(name)
+        if ov is not None and ov.per_channel is not None:
+            return ov.per_channel
+        return self.per_channel
+
+    @staticmethod
+    def _weight_axis(node: gs.Node, index: int, t: gs.Constant) -> int | None:
+        ndim = np.asarray(t.values).ndim
+        if node.op == "Conv":
+            return 0
+        if node.op == "ConvTranspose":
+            return 1
+        if node.op == "Gemm":
+            return 0 if int(node.attrs.get("transB", 0)) else 1
+        if node.op == "MatMul" and index == 1 and ndim >= 2:
+            return ndim - 1
+        return None  # a constant left operand of MatMul: per tensor
+
+    @staticmethod
+    def _const_dq(base: str, q: np.ndarray, qp: QParams, fresh, new_nodes: list[gs.Node]) -> gs.Variable:
+        q_const = gs.Constant(fresh(f"{base}_quantized"), q)
+        scale = gs.Constant(fresh(f"{base}_scale"), np.asarray(qp.scale, np.float32))
+        zp = gs.Constant(fresh(f"{base}_zero_point"), np.asarray(qp.zero_point))
+        out = gs.Variable(fresh(f"{base}_dequantized"), dtype=np.float32, shape=list(q.shape))
+        a = {} if qp.axis is None else {"axis": int(qp.axis)}
+        new_nodes.append(gs.Node("DequantizeLinear", fresh(f"{base}_DequantizeLinear"), a, [q_const, scale, zp], [out]))
+        return out
+
+
+def _fit_inside(qp: QParams, lo_b: float, hi_b: float) -> QParams:
+    """Shrink the scale (by ulps) until the dequantized range lies inside the clip bounds."""
+    scale = np.float32(qp.scale)
+    z = int(qp.zero_point)
+    for _ in range(8):
+        lo = np.float32(qp.qmin - z) * scale
+        hi = np.float32(qp.qmax - z) * scale
+        if lo >= lo_b and hi <= hi_b:
+            break
+        scale = np.nextafter(scale, np.float32(0))
+    return QParams(np.asarray(scale, np.float32), qp.zero_point, qp.axis)

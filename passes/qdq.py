@@ -443,7 +443,8 @@ class InsertQDQ:
             why = self.exclude.reason(node)
             r = why or self._roles(node)
             if isinstance(r, str):
-                reasons[id(node)] = r if node.op not in FLOAT_BY_DEFAULT or why else "no integer kernel on CPU; kept float"
+                keep = node.op in FLOAT_BY_DEFAULT and not why
+                reasons[id(node)] = "no integer kernel on CPU; kept float" if keep else r
                 continue
             roles[id(node)] = r
             ends[id(node)] = self._epilogue_end(graph_outputs, node)
@@ -572,8 +573,7 @@ class InsertQDQ:
                 end, chain = ends[id(n)]
                 for c in chain:
                     if c.op == "Clip" and end.name in ranges:
-                        lo_b = float(np.asarray(c.inputs[1].values)) if len(c.inputs) > 1 and _present(c.inputs[1]) else -np.inf
-                        hi_b = float(np.asarray(c.inputs[2].values)) if len(c.inputs) > 2 and _present(c.inputs[2]) else np.inf
+                        lo_b, hi_b = _clip_bounds(c)
                         lo, hi = ranges[end.name]
                         ranges[end.name] = (max(lo, lo_b), min(hi, hi_b))
                         clip_bounds[end.name] = (lo_b, hi_b)
@@ -653,7 +653,9 @@ class InsertQDQ:
             q_out = gs.Variable(fresh(f"{name}_quantized"), dtype=qp.zero_point.dtype, shape=t.shape)
             dq_out = gs.Variable(fresh(f"{name}_dequantized"), dtype=np.float32, shape=t.shape)
             q_node = gs.Node("QuantizeLinear", fresh(f"{name}_QuantizeLinear"), attrs(qp), [t, scale, zp], [q_out])
-            dq_node = gs.Node("DequantizeLinear", fresh(f"{name}_DequantizeLinear"), attrs(qp), [q_out, scale, zp], [dq_out])
+            dq_node = gs.Node(
+                "DequantizeLinear", fresh(f"{name}_DequantizeLinear"), attrs(qp), [q_out, scale, zp], [dq_out]
+            )
             consumers = [c for c in t.outputs if c is not q_node]
             redirect_all = name in produced_by_quantized
             for c in consumers:
@@ -755,3 +757,10 @@ def _fit_inside(qp: QParams, lo_b: float, hi_b: float) -> QParams:
             break
         scale = np.nextafter(scale, np.float32(0))
     return QParams(np.asarray(scale, np.float32), qp.zero_point, qp.axis)
+
+
+def _clip_bounds(clip: gs.Node) -> tuple[float, float]:
+    ins = clip.inputs
+    lo = float(np.asarray(ins[1].values)) if len(ins) > 1 and _present(ins[1]) else -np.inf
+    hi = float(np.asarray(ins[2].values)) if len(ins) > 2 and _present(ins[2]) else np.inf
+    return lo, hi

@@ -22,6 +22,7 @@ from onnxpress.errors import (
 )
 from onnxpress.model_io import load_model, normalize_model, save_model
 from onnxpress.pipeline import run_passes
+from onnxpress.validate import ValidationReport, validate
 
 __version__ = "0.1.0"
 
@@ -34,6 +35,7 @@ __all__ = [
     "PassError",
     "TransformResult",
     "UnsupportedModelError",
+    "ValidationReport",
     "ValidationError",
     "cleanup",
     "load_model",
@@ -41,4 +43,5 @@ __all__ = [
     "run_passes",
     "save_model",
     "transform",
+    "validate",
 ]

@@ -1,0 +1,610 @@
+"""Sample-data readers: four kinds of source behind one streaming interface.
+
+A *feed* maps every model input name to an array whose axis 0 counts samples. Each source is read
+lazily and every feed is validated against the model's inputs (graph inputs minus initializers)
+before anyone sees it::
+
+    source                              held in memory at once
+    ----------------------------------  ------------------------------------------------
+    data.npz  {name: array[N, ...]}     one batch: arrays are streamed out of the archive
+    folder/*.npz, one feed per file     one file plus one batch being assembled
+    iterable of {name: array} dicts     one feed plus one batch being assembled
+    onnxruntime CalibrationDataReader   the same, through ``get_next()`` until ``None``
+
+Batching concatenates consecutive feeds along axis 0,
+
+    batch = concat_0(feed_i, ..., feed_j)   with   n_i + ... + n_j <= batch_size,
+
+while every input's shape beyond axis 0 stays the same and axis 0 of every input is dynamic
+(a symbolic or unknown dimension). A feed larger than ``batch_size`` is sliced; an input whose
+axis 0 is static (say 1) makes feeds go out as stored (and an ``.npz`` is sliced into pieces of
+exactly that size). ``batch_size=None`` yields feeds as stored (an ``.npz`` as one feed).
+
+Checks, each a :class:`DataError` naming the input and what the model expects: missing names,
+rank, static dimensions, dtype, NaN/inf, and no samples at all. Dtypes must match exactly, with
+one exception chosen on purpose: an integer array is widened to a wider integer type the model
+expects when the cast is lossless (``int32`` token ids into an ``int64`` input). Floats are never
+cast (``float64`` into a ``float32`` input is an error that says how to convert), because a silent
+down-cast would hide a preprocessing mismatch.
+"""
+
+from __future__ import annotations
+
+import abc
+import copy
+import dataclasses
+import logging
+import os
+import zipfile
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+import onnx
+
+from onnxpress.errors import DataError, UnsupportedModelError
+
+__all__ = ["DataReader", "DataSource", "InputSpec", "load_labels", "model_inputs", "open_data"]
+
+log = logging.getLogger(__name__)
+
+Dim = int | str | None
+"""A dimension of a model input: a static size, a symbolic name, or unknown (``None``)."""
+
+DataSource = Union[str, "os.PathLike[str]", Iterable[Mapping[str, Any]], Any]
+"""What :func:`open_data` accepts (see its docstring)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class InputSpec:
+    """One model input as the data must match it.
+
+    Attributes:
+        name: the graph input name.
+        dtype: numpy dtype of the tensor element type.
+        shape: per-axis static size (int), symbolic name (str) or unknown (None); ``None`` when
+            even the rank is unknown.
+    """
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[Dim, ...] | None
+
+    @property
+    def dynamic_axis0(self) -> bool:
+        """Whether axis 0 can take any size (so feeds may be stacked or sliced along it)."""
+        return self.shape is None or (len(self.shape) > 0 and not isinstance(self.shape[0], int))
+
+    def describe(self) -> str:
+        """``input: float32[batch,1,32,32]``."""
+        dims = "?" if self.shape is None else ",".join("?" if d is None else str(d) for d in self.shape)
+        return f"{self.name}: {self.dtype}[{dims}]"
+
+
+def model_inputs(model: onnx.ModelProto) -> tuple[InputSpec, ...]:
+    """The inputs a feed must provide: graph inputs that are not initializers.
+
+    Raises:
+        UnsupportedModelError: an input is not a tensor (sequence, map, optional) or has an
+            element type numpy cannot hold.
+    """
+    inits = {init.name for init in model.graph.initializer}
+    specs = []
+    for value in model.graph.input:
+        if value.name in inits:
+            continue
+        kind = value.type.WhichOneof("value")
+        if kind != "tensor_type":
+            raise UnsupportedModelError(
+                f"model input {value.name!r} is a {kind}, not a tensor; only tensor inputs are supported"
+            )
+        ttype = value.type.tensor_type
+        try:
+            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(ttype.elem_type))
+        except (KeyError, TypeError, ValueError):
+            raise UnsupportedModelError(
+                f"model input {value.name!r} has element type {ttype.elem_type}, which numpy cannot hold"
+            ) from None
+        shape: tuple[Dim, ...] | None = None
+        if ttype.HasField("shape"):
+            dims: list[Dim] = []
+            for d in ttype.shape.dim:
+                if d.HasField("dim_value"):
+                    dims.append(int(d.dim_value))
+                elif d.HasField("dim_param") and d.dim_param:
+                    dims.append(d.dim_param)
+                else:
+                    dims.append(None)
+            shape = tuple(dims)
+        specs.append(InputSpec(value.name, dtype, shape))
+    return tuple(specs)
+
+
+def _expects(specs: Sequence[InputSpec]) -> str:
+    return "; ".join(s.describe() for s in specs)
+
+
+def _check_dtype(name: str, dtype: np.dtype, spec: InputSpec, where: str) -> bool:
+    """Return True when an integer widening cast is needed; raise when the dtype does not fit."""
+    if dtype == spec.dtype:
+        return False
+    if dtype.kind in "iu" and spec.dtype.kind in "iu" and np.can_cast(dtype, spec.dtype, casting="safe"):
+        return True
+    hint = f"; convert it with .astype(np.{spec.dtype.name})" if dtype.kind in "biufc" else ""
+    raise DataError(f"{where}: input {name!r} has dtype {dtype}, the model expects {spec.describe()}{hint}")
+
+
+def _check_shape(name: str, shape: tuple[int, ...], spec: InputSpec, where: str, *, axis0: bool) -> None:
+    """Rank and static dimensions (axis 0 only when ``axis0``); axis 0 must not be empty."""
+    if spec.shape is not None:
+        if len(shape) != len(spec.shape):
+            raise DataError(
+                f"{where}: input {name!r} has shape {list(shape)} (rank {len(shape)}), the model expects rank "
+                f"{len(spec.shape)}: {spec.describe()}, samples on axis 0"
+            )
+        for axis, (got, want) in enumerate(zip(shape, spec.shape, strict=True)):
+            if isinstance(want, int) and got != want and (axis > 0 or axis0):
+                raise DataError(
+                    f"{where}: input {name!r} has shape {list(shape)}, the model expects {spec.describe()} "
+                    f"(axis {axis} must be {want})"
+                )
+    if len(shape) > 0 and shape[0] == 0:
+        raise DataError(f"{where}: input {name!r} has no samples (shape {list(shape)})")
+
+
+def _check_finite(name: str, arr: np.ndarray, where: str, offset: int) -> None:
+    if arr.dtype.kind in "fc" and not np.isfinite(arr).all():
+        bad = np.argwhere(~np.isfinite(arr))[0]
+        at = f"sample {offset + int(bad[0])}" if arr.ndim else "the scalar"
+        raise DataError(f"{where}: input {name!r} holds NaN or inf (first at {at}); clean or drop those samples")
+
+
+def check_feed(
+    feed: object, specs: Sequence[InputSpec], where: str, *, offset: int = 0
+) -> dict[str, np.ndarray]:
+    """Validate one complete feed and return it as ``{name: ndarray}`` in the model's input order.
+
+    Keys the model does not take are dropped (``labels`` and the like); integer arrays are widened
+    losslessly when the model expects a wider integer type.
+
+    Args:
+        feed: a mapping of input name to array-like.
+        specs: the model's inputs (:func:`model_inputs`).
+        where: how to name the feed in an error ("feed 3 of the iterable").
+        offset: index of the feed's first sample in the whole source, for error messages.
+
+    Raises:
+        DataError: not a mapping, a missing input, wrong rank/static dimension/dtype, no samples, NaN/inf.
+    """
+    if not isinstance(feed, Mapping):
+        raise DataError(f"{where}: expected a dict of input name -> array, got {type(feed).__name__}")
+    missing = [s.name for s in specs if s.name not in feed]
+    if missing:
+        wanted = {s.name for s in specs}
+        extra = sorted(str(k) for k in feed if k not in wanted)
+        got = f"; it has {extra}" if extra else ""
+        raise DataError(f"{where}: missing input(s) {missing}; the model expects {_expects(specs)}{got}")
+    out: dict[str, np.ndarray] = {}
+    for spec in specs:
+        try:
+            arr = np.asarray(feed[spec.name])
+        except (TypeError, ValueError) as exc:
+            raise DataError(f"{where}: input {spec.name!r} is not an array ({exc})") from None
+        if _check_dtype(spec.name, arr.dtype, spec, where):
+            arr = arr.astype(spec.dtype)
+        _check_shape(spec.name, arr.shape, spec, where, axis0=True)
+        _check_finite(spec.name, arr, where, offset)
+        out[spec.name] = arr
+    return out
+
+
+def _samples(feed: Mapping[str, np.ndarray]) -> int:
+    """Samples in a feed: axis 0 of its first input of rank >= 1 (a feed of scalars counts 1)."""
+    for arr in feed.values():
+        if arr.ndim:
+            return int(arr.shape[0])
+    return 1
+
+
+def _stackable(feed: Mapping[str, np.ndarray], specs: Sequence[InputSpec]) -> bool:
+    """Feeds can be concatenated/sliced when every input has a dynamic axis 0 of the same length."""
+    if not all(s.dynamic_axis0 for s in specs):
+        return False
+    sizes = {arr.shape[0] if arr.ndim else None for arr in feed.values()}
+    return len(sizes) == 1 and None not in sizes
+
+
+def _slice(feed: Mapping[str, np.ndarray], start: int, stop: int) -> dict[str, np.ndarray]:
+    return {k: v[start:stop] for k, v in feed.items()}
+
+
+class DataReader(abc.ABC):
+    """Validated feeds from one source, batched on demand; nothing grows with the number of samples.
+
+    Attributes:
+        input_names: the model inputs every feed provides, in graph order.
+    """
+
+    def __init__(self, specs: Sequence[InputSpec], source: str, max_samples: int | None) -> None:
+        if max_samples is not None and max_samples < 1:
+            raise DataError(f"max_samples must be at least 1, got {max_samples}")
+        self._specs = tuple(specs)
+        self._source = source
+        self._max_samples = max_samples
+        self.input_names: tuple[str, ...] = tuple(s.name for s in self._specs)
+
+    @property
+    def specs(self) -> tuple[InputSpec, ...]:
+        """The model inputs the feeds are checked against."""
+        return self._specs
+
+    @property
+    def num_samples(self) -> int | None:
+        """Samples one pass yields (after ``max_samples``), or ``None`` when unknown before reading."""
+        total = self._count()
+        if total is None:
+            return None
+        return total if self._max_samples is None else min(total, self._max_samples)
+
+    def _count(self) -> int | None:
+        return None
+
+    @abc.abstractmethod
+    def _feeds(self, chunk: int | None) -> Iterator[dict[str, np.ndarray]]:
+        """Validated feeds in source order; ``chunk`` is a hint for sources that slice (``.npz``)."""
+
+    def batches(self, batch_size: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+        """Yield validated feeds, concatenated along axis 0 up to ``batch_size`` samples when shapes allow.
+
+        Args:
+            batch_size: most samples per feed; ``None`` yields feeds as stored.
+
+        Raises:
+            DataError: a feed does not fit the model, or the source holds no samples at all.
+        """
+        if batch_size is not None and batch_size < 1:
+            raise DataError(f"batch size must be at least 1, got {batch_size}")
+        feeds = self._feeds(batch_size)
+        try:
+            yield from self._batch(feeds, batch_size)
+        finally:
+            feeds.close()
+
+    def _batch(
+        self, feeds: Iterator[dict[str, np.ndarray]], batch_size: int | None
+    ) -> Iterator[dict[str, np.ndarray]]:
+        limit = self._max_samples
+        seen = 0
+        pending: list[dict[str, np.ndarray]] = []
+        pending_n = 0
+        pending_key: tuple[tuple[int, ...], ...] | None = None
+
+        def flush() -> dict[str, np.ndarray]:
+            nonlocal pending, pending_n, pending_key
+            if len(pending) == 1:
+                out = pending[0]
+            else:
+                out = {k: np.concatenate([f[k] for f in pending], axis=0) for k in pending[0]}
+            pending, pending_n, pending_key = [], 0, None
+            return out
+
+        for feed in feeds:
+            n = _samples(feed)
+            stackable = _stackable(feed, self._specs)
+            if limit is not None and seen + n > limit:
+                if stackable:
+                    feed, n = _slice(feed, 0, limit - seen), limit - seen
+                elif seen:
+                    break  # an indivisible feed would overshoot the limit
+                # else: the first feed is taken whole even when it is larger than the limit
+            seen += n
+            if batch_size is None or not stackable:
+                if pending:
+                    yield flush()
+                yield feed
+            else:
+                for start in range(0, n, batch_size):
+                    piece = feed if n <= batch_size else _slice(feed, start, min(n, start + batch_size))
+                    size = min(n, start + batch_size) - start
+                    key = tuple(a.shape[1:] for a in piece.values())
+                    if pending and (key != pending_key or pending_n + size > batch_size):
+                        yield flush()
+                    pending.append(piece)
+                    pending_n += size
+                    pending_key = key
+            if limit is not None and seen >= limit:
+                break
+        if pending:
+            yield flush()
+        if seen == 0:
+            raise DataError(f"{self._source} holds no samples; the model expects {_expects(self._specs)}")
+
+
+class _NpzReader(DataReader):
+    """One ``.npz`` whose arrays (keyed by input name) hold samples on axis 0; streamed in slices."""
+
+    def __init__(self, path: Path, specs: Sequence[InputSpec], max_samples: int | None) -> None:
+        super().__init__(specs, str(path), max_samples)
+        self._path = path
+        headers = self._headers()
+        lengths = {name: shape[0] for name, (shape, _, _) in headers.items()}
+        if len(set(lengths.values())) > 1:
+            raise DataError(f"{path}: inputs hold different numbers of samples on axis 0: {lengths}")
+        self._n = next(iter(lengths.values())) if lengths else 0
+        for spec in self._specs:
+            if not spec.dynamic_axis0 and self._n % spec.shape[0]:  # type: ignore[index]
+                raise DataError(
+                    f"{path}: input {spec.name!r} holds {self._n} samples, not a multiple of the model's fixed "
+                    f"axis 0 ({spec.describe()})"
+                )
+
+    def _count(self) -> int | None:
+        return self._n
+
+    def _open(self) -> zipfile.ZipFile:
+        try:
+            return zipfile.ZipFile(self._path)
+        except (zipfile.BadZipFile, OSError) as exc:
+            raise DataError(f"{self._path} is not a readable .npz archive ({exc})") from None
+
+    def _headers(self) -> dict[str, tuple[tuple[int, ...], bool, np.dtype]]:
+        """Shape, Fortran order and dtype of each model input, read from the .npy headers only."""
+        out = {}
+        with self._open() as zf:
+            members = {n[:-4]: n for n in zf.namelist() if n.endswith(".npy")}
+            missing = [s.name for s in self._specs if s.name not in members]
+            if missing:
+                raise DataError(
+                    f"{self._path}: no array for input(s) {missing}; the model expects {_expects(self._specs)}; "
+                    f"the file has {sorted(members)}"
+                )
+            for spec in self._specs:
+                try:
+                    with zf.open(members[spec.name]) as fp:
+                        shape, fortran, dtype = _read_npy_header(fp)
+                except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
+                    raise DataError(f"{self._path}: array {spec.name!r} is unreadable ({exc})") from None
+                where = str(self._path)
+                if dtype.hasobject:
+                    raise DataError(f"{where}: array {spec.name!r} holds Python objects; save numeric arrays")
+                if not shape:
+                    raise DataError(
+                        f"{where}: array {spec.name!r} is a scalar; samples go on axis 0 ({spec.describe()})"
+                    )
+                _check_dtype(spec.name, dtype, spec, where)
+                _check_shape(spec.name, shape, spec, where, axis0=False)
+                out[spec.name] = (shape, fortran, dtype)
+        return out
+
+    def _feeds(self, chunk: int | None) -> Iterator[dict[str, np.ndarray]]:
+        fixed = [s.shape[0] for s in self._specs if not s.dynamic_axis0]  # type: ignore[index]
+        step = fixed[0] if fixed else (chunk or self._n)
+        if self._max_samples is not None and not fixed:
+            step = min(step, self._max_samples)
+        headers = self._headers()
+        with self._open() as zf:
+            streams = {}
+            try:
+                for spec in self._specs:
+                    streams[spec.name] = _NpyStream(zf, spec.name + ".npy", *headers[spec.name])
+                for start in range(0, self._n, step):
+                    stop = min(self._n, start + step)
+                    where = f"{self._path} (samples {start}..{stop - 1})"
+                    feed = {name: s.read(stop - start) for name, s in streams.items()}
+                    yield check_feed(feed, self._specs, where, offset=start)
+            finally:
+                for s in streams.values():
+                    s.close()
+
+
+def _read_npy_header(fp: Any) -> tuple[tuple[int, ...], bool, np.dtype]:
+    version = np.lib.format.read_magic(fp)
+    if version == (1, 0):
+        return np.lib.format.read_array_header_1_0(fp)
+    return np.lib.format.read_array_header_2_0(fp)
+
+
+class _NpyStream:
+    """Read an ``.npy`` member of a zip archive a few rows at a time (C order), or whole (Fortran order)."""
+
+    def __init__(self, zf: zipfile.ZipFile, member: str, shape: tuple[int, ...], fortran: bool, dtype: np.dtype):
+        self._shape, self._dtype = shape, dtype
+        self._fp = zf.open(member)
+        _read_npy_header(self._fp)
+        self._whole: np.ndarray | None = None
+        self._pos = 0
+        if fortran:  # rare (np.save of an F-contiguous array); rows are not contiguous, so read it whole
+            count = int(np.prod(shape))
+            raw = self._read_exact(count * dtype.itemsize)
+            self._whole = np.frombuffer(raw, dtype=dtype).reshape(shape[::-1]).transpose()
+
+    def _read_exact(self, nbytes: int) -> bytearray:
+        buf = bytearray(nbytes)
+        view, got = memoryview(buf), 0
+        while got < nbytes:
+            n = self._fp.readinto(view[got:])
+            if not n:
+                raise DataError(f"array {self._fp.name!r} ends early: the .npz archive is truncated")
+            got += n
+        return buf
+
+    def read(self, rows: int) -> np.ndarray:
+        if self._whole is not None:
+            out = self._whole[self._pos : self._pos + rows]
+        else:
+            row_shape = self._shape[1:]
+            nbytes = rows * int(np.prod(row_shape, dtype=np.int64)) * self._dtype.itemsize
+            out = np.frombuffer(self._read_exact(nbytes), dtype=self._dtype).reshape((rows, *row_shape))
+        self._pos += rows
+        return out
+
+    def close(self) -> None:
+        self._fp.close()
+
+
+class _FolderReader(DataReader):
+    """A folder of ``.npz`` files, each one complete feed; one file in memory at a time, name order."""
+
+    def __init__(self, folder: Path, specs: Sequence[InputSpec], max_samples: int | None) -> None:
+        super().__init__(specs, str(folder), max_samples)
+        self._files = sorted(p for p in folder.iterdir() if p.suffix == ".npz" and p.is_file())
+        if not self._files:
+            raise DataError(f"data folder {folder} has no .npz files; the model expects {_expects(self._specs)}")
+        self._counted: int | None = None
+
+    def _count(self) -> int | None:
+        if self._counted is None and self._specs:
+            total = 0
+            first = self._specs[0].name + ".npy"
+            for path in self._files:
+                try:
+                    with zipfile.ZipFile(path) as zf, zf.open(first) as fp:
+                        shape = _read_npy_header(fp)[0]
+                except (KeyError, ValueError, OSError, zipfile.BadZipFile, EOFError):
+                    return None  # a bad file is reported with a clear error when it is read
+                total += shape[0] if shape else 1
+            self._counted = total
+        return self._counted
+
+    def _feeds(self, chunk: int | None) -> Iterator[dict[str, np.ndarray]]:
+        offset = 0
+        for path in self._files:
+            try:
+                with np.load(path, allow_pickle=False) as npz:
+                    feed = {k: npz[k] for k in self.input_names if k in npz.files}
+                    extra = {k: None for k in npz.files if k not in self.input_names}
+            except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
+                raise DataError(f"{path} is not a readable .npz file ({exc})") from None
+            checked = check_feed({**extra, **feed}, self._specs, str(path), offset=offset)
+            offset += _samples(checked)
+            yield checked
+
+
+class _IterableReader(DataReader):
+    """An iterable of feed dicts, or an onnxruntime ``CalibrationDataReader`` (``get_next()`` until None)."""
+
+    def __init__(self, source: Any, specs: Sequence[InputSpec], max_samples: int | None) -> None:
+        ort_reader = callable(getattr(source, "get_next", None))
+        what = f"CalibrationDataReader {type(source).__name__}" if ort_reader else f"iterable {type(source).__name__}"
+        super().__init__(specs, what, max_samples)
+        self._obj = source
+        self._ort = ort_reader
+        self._one_shot = ort_reader or iter(source) is source
+        self._passes = 0
+
+    def _count(self) -> int | None:
+        if self._one_shot or not isinstance(self._obj, Sequence):
+            return None
+        try:
+            return sum(int(np.shape(feed[self.input_names[0]])[0]) for feed in self._obj) if self._specs else None
+        except (KeyError, IndexError, TypeError, ValueError):
+            return None  # reported with a clear error when the feed is read
+
+    def _items(self) -> Iterator[object]:
+        if self._ort:
+            while (item := self._obj.get_next()) is not None:
+                yield item
+        else:
+            yield from self._obj
+
+    def _feeds(self, chunk: int | None) -> Iterator[dict[str, np.ndarray]]:
+        if self._passes and self._one_shot:
+            if self._ort and callable(getattr(self._obj, "rewind", None)):
+                self._obj.rewind()
+            else:
+                raise DataError(
+                    f"the {self._source} was already read once and cannot be rewound; "
+                    "pass a list of feeds (or a reader with rewind()) to read it again"
+                )
+        self._passes += 1
+        offset = 0
+        for index, item in enumerate(self._items()):
+            feed = check_feed(item, self._specs, f"feed {index} of the {self._source}", offset=offset)
+            offset += _samples(feed)
+            yield feed
+
+
+def open_data(source: DataSource, model: onnx.ModelProto, *, max_samples: int | None = None) -> DataReader:
+    """Open sample data for ``model`` from any supported source.
+
+    Args:
+        source: an ``.npz`` path (arrays keyed by input name, samples on axis 0; other keys such as
+            ``labels`` are ignored), a folder of ``.npz`` files each holding one complete feed, an
+            iterable of ``{input name: array}`` dicts, an onnxruntime ``CalibrationDataReader``, or a
+            :class:`DataReader` (returned as is, limited to ``max_samples``).
+        model: the model the feeds are for; its graph inputs minus initializers are what feeds provide.
+        max_samples: stop after this many samples.
+
+    Raises:
+        DataError: the path is missing or unreadable, names/rank/static dims/dtype do not fit, or the
+            ``.npz``/folder is empty. Problems inside streamed feeds (NaN/inf, a bad file in a folder,
+            a bad dict) are raised while iterating ``batches()``.
+        UnsupportedModelError: a model input is not a tensor.
+    """
+    if isinstance(source, DataReader):
+        if max_samples is None:
+            return source
+        limited = copy.copy(source)
+        current = source._max_samples
+        limited._max_samples = max_samples if current is None else min(current, max_samples)
+        return limited
+    specs = model_inputs(model)
+    if not specs:
+        raise DataError("the model has no inputs to feed (every graph input is an initializer)")
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if path.is_dir():
+            return _FolderReader(path, specs, max_samples)
+        if not path.exists():
+            raise DataError(f"data not found: {path} (expected an .npz file or a folder of .npz files)")
+        return _NpzReader(path, specs, max_samples)
+    if isinstance(source, (bytes, Mapping, np.ndarray)):
+        raise DataError(
+            f"cannot read data from a {type(source).__name__}; pass an .npz path, a folder, a list of feed dicts "
+            "or a CalibrationDataReader (for one feed, wrap it in a list)"
+        )
+    if callable(getattr(source, "get_next", None)) or isinstance(source, Iterable):
+        return _IterableReader(source, specs, max_samples)
+    raise DataError(
+        f"cannot read data from a {type(source).__name__}; pass an .npz path, a folder of .npz files, an iterable "
+        "of feed dicts or a CalibrationDataReader"
+    )
+
+
+def load_labels(source: str | os.PathLike[str] | np.ndarray, key: str = "labels") -> np.ndarray:
+    """Load class labels: an ``.npy`` file, an ``.npz`` holding ``key``, or an array; returned as int64 [N].
+
+    Raises:
+        DataError: the file is missing/unreadable, the key is absent (names the keys present), the
+            labels are not a non-empty 1-D (or [N,1]) array of integers.
+    """
+    where = "labels"
+    if isinstance(source, np.ndarray):
+        labels = source
+    else:
+        path = Path(source)
+        where = str(path)
+        if not path.is_file():
+            raise DataError(f"labels file not found: {path} (expected an .npy file or an .npz with key {key!r})")
+        try:
+            loaded = np.load(path, allow_pickle=False)
+            if isinstance(loaded, np.lib.npyio.NpzFile):
+                with loaded:
+                    files = sorted(loaded.files)
+                    labels = loaded[key] if key in files else None
+                if labels is None:
+                    raise DataError(f"{path} has no {key!r} array; it has {files}")
+            else:
+                labels = np.asarray(loaded)
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+            raise DataError(f"{path} is not a readable .npy/.npz file ({exc})") from None
+    if labels.ndim == 2 and labels.shape[1] == 1:
+        labels = labels[:, 0]
+    if labels.ndim != 1 or labels.size == 0:
+        raise DataError(
+            f"{where}: labels must be a non-empty 1-D array of class indices, got shape {list(labels.shape)}"
+        )
+    if labels.dtype.kind not in "iu":
+        raise DataError(f"{where}: labels must be integers (class indices), got dtype {labels.dtype}")
+    return labels.astype(np.int64)

@@ -1,0 +1,58 @@
+"""``onnxpress validate REF CAND --data DATA``: compare a candidate with its reference on onnxruntime."""
+
+from __future__ import annotations
+
+import argparse
+
+from onnxpress.cli import add_common, progress_enabled
+from onnxpress.model_io import check_output_path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``validate`` subcommand."""
+    p = sub.add_parser(
+        "validate",
+        help="compare a candidate model with its reference: errors, top-1 agreement, accuracy, latency, size",
+        description="Run both models on onnxruntime CPU over the data; print per-output max abs error, "
+        "SQNR, cosine, top-1 agreement (and accuracy with labels), latency, file size and op counts.",
+    )
+    p.add_argument("reference", help="the reference .onnx model")
+    p.add_argument("candidate", help="the candidate .onnx model (same inputs, every reference output)")
+    p.add_argument("--data", required=True, help=".npz (arrays keyed by input name) or a folder of .npz feeds")
+    p.add_argument("--labels", help="class labels (.npy, or .npz with key 'labels'); default: 'labels' in --data")
+    p.add_argument("--json", metavar="OUT", help="also write the report as JSON to OUT (atomically)")
+    p.add_argument("--batch", type=int, default=64, help="samples per run and for latency (default 64)")
+    p.add_argument("--threads", type=int, help="intra-op threads of both sessions (default: onnxruntime's)")
+    p.add_argument("--repeats", type=int, default=20, help="timed runs per model (default 20)")
+    p.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
+    p.add_argument("--max-samples", type=int, help="compare on at most this many samples")
+    p.add_argument("--max-abs-error", type=float, help="fail (exit 2) when an output's max abs error is larger")
+    p.add_argument("--min-sqnr", type=float, help="fail (exit 2) when an output's SQNR in dB is lower")
+    p.add_argument("--min-agreement", type=float, help="fail (exit 2) when a top-1 agreement is lower")
+    add_common(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Validate, print the table, write the JSON record, then apply the thresholds."""
+    from onnxpress.validate import validate
+
+    if args.json:
+        check_output_path(args.json, [args.reference, args.candidate, args.data, args.labels or ""])
+    report = validate(
+        args.reference,
+        args.candidate,
+        args.data,
+        labels=args.labels,
+        batch_size=args.batch,
+        repeats=args.repeats,
+        threads=args.threads,
+        latency=not args.no_latency,
+        max_samples=args.max_samples,
+        progress=progress_enabled(args),
+    )
+    print(report.format())
+    if args.json:
+        print(f"wrote {report.write_json(args.json)}")
+    report.require(max_abs_error=args.max_abs_error, min_sqnr_db=args.min_sqnr, min_agreement=args.min_agreement)
+    return 0

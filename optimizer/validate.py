@@ -1,0 +1,520 @@
+"""Validate a candidate model against its reference on onnxruntime: errors, agreement, latency, size.
+
+Both models run on the same feeds (onnxruntime CPU, default graph optimisations, thread spinning
+off). For every reference output ``r`` and the candidate's output of the same name ``c``, summed
+over all samples in float64:
+
+    max abs error = max |r - c|
+    SQNR (dB)     = 10 log10( Σ r² / Σ (r - c)² )        (+inf when c == r everywhere)
+    cosine        = Σ r·c / sqrt(Σ r² · Σ c²)             (over the whole flattened output)
+
+A classifier output (2-D, at least 2 columns) also gets top-1 agreement, the share of samples with
+argmax r == argmax c, and with labels each model's accuracy. Latency is measured on the first batch
+of the data: warm-up runs first (not timed), then ``repeats`` timed runs per model, the two
+sessions alternating (ref, cand), (cand, ref), ... so that noise from other processes hits both;
+median and p90 of each and the ratio candidate / reference are reported.
+
+    reference.onnx ─┐                           ┌─ per output: max|r-c|, SQNR, cosine, top-1, acc
+                    ├─ same batches from data ──┤
+    candidate.onnx ─┘                           └─ latency (alternating), file size, op histogram
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+import zipfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from tqdm.auto import tqdm
+
+from onnxpress.calibration.readers import DataSource, load_labels, model_inputs, open_data
+from onnxpress.errors import DataError, OutputError, ValidationError
+from onnxpress.model_io import ModelSource, check_output_path, load_model
+from onnxpress.reporting import format_table, op_histogram
+from onnxpress.runtime import make_session
+
+__all__ = ["LatencyStats", "OutputComparison", "ValidationReport", "model_size", "validate"]
+
+log = logging.getLogger(__name__)
+
+_WARMUP = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputComparison:
+    """How one candidate output compares with the reference output of the same name.
+
+    Attributes:
+        name: the output name.
+        max_abs_error: max |ref - cand| over every element of every sample.
+        sqnr_db: 10·log10(Σref² / Σ(ref-cand)²); +inf when identical.
+        cosine: Σref·cand / sqrt(Σref²·Σcand²) over the flattened output (1.0 when both are all zero).
+        top1_agreement: share of samples whose argmax agrees (classifier outputs only).
+        reference_accuracy: reference top-1 accuracy against the labels (classifier outputs with labels).
+        candidate_accuracy: candidate top-1 accuracy against the labels.
+    """
+
+    name: str
+    max_abs_error: float
+    sqnr_db: float
+    cosine: float
+    top1_agreement: float | None = None
+    reference_accuracy: float | None = None
+    candidate_accuracy: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class LatencyStats:
+    """Latency of one model over the timed repeats, in milliseconds."""
+
+    median_ms: float
+    p90_ms: float
+
+
+@dataclasses.dataclass(frozen=True)
+class ValidationReport:
+    """Everything :func:`validate` measured; ``to_dict()`` is the ``--json`` record.
+
+    Attributes:
+        reference: how the reference was given (path, or "<ModelProto>").
+        candidate: how the candidate was given.
+        samples: samples compared.
+        outputs: one comparison per reference output, in graph order.
+        batch_size: samples per run (also the latency batch, unless the data held fewer).
+        latency_batch: samples in the timed batch (0 when latency was not measured).
+        threads: intra-op threads of both sessions (``None``: onnxruntime's default).
+        repeats: timed runs per model.
+        reference_latency: latency of the reference (``None`` when not measured).
+        candidate_latency: latency of the candidate.
+        latency_ratio: candidate median / reference median.
+        reference_bytes: on-disk size of the reference including external data (serialized size
+            for a ModelProto).
+        candidate_bytes: the same for the candidate.
+        size_ratio: candidate bytes / reference bytes.
+        reference_ops: op type -> count in the reference's main graph.
+        candidate_ops: op type -> count in the candidate's main graph.
+    """
+
+    reference: str
+    candidate: str
+    samples: int
+    outputs: tuple[OutputComparison, ...]
+    batch_size: int
+    latency_batch: int
+    threads: int | None
+    repeats: int
+    reference_latency: LatencyStats | None
+    candidate_latency: LatencyStats | None
+    latency_ratio: float | None
+    reference_bytes: int
+    candidate_bytes: int
+    size_ratio: float
+    reference_ops: Mapping[str, int]
+    candidate_ops: Mapping[str, int]
+
+    def output(self, name: str) -> OutputComparison:
+        """The comparison of output ``name``."""
+        for out in self.outputs:
+            if out.name == name:
+                return out
+        raise KeyError(f"no output {name!r}; outputs are {[o.name for o in self.outputs]}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-safe record: non-finite floats become the strings "inf", "-inf", "nan"."""
+        return _json_safe(dataclasses.asdict(self))
+
+    def to_json(self) -> str:
+        """The record as indented JSON (strict: no bare NaN/Infinity)."""
+        return json.dumps(self.to_dict(), indent=2, allow_nan=False)
+
+    def write_json(self, path: str | os.PathLike[str]) -> Path:
+        """Write :meth:`to_json` to ``path`` atomically (temp file beside it, then rename).
+
+        Raises:
+            OutputError: the folder is missing or not writable, or the path is a folder.
+        """
+        out = check_output_path(path)
+        tmp = None
+        try:
+            with tempfile.NamedTemporaryFile(
+                "w", dir=out.parent, prefix=".onnxpress-", suffix=".json", delete=False, encoding="utf-8"
+            ) as fh:
+                tmp = fh.name
+                fh.write(self.to_json() + "\n")
+            os.replace(tmp, out)
+        except OSError as exc:
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
+            raise OutputError(f"cannot write {out}: {exc.strerror or exc}") from None
+        return out
+
+    def format(self) -> str:
+        """The printed table: per-output errors, then latency/size, then op counts."""
+        threads = "default" if self.threads is None else str(self.threads)
+        lines = [
+            f"reference: {self.reference}",
+            f"candidate: {self.candidate}",
+            f"{self.samples} samples, batch {self.batch_size}, threads {threads}",
+        ]
+        if self.reference_latency is not None:
+            lines.append(
+                f"latency: batch {self.latency_batch}, {self.repeats} timed runs per model after {_WARMUP} warm-up, "
+                "sessions alternating, spinning off"
+            )
+        lines.append("")
+        has_top1 = any(o.top1_agreement is not None for o in self.outputs)
+        has_acc = any(o.reference_accuracy is not None for o in self.outputs)
+        header = ["output", "max abs err", "SQNR dB", "cosine"]
+        header += ["top-1 agree"] if has_top1 else []
+        header += ["ref acc", "cand acc"] if has_acc else []
+        rows = []
+        for o in self.outputs:
+            row = [o.name, f"{o.max_abs_error:.3g}", _fmt(o.sqnr_db, ".2f"), f"{o.cosine:.6f}"]
+            row += [_fmt(o.top1_agreement, ".4f")] if has_top1 else []
+            row += [_fmt(o.reference_accuracy, ".4f"), _fmt(o.candidate_accuracy, ".4f")] if has_acc else []
+            rows.append(row)
+        lines.append(format_table(header, rows))
+        lines.append("")
+        rows = []
+        if self.reference_latency is not None and self.candidate_latency is not None:
+            rows.append([
+                "latency median ms",
+                f"{self.reference_latency.median_ms:.3f}",
+                f"{self.candidate_latency.median_ms:.3f}",
+                _fmt(self.latency_ratio, ".3f"),
+            ])
+            rows.append([
+                "latency p90 ms",
+                f"{self.reference_latency.p90_ms:.3f}",
+                f"{self.candidate_latency.p90_ms:.3f}",
+                _fmt(_ratio(self.candidate_latency.p90_ms, self.reference_latency.p90_ms), ".3f"),
+            ])
+        rows.append(["file size bytes", str(self.reference_bytes), str(self.candidate_bytes), f"{self.size_ratio:.3f}"])
+        lines.append(format_table(["measure", "reference", "candidate", "cand/ref"], rows))
+        lines.append("")
+        ref_ops, cand_ops = self.reference_ops, self.candidate_ops
+        ops = sorted(set(ref_ops) | set(cand_ops), key=lambda k: (-ref_ops.get(k, 0), -cand_ops.get(k, 0), k))
+        rows = [[op, str(self.reference_ops.get(op, 0)), str(self.candidate_ops.get(op, 0))] for op in ops]
+        rows.append(["total", str(sum(self.reference_ops.values())), str(sum(self.candidate_ops.values()))])
+        lines.append(format_table(["op", "reference", "candidate"], rows))
+        return "\n".join(lines)
+
+    def require(
+        self,
+        *,
+        max_abs_error: float | None = None,
+        min_sqnr_db: float | None = None,
+        min_agreement: float | None = None,
+    ) -> None:
+        """Raise when an output is further off than allowed (for scripts and CI gates).
+
+        Raises:
+            ValidationError: names the first output that fails and by how much.
+        """
+        for o in self.outputs:
+            if max_abs_error is not None and not o.max_abs_error <= max_abs_error:
+                raise ValidationError(
+                    f"output {o.name!r}: max abs error {o.max_abs_error:.3g} exceeds the allowed {max_abs_error:g}"
+                )
+            if min_sqnr_db is not None and not o.sqnr_db >= min_sqnr_db:
+                raise ValidationError(
+                    f"output {o.name!r}: SQNR {o.sqnr_db:.2f} dB is below the required {min_sqnr_db:g} dB"
+                )
+            if min_agreement is not None and o.top1_agreement is not None and not o.top1_agreement >= min_agreement:
+                raise ValidationError(
+                    f"output {o.name!r}: top-1 agreement {o.top1_agreement:.4f} is below the required {min_agreement:g}"
+                )
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    if value is None:
+        return "-"
+    if math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    if math.isnan(value):
+        return "nan"
+    return format(value, spec)
+
+
+def _ratio(num: float, den: float) -> float:
+    return num / den if den > 0 else math.inf
+
+
+def _json_safe(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    if isinstance(obj, Mapping):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+class _Accumulator:
+    """Running sums for one output; nothing grows with the number of samples."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.max_abs = 0.0
+        self.ref_sq = 0.0
+        self.cand_sq = 0.0
+        self.err_sq = 0.0
+        self.dot = 0.0
+        self.classifier: bool | None = None
+        self.agree = 0
+        self.ref_correct = 0
+        self.cand_correct = 0
+        self.rows = 0
+
+    def update(self, ref: np.ndarray, cand: np.ndarray, labels: np.ndarray | None) -> None:
+        if ref.shape != cand.shape:
+            raise ValidationError(
+                f"output {self.name!r}: the candidate gives shape {list(cand.shape)}, the reference {list(ref.shape)}"
+            )
+        r = ref.astype(np.float64, copy=False).ravel()
+        c = cand.astype(np.float64, copy=False).ravel()
+        diff = r - c
+        if diff.size:
+            self.max_abs = max(self.max_abs, float(np.max(np.abs(diff))))
+        self.ref_sq += float(r @ r)
+        self.cand_sq += float(c @ c)
+        self.err_sq += float(diff @ diff)
+        self.dot += float(r @ c)
+        is_classifier = ref.ndim == 2 and ref.shape[1] >= 2
+        self.classifier = is_classifier if self.classifier is None else (self.classifier and is_classifier)
+        if self.classifier:
+            r_top, c_top = np.argmax(ref, axis=1), np.argmax(cand, axis=1)
+            self.agree += int(np.sum(r_top == c_top))
+            self.rows += ref.shape[0]
+            if labels is not None:
+                if labels.shape[0] != ref.shape[0]:
+                    raise DataError(
+                        f"output {self.name!r} has {ref.shape[0]} rows per batch but the labels give {labels.shape[0]}"
+                    )
+                if labels.min() < 0 or labels.max() >= ref.shape[1]:
+                    raise DataError(
+                        f"labels must be class indices in 0..{ref.shape[1] - 1} for output {self.name!r}; "
+                        f"got values from {labels.min()} to {labels.max()}"
+                    )
+                self.ref_correct += int(np.sum(r_top == labels))
+                self.cand_correct += int(np.sum(c_top == labels))
+
+    def result(self, with_labels: bool) -> OutputComparison:
+        if self.err_sq == 0.0:
+            sqnr = math.inf
+        elif self.ref_sq == 0.0:
+            sqnr = -math.inf
+        else:
+            sqnr = 10.0 * math.log10(self.ref_sq / self.err_sq)
+        if self.ref_sq == 0.0 and self.cand_sq == 0.0:
+            cosine = 1.0
+        elif self.ref_sq == 0.0 or self.cand_sq == 0.0:
+            cosine = 0.0
+        else:
+            cosine = self.dot / math.sqrt(self.ref_sq * self.cand_sq)
+        top1 = ref_acc = cand_acc = None
+        if self.classifier and self.rows:
+            top1 = self.agree / self.rows
+            if with_labels:
+                ref_acc, cand_acc = self.ref_correct / self.rows, self.cand_correct / self.rows
+        return OutputComparison(self.name, self.max_abs, sqnr, cosine, top1, ref_acc, cand_acc)
+
+
+def model_size(source: ModelSource) -> int:
+    """Bytes on disk of a model file plus its external data files; serialized size of a ModelProto."""
+    if isinstance(source, onnx.ModelProto):
+        return source.ByteSize()
+    path = Path(source)
+    total = path.stat().st_size
+    skeleton = onnx.load(str(path), load_external_data=False)
+    locations = set()
+    for tensor in onnx.external_data_helper._get_all_tensors(skeleton):
+        if onnx.external_data_helper.uses_external_data(tensor):
+            locations.add(onnx.external_data_helper.ExternalDataInfo(tensor).location)
+    for loc in sorted(locations):
+        data_path = path.parent / loc
+        if data_path.is_file():
+            total += data_path.stat().st_size
+    return total
+
+
+def _describe(source: ModelSource) -> str:
+    return "<ModelProto>" if isinstance(source, onnx.ModelProto) else str(source)
+
+
+def _check_interfaces(reference: onnx.ModelProto, candidate: onnx.ModelProto) -> tuple[str, ...]:
+    """Same inputs (names and dtypes) and every reference output in the candidate; return output names."""
+    ref_in = {s.name: s for s in model_inputs(reference)}
+    cand_in = {s.name: s for s in model_inputs(candidate)}
+    if set(ref_in) != set(cand_in):
+        raise ValidationError(
+            f"the candidate's inputs {sorted(cand_in)} differ from the reference's {sorted(ref_in)}; "
+            "both models must take the same inputs"
+        )
+    for name, spec in ref_in.items():
+        if cand_in[name].dtype != spec.dtype:
+            raise ValidationError(
+                f"input {name!r}: the candidate expects {cand_in[name].dtype}, the reference {spec.dtype}"
+            )
+    ref_out = tuple(o.name for o in reference.graph.output)
+    cand_out = {o.name for o in candidate.graph.output}
+    for name in ref_out:
+        if name not in cand_out:
+            raise ValidationError(
+                f"the candidate has no output {name!r} (it has {sorted(cand_out)}); outputs are matched by name"
+            )
+    return ref_out
+
+
+def _run(session: Any, names: Sequence[str], feed: Mapping[str, np.ndarray], which: str, start: int) -> list:
+    try:
+        return session.run(list(names), dict(feed))
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidArgument types
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise ValidationError(
+            f"onnxruntime failed to run the {which} model on the batch at sample {start}: {first}"
+        ) from None
+
+
+def _time(sessions: Sequence[Any], feed: Mapping[str, np.ndarray], repeats: int) -> list[list[float]]:
+    """Seconds per run of each session, alternating the order every repeat; warm-up not timed."""
+    for session in sessions:
+        for _ in range(_WARMUP):
+            session.run(None, dict(feed))
+    times: list[list[float]] = [[] for _ in sessions]
+    order = list(range(len(sessions)))
+    for i in range(repeats):
+        for k in order if i % 2 == 0 else order[::-1]:
+            t0 = time.perf_counter()
+            sessions[k].run(None, dict(feed))
+            times[k].append(time.perf_counter() - t0)
+    return times
+
+
+def _stats(seconds: Sequence[float]) -> LatencyStats:
+    ms = np.asarray(seconds) * 1e3
+    return LatencyStats(float(np.median(ms)), float(np.percentile(ms, 90)))
+
+
+def validate(
+    reference: ModelSource,
+    candidate: ModelSource,
+    data: DataSource,
+    *,
+    labels: str | os.PathLike[str] | np.ndarray | None = None,
+    batch_size: int = 64,
+    repeats: int = 20,
+    threads: int | None = None,
+    latency: bool = True,
+    max_samples: int | None = None,
+    progress: bool = False,
+) -> ValidationReport:
+    """Run both models on onnxruntime over ``data`` and measure how far the candidate is from the reference.
+
+    Args:
+        reference: the original model (path or ModelProto; never modified).
+        candidate: the rewritten model; it must take the same inputs and have every reference output.
+        data: any source :func:`onnxpress.calibration.readers.open_data` accepts. When it is an
+            ``.npz`` holding a ``labels`` array and ``labels`` is not given, those labels are used.
+        labels: class labels (``.npy``, ``.npz`` with key ``labels``, or an array), one per sample.
+        batch_size: samples per run, also the latency batch.
+        repeats: timed runs per model (after warm-up), alternating the two sessions.
+        threads: intra-op threads of both sessions; ``None`` keeps onnxruntime's default.
+        latency: measure latency.
+        max_samples: compare on at most this many samples.
+        progress: show a progress bar over the samples.
+
+    Returns:
+        The :class:`ValidationReport`.
+
+    Raises:
+        ModelLoadError / UnsupportedModelError: a model does not load (file or onnxruntime).
+        DataError: the data or labels do not fit the reference model.
+        ValidationError: the candidate's inputs differ, it lacks a reference output, an output's
+            shape differs, or onnxruntime fails while running.
+    """
+    if batch_size < 1:
+        raise DataError(f"batch size must be at least 1, got {batch_size}")
+    if repeats < 1:
+        raise ValidationError(f"repeats must be at least 1, got {repeats}")
+    if threads is not None and threads < 1:
+        raise ValidationError(f"threads must be at least 1, got {threads}")
+    ref_model = load_model(reference)
+    cand_model = load_model(candidate)
+    out_names = _check_interfaces(ref_model, cand_model)
+    reader = open_data(data, ref_model, max_samples=max_samples)
+    if labels is None and isinstance(data, (str, os.PathLike)) and Path(data).is_file():
+        try:
+            with zipfile.ZipFile(data) as zf:
+                has_labels = "labels.npy" in zf.namelist()
+        except (OSError, zipfile.BadZipFile):
+            has_labels = False
+        if has_labels:
+            labels = data
+            log.info("using the labels stored in %s", data)
+    label_array = load_labels(labels) if labels is not None else None
+
+    def session_source(source: ModelSource, loaded: onnx.ModelProto) -> Any:
+        return loaded if isinstance(source, onnx.ModelProto) else str(source)
+
+    ref_sess = make_session(session_source(reference, ref_model), threads=threads, what="reference model")
+    cand_sess = make_session(session_source(candidate, cand_model), threads=threads, what="candidate model")
+    accs = [_Accumulator(name) for name in out_names]
+    seen = 0
+    first_batch = None
+    with tqdm(total=reader.num_samples, desc="validate", unit="sample", disable=not progress) as bar:
+        for feed in reader.batches(batch_size):
+            n = next((a.shape[0] for a in feed.values() if a.ndim), 1)
+            if first_batch is None:
+                first_batch = feed
+            batch_labels = None
+            if label_array is not None:
+                if seen + n > label_array.shape[0]:
+                    raise DataError(f"the labels hold {label_array.shape[0]} entries but the data has more samples")
+                batch_labels = label_array[seen : seen + n]
+            ref_out = _run(ref_sess, out_names, feed, "reference", seen)
+            cand_out = _run(cand_sess, out_names, feed, "candidate", seen)
+            for acc, r, c in zip(accs, ref_out, cand_out, strict=True):
+                acc.update(np.asarray(r), np.asarray(c), batch_labels)
+            seen += n
+            bar.update(n)
+    if label_array is not None and max_samples is None and seen != label_array.shape[0]:
+        raise DataError(f"the labels hold {label_array.shape[0]} entries but the data has {seen} samples")
+    outputs = tuple(acc.result(label_array is not None) for acc in accs)
+
+    ref_lat = cand_lat = ratio = None
+    latency_batch = 0
+    if latency and first_batch is not None:
+        latency_batch = next((a.shape[0] for a in first_batch.values() if a.ndim), 1)
+        ref_times, cand_times = _time([ref_sess, cand_sess], first_batch, repeats)
+        ref_lat, cand_lat = _stats(ref_times), _stats(cand_times)
+        ratio = _ratio(cand_lat.median_ms, ref_lat.median_ms)
+    ref_bytes, cand_bytes = model_size(reference), model_size(candidate)
+    return ValidationReport(
+        reference=_describe(reference),
+        candidate=_describe(candidate),
+        samples=seen,
+        outputs=outputs,
+        batch_size=batch_size,
+        latency_batch=latency_batch,
+        threads=threads,
+        repeats=repeats if latency else 0,
+        reference_latency=ref_lat,
+        candidate_latency=cand_lat,
+        latency_ratio=ratio,
+        reference_bytes=ref_bytes,
+        candidate_bytes=cand_bytes,
+        size_ratio=_ratio(cand_bytes, ref_bytes),
+        reference_ops=op_histogram(ref_model),
+        candidate_ops=op_histogram(cand_model),
+    )

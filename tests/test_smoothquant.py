@@ -1,0 +1,158 @@
+"""SmoothQuant: float outputs preserved within 1e-4 on onnxruntime; outliers really moved into W."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import pytest
+from onnx import helper
+
+from onnxpress.passes.smoothquant import SmoothQuant, smoothquant_targets
+from onnxpress.pipeline import run_passes
+from tests import graphs
+
+MODELS = Path(__file__).resolve().parent.parent / "models"
+K = 16
+
+
+def ln_qkv(shared_gamma: bool = False) -> onnx.ModelProto:
+    """X[N,T,16] -> LayerNorm(g, b) -> h -> {MatMul(Wq), MatMul(Wk), Gemm-free MatMul(Wv)+Add} -> Q,K,V.
+
+    With ``shared_gamma`` a second LayerNorm on X uses the same gamma/beta and is a graph output.
+    """
+    r = graphs.rng(0)
+    gamma = np.ones(K, np.float32)
+    gamma[[2, 9]] = 40.0  # two outlier channels, as LayerNorm gammas in LLMs produce
+    inits = {
+        "g": gamma,
+        "b": r.standard_normal(K).astype(np.float32),
+        "Wq": r.standard_normal((K, 8)).astype(np.float32),
+        "Wk": r.standard_normal((K, 8)).astype(np.float32),
+        "Wv": r.standard_normal((K, 8)).astype(np.float32),
+        "bv": r.standard_normal(8).astype(np.float32),
+    }
+    nodes = [
+        helper.make_node("LayerNormalization", ["X", "g", "b"], ["h"], axis=-1, epsilon=1e-5),
+        helper.make_node("MatMul", ["h", "Wq"], ["Q"]),
+        helper.make_node("MatMul", ["h", "Wk"], ["K"]),
+        helper.make_node("MatMul", ["h", "Wv"], ["v0"]),
+        helper.make_node("Add", ["v0", "bv"], ["V"]),
+    ]
+    outputs = [("Q", ["N", 5, 8]), ("K", ["N", 5, 8]), ("V", ["N", 5, 8])]
+    if shared_gamma:
+        nodes.append(helper.make_node("LayerNormalization", ["X", "g", "b"], ["H2"], axis=-1, epsilon=1e-5))
+        outputs.append(("H2", ["N", 5, K]))
+    return graphs.make_model(nodes, [("X", ["N", 5, K])], outputs, inits)
+
+
+def mlp_chain(producer_gemm: bool) -> onnx.ModelProto:
+    """X[N,6] -> (Gemm(W1,b1) | MatMul(W1)+Add(b1)) -> h[N,16] -> Gemm(W2, transB=1) -> Y[N,4]."""
+    r = graphs.rng(1)
+    w1 = r.standard_normal((6, K)).astype(np.float32)
+    w1[:, 3] *= 30.0  # outlier output column -> outlier channel of h
+    inits = {
+        "W1": w1,
+        "b1": r.standard_normal(K).astype(np.float32),
+        "W2": r.standard_normal((4, K)).astype(np.float32),
+    }
+    if producer_gemm:
+        nodes = [helper.make_node("Gemm", ["X", "W1", "b1"], ["h"])]
+    else:
+        nodes = [helper.make_node("MatMul", ["X", "W1"], ["m"]), helper.make_node("Add", ["m", "b1"], ["h"])]
+    nodes.append(helper.make_node("Gemm", ["h", "W2"], ["Y"], transB=1))
+    return graphs.make_model(nodes, [("X", ["N", 6])], [("Y", ["N", 4])], inits)
+
+
+def _absmax(model: onnx.ModelProto, name: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    """Per-channel (last axis) max |value| of an intermediate tensor, measured on onnxruntime."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    v = graphs.run(probe, feeds)[-1]
+    return np.abs(v.reshape(-1, v.shape[-1])).max(axis=0)
+
+
+def _assert_outputs_equal(a: onnx.ModelProto, b: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> None:
+    for ya, yb in zip(graphs.run(a, feeds), graphs.run(b, feeds), strict=True):
+        np.testing.assert_allclose(yb, ya, atol=1e-4 * float(np.max(np.abs(ya))), rtol=0)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 0.8, 1.0])
+def test_layernorm_qkv_is_exact_and_flattens_outliers(alpha):
+    model = ln_qkv()
+    before = model.SerializeToString()
+    feeds = {"X": graphs.rng(2).standard_normal((3, 5, K)).astype(np.float32)}
+    x_max = _absmax(model, "h", feeds)
+    result = run_passes(model, [SmoothQuant({"h": x_max}, alpha=alpha)])
+    assert model.SerializeToString() == before
+    assert result.stats["smoothquant.smoothed"] == 1
+    _assert_outputs_equal(model, result.model, feeds)
+    # the smoothed activation is X / s with s_j = x_j^a / w_j^(1-a), w_j over Wq, Wk, Wv rows
+    w_max = np.max([np.abs(onnx.numpy_helper.to_array(i)).max(axis=1)
+                    for i in model.graph.initializer if i.name in ("Wq", "Wk", "Wv")], axis=0)
+    s = x_max**alpha / w_max ** (1 - alpha)
+    np.testing.assert_allclose(_absmax(result.model, "h", feeds), x_max / s, rtol=1e-4)
+    if alpha >= 0.5:  # outlier channels shrink relative to the others
+        after = x_max / s
+        assert after.max() / np.median(after) < 0.5 * x_max.max() / np.median(x_max)
+
+
+def test_shared_gamma_is_copied_not_changed_for_the_other_layernorm():
+    model = ln_qkv(shared_gamma=True)
+    feeds = {"X": graphs.rng(3).standard_normal((2, 5, K)).astype(np.float32)}
+    result = run_passes(model, [SmoothQuant({"h": _absmax(model, "h", feeds)})])
+    assert result.stats["smoothquant.smoothed"] == 1
+    _assert_outputs_equal(model, result.model, feeds)  # H2 (the other LN) included
+
+
+@pytest.mark.parametrize("producer_gemm", [True, False])
+def test_gemm_and_matmul_add_producers_are_exact(producer_gemm):
+    model = mlp_chain(producer_gemm)
+    feeds = {"X": graphs.rng(4).standard_normal((9, 6)).astype(np.float32)}
+    x_max = _absmax(model, "h", feeds)
+    assert smoothquant_targets(gs.import_onnx(model)) == ["h"]
+    result = run_passes(model, [SmoothQuant({"h": x_max}, alpha=0.5)])
+    assert result.stats["smoothquant.smoothed"] == 1
+    _assert_outputs_equal(model, result.model, feeds)
+    after = _absmax(result.model, "h", feeds)
+    assert after.max() / after.min() < x_max.max() / x_max.min()
+
+
+def test_declines_gelu_producer_and_missing_statistics():
+    """X -> Gelu -> g -> MatMul(W) -> Y: Gelu cannot absorb 1/s, so nothing changes."""
+    r = graphs.rng(5)
+    model = graphs.make_model(
+        [helper.make_node("Gelu", ["X"], ["g"]), helper.make_node("MatMul", ["g", "W"], ["Y"])],
+        [("X", ["N", K])], [("Y", ["N", 3])], {"W": r.standard_normal((K, 3)).astype(np.float32)}, opset=20,
+    )
+    result = run_passes(model, [SmoothQuant({"g": np.ones(K)})])
+    assert not result.modified
+    assert any("Gelu" in n for n in result.notes)
+    result = run_passes(ln_qkv(), [SmoothQuant({})])
+    assert result.stats["smoothquant.smoothed"] == 0
+    assert any("no statistics" in n for n in result.notes)
+
+
+def test_bad_alpha_is_rejected():
+    with pytest.raises(ValueError, match="alpha"):
+        SmoothQuant({}, alpha=1.5)
+
+
+def test_reference_transformer_stays_exact():
+    path = MODELS / "transformer.onnx"
+    if not path.exists():
+        pytest.skip(f"{path} not built yet")
+    from onnxpress.model_io import load_model, normalize_model
+    from onnxpress.pipeline import cleanup_passes
+
+    model = run_passes(normalize_model(load_model(path)), cleanup_passes()).model
+    names = smoothquant_targets(gs.import_onnx(model))
+    assert len(names) == 4  # ln1 -> QKV and ln2 -> FFN in each of the two layers
+    x = np.load(MODELS / "digits32_calib.npz")["input"][:8]
+    stats = {n: _absmax(model, n, {"input": x}) for n in names}
+    result = run_passes(model, [SmoothQuant(stats, alpha=0.5)])
+    assert result.stats["smoothquant.smoothed"] == 4
+    _assert_outputs_equal(model, result.model, {"input": x})

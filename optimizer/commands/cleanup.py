@@ -20,8 +20,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run cleanup and print what changed."""
-    from onnxpress.model_io import load_model
+    from onnxpress.model_io import check_output_path, load_model
 
+    check_output_path(args.output, [args.model])  # the API below gets a ModelProto and cannot see the path
     before = load_model(args.model)
     result = cleanup(before, args.output, progress=progress_enabled(args))
     rows = [[key, str(value)] for key, value in sorted(result.stats.items())]

@@ -24,4 +24,6 @@ def cleanup(
         output: where to write the result (atomically, checked); ``None`` to only return it.
         progress: show a progress bar over the passes.
     """
-    return transform(model, cleanup_passes(), output, progress=progress)
+    # No opset upgrade here: these passes work at any opset, and onnx's version converter can
+    # change meaning (onnx's Scan-8 conformance case breaks when upgraded to Scan-9+).
+    return transform(model, cleanup_passes(), output, min_opset=None, progress=progress)

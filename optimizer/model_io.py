@@ -147,7 +147,8 @@ def normalize_model(model: onnx.ModelProto, *, min_opset: int | None = 13) -> on
     """
     model = copy.deepcopy(model)
     _constants_to_initializers(model.graph)
-    if min_opset is not None:
+    has_default_domain = any(imp.domain in ("", "ai.onnx") for imp in model.opset_import)
+    if min_opset is not None and has_default_domain:
         current = default_opset(model)
         if current < min_opset:
             try:

@@ -8,6 +8,7 @@ before; our own typed errors pass through unchanged.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 from collections.abc import Sequence
@@ -16,8 +17,8 @@ import onnx
 import onnx_graphsurgeon as gs
 from tqdm.auto import tqdm
 
-from onnxpress.errors import OnnxpressError, PassError
-from onnxpress.passes.base import GraphPass
+from onnxpress.errors import OnnxpressError, PassError, UnsupportedModelError
+from onnxpress.passes.base import GraphPass, quiet_graphsurgeon
 
 __all__ = ["PipelineResult", "cleanup_passes", "export_graph", "import_graph", "run_passes"]
 
@@ -40,18 +41,65 @@ class PipelineResult:
 
 
 def import_graph(model: onnx.ModelProto) -> gs.Graph:
-    """onnx-graphsurgeon graph of ``model`` (the model itself is not modified)."""
-    return gs.import_onnx(model)
+    """onnx-graphsurgeon graph of ``model`` (the model itself is not modified).
+
+    Raises:
+        UnsupportedModelError: onnx-graphsurgeon cannot represent the graph (e.g. optional types).
+    """
+    shadowed = _shadowed_names(model.graph)
+    if shadowed:
+        raise UnsupportedModelError(
+            f"a subgraph reuses the outer tensor name {shadowed!r}, which onnxpress's graph editor "
+            "(onnx-graphsurgeon) cannot represent; give subgraph values their own names"
+        )
+    try:
+        with quiet_graphsurgeon():
+            return gs.import_onnx(model)
+    except Exception as exc:  # graphsurgeon raises bare errors on types it does not model
+        raise UnsupportedModelError(
+            f"onnxpress cannot edit this graph (onnx-graphsurgeon import failed: {type(exc).__name__}: {exc}); "
+            "optional and sparse types are not supported"
+        ) from None
+
+
+def _shadowed_names(graph: onnx.GraphProto, outer: frozenset[str] = frozenset()) -> str | None:
+    """The first value name a subgraph redefines from an enclosing scope, if any."""
+    defined = {v.name for v in graph.input} | {i.name for i in graph.initializer}
+    defined |= {o for n in graph.node for o in n.output if o}
+    clash = sorted(defined & outer)
+    if clash:
+        return clash[0]
+    scope = frozenset(outer | defined)
+    for node in graph.node:
+        for attr in node.attribute:
+            subgraphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+            for sub in subgraphs:
+                found = _shadowed_names(sub, scope)
+                if found:
+                    return found
+    return None
 
 
 def export_graph(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
     """Export ``graph`` to a ModelProto, keeping ``like``'s IR version, producer and metadata."""
-    model = gs.export_onnx(graph.cleanup().toposort())
+    try:
+        with quiet_graphsurgeon():
+            model = gs.export_onnx(graph.cleanup().toposort())
+    except Exception as exc:  # graphsurgeon raises bare errors on types it does not model
+        raise UnsupportedModelError(
+            f"onnxpress cannot write this graph back (onnx-graphsurgeon export failed: {type(exc).__name__}: {exc})"
+        ) from None
     model.ir_version = max(like.ir_version, 7) if like.ir_version else model.ir_version
     model.producer_name = like.producer_name or "onnxpress"
     model.producer_version = like.producer_version
     del model.metadata_props[:]
     model.metadata_props.extend(like.metadata_props)
+    # graphsurgeon writes every shape it has seen as value_info, including ones that folding made
+    # stale; keep only the value_info the input model declared, and let shape inference do the rest.
+    declared = {vi.name for vi in like.graph.value_info}
+    kept = [vi for vi in model.graph.value_info if vi.name in declared]
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(kept)
     known = {imp.domain for imp in model.opset_import}
     for imp in like.opset_import:  # keep imported domains gs dropped (e.g. unused-by-now domains)
         if imp.domain not in known:
@@ -95,6 +143,10 @@ def run_passes(
             stats[f"{pass_.name}.{key}"] = stats.get(f"{pass_.name}.{key}", 0) + int(value)
         notes.extend(f"{pass_.name}: {n}" for n in result.notes)
         log.debug("pass %s: modified=%s stats=%s", pass_.name, result.modified, dict(result.stats))
+    if not any(stats.get(f"{name}.modified") for name in history):
+        # Nothing changed: hand back the input itself rather than a graphsurgeon round trip,
+        # which can only lose information (optional types, value_info, attribute order).
+        return PipelineResult(copy.deepcopy(model), stats, tuple(history), tuple(notes))
     return PipelineResult(export_graph(graph, model), stats, tuple(history), tuple(notes))
 
 

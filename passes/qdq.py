@@ -120,7 +120,7 @@ def quantize_array(x: np.ndarray, qp: QParams) -> np.ndarray:
     s = _expand(qp.scale.astype(np.float32), qp.axis, x.ndim)
     z = _expand(qp.zero_point.astype(np.int64), qp.axis, x.ndim)
     q = np.rint(x.astype(np.float32) / s).astype(np.int64) + z
-    return np.clip(q, qp.qmin, qp.qmax).astype(qp.zero_point.dtype)
+    return np.asarray(np.clip(q, qp.qmin, qp.qmax), dtype=qp.zero_point.dtype)
 
 
 def dequantize_array(q: np.ndarray, qp: QParams) -> np.ndarray:
@@ -406,19 +406,7 @@ class InsertQDQ:
             c = t.outputs[0]
             if self.exclude.reason(c):
                 break
-            if c.op == "Relu":
-                pass
-            elif c.op == "Clip" and all(_is_float_const(x) for x in c.inputs[1:3] if _present(x)) and len(c.inputs) > 1:
-                pass
-            elif (
-                node.op == "MatMul"
-                and not chain
-                and c.op == "Add"
-                and len(c.inputs) == 2
-                and any(_is_float_const(x) and np.asarray(x.values).ndim <= 1 for x in c.inputs)
-            ):
-                pass
-            else:
+            if not _fusable_epilogue(node, c, first=not chain):
                 break
             chain.append(c)
             t = c.outputs[0]
@@ -434,9 +422,7 @@ class InsertQDQ:
         ends: dict[int, tuple[gs.Tensor, list[gs.Node]]] = {}
         reasons: dict[int, str] = {}
         in_epilogue: set[int] = set()
-        candidates = (
-            WEIGHTED_OPS | BINARY_OPS | VARIADIC_OPS | self.unary_ops | SCALE_KEEPING_OPS | FLOAT_BY_DEFAULT
-        )
+        candidates = WEIGHTED_OPS | BINARY_OPS | VARIADIC_OPS | self.unary_ops | SCALE_KEEPING_OPS | FLOAT_BY_DEFAULT
         for node in nodes:
             if node.op not in candidates or node.domain not in (None, "", "ai.onnx"):
                 continue
@@ -456,6 +442,7 @@ class InsertQDQ:
                 ends.pop(nid, None)
 
         by_id = {id(n): n for n in nodes}
+
         # Ranges: own table ranges, plus scale-keeping outputs inheriting from their input.
         def available(t: gs.Tensor) -> bool:
             seen = 0
@@ -659,7 +646,9 @@ class InsertQDQ:
             consumers = [c for c in t.outputs if c is not q_node]
             redirect_all = name in produced_by_quantized
             for c in consumers:
-                if redirect_all or id(c) in quantized:
+                # Explicitly excluded nodes read the float tensor; other float consumers read the
+                # dequantized one so that the producer's output goes to one Q only (needed to fuse).
+                if id(c) in quantized or (redirect_all and not self.exclude.reason(c)):
                     for i, x in enumerate(c.inputs):
                         if x is t:
                             c.inputs[i] = dq_out
@@ -737,6 +726,7 @@ class InsertQDQ:
 
     @staticmethod
     def _const_dq(base: str, q: np.ndarray, qp: QParams, fresh, new_nodes: list[gs.Node]) -> gs.Variable:
+        q = np.asarray(q)
         q_const = gs.Constant(fresh(f"{base}_quantized"), q)
         scale = gs.Constant(fresh(f"{base}_scale"), np.asarray(qp.scale, np.float32))
         zp = gs.Constant(fresh(f"{base}_zero_point"), np.asarray(qp.zero_point))
@@ -764,3 +754,14 @@ def _clip_bounds(clip: gs.Node) -> tuple[float, float]:
     lo = float(np.asarray(ins[1].values)) if len(ins) > 1 and _present(ins[1]) else -np.inf
     hi = float(np.asarray(ins[2].values)) if len(ins) > 2 and _present(ins[2]) else np.inf
     return lo, hi
+
+
+def _fusable_epilogue(host: gs.Node, c: gs.Node, *, first: bool) -> bool:
+    """Whether the runtime folds ``c`` into ``host``: Relu, Clip with constant bounds, MatMul's bias Add."""
+    if c.op == "Relu":
+        return True
+    if c.op == "Clip":
+        return len(c.inputs) > 1 and all(_is_float_const(x) for x in c.inputs[1:3] if _present(x))
+    if c.op == "Add" and host.op == "MatMul" and first and len(c.inputs) == 2:
+        return any(_is_float_const(x) and np.asarray(x.values).ndim <= 1 for x in c.inputs)
+    return False

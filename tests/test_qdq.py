@@ -1,0 +1,536 @@
+"""InsertQDQ: numerics on onnxruntime (ORT_DISABLE_ALL) and integer kernels in its optimised graph."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from onnx import helper, numpy_helper
+
+from onnxpress.calibration.table import CalibrationTable
+from onnxpress.errors import UnsupportedModelError
+from onnxpress.passes.qdq import (
+    InsertQDQ,
+    QParams,
+    Selection,
+    TensorOverride,
+    activation_qparams,
+    dequantize_array,
+    quantize_array,
+    weight_qparams,
+)
+from onnxpress.pipeline import run_passes
+from onnxpress.runtime import make_session
+from tests.graphs import make_model, rng, run
+
+MODELS = Path(__file__).resolve().parent.parent / "models"
+
+
+def minmax_table(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> CalibrationTable:
+    """Min/max of every float value of ``model`` on ``feeds`` (test helper, not a calibrator)."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    probe = onnx.ModelProto()
+    probe.CopyFrom(inferred)
+    have = {o.name for o in probe.graph.output}
+    for vi in inferred.graph.value_info:
+        if vi.name not in have and vi.type.tensor_type.elem_type == onnx.TensorProto.FLOAT:
+            probe.graph.output.append(vi)
+    values = run(probe, feeds)
+    ranges = {o.name: (float(v.min()), float(v.max())) for o, v in zip(probe.graph.output, values, strict=True)}
+    ranges.update({k: (float(v.min()), float(v.max())) for k, v in feeds.items()})
+    return CalibrationTable.from_ranges(ranges, method="minmax")
+
+
+def sqnr_db(ref: np.ndarray, out: np.ndarray) -> float:
+    """Signal-to-quantization-noise ratio in dB."""
+    return float(10 * np.log10(np.sum(ref.astype(np.float64) ** 2) / np.sum((ref - out).astype(np.float64) ** 2)))
+
+
+def quantize_graph(model, feeds, **kwargs):
+    """Calibrate min/max on ``feeds``, run InsertQDQ, return (pass, result model)."""
+    p = InsertQDQ(minmax_table(model, feeds), **kwargs)
+    out = run_passes(model, [p]).model
+    onnx.checker.check_model(out, full_check=True)
+    return p, out
+
+
+def optimized_ops(model: onnx.ModelProto, tmp_path: Path) -> list[str]:
+    """Op types of onnxruntime's optimised graph (all optimisations on)."""
+    path = tmp_path / "optimized.onnx"
+    make_session(model, optimized_model_path=str(path))
+    return [n.op_type for n in onnx.load(str(path)).graph.node]
+
+
+def ops(model: onnx.ModelProto) -> list[str]:
+    return [n.op_type for n in model.graph.node]
+
+
+def residual_cnn(seed: int = 0) -> onnx.ModelProto:
+    """X[N,3,8,8] -> Conv-Relu -> r1 -> Conv -> Add(r1) -> Clip(0,6) -> MaxPool -> GAP -> Flatten -> Gemm -> Y."""
+    r = rng(seed)
+    inits = {
+        "W1": (r.standard_normal((8, 3, 3, 3)) * 0.3).astype(np.float32),
+        "B1": r.standard_normal(8).astype(np.float32),
+        "W2": (r.standard_normal((8, 8, 3, 3)) * 0.2).astype(np.float32),
+        "B2": r.standard_normal(8).astype(np.float32),
+        "Wf": r.standard_normal((10, 8)).astype(np.float32),
+        "Bf": r.standard_normal(10).astype(np.float32),
+        "lo": np.array(0, np.float32),
+        "hi": np.array(6, np.float32),
+    }
+    nodes = [
+        helper.make_node("Conv", ["X", "W1", "B1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "W2", "B2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+        helper.make_node("Add", ["c2", "r1"], ["a"], name="add"),
+        helper.make_node("Clip", ["a", "lo", "hi"], ["r2"], name="relu6"),
+        helper.make_node("MaxPool", ["r2"], ["mp"], name="pool", kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("GlobalAveragePool", ["mp"], ["g"], name="gap"),
+        helper.make_node("Flatten", ["g"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "Wf", "Bf"], ["Y"], name="fc", transB=1),
+    ]
+    return make_model(nodes, [("X", ["N", 3, 8, 8])], [("Y", ["N", 10])], inits)
+
+
+def feeds_for(model: onnx.ModelProto, n: int = 16, seed: int = 1) -> dict[str, np.ndarray]:
+    """Standard-normal feeds for every graph input (symbolic dims become ``n``)."""
+    r = rng(seed)
+    out = {}
+    for vi in model.graph.input:
+        dims = [d.dim_value if d.dim_value else n for d in vi.type.tensor_type.shape.dim]
+        out[vi.name] = r.standard_normal(dims).astype(np.float32)
+    return out
+
+
+# ----------------------------------------------------------------------------- parameters
+
+
+@settings(deadline=None, max_examples=60)
+@given(
+    lo=st.floats(-100, 0, allow_nan=False),
+    width=st.floats(1e-3, 200, allow_nan=False),
+    dtype=st.sampled_from(["uint8", "int8"]),
+    seed=st.integers(0, 2**16),
+)
+def test_round_trip_error_is_at_most_half_a_step(lo: float, width: float, dtype: str, seed: int) -> None:
+    """|DQ(Q(x)) - x| <= scale/2 for every x inside the (zero-widened) range."""
+    hi = lo + width
+    qp = activation_qparams(lo, hi, dtype)
+    lo_q, hi_q = dequantize_array(np.array([qp.qmin, qp.qmax], qp.zero_point.dtype), qp)
+    x = rng(seed).uniform(max(min(lo, 0), lo_q), min(max(hi, 0), hi_q), 257).astype(np.float32)
+    err = np.abs(dequantize_array(quantize_array(x, qp), qp) - x)
+    assert err.max() <= float(qp.scale) / 2 * (1 + 1e-5) + 1e-12
+
+
+def test_round_trip_matches_onnxruntime() -> None:
+    """Our Q/DQ arithmetic equals onnxruntime's QuantizeLinear/DequantizeLinear, and errs <= scale/2."""
+    x = rng(3).uniform(-2.0, 5.0, (4, 64)).astype(np.float32)
+    for dtype in ("uint8", "int8"):
+        qp = activation_qparams(-2.0, 5.0, dtype)
+        inits = {"s": qp.scale, "z": qp.zero_point}
+        model = make_model(
+            [
+                helper.make_node("QuantizeLinear", ["X", "s", "z"], ["q"]),
+                helper.make_node("DequantizeLinear", ["q", "s", "z"], ["Y"]),
+            ],
+            [("X", [4, 64])],
+            [("Y", [4, 64])],
+            inits,
+        )
+        (y,) = run(model, {"X": x})
+        np.testing.assert_array_equal(y, dequantize_array(quantize_array(x, qp), qp))
+        assert np.abs(y - x).max() <= float(qp.scale) / 2 * (1 + 1e-6)
+
+
+def test_activation_params_uint8_and_int8() -> None:
+    """uint8: asymmetric, zero exactly representable; int8: symmetric with zero point 0."""
+    qp = activation_qparams(-1.0, 3.0, "uint8")
+    assert qp.zero_point.dtype == np.uint8 and int(qp.zero_point) == 64
+    assert float(qp.scale) == pytest.approx(4.0 / 255)
+    qp = activation_qparams(-1.0, 3.0, "int8")
+    assert qp.zero_point.dtype == np.int8 and int(qp.zero_point) == 0
+    assert float(qp.scale) == pytest.approx(3.0 / 127)
+    relu = activation_qparams(0.0, 6.0, "uint8")
+    assert int(relu.zero_point) == 0
+    with pytest.raises(ValueError, match="zero width"):
+        activation_qparams(0.0, 0.0)
+
+
+def test_weight_params_per_channel_and_zero_channel() -> None:
+    """Per-channel symmetric int8: s_c = max|W_c|/127; an all-zero channel stays exact."""
+    w = rng(0).standard_normal((4, 3, 2, 2)).astype(np.float32)
+    w[2] = 0.0
+    qp = weight_qparams(w, 0)
+    np.testing.assert_allclose(qp.scale[[0, 1, 3]], np.abs(w[[0, 1, 3]]).reshape(3, -1).max(1) / 127, rtol=1e-6)
+    assert qp.scale[2] > 0
+    back = dequantize_array(quantize_array(w, qp), qp)
+    assert np.all(back[2] == 0)
+    assert np.all(np.abs(back - w) <= qp.scale.reshape(-1, 1, 1, 1) / 2 * (1 + 1e-6))
+
+
+# ----------------------------------------------------------------------------- graphs
+
+
+def test_residual_cnn_fuses_to_integer_kernels(tmp_path: Path) -> None:
+    """Every Conv becomes QLinearConv (Relu/Clip removed), Add QLinearAdd, MaxPool int8, Gemm QGemm."""
+    model = residual_cnn()
+    x = feeds_for(model)
+    p, q = quantize_graph(model, x)
+    ref, out = run(model, x)[0], run(q, x)[0]
+    assert sqnr_db(ref, out) > 30
+    # one Q per quantized activation, none between Conv and its Relu/Clip
+    q_inputs = [n.input[0] for n in q.graph.node if n.op_type == "QuantizeLinear"]
+    assert sorted(q_inputs) == sorted(["X", "r1", "c2", "r2", "mp", "g", "f"])
+    opt = optimized_ops(q, tmp_path)
+    assert opt.count("QLinearConv") == 2 and "Conv" not in opt and "FusedConv" not in opt
+    assert "QLinearAdd" in opt and "QGemm" in opt and "QLinearGlobalAveragePool" in opt
+    assert "Relu" not in opt and "Clip" not in opt and "Gemm" not in opt
+    assert opt.count("DequantizeLinear") == 0
+    assert all(d.quantized for d in p.decisions)
+
+
+def test_bias_is_int32_with_product_scale_and_exact_rounding() -> None:
+    """Bias DQ: int32, zero point 0, s_b = s_x * s_w per channel, |DQ(b_q) - b| <= s_b/2."""
+    model = residual_cnn()
+    x = feeds_for(model)
+    _, q = quantize_graph(model, x)
+    inits = {i.name: numpy_helper.to_array(i) for i in q.graph.initializer}
+    producers = {o: n for n in q.graph.node for o in n.output}
+    orig = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    checked = 0
+    for node in q.graph.node:
+        if node.op_type not in ("Conv", "Gemm") or len(node.input) < 3:
+            continue
+        dq_x, dq_w, dq_b = (producers[i] for i in node.input[:3])
+        assert dq_b.op_type == "DequantizeLinear"
+        b_q, s_b, z_b = (inits[i] for i in dq_b.input)
+        assert b_q.dtype == np.int32 and not np.any(z_b)
+        s_x = inits[dq_x.input[1]]
+        s_w = inits[dq_w.input[1]]
+        np.testing.assert_allclose(s_b, np.float32(s_x) * s_w, rtol=1e-7)
+        b = orig[{"conv1": "B1", "conv2": "B2", "fc": "Bf"}[node.name]]
+        back = b_q.astype(np.float64) * s_b
+        assert np.all(np.abs(back - b) <= s_b / 2 * (1 + 1e-6))
+        np.testing.assert_array_equal(b_q, np.rint(b.astype(np.float64) / s_b).astype(np.int32))
+        checked += 1
+    assert checked == 3
+
+
+def test_weight_axes_per_op(tmp_path: Path) -> None:
+    """Conv axis 0, ConvTranspose axis 1, Gemm axis 0/1 by transB, MatMul weight axis = last."""
+    r = rng(2)
+    inits = {
+        "Wc": r.standard_normal((4, 2, 3, 3)).astype(np.float32),
+        "Wt": r.standard_normal((4, 3, 2, 2)).astype(np.float32),
+        "Wg": r.standard_normal((5, 48)).astype(np.float32),
+        "Wg2": r.standard_normal((5, 7)).astype(np.float32),
+        "Wm": r.standard_normal((7, 6)).astype(np.float32),
+    }
+    nodes = [
+        helper.make_node("Conv", ["X", "Wc"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("ConvTranspose", ["c", "Wt"], ["t"], name="convT", strides=[2, 2]),
+        helper.make_node("Flatten", ["t"], ["f"]),
+        helper.make_node("Gemm", ["f", "Wg"], ["g"], name="gemm", transB=1),
+        helper.make_node("Gemm", ["g", "Wg2"], ["g2"], name="gemm2"),
+        helper.make_node("MatMul", ["g2", "Wm"], ["Y"], name="matmul"),
+    ]
+    model = make_model(nodes, [("X", ["N", 2, 2, 2])], [("Y", ["N", 6])], inits)
+    x = feeds_for(model)
+    _, q = quantize_graph(model, x)
+    producers = {o: n for n in q.graph.node for o in n.output}
+    expect = {"conv": 0, "convT": 1, "gemm": 0, "gemm2": 1, "matmul": 1}
+    for node in q.graph.node:
+        if node.name in expect:
+            dq = producers[node.input[1]]
+            assert dq.op_type == "DequantizeLinear"
+            axis = {a.name: a.i for a in dq.attribute}["axis"]
+            assert axis == expect[node.name], node.name
+    assert sqnr_db(run(model, x)[0], run(q, x)[0]) > 25
+
+
+def test_depthwise_and_grouped_conv(tmp_path: Path) -> None:
+    """Depthwise (group=C) and grouped (group=2) convs quantize per output channel and fuse."""
+    r = rng(4)
+    inits = {
+        "Wd": r.standard_normal((8, 1, 3, 3)).astype(np.float32) * r.uniform(0.01, 3, (8, 1, 1, 1)).astype(np.float32),
+        "Bd": r.standard_normal(8).astype(np.float32),
+        "Wg": r.standard_normal((8, 4, 1, 1)).astype(np.float32),
+    }
+    nodes = [
+        helper.make_node("Conv", ["X", "Wd", "Bd"], ["d"], group=8, pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["d"], ["r"]),
+        helper.make_node("Conv", ["r", "Wg"], ["Y"], group=2),
+        helper.make_node("Relu", ["Y"], ["Z"]),
+    ]
+    model = make_model(nodes, [("X", ["N", 8, 6, 6])], [("Z", ["N", 8, 6, 6])], inits)
+    x = feeds_for(model)
+    _, q = quantize_graph(model, x)
+    assert sqnr_db(run(model, x)[0], run(q, x)[0]) > 30
+    opt = optimized_ops(q, tmp_path)
+    assert opt.count("QLinearConv") == 1  # the last conv feeds a graph output and stays float-out
+
+
+def test_shared_tensor_gets_one_q_and_one_dq() -> None:
+    """A tensor feeding two quantized Convs gets exactly one Q and one DQ."""
+    r = rng(5)
+    inits = {
+        "W1": r.standard_normal((4, 3, 1, 1)).astype(np.float32),
+        "W2": r.standard_normal((4, 3, 1, 1)).astype(np.float32),
+    }
+    nodes = [
+        helper.make_node("Conv", ["X", "W1"], ["a"]),
+        helper.make_node("Conv", ["X", "W2"], ["b"]),
+        helper.make_node("Add", ["a", "b"], ["Y"]),
+    ]
+    model = make_model(nodes, [("X", ["N", 3, 4, 4])], [("Y", ["N", 4, 4, 4])], inits)
+    _, q = quantize_graph(model, feeds_for(model))
+    q_of_x = [n for n in q.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "X"]
+    assert len(q_of_x) == 1
+    dq = [n for n in q.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == q_of_x[0].output[0]]
+    assert len(dq) == 1
+    convs = [n for n in q.graph.node if n.op_type == "Conv"]
+    assert {c.input[0] for c in convs} == {dq[0].output[0]}
+
+
+def test_concat_inputs_share_the_output_range(tmp_path: Path) -> None:
+    """Concat inputs and output get one common scale/zero point; QLinearConcat appears."""
+    r = rng(6)
+    inits = {
+        "W1": r.standard_normal((4, 3, 1, 1)).astype(np.float32),
+        "W2": 3 * r.standard_normal((4, 3, 1, 1)).astype(np.float32),
+        "W3": r.standard_normal((4, 8, 1, 1)).astype(np.float32),
+    }
+    nodes = [
+        helper.make_node("Conv", ["X", "W1"], ["a0"]),
+        helper.make_node("Relu", ["a0"], ["a"]),
+        helper.make_node("Conv", ["X", "W2"], ["b0"]),
+        helper.make_node("Relu", ["b0"], ["b"]),
+        helper.make_node("Concat", ["a", "b"], ["c"], axis=1),
+        helper.make_node("Conv", ["c", "W3"], ["Y"]),
+    ]
+    model = make_model(nodes, [("X", ["N", 3, 4, 4])], [("Y", ["N", 4, 4, 4])], inits)
+    x = feeds_for(model)
+    _, q = quantize_graph(model, x)
+    inits_q = {i.name: numpy_helper.to_array(i) for i in q.graph.initializer}
+    params = {
+        n.input[0]: (float(inits_q[n.input[1]]), int(inits_q[n.input[2]]))
+        for n in q.graph.node
+        if n.op_type == "QuantizeLinear"
+    }
+    assert params["a"] == params["b"] == params["c"]
+    assert sqnr_db(run(model, x)[0], run(q, x)[0]) > 30
+    assert "QLinearConcat" in optimized_ops(q, tmp_path)
+
+
+def test_scale_keeping_ops_reuse_input_params(tmp_path: Path) -> None:
+    """Reshape/Transpose/MaxPool outputs reuse their input's scale, so onnxruntime drops their Q/DQ."""
+    r = rng(7)
+    inits = {
+        "W1": r.standard_normal((4, 3, 3, 3)).astype(np.float32),
+        "shape": np.array([0, 4, 16], np.int64),
+        "W2": r.standard_normal((4, 6)).astype(np.float32),
+    }
+    nodes = [
+        helper.make_node("Conv", ["X", "W1"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("MaxPool", ["c"], ["m"], kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Reshape", ["m", "shape"], ["rs"]),
+        helper.make_node("Transpose", ["rs"], ["t"], perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["t", "W2"], ["Y"]),
+    ]
+    model = make_model(nodes, [("X", [2, 3, 8, 8])], [("Y", [2, 16, 6])], inits)
+    x = feeds_for(model)
+    _, q = quantize_graph(model, x)
+    inits_q = {i.name: numpy_helper.to_array(i) for i in q.graph.initializer}
+    params = {
+        n.input[0]: (float(inits_q[n.input[1]]), int(inits_q[n.input[2]]))
+        for n in q.graph.node
+        if n.op_type == "QuantizeLinear"
+    }
+    assert params["c"] == params["m"] == params["rs"] == params["t"]
+    assert sqnr_db(run(model, x)[0], run(q, x)[0]) > 30
+    opt = optimized_ops(q, tmp_path)
+    assert "QLinearConv" in opt and "DequantizeLinear" not in opt
+
+
+def test_attention_block_ops(tmp_path: Path) -> None:
+    """MatMul+bias, Mul by constant, Softmax, activation MatMul; LayerNormalization float by default."""
+    r = rng(8)
+    d = 8
+    inits = {
+        "g": np.ones(d, np.float32), "b": np.zeros(d, np.float32),
+        "Wq": r.standard_normal((d, d)).astype(np.float32), "bq": r.standard_normal(d).astype(np.float32),
+        "Wk": r.standard_normal((d, d)).astype(np.float32), "c": np.array(0.35, np.float32),
+    }  # fmt: skip
+    nodes = [
+        helper.make_node("LayerNormalization", ["X", "g", "b"], ["ln"], name="ln", axis=-1),
+        helper.make_node("MatMul", ["ln", "Wq"], ["q0"], name="q_proj"),
+        helper.make_node("Add", ["q0", "bq"], ["q"], name="q_bias"),
+        helper.make_node("MatMul", ["ln", "Wk"], ["k"], name="k_proj"),
+        helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["q", "kt"], ["s"], name="scores"),
+        helper.make_node("Mul", ["s", "c"], ["ss"], name="scale"),
+        helper.make_node("Softmax", ["ss"], ["p"], name="softmax", axis=-1),
+        helper.make_node("MatMul", ["p", "q"], ["Y"], name="pv"),
+    ]
+    model = make_model(nodes, [("X", [2, 5, d])], [("Y", [2, 5, d])], inits, opset=17)
+    x = feeds_for(model)
+    p, q = quantize_graph(model, x)
+    decisions = {dd.name: dd for dd in p.decisions}
+    assert not decisions["ln"].quantized and "no integer kernel" in decisions["ln"].reason
+    assert all(decisions[n].quantized for n in ("q_proj", "k_proj", "scores", "scale", "softmax", "pv"))
+    assert "q_bias" not in decisions  # kept inside q_proj's epilogue
+    assert sqnr_db(run(model, x)[0], run(q, x)[0]) > 20
+    opt = optimized_ops(q, tmp_path)
+    assert "QLinearSoftmax" in opt and "QLinearMul" in opt and "LayerNormalization" in opt
+    # Opting in wraps LayerNormalization in Q/DQ as well.
+    p2, _ = quantize_graph(model, x, quantize_ops={"LayerNormalization"})
+    assert {dd.name: dd for dd in p2.decisions}["ln"].quantized
+
+
+def test_excluded_nodes_stay_float(tmp_path: Path) -> None:
+    """Exclusion by name, op type and regex leaves those nodes with float inputs."""
+    model = residual_cnn()
+    x = feeds_for(model)
+    for sel, name in (
+        (Selection.from_strings(["conv2"]), "conv2"),
+        (Selection.from_strings(["op:Gemm"]), "fc"),
+        (Selection.from_strings(["re:^conv1$"]), "conv1"),
+    ):
+        p, q = quantize_graph(model, x, exclude=sel)
+        producers = {o: n.op_type for n in q.graph.node for o in n.output}
+        node = next(n for n in q.graph.node if n.name == name)
+        assert all(producers.get(i) != "DequantizeLinear" for i in node.input), name
+        dec = {d.name: d for d in p.decisions}[name]
+        assert not dec.quantized and "excluded" in dec.reason
+        assert sqnr_db(run(model, x)[0], run(q, x)[0]) > 25
+    with pytest.raises(ValueError, match="invalid exclude pattern"):
+        Selection.from_strings(["re:("])
+
+
+def test_non_finite_range_is_left_float_and_reported() -> None:
+    """A tensor in table.excluded (e.g. -inf mask) keeps its consumer float with the reason."""
+    model = residual_cnn()
+    x = feeds_for(model)
+    table = minmax_table(model, x)
+    del table.ranges["r1"]
+    table.excluded["r1"] = "range is not finite (-inf seen)"
+    p = InsertQDQ(table)
+    q = run_passes(model, [p]).model
+    dec = {d.name: d for d in p.decisions}
+    assert not dec["conv2"].quantized and "not finite" in dec["conv2"].reason
+    assert not dec["add"].quantized
+    assert not dec["conv1"].quantized and "'r1'" in dec["conv1"].reason  # its fused output has no range
+    assert dec["fc"].quantized
+    assert sqnr_db(run(model, x)[0], run(q, x)[0]) > 25
+
+
+def test_overrides_dtype_and_float() -> None:
+    """Per-tensor overrides: int8 for one tensor, float for another."""
+    model = residual_cnn()
+    x = feeds_for(model)
+    p, q = quantize_graph(model, x, overrides={"X": TensorOverride(dtype="int8"), "f": TensorOverride(dtype="float")})
+    zp = {i.name: numpy_helper.to_array(i) for i in q.graph.initializer}
+    qx = next(n for n in q.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "X")
+    assert zp[qx.input[2]].dtype == np.int8
+    assert not any(n.op_type == "QuantizeLinear" and n.input[0] == "f" for n in q.graph.node)
+    assert not {d.name: d for d in p.decisions}["fc"].quantized
+
+
+def test_int8_symmetric_activations() -> None:
+    """activations='int8': every activation zero point is int8 0 (symmetric, what TensorRT wants)."""
+    model = residual_cnn()
+    x = feeds_for(model)
+    _, q = quantize_graph(model, x, activations="int8")
+    inits = {i.name: numpy_helper.to_array(i) for i in q.graph.initializer}
+    zps = [inits[n.input[2]] for n in q.graph.node if n.op_type == "QuantizeLinear"]
+    assert zps and all(z.dtype == np.int8 and int(z) == 0 for z in zps)
+    assert sqnr_db(run(model, x)[0], run(q, x)[0]) > 25
+
+
+def test_per_tensor_weights() -> None:
+    """per_channel=False: scalar weight scales, no axis attribute."""
+    model = residual_cnn()
+    x = feeds_for(model)
+    _, q = quantize_graph(model, x, per_channel=False)
+    inits = {i.name: numpy_helper.to_array(i) for i in q.graph.initializer}
+    for n in q.graph.node:
+        if n.op_type == "DequantizeLinear" and inits.get(n.input[0]) is not None and inits[n.input[0]].dtype == np.int8:
+            assert inits[n.input[1]].ndim == 0 and not n.attribute
+
+
+def test_unknown_ops_pass_through_untouched() -> None:
+    """An op with no quantized form (Tanh) keeps float input and output; nothing is inserted around it."""
+    r = rng(9)
+    nodes = [
+        helper.make_node("Tanh", ["X"], ["t"], name="tanh"),
+        helper.make_node("Erf", ["t"], ["Y"], name="erf"),
+    ]
+    model = make_model(nodes, [("X", [2, 4])], [("Y", [2, 4])])
+    x = {"X": r.standard_normal((2, 4)).astype(np.float32)}
+    p, q = quantize_graph(model, x)
+    assert ops(q) == ["Tanh", "Erf"]
+    np.testing.assert_array_equal(run(model, x)[0], run(q, x)[0])
+
+
+def test_sigmoid_resize_averagepool(tmp_path: Path) -> None:
+    """Sigmoid, AveragePool and a nearest Resize between Convs are quantized and fused."""
+    r = rng(10)
+    inits = {
+        "W1": r.standard_normal((4, 3, 3, 3)).astype(np.float32),
+        "W2": r.standard_normal((4, 4, 3, 3)).astype(np.float32),
+        "scales": np.array([1, 1, 2, 2], np.float32),
+    }
+    nodes = [
+        helper.make_node("Conv", ["X", "W1"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Sigmoid", ["c"], ["s"]),
+        helper.make_node("AveragePool", ["s"], ["a"], kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Resize", ["a", "", "scales"], ["rz"], mode="nearest"),
+        helper.make_node("Conv", ["rz", "W2"], ["Y"], pads=[1, 1, 1, 1]),
+    ]
+    model = make_model(nodes, [("X", [2, 3, 8, 8])], [("Y", [2, 4, 8, 8])], inits)
+    x = feeds_for(model)
+    p, q = quantize_graph(model, x)
+    assert all(d.quantized for d in p.decisions)
+    assert sqnr_db(run(model, x)[0], run(q, x)[0]) > 25
+    opt = optimized_ops(q, tmp_path)
+    assert "QLinearSigmoid" in opt and "QLinearAveragePool" in opt and "QLinearConv" in opt
+
+
+def test_requires_opset_13() -> None:
+    """Per-axis QDQ needs opset 13: an older graph is refused with what to do."""
+    model = make_model([helper.make_node("Relu", ["X"], ["Y"])], [("X", [2])], [("Y", [2])], opset=11)
+    with pytest.raises(UnsupportedModelError, match="normalize_model"):
+        run_passes(model, [InsertQDQ(CalibrationTable())])
+
+
+def test_input_model_is_not_modified() -> None:
+    """run_passes on a ModelProto leaves the caller's object byte-identical."""
+    model = residual_cnn()
+    before = model.SerializeToString()
+    quantize_graph(model, feeds_for(model))
+    assert model.SerializeToString() == before
+
+
+def test_qparams_limits() -> None:
+    """QParams reports the integer limits of its zero point's type."""
+    qp = QParams(np.float32(0.1), np.uint8(3))
+    assert (qp.qmin, qp.qmax) == (0, 255)
+
+
+@pytest.mark.skipif(not (MODELS / "resnet.onnx").exists(), reason="models/resnet.onnx not built yet")
+def test_reference_resnet_every_conv_is_an_integer_kernel(tmp_path: Path) -> None:
+    """Every Conv of the reference residual CNN becomes QLinearConv in onnxruntime's optimised graph."""
+    from onnxpress.model_io import load_model, normalize_model
+    from onnxpress.pipeline import cleanup_passes
+
+    model = run_passes(normalize_model(load_model(MODELS / "resnet.onnx")), cleanup_passes()).model
+    n_conv = ops(model).count("Conv")
+    data = np.load(MODELS / "digits32_calib.npz")["input"][:32]
+    _, q = quantize_graph(model, {"input": data})
+    opt = optimized_ops(q, tmp_path)
+    assert n_conv > 0 and opt.count("QLinearConv") == n_conv
+    assert "Conv" not in opt and "FusedConv" not in opt

@@ -16,9 +16,10 @@ Batching concatenates consecutive feeds along axis 0,
     batch = concat_0(feed_i, ..., feed_j)   with   n_i + ... + n_j <= batch_size,
 
 while every input's shape beyond axis 0 stays the same and axis 0 of every input is dynamic
-(a symbolic or unknown dimension). A feed larger than ``batch_size`` is sliced; an input whose
-axis 0 is static (say 1) makes feeds go out as stored (and an ``.npz`` is sliced into pieces of
-exactly that size). ``batch_size=None`` yields feeds as stored (an ``.npz`` as one feed).
+(a symbolic or unknown dimension). Batches are filled to exactly ``batch_size``, slicing a feed
+across two batches where needed; a shape change closes the batch early. An input whose axis 0 is
+static (say 1) makes feeds go out as stored (and an ``.npz`` is sliced into pieces of exactly that
+size). ``batch_size=None`` yields feeds as stored (an ``.npz`` as one feed).
 
 Checks, each a :class:`DataError` naming the input and what the model expects: missing names,
 rank, static dimensions, dtype, NaN/inf, and no samples at all. Dtypes must match exactly, with
@@ -304,15 +305,18 @@ class DataReader(abc.ABC):
                     yield flush()
                 yield feed
             else:
-                for start in range(0, n, batch_size):
-                    piece = feed if n <= batch_size else _slice(feed, start, min(n, start + batch_size))
-                    size = min(n, start + batch_size) - start
-                    key = tuple(a.shape[1:] for a in piece.values())
-                    if pending and (key != pending_key or pending_n + size > batch_size):
-                        yield flush()
-                    pending.append(piece)
-                    pending_n += size
+                key = tuple(a.shape[1:] for a in feed.values())
+                if pending and key != pending_key:
+                    yield flush()
+                start = 0
+                while start < n:  # fill the pending batch up to batch_size, slicing the feed as needed
+                    take = min(n - start, batch_size - pending_n)
+                    pending.append(feed if take == n else _slice(feed, start, start + take))
+                    pending_n += take
                     pending_key = key
+                    start += take
+                    if pending_n == batch_size:
+                        yield flush()
             if limit is not None and seen >= limit:
                 break
         if pending:

@@ -1,0 +1,716 @@
+"""Low-rank splits of Gemm/MatMul and Conv weights (truncated SVD, plain or data-aware).
+
+A layer computes ``y = W x`` per position with ``W`` of shape ``m × n`` (outputs × input features;
+for Conv the features are the unfolded ``C_in/g · kh · kw`` patch, one matrix per group). With the
+truncated SVD ``W ≈ U_r Σ_r V_rᵀ = A · B``, ``A = U_r Σ_r^½`` (m × r), ``B = Σ_r^½ V_rᵀ`` (r × n)::
+
+    Gemm/MatMul:  X -> Gemm(W, b) -> Y          ==>  X -> Gemm(Bᵀ) -> Z[r] -> Gemm(Aᵀ, b) -> Y
+    Conv:         X -> Conv k×k (W, b) -> Y     ==>  X -> Conv k×k (B, r/group) -> Conv 1×1 (A, b) -> Y
+    Tucker-2:     X -> Conv k×k (W, b) -> Y     ==>  X -> Conv 1×1 (U_inᵀ) -> Conv k×k (core) -> Conv 1×1 (U_out, b)
+
+The split costs ``r·(m + n)`` MACs per position instead of ``m·n``, so it only pays when
+``r < m·n / (m + n)``; layers where it would not are skipped and reported.
+
+Data-aware variant. With the input second moment ``C = E[x xᵀ]`` (streamed by the API, handed to
+the pass as numpy arrays), the expected output error is
+``E‖(W − W')x‖² = ‖(W − W') C^½‖_F²``. Its minimiser of rank r (Eckart–Young on ``W C^½``) is
+``W' = U_r U_rᵀ W`` where ``U_r`` are the leading left singular vectors of ``W C^½``: the output is
+projected on the r directions that carry most of the output energy *on the data*, instead of the
+directions that carry most of the weight energy. ``C^{-½}`` is never formed. ``C`` is often rank
+deficient (ReLU inputs, constant patch borders), so we use ``C + λ·(tr C / n)·I`` (λ = ``ridge``,
+1e-3 by default): it leaves the data directions as they are and, where the data has no energy, lets
+the weight's own energy break the ties, so directions unseen in calibration are not discarded
+arbitrarily.
+
+Rank selection: a fixed rank, the smallest rank keeping a fraction of the spectral energy (output
+energy when data-aware), or a whole-model MACs budget. For the budget, every layer offers options
+(unsplit, or rank r on a multiple grid) with a cost (MACs) and a loss (fraction of its energy
+dropped); a greedy walks each layer's lower convex hull in (MACs, loss), always taking the step
+with the least energy lost per MAC saved, until the model's MACs fit the budget. The loss is
+relative per layer so that layers of different scales compare. Ranks are rounded to a multiple for
+kernel efficiency. MACs are counted per sample (symbolic dims of the graph inputs set to 1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import logging
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from onnxpress.errors import UnsupportedModelError
+from onnxpress.passes.base import PassResult, quiet_graphsurgeon, unique_name
+
+__all__ = [
+    "LayerReport",
+    "MomentSpec",
+    "SplitConvLowRank",
+    "SplitGemmLowRank",
+    "SplitLowRank",
+    "layer_key",
+    "model_macs",
+    "moment_requests",
+    "tensor_shapes",
+]
+
+log = logging.getLogger(__name__)
+
+_OPS = ("Gemm", "MatMul", "Conv")
+
+
+# --------------------------------------------------------------------------------------------
+# Shapes and MACs
+# --------------------------------------------------------------------------------------------
+
+
+def tensor_shapes(graph: gs.Graph) -> dict[str, tuple[int, ...]]:
+    """Concrete shapes of the graph's tensors for one sample (symbolic input dims set to 1).
+
+    Runs onnx shape inference on an exported copy; tensors whose shape stays unknown are absent.
+    """
+    with quiet_graphsurgeon():
+        model = gs.export_onnx(graph.copy())
+    for vi in model.graph.input:
+        for dim in vi.type.tensor_type.shape.dim:
+            if not dim.HasField("dim_value"):
+                dim.Clear()
+                dim.dim_value = 1
+    del model.graph.value_info[:]
+    try:
+        model = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+    except (onnx.shape_inference.InferenceError, ValueError) as exc:  # pragma: no cover - exotic models
+        log.debug("shape inference failed: %s", exc)
+    shapes: dict[str, tuple[int, ...]] = {}
+    for vi in [*model.graph.input, *model.graph.value_info, *model.graph.output]:
+        tt = vi.type.tensor_type
+        if tt.HasField("shape") and all(d.HasField("dim_value") for d in tt.shape.dim):
+            shapes[vi.name] = tuple(int(d.dim_value) for d in tt.shape.dim)
+    for name, tensor in graph.tensors().items():
+        if isinstance(tensor, gs.Constant):
+            shapes[name] = tuple(int(d) for d in tensor.shape)
+    return shapes
+
+
+def node_macs(node: gs.Node, shapes: Mapping[str, tuple[int, ...]]) -> int:
+    """Multiply-accumulates of one Conv/ConvTranspose/Gemm/MatMul node per sample (0 otherwise)."""
+    out = shapes.get(node.outputs[0].name) if node.outputs else None
+    if out is None or node.op not in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+        return 0
+    numel = int(np.prod(out))
+    if node.op == "Conv":
+        w = shapes.get(node.inputs[1].name)
+        return numel * int(np.prod(w[1:])) if w else 0
+    if node.op == "ConvTranspose":
+        w, x = shapes.get(node.inputs[1].name), shapes.get(node.inputs[0].name)
+        return int(np.prod(x)) * int(np.prod(w[1:])) if w and x else 0
+    a = shapes.get(node.inputs[0].name)
+    if a is None:
+        return 0
+    if node.op == "Gemm":
+        k = a[0] if int(node.attrs.get("transA", 0)) else a[-1]
+    else:
+        k = a[-1]
+    return numel * int(k)
+
+
+def model_macs(graph: gs.Graph, shapes: Mapping[str, tuple[int, ...]] | None = None) -> int:
+    """Total MACs per sample of the Conv/ConvTranspose/Gemm/MatMul nodes of ``graph``."""
+    shapes = tensor_shapes(graph) if shapes is None else shapes
+    return sum(node_macs(n, shapes) for n in graph.nodes)
+
+
+def layer_key(node: gs.Node) -> str:
+    """How reports and moment maps name a layer: the node name, else its first output's name."""
+    return node.name or node.outputs[0].name
+
+
+# --------------------------------------------------------------------------------------------
+# Candidate layers
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class MomentSpec:
+    """Which second moment a layer's data-aware split needs.
+
+    Attributes:
+        tensor: the layer's input tensor.
+        axis: feature axis for Gemm/MatMul (``-1``, or ``0`` for ``Gemm(transA=1)``); ``None`` for Conv.
+        kernel, strides, pads, dilations: Conv patch geometry (im2col); empty for Gemm/MatMul.
+    """
+
+    tensor: str
+    axis: int | None = -1
+    kernel: tuple[int, ...] = ()
+    strides: tuple[int, ...] = ()
+    pads: tuple[int, ...] = ()
+    dilations: tuple[int, ...] = ()
+
+
+@dataclasses.dataclass
+class _Layer:
+    node: gs.Node
+    key: str
+    op: str
+    groups: int
+    mats: list[np.ndarray]  # per group, (m_g, n) in float64, y = W x
+    positions: int  # output positions per sample
+    in_positions: int  # input positions per sample (Tucker's first 1x1 runs there)
+    macs: int
+    params: int
+    spec: MomentSpec
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerReport:
+    """What happened to one candidate layer.
+
+    Attributes:
+        key: node name (or output name when the node has none).
+        op: ``Gemm``, ``MatMul`` or ``Conv``.
+        shape: ``(m, n)`` of the weight matrix per group (outputs × input features).
+        groups: Conv groups (1 for Gemm/MatMul).
+        rank: kept rank per group (``None`` when skipped).
+        full_rank: ``min(m, n)``.
+        energy: fraction of the energy kept (output energy on the data when data-aware).
+        macs_before, macs_after: MACs per sample of this layer.
+        params_before, params_after: weight (+bias) elements.
+        method: ``svd``, ``whitened-svd`` or ``tucker2``.
+        skipped: why the layer was left as it is (``None`` when split).
+    """
+
+    key: str
+    op: str
+    shape: tuple[int, int]
+    groups: int
+    rank: int | None
+    full_rank: int
+    energy: float
+    macs_before: int
+    macs_after: int
+    params_before: int
+    params_after: int
+    method: str
+    skipped: str | None = None
+
+
+def _const(t: gs.Tensor | None) -> bool:
+    return isinstance(t, gs.Constant)
+
+
+def _decline(graph: gs.Graph, node: gs.Node) -> str | None:
+    """Why ``node`` cannot be split (None when it can)."""
+    if node.op == "MatMul":
+        if _const(node.inputs[0]) and not _const(node.inputs[1]):
+            return "weight is the left operand of MatMul"
+        if not _const(node.inputs[1]):
+            return "weight is not a constant"
+    elif not _const(node.inputs[1]):
+        return "weight is not a constant"
+    if _const(node.inputs[0]):
+        return "input is a constant"
+    w = node.inputs[1]
+    if len(w.outputs) > 1:
+        return f"weight {w.name!r} is shared with {len(w.outputs)} nodes"
+    if w in graph.outputs:
+        return "weight is a graph output"
+    if not np.issubdtype(w.values.dtype, np.floating):
+        return f"weight dtype {w.values.dtype} is not floating point"
+    if node.op in ("Gemm", "MatMul") and w.values.ndim != 2:
+        return f"weight is {w.values.ndim}-D, not 2-D"
+    if node.op == "Gemm" and len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].name:
+        if not _const(node.inputs[2]):
+            return "bias is not a constant"
+    if node.op == "Conv":
+        if len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].name and not _const(node.inputs[2]):
+            return "bias is not a constant"
+        g = int(node.attrs.get("group", 1))
+        wv = w.values
+        if wv.ndim < 3:
+            return "weight rank < 3"
+        c_in_g = wv.shape[1]
+        if g > 1 and c_in_g == 1:
+            return "depthwise conv (one input channel per group: nothing to split)"
+    return None
+
+
+def _conv_spec(node: gs.Node, tensor: str, wshape: tuple[int, ...]) -> MomentSpec:
+    nd = len(wshape) - 2
+    kernel = tuple(int(k) for k in node.attrs.get("kernel_shape", wshape[2:]))
+    strides = tuple(int(s) for s in node.attrs.get("strides", [1] * nd))
+    pads = tuple(int(p) for p in node.attrs.get("pads", [0] * (2 * nd)))
+    dil = tuple(int(d) for d in node.attrs.get("dilations", [1] * nd))
+    return MomentSpec(tensor, None, kernel, strides, pads, dil)
+
+
+def _collect(graph: gs.Graph, ops: Sequence[str], shapes: Mapping[str, tuple[int, ...]]):
+    """Candidate layers and (key, op, reason) for declined ones."""
+    layers: list[_Layer] = []
+    declined: list[tuple[str, str, str]] = []
+    for node in graph.nodes:
+        if node.op not in ops or (node.domain or "") not in ("", "ai.onnx"):
+            continue
+        key = layer_key(node)
+        reason = _decline(graph, node)
+        if reason:
+            declined.append((key, node.op, reason))
+            log.debug("low_rank declines %s: %s", key, reason)
+            continue
+        w = node.inputs[1].values.astype(np.float64)
+        x, y = node.inputs[0].name, node.outputs[0].name
+        out_shape, in_shape = shapes.get(y), shapes.get(x)
+        bias_elems = 0
+        if len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].name:
+            bias_elems = int(np.prod(node.inputs[2].values.shape))
+        if node.op == "Conv":
+            g = int(node.attrs.get("group", 1))
+            m = w.shape[0]
+            mats = list(w.reshape(g, m // g, -1))
+            spec = _conv_spec(node, x, w.shape)
+            positions = int(np.prod(out_shape[2:])) if out_shape else 1
+            in_positions = int(np.prod(in_shape[2:])) if in_shape else positions
+        else:
+            g = 1
+            if node.op == "Gemm" and int(node.attrs.get("transB", 0)):
+                mat = w  # B is [N, K] = W already
+            else:
+                mat = w.T  # B is [K, N]
+            mats = [mat]
+            axis = 0 if node.op == "Gemm" and int(node.attrs.get("transA", 0)) else -1
+            spec = MomentSpec(x, axis)
+            positions = int(np.prod(out_shape)) // mat.shape[0] if out_shape else 1
+            in_positions = positions
+        mg, n = mats[0].shape
+        macs = positions * g * mg * n
+        layers.append(_Layer(node, key, node.op, g, mats, positions, in_positions, macs, w.size + bias_elems, spec))
+    return layers, declined
+
+
+def moment_requests(graph: gs.Graph, ops: Sequence[str] = _OPS) -> dict[str, MomentSpec]:
+    """Which input second moment each splittable layer needs, keyed by :func:`layer_key`.
+
+    The API collects these (one observer per distinct spec) and passes the arrays back to the pass
+    as ``moments={key: C}``, ``C`` of shape ``(n_total, n_total)`` over the layer's input features
+    (for a grouped Conv: all ``C_in · kh · kw`` patch features, in the weight's flattening order).
+    """
+    shapes: dict[str, tuple[int, ...]] = {}
+    layers, _ = _collect(graph, ops, shapes)
+    return {layer.key: layer.spec for layer in layers}
+
+
+# --------------------------------------------------------------------------------------------
+# Factorisations
+# --------------------------------------------------------------------------------------------
+
+
+def _sqrt_psd(c: np.ndarray, ridge: float) -> np.ndarray:
+    """Symmetric square root of ``C + ridge·(tr C / n)·I`` (negative eigenvalues clipped to 0)."""
+    c = (c + c.T) / 2
+    vals, vecs = np.linalg.eigh(c)
+    vals = np.clip(vals, 0.0, None)
+    lam = ridge * max(float(vals.sum()) / len(vals), np.finfo(np.float64).tiny)
+    return (vecs * np.sqrt(vals + lam)) @ vecs.T
+
+
+@dataclasses.dataclass
+class _Factors:
+    """Per-group SVD of a layer: energy spectrum, and how to build rank-r factors."""
+
+    u: list[np.ndarray]  # left singular vectors (m_g, k)
+    s: list[np.ndarray]  # singular values (of W or of W·C^½)
+    vt: list[np.ndarray]  # right singular vectors (plain) — unused when whitened
+    mats: list[np.ndarray]
+    whitened: bool
+
+    def kept(self, r: int) -> float:
+        total = sum(float(np.sum(s**2)) for s in self.s)
+        if total == 0.0:
+            return 1.0
+        return sum(float(np.sum(s[:r] ** 2)) for s in self.s) / total
+
+    def factors(self, r: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Per group ``A`` (m_g × r) and ``B`` (r × n) with ``A·B`` the best rank-r approximation."""
+        a_list, b_list = [], []
+        for u, s, vt, w in zip(self.u, self.s, self.vt, self.mats, strict=True):
+            ur, sr = u[:, :r], s[:r]
+            # Split sqrt(S) into both factors rather than S into one: both factors (and the
+            # intermediate activation) then have comparable magnitudes, which keeps float16
+            # storage and a later per-tensor int8 QDQ of either factor from losing precision.
+            root = np.sqrt(np.where(sr > s[0] * 1e-12 if s.size else sr > 0, sr, 1.0))
+            a = ur * root
+            b = (ur.T @ w) / root[:, None] if self.whitened else sr[:, None] / root[:, None] * vt[:r]
+            a_list.append(a)
+            b_list.append(b)
+        return a_list, b_list
+
+
+def _svd(mats: list[np.ndarray], moment: np.ndarray | None, ridge: float) -> _Factors:
+    us, ss, vts = [], [], []
+    n = mats[0].shape[1]
+    for gi, w in enumerate(mats):
+        target = w
+        if moment is not None:
+            block = moment[gi * n : (gi + 1) * n, gi * n : (gi + 1) * n]
+            target = w @ _sqrt_psd(block, ridge)
+        u, s, vt = np.linalg.svd(target, full_matrices=False)
+        us.append(u)
+        ss.append(s)
+        vts.append(vt)
+    return _Factors(us, ss, vts, mats, moment is not None)
+
+
+@dataclasses.dataclass
+class _Tucker:
+    """HOSVD of a Conv weight (groups = 1): orthonormal U_out, U_in and the full core."""
+
+    w: np.ndarray  # (M, C, k...)
+    u_out: np.ndarray  # (M, M')
+    u_in: np.ndarray  # (C, C')
+    core: np.ndarray  # (M', C', k...)
+    cum: np.ndarray  # cum[o, i] = energy of core[:o, :i]
+
+    @classmethod
+    def of(cls, w: np.ndarray) -> _Tucker:
+        m, c = w.shape[:2]
+        u_out = np.linalg.svd(w.reshape(m, -1), full_matrices=False)[0]
+        u_in = np.linalg.svd(np.moveaxis(w, 1, 0).reshape(c, -1), full_matrices=False)[0]
+        core = np.einsum("mc...,mo,ci->oi...", w, u_out, u_in)
+        e = (core**2).reshape(core.shape[0], core.shape[1], -1).sum(-1)
+        cum = np.zeros((e.shape[0] + 1, e.shape[1] + 1))
+        cum[1:, 1:] = e.cumsum(0).cumsum(1)
+        return cls(w, u_out, u_in, core, cum)
+
+    def ranks(self, r: int) -> tuple[int, int]:
+        return min(r, self.core.shape[0]), min(r, self.core.shape[1])
+
+    def kept(self, r: int) -> float:
+        r_out, r_in = self.ranks(r)
+        total = self.cum[-1, -1]
+        return float(self.cum[r_out, r_in] / total) if total > 0 else 1.0
+
+
+# --------------------------------------------------------------------------------------------
+# The pass
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Choice:
+    layer: _Layer
+    method: str
+    fac: _Factors | _Tucker
+    full: int
+    rank: int | None = None  # None: keep unsplit
+
+
+class SplitLowRank:
+    """Split Gemm/MatMul (and Conv) weights into two low-rank factors (see the module docstring).
+
+    Exactly one of ``rank``, ``energy`` or ``flops`` selects the ranks.
+
+    Args:
+        rank: the same rank for every layer (capped at full rank; rounded up to ``multiple``).
+        energy: keep the smallest rank whose fraction of the energy is at least this (0 < e ≤ 1).
+        flops: whole-model MACs budget as a fraction of the model's MACs (0 < f ≤ 1).
+        multiple: ranks are multiples of this (kernel efficiency); the last option is full rank.
+        moments: input second moments per layer key (see :func:`moment_requests`) for the
+            data-aware (whitened) SVD; layers without one get the plain SVD.
+        ridge: relative ridge added to each second moment (see the module docstring).
+        conv_method: ``"channel"`` (k×k with r outputs + 1×1) or ``"tucker2"`` (1×1, k×k, 1×1).
+        only_if_cheaper: skip layers whose split would not reduce MACs (off only for tests).
+        ops: op types to consider.
+    """
+
+    name = "split_low_rank"
+    ops: tuple[str, ...] = _OPS
+
+    def __init__(
+        self,
+        *,
+        rank: int | None = None,
+        energy: float | None = None,
+        flops: float | None = None,
+        multiple: int = 1,
+        moments: Mapping[str, np.ndarray] | None = None,
+        ridge: float = 1e-3,
+        conv_method: str = "channel",
+        only_if_cheaper: bool = True,
+        ops: Sequence[str] | None = None,
+    ) -> None:
+        if sum(v is not None for v in (rank, energy, flops)) != 1:
+            raise ValueError("give exactly one of rank=, energy= or flops=")
+        if rank is not None and rank < 1:
+            raise ValueError(f"rank must be >= 1, got {rank}")
+        if energy is not None and not 0.0 < energy <= 1.0:
+            raise ValueError(f"energy must be in (0, 1], got {energy}")
+        if flops is not None and not 0.0 < flops <= 1.0:
+            raise ValueError(f"flops must be a fraction in (0, 1], got {flops}")
+        if multiple < 1:
+            raise ValueError(f"multiple must be >= 1, got {multiple}")
+        if conv_method not in ("channel", "tucker2"):
+            raise ValueError(f"conv_method must be 'channel' or 'tucker2', got {conv_method!r}")
+        if ridge < 0:
+            raise ValueError(f"ridge must be >= 0, got {ridge}")
+        self.rank, self.energy, self.flops = rank, energy, flops
+        self.multiple = int(multiple)
+        self.moments = dict(moments or {})
+        self.ridge = float(ridge)
+        self.conv_method = conv_method
+        self.only_if_cheaper = only_if_cheaper
+        if ops is not None:
+            self.ops = tuple(ops)
+        self.report: tuple[LayerReport, ...] = ()
+        self.macs: tuple[int, int] = (0, 0)
+
+    def requires(self, graph: gs.Graph) -> None:
+        """No preconditions (unsupported layers are declined one by one)."""
+
+    # -- cost model ------------------------------------------------------------------------
+
+    @staticmethod
+    def _cost(ch: _Choice, r: int | None) -> int:
+        lay = ch.layer
+        if r is None:
+            return lay.macs
+        mg, n = lay.mats[0].shape
+        if ch.method == "tucker2":
+            assert isinstance(ch.fac, _Tucker)
+            r_out, r_in = ch.fac.ranks(r)
+            k = int(np.prod(ch.fac.w.shape[2:]))
+            c = ch.fac.w.shape[1]
+            return lay.in_positions * c * r_in + lay.positions * (r_in * r_out * k + r_out * mg)
+        return lay.positions * lay.groups * r * (mg + n)
+
+    def _params(self, ch: _Choice, r: int | None) -> int:
+        lay = ch.layer
+        if r is None:
+            return lay.params
+        mg, n = lay.mats[0].shape
+        bias = lay.params - lay.groups * mg * n
+        if ch.method == "tucker2":
+            assert isinstance(ch.fac, _Tucker)
+            r_out, r_in = ch.fac.ranks(r)
+            c, k = ch.fac.w.shape[1], int(np.prod(ch.fac.w.shape[2:]))
+            return c * r_in + r_in * r_out * k + r_out * mg + bias
+        return lay.groups * r * (mg + n) + bias
+
+    def _grid(self, full: int) -> list[int]:
+        ranks = list(range(self.multiple, full, self.multiple))
+        return [*ranks, full]
+
+    def _round(self, r: int, full: int) -> int:
+        return min(full, -(-r // self.multiple) * self.multiple)
+
+    # -- rank selection --------------------------------------------------------------------
+
+    def _select(self, choices: list[_Choice], total_macs: int) -> None:
+        if self.rank is not None:
+            for ch in choices:
+                ch.rank = self._round(self.rank, ch.full)
+        elif self.energy is not None:
+            for ch in choices:
+                ch.rank = next((r for r in self._grid(ch.full) if ch.fac.kept(r) >= self.energy - 1e-12), ch.full)
+        else:
+            self._select_budget(choices, total_macs)
+            return
+        for ch in choices:
+            if self.only_if_cheaper and ch.rank is not None and self._cost(ch, ch.rank) >= ch.layer.macs:
+                ch.rank = None
+
+    def _select_budget(self, choices: list[_Choice], total_macs: int) -> None:
+        assert self.flops is not None
+        budget = self.flops * total_macs
+        # options per layer: (cost, loss, rank), from unsplit down to the smallest rank
+        options: list[list[tuple[int, float, int | None]]] = []
+        for ch in choices:
+            opts: list[tuple[int, float, int | None]] = [(ch.layer.macs, 0.0, None)]
+            for r in reversed(self._grid(ch.full)):
+                cost = self._cost(ch, r)
+                if cost < opts[-1][0]:
+                    opts.append((cost, 1.0 - ch.fac.kept(r), r))
+            options.append(opts)
+
+        def hull_step(i: int, at: int) -> tuple[float, int] | None:
+            """Steepest step from option ``at``: least loss added per MAC saved."""
+            opts = options[i]
+            best = None
+            for j in range(at + 1, len(opts)):
+                saved = opts[at][0] - opts[j][0]
+                ratio = max(opts[j][1] - opts[at][1], 0.0) / saved
+                if best is None or ratio < best[0] - 1e-15:
+                    best = (ratio, j)
+            return best
+
+        current = [0] * len(choices)
+        heap: list[tuple[float, int, int]] = []
+        for i in range(len(choices)):
+            step = hull_step(i, 0)
+            if step:
+                heapq.heappush(heap, (step[0], i, step[1]))
+        total = float(total_macs)
+        while total > budget and heap:
+            _, i, j = heapq.heappop(heap)
+            total -= options[i][current[i]][0] - options[i][j][0]
+            current[i] = j
+            step = hull_step(i, j)
+            if step:
+                heapq.heappush(heap, (step[0], i, step[1]))
+        if total > budget + 0.5:
+            floor = total / total_macs
+            raise UnsupportedModelError(
+                f"MACs budget {self.flops:.3f} of the model cannot be met: splitting every eligible layer at "
+                f"the smallest rank ({self.multiple}) leaves {floor:.3f}; raise the budget or lower --multiple"
+            )
+        for ch, opts, at in zip(choices, options, current, strict=True):
+            ch.rank = opts[at][2]
+
+    # -- rewrite ---------------------------------------------------------------------------
+
+    def __call__(self, graph: gs.Graph) -> PassResult:
+        """Choose ranks, split the chosen layers, and record :attr:`report` and :attr:`macs`."""
+        shapes = tensor_shapes(graph)
+        total = model_macs(graph, shapes)
+        layers, declined = _collect(graph, self.ops, shapes)
+        notes = [f"{key}: kept ({why})" for key, _, why in declined]
+        choices: list[_Choice] = []
+        for lay in layers:
+            mg, n = lay.mats[0].shape
+            moment = self.moments.get(lay.key)
+            if moment is not None:
+                need = lay.groups * n
+                if moment.shape != (need, need):
+                    raise UnsupportedModelError(
+                        f"second moment for layer {lay.key!r} has shape {moment.shape}, expected {(need, need)}; "
+                        "recollect statistics on this model"
+                    )
+                if not np.all(np.isfinite(moment)):
+                    raise UnsupportedModelError(f"second moment for layer {lay.key!r} is not finite")
+            if lay.op == "Conv" and self.conv_method == "tucker2":
+                if lay.groups == 1:
+                    if moment is not None:
+                        notes.append(f"{lay.key}: tucker2 is plain (weight energy) only; its moment is not used")
+                    tucker = _Tucker.of(lay.node.inputs[1].values.astype(np.float64))
+                    choices.append(_Choice(lay, "tucker2", tucker, max(tucker.core.shape[:2])))
+                    continue
+                notes.append(f"{lay.key}: grouped conv gets the channel split, not tucker2")
+            fac = _svd(lay.mats, moment, self.ridge)
+            choices.append(_Choice(lay, "whitened-svd" if moment is not None else "svd", fac, min(mg, n)))
+        self._select(choices, total)
+
+        reports: list[LayerReport] = []
+        split = 0
+        for key, op, why in declined:
+            reports.append(LayerReport(key, op, (0, 0), 1, None, 0, 1.0, 0, 0, 0, 0, "-", why))
+        for ch in choices:
+            lay = ch.layer
+            mg, n = lay.mats[0].shape
+            if ch.rank is None:
+                bound = mg * n / (mg + n)
+                why = (
+                    f"a split would not reduce MACs (rank >= m·n/(m+n) = {bound:.1f})"
+                    if self.only_if_cheaper and self.flops is None
+                    else "kept whole by the MACs budget"
+                )
+                notes.append(f"{lay.key}: kept ({why})")
+                reports.append(LayerReport(lay.key, lay.op, (mg, n), lay.groups, None, ch.full, 1.0, lay.macs,
+                                           lay.macs, lay.params, lay.params, ch.method, why))
+                continue
+            if ch.method == "tucker2":
+                self._rewrite_tucker(graph, ch)
+            else:
+                self._rewrite(graph, ch)
+            split += 1
+            reports.append(LayerReport(
+                lay.key, lay.op, (mg, n), lay.groups, ch.rank, ch.full, ch.fac.kept(ch.rank), lay.macs,
+                self._cost(ch, ch.rank), lay.params, self._params(ch, ch.rank), ch.method,
+            ))
+        after = total - sum(r.macs_before - r.macs_after for r in reports)
+        self.report = tuple(reports)
+        self.macs = (total, after)
+        stats = {"layers_split": split, "layers_kept": len(reports) - split, "macs_before": total, "macs_after": after}
+        return PassResult(graph, split > 0, stats, tuple(notes))
+
+    @staticmethod
+    def _rewrite(graph: gs.Graph, ch: _Choice) -> None:
+        lay, node = ch.layer, ch.layer.node
+        assert isinstance(ch.fac, _Factors) and ch.rank is not None
+        a_list, b_list = ch.fac.factors(ch.rank)
+        w = node.inputs[1]
+        dtype = w.values.dtype
+        base = lay.key.replace("/", "_").strip("_") or "layer"
+        mid = gs.Variable(unique_name(graph, f"{base}_lowrank"), dtype=dtype)
+        first_w = unique_name(graph, f"{w.name}_lowrank_in")
+        second_w = unique_name(graph, f"{w.name}_lowrank_out")
+        if lay.op == "Conv":
+            g = lay.groups
+            c_in_g, kernel = w.values.shape[1], w.values.shape[2:]
+            b = np.concatenate([bg.reshape(ch.rank, c_in_g, *kernel) for bg in b_list], 0)
+            a = np.concatenate(a_list, 0).reshape(a_list[0].shape[0] * g, ch.rank, *([1] * len(kernel)))
+            first = gs.Node("Conv", unique_name(graph, f"{base}_lowrank_conv"),
+                            attrs={k: v for k, v in node.attrs.items()},
+                            inputs=[node.inputs[0], gs.Constant(first_w, b.astype(dtype))], outputs=[mid])
+            first.attrs["kernel_shape"] = [int(k) for k in kernel]
+            bias = list(node.inputs[2:3])
+            node.attrs = {"group": g, "kernel_shape": [1] * len(kernel)}
+            node.inputs.clear()
+            node.inputs.extend([mid, gs.Constant(second_w, a.astype(dtype)), *bias])
+        else:
+            (a,), (b,) = a_list, b_list  # y = A (B x); stored as [K, r] and [r, N] (row-vector form)
+            first_attrs = {}
+            if lay.op == "Gemm":
+                first_attrs = {"transA": int(node.attrs.get("transA", 0)), "alpha": float(node.attrs.get("alpha", 1.0))}
+                node.attrs = {"beta": float(node.attrs.get("beta", 1.0))}
+            first = gs.Node(lay.op, unique_name(graph, f"{base}_lowrank_in"), attrs=first_attrs,
+                            inputs=[node.inputs[0], gs.Constant(first_w, np.ascontiguousarray(b.T).astype(dtype))],
+                            outputs=[mid])
+            node.inputs[0] = mid
+            node.inputs[1] = gs.Constant(second_w, np.ascontiguousarray(a.T).astype(dtype))
+        graph.nodes.append(first)
+
+    @staticmethod
+    def _rewrite_tucker(graph: gs.Graph, ch: _Choice) -> None:
+        lay, node = ch.layer, ch.layer.node
+        fac = ch.fac
+        assert isinstance(fac, _Tucker) and ch.rank is not None
+        r_out, r_in = fac.ranks(ch.rank)
+        w = node.inputs[1]
+        dtype = w.values.dtype
+        nd = w.values.ndim - 2
+        ones = [1] * nd
+        base = lay.key.replace("/", "_").strip("_") or "layer"
+        u_in = fac.u_in[:, :r_in].T.reshape(r_in, -1, *ones)
+        core = fac.core[:r_out, :r_in]
+        u_out = fac.u_out[:, :r_out].reshape(-1, r_out, *ones)
+        t1 = gs.Variable(unique_name(graph, f"{base}_tucker_in"), dtype=dtype)
+        t2 = gs.Variable(unique_name(graph, f"{base}_tucker_core"), dtype=dtype)
+        # A 1x1 conv without bias maps zero padding to zero, so the core conv may pad its input.
+        w_in = gs.Constant(unique_name(graph, f"{w.name}_tucker_in"), u_in.astype(dtype))
+        n1 = gs.Node("Conv", unique_name(graph, f"{base}_tucker_in"), attrs={"kernel_shape": ones},
+                     inputs=[node.inputs[0], w_in], outputs=[t1])
+        n2 = gs.Node("Conv", unique_name(graph, f"{base}_tucker_core"), attrs=dict(node.attrs),
+                     inputs=[t1, gs.Constant(unique_name(graph, f"{w.name}_tucker_core"), core.astype(dtype))],
+                     outputs=[t2])
+        n2.attrs["kernel_shape"] = [int(k) for k in w.values.shape[2:]]
+        bias = list(node.inputs[2:3])
+        node.attrs = {"kernel_shape": ones}
+        node.inputs.clear()
+        node.inputs.extend([t2, gs.Constant(unique_name(graph, f"{w.name}_tucker_out"), u_out.astype(dtype)), *bias])
+        graph.nodes.extend([n1, n2])
+
+
+class SplitGemmLowRank(SplitLowRank):
+    """:class:`SplitLowRank` restricted to Gemm and MatMul (2-D constant weight)."""
+
+    name = "split_gemm_low_rank"
+    ops = ("Gemm", "MatMul")
+
+
+class SplitConvLowRank(SplitLowRank):
+    """:class:`SplitLowRank` restricted to Conv (channel split, or Tucker-2 with ``conv_method``)."""
+
+    name = "split_conv_low_rank"
+    ops = ("Conv",)

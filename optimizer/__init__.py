@@ -20,6 +20,7 @@ from onnxpress.errors import (
     UnsupportedModelError,
     ValidationError,
 )
+from onnxpress.lowrank import LowRankResult, lowrank
 from onnxpress.model_io import load_model, normalize_model, save_model
 from onnxpress.pipeline import run_passes
 from onnxpress.validate import ValidationReport, validate
@@ -29,6 +30,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CalibrationError",
     "DataError",
+    "LowRankResult",
     "ModelLoadError",
     "OnnxpressError",
     "OutputError",
@@ -39,6 +41,7 @@ __all__ = [
     "ValidationError",
     "cleanup",
     "load_model",
+    "lowrank",
     "normalize_model",
     "run_passes",
     "save_model",

@@ -20,6 +20,7 @@ __all__ = ["build_parser", "main"]
 # Only commands that work are listed (no stubs).
 _COMMANDS: tuple[str, ...] = (
     "onnxpress.commands.cleanup",
+    "onnxpress.commands.lowrank",
     "onnxpress.commands.validate",
 )
 

@@ -1,0 +1,68 @@
+"""``onnxpress lowrank MODEL -o OUT [--rank R | --energy E | --flops F] [--calib DATA]``: low-rank splits."""
+
+from __future__ import annotations
+
+import argparse
+
+from onnxpress.cli import add_common, progress_enabled
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {value}")
+    return value
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``lowrank`` subcommand."""
+    p = sub.add_parser(
+        "lowrank",
+        help="split Gemm/MatMul/Conv weights into low-rank factors (truncated SVD, plain or data-aware)",
+    )
+    p.add_argument("model", help="input .onnx model (never modified)")
+    p.add_argument("-o", "--output", required=True, help="where to write the split model")
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("--rank", type=_positive_int, help="the same rank for every layer")
+    how.add_argument("--energy", type=_fraction, help="keep this fraction of each layer's spectral energy")
+    how.add_argument("--flops", type=_fraction, help="whole-model MACs budget as a fraction of the original")
+    p.add_argument("--calib", help="calibration data (.npz or folder of .npz) for the data-aware (whitened) SVD")
+    p.add_argument("--multiple", type=_positive_int, default=1, help="round ranks up to a multiple of this")
+    p.add_argument("--tucker", action="store_true", help="Tucker-2 (1x1, kxk core, 1x1) for Convs")
+    p.add_argument("--max-samples", type=_positive_int, default=512, help="calibration samples to use")
+    add_common(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Split and print the per-layer table."""
+    from onnxpress.lowrank import lowrank
+
+    result = lowrank(
+        args.model,
+        args.output,
+        rank=args.rank,
+        energy=args.energy,
+        flops=args.flops,
+        calib=args.calib,
+        multiple=args.multiple,
+        conv_method="tucker2" if args.tucker else "channel",
+        max_samples=args.max_samples,
+        progress=progress_enabled(args),
+    )
+    print(result.table())
+    print(f"{'data-aware (whitened)' if result.data_aware else 'plain'} SVD; wrote {result.output}")
+    return 0

@@ -1,0 +1,233 @@
+"""Codebook (non-uniform) weights: k-means with 2^b centroids per layer or per channel group.
+
+Each weight W of a Conv/Gemm/MatMul is replaced by indices into a small float codebook C that
+minimises the k-means objective (1-D, exact Lloyd iterations on sorted values)::
+
+    min_{C, idx}  sum_i (W_i - C[idx_i])^2,      |C| = 2^b,  b <= 8
+
+    W[float32] -> Conv               ==>
+    idx[uint8, b <= 4: two per byte] -> (Mod, BitShift, Concat, Slice) -> Cast(int32) -> Reshape[G, M]
+        -> GatherElements(C[G, 2^b], axis=1) -> Reshape -> (Transpose) -> W' -> Conv
+
+With ``group_size`` = g, every g output channels share one codebook (G = channels / g); otherwise
+one codebook per layer (G = 1). Storage is b bits per weight (for b <= 4, two indices share a byte;
+for 4 < b <= 8 one byte each) plus G * 2^b floats, against 32 bits per weight in float.
+
+Runtime cost: the rebuild subgraph has only constant inputs, so onnxruntime's constant folding
+(any optimisation level above ``disable``) evaluates it once when the session is created and the
+layers then run on float weights at float speed; the model is small on disk, not in memory. With
+optimisations off the rebuild runs on every call. Passes that fold constants (``cleanup``) turn
+the weights back into float initializers, and ``InsertQDQ`` sees no constant weight to quantize,
+so run this pass last.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxpress.passes.base import PassResult, unique_name
+
+__all__ = ["CodebookWeights", "KMeansResult", "kmeans_1d", "weight_channel_axis"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class KMeansResult:
+    """Sorted centroids, the index of each value's centroid, and the objective sum (x - c)^2."""
+
+    centroids: np.ndarray
+    labels: np.ndarray
+    sse: float
+
+
+def kmeans_1d(values: np.ndarray, k: int, *, max_iterations: int = 100) -> KMeansResult:
+    """Lloyd's k-means on scalars, initialised at equal-count quantiles; stops at a fixed point.
+
+    In 1-D the clusters of a fixed point are contiguous runs of the sorted values, so each
+    iteration is a ``searchsorted`` of the midpoints plus cluster means from a cumulative sum.
+
+    Args:
+        values: any-shaped array (flattened).
+        k: number of centroids (fewer are returned when there are fewer distinct values).
+        max_iterations: cap on Lloyd iterations.
+    """
+    x = np.asarray(values, dtype=np.float64).reshape(-1)
+    if x.size == 0:
+        raise ValueError("cannot cluster an empty array")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    order = np.argsort(x, kind="stable")
+    xs = x[order]
+    distinct = np.unique(xs)
+    if distinct.size <= k:
+        centroids = distinct
+    else:
+        csum = np.concatenate([[0.0], np.cumsum(xs)])
+        edges = np.linspace(0, xs.size, k + 1).round().astype(np.int64)
+        starts = edges[:-1]
+        centroids = np.empty(0)
+        for _ in range(max_iterations):
+            counts = np.diff(np.append(starts, xs.size))
+            keep = counts > 0
+            means = (csum[np.append(starts, xs.size)[1:]] - csum[starts])[keep] / counts[keep]
+            if np.array_equal(means, centroids):
+                break
+            centroids = means
+            new_starts = np.searchsorted(xs, (centroids[:-1] + centroids[1:]) / 2.0, side="right")
+            starts = np.concatenate([[0], new_starts])
+    bounds = (centroids[:-1] + centroids[1:]) / 2.0
+    labels = np.searchsorted(bounds, x, side="right")  # nearest centroid (ties to the upper one)
+    sse = float(np.sum((x - centroids[labels]) ** 2))
+    return KMeansResult(centroids, labels.astype(np.int64), sse)
+
+
+def weight_channel_axis(node: gs.Node, w: np.ndarray) -> int:
+    """The output-channel axis of a layer's weight (Conv 0, Gemm by transB, MatMul last)."""
+    if node.op == "Gemm":
+        return 0 if int(node.attrs.get("transB", 0)) else 1
+    if node.op == "MatMul":
+        return w.ndim - 1
+    return 0
+
+
+class CodebookWeights:
+    """Store Conv/Gemm/MatMul weights as b-bit indices into k-means codebooks.
+
+    Args:
+        bits: index width b (1..8); 2^b centroids per codebook.
+        group_size: output channels per codebook; ``None`` for one codebook per layer.
+        min_elements: leave weights with fewer elements float (a codebook would not pay).
+        pack: store two 4-bit (or narrower) indices per byte.
+
+    After a call, ``objective`` maps each rewritten weight name to its k-means objective (sum of
+    squared reconstruction errors over all its groups).
+    """
+
+    name = "codebook_weights"
+
+    def __init__(self, bits: int = 4, group_size: int | None = None, min_elements: int = 256, pack: bool = True):
+        if not 1 <= int(bits) <= 8:
+            raise ValueError(f"bits must be in 1..8 (uint8 indices), got {bits}")
+        if group_size is not None and group_size < 1:
+            raise ValueError(f"group_size must be >= 1 or None, got {group_size}")
+        self.bits = int(bits)
+        self.group_size = group_size
+        self.min_elements = int(min_elements)
+        self.pack = pack
+        self.objective: dict[str, float] = {}
+
+    def requires(self, graph: gs.Graph) -> None:
+        """No preconditions (opset >= 11 for BitShift holds for every normalised model)."""
+
+    def _targets(self, graph: gs.Graph) -> tuple[dict[str, tuple[gs.Constant, list[gs.Node], int]], list[str]]:
+        found: dict[str, tuple[gs.Constant, list[gs.Node], int]] = {}
+        notes = []
+        for node in graph.nodes:
+            if node.op not in ("Conv", "Gemm", "MatMul") or len(node.inputs) < 2:
+                continue
+            w = node.inputs[1]
+            if not isinstance(w, gs.Constant) or w.values.dtype != np.float32:
+                continue
+            if w.values.size < self.min_elements:
+                notes.append(f"{w.name}: kept float ({w.values.size} < {self.min_elements} elements)")
+                continue
+            axis = weight_channel_axis(node, w.values)
+            if w.name in found:
+                if found[w.name][2] != axis:
+                    notes.append(f"{w.name}: kept float (shared with different channel axes)")
+                    del found[w.name]
+                    continue
+                found[w.name][1].append(node)
+            else:
+                found[w.name] = (w, [node], axis)
+        for name, (w, _readers, _axis) in list(found.items()):
+            if any(r.op not in ("Conv", "Gemm", "MatMul") or r.inputs[1] is not w for r in w.outputs):
+                notes.append(f"{name}: kept float (also read as something other than a layer weight)")
+                del found[name]
+        return found, notes
+
+    def __call__(self, graph: gs.Graph) -> PassResult:
+        """Cluster and rewrite every eligible weight."""
+        self.objective = {}
+        targets, notes = self._targets(graph)
+        before = after = 0
+        for name, (w_const, readers, axis) in targets.items():
+            w = w_const.values
+            channels = w.shape[axis]
+            g = self.group_size or channels
+            if channels % g:
+                notes.append(f"{name}: kept float ({channels} channels not divisible by group_size {g})")
+                continue
+            rebuilt, nbytes, sse = self._rewrite(graph, name, w, axis, channels // g)
+            for r in readers:
+                r.inputs[1] = rebuilt
+            self.objective[name] = sse
+            before += w.nbytes
+            after += nbytes
+            log.debug("codebook %s: %d bits, %d groups, sse %.4g", name, self.bits, channels // g, sse)
+        stats = {"weights": len(self.objective), "bytes_before": before, "bytes_after": after}
+        return PassResult(graph, bool(self.objective), stats, tuple(notes))
+
+    def _rewrite(self, graph: gs.Graph, name: str, w: np.ndarray, axis: int, groups: int):
+        k = 2**self.bits
+        first = np.moveaxis(w, axis, 0)
+        rows = first.reshape(groups, -1)  # [G, M]: channel-major, so each group is one row
+        idx = np.zeros(rows.shape, np.uint8)
+        book = np.zeros((groups, k), np.float32)
+        sse = 0.0
+        for gi in range(groups):
+            res = kmeans_1d(rows[gi], k)
+            c = res.centroids.astype(np.float32)
+            book[gi, : c.size] = c
+            book[gi, c.size :] = c[-1]
+            idx[gi] = res.labels
+            sse += float(np.sum((rows[gi].astype(np.float64) - c[res.labels].astype(np.float64)) ** 2))
+
+        def var(suffix: str, dtype, shape=None) -> gs.Variable:
+            return gs.Variable(unique_name(graph, f"{name}_{suffix}"), dtype=dtype, shape=shape)
+
+        def node(op: str, inputs, outputs, **attrs) -> None:
+            graph.nodes.append(gs.Node(op, unique_name(graph, f"{name}_{op}"), attrs, inputs, outputs))
+
+        def const(suffix: str, values: np.ndarray) -> gs.Constant:
+            return gs.Constant(unique_name(graph, f"{name}_{suffix}"), np.asarray(values))
+
+        flat = idx.reshape(-1)
+        n = flat.size
+        if self.pack and self.bits <= 4:
+            half = (n + 1) // 2
+            padded = np.zeros(2 * half, np.uint8)
+            padded[:n] = flat
+            packed = (padded[:half] | (padded[half:] << 4)).astype(np.uint8)
+            stored = const("codes_packed", packed)
+            lo, hi = var("lo", np.uint8), var("hi", np.uint8)
+            both, cut = var("codes2", np.uint8), var("codes", np.uint8)
+            node("Mod", [stored, const("sixteen", np.uint8(16))], [lo], fmod=0)
+            node("BitShift", [stored, const("four", np.uint8(4))], [hi], direction="RIGHT")
+            node("Concat", [lo, hi], [both], axis=0)
+            node("Slice", [both, const("start", np.array([0], np.int64)), const("end", np.array([n], np.int64))], [cut])
+            codes = cut
+            nbytes = packed.nbytes + book.nbytes
+        else:
+            codes = const("codes", idx)
+            nbytes = idx.nbytes + book.nbytes
+        wide, grid, gathered = var("codes_i32", np.int32), var("codes_grid", np.int32), var("values", np.float32)
+        node("Cast", [codes], [wide], to=6)  # int32
+        node("Reshape", [wide, const("grid_shape", np.array(rows.shape, np.int64))], [grid])
+        node("GatherElements", [const("codebook", book), grid], [gathered], axis=1)
+        if axis == 0:
+            out = var("rebuilt", np.float32, list(w.shape))
+            node("Reshape", [gathered, const("shape", np.array(w.shape, np.int64))], [out])
+        else:
+            shaped = var("channel_first", np.float32, list(first.shape))
+            node("Reshape", [gathered, const("shape", np.array(first.shape, np.int64))], [shaped])
+            perm = list(range(1, w.ndim))
+            perm.insert(axis, 0)
+            out = var("rebuilt", np.float32, list(w.shape))
+            node("Transpose", [shaped], [out], perm=perm)
+        return out, nbytes, sse

@@ -1,0 +1,135 @@
+"""CodebookWeights and kmeans_1d: reconstruction error on onnxruntime equals the k-means objective."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from onnx import helper
+
+from onnxpress.passes.codebook import CodebookWeights, kmeans_1d
+from onnxpress.pipeline import run_passes
+from tests import graphs
+
+
+def _rebuilt_weight(model: onnx.ModelProto, node_index: int = 0) -> np.ndarray:
+    """The weight the rewritten layer reads, computed by onnxruntime (exposed as an extra output)."""
+    name = model.graph.node[[i for i, n in enumerate(model.graph.node) if n.op_type in ("Conv", "Gemm", "MatMul")][
+        node_index
+    ]].input[1]
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    del probe.graph.output[:]
+    probe.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    feeds = {i.name: np.zeros([d.dim_value or 1 for d in i.type.tensor_type.shape.dim], np.float32)
+             for i in probe.graph.input}
+    return graphs.run(probe, feeds)[0]
+
+
+def conv_model(seed: int = 0) -> onnx.ModelProto:
+    """X[N,8,6,6] -> Conv(W[16,8,3,3], B) -> Y."""
+    r = graphs.rng(seed)
+    inits = {"W": r.standard_normal((16, 8, 3, 3)).astype(np.float32), "B": r.standard_normal(16).astype(np.float32)}
+    node = helper.make_node("Conv", ["X", "W", "B"], ["Y"], pads=[1, 1, 1, 1])
+    return graphs.make_model([node], [("X", ["N", 8, 6, 6])], [("Y", ["N", 16, 6, 6])], inits)
+
+
+def matmul_model(k: int = 24, n: int = 20, seed: int = 1) -> onnx.ModelProto:
+    """X[N,24] -> MatMul(W[24,20]) -> Y[N,20]."""
+    w = graphs.rng(seed).laplace(size=(k, n)).astype(np.float32)
+    return graphs.make_model([helper.make_node("MatMul", ["X", "W"], ["Y"])], [("X", ["N", k])], [("Y", ["N", n])],
+                             {"W": w})
+
+
+def _weight(model: onnx.ModelProto) -> np.ndarray:
+    return onnx.numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "W"))
+
+
+@settings(deadline=None, max_examples=40)
+@given(st.integers(0, 10_000), st.integers(1, 6), st.integers(1, 400))
+def test_kmeans_1d_is_a_lloyd_fixed_point(seed, bits, size):
+    x = np.random.default_rng(seed).standard_t(3, size)
+    res = kmeans_1d(x, 2**bits)
+    c = res.centroids
+    assert c.size <= 2**bits and np.all(np.diff(c) > 0)
+    assert res.sse == pytest.approx(float(np.sum((x - c[res.labels]) ** 2)), rel=1e-12, abs=1e-12)
+    # every value sits at its nearest centroid; every used centroid is the mean of its members
+    nearest = np.abs(x[:, None] - c[None, :]).min(axis=1)
+    np.testing.assert_allclose(np.abs(x - c[res.labels]), nearest, rtol=0, atol=1e-12)
+    for j in np.unique(res.labels):
+        assert c[j] == pytest.approx(x[res.labels == j].mean(), rel=1e-9, abs=1e-12)
+
+
+def test_kmeans_beats_a_uniform_grid_on_heavy_tails():
+    x = graphs.rng(2).laplace(size=5000)
+    res = kmeans_1d(x, 16)
+    grid = np.linspace(x.min(), x.max(), 16)
+    uniform_sse = float(np.sum((x - grid[np.abs(x[:, None] - grid).argmin(axis=1)]) ** 2))
+    assert res.sse < 0.5 * uniform_sse
+
+
+@pytest.mark.parametrize("bits", [2, 4, 6, 8])
+def test_conv_reconstruction_error_equals_kmeans_objective(bits):
+    model = conv_model()
+    w = _weight(model)
+    pass_ = CodebookWeights(bits=bits)
+    result = run_passes(model, [pass_])
+    assert result.stats["codebook_weights.weights"] == 1
+    w_hat = _rebuilt_weight(result.model)
+    assert np.unique(w_hat).size <= 2**bits
+    expected = kmeans_1d(w, 2**bits).sse
+    assert float(np.sum((w.astype(np.float64) - w_hat) ** 2)) == pytest.approx(expected, rel=1e-5)
+    assert pass_.objective["W"] == pytest.approx(expected, rel=1e-5)
+    # and the layer really runs on the rebuilt weight
+    x = graphs.rng(3).standard_normal((2, 8, 6, 6)).astype(np.float32)
+    ref = graphs.make_model(list(model.graph.node), [("X", ["N", 8, 6, 6])], [("Y", ["N", 16, 6, 6])],
+                            {"W": w_hat, "B": onnx.numpy_helper.to_array(model.graph.initializer[1])})
+    np.testing.assert_allclose(graphs.run(result.model, {"X": x})[0], graphs.run(ref, {"X": x})[0], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("group_size", [None, 1, 5])
+def test_matmul_groups_run_along_output_columns(group_size):
+    """MatMul W[K,N]: output channels are columns; each group of columns has its own codebook."""
+    model = matmul_model()
+    w = _weight(model)
+    result = run_passes(model, [CodebookWeights(bits=3, group_size=group_size)])
+    w_hat = _rebuilt_weight(result.model)
+    g = group_size or w.shape[1]
+    expected = sum(kmeans_1d(w[:, j : j + g], 8).sse for j in range(0, w.shape[1], g))
+    assert float(np.sum((w.astype(np.float64) - w_hat) ** 2)) == pytest.approx(expected, rel=1e-5)
+    for j in range(0, w.shape[1], g):
+        assert np.unique(w_hat[:, j : j + g]).size <= 8
+
+
+@pytest.mark.parametrize("trans_b", [0, 1])
+def test_gemm_both_layouts(trans_b):
+    r = graphs.rng(4)
+    w = r.standard_normal((12, 30) if trans_b else (30, 12)).astype(np.float32)
+    model = graphs.make_model([helper.make_node("Gemm", ["X", "W"], ["Y"], transB=trans_b)],
+                              [("X", ["N", 30])], [("Y", ["N", 12])], {"W": w})
+    result = run_passes(model, [CodebookWeights(bits=4, group_size=4)])
+    w_hat = _rebuilt_weight(result.model)
+    rows = w if trans_b else w.T  # output channels first
+    expected = sum(kmeans_1d(rows[j : j + 4], 16).sse for j in range(0, 12, 4))
+    assert float(np.sum((w.astype(np.float64) - w_hat) ** 2)) == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize(("bits", "pack", "max_ratio"), [(4, True, 0.125 + 0.02), (4, False, 0.25 + 0.02),
+                                                       (6, True, 0.25 + 0.02)])
+def test_stored_size_shrinks(bits, pack, max_ratio):
+    model = matmul_model(k=128, n=64)
+    result = run_passes(model, [CodebookWeights(bits=bits, pack=pack)])
+    stored = sum(i.ByteSize() for i in result.model.graph.initializer)
+    original = sum(i.ByteSize() for i in model.graph.initializer)
+    assert stored < max_ratio * original + 400  # + protobuf headers of the small constants
+
+
+def test_small_weights_and_bad_settings():
+    result = run_passes(graphs.gemm(), [CodebookWeights(bits=4)])  # W has 48 elements < 256
+    assert not result.modified and "elements" in result.notes[0]
+    with pytest.raises(ValueError, match="bits"):
+        CodebookWeights(bits=9)
+    with pytest.raises(ValueError, match="empty"):
+        kmeans_1d(np.zeros(0), 4)

@@ -478,9 +478,7 @@ def validate(
             if first_batch is None:
                 first_batch = feed
             batch_labels = None
-            if label_array is not None:
-                if seen + n > label_array.shape[0]:
-                    raise DataError(f"the labels hold {label_array.shape[0]} entries but the data has more samples")
+            if label_array is not None and seen + n <= label_array.shape[0]:
                 batch_labels = label_array[seen : seen + n]
             ref_out = _run(ref_sess, out_names, feed, "reference", seen)
             cand_out = _run(cand_sess, out_names, feed, "candidate", seen)
@@ -488,8 +486,9 @@ def validate(
                 acc.update(np.asarray(r), np.asarray(c), batch_labels)
             seen += n
             bar.update(n)
-    if label_array is not None and max_samples is None and seen != label_array.shape[0]:
-        raise DataError(f"the labels hold {label_array.shape[0]} entries but the data has {seen} samples")
+    n_labels = None if label_array is None else label_array.shape[0]
+    if n_labels is not None and (seen > n_labels or (max_samples is None and seen != n_labels)):
+        raise DataError(f"the labels hold {n_labels} entries but the data has {seen} samples")
     outputs = tuple(acc.result(label_array is not None) for acc in accs)
 
     ref_lat = cand_lat = ratio = None

@@ -1,0 +1,174 @@
+"""validate(): every figure checked against numpy on the same onnxruntime outputs."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+from onnxpress.api import cleanup
+from onnxpress.errors import DataError, OutputError, ValidationError
+from onnxpress.model_io import save_model
+from onnxpress.validate import _time, model_size, validate
+from tests import graphs
+
+
+def _x(n: int, k: int = 8, seed: int = 1) -> np.ndarray:
+    return graphs.rng(seed).standard_normal((n, k)).astype(np.float32)
+
+
+def perturbed(model: onnx.ModelProto, scale: float, seed: int = 5) -> onnx.ModelProto:
+    """The same graph with noise of std ``scale`` added to every float initializer."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    r = graphs.rng(seed)
+    for i, init in enumerate(out.graph.initializer):
+        w = numpy_helper.to_array(init)
+        if w.dtype.kind != "f":
+            continue
+        out.graph.initializer[i].CopyFrom(
+            numpy_helper.from_array((w + scale * r.standard_normal(w.shape)).astype(w.dtype), init.name)
+        )
+    return out
+
+
+def two_outputs() -> onnx.ModelProto:
+    """X[N,8] -> Gemm(W[8,6]) -> Y[N,6] (classifier); Y -> Unsqueeze(2) -> Z[N,6,1] (not a classifier)."""
+    r = graphs.rng(0)
+    nodes = [
+        helper.make_node("Gemm", ["X", "W"], ["Y"]),
+        helper.make_node("Unsqueeze", ["Y", "axes"], ["Z"]),
+    ]
+    inits = {"W": r.standard_normal((8, 6)).astype(np.float32), "axes": np.array([2], np.int64)}
+    return graphs.make_model(nodes, [("X", ["N", 8])], [("Y", ["N", 6]), ("Z", ["N", 6, 1])], inits)
+
+
+def test_identical_models_give_zero_error_and_full_agreement(tmp_path):
+    model = graphs.gemm()
+    labels = np.arange(100) % 6
+    np.savez(tmp_path / "d.npz", X=_x(100), labels=labels)
+    report = validate(model, model, tmp_path / "d.npz", repeats=3)
+    (out,) = report.outputs
+    assert out.max_abs_error == 0.0 and out.sqnr_db == math.inf and out.cosine == pytest.approx(1.0, abs=1e-12)
+    assert out.top1_agreement == 1.0
+    assert out.reference_accuracy == out.candidate_accuracy  # labels were picked up from the npz
+    assert report.samples == 100 and report.size_ratio == 1.0
+    record = json.loads(report.to_json())
+    assert record["outputs"][0]["sqnr_db"] == "inf"
+
+
+def test_figures_match_numpy_on_a_perturbed_candidate(tmp_path):
+    ref, cand = two_outputs(), perturbed(two_outputs(), 0.05)
+    x = _x(150)
+    labels = graphs.rng(3).integers(0, 6, 150)
+    report = validate(ref, cand, [{"X": x[:70]}, {"X": x[70:]}], labels=labels, batch_size=32, latency=False)
+    r_all, c_all = graphs.run(ref, {"X": x}, optimize=True), graphs.run(cand, {"X": x}, optimize=True)
+    for name, r, c in zip(["Y", "Z"], r_all, c_all, strict=True):
+        r64, c64 = r.astype(np.float64), c.astype(np.float64)
+        got = report.output(name)
+        assert got.max_abs_error == pytest.approx(np.abs(r64 - c64).max(), rel=1e-5)
+        assert got.sqnr_db == pytest.approx(10 * np.log10((r64**2).sum() / ((r64 - c64) ** 2).sum()), abs=1e-4)
+        cosine = (r64 * c64).sum() / np.sqrt((r64**2).sum() * (c64**2).sum())
+        assert got.cosine == pytest.approx(cosine, abs=1e-7)
+    y = report.output("Y")
+    assert y.top1_agreement == pytest.approx(np.mean(r_all[0].argmax(1) == c_all[0].argmax(1)))
+    assert y.reference_accuracy == pytest.approx(np.mean(r_all[0].argmax(1) == labels))
+    assert y.candidate_accuracy == pytest.approx(np.mean(c_all[0].argmax(1) == labels))
+    assert 0.5 < y.top1_agreement < 1.0  # the perturbation is visible but not total
+    assert report.output("Z").top1_agreement is None  # 3-D output: not a classifier
+    assert report.samples == 150 and report.reference_latency is None
+
+
+def test_bn_folded_candidate_is_within_1e_5():
+    model = graphs.conv_bn_relu()
+    x = graphs.rng(2).standard_normal((20, 3, 8, 8)).astype(np.float32)
+    report = validate(model, cleanup(model).model, [{"X": x}], repeats=2)
+    assert report.outputs[0].max_abs_error <= 1e-5
+    assert report.reference_ops == {"Conv": 1, "BatchNormalization": 1, "Relu": 1}
+    assert report.candidate_ops == {"Conv": 1, "Relu": 1}
+
+
+def test_latency_fields_and_ratio():
+    report = validate(graphs.gemm(), graphs.gemm(), [{"X": _x(10)}], batch_size=4, repeats=5, threads=1)
+    ref, cand = report.reference_latency, report.candidate_latency
+    assert report.latency_batch == 4 and report.repeats == 5 and report.threads == 1
+    assert 0 < ref.median_ms <= ref.p90_ms and 0 < cand.median_ms <= cand.p90_ms
+    assert report.latency_ratio == pytest.approx(cand.median_ms / ref.median_ms)
+    assert "latency median ms" in report.format()
+
+
+def test_timing_alternates_sessions_and_excludes_warmup():
+    calls = []
+
+    class Fake:
+        def __init__(self, name):
+            self.name = name
+
+        def run(self, names, feed):
+            calls.append(self.name)
+
+    a, b = Fake("a"), Fake("b")
+    times = _time([a, b], {"X": _x(1)}, repeats=4)
+    assert [len(t) for t in times] == [4, 4]
+    warm, timed = calls[:-8], calls[-8:]
+    assert warm == ["a"] * 3 + ["b"] * 3
+    assert timed == ["a", "b", "b", "a", "a", "b", "b", "a"]
+
+
+def test_file_size_counts_external_data(tmp_path):
+    model = graphs.gemm(k=64, n=64)
+    path = save_model(model, tmp_path / "ext.onnx", external_data=True)
+    on_disk = path.stat().st_size + (tmp_path / "ext.onnx.data").stat().st_size
+    assert model_size(path) == on_disk and on_disk > 64 * 64 * 4
+    assert model_size(model) == model.ByteSize()
+    report = validate(model, path, [{"X": _x(3, 64)}], latency=False)
+    assert report.candidate_bytes == on_disk and report.size_ratio == pytest.approx(on_disk / model.ByteSize())
+    assert report.outputs[0].max_abs_error == 0.0
+
+
+def test_candidate_missing_an_output_is_named():
+    cand = two_outputs()
+    del cand.graph.output[1]
+    with pytest.raises(ValidationError, match=r"the candidate has no output 'Z' \(it has \['Y'\]\)"):
+        validate(two_outputs(), cand, [{"X": _x(2)}])
+
+
+def test_candidate_with_other_inputs_or_output_shape():
+    other = graphs.make_model([helper.make_node("Relu", ["A"], ["Y"])], [("A", ["N", 6])], [("Y", ["N", 6])])
+    with pytest.raises(ValidationError, match=r"inputs \['A'\] differ from the reference's \['X'\]"):
+        validate(graphs.gemm(), other, [{"X": _x(2)}])
+    wide = graphs.gemm(n=7)
+    wide.graph.output[0].CopyFrom(helper.make_tensor_value_info("Y", onnx.TensorProto.FLOAT, ["batch", 7]))
+    with pytest.raises(ValidationError, match=r"output 'Y': the candidate gives shape \[2, 7\], the reference \[2, 6"):
+        validate(graphs.gemm(), wide, [{"X": _x(2)}], latency=False)
+
+
+def test_labels_must_match_the_samples(tmp_path):
+    with pytest.raises(DataError, match="labels hold 5 entries but the data has 8 samples"):
+        validate(graphs.gemm(), graphs.gemm(), [{"X": _x(8)}], labels=np.zeros(5, np.int64), latency=False)
+    with pytest.raises(DataError, match=r"class indices in 0..5"):
+        validate(graphs.gemm(), graphs.gemm(), [{"X": _x(2)}], labels=np.array([0, 6]), latency=False)
+
+
+def test_json_is_written_atomically_and_is_strict(tmp_path):
+    report = validate(graphs.gemm(), graphs.gemm(), [{"X": _x(4)}], latency=False)
+    out = report.write_json(tmp_path / "r.json")
+    assert json.loads(out.read_text()) == report.to_dict()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
+    with pytest.raises(OutputError, match="does not exist"):
+        report.write_json(tmp_path / "missing" / "r.json")
+
+
+def test_require_names_the_output_and_how_far_off():
+    report = validate(two_outputs(), perturbed(two_outputs(), 0.05), [{"X": _x(50)}], latency=False)
+    report.require(max_abs_error=10.0, min_sqnr_db=0.0)
+    with pytest.raises(ValidationError, match=r"output 'Y': max abs error [0-9.e-]+ exceeds the allowed 1e-06"):
+        report.require(max_abs_error=1e-6)
+    with pytest.raises(ValidationError, match=r"output 'Y': SQNR [0-9.]+ dB is below the required 200 dB"):
+        report.require(min_sqnr_db=200)
+    with pytest.raises(ValidationError, match=r"output 'Y': top-1 agreement"):
+        report.require(min_agreement=1.0)

@@ -1,0 +1,174 @@
+"""onnxpress.lowrank / ``onnxpress lowrank`` and the second-moment observers."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+from onnx import helper
+
+import onnxpress
+from onnxpress.calibration.moments import PatchSecondMomentObserver, SecondMomentObserver
+from onnxpress.cli import main
+from onnxpress.errors import CalibrationError, DataError, ModelLoadError
+from tests import graphs
+
+# ---------------------------------------------------------------------------------------------
+# observers
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("axis", [-1, 0])
+def test_streamed_moment_equals_moment_of_the_concatenation(axis):
+    r = graphs.rng(0)
+    parts = [r.standard_normal((3, 7, 5)).astype(np.float32) for _ in range(4)]
+    obs, other = SecondMomentObserver(axis), SecondMomentObserver(axis)
+    for p in parts[:3]:
+        obs.update(p)
+    other.update(parts[3])
+    obs.merge(other)
+    rows = np.moveaxis(np.concatenate(parts, 1 if axis == 0 else 0), axis, -1)
+    rows = rows.reshape(-1, rows.shape[-1]).astype(np.float64)
+    np.testing.assert_allclose(obs.compute(), rows.T @ rows / len(rows), rtol=1e-10)
+    assert obs.count == len(rows)
+
+
+def test_empty_or_non_finite_observer_raises():
+    with pytest.raises(CalibrationError, match="no data"):
+        SecondMomentObserver(name="a").compute()
+    with pytest.raises(CalibrationError, match="NaN"):
+        SecondMomentObserver(name="a").update(np.array([[1.0, np.nan]]))
+    obs = SecondMomentObserver(name="a")
+    obs.update(np.ones((2, 3)))
+    with pytest.raises(CalibrationError, match="feature size changed"):
+        obs.update(np.ones((2, 4)))
+
+
+def test_patch_moment_matches_conv_output_energy_on_onnxruntime():
+    """tr(W C Wᵀ) over im2col patches equals the mean squared output of a bias-free Conv."""
+    r = graphs.rng(1)
+    c, m, k = 3, 5, 3
+    w = r.standard_normal((m, c, k, k)).astype(np.float32)
+    attrs = {"strides": [2, 1], "pads": [1, 0, 2, 1], "dilations": [1, 2]}
+    model = graphs.make_model([helper.make_node("Conv", ["X", "W"], ["Y"], **attrs)],
+                              [("X", ["N", c, 9, 10])], [("Y", ["N", m, 5, 7])], {"W": w})
+    x = r.standard_normal((4, c, 9, 10)).astype(np.float32)
+    obs = PatchSecondMomentObserver((k, k), attrs["strides"], attrs["pads"], attrs["dilations"])
+    obs.update(x[:1])
+    obs.update(x[1:])
+    y = graphs.run(model, {"X": x})[0].astype(np.float64)
+    assert obs.count == 4 * 5 * 7
+    wf = w.reshape(m, -1).astype(np.float64)
+    expected = np.mean(np.sum(y**2, axis=1))  # E_positions ‖W p‖²
+    assert np.trace(wf @ obs.compute() @ wf.T) == pytest.approx(expected, rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# API
+# ---------------------------------------------------------------------------------------------
+
+
+def small_cnn(seed: int = 0):
+    """X[N,4,8,8] -> Conv 3x3 (16) -> Relu -> Conv 3x3 s2 (32) -> Relu -> Flatten -> Gemm(10) -> Y."""
+    r = graphs.rng(seed)
+    nodes = [
+        helper.make_node("Conv", ["X", "W1", "B1"], ["c1"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["a1"]),
+        helper.make_node("Conv", ["a1", "W2", "B2"], ["c2"], pads=[1, 1, 1, 1], strides=[2, 2]),
+        helper.make_node("Relu", ["c2"], ["a2"]),
+        helper.make_node("Flatten", ["a2"], ["f"]),
+        helper.make_node("Gemm", ["f", "W3", "B3"], ["Y"], transB=1),
+    ]
+    inits = {
+        "W1": (r.standard_normal((16, 4, 3, 3)) / 6).astype(np.float32),
+        "B1": r.standard_normal(16).astype(np.float32) * 0.1,
+        "W2": (r.standard_normal((32, 16, 3, 3)) / 12).astype(np.float32),
+        "B2": r.standard_normal(32).astype(np.float32) * 0.1,
+        "W3": (r.standard_normal((10, 512)) / 22).astype(np.float32),
+        "B3": r.standard_normal(10).astype(np.float32) * 0.1,
+    }
+    return graphs.make_model(nodes, [("X", ["N", 4, 8, 8])], [("Y", ["N", 10])], inits)
+
+
+def _inputs(seed: int, n: int) -> np.ndarray:
+    """Correlated inputs: a smooth (low-frequency) image per channel plus a little noise."""
+    r = graphs.rng(seed)
+    base = r.standard_normal((n, 4, 2, 2))
+    smooth = np.kron(base, np.ones((1, 1, 4, 4)))
+    return (smooth + 0.05 * r.standard_normal((n, 4, 8, 8))).astype(np.float32)
+
+
+def _sqnr(y, ref):
+    return float(10 * np.log10(np.sum(ref.astype(np.float64) ** 2) / np.sum((y - ref).astype(np.float64) ** 2)))
+
+
+def test_lowrank_writes_a_checked_model_and_leaves_the_input_alone(tmp_path):
+    src = tmp_path / "cnn.onnx"
+    src.write_bytes(small_cnn().SerializeToString())
+    digest = hashlib.sha256(src.read_bytes()).hexdigest()
+    out = tmp_path / "split.onnx"
+    result = onnxpress.lowrank(str(src), out, flops=0.6, multiple=2)
+    assert hashlib.sha256(src.read_bytes()).hexdigest() == digest
+    assert result.output == out and out.is_file()
+    assert result.macs_after <= 0.6 * result.macs_before
+    assert result.params_after < result.params_before
+    assert not result.data_aware
+    table = result.table()
+    assert "total" in table and "c2" in table
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cnn.onnx", "split.onnx"]
+
+
+def test_data_aware_lowrank_beats_plain_on_held_out_logits():
+    model = small_cnn()
+    calib = [{"X": _inputs(1, 64)}]
+    x = _inputs(2, 64)
+    ref = graphs.run(model, {"X": x})[0]
+    plain = onnxpress.lowrank(model, rank=8)
+    aware = onnxpress.lowrank(model, rank=8, calib=calib)
+    assert aware.data_aware and {lay.method for lay in aware.layers} == {"whitened-svd"}
+    assert [lay.rank for lay in aware.layers] == [lay.rank for lay in plain.layers]
+    sq_plain = _sqnr(graphs.run(plain.model, {"X": x})[0], ref)
+    sq_aware = _sqnr(graphs.run(aware.model, {"X": x})[0], ref)
+    assert sq_aware >= sq_plain + 3.0, (sq_plain, sq_aware)
+
+
+def test_lowrank_calib_data_with_wrong_input_name_raises_data_error():
+    with pytest.raises(DataError):
+        onnxpress.lowrank(small_cnn(), rank=4, calib=[{"image": _inputs(1, 4)}])
+
+
+def test_lowrank_refuses_two_selectors():
+    with pytest.raises(ValueError, match="exactly one"):
+        onnxpress.lowrank(small_cnn(), rank=4, energy=0.9)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------
+
+
+def test_cli_lowrank_prints_the_per_layer_table(tmp_path, capsys):
+    src, out, data = tmp_path / "m.onnx", tmp_path / "o.onnx", tmp_path / "calib.npz"
+    src.write_bytes(small_cnn().SerializeToString())
+    np.savez(data, X=_inputs(3, 32))
+    assert main(["lowrank", str(src), "-o", str(out), "--energy", "0.9", "--calib", str(data), "-q"]) == 0
+    text = capsys.readouterr().out
+    assert "whitened-svd" in text and "MACs/sample" in text and "data-aware" in text
+    assert out.is_file()
+
+
+def test_cli_lowrank_errors_are_one_line(tmp_path, capsys):
+    assert main(["lowrank", str(tmp_path / "missing.onnx"), "-o", str(tmp_path / "o.onnx"), "--rank", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("onnxpress: error:") and "not found" in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(SystemExit) as exc:
+        main(["lowrank", "m.onnx", "-o", "o.onnx", "--rank", "2", "--flops", "0.5"])
+    assert exc.value.code == 2
+    with pytest.raises(SystemExit):
+        main(["lowrank", "m.onnx", "-o", "o.onnx", "--energy", "1.5"])
+
+
+def test_model_load_error_type():
+    with pytest.raises(ModelLoadError):
+        onnxpress.lowrank("/nonexistent/model.onnx", rank=2)

@@ -1,0 +1,179 @@
+"""Bias correction (Nagel et al. 2019): cancel the mean output shift that weight rounding causes.
+
+Quantizing W to Q(W) shifts the expected output of a layer by (Q(W) - W) E[x]. With the per-input-
+channel means E[x] measured on calibration data (empirical bias correction), the bias absorbs it::
+
+    E[Q(W) x + b'] = E[W x + b]   <=>   b' = b + (W - Q(W)) E[x]
+
+    Conv:  eps_o = sum_{c, kh, kw} (W - Q(W))[o, c, kh, kw] * E[x_c]      (c within o's group)
+    Gemm:  eps   = alpha * (W - Q(W)) E[x] / beta                          (W as [out, in])
+    MatMul(W) -> Add(b):  eps = E[x] (W - Q(W))                              (W as [in, out])
+
+    X -> Conv(W, b) -> Y   ==>   X -> Conv(W, b + eps) -> Y      (W unchanged; InsertQDQ rounds it later)
+
+Q is the QDQ pass's own weight quantizer (``onnxpress.passes.qdq.weight_qparams`` /
+``quantize_array`` / ``dequantize_array``, symmetric int8 per tensor or per output channel), so the
+correction cancels exactly the rounding that pass will apply. The pass changes the float model on
+purpose (it is only right once the weights are quantized), and it runs no inference: the means
+come in as numpy arrays keyed by each layer's input tensor. For Conv, E[x] is taken as constant
+over space, so zero-padded borders are corrected as if they saw the mean too. A layer without a
+bias gets one. The analytic variant (E[x] from a preceding BatchNorm's beta/gamma) is not
+implemented: our pipelines fold BatchNorm first, and measured means are what remains.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxpress.passes.base import PassResult, unique_name
+from onnxpress.passes.qdq import InsertQDQ, dequantize_array, quantize_array, weight_qparams
+
+__all__ = ["CorrectBias", "bias_correction_inputs", "quantized_weight"]
+
+log = logging.getLogger(__name__)
+
+
+def quantized_weight(node: gs.Node, w: np.ndarray, *, per_channel: bool, bits: int = 8) -> np.ndarray:
+    """Q(W) exactly as InsertQDQ will compute it for input 1 of ``node``."""
+    axis = InsertQDQ._weight_axis(node, 1, gs.Constant("w", w)) if per_channel else None
+    qp = weight_qparams(w, axis, bits=bits)
+    return dequantize_array(quantize_array(w, qp), qp)
+
+
+def _float_const(t: object) -> bool:
+    return isinstance(t, gs.Constant) and np.issubdtype(t.values.dtype, np.floating)
+
+
+def _bias_add(node: gs.Node) -> gs.Node | None:
+    """The Add with a constant bias that follows a MatMul, if any."""
+    y = node.outputs[0]
+    if len(y.outputs) != 1 or y.outputs[0].op != "Add":
+        return None
+    add = y.outputs[0]
+    other = [t for t in add.inputs if t is not y]
+    return add if len(other) == 1 and _float_const(other[0]) and len(other[0].outputs) == 1 else None
+
+
+def _layer_reason(node: gs.Node) -> str | None:
+    if node.op not in ("Conv", "Gemm", "MatMul"):
+        return "not a layer"
+    if len(node.inputs) < 2 or not _float_const(node.inputs[1]):
+        return "weight is not a float constant"
+    if node.op == "Gemm" and int(node.attrs.get("transA", 0)):
+        return "Gemm with transA=1"
+    if node.op == "MatMul":
+        if node.inputs[1].values.ndim != 2:
+            return "MatMul weight is not 2-D"
+        if _bias_add(node) is None:
+            return "MatMul is not followed by a constant bias Add"
+    if len(node.inputs) > 2 and node.inputs[2].name and not _float_const(node.inputs[2]):
+        return "bias is not a float constant"
+    if len(node.inputs) > 2 and isinstance(node.inputs[2], gs.Constant) and len(node.inputs[2].outputs) > 1:
+        return "bias is shared with another node"
+    return None
+
+
+def bias_correction_inputs(graph: gs.Graph) -> list[tuple[str, int]]:
+    """(input tensor, channel axis) of every layer bias correction can handle: what needs E[x]."""
+    out = []
+    for node in graph.nodes:
+        if _layer_reason(node) is None:
+            x = node.inputs[0]
+            out.append((x.name, 1 if node.op == "Conv" else -1))
+    return list(dict.fromkeys(out))
+
+
+def _shift(node: gs.Node, dw: np.ndarray, mean: np.ndarray) -> np.ndarray:
+    """(W - Q(W)) E[x] as the layer's output sees it (before Gemm's beta)."""
+    if node.op == "Conv":
+        group = int(node.attrs.get("group", 1))
+        c_out, cpg = dw.shape[0], dw.shape[1]
+        per_in = dw.reshape(c_out, cpg, -1).sum(axis=2)  # [C_out, cpg]
+        m = mean.reshape(group, cpg)[np.arange(c_out) // (c_out // group)]  # each output's group means
+        return np.sum(per_in * m, axis=1)
+    if node.op == "Gemm":
+        w_nk = dw if int(node.attrs.get("transB", 0)) else dw.T
+        return float(node.attrs.get("alpha", 1.0)) * (w_nk @ mean)
+    return mean @ dw  # MatMul: [K] @ [K, N]
+
+
+class CorrectBias:
+    """Add (W - Q(W)) E[x] to each layer's bias, Q being the QDQ pass's weight quantizer.
+
+    Args:
+        input_means: per-channel mean of each layer's input, keyed by the input tensor name
+            (shape [C_in]; channel axis 1 for Conv, last for Gemm/MatMul: see
+            :func:`bias_correction_inputs`).
+        per_channel: the weight granularity InsertQDQ will use (must match it).
+        bits: weight bits (InsertQDQ uses 8).
+    """
+
+    name = "correct_bias"
+
+    def __init__(self, input_means: Mapping[str, np.ndarray], *, per_channel: bool = True, bits: int = 8) -> None:
+        self.input_means = {k: np.asarray(v, np.float64).reshape(-1) for k, v in input_means.items()}
+        self.per_channel = per_channel
+        self.bits = bits
+
+    def requires(self, graph: gs.Graph) -> None:
+        """No preconditions (layers without statistics are declined one by one)."""
+
+    def __call__(self, graph: gs.Graph) -> PassResult:
+        """Correct every layer with a constant weight and a measured input mean."""
+        notes, corrected, largest = [], 0, 0.0
+        for node in list(graph.nodes):
+            if node.op not in ("Conv", "Gemm", "MatMul"):
+                continue
+            reason = _layer_reason(node)
+            mean = self.input_means.get(node.inputs[0].name)
+            w = node.inputs[1].values if reason is None else None
+            if reason is None and mean is None:
+                reason = "no input mean"
+            if reason is None:
+                c_in = w.shape[1] * int(node.attrs.get("group", 1)) if node.op == "Conv" else None
+                if node.op == "Gemm":
+                    c_in = w.shape[1] if int(node.attrs.get("transB", 0)) else w.shape[0]
+                elif node.op == "MatMul":
+                    c_in = w.shape[0]
+                if mean.size != c_in or not np.all(np.isfinite(mean)):
+                    reason = f"input mean has {mean.size} values for {c_in} channels"
+            if reason is not None:
+                if reason not in ("not a layer",):
+                    notes.append(f"{node.name or node.outputs[0].name}: not corrected ({reason})")
+                continue
+            q = quantized_weight(node, np.asarray(w, np.float32), per_channel=self.per_channel, bits=self.bits)
+            eps = _shift(node, w.astype(np.float64) - q.astype(np.float64), mean)
+            self._add_to_bias(graph, node, eps)
+            corrected += 1
+            largest = max(largest, float(np.max(np.abs(eps))) if eps.size else 0.0)
+        log.debug("correct_bias: %d layers, largest shift %.4g", corrected, largest)
+        return PassResult(graph, corrected > 0, {"corrected": corrected, "declined": len(notes)}, tuple(notes))
+
+    @staticmethod
+    def _add_to_bias(graph: gs.Graph, node: gs.Node, eps: np.ndarray) -> None:
+        dtype = node.inputs[1].values.dtype
+        if node.op == "MatMul":
+            add = _bias_add(node)
+            i = next(i for i, t in enumerate(add.inputs) if isinstance(t, gs.Constant))
+            b = add.inputs[i].values.astype(np.float64)
+            add.inputs[i] = gs.Constant(add.inputs[i].name, (b + eps).astype(dtype))
+            return
+        if node.op == "Gemm":
+            eps = eps / float(node.attrs.get("beta", 1.0)) if len(node.inputs) > 2 and node.inputs[2].name else eps
+        if len(node.inputs) > 2 and node.inputs[2].name:
+            b = node.inputs[2].values.astype(np.float64)
+            node.inputs[2] = gs.Constant(node.inputs[2].name, (b + eps).astype(dtype))
+            return
+        bias = gs.Constant(unique_name(graph, f"{node.inputs[1].name}_bias"), eps.astype(dtype))
+        if node.op == "Gemm":
+            node.attrs["beta"] = 1.0
+        while len(node.inputs) < 2:
+            node.inputs.append(gs.Variable.empty())
+        if len(node.inputs) == 2:
+            node.inputs.append(bias)
+        else:
+            node.inputs[2] = bias

@@ -216,6 +216,8 @@ def check_output_path(output: str | os.PathLike[str], inputs: Iterable[str | os.
     if out.is_dir():
         raise OutputError(f"output path {out} is a folder; give a file name such as {out / 'model.onnx'}")
     parent = out.parent if str(out.parent) else Path(".")
+    if parent.exists() and not parent.is_dir():
+        raise OutputError(f"cannot write {out}: {parent} is a file, not a folder")
     if not parent.is_dir():
         raise OutputError(f"cannot write {out}: folder {parent} does not exist")
     if not os.access(parent, os.W_OK | os.X_OK):
@@ -274,7 +276,7 @@ def save_model(
             from onnxpress.runtime import make_session
 
             make_session(str(tmp_model), what=f"result for {out}")
-        if external_data:
+        if external_data and (scratch / data_name).exists():  # absent when every tensor is under the threshold
             os.replace(scratch / data_name, out.parent / data_name)
         os.replace(tmp_model, out)
     except OSError as exc:

@@ -48,6 +48,7 @@ __all__ = ["LatencyStats", "OutputComparison", "ValidationReport", "model_size",
 log = logging.getLogger(__name__)
 
 _WARMUP = 3
+_PROTO = "<ModelProto>"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,9 +142,10 @@ class ValidationReport:
         """Write :meth:`to_json` to ``path`` atomically (temp file beside it, then rename).
 
         Raises:
-            OutputError: the folder is missing or not writable, or the path is a folder.
+            OutputError: the folder is missing or not writable, the path is a folder, or it is one of
+                the two models.
         """
-        out = check_output_path(path)
+        out = check_output_path(path, [m for m in (self.reference, self.candidate) if m != _PROTO])
         tmp = None
         try:
             with tempfile.NamedTemporaryFile(
@@ -349,7 +351,7 @@ def model_size(source: ModelSource) -> int:
 
 
 def _describe(source: ModelSource) -> str:
-    return "<ModelProto>" if isinstance(source, onnx.ModelProto) else str(source)
+    return _PROTO if isinstance(source, onnx.ModelProto) else str(source)
 
 
 def _check_interfaces(reference: onnx.ModelProto, candidate: onnx.ModelProto) -> tuple[str, ...]:

@@ -172,3 +172,10 @@ def test_require_names_the_output_and_how_far_off():
         report.require(min_sqnr_db=200)
     with pytest.raises(ValidationError, match=r"output 'Y': top-1 agreement"):
         report.require(min_agreement=1.0)
+
+
+def test_forced_external_data_with_only_small_tensors_saves_inline(tmp_path):
+    """save_model(external_data=True) on a model whose tensors are all under the threshold: no .data file."""
+    path = save_model(graphs.gemm(), tmp_path / "small.onnx", external_data=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["small.onnx"]
+    assert model_size(path) == path.stat().st_size

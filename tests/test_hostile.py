@@ -1,0 +1,224 @@
+"""Hostile inputs, table-driven: every command × every applicable bad input, through the CLI and the API.
+
+Each row must give: exit status 2; exactly one stderr line, starting ``onnxpress: error:`` and naming
+the problem; our typed exception from the API; input files byte-identical afterwards; no output
+and no scratch files left behind.
+
+To cover a new command, add a :class:`Command` to ``COMMANDS`` (how to call it from the CLI and
+the API, and whether it reads data / writes a model); the hostile inputs apply to it automatically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import onnxpress
+from onnxpress.cli import main
+from onnxpress.errors import DataError, ModelLoadError, OnnxpressError, OutputError
+from onnxpress.model_io import save_model
+from tests import graphs
+
+
+@dataclasses.dataclass
+class Paths:
+    """The files one row works with, all under ``tmp_path``."""
+
+    model: Path  # the model under test (made hostile by model rows)
+    good: Path  # a good model (the candidate of ``validate``)
+    data: Path  # .npz sample data for the model
+    output: Path  # what the command writes (a model, or validate's --json)
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    """How to run one subcommand from the CLI and the API on :class:`Paths`."""
+
+    name: str
+    argv: Callable[[Paths], list[str]]
+    api: Callable[[Paths], object]
+    takes_data: bool
+
+
+COMMANDS = [
+    Command(
+        "cleanup",
+        argv=lambda p: ["cleanup", str(p.model), "-o", str(p.output), "-q"],
+        api=lambda p: onnxpress.cleanup(p.model, p.output),
+        takes_data=False,
+    ),
+    Command(
+        "validate",
+        argv=lambda p: ["validate", str(p.model), str(p.good), "--data", str(p.data), "--json", str(p.output),
+                        "--no-latency", "-q"],
+        api=lambda p: onnxpress.validate(p.model, p.good, p.data, latency=False).write_json(p.output),
+        takes_data=True,
+    ),
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class Hostile:
+    """One bad input: how to make it, the typed error, and a regex the message must match."""
+
+    name: str
+    make: Callable[[Paths], None]
+    error: type[OnnxpressError]
+    message: str
+    needs_data: bool = False
+
+
+def _good_data(n: int = 6) -> np.ndarray:
+    return graphs.rng(3).standard_normal((n, 3, 8, 8)).astype(np.float32)
+
+
+def _truncate(p: Paths) -> None:
+    data = p.model.read_bytes()
+    p.model.write_bytes(data[: len(data) // 2])
+
+
+def _external_data_missing(p: Paths) -> None:
+    save_model(graphs.conv_bn_relu(c_out=16), p.model.with_name("ext.onnx"), external_data=True)  # W: 1.7 kB
+    p.model.unlink()
+    p.model = p.model.with_name("ext.onnx")
+    (p.model.parent / "ext.onnx.data").unlink()
+
+
+def _folder(p: Paths) -> None:
+    p.model.unlink()
+    p.model.mkdir()
+
+
+def _read_only_folder(p: Paths) -> None:
+    ro = p.output.parent / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    p.output = ro / p.output.name
+
+
+HOSTILE = [
+    Hostile("truncated model", _truncate, ModelLoadError, r"model\.onnx is not a valid ONNX model"),
+    Hostile("text file", lambda p: p.model.write_text("not a model\n"), ModelLoadError, "not a valid ONNX model"),
+    Hostile("empty file", lambda p: p.model.write_bytes(b""), ModelLoadError, r"model\.onnx is empty"),
+    Hostile("external data missing", _external_data_missing, ModelLoadError, r"external data file 'ext\.onnx\.data'"),
+    Hostile("folder as model", _folder, ModelLoadError, r"model\.onnx is a folder"),
+    Hostile(
+        "wrong input names",
+        lambda p: np.savez(p.data, x=_good_data()),
+        DataError,
+        r"no array for input\(s\) \['X'\]; the model expects X: float32\[N,3,8,8\]",
+        needs_data=True,
+    ),
+    Hostile(
+        "wrong shapes",
+        lambda p: np.savez(p.data, X=_good_data()[:, :2]),
+        DataError,
+        r"'X' has shape \[6, 2, 8, 8\].*axis 1 must be 3",
+        needs_data=True,
+    ),
+    Hostile(
+        "NaN data",
+        lambda p: np.savez(p.data, X=np.where(np.arange(6)[:, None, None, None] == 4, np.nan, _good_data())),
+        DataError,
+        r"'X' holds NaN or inf \(first at sample 4\)",
+        needs_data=True,
+    ),
+    Hostile(
+        "empty data",
+        lambda p: np.savez(p.data, X=_good_data(0)),
+        DataError,
+        r"'X' has no samples",
+        needs_data=True,
+    ),
+    Hostile(
+        "output folder missing",
+        lambda p: setattr(p, "output", p.output.parent / "missing" / p.output.name),
+        OutputError,
+        r"folder .*missing does not exist",
+    ),
+    Hostile(
+        "output parent is a file",
+        lambda p: setattr(p, "output", p.data / p.output.name),
+        OutputError,
+        r"cannot write .*data\.npz/out\.\w+: .*data\.npz is a file, not a folder",
+    ),
+    Hostile(
+        "output is the input model",
+        lambda p: setattr(p, "output", p.model),
+        OutputError,
+        r"output path .*model\.onnx is the input model",
+    ),
+]
+if os.geteuid() != 0:  # root may write anywhere; the parent-is-a-file row covers "no permission" there
+    HOSTILE.append(Hostile("read-only folder", _read_only_folder, OutputError, r"no permission to write in .*ro"))
+
+ROWS = [
+    pytest.param(cmd, bad, id=f"{cmd.name}: {bad.name}")
+    for cmd in COMMANDS
+    for bad in HOSTILE
+    if cmd.takes_data or not bad.needs_data
+]
+
+
+def _setup(tmp_path: Path, cmd: Command, bad: Hostile) -> Paths:
+    work = tmp_path / "work"
+    work.mkdir()
+    paths = Paths(work / "model.onnx", work / "good.onnx", work / "data.npz", work / f"out.{cmd.name}")
+    save_model(graphs.conv_bn_relu(), paths.model)
+    save_model(graphs.conv_bn_relu(), paths.good)
+    np.savez(paths.data, X=_good_data())
+    bad.make(paths)
+    return paths
+
+
+def _snapshot(root: Path) -> dict[str, str]:
+    """Every file under ``root`` with its sha256 (folders marked)."""
+    out = {}
+    for path in sorted(root.rglob("*")):
+        rel = str(path.relative_to(root))
+        out[rel] = "<dir>" if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
+    return out
+
+
+@pytest.mark.parametrize(("cmd", "bad"), ROWS)
+def test_cli(tmp_path, capsys, cmd, bad):
+    paths = _setup(tmp_path, cmd, bad)
+    before = _snapshot(tmp_path)
+    status = main(cmd.argv(paths))
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert status == 2
+    assert len(lines) == 1 and lines[0].startswith("onnxpress: error: "), err
+    assert _re_search(bad.message, lines[0]), lines[0]
+    assert _snapshot(tmp_path) == before  # inputs byte-identical, no partial output, no scratch files
+
+
+@pytest.mark.parametrize(("cmd", "bad"), ROWS)
+def test_api(tmp_path, cmd, bad):
+    paths = _setup(tmp_path, cmd, bad)
+    before = _snapshot(tmp_path)
+    with pytest.raises(bad.error, match=bad.message):
+        cmd.api(paths)
+    assert _snapshot(tmp_path) == before
+
+
+def _re_search(pattern: str, text: str) -> bool:
+    import re
+
+    return re.search(pattern, text) is not None
+
+
+def test_table_covers_every_documented_case():
+    names = {bad.name for bad in HOSTILE}
+    assert {
+        "truncated model", "text file", "empty file", "external data missing", "folder as model", "wrong input names",
+        "wrong shapes", "NaN data", "empty data", "output folder missing", "output parent is a file",
+        "output is the input model",
+    } <= names
+    assert {cmd.name for cmd in COMMANDS} >= {"cleanup", "validate"}

@@ -1,0 +1,80 @@
+"""The command line: lists only working commands, --version, and cleanup → validate end to end."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import onnxpress
+from onnxpress.cli import _COMMANDS, build_parser, main
+from onnxpress.model_io import save_model
+from tests import graphs
+
+
+def _subcommands() -> dict[str, argparse.ArgumentParser]:
+    parser = build_parser()
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return dict(sub.choices)
+
+
+def test_help_lists_exactly_the_registered_commands(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    listed = set(re.findall(r"^    (\w+)\s", text, flags=re.MULTILINE))
+    registered = set(_subcommands())
+    assert listed == registered
+    assert {"cleanup", "validate"} <= registered
+    assert len(registered) == len(_COMMANDS)
+
+
+def test_every_listed_command_is_wired_to_a_real_function(capsys):
+    for name, sub in _subcommands().items():
+        func = sub.get_default("func")
+        assert callable(func) and func.__module__.startswith("onnxpress.commands."), name
+        with pytest.raises(SystemExit) as exit_info:
+            main([name, "--help"])
+        assert exit_info.value.code == 0, name
+        assert capsys.readouterr().out.startswith(f"usage: onnxpress {name}")
+
+
+def test_no_command_prints_help_and_exits_2(capsys):
+    assert main([]) == 2
+    assert "COMMAND" in capsys.readouterr().out
+
+
+def test_cleanup_then_validate_end_to_end(tmp_path, capsys):
+    model = save_model(graphs.conv_bn_relu(), tmp_path / "m.onnx")
+    np.savez(tmp_path / "d.npz", X=graphs.rng(4).standard_normal((30, 3, 8, 8)).astype(np.float32))
+    assert main(["cleanup", str(model), "-o", str(tmp_path / "c.onnx"), "-q"]) == 0
+    capsys.readouterr()
+    argv = ["validate", str(model), str(tmp_path / "c.onnx"), "--data", str(tmp_path / "d.npz"),
+            "--json", str(tmp_path / "r.json"), "--batch", "8", "--repeats", "3", "--threads", "1",
+            "--max-abs-error", "1e-5", "-q"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert re.search(r"^Y\s+\S+\s+\d+\.\d+\s+1\.0000", printed, flags=re.MULTILINE), printed
+    record = json.loads((tmp_path / "r.json").read_text())
+    assert record["samples"] == 30 and record["batch_size"] == 8 and record["threads"] == 1
+    assert record["outputs"][0]["max_abs_error"] <= 1e-5
+    assert record["reference_ops"]["BatchNormalization"] == 1 and "BatchNormalization" not in record["candidate_ops"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.onnx", "d.npz", "m.onnx", "r.json"]
+    # a threshold that fails is our error: one line, exit 2
+    assert main([*argv[:-3], "--max-abs-error", "0", "--no-latency", "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.match(r"onnxpress: error: output 'Y': max abs error \S+ exceeds the allowed 0", err[0])
+
+
+def test_python_m_onnxpress_version():
+    done = subprocess.run(
+        [sys.executable, "-m", "onnxpress", "--version"], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"onnxpress {onnxpress.__version__}"

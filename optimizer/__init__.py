@@ -23,6 +23,7 @@ from onnxpress.errors import (
 from onnxpress.lowrank import LowRankResult, lowrank
 from onnxpress.model_io import load_model, normalize_model, save_model
 from onnxpress.pipeline import run_passes
+from onnxpress.quantize import QuantizeResult, quantize
 from onnxpress.validate import ValidationReport, validate
 
 __version__ = "0.1.0"
@@ -35,6 +36,7 @@ __all__ = [
     "OnnxpressError",
     "OutputError",
     "PassError",
+    "QuantizeResult",
     "TransformResult",
     "UnsupportedModelError",
     "ValidationReport",
@@ -43,6 +45,7 @@ __all__ = [
     "load_model",
     "lowrank",
     "normalize_model",
+    "quantize",
     "run_passes",
     "save_model",
     "transform",

@@ -187,11 +187,14 @@ class TensorOverride:
         dtype: "uint8" or "int8" for an activation, "float" to leave the tensor unquantized.
         range: (min, max) to use instead of the table's.
         per_channel: for a weight, per channel (True) or per tensor (False).
+        method: calibration method for this tensor (used by ``onnxpress.quantize``; the pass
+            itself only reads the table).
     """
 
     dtype: str | None = None
     range: tuple[float, float] | None = None
     per_channel: bool | None = None
+    method: str | None = None
 
     def __post_init__(self) -> None:
         if self.dtype is not None and self.dtype not in (*ACTIVATION_TYPES, "float"):

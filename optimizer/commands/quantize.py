@@ -1,0 +1,89 @@
+"""``onnxpress quantize MODEL -o OUT --calib DATA``: int8 QDQ (or 4-bit weight-only) quantization."""
+
+from __future__ import annotations
+
+import argparse
+import collections
+
+from onnxpress.cli import add_common, progress_enabled
+from onnxpress.reporting import format_table
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``quantize`` subcommand."""
+    from onnxpress.quantize import DEFAULT_METHOD
+
+    p = sub.add_parser("quantize", help="int8 QDQ quantization from calibration data (or int4 weight-only)")
+    p.add_argument("model", help="input .onnx model (never modified)")
+    p.add_argument("-o", "--output", required=True, help="where to write the quantized model")
+    p.add_argument("--calib", help=".npz of inputs (samples on axis 0) or a folder of .npz feeds")
+    p.add_argument("--table", help="a calibration table saved by 'onnxpress calibrate' (instead of --calib)")
+    p.add_argument(
+        "--method",
+        default=DEFAULT_METHOD,
+        choices=("kl", "minmax", "percentile", "mse"),
+        help=f"calibration method (default {DEFAULT_METHOD})",
+    )
+    p.add_argument("--per-tensor", action="store_true", help="one scale per weight tensor (default: per channel)")
+    p.add_argument(
+        "--activations",
+        default="uint8",
+        choices=("uint8", "int8"),
+        help="uint8 asymmetric (onnxruntime x86 integer kernels, default) or int8 symmetric (TensorRT)",
+    )
+    p.add_argument(
+        "--weights", default="int8", choices=("int8", "int4"), help="int8 QDQ, or int4 weight-only MatMul/Gemm"
+    )
+    p.add_argument("--block-size", type=int, default=32, help="int4 block size (power of two >= 16)")
+    p.add_argument(
+        "--exclude",
+        nargs="*",
+        default=[],
+        metavar="NODE",
+        help="keep float: node names, op:<OpType> or re:<regex on node names>",
+    )
+    p.add_argument(
+        "--quantize-ops",
+        nargs="*",
+        default=[],
+        choices=("LayerNormalization", "HardSigmoid"),
+        help="ops kept float by default to quantize anyway",
+    )
+    p.add_argument("--max-samples", type=int, default=None, help="calibrate on at most N samples")
+    add_common(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Quantize and print what was quantized, what stayed float and why, and the sizes."""
+    from onnxpress.quantize import quantize
+
+    result = quantize(
+        args.model,
+        args.output,
+        calib=args.calib,
+        table=args.table,
+        method=args.method,
+        per_channel=not args.per_tensor,
+        activations=args.activations,
+        weights=args.weights,
+        block_size=args.block_size,
+        exclude=args.exclude,
+        quantize_ops=args.quantize_ops,
+        max_samples=args.max_samples,
+        progress=progress_enabled(args),
+    )
+    counts = collections.Counter(d.op for d in result.quantized)
+    floats = collections.Counter(d.op for d in result.kept_float)
+    ops = sorted(set(counts) | set(floats))
+    print(format_table(["op", "quantized", "float"], [[op, counts.get(op, 0), floats.get(op, 0)] for op in ops]))
+    for d in result.kept_float:
+        print(f"float  {d.name} ({d.op}): {d.reason}")
+    for name, why in sorted(result.excluded_tensors.items()):
+        print(f"no range  {name}: {why}")
+    kind = "int4 weight-only" if args.weights == "int4" else f"int8 weights, {args.activations} activations"
+    print(
+        f"{kind}: size {result.size_before / 1e6:.3f} MB -> {result.size_after / 1e6:.3f} MB "
+        f"({result.size_ratio:.3f}x); wrote {result.output}"
+    )
+    return 0

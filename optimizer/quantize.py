@@ -1,0 +1,274 @@
+"""``onnxpress.quantize``: calibrate, insert QDQ (int8) or pack 4-bit weights, check and save.
+
+    model --normalise--> opset >= 13, Constant weights as initializers
+          --cleanup-->   constants and BatchNormalization folded
+          --calibrate--> CalibrationTable (or the table given)
+          --InsertQDQ--> int8 weights per channel, uint8 (or int8) activations, int32 biases
+    or    --QuantizeWeightsInt4--> 4-bit MatMul/Gemm weights (weight-only, no calibration)
+
+The result says what was quantized, what stayed float and why, and the sizes before and after.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import onnx
+
+from onnxpress.calibration.table import CalibrationTable
+from onnxpress.errors import CalibrationError, OnnxpressError
+from onnxpress.model_io import ModelSource, check_model, check_output_path, load_model, normalize_model, save_model
+from onnxpress.passes.qdq import ACTIVATION_TYPES, InsertQDQ, NodeDecision, Selection, TensorOverride
+from onnxpress.passes.weight_only import QuantizeWeightsInt4
+from onnxpress.pipeline import cleanup_passes, run_passes
+
+__all__ = ["DEFAULT_METHOD", "QuantizeResult", "quantize"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_METHOD = "kl"
+"""Default calibration method (see bench/quantize.py for the comparison that chose it)."""
+
+WEIGHT_TYPES = ("int8", "int4")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizeResult:
+    """What ``quantize`` produced.
+
+    Attributes:
+        model: the quantized model.
+        output: where it was written (None when not asked).
+        quantized: nodes that now run on quantized tensors.
+        kept_float: nodes left in float, each with the reason.
+        excluded_tensors: tensors calibration could not range (name -> reason).
+        table: the calibration table used (None for weight-only int4).
+        size_before: serialized bytes of the input model.
+        size_after: serialized bytes of the result.
+        stats: pass counters (``"insert_qdq.nodes_quantized"``, ...).
+    """
+
+    model: onnx.ModelProto
+    output: Path | None
+    quantized: tuple[NodeDecision, ...]
+    kept_float: tuple[NodeDecision, ...]
+    excluded_tensors: dict[str, str]
+    table: CalibrationTable | None
+    size_before: int
+    size_after: int
+    stats: dict[str, int]
+
+    @property
+    def size_ratio(self) -> float:
+        """size_after / size_before."""
+        return self.size_after / self.size_before
+
+
+def _as_selection(exclude: Selection | Iterable[str]) -> Selection:
+    if isinstance(exclude, Selection):
+        return exclude
+    if isinstance(exclude, str):
+        exclude = [exclude]
+    try:
+        return Selection.from_strings(exclude)
+    except ValueError as exc:
+        raise OnnxpressError(str(exc)) from None
+
+
+def _as_overrides(overrides: Mapping[str, TensorOverride | Mapping[str, object]] | None) -> dict[str, TensorOverride]:
+    out: dict[str, TensorOverride] = {}
+    for name, ov in (overrides or {}).items():
+        if isinstance(ov, TensorOverride):
+            out[name] = ov
+            continue
+        try:
+            out[name] = TensorOverride(**dict(ov))
+        except (TypeError, ValueError) as exc:
+            raise OnnxpressError(
+                f"bad override for tensor {name!r}: {exc}; keys are dtype, range, per_channel, method"
+            ) from None
+    return out
+
+
+def quantize(
+    model: ModelSource,
+    output: str | os.PathLike[str] | None = None,
+    *,
+    calib: object | None = None,
+    table: CalibrationTable | str | os.PathLike[str] | None = None,
+    method: str = DEFAULT_METHOD,
+    per_channel: bool = True,
+    activations: str = "uint8",
+    weights: str = "int8",
+    block_size: int = 32,
+    exclude: Selection | Iterable[str] = (),
+    overrides: Mapping[str, TensorOverride | Mapping[str, object]] | None = None,
+    quantize_ops: Iterable[str] = (),
+    max_samples: int | None = None,
+    batch_size: int = 64,
+    progress: bool = False,
+) -> QuantizeResult:
+    """Quantize ``model`` for onnxruntime's CPU integer kernels (or 4-bit weight-only).
+
+    Args:
+        model: path or ModelProto (never modified). Opset 11/12 models are upgraded to 13 and
+            weights held in ``Constant`` nodes become initializers first.
+        output: where to write the result (atomically, checked, loaded in onnxruntime first).
+        calib: calibration data (``.npz`` path, folder of ``.npz``, iterable of feed dicts,
+            onnxruntime CalibrationDataReader); needed for int8 unless ``table`` is given.
+        table: a CalibrationTable or the path of one saved with ``CalibrationTable.save``.
+        method: calibration method: "kl", "minmax", "percentile" or "mse".
+        per_channel: per-output-channel weight scales (else per tensor).
+        activations: "uint8" (asymmetric; x86 integer kernels) or "int8" (symmetric; TensorRT).
+        weights: "int8" (QDQ, weights and activations) or "int4" (blockwise weight-only MatMul/Gemm).
+        block_size: rows per scale block for int4.
+        exclude: node names, ``op:<OpType>`` or ``re:<regex on node names>`` to keep float.
+        overrides: per-tensor ``{"dtype": "uint8"|"int8"|"float", "range": (lo, hi),
+            "per_channel": bool, "method": "minmax"|...}``.
+        quantize_ops: ops that stay float by default to quantize anyway ("LayerNormalization", "HardSigmoid").
+        max_samples: calibrate on at most this many samples.
+        batch_size: calibration batch size.
+        progress: progress bars.
+
+    Raises:
+        OnnxpressError: bad option (names it and the choices), no calibration data, unreadable table.
+        CalibrationError / DataError: from calibration.
+        OutputError: ``output`` cannot be written or is the input.
+    """
+    if weights not in WEIGHT_TYPES:
+        raise OnnxpressError(f"weights must be one of {', '.join(WEIGHT_TYPES)}, got {weights!r}")
+    if activations not in ACTIVATION_TYPES:
+        raise OnnxpressError(f"activations must be one of {', '.join(ACTIVATION_TYPES)}, got {activations!r}")
+    selection = _as_selection(exclude)
+    ovs = _as_overrides(overrides)
+    if output is not None:
+        check_output_path(output, [model])
+    original = load_model(model)
+    size_before = original.ByteSize()
+    proto = normalize_model(original, min_opset=13)
+    cleaned = run_passes(proto, cleanup_passes(), progress=progress).model
+
+    if weights == "int4":
+        try:
+            int4 = QuantizeWeightsInt4(block_size=block_size, exclude=selection.nodes)
+        except ValueError as exc:
+            raise OnnxpressError(str(exc)) from None
+        result = run_passes(cleaned, [int4], progress=progress)
+        decisions = _int4_decisions(cleaned, result.notes)
+        used_table = None
+        excluded: dict[str, str] = {}
+    else:
+        used_table = _resolve_table(cleaned, calib, table, method, ovs, max_samples, batch_size, progress)
+        try:
+            qdq = InsertQDQ(
+                used_table,
+                per_channel=per_channel,
+                activations=activations,
+                exclude=selection,
+                overrides=ovs,
+                quantize_ops=quantize_ops,
+            )
+        except ValueError as exc:
+            raise OnnxpressError(str(exc)) from None
+        result = run_passes(cleaned, [qdq], progress=progress)
+        decisions = list(qdq.decisions)
+        excluded = dict(used_table.excluded)
+    check_model(result.model, where="the quantized model")
+    written = save_model(result.model, output) if output is not None else None
+    return QuantizeResult(
+        model=result.model,
+        output=written,
+        quantized=tuple(d for d in decisions if d.quantized),
+        kept_float=tuple(d for d in decisions if not d.quantized),
+        excluded_tensors=excluded,
+        table=used_table,
+        size_before=size_before,
+        size_after=result.model.ByteSize(),
+        stats=dict(result.stats),
+    )
+
+
+def _int4_decisions(model: onnx.ModelProto, notes: Iterable[str]) -> list[NodeDecision]:
+    """Per-node decisions of the int4 pass from its notes (declined nodes) and the graph."""
+    declined: dict[str, NodeDecision] = {}
+    for note in notes:
+        text = note.split(": ", 1)[1] if ": " in note else note
+        label, _, rest = text.partition(" (")
+        op, _, why = rest.partition("): float (")
+        declined[label] = NodeDecision(label, op, False, why.rstrip(")"))
+    out = []
+    for n in model.graph.node:
+        if n.op_type in ("MatMul", "Gemm"):
+            label = n.name or n.output[0]
+            out.append(declined.get(label, NodeDecision(label, n.op_type, True)))
+    return out
+
+
+def _resolve_table(
+    model: onnx.ModelProto,
+    calib: object | None,
+    table: CalibrationTable | str | os.PathLike[str] | None,
+    method: str,
+    overrides: Mapping[str, TensorOverride],
+    max_samples: int | None,
+    batch_size: int,
+    progress: bool,
+) -> CalibrationTable:
+    if isinstance(table, CalibrationTable):
+        result = table
+    elif table is not None:
+        result = CalibrationTable.load(table)
+    elif calib is None:
+        raise CalibrationError(
+            "int8 quantization needs calibration data: pass calib= (an .npz of inputs) or table= "
+            "(a saved calibration table); or use weights='int4' (weight-only, no data needed)"
+        )
+    else:
+        from onnxpress.calibrate import calibrate
+
+        result = calibrate(
+            model, calib, method=method, batch_size=batch_size, max_samples=max_samples, progress=progress
+        )
+    by_method: dict[str, list[str]] = {}
+    for name, ov in overrides.items():
+        if ov.method and ov.range is None:
+            by_method.setdefault(ov.method, []).append(name)
+    if by_method:
+        result = _apply_method_overrides(model, result, by_method, calib, max_samples, batch_size)
+    return result
+
+
+def _apply_method_overrides(
+    model: onnx.ModelProto,
+    table: CalibrationTable,
+    by_method: Mapping[str, list[str]],
+    calib: object | None,
+    max_samples: int | None,
+    batch_size: int,
+) -> CalibrationTable:
+    """Recompute the ranges of overridden tensors with their own method (from histograms if kept)."""
+    from onnxpress.calibration.observers import range_from_histogram
+
+    ranges = dict(table.ranges)
+    for method, names in by_method.items():
+        missing = [n for n in names if n not in table.histograms or method == "minmax" and n not in ranges]
+        for n in names:
+            hist = table.histograms.get(n)
+            if hist is not None:
+                ranges[n] = range_from_histogram(hist, method, name=n)
+        if missing:
+            if calib is None:
+                raise CalibrationError(
+                    f"method override for {missing[:3]} needs calibration data (the table has no histograms)"
+                )
+            from onnxpress.calibrate import calibrate
+
+            extra = calibrate(
+                model, calib, method=method, tensors=missing, batch_size=batch_size, max_samples=max_samples
+            )
+            ranges.update(extra.ranges)
+    return dataclasses.replace(table, ranges=ranges)

@@ -140,3 +140,30 @@ def test_missing_or_mismatched_means_are_declined():
     assert not result.modified and "no input mean" in result.notes[0]
     result = run_passes(model, [CorrectBias({"X": np.zeros(3)})])
     assert not result.modified and "3 values for 8 channels" in result.notes[0]
+
+
+def test_public_correct_bias_uses_streamed_means(tmp_path):
+    import onnxpress.advanced as adv
+
+    model = gemm_layer(1)
+    calib = _data((90, 32), 7)
+    feeds = [{"X": calib[i : i + 30]} for i in range(0, 90, 30)]
+    result = adv.correct_bias(model, feeds, tmp_path / "bc.onnx", per_channel=False, batch_size=16)
+    direct = run_passes(model, [CorrectBias({"X": calib.mean(axis=0)}, per_channel=False)]).model
+    b_api = onnx.numpy_helper.to_array(next(i for i in result.model.graph.initializer if i.name == "B"))
+    b_direct = onnx.numpy_helper.to_array(next(i for i in direct.graph.initializer if i.name == "B"))
+    np.testing.assert_allclose(b_api, b_direct, rtol=0, atol=1e-6)
+    assert (tmp_path / "bc.onnx").exists()
+
+
+def test_channel_stats_observer_rejects_empty_and_non_finite():
+    from onnxpress.advanced import ChannelStatsObserver
+    from onnxpress.errors import CalibrationError
+
+    obs = ChannelStatsObserver(1, name="x")
+    with pytest.raises(CalibrationError, match="no values"):
+        obs.mean()
+    obs.update(np.ones((2, 3, 4), np.float32))
+    np.testing.assert_array_equal(obs.mean(), np.ones(3))
+    with pytest.raises(CalibrationError, match="NaN"):
+        obs.update(np.full((1, 3, 4), np.nan, np.float32))

@@ -133,3 +133,16 @@ def test_small_weights_and_bad_settings():
         CodebookWeights(bits=9)
     with pytest.raises(ValueError, match="empty"):
         kmeans_1d(np.zeros(0), 4)
+
+
+def test_public_codebook_writes_a_smaller_model(tmp_path):
+    import onnxpress.advanced as adv
+
+    model = matmul_model(k=128, n=64)
+    out = tmp_path / "cb.onnx"
+    result = adv.codebook(model, out, bits=4)
+    assert result.stats["codebook_weights.weights"] == 1
+    assert out.stat().st_size < 0.2 * len(model.SerializeToString())
+    x = graphs.rng(5).standard_normal((3, 128)).astype(np.float32)
+    w_hat = _rebuilt_weight(result.model)
+    np.testing.assert_allclose(graphs.run(onnx.load(str(out)), {"X": x})[0], x @ w_hat, atol=1e-4, rtol=0)

@@ -195,3 +195,14 @@ def test_reference_cnns_stay_exact(name, clip):
         graphs.rng(8).standard_normal((16, 1, 32, 32)).astype(np.float32)
     )
     _assert_same(model, result.model, {"input": x})
+
+
+def test_public_equalize_writes_an_exact_model(tmp_path):
+    import onnxpress.advanced as adv
+
+    model = pw_dw_pw("Clip")
+    out = tmp_path / "cle.onnx"
+    result = adv.equalize(model, out, clip="split")
+    assert result.stats["equalize_cross_layer.pairs"] == 2
+    x = graphs.rng(9).standard_normal((2, 4, 6, 6)).astype(np.float32)
+    _assert_same(model, onnx.load(str(out)), {"X": x})

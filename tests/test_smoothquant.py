@@ -156,3 +156,26 @@ def test_reference_transformer_stays_exact():
     result = run_passes(model, [SmoothQuant(stats, alpha=0.5)])
     assert result.stats["smoothquant.smoothed"] == 4
     _assert_outputs_equal(model, result.model, {"input": x})
+
+
+def test_public_smoothquant_streams_statistics_and_saves(tmp_path):
+    import onnxpress.advanced as adv
+    from onnxpress.errors import DataError
+
+    model = ln_qkv()
+    r = graphs.rng(7)
+    feeds = [{"X": r.standard_normal((4, 5, K)).astype(np.float32)} for _ in range(3)]
+    out = tmp_path / "smooth.onnx"
+    result = adv.smoothquant(model, feeds, out, alpha=0.5, batch_size=5)
+    assert out.exists() and result.stats["smoothquant.smoothed"] == 1
+    x_all = np.concatenate([f["X"] for f in feeds])
+    s_expected = SmoothQuant({}, alpha=0.5).scales(
+        _absmax(model, "h", {"X": x_all}),
+        np.max([np.abs(onnx.numpy_helper.to_array(i)).max(axis=1)
+                for i in model.graph.initializer if i.name in ("Wq", "Wk", "Wv")], axis=0),
+    )
+    np.testing.assert_allclose(_absmax(result.model, "h", {"X": x_all}), _absmax(model, "h", {"X": x_all}) / s_expected,
+                               rtol=1e-4)
+    _assert_outputs_equal(model, onnx.load(str(out)), {"X": x_all})
+    with pytest.raises(DataError):
+        adv.smoothquant(model, [{"wrong": x_all}])

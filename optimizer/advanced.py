@@ -1,0 +1,239 @@
+"""Advanced post-training methods as public functions: equalize, smoothquant, correct_bias, codebook.
+
+Each one is load + cleanup (fold constants and BatchNorm) → [gather per-channel statistics] → one
+pass → check + save; the statistics are streamed through ``collect_statistics`` into
+:class:`ChannelStatsObserver` here, and the passes receive plain numpy arrays::
+
+    equalize(model)              EqualizeCrossLayer                exact in float
+    smoothquant(model, data)     max|X| per channel  -> SmoothQuant   exact in float
+    correct_bias(model, data)    E[x] per channel    -> CorrectBias   (right once InsertQDQ rounds W)
+    codebook(model)              CodebookWeights                    lossy (k-means weights)
+
+Typical order before quantizing: ``equalize`` → ``correct_bias`` → ``onnxpress.quantize``; on
+transformers ``smoothquant`` → ``onnxpress.quantize``; ``codebook`` last (its weights are no longer
+constants a QDQ pass could quantize). See the pass modules for the maths.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import numpy as np
+import onnx
+
+from onnxpress.driver import TransformResult, transform
+from onnxpress.errors import CalibrationError
+from onnxpress.model_io import ModelSource, check_output_path, load_model, normalize_model
+from onnxpress.pipeline import cleanup_passes, import_graph, run_passes
+
+__all__ = [
+    "ChannelStatsObserver",
+    "codebook",
+    "collect_channel_stats",
+    "correct_bias",
+    "equalize",
+    "smoothquant",
+]
+
+
+class ChannelStatsObserver:
+    """Per-channel running sum, count and max |x| along one axis; nothing grows with samples.
+
+    Args:
+        axis: the channel axis of the observed tensor (1 for NCHW, -1 for [..., features]).
+        name: tensor name, for error messages.
+    """
+
+    def __init__(self, axis: int, *, name: str = "tensor") -> None:
+        self.axis = axis
+        self.name = name
+        self.total: np.ndarray | None = None
+        self.absmax: np.ndarray | None = None
+        self.count = 0
+
+    def update(self, x: np.ndarray) -> None:
+        """Accumulate one batch."""
+        x = np.asarray(x)
+        rows = np.moveaxis(x, self.axis, -1).reshape(-1, x.shape[self.axis]).astype(np.float64)
+        if not np.all(np.isfinite(rows)):
+            raise CalibrationError(f"tensor {self.name!r} has NaN/inf values on the calibration data")
+        if self.total is not None and self.total.size != rows.shape[1]:
+            raise CalibrationError(f"tensor {self.name!r} changed from {self.total.size} to {rows.shape[1]} channels")
+        s, m = rows.sum(axis=0), np.abs(rows).max(axis=0, initial=0.0)
+        self.total = s if self.total is None else self.total + s
+        self.absmax = m if self.absmax is None else np.maximum(self.absmax, m)
+        self.count += rows.shape[0]
+
+    def mean(self) -> np.ndarray:
+        """Per-channel mean. Raises CalibrationError when nothing was observed."""
+        if self.total is None or self.count == 0:
+            raise CalibrationError(f"no values were observed for tensor {self.name!r}")
+        return self.total / self.count
+
+    def max_abs(self) -> np.ndarray:
+        """Per-channel max |x|. Raises CalibrationError when nothing was observed."""
+        if self.absmax is None:
+            raise CalibrationError(f"no values were observed for tensor {self.name!r}")
+        return self.absmax
+
+
+def collect_channel_stats(
+    model: onnx.ModelProto,
+    data: Any,
+    requests: Mapping[str, int],
+    *,
+    batch_size: int = 64,
+    max_samples: int | None = 512,
+    progress: bool = False,
+) -> dict[str, ChannelStatsObserver]:
+    """Stream ``data`` through ``model`` once and observe each requested tensor along its axis.
+
+    Args:
+        model: the model (not modified).
+        data: anything ``open_data`` accepts (``.npz`` path, folder, iterable of feed dicts, reader).
+        requests: ``{tensor name: channel axis}``.
+        batch_size, max_samples, progress: as for ``collect_statistics``.
+
+    Raises:
+        DataError: the data does not fit the model.
+        CalibrationError: no samples, or non-finite values.
+    """
+    from onnxpress.calibration.collect import collect_statistics
+    from onnxpress.calibration.readers import open_data
+
+    observers = {name: ChannelStatsObserver(axis, name=name) for name, axis in requests.items()}
+    if not observers:
+        return {}
+    reader = open_data(data, model, max_samples=max_samples)
+    collect_statistics(model, reader, observers, batch_size=batch_size, max_samples=max_samples, progress=progress)
+    return observers
+
+
+def _prepare(model: ModelSource, output: str | os.PathLike[str] | None) -> onnx.ModelProto:
+    if output is not None:
+        check_output_path(output, [model])
+    return run_passes(normalize_model(load_model(model)), cleanup_passes()).model
+
+
+def equalize(
+    model: ModelSource,
+    output: str | os.PathLike[str] | None = None,
+    *,
+    clip: Literal["skip", "split"] = "skip",
+    max_iterations: int = 100,
+    progress: bool = False,
+) -> TransformResult:
+    """Cross-layer equalization (exact in float): fold BN, then equalize Conv/Gemm pairs.
+
+    Args:
+        model: path or ModelProto (never modified).
+        output: where to write the result; ``None`` to only return it.
+        clip: ``"skip"`` leaves pairs joined by Clip/ReLU6 alone; ``"split"`` rewrites such a Clip
+            into Relu + Min with per-channel bounds so that the pair can be equalized (exact too).
+        max_iterations: sweeps over the pairs (chains converge geometrically).
+        progress: progress bar over the passes.
+    """
+    from onnxpress.passes.equalize import EqualizeCrossLayer
+
+    if output is not None:
+        check_output_path(output, [model])
+    passes = [*cleanup_passes(), EqualizeCrossLayer(clip=clip, max_iterations=max_iterations)]
+    return transform(model, passes, output, progress=progress)
+
+
+def smoothquant(
+    model: ModelSource,
+    data: Any,
+    output: str | os.PathLike[str] | None = None,
+    *,
+    alpha: float = 0.5,
+    batch_size: int = 64,
+    max_samples: int | None = 512,
+    progress: bool = False,
+) -> TransformResult:
+    """SmoothQuant (exact in float): measure max|X| per channel, fold s into LayerNorm/Gemm and weights.
+
+    Args:
+        model: path or ModelProto (never modified).
+        data: calibration data (``.npz`` path, folder, iterable of feed dicts, reader).
+        output: where to write the result; ``None`` to only return it.
+        alpha: migration strength in [0, 1].
+        batch_size, max_samples: streaming of the calibration data.
+        progress: progress bars.
+
+    Raises:
+        ValueError: alpha outside [0, 1].
+        DataError / CalibrationError: the data does not fit the model.
+    """
+    from onnxpress.passes.smoothquant import SmoothQuant, smoothquant_targets
+
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], not {alpha}")
+    proto = _prepare(model, output)
+    names = smoothquant_targets(import_graph(proto))
+    stats = collect_channel_stats(proto, data, {n: -1 for n in names}, batch_size=batch_size,
+                                  max_samples=max_samples, progress=progress)
+    absmax = {name: obs.max_abs() for name, obs in stats.items()}
+    return transform(proto, [SmoothQuant(absmax, alpha=alpha)], output, progress=progress)
+
+
+def correct_bias(
+    model: ModelSource,
+    data: Any,
+    output: str | os.PathLike[str] | None = None,
+    *,
+    per_channel: bool = True,
+    batch_size: int = 64,
+    max_samples: int | None = 512,
+    progress: bool = False,
+) -> TransformResult:
+    """Empirical bias correction for int8 weights: b += (W - Q(W)) E[x], E[x] measured on ``data``.
+
+    The float result is deliberately biased: it is meant to be quantized next with the same weight
+    granularity (``per_channel``) as ``onnxpress.quantize`` / ``InsertQDQ`` will use.
+
+    Args:
+        model: path or ModelProto (never modified).
+        data: calibration data (``.npz`` path, folder, iterable of feed dicts, reader).
+        output: where to write the result; ``None`` to only return it.
+        per_channel: the weight granularity the following quantization uses.
+        batch_size, max_samples: streaming of the calibration data.
+        progress: progress bars.
+    """
+    from onnxpress.passes.bias_correction import CorrectBias, bias_correction_inputs
+
+    proto = _prepare(model, output)
+    requests = dict(bias_correction_inputs(import_graph(proto)))
+    stats = collect_channel_stats(proto, data, requests, batch_size=batch_size, max_samples=max_samples,
+                                  progress=progress)
+    means = {name: obs.mean() for name, obs in stats.items()}
+    return transform(proto, [CorrectBias(means, per_channel=per_channel)], output, progress=progress)
+
+
+def codebook(
+    model: ModelSource,
+    output: str | os.PathLike[str] | None = None,
+    *,
+    bits: int = 4,
+    group_size: int | None = None,
+    min_elements: int = 256,
+    progress: bool = False,
+) -> TransformResult:
+    """Store Conv/Gemm/MatMul weights as b-bit k-means codebook indices (lossy; smaller file).
+
+    Args:
+        model: path or ModelProto (never modified).
+        output: where to write the result; ``None`` to only return it.
+        bits: index bits (1..8); 2^bits centroids per codebook.
+        group_size: output channels per codebook; ``None`` for one per layer.
+        min_elements: weights smaller than this stay float.
+        progress: progress bar over the passes.
+    """
+    from onnxpress.passes.codebook import CodebookWeights
+
+    if output is not None:
+        check_output_path(output, [model])
+    passes = [*cleanup_passes(), CodebookWeights(bits=bits, group_size=group_size, min_elements=min_elements)]
+    return transform(model, passes, output, progress=progress)

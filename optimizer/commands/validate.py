@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     from onnxpress.validate import validate
 
     if args.json:
-        check_output_path(args.json, [args.reference, args.candidate, args.data, args.labels or ""])
+        check_output_path(args.json, [p for p in (args.reference, args.candidate, args.data, args.labels) if p])
     report = validate(
         args.reference,
         args.candidate,

@@ -1,0 +1,168 @@
+"""MACs and parameter accounting for Conv, ConvTranspose, Gemm and MatMul.
+
+Multiply-accumulates per node, from shapes that onnx shape inference gives once the graph inputs'
+symbolic batch dimension is set to ``batch`` (1 by default, so the count is per sample)::
+
+    Conv           Y[N, O, *out]       MACs = N * O * prod(out) * (C / group) * prod(kernel)
+    ConvTranspose  X[N, C, *in]        MACs = N * C * prod(in) * (O / group) * prod(kernel)
+    Gemm           A[M, K] B[K, N]     MACs = M * N * K
+    MatMul         A[..., M, K] B[..., K, N] -> Y[..., M, N]    MACs = prod(Y) * K
+
+Parameters are the elements of floating-point initializers, each counted once and attributed to the
+first node (in graph order) that reads it, so ``sum(count_params(m).values())`` is the model's
+parameter count. Integer constants (shapes, axes) are not parameters.
+
+Nodes are named ``node.name`` or, when empty, by their first output.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import TensorProto
+
+from onnxpress.errors import UnsupportedModelError
+
+__all__ = ["MAC_OPS", "count_macs", "count_params", "model_size_bytes", "node_key"]
+
+MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+"""Op types whose multiply-accumulates are counted."""
+
+_FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
+
+
+def node_key(node: onnx.NodeProto) -> str:
+    """The name a node is reported under: its name, or its first output when unnamed."""
+    return node.name or (node.output[0] if node.output else node.op_type)
+
+
+def _as_model(model: onnx.ModelProto | gs.Graph) -> onnx.ModelProto:
+    if isinstance(model, gs.Graph):
+        return gs.export_onnx(model.copy(), do_type_check=False)
+    if isinstance(model, onnx.ModelProto):
+        return model
+    raise TypeError(f"expected an onnx.ModelProto or onnx_graphsurgeon.Graph, got {type(model).__name__}")
+
+
+def _unique_keys(nodes: Iterable[onnx.NodeProto]) -> list[str]:
+    seen: dict[str, int] = {}
+    keys = []
+    for node in nodes:
+        key = node_key(node)
+        if key in seen:
+            seen[key] += 1
+            key = f"{key}#{seen[key]}"
+        else:
+            seen[key] = 0
+        keys.append(key)
+    return keys
+
+
+def _shapes(model: onnx.ModelProto, batch: int) -> dict[str, tuple[int | None, ...]]:
+    model = copy.deepcopy(model)
+    inits = {i.name for i in model.graph.initializer}
+    for vi in model.graph.input:
+        if vi.name in inits or not vi.type.tensor_type.HasField("shape"):
+            continue
+        dims = vi.type.tensor_type.shape.dim
+        if len(dims) and not dims[0].HasField("dim_value"):
+            dims[0].Clear()
+            dims[0].dim_value = batch
+    del model.graph.value_info[:]
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+    except (onnx.shape_inference.InferenceError, ValueError) as exc:
+        raise UnsupportedModelError(f"cannot count MACs: shape inference fails ({exc})") from None
+    shapes: dict[str, tuple[int | None, ...]] = {}
+    g = inferred.graph
+    for vi in list(g.input) + list(g.value_info) + list(g.output):
+        tt = vi.type.tensor_type
+        if tt.HasField("shape"):
+            shapes[vi.name] = tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim)
+    for init in g.initializer:
+        shapes[init.name] = tuple(init.dims)
+    return shapes
+
+
+def _known(shape: tuple[int | None, ...] | None) -> bool:
+    return shape is not None and all(d is not None for d in shape)
+
+
+def count_macs(model: onnx.ModelProto | gs.Graph, *, batch: int = 1) -> dict[str, int]:
+    """Multiply-accumulates of every Conv / ConvTranspose / Gemm / MatMul node (see module docstring).
+
+    Args:
+        model: a ModelProto or an onnx-graphsurgeon Graph (neither is modified).
+        batch: value given to a symbolic leading dimension of the graph inputs.
+
+    Returns:
+        node key (:func:`node_key`, made unique with ``#k``) -> MACs, in graph order.
+
+    Raises:
+        UnsupportedModelError: a counted node's shapes cannot be inferred (names the node).
+    """
+    proto = _as_model(model)
+    shapes = _shapes(proto, batch)
+    out: dict[str, int] = {}
+    for key, node in zip(_unique_keys(proto.graph.node), proto.graph.node, strict=True):
+        if node.op_type not in MAC_OPS or node.domain not in ("", "ai.onnx"):
+            continue
+        needed = [shapes.get(node.input[0]), shapes.get(node.input[1]), shapes.get(node.output[0])]
+        if not all(_known(s) for s in needed):
+            raise UnsupportedModelError(
+                f"cannot count MACs of {node.op_type} {key!r}: its shapes are unknown after shape inference; "
+                "give the model static shapes apart from the batch"
+            )
+        x, w, y = needed
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type == "Conv":
+            group = int(attrs.get("group", 1))
+            out[key] = int(np.prod(y, dtype=np.int64)) * (x[1] // group) * int(np.prod(w[2:], dtype=np.int64))
+        elif node.op_type == "ConvTranspose":
+            # W is [C, O/group, k...]: each input element meets O/group * prod(k) weights
+            out[key] = int(np.prod(x, dtype=np.int64)) * w[1] * int(np.prod(w[2:], dtype=np.int64))
+        elif node.op_type == "Gemm":
+            k = x[0] if int(attrs.get("transA", 0)) else x[1]
+            out[key] = int(np.prod(y, dtype=np.int64)) * k
+        else:
+            out[key] = int(np.prod(y, dtype=np.int64)) * x[-1]
+    return out
+
+
+def count_params(model: onnx.ModelProto | gs.Graph) -> dict[str, int]:
+    """Floating-point parameters per node: each initializer counted once, at its first reader.
+
+    Initializers that no node reads are reported under their own name.
+
+    Args:
+        model: a ModelProto or an onnx-graphsurgeon Graph (neither is modified).
+    """
+    proto = _as_model(model)
+    sizes = {
+        init.name: int(np.prod(init.dims, dtype=np.int64))
+        for init in proto.graph.initializer
+        if init.data_type in _FLOAT_TYPES
+    }
+    out: dict[str, int] = {}
+    claimed: set[str] = set()
+    for key, node in zip(_unique_keys(proto.graph.node), proto.graph.node, strict=True):
+        total = 0
+        for name in node.input:
+            if name in sizes and name not in claimed:
+                claimed.add(name)
+                total += sizes[name]
+        if total:
+            out[key] = total
+    for name, size in sizes.items():
+        if name not in claimed:
+            out[name] = size
+    return out
+
+
+def model_size_bytes(model: onnx.ModelProto | gs.Graph) -> int:
+    """Serialised size of the model in bytes (initializers included)."""
+    return _as_model(model).ByteSize()

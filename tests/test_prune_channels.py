@@ -209,7 +209,8 @@ BUILDERS = {
 
 def float_params(model: onnx.ModelProto) -> np.ndarray:
     """All floating-point initializer entries, concatenated."""
-    arrays = [onnx.numpy_helper.to_array(i).ravel() for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT]
+    floats = [i for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT]
+    arrays = [onnx.numpy_helper.to_array(i).ravel() for i in floats]
     return np.concatenate(arrays) if arrays else np.zeros(0, F32)
 
 

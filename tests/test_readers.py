@@ -314,3 +314,13 @@ def test_bad_labels(tmp_path, arrays, message):
     np.savez(tmp_path / "l.npz", **arrays)
     with pytest.raises(DataError, match=message):
         load_labels(tmp_path / "l.npz")
+
+
+def test_open_data_on_a_reader_limits_a_copy(tmp_path):
+    np.savez(tmp_path / "d.npz", X=_x(10))
+    reader = open_data(tmp_path / "d.npz", graphs.gemm())
+    limited = open_data(reader, graphs.gemm(), max_samples=3)
+    assert open_data(reader, graphs.gemm()) is reader
+    assert limited.num_samples == 3 and reader.num_samples == 10
+    np.testing.assert_array_equal(_concat(limited.batches(2)), _x(10)[:3])
+    assert open_data(({"X": _x(1)} for _ in range(3)), graphs.gemm()).num_samples is None

@@ -60,6 +60,18 @@ COMMANDS = [
         api=lambda p: onnxpress.validate(p.model, p.good, p.data, latency=False).write_json(p.output),
         takes_data=True,
     ),
+    Command(
+        "quantize",
+        argv=lambda p: ["quantize", str(p.model), "-o", str(p.output), "--calib", str(p.data), "-q"],
+        api=lambda p: onnxpress.quantize(p.model, p.output, calib=p.data),
+        takes_data=True,
+    ),
+    Command(
+        "lowrank",
+        argv=lambda p: ["lowrank", str(p.model), "-o", str(p.output), "--energy", "0.9", "--calib", str(p.data), "-q"],
+        api=lambda p: onnxpress.lowrank(p.model, p.output, energy=0.9, calib=p.data),
+        takes_data=True,
+    ),
     Command(  # the hostile model in the candidate's place
         "validate-candidate",
         argv=lambda p: ["validate", str(p.good), str(p.model), "--data", str(p.data), "--json", str(p.output),

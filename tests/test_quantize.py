@@ -1,0 +1,183 @@
+"""onnxpress.quantize and ``onnxpress quantize``: end to end on tiny graphs."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+import onnxpress
+from onnxpress.cli import main
+from onnxpress.errors import CalibrationError, OnnxpressError
+from tests.graphs import make_model, rng, run
+from tests.test_qdq import feeds_for, minmax_table, optimized_ops, residual_cnn, sqnr_db
+
+
+def constant_weight_cnn(opset: int = 11) -> onnx.ModelProto:
+    """X[N,3,8,8] -> Conv(Constant W, B) -> BN -> Relu -> Conv(Constant W2) -> Relu -> GAP -> Y[N,16,1,1]."""
+    r = rng(11)
+
+    def const(name: str, value: np.ndarray) -> onnx.NodeProto:
+        return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(value, name))
+
+    nodes = [
+        const("W", (r.standard_normal((32, 3, 3, 3)) * 0.3).astype(np.float32)),
+        const("B", r.standard_normal(32).astype(np.float32)),
+        const("gamma", r.uniform(0.5, 1.5, 32).astype(np.float32)),
+        const("beta", r.standard_normal(32).astype(np.float32)),
+        const("mean", r.standard_normal(32).astype(np.float32) * 0.1),
+        const("var", r.uniform(0.5, 2.0, 32).astype(np.float32)),
+        const("W2", (r.standard_normal((16, 32, 3, 3)) * 0.1).astype(np.float32)),
+        helper.make_node("Conv", ["X", "W", "B"], ["c"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["c", "gamma", "beta", "mean", "var"], ["bn"]),
+        helper.make_node("Relu", ["bn"], ["r"], name="relu1"),
+        helper.make_node("Conv", ["r", "W2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c2"], ["r2"]),
+        helper.make_node("GlobalAveragePool", ["r2"], ["Y"]),
+    ]
+    return make_model(nodes, [("X", ["N", 3, 8, 8])], [("Y", ["N", 16, 1, 1])], opset=opset)
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_quantize_with_table_writes_checked_model(tmp_path: Path) -> None:
+    """Table in, model out: result lists quantized/float nodes, size shrinks, output loads in ORT."""
+    model = residual_cnn()
+    x = feeds_for(model)
+    src = tmp_path / "m.onnx"
+    onnx.save(model, src)
+    before = digest(src)
+    out = tmp_path / "q.onnx"
+    res = onnxpress.quantize(src, out, table=minmax_table(model, x))
+    assert res.output == out and out.is_file() and digest(src) == before
+    assert {d.op for d in res.quantized} >= {"Conv", "Add", "Gemm", "MaxPool", "GlobalAveragePool", "Flatten"}
+    assert not res.kept_float
+    assert sqnr_db(run(model, x)[0], run(onnx.load(out), x)[0]) > 30
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "q.onnx"]
+
+
+def test_quantize_calibrates_from_feeds(tmp_path: Path) -> None:
+    """With calib= (a list of feed dicts) quantize calibrates itself; all methods give a working model."""
+    model = residual_cnn()
+    x = feeds_for(model, n=32)
+    feeds = [{"X": x["X"][i : i + 8]} for i in range(0, 32, 8)]
+    for method in ("minmax", "kl"):
+        res = onnxpress.quantize(model, calib=feeds, method=method)
+        assert res.table is not None and all(r.method == method for r in res.table.ranges.values())
+        assert sqnr_db(run(model, x)[0], run(res.model, x)[0]) > 20
+
+
+def test_opset11_constant_weights(tmp_path: Path) -> None:
+    """An opset-11 model with weights in Constant nodes: upgraded, weights quantized, integer kernels."""
+    model = constant_weight_cnn()
+    x = feeds_for(model)
+    res = onnxpress.quantize(model, table=minmax_table(model, x))
+    assert onnxpress.model_io.default_opset(res.model) >= 13
+    assert not any(n.op_type == "Constant" for n in res.model.graph.node)
+    int8 = [i for i in res.model.graph.initializer if i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 4]
+    assert len(int8) == 2  # both conv weights
+    assert res.size_after < 0.5 * res.size_before
+    assert sqnr_db(run(model, x)[0], run(res.model, x)[0]) > 30
+    assert optimized_ops(res.model, tmp_path).count("QLinearConv") == 2
+
+
+def test_exclude_and_report(tmp_path: Path) -> None:
+    """--exclude by op type keeps those nodes float and says why."""
+    model = residual_cnn()
+    x = feeds_for(model)
+    res = onnxpress.quantize(model, table=minmax_table(model, x), exclude=["op:Gemm", "conv2"])
+    why = {d.name: d.reason for d in res.kept_float}
+    assert "excluded op type Gemm" in why["fc"] and "excluded by name" in why["conv2"]
+
+
+def test_non_finite_tensor_is_excluded_and_reported() -> None:
+    """A -inf mask added before Softmax: calibration excludes it, Softmax stays float, reason reported."""
+    r = rng(12)
+    mask = np.zeros((4, 4), np.float32)
+    mask[np.triu_indices(4, 1)] = -np.inf
+    inits = {"Wq": r.standard_normal((8, 8)).astype(np.float32), "mask": mask}
+    nodes = [
+        helper.make_node("MatMul", ["X", "Wq"], ["q"], name="proj"),
+        helper.make_node("Transpose", ["q"], ["qt"], perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["q", "qt"], ["s"], name="scores"),
+        helper.make_node("Add", ["s", "mask"], ["sm"], name="masked"),
+        helper.make_node("Softmax", ["sm"], ["p"], name="softmax", axis=-1),
+        helper.make_node("MatMul", ["p", "q"], ["Y"], name="pv"),
+    ]
+    model = make_model(nodes, [("X", ["N", 4, 8])], [("Y", ["N", 4, 8])], inits)
+    x = feeds_for(model, n=8)
+    res = onnxpress.quantize(model, calib=[x], method="minmax")
+    assert "sm" in res.excluded_tensors
+    why = {d.name: d.reason for d in res.kept_float}
+    assert "softmax" in why and "'sm'" in why["softmax"]
+    ref, out = run(model, x)[0], run(res.model, x)[0]
+    assert np.all(np.isfinite(out)) and sqnr_db(ref, out) > 20
+
+
+def test_int4_weight_only() -> None:
+    """weights='int4': MatMul/Gemm become MatMulNBits, no calibration needed, size drops below 0.2x."""
+    r = rng(13)
+    inits = {
+        "W": r.standard_normal((128, 256)).astype(np.float32),
+        "W2": r.standard_normal((256, 64)).astype(np.float32),
+    }
+    nodes = [
+        helper.make_node("MatMul", ["X", "W"], ["h"], name="a"),
+        helper.make_node("MatMul", ["h", "W2"], ["Y"], name="b"),
+    ]
+    model = make_model(nodes, [("X", ["N", 128])], [("Y", ["N", 64])], inits)
+    res = onnxpress.quantize(model, weights="int4", block_size=64)
+    assert [n.op_type for n in res.model.graph.node] == ["MatMulNBits", "MatMulNBits"]
+    assert {d.name for d in res.quantized} == {"a", "b"} and res.table is None
+    assert res.size_ratio < 0.2
+    x = feeds_for(model)
+    assert sqnr_db(run(model, x)[0], run(res.model, x)[0]) > 10
+
+
+def test_errors_are_typed() -> None:
+    """No data, bad options and bad overrides raise our errors with what to do."""
+    model = residual_cnn()
+    with pytest.raises(CalibrationError, match="calib="):
+        onnxpress.quantize(model)
+    with pytest.raises(OnnxpressError, match="weights must be one of"):
+        onnxpress.quantize(model, weights="int2")
+    with pytest.raises(OnnxpressError, match="activations must be one of"):
+        onnxpress.quantize(model, activations="fp8")
+    with pytest.raises(OnnxpressError, match="bad override"):
+        onnxpress.quantize(model, table=minmax_table(model, feeds_for(model)), overrides={"X": {"dtype": "int16"}})
+    with pytest.raises(OnnxpressError, match="invalid exclude pattern"):
+        onnxpress.quantize(model, exclude=["re:("])
+    with pytest.raises(OnnxpressError, match="block_size"):
+        onnxpress.quantize(model, weights="int4", block_size=10)
+
+
+def test_method_override_from_histograms() -> None:
+    """A per-tensor method override recomputes that tensor's range from the kept histogram."""
+    model = residual_cnn()
+    x = feeds_for(model, n=32)
+    res = onnxpress.quantize(model, calib=[x], method="kl", overrides={"r1": {"method": "minmax"}})
+    assert res.table.ranges["r1"].method == "minmax"
+    assert res.table.ranges["c2"].method == "kl"
+    assert res.table.ranges["r1"].max == pytest.approx(float(minmax_table(model, x)["r1"].max), rel=1e-6)
+
+
+def test_cli_quantize(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The command prints quantized/float counts and sizes; errors print one line and exit 2."""
+    model = residual_cnn()
+    src, out, data = tmp_path / "m.onnx", tmp_path / "q.onnx", tmp_path / "calib.npz"
+    onnx.save(model, src)
+    np.savez(data, X=feeds_for(model, n=16)["X"])
+    assert main(["quantize", str(src), "-o", str(out), "--calib", str(data), "--method", "minmax", "-q",
+                 "--exclude", "fc"]) == 0  # fmt: skip
+    text = capsys.readouterr().out
+    assert "Conv" in text and "float  fc (Gemm): excluded by name" in text and "MB ->" in text
+    assert out.is_file()
+    assert main(["quantize", str(src), "-o", str(tmp_path / "x.onnx")]) == 2
+    assert "calib" in capsys.readouterr().err
+    assert main(["quantize", str(src), "-o", str(src), "--calib", str(data)]) == 2

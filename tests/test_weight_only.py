@@ -1,0 +1,105 @@
+"""QuantizeWeightsInt4: blockwise 4-bit weights in onnxruntime's MatMulNBits."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from onnx import helper
+
+from onnxpress.passes.weight_only import QuantizeWeightsInt4, _pack, dequantize_blocks, quantize_blocks
+from onnxpress.pipeline import run_passes
+from tests.graphs import make_model, rng, run
+
+
+def mlp(k: int = 40, h: int = 24, n: int = 10, seed: int = 0) -> onnx.ModelProto:
+    """X[N,k] -> MatMul(W[k,h]) -> Gemm(Wg[n,h], C, transB, alpha=0.5, beta=2) -> Y[N,n]."""
+    r = rng(seed)
+    inits = {
+        "W": r.standard_normal((k, h)).astype(np.float32),
+        "Wg": r.standard_normal((n, h)).astype(np.float32),
+        "C": r.standard_normal(n).astype(np.float32),
+    }
+    nodes = [
+        helper.make_node("MatMul", ["X", "W"], ["h"], name="mm"),
+        helper.make_node("Gemm", ["h", "Wg", "C"], ["Y"], name="fc", transB=1, alpha=0.5, beta=2.0),
+    ]
+    return make_model(nodes, [("X", ["N", k])], [("Y", ["N", n])], inits)
+
+
+@settings(deadline=None, max_examples=30)
+@given(k=st.integers(1, 80), n=st.integers(1, 9), block=st.sampled_from([16, 32, 64]), seed=st.integers(0, 999))
+def test_block_round_trip_within_half_a_step(k: int, n: int, block: int, seed: int) -> None:
+    """Each element is within s/2 of its block's grid (or clipped at the grid's end), q in [-8, 7]."""
+    w = (rng(seed).standard_normal((k, n)) * rng(seed + 1).uniform(0.01, 10)).astype(np.float32)
+    q, s = quantize_blocks(w, block)
+    assert q.min() >= -8 and q.max() <= 7 and s.shape == (-(-k // block), n) and np.all(s > 0)
+    back = dequantize_blocks(q, s, k)
+    step = np.repeat(s, block, axis=0)[:k]
+    inside = (np.abs(w) <= 7 * step) & (w >= -8 * step)
+    assert np.all(np.abs(back - w)[inside] <= step[inside] / 2 * (1 + 1e-5))
+    # the MSE search never does worse than plain max/7 scaling
+    q0, s0 = quantize_blocks(w, block, search=False)
+    assert np.sum((back - w) ** 2) <= np.sum((dequantize_blocks(q0, s0, k) - w) ** 2) * (1 + 1e-6)
+
+
+def test_pack_layout_low_nibble_first() -> None:
+    """Packing: B[n, block, byte] = (q[2i] + 8) | (q[2i+1] + 8) << 4; scales column-major by block."""
+    q = np.arange(-8, 8, dtype=np.int8).reshape(16, 1).repeat(2, axis=1)
+    q[:, 1] = q[::-1, 1]
+    s = np.array([[0.5, 2.0]], np.float32)
+    packed, scales = _pack(q, s, 16)
+    assert packed.shape == (2, 1, 8)
+    assert packed[0, 0, 0] == (0 | (1 << 4)) and packed[1, 0, 0] == (15 | (14 << 4))
+    np.testing.assert_array_equal(scales, [0.5, 2.0])
+
+
+def test_matmulnbits_matches_dequantized_weights() -> None:
+    """onnxruntime's MatMulNBits output equals X @ dequantized weights (~1e-5), Gemm alpha/beta/transB kept."""
+    model = mlp()
+    res = run_passes(model, [QuantizeWeightsInt4(block_size=16)])
+    q = res.model
+    onnx.checker.check_model(q, full_check=True)
+    assert [n.op_type for n in q.graph.node] == ["MatMulNBits", "MatMulNBits", "Add"]
+    assert res.stats["quantize_weights_int4.weights_int4"] == 2
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    x = rng(5).standard_normal((7, 40)).astype(np.float32)
+    w1 = dequantize_blocks(*quantize_blocks(inits["W"], 16), 40)
+    w2 = dequantize_blocks(*quantize_blocks(0.5 * inits["Wg"].T, 16), 24)
+    expect = (x @ w1) @ w2 + 2.0 * inits["C"]
+    np.testing.assert_allclose(run(q, {"X": x})[0], expect, rtol=1e-5, atol=1e-4)
+
+
+def test_int4_error_bound_on_smooth_weights() -> None:
+    """On weights of similar magnitude per block, output SQNR vs fp32 is above 15 dB."""
+    model = mlp(k=64, h=64, n=16, seed=3)
+    q = run_passes(model, [QuantizeWeightsInt4(block_size=32)]).model
+    x = rng(6).standard_normal((32, 64)).astype(np.float32)
+    ref, out = run(model, {"X": x})[0], run(q, {"X": x})[0]
+    sqnr = 10 * np.log10(np.sum(ref**2) / np.sum((ref - out) ** 2))
+    assert sqnr > 15
+
+
+def test_declines_with_reasons() -> None:
+    """Excluded, non-constant and 3-D weights stay float with a note."""
+    r = rng(7)
+    inits = {"W3": r.standard_normal((2, 8, 8)).astype(np.float32), "W": r.standard_normal((8, 4)).astype(np.float32)}
+    nodes = [
+        helper.make_node("MatMul", ["X", "W3"], ["a"], name="batched"),
+        helper.make_node("MatMul", ["a", "Z"], ["b"], name="dynamic"),
+        helper.make_node("MatMul", ["b", "W"], ["Y"], name="skip_me"),
+    ]
+    model = make_model(nodes, [("X", [2, 3, 8]), ("Z", [2, 8, 8])], [("Y", [2, 3, 4])], inits)
+    res = run_passes(model, [QuantizeWeightsInt4(exclude=frozenset({"skip_me"}))])
+    assert not res.modified and [n.op_type for n in res.model.graph.node] == ["MatMul"] * 3
+    text = "\n".join(res.notes)
+    assert "not 2-D" in text and "not a float32 constant" in text and "excluded" in text
+
+
+def test_bad_block_size() -> None:
+    """Block sizes that MatMulNBits does not take are refused."""
+    for bad in (8, 24):
+        with pytest.raises(ValueError, match="power of two"):
+            QuantizeWeightsInt4(block_size=bad)

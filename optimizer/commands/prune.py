@@ -1,0 +1,92 @@
+"""``onnxpress prune MODEL -o OUT [--zero-only | --ratio R] [--criterion C] [--calib DATA] [--multiple M]``."""
+
+from __future__ import annotations
+
+import argparse
+
+from onnxpress.cli import add_common, progress_enabled
+from onnxpress.passes.prune_channels import CRITERIA
+from onnxpress.reporting import format_table
+
+
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"ratio must be a number in [0, 1), got {text!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"ratio must be in [0, 1), got {value}")
+    return value
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``prune`` subcommand."""
+    p = sub.add_parser(
+        "prune",
+        help="remove channels: exactly (zero/unused channels) or to a target ratio by importance",
+        description="Prune channels on the ONNX graph. Without --ratio only provably zero or unused "
+        "channels are removed (exact); with --ratio the least important channels go too (lossy).",
+    )
+    p.add_argument("model", help="input .onnx model (never modified)")
+    p.add_argument("-o", "--output", required=True, help="where to write the pruned model")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--zero-only", action="store_true", help="only remove provably zero/unused channels (default)")
+    mode.add_argument("--ratio", type=_ratio, help="fraction of prunable channels to remove, in [0, 1)")
+    p.add_argument("--criterion", choices=CRITERIA, default="l2", help="channel importance (default l2)")
+    p.add_argument("--scope", choices=("global", "layer"), default="global", help="one threshold or one per group")
+    p.add_argument("--calib", metavar="DATA", help="calibration data (.npz or folder) for --criterion act")
+    p.add_argument("--multiple", type=_positive, default=1, help="round kept channels per group to a multiple")
+    p.add_argument("--max-samples", type=_positive, default=256, help="calibration samples for act (default 256)")
+    add_common(p)
+    p.set_defaults(func=run)
+
+
+def _fmt(n: int | None) -> str:
+    return "n/a" if n is None else f"{n:,}"
+
+
+def _ratio_text(before: int | None, after: int | None) -> str:
+    return "n/a" if not before or after is None else f"{after / before:.3f}"
+
+
+def run(args: argparse.Namespace) -> int:
+    """Prune and print params, MACs and size before/after per layer and in total."""
+    from onnxpress.prune import prune
+
+    result = prune(
+        args.model,
+        args.output,
+        ratio=None if args.zero_only else args.ratio,
+        criterion=args.criterion,
+        scope=args.scope,
+        multiple=args.multiple,
+        calib=args.calib,
+        max_samples=args.max_samples,
+        progress=progress_enabled(args),
+    )
+    header = ["layer", "op", "params before", "params after", "MACs before", "MACs after", "MACs ratio"]
+    rows = [
+        [r.name, r.op, _fmt(r.params_before), _fmt(r.params_after), _fmt(r.macs_before), _fmt(r.macs_after),
+         _ratio_text(r.macs_before, r.macs_after)]
+        for r in (*result.layers, result.total)
+    ]
+    print(format_table(header, rows))
+    before, after = result.size_bytes
+    print(f"size: {before:,} -> {after:,} bytes ({after / before:.3f}x); MACs are per sample")
+    removed = result.stats.get("prune_zero_channels.channels_removed", 0)
+    lossy = result.stats.get("prune_channels.channels_removed", 0)
+    print(f"channels removed: {removed} exactly (zero or unused), {lossy} by importance ({args.criterion})")
+    for note in result.notes:
+        print(f"note: {note}")
+    print(f"wrote {result.output}")
+    return 0

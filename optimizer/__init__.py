@@ -23,6 +23,7 @@ from onnxpress.errors import (
 from onnxpress.lowrank import LowRankResult, lowrank
 from onnxpress.model_io import load_model, normalize_model, save_model
 from onnxpress.pipeline import run_passes
+from onnxpress.prune import PruneResult, prune, sensitivity_scan
 from onnxpress.quantize import QuantizeResult, quantize
 from onnxpress.validate import ValidationReport, validate
 
@@ -36,6 +37,7 @@ __all__ = [
     "OnnxpressError",
     "OutputError",
     "PassError",
+    "PruneResult",
     "QuantizeResult",
     "TransformResult",
     "UnsupportedModelError",
@@ -45,9 +47,11 @@ __all__ = [
     "load_model",
     "lowrank",
     "normalize_model",
+    "prune",
     "quantize",
     "run_passes",
     "save_model",
+    "sensitivity_scan",
     "transform",
     "validate",
 ]

@@ -21,6 +21,7 @@ __all__ = ["build_parser", "main"]
 _COMMANDS: tuple[str, ...] = (
     "onnxpress.commands.cleanup",
     "onnxpress.commands.lowrank",
+    "onnxpress.commands.prune",
     "onnxpress.commands.quantize",
     "onnxpress.commands.validate",
 )

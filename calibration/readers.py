@@ -46,7 +46,7 @@ import onnx
 
 from onnxpress.errors import DataError, UnsupportedModelError
 
-__all__ = ["DataReader", "DataSource", "InputSpec", "load_labels", "model_inputs", "open_data"]
+__all__ = ["DataReader", "DataSource", "InputSpec", "check_feed", "load_labels", "model_inputs", "open_data"]
 
 log = logging.getLogger(__name__)
 

@@ -155,6 +155,14 @@ HOSTILE = [
         r"'X' has no samples",
         needs_data=True,
     ),
+    Hostile("data file missing", lambda p: p.data.unlink(), DataError, r"data not found: .*data\.npz", needs_data=True),
+    Hostile(
+        "data is not an npz",
+        lambda p: p.data.write_text("1,2,3\n"),
+        DataError,
+        r"data\.npz is not a readable \.npz archive",
+        needs_data=True,
+    ),
     Hostile(
         "output folder missing",
         lambda p: setattr(p, "output", p.output.parent / "missing" / p.output.name),

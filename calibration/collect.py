@@ -1,0 +1,274 @@
+"""Run the model once over the data and stream every wanted tensor into its observer.
+
+The rewrite (on a private copy, in memory, never saved)::
+
+    before:  X -> Conv -> a -> Relu -> b -> Gemm -> Y            outputs: Y
+    after :  X -> Conv -> a -> Relu -> b -> Gemm -> Y            outputs: Y, a, b
+
+Each wanted intermediate tensor becomes an extra graph output (its element type from shape
+inference; no shape, so nothing is constrained). One onnxruntime session is built from the bytes.
+Batches are stacked along axis 0 up to ``batch_size`` samples when every input's first dimension is
+dynamic, and fed as stored otherwise. After each ``run`` the batch's values go to
+``observers[name].update`` and are dropped, so memory does not grow with the number of samples.
+The updates of batch ``k`` run on one worker thread while onnxruntime computes batch ``k+1``
+(numpy releases the GIL), so at most two batches of values are alive at once.
+
+Graph inputs are observed straight from the feeds (no extra output needed).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import numpy as np
+import onnx
+
+from onnxpress.errors import CalibrationError, DataError
+
+__all__ = ["DEFAULT_OP_TYPES", "collect_statistics", "select_tensors"]
+
+log = logging.getLogger(__name__)
+
+# Ops whose float inputs and outputs a QDQ quantizer touches.
+DEFAULT_OP_TYPES: frozenset[str] = frozenset(
+    {
+        "Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Sub", "Mul", "Div", "Concat",
+        "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Relu", "LeakyRelu",
+        "Clip", "Sigmoid", "HardSigmoid", "Tanh", "Softmax", "Resize", "Flatten", "Reshape",
+        "Transpose", "Squeeze", "Unsqueeze", "Split", "Gather", "ReduceMean", "Pad",
+        "LayerNormalization", "InstanceNormalization", "Where", "Erf", "Gelu", "HardSwish",
+    }
+)  # fmt: skip
+
+_FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
+
+
+def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Element type of every typed value (inputs, outputs, value_info, initializers)."""
+    from onnxpress.model_io import infer_shapes
+
+    inferred = infer_shapes(model)
+    g = inferred.graph
+    types: dict[str, int] = {}
+    for vi in list(g.input) + list(g.value_info) + list(g.output):
+        if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
+            types[vi.name] = vi.type.tensor_type.elem_type
+    for init in g.initializer:
+        types[init.name] = init.data_type
+    return types
+
+
+def _constant_values(g: onnx.GraphProto) -> set[str]:
+    """Initializers and values computed from them alone (``Constant``, ``Identity(W)``, ...)."""
+    inputs = {i.name for i in g.input}
+    constants = {i.name for i in g.initializer} - inputs
+    for node in g.node:  # nodes are topologically sorted in a valid model
+        ins = [i for i in node.input if i]
+        if node.op_type == "Constant" or (ins and all(i in constants for i in ins)):
+            constants.update(o for o in node.output if o)
+    return constants
+
+
+def select_tensors(model: onnx.ModelProto, op_types: Iterable[str] | None = None) -> list[str]:
+    """Float activations a quantizer needs: the inputs and outputs of ops in ``op_types``.
+
+    Initializers and values computed from them only are weights, not activations, and are skipped; so are
+    tensors whose element type is not floating point (shape tensors, indices, masks as bool).
+
+    Args:
+        model: the model (not modified).
+        op_types: op types to cover; default :data:`DEFAULT_OP_TYPES`.
+
+    Returns:
+        Names in graph order (graph inputs first), without duplicates.
+    """
+    wanted_ops = DEFAULT_OP_TYPES if op_types is None else frozenset(op_types)
+    g = model.graph
+    types = _elem_types(model)
+    constants = _constant_values(g)
+    names: dict[str, None] = {}
+    for node in g.node:
+        if node.op_type not in wanted_ops:
+            continue
+        for name in list(node.input) + list(node.output):
+            if name and name not in constants and types.get(name) in _FLOAT_TYPES:
+                names[name] = None
+    graph_inputs = [i.name for i in g.input if i.name in names]
+    return graph_inputs + [n for n in names if n not in set(graph_inputs)]
+
+
+def _expose(model: onnx.ModelProto, names: Sequence[str]) -> tuple[onnx.ModelProto, list[str]]:
+    """A copy of ``model`` with ``names`` added as graph outputs; returns it and the fetch list."""
+    g = model.graph
+    graph_inputs = {i.name for i in g.input}
+    produced = {o for n in g.node for o in n.output if o}
+    existing = {o.name for o in g.output}
+    types = _elem_types(model)
+    unknown = [n for n in names if n not in produced and n not in graph_inputs]
+    if unknown:
+        raise CalibrationError(
+            f"tensor(s) {', '.join(map(repr, unknown[:5]))} are not produced by any node nor graph inputs; "
+            "observe activations only (weights are not calibrated)"
+        )
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    fetch = []
+    for name in names:
+        if name in graph_inputs:
+            continue
+        fetch.append(name)
+        if name in existing:
+            continue
+        elem = types.get(name, onnx.TensorProto.FLOAT)
+        out.graph.output.append(onnx.helper.make_tensor_value_info(name, elem, None))
+    return out, fetch
+
+
+def _batch_is_dynamic(model: onnx.ModelProto) -> bool:
+    """True when every graph input has a first dimension that is not a fixed number."""
+    inits = {i.name for i in model.graph.initializer}
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        dims = vi.type.tensor_type.shape.dim
+        if not dims or dims[0].HasField("dim_value"):
+            return False
+    return True
+
+
+def _samples_in(feed: Mapping[str, np.ndarray]) -> int:
+    """Samples in a feed: the first dimension of its first array (1 for scalars)."""
+    first = next(iter(feed.values()))
+    return int(first.shape[0]) if np.ndim(first) else 1
+
+
+def _stack(feeds: Iterable[Mapping[str, np.ndarray]], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    """Concatenate consecutive feeds along axis 0 up to ``batch_size`` samples when shapes allow."""
+    pending: list[Mapping[str, np.ndarray]] = []
+    count = 0
+
+    def flush() -> dict[str, np.ndarray]:
+        if len(pending) == 1:
+            return dict(pending[0])
+        return {k: np.concatenate([p[k] for p in pending], axis=0) for k in pending[0]}
+
+    for feed in feeds:
+        if not isinstance(feed, Mapping) or not feed:
+            raise DataError(f"calibration data must yield non-empty dicts of input name -> array, got {type(feed)}")
+        feed = {k: np.asarray(v) for k, v in feed.items()}
+        if pending:
+            ref = pending[0]
+            fits = feed.keys() == ref.keys() and all(
+                np.ndim(v) >= 1 and v.shape[1:] == ref[k].shape[1:] and v.dtype == ref[k].dtype for k, v in feed.items()
+            )
+            if not fits or count + _samples_in(feed) > batch_size:
+                yield flush()
+                pending, count = [], 0
+        pending.append(feed)
+        count += _samples_in(feed)
+    if pending:
+        yield flush()
+
+
+def _feeds(data: object, batch_size: int, dynamic: bool) -> Iterator[dict[str, np.ndarray]]:
+    """Batches from a ``DataReader`` (has ``batches``) or a plain iterable of feed dicts."""
+    batches = getattr(data, "batches", None)
+    if callable(batches):
+        yield from batches(batch_size if dynamic else None)
+        return
+    if isinstance(data, Mapping):
+        data = [data]
+    if dynamic:
+        yield from _stack(data, batch_size)  # type: ignore[arg-type]
+    else:
+        for feed in data:  # type: ignore[union-attr]
+            yield {k: np.asarray(v) for k, v in feed.items()}
+
+
+def _observe(observers: Mapping[str, object], batch: Sequence[tuple[str, np.ndarray]]) -> None:
+    """Stream one batch's values into their observers (runs on the observer thread)."""
+    for name, value in batch:
+        observers[name].update(value)  # type: ignore[attr-defined]
+
+
+def collect_statistics(
+    model: onnx.ModelProto,
+    data: object,
+    observers: Mapping[str, object],
+    *,
+    batch_size: int = 64,
+    max_samples: int | None = None,
+    progress: bool = False,
+) -> int:
+    """Run ``model`` over ``data`` once and stream each observed tensor into its observer.
+
+    Args:
+        model: the model (not modified; a copy with extra outputs is built in memory).
+        data: a ``DataReader`` (from ``onnxpress.calibration.readers.open_data``) or an iterable of
+            feed dicts ``{input name: array with samples on axis 0}``.
+        observers: ``{tensor name: observer}``; each observer needs ``update(x)``.
+        batch_size: samples per inference call when the batch dimension is dynamic.
+        max_samples: stop after this many samples (the last batch is cut).
+        progress: show a tqdm bar (samples/s).
+
+    Returns:
+        The number of samples run.
+
+    Raises:
+        CalibrationError: an observed name is not an activation of the model; no samples.
+        DataError: onnxruntime rejects a feed (names the reason).
+    """
+    from tqdm.auto import tqdm
+
+    from onnxpress.runtime import make_session
+
+    if batch_size < 1:
+        raise CalibrationError(f"batch_size must be >= 1, got {batch_size}")
+    if max_samples is not None and max_samples < 1:
+        raise CalibrationError(f"max_samples must be >= 1, got {max_samples}")
+    for name, obs in observers.items():
+        if not callable(getattr(obs, "update", None)):
+            raise CalibrationError(f"observer for {name!r} has no update(x) method")
+    names = list(observers)
+    exposed, fetch = _expose(model, names)
+    session = make_session(exposed, what="model with calibration outputs")
+    input_names = {i.name for i in session.get_inputs()}
+    dynamic = _batch_is_dynamic(model)
+    total = max_samples if max_samples is not None else getattr(data, "num_samples", None)
+    seen = 0
+    pending: Future[None] | None = None
+    with (
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnxpress-observe") as pool,
+        tqdm(total=total, desc="calibrating", unit="sample", disable=not progress) as bar,
+    ):
+        for feed in _feeds(data, batch_size, dynamic):
+            n = _samples_in(feed)
+            if max_samples is not None and seen + n > max_samples:
+                keep = max_samples - seen
+                if not dynamic and keep < n:
+                    break
+                feed = {k: v[:keep] for k, v in feed.items()}
+                n = keep
+            feed = {k: v for k, v in feed.items() if k in input_names}
+            try:
+                values = session.run(fetch, feed)
+            except Exception as exc:  # onnxruntime raises its own InvalidArgument/Fail types
+                msg = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+                raise DataError(f"onnxruntime rejected a calibration batch: {msg}") from None
+            if pending is not None:
+                pending.result()  # the previous batch is observed (re-raises its error)
+            batch = list(zip(fetch, values, strict=True)) + [(k, feed[k]) for k in names if k in feed]
+            pending = pool.submit(_observe, observers, batch)
+            del values, batch
+            seen += n
+            bar.update(n)
+            if max_samples is not None and seen >= max_samples:
+                break
+        if pending is not None:
+            pending.result()
+    if seen == 0:
+        raise CalibrationError("no calibration samples were provided; pass a non-empty data source")
+    log.info("calibrated %d tensors on %d samples", len(names), seen)
+    return seen

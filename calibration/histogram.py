@@ -1,0 +1,298 @@
+"""Mergeable signed histograms with power-of-two bin widths, and the percentile and MSE searches.
+
+Binning rule. A histogram has ``2*S`` bins (``S`` = ``size``, a power of two) of width ``w = 2**e``
+covering ``[-S*w, S*w)``; a finite value ``x`` goes to bin ``j = floor(x / w)`` (stored at
+``j + S``). The exponent is a function of the data seen so far only:
+
+    e = min{ e : max|x| < S * 2**e }
+
+so ``max|x|`` fills more than half of each side: at least ``S/2`` bins are occupied on the side
+that holds the largest magnitude (``S = 2 * bins`` gives the ">= bins bins" resolution).
+
+Growth and merge are exact. ``x / w`` is an exact float operation for a power-of-two ``w``, and
+``floor(floor(x / w) / 2) == floor(x / (2 w))``, so a histogram at width ``w`` coarsened by summing
+pairs of bins equals the histogram computed directly at width ``2 w``::
+
+    width w   : | a | b | c | d | e | f | g | h |      (S = 4 per side, shown for both sides)
+    width 2w  :     | a+b | c+d | e+f | g+h |          (placed in the middle, new bins are zero)
+
+A batch whose ``max|x|`` exceeds the range raises ``e`` and coarsens; merging two histograms
+coarsens both to the larger exponent and adds integer counts. Hence the final counts depend only on
+the multiset of values observed: not on batch size, batch order or how shards were merged.
+
+Non-finite values are counted (``nan``, ``posinf``, ``neginf``) and kept out of the bins.
+
+Searches on the magnitude histogram ``h[k] = #{ |x| in bin k }`` (``k = 0..n-1``, ``n`` occupied):
+- ``percentile_bin``: smallest ``i`` with ``sum(h[:i]) >= p/100 * sum(h)``; threshold ``i * w``.
+- ``mse_bin``: the ``i`` minimising the expected squared error of a uniform quantizer with
+  ``levels`` steps over ``[-T, T]`` (signed) or ``[0, T]`` (non-negative), ``T = i * w``, using the
+  bin centres ``c_k``: ``E(i) = step(T)**2/12 * sum_{k<i} h_k + sum_{k>=i} h_k (c_k - T)**2``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+from onnxpress.errors import CalibrationError
+
+__all__ = ["Histogram", "mse_bin", "percentile_bin"]
+
+DEFAULT_BINS = 2048
+
+
+@dataclasses.dataclass
+class Histogram:
+    """A signed, exactly mergeable histogram of a tensor's values (see the module docstring).
+
+    Attributes:
+        size: bins per side ``S`` (a power of two); the magnitude histogram has ``S`` bins.
+        exp: bin width is ``2**exp``; ``None`` until a non-zero finite value was seen.
+        counts: int64 array of ``2*S`` bins, bin ``j`` (``floor(x/w)``) stored at ``j + S``.
+        zeros_pending: zeros seen before any non-zero value fixed the width (they go to bin 0).
+        min, max: exact extremes of the finite values (``inf``/``-inf`` when none were seen).
+        count: number of finite values.
+        nan, posinf, neginf: number of non-finite values seen (not in the bins).
+    """
+
+    size: int = 2 * DEFAULT_BINS
+    exp: int | None = None
+    counts: np.ndarray | None = None
+    zeros_pending: int = 0
+    min: float = math.inf
+    max: float = -math.inf
+    count: int = 0
+    nan: int = 0
+    posinf: int = 0
+    neginf: int = 0
+
+    @classmethod
+    def with_resolution(cls, bins: int = DEFAULT_BINS) -> Histogram:
+        """A histogram whose largest magnitude always spans at least ``bins`` bins.
+
+        Raises:
+            CalibrationError: ``bins`` is not a power of two >= 16.
+        """
+        if bins < 16 or bins & (bins - 1):
+            raise CalibrationError(f"histogram bins must be a power of two >= 16, got {bins}")
+        return cls(size=2 * bins)
+
+    # ----------------------------------------------------------------- accumulate
+    def update(self, x: np.ndarray) -> None:
+        """Add the values of ``x`` (any shape, float dtype) to the histogram."""
+        x = np.asarray(x)
+        if x.size == 0:
+            return
+        if x.dtype not in (np.float32, np.float64):
+            x = x.astype(np.float32)
+        x = x.ravel()
+        lo, hi = float(x.min()), float(x.max())
+        if not (math.isfinite(lo) and math.isfinite(hi)):  # NaN propagates through min/max
+            finite = np.isfinite(x)
+            nan = int(np.isnan(x).sum())
+            self.nan += nan
+            pos = int((x == np.inf).sum())
+            self.posinf += pos
+            self.neginf += x.size - int(finite.sum()) - nan - pos
+            x = x[finite]
+            if x.size == 0:
+                return
+            lo, hi = float(x.min()), float(x.max())
+        self.min = min(self.min, lo)
+        self.max = max(self.max, hi)
+        self.count += x.size
+        amax = max(-lo, hi)
+        if amax == 0.0:
+            if self.counts is None:
+                self.zeros_pending += x.size
+            else:
+                self.counts[self.size] += x.size
+            return
+        self._ensure_exp(_exponent_for(amax, self.size))
+        assert self.exp is not None and self.counts is not None
+        _add_counts(self.counts, x, self.exp, self.size)
+
+    def _ensure_exp(self, exp: int) -> None:
+        """Make the width at least ``2**exp`` (coarsening exactly), allocating on first use."""
+        if self.counts is None:
+            self.exp = exp
+            self.counts = np.zeros(2 * self.size, dtype=np.int64)
+            self.counts[self.size] += self.zeros_pending
+            self.zeros_pending = 0
+        elif exp > self.exp:  # type: ignore[operator]
+            self.counts = _coarsen(self.counts, exp - self.exp, self.size)  # type: ignore[operator]
+            self.exp = exp
+
+    # ----------------------------------------------------------------- combine
+    def merge(self, other: Histogram) -> Histogram:
+        """Return the histogram of both value sets (exact; commutative and associative).
+
+        Raises:
+            CalibrationError: the histograms have different bin counts.
+        """
+        if self.size != other.size:
+            raise CalibrationError(f"cannot merge histograms with {self.size // 2} and {other.size // 2} bins")
+        out = Histogram(
+            size=self.size,
+            zeros_pending=self.zeros_pending + other.zeros_pending,
+            min=min(self.min, other.min),
+            max=max(self.max, other.max),
+            count=self.count + other.count,
+            nan=self.nan + other.nan,
+            posinf=self.posinf + other.posinf,
+            neginf=self.neginf + other.neginf,
+        )
+        exps = [h.exp for h in (self, other) if h.exp is not None]
+        if exps:
+            out._ensure_exp(max(exps))
+            for h in (self, other):
+                if h.counts is not None:
+                    out.counts += _coarsen(h.counts, out.exp - h.exp, self.size)  # type: ignore[operator]
+        return out
+
+    # ----------------------------------------------------------------- views
+    @property
+    def width(self) -> float:
+        """Bin width ``2**exp`` (0.0 while only zeros were seen)."""
+        return 0.0 if self.exp is None else math.ldexp(1.0, self.exp)
+
+    @property
+    def amax(self) -> float:
+        """Largest finite magnitude seen (0.0 when none)."""
+        return 0.0 if self.count == 0 else max(-self.min, self.max)
+
+    @property
+    def nonnegative(self) -> bool:
+        """True when no finite negative value was seen."""
+        return self.min >= 0.0
+
+    def magnitude(self) -> np.ndarray:
+        """Counts of ``|x|`` per bin ``k = 0..S-1`` (bin ``k`` holds ``|x|`` in ``[k w, (k+1) w]``)."""
+        if self.counts is None:
+            out = np.zeros(self.size, dtype=np.int64)
+            out[0] = self.zeros_pending
+            return out
+        return self.counts[self.size :] + self.counts[: self.size][::-1]
+
+    def occupied(self) -> int:
+        """Number of magnitude bins up to and including the last non-empty one."""
+        nz = np.flatnonzero(self.magnitude())
+        return int(nz[-1]) + 1 if nz.size else 0
+
+    def check_usable(self, name: str = "tensor") -> None:
+        """Raise a :class:`CalibrationError` saying why no range can be derived, if none can.
+
+        Raises:
+            CalibrationError: no data, only NaN, any +-inf (e.g. an attention mask), or all zeros.
+        """
+        check_observed(name, self.count, self.nan, self.posinf, self.neginf, self.amax)
+
+
+def check_observed(name: str, count: int, nan: int, posinf: int, neginf: int, amax: float) -> None:
+    """Shared validity rules of every observer (see :meth:`Histogram.check_usable`).
+
+    Raises:
+        CalibrationError: with the reason.
+    """
+    if posinf or neginf:
+        raise CalibrationError(
+            f"{name} holds infinite values ({neginf} x -inf, {posinf} x +inf), as attention masks do; "
+            "it is left out of quantization"
+        )
+    if count == 0 and nan:
+        raise CalibrationError(f"{name} held only NaN values ({nan}); the model or data is broken")
+    if count == 0:
+        raise CalibrationError(f"{name} was never observed; run calibration with at least one sample")
+    if nan:
+        raise CalibrationError(f"{name} holds {nan} NaN values next to {count} finite ones; left out")
+    if amax == 0.0:
+        raise CalibrationError(f"{name} is zero on every sample; no scale can be derived, left unquantized")
+
+
+def _exponent_for(amax: float, size: int) -> int:
+    """Smallest ``e`` with ``amax < size * 2**e``."""
+    _, e = math.frexp(amax / size)  # amax/size = m * 2**e, 0.5 <= m < 1  =>  amax/size < 2**e
+    while amax >= size * math.ldexp(1.0, e):  # guard against rounding of amax/size
+        e += 1
+    while e > -1074 and amax < size * math.ldexp(1.0, e - 1):
+        e -= 1
+    return e
+
+
+def _add_counts(counts: np.ndarray, x: np.ndarray, exp: int, size: int) -> None:
+    """Add the signed bin counts of finite ``x`` at width ``2**exp`` to ``counts``.
+
+    Exact: scaling by a power of two (in float64 when it scales down, so float32 subnormals do
+    not underflow to -0.0) and ``floor`` introduce no rounding; ``+ size`` is exact
+    because the floored values are integers below ``2**24``. (``np.add.at`` measured ~25% faster
+    than ``np.bincount`` here.)
+    """
+    if -100 < exp <= 0 and x.dtype == np.float32:  # scaling up: exact even for subnormals
+        t = x * np.float32(math.ldexp(1.0, -exp))
+    else:
+        t = x.astype(np.float64) * math.ldexp(1.0, -exp)
+    np.floor(t, out=t)
+    t += size
+    np.add.at(counts, t.astype(np.intp), 1)
+
+
+def _coarsen(counts: np.ndarray, shift: int, size: int) -> np.ndarray:
+    """Counts at width ``w * 2**shift`` from counts at width ``w`` (exact)."""
+    if shift == 0:
+        return counts.copy()
+    factor = 1 << shift
+    out = np.zeros_like(counts)
+    if factor >= 2 * size:  # everything collapses into bins -1 and 0
+        out[size - 1] = counts[:size].sum()
+        out[size] = counts[size:].sum()
+        return out
+    reduced = counts.reshape(-1, factor).sum(axis=1)
+    start = size - size // factor
+    out[start : start + reduced.size] = reduced
+    return out
+
+
+def percentile_bin(magnitude: np.ndarray, percentile: float) -> int:
+    """Smallest ``i >= 1`` such that bins ``[0, i)`` hold at least ``percentile`` % of the values.
+
+    Raises:
+        CalibrationError: ``percentile`` is outside (0, 100] or the histogram is empty.
+    """
+    if not 0.0 < percentile <= 100.0:
+        raise CalibrationError(f"percentile must be in (0, 100], got {percentile}")
+    total = int(magnitude.sum())
+    if total == 0:
+        raise CalibrationError("empty histogram")
+    cum = np.cumsum(magnitude)
+    need = percentile / 100.0 * total
+    return int(np.searchsorted(cum, need * (1 - 1e-12), side="left")) + 1
+
+
+def mse_bin(magnitude: np.ndarray, levels: int, signed: bool) -> int:
+    """The ``i`` (threshold ``i * w``) minimising the expected squared quantization error.
+
+    Vectorised over every candidate ``i = 1..n`` with prefix sums; error in units of ``w**2``.
+
+    Args:
+        magnitude: counts of ``|x|`` per bin (``n`` = index of the last non-empty bin + 1).
+        levels: quantization levels (256 for 8 bits).
+        signed: the grid spans ``[-T, T]`` (step ``2T/(levels-1)``) rather than ``[0, T]``.
+    """
+    nz = np.flatnonzero(magnitude)
+    if nz.size == 0:
+        raise CalibrationError("empty histogram")
+    n = int(nz[-1]) + 1
+    h = magnitude[:n].astype(np.float64)
+    c = np.arange(n, dtype=np.float64) + 0.5
+    # suffix sums over k >= i of h, h*c, h*c^2
+    s0 = np.concatenate([np.cumsum(h[::-1])[::-1], [0.0]])
+    s1 = np.concatenate([np.cumsum((h * c)[::-1])[::-1], [0.0]])
+    s2 = np.concatenate([np.cumsum((h * c * c)[::-1])[::-1], [0.0]])
+    i = np.arange(1, n + 1, dtype=np.float64)
+    inside = s0[0] - s0[1:]
+    step = (2.0 if signed else 1.0) * i / (levels - 1)
+    clipped = s2[1:] - 2.0 * i * s1[1:] + i * i * s0[1:]
+    err = step * step / 12.0 * inside + clipped
+    return int(np.argmin(err)) + 1

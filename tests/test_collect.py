@@ -1,0 +1,141 @@
+"""Runner: extra outputs in one in-memory session, batching, max_samples, tensor selection."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+
+from onnxpress.calibration.collect import collect_statistics, select_tensors
+from onnxpress.calibration.observers import MinMaxObserver
+from onnxpress.errors import CalibrationError, DataError
+from tests.graphs import conv_bn_relu, gemm, make_model, rng, run
+
+
+class Recorder:
+    """Keeps the shapes it saw and the concatenated values (test-only: grows with data)."""
+
+    def __init__(self) -> None:
+        self.shapes: list[tuple[int, ...]] = []
+        self.values: list[np.ndarray] = []
+
+    def update(self, x: np.ndarray) -> None:
+        self.shapes.append(x.shape)
+        self.values.append(np.array(x, copy=True))
+
+
+def feeds(n: int, shape=(1, 3, 8, 8), seed: int = 0) -> list[dict[str, np.ndarray]]:
+    r = rng(seed)
+    return [{"X": r.standard_normal(shape).astype(np.float32)} for _ in range(n)]
+
+
+def test_intermediates_match_onnxruntime_and_batches_are_stacked() -> None:
+    """X[N,3,8,8] -> Conv -> c -> BatchNormalization -> bn -> Relu -> Y."""
+    model = conv_bn_relu()
+    before = model.SerializeToString()
+    data = feeds(10)
+    obs = {name: Recorder() for name in ("X", "c", "bn", "Y")}
+    assert collect_statistics(model, data, obs, batch_size=4) == 10
+    assert [s[0] for s in obs["c"].shapes] == [4, 4, 2]
+    assert model.SerializeToString() == before  # the caller's model is untouched
+    x = np.concatenate([d["X"] for d in data])
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.append(helper.make_tensor_value_info("c", onnx.TensorProto.FLOAT, None))
+    y_ref, c_ref = run(probe, {"X": x})
+    np.testing.assert_array_equal(np.concatenate(obs["X"].values), x)
+    np.testing.assert_allclose(np.concatenate(obs["c"].values), c_ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.concatenate(obs["Y"].values), y_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_minmax_of_gemm_output_matches_numpy() -> None:
+    """X[batch,8] -> Gemm(W[8,6], B[6]) -> Y[batch,6]."""
+    model = gemm()
+    r = rng(1)
+    data = [{"X": r.standard_normal((3, 8)).astype(np.float32)} for _ in range(5)]
+    obs = {"Y": MinMaxObserver()}
+    assert collect_statistics(model, data, obs, batch_size=64) == 15
+    (y,) = run(model, {"X": np.concatenate([d["X"] for d in data])})
+    assert obs["Y"].min == pytest.approx(float(y.min()), abs=1e-5)
+    assert obs["Y"].max == pytest.approx(float(y.max()), abs=1e-5)
+
+
+def test_max_samples_cuts_the_last_batch() -> None:
+    obs = {"Y": Recorder()}
+    assert collect_statistics(conv_bn_relu(), feeds(10), obs, batch_size=4, max_samples=6) == 6
+    assert [s[0] for s in obs["Y"].shapes] == [4, 2]
+
+
+def test_fixed_batch_dimension_feeds_one_by_one() -> None:
+    """X[1,8] -> Gemm -> Y[1,6]: a static batch of 1 is never stacked."""
+    r = rng(2)
+    model = make_model(
+        [helper.make_node("Gemm", ["X", "W"], ["Y"])],
+        [("X", [1, 8])],
+        [("Y", [1, 6])],
+        {"W": r.standard_normal((8, 6)).astype(np.float32)},
+    )
+    obs = {"Y": Recorder()}
+    data = [{"X": r.standard_normal((1, 8)).astype(np.float32)} for _ in range(5)]
+    assert collect_statistics(model, data, obs, batch_size=64) == 5
+    assert obs["Y"].shapes == [(1, 6)] * 5
+
+
+def test_select_tensors_skips_weights_and_values_computed_from_them() -> None:
+    """X -> Conv(Identity(W)) -> c -> Relu -> Y; Identity(W) is a weight, not an activation."""
+    r = rng(3)
+    model = make_model(
+        [
+            helper.make_node("Identity", ["W"], ["W2"]),
+            helper.make_node("Conv", ["X", "W2"], ["c"]),
+            helper.make_node("Relu", ["c"], ["Y"]),
+        ],
+        [("X", ["N", 2, 4, 4])],
+        [("Y", ["N", 3, 2, 2])],
+        {"W": r.standard_normal((3, 2, 3, 3)).astype(np.float32)},
+    )
+    assert select_tensors(model) == ["X", "c", "Y"]
+    assert select_tensors(model, op_types=["Relu"]) == ["c", "Y"]
+
+
+def test_errors_name_the_problem() -> None:
+    model = conv_bn_relu()
+    with pytest.raises(CalibrationError, match="'W'"):
+        collect_statistics(model, feeds(2), {"W": MinMaxObserver()})
+    with pytest.raises(CalibrationError, match="no calibration samples"):
+        collect_statistics(model, [], {"Y": MinMaxObserver()})
+    with pytest.raises(DataError, match="onnxruntime rejected"):
+        collect_statistics(model, feeds(2, shape=(1, 5, 8, 8)), {"Y": MinMaxObserver()})
+    with pytest.raises(CalibrationError, match="update"):
+        collect_statistics(model, feeds(2), {"Y": object()})
+    with pytest.raises(CalibrationError, match="batch_size"):
+        collect_statistics(model, feeds(2), {"Y": MinMaxObserver()}, batch_size=0)
+
+
+def test_observer_errors_propagate_from_the_worker_thread() -> None:
+    class Broken:
+        def update(self, x: np.ndarray) -> None:
+            raise CalibrationError("broken observer")
+
+    with pytest.raises(CalibrationError, match="broken observer"):
+        collect_statistics(conv_bn_relu(), feeds(3), {"Y": Broken()}, batch_size=1)
+
+
+def test_memory_does_not_grow_with_samples() -> None:
+    """Peak Python-side allocation (numpy is traced) for 400 samples is that of 40 samples."""
+    import tracemalloc
+
+    def stream(n: int):
+        r = rng(4)
+        for _ in range(n):
+            yield {"X": r.standard_normal((1, 3, 8, 8)).astype(np.float32)}
+
+    peaks = []
+    for n in (40, 400):
+        obs = {name: MinMaxObserver() for name in ("X", "c", "bn", "Y")}
+        tracemalloc.start()
+        collect_statistics(conv_bn_relu(), stream(n), obs, batch_size=8)
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+    assert peaks[1] < 1.3 * peaks[0], peaks

@@ -1,0 +1,127 @@
+"""Mergeable histogram: exact growth and merge, split independence, percentile and MSE searches."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from onnxpress.calibration.histogram import Histogram, mse_bin, percentile_bin
+from onnxpress.errors import CalibrationError
+
+BINS = 64  # small resolution keeps the property tests fast; the rules do not depend on it
+
+finite = st.floats(-1e4, 1e4, allow_nan=False, allow_infinity=False, width=32)
+arrays = hnp.arrays(np.float32, st.integers(0, 60), elements=finite)
+
+
+def observe(*chunks: np.ndarray) -> Histogram:
+    h = Histogram.with_resolution(BINS)
+    for c in chunks:
+        h.update(c)
+    return h
+
+
+def same(a: Histogram, b: Histogram) -> None:
+    assert a.exp == b.exp
+    np.testing.assert_array_equal(a.magnitude(), b.magnitude())
+    if a.counts is not None or b.counts is not None:
+        np.testing.assert_array_equal(a.counts, b.counts)
+    assert (a.min, a.max, a.count) == (b.min, b.max, b.count)
+
+
+@settings(deadline=None, max_examples=60, database=None)
+@given(arrays, arrays)
+def test_merge_commutes_and_equals_observing_the_concatenation(x: np.ndarray, y: np.ndarray) -> None:
+    a, b = observe(x), observe(y)
+    same(a.merge(b), b.merge(a))
+    same(a.merge(b), observe(np.concatenate([x, y])))
+
+
+@settings(deadline=None, max_examples=60, database=None)
+@given(arrays, st.lists(st.integers(0, 60), max_size=4), st.randoms(use_true_random=False))
+def test_result_does_not_depend_on_batch_split_or_order(x: np.ndarray, cuts: list[int], rnd) -> None:
+    pieces = np.split(x, sorted(c % (x.size + 1) for c in cuts))
+    shuffled = list(pieces)
+    rnd.shuffle(shuffled)
+    same(observe(x), observe(*shuffled))
+
+
+@settings(deadline=None, max_examples=40, database=None)
+@given(hnp.arrays(np.float32, st.integers(1, 60), elements=finite))
+def test_bins_match_numpy_floor_and_width_rule(x: np.ndarray) -> None:
+    h = observe(x)
+    amax = float(np.abs(x).max())
+    if amax == 0:
+        assert h.exp is None and h.magnitude()[0] == x.size
+        return
+    w = h.width
+    assert amax < 2 * BINS * w and amax >= BINS * w  # the largest magnitude spans > BINS bins
+    expected = np.bincount((np.floor(x.astype(np.float64) / w) + 2 * BINS).astype(int), minlength=4 * BINS)
+    np.testing.assert_array_equal(h.counts, expected)
+    assert h.occupied() >= BINS
+
+
+def test_growth_coarsens_exactly() -> None:
+    r = np.random.default_rng(0)
+    small, large = r.standard_normal(1000).astype(np.float32), (100 * r.standard_normal(10)).astype(np.float32)
+    grown = observe(small, large)
+    direct = Histogram.with_resolution(BINS)
+    direct.update(large)  # fixes the final width first
+    direct.update(small)
+    same(grown, direct)
+
+
+def test_non_finite_values_are_counted_not_binned() -> None:
+    h = observe(np.array([1.0, np.nan, np.inf, -np.inf, -np.inf, -2.0], dtype=np.float32))
+    assert (h.nan, h.posinf, h.neginf, h.count) == (1, 1, 2, 2)
+    assert (h.min, h.max) == (-2.0, 1.0)
+    with pytest.raises(CalibrationError, match="infinite values"):
+        h.check_usable("mask")
+
+
+def test_zeros_before_first_nonzero_land_in_bin_zero() -> None:
+    h = observe(np.zeros(5, np.float32), np.array([0.0, 3.0], np.float32))
+    assert h.magnitude()[0] == 6 and h.count == 7
+
+
+def test_bins_must_be_power_of_two() -> None:
+    with pytest.raises(CalibrationError, match="power of two"):
+        Histogram.with_resolution(1000)
+    with pytest.raises(CalibrationError, match="cannot merge"):
+        Histogram.with_resolution(64).merge(Histogram.with_resolution(128))
+
+
+def brute_mse(mag: np.ndarray, levels: int, signed: bool) -> int:
+    n = int(np.flatnonzero(mag)[-1]) + 1
+    best, best_i = math.inf, 0
+    for i in range(1, n + 1):
+        step = (2 if signed else 1) * i / (levels - 1)
+        err = 0.0
+        for k in range(n):
+            c = k + 0.5
+            err += mag[k] * (step**2 / 12 if c <= i else (c - i) ** 2)
+        if err < best * (1 - 1e-12):
+            best, best_i = err, i
+    return best_i
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_mse_matches_brute_force(signed: bool) -> None:
+    r = np.random.default_rng(1)
+    mag = np.bincount(np.minimum(np.abs(r.laplace(0, 8, 3000)).astype(int), 149), minlength=150)
+    mag[149] = 2  # a far tail
+    assert mse_bin(mag, 16, signed) == brute_mse(mag, 16, signed)
+
+
+def test_percentile_bin() -> None:
+    mag = np.array([10, 0, 80, 9, 1])
+    assert percentile_bin(mag, 90.0) == 3
+    assert percentile_bin(mag, 99.0) == 4
+    assert percentile_bin(mag, 100.0) == 5
+    with pytest.raises(CalibrationError, match="percentile"):
+        percentile_bin(mag, 0.0)

@@ -1,0 +1,108 @@
+"""KL threshold search: vectorised result against a slow per-candidate reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from onnxpress.calibration.histogram import Histogram
+from onnxpress.calibration.kl import TIE_TOLERANCE, kl_bin, kl_divergences, quantized_bins
+from onnxpress.errors import CalibrationError
+
+
+def reference_kl(hist: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
+    """One candidate at a time, building P and Q literally as the TensorRT recipe describes."""
+    h = np.asarray(hist, dtype=np.float64)
+    n = int(np.flatnonzero(h)[-1]) + 1
+    h = h[:n]
+    cands, out = [], []
+    for i in range(m, n + 1):
+        p_counts = h[:i].copy()
+        p_counts[i - 1] += h[i:].sum()  # outliers into the last kept bin
+        window = (np.arange(i) * m) // i  # window of each bin
+        starts = np.flatnonzero(np.diff(np.concatenate([[-1], window])))
+        window_sum = np.add.reduceat(h[:i], starts)  # Q is built from h without outliers
+        window_nz = np.add.reduceat((p_counts > 0).astype(np.int64), starts)
+        level = np.where(window_nz > 0, window_sum / np.maximum(window_nz, 1), 0.0)
+        q_counts = np.where(p_counts > 0, level[window], 0.0)
+        p = p_counts / p_counts.sum()
+        support = p > 0
+        if q_counts.sum() == 0 or np.any(q_counts[support] == 0):
+            kl = np.inf
+        else:
+            q = q_counts / q_counts.sum()
+            kl = float(np.sum(p[support] * np.log(p[support] / q[support])))
+        cands.append(i)
+        out.append(kl)
+    return np.array(cands), np.array(out)
+
+
+def reference_bin(hist: np.ndarray, m: int) -> int:
+    cands, kl = reference_kl(hist, m)
+    best = kl.min()
+    for i, value in zip(cands, kl, strict=True):
+        if value <= best + TIE_TOLERANCE:
+            return int(i)
+    raise AssertionError("unreachable")
+
+
+def _samples(kind: str, n: int = 20000) -> np.ndarray:
+    r = np.random.default_rng({"gaussian": 1, "laplace": 2, "relu": 3, "bimodal": 4, "outliers": 5}[kind])
+    if kind == "gaussian":
+        return r.standard_normal(n)
+    if kind == "laplace":
+        return r.laplace(0.0, 1.0, n)
+    if kind == "relu":
+        return np.maximum(r.standard_normal(n) * 2.0 + 0.3, 0.0)
+    if kind == "bimodal":
+        return np.concatenate([r.normal(-3.0, 0.5, n // 2), r.normal(4.0, 1.0, n - n // 2)])
+    x = r.standard_normal(n)
+    x[:5] = [40.0, -35.0, 60.0, 25.0, -50.0]  # rare large outliers
+    return x
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "laplace", "relu", "bimodal", "outliers"])
+def test_vectorised_kl_matches_reference(kind: str) -> None:
+    x = _samples(kind).astype(np.float32)
+    hist = Histogram.with_resolution(2048)
+    hist.update(x)
+    mag = hist.magnitude()
+    m = quantized_bins(8, nonnegative=hist.nonnegative)
+    assert m == (256 if kind == "relu" else 128)
+    cands, kl = kl_divergences(mag, m)
+    ref_cands, ref_kl = reference_kl(mag, m)
+    np.testing.assert_array_equal(cands, ref_cands)
+    finite = np.isfinite(ref_kl)
+    np.testing.assert_array_equal(np.isfinite(kl), finite)
+    np.testing.assert_allclose(kl[finite], ref_kl[finite], rtol=1e-9, atol=1e-12)
+    chosen = kl_bin(mag, m)
+    assert chosen == reference_bin(mag, m)
+    threshold = min(chosen * hist.width, hist.amax)
+    assert 0 < threshold <= hist.amax
+    if kind == "outliers":
+        assert threshold < 0.5 * hist.amax  # KL clips rare outliers
+
+
+def test_outliers_into_empty_last_window_give_infinite_divergence() -> None:
+    """h = mass in bins 0..7, a gap, one outlier far away; cutting in the gap has no Q support."""
+    h = np.zeros(40)
+    h[:8] = [50, 40, 30, 20, 10, 5, 3, 1]
+    h[39] = 1
+    cands, kl = kl_divergences(h, 4)
+    ref_cands, ref_kl = reference_kl(h, 4)
+    assert np.isinf(ref_kl).any()
+    np.testing.assert_array_equal(np.isinf(kl), np.isinf(ref_kl))
+    assert kl_bin(h, 4) == reference_bin(h, 4)
+
+
+def test_histogram_narrower_than_quantized_bins_keeps_everything() -> None:
+    h = np.zeros(300)
+    h[:100] = 1
+    assert kl_bin(h, 128) == 100
+
+
+def test_empty_histogram_and_bad_bits_raise() -> None:
+    with pytest.raises(CalibrationError, match="empty histogram"):
+        kl_bin(np.zeros(10), 4)
+    with pytest.raises(CalibrationError, match="bits"):
+        quantized_bins(1, True)

@@ -9,6 +9,7 @@ Public API (each function accepts a path or an ``onnx.ModelProto`` and never mod
 from __future__ import annotations
 
 from onnxpress.api import cleanup
+from onnxpress.calibrate import calibrate
 from onnxpress.driver import TransformResult, transform
 from onnxpress.errors import (
     CalibrationError,
@@ -43,6 +44,7 @@ __all__ = [
     "UnsupportedModelError",
     "ValidationReport",
     "ValidationError",
+    "calibrate",
     "cleanup",
     "load_model",
     "lowrank",

@@ -19,6 +19,7 @@ __all__ = ["build_parser", "main"]
 
 # Only commands that work are listed (no stubs).
 _COMMANDS: tuple[str, ...] = (
+    "onnxpress.commands.calibrate",
     "onnxpress.commands.cleanup",
     "onnxpress.commands.lowrank",
     "onnxpress.commands.prune",

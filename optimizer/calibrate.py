@@ -1,0 +1,103 @@
+"""``onnxpress.calibrate``: one pass over sample data -> a :class:`CalibrationTable`.
+
+    model + data  --collect_statistics-->  {tensor: observer}  --compute_range-->  table
+
+The model is loaded as a private copy; the wanted activations become extra outputs of one
+in-memory onnxruntime session (see :mod:`onnxpress.calibration.collect`). Tensors that cannot get a
+range (never observed, NaN, +-inf such as attention masks, zero everywhere) are listed in
+``table.excluded`` with the reason instead of failing the whole calibration.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Iterable, Sequence
+
+from onnxpress.calibration.collect import collect_statistics, select_tensors
+from onnxpress.calibration.histogram import DEFAULT_BINS
+from onnxpress.calibration.observers import METHODS, HistogramObserver, make_observer
+from onnxpress.calibration.table import CalibrationTable
+from onnxpress.errors import CalibrationError
+from onnxpress.model_io import ModelSource, load_model
+
+__all__ = ["calibrate"]
+
+log = logging.getLogger(__name__)
+
+
+def calibrate(
+    model: ModelSource,
+    data: object,
+    *,
+    method: str = "kl",
+    tensors: Sequence[str] | None = None,
+    op_types: Iterable[str] | None = None,
+    bits: int = 8,
+    bins: int = DEFAULT_BINS,
+    percentile: float = 99.99,
+    batch_size: int = 64,
+    max_samples: int | None = None,
+    progress: bool = False,
+) -> CalibrationTable:
+    """Calibrate the activation ranges of ``model`` on ``data``.
+
+    Args:
+        model: path or ModelProto (never modified).
+        data: an ``.npz`` path, a folder of ``.npz`` feeds, an iterable of feed dicts, an
+            onnxruntime ``CalibrationDataReader`` (all via ``open_data``) or a ``DataReader``.
+        method: ``"kl"`` (TensorRT-style entropy), ``"minmax"``, ``"percentile"`` or ``"mse"``.
+        tensors: the tensors to calibrate; default: inputs/outputs of the ops in ``op_types``.
+        op_types: op types whose float inputs/outputs are calibrated (default: the quantizable ones).
+        bits: quantization bit width the search assumes (8: 256 levels).
+        bins: minimum histogram resolution (a power of two; histogram methods only).
+        percentile: for ``method="percentile"``, the percentile of ``|x|`` kept.
+        batch_size: samples per inference call (when the model's batch dimension is dynamic).
+        max_samples: use at most this many samples.
+        progress: show a progress bar.
+
+    Returns:
+        The table; histogram methods also keep each tensor's histogram (for ``summary``/``merge``).
+
+    Raises:
+        CalibrationError: unknown method or bad settings, no samples, unknown tensor names.
+        DataError: the data does not fit the model.
+    """
+    if method not in METHODS:
+        raise CalibrationError(f"unknown calibration method {method!r}; choose one of {', '.join(METHODS)}")
+    m = load_model(model)
+    names = list(tensors) if tensors is not None else select_tensors(m, op_types)
+    if not names:
+        raise CalibrationError("the model has no float activations to calibrate for the chosen op types")
+    observers = {n: make_observer(method, n, bins=bins, bits=bits, percentile=percentile) for n in names}
+    reader = _as_reader(data, m, max_samples)
+    samples = collect_statistics(
+        m, reader, observers, batch_size=batch_size, max_samples=max_samples, progress=progress
+    )
+    table = CalibrationTable(
+        meta={"method": method, "bits": bits, "bins": bins, "percentile": percentile, "samples": samples}
+    )
+    for name, obs in observers.items():
+        if isinstance(obs, HistogramObserver):
+            table.histograms[name] = obs.histogram
+        try:
+            rng = obs.compute_range()
+        except CalibrationError as exc:
+            table.excluded[name] = str(exc)
+            log.warning("excluded %s: %s", name, exc)
+            continue
+        table.ranges[name] = dataclasses.replace(rng, samples=samples)
+    return table
+
+
+def _as_reader(data: object, model: object, max_samples: int | None) -> object:
+    """A ``DataReader`` for ``data`` (or the iterable itself if the readers module is missing)."""
+    if callable(getattr(data, "batches", None)):
+        return data
+    try:
+        from onnxpress.calibration.readers import open_data
+    except ImportError:  # readers not installed yet: plain iterables of feed dicts still work
+        if isinstance(data, (str, bytes)) or not isinstance(data, Iterable):
+            raise CalibrationError("reading data files needs onnxpress.calibration.readers") from None
+        return data
+    return open_data(data, model, max_samples=max_samples)  # type: ignore[arg-type]

@@ -1,0 +1,105 @@
+"""``onnxpress.calibrate`` and ``onnxpress calibrate``: end to end on tiny graphs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from onnx import helper
+
+import onnxpress
+from onnxpress.calibration.table import CalibrationTable
+from onnxpress.cli import main
+from onnxpress.errors import CalibrationError
+from tests.graphs import conv_bn_relu, make_model, rng, run
+
+
+def feeds(n: int = 24, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    r = rng(seed)
+    return [{"X": r.standard_normal((1, 3, 8, 8)).astype(np.float32)} for _ in range(n)]
+
+
+def masked_softmax():
+    """X[N,4] -> Add(M with -inf) -> s -> Softmax -> Y: s carries -inf like an attention mask."""
+    mask = np.array([[0.0, 0.0, -np.inf, 0.0]], np.float32)
+    return make_model(
+        [helper.make_node("Add", ["X", "M"], ["s"]), helper.make_node("Softmax", ["s"], ["Y"], axis=-1)],
+        [("X", ["N", 4])],
+        [("Y", ["N", 4])],
+        {"M": mask},
+    )
+
+
+@pytest.mark.parametrize("method", ["minmax", "kl", "mse", "percentile"])
+def test_calibrate_every_method(method: str) -> None:
+    """X[N,3,8,8] -> Conv -> BatchNormalization -> Relu -> Y."""
+    model = conv_bn_relu()
+    before = model.SerializeToString()
+    data = feeds()
+    table = onnxpress.calibrate(model, data, method=method, batch_size=8)
+    assert model.SerializeToString() == before
+    assert set(table) == {"X", "c", "bn", "Y"} and not table.excluded
+    (y,) = run(model, {"X": np.concatenate([d["X"] for d in data])})
+    r = table["Y"]
+    assert r.method == method and r.samples == 24 and r.min == 0.0
+    assert 0 < r.max <= float(y.max()) + 1e-5
+    if method == "minmax":
+        assert r.max == pytest.approx(float(y.max()), abs=1e-5)
+    else:
+        assert table.summary("Y").amax == pytest.approx(float(y.max()), abs=1e-5)
+
+
+def test_batch_size_does_not_change_the_table() -> None:
+    a = onnxpress.calibrate(conv_bn_relu(), feeds(), method="kl", batch_size=1)
+    b = onnxpress.calibrate(conv_bn_relu(), feeds(), method="kl", batch_size=7)
+    c = onnxpress.calibrate(conv_bn_relu(), feeds(), method="kl", batch_size=64)
+    assert a.ranges == b.ranges == c.ranges
+
+
+def test_infinite_mask_is_excluded_not_crashed_on() -> None:
+    r = rng(1)
+    data = [{"X": r.standard_normal((2, 4)).astype(np.float32)} for _ in range(3)]
+    table = onnxpress.calibrate(masked_softmax(), data, method="kl")
+    assert "infinite" in table.excluded["s"]
+    assert "X" in table and "Y" in table
+    with pytest.raises(CalibrationError, match="excluded"):
+        table["s"]
+
+
+def test_max_samples_and_tensor_choice() -> None:
+    table = onnxpress.calibrate(conv_bn_relu(), feeds(), method="minmax", tensors=["c"], max_samples=5)
+    assert list(table) == ["c"] and table["c"].samples == 5
+
+
+def test_bad_arguments_raise_our_errors() -> None:
+    with pytest.raises(CalibrationError, match="unknown calibration method"):
+        onnxpress.calibrate(conv_bn_relu(), feeds(), method="entropy")
+    with pytest.raises(CalibrationError, match="power of two"):
+        onnxpress.calibrate(conv_bn_relu(), feeds(), bins=1000)
+    with pytest.raises(CalibrationError, match="not produced by any node"):
+        onnxpress.calibrate(conv_bn_relu(), feeds(), tensors=["nope"])
+
+
+def test_cli_writes_a_loadable_table(tmp_path, capsys) -> None:
+    model_path = tmp_path / "m.onnx"
+    onnxpress.save_model(conv_bn_relu(), model_path)
+    x = np.concatenate([d["X"] for d in feeds()])
+    np.savez(tmp_path / "data.npz", X=x, labels=np.zeros(len(x), np.int64))
+    out = tmp_path / "table.npz"
+    args = ["calibrate", str(model_path), "--data", str(tmp_path / "data.npz"), "-o", str(out), "--batch", "8", "-q"]
+    rc = main(args)
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "Relu" in text and "Conv" in text and "wrote" in text
+    table = CalibrationTable.load(out)
+    direct = onnxpress.calibrate(conv_bn_relu(), [{"X": x}], method="kl")
+    assert table.ranges == direct.ranges
+
+
+def test_cli_errors_are_one_line_exit_2(tmp_path, capsys) -> None:
+    model_path = tmp_path / "m.onnx"
+    onnxpress.save_model(conv_bn_relu(), model_path)
+    rc = main(["calibrate", str(model_path), "--data", str(tmp_path / "missing.npz"), "-o", str(tmp_path / "t.npz")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert err.startswith("onnxpress: error:") and "missing.npz" in err and err.count("\n") == 1
+    assert not (tmp_path / "t.npz").exists()

@@ -24,7 +24,8 @@ import onnx
 from onnxpress.calibration.moments import PatchSecondMomentObserver, SecondMomentObserver
 from onnxpress.driver import transform
 from onnxpress.errors import CalibrationError
-from onnxpress.model_io import ModelSource, check_output_path, load_model, normalize_model
+from onnxpress.model_io import ModelSource, check_output_path, infer_shapes, load_model, normalize_model
+from onnxpress.passes.flops import count_params
 from onnxpress.passes.low_rank import LayerReport, MomentSpec, SplitLowRank, moment_requests
 from onnxpress.pipeline import cleanup_passes, import_graph, run_passes
 from onnxpress.reporting import format_table
@@ -76,14 +77,8 @@ class LowRankResult:
         return format_table(["layer", "op", "m x n", "rank", "energy", "MACs/sample", "params", "method"], rows)
 
 
-def count_params(model: onnx.ModelProto) -> int:
-    """Elements of the floating-point initializers of the main graph."""
-    total = 0
-    for init in model.graph.initializer:
-        if init.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
-                              onnx.TensorProto.BFLOAT16):
-            total += int(np.prod(init.dims))
-    return total
+def _params(model: onnx.ModelProto) -> int:
+    return sum(count_params(model).values())
 
 
 class _Fanout:
@@ -116,7 +111,7 @@ def collect_moments(
 
     One observer per distinct (tensor, geometry); all of them filled in a single streamed pass of
     ``collect_statistics`` over ``data``. Conv layers whose geometry the patch observer does not
-    handle (not 2-D, ``auto_pad``) are left out (they get the plain SVD).
+    handles (not 2-D, ``auto_pad=SAME_*``) are left out by ``moment_requests`` (they get the plain SVD).
 
     Args:
         model: the model the pass will run on (same tensor names).
@@ -137,9 +132,7 @@ def collect_moments(
     graph = import_graph(model)
     requests = moment_requests(graph, ops)
     by_spec: dict[MomentSpec, SecondMomentObserver] = {}
-    for key, spec in requests.items():
-        if spec.axis is None and (len(spec.kernel) != 2 or _auto_pad(graph, key)):
-            continue
+    for spec in requests.values():
         if spec not in by_spec:
             by_spec[spec] = _observer(spec)
     per_tensor: dict[str, list[SecondMomentObserver]] = {}
@@ -154,13 +147,6 @@ def collect_moments(
     if not seen:
         raise CalibrationError("calibration data yielded no samples; give at least one sample")
     return {key: by_spec[spec].compute() for key, spec in requests.items() if spec in by_spec}
-
-
-def _auto_pad(graph: Any, key: str) -> bool:
-    for node in graph.nodes:
-        if (node.name or node.outputs[0].name) == key:
-            return str(node.attrs.get("auto_pad", "NOTSET")) not in ("NOTSET", "VALID")
-    return False
 
 
 def lowrank(
@@ -214,13 +200,14 @@ def lowrank(
     if output is not None:
         check_output_path(output, [model])
     proto = normalize_model(load_model(model))
-    cleaned = run_passes(proto, cleanup_passes(), progress=progress).model
+    # shapes on every tensor: the pass reads conv input sizes (Tucker-2 cost) from them
+    cleaned = infer_shapes(run_passes(proto, cleanup_passes(), progress=progress).model)
     if calib is not None:
         moments = collect_moments(cleaned, calib, ops=ops, batch_size=batch_size, max_samples=max_samples,
                                   progress=progress)
     split.moments = dict(moments or {})
     result = transform(cleaned, [split], output, progress=progress)
     return LowRankResult(
-        result.model, result.output, split.report, split.macs[0], split.macs[1], count_params(proto),
-        count_params(result.model), result.pipeline.notes, bool(split.moments),
+        result.model, result.output, split.report, split.macs[0], split.macs[1], _params(proto),
+        _params(result.model), result.pipeline.notes, bool(split.moments),
     )

@@ -28,7 +28,7 @@ energy when data-aware), or a whole-model MACs budget. For the budget, every lay
 dropped); a greedy walks each layer's lower convex hull in (MACs, loss), always taking the step
 with the least energy lost per MAC saved, until the model's MACs fit the budget. The loss is
 relative per layer so that layers of different scales compare. Ranks are rounded to a multiple for
-kernel efficiency. MACs are counted per sample (symbolic dims of the graph inputs set to 1).
+kernel efficiency. MACs come from :func:`onnxpress.passes.flops.count_macs` (per sample).
 """
 
 from __future__ import annotations
@@ -39,11 +39,11 @@ import logging
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
 
 from onnxpress.errors import UnsupportedModelError
-from onnxpress.passes.base import PassResult, quiet_graphsurgeon, unique_name
+from onnxpress.passes.base import PassResult, unique_name
+from onnxpress.passes.flops import count_macs
 
 __all__ = [
     "LayerReport",
@@ -51,10 +51,8 @@ __all__ = [
     "SplitConvLowRank",
     "SplitGemmLowRank",
     "SplitLowRank",
-    "layer_key",
-    "model_macs",
+    "layer_keys",
     "moment_requests",
-    "tensor_shapes",
 ]
 
 log = logging.getLogger(__name__)
@@ -67,65 +65,22 @@ _OPS = ("Gemm", "MatMul", "Conv")
 # --------------------------------------------------------------------------------------------
 
 
-def tensor_shapes(graph: gs.Graph) -> dict[str, tuple[int, ...]]:
-    """Concrete shapes of the graph's tensors for one sample (symbolic input dims set to 1).
+def layer_keys(graph: gs.Graph) -> dict[int, str]:
+    """``id(node) -> key`` for every node: its name, else its first output; repeats get ``#k``.
 
-    Runs onnx shape inference on an exported copy; tensors whose shape stays unknown are absent.
+    The same scheme as :func:`onnxpress.passes.flops.node_key`, so keys index ``count_macs`` too.
     """
-    with quiet_graphsurgeon():
-        model = gs.export_onnx(graph.copy())
-    for vi in model.graph.input:
-        for dim in vi.type.tensor_type.shape.dim:
-            if not dim.HasField("dim_value"):
-                dim.Clear()
-                dim.dim_value = 1
-    del model.graph.value_info[:]
-    try:
-        model = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
-    except (onnx.shape_inference.InferenceError, ValueError) as exc:  # pragma: no cover - exotic models
-        log.debug("shape inference failed: %s", exc)
-    shapes: dict[str, tuple[int, ...]] = {}
-    for vi in [*model.graph.input, *model.graph.value_info, *model.graph.output]:
-        tt = vi.type.tensor_type
-        if tt.HasField("shape") and all(d.HasField("dim_value") for d in tt.shape.dim):
-            shapes[vi.name] = tuple(int(d.dim_value) for d in tt.shape.dim)
-    for name, tensor in graph.tensors().items():
-        if isinstance(tensor, gs.Constant):
-            shapes[name] = tuple(int(d) for d in tensor.shape)
-    return shapes
-
-
-def node_macs(node: gs.Node, shapes: Mapping[str, tuple[int, ...]]) -> int:
-    """Multiply-accumulates of one Conv/ConvTranspose/Gemm/MatMul node per sample (0 otherwise)."""
-    out = shapes.get(node.outputs[0].name) if node.outputs else None
-    if out is None or node.op not in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
-        return 0
-    numel = int(np.prod(out))
-    if node.op == "Conv":
-        w = shapes.get(node.inputs[1].name)
-        return numel * int(np.prod(w[1:])) if w else 0
-    if node.op == "ConvTranspose":
-        w, x = shapes.get(node.inputs[1].name), shapes.get(node.inputs[0].name)
-        return int(np.prod(x)) * int(np.prod(w[1:])) if w and x else 0
-    a = shapes.get(node.inputs[0].name)
-    if a is None:
-        return 0
-    if node.op == "Gemm":
-        k = a[0] if int(node.attrs.get("transA", 0)) else a[-1]
-    else:
-        k = a[-1]
-    return numel * int(k)
-
-
-def model_macs(graph: gs.Graph, shapes: Mapping[str, tuple[int, ...]] | None = None) -> int:
-    """Total MACs per sample of the Conv/ConvTranspose/Gemm/MatMul nodes of ``graph``."""
-    shapes = tensor_shapes(graph) if shapes is None else shapes
-    return sum(node_macs(n, shapes) for n in graph.nodes)
-
-
-def layer_key(node: gs.Node) -> str:
-    """How reports and moment maps name a layer: the node name, else its first output's name."""
-    return node.name or node.outputs[0].name
+    seen: dict[str, int] = {}
+    keys: dict[int, str] = {}
+    for node in graph.nodes:
+        key = node.name or (node.outputs[0].name if node.outputs else node.op)
+        if key in seen:
+            seen[key] += 1
+            key = f"{key}#{seen[key]}"
+        else:
+            seen[key] = 0
+        keys[id(node)] = key
+    return keys
 
 
 # --------------------------------------------------------------------------------------------
@@ -247,46 +202,53 @@ def _conv_spec(node: gs.Node, tensor: str, wshape: tuple[int, ...]) -> MomentSpe
     return MomentSpec(tensor, None, kernel, strides, pads, dil)
 
 
-def _collect(graph: gs.Graph, ops: Sequence[str], shapes: Mapping[str, tuple[int, ...]]):
-    """Candidate layers and (key, op, reason) for declined ones."""
+def _collect(graph: gs.Graph, ops: Sequence[str], macs: Mapping[str, int] | None):
+    """Candidate layers and (key, op, reason) for declined ones.
+
+    ``macs`` (from ``count_macs``) gives each layer's MACs per sample, hence its number of output
+    positions; without it (moment requests only) positions count as 1.
+    """
     layers: list[_Layer] = []
     declined: list[tuple[str, str, str]] = []
+    keys = layer_keys(graph)
     for node in graph.nodes:
         if node.op not in ops or (node.domain or "") not in ("", "ai.onnx"):
             continue
-        key = layer_key(node)
+        key = keys[id(node)]
         reason = _decline(graph, node)
         if reason:
             declined.append((key, node.op, reason))
             log.debug("low_rank declines %s: %s", key, reason)
             continue
         w = node.inputs[1].values.astype(np.float64)
-        x, y = node.inputs[0].name, node.outputs[0].name
-        out_shape, in_shape = shapes.get(y), shapes.get(x)
+        x = node.inputs[0]
         bias_elems = 0
         if len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].name:
             bias_elems = int(np.prod(node.inputs[2].values.shape))
         if node.op == "Conv":
             g = int(node.attrs.get("group", 1))
-            m = w.shape[0]
-            mats = list(w.reshape(g, m // g, -1))
-            spec = _conv_spec(node, x, w.shape)
-            positions = int(np.prod(out_shape[2:])) if out_shape else 1
-            in_positions = int(np.prod(in_shape[2:])) if in_shape else positions
+            mats = list(w.reshape(g, w.shape[0] // g, -1))
+            spec = _conv_spec(node, x.name, w.shape)
         else:
             g = 1
-            if node.op == "Gemm" and int(node.attrs.get("transB", 0)):
-                mat = w  # B is [N, K] = W already
-            else:
-                mat = w.T  # B is [K, N]
-            mats = [mat]
+            # y = W x: Gemm's B is [N, K] = W with transB, else [K, N] = Wᵀ; MatMul's B is [K, N]
+            mats = [w if node.op == "Gemm" and int(node.attrs.get("transB", 0)) else w.T]
             axis = 0 if node.op == "Gemm" and int(node.attrs.get("transA", 0)) else -1
-            spec = MomentSpec(x, axis)
-            positions = int(np.prod(out_shape)) // mat.shape[0] if out_shape else 1
-            in_positions = positions
+            spec = MomentSpec(x.name, axis)
         mg, n = mats[0].shape
-        macs = positions * g * mg * n
-        layers.append(_Layer(node, key, node.op, g, mats, positions, in_positions, macs, w.size + bias_elems, spec))
+        layer_macs = int(macs[key]) if macs is not None else g * mg * n
+        positions = max(1, layer_macs // (g * mg * n))
+        in_positions = positions
+        if node.op == "Conv":
+            # Tucker's first 1x1 runs at the input resolution: from the inferred input shape, else
+            # (no shape) the output positions times the strides.
+            spatial = list(x.shape[2:]) if x.shape is not None and len(x.shape) > 2 else []
+            if spatial and all(isinstance(d, int) and d > 0 for d in spatial):
+                in_positions = int(np.prod(spatial))
+            else:
+                in_positions = positions * int(np.prod(spec.strides))
+        layers.append(_Layer(node, key, node.op, g, mats, positions, in_positions, layer_macs,
+                             w.size + bias_elems, spec))
     return layers, declined
 
 
@@ -297,9 +259,13 @@ def moment_requests(graph: gs.Graph, ops: Sequence[str] = _OPS) -> dict[str, Mom
     as ``moments={key: C}``, ``C`` of shape ``(n_total, n_total)`` over the layer's input features
     (for a grouped Conv: all ``C_in · kh · kw`` patch features, in the weight's flattening order).
     """
-    shapes: dict[str, tuple[int, ...]] = {}
-    layers, _ = _collect(graph, ops, shapes)
-    return {layer.key: layer.spec for layer in layers}
+    layers, _ = _collect(graph, ops, None)
+    return {
+        layer.key: layer.spec
+        for layer in layers
+        if layer.spec.axis is not None
+        or (len(layer.spec.kernel) == 2 and str(layer.node.attrs.get("auto_pad", "NOTSET")) in ("NOTSET", "VALID"))
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -572,9 +538,9 @@ class SplitLowRank:
 
     def __call__(self, graph: gs.Graph) -> PassResult:
         """Choose ranks, split the chosen layers, and record :attr:`report` and :attr:`macs`."""
-        shapes = tensor_shapes(graph)
-        total = model_macs(graph, shapes)
-        layers, declined = _collect(graph, self.ops, shapes)
+        macs = count_macs(graph)
+        total = sum(macs.values())
+        layers, declined = _collect(graph, self.ops, macs)
         notes = [f"{key}: kept ({why})" for key, _, why in declined]
         choices: list[_Choice] = []
         for lay in layers:

@@ -1,0 +1,126 @@
+"""Low-rank splits on the reference models: plain vs data-aware SVD at whole-model MACs budgets.
+
+For each model and budget it prints, side by side: the MACs ratio reached, the logit SQNR (dB,
+against the original model's logits on the test split) and top-1 accuracy before any fine-tune for
+the plain and the data-aware (whitened) SVD, the latency ratio split/original and the size ratio.
+
+Latency: onnxruntime (all graph optimisations, spinning off, ``--threads`` intra-op threads),
+batch ``--batch``; the original and both split sessions are timed interleaved in the same loop
+(order rotated every repeat) and the ratio is of the medians, so machine load affects all alike.
+
+    python bench/lowrank.py [--models transformer resnet] [--budgets 0.75 0.5] [--multiple 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+import onnxpress
+from onnxpress.lowrank import collect_moments
+from onnxpress.model_io import load_model, normalize_model
+from onnxpress.pipeline import cleanup_passes, run_passes
+from onnxpress.reporting import format_table
+from onnxpress.runtime import make_session
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def sqnr_db(y: np.ndarray, ref: np.ndarray) -> float:
+    """10·log10(‖ref‖² / ‖y − ref‖²)."""
+    err = float(np.sum((y.astype(np.float64) - ref) ** 2))
+    return float("inf") if err == 0 else 10 * np.log10(float(np.sum(ref.astype(np.float64) ** 2)) / err)
+
+
+def logits(session, x: np.ndarray, batch: int = 256) -> np.ndarray:
+    """Run ``session`` over ``x`` in batches; input ``input``, first output."""
+    name = session.get_inputs()[0].name
+    return np.concatenate([session.run(None, {name: x[i : i + batch]})[0] for i in range(0, len(x), batch)])
+
+
+def interleaved_latency(sessions: list, x: np.ndarray, repeats: int) -> list[float]:
+    """Median seconds per run of each session, timed in rotating order within one loop."""
+    name = sessions[0].get_inputs()[0].name
+    times: list[list[float]] = [[] for _ in sessions]
+    for s in sessions:  # warm-up
+        s.run(None, {name: x})
+    for rep in range(repeats):
+        order = list(range(len(sessions)))
+        order = order[rep % len(order) :] + order[: rep % len(order)]
+        for i in order:
+            t0 = time.perf_counter()
+            sessions[i].run(None, {name: x})
+            times[i].append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark and print one table."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=["transformer", "resnet"])
+    p.add_argument("--budgets", nargs="+", type=float, default=[0.75, 0.5])
+    p.add_argument("--multiple", type=int, default=8)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=40)
+    p.add_argument("--calib-samples", type=int, default=500)
+    p.add_argument("--models-dir", default=str(ROOT / "models"))
+    args = p.parse_args(argv)
+
+    folder = Path(args.models_dir)
+    calib = np.load(folder / "digits32_calib.npz")["input"][: args.calib_samples]
+    test = np.load(folder / "digits32_test.npz")
+    x_test, labels = test["input"], test["labels"]
+    x_lat = x_test[: args.batch]
+
+    rows = []
+    for name in args.models:
+        path = folder / f"{name}.onnx"
+        if not path.is_file():
+            print(f"skipping {name}: {path} not found", file=sys.stderr)
+            continue
+        original = load_model(path)
+        cleaned = run_passes(normalize_model(original), cleanup_passes()).model
+        t0 = time.perf_counter()
+        moments = collect_moments(cleaned, [{"input": calib}], max_samples=None)
+        t_collect = time.perf_counter() - t0
+        ref_sess = make_session(original, threads=args.threads)
+        ref = logits(ref_sess, x_test)
+        acc_ref = float(np.mean(ref.argmax(1) == labels))
+        size_ref = len(original.SerializeToString())
+        for budget in args.budgets:
+            plain = onnxpress.lowrank(original, flops=budget, multiple=args.multiple)
+            aware = onnxpress.lowrank(original, flops=budget, multiple=args.multiple, moments=moments)
+            s_plain = make_session(plain.model, threads=args.threads)
+            s_aware = make_session(aware.model, threads=args.threads)
+            y_plain, y_aware = logits(s_plain, x_test), logits(s_aware, x_test)
+            t_ref, t_plain, t_aware = interleaved_latency([ref_sess, s_plain, s_aware], x_lat, args.repeats)
+            rows.append([
+                name, f"{budget:.2f}",
+                f"{plain.macs_after / plain.macs_before:.3f} / {aware.macs_after / aware.macs_before:.3f}",
+                f"{sqnr_db(y_plain, ref):.2f}", f"{sqnr_db(y_aware, ref):.2f}",
+                f"{sqnr_db(y_aware, ref) - sqnr_db(y_plain, ref):+.2f}",
+                f"{acc_ref:.4f}", f"{np.mean(y_plain.argmax(1) == labels):.4f}",
+                f"{np.mean(y_aware.argmax(1) == labels):.4f}",
+                f"{t_plain / t_ref:.3f} / {t_aware / t_ref:.3f}",
+                f"{len(plain.model.SerializeToString()) / size_ref:.3f} / "
+                f"{len(aware.model.SerializeToString()) / size_ref:.3f}",
+            ])
+            split = sum(lay.rank is not None for lay in aware.layers)
+            print(f"{name} @ {budget}: {split} layers split (data-aware), moments collected in {t_collect:.1f}s",
+                  file=sys.stderr)
+    header = ["model", "budget", "MACs plain/aware", "SQNR plain", "SQNR aware", "gain dB", "acc orig",
+              "acc plain", "acc aware", "latency plain/aware", "size plain/aware"]
+    print(format_table(header, rows))
+    print(f"(test split {len(x_test)} samples; calib {len(calib)}; multiple {args.multiple}; latency batch "
+          f"{args.batch}, {args.threads} thread(s), median of {args.repeats} interleaved runs, ratio to original)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""onnxpress.prune, the sensitivity scan and the ``onnxpress prune`` command on tiny graphs."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+import pytest
+
+import onnxpress
+from onnxpress.cli import main
+from onnxpress.errors import CalibrationError
+from onnxpress.prune import MeanAbsObserver, collect_mean_abs, sensitivity_scan, sqnr_db
+from tests import graphs
+from tests.test_prune_channels import conv_bn_chain, residual
+
+
+@pytest.fixture()
+def files(tmp_path):
+    model = residual()
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, X=graphs.rng(0).standard_normal((24, 3, 8, 8)).astype(np.float32))
+    return model, path, calib
+
+
+def test_zero_only_keeps_outputs_and_never_touches_the_input(files, tmp_path):
+    model, path, _ = files
+    before = path.read_bytes()
+    result = onnxpress.prune(path, tmp_path / "out.onnx")
+    assert path.read_bytes() == before
+    assert result.total.params_before == result.total.params_after == 840
+    x = graphs.rng(1).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    out = onnx.load(tmp_path / "out.onnx")
+    np.testing.assert_allclose(graphs.run(out, {"X": x})[0], graphs.run(model, {"X": x})[0], atol=1e-5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.npz", "m.onnx", "out.onnx"]
+
+
+def test_ratio_report_counts_per_layer(files):
+    """residual at 50%: conv_a and conv_c halve, conv_b (both sides) quarters; totals add up."""
+    model, _, _ = files
+    result = onnxpress.prune(model, ratio=0.5)
+    rows = {r.name: r for r in result.layers}
+    assert rows["conv_a"].macs_after * 2 == rows["conv_a"].macs_before
+    assert rows["conv_b"].macs_after * 4 == rows["conv_b"].macs_before
+    assert result.total.macs_after == sum(r.macs_after for r in result.layers)
+    assert result.size_bytes[1] < result.size_bytes[0]
+    assert result.stats["prune_channels.channels_removed"] == 8  # 4 units x 2 coupled convs
+
+
+def test_act_criterion_from_calibration_data(files):
+    """Mean |x| observed by collect_statistics equals numpy's on the same data."""
+    model, _, calib = files
+    x = np.load(calib)["X"]
+    acts = collect_mean_abs(model, calib, max_samples=24, batch_size=8)
+    ra = np.maximum(graphs.run(_with_output(model, "ra"), {"X": x})[1], 0)
+    np.testing.assert_allclose(acts["ra"], np.abs(ra).mean(axis=(0, 2, 3)), rtol=1e-5)
+    result = onnxpress.prune(model, ratio=0.5, criterion="act", calib=calib)
+    assert result.stats["prune_channels.channels_removed"] == 8
+
+
+def _with_output(model, name):
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    m.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    return m
+
+
+def test_act_without_data_is_a_clear_error(files):
+    model, _, _ = files
+    with pytest.raises(CalibrationError, match="--calib"):
+        onnxpress.prune(model, ratio=0.5, criterion="act")
+
+
+def test_mean_abs_observer_and_sqnr():
+    obs = MeanAbsObserver(axis=1)
+    with pytest.raises(CalibrationError):
+        obs.compute()
+    a = graphs.rng(0).standard_normal((4, 3, 5)).astype(np.float32)
+    obs.update(a[:2])
+    obs.update(a[2:])
+    np.testing.assert_allclose(obs.compute(), np.abs(a).mean(axis=(0, 2)), rtol=1e-6)
+    assert sqnr_db(a, a) == math.inf
+    assert sqnr_db(a, 0.9 * a) == pytest.approx(20.0, abs=1e-4)  # float32 rounding of 0.9 * a
+
+
+def test_sensitivity_scan_is_monotone_in_macs():
+    """conv_bn_chain: pruning more of conv1 never raises MACs; the SQNR is finite and rows are complete."""
+    model = conv_bn_chain()
+    feeds = [{"X": graphs.rng(s).standard_normal((4, 3, 8, 8)).astype(np.float32)} for s in range(3)]
+    rows = sensitivity_scan(model, feeds, ratios=(0.25, 0.5, 0.75))
+    expected = [("conv1", 0.25, 2), ("conv1", 0.5, 4), ("conv1", 0.75, 6)]
+    assert [(r.group, r.ratio, r.units_removed) for r in rows] == expected
+    macs = [r.macs_ratio for r in rows]
+    assert macs == sorted(macs, reverse=True) and macs[-1] < 0.5
+    assert all(math.isfinite(r.sqnr_db) for r in rows)
+    with pytest.raises(ValueError, match="no prunable channel group"):
+        sensitivity_scan(model, feeds, groups=["nope"])
+
+
+def test_cli_prints_report_and_writes(files, tmp_path, capsys):
+    _, path, calib = files
+    out = tmp_path / "p.onnx"
+    assert main(["prune", str(path), "-o", str(out), "--ratio", "0.5", "--multiple", "4", "-q"]) == 0
+    text = capsys.readouterr().out
+    assert "conv_b" in text and "total" in text and "size:" in text and f"wrote {out}" in text
+    assert onnx.load(out).graph.initializer
+
+
+def test_cli_errors_are_one_line(files, tmp_path, capsys):
+    _, path, _ = files
+    assert main(["prune", str(path), "-o", str(tmp_path / "p.onnx"), "--ratio", "0.5", "--criterion", "act"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--calib" in err
+    with pytest.raises(SystemExit) as exc:
+        main(["prune", str(path), "-o", str(tmp_path / "p.onnx"), "--ratio", "1.5"])
+    assert exc.value.code == 2
+    assert main(["prune", str(tmp_path / "missing.onnx"), "-o", str(tmp_path / "p.onnx")]) == 2

@@ -1,0 +1,284 @@
+"""Quantization-aware fine-tuning with learned scales (LSQ), exported as the PTQ QDQ graph.
+
+Start from exactly what post-training quantization produces (``InsertQDQ`` with a calibration
+table), make its scales and the float weights trainable, fine-tune, and write the learned values
+back into the same graph. The structure never changes, so the result is the quantize issue's output
+with better numbers, and onnxruntime fuses it to the same integer kernels::
+
+    PTQ graph (InsertQDQ)                           QAT graph (trained in torch)
+    x ─ Q(s_x,z_x) ─ DQ ─┐                          x ─ Q(s_x*,z_x) ─ DQ ─┐              (* = learned)
+    W_q ─ DQ(s_w) ───────┼─ Conv ─ ...    ──▶       W* ─ Q(s_w*) ─ DQ ────┼─ Conv ─ ...
+    b_q ─ DQ(s_x·s_w) ───┘                          b* ─ Q(s_x*·s_w*) ─ DQ┘
+    export: W_q = Q(W*, s_w*), b_q = round(b* / (s_x*·s_w*)), scales = s*, zero points unchanged
+
+Fake quantization (LSQ, Esser et al. 2020), per tensor or per channel, straight-through rounding::
+
+    q = clamp(round(x / s) + z, q_min, q_max),   x̂ = (q − z) · s,   ∂round/∂u := 1
+    ∂L/∂s is scaled by g = 1 / sqrt(n · q_max)   (n = elements per scale)
+
+Weights start from the student's float weights (matched to each quantized weight by shape and by
+lying within s/2 of its dequantized value), so epoch 0 of QAT *is* the PTQ model. Activation scales
+that PTQ made equal on purpose (Concat inputs and output, MaxPool/Reshape-style scale-keeping ops)
+are tied to one learned parameter so the runtime can still drop requantization there.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+from collections.abc import Mapping
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from onnxpress.bridge.convert import OnnxModule
+from onnxpress.errors import UnsupportedModelError
+from onnxpress.model_io import normalize_model
+
+__all__ = ["QATPlan", "prepare_qat"]
+
+log = logging.getLogger(__name__)
+
+_INT32 = (-(2**31), 2**31 - 1)
+
+
+@dataclasses.dataclass
+class _Weight:
+    float_name: str  # trainable float initializer in the QAT graph
+    q_name: str  # integer initializer in the PTQ graph
+    scale: str
+    zero_point: str
+    axis: int
+
+
+@dataclasses.dataclass
+class _Bias:
+    float_name: str
+    q_name: str
+    scale: str  # bias scale initializer in the PTQ graph (= s_x · s_w)
+    x_scale: str
+    w_scale: str
+
+
+@dataclasses.dataclass
+class QATPlan:
+    """The PTQ graph, its trainable twin, and how to write learned values back.
+
+    Attributes:
+        ptq: the QDQ model ``InsertQDQ`` produced (what PTQ alone would ship).
+        qat: the trainable twin (float weights behind Q/DQ), run by :class:`OnnxModule`.
+        module: the QAT module (learned scales), fine-tuned in place.
+    """
+
+    ptq: onnx.ModelProto
+    qat: onnx.ModelProto
+    module: OnnxModule
+    weights: list[_Weight]
+    biases: list[_Bias]
+    ties: dict[str, list[str]]  # representative scale name → every PTQ scale initializer it stands for
+
+    def export(self, module: OnnxModule | None = None) -> onnx.ModelProto:
+        """The PTQ graph with the learned weights, biases and scales written in."""
+        module = module or self.module
+        out = onnx.ModelProto()
+        out.CopyFrom(self.ptq)
+        values: dict[str, np.ndarray] = {}
+
+        def learned(name: str) -> np.ndarray:
+            return np.abs(module.initializer(name).detach().cpu().numpy().astype(np.float32))
+
+        for rep, members in self.ties.items():
+            for m in members:
+                values[m] = learned(rep).reshape(_init_shape(self.ptq, m))
+        inits = {i.name: i for i in out.graph.initializer}
+        for w in self.weights:
+            s = learned(w.scale)
+            zp = numpy_helper.to_array(inits[w.zero_point])
+            values[w.scale] = s.reshape(_init_shape(self.ptq, w.scale))
+            values[w.q_name] = _quantize(module.initializer(w.float_name).detach().numpy(), s, zp, w.axis)
+        for b in self.biases:
+            s_b = (learned(b.x_scale) * learned(b.w_scale)).astype(np.float32).reshape(-1)
+            bias = module.initializer(b.float_name).detach().numpy().astype(np.float64).reshape(-1)
+            q = np.clip(np.rint(bias / np.broadcast_to(s_b, bias.shape).astype(np.float64)), *_INT32)
+            values[b.q_name] = q.astype(np.int32).reshape(_init_shape(self.ptq, b.q_name))
+            values[b.scale] = np.broadcast_to(s_b, _init_shape(self.ptq, b.scale)).astype(np.float32).copy()
+        for name, arr in values.items():
+            old = inits[name]
+            old.CopyFrom(numpy_helper.from_array(np.asarray(arr, dtype=numpy_helper.to_array(old).dtype), name))
+        out.producer_name = "onnxpress.finetune.qat"
+        return out
+
+
+def _init_shape(model: onnx.ModelProto, name: str) -> tuple[int, ...]:
+    for i in model.graph.initializer:
+        if i.name == name:
+            return tuple(i.dims)
+    raise KeyError(name)
+
+
+def _quantize(w: np.ndarray, scale: np.ndarray, zp: np.ndarray, axis: int) -> np.ndarray:
+    """``clip(round(w / s) + z)`` per channel along ``axis`` (or per tensor), in the zero point's type."""
+    w = w.astype(np.float32)
+    s, z = scale.astype(np.float32), zp.astype(np.int64)
+    if s.ndim == 1 and s.size > 1:
+        shape = [1] * w.ndim
+        shape[axis] = -1
+        s, z = s.reshape(shape), z.reshape(shape)
+    info = np.iinfo(zp.dtype)
+    q = np.rint(w / s).astype(np.int64) + z
+    return np.clip(q, info.min, info.max).astype(zp.dtype)
+
+
+def prepare_qat(
+    student: onnx.ModelProto,
+    arrays: Mapping[str, np.ndarray],
+    *,
+    table: object = None,
+    calibration_method: str = "kl",
+    per_channel: bool = True,
+) -> QATPlan:
+    """Quantize ``student`` with ``InsertQDQ`` and build its trainable twin.
+
+    Args:
+        student: the float model (opset >= 13 is ensured here).
+        arrays: sample inputs, used to calibrate when ``table`` is None.
+        table: a ``CalibrationTable`` for the student's activations; default ``onnxpress.calibrate``.
+        calibration_method: the method used when calibrating here.
+        per_channel: per-channel weight scales.
+
+    Raises:
+        UnsupportedModelError: the QDQ pass or the interpreter cannot handle the model.
+    """
+    from onnxpress.passes.qdq import InsertQDQ
+    from onnxpress.pipeline import run_passes
+
+    student = normalize_model(student, min_opset=13)
+    if table is None:
+        from onnxpress.calibrate import calibrate
+
+        table = calibrate(student, [dict(arrays)], method=calibration_method)
+    ptq = run_passes(student, [InsertQDQ(table, per_channel=per_channel, activations="uint8")]).model
+    qat, weights, biases, ties = _trainable_twin(ptq, student)
+    if not weights:
+        raise UnsupportedModelError("the QDQ pass quantized no weights; nothing for QAT to learn")
+    module = OnnxModule(qat, learn_scales=True)
+    log.info("QAT: %d weights, %d biases, %d activation scales", len(weights), len(biases), len(ties))
+    return QATPlan(ptq, qat, module, weights, biases, ties)
+
+
+def _trainable_twin(
+    ptq: onnx.ModelProto, student: onnx.ModelProto
+) -> tuple[onnx.ModelProto, list[_Weight], list[_Bias], dict[str, list[str]]]:
+    """The QAT graph: float weights behind Q/DQ, biases quantized with ``s_x·s_w``, tied scales."""
+    qat = onnx.ModelProto()
+    qat.CopyFrom(ptq)
+    g = qat.graph
+    inits = {i.name: i for i in g.initializer}
+    used = set(inits) | {o for n in g.node for o in n.output} | {n.name for n in g.node}
+
+    def fresh(base: str) -> str:
+        name, i = base, 0
+        while name in used:
+            i += 1
+            name = f"{base}_{i}"
+        used.add(name)
+        return name
+
+    originals = collections.defaultdict(list)
+    for init in student.graph.initializer:
+        if init.data_type == onnx.TensorProto.FLOAT:
+            originals[tuple(init.dims)].append(numpy_helper.to_array(init))
+    producer = {o: n for n in g.node for o in n.output}
+    consumers = collections.defaultdict(list)
+    for n in g.node:
+        for i, name in enumerate(n.input):
+            consumers[name].append((n, i))
+
+    weights: list[_Weight] = []
+    biases: list[_Bias] = []
+    new_nodes: list[onnx.NodeProto] = []
+    act_scales: dict[str, tuple[str, str]] = {}  # Q/DQ scale name of activations → zero point name
+    for node in list(g.node):
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        src = node.input[0]
+        if node.op_type == "QuantizeLinear" or src not in inits:
+            act_scales[node.input[1]] = (node.input[2] if len(node.input) > 2 else "", node.op_type)
+            continue
+        q = numpy_helper.to_array(inits[src])
+        scale = numpy_helper.to_array(inits[node.input[1]])
+        zp = numpy_helper.to_array(inits[node.input[2]]) if len(node.input) > 2 else np.zeros((), np.uint8)
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        deq = _dequant(q, scale, zp, axis)
+        if q.dtype == np.int32:
+            user = consumers[node.output[0]][0][0] if consumers[node.output[0]] else None
+            x_dq = producer.get(user.input[0]) if user is not None else None
+            w_dq = producer.get(user.input[1]) if user is not None and len(user.input) > 1 else None
+            if x_dq is None or w_dq is None or "DequantizeLinear" not in (x_dq.op_type, w_dq.op_type):
+                continue  # keep this bias as the PTQ integer constant
+            fname = fresh(src + "_float")
+            g.initializer.append(numpy_helper.from_array(deq.astype(np.float32), fname))
+            ptq_scale = node.input[1]
+            s_b, qb = fresh(src + "_scale_learned"), fresh(src + "_fakequant")
+            new_nodes.append(helper.make_node("Mul", [x_dq.input[1], w_dq.input[1]], [s_b], name=fresh("bias_scale")))
+            attrs = {a.name: a.i for a in node.attribute if a.name == "axis"}
+            q_inputs = [fname, s_b, node.input[2]]
+            q_node = helper.make_node("QuantizeLinear", q_inputs, [qb], name=fresh("bias_q"), **attrs)
+            new_nodes.append(q_node)
+            node.input[0], node.input[1] = qb, s_b
+            biases.append(_Bias(fname, src, ptq_scale, x_dq.input[1], w_dq.input[1]))
+            continue
+        float_w = _match_original(deq, scale, originals.get(tuple(q.shape), []))
+        fname = fresh(src + "_float")
+        g.initializer.append(numpy_helper.from_array(float_w, fname))
+        qw = fresh(src + "_fakequant")
+        attrs = {a.name: a.i for a in node.attribute if a.name == "axis"}
+        q_inputs = [fname, node.input[1], node.input[2]]
+        new_nodes.append(helper.make_node("QuantizeLinear", q_inputs, [qw], name=fresh("weight_q"), **attrs))
+        node.input[0] = qw
+        weights.append(_Weight(fname, src, node.input[1], node.input[2], axis))
+
+    # Tie activation scales that PTQ made identical (same value and zero point) to one parameter.
+    groups: dict[tuple[bytes, bytes], list[str]] = collections.defaultdict(list)
+    for name, (zp_name, _) in act_scales.items():
+        zp_bytes = numpy_helper.to_array(inits[zp_name]).tobytes() if zp_name else b""
+        key = (numpy_helper.to_array(inits[name]).tobytes(), zp_bytes)
+        if name not in groups[key]:
+            groups[key].append(name)
+    ties = {members[0]: members for members in groups.values()}
+    rename = {m: rep for rep, members in ties.items() for m in members if m != rep}
+    for node in g.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear", "Mul"):
+            for i, name in enumerate(node.input):
+                if name in rename:
+                    node.input[i] = rename[name]
+    for node in new_nodes:
+        for i, name in enumerate(node.input):
+            if name in rename:
+                node.input[i] = rename[name]
+    for b in biases:
+        b.x_scale = rename.get(b.x_scale, b.x_scale)
+    nodes = list(new_nodes) + list(g.node)  # the new nodes only read initializers: safe to go first
+    del g.node[:]
+    g.node.extend(nodes)
+    return qat, weights, biases, ties
+
+
+def _dequant(q: np.ndarray, scale: np.ndarray, zp: np.ndarray, axis: int) -> np.ndarray:
+    s, z = scale.astype(np.float32), zp.astype(np.int64)
+    if s.ndim == 1 and s.size > 1:
+        shape = [1] * q.ndim
+        shape[axis] = -1
+        s, z = s.reshape(shape), z.reshape(shape)
+    return ((q.astype(np.int64) - z).astype(np.float32) * s).astype(np.float32)
+
+
+def _match_original(deq: np.ndarray, scale: np.ndarray, candidates: list[np.ndarray]) -> np.ndarray:
+    """The student's float weight this quantized weight came from, else its dequantized value."""
+    bound = float(np.max(scale)) * 0.5 + 1e-7
+    for cand in candidates:
+        if cand.shape == deq.shape and float(np.max(np.abs(cand - deq))) <= bound:
+            return cand.astype(np.float32)
+    return deq

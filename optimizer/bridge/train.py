@@ -1,0 +1,429 @@
+"""Fine-tune a converted student against a teacher: knowledge distillation with early stopping.
+
+The loss for student logits ``z_s``, teacher logits ``z_t``, labels ``y`` and temperature ``T``::
+
+    L = λ_hard · CE(z_s, y)
+      + λ_soft · T² · KL(p_t ‖ p_s),   p_t = softmax(z_t / T),  p_s = softmax(z_s / T)
+      + λ_feat · Σ_pairs mean((f_s − f_t)²)             (optional feature distillation)
+      + λ_sparse · Σ_channels ‖w_c‖                     (optional: |γ| of BN scales, else the
+                                                         L2 norm of each Conv output channel)
+
+``KL(p_t ‖ p_s)`` is ``F.kl_div(log p_s, p_t, reduction="batchmean")``: torch's convention (input
+= student log-probabilities, target = teacher probabilities), i.e. the teacher is the reference
+distribution. ``T²`` keeps the soft gradients' scale independent of ``T`` (Hinton et al.). Without
+labels the hard term is dropped.
+
+Data flow::
+
+    feeds (all samples in memory) ──split(seed)──▶ train / validation
+    teacher (onnxruntime, once) ──▶ cached logits [N, classes]      (features: per batch if asked)
+    for epoch: shuffled batches ──▶ student ──▶ L ──▶ Adam step ──▶ val L ──▶ keep best, stop early
+
+The teacher runs on onnxruntime once over all samples and its logits are cached: measured on the
+reference ResNet (bench/finetune.py prints the ratio) onnxruntime is several times faster than the
+converted module in torch, and caching makes the teacher cost one forward pass per sample in total.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from onnxpress.bridge.convert import OnnxModule
+from onnxpress.errors import DataError, UnsupportedModelError
+from onnxpress.runtime import make_session
+
+__all__ = [
+    "FinetuneConfig",
+    "FinetuneHistory",
+    "distillation_loss",
+    "load_arrays",
+    "load_label_array",
+    "run_teacher",
+    "sparsity_penalty",
+    "train_student",
+]
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+    """Hyper-parameters of one fine-tune run.
+
+    Attributes:
+        epochs: passes over the training split.
+        lr: Adam learning rate (cosine-decayed to 0 over the run).
+        batch_size: samples per step.
+        temperature: distillation temperature ``T``.
+        hard_weight: ``λ_hard`` (used only when labels are given).
+        soft_weight: ``λ_soft``.
+        feature_weight: ``λ_feat`` for the ``features`` pairs.
+        features: student value name → teacher value name, distilled with MSE (shapes must match).
+        sparsity: ``λ_sparse`` (0 = off).
+        weight_decay: Adam weight decay.
+        val_fraction: fraction of samples held out for early stopping (0 = none).
+        patience: epochs without a validation improvement before stopping.
+        seed: seeds the split, the shuffling and torch.
+    """
+
+    epochs: int = 10
+    lr: float = 1e-3
+    batch_size: int = 64
+    temperature: float = 4.0
+    hard_weight: float = 1.0
+    soft_weight: float = 1.0
+    feature_weight: float = 0.0
+    features: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    sparsity: float = 0.0
+    weight_decay: float = 0.0
+    val_fraction: float = 0.1
+    patience: int = 3
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        checks = {
+            "epochs must be >= 0": self.epochs >= 0,
+            "lr must be > 0": self.lr > 0,
+            "batch_size must be >= 1": self.batch_size >= 1,
+            "temperature must be > 0": self.temperature > 0,
+            "loss weights must be >= 0": min(self.hard_weight, self.soft_weight, self.feature_weight, self.sparsity)
+            >= 0,
+            "val_fraction must be in [0, 0.5]": 0 <= self.val_fraction <= 0.5,
+            "patience must be >= 1": self.patience >= 1,
+        }
+        bad = [k for k, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError("; ".join(bad))
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneHistory:
+    """What happened: per-epoch losses, the epoch kept, and timings."""
+
+    train_loss: tuple[float, ...]
+    val_loss: tuple[float, ...]
+    best_epoch: int
+    stopped_early: bool
+    train_samples: int
+    val_samples: int
+    teacher_seconds: float
+    train_seconds: float
+
+
+# ----------------------------------------------------------------------------- data
+def load_arrays(data: Any, model: onnx.ModelProto, *, max_samples: int | None = None) -> dict[str, np.ndarray]:
+    """All samples of ``data`` as one array per model input (samples on axis 0).
+
+    ``data`` is anything ``onnxpress.calibration.readers.open_data`` accepts (an ``.npz`` path, a
+    folder, an iterable of feed dicts, a ``DataReader``); a mapping of arrays is used directly.
+
+    Raises:
+        DataError: no samples, or inputs missing/not float/with different sample counts.
+    """
+    init = {i.name for i in model.graph.initializer}
+    names = [i.name for i in model.graph.input if i.name not in init]
+    if isinstance(data, Mapping):
+        feeds: Iterable[Mapping[str, np.ndarray]] = [data]
+    elif hasattr(data, "batches"):
+        feeds = data.batches(None)
+    else:
+        try:
+            from onnxpress.calibration.readers import open_data
+        except ImportError:
+            feeds = _fallback_feeds(data)
+        else:
+            feeds = open_data(data, model, max_samples=max_samples).batches(None)
+    parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    for feed in feeds:
+        for n in names:
+            if n not in feed:
+                raise DataError(f"data has no array for model input {n!r} (it has {sorted(feed)})")
+            parts[n].append(np.asarray(feed[n]))
+    if not parts[names[0]]:
+        raise DataError("data holds no samples; give at least one sample per model input")
+    arrays = {n: np.concatenate(v, axis=0) for n, v in parts.items()}
+    counts = {n: len(a) for n, a in arrays.items()}
+    if len(set(counts.values())) != 1:
+        raise DataError(f"inputs have different sample counts {counts}; give one sample per row of every input")
+    for n, a in arrays.items():
+        if a.dtype.kind != "f":
+            raise DataError(f"input {n!r} is {a.dtype}; the fine-tune bridge needs float inputs")
+        if not np.isfinite(a).all():
+            raise DataError(f"input {n!r} holds NaN or inf; clean the data first")
+    if max_samples is not None:
+        arrays = {n: a[:max_samples] for n, a in arrays.items()}
+    return {n: np.ascontiguousarray(a, dtype=np.float32) for n, a in arrays.items()}
+
+
+def _fallback_feeds(data: Any) -> Iterator[Mapping[str, np.ndarray]]:
+    """Minimal reader used only until ``onnxpress.calibration.readers`` is installed."""
+    if isinstance(data, (str, bytes)) or hasattr(data, "__fspath__"):
+        try:
+            with np.load(data) as npz:
+                yield {k: npz[k] for k in npz.files}
+        except (OSError, ValueError) as exc:
+            raise DataError(f"cannot read data {data}: {exc}") from None
+        return
+    yield from data
+
+
+def load_label_array(labels: Any, count: int) -> np.ndarray:
+    """Integer class labels from an array, an ``.npy`` or an ``.npz`` (key ``labels``).
+
+    Raises:
+        DataError: not 1-D integers, or not one label per sample.
+    """
+    if isinstance(labels, np.ndarray):
+        arr = labels
+    else:
+        try:
+            from onnxpress.calibration.readers import load_labels
+        except ImportError:
+            try:
+                loaded = np.load(labels)
+                arr = loaded["labels"] if hasattr(loaded, "files") else loaded
+            except (OSError, ValueError, KeyError) as exc:
+                raise DataError(f"cannot read labels from {labels}: {exc}") from None
+        else:
+            arr = load_labels(labels)
+    arr = np.asarray(arr)
+    if arr.ndim != 1 or arr.dtype.kind not in "iu":
+        raise DataError(f"labels must be a 1-D integer array, got {arr.dtype} with shape {arr.shape}")
+    if len(arr) < count:
+        raise DataError(f"{len(arr)} labels for {count} samples; give one label per sample")
+    return arr[:count].astype(np.int64)
+
+
+# ----------------------------------------------------------------------------- teacher
+def _with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+    """A copy of ``model`` whose outputs are ``names`` (intermediate values allowed)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    known = {o.name for o in out.graph.output}
+    produced = {o for n in out.graph.node for o in n.output} | {i.name for i in out.graph.input}
+    for name in names:
+        if name not in produced:
+            raise UnsupportedModelError(f"the teacher has no value named {name!r}")
+        if name not in known:
+            out.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    return out
+
+
+def run_teacher(
+    teacher: onnx.ModelProto,
+    arrays: Mapping[str, np.ndarray],
+    names: Sequence[str],
+    *,
+    batch_size: int = 256,
+) -> list[np.ndarray]:
+    """Values ``names`` of ``teacher`` on every sample, computed on onnxruntime in batches."""
+    session = make_session(_with_outputs(teacher, names), what="teacher")
+    n = len(next(iter(arrays.values())))
+    chunks: list[list[np.ndarray]] = [[] for _ in names]
+    for start in range(0, n, batch_size):
+        feed = {k: v[start : start + batch_size] for k, v in arrays.items()}
+        for store, value in zip(chunks, session.run(list(names), feed), strict=True):
+            store.append(value)
+    return [np.concatenate(c, axis=0) for c in chunks]
+
+
+# ----------------------------------------------------------------------------- losses
+def distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    temperature: float = 4.0,
+    hard_weight: float = 1.0,
+    soft_weight: float = 1.0,
+) -> torch.Tensor:
+    """``λ_hard·CE(z_s, y) + λ_soft·T²·KL(softmax(z_t/T) ‖ softmax(z_s/T))`` (batch mean)."""
+    t = temperature
+    soft = F.kl_div(
+        F.log_softmax(student_logits / t, dim=-1), F.log_softmax(teacher_logits / t, dim=-1),
+        reduction="batchmean", log_target=True,
+    ) * (t * t)  # fmt: skip
+    loss = soft_weight * soft
+    if labels is not None and hard_weight:
+        loss = loss + hard_weight * F.cross_entropy(student_logits, labels)
+    return loss
+
+
+def sparsity_penalty(module: OnnxModule, model: onnx.ModelProto) -> torch.Tensor:
+    """``Σ|γ|`` over BatchNormalization scales, or, without BN, ``Σ_c ‖W_c‖₂`` over Conv channels."""
+    bn_scales = [n.input[1] for n in model.graph.node if n.op_type == "BatchNormalization"]
+    terms = [module.initializer(s).abs().sum() for s in bn_scales if s in module.param_names]
+    if not terms:
+        convs = [n.input[1] for n in model.graph.node if n.op_type == "Conv"]
+        for w in convs:
+            if w in module.param_names:
+                weight = module.initializer(w)
+                terms.append(weight.reshape(weight.shape[0], -1).norm(dim=1).sum())
+    if not terms:
+        return torch.zeros(())
+    return torch.stack(terms).sum()
+
+
+@contextlib.contextmanager
+def _deterministic(seed: int, threads: int | None) -> Iterator[None]:
+    """Seed torch, force deterministic kernels (and a thread count) for a block; restore after."""
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    old_threads = torch.get_num_threads()
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True)
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
+        torch.set_num_threads(old_threads)
+
+
+# ----------------------------------------------------------------------------- the loop
+def train_student(
+    student: OnnxModule,
+    student_model: onnx.ModelProto,
+    arrays: Mapping[str, np.ndarray],
+    teacher_logits: np.ndarray | None,
+    labels: np.ndarray | None,
+    config: FinetuneConfig,
+    *,
+    teacher_model: onnx.ModelProto | None = None,
+    threads: int | None = None,
+    progress: bool = False,
+) -> FinetuneHistory:
+    """Fine-tune ``student`` in place; on return it holds the weights of the best validation epoch.
+
+    Args:
+        student: the converted student.
+        student_model: the graph ``student`` was built from (for the sparsity penalty).
+        arrays: every sample, one array per student input.
+        teacher_logits: cached teacher logits per sample, or None (hard labels only).
+        labels: class per sample, or None (distillation only).
+        config: hyper-parameters.
+        teacher_model: needed only for feature distillation (teacher values per batch).
+        threads: torch threads during training (None keeps torch's setting).
+        progress: tqdm bar over steps with the running loss.
+
+    Raises:
+        DataError: neither teacher logits nor labels; too few samples for a validation split.
+    """
+    if teacher_logits is None and labels is None:
+        raise DataError("nothing to learn from: give a teacher model, labels, or both")
+    n = len(next(iter(arrays.values())))
+    n_val = int(round(n * config.val_fraction)) if config.val_fraction else 0
+    if config.val_fraction and (n_val < 1 or n - n_val < 1):
+        raise DataError(f"{n} samples are too few for a validation split of {config.val_fraction}; set val_fraction=0")
+    feature_pairs = list(config.features.items()) if config.feature_weight else []
+    if feature_pairs and teacher_model is None:
+        raise DataError("feature distillation needs the teacher model")
+    feature_session = (
+        make_session(_with_outputs(teacher_model, [t for _, t in feature_pairs]), what="teacher")
+        if feature_pairs else None
+    )  # fmt: skip
+    rng = np.random.default_rng(config.seed)
+    order = rng.permutation(n)
+    val_idx, train_idx = np.sort(order[:n_val]), order[n_val:]
+    x_all = [torch.from_numpy(arrays[k]) for k in student.input_names]
+    t_all = None if teacher_logits is None else torch.from_numpy(np.ascontiguousarray(teacher_logits, np.float32))
+    y_all = None if labels is None else torch.from_numpy(labels)
+    hard_w = config.hard_weight if y_all is not None else 0.0
+    soft_w = config.soft_weight if t_all is not None else 0.0
+    wanted = [student.output_names[0]] + [s for s, _ in feature_pairs]
+
+    def batch_loss(idx: np.ndarray) -> torch.Tensor:
+        it = torch.from_numpy(idx)
+        outs = student.evaluate([x[it] for x in x_all], wanted)
+        z_s = outs[0]
+        z_t = t_all[it] if t_all is not None else z_s.detach()
+        y = y_all[it] if y_all is not None else None
+        loss = distillation_loss(
+            z_s, z_t, y, temperature=config.temperature, hard_weight=hard_w, soft_weight=soft_w
+        )
+        if feature_pairs:
+            feeds = {k: arrays[k][idx] for k in student.input_names}
+            teacher_feats = feature_session.run([t for _, t in feature_pairs], feeds)
+            for f_s, f_t in zip(outs[1:], teacher_feats, strict=True):
+                if tuple(f_s.shape) != f_t.shape:
+                    raise DataError(
+                        f"feature pair shapes differ: student {tuple(f_s.shape)} vs teacher {f_t.shape}; "
+                        "distil only values whose shapes the compression kept"
+                    )
+                loss = loss + config.feature_weight * F.mse_loss(f_s, torch.from_numpy(f_t))
+        if config.sparsity:
+            loss = loss + config.sparsity * sparsity_penalty(student, student_model)
+        return loss
+
+    def val_loss() -> float:
+        if not n_val:
+            return math.nan
+        student.eval()
+        total = 0.0
+        with torch.no_grad():
+            for s in range(0, n_val, 256):
+                idx = val_idx[s : s + 256]
+                total += float(batch_loss(idx)) * len(idx)
+        return total / n_val
+
+    train_hist: list[float] = []
+    val_hist: list[float] = []
+    steps_per_epoch = -(-len(train_idx) // config.batch_size)
+    start = time.perf_counter()
+    with _deterministic(config.seed, threads):
+        params = [p for p in student.parameters() if p.requires_grad]
+        opt = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+        total_steps = max(1, config.epochs * steps_per_epoch)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps))
+        )
+        best = val_loss()
+        best_state = copy.deepcopy(student.state_dict())
+        best_epoch, bad_epochs, stopped = 0, 0, False
+        bar = tqdm(total=total_steps, desc="finetune", unit="step", disable=not progress, leave=False)
+        for epoch in range(1, config.epochs + 1):
+            student.train()
+            perm = train_idx[rng.permutation(len(train_idx))]
+            running = 0.0
+            for s in range(0, len(perm), config.batch_size):
+                idx = perm[s : s + config.batch_size]
+                loss = batch_loss(idx)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                running += float(loss.detach()) * len(idx)
+                bar.update(1)
+                bar.set_postfix(loss=f"{float(loss.detach()):.4f}", epoch=epoch)
+            train_hist.append(running / len(perm))
+            current = val_loss()
+            val_hist.append(current)
+            log.info("epoch %d: train loss %.4f, validation loss %.4f", epoch, train_hist[-1], current)
+            if not n_val or current < best:
+                best, best_epoch, bad_epochs = current, epoch, 0
+                best_state = copy.deepcopy(student.state_dict())
+            else:
+                bad_epochs += 1
+                if bad_epochs >= config.patience:
+                    stopped = True
+                    break
+        bar.close()
+        student.load_state_dict(best_state)
+    student.eval()
+    return FinetuneHistory(
+        tuple(train_hist), tuple(val_hist), best_epoch, stopped, len(train_idx), n_val, 0.0,
+        time.perf_counter() - start,
+    )  # fmt: skip

@@ -1,0 +1,62 @@
+"""``onnxpress finetune STUDENT --teacher TEACHER --data DATA -o OUT``: distil the original into the compressed."""
+
+from __future__ import annotations
+
+import argparse
+
+from onnxpress.cli import add_common, progress_enabled
+from onnxpress.reporting import format_table
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``finetune`` subcommand."""
+    p = sub.add_parser(
+        "finetune",
+        help="fine-tune a compressed model with distillation from the original (needs onnxpress[torch])",
+    )
+    p.add_argument("student", help="compressed .onnx model to fine-tune (never modified)")
+    p.add_argument("--teacher", help="original .onnx model to distil from")
+    p.add_argument("--data", required=True, help="training inputs: .npz (keyed by input name) or a folder of .npz")
+    p.add_argument("--labels", help="class labels: .npy, or .npz with key 'labels' (may be the --data file)")
+    p.add_argument("-o", "--output", required=True, help="where to write the fine-tuned model")
+    p.add_argument("--epochs", type=int, default=10, help="passes over the data (default 10)")
+    p.add_argument("--temperature", type=float, default=4.0, help="distillation temperature T (default 4)")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
+    p.add_argument("--batch-size", type=int, default=64, help="samples per step (default 64)")
+    p.add_argument("--hard-weight", type=float, default=1.0, help="weight of the label cross-entropy (default 1)")
+    p.add_argument("--soft-weight", type=float, default=1.0, help="weight of the distillation term (default 1)")
+    p.add_argument("--sparsity", type=float, default=0.0, help="L1 weight on BN scales / channel norms (default 0)")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="held out for early stopping (default 0.1)")
+    p.add_argument("--patience", type=int, default=3, help="epochs without improvement before stopping")
+    p.add_argument("--seed", type=int, default=0, help="seed of split, shuffling and torch (default 0)")
+    p.add_argument("--max-samples", type=int, help="use at most this many samples")
+    p.add_argument("--threads", type=int, help="torch threads while training")
+    p.add_argument("--qat", action="store_true", help="quantization-aware fine-tune; writes an int8 QDQ model")
+    p.add_argument("--calibration", help="calibration table for --qat (default: calibrate on --data)")
+    add_common(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Fine-tune and print what changed."""
+    from onnxpress.finetune import finetune
+
+    table = None
+    if args.calibration:
+        from onnxpress.calibration.table import CalibrationTable
+
+        table = CalibrationTable.load(args.calibration)
+    result = finetune(
+        args.student, args.teacher, args.data, args.output, labels=args.labels, epochs=args.epochs,
+        temperature=args.temperature, lr=args.lr, batch_size=args.batch_size, hard_weight=args.hard_weight,
+        soft_weight=args.soft_weight, sparsity=args.sparsity, val_fraction=args.val_fraction,
+        patience=args.patience, seed=args.seed, max_samples=args.max_samples, qat=args.qat,
+        calibration=table, threads=args.threads, progress=progress_enabled(args),
+    )  # fmt: skip
+    h = result.history
+    rows = [[key, f"{value:.4f}"] for key, value in sorted(result.metrics.items())]
+    rows.append(["epochs run / kept", f"{len(h.train_loss)} / {h.best_epoch}"])
+    rows.append(["export max |diff| vs module", f"{result.export_max_diff:.2e}"])
+    print(format_table(["what", "value"], rows))
+    print(f"wrote {result.output}")
+    return 0

@@ -1,0 +1,203 @@
+"""``onnxpress.finetune``: recover a compressed model's accuracy by distilling from the original.
+
+The user has only ``.onnx`` files and data, no training code::
+
+    student.onnx ─ onnx_to_torch ─▶ OnnxModule ─ distil from teacher.onnx (onnxruntime, cached logits)
+        ─▶ fine-tuned module ─ torch.onnx.export (dynamo) ─ cleanup passes ─ validate ─▶ out.onnx
+    with qat=True:  ... ─ LSQ fake-quant (scales from a calibration table, learned) ─ distil
+        ─▶ write fine-tuned weights + learned scales into the student graph as QDQ ─ validate ─▶ out.onnx
+
+torch is imported only when this function runs (``pip install onnxpress[torch]``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from onnxpress.errors import UnsupportedModelError
+from onnxpress.model_io import ModelSource, check_output_path, load_model, normalize_model, save_model
+
+__all__ = ["FinetuneResult", "finetune", "sqnr_db"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneResult:
+    """The fine-tuned model and the evidence.
+
+    Attributes:
+        model: the fine-tuned ONNX model.
+        output: where it was written, if asked.
+        history: losses per epoch, the kept epoch, timings (a ``FinetuneHistory``).
+        export_max_diff: max |Δ| between the written model on onnxruntime and the fine-tuned module.
+        metrics: teacher agreement before/after on the data given (``sqnr_db_before/after``,
+            ``accuracy_before/after`` when labels are given, ``teacher_accuracy``).
+    """
+
+    model: onnx.ModelProto
+    output: Path | None
+    history: Any
+    export_max_diff: float
+    metrics: dict[str, float]
+
+
+def sqnr_db(reference: np.ndarray, candidate: np.ndarray) -> float:
+    """Signal-to-quantisation-noise ratio ``10·log10(Σ ref² / Σ (ref − cand)²)`` in dB."""
+    ref = reference.astype(np.float64)
+    noise = float(np.sum((ref - candidate.astype(np.float64)) ** 2))
+    signal = float(np.sum(ref**2))
+    return float("inf") if noise == 0 else 10.0 * float(np.log10(signal / noise))
+
+
+def finetune(
+    student: ModelSource,
+    teacher: ModelSource | None = None,
+    data: Any = None,
+    output: str | os.PathLike[str] | None = None,
+    *,
+    labels: Any = None,
+    epochs: int = 10,
+    temperature: float = 4.0,
+    lr: float = 1e-3,
+    batch_size: int = 64,
+    hard_weight: float = 1.0,
+    soft_weight: float = 1.0,
+    features: Mapping[str, str] | None = None,
+    feature_weight: float = 0.0,
+    sparsity: float = 0.0,
+    val_fraction: float = 0.1,
+    patience: int = 3,
+    seed: int = 0,
+    max_samples: int | None = None,
+    qat: bool = False,
+    calibration: Any = None,
+    threads: int | None = None,
+    exporter: str = "dynamo",
+    progress: bool = False,
+) -> FinetuneResult:
+    """Fine-tune ``student`` with distillation from ``teacher`` (and labels if given); export to ONNX.
+
+    Args:
+        student: the compressed model (path or ModelProto; never modified).
+        teacher: the original model; ``None`` trains on ``labels`` only.
+        data: training inputs (``.npz`` path, folder, iterable of feeds, DataReader, or a mapping of
+            arrays keyed by input name).
+        output: where to write the result (atomically, checked); ``None`` to only return it.
+        labels: class labels (array, ``.npy``, or ``.npz`` with key ``labels``); optional.
+        epochs: passes over the training split.
+        temperature: distillation temperature ``T``.
+        lr: Adam learning rate (cosine-decayed).
+        batch_size: samples per step.
+        hard_weight: weight of the label cross-entropy (only with labels).
+        soft_weight: weight of ``T²·KL(teacher ‖ student)``.
+        features: student value name → teacher value name, distilled with MSE.
+        feature_weight: weight of the feature term.
+        sparsity: weight of the L1 penalty on BN scales / Conv channel norms.
+        val_fraction: held out for early stopping.
+        patience: epochs without validation improvement before stopping.
+        seed: seeds the split, the shuffling and torch.
+        max_samples: use at most this many samples.
+        qat: quantization-aware fine-tune with learned scales; the result is a QDQ model.
+        calibration: a ``CalibrationTable`` initialising the QAT scales (else ranges are measured).
+        threads: torch threads while training (None keeps torch's setting).
+        exporter: ``"dynamo"`` or ``"torchscript"`` for the float path.
+        progress: progress bar with the loss.
+
+    Raises:
+        UnsupportedModelError: torch is missing, or the student has ops the bridge cannot run.
+        DataError: data/labels do not fit the student, or there is nothing to learn from.
+        ValidationError: the exported model does not match the fine-tuned module within 1e-4.
+        OutputError: ``output`` cannot be written.
+    """
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise UnsupportedModelError("fine-tuning needs torch: pip install 'onnxpress[torch]'") from None
+    from onnxpress.bridge import train as tr
+    from onnxpress.bridge.convert import OnnxModule
+    from onnxpress.bridge.export import export_module, validate_against_module
+
+    if output is not None:
+        check_output_path(output, [student, teacher])
+    if data is None:
+        from onnxpress.errors import DataError
+
+        raise DataError("finetune needs data: give data=<.npz path, folder or feeds>")
+    config = tr.FinetuneConfig(
+        epochs=epochs, lr=lr, batch_size=batch_size, temperature=temperature, hard_weight=hard_weight,
+        soft_weight=soft_weight, feature_weight=feature_weight, features=dict(features or {}),
+        sparsity=sparsity, val_fraction=val_fraction, patience=patience, seed=seed,
+    )  # fmt: skip
+    student_proto = normalize_model(load_model(student), min_opset=13 if qat else None)
+    teacher_proto = None if teacher is None else load_model(teacher)
+    arrays = tr.load_arrays(data, student_proto, max_samples=max_samples)
+    n = len(next(iter(arrays.values())))
+    label_arr = None if labels is None else tr.load_label_array(labels, n)
+
+    start = time.perf_counter()
+    teacher_logits = None
+    if teacher_proto is not None:
+        out_name = teacher_proto.graph.output[0].name
+        teacher_logits = tr.run_teacher(teacher_proto, arrays, [out_name])[0]
+    teacher_seconds = time.perf_counter() - start
+
+    plan = None
+    if qat:
+        from onnxpress.bridge.qat import prepare_qat
+
+        plan = prepare_qat(student_proto, arrays, table=calibration)
+        module = plan.module  # its outputs before training are the PTQ model's
+    else:
+        module = OnnxModule(student_proto)
+    before = _predict(module, arrays)
+    history = tr.train_student(
+        module, student_proto, arrays, teacher_logits, label_arr, config,
+        teacher_model=teacher_proto, threads=threads, progress=progress,
+    )  # fmt: skip
+    history = dataclasses.replace(history, teacher_seconds=teacher_seconds)
+    after = _predict(module, arrays)
+
+    example = {k: v[: min(len(v), 4)] if len(v) >= 2 else np.concatenate([v, v]) for k, v in arrays.items()}
+    if plan is not None:
+        model = plan.export(module)
+    else:
+        model = export_module(module, student_proto, [example[k] for k in module.input_names], exporter=exporter)
+    check = {k: v[: min(len(v), 64)] for k, v in arrays.items()}
+    diff = validate_against_module(model, module, check)
+
+    metrics: dict[str, float] = {}
+    if teacher_logits is not None:
+        metrics["sqnr_db_before"] = sqnr_db(teacher_logits, before)
+        metrics["sqnr_db_after"] = sqnr_db(teacher_logits, after)
+        metrics["agreement_after"] = float(np.mean(teacher_logits.argmax(1) == after.argmax(1)))
+    if label_arr is not None:
+        metrics["accuracy_before"] = float(np.mean(before.argmax(1) == label_arr))
+        metrics["accuracy_after"] = float(np.mean(after.argmax(1) == label_arr))
+        if teacher_logits is not None:
+            metrics["teacher_accuracy"] = float(np.mean(teacher_logits.argmax(1) == label_arr))
+    written = save_model(model, output) if output is not None else None
+    return FinetuneResult(model, written, history, diff, metrics)
+
+
+def _predict(module: Any, arrays: Mapping[str, np.ndarray], batch_size: int = 256) -> np.ndarray:
+    """First output of ``module`` on every sample, as float32 numpy."""
+    import torch
+
+    n = len(next(iter(arrays.values())))
+    out = []
+    module.eval()
+    with torch.no_grad():
+        for s in range(0, n, batch_size):
+            feeds = [torch.from_numpy(arrays[k][s : s + batch_size]) for k in module.input_names]
+            out.append(module.evaluate(feeds, module.output_names[:1])[0].numpy())
+    return np.concatenate(out).astype(np.float32)

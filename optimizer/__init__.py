@@ -21,6 +21,7 @@ from onnxpress.errors import (
     UnsupportedModelError,
     ValidationError,
 )
+from onnxpress.finetune import FinetuneResult, finetune
 from onnxpress.lowrank import LowRankResult, lowrank
 from onnxpress.model_io import load_model, normalize_model, save_model
 from onnxpress.pipeline import run_passes
@@ -33,6 +34,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CalibrationError",
     "DataError",
+    "FinetuneResult",
     "LowRankResult",
     "ModelLoadError",
     "OnnxpressError",
@@ -46,6 +48,7 @@ __all__ = [
     "ValidationError",
     "calibrate",
     "cleanup",
+    "finetune",
     "load_model",
     "lowrank",
     "normalize_model",

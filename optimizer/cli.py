@@ -21,6 +21,7 @@ __all__ = ["build_parser", "main"]
 _COMMANDS: tuple[str, ...] = (
     "onnxpress.commands.calibrate",
     "onnxpress.commands.cleanup",
+    "onnxpress.commands.finetune",
     "onnxpress.commands.lowrank",
     "onnxpress.commands.prune",
     "onnxpress.commands.quantize",

@@ -190,6 +190,60 @@ def lrn_unknown(seed=0):
     return make_model(nodes, [("X", ["N", 3, 8, 8])], [("Y", ["N", 4, 8, 8])], inits)
 
 
+def se_block(seed=0):
+    """X -> Conv(8) -> Relu -> x; x -> GAP -> Conv(4) -> Relu -> Conv(8) -> HardSigmoid -> Mul(x, .) -> Conv(4) -> Y."""
+    r = graphs.rng(seed)
+    inits = {
+        "W1": _w(r, 8, 3, 3, 3), "B1": _w(r, 8), "Wr": _w(r, 4, 8, 1, 1), "Br": _w(r, 4),
+        "We": _w(r, 8, 4, 1, 1), "Be": _w(r, 8), "W2": _w(r, 4, 8, 3, 3),
+    }
+    nodes = [
+        helper.make_node("Conv", ["X", "W1", "B1"], ["c"], pads=[1, 1, 1, 1], name="conv1"),
+        helper.make_node("Relu", ["c"], ["x"]),
+        helper.make_node("GlobalAveragePool", ["x"], ["g"]),
+        helper.make_node("Conv", ["g", "Wr", "Br"], ["gr"], name="reduce"),
+        helper.make_node("Relu", ["gr"], ["grr"]),
+        helper.make_node("Conv", ["grr", "We", "Be"], ["ge"], name="expand"),
+        helper.make_node("HardSigmoid", ["ge"], ["s"]),
+        helper.make_node("Mul", ["x", "s"], ["m"]),
+        helper.make_node("Conv", ["m", "W2"], ["Y"], pads=[1, 1, 1, 1], name="conv2"),
+    ]
+    return make_model(nodes, [("X", ["N", 3, 8, 8])], [("Y", ["N", 4, 8, 8])], inits)
+
+
+def reduce_squeeze(seed=0):
+    """X -> Conv(6) -> Relu -> ReduceMean(axes 2,3, keepdims 0) -> Unsqueeze(1) -> Squeeze(1) -> Gemm -> Y[N,3]."""
+    r = graphs.rng(seed)
+    inits = {"W1": _w(r, 6, 3, 3, 3), "B1": _w(r, 6), "Wf": _w(r, 6, 3), "ax": np.array([1], np.int64)}
+    nodes = [
+        helper.make_node("Conv", ["X", "W1", "B1"], ["c"], name="conv1"),
+        helper.make_node("Relu", ["c"], ["rc"]),
+        helper.make_node("ReduceMean", ["rc"], ["m"], axes=[2, 3], keepdims=0),
+        helper.make_node("Unsqueeze", ["m", "ax"], ["u"]),
+        helper.make_node("Squeeze", ["u", "ax"], ["q"]),
+        helper.make_node("Gemm", ["q", "Wf"], ["Y"], name="fc"),
+    ]
+    return make_model(nodes, [("X", ["N", 3, 8, 8])], [("Y", ["N", 3])], inits)
+
+
+def grouped(seed=0):
+    """X -> Conv(8) -> Conv(8, group 2) -> Relu -> Conv(6) -> Relu -> Conv(4) -> Y: the grouped conv is kept whole."""
+    r = graphs.rng(seed)
+    inits = {
+        "W1": _w(r, 8, 3, 1, 1), "Wg": _w(r, 8, 4, 3, 3), "Bg": _w(r, 8), "W2": _w(r, 6, 8, 1, 1),
+        "W3": _w(r, 4, 6, 3, 3),
+    }
+    nodes = [
+        helper.make_node("Conv", ["X", "W1"], ["c"], name="conv1"),
+        helper.make_node("Conv", ["c", "Wg", "Bg"], ["g"], group=2, pads=[1, 1, 1, 1], name="gconv"),
+        helper.make_node("Relu", ["g"], ["rg"]),
+        helper.make_node("Conv", ["rg", "W2"], ["c2"], name="conv2"),
+        helper.make_node("Relu", ["c2"], ["r2"]),
+        helper.make_node("Conv", ["r2", "W3"], ["Y"], pads=[1, 1, 1, 1], name="conv3"),
+    ]
+    return make_model(nodes, [("X", ["N", 3, 8, 8])], [("Y", ["N", 4, 8, 8])], inits)
+
+
 BUILDERS = {
     "conv_bn_chain": (conv_bn_chain, (2, 3, 8, 8)),
     "residual": (residual, (2, 3, 8, 8)),
@@ -201,6 +255,9 @@ BUILDERS = {
     "matmul_mlp": (matmul_mlp, (2, 5, 8)),
     "gap_reshape_gemm": (gap_reshape_gemm, (2, 3, 8, 8)),
     "lrn_unknown": (lrn_unknown, (2, 3, 8, 8)),
+    "se_block": (se_block, (2, 3, 8, 8)),
+    "reduce_squeeze": (reduce_squeeze, (2, 3, 8, 8)),
+    "grouped": (grouped, (2, 3, 8, 8)),
 }
 
 
@@ -465,3 +522,21 @@ def test_count_params_and_macs_by_hand():
     params = count_params(model)
     assert params["conv1"] == 8 * 27 + 8 and params["conv2"] == 4 * 72 + 4 and params["b1"] == 32
     assert sum(params.values()) == float_params(model).size
+
+
+def test_grouped_conv_freezes_its_input_only():
+    """grouped: conv1's channels enter a group-2 conv and are kept (reason given); gconv's outputs open no
+    group (removing one would unbalance the groups); conv2's channels are free."""
+    a = analyze_channels(gs.import_onnx(grouped()))
+    groups = {g.name: g for g in a.groups()}
+    assert set(groups) == {"conv1", "conv2", "conv3"}
+    assert groups["conv1"].is_frozen and "grouped Conv" in groups["conv1"].frozen[0]
+    assert not groups["conv2"].is_frozen and len(groups["conv2"].units) == 6
+
+
+def test_se_block_couples_scale_and_features():
+    """se_block: Mul(x, s) couples conv1's and expand's channels into one group of 8 units."""
+    a = analyze_channels(gs.import_onnx(se_block()))
+    groups = {g.name: g for g in a.groups()}
+    assert len(groups["conv1"].sources) == 2 and len(groups["conv1"].units) == 8
+    assert not groups["reduce"].is_frozen and len(groups["reduce"].units) == 4

@@ -17,6 +17,10 @@ per-channel Mul/Add constants, depthwise conv filters) and the matching input sl
 consumer (Conv W[:, c], Gemm/MatMul rows). A *group* is the set of spaces linked by units (a
 residual stage, or one conv's outputs).
 
+A depthwise conv (group = channels, multiplier 1) passes channels through (its filters, bias and
+``group`` follow them); any other grouped conv freezes its input channels and opens no space for its
+outputs, since removing one would unbalance the groups.
+
 An op the analysis does not understand freezes every unit that reaches it (the group keeps those
 channels and the reason is reported); so does a tensor that is a graph output. The analysis only
 reads the graph; :func:`remove_units` performs the edits.

@@ -592,6 +592,9 @@ class _Walker:
         self.set(node.outputs[0], Layout(1, x.rank, x.ids, values))
 
     def binary(self, node: gs.Node) -> None:
+        if len(node.inputs) != 2:  # Max/Min are variadic
+            self.freeze_inputs(node, f"{len(node.inputs)}-input {node.op}")
+            return
         a_t, b_t = node.inputs[0], node.inputs[1]
         la, lb = self.lay(a_t), self.lay(b_t)
         out = node.outputs[0]

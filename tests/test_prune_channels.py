@@ -540,3 +540,55 @@ def test_se_block_couples_scale_and_features():
     groups = {g.name: g for g in a.groups()}
     assert len(groups["conv1"].sources) == 2 and len(groups["conv1"].units) == 8
     assert not groups["reduce"].is_frozen and len(groups["reduce"].units) == 4
+
+
+def test_constant_channel_folds_into_matmul_bias_add():
+    """matmul_mlp with W1[:, 3] = 0 and b1[3] = 0.5: Relu gives 0.5 on hidden unit 3, folded into b2."""
+    model = matmul_mlp()
+    g = gs.import_onnx(model)
+    w = np.array(g.tensors()["W1"].values)
+    w[:, 3] = 0
+    g.tensors()["W1"].values = w
+    b = np.array(g.tensors()["b1"].values)
+    b[3] = 0.5
+    g.tensors()["b1"].values = b
+    zeroed = gs.export_onnx(g)
+    result = run_passes(zeroed, [PruneZeroChannels()])
+    shapes = {i.name: tuple(i.dims) for i in result.model.graph.initializer}
+    assert shapes["W1"] == (8, 15) and shapes["b1"] == (15,) and shapes["W2"] == (15, 8)
+    x = graphs.rng(8).standard_normal((2, 5, 8)).astype(F32)
+    np.testing.assert_allclose(graphs.run(result.model, {"X": x})[0], graphs.run(zeroed, {"X": x})[0], atol=1e-5)
+
+
+def test_constant_channel_folds_into_gemm_without_bias_and_split_gets_sizes():
+    """Opset 18: Conv(6) -> Relu -> Split(num_outputs=2) -> GAP -> Flatten -> Gemm(no C) for each half.
+
+    Channel 1 (zero filter, bias 1.0 -> Relu -> GAP -> constant 1.0) folds into a new Gemm bias; the
+    Split gets explicit sizes [2, 3].
+    """
+    r = graphs.rng(9)
+    w = _w(r, 6, 3, 3, 3)
+    w[1] = 0
+    b = _w(r, 6)
+    b[1] = 1.0
+    inits = {"W": w, "B": b, "G1": _w(r, 3, 4), "G2": _w(r, 3, 4)}
+    nodes = [
+        helper.make_node("Conv", ["X", "W", "B"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["rc"]),
+        helper.make_node("Split", ["rc"], ["s1", "s2"], axis=1, num_outputs=2),
+        helper.make_node("GlobalAveragePool", ["s1"], ["p1"]),
+        helper.make_node("GlobalAveragePool", ["s2"], ["p2"]),
+        helper.make_node("Flatten", ["p1"], ["f1"]),
+        helper.make_node("Flatten", ["p2"], ["f2"]),
+        helper.make_node("Gemm", ["f1", "G1"], ["y1"]),
+        helper.make_node("Gemm", ["f2", "G2"], ["y2"]),
+        helper.make_node("Add", ["y1", "y2"], ["Y"]),
+    ]
+    model = make_model(nodes, [("X", ["N", 3, 8, 8])], [("Y", ["N", 4])], inits, opset=18)
+    result = run_passes(model, [PruneZeroChannels()])
+    assert result.stats["prune_zero_channels.channels_removed"] == 1
+    split = next(n for n in result.model.graph.node if n.op_type == "Split")
+    sizes = next(i for i in result.model.graph.initializer if i.name == split.input[1])
+    assert onnx.numpy_helper.to_array(sizes).tolist() == [2, 3]
+    x = graphs.rng(10).standard_normal((2, 3, 8, 8)).astype(F32)
+    np.testing.assert_allclose(graphs.run(result.model, {"X": x})[0], graphs.run(model, {"X": x})[0], atol=1e-5)

@@ -1,0 +1,221 @@
+"""Side-by-side quantization bench: onnxruntime's quantize_static vs onnxpress.quantize.
+
+For every reference model in ``--models`` (``resnet``, ``mobilenet``, ``concat``, ``transformer``
+and, when present, ``resnet_opset11`` / ``resnet_constants``), in one run:
+
+- ``ort-default``: ``quantize_static`` in QDQ format with its defaults (per-tensor, QInt8 activations, MinMax);
+- ``ort-best``: per-channel, QUInt8 activations, the better (by logit SQNR) of MinMax and Percentile;
+- ``onnxpress``: ``onnxpress.quantize`` with its defaults (and ``--methods`` to compare calibrations);
+- ``onnxpress-int4``: weight-only int4 (transformer only).
+
+Columns: logit SQNR vs fp32 on the test split (dB), top-1 agreement with fp32, accuracy, latency
+relative to fp32 at batch 1 and 64 (2 threads, spinning off, every session timed in rotation within
+each repeat, medians), file size relative to fp32. onnxruntime's quantizer runs inside a temporary
+folder because it drops ``*.data`` and ``sym_shape_infer_temp.onnx`` into the current one.
+
+    python bench/quantize.py [--models models] [--repeats 15] [--only resnet,mobilenet]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+import onnxpress
+from onnxpress.reporting import format_table
+from onnxpress.runtime import make_session
+
+MODELS = ("resnet", "mobilenet", "concat", "transformer", "resnet_opset11", "resnet_constants")
+
+
+@contextlib.contextmanager
+def _in_dir(path: str):
+    old = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(old)
+
+
+class _Reader:
+    """onnxruntime CalibrationDataReader over the calibration array (batches of ``batch``)."""
+
+    def __init__(self, x: np.ndarray, batch: int = 50) -> None:
+        self.batches = [x[i : i + batch] for i in range(0, len(x), batch)]
+        self.i = 0
+
+    def get_next(self):
+        if self.i >= len(self.batches):
+            return None
+        self.i += 1
+        return {"input": self.batches[self.i - 1]}
+
+    def rewind(self) -> None:
+        self.i = 0
+
+
+def ort_quantize(src: Path, calib: np.ndarray, work: Path, tag: str, **kwargs) -> Path | str:
+    """quantize_static in QDQ format, run inside ``work``; the output path or the error text."""
+    from onnxruntime.quantization import QuantFormat, quantize_static
+
+    out = work / f"{src.stem}_{tag}.onnx"
+    try:
+        with _in_dir(str(work)):
+            quantize_static(str(src), str(out), _Reader(calib), quant_format=QuantFormat.QDQ, **kwargs)
+    except Exception as exc:  # the anchor's own failures are part of the result
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
+    return out
+
+
+def logits(sess, x: np.ndarray, batch: int = 100) -> np.ndarray:
+    return np.concatenate([sess.run(None, {"input": x[i : i + batch]})[0] for i in range(0, len(x), batch)])
+
+
+def sqnr_db(ref: np.ndarray, out: np.ndarray) -> float:
+    noise = np.sum((ref.astype(np.float64) - out) ** 2)
+    return float(10 * np.log10(np.sum(ref.astype(np.float64) ** 2) / noise)) if noise > 0 else float("inf")
+
+
+def latency_ratios(sessions: dict[str, object], x: np.ndarray, batch: int, repeats: int) -> dict[str, float]:
+    """Median time per session / median fp32 time; sessions alternate inside every repeat."""
+    feed = {"input": np.ascontiguousarray(x[:batch])}
+    inner = max(1, 64 // batch) * 4
+    names = list(sessions)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for s in sessions.values():  # warm up
+        s.run(None, feed)
+    for rep in range(repeats):
+        order = names[rep % len(names) :] + names[: rep % len(names)]
+        for n in order:
+            s = sessions[n]
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                s.run(None, feed)
+            times[n].append(time.perf_counter() - t0)
+    base = float(np.median(times["fp32"]))
+    return {n: float(np.median(v)) / base for n, v in times.items()}
+
+
+def bench_model(name: str, folder: Path, calib: np.ndarray, test_x: np.ndarray, labels: np.ndarray, args) -> list[list]:
+    src = folder / f"{name}.onnx"
+    rows: list[list] = []
+    with tempfile.TemporaryDirectory(prefix="onnxpress-bench-") as tmp:
+        work = Path(tmp)
+        candidates: dict[str, Path | str] = {"fp32": src}
+        from onnxruntime.quantization import CalibrationMethod, QuantType
+
+        candidates["ort-default"] = ort_quantize(src, calib, work, "default")
+        best_kw = {"per_channel": True, "activation_type": QuantType.QUInt8, "weight_type": QuantType.QInt8}
+        ort_best = {
+            "minmax": ort_quantize(src, calib, work, "best_mm", calibrate_method=CalibrationMethod.MinMax, **best_kw),
+            "percentile": ort_quantize(
+                src, calib, work, "best_pct", calibrate_method=CalibrationMethod.Percentile, **best_kw
+            ),
+        }
+        for method in args.methods:
+            out = work / f"{name}_onnxpress_{method}.onnx"
+            try:
+                onnxpress.quantize(src, out, calib=folder / "digits32_calib.npz", method=method)
+                candidates[f"onnxpress[{method}]" if len(args.methods) > 1 else "onnxpress"] = out
+            except onnxpress.OnnxpressError as exc:
+                candidates[f"onnxpress[{method}]"] = f"{type(exc).__name__}: {exc}"
+        if name == "transformer":
+            out = work / f"{name}_int4.onnx"
+            onnxpress.quantize(src, out, weights="int4", block_size=args.block_size)
+            candidates["onnxpress-int4"] = out
+
+        sessions, outputs = {}, {}
+        for tag, path in list(candidates.items()) + [(f"ort-best[{m}]", p) for m, p in ort_best.items()]:
+            if isinstance(path, str):
+                continue
+            try:
+                sessions[tag] = make_session(str(path), threads=2)
+            except onnxpress.OnnxpressError as exc:
+                candidates[tag] = str(exc)
+                continue
+            outputs[tag] = logits(sessions[tag], test_x)
+        ref = outputs["fp32"]
+        # ORT's best config: the better of MinMax / Percentile by logit SQNR.
+        scored = [(sqnr_db(ref, outputs[f"ort-best[{m}]"]), m) for m in ort_best if f"ort-best[{m}]" in outputs]
+        if scored:
+            _, m = max(scored)
+            candidates["ort-best"] = ort_best[m]
+            sessions["ort-best"] = sessions[f"ort-best[{m}]"]
+            outputs["ort-best"] = outputs[f"ort-best[{m}]"]
+            best_label = f"ort-best ({m})"
+        else:
+            candidates["ort-best"] = "; ".join(str(p) for p in ort_best.values())
+            best_label = "ort-best"
+        for m in ort_best:
+            sessions.pop(f"ort-best[{m}]", None)
+        timed = dict(sessions)
+        lat1 = latency_ratios(timed, test_x, 1, args.repeats)
+        lat64 = latency_ratios(timed, test_x, 64, args.repeats)
+        size0 = src.stat().st_size
+        order = ["fp32", "ort-default", "ort-best"] + [k for k in candidates if k.startswith("onnxpress")]
+        for tag in order:
+            path = candidates[tag]
+            label = best_label if tag == "ort-best" else tag
+            if isinstance(path, str):
+                rows.append([name, label, f"failed: {path[:70]}", "", "", "", "", ""])
+                continue
+            out = outputs[tag]
+            agree = float(np.mean(out.argmax(1) == ref.argmax(1)))
+            acc = float(np.mean(out.argmax(1) == labels))
+            rows.append(
+                [
+                    name,
+                    label,
+                    "-" if tag == "fp32" else f"{sqnr_db(ref, out):.2f}",
+                    f"{100 * agree:.2f}%",
+                    f"{100 * acc:.2f}%",
+                    f"{lat1[tag]:.3f}",
+                    f"{lat64[tag]:.3f}",
+                    f"{path.stat().st_size / size0:.3f}",
+                ]
+            )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="models", help="folder with the reference models and digits32 data")
+    ap.add_argument("--only", default="", help="comma-separated model names (default: all present)")
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--compare-methods", action="store_true", help="onnxpress with kl, minmax, percentile and mse")
+    ap.add_argument("--block-size", type=int, default=64, help="int4 block size for the transformer row")
+    args = ap.parse_args(argv)
+    from onnxpress.quantize import DEFAULT_METHOD
+
+    args.methods = ["kl", "minmax", "percentile", "mse"] if args.compare_methods else [DEFAULT_METHOD]
+    logging.basicConfig(level=logging.ERROR)
+    folder = Path(args.models)
+    calib = np.load(folder / "digits32_calib.npz")["input"]
+    test = np.load(folder / "digits32_test.npz")
+    test_x, labels = test["input"], test["labels"]
+    names = [n for n in (args.only.split(",") if args.only else MODELS) if (folder / f"{n}.onnx").exists()]
+    if not names:
+        print(f"no reference models in {folder}", file=sys.stderr)
+        return 2
+    rows: list[list] = []
+    for name in names:
+        rows += bench_model(name, folder, calib, test_x, labels, args)
+        print(f"done {name}", file=sys.stderr, flush=True)
+    header = ["model", "config", "SQNR dB", "top-1 agree", "accuracy", "lat b1", "lat b64", "size"]
+    print(format_table(header, rows))
+    print(f"latency and size relative to fp32; {args.repeats} interleaved repeats, 2 threads; onnx {onnx.__version__}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -294,9 +294,8 @@ def _gemm(ctx: _Ctx, inputs: list[Value]) -> list[Value]:
     a, b = _t(inputs[0]), _t(inputs[1])
     if ctx.get("transA", 0):
         a = a.t()
-    if ctx.get("transB", 0):
-        b = b.t()
-    y = a @ b
+    # F.linear for transB keeps the weight as stored (the exporter then writes Gemm(transB=1) on it)
+    y = F.linear(a, b) if ctx.get("transB", 0) else a @ b
     alpha, beta = float(ctx.get("alpha", 1.0)), float(ctx.get("beta", 1.0))
     if alpha != 1.0:
         y = y * alpha

@@ -1,0 +1,131 @@
+"""Back to ONNX: the exported model equals the module on onnxruntime; QAT exports the PTQ graph shape."""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import onnx
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from onnxpress.bridge.convert import OnnxModule  # noqa: E402
+from onnxpress.bridge.export import export_module, validate_against_module  # noqa: E402
+from onnxpress.bridge.qat import prepare_qat  # noqa: E402
+from onnxpress.calibration.table import CalibrationTable  # noqa: E402
+from onnxpress.errors import ValidationError  # noqa: E402
+from onnxpress.runtime import make_session  # noqa: E402
+from tests.graphs import run  # noqa: E402
+from tests.test_bridge_graphs import tiny_cnn, tiny_data  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def _perturbed_module(model):
+    mod = OnnxModule(model)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in mod.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return mod
+
+
+@pytest.fixture(scope="module")
+def exported():
+    model = tiny_cnn()
+    mod = _perturbed_module(model)
+    return model, mod, export_module(mod, model, [tiny_data(4)])
+
+
+def test_export_equals_module_on_onnxruntime(exported):
+    """Changed weights, dynamic batch (3 and 17): onnxruntime output == module output within 1e-4."""
+    model, mod, out = exported
+    for n in (3, 17):
+        x = tiny_data(n, seed=n)
+        with torch.no_grad():
+            want = mod(torch.from_numpy(x)).numpy()
+        got = run(out, {"input": x})[0]
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+        assert np.abs(got - run(model, {"input": x})[0]).max() > 1e-3  # the new weights, not the old
+
+
+def test_export_keeps_names_and_batch_is_dynamic(exported):
+    model, _, out = exported
+    assert [i.name for i in out.graph.input] == ["input"]
+    assert [o.name for o in out.graph.output] == ["logits"]
+    assert not out.graph.input[0].type.tensor_type.shape.dim[0].HasField("dim_value")
+    names = {i.name for i in out.graph.initializer}
+    assert {"c1.weight", "c2.weight", "fc.weight"} <= names
+    onnx.checker.check_model(out, full_check=True)
+
+
+def test_validate_against_module_raises_on_mismatch(exported):
+    model, mod, out = exported
+    feeds = {"input": tiny_data(4)}
+    assert validate_against_module(out, mod, feeds) <= 1e-4
+    with pytest.raises(ValidationError, match="logits"):
+        validate_against_module(model, mod, feeds)  # the unperturbed model is not the module
+
+
+def _table(model, x):
+    names = ["input", "a1", "r1", "a2", "r2", "p", "f", "logits"]
+    with_outputs = onnx.ModelProto()
+    with_outputs.CopyFrom(model)
+    for n in names[1:-1]:
+        with_outputs.graph.output.append(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None))
+    outs = dict(zip([o.name for o in with_outputs.graph.output], run(with_outputs, {"input": x}), strict=True))
+    outs["input"] = x
+    return CalibrationTable.from_ranges({n: (float(outs[n].min()), float(outs[n].max())) for n in names})
+
+
+@pytest.fixture(scope="module")
+def qat_plan():
+    model = tiny_cnn(gain=4.0)
+    x = tiny_data(64)
+    return model, x, prepare_qat(model, {"input": x}, table=_table(model, x))
+
+
+def test_qat_module_starts_equal_to_ptq(qat_plan):
+    """Before training the QAT module computes exactly the PTQ QDQ graph (onnxruntime, no optimisations)."""
+    _, x, plan = qat_plan
+    with torch.no_grad():
+        got = plan.module(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got, run(plan.ptq, {"input": x})[0], atol=1e-5, rtol=0)
+    assert len(plan.weights) == 3 and len(plan.biases) >= 2
+
+
+def test_qat_export_after_training_equals_module(qat_plan, tmp_path):
+    """After LSQ steps (weights and scales move) the written QDQ graph equals the QAT module."""
+    model, x, plan = qat_plan
+    mod = plan.module
+    teacher = torch.from_numpy(run(model, {"input": x})[0])
+    scale_before = {n: mod.initializer(w.scale).detach().clone() for n, w in enumerate(plan.weights)}
+    opt = torch.optim.Adam(mod.parameters(), lr=2e-3)
+    for _ in range(5):
+        loss = torch.nn.functional.mse_loss(mod(torch.from_numpy(x)), teacher)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    moved = [not torch.equal(mod.initializer(w.scale), scale_before[n]) for n, w in enumerate(plan.weights)]
+    assert all(moved)
+    out = plan.export(mod)
+    assert collections.Counter(n.op_type for n in out.graph.node) == collections.Counter(
+        n.op_type for n in plan.ptq.graph.node
+    )
+    with torch.no_grad():
+        want = mod(torch.from_numpy(x)).numpy()
+    got = run(out, {"input": x})[0]
+    # identical math; a value on a rounding tie may land one step apart, so bound by the output scale
+    assert np.abs(got - want).max() <= 1e-4
+    # integer kernels: onnxruntime's optimiser turns the QDQ Convs into QLinearConv
+    optimized = tmp_path / "opt.onnx"
+    make_session(out, optimized_model_path=str(optimized))
+    ops = collections.Counter(n.op_type for n in onnx.load(str(optimized)).graph.node)
+    assert ops["QLinearConv"] == 2, ops

@@ -1,0 +1,161 @@
+"""Distillation loss and the fine-tune loop on a tiny CNN (teacher vs a perturbed student)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from onnxpress.bridge.convert import OnnxModule  # noqa: E402
+from onnxpress.bridge.train import (  # noqa: E402
+    FinetuneConfig,
+    distillation_loss,
+    load_arrays,
+    load_label_array,
+    run_teacher,
+    sparsity_penalty,
+    train_student,
+)
+from onnxpress.errors import DataError  # noqa: E402
+from tests.test_bridge_graphs import tiny_cnn, tiny_data  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def _log_softmax(z):
+    z = z - z.max(axis=1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+
+def test_distillation_loss_matches_numpy_formula():
+    r = np.random.default_rng(0)
+    zs, zt = r.standard_normal((6, 5)), r.standard_normal((6, 5)) * 3
+    y = r.integers(0, 5, 6)
+    t, lh, ls = 3.0, 0.7, 0.4
+    lp_s, lp_t = _log_softmax(zs / t), _log_softmax(zt / t)
+    kl = float(np.mean(np.sum(np.exp(lp_t) * (lp_t - lp_s), axis=1)))  # KL(p_t || p_s), batch mean
+    ce = float(-np.mean(_log_softmax(zs)[np.arange(6), y]))
+    want = lh * ce + ls * t * t * kl
+    got = distillation_loss(torch.tensor(zs), torch.tensor(zt), torch.tensor(y), temperature=t, hard_weight=lh,
+                            soft_weight=ls)  # fmt: skip
+    assert float(got) == pytest.approx(want, rel=1e-9)
+
+
+def test_distillation_loss_is_zero_when_student_equals_teacher():
+    z = torch.randn(4, 5, dtype=torch.float64)
+    assert float(distillation_loss(z, z.clone(), temperature=2.0)) == pytest.approx(0.0, abs=1e-12)
+
+
+def _setup(n=96):
+    teacher = tiny_cnn(gain=4.0)
+    student_model = tiny_cnn(noise=0.5, gain=4.0)
+    arrays = {"input": tiny_data(n)}
+    logits = run_teacher(teacher, arrays, ["logits"])[0]
+    return teacher, student_model, arrays, logits
+
+
+def test_one_step_lowers_the_kd_loss():
+    """One Adam step on one batch lowers the distillation loss on that batch."""
+    _, student_model, arrays, logits = _setup(32)
+    student = OnnxModule(student_model)
+    x, zt = torch.from_numpy(arrays["input"]), torch.from_numpy(logits)
+    torch.manual_seed(0)
+    opt = torch.optim.SGD(student.parameters(), lr=1e-3)
+    before = distillation_loss(student(x), zt, temperature=4.0)
+    opt.zero_grad()
+    before.backward()
+    opt.step()
+    with torch.no_grad():
+        after = distillation_loss(student(x), zt, temperature=4.0)
+    assert float(after) < float(before.detach())
+
+
+def test_training_brings_student_closer_to_teacher_and_is_deterministic():
+    _, student_model, arrays, logits = _setup()
+    cfg = FinetuneConfig(epochs=4, lr=3e-3, batch_size=16, val_fraction=0.25, patience=10, seed=3)
+    weights, hists = [], []
+    for _ in range(2):
+        student = OnnxModule(student_model)
+        hists.append(train_student(student, student_model, arrays, logits, None, cfg))
+        weights.append({k: v.detach().clone() for k, v in student.state_dict().items()})
+    for k in weights[0]:
+        assert torch.equal(weights[0][k], weights[1][k]), k
+    h = hists[0]
+    assert h.train_samples == 72 and h.val_samples == 24
+    assert len(h.train_loss) == 4
+    assert min(h.val_loss) < h.val_loss[0] or h.best_epoch > 0
+    with torch.no_grad():
+        before = OnnxModule(student_model)(torch.from_numpy(arrays["input"])).numpy()
+        after = student(torch.from_numpy(arrays["input"])).numpy()
+    err = lambda z: float(np.mean((z - logits) ** 2))  # noqa: E731
+    assert err(after) < 0.7 * err(before)
+
+
+def test_early_stopping_keeps_the_best_epoch():
+    """A learning rate far too high makes validation worse; the kept weights are the best epoch's."""
+    _, student_model, arrays, logits = _setup()
+    cfg = FinetuneConfig(epochs=6, lr=5.0, batch_size=16, val_fraction=0.25, patience=2, seed=0)
+    student = OnnxModule(student_model)
+    h = train_student(student, student_model, arrays, logits, None, cfg)
+    assert h.stopped_early
+    assert len(h.val_loss) < 6
+    best = [h.val_loss[h.best_epoch - 1]] if h.best_epoch else []
+    assert all(v >= min([*best, *h.val_loss]) for v in h.val_loss)
+
+
+def test_hard_labels_only_and_nothing_to_learn():
+    _, student_model, arrays, _ = _setup(48)
+    labels = np.arange(48) % 5
+    cfg = FinetuneConfig(epochs=1, batch_size=16, val_fraction=0.0)
+    h = train_student(OnnxModule(student_model), student_model, arrays, None, labels, cfg)
+    assert len(h.train_loss) == 1 and np.isfinite(h.train_loss[0])
+    with pytest.raises(DataError, match="nothing to learn"):
+        train_student(OnnxModule(student_model), student_model, arrays, None, None, cfg)
+
+
+def test_feature_distillation_shapes_must_match():
+    teacher, student_model, arrays, logits = _setup(32)
+    cfg = FinetuneConfig(epochs=1, batch_size=16, val_fraction=0.0, feature_weight=1.0, features={"r2": "r2"})
+    student = OnnxModule(student_model)
+    h = train_student(student, student_model, arrays, logits, None, cfg, teacher_model=teacher)
+    assert np.isfinite(h.train_loss[0])
+    bad = FinetuneConfig(epochs=1, batch_size=16, val_fraction=0.0, feature_weight=1.0, features={"r2": "r1"})
+    with pytest.raises(DataError, match="shapes differ"):
+        train_student(OnnxModule(student_model), student_model, arrays, logits, None, bad, teacher_model=teacher)
+
+
+def test_sparsity_penalty_shrinks_channel_norms():
+    """Group-L1 on Conv output channels (no BN in the graph) lowers the summed channel norms."""
+    _, student_model, arrays, logits = _setup(48)
+    base = OnnxModule(student_model)
+    before = float(sparsity_penalty(base, student_model))
+    cfg = FinetuneConfig(epochs=5, lr=5e-2, batch_size=16, val_fraction=0.0, sparsity=1.0, soft_weight=0.0)
+    student = OnnxModule(student_model)
+    train_student(student, student_model, arrays, logits, None, cfg)
+    assert float(sparsity_penalty(student, student_model)) < 0.8 * before
+
+
+def test_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="temperature"):
+        FinetuneConfig(temperature=0)
+
+
+def test_load_arrays_and_labels(tmp_path):
+    model = tiny_cnn()
+    x = tiny_data(10)
+    path = tmp_path / "d.npz"
+    np.savez(path, input=x, labels=np.arange(10))
+    arrays = load_arrays(str(path), model)
+    np.testing.assert_array_equal(arrays["input"], x)
+    assert load_label_array(str(path), 10).tolist() == list(range(10))
+    with pytest.raises(DataError):
+        load_label_array(np.arange(3), 10)
+    with pytest.raises(DataError):
+        load_arrays({"input": np.full((2, 1, 8, 8), np.nan, np.float32)}, model)

@@ -1,0 +1,84 @@
+"""onnxpress.finetune and ``onnxpress finetune``: end to end on a tiny CNN (files under tmp_path)."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import onnx
+import pytest
+
+pytest.importorskip("torch")
+
+import onnxpress  # noqa: E402
+from onnxpress.cli import main  # noqa: E402
+from onnxpress.errors import DataError, ModelLoadError  # noqa: E402
+from tests.graphs import run  # noqa: E402
+from tests.test_bridge_graphs import tiny_cnn, tiny_data  # noqa: E402
+
+
+@pytest.fixture()
+def files(tmp_path):
+    teacher, student = tiny_cnn(gain=4.0), tiny_cnn(noise=0.5, gain=4.0)
+    paths = {"teacher": tmp_path / "teacher.onnx", "student": tmp_path / "student.onnx", "data": tmp_path / "d.npz"}
+    onnx.save(teacher, str(paths["teacher"]))
+    onnx.save(student, str(paths["student"]))
+    x = tiny_data(96)
+    labels = run(teacher, {"input": x})[0].argmax(1)  # the teacher is right by construction
+    np.savez(paths["data"], input=x, labels=labels)
+    return paths
+
+
+def _digest(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_finetune_api_recovers_teacher_and_writes_a_valid_model(files, tmp_path):
+    before = {k: _digest(v) for k, v in files.items()}
+    out = tmp_path / "out.onnx"
+    res = onnxpress.finetune(files["student"], files["teacher"], str(files["data"]), out, labels=str(files["data"]),
+                             epochs=6, lr=3e-3, batch_size=16, threads=1, seed=0)  # fmt: skip
+    assert {k: _digest(v) for k, v in files.items()} == before  # inputs untouched
+    assert res.output == out and out.exists()
+    assert res.export_max_diff <= 1e-4
+    m = res.metrics
+    assert m["sqnr_db_after"] > m["sqnr_db_before"] + 1.0
+    assert m["accuracy_after"] >= m["accuracy_before"]
+    assert m["teacher_accuracy"] == 1.0
+    # the written model on onnxruntime is closer to the teacher than the student was
+    x = tiny_data(40, seed=9)
+    t = run(onnx.load(str(files["teacher"])), {"input": x})[0]
+    err = lambda z: float(np.mean((z - t) ** 2))  # noqa: E731
+    assert err(run(onnx.load(str(out)), {"input": x})[0]) < err(run(onnx.load(str(files["student"])), {"input": x})[0])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out.onnx", "teacher.onnx", "student.onnx", "d.npz"])
+
+
+def test_finetune_qat_writes_qdq_model(files, tmp_path):
+    out = tmp_path / "qat.onnx"
+    res = onnxpress.finetune(files["student"], files["teacher"], str(files["data"]), out, epochs=2, lr=1e-3,
+                             batch_size=16, threads=1, qat=True, val_fraction=0.0)  # fmt: skip
+    ops = {n.op_type for n in onnx.load(str(out)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops
+    assert res.export_max_diff <= 1e-4
+
+
+def test_finetune_errors(files, tmp_path):
+    with pytest.raises(DataError, match="nothing to learn"):
+        onnxpress.finetune(files["student"], None, str(files["data"]), epochs=1)
+    with pytest.raises(ModelLoadError):
+        onnxpress.finetune(tmp_path / "missing.onnx", files["teacher"], str(files["data"]), epochs=1)
+    with pytest.raises(DataError):
+        onnxpress.finetune(files["student"], files["teacher"], {"wrong": tiny_data(4)}, epochs=1)
+
+
+def test_cli_finetune(files, tmp_path, capsys):
+    out = tmp_path / "cli.onnx"
+    rc = main(["finetune", str(files["student"]), "--teacher", str(files["teacher"]), "--data", str(files["data"]),
+               "--labels", str(files["data"]), "-o", str(out), "--epochs", "2", "--threads", "1", "-q"])  # fmt: skip
+    assert rc == 0 and out.exists()
+    printed = capsys.readouterr().out
+    assert "sqnr_db_after" in printed and "wrote" in printed
+    rc = main(["finetune", str(files["student"]), "--teacher", str(tmp_path / "nope.onnx"), "--data",
+               str(files["data"]), "-o", str(tmp_path / "x.onnx")])  # fmt: skip
+    assert rc == 2
+    assert "onnxpress: error:" in capsys.readouterr().err

@@ -35,6 +35,7 @@ __all__ = [
     "MeanAbsObserver",
     "PruneResult",
     "Sensitivity",
+    "collect_channel_stats",
     "collect_mean_abs",
     "cost_report",
     "prune",
@@ -46,21 +47,28 @@ log = logging.getLogger(__name__)
 
 
 class MeanAbsObserver:
-    """Per-channel mean ``|x|`` along ``axis``: ``update`` accumulates, ``compute`` divides."""
+    """Per-channel mean ``|x|`` (and mean ``x``) along ``axis``: ``update`` accumulates, ``compute`` divides."""
 
     def __init__(self, axis: int) -> None:
         """Observe channels on ``axis`` of every batch."""
         self.axis = axis
         self.total: np.ndarray | None = None
+        self.signed: np.ndarray | None = None
         self.count = 0
 
     def update(self, x: np.ndarray) -> None:
-        """Add ``sum |x|`` over every axis but the channel axis."""
+        """Add ``sum |x|`` and ``sum x`` over every axis but the channel axis."""
         x = np.asarray(x)
         moved = np.moveaxis(x, self.axis, 0).reshape(x.shape[self.axis], -1)
         part = np.abs(moved, dtype=np.float64).sum(axis=1)
+        signed = moved.sum(axis=1, dtype=np.float64)
         self.total = part if self.total is None else self.total + part
+        self.signed = signed if self.signed is None else self.signed + signed
         self.count += moved.shape[1]
+
+    def _check(self) -> None:
+        if self.total is None or self.count == 0:
+            raise CalibrationError("no activation values were observed; give non-empty calibration data")
 
     def compute(self) -> np.ndarray:
         """Mean ``|x|`` per channel.
@@ -68,9 +76,17 @@ class MeanAbsObserver:
         Raises:
             CalibrationError: no batch was observed.
         """
-        if self.total is None or self.count == 0:
-            raise CalibrationError("no activation values were observed; give non-empty calibration data")
+        self._check()
         return self.total / self.count
+
+    def mean(self) -> np.ndarray:
+        """Mean ``x`` per channel.
+
+        Raises:
+            CalibrationError: no batch was observed.
+        """
+        self._check()
+        return self.signed / self.count
 
 
 def collect_mean_abs(
@@ -82,6 +98,21 @@ def collect_mean_abs(
     progress: bool = False,
 ) -> dict[str, np.ndarray]:
     """Mean ``|x|`` per channel of every tensor a pruning consumer reads (for criterion ``act``).
+
+    Same arguments as :func:`collect_channel_stats`.
+    """
+    return collect_channel_stats(model, data, max_samples=max_samples, batch_size=batch_size, progress=progress)[0]
+
+
+def collect_channel_stats(
+    model: onnx.ModelProto,
+    data: object,
+    *,
+    max_samples: int | None = 256,
+    batch_size: int = 64,
+    progress: bool = False,
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Mean ``|x|`` and mean ``x`` per channel of every tensor a pruning consumer reads.
 
     Args:
         model: the model to observe (not modified).
@@ -96,10 +127,10 @@ def collect_mean_abs(
     targets = activation_targets(gs.import_onnx(model))
     observers = {name: MeanAbsObserver(axis) for name, axis in targets.items()}
     if not observers:
-        return {}
+        return {}, {}
     reader = open_data(data, model, max_samples=max_samples)
     collect_statistics(model, reader, observers, batch_size=batch_size, max_samples=max_samples, progress=progress)
-    return {name: obs.compute() for name, obs in observers.items()}
+    return {n: o.compute() for n, o in observers.items()}, {n: o.mean() for n, o in observers.items()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,6 +195,7 @@ def prune(
     scope: str = "global",
     multiple: int = 1,
     calib: object | None = None,
+    compensate: bool = False,
     max_samples: int = 256,
     batch_size: int = 64,
     progress: bool = False,
@@ -177,13 +209,14 @@ def prune(
         criterion: ``l1``, ``l2``, ``bn`` (needs BatchNormalization nodes) or ``act`` (needs ``calib``).
         scope: ``global`` threshold over all groups or the same ratio in each ``layer`` group.
         multiple: round kept channel counts per group to a multiple of this.
-        calib: calibration data for ``act`` (anything ``open_data`` accepts).
+        calib: calibration data for ``act`` and ``compensate`` (anything ``open_data`` accepts).
+        compensate: fold each removed channel's mean (measured on ``calib``) into its consumers' biases.
         max_samples: calibration samples for ``act``.
         batch_size: samples per inference call for ``act``.
         progress: progress bars.
 
     Raises:
-        CalibrationError: ``act`` without ``calib``. Errors of loading, the passes and saving.
+        CalibrationError: ``act`` or ``compensate`` without ``calib``. Errors of loading, passes, saving.
         ValueError: a ratio outside [0, 1), an unknown criterion or scope.
     """
     if criterion not in CRITERIA:
@@ -192,6 +225,8 @@ def prune(
         PruneChannels(ratio, criterion=criterion, scope=scope, multiple=multiple)  # validates the arguments
         if criterion == "act" and calib is None:
             raise CalibrationError("criterion 'act' needs calibration data (--calib DATA)")
+        if compensate and calib is None:
+            raise CalibrationError("mean compensation needs calibration data (--calib DATA)")
     if output is not None:
         check_output_path(output, [model])
     original = normalize_model(load_model(model))
@@ -199,14 +234,16 @@ def prune(
     stats, notes = dict(exact.stats), list(exact.notes)
     pruned = exact.model
     if ratio is not None and ratio > 0:
-        acts = None
-        if criterion == "act":
-            acts = collect_mean_abs(pruned, calib, max_samples=max_samples, batch_size=batch_size, progress=progress)
-        lossy: PipelineResult = run_passes(
-            pruned,
-            [PruneChannels(ratio, criterion=criterion, scope=scope, multiple=multiple, activations=acts)],
-            progress=progress,
+        acts = means = None
+        if criterion == "act" or compensate:
+            acts, means = collect_channel_stats(
+                pruned, calib, max_samples=max_samples, batch_size=batch_size, progress=progress
+            )
+        pass_ = PruneChannels(
+            ratio, criterion=criterion, scope=scope, multiple=multiple, activations=acts,
+            means=means if compensate else None,
         )
+        lossy: PipelineResult = run_passes(pruned, [pass_], progress=progress)
         stats.update(lossy.stats)
         notes.extend(lossy.notes)
         pruned = lossy.model

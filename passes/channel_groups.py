@@ -31,7 +31,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping
 
 import numpy as np
 import onnx
@@ -915,13 +915,21 @@ def _set_const(graph: gs.Graph, node: gs.Node, index: int, values: np.ndarray) -
 
 
 def remove_units(
-    graph: gs.Graph, analysis: ChannelAnalysis, removed: Iterable[int], *, fold_constants: bool = True
+    graph: gs.Graph,
+    analysis: ChannelAnalysis,
+    removed: Iterable[int],
+    *,
+    fold_constants: bool = True,
+    fold_means: Mapping[str, np.ndarray] | None = None,
 ) -> tuple[int, int]:
     """Remove the units ``removed`` (roots) from ``graph`` in place.
 
     With ``fold_constants`` the constant value of each removed channel is added to its consumers'
-    bias (exact only for units accepted by :meth:`ChannelAnalysis.zero_removable`). A unit whose
-    removal would leave some tensor without channels is kept.
+    bias (exact only for units accepted by :meth:`ChannelAnalysis.zero_removable`). With
+    ``fold_means`` (consumer input tensor -> mean per position along its channel axis) the mean of
+    each removed channel is folded instead, which keeps the consumers' expected output (lossy
+    pruning; at zero-padded borders of a Conv it is approximate). A unit whose removal would leave
+    some tensor without channels is kept.
 
     Returns:
         (source channels removed, units removed).
@@ -937,7 +945,11 @@ def remove_units(
         keep = keep_id[c.ids]
         if keep.all():
             continue
-        if fold_constants:
+        if fold_means is not None and c.tensor in fold_means and (c.fold_exact or c.kind == "Conv"):
+            mean = np.asarray(fold_means[c.tensor], dtype=np.float64).reshape(-1)
+            if mean.shape == c.ids.shape:
+                _fold_into_bias(graph, dataclasses.replace(c, values=mean, weight_zero=np.zeros_like(keep)), ~keep)
+        elif fold_constants:
             _fold_into_bias(graph, c, ~keep)
         _set_const(graph, c.node, 1, _take(np.asarray(c.node.inputs[1].values), keep, c.weight_axis))
     for s in analysis.sources:

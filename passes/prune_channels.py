@@ -149,6 +149,8 @@ class PruneChannels:
         scope: ``global`` (one threshold over all groups) or ``layer`` (the ratio in every group).
         multiple: round each group's kept channel count to a multiple of this.
         activations: per-channel mean ``|x|`` for ``act`` (tensor name -> array).
+        means: per-channel mean ``x`` of the consumers' inputs (tensor name -> array); when given,
+            each removed channel's mean is folded into its consumers' biases (mean compensation).
     """
 
     name = "prune_channels"
@@ -161,6 +163,7 @@ class PruneChannels:
         scope: str = "global",
         multiple: int = 1,
         activations: Mapping[str, np.ndarray] | None = None,
+        means: Mapping[str, np.ndarray] | None = None,
     ) -> None:
         """Check and keep the configuration."""
         ratios = ratio.values() if isinstance(ratio, Mapping) else [ratio]
@@ -177,6 +180,7 @@ class PruneChannels:
         self.scope = scope
         self.multiple = int(multiple)
         self.activations = activations
+        self.means = means
 
     def requires(self, graph: gs.Graph) -> None:
         """No preconditions (errors about criteria surface when scoring)."""
@@ -213,7 +217,7 @@ class PruneChannels:
             removed.update(drop)
             if drop:
                 notes.append(f"group {g.name}: removed {len(drop)} of {len(g.units)} channel units")
-        channels, units = remove_units(graph, analysis, removed, fold_constants=False)
+        channels, units = remove_units(graph, analysis, removed, fold_constants=False, fold_means=self.means)
         notes.extend(_frozen_notes(groups))
         total = sum(len(members[u]) for g in groups for u in g.units if u not in frozen)
         stats = {"channels_removed": channels, "units_removed": units, "prunable_channels": total}

@@ -118,3 +118,19 @@ def test_cli_errors_are_one_line(files, tmp_path, capsys):
         main(["prune", str(path), "-o", str(tmp_path / "p.onnx"), "--ratio", "1.5"])
     assert exc.value.code == 2
     assert main(["prune", str(tmp_path / "missing.onnx"), "-o", str(tmp_path / "p.onnx")]) == 2
+
+
+def test_mean_compensation_raises_sqnr(tmp_path):
+    """conv_bn_chain at 50%: folding the removed Relu channels' means into conv2's bias lowers the error."""
+    model = conv_bn_chain()
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, X=graphs.rng(0).standard_normal((64, 3, 8, 8)).astype(np.float32))
+    x = graphs.rng(1).standard_normal((32, 3, 8, 8)).astype(np.float32)
+    ref = graphs.run(model, {"X": x})[0]
+    plain = onnxpress.prune(model, ratio=0.5, calib=calib).model
+    comp = onnxpress.prune(model, ratio=0.5, calib=calib, compensate=True).model
+    s_plain = sqnr_db(ref, graphs.run(plain, {"X": x})[0])
+    s_comp = sqnr_db(ref, graphs.run(comp, {"X": x})[0])
+    assert s_comp > s_plain + 0.5, (s_plain, s_comp)  # measured 3.0 -> 3.7 dB (fixed seeds)
+    with pytest.raises(CalibrationError, match="--calib"):
+        onnxpress.prune(model, ratio=0.5, compensate=True)

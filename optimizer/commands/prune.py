@@ -45,6 +45,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--criterion", choices=CRITERIA, default="l2", help="channel importance (default l2)")
     p.add_argument("--scope", choices=("global", "layer"), default="global", help="one threshold or one per group")
     p.add_argument("--calib", metavar="DATA", help="calibration data (.npz or folder) for --criterion act")
+    p.add_argument(
+        "--compensate", action="store_true", help="fold removed channels' means (from --calib) into the next biases"
+    )
     p.add_argument("--multiple", type=_positive, default=1, help="round kept channels per group to a multiple")
     p.add_argument("--max-samples", type=_positive, default=256, help="calibration samples for act (default 256)")
     add_common(p)
@@ -71,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
         scope=args.scope,
         multiple=args.multiple,
         calib=args.calib,
+        compensate=args.compensate,
         max_samples=args.max_samples,
         progress=progress_enabled(args),
     )

@@ -27,7 +27,7 @@ import onnx
 
 from onnxpress.errors import CalibrationError, DataError
 
-__all__ = ["DEFAULT_OP_TYPES", "collect_statistics", "select_tensors"]
+__all__ = ["DEFAULT_BUDGET_MB", "DEFAULT_OP_TYPES", "bytes_per_sample", "collect_statistics", "select_tensors"]
 
 log = logging.getLogger(__name__)
 
@@ -42,22 +42,46 @@ DEFAULT_OP_TYPES: frozenset[str] = frozenset(
     }
 )  # fmt: skip
 
+DEFAULT_BUDGET_MB = 16.0
+
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
+
+
+_Types = dict[str, tuple[int, "tuple[int | None, ...] | None"]]
+
+
+def _value_types(model: onnx.ModelProto) -> _Types:
+    """``name -> (element type, dims or None)`` of every typed value, after shape inference."""
+    from onnxpress.model_io import infer_shapes
+
+    g = infer_shapes(model).graph
+    types: dict[str, tuple[int, tuple[int | None, ...] | None]] = {}
+    for vi in list(g.input) + list(g.value_info) + list(g.output):
+        tt = vi.type.tensor_type
+        if vi.type.HasField("tensor_type") and tt.elem_type:
+            dims = tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim)
+            types[vi.name] = (tt.elem_type, dims if tt.HasField("shape") else None)
+    for init in g.initializer:
+        types[init.name] = (init.data_type, tuple(init.dims))
+    return types
 
 
 def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
     """Element type of every typed value (inputs, outputs, value_info, initializers)."""
-    from onnxpress.model_io import infer_shapes
+    return {name: t for name, (t, _) in _value_types(model).items()}
 
-    inferred = infer_shapes(model)
-    g = inferred.graph
-    types: dict[str, int] = {}
-    for vi in list(g.input) + list(g.value_info) + list(g.output):
-        if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
-            types[vi.name] = vi.type.tensor_type.elem_type
-    for init in g.initializer:
-        types[init.name] = init.data_type
-    return types
+
+def bytes_per_sample(model: onnx.ModelProto, names: Sequence[str], types: _Types | None = None) -> int | None:
+    """Bytes one sample of the tensors ``names`` takes (axis 0 = batch); None if a shape is unknown."""
+    total = 0
+    types = _value_types(model) if types is None else types
+    for name in names:
+        elem, dims = types.get(name, (0, None))
+        if not elem or dims is None or not dims or any(d is None for d in dims[1:]):
+            return None
+        size = int(np.prod(dims[1:], dtype=np.int64)) if len(dims) > 1 else 1
+        total += size * onnx.helper.tensor_dtype_to_np_dtype(elem).itemsize
+    return total
 
 
 def _constant_values(g: onnx.GraphProto) -> set[str]:
@@ -99,13 +123,12 @@ def select_tensors(model: onnx.ModelProto, op_types: Iterable[str] | None = None
     return graph_inputs + [n for n in names if n not in set(graph_inputs)]
 
 
-def _expose(model: onnx.ModelProto, names: Sequence[str]) -> tuple[onnx.ModelProto, list[str]]:
+def _expose(model: onnx.ModelProto, names: Sequence[str], types: _Types) -> tuple[onnx.ModelProto, list[str]]:
     """A copy of ``model`` with ``names`` added as graph outputs; returns it and the fetch list."""
     g = model.graph
     graph_inputs = {i.name for i in g.input}
     produced = {o for n in g.node for o in n.output if o}
     existing = {o.name for o in g.output}
-    types = _elem_types(model)
     unknown = [n for n in names if n not in produced and n not in graph_inputs]
     if unknown:
         raise CalibrationError(
@@ -121,7 +144,7 @@ def _expose(model: onnx.ModelProto, names: Sequence[str]) -> tuple[onnx.ModelPro
         fetch.append(name)
         if name in existing:
             continue
-        elem = types.get(name, onnx.TensorProto.FLOAT)
+        elem = types.get(name, (onnx.TensorProto.FLOAT, None))[0]
         out.graph.output.append(onnx.helper.make_tensor_value_info(name, elem, None))
     return out, fetch
 
@@ -201,6 +224,7 @@ def collect_statistics(
     batch_size: int = 64,
     max_samples: int | None = None,
     progress: bool = False,
+    memory_budget_mb: float | None = DEFAULT_BUDGET_MB,
 ) -> int:
     """Run ``model`` over ``data`` once and stream each observed tensor into its observer.
 
@@ -212,6 +236,10 @@ def collect_statistics(
         batch_size: samples per inference call when the batch dimension is dynamic.
         max_samples: stop after this many samples (the last batch is cut).
         progress: show a tqdm bar (samples/s).
+        memory_budget_mb: cap on the observed values of one batch: the batch is reduced to
+            ``budget // bytes_per_sample`` samples (at least 1) when the shapes are known, because
+            all observed tensors of a batch are alive at once (in onnxruntime, in numpy, and on the
+            observer thread). ``None``: always ``batch_size``.
 
     Returns:
         The number of samples run.
@@ -232,10 +260,17 @@ def collect_statistics(
         if not callable(getattr(obs, "update", None)):
             raise CalibrationError(f"observer for {name!r} has no update(x) method")
     names = list(observers)
-    exposed, fetch = _expose(model, names)
+    types = _value_types(model)
+    exposed, fetch = _expose(model, names, types)
     session = make_session(exposed, what="model with calibration outputs")
     input_names = {i.name for i in session.get_inputs()}
     dynamic = _batch_is_dynamic(model)
+    per_sample = bytes_per_sample(model, names, types)
+    if dynamic and memory_budget_mb is not None and per_sample:
+        fitted = max(1, int(memory_budget_mb * 2**20 // per_sample))
+        if fitted < batch_size:
+            log.info("batch %d -> %d samples (%.1f MB observed per sample)", batch_size, fitted, per_sample / 2**20)
+            batch_size = fitted
     total = max_samples if max_samples is not None else getattr(data, "num_samples", None)
     seen = 0
     pending: Future[None] | None = None

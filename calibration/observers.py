@@ -5,7 +5,8 @@ rules, for a tensor whose finite values span ``[lo, hi]`` with ``amax = max(|lo|
 
     minmax      [lo, hi]
     percentile  T = p-th percentile of |x|        ->  [max(lo, -T), min(hi, T)]
-    kl          T = argmin_i KL(P_i || Q_i) * w    ->  [max(lo, -T), min(hi, T)]   (see ``kl.py``)
+    kl          T = argmin_i KL(P_i || Q_i) * w    ->  [max(lo, -T), min(hi, T)]   (see ``kl.py``;
+                the zero bin is set to its neighbour's count first: ``flatten_zero_spike``)
     mse         T = argmin_i E|x - q_T(x)|^2       ->  [max(lo, -T), min(hi, T)]
 
 so ``0 < T <= amax`` and a non-negative tensor keeps ``lo >= 0`` (a one-sided ``[0, T]`` grid with
@@ -26,7 +27,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from onnxpress.calibration.histogram import DEFAULT_BINS, Histogram, check_observed, mse_bin, percentile_bin
-from onnxpress.calibration.kl import kl_bin, quantized_bins
+from onnxpress.calibration.kl import flatten_zero_spike, kl_bin, quantized_bins
 from onnxpress.calibration.table import TensorRange
 from onnxpress.errors import CalibrationError
 
@@ -161,7 +162,7 @@ def range_from_histogram(
     mag = hist.magnitude()
     signed = not hist.nonnegative
     if method == "kl":
-        i = kl_bin(mag, quantized_bins(bits, not signed))
+        i = kl_bin(flatten_zero_spike(mag), quantized_bins(bits, not signed))
     elif method == "mse":
         i = mse_bin(mag, 2**bits, signed)
     elif method == "percentile":

@@ -14,7 +14,7 @@ import dataclasses
 import logging
 from collections.abc import Iterable, Sequence
 
-from onnxpress.calibration.collect import collect_statistics, select_tensors
+from onnxpress.calibration.collect import DEFAULT_BUDGET_MB, collect_statistics, select_tensors
 from onnxpress.calibration.histogram import DEFAULT_BINS
 from onnxpress.calibration.observers import METHODS, HistogramObserver, make_observer
 from onnxpress.calibration.table import CalibrationTable
@@ -39,6 +39,7 @@ def calibrate(
     batch_size: int = 64,
     max_samples: int | None = None,
     progress: bool = False,
+    memory_budget_mb: float | None = DEFAULT_BUDGET_MB,
 ) -> CalibrationTable:
     """Calibrate the activation ranges of ``model`` on ``data``.
 
@@ -55,6 +56,7 @@ def calibrate(
         batch_size: samples per inference call (when the model's batch dimension is dynamic).
         max_samples: use at most this many samples.
         progress: show a progress bar.
+        memory_budget_mb: cap on one batch's observed values; the batch shrinks to fit (``None``: off).
 
     Returns:
         The table; histogram methods also keep each tensor's histogram (for ``summary``/``merge``).
@@ -72,7 +74,13 @@ def calibrate(
     observers = {n: make_observer(method, n, bins=bins, bits=bits, percentile=percentile) for n in names}
     reader = _as_reader(data, m, max_samples)
     samples = collect_statistics(
-        m, reader, observers, batch_size=batch_size, max_samples=max_samples, progress=progress
+        m,
+        reader,
+        observers,
+        batch_size=batch_size,
+        max_samples=max_samples,
+        progress=progress,
+        memory_budget_mb=memory_budget_mb,
     )
     table = CalibrationTable(
         meta={"method": method, "bits": bits, "bins": bins, "percentile": percentile, "samples": samples}

@@ -335,7 +335,6 @@ class _Walker:
         self.graph = graph
         self.a = ChannelAnalysis()
         self.shapes = _infer_shapes(graph)
-        self.opset = int(graph.opset or 13)
 
     # ---- helpers ----------------------------------------------------------------------------
     def lay(self, t: gs.Tensor | None) -> Layout | None:

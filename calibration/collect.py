@@ -167,6 +167,20 @@ def _samples_in(feed: Mapping[str, np.ndarray]) -> int:
     return int(first.shape[0]) if np.ndim(first) else 1
 
 
+def _pieces(feeds: Iterable[Mapping[str, np.ndarray]], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    """Feeds as arrays, each cut into slices of at most ``batch_size`` samples along axis 0."""
+    for feed in feeds:
+        if not isinstance(feed, Mapping) or not feed:
+            raise DataError(f"calibration data must yield non-empty dicts of input name -> array, got {type(feed)}")
+        feed = {k: np.asarray(v) for k, v in feed.items()}
+        n = _samples_in(feed)
+        if n <= batch_size or any(np.ndim(v) == 0 or v.shape[0] != n for v in feed.values()):
+            yield feed
+            continue
+        for start in range(0, n, batch_size):
+            yield {k: v[start : start + batch_size] for k, v in feed.items()}
+
+
 def _stack(feeds: Iterable[Mapping[str, np.ndarray]], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
     """Concatenate consecutive feeds along axis 0 up to ``batch_size`` samples when shapes allow."""
     pending: list[Mapping[str, np.ndarray]] = []
@@ -177,10 +191,7 @@ def _stack(feeds: Iterable[Mapping[str, np.ndarray]], batch_size: int) -> Iterat
             return dict(pending[0])
         return {k: np.concatenate([p[k] for p in pending], axis=0) for k in pending[0]}
 
-    for feed in feeds:
-        if not isinstance(feed, Mapping) or not feed:
-            raise DataError(f"calibration data must yield non-empty dicts of input name -> array, got {type(feed)}")
-        feed = {k: np.asarray(v) for k, v in feed.items()}
+    for feed in _pieces(feeds, batch_size):
         if pending:
             ref = pending[0]
             fits = feed.keys() == ref.keys() and all(

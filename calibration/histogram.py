@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import threading
 
 import numpy as np
 
@@ -229,13 +230,30 @@ def _add_counts(counts: np.ndarray, x: np.ndarray, exp: int, size: int) -> None:
     because the floored values are integers below ``2**24``. (``np.add.at`` measured ~25% faster
     than ``np.bincount`` here.)
     """
+    n = x.size
     if -100 < exp <= 0 and x.dtype == np.float32:  # scaling up: exact even for subnormals
-        t = x * np.float32(math.ldexp(1.0, -exp))
+        t = _scratch("f32", np.float32, n)
+        np.multiply(x, np.float32(math.ldexp(1.0, -exp)), out=t)
     else:
-        t = x.astype(np.float64) * math.ldexp(1.0, -exp)
+        t = _scratch("f64", np.float64, n)
+        np.multiply(x, math.ldexp(1.0, -exp), out=t)
     np.floor(t, out=t)
     t += size
-    np.add.at(counts, t.astype(np.intp), 1)
+    idx = _scratch("idx", np.intp, n)
+    np.copyto(idx, t, casting="unsafe")
+    np.add.at(counts, idx, 1)
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(key: str, dtype: type, n: int) -> np.ndarray:
+    """A reusable per-thread buffer of ``n`` elements (fresh arrays cost page faults: ~2 ns/value)."""
+    buf = getattr(_SCRATCH, key, None)
+    if buf is None or buf.size < n:
+        buf = np.empty(max(n, 1 << 16), dtype=dtype)
+        setattr(_SCRATCH, key, buf)
+    return buf[:n]
 
 
 def _coarsen(counts: np.ndarray, shift: int, size: int) -> np.ndarray:

@@ -139,3 +139,20 @@ def test_memory_does_not_grow_with_samples() -> None:
         peaks.append(tracemalloc.get_traced_memory()[1])
         tracemalloc.stop()
     assert peaks[1] < 1.3 * peaks[0], peaks
+
+
+def test_a_large_feed_is_sliced_into_batches() -> None:
+    obs = {"Y": Recorder()}
+    x = np.concatenate([d["X"] for d in feeds(10)])
+    assert collect_statistics(conv_bn_relu(), [{"X": x}], obs, batch_size=4) == 10
+    assert [s[0] for s in obs["Y"].shapes] == [4, 4, 2]
+
+
+def test_memory_budget_shrinks_the_batch() -> None:
+    """Y is 8x8x8 float32 = 2 KiB per sample; X, c, bn similar: a 0.01 MB budget allows 1 sample."""
+    obs = {"Y": Recorder(), "c": MinMaxObserver()}
+    collect_statistics(conv_bn_relu(), feeds(5), obs, batch_size=64, memory_budget_mb=0.005)
+    assert [s[0] for s in obs["Y"].shapes] == [1] * 5
+    obs = {"Y": Recorder()}
+    collect_statistics(conv_bn_relu(), feeds(5), obs, batch_size=64, memory_budget_mb=None)
+    assert [s[0] for s in obs["Y"].shapes] == [5]

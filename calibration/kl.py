@@ -12,10 +12,11 @@ threshold ``T = i * w``. For each candidate:
   grid of step ``T/m``. Each window's count ``G_g`` is spread evenly over the bins of the window
   where ``P`` is non-zero (``z_g`` of them); bins where ``P`` is zero get zero::
 
-      h  : | 3 | 0 | 5 | 2 | 4 | 1 | 0 | 0 | 6 |  7  ...   (i = 9, m = 3, o = 7 + ...)
-      g  : |   window 0    |   window 1   |  window 2  |
-      P  : | 3 | 0 | 5 | 2 | 4 | 1 | 0 | 0 | 6+o |
-      Q  : |  4 | 0 |  4 | 3.5 | 3.5 | 0 | 0 | 0 | 6 |...  (window 0: 8 over 2 non-zero bins)
+      bin k :   0   1   2 |  3    4    5  |  6   7    8  || 9  10 ...
+      h     :   3   0   5 |  2    4    1  |  0   0    6  || 7   2 ...   (i = 9, m = 3)
+      window:   ----0---- | -----1------- | -----2------ || outliers o = 7 + 2 + ...
+      P     :   3   0   5 |  2    4    1  |  0   0   6+o ||
+      Q     :   4   0   4 | 7/3  7/3  7/3 |  0   0    6  ||   (window 0: 8 over its 2 non-zero bins)
 
 - ``KL(P || Q) = sum_{P_k > 0} p_k log(p_k / q_k)`` with ``p = P/sum P`` and ``q = Q/sum Q``;
   +inf when some ``P_k > 0`` has ``Q_k = 0`` (only possible when the last window of ``h[:i]`` is empty

@@ -103,3 +103,9 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, capsys) -> None:
     err = capsys.readouterr().err
     assert err.startswith("onnxpress: error:") and "missing.npz" in err and err.count("\n") == 1
     assert not (tmp_path / "t.npz").exists()
+
+
+def test_no_files_are_written_while_calibrating(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    onnxpress.calibrate(conv_bn_relu(), feeds(4), method="kl")
+    assert list(tmp_path.iterdir()) == []

@@ -627,8 +627,8 @@ class InsertQDQ:
 
         def qp_consts(base: str, qp: QParams) -> tuple[gs.Constant, gs.Constant]:
             return (
-                gs.Constant(fresh(f"{base}_scale"), np.asarray(qp.scale, np.float32)),
-                gs.Constant(fresh(f"{base}_zero_point"), np.asarray(qp.zero_point)),
+                gs.Constant(fresh(f"{base}_s"), np.asarray(qp.scale, np.float32)),
+                gs.Constant(fresh(f"{base}_zp"), np.asarray(qp.zero_point)),
             )
 
         def attrs(qp: QParams) -> dict[str, int]:
@@ -640,12 +640,10 @@ class InsertQDQ:
             if t is None or not isinstance(t, gs.Variable):
                 continue
             scale, zp = qp_consts(name, qp)
-            q_out = gs.Variable(fresh(f"{name}_quantized"), dtype=qp.zero_point.dtype, shape=t.shape)
-            dq_out = gs.Variable(fresh(f"{name}_dequantized"), dtype=np.float32, shape=t.shape)
-            q_node = gs.Node("QuantizeLinear", fresh(f"{name}_QuantizeLinear"), attrs(qp), [t, scale, zp], [q_out])
-            dq_node = gs.Node(
-                "DequantizeLinear", fresh(f"{name}_DequantizeLinear"), attrs(qp), [q_out, scale, zp], [dq_out]
-            )
+            q_out = gs.Variable(fresh(f"{name}_q"), dtype=qp.zero_point.dtype, shape=t.shape)
+            dq_out = gs.Variable(fresh(f"{name}_dq"), dtype=np.float32, shape=t.shape)
+            q_node = gs.Node("QuantizeLinear", fresh(f"{name}_Q"), attrs(qp), [t, scale, zp], [q_out])
+            dq_node = gs.Node("DequantizeLinear", fresh(f"{name}_DQ"), attrs(qp), [q_out, scale, zp], [dq_out])
             consumers = [c for c in t.outputs if c is not q_node]
             redirect_all = name in produced_by_quantized
             for c in consumers:
@@ -674,7 +672,9 @@ class InsertQDQ:
                     if key not in w_cache:
                         w = np.asarray(t.values, np.float32)
                         qp = weight_qparams(w, axis)
-                        w_cache[key] = (self._const_dq(t.name, quantize_array(w, qp), qp, fresh, new_nodes), qp)
+                        wq = quantize_array(w, qp)
+                        dq = self._const_dq(t.name, wq, qp, fresh, new_nodes, omit_zero=n.op == "Conv")
+                        w_cache[key] = (dq, qp)
                         weights += 1
                     n.inputs[i], w_qp = w_cache[key]
                 elif role == "const":
@@ -698,7 +698,7 @@ class InsertQDQ:
                     log.debug("bias of %s overflows int32; left float", n.name)
                     continue
                 q_b = q.astype(np.int32)
-                n.inputs[i] = self._const_dq(n.inputs[i].name, q_b, b_qp, fresh, new_nodes)
+                n.inputs[i] = self._const_dq(n.inputs[i].name, q_b, b_qp, fresh, new_nodes, omit_zero=n.op == "Conv")
                 biases += 1
         graph.nodes.extend(new_nodes)
         return {
@@ -728,14 +728,18 @@ class InsertQDQ:
         return None  # a constant left operand of MatMul: per tensor
 
     @staticmethod
-    def _const_dq(base: str, q: np.ndarray, qp: QParams, fresh, new_nodes: list[gs.Node]) -> gs.Variable:
+    def _const_dq(
+        base: str, q: np.ndarray, qp: QParams, fresh, new_nodes: list[gs.Node], *, omit_zero: bool = False
+    ) -> gs.Variable:
         q = np.asarray(q)
-        q_const = gs.Constant(fresh(f"{base}_quantized"), q)
-        scale = gs.Constant(fresh(f"{base}_scale"), np.asarray(qp.scale, np.float32))
-        zp = gs.Constant(fresh(f"{base}_zero_point"), np.asarray(qp.zero_point))
-        out = gs.Variable(fresh(f"{base}_dequantized"), dtype=np.float32, shape=list(q.shape))
+        q_const = gs.Constant(fresh(f"{base}_q"), q)
+        inputs: list[gs.Tensor] = [q_const, gs.Constant(fresh(f"{base}_s"), np.asarray(qp.scale, np.float32))]
+        # A zero point of 0 is the default; onnxruntime's Conv fusion accepts it omitted (its Gemm fusion does not).
+        if not omit_zero or q.dtype == np.uint8 or np.any(qp.zero_point):
+            inputs.append(gs.Constant(fresh(f"{base}_zp"), np.asarray(qp.zero_point)))
+        out = gs.Variable(fresh(f"{base}_dq"), dtype=np.float32, shape=list(q.shape))
         a = {} if qp.axis is None else {"axis": int(qp.axis)}
-        new_nodes.append(gs.Node("DequantizeLinear", fresh(f"{base}_DequantizeLinear"), a, [q_const, scale, zp], [out]))
+        new_nodes.append(gs.Node("DequantizeLinear", fresh(f"{base}_DQ"), a, inputs, [out]))
         return out
 
 

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 from onnxpress.calibration.collect import DEFAULT_BUDGET_MB, collect_statistics, select_tensors
 from onnxpress.calibration.histogram import DEFAULT_BINS
-from onnxpress.calibration.observers import METHODS, HistogramObserver, make_observer
-from onnxpress.calibration.table import CalibrationTable
+from onnxpress.calibration.observers import METHODS, HistogramObserver, MinMaxObserver, make_observer
+from onnxpress.calibration.table import CalibrationTable, TensorRange
 from onnxpress.errors import CalibrationError
 from onnxpress.model_io import ModelSource, load_model
 
@@ -85,17 +87,26 @@ def calibrate(
     table = CalibrationTable(
         meta={"method": method, "bits": bits, "bins": bins, "percentile": percentile, "samples": samples}
     )
-    for name, obs in observers.items():
+    # the searches are numpy-bound and release the GIL: one thread per core
+    with ThreadPoolExecutor(max_workers=min(len(observers), os.cpu_count() or 1)) as pool:
+        results = list(pool.map(_range_or_error, observers.values()))
+    for (name, obs), result in zip(observers.items(), results, strict=True):
         if isinstance(obs, HistogramObserver):
             table.histograms[name] = obs.histogram
-        try:
-            rng = obs.compute_range()
-        except CalibrationError as exc:
-            table.excluded[name] = str(exc)
-            log.warning("excluded %s: %s", name, exc)
+        if isinstance(result, CalibrationError):
+            table.excluded[name] = str(result)
+            log.warning("excluded %s: %s", name, result)
             continue
-        table.ranges[name] = dataclasses.replace(rng, samples=samples)
+        table.ranges[name] = dataclasses.replace(result, samples=samples)
     return table
+
+
+def _range_or_error(obs: MinMaxObserver | HistogramObserver) -> TensorRange | CalibrationError:
+    """The observer's range, or the CalibrationError saying why it has none."""
+    try:
+        return obs.compute_range()
+    except CalibrationError as exc:
+        return exc
 
 
 def _as_reader(data: object, model: object, max_samples: int | None) -> object:

@@ -37,7 +37,7 @@ import collections
 import logging
 import math
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -161,9 +161,18 @@ def _binary(fn_host: Callable[[Any, Any], Any], fn: Callable[[Any, Any], Any]) -
 
 
 def _host_div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    if np.asarray(a).dtype.kind in "iuO" and np.asarray(b).dtype.kind in "iuO":
-        return a // b
+    a, b = np.asarray(a), np.asarray(b)
+    if a.dtype.kind in "iu" and b.dtype.kind in "iu":
+        return (np.abs(a) // np.abs(b)) * np.sign(a) * np.sign(b)  # ONNX integer Div truncates
+    if a.dtype == object or b.dtype == object:
+        return a // b  # symbolic shape arithmetic (non-negative sizes)
     return a / b
+
+
+def _div(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    if a.is_floating_point() or b.is_floating_point():
+        return torch.div(a, b)
+    return torch.div(a, b, rounding_mode="trunc")
 
 
 def _unary(fn: Callable[[torch.Tensor], torch.Tensor]) -> OpFn:
@@ -268,6 +277,8 @@ def _avg_pool(ctx: _Ctx, inputs: list[Value]) -> list[Value]:
     x = _t(inputs[0])
     kernel = list(ctx.attrs["kernel_shape"])
     nd = len(kernel)
+    if any(d != 1 for d in ctx.get("dilations", [1] * nd)):
+        raise UnsupportedModelError(f"AveragePool {ctx.name!r} with dilations is not supported")
     strides = list(ctx.get("strides", [1] * nd))
     pads = _pads(ctx, x, kernel, strides, [1] * nd)
     include = bool(ctx.get("count_include_pad", 0))
@@ -371,6 +382,8 @@ def _clip(ctx: _Ctx, inputs: list[Value]) -> list[Value]:
         lo_v, hi_v = _opt(inputs, 1), _opt(inputs, 2)
         lo = None if lo_v is None else float(np.asarray(_static(lo_v)).reshape(()))
         hi = None if hi_v is None else float(np.asarray(_static(hi_v)).reshape(()))
+    if lo is None and hi is None:
+        return [x]
     return [torch.clamp(x, min=lo, max=hi)]
 
 
@@ -564,6 +577,9 @@ def _identity(ctx: _Ctx, inputs: list[Value]) -> list[Value]:
 
 def _dropout(ctx: _Ctx, inputs: list[Value]) -> list[Value]:
     x = _t(inputs[0])
+    training = _opt(inputs, 2)
+    if training is not None and bool(np.asarray(_static(training)).reshape(-1)[0]):
+        raise UnsupportedModelError(f"Dropout {ctx.name!r} in training mode is not supported")
     return [x] if ctx.num_outputs == 1 else [x, torch.ones_like(x, dtype=torch.bool)]
 
 
@@ -583,6 +599,8 @@ def _qparams(ctx: _Ctx, inputs: list[Value], x: torch.Tensor) -> tuple[torch.Ten
     scale = _t(inputs[1]).float()
     zp_v = _opt(inputs, 2)
     zp_arr = np.zeros((), np.uint8) if zp_v is None else _static(zp_v)
+    if ctx.get("block_size") or ctx.get("output_dtype") or zp_arr.dtype.kind not in "iu":
+        raise UnsupportedModelError(f"{ctx.op_type} {ctx.name!r}: only (u)int8/16/32 per-tensor/per-axis is supported")
     qmin, qmax = _QRANGE.get(onnx.helper.np_dtype_to_tensor_dtype(zp_arr.dtype), (0, 255))
     zp = torch.from_numpy(zp_arr.astype(np.float32))
     if scale.requires_grad:  # a learned (LSQ) scale: keep it positive, scale its gradient
@@ -623,7 +641,7 @@ OPS: dict[str, OpFn] = {
     "Softplus": _unary(F.softplus), "HardSwish": _unary(F.hardswish),
     "Clip": _clip, "Gelu": _gelu, "HardSigmoid": _hard_sigmoid, "LeakyRelu": _leaky_relu, "PRelu": _prelu,
     "Add": _binary(np.add, torch.add), "Sub": _binary(np.subtract, torch.sub),
-    "Mul": _binary(np.multiply, torch.mul), "Div": _binary(_host_div, torch.div),
+    "Mul": _binary(np.multiply, torch.mul), "Div": _binary(_host_div, _div),
     "Pow": _binary(np.power, torch.pow), "Equal": _binary(np.equal, torch.eq),
     "Max": _variadic(torch.maximum), "Min": _variadic(torch.minimum), "Sum": _variadic(torch.add),
     "Shape": _shape, "Reshape": _reshape, "Flatten": _flatten, "Transpose": _transpose,
@@ -639,6 +657,9 @@ def _resize(ctx: _Ctx, inputs: list[Value]) -> list[Value]:
     x = _t(inputs[0])
     mode = ctx.get("mode", "nearest")
     coord = ctx.get("coordinate_transformation_mode", "half_pixel")
+    policy = ctx.get("keep_aspect_ratio_policy", "stretch")
+    if ctx.get("antialias", 0) or ctx.get("axes") is not None or policy != "stretch":
+        raise UnsupportedModelError(f"Resize {ctx.name!r}: antialias/axes/keep_aspect_ratio_policy are not supported")
     scales_v = _opt(inputs, 2) if ctx.opset >= 11 else _opt(inputs, 1)
     sizes_v = _opt(inputs, 3)
     spatial = x.dim() - 2
@@ -653,12 +674,14 @@ def _resize(ctx: _Ctx, inputs: list[Value]) -> list[Value]:
         kwargs["scale_factor"] = scales[2:]
         kwargs["recompute_scale_factor"] = False
     if mode == "nearest":
-        nearest = ctx.get("nearest_mode", "round_prefer_floor")
-        if coord == "asymmetric" and nearest == "floor":
-            return [F.interpolate(x, mode="nearest", **kwargs)]
-        if coord in ("half_pixel", "pytorch_half_pixel") and nearest == "round_prefer_ceil":
-            return [F.interpolate(x, mode="nearest-exact", **kwargs)]
-    elif mode == "linear" and spatial in (1, 2, 3):
+        return [_resize_nearest(ctx, x, kwargs, coord)]
+    if mode == "linear" and spatial in (1, 2, 3):
+        if "size" in kwargs:
+            out_sizes = kwargs["size"]
+        else:
+            out_sizes = [math.floor(int(d) * f) for d, f in zip(x.shape[2:], kwargs["scale_factor"], strict=True)]
+        if coord in ("align_corners", "pytorch_half_pixel") and any(o == 1 for o in out_sizes):
+            raise UnsupportedModelError(f"Resize {ctx.name!r}: {coord} to an output size of 1 is not supported")
         torch_mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[spatial]
         if coord in ("half_pixel", "pytorch_half_pixel"):
             return [F.interpolate(x, mode=torch_mode, align_corners=False, **kwargs)]
@@ -667,6 +690,44 @@ def _resize(ctx: _Ctx, inputs: list[Value]) -> list[Value]:
     raise UnsupportedModelError(
         f"Resize {ctx.name!r}: mode={mode} coordinate_transformation_mode={coord} is not supported"
     )
+
+
+_NEAREST = {
+    "round_prefer_floor": lambda v: np.ceil(v - 0.5),
+    "round_prefer_ceil": lambda v: np.floor(v + 0.5),
+    "floor": np.floor,
+    "ceil": np.ceil,
+}
+
+
+def _resize_nearest(ctx: _Ctx, x: torch.Tensor, kwargs: Mapping[str, Any], coord: str) -> torch.Tensor:
+    """Nearest Resize by gathering precomputed source indices per spatial axis (static sizes)."""
+    rounding = _NEAREST.get(ctx.get("nearest_mode", "round_prefer_floor"))
+    if rounding is None or coord not in ("half_pixel", "pytorch_half_pixel", "align_corners", "asymmetric",
+                                         "tf_half_pixel_for_nn"):  # fmt: skip
+        raise UnsupportedModelError(f"Resize {ctx.name!r}: nearest with {coord} is not supported")
+    for axis in range(2, x.dim()):
+        size_in = int(x.shape[axis])
+        if "size" in kwargs:
+            size_out = int(kwargs["size"][axis - 2])
+            scale = size_out / size_in
+        else:
+            scale = float(kwargs["scale_factor"][axis - 2])
+            size_out = math.floor(size_in * scale)
+        r = np.arange(size_out, dtype=np.float64)
+        if coord == "half_pixel" or (coord == "pytorch_half_pixel" and size_out > 1):
+            src = (r + 0.5) / scale - 0.5
+        elif coord == "pytorch_half_pixel":
+            src = np.zeros_like(r)
+        elif coord == "align_corners":
+            src = r * (size_in - 1) / (size_out - 1) if size_out > 1 else np.zeros_like(r)
+        elif coord == "asymmetric":
+            src = r / scale
+        else:
+            src = (r + 0.5) / scale
+        index = np.clip(rounding(src), 0, size_in - 1).astype(np.int64)
+        x = x.index_select(axis, torch.from_numpy(index))
+    return x
 
 
 OPS["Resize"] = _resize

@@ -95,7 +95,10 @@ class QATPlan:
         inits = {i.name: i for i in out.graph.initializer}
         for w in self.weights:
             s = learned(w.scale)
-            zp = numpy_helper.to_array(inits[w.zero_point])
+            if w.zero_point in inits:
+                zp = numpy_helper.to_array(inits[w.zero_point])
+            else:  # the PTQ graph omits it: zero of the stored integer type
+                zp = np.zeros(s.shape, numpy_helper.to_array(inits[w.q_name]).dtype)
             values[w.scale] = s.reshape(_init_shape(self.ptq, w.scale))
             values[w.q_name] = _quantize(module.initializer(w.float_name).detach().numpy(), s, zp, w.axis)
         for b in self.biases:
@@ -209,7 +212,15 @@ def _trainable_twin(
             continue
         q = numpy_helper.to_array(inits[src])
         scale = numpy_helper.to_array(inits[node.input[1]])
-        zp = numpy_helper.to_array(inits[node.input[2]]) if len(node.input) > 2 else np.zeros((), np.uint8)
+        if len(node.input) > 2 and node.input[2]:
+            zp = numpy_helper.to_array(inits[node.input[2]])
+        else:  # zero point omitted (= 0 of the integer type): make it explicit so Q knows the type
+            zp = np.zeros(scale.shape, q.dtype)
+            zp_name = fresh(src + "_zero_point")
+            g.initializer.append(numpy_helper.from_array(zp, zp_name))
+            inits[zp_name] = g.initializer[-1]
+            del node.input[2:]
+            node.input.append(zp_name)
         axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
         deq = _dequant(q, scale, zp, axis)
         if q.dtype == np.int32:

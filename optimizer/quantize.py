@@ -30,7 +30,7 @@ __all__ = ["DEFAULT_METHOD", "QuantizeResult", "quantize"]
 
 log = logging.getLogger(__name__)
 
-DEFAULT_METHOD = "kl"
+DEFAULT_METHOD = "mse"
 """Default calibration method (see bench/quantize.py for the comparison that chose it)."""
 
 WEIGHT_TYPES = ("int8", "int4")

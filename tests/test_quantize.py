@@ -14,7 +14,7 @@ import onnxpress
 from onnxpress.cli import main
 from onnxpress.errors import CalibrationError, OnnxpressError
 from tests.graphs import make_model, rng, run
-from tests.test_qdq import feeds_for, minmax_table, optimized_ops, residual_cnn, sqnr_db
+from tests.test_qdq import MODELS, feeds_for, minmax_table, optimized_ops, residual_cnn, sqnr_db
 
 
 def constant_weight_cnn(opset: int = 11) -> onnx.ModelProto:
@@ -181,3 +181,19 @@ def test_cli_quantize(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert main(["quantize", str(src), "-o", str(tmp_path / "x.onnx")]) == 2
     assert "calib" in capsys.readouterr().err
     assert main(["quantize", str(src), "-o", str(src), "--calib", str(data)]) == 2
+
+
+@pytest.mark.parametrize("name", ["resnet_opset11", "resnet_constants"])
+def test_reference_variants_quantize_to_integer_kernels(name: str, tmp_path: Path) -> None:
+    """The opset-11 and Constant-weight exports of the residual CNN: every Conv an integer kernel."""
+    src = MODELS / f"{name}.onnx"
+    if not src.exists():
+        pytest.skip(f"models/{name}.onnx not built yet")
+    calib = {"input": np.load(MODELS / "digits32_calib.npz")["input"][:64]}
+    res = onnxpress.quantize(src, tmp_path / "q.onnx", calib=[calib])
+    n_conv = sum(1 for n in onnx.load(src).graph.node if n.op_type == "Conv")
+    opt = optimized_ops(res.model, tmp_path)
+    assert n_conv == 9 and opt.count("QLinearConv") == n_conv
+    test = np.load(MODELS / "digits32_test.npz")["input"][:200]
+    assert sqnr_db(run(onnx.load(src), {"input": test})[0], run(res.model, {"input": test})[0]) > 30
+    assert res.size_ratio < 0.3

@@ -41,17 +41,25 @@ __all__ = [
 class ChannelStatsObserver:
     """Per-channel running sum, count and max |x| along one axis; nothing grows with samples.
 
+    With ``spatial=True`` it also sums over the batch axis only, keeping a per-position mean map
+    ([C, H, W] for NCHW), as long as every batch has the same shape beyond axis 0.
+
     Args:
         axis: the channel axis of the observed tensor (1 for NCHW, -1 for [..., features]).
+        spatial: also keep the per-position map (axis must be 1).
         name: tensor name, for error messages.
     """
 
-    def __init__(self, axis: int, *, name: str = "tensor") -> None:
+    def __init__(self, axis: int, *, spatial: bool = False, name: str = "tensor") -> None:
         self.axis = axis
         self.name = name
+        self.spatial = spatial and axis == 1
         self.total: np.ndarray | None = None
         self.absmax: np.ndarray | None = None
+        self.map_total: np.ndarray | None = None
+        self.map_lost = False
         self.count = 0
+        self.batch_count = 0
 
     def update(self, x: np.ndarray) -> None:
         """Accumulate one batch."""
@@ -65,12 +73,27 @@ class ChannelStatsObserver:
         self.total = s if self.total is None else self.total + s
         self.absmax = m if self.absmax is None else np.maximum(self.absmax, m)
         self.count += rows.shape[0]
+        if self.spatial and not self.map_lost and x.ndim >= 3:
+            per_position = x.sum(axis=0, dtype=np.float64)
+            if self.map_total is None:
+                self.map_total = per_position
+            elif self.map_total.shape == per_position.shape:
+                self.map_total += per_position
+            else:  # spatial size changed between batches: only channel means are meaningful
+                self.map_lost, self.map_total = True, None
+            self.batch_count += x.shape[0]
 
     def mean(self) -> np.ndarray:
         """Per-channel mean. Raises CalibrationError when nothing was observed."""
         if self.total is None or self.count == 0:
             raise CalibrationError(f"no values were observed for tensor {self.name!r}")
         return self.total / self.count
+
+    def mean_map(self) -> np.ndarray | None:
+        """Per-position mean ([C, H, W]), or None when not kept or the shape varied."""
+        if self.map_total is None or self.map_lost or self.batch_count == 0:
+            return None
+        return self.map_total / self.batch_count
 
     def max_abs(self) -> np.ndarray:
         """Per-channel max |x|. Raises CalibrationError when nothing was observed."""
@@ -84,6 +107,7 @@ def collect_channel_stats(
     data: Any,
     requests: Mapping[str, int],
     *,
+    spatial: bool = False,
     batch_size: int = 64,
     max_samples: int | None = 512,
     progress: bool = False,
@@ -94,6 +118,7 @@ def collect_channel_stats(
         model: the model (not modified).
         data: anything ``open_data`` accepts (``.npz`` path, folder, iterable of feed dicts, reader).
         requests: ``{tensor name: channel axis}``.
+        spatial: also keep per-position mean maps of axis-1 (NCHW) tensors.
         batch_size, max_samples, progress: as for ``collect_statistics``.
 
     Raises:
@@ -103,7 +128,7 @@ def collect_channel_stats(
     from onnxpress.calibration.collect import collect_statistics
     from onnxpress.calibration.readers import open_data
 
-    observers = {name: ChannelStatsObserver(axis, name=name) for name, axis in requests.items()}
+    observers = {name: ChannelStatsObserver(axis, spatial=spatial, name=name) for name, axis in requests.items()}
     if not observers:
         return {}
     reader = open_data(data, model, max_samples=max_samples)
@@ -206,9 +231,12 @@ def correct_bias(
 
     proto = _prepare(model, output)
     requests = dict(bias_correction_inputs(import_graph(proto)))
-    stats = collect_channel_stats(proto, data, requests, batch_size=batch_size, max_samples=max_samples,
-                                  progress=progress)
-    means = {name: obs.mean() for name, obs in stats.items()}
+    stats = collect_channel_stats(proto, data, requests, spatial=True, batch_size=batch_size,
+                                  max_samples=max_samples, progress=progress)
+    means = {}
+    for name, obs in stats.items():
+        per_position = obs.mean_map()
+        means[name] = per_position if per_position is not None and per_position.ndim == 3 else obs.mean()
     return transform(proto, [CorrectBias(means, per_channel=per_channel)], output, progress=progress)
 
 

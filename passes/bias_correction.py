@@ -5,7 +5,7 @@ channel means E[x] measured on calibration data (empirical bias correction), the
 
     E[Q(W) x + b'] = E[W x + b]   <=>   b' = b + (W - Q(W)) E[x]
 
-    Conv:  eps_o = sum_{c, kh, kw} (W - Q(W))[o, c, kh, kw] * E[x_c]      (c within o's group)
+    Conv:  eps_o = sum_{c, kh, kw} (W - Q(W))[o, c, kh, kw] * T[c, kh, kw]  (c within o's group)
     Gemm:  eps   = alpha * (W - Q(W)) E[x] / beta                          (W as [out, in])
     MatMul(W) -> Add(b):  eps = E[x] (W - Q(W))                              (W as [in, out])
 
@@ -15,8 +15,10 @@ Q is the QDQ pass's own weight quantizer (``onnxpress.passes.qdq.weight_qparams`
 ``quantize_array`` / ``dequantize_array``, symmetric int8 per tensor or per output channel), so the
 correction cancels exactly the rounding that pass will apply. The pass changes the float model on
 purpose (it is only right once the weights are quantized), and it runs no inference: the means
-come in as numpy arrays keyed by each layer's input tensor. For Conv, E[x] is taken as constant
-over space, so zero-padded borders are corrected as if they saw the mean too. A layer without a
+come in as numpy arrays keyed by each layer's input tensor. For Conv, T[c, kh, kw] is the mean
+input under tap (kh, kw) averaged over all output positions, computed from a per-position mean map
+E[x][c, h, w] with the conv's pads/strides/dilations, so zero-padded borders (most of a 4x4 map)
+count the zeros they see; given only per-channel means, T = E[x_c] for every tap. A layer without a
 bias gets one. The analytic variant (E[x] from a preceding BatchNorm's beta/gamma) is not
 implemented: our pipelines fold BatchNorm first, and measured means are what remains.
 """
@@ -42,6 +44,12 @@ def quantized_weight(node: gs.Node, w: np.ndarray, *, per_channel: bool, bits: i
     axis = InsertQDQ._weight_axis(node, 1, gs.Constant("w", w)) if per_channel else None
     qp = weight_qparams(w, axis, bits=bits)
     return dequantize_array(quantize_array(w, qp), qp)
+
+
+def _as_means(v: np.ndarray) -> np.ndarray:
+    """[C] per-channel means, or a [C, H, W] per-position map (kept for Conv inputs)."""
+    a = np.asarray(v, np.float64)
+    return a if a.ndim == 3 else a.reshape(-1)
 
 
 def _float_const(t: object) -> bool:
@@ -87,14 +95,45 @@ def bias_correction_inputs(graph: gs.Graph) -> list[tuple[str, int]]:
     return list(dict.fromkeys(out))
 
 
+def tap_means(node: gs.Node, mean_map: np.ndarray) -> np.ndarray | None:
+    """Mean input seen by each kernel tap of a 2-D Conv, over all output positions: [C, kh, kw].
+
+    ``mean_map`` is E[x] per channel and position ([C, H, W]); zero padding is included, so border
+    outputs count the zeros they really see. None when the geometry is not handled (``auto_pad``,
+    not 2-D), and the caller falls back to per-channel means.
+    """
+    kernel = node.inputs[1].values.shape[2:]
+    if mean_map.ndim != 3 or len(kernel) != 2 or node.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET"):
+        return None
+    pads = list(node.attrs.get("pads", [0, 0, 0, 0]))
+    sh, sw = node.attrs.get("strides", [1, 1])
+    dh, dw_ = node.attrs.get("dilations", [1, 1])
+    padded = np.pad(mean_map, ((0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
+    ho = (padded.shape[1] - dh * (kernel[0] - 1) - 1) // sh + 1
+    wo = (padded.shape[2] - dw_ * (kernel[1] - 1) - 1) // sw + 1
+    if ho < 1 or wo < 1:
+        return None
+    out = np.empty((mean_map.shape[0], *kernel))
+    for i in range(kernel[0]):
+        for j in range(kernel[1]):
+            window = padded[:, i * dh : i * dh + sh * (ho - 1) + 1 : sh, j * dw_ : j * dw_ + sw * (wo - 1) + 1 : sw]
+            out[:, i, j] = window.mean(axis=(1, 2))
+    return out
+
+
 def _shift(node: gs.Node, dw: np.ndarray, mean: np.ndarray) -> np.ndarray:
     """(W - Q(W)) E[x] as the layer's output sees it (before Gemm's beta)."""
     if node.op == "Conv":
         group = int(node.attrs.get("group", 1))
         c_out, cpg = dw.shape[0], dw.shape[1]
+        opg = c_out // group
+        taps = tap_means(node, mean) if mean.ndim == 3 else None
+        if taps is not None:  # exact mean over output positions, padded borders included
+            t = taps.reshape(group, cpg, -1)[np.arange(c_out) // opg]  # [C_out, cpg, k]
+            return np.sum(dw.reshape(c_out, cpg, -1) * t, axis=(1, 2))
+        m = mean.reshape(mean.shape[0], -1).mean(axis=1) if mean.ndim == 3 else mean
         per_in = dw.reshape(c_out, cpg, -1).sum(axis=2)  # [C_out, cpg]
-        m = mean.reshape(group, cpg)[np.arange(c_out) // (c_out // group)]  # each output's group means
-        return np.sum(per_in * m, axis=1)
+        return np.sum(per_in * m.reshape(group, cpg)[np.arange(c_out) // opg], axis=1)
     if node.op == "Gemm":
         w_nk = dw if int(node.attrs.get("transB", 0)) else dw.T
         return float(node.attrs.get("alpha", 1.0)) * (w_nk @ mean)
@@ -105,9 +144,9 @@ class CorrectBias:
     """Add (W - Q(W)) E[x] to each layer's bias, Q being the QDQ pass's weight quantizer.
 
     Args:
-        input_means: per-channel mean of each layer's input, keyed by the input tensor name
-            (shape [C_in]; channel axis 1 for Conv, last for Gemm/MatMul: see
-            :func:`bias_correction_inputs`).
+        input_means: mean of each layer's input, keyed by the input tensor name: [C_in] per
+            channel (axis 1 for Conv, last for Gemm/MatMul: see :func:`bias_correction_inputs`),
+            or for a 2-D Conv a [C_in, H, W] per-position map (exact at padded borders).
         per_channel: the weight granularity InsertQDQ will use (must match it).
         bits: weight bits (InsertQDQ uses 8).
     """
@@ -115,7 +154,7 @@ class CorrectBias:
     name = "correct_bias"
 
     def __init__(self, input_means: Mapping[str, np.ndarray], *, per_channel: bool = True, bits: int = 8) -> None:
-        self.input_means = {k: np.asarray(v, np.float64).reshape(-1) for k, v in input_means.items()}
+        self.input_means = {k: _as_means(v) for k, v in input_means.items()}
         self.per_channel = per_channel
         self.bits = bits
 
@@ -139,8 +178,11 @@ class CorrectBias:
                     c_in = w.shape[1] if int(node.attrs.get("transB", 0)) else w.shape[0]
                 elif node.op == "MatMul":
                     c_in = w.shape[0]
-                if mean.size != c_in or not np.all(np.isfinite(mean)):
-                    reason = f"input mean has {mean.size} values for {c_in} channels"
+                if node.op != "Conv" and mean.ndim == 3:  # a map for a non-conv reader: plain channel means
+                    mean = mean.reshape(mean.shape[0], -1).mean(axis=1)
+                channels = mean.shape[0] if mean.ndim == 3 else mean.size
+                if channels != c_in or not np.all(np.isfinite(mean)):
+                    reason = f"input mean has {channels} channels ({mean.shape}) for {c_in}"
             if reason is not None:
                 if reason not in ("not a layer",):
                     notes.append(f"{node.name or node.outputs[0].name}: not corrected ({reason})")

@@ -90,6 +90,21 @@ def test_conv_mean_output_error_shrinks_after_qdq(group, bias):
     assert inner_after < 0.1 * inner_before
 
 
+@pytest.mark.parametrize(("group", "stride"), [(1, 1), (2, 2), (8, 1)])
+def test_per_position_means_correct_the_padded_borders_too(group, stride):
+    """With a [C,H,W] mean map the whole-image channel mean error (borders included) vanishes."""
+    model = skewed_conv(group)
+    model.graph.node[0].attribute.append(helper.make_attribute("strides", [stride, stride]))
+    model.graph.output[0].type.tensor_type.ClearField("shape")
+    calib, held_out = _data((64, 8, 10, 10), 1), _data((64, 8, 10, 10), 2)
+    corrected = run_passes(model, [CorrectBias({"X": calib.mean(axis=0)}, per_channel=False)])
+    plain_q = _quantize(model, {"X": calib}, per_channel=False)
+    fixed_q = _quantize(corrected.model, {"X": calib}, per_channel=False)
+    bias_before, _ = _mean_error(model, plain_q, held_out)
+    bias_after, _ = _mean_error(model, fixed_q, held_out)
+    assert bias_after < 0.12 * bias_before
+
+
 @pytest.mark.parametrize("trans_b", [0, 1])
 def test_gemm_mean_output_error_shrinks(trans_b):
     model = gemm_layer(trans_b)
@@ -139,19 +154,25 @@ def test_missing_or_mismatched_means_are_declined():
     result = run_passes(model, [CorrectBias({})])
     assert not result.modified and "no input mean" in result.notes[0]
     result = run_passes(model, [CorrectBias({"X": np.zeros(3)})])
-    assert not result.modified and "3 values for 8 channels" in result.notes[0]
+    assert not result.modified and "has 3 channels" in result.notes[0]
 
 
 def test_public_correct_bias_uses_streamed_means(tmp_path):
+    """X -> Relu -> r -> Gemm(W, B) -> Y: the mean of r is streamed from three feeds in batches of 16."""
     import onnxpress.advanced as adv
 
-    model = gemm_layer(1)
-    calib = _data((90, 32), 7)
+    base = gemm_layer(1)
+    nodes = [helper.make_node("Relu", ["X"], ["r"]), helper.make_node("Gemm", ["r", "W", "B"], ["Y"], transB=1,
+                                                                          alpha=0.5)]
+    model = graphs.make_model(nodes, [("X", ["N", 32])], [("Y", ["N", 12])],
+                              {i.name: onnx.numpy_helper.to_array(i) for i in base.graph.initializer})
+    calib = _data((90, 32), 7) - 0.5
     feeds = [{"X": calib[i : i + 30]} for i in range(0, 90, 30)]
     result = adv.correct_bias(model, feeds, tmp_path / "bc.onnx", per_channel=False, batch_size=16)
-    direct = run_passes(model, [CorrectBias({"X": calib.mean(axis=0)}, per_channel=False)]).model
+    direct = run_passes(model, [CorrectBias({"r": np.maximum(calib, 0).mean(axis=0)}, per_channel=False)]).model
     b_api = onnx.numpy_helper.to_array(next(i for i in result.model.graph.initializer if i.name == "B"))
     b_direct = onnx.numpy_helper.to_array(next(i for i in direct.graph.initializer if i.name == "B"))
+    assert result.stats["correct_bias.corrected"] == 1
     np.testing.assert_allclose(b_api, b_direct, rtol=0, atol=1e-6)
     assert (tmp_path / "bc.onnx").exists()
 
@@ -167,3 +188,16 @@ def test_channel_stats_observer_rejects_empty_and_non_finite():
     np.testing.assert_array_equal(obs.mean(), np.ones(3))
     with pytest.raises(CalibrationError, match="NaN"):
         obs.update(np.full((1, 3, 4), np.nan, np.float32))
+
+
+def test_channel_stats_observer_keeps_a_position_map_until_the_shape_changes():
+    from onnxpress.advanced import ChannelStatsObserver
+
+    x = _data((6, 3, 4, 5), 8)
+    obs = ChannelStatsObserver(1, spatial=True, name="x")
+    obs.update(x[:2])
+    obs.update(x[2:])
+    np.testing.assert_allclose(obs.mean_map(), x.mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(obs.mean(), _channel_mean(x), rtol=1e-12)
+    obs.update(x[:, :, :2])  # a different spatial size: the map is no longer meaningful
+    assert obs.mean_map() is None

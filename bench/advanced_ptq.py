@@ -1,0 +1,240 @@
+"""Advanced post-training methods, side by side in one run (onnxruntime CPU, test split logits).
+
+    python bench/advanced_ptq.py [--models models] [--method minmax] [--max-samples 500]
+
+A. Depthwise CNN (mobilenet), int8 weights **per tensor**, uint8 activations: plain QDQ vs +CLE
+   (clip='skip' and clip='split') vs +CLE+bias correction. Two SQNR columns: the full QDQ model,
+   and weights only (weights rounded in float, activations float) which isolates what CLE/BC fix.
+B. Transformer: plain QDQ (int8 per-channel weights) vs SmoothQuant (alpha 0.5 / 0.8) + QDQ.
+C. Weights only (activations float): k-means codebooks (4 and 6 bits, one codebook per layer) vs
+   linear symmetric int4/int8 (per tensor and per channel) on the same weights, with the bits per
+   weight each really costs (indices + codebooks / scales); plus the codebook model's file size
+   and its onnxruntime cost (session creation and batch-64 latency against float, interleaved
+   medians, one thread, spinning off).
+
+SQNR = 10 log10(sum y^2 / sum (y - y_hat)^2) of the logits against the float model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from onnxpress import advanced, quantize  # noqa: E402
+from onnxpress.model_io import load_model, normalize_model  # noqa: E402
+from onnxpress.passes.bias_correction import quantized_weight  # noqa: E402
+from onnxpress.passes.codebook import CodebookWeights  # noqa: E402
+from onnxpress.pipeline import cleanup_passes, run_passes  # noqa: E402
+from onnxpress.reporting import format_table  # noqa: E402
+from onnxpress.runtime import make_session  # noqa: E402
+
+MIN_ELEMENTS = 256
+
+
+def logits(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    sess = make_session(model, threads=2)
+    return np.concatenate([sess.run(None, {"input": x[i : i + 128]})[0] for i in range(0, len(x), 128)])
+
+
+def sqnr(ref: np.ndarray, out: np.ndarray) -> float:
+    err = float(np.sum((ref.astype(np.float64) - out) ** 2))
+    return float("inf") if err == 0 else 10 * np.log10(float(np.sum(ref.astype(np.float64) ** 2)) / err)
+
+
+def accuracy(y: np.ndarray, labels: np.ndarray) -> float:
+    return float((y.argmax(axis=1) == labels).mean())
+
+
+def cleaned(path: Path) -> onnx.ModelProto:
+    return run_passes(normalize_model(load_model(path)), cleanup_passes()).model
+
+
+def weight_only(model: onnx.ModelProto, *, per_channel: bool, bits: int = 8) -> onnx.ModelProto:
+    """Round every Conv/Gemm/MatMul weight (>= MIN_ELEMENTS) with InsertQDQ's quantizer, keep float."""
+    graph = gs.import_onnx(model)
+    done: dict[str, gs.Constant] = {}
+    for node in graph.nodes:
+        if node.op not in ("Conv", "Gemm", "MatMul") or len(node.inputs) < 2:
+            continue
+        w = node.inputs[1]
+        if not isinstance(w, gs.Constant) or w.values.dtype != np.float32 or w.values.size < MIN_ELEMENTS:
+            continue
+        if w.name not in done:
+            q = quantized_weight(node, w.values, per_channel=per_channel, bits=bits)
+            done[w.name] = gs.Constant(w.name + "_wq", q.astype(np.float32))
+        node.inputs[1] = done[w.name]
+    return gs.export_onnx(graph.cleanup().toposort())
+
+
+def weight_stats(model: onnx.ModelProto) -> tuple[int, int, int]:
+    """(elements, tensors, output channels) of the weights the weight-only rows touch."""
+    graph = gs.import_onnx(model)
+    seen, n, ch = set(), 0, 0
+    for node in graph.nodes:
+        if node.op not in ("Conv", "Gemm", "MatMul") or len(node.inputs) < 2:
+            continue
+        t = node.inputs[1]
+        if not isinstance(t, gs.Constant) or t.values.size < MIN_ELEMENTS or t.name in seen:
+            continue
+        seen.add(t.name)
+        n += t.values.size
+        axis = 0 if node.op == "Conv" or int(node.attrs.get("transB", 0)) else t.values.ndim - 1
+        ch += t.values.shape[axis]
+    return n, len(seen), ch
+
+
+def section_a(args, models: Path, calib: Path, x: np.ndarray, labels: np.ndarray) -> None:
+    path = models / "mobilenet.onnx"
+    if not path.exists():
+        print(f"A. skipped: {path} not found\n")
+        return
+    base = cleaned(path)
+    ref = logits(base, x)
+    variants: list[tuple[str, onnx.ModelProto, str]] = [("plain", base, "-")]
+    for clip in ("skip", "split"):
+        res = advanced.equalize(base, clip=clip)
+        variants.append((f"+CLE clip={clip}", res.model, str(res.stats["equalize_cross_layer.pairs"])))
+    cle = variants[-1][1]
+    bc_plain = advanced.correct_bias(base, str(calib), per_channel=False, max_samples=args.max_samples).model
+    bc = advanced.correct_bias(cle, str(calib), per_channel=False, max_samples=args.max_samples).model
+    variants.append(("+BC", bc_plain, "-"))
+    variants.append(("+CLE clip=split +BC", bc, variants[-2][2]))
+    rows = [["float", "-", "inf", "inf", f"{accuracy(ref, labels):.4f}"]]
+    plain_db = None
+    for name, model, pairs in variants:
+        q = quantize(model, calib=str(calib), method=args.method, per_channel=False, max_samples=args.max_samples)
+        yq = logits(q.model, x)
+        yw = logits(weight_only(model, per_channel=False), x)
+        db = sqnr(ref, yq)
+        plain_db = db if plain_db is None else plain_db
+        rows.append([name, pairs, f"{db:.2f} ({db - plain_db:+.2f})", f"{sqnr(ref, yw):.2f}",
+                     f"{accuracy(yq, labels):.4f}"])
+    per_ch = quantize(base, calib=str(calib), method=args.method, per_channel=True, max_samples=args.max_samples)
+    yc = logits(per_ch.model, x)
+    rows.append(["(per-channel int8, for reference)", "-", f"{sqnr(ref, yc):.2f}",
+                 f"{sqnr(ref, logits(weight_only(base, per_channel=True), x)):.2f}", f"{accuracy(yc, labels):.4f}"])
+    print(f"A. mobilenet, int8 weights per tensor, uint8 activations ({args.method} calibration), "
+          f"{len(x)} test samples")
+    print(format_table(["variant", "pairs", "QDQ SQNR dB (vs plain)", "W-only SQNR dB", "QDQ acc"], rows))
+    print()
+
+
+def section_b(args, models: Path, calib: Path, x: np.ndarray, labels: np.ndarray) -> None:
+    path = models / "transformer.onnx"
+    if not path.exists():
+        print(f"B. skipped: {path} not found\n")
+        return
+    base = cleaned(path)
+    ref = logits(base, x)
+    rows = [["float", "-", "inf", f"{accuracy(ref, labels):.4f}"]]
+    for alpha in (None, 0.5, 0.8):
+        if alpha is None:
+            model, smoothed = base, "-"
+        else:
+            res = advanced.smoothquant(base, str(calib), alpha=alpha, max_samples=args.max_samples)
+            model, smoothed = res.model, str(res.stats["smoothquant.smoothed"])
+            y_float = logits(model, x)
+            assert np.max(np.abs(y_float - ref)) <= 1e-4 * np.max(np.abs(ref)), "SmoothQuant changed float logits"
+        q = quantize(model, calib=str(calib), method=args.method, per_channel=True, max_samples=args.max_samples)
+        yq = logits(q.model, x)
+        rows.append(["plain" if alpha is None else f"SmoothQuant a={alpha}", smoothed, f"{sqnr(ref, yq):.2f}",
+                     f"{accuracy(yq, labels):.4f}"])
+    print(f"B. transformer, int8 per-channel weights, uint8 activations ({args.method} calibration)")
+    print(format_table(["variant", "activations smoothed", "QDQ SQNR dB", "QDQ acc"], rows))
+    print()
+
+
+def _timing(float_model: onnx.ModelProto, cb_model: onnx.ModelProto, x: np.ndarray, repeats: int):
+    """(session creation ratio, batch latency ratio) codebook / float, interleaved medians."""
+    create = {0: [], 1: []}
+    for _ in range(5):
+        for i, m in enumerate((float_model, cb_model)):
+            t = time.perf_counter()
+            make_session(m, threads=1)
+            create[i].append(time.perf_counter() - t)
+    sessions = [make_session(m, threads=1) for m in (float_model, cb_model)]
+    runs = {0: [], 1: []}
+    feed = {"input": x[:64]}
+    for s in sessions:
+        s.run(None, feed)
+    for _ in range(repeats):
+        for i, s in enumerate(sessions):
+            t = time.perf_counter()
+            s.run(None, feed)
+            runs[i].append(time.perf_counter() - t)
+    med = statistics.median
+    return med(create[1]) / med(create[0]), med(runs[1]) / med(runs[0])
+
+
+def section_c(args, models: Path, x: np.ndarray, labels: np.ndarray) -> None:
+    for name in ("mobilenet", "resnet", "transformer"):
+        path = models / f"{name}.onnx"
+        if not path.exists():
+            print(f"C. {name} skipped: {path} not found")
+            continue
+        base = cleaned(path)
+        ref = logits(base, x)
+        n, tensors, channels = weight_stats(base)
+        rows = [["float", "32", "inf", f"{accuracy(ref, labels):.4f}"]]
+        for bits in (8, 4):
+            for per_channel in (False, True):
+                y = logits(weight_only(base, per_channel=per_channel, bits=bits), x)
+                overhead = 32 * (channels if per_channel else tensors) / n
+                label = f"linear int{bits} per-{'channel' if per_channel else 'tensor'}"
+                rows.append([label, f"{bits + overhead:.3f}", f"{sqnr(ref, y):.2f}", f"{accuracy(y, labels):.4f}"])
+        cb_models = {}
+        for bits in (6, 4):
+            p = CodebookWeights(bits=bits, min_elements=MIN_ELEMENTS)
+            res = run_passes(base, [p])
+            cb_models[bits] = res.model
+            y = logits(res.model, x)
+            stored_bits = 8 * res.stats["codebook_weights.bytes_after"] / n
+            rows.append([f"codebook {bits}-bit per layer", f"{stored_bits:.3f}", f"{sqnr(ref, y):.2f}",
+                         f"{accuracy(y, labels):.4f}"])
+        size_f, size_cb = len(base.SerializeToString()), len(cb_models[4].SerializeToString())
+        create_ratio, run_ratio = _timing(base, cb_models[4], x, args.repeats)
+        print(f"C. {name}: weights only ({n:,} weights in {tensors} tensors; activations float)")
+        print(format_table(["weights", "stored bits/weight", "SQNR dB", "acc"], rows))
+        print(f"   codebook-4 model file {size_cb / 1e3:.1f} kB vs float {size_f / 1e3:.1f} kB "
+              f"({size_cb / size_f:.3f}x); onnxruntime (opt. level all, folds the rebuild at load): "
+              f"session creation {create_ratio:.2f}x, batch-64 latency {run_ratio:.2f}x float\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default=str(ROOT / "models"), help="folder with the reference models and data")
+    ap.add_argument("--method", default="minmax", help="activation calibration method for the QDQ rows")
+    ap.add_argument("--max-samples", type=int, default=500, help="calibration samples")
+    ap.add_argument("--repeats", type=int, default=30, help="timing repeats (interleaved)")
+    ap.add_argument("--sections", default="abc", help="which sections to run (subset of 'abc')")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.ERROR)
+    models = Path(args.models)
+    calib, test = models / "digits32_calib.npz", models / "digits32_test.npz"
+    if not (calib.exists() and test.exists()):
+        print(f"need {calib} and {test}")
+        return 2
+    with np.load(test) as t:
+        x, labels = t["input"].astype(np.float32), t["labels"]
+    if "a" in args.sections:
+        section_a(args, models, calib, x, labels)
+    if "b" in args.sections:
+        section_b(args, models, calib, x, labels)
+    if "c" in args.sections:
+        section_c(args, models, x, labels)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

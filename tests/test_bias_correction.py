@@ -197,7 +197,7 @@ def test_channel_stats_observer_keeps_a_position_map_until_the_shape_changes():
     obs = ChannelStatsObserver(1, spatial=True, name="x")
     obs.update(x[:2])
     obs.update(x[2:])
-    np.testing.assert_allclose(obs.mean_map(), x.mean(axis=0), rtol=1e-12)
-    np.testing.assert_allclose(obs.mean(), _channel_mean(x), rtol=1e-12)
+    np.testing.assert_allclose(obs.mean_map(), x.astype(np.float64).mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(obs.mean(), _channel_mean(x.astype(np.float64)), rtol=1e-12)
     obs.update(x[:, :, :2])  # a different spatial size: the map is no longer meaningful
     assert obs.mean_map() is None

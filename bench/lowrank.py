@@ -14,12 +14,16 @@ batch ``--batch``; the original and both split sessions are timed interleaved in
 from __future__ import annotations
 
 import argparse
+import collections
+import json
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 
 import onnxpress
 from onnxpress.lowrank import collect_moments
@@ -59,6 +63,33 @@ def interleaved_latency(sessions: list, x: np.ndarray, repeats: int) -> list[flo
     return [statistics.median(t) for t in times]
 
 
+def latency_bound(model, keys: set[str], keep: float, x: np.ndarray, threads: int, repeats: int = 10) -> float:
+    """Latency ratio if only the split layers got faster, in proportion to their MACs.
+
+    Profiles the original model (graph optimisations off, so node names survive) and takes the
+    share ``f`` of kernel time spent in the candidate layers: bound = ``(1 - f) + f · keep``.
+    The profile file goes to a temporary folder that is removed.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        opts = ort.SessionOptions()
+        opts.enable_profiling = True
+        opts.profile_file_prefix = str(Path(tmp) / "profile")
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        opts.intra_op_num_threads = threads
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        name = sess.get_inputs()[0].name
+        for _ in range(repeats):
+            sess.run(None, {name: x})
+        events = json.loads(Path(sess.end_profiling()).read_text())
+    per_node: collections.Counter[str] = collections.Counter()
+    for ev in events:
+        if ev.get("cat") == "Node" and ev["name"].endswith("_kernel_time"):
+            per_node[ev["name"][: -len("_kernel_time")]] += ev["dur"]
+    share = sum(v for k, v in per_node.items() if k in keys) / max(sum(per_node.values()), 1)
+    return (1 - share) + share * keep
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and print one table."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -93,8 +124,12 @@ def main(argv: list[str] | None = None) -> int:
         ref = logits(ref_sess, x_test)
         acc_ref = float(np.mean(ref.argmax(1) == labels))
         size_ref = len(original.SerializeToString())
+        candidates = None
         for budget in args.budgets:
             plain = onnxpress.lowrank(original, flops=budget, multiple=args.multiple)
+            if candidates is None:
+                cand = [lay for lay in plain.layers if lay.full_rank]
+                candidates = ({lay.key for lay in cand}, sum(lay.macs_before for lay in cand))
             aware = onnxpress.lowrank(original, flops=budget, multiple=args.multiple, moments=moments)
             s_plain = make_session(plain.model, threads=args.threads)
             s_aware = make_session(aware.model, threads=args.threads)
@@ -111,14 +146,20 @@ def main(argv: list[str] | None = None) -> int:
                 f"{len(plain.model.SerializeToString()) / size_ref:.3f} / "
                 f"{len(aware.model.SerializeToString()) / size_ref:.3f}",
             ])
+            # the candidate layers must shed (1 - budget) of the whole model's MACs
+            keep = 1 - (1 - budget) * plain.macs_before / candidates[1]
+            bound = latency_bound(original, candidates[0], keep, x_lat, args.threads)
+            rows[-1].insert(-1, f"{bound:.3f}")
             split = sum(lay.rank is not None for lay in aware.layers)
             print(f"{name} @ {budget}: {split} layers split (data-aware), moments collected in {t_collect:.1f}s",
                   file=sys.stderr)
     header = ["model", "budget", "MACs plain/aware", "SQNR plain", "SQNR aware", "gain dB", "acc orig",
-              "acc plain", "acc aware", "latency plain/aware", "size plain/aware"]
+              "acc plain", "acc aware", "latency plain/aware", "latency bound", "size plain/aware"]
     print(format_table(header, rows))
     print(f"(test split {len(x_test)} samples; calib {len(calib)}; multiple {args.multiple}; latency batch "
-          f"{args.batch}, {args.threads} thread(s), median of {args.repeats} interleaved runs, ratio to original)")
+          f"{args.batch}, {args.threads} thread(s), median of {args.repeats} interleaved runs, ratio to original;\n"
+          " latency bound: the ratio if the split layers' time fell in proportion to their MACs and the rest stayed"
+          " (from an onnxruntime profile of the original))")
     return 0
 
 

@@ -24,10 +24,12 @@ arbitrarily.
 
 Rank selection: a fixed rank, the smallest rank keeping a fraction of the spectral energy (output
 energy when data-aware), or a whole-model MACs budget. For the budget, every layer offers options
-(unsplit, or rank r on a multiple grid) with a cost (MACs) and a loss (fraction of its energy
-dropped); a greedy walks each layer's lower convex hull in (MACs, loss), always taking the step
-with the least energy lost per MAC saved, until the model's MACs fit the budget. The loss is
-relative per layer so that layers of different scales compare. Ranks are rounded to a multiple for
+(unsplit, or rank r on a multiple grid) with a cost (MACs) and a loss, its noise-to-signal ratio
+``dropped / kept`` energy; a greedy walks each layer's lower convex hull in (MACs, loss), always
+taking the step with the least loss added per MAC saved, until the model's MACs fit the budget.
+Why NSR and not the dropped fraction: if the layers' errors are independent and pass on with gain
+about one, the output's 1/SQNR is roughly the sum of the layers' NSRs, and the dropped fraction
+(capped at 1) would rather wipe out a few layers than trim many, which ruins the output. Ranks are rounded to a multiple for
 kernel efficiency. MACs come from :func:`onnxpress.passes.flops.count_macs` (per sample).
 """
 
@@ -389,6 +391,9 @@ class SplitLowRank:
         conv_method: ``"channel"`` (k×k with r outputs + 1×1) or ``"tucker2"`` (1×1, k×k, 1×1).
         only_if_cheaper: skip layers whose split would not reduce MACs (off only for tests).
         ops: op types to consider.
+
+    After a call, ``report`` holds one :class:`LayerReport` per candidate layer (declined ones too)
+    and ``macs`` the model's MACs per sample before and after; the API prints them.
     """
 
     name = "split_low_rank"
@@ -497,7 +502,8 @@ class SplitLowRank:
             for r in reversed(self._grid(ch.full)):
                 cost = self._cost(ch, r)
                 if cost < opts[-1][0]:
-                    opts.append((cost, 1.0 - ch.fac.kept(r), r))
+                    kept = ch.fac.kept(r)
+                    opts.append((cost, (1.0 - kept) / max(kept, 1e-12), r))
             options.append(opts)
 
         def hull_step(i: int, at: int) -> tuple[float, int] | None:

@@ -74,7 +74,8 @@ class LowRankResult:
                      f"({self.macs_after / max(self.macs_before, 1):.3f})",
                      f"{self.params_before:,} -> {self.params_after:,} "
                      f"({self.params_after / max(self.params_before, 1):.3f})", ""])
-        return format_table(["layer", "op", "m x n", "rank", "energy", "MACs/sample", "params", "method"], rows)
+        header = ["layer", "op", "m x n", "rank", "energy", "MACs/sample", "params", "method or why kept"]
+        return format_table(header, rows)
 
 
 def _params(model: onnx.ModelProto) -> int:

@@ -29,8 +29,8 @@ energy when data-aware), or a whole-model MACs budget. For the budget, every lay
 taking the step with the least loss added per MAC saved, until the model's MACs fit the budget.
 Why NSR and not the dropped fraction: if the layers' errors are independent and pass on with gain
 about one, the output's 1/SQNR is roughly the sum of the layers' NSRs, and the dropped fraction
-(capped at 1) would rather wipe out a few layers than trim many, which ruins the output. Ranks are rounded to a multiple for
-kernel efficiency. MACs come from :func:`onnxpress.passes.flops.count_macs` (per sample).
+(capped at 1) would rather wipe out a few layers than trim many, which ruins the output. Ranks are
+rounded to a multiple for kernel efficiency. MACs come from :func:`onnxpress.passes.flops.count_macs` (per sample).
 """
 
 from __future__ import annotations
@@ -585,7 +585,7 @@ class SplitLowRank:
                 why = (
                     f"a split would not reduce MACs (rank >= m·n/(m+n) = {bound:.1f})"
                     if self.only_if_cheaper and self.flops is None
-                    else "kept whole by the MACs budget"
+                    else "left whole by the MACs budget"
                 )
                 notes.append(f"{lay.key}: kept ({why})")
                 reports.append(LayerReport(lay.key, lay.op, (mg, n), lay.groups, None, ch.full, 1.0, lay.macs,

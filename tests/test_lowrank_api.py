@@ -169,6 +169,17 @@ def test_cli_lowrank_errors_are_one_line(tmp_path, capsys):
         main(["lowrank", "m.onnx", "-o", "o.onnx", "--energy", "1.5"])
 
 
+def test_cli_lowrank_missing_calib_data_is_one_line(tmp_path, capsys):
+    src = tmp_path / "m.onnx"
+    src.write_bytes(small_cnn().SerializeToString())
+    out, calib = tmp_path / "o.onnx", tmp_path / "no.npz"
+    code = main(["lowrank", str(src), "-o", str(out), "--rank", "2", "--calib", str(calib)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "no.npz" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o.onnx").exists()
+
+
 def test_model_load_error_type():
     with pytest.raises(ModelLoadError):
         onnxpress.lowrank("/nonexistent/model.onnx", rank=2)

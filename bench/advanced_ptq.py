@@ -2,8 +2,9 @@
 
     python bench/advanced_ptq.py [--models models] [--method minmax] [--max-samples 500]
 
-A. Depthwise CNN (mobilenet), int8 weights **per tensor**, uint8 activations: plain QDQ vs +CLE
-   (clip='skip' and clip='split') vs +CLE+bias correction. Two SQNR columns: the full QDQ model,
+A. Depthwise CNN (mobilenet), int8 weights **per tensor**, uint8 activations: plain QDQ vs +BC vs
+   +CLE (clip='skip' | 'split' exact | 'relu' lossy: Nagel et al.'s ReLU6 -> ReLU) vs +CLE+BC.
+   Two SQNR columns: the full QDQ model,
    and weights only (weights rounded in float, activations float) which isolates what CLE/BC fix.
 B. Transformer: plain QDQ (int8 per-channel weights) vs SmoothQuant (alpha 0.5 / 0.8) + QDQ.
 C. Weights only (activations float): k-means codebooks (4 and 6 bits, one codebook per layer) vs
@@ -60,15 +61,15 @@ def cleaned(path: Path) -> onnx.ModelProto:
     return run_passes(normalize_model(load_model(path)), cleanup_passes()).model
 
 
-def weight_only(model: onnx.ModelProto, *, per_channel: bool, bits: int = 8) -> onnx.ModelProto:
-    """Round every Conv/Gemm/MatMul weight (>= MIN_ELEMENTS) with InsertQDQ's quantizer, keep float."""
+def weight_only(model: onnx.ModelProto, *, per_channel: bool, bits: int = 8, min_elements: int = 0) -> onnx.ModelProto:
+    """Round every Conv/Gemm/MatMul weight (>= min_elements) with InsertQDQ's quantizer, keep float."""
     graph = gs.import_onnx(model)
     done: dict[str, gs.Constant] = {}
     for node in graph.nodes:
         if node.op not in ("Conv", "Gemm", "MatMul") or len(node.inputs) < 2:
             continue
         w = node.inputs[1]
-        if not isinstance(w, gs.Constant) or w.values.dtype != np.float32 or w.values.size < MIN_ELEMENTS:
+        if not isinstance(w, gs.Constant) or w.values.dtype != np.float32 or w.values.size < min_elements:
             continue
         if w.name not in done:
             q = quantized_weight(node, w.values, per_channel=per_channel, bits=bits)
@@ -102,23 +103,28 @@ def section_a(args, models: Path, calib: Path, x: np.ndarray, labels: np.ndarray
     base = cleaned(path)
     ref = logits(base, x)
     variants: list[tuple[str, onnx.ModelProto, str]] = [("plain", base, "-")]
-    for clip in ("skip", "split"):
-        res = advanced.equalize(base, clip=clip)
-        variants.append((f"+CLE clip={clip}", res.model, str(res.stats["equalize_cross_layer.pairs"])))
-    cle = variants[-1][1]
     bc_plain = advanced.correct_bias(base, str(calib), per_channel=False, max_samples=args.max_samples).model
-    bc = advanced.correct_bias(cle, str(calib), per_channel=False, max_samples=args.max_samples).model
     variants.append(("+BC", bc_plain, "-"))
-    variants.append(("+CLE clip=split +BC", bc, variants[-2][2]))
+    float_rows = []
+    for clip in ("skip", "split", "relu"):
+        res = advanced.equalize(base, clip=clip)
+        pairs = str(res.stats["equalize_cross_layer.pairs"])
+        variants.append((f"+CLE clip={clip}", res.model, pairs))
+        yf = logits(res.model, x)
+        float_rows.append(f"clip={clip}: float SQNR {sqnr(ref, yf):.2f} dB, float acc {accuracy(yf, labels):.4f}")
+        if clip != "skip":
+            bc = advanced.correct_bias(res.model, str(calib), per_channel=False, max_samples=args.max_samples).model
+            variants.append((f"+CLE clip={clip} +BC", bc, pairs))
     rows = [["float", "-", "inf", "inf", f"{accuracy(ref, labels):.4f}"]]
-    plain_db = None
+    plain_db = plain_w = None
     for name, model, pairs in variants:
         q = quantize(model, calib=str(calib), method=args.method, per_channel=False, max_samples=args.max_samples)
         yq = logits(q.model, x)
         yw = logits(weight_only(model, per_channel=False), x)
-        db = sqnr(ref, yq)
+        db, dbw = sqnr(ref, yq), sqnr(ref, yw)
         plain_db = db if plain_db is None else plain_db
-        rows.append([name, pairs, f"{db:.2f} ({db - plain_db:+.2f})", f"{sqnr(ref, yw):.2f}",
+        plain_w = dbw if plain_w is None else plain_w
+        rows.append([name, pairs, f"{db:.2f} ({db - plain_db:+.2f})", f"{dbw:.2f} ({dbw - plain_w:+.2f})",
                      f"{accuracy(yq, labels):.4f}"])
     per_ch = quantize(base, calib=str(calib), method=args.method, per_channel=True, max_samples=args.max_samples)
     yc = logits(per_ch.model, x)
@@ -126,7 +132,8 @@ def section_a(args, models: Path, calib: Path, x: np.ndarray, labels: np.ndarray
                  f"{sqnr(ref, logits(weight_only(base, per_channel=True), x)):.2f}", f"{accuracy(yc, labels):.4f}"])
     print(f"A. mobilenet, int8 weights per tensor, uint8 activations ({args.method} calibration), "
           f"{len(x)} test samples")
-    print(format_table(["variant", "pairs", "QDQ SQNR dB (vs plain)", "W-only SQNR dB", "QDQ acc"], rows))
+    print(format_table(["variant", "pairs", "QDQ SQNR dB (vs plain)", "W-only SQNR dB (vs plain)", "QDQ acc"], rows))
+    print("   float models after CLE (before quantization), against the original float model: " + "; ".join(float_rows))
     print()
 
 
@@ -189,7 +196,7 @@ def section_c(args, models: Path, x: np.ndarray, labels: np.ndarray) -> None:
         rows = [["float", "32", "inf", f"{accuracy(ref, labels):.4f}"]]
         for bits in (8, 4):
             for per_channel in (False, True):
-                y = logits(weight_only(base, per_channel=per_channel, bits=bits), x)
+                y = logits(weight_only(base, per_channel=per_channel, bits=bits, min_elements=MIN_ELEMENTS), x)
                 overhead = 32 * (channels if per_channel else tensors) / n
                 label = f"linear int{bits} per-{'channel' if per_channel else 'tensor'}"
                 rows.append([label, f"{bits + overhead:.3f}", f"{sqnr(ref, y):.2f}", f"{accuracy(y, labels):.4f}"])

@@ -146,7 +146,7 @@ def equalize(
     model: ModelSource,
     output: str | os.PathLike[str] | None = None,
     *,
-    clip: Literal["skip", "split"] = "skip",
+    clip: Literal["skip", "split", "relu"] = "skip",
     max_iterations: int = 100,
     progress: bool = False,
 ) -> TransformResult:
@@ -156,7 +156,8 @@ def equalize(
         model: path or ModelProto (never modified).
         output: where to write the result; ``None`` to only return it.
         clip: ``"skip"`` leaves pairs joined by Clip/ReLU6 alone; ``"split"`` rewrites such a Clip
-            into Relu + Min with per-channel bounds so that the pair can be equalized (exact too).
+            into Relu + Min with per-channel bounds so that the pair can be equalized (exact too);
+            ``"relu"`` replaces Clip(0, hi) by Relu first (lossy: check the float model after it).
         max_iterations: sweeps over the pairs (chains converge geometrically).
         progress: progress bar over the passes.
     """

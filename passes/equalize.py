@@ -23,8 +23,12 @@ rewritten into ops that take per-channel bounds, which keeps the rewrite exact::
                      ==>  Min(Relu(x), hi_c)          when lo == 0
 
 and the per-channel bounds are divided by s_i with the rest of the pair. The cost is one extra
-elementwise node per Clip (onnxruntime no longer fuses Conv+Clip there). High-bias absorption is
-not done (it is exact only where the pre-activation never falls below the absorbed amount).
+elementwise node per Clip (onnxruntime no longer fuses Conv+Clip there, and a QDQ pass that does
+not know Min quantizes both the Relu and the Min output). ``clip="relu"`` is the choice of Nagel
+et al. for MobileNetV2: Clip(x, 0, hi) becomes Relu(x) (**not exact**: values above hi are no
+longer clipped; measure the float model after it), which keeps Conv+Relu fusable.
+High-bias absorption is not done (it is exact only where the pre-activation never falls below the
+absorbed amount).
 """
 
 from __future__ import annotations
@@ -223,8 +227,11 @@ def find_pairs(graph: gs.Graph, clip: str = "skip") -> tuple[list[Pair], list[st
                 notes.append(f"{first.name}: not equalized ({reason})")
             continue
         why = layer_decline_reason(second)
-        if why is None and clip != "split" and any(n.op == "Clip" for n in between):
+        clips = [n for n in between if n.op == "Clip"]
+        if why is None and clips and clip == "skip":
             why = "Clip/ReLU6 between them is not positive-homogeneous; clip='split' rewrites it"
+        if why is None and clip == "relu" and any(_clip_bounds(n)[0] != 0.0 for n in clips):
+            why = "Clip with a lower bound other than 0 cannot become Relu"
         if why is None and first.op != second.op:
             why = f"{first.op} followed by {second.op}"
         if why is None and second.inputs[0] is not t:
@@ -245,8 +252,8 @@ def _bound_shape(first: gs.Node) -> tuple[int, ...]:
     return (channels,) + (1,) * (rank - 2)
 
 
-def _split_clip(graph: gs.Graph, pair: Pair) -> int:
-    """Rewrite each Clip between the layers into Relu/Max + Min with per-channel bounds."""
+def _split_clip(graph: gs.Graph, pair: Pair, to_relu: bool = False) -> int:
+    """Rewrite each Clip between the layers into Relu/Max + Min with per-channel bounds (or Relu only)."""
     shape = _bound_shape(pair.first)
     dtype = pair.first.inputs[1].values.dtype
     rewritten, new_between = 0, []
@@ -260,7 +267,7 @@ def _split_clip(graph: gs.Graph, pair: Pair) -> int:
             chain.append(("Relu", None))
         elif lo is not None:
             chain.append(("Max", np.full(shape, lo, dtype)))
-        if hi is not None:
+        if hi is not None and not to_relu:
             chain.append(("Min", np.full(shape, hi, dtype)))
         if not chain:  # a Clip without bounds is the identity; positive-homogeneous as it is
             new_between.append(node)
@@ -316,16 +323,19 @@ class EqualizeCrossLayer:
 
     Args:
         clip: ``"skip"`` declines pairs joined by Clip/ReLU6; ``"split"`` rewrites the Clip into
-            Relu/Max + Min with per-channel bounds so the pair can be equalized exactly.
+            Relu/Max + Min with per-channel bounds so the pair can be equalized exactly; ``"relu"``
+            replaces Clip(0, hi) by Relu (lossy, as Nagel et al. do for MobileNetV2).
         max_iterations: sweeps over all pairs (chains need several).
         tol: stop when every scale of a sweep is within ``tol`` of 1 (relative).
     """
 
     name = "equalize_cross_layer"
 
-    def __init__(self, clip: Literal["skip", "split"] = "skip", max_iterations: int = 100, tol: float = 1e-3) -> None:
-        if clip not in ("skip", "split"):
-            raise ValueError(f"clip must be 'skip' or 'split', not {clip!r}")
+    def __init__(
+        self, clip: Literal["skip", "split", "relu"] = "skip", max_iterations: int = 100, tol: float = 1e-3
+    ) -> None:
+        if clip not in ("skip", "split", "relu"):
+            raise ValueError(f"clip must be 'skip', 'split' or 'relu', not {clip!r}")
         if max_iterations < 1:
             raise ValueError("max_iterations must be >= 1")
         self.clip = clip
@@ -338,7 +348,7 @@ class EqualizeCrossLayer:
     def __call__(self, graph: gs.Graph) -> PassResult:
         """Find pairs, split Clips if asked, then sweep until the scales converge."""
         pairs, notes = find_pairs(graph, self.clip)
-        clips = sum(_split_clip(graph, p) for p in pairs) if self.clip == "split" else 0
+        clips = sum(_split_clip(graph, p, to_relu=self.clip == "relu") for p in pairs) if self.clip != "skip" else 0
         sweeps = 0
         for sweeps in range(1, self.max_iterations + 1):  # noqa: B007
             worst = 0.0
@@ -352,5 +362,6 @@ class EqualizeCrossLayer:
             log.debug("equalized %s", pair.describe())
         for note in notes:
             log.debug("equalize_cross_layer: %s", note)
-        stats = {"pairs": len(pairs), "declined": len(notes), "clips_split": clips, "sweeps": sweeps if pairs else 0}
+        key = "clips_to_relu" if self.clip == "relu" else "clips_split"
+        stats = {"pairs": len(pairs), "declined": len(notes), key: clips, "sweeps": sweeps if pairs else 0}
         return PassResult(graph, bool(pairs), stats, tuple(notes))

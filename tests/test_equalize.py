@@ -143,6 +143,19 @@ def test_clip_split_clips_where_the_original_clips():
     _assert_same(model, result.model, {"X": x})
 
 
+def test_clip_relu_mode_equals_the_relu_network_exactly():
+    """clip='relu' is lossy on purpose: it must equal the same network built with Relu, exactly."""
+    model = pw_dw_pw("Clip")
+    relu_net = pw_dw_pw("Relu")
+    x = (3 * graphs.rng(10).standard_normal((3, 4, 6, 6))).astype(np.float32)
+    result = run_passes(model, [EqualizeCrossLayer(clip="relu")])
+    assert result.stats["equalize_cross_layer.clips_to_relu"] == 2
+    ops = [n.op_type for n in result.model.graph.node]
+    assert ops.count("Relu") == 2 and "Clip" not in ops and "Min" not in ops
+    _assert_same(relu_net, result.model, {"X": x})
+    assert not np.allclose(graphs.run(model, {"X": x})[0], graphs.run(relu_net, {"X": x})[0])  # it is lossy here
+
+
 def test_declines_when_activation_has_two_consumers():
     """pw1 -> Relu -> a1 -> {dw, graph output}: rescaling would change the graph output a1."""
     model = pw_dw_pw("Relu")

@@ -133,6 +133,26 @@ def test_data_aware_lowrank_beats_plain_on_held_out_logits():
     assert sq_aware >= sq_plain + 3.0, (sq_plain, sq_aware)
 
 
+def test_data_aware_gemm_with_trans_a_observes_the_feature_axis_0():
+    """X[24, 5] -> Relu -> h -> Gemm(transA=1, W[24, 20]) -> Y[5, 20]: E[h hᵀ] is over h's axis 0."""
+    from onnxpress.lowrank import collect_moments
+
+    r = graphs.rng(4)
+    w = r.standard_normal((24, 20)).astype(np.float32)
+    nodes = [helper.make_node("Relu", ["X"], ["h"]), helper.make_node("Gemm", ["h", "W"], ["Y"], transA=1)]
+    model = graphs.make_model(nodes, [("X", [24, 5])], [("Y", [5, 20])], {"W": w})
+    x = r.standard_normal((24, 5)).astype(np.float32)
+    h = np.maximum(x, 0).astype(np.float64)
+    moments = collect_moments(model, [{"X": x}])
+    np.testing.assert_allclose(moments["Y"], h @ h.T / 5, rtol=1e-9)
+    result = onnxpress.lowrank(model, rank=8, calib=[{"X": x}])
+    assert result.layers[0].method == "whitened-svd" and result.layers[0].rank == 8
+    plain = onnxpress.lowrank(model, rank=8)
+    ref = graphs.run(model, {"X": x})[0]
+    # on the calibration data itself the whitened split is the optimum of the output error
+    assert _sqnr(graphs.run(result.model, {"X": x})[0], ref) > _sqnr(graphs.run(plain.model, {"X": x})[0], ref)
+
+
 def test_lowrank_calib_data_with_wrong_input_name_raises_data_error():
     with pytest.raises(DataError):
         onnxpress.lowrank(small_cnn(), rank=4, calib=[{"image": _inputs(1, 4)}])

@@ -96,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", nargs="+", default=["transformer", "resnet"])
     p.add_argument("--budgets", nargs="+", type=float, default=[0.75, 0.5])
     p.add_argument("--multiple", type=int, default=8)
+    p.add_argument("--conv-method", choices=["channel", "tucker2"], default="channel")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=40)
@@ -126,11 +127,12 @@ def main(argv: list[str] | None = None) -> int:
         size_ref = len(original.SerializeToString())
         candidates = None
         for budget in args.budgets:
-            plain = onnxpress.lowrank(original, flops=budget, multiple=args.multiple)
+            plain = onnxpress.lowrank(original, flops=budget, multiple=args.multiple, conv_method=args.conv_method)
             if candidates is None:
                 cand = [lay for lay in plain.layers if lay.full_rank]
                 candidates = ({lay.key for lay in cand}, sum(lay.macs_before for lay in cand))
-            aware = onnxpress.lowrank(original, flops=budget, multiple=args.multiple, moments=moments)
+            aware = onnxpress.lowrank(original, flops=budget, multiple=args.multiple, moments=moments,
+                                      conv_method=args.conv_method)
             s_plain = make_session(plain.model, threads=args.threads)
             s_aware = make_session(aware.model, threads=args.threads)
             y_plain, y_aware = logits(s_plain, x_test), logits(s_aware, x_test)

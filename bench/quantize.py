@@ -131,7 +131,8 @@ def bench_model(name: str, folder: Path, calib: np.ndarray, test_x: np.ndarray, 
                 candidates[f"onnxpress[{method}]"] = f"{type(exc).__name__}: {exc}"
         if name == "transformer":
             out = work / f"{name}_int4.onnx"
-            onnxpress.quantize(src, out, weights="int4", block_size=args.block_size)
+            extra = {} if args.block_size is None else {"block_size": args.block_size}
+            onnxpress.quantize(src, out, weights="int4", **extra)
             candidates["onnxpress-int4"] = out
 
         sessions, outputs = {}, {}
@@ -193,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default="", help="comma-separated model names (default: all present)")
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--compare-methods", action="store_true", help="onnxpress with kl, minmax, percentile and mse")
-    ap.add_argument("--block-size", type=int, default=64, help="int4 block size for the transformer row")
+    ap.add_argument("--block-size", type=int, default=None, help="int4 block size (default: quantize's default)")
     args = ap.parse_args(argv)
     from onnxpress.quantize import DEFAULT_METHOD
 

@@ -104,13 +104,17 @@ def quantize(
     per_channel: bool = True,
     activations: str = "uint8",
     weights: str = "int8",
-    block_size: int = 32,
+    block_size: int = 64,
     exclude: Selection | Iterable[str] = (),
     overrides: Mapping[str, TensorOverride | Mapping[str, object]] | None = None,
     quantize_ops: Iterable[str] = (),
     max_samples: int | None = None,
     batch_size: int = 64,
     progress: bool = False,
+    equalize: str | None = None,
+    bias_correction: bool = False,
+    smoothquant: float | None = None,
+    codebook: int | None = None,
 ) -> QuantizeResult:
     """Quantize ``model`` for onnxruntime's CPU integer kernels (or 4-bit weight-only).
 
@@ -125,7 +129,7 @@ def quantize(
         per_channel: per-output-channel weight scales (else per tensor).
         activations: "uint8" (asymmetric; x86 integer kernels) or "int8" (symmetric; TensorRT).
         weights: "int8" (QDQ, weights and activations) or "int4" (blockwise weight-only MatMul/Gemm).
-        block_size: rows per scale block for int4.
+        block_size: rows per scale block for int4 (64: the size/accuracy balance measured in bench/quantize.py).
         exclude: node names, ``op:<OpType>`` or ``re:<regex on node names>`` to keep float.
         overrides: per-tensor ``{"dtype": "uint8"|"int8"|"float", "range": (lo, hi),
             "per_channel": bool, "method": "minmax"|...}``.
@@ -133,6 +137,11 @@ def quantize(
         max_samples: calibrate on at most this many samples.
         batch_size: calibration batch size.
         progress: progress bars.
+        equalize: cross-layer equalization before calibration: "split" (exact; ReLU6 becomes Relu + Min),
+            "skip" (pairs joined by ReLU6 left alone) or "relu" (ReLU6 -> Relu, lossy); see onnxpress.advanced.
+        bias_correction: correct biases for the int8 weight rounding (needs calib).
+        smoothquant: SmoothQuant alpha in [0, 1] for MatMul/Gemm after LayerNorm/Gemm (needs calib).
+        codebook: store weights as BITS-bit k-means codebook indices instead (weight-only, no QDQ).
 
     Raises:
         OnnxpressError: bad option (names it and the choices), no calibration data, unreadable table.
@@ -151,8 +160,29 @@ def quantize(
     size_before = original.ByteSize()
     proto = normalize_model(original, min_opset=13)
     cleaned = run_passes(proto, cleanup_passes(), progress=progress).model
+    if equalize or bias_correction or smoothquant is not None:  # onnxpress.advanced (issue 10)
+        from onnxpress.advanced import prepare_for_quantize
 
-    if weights == "int4":
+        if bias_correction and (weights != "int8" or codebook is not None):
+            raise OnnxpressError("bias correction is for int8 weights; drop it with int4 or codebook weights")
+        cleaned = prepare_for_quantize(
+            cleaned,
+            calib,
+            equalize=equalize,
+            smoothquant=smoothquant,
+            bias_correction=bias_correction,
+            per_channel=per_channel,
+            batch_size=batch_size,
+            max_samples=max_samples,
+            progress=progress,
+        )
+
+    if codebook is not None:  # weight-only k-means codebooks (onnxpress.advanced, issue 10)
+        from onnxpress.advanced import codebook_weights
+
+        result, decisions = codebook_weights(cleaned, codebook, progress=progress)
+        used_table, excluded = None, {}
+    elif weights == "int4":
         try:
             int4 = QuantizeWeightsInt4(block_size=block_size, exclude=selection.nodes)
         except ValueError as exc:

@@ -92,7 +92,7 @@ def test_declines_with_reasons() -> None:
         helper.make_node("MatMul", ["b", "W"], ["Y"], name="skip_me"),
     ]
     model = make_model(nodes, [("X", [2, 3, 8]), ("Z", [2, 8, 8])], [("Y", [2, 3, 4])], inits)
-    res = run_passes(model, [QuantizeWeightsInt4(exclude=frozenset({"skip_me"}))])
+    res = run_passes(model, [QuantizeWeightsInt4(exclude=frozenset({"skip_me"}), constants_int8_min_size=None)])
     assert not res.modified and [n.op_type for n in res.model.graph.node] == ["MatMul"] * 3
     text = "\n".join(res.notes)
     assert "not 2-D" in text and "not a float32 constant" in text and "excluded" in text
@@ -103,3 +103,31 @@ def test_bad_block_size() -> None:
     for bad in (8, 24):
         with pytest.raises(ValueError, match="power of two"):
             QuantizeWeightsInt4(block_size=bad)
+
+
+def test_other_constants_become_int8() -> None:
+    """A large constant outside MatMul/Gemm (positional embedding) is stored int8, error <= s/2."""
+    r = rng(8)
+    pos = (r.standard_normal((1, 64, 8)) * 0.02).astype(np.float32)
+    model = make_model([helper.make_node("Add", ["X", "pos"], ["Y"])], [("X", ["N", 64, 8])], [("Y", ["N", 64, 8])],
+                       {"pos": pos})  # fmt: skip
+    res = run_passes(model, [QuantizeWeightsInt4(constants_int8_min_size=256)])
+    assert res.stats["quantize_weights_int4.constants_int8"] == 1
+    assert [n.op_type for n in res.model.graph.node] == ["DequantizeLinear", "Add"]
+    x = np.zeros((1, 64, 8), np.float32)
+    step = np.abs(pos).max() / 127
+    assert np.abs(run(res.model, {"X": x})[0] - pos).max() <= step / 2 * (1 + 1e-5)
+    small = run_passes(model, [QuantizeWeightsInt4(constants_int8_min_size=1024)])
+    assert not small.modified
+
+
+def test_short_weights_use_a_smaller_block() -> None:
+    """K=16 rows with block_size 64: the node's block is 16, so no padding bytes are stored."""
+    r = rng(9)
+    model = make_model([helper.make_node("MatMul", ["X", "W"], ["Y"])], [("X", ["N", 16])], [("Y", ["N", 32])],
+                       {"W": r.standard_normal((16, 32)).astype(np.float32)})  # fmt: skip
+    q = run_passes(model, [QuantizeWeightsInt4(block_size=64)]).model
+    node = q.graph.node[0]
+    assert {a.name: a.i for a in node.attribute}["block_size"] == 16
+    packed = next(i for i in q.graph.initializer if i.data_type == onnx.TensorProto.UINT8)
+    assert list(packed.dims) == [32, 1, 8]

@@ -34,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--weights", default="int8", choices=("int8", "int4"), help="int8 QDQ, or int4 weight-only MatMul/Gemm"
     )
-    p.add_argument("--block-size", type=int, default=32, help="int4 block size (power of two >= 16)")
+    p.add_argument("--block-size", type=int, default=64, help="int4 block size (power of two >= 16; default 64)")
     p.add_argument(
         "--exclude",
         nargs="*",
@@ -50,6 +50,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="ops kept float by default to quantize anyway",
     )
     p.add_argument("--max-samples", type=int, default=None, help="calibrate on at most N samples")
+    # issue 10 (onnxpress.advanced): float rewrites before calibration, or codebook weights instead of QDQ
+    p.add_argument("--equalize", nargs="?", const="split", default=None, choices=("split", "skip", "relu"),
+                   help="cross-layer equalization first (default mode split: exact, ReLU6 -> Relu + Min)")
+    p.add_argument("--bias-correction", action="store_true", help="correct biases for int8 weight rounding")
+    p.add_argument("--smoothquant", type=float, default=None, metavar="ALPHA",
+                   help="SmoothQuant with this alpha (0..1) before calibration")
+    p.add_argument("--codebook", type=int, default=None, metavar="BITS",
+                   help="k-means codebook weights with 2^BITS centroids per layer (weight-only, replaces QDQ)")
     add_common(p)
     p.set_defaults(func=run)
 
@@ -72,6 +80,10 @@ def run(args: argparse.Namespace) -> int:
         quantize_ops=args.quantize_ops,
         max_samples=args.max_samples,
         progress=progress_enabled(args),
+        equalize=args.equalize,
+        bias_correction=args.bias_correction,
+        smoothquant=args.smoothquant,
+        codebook=args.codebook,
     )
     counts = collections.Counter(d.op for d in result.quantized)
     floats = collections.Counter(d.op for d in result.kept_float)
@@ -82,6 +94,8 @@ def run(args: argparse.Namespace) -> int:
     for name, why in sorted(result.excluded_tensors.items()):
         print(f"no range  {name}: {why}")
     kind = "int4 weight-only" if args.weights == "int4" else f"int8 weights, {args.activations} activations"
+    if args.codebook is not None:
+        kind = f"{args.codebook}-bit codebook weights (weight-only)"
     print(
         f"{kind}: size {result.size_before / 1e6:.3f} MB -> {result.size_after / 1e6:.3f} MB "
         f"({result.size_ratio:.3f}x); wrote {result.output}"

@@ -8,6 +8,7 @@ Public API (each function accepts a path or an ``onnx.ModelProto`` and never mod
 
 from __future__ import annotations
 
+from onnxpress.advanced import codebook, correct_bias, equalize, smoothquant
 from onnxpress.api import cleanup
 from onnxpress.calibrate import calibrate
 from onnxpress.driver import TransformResult, transform
@@ -48,6 +49,9 @@ __all__ = [
     "ValidationError",
     "calibrate",
     "cleanup",
+    "codebook",
+    "correct_bias",
+    "equalize",
     "finetune",
     "load_model",
     "lowrank",
@@ -57,6 +61,7 @@ __all__ = [
     "run_passes",
     "save_model",
     "sensitivity_scan",
+    "smoothquant",
     "transform",
     "validate",
 ]

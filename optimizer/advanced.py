@@ -24,16 +24,18 @@ import numpy as np
 import onnx
 
 from onnxpress.driver import TransformResult, transform
-from onnxpress.errors import CalibrationError
+from onnxpress.errors import CalibrationError, OnnxpressError
 from onnxpress.model_io import ModelSource, check_output_path, load_model, normalize_model
 from onnxpress.pipeline import cleanup_passes, import_graph, run_passes
 
 __all__ = [
     "ChannelStatsObserver",
     "codebook",
+    "codebook_weights",
     "collect_channel_stats",
     "correct_bias",
     "equalize",
+    "prepare_for_quantize",
     "smoothquant",
 ]
 
@@ -266,3 +268,76 @@ def codebook(
         check_output_path(output, [model])
     passes = [*cleanup_passes(), CodebookWeights(bits=bits, group_size=group_size, min_elements=min_elements)]
     return transform(model, passes, output, progress=progress)
+
+
+def prepare_for_quantize(
+    model: onnx.ModelProto,
+    data: Any,
+    *,
+    equalize: Literal["skip", "split", "relu"] | None = None,
+    smoothquant: float | None = None,
+    bias_correction: bool = False,
+    per_channel: bool = True,
+    batch_size: int = 64,
+    max_samples: int | None = 512,
+    progress: bool = False,
+) -> onnx.ModelProto:
+    """The float rewrites that go before InsertQDQ, in order: CLE, SmoothQuant, bias correction.
+
+    ``model`` must already be cleaned up (BatchNorm folded); ``onnxpress.quantize`` calls this on
+    its cleaned model. Bias correction comes last because it depends on the final weights, and it
+    assumes int8 weights with the same ``per_channel`` as the QDQ pass that follows.
+
+    Raises:
+        OnnxpressError: a bad setting (clip mode, alpha).
+        CalibrationError: SmoothQuant or bias correction asked for without data.
+    """
+    from onnxpress.passes.bias_correction import CorrectBias, bias_correction_inputs
+    from onnxpress.passes.equalize import EqualizeCrossLayer
+    from onnxpress.passes.smoothquant import SmoothQuant, smoothquant_targets
+
+    if (smoothquant is not None or bias_correction) and data is None:
+        raise CalibrationError("SmoothQuant and bias correction need calibration data (calib= / --calib)")
+    try:
+        cle = EqualizeCrossLayer(clip=equalize) if equalize else None
+        smooth = SmoothQuant({}, alpha=smoothquant) if smoothquant is not None else None
+    except ValueError as exc:
+        raise OnnxpressError(str(exc)) from None
+    stream = {"batch_size": batch_size, "max_samples": max_samples, "progress": progress}
+    if cle is not None:
+        model = run_passes(model, [cle], progress=progress).model
+    if smooth is not None:
+        names = smoothquant_targets(import_graph(model))
+        stats = collect_channel_stats(model, data, {n: -1 for n in names}, **stream)
+        absmax = {name: obs.max_abs() for name, obs in stats.items()}
+        model = run_passes(model, [SmoothQuant(absmax, alpha=smoothquant)], progress=progress).model
+    if bias_correction:
+        requests = dict(bias_correction_inputs(import_graph(model)))
+        stats = collect_channel_stats(model, data, requests, spatial=True, **stream)
+        means = {n: m if (m := obs.mean_map()) is not None else obs.mean() for n, obs in stats.items()}
+        model = run_passes(model, [CorrectBias(means, per_channel=per_channel)], progress=progress).model
+    return model
+
+
+def codebook_weights(model: onnx.ModelProto, bits: int, *, group_size: int | None = None, progress: bool = False):
+    """Run CodebookWeights on a cleaned model; return the pipeline result and one decision per layer.
+
+    Raises:
+        OnnxpressError: bits outside 1..8 or a bad group size.
+    """
+    from onnxpress.passes.codebook import CodebookWeights
+    from onnxpress.passes.qdq import NodeDecision
+
+    try:
+        pass_ = CodebookWeights(bits=bits, group_size=group_size)
+    except ValueError as exc:
+        raise OnnxpressError(str(exc)) from None
+    result = run_passes(model, [pass_], progress=progress)
+    decisions = []
+    for node in model.graph.node:
+        if node.op_type in ("Conv", "Gemm", "MatMul") and len(node.input) > 1:
+            done = node.input[1] in pass_.objective
+            why = "" if done else next((n.split("(", 1)[-1].rstrip(")") for n in result.notes if node.input[1] in n),
+                                       "weight is not a float initializer")
+            decisions.append(NodeDecision(node.name or node.output[0], node.op_type, done, why))
+    return result, decisions

@@ -146,3 +146,15 @@ def test_public_codebook_writes_a_smaller_model(tmp_path):
     x = graphs.rng(5).standard_normal((3, 128)).astype(np.float32)
     w_hat = _rebuilt_weight(result.model)
     np.testing.assert_allclose(graphs.run(onnx.load(str(out)), {"X": x})[0], x @ w_hat, atol=1e-4, rtol=0)
+
+
+def test_quantize_codebook_flag(tmp_path, capsys):
+    from onnxpress.cli import main
+
+    src, out = tmp_path / "m.onnx", tmp_path / "cb.onnx"
+    onnx.save(matmul_model(k=128, n=64), str(src))
+    assert main(["quantize", str(src), "-o", str(out), "--codebook", "4", "-q"]) == 0
+    assert out.stat().st_size < 0.2 * src.stat().st_size
+    assert "codebook" in capsys.readouterr().out
+    assert main(["quantize", str(src), "-o", str(out), "--codebook", "12"]) == 2
+    assert "bits must be in 1..8" in capsys.readouterr().err

@@ -219,3 +219,29 @@ def test_public_equalize_writes_an_exact_model(tmp_path):
     assert result.stats["equalize_cross_layer.pairs"] == 2
     x = graphs.rng(9).standard_normal((2, 4, 6, 6)).astype(np.float32)
     _assert_same(model, onnx.load(str(out)), {"X": x})
+
+
+def _sqnr(ref: np.ndarray, out: np.ndarray) -> float:
+    return float(10 * np.log10(np.sum(ref.astype(np.float64) ** 2) / np.sum((ref.astype(np.float64) - out) ** 2)))
+
+
+def test_quantize_flags_equalize_and_bias_correction_help_per_tensor_int8(tmp_path):
+    """onnxpress.quantize(..., equalize=, bias_correction=) on the skewed pw->dw->pw chain, per-tensor weights."""
+    import onnxpress
+    from onnxpress.cli import main
+
+    model = pw_dw_pw("Relu", c=16)
+    r = graphs.rng(11)
+    feeds = [{"X": r.standard_normal((16, 4, 6, 6)).astype(np.float32)} for _ in range(4)]
+    x = r.standard_normal((32, 4, 6, 6)).astype(np.float32)
+    ref = graphs.run(model, {"X": x})[0]
+    common = {"calib": feeds, "per_channel": False, "method": "minmax"}
+    plain = onnxpress.quantize(model, **common).model
+    both = onnxpress.quantize(model, equalize="split", bias_correction=True, **common).model
+    assert _sqnr(ref, graphs.run(both, {"X": x})[0]) > _sqnr(ref, graphs.run(plain, {"X": x})[0]) + 6.0
+    src, out = tmp_path / "m.onnx", tmp_path / "q.onnx"
+    onnx.save(model, str(src))
+    np.savez(tmp_path / "calib.npz", X=np.concatenate([f["X"] for f in feeds]))
+    argv = ["quantize", str(src), "-o", str(out), "--calib", str(tmp_path / "calib.npz"), "--per-tensor", "-q"]
+    assert main([*argv, "--equalize", "--bias-correction", "--method", "minmax"]) == 0 and out.exists()
+    assert main([*argv[:4], "--bias-correction"]) == 2  # no --calib: one-line error, exit 2

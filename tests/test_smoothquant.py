@@ -179,3 +179,21 @@ def test_public_smoothquant_streams_statistics_and_saves(tmp_path):
     _assert_outputs_equal(model, onnx.load(str(out)), {"X": x_all})
     with pytest.raises(DataError):
         adv.smoothquant(model, [{"wrong": x_all}])
+
+
+def test_quantize_smoothquant_flag():
+    import onnxpress
+    from onnxpress.errors import CalibrationError, OnnxpressError
+
+    model = ln_qkv()
+    r = graphs.rng(8)
+    feeds = [{"X": r.standard_normal((8, 5, K)).astype(np.float32)} for _ in range(2)]
+    x = r.standard_normal((16, 5, K)).astype(np.float32)
+    result = onnxpress.quantize(model, calib=feeds, smoothquant=0.5, method="minmax")
+    assert result.quantized
+    for ya, yb in zip(graphs.run(model, {"X": x}), graphs.run(result.model, {"X": x}), strict=True):
+        assert np.sum((ya - yb) ** 2) < 1e-2 * np.sum(ya**2)  # int8: within 20 dB of float
+    with pytest.raises(CalibrationError, match="calibration data"):
+        onnxpress.quantize(model, smoothquant=0.5, table=onnxpress.calibrate(model, feeds, method="minmax"))
+    with pytest.raises(OnnxpressError, match="alpha"):
+        onnxpress.quantize(model, calib=feeds, smoothquant=2.0)

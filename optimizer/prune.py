@@ -5,7 +5,8 @@ what needs inference or I/O: mean ``|activation|`` statistics for the ``act`` cr
 with :func:`onnxpress.calibration.collect.collect_statistics` and a small observer), the sensitivity
 scan (prune one group at a time, output SQNR on calibration data), and the before/after report::
 
-    load -> normalise -> PruneZeroChannels (exact) -> [observe |x|] -> PruneChannels (lossy) -> check -> save
+    load -> normalise -> FoldConstants -> PruneZeroChannels (exact) -> [observe |x|] -> PruneChannels (lossy)
+         -> check -> save
 
 SQNR of a candidate output ``y`` against the reference ``r``, over every sample and logit::
 
@@ -27,6 +28,7 @@ import onnx_graphsurgeon as gs
 from onnxpress.errors import CalibrationError, OnnxpressError
 from onnxpress.model_io import ModelSource, check_model, check_output_path, load_model, normalize_model, save_model
 from onnxpress.passes.flops import MAC_OPS, count_macs, count_params, model_size_bytes, node_key
+from onnxpress.passes.fold import FoldConstants
 from onnxpress.passes.prune_channels import CRITERIA, PruneChannels, PruneZeroChannels, activation_targets
 from onnxpress.pipeline import PipelineResult, run_passes
 
@@ -230,7 +232,8 @@ def prune(
     if output is not None:
         check_output_path(output, [model])
     original = normalize_model(load_model(model))
-    exact = run_passes(original, [PruneZeroChannels()], progress=progress)
+    # FoldConstants first: exporters leave weights behind Identity/Constant nodes that hide them.
+    exact = run_passes(original, [FoldConstants(), PruneZeroChannels()], progress=progress)
     stats, notes = dict(exact.stats), list(exact.notes)
     pruned = exact.model
     if ratio is not None and ratio > 0:

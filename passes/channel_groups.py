@@ -146,6 +146,7 @@ class ChannelAnalysis:
         self.consumers: list[Consumer] = []
         self.rewrites: list[_Rewrite] = []
         self.frozen_ids: dict[int, str] = {}
+        self.declined: list[str] = []
 
     # ---- union-find -------------------------------------------------------------------------
     def new_ids(self, n: int, source: int) -> np.ndarray:
@@ -464,6 +465,7 @@ class _Walker:
         w = node.inputs[1]
         if not _const(w) or (_present(node, 2) and not _const(node.inputs[2])):
             self.freeze(x, f"Conv {_node_name(node)} has non-constant weights")
+            self.a.declined.append(f"Conv {_node_name(node)}: weights are computed (fold constants first)")
             return
         group = int(node.attrs.get("group", 1))
         cout, cin_g = w.values.shape[:2]
@@ -519,6 +521,7 @@ class _Walker:
         trans_b = int(node.attrs.get("transB", 0))
         if not _const(w) or (_present(node, 2) and not _const(node.inputs[2])):
             self.freeze(x, f"Gemm {_node_name(node)} has non-constant B or C")
+            self.a.declined.append(f"Gemm {_node_name(node)}: B or C is computed (fold constants first)")
             return
         if x is not None:
             if int(node.attrs.get("transA", 0)) or x.axis != 1:

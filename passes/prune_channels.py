@@ -65,6 +65,7 @@ class PruneZeroChannels:
         removable, kept = analysis.zero_removable()
         channels, units = remove_units(graph, analysis, removable, fold_constants=True)
         notes = _frozen_notes(analysis.groups()) if channels else []
+        notes.extend(analysis.declined)
         for root, why in sorted(kept.items()):
             notes.append(f"constant channel {root} kept: {why}")
         stats = {"channels_removed": channels, "units_removed": units}
@@ -219,6 +220,7 @@ class PruneChannels:
                 notes.append(f"group {g.name}: removed {len(drop)} of {len(g.units)} channel units")
         channels, units = remove_units(graph, analysis, removed, fold_constants=False, fold_means=self.means)
         notes.extend(_frozen_notes(groups))
+        notes.extend(analysis.declined)
         total = sum(len(members[u]) for g in groups for u in g.units if u not in frozen)
         stats = {"channels_removed": channels, "units_removed": units, "prunable_channels": total}
         return PassResult(graph, channels > 0, stats, tuple(notes))

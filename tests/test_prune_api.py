@@ -134,3 +134,24 @@ def test_mean_compensation_raises_sqnr(tmp_path):
     assert s_comp > s_plain + 0.5, (s_plain, s_comp)  # measured 3.0 -> 3.7 dB (fixed seeds)
     with pytest.raises(CalibrationError, match="--calib"):
         onnxpress.prune(model, ratio=0.5, compensate=True)
+
+
+def test_weights_behind_identity_are_folded_first():
+    """Conv weight W = Identity(W0) (as the TorchScript exporter writes): the pass alone declines and says
+    why; onnxpress.prune folds constants first and prunes."""
+    from onnx import helper
+
+    from onnxpress.passes.prune_channels import PruneChannels
+    from onnxpress.pipeline import run_passes
+
+    model = residual()
+    g = model.graph
+    for node in g.node:
+        if list(node.input[1:2]) == ["Wb"]:
+            node.input[1] = "Wb_id"
+    g.node.insert(0, helper.make_node("Identity", ["Wb"], ["Wb_id"]))
+    onnx.checker.check_model(model, full_check=True)
+    alone = run_passes(model, [PruneChannels(0.5)])
+    assert not alone.modified and any("weights are computed" in n for n in alone.notes)
+    result = onnxpress.prune(model, ratio=0.5)
+    assert result.stats["prune_channels.channels_removed"] == 8

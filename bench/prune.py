@@ -9,7 +9,10 @@ rounded to a multiple of 8), prints side by side against the unpruned model:
   ratio is of the medians — absolute times on a shared machine are not comparable between runs;
 - top-1 accuracy of both on the digits test split and the logit SQNR of the pruned model.
 
-Run:  python bench/prune.py [--models models] [--ratios 0.3 0.5] [--criterion l2] [--repeats 15]
+With ``--compensate`` each ratio is also run with mean compensation (removed channels' means on the
+calibration split folded into the next layer's bias).
+
+Run:  python bench/prune.py [--models models] [--ratios 0.3 0.5] [--criterion l2] [--repeats 15] [--compensate]
 """
 
 from __future__ import annotations
@@ -61,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--criterion", default="l2", choices=["l1", "l2", "bn", "act"])
     parser.add_argument("--multiple", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=15, help="interleaved timing repeats per batch size")
+    parser.add_argument("--compensate", action="store_true", help="also rows with mean compensation (needs calib)")
     args = parser.parse_args(argv)
 
     sys.path.insert(0, str(ROOT))
@@ -80,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     x1 = x_test[:1]
     x64 = x_test[:64] if len(x_test) >= 64 else np.repeat(x_test, 64 // len(x_test) + 1, axis=0)[:64]
 
-    header = ["model", "ratio", "MACs", "lat b1", "lat b64", "size", "acc before", "acc after", "SQNR dB"]
+    header = ["model", "ratio", "comp", "MACs", "lat b1", "lat b64", "size", "acc before", "acc after", "SQNR dB"]
     rows = []
     for name in args.names:
         path = args.models / f"{name}.onnx"
@@ -92,10 +96,11 @@ def main(argv: list[str] | None = None) -> int:
         ref = _logits(base, x_test)
         macs0 = sum(count_macs(base_model).values())
         size0 = model_size_bytes(base_model)
-        for ratio in args.ratios:
+        variants = [(r, c) for r in args.ratios for c in ((False, True) if args.compensate else (False,))]
+        for ratio, comp in variants:
             result = prune(
                 base_model, ratio=ratio, criterion=args.criterion, multiple=args.multiple,
-                calib=calib_path if args.criterion == "act" else None,
+                calib=calib_path if args.criterion == "act" or comp else None, compensate=comp,
             )
             cand = make_session(result.model, threads=2)
             out = _logits(cand, x_test)
@@ -103,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             lat64 = latency_ratio(base, cand, {"input": x64}, args.repeats, runs=3)
             acc = (lambda y: f"{(y.argmax(1) == labels).mean():.4f}") if labels is not None else (lambda y: "n/a")
             rows.append([
-                name, f"{ratio:.0%}",
+                name, f"{ratio:.0%}", "yes" if comp else "no",
                 f"{sum(count_macs(result.model).values()) / macs0:.3f}x",
                 f"{lat1:.3f}x", f"{lat64:.3f}x",
                 f"{model_size_bytes(result.model) / size0:.3f}x",

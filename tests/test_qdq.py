@@ -269,7 +269,7 @@ def test_depthwise_and_grouped_conv(tmp_path: Path) -> None:
     ]
     model = make_model(nodes, [("X", ["N", 8, 6, 6])], [("Z", ["N", 8, 6, 6])], inits)
     x = feeds_for(model)
-    _, q = quantize_graph(model, x)
+    _, q = quantize_graph(model, x, min_conv_depth=0)  # quantize even the shallow depthwise conv
     assert sqnr_db(run(model, x)[0], run(q, x)[0]) > 30
     opt = optimized_ops(q, tmp_path)
     assert opt.count("QLinearConv") == 1  # the last conv feeds a graph output and stays float-out
@@ -288,7 +288,7 @@ def test_shared_tensor_gets_one_q_and_one_dq() -> None:
         helper.make_node("Add", ["a", "b"], ["Y"]),
     ]
     model = make_model(nodes, [("X", ["N", 3, 4, 4])], [("Y", ["N", 4, 4, 4])], inits)
-    _, q = quantize_graph(model, feeds_for(model))
+    _, q = quantize_graph(model, feeds_for(model), min_conv_depth=0)
     q_of_x = [n for n in q.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "X"]
     assert len(q_of_x) == 1
     dq = [n for n in q.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == q_of_x[0].output[0]]
@@ -535,3 +535,36 @@ def test_reference_resnet_every_conv_is_an_integer_kernel(tmp_path: Path) -> Non
     opt = optimized_ops(q, tmp_path)
     assert n_conv > 0 and opt.count("QLinearConv") == n_conv
     assert "Conv" not in opt and "FusedConv" not in opt
+
+
+def test_shallow_convs_at_the_float_frontier_stay_float(tmp_path: Path) -> None:
+    """A 1-channel stem and the depthwise conv after it stay float; the shallow depthwise conv behind
+    a quantized conv is still quantized (so no producer loses its fusion)."""
+    r = rng(14)
+    inits = {
+        "Ws": r.standard_normal((16, 1, 3, 3)).astype(np.float32),
+        "Wd": r.standard_normal((16, 1, 3, 3)).astype(np.float32),
+        "Wp": r.standard_normal((16, 16, 1, 1)).astype(np.float32),
+        "Wd2": r.standard_normal((16, 1, 3, 3)).astype(np.float32),
+        "Wp2": r.standard_normal((16, 16, 1, 1)).astype(np.float32),
+    }
+    nodes = [
+        helper.make_node("Conv", ["X", "Ws"], ["s"], name="stem", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["s"], ["sr"]),
+        helper.make_node("Conv", ["sr", "Wd"], ["d"], name="dw1", group=16, pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["d"], ["dr"]),
+        helper.make_node("Conv", ["dr", "Wp"], ["p"], name="pw1"),
+        helper.make_node("Relu", ["p"], ["pr"]),
+        helper.make_node("Conv", ["pr", "Wd2"], ["d2"], name="dw2", group=16, pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["d2"], ["d2r"]),
+        helper.make_node("Conv", ["d2r", "Wp2"], ["Y"], name="pw2"),
+    ]
+    model = make_model(nodes, [("X", ["N", 1, 8, 8])], [("Y", ["N", 16, 8, 8])], inits)
+    x = feeds_for(model)
+    p, q = quantize_graph(model, x)
+    dec = {d.name: d for d in p.decisions}
+    assert not dec["stem"].quantized and "reduction depth 9" in dec["stem"].reason
+    assert not dec["dw1"].quantized
+    assert dec["pw1"].quantized and dec["dw2"].quantized and dec["pw2"].quantized
+    assert optimized_ops(q, tmp_path).count("QLinearConv") == 2  # pw1, dw2 (pw2 feeds the graph output)
+    assert sqnr_db(run(model, x)[0], run(q, x)[0]) > 30

@@ -27,7 +27,14 @@ import onnx
 
 from onnxpress.errors import CalibrationError, DataError
 
-__all__ = ["DEFAULT_BUDGET_MB", "DEFAULT_OP_TYPES", "bytes_per_sample", "collect_statistics", "select_tensors"]
+__all__ = [
+    "DEFAULT_BUDGET_MB",
+    "DEFAULT_OP_TYPES",
+    "bytes_per_sample",
+    "collect_statistics",
+    "select_tensors",
+    "value_aliases",
+]
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +128,25 @@ def select_tensors(model: onnx.ModelProto, op_types: Iterable[str] | None = None
                 names[name] = None
     graph_inputs = [i.name for i in g.input if i.name in names]
     return graph_inputs + [n for n in names if n not in set(graph_inputs)]
+
+
+# Ops whose first output holds exactly the values of their first input (same multiset).
+_VALUE_PRESERVING = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Transpose", "Dropout"})
+
+
+def value_aliases(model: onnx.ModelProto, names: Iterable[str]) -> dict[str, str]:
+    """``{name: root}`` for wanted tensors that are a value-preserving op (Reshape, Transpose, ...)
+    applied to another wanted tensor: they have the same values, so one observer serves both.
+    Roots map to themselves."""
+    wanted = set(names)
+    root: dict[str, str] = {n: n for n in wanted}
+    for node in model.graph.node:
+        if node.op_type not in _VALUE_PRESERVING or not node.input or not node.output:
+            continue
+        src, dst = node.input[0], node.output[0]
+        if src in wanted and dst in wanted:
+            root[dst] = root[src]
+    return root
 
 
 def _expose(model: onnx.ModelProto, names: Sequence[str], types: _Types) -> tuple[onnx.ModelProto, list[str]]:

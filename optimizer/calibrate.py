@@ -5,7 +5,10 @@
 The model is loaded as a private copy; the wanted activations become extra outputs of one
 in-memory onnxruntime session (see :mod:`onnxpress.calibration.collect`). Tensors that cannot get a
 range (never observed, NaN, +-inf such as attention masks, zero everywhere) are listed in
-``table.excluded`` with the reason instead of failing the whole calibration.
+``table.excluded`` with the reason instead of failing the whole calibration. Outputs of
+value-preserving ops (Reshape, Flatten, Transpose, Squeeze, Unsqueeze, Identity, Dropout) hold the
+same values as their input, so they share its observer (exact, and half the work on attention
+blocks).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import os
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-from onnxpress.calibration.collect import DEFAULT_BUDGET_MB, collect_statistics, select_tensors
+from onnxpress.calibration.collect import DEFAULT_BUDGET_MB, collect_statistics, select_tensors, value_aliases
 from onnxpress.calibration.histogram import DEFAULT_BINS
 from onnxpress.calibration.observers import METHODS, HistogramObserver, MinMaxObserver, make_observer
 from onnxpress.calibration.table import CalibrationTable, TensorRange
@@ -73,7 +76,10 @@ def calibrate(
     names = list(tensors) if tensors is not None else select_tensors(m, op_types)
     if not names:
         raise CalibrationError("the model has no float activations to calibrate for the chosen op types")
-    observers = {n: make_observer(method, n, bins=bins, bits=bits, percentile=percentile) for n in names}
+    roots = value_aliases(m, names)  # Reshape/Transpose/... outputs share their input's observer
+    observers = {
+        n: make_observer(method, n, bins=bins, bits=bits, percentile=percentile) for n in names if roots[n] == n
+    }
     reader = _as_reader(data, m, max_samples)
     samples = collect_statistics(
         m,
@@ -90,11 +96,14 @@ def calibrate(
     # the searches are numpy-bound and release the GIL: one thread per core
     with ThreadPoolExecutor(max_workers=min(len(observers), os.cpu_count() or 1)) as pool:
         results = list(pool.map(_range_or_error, observers.values()))
-    for (name, obs), result in zip(observers.items(), results, strict=True):
+    by_root = dict(zip(observers, results, strict=True))
+    for name in names:
+        obs, result = observers[roots[name]], by_root[roots[name]]
         if isinstance(obs, HistogramObserver):
             table.histograms[name] = obs.histogram
         if isinstance(result, CalibrationError):
-            table.excluded[name] = str(result)
+            alias = f" ({name!r} holds the same values)" if roots[name] != name else ""
+            table.excluded[name] = f"{result}{alias}"
             log.warning("excluded %s: %s", name, result)
             continue
         table.ranges[name] = dataclasses.replace(result, samples=samples)

@@ -109,3 +109,25 @@ def test_no_files_are_written_while_calibrating(tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     onnxpress.calibrate(conv_bn_relu(), feeds(4), method="kl")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_value_preserving_outputs_share_their_input_range() -> None:
+    """X[N,2,3] -> Relu -> r -> Reshape -> f -> Transpose -> t -> Add(B) -> Y: f and t are r's values."""
+    model = make_model(
+        [
+            helper.make_node("Relu", ["X"], ["r"]),
+            helper.make_node("Reshape", ["r", "shape"], ["f"]),
+            helper.make_node("Transpose", ["f"], ["t"], perm=[1, 0]),
+            helper.make_node("Add", ["t", "B"], ["Y"]),
+        ],
+        [("X", [2, 3])],
+        [("Y", [3, 2])],
+        {"shape": np.array([2, 3], np.int64), "B": np.ones((3, 2), np.float32)},
+    )
+    r = rng(5)
+    data = [{"X": r.standard_normal((2, 3)).astype(np.float32)} for _ in range(4)]
+    table = onnxpress.calibrate(model, data, method="kl", tensors=["r", "f", "t", "Y"])
+    assert table["r"] == table["f"] == table["t"]
+    assert table.histograms["t"] is table.histograms["r"]
+    direct = onnxpress.calibrate(model, data, method="kl", tensors=["t"])
+    assert direct["t"] == table["t"]

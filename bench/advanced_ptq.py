@@ -102,25 +102,26 @@ def section_a(args, models: Path, calib: Path, x: np.ndarray, labels: np.ndarray
         return
     base = cleaned(path)
     ref = logits(base, x)
-    variants: list[tuple[str, onnx.ModelProto, str]] = [("plain", base, "-")]
-    bc_plain = advanced.correct_bias(base, str(calib), per_channel=False, max_samples=args.max_samples).model
-    variants.append(("+BC", bc_plain, "-"))
+    # (name, float model, pairs, bias correction): the QDQ column corrects through quantize(bias_correction=True),
+    # i.e. only the layers InsertQDQ quantizes; the W-only column rounds every weight, so BC corrects every layer.
+    variants: list[tuple[str, onnx.ModelProto, str, bool]] = [("plain", base, "-", False), ("+BC", base, "-", True)]
     float_rows = []
     for clip in ("skip", "split", "relu"):
         res = advanced.equalize(base, clip=clip)
         pairs = str(res.stats["equalize_cross_layer.pairs"])
-        variants.append((f"+CLE clip={clip}", res.model, pairs))
+        variants.append((f"+CLE clip={clip}", res.model, pairs, False))
         yf = logits(res.model, x)
         float_rows.append(f"clip={clip}: float SQNR {sqnr(ref, yf):.2f} dB, float acc {accuracy(yf, labels):.4f}")
         if clip != "skip":
-            bc = advanced.correct_bias(res.model, str(calib), per_channel=False, max_samples=args.max_samples).model
-            variants.append((f"+CLE clip={clip} +BC", bc, pairs))
+            variants.append((f"+CLE clip={clip} +BC", res.model, pairs, True))
     rows = [["float", "-", "inf", "inf", f"{accuracy(ref, labels):.4f}"]]
     plain_db = plain_w = None
-    for name, model, pairs in variants:
-        q = quantize(model, calib=str(calib), method=args.method, per_channel=False, max_samples=args.max_samples)
+    for name, model, pairs, bc in variants:
+        q = quantize(model, calib=str(calib), method=args.method, per_channel=False, max_samples=args.max_samples,
+                     bias_correction=bc)
         yq = logits(q.model, x)
-        yw = logits(weight_only(model, per_channel=False), x)
+        w_model = advanced.correct_bias(model, str(calib), per_channel=False, max_samples=args.max_samples).model
+        yw = logits(weight_only(w_model if bc else model, per_channel=False), x)
         db, dbw = sqnr(ref, yq), sqnr(ref, yw)
         plain_db = db if plain_db is None else plain_db
         plain_w = dbw if plain_w is None else plain_w

@@ -34,6 +34,7 @@ __all__ = [
     "codebook_weights",
     "collect_channel_stats",
     "correct_bias",
+    "correct_bias_for_qdq",
     "equalize",
     "prepare_for_quantize",
     "smoothquant",
@@ -317,6 +318,39 @@ def prepare_for_quantize(
         means = {n: m if (m := obs.mean_map()) is not None else obs.mean() for n, obs in stats.items()}
         model = run_passes(model, [CorrectBias(means, per_channel=per_channel)], progress=progress).model
     return model
+
+
+def correct_bias_for_qdq(
+    model: onnx.ModelProto,
+    qdq: Any,
+    data: Any,
+    *,
+    batch_size: int = 64,
+    max_samples: int | None = 512,
+    progress: bool = False,
+) -> onnx.ModelProto:
+    """Bias correction for exactly the layers ``qdq`` (an InsertQDQ) will quantize, with its granularity.
+
+    A dry run of the pass on a copy tells which Conv/Gemm/MatMul it quantizes (it keeps shallow
+    convs, excluded nodes and unranged tensors float; correcting those would only add error).
+
+    Raises:
+        CalibrationError: no data to measure the input means on.
+    """
+    from onnxpress.passes.bias_correction import CorrectBias, bias_correction_inputs
+
+    if data is None:
+        raise CalibrationError("bias correction needs calibration data (calib= / --calib), not only a table")
+    run_passes(model, [qdq])  # dry run: fills qdq.decisions; the real call resets them
+    layers = {d.name for d in qdq.decisions if d.quantized and d.op in ("Conv", "Gemm", "MatMul")}
+    graph = import_graph(model)
+    wanted = {n.inputs[0].name for n in graph.nodes if (n.name or n.outputs[0].name) in layers and n.inputs}
+    requests = {name: axis for name, axis in bias_correction_inputs(graph) if name in wanted}
+    stats = collect_channel_stats(model, data, requests, spatial=True, batch_size=batch_size,
+                                  max_samples=max_samples, progress=progress)
+    means = {n: m if (m := obs.mean_map()) is not None else obs.mean() for n, obs in stats.items()}
+    corrected = CorrectBias(means, per_channel=bool(qdq.per_channel), layers=layers)
+    return run_passes(model, [corrected], progress=progress).model
 
 
 def codebook_weights(model: onnx.ModelProto, bits: int, *, group_size: int | None = None, progress: bool = False):

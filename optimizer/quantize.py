@@ -170,7 +170,7 @@ def quantize(
             calib,
             equalize=equalize,
             smoothquant=smoothquant,
-            bias_correction=bias_correction,
+            bias_correction=False,  # done below, on the layers InsertQDQ quantizes
             per_channel=per_channel,
             batch_size=batch_size,
             max_samples=max_samples,
@@ -204,6 +204,12 @@ def quantize(
             )
         except ValueError as exc:
             raise OnnxpressError(str(exc)) from None
+        if bias_correction:  # onnxpress.advanced (issue 10): only the layers this pass quantizes
+            from onnxpress.advanced import correct_bias_for_qdq
+
+            cleaned = correct_bias_for_qdq(
+                cleaned, qdq, calib, batch_size=batch_size, max_samples=max_samples, progress=progress
+            )
         result = run_passes(cleaned, [qdq], progress=progress)
         decisions = list(qdq.decisions)
         excluded = dict(used_table.excluded)

@@ -26,7 +26,7 @@ implemented: our pipelines fold BatchNorm first, and measured means are what rem
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -149,12 +149,22 @@ class CorrectBias:
             or for a 2-D Conv a [C_in, H, W] per-position map (exact at padded borders).
         per_channel: the weight granularity InsertQDQ will use (must match it).
         bits: weight bits (InsertQDQ uses 8).
+        layers: correct only these nodes (by name, or first output name for unnamed nodes): the
+            ones the QDQ pass will quantize. ``None`` corrects every layer with a mean.
     """
 
     name = "correct_bias"
 
-    def __init__(self, input_means: Mapping[str, np.ndarray], *, per_channel: bool = True, bits: int = 8) -> None:
+    def __init__(
+        self,
+        input_means: Mapping[str, np.ndarray],
+        *,
+        per_channel: bool = True,
+        bits: int = 8,
+        layers: Collection[str] | None = None,
+    ) -> None:
         self.input_means = {k: _as_means(v) for k, v in input_means.items()}
+        self.layers = None if layers is None else frozenset(layers)
         self.per_channel = per_channel
         self.bits = bits
 
@@ -168,6 +178,8 @@ class CorrectBias:
             if node.op not in ("Conv", "Gemm", "MatMul"):
                 continue
             reason = _layer_reason(node)
+            if reason is None and self.layers is not None and (node.name or node.outputs[0].name) not in self.layers:
+                reason = "left float by the QDQ pass"
             mean = self.input_means.get(node.inputs[0].name)
             w = node.inputs[1].values if reason is None else None
             if reason is None and mean is None:

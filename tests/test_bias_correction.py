@@ -57,7 +57,7 @@ def _quantize(model: onnx.ModelProto, feeds: dict[str, np.ndarray], per_channel:
     y = graphs.run(model, feeds)[0]
     x = feeds["X"]
     table = CalibrationTable.from_ranges({"X": (float(x.min()), float(x.max())), "Y": (float(y.min()), float(y.max()))})
-    return run_passes(model, [InsertQDQ(table, per_channel=per_channel)]).model
+    return run_passes(model, [InsertQDQ(table, per_channel=per_channel, min_conv_depth=0)]).model  # quantize all convs
 
 
 def _mean_error(ref: onnx.ModelProto, cand: onnx.ModelProto, x: np.ndarray, interior: bool = False):
@@ -201,3 +201,27 @@ def test_channel_stats_observer_keeps_a_position_map_until_the_shape_changes():
     np.testing.assert_allclose(obs.mean(), _channel_mean(x.astype(np.float64)), rtol=1e-12)
     obs.update(x[:, :, :2])  # a different spatial size: the map is no longer meaningful
     assert obs.mean_map() is None
+
+
+def test_only_the_layers_the_qdq_pass_quantizes_are_corrected():
+    """quantize(bias_correction=True) keeps shallow convs float (depth 9 < 16) and must not correct them."""
+    import onnxpress
+
+    r = graphs.rng(13)
+    inits = {"W1": (r.standard_normal((8, 1, 3, 3)) * 0.3).astype(np.float32), "B1": np.zeros(8, np.float32),
+             "W2": skewed_conv().graph.initializer[0]}
+    inits["W2"] = onnx.numpy_helper.to_array(inits["W2"])
+    inits["B2"] = np.zeros(8, np.float32)
+    nodes = [helper.make_node("Conv", ["X", "W1", "B1"], ["c1"], pads=[1, 1, 1, 1], name="shallow"),
+             helper.make_node("Relu", ["c1"], ["a1"]),
+             helper.make_node("Conv", ["a1", "W2", "B2"], ["Y"], pads=[1, 1, 1, 1], name="deep")]
+    model = graphs.make_model(nodes, [("X", ["N", 1, 10, 10])], [("Y", ["N", 8, 10, 10])], inits)
+    feeds = [{"X": _data((32, 1, 10, 10), 14)}]
+    result = onnxpress.quantize(model, calib=feeds, per_channel=False, method="minmax", bias_correction=True)
+    assert {d.name for d in result.quantized if d.op == "Conv"} == {"deep"}
+    b1 = [i for i in result.model.graph.initializer if i.name.startswith("B1")]
+    assert b1 and np.all(onnx.numpy_helper.to_array(b1[0]) == 0)  # the float conv's bias is untouched
+    b2 = [i for i in result.model.graph.initializer if i.name.startswith("B2")]
+    assert b2 and np.any(onnx.numpy_helper.to_array(b2[0]) != 0)  # int32 bias of the quantized conv moved
+    direct = run_passes(model, [CorrectBias({"a1": np.ones((8, 10, 10))}, layers={"deep"})])
+    assert any("shallow" in n and "left float" in n for n in direct.notes)

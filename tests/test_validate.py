@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -15,6 +16,8 @@ from onnxpress.errors import DataError, OutputError, ValidationError
 from onnxpress.model_io import save_model
 from onnxpress.validate import _time, model_size, validate
 from tests import graphs
+
+MODELS = Path(__file__).resolve().parent.parent / "models"
 
 
 def _x(n: int, k: int = 8, seed: int = 1) -> np.ndarray:
@@ -179,3 +182,63 @@ def test_forced_external_data_with_only_small_tensors_saves_inline(tmp_path):
     path = save_model(graphs.gemm(), tmp_path / "small.onnx", external_data=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["small.onnx"]
     assert model_size(path) == path.stat().st_size
+
+
+def unfold_batchnorm(model: onnx.ModelProto, seed: int = 0) -> onnx.ModelProto:
+    """Put a BatchNormalization back after every Conv without changing the function.
+
+    Conv(x; W, b) = BN(Conv(x; W/s, (b - beta)/s + mean)) with s = gamma / sqrt(var + eps) per
+    output channel, for random gamma, beta, mean, var: what an export that kept BN looks like.
+    """
+    r = graphs.rng(seed)
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    new_nodes, new_inits, eps = [], [], 1e-5
+    for node in model.graph.node:
+        new_nodes.append(node)
+        if node.op_type != "Conv" or node.input[1] not in inits:
+            continue
+        w = inits[node.input[1]]
+        b = inits[node.input[2]] if len(node.input) > 2 and node.input[2] else np.zeros(w.shape[0], np.float32)
+        c = w.shape[0]
+        gamma, beta = r.uniform(0.5, 2.0, c), r.standard_normal(c)
+        mean, var = r.standard_normal(c), r.uniform(0.5, 2.0, c)
+        s = gamma / np.sqrt(var + eps)
+        tag = node.output[0]
+        arrays = {
+            f"{tag}.w": (w / s[:, None, None, None]).astype(np.float32),
+            f"{tag}.b": ((b - beta) / s + mean).astype(np.float32),
+            f"{tag}.gamma": gamma.astype(np.float32),
+            f"{tag}.beta": beta.astype(np.float32),
+            f"{tag}.mean": mean.astype(np.float32),
+            f"{tag}.var": var.astype(np.float32),
+        }
+        new_inits += [numpy_helper.from_array(v, k) for k, v in arrays.items()]
+        conv = onnx.NodeProto()
+        conv.CopyFrom(node)
+        del conv.input[:]
+        conv.input.extend([node.input[0], f"{tag}.w", f"{tag}.b"])
+        conv.output[0] = f"{tag}.pre_bn"
+        new_nodes[-1] = conv
+        bn_in = [conv.output[0], *list(arrays)[2:]]
+        new_nodes.append(helper.make_node("BatchNormalization", bn_in, [tag], epsilon=eps, name=f"{tag}.bn"))
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    del out.graph.node[:]
+    out.graph.node.extend(new_nodes)
+    used = {name for n in new_nodes for name in n.input}
+    kept = [i for i in model.graph.initializer if i.name in used]
+    del out.graph.initializer[:]
+    out.graph.initializer.extend(kept + new_inits)
+    return out
+
+
+@pytest.mark.skipif(not (MODELS / "resnet.onnx").is_file(), reason="reference models not built yet")
+def test_bn_fold_on_the_reference_resnet_is_within_1e_5():
+    """resnet.onnx comes with BN folded by the exporter; put BN back, then cleanup must fold it exactly."""
+    with_bn = unfold_batchnorm(onnx.load(str(MODELS / "resnet.onnx")))
+    folded = cleanup(with_bn)
+    assert folded.stats["fold_batchnorm.folded"] == 9
+    report = validate(with_bn, folded.model, MODELS / "digits32_test.npz", max_samples=128, latency=False)
+    (logits,) = report.outputs
+    assert logits.max_abs_error <= 1e-5 and logits.top1_agreement == 1.0
+    assert report.reference_ops["BatchNormalization"] == 9 and "BatchNormalization" not in report.candidate_ops

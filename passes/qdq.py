@@ -277,7 +277,7 @@ class InsertQDQ:
         min_conv_depth: a Conv whose dot products are shorter than this (``C_in/group * kH * kW``)
             stays float when its input is float anyway (a 1-channel stem, a depthwise conv after it):
             onnxruntime's fp32 kernel beats the int8 one there (mobilenet stem + first depthwise
-            kept float: 0.41-0.45x fp32 latency at batch 64 instead of 0.66-0.86x). 0 disables.
+            kept float: 0.50-0.58x fp32 latency at batch 64 instead of 0.83-0.89x). 0 disables.
 
     After a call, ``decisions`` lists every candidate node and whether it was quantized.
     """
@@ -549,28 +549,32 @@ class InsertQDQ:
     def _shallow_reason(
         self, n: gs.Node, host_of: dict[int, int], float_convs: set[int], ends_of: dict[int, gs.Tensor]
     ) -> str | None:
-        """Keep a Conv float when its dot products are too short for the int8 kernel to win.
+        """Keep a run of shallow Convs at the input float when int8 does not pay there.
 
-        Only at the float frontier (its input is a graph input or comes from a Conv kept float), so
-        no quantized producer loses its fusion: in practice the stem (one input channel) and a
-        depthwise conv right after it. Not when a MaxPool/Reshape-like op follows: onnxruntime
-        propagates the Q above it and runs it as a slow NCHW uint8 op (measured on ConcatNet:
-        0.48x fp32 latency at batch 64 with a float stem vs 0.28x all int8).
+        A Conv is shallow when its dot products are short (``C_in/group * kH * kW`` below
+        ``min_conv_depth``). A shallow Conv on the graph input stays float only if every consumer of
+        its output is a shallow Conv too (a 1-channel stem feeding a depthwise conv); a shallow Conv
+        fed by such a float Conv stays float as well. Nothing else is touched, so no quantized
+        producer loses its fusion. Measured (2 threads, batch 64, fp32 = 1): MobileNet stem +
+        first depthwise float 0.50-0.58 vs 0.83-0.89 all int8; a lone stem before deep convs gains
+        nothing (ResNet 0.28-0.31 vs 0.25-0.32, and 0.47 vs 0.35 at batch 1), and before a MaxPool
+        it loses (ConcatNet 0.48 vs 0.28: onnxruntime moves the Q above the pool and runs it NCHW uint8).
         """
-        if n.op != "Conv" or not self.min_conv_depth:
-            return None
-        end = ends_of.get(id(n))
-        if end is not None and any(c.op in SCALE_KEEPING_OPS for c in end.outputs):
-            # onnxruntime would move the Q above a following MaxPool and run that in slow NCHW uint8.
-            return None
-        w = np.asarray(n.inputs[1].values)
-        depth = int(np.prod(w.shape[1:]))
-        if depth >= self.min_conv_depth:
+        if n.op != "Conv" or not self.min_conv_depth or _conv_depth(n) >= self.min_conv_depth:
             return None
         prod = n.inputs[0].inputs[0] if n.inputs[0].inputs else None
-        if prod is not None and host_of.get(id(prod), id(prod)) not in float_convs:
-            return None
-        return f"reduction depth {depth} < {self.min_conv_depth}: fp32 kernel is faster here"
+        if prod is not None:
+            if host_of.get(id(prod), id(prod)) not in float_convs:
+                return None
+        else:
+            end = ends_of.get(id(n))
+            consumers = end.outputs if end is not None else []
+            if not consumers or not all(
+                c.op == "Conv" and isinstance(c.inputs[1], gs.Constant) and _conv_depth(c) < self.min_conv_depth
+                for c in consumers
+            ):
+                return None
+        return f"reduction depth {_conv_depth(n)} < {self.min_conv_depth} at the input: fp32 kernel is faster here"
 
     def _missing_reason(self, name: str) -> str:
         if self._act_dtype(name) is None:
@@ -809,3 +813,8 @@ def _fusable_epilogue(host: gs.Node, c: gs.Node, *, first: bool) -> bool:
     if c.op == "Add" and host.op == "MatMul" and first and len(c.inputs) == 2:
         return any(_is_float_const(x) and np.asarray(x.values).ndim <= 1 for x in c.inputs)
     return False
+
+
+def _conv_depth(conv: gs.Node) -> int:
+    """Length of one output's dot product: C_in/group * kH * kW (from the weight's shape)."""
+    return int(np.prod(np.asarray(conv.inputs[1].values).shape[1:]))

@@ -251,6 +251,11 @@ def codebook(
     bits: int = 4,
     group_size: int | None = None,
     min_elements: int = 256,
+    channel_scale: bool = False,
+    data: Any = None,
+    bias_correction: bool = False,
+    batch_size: int = 64,
+    max_samples: int | None = 512,
     progress: bool = False,
 ) -> TransformResult:
     """Store Conv/Gemm/MatMul weights as b-bit k-means codebook indices (lossy; smaller file).
@@ -261,14 +266,36 @@ def codebook(
         bits: index bits (1..8); 2^bits centroids per codebook.
         group_size: output channels per codebook; ``None`` for one per layer.
         min_elements: weights smaller than this stay float.
+        channel_scale: normalise each output channel by its max |W| first (one float per channel).
+        data: calibration data, needed for ``bias_correction``.
+        bias_correction: first add (W - W_codebook) E[x] to each bias (k-means levels are cluster
+            means, so the codebook shrinks large weights and shifts output means; this cancels it).
+        batch_size, max_samples: streaming of the calibration data.
         progress: progress bar over the passes.
+
+    Raises:
+        OnnxpressError: bits or group size out of range.
+        CalibrationError: bias correction without data.
     """
+    from onnxpress.passes.bias_correction import CorrectBias, bias_correction_inputs
     from onnxpress.passes.codebook import CodebookWeights
 
-    if output is not None:
-        check_output_path(output, [model])
-    passes = [*cleanup_passes(), CodebookWeights(bits=bits, group_size=group_size, min_elements=min_elements)]
-    return transform(model, passes, output, progress=progress)
+    try:
+        pass_ = CodebookWeights(bits=bits, group_size=group_size, min_elements=min_elements,
+                                channel_scale=channel_scale)
+    except ValueError as exc:
+        raise OnnxpressError(str(exc)) from None
+    proto = _prepare(model, output)
+    passes: list[Any] = [pass_]
+    if bias_correction:
+        if data is None:
+            raise CalibrationError("codebook bias correction needs calibration data (data=)")
+        requests = dict(bias_correction_inputs(import_graph(proto)))
+        stats = collect_channel_stats(proto, data, requests, spatial=True, batch_size=batch_size,
+                                      max_samples=max_samples, progress=progress)
+        means = {n: m if (m := obs.mean_map()) is not None else obs.mean() for n, obs in stats.items()}
+        passes.insert(0, CorrectBias(means, quantizer=pass_.reconstruct))
+    return transform(proto, passes, output, progress=progress)
 
 
 def prepare_for_quantize(

@@ -26,7 +26,7 @@ implemented: our pipelines fold BatchNorm first, and measured means are what rem
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -151,6 +151,8 @@ class CorrectBias:
         bits: weight bits (InsertQDQ uses 8).
         layers: correct only these nodes (by name, or first output name for unnamed nodes): the
             ones the QDQ pass will quantize. ``None`` corrects every layer with a mean.
+        quantizer: ``(node, W) -> Q(W)`` for another weight format (e.g.
+            ``CodebookWeights(...).reconstruct``); default: InsertQDQ's int8 rounding.
     """
 
     name = "correct_bias"
@@ -162,9 +164,11 @@ class CorrectBias:
         per_channel: bool = True,
         bits: int = 8,
         layers: Collection[str] | None = None,
+        quantizer: Callable[[gs.Node, np.ndarray], np.ndarray] | None = None,
     ) -> None:
         self.input_means = {k: _as_means(v) for k, v in input_means.items()}
         self.layers = None if layers is None else frozenset(layers)
+        self.quantizer = quantizer
         self.per_channel = per_channel
         self.bits = bits
 
@@ -199,7 +203,11 @@ class CorrectBias:
                 if reason not in ("not a layer",):
                     notes.append(f"{node.name or node.outputs[0].name}: not corrected ({reason})")
                 continue
-            q = quantized_weight(node, np.asarray(w, np.float32), per_channel=self.per_channel, bits=self.bits)
+            w32 = np.asarray(w, np.float32)
+            if self.quantizer is not None:
+                q = np.asarray(self.quantizer(node, w32), np.float32)
+            else:
+                q = quantized_weight(node, w32, per_channel=self.per_channel, bits=self.bits)
             eps = _shift(node, w.astype(np.float64) - q.astype(np.float64), mean)
             self._add_to_bias(graph, node, eps)
             corrected += 1

@@ -10,7 +10,10 @@ minimises the k-means objective (1-D, exact Lloyd iterations on sorted values)::
         -> GatherElements(C[G, 2^b], axis=1) -> Reshape -> (Transpose) -> W' -> Conv
 
 With ``group_size`` = g, every g output channels share one codebook (G = channels / g); otherwise
-one codebook per layer (G = 1). Storage is b bits per weight (for b <= 4, two indices share a byte;
+one codebook per layer (G = 1). With ``channel_scale`` each output channel is first divided by its
+max |W| (stored as a float per channel, rebuilt with one Mul), W ~ s_c * C[idx], so that narrow
+channels are not crushed onto one or two centroids of a codebook sized for the wide ones.
+Storage is b bits per weight (for b <= 4, two indices share a byte;
 for 4 < b <= 8 one byte each) plus G * 2^b floats, against 32 bits per weight in float.
 
 Runtime cost: the rebuild subgraph has only constant inputs, so onnxruntime's constant folding
@@ -103,14 +106,25 @@ class CodebookWeights:
         group_size: output channels per codebook; ``None`` for one codebook per layer.
         min_elements: leave weights with fewer elements float (a codebook would not pay).
         pack: store two 4-bit (or narrower) indices per byte.
+        channel_scale: divide each output channel by its max |W| first and store that scale
+            (32 bits per channel, as per-channel linear int4 does), so channels of small range keep
+            their relative precision; the codebook then holds normalised levels in [-1, 1].
 
     After a call, ``objective`` maps each rewritten weight name to its k-means objective (sum of
-    squared reconstruction errors over all its groups).
+    squared reconstruction errors over all its groups; of the normalised weights W_c / max|W_c|
+    with ``channel_scale``).
     """
 
     name = "codebook_weights"
 
-    def __init__(self, bits: int = 4, group_size: int | None = None, min_elements: int = 256, pack: bool = True):
+    def __init__(
+        self,
+        bits: int = 4,
+        group_size: int | None = None,
+        min_elements: int = 256,
+        pack: bool = True,
+        channel_scale: bool = False,
+    ):
         if not 1 <= int(bits) <= 8:
             raise ValueError(f"bits must be in 1..8 (uint8 indices), got {bits}")
         if group_size is not None and group_size < 1:
@@ -119,6 +133,7 @@ class CodebookWeights:
         self.group_size = group_size
         self.min_elements = int(min_elements)
         self.pack = pack
+        self.channel_scale = channel_scale
         self.objective: dict[str, float] = {}
 
     def requires(self, graph: gs.Graph) -> None:
@@ -173,9 +188,15 @@ class CodebookWeights:
         stats = {"weights": len(self.objective), "bytes_before": before, "bytes_after": after}
         return PassResult(graph, bool(self.objective), stats, tuple(notes))
 
-    def _rewrite(self, graph: gs.Graph, name: str, w: np.ndarray, axis: int, groups: int):
+    def _cluster(self, w: np.ndarray, axis: int, groups: int):
+        """(indices [G, M], codebooks [G, 2^b], channel scales or None, channel-first shape, objective)."""
         k = 2**self.bits
         first = np.moveaxis(w, axis, 0)
+        scales = None
+        if self.channel_scale:  # k-means on W_c / max|W_c|: every channel gets the same relative precision
+            amax = np.abs(first.reshape(first.shape[0], -1)).max(axis=1).astype(np.float32)
+            scales = np.where(amax > 0, amax, np.float32(1.0)).astype(np.float32)
+            first = first / scales.reshape((-1,) + (1,) * (first.ndim - 1))
         rows = first.reshape(groups, -1)  # [G, M]: channel-major, so each group is one row
         idx = np.zeros(rows.shape, np.uint8)
         book = np.zeros((groups, k), np.float32)
@@ -187,6 +208,24 @@ class CodebookWeights:
             book[gi, c.size :] = c[-1]
             idx[gi] = res.labels
             sse += float(np.sum((rows[gi].astype(np.float64) - c[res.labels].astype(np.float64)) ** 2))
+        return idx, book, scales, first.shape, sse
+
+    def reconstruct(self, node: gs.Node, w: np.ndarray) -> np.ndarray:
+        """The weight this pass would rebuild for ``node`` (numpy; e.g. for CorrectBias(quantizer=))."""
+        axis = weight_channel_axis(node, w)
+        channels = w.shape[axis]
+        g = self.group_size or channels
+        if channels % g or w.size < self.min_elements:  # the pass leaves these float
+            return np.asarray(w, np.float32)
+        idx, book, scales, shape, _ = self._cluster(np.asarray(w, np.float32), axis, channels // g)
+        first = np.take_along_axis(book, idx.astype(np.int64), axis=1).reshape(shape)
+        if scales is not None:
+            first = first * scales.reshape((-1,) + (1,) * (first.ndim - 1))
+        return np.moveaxis(first, 0, axis).astype(np.float32)
+
+    def _rewrite(self, graph: gs.Graph, name: str, w: np.ndarray, axis: int, groups: int):
+        idx, book, scales, first_shape, sse = self._cluster(w, axis, groups)
+        rows_shape = idx.shape
 
         def var(suffix: str, dtype, shape=None) -> gs.Variable:
             return gs.Variable(unique_name(graph, f"{name}_{suffix}"), dtype=dtype, shape=shape)
@@ -218,14 +257,23 @@ class CodebookWeights:
             nbytes = idx.nbytes + book.nbytes
         wide, grid, gathered = var("codes_i32", np.int32), var("codes_grid", np.int32), var("values", np.float32)
         node("Cast", [codes], [wide], to=6)  # int32
-        node("Reshape", [wide, const("grid_shape", np.array(rows.shape, np.int64))], [grid])
+        node("Reshape", [wide, const("grid_shape", np.array(rows_shape, np.int64))], [grid])
         node("GatherElements", [const("codebook", book), grid], [gathered], axis=1)
-        if axis == 0:
+        if scales is not None:
+            nbytes += scales.nbytes
+        if axis == 0 and scales is None:
             out = var("rebuilt", np.float32, list(w.shape))
             node("Reshape", [gathered, const("shape", np.array(w.shape, np.int64))], [out])
         else:
-            shaped = var("channel_first", np.float32, list(first.shape))
-            node("Reshape", [gathered, const("shape", np.array(first.shape, np.int64))], [shaped])
+            shaped = var("channel_first", np.float32, list(first_shape))
+            node("Reshape", [gathered, const("shape", np.array(first_shape, np.int64))], [shaped])
+            if scales is not None:
+                scaled = var("rebuilt" if axis == 0 else "scaled", np.float32, list(first_shape))
+                scale_const = const("channel_scale", scales.reshape((-1,) + (1,) * (len(first_shape) - 1)))
+                node("Mul", [shaped, scale_const], [scaled])
+                shaped = scaled
+                if axis == 0:
+                    return shaped, nbytes, sse
             perm = list(range(1, w.ndim))
             perm.insert(axis, 0)
             out = var("rebuilt", np.float32, list(w.shape))

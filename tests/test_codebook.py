@@ -158,3 +158,62 @@ def test_quantize_codebook_flag(tmp_path, capsys):
     assert "codebook" in capsys.readouterr().out
     assert main(["quantize", str(src), "-o", str(out), "--codebook", "12"]) == 2
     assert "bits must be in 1..8" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("which", ["conv", "matmul"])
+def test_channel_scale_objective_is_over_normalised_weights(which):
+    """With channel_scale, W_hat_c / s_c are the codebook levels and the objective is over W_c / s_c."""
+    model = conv_model() if which == "conv" else matmul_model()
+    w = _weight(model).astype(np.float64)
+    axis = 0 if which == "conv" else 1
+    first = np.moveaxis(w, axis, 0)
+    scale = np.abs(first.reshape(first.shape[0], -1)).max(axis=1).astype(np.float32).astype(np.float64)
+    normalised = first / scale.reshape((-1,) + (1,) * (first.ndim - 1))
+    pass_ = CodebookWeights(bits=3, channel_scale=True)
+    result = run_passes(model, [pass_])
+    w_hat = np.moveaxis(_rebuilt_weight(result.model).astype(np.float64), axis, 0)
+    levels = w_hat / scale.reshape((-1,) + (1,) * (first.ndim - 1))
+    assert np.unique(np.round(levels, 5)).size <= 8
+    expected = kmeans_1d(normalised, 8).sse
+    assert pass_.objective["W"] == pytest.approx(expected, rel=1e-5)
+    assert float(np.sum((normalised - levels) ** 2)) == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"group_size": 4}, {"channel_scale": True}])
+def test_reconstruct_matches_the_graph_rebuild(kwargs):
+    model = conv_model()
+    pass_ = CodebookWeights(bits=3, **kwargs)
+    import onnx_graphsurgeon as gs
+
+    node = gs.import_onnx(model).nodes[0]
+    expected = pass_.reconstruct(node, _weight(model))
+    np.testing.assert_array_equal(_rebuilt_weight(run_passes(model, [pass_]).model), expected)
+
+
+def test_codebook_with_bias_correction_cancels_the_mean_shift():
+    """k-means levels shrink large weights; BC with the codebook's own reconstruction cancels the mean shift."""
+    import onnxpress.advanced as adv
+
+    base = conv_model(seed=3)  # X -> Relu -> r -> Conv: the observed mean is of an intermediate tensor
+    model = graphs.make_model(
+        [helper.make_node("Relu", ["X"], ["r"]), helper.make_node("Conv", ["r", "W", "B"], ["Y"], pads=[1, 1, 1, 1])],
+        [("X", ["N", 8, 6, 6])], [("Y", ["N", 16, 6, 6])],
+        {i.name: onnx.numpy_helper.to_array(i) for i in base.graph.initializer},
+    )
+    r = graphs.rng(6)
+    shift = r.uniform(0.5, 2.0, 8).reshape(1, 8, 1, 1)
+    calib = [{"X": np.maximum(r.standard_normal((32, 8, 6, 6)) + shift, 0).astype(np.float32)}]
+    held = np.maximum(r.standard_normal((64, 8, 6, 6)) + shift, 0).astype(np.float32)
+    ref = graphs.run(model, {"X": held})[0].astype(np.float64)
+
+    def mean_error(m: onnx.ModelProto) -> float:
+        d = graphs.run(m, {"X": held})[0] - ref
+        return float(np.abs(d.mean(axis=(0, 2, 3))).mean())
+
+    plain = adv.codebook(model, bits=2).model
+    fixed = adv.codebook(model, bits=2, data=calib, bias_correction=True).model
+    assert mean_error(fixed) < 0.2 * mean_error(plain)
+    from onnxpress.errors import CalibrationError
+
+    with pytest.raises(CalibrationError):
+        adv.codebook(model, bits=2, bias_correction=True)

@@ -1,6 +1,6 @@
 """Advanced post-training methods, side by side in one run (onnxruntime CPU, test split logits).
 
-    python bench/advanced_ptq.py [--models models] [--method minmax] [--max-samples 500]
+    python bench/advanced_ptq.py [--models models] [--method mse] [--max-samples 500] [--sections abc]
 
 A. Depthwise CNN (mobilenet), int8 weights **per tensor**, uint8 activations: plain QDQ vs +BC vs
    +CLE (clip='skip' | 'split' exact | 'relu' lossy: Nagel et al.'s ReLU6 -> ReLU) vs +CLE+BC.
@@ -39,6 +39,7 @@ from onnxpress.model_io import load_model, normalize_model  # noqa: E402
 from onnxpress.passes.bias_correction import CorrectBias, bias_correction_inputs, quantized_weight  # noqa: E402
 from onnxpress.passes.codebook import CodebookWeights  # noqa: E402
 from onnxpress.pipeline import cleanup_passes, run_passes  # noqa: E402
+from onnxpress.quantize import DEFAULT_METHOD  # noqa: E402
 from onnxpress.reporting import format_table  # noqa: E402
 from onnxpress.runtime import make_session  # noqa: E402
 
@@ -240,7 +241,7 @@ def section_c(args, models: Path, calib: Path, x: np.ndarray, labels: np.ndarray
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default=str(ROOT / "models"), help="folder with the reference models and data")
-    ap.add_argument("--method", default="minmax", help="activation calibration method for the QDQ rows")
+    ap.add_argument("--method", default=DEFAULT_METHOD, help="activation calibration method for the QDQ rows")
     ap.add_argument("--max-samples", type=int, default=500, help="calibration samples")
     ap.add_argument("--repeats", type=int, default=30, help="timing repeats (interleaved)")
     ap.add_argument("--sections", default="abc", help="which sections to run (subset of 'abc')")

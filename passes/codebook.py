@@ -48,45 +48,55 @@ class KMeansResult:
     sse: float
 
 
+def _lloyd(xs: np.ndarray, csum: np.ndarray, starts: np.ndarray, max_iterations: int) -> np.ndarray:
+    """Lloyd iterations on sorted values from an initial partition (cluster start indices)."""
+    centroids = np.empty(0)
+    for _ in range(max_iterations):
+        counts = np.diff(np.append(starts, xs.size))
+        keep = counts > 0
+        means = (csum[np.append(starts, xs.size)[1:]] - csum[starts])[keep] / counts[keep]
+        if np.array_equal(means, centroids):
+            break
+        centroids = means
+        starts = np.concatenate([[0], np.searchsorted(xs, (centroids[:-1] + centroids[1:]) / 2.0, side="right")])
+    return centroids
+
+
 def kmeans_1d(values: np.ndarray, k: int, *, max_iterations: int = 100) -> KMeansResult:
-    """Lloyd's k-means on scalars, initialised at equal-count quantiles; stops at a fixed point.
+    """Lloyd's k-means on scalars from two starts (equal-count quantiles, equal-width grid); keeps the better.
 
     In 1-D the clusters of a fixed point are contiguous runs of the sorted values, so each
     iteration is a ``searchsorted`` of the midpoints plus cluster means from a cumulative sum.
+    Quantile starts suit the bulk of a bell-shaped weight distribution; equal-width starts give
+    the tails their own clusters; Lloyd only finds a local optimum, so both are run.
 
     Args:
         values: any-shaped array (flattened).
         k: number of centroids (fewer are returned when there are fewer distinct values).
-        max_iterations: cap on Lloyd iterations.
+        max_iterations: cap on Lloyd iterations per start.
     """
     x = np.asarray(values, dtype=np.float64).reshape(-1)
     if x.size == 0:
         raise ValueError("cannot cluster an empty array")
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    order = np.argsort(x, kind="stable")
-    xs = x[order]
+    xs = np.sort(x, kind="stable")
     distinct = np.unique(xs)
-    if distinct.size <= k:
-        centroids = distinct
-    else:
+    candidates = [distinct]
+    if distinct.size > k:
         csum = np.concatenate([[0.0], np.cumsum(xs)])
-        edges = np.linspace(0, xs.size, k + 1).round().astype(np.int64)
-        starts = edges[:-1]
-        centroids = np.empty(0)
-        for _ in range(max_iterations):
-            counts = np.diff(np.append(starts, xs.size))
-            keep = counts > 0
-            means = (csum[np.append(starts, xs.size)[1:]] - csum[starts])[keep] / counts[keep]
-            if np.array_equal(means, centroids):
-                break
-            centroids = means
-            new_starts = np.searchsorted(xs, (centroids[:-1] + centroids[1:]) / 2.0, side="right")
-            starts = np.concatenate([[0], new_starts])
-    bounds = (centroids[:-1] + centroids[1:]) / 2.0
-    labels = np.searchsorted(bounds, x, side="right")  # nearest centroid (ties to the upper one)
-    sse = float(np.sum((x - centroids[labels]) ** 2))
-    return KMeansResult(centroids, labels.astype(np.int64), sse)
+        quantile_starts = np.linspace(0, xs.size, k + 1).round().astype(np.int64)[:-1]
+        grid = np.linspace(xs[0], xs[-1], k + 1)
+        grid_starts = np.concatenate([[0], np.searchsorted(xs, grid[1:-1], side="right")])
+        candidates = [_lloyd(xs, csum, st, max_iterations) for st in (quantile_starts, grid_starts)]
+    best = None
+    for centroids in candidates:
+        bounds = (centroids[:-1] + centroids[1:]) / 2.0
+        labels = np.searchsorted(bounds, x, side="right")  # nearest centroid (ties to the upper one)
+        sse = float(np.sum((x - centroids[labels]) ** 2))
+        if best is None or sse < best.sse:
+            best = KMeansResult(centroids, labels.astype(np.int64), sse)
+    return best
 
 
 def weight_channel_axis(node: gs.Node, w: np.ndarray) -> int:

@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", type=Path, default=ROOT / "models", help="folder with the reference models")
     parser.add_argument("--names", nargs="+", default=["resnet", "mobilenet", "concat"])
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.3, 0.5])
-    parser.add_argument("--criterion", default="l2", choices=["l1", "l2", "bn", "act"])
+    parser.add_argument("--criterion", default="l2", choices=["l1", "l2", "bn", "act", "contrib"])
     parser.add_argument("--multiple", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=15, help="interleaved timing repeats per batch size")
     parser.add_argument("--compensate", action="store_true", help="also rows with mean compensation (needs calib)")
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         for ratio, comp in variants:
             result = prune(
                 base_model, ratio=ratio, criterion=args.criterion, multiple=args.multiple,
-                calib=calib_path if args.criterion == "act" or comp else None, compensate=comp,
+                calib=calib_path if args.criterion in ("act", "contrib") or comp else None, compensate=comp,
             )
             cand = make_session(result.model, threads=2)
             out = _logits(cand, x_test)

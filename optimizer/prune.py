@@ -208,7 +208,7 @@ def prune(
         model: path or ModelProto (never modified).
         output: where to write the result (atomic, checked); ``None`` to only return it.
         ratio: fraction of prunable channels to remove (``None``: exact zero-channel removal only).
-        criterion: ``l1``, ``l2``, ``bn`` (needs BatchNormalization nodes) or ``act`` (needs ``calib``).
+        criterion: ``l1``, ``l2``, ``bn`` (needs BatchNormalization nodes), ``act`` or ``contrib`` (need ``calib``).
         scope: ``global`` threshold over all groups or the same ratio in each ``layer`` group.
         multiple: round kept channel counts per group to a multiple of this.
         calib: calibration data for ``act`` and ``compensate`` (anything ``open_data`` accepts).
@@ -225,8 +225,8 @@ def prune(
         raise ValueError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
     if ratio is not None:
         PruneChannels(ratio, criterion=criterion, scope=scope, multiple=multiple)  # validates the arguments
-        if criterion == "act" and calib is None:
-            raise CalibrationError("criterion 'act' needs calibration data (--calib DATA)")
+        if criterion in ("act", "contrib") and calib is None:
+            raise CalibrationError(f"criterion {criterion!r} needs calibration data (--calib DATA)")
         if compensate and calib is None:
             raise CalibrationError("mean compensation needs calibration data (--calib DATA)")
     if output is not None:
@@ -238,7 +238,7 @@ def prune(
     pruned = exact.model
     if ratio is not None and ratio > 0:
         acts = means = None
-        if criterion == "act" or compensate:
+        if criterion in ("act", "contrib") or compensate:
             acts, means = collect_channel_stats(
                 pruned, calib, max_samples=max_samples, batch_size=batch_size, progress=progress
             )
@@ -332,7 +332,7 @@ def sensitivity_scan(
     feeds = _feeds(proto, data, max_samples, batch_size)
     reference = _outputs(proto, feeds)
     acts = None
-    if criterion == "act":
+    if criterion in ("act", "contrib"):
         acts = collect_mean_abs(proto, feeds, max_samples=max_samples, batch_size=batch_size)
     analysis = analyze_channels(gs.import_onnx(proto))
     frozen = analysis.frozen_units()

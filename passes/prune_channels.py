@@ -23,7 +23,9 @@ Kept counts are rounded to a multiple (e.g. 8) for kernel efficiency, never belo
 - ``l1`` / ``l2``: norm of each producer's output filter ``W[o]``;
 - ``bn``: ``|gamma|`` of the BatchNormalization after the channel (run before BN folding);
 - ``act``: mean ``|x|`` of the tensors that enter the consumers, one value per channel, measured on
-  calibration data by the caller (a pass runs no inference; see :func:`activation_targets`).
+  calibration data by the caller (a pass runs no inference; see :func:`activation_targets`);
+- ``contrib``: the consumers' expected output contribution ``mean|x_c| * ||W_consumer[:, c]||_2``
+  (same statistics as ``act``); on the trained reference ResNet it keeps more accuracy than ``act``.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ __all__ = ["CRITERIA", "PruneChannels", "PruneZeroChannels", "activation_targets
 
 log = logging.getLogger(__name__)
 
-CRITERIA = ("l1", "l2", "bn", "act")
+CRITERIA = ("l1", "l2", "bn", "act", "contrib")
 """Importance criteria understood by :class:`PruneChannels`."""
 
 
@@ -120,7 +122,7 @@ def unit_importance(
                     score[root] = fallback[root]
     else:
         if activations is None:
-            raise CalibrationError("criterion 'act' needs activation statistics; pass calibration data")
+            raise CalibrationError(f"criterion {criterion!r} needs activation statistics; pass calibration data")
         for c in analysis.consumers:
             if c.tensor not in activations:
                 raise CalibrationError(
@@ -132,6 +134,10 @@ def unit_importance(
                 raise CalibrationError(
                     f"activation statistics of {c.tensor!r} have {act.size} channels, the model has {c.ids.size}"
                 )
+            if criterion == "contrib":
+                w = np.asarray(c.node.inputs[1].values, dtype=np.float64)
+                cols = np.moveaxis(w, c.weight_axis, 0).reshape(len(c.ids), -1)
+                act = act * np.sqrt((cols**2).sum(axis=1))
             np.add.at(score, c.ids, act)
     out: dict[int, float] = {}
     for i, value in enumerate(score):

@@ -457,12 +457,12 @@ def test_constant_channel_folds_into_gemm_through_flatten():
     np.testing.assert_allclose(graphs.run(result.model, {"X": x})[0], graphs.run(zeroed, {"X": x})[0], atol=1e-5)
 
 
-@pytest.mark.parametrize("criterion", ["l1", "l2", "bn", "act"])
+@pytest.mark.parametrize("criterion", ["l1", "l2", "bn", "act", "contrib"])
 def test_prune_channels_hits_ratio_and_stays_valid(criterion):
     """conv_bn_chain at 50%: conv1 keeps 4 of 8 channels, MACs of conv2 halve, the model runs."""
     model = conv_bn_chain()
     acts = None
-    if criterion == "act":
+    if criterion in ("act", "contrib"):
         targets = activation_targets(gs.import_onnx(model))
         assert targets == {"r1": 1}
         acts = {"r1": np.arange(8, dtype=F32)}
@@ -474,6 +474,12 @@ def test_prune_channels_hits_ratio_and_stays_valid(criterion):
             onnx.numpy_helper.to_array(next(i for i in result.model.graph.initializer if i.name == "B1")),
             onnx.numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "B1"))[4:],
         )
+    if criterion == "contrib":  # keep the 4 largest |x_c| * ||W2[:, c]||_2
+        w2 = onnx.numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "W2"))
+        score = np.arange(8) * np.sqrt((w2.astype(np.float64) ** 2).sum(axis=(0, 2, 3)))
+        b1 = onnx.numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "B1"))
+        kept = onnx.numpy_helper.to_array(next(i for i in result.model.graph.initializer if i.name == "B1"))
+        np.testing.assert_array_equal(kept, b1[np.sort(np.argsort(score)[4:])])
     before, after = count_macs(model), count_macs(result.model)
     assert after["conv2"] * 2 == before["conv2"]
     x = graphs.rng(5).standard_normal((2, 3, 8, 8)).astype(F32)

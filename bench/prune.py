@@ -5,14 +5,15 @@ rounded to a multiple of 8), prints side by side against the unpruned model:
 
 - MACs ratio (Conv/Gemm/MatMul, per sample) and size ratio (serialised bytes);
 - latency ratio at batch 1 and batch 64 on onnxruntime (all graph optimisations, 2 intra-op threads,
-  spinning off): the two sessions are timed interleaved, alternating which goes first, and the
-  ratio is of the medians — absolute times on a shared machine are not comparable between runs;
+  spinning off): the two sessions are timed back to back, alternating which goes first, and the
+  ratio reported is the median of the per-pair ratios — absolute times on a shared machine are
+  not comparable between runs;
 - top-1 accuracy of both on the digits test split and the logit SQNR of the pruned model.
 
 With ``--compensate`` each ratio is also run with mean compensation (removed channels' means on the
 calibration split folded into the next layer's bias).
 
-Run:  python bench/prune.py [--models models] [--ratios 0.3 0.5] [--criterion l2] [--repeats 15] [--compensate]
+Run:  python bench/prune.py [--models models] [--ratios 0.3 0.5] [--criterion l2] [--repeats 31] [--compensate]
 """
 
 from __future__ import annotations
@@ -37,18 +38,23 @@ def _time(session, feed, runs: int) -> float:
 
 
 def latency_ratio(base, cand, feed, repeats: int, runs: int) -> float:
-    """Median candidate time over median base time, the two timed interleaved."""
-    base_t, cand_t = [], []
+    """Median over repeats of (candidate time / base time), the two timed back to back, order alternating.
+
+    A ratio per adjacent pair cancels slow drifts of the machine's load (other processes share the
+    cores); the median discards the pairs a burst of load hit.
+    """
     _time(base, feed, 2)
     _time(cand, feed, 2)
+    ratios = []
     for i in range(repeats):
         if i % 2:
-            cand_t.append(_time(cand, feed, runs))
-            base_t.append(_time(base, feed, runs))
+            c = _time(cand, feed, runs)
+            b = _time(base, feed, runs)
         else:
-            base_t.append(_time(base, feed, runs))
-            cand_t.append(_time(cand, feed, runs))
-    return statistics.median(cand_t) / statistics.median(base_t)
+            b = _time(base, feed, runs)
+            c = _time(cand, feed, runs)
+        ratios.append(c / b)
+    return statistics.median(ratios)
 
 
 def _logits(session, x: np.ndarray, batch: int = 256) -> np.ndarray:
@@ -63,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.3, 0.5])
     parser.add_argument("--criterion", default="l2", choices=["l1", "l2", "bn", "act", "contrib"])
     parser.add_argument("--multiple", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=15, help="interleaved timing repeats per batch size")
+    parser.add_argument("--repeats", type=int, default=31, help="interleaved timing pairs per batch size")
     parser.add_argument("--compensate", action="store_true", help="also rows with mean compensation (needs calib)")
     args = parser.parse_args(argv)
 
@@ -104,8 +110,8 @@ def main(argv: list[str] | None = None) -> int:
             )
             cand = make_session(result.model, threads=2)
             out = _logits(cand, x_test)
-            lat1 = latency_ratio(base, cand, {"input": x1}, args.repeats, runs=50)
-            lat64 = latency_ratio(base, cand, {"input": x64}, args.repeats, runs=3)
+            lat1 = latency_ratio(base, cand, {"input": x1}, args.repeats, runs=20)
+            lat64 = latency_ratio(base, cand, {"input": x64}, args.repeats, runs=2)
             acc = (lambda y: f"{(y.argmax(1) == labels).mean():.4f}") if labels is not None else (lambda y: "n/a")
             rows.append([
                 name, f"{ratio:.0%}", "yes" if comp else "no",
@@ -117,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             print(format_table(header, rows[-1:]).splitlines()[-1], flush=True)
     print()
     print(f"global ratio, criterion {args.criterion}, kept channels rounded to {args.multiple}; no fine-tune;")
-    print(f"latency: onnxruntime ORT_ENABLE_ALL, 2 threads, median of {args.repeats} interleaved repeats (ratio)")
+    print(f"latency: onnxruntime ORT_ENABLE_ALL, 2 threads, median ratio of {args.repeats} back-to-back pairs")
     print(format_table(header, rows))
     return 0
 

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 
 import onnxpress
@@ -72,6 +73,13 @@ COMMANDS = [
         api=lambda p: onnxpress.lowrank(p.model, p.output, energy=0.9, calib=p.data),
         takes_data=True,
     ),
+    Command(
+        "prune",
+        argv=lambda p: ["prune", str(p.model), "-o", str(p.output), "--ratio", "0.5", "--criterion", "act",
+                        "--calib", str(p.data), "-q"],
+        api=lambda p: onnxpress.prune(p.model, p.output, ratio=0.5, criterion="act", calib=p.data),
+        takes_data=True,
+    ),
     Command(  # the hostile model in the candidate's place
         "validate-candidate",
         argv=lambda p: ["validate", str(p.good), str(p.model), "--data", str(p.data), "--json", str(p.output),
@@ -93,6 +101,18 @@ class Hostile:
     needs_data: bool = False
 
 
+def two_convs(c_out: int = 8) -> onnx.ModelProto:
+    """X[N,3,8,8] -> Conv -> BatchNormalization -> Relu -> Conv(W2[4,c_out,1,1]) -> Y[N,4,8,8]: prunable."""
+    first = graphs.conv_bn_relu(c_out=c_out)
+    w2 = graphs.rng(9).standard_normal((4, c_out, 1, 1)).astype(np.float32)
+    first.graph.node[-1].output[0] = "h"
+    first.graph.node.append(onnx.helper.make_node("Conv", ["h", "W2"], ["Y"]))
+    first.graph.initializer.append(onnx.numpy_helper.from_array(w2, "W2"))
+    first.graph.output[0].CopyFrom(onnx.helper.make_tensor_value_info("Y", onnx.TensorProto.FLOAT, ["N", 4, 8, 8]))
+    onnx.checker.check_model(first, full_check=True)
+    return first
+
+
 def _good_data(n: int = 6) -> np.ndarray:
     return graphs.rng(3).standard_normal((n, 3, 8, 8)).astype(np.float32)
 
@@ -103,7 +123,7 @@ def _truncate(p: Paths) -> None:
 
 
 def _external_data_missing(p: Paths) -> None:
-    save_model(graphs.conv_bn_relu(c_out=16), p.model.with_name("ext.onnx"), external_data=True)  # W: 1.7 kB
+    save_model(two_convs(c_out=16), p.model.with_name("ext.onnx"), external_data=True)  # W: 1.7 kB
     p.model.unlink()
     p.model = p.model.with_name("ext.onnx")
     (p.model.parent / "ext.onnx.data").unlink()
@@ -197,8 +217,8 @@ def _setup(tmp_path: Path, cmd: Command, bad: Hostile) -> Paths:
     work = tmp_path / "work"
     work.mkdir()
     paths = Paths(work / "model.onnx", work / "good.onnx", work / "data.npz", work / f"out.{cmd.name}")
-    save_model(graphs.conv_bn_relu(), paths.model)
-    save_model(graphs.conv_bn_relu(), paths.good)
+    save_model(two_convs(), paths.model)
+    save_model(two_convs(), paths.good)
     np.savez(paths.data, X=_good_data())
     bad.make(paths)
     return paths

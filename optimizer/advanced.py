@@ -251,7 +251,7 @@ def codebook(
     bits: int = 4,
     group_size: int | None = None,
     min_elements: int = 256,
-    channel_scale: bool = False,
+    channel_scale: bool = True,
     data: Any = None,
     bias_correction: bool = False,
     batch_size: int = 64,

@@ -74,7 +74,7 @@ def test_kmeans_beats_a_uniform_grid_on_heavy_tails():
 def test_conv_reconstruction_error_equals_kmeans_objective(bits):
     model = conv_model()
     w = _weight(model)
-    pass_ = CodebookWeights(bits=bits)
+    pass_ = CodebookWeights(bits=bits, channel_scale=False)
     result = run_passes(model, [pass_])
     assert result.stats["codebook_weights.weights"] == 1
     w_hat = _rebuilt_weight(result.model)
@@ -94,7 +94,7 @@ def test_matmul_groups_run_along_output_columns(group_size):
     """MatMul W[K,N]: output channels are columns; each group of columns has its own codebook."""
     model = matmul_model()
     w = _weight(model)
-    result = run_passes(model, [CodebookWeights(bits=3, group_size=group_size)])
+    result = run_passes(model, [CodebookWeights(bits=3, group_size=group_size, channel_scale=False)])
     w_hat = _rebuilt_weight(result.model)
     g = group_size or w.shape[1]
     expected = sum(kmeans_1d(w[:, j : j + g], 8).sse for j in range(0, w.shape[1], g))
@@ -109,7 +109,7 @@ def test_gemm_both_layouts(trans_b):
     w = r.standard_normal((12, 30) if trans_b else (30, 12)).astype(np.float32)
     model = graphs.make_model([helper.make_node("Gemm", ["X", "W"], ["Y"], transB=trans_b)],
                               [("X", ["N", 30])], [("Y", ["N", 12])], {"W": w})
-    result = run_passes(model, [CodebookWeights(bits=4, group_size=4)])
+    result = run_passes(model, [CodebookWeights(bits=4, group_size=4, channel_scale=False)])
     w_hat = _rebuilt_weight(result.model)
     rows = w if trans_b else w.T  # output channels first
     expected = sum(kmeans_1d(rows[j : j + 4], 16).sse for j in range(0, 12, 4))
@@ -120,7 +120,7 @@ def test_gemm_both_layouts(trans_b):
                                                        (6, True, 0.25 + 0.02)])
 def test_stored_size_shrinks(bits, pack, max_ratio):
     model = matmul_model(k=128, n=64)
-    result = run_passes(model, [CodebookWeights(bits=bits, pack=pack)])
+    result = run_passes(model, [CodebookWeights(bits=bits, pack=pack, channel_scale=False)])
     stored = sum(i.ByteSize() for i in result.model.graph.initializer)
     original = sum(i.ByteSize() for i in model.graph.initializer)
     assert stored < max_ratio * original + 400  # + protobuf headers of the small constants
@@ -179,7 +179,7 @@ def test_channel_scale_objective_is_over_normalised_weights(which):
     assert float(np.sum((normalised - levels) ** 2)) == pytest.approx(expected, rel=1e-4)
 
 
-@pytest.mark.parametrize("kwargs", [{}, {"group_size": 4}, {"channel_scale": True}])
+@pytest.mark.parametrize("kwargs", [{}, {"group_size": 4}, {"channel_scale": False}])
 def test_reconstruct_matches_the_graph_rebuild(kwargs):
     model = conv_model()
     pass_ = CodebookWeights(bits=3, **kwargs)

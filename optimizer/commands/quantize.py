@@ -57,7 +57,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--smoothquant", type=float, default=None, metavar="ALPHA",
                    help="SmoothQuant with this alpha (0..1) before calibration")
     p.add_argument("--codebook", type=int, default=None, metavar="BITS",
-                   help="k-means codebook weights with 2^BITS centroids per layer (weight-only, replaces QDQ)")
+                   help="k-means codebook weights, 2^BITS levels per layer on channel-normalised weights "
+                   "(weight-only, replaces QDQ)")
     add_common(p)
     p.set_defaults(func=run)
 

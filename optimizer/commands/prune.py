@@ -89,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"size: {before:,} -> {after:,} bytes ({after / before:.3f}x); MACs are per sample")
     removed = result.stats.get("prune_zero_channels.channels_removed", 0)
     lossy = result.stats.get("prune_channels.channels_removed", 0)
-    print(f"channels removed: {removed} exactly (zero or unused), {lossy} by importance ({args.criterion})")
+    how = f"{lossy} by importance ({args.criterion})" if args.ratio else "none by importance (no --ratio)"
+    print(f"channels removed: {removed} exactly (zero or unused), {how}")
     for note in result.notes:
         print(f"note: {note}")
     print(f"wrote {result.output}")

@@ -328,7 +328,7 @@ def sensitivity_scan(
 
     from onnxpress.passes.channel_groups import analyze_channels
 
-    proto = normalize_model(load_model(model))
+    proto = run_passes(normalize_model(load_model(model)), [FoldConstants()]).model
     feeds = _feeds(proto, data, max_samples, batch_size)
     reference = _outputs(proto, feeds)
     acts = None

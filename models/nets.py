@@ -42,9 +42,7 @@ class BasicBlock(nn.Module):
 
     def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
         super().__init__()
-        self.body = nn.Sequential(
-            *_conv_bn(cin, cout, 3, stride), nn.ReLU(), *_conv_bn(cout, cout, 3)
-        )
+        self.body = nn.Sequential(*_conv_bn(cin, cout, 3, stride), nn.ReLU(), *_conv_bn(cout, cout, 3))
         if stride != 1 or cin != cout:
             self.shortcut: nn.Module = nn.Sequential(*_conv_bn(cin, cout, 1, stride))
         else:
@@ -61,9 +59,7 @@ class ResNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.stem = nn.Sequential(*_conv_bn(1, 32, 3), nn.ReLU())
-        self.blocks = nn.Sequential(
-            BasicBlock(32, 32), BasicBlock(32, 64, stride=2), BasicBlock(64, 128, stride=2)
-        )
+        self.blocks = nn.Sequential(BasicBlock(32, 32), BasicBlock(32, 64, stride=2), BasicBlock(64, 128, stride=2))
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.flatten = nn.Flatten()
         self.fc = nn.Linear(128, NUM_CLASSES)
@@ -99,12 +95,8 @@ class Inception(nn.Module):
     def __init__(self, cin: int, c1: int, c3: int, c5: int) -> None:
         super().__init__()
         self.b1 = nn.Sequential(*_conv_bn(cin, c1, 1), nn.ReLU())
-        self.b3 = nn.Sequential(
-            *_conv_bn(cin, c3 // 2, 1), nn.ReLU(), *_conv_bn(c3 // 2, c3, 3), nn.ReLU()
-        )
-        self.b5 = nn.Sequential(
-            *_conv_bn(cin, c5, 3), nn.ReLU(), *_conv_bn(c5, c5, 3), nn.ReLU()
-        )
+        self.b3 = nn.Sequential(*_conv_bn(cin, c3 // 2, 1), nn.ReLU(), *_conv_bn(c3 // 2, c3, 3), nn.ReLU())
+        self.b5 = nn.Sequential(*_conv_bn(cin, c5, 3), nn.ReLU(), *_conv_bn(c5, c5, 3), nn.ReLU())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         return torch.cat([self.b1(x), self.b3(x), self.b5(x)], dim=1)
@@ -117,9 +109,7 @@ class ConcatNet(nn.Module):
         super().__init__()
         self.stem = nn.Sequential(*_conv_bn(1, 32, 3), nn.ReLU(), nn.MaxPool2d(2))
         self.inception = Inception(32, 32, 48, 16)
-        self.head = nn.Sequential(
-            *_conv_bn(96, 128, 3, stride=2), nn.ReLU(), *_conv_bn(128, 128, 3), nn.ReLU()
-        )
+        self.head = nn.Sequential(*_conv_bn(96, 128, 3, stride=2), nn.ReLU(), *_conv_bn(128, 128, 3), nn.ReLU())
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.flatten = nn.Flatten()
         self.fc = nn.Linear(128, NUM_CLASSES)
@@ -173,9 +163,7 @@ class Transformer(nn.Module):
 
     PATCH = 4
 
-    def __init__(
-        self, dim: int = 128, heads: int = 4, ffn: int = 512, layers: int = 2, dropout: float = 0.1
-    ) -> None:
+    def __init__(self, dim: int = 128, heads: int = 4, ffn: int = 512, layers: int = 2, dropout: float = 0.1) -> None:
         super().__init__()
         grid = 32 // self.PATCH
         self.embed = nn.Linear(self.PATCH * self.PATCH, dim)

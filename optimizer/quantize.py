@@ -23,7 +23,7 @@ from onnxpress.calibration.table import CalibrationTable
 from onnxpress.errors import CalibrationError, OnnxpressError
 from onnxpress.model_io import ModelSource, check_model, check_output_path, load_model, normalize_model, save_model
 from onnxpress.passes.qdq import ACTIVATION_TYPES, InsertQDQ, NodeDecision, Selection, TensorOverride
-from onnxpress.passes.weight_only import QuantizeWeightsInt4
+from onnxpress.passes.weight_only import QuantizeWeightsInt4, StoreConstantsInt8
 from onnxpress.pipeline import cleanup_passes, run_passes
 
 __all__ = ["DEFAULT_METHOD", "QuantizeResult", "quantize"]
@@ -111,6 +111,7 @@ def quantize(
     max_samples: int | None = None,
     batch_size: int = 64,
     progress: bool = False,
+    constants_int8_min_size: int | None = 1024,
     equalize: str | None = None,
     bias_correction: bool = False,
     smoothquant: float | None = None,
@@ -137,6 +138,8 @@ def quantize(
         max_samples: calibrate on at most this many samples.
         batch_size: calibration batch size.
         progress: progress bars.
+        constants_int8_min_size: int8 mode: other float constants (a positional embedding) with at
+            least this many elements are stored int8 with one scale (``|error| <= s/2``); None: keep them.
         equalize: cross-layer equalization before calibration: "split" (exact; ReLU6 becomes Relu + Min),
             "skip" (pairs joined by ReLU6 left alone) or "relu" (ReLU6 -> Relu, lossy); see onnxpress.advanced.
         bias_correction: correct biases for the int8 weight rounding (needs calib).
@@ -210,7 +213,8 @@ def quantize(
             cleaned = correct_bias_for_qdq(
                 cleaned, qdq, calib, batch_size=batch_size, max_samples=max_samples, progress=progress
             )
-        result = run_passes(cleaned, [qdq], progress=progress)
+        tail = [] if constants_int8_min_size is None else [StoreConstantsInt8(min_size=constants_int8_min_size)]
+        result = run_passes(cleaned, [qdq, *tail], progress=progress)
         decisions = list(qdq.decisions)
         excluded = dict(used_table.excluded)
     check_model(result.model, where="the quantized model")

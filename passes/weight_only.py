@@ -36,7 +36,7 @@ import onnx_graphsurgeon as gs
 
 from onnxpress.passes.base import PassResult
 
-__all__ = ["QuantizeWeightsInt4", "dequantize_blocks", "quantize_blocks"]
+__all__ = ["QuantizeWeightsInt4", "StoreConstantsInt8", "dequantize_blocks", "quantize_blocks", "store_constants_int8"]
 
 log = logging.getLogger(__name__)
 
@@ -202,44 +202,12 @@ class QuantizeWeightsInt4:
                     )
                 )
             done += 1
-        consts = self._constants_to_int8(graph, fresh) if self.constants_int8_min_size is not None else 0
+        consts = 0
+        if self.constants_int8_min_size is not None:
+            consts = store_constants_int8(graph, self.constants_int8_min_size, fresh, exclude=self.exclude)
         if done:
             graph.import_domains = _with_ms_domain(graph)
         return PassResult(graph, done + consts > 0, {"weights_int4": done, "constants_int8": consts}, tuple(notes))
-
-    def _constants_to_int8(self, graph: gs.Graph, fresh) -> int:
-        """Store large remaining float32 constants as int8 + DequantizeLinear (one scale each)."""
-        limit = self.constants_int8_min_size or 0
-        seen: dict[str, gs.Variable] = {}
-        count = 0
-        for node in list(graph.nodes):
-            if node.op in ("MatMulNBits", "DequantizeLinear", "QuantizeLinear"):
-                continue
-            for i, t in enumerate(node.inputs):
-                if not isinstance(t, gs.Constant) or t.name in self.exclude:
-                    continue
-                values = np.asarray(t.values)
-                if values.dtype != np.float32 or values.size < limit:
-                    continue
-                if t.name not in seen:
-                    amax = float(np.abs(values).max())
-                    if amax == 0.0:
-                        continue
-                    scale = np.float32(amax / 127)
-                    q = np.clip(np.rint(values / scale), -127, 127).astype(np.int8)
-                    out = gs.Variable(fresh(f"{t.name}_dq"), dtype=np.float32, shape=list(values.shape))
-                    dq = gs.Node(
-                        "DequantizeLinear",
-                        fresh(f"{t.name}_DQ"),
-                        {},
-                        [gs.Constant(fresh(f"{t.name}_q"), q), gs.Constant(fresh(f"{t.name}_s"), np.asarray(scale))],
-                        [out],
-                    )
-                    graph.nodes.append(dq)
-                    seen[t.name] = out
-                    count += 1
-                node.inputs[i] = seen[t.name]
-        return count
 
 
 def _with_ms_domain(graph: gs.Graph):
@@ -250,3 +218,73 @@ def _with_ms_domain(graph: gs.Graph):
     if not any(d.domain == "com.microsoft" for d in domains):
         domains.append(helper.make_opsetid("com.microsoft", 1))
     return domains
+
+
+_WEIGHT_CONSUMERS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "MatMulNBits"})
+_QDQ_OPS = frozenset({"DequantizeLinear", "QuantizeLinear"})
+
+
+def store_constants_int8(graph: gs.Graph, min_size: int, fresh, *, exclude: frozenset[str] = frozenset()) -> int:
+    """Store float32 constants of ``min_size``+ elements as int8 + one symmetric scale + DequantizeLinear.
+
+    Weights of Conv/Gemm/MatMul (their quantization is InsertQDQ's or QuantizeWeightsInt4's
+    decision, so a layer kept float stays float) and Q/DQ parameters are left alone.
+    ``s = max|c| / 127``, ``|c - s q| <= s/2``. Returns the number of constants rewritten.
+    """
+    seen: dict[str, gs.Variable] = {}
+    for node in list(graph.nodes):
+        if node.op in _QDQ_OPS or node.op in _WEIGHT_CONSUMERS:
+            continue
+        for i, t in enumerate(node.inputs):
+            if not isinstance(t, gs.Constant) or t.name in exclude:
+                continue
+            if any(c.op in _WEIGHT_CONSUMERS or c.op in _QDQ_OPS for c in t.outputs):
+                continue
+            values = np.asarray(t.values)
+            if values.dtype != np.float32 or values.size < min_size:
+                continue
+            if t.name not in seen:
+                amax = float(np.abs(values).max())
+                if amax == 0.0:
+                    continue
+                scale = np.float32(amax / 127)
+                q = np.clip(np.rint(values / scale), -127, 127).astype(np.int8)
+                out = gs.Variable(fresh(f"{t.name}_dq"), dtype=np.float32, shape=list(values.shape))
+                inputs = [gs.Constant(fresh(f"{t.name}_q"), q), gs.Constant(fresh(f"{t.name}_s"), np.asarray(scale))]
+                graph.nodes.append(gs.Node("DequantizeLinear", fresh(f"{t.name}_DQ"), {}, inputs, [out]))
+                seen[t.name] = out
+            node.inputs[i] = seen[t.name]
+    return len(seen)
+
+
+class StoreConstantsInt8:
+    """Weight-only int8 for large float constants that no quantization pass took (see store_constants_int8).
+
+    Args:
+        min_size: constants with fewer elements stay float.
+        exclude: constant names that stay float.
+    """
+
+    name = "store_constants_int8"
+
+    def __init__(self, *, min_size: int = 1024, exclude: frozenset[str] = frozenset()) -> None:
+        self.min_size = min_size
+        self.exclude = frozenset(exclude)
+
+    def requires(self, graph: gs.Graph) -> None:
+        """No preconditions."""
+
+    def __call__(self, graph: gs.Graph) -> PassResult:
+        """Rewrite the constants in place; count them."""
+        names = set(graph.tensors().keys()) | {n.name for n in graph.nodes if n.name}
+
+        def fresh(base: str) -> str:
+            name, i = base, 0
+            while name in names:
+                i += 1
+                name = f"{base}_{i}"
+            names.add(name)
+            return name
+
+        n = store_constants_int8(graph, self.min_size, fresh, exclude=self.exclude)
+        return PassResult(graph, n > 0, {"constants_int8": n})

@@ -197,3 +197,26 @@ def test_reference_variants_quantize_to_integer_kernels(name: str, tmp_path: Pat
     test = np.load(MODELS / "digits32_test.npz")["input"][:200]
     assert sqnr_db(run(onnx.load(src), {"input": test})[0], run(res.model, {"input": test})[0]) > 30
     assert res.size_ratio < 0.3
+
+
+def test_int8_mode_stores_large_leftover_constants_int8() -> None:
+    """A positional-embedding-like constant that no quantized node takes is stored int8 (error <= s/2)."""
+    r = rng(15)
+    pos = (r.standard_normal((1, 64, 32)) * 0.05).astype(np.float32)
+    inits = {"W": r.standard_normal((16, 32)).astype(np.float32), "pos": pos}
+    nodes = [
+        helper.make_node("MatMul", ["X", "W"], ["h"], name="embed"),
+        helper.make_node("Add", ["h", "pos"], ["e"], name="add_pos"),
+        helper.make_node("Tanh", ["e"], ["Y"]),
+    ]
+    model = make_model(nodes, [("X", ["N", 64, 16])], [("Y", ["N", 64, 32])], inits)
+    x = feeds_for(model)
+    res = onnxpress.quantize(model, table=minmax_table(model, x))
+    assert res.stats["store_constants_int8.constants_int8"] == 1
+    dq = next(n for n in res.model.graph.node if n.op_type == "DequantizeLinear" and n.input[0].startswith("pos"))
+    inits_q = {i.name: numpy_helper.to_array(i) for i in res.model.graph.initializer}
+    back = inits_q[dq.input[0]].astype(np.float32) * inits_q[dq.input[1]]
+    assert np.abs(back - pos).max() <= np.abs(pos).max() / 127 / 2 * (1 + 1e-5)
+    assert "W" not in {i.name for i in res.model.graph.initializer}  # the MatMul weight went through InsertQDQ
+    kept = onnxpress.quantize(model, table=minmax_table(model, x), constants_int8_min_size=None)
+    assert "pos" in {i.name for i in kept.model.graph.initializer}

@@ -179,12 +179,10 @@ def _decline(graph: gs.Graph, node: gs.Node) -> str | None:
         return f"weight dtype {w.values.dtype} is not floating point"
     if node.op in ("Gemm", "MatMul") and w.values.ndim != 2:
         return f"weight is {w.values.ndim}-D, not 2-D"
-    if node.op == "Gemm" and len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].name:
-        if not _const(node.inputs[2]):
-            return "bias is not a constant"
+    bias = node.inputs[2] if len(node.inputs) > 2 else None
+    if bias is not None and bias.name and not _const(bias):
+        return "bias is not a constant"
     if node.op == "Conv":
-        if len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].name and not _const(node.inputs[2]):
-            return "bias is not a constant"
         g = int(node.attrs.get("group", 1))
         wv = w.values
         if wv.ndim < 3:

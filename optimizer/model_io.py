@@ -158,10 +158,42 @@ def normalize_model(model: onnx.ModelProto, *, min_opset: int | None = 13) -> on
                     f"cannot upgrade the model from opset {current} to {min_opset} "
                     f"({_first_line(exc)}); re-export it with opset >= {min_opset}"
                 ) from None
+            changed = _signature_change(model, upgraded)
+            if changed:
+                raise UnsupportedModelError(
+                    f"upgrading the model from opset {current} to {min_opset} would change its interface "
+                    f"({changed}); re-export it with opset >= {min_opset}"
+                )
             log.info("upgraded opset %d -> %d", current, min_opset)
             model = upgraded
             _constants_to_initializers(model.graph)
     return model
+
+
+def _signature_change(before: onnx.ModelProto, after: onnx.ModelProto) -> str:
+    """Describe the first graph input/output whose name, type or shape differs ('' when none).
+
+    onnx's version converter can change what a model means: Scan-8 (with a batch axis) becomes
+    Scan-9+ (without one) and the graph's declared input ranks change with it.
+    """
+    for kind in ("input", "output"):
+        old, new = getattr(before.graph, kind), getattr(after.graph, kind)
+        if [v.name for v in old] != [v.name for v in new]:
+            return f"graph {kind} names {[v.name for v in old]} -> {[v.name for v in new]}"
+        for a, b in zip(old, new, strict=True):
+            if a.type.SerializeToString(deterministic=True) != b.type.SerializeToString(deterministic=True):
+                return f"graph {kind} {a.name!r}: {_type_str(a.type)} -> {_type_str(b.type)}"
+    return ""
+
+
+def _type_str(t: onnx.TypeProto) -> str:
+    if not t.HasField("tensor_type"):
+        return t.WhichOneof("value") or "?"
+    elem = onnx.helper.tensor_dtype_to_np_dtype(t.tensor_type.elem_type).name if t.tensor_type.elem_type else "?"
+    if not t.tensor_type.HasField("shape"):
+        return elem
+    dims = [d.dim_param or (str(d.dim_value) if d.HasField("dim_value") else "?") for d in t.tensor_type.shape.dim]
+    return f"{elem}[{','.join(dims)}]"
 
 
 def _constants_to_initializers(graph: onnx.GraphProto) -> int:

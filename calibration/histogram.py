@@ -236,7 +236,7 @@ def _add_counts(counts: np.ndarray, x: np.ndarray, exp: int, size: int) -> None:
         np.multiply(x, np.float32(math.ldexp(1.0, -exp)), out=t)
     else:
         t = _scratch("f64", np.float64, n)
-        np.multiply(x, math.ldexp(1.0, -exp), out=t)
+        np.multiply(x, np.float64(math.ldexp(1.0, -exp)), out=t, dtype=np.float64)  # not a float32 loop
     np.floor(t, out=t)
     t += size
     idx = _scratch("idx", np.intp, n)

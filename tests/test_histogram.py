@@ -125,3 +125,13 @@ def test_percentile_bin() -> None:
     assert percentile_bin(mag, 100.0) == 5
     with pytest.raises(CalibrationError, match="percentile"):
         percentile_bin(mag, 0.0)
+
+
+@pytest.mark.parametrize("value", [7.4244e-40, -1.4e-45, 3e38, -3e38])
+def test_extreme_float32_values_are_binned_exactly(value: float) -> None:
+    """Subnormals (width 2**-140) and huge values (width 2**121) take the float64 path."""
+    x = np.array([value, value / 2], dtype=np.float32)
+    h = observe(x)
+    expected = np.floor(x.astype(np.float64) / h.width).astype(np.int64) + 2 * BINS
+    np.testing.assert_array_equal(np.flatnonzero(h.counts), np.unique(expected))
+    assert h.count == 2

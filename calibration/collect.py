@@ -325,7 +325,8 @@ def collect_statistics(
                 n = keep
             feed = {k: v for k, v in feed.items() if k in input_names}
             try:
-                values = session.run(fetch, feed)
+                # run([]) would return every graph output; observing only inputs needs no run
+                values = session.run(fetch, feed) if fetch else []
             except Exception as exc:  # onnxruntime raises its own InvalidArgument/Fail types
                 msg = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
                 raise DataError(f"onnxruntime rejected a calibration batch: {msg}") from None

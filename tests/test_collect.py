@@ -156,3 +156,13 @@ def test_memory_budget_shrinks_the_batch() -> None:
     obs = {"Y": Recorder()}
     collect_statistics(conv_bn_relu(), feeds(5), obs, batch_size=64, memory_budget_mb=None)
     assert [s[0] for s in obs["Y"].shapes] == [5]
+
+
+def test_observing_only_graph_inputs() -> None:
+    """X -> Gemm -> Y, observing X alone (no extra outputs to fetch)."""
+    model = gemm()
+    x = rng(5).standard_normal((10, 8)).astype(np.float32)
+    obs = MinMaxObserver()
+    assert collect_statistics(model, [{"X": x}], {"X": obs}) == 10
+    r = obs.compute_range()
+    assert (r.min, r.max) == (float(x.min()), float(x.max()))

@@ -1,0 +1,55 @@
+"""``onnxpress optimize MODEL -o OUT --calib DATA [--budget latency=0.3] ...``: budgeted per-layer search."""
+
+from __future__ import annotations
+
+import argparse
+
+from onnxpress.cli import add_common, progress_enabled
+from onnxpress.reporting import format_table
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``optimize`` subcommand."""
+    p = sub.add_parser("optimize", help="search per-layer int8/fp32 x low-rank options under a budget")
+    p.add_argument("model", help="input .onnx model (never modified)")
+    p.add_argument("-o", "--output", required=True, help="where to write the best model (its recipe goes beside it)")
+    p.add_argument("--calib", required=True, help="calibration inputs (.npz or folder of .npz)")
+    p.add_argument("--eval", dest="eval_data", help="evaluation inputs (default: the calibration data)")
+    p.add_argument("--labels", help="labels for --eval (.npy or .npz with key 'labels')")
+    p.add_argument("--budget", default="latency=0.5", help="latency=F | size=F | flops=F (fraction of the original)")
+    p.add_argument("--max-drop", type=float, help="largest accepted accuracy drop in points (needs --labels)")
+    p.add_argument("--recipe", help="apply this recipe (JSON) instead of searching")
+    p.add_argument("--report", help="folder for report.md, report.json and PNGs")
+    p.add_argument("--time-limit", type=float, help="seconds; keep the best model found when reached")
+    p.add_argument("--cache-dir", help="sensitivity cache folder (default ~/.cache/onnxpress)")
+    p.add_argument("--finetune", action="store_true",
+                   help="not available yet in optimize (use 'onnxpress finetune' on the float steps)")
+    add_common(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the search (or the recipe) and print the chosen model's numbers."""
+    from onnxpress.errors import OnnxpressError
+    from onnxpress.optimize import optimize
+
+    if args.finetune:
+        raise OnnxpressError("--finetune is not wired into optimize yet; run 'onnxpress finetune' on the result")
+    result = optimize(
+        args.model, args.output, calib=args.calib, eval_data=args.eval_data, labels=args.labels,
+        budget=args.budget, max_drop=args.max_drop, recipe=args.recipe, report=args.report,
+        time_limit=args.time_limit, cache_dir=args.cache_dir, progress=progress_enabled(args),
+    )
+    rows = []
+    for c in result.candidates:
+        rows.append([c.note or "recipe", f"{c.sqnr_db:.2f}" if c.sqnr_db is not None else "-",
+                     f"{c.accuracy:.4f}" if c.accuracy is not None else "-",
+                     f"{c.latency_ratio:.3f}" if c.latency_ratio is not None else "-",
+                     f"{c.size_ratio:.3f}" if c.size_ratio is not None else "-",
+                     f"{c.flops_ratio:.3f}" if c.flops_ratio is not None else "-",
+                     "*" if c is result.chosen else ""])
+    print(format_table(["candidate", "SQNR dB", "accuracy", "latency", "size", "MACs", "chosen"], rows))
+    if result.budget is not None and not result.feasible:
+        print(f"warning: no candidate met {result.budget.kind}={result.budget.value:g}; wrote the cheapest found")
+    print(f"wrote {result.output} and {result.recipe_path}")
+    return 0

@@ -1,0 +1,284 @@
+"""``onnxpress.optimize``: sensitivity → budgeted search → best model + recipe (+ report).
+
+    model ─prepare─► M0 ─┬─ recipe given ──────────────────────────► apply_recipe ─► save
+                         └─ sensitivity (cached) ─► SearchSpace ─► greedy + local search
+                              ─► shortlist built with apply_recipe ─► SQNR / accuracy / latency / size
+                              ─► best within budget ─► save OUT and OUT.recipe.json [─► report DIR]
+
+The model written is the one built from the recipe written beside it, so
+``onnxpress optimize MODEL --recipe OUT.recipe.json`` rebuilds it byte for byte.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from onnxpress.errors import DataError, OnnxpressError
+from onnxpress.model_io import ModelSource, check_output_path, load_model, save_model
+from onnxpress.passes.flops import count_macs
+from onnxpress.prune import sqnr_db
+from onnxpress.recipe import apply_recipe, load_recipe, prepare, save_recipe
+from onnxpress.search import Budget, Candidate, SearchSpace, measure_latency, pareto_front, parse_budget
+from onnxpress.sensitivity import SensitivityResult, analyze_sensitivity, read_feeds, run_outputs
+
+__all__ = ["OptimizeResult", "optimize"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class OptimizeResult:
+    """What :func:`optimize` did.
+
+    Attributes:
+        model: the chosen model (as written).
+        output: where it was written.
+        recipe: the recipe that rebuilds it; ``recipe_path`` where it was written.
+        chosen: the chosen candidate with its measurements (None when a recipe was applied).
+        candidates: every measured candidate (baselines first).
+        pareto: the measured Pareto front (cost of the budget kind vs SQNR).
+        budget: the budget searched under (None with a recipe).
+        feasible: whether the chosen model meets the budget and max-drop as measured.
+        sensitivity: the per-layer table (None with a recipe).
+        labels: per layer option chosen.
+        reference_accuracy: accuracy of the original on the evaluation data (with labels).
+        timed_out: the time limit stopped the search early.
+    """
+
+    model: onnx.ModelProto
+    output: Path
+    recipe: dict[str, Any]
+    recipe_path: Path
+    chosen: Candidate | None
+    candidates: list[Candidate]
+    pareto: list[Candidate]
+    budget: Budget | None
+    feasible: bool
+    sensitivity: SensitivityResult | None
+    choices: dict[str, str]
+    reference_accuracy: float | None
+    timed_out: bool
+
+
+def _recipe_path(output: Path) -> Path:
+    return output.with_name(output.name.removesuffix(".onnx") + ".recipe.json")
+
+
+class _Evaluator:
+    """Builds candidates from recipes and measures fidelity, size and MACs against M0."""
+
+    def __init__(self, m0: onnx.ModelProto, original_bytes: int, calib: object, feeds: list[dict[str, np.ndarray]],
+                 labels: np.ndarray | None, progress: bool) -> None:
+        self.m0, self.original_bytes, self.calib, self.feeds = m0, original_bytes, calib, feeds
+        self.reference = run_outputs(m0, feeds)
+        self.labels = labels
+        self.macs0 = max(sum(count_macs(m0).values()), 1)
+        self.moments: dict[str, Any] = {}
+        self.models: dict[tuple[int, ...], onnx.ModelProto] = {}
+        self.progress = progress
+        self.ref_accuracy = self._accuracy(self.reference) if labels is not None else None
+
+    def _accuracy(self, flat: np.ndarray) -> float:
+        logits = flat.reshape(len(self.labels), -1)
+        return float((logits.argmax(1) == self.labels).mean())
+
+    def build(self, cand: Candidate) -> onnx.ModelProto:
+        model = apply_recipe(self.m0, cand.recipe, self.calib, prepared=True, moments_cache=self.moments)
+        self.models[cand.picks] = model
+        return model
+
+    def measure(self, cand: Candidate) -> None:
+        model = self.models.get(cand.picks) or self.build(cand)
+        outs = run_outputs(model, self.feeds)
+        cand.sqnr_db = sqnr_db(self.reference, outs)
+        if self.labels is not None:
+            cand.accuracy = self._accuracy(outs)
+        cand.size_ratio = model.ByteSize() / self.original_bytes
+        cand.flops_ratio = sum(count_macs(model).values()) / self.macs0
+
+
+def optimize(
+    model: ModelSource,
+    output: str | os.PathLike[str],
+    *,
+    calib: object,
+    eval_data: object | None = None,
+    labels: object | None = None,
+    budget: str | Budget = "latency=0.5",
+    max_drop: float | None = None,
+    recipe: str | os.PathLike[str] | Mapping[str, Any] | None = None,
+    report: str | os.PathLike[str] | None = None,
+    time_limit: float | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    rank_fractions: tuple[float, ...] = (0.5, 0.25),
+    sensitivity_samples: int = 64,
+    eval_samples: int = 256,
+    method: str = "mse",
+    shortlist: int = 4,
+    seed: int = 0,
+    progress: bool = False,
+) -> OptimizeResult:
+    """Search per-layer int8/fp32 × low-rank options under a budget and write the best model found.
+
+    Args:
+        model: path or ModelProto (never modified).
+        output: where the model goes; its recipe is written beside it as ``<name>.recipe.json``.
+        calib: calibration data (anything ``open_data`` accepts).
+        eval_data: data the candidates are compared on (default: the calibration data).
+        labels: class labels for ``eval_data`` (``.npy``/``.npz``/array); accuracy then ranks candidates.
+        budget: ``latency=F`` (measured onnxruntime latency ratio), ``size=F`` or ``flops=F``.
+        max_drop: largest accepted accuracy drop in points (needs labels).
+        recipe: apply this recipe instead of searching.
+        report: folder for ``report.md``, ``report.json`` and the PNGs.
+        time_limit: seconds; the search stops at the next step and keeps the best so far.
+        cache_dir: sensitivity cache folder (default ``~/.cache/onnxpress``).
+        rank_fractions: rank options as fractions of each layer's full rank.
+        sensitivity_samples: samples the per-layer SQNR is measured on.
+        eval_samples: samples candidates are compared on.
+        method: calibration method of the quantize step.
+        shortlist: candidates built and measured per round.
+        seed: local-search seed.
+        progress: progress bars.
+
+    Raises:
+        OnnxpressError: bad budget/recipe/max_drop; DataError for data or labels that do not fit.
+    """
+    from tqdm.auto import tqdm
+
+    start = time.monotonic()
+    deadline = start + time_limit if time_limit else None
+    out = check_output_path(output, [model])
+    if max_drop is not None and (labels is None or max_drop < 0):
+        raise OnnxpressError("--max-drop needs labels (--labels) and a value >= 0 (accuracy points)")
+    original = load_model(model)
+    m0 = prepare(original)
+    data = eval_data if eval_data is not None else calib
+    feeds = read_feeds(m0, data, eval_samples)
+    label_array = None
+    if labels is not None:
+        from onnxpress.calibration.readers import load_labels
+
+        n = sum(next(iter(f.values())).shape[0] for f in feeds)
+        label_array = np.asarray(load_labels(labels)).reshape(-1)
+        if label_array.shape[0] < n:
+            raise DataError(f"labels hold {label_array.shape[0]} entries but the evaluation data has {n} samples")
+        label_array = label_array[:n]
+    ev = _Evaluator(m0, original.ByteSize(), calib, feeds, label_array, progress)
+
+    if recipe is not None:
+        checked = load_recipe(recipe)
+        built = apply_recipe(m0, checked, calib, prepared=True, progress=progress)
+        cand = Candidate((), math.nan, math.nan, recipe=checked)
+        ev.models[()] = built
+        ev.measure(cand)
+        save_model(built, out)
+        path = save_recipe(checked, _recipe_path(out)) if Path(str(recipe)) != _recipe_path(out) else _recipe_path(out)
+        result = OptimizeResult(built, out, checked, path, cand, [cand], [], None, True, None, {},
+                                ev.ref_accuracy, False)
+        if report is not None:
+            from onnxpress.report import write_report
+
+            write_report(report, result, m0, calib, feeds)
+        return result
+
+    bud = parse_budget(budget)
+    sens = analyze_sensitivity(m0, calib, rank_fractions=rank_fractions, method=method,
+                               max_samples=sensitivity_samples, cache_dir=cache_dir, progress=progress)
+    space = SearchSpace(sens, m0.ByteSize())
+    ev.model_bytes = m0.ByteSize()
+    candidates: list[Candidate] = []
+
+    def make(picks: tuple[int, ...], note: str) -> Candidate:
+        for c in candidates:
+            if c.picks == picks:
+                return c
+        c = space.candidate(bud.kind, picks)
+        c.recipe = space.recipe(picks, method=method)
+        c.note = note
+        return c
+
+    def evaluate(batch: list[Candidate]) -> None:
+        todo = [c for c in batch if c.sqnr_db is None]
+        for c in tqdm(todo, desc="candidates", unit="model", disable=not progress):
+            ev.measure(c)
+            candidates.append(c)
+        if bud.kind == "latency" and todo:
+            ratios = measure_latency(m0, [ev.models[c.picks] for c in todo], feeds[0])
+            for c, r in zip(todo, ratios, strict=True):
+                c.latency_ratio = r
+
+    # baseline: uniform int8 (also gives the latency ratio ρ of int8 for the estimate)
+    evaluate([make(space.uniform("int8"), "uniform int8")])
+    if bud.kind == "latency" and candidates[0].latency_ratio:
+        space.rho = candidates[0].latency_ratio
+    limit = bud.value
+    timed_out = False
+    for round_ in range(3):
+        if deadline is not None and time.monotonic() > deadline:
+            timed_out = True
+            break
+        greedy = space.greedy(bud.kind, limit)
+        if greedy is None:
+            log.warning("no assignment fits %s=%.3f by the estimate; keeping the best measured", bud.kind, limit)
+            break
+        refined = space.refine(bud.kind, limit, greedy, seed=seed + round_, deadline=deadline)
+        batch = [make(refined, "searched"), make(greedy, "greedy")]
+        for f in (0.8, 1.25):  # neighbours of the budget, for the Pareto front
+            near = space.greedy(bud.kind, min(limit * f, 1.0))
+            if near is not None:
+                batch.append(make(near, f"greedy at {f:g}x budget"))
+        seen: set[tuple[int, ...]] = set()
+        batch = [c for c in batch if not (c.picks in seen or seen.add(c.picks))][:shortlist]
+        evaluate(batch)
+        if bud.kind != "latency":
+            break
+        best = batch[0]
+        est = space.cost("latency", best.picks)
+        if best.latency_ratio is None or best.latency_ratio <= bud.value or est <= 0:
+            break
+        space.latency_scale *= best.latency_ratio / est  # the estimate was optimistic: correct and retry
+        log.info("latency estimate corrected by %.3f (measured %.3f)", best.latency_ratio / est, best.latency_ratio)
+
+    def ok(c: Candidate) -> bool:
+        cost = c.cost(bud.kind)
+        fits = cost is not None and cost <= bud.value + 1e-9
+        if max_drop is not None and c.accuracy is not None and ev.ref_accuracy is not None:
+            fits = fits and (ev.ref_accuracy - c.accuracy) * 100 <= max_drop + 1e-9
+        return fits
+
+    def fidelity(c: Candidate) -> tuple[float, float]:
+        return ((c.accuracy if c.accuracy is not None else 0.0), c.sqnr_db if c.sqnr_db is not None else -math.inf)
+
+    for c in candidates:
+        c.feasible = ok(c)
+    feasible = [c for c in candidates if c.feasible]
+    if feasible:
+        chosen = max(feasible, key=fidelity)
+    else:
+        chosen = min(candidates, key=lambda c: (c.cost(bud.kind) or math.inf, -fidelity(c)[1]))
+        log.warning("no measured candidate meets %s=%.3f%s; writing the cheapest one found",
+                    bud.kind, bud.value, f" and max-drop {max_drop}" if max_drop is not None else "")
+    built = ev.models[chosen.picks]
+    save_model(built, out)
+    recipe_out = dict(chosen.recipe)
+    path = save_recipe(recipe_out, _recipe_path(out))
+    result = OptimizeResult(
+        built, out, recipe_out, path, chosen, candidates, pareto_front(candidates, bud.kind), bud,
+        bool(chosen.feasible), sens, space.describe(chosen.picks), ev.ref_accuracy, timed_out,
+    )
+    if report is not None:
+        from onnxpress.report import write_report
+
+        write_report(report, result, m0, calib, feeds)
+    log.info("optimize done in %.1f s", time.monotonic() - start)
+    return result

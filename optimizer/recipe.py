@@ -1,0 +1,268 @@
+"""Recipes: a JSON list of passes and their settings that reproduces an optimized model exactly.
+
+A recipe is data, applied in order to the cleaned model::
+
+    {"version": 1, "steps": [
+        {"pass": "prune",    "ratio": {"group": 0.5}, "criterion": "l2"},
+        {"pass": "lowrank",  "ranks": {"node_Conv_140": 16}, "max_samples": 256},
+        {"pass": "quantize", "method": "mse", "exclude": ["node_Gemm_160"], "max_samples": 256}
+    ]}
+
+    model --cleanup--> M0 --prune--> M1 --lowrank(ranks, E[x xᵀ] on calib)--> M2 --quantize(table on calib)--> out
+
+Every step is deterministic for the same model bytes and calibration data (numpy SVD, fixed
+calibration subset, graph passes with stable names), so applying a recipe twice gives the same
+bytes; ``tests/test_recipe.py`` checks it. ``quantize.exclude`` names *layers of the input model*:
+when a layer was split by ``lowrank`` both its factor nodes stay float.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from onnxpress.errors import OnnxpressError
+from onnxpress.model_io import ModelSource, infer_shapes, load_model, model_digest, normalize_model
+from onnxpress.passes.low_rank import SplitLowRank
+from onnxpress.pipeline import cleanup_passes, run_passes
+
+__all__ = ["RECIPE_VERSION", "STEPS", "FixedRanks", "apply_recipe", "load_recipe", "save_recipe", "validate_recipe"]
+
+log = logging.getLogger(__name__)
+
+RECIPE_VERSION = 1
+
+# step name -> {key: (checker, default)}
+_KEYS: dict[str, dict[str, Any]] = {
+    "cleanup": {},
+    "prune": {"ratio": None, "criterion": "l2", "multiple": 1},
+    "lowrank": {"ranks": None, "data_aware": True, "max_samples": 64, "batch_size": 64},
+    "quantize": {
+        "method": "mse",
+        "exclude": [],
+        "activations": "uint8",
+        "per_channel": True,
+        "max_samples": 256,
+        "batch_size": 64,
+    },
+}
+STEPS = tuple(_KEYS)
+"""Known step names."""
+
+
+def _bad(where: str, what: str) -> OnnxpressError:
+    return OnnxpressError(f"recipe {where}: {what}")
+
+
+def _check_fraction_map(where: str, value: Any, *, upper: float = 1.0) -> None:
+    items = value.items() if isinstance(value, Mapping) else [("*", value)]
+    for name, r in items:
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 <= float(r) < upper:
+            raise _bad(where, f"ratio for {name!r} must be a number in [0, {upper}), got {r!r}")
+
+
+def validate_recipe(recipe: Mapping[str, Any]) -> dict[str, Any]:
+    """Check a recipe and return it with every default filled in.
+
+    Raises:
+        OnnxpressError: not a mapping, wrong version, unknown step or key, or a bad value (named).
+    """
+    if not isinstance(recipe, Mapping):
+        raise OnnxpressError(f"a recipe must be a JSON object with 'version' and 'steps', got {type(recipe).__name__}")
+    version = recipe.get("version")
+    if version != RECIPE_VERSION:
+        raise OnnxpressError(f"recipe version must be {RECIPE_VERSION}, got {version!r}")
+    unknown = sorted(set(recipe) - {"version", "steps", "meta"})
+    if unknown:
+        raise OnnxpressError(f"recipe has unknown top-level keys {unknown}; allowed: version, steps, meta")
+    steps = recipe.get("steps")
+    if not isinstance(steps, list) or not steps:
+        raise OnnxpressError("recipe 'steps' must be a non-empty list of {\"pass\": ...} objects")
+    out = []
+    for i, step in enumerate(steps):
+        where = f"step {i + 1}"
+        if not isinstance(step, Mapping) or "pass" not in step:
+            raise _bad(where, "each step must be an object with a 'pass' key")
+        name = step["pass"]
+        if name not in _KEYS:
+            raise _bad(where, f"unknown pass {name!r}; known passes: {', '.join(STEPS)}")
+        allowed = _KEYS[name]
+        extra = sorted(set(step) - {"pass", *allowed})
+        if extra:
+            raise _bad(where, f"pass {name!r} has unknown keys {extra}; allowed: {sorted(allowed) or 'none'}")
+        full = {"pass": name, **{k: v for k, v in allowed.items()}, **{k: v for k, v in step.items() if k != "pass"}}
+        where = f"step {i + 1} ({name})"
+        if name == "prune":
+            if full["ratio"] is None:
+                raise _bad(where, "needs 'ratio': a fraction or {channel group: fraction}")
+            _check_fraction_map(where, full["ratio"])
+            if full["criterion"] not in ("l1", "l2"):
+                raise _bad(where, f"criterion must be 'l1' or 'l2' (data-free), got {full['criterion']!r}")
+        if name == "lowrank":
+            ranks = full["ranks"]
+            if not isinstance(ranks, Mapping) or not ranks:
+                raise _bad(where, "needs 'ranks': {layer name: rank (integer >= 1)}")
+            for key, r in ranks.items():
+                if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+                    raise _bad(where, f"rank for layer {key!r} must be an integer >= 1, got {r!r}")
+        if name == "quantize":
+            if full["method"] not in ("kl", "minmax", "percentile", "mse"):
+                raise _bad(where, f"method must be kl, minmax, percentile or mse, got {full['method']!r}")
+            if not isinstance(full["exclude"], list) or not all(isinstance(x, str) for x in full["exclude"]):
+                raise _bad(where, "'exclude' must be a list of layer names")
+            if full["activations"] not in ("uint8", "int8"):
+                raise _bad(where, f"activations must be uint8 or int8, got {full['activations']!r}")
+        for key in ("max_samples", "batch_size", "multiple"):
+            if key in full and (isinstance(full[key], bool) or not isinstance(full[key], int) or full[key] < 1):
+                raise _bad(where, f"{key} must be an integer >= 1, got {full[key]!r}")
+        out.append(full)
+    return {"version": RECIPE_VERSION, "steps": out, **({"meta": recipe["meta"]} if "meta" in recipe else {})}
+
+
+def load_recipe(source: str | os.PathLike[str] | Mapping[str, Any]) -> dict[str, Any]:
+    """Read and validate a recipe from a ``.json`` (or ``.yaml`` when PyYAML is installed) file or a dict.
+
+    Raises:
+        OnnxpressError: missing/unreadable file, bad JSON/YAML, or an invalid recipe.
+    """
+    if isinstance(source, Mapping):
+        return validate_recipe(source)
+    path = Path(source)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise OnnxpressError(f"cannot read recipe {path}: {exc.strerror or exc}") from None
+    if path.suffix.lower() in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise OnnxpressError(f"recipe {path} is YAML but PyYAML is not installed; use a .json recipe") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise OnnxpressError(f"recipe {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise OnnxpressError(f"recipe {path} is not valid JSON: {exc}") from None
+    return validate_recipe(data)
+
+
+def save_recipe(recipe: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
+    """Validate and write a recipe as indented, key-sorted JSON (atomically)."""
+    checked = validate_recipe(recipe)
+    out = Path(path)
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:
+        tmp.write_text(json.dumps(checked, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        os.replace(tmp, out)
+    except OSError as exc:
+        raise OnnxpressError(f"cannot write recipe {out}: {exc.strerror or exc}") from None
+    return out
+
+
+class FixedRanks(SplitLowRank):
+    """``SplitLowRank`` with one explicit rank per layer key (layers not named stay whole).
+
+    A small adapter: the pass offers one rank for all layers, an energy, or a MACs budget; the
+    search chooses ranks per layer.
+    """
+
+    def __init__(self, ranks: Mapping[str, int], **kwargs: Any) -> None:
+        """Keep ``ranks`` ({layer key: rank}); other arguments go to ``SplitLowRank``."""
+        super().__init__(rank=1, **kwargs)
+        self.ranks = {str(k): int(v) for k, v in ranks.items()}
+
+    def _select(self, choices: list[Any], total_macs: int) -> None:
+        for ch in choices:
+            r = self.ranks.get(ch.layer.key)
+            ch.rank = None if r is None or r >= ch.full else r
+            if ch.rank is not None and self._cost(ch, ch.rank) >= ch.layer.macs:
+                ch.rank = None
+
+
+def split_names(key: str) -> list[str]:
+    """Quantize-exclude items covering layer ``key`` and the factor nodes ``lowrank`` makes from it."""
+    base = key.replace("/", "_").strip("_") or "layer"
+    return [key, f"re:^{re.escape(base)}_(lowrank|tucker)"]
+
+
+def prepare(model: ModelSource) -> onnx.ModelProto:
+    """The cleaned model every recipe starts from (normalised, constants and BN folded, shapes inferred)."""
+    proto = normalize_model(load_model(model), min_opset=13)
+    return infer_shapes(run_passes(proto, cleanup_passes()).model)
+
+
+def apply_recipe(
+    model: ModelSource,
+    recipe: Mapping[str, Any],
+    calib: object | None = None,
+    *,
+    progress: bool = False,
+    prepared: bool = False,
+    moments_cache: dict[str, dict[str, Any]] | None = None,
+) -> onnx.ModelProto:
+    """Apply ``recipe`` to ``model`` (never modified) and return the result.
+
+    Args:
+        model: path or ModelProto.
+        recipe: a recipe dict (validated here).
+        calib: calibration data for data-aware low-rank splits and quantization.
+        progress: progress bars.
+        prepared: ``model`` is already the output of :func:`prepare`.
+        moments_cache: reuse input second moments across calls, keyed by the model's digest and the
+            step's sample count (one dict per calibration data set: the result is unchanged).
+
+    Raises:
+        OnnxpressError: an invalid recipe, or a step that needs ``calib`` without it; errors of the passes.
+    """
+    from onnxpress.passes.fold import FoldConstants
+    from onnxpress.passes.prune_channels import PruneChannels
+
+    checked = validate_recipe(recipe)
+    current = load_model(model) if prepared else prepare(model)
+    for i, step in enumerate(checked["steps"]):
+        name = step["pass"]
+        if name == "cleanup":
+            current = run_passes(current, cleanup_passes(), progress=progress).model
+        elif name == "prune":
+            passes = [FoldConstants(), PruneChannels(step["ratio"], criterion=step["criterion"],
+                                                     multiple=step["multiple"])]
+            current = infer_shapes(run_passes(current, passes, progress=progress).model)
+        elif name == "lowrank":
+            moments = None
+            cache_key = f"{model_digest(current)}|{step['max_samples']}|{step['batch_size']}"
+            cached = moments_cache.get(cache_key) if moments_cache is not None else None
+            if cached is not None and step["data_aware"]:
+                moments = {k: v for k, v in cached.items() if k in step["ranks"]}
+            elif step["data_aware"]:
+                if calib is None:
+                    raise OnnxpressError(f"recipe step {i + 1} (lowrank, data_aware) needs calibration data (--calib)")
+                from onnxpress.lowrank import collect_moments
+
+                moments = collect_moments(current, calib, batch_size=step["batch_size"],
+                                          max_samples=step["max_samples"], progress=progress)
+                if moments_cache is not None:
+                    moments_cache[cache_key] = moments
+                moments = {k: v for k, v in moments.items() if k in step["ranks"]}
+            split = FixedRanks(step["ranks"], moments=moments)
+            current = infer_shapes(run_passes(current, [split], progress=progress).model)
+        elif name == "quantize":
+            if calib is None:
+                raise OnnxpressError(f"recipe step {i + 1} (quantize) needs calibration data (--calib)")
+            from onnxpress.quantize import quantize
+
+            exclude = [item for key in step["exclude"] for item in split_names(key)]
+            current = quantize(current, calib=calib, method=step["method"], exclude=exclude,
+                               activations=step["activations"], per_channel=step["per_channel"],
+                               max_samples=step["max_samples"], batch_size=step["batch_size"],
+                               progress=progress).model
+    return current

@@ -1,0 +1,248 @@
+"""The ``--report DIR`` of ``onnxpress optimize``: ``report.md``, ``report.json`` and four PNGs.
+
+    sensitivity.png  per-layer output SQNR of each option alone (higher = safer to apply)
+    histograms.png   calibration histograms of the inputs of the most int8-sensitive layers,
+                     with the chosen clipping threshold marked
+    pareto.png       measured candidates: fidelity vs the budget's cost, Pareto front, chosen point
+    validation table before/after (in report.md): SQNR, accuracy, latency, size of the chosen model
+
+Plots use matplotlib's Agg backend (no display needed); nothing is written outside ``DIR``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import onnx
+
+from onnxpress.errors import OutputError
+from onnxpress.reporting import format_table
+
+if TYPE_CHECKING:
+    from onnxpress.optimize import OptimizeResult
+
+__all__ = ["IMAGES", "write_report"]
+
+log = logging.getLogger(__name__)
+
+IMAGES = ("sensitivity.png", "histograms.png", "pareto.png")
+
+
+def _num(x: Any) -> Any:
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    return x
+
+
+def _fmt(x: float | None, spec: str = ".3f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _sensitivity_png(result: OptimizeResult, path: Path) -> None:
+    plt = _plt()
+    sens = result.sensitivity
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(sens.layers) + 2), 4))
+    options = sorted({(s.family, s.option) for s in sens.scores}, key=lambda t: (t[0] != "int8", t[1]))
+    families = sorted({s.family for s in sens.scores}, key=lambda f: f != "int8")
+    labels_per_family = {f: [] for f in families}
+    for fam, opt in options:
+        labels_per_family[fam].append(opt)
+    # bars: int8, and the two rank options per layer by order (ranks differ per layer)
+    series: list[tuple[str, list[float]]] = []
+    if "int8" in families:
+        series.append(("int8", [_score(sens, lay.key, "int8", 0) for lay in sens.layers]))
+    depth = max((sum(1 for s in sens.scores if s.layer == lay.key and s.family == "rank") for lay in sens.layers),
+                default=0)
+    for k in range(depth):
+        series.append((f"rank option {k + 1} ({'larger' if k == 0 else 'smaller'})",
+                       [_score(sens, lay.key, "rank", k) for lay in sens.layers]))
+    width = 0.8 / max(len(series), 1)
+    x = np.arange(len(sens.layers))
+    for k, (name, vals) in enumerate(series):
+        ax.bar(x + k * width, [v if v is not None else 0 for v in vals], width, label=name)
+    ax.set_xticks(x + width * (len(series) - 1) / 2)
+    ax.set_xticklabels([f"{lay.key}\n{result.choices.get(lay.key, '')}" for lay in sens.layers],
+                       rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("output SQNR with only this layer changed (dB)")
+    ax.set_title("Per-layer sensitivity (higher = safer); second label line = chosen option")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _score(sens: Any, layer: str, family: str, index: int) -> float | None:
+    rows = [s for s in sens.scores if s.layer == layer and s.family == family]
+    if family == "rank":
+        rows.sort(key=lambda s: -(s.rank or 0))
+    if index >= len(rows):
+        return None
+    v = rows[index].sqnr_db
+    return min(v, 100.0) if math.isfinite(v) else 100.0
+
+
+def _histograms_png(result: OptimizeResult, m0: onnx.ModelProto, calib: object, path: Path, top: int = 4) -> list[dict]:
+    from onnxpress.calibrate import calibrate
+
+    plt = _plt()
+    sens = result.sensitivity
+    int8 = sorted((s for s in sens.scores if s.family == "int8"), key=lambda s: s.sqnr_db)[:top]
+    inputs = {n.name: n.input[0] for n in m0.graph.node if n.name}
+    tensors = [(s.layer, inputs[s.layer], s.sqnr_db) for s in int8 if s.layer in inputs]
+    method = next((st.get("method", "mse") for st in result.recipe["steps"] if st["pass"] == "quantize"), "mse")
+    rows = []
+    fig, axes = plt.subplots(1, max(len(tensors), 1), figsize=(4 * max(len(tensors), 1), 3.2), squeeze=False)
+    if tensors:
+        table = calibrate(m0, calib, method=method, tensors=[t for _, t, _ in tensors], max_samples=256)
+        for ax, (layer, tensor, sq) in zip(axes[0], tensors, strict=False):
+            hist = table.histograms.get(tensor)
+            rng = table.ranges.get(tensor)
+            if hist is None or rng is None or hist.counts is None:
+                ax.set_title(f"{tensor}: no histogram")
+                continue
+            w = hist.width
+            centers = (np.arange(-hist.size, hist.size) + 0.5) * w
+            keep = hist.counts > 0
+            ax.bar(centers[keep], hist.counts[keep], width=w, color="tab:blue")
+            ax.set_yscale("log")
+            ax.axvline(rng.min, color="red", ls="--", label=f"range [{rng.min:.3g}, {rng.max:.3g}]")
+            ax.axvline(rng.max, color="red", ls="--")
+            ax.set_title(f"{layer} input\nint8 alone: {sq:.1f} dB", fontsize=8)
+            ax.legend(fontsize=7)
+            summary = table.summary(tensor)
+            rows.append({"layer": layer, "tensor": tensor, "int8_sqnr_db": sq, "min": rng.min, "max": rng.max,
+                         "amax": summary.amax, "clipped_fraction": summary.clipped_fraction})
+    else:
+        axes[0][0].set_title("no int8 option measured")
+    fig.suptitle(f"Calibration histograms ({method}) of the most int8-sensitive layer inputs", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return rows
+
+
+def _pareto_png(result: OptimizeResult, path: Path) -> None:
+    plt = _plt()
+    kind = result.budget.kind
+    fig, ax = plt.subplots(figsize=(6, 4))
+    pts = [c for c in result.candidates if c.cost(kind) is not None and c.sqnr_db is not None]
+    ax.scatter([c.cost(kind) for c in pts], [min(c.sqnr_db, 100) for c in pts], color="grey", label="measured")
+    for c in pts:
+        if c.note.startswith("uniform"):
+            ax.annotate(c.note, (c.cost(kind), min(c.sqnr_db, 100)), fontsize=7)
+    front = result.pareto
+    ax.plot([c.cost(kind) for c in front], [min(c.sqnr_db, 100) for c in front], "b-o", label="Pareto front")
+    if result.chosen is not None and result.chosen.cost(kind) is not None:
+        ax.scatter([result.chosen.cost(kind)], [min(result.chosen.sqnr_db, 100)], s=160, marker="*", color="red",
+                   label="chosen", zorder=5)
+    ax.axvline(result.budget.value, color="red", ls=":", label=f"budget {kind}={result.budget.value:g}")
+    ax.set_xlabel(f"{kind} ratio (candidate / original)")
+    ax.set_ylabel("output SQNR vs original (dB)")
+    ax.set_title("Candidates: fidelity vs cost")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _candidate_dict(c: Any) -> dict[str, Any]:
+    return {k: _num(getattr(c, k)) for k in ("note", "sqnr_db", "accuracy", "latency_ratio", "size_ratio",
+                                              "flops_ratio", "est_cost", "est_sqnr", "feasible")}
+
+
+def write_report(
+    folder: str | os.PathLike[str],
+    result: OptimizeResult,
+    m0: onnx.ModelProto,
+    calib: object,
+    feeds: Sequence[dict[str, np.ndarray]],
+) -> Path:
+    """Write ``report.md``, ``report.json`` and the PNGs into ``folder`` (created if missing).
+
+    Raises:
+        OutputError: the folder cannot be created or written.
+    """
+    from onnxpress.validate import validate
+
+    out = Path(folder)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create report folder {out}: {exc.strerror or exc}") from None
+    val = validate(m0, result.model, list(feeds), repeats=10)
+    o = val.outputs[0]
+    c = result.chosen
+    rows = [
+        ["SQNR (dB)", "inf", _fmt(o.sqnr_db, ".2f")],
+        ["top-1 agreement", "1.000", _fmt(o.top1_agreement)],
+        ["accuracy", _fmt(result.reference_accuracy), _fmt(c.accuracy if c else None)],
+        ["latency (ms, median)", _fmt(val.reference_latency.median_ms if val.reference_latency else None, ".2f"),
+         _fmt(val.candidate_latency.median_ms if val.candidate_latency else None, ".2f")],
+        ["latency ratio", "1.000", _fmt(val.latency_ratio)],
+        ["size (bytes)", f"{val.reference_bytes:,}", f"{val.candidate_bytes:,}"],
+        ["size ratio", "1.000", _fmt(val.size_ratio)],
+        ["MACs ratio", "1.000", _fmt(c.flops_ratio if c else None)],
+    ]
+    written = []
+    hist_rows: list[dict] = []
+    if result.sensitivity is not None:
+        _sensitivity_png(result, out / "sensitivity.png")
+        hist_rows = _histograms_png(result, m0, calib, out / "histograms.png")
+        _pareto_png(result, out / "pareto.png")
+        written = list(IMAGES)
+    md = ["# onnxpress optimize report", ""]
+    if result.budget is not None:
+        md += [f"Budget: `{result.budget.kind}={result.budget.value:g}`; chosen model "
+               f"{'meets' if result.feasible else 'does NOT meet'} it as measured"
+               + (" (time limit reached)" if result.timed_out else "") + ".", ""]
+    md += [f"Recipe: `{result.recipe_path.name}` (rebuilds the model byte for byte with `--recipe`).", ""]
+    md += ["## Before / after (validation on the evaluation data)", "", "```",
+           format_table(["", "original", "optimized"], rows), "```", ""]
+    if result.choices:
+        md += ["## Chosen option per layer", "", "```",
+               format_table(["layer", "option"], [[k, v] for k, v in result.choices.items()]), "```", ""]
+    if written:
+        md += ["## Per-layer sensitivity", "", "![sensitivity](sensitivity.png)", "",
+               "## Calibration histograms of the most sensitive tensors", "", "![histograms](histograms.png)", "",
+               "## Candidates and Pareto front", "", "![pareto](pareto.png)", "", "```",
+               format_table(["candidate", "SQNR dB", "acc", "latency", "size", "MACs", "within budget"],
+                            [[x.note, _fmt(x.sqnr_db, ".2f"), _fmt(x.accuracy), _fmt(x.latency_ratio),
+                              _fmt(x.size_ratio), _fmt(x.flops_ratio), str(x.feasible)] for x in result.candidates]),
+               "```", ""]
+    try:
+        (out / "report.md").write_text("\n".join(md), encoding="utf-8")
+        record = {
+            "budget": None if result.budget is None else {"kind": result.budget.kind, "value": result.budget.value},
+            "feasible": result.feasible,
+            "timed_out": result.timed_out,
+            "output": str(result.output),
+            "recipe": result.recipe,
+            "choices": result.choices,
+            "validation": val.to_dict(),
+            "chosen": None if c is None else _candidate_dict(c),
+            "candidates": [_candidate_dict(x) for x in result.candidates],
+            "pareto": [_candidate_dict(x) for x in result.pareto],
+            "sensitivity": None if result.sensitivity is None else result.sensitivity.to_dict(),
+            "histograms": hist_rows,
+            "images": written,
+        }
+        (out / "report.json").write_text(json.dumps(record, indent=2, default=_num), encoding="utf-8")
+    except OSError as exc:
+        raise OutputError(f"cannot write the report in {out}: {exc.strerror or exc}") from None
+    return out

@@ -1,0 +1,295 @@
+"""Budgeted search over per-layer precision × rank, guided by the sensitivity table.
+
+Each MAC layer ``l`` takes one option ``o_l = (q, r)``, ``q ∈ {fp32, int8}``, ``r ∈ {full} ∪ ranks``.
+The search solves, approximately::
+
+    max  fidelity(o)          fidelity ≈ -10 log10 Σ_l [NSR_l(q_l) + NSR_l(r_l)]   (additive noise)
+    s.t. cost(o) ≤ budget     cost: flops  = Σ MACs_l(r) / Σ MACs_l
+                                    size   = (other bytes + Σ params_l(r)·(1 if int8 else 4)) / bytes
+                                    latency = k · Σ MACs_l(r)·(ρ if int8 else 1) / Σ MACs_l,
+                                              ρ = measured latency ratio of the all-int8 model,
+                                              k = measured / estimated, updated from shortlisted candidates
+
+    1. greedy: from all-fp32, repeatedly take the move with the least ΔNSR per unit of cost saved
+    2. local search: upgrade one layer, re-fit the budget greedily, keep if the estimate improves
+    3. shortlist: build the best few (and budget neighbours for the Pareto plot), measure real SQNR
+       (and accuracy with labels) and, for a latency budget, real onnxruntime latency (interleaved)
+    4. the best measured candidate within the budget (and ``max_drop``) wins; all measured points
+       form the Pareto front. A time limit stops at the next step and returns the best so far.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import onnx
+
+from onnxpress.errors import OnnxpressError
+from onnxpress.sensitivity import SensitivityResult, nsr
+
+__all__ = ["BUDGET_KINDS", "Budget", "Candidate", "LayerChoice", "SearchSpace", "parse_budget", "pareto_front"]
+
+log = logging.getLogger(__name__)
+
+BUDGET_KINDS = ("latency", "size", "flops")
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """``kind`` (latency | size | flops) must end at or below ``value`` × the original."""
+
+    kind: str
+    value: float
+
+    def __post_init__(self) -> None:
+        if self.kind not in BUDGET_KINDS:
+            raise OnnxpressError(f"budget kind must be one of {', '.join(BUDGET_KINDS)}, got {self.kind!r}")
+        if not (isinstance(self.value, (int, float)) and 0.0 < self.value <= 1.0):
+            raise OnnxpressError(f"budget {self.kind}={self.value!r} must be a fraction in (0, 1]")
+
+
+def parse_budget(text: str | Budget) -> Budget:
+    """Parse ``"latency=0.3"`` (also ``size=0.2``, ``flops=0.5``).
+
+    Raises:
+        OnnxpressError: not ``KIND=FRACTION`` with a known kind and 0 < fraction ≤ 1.
+    """
+    if isinstance(text, Budget):
+        return text
+    kind, sep, value = str(text).partition("=")
+    if not sep:
+        raise OnnxpressError(f"budget {text!r} must look like latency=0.3, size=0.2 or flops=0.5")
+    try:
+        number = float(value)
+    except ValueError:
+        raise OnnxpressError(f"budget {text!r}: {value!r} is not a number") from None
+    return Budget(kind.strip(), number)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerChoice:
+    """One option of one layer with its estimated costs and noise."""
+
+    quant: str  # "fp32" | "int8"
+    rank: int | None
+    nsr: float
+    macs: int
+    params: int
+
+    @property
+    def label(self) -> str:
+        """``int8``, ``fp32``, ``int8+r16``, ..."""
+        return self.quant + (f"+r{self.rank}" if self.rank else "")
+
+
+@dataclasses.dataclass
+class Candidate:
+    """A full assignment (option index per layer) with its estimates and, once built, measurements."""
+
+    picks: tuple[int, ...]
+    est_cost: float
+    est_sqnr: float
+    sqnr_db: float | None = None
+    accuracy: float | None = None
+    latency_ratio: float | None = None
+    size_ratio: float | None = None
+    flops_ratio: float | None = None
+    recipe: dict[str, Any] | None = None
+    feasible: bool | None = None
+    note: str = ""
+
+    def cost(self, kind: str) -> float | None:
+        """Measured cost ratio of ``kind``."""
+        return {"latency": self.latency_ratio, "size": self.size_ratio, "flops": self.flops_ratio}[kind]
+
+
+class SearchSpace:
+    """Per-layer options and the additive cost/noise model built from a :class:`SensitivityResult`.
+
+    Args:
+        sens: the sensitivity table of the cleaned model.
+        model_bytes: serialized bytes of the cleaned model (for the size estimate).
+        int8_latency: measured latency ratio of the all-int8 model (ρ), for the latency estimate.
+        quantize: offer int8.
+    """
+
+    def __init__(self, sens: SensitivityResult, model_bytes: int, *, int8_latency: float = 0.5,
+                 quantize: bool = True) -> None:
+        self.layers = [lay for lay in sens.layers if lay.macs > 0 or lay.params > 0]
+        self.total_macs = max(sum(lay.macs for lay in self.layers), 1)
+        self.model_bytes = model_bytes
+        self.other_bytes = max(model_bytes - 4 * sum(lay.params for lay in self.layers), 0)
+        self.rho = int8_latency
+        self.latency_scale = 1.0
+        self.options: list[list[LayerChoice]] = []
+        for lay in self.layers:
+            q = sens.score(lay.key, "int8", "int8") if quantize else None
+            ranks = [s for s in sens.scores if s.layer == lay.key and s.family == "rank"]
+            opts = [LayerChoice("fp32", None, 0.0, lay.macs, lay.params)]
+            if q is not None:
+                opts.append(LayerChoice("int8", None, nsr(q.sqnr_db), lay.macs, lay.params))
+            for s in ranks:
+                opts.append(LayerChoice("fp32", s.rank, nsr(s.sqnr_db), s.macs_after, s.params_after))
+                if q is not None:
+                    opts.append(LayerChoice("int8", s.rank, nsr(s.sqnr_db) + nsr(q.sqnr_db), s.macs_after,
+                                            s.params_after))
+            self.options.append(opts)
+
+    # -- estimates -------------------------------------------------------------------------
+    def layer_cost(self, kind: str, c: LayerChoice) -> float:
+        """This layer's share of the ``kind`` cost ratio."""
+        if kind == "flops":
+            return c.macs / self.total_macs
+        if kind == "size":
+            return c.params * (1 if c.quant == "int8" else 4) / self.model_bytes
+        return self.latency_scale * c.macs * (self.rho if c.quant == "int8" else 1.0) / self.total_macs
+
+    def cost(self, kind: str, picks: Sequence[int]) -> float:
+        """Estimated ``kind`` ratio of an assignment."""
+        base = self.other_bytes / self.model_bytes if kind == "size" else 0.0
+        return base + sum(self.layer_cost(kind, self.options[i][j]) for i, j in enumerate(picks))
+
+    def est_sqnr(self, picks: Sequence[int]) -> float:
+        """Estimated output SQNR (dB) from the summed per-layer noise."""
+        total = sum(self.options[i][j].nsr for i, j in enumerate(picks))
+        return math.inf if total <= 0 else -10.0 * math.log10(total)
+
+    def candidate(self, kind: str, picks: Sequence[int]) -> Candidate:
+        """A Candidate with its estimates."""
+        picks = tuple(picks)
+        return Candidate(picks, self.cost(kind, picks), self.est_sqnr(picks))
+
+    # -- greedy + local search ---------------------------------------------------------------
+    def greedy(self, kind: str, budget: float, start: Sequence[int] | None = None,
+               frozen: frozenset[int] = frozenset()) -> tuple[int, ...] | None:
+        """Least ΔNSR per cost saved until the estimate fits ``budget``; None when it cannot."""
+        picks = list(start) if start is not None else [0] * len(self.layers)
+        cost = self.cost(kind, picks)
+        while cost > budget + 1e-12:
+            best = None
+            for i, opts in enumerate(self.options):
+                if i in frozen:
+                    continue
+                cur = opts[picks[i]]
+                c_cur = self.layer_cost(kind, cur)
+                for j, o in enumerate(opts):
+                    saved = c_cur - self.layer_cost(kind, o)
+                    if saved <= 1e-15:
+                        continue
+                    score = max(o.nsr - cur.nsr, 0.0) / saved
+                    if best is None or score < best[0] - 1e-18:
+                        best = (score, i, j)
+            if best is None:
+                return None
+            _, i, j = best
+            picks[i] = j
+            cost = self.cost(kind, picks)
+        return tuple(picks)
+
+    def refine(self, kind: str, budget: float, picks: Sequence[int], *, iterations: int = 200,
+               seed: int = 0, deadline: float | None = None) -> tuple[int, ...]:
+        """Local search: upgrade one layer (less noise), re-fit the budget greedily, keep improvements."""
+        rng = random.Random(seed)
+        best = tuple(picks)
+        best_nsr = sum(self.options[i][j].nsr for i, j in enumerate(best))
+        for _ in range(iterations):
+            if deadline is not None and time.monotonic() > deadline:
+                break
+            i = rng.randrange(len(self.layers))
+            cur = self.options[i][best[i]]
+            better = [j for j, o in enumerate(self.options[i]) if o.nsr < cur.nsr]
+            if not better:
+                continue
+            trial = list(best)
+            trial[i] = rng.choice(better)
+            fitted = self.greedy(kind, budget, trial, frozen=frozenset({i}))
+            if fitted is None:
+                continue
+            total = sum(self.options[k][j].nsr for k, j in enumerate(fitted))
+            if total < best_nsr - 1e-15:
+                best, best_nsr = fitted, total
+        return best
+
+    def uniform(self, quant: str, rank_fraction: float | None = None) -> tuple[int, ...]:
+        """The option index per layer closest to a uniform setting (for baselines)."""
+        picks = []
+        for lay, opts in zip(self.layers, self.options, strict=True):
+            want = None
+            if rank_fraction is not None and lay.full_rank > 1:
+                want = max(1, math.ceil(rank_fraction * lay.full_rank))
+            idx = next((j for j, o in enumerate(opts) if o.quant == quant and o.rank == want), None)
+            if idx is None:
+                idx = next((j for j, o in enumerate(opts) if o.quant == quant and o.rank is None), 0)
+            picks.append(idx)
+        return tuple(picks)
+
+    def recipe(self, picks: Sequence[int], *, method: str = "mse", calib_samples: int = 256,
+               moment_samples: int = 64) -> dict[str, Any]:
+        """The recipe that builds an assignment (lowrank, then quantize)."""
+        ranks = {lay.key: self.options[i][j].rank for i, (lay, j) in enumerate(zip(self.layers, picks, strict=True))
+                 if self.options[i][j].rank}
+        quant = [self.options[i][j].quant == "int8" for i, j in enumerate(picks)]
+        steps: list[dict[str, Any]] = []
+        if ranks:
+            steps.append({"pass": "lowrank", "ranks": dict(sorted(ranks.items())), "max_samples": moment_samples})
+        if any(quant):
+            exclude = sorted(lay.key for lay, q in zip(self.layers, quant, strict=True) if not q)
+            steps.append({"pass": "quantize", "method": method, "exclude": exclude, "max_samples": calib_samples})
+        if not steps:
+            steps.append({"pass": "cleanup"})
+        return {"version": 1, "steps": steps}
+
+    def describe(self, picks: Sequence[int]) -> dict[str, str]:
+        """``{layer: option label}``."""
+        return {lay.key: self.options[i][j].label for i, (lay, j) in enumerate(zip(self.layers, picks, strict=True))}
+
+
+def pareto_front(points: Sequence[Candidate], kind: str) -> list[Candidate]:
+    """Measured candidates not dominated in (lower ``kind`` cost, higher SQNR), sorted by cost."""
+    done = [c for c in points if c.sqnr_db is not None and c.cost(kind) is not None]
+    front = []
+    for c in done:
+        dominated = any(
+            o is not c and o.cost(kind) <= c.cost(kind) and o.sqnr_db >= c.sqnr_db
+            and (o.cost(kind) < c.cost(kind) or o.sqnr_db > c.sqnr_db)
+            for o in done
+        )
+        if not dominated:
+            front.append(c)
+    return sorted(front, key=lambda c: c.cost(kind))
+
+
+def measure_latency(reference: onnx.ModelProto, candidates: Sequence[onnx.ModelProto],
+                    feed: Mapping[str, np.ndarray], *, repeats: int = 15, threads: int | None = 1) -> list[float]:
+    """Median latency ratio of each candidate to ``reference``, timed in interleaved rounds.
+
+    Every round runs the reference and each candidate once (order rotating), so that the noise
+    of other processes hits all of them; the ratio is of medians over ``repeats`` rounds.
+    """
+    from onnxpress.runtime import make_session
+
+    sessions = [make_session(m, threads=threads, what="model") for m in (reference, *candidates)]
+    names = [[o.name for o in s.get_outputs()] for s in sessions]
+    for s, n in zip(sessions, names, strict=True):
+        for _ in range(2):
+            s.run(n, dict(feed))
+    times: list[list[float]] = [[] for _ in sessions]
+    order = list(range(len(sessions)))
+    for k in range(repeats):
+        rot = order[k % len(order):] + order[:k % len(order)]
+        for idx in rot:
+            t0 = time.perf_counter()
+            sessions[idx].run(names[idx], dict(feed))
+            times[idx].append(time.perf_counter() - t0)
+    ref = float(np.median(times[0]))
+    return [float(np.median(t)) / ref for t in times[1:]]
+
+
+Evaluator = Callable[[Candidate], None]

@@ -1,0 +1,307 @@
+"""Per-layer sensitivity: the output error when only one layer changes, per option.
+
+For every MAC layer ``l`` (Conv/Gemm/MatMul of the cleaned model) and option ``o``::
+
+    M_l,o = M with only layer l rewritten by o        (o ∈ {int8, rank r, ...}; fp32 = M itself)
+    SQNR(l, o) = 10 log10( Σ y² / Σ (y - y_l,o)² )     y = M(x), over the sensitivity samples
+
+    cleaned M ──┬── calibrate once (table) ──► InsertQDQ(only l) ──► run ──► SQNR(l, int8)
+                ├── E[x xᵀ] once (moments) ──► FixedRanks({l: r}) ──► run ──► SQNR(l, rank r)
+                └── sensitivity_scan (onnxpress.prune) ───────────────────► SQNR(group, ratio)
+
+What is shared: one streamed calibration pass per option family (the activation ranges for int8,
+the input second moments for ranks), the reference outputs and the batches read once. What is not:
+each (layer, option) is one run of the candidate model over the sensitivity samples (default 64);
+on the reference CNNs that is a few tens of small runs. Noise is assumed additive across layers
+(``NSR = 10^(-SQNR/10)`` summed), which the search uses as its fidelity estimate and then checks
+by measuring the real candidates.
+
+Results are cached as JSON in ``cache_dir`` under a key of the model's digest, the data's digest
+and the options; the default folder is ``~/.cache/onnxpress`` (never the current folder).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from onnxpress.errors import DataError, OnnxpressError
+from onnxpress.model_io import model_digest
+from onnxpress.passes.flops import count_macs, count_params
+from onnxpress.prune import sqnr_db
+
+__all__ = [
+    "CACHE_VERSION",
+    "LayerInfo",
+    "OptionScore",
+    "SensitivityResult",
+    "analyze_sensitivity",
+    "default_cache_dir",
+    "nsr",
+    "read_feeds",
+    "run_outputs",
+]
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+
+
+def nsr(sqnr: float) -> float:
+    """Noise-to-signal power ratio of an SQNR in dB (0 for +inf)."""
+    return 0.0 if math.isinf(sqnr) and sqnr > 0 else 10.0 ** (-sqnr / 10.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerInfo:
+    """A MAC layer of the cleaned model: name, op, MACs per sample, weight params, full rank."""
+
+    key: str
+    op: str
+    macs: int
+    params: int
+    full_rank: int
+
+
+@dataclasses.dataclass(frozen=True)
+class OptionScore:
+    """Output SQNR when only ``layer`` takes ``option`` (``family`` int8 | rank | prune)."""
+
+    layer: str
+    family: str
+    option: str
+    sqnr_db: float
+    macs_after: int
+    params_after: int
+    rank: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class SensitivityResult:
+    """Layers, per-option scores, and which cache entry they came from."""
+
+    layers: tuple[LayerInfo, ...]
+    scores: tuple[OptionScore, ...]
+    samples: int
+    key: str
+    cached: bool = False
+
+    def score(self, layer: str, family: str, option: str) -> OptionScore | None:
+        """The score of one (layer, family, option), or None when it was not measured."""
+        for s in self.scores:
+            if s.layer == layer and s.family == family and s.option == option:
+                return s
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe record (infinite SQNR as the string "inf")."""
+        def fix(row: dict[str, Any]) -> dict[str, Any]:
+            return {k: ("inf" if isinstance(v, float) and math.isinf(v) else v) for k, v in row.items()}
+
+        return {
+            "version": CACHE_VERSION,
+            "key": self.key,
+            "samples": self.samples,
+            "layers": [dataclasses.asdict(x) for x in self.layers],
+            "scores": [fix(dataclasses.asdict(s)) for s in self.scores],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, cached: bool = True) -> SensitivityResult:
+        """Inverse of :meth:`to_dict`."""
+        def num(v: Any) -> Any:
+            return math.inf if v == "inf" else v
+
+        scores = tuple(OptionScore(**{k: num(v) for k, v in s.items()}) for s in data["scores"])
+        layers = tuple(LayerInfo(**x) for x in data["layers"])
+        return cls(layers, scores, int(data["samples"]), str(data["key"]), cached)
+
+
+def default_cache_dir() -> Path:
+    """``$ONNXPRESS_CACHE`` or ``~/.cache/onnxpress``."""
+    env = os.environ.get("ONNXPRESS_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "onnxpress"
+
+
+def read_feeds(
+    model: onnx.ModelProto, data: object, max_samples: int, batch_size: int = 64
+) -> list[dict[str, np.ndarray]]:
+    """The first ``max_samples`` samples of ``data`` as validated batches (read once, reused)."""
+    from onnxpress.calibration.readers import open_data
+
+    if isinstance(data, list):
+        data = list(data)
+    feeds = list(open_data(data, model, max_samples=max_samples).batches(batch_size))
+    if not feeds:
+        raise DataError("the data yielded no samples; give at least one sample")
+    return feeds
+
+
+def run_outputs(model: onnx.ModelProto, feeds: Sequence[Mapping[str, np.ndarray]]) -> np.ndarray:
+    """Every output of ``model`` over ``feeds``, flattened and concatenated (float64)."""
+    from onnxpress.runtime import make_session
+
+    session = make_session(model, optimization="basic", what="candidate model")
+    names = [o.name for o in session.get_outputs()]
+    parts = [np.asarray(v, dtype=np.float64).ravel() for feed in feeds for v in session.run(names, dict(feed))]
+    return np.concatenate(parts)
+
+
+def _data_digest(feeds: Sequence[Mapping[str, np.ndarray]]) -> str:
+    h = hashlib.sha256()
+    for feed in feeds:
+        for name in sorted(feed):
+            arr = np.ascontiguousarray(feed[name])
+            h.update(name.encode())
+            h.update(str(arr.shape).encode())
+            h.update(arr.tobytes())
+    return h.hexdigest()[:16]
+
+
+def layer_infos(model: onnx.ModelProto) -> list[LayerInfo]:
+    """MAC layers of ``model`` in graph order (Conv/Gemm/MatMul with a constant weight)."""
+    macs = count_macs(model)
+    params = count_params(model)
+    inits = {i.name: tuple(i.dims) for i in model.graph.initializer}
+    out = []
+    for node in model.graph.node:
+        key = node.name or node.output[0]
+        if node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.input) < 2 or node.input[1] not in inits:
+            continue
+        dims = inits[node.input[1]]
+        if node.op_type == "Conv":
+            group = next((a.i for a in node.attribute if a.name == "group"), 1)
+            full = min(dims[0] // max(group, 1), int(np.prod(dims[1:])))
+        else:
+            full = min(dims) if len(dims) == 2 else 0
+        out.append(LayerInfo(key, node.op_type, int(macs.get(key, 0)), int(params.get(key, 0)), int(full)))
+    return out
+
+
+def rank_options(full: int, fractions: Sequence[float], multiple: int = 1) -> list[int]:
+    """Distinct integer ranks ``ceil(f·full)`` rounded up to ``multiple`` and below ``full``."""
+    out = []
+    for f in fractions:
+        r = max(1, math.ceil(f * full))
+        r = min(full, -(-r // multiple) * multiple)
+        if r < full and r not in out:
+            out.append(r)
+    return out
+
+
+def analyze_sensitivity(
+    model: onnx.ModelProto,
+    calib: object,
+    *,
+    rank_fractions: Sequence[float] = (0.5, 0.25),
+    quantize: bool = True,
+    method: str = "mse",
+    max_samples: int = 64,
+    calib_samples: int = 256,
+    moment_samples: int = 64,
+    multiple: int = 1,
+    cache_dir: str | os.PathLike[str] | None = None,
+    progress: bool = False,
+) -> SensitivityResult:
+    """Measure the output SQNR of every (layer, option) with all other layers left as they are.
+
+    Args:
+        model: the *cleaned* model (see :func:`onnxpress.recipe.prepare`); not modified.
+        calib: calibration data (anything ``open_data`` accepts).
+        rank_fractions: rank options as fractions of each layer's full rank.
+        quantize: measure the int8 option.
+        method: calibration method for the int8 option.
+        max_samples: samples the SQNR is measured on.
+        calib_samples: samples for the activation ranges (as the recipe's quantize step uses).
+        moment_samples: samples for the input second moments (data-aware splits).
+        multiple: ranks rounded up to a multiple of this.
+        cache_dir: where results are cached (``None``: :func:`default_cache_dir`); ``False`` disables.
+        progress: progress bar over the candidates.
+
+    Raises:
+        DataError: the data does not fit the model. Errors of calibration and of the passes.
+    """
+    from tqdm.auto import tqdm
+
+    from onnxpress.calibrate import calibrate
+    from onnxpress.lowrank import collect_moments
+    from onnxpress.passes.qdq import InsertQDQ, Selection
+    from onnxpress.pipeline import run_passes
+    from onnxpress.recipe import FixedRanks
+
+    if max_samples < 1:
+        raise OnnxpressError(f"sensitivity needs at least one sample, got max_samples={max_samples}")
+    feeds = read_feeds(model, calib, max_samples)
+    samples = sum(next(iter(f.values())).shape[0] for f in feeds)
+    config = {"ranks": list(rank_fractions), "int8": quantize, "method": method, "calib": calib_samples,
+              "moments": moment_samples, "multiple": multiple, "v": CACHE_VERSION}
+    key = hashlib.sha256(
+        f"{model_digest(model)}|{_data_digest(feeds)}|{json.dumps(config, sort_keys=True)}".encode()
+    ).hexdigest()[:20]
+    cache_file = None
+    if cache_dir is not False:
+        folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        cache_file = folder / f"sensitivity-{key}.json"
+        if cache_file.is_file():
+            try:
+                result = SensitivityResult.from_dict(json.loads(cache_file.read_text()))
+                log.info("sensitivity from cache %s", cache_file)
+                return result
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                log.warning("ignoring unreadable sensitivity cache %s: %s", cache_file, exc)
+
+    layers = layer_infos(model)
+    reference = run_outputs(model, feeds)
+    names = [n.name for n in model.graph.node if n.name]
+    jobs: list[tuple[LayerInfo, str, int | None]] = []
+    for lay in layers:
+        if quantize:
+            jobs.append((lay, "int8", None))
+        if lay.full_rank > 1:
+            jobs.extend((lay, "rank", r) for r in rank_options(lay.full_rank, rank_fractions, multiple))
+    table = moments = None
+    if quantize and layers:
+        table = calibrate(model, calib, method=method, max_samples=calib_samples)
+    if any(fam == "rank" for _, fam, _ in jobs):
+        moments = collect_moments(model, calib, max_samples=moment_samples)
+    scores = []
+    for lay, fam, r in tqdm(jobs, desc="sensitivity", unit="candidate", disable=not progress):
+        if fam == "int8":
+            others = frozenset(n for n in names if n != lay.key)
+            qdq = InsertQDQ(table, exclude=Selection(nodes=others))
+            cand = run_passes(model, [qdq]).model
+            quantized = [d for d in qdq.decisions if d.quantized and d.name == lay.key]
+            if not quantized:
+                log.info("layer %s is not quantized by InsertQDQ; int8 option dropped", lay.key)
+                continue
+            macs_after, params_after, option = lay.macs, lay.params, "int8"
+        else:
+            split = FixedRanks({lay.key: r}, moments={k: v for k, v in (moments or {}).items() if k == lay.key})
+            cand = run_passes(model, [split]).model
+            rep = next((x for x in split.report if x.key == lay.key and x.rank is not None), None)
+            if rep is None:
+                continue
+            macs_after, params_after, option = rep.macs_after, rep.params_after, f"rank{r}"
+        outs = run_outputs(cand, feeds)
+        scores.append(OptionScore(lay.key, fam, option, sqnr_db(reference, outs), int(macs_after),
+                                  int(params_after), r))
+    result = SensitivityResult(tuple(layers), tuple(scores), samples, key)
+    if cache_file is not None:
+        try:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache_file.with_name(cache_file.name + ".tmp")
+            tmp.write_text(json.dumps(result.to_dict(), indent=1))
+            os.replace(tmp, cache_file)
+        except OSError as exc:
+            log.warning("cannot write the sensitivity cache %s: %s", cache_file, exc)
+    return result

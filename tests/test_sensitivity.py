@@ -1,0 +1,116 @@
+"""Per-layer sensitivity: scores per (layer, option), agreement with the recipe-built model, the cache."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxpress.errors import DataError, OnnxpressError
+from onnxpress.prune import sqnr_db
+from onnxpress.recipe import apply_recipe, prepare
+from onnxpress.sensitivity import analyze_sensitivity, nsr, rank_options, read_feeds, run_outputs
+
+
+def tiny_cnn(seed: int = 0) -> onnx.ModelProto:
+    """input[N,1,8,8] -> Conv(8) -> Relu -> Conv(16) -> Relu -> GAP -> Flatten -> Gemm(32) -> Relu -> Gemm(10)."""
+    r = np.random.default_rng(seed)
+
+    def w(*shape: int) -> np.ndarray:
+        return (r.standard_normal(shape) / np.sqrt(np.prod(shape[1:]))).astype(np.float32)
+
+    inits = {
+        "w1": w(8, 1, 3, 3), "b1": np.zeros(8, np.float32) + 0.1,
+        "w2": w(16, 8, 3, 3), "b2": np.zeros(16, np.float32),
+        "w3": w(32, 16), "b3": np.zeros(32, np.float32),
+        "w4": w(10, 32), "b4": np.zeros(10, np.float32),
+    }
+    nodes = [
+        helper.make_node("Conv", ["input", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+        helper.make_node("GlobalAveragePool", ["r2"], ["p"], name="gap"),
+        helper.make_node("Flatten", ["p"], ["f"], name="flat"),
+        helper.make_node("Gemm", ["f", "w3", "b3"], ["g1"], name="fc1", transB=1),
+        helper.make_node("Relu", ["g1"], ["r3"], name="relu3"),
+        helper.make_node("Gemm", ["r3", "w4", "b4"], ["logits"], name="fc2", transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "tiny",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
+        [numpy_helper.from_array(v, k) for k, v in inits.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def tiny_data(path, n: int = 64, seed: int = 1):
+    """An .npz of ``n`` inputs [n,1,8,8] and random labels; returns the path."""
+    r = np.random.default_rng(seed)
+    np.savez(path, input=r.standard_normal((n, 1, 8, 8)).astype(np.float32), labels=r.integers(0, 10, n))
+    return path
+
+
+def test_scores_every_layer_and_option(tmp_path):
+    model = prepare(tiny_cnn())
+    data = tiny_data(tmp_path / "d.npz")
+    sens = analyze_sensitivity(model, data, cache_dir=tmp_path / "cache", max_samples=32)
+    assert [lay.key for lay in sens.layers] == ["conv1", "conv2", "fc1", "fc2"]
+    for lay in sens.layers:
+        q = sens.score(lay.key, "int8", "int8")
+        assert q is not None and 15.0 < q.sqnr_db < math.inf, (lay.key, q)
+    # conv1 has full rank min(8, 9) = 8: ranks 4 and 2; a smaller rank never loses less signal
+    r4, r2 = sens.score("conv1", "rank", "rank4"), sens.score("conv1", "rank", "rank2")
+    assert r4 is not None and r2 is not None and r4.sqnr_db > r2.sqnr_db
+    assert r2.macs_after < r4.macs_after < sens.layers[0].macs
+
+
+def test_rank_score_matches_model_built_by_recipe(tmp_path):
+    """The sensitivity of one split equals the SQNR of the same split built by a recipe, measured independently."""
+    model = prepare(tiny_cnn())
+    data = tiny_data(tmp_path / "d.npz")
+    sens = analyze_sensitivity(model, data, cache_dir=False, max_samples=32, quantize=False)
+    s = sens.score("conv2", "rank", "rank8")
+    built = apply_recipe(model, {"version": 1, "steps": [{"pass": "lowrank", "ranks": {"conv2": 8}}]}, data,
+                         prepared=True)
+    feeds = read_feeds(model, data, 32)
+    assert sqnr_db(run_outputs(model, feeds), run_outputs(built, feeds)) == pytest.approx(s.sqnr_db, abs=1e-6)
+
+
+def test_cache_hit_and_location(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    model = prepare(tiny_cnn())
+    data = tiny_data(tmp_path / "d.npz")
+    first = analyze_sensitivity(model, data, cache_dir=tmp_path / "cache", max_samples=16, rank_fractions=(0.5,))
+    files = list((tmp_path / "cache").glob("sensitivity-*.json"))
+    assert len(files) == 1 and json.loads(files[0].read_text())["key"] == first.key
+    second = analyze_sensitivity(model, data, cache_dir=tmp_path / "cache", max_samples=16, rank_fractions=(0.5,))
+    assert second.cached and not first.cached and second.scores == first.scores
+    other = analyze_sensitivity(prepare(tiny_cnn(seed=3)), data, cache_dir=tmp_path / "cache", max_samples=16,
+                                rank_fractions=(0.5,))
+    assert other.key != first.key and not other.cached
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "d.npz"]  # nothing else in the cwd
+
+
+def test_nsr_and_rank_options():
+    assert nsr(math.inf) == 0.0 and nsr(20.0) == pytest.approx(0.01)
+    assert rank_options(16, (0.5, 0.25)) == [8, 4]
+    assert rank_options(16, (0.5, 0.25), multiple=8) == [8]
+    assert rank_options(2, (0.5, 0.25)) == [1]
+
+
+def test_bad_data_and_samples(tmp_path):
+    model = prepare(tiny_cnn())
+    np.savez(tmp_path / "bad.npz", x=np.zeros((4, 1, 8, 8), np.float32))
+    with pytest.raises(DataError):
+        analyze_sensitivity(model, tmp_path / "bad.npz", cache_dir=False)
+    with pytest.raises(OnnxpressError, match="at least one sample"):
+        analyze_sensitivity(model, tiny_data(tmp_path / "d.npz"), cache_dir=False, max_samples=0)

@@ -25,6 +25,7 @@ from onnxpress.errors import (
 from onnxpress.finetune import FinetuneResult, finetune
 from onnxpress.lowrank import LowRankResult, lowrank
 from onnxpress.model_io import load_model, normalize_model, save_model
+from onnxpress.optimize import OptimizeResult, optimize
 from onnxpress.pipeline import run_passes
 from onnxpress.prune import PruneResult, prune, sensitivity_scan
 from onnxpress.quantize import QuantizeResult, quantize
@@ -39,6 +40,7 @@ __all__ = [
     "LowRankResult",
     "ModelLoadError",
     "OnnxpressError",
+    "OptimizeResult",
     "OutputError",
     "PassError",
     "PruneResult",
@@ -56,6 +58,7 @@ __all__ = [
     "load_model",
     "lowrank",
     "normalize_model",
+    "optimize",
     "prune",
     "quantize",
     "run_passes",

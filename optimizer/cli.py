@@ -23,6 +23,7 @@ _COMMANDS: tuple[str, ...] = (
     "onnxpress.commands.cleanup",
     "onnxpress.commands.finetune",
     "onnxpress.commands.lowrank",
+    "onnxpress.commands.optimize",
     "onnxpress.commands.prune",
     "onnxpress.commands.quantize",
     "onnxpress.commands.validate",

@@ -11,6 +11,9 @@ operation we record one outcome:
   must then give a clean error or a model that fails in onnxruntime exactly as the original did.
 - ``ort_deviates``: onnxruntime's own output of the original misses the expected values; the
   result is then compared with onnxruntime's output of the original instead.
+- ``broken``: a typed error that admits a bug of ours rather than declining cleanly: a
+  :class:`~onnxpress.errors.PassError` (a pass failed unexpectedly) or our own result failing
+  ``onnx.checker``.
 - ``mismatch`` / ``crash`` / ``hang``: failures.
 
 Operations (:data:`OPERATIONS`): ``cleanup`` (constant and BatchNorm folding), ``prune`` (zero-only,
@@ -40,9 +43,10 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import onnx
 
-from onnxpress.errors import OnnxpressError
+from onnxpress.errors import OnnxpressError, PassError
 
-FAILURES = ("mismatch", "crash", "hang")
+FAILURES = ("broken", "mismatch", "crash", "hang")
+OUTCOMES = ("passed", "rejected", "ort_unsupported", "ort_deviates", *FAILURES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,9 +149,10 @@ def within_quant_bound(actual, reference, min_db: float = QUANT_SQNR_DB) -> bool
         if a.shape != r.shape or a.dtype != r.dtype:
             return False
         if a.dtype.kind == "f":
-            if not (np.isfinite(a) == np.isfinite(r)).all() or not np.array_equal(a[~np.isfinite(a)], r[~np.isfinite(r)]):
-                return False
-            if sqnr_db(a[np.isfinite(a)], r[np.isfinite(r)]) < min_db:
+            finite = np.isfinite(r)
+            if not np.array_equal(np.isfinite(a), finite) or not np.array_equal(a[~finite], r[~finite]):
+                return False  # inf/NaN where the reference has them, and only there
+            if sqnr_db(a[finite], r[finite]) < min_db:
                 return False
         elif not np.array_equal(a, r):
             return False
@@ -185,7 +190,10 @@ def run_case(case, operation: Operation, *, timeout: int = 30, bound: Callable |
     except TimeoutError:
         return Outcome(name, op, "hang")
     except OnnxpressError as exc:
-        return Outcome(name, op, "ort_unsupported" if not ort_ok else "rejected", str(exc)[:160])
+        msg = str(exc)
+        if isinstance(exc, PassError) or ("fails onnx.checker" in msg and not msg.startswith("the given")):
+            return Outcome(name, op, "broken", f"{type(exc).__name__}: {msg[:200]}")
+        return Outcome(name, op, "ort_unsupported" if not ort_ok else "rejected", msg[:160])
     except Exception as exc:
         return Outcome(name, op, "crash", f"{type(exc).__name__}: {str(exc)[:160]}")
     try:

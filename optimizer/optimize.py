@@ -27,7 +27,7 @@ from onnxpress.errors import DataError, OnnxpressError
 from onnxpress.model_io import ModelSource, check_output_path, load_model, save_model
 from onnxpress.passes.flops import count_macs
 from onnxpress.prune import sqnr_db
-from onnxpress.recipe import apply_recipe, load_recipe, prepare, save_recipe
+from onnxpress.recipe import apply_recipe, load_recipe, prepare, save_recipe, validate_recipe
 from onnxpress.search import Budget, Candidate, SearchSpace, measure_latency, pareto_front, parse_budget
 from onnxpress.sensitivity import SensitivityResult, analyze_sensitivity, read_feeds, run_outputs
 
@@ -240,14 +240,12 @@ def optimize(
         seen: set[tuple[int, ...]] = set()
         batch = [c for c in batch if not (c.picks in seen or seen.add(c.picks))][:shortlist]
         evaluate(batch)
-        if bud.kind != "latency":
-            break
         best = batch[0]
-        est = space.cost("latency", best.picks)
-        if best.latency_ratio is None or best.latency_ratio <= bud.value or est <= 0:
+        est, measured = space.cost(bud.kind, best.picks), best.cost(bud.kind)
+        if measured is None or measured <= bud.value or est <= 0:
             break
-        space.latency_scale *= best.latency_ratio / est  # the estimate was optimistic: correct and retry
-        log.info("latency estimate corrected by %.3f (measured %.3f)", best.latency_ratio / est, best.latency_ratio)
+        space.scale[bud.kind] *= measured / est  # the estimate was optimistic: correct it and search again
+        log.info("%s estimate corrected by %.3f (measured %.3f)", bud.kind, measured / est, measured)
 
     def ok(c: Candidate) -> bool:
         cost = c.cost(bud.kind)
@@ -270,7 +268,7 @@ def optimize(
                     bud.kind, bud.value, f" and max-drop {max_drop}" if max_drop is not None else "")
     built = ev.models[chosen.picks]
     save_model(built, out)
-    recipe_out = dict(chosen.recipe)
+    recipe_out = validate_recipe(chosen.recipe)  # every default written out
     path = save_recipe(recipe_out, _recipe_path(out))
     result = OptimizeResult(
         built, out, recipe_out, path, chosen, candidates, pareto_front(candidates, bud.kind), bud,

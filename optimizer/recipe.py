@@ -61,11 +61,11 @@ def _bad(where: str, what: str) -> OnnxpressError:
     return OnnxpressError(f"recipe {where}: {what}")
 
 
-def _check_fraction_map(where: str, value: Any, *, upper: float = 1.0) -> None:
+def _check_fraction_map(where: str, value: Any) -> None:
     items = value.items() if isinstance(value, Mapping) else [("*", value)]
     for name, r in items:
-        if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 <= float(r) < upper:
-            raise _bad(where, f"ratio for {name!r} must be a number in [0, {upper}), got {r!r}")
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 <= float(r) < 1.0:
+            raise _bad(where, f"ratio for {name!r} must be a number in [0, 1), got {r!r}")
 
 
 def validate_recipe(recipe: Mapping[str, Any]) -> dict[str, Any]:

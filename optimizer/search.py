@@ -5,10 +5,11 @@ The search solves, approximately::
 
     max  fidelity(o)          fidelity ≈ -10 log10 Σ_l [NSR_l(q_l) + NSR_l(r_l)]   (additive noise)
     s.t. cost(o) ≤ budget     cost: flops  = Σ MACs_l(r) / Σ MACs_l
-                                    size   = (other bytes + Σ params_l(r)·(1 if int8 else 4)) / bytes
-                                    latency = k · Σ MACs_l(r)·(ρ if int8 else 1) / Σ MACs_l,
-                                              ρ = measured latency ratio of the all-int8 model,
-                                              k = measured / estimated, updated from shortlisted candidates
+                                    size   = 1 + Σ Δbytes_l(o) / bytes    (Δ measured per option alone)
+                                    latency = Σ MACs_l(r)·(ρ if int8 else 1) / Σ MACs_l,
+                                              ρ = measured latency ratio of the all-int8 model
+                              each times k = measured / estimated, updated from built candidates
+                              (QDQ nodes add bytes, non-MAC ops take time: the estimates are optimistic)
 
     1. greedy: from all-fp32, repeatedly take the move with the least ΔNSR per unit of cost saved
     2. local search: upgrade one layer, re-fit the budget greedily, keep if the estimate improves
@@ -82,6 +83,7 @@ class LayerChoice:
     nsr: float
     macs: int
     params: int
+    bytes_delta: float = 0.0
 
     @property
     def label(self) -> str:
@@ -125,36 +127,36 @@ class SearchSpace:
         self.layers = [lay for lay in sens.layers if lay.macs > 0 or lay.params > 0]
         self.total_macs = max(sum(lay.macs for lay in self.layers), 1)
         self.model_bytes = model_bytes
-        self.other_bytes = max(model_bytes - 4 * sum(lay.params for lay in self.layers), 0)
         self.rho = int8_latency
-        self.latency_scale = 1.0
+        self.scale = dict.fromkeys(BUDGET_KINDS, 1.0)  # measured / estimated, updated from built candidates
         self.options: list[list[LayerChoice]] = []
         for lay in self.layers:
             q = sens.score(lay.key, "int8", "int8") if quantize else None
             ranks = [s for s in sens.scores if s.layer == lay.key and s.family == "rank"]
             opts = [LayerChoice("fp32", None, 0.0, lay.macs, lay.params)]
             if q is not None:
-                opts.append(LayerChoice("int8", None, nsr(q.sqnr_db), lay.macs, lay.params))
+                opts.append(LayerChoice("int8", None, nsr(q.sqnr_db), lay.macs, lay.params, q.bytes_delta))
             for s in ranks:
-                opts.append(LayerChoice("fp32", s.rank, nsr(s.sqnr_db), s.macs_after, s.params_after))
-                if q is not None:
+                opts.append(LayerChoice("fp32", s.rank, nsr(s.sqnr_db), s.macs_after, s.params_after, s.bytes_delta))
+                if q is not None:  # int8 of the factors: the layer's int8 saving scaled by the params kept
+                    shrink = s.params_after / max(lay.params, 1)
                     opts.append(LayerChoice("int8", s.rank, nsr(s.sqnr_db) + nsr(q.sqnr_db), s.macs_after,
-                                            s.params_after))
+                                            s.params_after, s.bytes_delta + q.bytes_delta * shrink))
             self.options.append(opts)
 
     # -- estimates -------------------------------------------------------------------------
     def layer_cost(self, kind: str, c: LayerChoice) -> float:
-        """This layer's share of the ``kind`` cost ratio."""
+        """This layer's share of the ``kind`` cost ratio (before the measured correction)."""
         if kind == "flops":
             return c.macs / self.total_macs
         if kind == "size":
-            return c.params * (1 if c.quant == "int8" else 4) / self.model_bytes
-        return self.latency_scale * c.macs * (self.rho if c.quant == "int8" else 1.0) / self.total_macs
+            return c.bytes_delta / self.model_bytes
+        return c.macs * (self.rho if c.quant == "int8" else 1.0) / self.total_macs
 
     def cost(self, kind: str, picks: Sequence[int]) -> float:
         """Estimated ``kind`` ratio of an assignment."""
-        base = self.other_bytes / self.model_bytes if kind == "size" else 0.0
-        return base + sum(self.layer_cost(kind, self.options[i][j]) for i, j in enumerate(picks))
+        base = 1.0 if kind == "size" else 0.0
+        return self.scale[kind] * (base + sum(self.layer_cost(kind, self.options[i][j]) for i, j in enumerate(picks)))
 
     def est_sqnr(self, picks: Sequence[int]) -> float:
         """Estimated output SQNR (dB) from the summed per-layer noise."""
@@ -180,7 +182,7 @@ class SearchSpace:
                 cur = opts[picks[i]]
                 c_cur = self.layer_cost(kind, cur)
                 for j, o in enumerate(opts):
-                    saved = c_cur - self.layer_cost(kind, o)
+                    saved = self.scale[kind] * (c_cur - self.layer_cost(kind, o))
                     if saved <= 1e-15:
                         continue
                     score = max(o.nsr - cur.nsr, 0.0) / saved

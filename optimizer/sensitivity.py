@@ -54,7 +54,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 def nsr(sqnr: float) -> float:
@@ -84,6 +84,7 @@ class OptionScore:
     macs_after: int
     params_after: int
     rank: int | None = None
+    bytes_delta: int = 0  # serialized bytes of the one-layer candidate minus the model's (QDQ/factor overhead incl.)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -294,7 +295,7 @@ def analyze_sensitivity(
             macs_after, params_after, option = rep.macs_after, rep.params_after, f"rank{r}"
         outs = run_outputs(cand, feeds)
         scores.append(OptionScore(lay.key, fam, option, sqnr_db(reference, outs), int(macs_after),
-                                  int(params_after), r))
+                                  int(params_after), r, cand.ByteSize() - model.ByteSize()))
     result = SensitivityResult(tuple(layers), tuple(scores), samples, key)
     if cache_file is not None:
         try:

@@ -1,0 +1,85 @@
+"""optimize end to end on a tiny CNN: recipe reproduces bytes, CLI, errors, time limit, max-drop."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from onnxpress.cli import main
+from onnxpress.errors import OnnxpressError
+from onnxpress.optimize import optimize
+from tests.test_sensitivity import tiny_cnn, tiny_data
+
+
+@pytest.fixture
+def setup(tmp_path):
+    import onnx
+
+    onnx.save(tiny_cnn(), tmp_path / "m.onnx")
+    return tmp_path / "m.onnx", tiny_data(tmp_path / "d.npz"), tmp_path
+
+
+def test_recipe_written_by_the_search_reproduces_the_model_byte_for_byte(setup):
+    model, data, tmp = setup
+    res = optimize(model, tmp / "a.onnx", calib=data, budget="flops=0.6", cache_dir=tmp / "c", eval_samples=32,
+                   sensitivity_samples=16)
+    assert any(step["pass"] == "lowrank" for step in res.recipe["steps"])  # the search split something
+    again = optimize(model, tmp / "b.onnx", calib=data, recipe=res.recipe_path, eval_samples=32)
+    assert (tmp / "a.onnx").read_bytes() == (tmp / "b.onnx").read_bytes()
+    assert again.chosen.sqnr_db == pytest.approx(res.chosen.sqnr_db)
+    assert json.loads(res.recipe_path.read_text())["steps"] == res.recipe["steps"]
+
+
+def test_cli_search_and_recipe(setup, capsys):
+    model, data, tmp = setup
+    before = model.read_bytes()
+    rc = main(["optimize", str(model), "-o", str(tmp / "o.onnx"), "--calib", str(data), "--budget", "flops=0.7",
+               "--cache-dir", str(tmp / "c"), "-q"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "uniform int8" in out and (tmp / "o.recipe.json").is_file()
+    assert model.read_bytes() == before
+    rc = main(["optimize", str(model), "-o", str(tmp / "r.onnx"), "--calib", str(data), "--recipe",
+               str(tmp / "o.recipe.json"), "-q"])
+    assert rc == 0 and (tmp / "r.onnx").read_bytes() == (tmp / "o.onnx").read_bytes()
+
+
+@pytest.mark.parametrize(("extra", "match"), [
+    (["--budget", "speed=0.3"], "budget kind"),
+    (["--max-drop", "1"], "needs labels"),
+    (["--finetune"], "finetune"),
+])
+def test_cli_errors_are_one_line(setup, capsys, extra, match):
+    model, data, tmp = setup
+    rc = main(["optimize", str(model), "-o", str(tmp / "o.onnx"), "--calib", str(data), "-q", *extra])
+    err = capsys.readouterr().err
+    assert rc == 2 and match in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_bad_recipe_file(setup):
+    model, data, tmp = setup
+    (tmp / "r.json").write_text(json.dumps({"version": 1, "steps": [{"pass": "nope"}]}))
+    with pytest.raises(OnnxpressError, match="unknown pass 'nope'"):
+        optimize(model, tmp / "o.onnx", calib=data, recipe=tmp / "r.json")
+    assert not (tmp / "o.onnx").exists()
+
+
+def test_time_limit_still_writes_the_best_so_far(setup):
+    model, data, tmp = setup
+    res = optimize(model, tmp / "o.onnx", calib=data, budget="flops=0.6", time_limit=1e-6, cache_dir=tmp / "c",
+                   eval_samples=16, sensitivity_samples=16)
+    assert res.timed_out and (tmp / "o.onnx").is_file() and len(res.candidates) >= 1
+
+
+def test_max_drop_with_labels(setup):
+    model, data, tmp = setup
+    labels = np.load(data)["labels"][:32]
+    res = optimize(model, tmp / "o.onnx", calib=data, labels=labels, max_drop=0.0, budget="flops=0.8",
+                   cache_dir=tmp / "c", eval_samples=32, sensitivity_samples=16)
+    assert res.reference_accuracy is not None
+    for c in res.candidates:
+        drop = (res.reference_accuracy - c.accuracy) * 100
+        assert c.feasible == (c.flops_ratio <= 0.8 + 1e-9 and drop <= 1e-9)
+    if res.feasible:
+        assert res.chosen.accuracy >= res.reference_accuracy

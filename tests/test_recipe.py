@@ -1,0 +1,99 @@
+"""Recipes: validation errors, JSON round trip, deterministic application, float factors of excluded layers."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from onnxpress.errors import OnnxpressError
+from onnxpress.prune import sqnr_db
+from onnxpress.recipe import apply_recipe, load_recipe, prepare, save_recipe, validate_recipe
+from onnxpress.sensitivity import read_feeds, run_outputs
+from tests.test_sensitivity import tiny_cnn, tiny_data
+
+RECIPE = {"version": 1, "steps": [
+    {"pass": "lowrank", "ranks": {"conv2": 8, "fc1": 8}},
+    {"pass": "quantize", "method": "minmax", "exclude": ["conv2"], "max_samples": 32},
+]}
+
+
+@pytest.mark.parametrize(("recipe", "match"), [
+    ([], "JSON object"),
+    ({"version": 2, "steps": [{"pass": "cleanup"}]}, "version must be 1"),
+    ({"version": 1, "steps": []}, "non-empty list"),
+    ({"version": 1, "steps": [{"pass": "sparsify"}]}, "unknown pass 'sparsify'"),
+    ({"version": 1, "steps": [{"pass": "lowrank", "ranks": {"a": 0}}]}, "integer >= 1"),
+    ({"version": 1, "steps": [{"pass": "lowrank"}]}, "needs 'ranks'"),
+    ({"version": 1, "steps": [{"pass": "prune", "ratio": 1.5}]}, r"in \[0, 1\)"),
+    ({"version": 1, "steps": [{"pass": "quantize", "method": "best"}]}, "method must be"),
+    ({"version": 1, "steps": [{"pass": "quantize", "bits": 4}]}, "unknown keys"),
+    ({"version": 1, "steps": [{"pass": "quantize", "exclude": "conv1"}]}, "list of layer names"),
+    ({"version": 1, "steps": [{"pass": "quantize", "max_samples": 0}]}, "max_samples"),
+    ({"version": 1, "steps": [{"pass": "cleanup"}], "extra": 1}, "unknown top-level"),
+])
+def test_invalid_recipes_are_named(recipe, match):
+    with pytest.raises(OnnxpressError, match=match):
+        validate_recipe(recipe)
+
+
+def test_file_round_trip_and_bad_files(tmp_path):
+    path = save_recipe(RECIPE, tmp_path / "r.json")
+    loaded = load_recipe(path)
+    assert loaded == validate_recipe(RECIPE) and loaded["steps"][0]["max_samples"] == 64  # defaults filled in
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(OnnxpressError, match="not valid JSON"):
+        load_recipe(tmp_path / "bad.json")
+    with pytest.raises(OnnxpressError, match="cannot read recipe"):
+        load_recipe(tmp_path / "missing.json")
+
+
+def test_apply_is_deterministic_and_never_modifies_input(tmp_path):
+    model = tiny_cnn()
+    before = model.SerializeToString()
+    data = tiny_data(tmp_path / "d.npz")
+    a = apply_recipe(model, RECIPE, data).SerializeToString()
+    b = apply_recipe(model, json.loads(json.dumps(RECIPE)), data).SerializeToString()
+    assert a == b
+    assert model.SerializeToString() == before
+
+
+def test_excluded_split_layer_stays_float(tmp_path):
+    data = tiny_data(tmp_path / "d.npz")
+    out = apply_recipe(tiny_cnn(), RECIPE, data)
+    dq_outputs = {o for n in out.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    by_name = {n.name: n for n in out.graph.node}
+    factors = [n for n, node in by_name.items() if n.startswith("conv2") and node.op_type == "Conv"]
+    assert sorted(factors) == ["conv2", "conv2_lowrank_conv"]
+    for name in factors:  # float weights: not produced by DequantizeLinear
+        assert by_name[name].input[1] not in dq_outputs
+    quantized = [n for n, node in by_name.items() if n.startswith("fc1") and node.op_type == "Gemm"]
+    assert len(quantized) == 2 and all(by_name[n].input[1] in dq_outputs for n in quantized)
+
+
+def test_full_rank_is_exact_and_low_rank_is_bounded(tmp_path):
+    data = tiny_data(tmp_path / "d.npz")
+    model = prepare(tiny_cnn())
+    feeds = read_feeds(model, data, 64)
+    ref = run_outputs(model, feeds)
+    same = apply_recipe(model, {"version": 1, "steps": [{"pass": "lowrank", "ranks": {"conv2": 72}}]}, data,
+                        prepared=True)
+    np.testing.assert_allclose(run_outputs(same, feeds), ref, atol=1e-5)
+    half = apply_recipe(model, {"version": 1, "steps": [{"pass": "lowrank", "ranks": {"fc1": 8}}]}, data,
+                        prepared=True)
+    assert 5.0 < sqnr_db(ref, run_outputs(half, feeds)) < 200.0
+
+
+def test_quantize_step_needs_calibration_data():
+    with pytest.raises(OnnxpressError, match="needs calibration data"):
+        apply_recipe(tiny_cnn(), {"version": 1, "steps": [{"pass": "quantize"}]})
+
+
+def test_prune_step_keeps_a_working_model(tmp_path):
+    data = tiny_data(tmp_path / "d.npz")
+    model = prepare(tiny_cnn())
+    pruned = apply_recipe(model, {"version": 1, "steps": [{"pass": "prune", "ratio": 0.25}]}, data, prepared=True)
+    feeds = read_feeds(model, data, 16)
+    assert run_outputs(pruned, feeds).shape == run_outputs(model, feeds).shape
+    assert pruned.ByteSize() < model.ByteSize()

@@ -1,0 +1,32 @@
+"""The optimize report: report.md, report.json and every PNG, written only inside the report folder."""
+
+from __future__ import annotations
+
+import json
+
+from onnxpress.optimize import optimize
+from onnxpress.report import IMAGES
+from tests.test_sensitivity import tiny_cnn, tiny_data
+
+
+def test_report_has_all_images_and_records(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    data = tiny_data(tmp_path / "d.npz")
+    (tmp_path / "out").mkdir()
+    res = optimize(tiny_cnn(), tmp_path / "out" / "m.onnx", calib=data, budget="flops=0.6", report=tmp_path / "rep",
+                   cache_dir=tmp_path / "c", eval_samples=32, sensitivity_samples=16)
+    rep = tmp_path / "rep"
+    assert sorted(p.name for p in rep.iterdir()) == sorted([*IMAGES, "report.json", "report.md"])
+    for name in IMAGES:
+        blob = (rep / name).read_bytes()
+        assert blob.startswith(b"\x89PNG\r\n\x1a\n") and len(blob) > 5000, name
+    md = (rep / "report.md").read_text()
+    assert all(f"]({name})" in md for name in IMAGES) and "Before / after" in md
+    record = json.loads((rep / "report.json").read_text())
+    assert record["budget"] == {"kind": "flops", "value": 0.6}
+    assert record["recipe"] == res.recipe and record["images"] == list(IMAGES)
+    assert record["chosen"]["flops_ratio"] <= 0.6 and record["histograms"]
+    # the before/after table comes from onnxpress.validate on the same samples (full ORT optimisations)
+    assert abs(record["validation"]["outputs"][0]["sqnr_db"] - record["chosen"]["sqnr_db"]) < 0.5
+    assert len(record["sensitivity"]["scores"]) == len(res.sensitivity.scores)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "d.npz", "out", "rep"]  # nothing in the cwd

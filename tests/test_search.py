@@ -1,0 +1,82 @@
+"""Search: budget parsing, the estimate-driven greedy, the Pareto front, and measured budgets on a tiny CNN."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from onnxpress.errors import OnnxpressError
+from onnxpress.optimize import optimize
+from onnxpress.recipe import prepare
+from onnxpress.search import Budget, Candidate, SearchSpace, pareto_front, parse_budget
+from onnxpress.sensitivity import LayerInfo, OptionScore, SensitivityResult
+from tests.test_sensitivity import tiny_cnn, tiny_data
+
+
+def _sens() -> SensitivityResult:
+    """Two layers: A (big, robust) and B (small, sensitive)."""
+    layers = (LayerInfo("A", "Conv", 1000, 400, 20), LayerInfo("B", "Conv", 100, 100, 10))
+    scores = (
+        OptionScore("A", "int8", "int8", 40.0, 1000, 400, None, -1200),
+        OptionScore("A", "rank", "rank10", 30.0, 500, 200, 10, -800),
+        OptionScore("B", "int8", "int8", 20.0, 100, 100, None, -300),
+        OptionScore("B", "rank", "rank5", 10.0, 50, 50, 5, -200),
+    )
+    return SensitivityResult(layers, scores, 8, "k")
+
+
+def test_parse_budget():
+    assert parse_budget("latency=0.3") == Budget("latency", 0.3)
+    for bad, match in [("speed=0.5", "budget kind"), ("size", "look like"), ("flops=x", "not a number"),
+                       ("size=0", r"fraction in \(0, 1\]"), ("size=1.5", "fraction")]:
+        with pytest.raises(OnnxpressError, match=match):
+            parse_budget(bad)
+
+
+def test_greedy_meets_the_estimated_budget_with_least_noise():
+    space = SearchSpace(_sens(), model_bytes=2000)
+    picks = space.greedy("flops", 0.6)
+    assert space.cost("flops", picks) <= 0.6
+    # only splitting A reaches 0.6 (550/1100 = 0.5); B's split alone saves too little
+    assert space.describe(picks)["A"].endswith("+r10") and "r5" not in space.describe(picks)["B"]
+    assert space.greedy("flops", 0.01) is None  # cannot be met
+    size = space.greedy("size", 0.5)  # bytes 2000 - 1200 = 800 with A int8 (NSR 1e-4): 0.4
+    assert space.cost("size", size) <= 0.5
+    assert space.describe(size) == {"A": "int8", "B": "fp32"}
+
+
+def test_refine_never_worsens_and_respects_budget():
+    space = SearchSpace(_sens(), model_bytes=2000)
+    start = space.greedy("size", 0.4)
+    refined = space.refine("size", 0.4, start, iterations=50)
+    assert space.cost("size", refined) <= 0.4 + 1e-12
+    assert space.est_sqnr(refined) >= space.est_sqnr(start)
+
+
+def test_pareto_front():
+    pts = [Candidate((i,), 0, 0, sqnr_db=s, flops_ratio=c) for i, (c, s) in
+           enumerate([(0.5, 20.0), (0.6, 18.0), (0.7, 30.0), (0.4, 10.0), (0.7, 25.0)])]
+    front = pareto_front(pts, "flops")
+    assert [(c.flops_ratio, c.sqnr_db) for c in front] == [(0.4, 10.0), (0.5, 20.0), (0.7, 30.0)]
+
+
+@pytest.mark.parametrize("budget", ["flops=0.6", "size=0.6"])
+def test_search_respects_a_measured_budget(tmp_path, budget):
+    data = tiny_data(tmp_path / "d.npz")
+    res = optimize(tiny_cnn(), tmp_path / "out.onnx", calib=data, budget=budget, cache_dir=tmp_path / "c",
+                   eval_samples=32, sensitivity_samples=16)
+    kind, value = budget.split("=")
+    assert res.feasible and res.chosen.cost(kind) <= float(value)
+    assert all(c.feasible == (c.cost(kind) <= float(value) + 1e-9) for c in res.candidates)
+    # the chosen one is the best measured SQNR among those within the budget
+    assert res.chosen.sqnr_db == max(c.sqnr_db for c in res.candidates if c.feasible)
+    assert (tmp_path / "out.onnx").is_file() and res.recipe_path.is_file()
+    assert res.pareto and all(math.isfinite(c.sqnr_db) for c in res.pareto)
+
+
+def test_uniform_baseline_is_all_int8():
+    space = SearchSpace(_sens(), model_bytes=2000)
+    assert set(space.describe(space.uniform("int8")).values()) == {"int8"}
+    assert space.describe(space.uniform("int8", 0.5)) == {"A": "int8+r10", "B": "int8+r5"}
+    assert prepare(tiny_cnn()) is not None

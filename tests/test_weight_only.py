@@ -59,7 +59,7 @@ def test_pack_layout_low_nibble_first() -> None:
 def test_matmulnbits_matches_dequantized_weights() -> None:
     """onnxruntime's MatMulNBits output equals X @ dequantized weights (~1e-5), Gemm alpha/beta/transB kept."""
     model = mlp()
-    res = run_passes(model, [QuantizeWeightsInt4(block_size=16)])
+    res = run_passes(model, [QuantizeWeightsInt4(block_size=16, int8_below=0)])
     q = res.model
     onnx.checker.check_model(q, full_check=True)
     assert [n.op_type for n in q.graph.node] == ["MatMulNBits", "MatMulNBits", "Add"]
@@ -126,8 +126,29 @@ def test_short_weights_use_a_smaller_block() -> None:
     r = rng(9)
     model = make_model([helper.make_node("MatMul", ["X", "W"], ["Y"])], [("X", ["N", 16])], [("Y", ["N", 32])],
                        {"W": r.standard_normal((16, 32)).astype(np.float32)})  # fmt: skip
-    q = run_passes(model, [QuantizeWeightsInt4(block_size=64)]).model
+    q = run_passes(model, [QuantizeWeightsInt4(block_size=64, int8_below=0)]).model
     node = q.graph.node[0]
     assert {a.name: a.i for a in node.attribute}["block_size"] == 16
     packed = next(i for i in q.graph.initializer if i.data_type == onnx.TensorProto.UINT8)
     assert list(packed.dims) == [32, 1, 8]
+
+
+def test_small_weights_get_int8_per_channel() -> None:
+    """Weights under int8_below elements: int8 per output channel + DequantizeLinear, error <= s/2."""
+    model = mlp()  # W 40x24 (960) and Wg 10x24 (240): both small
+    res = run_passes(model, [QuantizeWeightsInt4(int8_below=1000, constants_int8_min_size=None)])
+    assert res.stats["quantize_weights_int4.weights_int8"] == 2
+    assert [n.op_type for n in res.model.graph.node].count("DequantizeLinear") == 2
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    x = rng(5).standard_normal((7, 40)).astype(np.float32)
+    from onnxpress.passes.qdq import dequantize_array, quantize_array, weight_qparams
+
+    w1 = inits["W"]
+    q1 = weight_qparams(w1, 1)
+    w1d = dequantize_array(quantize_array(w1, q1), q1)
+    assert np.all(np.abs(w1d - w1) <= q1.scale / 2 * (1 + 1e-6))
+    wg = inits["Wg"]
+    qg = weight_qparams(wg, 0)  # Gemm transB=1: output channels are rows
+    wgd = dequantize_array(quantize_array(wg, qg), qg)
+    expect = 0.5 * (x @ w1d) @ wgd.T + 2.0 * inits["C"]
+    np.testing.assert_allclose(run(res.model, {"X": x})[0], expect, rtol=1e-5, atol=1e-4)

@@ -81,10 +81,64 @@ def dequantize_blocks(q: np.ndarray, scale: np.ndarray, k: int) -> np.ndarray:
     return (q.reshape(nb, block, n).astype(np.float32) * scale[:, None, :]).reshape(-1, n)[:k]
 
 
+def quantize_blocks_asym(
+    w: np.ndarray, block_size: int, *, search: bool = True
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Blockwise asymmetric uint4 of ``w[K, N]`` along K: ``w ~ s (q - z)``, q, z in [0, 15].
+
+    Per block ``[lo, hi] = [min(w, 0), max(w, 0)]`` shrunk by the factor (same grid as the
+    symmetric search) that minimises the block's squared error; ``s = (hi - lo) / 15``,
+    ``z = round(-lo / s)``.
+
+    Returns:
+        ``q`` uint8 [K_pad, N], ``scale`` float32 [K_pad / block_size, N], ``zero`` uint8 (same shape).
+    """
+    k, n = w.shape
+    nb = -(-k // block_size)
+    padded = np.zeros((nb * block_size, n), np.float32)
+    padded[:k] = w
+    blocks = padded.reshape(nb, block_size, n)
+    lo0 = np.minimum(blocks.min(axis=1), 0.0)
+    hi0 = np.maximum(blocks.max(axis=1), 0.0)
+    best_err = np.full(lo0.shape, np.inf, np.float64)
+    best_s = np.ones(lo0.shape, np.float32)
+    best_z = np.zeros(lo0.shape, np.float32)
+    for f in _GRID if search else [np.float32(1.0)]:
+        lo, hi = lo0 * f, hi0 * f
+        s = np.where(hi - lo > 0, (hi - lo) / 15.0, 1.0).astype(np.float32)
+        z = np.clip(np.rint(-lo / s), 0, 15)
+        q = np.clip(np.rint(blocks / s[:, None, :]) + z[:, None, :], 0, 15)
+        err = (((q - z[:, None, :]) * s[:, None, :] - blocks) ** 2).sum(axis=1)
+        better = err < best_err
+        best_err = np.where(better, err, best_err)
+        best_s = np.where(better, s, best_s)
+        best_z = np.where(better, z, best_z)
+    q = np.clip(np.rint(blocks / best_s[:, None, :]) + best_z[:, None, :], 0, 15).astype(np.uint8)
+    return q.reshape(nb * block_size, n), best_s.astype(np.float32), best_z.astype(np.uint8)
+
+
+def dequantize_blocks_asym(q: np.ndarray, scale: np.ndarray, zero: np.ndarray, k: int) -> np.ndarray:
+    """Inverse of :func:`quantize_blocks_asym`, cut back to ``k`` rows."""
+    nb, n = scale.shape
+    block = q.shape[0] // nb
+    centred = q.reshape(nb, block, n).astype(np.float32) - zero[:, None, :].astype(np.float32)
+    return (centred * scale[:, None, :]).reshape(-1, n)[:k]
+
+
+def _pack_zero_points(zero: np.ndarray) -> np.ndarray:
+    """MatMulNBits zero points: uint8 [N * ceil(blocks / 2)], two blocks per byte, low nibble first."""
+    nb, n = zero.shape
+    z = zero.T  # [N, nb]
+    if nb % 2:
+        z = np.concatenate([z, np.zeros((n, 1), np.uint8)], axis=1)
+    return np.ascontiguousarray((z[:, 0::2] | (z[:, 1::2] << 4)).astype(np.uint8).reshape(-1))
+
+
 def _pack(q: np.ndarray, scale: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
     """MatMulNBits layout: B uint8 [N, blocks, block/2] (low nibble first), scales [N * blocks]."""
     nb, n = scale.shape
-    u = (q.astype(np.int16) + 8).astype(np.uint8).reshape(nb, block_size, n).transpose(2, 0, 1)  # [N, nb, B]
+    offset = 0 if q.dtype == np.uint8 else 8  # symmetric int4 is stored with the implicit zero point 8
+    u = (q.astype(np.int16) + offset).astype(np.uint8).reshape(nb, block_size, n).transpose(2, 0, 1)  # [N, nb, B]
     packed = (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8)
     return np.ascontiguousarray(packed), np.ascontiguousarray(scale.T.reshape(-1))
 
@@ -100,6 +154,9 @@ class QuantizeWeightsInt4:
         constants_int8_min_size: other float constants with at least this many elements (a learned
             positional embedding, say) are stored as int8 with one symmetric scale and a
             DequantizeLinear (``|error| <= s/2``, ``s = max|c| / 127``); None keeps them float.
+        symmetric: zero point 8 implied (default) or a 4-bit zero point per block
+            (:func:`quantize_blocks_asym`; on the reference transformer +0.4..+0.8 dB at block 32/128,
+            -0.6 dB at 64, +1-3% size: not the default).
         int8_below: weights with fewer elements get int8 per output channel (DequantizeLinear before
             the float MatMul/Gemm) instead of int4: they cost little space and can dominate the
             error (reference transformer: the 16x128 patch embedding alone at int4 limits logit
@@ -117,6 +174,7 @@ class QuantizeWeightsInt4:
         search: bool = True,
         constants_int8_min_size: int | None = 128,
         int8_below: int = 4096,
+        symmetric: bool = True,
     ) -> None:
         if block_size < 16 or block_size & (block_size - 1):
             raise ValueError(f"block_size must be a power of two >= 16, got {block_size}")
@@ -126,6 +184,7 @@ class QuantizeWeightsInt4:
         self.search = search
         self.constants_int8_min_size = constants_int8_min_size
         self.int8_below = int8_below
+        self.symmetric = symmetric
 
     def requires(self, graph: gs.Graph) -> None:
         """No preconditions (MatMulNBits lives in the com.microsoft domain)."""
@@ -185,7 +244,12 @@ class QuantizeWeightsInt4:
             k, n = w.shape
             # A weight with fewer rows than a block gets the smallest block that covers it (no padding bytes).
             block = min(self.block_size, max(16, 1 << (k - 1).bit_length()))
-            q, scale = quantize_blocks(w, block, search=self.search)
+            if self.symmetric:
+                q, scale = quantize_blocks(w, block, search=self.search)
+                zeros = None
+            else:
+                q, scale, zero = quantize_blocks_asym(w, block, search=self.search)
+                zeros = _pack_zero_points(zero)
             packed, scales = _pack(q, scale, block)
             base = w_t.name
             y = node.outputs[0]
@@ -198,6 +262,7 @@ class QuantizeWeightsInt4:
                     node.inputs[0],
                     gs.Constant(fresh(f"{base}_int4"), packed),
                     gs.Constant(fresh(f"{base}_scales"), scales),
+                    *([] if zeros is None else [gs.Constant(fresh(f"{base}_zero_points"), zeros)]),
                 ],
                 [mm_out],
                 domain="com.microsoft",

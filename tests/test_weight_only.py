@@ -152,3 +152,22 @@ def test_small_weights_get_int8_per_channel() -> None:
     wgd = dequantize_array(quantize_array(wg, qg), qg)
     expect = 0.5 * (x @ w1d) @ wgd.T + 2.0 * inits["C"]
     np.testing.assert_allclose(run(res.model, {"X": x})[0], expect, rtol=1e-5, atol=1e-4)
+
+
+def test_asymmetric_blocks_match_the_kernel() -> None:
+    """symmetric=False: per-block zero points (packed two per byte); MatMulNBits equals X @ dequantized W."""
+    from onnxpress.passes.weight_only import dequantize_blocks_asym, quantize_blocks_asym
+
+    r = rng(10)
+    w = (r.standard_normal((40, 24)) + 0.5).astype(np.float32)
+    model = make_model([helper.make_node("MatMul", ["X", "W"], ["Y"])], [("X", ["N", 40])], [("Y", ["N", 24])],
+                       {"W": w})  # fmt: skip
+    q = run_passes(model, [QuantizeWeightsInt4(block_size=16, int8_below=0, symmetric=False)]).model
+    assert len(q.graph.node[0].input) == 4  # A, B, scales, zero_points
+    qq, s, z = quantize_blocks_asym(w, 16)
+    assert qq.max() <= 15 and z.max() <= 15
+    back = dequantize_blocks_asym(qq, s, z, 40)
+    step = np.repeat(s, 16, axis=0)[:40]
+    assert np.mean(np.abs(back - w) <= step / 2 * (1 + 1e-5)) > 0.95  # all but the clipped tails
+    x = r.standard_normal((5, 40)).astype(np.float32)
+    np.testing.assert_allclose(run(q, {"X": x})[0], x @ back, rtol=1e-5, atol=1e-4)

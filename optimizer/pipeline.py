@@ -127,9 +127,10 @@ def run_passes(
     for pass_ in bar:
         bar.set_postfix_str(pass_.name)
         try:
-            pass_.requires(graph)
-            result = pass_(graph)
-            graph = result.graph.cleanup().toposort()
+            with quiet_graphsurgeon():  # it prints to stdout, e.g. on reading bfloat16 constants' values
+                pass_.requires(graph)
+                result = pass_(graph)
+                graph = result.graph.cleanup().toposort()
         except OnnxpressError:
             raise
         except Exception as exc:

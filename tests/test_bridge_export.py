@@ -129,3 +129,21 @@ def test_qat_export_after_training_equals_module(qat_plan, tmp_path):
     make_session(out, optimized_model_path=str(optimized))
     ops = collections.Counter(n.op_type for n in onnx.load(str(optimized)).graph.node)
     assert ops["QLinearConv"] == 2, ops
+
+
+def test_qat_export_writes_back_layers_left_float():
+    """With no range for ``input`` the first Conv stays float in PTQ; its trained weights still reach the export."""
+    model = tiny_cnn(gain=4.0)
+    x = tiny_data(64)
+    full = _table(model, x)
+    table = CalibrationTable.from_ranges({n: (r.min, r.max) for n, r in full.ranges.items() if n != "input"})
+    plan = prepare_qat(model, {"input": x}, table=table)
+    assert "c1.weight" in plan.module.param_names  # float, trainable, not behind Q/DQ
+    with torch.no_grad():
+        plan.module.initializer("c1.weight").mul_(1.1)
+    out = plan.export()
+    written = next(onnx.numpy_helper.to_array(i) for i in out.graph.initializer if i.name == "c1.weight")
+    np.testing.assert_array_equal(written, plan.module.initializer("c1.weight").detach().numpy())
+    with torch.no_grad():
+        want = plan.module(torch.from_numpy(x)).numpy()
+    assert np.abs(run(out, {"input": x})[0] - want).max() <= 1e-4

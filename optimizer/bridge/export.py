@@ -155,11 +155,22 @@ def validate_against_module(
     feeds: Mapping[str, np.ndarray],
     *,
     atol: float = 1e-4,
+    min_sqnr_db: float | None = None,
 ) -> float:
     """Run ``model`` on onnxruntime (optimisations off) and ``module`` on ``feeds``; return max |Δ|.
 
+    Args:
+        model: the exported model.
+        module: the module it was exported from.
+        feeds: inputs by name.
+        atol: largest allowed absolute difference (float exports).
+        min_sqnr_db: instead of ``atol``, the smallest allowed ``10·log10(Σy² / Σ(y − ŷ)²)``. Used for
+            quantized exports: a ~1e-7 float difference upstream of a QuantizeLinear (torch and
+            onnxruntime convolutions round differently) flips a value sitting on a rounding boundary
+            by one step, so equality within ``atol`` is not a property such a model can have.
+
     Raises:
-        ValidationError: an output differs by more than ``atol`` (names it and by how much).
+        ValidationError: an output is further off than allowed (names it and by how much).
     """
     session = make_session(model, optimization="disable", what="exported model")
     got = session.run(list(module.output_names), dict(feeds))
@@ -170,7 +181,16 @@ def validate_against_module(
     for name, g, w in zip(module.output_names, got, want, strict=True):
         diff = max_abs_diff([g], [w.numpy()])
         worst = max(worst, diff)
-        if not diff <= atol:
+        if min_sqnr_db is not None:
+            ref = w.numpy().astype(np.float64)
+            noise = float(np.sum((ref - g.astype(np.float64)) ** 2))
+            sqnr = np.inf if noise == 0 else 10 * np.log10(float(np.sum(ref**2)) / noise)
+            if not sqnr >= min_sqnr_db:
+                raise ValidationError(
+                    f"exported output {name!r} matches the fine-tuned module at only {sqnr:.1f} dB SQNR "
+                    f"(< {min_sqnr_db:g} dB, max |diff| {diff:.3g}); report the model"
+                )
+        elif not diff <= atol:
             raise ValidationError(
                 f"exported output {name!r} differs from the fine-tuned module by {diff:.3g} (> {atol:g}); "
                 "export with exporter='torchscript' or report the model"

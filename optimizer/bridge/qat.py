@@ -107,6 +107,9 @@ class QATPlan:
             q = np.clip(np.rint(bias / np.broadcast_to(s_b, bias.shape).astype(np.float64)), *_INT32)
             values[b.q_name] = q.astype(np.int32).reshape(_init_shape(self.ptq, b.q_name))
             values[b.scale] = np.broadcast_to(s_b, _init_shape(self.ptq, b.scale)).astype(np.float32).copy()
+        for name, param in module.named_onnx_parameters():  # float weights of layers PTQ left float
+            if name in inits and name not in values and inits[name].data_type == onnx.TensorProto.FLOAT:
+                values[name] = param.detach().cpu().numpy()
         for name, arr in values.items():
             old = inits[name]
             old.CopyFrom(numpy_helper.from_array(np.asarray(arr, dtype=numpy_helper.to_array(old).dtype), name))

@@ -81,7 +81,7 @@ def _sensitivity_png(result: OptimizeResult, path: Path) -> None:
                        rotation=60, ha="right", fontsize=7)
     ax.set_ylabel("output SQNR with only this layer changed (dB)")
     ax.set_title("Per-layer sensitivity (higher = safer); second label line = chosen option")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

@@ -89,6 +89,13 @@ COMMANDS = [
         takes_data=True,
         api_guards_input_path=False,  # CalibrationTable.save(path) does not know which model it came from
     ),
+    Command(  # KD only (no labels), one epoch: the hostile rows fail before or right after torch loads
+        "finetune",
+        argv=lambda p: ["finetune", str(p.model), "--teacher", str(p.good), "--data", str(p.data), "-o", str(p.output),
+                        "--epochs", "1", "--threads", "1", "-q"],
+        api=lambda p: onnxpress.finetune(p.model, p.good, p.data, p.output, epochs=1, threads=1),
+        takes_data=True,
+    ),
     Command(  # the hostile model in the candidate's place
         "validate-candidate",
         argv=lambda p: ["validate", str(p.good), str(p.model), "--data", str(p.data), "--json", str(p.output),
@@ -234,7 +241,9 @@ HOSTILE = [
         "unknown domain",
         _edit(_unknown_domain),
         UnsupportedModelError,
-        r"onnxruntime cannot load .*com\.example:Mystery\(-1\) is not a registered function/op",
+        # onnxruntime's words, or the fine-tune bridge's (it checks its op set before loading onnxruntime)
+        r"onnxruntime cannot load .*com\.example:Mystery\(-1\) is not a registered function/op"
+        r"|the fine-tune bridge cannot run these ops: com\.example::Mystery x1",
     ),
     Hostile("IR version from the future", _edit(_future_ir), ModelLoadError, r"ir_version 99 is higher than"),
     Hostile("folder as model", _folder, ModelLoadError, r"model\.onnx is a folder"),
@@ -390,4 +399,5 @@ def test_table_covers_every_documented_case():
         "output is the input model", "external data truncated", "garbage bytes", "a TensorProto, not a model",
         "cycle", "dangling input", "duplicate tensor names", "unknown domain", "wrong rank", "wrong dtype", "inf data",
     } <= names
-    assert {cmd.name for cmd in COMMANDS} >= {"cleanup", "validate", "calibrate", "quantize", "prune", "lowrank"}
+    assert {cmd.name for cmd in COMMANDS} >= {"cleanup", "validate", "calibrate", "quantize", "prune", "lowrank",
+                                              "finetune"}

@@ -147,3 +147,31 @@ def test_qat_export_writes_back_layers_left_float():
     with torch.no_grad():
         want = plan.module(torch.from_numpy(x)).numpy()
     assert np.abs(run(out, {"input": x})[0] - want).max() <= 1e-4
+
+
+def test_qat_scales_after_clip_stay_inside_the_clip_range(tmp_path):
+    """Relu -> Clip(0, 0.5): a learned scale pushed too far is capped, so onnxruntime still fuses QLinearConv."""
+    model = tiny_cnn(gain=4.0)
+    for node in model.graph.node:
+        if node.op_type == "Relu":
+            node.op_type = "Clip"
+            node.input.extend(["clip_lo", "clip_hi"])
+    model.graph.initializer.extend([onnx.numpy_helper.from_array(np.float32(0), "clip_lo"),
+                                    onnx.numpy_helper.from_array(np.float32(0.5), "clip_hi")])  # fmt: skip
+    x = tiny_data(64)
+    plan = prepare_qat(model, {"input": x}, table=_table(model, x))
+    assert plan.caps, "no Clip-capped scale found"
+    for name, cap in plan.caps.items():
+        with torch.no_grad():
+            plan.module.initializer(name).fill_(cap * 3)  # as if LSQ had grown it
+    out = plan.export()
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in out.graph.initializer}
+    for name, cap in plan.caps.items():
+        assert float(inits[name]) <= cap
+    with torch.no_grad():
+        want = plan.module(torch.from_numpy(x)).numpy()
+    assert np.abs(run(out, {"input": x})[0] - want).max() <= 1e-4
+    optimized = tmp_path / "opt.onnx"
+    make_session(out, optimized_model_path=str(optimized))
+    ops = collections.Counter(n.op_type for n in onnx.load(str(optimized)).graph.node)
+    assert ops["QLinearConv"] == 2 and ops["Clip"] == 0, ops

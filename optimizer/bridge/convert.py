@@ -754,12 +754,16 @@ class OnnxModule(nn.Module):
         param_names: ONNX initializer name → attribute key in ``self.params`` (trainable weights).
     """
 
-    def __init__(self, model: onnx.ModelProto, *, learn_scales: bool = False) -> None:
+    def __init__(
+        self, model: onnx.ModelProto, *, learn_scales: bool = False, trainable: Iterable[str] = ()
+    ) -> None:
         """Build the module.
 
         Args:
             model: the graph (not modified; its initializers are copied).
             learn_scales: make QuantizeLinear/DequantizeLinear scales trainable (QAT, LSQ-style).
+            trainable: float initializers that are trainable whatever their role (e.g. QAT scales
+                read through a ``Min`` cap).
         """
         super().__init__()
         graph = model.graph
@@ -769,6 +773,7 @@ class OnnxModule(nn.Module):
         self.output_names: tuple[str, ...] = tuple(o.name for o in graph.output)
         self._check_ops(graph)
         frozen, static = self._frozen_initializers(graph, learn_scales)
+        frozen -= set(trainable)
         self.params = nn.ParameterDict()
         self.param_names: dict[str, str] = {}
         self._buffer_names: dict[str, str] = {}

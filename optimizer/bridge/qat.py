@@ -78,6 +78,7 @@ class QATPlan:
     weights: list[_Weight]
     biases: list[_Bias]
     ties: dict[str, list[str]]  # representative scale name → every PTQ scale initializer it stands for
+    caps: dict[str, float]  # representative scale name → largest value keeping it inside a Clip's range
 
     def export(self, module: OnnxModule | None = None) -> onnx.ModelProto:
         """The PTQ graph with the learned weights, biases and scales written in."""
@@ -87,7 +88,10 @@ class QATPlan:
         values: dict[str, np.ndarray] = {}
 
         def learned(name: str) -> np.ndarray:
-            return np.abs(module.initializer(name).detach().cpu().numpy().astype(np.float32))
+            value = module.initializer(name).detach().cpu().numpy().astype(np.float32)
+            if name in self.caps:
+                value = np.minimum(value, np.float32(self.caps[name]))  # the Min node of the QAT graph
+            return np.abs(value)
 
         for rep, members in self.ties.items():
             for m in members:
@@ -166,17 +170,17 @@ def prepare_qat(
 
         table = calibrate(student, [dict(arrays)], method=calibration_method)
     ptq = run_passes(student, [InsertQDQ(table, per_channel=per_channel, activations="uint8")]).model
-    qat, weights, biases, ties = _trainable_twin(ptq, student)
+    qat, weights, biases, ties, caps = _trainable_twin(ptq, student)
     if not weights:
         raise UnsupportedModelError("the QDQ pass quantized no weights; nothing for QAT to learn")
-    module = OnnxModule(qat, learn_scales=True)
+    module = OnnxModule(qat, learn_scales=True, trainable=set(ties) | {w.scale for w in weights})
     log.info("QAT: %d weights, %d biases, %d activation scales", len(weights), len(biases), len(ties))
-    return QATPlan(ptq, qat, module, weights, biases, ties)
+    return QATPlan(ptq, qat, module, weights, biases, ties, caps)
 
 
 def _trainable_twin(
     ptq: onnx.ModelProto, student: onnx.ModelProto
-) -> tuple[onnx.ModelProto, list[_Weight], list[_Bias], dict[str, list[str]]]:
+) -> tuple[onnx.ModelProto, list[_Weight], list[_Bias], dict[str, list[str]], dict[str, float]]:
     """The QAT graph: float weights behind Q/DQ, biases quantized with ``s_x·s_w``, tied scales."""
     qat = onnx.ModelProto()
     qat.CopyFrom(ptq)
@@ -274,10 +278,55 @@ def _trainable_twin(
                 node.input[i] = rename[name]
     for b in biases:
         b.x_scale = rename.get(b.x_scale, b.x_scale)
+    caps = _cap_clip_scales(g, inits, ties, new_nodes, fresh)
     nodes = list(new_nodes) + list(g.node)  # the new nodes only read initializers: safe to go first
     del g.node[:]
     g.node.extend(nodes)
-    return qat, weights, biases, ties
+    return qat, weights, biases, ties, caps
+
+
+def _cap_clip_scales(
+    g: onnx.GraphProto,
+    inits: Mapping[str, onnx.TensorProto],
+    ties: Mapping[str, list[str]],
+    new_nodes: list[onnx.NodeProto],
+    fresh,
+) -> dict[str, float]:
+    """Keep a learned scale after ``Clip(lo, hi)`` inside the clip range: ``s ≤ hi / (q_max − z)``.
+
+    onnxruntime removes the Clip (and so fuses Conv -> Q into QLinearConv) only when the quantized
+    range lies inside the clip bounds; PTQ chooses such scales, and LSQ would otherwise grow out of
+    them. The cap is a ``Min(s, cap)`` node in the QAT graph, so training sees exactly what ships.
+    """
+    producer = {o: n for n in g.node for o in n.output}
+    caps: dict[str, float] = {}
+    for node in g.node:
+        if node.op_type != "QuantizeLinear" or node.input[1] not in ties or node.input[0] in inits:
+            continue
+        clip = producer.get(node.input[0])
+        if clip is None or clip.op_type != "Clip" or len(clip.input) < 3 or clip.input[2] not in inits:
+            continue
+        hi = float(numpy_helper.to_array(inits[clip.input[2]]))
+        zp = numpy_helper.to_array(inits[node.input[2]]) if len(node.input) > 2 and node.input[2] else np.uint8(0)
+        z, qmax = int(zp), int(np.iinfo(zp.dtype).max)
+        if qmax <= z or hi <= 0:
+            continue
+        cap = np.float32(hi / (qmax - z))
+        while np.float32(qmax - z) * cap > np.float32(hi):
+            cap = np.nextafter(cap, np.float32(0))
+        caps[node.input[1]] = min(caps.get(node.input[1], np.inf), float(cap))
+    rename: dict[str, str] = {}
+    for rep, cap in caps.items():
+        cap_name, capped = fresh(rep + "_cap"), fresh(rep + "_capped")
+        g.initializer.append(numpy_helper.from_array(np.asarray(cap, np.float32), cap_name))
+        rename[rep] = capped
+        new_nodes.insert(0, helper.make_node("Min", [rep, cap_name], [capped], name=fresh(rep + "_Min")))
+    for node in [*g.node, *new_nodes]:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear", "Mul"):
+            for i, name in enumerate(node.input):
+                if name in rename:
+                    node.input[i] = rename[name]
+    return caps
 
 
 def _dequant(q: np.ndarray, scale: np.ndarray, zp: np.ndarray, axis: int) -> np.ndarray:

@@ -244,7 +244,8 @@ def check_output_path(output: str | os.PathLike[str], inputs: Iterable[str | os.
         if not isinstance(src, (str, os.PathLike)):
             continue
         if Path(src).exists() and out.exists() and out.resolve() == Path(src).resolve():
-            raise OutputError(f"output path {out} is the input model; write the result to another path")
+            what = "the input model" if Path(src).suffix == ".onnx" else "an input file (it would be overwritten)"
+            raise OutputError(f"output path {out} is {what}; write the result to another path")
     if out.is_dir():
         raise OutputError(f"output path {out} is a folder; give a file name such as {out / 'model.onnx'}")
     parent = out.parent if str(out.parent) else Path(".")

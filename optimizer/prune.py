@@ -230,7 +230,7 @@ def prune(
         if compensate and calib is None:
             raise CalibrationError("mean compensation needs calibration data (--calib DATA)")
     if output is not None:
-        check_output_path(output, [model])
+        check_output_path(output, [model, calib])  # calib: only when it is a path (never overwrite the data)
     original = normalize_model(load_model(model))
     # FoldConstants first: exporters leave weights behind Identity/Constant nodes that hide them.
     exact = run_passes(original, [FoldConstants(), PruneZeroChannels()], progress=progress)

@@ -104,6 +104,7 @@ class ValidationReport:
         size_ratio: candidate bytes / reference bytes.
         reference_ops: op type -> count in the reference's main graph.
         candidate_ops: op type -> count in the candidate's main graph.
+        data: how the data was given (its path, or "<list>" etc. for in-memory data).
     """
 
     reference: str
@@ -122,6 +123,7 @@ class ValidationReport:
     size_ratio: float
     reference_ops: Mapping[str, int]
     candidate_ops: Mapping[str, int]
+    data: str = ""
 
     def output(self, name: str) -> OutputComparison:
         """The comparison of output ``name``."""
@@ -143,9 +145,10 @@ class ValidationReport:
 
         Raises:
             OutputError: the folder is missing or not writable, the path is a folder, or it is one of
-                the two models.
+                the two models or the data file.
         """
-        out = check_output_path(path, [m for m in (self.reference, self.candidate) if m != _PROTO])
+        inputs = [m for m in (self.reference, self.candidate, self.data) if m and not m.startswith("<")]
+        out = check_output_path(path, inputs)
         tmp = None
         try:
             with tempfile.NamedTemporaryFile(
@@ -518,4 +521,5 @@ def validate(
         size_ratio=_ratio(cand_bytes, ref_bytes),
         reference_ops=op_histogram(ref_model),
         candidate_ops=op_histogram(cand_model),
+        data=str(data) if isinstance(data, (str, os.PathLike)) else f"<{type(data).__name__}>",
     )

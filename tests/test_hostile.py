@@ -45,7 +45,7 @@ class Command:
     argv: Callable[[Paths], list[str]]
     api: Callable[[Paths], object]
     takes_data: bool
-    api_guards_input_path: bool = True  # False: the API writes through a helper that cannot know the input
+    api_guards_input_path: bool = True  # False: the API writes through a helper that cannot know the inputs
 
 
 COMMANDS = [
@@ -324,6 +324,13 @@ HOSTILE = [
         r"cannot write .*data\.npz/out\.[\w-]+: .*data\.npz is a file, not a folder",
     ),
     Hostile(
+        "output is the data file",
+        lambda p: setattr(p, "output", p.data),
+        OutputError,
+        r"output path .*data\.npz is an input file \(it would be overwritten\)",
+        needs_data=True,
+    ),
+    Hostile(
         "output is the input model",
         lambda p: setattr(p, "output", p.model),
         OutputError,
@@ -333,8 +340,18 @@ HOSTILE = [
 if os.geteuid() != 0:  # root may write anywhere; the parent-is-a-file row covers "no permission" there
     HOSTILE.append(Hostile("read-only folder", _read_only_folder, OutputError, r"no permission to write in .*ro"))
 
+KNOWN_BUGS = {  # (command, row) -> the bug, in modules owned by other developers (reported to the lead)
+    (c, "output is the data file"): f"{c}: checks -o only against the model; the calibration data file is "
+    "overwritten by the result — reported to lead"
+    for c in ("quantize", "lowrank", "finetune")
+}
+
 ROWS = [
-    pytest.param(cmd, bad, id=f"{cmd.name}: {bad.name}")
+    pytest.param(
+        cmd, bad, id=f"{cmd.name}: {bad.name}",
+        marks=[pytest.mark.xfail(strict=True, reason=KNOWN_BUGS[cmd.name, bad.name])]
+        if (cmd.name, bad.name) in KNOWN_BUGS else [],
+    )
     for cmd in COMMANDS
     for bad in HOSTILE
     if cmd.takes_data or not bad.needs_data
@@ -376,7 +393,7 @@ def test_cli(tmp_path, capsys, cmd, bad):
 
 @pytest.mark.parametrize(("cmd", "bad"), ROWS)
 def test_api(tmp_path, cmd, bad):
-    if bad.name == "output is the input model" and not cmd.api_guards_input_path:
+    if bad.name in ("output is the input model", "output is the data file") and not cmd.api_guards_input_path:
         pytest.skip("the API cannot know the input path here (the CLI row checks it)")
     paths = _setup(tmp_path, cmd, bad)
     before = _snapshot(tmp_path)

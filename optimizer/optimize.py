@@ -126,9 +126,15 @@ def optimize(
     method: str = "mse",
     shortlist: int = 4,
     seed: int = 0,
+    finetune: bool = False,
+    finetune_epochs: int = 6,
     progress: bool = False,
 ) -> OptimizeResult:
     """Search per-layer int8/fp32 × low-rank options under a budget and write the best model found.
+
+    Candidates are built with :func:`onnxpress.recipe.apply_recipe` and the winner's recipe is
+    written beside the output, so ``optimize(model, out, calib=..., recipe=<that file>)`` rebuilds it
+    byte for byte.
 
     Args:
         model: path or ModelProto (never modified).
@@ -148,6 +154,9 @@ def optimize(
         method: calibration method of the quantize step.
         shortlist: candidates built and measured per round.
         seed: local-search seed.
+        finetune: distil the original into every split candidate (on ``calib``) before it is
+            quantized; candidates are measured after the fine-tune (needs torch).
+        finetune_epochs: epochs of that fine-tune.
         progress: progress bars.
 
     Raises:
@@ -203,7 +212,7 @@ def optimize(
             if c.picks == picks:
                 return c
         c = space.candidate(bud.kind, picks)
-        c.recipe = space.recipe(picks, method=method)
+        c.recipe = space.recipe(picks, method=method, finetune_epochs=finetune_epochs if finetune else None)
         c.note = note
         return c
 

@@ -18,6 +18,7 @@ when a layer was split by ``lowrank`` both its factor nodes stay float.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -44,6 +45,7 @@ _KEYS: dict[str, dict[str, Any]] = {
     "cleanup": {},
     "prune": {"ratio": None, "criterion": "l2", "multiple": 1},
     "lowrank": {"ranks": None, "data_aware": True, "max_samples": 64, "batch_size": 64},
+    "finetune": {"epochs": 6, "lr": 1e-3, "temperature": 4.0, "seed": 0, "max_samples": None, "batch_size": 64},
     "quantize": {
         "method": "mse",
         "exclude": [],
@@ -119,7 +121,15 @@ def validate_recipe(recipe: Mapping[str, Any]) -> dict[str, Any]:
                 raise _bad(where, "'exclude' must be a list of layer names")
             if full["activations"] not in ("uint8", "int8"):
                 raise _bad(where, f"activations must be uint8 or int8, got {full['activations']!r}")
-        for key in ("max_samples", "batch_size", "multiple"):
+        if name == "finetune":
+            for key in ("lr", "temperature"):
+                if isinstance(full[key], bool) or not isinstance(full[key], (int, float)) or not full[key] > 0:
+                    raise _bad(where, f"{key} must be a positive number, got {full[key]!r}")
+            if isinstance(full["seed"], bool) or not isinstance(full["seed"], int):
+                raise _bad(where, f"seed must be an integer, got {full['seed']!r}")
+        for key in ("max_samples", "batch_size", "multiple", "epochs"):
+            if key == "max_samples" and name == "finetune" and full[key] is None:
+                continue
             if key in full and (isinstance(full[key], bool) or not isinstance(full[key], int) or full[key] < 1):
                 raise _bad(where, f"{key} must be an integer >= 1, got {full[key]!r}")
         out.append(full)
@@ -201,6 +211,36 @@ def prepare(model: ModelSource) -> onnx.ModelProto:
     return infer_shapes(run_passes(proto, cleanup_passes()).model)
 
 
+def finetune_in_place(
+    model: onnx.ModelProto, teacher: onnx.ModelProto, data: object, step: Mapping[str, Any], *, progress: bool = False
+) -> onnx.ModelProto:
+    """Distil ``teacher`` into ``model`` (soft targets only) and write the trained weights back into its graph.
+
+    An adapter over the fine-tune bridge (``onnxpress.bridge``): ``onnxpress.finetune`` re-exports
+    the module through torch.onnx, which renames every node, and later steps (``quantize.exclude``)
+    name layers; copying the trained initializers into the same graph keeps every name. Training
+    runs on one torch thread with ``seed``, so the result is reproducible on one machine.
+    """
+    from onnx import numpy_helper
+
+    from onnxpress.bridge import train as tr
+    from onnxpress.bridge.convert import OnnxModule
+
+    student = copy.deepcopy(model)
+    arrays = tr.load_arrays(data, student, max_samples=step["max_samples"])
+    logits = tr.run_teacher(teacher, arrays, [teacher.graph.output[0].name])[0]
+    module = OnnxModule(student)
+    config = tr.FinetuneConfig(epochs=step["epochs"], lr=step["lr"], batch_size=step["batch_size"],
+                               temperature=step["temperature"], hard_weight=0.0, soft_weight=1.0, seed=step["seed"])
+    tr.train_student(module, student, arrays, logits, None, config, threads=1, progress=progress)
+    for init in student.graph.initializer:
+        key = module.param_names.get(init.name)
+        if key is not None:
+            value = module.params[key].detach().cpu().numpy().astype(numpy_helper.to_array(init).dtype)
+            init.CopyFrom(numpy_helper.from_array(value, init.name))
+    return student
+
+
 def apply_recipe(
     model: ModelSource,
     recipe: Mapping[str, Any],
@@ -229,6 +269,7 @@ def apply_recipe(
 
     checked = validate_recipe(recipe)
     current = load_model(model) if prepared else prepare(model)
+    teacher = current
     for i, step in enumerate(checked["steps"]):
         name = step["pass"]
         if name == "cleanup":
@@ -255,6 +296,10 @@ def apply_recipe(
                 moments = {k: v for k, v in moments.items() if k in step["ranks"]}
             split = FixedRanks(step["ranks"], moments=moments)
             current = infer_shapes(run_passes(current, [split], progress=progress).model)
+        elif name == "finetune":
+            if calib is None:
+                raise OnnxpressError(f"recipe step {i + 1} (finetune) needs training data (--calib)")
+            current = finetune_in_place(current, teacher, calib, step, progress=progress)
         elif name == "quantize":
             if calib is None:
                 raise OnnxpressError(f"recipe step {i + 1} (quantize) needs calibration data (--calib)")

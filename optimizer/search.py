@@ -233,14 +233,16 @@ class SearchSpace:
         return tuple(picks)
 
     def recipe(self, picks: Sequence[int], *, method: str = "mse", calib_samples: int = 256,
-               moment_samples: int = 64) -> dict[str, Any]:
-        """The recipe that builds an assignment (lowrank, then quantize)."""
+               moment_samples: int = 64, finetune_epochs: int | None = None) -> dict[str, Any]:
+        """The recipe that builds an assignment (lowrank, [finetune when something was split], quantize)."""
         ranks = {lay.key: self.options[i][j].rank for i, (lay, j) in enumerate(zip(self.layers, picks, strict=True))
                  if self.options[i][j].rank}
         quant = [self.options[i][j].quant == "int8" for i, j in enumerate(picks)]
         steps: list[dict[str, Any]] = []
         if ranks:
             steps.append({"pass": "lowrank", "ranks": dict(sorted(ranks.items())), "max_samples": moment_samples})
+            if finetune_epochs:
+                steps.append({"pass": "finetune", "epochs": finetune_epochs})
         if any(quant):
             exclude = sorted(lay.key for lay, q in zip(self.layers, quant, strict=True) if not q)
             steps.append({"pass": "quantize", "method": method, "exclude": exclude, "max_samples": calib_samples})

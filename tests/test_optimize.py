@@ -48,7 +48,7 @@ def test_cli_search_and_recipe(setup, capsys):
 @pytest.mark.parametrize(("extra", "match"), [
     (["--budget", "speed=0.3"], "budget kind"),
     (["--max-drop", "1"], "needs labels"),
-    (["--finetune"], "finetune"),
+    (["--recipe", "missing.json"], "cannot read recipe"),
 ])
 def test_cli_errors_are_one_line(setup, capsys, extra, match):
     model, data, tmp = setup
@@ -83,3 +83,17 @@ def test_max_drop_with_labels(setup):
         assert c.feasible == (c.flops_ratio <= 0.8 + 1e-9 and drop <= 1e-9)
     if res.feasible:
         assert res.chosen.accuracy >= res.reference_accuracy
+
+
+def test_finetune_recipe_reproduces_bytes_and_recovers(setup):
+    """With --finetune the split candidates are distilled before quantization; the recipe still rebuilds the bytes."""
+    model, data, tmp = setup
+    res = optimize(model, tmp / "a.onnx", calib=data, budget="flops=0.6", cache_dir=tmp / "c", eval_samples=32,
+                   sensitivity_samples=16, finetune=True, finetune_epochs=2, shortlist=2)
+    steps = [s["pass"] for s in res.recipe["steps"]]
+    assert steps[:2] == ["lowrank", "finetune"]
+    optimize(model, tmp / "b.onnx", calib=data, recipe=res.recipe_path, eval_samples=32)
+    assert (tmp / "a.onnx").read_bytes() == (tmp / "b.onnx").read_bytes()
+    plain = optimize(model, tmp / "p.onnx", calib=data, recipe={"version": 1, "steps": [
+        s for s in res.recipe["steps"] if s["pass"] != "finetune"]}, eval_samples=32)
+    assert res.chosen.sqnr_db > plain.chosen.sqnr_db  # distillation brought the outputs closer to the original

@@ -23,22 +23,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--time-limit", type=float, help="seconds; keep the best model found when reached")
     p.add_argument("--cache-dir", help="sensitivity cache folder (default ~/.cache/onnxpress)")
     p.add_argument("--finetune", action="store_true",
-                   help="not available yet in optimize (use 'onnxpress finetune' on the float steps)")
+                   help="distil the original into each low-rank candidate on --calib before quantizing (needs torch)")
+    p.add_argument("--finetune-epochs", type=int, default=6, help="epochs of that fine-tune (default 6)")
     add_common(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the search (or the recipe) and print the chosen model's numbers."""
-    from onnxpress.errors import OnnxpressError
     from onnxpress.optimize import optimize
 
-    if args.finetune:
-        raise OnnxpressError("--finetune is not wired into optimize yet; run 'onnxpress finetune' on the result")
     result = optimize(
         args.model, args.output, calib=args.calib, eval_data=args.eval_data, labels=args.labels,
         budget=args.budget, max_drop=args.max_drop, recipe=args.recipe, report=args.report,
-        time_limit=args.time_limit, cache_dir=args.cache_dir, progress=progress_enabled(args),
+        time_limit=args.time_limit, cache_dir=args.cache_dir, finetune=args.finetune,
+        finetune_epochs=args.finetune_epochs, progress=progress_enabled(args),
     )
     rows = []
     for c in result.candidates:

@@ -91,6 +91,12 @@ def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
         if not onnx.external_data_helper.uses_external_data(tensor):
             continue
         info = onnx.external_data_helper.ExternalDataInfo(tensor)
+        lexical = Path(os.path.normpath(base / info.location))  # no symlinks followed: a lexical check
+        if Path(info.location).is_absolute() or (base != lexical and base not in lexical.parents):
+            raise ModelLoadError(
+                f"external data of tensor {tensor.name!r} points outside the model's folder ({info.location!r}); "
+                f"move the file beside {path.name} and give its location relative to it"
+            )
         data_path = (base / info.location).resolve()
         if not data_path.is_file():
             raise ModelLoadError(

@@ -155,6 +155,18 @@ def _external_data_truncated(p: Paths) -> None:
     data.write_bytes(data.read_bytes()[:864])  # half of W's 1,728 bytes
 
 
+def _external_data_outside(p: Paths) -> None:
+    _external_data(p)
+    secret = p.model.parent.parent / "secret.bin"
+    secret.write_bytes((p.model.parent / "ext.onnx.data").read_bytes())
+    model = onnx.load_model(p.model, load_external_data=False)
+    for init in model.graph.initializer:
+        for entry in init.external_data:
+            if entry.key == "location":
+                entry.value = "../secret.bin"
+    p.model.write_bytes(model.SerializeToString())
+
+
 def _edit(change: Callable[[onnx.ModelProto], None]) -> Callable[[Paths], None]:
     """A row maker that rewrites the model file with ``change`` applied (no checks: hostile on purpose)."""
 
@@ -187,6 +199,15 @@ def _unknown_domain(m: onnx.ModelProto) -> None:
     m.opset_import.append(onnx.helper.make_opsetid("com.example", 1))
 
 
+def _short_raw_data(m: onnx.ModelProto) -> None:
+    w = m.graph.initializer[0]  # W[8,3,3,3]: 864 bytes, cut to 216
+    w.raw_data = w.raw_data[:216]
+
+
+def _output_nowhere(m: onnx.ModelProto) -> None:
+    m.graph.output[0].name = "nowhere"
+
+
 def _future_ir(m: onnx.ModelProto) -> None:
     m.ir_version = 99
 
@@ -213,6 +234,12 @@ HOSTILE = [
         _external_data_truncated,
         ModelLoadError,
         r"external data file ext\.onnx\.data is truncated: tensor 'W' needs bytes up to 1728, file has 864",
+    ),
+    Hostile(
+        "external data outside the model's folder",
+        _external_data_outside,
+        ModelLoadError,
+        r"external data of tensor 'W' points outside the model's folder \('\.\./secret\.bin'\)",
     ),
     Hostile(
         "garbage bytes",
@@ -246,6 +273,10 @@ HOSTILE = [
         r"|the fine-tune bridge cannot run these ops: com\.example::Mystery x1",
     ),
     Hostile("IR version from the future", _edit(_future_ir), ModelLoadError, r"ir_version 99 is higher than"),
+    Hostile("weight bytes too short", _edit(_short_raw_data), ModelLoadError,
+            r"raw_data size \(216 bytes\) is too small"),
+    Hostile("graph output produced by nothing", _edit(_output_nowhere), ModelLoadError,
+            r"Graph output 'nowhere' is not an output of any node"),
     Hostile("folder as model", _folder, ModelLoadError, r"model\.onnx is a folder"),
     Hostile(
         "wrong input names",
@@ -322,6 +353,12 @@ HOSTILE = [
         lambda p: setattr(p, "output", p.data / p.output.name),
         OutputError,
         r"cannot write .*data\.npz/out\.[\w-]+: .*data\.npz is a file, not a folder",
+    ),
+    Hostile(
+        "output is a folder",
+        lambda p: setattr(p, "output", p.model.parent),
+        OutputError,
+        r"output path .*work is a folder; give a file name",
     ),
     Hostile(
         "output is the data file",

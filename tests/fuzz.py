@@ -2,7 +2,7 @@
 
 The op set is what our passes touch: Conv (plain, grouped, depthwise), BatchNormalization,
 Relu/Clip/Sigmoid/HardSigmoid, residual Add, Concat, MaxPool/AveragePool, Reshape/Flatten,
-GlobalAveragePool, Gemm and MatMul. Each graph has one input ``X`` [N, C, H, W] with a dynamic
+GlobalAveragePool, Flatten or Reshape, Gemm and MatMul. Each graph has one input ``X`` [N, C, H, W] with a dynamic
 batch and one output ``Y`` [N, K].
 """
 
@@ -100,7 +100,11 @@ def cnn_models(draw, max_layers: int = 5) -> onnx.ModelProto:
             b.x, b.hw = y, b.hw // 2
     gap, flat = b.name("gap"), b.name("flat")
     b.nodes.append(helper.make_node("GlobalAveragePool", [b.x], [gap]))
-    b.nodes.append(helper.make_node("Flatten", [gap], [flat]))
+    if draw(st.booleans()):
+        b.nodes.append(helper.make_node("Flatten", [gap], [flat]))
+    else:  # Reshape to [N, C] with a constant shape (0 copies the batch)
+        shape = b.const("shape", np.array([0, -1], np.int64))
+        b.nodes.append(helper.make_node("Reshape", [gap, shape], [flat]))
     k = draw(st.integers(2, 6))
     if draw(st.booleans()):
         trans_b = draw(st.integers(0, 1))

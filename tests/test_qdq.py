@@ -569,3 +569,27 @@ def test_shallow_convs_at_the_float_frontier_stay_float(tmp_path: Path) -> None:
     assert dec["pw1"].quantized and dec["dw2"].quantized and dec["pw2"].quantized
     assert optimized_ops(q, tmp_path).count("QLinearConv") == 2  # pw1, dw2 (pw2 feeds the graph output)
     assert sqnr_db(run(model, x)[0], run(q, x)[0]) > 30
+
+
+def test_join_of_quantized_outputs_is_quantized(tmp_path: Path) -> None:
+    """An Add of two quantized Conv outputs becomes QLinearAdd even when only float ops follow it."""
+    r = rng(16)
+    inits = {
+        "W1": r.standard_normal((16, 16, 3, 3)).astype(np.float32),
+        "W2": r.standard_normal((16, 16, 1, 1)).astype(np.float32),
+    }
+    nodes = [
+        helper.make_node("Conv", ["X", "W1"], ["a"], name="c1", pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["X", "W2"], ["b"], name="c2"),
+        helper.make_node("Add", ["a", "b"], ["s"], name="join"),
+        helper.make_node("Relu", ["s"], ["sr"]),
+        helper.make_node("ReduceMean", ["sr"], ["Y"], keepdims=0),
+    ]
+    model = make_model(nodes, [("X", ["N", 16, 6, 6])], [("Y", [])], inits, opset=17)
+    x = feeds_for(model)
+    p, q = quantize_graph(model, x)
+    assert {d.name: d for d in p.decisions}["join"].quantized
+    assert "QLinearAdd" in optimized_ops(q, tmp_path)
+    p2, _ = quantize_graph(model, x, quantize_joins=False)
+    assert not {d.name: d for d in p2.decisions}["join"].quantized
+    assert sqnr_db(run(model, x)[0], run(q, x)[0]) > 30

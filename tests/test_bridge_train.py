@@ -135,11 +135,11 @@ def test_sparsity_penalty_shrinks_channel_norms():
     """Group-L1 on Conv output channels (no BN in the graph) lowers the summed channel norms."""
     _, student_model, arrays, logits = _setup(48)
     base = OnnxModule(student_model)
-    before = float(sparsity_penalty(base, student_model))
+    before = float(sparsity_penalty(base, student_model).detach())
     cfg = FinetuneConfig(epochs=5, lr=5e-2, batch_size=16, val_fraction=0.0, sparsity=1.0, soft_weight=0.0)
     student = OnnxModule(student_model)
     train_student(student, student_model, arrays, logits, None, cfg)
-    assert float(sparsity_penalty(student, student_model)) < 0.8 * before
+    assert float(sparsity_penalty(student, student_model).detach()) < 0.8 * before
 
 
 def test_config_rejects_bad_values():

@@ -70,6 +70,17 @@ class OptimizeResult:
     timed_out: bool
 
 
+def _npz_has_labels(source: object) -> bool:
+    """Whether ``source`` is a readable ``.npz`` path holding a ``labels`` array."""
+    if not isinstance(source, (str, os.PathLike)) or not str(source).endswith(".npz"):
+        return False
+    try:
+        with np.load(source, allow_pickle=False) as z:
+            return "labels" in z.files
+    except (OSError, ValueError):
+        return False
+
+
 def _recipe_path(output: Path) -> Path:
     return output.with_name(output.name.removesuffix(".onnx") + ".recipe.json")
 
@@ -121,6 +132,8 @@ def optimize(
     time_limit: float | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     rank_fractions: tuple[float, ...] = (0.5, 0.25),
+    prune_ratios: tuple[float, ...] = (0.25, 0.5, 0.75),
+    prune_multiple: int = 8,
     sensitivity_samples: int = 64,
     eval_samples: int = 256,
     method: str = "mse",
@@ -130,7 +143,7 @@ def optimize(
     finetune_epochs: int = 6,
     progress: bool = False,
 ) -> OptimizeResult:
-    """Search per-layer int8/fp32 × low-rank options under a budget and write the best model found.
+    """Search per-layer int8/fp32 × low-rank × per-group pruning options under a budget and write the best model found.
 
     Candidates are built with :func:`onnxpress.recipe.apply_recipe` and the winner's recipe is
     written beside the output, so ``optimize(model, out, calib=..., recipe=<that file>)`` rebuilds it
@@ -142,6 +155,7 @@ def optimize(
         calib: calibration data (anything ``open_data`` accepts).
         eval_data: data the candidates are compared on (default: the calibration data).
         labels: class labels for ``eval_data`` (``.npy``/``.npz``/array); accuracy then ranks candidates.
+            Default: the ``labels`` key of ``eval_data`` when it is an ``.npz`` that has one.
         budget: ``latency=F`` (measured onnxruntime latency ratio), ``size=F`` or ``flops=F``.
         max_drop: largest accepted accuracy drop in points (needs labels).
         recipe: apply this recipe instead of searching.
@@ -149,13 +163,16 @@ def optimize(
         time_limit: seconds; the search stops at the next step and keeps the best so far.
         cache_dir: sensitivity cache folder (default ``~/.cache/onnxpress``).
         rank_fractions: rank options as fractions of each layer's full rank.
+        prune_ratios: channel-pruning ratios offered per channel group (empty: no pruning).
+        prune_multiple: kept channels per group rounded to a multiple of this.
         sensitivity_samples: samples the per-layer SQNR is measured on.
         eval_samples: samples candidates are compared on.
         method: calibration method of the quantize step.
         shortlist: candidates built and measured per round.
         seed: local-search seed.
-        finetune: distil the original into every split candidate (on ``calib``) before it is
-            quantized; candidates are measured after the fine-tune (needs torch).
+        finetune: distil the original into every pruned or split candidate (on ``calib``) before it
+            is quantized; candidates (and ``max_drop``) are measured after the fine-tune (needs torch).
+            The search then also tries assuming the fine-tune removes 90% / 99% of pruning's noise.
         finetune_epochs: epochs of that fine-tune.
         progress: progress bars.
 
@@ -167,6 +184,9 @@ def optimize(
     start = time.monotonic()
     deadline = start + time_limit if time_limit else None
     out = check_output_path(output, [model])
+    if labels is None and eval_data is not None and _npz_has_labels(eval_data):
+        labels = eval_data  # an evaluation .npz that carries its labels (the readers ignore the extra key)
+        log.info("labels taken from the 'labels' key of %s", eval_data)
     if max_drop is not None and (labels is None or max_drop < 0):
         raise OnnxpressError("--max-drop needs labels (--labels) and a value >= 0 (accuracy points)")
     original = load_model(model)
@@ -201,9 +221,12 @@ def optimize(
         return result
 
     bud = parse_budget(budget)
-    sens = analyze_sensitivity(m0, calib, rank_fractions=rank_fractions, method=method,
-                               max_samples=sensitivity_samples, cache_dir=cache_dir, progress=progress)
-    space = SearchSpace(sens, m0.ByteSize())
+    sens = analyze_sensitivity(m0, calib, rank_fractions=rank_fractions, prune_ratios=prune_ratios,
+                               prune_multiple=prune_multiple, method=method, max_samples=sensitivity_samples,
+                               cache_dir=cache_dir, progress=progress)
+    space = SearchSpace(sens, m0.ByteSize(), prune_multiple=prune_multiple)
+    # pruning's noise is measured before any fine-tune; with one, also search assuming most of it recovers
+    discounts = (1.0, 0.1, 0.01) if finetune and space.groups else (1.0,)
     ev.model_bytes = m0.ByteSize()
     candidates: list[Candidate] = []
 
@@ -236,22 +259,30 @@ def optimize(
         if deadline is not None and time.monotonic() > deadline:
             timed_out = True
             break
-        greedy = space.greedy(bud.kind, limit)
-        if greedy is None:
+        batch = []
+        for delta in discounts:
+            space.prune_discount = delta
+            greedy = space.greedy(bud.kind, limit)
+            if greedy is None:
+                continue
+            refined = space.refine(bud.kind, limit, greedy, seed=seed + round_, deadline=deadline)
+            tag = "" if delta == 1.0 else f" (prune noise x{delta:g})"
+            batch += [make(refined, "searched" + tag), make(greedy, "greedy" + tag)]
+        space.prune_discount = 1.0
+        if not batch:
             log.warning("no assignment fits %s=%.3f by the estimate; keeping the best measured", bud.kind, limit)
             break
-        refined = space.refine(bud.kind, limit, greedy, seed=seed + round_, deadline=deadline)
-        batch = [make(refined, "searched"), make(greedy, "greedy")]
         for f in (0.8, 1.25):  # neighbours of the budget, for the Pareto front
             near = space.greedy(bud.kind, min(limit * f, 1.0))
             if near is not None:
                 batch.append(make(near, f"greedy at {f:g}x budget"))
         seen: set[tuple[int, ...]] = set()
-        batch = [c for c in batch if not (c.picks in seen or seen.add(c.picks))][:shortlist]
+        batch = [c for c in batch if not (c.picks in seen or seen.add(c.picks))]
+        batch = sorted(batch, key=lambda c: c.note.startswith("greedy"))[:shortlist]  # searched ones first
         evaluate(batch)
         best = batch[0]
         est, measured = space.cost(bud.kind, best.picks), best.cost(bud.kind)
-        if measured is None or measured <= bud.value or est <= 0:
+        if measured is None or est <= 0 or any((c.cost(bud.kind) or math.inf) <= bud.value for c in batch):
             break
         space.scale[bud.kind] *= measured / est  # the estimate was optimistic: correct it and search again
         log.info("%s estimate corrected by %.3f (measured %.3f)", bud.kind, measured / est, measured)

@@ -1,6 +1,7 @@
 """The ``--report DIR`` of ``onnxpress optimize``: ``report.md``, ``report.json`` and four PNGs.
 
-    sensitivity.png  per-layer output SQNR of each option alone (higher = safer to apply)
+    sensitivity.png  per-layer output SQNR of each option alone (higher = safer to apply); a second
+                     panel per channel group and prune ratio when pruning was searched
     histograms.png   calibration histograms of the inputs of the most int8-sensitive layers,
                      with the chosen clipping threshold marked
     pareto.png       measured candidates: fidelity vs the budget's cost, Pareto front, chosen point
@@ -57,7 +58,12 @@ def _plt() -> Any:
 def _sensitivity_png(result: OptimizeResult, path: Path) -> None:
     plt = _plt()
     sens = result.sensitivity
-    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(sens.layers) + 2), 4))
+    groups = list(dict.fromkeys(s.layer for s in sens.scores if s.family == "prune"))
+    width_in = max(6, 0.9 * max(len(sens.layers), len(groups)) + 2)
+    if groups:
+        fig, (ax, gax) = plt.subplots(2, 1, figsize=(width_in, 8))
+    else:
+        fig, ax = plt.subplots(figsize=(width_in, 4))
     options = sorted({(s.family, s.option) for s in sens.scores}, key=lambda t: (t[0] != "int8", t[1]))
     families = sorted({s.family for s in sens.scores}, key=lambda f: f != "int8")
     labels_per_family = {f: [] for f in families}
@@ -82,6 +88,22 @@ def _sensitivity_png(result: OptimizeResult, path: Path) -> None:
     ax.set_ylabel("output SQNR with only this layer changed (dB)")
     ax.set_title("Per-layer sensitivity (higher = safer); second label line = chosen option")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    if groups:  # pruning is per channel group (one group spans the layers that share its channels)
+        ratios = sorted({s.ratio for s in sens.scores if s.family == "prune"})
+        gw = 0.8 / len(ratios)
+        gx = np.arange(len(groups))
+        for k, r in enumerate(ratios):
+            vals = [next((s.sqnr_db for s in sens.scores if s.family == "prune" and s.layer == g and s.ratio == r),
+                         None) for g in groups]
+            gax.bar(gx + k * gw, [0 if v is None else (min(v, 100.0) if math.isfinite(v) else 100.0) for v in vals],
+                    gw, label=f"prune {r:g} of the group")
+        gax.set_xticks(gx + gw * (len(ratios) - 1) / 2)
+        gax.set_xticklabels([f"{g}\n{result.choices.get(g, '')}" for g in groups], rotation=60, ha="right",
+                            fontsize=7)
+        gax.set_ylabel("output SQNR, only this group pruned (dB)")
+        gax.set_title("Per-channel-group pruning sensitivity, before any fine-tune (missing bar: "
+                      "ratio removes nothing new after rounding)", fontsize=9)
+        gax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

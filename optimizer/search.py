@@ -1,13 +1,17 @@
-"""Budgeted search over per-layer precision × rank, guided by the sensitivity table.
+"""Budgeted search over per-layer precision × rank and per-group channel pruning.
 
-Each MAC layer ``l`` takes one option ``o_l = (q, r)``, ``q ∈ {fp32, int8}``, ``r ∈ {full} ∪ ranks``.
-The search solves, approximately::
+Each MAC layer ``l`` takes one option ``o_l = (q, r)``, ``q ∈ {fp32, int8}``, ``r ∈ {full} ∪ ranks``,
+and each prunable channel group ``g`` one ratio ``p_g ∈ {0} ∪ prune ratios`` (a slot of its own:
+a group spans several layers). The search solves, approximately::
 
-    max  fidelity(o)          fidelity ≈ -10 log10 Σ_l [NSR_l(q_l) + NSR_l(r_l)]   (additive noise)
-    s.t. cost(o) ≤ budget     cost: flops  = Σ MACs_l(r) / Σ MACs_l
-                                    size   = 1 + Σ Δbytes_l(o) / bytes    (Δ measured per option alone)
-                                    latency = Σ MACs_l(r)·(ρ if int8 else 1) / Σ MACs_l,
+    max  fidelity(o)          fidelity ≈ -10 log10 Σ [NSR_l(q_l) + NSR_l(r_l) + δ·NSR_g(p_g)]   (additive)
+    s.t. cost(o) ≤ budget     cost: flops  = (Σ MACs_l(r) - Σ_g ΔMACs_g(p)) / Σ MACs_l
+                                    size   = 1 + Σ Δbytes(o) / bytes    (Δ measured per option alone)
+                                    latency = (Σ MACs_l(r)·(ρ if int8 else 1) - ρ·Σ_g ΔMACs_g(p)) / Σ MACs_l,
                                               ρ = measured latency ratio of the all-int8 model
+                              δ = 1, or with fine-tune a few assumed recoveries δ < 1 (pruning's noise
+                              is measured before the fine-tune that recovers most of it; which δ is
+                              right is settled by measuring the built, fine-tuned candidates)
                               each times k = measured / estimated, updated from built candidates
                               (QDQ nodes add bytes, non-MAC ops take time: the estimates are optimistic)
 
@@ -78,16 +82,19 @@ def parse_budget(text: str | Budget) -> Budget:
 class LayerChoice:
     """One option of one layer with its estimated costs and noise."""
 
-    quant: str  # "fp32" | "int8"
+    quant: str  # "fp32" | "int8" | "group" (a channel-group slot: macs = -MACs saved)
     rank: int | None
     nsr: float
     macs: int
     params: int
     bytes_delta: float = 0.0
+    prune: float | None = None
 
     @property
     def label(self) -> str:
-        """``int8``, ``fp32``, ``int8+r16``, ..."""
+        """``int8``, ``fp32``, ``int8+r16``, ``keep``, ``prune0.5``, ..."""
+        if self.quant == "group":
+            return f"prune{self.prune:g}" if self.prune else "keep"
         return self.quant + (f"+r{self.rank}" if self.rank else "")
 
 
@@ -120,12 +127,16 @@ class SearchSpace:
         model_bytes: serialized bytes of the cleaned model (for the size estimate).
         int8_latency: measured latency ratio of the all-int8 model (ρ), for the latency estimate.
         quantize: offer int8.
+        prune: offer the channel-pruning options of the table.
+        prune_multiple: the multiple the table's prune options were rounded to (written into recipes).
     """
 
     def __init__(self, sens: SensitivityResult, model_bytes: int, *, int8_latency: float = 0.5,
-                 quantize: bool = True) -> None:
+                 quantize: bool = True, prune: bool = True, prune_multiple: int = 8) -> None:
         self.layers = [lay for lay in sens.layers if lay.macs > 0 or lay.params > 0]
         self.total_macs = max(sum(lay.macs for lay in self.layers), 1)
+        self.prune_multiple = prune_multiple
+        self.prune_discount = 1.0  # δ: assumed fraction of pruning's noise left after a fine-tune
         self.model_bytes = model_bytes
         self.rho = int8_latency
         self.scale = dict.fromkeys(BUDGET_KINDS, 1.0)  # measured / estimated, updated from built candidates
@@ -143,6 +154,24 @@ class SearchSpace:
                     opts.append(LayerChoice("int8", s.rank, nsr(s.sqnr_db) + nsr(q.sqnr_db), s.macs_after,
                                             s.params_after, s.bytes_delta + q.bytes_delta * shrink))
             self.options.append(opts)
+        total0 = sum(lay.macs for lay in sens.layers)
+        self.groups: list[str] = []
+        for s in sens.scores if prune else ():
+            if s.family != "prune":
+                continue
+            if s.layer not in self.groups:
+                self.groups.append(s.layer)
+                self.options.append([LayerChoice("group", None, 0.0, 0, 0, 0.0, 0.0)])
+            self.options[-1].append(LayerChoice("group", None, nsr(s.sqnr_db), s.macs_after - total0,
+                                                s.params_after, s.bytes_delta, s.ratio))
+
+    @property
+    def slots(self) -> list[str]:
+        """Slot keys: the MAC layers, then the channel groups."""
+        return [lay.key for lay in self.layers] + list(self.groups)
+
+    def _nsr(self, c: LayerChoice) -> float:
+        return c.nsr * self.prune_discount if c.quant == "group" else c.nsr
 
     # -- estimates -------------------------------------------------------------------------
     def layer_cost(self, kind: str, c: LayerChoice) -> float:
@@ -151,7 +180,7 @@ class SearchSpace:
             return c.macs / self.total_macs
         if kind == "size":
             return c.bytes_delta / self.model_bytes
-        return c.macs * (self.rho if c.quant == "int8" else 1.0) / self.total_macs
+        return c.macs * (self.rho if c.quant in ("int8", "group") else 1.0) / self.total_macs
 
     def cost(self, kind: str, picks: Sequence[int]) -> float:
         """Estimated ``kind`` ratio of an assignment."""
@@ -160,7 +189,7 @@ class SearchSpace:
 
     def est_sqnr(self, picks: Sequence[int]) -> float:
         """Estimated output SQNR (dB) from the summed per-layer noise."""
-        total = sum(self.options[i][j].nsr for i, j in enumerate(picks))
+        total = sum(self._nsr(self.options[i][j]) for i, j in enumerate(picks))
         return math.inf if total <= 0 else -10.0 * math.log10(total)
 
     def candidate(self, kind: str, picks: Sequence[int]) -> Candidate:
@@ -172,7 +201,7 @@ class SearchSpace:
     def greedy(self, kind: str, budget: float, start: Sequence[int] | None = None,
                frozen: frozenset[int] = frozenset()) -> tuple[int, ...] | None:
         """Least ΔNSR per cost saved until the estimate fits ``budget``; None when it cannot."""
-        picks = list(start) if start is not None else [0] * len(self.layers)
+        picks = list(start) if start is not None else [0] * len(self.options)
         cost = self.cost(kind, picks)
         while cost > budget + 1e-12:
             best = None
@@ -185,7 +214,7 @@ class SearchSpace:
                     saved = self.scale[kind] * (c_cur - self.layer_cost(kind, o))
                     if saved <= 1e-15:
                         continue
-                    score = max(o.nsr - cur.nsr, 0.0) / saved
+                    score = max(self._nsr(o) - self._nsr(cur), 0.0) / saved
                     if best is None or score < best[0] - 1e-18:
                         best = (score, i, j)
             if best is None:
@@ -200,13 +229,13 @@ class SearchSpace:
         """Local search: upgrade one layer (less noise), re-fit the budget greedily, keep improvements."""
         rng = random.Random(seed)
         best = tuple(picks)
-        best_nsr = sum(self.options[i][j].nsr for i, j in enumerate(best))
+        best_nsr = sum(self._nsr(self.options[i][j]) for i, j in enumerate(best))
         for _ in range(iterations):
             if deadline is not None and time.monotonic() > deadline:
                 break
-            i = rng.randrange(len(self.layers))
+            i = rng.randrange(len(self.options))
             cur = self.options[i][best[i]]
-            better = [j for j, o in enumerate(self.options[i]) if o.nsr < cur.nsr]
+            better = [j for j, o in enumerate(self.options[i]) if self._nsr(o) < self._nsr(cur)]
             if not better:
                 continue
             trial = list(best)
@@ -214,7 +243,7 @@ class SearchSpace:
             fitted = self.greedy(kind, budget, trial, frozen=frozenset({i}))
             if fitted is None:
                 continue
-            total = sum(self.options[k][j].nsr for k, j in enumerate(fitted))
+            total = sum(self._nsr(self.options[k][j]) for k, j in enumerate(fitted))
             if total < best_nsr - 1e-15:
                 best, best_nsr = fitted, total
         return best
@@ -222,7 +251,7 @@ class SearchSpace:
     def uniform(self, quant: str, rank_fraction: float | None = None) -> tuple[int, ...]:
         """The option index per layer closest to a uniform setting (for baselines)."""
         picks = []
-        for lay, opts in zip(self.layers, self.options, strict=True):
+        for lay, opts in zip(self.layers, self.options[:len(self.layers)], strict=True):
             want = None
             if rank_fraction is not None and lay.full_rank > 1:
                 want = max(1, math.ceil(rank_fraction * lay.full_rank))
@@ -230,19 +259,31 @@ class SearchSpace:
             if idx is None:
                 idx = next((j for j, o in enumerate(opts) if o.quant == quant and o.rank is None), 0)
             picks.append(idx)
-        return tuple(picks)
+        return tuple(picks) + (0,) * len(self.groups)
 
     def recipe(self, picks: Sequence[int], *, method: str = "mse", calib_samples: int = 256,
                moment_samples: int = 64, finetune_epochs: int | None = None) -> dict[str, Any]:
-        """The recipe that builds an assignment (lowrank, [finetune when something was split], quantize)."""
-        ranks = {lay.key: self.options[i][j].rank for i, (lay, j) in enumerate(zip(self.layers, picks, strict=True))
-                 if self.options[i][j].rank}
-        quant = [self.options[i][j].quant == "int8" for i, j in enumerate(picks)]
+        """The recipe that builds an assignment.
+
+        Steps: prune, lowrank, finetune (when something was pruned or split), quantize. One fine-tune
+        after both structural steps recovers both before the ranges are calibrated; the low-rank
+        split's moments are then measured on the pruned model, so its ranks apply to pruned layers
+        (a rank at or above a pruned layer's full rank leaves it whole).
+        """
+        n = len(self.layers)
+        ranks = {lay.key: self.options[i][j].rank for i, (lay, j) in enumerate(zip(self.layers, picks[:n],
+                 strict=True)) if self.options[i][j].rank}
+        ratios = {g: self.options[n + k][j].prune for k, (g, j) in enumerate(zip(self.groups, picks[n:], strict=True))
+                  if self.options[n + k][j].prune}
+        quant = [self.options[i][j].quant == "int8" for i, j in enumerate(picks[:n])]
         steps: list[dict[str, Any]] = []
+        if ratios:
+            steps.append({"pass": "prune", "ratio": dict(sorted(ratios.items())), "criterion": "l2",
+                          "multiple": self.prune_multiple})
         if ranks:
             steps.append({"pass": "lowrank", "ranks": dict(sorted(ranks.items())), "max_samples": moment_samples})
-            if finetune_epochs:
-                steps.append({"pass": "finetune", "epochs": finetune_epochs})
+        if (ranks or ratios) and finetune_epochs:
+            steps.append({"pass": "finetune", "epochs": finetune_epochs})
         if any(quant):
             exclude = sorted(lay.key for lay, q in zip(self.layers, quant, strict=True) if not q)
             steps.append({"pass": "quantize", "method": method, "exclude": exclude, "max_samples": calib_samples})
@@ -251,8 +292,8 @@ class SearchSpace:
         return {"version": 1, "steps": steps}
 
     def describe(self, picks: Sequence[int]) -> dict[str, str]:
-        """``{layer: option label}``."""
-        return {lay.key: self.options[i][j].label for i, (lay, j) in enumerate(zip(self.layers, picks, strict=True))}
+        """``{layer or channel group: option label}``."""
+        return {key: self.options[i][j].label for i, (key, j) in enumerate(zip(self.slots, picks, strict=True))}
 
 
 def pareto_front(points: Sequence[Candidate], kind: str) -> list[Candidate]:

@@ -7,7 +7,14 @@ For every MAC layer ``l`` (Conv/Gemm/MatMul of the cleaned model) and option ``o
 
     cleaned M ──┬── calibrate once (table) ──► InsertQDQ(only l) ──► run ──► SQNR(l, int8)
                 ├── E[x xᵀ] once (moments) ──► FixedRanks({l: r}) ──► run ──► SQNR(l, rank r)
-                └── sensitivity_scan (onnxpress.prune) ───────────────────► SQNR(group, ratio)
+                └── PruneChannels({g: ρ}, multiple=8) (the recipe's prune step) ──► run ──► SQNR(g, prune ρ)
+
+Pruning options are per *channel group* ``g`` (coupled channels: a conv's outputs and, through a
+residual Add, every branch that shares them), not per layer: removing a unit shrinks the producers,
+every op in between and the consumers' inputs. Their score rows carry the group name as ``layer``,
+family ``prune``, ``macs_after``/``params_after`` summed over all the table's layers after pruning only ``g``, and
+the measured byte delta. Kept counts are rounded to ``prune_multiple``; ratios that remove nothing
+after rounding, or the same units as a smaller ratio, are dropped.
 
 What is shared: one streamed calibration pass per option family (the activation ranges for int8,
 the input second moments for ranks), the reference outputs and the batches read once. What is not:
@@ -48,13 +55,14 @@ __all__ = [
     "analyze_sensitivity",
     "default_cache_dir",
     "nsr",
+    "prune_groups",
     "read_feeds",
     "run_outputs",
 ]
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 
 
 def nsr(sqnr: float) -> float:
@@ -75,7 +83,11 @@ class LayerInfo:
 
 @dataclasses.dataclass(frozen=True)
 class OptionScore:
-    """Output SQNR when only ``layer`` takes ``option`` (``family`` int8 | rank | prune)."""
+    """Output SQNR when only ``layer`` takes ``option`` (``family`` int8 | rank | prune).
+
+    For ``prune`` rows ``layer`` is a channel group, ``ratio`` the ratio asked for, ``units_removed``
+    what the pass removed, and ``macs_after``/``params_after`` are sums over the table's layers.
+    """
 
     layer: str
     family: str
@@ -85,6 +97,8 @@ class OptionScore:
     params_after: int
     rank: int | None = None
     bytes_delta: int = 0  # serialized bytes of the one-layer candidate minus the model's (QDQ/factor overhead incl.)
+    ratio: float | None = None
+    units_removed: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,11 +214,36 @@ def rank_options(full: int, fractions: Sequence[float], multiple: int = 1) -> li
     return out
 
 
+def prune_groups(model: onnx.ModelProto) -> list[str]:
+    """Channel groups of ``model`` with at least two prunable units, in graph order."""
+    import onnx_graphsurgeon as gs
+
+    from onnxpress.passes.base import quiet_graphsurgeon
+    from onnxpress.passes.channel_groups import analyze_channels
+
+    with quiet_graphsurgeon():
+        analysis = analyze_channels(gs.import_onnx(model))
+    frozen = analysis.frozen_units()
+    return [g.name for g in analysis.groups() if sum(u not in frozen for u in g.units) >= 2]
+
+
+def _prune_one(model: onnx.ModelProto, group: str, ratio: float, multiple: int) -> tuple[onnx.ModelProto, int]:
+    """The model with only ``group`` pruned to ``ratio`` — the same passes as the recipe's prune step."""
+    from onnxpress.passes.fold import FoldConstants
+    from onnxpress.passes.prune_channels import PruneChannels
+    from onnxpress.pipeline import run_passes
+
+    res = run_passes(model, [FoldConstants(), PruneChannels({group: ratio}, criterion="l2", multiple=multiple)])
+    return res.model, int(res.stats.get("prune_channels.units_removed", 0))
+
+
 def analyze_sensitivity(
     model: onnx.ModelProto,
     calib: object,
     *,
     rank_fractions: Sequence[float] = (0.5, 0.25),
+    prune_ratios: Sequence[float] = (0.25, 0.5, 0.75),
+    prune_multiple: int = 8,
     quantize: bool = True,
     method: str = "mse",
     max_samples: int = 64,
@@ -220,6 +259,8 @@ def analyze_sensitivity(
         model: the *cleaned* model (see :func:`onnxpress.recipe.prepare`); not modified.
         calib: calibration data (anything ``open_data`` accepts).
         rank_fractions: rank options as fractions of each layer's full rank.
+        prune_ratios: channel-pruning options per prunable channel group (empty: none).
+        prune_multiple: kept channel counts rounded to a multiple of this (as the recipe's prune step).
         quantize: measure the int8 option.
         method: calibration method for the int8 option.
         max_samples: samples the SQNR is measured on.
@@ -244,7 +285,8 @@ def analyze_sensitivity(
         raise OnnxpressError(f"sensitivity needs at least one sample, got max_samples={max_samples}")
     feeds = read_feeds(model, calib, max_samples)
     samples = sum(next(iter(f.values())).shape[0] for f in feeds)
-    config = {"ranks": list(rank_fractions), "int8": quantize, "method": method, "calib": calib_samples,
+    config = {"ranks": list(rank_fractions), "prune": [float(r) for r in prune_ratios],
+              "prune_multiple": prune_multiple, "int8": quantize, "method": method, "calib": calib_samples,
               "moments": moment_samples, "multiple": multiple, "v": CACHE_VERSION}
     key = hashlib.sha256(
         f"{model_digest(model)}|{_data_digest(feeds)}|{json.dumps(config, sort_keys=True)}".encode()
@@ -264,12 +306,15 @@ def analyze_sensitivity(
     layers = layer_infos(model)
     reference = run_outputs(model, feeds)
     names = [n.name for n in model.graph.node if n.name]
-    jobs: list[tuple[LayerInfo, str, int | None]] = []
+    jobs: list[tuple[LayerInfo | str, str, float | None]] = []
     for lay in layers:
         if quantize:
             jobs.append((lay, "int8", None))
         if lay.full_rank > 1:
             jobs.extend((lay, "rank", r) for r in rank_options(lay.full_rank, rank_fractions, multiple))
+    if prune_ratios:
+        jobs.extend((g, "prune", float(r)) for g in prune_groups(model) for r in sorted(prune_ratios))
+    removed_seen: dict[str, set[int]] = {}
     table = moments = None
     if quantize and layers:
         table = calibrate(model, calib, method=method, max_samples=calib_samples)
@@ -277,6 +322,20 @@ def analyze_sensitivity(
         moments = collect_moments(model, calib, max_samples=moment_samples)
     scores = []
     for lay, fam, r in tqdm(jobs, desc="sensitivity", unit="candidate", disable=not progress):
+        if fam == "prune":
+            group = str(lay)
+            cand, units = _prune_one(model, group, float(r), prune_multiple)
+            if units == 0 or units in removed_seen.setdefault(group, set()):
+                log.debug("prune %s at %g removes %d units (none or as before); option dropped", group, r, units)
+                continue
+            removed_seen[group].add(units)
+            outs = run_outputs(cand, feeds)
+            macs, params = count_macs(cand), count_params(cand)  # summed over the table's layers
+            scores.append(OptionScore(group, "prune", f"prune{r:g}", sqnr_db(reference, outs),
+                                      int(sum(macs.get(x.key, 0) for x in layers)),
+                                      int(sum(params.get(x.key, 0) for x in layers)),
+                                      None, cand.ByteSize() - model.ByteSize(), float(r), int(units)))
+            continue
         if fam == "int8":
             others = frozenset(n for n in names if n != lay.key)
             qdq = InsertQDQ(table, exclude=Selection(nodes=others))

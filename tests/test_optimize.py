@@ -91,9 +91,30 @@ def test_finetune_recipe_reproduces_bytes_and_recovers(setup):
     res = optimize(model, tmp / "a.onnx", calib=data, budget="flops=0.6", cache_dir=tmp / "c", eval_samples=32,
                    sensitivity_samples=16, finetune=True, finetune_epochs=2, shortlist=2)
     steps = [s["pass"] for s in res.recipe["steps"]]
-    assert steps[:2] == ["lowrank", "finetune"]
+    assert "lowrank" in steps and "finetune" in steps  # fine-tune after every structural step, before quantize
+    assert max(steps.index(p) for p in ("prune", "lowrank") if p in steps) < steps.index("finetune")
+    assert steps[-1] == "quantize" or "quantize" not in steps
     optimize(model, tmp / "b.onnx", calib=data, recipe=res.recipe_path, eval_samples=32)
     assert (tmp / "a.onnx").read_bytes() == (tmp / "b.onnx").read_bytes()
     plain = optimize(model, tmp / "p.onnx", calib=data, recipe={"version": 1, "steps": [
         s for s in res.recipe["steps"] if s["pass"] != "finetune"]}, eval_samples=32)
     assert res.chosen.sqnr_db > plain.chosen.sqnr_db  # distillation brought the outputs closer to the original
+
+
+def test_searched_recipe_with_a_prune_step_reproduces_byte_for_byte(setup):
+    """No rank options: only pruning can meet a MACs budget; prune -> finetune -> quantize rebuilds the bytes."""
+    model, data, tmp = setup
+    labels = np.load(data)["labels"][:32]
+    res = optimize(model, tmp / "a.onnx", calib=data, labels=labels, max_drop=100.0, budget="flops=0.7",
+                   rank_fractions=(), cache_dir=tmp / "c", eval_samples=32, sensitivity_samples=16, finetune=True,
+                   finetune_epochs=1, shortlist=2)
+    steps = [s["pass"] for s in res.recipe["steps"]]
+    assert steps[:2] == ["prune", "finetune"] and res.feasible and res.chosen.flops_ratio <= 0.7
+    assert any(k != "conv1" and v.startswith("prune") for k, v in res.choices.items())
+    again = optimize(model, tmp / "b.onnx", calib=data, labels=labels, recipe=res.recipe_path, eval_samples=32)
+    assert (tmp / "a.onnx").read_bytes() == (tmp / "b.onnx").read_bytes()
+    # candidates that prune are judged (accuracy, max-drop) after their fine-tune: the recipe-built model's numbers
+    assert again.chosen.accuracy == res.chosen.accuracy and again.chosen.sqnr_db == pytest.approx(res.chosen.sqnr_db)
+    no_ft = optimize(model, tmp / "n.onnx", calib=data, labels=labels, recipe={"version": 1, "steps": [
+        s for s in res.recipe["steps"] if s["pass"] != "finetune"]}, eval_samples=32)
+    assert no_ft.chosen.sqnr_db != pytest.approx(res.chosen.sqnr_db)  # the fine-tune changed what was measured

@@ -29,4 +29,5 @@ def test_report_has_all_images_and_records(tmp_path, monkeypatch):
     # the before/after table comes from onnxpress.validate on the same samples (full ORT optimisations)
     assert abs(record["validation"]["outputs"][0]["sqnr_db"] - record["chosen"]["sqnr_db"]) < 0.5
     assert len(record["sensitivity"]["scores"]) == len(res.sensitivity.scores)
+    assert any(s["family"] == "prune" for s in record["sensitivity"]["scores"])  # drawn as a second panel
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "d.npz", "out", "rep"]  # nothing in the cwd

@@ -80,3 +80,30 @@ def test_uniform_baseline_is_all_int8():
     assert set(space.describe(space.uniform("int8")).values()) == {"int8"}
     assert space.describe(space.uniform("int8", 0.5)) == {"A": "int8+r10", "B": "int8+r5"}
     assert prepare(tiny_cnn()) is not None
+
+
+def _sens_with_group() -> SensitivityResult:
+    """The two layers of ``_sens`` plus channel group G (shared by A and B): pruning half saves 40% of MACs."""
+    base = _sens()
+    prune = (OptionScore("G", "prune", "prune0.5", 35.0, 660, 300, None, -700, 0.5, 8),
+             OptionScore("G", "prune", "prune0.75", 5.0, 330, 150, None, -1000, 0.75, 12))
+    return SensitivityResult(base.layers, base.scores + prune, 8, "k")
+
+
+def test_prune_group_is_a_slot_in_cost_and_recipe():
+    space = SearchSpace(_sens_with_group(), model_bytes=2000, prune_multiple=8)
+    assert space.slots == ["A", "B", "G"] and [o.label for o in space.options[2]] == ["keep", "prune0.5", "prune0.75"]
+    # flops 0.6: pruning G by half (noise 10^-3.5 for 440 MACs saved) beats splitting A (10^-3 for 500)
+    # in noise per MAC saved; est cost = (1100 - 440) / 1100 = 0.6
+    picks = space.greedy("flops", 0.6)
+    assert space.cost("flops", picks) <= 0.6 + 1e-12
+    assert space.describe(picks)["G"] == "prune0.5"
+    recipe = space.recipe(picks, finetune_epochs=2)
+    assert [s["pass"] for s in recipe["steps"]] == ["prune", "finetune"]
+    assert recipe["steps"][0] == {"pass": "prune", "ratio": {"G": 0.5}, "criterion": "l2", "multiple": 8}
+    assert space.uniform("int8")[2] == 0 and len(space.uniform("int8")) == 3
+    # the prune discount (assumed fine-tune recovery) only scales pruning's noise
+    assert space.est_sqnr(picks) == pytest.approx(35.0)
+    space.prune_discount = 0.01
+    assert space.est_sqnr(picks) == pytest.approx(55.0)
+    assert SearchSpace(_sens_with_group(), model_bytes=2000, prune=False).slots == ["A", "B"]

@@ -114,3 +114,28 @@ def test_bad_data_and_samples(tmp_path):
         analyze_sensitivity(model, tmp_path / "bad.npz", cache_dir=False)
     with pytest.raises(OnnxpressError, match="at least one sample"):
         analyze_sensitivity(model, tiny_data(tmp_path / "d.npz"), cache_dir=False, max_samples=0)
+
+
+def test_prune_options_per_channel_group(tmp_path):
+    """Prune rows per channel group: kept counts are multiples of 8, and each SQNR equals the recipe-built model's."""
+    model = prepare(tiny_cnn())
+    data = tiny_data(tmp_path / "d.npz")
+    sens = analyze_sensitivity(model, data, cache_dir=False, max_samples=32, quantize=False, rank_fractions=())
+    rows = [s for s in sens.scores if s.family == "prune"]
+    assert rows and {s.family for s in sens.scores} == {"prune"}
+    # conv1's 8 channels cannot keep a multiple of 8 below 8; conv2 (16) keeps 8; fc1 (32) keeps 24, 16, 8
+    removed = {(s.layer, s.units_removed) for s in rows}
+    assert {u for g, u in removed if "fc1" in g} == {8, 16, 24} and {u for g, u in removed if "conv2" in g} == {8}
+    assert not any("conv1" in g and "conv2" not in g for g, _ in removed)
+    total = sum(lay.macs for lay in sens.layers)
+    feeds = read_feeds(model, data, 32)
+    reference = run_outputs(model, feeds)
+    for s in rows:
+        assert s.macs_after < total and s.bytes_delta < 0
+        built = apply_recipe(model, {"version": 1, "steps": [
+            {"pass": "prune", "ratio": {s.layer: s.ratio}, "multiple": 8}]}, data, prepared=True)
+        assert sqnr_db(reference, run_outputs(built, feeds)) == pytest.approx(s.sqnr_db, abs=1e-6)
+    fc1 = sorted((s for s in rows if "fc1" in s.layer), key=lambda s: s.ratio)
+    assert fc1[0].sqnr_db > fc1[-1].sqnr_db and fc1[0].macs_after > fc1[-1].macs_after
+    none = analyze_sensitivity(model, data, cache_dir=False, max_samples=32, quantize=False, prune_ratios=())
+    assert not any(s.family == "prune" for s in none.scores)

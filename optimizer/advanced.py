@@ -139,9 +139,9 @@ def collect_channel_stats(
     return observers
 
 
-def _prepare(model: ModelSource, output: str | os.PathLike[str] | None) -> onnx.ModelProto:
+def _prepare(model: ModelSource, output: str | os.PathLike[str] | None, data: Any = None) -> onnx.ModelProto:
     if output is not None:
-        check_output_path(output, [model])
+        check_output_path(output, [model, data])
     return run_passes(normalize_model(load_model(model)), cleanup_passes()).model
 
 
@@ -200,7 +200,7 @@ def smoothquant(
 
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], not {alpha}")
-    proto = _prepare(model, output)
+    proto = _prepare(model, output, data)
     names = smoothquant_targets(import_graph(proto))
     stats = collect_channel_stats(proto, data, {n: -1 for n in names}, batch_size=batch_size,
                                   max_samples=max_samples, progress=progress)
@@ -233,7 +233,7 @@ def correct_bias(
     """
     from onnxpress.passes.bias_correction import CorrectBias, bias_correction_inputs
 
-    proto = _prepare(model, output)
+    proto = _prepare(model, output, data)
     requests = dict(bias_correction_inputs(import_graph(proto)))
     stats = collect_channel_stats(proto, data, requests, spatial=True, batch_size=batch_size,
                                   max_samples=max_samples, progress=progress)
@@ -285,7 +285,7 @@ def codebook(
                                 channel_scale=channel_scale)
     except ValueError as exc:
         raise OnnxpressError(str(exc)) from None
-    proto = _prepare(model, output)
+    proto = _prepare(model, output, data)
     passes: list[Any] = [pass_]
     if bias_correction:
         if data is None:

@@ -133,7 +133,7 @@ def finetune(
     from onnxpress.bridge.export import export_module, validate_against_module
 
     if output is not None:
-        check_output_path(output, [student, teacher])
+        check_output_path(output, [student, teacher, data, labels])  # never overwrite inputs or data
     if data is None:
         from onnxpress.errors import DataError
 

@@ -199,7 +199,7 @@ def lowrank(
     if calib is not None and moments is not None:
         raise ValueError("give calib= or moments=, not both")
     if output is not None:
-        check_output_path(output, [model])
+        check_output_path(output, [model, calib])  # never overwrite the calibration data
     proto = normalize_model(load_model(model))
     # shapes on every tensor: the pass reads conv input sizes (Tucker-2 cost) from them
     cleaned = infer_shapes(run_passes(proto, cleanup_passes(), progress=progress).model)

@@ -183,7 +183,7 @@ def optimize(
 
     start = time.monotonic()
     deadline = start + time_limit if time_limit else None
-    out = check_output_path(output, [model])
+    out = check_output_path(output, [model, calib, eval_data, labels, recipe])
     if labels is None and eval_data is not None and _npz_has_labels(eval_data):
         labels = eval_data  # an evaluation .npz that carries its labels (the readers ignore the extra key)
         log.info("labels taken from the 'labels' key of %s", eval_data)

@@ -158,7 +158,7 @@ def quantize(
     selection = _as_selection(exclude)
     ovs = _as_overrides(overrides)
     if output is not None:
-        check_output_path(output, [model])
+        check_output_path(output, [model, calib, table])  # never overwrite the data or table
     original = load_model(model)
     size_before = original.ByteSize()
     proto = normalize_model(original, min_opset=13)

@@ -31,6 +31,7 @@ shifts of up to 2 pixels and Gaussian noise of 0.05, seeded). Run: ``python benc
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -71,10 +72,8 @@ def child(spec_path: str) -> None:
     x = np.load(spec["data"])["input"]
     os.chdir(spec["workdir"])
     result: dict[str, object] = {}
-    try:
+    with contextlib.suppress(OSError):
         Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-    except OSError:
-        pass
     base = _status("VmRSS")
     t0 = time.perf_counter()
     try:

@@ -135,9 +135,11 @@ _VALUE_PRESERVING = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Id
 
 
 def value_aliases(model: onnx.ModelProto, names: Iterable[str]) -> dict[str, str]:
-    """``{name: root}`` for wanted tensors that are a value-preserving op (Reshape, Transpose, ...)
-    applied to another wanted tensor: they have the same values, so one observer serves both.
-    Roots map to themselves."""
+    """``{name: root}`` for wanted tensors that are value-preserving ops of another wanted tensor.
+
+    A Reshape, Transpose, ... output has the same values as its input, so one observer serves
+    both. Roots map to themselves.
+    """
     wanted = set(names)
     root: dict[str, str] = {n: n for n in wanted}
     for node in model.graph.node:

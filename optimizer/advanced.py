@@ -122,7 +122,9 @@ def collect_channel_stats(
         data: anything ``open_data`` accepts (``.npz`` path, folder, iterable of feed dicts, reader).
         requests: ``{tensor name: channel axis}``.
         spatial: also keep per-position mean maps of axis-1 (NCHW) tensors.
-        batch_size, max_samples, progress: as for ``collect_statistics``.
+        batch_size: samples per onnxruntime run.
+        max_samples: stop after this many samples (``None``: all).
+        progress: show a progress bar.
 
     Raises:
         DataError: the data does not fit the model.
@@ -189,7 +191,8 @@ def smoothquant(
         data: calibration data (``.npz`` path, folder, iterable of feed dicts, reader).
         output: where to write the result; ``None`` to only return it.
         alpha: migration strength in [0, 1].
-        batch_size, max_samples: streaming of the calibration data.
+        batch_size: samples per onnxruntime run while streaming the calibration data.
+        max_samples: stop after this many calibration samples (``None``: all).
         progress: progress bars.
 
     Raises:
@@ -228,7 +231,8 @@ def correct_bias(
         data: calibration data (``.npz`` path, folder, iterable of feed dicts, reader).
         output: where to write the result; ``None`` to only return it.
         per_channel: the weight granularity the following quantization uses.
-        batch_size, max_samples: streaming of the calibration data.
+        batch_size: samples per onnxruntime run while streaming the calibration data.
+        max_samples: stop after this many calibration samples (``None``: all).
         progress: progress bars.
     """
     from onnxpress.passes.bias_correction import CorrectBias, bias_correction_inputs
@@ -270,7 +274,8 @@ def codebook(
         data: calibration data, needed for ``bias_correction``.
         bias_correction: first add (W - W_codebook) E[x] to each bias (k-means levels are cluster
             means, so the codebook shrinks large weights and shifts output means; this cancels it).
-        batch_size, max_samples: streaming of the calibration data.
+        batch_size: samples per onnxruntime run while streaming the calibration data.
+        max_samples: stop after this many calibration samples (``None``: all).
         progress: progress bar over the passes.
 
     Raises:

@@ -663,9 +663,8 @@ class _Walker:
             self.freeze(x, f"{node.op} {_node_name(node)} with indices or channels off axis 1")
             return
         values = x.values
-        if node.op in ("LpPool", "GlobalLpPool"):
-            values = np.where(x.values == 0, 0.0, np.nan)
-        elif node.op == "AveragePool" and int(node.attrs.get("count_include_pad", 0)) and not _no_pad(node):
+        pads_count = node.op == "AveragePool" and int(node.attrs.get("count_include_pad", 0)) and not _no_pad(node)
+        if node.op in ("LpPool", "GlobalLpPool") or pads_count:
             values = np.where(x.values == 0, 0.0, np.nan)
         self.set(node.outputs[0], Layout(1, x.rank, x.ids, values))
 

@@ -83,7 +83,7 @@ def _gemm_w_nk(node: gs.Node, w: np.ndarray) -> np.ndarray:
 
 
 def out_ranges(node: gs.Node) -> np.ndarray:
-    """max |W| per output channel of a Conv/Gemm."""
+    """Max |W| per output channel of a Conv/Gemm."""
     w = node.inputs[1].values.astype(np.float64)
     if node.op == "Gemm":
         w = _gemm_w_nk(node, w)
@@ -99,7 +99,7 @@ def _conv_in_view(w: np.ndarray, group: int) -> np.ndarray:
 
 
 def in_ranges(node: gs.Node) -> np.ndarray:
-    """max |W| per input channel of a Conv/Gemm."""
+    """Max |W| per input channel of a Conv/Gemm."""
     w = node.inputs[1].values.astype(np.float64)
     if node.op == "Gemm":
         return np.abs(_gemm_w_nk(node, w)).max(axis=0)
@@ -214,9 +214,11 @@ def find_pairs(graph: gs.Graph, clip: str = "skip") -> tuple[list[Pair], list[st
                 reason = "output has several consumers or is a graph output"
             elif node.op in ("Conv", "Gemm"):
                 second = node
-            elif node.op in _HOMOGENEOUS or (node.op == "Clip" and _clip_bounds(node)):
-                between.append(node)
-            elif node.op in ("Max", "Min") and (bound := _bound_input(node)) is not None and len(bound.outputs) == 1:
+            elif (
+                node.op in _HOMOGENEOUS
+                or (node.op == "Clip" and _clip_bounds(node))
+                or (node.op in ("Max", "Min") and (bound := _bound_input(node)) is not None and len(bound.outputs) == 1)
+            ):
                 between.append(node)
             else:
                 break  # not followed by another layer: not a candidate, nothing to note

@@ -84,9 +84,14 @@ def _producer(x: gs.Tensor) -> tuple[str, gs.Node] | None:
         others = [t for t in node.inputs if not isinstance(t, gs.Constant)]
         if len(consts) == 1 and len(others) == 1 and others[0].inputs and len(others[0].outputs) == 1:
             mm = others[0].inputs[0]
-            if mm.op == "MatMul" and _float_const(mm.inputs[1]) and mm.inputs[1].values.ndim == 2:
-                if len(mm.inputs[1].outputs) == 1 and len(consts[0].outputs) == 1:
-                    return "matmul_add", node
+            if (
+                mm.op == "MatMul"
+                and _float_const(mm.inputs[1])
+                and mm.inputs[1].values.ndim == 2
+                and len(mm.inputs[1].outputs) == 1
+                and len(consts[0].outputs) == 1
+            ):
+                return "matmul_add", node
     return None
 
 

@@ -200,6 +200,7 @@ class PruneChannels:
         members = analysis.unit_members()
         importance = unit_importance(analysis, self.criterion, self.activations)
         candidates: list[tuple[ChannelGroup, list[int], np.ndarray]] = []
+        non_finite: list[str] = []
         for g in groups:
             if isinstance(self.ratio, Mapping) and g.name not in self.ratio:
                 continue
@@ -207,6 +208,9 @@ class PruneChannels:
             if len(free) < 2:
                 continue
             raw = np.array([importance[u] for u in free])
+            if not np.isfinite(raw).all():  # NaN/inf weights or statistics: no order to prune by
+                non_finite.append(f"group {g.name}: kept whole (its channel scores hold NaN or inf)")
+                continue
             mean = raw.mean()
             candidates.append((g, free, raw / mean if mean > 0 else raw))
         if isinstance(self.ratio, Mapping):
@@ -216,7 +220,7 @@ class PruneChannels:
         else:
             chosen = self._global(candidates, members, float(self.ratio))
         removed: set[int] = set()
-        notes = []
+        notes = list(non_finite)
         for g, free, scores in candidates:
             n_drop = self._rounded_drop(len(g.units), len(free), len(chosen[g.name]))
             order = np.argsort(scores, kind="stable")

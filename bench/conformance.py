@@ -149,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {a:>16} -> {b:<16} {n}")
 
     for label in ("onnxpress quantize", "ORT quantize_static"):
-        bad = [o for o in results[label] if o.outcome in (*cf.FAILURES, "raised")]
+        rank = {k: i for i, k in enumerate(("mismatch", "crash", "hang", "broken", "raised"))}
+        bad = sorted((o for o in results[label] if o.outcome in rank), key=lambda o: rank[o.outcome])
         if bad:
             print(f"\n{label}: {len(bad)} failures/raises (first 12)")
             for o in bad[:12]:

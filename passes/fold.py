@@ -136,6 +136,10 @@ class FoldBatchNorm:
                 return "Gemm alpha/beta != 1"
         if not np.issubdtype(w.values.dtype, np.floating):
             return "weights are not floating point"
+        eps = float(bn.attrs.get("epsilon", 1e-5))
+        scale_sq = bn.inputs[4].values.astype(np.float64) + eps
+        if not (np.isfinite(scale_sq).all() and (scale_sq > 0).all()):  # the BN itself yields NaN there; keep it
+            return "variance + epsilon is not positive and finite"
         return None
 
     @staticmethod

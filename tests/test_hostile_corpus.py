@@ -282,3 +282,17 @@ def test_prune_keeps_a_group_whose_scores_are_not_finite():
     assert any("kept whole (its channel scores hold NaN or inf)" in n for n in result.notes), result.notes
     w = next(i for i in result.model.graph.initializer if i.name == "W")
     assert list(w.dims) == [8, 3, 3, 3]
+
+
+def test_cleanup_keeps_a_batchnorm_with_negative_variance():
+    """A corrupted BN (var < -eps) is left as it is: folding would bake NaN into the Conv weights."""
+    m = two_convs()
+    var = next(i for i in m.graph.initializer if i.name == "var")
+    v = numpy_helper.to_array(var).copy()
+    v[0] = -1.0
+    var.CopyFrom(numpy_helper.from_array(v, "var"))
+    result = onnxpress.cleanup(m)
+    assert "BatchNormalization" in {n.op_type for n in result.model.graph.node}
+    assert any("variance + epsilon is not positive and finite" in n for n in result.pipeline.notes)
+    feed = {"X": _data()}
+    np.testing.assert_allclose(graphs.run(result.model, feed)[0], graphs.run(m, feed)[0], equal_nan=True)

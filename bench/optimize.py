@@ -1,9 +1,11 @@
 """``onnxpress optimize`` on the reference models, side by side with uniform settings.
 
 Rows per model: uniform int8; uniform int8 + 50% rank on every layer; the searched per-layer mix
-under a latency budget equal to the measured latency ratio of each uniform model (``--budget``
-replaces both by one value). Columns: logit SQNR (dB, vs the original on the test split), top-1
-accuracy (original's in the header), latency ratio, size ratio, MACs ratio.
+(int8/fp32 × rank × per-group channel pruning, no fine-tune) under a latency budget equal to the
+measured latency ratio of each uniform model (``--budget`` replaces both by one value); and the
+issue's target pipeline, searched with pruning and fine-tune at ``--target`` (default latency 0.2,
+``--max-drop 1``, labels of the test split; ``--target 0`` skips it). Columns: logit SQNR (dB, vs the
+original on the test split), top-1 accuracy, latency ratio, size ratio, MACs ratio.
 
 Latency: onnxruntime CPU (all graph optimisations, spinning off, 1 intra-op thread), batch 64;
 the original and the three candidates are timed interleaved in one loop (order rotated every
@@ -39,7 +41,8 @@ def _acc(flat: np.ndarray, labels: np.ndarray) -> float:
     return float((flat.reshape(len(labels), -1).argmax(1) == labels).mean())
 
 
-def bench(name: str, repeats: int, budget: float | None, report: Path | None, cache: Path) -> list[list[str]]:
+def bench(name: str, repeats: int, budget: float | None, report: Path | None, cache: Path,
+          target: float = 0.2, max_drop: float = 1.0) -> list[list[str]]:
     """Build the three models for one reference model and measure them side by side."""
     path = ROOT / "models" / f"{name}.onnx"
     original = prepare(path)
@@ -63,6 +66,15 @@ def bench(name: str, repeats: int, budget: float | None, report: Path | None, ca
         models[f"searched (latency<={b:.3f})"] = res.model
         print(f"{name}: search at {b:.3f} took {time.monotonic() - t0:.0f} s, feasible={res.feasible}, "
               f"chose {res.choices}", file=sys.stderr)
+    if target > 0:
+        t0 = time.monotonic()
+        with tempfile.TemporaryDirectory() as tmp:
+            res = optimize(path, Path(tmp) / f"{name}.onnx", calib=str(CALIB), eval_data=str(TEST),
+                           labels=str(TEST), budget=f"latency={target:g}", max_drop=max_drop, finetune=True,
+                           cache_dir=cache, report=report)
+        models[f"searched+prune+finetune (latency<={target:g}, drop<={max_drop:g})"] = res.model
+        print(f"{name}: target search took {time.monotonic() - t0:.0f} s, feasible={res.feasible}, "
+              f"recipe steps {[s['pass'] for s in res.recipe['steps']]}, chose {res.choices}", file=sys.stderr)
     ratios = measure_latency(original, list(models.values()), latency_feed, repeats=repeats)
     ref = run_outputs(original, feeds)
     macs0 = sum(count_macs(original).values())
@@ -81,12 +93,15 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["resnet", "mobilenet"])
     parser.add_argument("--repeats", type=int, default=40)
     parser.add_argument("--budget", type=float, help="latency budget (default: uniform int8 + 50%% rank's ratio)")
+    parser.add_argument("--target", type=float, default=0.2,
+                        help="latency budget of the pruning + fine-tune row (0: skip that row)")
+    parser.add_argument("--max-drop", type=float, default=1.0, help="accuracy points the target row may lose")
     parser.add_argument("--report", type=Path, help="write the searched model's report here (last model)")
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "onnxpress-bench-cache")
     args = parser.parse_args()
     rows = []
     for name in args.models:
-        rows += bench(name, args.repeats, args.budget, args.report, args.cache)
+        rows += bench(name, args.repeats, args.budget, args.report, args.cache, args.target, args.max_drop)
     print(format_table(["model", "setting", "SQNR dB", "accuracy", "latency", "size", "MACs"], rows))
 
 

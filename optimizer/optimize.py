@@ -95,7 +95,8 @@ class _Evaluator:
         self.labels = labels
         self.macs0 = max(sum(count_macs(m0).values()), 1)
         self.moments: dict[str, Any] = {}
-        self.models: dict[tuple[int, ...], onnx.ModelProto] = {}
+        self.models: dict[tuple[int, ...], onnx.ModelProto] = {}  # built from the full recipe
+        self.structures: dict[tuple[int, ...], onnx.ModelProto] = {}  # built without the fine-tune step
         self.progress = progress
         self.ref_accuracy = self._accuracy(self.reference) if labels is not None else None
 
@@ -108,14 +109,28 @@ class _Evaluator:
         self.models[cand.picks] = model
         return model
 
-    def measure(self, cand: Candidate) -> None:
-        model = self.models.get(cand.picks) or self.build(cand)
+    def build_structure(self, cand: Candidate) -> onnx.ModelProto:
+        """The candidate without its fine-tune step: the same graph and tensor shapes, so the same cost."""
+        steps = [s for s in cand.recipe["steps"] if s["pass"] != "finetune"]
+        model = apply_recipe(self.m0, {**cand.recipe, "steps": steps}, self.calib, prepared=True,
+                             moments_cache=self.moments)
+        self.structures[cand.picks] = model
+        return model
+
+    def measure_cost(self, cand: Candidate, model: onnx.ModelProto) -> None:
+        cand.size_ratio = model.ByteSize() / self.original_bytes
+        cand.flops_ratio = sum(count_macs(model).values()) / self.macs0
+
+    def measure_fidelity(self, cand: Candidate, model: onnx.ModelProto) -> None:
         outs = run_outputs(model, self.feeds)
         cand.sqnr_db = sqnr_db(self.reference, outs)
         if self.labels is not None:
             cand.accuracy = self._accuracy(outs)
-        cand.size_ratio = model.ByteSize() / self.original_bytes
-        cand.flops_ratio = sum(count_macs(model).values()) / self.macs0
+
+    def measure(self, cand: Candidate) -> None:
+        model = self.models.get(cand.picks) or self.build(cand)
+        self.measure_fidelity(cand, model)
+        self.measure_cost(cand, model)
 
 
 def optimize(
@@ -140,7 +155,7 @@ def optimize(
     shortlist: int = 4,
     seed: int = 0,
     finetune: bool = False,
-    finetune_epochs: int = 6,
+    finetune_epochs: int = 30,
     progress: bool = False,
 ) -> OptimizeResult:
     """Search per-layer int8/fp32 × low-rank × per-group pruning options under a budget and write the best model found.
@@ -173,7 +188,8 @@ def optimize(
         finetune: distil the original into every pruned or split candidate (on ``calib``) before it
             is quantized; candidates (and ``max_drop``) are measured after the fine-tune (needs torch).
             The search then also tries assuming the fine-tune removes 90% / 99% of pruning's noise.
-        finetune_epochs: epochs of that fine-tune.
+        finetune_epochs: epochs of that fine-tune (30: on the 500-sample calibration set of the reference
+            ResNet, 6 epochs left 50%-pruned groups ~14 points below the original, 30 within 0.3).
         progress: progress bars.
 
     Raises:
@@ -239,15 +255,36 @@ def optimize(
         c.note = note
         return c
 
+    def tuned(c: Candidate) -> bool:
+        return any(step["pass"] == "finetune" for step in c.recipe["steps"])
+
     def evaluate(batch: list[Candidate]) -> None:
-        todo = [c for c in batch if c.sqnr_db is None]
+        """Measure cost on each candidate's graph; fine-tune (costly) only those whose measured cost fits.
+
+        A fine-tune changes weights, not the graph: size, MACs and latency of a candidate are those of
+        its recipe without the fine-tune step. Fidelity (SQNR, accuracy, ``max_drop``) of a candidate
+        that prunes or splits is measured after its fine-tune; candidates over the budget keep the
+        fidelity of their un-tuned graph, marked in their note.
+        """
+        todo = [c for c in batch if c.size_ratio is None]
         for c in tqdm(todo, desc="candidates", unit="model", disable=not progress):
-            ev.measure(c)
+            if tuned(c):
+                ev.measure_cost(c, ev.build_structure(c))
+            else:
+                ev.measure(c)
             candidates.append(c)
         if bud.kind == "latency" and todo:
-            ratios = measure_latency(m0, [ev.models[c.picks] for c in todo], feeds[0])
-            for c, r in zip(todo, ratios, strict=True):
+            built = [ev.models.get(c.picks) or ev.structures[c.picks] for c in todo]
+            for c, r in zip(todo, measure_latency(m0, built, feeds[0]), strict=True):
                 c.latency_ratio = r
+        for c in todo:
+            if not tuned(c):
+                continue
+            if (c.cost(bud.kind) or math.inf) <= bud.value + 1e-9:
+                ev.measure(c)
+            else:
+                ev.measure_fidelity(c, ev.structures[c.picks])
+                c.note += " [over budget: fidelity before fine-tune]"
 
     # baseline: uniform int8 (also gives the latency ratio ρ of int8 for the estimate)
     evaluate([make(space.uniform("int8"), "uniform int8")])
@@ -306,6 +343,9 @@ def optimize(
         chosen = min(candidates, key=lambda c: (c.cost(bud.kind) or math.inf, -fidelity(c)[1]))
         log.warning("no measured candidate meets %s=%.3f%s; writing the cheapest one found",
                     bud.kind, bud.value, f" and max-drop {max_drop}" if max_drop is not None else "")
+    if chosen.picks not in ev.models:  # over the budget, so not fine-tuned yet: build what the recipe says
+        ev.measure(chosen)
+        chosen.note = chosen.note.replace(" [over budget: fidelity before fine-tune]", "")
     built = ev.models[chosen.picks]
     save_model(built, out)
     recipe_out = validate_recipe(chosen.recipe)  # every default written out

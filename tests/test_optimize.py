@@ -110,6 +110,8 @@ def test_searched_recipe_with_a_prune_step_reproduces_byte_for_byte(setup):
                    finetune_epochs=1, shortlist=2)
     steps = [s["pass"] for s in res.recipe["steps"]]
     assert steps[:2] == ["prune", "finetune"] and res.feasible and res.chosen.flops_ratio <= 0.7
+    # only candidates within the measured budget are fine-tuned; the others say their fidelity is un-tuned
+    assert all(not c.feasible for c in res.candidates if "over budget" in c.note)
     assert any(k != "conv1" and v.startswith("prune") for k, v in res.choices.items())
     again = optimize(model, tmp / "b.onnx", calib=data, labels=labels, recipe=res.recipe_path, eval_samples=32)
     assert (tmp / "a.onnx").read_bytes() == (tmp / "b.onnx").read_bytes()

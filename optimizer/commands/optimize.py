@@ -24,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cache-dir", help="sensitivity cache folder (default ~/.cache/onnxpress)")
     p.add_argument("--finetune", action="store_true",
                    help="distil the original into each low-rank candidate on --calib before quantizing (needs torch)")
-    p.add_argument("--finetune-epochs", type=int, default=6, help="epochs of that fine-tune (default 6)")
+    p.add_argument("--finetune-epochs", type=int, default=30, help="epochs of that fine-tune (default 30)")
     add_common(p)
     p.set_defaults(func=run)
 

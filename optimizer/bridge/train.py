@@ -20,7 +20,7 @@ Data flow::
     for epoch: shuffled batches ──▶ student ──▶ L ──▶ Adam step ──▶ val L ──▶ keep best, stop early
 
 The teacher runs on onnxruntime once over all samples and its logits are cached: on the reference
-CNNs onnxruntime runs the teacher 3.1-5.2x faster than the converted module in torch (medians,
+CNNs onnxruntime runs the teacher 3-12x faster than the converted module in torch (medians,
 interleaved, printed by bench/finetune.py), and caching makes the teacher cost one forward pass per
 sample in total (no augmentation, so the cache stays valid across epochs).
 """

@@ -115,7 +115,9 @@ def finetune(
         qat: quantization-aware fine-tune with learned scales; the result is a QDQ model.
         calibration: a ``CalibrationTable`` initialising the QAT scales (else ranges are measured).
         threads: torch threads while training (None keeps torch's setting).
-        exporter: ``"dynamo"`` or ``"torchscript"`` for the float path.
+        exporter: for the float path, ``"dynamo"`` (torch.onnx.export, the default), ``"torchscript"``,
+            or ``"writeback"``: copy the trained weights into the student's own graph, which keeps
+            every node and tensor name (torch.onnx renames nodes) for steps that address layers by name.
         progress: progress bar with the loss.
 
     Raises:
@@ -130,7 +132,7 @@ def finetune(
         raise UnsupportedModelError("fine-tuning needs torch: pip install 'onnxpress[torch]'") from None
     from onnxpress.bridge import train as tr
     from onnxpress.bridge.convert import OnnxModule
-    from onnxpress.bridge.export import export_module, validate_against_module
+    from onnxpress.bridge.export import validate_against_module
 
     if output is not None:
         check_output_path(output, [student, teacher, data, labels])  # never overwrite inputs or data
@@ -176,7 +178,7 @@ def finetune(
     if plan is not None:
         model = plan.export(module)
     else:
-        model = export_module(module, student_proto, [example[k] for k in module.input_names], exporter=exporter)
+        model = _float_export(module, student_proto, [example[k] for k in module.input_names], exporter)
     check = {k: v[: min(len(v), 64)] for k, v in arrays.items()}
     # a quantized export reproduces the module up to one-step rounding flips: bounded by SQNR instead
     diff = validate_against_module(model, module, check, min_sqnr_db=QAT_MIN_SQNR_DB if qat else None)
@@ -193,6 +195,15 @@ def finetune(
             metrics["teacher_accuracy"] = float(np.mean(teacher_logits.argmax(1) == label_arr))
     written = save_model(model, output) if output is not None else None
     return FinetuneResult(model, written, history, diff, metrics)
+
+
+def _float_export(module: Any, student: onnx.ModelProto, example: list[np.ndarray], exporter: str) -> onnx.ModelProto:
+    """The fine-tuned float model: re-exported by torch, or the student graph with the new weights."""
+    if exporter == "writeback":
+        return module.state_to_onnx(student)
+    from onnxpress.bridge.export import export_module
+
+    return export_module(module, student, example, exporter=exporter)
 
 
 def _predict(module: Any, arrays: Mapping[str, np.ndarray], batch_size: int = 256) -> np.ndarray:

@@ -82,3 +82,15 @@ def test_cli_finetune(files, tmp_path, capsys):
                str(files["data"]), "-o", str(tmp_path / "x.onnx")])  # fmt: skip
     assert rc == 2
     assert "onnxpress: error:" in capsys.readouterr().err
+
+
+def test_finetune_writeback_keeps_the_student_graph(files):
+    """exporter="writeback": same nodes and names as the student, new weights, equal to the module."""
+    student = onnx.load(str(files["student"]))
+    res = onnxpress.finetune(student, files["teacher"], str(files["data"]), epochs=2, lr=3e-3, batch_size=16,
+                             threads=1, exporter="writeback")  # fmt: skip
+    assert [(n.op_type, n.name, list(n.input)) for n in res.model.graph.node] == [
+        (n.op_type, n.name, list(n.input)) for n in student.graph.node
+    ]
+    assert res.export_max_diff <= 1e-4
+    assert res.metrics["sqnr_db_after"] > res.metrics["sqnr_db_before"]

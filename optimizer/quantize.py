@@ -21,7 +21,15 @@ import onnx
 
 from onnxpress.calibration.table import CalibrationTable
 from onnxpress.errors import CalibrationError, OnnxpressError
-from onnxpress.model_io import ModelSource, check_model, check_output_path, load_model, normalize_model, save_model
+from onnxpress.model_io import (
+    ModelSource,
+    check_model,
+    check_output_path,
+    infer_shapes,
+    load_model,
+    normalize_model,
+    save_model,
+)
 from onnxpress.passes.qdq import ACTIVATION_TYPES, InsertQDQ, NodeDecision, Selection, TensorOverride
 from onnxpress.passes.weight_only import QuantizeWeightsInt4, StoreConstantsInt8
 from onnxpress.pipeline import cleanup_passes, run_passes
@@ -214,7 +222,8 @@ def quantize(
                 cleaned, qdq, calib, batch_size=batch_size, max_samples=max_samples, progress=progress
             )
         tail = [] if constants_int8_min_size is None else [StoreConstantsInt8(min_size=constants_int8_min_size)]
-        result = run_passes(cleaned, [qdq, *tail], progress=progress)
+        # dtypes on every tensor: InsertQDQ quantizes float32 activations only
+        result = run_passes(infer_shapes(cleaned), [qdq, *tail], progress=progress)
         decisions = list(qdq.decisions)
         excluded = dict(used_table.excluded)
     check_model(result.model, where="the quantized model")

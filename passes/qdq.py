@@ -254,6 +254,7 @@ def _is_float_const(t: gs.Tensor) -> bool:
 
 
 def _is_float_var(t: gs.Tensor) -> bool:
+    """A float32 (or untyped) activation; the driver infers dtypes first, so float16/double stay float."""
     if not isinstance(t, gs.Variable):
         return False
     return t.dtype is None or np.dtype(t.dtype) == np.float32

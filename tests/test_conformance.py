@@ -9,6 +9,7 @@ checks every known bug still shows (so a fix is noticed and its entry dropped).
 
 from __future__ import annotations
 
+import contextlib
 import re
 
 import numpy as np
@@ -24,13 +25,6 @@ CASES = cf.load_cases()
 
 KNOWN_BUGS: dict[str, dict[str, str]] = {
     # operation -> {regex on "<case> <outcome> <detail>": the bug (its reproduction is in this file)}
-    "quantize": {
-        r"broken ModelLoadError: the quantized model fails onnx\.checker: .*(elem type: \(1\) vs \(10\)"
-        r"|QuantizeLinear.*unsupported type: tensor\((float16|double)\))":
-            "passes/qdq.py: QuantizeLinear on float16/double below opset 19 (or a Q/DQ dtype mismatch)",
-        r"^test_flexattention_fp16_expanded_ver26 crash result does not run in onnxruntime":
-            "passes/qdq.py: float16 graph quantized into a model onnxruntime rejects (type error)",
-    },
     "lowrank": {
         r"broken PassError: pass 'split_low_rank' failed \(TypeError: unhashable type: 'TypeProto'\)":
             "passes/flops.py count_macs via gs.export_onnx: optional/sequence-typed graph values",
@@ -134,13 +128,10 @@ def test_quantize_graph_whose_only_activation_is_the_input():
     """X[N,6] -> Flatten -> Y: calibrate observes only X (found by the sweep: 40 crashes, fixed in f5fb73d)."""
     model = graphs.make_model([helper.make_node("Flatten", ["X"], ["Y"])], [("X", ["N", 6])], [("Y", ["N", 6])])
     feed = {"X": graphs.rng(1).standard_normal((4, 6)).astype(np.float32)}
-    try:
+    with contextlib.suppress(onnxpress.OnnxpressError):  # a clean refusal is fine; the bug was a ValueError
         onnxpress.quantize(model, calib=[feed])
-    except onnxpress.OnnxpressError:
-        pass  # a clean refusal is fine; the bug is the ValueError
 
 
-@pytest.mark.xfail(strict=True, reason="qdq.py: QuantizeLinear inserted on float16 below opset 19 — reported to lead")
 @pytest.mark.parametrize("dtype", [TensorProto.FLOAT16, TensorProto.DOUBLE])
 def test_bug_quantize_float16_or_double_graph(dtype):
     """X[N,4] (fp16|f64) -> Identity -> MatMul(W[4,3]) -> Y at opset 17: float or quantized, never invalid."""
@@ -156,7 +147,7 @@ def test_bug_quantize_float16_or_double_graph(dtype):
         onnxpress.quantize(model, calib=[feed])
     except onnxpress.UnsupportedModelError:
         return  # a clean "unsupported" is fine
-    except onnxpress.ModelLoadError as exc:  # today: "the quantized model fails onnx.checker"
+    except onnxpress.ModelLoadError as exc:  # the bug was: "the quantized model fails onnx.checker"
         raise AssertionError(str(exc)) from None
 
 

@@ -156,7 +156,6 @@ EXPECT: dict[tuple[str, str], object] = {
     ("bf16", "validate"): (DataError, r"'X' has dtype float32, the model expects X: bfloat16"),
     ("dynamic", "lowrank"): _NO_SHAPES,
     ("loop", "lowrank"): _NO_SHAPES,
-    ("fp16", "quantize"): "xfail: passes/qdq.py inserts QuantizeLinear on float16 below opset 19 — reported to lead",
 }
 
 

@@ -98,7 +98,7 @@ def _sensitivity_png(result: OptimizeResult, path: Path) -> None:
             gax.bar(gx + k * gw, [0 if v is None else (min(v, 100.0) if math.isfinite(v) else 100.0) for v in vals],
                     gw, label=f"prune {r:g} of the group")
         gax.set_xticks(gx + gw * (len(ratios) - 1) / 2)
-        gax.set_xticklabels([f"{g}\n{result.choices.get(g, '')}" for g in groups], rotation=60, ha="right",
+        gax.set_xticklabels([f"{g}\n{result.choices.get(f'group {g}', '')}" for g in groups], rotation=60, ha="right",
                             fontsize=7)
         gax.set_ylabel("output SQNR, only this group pruned (dB)")
         gax.set_title("Per-channel-group pruning sensitivity, before any fine-tune (missing bar: "

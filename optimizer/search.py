@@ -8,7 +8,10 @@ a group spans several layers). The search solves, approximately::
     s.t. cost(o) ≤ budget     cost: flops  = (Σ MACs_l(r) - Σ_g ΔMACs_g(p)) / Σ MACs_l
                                     size   = 1 + Σ Δbytes(o) / bytes    (Δ measured per option alone)
                                     latency = (Σ MACs_l(r)·(ρ if int8 else 1) - ρ·Σ_g ΔMACs_g(p)) / Σ MACs_l,
-                                              ρ = measured latency ratio of the all-int8 model
+                                              ρ = measured latency ratio of the all-int8 model;
+                                              with timed options (sensitivity ``latency=True``) a
+                                              split's MACs share is replaced by MACs_l/Σ - (1 - t_l,r/t)
+                                              and a group's by -(1 - t_g,p/t): measured fp32 savings
                               δ = 1, or with fine-tune a few assumed recoveries δ < 1 (pruning's noise
                               is measured before the fine-tune that recovers most of it; which δ is
                               right is settled by measuring the built, fine-tuned candidates)
@@ -89,6 +92,7 @@ class LayerChoice:
     params: int
     bytes_delta: float = 0.0
     prune: float | None = None
+    lat_share: float | None = None  # measured share of fp32 latency (groups: minus the share saved)
 
     @property
     def label(self) -> str:
@@ -148,11 +152,14 @@ class SearchSpace:
             if q is not None:
                 opts.append(LayerChoice("int8", None, nsr(q.sqnr_db), lay.macs, lay.params, q.bytes_delta))
             for s in ranks:
-                opts.append(LayerChoice("fp32", s.rank, nsr(s.sqnr_db), s.macs_after, s.params_after, s.bytes_delta))
+                # a measured split: the layer's MACs share minus the fp32 latency the split saved (may be < 0)
+                share = None if s.latency_ratio is None else lay.macs / self.total_macs - (1.0 - s.latency_ratio)
+                opts.append(LayerChoice("fp32", s.rank, nsr(s.sqnr_db), s.macs_after, s.params_after, s.bytes_delta,
+                                        lat_share=share))
                 if q is not None:  # int8 of the factors: the layer's int8 saving scaled by the params kept
                     shrink = s.params_after / max(lay.params, 1)
                     opts.append(LayerChoice("int8", s.rank, nsr(s.sqnr_db) + nsr(q.sqnr_db), s.macs_after,
-                                            s.params_after, s.bytes_delta + q.bytes_delta * shrink))
+                                            s.params_after, s.bytes_delta + q.bytes_delta * shrink, lat_share=share))
             self.options.append(opts)
         total0 = sum(lay.macs for lay in sens.layers)
         self.groups: list[str] = []
@@ -162,13 +169,14 @@ class SearchSpace:
             if s.layer not in self.groups:
                 self.groups.append(s.layer)
                 self.options.append([LayerChoice("group", None, 0.0, 0, 0, 0.0, 0.0)])
+            share = None if s.latency_ratio is None else -(1.0 - s.latency_ratio)
             self.options[-1].append(LayerChoice("group", None, nsr(s.sqnr_db), s.macs_after - total0,
-                                                s.params_after, s.bytes_delta, s.ratio))
+                                                s.params_after, s.bytes_delta, s.ratio, share))
 
     @property
     def slots(self) -> list[str]:
-        """Slot keys: the MAC layers, then the channel groups."""
-        return [lay.key for lay in self.layers] + list(self.groups)
+        """Slot keys: the MAC layers, then ``group <name>`` per channel group (a group is named after a layer)."""
+        return [lay.key for lay in self.layers] + [f"group {g}" for g in self.groups]
 
     def _nsr(self, c: LayerChoice) -> float:
         return c.nsr * self.prune_discount if c.quant == "group" else c.nsr
@@ -180,7 +188,8 @@ class SearchSpace:
             return c.macs / self.total_macs
         if kind == "size":
             return c.bytes_delta / self.model_bytes
-        return c.macs * (self.rho if c.quant in ("int8", "group") else 1.0) / self.total_macs
+        share = c.macs / self.total_macs if c.lat_share is None else c.lat_share
+        return share * (self.rho if c.quant in ("int8", "group") else 1.0)
 
     def cost(self, kind: str, picks: Sequence[int]) -> float:
         """Estimated ``kind`` ratio of an assignment."""

@@ -16,6 +16,10 @@ family ``prune``, ``macs_after``/``params_after`` summed over all the table's la
 the measured byte delta. Kept counts are rounded to ``prune_multiple``; ratios that remove nothing
 after rounding, or the same units as a smaller ratio, are dropped.
 
+With ``latency=True`` every rank and prune candidate (fp32) is also timed against the model in one
+interleaved loop: ``latency_ratio`` = t(M_l,o) / t(M). A split's extra node and a pruned group's
+smaller activations (Relu, Add, the next conv's input) show there, which MACs do not.
+
 What is shared: one streamed calibration pass per option family (the activation ranges for int8,
 the input second moments for ranks), the reference outputs and the batches read once. What is not:
 each (layer, option) is one run of the candidate model over the sensitivity samples (default 64);
@@ -62,7 +66,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 3
+CACHE_VERSION = 4
 
 
 def nsr(sqnr: float) -> float:
@@ -99,6 +103,7 @@ class OptionScore:
     bytes_delta: int = 0  # serialized bytes of the one-layer candidate minus the model's (QDQ/factor overhead incl.)
     ratio: float | None = None
     units_removed: int = 0
+    latency_ratio: float | None = None  # fp32 latency with only this rank/prune option / the model's (measured)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -245,6 +250,7 @@ def analyze_sensitivity(
     prune_ratios: Sequence[float] = (0.25, 0.5, 0.75),
     prune_multiple: int = 8,
     quantize: bool = True,
+    latency: bool = False,
     method: str = "mse",
     max_samples: int = 64,
     calib_samples: int = 256,
@@ -262,6 +268,8 @@ def analyze_sensitivity(
         prune_ratios: channel-pruning options per prunable channel group (empty: none).
         prune_multiple: kept channel counts rounded to a multiple of this (as the recipe's prune step).
         quantize: measure the int8 option.
+        latency: also time every rank and prune candidate against the model (onnxruntime, one thread,
+            one batch of the sensitivity data, interleaved rounds; see ``search.measure_latency``).
         method: calibration method for the int8 option.
         max_samples: samples the SQNR is measured on.
         calib_samples: samples for the activation ranges (as the recipe's quantize step uses).
@@ -286,7 +294,8 @@ def analyze_sensitivity(
     feeds = read_feeds(model, calib, max_samples)
     samples = sum(next(iter(f.values())).shape[0] for f in feeds)
     config = {"ranks": list(rank_fractions), "prune": [float(r) for r in prune_ratios],
-              "prune_multiple": prune_multiple, "int8": quantize, "method": method, "calib": calib_samples,
+              "prune_multiple": prune_multiple, "latency": latency, "int8": quantize, "method": method,
+              "calib": calib_samples,
               "moments": moment_samples, "multiple": multiple, "v": CACHE_VERSION}
     key = hashlib.sha256(
         f"{model_digest(model)}|{_data_digest(feeds)}|{json.dumps(config, sort_keys=True)}".encode()
@@ -321,6 +330,7 @@ def analyze_sensitivity(
     if any(fam == "rank" for _, fam, _ in jobs):
         moments = collect_moments(model, calib, max_samples=moment_samples)
     scores = []
+    structural: list[tuple[int, onnx.ModelProto]] = []  # (score index, candidate) to time
     for lay, fam, r in tqdm(jobs, desc="sensitivity", unit="candidate", disable=not progress):
         if fam == "prune":
             group = str(lay)
@@ -329,6 +339,7 @@ def analyze_sensitivity(
                 log.debug("prune %s at %g removes %d units (none or as before); option dropped", group, r, units)
                 continue
             removed_seen[group].add(units)
+            structural.append((len(scores), cand))
             outs = run_outputs(cand, feeds)
             macs, params = count_macs(cand), count_params(cand)  # summed over the table's layers
             scores.append(OptionScore(group, "prune", f"prune{r:g}", sqnr_db(reference, outs),
@@ -352,9 +363,17 @@ def analyze_sensitivity(
             if rep is None:
                 continue
             macs_after, params_after, option = rep.macs_after, rep.params_after, f"rank{r}"
+        if fam == "rank":
+            structural.append((len(scores), cand))
         outs = run_outputs(cand, feeds)
         scores.append(OptionScore(lay.key, fam, option, sqnr_db(reference, outs), int(macs_after),
                                   int(params_after), r, cand.ByteSize() - model.ByteSize()))
+    if latency and structural:
+        from onnxpress.search import measure_latency
+
+        ratios = measure_latency(model, [m for _, m in structural], feeds[0])
+        for (i, _), r in zip(structural, ratios, strict=True):
+            scores[i] = dataclasses.replace(scores[i], latency_ratio=float(r))
     result = SensitivityResult(tuple(layers), tuple(scores), samples, key)
     if cache_file is not None:
         try:

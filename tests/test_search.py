@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -92,12 +93,13 @@ def _sens_with_group() -> SensitivityResult:
 
 def test_prune_group_is_a_slot_in_cost_and_recipe():
     space = SearchSpace(_sens_with_group(), model_bytes=2000, prune_multiple=8)
-    assert space.slots == ["A", "B", "G"] and [o.label for o in space.options[2]] == ["keep", "prune0.5", "prune0.75"]
+    assert space.slots == ["A", "B", "group G"]
+    assert [o.label for o in space.options[2]] == ["keep", "prune0.5", "prune0.75"]
     # flops 0.6: pruning G by half (noise 10^-3.5 for 440 MACs saved) beats splitting A (10^-3 for 500)
     # in noise per MAC saved; est cost = (1100 - 440) / 1100 = 0.6
     picks = space.greedy("flops", 0.6)
     assert space.cost("flops", picks) <= 0.6 + 1e-12
-    assert space.describe(picks)["G"] == "prune0.5"
+    assert space.describe(picks)["group G"] == "prune0.5"
     recipe = space.recipe(picks, finetune_epochs=2)
     assert [s["pass"] for s in recipe["steps"]] == ["prune", "finetune"]
     assert recipe["steps"][0] == {"pass": "prune", "ratio": {"G": 0.5}, "criterion": "l2", "multiple": 8}
@@ -107,3 +109,21 @@ def test_prune_group_is_a_slot_in_cost_and_recipe():
     space.prune_discount = 0.01
     assert space.est_sqnr(picks) == pytest.approx(55.0)
     assert SearchSpace(_sens_with_group(), model_bytes=2000, prune=False).slots == ["A", "B"]
+    assert space.describe(picks)["A"] in ("fp32", "int8")  # the group's label never hides a layer's
+
+
+def test_measured_latency_of_options_steers_the_latency_greedy():
+    """A split measured slower than the whole layer is not taken for latency; a pruned group's timed saving is."""
+    base = _sens_with_group()
+    timed = tuple(dataclasses.replace(s, latency_ratio={"rank": 1.05, "prune": 0.6}[s.family])
+                  if s.family in ("rank", "prune") else s for s in base.scores)
+    space = SearchSpace(SensitivityResult(base.layers, timed, 8, "k"), model_bytes=2000, int8_latency=0.5)
+    rank_a = next(o for o in space.options[0] if o.rank and o.quant == "fp32")
+    assert space.layer_cost("latency", rank_a) == pytest.approx(1000 / 1100 + 0.05)
+    assert space.layer_cost("latency", space.options[2][1]) == pytest.approx(-0.4 * 0.5)
+    picks = space.greedy("latency", 0.45)
+    labels = space.describe(picks)
+    assert space.cost("latency", picks) <= 0.45 and labels["group G"].startswith("prune") and "+r" not in labels["A"]
+    # untimed, the same options are costed by MACs (the split then looks like a saving)
+    untimed = SearchSpace(base, model_bytes=2000)
+    assert untimed.layer_cost("latency", untimed.options[0][2]) < 1000 / 1100

@@ -139,3 +139,15 @@ def test_prune_options_per_channel_group(tmp_path):
     assert fc1[0].sqnr_db > fc1[-1].sqnr_db and fc1[0].macs_after > fc1[-1].macs_after
     none = analyze_sensitivity(model, data, cache_dir=False, max_samples=32, quantize=False, prune_ratios=())
     assert not any(s.family == "prune" for s in none.scores)
+
+
+def test_structural_options_are_timed_on_request(tmp_path):
+    model = prepare(tiny_cnn())
+    data = tiny_data(tmp_path / "d.npz")
+    sens = analyze_sensitivity(model, data, cache_dir=False, max_samples=32, latency=True, rank_fractions=(0.5,))
+    for s in sens.scores:
+        if s.family == "int8":
+            assert s.latency_ratio is None
+        else:
+            assert s.latency_ratio is not None and 0.0 < s.latency_ratio < 10.0, s
+    assert {s.family for s in sens.scores} == {"int8", "rank", "prune"}

@@ -42,7 +42,12 @@ def node_key(node: onnx.NodeProto) -> str:
 
 def _as_model(model: onnx.ModelProto | gs.Graph) -> onnx.ModelProto:
     if isinstance(model, gs.Graph):
-        return gs.export_onnx(model.copy(), do_type_check=False)
+        try:
+            return gs.export_onnx(model.copy(), do_type_check=False)
+        except Exception as exc:  # graphsurgeon fails on optional/sequence-typed values
+            raise UnsupportedModelError(
+                f"cannot count MACs: onnx-graphsurgeon cannot export this graph ({type(exc).__name__}: {exc})"
+            ) from None
     if isinstance(model, onnx.ModelProto):
         return model
     raise TypeError(f"expected an onnx.ModelProto or onnx_graphsurgeon.Graph, got {type(model).__name__}")

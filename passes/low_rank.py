@@ -179,6 +179,8 @@ def _decline(graph: gs.Graph, node: gs.Node) -> str | None:
         return f"weight dtype {w.values.dtype} is not floating point"
     if node.op in ("Gemm", "MatMul") and w.values.ndim != 2:
         return f"weight is {w.values.ndim}-D, not 2-D"
+    if not np.isfinite(w.values).all():  # LAPACK's SVD raises on NaN and never returns on inf
+        return "weight holds NaN or inf values"
     bias = node.inputs[2] if len(node.inputs) > 2 else None
     if bias is not None and bias.name and not _const(bias):
         return "bias is not a constant"

@@ -25,10 +25,6 @@ CASES = cf.load_cases()
 
 KNOWN_BUGS: dict[str, dict[str, str]] = {
     # operation -> {regex on "<case> <outcome> <detail>": the bug (its reproduction is in this file)}
-    "lowrank": {
-        r"broken PassError: pass 'split_low_rank' failed \(TypeError: unhashable type: 'TypeProto'\)":
-            "passes/flops.py count_macs via gs.export_onnx: optional/sequence-typed graph values",
-    },
 }
 
 
@@ -151,8 +147,6 @@ def test_bug_quantize_float16_or_double_graph(dtype):
         raise AssertionError(str(exc)) from None
 
 
-@pytest.mark.xfail(strict=True, reason="flops.py/low_rank.py: optional-typed value -> PassError TypeError"
-                   " — reported to lead")
 def test_bug_lowrank_model_with_optional_input():
     """X: optional(float[2]) -> OptionalHasElement -> Y: nothing to split; lowrank must not raise PassError."""
     opt = helper.make_value_info("X", helper.make_optional_type_proto(helper.make_tensor_type_proto(TensorProto.FLOAT,

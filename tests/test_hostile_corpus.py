@@ -244,8 +244,6 @@ def test_non_finite_weight_gives_a_result_or_our_error(cmd, value):
     graphs.run(result, {"X": _data()})
 
 
-@pytest.mark.xfail(strict=True, reason="passes/low_rank.py: SVD of a NaN weight -> PassError(LinAlgError), no finite"
-                   " check — reported to lead")
 def test_lowrank_nan_weight_is_declined_cleanly():
     """X[N,3,8,8] -> Conv(W with a NaN) -> ...: lowrank should skip the layer or raise a clean error."""
     try:
@@ -257,8 +255,6 @@ def test_lowrank_nan_weight_is_declined_cleanly():
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="passes/low_rank.py: numpy's SVD never returns on an inf weight, so lowrank"
-                   " hangs — reported to lead")
 def test_lowrank_inf_weight_does_not_hang(tmp_path):
     """Run in a child process with a 20 s limit (the SVD sits in LAPACK, out of reach of signals)."""
     import subprocess

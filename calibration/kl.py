@@ -147,14 +147,18 @@ def flatten_zero_spike(hist: np.ndarray) -> np.ndarray:
     return out
 
 
-def kl_bin(hist: np.ndarray, m: int) -> int:
+def kl_bin(hist: np.ndarray, m: int, *, min_bins: int = 0) -> int:
     """The number of bins ``i`` to keep (threshold ``i * w``) that minimises ``KL(P || Q)``.
 
-    Ties (within ``1e-12``) go to the smallest ``i``.
+    Ties (within ``1e-12``) go to the smallest ``i``. Only candidates with ``i >= min_bins`` are
+    searched (all of them when none is that large).
 
     Raises:
         CalibrationError: the histogram is empty.
     """
     cands, kl = kl_divergences(hist, m)
+    allowed = cands >= min_bins
+    if allowed.any():
+        cands, kl = cands[allowed], kl[allowed]
     best = kl.min()
     return int(cands[np.flatnonzero(kl <= best + TIE_TOLERANCE)[0]])

@@ -148,6 +148,10 @@ class HistogramObserver:
         )
 
 
+KL_MAX_CLIPPED_PERCENT = 0.1
+"""The KL search only considers thresholds that clip at most this percentage of the values."""
+
+
 def range_from_histogram(
     hist: Histogram, method: str, *, bits: int = 8, percentile: float = 99.99, name: str = "tensor"
 ) -> TensorRange:
@@ -162,7 +166,14 @@ def range_from_histogram(
     mag = hist.magnitude()
     signed = not hist.nonnegative
     if method == "kl":
-        i = kl_bin(flatten_zero_spike(mag), quantized_bins(bits, not signed))
+        # Clip at most 0.1% of the values: on spiky or sparse histograms (discrete image inputs,
+        # few samples) the plain KL search clipped 24% of a digits input and a sigmoid output to
+        # a range 1e-4 wide; the cap keeps KL's choice among thresholds that clip only outliers.
+        i = kl_bin(
+            flatten_zero_spike(mag),
+            quantized_bins(bits, not signed),
+            min_bins=percentile_bin(mag, 100.0 - KL_MAX_CLIPPED_PERCENT),
+        )
     elif method == "mse":
         i = mse_bin(mag, 2**bits, signed)
     elif method == "percentile":

@@ -152,7 +152,10 @@ def _histograms_png(result: OptimizeResult, m0: onnx.ModelProto, calib: object, 
                          "amax": summary.amax, "clipped_fraction": summary.clipped_fraction})
     else:
         axes[0][0].set_title("no int8 option measured")
-    fig.suptitle(f"Calibration histograms ({method}) of the most int8-sensitive layer inputs", fontsize=9)
+    structural = any(st["pass"] in ("prune", "lowrank", "finetune") for st in result.recipe["steps"])
+    fig.suptitle(f"Calibration histograms ({method}) of the most int8-sensitive layer inputs, original model"
+                 + (" (the recipe prunes/splits/fine-tunes first: its quantize step's ranges differ)"
+                    if structural else ""), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -164,7 +167,12 @@ def _pareto_png(result: OptimizeResult, path: Path) -> None:
     kind = result.budget.kind
     fig, ax = plt.subplots(figsize=(6, 4))
     pts = [c for c in result.candidates if c.cost(kind) is not None and c.sqnr_db is not None]
-    ax.scatter([c.cost(kind) for c in pts], [min(c.sqnr_db, 100) for c in pts], color="grey", label="measured")
+    untuned = [c for c in pts if "before fine-tune" in c.note]  # over budget: never fine-tuned (see optimize)
+    done = [c for c in pts if c not in untuned]
+    ax.scatter([c.cost(kind) for c in done], [min(c.sqnr_db, 100) for c in done], color="grey", label="measured")
+    if untuned:
+        ax.scatter([c.cost(kind) for c in untuned], [min(c.sqnr_db, 100) for c in untuned], facecolors="none",
+                   edgecolors="grey", label="over budget, before fine-tune")
     for c in pts:
         if c.note.startswith("uniform"):
             ax.annotate(c.note, (c.cost(kind), min(c.sqnr_db, 100)), fontsize=7)

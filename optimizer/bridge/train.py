@@ -20,9 +20,9 @@ Data flow::
     for epoch: shuffled batches ──▶ student ──▶ L ──▶ Adam step ──▶ val L ──▶ keep best, stop early
 
 The teacher runs on onnxruntime once over all samples and its logits are cached: on the reference
-CNNs onnxruntime runs the teacher 3-12x faster than the converted module in torch (medians,
-interleaved, printed by bench/finetune.py), and caching makes the teacher cost one forward pass per
-sample in total (no augmentation, so the cache stays valid across epochs).
+CNNs onnxruntime ran the teacher 2.5-20x faster than the converted module in torch (medians,
+interleaved, three runs of bench/finetune.py on busy shared cores), and caching makes the teacher
+cost one forward pass per sample in total (no augmentation, so the cache stays valid across epochs).
 """
 
 from __future__ import annotations

@@ -278,7 +278,13 @@ def _resolve_table(
         )
     else:
         from onnxpress.calibrate import calibrate
+        from onnxpress.calibration.collect import select_tensors
 
+        if not select_tensors(model):
+            # Nothing quantizable (no float activation around a quantizable op): hand the model
+            # back in float, as the per-node decisions say, rather than refusing it.
+            log.info("no float activations to calibrate; the model stays float")
+            return CalibrationTable()
         result = calibrate(
             model, calib, method=method, batch_size=batch_size, max_samples=max_samples, progress=progress
         )

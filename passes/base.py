@@ -16,12 +16,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Protocol, runtime_checkable
 
 import onnx_graphsurgeon as gs
 
-__all__ = ["GraphPass", "PassResult", "quiet_graphsurgeon", "unique_name"]
+__all__ = ["GraphPass", "PassResult", "fresh_names", "graph_names", "quiet_graphsurgeon", "unique_name"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,17 +49,31 @@ class GraphPass(Protocol):
 
 def unique_name(graph: gs.Graph, base: str) -> str:
     """A tensor/node name starting with ``base`` that is not used anywhere in ``graph`` yet."""
-    used = _used_names(graph)
-    if base not in used:
-        return base
-    for i in itertools.count(1):
-        candidate = f"{base}_{i}"
-        if candidate not in used:
-            return candidate
-    raise AssertionError("unreachable")
+    return fresh_names(graph_names(graph))(base)
 
 
-def _used_names(graph: gs.Graph) -> set[str]:
+def fresh_names(used: Iterable[str]) -> Callable[[str], str]:
+    """A name maker for a batch of edits: ``base``, else ``base_1``, ``base_2``, ...
+
+    It avoids ``used`` and every name it handed out before (one set, instead of rescanning the
+    graph for each new name).
+    """
+    taken = set(used)
+
+    def fresh(base: str) -> str:
+        name = base
+        for i in itertools.count(1):
+            if name not in taken:
+                break
+            name = f"{base}_{i}"
+        taken.add(name)
+        return name
+
+    return fresh
+
+
+def graph_names(graph: gs.Graph) -> set[str]:
+    """Every tensor and node name in ``graph``."""
     names = set(graph.tensors().keys())
     names.update(node.name for node in graph.nodes if node.name)
     return names

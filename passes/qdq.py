@@ -50,7 +50,7 @@ import onnx_graphsurgeon as gs
 
 from onnxpress.calibration.table import CalibrationTable
 from onnxpress.errors import UnsupportedModelError
-from onnxpress.passes.base import PassResult
+from onnxpress.passes.base import PassResult, fresh_names, graph_names
 
 __all__ = [
     "ACTIVATION_TYPES",
@@ -679,15 +679,7 @@ class InsertQDQ:
         params: dict[str, QParams],
         produced_by_quantized: set[str],
     ) -> dict[str, int]:
-        used = set(graph.tensors().keys()) | {n.name for n in graph.nodes if n.name}
-
-        def fresh(base: str) -> str:
-            name, i = base, 0
-            while name in used:
-                i += 1
-                name = f"{base}_{i}"
-            used.add(name)
-            return name
+        fresh = fresh_names(graph_names(graph))
 
         tensors = graph.tensors()
         dq_of: dict[str, gs.Variable] = {}

@@ -34,7 +34,7 @@ import logging
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxpress.passes.base import PassResult
+from onnxpress.passes.base import PassResult, fresh_names, graph_names
 
 __all__ = ["QuantizeWeightsInt4", "StoreConstantsInt8", "dequantize_blocks", "quantize_blocks", "store_constants_int8"]
 
@@ -212,15 +212,7 @@ class QuantizeWeightsInt4:
     def __call__(self, graph: gs.Graph) -> PassResult:
         """Rewrite every eligible MatMul/Gemm; count them."""
         done, int8, notes = 0, 0, []
-        names = set(graph.tensors().keys()) | {n.name for n in graph.nodes if n.name}
-
-        def fresh(base: str) -> str:
-            name, i = base, 0
-            while name in names:
-                i += 1
-                name = f"{base}_{i}"
-            names.add(name)
-            return name
+        fresh = fresh_names(graph_names(graph))
 
         for node in [n for n in graph.nodes if n.op in ("MatMul", "Gemm") and n.domain in (None, "", "ai.onnx")]:
             why = self._decline(node)
@@ -352,15 +344,7 @@ class StoreConstantsInt8:
 
     def __call__(self, graph: gs.Graph) -> PassResult:
         """Rewrite the constants in place; count them."""
-        names = set(graph.tensors().keys()) | {n.name for n in graph.nodes if n.name}
-
-        def fresh(base: str) -> str:
-            name, i = base, 0
-            while name in names:
-                i += 1
-                name = f"{base}_{i}"
-            names.add(name)
-            return name
+        fresh = fresh_names(graph_names(graph))
 
         n = store_constants_int8(graph, self.min_size, fresh, exclude=self.exclude)
         return PassResult(graph, n > 0, {"constants_int8": n})

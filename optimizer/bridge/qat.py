@@ -36,6 +36,7 @@ from onnx import helper, numpy_helper
 from onnxpress.bridge.convert import OnnxModule
 from onnxpress.errors import UnsupportedModelError
 from onnxpress.model_io import normalize_model
+from onnxpress.passes.base import fresh_names
 
 __all__ = ["QATPlan", "prepare_qat"]
 
@@ -186,15 +187,7 @@ def _trainable_twin(
     qat.CopyFrom(ptq)
     g = qat.graph
     inits = {i.name: i for i in g.initializer}
-    used = set(inits) | {o for n in g.node for o in n.output} | {n.name for n in g.node}
-
-    def fresh(base: str) -> str:
-        name, i = base, 0
-        while name in used:
-            i += 1
-            name = f"{base}_{i}"
-        used.add(name)
-        return name
+    fresh = fresh_names(set(inits) | {o for n in g.node for o in n.output} | {n.name for n in g.node})
 
     originals = collections.defaultdict(list)
     for init in student.graph.initializer:

@@ -307,10 +307,11 @@ def analyze_sensitivity(
         if cache_file.is_file():
             try:
                 result = SensitivityResult.from_dict(json.loads(cache_file.read_text()))
-                log.info("sensitivity from cache %s", cache_file)
-                return result
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 log.warning("ignoring unreadable sensitivity cache %s: %s", cache_file, exc)
+            else:
+                log.info("sensitivity from cache %s", cache_file)
+                return result
 
     layers = layer_infos(model)
     reference = run_outputs(model, feeds)

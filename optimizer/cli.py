@@ -51,6 +51,35 @@ def add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
 
+def positive_int(text: str) -> int:
+    """Parse a CLI integer >= 1 (an argparse ``type``)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def bounded_float(low: float, high: float, *, include_low: bool, include_high: bool, what: str = "a number"):
+    """An argparse ``type`` for a float between ``low`` and ``high`` (ends included as stated)."""
+    interval = f"{'[' if include_low else '('}{low:g}, {high:g}{']' if include_high else ')'}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what} in {interval}, got {text!r}") from None
+        inside_low = value >= low if include_low else value > low
+        inside_high = value <= high if include_high else value < high
+        if not (inside_low and inside_high):
+            raise argparse.ArgumentTypeError(f"expected {what} in {interval}, got {value}")
+        return value
+
+    return parse
+
+
 def progress_enabled(args: argparse.Namespace) -> bool:
     """Progress bars unless ``--quiet`` or stderr is not a terminal."""
     return not getattr(args, "quiet", False) and sys.stderr.isatty()

@@ -4,27 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from onnxpress.cli import add_common, progress_enabled
+from onnxpress.cli import add_common, bounded_float, positive_int, progress_enabled
 
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text!r}") from None
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {value}")
-    return value
+_fraction = bounded_float(0.0, 1.0, include_low=False, include_high=True, what="a fraction")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -36,13 +18,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", help="input .onnx model (never modified)")
     p.add_argument("-o", "--output", required=True, help="where to write the split model")
     how = p.add_mutually_exclusive_group(required=True)
-    how.add_argument("--rank", type=_positive_int, help="the same rank for every layer")
+    how.add_argument("--rank", type=positive_int, help="the same rank for every layer")
     how.add_argument("--energy", type=_fraction, help="keep this fraction of each layer's spectral energy")
     how.add_argument("--flops", type=_fraction, help="whole-model MACs budget as a fraction of the original")
     p.add_argument("--calib", help="calibration data (.npz or folder of .npz) for the data-aware (whitened) SVD")
-    p.add_argument("--multiple", type=_positive_int, default=1, help="round ranks up to a multiple of this")
+    p.add_argument("--multiple", type=positive_int, default=1, help="round ranks up to a multiple of this")
     p.add_argument("--tucker", action="store_true", help="Tucker-2 (1x1, kxk core, 1x1) for Convs")
-    p.add_argument("--max-samples", type=_positive_int, default=512, help="calibration samples to use")
+    p.add_argument("--max-samples", type=positive_int, default=512, help="calibration samples to use")
     add_common(p)
     p.set_defaults(func=run)
 

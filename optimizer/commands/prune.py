@@ -4,29 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-from onnxpress.cli import add_common, progress_enabled
+from onnxpress.cli import add_common, bounded_float, positive_int, progress_enabled
 from onnxpress.passes.prune_channels import CRITERIA
 from onnxpress.reporting import format_table
 
-
-def _ratio(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"ratio must be a number in [0, 1), got {text!r}") from None
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"ratio must be in [0, 1), got {value}")
-    return value
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+_ratio = bounded_float(0.0, 1.0, include_low=True, include_high=False, what="a ratio")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -48,8 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--compensate", action="store_true", help="fold removed channels' means (from --calib) into the next biases"
     )
-    p.add_argument("--multiple", type=_positive, default=1, help="round kept channels per group to a multiple")
-    p.add_argument("--max-samples", type=_positive, default=256, help="calibration samples for act (default 256)")
+    p.add_argument("--multiple", type=positive_int, default=1, help="round kept channels per group to a multiple")
+    p.add_argument("--max-samples", type=positive_int, default=256, help="calibration samples for act (default 256)")
     add_common(p)
     p.set_defaults(func=run)
 

@@ -21,12 +21,7 @@ from tests.test_bridge_graphs import tiny_cnn  # noqa: E402
 MODELS = Path(__file__).resolve().parent.parent / "models"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def make_model(nodes, inputs, outputs, initializers=(), opset: int = OPSET) -> onnx.ModelProto:

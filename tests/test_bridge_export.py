@@ -19,13 +19,7 @@ from onnxpress.runtime import make_session  # noqa: E402
 from tests.graphs import run  # noqa: E402
 from tests.test_bridge_graphs import tiny_cnn, tiny_data  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def _perturbed_module(model):

@@ -20,13 +20,7 @@ from onnxpress.bridge.train import (  # noqa: E402
 from onnxpress.errors import DataError  # noqa: E402
 from tests.test_bridge_graphs import tiny_cnn, tiny_data  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def _log_softmax(z):

@@ -66,12 +66,14 @@ def quantized_bins(bits: int, nonnegative: bool) -> int:
     return 2**bits if nonnegative else 2 ** (bits - 1)
 
 
-def kl_divergences(hist: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
-    """``KL(P_i || Q_i)`` for every candidate ``i = m..n`` (see the module docstring).
+def kl_divergences(hist: np.ndarray, m: int, *, min_bins: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``KL(P_i || Q_i)`` for every candidate ``i = max(m, min_bins)..n`` (see the module docstring).
 
     Args:
         hist: non-negative counts of ``|x|`` per bin.
         m: quantized bins.
+        min_bins: skip the candidates ``i < min_bins`` (each divergence depends only on its own
+            ``i``, so the others are unchanged); ignored when it exceeds ``n`` (all are computed).
 
     Returns:
         ``(candidates, divergences)``: int array of ``i`` and float64 array (``inf`` where undefined).
@@ -95,7 +97,8 @@ def kl_divergences(hist: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
     cum_nz = np.concatenate([[0], np.cumsum(h > 0)])
     log_int = np.log(np.maximum(np.arange(n + 2, dtype=np.float64), 1.0))  # log z for integer z (log 0 := 0)
 
-    cands = np.arange(m, n + 1, dtype=np.int64)
+    first = max(m, min_bins) if min_bins <= n else m
+    cands = np.arange(first, n + 1, dtype=np.int64)
     out = np.empty(cands.size, dtype=np.float64)
     step = max(1, _CHUNK_ELEMS // (m + 1))
     g = np.arange(m + 1, dtype=np.int64)
@@ -151,14 +154,11 @@ def kl_bin(hist: np.ndarray, m: int, *, min_bins: int = 0) -> int:
     """The number of bins ``i`` to keep (threshold ``i * w``) that minimises ``KL(P || Q)``.
 
     Ties (within ``1e-12``) go to the smallest ``i``. Only candidates with ``i >= min_bins`` are
-    searched (all of them when none is that large).
+    searched, and only theirs are computed (all of them when none is that large).
 
     Raises:
         CalibrationError: the histogram is empty.
     """
-    cands, kl = kl_divergences(hist, m)
-    allowed = cands >= min_bins
-    if allowed.any():
-        cands, kl = cands[allowed], kl[allowed]
+    cands, kl = kl_divergences(hist, m, min_bins=min_bins)
     best = kl.min()
     return int(cands[np.flatnonzero(kl <= best + TIE_TOLERANCE)[0]])

@@ -106,3 +106,28 @@ def test_empty_histogram_and_bad_bits_raise() -> None:
         kl_bin(np.zeros(10), 4)
     with pytest.raises(CalibrationError, match="bits"):
         quantized_bins(1, True)
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "relu", "outliers"])
+def test_restricted_search_computes_only_allowed_candidates_and_matches_full(kind: str) -> None:
+    x = _samples(kind).astype(np.float32)
+    hist = Histogram.with_resolution(2048)
+    hist.update(x)
+    mag = hist.magnitude()
+    m = quantized_bins(8, nonnegative=hist.nonnegative)
+    full_cands, full_kl = kl_divergences(mag, m)
+    n = int(full_cands[-1])
+    ref_cands, ref_kl = reference_kl(mag, m)
+    for min_bins in (0, m, m + 1, (m + n) // 2, n - 1, n):
+        cands, kl = kl_divergences(mag, m, min_bins=min_bins)
+        keep = full_cands >= min_bins
+        np.testing.assert_array_equal(cands, full_cands[keep])  # nothing below min_bins computed
+        np.testing.assert_array_equal(kl, full_kl[keep])  # each divergence is independent of the others
+        sel = ref_cands >= min_bins
+        best = ref_kl[sel].min()
+        expected = int(ref_cands[sel][np.flatnonzero(ref_kl[sel] <= best + TIE_TOLERANCE)[0]])
+        assert kl_bin(mag, m, min_bins=min_bins) == expected
+    # a cap above the last occupied bin searches every candidate
+    cands, kl = kl_divergences(mag, m, min_bins=n + 5)
+    np.testing.assert_array_equal(cands, full_cands)
+    assert kl_bin(mag, m, min_bins=n + 5) == reference_bin(mag, m)

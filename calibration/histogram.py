@@ -113,7 +113,7 @@ class Histogram:
             return
         self._ensure_exp(_exponent_for(amax, self.size))
         assert self.exp is not None and self.counts is not None
-        _add_counts(self.counts, x, self.exp, self.size)
+        _add_counts(self.counts, x, self.exp, self.size, nonnegative=lo >= 0.0)
 
     def _ensure_exp(self, exp: int) -> None:
         """Make the width at least ``2**exp`` (coarsening exactly), allocating on first use."""
@@ -222,26 +222,72 @@ def _exponent_for(amax: float, size: int) -> int:
     return e
 
 
-def _add_counts(counts: np.ndarray, x: np.ndarray, exp: int, size: int) -> None:
+def _add_counts(counts: np.ndarray, x: np.ndarray, exp: int, size: int, *, nonnegative: bool = False) -> None:
     """Add the signed bin counts of finite ``x`` at width ``2**exp`` to ``counts``.
 
     Exact: scaling by a power of two (in float64 when it scales down, so float32 subnormals do
     not underflow to -0.0) and ``floor`` introduce no rounding; ``+ size`` is exact
     because the floored values are integers below ``2**24``. (``np.add.at`` measured ~25% faster
-    than ``np.bincount`` here.)
+    than ``np.bincount`` here; both hold the GIL.)
+
+    Lanes. ``np.add.at`` increments one counter after the other, so a run of equal bins -- the
+    zeros of a ReLU output -- waits on each previous increment (measured 1.1-2.2 ns/value against
+    0.65 for spread-out bins). For a large non-negative batch (bins ``0..S-1`` only) value ``k`` goes
+    to lane ``k mod 4`` of a ``4 x S`` scratch array instead (``+ (k mod 4) * S`` in place of
+    ``+ size``, same pass), and the lanes are summed into ``counts[S:]``: integer sums, so the counts
+    are identical; measured 1.5 -> 1.3 ns/value (50% zeros) and 2.2 -> 1.3 (80% zeros).
+
+    The batch is processed in blocks of ``_BLOCK`` values so that the scratch arrays stay in cache
+    across the five passes (and their size stays fixed): measured 1.35 -> 1.16 ns/value on 2M values.
     """
-    n = x.size
-    if -100 < exp <= 0 and x.dtype == np.float32:  # scaling up: exact even for subnormals
-        t = _scratch("f32", np.float32, n)
-        np.multiply(x, np.float32(math.ldexp(1.0, -exp)), out=t)
-    else:
-        t = _scratch("f64", np.float64, n)
-        np.multiply(x, np.float64(math.ldexp(1.0, -exp)), out=t, dtype=np.float64)  # not a float32 loop
-    np.floor(t, out=t)
-    t += size
-    idx = _scratch("idx", np.intp, n)
-    np.copyto(idx, t, casting="unsafe")
-    np.add.at(counts, idx, 1)
+    lanes = nonnegative and x.size >= _LANE_MIN_VALUES
+    sub = _lane_counts(size) if lanes else None
+    scale_up = -100 < exp <= 0 and x.dtype == np.float32  # scaling up: exact even for subnormals
+    for start in range(0, x.size, _BLOCK):
+        xb = x[start : start + _BLOCK]
+        n = xb.size
+        if scale_up:
+            t = _scratch("f32", np.float32, n)
+            np.multiply(xb, np.float32(math.ldexp(1.0, -exp)), out=t)
+        else:
+            t = _scratch("f64", np.float64, n)
+            np.multiply(xb, np.float64(math.ldexp(1.0, -exp)), out=t, dtype=np.float64)  # not a float32 loop
+        np.floor(t, out=t)
+        if sub is not None:
+            t += _lane_offsets(t.dtype, size)[:n]
+        else:
+            t += size
+        idx = _scratch("idx", np.intp, n)
+        np.copyto(idx, t, casting="unsafe")
+        np.add.at(counts if sub is None else sub, idx, 1)
+    if sub is not None:
+        counts[size:] += sub.reshape(_LANES, size).sum(axis=0)
+        sub.fill(0)
+
+
+_LANES = 4
+_LANE_MIN_VALUES = 1 << 14  # below this, summing and clearing the lanes costs more than it saves
+_BLOCK = 1 << 16  # values per block; the lane offsets are built for one block (256-512 KB)
+
+
+def _lane_offsets(dtype: np.dtype, size: int) -> np.ndarray:
+    """Per-thread cached ``(k mod 4) * size`` for ``k < _BLOCK`` (see :func:`_add_counts`)."""
+    key = f"lanes_{np.dtype(dtype).char}_{size}"
+    buf = getattr(_SCRATCH, key, None)
+    if buf is None:
+        buf = ((np.arange(_BLOCK) % _LANES) * size).astype(dtype)
+        setattr(_SCRATCH, key, buf)
+    return buf
+
+
+def _lane_counts(size: int) -> np.ndarray:
+    """Per-thread zeroed ``4 * size`` int64 lanes (callers clear them after use)."""
+    key = f"lane_counts_{size}"
+    buf = getattr(_SCRATCH, key, None)
+    if buf is None:
+        buf = np.zeros(_LANES * size, dtype=np.int64)
+        setattr(_SCRATCH, key, buf)
+    return buf
 
 
 _SCRATCH = threading.local()

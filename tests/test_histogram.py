@@ -135,3 +135,25 @@ def test_extreme_float32_values_are_binned_exactly(value: float) -> None:
     expected = np.floor(x.astype(np.float64) / h.width).astype(np.int64) + 2 * BINS
     np.testing.assert_array_equal(np.flatnonzero(h.counts), np.unique(expected))
     assert h.count == 2
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_large_nonnegative_batches_counted_in_lanes_match_floor_rule(dtype: type) -> None:
+    """Batches past the lane threshold (ReLU-like, mostly zeros, > one offset period) bin exactly."""
+    r = np.random.default_rng(11)
+    x = np.maximum(r.standard_normal(150_001) - 0.8, 0.0).astype(dtype)  # ~79% zeros, odd length
+    x[7] = -0.0
+    hist = Histogram.with_resolution(BINS)
+    hist.update(x)
+    w = hist.width
+    expected = np.bincount((np.floor(x.astype(np.float64) / w) + 2 * BINS).astype(int), minlength=4 * BINS)
+    np.testing.assert_array_equal(hist.counts, expected)
+    pieces = Histogram.with_resolution(BINS)
+    for part in np.array_split(x, [1000, 20_000, 90_000]):  # below and above the lane threshold
+        pieces.update(part)
+    np.testing.assert_array_equal(pieces.counts, hist.counts)
+    y = np.concatenate([x, -x[:70_000]]).astype(dtype)  # signed, several blocks: the plain path
+    signed = Histogram.with_resolution(BINS)
+    signed.update(y)
+    expected = np.bincount((np.floor(y.astype(np.float64) / w) + 2 * BINS).astype(int), minlength=4 * BINS)
+    np.testing.assert_array_equal(signed.counts, expected)

@@ -264,6 +264,7 @@ def collect_statistics(
     max_samples: int | None = None,
     progress: bool = False,
     memory_budget_mb: float | None = DEFAULT_BUDGET_MB,
+    threads: int | None = None,
 ) -> int:
     """Run ``model`` over ``data`` once and stream each observed tensor into its observer.
 
@@ -279,6 +280,7 @@ def collect_statistics(
             ``budget // bytes_per_sample`` samples (at least 1) when the shapes are known, because
             all observed tensors of a batch are alive at once (in onnxruntime, in numpy, and on the
             observer thread). ``None``: always ``batch_size``.
+        threads: onnxruntime intra-op threads (``None``: its default, one per core).
 
     Returns:
         The number of samples run.
@@ -301,7 +303,7 @@ def collect_statistics(
     names = list(observers)
     types = _value_types(model)
     exposed, fetch = _expose(model, names, types)
-    session = make_session(exposed, what="model with calibration outputs")
+    session = make_session(exposed, threads=threads, what="model with calibration outputs")
     input_names = {i.name for i in session.get_inputs()}
     dynamic = _batch_is_dynamic(model)
     per_sample = bytes_per_sample(model, names, types)

@@ -131,3 +131,14 @@ def test_value_preserving_outputs_share_their_input_range() -> None:
     assert table.histograms["t"] is table.histograms["r"]
     direct = onnxpress.calibrate(model, data, method="kl", tensors=["t"])
     assert direct["t"] == table["t"]
+
+
+def test_histogram_methods_leave_one_core_to_the_observer_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    from onnxpress.calibrate import _session_threads
+    from onnxpress.calibration.observers import HistogramObserver, MinMaxObserver
+
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    assert _session_threads([MinMaxObserver("a")]) is None  # onnxruntime's default
+    assert _session_threads([MinMaxObserver("a"), HistogramObserver("kl", name="b")]) == 7
+    monkeypatch.setattr("os.cpu_count", lambda: 1)
+    assert _session_threads([HistogramObserver("mse", name="b")]) == 1

@@ -82,6 +82,7 @@ def kl_divergences(hist: np.ndarray, m: int, *, min_bins: int = 0) -> tuple[np.n
     Raises:
         CalibrationError: the histogram is empty.
     """
+    m = int(m)
     h = np.asarray(hist, dtype=np.float64)
     nz = np.flatnonzero(h)
     if nz.size == 0:
@@ -120,10 +121,15 @@ def _kl_chunk(
     log_int: np.ndarray,
 ) -> np.ndarray:
     """Divergences for the candidates ``i`` (1-D) with window indices ``g = 0..m``."""
-    edges = (g[None, :] * i[:, None] + (m - 1)) // m  # b_g = ceil(g*i/m); b_0 = 0, b_m = i
-    ch = cum_h[edges]
+    edges = g[None, :] * i[:, None]
+    edges += m - 1
+    if m & (m - 1) == 0:  # b_g = ceil(g*i/m); b_0 = 0, b_m = i (a shift for the usual m = 2**k)
+        edges >>= m.bit_length() - 1
+    else:
+        edges //= m
+    ch = np.take(cum_h, edges)
     win_h = ch[:, 1:] - ch[:, :-1]  # G_g
-    cz = cum_nz[edges]
+    cz = np.take(cum_nz, edges)
     win_nz = cz[:, 1:] - cz[:, :-1]  # bins of the window where h > 0
     last = i - 1
     outliers = total - cum_h[i]
@@ -134,7 +140,7 @@ def _kl_chunk(
     plogp = cum_hlogh[last] + p_last * np.log(np.maximum(p_last, 1.0))
     # log(G_g / z_g); windows with G_g = 0 carry no P mass (except the flagged case below)
     log_q = np.log(np.maximum(win_h, 0.5))
-    log_q -= log_int[win_nz]
+    log_q -= np.take(log_int, win_nz)
     cross = np.einsum("ij,ij->i", win_h, log_q) + outliers * log_q[:, -1]  # sum_g P_g log(G_g/z_g)
     kept = total - outliers
     kl = (plogp - cross) / total + np.log(np.maximum(kept, 1.0) / total)

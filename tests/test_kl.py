@@ -131,3 +131,18 @@ def test_restricted_search_computes_only_allowed_candidates_and_matches_full(kin
     cands, kl = kl_divergences(mag, m, min_bins=n + 5)
     np.testing.assert_array_equal(cands, full_cands)
     assert kl_bin(mag, m, min_bins=n + 5) == reference_bin(mag, m)
+
+
+@pytest.mark.parametrize("m", [3, 5, 8])
+def test_any_quantized_bin_count_matches_reference(m: int) -> None:
+    """Window edges use a shift for powers of two and integer division otherwise."""
+    h = np.random.default_rng(m).poisson(40.0 * np.exp(-np.arange(60) / 12.0)).astype(np.float64)
+    h[45] = 0.0
+    h[59] = 3.0
+    cands, kl = kl_divergences(h, m)
+    ref_cands, ref_kl = reference_kl(h, m)
+    np.testing.assert_array_equal(cands, ref_cands)
+    finite = np.isfinite(ref_kl)
+    np.testing.assert_array_equal(np.isfinite(kl), finite)
+    np.testing.assert_allclose(kl[finite], ref_kl[finite], rtol=1e-9, atol=1e-12)
+    assert kl_bin(h, m) == reference_bin(h, m)

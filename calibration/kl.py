@@ -40,7 +40,8 @@ Vectorisation. With ``N = sum h``, ``S = N - o`` and windows ``[b_g, b_{g+1})``,
 where ``P_g = G_g`` except in the last window, which also holds the outliers. Every term is a
 difference of prefix sums of ``h``, ``h log h`` and ``[h > 0]`` evaluated at the window edges, so
 all candidates are one ``(n - m + 1) x (m + 1)`` array computation (chunked to bound memory)
-instead of a Python loop of ``O(n)`` work per candidate.
+instead of a Python loop of ``O(n)`` work per candidate. Each row depends only on its own ``i``, so
+a search restricted to ``i >= min_bins`` (the observers' clip cap) computes only those rows.
 """
 
 from __future__ import annotations

@@ -112,7 +112,7 @@ def calibrate(
 
 
 def _session_threads(observers: Iterable[MinMaxObserver | HistogramObserver]) -> int | None:
-    """onnxruntime threads: one core fewer than the machine has when histograms are filled.
+    """Threads for onnxruntime: one core fewer than the machine has when histograms are filled.
 
     Histogram updates (``np.add.at`` holds the GIL) run on one observer thread in parallel with
     onnxruntime and are the slower side of that pipeline; leaving their core to them measured

@@ -97,3 +97,23 @@ def test_prune_step_keeps_a_working_model(tmp_path):
     feeds = read_feeds(model, data, 16)
     assert run_outputs(pruned, feeds).shape == run_outputs(model, feeds).shape
     assert pruned.ByteSize() < model.ByteSize()
+
+
+def test_bundled_bench_recipes_are_valid_and_name_real_prune_groups():
+    """bench/recipes/*.json load, validate, and every pruned group exists in the reference resnet."""
+    from pathlib import Path
+
+    import onnx
+
+    from onnxpress.recipe import load_recipe, prepare
+    from onnxpress.sensitivity import prune_groups
+
+    root = Path(__file__).resolve().parent.parent
+    groups = set(prune_groups(prepare(onnx.load(root / "models" / "resnet.onnx"))))
+    paths = sorted((root / "bench" / "recipes").glob("*.json"))
+    assert paths
+    for path in paths:
+        recipe = load_recipe(path)
+        for step in recipe["steps"]:
+            if step["pass"] == "prune":
+                assert set(step["ratio"]) <= groups, path

@@ -10,7 +10,7 @@ from onnxpress.reporting import format_table
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``optimize`` subcommand."""
-    p = sub.add_parser("optimize", help="search per-layer int8/fp32 x low-rank options under a budget")
+    p = sub.add_parser("optimize", help="search per-layer int8/fp32 x pruning x low-rank options under a budget")
     p.add_argument("model", help="input .onnx model (never modified)")
     p.add_argument("-o", "--output", required=True, help="where to write the best model (its recipe goes beside it)")
     p.add_argument("--calib", required=True, help="calibration inputs (.npz or folder of .npz)")

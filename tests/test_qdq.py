@@ -96,6 +96,16 @@ def residual_cnn(seed: int = 0) -> onnx.ModelProto:
     return make_model(nodes, [("X", ["N", 3, 8, 8])], [("Y", ["N", 10])], inits)
 
 
+def quantize_params(model: onnx.ModelProto) -> dict[str, tuple[float, int]]:
+    """Input tensor of every QuantizeLinear -> its (scale, zero point)."""
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    return {
+        n.input[0]: (float(inits[n.input[1]]), int(inits[n.input[2]]))
+        for n in model.graph.node
+        if n.op_type == "QuantizeLinear"
+    }
+
+
 def feeds_for(model: onnx.ModelProto, n: int = 16, seed: int = 1) -> dict[str, np.ndarray]:
     """Standard-normal feeds for every graph input (symbolic dims become ``n``)."""
     r = rng(seed)
@@ -317,12 +327,7 @@ def test_concat_inputs_share_the_output_range(tmp_path: Path) -> None:
     model = make_model(nodes, [("X", ["N", 3, 4, 4])], [("Y", ["N", 4, 4, 4])], inits)
     x = feeds_for(model)
     _, q = quantize_graph(model, x)
-    inits_q = {i.name: numpy_helper.to_array(i) for i in q.graph.initializer}
-    params = {
-        n.input[0]: (float(inits_q[n.input[1]]), int(inits_q[n.input[2]]))
-        for n in q.graph.node
-        if n.op_type == "QuantizeLinear"
-    }
+    params = quantize_params(q)
     assert params["a"] == params["b"] == params["c"]
     assert sqnr_db(run(model, x)[0], run(q, x)[0]) > 30
     assert "QLinearConcat" in optimized_ops(q, tmp_path)
@@ -346,12 +351,7 @@ def test_scale_keeping_ops_reuse_input_params(tmp_path: Path) -> None:
     model = make_model(nodes, [("X", [2, 3, 8, 8])], [("Y", [2, 16, 6])], inits)
     x = feeds_for(model)
     _, q = quantize_graph(model, x)
-    inits_q = {i.name: numpy_helper.to_array(i) for i in q.graph.initializer}
-    params = {
-        n.input[0]: (float(inits_q[n.input[1]]), int(inits_q[n.input[2]]))
-        for n in q.graph.node
-        if n.op_type == "QuantizeLinear"
-    }
+    params = quantize_params(q)
     assert params["c"] == params["m"] == params["rs"] == params["t"]
     assert sqnr_db(run(model, x)[0], run(q, x)[0]) > 30
     opt = optimized_ops(q, tmp_path)

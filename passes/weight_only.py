@@ -7,7 +7,20 @@ A constant weight ``W[K, N]`` is cut along K into blocks of ``B`` rows; each blo
     S = {max|W_block| / 7 * f : f in a grid over [0.6, 1]}      (f = 1 is plain max scaling)
     q = clip(round(W / s), -8, 7) + 8  in [0, 15],  two per byte (low nibble = even row)
 
-so every element satisfies ``|W - s (q - 8)| <= s / 2`` inside the block's clipped range. Activations
+so every element satisfies ``|W - s (q - 8)| <= s / 2`` inside the block's clipped range (round to
+nearest, "rtn"). With the input second moment ``H = E[x xᵀ]`` of the layer (calibration data), the
+rounding is GPTQ-style error compensation instead ("gptq"): the scales are the same per-block MSE
+ones, but the rows are rounded one at a time (in order of decreasing ``H_ii``) and each row's rounding
+error is spread over the rows not yet rounded so as to minimise the expected output error::
+
+    E ||x (W - Ŵ)||² = tr((W - Ŵ)ᵀ H (W - Ŵ)),     H <- H + damp · mean(diag H) · I
+    U = chol(H⁻¹)ᵀ (upper, Uᵀ U = H⁻¹),  for each row i:  ŵ_i = s (clip(round(w_i / s)) - z)
+                                                         W[j > i] -= U[i, j] / U[i, i] · (w_i - ŵ_i)
+
+which leaves every stored value on the same grid (the kernel and the packing do not change). On the
+reference transformer (block 64) this raises logit SQNR from 26.0 to 40.7 dB (bench/quantize.py).
+
+Activations
 stay float; onnxruntime's ``MatMulNBits`` (com.microsoft) dequantizes the blocks on the fly. A weight
 with fewer rows than a block uses the smallest power-of-two block >= 16 that covers it. Other large
 float constants (a positional embedding, biases, LayerNorm parameters: >= 128 elements by default)
@@ -30,17 +43,31 @@ uint8 storage round-trips through onnx-graphsurgeon 0.6.1, which cannot export I
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxpress.errors import CalibrationError
 from onnxpress.passes.base import PassResult, fresh_names, graph_names
+from onnxpress.passes.low_rank import layer_keys
 
-__all__ = ["QuantizeWeightsInt4", "StoreConstantsInt8", "dequantize_blocks", "quantize_blocks", "store_constants_int8"]
+__all__ = [
+    "INT4_METHODS",
+    "QuantizeWeightsInt4",
+    "StoreConstantsInt8",
+    "dequantize_blocks",
+    "gptq_blocks",
+    "quantize_blocks",
+    "store_constants_int8",
+]
 
 log = logging.getLogger(__name__)
 
 _GRID = np.linspace(0.6, 1.0, 21, dtype=np.float32)
+
+INT4_METHODS = ("gptq", "rtn")
+"""How int4 weights are rounded: error-compensating with the input second moment, or to nearest."""
 
 
 def quantize_blocks(w: np.ndarray, block_size: int, *, search: bool = True) -> tuple[np.ndarray, np.ndarray]:
@@ -125,6 +152,92 @@ def dequantize_blocks_asym(q: np.ndarray, scale: np.ndarray, zero: np.ndarray, k
     return (centred * scale[:, None, :]).reshape(-1, n)[:k]
 
 
+def gptq_blocks(
+    w: np.ndarray,
+    block_size: int,
+    hessian: np.ndarray,
+    *,
+    symmetric: bool = True,
+    search: bool = True,
+    damp: float = 0.01,
+    act_order: bool = True,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """GPTQ-style rounding of ``w[K, N]`` onto the blockwise int4 grid of :func:`quantize_blocks`.
+
+    The scales (and zero points when not ``symmetric``) are those of the round-to-nearest functions,
+    fixed from ``w`` before any update ("static groups"), so the result packs exactly like theirs;
+    only which grid point each element takes changes, chosen to minimise ``tr(Δᵀ H Δ)``.
+
+    Written by hand in numpy (no GPTQ library): it is the core of our int4 accuracy.
+
+    Args:
+        w: float weight, rows = input features (K), columns = outputs (N).
+        block_size: rows per scale block.
+        hessian: ``E[x xᵀ]`` of the layer's input, ``[K, K]`` (symmetric positive semi-definite).
+        symmetric: zero point 8 (``q`` int8 in [-8, 7]) or a 4-bit zero point per block (``q`` uint8).
+        search: MSE search of the block scales (as in :func:`quantize_blocks`).
+        damp: added to the diagonal, as a fraction of its mean (regularises a singular ``H``).
+        act_order: round the rows with the largest ``H_ii`` first (their errors get compensated most).
+
+    Returns:
+        ``(q, scale, zero)`` as :func:`quantize_blocks` (``zero`` None) or
+        :func:`quantize_blocks_asym` return them.
+
+    Raises:
+        ValueError: ``hessian`` is not ``[K, K]``, not finite, or not positive definite even after damping.
+    """
+    k, n = w.shape
+    h = np.asarray(hessian, np.float64)
+    if h.shape != (k, k):
+        raise ValueError(f"input second moment has shape {h.shape}, the weight needs ({k}, {k})")
+    if not np.all(np.isfinite(h)):
+        raise ValueError("input second moment contains NaN or inf")
+    if symmetric:
+        q0, scale = quantize_blocks(w, block_size, search=search)
+        zero_f = np.full(scale.shape, 8.0)
+        zero = None
+    else:
+        q0, scale, zero = quantize_blocks_asym(w, block_size, search=search)
+        zero_f = zero.astype(np.float64)
+    k_pad = q0.shape[0]
+    work = np.zeros((k_pad, n), np.float64)
+    work[:k] = w
+    hp = np.zeros((k_pad, k_pad), np.float64)
+    hp[:k, :k] = (h + h.T) / 2
+    diag = np.diag(hp).copy()
+    dead = diag <= 0  # an input that was always 0 (or padding): rounded to nearest, nothing to compensate
+    hp[dead, :] = 0.0
+    hp[:, dead] = 0.0
+    hp[dead, dead] = 1.0
+    order = np.argsort(-np.diag(hp), kind="stable") if act_order else np.arange(k_pad)
+    hp = hp[np.ix_(order, order)]
+    mean_diag = float(np.mean(np.diag(hp)))
+    upper = None
+    for factor in (1.0, 10.0, 100.0):
+        try:
+            lam = np.eye(k_pad) * damp * factor * mean_diag
+            upper = np.linalg.cholesky(np.linalg.inv(hp + lam)).T  # Uᵀ U = H⁻¹
+            break
+        except np.linalg.LinAlgError:
+            continue
+    if upper is None:
+        raise ValueError("input second moment is not positive definite even with 100x damping")
+    work = work[order]
+    row_scale = scale.astype(np.float64)[order // block_size]  # [K_pad, N]: each row's block scale
+    row_zero = zero_f[order // block_size]
+    codes = np.empty((k_pad, n), np.float64)
+    for i in range(k_pad):
+        c = np.clip(np.rint(work[i] / row_scale[i]) + row_zero[i], 0, 15)
+        codes[i] = c
+        err = (work[i] - (c - row_zero[i]) * row_scale[i]) / upper[i, i]
+        work[i + 1 :] -= np.outer(upper[i, i + 1 :], err)
+    out = np.empty_like(codes)
+    out[order] = codes
+    if symmetric:
+        return (out - 8).astype(np.int8), scale, None
+    return out.astype(np.uint8), scale, zero
+
+
 def _pack_zero_points(zero: np.ndarray) -> np.ndarray:
     """MatMulNBits zero points: uint8 [N * ceil(blocks / 2)], two blocks per byte, low nibble first."""
     nb, n = zero.shape
@@ -161,6 +274,11 @@ class QuantizeWeightsInt4:
             the float MatMul/Gemm) instead of int4: they cost little space and can dominate the
             error (reference transformer: the 16x128 patch embedding alone at int4 limits logit
             SQNR to 26 dB; with it and the 128x10 head at int8, all int4 elsewhere: see the bench).
+        hessians: input second moments ``E[x xᵀ]`` keyed by layer key (node name, else first output;
+            :func:`onnxpress.passes.low_rank.layer_keys`), e.g. from :func:`onnxpress.lowrank.collect_moments`.
+            Layers found here are rounded by :func:`gptq_blocks`, the others to nearest.
+        damp: GPTQ diagonal damping, as a fraction of the mean of ``diag H``.
+        act_order: GPTQ rounds the inputs with the largest second moment first.
     """
 
     name = "quantize_weights_int4"
@@ -175,6 +293,9 @@ class QuantizeWeightsInt4:
         constants_int8_min_size: int | None = 128,
         int8_below: int = 4096,
         symmetric: bool = True,
+        hessians: Mapping[str, np.ndarray] | None = None,
+        damp: float = 0.01,
+        act_order: bool = True,
     ) -> None:
         if block_size < 16 or block_size & (block_size - 1):
             raise ValueError(f"block_size must be a power of two >= 16, got {block_size}")
@@ -185,6 +306,11 @@ class QuantizeWeightsInt4:
         self.constants_int8_min_size = constants_int8_min_size
         self.int8_below = int8_below
         self.symmetric = symmetric
+        if not damp > 0:
+            raise ValueError(f"damp must be > 0, got {damp}")
+        self.hessians = dict(hessians or {})
+        self.damp = float(damp)
+        self.act_order = act_order
 
     def requires(self, graph: gs.Graph) -> None:
         """No preconditions (MatMulNBits lives in the com.microsoft domain)."""
@@ -211,8 +337,9 @@ class QuantizeWeightsInt4:
 
     def __call__(self, graph: gs.Graph) -> PassResult:
         """Rewrite every eligible MatMul/Gemm; count them."""
-        done, int8, notes = 0, 0, []
+        done, int8, gptq, notes = 0, 0, 0, []
         fresh = fresh_names(graph_names(graph))
+        keys = layer_keys(graph)
 
         for node in [n for n in graph.nodes if n.op in ("MatMul", "Gemm") and n.domain in (None, "", "ai.onnx")]:
             why = self._decline(node)
@@ -236,12 +363,9 @@ class QuantizeWeightsInt4:
             k, n = w.shape
             # A weight with fewer rows than a block gets the smallest block that covers it (no padding bytes).
             block = min(self.block_size, max(16, 1 << (k - 1).bit_length()))
-            if self.symmetric:
-                q, scale = quantize_blocks(w, block, search=self.search)
-                zeros = None
-            else:
-                q, scale, zero = quantize_blocks_asym(w, block, search=self.search)
-                zeros = _pack_zero_points(zero)
+            q, scale, zero = self._round(w, block, keys[id(node)])
+            gptq += keys[id(node)] in self.hessians
+            zeros = None if zero is None else _pack_zero_points(zero)
             packed, scales = _pack(q, scale, block)
             base = w_t.name
             y = node.outputs[0]
@@ -274,8 +398,25 @@ class QuantizeWeightsInt4:
             consts = store_constants_int8(graph, self.constants_int8_min_size, fresh, exclude=self.exclude)
         if done:
             graph.import_domains = _with_ms_domain(graph)
-        stats = {"weights_int4": done, "weights_int8": int8, "constants_int8": consts}
+        stats = {"weights_int4": done, "weights_int4_gptq": gptq, "weights_int8": int8, "constants_int8": consts}
         return PassResult(graph, done + int8 + consts > 0, stats, tuple(notes))
+
+
+    def _round(self, w: np.ndarray, block: int, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """``(q, scale, zero)`` of one weight: GPTQ when its input moment is known, else round to nearest."""
+        h = self.hessians.get(key)
+        if h is not None:
+            try:
+                return gptq_blocks(
+                    w, block, h, symmetric=self.symmetric, search=self.search, damp=self.damp, act_order=self.act_order
+                )
+            except ValueError as exc:  # a moment that does not fit is the caller's error: say which layer
+                raise CalibrationError(
+                    f"int4 GPTQ for layer {key!r}: {exc}; collect the moments on the model being quantized"
+                ) from None
+        if self.symmetric:
+            return (*quantize_blocks(w, block, search=self.search), None)
+        return quantize_blocks_asym(w, block, search=self.search)
 
 
 def _with_ms_domain(graph: gs.Graph):

@@ -36,6 +36,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--block-size", type=int, default=64, help="int4 block size (power of two >= 16; default 64)")
     p.add_argument(
+        "--int4-method",
+        default=None,
+        choices=("gptq", "rtn"),
+        help="int4 rounding: gptq (error-compensating, from --calib; the default when --calib is given) "
+        "or rtn (round to nearest, no data; the default without --calib)",
+    )
+    p.add_argument(
         "--exclude",
         nargs="*",
         default=[],
@@ -85,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
         bias_correction=args.bias_correction,
         smoothquant=args.smoothquant,
         codebook=args.codebook,
+        int4_method=args.int4_method,
     )
     counts = collections.Counter(d.op for d in result.quantized)
     floats = collections.Counter(d.op for d in result.kept_float)
@@ -95,6 +103,9 @@ def run(args: argparse.Namespace) -> int:
     for name, why in sorted(result.excluded_tensors.items()):
         print(f"no range  {name}: {why}")
     kind = "int4 weight-only" if args.weights == "int4" else f"int8 weights, {args.activations} activations"
+    if args.weights == "int4" and args.codebook is None:
+        gptq = result.stats.get("quantize_weights_int4.weights_int4_gptq", 0)
+        kind += f" ({gptq} of {result.stats.get('quantize_weights_int4.weights_int4', 0)} layers GPTQ-rounded)"
     if args.codebook is not None:
         kind = f"{args.codebook}-bit codebook weights (weight-only)"
     print(

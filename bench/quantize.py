@@ -6,7 +6,8 @@ and, when present, ``resnet_opset11`` / ``resnet_constants``), in one run:
 - ``ort-default``: ``quantize_static`` in QDQ format with its defaults (per-tensor, QInt8 activations, MinMax);
 - ``ort-best``: per-channel, QUInt8 activations, the better (by logit SQNR) of MinMax and Percentile;
 - ``onnxpress``: ``onnxpress.quantize`` with its defaults (and ``--methods`` to compare calibrations);
-- ``onnxpress-int4``: weight-only int4 (transformer only).
+- ``onnxpress-int4``: weight-only int4 with its default rounding given calibration data (GPTQ), and
+  ``onnxpress-int4[rtn]`` with round-to-nearest (what it does without data) (transformer only).
 
 Columns: logit SQNR vs fp32 on the test split (dB), top-1 agreement with fp32, accuracy, latency
 relative to fp32 at batch 1 and 64 (2 threads, spinning off, every session timed in rotation within
@@ -140,10 +141,12 @@ def bench_model(name: str, folder: Path, calib: np.ndarray, test_x: np.ndarray, 
             except onnxpress.OnnxpressError as exc:
                 candidates[f"onnxpress[{method}]"] = f"{type(exc).__name__}: {exc}"
         if name == "transformer":
-            out = work / f"{name}_int4.onnx"
             extra = {} if args.block_size is None else {"block_size": args.block_size}
-            onnxpress.quantize(src, out, weights="int4", **extra)
-            candidates["onnxpress-int4"] = out
+            # default with calibration data: GPTQ rounding; [rtn]: round to nearest, as without data
+            for tag, kw in (("onnxpress-int4", {}), ("onnxpress-int4[rtn]", {"int4_method": "rtn"})):
+                out = work / f"{name}_{tag.replace('[', '_').rstrip(']')}.onnx"
+                onnxpress.quantize(src, out, weights="int4", calib=folder / "digits32_calib.npz", **extra, **kw)
+                candidates[tag] = out
 
         sessions, outputs = {}, {}
         for tag, path in list(candidates.items()) + [(f"ort-best[{m}]", p) for m, p in ort_best.items()]:

@@ -12,25 +12,31 @@ arrays. See :mod:`onnxpress.passes.low_rank` for the maths and the rank selectio
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import logging
 import os
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 
 from onnxpress.calibration.moments import PatchSecondMomentObserver, SecondMomentObserver
 from onnxpress.driver import transform
-from onnxpress.errors import CalibrationError
+from onnxpress.errors import CalibrationError, UnsupportedModelError
 from onnxpress.model_io import ModelSource, check_output_path, infer_shapes, load_model, normalize_model
 from onnxpress.passes.flops import count_params
-from onnxpress.passes.low_rank import LayerReport, MomentSpec, SplitLowRank, moment_requests
+from onnxpress.passes.low_rank import LayerReport, MomentSpec, SplitLowRank, candidate_layers, moment_requests
 from onnxpress.pipeline import cleanup_passes, import_graph, run_passes
 from onnxpress.reporting import format_table
 
-__all__ = ["LowRankResult", "collect_moments", "lowrank"]
+log = logging.getLogger(__name__)
+
+__all__ = ["LowRankResult", "collect_moments", "lowrank", "measure_latency"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +51,8 @@ class LowRankResult:
         params_before, params_after: floating-point initializer elements of the whole model.
         notes: why layers were kept (one line each).
         data_aware: whether input second moments were used.
+        layer_seconds: with a latency table, the measured seconds of the candidate layers summed,
+            before and after (``None`` without one).
     """
 
     model: onnx.ModelProto
@@ -56,6 +64,7 @@ class LowRankResult:
     params_after: int
     notes: tuple[str, ...]
     data_aware: bool
+    layer_seconds: tuple[float, float] | None = None
 
     def table(self) -> str:
         """Per-layer rank, energy kept, MACs and params before → after, and a total row."""
@@ -150,6 +159,126 @@ def collect_moments(
     return {key: by_spec[spec].compute() for key, spec in requests.items() if spec in by_spec}
 
 
+def _prepare(model: ModelSource, progress: bool) -> onnx.ModelProto:
+    """The model the pass sees: normalised, cleaned up (BN/constants folded), shapes inferred."""
+    proto = normalize_model(load_model(model))
+    return infer_shapes(run_passes(proto, cleanup_passes(), progress=progress).model)
+
+
+def _concrete_shapes(model: onnx.ModelProto, batch: int) -> dict[str, tuple[int | None, ...]]:
+    """Tensor shapes from onnx shape inference once the graph inputs' symbolic leading dim is ``batch``."""
+    model = copy.deepcopy(model)
+    for vi in model.graph.input:
+        dims = vi.type.tensor_type.shape.dim
+        if len(dims) and not dims[0].HasField("dim_value"):
+            dims[0].Clear()
+            dims[0].dim_value = batch
+    del model.graph.value_info[:]
+    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+    shapes: dict[str, tuple[int | None, ...]] = {}
+    for vi in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
+        if vi.type.tensor_type.HasField("shape"):
+            shapes[vi.name] = tuple(d.dim_value if d.HasField("dim_value") else None
+                                    for d in vi.type.tensor_type.shape.dim)
+    return shapes
+
+
+def _layer_model(node: gs.Node, x_shape: tuple[int, ...], opset: int) -> onnx.ModelProto:
+    """``x -> node(W, b) -> y``: the layer alone, with its own weights, for timing."""
+    w = node.inputs[1]
+    x = gs.Variable("x", dtype=w.values.dtype, shape=list(x_shape))
+    y = gs.Variable("y", dtype=w.values.dtype)
+    inputs: list[gs.Tensor] = [x, gs.Constant("w", w.values)]
+    if len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].name:
+        inputs.append(gs.Constant("b", node.inputs[2].values))
+    layer = gs.Node(node.op, "layer", attrs=dict(node.attrs), inputs=inputs, outputs=[y])
+    return gs.export_onnx(gs.Graph(nodes=[layer], inputs=[x], outputs=[y], opset=opset))
+
+
+def measure_latency(
+    model: ModelSource,
+    *,
+    batch: int = 64,
+    threads: int | None = 1,
+    multiple: int = 8,
+    conv_method: str = "channel",
+    ops: Iterable[str] = ("Gemm", "MatMul", "Conv"),
+    rounds: int = 9,
+    progress: bool = False,
+) -> dict[str, dict[int | None, float]]:
+    """Seconds per run of every splittable layer, unsplit (key ``None``) and split at each rank.
+
+    Each layer is timed alone on onnxruntime (all graph optimisations, ``threads`` intra-op threads)
+    at ``batch`` samples, as the exact two- (or three-) node layout :class:`SplitLowRank` emits for
+    the ranks ``multiple, 2·multiple, …, full``. The options of one layer are timed interleaved
+    (order rotated every round) and each gets the *minimum* over ``rounds``: on a shared machine,
+    other processes only ever add time, so the minimum is the least noisy estimate of a kernel's
+    own cost. Layers of the same shape and attributes are timed once. Hand the result to
+    :func:`lowrank` (``latency=``) to spend a MACs budget where it saves time.
+
+    Args:
+        model: path or ModelProto (never modified); keys refer to it after the same clean-up as :func:`lowrank`.
+        batch: samples per run (the value of the inputs' symbolic leading dimension).
+        threads: onnxruntime intra-op threads (``None``: onnxruntime's default).
+        multiple: the rank grid, as given to :func:`lowrank`.
+        conv_method: ``"channel"`` or ``"tucker2"`` (the Conv layout to time).
+        ops: op types to time.
+        rounds: timed runs per option.
+        progress: show a progress bar over layers.
+
+    Raises:
+        UnsupportedModelError: a layer's input shape is unknown at this batch.
+    """
+    from tqdm.auto import tqdm
+
+    from onnxpress.runtime import make_session
+
+    if batch < 1 or rounds < 1 or multiple < 1:
+        raise ValueError(f"batch, rounds and multiple must be >= 1, got {batch}, {rounds}, {multiple}")
+    cleaned = _prepare(model, progress=False)
+    shapes = _concrete_shapes(cleaned, batch)
+    opset = next((o.version for o in cleaned.opset_import if o.domain in ("", "ai.onnx")), 13)
+    layers = candidate_layers(import_graph(cleaned), tuple(ops))
+    rng = np.random.default_rng(0)
+    cache: dict[tuple[Any, ...], dict[int | None, float]] = {}
+    out: dict[str, dict[int | None, float]] = {}
+    for key, node in tqdm(layers.items(), desc="timing layers", unit="layer", disable=not progress):
+        x_shape = shapes.get(node.inputs[0].name)
+        if x_shape is None or any(d is None or d < 1 for d in x_shape):
+            raise UnsupportedModelError(
+                f"cannot time layer {key!r}: its input shape is unknown at batch {batch}; give the model "
+                "static shapes apart from the batch"
+            )
+        w = node.inputs[1].values
+        has_bias = len(node.inputs) > 2 and node.inputs[2] is not None and bool(node.inputs[2].name)
+        sig = (node.op, repr(sorted(node.attrs.items())), w.shape, str(w.dtype), has_bias, x_shape)
+        if sig not in cache:
+            base = _layer_model(node, x_shape, opset)
+            split = SplitLowRank(rank=1, only_if_cheaper=False, conv_method=conv_method, ops=(node.op,))
+            split.reuse_factors = {}  # one factorisation for all the ranks
+            split(import_graph(base))
+            full = split.report[0].full_rank
+            ranks: list[int | None] = [None, *range(multiple, full, multiple), full]
+            models = [base]
+            for r in ranks[1:]:
+                split.rank = r
+                models.append(run_passes(base, [split], progress=False).model)
+            sessions = [make_session(m, threads=threads, what=f"timing model of layer {key!r}") for m in models]
+            feed = {"x": rng.standard_normal(x_shape).astype(w.dtype)}
+            best = [float("inf")] * len(sessions)
+            for s in sessions:  # warm-up
+                s.run(None, feed)
+            for rnd in range(rounds):
+                for i in [*range(rnd % len(sessions), len(sessions)), *range(rnd % len(sessions))]:
+                    t0 = time.perf_counter()
+                    sessions[i].run(None, feed)
+                    best[i] = min(best[i], time.perf_counter() - t0)
+            cache[sig] = dict(zip(ranks, best, strict=True))
+            log.debug("latency of %s: %s", key, cache[sig])
+        out[key] = dict(cache[sig])
+    return out
+
+
 def lowrank(
     model: ModelSource,
     output: str | os.PathLike[str] | None = None,
@@ -165,6 +294,10 @@ def lowrank(
     ridge: float = 1e-3,
     batch_size: int = 64,
     max_samples: int | None = 512,
+    by_latency: bool = False,
+    latency: Mapping[str, Mapping[int | None, float]] | None = None,
+    latency_batch: int = 64,
+    threads: int | None = 1,
     progress: bool = False,
 ) -> LowRankResult:
     """Split Gemm/MatMul and Conv layers into two (or three, Tucker-2) low-rank layers.
@@ -187,6 +320,12 @@ def lowrank(
         ridge: relative ridge on the second moments.
         batch_size: calibration batch size.
         max_samples: calibration samples to use (``None``: all).
+        by_latency: with ``flops``, time every candidate layer and split on onnxruntime first
+            (:func:`measure_latency` at ``latency_batch`` and ``threads``) and spend the MACs budget
+            where it saves the most time per unit of loss; splits that are not faster are not offered.
+        latency: a precomputed :func:`measure_latency` table (instead of ``by_latency``).
+        latency_batch: batch size the layers are timed at.
+        threads: onnxruntime intra-op threads for the timing.
         progress: show progress bars.
 
     Raises:
@@ -194,21 +333,32 @@ def lowrank(
         OutputError, ModelLoadError, DataError, CalibrationError, UnsupportedModelError: as named.
     """
     ops = tuple(ops)
+    if by_latency and latency is not None:
+        raise ValueError("give by_latency=True or latency=, not both")
+    if (by_latency or latency is not None) and flops is None:
+        raise ValueError("by_latency/latency= only steer a flops= budget; give flops= too")
     split = SplitLowRank(rank=rank, energy=energy, flops=flops, multiple=multiple, ridge=ridge,
-                         conv_method=conv_method, ops=ops)  # validates the arguments before any work
+                         conv_method=conv_method, ops=ops, latency=latency)  # validates the arguments
     if calib is not None and moments is not None:
         raise ValueError("give calib= or moments=, not both")
     if output is not None:
         check_output_path(output, [model, calib])  # never overwrite the calibration data
     proto = normalize_model(load_model(model))
     # shapes on every tensor: the pass reads conv input sizes (Tucker-2 cost) from them
-    cleaned = infer_shapes(run_passes(proto, cleanup_passes(), progress=progress).model)
+    cleaned = _prepare(proto, progress)
+    if by_latency:
+        split.latency = measure_latency(cleaned, batch=latency_batch, threads=threads, multiple=multiple,
+                                        conv_method=conv_method, ops=ops, progress=progress)
     if calib is not None:
         moments = collect_moments(cleaned, calib, ops=ops, batch_size=batch_size, max_samples=max_samples,
                                   progress=progress)
     split.moments = dict(moments or {})
     result = transform(cleaned, [split], output, progress=progress)
+    seconds = None
+    if split.latency is not None:
+        timed = [(split.latency[lay.key], lay.rank) for lay in split.report if lay.key in split.latency]
+        seconds = (sum(t[None] for t, _ in timed), sum(t[r] for t, r in timed))
     return LowRankResult(
         result.model, result.output, split.report, split.macs[0], split.macs[1], _params(proto),
-        _params(result.model), result.pipeline.notes, bool(split.moments),
+        _params(result.model), result.pipeline.notes, bool(split.moments), seconds,
     )

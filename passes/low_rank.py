@@ -31,14 +31,28 @@ Why NSR and not the dropped fraction: if the layers' errors are independent and 
 about one, the output's 1/SQNR is roughly the sum of the layers' NSRs, and the dropped fraction
 (capped at 1) would rather wipe out a few layers than trim many, which ruins the output. Ranks are
 rounded to a multiple for kernel efficiency. MACs come from :func:`onnxpress.passes.flops.count_macs` (per sample).
+
+Latency-steered budget. MACs are a poor proxy for time on small GEMMs: a rank-r split writes and
+re-reads an ``r``-wide intermediate and runs two thin GEMMs, so on onnxruntime a 128×128 MatMul split
+at r = 56 (0.88 of its MACs) is *slower* than the original, while a 512→128 one at r = 64 (0.62 of
+its MACs) takes a third of the time. Given measured seconds ``t_l(r)`` per layer and option
+(``latency=``), the options of a layer are the ranks whose time *and* MACs both fall below those of
+every larger option, and the greedy walks the lower convex hull in (time, loss) instead of
+(MACs, loss): each step is the one adding the least loss per second saved. It stops, as before, as
+soon as the model's MACs fit the budget, so the MACs budget is met exactly as in the plain mode::
+
+    MACs mode:     step = argmin Δloss / ΔMACs        stop when Σ MACs ≤ f · MACs₀
+    latency mode:  step = argmin Δloss / Δt           stop when Σ MACs ≤ f · MACs₀
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import heapq
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -53,6 +67,7 @@ __all__ = [
     "SplitConvLowRank",
     "SplitGemmLowRank",
     "SplitLowRank",
+    "candidate_layers",
     "layer_keys",
     "moment_requests",
 ]
@@ -254,6 +269,12 @@ def _collect(graph: gs.Graph, ops: Sequence[str], macs: Mapping[str, int] | None
     return layers, declined
 
 
+def candidate_layers(graph: gs.Graph, ops: Sequence[str] = _OPS) -> dict[str, gs.Node]:
+    """The layers the pass would consider splitting, keyed by :func:`layer_keys` (declined ones left out)."""
+    layers, _ = _collect(graph, ops, None)
+    return {layer.key: layer.node for layer in layers}
+
+
 def moment_requests(graph: gs.Graph, ops: Sequence[str] = _OPS) -> dict[str, MomentSpec]:
     """Which input second moment each splittable layer needs, keyed by :func:`layer_key`.
 
@@ -391,6 +412,10 @@ class SplitLowRank:
         conv_method: ``"channel"`` (k×k with r outputs + 1×1) or ``"tucker2"`` (1×1, k×k, 1×1).
         only_if_cheaper: skip layers whose split would not reduce MACs (off only for tests).
         ops: op types to consider.
+        latency: with ``flops``, measured seconds per layer key and option (``None``: unsplit, else
+            the rank; see :func:`onnxpress.lowrank.measure_latency`). The budget is still MACs, but
+            the greedy spends it where it saves the most *time* per unit of loss, and a rank is only
+            an option if it is faster than every larger one (see the module docstring).
 
     After a call, ``report`` holds one :class:`LayerReport` per candidate layer (declined ones too)
     and ``macs`` the model's MACs per sample before and after; the API prints them.
@@ -411,6 +436,7 @@ class SplitLowRank:
         conv_method: str = "channel",
         only_if_cheaper: bool = True,
         ops: Sequence[str] | None = None,
+        latency: Mapping[str, Mapping[int | None, float]] | None = None,
     ) -> None:
         if sum(v is not None for v in (rank, energy, flops)) != 1:
             raise ValueError("give exactly one of rank=, energy= or flops=")
@@ -426,6 +452,13 @@ class SplitLowRank:
             raise ValueError(f"conv_method must be 'channel' or 'tucker2', got {conv_method!r}")
         if ridge < 0:
             raise ValueError(f"ridge must be >= 0, got {ridge}")
+        if latency is not None and flops is None:
+            raise ValueError("latency= only steers the flops= budget; give flops= too")
+        if latency is not None:
+            for key, table in latency.items():
+                bad = [v for v in table.values() if not (np.isfinite(v) and v > 0)]
+                if bad:
+                    raise ValueError(f"latency for layer {key!r} must be positive finite seconds, got {bad[0]!r}")
         self.rank, self.energy, self.flops = rank, energy, flops
         self.multiple = int(multiple)
         self.moments = dict(moments or {})
@@ -434,6 +467,10 @@ class SplitLowRank:
         self.only_if_cheaper = only_if_cheaper
         if ops is not None:
             self.ops = tuple(ops)
+        self.latency = None if latency is None else {k: dict(v) for k, v in latency.items()}
+        # plain factorisations kept across calls, keyed by layer key and weight bytes (set to {} to
+        # reuse one SVD for many ranks, as measure_latency does); None: compute every call
+        self.reuse_factors: dict[tuple[object, ...], object] | None = None
         self.report: tuple[LayerReport, ...] = ()
         self.macs: tuple[int, int] = (0, 0)
 
@@ -492,27 +529,47 @@ class SplitLowRank:
             if self.only_if_cheaper and ch.rank is not None and self._cost(ch, ch.rank) >= ch.layer.macs:
                 ch.rank = None
 
+    def _options(self, ch: _Choice) -> list[tuple[int, float, float, int | None]]:
+        """A layer's budget options ``(MACs, time, loss, rank)``, unsplit first, each cheaper than the last.
+
+        Without a latency table ``time`` is the MACs. With one, a rank is an option only if it was
+        measured and is faster *and* fewer MACs than the option before it: a split that saves MACs
+        but not time is never offered.
+        """
+        lay = ch.layer
+        table = None
+        if self.latency is not None:
+            table = self.latency.get(lay.key)
+            if table is None or None not in table:
+                raise UnsupportedModelError(
+                    f"no latency measured for layer {lay.key!r} (unsplit and per rank); measure every candidate "
+                    "layer (onnxpress.lowrank.measure_latency) or select by MACs"
+                )
+        opts: list[tuple[int, float, float, int | None]] = [
+            (lay.macs, float(lay.macs) if table is None else float(table[None]), 0.0, None)
+        ]
+        for r in reversed(self._grid(ch.full)):
+            if table is not None and r not in table:
+                continue
+            cost = self._cost(ch, r)
+            time = float(cost) if table is None else float(table[r])
+            if cost < opts[-1][0] and time < opts[-1][1]:
+                kept = ch.fac.kept(r)
+                opts.append((cost, time, (1.0 - kept) / max(kept, 1e-12), r))
+        return opts
+
     def _select_budget(self, choices: list[_Choice], total_macs: int) -> None:
         assert self.flops is not None
         budget = self.flops * total_macs
-        # options per layer: (cost, loss, rank), from unsplit down to the smallest rank
-        options: list[list[tuple[int, float, int | None]]] = []
-        for ch in choices:
-            opts: list[tuple[int, float, int | None]] = [(ch.layer.macs, 0.0, None)]
-            for r in reversed(self._grid(ch.full)):
-                cost = self._cost(ch, r)
-                if cost < opts[-1][0]:
-                    kept = ch.fac.kept(r)
-                    opts.append((cost, (1.0 - kept) / max(kept, 1e-12), r))
-            options.append(opts)
+        options = [self._options(ch) for ch in choices]
 
         def hull_step(i: int, at: int) -> tuple[float, int] | None:
-            """Steepest step from option ``at``: least loss added per MAC saved."""
+            """Steepest step from option ``at``: least loss added per unit of time (or MACs) saved."""
             opts = options[i]
             best = None
             for j in range(at + 1, len(opts)):
-                saved = opts[at][0] - opts[j][0]
-                ratio = max(opts[j][1] - opts[at][1], 0.0) / saved
+                saved = opts[at][1] - opts[j][1]
+                ratio = max(opts[j][2] - opts[at][2], 0.0) / saved
                 if best is None or ratio < best[0] - 1e-15:
                     best = (ratio, j)
             return best
@@ -533,12 +590,26 @@ class SplitLowRank:
                 heapq.heappush(heap, (step[0], i, step[1]))
         if total > budget + 0.5:
             floor = total / total_macs
+            how = (
+                "with only the splits that were measured faster" if self.latency is not None
+                else f"splitting every eligible layer at the smallest rank ({self.multiple})"
+            )
             raise UnsupportedModelError(
-                f"MACs budget {self.flops:.3f} of the model cannot be met: splitting every eligible layer at "
-                f"the smallest rank ({self.multiple}) leaves {floor:.3f}; raise the budget or lower --multiple"
+                f"MACs budget {self.flops:.3f} of the model cannot be met: {how} leaves {floor:.3f}; "
+                "raise the budget" + (", select by MACs" if self.latency is not None else " or lower --multiple")
             )
         for ch, opts, at in zip(choices, options, current, strict=True):
-            ch.rank = opts[at][2]
+            ch.rank = opts[at][3]
+
+    def _cached(self, lay: _Layer, method: str, make: Callable[[], Any]) -> Any:
+        """``make()``, or the factors of an earlier call on the same weights when ``reuse_factors`` is set."""
+        if self.reuse_factors is None:
+            return make()
+        w = lay.node.inputs[1].values
+        key = (lay.key, method, w.shape, str(w.dtype), hashlib.sha256(np.ascontiguousarray(w).tobytes()).hexdigest())
+        if key not in self.reuse_factors:
+            self.reuse_factors[key] = make()
+        return self.reuse_factors[key]
 
     # -- rewrite ---------------------------------------------------------------------------
 
@@ -565,11 +636,13 @@ class SplitLowRank:
                 if lay.groups == 1:
                     if moment is not None:
                         notes.append(f"{lay.key}: tucker2 is plain (weight energy) only; its moment is not used")
-                    tucker = _Tucker.of(lay.node.inputs[1].values.astype(np.float64))
+                    tucker = self._cached(lay, "tucker2", lambda lay=lay: _Tucker.of(
+                        lay.node.inputs[1].values.astype(np.float64)))
                     choices.append(_Choice(lay, "tucker2", tucker, max(tucker.core.shape[:2])))
                     continue
                 notes.append(f"{lay.key}: grouped conv gets the channel split, not tucker2")
-            fac = _svd(lay.mats, moment, self.ridge)
+            fac = (_svd(lay.mats, moment, self.ridge) if moment is not None
+                   else self._cached(lay, "svd", lambda lay=lay: _svd(lay.mats, None, self.ridge)))
             choices.append(_Choice(lay, "whitened-svd" if moment is not None else "svd", fac, min(mg, n)))
         self._select(choices, total)
 

@@ -1,0 +1,133 @@
+"""Latency-steered MACs budget of SplitLowRank, and onnxpress.lowrank's layer timing (measure_latency)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from onnx import helper
+
+import onnxpress
+from onnxpress.errors import UnsupportedModelError
+from onnxpress.lowrank import measure_latency
+from onnxpress.passes.flops import count_macs
+from onnxpress.passes.low_rank import SplitLowRank
+from onnxpress.pipeline import run_passes
+from tests import graphs
+
+T = 5  # tokens per sample
+
+
+def _two_matmuls(seed: int = 3):
+    """X[b,5,64] -> MatMul(W1[64,64]) -> Relu -> MatMul(W2[64,64]) -> Y[b,5,64].
+
+    W1 is nearly rank 8 (cheap to split by energy), W2 is a dense random matrix.
+    """
+    r = graphs.rng(seed)
+    w1 = r.standard_normal((64, 8)) @ r.standard_normal((8, 64)) + 0.01 * r.standard_normal((64, 64))
+    w2 = r.standard_normal((64, 64))
+    nodes = [helper.make_node("MatMul", ["X", "W1"], ["h"]), helper.make_node("Relu", ["h"], ["a"]),
+             helper.make_node("MatMul", ["a", "W2"], ["Y"])]
+    return graphs.make_model(nodes, [("X", ["b", T, 64])], [("Y", ["b", T, 64])],
+                             {"W1": w1.astype(np.float32), "W2": w2.astype(np.float32)})
+
+
+# a split of "h" never saves time; "Y" gets faster with lower ranks, except r = 8 (slower than 16)
+SLOW_H = {None: 1.0, 8: 1.2, 16: 1.3, 24: 1.4, 32: 1.5, 40: 1.6, 48: 1.7, 56: 1.8, 64: 1.9}
+FAST_Y = {None: 1.0, 8: 0.6, 16: 0.5, 24: 0.7, 32: 0.9, 40: 1.1, 48: 1.2, 56: 1.3, 64: 1.4}
+LATENCY = {"h": SLOW_H, "Y": FAST_Y}
+
+
+def _ranks(split: SplitLowRank) -> dict[str, int | None]:
+    return {rep.key: rep.rank for rep in split.report}
+
+
+def test_macs_mode_cuts_the_compressible_layer_but_latency_mode_the_one_that_saves_time():
+    """Same MACs budget: by MACs the near-rank-8 W1 goes first; by time W1 stays whole (never faster)."""
+    by_macs = SplitLowRank(flops=0.75, multiple=8)
+    run_passes(_two_matmuls(), [by_macs])
+    assert _ranks(by_macs)["h"] is not None and _ranks(by_macs)["Y"] is None
+
+    by_time = SplitLowRank(flops=0.75, multiple=8, latency=LATENCY)
+    out = run_passes(_two_matmuls(), [by_time]).model
+    assert _ranks(by_time) == {"h": None, "Y": 16}
+    before, after = by_time.macs
+    assert before == 2 * T * 64 * 64
+    assert after <= 0.75 * before
+    assert sum(count_macs(out).values()) == after  # the report's count is the graph's count
+
+
+def test_latency_budget_is_met_exactly_at_several_budgets():
+    """Whatever the budget the table allows, the split model's MACs (counted on the graph) fit it."""
+    table = {"h": {r: 1.0 - (64 - (r or 64)) / 80 for r in [None, *range(8, 65, 8)]}, "Y": FAST_Y}
+    for flops in (0.9, 0.75, 0.6):
+        split = SplitLowRank(flops=flops, multiple=8, latency=table)
+        out = run_passes(_two_matmuls(), [split]).model
+        total = sum(count_macs(out).values())
+        assert total == split.macs[1] <= flops * split.macs[0], flops
+
+
+def test_latency_mode_is_deterministic():
+    """Same model, same table: the same ranks and byte-identical models."""
+    runs = []
+    for _ in range(2):
+        split = SplitLowRank(flops=0.75, multiple=8, latency={k: dict(v) for k, v in LATENCY.items()})
+        model = run_passes(_two_matmuls(), [split]).model
+        runs.append((_ranks(split), model.SerializeToString()))
+    assert runs[0] == runs[1]
+
+
+def test_a_rank_slower_than_a_larger_one_is_never_offered():
+    """Y at r=8 (0.6 s) is slower than at r=16 (0.5 s): a budget that needs r=8 cannot be met by time."""
+    need_r8 = (64 * 64 + 8 * 128) / (2 * 64 * 64)  # h whole, Y at rank 8
+    with pytest.raises(UnsupportedModelError, match="measured faster"):
+        run_passes(_two_matmuls(), [SplitLowRank(flops=need_r8, multiple=8, latency=LATENCY)])
+    # by MACs the same budget is met, with Y at rank 8 or h cut
+    split = SplitLowRank(flops=need_r8, multiple=8)
+    run_passes(_two_matmuls(), [split])
+    assert split.macs[1] <= need_r8 * split.macs[0]
+
+
+def test_missing_latency_for_a_candidate_layer_names_it():
+    with pytest.raises(UnsupportedModelError, match="no latency measured for layer 'h'"):
+        run_passes(_two_matmuls(), [SplitLowRank(flops=0.75, multiple=8, latency={"Y": FAST_Y})])
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"rank": 8, "latency": LATENCY},  # latency only steers a flops budget
+    {"flops": 0.5, "latency": {"h": {None: 1.0, 8: 0.0}}},
+    {"flops": 0.5, "latency": {"h": {None: float("nan")}}},
+])
+def test_bad_latency_arguments_are_refused(kwargs):
+    with pytest.raises(ValueError):
+        SplitLowRank(**kwargs)
+
+
+def test_measure_latency_times_every_candidate_once_per_shape():
+    """Both layers are 64x64 MatMuls on [2,5,64]: one measurement, every grid rank, positive seconds."""
+    table = measure_latency(_two_matmuls(), batch=2, threads=1, multiple=16, rounds=2)
+    assert set(table) == {"h", "Y"}
+    assert set(table["h"]) == {None, 16, 32, 48, 64}
+    assert table["h"] == table["Y"]
+    assert all(np.isfinite(v) and v > 0 for v in table["h"].values())
+
+
+def _wide_matmul():
+    """X[b,16,256] -> MatMul(W[256,256]) -> Y: a split at rank 32 or 64 is a quarter or half the MACs."""
+    w = graphs.rng(5).standard_normal((256, 256)).astype(np.float32)
+    return graphs.make_model([helper.make_node("MatMul", ["X", "W"], ["Y"])], [("X", ["b", 16, 256])],
+                             [("Y", ["b", 16, 256])], {"W": w})
+
+
+def test_lowrank_by_latency_meets_the_budget_and_reports_layer_seconds():
+    result = onnxpress.lowrank(_wide_matmul(), flops=0.6, multiple=32, by_latency=True, latency_batch=16)
+    assert result.macs_after <= 0.8 * result.macs_before
+    assert sum(count_macs(result.model).values()) == result.macs_after
+    before, after = result.layer_seconds
+    assert 0 < after < before
+
+
+def test_lowrank_latency_arguments_are_checked():
+    with pytest.raises(ValueError, match="flops"):
+        onnxpress.lowrank(_two_matmuls(), rank=8, by_latency=True)
+    with pytest.raises(ValueError, match="not both"):
+        onnxpress.lowrank(_two_matmuls(), flops=0.5, by_latency=True, latency=LATENCY)

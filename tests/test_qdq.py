@@ -359,7 +359,7 @@ def test_scale_keeping_ops_reuse_input_params(tmp_path: Path) -> None:
 
 
 def test_attention_block_ops(tmp_path: Path) -> None:
-    """MatMul+bias, Mul by constant, Softmax, activation MatMul; LayerNormalization float by default."""
+    """MatMul+bias, Mul by constant, activation MatMul; LayerNormalization and Softmax float by default."""
     r = rng(8)
     d = 8
     inits = {
@@ -383,14 +383,22 @@ def test_attention_block_ops(tmp_path: Path) -> None:
     p, q = quantize_graph(model, x)
     decisions = {dd.name: dd for dd in p.decisions}
     assert not decisions["ln"].quantized and "no integer kernel" in decisions["ln"].reason
-    assert all(decisions[n].quantized for n in ("q_proj", "k_proj", "scores", "scale", "softmax", "pv"))
+    assert not decisions["softmax"].quantized and "slower than float Softmax" in decisions["softmax"].reason
+    # the Mul feeds only the float Softmax, so it stays float too; the Softmax output feeds pv's DQ
+    assert all(decisions[n].quantized for n in ("q_proj", "k_proj", "scores", "pv"))
+    assert not decisions["scale"].quantized
     assert "q_bias" not in decisions  # kept inside q_proj's epilogue
     assert sqnr_db(run(model, x)[0], run(q, x)[0]) > 20
     opt = optimized_ops(q, tmp_path)
-    assert "QLinearSoftmax" in opt and "QLinearMul" in opt and "LayerNormalization" in opt
-    # Opting in wraps LayerNormalization in Q/DQ as well.
-    p2, _ = quantize_graph(model, x, quantize_ops={"LayerNormalization"})
-    assert {dd.name: dd for dd in p2.decisions}["ln"].quantized
+    assert "Softmax" in opt and "QLinearSoftmax" not in opt and "LayerNormalization" in opt
+    assert "MatMul" not in opt and "FusedMatMul" not in opt  # all four MatMuls run as integer kernels
+    # Opting in wraps LayerNormalization and Softmax in Q/DQ as well (QLinearSoftmax, QLinearMul).
+    p2, q2 = quantize_graph(model, x, quantize_ops={"LayerNormalization", "Softmax"})
+    decisions = {dd.name: dd for dd in p2.decisions}
+    assert all(decisions[n].quantized for n in ("ln", "q_proj", "k_proj", "scores", "scale", "softmax", "pv"))
+    opt = optimized_ops(q2, tmp_path)
+    assert "QLinearSoftmax" in opt and "QLinearMul" in opt
+    assert sqnr_db(run(model, x)[0], run(q2, x)[0]) > 20
 
 
 def test_excluded_nodes_stay_float(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ import pytest
 from onnx import helper
 
 import onnxpress
+from onnxpress.cli import main
 from onnxpress.errors import UnsupportedModelError
 from onnxpress.lowrank import measure_latency
 from onnxpress.passes.flops import count_macs
@@ -131,3 +132,21 @@ def test_lowrank_latency_arguments_are_checked():
         onnxpress.lowrank(_two_matmuls(), rank=8, by_latency=True)
     with pytest.raises(ValueError, match="not both"):
         onnxpress.lowrank(_two_matmuls(), flops=0.5, by_latency=True, latency=LATENCY)
+
+
+def test_cli_by_latency_prints_the_timed_layers(tmp_path, capsys):
+    src, out = tmp_path / "wide.onnx", tmp_path / "split.onnx"
+    src.write_bytes(_wide_matmul().SerializeToString())
+    code = main(["lowrank", str(src), "-o", str(out), "--flops", "0.6", "--multiple", "32", "--by-latency",
+                 "--latency-batch", "16", "-q"])
+    assert code == 0 and out.is_file()
+    assert "timed layers at batch 16, 1 thread(s):" in capsys.readouterr().out
+
+
+def test_cli_by_latency_without_flops_is_one_line(tmp_path, capsys):
+    src = tmp_path / "wide.onnx"
+    src.write_bytes(_wide_matmul().SerializeToString())
+    assert main(["lowrank", str(src), "-o", str(tmp_path / "o.onnx"), "--rank", "8", "--by-latency", "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--flops" in err[0]
+    assert not (tmp_path / "o.onnx").exists()

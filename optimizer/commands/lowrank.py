@@ -25,14 +25,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--multiple", type=positive_int, default=1, help="round ranks up to a multiple of this")
     p.add_argument("--tucker", action="store_true", help="Tucker-2 (1x1, kxk core, 1x1) for Convs")
     p.add_argument("--max-samples", type=positive_int, default=512, help="calibration samples to use")
+    p.add_argument("--by-latency", action="store_true",
+                   help="with --flops: time each layer and its splits on onnxruntime first and spend the MACs "
+                        "budget where it saves the most time (splits that are not faster are not used)")
+    p.add_argument("--latency-batch", type=positive_int, default=64, help="batch size the layers are timed at")
+    p.add_argument("--threads", type=positive_int, default=1, help="onnxruntime threads for the timing")
     add_common(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Split and print the per-layer table."""
+    import sys
+
     from onnxpress.lowrank import lowrank
 
+    if args.by_latency and args.flops is None:
+        print("onnxpress lowrank: error: --by-latency steers a --flops budget; give --flops", file=sys.stderr)
+        return 2
     result = lowrank(
         args.model,
         args.output,
@@ -43,8 +53,15 @@ def run(args: argparse.Namespace) -> int:
         multiple=args.multiple,
         conv_method="tucker2" if args.tucker else "channel",
         max_samples=args.max_samples,
+        by_latency=args.by_latency,
+        latency_batch=args.latency_batch,
+        threads=args.threads,
         progress=progress_enabled(args),
     )
     print(result.table())
+    if result.layer_seconds is not None:
+        before, after = result.layer_seconds
+        print(f"timed layers at batch {args.latency_batch}, {args.threads} thread(s): {before * 1e3:.2f} ms -> "
+              f"{after * 1e3:.2f} ms ({after / before:.3f})")
     print(f"{'data-aware (whitened)' if result.data_aware else 'plain'} SVD; wrote {result.output}")
     return 0

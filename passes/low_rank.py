@@ -394,6 +394,7 @@ class _Choice:
     fac: _Factors | _Tucker
     full: int
     rank: int | None = None  # None: keep unsplit
+    no_faster_split: bool = False  # latency mode: no rank was measured faster than the whole layer
 
 
 class SplitLowRank:
@@ -562,6 +563,8 @@ class SplitLowRank:
         assert self.flops is not None
         budget = self.flops * total_macs
         options = [self._options(ch) for ch in choices]
+        for ch, opts in zip(choices, options, strict=True):
+            ch.no_faster_split = self.latency is not None and len(opts) == 1
 
         def hull_step(i: int, at: int) -> tuple[float, int] | None:
             """Steepest step from option ``at``: least loss added per unit of time (or MACs) saved."""
@@ -658,6 +661,7 @@ class SplitLowRank:
                 why = (
                     f"a split would not reduce MACs (rank >= m·n/(m+n) = {bound:.1f})"
                     if self.only_if_cheaper and self.flops is None
+                    else "no split was measured faster than the whole layer" if ch.no_faster_split
                     else "left whole by the MACs budget"
                 )
                 notes.append(f"{lay.key}: kept ({why})")

@@ -51,6 +51,7 @@ def test_macs_mode_cuts_the_compressible_layer_but_latency_mode_the_one_that_sav
     by_time = SplitLowRank(flops=0.75, multiple=8, latency=LATENCY)
     out = run_passes(_two_matmuls(), [by_time]).model
     assert _ranks(by_time) == {"h": None, "Y": 16}
+    assert {rep.key: rep.skipped for rep in by_time.report}["h"] == "no split was measured faster than the whole layer"
     before, after = by_time.macs
     assert before == 2 * T * 64 * 64
     assert after <= 0.75 * before

@@ -218,11 +218,10 @@ def finetune_in_place(
 
     An adapter over the fine-tune bridge (``onnxpress.bridge``): ``onnxpress.finetune`` re-exports
     the module through torch.onnx, which renames every node, and later steps (``quantize.exclude``)
-    name layers; copying the trained initializers into the same graph keeps every name. Training
+    name layers; the bridge's writeback export (``OnnxModule.state_to_onnx``, as ``finetune(...,
+    exporter="writeback")``) copies the trained initializers into the same graph and keeps every name. Training
     runs on one torch thread with ``seed``, so the result is reproducible on one machine.
     """
-    from onnx import numpy_helper
-
     from onnxpress.bridge import train as tr
     from onnxpress.bridge.convert import OnnxModule
 
@@ -233,12 +232,7 @@ def finetune_in_place(
     config = tr.FinetuneConfig(epochs=step["epochs"], lr=step["lr"], batch_size=step["batch_size"],
                                temperature=step["temperature"], hard_weight=0.0, soft_weight=1.0, seed=step["seed"])
     tr.train_student(module, student, arrays, logits, None, config, threads=1, progress=progress)
-    for init in student.graph.initializer:
-        key = module.param_names.get(init.name)
-        if key is not None:
-            value = module.params[key].detach().cpu().numpy().astype(numpy_helper.to_array(init).dtype)
-            init.CopyFrom(numpy_helper.from_array(value, init.name))
-    return student
+    return module.state_to_onnx(student)  # the bridge's writeback export: same graph, trained weights
 
 
 def apply_recipe(

@@ -117,3 +117,28 @@ def test_bundled_bench_recipes_are_valid_and_name_real_prune_groups():
         for step in recipe["steps"]:
             if step["pass"] == "prune":
                 assert set(step["ratio"]) <= groups, path
+
+
+def test_finetune_step_weights_are_the_bridges_writeback_export(tmp_path, torch_one_thread):
+    """The recipe's fine-tune equals onnxpress.finetune(exporter="writeback") with the same settings, bit for bit."""
+    from onnx import numpy_helper
+
+    from onnxpress.finetune import finetune
+
+    data = tiny_data(tmp_path / "d.npz")
+    model = prepare(tiny_cnn())
+    prune = {"pass": "prune", "ratio": 0.25}
+    pruned = apply_recipe(model, {"version": 1, "steps": [prune]}, data, prepared=True)
+    step = {"pass": "finetune", "epochs": 2, "lr": 1e-3, "temperature": 4.0, "seed": 0, "batch_size": 16}
+    tuned = apply_recipe(model, {"version": 1, "steps": [prune, step]}, data, prepared=True)  # teacher: model
+    ref = finetune(pruned, model, data, epochs=2, lr=1e-3, temperature=4.0, seed=0, batch_size=16, hard_weight=0.0,
+                   soft_weight=1.0, threads=1, exporter="writeback").model
+    assert [n.name for n in tuned.graph.node] == [n.name for n in pruned.graph.node]  # every name kept
+    want = {i.name: numpy_helper.to_array(i) for i in ref.graph.initializer}
+    got = {i.name: numpy_helper.to_array(i) for i in tuned.graph.initializer}
+    assert got.keys() == want.keys()
+    assert all(np.array_equal(got[k], want[k]) for k in got)
+    before = {i.name: numpy_helper.to_array(i) for i in pruned.graph.initializer}
+    assert any(not np.array_equal(got[k], before[k]) for k in got)  # the fine-tune did train
+    again = apply_recipe(model, {"version": 1, "steps": [prune, step]}, data, prepared=True)
+    assert again.SerializeToString() == tuned.SerializeToString()

@@ -144,6 +144,7 @@ class SearchSpace:
         self.model_bytes = model_bytes
         self.rho = int8_latency
         self.scale = dict.fromkeys(BUDGET_KINDS, 1.0)  # measured / estimated, updated from built candidates
+        self.offset = dict.fromkeys(BUDGET_KINDS, 0.0)  # measured = offset + scale · estimate (see fit_cost)
         self.options: list[list[LayerChoice]] = []
         for lay in self.layers:
             q = sens.score(lay.key, "int8", "int8") if quantize else None
@@ -193,8 +194,34 @@ class SearchSpace:
 
     def cost(self, kind: str, picks: Sequence[int]) -> float:
         """Estimated ``kind`` ratio of an assignment."""
+        return self.offset[kind] + self.scale[kind] * self.raw_cost(kind, picks)
+
+    def raw_cost(self, kind: str, picks: Sequence[int]) -> float:
+        """The uncorrected estimate of ``kind`` (what :meth:`fit_cost` regresses the measurements on)."""
         base = 1.0 if kind == "size" else 0.0
-        return self.scale[kind] * (base + sum(self.layer_cost(kind, self.options[i][j]) for i, j in enumerate(picks)))
+        return base + sum(self.layer_cost(kind, self.options[i][j]) for i, j in enumerate(picks))
+
+    def fit_cost(self, kind: str, measured: Sequence[tuple[Sequence[int], float]]) -> None:
+        """Fit ``measured ≈ offset + scale · raw_cost`` to built candidates (least squares, ``scale > 0``).
+
+        One point (or points whose estimates lie within 0.02 of each other) fixes only the ratio
+        (``offset = 0``). Two or more spread ones also give the intercept: the time of what MACs do
+        not count (QDQ pairs, the float stem, Relu/Add, I/O), which a pure ratio would spread over
+        the MACs and so ask too little pruning of small models and too much of big ones.
+        """
+        pts = [(self.raw_cost(kind, p), float(m)) for p, m in measured if m is not None and math.isfinite(m)]
+        pts = [(x, y) for x, y in pts if x > 0]
+        if not pts:
+            return
+        xs = np.array([x for x, _ in pts])
+        ys = np.array([y for _, y in pts])
+        if len(pts) >= 2 and float(xs.max() - xs.min()) > 0.02:
+            b, a = np.polyfit(xs, ys, 1)
+            if b > 0 and a > -0.5:
+                self.scale[kind], self.offset[kind] = float(b), float(a)
+                return
+        self.scale[kind] = float(np.median(ys / xs))
+        self.offset[kind] = 0.0
 
     def est_sqnr(self, picks: Sequence[int]) -> float:
         """Estimated output SQNR (dB) from the summed per-layer noise."""

@@ -111,7 +111,9 @@ def test_searched_recipe_with_a_prune_step_reproduces_byte_for_byte(setup):
     steps = [s["pass"] for s in res.recipe["steps"]]
     assert steps[:2] == ["prune", "finetune"] and res.feasible and res.chosen.flops_ratio <= 0.7
     # only candidates within the measured budget are fine-tuned; the others say their fidelity is un-tuned
-    assert all(not c.feasible for c in res.candidates if "over budget" in c.note)
+    untuned = [c for c in res.candidates if "before fine-tune" in c.note]
+    assert all(c.feasible is None and c is not res.chosen for c in untuned)
+    assert "before fine-tune" not in res.chosen.note and "probe" not in res.chosen.note
     assert any(k.startswith("group ") and v.startswith("prune") for k, v in res.choices.items())
     assert all(v in ("fp32", "int8") for k, v in res.choices.items() if not k.startswith("group "))
     again = optimize(model, tmp / "b.onnx", calib=data, labels=labels, recipe=res.recipe_path, eval_samples=32)
@@ -121,3 +123,23 @@ def test_searched_recipe_with_a_prune_step_reproduces_byte_for_byte(setup):
     no_ft = optimize(model, tmp / "n.onnx", calib=data, labels=labels, recipe={"version": 1, "steps": [
         s for s in res.recipe["steps"] if s["pass"] != "finetune"]}, eval_samples=32)
     assert no_ft.chosen.sqnr_db != pytest.approx(res.chosen.sqnr_db)  # the fine-tune changed what was measured
+
+
+def test_finetune_search_probes_in_budget_structures_then_fully_tunes_the_best(setup):
+    """Fine prune steps by default; in-budget structures ranked after a 1-epoch probe, the best one fully tuned."""
+    model, data, tmp = setup
+    labels = np.load(data)["labels"][:32]
+    res = optimize(model, tmp / "a.onnx", calib=data, labels=labels, max_drop=100.0, budget="flops=0.8",
+                   rank_fractions=(), prune_multiple=2, cache_dir=tmp / "c", eval_samples=32, sensitivity_samples=16,
+                   finetune=True, finetune_epochs=3, probe_epochs=1, shortlist=3)
+    ratios = {s.ratio for s in res.sensitivity.scores if s.family == "prune"}
+    assert {0.125, 0.375} <= ratios  # steps of 1/8 (FINE_PRUNE_RATIOS) with a fine-tune
+    probed = [c for c in res.candidates if "1-epoch probe" in c.note]
+    assert len(probed) >= 1 and all(c.feasible is None and c.flops_ratio <= 0.8 + 1e-9 for c in probed)
+    tuned = [c for c in res.candidates if c.feasible is not None]  # judged on what the full recipe builds
+    assert res.chosen in tuned and res.feasible and res.chosen.flops_ratio <= 0.8
+    assert res.recipe["steps"][1] == {**res.recipe["steps"][1], "pass": "finetune", "epochs": 3}
+    # the probe and the full fine-tune measure different weights: a probe number is not the chosen model's
+    assert all(c.sqnr_db != pytest.approx(res.chosen.sqnr_db) for c in probed)
+    optimize(model, tmp / "b.onnx", calib=data, recipe=res.recipe_path, eval_samples=32)
+    assert (tmp / "a.onnx").read_bytes() == (tmp / "b.onnx").read_bytes()

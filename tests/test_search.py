@@ -127,3 +127,23 @@ def test_measured_latency_of_options_steers_the_latency_greedy():
     # untimed, the same options are costed by MACs (the split then looks like a saving)
     untimed = SearchSpace(base, model_bytes=2000)
     assert untimed.layer_cost("latency", untimed.options[0][2]) < 1000 / 1100
+
+
+def test_fit_cost_learns_offset_and_scale_from_measured_candidates():
+    """Measured = 0.1 + 0.5 · estimate on spread points: the fit recovers both; one point gives a ratio only."""
+    space = SearchSpace(_sens_with_group(), model_bytes=2000, int8_latency=0.5)
+    picks = [(0, 0, 0), (1, 1, 0), (1, 1, 1), (2, 0, 2)]
+    raw = [space.raw_cost("latency", p) for p in picks]
+    assert max(raw) - min(raw) > 0.2
+    space.fit_cost("latency", [(p, 0.1 + 0.5 * x) for p, x in zip(picks, raw, strict=True)])
+    assert space.offset["latency"] == pytest.approx(0.1) and space.scale["latency"] == pytest.approx(0.5)
+    for p, x in zip(picks, raw, strict=True):
+        assert space.cost("latency", p) == pytest.approx(0.1 + 0.5 * x)
+    # the greedy plans against the fitted cost: 0.35 needs an estimate of (0.35 - 0.1) / 0.5 = 0.5
+    fitted = space.greedy("latency", 0.35)
+    assert space.cost("latency", fitted) <= 0.35 + 1e-12 and space.raw_cost("latency", fitted) <= 0.5 + 1e-12
+    single = SearchSpace(_sens_with_group(), model_bytes=2000, int8_latency=0.5)
+    single.fit_cost("latency", [(picks[1], 2.0 * raw[1])])
+    assert single.offset["latency"] == 0.0 and single.scale["latency"] == pytest.approx(2.0)
+    single.fit_cost("latency", [(picks[1], math.nan)])  # nothing usable: the fit is left as it was
+    assert single.scale["latency"] == pytest.approx(2.0)

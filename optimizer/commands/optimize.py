@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from onnxpress.cli import add_common, progress_enabled
+from onnxpress.cli import add_common, positive_int, progress_enabled
 from onnxpress.reporting import format_table
 
 
@@ -23,8 +23,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--time-limit", type=float, help="seconds; keep the best model found when reached")
     p.add_argument("--cache-dir", help="sensitivity cache folder (default ~/.cache/onnxpress)")
     p.add_argument("--finetune", action="store_true",
-                   help="distil the original into each low-rank candidate on --calib before quantizing (needs torch)")
-    p.add_argument("--finetune-epochs", type=int, default=30, help="epochs of that fine-tune (default 30)")
+                   help="distil the original into each pruned or split candidate on --calib, then quantize (torch)")
+    p.add_argument("--finetune-epochs", type=positive_int, default=30, help="epochs of that fine-tune (default 30)")
+    p.add_argument("--probe-epochs", type=positive_int,
+                   help="epochs of the probe fine-tune that ranks in-budget structures (default finetune-epochs/5)")
+    p.add_argument("--latency-threads", type=positive_int, default=1,
+                   help="onnxruntime threads when timing candidates (the latency budget holds there; default 1)")
     add_common(p)
     p.set_defaults(func=run)
 
@@ -37,7 +41,8 @@ def run(args: argparse.Namespace) -> int:
         args.model, args.output, calib=args.calib, eval_data=args.eval_data, labels=args.labels,
         budget=args.budget, max_drop=args.max_drop, recipe=args.recipe, report=args.report,
         time_limit=args.time_limit, cache_dir=args.cache_dir, finetune=args.finetune,
-        finetune_epochs=args.finetune_epochs, progress=progress_enabled(args),
+        finetune_epochs=args.finetune_epochs, probe_epochs=args.probe_epochs, latency_threads=args.latency_threads,
+        progress=progress_enabled(args),
     )
     rows = []
     for c in result.candidates:

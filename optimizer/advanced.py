@@ -8,6 +8,7 @@ pass → check + save; the statistics are streamed through ``collect_statistics`
     smoothquant(model, data)     max|X| per channel  -> SmoothQuant   exact in float
     correct_bias(model, data)    E[x] per channel    -> CorrectBias   (right once InsertQDQ rounds W)
     codebook(model)              CodebookWeights                    lossy (k-means weights)
+    correct_bias_for_qdq(model, qdq, data)   measured on the W8A8 model, layer by layer (quantize's --bias-correction)
 
 Typical order before quantizing: ``equalize`` → ``correct_bias`` → ``onnxpress.quantize``; on
 transformers ``smoothquant`` → ``onnxpress.quantize``; ``codebook`` last (its weights are no longer
@@ -34,6 +35,7 @@ __all__ = [
     "codebook_weights",
     "collect_channel_stats",
     "correct_bias",
+    "EpilogueObserver",
     "correct_bias_for_qdq",
     "equalize",
     "prepare_for_quantize",
@@ -352,6 +354,98 @@ def prepare_for_quantize(
     return model
 
 
+# --- empirical bias correction on the quantized model itself -----------------------------------
+_ACTIVATIONS = ("Relu", "LeakyRelu", "Clip", "Min", "Max")
+
+
+def _epilogue(graph: Any, node: Any) -> tuple[Any, list[Any]]:
+    """(biased output, activations after it): the tensor the bias shifts and the chain to the Q input.
+
+    The biased output is the layer's output, or for a MatMul the output of its bias Add. The chain
+    follows single consumers through Relu / LeakyRelu / Clip and Min / Max with a constant bound
+    (the per-channel bounds ``EqualizeCrossLayer(clip="split")`` leaves), stopping at graph outputs.
+    """
+    from onnxpress.passes.bias_correction import _bias_add
+
+    t = biased = _bias_add(node).outputs[0] if node.op == "MatMul" else node.outputs[0]
+    chain: list[Any] = []
+    while t not in graph.outputs and len(t.outputs) == 1 and t.outputs[0].op in _ACTIVATIONS:
+        c = t.outputs[0]
+        if c.op in ("Min", "Max") and _const_operand(c) is None:
+            break
+        if c.op == "Clip" and any(x.name and not _const(x) for x in c.inputs[1:]):
+            break
+        chain.append(c)
+        t = c.outputs[0]
+    return biased, chain
+
+
+def _const(t: Any) -> bool:
+    import onnx_graphsurgeon as gs
+
+    return isinstance(t, gs.Constant)
+
+
+def _const_operand(node: Any) -> np.ndarray | None:
+    consts = [t for t in node.inputs if _const(t)]
+    return np.asarray(consts[0].values, np.float64) if len(node.inputs) == 2 and len(consts) == 1 else None
+
+
+def _chain_spec(chain: list[Any]) -> list[tuple[str, Any]]:
+    """The activations as numpy-ready (op, parameter) steps."""
+    from onnxpress.passes.equalize import _clip_bounds
+
+    steps: list[tuple[str, Any]] = []
+    for c in chain:
+        if c.op == "Relu":
+            steps.append(("Relu", None))
+        elif c.op == "LeakyRelu":
+            steps.append(("LeakyRelu", float(c.attrs.get("alpha", 0.01))))
+        elif c.op == "Clip":
+            lo, hi = _clip_bounds(c)
+            steps.append(("Clip", (-np.inf if lo is None else lo, np.inf if hi is None else hi)))
+        else:
+            steps.append((c.op, _const_operand(c)))
+    return steps
+
+
+class EpilogueObserver:
+    """Per-channel mean of act(x) and of act'(x) for a layer's biased output x and its activations.
+
+    ``act'`` is the slope of the activation chain (1 where every activation passes x through, 0 where
+    Relu/Clip/Min/Max hold it at a bound, alpha on LeakyRelu's negative side), so the mean slope is
+    d E[act(x + b)] / d b for each channel: how far the post-activation mean moves per unit of bias.
+
+    Args:
+        axis: channel axis of x (1 for NCHW, -1 for [..., features]).
+        steps: the activation chain as ``(op, parameter)`` pairs (see ``_chain_spec``).
+        name: tensor name, for errors.
+    """
+
+    def __init__(self, axis: int, steps: list[tuple[str, Any]], *, name: str = "tensor") -> None:
+        self.post = ChannelStatsObserver(axis, name=name)
+        self.slope = ChannelStatsObserver(axis, name=name)
+        self.steps = steps
+
+    def update(self, x: np.ndarray) -> None:
+        """Accumulate one batch of the biased output."""
+        y = np.asarray(x, np.float64)
+        d = np.ones_like(y)
+        for op, p in self.steps:
+            if op == "Relu":
+                d, y = d * (y > 0), np.maximum(y, 0.0)
+            elif op == "LeakyRelu":
+                d, y = d * np.where(y > 0, 1.0, p), np.where(y > 0, y, p * y)
+            elif op == "Clip":
+                d, y = d * ((y > p[0]) & (y < p[1])), np.clip(y, p[0], p[1])
+            elif op == "Min":
+                d, y = d * (y < p), np.minimum(y, p)
+            else:
+                d, y = d * (y > p), np.maximum(y, p)
+        self.post.update(y)
+        self.slope.update(d)
+
+
 def correct_bias_for_qdq(
     model: onnx.ModelProto,
     qdq: Any,
@@ -359,30 +453,97 @@ def correct_bias_for_qdq(
     *,
     batch_size: int = 64,
     max_samples: int | None = 512,
+    min_slope: float = 0.05,
     progress: bool = False,
 ) -> onnx.ModelProto:
-    """Bias correction for exactly the layers ``qdq`` (an InsertQDQ) will quantize, with its granularity.
+    """Empirical bias correction against the quantized model itself, one layer at a time.
 
-    A dry run of the pass on a copy tells which Conv/Gemm/MatMul it quantizes (it keeps shallow
-    convs, excluded nodes and unranged tensors float; correcting those would only add error).
+    For each Conv/Gemm/MatMul that ``qdq`` (an InsertQDQ) quantizes, in topological order, the
+    per-channel mean of the tensor that reaches the next quantizer (after Relu / Clip / the
+    per-channel Min of ``equalize(clip="split")``) is measured in the float model, ``m_c``, and in
+    ``qdq`` applied to the current model, ``q_c`` (weights *and* activations rounded, with the
+    calibrated ranges, every layer before it already corrected); the bias moves by one Newton step::
+
+        b_c += (m_c - q_c) / E[act'(x_c)]        (channels with a mean slope below ``min_slope``: 0)
+
+    so the shift that weight rounding, activation rounding and range clipping cause together
+    is cancelled where the next layer sees it, not only the weight part (W - Q(W)) E[x] that
+    ``CorrectBias`` computes analytically (which misses that the next layer sees post-activation
+    values, and the clipping of an input range). Costs one InsertQDQ run and one pass over the data
+    per corrected layer; the data (at most ``max_samples``, or 512) are read once and kept.
+
+    Args:
+        model: a cleaned float model (not modified).
+        qdq: the InsertQDQ that will quantize the result (its table and settings are used as is).
+        data: calibration data (``.npz`` path, folder, iterable of feed dicts, reader).
+        batch_size: samples per onnxruntime run.
+        max_samples: samples used (``None``: 512).
+        min_slope: channels whose activations pass less than this fraction of values (dead or
+            saturated) are left alone: the bias barely moves their output.
+        progress: progress bar over the layers.
+
+    Returns:
+        The float model with corrected biases (to be quantized with ``qdq``).
 
     Raises:
-        CalibrationError: no data to measure the input means on.
+        CalibrationError: no data.
     """
-    from onnxpress.passes.bias_correction import CorrectBias, bias_correction_inputs
+    from tqdm.auto import tqdm
+
+    from onnxpress.calibration.collect import collect_statistics
+    from onnxpress.calibration.readers import open_data
+    from onnxpress.passes.bias_correction import _layer_reason
 
     if data is None:
         raise CalibrationError("bias correction needs calibration data (calib= / --calib), not only a table")
     run_passes(model, [qdq])  # dry run: fills qdq.decisions; the real call resets them
     layers = {d.name for d in qdq.decisions if d.quantized and d.op in ("Conv", "Gemm", "MatMul")}
+    limit = 512 if max_samples is None else max_samples
+    feeds = list(open_data(data, model, max_samples=limit).batches(batch_size))
     graph = import_graph(model)
-    wanted = {n.inputs[0].name for n in graph.nodes if (n.name or n.outputs[0].name) in layers and n.inputs}
-    requests = {name: axis for name, axis in bias_correction_inputs(graph) if name in wanted}
-    stats = collect_channel_stats(model, data, requests, spatial=True, batch_size=batch_size,
-                                  max_samples=max_samples, progress=progress)
-    means = {n: m if (m := obs.mean_map()) is not None else obs.mean() for n, obs in stats.items()}
-    corrected = CorrectBias(means, per_channel=bool(qdq.per_channel), layers=layers)
-    return run_passes(model, [corrected], progress=progress).model
+    targets = []  # (layer name, biased output, post tensor, axis, observer)
+    for node in graph.nodes:
+        label = node.name or node.outputs[0].name
+        if label not in layers or _layer_reason(node) is not None:
+            continue
+        biased, chain = _epilogue(graph, node)
+        post = chain[-1].outputs[0] if chain else biased
+        axis = 1 if node.op == "Conv" else -1
+        observer = EpilogueObserver(axis, _chain_spec(chain), name=biased.name)
+        targets.append((label, biased.name, post.name, axis, observer))
+    if not targets:
+        return model
+    collect_statistics(model, feeds, {t[1]: t[4] for t in targets}, batch_size=batch_size)
+    current = model
+    for label, _, post, axis, ref in tqdm(targets, desc="bias correction", unit="layer", disable=not progress):
+        quantized = run_passes(current, [qdq]).model
+        got = ChannelStatsObserver(axis, name=post)
+        collect_statistics(quantized, feeds, {post: got}, batch_size=batch_size)
+        slope = ref.slope.mean()
+        delta = np.where(slope >= min_slope, (ref.post.mean() - got.mean()) / np.maximum(slope, min_slope), 0.0)
+        current = run_passes(current, [_ShiftBias(label, delta)]).model
+    return current
+
+
+class _ShiftBias:
+    """Add ``delta`` to the bias of the layer labelled ``label`` (creating the bias if it has none)."""
+
+    name = "shift_bias"
+
+    def __init__(self, label: str, delta: np.ndarray) -> None:
+        self.label, self.delta = label, delta
+
+    def requires(self, graph: Any) -> None:
+        """No preconditions."""
+
+    def __call__(self, graph: Any) -> Any:
+        """Shift one layer's bias."""
+        from onnxpress.passes.base import PassResult
+        from onnxpress.passes.bias_correction import CorrectBias
+
+        node = next(n for n in graph.nodes if (n.name or n.outputs[0].name) == self.label)
+        CorrectBias._add_to_bias(graph, node, self.delta)
+        return PassResult(graph, True, {"shifted": 1})
 
 
 def codebook_weights(model: onnx.ModelProto, bits: int, *, group_size: int | None = None, progress: bool = False):

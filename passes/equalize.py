@@ -27,6 +27,7 @@ elementwise node per Clip (onnxruntime no longer fuses Conv+Clip there, and a QD
 not know Min quantizes both the Relu and the Min output). ``clip="relu"`` is the choice of Nagel
 et al. for MobileNetV2: Clip(x, 0, hi) becomes Relu(x) (**not exact**: values above hi are no
 longer clipped; measure the float model after it), which keeps Conv+Relu fusable.
+``strength=b`` applies S^b of the converged scales S (exact too: a partial equalization).
 High-bias absorption is not done (it is exact only where the pre-activation never falls below the
 absorbed amount).
 """
@@ -329,18 +330,29 @@ class EqualizeCrossLayer:
             replaces Clip(0, hi) by Relu (lossy, as Nagel et al. do for MobileNetV2).
         max_iterations: sweeps over all pairs (chains need several).
         tol: stop when every scale of a sweep is within ``tol`` of 1 (relative).
+        strength: apply ``S^strength`` of the converged per-pair scales ``S`` (1: full equalization,
+            0: none; still exact in float). Scalings compose multiplicatively, so this is one extra
+            rescale after convergence. Meant for trading weight ranges against the activation
+            ranges that equalization unbalances (with per-tensor activations).
     """
 
     name = "equalize_cross_layer"
 
     def __init__(
-        self, clip: Literal["skip", "split", "relu"] = "skip", max_iterations: int = 100, tol: float = 1e-3
+        self,
+        clip: Literal["skip", "split", "relu"] = "skip",
+        max_iterations: int = 100,
+        tol: float = 1e-3,
+        strength: float = 1.0,
     ) -> None:
         if clip not in ("skip", "split", "relu"):
             raise ValueError(f"clip must be 'skip', 'split' or 'relu', not {clip!r}")
         if max_iterations < 1:
             raise ValueError("max_iterations must be >= 1")
+        if not 0.0 <= strength <= 1.0:
+            raise ValueError(f"strength must be in [0, 1], not {strength}")
         self.clip = clip
+        self.strength = strength
         self.max_iterations = max_iterations
         self.tol = tol
 
@@ -352,14 +364,19 @@ class EqualizeCrossLayer:
         pairs, notes = find_pairs(graph, self.clip)
         clips = sum(_split_clip(graph, p, to_relu=self.clip == "relu") for p in pairs) if self.clip != "skip" else 0
         sweeps = 0
+        totals = [np.ones(out_ranges(p.first).size) for p in pairs]
         for sweeps in range(1, self.max_iterations + 1):  # noqa: B007
             worst = 0.0
-            for pair in pairs:
+            for pair, total in zip(pairs, totals, strict=True):
                 s = equalization_scales(pair)
                 worst = max(worst, float(np.max(np.abs(s - 1.0))) if s.size else 0.0)
                 _scale_pair(pair, s)
+                total *= s
             if worst <= self.tol:
                 break
+        if self.strength != 1.0:  # scalings compose multiplicatively: S then S^(b-1) is S^b
+            for pair, total in zip(pairs, totals, strict=True):
+                _scale_pair(pair, total ** (self.strength - 1.0))
         for pair in pairs:
             log.debug("equalized %s", pair.describe())
         for note in notes:

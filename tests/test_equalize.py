@@ -192,6 +192,26 @@ def test_grouped_conv_in_the_middle_is_exact():
 def test_bad_configuration_is_rejected():
     with pytest.raises(ValueError, match="clip"):
         EqualizeCrossLayer(clip="rescale")
+    with pytest.raises(ValueError, match="strength"):
+        EqualizeCrossLayer(strength=1.5)
+
+
+def test_partial_strength_is_exact_and_applies_the_converged_scales_to_a_power():
+    """strength=b: every pair ends at S^b of the full equalization's S (0: unchanged, 0.5: log-halfway)."""
+    model = pw_dw_pw("Relu")
+    x = graphs.rng(1).standard_normal((3, 4, 6, 6)).astype(np.float32)
+    full, half, none = (run_passes(model, [EqualizeCrossLayer(strength=b)]).model for b in (1.0, 0.5, 0.0))
+    _assert_same(model, half, {"X": x})
+    w0, wf, wh, wn = ({i.name: onnx.numpy_helper.to_array(i) for i in m.graph.initializer}
+                      for m in (model, full, half, none))
+    for name in w0:
+        np.testing.assert_allclose(wn[name], w0[name], rtol=1e-6)
+    # pw1's output channel c was multiplied by 1/S_c (full) and 1/S_c^0.5 (half): the log ratios halve
+    r0 = np.abs(w0["W1"]).max(axis=(1, 2, 3))
+    ratio_full = np.log(np.abs(wf["W1"]).max(axis=(1, 2, 3)) / r0)
+    ratio_half = np.log(np.abs(wh["W1"]).max(axis=(1, 2, 3)) / r0)
+    np.testing.assert_allclose(ratio_half, ratio_full / 2, atol=1e-5)
+    assert np.max(np.abs(ratio_full)) > 0.5  # the full scales are far from 1: the check has teeth
 
 
 @pytest.mark.parametrize("name", ["resnet", "mobilenet", "concat"])

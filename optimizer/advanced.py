@@ -258,6 +258,7 @@ def codebook(
     group_size: int | None = None,
     min_elements: int = 256,
     channel_scale: bool = True,
+    preserve_norm: bool = False,
     data: Any = None,
     bias_correction: bool = False,
     batch_size: int = 64,
@@ -273,6 +274,8 @@ def codebook(
         group_size: output channels per codebook; ``None`` for one per layer.
         min_elements: weights smaller than this stay float.
         channel_scale: normalise each output channel by its max |W| first (one float per channel).
+        preserve_norm: rescale each channel scale so the rebuilt channel keeps its norm (needs
+            channel_scale; undoes the shrink of cluster means, no extra storage).
         data: calibration data, needed for ``bias_correction``.
         bias_correction: first add (W - W_codebook) E[x] to each bias (k-means levels are cluster
             means, so the codebook shrinks large weights and shifts output means; this cancels it).
@@ -289,7 +292,7 @@ def codebook(
 
     try:
         pass_ = CodebookWeights(bits=bits, group_size=group_size, min_elements=min_elements,
-                                channel_scale=channel_scale)
+                                channel_scale=channel_scale, preserve_norm=preserve_norm)
     except ValueError as exc:
         raise OnnxpressError(str(exc)) from None
     proto = _prepare(model, output, data)

@@ -12,7 +12,9 @@ minimises the k-means objective (1-D, exact Lloyd iterations on sorted values)::
 With ``group_size`` = g, every g output channels share one codebook (G = channels / g); otherwise
 one codebook per layer (G = 1). With ``channel_scale`` each output channel is first divided by its
 max |W| (stored as a float per channel, rebuilt with one Mul), W ~ s_c * C[idx], so that narrow
-channels are not crushed onto one or two centroids of a codebook sized for the wide ones.
+channels are not crushed onto one or two centroids of a codebook sized for the wide ones; with
+``preserve_norm`` s_c is then multiplied by ||W_c|| / ||s_c C[idx_c]|| (the rebuilt channel keeps
+its norm: k-means levels are cluster means, which shrink every channel a little).
 Storage is b bits per weight (for b <= 4, two indices share a byte;
 for 4 < b <= 8 one byte each) plus G * 2^b floats (plus one float per output channel with
 ``channel_scale``, the default), against 32 bits per weight in float.
@@ -122,6 +124,12 @@ class CodebookWeights:
             their relative precision; the codebook then holds normalised levels in [-1, 1]. On by
             default: on the reference models it gains 2.7 to 9.2 dB of logit SQNR over raw per-layer
             codebooks for +0.07 to +0.5 bits per weight (bench/advanced_ptq.py, section C).
+        preserve_norm: with ``channel_scale``, multiply each channel's scale by
+            ``||W_c|| / ||s_c C[idx_c]||`` so that the rebuilt channel keeps the original norm.
+            Cluster means shrink a channel (E[C[idx]^2] < E[W^2]), and through many layers the
+            shrink compounds into a systematic logit error; the gain undoes it at no storage cost
+            (the scale is stored anyway), at the price of a slightly larger weight MSE
+            (Banner et al. 2019 correct the per-channel weight variance the same way).
 
     After a call, ``objective`` maps each rewritten weight name to its k-means objective (sum of
     squared reconstruction errors over all its groups; of the normalised weights W_c / max|W_c|
@@ -137,6 +145,7 @@ class CodebookWeights:
         min_elements: int = 256,
         pack: bool = True,
         channel_scale: bool = True,
+        preserve_norm: bool = False,
     ):
         if not 1 <= int(bits) <= 8:
             raise ValueError(f"bits must be in 1..8 (uint8 indices), got {bits}")
@@ -146,7 +155,10 @@ class CodebookWeights:
         self.group_size = group_size
         self.min_elements = int(min_elements)
         self.pack = pack
+        if preserve_norm and not channel_scale:
+            raise ValueError("preserve_norm rescales the per-channel scales: it needs channel_scale=True")
         self.channel_scale = channel_scale
+        self.preserve_norm = preserve_norm
         self.objective: dict[str, float] = {}
 
     def requires(self, graph: gs.Graph) -> None:
@@ -221,6 +233,12 @@ class CodebookWeights:
             book[gi, c.size :] = c[-1]
             idx[gi] = res.labels
             sse += float(np.sum((rows[gi].astype(np.float64) - c[res.labels].astype(np.float64)) ** 2))
+        if scales is not None and self.preserve_norm:  # ||s_c' C[idx_c]|| = ||W_c||: undo the k-means shrink
+            levels = np.take_along_axis(book, idx.astype(np.int64), axis=1).reshape(first.shape[0], -1)
+            norm_rec = np.sqrt(np.sum(levels.astype(np.float64) ** 2, axis=1))
+            norm_w = np.sqrt(np.sum(first.reshape(first.shape[0], -1).astype(np.float64) ** 2, axis=1))
+            gain = np.where(norm_rec > 0, norm_w / np.where(norm_rec > 0, norm_rec, 1.0), 1.0)
+            scales = (scales * gain).astype(np.float32)
         return idx, book, scales, first.shape, sse
 
     def reconstruct(self, node: gs.Node, w: np.ndarray) -> np.ndarray:

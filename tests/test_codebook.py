@@ -179,7 +179,26 @@ def test_channel_scale_objective_is_over_normalised_weights(which):
     assert float(np.sum((normalised - levels) ** 2)) == pytest.approx(expected, rel=1e-4)
 
 
-@pytest.mark.parametrize("kwargs", [{}, {"group_size": 4}, {"channel_scale": False}])
+@pytest.mark.parametrize("which", ["conv", "matmul"])
+def test_preserve_norm_keeps_each_channel_norm_and_the_codebook(which):
+    """preserve_norm: same indices and levels, only the channel scales change, so that ||W_hat_c|| = ||W_c||."""
+    model = conv_model() if which == "conv" else matmul_model()
+    w = _weight(model).astype(np.float64)
+    axis = 0 if which == "conv" else 1
+    plain = np.moveaxis(_rebuilt_weight(run_passes(model, [CodebookWeights(bits=3)]).model), axis, 0)
+    kept = np.moveaxis(_rebuilt_weight(run_passes(model, [CodebookWeights(bits=3, preserve_norm=True)]).model), axis, 0)
+    rows = lambda a: a.reshape(a.shape[0], -1).astype(np.float64)  # noqa: E731
+    norm_w = np.linalg.norm(rows(np.moveaxis(w, axis, 0)), axis=1)
+    np.testing.assert_allclose(np.linalg.norm(rows(kept), axis=1), norm_w, rtol=1e-5)
+    gain = np.linalg.norm(rows(kept), axis=1) / np.linalg.norm(rows(plain), axis=1)
+    np.testing.assert_allclose(rows(kept), rows(plain) * gain[:, None], rtol=1e-5, atol=1e-7)
+    # cluster means shrink the layer as a whole (not every channel of a shared codebook): gains > 1 on average
+    assert np.mean(gain) > 1.0 and np.max(np.abs(gain - 1.0)) > 0.01
+    with pytest.raises(ValueError, match="channel_scale"):
+        CodebookWeights(preserve_norm=True, channel_scale=False)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"group_size": 4}, {"channel_scale": False}, {"preserve_norm": True}])
 def test_reconstruct_matches_the_graph_rebuild(kwargs):
     model = conv_model()
     pass_ = CodebookWeights(bits=3, **kwargs)

@@ -83,6 +83,7 @@ def finetune(
     val_fraction: float = 0.1,
     patience: int = 3,
     seed: int = 0,
+    augment_shift: int = 0,
     max_samples: int | None = None,
     qat: bool = False,
     calibration: Any = None,
@@ -110,7 +111,9 @@ def finetune(
         sparsity: weight of the L1 penalty on BN scales / Conv channel norms.
         val_fraction: held out for early stopping.
         patience: epochs without validation improvement before stopping.
-        seed: seeds the split, the shuffling and torch.
+        seed: seeds the split, the shuffling, the augmentation and torch.
+        augment_shift: translate image inputs by up to this many pixels, freshly each epoch (0 = off;
+            the teacher's logits are recomputed once per epoch for the shifted copies).
         max_samples: use at most this many samples.
         qat: quantization-aware fine-tune with learned scales; the result is a QDQ model.
         calibration: a ``CalibrationTable`` initialising the QAT scales (else ranges are measured).
@@ -143,7 +146,7 @@ def finetune(
     config = tr.FinetuneConfig(
         epochs=epochs, lr=lr, batch_size=batch_size, temperature=temperature, hard_weight=hard_weight,
         soft_weight=soft_weight, feature_weight=feature_weight, features=dict(features or {}),
-        sparsity=sparsity, val_fraction=val_fraction, patience=patience, seed=seed,
+        sparsity=sparsity, val_fraction=val_fraction, patience=patience, seed=seed, augment_shift=augment_shift,
     )  # fmt: skip
     student_proto = normalize_model(load_model(student), min_opset=13 if qat else None)
     teacher_proto = None if teacher is None else load_model(teacher)

@@ -7,6 +7,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from onnxpress.bridge import train as train_module  # noqa: E402
 from onnxpress.bridge.convert import OnnxModule  # noqa: E402
 from onnxpress.bridge.train import (  # noqa: E402
     FinetuneConfig,
@@ -14,6 +15,7 @@ from onnxpress.bridge.train import (  # noqa: E402
     load_arrays,
     load_label_array,
     run_teacher,
+    shift_images,
     sparsity_penalty,
     train_student,
 )
@@ -153,3 +155,74 @@ def test_load_arrays_and_labels(tmp_path):
         load_label_array(np.arange(3), 10)
     with pytest.raises(DataError):
         load_arrays({"input": np.full((2, 1, 8, 8), np.nan, np.float32)}, model)
+
+
+def test_shift_images_translates_with_replicated_borders():
+    """Each image moves by its own (dy, dx) in [-s, s]²; uncovered pixels repeat the border."""
+    x = np.arange(3 * 2 * 5 * 6, dtype=np.float32).reshape(3, 2, 5, 6)
+    np.testing.assert_array_equal(shift_images(x, 0, np.random.default_rng(0)), x)
+    got = shift_images(x, 2, np.random.default_rng(4))
+    d = np.random.default_rng(4).integers(-2, 3, size=(3, 2))  # the draws shift_images makes
+    assert (np.abs(d) > 0).any()
+    for k, (dy, dx) in enumerate(d):
+        rows = np.clip(np.arange(5) - dy, 0, 4)
+        cols = np.clip(np.arange(6) - dx, 0, 5)
+        np.testing.assert_array_equal(got[k], x[k][:, rows][:, :, cols])
+        # the interior is a plain translation of the original
+        np.testing.assert_array_equal(
+            got[k, :, max(dy, 0) : 5 + min(dy, 0), max(dx, 0) : 6 + min(dx, 0)],
+            x[k, :, max(-dy, 0) : 5 + min(-dy, 0), max(-dx, 0) : 6 + min(-dx, 0)],
+        )
+    assert x[0, 0, 0, 0] == 0  # input untouched
+    with pytest.raises(DataError, match="images"):
+        shift_images(x[0], 1, np.random.default_rng(0))
+    with pytest.raises(DataError, match="smaller"):
+        shift_images(x, 5, np.random.default_rng(0))
+
+
+def test_augmented_distillation_relabels_the_shifted_samples():
+    """Student == teacher: with the teacher re-run on each epoch's shifted copies the KD loss stays 0.
+
+    Stale (unshifted) teacher logits would give a clearly positive loss on the same samples. The
+    learning rate is tiny because Adam's steps have size ~lr even for the ~1e-7 gradients that the
+    torch vs onnxruntime rounding leaves.
+    """
+    teacher, _, arrays, logits = _setup(48)
+    shifted = shift_images(arrays["input"], 2, np.random.default_rng(0))
+    stale = run_teacher(teacher, {"input": shifted}, ["logits"])[0]
+    assert float(distillation_loss(torch.from_numpy(stale), torch.from_numpy(logits))) > 0.05
+    cfg = FinetuneConfig(epochs=2, lr=1e-9, batch_size=16, val_fraction=0.25, augment_shift=2, hard_weight=0.0)
+    student = OnnxModule(teacher)
+    h = train_student(student, teacher, arrays, logits, None, cfg, teacher_model=teacher)
+    assert max(h.train_loss) < 1e-6 and max(h.val_loss) < 1e-6
+
+
+def test_hard_and_kd_runs_see_the_same_shifted_samples(monkeypatch):
+    """Augmentation has its own seeded stream: a label-only run and a KD run of one seed shift alike."""
+    teacher, student_model, arrays, logits = _setup(48)
+    labels = np.arange(48) % 5
+    seen: list[list[bytes]] = [[], []]
+    real = train_module.shift_images
+    for k, (t_logits, t_model) in enumerate([(None, None), (logits, teacher)]):
+        def spy(x, shift, rng, store=seen[k]):
+            out = real(x, shift, rng)
+            store.append(out.tobytes())
+            return out
+
+        monkeypatch.setattr(train_module, "shift_images", spy)
+        cfg = FinetuneConfig(epochs=2, batch_size=16, val_fraction=0.25, augment_shift=1, seed=5)
+        train_student(OnnxModule(student_model), student_model, arrays, t_logits, labels, cfg, teacher_model=t_model)
+    assert len(seen[0]) == 2 and seen[0] == seen[1]
+    assert seen[0][0] != seen[0][1]  # fresh shifts each epoch
+
+
+def test_augmentation_errors():
+    teacher, student_model, arrays, logits = _setup(32)
+    cfg = FinetuneConfig(epochs=1, batch_size=16, val_fraction=0.0, augment_shift=1)
+    with pytest.raises(DataError, match="teacher model"):
+        train_student(OnnxModule(student_model), student_model, arrays, logits, None, cfg)
+    flat = {"input": arrays["input"].reshape(32, 64)}
+    with pytest.raises(DataError, match="image input"):
+        train_student(OnnxModule(student_model), student_model, flat, logits, None, cfg, teacher_model=teacher)
+    with pytest.raises(ValueError, match="augment_shift"):
+        FinetuneConfig(augment_shift=-1)

@@ -17,12 +17,23 @@ Data flow::
 
     feeds (all samples in memory) ──split(seed)──▶ train / validation
     teacher (onnxruntime, once) ──▶ cached logits [N, classes]      (features: per batch if asked)
-    for epoch: shuffled batches ──▶ student ──▶ L ──▶ Adam step ──▶ val L ──▶ keep best, stop early
+    for epoch: [shift-augment the train split, teacher once on the shifted copies]
+               shuffled batches ──▶ student ──▶ L ──▶ Adam step ──▶ val L ──▶ keep best, stop early
 
-The teacher runs on onnxruntime once over all samples and its logits are cached: on the reference
-CNNs onnxruntime ran the teacher 2.5-20x faster than the converted module in torch (medians,
-interleaved, three runs of bench/finetune.py on busy shared cores), and caching makes the teacher
-cost one forward pass per sample in total (no augmentation, so the cache stays valid across epochs).
+The teacher runs on onnxruntime and its logits are cached: on the reference CNNs onnxruntime ran the
+teacher 2.5-20x faster than the converted module in torch (medians, interleaved, three runs of
+bench/finetune.py on busy shared cores). Without augmentation the teacher costs one forward pass per
+sample in total; with ``augment_shift`` it runs once per epoch over that epoch's shifted training
+copies (one batched onnxruntime call, never per step), and validation always uses the unshifted
+samples and their cached logits.
+
+Shift augmentation (images ``[N, C, H, W]`` only): each training sample is translated by integer
+``(dy, dx)`` drawn uniformly from ``[-s, s]²``, with the border pixels replicated into the gap::
+
+    x'[c, i, j] = x[c, clip(i - dy, 0, H-1), clip(j - dx, 0, W-1)]
+
+The shifts come from their own seeded generator, so the hard-label and the distillation runs of one
+seed see exactly the same shifted samples in the same order.
 """
 
 from __future__ import annotations
@@ -53,6 +64,7 @@ __all__ = [
     "load_arrays",
     "load_label_array",
     "run_teacher",
+    "shift_images",
     "sparsity_penalty",
     "train_student",
 ]
@@ -77,7 +89,9 @@ class FinetuneConfig:
         weight_decay: Adam weight decay.
         val_fraction: fraction of samples held out for early stopping (0 = none).
         patience: epochs without a validation improvement before stopping.
-        seed: seeds the split, the shuffling and torch.
+        seed: seeds the split, the shuffling, the augmentation and torch.
+        augment_shift: largest pixel shift of the per-epoch translation augmentation of image
+            inputs (0 = off); with a teacher, its logits are recomputed for the shifted copies.
     """
 
     epochs: int = 10
@@ -93,6 +107,7 @@ class FinetuneConfig:
     val_fraction: float = 0.1
     patience: int = 3
     seed: int = 0
+    augment_shift: int = 0
 
     def __post_init__(self) -> None:
         checks = {
@@ -104,6 +119,7 @@ class FinetuneConfig:
             >= 0,
             "val_fraction must be in [0, 0.5]": 0 <= self.val_fraction <= 0.5,
             "patience must be >= 1": self.patience >= 1,
+            "augment_shift must be >= 0": self.augment_shift >= 0,
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
@@ -241,6 +257,29 @@ def run_teacher(
     return [np.concatenate(c, axis=0) for c in chunks]
 
 
+def shift_images(x: np.ndarray, shift: int, rng: np.random.Generator) -> np.ndarray:
+    """Each image of ``x`` ``[N, C, H, W]`` translated by its own ``(dy, dx)`` in ``[-shift, shift]²``.
+
+    The pixels the shift uncovers repeat the nearest border pixel (``x'[c,i,j] = x[c, clip(i-dy),
+    clip(j-dx)]``), so a constant background stays constant. Returns a new array; ``x`` is untouched.
+
+    Raises:
+        DataError: ``x`` is not 4-D, or ``shift`` is not smaller than its height and width.
+    """
+    if x.ndim != 4:
+        raise DataError(f"shift augmentation needs images [N, C, H, W]; got shape {x.shape}; set augment_shift=0")
+    n, c, h, w = x.shape
+    if shift >= min(h, w):
+        raise DataError(f"augment_shift={shift} is not smaller than the image size {h}x{w}; use a smaller shift")
+    d = rng.integers(-shift, shift + 1, size=(n, 2))
+    rows = np.clip(np.arange(h)[None, :] - d[:, :1], 0, h - 1)  # [N, H]
+    cols = np.clip(np.arange(w)[None, :] - d[:, 1:], 0, w - 1)  # [N, W]
+    return x[
+        np.arange(n)[:, None, None, None], np.arange(c)[None, :, None, None], rows[:, None, :, None],
+        cols[:, None, None, :],
+    ]  # fmt: skip
+
+
 # ----------------------------------------------------------------------------- losses
 def distillation_loss(
     student_logits: torch.Tensor,
@@ -332,31 +371,62 @@ def train_student(
     feature_pairs = list(config.features.items()) if config.feature_weight else []
     if feature_pairs and teacher_model is None:
         raise DataError("feature distillation needs the teacher model")
+    shift = config.augment_shift
+    if shift and not any(a.ndim == 4 for a in arrays.values()):
+        shapes = {k: a.shape for k, a in arrays.items()}
+        raise DataError(f"augment_shift needs an image input [N, C, H, W]; inputs are {shapes}; set augment_shift=0")
+    if shift and teacher_logits is not None and teacher_model is None:
+        raise DataError("distilling on shifted samples needs the teacher model to label them; pass teacher_model")
     feature_session = (
         make_session(_with_outputs(teacher_model, [t for _, t in feature_pairs]), what="teacher")
         if feature_pairs else None
     )  # fmt: skip
+    logit_session = (
+        make_session(teacher_model, what="teacher") if shift and teacher_logits is not None else None
+    )  # fmt: skip
     rng = np.random.default_rng(config.seed)
+    aug_rng = np.random.default_rng([config.seed, 1])  # its own stream: shuffling is the same with/without it
     order = rng.permutation(n)
     val_idx, train_idx = np.sort(order[:n_val]), order[n_val:]
-    x_all = [torch.from_numpy(arrays[k]) for k in student.input_names]
-    t_all = None if teacher_logits is None else torch.from_numpy(np.ascontiguousarray(teacher_logits, np.float32))
+    t_all = None if teacher_logits is None else np.ascontiguousarray(teacher_logits, np.float32)
     y_all = None if labels is None else torch.from_numpy(labels)
     hard_w = config.hard_weight if y_all is not None else 0.0
     soft_w = config.soft_weight if t_all is not None else 0.0
     wanted = [student.output_names[0]] + [s for s, _ in feature_pairs]
+    x_train = {k: np.ascontiguousarray(arrays[k][train_idx]) for k in student.input_names}
+    x_val = {k: np.ascontiguousarray(arrays[k][val_idx]) for k in student.input_names}
+    t_train = None if t_all is None else torch.from_numpy(t_all[train_idx])
+    t_val = None if t_all is None else torch.from_numpy(t_all[val_idx])
+    y_train = None if y_all is None else y_all[torch.from_numpy(train_idx)]
+    y_val = None if y_all is None else y_all[torch.from_numpy(val_idx)]
 
-    def batch_loss(idx: np.ndarray) -> torch.Tensor:
-        it = torch.from_numpy(idx)
-        outs = student.evaluate([x[it] for x in x_all], wanted)
+    def epoch_data() -> tuple[dict[str, np.ndarray], torch.Tensor | None]:
+        """The training split for one epoch: shifted copies (teacher re-run on them once) or as is."""
+        if not shift:
+            return x_train, t_train
+        xs = {k: shift_images(a, shift, aug_rng) if a.ndim == 4 else a for k, a in x_train.items()}
+        if logit_session is None:
+            return xs, None
+        out = logit_session.get_outputs()[0].name
+        z = [
+            logit_session.run([out], {k: a[s : s + 256] for k, a in xs.items()})[0]
+            for s in range(0, len(train_idx), 256)
+        ]
+        return xs, torch.from_numpy(np.concatenate(z).astype(np.float32))
+
+    def batch_loss(
+        xs: Mapping[str, np.ndarray], pos: np.ndarray, z_t_all: torch.Tensor | None, y_all_: torch.Tensor | None
+    ) -> torch.Tensor:
+        it = torch.from_numpy(pos)
+        outs = student.evaluate([torch.from_numpy(xs[k])[it] for k in student.input_names], wanted)
         z_s = outs[0]
-        z_t = t_all[it] if t_all is not None else z_s.detach()
-        y = y_all[it] if y_all is not None else None
+        z_t = z_t_all[it] if z_t_all is not None else z_s.detach()
+        y = y_all_[it] if y_all_ is not None else None
         loss = distillation_loss(
             z_s, z_t, y, temperature=config.temperature, hard_weight=hard_w, soft_weight=soft_w
         )
         if feature_pairs:
-            feeds = {k: arrays[k][idx] for k in student.input_names}
+            feeds = {k: xs[k][pos] for k in student.input_names}
             teacher_feats = feature_session.run([t for _, t in feature_pairs], feeds)
             for f_s, f_t in zip(outs[1:], teacher_feats, strict=True):
                 if tuple(f_s.shape) != f_t.shape:
@@ -376,8 +446,8 @@ def train_student(
         total = 0.0
         with torch.no_grad():
             for s in range(0, n_val, 256):
-                idx = val_idx[s : s + 256]
-                total += float(batch_loss(idx)) * len(idx)
+                pos = np.arange(s, min(s + 256, n_val))
+                total += float(batch_loss(x_val, pos, t_val, y_val)) * len(pos)
         return total / n_val
 
     train_hist: list[float] = []
@@ -397,11 +467,12 @@ def train_student(
         bar = tqdm(total=total_steps, desc="finetune", unit="step", disable=not progress, leave=False)
         for epoch in range(1, config.epochs + 1):
             student.train()
-            perm = train_idx[rng.permutation(len(train_idx))]
+            perm = rng.permutation(len(train_idx))
+            xs, z_t = epoch_data()
             running = 0.0
             for s in range(0, len(perm), config.batch_size):
                 idx = perm[s : s + config.batch_size]
-                loss = batch_loss(idx)
+                loss = batch_loss(xs, idx, z_t, y_train)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

@@ -29,6 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--val-fraction", type=float, default=0.1, help="held out for early stopping (default 0.1)")
     p.add_argument("--patience", type=int, default=3, help="epochs without improvement before stopping")
     p.add_argument("--seed", type=int, default=0, help="seed of split, shuffling and torch (default 0)")
+    p.add_argument("--augment-shift", type=int, default=0,
+                   help="shift images by up to this many pixels each epoch (default 0 = off)")  # fmt: skip
     p.add_argument("--max-samples", type=int, help="use at most this many samples")
     p.add_argument("--threads", type=int, help="torch threads while training")
     p.add_argument("--qat", action="store_true", help="quantization-aware fine-tune; writes an int8 QDQ model")
@@ -50,8 +52,8 @@ def run(args: argparse.Namespace) -> int:
         args.student, args.teacher, args.data, args.output, labels=args.labels, epochs=args.epochs,
         temperature=args.temperature, lr=args.lr, batch_size=args.batch_size, hard_weight=args.hard_weight,
         soft_weight=args.soft_weight, sparsity=args.sparsity, val_fraction=args.val_fraction,
-        patience=args.patience, seed=args.seed, max_samples=args.max_samples, qat=args.qat,
-        calibration=table, threads=args.threads, progress=progress_enabled(args),
+        patience=args.patience, seed=args.seed, augment_shift=args.augment_shift, max_samples=args.max_samples,
+        qat=args.qat, calibration=table, threads=args.threads, progress=progress_enabled(args),
     )  # fmt: skip
     h = result.history
     rows = [[key, f"{value:.4f}"] for key, value in sorted(result.metrics.items())]

@@ -3,12 +3,17 @@
 For each model and budget it prints, side by side: the MACs ratio reached, the logit SQNR (dB,
 against the original model's logits on the test split) and top-1 accuracy before any fine-tune for
 the plain and the data-aware (whitened) SVD, the latency ratio split/original and the size ratio.
+Ranks come from the MACs budget chosen by MACs (``macs``) and, in a second row, by measured layer
+latency (``latency``: ``onnxpress.lowrank(..., latency=measure_latency(...))``, same MACs budget).
 
 Latency: onnxruntime (all graph optimisations, spinning off, ``--threads`` intra-op threads),
-batch ``--batch``; the original and both split sessions are timed interleaved in the same loop
-(order rotated every repeat) and the ratio is of the medians, so machine load affects all alike.
+batch ``--batch``; the original and all split sessions are timed interleaved in the same loop
+(order rotated every repeat); the ratio is of the medians, with the ratio of the minima after it
+(other processes only add time, so the minima are the least loaded estimate).
+``--profile`` also prints where the time goes (onnxruntime profile, all optimisations, by op type,
+with the candidate layers and their factors as one row) for the original and the split models.
 
-    python bench/lowrank.py [--models transformer resnet] [--budgets 0.75 0.5] [--multiple 8]
+    python bench/lowrank.py [--models transformer resnet] [--budgets 0.75 0.5] [--multiple 8] [--threads 2]
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import numpy as np
 import onnxruntime as ort
 
 import onnxpress
-from onnxpress.lowrank import collect_moments
+from onnxpress.lowrank import collect_moments, measure_latency
 from onnxpress.model_io import load_model, normalize_model
 from onnxpress.pipeline import cleanup_passes, run_passes
 from onnxpress.reporting import format_table
@@ -47,8 +52,8 @@ def logits(session, x: np.ndarray, batch: int = 256) -> np.ndarray:
     return np.concatenate([session.run(None, {name: x[i : i + batch]})[0] for i in range(0, len(x), batch)])
 
 
-def interleaved_latency(sessions: list, x: np.ndarray, repeats: int) -> list[float]:
-    """Median seconds per run of each session, timed in rotating order within one loop."""
+def interleaved_latency(sessions: list, x: np.ndarray, repeats: int, stat=statistics.median) -> list[float]:
+    """Median (or ``stat``) seconds per run of each session, timed in rotating order within one loop."""
     name = sessions[0].get_inputs()[0].name
     times: list[list[float]] = [[] for _ in sessions]
     for s in sessions:  # warm-up
@@ -60,7 +65,47 @@ def interleaved_latency(sessions: list, x: np.ndarray, repeats: int) -> list[flo
             t0 = time.perf_counter()
             sessions[i].run(None, {name: x})
             times[i].append(time.perf_counter() - t0)
-    return [statistics.median(t) for t in times]
+    return [stat(t) for t in times]
+
+
+def interleaved_latency_stats(sessions: list, x: np.ndarray, repeats: int) -> tuple[list[float], list[float]]:
+    """(medians, minima) of seconds per run, from one interleaved loop."""
+    both = interleaved_latency(sessions, x, repeats, stat=lambda t: (statistics.median(t), min(t)))
+    return [b[0] for b in both], [b[1] for b in both]
+
+
+def op_breakdown(models: dict, keys: set[str], x: np.ndarray, threads: int, repeats: int = 20) -> dict:
+    """Microseconds per run by op type (all graph optimisations), candidate layers as one ``split layers`` row.
+
+    The models' profiled sessions run interleaved (one run of each per round), so load hits all
+    alike. A node counts as a candidate layer when its name is a candidate key or starts with one's
+    factor prefix (``<key>_lowrank``, ``<key>_tucker``); onnxruntime renames the Convs it moves to
+    its NCHWc layout, so on CNNs the original's layers stay under ``Conv``. Profiles go to a
+    removed temporary folder.
+    """
+    prefixes = tuple(f"{k.replace('/', '_').strip('_')}_{t}" for k in keys for t in ("lowrank", "tucker"))
+    out: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        sessions = {}
+        for i, (label, model) in enumerate(models.items()):
+            opts = ort.SessionOptions()
+            opts.enable_profiling = True
+            opts.profile_file_prefix = str(Path(tmp) / f"profile{i}")
+            opts.intra_op_num_threads = threads
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            sessions[label] = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        for _ in range(repeats):
+            for sess in sessions.values():
+                sess.run(None, {sess.get_inputs()[0].name: x})
+        for label, sess in sessions.items():
+            per_op: collections.Counter[str] = collections.Counter()
+            for ev in json.loads(Path(sess.end_profiling()).read_text()):
+                if ev.get("cat") == "Node" and ev["name"].endswith("_kernel_time"):
+                    node = ev["name"][: -len("_kernel_time")]
+                    split = node in keys or node.startswith(prefixes)
+                    per_op["split layers" if split else ev["args"].get("op_name", "?")] += ev["dur"] / repeats
+            out[label] = dict(per_op)
+    return out
 
 
 def latency_bound(model, keys: set[str], keep: float, x: np.ndarray, threads: int, repeats: int = 10) -> float:
@@ -102,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=40)
     p.add_argument("--calib-samples", type=int, default=500)
     p.add_argument("--models-dir", default=str(ROOT / "models"))
+    p.add_argument("--profile", action="store_true", help="also print kernel time by op type (onnxruntime profile)")
     args = p.parse_args(argv)
 
     folder = Path(args.models_dir)
@@ -111,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     x_lat = x_test[: args.batch]
 
     rows = []
+    profiles = []
     for name in args.models:
         path = folder / f"{name}.onnx"
         if not path.is_file():
@@ -121,47 +168,73 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         moments = collect_moments(cleaned, [{"input": calib}], max_samples=None)
         t_collect = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        latency = measure_latency(original, batch=args.batch, threads=args.threads, multiple=args.multiple,
+                                  conv_method=args.conv_method)
+        t_latency = time.perf_counter() - t0
         ref_sess = make_session(original, threads=args.threads)
         ref = logits(ref_sess, x_test)
         acc_ref = float(np.mean(ref.argmax(1) == labels))
         size_ref = len(original.SerializeToString())
         candidates = None
         for budget in args.budgets:
-            plain = onnxpress.lowrank(original, flops=budget, multiple=args.multiple, conv_method=args.conv_method)
+            built = {}
+            for select in ("macs", "latency"):
+                lat = latency if select == "latency" else None
+                built[select] = [
+                    onnxpress.lowrank(original, flops=budget, multiple=args.multiple, conv_method=args.conv_method,
+                                      moments=mom, latency=lat)
+                    for mom in (None, moments)
+                ]
             if candidates is None:
-                cand = [lay for lay in plain.layers if lay.full_rank]
+                cand = [lay for lay in built["macs"][0].layers if lay.full_rank]
                 candidates = ({lay.key for lay in cand}, sum(lay.macs_before for lay in cand))
-            aware = onnxpress.lowrank(original, flops=budget, multiple=args.multiple, moments=moments,
-                                      conv_method=args.conv_method)
-            s_plain = make_session(plain.model, threads=args.threads)
-            s_aware = make_session(aware.model, threads=args.threads)
-            y_plain, y_aware = logits(s_plain, x_test), logits(s_aware, x_test)
-            t_ref, t_plain, t_aware = interleaved_latency([ref_sess, s_plain, s_aware], x_lat, args.repeats)
-            rows.append([
-                name, f"{budget:.2f}",
-                f"{plain.macs_after / plain.macs_before:.3f} / {aware.macs_after / aware.macs_before:.3f}",
-                f"{sqnr_db(y_plain, ref):.2f}", f"{sqnr_db(y_aware, ref):.2f}",
-                f"{sqnr_db(y_aware, ref) - sqnr_db(y_plain, ref):+.2f}",
-                f"{acc_ref:.4f}", f"{np.mean(y_plain.argmax(1) == labels):.4f}",
-                f"{np.mean(y_aware.argmax(1) == labels):.4f}",
-                f"{t_plain / t_ref:.3f} / {t_aware / t_ref:.3f}",
-                f"{len(plain.model.SerializeToString()) / size_ref:.3f} / "
-                f"{len(aware.model.SerializeToString()) / size_ref:.3f}",
-            ])
+            results = [r for select in ("macs", "latency") for r in built[select]]
+            sessions = [make_session(r.model, threads=args.threads) for r in results]
+            outputs = [logits(s, x_test) for s in sessions]
+            med, low = interleaved_latency_stats([ref_sess, *sessions], x_lat, args.repeats)
             # the candidate layers must shed (1 - budget) of the whole model's MACs
-            keep = 1 - (1 - budget) * plain.macs_before / candidates[1]
+            keep = 1 - (1 - budget) * built["macs"][0].macs_before / candidates[1]
             bound = latency_bound(original, candidates[0], keep, x_lat, args.threads)
-            rows[-1].insert(-1, f"{bound:.3f}")
-            split = sum(lay.rank is not None for lay in aware.layers)
-            print(f"{name} @ {budget}: {split} layers split (data-aware), moments collected in {t_collect:.1f}s",
-                  file=sys.stderr)
-    header = ["model", "budget", "MACs plain/aware", "SQNR plain", "SQNR aware", "gain dB", "acc orig",
-              "acc plain", "acc aware", "latency plain/aware", "latency bound", "size plain/aware"]
+            for k, select in enumerate(("macs", "latency")):
+                plain, aware = built[select]
+                y_plain, y_aware = outputs[2 * k], outputs[2 * k + 1]
+                i_plain, i_aware = 1 + 2 * k, 2 + 2 * k
+                rows.append([
+                    name, f"{budget:.2f}", select,
+                    f"{plain.macs_after / plain.macs_before:.3f} / {aware.macs_after / aware.macs_before:.3f}",
+                    f"{sqnr_db(y_plain, ref):.2f}", f"{sqnr_db(y_aware, ref):.2f}",
+                    f"{sqnr_db(y_aware, ref) - sqnr_db(y_plain, ref):+.2f}",
+                    f"{acc_ref:.4f}", f"{np.mean(y_plain.argmax(1) == labels):.4f}",
+                    f"{np.mean(y_aware.argmax(1) == labels):.4f}",
+                    f"{med[i_plain] / med[0]:.3f} / {med[i_aware] / med[0]:.3f}",
+                    f"{low[i_plain] / low[0]:.3f} / {low[i_aware] / low[0]:.3f}",
+                    f"{bound:.3f}",
+                    f"{len(plain.model.SerializeToString()) / size_ref:.3f} / "
+                    f"{len(aware.model.SerializeToString()) / size_ref:.3f}",
+                ])
+            if args.profile:
+                models = {"original": original, f"{budget:.2f} macs aware": built["macs"][1].model,
+                          f"{budget:.2f} latency aware": built["latency"][1].model}
+                profiles.append((name, op_breakdown(models, candidates[0], x_lat, args.threads)))
+            split = sum(lay.rank is not None for lay in built["latency"][1].layers)
+            print(f"{name} @ {budget}: {split} layers split (latency, data-aware); moments {t_collect:.1f}s, "
+                  f"layer timing {t_latency:.1f}s", file=sys.stderr)
+    header = ["model", "budget", "ranks by", "MACs plain/aware", "SQNR plain", "SQNR aware", "gain dB", "acc orig",
+              "acc plain", "acc aware", "latency plain/aware", "(minima)", "latency bound", "size plain/aware"]
     print(format_table(header, rows))
     print(f"(test split {len(x_test)} samples; calib {len(calib)}; multiple {args.multiple}; latency batch "
-          f"{args.batch}, {args.threads} thread(s), median of {args.repeats} interleaved runs, ratio to original;\n"
-          " latency bound: the ratio if the split layers' time fell in proportion to their MACs and the rest stayed"
-          " (from an onnxruntime profile of the original))")
+          f"{args.batch}, {args.threads} thread(s), median (and minimum) of {args.repeats} interleaved runs, ratio to"
+          " original;\n latency bound: the ratio if the split layers' time fell in proportion to their MACs and the"
+          " rest stayed (from an onnxruntime profile of the original, graph optimisations off))")
+    for name, per_model in profiles:
+        ops = sorted({op for b in per_model.values() for op in b}, key=lambda op: -per_model["original"].get(op, 0))
+        total0 = sum(per_model["original"].values())
+        prow = [[op, *(f"{b.get(op, 0) / total0:.3f}" for b in per_model.values())] for op in ops]
+        prow.append(["total", *(f"{sum(b.values()) / total0:.3f}" for b in per_model.values())])
+        print(f"\n{name}: kernel time by op type, share of the original's total (onnxruntime profiles, all "
+              f"optimisations, run interleaved, batch {args.batch}, {args.threads} thread(s))")
+        print(format_table(["op", *per_model], prow))
     return 0
 
 

@@ -30,6 +30,7 @@ from onnxpress.errors import CalibrationError, DataError
 __all__ = [
     "DEFAULT_BUDGET_MB",
     "DEFAULT_OP_TYPES",
+    "batch_major_tensors",
     "bytes_per_sample",
     "collect_statistics",
     "select_tensors",
@@ -89,6 +90,39 @@ def bytes_per_sample(model: onnx.ModelProto, names: Sequence[str], types: _Types
         size = int(np.prod(dims[1:], dtype=np.int64)) if len(dims) > 1 else 1
         total += size * onnx.helper.tensor_dtype_to_np_dtype(elem).itemsize
     return total
+
+
+def batch_major_tensors(model: onnx.ModelProto, names: Iterable[str]) -> set[str]:
+    """The tensors of ``names`` whose axis 0 is the graph inputs' batch axis (so axis 0 = samples).
+
+    After shape inference, a tensor qualifies when its first dimension is the same symbol as the
+    first dimension of every graph input (``batch``), or the same number when that is fixed. A
+    Reshape that folds the batch into another axis, a Transpose that moves it, or an unknown shape
+    does not qualify. Graph inputs qualify by definition.
+    """
+    from onnxpress.model_io import infer_shapes
+
+    g = infer_shapes(model).graph
+    inits = {i.name for i in g.initializer}
+
+    def first_dim(vi: onnx.ValueInfoProto) -> str | int | None:
+        tt = vi.type.tensor_type
+        if not vi.type.HasField("tensor_type") or not tt.HasField("shape") or not tt.shape.dim:
+            return None
+        d = tt.shape.dim[0]
+        return d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+
+    inputs = [vi for vi in g.input if vi.name not in inits]
+    batch = {first_dim(vi) for vi in inputs}
+    wanted = set(names)
+    out = {vi.name for vi in inputs if vi.name in wanted}
+    if len(batch) != 1 or None in batch:
+        return out
+    (axis,) = batch
+    for vi in list(g.value_info) + list(g.output):
+        if vi.name in wanted and first_dim(vi) == axis:
+            out.add(vi.name)
+    return out
 
 
 def _constant_values(g: onnx.GraphProto) -> set[str]:

@@ -22,6 +22,35 @@ the multiset of values observed: not on batch size, batch order or how shards we
 
 Non-finite values are counted (``nan``, ``posinf``, ``neginf``) and kept out of the bins.
 
+Per-sample subsample (``values_per_sample = K``; ``None`` bins every value). Axis 0 of an updated
+array is the sample axis (the collector stacks samples there). Of a sample with ``L > K`` values
+(flattened), ``K`` are binned: the sample is cut into runs of ``r`` consecutive values (``r`` the
+largest power of two <= 16 dividing ``L`` and ``K``), ``K / r`` strata of runs each contribute one
+run at a fixed offset (drawn once from a generator seeded with the sizes), and that pattern is
+rotated by a per-sample ``phase``, a hash of the sample's own values at 64 fixed probe positions::
+
+    sample (L = 12, K = 6, r = 2):  | a b  c d | e f  g h | i j  k l |   3 strata of 2 runs
+    phase 0                      :  | a b      |      g h | i j      |   base runs (0, 3, 4)
+    phase 1 (one run later)      :  |      c d |          | i j  k l |   runs (1, 4, 5)
+
+So the binned values are a function of each sample by itself (its shape and its values): the
+counts still depend only on the multiset of samples, not on batch size, order or merges, and
+merging stays an exact sum. Over the phases every value is binned with the same probability
+``K / L``. ``min``, ``max``, ``count`` and the non-finite counts stay exact over every value, and so
+does the bin width (it follows the exact ``max|x|``).
+
+Why it is built this way (measured on the reference CNN):
+
+- The phase: with the same positions in every sample, a tensor whose extremes sit at a few fixed
+  places (a border pixel of one channel) never has its tail binned -- it cut a ReLU output's 99.99th
+  percentile by 27%. With the phase the percentiles moved by < 1%.
+- Runs: a gather of single values scattered over a sample misses the cache on almost every value;
+  a run of 16 float32 is one cache line, copied as one row (subsample of a 5-sample batch of a
+  32x32x32 ReLU output at K = 1024: 47 -> 15 us).
+- Binning costs 1.2-5 ns per value (``np.add.at`` holds the GIL, and the values arrive from
+  onnxruntime cold) against ~0.1 ns for the min/max that a MinMax calibration pays; binning ``K``
+  values per sample bounds that cost. The bench prints the thresholds and logit SQNR against ``None``.
+
 Searches on the magnitude histogram ``h[k] = #{ |x| in bin k }`` (``k = 0..n-1``, ``n`` occupied):
 - ``percentile_bin``: smallest ``i`` with ``sum(h[:i]) >= p/100 * sum(h)``; threshold ``i * w``.
 - ``mse_bin``: the ``i`` minimising the expected squared error of a uniform quantizer with
@@ -32,6 +61,7 @@ Searches on the magnitude histogram ``h[k] = #{ |x| in bin k }`` (``k = 0..n-1``
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import threading
 
@@ -39,7 +69,7 @@ import numpy as np
 
 from onnxpress.errors import CalibrationError
 
-__all__ = ["Histogram", "mse_bin", "percentile_bin"]
+__all__ = ["Histogram", "mse_bin", "percentile_bin", "sample_positions"]
 
 DEFAULT_BINS = 2048
 
@@ -56,6 +86,9 @@ class Histogram:
         min, max: exact extremes of the finite values (``inf``/``-inf`` when none were seen).
         count: number of finite values.
         nan, posinf, neginf: number of non-finite values seen (not in the bins).
+        values_per_sample: bin at most this many values of each sample (axis-0 slice), at the
+            positions :func:`sample_positions` gives; ``None`` bins every value. ``count``, ``min``,
+            ``max`` and the width stay exact either way.
     """
 
     size: int = 2 * DEFAULT_BINS
@@ -68,26 +101,41 @@ class Histogram:
     nan: int = 0
     posinf: int = 0
     neginf: int = 0
+    values_per_sample: int | None = None
 
     @classmethod
-    def with_resolution(cls, bins: int = DEFAULT_BINS) -> Histogram:
+    def with_resolution(cls, bins: int = DEFAULT_BINS, values_per_sample: int | None = None) -> Histogram:
         """A histogram whose largest magnitude always spans at least ``bins`` bins.
 
+        Args:
+            bins: resolution (a power of two >= 16).
+            values_per_sample: bin at most this many values per sample (``None``: all; see the module
+                docstring).
+
         Raises:
-            CalibrationError: ``bins`` is not a power of two >= 16.
+            CalibrationError: ``bins`` is not a power of two >= 16, or ``values_per_sample`` < 1.
         """
         if bins < 16 or bins & (bins - 1):
             raise CalibrationError(f"histogram bins must be a power of two >= 16, got {bins}")
-        return cls(size=2 * bins)
+        if values_per_sample is not None and (isinstance(values_per_sample, bool) or values_per_sample < 1):
+            raise CalibrationError(
+                f"histogram values_per_sample must be a positive integer or None (all values), got {values_per_sample}"
+            )
+        return cls(size=2 * bins, values_per_sample=None if values_per_sample is None else int(values_per_sample))
 
     # ----------------------------------------------------------------- accumulate
     def update(self, x: np.ndarray) -> None:
-        """Add the values of ``x`` (any shape, float dtype) to the histogram."""
+        """Add the values of ``x`` (any shape, float dtype; axis 0 = samples) to the histogram."""
         x = np.asarray(x)
         if x.size == 0:
             return
         if x.dtype not in (np.float32, np.float64):
             x = x.astype(np.float32)
+        k = self.values_per_sample
+        per_sample = x.size // x.shape[0] if x.ndim >= 2 else 1  # 0-d / 1-d: one value per sample
+        binned = None
+        if k is not None and per_sample > k:
+            binned = _subsample(x.reshape(x.shape[0], per_sample), k)
         x = x.ravel()
         lo, hi = float(x.min()), float(x.max())
         if not (math.isfinite(lo) and math.isfinite(hi)):  # NaN propagates through min/max
@@ -98,22 +146,27 @@ class Histogram:
             self.posinf += pos
             self.neginf += x.size - int(finite.sum()) - nan - pos
             x = x[finite]
+            if binned is not None:
+                binned = binned[np.isfinite(binned)]
             if x.size == 0:
                 return
             lo, hi = float(x.min()), float(x.max())
+        if binned is None:
+            binned = x
         self.min = min(self.min, lo)
         self.max = max(self.max, hi)
         self.count += x.size
         amax = max(-lo, hi)
         if amax == 0.0:
             if self.counts is None:
-                self.zeros_pending += x.size
+                self.zeros_pending += binned.size
             else:
-                self.counts[self.size] += x.size
+                self.counts[self.size] += binned.size
             return
         self._ensure_exp(_exponent_for(amax, self.size))
         assert self.exp is not None and self.counts is not None
-        _add_counts(self.counts, x, self.exp, self.size, nonnegative=lo >= 0.0)
+        if binned.size:
+            _add_counts(self.counts, binned, self.exp, self.size, nonnegative=lo >= 0.0)
 
     def _ensure_exp(self, exp: int) -> None:
         """Make the width at least ``2**exp`` (coarsening exactly), allocating on first use."""
@@ -135,8 +188,14 @@ class Histogram:
         """
         if self.size != other.size:
             raise CalibrationError(f"cannot merge histograms with {self.size // 2} and {other.size // 2} bins")
+        if self.values_per_sample != other.values_per_sample:
+            raise CalibrationError(
+                f"cannot merge histograms binning {_per_sample_text(self.values_per_sample)} and "
+                f"{_per_sample_text(other.values_per_sample)}; calibrate every shard with the same setting"
+            )
         out = Histogram(
             size=self.size,
+            values_per_sample=self.values_per_sample,
             zeros_pending=self.zeros_pending + other.zeros_pending,
             min=min(self.min, other.min),
             max=max(self.max, other.max),
@@ -210,6 +269,99 @@ def check_observed(name: str, count: int, nan: int, posinf: int, neginf: int, am
         raise CalibrationError(f"{name} holds {nan} NaN values next to {count} finite ones; left out")
     if amax == 0.0:
         raise CalibrationError(f"{name} is zero on every sample; no scale can be derived, left unquantized")
+
+
+def _per_sample_text(k: int | None) -> str:
+    return "every value" if k is None else f"{k} values per sample"
+
+
+_RUN = 16
+"""Longest run of consecutive values binned together: 16 float32 values are one 64-byte cache line."""
+
+
+def _run_length(length: int, k: int) -> int:
+    """The largest power of two ``<= _RUN`` that divides both ``length`` and ``k``."""
+    r = _RUN
+    while length % r or k % r:
+        r //= 2
+    return r
+
+
+@functools.lru_cache(maxsize=256)
+def _base_runs(units: int, m: int) -> np.ndarray:
+    """``m < units`` distinct run indices in ``[0, units)``, one per stratum (read-only int64).
+
+    Stratum ``j`` is ``[floor(j units / m), floor((j+1) units / m))``; its run is drawn from a generator
+    seeded with ``(units, m)``.
+    """
+    edges = np.arange(m + 1, dtype=np.int64) * units // m
+    base = edges[:-1] + np.random.default_rng((units, m)).integers(0, np.diff(edges))
+    base.flags.writeable = False
+    return base
+
+
+_PROBES = 64
+_MIX = np.uint64(0xBF58476D1CE4E5B9)  # splitmix64's first multiplier
+
+
+@functools.lru_cache(maxsize=64)
+def _probe_positions(length: int) -> np.ndarray:
+    """Up to ``_PROBES`` fixed positions spread evenly over a sample of ``length`` values."""
+    return np.unique(np.linspace(0, length - 1, _PROBES).astype(np.intp))
+
+
+@functools.lru_cache(maxsize=8)
+def _hash_weights(n: int) -> np.ndarray:
+    """``n`` fixed odd 64-bit multipliers (read-only)."""
+    w = np.random.default_rng(n).integers(1, 2**63, size=n, dtype=np.uint64) | np.uint64(1)
+    w.flags.writeable = False
+    return w
+
+
+def _sample_hash(rows: np.ndarray) -> np.ndarray:
+    """A 64-bit hash per row of the bits of its values at ``_PROBES`` fixed positions.
+
+    A function of the row's values alone (and of its length): a weighted sum of the probes' bit
+    patterns with odd 64-bit weights (wrapping), then one xor-shift-multiply round so that the high
+    input bits reach the low bits. Rows that agree at every probe (all zero in a very sparse
+    tensor, say) share a phase.
+    """
+    probes = np.ascontiguousarray(rows[:, _probe_positions(rows.shape[1])])
+    bits = probes.view(np.uint32 if probes.dtype.itemsize == 4 else np.uint64).astype(np.uint64)
+    h = (bits * _hash_weights(bits.shape[1])).sum(axis=1, dtype=np.uint64)
+    h ^= h >> np.uint64(31)
+    h *= _MIX
+    h ^= h >> np.uint64(29)
+    return h
+
+
+def _run_indices(rows: np.ndarray, k: int) -> tuple[np.ndarray, int]:
+    """``(runs [B, k / r], r)``: the flat indices of the runs binned when ``rows`` is viewed as runs of ``r``.
+
+    ``rows`` is ``[B, L]`` with ``L > k``; row ``b`` is ``L / r`` runs and takes runs
+    ``(base_j + phase_b) mod (L / r)`` (:func:`_base_runs`, :func:`_sample_hash`), so over the phases every
+    run, hence every value, is binned with the same probability ``k / L``.
+    """
+    batch, length = rows.shape
+    r = _run_length(length, k)
+    units = length // r
+    phase = (_sample_hash(rows) % np.uint64(units)).astype(np.int64)
+    runs = np.add.outer(phase, _base_runs(units, k // r))
+    runs[runs >= units] -= units  # base + phase < 2 units: one wrap at most
+    runs += np.arange(0, batch * units, units, dtype=np.int64)[:, None]
+    return runs, r
+
+
+def sample_positions(rows: np.ndarray, k: int) -> np.ndarray:
+    """Flat positions (into ``rows.ravel()``, ``[B, k]``) of the values binned of ``rows`` (``[B, L]``, ``L > k``)."""
+    runs, r = _run_indices(rows, k)
+    return (runs[:, :, None] * r + np.arange(r)).reshape(rows.shape[0], k)
+
+
+def _subsample(rows: np.ndarray, k: int) -> np.ndarray:
+    """The flat values binned of ``rows`` (``[B, L]``, ``L > k``): whole runs copied at once."""
+    runs, r = _run_indices(rows, k)
+    return np.take(rows.reshape(-1, r), runs.ravel(), axis=0).ravel()
 
 
 def _exponent_for(amax: float, size: int) -> int:

@@ -113,7 +113,9 @@ class HistogramObserver:
         bins: int = DEFAULT_BINS,
         bits: int = 8,
         percentile: float = 99.99,
+        values_per_sample: int | None = None,
     ) -> None:
+        """Args: see :func:`make_observer`."""
         if method not in METHODS:
             raise CalibrationError(f"unknown calibration method {method!r}; choose one of {', '.join(METHODS)}")
         quantized_bins(bits, True)  # validates bits
@@ -123,7 +125,7 @@ class HistogramObserver:
         self.name = name
         self.bits = bits
         self.percentile = percentile
-        self.histogram = Histogram.with_resolution(bins)
+        self.histogram = Histogram.with_resolution(bins, values_per_sample)
 
     def update(self, x: np.ndarray) -> None:
         """Add ``x`` to the histogram."""
@@ -132,7 +134,12 @@ class HistogramObserver:
     def merge(self, other: HistogramObserver) -> HistogramObserver:
         """The observer of both value sets (exact)."""
         out = HistogramObserver(
-            self.method, name=self.name, bins=self.histogram.size // 2, bits=self.bits, percentile=self.percentile
+            self.method,
+            name=self.name,
+            bins=self.histogram.size // 2,
+            bits=self.bits,
+            percentile=self.percentile,
+            values_per_sample=self.histogram.values_per_sample,
         )
         out.histogram = self.histogram.merge(other.histogram)
         return out
@@ -188,13 +195,31 @@ def range_from_histogram(
 
 
 def make_observer(
-    method: str, name: str = "tensor", *, bins: int = DEFAULT_BINS, bits: int = 8, percentile: float = 99.99
+    method: str,
+    name: str = "tensor",
+    *,
+    bins: int = DEFAULT_BINS,
+    bits: int = 8,
+    percentile: float = 99.99,
+    values_per_sample: int | None = None,
 ) -> MinMaxObserver | HistogramObserver:
     """The observer for ``method``: a plain min/max tracker for ``minmax``, a histogram otherwise.
 
+    Args:
+        method: one of :data:`METHODS`.
+        name: the tensor's name (used in error messages).
+        bins: histogram resolution (a power of two).
+        bits: quantization bit width the searches assume.
+        percentile: for ``percentile``, the percentile of ``|x|`` kept.
+        values_per_sample: histogram at most this many values of each sample (axis-0 slice) at
+            fixed positions; min/max stay exact (see :mod:`onnxpress.calibration.histogram`).
+            ``None``: every value.
+
     Raises:
-        CalibrationError: unknown method, bad ``bins`` or ``bits``.
+        CalibrationError: unknown method, bad ``bins``, ``bits`` or ``values_per_sample``.
     """
     if method == "minmax":
         return MinMaxObserver(name)
-    return HistogramObserver(method, name=name, bins=bins, bits=bits, percentile=percentile)
+    return HistogramObserver(
+        method, name=name, bins=bins, bits=bits, percentile=percentile, values_per_sample=values_per_sample
+    )

@@ -139,6 +139,7 @@ class CalibrationTable:
                 "nan": h.nan,
                 "posinf": h.posinf,
                 "neginf": h.neginf,
+                "values_per_sample": h.values_per_sample,
             }
             if h.counts is not None:
                 arrays[key] = h.counts
@@ -202,6 +203,7 @@ class CalibrationTable:
                 nan=h["nan"],
                 posinf=h["posinf"],
                 neginf=h["neginf"],
+                values_per_sample=h.get("values_per_sample"),  # absent in tables written before it existed
             )
         return cls(ranges, dict(header.get("excluded", {})), version, hists, dict(header.get("meta", {})))
 

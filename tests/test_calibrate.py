@@ -140,5 +140,65 @@ def test_histogram_methods_leave_one_core_to_the_observer_thread(monkeypatch: py
     monkeypatch.setattr("os.cpu_count", lambda: 8)
     assert _session_threads([MinMaxObserver("a")]) is None  # onnxruntime's default
     assert _session_threads([MinMaxObserver("a"), HistogramObserver("kl", name="b")]) == 7
+    assert _session_threads([HistogramObserver("kl", name="b", values_per_sample=64)]) is None  # cheap updates
     monkeypatch.setattr("os.cpu_count", lambda: 1)
     assert _session_threads([HistogramObserver("mse", name="b")]) == 1
+
+
+@pytest.mark.parametrize("method", ["kl", "mse", "percentile"])
+def test_histogram_subsample_does_not_depend_on_batch_size_or_order(method: str) -> None:
+    """X[N,3,8,8] -> Conv -> BatchNormalization -> Relu -> Y: 192 and 512 values per sample, 16 binned."""
+    data = feeds()
+    tables = [
+        onnxpress.calibrate(conv_bn_relu(), d, method=method, batch_size=b, histogram_values_per_sample=16)
+        for b, d in ((1, data), (7, data[::-1]), (64, data))
+    ]
+    assert tables[0].ranges == tables[1].ranges == tables[2].ranges
+    for name in ("X", "c", "Y"):
+        counts = [t.histograms[name].counts for t in tables]
+        np.testing.assert_array_equal(counts[0], counts[1])
+        np.testing.assert_array_equal(counts[0], counts[2])
+        assert int(counts[0].sum()) == 24 * 16
+    assert tables[0].meta["histogram_values_per_sample"] == 16
+    (y,) = run(conv_bn_relu(), {"X": np.concatenate([d["X"] for d in data])})
+    assert tables[0].summary("Y").amax == pytest.approx(float(y.max()), abs=1e-5)  # min/max stay exact
+
+
+def test_exact_histograms_bin_every_value() -> None:
+    from onnxpress.calibration.histogram import Histogram
+
+    data = feeds()
+    table = onnxpress.calibrate(conv_bn_relu(), data, method="kl", batch_size=24, histogram_values_per_sample=None)
+    (y,) = run(conv_bn_relu(), {"X": np.concatenate([d["X"] for d in data])}, optimize=True)  # as calibrate runs it
+    direct = Histogram.with_resolution()
+    direct.update(y)
+    np.testing.assert_array_equal(table.histograms["Y"].counts, direct.counts)
+    assert int(table.histograms["Y"].counts.sum()) == y.size
+
+
+def test_tensors_whose_axis_0_is_not_the_batch_bin_every_value() -> None:
+    """X[N,4,6] -> Relu -> r -> Transpose(1,0,2) -> t[4,N,6] -> Add(B) -> Y: t's axis 0 is not the batch."""
+    from onnxpress.calibration.collect import batch_major_tensors
+
+    model = make_model(
+        [
+            helper.make_node("Relu", ["X"], ["r"]),
+            helper.make_node("Transpose", ["r"], ["t"], perm=[1, 0, 2]),
+            helper.make_node("Add", ["t", "B"], ["Y"]),
+        ],
+        [("X", ["N", 4, 6])],
+        [("Y", [4, "N", 6])],
+        {"B": np.ones((1, 1, 6), np.float32)},
+    )
+    assert batch_major_tensors(model, ["X", "r", "t", "Y"]) == {"X", "r"}
+    r = rng(8)
+    data = [{"X": r.standard_normal((3, 4, 6)).astype(np.float32)} for _ in range(4)]
+    table = onnxpress.calibrate(model, data, method="mse", tensors=["r", "Y"], histogram_values_per_sample=5)
+    assert table.histograms["r"].values_per_sample == 5 and int(table.histograms["r"].counts.sum()) == 12 * 5
+    assert table.histograms["Y"].values_per_sample is None and int(table.histograms["Y"].counts.sum()) == 12 * 24
+
+
+def test_bad_histogram_subsample_raises() -> None:
+    for bad in (0, -1, True, 2.5):
+        with pytest.raises(CalibrationError, match="histogram_values_per_sample"):
+            onnxpress.calibrate(conv_bn_relu(), feeds(2), histogram_values_per_sample=bad)

@@ -157,3 +157,78 @@ def test_large_nonnegative_batches_counted_in_lanes_match_floor_rule(dtype: type
     signed.update(y)
     expected = np.bincount((np.floor(y.astype(np.float64) / w) + 2 * BINS).astype(int), minlength=4 * BINS)
     np.testing.assert_array_equal(signed.counts, expected)
+
+
+# ----------------------------------------------------------------- per-sample subsample
+def sampled(*chunks: np.ndarray, k: int = 16) -> Histogram:
+    h = Histogram.with_resolution(BINS, values_per_sample=k)
+    for c in chunks:
+        h.update(c)
+    return h
+
+
+def test_subsample_is_a_function_of_each_sample_alone() -> None:
+    """Batches of 1, 7 and 64 samples, in any order, give the same counts; min/max/count stay exact."""
+    r = np.random.default_rng(3)
+    x = r.laplace(0, 1, (64, 3, 40)).astype(np.float32)  # 120 values per sample, 16 binned
+    whole = sampled(x)
+    for size in (1, 7, 64):
+        order = r.permutation(len(x))
+        same(whole, sampled(*(x[order[i : i + size]] for i in range(0, len(x), size))))
+    assert int(whole.counts.sum()) == 64 * 16
+    assert (whole.min, whole.max, whole.count) == (float(x.min()), float(x.max()), x.size)
+    assert whole.amax == float(np.abs(x).max())
+
+
+def test_subsample_positions_vary_between_samples_and_cover_every_position() -> None:
+    from onnxpress.calibration.histogram import sample_positions
+
+    r = np.random.default_rng(4)
+    rows = r.standard_normal((400, 50)).astype(np.float32)
+    pos = sample_positions(rows, 5)
+    within = pos - np.arange(0, rows.size, 50)[:, None]
+    assert within.min() >= 0 and within.max() < 50
+    assert all(len(set(p)) == 5 for p in within)  # distinct positions in each sample
+    assert len({tuple(p) for p in within}) > 10  # the phase differs between samples
+    hits = np.bincount(within.ravel(), minlength=50)
+    assert hits.min() > 0 and hits.max() < 4 * hits.mean()  # no position is never or always binned
+    again = sample_positions(rows[::-1].copy(), 5)
+    np.testing.assert_array_equal(np.take(rows[::-1], again), np.take(rows, pos)[::-1])
+
+
+@settings(deadline=None, max_examples=40, database=None)
+@given(
+    hnp.arrays(np.float32, st.tuples(st.integers(0, 12), st.integers(1, 40)), elements=finite),
+    hnp.arrays(np.float32, st.tuples(st.integers(0, 12), st.integers(1, 40)), elements=finite),
+)
+def test_subsampled_merge_commutes_and_equals_observing_the_concatenation(x: np.ndarray, y: np.ndarray) -> None:
+    y = np.resize(y, (y.shape[0], x.shape[1]))  # same sample shape
+    a, b = sampled(x, k=8), sampled(y, k=8)
+    same(a.merge(b), b.merge(a))
+    same(a.merge(b), sampled(np.concatenate([x, y]), k=8))
+
+
+def test_exact_mode_and_small_samples_bin_every_value() -> None:
+    x = np.random.default_rng(5).standard_normal((10, 16)).astype(np.float32)
+    for k in (None, 16, 1000):
+        h = sampled(x, k=k)
+        same(h, observe(x.ravel()))
+    assert int(sampled(x, k=4).counts.sum()) == 40
+    one_d = sampled(x.ravel(), k=4)  # 1-d: one value per sample
+    same(one_d, observe(x.ravel()))
+
+
+def test_subsample_keeps_non_finite_counts_exact() -> None:
+    x = np.random.default_rng(6).standard_normal((4, 30)).astype(np.float32)
+    x[1, 3], x[2, 7], x[3, 0] = np.nan, np.inf, -np.inf
+    h = sampled(x, k=5)
+    assert (h.nan, h.posinf, h.neginf, h.count) == (1, 1, 1, 117)
+    assert int(h.counts.sum()) <= 20
+
+
+def test_subsample_settings_are_checked() -> None:
+    for bad in (0, -3, True):
+        with pytest.raises(CalibrationError, match="values_per_sample"):
+            Histogram.with_resolution(64, values_per_sample=bad)
+    with pytest.raises(CalibrationError, match="same setting"):
+        Histogram.with_resolution(64, values_per_sample=8).merge(Histogram.with_resolution(64))

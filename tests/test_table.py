@@ -116,3 +116,20 @@ def test_summary_reports_the_clipping() -> None:
     assert 0.4 < s.negative_fraction < 0.6 and s.bins_used >= 2048
     with pytest.raises(CalibrationError, match="no histogram"):
         CalibrationTable.from_ranges({"x": (0.0, 1.0)}).summary("x")
+
+
+def test_subsampled_histograms_round_trip_and_merge_only_with_the_same_setting(tmp_path) -> None:
+    r = np.random.default_rng(9)
+    x = r.laplace(0, 1, (40, 200)).astype(np.float32)
+
+    def shard(part: np.ndarray, k: int | None) -> CalibrationTable:
+        obs = make_observer("mse", "x", values_per_sample=k)
+        obs.update(part)
+        return CalibrationTable({"x": obs.compute_range()}, histograms={"x": obs.histogram}, meta={"bits": 8})
+
+    a, b = shard(x[:25], 32), shard(x[25:], 32)
+    loaded = CalibrationTable.load(a.save(tmp_path / "a.npz"))
+    assert loaded.histograms["x"].values_per_sample == 32 and loaded.ranges == a.ranges
+    assert CalibrationTable.merge(loaded, b).ranges == shard(x, 32).ranges  # exact sum of the shards
+    with pytest.raises(CalibrationError, match="same setting"):
+        CalibrationTable.merge(a, shard(x[25:], None))

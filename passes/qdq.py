@@ -866,6 +866,7 @@ def _conv_depth(conv: gs.Node) -> int:
 _SCALE_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
 _BIAS_HOSTS = frozenset({"Conv", "ConvTranspose", "Gemm"})
 _INT16 = np.iinfo(np.int16)
+_NARROW_SUFFIX = "_int16"
 
 
 class CompactQDQ:
@@ -887,13 +888,16 @@ class CompactQDQ:
     - ``share_constants``: Q/DQ scale and zero-point constants with equal dtype, shape and bytes
       become one initializer (all the uint8 zero points of ReLU/ReLU6 outputs, a Reshape's reused scale).
     - ``short_names``: the tensors and nodes of the quantization machinery (Q/DQ nodes, their
-      outputs and constants, the Mul/Cast above) get short generated names (``q3``, ``dq3``, ``s3``, ...);
-      names from the input model and graph inputs/outputs are kept.
+      outputs, scales and zero points, the Mul/Cast above) get short generated names (``q3``, ``dq3``,
+      ``s3``, ...); integer weights and biases keep theirs (``W_q``), as do the input model's
+      tensors and nodes and the graph inputs/outputs.
+    - ``drop_value_info``: intermediate tensors lose their declared shapes (``value_info``), which
+      onnxruntime and ``onnx.shape_inference`` recompute from the graph.
 
     Before / after (one Conv of the depthwise CNN)::
 
         x -> Clip(0,6) -> Q(s_x, z_x) -> DQ -> Conv(DQ(Wq, s_w), DQ(bq:int32, s_b)) -> ...
-        x -> Q(s3, z0) -> DQ -> Conv(DQ(w4, s4), DQ(Cast(b4:int16), Mul(s3, s4))) -> ...
+        x -> Q(s3, z0) -> DQ -> Conv(DQ(W_q, s4), DQ(Cast(b_q:int16), Mul(s3, s4))) -> ...
 
     Args:
         absorb_activations: drop Relu/Clip nodes that a following Q makes redundant.
@@ -901,6 +905,7 @@ class CompactQDQ:
         narrow_biases: int32 biases that fit int16 are stored as int16 + Cast.
         share_constants: deduplicate equal Q/DQ scale and zero-point constants.
         short_names: short names for generated tensors and nodes.
+        drop_value_info: no ``value_info`` for intermediate tensors.
         min_elements: smallest bias (elements) worth a Mul or Cast node (each node costs ~20-30 bytes).
     """
 
@@ -914,6 +919,7 @@ class CompactQDQ:
         narrow_biases: bool = True,
         share_constants: bool = True,
         short_names: bool = True,
+        drop_value_info: bool = True,
         min_elements: int = 16,
     ) -> None:
         self.absorb_activations = absorb_activations
@@ -921,6 +927,7 @@ class CompactQDQ:
         self.narrow_biases = narrow_biases
         self.share_constants = share_constants
         self.short_names = short_names
+        self.drop_value_info = drop_value_info
         self.min_elements = min_elements
 
     def requires(self, graph: gs.Graph) -> None:
@@ -928,6 +935,8 @@ class CompactQDQ:
 
     def __call__(self, graph: gs.Graph) -> PassResult:
         """Apply the enabled rewrites in order; count each."""
+        if not any(n.op in _SCALE_OPS for n in graph.nodes):
+            return PassResult(graph, False, {})
         graph.toposort()
         outputs = {id(t) for t in graph.outputs}
         made: list[gs.Node] = []  # Mul/Cast nodes created here (renamed with the Q/DQ machinery)
@@ -940,6 +949,7 @@ class CompactQDQ:
         graph.nodes.extend(made)
         graph.cleanup()
         stats["names_shortened"] = self._rename(graph, made) if self.short_names else 0
+        stats["value_info_dropped"] = self._drop_value_info(graph) if self.drop_value_info else 0
         return PassResult(graph, any(stats.values()), stats)
 
     # ------------------------------------------------------------------ rewrites
@@ -1003,7 +1013,7 @@ class CompactQDQ:
                 continue
             if v.min() < _INT16.min or v.max() > _INT16.max:
                 continue
-            small = gs.Constant(f"{q.name}_16", v.astype(np.int16))
+            small = gs.Constant(f"{q.name}{_NARROW_SUFFIX}", v.astype(np.int16))
             out = gs.Variable(f"{q.name}_32", dtype=np.int32, shape=list(v.shape))
             made.append(gs.Node("Cast", f"{q.name}_Cast", {"to": onnx.TensorProto.INT32}, [small], [out]))
             node.inputs[0] = out
@@ -1030,6 +1040,17 @@ class CompactQDQ:
         return count
 
     @staticmethod
+    def _drop_value_info(graph: gs.Graph) -> int:
+        """Forget dtype and shape of intermediate tensors, so that no value_info is written for them."""
+        io = {id(t) for t in (*graph.inputs, *graph.outputs)}
+        count = 0
+        for t in graph.tensors().values():
+            if isinstance(t, gs.Variable) and id(t) not in io and (t.dtype is not None or t.shape is not None):
+                t.dtype, t.shape = None, None
+                count += 1
+        return count
+
+    @staticmethod
     def _rename(graph: gs.Graph, made: list[gs.Node]) -> int:
         """Short names for Q/DQ nodes, their outputs and constants, and the Mul/Cast nodes made here."""
         made_ids = {id(m) for m in made}
@@ -1044,7 +1065,11 @@ class CompactQDQ:
                 owned.setdefault(id(t), (t, f"{tag}{k}"))
             for j, t in enumerate(n.inputs):
                 if isinstance(t, gs.Constant) and all(c.op in _SCALE_OPS or id(c) in made_ids for c in t.outputs):
-                    owned.setdefault(id(t), (t, f"{'wsz'[min(j, 2)]}{k}"))
+                    if j == 0:  # integer data keeps its name (``W_q``); an int16 copy takes the int32's
+                        short = t.name[: -len(_NARROW_SUFFIX)] if t.name.endswith(_NARROW_SUFFIX) else t.name
+                    else:
+                        short = f"{'sz'[min(j, 2) - 1]}{k}"
+                    owned.setdefault(id(t), (t, short))
         owned = {i: v for i, v in owned.items() if i not in keep}
         used = {t.name for t in graph.tensors().values() if id(t) not in owned}
         renamed = {id(n) for n, _ in own_nodes}

@@ -92,6 +92,11 @@ def test_compact_is_bit_identical_smaller_and_fuses_the_same(tmp_path: Path) -> 
     # graph interface and the model's own node names are kept
     assert [i.name for i in small.graph.input] == ["X"] and [o.name for o in small.graph.output] == ["Y"]
     assert {"conv1", "dw", "pw", "gap"} <= {n.name for n in small.graph.node}
+    # integer weights and biases keep the names InsertQDQ gave them (the int16 copy takes the int32's)
+    names = {i.name: numpy_helper.to_array(i).dtype for i in small.graph.initializer}
+    assert names["W1_q"] == names["W2_q"] == names["W3_q"] == np.int8
+    assert names["B1_q"] == names["B2_q"] == names["B3_q"] == np.int16
+    assert len(small.graph.value_info) == 0 and stats["value_info_dropped"] > 0
 
 
 def test_bias_storage_is_int16_cast_and_scale_product() -> None:
@@ -194,7 +199,7 @@ def test_bias_scale_that_is_not_the_product_is_kept() -> None:
             v = numpy_helper.to_array(i).copy()
             v[0] = np.nextafter(v[0], np.float32(1))
             i.CopyFrom(numpy_helper.from_array(v, scale_name))
-    small, stats = compact(q, absorb_activations=False, narrow_biases=False, short_names=False)
+    small, stats = compact(q, absorb_activations=False, narrow_biases=False, short_names=False, drop_value_info=False)
     assert stats["bias_scales_as_products"] == 2
     assert scale_name in {i.name for i in small.graph.initializer}
     assert_bit_identical(q, small, x)
@@ -224,6 +229,7 @@ def test_every_rewrite_can_be_turned_off() -> None:
         narrow_biases=False,
         share_constants=False,
         short_names=False,
+        drop_value_info=False,
     )
     result = run_passes(q, [CompactQDQ(**off)])
     assert result.stats["compact_qdq.modified"] == 0

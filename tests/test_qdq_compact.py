@@ -8,11 +8,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from hypothesis import HealthCheck, given, settings
 from onnx import helper, numpy_helper
 
 from onnxpress.passes.qdq import CompactQDQ, InsertQDQ, Selection
 from onnxpress.pipeline import run_passes
 from onnxpress.runtime import make_session
+from tests.fuzz import cnn_models, sample_input
 from tests.graphs import make_model, rng, run
 from tests.test_qdq import MODELS, feeds_for, minmax_table, optimized_ops, quantize_graph
 
@@ -242,6 +244,18 @@ def test_float_graph_is_left_alone() -> None:
     result = run_passes(model, [CompactQDQ()])
     assert result.stats["compact_qdq.modified"] == 0
     assert [n.op_type for n in result.model.graph.node] == [n.op_type for n in model.graph.node]
+
+
+@settings(deadline=None, max_examples=15, suppress_health_check=[HealthCheck.too_slow])
+@given(model=cnn_models(max_layers=4))
+def test_compaction_is_bit_identical_on_random_graphs(model: onnx.ModelProto) -> None:
+    """Random CNN-like graphs (grouped/depthwise convs, Relu/Clip/Sigmoid, Add, Concat, pools, Gemm/MatMul):
+    InsertQDQ then CompactQDQ gives the same outputs bit for bit, optimised or not."""
+    x = sample_input(model, batch=4, seed=1)
+    _, q = quantize_graph(model, x)
+    small, stats = compact(q, min_elements=1)  # every bias rewrite, however small the layer
+    assert stats["names_shortened"] > 0
+    assert_bit_identical(q, small, sample_input(model, batch=3, seed=2))
 
 
 def test_input_model_is_not_modified() -> None:

@@ -4,10 +4,13 @@ For each reference model and N calibration samples, every measurement runs in a 
 process (so its peak memory is its own) from a temporary folder (ORT writes its augmented model
 to the current folder), and prints:
 
-- wall time of the calibration call (model in, ranges out) and peak extra RSS: VmHWM after the
+- wall time of the calibration call (model in, ranges out), its CPU time (all threads of the
+  process: onnxruntime's, the observer thread, the searches) and peak extra RSS: VmHWM after the
   call minus VmRSS just before it, with the high-water mark reset through /proc/self/clear_refs;
-- ratios: our KL / ORT Entropy time, our KL / our MinMax time, our KL extra RSS at N / at N=100,
-  our KL extra RSS / ORT Entropy's at the same N;
+- ratios: our KL / ORT Entropy time, our KL / our MinMax time (wall and CPU), our KL extra RSS at
+  N / at N=100, our KL extra RSS / ORT Entropy's at the same N;
+- ``ours kl-exact`` is KL with exact histograms (``histogram_values_per_sample=None``, every value
+  binned: the previous default) next to ``ours kl`` (the default per-sample subsample);
 - how many activation thresholds each histogram method moves away from MinMax (|amax| differs by
   more than 0.1%), and the logits' SQNR (and top-1 accuracy) on the digits test split after
   fake-quantizing activations only: QuantizeLinear/DequantizeLinear (uint8, per tensor, range
@@ -19,7 +22,11 @@ default op types and default calibrator options (Entropy: 128 bins, 128 quantize
 ``collect_data`` with a ``CalibrationDataReader`` that yields one sample per call (the usual
 reader), ``compute_data``. Ours: ``onnxpress.calibrate(model, [{"input": x}], method=..., batch_size=64)``.
 
-Timing noise: our three methods run ``--repeats`` times (default 3), interleaved with each other
+Subsample fidelity (in this process, not timed): on digits[:250], the thresholds and logit SQNR
+of kl / mse / percentile with the default subsample against exact histograms, next to the same
+numbers for exact histograms on the other 250 digits (the noise of the data itself).
+
+Timing noise: our methods run ``--repeats`` times (default 3), interleaved with each other
 and with ORT's single run per method and N; the median-time run is reported.
 
 Data: the 500 digits calibration images; N=2000 repeats them with light augmentation (integer
@@ -45,7 +52,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("resnet", "mobilenet", "concat", "transformer")
-OURS = ("minmax", "kl", "mse")
+OURS = ("minmax", "kl", "kl-exact", "mse")
 ORT = ("MinMax", "Entropy")
 
 
@@ -75,10 +82,12 @@ def child(spec_path: str) -> None:
     with contextlib.suppress(OSError):
         Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     base = _status("VmRSS")
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     try:
         if spec["engine"] == "ours":
-            table = onnxpress.calibrate(spec["model"], [{"input": x}], method=spec["method"], batch_size=64)
+            method, _, variant = spec["method"].partition("-")
+            extra = {"histogram_values_per_sample": None} if variant == "exact" else {}
+            table = onnxpress.calibrate(spec["model"], [{"input": x}], method=method, batch_size=64, **extra)
             ranges = {n: (r.min, r.max) for n, r in table.ranges.items()}
             result["excluded"] = len(table.excluded)
         else:
@@ -105,6 +114,7 @@ def child(spec_path: str) -> None:
             data = cal.compute_data()
             ranges = {n: (float(np.min(d.range_value[0])), float(np.max(d.range_value[1]))) for n, d in data.items()}
         result["time"] = time.perf_counter() - t0
+        result["cpu"] = time.process_time() - c0
         result["extra_mb"] = (_status("VmHWM") - base) / 1024
         result["ranges"] = ranges
     except Exception as exc:  # noqa: BLE001  (reported in the table, e.g. ORT on -inf masks)
@@ -120,6 +130,7 @@ def _median_run(runs: list[dict]) -> dict:
     ok.sort(key=lambda r: r["time"])
     chosen = dict(ok[(len(ok) - 1) // 2])
     chosen["extra_mb"] = statistics.median(r["extra_mb"] for r in ok)
+    chosen["cpu"] = statistics.median(r["cpu"] for r in ok)
     chosen["repeats"] = len(ok)
     return chosen
 
@@ -255,7 +266,7 @@ def main() -> None:
                 if n in ort_sizes:
                     order += [("ort", "MinMax")]
                 if n in sizes:
-                    order += [("ours", "minmax"), ("ours", "kl")]
+                    order += [("ours", "minmax"), ("ours", "kl"), ("ours", "kl-exact")]
                 if n in ort_sizes:
                     order += [("ort", "Entropy")]
                 if n in sizes:
@@ -269,6 +280,7 @@ def main() -> None:
                 for (engine, method), rs in runs.items():
                     res[engine, method, n] = _median_run(rs)
             report(name, model, res, sizes, ort_sizes, tx, ty, ref)
+            fidelity(model, calib, tx, ty, ref)
     print(f"\nbench wall time {time.perf_counter() - started:.0f} s")
 
 
@@ -281,12 +293,13 @@ def report(name, model, res, sizes, ort_sizes, tx, ty, ref) -> None:
     for (engine, method, n), r in sorted(res.items(), key=lambda kv: (kv[0][2], kv[0][0], kv[0][1])):
         label = f"{'ORT' if engine == 'ort' else 'ours'} {method}"
         if "error" in r:
-            rows.append([label, n, "-", "-", "-", "-", "-", r["error"]])
+            rows.append([label, n, "-", "-", "-", "-", "-", "-", "-", r["error"]])
             continue
         ent = res.get(("ort", "Entropy", n), {})
         mm = res.get(("ours", "minmax", n), {})
         vs_ent = f"{r['time'] / ent['time']:.2f}" if "time" in ent else "-"
         vs_mm = f"{r['time'] / mm['time']:.2f}" if "time" in mm else "-"
+        cpu_mm = f"{r['cpu'] / mm['cpu']:.2f}" if "cpu" in mm else "-"
         rss_ent = f"{r['extra_mb'] / max(ent['extra_mb'], 1e-9):.3f}" if "extra_mb" in ent else "-"
         sq, acc = quality(model, r["ranges"], tx, ty, ref)
         mv = "-"
@@ -294,9 +307,10 @@ def report(name, model, res, sizes, ort_sizes, tx, ty, ref) -> None:
         if "ranges" in base:
             k, total = moved(r["ranges"], base["ranges"])
             mv = f"{k}/{total}"
-        rows.append([label, n, f"{r['time']:.2f}", vs_ent, vs_mm, f"{r['extra_mb']:.1f}", rss_ent,
-                     f"moved {mv}, SQNR {sq:.1f} dB, top1 {acc:.3f}"])  # fmt: skip
-    print(format_table(["method", "N", "time s", "/ORT-Ent", "/our-MM", "extra MB", "MB/ORT-Ent", "quality"], rows))
+        rows.append([label, n, f"{r['time']:.2f}", f"{r['cpu']:.2f}", vs_ent, vs_mm, cpu_mm, f"{r['extra_mb']:.1f}",
+                     rss_ent, f"moved {mv}, SQNR {sq:.1f} dB, top1 {acc:.3f}"])  # fmt: skip
+    heads = ["method", "N", "time s", "cpu s", "/ORT-Ent", "/our-MM", "cpu/our-MM", "extra MB", "MB/ORT-Ent", "quality"]
+    print(format_table(heads, rows))
     kl = {n: res.get(("ours", "kl", n), {}) for n in sizes}
     lo, hi = min(sizes), max(sizes)
     if "extra_mb" in kl.get(lo, {}) and "extra_mb" in kl.get(hi, {}):
@@ -309,15 +323,47 @@ def report(name, model, res, sizes, ort_sizes, tx, ty, ref) -> None:
                 f"target N={n}: our KL / ORT Entropy time = {k['time'] / ent['time']:.3f} (<= 0.3), "
                 f"extra RSS = {k['extra_mb'] / max(ent['extra_mb'], 1e-9):.3f} (<= 0.1)"
             )
-    times = []
-    for n, k in kl.items():
-        mm = res.get(("ours", "minmax", n), {})
-        if "time" in k and "time" in mm:
-            times.append(k["time"] / mm["time"])
-    if times:
-        listed = ", ".join(f"{t:.2f}" for t in times)
-        med = statistics.median(times)
-        print(f"target: our KL / our MinMax time = {listed} over N={sizes} (<= 1.3); median {med:.2f}")
+    for label, key in (("KL", "kl"), ("KL exact histograms", "kl-exact")):
+        wall, cpu = [], []
+        for n in sizes:
+            k, mm = res.get(("ours", key, n), {}), res.get(("ours", "minmax", n), {})
+            if "time" in k and "time" in mm:
+                wall.append(k["time"] / mm["time"])
+                cpu.append(k["cpu"] / mm["cpu"])
+        if wall:
+            print(
+                f"target: our {label} / our MinMax time = {', '.join(f'{t:.2f}' for t in wall)} over N={sizes} "
+                f"(<= 1.3); median {statistics.median(wall):.2f}; CPU {', '.join(f'{t:.2f}' for t in cpu)}"
+            )
+
+
+def fidelity(model: Path, calib: np.ndarray, tx: np.ndarray, ty: np.ndarray, ref: np.ndarray) -> None:
+    """Default subsample vs exact histograms on digits[:250], and exact on digits[250:500] (data noise)."""
+    import onnxpress
+    from onnxpress.calibrate import DEFAULT_HISTOGRAM_VALUES_PER_SAMPLE as K
+    from onnxpress.reporting import format_table
+
+    half_a, half_b = calib[:250], calib[250:500]
+
+    def cal(x: np.ndarray, method: str, k: int | None):
+        table = onnxpress.calibrate(str(model), [{"input": x}], method=method, histogram_values_per_sample=k)
+        ranges = {n: (r.min, r.max) for n, r in table.ranges.items()}
+        return ranges, quality(model, ranges, tx, ty, ref)[0]
+
+    def moves(a: dict, b: dict) -> str:
+        rel = [abs(max(map(abs, a[n])) / max(map(abs, b[n])) - 1) for n in sorted(set(a) & set(b))]
+        return f"{100 * statistics.median(rel):.1f}% / {100 * max(rel):.0f}%"
+
+    rows = []
+    for method in ("kl", "mse", "percentile"):
+        exact_a, sq_a = cal(half_a, method, None)
+        sub_a, sq_sub = cal(half_a, method, K)
+        exact_b, sq_b = cal(half_b, method, None)
+        rows.append([method, f"{sq_a:.2f}", f"{sq_sub - sq_a:+.2f}", moves(sub_a, exact_a),
+                     f"{sq_b - sq_a:+.2f}", moves(exact_b, exact_a)])  # fmt: skip
+    print(f"subsample fidelity on digits[:250] (values per sample {K} vs exact; noise: exact on digits[250:500])")
+    heads = ["method", "SQNR exact dB", "d SQNR subsample", "thr moved med/max", "d SQNR other half", "moved med/max"]
+    print(format_table(heads, rows))
 
 
 if __name__ == "__main__":

@@ -132,3 +132,18 @@ def test_kl_is_not_captured_by_the_zero_spike_of_relu_outputs() -> None:
     t = obs.compute_range().max
     assert 0.5 * x.max() < t <= x.max()
     assert np.mean(x > t) < 1e-3
+
+
+@pytest.mark.parametrize("method", ["kl", "mse", "percentile"])
+def test_subsampling_observer_keeps_exact_extremes_and_split_independence(method: str) -> None:
+    x = np.random.default_rng(12).laplace(0, 1, (30, 8, 40)).astype(np.float32)  # 320 values per sample
+    whole, pieces = make_observer(method, values_per_sample=64), make_observer(method, values_per_sample=64)
+    whole.update(x)
+    for part in np.array_split(x[::-1], 4):
+        pieces.update(part)
+    assert whole.compute_range() == pieces.compute_range()
+    assert whole.histogram.values_per_sample == 64 and int(whole.histogram.magnitude().sum()) == 30 * 64
+    assert (whole.histogram.min, whole.histogram.max) == (float(x.min()), float(x.max()))
+    assert whole.merge(pieces).histogram.values_per_sample == 64
+    r = whole.compute_range()
+    assert float(x.min()) <= r.min < r.max <= float(x.max())

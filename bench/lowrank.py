@@ -8,8 +8,9 @@ latency (``latency``: ``onnxpress.lowrank(..., latency=measure_latency(...))``, 
 
 Latency: onnxruntime (all graph optimisations, spinning off, ``--threads`` intra-op threads),
 batch ``--batch``; the original and all split sessions are timed interleaved in the same loop
-(order rotated every repeat); the ratio is of the medians, with the ratio of the minima after it
-(other processes only add time, so the minima are the least loaded estimate).
+(order rotated every repeat); the ratio is of the medians, then the median of the per-round
+ratios (runs next to each other in time), then the ratio of median CPU times (blind to waiting
+for a core, the bulk of the noise on a shared machine).
 ``--profile`` also prints where the time goes (onnxruntime profile, all optimisations, by op type,
 with the candidate layers and their factors as one row) for the original and the split models.
 
@@ -52,8 +53,8 @@ def logits(session, x: np.ndarray, batch: int = 256) -> np.ndarray:
     return np.concatenate([session.run(None, {name: x[i : i + batch]})[0] for i in range(0, len(x), batch)])
 
 
-def interleaved_latency(sessions: list, x: np.ndarray, repeats: int, stat=statistics.median) -> list[float]:
-    """Median (or ``stat``) seconds per run of each session, timed in rotating order within one loop."""
+def interleaved_latency(sessions: list, x: np.ndarray, repeats: int, clock=time.perf_counter) -> list[list[float]]:
+    """Seconds (of ``clock``) per run of each session, timed in rotating order within one loop."""
     name = sessions[0].get_inputs()[0].name
     times: list[list[float]] = [[] for _ in sessions]
     for s in sessions:  # warm-up
@@ -62,16 +63,27 @@ def interleaved_latency(sessions: list, x: np.ndarray, repeats: int, stat=statis
         order = list(range(len(sessions)))
         order = order[rep % len(order) :] + order[: rep % len(order)]
         for i in order:
-            t0 = time.perf_counter()
+            t0 = clock()
             sessions[i].run(None, {name: x})
-            times[i].append(time.perf_counter() - t0)
-    return [stat(t) for t in times]
+            times[i].append(clock() - t0)
+    return times
 
 
-def interleaved_latency_stats(sessions: list, x: np.ndarray, repeats: int) -> tuple[list[float], list[float]]:
-    """(medians, minima) of seconds per run, from one interleaved loop."""
-    both = interleaved_latency(sessions, x, repeats, stat=lambda t: (statistics.median(t), min(t)))
-    return [b[0] for b in both], [b[1] for b in both]
+def interleaved_latency_stats(sessions: list, x: np.ndarray, repeats: int) -> tuple[list[float], ...]:
+    """Ratios to ``sessions[0]``: of median wall times, median of per-round wall ratios, of median CPU times.
+
+    The per-round ratio compares runs made next to each other in time (same load). CPU time
+    (``time.process_time``, all the process's threads; a second interleaved loop) is blind to the
+    time the process waits for a core, which on a shared machine is most of the noise; at one
+    thread it is the latency the kernels would have alone, at more it also counts every thread's
+    work (so it is a cost, not a latency).
+    """
+    wall = interleaved_latency(sessions, x, repeats)
+    cpu = interleaved_latency(sessions, x, repeats, clock=time.process_time)
+    med = [statistics.median(t) for t in wall]
+    med_cpu = [statistics.median(t) for t in cpu]
+    paired = [statistics.median(a / b for a, b in zip(t, wall[0], strict=True)) for t in wall]
+    return [m / med[0] for m in med], paired, [m / med_cpu[0] for m in med_cpu]
 
 
 def op_breakdown(models: dict, keys: set[str], x: np.ndarray, threads: int, repeats: int = 20) -> dict:
@@ -192,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
             results = [r for select in ("macs", "latency") for r in built[select]]
             sessions = [make_session(r.model, threads=args.threads) for r in results]
             outputs = [logits(s, x_test) for s in sessions]
-            med, low = interleaved_latency_stats([ref_sess, *sessions], x_lat, args.repeats)
+            med, paired, cpu = interleaved_latency_stats([ref_sess, *sessions], x_lat, args.repeats)
             # the candidate layers must shed (1 - budget) of the whole model's MACs
             keep = 1 - (1 - budget) * built["macs"][0].macs_before / candidates[1]
             bound = latency_bound(original, candidates[0], keep, x_lat, args.threads)
@@ -207,8 +219,9 @@ def main(argv: list[str] | None = None) -> int:
                     f"{sqnr_db(y_aware, ref) - sqnr_db(y_plain, ref):+.2f}",
                     f"{acc_ref:.4f}", f"{np.mean(y_plain.argmax(1) == labels):.4f}",
                     f"{np.mean(y_aware.argmax(1) == labels):.4f}",
-                    f"{med[i_plain] / med[0]:.3f} / {med[i_aware] / med[0]:.3f}",
-                    f"{low[i_plain] / low[0]:.3f} / {low[i_aware] / low[0]:.3f}",
+                    f"{med[i_plain]:.3f} / {med[i_aware]:.3f}",
+                    f"{paired[i_plain]:.3f} / {paired[i_aware]:.3f}",
+                    f"{cpu[i_plain]:.3f} / {cpu[i_aware]:.3f}",
                     f"{bound:.3f}",
                     f"{len(plain.model.SerializeToString()) / size_ref:.3f} / "
                     f"{len(aware.model.SerializeToString()) / size_ref:.3f}",
@@ -221,11 +234,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name} @ {budget}: {split} layers split (latency, data-aware); moments {t_collect:.1f}s, "
                   f"layer timing {t_latency:.1f}s", file=sys.stderr)
     header = ["model", "budget", "ranks by", "MACs plain/aware", "SQNR plain", "SQNR aware", "gain dB", "acc orig",
-              "acc plain", "acc aware", "latency plain/aware", "(minima)", "latency bound", "size plain/aware"]
+              "acc plain", "acc aware", "latency plain/aware", "paired", "CPU time", "latency bound",
+              "size plain/aware"]
     print(format_table(header, rows))
     print(f"(test split {len(x_test)} samples; calib {len(calib)}; multiple {args.multiple}; latency batch "
-          f"{args.batch}, {args.threads} thread(s), median (and minimum) of {args.repeats} interleaved runs, ratio to"
-          " original;\n latency bound: the ratio if the split layers' time fell in proportion to their MACs and the"
+          f"{args.batch}, {args.threads} thread(s), ratio of medians of {args.repeats} interleaved runs to the"
+          " original's;\n paired: median of the per-round ratios; CPU time: ratio of median process CPU seconds"
+          " per run (blind to waiting for a core);\n latency bound: the ratio if the split layers' time fell in"
+          " proportion to their MACs and the"
           " rest stayed (from an onnxruntime profile of the original, graph optimisations off))")
     for name, per_model in profiles:
         ops = sorted({op for b in per_model.values() for op in b}, key=lambda op: -per_model["original"].get(op, 0))

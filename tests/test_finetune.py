@@ -74,7 +74,8 @@ def test_finetune_errors(files, tmp_path):
 def test_cli_finetune(files, tmp_path, capsys):
     out = tmp_path / "cli.onnx"
     rc = main(["finetune", str(files["student"]), "--teacher", str(files["teacher"]), "--data", str(files["data"]),
-               "--labels", str(files["data"]), "-o", str(out), "--epochs", "2", "--threads", "1", "-q"])  # fmt: skip
+               "--labels", str(files["data"]), "-o", str(out), "--epochs", "2", "--threads", "1",
+               "--augment-shift", "1", "-q"])  # fmt: skip
     assert rc == 0 and out.exists()
     printed = capsys.readouterr().out
     assert "sqnr_db_after" in printed and "wrote" in printed
@@ -94,3 +95,17 @@ def test_finetune_writeback_keeps_the_student_graph(files):
     ]
     assert res.export_max_diff <= 1e-4
     assert res.metrics["sqnr_db_after"] > res.metrics["sqnr_db_before"]
+
+
+def test_finetune_augment_shift_is_deterministic_and_used(files):
+    """augment_shift trains on shifted copies: same seed -> same weights; shift 0 vs 1 -> different weights."""
+
+    def weights(shift):
+        res = onnxpress.finetune(files["student"], files["teacher"], str(files["data"]), epochs=1, lr=3e-3,
+                                 batch_size=16, threads=1, exporter="writeback", augment_shift=shift)  # fmt: skip
+        assert res.export_max_diff <= 1e-4
+        return {i.name: onnx.numpy_helper.to_array(i) for i in res.model.graph.initializer}
+
+    a, b, plain = weights(1), weights(1), weights(0)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert any(not np.array_equal(a[k], plain[k]) for k in a)

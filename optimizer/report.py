@@ -167,12 +167,16 @@ def _pareto_png(result: OptimizeResult, path: Path) -> None:
     kind = result.budget.kind
     fig, ax = plt.subplots(figsize=(6, 4))
     pts = [c for c in result.candidates if c.cost(kind) is not None and c.sqnr_db is not None]
-    untuned = [c for c in pts if "before fine-tune" in c.note]  # over budget: never fine-tuned (see optimize)
-    done = [c for c in pts if c not in untuned]
+    untuned = [c for c in pts if "before fine-tune" in c.note]  # never fine-tuned (see optimize)
+    probed = [c for c in pts if "probe fine-tune" in c.note]  # after a short probe, not the full fine-tune
+    done = [c for c in pts if c not in untuned and c not in probed]
     ax.scatter([c.cost(kind) for c in done], [min(c.sqnr_db, 100) for c in done], color="grey", label="measured")
     if untuned:
         ax.scatter([c.cost(kind) for c in untuned], [min(c.sqnr_db, 100) for c in untuned], facecolors="none",
-                   edgecolors="grey", label="over budget, before fine-tune")
+                   edgecolors="grey", label="before fine-tune")
+    if probed:
+        ax.scatter([c.cost(kind) for c in probed], [min(c.sqnr_db, 100) for c in probed], marker="^",
+                   facecolors="none", edgecolors="tab:orange", label="after a probe fine-tune")
     for c in pts:
         if c.note.startswith("uniform"):
             ax.annotate(c.note, (c.cost(kind), min(c.sqnr_db, 100)), fontsize=7)

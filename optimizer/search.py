@@ -5,18 +5,26 @@ and each prunable channel group ``g`` one ratio ``p_g ∈ {0} ∪ prune ratios``
 a group spans several layers). The search solves, approximately::
 
     max  fidelity(o)          fidelity ≈ -10 log10 Σ [NSR_l(q_l) + NSR_l(r_l) + δ·NSR_g(p_g)]   (additive)
-    s.t. cost(o) ≤ budget     cost: flops  = (Σ MACs_l(r) - Σ_g ΔMACs_g(p)) / Σ MACs_l
+    s.t. cost(o) ≤ budget     cost: flops  = Σ_l MACs_l(r_l)·Π_g κ_l,g(p_g) / Σ MACs_l
                                     size   = 1 + Σ Δbytes(o) / bytes    (Δ measured per option alone)
-                                    latency = (Σ MACs_l(r)·(ρ if int8 else 1) - ρ·Σ_g ΔMACs_g(p)) / Σ MACs_l,
+                                    latency = w_m·Σ_l MACs_l(r_l)·Π_g κ_l,g(p_g)·(ρ if int8 else 1) / Σ MACs_l
+                                              + w_a·ρ·(1 - Σ_g α_g(p_g)),
+                                              α_g = fraction of activation elements group g removes
+                                              (Relu/Add/QDQ traffic: residual streams), (w_m, w_a)
+                                              least-squares fitted on the timed candidates,
+                                              κ_l,g = MACs of layer l kept when only group g is pruned
+                                              (measured per layer: a conv between two pruned groups keeps
+                                              (1-p_in)(1-p_out), which a sum of savings overstates),
                                               ρ = measured latency ratio of the all-int8 model;
-                                              with timed options (sensitivity ``latency=True``) a
-                                              split's MACs share is replaced by MACs_l/Σ - (1 - t_l,r/t)
+                                              with timed options (sensitivity ``latency=True``) the sum
+                                              form: a split's MACs share is replaced by MACs_l/Σ - (1 - t_l,r/t)
                                               and a group's by -(1 - t_g,p/t): measured fp32 savings
                               δ = 1, or with fine-tune a few assumed recoveries δ < 1 (pruning's noise
                               is measured before the fine-tune that recovers most of it; which δ is
-                              right is settled by measuring the built, fine-tuned candidates)
-                              each times k = measured / estimated, updated from built candidates
-                              (QDQ nodes add bytes, non-MAC ops take time: the estimates are optimistic)
+                              right is settled by fine-tuning the built candidates: a short probe each,
+                              then the full fine-tune of the best, see ``onnxpress.optimize``)
+                              each times k = measured / estimated of the built candidates nearest
+                              the budget (QDQ nodes add bytes, non-MAC ops take time: optimistic estimates)
 
     1. greedy: from all-fp32, repeatedly take the move with the least ΔNSR per unit of cost saved
     2. local search: upgrade one layer, re-fit the budget greedily, keep if the estimate improves
@@ -47,6 +55,11 @@ __all__ = ["BUDGET_KINDS", "Budget", "Candidate", "LayerChoice", "SearchSpace", 
 log = logging.getLogger(__name__)
 
 BUDGET_KINDS = ("latency", "size", "flops")
+
+LATENCY_PRIOR = (0.7, 0.3)
+"""Latency weights (int8 MACs, activation elements) before any candidate is timed: on the reference
+ResNet (int8, 1 thread, batch 64) pruned models took ~0.08 + 0.29 x their MACs share, i.e. about a
+quarter of the all-int8 time did not shrink with the MACs. Refit from every timed candidate."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +106,8 @@ class LayerChoice:
     bytes_delta: float = 0.0
     prune: float | None = None
     lat_share: float | None = None  # measured share of fp32 latency (groups: minus the share saved)
+    factors: Any = None  # MACs kept per table layer (numpy vector) by this option alone; None: all kept
+    acts: float = 0.0  # groups: fraction of the float activation elements removed
 
     @property
     def label(self) -> str:
@@ -144,7 +159,7 @@ class SearchSpace:
         self.model_bytes = model_bytes
         self.rho = int8_latency
         self.scale = dict.fromkeys(BUDGET_KINDS, 1.0)  # measured / estimated, updated from built candidates
-        self.offset = dict.fromkeys(BUDGET_KINDS, 0.0)  # measured = offset + scale · estimate (see fit_cost)
+        self.offset = dict.fromkeys(BUDGET_KINDS, 0.0)  # cost = offset + scale · estimate (fit_cost: offset 0)
         self.options: list[list[LayerChoice]] = []
         for lay in self.layers:
             q = sens.score(lay.key, "int8", "int8") if quantize else None
@@ -171,8 +186,18 @@ class SearchSpace:
                 self.groups.append(s.layer)
                 self.options.append([LayerChoice("group", None, 0.0, 0, 0, 0.0, 0.0)])
             share = None if s.latency_ratio is None else -(1.0 - s.latency_ratio)
+            if s.layer_macs:
+                kept = np.array([s.layer_macs.get(lay.key, lay.macs) / lay.macs if lay.macs else 1.0
+                                 for lay in self.layers])
+            else:  # a table without per-layer MACs: the saving spread evenly (additive estimate)
+                kept = np.full(len(self.layers), s.macs_after / max(total0, 1))
             self.options[-1].append(LayerChoice("group", None, nsr(s.sqnr_db), s.macs_after - total0,
-                                                s.params_after, s.bytes_delta, s.ratio, share))
+                                                s.params_after, s.bytes_delta, s.ratio, share, kept,
+                                                s.acts_removed or 0.0))
+        self._coupled = not any(o.lat_share is not None for opts in self.options for o in opts)
+        # latency = ρ·(w_macs·MACs kept + w_acts·activations kept); the weights are refit from built candidates
+        has_acts = any(o.acts for opts in self.options for o in opts)
+        self.lat_weights = LATENCY_PRIOR if has_acts else (1.0, 0.0)
 
     @property
     def slots(self) -> list[str]:
@@ -197,31 +222,66 @@ class SearchSpace:
         return self.offset[kind] + self.scale[kind] * self.raw_cost(kind, picks)
 
     def raw_cost(self, kind: str, picks: Sequence[int]) -> float:
-        """The uncorrected estimate of ``kind`` (what :meth:`fit_cost` regresses the measurements on)."""
+        """The uncorrected estimate of ``kind`` (what :meth:`fit_cost` regresses the measurements on).
+
+        MACs and latency multiply the per-layer MACs kept by every pick (a layer's own rank, the
+        groups on its input and output channels) when no option carries a timed latency share;
+        size (and timed latency) add per-option deltas.
+        """
+        if kind != "size" and self._coupled:
+            n = len(self.layers)
+            kept = np.array([self.options[i][j].macs for i, j in enumerate(picks[:n])], dtype=np.float64)
+            for i, j in enumerate(picks[n:], start=n):
+                f = self.options[i][j].factors
+                if f is not None:
+                    kept = kept * f
+            if kind == "latency":
+                kept = kept * np.array([self.rho if self.options[i][j].quant == "int8" else 1.0
+                                        for i, j in enumerate(picks[:n])])
+                w_macs, w_acts = self.lat_weights
+                acts = self.rho * (1.0 - sum(self.options[i][j].acts for i, j in enumerate(picks[n:], start=n)))
+                return w_macs * float(kept.sum()) / self.total_macs + w_acts * acts
+            return float(kept.sum()) / self.total_macs
         base = 1.0 if kind == "size" else 0.0
         return base + sum(self.layer_cost(kind, self.options[i][j]) for i, j in enumerate(picks))
 
-    def fit_cost(self, kind: str, measured: Sequence[tuple[Sequence[int], float]]) -> None:
-        """Fit ``measured ≈ offset + scale · raw_cost`` to built candidates (least squares, ``scale > 0``).
+    def fit_cost(self, kind: str, measured: Sequence[tuple[Sequence[int], float]], near: float | None = None,
+                 points: int = 3) -> None:
+        """Set ``scale`` to the median of measured / estimated over the built candidates nearest ``near``.
 
-        One point (or points whose estimates lie within 0.02 of each other) fixes only the ratio
-        (``offset = 0``). Two or more spread ones also give the intercept: the time of what MACs do
-        not count (QDQ pairs, the float stem, Relu/Add, I/O), which a pure ratio would spread over
-        the MACs and so ask too little pruning of small models and too much of big ones.
+        A local ratio rather than one global line: on the reference ResNet (int8, 1 thread) the
+        latency ratio per unit of int8 MACs grew from 1.0 (unpruned) to ~1.9 at 0.2x MACs (QDQ pairs,
+        the float stem, Relu/Add and I/O do not shrink with the MACs), and the greedy plans near the
+        budget, so the candidates measured nearest it (``points`` of them) set the correction.
         """
-        pts = [(self.raw_cost(kind, p), float(m)) for p, m in measured if m is not None and math.isfinite(m)]
+        usable = [(p, float(m)) for p, m in measured if m is not None and math.isfinite(m)]
+        if kind == "latency" and self._coupled and self.lat_weights != (1.0, 0.0) and len(usable) >= 3:
+            self._fit_latency_weights(usable)
+        pts = [(self.raw_cost(kind, p), y) for p, y in usable]
         pts = [(x, y) for x, y in pts if x > 0]
         if not pts:
             return
-        xs = np.array([x for x, _ in pts])
-        ys = np.array([y for _, y in pts])
-        if len(pts) >= 2 and float(xs.max() - xs.min()) > 0.02:
-            b, a = np.polyfit(xs, ys, 1)
-            if b > 0 and a > -0.5:
-                self.scale[kind], self.offset[kind] = float(b), float(a)
-                return
-        self.scale[kind] = float(np.median(ys / xs))
+        if near is not None:
+            pts = sorted(pts, key=lambda xy: abs(xy[1] - near))[:points]
+        self.scale[kind] = float(np.median([y / x for x, y in pts]))
         self.offset[kind] = 0.0
+
+    def _fit_latency_weights(self, usable: Sequence[tuple[Sequence[int], float]]) -> None:
+        """Least-squares ``measured ≈ a·MACs term + b·activations term`` (both ≥ 0), then ``lat_weights = (a, b)``."""
+        self.lat_weights = (1.0, 0.0)
+        macs = np.array([self.raw_cost("latency", p) for p, _ in usable])
+        self.lat_weights = (0.0, 1.0)
+        acts = np.array([self.raw_cost("latency", p) for p, _ in usable])
+        ys = np.array([y for _, y in usable])
+        coef = np.linalg.lstsq(np.stack([macs, acts], axis=1), ys, rcond=None)[0]
+        if np.all(coef >= 0) and coef.sum() > 0:
+            self.lat_weights = (float(coef[0]), float(coef[1]))
+        else:  # one term alone explains the points better than a negative mix: keep the one that fits
+            fits = [(float(np.sum((ys - (x @ ys / (x @ x)) * x) ** 2)), k, float(x @ ys / (x @ x)))
+                    for k, x in enumerate((macs, acts))]
+            _, k, c = min(fits)
+            self.lat_weights = (c, 0.0) if k == 0 else (0.0, c)
+        log.info("latency model: %.3f x int8 MACs + %.3f x activations", *self.lat_weights)
 
     def est_sqnr(self, picks: Sequence[int]) -> float:
         """Estimated output SQNR (dB) from the summed per-layer noise."""
@@ -245,9 +305,10 @@ class SearchSpace:
                 if i in frozen:
                     continue
                 cur = opts[picks[i]]
-                c_cur = self.layer_cost(kind, cur)
                 for j, o in enumerate(opts):
-                    saved = self.scale[kind] * (c_cur - self.layer_cost(kind, o))
+                    if j == picks[i]:
+                        continue
+                    saved = cost - self.cost(kind, picks[:i] + [j] + picks[i + 1:])
                     if saved <= 1e-15:
                         continue
                     score = max(self._nsr(o) - self._nsr(cur), 0.0) / saved
@@ -296,6 +357,15 @@ class SearchSpace:
                 idx = next((j for j, o in enumerate(opts) if o.quant == quant and o.rank is None), 0)
             picks.append(idx)
         return tuple(picks) + (0,) * len(self.groups)
+
+    def uniform_prune(self, ratio: float, quant: str = "int8") -> tuple[int, ...]:
+        """``uniform(quant)`` with every channel group at the largest offered ratio ≤ ``ratio`` (a baseline)."""
+        n = len(self.layers)
+        picks = list(self.uniform(quant)[:n])
+        for opts in self.options[n:]:
+            picks.append(max((j for j, o in enumerate(opts) if (o.prune or 0.0) <= ratio + 1e-9),
+                             key=lambda j: opts[j].prune or 0.0))
+        return tuple(picks)
 
     def recipe(self, picks: Sequence[int], *, method: str = "mse", calib_samples: int = 256,
                moment_samples: int = 64, finetune_epochs: int | None = None) -> dict[str, Any]:

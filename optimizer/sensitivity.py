@@ -12,8 +12,12 @@ For every MAC layer ``l`` (Conv/Gemm/MatMul of the cleaned model) and option ``o
 Pruning options are per *channel group* ``g`` (coupled channels: a conv's outputs and, through a
 residual Add, every branch that shares them), not per layer: removing a unit shrinks the producers,
 every op in between and the consumers' inputs. Their score rows carry the group name as ``layer``,
-family ``prune``, ``macs_after``/``params_after`` summed over all the table's layers after pruning only ``g``, and
-the measured byte delta. Kept counts are rounded to ``prune_multiple``; ratios that remove nothing
+family ``prune``, ``macs_after``/``params_after`` summed over all the table's layers after pruning only ``g``,
+``layer_macs`` per layer (so that the search can combine groups: a conv between two pruned groups
+keeps ``(1 - ρ_in)(1 - ρ_out)`` of its MACs, not ``1 - ρ_in - ρ_out``), ``acts_removed`` (the
+fraction of float activation elements per sample it removes: what Relu/Add/QDQ stream through memory,
+additive across groups since every tensor's channels belong to one group), and the measured byte delta.
+Kept counts are rounded to ``prune_multiple``; ratios that remove nothing
 after rounding, or the same units as a smaller ratio, are dropped.
 
 With ``latency=True`` every rank and prune candidate (fp32) is also timed against the model in one
@@ -66,7 +70,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 4
+CACHE_VERSION = 6
 
 
 def nsr(sqnr: float) -> float:
@@ -104,6 +108,8 @@ class OptionScore:
     ratio: float | None = None
     units_removed: int = 0
     latency_ratio: float | None = None  # fp32 latency with only this rank/prune option / the model's (measured)
+    layer_macs: dict[str, int] | None = None  # prune rows: MACs per table layer after pruning only this group
+    acts_removed: float | None = None  # prune rows: fraction of the float activation elements this group removes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,6 +238,25 @@ def prune_groups(model: onnx.ModelProto) -> list[str]:
     return [g.name for g in analysis.groups() if sum(u not in frozen for u in g.units) >= 2]
 
 
+def activation_elements(model: onnx.ModelProto) -> int:
+    """Elements per sample of every float value computed by a node (symbolic dims count 1; unknown shapes 0).
+
+    What elementwise ops (Relu, Add, QuantizeLinear/DequantizeLinear) stream through memory: pruning a
+    residual stream shrinks it though its convs keep most of their MACs.
+    """
+    from onnxpress.model_io import infer_shapes
+
+    inferred = infer_shapes(model)
+    produced = {o for n in inferred.graph.node for o in n.output}
+    total = 0
+    for vi in [*inferred.graph.value_info, *inferred.graph.output]:
+        t = vi.type.tensor_type
+        if vi.name not in produced or t.elem_type != onnx.TensorProto.FLOAT or not t.HasField("shape"):
+            continue
+        total += int(np.prod([d.dim_value if d.HasField("dim_value") else 1 for d in t.shape.dim]))
+    return total
+
+
 def _prune_one(model: onnx.ModelProto, group: str, ratio: float, multiple: int) -> tuple[onnx.ModelProto, int]:
     """The model with only ``group`` pruned to ``ratio`` — the same passes as the recipe's prune step."""
     from onnxpress.passes.fold import FoldConstants
@@ -325,6 +350,7 @@ def analyze_sensitivity(
     if prune_ratios:
         jobs.extend((g, "prune", float(r)) for g in prune_groups(model) for r in sorted(prune_ratios))
     removed_seen: dict[str, set[int]] = {}
+    acts0 = activation_elements(model) if prune_ratios else 0
     table = moments = None
     if quantize and layers:
         table = calibrate(model, calib, method=method, max_samples=calib_samples)
@@ -346,7 +372,9 @@ def analyze_sensitivity(
             scores.append(OptionScore(group, "prune", f"prune{r:g}", sqnr_db(reference, outs),
                                       int(sum(macs.get(x.key, 0) for x in layers)),
                                       int(sum(params.get(x.key, 0) for x in layers)),
-                                      None, cand.ByteSize() - model.ByteSize(), float(r), int(units)))
+                                      None, cand.ByteSize() - model.ByteSize(), float(r), int(units),
+                                      layer_macs={x.key: int(macs.get(x.key, 0)) for x in layers},
+                                      acts_removed=1.0 - activation_elements(cand) / acts0 if acts0 else None))
             continue
         if fam == "int8":
             others = frozenset(n for n in names if n != lay.key)

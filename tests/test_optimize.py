@@ -89,7 +89,7 @@ def test_finetune_recipe_reproduces_bytes_and_recovers(setup):
     """With --finetune the split candidates are distilled before quantization; the recipe still rebuilds the bytes."""
     model, data, tmp = setup
     res = optimize(model, tmp / "a.onnx", calib=data, budget="flops=0.6", cache_dir=tmp / "c", eval_samples=32,
-                   sensitivity_samples=16, finetune=True, finetune_epochs=2, shortlist=2)
+                   sensitivity_samples=16, finetune=True, finetune_epochs=2, shortlist=2, prune_ratios=())
     steps = [s["pass"] for s in res.recipe["steps"]]
     assert "lowrank" in steps and "finetune" in steps  # fine-tune after every structural step, before quantize
     assert max(steps.index(p) for p in ("prune", "lowrank") if p in steps) < steps.index("finetune")

@@ -129,21 +129,50 @@ def test_measured_latency_of_options_steers_the_latency_greedy():
     assert untimed.layer_cost("latency", untimed.options[0][2]) < 1000 / 1100
 
 
-def test_fit_cost_learns_offset_and_scale_from_measured_candidates():
-    """Measured = 0.1 + 0.5 · estimate on spread points: the fit recovers both; one point gives a ratio only."""
+def test_fit_cost_takes_the_ratio_of_the_candidates_nearest_the_budget():
+    """Measured / estimated is 1.0 far from the budget and 2.0 near it: the correction is the local 2.0."""
     space = SearchSpace(_sens_with_group(), model_bytes=2000, int8_latency=0.5)
     picks = [(0, 0, 0), (1, 1, 0), (1, 1, 1), (2, 0, 2)]
     raw = [space.raw_cost("latency", p) for p in picks]
-    assert max(raw) - min(raw) > 0.2
-    space.fit_cost("latency", [(p, 0.1 + 0.5 * x) for p, x in zip(picks, raw, strict=True)])
-    assert space.offset["latency"] == pytest.approx(0.1) and space.scale["latency"] == pytest.approx(0.5)
+    measured = [raw[0], raw[1], 2.0 * raw[2], 2.0 * raw[3]]
+    space.fit_cost("latency", list(zip(picks, measured, strict=True)), near=0.9, points=4)
+    assert space.scale["latency"] == pytest.approx(1.5)  # all four: the median of 1, 1, 2, 2
+    space.fit_cost("latency", list(zip(picks, measured, strict=True)), near=min(measured[2:]), points=1)
+    assert space.scale["latency"] == pytest.approx(2.0) and space.offset["latency"] == 0.0
     for p, x in zip(picks, raw, strict=True):
-        assert space.cost("latency", p) == pytest.approx(0.1 + 0.5 * x)
-    # the greedy plans against the fitted cost: 0.35 needs an estimate of (0.35 - 0.1) / 0.5 = 0.5
-    fitted = space.greedy("latency", 0.35)
-    assert space.cost("latency", fitted) <= 0.35 + 1e-12 and space.raw_cost("latency", fitted) <= 0.5 + 1e-12
-    single = SearchSpace(_sens_with_group(), model_bytes=2000, int8_latency=0.5)
-    single.fit_cost("latency", [(picks[1], 2.0 * raw[1])])
-    assert single.offset["latency"] == 0.0 and single.scale["latency"] == pytest.approx(2.0)
-    single.fit_cost("latency", [(picks[1], math.nan)])  # nothing usable: the fit is left as it was
-    assert single.scale["latency"] == pytest.approx(2.0)
+        assert space.cost("latency", p) == pytest.approx(2.0 * x)
+    fitted = space.greedy("latency", 0.35)  # plans against the corrected cost: an estimate of at most 0.175
+    assert space.raw_cost("latency", fitted) <= 0.175 + 1e-12
+    space.fit_cost("latency", [(picks[1], math.nan)])  # nothing usable: the correction is left as it was
+    assert space.scale["latency"] == pytest.approx(2.0)
+
+
+def test_coupled_groups_multiply_the_macs_kept():
+    """A layer between two pruned groups keeps (1 - a)(1 - b) of its MACs, not 1 - a - b."""
+    layers = (LayerInfo("A", "Conv", 1000, 400, 20), LayerInfo("B", "Conv", 1000, 400, 20))
+    scores = (OptionScore("G", "prune", "prune0.5", 10.0, 1500, 400, None, -100, 0.5, 4,
+                          layer_macs={"A": 500, "B": 1000}),
+              OptionScore("H", "prune", "prune0.5", 10.0, 1000, 400, None, -100, 0.5, 4,
+                          layer_macs={"A": 500, "B": 500}))
+    space = SearchSpace(SensitivityResult(layers, scores, 8, "k"), model_bytes=2000)
+    assert space.raw_cost("flops", (0, 0, 1, 0)) == pytest.approx(0.75)
+    assert space.raw_cost("flops", (0, 0, 1, 1)) == pytest.approx((250 + 500) / 2000)  # additive would say 0.25
+
+
+def test_latency_weights_are_fitted_to_activation_traffic():
+    """Timings that follow activations, not MACs, move the weights there; pruning the stream then looks cheap."""
+    layers = (LayerInfo("A", "Conv", 1000, 400, 20), LayerInfo("B", "Conv", 1000, 400, 20))
+    scores = (OptionScore("A", "int8", "int8", 40.0, 1000, 400), OptionScore("B", "int8", "int8", 40.0, 1000, 400),
+              OptionScore("S", "prune", "prune0.5", 10.0, 1500, 400, None, -100, 0.5, 4,
+                          layer_macs={"A": 500, "B": 1000}, acts_removed=0.4),
+              OptionScore("T", "prune", "prune0.5", 10.0, 1000, 400, None, -100, 0.5, 4,
+                          layer_macs={"A": 500, "B": 500}, acts_removed=0.05))
+    space = SearchSpace(SensitivityResult(layers, scores, 8, "k"), model_bytes=2000, int8_latency=0.5)
+    assert space.lat_weights == (0.7, 0.3)
+    picks = [(1, 1, 0, 0), (1, 1, 1, 0), (1, 1, 0, 1), (1, 1, 1, 1)]
+    acts = [0.5 * (1 - a) for a in (0.0, 0.4, 0.05, 0.45)]  # measured: activations only
+    space.fit_cost("latency", list(zip(picks, acts, strict=True)))
+    assert space.lat_weights[0] == pytest.approx(0.0, abs=1e-9) and space.lat_weights[1] == pytest.approx(1.0)
+    for p, y in zip(picks, acts, strict=True):
+        assert space.cost("latency", p) == pytest.approx(y)
+    assert space.describe(space.greedy("latency", 0.35))["group S"] == "prune0.5"  # 0.5·0.6 = 0.3: the stream

@@ -90,7 +90,7 @@ UNARY_OPS = frozenset({"AveragePool", "GlobalAveragePool", "Sigmoid", "LeakyRelu
 # Ops that run in float by default (``quantize_ops`` opts in), and why. Softmax: onnxruntime 1.32's
 # QLinearSoftmax took 16.0 ms against 1.5 ms for the float Softmax on the reference transformer's two
 # attention Softmaxes (batch 64, 1 thread, onnxruntime profiler); keeping it float also raised logit
-# SQNR (35.4-35.5 -> 36.3-38.1 dB over several runs) and cut whole-model CPU time (1 thread, batch 64)
+# SQNR by 0.8-2.6 dB over four runs (35.1-35.5 -> 35.9-38.1) and cut whole-model CPU time (1 thread, batch 64)
 # from 0.77-0.79x to 0.60-0.64x fp32 (onnxruntime's best quantize_static config: 0.72-0.73x).
 FLOAT_REASONS = {
     "LayerNormalization": "no integer kernel on CPU; kept float",

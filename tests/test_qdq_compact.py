@@ -136,6 +136,18 @@ def test_bias_storage_is_int16_cast_and_scale_product() -> None:
         assert sa.tobytes() == sb.tobytes()
 
 
+@pytest.mark.parametrize(("per_channel", "activations"), [(False, "uint8"), (False, "int8"), (True, "int8")])
+def test_other_granularities_stay_bit_identical(per_channel: bool, activations: str) -> None:
+    """Per-tensor weights (scalar bias scales: no Mul) and int8 activations: still bit-identical."""
+    model = relu6_cnn()
+    x = feeds_for(model)
+    _, q = quantize_graph(model, x, per_channel=per_channel, activations=activations)
+    small, stats = compact(q)
+    assert stats["bias_scales_as_products"] == (3 if per_channel else 0)
+    assert small.ByteSize() < q.ByteSize()
+    assert_bit_identical(q, small, x)
+
+
 def test_symmetric_int8_keeps_the_clip() -> None:
     """int8 activations (z = 0, q_min = -128): the quantized range reaches below 0, so Relu/Clip stay."""
     model = relu6_cnn()

@@ -31,7 +31,7 @@ from onnxpress.model_io import (
     normalize_model,
     save_model,
 )
-from onnxpress.passes.qdq import ACTIVATION_TYPES, InsertQDQ, NodeDecision, Selection, TensorOverride
+from onnxpress.passes.qdq import ACTIVATION_TYPES, CompactQDQ, InsertQDQ, NodeDecision, Selection, TensorOverride
 from onnxpress.passes.weight_only import INT4_METHODS, QuantizeWeightsInt4, StoreConstantsInt8
 from onnxpress.pipeline import cleanup_passes, run_passes
 
@@ -123,6 +123,7 @@ def quantize(
     constants_int8_min_size: int | None = 1024,
     equalize: str | None = None,
     bias_correction: bool = False,
+    compact: bool = True,
     smoothquant: float | None = None,
     codebook: int | None = None,
     int4_method: str | None = None,
@@ -146,7 +147,8 @@ def quantize(
         exclude: node names, ``op:<OpType>`` or ``re:<regex on node names>`` to keep float.
         overrides: per-tensor ``{"dtype": "uint8"|"int8"|"float", "range": (lo, hi),
             "per_channel": bool, "method": "minmax"|...}``.
-        quantize_ops: ops that stay float by default to quantize anyway ("LayerNormalization", "HardSigmoid").
+        quantize_ops: ops that stay float by default to quantize anyway ("LayerNormalization", "HardSigmoid",
+            "Softmax").
         max_samples: calibrate on at most this many samples.
         batch_size: calibration batch size.
         progress: progress bars.
@@ -154,7 +156,10 @@ def quantize(
             least this many elements are stored int8 with one scale (``|error| <= s/2``); None: keep them.
         equalize: cross-layer equalization before calibration: "split" (exact; ReLU6 becomes Relu + Min),
             "skip" (pairs joined by ReLU6 left alone) or "relu" (ReLU6 -> Relu, lossy); see onnxpress.advanced.
-        bias_correction: correct biases for the int8 weight rounding (needs calib).
+        bias_correction: correct each quantized layer's bias for the output shift measured on the W8A8
+            model, layer by layer (needs calib).
+        compact: store the QDQ graph with ``CompactQDQ``'s exact rewrites (absorbed Relu/Clip, shared
+            constants, int16 biases, short names); outputs are bit-identical either way.
         smoothquant: SmoothQuant alpha in [0, 1] for MatMul/Gemm after LayerNorm/Gemm (needs calib).
         codebook: store weights as BITS-bit k-means codebook indices instead (weight-only, no QDQ).
         int4_method: how int4 weights are rounded: "gptq" (error-compensating, from each layer's
@@ -248,6 +253,8 @@ def quantize(
             )
         tail = [] if constants_int8_min_size is None else [StoreConstantsInt8(min_size=constants_int8_min_size)]
         # dtypes on every tensor: InsertQDQ quantizes float32 activations only
+        if compact:  # exact storage rewrites (bit-identical outputs, same fused kernels, fewer bytes)
+            tail.append(CompactQDQ())
         result = run_passes(infer_shapes(cleaned), [qdq, *tail], progress=progress)
         decisions = list(qdq.decisions)
         excluded = dict(used_table.excluded)

@@ -43,6 +43,10 @@ soon as the model's MACs fit the budget, so the MACs budget is met exactly as in
 
     MACs mode:     step = argmin Δloss / ΔMACs        stop when Σ MACs ≤ f · MACs₀
     latency mode:  step = argmin Δloss / Δt           stop when Σ MACs ≤ f · MACs₀
+
+In both modes a hull step may overshoot (a layer jumping from whole to a small rank); afterwards,
+while some layer can move back to its next larger option and the model still fits, the move that
+removes the most loss is taken.
 """
 
 from __future__ import annotations
@@ -591,6 +595,23 @@ class SplitLowRank:
             step = hull_step(i, j)
             if step:
                 heapq.heappush(heap, (step[0], i, step[1]))
+        # The hull steps can jump past the budget (a layer going from whole to a small rank at once):
+        # give back, one option at a time, the larger rank that removes the most loss while the
+        # model still fits the budget.
+        while total <= budget:
+            best = None
+            for i, at in enumerate(current):
+                if at == 0:
+                    continue
+                added = options[i][at - 1][0] - options[i][at][0]
+                gain = options[i][at][2] - options[i][at - 1][2]
+                if total + added <= budget and gain > 0 and (best is None or gain > best[0]):
+                    best = (gain, i, added)
+            if best is None:
+                break
+            _, i, added = best
+            current[i] -= 1
+            total += added
         if total > budget + 0.5:
             floor = total / total_macs
             how = (

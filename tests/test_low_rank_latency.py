@@ -151,3 +151,40 @@ def test_cli_by_latency_without_flops_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--flops" in err[0]
     assert not (tmp_path / "o.onnx").exists()
+
+
+@pytest.mark.parametrize("latency", [None, LATENCY])
+@pytest.mark.parametrize("flops", [0.3, 0.45, 0.6, 0.75, 0.9])
+def test_budget_overshoot_is_given_back(flops, latency):
+    """After the greedy, no split layer could move to its next larger offered rank and still fit the budget."""
+    split = SplitLowRank(flops=flops, multiple=8, latency=latency)
+    try:
+        run_passes(_two_matmuls(), [split])
+    except UnsupportedModelError:
+        assert latency is not None  # by time only Y may be cut, down to r = 16 (0.625 of the MACs)
+        assert flops < 0.625
+        return
+    before, after = split.macs
+    budget = flops * before
+
+    def cost(key, r):
+        return T * 64 * 64 if r is None else T * r * 128
+
+    def offered(key):
+        """The ranks the pass offers for this layer (walking down from full rank), ascending, then whole."""
+        out, last_cost = [], cost(key, None)
+        last_time = latency[key][None] if latency else 0.0
+        for r in range(64, 0, -8):
+            t = latency[key][r] if latency else 0.0
+            if cost(key, r) < last_cost and (latency is None or t < last_time):
+                out.append(r)
+                last_cost, last_time = cost(key, r), t
+        return [*sorted(out), None]
+
+    assert after <= budget
+    for rep in split.report:
+        if rep.rank is None:
+            continue
+        options = offered(rep.key)
+        larger = options[options.index(rep.rank) + 1]
+        assert after - cost(rep.key, rep.rank) + cost(rep.key, larger) > budget, (rep.key, rep.rank, larger)

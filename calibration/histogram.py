@@ -301,7 +301,7 @@ def _base_runs(units: int, m: int) -> np.ndarray:
 
 
 _PROBES = 64
-_MIX = np.uint64(0xBF58476D1CE4E5B9)  # splitmix64's first multiplier
+_MIX = np.uint64(0xBF58476D1CE4E5B9)  # an odd multiplier (splitmix64's first)
 
 
 @functools.lru_cache(maxsize=64)
@@ -322,17 +322,16 @@ def _sample_hash(rows: np.ndarray) -> np.ndarray:
     """A 64-bit hash per row of the bits of its values at ``_PROBES`` fixed positions.
 
     A function of the row's values alone (and of its length): a weighted sum of the probes' bit
-    patterns with odd 64-bit weights (wrapping), then one xor-shift-multiply round so that the high
-    input bits reach the low bits. Rows that agree at every probe (all zero in a very sparse
-    tensor, say) share a phase.
+    patterns with odd 64-bit weights, times an odd constant (wrapping arithmetic), of which the high
+    32 bits are kept: they depend on every input bit. Rows that agree at every probe (all zero in a
+    very sparse tensor, say) share a phase. Few numpy calls on purpose: this runs per tensor and
+    batch, on a few rows.
     """
-    probes = np.ascontiguousarray(rows[:, _probe_positions(rows.shape[1])])
-    bits = probes.view(np.uint32 if probes.dtype.itemsize == 4 else np.uint64).astype(np.uint64)
+    probes = rows[:, _probe_positions(rows.shape[1])]  # a fresh C-contiguous array
+    bits = probes.view(np.uint32 if probes.dtype.itemsize == 4 else np.uint64)
     h = (bits * _hash_weights(bits.shape[1])).sum(axis=1, dtype=np.uint64)
-    h ^= h >> np.uint64(31)
     h *= _MIX
-    h ^= h >> np.uint64(29)
-    return h
+    return h >> np.uint64(32)
 
 
 def _run_indices(rows: np.ndarray, k: int) -> tuple[np.ndarray, int]:
@@ -347,9 +346,17 @@ def _run_indices(rows: np.ndarray, k: int) -> tuple[np.ndarray, int]:
     units = length // r
     phase = (_sample_hash(rows) % np.uint64(units)).astype(np.int64)
     runs = np.add.outer(phase, _base_runs(units, k // r))
-    runs[runs >= units] -= units  # base + phase < 2 units: one wrap at most
-    runs += np.arange(0, batch * units, units, dtype=np.int64)[:, None]
+    np.subtract(runs, units, out=runs, where=runs >= units)  # base + phase < 2 units: one wrap at most
+    runs += _row_starts(batch, units)
     return runs, r
+
+
+@functools.lru_cache(maxsize=64)
+def _row_starts(batch: int, units: int) -> np.ndarray:
+    """``[[0], [units], [2 units], ...]`` (read-only)."""
+    out = np.arange(0, batch * units, units, dtype=np.int64)[:, None]
+    out.flags.writeable = False
+    return out
 
 
 def sample_positions(rows: np.ndarray, k: int) -> np.ndarray:

@@ -176,3 +176,19 @@ def test_latency_weights_are_fitted_to_activation_traffic():
     for p, y in zip(picks, acts, strict=True):
         assert space.cost("latency", p) == pytest.approx(y)
     assert space.describe(space.greedy("latency", 0.35))["group S"] == "prune0.5"  # 0.5·0.6 = 0.3: the stream
+
+
+def test_uniform_prune_cuts_residual_streams_at_their_own_ratio():
+    """A group touching 3+ layers is a stream; the baseline prunes it at ``stream_ratio``, block groups at ``ratio``."""
+    layers = tuple(LayerInfo(k, "Conv", 1000, 400, 20) for k in "ABC")
+    stream = {"A": 500, "B": 500, "C": 500}
+    block = {"A": 1000, "B": 500, "C": 500}
+    scores = tuple(OptionScore(g, "prune", f"prune{r:g}", 10.0, 2000, 400, None, -100, r, 4, layer_macs=lm)
+                   for g, lm in (("S", stream), ("K", block)) for r in (0.25, 0.5))
+    space = SearchSpace(SensitivityResult(layers, scores, 8, "k"), model_bytes=2000)
+    assert [space.is_stream(k) for k in range(2)] == [True, False]
+    assert space.describe(space.uniform_prune(0.5)) == {"A": "fp32", "B": "fp32", "C": "fp32",
+                                                        "group S": "prune0.5", "group K": "prune0.5"}
+    two = space.describe(space.uniform_prune(0.5, stream_ratio=0.3))  # 0.3: the largest offered below is 0.25
+    assert two["group S"] == "prune0.25" and two["group K"] == "prune0.5"
+    assert space.describe(space.uniform_prune(0.1))["group K"] == "keep"

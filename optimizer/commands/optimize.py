@@ -26,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="distil the original into each pruned or split candidate on --calib, then quantize (torch)")
     p.add_argument("--finetune-epochs", type=positive_int, default=30, help="epochs of that fine-tune (default 30)")
     p.add_argument("--probe-epochs", type=positive_int,
-                   help="epochs of the probe fine-tune that ranks in-budget structures (default finetune-epochs/5)")
+                   help="epochs of a probe fine-tune ranking in-budget structures (default none: most budget first)")
     p.add_argument("--latency-threads", type=positive_int, default=1,
                    help="onnxruntime threads when timing candidates (the latency budget holds there; default 1)")
     add_common(p)

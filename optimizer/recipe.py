@@ -45,7 +45,8 @@ _KEYS: dict[str, dict[str, Any]] = {
     "cleanup": {},
     "prune": {"ratio": None, "criterion": "l2", "multiple": 1},
     "lowrank": {"ranks": None, "data_aware": True, "max_samples": 64, "batch_size": 64},
-    "finetune": {"epochs": 6, "lr": 1e-3, "temperature": 4.0, "seed": 0, "max_samples": None, "batch_size": 64},
+    "finetune": {"epochs": 6, "lr": 1e-3, "temperature": 4.0, "seed": 0, "max_samples": None, "batch_size": 64,
+                 "patience": 3},
     "quantize": {
         "method": "mse",
         "exclude": [],
@@ -127,7 +128,7 @@ def validate_recipe(recipe: Mapping[str, Any]) -> dict[str, Any]:
                     raise _bad(where, f"{key} must be a positive number, got {full[key]!r}")
             if isinstance(full["seed"], bool) or not isinstance(full["seed"], int):
                 raise _bad(where, f"seed must be an integer, got {full['seed']!r}")
-        for key in ("max_samples", "batch_size", "multiple", "epochs"):
+        for key in ("max_samples", "batch_size", "multiple", "epochs", "patience"):
             if key == "max_samples" and name == "finetune" and full[key] is None:
                 continue
             if key in full and (isinstance(full[key], bool) or not isinstance(full[key], int) or full[key] < 1):
@@ -230,7 +231,8 @@ def finetune_in_place(
     logits = tr.run_teacher(teacher, arrays, [teacher.graph.output[0].name])[0]
     module = OnnxModule(student)
     config = tr.FinetuneConfig(epochs=step["epochs"], lr=step["lr"], batch_size=step["batch_size"],
-                               temperature=step["temperature"], hard_weight=0.0, soft_weight=1.0, seed=step["seed"])
+                               temperature=step["temperature"], hard_weight=0.0, soft_weight=1.0, seed=step["seed"],
+                               patience=step["patience"])
     tr.train_student(module, student, arrays, logits, None, config, threads=1, progress=progress)
     return module.state_to_onnx(student)  # the bridge's writeback export: same graph, trained weights
 

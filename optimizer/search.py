@@ -407,7 +407,8 @@ class SearchSpace:
         if ranks:
             steps.append({"pass": "lowrank", "ranks": dict(sorted(ranks.items())), "max_samples": moment_samples})
         if (ranks or ratios) and finetune_epochs:
-            steps.append({"pass": "finetune", "epochs": finetune_epochs})
+            # no early stop: a deeply pruned model sits on a plateau for several epochs before it recovers
+            steps.append({"pass": "finetune", "epochs": finetune_epochs, "patience": finetune_epochs})
         if any(quant):
             exclude = sorted(lay.key for lay, q in zip(self.layers, quant, strict=True) if not q)
             steps.append({"pass": "quantize", "method": method, "exclude": exclude, "max_samples": calib_samples})

@@ -16,9 +16,10 @@ weights, not the graph, so cost and fidelity are measured in two stages::
 Pruning's SQNR before the fine-tune (-3 to 10 dB on the reference ResNet for structures that the
 fine-tune brings back within a point) says little about what the fine-tune recovers, and neither did
 a short probe fine-tune there (``probe_epochs``; off by default), so the structures that use the most
-of the budget (most channels kept) are fine-tuned first. Besides the greedy's picks the candidates
-include two structured baselines nearest the budget: every channel group at one ratio, and the same
-with residual streams at half of it.
+of the budget (most channels kept) are fine-tuned first. Searched recipes fine-tune without early
+stopping (``patience`` = epochs): a deeply pruned model sits near chance for several epochs first.
+Besides the greedy's picks the candidates include two structured baselines nearest the budget: every
+channel group at one ratio, and the same with residual streams at half of it.
 
 The model written is the one built from the recipe written beside it, so
 ``onnxpress optimize MODEL --recipe OUT.recipe.json`` rebuilds it byte for byte.
@@ -233,8 +234,9 @@ def optimize(
         probe_epochs: epochs of the probe fine-tune that ranks the in-budget structures before the best
             get the full one. Default none: on the reference ResNet 6- and 10-epoch probes (of 30) left
             every in-budget structure at chance accuracy (0.10-0.16) while the full fine-tune brought one
-            of them to 0.988, so a probe did not rank them; without one, the in-budget structures are
-            fully fine-tuned in order of the budget they use (most capacity first).
+            of them to 0.988 (those probes still stopped early after 3 epochs without progress, which the
+            searched recipes no longer do; probes without early stopping were not re-measured). Without
+            a probe the in-budget structures are fully fine-tuned in order of the budget they use.
         latency_threads: onnxruntime intra-op threads when timing candidates against the original
             (the latency budget holds at this thread count; small pruned models gain less from a
             second thread than the original does, so their ratio is higher at 2 threads).

@@ -159,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=40)
     p.add_argument("--calib-samples", type=int, default=500)
     p.add_argument("--models-dir", default=str(ROOT / "models"))
+    p.add_argument("--latency-step", choices=["time", "macs"], default="time",
+                   help="latency rows: greedy steps by loss per second saved, or per MAC among faster splits")
     p.add_argument("--profile", action="store_true", help="also print kernel time by op type (onnxruntime profile)")
     args = p.parse_args(argv)
 
@@ -195,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
                 lat = latency if select == "latency" else None
                 built[select] = [
                     onnxpress.lowrank(original, flops=budget, multiple=args.multiple, conv_method=args.conv_method,
-                                      moments=mom, latency=lat)
+                                      moments=mom, latency=lat, latency_step=args.latency_step)
                     for mom in (None, moments)
                 ]
             if candidates is None:

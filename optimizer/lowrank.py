@@ -296,6 +296,7 @@ def lowrank(
     max_samples: int | None = 512,
     by_latency: bool = False,
     latency: Mapping[str, Mapping[int | None, float]] | None = None,
+    latency_step: str = "time",
     latency_batch: int = 64,
     threads: int | None = 1,
     progress: bool = False,
@@ -324,6 +325,8 @@ def lowrank(
             (:func:`measure_latency` at ``latency_batch`` and ``threads``) and spend the MACs budget
             where it saves the most time per unit of loss; splits that are not faster are not offered.
         latency: a precomputed :func:`measure_latency` table (instead of ``by_latency``).
+        latency_step: ``"time"``: each greedy step is the least loss per second saved; ``"macs"``:
+            least loss per MAC saved (as without a table) among the splits measured faster.
         latency_batch: batch size the layers are timed at.
         threads: onnxruntime intra-op threads for the timing.
         progress: show progress bars.
@@ -338,7 +341,8 @@ def lowrank(
     if (by_latency or latency is not None) and flops is None:
         raise ValueError("by_latency/latency= only steer a flops= budget; give flops= too")
     split = SplitLowRank(rank=rank, energy=energy, flops=flops, multiple=multiple, ridge=ridge,
-                         conv_method=conv_method, ops=ops, latency=latency)  # validates the arguments
+                         conv_method=conv_method, ops=ops, latency=latency,
+                         latency_step=latency_step)  # validates the arguments before any work
     if calib is not None and moments is not None:
         raise ValueError("give calib= or moments=, not both")
     if output is not None:

@@ -43,6 +43,7 @@ soon as the model's MACs fit the budget, so the MACs budget is met exactly as in
 
     MACs mode:     step = argmin Δloss / ΔMACs        stop when Σ MACs ≤ f · MACs₀
     latency mode:  step = argmin Δloss / Δt           stop when Σ MACs ≤ f · MACs₀
+                   (latency_step="macs": Δloss / ΔMACs, over the options measured faster only)
 
 In both modes a hull step may overshoot (a layer jumping from whole to a small rank); afterwards,
 while some layer can move back to its next larger option and the model still fits, the move that
@@ -421,6 +422,9 @@ class SplitLowRank:
             the rank; see :func:`onnxpress.lowrank.measure_latency`). The budget is still MACs, but
             the greedy spends it where it saves the most *time* per unit of loss, and a rank is only
             an option if it is faster than every larger one (see the module docstring).
+        latency_step: with ``latency``, what the greedy's steps are ranked by: ``"time"`` (least
+            loss per second saved) or ``"macs"`` (least loss per MAC saved, as without a table,
+            but only among the splits measured faster).
 
     After a call, ``report`` holds one :class:`LayerReport` per candidate layer (declined ones too)
     and ``macs`` the model's MACs per sample before and after; the API prints them.
@@ -442,6 +446,7 @@ class SplitLowRank:
         only_if_cheaper: bool = True,
         ops: Sequence[str] | None = None,
         latency: Mapping[str, Mapping[int | None, float]] | None = None,
+        latency_step: str = "time",
     ) -> None:
         if sum(v is not None for v in (rank, energy, flops)) != 1:
             raise ValueError("give exactly one of rank=, energy= or flops=")
@@ -457,6 +462,8 @@ class SplitLowRank:
             raise ValueError(f"conv_method must be 'channel' or 'tucker2', got {conv_method!r}")
         if ridge < 0:
             raise ValueError(f"ridge must be >= 0, got {ridge}")
+        if latency_step not in ("time", "macs"):
+            raise ValueError(f"latency_step must be 'time' or 'macs', got {latency_step!r}")
         if latency is not None and flops is None:
             raise ValueError("latency= only steers the flops= budget; give flops= too")
         if latency is not None:
@@ -473,6 +480,7 @@ class SplitLowRank:
         if ops is not None:
             self.ops = tuple(ops)
         self.latency = None if latency is None else {k: dict(v) for k, v in latency.items()}
+        self.latency_step = latency_step
         # plain factorisations kept across calls, keyed by layer key and weight bytes (set to {} to
         # reuse one SVD for many ranks, as measure_latency does); None: compute every call
         self.reuse_factors: dict[tuple[object, ...], object] | None = None
@@ -567,6 +575,7 @@ class SplitLowRank:
         assert self.flops is not None
         budget = self.flops * total_macs
         options = [self._options(ch) for ch in choices]
+        axis = 1 if self.latency is not None and self.latency_step == "time" else 0  # what a step saves
         for ch, opts in zip(choices, options, strict=True):
             ch.no_faster_split = self.latency is not None and len(opts) == 1
 
@@ -575,7 +584,7 @@ class SplitLowRank:
             opts = options[i]
             best = None
             for j in range(at + 1, len(opts)):
-                saved = opts[at][1] - opts[j][1]
+                saved = opts[at][axis] - opts[j][axis]
                 ratio = max(opts[j][2] - opts[at][2], 0.0) / saved
                 if best is None or ratio < best[0] - 1e-15:
                     best = (ratio, j)

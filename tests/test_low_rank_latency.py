@@ -188,3 +188,18 @@ def test_budget_overshoot_is_given_back(flops, latency):
         options = offered(rep.key)
         larger = options[options.index(rep.rank) + 1]
         assert after - cost(rep.key, rep.rank) + cost(rep.key, larger) > budget, (rep.key, rep.rank, larger)
+
+
+def test_latency_step_macs_ranks_steps_by_macs_among_the_faster_splits():
+    """h saves ~1e-9 s per split, Y saves half its time: by time Y is cut; by MACs (both faster) h is."""
+    barely = {None: 1.0, **{r: 1.0 - 1e-9 * (72 - r) / 8 for r in range(8, 65, 8)}}
+    table = {"h": barely, "Y": FAST_Y}
+    by_time = SplitLowRank(flops=0.75, multiple=8, latency=table)
+    run_passes(_two_matmuls(), [by_time])
+    assert _ranks(by_time) == {"h": None, "Y": 16}
+    by_macs = SplitLowRank(flops=0.75, multiple=8, latency=table, latency_step="macs")
+    run_passes(_two_matmuls(), [by_macs])
+    assert _ranks(by_macs)["h"] is not None and _ranks(by_macs)["Y"] is None
+    assert by_macs.macs[1] <= 0.75 * by_macs.macs[0]
+    with pytest.raises(ValueError, match="latency_step"):
+        SplitLowRank(flops=0.75, latency=table, latency_step="seconds")

@@ -28,6 +28,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--by-latency", action="store_true",
                    help="with --flops: time each layer and its splits on onnxruntime first and spend the MACs "
                         "budget where it saves the most time (splits that are not faster are not used)")
+    p.add_argument("--latency-step", choices=["time", "macs"], default="time",
+                   help="with --by-latency: rank the greedy's steps by loss per second saved (time) or per MAC "
+                        "saved among the splits measured faster (macs)")
     p.add_argument("--latency-batch", type=positive_int, default=64, help="batch size the layers are timed at")
     p.add_argument("--threads", type=positive_int, default=1, help="onnxruntime threads for the timing")
     add_common(p)
@@ -54,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
         conv_method="tucker2" if args.tucker else "channel",
         max_samples=args.max_samples,
         by_latency=args.by_latency,
+        latency_step=args.latency_step,
         latency_batch=args.latency_batch,
         threads=args.threads,
         progress=progress_enabled(args),

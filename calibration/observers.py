@@ -211,8 +211,9 @@ def make_observer(
         bins: histogram resolution (a power of two).
         bits: quantization bit width the searches assume.
         percentile: for ``percentile``, the percentile of ``|x|`` kept.
-        values_per_sample: histogram at most this many values of each sample (axis-0 slice) at
-            fixed positions; min/max stay exact (see :mod:`onnxpress.calibration.histogram`).
+        values_per_sample: histogram at most this many values of each sample (axis-0 slice), at
+            positions set by the sample's shape and values; min/max stay exact (see
+            :mod:`onnxpress.calibration.histogram`).
             ``None``: every value.
 
     Raises:

@@ -211,10 +211,9 @@ def make_observer(
         bins: histogram resolution (a power of two).
         bits: quantization bit width the searches assume.
         percentile: for ``percentile``, the percentile of ``|x|`` kept.
-        values_per_sample: histogram at most this many values of each sample (axis-0 slice), at
-            positions set by the sample's shape and values; min/max stay exact (see
-            :mod:`onnxpress.calibration.histogram`).
-            ``None``: every value.
+        values_per_sample: histogram this many values of each sample (axis-0 slice) of more than
+            twice as many (smaller ones whole), at positions set by the sample's shape and values;
+            min/max stay exact (see :mod:`onnxpress.calibration.histogram`). ``None``: every value.
 
     Raises:
         CalibrationError: unknown method, bad ``bins``, ``bits`` or ``values_per_sample``.

@@ -10,8 +10,9 @@ value-preserving ops (Reshape, Flatten, Transpose, Squeeze, Unsqueeze, Identity,
 same values as their input, so they share its observer (exact, and half the work on attention
 blocks).
 
-Histograms bin at most ``histogram_values_per_sample`` values of each sample (positions set by the
-sample's shape and values; min/max stay exact; see :mod:`onnxpress.calibration.histogram`), but only for tensors
+Histograms bin ``histogram_values_per_sample`` values of each sample of more than twice as many
+(positions set by the sample's shape and values; smaller samples whole; min/max stay exact; see
+:mod:`onnxpress.calibration.histogram`), but only for tensors
 whose axis 0 is the batch axis (:func:`~onnxpress.calibration.collect.batch_major_tensors`): there a
 sample is one axis-0 slice, so the table stays independent of batch size and sample order. Other
 tensors bin every value.
@@ -83,10 +84,9 @@ def calibrate(
         max_samples: use at most this many samples.
         progress: show a progress bar.
         memory_budget_mb: cap on one batch's observed values; the batch shrinks to fit (``None``: off).
-        histogram_values_per_sample: histogram methods bin at most this many values of each sample
-            of a tensor (positions set by the sample's shape and values; min/max and the bin width
-            stay exact);
-            ``None`` bins every value (see the module docstring).
+        histogram_values_per_sample: histogram methods bin this many values of each sample of a
+            tensor that has more than twice as many (positions set by the sample's shape and values;
+            min/max and the bin width stay exact); ``None`` bins every value (module docstring).
 
     Returns:
         The table; histogram methods also keep each tensor's histogram (for ``summary``/``merge``).

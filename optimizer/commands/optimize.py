@@ -24,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cache-dir", help="sensitivity cache folder (default ~/.cache/onnxpress)")
     p.add_argument("--finetune", action="store_true",
                    help="distil the original into each pruned or split candidate on --calib, then quantize (torch)")
-    p.add_argument("--finetune-epochs", type=positive_int, default=30, help="epochs of that fine-tune (default 30)")
+    p.add_argument("--finetune-epochs", type=positive_int, default=60, help="epochs of that fine-tune (default 60)")
     p.add_argument("--probe-epochs", type=positive_int,
                    help="epochs of a probe fine-tune ranking in-budget structures (default none: most budget first)")
     p.add_argument("--latency-threads", type=positive_int, default=1,

@@ -211,10 +211,13 @@ def measure_latency(
     Each layer is timed alone on onnxruntime (all graph optimisations, ``threads`` intra-op threads)
     at ``batch`` samples, as the exact two- (or three-) node layout :class:`SplitLowRank` emits for
     the ranks ``multiple, 2·multiple, …, full``. The options of one layer are timed interleaved
-    (order rotated every round) and each gets the *minimum* over ``rounds``: on a shared machine,
-    other processes only ever add time, so the minimum is the least noisy estimate of a kernel's
-    own cost. Layers of the same shape and attributes are timed once. Hand the result to
-    :func:`lowrank` (``latency=``) to spend a MACs budget where it saves time.
+    (order rotated every round) and each gets the *minimum* over ``rounds`` of the process's CPU
+    time per run (``time.process_time``). CPU time is blind to the time spent waiting for a core,
+    which on a shared machine is most of the noise (wall-clock minima of 5 ms Convs still moved by
+    up to 2× between two runs at load 8 on 2 cores); with several threads it is their summed work,
+    a cost rather than a latency. Other processes only ever add time, hence the minimum. Layers of
+    the same shape and attributes are timed once. Hand the result to :func:`lowrank`
+    (``latency=``) to spend a MACs budget where it saves time.
 
     Args:
         model: path or ModelProto (never modified); keys refer to it after the same clean-up as :func:`lowrank`.
@@ -270,9 +273,9 @@ def measure_latency(
                 s.run(None, feed)
             for rnd in range(rounds):
                 for i in [*range(rnd % len(sessions), len(sessions)), *range(rnd % len(sessions))]:
-                    t0 = time.perf_counter()
+                    t0 = time.process_time()
                     sessions[i].run(None, feed)
-                    best[i] = min(best[i], time.perf_counter() - t0)
+                    best[i] = min(best[i], time.process_time() - t0)
             cache[sig] = dict(zip(ranks, best, strict=True))
             log.debug("latency of %s: %s", key, cache[sig])
         out[key] = dict(cache[sig])

@@ -32,7 +32,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +63,7 @@ class OptimizeResult:
         chosen: the chosen candidate with its measurements (None when a recipe was applied).
         candidates: every measured candidate (baselines first).
         pareto: the measured Pareto front (cost of the budget kind vs SQNR).
-        budget: the budget searched under (None with a recipe).
+        budget: the (first) budget searched under (None with a recipe); ``budgets`` all of them.
         feasible: whether the chosen model meets the budget and max-drop as measured.
         sensitivity: the per-layer table (None with a recipe).
         labels: per layer option chosen.
@@ -84,6 +84,7 @@ class OptimizeResult:
     choices: dict[str, str]
     reference_accuracy: float | None
     timed_out: bool
+    budgets: list[Budget] = dataclasses.field(default_factory=list)
 
 
 def _npz_has_labels(source: object) -> bool:
@@ -169,7 +170,7 @@ def optimize(
     calib: object,
     eval_data: object | None = None,
     labels: object | None = None,
-    budget: str | Budget = "latency=0.5",
+    budget: str | Budget | Sequence[str | Budget] = "latency=0.5",
     max_drop: float | None = None,
     recipe: str | os.PathLike[str] | Mapping[str, Any] | None = None,
     report: str | os.PathLike[str] | None = None,
@@ -203,7 +204,9 @@ def optimize(
         eval_data: data the candidates are compared on (default: the calibration data).
         labels: class labels for ``eval_data`` (``.npy``/``.npz``/array); accuracy then ranks candidates.
             Default: the ``labels`` key of ``eval_data`` when it is an ``.npz`` that has one.
-        budget: ``latency=F`` (measured onnxruntime latency ratio), ``size=F`` or ``flops=F``.
+        budget: ``latency=F`` (measured onnxruntime latency ratio), ``size=F`` or ``flops=F``; or a list
+            of them, one per kind: the search plans against the first, and a candidate is feasible when
+            every one holds as measured (``["latency=0.2", "size=0.1"]``).
         max_drop: largest accepted accuracy drop in points (needs labels).
         recipe: apply this recipe instead of searching.
         report: folder for ``report.md``, ``report.json`` and the PNGs.
@@ -287,7 +290,11 @@ def optimize(
             write_report(report, result, m0, calib, feeds)
         return result
 
-    bud = parse_budget(budget)
+    budgets = [parse_budget(b) for b in (budget if isinstance(budget, (list, tuple)) else [budget])]
+    if not budgets or len({b.kind for b in budgets}) != len(budgets):
+        raise OnnxpressError("give one budget per kind, e.g. --budget latency=0.2 --budget size=0.1")
+    bud = budgets[0]  # the search plans against the first; every one must hold as measured
+    timed = any(b.kind == "latency" for b in budgets)
     if prune_ratios is None:
         prune_ratios = FINE_PRUNE_RATIOS if finetune else (0.25, 0.5, 0.75)
     if rank_fractions is None:
@@ -318,7 +325,7 @@ def optimize(
         return any(step["pass"] == "finetune" for step in c.recipe["steps"])
 
     def fits(c: Candidate) -> bool:
-        return (c.cost(bud.kind) or math.inf) <= bud.value + 1e-9
+        return all((c.cost(b.kind) or math.inf) <= b.value + 1e-9 for b in budgets)
 
     def evaluate(batch: list[Candidate]) -> None:
         """Measure cost on each candidate's graph; fidelity right away only for those without a fine-tune.
@@ -337,7 +344,7 @@ def optimize(
             else:
                 ev.measure(c)
             candidates.append(c)
-        if bud.kind == "latency" and todo:
+        if timed and todo:
             built = [ev.models.get(c.picks) or ev.structures[c.picks] for c in todo]
             for c, r in zip(todo, measure_latency(m0, built, feeds[0], repeats=30, threads=latency_threads),
                             strict=True):
@@ -394,19 +401,23 @@ def optimize(
         log.info("%s estimate corrected by %.3f", bud.kind, space.scale[bud.kind])
 
     def retime() -> None:
-        """Time the structures near the latency budget again, together, and keep the mean of both timings.
+        """Time the structures near the latency budget twice more, together, and keep the median of the three.
 
         One interleaved timing of a small pruned model varied by ±10-15% on the shared 2-core machine;
         the candidates within 1.15x of the budget are the ones that decision turns on.
         """
-        near = [c for c in candidates[1:] if c.latency_ratio is not None and c.latency_ratio <= bud.value * 1.15]
-        if bud.kind != "latency" or not near:
+        lat = next((b.value for b in budgets if b.kind == "latency"), None)
+        near = [c for c in candidates[1:] if lat is not None and c.latency_ratio is not None
+                and c.latency_ratio <= lat * 1.15 and all((c.cost(b.kind) or math.inf) <= b.value + 1e-9
+                                                           for b in budgets if b.kind != "latency")]
+        if not near:
             return
         built = [ev.models.get(c.picks) or ev.structures[c.picks] for c in near]
-        again = measure_latency(m0, built, feeds[0], repeats=40, threads=latency_threads)
-        for c, r in zip(near, again, strict=True):
-            log.info("%s: latency %.3f, again %.3f", c.note, c.latency_ratio, r)
-            c.latency_ratio = (c.latency_ratio + r) / 2
+        again = [measure_latency(m0, built, feeds[0], repeats=30, threads=latency_threads) for _ in range(2)]
+        for k, c in enumerate(near):
+            times = [c.latency_ratio, again[0][k], again[1][k]]
+            log.info("%s: latency %s", c.note, ", ".join(f"{t:.3f}" for t in times))
+            c.latency_ratio = float(np.median(times))
 
     def judge() -> None:
         """Fine-tune the structures within the budget: a short probe each, then the full fine-tune of the best.
@@ -433,11 +444,10 @@ def optimize(
                 break
 
     def ok(c: Candidate) -> bool:
-        cost = c.cost(bud.kind)
-        fits = cost is not None and cost <= bud.value + 1e-9
+        within = fits(c)
         if max_drop is not None and c.accuracy is not None and ev.ref_accuracy is not None:
-            fits = fits and (ev.ref_accuracy - c.accuracy) * 100 <= max_drop + 1e-9
-        return fits
+            within = within and (ev.ref_accuracy - c.accuracy) * 100 <= max_drop + 1e-9
+        return within
 
     def fidelity(c: Candidate) -> tuple[float, float]:
         return ((c.accuracy if c.accuracy is not None else 0.0), c.sqnr_db if c.sqnr_db is not None else -math.inf)
@@ -466,7 +476,7 @@ def optimize(
     result = OptimizeResult(
         built, out, recipe_out, path, chosen, candidates,
         pareto_front([c for c in candidates if c.feasible is not None], bud.kind), bud,  # final numbers only
-        bool(chosen.feasible), sens, space.describe(chosen.picks), ev.ref_accuracy, timed_out,
+        bool(chosen.feasible), sens, space.describe(chosen.picks), ev.ref_accuracy, timed_out, budgets,
     )
     if report is not None:
         from onnxpress.report import write_report

@@ -192,3 +192,17 @@ def test_uniform_prune_cuts_residual_streams_at_their_own_ratio():
     two = space.describe(space.uniform_prune(0.5, stream_ratio=0.3))  # 0.3: the largest offered below is 0.25
     assert two["group S"] == "prune0.25" and two["group K"] == "prune0.5"
     assert space.describe(space.uniform_prune(0.1))["group K"] == "keep"
+
+
+def test_several_budgets_must_all_hold(tmp_path):
+    """flops plans the search, size is a second constraint: feasible means both as measured."""
+    data = tiny_data(tmp_path / "d.npz")
+    res = optimize(tiny_cnn(), tmp_path / "out.onnx", calib=data, budget=["flops=0.7", "size=0.75"],
+                   cache_dir=tmp_path / "c", eval_samples=32, sensitivity_samples=16)
+    assert [b.kind for b in res.budgets] == ["flops", "size"] and res.budget.kind == "flops"
+    for c in res.candidates:
+        assert c.feasible == (c.flops_ratio <= 0.7 + 1e-9 and c.size_ratio <= 0.75 + 1e-9)
+    assert any(c.flops_ratio <= 0.7 and not c.feasible for c in res.candidates)  # the size budget bit
+    assert res.feasible and res.chosen.size_ratio <= 0.75 and res.chosen.flops_ratio <= 0.7
+    with pytest.raises(OnnxpressError, match="one budget per kind"):
+        optimize(tiny_cnn(), tmp_path / "o2.onnx", calib=data, budget=["size=0.5", "size=0.4"])

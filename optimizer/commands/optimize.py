@@ -16,7 +16,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calib", required=True, help="calibration inputs (.npz or folder of .npz)")
     p.add_argument("--eval", dest="eval_data", help="evaluation inputs (default: the calibration data)")
     p.add_argument("--labels", help="labels for --eval (.npy or .npz with key 'labels')")
-    p.add_argument("--budget", default="latency=0.5", help="latency=F | size=F | flops=F (fraction of the original)")
+    p.add_argument("--budget", action="append",
+                   help="latency=F | size=F | flops=F (fraction of the original; default latency=0.5); repeat to "
+                        "add constraints: the search plans against the first, every one must hold")
     p.add_argument("--max-drop", type=float, help="largest accepted accuracy drop in points (needs --labels)")
     p.add_argument("--recipe", help="apply this recipe (JSON) instead of searching")
     p.add_argument("--report", help="folder for report.md, report.json and PNGs")
@@ -39,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
 
     result = optimize(
         args.model, args.output, calib=args.calib, eval_data=args.eval_data, labels=args.labels,
-        budget=args.budget, max_drop=args.max_drop, recipe=args.recipe, report=args.report,
+        budget=args.budget or ["latency=0.5"], max_drop=args.max_drop, recipe=args.recipe, report=args.report,
         time_limit=args.time_limit, cache_dir=args.cache_dir, finetune=args.finetune,
         finetune_epochs=args.finetune_epochs, probe_epochs=args.probe_epochs, latency_threads=args.latency_threads,
         progress=progress_enabled(args),
@@ -54,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
                      "*" if c is result.chosen else ""])
     print(format_table(["candidate", "SQNR dB", "accuracy", "latency", "size", "MACs", "chosen"], rows))
     if result.budget is not None and not result.feasible:
-        print(f"warning: no candidate met {result.budget.kind}={result.budget.value:g}; wrote the cheapest found")
+        wanted = ", ".join(f"{b.kind}={b.value:g}" for b in result.budgets or [result.budget])
+        print(f"warning: no candidate met {wanted}; wrote the cheapest found")
     print(f"wrote {result.output} and {result.recipe_path}")
     return 0

@@ -109,3 +109,14 @@ def test_finetune_augment_shift_is_deterministic_and_used(files):
     a, b, plain = weights(1), weights(1), weights(0)
     assert all(np.array_equal(a[k], b[k]) for k in a)
     assert any(not np.array_equal(a[k], plain[k]) for k in a)
+
+
+@pytest.mark.parametrize("flag, value", [("--augment-shift", "-1"), ("--lr", "0"), ("--val-fraction", "0.7"),
+                                         ("--epochs", "-2"), ("--batch-size", "0")])  # fmt: skip
+def test_cli_finetune_rejects_out_of_range_numbers(files, tmp_path, capsys, flag, value):
+    """A bad number is an argparse error (exit 2, names the flag), never a traceback from the config."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["finetune", str(files["student"]), "--data", str(files["data"]), "-o", str(tmp_path / "x.onnx"),
+              flag, value])  # fmt: skip
+    assert exit_info.value.code == 2
+    assert flag in capsys.readouterr().err

@@ -177,8 +177,8 @@ def _pareto_png(result: OptimizeResult, path: Path) -> None:
     if probed:
         ax.scatter([c.cost(kind) for c in probed], [min(c.sqnr_db, 100) for c in probed], marker="^",
                    facecolors="none", edgecolors="tab:orange", label="after a probe fine-tune")
-    for c in pts:
-        if c.note.startswith("uniform"):
+    for c in done:  # baselines and the chosen one; un-tuned structures stay unlabelled (they crowd the axis)
+        if c.note.startswith("uniform") or c is result.chosen:
             ax.annotate(c.note, (c.cost(kind), min(c.sqnr_db, 100)), fontsize=7)
     front = result.pareto
     ax.plot([c.cost(kind) for c in front], [min(c.sqnr_db, 100) for c in front], "b-o", label="Pareto front")

@@ -420,7 +420,7 @@ def optimize(
             c.latency_ratio = float(np.median(times))
 
     def judge() -> None:
-        """Fine-tune the structures within the budget: a short probe each, then the full fine-tune of the best.
+        """Fine-tune the structures within the budget (with ``probe_epochs``: a short probe each first).
 
         The in-budget structures (at most ``shortlist``, those using the most budget first), with
         ``probe_epochs`` ranked by fidelity after that short distillation (then quantized as their recipe

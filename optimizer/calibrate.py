@@ -158,8 +158,9 @@ def _session_threads(observers: Iterable[MinMaxObserver | HistogramObserver]) ->
     with onnxruntime and are the slower side of that pipeline; leaving their core to them measured
     KL calibration 10-20% faster on the 2-core reference box (resnet, mobilenet, concat,
     transformer at N=500). Subsampled histograms (``values_per_sample``) cost about what MinMax's
-    updates cost, and then onnxruntime's default (every core) measured faster: KL/MinMax time
-    2.3-3.4x -> 2.0-2.7x on 7 of 8 model x N cases, on a box loaded by other jobs. MinMax keeps
+    updates cost, and then onnxruntime's default (every core) measured faster in 7 of 8 cases
+    (4 reference models x N=100/500, 1024 values per sample, box loaded by other jobs): KL/MinMax
+    wall time 2.0-3.4x against 1.8-6.0x with one core left to the observer. MinMax keeps
     onnxruntime's default.
     """
     exact = any(isinstance(o, HistogramObserver) and o.histogram.values_per_sample is None for o in observers)

@@ -44,7 +44,7 @@ Why it is built this way (measured on the reference CNN):
 
 - The phase: with the same positions in every sample, a tensor whose extremes sit at a few fixed
   places (a border pixel of one channel) never has its tail binned -- it cut a ReLU output's 99.99th
-  percentile by 27%. With the phase the percentiles moved by < 1%.
+  percentile by 27% (500 digits, K = 4096). With the phase: 5.6% on that tensor, median 0.2%.
 - Runs: a gather of single values scattered over a sample misses the cache on almost every value;
   a run of 16 float32 is one cache line, copied as one row (subsample of a 5-sample batch of a
   32x32x32 ReLU output at K = 1024: 47 -> 15 us).

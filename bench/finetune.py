@@ -46,8 +46,8 @@ labels pull the int8 model away from the float model it should reproduce). SQNR 
 and accuracy on the test split are measured on onnxruntime with all optimisations, and the integer
 kernels it fused are counted.
 
-Run:  python bench/finetune.py [--names resnet mobilenet concat] [--epochs 8] [--select] [--teacher-speed]
-      [--threads-check]
+Run:  python bench/finetune.py [--names resnet mobilenet concat] [--epochs 8] [--seeds 0 1 2] [--select]
+      [--teacher-speed] [--threads-check]
 """
 
 from __future__ import annotations
@@ -245,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901
     parser.add_argument("--hard-lr", type=float, default=1e-3, help="learning rate of the hard-label run")
     parser.add_argument("--temperature", type=float, default=4.0)
     parser.add_argument("--hard-weight", type=float, default=0.5, help="λ_hard of the KD run")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds of the two fine-tune runs")
     parser.add_argument("--shift", type=int, default=0, help="shift augmentation (pixels) of both runs")
     parser.add_argument("--train", choices=["train", "calib"], default="calib",
                         help="fine-tune on the 500 calibration digits (default) or the whole training split")
@@ -287,11 +288,11 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901
           f"test {len(x_test)}; epochs {args.epochs}; torch threads {args.threads}; exporter {args.exporter}; "
           f"load average {load}")  # fmt: skip
 
-    def tune(student, teacher, out, kw) -> tuple[onnx.ModelProto, object, float, float]:
+    def tune(student, teacher, out, kw, seed: int = 0) -> tuple[onnx.ModelProto, object, float, float]:
         start, cpu = time.perf_counter(), time.process_time()
         res = onnxpress.finetune(
             student, teacher, {"input": x_train}, out, labels=y_train, epochs=args.epochs, batch_size=64,
-            val_fraction=0.1, patience=3, seed=0, threads=args.threads, exporter=args.exporter, **kw,
+            val_fraction=0.1, patience=3, seed=seed, threads=args.threads, exporter=args.exporter, **kw,
         )  # fmt: skip
         return res.model, res.history, time.perf_counter() - start, time.process_time() - cpu
 
@@ -340,12 +341,14 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901
                 "KD fine-tune": (teacher, dict(lr=args.lr, temperature=args.temperature,
                                                hard_weight=args.hard_weight, soft_weight=1.0)),
             }  # fmt: skip
-            for label, (t_model, kw) in runs.items():
-                model, h, wall, cpu_s = tune(student, t_model, f"{tmp}/{name}-{label[:2]}.onnx",
-                                             dict(kw, augment_shift=args.shift))  # fmt: skip
-                rows.append([name, label, f"{macs:.2f}", *_cells(evaluate(model)),
-                             f"{h.best_epoch}/{len(h.train_loss)}", f"{wall:.0f}s / {cpu_s:.0f}s"])  # fmt: skip
-                print("  ", rows[-1], flush=True)
+            for seed in args.seeds:
+                for label, (t_model, kw) in runs.items():
+                    model, h, wall, cpu_s = tune(student, t_model, f"{tmp}/{name}-{label[:2]}.onnx",
+                                                 dict(kw, augment_shift=args.shift), seed)  # fmt: skip
+                    shown = label if args.seeds == [0] else f"{label}, seed {seed}"
+                    rows.append([name, shown, f"{macs:.2f}", *_cells(evaluate(model)),
+                                 f"{h.best_epoch}/{len(h.train_loss)}", f"{wall:.0f}s / {cpu_s:.0f}s"])  # fmt: skip
+                    print("  ", rows[-1], flush=True)
     if sel_rows:
         print()
         print("selection split (937 training digits outside the fine-tune data):")

@@ -46,7 +46,8 @@ class FinetuneResult:
         export_max_diff: max |Δ| between the written model on onnxruntime and the fine-tuned module
             (≤ 1e-4 for float exports; QAT exports are held to SQNR ≥ ``QAT_MIN_SQNR_DB`` instead).
         metrics: teacher agreement before/after on the data given (``sqnr_db_before/after``,
-            ``accuracy_before/after`` when labels are given, ``teacher_accuracy``).
+            ``accuracy_before/after`` when labels are given, ``teacher_accuracy``); the float path
+            measures them on onnxruntime (student as given, written model), QAT on the module.
     """
 
     model: onnx.ModelProto

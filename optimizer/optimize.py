@@ -401,10 +401,12 @@ def optimize(
         log.info("%s estimate corrected by %.3f", bud.kind, space.scale[bud.kind])
 
     def retime() -> None:
-        """Time the structures near the latency budget twice more, together, and keep the median of the three.
+        """Time the structures near the latency budget twice more, together, and keep the largest of the three.
 
-        One interleaved timing of a small pruned model varied by ±10-15% on the shared 2-core machine;
-        the candidates within 1.15x of the budget are the ones that decision turns on.
+        One interleaved timing of a small pruned model varied by ±10-15% on the shared 2-core machine,
+        and the candidates within 1.15x of the budget are the ones that decision turns on: a model
+        written as within the budget should stay there when measured again (a candidate timed 0.213,
+        0.178, 0.194 whose median passed 0.2 measured 0.217 in five later rounds).
         """
         lat = next((b.value for b in budgets if b.kind == "latency"), None)
         near = [c for c in candidates[1:] if lat is not None and c.latency_ratio is not None
@@ -417,7 +419,7 @@ def optimize(
         for k, c in enumerate(near):
             times = [c.latency_ratio, again[0][k], again[1][k]]
             log.info("%s: latency %s", c.note, ", ".join(f"{t:.3f}" for t in times))
-            c.latency_ratio = float(np.median(times))
+            c.latency_ratio = max(times)  # within the budget only if every timing was
 
     def judge() -> None:
         """Fine-tune the structures within the budget (with ``probe_epochs``: a short probe each first).

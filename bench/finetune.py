@@ -29,13 +29,15 @@ lr 3e-3 made the early-stopping loss worse from the first epoch on resnet and co
 student is kept); a 2-pixel shift lowered the mean selection accuracy by 0.0007 in both arms, so the
 defaults run without it (``--shift 2`` turns it on for both arms alike).
 
-Torch threads: 1 by default. On the shared 2-core box (load average ~5) one training step (batch 64)
-of the students took 3-14x longer wall and 4-14x more CPU with 2 torch threads than with 1
-(``--threads-check``, medians of 5 interleaved; two runs: 3.1-13.8x and 8.2-9.9x wall): OpenMP threads that wait for
-each other at every op barrier burn CPU when a core is taken away. The fine-tuned weights go back
-to ONNX by ``exporter="writeback"`` (the student graph with the new weights; the dynamo re-export
-gives the same values within 1e-4, tested in tests/test_bridge_export.py, and cost 32 s of a 306 s
-profiled run here); ``--exporter dynamo`` runs it.
+Torch threads: 1 by default. On the shared 2-core box one training step (batch 64) of the students
+took 3-14x longer wall and 4-14x more CPU with 2 torch threads than with 1 in 8 of 9 measurements
+(``--threads-check``, medians of 5 interleaved; three runs at load average ~5, ~5 and ~2: 3.1-13.8x,
+8.2-9.9x, 11.6-12.2x wall); only concat at load ~2 gained from the second thread (0.59x). OpenMP
+threads that wait for each other at every op barrier burn CPU when a core is taken away. The
+fine-tuned weights go back to ONNX by ``exporter="writeback"`` (the student graph with the new
+weights; the dynamo re-export gives the same values within 1e-4, tested in
+tests/test_bridge_export.py, and cost 32 s of a 306 s profiled run here); ``--exporter dynamo``
+runs it.
 
 Part 2, on the depthwise CNN (mobilenet): int8 PTQ (``InsertQDQ`` from a KL calibration table) vs
 QAT (the same QDQ graph, scales initialised from the same table and learned with LSQ, weights

@@ -7,8 +7,14 @@ a group spans several layers). The search solves, approximately::
     max  fidelity(o)          fidelity ≈ -10 log10 Σ [NSR_l(q_l) + NSR_l(r_l) + δ·NSR_g(p_g)]   (additive)
     s.t. cost(o) ≤ budget     cost: flops  = Σ_l MACs_l(r_l)·Π_g κ_l,g(p_g) / Σ MACs_l
                                     size   = 1 + Σ Δbytes(o) / bytes    (Δ measured per option alone)
-                                    latency = w_m·Σ_l MACs_l(r_l)·Π_g κ_l,g(p_g)·(ρ if int8 else 1) / Σ MACs_l
-                                              + w_a·ρ·(1 - Σ_g α_g(p_g)),
+                                    latency = w_m·ρ·Σ_l K_l / Σ MACs_l,   K_l = MACs_l(r_l)·Π_g κ_l,g(p_g)
+                                              + w_a·ρ·(1 - Σ_g α_g(p_g))
+                                              + Σ_{l float} π_l·K_l / MACs_l,
+                                              π_l = measured latency ratio added by keeping only layer l
+                                              float in the int8 model (a float island also pays the
+                                              layout changes and the float Add/Relu beside it: on the
+                                              reference ResNet a 1x1 shortcut conv with 0.9% of the
+                                              MACs added 0.16, the stem nothing), else (1 - ρ)·MACs_l/Σ,
                                               α_g = fraction of activation elements group g removes
                                               (Relu/Add/QDQ traffic: residual streams), (w_m, w_a)
                                               least-squares fitted on the timed candidates,
@@ -198,6 +204,8 @@ class SearchSpace:
         # latency = ρ·(w_macs·MACs kept + w_acts·activations kept); the weights are refit from built candidates
         has_acts = any(o.acts for opts in self.options for o in opts)
         self.lat_weights = LATENCY_PRIOR if has_acts else (1.0, 0.0)
+        # measured latency ratio added by keeping each MAC layer float in the int8 model (None: estimated)
+        self.float_penalty: list[float | None] | None = None
 
     @property
     def slots(self) -> list[str]:
@@ -228,22 +236,58 @@ class SearchSpace:
         groups on its input and output channels) when no option carries a timed latency share;
         size (and timed latency) add per-option deltas.
         """
+        if kind == "latency" and self._coupled:
+            macs, acts, penalty = self.latency_terms(picks)
+            w_macs, w_acts = self.lat_weights
+            return w_macs * macs + w_acts * acts + penalty
         if kind != "size" and self._coupled:
-            n = len(self.layers)
-            kept = np.array([self.options[i][j].macs for i, j in enumerate(picks[:n])], dtype=np.float64)
-            for i, j in enumerate(picks[n:], start=n):
-                f = self.options[i][j].factors
-                if f is not None:
-                    kept = kept * f
-            if kind == "latency":
-                kept = kept * np.array([self.rho if self.options[i][j].quant == "int8" else 1.0
-                                        for i, j in enumerate(picks[:n])])
-                w_macs, w_acts = self.lat_weights
-                acts = self.rho * (1.0 - sum(self.options[i][j].acts for i, j in enumerate(picks[n:], start=n)))
-                return w_macs * float(kept.sum()) / self.total_macs + w_acts * acts
-            return float(kept.sum()) / self.total_macs
+            return float(self._kept_macs(picks).sum()) / self.total_macs
         base = 1.0 if kind == "size" else 0.0
-        return base + sum(self.layer_cost(kind, self.options[i][j]) for i, j in enumerate(picks))
+        total = base + sum(self.layer_cost(kind, self.options[i][j]) for i, j in enumerate(picks))
+        if kind == "latency" and self.float_penalty is not None:  # timed options: a float layer costs what it measured
+            for i, j in enumerate(picks[:len(self.layers)]):
+                c = self.options[i][j]
+                if c.quant == "fp32":
+                    share = c.macs / self.total_macs if c.lat_share is None else c.lat_share
+                    total += share * (self.rho - 1.0) + self._penalty(i, c.macs)
+        return total
+
+    def _kept_macs(self, picks: Sequence[int]) -> np.ndarray:
+        """MACs per layer left by every pick (the layer's own rank times each group's kept fraction)."""
+        n = len(self.layers)
+        kept = np.array([self.options[i][j].macs for i, j in enumerate(picks[:n])], dtype=np.float64)
+        for i, j in enumerate(picks[n:], start=n):
+            f = self.options[i][j].factors
+            if f is not None:
+                kept = kept * f
+        return kept
+
+    def _penalty(self, i: int, kept: float) -> float:
+        """Latency ratio added by leaving layer ``i`` float in an int8 model, for ``kept`` of its MACs.
+
+        Measured (:attr:`float_penalty`) it is scaled by the fraction of the layer's MACs kept; else
+        the fp32 rate of those MACs minus the int8 one, ``(1 - ρ)·kept / Σ MACs``.
+        """
+        lay = self.layers[i]
+        if self.float_penalty is not None and self.float_penalty[i] is not None:
+            return self.float_penalty[i] * (kept / lay.macs if lay.macs else 1.0)
+        return (1.0 - self.rho) * kept / self.total_macs
+
+    def latency_terms(self, picks: Sequence[int]) -> tuple[float, float, float]:
+        """``(MACs term, activations term, float penalty)`` of the coupled latency estimate.
+
+        ``raw = w_m·MACs + w_a·activations + penalty``: the first two at the int8 rate (ρ times the
+        MACs / activation elements kept), the penalty what the float layers add on top. Only the
+        weights are fitted to timings; a float layer's cost is its own, so an all-int8 fit cannot
+        make float layers look free (with activations-only weights they once cost nothing, and the
+        search kept layers float that measured 0.4-0.65x size and 0.6x latency).
+        """
+        n = len(self.layers)
+        kept = self._kept_macs(picks)
+        acts = self.rho * (1.0 - sum(self.options[i][j].acts for i, j in enumerate(picks[n:], start=n)))
+        penalty = sum(self._penalty(i, float(kept[i])) for i, j in enumerate(picks[:n])
+                      if self.options[i][j].quant == "fp32")
+        return self.rho * float(kept.sum()) / self.total_macs, acts, penalty
 
     def fit_cost(self, kind: str, measured: Sequence[tuple[Sequence[int], float]], near: float | None = None,
                  points: int = 3) -> None:
@@ -267,12 +311,10 @@ class SearchSpace:
         self.offset[kind] = 0.0
 
     def _fit_latency_weights(self, usable: Sequence[tuple[Sequence[int], float]]) -> None:
-        """Least-squares ``measured ≈ a·MACs term + b·activations term`` (both ≥ 0), then ``lat_weights = (a, b)``."""
-        self.lat_weights = (1.0, 0.0)
-        macs = np.array([self.raw_cost("latency", p) for p, _ in usable])
-        self.lat_weights = (0.0, 1.0)
-        acts = np.array([self.raw_cost("latency", p) for p, _ in usable])
-        ys = np.array([y for _, y in usable])
+        """Least-squares ``measured - float penalty ≈ a·MACs term + b·activations term`` (both ≥ 0), then ``(a, b)``."""
+        terms = np.array([self.latency_terms(p) for p, _ in usable])
+        macs, acts = terms[:, 0], terms[:, 1]
+        ys = np.array([y for _, y in usable]) - terms[:, 2]
         coef = np.linalg.lstsq(np.stack([macs, acts], axis=1), ys, rcond=None)[0]
         if np.all(coef >= 0) and coef.sum() > 0:
             self.lat_weights = (float(coef[0]), float(coef[1]))

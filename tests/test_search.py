@@ -178,6 +178,49 @@ def test_latency_weights_are_fitted_to_activation_traffic():
     assert space.describe(space.greedy("latency", 0.35))["group S"] == "prune0.5"  # 0.5·0.6 = 0.3: the stream
 
 
+def _stream_space() -> SearchSpace:
+    """Layers A, B (1000 MACs each, int8 40 dB and 20 dB) and groups S, T that remove 40% / 5% of activations."""
+    layers = (LayerInfo("A", "Conv", 1000, 400, 20), LayerInfo("B", "Conv", 1000, 400, 20))
+    scores = (OptionScore("A", "int8", "int8", 40.0, 1000, 400), OptionScore("B", "int8", "int8", 20.0, 1000, 400),
+              OptionScore("S", "prune", "prune0.5", 10.0, 1500, 400, None, -100, 0.5, 4,
+                          layer_macs={"A": 500, "B": 1000}, acts_removed=0.4),
+              OptionScore("T", "prune", "prune0.5", 10.0, 1000, 400, None, -100, 0.5, 4,
+                          layer_macs={"A": 500, "B": 500}, acts_removed=0.05))
+    return SearchSpace(SensitivityResult(layers, scores, 8, "k"), model_bytes=2000, int8_latency=0.5)
+
+
+def test_float_layers_keep_their_cost_after_an_all_int8_latency_fit():
+    """Weights fitted on int8 timings that follow activations only must not make float layers free.
+
+    The fit is on all-int8 candidates, so it says nothing about float layers; before the fix the
+    activation term was charged at the int8 rate whatever the precision, an activations-only fit
+    priced all-fp32 at the all-int8 time, and the greedy kept every layer float.
+    """
+    space = _stream_space()
+    picks = [(1, 1, 0, 0), (1, 1, 1, 0), (1, 1, 0, 1), (1, 1, 1, 1)]
+    space.fit_cost("latency", [(p, 0.5 * (1 - a)) for p, a in zip(picks, (0.0, 0.4, 0.05, 0.45), strict=True)])
+    assert space.lat_weights[0] == pytest.approx(0.0, abs=1e-9)
+    # all float: the int8 time plus each layer's MACs at the fp32 rate instead of the int8 one
+    assert space.cost("latency", (0, 0, 0, 0)) == pytest.approx(0.5 + (1 - 0.5) * 1.0)
+    assert space.describe(space.greedy("latency", 0.5)) == {"A": "int8", "B": "int8", "group S": "keep",
+                                                           "group T": "keep"}
+
+
+def test_measured_float_penalty_prices_each_float_layer():
+    """A layer measured free to keep float stays float (less noise); one measured dear goes int8."""
+    space = _stream_space()
+    space.float_penalty = [0.3, 0.0]
+    int8 = space.cost("latency", (1, 1, 0, 0))
+    assert space.cost("latency", (0, 1, 0, 0)) == pytest.approx(int8 + 0.3)
+    assert space.cost("latency", (1, 0, 0, 0)) == pytest.approx(int8)
+    pruned = space.cost("latency", (1, 1, 1, 0))  # S keeps half of A's MACs: half of A's penalty
+    assert space.cost("latency", (0, 1, 1, 0)) == pytest.approx(pruned + 0.15)
+    chosen = space.describe(space.greedy("latency", int8 + 0.01))
+    assert (chosen["A"], chosen["B"]) == ("int8", "fp32")
+    space.float_penalty = None  # estimated: B float costs its MACs at the fp32 rate, 0.25
+    assert space.describe(space.greedy("latency", int8 + 0.01))["B"] == "int8"
+
+
 def test_uniform_prune_cuts_residual_streams_at_their_own_ratio():
     """A group touching 3+ layers is a stream; the baseline prunes it at ``stream_ratio``, block groups at ``ratio``."""
     layers = tuple(LayerInfo(k, "Conv", 1000, 400, 20) for k in "ABC")

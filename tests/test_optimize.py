@@ -143,3 +143,55 @@ def test_finetune_search_probes_in_budget_structures_then_fully_tunes_the_best(s
     assert all(c.sqnr_db != pytest.approx(res.chosen.sqnr_db) for c in probed)
     optimize(model, tmp / "b.onnx", calib=data, recipe=res.recipe_path, eval_samples=32)
     assert (tmp / "a.onnx").read_bytes() == (tmp / "b.onnx").read_bytes()
+
+
+def test_float_penalties_time_the_int8_model_with_each_layer_left_float(setup, monkeypatch):
+    """One model per layer, float in that layer only; penalty = its ratio minus all-int8's, floored at 0."""
+    import importlib
+
+    from onnxpress.recipe import prepare
+    from onnxpress.search import SearchSpace
+    from onnxpress.sensitivity import analyze_sensitivity, read_feeds
+
+    opt = importlib.import_module("onnxpress.optimize")  # the package attribute is the function
+    model, data, tmp = setup
+    m0 = prepare(model)
+    space = SearchSpace(analyze_sensitivity(m0, data, cache_dir=tmp / "c", max_samples=16), m0.ByteSize())
+    seen = []
+
+    def fake_latency(reference, models, feed, **kwargs):
+        seen.extend(models)
+        return [0.5, 0.7, 0.45, 0.5, 0.9][:len(models)]
+
+    monkeypatch.setattr(opt, "measure_latency", fake_latency)
+    pens = opt.measure_float_penalties(m0, data, space, read_feeds(m0, data, 8)[0])
+    keys = [lay.key for lay in space.layers]
+    assert keys == ["conv1", "conv2", "fc1", "fc2"] and len(seen) == 5
+    assert pens == pytest.approx([0.2, 0.0, 0.0, 0.4])
+
+    def float_layers(m):
+        made_by = {o: n.op_type for n in m.graph.node for o in n.output}
+        return sorted(n.name for n in m.graph.node if n.op_type in ("Conv", "Gemm")
+                      and made_by.get(n.input[1]) != "DequantizeLinear")
+
+    assert float_layers(seen[0]) == []
+    assert [float_layers(m) for m in seen[1:]] == [[k] for k in keys]
+
+
+def test_latency_budget_search_measures_float_penalties(setup, monkeypatch):
+    """A latency search times each layer left float once, and judges candidates by measured latency."""
+    import importlib
+
+    opt = importlib.import_module("onnxpress.optimize")
+    calls = []
+    real = opt.measure_float_penalties
+    monkeypatch.setattr(opt, "measure_float_penalties", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model, data, tmp = setup
+    res = optimize(model, tmp / "l.onnx", calib=data, budget="latency=0.95", cache_dir=tmp / "c", eval_samples=32,
+                   sensitivity_samples=16)
+    assert calls == [1]
+    assert all(c.feasible == (c.latency_ratio <= 0.95 + 1e-9) for c in res.candidates)
+    assert res.chosen.latency_ratio is not None and (tmp / "l.onnx").is_file()
+    optimize(model, tmp / "n.onnx", calib=data, budget="latency=0.95", cache_dir=tmp / "c", eval_samples=32,
+             sensitivity_samples=16, float_penalties=False)
+    assert calls == [1]

@@ -4,20 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from onnxpress.cli import add_common, bounded_float, positive_int, progress_enabled
+from onnxpress.cli import add_common, bounded_float, non_negative_int, positive_int, progress_enabled
 from onnxpress.reporting import format_table
-
-
-def _non_negative_int(text: str) -> int:
-    """Parse a CLI integer >= 0 (an argparse ``type``)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
-
 
 _POSITIVE = bounded_float(0.0, float("inf"), include_low=False, include_high=False, what="a positive number")
 _WEIGHT = bounded_float(0.0, float("inf"), include_low=True, include_high=False, what="a weight")
@@ -35,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, help="training inputs: .npz (keyed by input name) or a folder of .npz")
     p.add_argument("--labels", help="class labels: .npy, or .npz with key 'labels' (may be the --data file)")
     p.add_argument("-o", "--output", required=True, help="where to write the fine-tuned model")
-    p.add_argument("--epochs", type=_non_negative_int, default=10, help="passes over the data (default 10)")
+    p.add_argument("--epochs", type=non_negative_int, default=10, help="passes over the data (default 10)")
     p.add_argument("--temperature", type=_POSITIVE, default=4.0, help="distillation temperature T (default 4)")
     p.add_argument("--lr", type=_POSITIVE, default=1e-3, help="Adam learning rate (default 1e-3)")
     p.add_argument("--batch-size", type=positive_int, default=64, help="samples per step (default 64)")
@@ -45,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--val-fraction", type=_FRACTION, default=0.1, help="held out for early stopping (default 0.1)")
     p.add_argument("--patience", type=positive_int, default=3, help="epochs without improvement before stopping")
     p.add_argument("--seed", type=int, default=0, help="seed of split, shuffling and torch (default 0)")
-    p.add_argument("--augment-shift", type=_non_negative_int, default=0,
+    p.add_argument("--augment-shift", type=non_negative_int, default=0,
                    help="shift images by up to this many pixels each epoch (default 0 = off)")  # fmt: skip
     p.add_argument("--max-samples", type=positive_int, help="use at most this many samples")
     p.add_argument("--threads", type=positive_int, help="torch threads while training")

@@ -5,6 +5,11 @@
                               ─► shortlist built with apply_recipe ─► SQNR / accuracy / latency / size
                               ─► best within budget ─► save OUT and OUT.recipe.json [─► report DIR]
 
+With a latency budget the search first times the int8 model with each layer left float (one loop):
+a float layer inside an int8 chain costs what that measured, not its MACs (see ``onnxpress.search``).
+Every later timing loop includes the uniform int8 baseline and is scaled to its first ratio, and the
+candidates near the budget are timed twice more (the largest of the three counts).
+
 With ``finetune`` (distillation after pruning/splitting, before quantizing) a fine-tune changes
 weights, not the graph, so cost and fidelity are measured in two stages::
 

@@ -170,7 +170,7 @@ class _Evaluator:
 
 def measure_float_penalties(m0: onnx.ModelProto, calib: object, space: SearchSpace, feed: Mapping[str, np.ndarray],
                             *, method: str = "mse", threads: int | None = 1, repeats: int = 30,
-                            progress: bool = False) -> list[float]:
+                            reference: onnx.ModelProto | None = None, progress: bool = False) -> list[float]:
     """Latency ratio added by keeping each MAC layer of ``space`` float in the all-int8 model (≥ 0).
 
     One calibration table, one model per layer (int8 but that layer), all timed in one interleaved
@@ -178,6 +178,7 @@ def measure_float_penalties(m0: onnx.ModelProto, calib: object, space: SearchSpa
     layer inside an int8 chain pays more than its MACs (layout changes around it, the float Add/Relu
     it feeds): on the reference ResNet (1 thread) the 1x1 shortcut conv with 0.9% of the MACs added
     0.16 and a 3x3 conv with 16% added 0.31, while the stem and the classifier added nothing.
+    ``reference``: the model latencies are ratios to (default ``m0``).
     """
     from tqdm.auto import tqdm
 
@@ -188,7 +189,7 @@ def measure_float_penalties(m0: onnx.ModelProto, calib: object, space: SearchSpa
     models = [base.model]
     for lay in tqdm(space.layers, desc="float penalties", unit="layer", disable=not progress):
         models.append(quantize(m0, table=base.table, method=method, exclude=split_names(lay.key)).model)
-    ratios = measure_latency(m0, models, feed, repeats=repeats, threads=threads)
+    ratios = measure_latency(m0 if reference is None else reference, models, feed, repeats=repeats, threads=threads)
     penalties = [max(r - ratios[0], 0.0) for r in ratios[1:]]
     log.info("float penalties: %s", ", ".join(f"{lay.key} {p:.3f}" for lay, p in zip(space.layers, penalties,
                                                                                       strict=True)))
@@ -222,6 +223,7 @@ def optimize(
     probe_epochs: int | None = None,
     latency_threads: int = 1,
     float_penalties: bool = True,
+    latency_reference: ModelSource | None = None,
     progress: bool = False,
 ) -> OptimizeResult:
     """Search per-layer int8/fp32 × low-rank × per-group pruning options under a budget and write the best model found.
@@ -280,6 +282,11 @@ def optimize(
         float_penalties: with a latency budget, time the int8 model with each layer left float
             (:func:`measure_float_penalties`) and cost float layers by those timings; off: by their
             MACs at the fp32 rate, which on the reference ResNet understated a float shortcut conv ~25-fold.
+        latency_reference: a model whose latency a ``latency`` budget is a fraction of, timed in the
+            same loops as the candidates (default: the original). ``bench/optimize.py`` passes a
+            uniform model with ``latency=1`` to search at that model's latency: a ratio to the fp32
+            original measured minutes earlier moved by 6% (0.340 -> 0.360 for int8) on the shared box.
+            The candidates' ``latency_ratio`` are then ratios to it.
         progress: progress bars.
 
     Raises:
@@ -289,7 +296,7 @@ def optimize(
 
     start = time.monotonic()
     deadline = start + time_limit if time_limit else None
-    out = check_output_path(output, [model, calib, eval_data, labels, recipe])
+    out = check_output_path(output, [model, calib, eval_data, labels, recipe, latency_reference])
     if labels is None and eval_data is not None and _npz_has_labels(eval_data):
         labels = eval_data  # an evaluation .npz that carries its labels (the readers ignore the extra key)
         log.info("labels taken from the 'labels' key of %s", eval_data)
@@ -297,6 +304,7 @@ def optimize(
         raise OnnxpressError("--max-drop needs labels (--labels) and a value >= 0 (accuracy points)")
     original = load_model(model)
     m0 = prepare(original)
+    lat_ref = m0 if latency_reference is None else load_model(latency_reference)
     data = eval_data if eval_data is not None else calib
     feeds = read_feeds(m0, data, eval_samples)
     label_array = None
@@ -395,7 +403,7 @@ def optimize(
         anchor = candidates[0] if candidates and candidates[0] not in batch else None
         if anchor is not None:  # the baseline again, in the same loop: its first ratio sets the scale
             built.insert(0, ev.models[anchor.picks])
-        ratios = measure_latency(m0, built, feeds[0], repeats=30, threads=latency_threads)
+        ratios = measure_latency(lat_ref, built, feeds[0], repeats=30, threads=latency_threads)
         if anchor is not None:
             drift = anchor.latency_ratio / ratios.pop(0)
             log.info("latency ratios of this loop scaled by %.3f (the uniform int8 baseline's drift)", drift)
@@ -408,7 +416,8 @@ def optimize(
         space.rho = candidates[0].latency_ratio
         if float_penalties and any(o.quant == "int8" for opts in space.options for o in opts):
             space.float_penalty = measure_float_penalties(m0, calib, space, feeds[0], method=method,
-                                                          threads=latency_threads, progress=progress)
+                                                          threads=latency_threads, reference=lat_ref,
+                                                          progress=progress)
     limit = bud.value
     timed_out = False
     want = shortlist  # with a fine-tune: structures within the measured budget wanted before judging

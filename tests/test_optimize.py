@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import onnx
 import pytest
 
 from onnxpress.cli import main
@@ -195,3 +196,14 @@ def test_latency_budget_search_measures_float_penalties(setup, monkeypatch):
     optimize(model, tmp / "n.onnx", calib=data, budget="latency=0.95", cache_dir=tmp / "c", eval_samples=32,
              sensitivity_samples=16, float_penalties=False)
     assert calls == [1]
+    # a budget relative to another model (here the int8 one just written): it is timed beside every candidate
+    seen = []
+    real_ml = opt.measure_latency
+    monkeypatch.setattr(opt, "measure_latency",
+                        lambda ref, *a, **k: seen.append(ref.ByteSize()) or real_ml(ref, *a, **k))
+    ref = tmp / "l.onnx"
+    optimize(model, tmp / "r.onnx", calib=data, budget="latency=1", cache_dir=tmp / "c", eval_samples=32,
+             sensitivity_samples=16, latency_reference=ref, float_penalties=False)
+    assert seen and set(seen) == {onnx.load(ref).ByteSize()}
+    with pytest.raises(OnnxpressError, match="input"):
+        optimize(model, ref, calib=data, budget="latency=1", latency_reference=ref)

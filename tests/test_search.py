@@ -161,13 +161,7 @@ def test_coupled_groups_multiply_the_macs_kept():
 
 def test_latency_weights_are_fitted_to_activation_traffic():
     """Timings that follow activations, not MACs, move the weights there; pruning the stream then looks cheap."""
-    layers = (LayerInfo("A", "Conv", 1000, 400, 20), LayerInfo("B", "Conv", 1000, 400, 20))
-    scores = (OptionScore("A", "int8", "int8", 40.0, 1000, 400), OptionScore("B", "int8", "int8", 40.0, 1000, 400),
-              OptionScore("S", "prune", "prune0.5", 10.0, 1500, 400, None, -100, 0.5, 4,
-                          layer_macs={"A": 500, "B": 1000}, acts_removed=0.4),
-              OptionScore("T", "prune", "prune0.5", 10.0, 1000, 400, None, -100, 0.5, 4,
-                          layer_macs={"A": 500, "B": 500}, acts_removed=0.05))
-    space = SearchSpace(SensitivityResult(layers, scores, 8, "k"), model_bytes=2000, int8_latency=0.5)
+    space = _stream_space(b_int8_db=40.0)
     assert space.lat_weights == (0.7, 0.3)
     picks = [(1, 1, 0, 0), (1, 1, 1, 0), (1, 1, 0, 1), (1, 1, 1, 1)]
     acts = [0.5 * (1 - a) for a in (0.0, 0.4, 0.05, 0.45)]  # measured: activations only
@@ -178,10 +172,10 @@ def test_latency_weights_are_fitted_to_activation_traffic():
     assert space.describe(space.greedy("latency", 0.35))["group S"] == "prune0.5"  # 0.5·0.6 = 0.3: the stream
 
 
-def _stream_space() -> SearchSpace:
-    """Layers A, B (1000 MACs each, int8 40 dB and 20 dB) and groups S, T that remove 40% / 5% of activations."""
+def _stream_space(b_int8_db: float = 20.0) -> SearchSpace:
+    """Layers A, B (1000 MACs each, int8 40 dB and ``b_int8_db``); groups S, T remove 40% / 5% of activations."""
     layers = (LayerInfo("A", "Conv", 1000, 400, 20), LayerInfo("B", "Conv", 1000, 400, 20))
-    scores = (OptionScore("A", "int8", "int8", 40.0, 1000, 400), OptionScore("B", "int8", "int8", 20.0, 1000, 400),
+    scores = (OptionScore("A", "int8", "int8", 40.0, 1000, 400), OptionScore("B", "int8", "int8", b_int8_db, 1000, 400),
               OptionScore("S", "prune", "prune0.5", 10.0, 1500, 400, None, -100, 0.5, 4,
                           layer_macs={"A": 500, "B": 1000}, acts_removed=0.4),
               OptionScore("T", "prune", "prune0.5", 10.0, 1000, 400, None, -100, 0.5, 4,

@@ -331,7 +331,7 @@ def optimize(
         if report is not None:
             from onnxpress.report import write_report
 
-            write_report(report, result, m0, calib, feeds)
+            write_report(report, result, m0, calib, feeds, threads=latency_threads)
         return result
 
     budgets = [parse_budget(b) for b in (budget if isinstance(budget, (list, tuple)) else [budget])]
@@ -563,6 +563,6 @@ def optimize(
     if report is not None:
         from onnxpress.report import write_report
 
-        write_report(report, result, m0, calib, feeds)
+        write_report(report, result, m0, calib, feeds, threads=latency_threads)
     log.info("optimize done in %.1f s", time.monotonic() - start)
     return result

@@ -6,12 +6,17 @@
           --InsertQDQ--> int8 weights per channel, uint8 (or int8) activations, int32 biases
     or    --QuantizeWeightsInt4--> 4-bit MatMul/Gemm weights (weight-only; with calibration data the
                                    rounding is GPTQ on each layer's input second moment E[x xᵀ])
+    mixed (int4_layers=L):  --QuantizeWeightsInt4(only L)--> --calibrate--> --InsertQDQ-->
+          layers in L run MatMulNBits (float activations, 4-bit weights); InsertQDQ leaves them
+          float (it does not know MatMulNBits) and quantizes the rest to int8 as above:
+          X ─ Q/DQ ─ Gemm(W8) ─ Q/DQ ─ MatMulNBits(W4, L) ─ Q/DQ ─ ...
 
 The result says what was quantized, what stayed float and why, and the sizes before and after.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import os
@@ -33,7 +38,7 @@ from onnxpress.model_io import (
 )
 from onnxpress.passes.qdq import ACTIVATION_TYPES, CompactQDQ, InsertQDQ, NodeDecision, Selection, TensorOverride
 from onnxpress.passes.weight_only import INT4_METHODS, QuantizeWeightsInt4, StoreConstantsInt8
-from onnxpress.pipeline import cleanup_passes, run_passes
+from onnxpress.pipeline import PipelineResult, cleanup_passes, run_passes
 
 __all__ = ["DEFAULT_METHOD", "QuantizeResult", "quantize"]
 
@@ -127,6 +132,7 @@ def quantize(
     smoothquant: float | None = None,
     codebook: int | None = None,
     int4_method: str | None = None,
+    int4_layers: Iterable[str] = (),
 ) -> QuantizeResult:
     """Quantize ``model`` for onnxruntime's CPU integer kernels (or 4-bit weight-only).
 
@@ -166,23 +172,29 @@ def quantize(
             input second moment on ``calib``; needs it) or "rtn" (round to nearest, no data).
             Default: "gptq" when ``calib`` is given, else "rtn". On the reference transformer
             (block 64) logit SQNR 26.0 -> 40.2 dB at the same size (bench/quantize.py).
+        int4_layers: with ``weights="int8"``: MatMul/Gemm layers (node names, or first output names
+            for unnamed nodes) whose constant 2-D weights become 4-bit ``MatMulNBits`` first (GPTQ
+            rounding from ``calib``); the rest of the model is then calibrated and quantized to int8 QDQ.
 
     Raises:
         OnnxpressError: bad option (names it and the choices), no calibration data, unreadable table.
         CalibrationError / DataError: from calibration.
         OutputError: ``output`` cannot be written or is the input.
     """
+    int4_layers = [int4_layers] if isinstance(int4_layers, str) else list(int4_layers)
     if weights not in WEIGHT_TYPES:
         raise OnnxpressError(f"weights must be one of {', '.join(WEIGHT_TYPES)}, got {weights!r}")
     if int4_method is not None and int4_method not in INT4_METHODS:
         raise OnnxpressError(f"int4_method must be one of {', '.join(INT4_METHODS)}, got {int4_method!r}")
-    if int4_method is not None and (weights != "int4" or codebook is not None):
+    if int4_method is not None and (weights != "int4" or codebook is not None) and not int4_layers:
         raise OnnxpressError("int4_method is for weights='int4' (without codebook); drop it or set weights='int4'")
     if int4_method == "gptq" and calib is None:
         raise CalibrationError(
             "int4_method='gptq' needs calibration data for the layers' input moments: pass calib= "
             "(an .npz of inputs), or int4_method='rtn' (round to nearest, no data)"
         )
+    if int4_layers and (weights != "int8" or codebook is not None):
+        raise OnnxpressError("int4_layers mixes 4-bit layers into an int8 model: use it with weights='int8'")
     if activations not in ACTIVATION_TYPES:
         raise OnnxpressError(f"activations must be one of {', '.join(ACTIVATION_TYPES)}, got {activations!r}")
     selection = _as_selection(exclude)
@@ -233,6 +245,12 @@ def quantize(
         used_table = None
         excluded: dict[str, str] = {}
     else:
+        int4_result, int4_done = None, []
+        if int4_layers:
+            int4_result, int4_done = _int4_layers_first(
+                cleaned, int4_layers, calib, block_size, int4_method, batch_size, max_samples, progress
+            )
+            cleaned = int4_result.model
         used_table = _resolve_table(cleaned, calib, table, method, ovs, max_samples, batch_size, progress)
         try:
             qdq = InsertQDQ(
@@ -258,6 +276,9 @@ def quantize(
         result = run_passes(infer_shapes(cleaned), [qdq, *tail], progress=progress)
         decisions = list(qdq.decisions)
         excluded = dict(used_table.excluded)
+        if int4_result is not None:  # the MatMulNBits nodes InsertQDQ left float are the int4 layers
+            decisions = [d for d in decisions if d.op != "MatMulNBits"] + int4_done
+            result = dataclasses.replace(result, stats={**int4_result.stats, **result.stats})
     check_model(result.model, where="the quantized model")
     written = save_model(result.model, output) if output is not None else None
     return QuantizeResult(
@@ -271,6 +292,58 @@ def quantize(
         size_after=result.model.ByteSize(),
         stats=dict(result.stats),
     )
+
+
+def _int4_layers_first(
+    model: onnx.ModelProto,
+    layers: list[str],
+    calib: object | None,
+    block_size: int,
+    int4_method: str | None,
+    batch_size: int,
+    max_samples: int | None,
+    progress: bool,
+) -> tuple[PipelineResult, list[NodeDecision]]:
+    """Rewrite only ``layers`` (MatMul/Gemm, by name or first output) to MatMulNBits; the rest untouched."""
+    # types first: onnx's shape inference cannot see through MatMulNBits, and calibration and InsertQDQ
+    # pick float32 tensors only, so the int4 layers' outputs keep the float32 types they had
+    model = infer_shapes(copy.deepcopy(model))
+    mm = [n for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and n.domain in ("", "ai.onnx")]
+    for n in mm:  # the pass selects by node name: name unnamed layers by their output (a layer key)
+        if not n.name:
+            n.name = n.output[0]
+    names = {n.name for n in mm}
+    unknown = [x for x in layers if x not in names]
+    if unknown:
+        raise OnnxpressError(
+            f"int4_layers {unknown[:5]} are not MatMul/Gemm layers of the model; "
+            f"choose among {sorted(names)[:10]}{' ...' if len(names) > 10 else ''}"
+        )
+    wanted = set(layers)
+    hessians = None
+    if (int4_method or ("gptq" if calib is not None else "rtn")) == "gptq":
+        from onnxpress.lowrank import collect_moments
+
+        hessians = collect_moments(
+            model, calib, ops=("MatMul", "Gemm"), batch_size=batch_size, max_samples=max_samples, progress=progress
+        )
+        hessians = {k: v for k, v in hessians.items() if k in wanted}
+    try:
+        int4 = QuantizeWeightsInt4(
+            block_size=block_size,
+            exclude=frozenset(names - wanted),
+            hessians=hessians,
+            int8_below=0,  # every named layer gets 4-bit weights; the others go through InsertQDQ
+            constants_int8_min_size=None,  # left to the int8 step's StoreConstantsInt8
+        )
+    except ValueError as exc:
+        raise OnnxpressError(str(exc)) from None
+    result = run_passes(model, [int4], progress=progress)
+    decisions = [d for d in _int4_decisions(model, result.notes) if d.name in wanted]
+    refused = [f"{d.name} ({d.reason})" for d in decisions if not d.quantized]
+    if refused:
+        raise OnnxpressError(f"int4_layers cannot take 4-bit weights: {', '.join(refused)}; drop them from int4_layers")
+    return result, decisions
 
 
 def _int4_decisions(model: onnx.ModelProto, notes: Iterable[str]) -> list[NodeDecision]:

@@ -220,3 +220,61 @@ def test_int8_mode_stores_large_leftover_constants_int8() -> None:
     assert "W" not in {i.name for i in res.model.graph.initializer}  # the MatMul weight went through InsertQDQ
     kept = onnxpress.quantize(model, table=minmax_table(model, x), constants_int8_min_size=None)
     assert "pos" in {i.name for i in kept.model.graph.initializer}
+
+
+def two_matmuls() -> onnx.ModelProto:
+    """X[N,128] -> MatMul(W[128,256], "a") -> Relu -> MatMul(W2[256,64], "b") -> Y[N,64]."""
+    r = rng(17)
+    inits = {
+        "W": (r.standard_normal((128, 256)) * 0.1).astype(np.float32),
+        "W2": (r.standard_normal((256, 64)) * 0.1).astype(np.float32),
+    }
+    nodes = [
+        helper.make_node("MatMul", ["X", "W"], ["h"], name="a"),
+        helper.make_node("Relu", ["h"], ["hr"], name="relu"),
+        helper.make_node("MatMul", ["hr", "W2"], ["Y"], name="b"),
+    ]
+    return make_model(nodes, [("X", ["N", 128])], [("Y", ["N", 64])], inits)
+
+
+def _packed(model: onnx.ModelProto) -> list[bytes]:
+    inits = {i.name: i for i in model.graph.initializer}
+    return [numpy_helper.to_array(inits[n.input[1]]).tobytes() for n in model.graph.node if n.op_type == "MatMulNBits"]
+
+
+def test_int4_layers_mix_with_int8() -> None:
+    """int4_layers=["a"]: a runs MatMulNBits with the same 4-bit weights as uniform int4, b gets int8 QDQ."""
+    model = two_matmuls()
+    before = model.SerializeToString()
+    x = {"X": rng(3).standard_normal((64, 128)).astype(np.float32)}
+    mixed = onnxpress.quantize(model, calib=[x], int4_layers=["a"], block_size=64)
+    int8 = onnxpress.quantize(model, calib=[x])
+    int4 = onnxpress.quantize(model, calib=[x], weights="int4", exclude=["b"], block_size=64)
+    assert model.SerializeToString() == before
+    ops = [n.op_type for n in mixed.model.graph.node]
+    assert ops.count("MatMulNBits") == 1 and ops.count("MatMul") == 1 and "QuantizeLinear" in ops
+    b = next(n for n in mixed.model.graph.node if n.op_type == "MatMul")
+    producers = {o: n.op_type for n in mixed.model.graph.node for o in n.output}
+    assert [producers.get(i) for i in b.input] == ["DequantizeLinear", "DequantizeLinear"]  # b is int8 QDQ
+    assert _packed(mixed.model) == _packed(int4.model)  # the same GPTQ rounding of a
+    assert {d.name for d in mixed.quantized} >= {"a", "b"}
+    assert mixed.stats["quantize_weights_int4.weights_int4"] == 1
+    assert mixed.size_after < 0.7 * int8.size_after
+    ref, got = run(model, x)[0], run(mixed.model, x)[0]
+    # measured 26.2 dB: int4 on a dominates (a alone at int4, b float: 26.4; int8 everywhere: 37.1)
+    assert sqnr_db(ref, got) > sqnr_db(ref, run(int4.model, x)[0]) - 1.0 > 24
+
+
+def test_int4_layers_errors() -> None:
+    """int4_layers names MatMul/Gemm layers of an int8 model; anything else is a typed error."""
+    model = two_matmuls()
+    x = {"X": rng(3).standard_normal((16, 128)).astype(np.float32)}
+    with pytest.raises(OnnxpressError, match="not MatMul/Gemm layers.*choose among"):
+        onnxpress.quantize(model, calib=[x], int4_layers=["relu"])
+    with pytest.raises(OnnxpressError, match="weights='int8'"):
+        onnxpress.quantize(model, calib=[x], weights="int4", int4_layers=["a"])
+    nodes = [helper.make_node("MatMul", ["X", "W"], ["Y"], name="a")]
+    fed = make_model(nodes, [("X", ["N", 128]), ("W", [128, 256])], [("Y", ["N", 256])])
+    feeds = {**x, "W": np.ones((128, 256), np.float32)}
+    with pytest.raises(OnnxpressError, match="cannot take 4-bit weights: a .weight is not a float32 constant"):
+        onnxpress.quantize(fed, calib=[feeds], int4_layers=["a"])

@@ -154,6 +154,12 @@ class _Evaluator:
 
     def measure_cost(self, cand: Candidate, model: onnx.ModelProto) -> None:
         cand.size_ratio = model.ByteSize() / self.original_bytes
+        if any(n.op_type == "MatMulNBits" for n in model.graph.node):
+            # onnx's shape inference stops at MatMulNBits (com.microsoft), and quantizing changes no
+            # MACs: count them on the candidate's structure (its recipe without quantize and finetune)
+            steps = [s for s in cand.recipe["steps"] if s["pass"] not in ("quantize", "finetune")]
+            model = apply_recipe(self.m0, {**cand.recipe, "steps": steps}, self.calib, prepared=True,
+                                 moments_cache=self.moments) if steps else self.m0
         cand.flops_ratio = sum(count_macs(model).values()) / self.macs0
 
     def measure_fidelity(self, cand: Candidate, model: onnx.ModelProto) -> None:

@@ -5,7 +5,8 @@ A recipe is data, applied in order to the cleaned model::
     {"version": 1, "steps": [
         {"pass": "prune",    "ratio": {"group": 0.5}, "criterion": "l2"},
         {"pass": "lowrank",  "ranks": {"node_Conv_140": 16}, "max_samples": 256},
-        {"pass": "quantize", "method": "mse", "exclude": ["node_Gemm_160"], "max_samples": 256}
+        {"pass": "quantize", "method": "mse", "exclude": ["node_Gemm_160"], "max_samples": 256,
+         "int4_layers": ["node_MatMul_16"]}
     ]}
 
     model --cleanup--> M0 --prune--> M1 --lowrank(ranks, E[x xᵀ] on calib)--> M2 --quantize(table on calib)--> out
@@ -13,7 +14,8 @@ A recipe is data, applied in order to the cleaned model::
 Every step is deterministic for the same model bytes and calibration data (numpy SVD, fixed
 calibration subset, graph passes with stable names), so applying a recipe twice gives the same
 bytes; ``tests/test_recipe.py`` checks it. ``quantize.exclude`` names *layers of the input model*:
-when a layer was split by ``lowrank`` both its factor nodes stay float.
+when a layer was split by ``lowrank`` both its factor nodes stay float. ``quantize.int4_layers``
+(MatMul/Gemm node names) get 4-bit weight-only ``MatMulNBits`` before the rest is quantized to int8.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ _KEYS: dict[str, dict[str, Any]] = {
     "quantize": {
         "method": "mse",
         "exclude": [],
+        "int4_layers": [],
         "activations": "uint8",
         "per_channel": True,
         "max_samples": 256,
@@ -120,6 +123,12 @@ def validate_recipe(recipe: Mapping[str, Any]) -> dict[str, Any]:
                 raise _bad(where, f"method must be kl, minmax, percentile or mse, got {full['method']!r}")
             if not isinstance(full["exclude"], list) or not all(isinstance(x, str) for x in full["exclude"]):
                 raise _bad(where, "'exclude' must be a list of layer names")
+            four = full["int4_layers"]
+            if not isinstance(four, list) or not all(isinstance(x, str) for x in four):
+                raise _bad(where, "'int4_layers' must be a list of MatMul/Gemm layer names")
+            both = sorted(set(four) & set(full["exclude"]))
+            if both:
+                raise _bad(where, f"layers {both} are both in 'exclude' (float) and 'int4_layers'; keep one")
             if full["activations"] not in ("uint8", "int8"):
                 raise _bad(where, f"activations must be uint8 or int8, got {full['activations']!r}")
         if name == "finetune":
@@ -303,6 +312,7 @@ def apply_recipe(
 
             exclude = [item for key in step["exclude"] for item in split_names(key)]
             current = quantize(current, calib=calib, method=step["method"], exclude=exclude,
+                               int4_layers=step["int4_layers"],
                                activations=step["activations"], per_channel=step["per_channel"],
                                max_samples=step["max_samples"], batch_size=step["batch_size"],
                                progress=progress).model

@@ -1,6 +1,8 @@
 """Budgeted search over per-layer precision × rank and per-group channel pruning.
 
-Each MAC layer ``l`` takes one option ``o_l = (q, r)``, ``q ∈ {fp32, int8}``, ``r ∈ {full} ∪ ranks``,
+Each MAC layer ``l`` takes one option ``o_l = (q, r)``, ``q ∈ {fp32, int8}``, ``r ∈ {full} ∪ ranks``, or
+``int4`` (4-bit weight-only MatMul/Gemm at full rank, where the sensitivity table measured it;
+its latency is estimated as fp32's: MatMulNBits ran ~1.03x fp32 here, so it buys size, not time),
 and each prunable channel group ``g`` one ratio ``p_g ∈ {0} ∪ prune ratios`` (a slot of its own:
 a group spans several layers). The search solves, approximately::
 
@@ -62,6 +64,9 @@ log = logging.getLogger(__name__)
 
 BUDGET_KINDS = ("latency", "size", "flops")
 
+FLOAT_RATE = ("fp32", "int4")
+"""Layer options whose MACs run at the float rate in the latency estimate (MatMulNBits: float activations)."""
+
 LATENCY_PRIOR = (0.7, 0.3)
 """Latency weights (int8 MACs, activation elements) before any candidate is timed: on the reference
 ResNet (int8, 1 thread, batch 64) pruned models took ~0.08 + 0.29 x their MACs share, i.e. about a
@@ -104,7 +109,7 @@ def parse_budget(text: str | Budget) -> Budget:
 class LayerChoice:
     """One option of one layer with its estimated costs and noise."""
 
-    quant: str  # "fp32" | "int8" | "group" (a channel-group slot: macs = -MACs saved)
+    quant: str  # "fp32" | "int8" | "int4" | "group" (a channel-group slot: macs = -MACs saved)
     rank: int | None
     nsr: float
     macs: int
@@ -151,7 +156,7 @@ class SearchSpace:
         sens: the sensitivity table of the cleaned model.
         model_bytes: serialized bytes of the cleaned model (for the size estimate).
         int8_latency: measured latency ratio of the all-int8 model (ρ), for the latency estimate.
-        quantize: offer int8.
+        quantize: offer int8 (and int4 where ``sens`` measured it).
         prune: offer the channel-pruning options of the table.
         prune_multiple: the multiple the table's prune options were rounded to (written into recipes).
     """
@@ -173,6 +178,9 @@ class SearchSpace:
             opts = [LayerChoice("fp32", None, 0.0, lay.macs, lay.params)]
             if q is not None:
                 opts.append(LayerChoice("int8", None, nsr(q.sqnr_db), lay.macs, lay.params, q.bytes_delta))
+            q4 = sens.score(lay.key, "int4", "int4") if quantize else None
+            if q4 is not None:
+                opts.append(LayerChoice("int4", None, nsr(q4.sqnr_db), lay.macs, lay.params, q4.bytes_delta))
             for s in ranks:
                 # a measured split: the layer's MACs share minus the fp32 latency the split saved (may be < 0)
                 share = None if s.latency_ratio is None else lay.macs / self.total_macs - (1.0 - s.latency_ratio)
@@ -247,7 +255,7 @@ class SearchSpace:
         if kind == "latency" and self.float_penalty is not None:  # timed options: a float layer costs what it measured
             for i, j in enumerate(picks[:len(self.layers)]):
                 c = self.options[i][j]
-                if c.quant == "fp32":
+                if c.quant in FLOAT_RATE:
                     share = c.macs / self.total_macs if c.lat_share is None else c.lat_share
                     total += share * (self.rho - 1.0) + self._penalty(i, c.macs)
         return total
@@ -286,7 +294,7 @@ class SearchSpace:
         kept = self._kept_macs(picks)
         acts = self.rho * (1.0 - sum(self.options[i][j].acts for i, j in enumerate(picks[n:], start=n)))
         penalty = sum(self._penalty(i, float(kept[i])) for i, j in enumerate(picks[:n])
-                      if self.options[i][j].quant == "fp32")
+                      if self.options[i][j].quant in FLOAT_RATE)
         return self.rho * float(kept.sum()) / self.total_macs, acts, penalty
 
     def fit_cost(self, kind: str, measured: Sequence[tuple[Sequence[int], float]], near: float | None = None,
@@ -441,7 +449,7 @@ class SearchSpace:
                  strict=True)) if self.options[i][j].rank}
         ratios = {g: self.options[n + k][j].prune for k, (g, j) in enumerate(zip(self.groups, picks[n:], strict=True))
                   if self.options[n + k][j].prune}
-        quant = [self.options[i][j].quant == "int8" for i, j in enumerate(picks[:n])]
+        quant = [self.options[i][j].quant for i, j in enumerate(picks[:n])]
         steps: list[dict[str, Any]] = []
         if ratios:
             steps.append({"pass": "prune", "ratio": dict(sorted(ratios.items())), "criterion": "l2",
@@ -451,9 +459,13 @@ class SearchSpace:
         if (ranks or ratios) and finetune_epochs:
             # no early stop: a deeply pruned model sits on a plateau for several epochs before it recovers
             steps.append({"pass": "finetune", "epochs": finetune_epochs, "patience": finetune_epochs})
-        if any(quant):
-            exclude = sorted(lay.key for lay, q in zip(self.layers, quant, strict=True) if not q)
-            steps.append({"pass": "quantize", "method": method, "exclude": exclude, "max_samples": calib_samples})
+        if any(q in ("int8", "int4") for q in quant):
+            exclude = sorted(lay.key for lay, q in zip(self.layers, quant, strict=True) if q == "fp32")
+            step = {"pass": "quantize", "method": method, "exclude": exclude, "max_samples": calib_samples}
+            four = sorted(lay.key for lay, q in zip(self.layers, quant, strict=True) if q == "int4")
+            if four:  # run before InsertQDQ, which leaves their MatMulNBits float
+                step["int4_layers"] = four
+            steps.append(step)
         if not steps:
             steps.append({"pass": "cleanup"})
         return {"version": 1, "steps": steps}

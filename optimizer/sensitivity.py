@@ -2,11 +2,12 @@
 
 For every MAC layer ``l`` (Conv/Gemm/MatMul of the cleaned model) and option ``o``::
 
-    M_l,o = M with only layer l rewritten by o        (o ∈ {int8, rank r, ...}; fp32 = M itself)
+    M_l,o = M with only layer l rewritten by o        (o ∈ {int8, int4, rank r, ...}; fp32 = M itself)
     SQNR(l, o) = 10 log10( Σ y² / Σ (y - y_l,o)² )     y = M(x), over the sensitivity samples
 
     cleaned M ──┬── calibrate once (table) ──► InsertQDQ(only l) ──► run ──► SQNR(l, int8)
                 ├── E[x xᵀ] once (moments) ──► FixedRanks({l: r}) ──► run ──► SQNR(l, rank r)
+                │                          └─► QuantizeWeightsInt4(only l, GPTQ) ──► run ──► SQNR(l, int4)
                 └── PruneChannels({g: ρ}, multiple=8) (the recipe's prune step) ──► run ──► SQNR(g, prune ρ)
 
 Pruning options are per *channel group* ``g`` (coupled channels: a conv's outputs and, through a
@@ -16,9 +17,16 @@ family ``prune``, ``macs_after``/``params_after`` summed over all the table's la
 ``layer_macs`` per layer (so that the search can combine groups: a conv between two pruned groups
 keeps ``(1 - ρ_in)(1 - ρ_out)`` of its MACs, not ``1 - ρ_in - ρ_out``), ``acts_removed`` (the
 fraction of float activation elements per sample it removes: what Relu/Add/QDQ stream through memory,
-additive across groups since every tensor's channels belong to one group), and the measured byte delta.
+additive across groups since every tensor's channels belong to one group), and the measured byte
+delta (against the model's graphsurgeon round trip: :func:`roundtrip_bytes`).
 Kept counts are rounded to ``prune_multiple``; ratios that remove nothing
 after rounding, or the same units as a smaller ratio, are dropped.
+
+The ``int4`` option (4-bit weight-only ``MatMulNBits``, block 64, float activations: the recipe's
+``quantize.int4_layers``) is offered for MatMul/Gemm layers with a named node and a constant 2-D
+float weight of at least ``INT4_MIN_WEIGHTS`` elements; its ``bytes_delta`` is the measured size
+change (0.5 byte per weight + a float scale per 64-row block, minus the float weight). Its GPTQ
+rounding uses the ``moment_samples`` moments (the recipe's step those of its ``max_samples``).
 
 With ``latency=True`` every rank and prune candidate (fp32) is also timed against the model in one
 interleaved loop: ``latency_ratio`` = t(M_l,o) / t(M). A split's extra node and a pruned group's
@@ -57,11 +65,13 @@ from onnxpress.prune import sqnr_db
 
 __all__ = [
     "CACHE_VERSION",
+    "INT4_MIN_WEIGHTS",
     "LayerInfo",
     "OptionScore",
     "SensitivityResult",
     "analyze_sensitivity",
     "default_cache_dir",
+    "int4_layers",
     "nsr",
     "prune_groups",
     "read_feeds",
@@ -70,7 +80,13 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 6
+CACHE_VERSION = 7
+
+INT4_MIN_WEIGHTS = 4096
+"""Smallest weight (elements) offered the int4 option: smaller ones cost little and can dominate the error."""
+
+INT4_BLOCK = 64
+"""Block size of the int4 option (``onnxpress.quantize``'s default, which the recipe step uses)."""
 
 
 def nsr(sqnr: float) -> float:
@@ -91,7 +107,7 @@ class LayerInfo:
 
 @dataclasses.dataclass(frozen=True)
 class OptionScore:
-    """Output SQNR when only ``layer`` takes ``option`` (``family`` int8 | rank | prune).
+    """Output SQNR when only ``layer`` takes ``option`` (``family`` int8 | int4 | rank | prune).
 
     For ``prune`` rows ``layer`` is a channel group, ``ratio`` the ratio asked for, ``units_removed``
     what the pass removed, and ``macs_after``/``params_after`` are sums over the table's layers.
@@ -214,6 +230,40 @@ def layer_infos(model: onnx.ModelProto) -> list[LayerInfo]:
     return out
 
 
+def roundtrip_bytes(model: onnx.ModelProto) -> int:
+    """Serialized bytes of ``model`` after an unchanged graphsurgeon round trip (what every candidate went through).
+
+    The baseline of ``bytes_delta``: the round trip drops node metadata (a torch export's stack traces)
+    and value_info, the same bytes for every candidate (~51 kB of the 1.7 MB reference transformer), so
+    deltas against the input's own size would each count that loss once and their sum could pass -100%.
+    """
+    from onnxpress.pipeline import export_graph, import_graph
+
+    return export_graph(import_graph(model).cleanup().toposort(), model).ByteSize()
+
+
+def int4_layers(model: onnx.ModelProto) -> list[str]:
+    """Names of the MatMul/Gemm nodes that can take 4-bit weights (constant 2-D float >= INT4_MIN_WEIGHTS).
+
+    Empty when an eligible node has no name: the int4 pass selects layers by node name.
+    """
+    inits = {i.name: i for i in model.graph.initializer}
+    out = []
+    for node in model.graph.node:
+        if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
+            continue
+        w = inits.get(node.input[1])
+        if w is None or len(w.dims) != 2 or w.data_type != onnx.TensorProto.FLOAT:
+            continue
+        if math.prod(w.dims) < INT4_MIN_WEIGHTS:
+            continue
+        if not node.name:
+            log.info("MatMul/Gemm producing %s has no name; no int4 options", node.output[0])
+            return []
+        out.append(node.name)
+    return out
+
+
 def rank_options(full: int, fractions: Sequence[float], multiple: int = 1) -> list[int]:
     """Distinct integer ranks ``ceil(f·full)`` rounded up to ``multiple`` and below ``full``."""
     out = []
@@ -275,6 +325,7 @@ def analyze_sensitivity(
     prune_ratios: Sequence[float] = (0.25, 0.5, 0.75),
     prune_multiple: int = 8,
     quantize: bool = True,
+    int4: bool = True,
     latency: bool = False,
     method: str = "mse",
     max_samples: int = 64,
@@ -293,6 +344,7 @@ def analyze_sensitivity(
         prune_ratios: channel-pruning options per prunable channel group (empty: none).
         prune_multiple: kept channel counts rounded to a multiple of this (as the recipe's prune step).
         quantize: measure the int8 option.
+        int4: measure the int4 weight-only option of eligible MatMul/Gemm layers (:func:`int4_layers`).
         latency: also time every rank and prune candidate against the model (onnxruntime, one thread,
             one batch of the sensitivity data, interleaved rounds; see ``search.measure_latency``).
         method: calibration method for the int8 option.
@@ -311,6 +363,7 @@ def analyze_sensitivity(
     from onnxpress.calibrate import calibrate
     from onnxpress.lowrank import collect_moments
     from onnxpress.passes.qdq import InsertQDQ, Selection
+    from onnxpress.passes.weight_only import QuantizeWeightsInt4
     from onnxpress.pipeline import run_passes
     from onnxpress.recipe import FixedRanks
 
@@ -319,7 +372,7 @@ def analyze_sensitivity(
     feeds = read_feeds(model, calib, max_samples)
     samples = sum(next(iter(f.values())).shape[0] for f in feeds)
     config = {"ranks": list(rank_fractions), "prune": [float(r) for r in prune_ratios],
-              "prune_multiple": prune_multiple, "latency": latency, "int8": quantize, "method": method,
+              "prune_multiple": prune_multiple, "latency": latency, "int8": quantize, "int4": int4, "method": method,
               "calib": calib_samples,
               "moments": moment_samples, "multiple": multiple, "v": CACHE_VERSION}
     key = hashlib.sha256(
@@ -339,12 +392,16 @@ def analyze_sensitivity(
                 return result
 
     layers = layer_infos(model)
+    base_bytes = roundtrip_bytes(model)
     reference = run_outputs(model, feeds)
     names = [n.name for n in model.graph.node if n.name]
     jobs: list[tuple[LayerInfo | str, str, float | None]] = []
+    four = set(int4_layers(model)) if int4 else set()
     for lay in layers:
         if quantize:
             jobs.append((lay, "int8", None))
+        if lay.key in four:
+            jobs.append((lay, "int4", None))
         if lay.full_rank > 1:
             jobs.extend((lay, "rank", r) for r in rank_options(lay.full_rank, rank_fractions, multiple))
     if prune_ratios:
@@ -354,7 +411,7 @@ def analyze_sensitivity(
     table = moments = None
     if quantize and layers:
         table = calibrate(model, calib, method=method, max_samples=calib_samples)
-    if any(fam == "rank" for _, fam, _ in jobs):
+    if any(fam in ("rank", "int4") for _, fam, _ in jobs):
         moments = collect_moments(model, calib, max_samples=moment_samples)
     scores = []
     structural: list[tuple[int, onnx.ModelProto]] = []  # (score index, candidate) to time
@@ -372,7 +429,7 @@ def analyze_sensitivity(
             scores.append(OptionScore(group, "prune", f"prune{r:g}", sqnr_db(reference, outs),
                                       int(sum(macs.get(x.key, 0) for x in layers)),
                                       int(sum(params.get(x.key, 0) for x in layers)),
-                                      None, cand.ByteSize() - model.ByteSize(), float(r), int(units),
+                                      None, cand.ByteSize() - base_bytes, float(r), int(units),
                                       layer_macs={x.key: int(macs.get(x.key, 0)) for x in layers},
                                       acts_removed=1.0 - activation_elements(cand) / acts0 if acts0 else None))
             continue
@@ -385,6 +442,17 @@ def analyze_sensitivity(
                 log.info("layer %s is not quantized by InsertQDQ; int8 option dropped", lay.key)
                 continue
             macs_after, params_after, option = lay.macs, lay.params, "int8"
+        elif fam == "int4":
+            pass4 = QuantizeWeightsInt4(
+                block_size=INT4_BLOCK, exclude=frozenset(n for n in names if n != lay.key), int8_below=0,
+                constants_int8_min_size=None, hessians={k: v for k, v in (moments or {}).items() if k == lay.key},
+            )  # fmt: skip
+            done = run_passes(model, [pass4])
+            if not done.stats.get("quantize_weights_int4.weights_int4"):
+                log.info("layer %s declined by the int4 pass; int4 option dropped", lay.key)
+                continue
+            cand = done.model
+            macs_after, params_after, option = lay.macs, lay.params, "int4"
         else:
             split = FixedRanks({lay.key: r}, moments={k: v for k, v in (moments or {}).items() if k == lay.key})
             cand = run_passes(model, [split]).model
@@ -396,7 +464,7 @@ def analyze_sensitivity(
             structural.append((len(scores), cand))
         outs = run_outputs(cand, feeds)
         scores.append(OptionScore(lay.key, fam, option, sqnr_db(reference, outs), int(macs_after),
-                                  int(params_after), r, cand.ByteSize() - model.ByteSize()))
+                                  int(params_after), r, cand.ByteSize() - base_bytes))
     if latency and structural:
         from onnxpress.search import measure_latency
 

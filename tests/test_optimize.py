@@ -207,3 +207,23 @@ def test_latency_budget_search_measures_float_penalties(setup, monkeypatch):
     assert seen and set(seen) == {onnx.load(ref).ByteSize()}
     with pytest.raises(OnnxpressError, match="input"):
         optimize(model, ref, calib=data, budget="latency=1", latency_reference=ref)
+
+
+def test_size_search_mixes_int4_and_int8_and_its_recipe_rebuilds_byte_for_byte(tmp_path):
+    """tiny_mlp at size=0.2 (int8 everywhere measures ~0.3): the search puts MatMuls at int4; the recipe rebuilds it."""
+    from tests.test_sensitivity import tiny_mlp
+
+    onnx.save(tiny_mlp(), tmp_path / "m.onnx")
+    data = tiny_data(tmp_path / "d.npz")
+    res = optimize(tmp_path / "m.onnx", tmp_path / "a.onnx", calib=data, budget="size=0.2", cache_dir=tmp_path / "c",
+                   eval_samples=32, sensitivity_samples=16)
+    int8 = next(c for c in res.candidates if c.note == "uniform int8")
+    assert int8.size_ratio > 0.2 and res.feasible and res.chosen.size_ratio <= 0.2
+    step = next(s for s in res.recipe["steps"] if s["pass"] == "quantize")
+    assert step["int4_layers"] and set(step["int4_layers"]) <= {"mm1", "mm2"}
+    built = onnx.load(tmp_path / "a.onnx")
+    assert [n.op_type for n in built.graph.node].count("MatMulNBits") == len(step["int4_layers"])
+    assert res.chosen.sqnr_db > 20.0
+    again = optimize(tmp_path / "m.onnx", tmp_path / "b.onnx", calib=data, recipe=res.recipe_path, eval_samples=32)
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+    assert again.chosen.sqnr_db == pytest.approx(res.chosen.sqnr_db)

@@ -31,6 +31,9 @@ RECIPE = {"version": 1, "steps": [
     ({"version": 1, "steps": [{"pass": "quantize", "bits": 4}]}, "unknown keys"),
     ({"version": 1, "steps": [{"pass": "quantize", "exclude": "conv1"}]}, "list of layer names"),
     ({"version": 1, "steps": [{"pass": "quantize", "max_samples": 0}]}, "max_samples"),
+    ({"version": 1, "steps": [{"pass": "quantize", "int4_layers": "fc1"}]}, "'int4_layers' must be a list"),
+    ({"version": 1, "steps": [{"pass": "quantize", "int4_layers": ["fc1"], "exclude": ["fc1"]}]},
+     r"both in 'exclude' \(float\) and 'int4_layers'"),
     ({"version": 1, "steps": [{"pass": "cleanup"}], "extra": 1}, "unknown top-level"),
 ])
 def test_invalid_recipes_are_named(recipe, match):

@@ -243,3 +243,35 @@ def test_several_budgets_must_all_hold(tmp_path):
     assert res.feasible and res.chosen.size_ratio <= 0.75 and res.chosen.flops_ratio <= 0.7
     with pytest.raises(OnnxpressError, match="one budget per kind"):
         optimize(tiny_cnn(), tmp_path / "o2.onnx", calib=data, budget=["size=0.5", "size=0.4"])
+
+
+def _sens_with_int4() -> SensitivityResult:
+    """Two MatMul layers: A (4000 params, int8 or int4) and B (1000 params, int8 only); 20000 model bytes."""
+    layers = (LayerInfo("A", "MatMul", 4000, 4000, 40), LayerInfo("B", "MatMul", 1000, 1000, 10))
+    scores = (
+        OptionScore("A", "int8", "int8", 40.0, 4000, 4000, None, -12000),
+        OptionScore("A", "int4", "int4", 35.0, 4000, 4000, None, -13800),
+        OptionScore("B", "int8", "int8", 40.0, 1000, 1000, None, -3000),
+    )
+    return SensitivityResult(layers, scores, 8, "k4")
+
+
+def test_int4_is_picked_only_when_the_size_budget_needs_it():
+    """size=0.3 is met by int8 everywhere (0.25); size=0.2 needs A at int4 (0.16); int4 costs fp32's latency."""
+    space = SearchSpace(_sens_with_int4(), model_bytes=20000)
+    assert [o.label for o in space.options[0]] == ["fp32", "int8", "int4"]
+    assert space.describe(space.greedy("size", 0.3)) == {"A": "int8", "B": "int8"}
+    picks = space.greedy("size", 0.2)
+    assert space.describe(picks) == {"A": "int4", "B": "int8"} and space.cost("size", picks) == pytest.approx(0.16)
+    assert space.refine("size", 0.2, picks, iterations=50) == picks  # the only fit
+    recipe = space.recipe(picks)
+    step = recipe["steps"][-1]
+    assert step["pass"] == "quantize" and step["int4_layers"] == ["A"] and step["exclude"] == []
+    assert "int4_layers" not in space.recipe(space.uniform("int8"))["steps"][-1]
+    only4 = space.recipe((2, 0))["steps"][-1]  # A int4, B fp32: a quantize step that excludes B
+    assert only4["int4_layers"] == ["A"] and only4["exclude"] == ["B"]
+    # latency: int4 layers run at the float rate (MatMulNBits, float activations)
+    fp32, int8, int4 = (space.cost("latency", (j, 1)) for j in range(3))
+    assert int4 == pytest.approx(fp32) and int8 < fp32
+    no_quant = SearchSpace(_sens_with_int4(), model_bytes=20000, quantize=False)
+    assert [o.label for o in no_quant.options[0]] == ["fp32"]

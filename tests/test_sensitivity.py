@@ -151,3 +151,60 @@ def test_structural_options_are_timed_on_request(tmp_path):
         else:
             assert s.latency_ratio is not None and 0.0 < s.latency_ratio < 10.0, s
     assert {s.family for s in sens.scores} == {"int8", "rank", "prune"}
+
+
+def tiny_mlp(seed: int = 0) -> onnx.ModelProto:
+    """input[N,1,8,8] -> Flatten -> MatMul(W1[64,96]) -> Relu -> MatMul(W2[96,64]) -> Relu -> Gemm(10) -> logits."""
+    r = np.random.default_rng(seed)
+    inits = {
+        "w1": (r.standard_normal((64, 96)) / 8).astype(np.float32),
+        "w2": (r.standard_normal((96, 64)) / 10).astype(np.float32),
+        "w3": (r.standard_normal((10, 64)) / 8).astype(np.float32), "b3": np.zeros(10, np.float32),
+    }
+    nodes = [
+        helper.make_node("Flatten", ["input"], ["f"], name="flat"),
+        helper.make_node("MatMul", ["f", "w1"], ["h1"], name="mm1"),
+        helper.make_node("Relu", ["h1"], ["r1"], name="relu1"),
+        helper.make_node("MatMul", ["r1", "w2"], ["h2"], name="mm2"),
+        helper.make_node("Relu", ["h2"], ["r2"], name="relu2"),
+        helper.make_node("Gemm", ["r2", "w3", "b3"], ["logits"], name="head", transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "mlp",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
+        [numpy_helper.from_array(v, k) for k, v in inits.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def test_int4_option_for_large_matmuls_only(tmp_path):
+    """int4 rows for the 64x96 and 96x64 MatMuls (>= 4096 weights), none for the 10x64 head or a CNN's layers."""
+    model = prepare(tiny_mlp())
+    data = tiny_data(tmp_path / "d.npz")
+    sens = analyze_sensitivity(model, data, cache_dir=False, max_samples=32, rank_fractions=(), prune_ratios=())
+    rows = {s.layer: s for s in sens.scores if s.family == "int4"}
+    assert sorted(rows) == ["mm1", "mm2"]
+    feeds = read_feeds(model, data, 32)
+    reference = run_outputs(model, feeds)
+    for key, s in rows.items():
+        # K x N floats -> N x ceil(K/64) blocks of 32 packed bytes (64 4-bit weights) and one float scale
+        k, n = (64, 96) if key == "mm1" else (96, 64)
+        packed = n * -(-k // 64) * (32 + 4)
+        assert s.bytes_delta == pytest.approx(packed - 4 * k * n, abs=200), key
+        assert s.bytes_delta < sens.score(key, "int8", "int8").bytes_delta  # int4 weights are smaller than int8
+        # equals the recipe's quantize step with only this layer at int4 (every other MAC layer excluded),
+        # built independently (same GPTQ moments: the 64 samples are all the data)
+        others = [x.key for x in sens.layers if x.key != key]
+        step = {"pass": "quantize", "int4_layers": [key], "exclude": others, "max_samples": 64}
+        built = apply_recipe(model, {"version": 1, "steps": [step]}, data, prepared=True)
+        assert [n.op_type for n in built.graph.node].count("MatMulNBits") == 1
+        assert sqnr_db(reference, run_outputs(built, feeds)) == pytest.approx(s.sqnr_db, abs=1e-6), key
+    assert not any(s.family == "int4" for s in analyze_sensitivity(
+        model, data, cache_dir=False, max_samples=16, rank_fractions=(), prune_ratios=(), int4=False).scores)
+    cnn = analyze_sensitivity(prepare(tiny_cnn()), data, cache_dir=False, max_samples=16, rank_fractions=(),
+                              prune_ratios=())
+    assert {s.family for s in cnn.scores} == {"int8"}

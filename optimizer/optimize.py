@@ -24,7 +24,10 @@ a short probe fine-tune there (``probe_epochs``; off by default), so the structu
 of the budget (most channels kept) are fine-tuned first. Searched recipes fine-tune without early
 stopping (``patience`` = epochs): a deeply pruned model sits near chance for several epochs first.
 Besides the greedy's picks the candidates include two structured baselines nearest the budget: every
-channel group at one ratio, and the same with residual streams at half of it.
+channel group at one ratio, and the same with residual streams at half of it. Under a size or MACs
+budget, a model with MatMul/Gemm layers offered int4 (4-bit weight-only, ``quantize.int4_layers``)
+also gets two baselines: int4 on all of them with the other layers fp32, or int8. MACs of a model
+with MatMulNBits are counted on its structure (onnx's shape inference stops at that contrib op).
 
 The model written is the one built from the recipe written beside it, so
 ``onnxpress optimize MODEL --recipe OUT.recipe.json`` rebuilds it byte for byte.
@@ -428,6 +431,9 @@ def optimize(
             space.float_penalty = measure_float_penalties(m0, calib, space, feeds[0], method=method,
                                                           threads=latency_threads, reference=lat_ref,
                                                           progress=progress)
+    if bud.kind != "latency":  # int4 layers run at fp32 speed: baselines for size and MACs budgets only
+        mixes = [(space.uniform_int4(rest), f"uniform int4 + {rest}") for rest in ("fp32", "int8")]
+        evaluate([make(p, note) for p, note in mixes if p is not None and p != candidates[0].picks])
     limit = bud.value
     timed_out = False
     want = shortlist  # with a fine-tune: structures within the measured budget wanted before judging

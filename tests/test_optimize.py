@@ -224,6 +224,8 @@ def test_size_search_mixes_int4_and_int8_and_its_recipe_rebuilds_byte_for_byte(t
     built = onnx.load(tmp_path / "a.onnx")
     assert [n.op_type for n in built.graph.node].count("MatMulNBits") == len(step["int4_layers"])
     assert res.chosen.sqnr_db > 20.0
+    notes = {c.note for c in res.candidates}
+    assert {"uniform int4 + fp32", "uniform int4 + int8"} <= notes  # measured baselines beside the search
     again = optimize(tmp_path / "m.onnx", tmp_path / "b.onnx", calib=data, recipe=res.recipe_path, eval_samples=32)
     assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
     assert again.chosen.sqnr_db == pytest.approx(res.chosen.sqnr_db)

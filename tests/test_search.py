@@ -275,3 +275,6 @@ def test_int4_is_picked_only_when_the_size_budget_needs_it():
     assert int4 == pytest.approx(fp32) and int8 < fp32
     no_quant = SearchSpace(_sens_with_int4(), model_bytes=20000, quantize=False)
     assert [o.label for o in no_quant.options[0]] == ["fp32"]
+    assert space.describe(space.uniform_int4("fp32")) == {"A": "int4", "B": "fp32"}
+    assert space.describe(space.uniform_int4("int8")) == {"A": "int4", "B": "int8"}
+    assert no_quant.uniform_int4() is None and SearchSpace(_sens(), model_bytes=2000).uniform_int4() is None

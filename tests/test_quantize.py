@@ -265,6 +265,20 @@ def test_int4_layers_mix_with_int8() -> None:
     assert sqnr_db(ref, got) > sqnr_db(ref, run(int4.model, x)[0]) - 1.0 > 24
 
 
+def test_cli_int4_layers(tmp_path: Path, capsys) -> None:
+    """--int4-layers a: a becomes MatMulNBits, b int8 QDQ; an unknown layer name exits 2 naming the valid ones."""
+    src = tmp_path / "m.onnx"
+    onnx.save(two_matmuls(), src)
+    np.savez(tmp_path / "calib.npz", X=rng(3).standard_normal((64, 128)).astype(np.float32))
+    out = tmp_path / "q.onnx"
+    args = ["quantize", str(src), "-o", str(out), "--calib", str(tmp_path / "calib.npz"), "-q"]
+    assert main([*args, "--int4-layers", "a"]) == 0
+    ops = [n.op_type for n in onnx.load(out).graph.node]
+    assert ops.count("MatMulNBits") == 1 and "QuantizeLinear" in ops
+    assert main([*args, "--int4-layers", "nope"]) == 2
+    assert "not MatMul/Gemm layers" in capsys.readouterr().err
+
+
 def test_int4_layers_errors() -> None:
     """int4_layers names MatMul/Gemm layers of an int8 model; anything else is a typed error."""
     model = two_matmuls()

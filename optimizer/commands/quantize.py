@@ -36,6 +36,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--block-size", type=int, default=64, help="int4 block size (power of two >= 16; default 64)")
     p.add_argument(
+        "--int4-layers",
+        nargs="*",
+        default=[],
+        metavar="NODE",
+        help="with int8 weights: these MatMul/Gemm layers get 4-bit weights (MatMulNBits), the rest int8 QDQ",
+    )
+    p.add_argument(
         "--int4-method",
         default=None,
         choices=("gptq", "rtn"),
@@ -94,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
         smoothquant=args.smoothquant,
         codebook=args.codebook,
         int4_method=args.int4_method,
+        int4_layers=args.int4_layers,
     )
     counts = collections.Counter(d.op for d in result.quantized)
     floats = collections.Counter(d.op for d in result.kept_float)

@@ -413,9 +413,12 @@ def _add_counts(counts: np.ndarray, x: np.ndarray, exp: int, size: int, *, nonne
         if scale_up:
             t = _scratch("f32", np.float32, n)
             np.multiply(xb, np.float32(math.ldexp(1.0, -exp)), out=t)
-        else:
+        elif exp >= -1000:
             t = _scratch("f64", np.float64, n)
             np.multiply(xb, np.float64(math.ldexp(1.0, -exp)), out=t, dtype=np.float64)  # not a float32 loop
+        else:  # float64 data around 1e-300 or below: 2**-exp itself overflows, so scale by the exponent
+            t = _scratch("f64", np.float64, n)
+            np.ldexp(xb.astype(np.float64, copy=False), -exp, out=t)
         np.floor(t, out=t)
         if sub is not None:
             t += _lane_offsets(t.dtype, size)[:n]

@@ -232,3 +232,15 @@ def test_subsample_settings_are_checked() -> None:
             Histogram.with_resolution(64, values_per_sample=bad)
     with pytest.raises(CalibrationError, match="same setting"):
         Histogram.with_resolution(64, values_per_sample=8).merge(Histogram.with_resolution(64))
+
+
+def test_float64_values_near_the_smallest_subnormal_bin_exactly():
+    """max|x| ~ 1e-320 (float64 subnormals): 2**-exp overflows a float, so binning scales by the exponent."""
+    h = Histogram.with_resolution()
+    h.update(np.array([[5e-324, -1e-320, 0.0, 3e-321]]))
+    assert h.count == 4 and h.amax == 1e-320
+    mag = h.magnitude()
+    assert h.width == 5e-324  # the smallest subnormal
+    # 0 -> bin 0, 5e-324 (one width) -> 1, 3e-321 -> floor(607.2) = 607, -1e-320 = -2024 widths -> signed bin
+    # -2024, magnitude bin 2023 (a negative bin j holds |x| in [(-j-1) w, -j w])
+    assert np.flatnonzero(mag).tolist() == [0, 1, 607, 2023] and mag.sum() == 4

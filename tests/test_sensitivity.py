@@ -16,6 +16,20 @@ from onnxpress.recipe import apply_recipe, prepare
 from onnxpress.sensitivity import analyze_sensitivity, nsr, rank_options, read_feeds, run_outputs
 
 
+def _digits_model(nodes: list, inits: dict, name: str) -> onnx.ModelProto:
+    """A checked opset-17 model: ``input`` [N,1,8,8] -> ``logits`` [N,10], with these nodes and initializers."""
+    graph = helper.make_graph(
+        nodes, name,
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
+        [numpy_helper.from_array(v, k) for k, v in inits.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
 def tiny_cnn(seed: int = 0) -> onnx.ModelProto:
     """input[N,1,8,8] -> Conv(8) -> Relu -> Conv(16) -> Relu -> GAP -> Flatten -> Gemm(32) -> Relu -> Gemm(10)."""
     r = np.random.default_rng(seed)
@@ -40,16 +54,7 @@ def tiny_cnn(seed: int = 0) -> onnx.ModelProto:
         helper.make_node("Relu", ["g1"], ["r3"], name="relu3"),
         helper.make_node("Gemm", ["r3", "w4", "b4"], ["logits"], name="fc2", transB=1),
     ]
-    graph = helper.make_graph(
-        nodes, "tiny",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 8, 8])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
-        [numpy_helper.from_array(v, k) for k, v in inits.items()],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model, full_check=True)
-    return model
+    return _digits_model(nodes, inits, "tiny")
 
 
 def tiny_data(path, n: int = 64, seed: int = 1):
@@ -169,16 +174,7 @@ def tiny_mlp(seed: int = 0) -> onnx.ModelProto:
         helper.make_node("Relu", ["h2"], ["r2"], name="relu2"),
         helper.make_node("Gemm", ["r2", "w3", "b3"], ["logits"], name="head", transB=1),
     ]
-    graph = helper.make_graph(
-        nodes, "mlp",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 8, 8])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
-        [numpy_helper.from_array(v, k) for k, v in inits.items()],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model, full_check=True)
-    return model
+    return _digits_model(nodes, inits, "mlp")
 
 
 def test_int4_option_for_large_matmuls_only(tmp_path):

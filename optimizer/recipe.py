@@ -15,7 +15,9 @@ Every step is deterministic for the same model bytes and calibration data (numpy
 calibration subset, graph passes with stable names), so applying a recipe twice gives the same
 bytes; ``tests/test_recipe.py`` checks it. ``quantize.exclude`` names *layers of the input model*:
 when a layer was split by ``lowrank`` both its factor nodes stay float. ``quantize.int4_layers``
-(MatMul/Gemm node names) get 4-bit weight-only ``MatMulNBits`` before the rest is quantized to int8.
+(MatMul/Gemm node names) get 4-bit weight-only ``MatMulNBits`` before the rest is quantized to int8;
+``quantize.weights: "int4"`` instead makes the step weight-only (every eligible MatMul/Gemm not in
+``exclude`` to ``MatMulNBits``, no QDQ at all).
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ _KEYS: dict[str, dict[str, Any]] = {
                  "patience": 3},
     "quantize": {
         "method": "mse",
+        "weights": "int8",
         "exclude": [],
         "int4_layers": [],
         "activations": "uint8",
@@ -129,6 +132,10 @@ def validate_recipe(recipe: Mapping[str, Any]) -> dict[str, Any]:
             both = sorted(set(four) & set(full["exclude"]))
             if both:
                 raise _bad(where, f"layers {both} are both in 'exclude' (float) and 'int4_layers'; keep one")
+            if full["weights"] not in ("int8", "int4"):
+                raise _bad(where, f"weights must be int8 or int4, got {full['weights']!r}")
+            if full["weights"] == "int4" and four:
+                raise _bad(where, "'int4_layers' is for int8 models; with weights 'int4' every eligible layer is int4")
             if full["activations"] not in ("uint8", "int8"):
                 raise _bad(where, f"activations must be uint8 or int8, got {full['activations']!r}")
         if name == "finetune":
@@ -311,7 +318,7 @@ def apply_recipe(
             from onnxpress.quantize import quantize
 
             exclude = [item for key in step["exclude"] for item in split_names(key)]
-            current = quantize(current, calib=calib, method=step["method"], exclude=exclude,
+            current = quantize(current, calib=calib, method=step["method"], exclude=exclude, weights=step["weights"],
                                int4_layers=step["int4_layers"],
                                activations=step["activations"], per_channel=step["per_channel"],
                                max_samples=step["max_samples"], batch_size=step["batch_size"],

@@ -11,7 +11,7 @@ from onnxpress.errors import OnnxpressError
 from onnxpress.prune import sqnr_db
 from onnxpress.recipe import apply_recipe, load_recipe, prepare, save_recipe, validate_recipe
 from onnxpress.sensitivity import read_feeds, run_outputs
-from tests.test_sensitivity import tiny_cnn, tiny_data
+from tests.test_sensitivity import tiny_cnn, tiny_data, tiny_mlp
 
 RECIPE = {"version": 1, "steps": [
     {"pass": "lowrank", "ranks": {"conv2": 8, "fc1": 8}},
@@ -34,6 +34,9 @@ RECIPE = {"version": 1, "steps": [
     ({"version": 1, "steps": [{"pass": "quantize", "int4_layers": "fc1"}]}, "'int4_layers' must be a list"),
     ({"version": 1, "steps": [{"pass": "quantize", "int4_layers": ["fc1"], "exclude": ["fc1"]}]},
      r"both in 'exclude' \(float\) and 'int4_layers'"),
+    ({"version": 1, "steps": [{"pass": "quantize", "weights": "int2"}]}, "weights must be int8 or int4"),
+    ({"version": 1, "steps": [{"pass": "quantize", "weights": "int4", "int4_layers": ["fc1"]}]},
+     "'int4_layers' is for int8 models"),
     ({"version": 1, "steps": [{"pass": "cleanup"}], "extra": 1}, "unknown top-level"),
 ])
 def test_invalid_recipes_are_named(recipe, match):
@@ -145,3 +148,15 @@ def test_finetune_step_weights_are_the_bridges_writeback_export(tmp_path, torch_
     assert any(not np.array_equal(got[k], before[k]) for k in got)  # the fine-tune did train
     again = apply_recipe(model, {"version": 1, "steps": [prune, step]}, data, prepared=True)
     assert again.SerializeToString() == tuned.SerializeToString()
+
+
+def test_weight_only_int4_step(tmp_path):
+    """quantize.weights = int4: the eligible MatMuls become MatMulNBits, no Q/DQ anywhere, same bytes twice."""
+    data = tiny_data(tmp_path / "d.npz")
+    recipe = {"version": 1, "steps": [{"pass": "quantize", "weights": "int4", "exclude": [], "max_samples": 32}]}
+    built = apply_recipe(prepare(tiny_mlp()), recipe, calib=data)
+    ops = [n.op_type for n in built.graph.node]
+    assert ops.count("MatMulNBits") == 2 and "QuantizeLinear" not in ops  # mm1, mm2 (>= 4096 weights)
+    assert apply_recipe(prepare(tiny_mlp()), recipe, calib=data).SerializeToString() == built.SerializeToString()
+    feeds = read_feeds(built, data, 32)
+    assert sqnr_db(run_outputs(prepare(tiny_mlp()), feeds), run_outputs(built, feeds)) > 24  # measured 26.8

@@ -268,8 +268,10 @@ def test_int4_is_picked_only_when_the_size_budget_needs_it():
     step = recipe["steps"][-1]
     assert step["pass"] == "quantize" and step["int4_layers"] == ["A"] and step["exclude"] == []
     assert "int4_layers" not in space.recipe(space.uniform("int8"))["steps"][-1]
-    only4 = space.recipe((2, 0))["steps"][-1]  # A int4, B fp32: a quantize step that excludes B
-    assert only4["int4_layers"] == ["A"] and only4["exclude"] == ["B"]
+    # A int4, B fp32: no int8 layer, so a weight-only step (no QDQ on the ops that are no layers) excluding B
+    only4 = space.recipe((2, 0))["steps"][-1]
+    assert only4["weights"] == "int4" and "int4_layers" not in only4 and only4["exclude"] == ["B"]
+    assert "weights" not in step  # the mixed int4 + int8 step keeps the default int8 QDQ for the rest
     # latency: int4 layers run at the float rate (MatMulNBits, float activations)
     fp32, int8, int4 = (space.cost("latency", (j, 1)) for j in range(3))
     assert int4 == pytest.approx(fp32) and int8 < fp32

@@ -412,8 +412,9 @@ class SearchSpace:
         """int4 on every layer that offers it, ``rest`` (fp32 | int8) elsewhere; None when no layer offers int4.
 
         Measured beside the greedy's picks under size and MACs budgets (a uniform point the additive
-        estimate may rank wrongly; on the reference transformer they measured 35.5 and 35.2 dB at
-        0.157 and 0.152 of the size, where the searched size=0.2 model read 36.3 dB at 0.199).
+        estimate may rank wrongly; on the reference transformer, with ``rest="fp32"`` a weight-only step
+        (see :meth:`recipe`), they measured 42.8 and 35.2 dB at 0.154 and 0.152 of the size, where the
+        greedy's size=0.2 pick read 36.3 dB at 0.199).
         """
         if not any(o.quant == "int4" for opts in self.options[:len(self.layers)] for o in opts):
             return None

@@ -234,7 +234,7 @@ def measure_latency(
     """
     from tqdm.auto import tqdm
 
-    from onnxpress.runtime import make_session
+    from onnxpress.runtime import make_session, time_interleaved
 
     if batch < 1 or rounds < 1 or multiple < 1:
         raise ValueError(f"batch, rounds and multiple must be >= 1, got {batch}, {rounds}, {multiple}")
@@ -268,14 +268,7 @@ def measure_latency(
                 models.append(run_passes(base, [split], progress=False).model)
             sessions = [make_session(m, threads=threads, what=f"timing model of layer {key!r}") for m in models]
             feed = {"x": rng.standard_normal(x_shape).astype(w.dtype)}
-            best = [float("inf")] * len(sessions)
-            for s in sessions:  # warm-up
-                s.run(None, feed)
-            for rnd in range(rounds):
-                for i in [*range(rnd % len(sessions), len(sessions)), *range(rnd % len(sessions))]:
-                    t0 = time.process_time()
-                    sessions[i].run(None, feed)
-                    best[i] = min(best[i], time.process_time() - t0)
+            best = [min(t) for t in time_interleaved(sessions, feed, rounds, clock=time.process_time)]
             cache[sig] = dict(zip(ranks, best, strict=True))
             log.debug("latency of %s: %s", key, cache[sig])
         out[key] = dict(cache[sig])

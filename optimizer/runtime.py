@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Callable, Mapping, Sequence
 
+import numpy as np
 import onnx
 import onnxruntime as ort
 
 from onnxpress.errors import UnsupportedModelError
 
-__all__ = ["make_session"]
+__all__ = ["make_session", "time_interleaved"]
 
 _LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -51,3 +54,30 @@ def make_session(
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/NotImplemented types
         first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         raise UnsupportedModelError(f"onnxruntime cannot load the {what}: {first}") from None
+
+
+def time_interleaved(
+    sessions: Sequence[ort.InferenceSession],
+    feed: Mapping[str, np.ndarray],
+    rounds: int,
+    *,
+    warmup: int = 1,
+    clock: Callable[[], float] = time.perf_counter,
+) -> list[list[float]]:
+    """Seconds per run of each session: ``warmup`` untimed runs each, then ``rounds`` timed rounds.
+
+    Every round runs each session once, the order rotated by one per round (for two sessions: forward,
+    then backward), so that the load of other processes hits every session alike; ``clock`` is
+    ``time.perf_counter`` (latency) or ``time.process_time`` (CPU time, blind to waiting for a core).
+    """
+    for session in sessions:
+        for _ in range(warmup):
+            session.run(None, dict(feed))
+    times: list[list[float]] = [[] for _ in sessions]
+    n = len(sessions)
+    for r in range(rounds):
+        for i in [*range(r % n, n), *range(r % n)]:
+            t0 = clock()
+            sessions[i].run(None, dict(feed))
+            times[i].append(clock() - t0)
+    return times

@@ -519,21 +519,10 @@ def measure_latency(reference: onnx.ModelProto, candidates: Sequence[onnx.ModelP
     Every round runs the reference and each candidate once (order rotating), so that the noise
     of other processes hits all of them; the ratio is of medians over ``repeats`` rounds.
     """
-    from onnxpress.runtime import make_session
+    from onnxpress.runtime import make_session, time_interleaved
 
     sessions = [make_session(m, threads=threads, what="model") for m in (reference, *candidates)]
-    names = [[o.name for o in s.get_outputs()] for s in sessions]
-    for s, n in zip(sessions, names, strict=True):
-        for _ in range(2):
-            s.run(n, dict(feed))
-    times: list[list[float]] = [[] for _ in sessions]
-    order = list(range(len(sessions)))
-    for k in range(repeats):
-        rot = order[k % len(order):] + order[:k % len(order)]
-        for idx in rot:
-            t0 = time.perf_counter()
-            sessions[idx].run(names[idx], dict(feed))
-            times[idx].append(time.perf_counter() - t0)
+    times = time_interleaved(sessions, feed, repeats, warmup=2)
     ref = float(np.median(times[0]))
     return [float(np.median(t)) / ref for t in times[1:]]
 

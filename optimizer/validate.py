@@ -27,7 +27,6 @@ import logging
 import math
 import os
 import tempfile
-import time
 import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -41,7 +40,7 @@ from onnxpress.calibration.readers import DataSource, load_labels, model_inputs,
 from onnxpress.errors import DataError, OutputError, ValidationError
 from onnxpress.model_io import ModelSource, check_output_path, load_model
 from onnxpress.reporting import format_table, op_histogram
-from onnxpress.runtime import make_session
+from onnxpress.runtime import make_session, time_interleaved
 
 __all__ = ["LatencyStats", "OutputComparison", "ValidationReport", "model_size", "validate"]
 
@@ -391,21 +390,6 @@ def _run(session: Any, names: Sequence[str], feed: Mapping[str, np.ndarray], whi
         ) from None
 
 
-def _time(sessions: Sequence[Any], feed: Mapping[str, np.ndarray], repeats: int) -> list[list[float]]:
-    """Seconds per run of each session, alternating the order every repeat; warm-up not timed."""
-    for session in sessions:
-        for _ in range(_WARMUP):
-            session.run(None, dict(feed))
-    times: list[list[float]] = [[] for _ in sessions]
-    order = list(range(len(sessions)))
-    for i in range(repeats):
-        for k in order if i % 2 == 0 else order[::-1]:
-            t0 = time.perf_counter()
-            sessions[k].run(None, dict(feed))
-            times[k].append(time.perf_counter() - t0)
-    return times
-
-
 def _stats(seconds: Sequence[float]) -> LatencyStats:
     ms = np.asarray(seconds) * 1e3
     return LatencyStats(float(np.median(ms)), float(np.percentile(ms, 90)))
@@ -500,7 +484,7 @@ def validate(
     latency_batch = 0
     if latency and first_batch is not None:
         latency_batch = next((a.shape[0] for a in first_batch.values() if a.ndim), 1)
-        ref_times, cand_times = _time([ref_sess, cand_sess], first_batch, repeats)
+        ref_times, cand_times = time_interleaved([ref_sess, cand_sess], first_batch, repeats, warmup=_WARMUP)
         ref_lat, cand_lat = _stats(ref_times), _stats(cand_times)
         ratio = _ratio(cand_lat.median_ms, ref_lat.median_ms)
     ref_bytes, cand_bytes = model_size(reference), model_size(candidate)

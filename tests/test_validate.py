@@ -14,7 +14,8 @@ from onnx import helper, numpy_helper
 from onnxpress.api import cleanup
 from onnxpress.errors import DataError, OutputError, ValidationError
 from onnxpress.model_io import save_model
-from onnxpress.validate import _time, model_size, validate
+from onnxpress.runtime import time_interleaved
+from onnxpress.validate import model_size, validate
 from tests import graphs
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
@@ -115,7 +116,7 @@ def test_timing_alternates_sessions_and_excludes_warmup():
             calls.append(self.name)
 
     a, b = Fake("a"), Fake("b")
-    times = _time([a, b], {"X": _x(1)}, repeats=4)
+    times = time_interleaved([a, b], {"X": _x(1)}, 4, warmup=3)  # validate warms up 3 times
     assert [len(t) for t in times] == [4, 4]
     warm, timed = calls[:-8], calls[-8:]
     assert warm == ["a"] * 3 + ["b"] * 3

@@ -61,13 +61,16 @@ def _samples(kind: str, n: int = 20000) -> np.ndarray:
     return x
 
 
+def _observed(kind: str) -> tuple[Histogram, np.ndarray, int]:
+    """A 2048-bin histogram of ``_samples(kind)``, its magnitude counts and the 8-bit quantized bin count."""
+    hist = Histogram.with_resolution(2048)
+    hist.update(_samples(kind).astype(np.float32))
+    return hist, hist.magnitude(), quantized_bins(8, nonnegative=hist.nonnegative)
+
+
 @pytest.mark.parametrize("kind", ["gaussian", "laplace", "relu", "bimodal", "outliers"])
 def test_vectorised_kl_matches_reference(kind: str) -> None:
-    x = _samples(kind).astype(np.float32)
-    hist = Histogram.with_resolution(2048)
-    hist.update(x)
-    mag = hist.magnitude()
-    m = quantized_bins(8, nonnegative=hist.nonnegative)
+    hist, mag, m = _observed(kind)
     assert m == (256 if kind == "relu" else 128)
     cands, kl = kl_divergences(mag, m)
     ref_cands, ref_kl = reference_kl(mag, m)
@@ -110,11 +113,7 @@ def test_empty_histogram_and_bad_bits_raise() -> None:
 
 @pytest.mark.parametrize("kind", ["gaussian", "relu", "outliers"])
 def test_restricted_search_computes_only_allowed_candidates_and_matches_full(kind: str) -> None:
-    x = _samples(kind).astype(np.float32)
-    hist = Histogram.with_resolution(2048)
-    hist.update(x)
-    mag = hist.magnitude()
-    m = quantized_bins(8, nonnegative=hist.nonnegative)
+    hist, mag, m = _observed(kind)
     full_cands, full_kl = kl_divergences(mag, m)
     n = int(full_cands[-1])
     ref_cands, ref_kl = reference_kl(mag, m)

@@ -601,3 +601,71 @@ def test_join_of_quantized_outputs_is_quantized(tmp_path: Path) -> None:
     p2, _ = quantize_graph(model, x, quantize_joins=False)
     assert not {d.name: d for d in p2.decisions}["join"].quantized
     assert sqnr_db(run(model, x)[0], run(q, x)[0]) > 30
+
+
+def _split_relu6_cnn(seed: int = 17) -> onnx.ModelProto:
+    """X[N,8,6,6] -> Conv(W1, B1) -> a -> Relu -> r -> Min(r, C[8,1,1]) -> m -> Conv(W2) -> Y (CLE's split ReLU6)."""
+    r = rng(seed)
+    inits = {
+        "W1": r.standard_normal((8, 8, 3, 3)).astype(np.float32),
+        "B1": r.standard_normal(8).astype(np.float32),
+        "C": np.linspace(0.5, 3.0, 8, dtype=np.float32).reshape(8, 1, 1),
+        "W2": r.standard_normal((8, 8, 1, 1)).astype(np.float32),
+    }
+    nodes = [
+        helper.make_node("Conv", ["X", "W1", "B1"], ["a"], name="c1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["a"], ["r"]),
+        helper.make_node("Min", ["r", "C"], ["m"]),
+        helper.make_node("Conv", ["m", "W2"], ["Y"], name="c2"),
+    ]
+    return make_model(nodes, [("X", ["N", 8, 6, 6])], [("Y", ["N", 8, 6, 6])], inits)
+
+
+def _q_params_of(model: onnx.ModelProto, name: str) -> tuple[float, int, str]:
+    """(scale, zero point, DQ output name) of the Q/DQ pair on tensor ``name``."""
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    q = next(n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == name)
+    dq = next(n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == q.output[0])
+    return float(inits[q.input[1]]), int(inits[q.input[2]]), dq.output[0]
+
+
+def test_split_relu6_is_rounded_once_on_the_min_grid(tmp_path: Path) -> None:
+    """Relu -> Min(c) takes the Min output's scale: one rounding, Conv+Relu+Q still fuses to QLinearConv."""
+    model = _split_relu6_cnn()
+    x = feeds_for(model, n=32)
+    p, q = quantize_graph(model, x, min_conv_depth=0)
+    _, q_two = quantize_graph(model, x, min_conv_depth=0, share_bound_grid=False)
+    assert p.bound_grids_shared == 1
+    s_r, z_r, _ = _q_params_of(q, "r")
+    s_m, z_m, m_dq = _q_params_of(q, "m")
+    assert (s_r, z_r) == (s_m, z_m) and z_m == 0
+    s_r2, _, _ = _q_params_of(q_two, "r")
+    assert s_r2 > 2 * s_m  # on its own the Relu output has a much wider range than the bounded one
+    opt = optimized_ops(q, tmp_path)
+    assert opt.count("QLinearConv") == 1 and "Relu" not in opt  # c2 feeds the graph output: float out
+    # The re-quantization after the Min moves a value by at most one step, and only next to the bound:
+    # compared with quantizing min(relu(a), c) once on the same grid (a: the quantized model's conv output).
+    probe = onnx.ModelProto()
+    probe.CopyFrom(q)
+    probe.graph.output.extend([helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in ("a", m_dq)])
+    _, a, got = run(probe, x)
+    c = np.linspace(0.5, 3.0, 8, dtype=np.float32).reshape(1, 8, 1, 1)
+    once_qp = QParams(np.asarray(s_m, np.float32), np.asarray(z_m, np.uint8))
+    once = dequantize_array(quantize_array(np.minimum(np.maximum(a, 0), c), once_qp), once_qp)
+    diff = np.abs(got - once)
+    assert diff.max() <= s_m * 1.0001
+    far = np.abs(np.maximum(a, 0) - np.broadcast_to(c, a.shape)) > s_m
+    np.testing.assert_array_equal(got[far], once[far])
+    ref = run(model, x)[0]
+    assert sqnr_db(ref, run(q, x)[0]) > sqnr_db(ref, run(q_two, x)[0]) + 1.0
+
+
+def test_bound_grid_is_not_shared_when_the_tensor_has_another_reader() -> None:
+    """A Relu output that also feeds a residual Add keeps its own range (the Min grid would clip it)."""
+    model = _split_relu6_cnn()
+    model.graph.node[-1].output[0] = "y0"
+    model.graph.node.append(helper.make_node("Add", ["y0", "r"], ["Y"], name="join"))
+    x = feeds_for(model, n=32)
+    p, q = quantize_graph(model, x, min_conv_depth=0)
+    assert p.bound_grids_shared == 0
+    assert _q_params_of(q, "r")[0] > 2 * _q_params_of(q, "m")[0]

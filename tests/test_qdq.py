@@ -669,3 +669,41 @@ def test_bound_grid_is_not_shared_when_the_tensor_has_another_reader() -> None:
     p, q = quantize_graph(model, x, min_conv_depth=0)
     assert p.bound_grids_shared == 0
     assert _q_params_of(q, "r")[0] > 2 * _q_params_of(q, "m")[0]
+
+
+def test_shallow_frontier_looks_through_split_relu6(tmp_path: Path) -> None:
+    """stem -> Relu -> Min(c) -> dw1 -> Relu -> Min(c) -> pw1 -> Relu -> Min(c) -> dw2 -> pw2: the stem and dw1
+    stay float as they do with Clip(0, 6) (the split ReLU6 of cross-layer equalization changes nothing here)."""
+    r = rng(14)
+    inits = {
+        "Ws": r.standard_normal((16, 1, 3, 3)).astype(np.float32),
+        "Wd": r.standard_normal((16, 1, 3, 3)).astype(np.float32),
+        "Wp": r.standard_normal((16, 16, 1, 1)).astype(np.float32),
+        "Wd2": r.standard_normal((16, 1, 3, 3)).astype(np.float32),
+        "Wp2": r.standard_normal((16, 16, 1, 1)).astype(np.float32),
+    }
+    for i in range(3):
+        inits[f"C{i}"] = np.linspace(1.0, 6.0, 16, dtype=np.float32).reshape(16, 1, 1)
+    nodes = []
+    x = "X"
+    for i, (name, w, group, pad) in enumerate((("stem", "Ws", 1, 1), ("dw1", "Wd", 16, 1), ("pw1", "Wp", 1, 0))):
+        nodes += [
+            helper.make_node("Conv", [x, w], [f"{name}_o"], name=name, group=group, pads=[pad] * 4),
+            helper.make_node("Relu", [f"{name}_o"], [f"{name}_r"]),
+            helper.make_node("Min", [f"{name}_r", f"C{i}"], [f"{name}_m"]),
+        ]
+        x = f"{name}_m"
+    nodes += [
+        helper.make_node("Conv", [x, "Wd2"], ["d2"], name="dw2", group=16, pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["d2"], ["d2r"]),
+        helper.make_node("Conv", ["d2r", "Wp2"], ["Y"], name="pw2"),
+    ]
+    model = make_model(nodes, [("X", ["N", 1, 8, 8])], [("Y", ["N", 16, 8, 8])], inits)
+    x = feeds_for(model)
+    p, q = quantize_graph(model, x)
+    dec = {d.name: d for d in p.decisions}
+    assert not dec["stem"].quantized and "reduction depth 9" in dec["stem"].reason
+    assert not dec["dw1"].quantized and "reduction depth 9" in dec["dw1"].reason
+    assert dec["pw1"].quantized and dec["dw2"].quantized and dec["pw2"].quantized
+    assert optimized_ops(q, tmp_path).count("QLinearConv") == 2  # pw1, dw2 (pw2 feeds the graph output)
+    assert sqnr_db(run(model, x)[0], run(q, x)[0]) > 30

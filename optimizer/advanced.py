@@ -259,6 +259,7 @@ def codebook(
     min_elements: int = 256,
     channel_scale: bool = True,
     preserve_norm: bool = False,
+    keep_gain: bool = True,
     data: Any = None,
     bias_correction: bool = False,
     batch_size: int = 64,
@@ -276,6 +277,9 @@ def codebook(
         channel_scale: normalise each output channel by its max |W| first (one float per channel).
         preserve_norm: rescale each channel scale so the rebuilt channel keeps its norm (needs
             channel_scale; undoes the shrink of cluster means, no extra storage).
+        keep_gain: rescale each channel (each codebook without channel_scale) by
+            <W_c, W_c> / <W_hat_c, W_c>, so its projection onto the original is exact (the default;
+            ``preserve_norm`` takes its place when set).
         data: calibration data, needed for ``bias_correction``.
         bias_correction: first add (W - W_codebook) E[x] to each bias (k-means levels are cluster
             means, so the codebook shrinks large weights and shifts output means; this cancels it).
@@ -292,7 +296,7 @@ def codebook(
 
     try:
         pass_ = CodebookWeights(bits=bits, group_size=group_size, min_elements=min_elements,
-                                channel_scale=channel_scale, preserve_norm=preserve_norm)
+                                channel_scale=channel_scale, preserve_norm=preserve_norm, keep_gain=keep_gain)
     except ValueError as exc:
         raise OnnxpressError(str(exc)) from None
     proto = _prepare(model, output, data)

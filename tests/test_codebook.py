@@ -74,7 +74,7 @@ def test_kmeans_beats_a_uniform_grid_on_heavy_tails():
 def test_conv_reconstruction_error_equals_kmeans_objective(bits):
     model = conv_model()
     w = _weight(model)
-    pass_ = CodebookWeights(bits=bits, channel_scale=False)
+    pass_ = CodebookWeights(bits=bits, channel_scale=False, keep_gain=False)
     result = run_passes(model, [pass_])
     assert result.stats["codebook_weights.weights"] == 1
     w_hat = _rebuilt_weight(result.model)
@@ -94,7 +94,7 @@ def test_matmul_groups_run_along_output_columns(group_size):
     """MatMul W[K,N]: output channels are columns; each group of columns has its own codebook."""
     model = matmul_model()
     w = _weight(model)
-    result = run_passes(model, [CodebookWeights(bits=3, group_size=group_size, channel_scale=False)])
+    result = run_passes(model, [CodebookWeights(bits=3, group_size=group_size, channel_scale=False, keep_gain=False)])
     w_hat = _rebuilt_weight(result.model)
     g = group_size or w.shape[1]
     expected = sum(kmeans_1d(w[:, j : j + g], 8).sse for j in range(0, w.shape[1], g))
@@ -109,7 +109,7 @@ def test_gemm_both_layouts(trans_b):
     w = r.standard_normal((12, 30) if trans_b else (30, 12)).astype(np.float32)
     model = graphs.make_model([helper.make_node("Gemm", ["X", "W"], ["Y"], transB=trans_b)],
                               [("X", ["N", 30])], [("Y", ["N", 12])], {"W": w})
-    result = run_passes(model, [CodebookWeights(bits=4, group_size=4, channel_scale=False)])
+    result = run_passes(model, [CodebookWeights(bits=4, group_size=4, channel_scale=False, keep_gain=False)])
     w_hat = _rebuilt_weight(result.model)
     rows = w if trans_b else w.T  # output channels first
     expected = sum(kmeans_1d(rows[j : j + 4], 16).sse for j in range(0, 12, 4))
@@ -169,7 +169,7 @@ def test_channel_scale_objective_is_over_normalised_weights(which):
     first = np.moveaxis(w, axis, 0)
     scale = np.abs(first.reshape(first.shape[0], -1)).max(axis=1).astype(np.float32).astype(np.float64)
     normalised = first / scale.reshape((-1,) + (1,) * (first.ndim - 1))
-    pass_ = CodebookWeights(bits=3, channel_scale=True)
+    pass_ = CodebookWeights(bits=3, channel_scale=True, keep_gain=False)
     result = run_passes(model, [pass_])
     w_hat = np.moveaxis(_rebuilt_weight(result.model).astype(np.float64), axis, 0)
     levels = w_hat / scale.reshape((-1,) + (1,) * (first.ndim - 1))
@@ -185,7 +185,7 @@ def test_preserve_norm_keeps_each_channel_norm_and_the_codebook(which):
     model = conv_model() if which == "conv" else matmul_model()
     w = _weight(model).astype(np.float64)
     axis = 0 if which == "conv" else 1
-    plain = np.moveaxis(_rebuilt_weight(run_passes(model, [CodebookWeights(bits=3)]).model), axis, 0)
+    plain = np.moveaxis(_rebuilt_weight(run_passes(model, [CodebookWeights(bits=3, keep_gain=False)]).model), axis, 0)
     kept = np.moveaxis(_rebuilt_weight(run_passes(model, [CodebookWeights(bits=3, preserve_norm=True)]).model), axis, 0)
     rows = lambda a: a.reshape(a.shape[0], -1).astype(np.float64)  # noqa: E731
     norm_w = np.linalg.norm(rows(np.moveaxis(w, axis, 0)), axis=1)
@@ -236,3 +236,23 @@ def test_codebook_with_bias_correction_cancels_the_mean_shift():
 
     with pytest.raises(CalibrationError):
         adv.codebook(model, bits=2, bias_correction=True)
+
+
+@pytest.mark.parametrize(("which", "kwargs"), [("conv", {}), ("matmul", {}), ("conv", {"channel_scale": False,
+                                                                                        "group_size": 4})])
+def test_keep_gain_makes_each_projection_exact_with_the_same_codes(which, kwargs):
+    """keep_gain: <W_hat_c, W_c> = ||W_c||^2 per channel (per group without channel scales), with the indices of
+    plain k-means (W_hat = g_c * plain rebuild); cluster means shrink the layer as a whole (mean g_c > 1)."""
+    model = conv_model() if which == "conv" else matmul_model()
+    w = _weight(model).astype(np.float64)
+    axis = 0 if which == "conv" else 1
+    rows = lambda a: np.moveaxis(a, axis, 0).reshape(a.shape[axis], -1).astype(np.float64)  # noqa: E731
+    plain = rows(_rebuilt_weight(run_passes(model, [CodebookWeights(bits=3, keep_gain=False, **kwargs)]).model))
+    kept = rows(_rebuilt_weight(run_passes(model, [CodebookWeights(bits=3, **kwargs)]).model))
+    g = kwargs.get("group_size", 1)
+    unit = lambda a: a.reshape(a.shape[0] // g, -1)  # noqa: E731  (one gain per channel, or per group of g)
+    wr = unit(rows(w))
+    np.testing.assert_allclose(np.sum(unit(kept) * wr, axis=1), np.sum(wr * wr, axis=1), rtol=1e-5)
+    gain = np.sum(unit(kept) * wr, axis=1) / np.sum(unit(plain) * wr, axis=1)
+    np.testing.assert_allclose(unit(kept), unit(plain) * gain[:, None], rtol=1e-5, atol=1e-6)
+    assert np.mean(gain) > 1.0 and np.max(np.abs(gain - 1.0)) > 0.005

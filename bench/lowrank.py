@@ -4,7 +4,8 @@ For each model and budget it prints, side by side: the MACs ratio reached, the l
 against the original model's logits on the test split) and top-1 accuracy before any fine-tune for
 the plain and the data-aware (whitened) SVD, the latency ratio split/original and the size ratio.
 Ranks come from the MACs budget chosen by MACs (``macs``) and, in a second row, by measured layer
-latency (``latency``: ``onnxpress.lowrank(..., latency=measure_latency(...))``, same MACs budget).
+latency (``latency``: ``onnxpress.lowrank(..., latency=measure_latency(...))``, same MACs budget);
+``+joint`` rows split sibling layers that read one input (Q/K/V) as one unit (``joint=True``).
 
 Latency: onnxruntime (all graph optimisations, spinning off, ``--threads`` intra-op threads),
 batch ``--batch``; the original and all split sessions are timed interleaved in the same loop
@@ -39,6 +40,7 @@ from onnxpress.reporting import format_table
 from onnxpress.runtime import make_session
 
 ROOT = Path(__file__).resolve().parents[1]
+SELECTS = ("macs", "latency", "macs+joint", "latency+joint")
 
 
 def sqnr_db(y: np.ndarray, ref: np.ndarray) -> float:
@@ -162,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--latency-step", choices=["time", "macs"], default="time",
                    help="latency rows: greedy steps by loss per second saved, or per MAC among faster splits")
     p.add_argument("--profile", action="store_true", help="also print kernel time by op type (onnxruntime profile)")
+    p.add_argument("--selects", nargs="+", choices=SELECTS, default=list(SELECTS),
+                   help="rank selections to build and time (all in one interleaved loop)")
     args = p.parse_args(argv)
 
     folder = Path(args.models_dir)
@@ -184,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         t_collect = time.perf_counter() - t0
         t0 = time.perf_counter()
         latency = measure_latency(original, batch=args.batch, threads=args.threads, multiple=args.multiple,
-                                  conv_method=args.conv_method)
+                                  conv_method=args.conv_method, joint=any("joint" in s for s in args.selects))
         t_latency = time.perf_counter() - t0
         ref_sess = make_session(original, threads=args.threads)
         ref = logits(ref_sess, x_test)
@@ -193,24 +197,26 @@ def main(argv: list[str] | None = None) -> int:
         candidates = None
         for budget in args.budgets:
             built = {}
-            for select in ("macs", "latency"):
-                lat = latency if select == "latency" else None
+            for select in args.selects:
+                lat = latency if select.startswith("latency") else None
                 built[select] = [
                     onnxpress.lowrank(original, flops=budget, multiple=args.multiple, conv_method=args.conv_method,
-                                      moments=mom, latency=lat, latency_step=args.latency_step)
+                                      moments=mom, latency=lat, latency_step=args.latency_step,
+                                      joint="joint" in select)
                     for mom in (None, moments)
                 ]
             if candidates is None:
-                cand = [lay for lay in built["macs"][0].layers if lay.full_rank]
-                candidates = ({lay.key for lay in cand}, sum(lay.macs_before for lay in cand))
-            results = [r for select in ("macs", "latency") for r in built[select]]
+                cand = [lay for lay in built[args.selects[0]][0].layers if lay.full_rank]
+                keys = {k for lay in cand for k in (lay.members or (lay.key,))}
+                candidates = (keys, sum(lay.macs_before for lay in cand))
+            results = [r for select in args.selects for r in built[select]]
             sessions = [make_session(r.model, threads=args.threads) for r in results]
             outputs = [logits(s, x_test) for s in sessions]
             med, paired, cpu = interleaved_latency_stats([ref_sess, *sessions], x_lat, args.repeats)
             # the candidate layers must shed (1 - budget) of the whole model's MACs
-            keep = 1 - (1 - budget) * built["macs"][0].macs_before / candidates[1]
+            keep = 1 - (1 - budget) * built[args.selects[0]][0].macs_before / candidates[1]
             bound = latency_bound(original, candidates[0], keep, x_lat, args.threads)
-            for k, select in enumerate(("macs", "latency")):
+            for k, select in enumerate(args.selects):
                 plain, aware = built[select]
                 y_plain, y_aware = outputs[2 * k], outputs[2 * k + 1]
                 i_plain, i_aware = 1 + 2 * k, 2 + 2 * k
@@ -229,11 +235,10 @@ def main(argv: list[str] | None = None) -> int:
                     f"{len(aware.model.SerializeToString()) / size_ref:.3f}",
                 ])
             if args.profile:
-                models = {"original": original, f"{budget:.2f} macs aware": built["macs"][1].model,
-                          f"{budget:.2f} latency aware": built["latency"][1].model}
+                models = {"original": original, **{f"{budget:.2f} {s} aware": built[s][1].model for s in args.selects}}
                 profiles.append((name, op_breakdown(models, candidates[0], x_lat, args.threads)))
-            split = sum(lay.rank is not None for lay in built["latency"][1].layers)
-            print(f"{name} @ {budget}: {split} layers split (latency, data-aware); moments {t_collect:.1f}s, "
+            split = sum(lay.rank is not None for lay in built[args.selects[-1]][1].layers)
+            print(f"{name} @ {budget}: {split} units split ({args.selects[-1]}, data-aware); moments {t_collect:.1f}s, "
                   f"layer timing {t_latency:.1f}s", file=sys.stderr)
     header = ["model", "budget", "ranks by", "MACs plain/aware", "SQNR plain", "SQNR aware", "gain dB", "acc orig",
               "acc plain", "acc aware", "latency plain/aware", "paired", "CPU time", "latency bound",

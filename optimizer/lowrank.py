@@ -30,7 +30,14 @@ from onnxpress.driver import transform
 from onnxpress.errors import CalibrationError, UnsupportedModelError
 from onnxpress.model_io import ModelSource, check_output_path, infer_shapes, load_model, normalize_model
 from onnxpress.passes.flops import count_params
-from onnxpress.passes.low_rank import LayerReport, MomentSpec, SplitLowRank, candidate_layers, moment_requests
+from onnxpress.passes.low_rank import (
+    LayerReport,
+    MomentSpec,
+    SplitLowRank,
+    candidate_layers,
+    joint_units,
+    moment_requests,
+)
 from onnxpress.pipeline import cleanup_passes, import_graph, run_passes
 from onnxpress.reporting import format_table
 
@@ -183,16 +190,20 @@ def _concrete_shapes(model: onnx.ModelProto, batch: int) -> dict[str, tuple[int 
     return shapes
 
 
-def _layer_model(node: gs.Node, x_shape: tuple[int, ...], opset: int) -> onnx.ModelProto:
-    """``x -> node(W, b) -> y``: the layer alone, with its own weights, for timing."""
-    w = node.inputs[1]
-    x = gs.Variable("x", dtype=w.values.dtype, shape=list(x_shape))
-    y = gs.Variable("y", dtype=w.values.dtype)
-    inputs: list[gs.Tensor] = [x, gs.Constant("w", w.values)]
-    if len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].name:
-        inputs.append(gs.Constant("b", node.inputs[2].values))
-    layer = gs.Node(node.op, "layer", attrs=dict(node.attrs), inputs=inputs, outputs=[y])
-    return gs.export_onnx(gs.Graph(nodes=[layer], inputs=[x], outputs=[y], opset=opset))
+def _layer_model(nodes: Sequence[gs.Node], x_shape: tuple[int, ...], opset: int) -> onnx.ModelProto:
+    """``x -> node_i(W_i, b_i) -> y_i``: the layer (or a joint unit's layers, sharing ``x``) alone, for timing."""
+    dtype = nodes[0].inputs[1].values.dtype
+    x = gs.Variable("x", dtype=dtype, shape=list(x_shape))
+    layers, outputs = [], []
+    for i, node in enumerate(nodes):
+        tag = "" if len(nodes) == 1 else str(i)
+        y = gs.Variable(f"y{tag}", dtype=dtype)
+        inputs: list[gs.Tensor] = [x, gs.Constant(f"w{tag}", node.inputs[1].values)]
+        if len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].name:
+            inputs.append(gs.Constant(f"b{tag}", node.inputs[2].values))
+        layers.append(gs.Node(node.op, f"layer{tag}", attrs=dict(node.attrs), inputs=inputs, outputs=[y]))
+        outputs.append(y)
+    return gs.export_onnx(gs.Graph(nodes=layers, inputs=[x], outputs=outputs, opset=opset))
 
 
 def measure_latency(
@@ -204,6 +215,7 @@ def measure_latency(
     conv_method: str = "channel",
     ops: Iterable[str] = ("Gemm", "MatMul", "Conv"),
     rounds: int = 9,
+    joint: bool = False,
     progress: bool = False,
 ) -> dict[str, dict[int | None, float]]:
     """Seconds per run of every splittable layer, unsplit (key ``None``) and split at each rank.
@@ -216,7 +228,9 @@ def measure_latency(
     which on a shared machine is most of the noise (wall-clock minima of 5 ms Convs still moved by
     up to 2× between two runs at load 8 on 2 cores); with several threads it is their summed work,
     a cost rather than a latency. Other processes only ever add time, hence the minimum. Layers of
-    the same shape and attributes are timed once. Hand the result to :func:`lowrank`
+    the same shape and attributes are timed once. With ``joint``, each joint unit (sibling layers
+    reading one input, see :func:`~onnxpress.passes.low_rank.joint_units`) is also timed as one
+    model, whole and as the shared-first-factor layout, under its ``+``-joined key. Hand the result to :func:`lowrank`
     (``latency=``) to spend a MACs budget where it saves time.
 
     Args:
@@ -227,6 +241,7 @@ def measure_latency(
         conv_method: ``"channel"`` or ``"tucker2"`` (the Conv layout to time).
         ops: op types to time.
         rounds: timed runs per option.
+        joint: also time the joint units (for ``lowrank(..., joint=True)``).
         progress: show a progress bar over layers.
 
     Raises:
@@ -241,11 +256,16 @@ def measure_latency(
     cleaned = _prepare(model, progress=False)
     shapes = _concrete_shapes(cleaned, batch)
     opset = next((o.version for o in cleaned.opset_import if o.domain in ("", "ai.onnx")), 13)
-    layers = candidate_layers(import_graph(cleaned), tuple(ops))
+    graph = import_graph(cleaned)
+    layers = candidate_layers(graph, tuple(ops))
+    units: dict[str, list[gs.Node]] = {key: [node] for key, node in layers.items()}
+    if joint:
+        units.update({key: [layers[k] for k in members] for key, members in joint_units(graph, tuple(ops)).items()})
     rng = np.random.default_rng(0)
     cache: dict[tuple[Any, ...], dict[int | None, float]] = {}
     out: dict[str, dict[int | None, float]] = {}
-    for key, node in tqdm(layers.items(), desc="timing layers", unit="layer", disable=not progress):
+    for key, nodes in tqdm(units.items(), desc="timing layers", unit="layer", disable=not progress):
+        node = nodes[0]
         x_shape = shapes.get(node.inputs[0].name)
         if x_shape is None or any(d is None or d < 1 for d in x_shape):
             raise UnsupportedModelError(
@@ -253,11 +273,15 @@ def measure_latency(
                 "static shapes apart from the batch"
             )
         w = node.inputs[1].values
-        has_bias = len(node.inputs) > 2 and node.inputs[2] is not None and bool(node.inputs[2].name)
-        sig = (node.op, repr(sorted(node.attrs.items())), w.shape, str(w.dtype), has_bias, x_shape)
+        sig = (x_shape, str(w.dtype), *(
+            (n.op, repr(sorted(n.attrs.items())), n.inputs[1].values.shape,
+             len(n.inputs) > 2 and n.inputs[2] is not None and bool(n.inputs[2].name))
+            for n in nodes
+        ))
         if sig not in cache:
-            base = _layer_model(node, x_shape, opset)
-            split = SplitLowRank(rank=1, only_if_cheaper=False, conv_method=conv_method, ops=(node.op,))
+            base = _layer_model(nodes, x_shape, opset)
+            split = SplitLowRank(rank=1, only_if_cheaper=False, conv_method=conv_method, ops=(node.op,),
+                                 joint=len(nodes) > 1)
             split.reuse_factors = {}  # one factorisation for all the ranks
             split(import_graph(base))
             full = split.report[0].full_rank
@@ -290,6 +314,7 @@ def lowrank(
     ridge: float = 1e-3,
     batch_size: int = 64,
     max_samples: int | None = 512,
+    joint: bool = False,
     by_latency: bool = False,
     latency: Mapping[str, Mapping[int | None, float]] | None = None,
     latency_step: str = "time",
@@ -317,6 +342,10 @@ def lowrank(
         ridge: relative ridge on the second moments.
         batch_size: calibration batch size.
         max_samples: calibration samples to use (``None``: all).
+        joint: split sibling Gemm/MatMul layers that read the same input (attention's Q, K, V) as one
+            unit with a shared first factor (one SVD of their stacked weights); reported as one row
+            keyed ``"a+b+c"``. With ``latency=``, the table must hold those keys
+            (``measure_latency(..., joint=True)``).
         by_latency: with ``flops``, time every candidate layer and split on onnxruntime first
             (:func:`measure_latency` at ``latency_batch`` and ``threads``) and spend the MACs budget
             where it saves the most time per unit of loss; splits that are not faster are not offered.
@@ -338,7 +367,7 @@ def lowrank(
         raise ValueError("by_latency/latency= only steer a flops= budget; give flops= too")
     split = SplitLowRank(rank=rank, energy=energy, flops=flops, multiple=multiple, ridge=ridge,
                          conv_method=conv_method, ops=ops, latency=latency,
-                         latency_step=latency_step)  # validates the arguments before any work
+                         latency_step=latency_step, joint=joint)  # validates the arguments before any work
     if calib is not None and moments is not None:
         raise ValueError("give calib= or moments=, not both")
     if output is not None:
@@ -348,7 +377,7 @@ def lowrank(
     cleaned = _prepare(proto, progress)
     if by_latency:
         split.latency = measure_latency(cleaned, batch=latency_batch, threads=threads, multiple=multiple,
-                                        conv_method=conv_method, ops=ops, progress=progress)
+                                        conv_method=conv_method, ops=ops, joint=joint, progress=progress)
     if calib is not None:
         moments = collect_moments(cleaned, calib, ops=ops, batch_size=batch_size, max_samples=max_samples,
                                   progress=progress)

@@ -11,6 +11,20 @@ truncated SVD ``W ≈ U_r Σ_r V_rᵀ = A · B``, ``A = U_r Σ_r^½`` (m × r), 
 The split costs ``r·(m + n)`` MACs per position instead of ``m·n``, so it only pays when
 ``r < m·n / (m + n)``; layers where it would not are skipped and reported.
 
+Joint split of siblings (``joint=True``). Gemm/MatMul layers that read the same tensor on the same
+axis (attention's Q, K and V projections) are factorised as one unit: the truncated SVD of their
+stacked weights ``W = [W_1; …; W_k]`` (Σ m_i × n; data-aware: of ``W C^½``, the one input moment they
+share) gives one first factor ``B`` (r × n) and row blocks ``A_i`` of ``A`` (m_i × r)::
+
+    X -> MatMul(W_1) -> Y_1          X -> MatMul(Bᵀ) -> Z[r] -> MatMul(A_1ᵀ) -> Y_1
+    X -> MatMul(W_2) -> Y_2   ==>                        ├─> MatMul(A_2ᵀ) -> Y_2
+    X -> MatMul(W_3) -> Y_3                              └─> MatMul(A_3ᵀ) -> Y_3
+
+It costs ``r·(n + Σ m_i)`` MACs instead of ``Σ r_i·(n + m_i)``: for three n × n layers at equal MACs
+the joint rank is 1.5× the separate one, and where the siblings' outputs draw on the same input
+directions (the whitened case) the shared ``B`` keeps far more of their energy. Its loss in the
+budget greedy is the sum of its members' noise-to-signal ratios, each read from the one SVD.
+
 Data-aware variant. With the input second moment ``C = E[x xᵀ]`` (streamed by the API, handed to
 the pass as numpy arrays), the expected output error is
 ``E‖(W − W')x‖² = ‖(W − W') C^½‖_F²``. Its minimiser of rank r (Eckart–Young on ``W C^½``) is
@@ -73,6 +87,7 @@ __all__ = [
     "SplitGemmLowRank",
     "SplitLowRank",
     "candidate_layers",
+    "joint_units",
     "layer_keys",
     "moment_requests",
 ]
@@ -140,6 +155,14 @@ class _Layer:
     macs: int
     params: int
     spec: MomentSpec
+    # a joint unit (siblings reading one input): its nodes, their keys and output rows, in stacking order
+    members: tuple[gs.Node, ...] = ()
+    member_keys: tuple[str, ...] = ()
+    rows: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.members:
+            self.members, self.member_keys, self.rows = (self.node,), (self.key,), (self.mats[0].shape[0],)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,6 +181,9 @@ class LayerReport:
         params_before, params_after: weight (+bias) elements.
         method: ``svd``, ``whitened-svd`` or ``tucker2``.
         skipped: why the layer was left as it is (``None`` when split).
+        members: for a joint unit (``joint=True``: sibling layers reading the same input, split with
+            one shared first factor), the keys of its layers; ``key`` is then ``"+".join(members)`` and
+            ``shape`` the stacked ``(Σ m_i, n)``. Empty for a single layer.
     """
 
     key: str
@@ -173,6 +199,7 @@ class LayerReport:
     params_after: int
     method: str
     skipped: str | None = None
+    members: tuple[str, ...] = ()
 
 
 def _const(t: gs.Tensor | None) -> bool:
@@ -296,6 +323,48 @@ def moment_requests(graph: gs.Graph, ops: Sequence[str] = _OPS) -> dict[str, Mom
     }
 
 
+def _sibling_key(lay: _Layer) -> tuple[object, ...] | None:
+    """Layers with equal keys can share a first factor (same input, axis, op and first-factor attributes)."""
+    if lay.op not in ("Gemm", "MatMul"):
+        return None
+    attrs = lay.node.attrs
+    gemm = (int(attrs.get("transA", 0)), float(attrs.get("alpha", 1.0))) if lay.op == "Gemm" else ()
+    return (lay.op, lay.spec.tensor, lay.spec.axis, lay.mats[0].shape[1], *gemm)
+
+
+def _join(layers: list[_Layer]) -> list[_Layer]:
+    """Sibling Gemm/MatMul layers (same input tensor and feature axis) merged into one joint unit each.
+
+    The unit's matrix is the members' weights stacked row-wise, ``W = [W_1; …; W_k]`` (Σ m_i × n); it
+    takes the place of its first member in the list, the others are dropped from it.
+    """
+    by_key: dict[tuple[object, ...], list[_Layer]] = {}
+    for lay in layers:
+        sib = _sibling_key(lay)
+        if sib is not None:
+            by_key.setdefault(sib, []).append(lay)
+    out: list[_Layer] = []
+    for lay in layers:
+        sib = _sibling_key(lay)
+        group = by_key.get(sib, [lay]) if sib is not None else [lay]
+        if len(group) == 1:
+            out.append(lay)
+        elif group[0] is lay:
+            mats = [np.concatenate([g.mats[0] for g in group], 0)]
+            out.append(_Layer(
+                lay.node, "+".join(g.key for g in group), lay.op, 1, mats, lay.positions, lay.in_positions,
+                sum(g.macs for g in group), sum(g.params for g in group), lay.spec,
+                tuple(g.node for g in group), tuple(g.key for g in group), tuple(g.mats[0].shape[0] for g in group),
+            ))
+    return out
+
+
+def joint_units(graph: gs.Graph, ops: Sequence[str] = _OPS) -> dict[str, tuple[str, ...]]:
+    """The joint units ``SplitLowRank(joint=True)`` forms: ``{unit key: member layer keys}`` (2+ members)."""
+    layers, _ = _collect(graph, ops, None)
+    return {lay.key: lay.member_keys for lay in _join(layers) if len(lay.members) > 1}
+
+
 # --------------------------------------------------------------------------------------------
 # Factorisations
 # --------------------------------------------------------------------------------------------
@@ -319,12 +388,34 @@ class _Factors:
     vt: list[np.ndarray]  # right singular vectors (plain) — unused when whitened
     mats: list[np.ndarray]
     whitened: bool
+    rows: tuple[int, ...] = ()  # a joint unit's member row counts (one group): the loss sums their NSRs
 
     def kept(self, r: int) -> float:
         total = sum(float(np.sum(s**2)) for s in self.s)
         if total == 0.0:
             return 1.0
         return sum(float(np.sum(s[:r] ** 2)) for s in self.s) / total
+
+    def loss(self, r: int) -> float:
+        """Noise-to-signal ratio ``dropped / kept`` at rank r; for a joint unit, the sum of its members'.
+
+        Member i owns rows ``R_i`` of the stacked target ``T = U S Vᵀ`` (``W``, or ``W·C^½``); its
+        rank-r error is ``Σ_{j>r} s_j² ‖U[R_i, j]‖²``, so each member's NSR comes from the one SVD.
+        """
+        if len(self.rows) < 2:
+            kept = self.kept(r)
+            return (1.0 - kept) / max(kept, 1e-12)
+        u, s = self.u[0], self.s[0]
+        total = 0.0
+        start = 0
+        for rows in self.rows:
+            energy = np.sum(u[start : start + rows] ** 2, 0) * s**2
+            start += rows
+            whole = float(energy.sum())
+            if whole > 0.0:
+                kept = float(energy[:r].sum())
+                total += (whole - kept) / max(kept, 1e-12 * whole)
+        return total
 
     def factors(self, r: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """Per group ``A`` (m_g × r) and ``B`` (r × n) with ``A·B`` the best rank-r approximation."""
@@ -425,6 +516,9 @@ class SplitLowRank:
         latency_step: with ``latency``, what the greedy's steps are ranked by: ``"time"`` (least
             loss per second saved) or ``"macs"`` (least loss per MAC saved, as without a table,
             but only among the splits measured faster).
+        joint: split sibling Gemm/MatMul layers that read the same input (attention's Q, K, V) as
+            one unit: one SVD of their stacked weights, one shared first factor (see the module
+            docstring). The unit's key is its members' keys joined by ``+`` (in ``latency`` too).
 
     After a call, ``report`` holds one :class:`LayerReport` per candidate layer (declined ones too)
     and ``macs`` the model's MACs per sample before and after; the API prints them.
@@ -447,6 +541,7 @@ class SplitLowRank:
         ops: Sequence[str] | None = None,
         latency: Mapping[str, Mapping[int | None, float]] | None = None,
         latency_step: str = "time",
+        joint: bool = False,
     ) -> None:
         if sum(v is not None for v in (rank, energy, flops)) != 1:
             raise ValueError("give exactly one of rank=, energy= or flops=")
@@ -481,6 +576,7 @@ class SplitLowRank:
             self.ops = tuple(ops)
         self.latency = None if latency is None else {k: dict(v) for k, v in latency.items()}
         self.latency_step = latency_step
+        self.joint = bool(joint)
         # plain factorisations kept across calls, keyed by layer key and weight bytes (set to {} to
         # reuse one SVD for many ranks, as measure_latency does); None: compute every call
         self.reuse_factors: dict[tuple[object, ...], object] | None = None
@@ -567,8 +663,12 @@ class SplitLowRank:
             cost = self._cost(ch, r)
             time = float(cost) if table is None else float(table[r])
             if cost < opts[-1][0] and time < opts[-1][1]:
-                kept = ch.fac.kept(r)
-                opts.append((cost, time, (1.0 - kept) / max(kept, 1e-12), r))
+                if isinstance(ch.fac, _Factors):
+                    loss = ch.fac.loss(r)
+                else:
+                    kept = ch.fac.kept(r)
+                    loss = (1.0 - kept) / max(kept, 1e-12)
+                opts.append((cost, time, loss, r))
         return opts
 
     def _select_budget(self, choices: list[_Choice], total_macs: int) -> None:
@@ -638,8 +738,11 @@ class SplitLowRank:
         """``make()``, or the factors of an earlier call on the same weights when ``reuse_factors`` is set."""
         if self.reuse_factors is None:
             return make()
+        digest = hashlib.sha256()
+        for node in lay.members:
+            digest.update(np.ascontiguousarray(node.inputs[1].values).tobytes())
         w = lay.node.inputs[1].values
-        key = (lay.key, method, w.shape, str(w.dtype), hashlib.sha256(np.ascontiguousarray(w).tobytes()).hexdigest())
+        key = (lay.key, method, lay.mats[0].shape, str(w.dtype), digest.hexdigest())
         if key not in self.reuse_factors:
             self.reuse_factors[key] = make()
         return self.reuse_factors[key]
@@ -651,11 +754,14 @@ class SplitLowRank:
         macs = count_macs(graph)
         total = sum(macs.values())
         layers, declined = _collect(graph, self.ops, macs)
+        if self.joint:
+            layers = _join(layers)
         notes = [f"{key}: kept ({why})" for key, _, why in declined]
         choices: list[_Choice] = []
         for lay in layers:
             mg, n = lay.mats[0].shape
-            moment = self.moments.get(lay.key)
+            # a joint unit's members read the same tensor on the same axis: any member's moment is the unit's
+            moment = next((self.moments[k] for k in lay.member_keys if k in self.moments), None)
             if moment is not None:
                 need = lay.groups * n
                 if moment.shape != (need, need):
@@ -676,6 +782,8 @@ class SplitLowRank:
                 notes.append(f"{lay.key}: grouped conv gets the channel split, not tucker2")
             fac = (_svd(lay.mats, moment, self.ridge) if moment is not None
                    else self._cached(lay, "svd", lambda lay=lay: _svd(lay.mats, None, self.ridge)))
+            if len(lay.members) > 1:
+                fac.rows = lay.rows
             choices.append(_Choice(lay, "whitened-svd" if moment is not None else "svd", fac, min(mg, n)))
         self._select(choices, total)
 
@@ -686,6 +794,7 @@ class SplitLowRank:
         for ch in choices:
             lay = ch.layer
             mg, n = lay.mats[0].shape
+            members = lay.member_keys if len(lay.members) > 1 else ()
             if ch.rank is None:
                 bound = mg * n / (mg + n)
                 why = (
@@ -696,7 +805,7 @@ class SplitLowRank:
                 )
                 notes.append(f"{lay.key}: kept ({why})")
                 reports.append(LayerReport(lay.key, lay.op, (mg, n), lay.groups, None, ch.full, 1.0, lay.macs,
-                                           lay.macs, lay.params, lay.params, ch.method, why))
+                                           lay.macs, lay.params, lay.params, ch.method, why, members))
                 continue
             if ch.method == "tucker2":
                 self._rewrite_tucker(graph, ch)
@@ -705,7 +814,7 @@ class SplitLowRank:
             split += 1
             reports.append(LayerReport(
                 lay.key, lay.op, (mg, n), lay.groups, ch.rank, ch.full, ch.fac.kept(ch.rank), lay.macs,
-                self._cost(ch, ch.rank), lay.params, self._params(ch, ch.rank), ch.method,
+                self._cost(ch, ch.rank), lay.params, self._params(ch, ch.rank), ch.method, None, members,
             ))
         after = total - sum(r.macs_before - r.macs_after for r in reports)
         self.report = tuple(reports)
@@ -738,16 +847,23 @@ class SplitLowRank:
             node.inputs.clear()
             node.inputs.extend([mid, gs.Constant(second_w, a.astype(dtype)), *bias])
         else:
-            (a,), (b,) = a_list, b_list  # y = A (B x); stored as [K, r] and [r, N] (row-vector form)
+            # y = A (B x); stored as [K, r] and [r, N] (row-vector form). A joint unit shares B (one
+            # first node) and each member keeps its own rows of A as its second factor (and its bias).
+            (a,), (b,) = a_list, b_list
             first_attrs = {}
             if lay.op == "Gemm":
                 first_attrs = {"transA": int(node.attrs.get("transA", 0)), "alpha": float(node.attrs.get("alpha", 1.0))}
-                node.attrs = {"beta": float(node.attrs.get("beta", 1.0))}
             first = gs.Node(lay.op, unique_name(graph, f"{base}_lowrank_in"), attrs=first_attrs,
                             inputs=[node.inputs[0], gs.Constant(first_w, np.ascontiguousarray(b.T).astype(dtype))],
                             outputs=[mid])
-            node.inputs[0] = mid
-            node.inputs[1] = gs.Constant(second_w, np.ascontiguousarray(a.T).astype(dtype))
+            start = 0
+            for member, rows in zip(lay.members, lay.rows, strict=True):
+                name = second_w if member is node else unique_name(graph, f"{member.inputs[1].name}_lowrank_out")
+                if lay.op == "Gemm":
+                    member.attrs = {"beta": float(member.attrs.get("beta", 1.0))}
+                member.inputs[0] = mid
+                member.inputs[1] = gs.Constant(name, np.ascontiguousarray(a[start : start + rows].T).astype(dtype))
+                start += rows
         graph.nodes.append(first)
 
     @staticmethod

@@ -321,3 +321,119 @@ def test_whitened_split_with_rank_deficient_moment_is_exact_at_full_rank():
 def test_moment_of_wrong_shape_is_refused():
     with pytest.raises(UnsupportedModelError, match="expected"):
         run_passes(matmul_model(8, 6), [SplitLowRank(rank=2, moments={"h": np.eye(5)})])
+
+
+# ---------------------------------------------------------------------------------------------
+# joint split of sibling layers (one input, several weights: attention's Q/K/V)
+# ---------------------------------------------------------------------------------------------
+
+
+def siblings_model(k: int = 8, ns: tuple[int, ...] = (6, 6, 4), ws: list[np.ndarray] | None = None, seed: int = 0):
+    """X[batch,5,k] -> MatMul(W_i[k,n_i]) -> Add(b_i) -> Y_i[batch,5,n_i] for each i (three siblings)::
+
+        X ──┬─ MatMul(W0) ─ Add ─ Y0
+            ├─ MatMul(W1) ─ Add ─ Y1
+            └─ MatMul(W2) ─ Add ─ Y2
+    """
+    r = graphs.rng(seed)
+    ws = ws if ws is not None else [r.standard_normal((k, n)).astype(np.float32) for n in ns]
+    nodes, inits = [], {}
+    for i, w in enumerate(ws):
+        nodes += [helper.make_node("MatMul", ["X", f"W{i}"], [f"h{i}"], name=f"mm{i}"),
+                  helper.make_node("Add", [f"h{i}", f"b{i}"], [f"Y{i}"])]
+        inits[f"W{i}"], inits[f"b{i}"] = w, r.standard_normal(w.shape[1]).astype(np.float32)
+    outs = [(f"Y{i}", ["batch", 5, w.shape[1]]) for i, w in enumerate(ws)]
+    return graphs.make_model(nodes, [("X", ["batch", 5, k])], outs, inits)
+
+
+def test_joint_full_rank_split_is_exact_and_shares_one_first_factor():
+    """Stacked [W0; W1; W2] (16x8) at full rank 8: one MatMul(X, Bᵀ) feeds three second factors, outputs equal."""
+    model = siblings_model()
+    x = graphs.rng(1).standard_normal((3, 5, 8)).astype(np.float32)
+    split = SplitLowRank(rank=8, only_if_cheaper=False, joint=True)
+    result = run_passes(model, [split])
+    ops = [n.op_type for n in result.model.graph.node]
+    assert ops.count("MatMul") == 4 and ops.count("Add") == 3
+    (rep,) = split.report
+    assert rep.members == ("mm0", "mm1", "mm2") and rep.key == "mm0+mm1+mm2"
+    assert rep.shape == (16, 8) and rep.rank == 8 and rep.energy == pytest.approx(1.0)
+    assert rep.macs_before == 5 * 8 * 16 and rep.macs_after == 5 * 8 * (16 + 8)
+    assert sum(count_macs(result.model).values()) == rep.macs_after
+    for got, want in zip(graphs.run(result.model, {"X": x}), graphs.run(model, {"X": x}), strict=True):
+        _close(got, want)
+
+
+def test_joint_split_of_weights_sharing_a_rank_3_row_space_is_exact_at_rank_3():
+    """W_i = B·A_i with one B[12,3]: jointly rank 3 (separately each rank 3 too, at 3× the first-factor MACs)."""
+    r = graphs.rng(4)
+    b = r.standard_normal((12, 3))
+    ws = [(b @ r.standard_normal((3, n))).astype(np.float32) for n in (12, 12, 12)]
+    model = siblings_model(12, ws=ws)
+    x = r.standard_normal((2, 5, 12)).astype(np.float32)
+    joint, separate = SplitLowRank(rank=3, joint=True), SplitLowRank(rank=3)
+    out_joint = run_passes(model, [joint]).model
+    run_passes(model, [separate])
+    assert joint.macs[1] == 5 * 3 * (12 + 36) < separate.macs[1] == 3 * 5 * 3 * (12 + 12)
+    for got, want in zip(graphs.run(out_joint, {"X": x}), graphs.run(model, {"X": x}), strict=True):
+        _close(got, want)
+
+
+def test_joint_loss_is_the_sum_of_the_members_noise_to_signal_ratios():
+    """The budget's loss of a joint unit equals Σ_i ‖W_i − A_i B‖² / ‖A_i B‖² from the built factors."""
+    from onnxpress.passes.low_rank import _svd
+
+    r = graphs.rng(6)
+    ws = [r.standard_normal((n, 10)) * scale for n, scale in ((10, 1.0), (10, 3.0), (6, 0.2))]
+    stacked = np.concatenate(ws, 0)
+    for moment in (None, np.cov(r.standard_normal((10, 200))) + 0.5):
+        fac = _svd([stacked], moment, 1e-3)
+        fac.rows = (10, 10, 6)
+        c_half = np.eye(10)
+        if moment is not None:  # (C + ridge·tr(C)/n·I)^½, the whitening the pass applies
+            vals, vecs = np.linalg.eigh(moment + 1e-3 * np.trace(moment) / 10 * np.eye(10))
+            c_half = (vecs * np.sqrt(vals)) @ vecs.T
+        for rank in (2, 5, 9):
+            (a,), (b,) = fac.factors(rank)
+            want, start = 0.0, 0
+            for w in ws:
+                approx = a[start : start + len(w)] @ b
+                start += len(w)
+                want += np.sum(((w - approx) @ c_half) ** 2) / np.sum((approx @ c_half) ** 2)
+            assert fac.loss(rank) == pytest.approx(want, rel=1e-6)
+
+
+def test_joint_budget_is_met_on_the_graph_and_beats_separate_splits_here():
+    """Three 32->32 siblings on one rank-12 input subspace plus noise, 50% MACs: separately r <= 8, jointly 12."""
+    r = graphs.rng(7)
+    b = r.standard_normal((32, 12))
+    ws = [(b @ r.standard_normal((12, 32)) + 0.05 * r.standard_normal((32, 32))).astype(np.float32) for _ in range(3)]
+    model = siblings_model(32, ws=ws)
+    x = r.standard_normal((4, 5, 32)).astype(np.float32)
+    ref = graphs.run(model, {"X": x})
+    sqnr = {}
+    for joint in (False, True):
+        split = SplitLowRank(flops=0.5, multiple=4, joint=joint)
+        out = run_passes(model, [split]).model
+        assert sum(count_macs(out).values()) == split.macs[1] <= 0.5 * split.macs[0]
+        ys = graphs.run(out, {"X": x})
+        sqnr[joint] = _sqnr(np.concatenate([y.ravel() for y in ys]), np.concatenate([y.ravel() for y in ref]))
+    assert sqnr[True] > sqnr[False] + 3
+
+
+def test_only_compatible_siblings_are_joined():
+    """Gemm siblings with different transA, and a Conv, are not joined; the two same-attribute Gemms are."""
+    r = graphs.rng(8)
+    inits = {f"W{i}": r.standard_normal((6, 6)).astype(np.float32) for i in range(3)}
+    nodes = [helper.make_node("Gemm", ["X", "W0"], ["Y0"], name="g0"),
+             helper.make_node("Gemm", ["X", "W1"], ["Y1"], name="g1", beta=0.5),
+             helper.make_node("Gemm", ["X", "W2"], ["Y2"], name="g2", transA=1)]
+    model = graphs.make_model(nodes, [("X", [6, 6])], [(f"Y{i}", [6, 6]) for i in range(3)], inits)
+    from onnxpress.passes.low_rank import joint_units
+
+    assert joint_units(import_graph(model)) == {"g0+g1": ("g0", "g1")}
+    x = r.standard_normal((6, 6)).astype(np.float32)
+    split = SplitLowRank(rank=6, only_if_cheaper=False, joint=True)
+    out = run_passes(model, [split]).model
+    assert sorted(rep.key for rep in split.report) == ["g0+g1", "g2"]
+    for got, want in zip(graphs.run(out, {"X": x}), graphs.run(model, {"X": x}), strict=True):
+        _close(got, want)

@@ -203,3 +203,31 @@ def test_latency_step_macs_ranks_steps_by_macs_among_the_faster_splits():
     assert by_macs.macs[1] <= 0.75 * by_macs.macs[0]
     with pytest.raises(ValueError, match="latency_step"):
         SplitLowRank(flops=0.75, latency=table, latency_step="seconds")
+
+
+def _qkv(seed: int = 9):
+    """X[b,5,32] -> three MatMul(W_i[32,32]) siblings (Q, K, V of one attention input) -> Y0, Y1, Y2."""
+    r = graphs.rng(seed)
+    nodes = [helper.make_node("MatMul", ["X", f"W{i}"], [f"Y{i}"], name=f"p{i}") for i in range(3)]
+    return graphs.make_model(nodes, [("X", ["b", T, 32])], [(f"Y{i}", ["b", T, 32]) for i in range(3)],
+                             {f"W{i}": r.standard_normal((32, 32)).astype(np.float32) for i in range(3)})
+
+
+def test_measure_latency_times_joint_units_under_their_joined_key():
+    """joint=True adds one row for the three siblings, ranks up to min(96, 32), besides the single layers."""
+    table = measure_latency(_qkv(), batch=2, threads=1, multiple=16, rounds=2, joint=True)
+    assert set(table) == {"p0", "p1", "p2", "p0+p1+p2"}
+    assert set(table["p0+p1+p2"]) == {None, 16, 32}
+    assert all(np.isfinite(v) and v > 0 for v in table["p0+p1+p2"].values())
+
+
+def test_lowrank_joint_by_latency_meets_the_budget_with_one_shared_first_factor():
+    """The unit is steered by its own measured times; the budget holds on the graph; one first factor is shared."""
+    table = {"p0+p1+p2": {None: 1.0, 8: 0.3, 16: 0.5, 24: 0.7, 32: 1.2}}
+    result = onnxpress.lowrank(_qkv(), flops=0.5, multiple=8, joint=True, latency=table)
+    (rep,) = result.layers
+    # 0.5 · 3·32·32 = 1536 MACs per token: rank 8 (8·(32+96) = 1024) fits, rank 16 (2048) does not
+    assert rep.members == ("p0", "p1", "p2") and rep.rank == 8
+    assert sum(count_macs(result.model).values()) == result.macs_after <= 0.5 * result.macs_before
+    firsts = [n for n in result.model.graph.node if n.input[0] == "X"]
+    assert len(firsts) == 1 and result.layer_seconds == (1.0, 0.3)

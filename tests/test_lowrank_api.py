@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
+import onnx
 import pytest
 from onnx import helper
 
@@ -203,3 +204,22 @@ def test_cli_lowrank_missing_calib_data_is_one_line(tmp_path, capsys):
 def test_model_load_error_type():
     with pytest.raises(ModelLoadError):
         onnxpress.lowrank("/nonexistent/model.onnx", rank=2)
+
+
+def test_cli_lowrank_joint_prints_one_row_for_the_siblings(tmp_path, capsys):
+    """--joint: three siblings on one rank-4 input subspace are one row a+b+c; rank 4 reproduces them."""
+    r = graphs.rng(2)
+    shared = r.standard_normal((8, 4))
+    nodes = [helper.make_node("MatMul", ["X", f"W{i}"], [f"Y{i}"], name=n) for i, n in enumerate("abc")]
+    model = graphs.make_model(nodes, [("X", ["b", 4, 8])], [(f"Y{i}", ["b", 4, 8]) for i in range(3)],
+                              {f"W{i}": (shared @ r.standard_normal((4, 8))).astype(np.float32) for i in range(3)})
+    src, out = tmp_path / "m.onnx", tmp_path / "o.onnx"
+    src.write_bytes(model.SerializeToString())
+    assert main(["lowrank", str(src), "-o", str(out), "--rank", "4", "--joint", "-q"]) == 0
+    text = capsys.readouterr().out
+    assert "a+b+c" in text and "24x8" in text and "4/8" in text  # 4·(8+24) = 128 < 3·64 MACs per token
+    split = onnx.load(out)
+    assert [n.op_type for n in split.graph.node].count("MatMul") == 4
+    x = r.standard_normal((2, 4, 8)).astype(np.float32)
+    for got, want in zip(graphs.run(split, {"X": x}), graphs.run(model, {"X": x}), strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-4 * max(1.0, float(np.abs(want).max())), rtol=0)

@@ -25,6 +25,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--multiple", type=positive_int, default=1, help="round ranks up to a multiple of this")
     p.add_argument("--tucker", action="store_true", help="Tucker-2 (1x1, kxk core, 1x1) for Convs")
     p.add_argument("--max-samples", type=positive_int, default=512, help="calibration samples to use")
+    p.add_argument("--joint", action="store_true",
+                   help="split sibling Gemm/MatMul layers that read the same input (attention Q/K/V) as one unit "
+                        "with a shared first factor (one SVD of their stacked weights)")
     p.add_argument("--by-latency", action="store_true",
                    help="with --flops: time each layer and its splits on onnxruntime first and spend the MACs "
                         "budget where it saves the most time (splits that are not faster are not used)")
@@ -56,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
         multiple=args.multiple,
         conv_method="tucker2" if args.tucker else "channel",
         max_samples=args.max_samples,
+        joint=args.joint,
         by_latency=args.by_latency,
         latency_step=args.latency_step,
         latency_batch=args.latency_batch,

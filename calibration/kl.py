@@ -42,9 +42,21 @@ difference of prefix sums of ``h``, ``h log h`` and ``[h > 0]`` evaluated at the
 all candidates are one ``(n - m + 1) x (m + 1)`` array computation (chunked to bound memory)
 instead of a Python loop of ``O(n)`` work per candidate. Each row depends only on its own ``i``, so
 a search restricted to ``i >= min_bins`` (the observers' clip cap) computes only those rows.
+
+Per element of that array the work is: one edge index, two gathers (``cum_h``, ``cum_nz``) and their
+differences, one division, one log and a row dot product. The edges need no multiplication: with
+``i = q m + r`` (``0 <= r < m``), ``b_g = ceil(g i / m) = g q + ceil(g r / m)``, so a candidate's
+edges are the row ``r`` of a table ``D[r, g] = ceil(g r / m)`` (cached per ``m``) plus ``q g``. The
+empty windows (``G_g = z_g = 0``) add ``0 * log(1) = 0`` through ``(G_g + t) / (z_g + t)`` with
+``t = 1e-300``, which leaves every other ratio unchanged (``t`` is far below the spacing of floats
+at ``1``), in place of two clamps. Measured on the 121 activation histograms of the reference models
+at 100 samples: 1.6 -> 0.8 ms per search (sum of per-histogram best times, interleaved), the same bins.
 """
 
 from __future__ import annotations
+
+import functools
+import threading
 
 import numpy as np
 
@@ -93,39 +105,85 @@ def kl_divergences(hist: np.ndarray, m: int, *, min_bins: int = 0) -> tuple[np.n
         return np.array([n]), np.array([0.0])
     h = h[:n]
     total = h.sum()
-    cum_h = np.concatenate([[0.0], np.cumsum(h)])
-    occupied = h > 0
-    hlogh = np.zeros(n)
-    hlogh[occupied] = h[occupied] * np.log(h[occupied])
-    cum_hlogh = np.concatenate([[0.0], np.cumsum(hlogh)])
-    cum_nz = np.concatenate([[0.0], np.cumsum(occupied, dtype=np.float64)])  # float: feeds a division
+    cum_h = np.zeros(n + 1)
+    np.cumsum(h, out=cum_h[1:])
+    cum_nz = np.zeros(n + 1)  # float: feeds a division
+    np.cumsum(h > 0, out=cum_nz[1:])
+    hlogh = np.log(np.maximum(h, 1.0))  # h log h, 0 where h = 0 (counts are integers)
+    hlogh *= h
+    cum_hlogh = np.zeros(n + 1)
+    np.cumsum(hlogh, out=cum_hlogh[1:])
 
     first = max(m, min_bins) if min_bins <= n else m
     cands = np.arange(first, n + 1, dtype=np.int64)
     out = np.empty(cands.size, dtype=np.float64)
     step = max(1, _CHUNK_ELEMS // (m + 1))
-    bufs = _Buffers(min(step, cands.size), m)
+    bufs = _buffers(min(step, cands.size), m)
     for start in range(0, cands.size, step):
         i = cands[start : start + step]
         out[start : start + step] = _kl_chunk(i, m, total, cum_h, cum_hlogh, cum_nz, h, bufs)
     return cands, out
 
 
-class _Buffers:
-    """Work arrays for ``rows`` candidates, reused by every chunk of one search.
+_TINY = 1e-300  # (G + t) / (z + t): 1 for an empty window, G / z exactly otherwise
+_TABLE_MAX_M = 512  # the edge table D is m x (m + 1) int64: 2 MB at m = 512
 
-    Fresh ~256 KB temporaries per operation cost page faults: reusing them (``out=``) and taking
-    ``log(G / z)`` in one log instead of ``log G - log_int[z]`` (a gather) measured the search
-    3.5 -> 1.5 ms per tensor on the 143 activation histograms of the reference models (same bins).
+
+@functools.lru_cache(maxsize=4)
+def _edge_offsets(m: int) -> np.ndarray | None:
+    """``D[r, g] = ceil(g r / m)`` for ``r < m``, ``g <= m`` (read-only), or None when ``m`` is too large."""
+    if m > _TABLE_MAX_M:
+        return None
+    out = (np.arange(m, dtype=np.int64)[:, None] * np.arange(m + 1, dtype=np.int64) + m - 1) // m
+    out.flags.writeable = False
+    return out
+
+
+class _Buffers:
+    """Work arrays for ``rows`` candidates, reused by every chunk of every search on one thread.
+
+    Fresh ~256 KB temporaries per operation cost page faults: reusing them (``out=``) measured the
+    search 3.5 -> 1.5 ms per tensor on the 143 activation histograms of the reference models.
     """
 
     def __init__(self, rows: int, m: int) -> None:
+        self.rows = rows
         self.g = np.arange(m + 1, dtype=np.int64)
-        self.edges = np.empty(rows * (m + 1), dtype=np.int64)
-        self.at_edges = np.empty(rows * (m + 1), dtype=np.float64)
-        self.win_h = np.empty(rows * m, dtype=np.float64)
-        self.win_nz = np.empty(rows * m, dtype=np.float64)
-        self.log_q = np.empty(rows * m, dtype=np.float64)
+        self.edges = np.empty((rows, m + 1), dtype=np.int64)
+        self.at_edges = np.empty((rows, m + 1), dtype=np.float64)
+        self.win_h = np.empty((rows, m), dtype=np.float64)
+        self.log_q = np.empty((rows, m), dtype=np.float64)
+
+
+_LOCAL = threading.local()
+
+
+def _buffers(rows: int, m: int) -> _Buffers:
+    """This thread's buffers for ``m`` with at least ``rows`` rows (the searches run on a thread pool)."""
+    cache = getattr(_LOCAL, "buffers", None)
+    if cache is None:
+        cache = _LOCAL.buffers = {}
+    bufs = cache.get(m)
+    if bufs is None or bufs.rows < rows:
+        bufs = cache[m] = _Buffers(rows, m)
+    return bufs
+
+
+def _edges(i: np.ndarray, m: int, out: np.ndarray, g: np.ndarray) -> None:
+    """``out[k, g] = ceil(g * i[k] / m)`` for consecutive candidates ``i`` (see the module docstring)."""
+    table = _edge_offsets(m)
+    if table is None:
+        np.multiply(i[:, None], g, out=out)
+        out += m - 1
+        out //= m
+        return
+    first, last = int(i[0]), int(i[-1])
+    lo = first
+    while lo <= last:  # one block per q = i // m: rows r .. of D, plus q * g
+        q, r = divmod(lo, m)
+        hi = min(last, (q + 1) * m - 1)
+        np.add(table[r : r + hi - lo + 1], q * g, out=out[lo - first : hi - first + 1])
+        lo = hi + 1
 
 
 def _kl_chunk(
@@ -138,39 +196,34 @@ def _kl_chunk(
     h: np.ndarray,
     bufs: _Buffers,
 ) -> np.ndarray:
-    """Divergences for the candidates ``i`` (1-D) with window indices ``g = 0..m``."""
+    """Divergences for the consecutive candidates ``i`` (1-D) with window indices ``g = 0..m``."""
     c = i.size
-    edges = bufs.edges[: c * (m + 1)].reshape(c, m + 1)
-    np.multiply(i[:, None], bufs.g, out=edges)
-    edges += m - 1
-    if m & (m - 1) == 0:  # b_g = ceil(g*i/m); b_0 = 0, b_m = i (a shift for the usual m = 2**k)
-        edges >>= m.bit_length() - 1
-    else:
-        edges //= m
-    at_edges = bufs.at_edges[: c * (m + 1)].reshape(c, m + 1)
+    edges = bufs.edges[:c]
+    _edges(i, m, edges, bufs.g)
+    at_edges = bufs.at_edges[:c]
+    win_h = bufs.win_h[:c]
+    log_q = bufs.log_q[:c]
     np.take(cum_h, edges, out=at_edges)
-    win_h = bufs.win_h[: c * m].reshape(c, m)
     np.subtract(at_edges[:, 1:], at_edges[:, :-1], out=win_h)  # G_g
+    last_empty = win_h[:, -1] == 0
+    win_h += _TINY
     np.take(cum_nz, edges, out=at_edges)
-    win_nz = bufs.win_nz[: c * m].reshape(c, m)
-    np.subtract(at_edges[:, 1:], at_edges[:, :-1], out=win_nz)  # z_g: bins of the window where h > 0
+    np.subtract(at_edges[:, 1:], at_edges[:, :-1], out=log_q)  # z_g: bins of the window where h > 0
     last = i - 1
     outliers = total - cum_h[i]
     p_last = h[last] + outliers
     # the last bin is non-zero in P when it held outliers even if h[last] == 0
-    win_nz[:, -1] += (h[last] == 0) & (outliers > 0)
+    log_q[:, -1] += (h[last] == 0) & (outliers > 0)
+    log_q += _TINY
+    np.divide(win_h, log_q, out=log_q)
+    np.log(log_q, out=log_q)  # log(G_g / z_g); 0 for empty windows
     # sum_k P_k log P_k: prefix of h log h up to i-1, plus the last bin with outliers
     plogp = cum_hlogh[last] + p_last * np.log(np.maximum(p_last, 1.0))
-    # log(G_g / z_g); windows with G_g = 0 (so z_g = 0) carry no P mass (except the flagged case below)
-    log_q = bufs.log_q[: c * m].reshape(c, m)
-    np.maximum(win_h, 0.5, out=log_q)
-    np.maximum(win_nz, 1.0, out=win_nz)
-    log_q /= win_nz
-    np.log(log_q, out=log_q)
-    cross = np.einsum("ij,ij->i", win_h, log_q) + outliers * log_q[:, -1]  # sum_g P_g log(G_g/z_g)
+    cross = np.einsum("ij,ij->i", win_h, log_q)  # sum_g G_g log(G_g / z_g)
+    cross += outliers * log_q[:, -1]  # the outliers sit in the last window of P
     kept = total - outliers
     kl = (plogp - cross) / total + np.log(np.maximum(kept, 1.0) / total)
-    kl[((outliers > 0) & (win_h[:, -1] == 0)) | (kept <= 0)] = np.inf  # P has mass where Q has none
+    kl[((outliers > 0) & last_empty) | (kept <= 0)] = np.inf  # P has mass where Q has none
     return np.maximum(kl, 0.0)
 
 

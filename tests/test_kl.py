@@ -134,7 +134,7 @@ def test_restricted_search_computes_only_allowed_candidates_and_matches_full(kin
 
 @pytest.mark.parametrize("m", [3, 5, 8])
 def test_any_quantized_bin_count_matches_reference(m: int) -> None:
-    """Window edges use a shift for powers of two and integer division otherwise."""
+    """Window edges come from the cached table D[r, g] = ceil(g r / m) for any m."""
     h = np.random.default_rng(m).poisson(40.0 * np.exp(-np.arange(60) / 12.0)).astype(np.float64)
     h[45] = 0.0
     h[59] = 3.0
@@ -145,3 +145,32 @@ def test_any_quantized_bin_count_matches_reference(m: int) -> None:
     np.testing.assert_array_equal(np.isfinite(kl), finite)
     np.testing.assert_allclose(kl[finite], ref_kl[finite], rtol=1e-9, atol=1e-12)
     assert kl_bin(h, m) == reference_bin(h, m)
+
+
+@pytest.mark.parametrize("m", [3, 128, 256, 1024])
+def test_window_edges_from_the_table_equal_ceil_of_g_i_over_m(m: int) -> None:
+    """Edges of consecutive candidates crossing several multiples of m (table up to m = 512, formula above)."""
+    from onnxpress.calibration.kl import _edge_offsets, _edges
+
+    assert (_edge_offsets(m) is None) == (m > 512)
+    g = np.arange(m + 1, dtype=np.int64)
+    for first, count in ((m, 1), (m, 3 * m + 5), (2 * m - 1, 2), (5 * m + 7, m)):
+        i = np.arange(first, first + count, dtype=np.int64)
+        out = np.empty((count, m + 1), dtype=np.int64)
+        _edges(i, m, out, g)
+        expected = -((-i[:, None] * g) // m)  # ceil(g i / m)
+        np.testing.assert_array_equal(out, expected)
+
+
+def test_large_quantized_bin_count_without_edge_table_matches_reference() -> None:
+    """m = 1024 (10-bit unsigned grid) takes the formula path; same divergences and bin as the reference."""
+    r = np.random.default_rng(7)
+    h = r.poisson(30.0 * np.exp(-np.arange(1400) / 300.0)).astype(np.float64)
+    h[1399] = 2.0
+    cands, kl = kl_divergences(h, 1024)
+    ref_cands, ref_kl = reference_kl(h, 1024)
+    np.testing.assert_array_equal(cands, ref_cands)
+    finite = np.isfinite(ref_kl)
+    np.testing.assert_array_equal(np.isfinite(kl), finite)
+    np.testing.assert_allclose(kl[finite], ref_kl[finite], rtol=1e-9, atol=1e-12)
+    assert kl_bin(h, 1024) == reference_bin(h, 1024)

@@ -58,11 +58,9 @@ _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorPro
 _Types = dict[str, tuple[int, "tuple[int | None, ...] | None"]]
 
 
-def _value_types(model: onnx.ModelProto) -> _Types:
+def _value_types(model: onnx.ModelProto, inferred: onnx.ModelProto | None = None) -> _Types:
     """``name -> (element type, dims or None)`` of every typed value, after shape inference."""
-    from onnxpress.model_io import infer_shapes
-
-    g = infer_shapes(model).graph
+    g = _inferred(model, inferred).graph
     types: dict[str, tuple[int, tuple[int | None, ...] | None]] = {}
     for vi in list(g.input) + list(g.value_info) + list(g.output):
         tt = vi.type.tensor_type
@@ -74,9 +72,18 @@ def _value_types(model: onnx.ModelProto) -> _Types:
     return types
 
 
-def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
+def _inferred(model: onnx.ModelProto, inferred: onnx.ModelProto | None) -> onnx.ModelProto:
+    """``inferred`` when the caller has it, else ``model`` after shape inference (a copy)."""
+    if inferred is not None:
+        return inferred
+    from onnxpress.model_io import infer_shapes
+
+    return infer_shapes(model)
+
+
+def _elem_types(model: onnx.ModelProto, inferred: onnx.ModelProto | None = None) -> dict[str, int]:
     """Element type of every typed value (inputs, outputs, value_info, initializers)."""
-    return {name: t for name, (t, _) in _value_types(model).items()}
+    return {name: t for name, (t, _) in _value_types(model, inferred).items()}
 
 
 def bytes_per_sample(model: onnx.ModelProto, names: Sequence[str], types: _Types | None = None) -> int | None:
@@ -92,17 +99,23 @@ def bytes_per_sample(model: onnx.ModelProto, names: Sequence[str], types: _Types
     return total
 
 
-def batch_major_tensors(model: onnx.ModelProto, names: Iterable[str]) -> set[str]:
+def batch_major_tensors(
+    model: onnx.ModelProto, names: Iterable[str], *, inferred: onnx.ModelProto | None = None
+) -> set[str]:
     """The tensors of ``names`` whose axis 0 is the graph inputs' batch axis (so axis 0 = samples).
 
     After shape inference, a tensor qualifies when its first dimension is the same symbol as the
     first dimension of every graph input (``batch``), or the same number when that is fixed. A
     Reshape that folds the batch into another axis, a Transpose that moves it, or an unknown shape
     does not qualify. Graph inputs qualify by definition.
-    """
-    from onnxpress.model_io import infer_shapes
 
-    g = infer_shapes(model).graph
+    Args:
+        model: the model (not modified).
+        names: the tensors to check.
+        inferred: ``model`` after :func:`onnxpress.model_io.infer_shapes`, when the caller has it
+            (shape inference is not repeated).
+    """
+    g = _inferred(model, inferred).graph
     inits = {i.name for i in g.initializer}
 
     def first_dim(vi: onnx.ValueInfoProto) -> str | int | None:
@@ -136,7 +149,9 @@ def _constant_values(g: onnx.GraphProto) -> set[str]:
     return constants
 
 
-def select_tensors(model: onnx.ModelProto, op_types: Iterable[str] | None = None) -> list[str]:
+def select_tensors(
+    model: onnx.ModelProto, op_types: Iterable[str] | None = None, *, inferred: onnx.ModelProto | None = None
+) -> list[str]:
     """Float activations a quantizer needs: the inputs and outputs of ops in ``op_types``.
 
     Initializers and values computed from them only are weights, not activations, and are skipped; so are
@@ -145,13 +160,14 @@ def select_tensors(model: onnx.ModelProto, op_types: Iterable[str] | None = None
     Args:
         model: the model (not modified).
         op_types: op types to cover; default :data:`DEFAULT_OP_TYPES`.
+        inferred: ``model`` after :func:`onnxpress.model_io.infer_shapes`, when the caller has it.
 
     Returns:
         Names in graph order (graph inputs first), without duplicates.
     """
     wanted_ops = DEFAULT_OP_TYPES if op_types is None else frozenset(op_types)
     g = model.graph
-    types = _elem_types(model)
+    types = _elem_types(model, inferred)
     constants = _constant_values(g)
     names: dict[str, None] = {}
     for node in g.node:
@@ -283,6 +299,31 @@ def _feeds(data: object, batch_size: int, dynamic: bool) -> Iterator[dict[str, n
             yield {k: np.asarray(v) for k, v in feed.items()}
 
 
+class _NoBar:
+    """Stands in for a disabled tqdm bar.
+
+    A disabled tqdm bar still costs 3-7 ms in a fresh process (it imports ``multiprocessing`` for its lock).
+    """
+
+    def __enter__(self) -> _NoBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def update(self, n: int) -> None:
+        """Ignore progress."""
+
+
+def _progress_bar(total: int | None, progress: bool) -> object:
+    """A tqdm bar (samples/s) when ``progress`` is on, else a do-nothing stand-in."""
+    if not progress:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="calibrating", unit="sample")
+
+
 def _observe(observers: Mapping[str, object], batch: Sequence[tuple[str, np.ndarray]]) -> None:
     """Stream one batch's values into their observers (runs on the observer thread)."""
     for name, value in batch:
@@ -299,6 +340,7 @@ def collect_statistics(
     progress: bool = False,
     memory_budget_mb: float | None = DEFAULT_BUDGET_MB,
     threads: int | None = None,
+    inferred: onnx.ModelProto | None = None,
 ) -> int:
     """Run ``model`` over ``data`` once and stream each observed tensor into its observer.
 
@@ -315,6 +357,8 @@ def collect_statistics(
             all observed tensors of a batch are alive at once (in onnxruntime, in numpy, and on the
             observer thread). ``None``: always ``batch_size``.
         threads: onnxruntime intra-op threads (``None``: its default, one per core).
+        inferred: ``model`` after :func:`onnxpress.model_io.infer_shapes`, when the caller has it
+            (shape inference is not repeated).
 
     Returns:
         The number of samples run.
@@ -323,8 +367,6 @@ def collect_statistics(
         CalibrationError: an observed name is not an activation of the model; no samples.
         DataError: onnxruntime rejects a feed (names the reason).
     """
-    from tqdm.auto import tqdm
-
     from onnxpress.runtime import make_session
 
     if batch_size < 1:
@@ -335,7 +377,7 @@ def collect_statistics(
         if not callable(getattr(obs, "update", None)):
             raise CalibrationError(f"observer for {name!r} has no update(x) method")
     names = list(observers)
-    types = _value_types(model)
+    types = _value_types(model, inferred)
     exposed, fetch = _expose(model, names, types)
     session = make_session(exposed, threads=threads, what="model with calibration outputs")
     input_names = {i.name for i in session.get_inputs()}
@@ -351,7 +393,7 @@ def collect_statistics(
     pending: Future[None] | None = None
     with (
         ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnxpress-observe") as pool,
-        tqdm(total=total, desc="calibrating", unit="sample", disable=not progress) as bar,
+        _progress_bar(total, progress) as bar,
     ):
         for feed in _feeds(data, batch_size, dynamic):
             n = _samples_in(feed)

@@ -37,7 +37,7 @@ from onnxpress.calibration.histogram import DEFAULT_BINS
 from onnxpress.calibration.observers import METHODS, HistogramObserver, MinMaxObserver, make_observer
 from onnxpress.calibration.table import CalibrationTable, TensorRange
 from onnxpress.errors import CalibrationError
-from onnxpress.model_io import ModelSource, load_model
+from onnxpress.model_io import ModelSource, infer_shapes, load_model
 
 __all__ = ["DEFAULT_HISTOGRAM_VALUES_PER_SAMPLE", "calibrate"]
 
@@ -98,14 +98,15 @@ def calibrate(
     if method not in METHODS:
         raise CalibrationError(f"unknown calibration method {method!r}; choose one of {', '.join(METHODS)}")
     m = load_model(model)
-    names = list(tensors) if tensors is not None else select_tensors(m, op_types)
+    inferred = infer_shapes(m)  # once, for the selection, the batch axes and the collector
+    names = list(tensors) if tensors is not None else select_tensors(m, op_types, inferred=inferred)
     if not names:
         raise CalibrationError("the model has no float activations to calibrate for the chosen op types")
     roots = value_aliases(m, names)  # Reshape/Transpose/... outputs share their input's observer
     k = histogram_values_per_sample
     if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
         raise CalibrationError(f"histogram_values_per_sample must be a positive integer or None (all values), got {k}")
-    sampled = batch_major_tensors(m, names) if k is not None and method != "minmax" else set()
+    sampled = batch_major_tensors(m, names, inferred=inferred) if k is not None and method != "minmax" else set()
     observers = {
         n: make_observer(
             method, n, bins=bins, bits=bits, percentile=percentile, values_per_sample=k if n in sampled else None
@@ -123,6 +124,7 @@ def calibrate(
         progress=progress,
         memory_budget_mb=memory_budget_mb,
         threads=_session_threads(observers.values()),
+        inferred=inferred,
     )
     table = CalibrationTable(
         meta={

@@ -194,7 +194,7 @@ def measure_float_penalties(m0: onnx.ModelProto, calib: object, space: SearchSpa
     from onnxpress.quantize import quantize
     from onnxpress.recipe import split_names
 
-    base = quantize(m0, calib=calib, method=method, max_samples=256)
+    base = quantize(m0, calib=calib, method=method, max_samples=256, bias_correction=False)  # timed only
     models = [base.model]
     for lay in tqdm(space.layers, desc="float penalties", unit="layer", disable=not progress):
         models.append(quantize(m0, table=base.table, method=method, exclude=split_names(lay.key)).model)

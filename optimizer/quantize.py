@@ -40,7 +40,7 @@ from onnxpress.passes.qdq import ACTIVATION_TYPES, CompactQDQ, InsertQDQ, NodeDe
 from onnxpress.passes.weight_only import INT4_METHODS, QuantizeWeightsInt4, StoreConstantsInt8
 from onnxpress.pipeline import PipelineResult, cleanup_passes, run_passes
 
-__all__ = ["DEFAULT_METHOD", "QuantizeResult", "quantize"]
+__all__ = ["BIAS_CORRECTION_SAMPLES", "DEFAULT_METHOD", "QuantizeResult", "quantize"]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,11 @@ DEFAULT_METHOD = "mse"
 """Default calibration method (see bench/quantize.py for the comparison that chose it)."""
 
 WEIGHT_TYPES = ("int8", "int4")
+
+BIAS_CORRECTION_SAMPLES = 128
+"""Calibration samples bias correction reads (one pass per corrected layer). On the reference models
+128 samples reach within 0.3 dB of 512 (resnet 41.63 vs 41.91, mobilenet 37.87 vs 37.87, concat 42.18
+vs 42.27, transformer 36.54 vs 36.60 dB logit SQNR) at a quarter of the passes."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,7 +132,7 @@ def quantize(
     progress: bool = False,
     constants_int8_min_size: int | None = 1024,
     equalize: str | None = None,
-    bias_correction: bool = False,
+    bias_correction: bool | None = None,
     compact: bool = True,
     smoothquant: float | None = None,
     codebook: int | None = None,
@@ -163,7 +168,11 @@ def quantize(
         equalize: cross-layer equalization before calibration: "split" (exact; ReLU6 becomes Relu + Min),
             "skip" (pairs joined by ReLU6 left alone) or "relu" (ReLU6 -> Relu, lossy); see onnxpress.advanced.
         bias_correction: correct each quantized layer's bias for the output shift measured on the W8A8
-            model, layer by layer (needs calib).
+            model, layer by layer, on at most ``BIAS_CORRECTION_SAMPLES`` calibration samples (needs
+            calib). Default (None): on for int8 QDQ when ``calib`` is given, off otherwise (a table
+            alone, int4 or codebook weights). Measured on the four reference models (test split,
+            onnxruntime): logit SQNR +4.0 / +2.6 / +5.3 / +0.3 dB (resnet / mobilenet / concat /
+            transformer) for 0.4-1.4 s more.
         compact: store the QDQ graph with ``CompactQDQ``'s exact rewrites (absorbed Relu/Clip, shared
             constants, int16 biases, short names); outputs are bit-identical either way.
         smoothquant: SmoothQuant alpha in [0, 1] for MatMul/Gemm after LayerNorm/Gemm (needs calib).
@@ -205,6 +214,8 @@ def quantize(
     size_before = original.ByteSize()
     proto = normalize_model(original, min_opset=13)
     cleaned = run_passes(proto, cleanup_passes(), progress=progress).model
+    if bias_correction is None:  # the default: on wherever it can run (int8 QDQ with calibration data)
+        bias_correction = calib is not None and weights == "int8" and codebook is None
     if equalize or bias_correction or smoothquant is not None:  # onnxpress.advanced (issue 10)
         from onnxpress.advanced import prepare_for_quantize
 
@@ -266,8 +277,9 @@ def quantize(
         if bias_correction:  # onnxpress.advanced (issue 10): only the layers this pass quantizes
             from onnxpress.advanced import correct_bias_for_qdq
 
-            cleaned = correct_bias_for_qdq(
-                cleaned, qdq, calib, batch_size=batch_size, max_samples=max_samples, progress=progress
+            bc_samples = BIAS_CORRECTION_SAMPLES if max_samples is None else min(max_samples, BIAS_CORRECTION_SAMPLES)
+            cleaned = correct_bias_for_qdq(  # dtypes on every tensor, as for the real InsertQDQ run below
+                infer_shapes(cleaned), qdq, calib, batch_size=batch_size, max_samples=bc_samples, progress=progress
             )
         tail = [] if constants_int8_min_size is None else [StoreConstantsInt8(min_size=constants_int8_min_size)]
         # dtypes on every tensor: InsertQDQ quantizes float32 activations only

@@ -17,7 +17,8 @@ bytes; ``tests/test_recipe.py`` checks it. ``quantize.exclude`` names *layers of
 when a layer was split by ``lowrank`` both its factor nodes stay float. ``quantize.int4_layers``
 (MatMul/Gemm node names) get 4-bit weight-only ``MatMulNBits`` before the rest is quantized to int8;
 ``quantize.weights: "int4"`` instead makes the step weight-only (every eligible MatMul/Gemm not in
-``exclude`` to ``MatMulNBits``, no QDQ at all).
+``exclude`` to ``MatMulNBits``, no QDQ at all). ``quantize.bias_correction`` (default true, as in
+``onnxpress quantize``) corrects the int8 layers' biases on the calibration data; int4 steps ignore it.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ _KEYS: dict[str, dict[str, Any]] = {
         "int4_layers": [],
         "activations": "uint8",
         "per_channel": True,
+        "bias_correction": True,
         "max_samples": 256,
         "batch_size": 64,
     },
@@ -138,6 +140,8 @@ def validate_recipe(recipe: Mapping[str, Any]) -> dict[str, Any]:
                 raise _bad(where, "'int4_layers' is for int8 models; with weights 'int4' every eligible layer is int4")
             if full["activations"] not in ("uint8", "int8"):
                 raise _bad(where, f"activations must be uint8 or int8, got {full['activations']!r}")
+            if not isinstance(full["bias_correction"], bool):
+                raise _bad(where, f"bias_correction must be true or false, got {full['bias_correction']!r}")
         if name == "finetune":
             for key in ("lr", "temperature"):
                 if isinstance(full[key], bool) or not isinstance(full[key], (int, float)) or not full[key] > 0:
@@ -321,6 +325,7 @@ def apply_recipe(
             current = quantize(current, calib=calib, method=step["method"], exclude=exclude, weights=step["weights"],
                                int4_layers=step["int4_layers"],
                                activations=step["activations"], per_channel=step["per_channel"],
+                               bias_correction=step["bias_correction"] and step["weights"] == "int8",
                                max_samples=step["max_samples"], batch_size=step["batch_size"],
                                progress=progress).model
     return current

@@ -67,8 +67,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     # issue 10 (onnxpress.advanced): float rewrites before calibration, or codebook weights instead of QDQ
     p.add_argument("--equalize", nargs="?", const="split", default=None, choices=("split", "skip", "relu"),
                    help="cross-layer equalization first (default mode split: exact, ReLU6 -> Relu + Min)")
-    p.add_argument("--bias-correction", action="store_true",
-                   help="correct biases for the output shift measured on the quantized model")
+    p.add_argument("--bias-correction", action=argparse.BooleanOptionalAction, default=None,
+                   help="correct biases for the output shift measured on the quantized model (default: on "
+                   "for int8 with --calib; --no-bias-correction turns it off)")
     p.add_argument("--smoothquant", type=float, default=None, metavar="ALPHA",
                    help="SmoothQuant with this alpha (0..1) before calibration")
     p.add_argument("--codebook", type=int, default=None, metavar="BITS",

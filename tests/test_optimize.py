@@ -10,7 +10,8 @@ import pytest
 
 from onnxpress.cli import main
 from onnxpress.errors import OnnxpressError
-from onnxpress.optimize import optimize
+from onnxpress.optimize import optimize, pick_best
+from onnxpress.search import Candidate
 from tests.test_sensitivity import tiny_cnn, tiny_data
 
 
@@ -229,3 +230,18 @@ def test_size_search_mixes_int4_and_int8_and_its_recipe_rebuilds_byte_for_byte(t
     again = optimize(tmp_path / "m.onnx", tmp_path / "b.onnx", calib=data, recipe=res.recipe_path, eval_samples=32)
     assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
     assert again.chosen.sqnr_db == pytest.approx(res.chosen.sqnr_db)
+
+
+def test_pick_best_breaks_accuracy_ties_within_one_standard_error_by_sqnr() -> None:
+    """With labels, accuracies within one binomial standard error of the best (at least one sample) tie
+    and SQNR decides; a clearly better accuracy still wins; without labels SQNR alone ranks."""
+    def cand(i: int, acc: float | None, sqnr: float) -> Candidate:
+        return Candidate(picks=(i,), est_cost=0.0, est_sqnr=0.0, sqnr_db=sqnr, accuracy=acc)
+
+    one_sample_apart = [cand(0, 358 / 360, 20.0), cand(1, 357 / 360, 29.0)]
+    assert pick_best(one_sample_apart, 360).picks == (1,)
+    far_apart = [cand(0, 358 / 360, 20.0), cand(1, 340 / 360, 29.0)]
+    assert pick_best(far_apart, 360).picks == (0,)
+    perfect = [cand(0, 1.0, 10.0), cand(1, 359 / 360, 30.0), cand(2, 358 / 360, 40.0)]
+    assert pick_best(perfect, 360).picks == (1,)  # se is 0 at 100%: the one-sample floor
+    assert pick_best([cand(0, None, 5.0), cand(1, None, 7.0)], None).picks == (1,)

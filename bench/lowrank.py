@@ -195,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         acc_ref = float(np.mean(ref.argmax(1) == labels))
         size_ref = len(original.SerializeToString())
         candidates = None
+        floor = None
         for budget in args.budgets:
             built = {}
             for select in args.selects:
@@ -211,6 +212,10 @@ def main(argv: list[str] | None = None) -> int:
                 candidates = (keys, sum(lay.macs_before for lay in cand))
             results = [r for select in args.selects for r in built[select]]
             sessions = [make_session(r.model, threads=args.threads) for r in results]
+            if floor is None:  # every unit at the smallest grid rank: no rank choice is faster (nor much worse)
+                floor = onnxpress.lowrank(original, rank=args.multiple, multiple=args.multiple,
+                                          conv_method=args.conv_method, joint=any("joint" in s for s in args.selects))
+            sessions.append(make_session(floor.model, threads=args.threads))
             outputs = [logits(s, x_test) for s in sessions]
             med, paired, cpu = interleaved_latency_stats([ref_sess, *sessions], x_lat, args.repeats)
             # the candidate layers must shed (1 - budget) of the whole model's MACs
@@ -230,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"{med[i_plain]:.3f} / {med[i_aware]:.3f}",
                     f"{paired[i_plain]:.3f} / {paired[i_aware]:.3f}",
                     f"{cpu[i_plain]:.3f} / {cpu[i_aware]:.3f}",
-                    f"{bound:.3f}",
+                    f"{bound:.3f}", f"{cpu[-1]:.3f} ({floor.macs_after / floor.macs_before:.2f})",
                     f"{len(plain.model.SerializeToString()) / size_ref:.3f} / "
                     f"{len(aware.model.SerializeToString()) / size_ref:.3f}",
                 ])
@@ -242,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"layer timing {t_latency:.1f}s", file=sys.stderr)
     header = ["model", "budget", "ranks by", "MACs plain/aware", "SQNR plain", "SQNR aware", "gain dB", "acc orig",
               "acc plain", "acc aware", "latency plain/aware", "paired", "CPU time", "latency bound",
+              "floor CPU (MACs)",
               "size plain/aware"]
     print(format_table(header, rows))
     print(f"(test split {len(x_test)} samples; calib {len(calib)}; multiple {args.multiple}; latency batch "
@@ -249,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
           " original's;\n paired: median of the per-round ratios; CPU time: ratio of median process CPU seconds"
           " per run (blind to waiting for a core);\n latency bound: the ratio if the split layers' time fell in"
           " proportion to their MACs and the"
-          " rest stayed (from an onnxruntime profile of the original, graph optimisations off))")
+          " rest stayed (from an onnxruntime profile of the original, graph optimisations off);\n floor: CPU-time ratio"
+          f" of the model with every unit at rank {args.multiple} (its MACs ratio in brackets), same loop)")
     for name, per_model in profiles:
         ops = sorted({op for b in per_model.values() for op in b}, key=lambda op: -per_model["original"].get(op, 0))
         total0 = sum(per_model["original"].values())

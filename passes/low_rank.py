@@ -829,8 +829,11 @@ class SplitLowRank:
         a_list, b_list = ch.fac.factors(ch.rank)
         w = node.inputs[1]
         dtype = w.values.dtype
-        base = lay.key.replace("/", "_").strip("_") or "layer"
-        mid = gs.Variable(unique_name(graph, f"{base}_lowrank"), dtype=dtype)
+        # a joint unit's shared nodes are named after its first member (``<key>_lowrank_joint…``), so
+        # name prefixes still tie every factor node to a member layer's key
+        base = lay.member_keys[0].replace("/", "_").strip("_") or "layer"
+        stem = f"{base}_lowrank_joint" if len(lay.members) > 1 else f"{base}_lowrank"
+        mid = gs.Variable(unique_name(graph, stem), dtype=dtype)
         first_w = unique_name(graph, f"{w.name}_lowrank_in")
         second_w = unique_name(graph, f"{w.name}_lowrank_out")
         if lay.op == "Conv":
@@ -853,7 +856,7 @@ class SplitLowRank:
             first_attrs = {}
             if lay.op == "Gemm":
                 first_attrs = {"transA": int(node.attrs.get("transA", 0)), "alpha": float(node.attrs.get("alpha", 1.0))}
-            first = gs.Node(lay.op, unique_name(graph, f"{base}_lowrank_in"), attrs=first_attrs,
+            first = gs.Node(lay.op, unique_name(graph, f"{stem}_in"), attrs=first_attrs,
                             inputs=[node.inputs[0], gs.Constant(first_w, np.ascontiguousarray(b.T).astype(dtype))],
                             outputs=[mid])
             start = 0

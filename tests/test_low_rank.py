@@ -354,6 +354,8 @@ def test_joint_full_rank_split_is_exact_and_shares_one_first_factor():
     result = run_passes(model, [split])
     ops = [n.op_type for n in result.model.graph.node]
     assert ops.count("MatMul") == 4 and ops.count("Add") == 3
+    # the shared first factor is named after the first member, so name prefixes still find it
+    assert [n.name for n in result.model.graph.node if n.input[0] == "X"] == ["mm0_lowrank_joint_in"]
     (rep,) = split.report
     assert rep.members == ("mm0", "mm1", "mm2") and rep.key == "mm0+mm1+mm2"
     assert rep.shape == (16, 8) and rep.rank == 8 and rep.energy == pytest.approx(1.0)

@@ -34,6 +34,8 @@ __all__ = [
     "codebook",
     "codebook_weights",
     "collect_channel_stats",
+    "collect_layer_hessians",
+    "InputMomentObserver",
     "correct_bias",
     "EpilogueObserver",
     "correct_bias_for_qdq",
@@ -141,6 +143,146 @@ def collect_channel_stats(
     reader = open_data(data, model, max_samples=max_samples)
     collect_statistics(model, reader, observers, batch_size=batch_size, max_samples=max_samples, progress=progress)
     return observers
+
+
+class InputMomentObserver:
+    """Running E[x x^T] of the vectors one layer's weight rows multiply: features, or conv patches.
+
+    Gemm/MatMul: x [..., K] gives rows of K features. Conv (2-D, dilation 1, explicit pads): the
+    im2col patches [C_in * kH * kW] in the weight's (channel, kh, kw) order, or for a depthwise conv
+    (one input channel per group) one [kH * kW] moment matrix per channel. Only the sum and the count
+    are kept; patches are formed a few samples at a time.
+
+    Args:
+        kind: "dense", "conv" or "depthwise".
+        kernel: (kH, kW) for convs.
+        pads: (top, left, bottom, right) for convs.
+        strides: (sH, sW) for convs.
+        name: tensor name, for errors.
+    """
+
+    def __init__(self, kind: str, kernel=(1, 1), pads=(0, 0, 0, 0), strides=(1, 1), *, name: str = "tensor") -> None:
+        self.kind, self.name = kind, name
+        self.kernel, self.pads, self.strides = tuple(kernel), tuple(pads), tuple(strides)
+        self.total: np.ndarray | None = None
+        self.count = 0
+
+    def _patches(self, x: np.ndarray) -> np.ndarray:
+        """[rows, C, kH * kW] patches of an NCHW batch."""
+        from numpy.lib.stride_tricks import sliding_window_view
+
+        t, left, b, r = self.pads
+        x = np.pad(x, ((0, 0), (0, 0), (t, b), (left, r)))
+        v = sliding_window_view(x, self.kernel, axis=(2, 3))[:, :, :: self.strides[0], :: self.strides[1]]
+        return v.transpose(0, 2, 3, 1, 4, 5).reshape(-1, x.shape[1], self.kernel[0] * self.kernel[1])
+
+    def update(self, x: np.ndarray) -> None:
+        """Accumulate one batch."""
+        x = np.asarray(x, np.float64)
+        if not np.all(np.isfinite(x)):
+            raise CalibrationError(f"tensor {self.name!r} has NaN/inf values on the calibration data")
+        if self.kind == "dense":
+            rows = x.reshape(-1, x.shape[-1])
+            self._add(rows.T @ rows, rows.shape[0])
+            return
+        step = max(1, 4096 // max(1, int(np.prod(x.shape[2:]))))  # ~4096 patch rows at a time
+        for i in range(0, x.shape[0], step):
+            p = self._patches(x[i : i + step])
+            if self.kind == "depthwise":
+                self._add(np.einsum("rcj,rck->cjk", p, p), p.shape[0])
+            else:
+                rows = p.reshape(p.shape[0], -1)
+                self._add(rows.T @ rows, rows.shape[0])
+
+    def _add(self, part: np.ndarray, n: int) -> None:
+        self.total = part if self.total is None else self.total + part
+        self.count += n
+
+    def hessian(self) -> np.ndarray:
+        """E[x x^T] ([K, K], or [C, k, k] for a depthwise conv).
+
+        Raises:
+            CalibrationError: nothing observed.
+        """
+        if self.total is None or not self.count:
+            raise CalibrationError(f"no values observed for tensor {self.name!r}")
+        return self.total / self.count
+
+
+class _Fanout:
+    """One tensor observed by several observers (two layers reading the same input)."""
+
+    def __init__(self) -> None:
+        self.observers: list[Any] = []
+
+    def update(self, x: np.ndarray) -> None:
+        for o in self.observers:
+            o.update(x)
+
+
+def _moment_observer(node: Any) -> InputMomentObserver | str:
+    """The observer for a layer's input moments, or why the layer has none."""
+    w = node.inputs[1].values
+    if node.op in ("Gemm", "MatMul"):
+        if node.op == "Gemm" and int(node.attrs.get("transA", 0)):
+            return "Gemm with transA=1"
+        return InputMomentObserver("dense", name=node.inputs[0].name)
+    if w.ndim != 4 or node.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET"):
+        return "not a 2-D conv with explicit pads"
+    if any(int(d) != 1 for d in node.attrs.get("dilations", [1, 1])):
+        return "dilated conv"
+    group = int(node.attrs.get("group", 1))
+    if group != 1 and w.shape[1] != 1:
+        return "grouped conv (only group=1 and depthwise)"
+    pads = tuple(int(p) for p in node.attrs.get("pads", [0, 0, 0, 0]))
+    pads = (pads[0], pads[1], pads[2], pads[3])
+    strides = tuple(int(s) for s in node.attrs.get("strides", [1, 1]))
+    kind = "conv" if group == 1 else "depthwise"
+    return InputMomentObserver(kind, w.shape[2:], pads, strides, name=node.inputs[0].name)
+
+
+def collect_layer_hessians(
+    model: onnx.ModelProto,
+    data: Any,
+    *,
+    min_elements: int = 256,
+    batch_size: int = 64,
+    max_samples: int | None = 128,
+    progress: bool = False,
+) -> dict[str, np.ndarray]:
+    """E[x x^T] of the inputs of each Conv/Gemm/MatMul weight (``{weight name: H}``), for GPTQ-style rounding.
+
+    Weights read by more than one layer, below ``min_elements``, or of layers ``InputMomentObserver``
+    does not handle (dilated/grouped convs, Gemm transA) get none.
+
+    Raises:
+        DataError: the data does not fit the model.
+        CalibrationError: no samples, or non-finite values.
+    """
+    import onnx_graphsurgeon as gs
+
+    from onnxpress.calibration.collect import collect_statistics
+    from onnxpress.calibration.readers import open_data
+
+    graph = import_graph(model)
+    wanted: dict[str, InputMomentObserver] = {}
+    fanout: dict[str, _Fanout] = {}
+    for node in graph.nodes:
+        if node.op not in ("Conv", "Gemm", "MatMul") or len(node.inputs) < 2:
+            continue
+        w = node.inputs[1]
+        if not isinstance(w, gs.Constant) or w.values.size < min_elements or len(w.outputs) != 1:
+            continue
+        obs = _moment_observer(node)
+        if isinstance(obs, str):
+            continue
+        wanted[w.name] = obs
+        fanout.setdefault(node.inputs[0].name, _Fanout()).observers.append(obs)
+    if not wanted:
+        return {}
+    reader = open_data(data, model, max_samples=max_samples)
+    collect_statistics(model, reader, fanout, batch_size=batch_size, max_samples=max_samples, progress=progress)
+    return {name: obs.hessian() for name, obs in wanted.items()}
 
 
 def _prepare(model: ModelSource, output: str | os.PathLike[str] | None, data: Any = None) -> onnx.ModelProto:
@@ -260,6 +402,7 @@ def codebook(
     channel_scale: bool = True,
     preserve_norm: bool = False,
     keep_gain: bool = True,
+    error_feedback: bool = False,
     data: Any = None,
     bias_correction: bool = False,
     batch_size: int = 64,
@@ -280,7 +423,9 @@ def codebook(
         keep_gain: rescale each channel (each codebook without channel_scale) by
             <W_c, W_c> / <W_hat_c, W_c>, so its projection onto the original is exact (the default;
             ``preserve_norm`` takes its place when set).
-        data: calibration data, needed for ``bias_correction``.
+        error_feedback: choose each layer's indices GPTQ-style against its output error on ``data``
+            (the same codebooks; see ``passes/codebook.py``). Needs ``data``.
+        data: calibration data, needed for ``bias_correction`` and ``error_feedback``.
         bias_correction: first add (W - W_codebook) E[x] to each bias (k-means levels are cluster
             means, so the codebook shrinks large weights and shifts output means; this cancels it).
         batch_size: samples per onnxruntime run while streaming the calibration data.
@@ -289,7 +434,7 @@ def codebook(
 
     Raises:
         OnnxpressError: bits or group size out of range.
-        CalibrationError: bias correction without data.
+        CalibrationError: bias correction or error feedback without data.
     """
     from onnxpress.passes.bias_correction import CorrectBias, bias_correction_inputs
     from onnxpress.passes.codebook import CodebookWeights
@@ -299,7 +444,12 @@ def codebook(
                                 channel_scale=channel_scale, preserve_norm=preserve_norm, keep_gain=keep_gain)
     except ValueError as exc:
         raise OnnxpressError(str(exc)) from None
+    if error_feedback and data is None:
+        raise CalibrationError("codebook error feedback needs calibration data (data=)")
     proto = _prepare(model, output, data)
+    if error_feedback:
+        pass_.hessians = collect_layer_hessians(proto, data, min_elements=min_elements, batch_size=batch_size,
+                                                max_samples=max_samples, progress=progress)
     passes: list[Any] = [pass_]
     if bias_correction:
         if data is None:

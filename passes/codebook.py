@@ -27,6 +27,16 @@ Storage is b bits per weight (for b <= 4, two indices share a byte;
 for 4 < b <= 8 one byte each) plus G * 2^b floats (plus one float per output channel with
 ``channel_scale``, the default), against 32 bits per weight in float.
 
+With ``hessians`` (data-aware, GPTQ-style: Frantar et al. 2022) the codebooks are the same, but the
+indices are chosen column by column against the layer's output error instead of the weight error:
+with H = E[x x^T] of the values each weight row multiplies (input features, or conv patches) and
+U the upper Cholesky factor of (H + damp I)^-1, column j is rounded to its nearest level and its
+error is spread over the columns not yet rounded::
+
+    e = (W[:, j] - W_hat[:, j]) / U[j, j];     W[:, j+1:] -= e U[j, j+1:]
+
+which minimises ||X W^T - X W_hat^T||^2 greedily (the weight error itself grows).
+
 Runtime cost: the rebuild subgraph has only constant inputs, so onnxruntime's constant folding
 (any optimisation level above ``disable``) evaluates it once when the session is created and the
 layers then run on float weights at float speed; the model is small on disk, not in memory. With
@@ -39,13 +49,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Mapping
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxpress.passes.base import PassResult, unique_name
 
-__all__ = ["CodebookWeights", "KMeansResult", "kmeans_1d", "weight_channel_axis"]
+__all__ = ["CodebookWeights", "KMeansResult", "gptq_assign", "kmeans_1d", "weight_channel_axis"]
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +121,52 @@ def kmeans_1d(values: np.ndarray, k: int, *, max_iterations: int = 100) -> KMean
     return best
 
 
+def _nearest(v: np.ndarray, levels: np.ndarray) -> np.ndarray:
+    """Index of the nearest level of each row: v [C], levels [C, k] -> [C]."""
+    return np.abs(v[:, None] - levels).argmin(axis=1)
+
+
+def gptq_assign(w: np.ndarray, levels: np.ndarray, hessian: np.ndarray, *, damp: float = 0.01) -> np.ndarray:
+    """Indices into per-row levels, chosen column by column with GPTQ error feedback (module docstring).
+
+    Args:
+        w: [C, M] weight rows (one output channel each; M in the order of ``hessian``).
+        levels: [C, k] the values row c may take (codebook times channel scale, or an integer grid).
+        hessian: [M, M] second moments of the inputs shared by every row, or [C, M, M], one per row
+            (a depthwise conv: each channel reads its own input channel).
+        damp: added to the diagonal, as a fraction of its mean (keeps the inverse well conditioned).
+
+    Returns:
+        [C, M] int64 indices into ``levels``.
+
+    Raises:
+        ValueError: shapes that do not fit.
+    """
+    w = np.asarray(w, np.float64)
+    levels = np.asarray(levels, np.float64)
+    h = np.asarray(hessian, np.float64)
+    c, m = w.shape
+    if levels.ndim != 2 or levels.shape[0] != c:
+        raise ValueError(f"levels must be [{c}, k], got {levels.shape}")
+    if h.shape == (c, m, m) and h.shape != (m, m):
+        return np.concatenate([gptq_assign(w[i : i + 1], levels[i : i + 1], h[i], damp=damp) for i in range(c)])
+    if h.shape != (m, m):
+        raise ValueError(f"hessian must be [{m}, {m}] or [{c}, {m}, {m}], got {h.shape}")
+    h = h.copy()
+    dead = np.diag(h) <= 0
+    h[dead, dead] = 1.0
+    h[np.diag_indices(m)] += damp * float(np.mean(np.diag(h)))
+    u = np.linalg.cholesky(np.linalg.inv(h)).T
+    w = w.copy()
+    idx = np.zeros((c, m), np.int64)
+    rows = np.arange(c)
+    for j in range(m):
+        idx[:, j] = _nearest(w[:, j], levels)
+        err = (w[:, j] - levels[rows, idx[:, j]]) / u[j, j]
+        w[:, j + 1 :] -= np.outer(err, u[j, j + 1 :])
+    return idx
+
+
 def weight_channel_axis(node: gs.Node, w: np.ndarray) -> int:
     """The output-channel axis of a layer's weight (Conv 0, Gemm by transB, MatMul last)."""
     if node.op == "Gemm":
@@ -143,10 +200,17 @@ class CodebookWeights:
             exactly the original (see the module docstring). Logit SQNR, 4 bits, weights only
             (bench/advanced_ptq.py section C, channel scales): mobilenet 16.44 -> 18.27 dB,
             resnet 17.56 -> 18.72, transformer 23.43 -> 24.12. With ``preserve_norm`` set, that takes its place.
+            With a Hessian for the weight (and channel scales) the projection is taken in output space,
+            ``g_c = W_c^T H W_c / W_hat_c^T H W_c`` (GPTQ moves W_hat away from W on purpose).
+        hessians: ``{weight name: H}`` (see :func:`gptq_assign`; ``onnxpress.advanced.collect_layer_hessians``
+            measures them): those weights get GPTQ-assigned indices into the same codebooks. Others,
+            and every weight when None, take the nearest level.
+        damp: GPTQ diagonal damping, as a fraction of the mean of H's diagonal.
 
     After a call, ``objective`` maps each rewritten weight name to its k-means objective (sum of
     squared reconstruction errors over all its groups; of the normalised weights W_c / max|W_c|
-    with ``channel_scale``; before the ``keep_gain`` / ``preserve_norm`` rescaling).
+    with ``channel_scale``; before the ``keep_gain`` / ``preserve_norm`` rescaling and of the nearest-level
+    indices, also when ``hessians`` chose others).
     """
 
     name = "codebook_weights"
@@ -160,6 +224,8 @@ class CodebookWeights:
         channel_scale: bool = True,
         preserve_norm: bool = False,
         keep_gain: bool = True,
+        hessians: Mapping[str, np.ndarray] | None = None,
+        damp: float = 0.01,
     ):
         if not 1 <= int(bits) <= 8:
             raise ValueError(f"bits must be in 1..8 (uint8 indices), got {bits}")
@@ -174,6 +240,8 @@ class CodebookWeights:
         self.channel_scale = channel_scale
         self.preserve_norm = preserve_norm
         self.keep_gain = keep_gain and not preserve_norm
+        self.hessians = dict(hessians or {})
+        self.damp = float(damp)
         self.objective: dict[str, float] = {}
 
     def requires(self, graph: gs.Graph) -> None:
@@ -218,7 +286,7 @@ class CodebookWeights:
             if channels % g:
                 notes.append(f"{name}: kept float ({channels} channels not divisible by group_size {g})")
                 continue
-            rebuilt, nbytes, sse = self._rewrite(graph, name, w, axis, channels // g)
+            rebuilt, nbytes, sse = self._rewrite(graph, name, w, axis, channels // g, self.hessians.get(name))
             for r in readers:
                 r.inputs[1] = rebuilt
             self.objective[name] = sse
@@ -228,7 +296,7 @@ class CodebookWeights:
         stats = {"weights": len(self.objective), "bytes_before": before, "bytes_after": after}
         return PassResult(graph, bool(self.objective), stats, tuple(notes))
 
-    def _cluster(self, w: np.ndarray, axis: int, groups: int):
+    def _cluster(self, w: np.ndarray, axis: int, groups: int, hessian: np.ndarray | None = None):
         """(indices [G, M], codebooks [G, 2^b], channel scales or None, channel-first shape, objective)."""
         k = 2**self.bits
         first = np.moveaxis(w, axis, 0)
@@ -248,6 +316,11 @@ class CodebookWeights:
             book[gi, c.size :] = c[-1]
             idx[gi] = res.labels
             sse += float(np.sum((rows[gi].astype(np.float64) - c[res.labels].astype(np.float64)) ** 2))
+        if hessian is not None:  # same codebooks; indices against the output error (rows are independent
+            n_ch = first.shape[0]  # under GPTQ's updates, so the normalised rows give the same indices)
+            group_of = np.arange(n_ch) // (n_ch // groups)
+            chosen = gptq_assign(first.reshape(n_ch, -1), book[group_of], hessian, damp=self.damp)
+            idx = chosen.reshape(groups, -1).astype(np.uint8)
         if scales is not None and self.preserve_norm:  # ||s_c' C[idx_c]|| = ||W_c||: undo the k-means shrink
             levels = np.take_along_axis(book, idx.astype(np.int64), axis=1).reshape(first.shape[0], -1)
             norm_rec = np.sqrt(np.sum(levels.astype(np.float64) ** 2, axis=1))
@@ -259,7 +332,11 @@ class CodebookWeights:
             target = first.reshape(levels.shape).astype(np.float64)
             if scales is not None:
                 levels, target = levels.reshape(first.shape[0], -1), target.reshape(first.shape[0], -1)
-            dot, energy = np.sum(levels * target, axis=1), np.sum(target * target, axis=1)
+            if hessian is not None and scales is not None:  # in output space: <R_c, W_c>_H = W_c^T H R_c
+                hw = np.einsum("ckm,cm->ck", hessian, target) if hessian.ndim == 3 else target @ hessian
+                dot, energy = np.sum(levels * hw, axis=1), np.sum(target * hw, axis=1)
+            else:
+                dot, energy = np.sum(levels * target, axis=1), np.sum(target * target, axis=1)
             gain = np.where(dot > 0, energy / np.where(dot > 0, dot, 1.0), 1.0)
             if scales is not None:
                 scales = (scales * gain).astype(np.float32)
@@ -274,14 +351,15 @@ class CodebookWeights:
         g = self.group_size or channels
         if channels % g or w.size < self.min_elements:  # the pass leaves these float
             return np.asarray(w, np.float32)
-        idx, book, scales, shape, _ = self._cluster(np.asarray(w, np.float32), axis, channels // g)
+        h = self.hessians.get(node.inputs[1].name) if len(node.inputs) > 1 else None
+        idx, book, scales, shape, _ = self._cluster(np.asarray(w, np.float32), axis, channels // g, h)
         first = np.take_along_axis(book, idx.astype(np.int64), axis=1).reshape(shape)
         if scales is not None:
             first = first * scales.reshape((-1,) + (1,) * (first.ndim - 1))
         return np.moveaxis(first, 0, axis).astype(np.float32)
 
-    def _rewrite(self, graph: gs.Graph, name: str, w: np.ndarray, axis: int, groups: int):
-        idx, book, scales, first_shape, sse = self._cluster(w, axis, groups)
+    def _rewrite(self, graph: gs.Graph, name: str, w: np.ndarray, axis: int, groups: int, hessian=None):
+        idx, book, scales, first_shape, sse = self._cluster(w, axis, groups, hessian)
         rows_shape = idx.shape
 
         def var(suffix: str, dtype, shape=None) -> gs.Variable:

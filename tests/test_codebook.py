@@ -256,3 +256,86 @@ def test_keep_gain_makes_each_projection_exact_with_the_same_codes(which, kwargs
     gain = np.sum(unit(kept) * wr, axis=1) / np.sum(unit(plain) * wr, axis=1)
     np.testing.assert_allclose(unit(kept), unit(plain) * gain[:, None], rtol=1e-5, atol=1e-6)
     assert np.mean(gain) > 1.0 and np.max(np.abs(gain - 1.0)) > 0.005
+
+
+# ----------------------------------------------------------------------------- GPTQ-style indices
+
+
+def _correlated(n: int, k: int, seed: int) -> np.ndarray:
+    """n samples of k strongly correlated features (what makes error feedback worth it); one distribution
+    (fixed mixing matrix and mean), ``seed`` draws the samples."""
+    mix, mean = graphs.rng(0).standard_normal((k, k)), graphs.rng(1).standard_normal(k)
+    return (graphs.rng(seed).standard_normal((n, k)) @ mix + mean).astype(np.float32)
+
+
+def test_gptq_assign_lowers_the_output_error_not_the_weight_error():
+    """Same levels: GPTQ indices give a smaller ||X (W - W_hat)^T||^2 than nearest levels (which minimise the
+    weight error); per-row Hessians [C, M, M] give each row's own assignment."""
+    from onnxpress.passes.codebook import gptq_assign
+
+    r = graphs.rng(8)
+    w = r.standard_normal((6, 12))
+    levels = np.tile(np.linspace(-2.5, 2.5, 8), (6, 1)) * r.uniform(0.5, 1.5, (6, 1))
+    x = _correlated(2000, 12, 9).astype(np.float64)
+    h = x.T @ x / len(x)
+    idx = gptq_assign(w, levels, h)
+    nearest = np.abs(w[:, :, None] - levels[:, None, :]).argmin(axis=2)
+    pick = lambda i: np.take_along_axis(levels, i, axis=1)  # noqa: E731
+    out_err = lambda i: float(np.sum((x @ (w - pick(i)).T) ** 2))  # noqa: E731
+    assert idx.shape == w.shape and idx.min() >= 0 and idx.max() < 8
+    assert out_err(idx) < 0.7 * out_err(nearest)
+    assert np.sum((w - pick(idx)) ** 2) > np.sum((w - pick(nearest)) ** 2)
+    per_row = np.stack([h * (1 + i) for i in range(6)])  # a row's Hessian scale does not change its indices
+    np.testing.assert_array_equal(gptq_assign(w, levels, per_row), idx)
+    with pytest.raises(ValueError, match="hessian"):
+        gptq_assign(w, levels, h[:5, :5])
+
+
+@pytest.mark.parametrize(("group", "pads", "strides"), [(1, [1, 1, 1, 1], [1, 1]), (1, [0, 1, 1, 0], [2, 2]),
+                                                         (4, [1, 1, 1, 1], [2, 1])])
+def test_input_moments_give_the_conv_output_energy(group, pads, strides):
+    """w_o^T H w_o = mean of y_o^2 over samples and positions, y = Conv(x, W) on onnxruntime (depthwise: one
+    H per channel): the patches are in the weight's own order."""
+    from onnxpress.advanced import InputMomentObserver
+
+    r = graphs.rng(10)
+    w = r.standard_normal((4, 4 // group, 3, 3)).astype(np.float32)
+    node = helper.make_node("Conv", ["X", "W"], ["Y"], group=group, pads=pads, strides=strides)
+    out_hw = [(7 + pads[0] + pads[2] - 3) // strides[0] + 1, (6 + pads[1] + pads[3] - 3) // strides[1] + 1]
+    model = graphs.make_model([node], [("X", ["N", 4, 7, 6])], [("Y", ["N", 4, *out_hw])], {"W": w})
+    x = r.standard_normal((5, 4, 7, 6)).astype(np.float32)
+    y = graphs.run(model, {"X": x})[0].astype(np.float64)
+    obs = InputMomentObserver("conv" if group == 1 else "depthwise", (3, 3), (pads[0], pads[1], pads[2], pads[3]),
+                              strides)
+    obs.update(x[:2])
+    obs.update(x[2:])
+    h = obs.hessian()
+    rows = w.reshape(4, -1).astype(np.float64)
+    energy = np.einsum("om,omk,ok->o", rows, h, rows) if group != 1 else np.einsum("om,mk,ok->o", rows, h, rows)
+    np.testing.assert_allclose(energy, np.mean(y**2, axis=(0, 2, 3)), rtol=1e-5)
+
+
+def test_codebook_error_feedback_lowers_the_layer_output_error():
+    """advanced.codebook(error_feedback=True): same codebook sizes, smaller output error on held-out data of the
+    calibration distribution; reconstruct() agrees with the graph; no data -> CalibrationError."""
+    import onnx_graphsurgeon as gs
+
+    import onnxpress.advanced as adv
+    from onnxpress.errors import CalibrationError
+
+    model = matmul_model(k=24, n=20)
+    calib = [{"X": _correlated(256, 24, 11)}]
+    held = _correlated(512, 24, 12)
+    ref = graphs.run(model, {"X": held})[0].astype(np.float64)
+    err = lambda m: float(np.sum((graphs.run(m, {"X": held})[0] - ref) ** 2))  # noqa: E731
+    plain = adv.codebook(model, bits=3).model
+    fed = adv.codebook(model, bits=3, error_feedback=True, data=calib).model
+    assert err(fed) < 0.7 * err(plain)
+    rebuilt = _rebuilt_weight(fed)  # W[K, N]: output channels are columns, each takes at most 2^3 values
+    assert max(np.unique(rebuilt[:, j]).size for j in range(rebuilt.shape[1])) <= 8
+    h = adv.collect_layer_hessians(model, calib)
+    p = CodebookWeights(bits=3, hessians=h)
+    np.testing.assert_array_equal(_rebuilt_weight(run_passes(model, [p]).model),
+                                  p.reconstruct(gs.import_onnx(model).nodes[0], _weight(model)))
+    with pytest.raises(CalibrationError, match="error feedback"):
+        adv.codebook(model, bits=3, error_feedback=True)

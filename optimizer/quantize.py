@@ -38,7 +38,7 @@ from onnxpress.model_io import (
 )
 from onnxpress.passes.qdq import ACTIVATION_TYPES, CompactQDQ, InsertQDQ, NodeDecision, Selection, TensorOverride
 from onnxpress.passes.weight_only import INT4_METHODS, QuantizeWeightsInt4, StoreConstantsInt8
-from onnxpress.pipeline import PipelineResult, cleanup_passes, run_passes
+from onnxpress.pipeline import PipelineResult, cleanup_passes, import_graph, run_passes
 
 __all__ = ["BIAS_CORRECTION_SAMPLES", "DEFAULT_METHOD", "QuantizeResult", "quantize"]
 
@@ -168,11 +168,12 @@ def quantize(
         equalize: cross-layer equalization before calibration: "split" (exact; ReLU6 becomes Relu + Min),
             "skip" (pairs joined by ReLU6 left alone) or "relu" (ReLU6 -> Relu, lossy); see onnxpress.advanced.
         bias_correction: correct each quantized layer's bias for the output shift measured on the W8A8
-            model, layer by layer, on at most ``BIAS_CORRECTION_SAMPLES`` calibration samples (needs
-            calib). Default (None): on for int8 QDQ when ``calib`` is given, off otherwise (a table
-            alone, int4 or codebook weights). Measured on the four reference models (test split,
-            onnxruntime): logit SQNR +4.0 / +2.6 / +5.3 / +0.3 dB (resnet / mobilenet / concat /
-            transformer) for 0.4-1.4 s more.
+            model, layer by layer, on at most ``BIAS_CORRECTION_SAMPLES`` calibration samples; with a
+            table and no ``calib``, analytically from the BatchNorm statistics (β, γ) before each layer
+            (data-free; layers without one keep their bias). Default (None): on for int8 QDQ wherever one
+            of the two applies, off otherwise (int4 or codebook weights). Measured with calib on the four
+            reference models (test split, onnxruntime): logit SQNR +4.0 / +2.6 / +5.3 / +0.3 dB (resnet /
+            mobilenet / concat / transformer) for 0.4-1.4 s more.
         compact: store the QDQ graph with ``CompactQDQ``'s exact rewrites (absorbed Relu/Clip, shared
             constants, int16 biases, short names); outputs are bit-identical either way.
         smoothquant: SmoothQuant alpha in [0, 1] for MatMul/Gemm after LayerNorm/Gemm (needs calib).
@@ -214,9 +215,15 @@ def quantize(
     size_before = original.ByteSize()
     proto = normalize_model(original, min_opset=13)
     cleaned = run_passes(proto, cleanup_passes(), progress=progress).model
-    if bias_correction is None:  # the default: on wherever it can run (int8 QDQ with calibration data)
-        bias_correction = calib is not None and weights == "int8" and codebook is None
-    if equalize or bias_correction or smoothquant is not None:  # onnxpress.advanced (issue 10)
+    bn_means = _bn_input_means(proto) if calib is None and not equalize and smoothquant is None else {}
+    if bias_correction is None:  # the default: on wherever it can run (int8 QDQ with data or BN statistics)
+        bias_correction = (calib is not None or bool(bn_means)) and weights == "int8" and codebook is None
+    if bias_correction and calib is None and not bn_means and weights == "int8" and codebook is None:
+        raise CalibrationError(
+            "bias correction needs calibration data (calib= / --calib) or BatchNorm statistics before a "
+            "layer (the model has none that apply): pass calib, or bias_correction=False"
+        )
+    if equalize or (bias_correction and calib is not None) or smoothquant is not None:  # onnxpress.advanced
         from onnxpress.advanced import prepare_for_quantize
 
         if bias_correction and (weights != "int8" or codebook is not None):
@@ -274,7 +281,9 @@ def quantize(
             )
         except ValueError as exc:
             raise OnnxpressError(str(exc)) from None
-        if bias_correction:  # onnxpress.advanced (issue 10): only the layers this pass quantizes
+        if bias_correction and calib is None:  # analytic: E[x] from the BatchNorms the cleanup folded
+            cleaned = _correct_bias_analytic(infer_shapes(cleaned), qdq, bn_means, per_channel)
+        elif bias_correction:  # onnxpress.advanced (issue 10): only the layers this pass quantizes
             from onnxpress.advanced import correct_bias_for_qdq
 
             bc_samples = BIAS_CORRECTION_SAMPLES if max_samples is None else min(max_samples, BIAS_CORRECTION_SAMPLES)
@@ -304,6 +313,30 @@ def quantize(
         size_after=result.model.ByteSize(),
         stats=dict(result.stats),
     )
+
+
+def _bn_input_means(model: onnx.ModelProto) -> dict[str, object]:
+    """Per-channel E[x] after each BatchNorm (and a Relu/Clip reading it) of ``model`` before cleanup."""
+    from onnxpress.passes.bn_stats import activation_means
+
+    return activation_means(import_graph(model))
+
+
+def _correct_bias_analytic(model: onnx.ModelProto, qdq: InsertQDQ, means: Mapping[str, object],
+                           per_channel: bool) -> onnx.ModelProto:
+    """Data-free bias correction (Nagel et al. 2019): ``b += (W - Q(W)) E[x]`` with E[x] from BatchNorm β, γ.
+
+    Only the layers ``qdq`` quantizes whose input a BatchNorm (+ Relu/Clip) produced; the others keep
+    their bias. Folding keeps the BN output's name on the folded layer, so the means still apply.
+    """
+    from onnxpress.passes.bias_correction import CorrectBias
+
+    run_passes(model, [qdq])  # dry run: fills qdq.decisions (the real run resets them)
+    layers = {d.name for d in qdq.decisions if d.quantized and d.op in ("Conv", "Gemm", "MatMul")}
+    result = run_passes(model, [CorrectBias(means, per_channel=per_channel, layers=layers)])
+    log.info("analytic bias correction: %s layers from BatchNorm statistics",
+             result.stats.get("correct_bias.corrected", 0))
+    return result.model
 
 
 def _int4_layers_first(

@@ -322,3 +322,37 @@ def test_cli_no_bias_correction(tmp_path: Path) -> None:
                  "--no-bias-correction"]) == 0  # fmt: skip
     plain = onnxpress.quantize(src, calib=[{"X": x}], bias_correction=False)
     assert (tmp_path / "a.onnx").read_bytes() == plain.model.SerializeToString()
+
+
+def bn_between_convs(x: np.ndarray) -> onnx.ModelProto:
+    """X[N,4,8,8] -> Conv1 -> BatchNorm (running stats = Conv1's on ``x``) -> Relu -> Conv2 (skewed ranges) -> Y."""
+    r = rng(31)
+    w1 = (r.standard_normal((6, 4, 3, 3)) * 0.4).astype(np.float32)
+    w2 = r.standard_normal((5, 6, 3, 3)) * np.exp(r.uniform(-2.5, 2.0, 5))[:, None, None, None]
+    conv1 = make_model([helper.make_node("Conv", ["X", "W1"], ["c"], pads=[1, 1, 1, 1])],
+                       [("X", ["N", 4, 8, 8])], [("c", ["N", 6, 8, 8])], {"W1": w1})
+    c = run(conv1, {"X": x})[0]
+    inits = {"W1": w1, "W2": w2.astype(np.float32), "B2": r.standard_normal(5).astype(np.float32),
+             "gamma": r.uniform(0.5, 2.0, 6).astype(np.float32), "beta": r.normal(0.3, 1.0, 6).astype(np.float32),
+             "mean": c.mean(axis=(0, 2, 3)).astype(np.float32), "var": c.var(axis=(0, 2, 3)).astype(np.float32)}
+    nodes = [helper.make_node("Conv", ["X", "W1"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["c", "gamma", "beta", "mean", "var"], ["bn"]),
+             helper.make_node("Relu", ["bn"], ["a"]),
+             helper.make_node("Conv", ["a", "W2", "B2"], ["Y"], pads=[1, 1, 1, 1], name="conv2")]
+    return make_model(nodes, [("X", ["N", 4, 8, 8])], [("Y", ["N", 5, 8, 8])], inits)
+
+
+def test_table_only_quantize_corrects_biases_from_batchnorm_statistics() -> None:
+    """No calibration data, a BN before the layer: the default corrects its bias analytically (β, γ give
+    E[x]); the mean output error of per-tensor int8 falls well below the uncorrected model's."""
+    x = rng(32).standard_normal((400, 4, 8, 8)).astype(np.float32)
+    model = bn_between_convs(x)
+    table = onnxpress.calibrate(model, [{"X": x[:64]}], method="minmax")
+    ref = run(model, {"X": x})[0]
+    plain = onnxpress.quantize(model, table=table, per_channel=False, bias_correction=False).model
+    fixed = onnxpress.quantize(model, table=table, per_channel=False).model
+    err = lambda m: np.abs((run(m, {"X": x})[0] - ref).mean(axis=(0, 2, 3))).sum()  # noqa: E731
+    assert err(fixed) < 0.5 * err(plain), (err(fixed), err(plain))
+    with pytest.raises(CalibrationError, match="BatchNorm"):
+        onnxpress.quantize(residual_cnn(), table=minmax_table(residual_cnn(), feeds_for(residual_cnn())),
+                           bias_correction=True)

@@ -68,8 +68,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--equalize", nargs="?", const="split", default=None, choices=("split", "skip", "relu"),
                    help="cross-layer equalization first (default mode split: exact, ReLU6 -> Relu + Min)")
     p.add_argument("--bias-correction", action=argparse.BooleanOptionalAction, default=None,
-                   help="correct biases for the output shift measured on the quantized model (default: on "
-                   "for int8 with --calib; --no-bias-correction turns it off)")
+                   help="correct biases for the output shift measured on the quantized model, or with --table "
+                   "alone from the BatchNorm statistics before each layer (default: on for int8 where either "
+                   "applies; --no-bias-correction turns it off)")
     p.add_argument("--smoothquant", type=float, default=None, metavar="ALPHA",
                    help="SmoothQuant with this alpha (0..1) before calibration")
     p.add_argument("--codebook", type=int, default=None, metavar="BITS",

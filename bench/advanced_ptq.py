@@ -8,14 +8,17 @@ A. Depthwise CNN (mobilenet), int8 weights **per tensor**, uint8 activations: pl
    W8A8 model itself, advanced.correct_bias_for_qdq), and weights only (weights rounded in float,
    activations float, analytic BC) which isolates what CLE fixes; an activations-only row (weights
    float) bounds what any weight-side method can reach. Then every conv quantized (min_conv_depth=0),
-   with partial CLE (strength 0.5) and an emulation of quantizing the split ReLU6 (Relu -> Min) once.
+   with partial CLE (strength 0.5), and the split ReLU6 (Relu -> Min) rounded on two grids (InsertQDQ
+   share_bound_grid=False, the behaviour before) beside the default that rounds it once on the Min's grid.
 B. Transformer: plain QDQ (int8 per-channel weights) vs SmoothQuant (alpha 0.5 / 0.8) + QDQ.
 C. Weights only (activations float): k-means codebooks (4 and 6 bits per layer; 4 bits per 16 channels;
-   4 bits per layer on channel-normalised weights, with max or norm-keeping channel scales) vs
-   linear symmetric int4/int8 (per tensor and per channel) on the same weights, each also with bias
-   correction using its own reconstruction (BC column), with the bits per
-   weight each really costs (indices + codebooks / scales); plus the codebook model's file size
-   and its onnxruntime cost (session creation and batch-64 latency against float, interleaved
+   4 bits per layer on channel-normalised weights, with the gain-keeping (default), norm-keeping or
+   plain max channel scales; and with GPTQ indices from the layers' input moments E[x x^T] on the
+   calibration data) vs linear symmetric int4/int8 (per tensor and per channel; int4 per channel
+   also with the very same GPTQ indices + output-space gain: the fair data-aware baseline) on the
+   same weights, each also with bias correction using its own reconstruction (BC column), with the
+   bits per weight each really costs (indices + codebooks / scales); plus the codebook model's file
+   size and its onnxruntime cost (session creation and batch-64 latency against float, interleaved
    medians, one thread, spinning off).
 
 SQNR = 10 log10(sum y^2 / sum (y - y_hat)^2) of the logits against the float model.
@@ -40,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 from onnxpress import advanced, quantize  # noqa: E402
 from onnxpress.model_io import load_model, normalize_model  # noqa: E402
 from onnxpress.passes.bias_correction import CorrectBias, bias_correction_inputs, quantized_weight  # noqa: E402
-from onnxpress.passes.codebook import CodebookWeights  # noqa: E402
+from onnxpress.passes.codebook import CodebookWeights, gptq_assign, weight_channel_axis  # noqa: E402
 from onnxpress.pipeline import cleanup_passes, run_passes  # noqa: E402
 from onnxpress.quantize import DEFAULT_METHOD  # noqa: E402
 from onnxpress.reporting import format_table  # noqa: E402
@@ -67,8 +70,10 @@ def cleaned(path: Path) -> onnx.ModelProto:
     return run_passes(normalize_model(load_model(path)), cleanup_passes()).model
 
 
-def weight_only(model: onnx.ModelProto, *, per_channel: bool, bits: int = 8, min_elements: int = 0) -> onnx.ModelProto:
-    """Round every Conv/Gemm/MatMul weight (>= min_elements) with InsertQDQ's quantizer, keep float."""
+def weight_only(model: onnx.ModelProto, *, per_channel: bool = True, bits: int = 8, min_elements: int = 0,
+                quantizer=None) -> onnx.ModelProto:
+    """Round every Conv/Gemm/MatMul weight (>= min_elements) with InsertQDQ's quantizer (or
+    ``quantizer(node, w)``), keep float."""
     graph = gs.import_onnx(model)
     done: dict[str, gs.Constant] = {}
     for node in graph.nodes:
@@ -78,10 +83,33 @@ def weight_only(model: onnx.ModelProto, *, per_channel: bool, bits: int = 8, min
         if not isinstance(w, gs.Constant) or w.values.dtype != np.float32 or w.values.size < min_elements:
             continue
         if w.name not in done:
-            q = quantized_weight(node, w.values, per_channel=per_channel, bits=bits)
+            q = (quantizer(node, w.values) if quantizer is not None
+                 else quantized_weight(node, w.values, per_channel=per_channel, bits=bits))
             done[w.name] = gs.Constant(w.name + "_wq", q.astype(np.float32))
         node.inputs[1] = done[w.name]
     return gs.export_onnx(graph.cleanup().toposort())
+
+
+def int4_gptq(hessians):
+    """Per-channel symmetric int4 (levels s_c k, k = -7..7, s_c = max|W_c| / 7) with GPTQ indices and the
+    output-space gain, exactly as CodebookWeights(hessians=...) treats its codebook: the fair baseline."""
+
+    def quantize(node, w: np.ndarray) -> np.ndarray:
+        h = hessians.get(node.inputs[1].name)
+        if h is None:
+            return quantized_weight(node, w, per_channel=True, bits=4)
+        axis = weight_channel_axis(node, w)
+        first = np.moveaxis(w, axis, 0)
+        rows = first.reshape(first.shape[0], -1).astype(np.float64)
+        s = np.abs(rows).max(axis=1) / 7
+        levels = np.where(s > 0, s, 1.0)[:, None] * np.arange(-7, 8)[None, :]
+        rec = np.take_along_axis(levels, gptq_assign(rows, levels, h), axis=1)
+        hw = np.einsum("ckm,cm->ck", h, rows) if h.ndim == 3 else rows @ h
+        dot = np.sum(rec * hw, axis=1)
+        rec *= np.where(dot > 0, np.sum(rows * hw, axis=1) / np.where(dot > 0, dot, 1.0), 1.0)[:, None]
+        return np.moveaxis(rec.reshape(first.shape), 0, axis).astype(np.float32)
+
+    return quantize
 
 
 def weight_stats(model: onnx.ModelProto) -> tuple[int, int, int]:
@@ -118,22 +146,6 @@ def activations_only(qdq_model: onnx.ModelProto, float_model: onnx.ModelProto) -
 def logits_exact(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
     sess = make_session(model, threads=2, optimization="disable")
     return np.concatenate([sess.run(None, {"input": x[i : i + 128]})[0] for i in range(0, len(x), 128)])
-
-
-def single_quantization_table(model: onnx.ModelProto, table):
-    """The table with each split ReLU6's Relu output given its Min output's range (emulates a QDQ pass that
-    quantizes Relu -> Min(per-channel bound) once: the second rounding then only moves values at the bound)."""
-    import dataclasses
-
-    graph = gs.import_onnx(model)
-    ranges = dict(table.ranges)
-    for node in graph.nodes:
-        t = node.outputs[0]
-        if node.op == "Relu" and len(t.outputs) == 1 and t.outputs[0].op == "Min":
-            out = t.outputs[0].outputs[0].name
-            if t.name in ranges and out in ranges:
-                ranges[t.name] = ranges[out]
-    return dataclasses.replace(table, ranges=ranges)
 
 
 def section_a(args, models: Path, calib: Path, x: np.ndarray, labels: np.ndarray) -> None:
@@ -192,21 +204,21 @@ def section_a(args, models: Path, calib: Path, x: np.ndarray, labels: np.ndarray
     half = run_passes(base, [EqualizeCrossLayer(clip="split", strength=0.5)]).model
     # The hard case proper: InsertQDQ keeps the stem and the first depthwise conv float by default (too
     # shallow for int8 kernels); quantizing every conv per tensor is where CLE and BC have work to do.
+    # InsertQDQ(share_bound_grid=False): the split ReLU6 (Relu -> Min) rounded twice, each with its own range.
     hard_rows, hard_plain = [], None
-    for name, model, bc, per_channel, single in (
-        ("plain", base, False, False, False),
-        ("+BC", base, True, False, False),
-        ("+CLE clip=split", split, False, False, False),
-        ("+CLE clip=split +BC", split, True, False, False),
-        ("+CLE clip=split strength 0.5 +BC", half, True, False, False),
-        ("+CLE clip=split +BC, Relu->Min quantized once (emulated)", split, True, False, True),
-        ("(per-channel int8, for reference)", base, False, True, False),
-        ("(per-channel int8 +BC, for reference)", base, True, True, False),
+    for name, model, bc, per_channel, share in (
+        ("plain", base, False, False, True),
+        ("+BC", base, True, False, True),
+        ("+CLE clip=split", split, False, False, True),
+        ("+CLE clip=split +BC", split, True, False, True),
+        ("+CLE clip=split strength 0.5 +BC", half, True, False, True),
+        ("+CLE clip=split, Relu and Min rounded on own grids", split, False, False, False),
+        ("+CLE clip=split +BC, Relu and Min rounded on own grids", split, True, False, False),
+        ("(per-channel int8, for reference)", base, False, True, True),
+        ("(per-channel int8 +BC, for reference)", base, True, True, True),
     ):
         table = calibrate(model, str(calib), method=args.method, max_samples=args.max_samples)
-        if single:
-            table = single_quantization_table(model, table)
-        qdq = InsertQDQ(table, per_channel=per_channel, min_conv_depth=0)
+        qdq = InsertQDQ(table, per_channel=per_channel, min_conv_depth=0, share_bound_grid=share)
         q_float = advanced.correct_bias_for_qdq(model, qdq, str(calib), max_samples=args.max_samples) if bc else model
         q = run_passes(q_float, [qdq]).model
         yq = logits(q, x)
@@ -334,20 +346,33 @@ def section_c(args, models: Path, calib: Path, x: np.ndarray, labels: np.ndarray
                 label = f"linear int{bits} per-{'channel' if per_channel else 'tensor'}"
                 rows.append([label, f"{bits + overhead:.3f}", f"{sqnr(ref, y):.2f}", f"{sqnr(ref, yb):.2f}",
                              f"{accuracy(y, labels):.4f}"])
+        hessians = advanced.collect_layer_hessians(base, str(calib), min_elements=MIN_ELEMENTS,
+                                                   max_samples=args.max_samples)
+        q4 = int4_gptq(hessians)
+        y = logits(weight_only(base, quantizer=q4, min_elements=MIN_ELEMENTS), x)
+        bc = run_passes(base, [CorrectBias(means, quantizer=small_float(q4))]).model
+        yb = logits(weight_only(bc, quantizer=q4, min_elements=MIN_ELEMENTS), x)
+        rows.append(["linear int4 per-channel, GPTQ + output-space gain", f"{4 + 32 * channels / n:.3f}",
+                     f"{sqnr(ref, y):.2f}", f"{sqnr(ref, yb):.2f}", f"{accuracy(y, labels):.4f}"])
         cb_models = {}
-        for bits, group, scaled, keep in ((6, None, False, False), (4, None, False, False), (4, 16, False, False),
-                                          (4, None, True, False), (4, None, True, True)):
+        for bits, group, scaled, keep, gain, fed in (
+            (6, None, False, False, True, False), (4, None, False, False, True, False),
+            (4, 16, False, False, True, False), (4, None, True, False, True, False),
+            (4, None, True, True, False, False), (4, None, True, False, False, False),
+            (4, None, True, False, True, True),
+        ):
             p = CodebookWeights(bits=bits, group_size=group, min_elements=MIN_ELEMENTS, channel_scale=scaled,
-                                preserve_norm=keep)
+                                preserve_norm=keep, keep_gain=gain, hessians=hessians if fed else None)
             res = run_passes(base, [p])
             cb_models.setdefault(bits, res.model)
             y = logits(res.model, x)
             p2 = CodebookWeights(bits=bits, group_size=group, min_elements=MIN_ELEMENTS, channel_scale=scaled,
-                                 preserve_norm=keep)
+                                 preserve_norm=keep, keep_gain=gain, hessians=hessians if fed else None)
             yb = logits(run_passes(base, [CorrectBias(means, quantizer=p2.reconstruct), p2]).model, x)
             stored_bits = 8 * res.stats["codebook_weights.bytes_after"] / n
             where = ("per layer" if group is None else f"per {group} channels") + (" + channel scales" * scaled)
-            where += " (norm-kept)" * keep
+            where += " (norm-kept)" * keep + " (no gain fix)" * (not keep and not gain)
+            where += ", GPTQ indices + output-space gain" * fed
             rows.append([f"codebook {bits}-bit {where}", f"{stored_bits:.3f}", f"{sqnr(ref, y):.2f}",
                          f"{sqnr(ref, yb):.2f}", f"{accuracy(y, labels):.4f}"])
         size_f, size_cb = len(base.SerializeToString()), len(cb_models[4].SerializeToString())

@@ -256,7 +256,7 @@ def test_quantize_flags_equalize_and_bias_correction_help_per_tensor_int8(tmp_pa
     x = r.standard_normal((32, 4, 6, 6)).astype(np.float32)
     ref = graphs.run(model, {"X": x})[0]
     common = {"calib": feeds, "per_channel": False, "method": "minmax"}
-    plain = onnxpress.quantize(model, **common).model
+    plain = onnxpress.quantize(model, bias_correction=False, **common).model
     both = onnxpress.quantize(model, equalize="split", bias_correction=True, **common).model
     assert _sqnr(ref, graphs.run(both, {"X": x})[0]) > _sqnr(ref, graphs.run(plain, {"X": x})[0]) + 6.0
     src, out = tmp_path / "m.onnx", tmp_path / "q.onnx"
@@ -265,3 +265,42 @@ def test_quantize_flags_equalize_and_bias_correction_help_per_tensor_int8(tmp_pa
     argv = ["quantize", str(src), "-o", str(out), "--calib", str(tmp_path / "calib.npz"), "--per-tensor", "-q"]
     assert main([*argv, "--equalize", "--bias-correction", "--method", "minmax"]) == 0 and out.exists()
     assert main([*argv[:4], "--bias-correction"]) == 2  # no --calib: one-line error, exit 2
+
+
+def test_split_mobilenet_quantizes_each_relu6_once_and_keeps_every_qlinearconv(tmp_path):
+    """Mobilenet after CLE(split), quantized per tensor: each Relu -> Min(c) pair is rounded on the Min's grid
+    (the Relu's Q has the Min output's scale and zero point), every quantized Conv is a QLinearConv in
+    onnxruntime's optimised graph, and the stem and first depthwise stay float as without CLE."""
+    import onnxpress
+    from onnxpress.runtime import make_session
+
+    path, calib = MODELS / "mobilenet.onnx", MODELS / "digits32_calib.npz"
+    if not (path.exists() and calib.exists()):
+        pytest.skip("reference mobilenet or its calibration data not built yet")
+    model = run_passes(normalize_model(load_model(path)), cleanup_passes()).model
+    split = run_passes(model, [EqualizeCrossLayer(clip="split")]).model
+    res = onnxpress.quantize(split, calib=str(calib), per_channel=False, max_samples=64, bias_correction=False)
+    q = res.model
+    quantized_convs = [d for d in res.quantized if d.op == "Conv"]
+    assert len([d for d in res.kept_float if d.op == "Conv"]) == 2  # stem + first depthwise
+    consts = {t.name: onnx.numpy_helper.to_array(t) for t in q.graph.initializer}
+    q_of = {n.input[0]: n for n in q.graph.node if n.op_type == "QuantizeLinear"}
+    producer = {o: n for n in q.graph.node for o in n.output}
+    pairs = 0
+    for n in q.graph.node:
+        if n.op_type != "Min":
+            continue
+        dq = producer.get(n.input[0])
+        if dq is None or dq.op_type != "DequantizeLinear" or n.output[0] not in q_of:
+            continue
+        q_relu = producer[dq.input[0]]
+        q_min = q_of[n.output[0]]
+        assert consts[q_relu.input[1]] == consts[q_min.input[1]]
+        assert consts[q_relu.input[2]] == consts[q_min.input[2]]
+        pairs += 1
+    assert pairs == len(quantized_convs) - 1  # every quantized conv but the last (no Min after it)
+    assert res.stats["insert_qdq.bound_grids_shared"] == pairs
+    opt = tmp_path / "opt.onnx"
+    make_session(q, optimized_model_path=str(opt))
+    ops = [n.op_type for n in onnx.load(str(opt)).graph.node]
+    assert ops.count("QLinearConv") == len(quantized_convs)

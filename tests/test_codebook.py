@@ -339,3 +339,16 @@ def test_codebook_error_feedback_lowers_the_layer_output_error():
                                   p.reconstruct(gs.import_onnx(model).nodes[0], _weight(model)))
     with pytest.raises(CalibrationError, match="error feedback"):
         adv.codebook(model, bits=3, error_feedback=True)
+
+
+def test_codebook_weights_with_data_uses_error_feedback():
+    """advanced.codebook_weights(data=...) (quantize's codebook path) gives the error-feedback weights."""
+    import onnxpress.advanced as adv
+
+    model = matmul_model(k=24, n=20)
+    calib = [{"X": _correlated(128, 24, 11)}]
+    fed, decisions = adv.codebook_weights(model, 3, data=calib)
+    assert [d.quantized for d in decisions] == [True]
+    expected = adv.codebook(model, bits=3, error_feedback=True, data=calib, max_samples=128).model
+    np.testing.assert_array_equal(_rebuilt_weight(fed.model), _rebuilt_weight(expected))
+    assert not np.array_equal(_rebuilt_weight(fed.model), _rebuilt_weight(adv.codebook_weights(model, 3)[0].model))

@@ -166,3 +166,24 @@ def test_observing_only_graph_inputs() -> None:
     assert collect_statistics(model, [{"X": x}], {"X": obs}) == 10
     r = obs.compute_range()
     assert (r.min, r.max) == (float(x.min()), float(x.max()))
+
+
+def test_progress_bar_counts_samples_and_no_bar_is_built_when_off(capsys, monkeypatch) -> None:
+    """X[batch,8] -> Gemm(W[8,6], B[6]) -> Y[batch,6]; tqdm writes to stderr only when progress is on."""
+    import tqdm.auto
+
+    made: list[object] = []
+    real = tqdm.auto.tqdm
+
+    def spy(*args, **kwargs):
+        bar = real(*args, **kwargs)
+        made.append(bar)
+        return bar
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", spy)
+    data = [{"X": rng(2).standard_normal((3, 8)).astype(np.float32)} for _ in range(4)]
+    assert collect_statistics(gemm(), data, {"Y": MinMaxObserver()}, batch_size=5, progress=False) == 12
+    assert made == []  # off: not even a disabled bar (its first use imports multiprocessing)
+    assert collect_statistics(gemm(), data, {"Y": MinMaxObserver()}, batch_size=5, progress=True) == 12
+    assert len(made) == 1 and made[0].n == 12
+    assert "calibrating" in capsys.readouterr().err

@@ -356,3 +356,15 @@ def test_table_only_quantize_corrects_biases_from_batchnorm_statistics() -> None
     with pytest.raises(CalibrationError, match="BatchNorm"):
         onnxpress.quantize(residual_cnn(), table=minmax_table(residual_cnn(), feeds_for(residual_cnn())),
                            bias_correction=True)
+
+
+def test_codebook_with_calibration_data_picks_indices_against_the_output_error() -> None:
+    """``codebook=4`` with calib chooses indices from each layer's input moments: the same codebook bytes,
+    closer logits than nearest-centroid indices on the residual CNN."""
+    model = residual_cnn()
+    x = feeds_for(model, n=64)
+    ref = run(model, x)[0]
+    nearest = onnxpress.quantize(model, codebook=4).model
+    fed = onnxpress.quantize(model, codebook=4, calib=[x]).model
+    assert sqnr_db(ref, run(fed, x)[0]) > sqnr_db(ref, run(nearest, x)[0]) + 1.0
+    assert abs(fed.ByteSize() - nearest.ByteSize()) < 64

@@ -8,7 +8,7 @@ Public API (each function accepts a path or an ``onnx.ModelProto`` and never mod
 
 from __future__ import annotations
 
-from onnxpress.advanced import codebook, correct_bias, equalize, smoothquant
+from onnxpress.advanced import absorb_high_bias, codebook, correct_bias, equalize, smoothquant
 from onnxpress.api import cleanup
 from onnxpress.calibrate import calibrate
 from onnxpress.driver import TransformResult, transform
@@ -49,6 +49,7 @@ __all__ = [
     "UnsupportedModelError",
     "ValidationReport",
     "ValidationError",
+    "absorb_high_bias",
     "calibrate",
     "cleanup",
     "codebook",

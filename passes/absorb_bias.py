@@ -29,7 +29,7 @@ import onnx_graphsurgeon as gs
 
 from onnxpress.passes.base import PassResult
 
-__all__ = ["AbsorbHighBias"]
+__all__ = ["AbsorbHighBias", "preactivation_tensors"]
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +131,19 @@ def _add_to_bias(graph: gs.Graph, node: gs.Node, index: int, amount: np.ndarray,
     node.inputs.append(bias)
     if node.op == "Gemm":
         node.attrs["beta"] = 1.0
+
+
+def preactivation_tensors(graph: gs.Graph) -> dict[str, int]:
+    """``{pre-activation tensor: channel axis}`` of every layer whose output a single Relu reads: what floors key."""
+    out = {}
+    for node in graph.nodes:
+        found = _producer(node) if node.op in ("Conv", "Gemm", "MatMul") else "not a layer"
+        if isinstance(found, str):
+            continue
+        pre = found[0]
+        if len(pre.outputs) == 1 and pre.outputs[0].op == "Relu" and pre not in graph.outputs:
+            out[pre.name] = 1 if node.op == "Conv" else -1
+    return out
 
 
 class AbsorbHighBias:

@@ -19,8 +19,9 @@ come in as numpy arrays keyed by each layer's input tensor. For Conv, T[c, kh, k
 input under tap (kh, kw) averaged over all output positions, computed from a per-position mean map
 E[x][c, h, w] with the conv's pads/strides/dilations, so zero-padded borders (most of a 4x4 map)
 count the zeros they see; given only per-channel means, T = E[x_c] for every tap. A layer without a
-bias gets one. The analytic variant (E[x] from a preceding BatchNorm's beta/gamma) is not
-implemented: our pipelines fold BatchNorm first, and measured means are what remains.
+bias gets one. The analytic variant takes E[x] from a preceding BatchNorm's beta/gamma instead
+(``onnxpress.passes.bn_stats.activation_means``, read before the BN is folded; ``onnxpress.quantize``
+uses it when it has a table but no calibration data).
 """
 
 from __future__ import annotations

@@ -28,8 +28,8 @@ not know Min quantizes both the Relu and the Min output). ``clip="relu"`` is the
 et al. for MobileNetV2: Clip(x, 0, hi) becomes Relu(x) (**not exact**: values above hi are no
 longer clipped; measure the float model after it), which keeps Conv+Relu fusable.
 ``strength=b`` applies S^b of the converged scales S (exact too: a partial equalization).
-High-bias absorption is not done (it is exact only where the pre-activation never falls below the
-absorbed amount).
+High-bias absorption is a pass of its own (``onnxpress.passes.absorb_bias``; exact only where the
+pre-activation never falls below the absorbed amount), run after this one when data is at hand.
 """
 
 from __future__ import annotations

@@ -123,3 +123,40 @@ def test_input_model_is_not_modified() -> None:
     absorb(model, {"P": np.full(8, 0.5)})
     assert model.SerializeToString() == before
     assert gs.import_onnx(model).nodes  # still a whole graph
+
+
+def test_api_with_data_measures_floors_and_is_exact_there(tmp_path) -> None:
+    """``onnxpress.advanced.absorb_high_bias(model, data)``: minima on the data, exact on it, written checked."""
+    from onnxpress.advanced import absorb_high_bias
+
+    model = conv_relu_conv()
+    x = graphs.rng(4).standard_normal((32, 4, 6, 6)).astype(np.float32)
+    res = absorb_high_bias(model, [{"X": x}], tmp_path / "a.onnx")
+    assert res.stats["absorb_high_bias.channels"] == 8
+    np.testing.assert_allclose(graphs.run(onnx.load(tmp_path / "a.onnx"), {"X": x})[0],
+                               graphs.run(model, {"X": x})[0], atol=1e-4, rtol=1e-5)
+
+
+def test_api_without_data_uses_batchnorm_floors() -> None:
+    """No data: floors β − 3|γ| from the BN before the Relu (folded afterwards); the output changes only
+    where a pre-activation falls below its floor (~0.13% of Gaussian values)."""
+    from onnxpress.advanced import absorb_high_bias
+
+    r = graphs.rng(6)
+    x = r.standard_normal((200, 4, 6, 6)).astype(np.float32)
+    w1 = (r.standard_normal((8, 4, 1, 1)) * 0.5).astype(np.float32)
+    c = np.einsum("oi,nihw->nohw", w1[:, :, 0, 0], x)
+    inits = {"W1": w1, "gamma": r.uniform(0.5, 1.0, 8).astype(np.float32),
+             "beta": r.uniform(2.0, 6.0, 8).astype(np.float32), "mean": c.mean(axis=(0, 2, 3)).astype(np.float32),
+             "var": c.var(axis=(0, 2, 3)).astype(np.float32),
+             "W2": r.standard_normal((5, 8, 1, 1)).astype(np.float32), "B2": r.standard_normal(5).astype(np.float32)}
+    nodes = [helper.make_node("Conv", ["X", "W1"], ["c"]),
+             helper.make_node("BatchNormalization", ["c", "gamma", "beta", "mean", "var"], ["bn"]),
+             helper.make_node("Relu", ["bn"], ["a"]), helper.make_node("Conv", ["a", "W2", "B2"], ["Y"])]
+    model = graphs.make_model(nodes, [("X", ["N", 4, 6, 6])], [("Y", ["N", 5, 6, 6])], inits)
+    res = absorb_high_bias(model)
+    assert res.stats["absorb_high_bias.channels"] == 8  # every β_c − 3|γ_c| > 0 here
+    before, after = graphs.run(model, {"X": x})[0], graphs.run(res.model, {"X": x})[0]
+    close = np.isclose(after, before, atol=1e-4, rtol=1e-5)
+    # an output differs when any of its 8 inputs fell below its floor: 1 - (1 - Φ(-3))^8 ≈ 1.1% of outputs
+    assert 0.98 < close.mean() < 1.0, close.mean()

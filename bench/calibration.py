@@ -33,7 +33,7 @@ bench, so the /ORT-Ent ratios compared a median with one sample.)
 
 Data: the 500 digits calibration images; N=2000 repeats them with light augmentation (integer
 shifts of up to 2 pixels and Gaussian noise of 0.05, seeded). Run: ``python bench/calibration.py``
-(4 models, N = 100/500/2000 for ours, 100/500 for ORT: ~8 min on the shared 2-core box;
+(4 models, N = 100/500/2000 for ours, 100/500 for ORT, 3 runs each: ~8 min on the shared 2-core box;
 ``--quick``: resnet only, N=100 and 500, one run each: ~40 s).
 """
 

@@ -265,6 +265,7 @@ def apply_recipe(
     progress: bool = False,
     prepared: bool = False,
     moments_cache: dict[str, dict[str, Any]] | None = None,
+    finetune_cache: dict[str, onnx.ModelProto] | None = None,
 ) -> onnx.ModelProto:
     """Apply ``recipe`` to ``model`` (never modified) and return the result.
 
@@ -276,6 +277,9 @@ def apply_recipe(
         prepared: ``model`` is already the output of :func:`prepare`.
         moments_cache: reuse input second moments across calls, keyed by the model's digest and the
             step's sample count (one dict per calibration data set: the result is unchanged).
+        finetune_cache: reuse fine-tuned models across calls, keyed by the student's and the teacher's
+            digests and the step's settings (one dict per calibration data set; the fine-tune is seeded and
+            single-threaded, so a recipe that differs only after it builds the same bytes either way).
 
     Raises:
         OnnxpressError: an invalid recipe, or a step that needs ``calib`` without it; errors of the passes.
@@ -315,7 +319,13 @@ def apply_recipe(
         elif name == "finetune":
             if calib is None:
                 raise OnnxpressError(f"recipe step {i + 1} (finetune) needs training data (--calib)")
-            current = finetune_in_place(current, teacher, calib, step, progress=progress)
+            key = f"{model_digest(current)}|{model_digest(teacher)}|{json.dumps(step, sort_keys=True)}"
+            if finetune_cache is not None and key in finetune_cache:
+                current = copy.deepcopy(finetune_cache[key])
+            else:
+                current = finetune_in_place(current, teacher, calib, step, progress=progress)
+                if finetune_cache is not None:
+                    finetune_cache[key] = copy.deepcopy(current)
         elif name == "quantize":
             if calib is None:
                 raise OnnxpressError(f"recipe step {i + 1} (quantize) needs calibration data (--calib)")

@@ -160,3 +160,24 @@ def test_weight_only_int4_step(tmp_path):
     assert apply_recipe(prepare(tiny_mlp()), recipe, calib=data).SerializeToString() == built.SerializeToString()
     feeds = read_feeds(built, data, 32)
     assert sqnr_db(run_outputs(prepare(tiny_mlp()), feeds), run_outputs(built, feeds)) > 24  # measured 26.8
+
+
+def test_finetune_cache_reuses_one_fine_tune_and_builds_the_same_bytes(tmp_path, torch_one_thread, monkeypatch):
+    """Two recipes that differ only after their fine-tune train once with ``finetune_cache``, and each builds
+    exactly what it builds without the cache."""
+    import onnxpress.recipe as rec
+
+    data = tiny_data(tmp_path / "d.npz")
+    model = prepare(tiny_cnn())
+    steps = [{"pass": "prune", "ratio": 0.25},
+             {"pass": "finetune", "epochs": 2, "lr": 1e-3, "temperature": 4.0, "seed": 0, "batch_size": 16}]
+    a = {"version": 1, "steps": [*steps, {"pass": "quantize", "max_samples": 32}]}
+    b = {"version": 1, "steps": [*steps, {"pass": "quantize", "max_samples": 32, "per_channel": False}]}
+    plain = [apply_recipe(model, r, data, prepared=True).SerializeToString() for r in (a, b)]
+    calls = []
+    real = rec.finetune_in_place
+    monkeypatch.setattr(rec, "finetune_in_place", lambda *x, **k: calls.append(1) or real(*x, **k))
+    cache: dict = {}
+    cached = [apply_recipe(model, r, data, prepared=True, finetune_cache=cache).SerializeToString() for r in (a, b)]
+    assert calls == [1] and len(cache) == 1
+    assert cached == plain and plain[0] != plain[1]

@@ -280,3 +280,19 @@ def test_int4_is_picked_only_when_the_size_budget_needs_it():
     assert space.describe(space.uniform_int4("fp32")) == {"A": "int4", "B": "fp32"}
     assert space.describe(space.uniform_int4("int8")) == {"A": "int4", "B": "int8"}
     assert no_quant.uniform_int4() is None and SearchSpace(_sens(), model_bytes=2000).uniform_int4() is None
+
+
+def test_free_float_picks_sets_zero_penalty_int8_layers_to_fp32_at_the_same_rank():
+    """Only int8 layers whose measured float penalty is <= 0 flip to fp32; ranks and other layers stay."""
+    from onnxpress.optimize import free_float_picks
+
+    space = SearchSpace(_sens(), model_bytes=2000, int8_latency=0.5)
+    labels = lambda picks: [space.options[i][j].label for i, j in enumerate(picks[: len(space.layers)])]  # noqa: E731
+    int8 = space.uniform("int8")
+    assert free_float_picks(space, int8) == int8  # nothing measured: nothing flips
+    space.float_penalty = [0.0, 0.2]
+    assert labels(free_float_picks(space, int8)) == ["fp32", "int8"]
+    ranked = space.uniform("int8", 0.5)
+    before = labels(ranked)
+    after = labels(free_float_picks(space, ranked))
+    assert after[0] == before[0].replace("int8", "fp32") and after[1] == before[1]

@@ -290,7 +290,7 @@ def test_free_float_picks_sets_zero_penalty_int8_layers_to_fp32_at_the_same_rank
     labels = lambda picks: [space.options[i][j].label for i, j in enumerate(picks[: len(space.layers)])]  # noqa: E731
     int8 = space.uniform("int8")
     assert free_float_picks(space, int8) == int8  # nothing measured: nothing flips
-    space.float_penalty = [0.0, 0.2]
+    space.float_penalty = [0.004, 0.2]  # within the 0.01 timing tolerance, and clearly slower in float
     assert labels(free_float_picks(space, int8)) == ["fp32", "int8"]
     ranked = space.uniform("int8", 0.5)
     before = labels(ranked)

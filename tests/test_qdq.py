@@ -569,11 +569,16 @@ def test_shallow_convs_at_the_float_frontier_stay_float(tmp_path: Path) -> None:
         helper.make_node("Conv", ["d2r", "Wp2"], ["Y"], name="pw2"),
     ]
     model = make_model(nodes, [("X", ["N", 1, 8, 8])], [("Y", ["N", 16, 8, 8])], inits)
+    _assert_float_frontier(model, tmp_path)
+
+
+def _assert_float_frontier(model: onnx.ModelProto, tmp_path: Path) -> None:
+    """stem and dw1 (reduction depth 9) stay float; pw1, dw2, pw2 are quantized, two of them integer kernels."""
     x = feeds_for(model)
     p, q = quantize_graph(model, x)
     dec = {d.name: d for d in p.decisions}
     assert not dec["stem"].quantized and "reduction depth 9" in dec["stem"].reason
-    assert not dec["dw1"].quantized
+    assert not dec["dw1"].quantized and "reduction depth 9" in dec["dw1"].reason
     assert dec["pw1"].quantized and dec["dw2"].quantized and dec["pw2"].quantized
     assert optimized_ops(q, tmp_path).count("QLinearConv") == 2  # pw1, dw2 (pw2 feeds the graph output)
     assert sqnr_db(run(model, x)[0], run(q, x)[0]) > 30
@@ -699,11 +704,4 @@ def test_shallow_frontier_looks_through_split_relu6(tmp_path: Path) -> None:
         helper.make_node("Conv", ["d2r", "Wp2"], ["Y"], name="pw2"),
     ]
     model = make_model(nodes, [("X", ["N", 1, 8, 8])], [("Y", ["N", 16, 8, 8])], inits)
-    x = feeds_for(model)
-    p, q = quantize_graph(model, x)
-    dec = {d.name: d for d in p.decisions}
-    assert not dec["stem"].quantized and "reduction depth 9" in dec["stem"].reason
-    assert not dec["dw1"].quantized and "reduction depth 9" in dec["dw1"].reason
-    assert dec["pw1"].quantized and dec["dw2"].quantized and dec["pw2"].quantized
-    assert optimized_ops(q, tmp_path).count("QLinearConv") == 2  # pw1, dw2 (pw2 feeds the graph output)
-    assert sqnr_db(run(model, x)[0], run(q, x)[0]) > 30
+    _assert_float_frontier(model, tmp_path)

@@ -549,14 +549,7 @@ def test_reference_resnet_every_conv_is_an_integer_kernel(tmp_path: Path) -> Non
 def test_shallow_convs_at_the_float_frontier_stay_float(tmp_path: Path) -> None:
     """A 1-channel stem and the depthwise conv after it stay float; the shallow depthwise conv behind
     a quantized conv is still quantized (so no producer loses its fusion)."""
-    r = rng(14)
-    inits = {
-        "Ws": r.standard_normal((16, 1, 3, 3)).astype(np.float32),
-        "Wd": r.standard_normal((16, 1, 3, 3)).astype(np.float32),
-        "Wp": r.standard_normal((16, 16, 1, 1)).astype(np.float32),
-        "Wd2": r.standard_normal((16, 1, 3, 3)).astype(np.float32),
-        "Wp2": r.standard_normal((16, 16, 1, 1)).astype(np.float32),
-    }
+    inits = _frontier_weights()
     nodes = [
         helper.make_node("Conv", ["X", "Ws"], ["s"], name="stem", pads=[1, 1, 1, 1]),
         helper.make_node("Relu", ["s"], ["sr"]),
@@ -570,6 +563,14 @@ def test_shallow_convs_at_the_float_frontier_stay_float(tmp_path: Path) -> None:
     ]
     model = make_model(nodes, [("X", ["N", 1, 8, 8])], [("Y", ["N", 16, 8, 8])], inits)
     _assert_float_frontier(model, tmp_path)
+
+
+def _frontier_weights() -> dict[str, np.ndarray]:
+    """Weights of stem (1 -> 16, 3x3), dw1 / dw2 (depthwise 3x3) and pw1 / pw2 (16 -> 16, 1x1)."""
+    r = rng(14)
+    dw, pw = (16, 1, 3, 3), (16, 16, 1, 1)
+    shapes = {"Ws": dw, "Wd": dw, "Wp": pw, "Wd2": dw, "Wp2": pw}
+    return {k: r.standard_normal(v).astype(np.float32) for k, v in shapes.items()}
 
 
 def _assert_float_frontier(model: onnx.ModelProto, tmp_path: Path) -> None:
@@ -679,14 +680,7 @@ def test_bound_grid_is_not_shared_when_the_tensor_has_another_reader() -> None:
 def test_shallow_frontier_looks_through_split_relu6(tmp_path: Path) -> None:
     """stem -> Relu -> Min(c) -> dw1 -> Relu -> Min(c) -> pw1 -> Relu -> Min(c) -> dw2 -> pw2: the stem and dw1
     stay float as they do with Clip(0, 6) (the split ReLU6 of cross-layer equalization changes nothing here)."""
-    r = rng(14)
-    inits = {
-        "Ws": r.standard_normal((16, 1, 3, 3)).astype(np.float32),
-        "Wd": r.standard_normal((16, 1, 3, 3)).astype(np.float32),
-        "Wp": r.standard_normal((16, 16, 1, 1)).astype(np.float32),
-        "Wd2": r.standard_normal((16, 1, 3, 3)).astype(np.float32),
-        "Wp2": r.standard_normal((16, 16, 1, 1)).astype(np.float32),
-    }
+    inits = _frontier_weights()
     for i in range(3):
         inits[f"C{i}"] = np.linspace(1.0, 6.0, 16, dtype=np.float32).reshape(16, 1, 1)
     nodes = []

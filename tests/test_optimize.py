@@ -245,3 +245,25 @@ def test_pick_best_breaks_accuracy_ties_within_one_standard_error_by_sqnr() -> N
     perfect = [cand(0, 1.0, 10.0), cand(1, 359 / 360, 30.0), cand(2, 358 / 360, 40.0)]
     assert pick_best(perfect, 360).picks == (1,)  # se is 0 at 100%: the one-sample floor
     assert pick_best([cand(0, None, 5.0), cand(1, None, 7.0)], None).picks == (1,)
+
+
+def test_a_candidate_with_the_latency_references_bytes_has_ratio_exactly_one(setup, monkeypatch):
+    """Budget relative to the uniform int8 model itself: that candidate is at 1.0 by identity, not by a timing
+    that may land on either side of the budget, so it stays feasible (and the search never ends below it)."""
+    import importlib
+
+    from onnxpress.recipe import apply_recipe, prepare
+    from onnxpress.search import SearchSpace
+    from onnxpress.sensitivity import analyze_sensitivity
+
+    opt = importlib.import_module("onnxpress.optimize")
+    model, data, tmp = setup
+    m0 = prepare(model)
+    space = SearchSpace(analyze_sensitivity(m0, data, cache_dir=tmp / "c", max_samples=16), m0.ByteSize())
+    onnx.save(apply_recipe(m0, space.recipe(space.uniform("int8")), data, prepared=True), tmp / "u.onnx")
+    monkeypatch.setattr(opt, "measure_latency", lambda ref, models, *a, **k: [1.02] * len(models))  # all "slower"
+    res = optimize(model, tmp / "s.onnx", calib=data, budget="latency=1", cache_dir=tmp / "c", eval_samples=32,
+                   sensitivity_samples=16, latency_reference=tmp / "u.onnx", float_penalties=False)
+    uniform = next(c for c in res.candidates if c.note == "uniform int8")
+    assert uniform.latency_ratio == 1.0 and uniform.feasible
+    assert res.feasible and res.chosen.sqnr_db >= uniform.sqnr_db

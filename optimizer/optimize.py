@@ -449,6 +449,8 @@ def optimize(
         """Latency ratios of ``batch`` in one interleaved loop, with the baseline in it to remove the drift."""
         built = [ev.models.get(c.picks) or ev.structures[c.picks] for c in batch]
         anchor = candidates[0] if candidates and candidates[0] not in batch else None
+        if anchor is not None and ev.models[anchor.picks].SerializeToString() == ref_bytes:
+            anchor = None  # the baseline is the reference itself, already in every loop: no drift to remove
         if anchor is not None:  # the baseline again, in the same loop: its first ratio sets the scale
             built.insert(0, ev.models[anchor.picks])
         ratios = measure_latency(lat_ref, built, feeds[0], repeats=30, threads=latency_threads)

@@ -605,9 +605,11 @@ def optimize(
         if picks == best.picks:
             return best
         variant = make(picks, best.note + " + free float layers")
-        if variant.size_ratio is None:
+        if variant.picks not in ev.models:  # new, or timed as an un-tuned structure only: build its full recipe
+            if variant.size_ratio is None:
+                candidates.append(variant)
             ev.measure(variant)
-            candidates.append(variant)
+            variant.note = variant.note.replace(UNTUNED, "").split(" [fidelity after")[0]
         times = [time_ratios([variant])[0] for _ in range(3)]
         log.info("%s: latency %s", variant.note, ", ".join(f"{t:.3f}" for t in times))
         variant.latency_ratio = max(times)

@@ -178,9 +178,13 @@ def _pareto_png(result: OptimizeResult, path: Path) -> None:
     if probed:
         ax.scatter([c.cost(kind) for c in probed], [min(c.sqnr_db, 100) for c in probed], marker="^",
                    facecolors="none", edgecolors="tab:orange", label="after a probe fine-tune")
+    xs = [c.cost(kind) for c in pts] or [0.0]
+    middle = (min(xs) + max(xs)) / 2
     for c in done:  # baselines and the chosen one; un-tuned structures stay unlabelled (they crowd the axis)
         if c.note.startswith("uniform") or c is result.chosen:
-            ax.annotate(c.note, (c.cost(kind), min(c.sqnr_db, 100)), fontsize=7)
+            x = c.cost(kind)  # labels right of the middle end at their point, so they stay inside the axes
+            ax.annotate(c.note, (x, min(c.sqnr_db, 100)), fontsize=7, ha="right" if x > middle else "left",
+                        xytext=(-4 if x > middle else 4, 2), textcoords="offset points")
     front = result.pareto
     ax.plot([c.cost(kind) for c in front], [min(c.sqnr_db, 100) for c in front], "b-o", label="Pareto front")
     if result.chosen is not None and result.chosen.cost(kind) is not None:

@@ -219,7 +219,9 @@ def quantize(
     bn_means = _bn_input_means(proto) if calib is None and not equalize and smoothquant is None else {}
     if bias_correction is None:  # the default: on wherever it can run (int8 QDQ with data or BN statistics)
         bias_correction = (calib is not None or bool(bn_means)) and weights == "int8" and codebook is None
-    if bias_correction and calib is None and not bn_means and weights == "int8" and codebook is None:
+    if bias_correction and (weights != "int8" or codebook is not None):
+        raise OnnxpressError("bias correction is for int8 weights; drop it with int4 or codebook weights")
+    if bias_correction and calib is None and not bn_means:
         raise CalibrationError(
             "bias correction needs calibration data (calib= / --calib) or BatchNorm statistics before a "
             "layer (the model has none that apply): pass calib, or bias_correction=False"
@@ -227,8 +229,6 @@ def quantize(
     if equalize or (bias_correction and calib is not None) or smoothquant is not None:  # onnxpress.advanced
         from onnxpress.advanced import prepare_for_quantize
 
-        if bias_correction and (weights != "int8" or codebook is not None):
-            raise OnnxpressError("bias correction is for int8 weights; drop it with int4 or codebook weights")
         cleaned = prepare_for_quantize(
             cleaned,
             calib,

@@ -368,3 +368,12 @@ def test_codebook_with_calibration_data_picks_indices_against_the_output_error()
     fed = onnxpress.quantize(model, codebook=4, calib=[x]).model
     assert sqnr_db(ref, run(fed, x)[0]) > sqnr_db(ref, run(nearest, x)[0]) + 1.0
     assert abs(fed.ByteSize() - nearest.ByteSize()) < 64
+
+
+def test_bias_correction_with_non_int8_weights_is_refused_with_or_without_data() -> None:
+    model = residual_cnn()
+    for calib in (None, [feeds_for(model)]):
+        with pytest.raises(OnnxpressError, match="bias correction is for int8 weights"):
+            onnxpress.quantize(model, calib=calib, weights="int4", bias_correction=True)
+        with pytest.raises(OnnxpressError, match="bias correction is for int8 weights"):
+            onnxpress.quantize(model, calib=calib, codebook=4, bias_correction=True)

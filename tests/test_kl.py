@@ -46,6 +46,17 @@ def reference_bin(hist: np.ndarray, m: int) -> int:
     raise AssertionError("unreachable")
 
 
+def _assert_matches_reference(hist: np.ndarray, m: int) -> None:
+    """Same candidates, the same finite divergences (to 1e-9), the same chosen bin as the slow reference."""
+    cands, kl = kl_divergences(hist, m)
+    ref_cands, ref_kl = reference_kl(hist, m)
+    np.testing.assert_array_equal(cands, ref_cands)
+    finite = np.isfinite(ref_kl)
+    np.testing.assert_array_equal(np.isfinite(kl), finite)
+    np.testing.assert_allclose(kl[finite], ref_kl[finite], rtol=1e-9, atol=1e-12)
+    assert kl_bin(hist, m) == reference_bin(hist, m)
+
+
 def _samples(kind: str, n: int = 20000) -> np.ndarray:
     r = np.random.default_rng({"gaussian": 1, "laplace": 2, "relu": 3, "bimodal": 4, "outliers": 5}[kind])
     if kind == "gaussian":
@@ -72,15 +83,8 @@ def _observed(kind: str) -> tuple[Histogram, np.ndarray, int]:
 def test_vectorised_kl_matches_reference(kind: str) -> None:
     hist, mag, m = _observed(kind)
     assert m == (256 if kind == "relu" else 128)
-    cands, kl = kl_divergences(mag, m)
-    ref_cands, ref_kl = reference_kl(mag, m)
-    np.testing.assert_array_equal(cands, ref_cands)
-    finite = np.isfinite(ref_kl)
-    np.testing.assert_array_equal(np.isfinite(kl), finite)
-    np.testing.assert_allclose(kl[finite], ref_kl[finite], rtol=1e-9, atol=1e-12)
-    chosen = kl_bin(mag, m)
-    assert chosen == reference_bin(mag, m)
-    threshold = min(chosen * hist.width, hist.amax)
+    _assert_matches_reference(mag, m)
+    threshold = min(kl_bin(mag, m) * hist.width, hist.amax)
     assert 0 < threshold <= hist.amax
     if kind == "outliers":
         assert threshold < 0.5 * hist.amax  # KL clips rare outliers
@@ -138,13 +142,7 @@ def test_any_quantized_bin_count_matches_reference(m: int) -> None:
     h = np.random.default_rng(m).poisson(40.0 * np.exp(-np.arange(60) / 12.0)).astype(np.float64)
     h[45] = 0.0
     h[59] = 3.0
-    cands, kl = kl_divergences(h, m)
-    ref_cands, ref_kl = reference_kl(h, m)
-    np.testing.assert_array_equal(cands, ref_cands)
-    finite = np.isfinite(ref_kl)
-    np.testing.assert_array_equal(np.isfinite(kl), finite)
-    np.testing.assert_allclose(kl[finite], ref_kl[finite], rtol=1e-9, atol=1e-12)
-    assert kl_bin(h, m) == reference_bin(h, m)
+    _assert_matches_reference(h, m)
 
 
 @pytest.mark.parametrize("m", [3, 128, 256, 1024])
@@ -167,10 +165,4 @@ def test_large_quantized_bin_count_without_edge_table_matches_reference() -> Non
     r = np.random.default_rng(7)
     h = r.poisson(30.0 * np.exp(-np.arange(1400) / 300.0)).astype(np.float64)
     h[1399] = 2.0
-    cands, kl = kl_divergences(h, 1024)
-    ref_cands, ref_kl = reference_kl(h, 1024)
-    np.testing.assert_array_equal(cands, ref_cands)
-    finite = np.isfinite(ref_kl)
-    np.testing.assert_array_equal(np.isfinite(kl), finite)
-    np.testing.assert_allclose(kl[finite], ref_kl[finite], rtol=1e-9, atol=1e-12)
-    assert kl_bin(h, 1024) == reference_bin(h, 1024)
+    _assert_matches_reference(h, 1024)

@@ -353,6 +353,7 @@ def optimize(
     m0 = prepare(original)
     lat_ref = m0 if latency_reference is None else load_model(latency_reference)
     ref_bytes = lat_ref.SerializeToString()
+    same_as_ref: dict[tuple[int, ...], bool] = {}
     data = eval_data if eval_data is not None else calib
     feeds = read_feeds(m0, data, eval_samples)
     label_array = None
@@ -449,7 +450,7 @@ def optimize(
         """Latency ratios of ``batch`` in one interleaved loop, with the baseline in it to remove the drift."""
         built = [ev.models.get(c.picks) or ev.structures[c.picks] for c in batch]
         anchor = candidates[0] if candidates and candidates[0] not in batch else None
-        if anchor is not None and ev.models[anchor.picks].SerializeToString() == ref_bytes:
+        if anchor is not None and is_reference(anchor):
             anchor = None  # the baseline is the reference itself, already in every loop: no drift to remove
         if anchor is not None:  # the baseline again, in the same loop: its first ratio sets the scale
             built.insert(0, ev.models[anchor.picks])
@@ -458,11 +459,18 @@ def optimize(
             drift = anchor.latency_ratio / ratios.pop(0)
             log.info("latency ratios of this loop scaled by %.3f (the uniform int8 baseline's drift)", drift)
             ratios = [r * drift for r in ratios]
-            built.pop(0)
         # a candidate that builds the reference's very bytes runs the same kernels: its ratio is 1, not a
         # timing that lands on either side of the budget (the bench's same-latency searches, whose
         # reference is the uniform model, otherwise dropped that model and chose a faster, worse one)
-        return [1.0 if m.SerializeToString() == ref_bytes else r for m, r in zip(built, ratios, strict=True)]
+        return [1.0 if is_reference(c) else r for c, r in zip(batch, ratios, strict=True)]
+
+    def is_reference(c: Candidate) -> bool:
+        """Whether ``c``'s full model has the latency reference's bytes (once per built model)."""
+        if c.picks not in ev.models:
+            return False
+        if c.picks not in same_as_ref:
+            same_as_ref[c.picks] = ev.models[c.picks].SerializeToString() == ref_bytes
+        return same_as_ref[c.picks]
 
     # baseline: uniform int8 (also gives the latency ratio ρ of int8 for the estimate)
     evaluate([make(space.uniform("int8"), "uniform int8")])

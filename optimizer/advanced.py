@@ -585,9 +585,9 @@ def _epilogue(graph: Any, node: Any) -> tuple[Any, list[Any]]:
     follows single consumers through Relu / LeakyRelu / Clip and Min / Max with a constant bound
     (the per-channel bounds ``EqualizeCrossLayer(clip="split")`` leaves), stopping at graph outputs.
     """
-    from onnxpress.passes.bias_correction import _bias_add
+    from onnxpress.passes.base import constant_bias_add
 
-    t = biased = _bias_add(node).outputs[0] if node.op == "MatMul" else node.outputs[0]
+    t = biased = constant_bias_add(node)[0].outputs[0] if node.op == "MatMul" else node.outputs[0]
     chain: list[Any] = []
     while t not in graph.outputs and len(t.outputs) == 1 and t.outputs[0].op in _ACTIVATIONS:
         c = t.outputs[0]

@@ -27,33 +27,17 @@ from collections.abc import Mapping
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxpress.passes.base import PassResult
+from onnxpress.passes.base import PassResult, constant_bias_add, is_float_constant
 
 __all__ = ["AbsorbHighBias", "preactivation_tensors"]
 
 log = logging.getLogger(__name__)
 
 
-def _fconst(t: object) -> bool:
-    return isinstance(t, gs.Constant) and np.issubdtype(t.values.dtype, np.floating)
-
-
-def _bias_add(node: gs.Node) -> tuple[gs.Node, int] | None:
-    """(Add, index of its constant operand) right after ``node``, the Add's only other input being ``node``."""
-    y = node.outputs[0]
-    if len(y.outputs) != 1 or y.outputs[0].op != "Add":
-        return None
-    add = y.outputs[0]
-    idx = [i for i, t in enumerate(add.inputs) if t is not y]
-    if len(idx) != 1 or not _fconst(add.inputs[idx[0]]) or len(add.inputs[idx[0]].outputs) != 1:
-        return None
-    return add, idx[0]
-
-
 def _producer(node: gs.Node) -> tuple[gs.Variable, gs.Node, int] | str:
     """(pre-activation tensor, node holding the bias, bias input index) of a first layer, or why not."""
     if node.op in ("Conv", "Gemm"):
-        if len(node.inputs) < 3 or not _fconst(node.inputs[2]) or len(node.inputs[2].outputs) != 1:
+        if len(node.inputs) < 3 or not is_float_constant(node.inputs[2]) or len(node.inputs[2].outputs) != 1:
             return "no constant bias of its own"
         if node.op == "Gemm" and float(node.attrs.get("beta", 1.0)) != 1.0:
             return "Gemm beta != 1"
@@ -61,7 +45,7 @@ def _producer(node: gs.Node) -> tuple[gs.Variable, gs.Node, int] | str:
             return "bias is not 1-D"
         return node.outputs[0], node, 2
     if node.op == "MatMul":
-        found = _bias_add(node)
+        found = constant_bias_add(node)
         if found is None:
             return "MatMul without a constant bias Add"
         add, i = found
@@ -77,7 +61,7 @@ def _consumer_shift(node: gs.Node, tensor: gs.Variable, c: np.ndarray) -> tuple[
         return f"{node.op} reads the activation other than as its input 0"
     if node.op == "Conv":
         w = node.inputs[1] if len(node.inputs) > 1 else None
-        if not _fconst(w) or w.values.ndim < 3 or any(k != 1 for k in w.values.shape[2:]):
+        if not is_float_constant(w) or w.values.ndim < 3 or any(k != 1 for k in w.values.shape[2:]):
             return "Conv is not 1x1 with a constant weight"
         if int(node.attrs.get("group", 1)) != 1:
             return "grouped 1x1 Conv"
@@ -88,12 +72,12 @@ def _consumer_shift(node: gs.Node, tensor: gs.Variable, c: np.ndarray) -> tuple[
             return f"Conv has {w.values.shape[1]} input channels for {c.size}"
         shift = w.values.astype(np.float64).reshape(w.values.shape[0], c.size, -1).sum(axis=2) @ c
         has_bias = len(node.inputs) > 2 and node.inputs[2].name
-        if has_bias and (not _fconst(node.inputs[2]) or len(node.inputs[2].outputs) != 1):
+        if has_bias and (not is_float_constant(node.inputs[2]) or len(node.inputs[2].outputs) != 1):
             return "Conv bias is not its own constant"
         return node, 2, shift
     if node.op == "Gemm":
         b = node.inputs[1] if len(node.inputs) > 1 else None
-        if int(node.attrs.get("transA", 0)) or not _fconst(b) or b.values.ndim != 2:
+        if int(node.attrs.get("transA", 0)) or not is_float_constant(b) or b.values.ndim != 2:
             return "Gemm with transA or a non-constant weight"
         w = b.values.astype(np.float64)
         w = w.T if int(node.attrs.get("transB", 0)) else w  # [K, N]
@@ -101,14 +85,14 @@ def _consumer_shift(node: gs.Node, tensor: gs.Variable, c: np.ndarray) -> tuple[
             return f"Gemm has {w.shape[0]} inputs for {c.size} channels"
         if len(node.inputs) > 2 and node.inputs[2].name:
             bias = node.inputs[2]
-            if not _fconst(bias) or len(bias.outputs) != 1 or bias.values.size != w.shape[1]:
+            if not is_float_constant(bias) or len(bias.outputs) != 1 or bias.values.size != w.shape[1]:
                 return "Gemm bias is not its own per-output constant"
         beta = float(node.attrs.get("beta", 1.0)) if len(node.inputs) > 2 and node.inputs[2].name else 1.0
         return node, 2, float(node.attrs.get("alpha", 1.0)) * (c @ w) / beta
     if node.op == "MatMul":
-        if len(node.inputs) < 2 or not _fconst(node.inputs[1]) or node.inputs[1].values.ndim != 2:
+        if len(node.inputs) < 2 or not is_float_constant(node.inputs[1]) or node.inputs[1].values.ndim != 2:
             return "MatMul without a constant 2-D weight"
-        found = _bias_add(node)
+        found = constant_bias_add(node)
         if found is None:
             return "MatMul without a constant bias Add"
         w = node.inputs[1].values.astype(np.float64)
@@ -176,7 +160,7 @@ class AbsorbHighBias:
             if floor is None:
                 continue
             label = node.name or node.outputs[0].name
-            spatial = node.inputs[1].values.ndim - 2 if node.op == "Conv" and _fconst(node.inputs[1]) else 0
+            spatial = node.inputs[1].values.ndim - 2 if node.op == "Conv" and is_float_constant(node.inputs[1]) else 0
             reason = self._absorb(graph, pre, holder, index, floor, spatial)
             if isinstance(reason, str):
                 notes.append(f"{label}: not absorbed ({reason})")
@@ -201,7 +185,7 @@ class AbsorbHighBias:
         if len(act.outputs) == 1 and act not in graph.outputs and act.outputs[0].op == "Min":
             min_node = act.outputs[0]
             others = [i for i, t in enumerate(min_node.inputs) if t is not act]
-            if len(min_node.inputs) != 2 or len(others) != 1 or not _fconst(min_node.inputs[others[0]]):
+            if len(min_node.inputs) != 2 or len(others) != 1 or not is_float_constant(min_node.inputs[others[0]]):
                 return "Min after the Relu has no constant bound"
             bound_index = others[0]
             hi = min_node.inputs[bound_index].values.astype(np.float64)

@@ -19,9 +19,19 @@ import itertools
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Protocol, runtime_checkable
 
+import numpy as np
 import onnx_graphsurgeon as gs
 
-__all__ = ["GraphPass", "PassResult", "fresh_names", "graph_names", "quiet_graphsurgeon", "unique_name"]
+__all__ = [
+    "GraphPass",
+    "PassResult",
+    "constant_bias_add",
+    "fresh_names",
+    "graph_names",
+    "is_float_constant",
+    "quiet_graphsurgeon",
+    "unique_name",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +55,27 @@ class GraphPass(Protocol):
 
     def __call__(self, graph: gs.Graph) -> PassResult:
         """Rewrite ``graph`` (in place or into a new graph) and report what changed."""
+
+
+def is_float_constant(t: object) -> bool:
+    """Whether ``t`` is a graphsurgeon constant of a floating-point dtype."""
+    return isinstance(t, gs.Constant) and np.issubdtype(t.values.dtype, np.floating)
+
+
+def constant_bias_add(node: gs.Node) -> tuple[gs.Node, int] | None:
+    """``(Add, index of its bias)`` after ``node``, the bias of a MatMul layer; else None.
+
+    The Add must be the only reader of ``node``'s output and its other input a float constant used
+    nowhere else.
+    """
+    y = node.outputs[0]
+    if len(y.outputs) != 1 or y.outputs[0].op != "Add":
+        return None
+    add = y.outputs[0]
+    idx = [i for i, t in enumerate(add.inputs) if t is not y]
+    if len(idx) != 1 or not is_float_constant(add.inputs[idx[0]]) or len(add.inputs[idx[0]].outputs) != 1:
+        return None
+    return add, idx[0]
 
 
 def unique_name(graph: gs.Graph, base: str) -> str:

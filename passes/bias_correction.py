@@ -32,7 +32,7 @@ from collections.abc import Callable, Collection, Mapping
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxpress.passes.base import PassResult, unique_name
+from onnxpress.passes.base import PassResult, constant_bias_add, is_float_constant, unique_name
 from onnxpress.passes.qdq import InsertQDQ, dequantize_array, quantize_array, weight_qparams
 
 __all__ = ["CorrectBias", "bias_correction_inputs", "quantized_weight"]
@@ -53,33 +53,19 @@ def _as_means(v: np.ndarray) -> np.ndarray:
     return a if a.ndim == 3 else a.reshape(-1)
 
 
-def _float_const(t: object) -> bool:
-    return isinstance(t, gs.Constant) and np.issubdtype(t.values.dtype, np.floating)
-
-
-def _bias_add(node: gs.Node) -> gs.Node | None:
-    """The Add with a constant bias that follows a MatMul, if any."""
-    y = node.outputs[0]
-    if len(y.outputs) != 1 or y.outputs[0].op != "Add":
-        return None
-    add = y.outputs[0]
-    other = [t for t in add.inputs if t is not y]
-    return add if len(other) == 1 and _float_const(other[0]) and len(other[0].outputs) == 1 else None
-
-
 def _layer_reason(node: gs.Node) -> str | None:
     if node.op not in ("Conv", "Gemm", "MatMul"):
         return "not a layer"
-    if len(node.inputs) < 2 or not _float_const(node.inputs[1]):
+    if len(node.inputs) < 2 or not is_float_constant(node.inputs[1]):
         return "weight is not a float constant"
     if node.op == "Gemm" and int(node.attrs.get("transA", 0)):
         return "Gemm with transA=1"
     if node.op == "MatMul":
         if node.inputs[1].values.ndim != 2:
             return "MatMul weight is not 2-D"
-        if _bias_add(node) is None:
+        if constant_bias_add(node) is None:
             return "MatMul is not followed by a constant bias Add"
-    if len(node.inputs) > 2 and node.inputs[2].name and not _float_const(node.inputs[2]):
+    if len(node.inputs) > 2 and node.inputs[2].name and not is_float_constant(node.inputs[2]):
         return "bias is not a float constant"
     if len(node.inputs) > 2 and isinstance(node.inputs[2], gs.Constant) and len(node.inputs[2].outputs) > 1:
         return "bias is shared with another node"
@@ -220,8 +206,7 @@ class CorrectBias:
     def _add_to_bias(graph: gs.Graph, node: gs.Node, eps: np.ndarray) -> None:
         dtype = node.inputs[1].values.dtype
         if node.op == "MatMul":
-            add = _bias_add(node)
-            i = next(i for i, t in enumerate(add.inputs) if isinstance(t, gs.Constant))
+            add, i = constant_bias_add(node)
             b = add.inputs[i].values.astype(np.float64)
             add.inputs[i] = gs.Constant(add.inputs[i].name, (b + eps).astype(dtype))
             return

@@ -41,17 +41,13 @@ from typing import Literal
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxpress.passes.base import PassResult, unique_name
+from onnxpress.passes.base import PassResult, is_float_constant, unique_name
 
 __all__ = ["EqualizeCrossLayer", "find_pairs"]
 
 log = logging.getLogger(__name__)
 
 _HOMOGENEOUS = {"Relu", "LeakyRelu"}
-
-
-def _is_const(t: object) -> bool:
-    return isinstance(t, gs.Constant) and np.issubdtype(t.values.dtype, np.floating)
 
 
 def _has_bias(node: gs.Node) -> bool:
@@ -62,11 +58,11 @@ def layer_decline_reason(node: gs.Node) -> str | None:
     """Why a Conv/Gemm cannot have its channels rescaled (None when it can)."""
     if node.op not in ("Conv", "Gemm"):
         return f"{node.op} is not Conv/Gemm"
-    if len(node.inputs) < 2 or not _is_const(node.inputs[1]):
+    if len(node.inputs) < 2 or not is_float_constant(node.inputs[1]):
         return "weight is not a float constant"
     if any(len(t.outputs) > 1 for t in node.inputs[1:] if isinstance(t, gs.Constant)):
         return "weight or bias is shared with another node"
-    if _has_bias(node) and not _is_const(node.inputs[2]):
+    if _has_bias(node) and not is_float_constant(node.inputs[2]):
         return "bias is not a float constant"
     if node.op == "Gemm" and int(node.attrs.get("transA", 0)):
         return "Gemm with transA=1"
@@ -177,7 +173,7 @@ def _bound_input(node: gs.Node) -> gs.Constant | None:
     if len(node.inputs) != 2:
         return None
     consts = [t for t in node.inputs if isinstance(t, gs.Constant)]
-    return consts[0] if len(consts) == 1 and _is_const(consts[0]) else None
+    return consts[0] if len(consts) == 1 and is_float_constant(consts[0]) else None
 
 
 def _clip_bounds(node: gs.Node) -> tuple[float | None, float | None] | None:

@@ -28,15 +28,11 @@ from collections.abc import Mapping
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxpress.passes.base import PassResult, unique_name
+from onnxpress.passes.base import PassResult, is_float_constant, unique_name
 
 __all__ = ["SmoothQuant", "smoothquant_targets"]
 
 log = logging.getLogger(__name__)
-
-
-def _float_const(t: object) -> bool:
-    return isinstance(t, gs.Constant) and np.issubdtype(t.values.dtype, np.floating)
 
 
 def _weight_kn(node: gs.Node) -> np.ndarray:
@@ -53,7 +49,7 @@ def _consumer_reason(node: gs.Node, x: gs.Tensor) -> str | None:
     if node.inputs[0] is not x or (len(node.inputs) > 1 and node.inputs[1] is x):
         return f"{node.name} reads it as its weight"
     w = node.inputs[1]
-    if not _float_const(w) or w.values.ndim != 2:
+    if not is_float_constant(w) or w.values.ndim != 2:
         return f"{node.name} has no constant 2-D weight"
     if len(w.outputs) != 1:
         return f"{node.name}'s weight is shared"
@@ -70,23 +66,23 @@ def _producer(x: gs.Tensor) -> tuple[str, gs.Node] | None:
     if node.op == "LayerNormalization" and len(node.outputs) >= 1 and node.outputs[0] is x:
         axis = int(node.attrs.get("axis", -1))
         rank = len(x.shape) if x.shape else None
-        if (axis == -1 or (rank is not None and axis == rank - 1)) and _float_const(node.inputs[1]):
+        if (axis == -1 or (rank is not None and axis == rank - 1)) and is_float_constant(node.inputs[1]):
             bias = node.inputs[2] if len(node.inputs) > 2 else None
-            if bias is None or not bias.name or _float_const(bias):
+            if bias is None or not bias.name or is_float_constant(bias):
                 return "ln", node
         return None
-    if node.op == "Gemm" and _float_const(node.inputs[1]) and len(node.inputs[1].outputs) == 1:
-        if len(node.inputs) < 3 or not node.inputs[2].name or _float_const(node.inputs[2]):
+    if node.op == "Gemm" and is_float_constant(node.inputs[1]) and len(node.inputs[1].outputs) == 1:
+        if len(node.inputs) < 3 or not node.inputs[2].name or is_float_constant(node.inputs[2]):
             return "gemm", node
         return None
     if node.op == "Add" and len(node.inputs) == 2:
-        consts = [t for t in node.inputs if _float_const(t)]
+        consts = [t for t in node.inputs if is_float_constant(t)]
         others = [t for t in node.inputs if not isinstance(t, gs.Constant)]
         if len(consts) == 1 and len(others) == 1 and others[0].inputs and len(others[0].outputs) == 1:
             mm = others[0].inputs[0]
             if (
                 mm.op == "MatMul"
-                and _float_const(mm.inputs[1])
+                and is_float_constant(mm.inputs[1])
                 and mm.inputs[1].values.ndim == 2
                 and len(mm.inputs[1].outputs) == 1
                 and len(consts[0].outputs) == 1
@@ -101,7 +97,7 @@ def _candidates(graph: gs.Graph) -> tuple[list[tuple[gs.Tensor, list[gs.Node]]],
     for node in graph.nodes:
         if node.op not in ("MatMul", "Gemm") or len(node.inputs) < 2 or node.inputs[0].name in seen:
             continue
-        if not _float_const(node.inputs[1]):
+        if not is_float_constant(node.inputs[1]):
             continue  # activation x activation (attention scores): not a layer with weights
         x = node.inputs[0]
         seen.add(x.name)

@@ -216,7 +216,10 @@ def quantize(
     size_before = original.ByteSize()
     proto = normalize_model(original, min_opset=13)
     cleaned = run_passes(proto, cleanup_passes(), progress=progress).model
-    bn_means = _bn_input_means(proto) if calib is None and not equalize and smoothquant is None else {}
+    # BatchNorm statistics matter only for data-free bias correction of int8 layers, read before cleanup folds them
+    analytic = (calib is None and bias_correction is not False and weights == "int8" and codebook is None
+                and not equalize and smoothquant is None)
+    bn_means = _bn_input_means(proto) if analytic else {}
     if bias_correction is None:  # the default: on wherever it can run (int8 QDQ with data or BN statistics)
         bias_correction = (calib is not None or bool(bn_means)) and weights == "int8" and codebook is None
     if bias_correction and (weights != "int8" or codebook is not None):

@@ -319,12 +319,14 @@ def apply_recipe(
         elif name == "finetune":
             if calib is None:
                 raise OnnxpressError(f"recipe step {i + 1} (finetune) needs training data (--calib)")
-            key = f"{model_digest(current)}|{model_digest(teacher)}|{json.dumps(step, sort_keys=True)}"
-            if finetune_cache is not None and key in finetune_cache:
+            key = None  # digests only when there is a cache to look in
+            if finetune_cache is not None:
+                key = f"{model_digest(current)}|{model_digest(teacher)}|{json.dumps(step, sort_keys=True)}"
+            if key is not None and key in finetune_cache:
                 current = copy.deepcopy(finetune_cache[key])
             else:
                 current = finetune_in_place(current, teacher, calib, step, progress=progress)
-                if finetune_cache is not None:
+                if key is not None:
                     finetune_cache[key] = copy.deepcopy(current)
         elif name == "quantize":
             if calib is None:

@@ -82,9 +82,10 @@ def activation_means(graph: gs.Graph) -> dict[str, np.ndarray]:
     Keys are tensor names; a layer reading one of them can be bias-corrected without data.
     """
     means = {}
+    tensors = graph.tensors()
     for name, (beta, s) in bn_moments(graph).items():
         means[name] = beta.copy()
-        tensor = next((t for n in graph.nodes for t in n.outputs if t.name == name), None)
+        tensor = tensors.get(name)
         for consumer in tensor.outputs if tensor is not None else ():
             if consumer.inputs[0] is not tensor or not consumer.outputs:
                 continue

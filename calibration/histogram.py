@@ -421,6 +421,11 @@ def _add_counts(counts: np.ndarray, x: np.ndarray, exp: int, size: int, *, nonne
 
     The batch is processed in blocks of ``_BLOCK`` values so that the scratch arrays stay in cache
     across the five passes (and their size stays fixed): measured 1.35 -> 1.16 ns/value on 2M values.
+
+    Non-negative values need neither ``floor`` (the cast to an integer truncates, which is floor for
+    ``t >= 0``) nor the float ``+ size`` (``add.at`` writes into ``counts[size:]``, the lane offsets are
+    added as integers): two passes fewer; 12288 subsampled values of a ``[3, 32768]`` ReLU batch
+    measured 22.0 -> 20.4 us in this function (``add.at`` alone is 9 us of it).
     """
     lanes = nonnegative and x.size >= _LANE_MIN_VALUES
     sub = _lane_counts(size) if lanes else None
@@ -437,14 +442,17 @@ def _add_counts(counts: np.ndarray, x: np.ndarray, exp: int, size: int, *, nonne
         else:  # float64 data around 1e-300 or below: 2**-exp itself overflows, so scale by the exponent
             t = _scratch("f64", np.float64, n)
             np.ldexp(xb.astype(np.float64, copy=False), -exp, out=t)
-        np.floor(t, out=t)
-        if sub is not None:
-            t += _lane_offsets(t.dtype, size)[:n]
-        else:
-            t += size
         idx = _scratch("idx", np.intp, n)
+        if nonnegative:  # t >= 0: the cast truncates, which is floor here; the offset is an integer add
+            np.copyto(idx, t, casting="unsafe")
+            if sub is not None:
+                idx += _lane_offsets(np.intp, size)[:n]
+            np.add.at(counts[size:] if sub is None else sub, idx, 1)
+            continue
+        np.floor(t, out=t)
+        t += size
         np.copyto(idx, t, casting="unsafe")
-        np.add.at(counts if sub is None else sub, idx, 1)
+        np.add.at(counts, idx, 1)
     if sub is not None:
         counts[size:] += sub.reshape(_LANES, size).sum(axis=0)
         sub.fill(0)

@@ -36,6 +36,7 @@ from onnxpress.model_io import (
     normalize_model,
     save_model,
 )
+from onnxpress.passes.global_pool import ReduceMeanToGlobalPool
 from onnxpress.passes.qdq import ACTIVATION_TYPES, CompactQDQ, InsertQDQ, NodeDecision, Selection, TensorOverride
 from onnxpress.passes.weight_only import INT4_METHODS, QuantizeWeightsInt4, StoreConstantsInt8
 from onnxpress.pipeline import PipelineResult, cleanup_passes, import_graph, run_passes
@@ -277,6 +278,8 @@ def quantize(
                 cleaned, int4_layers, calib, block_size, int4_method, batch_size, max_samples, progress
             )
             cleaned = int4_result.model
+        # spatial-mean heads as GlobalAveragePool: onnxruntime fuses DQ -> pool -> Q (passes/global_pool.py)
+        cleaned = run_passes(infer_shapes(cleaned), [ReduceMeanToGlobalPool()]).model
         used_table = _resolve_table(cleaned, calib, table, method, ovs, max_samples, batch_size, progress)
         try:
             qdq = InsertQDQ(

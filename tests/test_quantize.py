@@ -194,6 +194,7 @@ def test_reference_variants_quantize_to_integer_kernels(name: str, tmp_path: Pat
     n_conv = sum(1 for n in onnx.load(src).graph.node if n.op_type == "Conv")
     opt = optimized_ops(res.model, tmp_path)
     assert n_conv == 9 and opt.count("QLinearConv") == n_conv
+    assert "QLinearGlobalAveragePool" in opt  # the ReduceMean head, as a pool (passes/global_pool.py)
     test = np.load(MODELS / "digits32_test.npz")["input"][:200]
     assert sqnr_db(run(onnx.load(src), {"input": test})[0], run(res.model, {"input": test})[0]) > 30
     assert res.size_ratio < 0.3

@@ -1,0 +1,75 @@
+"""ReduceMeanToGlobalPool: spatial means become GlobalAveragePool, same outputs on onnxruntime."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from onnx import helper
+
+from onnxpress.model_io import infer_shapes
+from onnxpress.passes.global_pool import ReduceMeanToGlobalPool
+from onnxpress.pipeline import run_passes
+from tests import graphs
+
+
+def _mean_model(axes: list[int], keepdims: int, opset: int, rank: int = 4) -> tuple:
+    """X[2, 3, 5, 7(, 4)] -> Relu -> ReduceMean(axes, keepdims) -> Y (axes as attribute before opset 18)."""
+    shape = [2, 3, 5, 7, 4][:rank]
+    inits = {}
+    if opset >= 18:
+        inits["axes"] = np.array(axes, dtype=np.int64)
+        mean = helper.make_node("ReduceMean", ["r", "axes"], ["Y"], keepdims=keepdims)
+    else:
+        mean = helper.make_node("ReduceMean", ["r"], ["Y"], axes=axes, keepdims=keepdims)
+    red = {a % rank for a in axes}
+    out = [1 if i in red else d for i, d in enumerate(shape) if keepdims or i not in red]
+    model = graphs.make_model([helper.make_node("Relu", ["X"], ["r"]), mean], [("X", shape)], [("Y", out)],
+                              inits, opset=opset)
+    x = graphs.rng(3).standard_normal(shape).astype(np.float32)
+    return model, x
+
+
+@pytest.mark.parametrize("opset", [13, 18])
+@pytest.mark.parametrize("keepdims", [1, 0])
+@pytest.mark.parametrize("axes", [[2, 3], [-1, -2], [3, -2]])
+def test_spatial_mean_becomes_global_pool_with_the_same_output(axes, keepdims, opset):
+    model, x = _mean_model(axes, keepdims, opset)
+    result = run_passes(infer_shapes(model), [ReduceMeanToGlobalPool()])
+    ops = [n.op_type for n in result.model.graph.node]
+    assert ops == ["Relu", "GlobalAveragePool"] + ([] if keepdims else ["Flatten"])
+    assert result.stats["reducemean_to_global_pool.rewritten"] == 1
+    assert result.model.graph.output[0].name == "Y"
+    want, got = graphs.run(model, {"X": x})[0], graphs.run(result.model, {"X": x})[0]
+    assert got.shape == want.shape == ((2, 3, 1, 1) if keepdims else (2, 3))
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_rank5_spatial_mean_becomes_global_pool():
+    model, x = _mean_model([2, 3, 4], 1, 13, rank=5)
+    result = run_passes(infer_shapes(model), [ReduceMeanToGlobalPool()])
+    assert "GlobalAveragePool" in [n.op_type for n in result.model.graph.node]
+    np.testing.assert_allclose(graphs.run(result.model, {"X": x})[0], graphs.run(model, {"X": x})[0], rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("axes", "keepdims", "rank", "why"),
+    [
+        ([1, 2], 1, 4, "not the spatial axes"),  # channels are averaged too
+        ([3], 1, 4, "not the spatial axes"),  # one spatial axis only
+        ([2, 3, 4], 0, 5, "keepdims=0 on a rank other than 4"),
+    ],
+)
+def test_other_means_are_kept_with_a_reason(axes, keepdims, rank, why):
+    model, x = _mean_model(axes, keepdims, 13, rank=rank)
+    result = run_passes(infer_shapes(model), [ReduceMeanToGlobalPool()])
+    assert [n.op_type for n in result.model.graph.node] == ["Relu", "ReduceMean"]
+    assert not result.modified
+    assert any(why in note for note in result.notes)
+
+
+def test_mean_of_a_tensor_of_unknown_rank_is_kept():
+    """Without shape inference the Relu output's rank is unknown: nothing is guessed."""
+    model, _ = _mean_model([2, 3], 1, 13)
+    result = run_passes(model, [ReduceMeanToGlobalPool()])
+    assert "ReduceMean" in [n.op_type for n in result.model.graph.node]
+    assert any("rank unknown" in note for note in result.notes)

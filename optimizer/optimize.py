@@ -8,7 +8,8 @@
 With a latency budget the search first times the int8 model with each layer left float (one loop):
 a float layer inside an int8 chain costs what that measured, not its MACs (see ``onnxpress.search``).
 Every later timing loop includes the uniform int8 baseline and is scaled to its first ratio, and the
-candidates near the budget are timed twice more (the largest of the three counts).
+candidates near the budget are timed twice more (the median counts, and no timing may pass the budget by
+more than the 1% noise of one loop: ``retimed_ratio``).
 
 With ``finetune`` (distillation after pruning/splitting, before quantizing) a fine-tune changes
 weights, not the graph, so cost and fidelity are measured in two stages::
@@ -55,7 +56,9 @@ from onnxpress.recipe import apply_recipe, load_recipe, prepare, save_recipe, va
 from onnxpress.search import Budget, Candidate, SearchSpace, measure_latency, pareto_front, parse_budget
 from onnxpress.sensitivity import SensitivityResult, analyze_sensitivity, read_feeds, run_outputs
 
-__all__ = ["OptimizeResult", "free_float_picks", "measure_float_penalties", "optimize", "pick_best"]
+__all__ = [
+    "OptimizeResult", "free_float_picks", "measure_float_penalties", "optimize", "pick_best", "retimed_ratio",
+]
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +198,28 @@ def free_float_picks(space: SearchSpace, picks: tuple[int, ...], tolerance: floa
         if j is not None:
             out[i] = j
     return tuple(out)
+
+
+LATENCY_NOISE = 0.01
+"""Relative spread of one interleaved timing loop that ``retimed_ratio`` forgives (a tie at the budget).
+
+Measured on the quiet 2-core box (1 thread, 30 rounds per loop, 10 loops): the reference ResNet int8 with
+its stem and classifier float against plain int8 read 0.9986 +- 0.0040 (wall) and 0.9978 +- 0.0050 (CPU time).
+"""
+
+
+def retimed_ratio(times: Sequence[float]) -> float:
+    """The latency ratio a candidate timed in several loops is judged by: ``max(median, max / (1 + noise))``.
+
+    So it meets a budget ``B`` when the median of its timings does and no single timing exceeds ``B`` by
+    more than ``LATENCY_NOISE``. Taking the largest timing alone (the rule before) turned every tie into a
+    coin flip per loop: the searched ResNet with its stem and classifier float, as fast as uniform int8
+    (0.998x, above) and 2.3 dB more faithful, was dropped at uniform int8's latency whenever one of three
+    loops read it above 1.0. A small pruned model whose loops spread by 10-15% (0.213, 0.178, 0.194 at a
+    0.2 budget, which later measured 0.217) still fails: 0.213 / 1.01 > 0.2.
+    """
+    ordered = sorted(times)
+    return max(float(np.median(ordered)), ordered[-1] / (1.0 + LATENCY_NOISE))
 
 
 def pick_best(candidates: Sequence[Candidate], n_labels: int | None) -> Candidate:
@@ -551,7 +576,7 @@ def optimize(
         log.info("%s estimate corrected by %.3f", bud.kind, space.scale[bud.kind])
 
     def retime() -> None:
-        """Time the structures near the latency budget twice more, together, and keep the largest of the three.
+        """Time the structures near the latency budget twice more, together; judge them by :func:`retimed_ratio`.
 
         One interleaved timing of a small pruned model varied by ±10-15% on the shared 2-core machine,
         and the candidates within 1.15x of the budget are the ones that decision turns on: a model
@@ -570,7 +595,7 @@ def optimize(
         for k, c in enumerate(near):
             times = [c.latency_ratio, again[0][k], again[1][k]]
             log.info("%s: latency %s", c.note, ", ".join(f"{t:.3f}" for t in times))
-            c.latency_ratio = max(times)  # within the budget only if every timing was
+            c.latency_ratio = retimed_ratio(times)
 
     def judge() -> None:
         """Fine-tune the structures within the budget (with ``probe_epochs``: a short probe each first).
@@ -620,7 +645,7 @@ def optimize(
             variant.note = variant.note.replace(UNTUNED, "").split(" [fidelity after")[0]
         times = [time_ratios([variant])[0] for _ in range(3)]
         log.info("%s: latency %s", variant.note, ", ".join(f"{t:.3f}" for t in times))
-        variant.latency_ratio = max(times)
+        variant.latency_ratio = retimed_ratio(times)
         variant.feasible = ok(variant)
         if variant.feasible and pick_best([best, variant], None if ev.labels is None else len(ev.labels)) is variant:
             return variant

@@ -278,8 +278,9 @@ def quantize(
                 cleaned, int4_layers, calib, block_size, int4_method, batch_size, max_samples, progress
             )
             cleaned = int4_result.model
-        # spatial-mean heads as GlobalAveragePool: onnxruntime fuses DQ -> pool -> Q (passes/global_pool.py)
-        cleaned = run_passes(infer_shapes(cleaned), [ReduceMeanToGlobalPool()]).model
+        if any(n.op_type == "ReduceMean" for n in cleaned.graph.node):
+            # spatial-mean heads as GlobalAveragePool: onnxruntime fuses DQ -> pool -> Q (passes/global_pool.py)
+            cleaned = run_passes(infer_shapes(cleaned), [ReduceMeanToGlobalPool()]).model
         used_table = _resolve_table(cleaned, calib, table, method, ovs, max_samples, batch_size, progress)
         try:
             qdq = InsertQDQ(

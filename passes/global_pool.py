@@ -7,9 +7,9 @@ the NHWC integer convs, while ``DQ -> ReduceMean -> Q`` stays a float ReduceMean
 Transpose back to NCHW and a DequantizeLinear. Measured on the reference MobileNet (int8, batch 64,
 2 threads, interleaved with fp32): 0.643 -> 0.603x fp32 latency, logits bit-identical.
 
-Rewritten: ``ReduceMean`` whose reduced axes are exactly ``2 .. rank-1`` of an input of known rank >= 3
-(the graph needs inferred shapes: ``onnxpress.model_io.infer_shapes``; a rank that is not known is kept)
-(axes from the attribute before opset 18, from a constant input from 18 on). ``keepdims=1``: the pool's
+Rewritten: ``ReduceMean`` whose reduced axes (the attribute before opset 18, a constant input from 18
+on) are exactly ``2 .. rank-1`` of an input of known rank >= 3. The rank comes from inferred shapes
+(``onnxpress.model_io.infer_shapes`` first); where it is not known the node is kept. ``keepdims=1``: the pool's
 output is the ReduceMean's tensor. ``keepdims=0`` on rank 4: the pool feeds ``Flatten(axis=1)`` (shape
 ``[N, C]``, what ReduceMean gave), a scale-keeping op for InsertQDQ and onnxruntime. The output tensor
 keeps its name, so calibration tables made on the original model still apply.

@@ -73,3 +73,31 @@ def test_mean_of_a_tensor_of_unknown_rank_is_kept():
     result = run_passes(model, [ReduceMeanToGlobalPool()])
     assert "ReduceMean" in [n.op_type for n in result.model.graph.node]
     assert any("rank unknown" in note for note in result.notes)
+
+
+def test_quantized_torch_style_head_runs_as_an_integer_pool(tmp_path):
+    """Conv -> Relu -> ReduceMean(keepdims=0) -> Gemm (``x.mean((2, 3))``): QLinearGlobalAveragePool in onnxruntime."""
+    import onnxpress
+    from tests.test_qdq import optimized_ops
+
+    r = graphs.rng(5)
+    inits = {
+        "W": (r.standard_normal((16, 8, 3, 3)) * 0.2).astype(np.float32),
+        "B": r.standard_normal(16).astype(np.float32) * 0.1,
+        "axes": np.array([2, 3], dtype=np.int64),
+        "G": (r.standard_normal((10, 16)) * 0.3).astype(np.float32),
+        "C": np.zeros(10, np.float32),
+    }
+    nodes = [
+        helper.make_node("Conv", ["X", "W", "B"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("ReduceMean", ["r", "axes"], ["m"], keepdims=0),
+        helper.make_node("Gemm", ["m", "G", "C"], ["Y"], transB=1),
+    ]
+    model = graphs.make_model(nodes, [("X", ["n", 8, 12, 12])], [("Y", ["n", 10])], inits, opset=18)
+    x = r.standard_normal((64, 8, 12, 12)).astype(np.float32)
+    res = onnxpress.quantize(model, calib=[{"X": x}])
+    assert "ReduceMean" not in [n.op_type for n in res.model.graph.node]
+    assert "QLinearGlobalAveragePool" in optimized_ops(res.model, tmp_path)
+    want, got = graphs.run(model, {"X": x})[0], graphs.run(res.model, {"X": x})[0]
+    assert 10 * np.log10((want**2).sum() / ((got - want) ** 2).sum()) > 30

@@ -60,6 +60,8 @@ class ReduceMeanToGlobalPool:
 def _decline_reason(node: gs.Node) -> str | None:
     """Why ``node`` (a ReduceMean) cannot become a GlobalAveragePool, or None."""
     x = node.inputs[0]
+    if x.dtype is None or not np.issubdtype(np.dtype(x.dtype), np.floating):
+        return "input is not a known float tensor (GlobalAveragePool takes floats only)"
     rank = len(x.shape) if x.shape is not None else None
     if rank is None or rank < 3:
         return "input rank unknown or below 3"

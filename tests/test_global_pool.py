@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 from onnx import helper
 
@@ -67,12 +68,23 @@ def test_other_means_are_kept_with_a_reason(axes, keepdims, rank, why):
     assert any(why in note for note in result.notes)
 
 
+def test_integer_mean_is_kept():
+    """ReduceMean takes int64; GlobalAveragePool does not."""
+    nodes = [helper.make_node("ReduceMean", ["X"], ["Y"], axes=[2, 3])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("X", onnx.TensorProto.INT64, [2, 3, 4, 4])],
+                              [helper.make_tensor_value_info("Y", onnx.TensorProto.INT64, [2, 3, 1, 1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    result = run_passes(infer_shapes(model), [ReduceMeanToGlobalPool()])
+    assert [n.op_type for n in result.model.graph.node] == ["ReduceMean"]
+    assert any("float" in note for note in result.notes)
+
+
 def test_mean_of_a_tensor_of_unknown_rank_is_kept():
-    """Without shape inference the Relu output's rank is unknown: nothing is guessed."""
+    """Without shape inference the Relu output's type and rank are unknown: nothing is guessed."""
     model, _ = _mean_model([2, 3], 1, 13)
     result = run_passes(model, [ReduceMeanToGlobalPool()])
     assert "ReduceMean" in [n.op_type for n in result.model.graph.node]
-    assert any("rank unknown" in note for note in result.notes)
+    assert any("not a known float tensor" in note for note in result.notes)
 
 
 def test_quantized_torch_style_head_runs_as_an_integer_pool(tmp_path):

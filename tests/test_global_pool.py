@@ -87,11 +87,8 @@ def test_mean_of_a_tensor_of_unknown_rank_is_kept():
     assert any("not a known float tensor" in note for note in result.notes)
 
 
-def test_quantized_torch_style_head_runs_as_an_integer_pool(tmp_path):
-    """Conv -> Relu -> ReduceMean(keepdims=0) -> Gemm (``x.mean((2, 3))``): QLinearGlobalAveragePool in onnxruntime."""
-    import onnxpress
-    from tests.test_qdq import optimized_ops
-
+def _torch_style_head() -> tuple[onnx.ModelProto, np.ndarray]:
+    """X[n, 8, 12, 12] -> Conv -> Relu -> ReduceMean(axes [2, 3], keepdims=0) -> Gemm -> Y[n, 10], and 64 samples."""
     r = graphs.rng(5)
     inits = {
         "W": (r.standard_normal((16, 8, 3, 3)) * 0.2).astype(np.float32),
@@ -107,9 +104,29 @@ def test_quantized_torch_style_head_runs_as_an_integer_pool(tmp_path):
         helper.make_node("Gemm", ["m", "G", "C"], ["Y"], transB=1),
     ]
     model = graphs.make_model(nodes, [("X", ["n", 8, 12, 12])], [("Y", ["n", 10])], inits, opset=18)
-    x = r.standard_normal((64, 8, 12, 12)).astype(np.float32)
+    return model, r.standard_normal((64, 8, 12, 12)).astype(np.float32)
+
+
+def test_quantized_torch_style_head_runs_as_an_integer_pool(tmp_path):
+    """``x.mean((2, 3))`` before the classifier: QLinearGlobalAveragePool in onnxruntime, said in the stats."""
+    import onnxpress
+    from tests.test_qdq import optimized_ops
+
+    model, x = _torch_style_head()
     res = onnxpress.quantize(model, calib=[{"X": x}])
     assert "ReduceMean" not in [n.op_type for n in res.model.graph.node]
+    assert res.stats["reducemean_to_global_pool.rewritten"] == 1
     assert "QLinearGlobalAveragePool" in optimized_ops(res.model, tmp_path)
     want, got = graphs.run(model, {"X": x})[0], graphs.run(res.model, {"X": x})[0]
     assert 10 * np.log10((want**2).sum() / ((got - want) ** 2).sum()) > 30
+
+
+def test_cli_quantize_says_it_rewrote_the_mean(tmp_path, capsys):
+    from onnxpress.cli import main
+
+    model, x = _torch_style_head()
+    src, data = tmp_path / "m.onnx", tmp_path / "calib.npz"
+    onnx.save(model, src)
+    np.savez(data, X=x)
+    assert main(["quantize", str(src), "-o", str(tmp_path / "q.onnx"), "--calib", str(data), "-q"]) == 0
+    assert "rewrote 1 spatial-mean ReduceMean as GlobalAveragePool" in capsys.readouterr().out

@@ -109,6 +109,10 @@ def run(args: argparse.Namespace) -> int:
     floats = collections.Counter(d.op for d in result.kept_float)
     ops = sorted(set(counts) | set(floats))
     print(format_table(["op", "quantized", "float"], [[op, counts.get(op, 0), floats.get(op, 0)] for op in ops]))
+    pools = result.stats.get("reducemean_to_global_pool.rewritten", 0)
+    if pools:
+        print(f"rewrote {pools} spatial-mean ReduceMean as GlobalAveragePool (same values; an integer pool in "
+              "onnxruntime)")
     for d in result.kept_float:
         print(f"float  {d.name} ({d.op}): {d.reason}")
     for name, why in sorted(result.excluded_tensors.items()):

@@ -148,7 +148,8 @@ def test_finetune_search_probes_in_budget_structures_then_fully_tunes_the_best(s
 
 
 def test_float_penalties_time_the_int8_model_with_each_layer_left_float(setup, monkeypatch):
-    """One model per layer, float in that layer only; penalty = its ratio minus all-int8's, floored at 0."""
+    """One model per layer, float in that layer only; penalty = its ratio minus all-int8's in one loop, the
+    smallest over the loops, floored at 0."""
     import importlib
 
     from onnxpress.recipe import prepare
@@ -160,16 +161,19 @@ def test_float_penalties_time_the_int8_model_with_each_layer_left_float(setup, m
     m0 = prepare(model)
     space = SearchSpace(analyze_sensitivity(m0, data, cache_dir=tmp / "c", max_samples=16), m0.ByteSize())
     seen = []
+    loops = iter([[0.5, 0.7, 0.45, 0.5, 0.9], [0.6, 0.75, 0.6, 0.62, 1.05], [0.5, 0.8, 0.5, 0.5, 0.88]])
 
     def fake_latency(reference, models, feed, **kwargs):
-        seen.extend(models)
-        return [0.5, 0.7, 0.45, 0.5, 0.9][:len(models)]
+        seen.append(list(models))
+        return next(loops)[:len(models)]
 
     monkeypatch.setattr(opt, "measure_latency", fake_latency)
     pens = opt.measure_float_penalties(m0, data, space, read_feeds(m0, data, 8)[0])
     keys = [lay.key for lay in space.layers]
-    assert keys == ["conv1", "conv2", "fc1", "fc2"] and len(seen) == 5
-    assert pens == pytest.approx([0.2, 0.0, 0.0, 0.4])
+    assert keys == ["conv1", "conv2", "fc1", "fc2"] and len(seen) == 3  # three loops, the same five models
+    assert all(len(models) == 5 and all(a is b for a, b in zip(models, seen[0], strict=True)) for models in seen)
+    assert pens == pytest.approx([0.15, 0.0, 0.0, 0.38])  # conv1 min(0.2, 0.15, 0.3), fc2 min(0.4, 0.45, 0.38)
+    seen = seen[0]
 
     def float_layers(m):
         made_by = {o: n.op_type for n in m.graph.node for o in n.output}

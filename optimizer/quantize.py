@@ -278,11 +278,11 @@ def quantize(
                 cleaned, int4_layers, calib, block_size, int4_method, batch_size, max_samples, progress
             )
             cleaned = int4_result.model
-        pool_stats: dict[str, int] = {}
+        pre_stats: dict[str, int] = {}  # counters of the passes before InsertQDQ
         if any(n.op_type == "ReduceMean" for n in cleaned.graph.node):
             # spatial-mean heads as GlobalAveragePool: onnxruntime fuses DQ -> pool -> Q (passes/global_pool.py)
             pooled = run_passes(infer_shapes(cleaned), [ReduceMeanToGlobalPool()])
-            cleaned, pool_stats = pooled.model, dict(pooled.stats)
+            cleaned, pre_stats = pooled.model, dict(pooled.stats)
         used_table = _resolve_table(cleaned, calib, table, method, ovs, max_samples, batch_size, progress)
         try:
             qdq = InsertQDQ(
@@ -313,8 +313,8 @@ def quantize(
         excluded = dict(used_table.excluded)
         if int4_result is not None:  # the MatMulNBits nodes InsertQDQ left float are the int4 layers
             decisions = [d for d in decisions if d.op != "MatMulNBits"] + int4_done
-            result = dataclasses.replace(result, stats={**int4_result.stats, **result.stats})
-        result = dataclasses.replace(result, stats={**pool_stats, **result.stats})
+            pre_stats = {**int4_result.stats, **pre_stats}
+        result = dataclasses.replace(result, stats={**pre_stats, **result.stats})
     check_model(result.model, where="the quantized model")
     written = save_model(result.model, output) if output is not None else None
     return QuantizeResult(

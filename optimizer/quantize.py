@@ -37,6 +37,7 @@ from onnxpress.model_io import (
     save_model,
 )
 from onnxpress.passes.global_pool import ReduceMeanToGlobalPool
+from onnxpress.passes.matmul_bias import MatMulBiasToOutputRank
 from onnxpress.passes.qdq import ACTIVATION_TYPES, CompactQDQ, InsertQDQ, NodeDecision, Selection, TensorOverride
 from onnxpress.passes.weight_only import INT4_METHODS, QuantizeWeightsInt4, StoreConstantsInt8
 from onnxpress.pipeline import PipelineResult, cleanup_passes, import_graph, run_passes
@@ -160,7 +161,7 @@ def quantize(
         overrides: per-tensor ``{"dtype": "uint8"|"int8"|"float", "range": (lo, hi),
             "per_channel": bool, "method": "minmax"|...}``.
         quantize_ops: ops that stay float by default to quantize anyway ("LayerNormalization", "HardSigmoid",
-            "Softmax").
+            "Softmax", and "MatMul" for the MatMuls of two activations, attention's).
         max_samples: calibrate on at most this many samples.
         batch_size: calibration batch size.
         progress: progress bars.
@@ -308,7 +309,9 @@ def quantize(
         # dtypes on every tensor: InsertQDQ quantizes float32 activations only
         if compact:  # exact storage rewrites (bit-identical outputs, same fused kernels, fewer bytes)
             tail.append(CompactQDQ())
-        result = run_passes(infer_shapes(cleaned), [qdq, *tail], progress=progress)
+        # MatMulBiasToOutputRank: keeps onnxruntime from turning a fixed-shape int8 MatMul + bias into a
+        # float Gemm (passes/matmul_bias.py)
+        result = run_passes(infer_shapes(cleaned), [qdq, MatMulBiasToOutputRank(), *tail], progress=progress)
         decisions = list(qdq.decisions)
         excluded = dict(used_table.excluded)
         if int4_result is not None:  # the MatMulNBits nodes InsertQDQ left float are the int4 layers

@@ -13,6 +13,8 @@ from onnx import helper, numpy_helper
 
 from onnxpress.calibration.table import CalibrationTable
 from onnxpress.errors import UnsupportedModelError
+from onnxpress.model_io import infer_shapes
+from onnxpress.passes.matmul_bias import MatMulBiasToOutputRank
 from onnxpress.passes.qdq import (
     InsertQDQ,
     QParams,
@@ -359,7 +361,7 @@ def test_scale_keeping_ops_reuse_input_params(tmp_path: Path) -> None:
 
 
 def test_attention_block_ops(tmp_path: Path) -> None:
-    """MatMul+bias, Mul by constant, activation MatMul; LayerNormalization and Softmax float by default."""
+    """MatMul+bias, Mul by constant; LayerNormalization, Softmax and activation MatMuls float by default."""
     r = rng(8)
     d = 8
     inits = {
@@ -384,21 +386,27 @@ def test_attention_block_ops(tmp_path: Path) -> None:
     decisions = {dd.name: dd for dd in p.decisions}
     assert not decisions["ln"].quantized and "no integer kernel" in decisions["ln"].reason
     assert not decisions["softmax"].quantized and "slower than float Softmax" in decisions["softmax"].reason
-    # the Mul feeds only the float Softmax, so it stays float too; the Softmax output feeds pv's DQ
-    assert all(decisions[n].quantized for n in ("q_proj", "k_proj", "scores", "pv"))
+    assert all(decisions[n].quantized for n in ("q_proj", "k_proj"))
+    # Q.K^T and P.V multiply two activations: float, with the reason; the Mul between them too
+    for n in ("scores", "pv"):
+        assert not decisions[n].quantized and "both operands are activations" in decisions[n].reason
     assert not decisions["scale"].quantized
     assert "q_bias" not in decisions  # kept inside q_proj's epilogue
     assert sqnr_db(run(model, x)[0], run(q, x)[0]) > 20
-    opt = optimized_ops(q, tmp_path)
+    # (with this fixed-shape input, q_proj's bias must take the output's rank: passes/matmul_bias.py)
+    opt = optimized_ops(run_passes(infer_shapes(q), [MatMulBiasToOutputRank()]).model, tmp_path)
     assert "Softmax" in opt and "QLinearSoftmax" not in opt and "LayerNormalization" in opt
-    assert "MatMul" not in opt and "FusedMatMul" not in opt  # all four MatMuls run as integer kernels
-    # Opting in wraps LayerNormalization and Softmax in Q/DQ as well (QLinearSoftmax, QLinearMul).
-    p2, q2 = quantize_graph(model, x, quantize_ops={"LayerNormalization", "Softmax"})
+    assert opt.count("MatMulIntegerToFloat") == 2 and "QLinearMatMul" not in opt  # the two projections
+    # Opting in wraps LayerNormalization, Softmax and the activation MatMuls in Q/DQ as well.
+    p2, q2 = quantize_graph(model, x, quantize_ops={"LayerNormalization", "Softmax", "MatMul"})
     decisions = {dd.name: dd for dd in p2.decisions}
     assert all(decisions[n].quantized for n in ("ln", "q_proj", "k_proj", "scores", "scale", "softmax", "pv"))
     opt = optimized_ops(q2, tmp_path)
     assert "QLinearSoftmax" in opt and "QLinearMul" in opt
+    assert "MatMul" not in opt and "FusedMatMul" not in opt  # all four MatMuls run as integer kernels
     assert sqnr_db(run(model, x)[0], run(q2, x)[0]) > 20
+    with pytest.raises(ValueError, match="quantize_ops accepts only"):
+        quantize_graph(model, x, quantize_ops={"Gelu"})
 
 
 def test_excluded_nodes_stay_float(tmp_path: Path) -> None:

@@ -37,7 +37,7 @@ from onnxpress.model_io import (
     save_model,
 )
 from onnxpress.passes.global_pool import ReduceMeanToGlobalPool
-from onnxpress.passes.matmul_bias import MatMulBiasToOutputRank
+from onnxpress.passes.matmul_bias import MatMulAddToGemm, MatMulBiasToOutputRank
 from onnxpress.passes.qdq import ACTIVATION_TYPES, CompactQDQ, InsertQDQ, NodeDecision, Selection, TensorOverride
 from onnxpress.passes.weight_only import INT4_METHODS, QuantizeWeightsInt4, StoreConstantsInt8
 from onnxpress.pipeline import PipelineResult, cleanup_passes, import_graph, run_passes
@@ -280,10 +280,16 @@ def quantize(
             )
             cleaned = int4_result.model
         pre_stats: dict[str, int] = {}  # counters of the passes before InsertQDQ
+        pre = []
         if any(n.op_type == "ReduceMean" for n in cleaned.graph.node):
             # spatial-mean heads as GlobalAveragePool: onnxruntime fuses DQ -> pool -> Q (passes/global_pool.py)
-            pooled = run_passes(infer_shapes(cleaned), [ReduceMeanToGlobalPool()])
-            cleaned, pre_stats = pooled.model, dict(pooled.stats)
+            pre.append(ReduceMeanToGlobalPool())
+        if any(n.op_type == "MatMul" for n in cleaned.graph.node):
+            # rank-2 MatMul + bias as Gemm: an int32 bias and QGemm, float output or not (passes/matmul_bias.py)
+            pre.append(MatMulAddToGemm())
+        if pre:
+            prepared = run_passes(infer_shapes(cleaned), pre)
+            cleaned, pre_stats = prepared.model, dict(prepared.stats)
         used_table = _resolve_table(cleaned, calib, table, method, ovs, max_samples, batch_size, progress)
         try:
             qdq = InsertQDQ(

@@ -11,7 +11,7 @@ from onnx import helper
 
 import onnxpress
 from onnxpress.model_io import infer_shapes
-from onnxpress.passes.matmul_bias import MatMulBiasToOutputRank
+from onnxpress.passes.matmul_bias import MatMulAddToGemm, MatMulBiasToOutputRank
 from onnxpress.pipeline import run_passes
 from onnxpress.runtime import make_session
 from tests import graphs
@@ -77,12 +77,55 @@ def test_fixed_shape_bias_takes_the_output_rank_and_the_matmuls_stay_integer(tmp
     assert 10 * np.log10((ref**2).sum() / ((ref - graphs.run(plain.model, x, optimize=True)[0]) ** 2).sum()) > 30
 
 
-@pytest.mark.parametrize(("batch", "rank"), [("batch", 3), (2, 2)])
-def test_dynamic_or_rank_two_biases_are_left_one_dimensional(batch, rank) -> None:
-    """A dynamic axis: onnxruntime declines the fusion itself (and BiasGelu wants 1-D). Rank 2: no reshape."""
-    result = onnxpress.quantize(_block(batch, rank), calib=_data(rank), bias_correction=False)
+def test_dynamic_biases_are_left_one_dimensional() -> None:
+    """A dynamic axis: onnxruntime declines the fusion itself (and its BiasGelu fusion wants a 1-D bias)."""
+    result = onnxpress.quantize(_block("batch"), calib=_data(), bias_correction=False)
     assert result.stats.get("matmul_bias_rank.reshaped", 0) == 0
+    assert result.stats.get("matmul_add_to_gemm.fused", 0) == 0  # rank 3: not a Gemm
     assert _bias_shapes(result.model) == {"fc1_bias": (N,), "fc2_bias": (D,)}
+
+
+@pytest.mark.parametrize("batch", [2, "batch"])
+def test_rank_two_matmul_and_bias_become_a_gemm_with_the_same_outputs(batch) -> None:
+    model = _block(batch, rank=2)
+    x = _data(rank=2)[0]
+    result = run_passes(infer_shapes(model), [MatMulAddToGemm()])
+    assert result.stats["matmul_add_to_gemm.fused"] == 2
+    gemms = [n for n in result.model.graph.node if n.op_type == "Gemm"]
+    assert [n.name for n in gemms] == ["fc1", "fc2"] and [n.output[0] for n in gemms] == ["h1", "Y"]
+    assert [n.op_type for n in result.model.graph.node] == ["Gemm", "Relu", "Gemm"]
+    np.testing.assert_allclose(graphs.run(result.model, x)[0], graphs.run(model, x)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_rank_two_layers_quantize_to_qgemm_even_with_a_float_output(tmp_path: Path) -> None:
+    """fc2 feeds the float graph output: as MatMul + Add it ran as a float Gemm on dequantized weights."""
+    model, data = _block(2, rank=2), _data(rank=2)
+    result = onnxpress.quantize(model, calib=data)
+    assert result.stats["matmul_add_to_gemm.fused"] == 2
+    assert {d.name: d.op for d in result.quantized} == {"fc1": "Gemm", "fc2": "Gemm"}
+    opt = _optimized(result.model, tmp_path)
+    assert opt.count("QGemm") == 2 and "Gemm" not in opt and "DequantizeLinear" not in opt
+    ref = graphs.run(model, data[0])[0]
+    out = graphs.run(result.model, data[0], optimize=True)[0]
+    assert 10 * np.log10((ref**2).sum() / ((ref - out) ** 2).sum()) > 30
+
+
+def test_matmul_to_gemm_declines_shared_or_mismatched_bias_and_variable_weight() -> None:
+    r = graphs.rng(7)
+    inits = {"W": r.standard_normal((D, N)).astype(np.float32), "b": r.standard_normal(N).astype(np.float32),
+             "b3": r.standard_normal((2, N)).astype(np.float32)}  # fmt: skip
+    cases = {
+        "shared bias": [helper.make_node("MatMul", ["X", "W"], ["h"]), helper.make_node("Add", ["h", "b"], ["y1"]),
+                        helper.make_node("Add", ["y1", "b"], ["Y"])],
+        "bias of 2 rows": [helper.make_node("MatMul", ["X", "W"], ["h"]), helper.make_node("Add", ["h", "b3"], ["Y"])],
+        "weight is an input": [helper.make_node("MatMul", ["X", "V"], ["h"]),
+                               helper.make_node("Add", ["h", "b"], ["Y"])],
+    }  # fmt: skip
+    for why, nodes in cases.items():
+        inputs = [("X", [2, D])] + ([("V", [D, N])] if why == "weight is an input" else [])
+        model = graphs.make_model(nodes, inputs, [("Y", [2, N])], inits)
+        result = run_passes(infer_shapes(model), [MatMulAddToGemm()])
+        assert result.stats.get("matmul_add_to_gemm.fused", 0) == 0, why
 
 
 def test_float_matmul_and_shared_bias_are_not_touched() -> None:

@@ -113,6 +113,10 @@ def run(args: argparse.Namespace) -> int:
     if pools:
         print(f"rewrote {pools} spatial-mean ReduceMean as GlobalAveragePool (same values; an integer pool in "
               "onnxruntime)")
+    gemms = result.stats.get("matmul_add_to_gemm.fused", 0)
+    if gemms:
+        print(f"fused {gemms} rank-2 MatMul + bias Add into Gemm (same values; an int32 bias and one integer "
+              "kernel in onnxruntime)")
     for d in result.kept_float:
         print(f"float  {d.name} ({d.op}): {d.reason}")
     for name, why in sorted(result.excluded_tensors.items()):

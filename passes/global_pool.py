@@ -8,7 +8,9 @@ Transpose back to NCHW and a DequantizeLinear. Measured on the reference MobileN
 2 threads, interleaved with fp32): 0.643 -> 0.603x fp32 latency, logits bit-identical.
 
 Rewritten: ``ReduceMean`` whose reduced axes (the attribute before opset 18, a constant input from 18
-on) are exactly ``2 .. rank-1`` of an input of known rank >= 3. The rank comes from inferred shapes
+on) are exactly ``2 .. rank-1`` of an input of known rank >= 4. Rank 3 is left alone: ``[batch, seq,
+features]`` averaged over its last axis is a LayerNorm written out far more often than a 1-D pooling
+head, and as a pool it would keep onnxruntime from fusing the LayerNorm. The rank comes from inferred shapes
 (``onnxpress.model_io.infer_shapes`` first); where it is not known the node is kept. ``keepdims=1``: the pool's
 output is the ReduceMean's tensor. ``keepdims=0`` on rank 4: the pool feeds ``Flatten(axis=1)`` (shape
 ``[N, C]``, what ReduceMean gave), a scale-keeping op for InsertQDQ and onnxruntime. The output tensor
@@ -63,8 +65,10 @@ def _decline_reason(node: gs.Node) -> str | None:
     if x.dtype is None or not np.issubdtype(np.dtype(x.dtype), np.floating):
         return "input is not a known float tensor (GlobalAveragePool takes floats only)"
     rank = len(x.shape) if x.shape is not None else None
-    if rank is None or rank < 3:
-        return "input rank unknown or below 3"
+    if rank is None or rank < 4:
+        # rank 3 [batch, seq, features]: a mean over the last axis is most often a LayerNorm written out
+        # (opset < 17 exports), which onnxruntime fuses only while it stays a ReduceMean
+        return "input rank unknown or below 4"
     if len(node.inputs) > 1 and node.inputs[1] is not None and node.inputs[1].name:
         if not isinstance(node.inputs[1], gs.Constant):
             return "axes are computed at run time"

@@ -75,6 +75,7 @@ __all__ = [
     "CompactQDQ",
     "FLOAT_BY_DEFAULT",
     "GELU_REASON",
+    "NORM_REASON",
     "InsertQDQ",
     "NodeDecision",
     "QParams",
@@ -84,6 +85,7 @@ __all__ = [
     "bias_qparams",
     "dequantize_array",
     "gelu_chain_nodes",
+    "norm_chain_nodes",
     "quantize_array",
     "weight_qparams",
 ]
@@ -128,6 +130,10 @@ ACTIVATION_MATMUL_REASON = (
 # batch 1 and 0.795 -> 0.651 at batch 64 (BiasGelu fused), logit SQNR 41.7 -> 42.9 / 39.6 -> 39.6 dB.
 GELU_REASON = "part of a GELU written out (Erf/Tanh chain): onnxruntime fuses it into one float Gelu; kept float"
 _GELU_OPS = frozenset({"Div", "Mul", "Add", "Sub", "Pow"})
+# The same for a LayerNormalization (opset < 17 exports) or RMSNorm written out: the elementwise tail
+# after its Sqrt (``/ sqrt(var + eps) * gamma + beta``). Quantized, its Mul/Add keep onnxruntime from
+# fusing the chain into LayerNormalization / SimplifiedLayerNormalization.
+NORM_REASON = "part of a normalization written out (.. Sqrt -> Div -> Mul -> Add): onnxruntime fuses it; kept float"
 SCALE_KEEPING_OPS = frozenset(
     {"MaxPool", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Resize", "Slice", "Expand", "Tile"}
 )
@@ -373,6 +379,7 @@ class InsertQDQ:
             )
         self.activation_matmuls = "MatMul" in extra
         self.quantize_gelu = "Gelu" in extra
+        self.quantize_norm = "LayerNormalization" in extra  # the op, and the tails of written-out ones
         self.unary_ops = UNARY_OPS | frozenset(extra - {"MatMul", "Gelu"})
         self.min_conv_depth = min_conv_depth
         self.quantize_joins = quantize_joins
@@ -505,11 +512,12 @@ class InsertQDQ:
         in_epilogue: set[int] = set()
         candidates = WEIGHTED_OPS | BINARY_OPS | VARIADIC_OPS | self.unary_ops | SCALE_KEEPING_OPS | FLOAT_BY_DEFAULT
         gelu = set() if self.quantize_gelu else gelu_chain_nodes(graph)
+        norm = set() if self.quantize_norm else norm_chain_nodes(graph)
         for node in nodes:
             if node.op not in candidates or node.domain not in (None, "", "ai.onnx"):
                 continue
             why = self.exclude.reason(node)
-            r = why or (GELU_REASON if id(node) in gelu else self._roles(node))
+            r = why or (GELU_REASON if id(node) in gelu else NORM_REASON if id(node) in norm else self._roles(node))
             if isinstance(r, str):
                 if node.op in FLOAT_BY_DEFAULT and not why:
                     x = node.inputs[0] if node.inputs else None
@@ -1007,6 +1015,35 @@ def gelu_chain_nodes(graph: gs.Graph) -> set[int]:
                 break
             out.update(id(n) for n in nodes)
             break
+    return out
+
+
+def norm_chain_nodes(graph: gs.Graph) -> set[int]:
+    """Ids of the Div/Reciprocal/Mul/Add nodes after each ``Sqrt`` of a normalization written out.
+
+    From the ``Sqrt``, follow single readers through Div, Reciprocal, Mul and Add (at most four:
+    ``/ s``, ``* gamma``, ``+ beta``; RMSNorm's ``1 / s``, ``x * r``, ``* w``); a Mul or Add with no
+    constant operand ends the walk unless it multiplies by the chain itself (``x * r``). Intermediate
+    outputs must have one reader and not be graph outputs.
+    """
+    out: set[int] = set()
+    graph_outputs = {id(t) for t in graph.outputs}
+    for sq in graph.nodes:
+        if sq.op != "Sqrt" or len(sq.outputs[0].outputs) != 1:
+            continue
+        t, chain = sq.outputs[0], []
+        while len(chain) < 4 and len(t.outputs) == 1 and id(t) not in graph_outputs:
+            c = t.outputs[0]
+            if c.op not in ("Div", "Reciprocal", "Mul", "Add"):
+                break
+            constant = any(isinstance(x, gs.Constant) for x in c.inputs)
+            after_div = chain and chain[-1].op in ("Div", "Reciprocal")
+            if c.op in ("Add", "Mul") and chain and not constant and (c.op == "Add" or not after_div):
+                break
+            chain.append(c)
+            t = c.outputs[0]
+        if any(n.op in ("Mul", "Add") for n in chain) and chain[0].op in ("Div", "Reciprocal"):
+            out.update(id(n) for n in chain)
     return out
 
 

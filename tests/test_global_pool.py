@@ -58,6 +58,7 @@ def test_rank5_spatial_mean_becomes_global_pool():
         ([1, 2], 1, 4, "not the spatial axes"),  # channels are averaged too
         ([3], 1, 4, "not the spatial axes"),  # one spatial axis only
         ([2, 3, 4], 0, 5, "keepdims=0 on a rank other than 4"),
+        ([2], 1, 3, "below 4"),  # [batch, seq, features]: a LayerNorm's mean more often than a pooling head
     ],
 )
 def test_other_means_are_kept_with_a_reason(axes, keepdims, rank, why):

@@ -314,6 +314,13 @@ def _is_float_var(t: gs.Tensor) -> bool:
     return t.dtype is None or np.dtype(t.dtype) == np.float32
 
 
+def _maybe_float(t: gs.Tensor) -> bool:
+    """A tensor of a floating-point (or unknown) element type."""
+    if isinstance(t, gs.Constant):
+        return np.issubdtype(np.asarray(t.values).dtype, np.floating)
+    return t.dtype is None or np.issubdtype(np.dtype(t.dtype), np.floating)
+
+
 def _present(t: gs.Tensor | None) -> bool:
     return t is not None and bool(t.name)
 
@@ -516,6 +523,8 @@ class InsertQDQ:
         for node in nodes:
             if node.op not in candidates or node.domain not in (None, "", "ai.onnx"):
                 continue
+            if not any(_present(t) and _maybe_float(t) for t in node.inputs):
+                continue  # integer shape arithmetic (Unsqueeze/Concat of Shape outputs): not a decision to report
             why = self.exclude.reason(node)
             r = why or (GELU_REASON if id(node) in gelu else NORM_REASON if id(node) in norm else self._roles(node))
             if isinstance(r, str):

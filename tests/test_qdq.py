@@ -707,3 +707,22 @@ def test_shallow_frontier_looks_through_split_relu6(tmp_path: Path) -> None:
     ]
     model = make_model(nodes, [("X", ["N", 1, 8, 8])], [("Y", ["N", 16, 8, 8])], inits)
     _assert_float_frontier(model, tmp_path)
+
+
+def test_integer_shape_arithmetic_is_not_listed_as_kept_float() -> None:
+    """TorchScript exports compute Reshape targets with Shape -> Gather -> Unsqueeze -> Concat on int64."""
+    r = rng(31)
+    inits = {"idx": np.array(0, np.int64), "rest": np.array([-1], np.int64), "ax": np.array([0], np.int64),
+             "W": r.standard_normal((24, 8)).astype(np.float32)}  # fmt: skip
+    nodes = [
+        helper.make_node("Shape", ["X"], ["s"]),
+        helper.make_node("Gather", ["s", "idx"], ["n"], axis=0),
+        helper.make_node("Unsqueeze", ["n", "ax"], ["n1"], name="unsq"),
+        helper.make_node("Concat", ["n1", "rest"], ["shape"], name="cat", axis=0),
+        helper.make_node("Reshape", ["X", "shape"], ["flat"], name="flatten"),
+        helper.make_node("MatMul", ["flat", "W"], ["Y"], name="fc"),
+    ]
+    model = infer_shapes(make_model(nodes, [("X", [2, 4, 6])], [("Y", [2, 8])], inits))  # as quantize() does
+    p, _ = quantize_graph(model, feeds_for(model))
+    names = {d.name for d in p.decisions}
+    assert "fc" in names and not names & {"unsq", "cat"}

@@ -378,3 +378,19 @@ def test_bias_correction_with_non_int8_weights_is_refused_with_or_without_data()
             onnxpress.quantize(model, calib=calib, weights="int4", bias_correction=True)
         with pytest.raises(OnnxpressError, match="bias correction is for int8 weights"):
             onnxpress.quantize(model, calib=calib, codebook=4, bias_correction=True)
+
+
+def test_cli_groups_nodes_left_float_by_op_and_reason(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Five excluded convs: one line naming three and counting the rest; -v prints a line per node."""
+    from onnxpress.commands.quantize import print_kept_float
+    from onnxpress.passes.qdq import NodeDecision
+
+    decisions = [NodeDecision(f"c{i}", "Conv", False, "excluded by name") for i in range(5)]
+    decisions.append(NodeDecision("fc", "Gemm", False, "excluded by op type"))
+    print_kept_float(decisions)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == ["float  5 x Conv: excluded by name: c0, c1, c2, ... (2 more; -v lists them)",
+                     "float  fc (Gemm): excluded by op type"]  # fmt: skip
+    print_kept_float(decisions, verbose=True)
+    assert capsys.readouterr().out.splitlines()[:2] == ["float  c0 (Conv): excluded by name",
+                                                        "float  c1 (Conv): excluded by name"]  # fmt: skip

@@ -77,8 +77,29 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--codebook", type=int, default=None, metavar="BITS",
                    help="k-means codebook weights, 2^BITS levels per layer on channel-normalised weights "
                    "(weight-only, replaces QDQ)")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="list every node left in float (default: one line per op and reason, a few names each)")
     add_common(p)
     p.set_defaults(func=run)
+
+
+def print_kept_float(decisions, *, verbose: bool = False, names: int = 3) -> None:
+    """One line per node left float with ``verbose``; otherwise one line per (op, reason) with a few names.
+
+    A transformer leaves dozens of residual Adds, Softmaxes and attention MatMuls float for the same
+    few reasons: a line each buried the lines that matter (a BERT-style encoder printed 66).
+    """
+    groups: dict[tuple[str, str], list[str]] = {}
+    for d in decisions:
+        groups.setdefault((d.op, d.reason), []).append(d.name)
+    for (op, reason), members in sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0])):
+        if verbose or len(members) == 1:
+            for name in members:
+                print(f"float  {name} ({op}): {reason}")
+            continue
+        shown = ", ".join(members[:names]) + (f", ... ({len(members) - names} more; -v lists them)"
+                                              if len(members) > names else "")
+        print(f"float  {len(members)} x {op}: {reason}: {shown}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -118,8 +139,7 @@ def run(args: argparse.Namespace) -> int:
     if gemms:
         print(f"fused {gemms} rank-2 MatMul + bias Add into Gemm (same values; an int32 bias and one integer "
               "kernel in onnxruntime)")
-    for d in result.kept_float:
-        print(f"float  {d.name} ({d.op}): {d.reason}")
+    print_kept_float(result.kept_float, verbose=args.verbose)
     for name, why in sorted(result.excluded_tensors.items()):
         print(f"no range  {name}: {why}")
     kind = "int4 weight-only" if args.weights == "int4" else f"int8 weights, {args.activations} activations"

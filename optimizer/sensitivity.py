@@ -51,6 +51,7 @@ import json
 import logging
 import math
 import os
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -334,6 +335,7 @@ def analyze_sensitivity(
     multiple: int = 1,
     cache_dir: str | os.PathLike[str] | None = None,
     progress: bool = False,
+    deadline: float | None = None,
 ) -> SensitivityResult:
     """Measure the output SQNR of every (layer, option) with all other layers left as they are.
 
@@ -354,6 +356,10 @@ def analyze_sensitivity(
         multiple: ranks rounded up to a multiple of this.
         cache_dir: where results are cached (``None``: :func:`default_cache_dir`); ``False`` disables.
         progress: progress bar over the candidates.
+        deadline: a ``time.monotonic()`` value. The int8 option of every layer is measured first and
+            always (the uniform int8 baseline needs it); the other options only while the clock is
+            before the deadline. A result cut short is not cached, and when the clock passed the
+            deadline before the rank/prune candidates were timed (``latency``), they are dropped.
 
     Raises:
         DataError: the data does not fit the model. Errors of calibration and of the passes.
@@ -413,9 +419,15 @@ def analyze_sensitivity(
         table = calibrate(model, calib, method=method, max_samples=calib_samples)
     if any(fam in ("rank", "int4") for _, fam, _ in jobs):
         moments = collect_moments(model, calib, max_samples=moment_samples)
-    scores = []
-    structural: list[tuple[int, onnx.ModelProto]] = []  # (score index, candidate) to time
-    for lay, fam, r in tqdm(jobs, desc="sensitivity", unit="candidate", disable=not progress):
+    measured: dict[int, tuple[OptionScore, onnx.ModelProto | None]] = {}  # job -> (score, candidate to time)
+    skipped = 0
+    # int8 first (the baseline needs every layer's), then the rest in their order; results keep job order
+    order = sorted(range(len(jobs)), key=lambda j: jobs[j][1] != "int8")
+    for j in tqdm(order, desc="sensitivity", unit="candidate", disable=not progress):
+        lay, fam, r = jobs[j]
+        if deadline is not None and fam != "int8" and time.monotonic() > deadline:
+            skipped += 1
+            continue
         if fam == "prune":
             group = str(lay)
             cand, units = _prune_one(model, group, float(r), prune_multiple)
@@ -423,15 +435,14 @@ def analyze_sensitivity(
                 log.debug("prune %s at %g removes %d units (none or as before); option dropped", group, r, units)
                 continue
             removed_seen[group].add(units)
-            structural.append((len(scores), cand))
             outs = run_outputs(cand, feeds)
             macs, params = count_macs(cand), count_params(cand)  # summed over the table's layers
-            scores.append(OptionScore(group, "prune", f"prune{r:g}", sqnr_db(reference, outs),
-                                      int(sum(macs.get(x.key, 0) for x in layers)),
-                                      int(sum(params.get(x.key, 0) for x in layers)),
-                                      None, cand.ByteSize() - base_bytes, float(r), int(units),
-                                      layer_macs={x.key: int(macs.get(x.key, 0)) for x in layers},
-                                      acts_removed=1.0 - activation_elements(cand) / acts0 if acts0 else None))
+            measured[j] = (OptionScore(group, "prune", f"prune{r:g}", sqnr_db(reference, outs),
+                                   int(sum(macs.get(x.key, 0) for x in layers)),
+                                   int(sum(params.get(x.key, 0) for x in layers)),
+                                   None, cand.ByteSize() - base_bytes, float(r), int(units),
+                                   layer_macs={x.key: int(macs.get(x.key, 0)) for x in layers},
+                                   acts_removed=1.0 - activation_elements(cand) / acts0 if acts0 else None), cand)
             continue
         if fam == "int8":
             others = frozenset(n for n in names if n != lay.key)
@@ -460,11 +471,16 @@ def analyze_sensitivity(
             if rep is None:
                 continue
             macs_after, params_after, option = rep.macs_after, rep.params_after, f"rank{r}"
-        if fam == "rank":
-            structural.append((len(scores), cand))
         outs = run_outputs(cand, feeds)
-        scores.append(OptionScore(lay.key, fam, option, sqnr_db(reference, outs), int(macs_after),
-                                  int(params_after), r, cand.ByteSize() - base_bytes))
+        measured[j] = (OptionScore(lay.key, fam, option, sqnr_db(reference, outs), int(macs_after),
+                               int(params_after), r, cand.ByteSize() - base_bytes), cand if fam == "rank" else None)
+    scores = [measured[j][0] for j in sorted(measured)]
+    structural = [(i, measured[j][1]) for i, j in enumerate(sorted(measured)) if measured[j][1] is not None]
+    if latency and structural and deadline is not None and time.monotonic() > deadline:
+        log.warning("time limit: the %d rank/prune candidates were not timed and are left out", len(structural))
+        drop = {i for i, _ in structural}
+        scores = [x for i, x in enumerate(scores) if i not in drop]
+        structural, skipped = [], skipped + len(drop)
     if latency and structural:
         from onnxpress.search import measure_latency
 
@@ -472,6 +488,10 @@ def analyze_sensitivity(
         for (i, _), r in zip(structural, ratios, strict=True):
             scores[i] = dataclasses.replace(scores[i], latency_ratio=float(r))
     result = SensitivityResult(tuple(layers), tuple(scores), samples, key)
+    if skipped:
+        log.warning("time limit: %d of %d sensitivity options not measured; the search offers the others",
+                    skipped, len(jobs))
+        return result  # not cached: a later run without the limit measures them all
     if cache_file is not None:
         try:
             cache_file.parent.mkdir(parents=True, exist_ok=True)

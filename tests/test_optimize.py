@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 
 import numpy as np
@@ -72,6 +73,14 @@ def test_time_limit_still_writes_the_best_so_far(setup):
     res = optimize(model, tmp / "o.onnx", calib=data, budget="flops=0.6", time_limit=1e-6, cache_dir=tmp / "c",
                    eval_samples=16, sensitivity_samples=16)
     assert res.timed_out and (tmp / "o.onnx").is_file() and len(res.candidates) >= 1
+
+
+def test_cli_says_when_the_time_limit_cut_the_search(setup, capsys):
+    model, data, tmp = setup
+    rc = main(["optimize", str(model), "-o", str(tmp / "o.onnx"), "--calib", str(data), "--budget", "flops=0.7",
+               "--time-limit", "0.000001", "--cache-dir", str(tmp / "c"), "-q"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "time limit of 1e-06 s reached" in out and (tmp / "o.onnx").is_file()
 
 
 def test_max_drop_with_labels(setup):
@@ -287,3 +296,25 @@ def test_retimed_ratio_forgives_one_loop_of_noise_at_the_budget(times, budget, m
     assert (ratio <= budget) is meets
     assert sorted(times)[1] <= ratio <= max(times)
     assert ratio >= max(times) / (1 + LATENCY_NOISE) - 1e-12
+
+
+def test_time_limit_bounds_the_sensitivity_and_float_penalty_phases(setup, monkeypatch):
+    """A latency search with the limit already spent: int8 sensitivity only, no penalties, the baseline written."""
+    opt_mod = importlib.import_module("onnxpress.optimize")  # the module (the package exports the function)
+    model, data, tmp = setup
+    seen = {}
+    real = opt_mod.measure_float_penalties
+
+    def spy(*args, **kwargs):
+        seen["deadline"] = kwargs.get("deadline")
+        out = real(*args, **kwargs)
+        seen["penalties"] = out
+        return out
+
+    monkeypatch.setattr(opt_mod, "measure_float_penalties", spy)
+    res = optimize(model, tmp / "o.onnx", calib=data, budget="latency=0.9", time_limit=1e-6, cache_dir=tmp / "c",
+                   eval_samples=16, sensitivity_samples=16)
+    assert res.timed_out and (tmp / "o.onnx").is_file()
+    assert {s.family for s in res.sensitivity.scores} == {"int8"}
+    assert seen["deadline"] is not None and seen["penalties"] is None
+    assert not list((tmp / "c").glob("sensitivity-*.json"))  # a partial analysis is not cached

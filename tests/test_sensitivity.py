@@ -204,3 +204,33 @@ def test_int4_option_for_large_matmuls_only(tmp_path):
     cnn = analyze_sensitivity(prepare(tiny_cnn()), data, cache_dir=False, max_samples=16, rank_fractions=(),
                               prune_ratios=())
     assert {s.family for s in cnn.scores} == {"int8"}
+
+
+def test_past_deadline_measures_only_int8_and_caches_nothing(tmp_path):
+    """The time limit: every layer's int8 (the uniform baseline needs it), no other option, no cache file."""
+    model = prepare(tiny_cnn())
+    data = tiny_data(tmp_path / "d.npz")
+    cut = analyze_sensitivity(model, data, cache_dir=tmp_path / "cache", max_samples=16, deadline=0.0)
+    assert {(s.layer, s.family) for s in cut.scores} == {(lay.key, "int8") for lay in cut.layers}
+    assert not (tmp_path / "cache").exists()
+    full = analyze_sensitivity(model, data, cache_dir=False, max_samples=16)
+    assert {s.family for s in full.scores} >= {"int8", "rank", "prune"}
+    assert [s for s in full.scores if s.family == "int8"] == list(cut.scores)  # the same int8 numbers either way
+    assert full.scores[0].family == "int8" and full.scores[1].family != "int8"  # still per layer: int8, then the rest
+
+
+def test_int4_option_for_a_large_enough_matmul(tmp_path):
+    """A 64x64 MatMul weight (4096 >= INT4_MIN_WEIGHTS) gets an int4 score beside its int8 one."""
+    r = np.random.default_rng(4)
+    w1 = numpy_helper.from_array((r.standard_normal((64, 64)) * 0.2).astype(np.float32), "w1")
+    w2 = numpy_helper.from_array((r.standard_normal((64, 10)) * 0.2).astype(np.float32), "w2")
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"), helper.make_node("Relu", ["h"], ["hr"]),
+             helper.make_node("MatMul", ["hr", "w2"], ["y"], name="fc2")]  # fmt: skip
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 10])], [w1, w2])
+    model = prepare(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    np.savez(tmp_path / "d.npz", x=r.standard_normal((32, 64)).astype(np.float32))
+    sens = analyze_sensitivity(model, tmp_path / "d.npz", cache_dir=False, max_samples=16, prune_ratios=())
+    q4, q8 = sens.score("fc1", "int4", "int4"), sens.score("fc1", "int8", "int8")
+    assert q4 is not None and q8 is not None and q4.sqnr_db < q8.sqnr_db
+    assert sens.score("fc2", "int4", "int4") is None  # 640 weights: too small

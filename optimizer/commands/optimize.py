@@ -58,5 +58,8 @@ def run(args: argparse.Namespace) -> int:
     if result.budget is not None and not result.feasible:
         wanted = ", ".join(f"{b.kind}={b.value:g}" for b in result.budgets or [result.budget])
         print(f"warning: no candidate met {wanted}; wrote the cheapest found")
+    if result.timed_out:
+        print(f"time limit of {args.time_limit:g} s reached: the best of the candidates above (a longer limit "
+              "searches further)")
     print(f"wrote {result.output} and {result.recipe_path}")
     return 0

@@ -26,7 +26,7 @@ from pathlib import Path
 import onnx
 
 from onnxpress.calibration.table import CalibrationTable
-from onnxpress.errors import CalibrationError, OnnxpressError
+from onnxpress.errors import CalibrationError, OnnxpressError, UnsupportedModelError
 from onnxpress.model_io import (
     ModelSource,
     check_model,
@@ -219,6 +219,7 @@ def quantize(
     size_before = original.ByteSize()
     proto = normalize_model(original, min_opset=13)
     cleaned = run_passes(proto, cleanup_passes(), progress=progress).model
+    _refuse_half_precision(cleaned)
     # BatchNorm statistics matter only for data-free bias correction of int8 layers, read before cleanup folds them
     analytic = (calib is None and bias_correction is not False and weights == "int8" and codebook is None
                 and not equalize and smoothquant is None)
@@ -430,6 +431,29 @@ def _int4_decisions(model: onnx.ModelProto, notes: Iterable[str]) -> list[NodeDe
             label = n.name or n.output[0]
             out.append(declined.get(label, NodeDecision(label, n.op_type, True)))
     return out
+
+
+_HALF = {onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.BFLOAT16: "bfloat16"}
+
+
+def _refuse_half_precision(model: onnx.ModelProto) -> None:
+    """A model whose layers all compute in float16/bfloat16 gets a clear error instead of a no-op.
+
+    Every pass quantizes float32 layers (what onnxruntime's CPU integer kernels sit between); on a half
+    precision export it found nothing to do and wrote the model back unchanged (1.04x the size).
+
+    Raises:
+        UnsupportedModelError: every Conv/Gemm/MatMul weight initializer is float16 or bfloat16.
+    """
+    inits = {i.name: i.data_type for i in model.graph.initializer}
+    kinds = [inits[n.input[1]] for n in model.graph.node
+             if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") and len(n.input) > 1 and n.input[1] in inits]
+    if kinds and all(k in _HALF for k in kinds):
+        raise UnsupportedModelError(
+            f"the model computes in {_HALF[kinds[0]]} (its {len(kinds)} Conv/Gemm/MatMul weights are): onnxpress "
+            "quantizes float32 models, which onnxruntime's CPU integer kernels take. Export it in float32 "
+            "(torch: call model.float() before torch.onnx.export) and quantize that"
+        )
 
 
 def _resolve_table(

@@ -394,3 +394,22 @@ def test_cli_groups_nodes_left_float_by_op_and_reason(tmp_path: Path, capsys: py
     print_kept_float(decisions, verbose=True)
     assert capsys.readouterr().out.splitlines()[:2] == ["float  c0 (Conv): excluded by name",
                                                         "float  c1 (Conv): excluded by name"]  # fmt: skip
+
+
+def test_half_precision_model_gets_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A float16 export had nothing quantized and was written back unchanged; now it is refused with the fix."""
+    r = rng(41)
+    w = numpy_helper.from_array(r.standard_normal((4, 8)).astype(np.float16), "W")
+    graph = helper.make_graph([helper.make_node("MatMul", ["X", "W"], ["Y"], name="fc")], "half",
+                              [helper.make_tensor_value_info("X", onnx.TensorProto.FLOAT16, ["n", 4])],
+                              [helper.make_tensor_value_info("Y", onnx.TensorProto.FLOAT16, ["n", 8])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = r.standard_normal((8, 4)).astype(np.float16)
+    with pytest.raises(OnnxpressError, match=r"computes in float16 .* Export it in float32"):
+        onnxpress.quantize(model, calib=[{"X": x}])
+    src = tmp_path / "half.onnx"
+    onnx.save(model, src)
+    np.savez(tmp_path / "d.npz", X=x)
+    assert main(["quantize", str(src), "-o", str(tmp_path / "q.onnx"), "--calib", str(tmp_path / "d.npz"), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "float16" in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "q.onnx").exists()

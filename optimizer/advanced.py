@@ -531,8 +531,12 @@ def prepare_for_quantize(
     batch_size: int = 64,
     max_samples: int | None = 512,
     progress: bool = False,
+    stats: dict[str, Any] | None = None,
 ) -> onnx.ModelProto:
     """The float rewrites that go before InsertQDQ, in order: CLE, SmoothQuant, bias correction.
+
+    ``stats``, when given, receives the passes' counters (``"smoothquant.smoothed"``, ...) and, under
+    ``"<pass>.notes"``, their notes (why an activation or a layer pair was declined).
 
     ``model`` must already be cleaned up (BatchNorm folded); ``onnxpress.quantize`` calls this on
     its cleaned model. Bias correction comes last because it depends on the final weights, and it
@@ -554,8 +558,15 @@ def prepare_for_quantize(
     except ValueError as exc:
         raise OnnxpressError(str(exc)) from None
     stream = {"batch_size": batch_size, "max_samples": max_samples, "progress": progress}
+    out = stats if stats is not None else {}
+
+    def record(result: Any, name: str) -> onnx.ModelProto:
+        out.update(result.stats)
+        out[f"{name}.notes"] = list(result.notes)
+        return result.model
+
     if cle is not None:
-        model = run_passes(model, [cle], progress=progress).model
+        model = record(run_passes(model, [cle], progress=progress), cle.name)
         if data is not None:  # Nagel et al.'s order: CLE, then absorb what the Relus never cut (exact on data)
             from onnxpress.passes.absorb_bias import AbsorbHighBias
 
@@ -565,7 +576,7 @@ def prepare_for_quantize(
         names = smoothquant_targets(import_graph(model))
         stats = collect_channel_stats(model, data, {n: -1 for n in names}, **stream)
         absmax = {name: obs.max_abs() for name, obs in stats.items()}
-        model = run_passes(model, [SmoothQuant(absmax, alpha=smoothquant)], progress=progress).model
+        model = record(run_passes(model, [SmoothQuant(absmax, alpha=smoothquant)], progress=progress), "smoothquant")
     if bias_correction:
         requests = dict(bias_correction_inputs(import_graph(model)))
         stats = collect_channel_stats(model, data, requests, spatial=True, **stream)

@@ -71,6 +71,8 @@ class QuantizeResult:
         size_before: serialized bytes of the input model.
         size_after: serialized bytes of the result.
         stats: pass counters (``"insert_qdq.nodes_quantized"``, ...).
+        notes: why the float rewrites asked for (``equalize``, ``smoothquant``) declined what they
+            declined, one line each, prefixed by the pass name (``"smoothquant: <tensor>: not smoothed (...)"``).
     """
 
     model: onnx.ModelProto
@@ -82,6 +84,7 @@ class QuantizeResult:
     size_before: int
     size_after: int
     stats: dict[str, int]
+    notes: tuple[str, ...] = ()
 
     @property
     def size_ratio(self) -> float:
@@ -233,6 +236,7 @@ def quantize(
             "bias correction needs calibration data (calib= / --calib) or BatchNorm statistics before a "
             "layer (the model has none that apply): pass calib, or bias_correction=False"
         )
+    advanced: dict[str, object] = {}
     if equalize or (bias_correction and calib is not None) or smoothquant is not None:  # onnxpress.advanced
         from onnxpress.advanced import prepare_for_quantize
 
@@ -246,7 +250,11 @@ def quantize(
             batch_size=batch_size,
             max_samples=max_samples,
             progress=progress,
+            stats=advanced,
         )
+    advanced_notes = tuple(note for key, notes in advanced.items() if key.endswith(".notes")
+                           for note in notes)  # fmt: skip  (run_passes prefixes each with its pass name)
+    advanced_stats = {k: v for k, v in advanced.items() if isinstance(v, int)}
 
     if codebook is not None:  # weight-only k-means codebooks (onnxpress.advanced, issue 10)
         from onnxpress.advanced import codebook_weights
@@ -337,7 +345,8 @@ def quantize(
         table=used_table,
         size_before=size_before,
         size_after=result.model.ByteSize(),
-        stats=dict(result.stats),
+        stats={**advanced_stats, **result.stats},
+        notes=advanced_notes,
     )
 
 

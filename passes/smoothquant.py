@@ -59,7 +59,7 @@ def _consumer_reason(node: gs.Node, x: gs.Tensor) -> str | None:
 
 
 def _producer(x: gs.Tensor) -> tuple[str, gs.Node] | None:
-    """How X's channels can be scaled: ("ln", LN), ("gemm", Gemm) or ("matmul_add", Add)."""
+    """How X's channels can be scaled: ("ln", LN), ("gemm", Gemm), ("matmul_add", Add) or ("affine", Add)."""
     if not x.inputs:
         return None
     node = x.inputs[0]
@@ -88,7 +88,17 @@ def _producer(x: gs.Tensor) -> tuple[str, gs.Node] | None:
                 and len(consts[0].outputs) == 1
             ):
                 return "matmul_add", node
+            if mm.op == "Mul" and len(consts[0].outputs) == 1 and consts[0].values.ndim <= 1 and _channel_const(mm):
+                return "affine", node  # a LayerNorm written out (opset < 17 exports): ... * gamma + beta
     return None
+
+
+def _channel_const(mul: gs.Node) -> gs.Constant | None:
+    """The Mul's float constant of at most one axis (gamma), used by it alone, or None."""
+    consts = [t for t in mul.inputs if is_float_constant(t)]
+    if len(mul.inputs) != 2 or len(consts) != 1 or consts[0].values.ndim > 1 or len(consts[0].outputs) != 1:
+        return None
+    return consts[0]
 
 
 def _candidates(graph: gs.Graph) -> tuple[list[tuple[gs.Tensor, list[gs.Node]]], list[str]]:
@@ -106,7 +116,8 @@ def _candidates(graph: gs.Graph) -> tuple[list[tuple[gs.Tensor, list[gs.Node]]],
         if x in graph.outputs:
             notes.append(f"{x.name}: not smoothed (it is a graph output)")
             continue
-        reasons = [r for c in x.outputs if (r := _consumer_reason(c, x))]
+        readers = [c for c in x.outputs if c.op != "Shape"]  # a Shape reads the dims only (TorchScript reshapes)
+        reasons = [r for c in readers if (r := _consumer_reason(c, x))]
         if reasons:
             notes.append(f"{x.name}: not smoothed ({reasons[0]})")
             continue
@@ -114,7 +125,7 @@ def _candidates(graph: gs.Graph) -> tuple[list[tuple[gs.Tensor, list[gs.Node]]],
             producer = x.inputs[0].op if x.inputs else "a graph input"
             notes.append(f"{x.name}: not smoothed (produced by {producer}, which cannot absorb 1/s)")
             continue
-        found.append((x, list(x.outputs)))
+        found.append((x, readers))
     return found, notes
 
 
@@ -146,8 +157,14 @@ def _scale_channels(graph: gs.Graph, kind: str, node: gs.Node, inv: np.ndarray) 
         return
     bias_idx = 0 if isinstance(node.inputs[0], gs.Constant) else 1
     b = node.inputs[bias_idx].values.astype(np.float64)
-    _private_const(graph, node, bias_idx, np.broadcast_to(b, b.shape[:-1] + inv.shape) * inv if b.ndim else b * inv)
+    _private_const(graph, node, bias_idx, np.broadcast_to(b, b.shape[:-1] + inv.shape) * inv)
     mm = node.inputs[1 - bias_idx].inputs[0]
+    if kind == "affine":  # gamma (a scalar or one value per channel) times 1/s, per channel
+        gamma = _channel_const(mm)
+        assert gamma is not None
+        _private_const(graph, mm, mm.inputs.index(gamma), np.broadcast_to(gamma.values.astype(np.float64),
+                                                                           inv.shape) * inv)
+        return
     _private_const(graph, mm, 1, mm.inputs[1].values.astype(np.float64) * inv[None, :])
 
 

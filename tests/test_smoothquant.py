@@ -197,3 +197,47 @@ def test_quantize_smoothquant_flag():
         onnxpress.quantize(model, smoothquant=0.5, table=onnxpress.calibrate(model, feeds, method="minmax"))
     with pytest.raises(OnnxpressError, match="alpha"):
         onnxpress.quantize(model, calib=feeds, smoothquant=2.0)
+
+
+@pytest.mark.parametrize("scalar_gamma", [False, True])
+def test_layernorm_written_out_is_smoothed_through_its_gamma_and_beta(scalar_gamma):
+    """Opset < 17 exports: ... / sqrt(var + eps) * gamma + beta, the output also read by a Shape (a reshape)."""
+    r = graphs.rng(5)
+    gamma = np.float32(1.5) if scalar_gamma else np.where(np.arange(K) == 4, 30.0, 1.0).astype(np.float32)
+    inits = {"two": np.float32(2), "eps": np.float32(1e-5), "g": gamma, "b": r.standard_normal(K).astype(np.float32),
+             "Wq": r.standard_normal((K, 8)).astype(np.float32), "Wk": r.standard_normal((K, 8)).astype(np.float32)}
+    nodes = [
+        helper.make_node("ReduceMean", ["X"], ["mu"], axes=[-1]), helper.make_node("Sub", ["X", "mu"], ["d"]),
+        helper.make_node("Pow", ["d", "two"], ["p"]), helper.make_node("ReduceMean", ["p"], ["var"], axes=[-1]),
+        helper.make_node("Add", ["var", "eps"], ["ve"]), helper.make_node("Sqrt", ["ve"], ["sd"]),
+        helper.make_node("Div", ["d", "sd"], ["n"]), helper.make_node("Mul", ["n", "g"], ["gn"]),
+        helper.make_node("Add", ["gn", "b"], ["h"]), helper.make_node("Shape", ["h"], ["S"]),
+        helper.make_node("MatMul", ["h", "Wq"], ["Q"]), helper.make_node("MatMul", ["h", "Wk"], ["Kt"]),
+    ]  # fmt: skip
+    model = graphs.make_model(nodes, [("X", ["N", 5, K])], [("Q", ["N", 5, 8]), ("Kt", ["N", 5, 8])], inits, opset=13)
+    model.graph.output.append(helper.make_tensor_value_info("S", onnx.TensorProto.INT64, [3]))
+    feeds = {"X": graphs.rng(6).standard_normal((3, 5, K)).astype(np.float32)}
+    assert smoothquant_targets(gs.import_onnx(model)) == ["h"]
+    x_max = _absmax(model, "h", feeds)
+    result = run_passes(model, [SmoothQuant({"h": x_max}, alpha=0.5)])
+    assert result.stats["smoothquant.smoothed"] == 1
+    _assert_outputs_equal(model, result.model, feeds)
+    after = _absmax(result.model, "h", feeds)
+    assert after.max() / np.median(after) < x_max.max() / np.median(x_max) or scalar_gamma
+
+
+def test_cli_says_how_many_activations_were_smoothed_and_why_none(tmp_path, capsys):
+    from onnxpress.cli import main
+
+    r = graphs.rng(9)
+    np.savez(tmp_path / "d.npz", X=r.standard_normal((16, 5, K)).astype(np.float32))
+    onnx.save(ln_qkv(), tmp_path / "ln.onnx")
+    args = ["--calib", str(tmp_path / "d.npz"), "--smoothquant", "0.5", "-q"]
+    assert main(["quantize", str(tmp_path / "ln.onnx"), "-o", str(tmp_path / "a.onnx"), *args]) == 0
+    assert "SmoothQuant (alpha 0.5): 1 activation(s) smoothed" in capsys.readouterr().out
+    model = ln_qkv()  # the same with h also a graph output: nothing can be smoothed
+    model.graph.output.append(helper.make_tensor_value_info("h", onnx.TensorProto.FLOAT, ["N", 5, K]))
+    onnx.save(model, tmp_path / "out.onnx")
+    assert main(["quantize", str(tmp_path / "out.onnx"), "-o", str(tmp_path / "b.onnx"), *args]) == 0
+    text = capsys.readouterr().out
+    assert "0 activation(s) smoothed; none could be (h: not smoothed (it is a graph output))" in text

@@ -135,6 +135,16 @@ def run(args: argparse.Namespace) -> int:
     if pools:
         print(f"rewrote {pools} spatial-mean ReduceMean as GlobalAveragePool (same values; an integer pool in "
               "onnxruntime)")
+    if args.smoothquant is not None:
+        smoothed = result.stats.get("smoothquant.smoothed", 0)
+        line = f"SmoothQuant (alpha {args.smoothquant:g}): {smoothed} activation(s) smoothed"
+        why = [n for n in result.notes if n.startswith("smoothquant: ")]
+        print(line + (f"; none could be ({why[0][len('smoothquant: '):]})" if not smoothed and why else ""))
+    if args.equalize is not None:
+        pairs = result.stats.get("equalize_cross_layer.pairs", 0)
+        why = [n for n in result.notes if n.startswith("equalize_cross_layer: ")]
+        print(f"cross-layer equalization: {pairs} layer pair(s) equalized"
+              + (f"; none found ({why[0][len('equalize_cross_layer: '):]})" if not pairs and why else ""))
     gemms = result.stats.get("matmul_add_to_gemm.fused", 0)
     if gemms:
         print(f"fused {gemms} rank-2 MatMul + bias Add into Gemm (same values; an int32 bias and one integer "

@@ -240,6 +240,28 @@ def pick_best(candidates: Sequence[Candidate], n_labels: int | None) -> Candidat
     return max((c for c in scored if c.accuracy >= top - tol - 1e-12), key=sqnr)
 
 
+PENALTY_LOOP_SECONDS = 20.0
+"""A float-penalty timing loop is cut to about this long (fewer rounds, at least 8) on a large model."""
+
+
+def _repeats_within(model: onnx.ModelProto, feed: Mapping[str, np.ndarray], sessions: int, repeats: int,
+                    threads: int | None) -> int:
+    """``repeats``, lowered so that ``sessions`` runs per round fit ``PENALTY_LOOP_SECONDS`` (at least 8).
+
+    The reference CNNs keep all 30 rounds (27 sessions of ~3 ms: ~2.5 s a loop); a 4-layer BERT-style
+    encoder (27 sessions of ~0.1 s on 48 x 128 tokens) took 411 s for its three loops of 30.
+    """
+    from onnxpress.runtime import make_session
+
+    session = make_session(model, threads=threads, what="model")
+    session.run(None, dict(feed))  # warm-up
+    start = time.perf_counter()
+    session.run(None, dict(feed))
+    one = time.perf_counter() - start
+    fit = int(PENALTY_LOOP_SECONDS / max(one * sessions, 1e-9))
+    return max(min(repeats, 8), min(repeats, fit))
+
+
 def measure_float_penalties(m0: onnx.ModelProto, calib: object, space: SearchSpace, feed: Mapping[str, np.ndarray],
                             *, method: str = "mse", threads: int | None = 1, repeats: int = 30, loops: int = 3,
                             reference: onnx.ModelProto | None = None, progress: bool = False,
@@ -278,6 +300,7 @@ def measure_float_penalties(m0: onnx.ModelProto, calib: object, space: SearchSpa
             return None
         models.append(quantize(m0, table=base.table, method=method, exclude=split_names(lay.key)).model)
     ref = m0 if reference is None else reference
+    repeats = _repeats_within(models[0], feed, len(models) + 1, repeats, threads)
     per_loop: list[list[float]] = []
     for _ in range(max(1, loops)):
         started = time.monotonic()

@@ -318,3 +318,13 @@ def test_time_limit_bounds_the_sensitivity_and_float_penalty_phases(setup, monke
     assert {s.family for s in res.sensitivity.scores} == {"int8"}
     assert seen["deadline"] is not None and seen["penalties"] is None
     assert not list((tmp / "c").glob("sensitivity-*.json"))  # a partial analysis is not cached
+
+
+def test_penalty_loops_take_fewer_rounds_only_on_slow_models(setup, monkeypatch):
+    opt_mod = importlib.import_module("onnxpress.optimize")
+    model, data, _ = setup
+    m0 = onnx.load(str(model))
+    feed = {"input": np.load(data)["input"][:4]}
+    assert opt_mod._repeats_within(m0, feed, 27, 30, 1) == 30  # a tiny model: every round fits
+    monkeypatch.setattr(opt_mod, "PENALTY_LOOP_SECONDS", 1e-9)
+    assert opt_mod._repeats_within(m0, feed, 27, 30, 1) == 8  # nothing fits: the floor

@@ -482,6 +482,8 @@ class InsertQDQ:
                 return "all inputs are constants"
             return roles
         if op in self.unary_ops or op in SCALE_KEEPING_OPS:
+            if ins and _is_float_const(ins[0]):
+                return "input is a constant (nothing to quantize at run time)"
             if not ins or not _is_float_var(ins[0]):
                 return "input is not a float activation"
             if len(node.outputs) != 1:

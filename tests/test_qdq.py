@@ -726,3 +726,17 @@ def test_integer_shape_arithmetic_is_not_listed_as_kept_float() -> None:
     p, _ = quantize_graph(model, feeds_for(model))
     names = {d.name for d in p.decisions}
     assert "fc" in names and not names & {"unsq", "cat"}
+
+
+def test_op_on_a_float_constant_says_so() -> None:
+    """A learned positional table sliced to the sequence length (GPT-style exports): a constant, not 'not float'."""
+    r = rng(32)
+    inits = {"pos": r.standard_normal((1, 16, 8)).astype(np.float32), "s": np.array([0], np.int64),
+             "e": np.array([6], np.int64), "ax": np.array([1], np.int64),
+             "W": r.standard_normal((8, 4)).astype(np.float32)}  # fmt: skip
+    nodes = [helper.make_node("Slice", ["pos", "s", "e", "ax"], ["p"], name="cut"),
+             helper.make_node("Add", ["X", "p"], ["h"], name="add"),
+             helper.make_node("MatMul", ["h", "W"], ["Y"], name="fc")]  # fmt: skip
+    model = infer_shapes(make_model(nodes, [("X", [2, 6, 8])], [("Y", [2, 6, 4])], inits))
+    p, _ = quantize_graph(model, feeds_for(model))
+    assert {d.name: d.reason for d in p.decisions}["cut"] == "input is a constant (nothing to quantize at run time)"

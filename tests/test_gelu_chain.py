@@ -12,8 +12,8 @@ from onnx import helper
 
 import onnxpress
 from onnxpress.passes.qdq import GELU_REASON, gelu_chain_nodes
-from onnxpress.runtime import make_session
 from tests import graphs
+from tests.test_qdq import optimized_ops
 
 D, F = 16, 32
 SQRT2 = np.float32(np.sqrt(2.0))
@@ -61,11 +61,6 @@ def _data() -> list[dict[str, np.ndarray]]:
     return [{"X": r.standard_normal((4, 8, D)).astype(np.float32)} for _ in range(4)]
 
 
-def _optimized(model: onnx.ModelProto, tmp_path: Path) -> list[str]:
-    path = tmp_path / "opt.onnx"
-    make_session(model, optimized_model_path=str(path))
-    return [n.op_type for n in onnx.load(str(path)).graph.node]
-
 
 @pytest.mark.parametrize("kind", ["erf", "tanh"])
 def test_gelu_chain_stays_float_and_the_matmuls_integer(kind: str, tmp_path: Path) -> None:
@@ -75,7 +70,7 @@ def test_gelu_chain_stays_float_and_the_matmuls_integer(kind: str, tmp_path: Pat
     expected = {"g_add", "g_mul", "g_half"} if kind == "erf" else {"g_sum", "g_scale", "g_cube", "g_add", "g_xhalf",
                                                                    "g_mul"}  # fmt: skip
     assert chain == expected  # the candidate ops among them (Div, Pow, Erf, Tanh are never quantized)
-    opt = _optimized(result.model, tmp_path)
+    opt = optimized_ops(result.model, tmp_path)
     assert "QLinearMul" not in opt and "QLinearAdd" not in opt
     assert opt.count("MatMulIntegerToFloat") == 2 or opt.count("QGemm") + opt.count("MatMulIntegerToFloat") == 2
     if kind == "erf":  # onnxruntime's fusion of the float chain (with the bias before it)
@@ -95,4 +90,4 @@ def test_chain_with_an_intermediate_read_elsewhere_is_not_a_gelu(kind: str) -> N
 def test_quantize_ops_gelu_quantizes_the_chain(tmp_path: Path) -> None:
     result = onnxpress.quantize(_ffn("erf"), calib=_data(), quantize_ops=["Gelu"])
     assert not any(d.reason == GELU_REASON for d in result.kept_float)
-    assert "QLinearMul" in _optimized(result.model, tmp_path)
+    assert "QLinearMul" in optimized_ops(result.model, tmp_path)

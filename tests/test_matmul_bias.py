@@ -13,8 +13,8 @@ import onnxpress
 from onnxpress.model_io import infer_shapes
 from onnxpress.passes.matmul_bias import MatMulAddToGemm, MatMulBiasToOutputRank
 from onnxpress.pipeline import run_passes
-from onnxpress.runtime import make_session
 from tests import graphs
+from tests.test_qdq import optimized_ops
 
 D, N = 16, 24
 
@@ -43,11 +43,6 @@ def _data(rank: int = 3, batch: int = 2) -> list[dict[str, np.ndarray]]:
     return [{"X": r.standard_normal(shape).astype(np.float32)} for _ in range(4)]
 
 
-def _optimized(model: onnx.ModelProto, tmp_path: Path) -> list[str]:
-    path = tmp_path / "opt.onnx"
-    make_session(model, optimized_model_path=str(path))
-    return [n.op_type for n in onnx.load(str(path)).graph.node]
-
 
 def _bias_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
     inits = {i.name: tuple(i.dims) for i in model.graph.initializer}
@@ -59,7 +54,7 @@ def test_fixed_shape_bias_takes_the_output_rank_and_the_matmuls_stay_integer(tmp
     plain = onnxpress.quantize(model, calib=data, bias_correction=False)
     assert plain.stats["matmul_bias_rank.reshaped"] == 2
     assert _bias_shapes(plain.model) == {"fc1_bias": (1, 1, N), "fc2_bias": (1, 1, D)}
-    opt = _optimized(plain.model, tmp_path)
+    opt = optimized_ops(plain.model, tmp_path)
     assert "Gemm" not in opt and "MatMul" not in opt
     assert opt.count("MatMulIntegerToFloat") + opt.count("QLinearMatMul") + opt.count("QGemm") == 2
     # The same graph with the 1-D biases back: the same numbers (the Add broadcasts alike), but
@@ -70,7 +65,7 @@ def test_fixed_shape_bias_takes_the_output_rank_and_the_matmuls_stay_integer(tmp
         if len(init.dims) == 3 and list(init.dims[:2]) == [1, 1]:
             arr = onnx.numpy_helper.to_array(init).reshape(-1)
             init.CopyFrom(onnx.numpy_helper.from_array(arr, init.name))
-    assert "Gemm" in _optimized(flat, tmp_path)
+    assert "Gemm" in optimized_ops(flat, tmp_path)
     x = data[0]
     np.testing.assert_array_equal(graphs.run(plain.model, x)[0], graphs.run(flat, x)[0])
     ref = graphs.run(model, x)[0]
@@ -103,7 +98,7 @@ def test_rank_two_layers_quantize_to_qgemm_even_with_a_float_output(tmp_path: Pa
     result = onnxpress.quantize(model, calib=data)
     assert result.stats["matmul_add_to_gemm.fused"] == 2
     assert {d.name: d.op for d in result.quantized} == {"fc1": "Gemm", "fc2": "Gemm"}
-    opt = _optimized(result.model, tmp_path)
+    opt = optimized_ops(result.model, tmp_path)
     assert opt.count("QGemm") == 2 and "Gemm" not in opt and "DequantizeLinear" not in opt
     ref = graphs.run(model, data[0])[0]
     out = graphs.run(result.model, data[0], optimize=True)[0]
@@ -146,6 +141,6 @@ def test_reference_transformer_exported_with_a_fixed_batch_runs_every_weight_mat
     x = np.load(Path(__file__).resolve().parents[1] / "models" / "digits32_calib.npz")["input"][:32]
     result = onnxpress.quantize(model, calib=[{"input": x[i : i + 1]} for i in range(32)])
     assert result.stats["matmul_bias_rank.reshaped"] == 13  # 13 weight MatMuls with a bias
-    opt = _optimized(result.model, tmp_path)
+    opt = optimized_ops(result.model, tmp_path)
     assert "Gemm" not in opt and opt.count("MatMulIntegerToFloat") == 13 and opt.count("QGemm") == 1
     assert opt.count("DequantizeLinear") <= 1  # the one before the float head, none on weights

@@ -12,8 +12,8 @@ from onnx import helper
 
 import onnxpress
 from onnxpress.passes.qdq import NORM_REASON, norm_chain_nodes
-from onnxpress.runtime import make_session
 from tests import graphs
+from tests.test_qdq import optimized_ops
 
 D = 16
 
@@ -56,11 +56,6 @@ def _data() -> list[dict[str, np.ndarray]]:
     return [{"X": (3 * r.standard_normal((4, 8, D)) + 1).astype(np.float32)} for _ in range(4)]
 
 
-def _optimized(model: onnx.ModelProto, tmp_path: Path) -> list[str]:
-    path = tmp_path / "opt.onnx"
-    make_session(model, optimized_model_path=str(path))
-    return [n.op_type for n in onnx.load(str(path)).graph.node]
-
 
 @pytest.mark.parametrize("kind", ["layernorm", "rmsnorm"])
 def test_norm_tail_stays_float_and_onnxruntime_fuses_the_norm(kind: str, tmp_path: Path) -> None:
@@ -69,7 +64,7 @@ def test_norm_tail_stays_float_and_onnxruntime_fuses_the_norm(kind: str, tmp_pat
     chain = {d.name for d in result.kept_float if d.reason == NORM_REASON}
     assert chain == ({"n_gamma", "n_beta"} if kind == "layernorm" else {"n_gamma"})
     assert [d.name for d in result.quantized] == ["fc"]
-    opt = _optimized(result.model, tmp_path)
+    opt = optimized_ops(result.model, tmp_path)
     fused = "LayerNormalization" if kind == "layernorm" else "SimplifiedLayerNormalization"
     assert fused in opt and "QLinearMul" not in opt and "QLinearAdd" not in opt
     assert "MatMulIntegerToFloat" in opt

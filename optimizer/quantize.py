@@ -296,7 +296,7 @@ def quantize(
             pre.append(ReduceMeanToGlobalPool())
         if any(n.op_type == "MatMul" for n in cleaned.graph.node):
             # rank-2 MatMul + bias as Gemm: an int32 bias and QGemm, float output or not (passes/matmul_bias.py)
-            pre.append(MatMulAddToGemm())
+            pre.append(MatMulAddToGemm(skip=lambda node: selection.reason(node) is not None))
         if pre:
             prepared = run_passes(infer_shapes(cleaned), pre)
             cleaned, pre_stats = prepared.model, dict(prepared.stats)

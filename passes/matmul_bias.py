@@ -41,6 +41,8 @@ A rank-2 MatMul is left alone (``MatMulAddToGemm`` made it a Gemm).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import onnx_graphsurgeon as gs
 
@@ -50,9 +52,17 @@ __all__ = ["MatMulAddToGemm", "MatMulBiasToOutputRank"]
 
 
 class MatMulAddToGemm:
-    """Fold the bias Add of a rank-2 constant-weight MatMul into a Gemm (module docstring)."""
+    """Fold the bias Add of a rank-2 constant-weight MatMul into a Gemm (module docstring).
+
+    Args:
+        skip: nodes to leave as they are (``quantize`` passes its exclusions, so that ``op:MatMul``
+            still names these layers).
+    """
 
     name = "matmul_add_to_gemm"
+
+    def __init__(self, skip: Callable[[gs.Node], bool] | None = None) -> None:
+        self.skip = skip
 
     def requires(self, graph: gs.Graph) -> None:
         """No preconditions."""
@@ -61,6 +71,8 @@ class MatMulAddToGemm:
         """Rewrite every eligible MatMul + Add; the count is ``fused``."""
         fused = 0
         for node in [n for n in graph.nodes if n.op == "MatMul" and len(n.inputs) == 2]:
+            if self.skip is not None and self.skip(node):
+                continue
             x, w = node.inputs
             if x.shape is None or len(x.shape) != 2 or not is_float_constant(w) or np.asarray(w.values).ndim != 2:
                 continue

@@ -144,3 +144,14 @@ def test_reference_transformer_exported_with_a_fixed_batch_runs_every_weight_mat
     opt = optimized_ops(result.model, tmp_path)
     assert "Gemm" not in opt and opt.count("MatMulIntegerToFloat") == 13 and opt.count("QGemm") == 1
     assert opt.count("DequantizeLinear") <= 1  # the one before the float head, none on weights
+
+
+def test_excluded_matmuls_stay_matmuls(tmp_path: Path) -> None:
+    """``op:MatMul`` and names still reach the rank-2 layers: they are not turned into Gemms first."""
+    model, data = _block(2, rank=2), _data(rank=2)
+    by_op = onnxpress.quantize(model, calib=data, exclude=["op:MatMul"])
+    assert by_op.stats.get("matmul_add_to_gemm.fused", 0) == 0 and not by_op.quantized
+    assert {d.name: d.op for d in by_op.kept_float if d.op == "MatMul"}.keys() == {"fc1", "fc2"}
+    by_name = onnxpress.quantize(model, calib=data, exclude=["fc2"])
+    assert by_name.stats["matmul_add_to_gemm.fused"] == 1
+    assert [d.name for d in by_name.quantized] == ["fc1"] and "MatMul" in [n.op_type for n in by_name.model.graph.node]

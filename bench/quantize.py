@@ -65,14 +65,14 @@ class _Reader:
         self.i = 0
 
 
-def ort_quantize(src: Path, calib: np.ndarray, work: Path, tag: str, **kwargs) -> Path | str:
+def ort_quantize(src: Path, calib: np.ndarray, work: Path, tag: str, reader_batch: int = 50, **kwargs) -> Path | str:
     """quantize_static in QDQ format, run inside ``work``; the output path or the error text."""
     from onnxruntime.quantization import QuantFormat, quantize_static
 
     out = work / f"{src.stem}_{tag}.onnx"
     try:
         with _in_dir(str(work)):
-            quantize_static(str(src), str(out), _Reader(calib), quant_format=QuantFormat.QDQ, **kwargs)
+            quantize_static(str(src), str(out), _Reader(calib, reader_batch), quant_format=QuantFormat.QDQ, **kwargs)
     except Exception as exc:  # the anchor's own failures are part of the result
         return f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
     return out

@@ -37,7 +37,8 @@ from onnxpress.model_io import (
     save_model,
 )
 from onnxpress.passes.global_pool import ReduceMeanToGlobalPool
-from onnxpress.passes.matmul_bias import MatMulAddToGemm, MatMulBiasToOutputRank
+from onnxpress.passes.matmul_bias import MatMulBiasToOutputRank
+from onnxpress.passes.matmul_to_gemm import MatMulAddToGemm
 from onnxpress.passes.qdq import ACTIVATION_TYPES, CompactQDQ, InsertQDQ, NodeDecision, Selection, TensorOverride
 from onnxpress.passes.weight_only import INT4_METHODS, QuantizeWeightsInt4, StoreConstantsInt8
 from onnxpress.pipeline import PipelineResult, cleanup_passes, import_graph, run_passes
@@ -295,7 +296,7 @@ def quantize(
             # spatial-mean heads as GlobalAveragePool: onnxruntime fuses DQ -> pool -> Q (passes/global_pool.py)
             pre.append(ReduceMeanToGlobalPool())
         if any(n.op_type == "MatMul" for n in cleaned.graph.node):
-            # rank-2 MatMul + bias as Gemm: an int32 bias and QGemm, float output or not (passes/matmul_bias.py)
+            # rank-2 MatMul + bias as Gemm: an int32 bias and QGemm, float output or not (passes/matmul_to_gemm.py)
             pre.append(MatMulAddToGemm(skip=lambda node: selection.reason(node) is not None))
         if pre:
             prepared = run_passes(infer_shapes(cleaned), pre)

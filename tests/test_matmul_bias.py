@@ -11,7 +11,8 @@ from onnx import helper
 
 import onnxpress
 from onnxpress.model_io import infer_shapes
-from onnxpress.passes.matmul_bias import MatMulAddToGemm, MatMulBiasToOutputRank
+from onnxpress.passes.matmul_bias import MatMulBiasToOutputRank
+from onnxpress.passes.matmul_to_gemm import MatMulAddToGemm
 from onnxpress.pipeline import run_passes
 from tests import graphs
 from tests.test_qdq import optimized_ops

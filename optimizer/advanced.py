@@ -531,12 +531,13 @@ def prepare_for_quantize(
     batch_size: int = 64,
     max_samples: int | None = 512,
     progress: bool = False,
-    stats: dict[str, Any] | None = None,
+    stats: dict[str, int] | None = None,
+    notes: list[str] | None = None,
 ) -> onnx.ModelProto:
     """The float rewrites that go before InsertQDQ, in order: CLE, SmoothQuant, bias correction.
 
-    ``stats``, when given, receives the passes' counters (``"smoothquant.smoothed"``, ...) and, under
-    ``"<pass>.notes"``, their notes (why an activation or a layer pair was declined).
+    ``stats`` and ``notes``, when given, receive the CLE and SmoothQuant passes' counters
+    (``"smoothquant.smoothed"``, ...) and notes (why an activation or a layer pair was declined).
 
     ``model`` must already be cleaned up (BatchNorm folded); ``onnxpress.quantize`` calls this on
     its cleaned model. Bias correction comes last because it depends on the final weights, and it
@@ -558,15 +559,16 @@ def prepare_for_quantize(
     except ValueError as exc:
         raise OnnxpressError(str(exc)) from None
     stream = {"batch_size": batch_size, "max_samples": max_samples, "progress": progress}
-    out = stats if stats is not None else {}
 
-    def record(result: Any, name: str) -> onnx.ModelProto:
-        out.update(result.stats)
-        out[f"{name}.notes"] = list(result.notes)
+    def record(result: Any) -> onnx.ModelProto:
+        if stats is not None:
+            stats.update(result.stats)
+        if notes is not None:
+            notes.extend(result.notes)
         return result.model
 
     if cle is not None:
-        model = record(run_passes(model, [cle], progress=progress), cle.name)
+        model = record(run_passes(model, [cle], progress=progress))
         if data is not None:  # Nagel et al.'s order: CLE, then absorb what the Relus never cut (exact on data)
             from onnxpress.passes.absorb_bias import AbsorbHighBias
 
@@ -574,13 +576,13 @@ def prepare_for_quantize(
             model = run_passes(model, [AbsorbHighBias(floors)], progress=progress).model
     if smooth is not None:
         names = smoothquant_targets(import_graph(model))
-        stats = collect_channel_stats(model, data, {n: -1 for n in names}, **stream)
-        absmax = {name: obs.max_abs() for name, obs in stats.items()}
-        model = record(run_passes(model, [SmoothQuant(absmax, alpha=smoothquant)], progress=progress), "smoothquant")
+        observed = collect_channel_stats(model, data, {n: -1 for n in names}, **stream)
+        absmax = {name: obs.max_abs() for name, obs in observed.items()}
+        model = record(run_passes(model, [SmoothQuant(absmax, alpha=smoothquant)], progress=progress))
     if bias_correction:
         requests = dict(bias_correction_inputs(import_graph(model)))
-        stats = collect_channel_stats(model, data, requests, spatial=True, **stream)
-        means = {n: m if (m := obs.mean_map()) is not None else obs.mean() for n, obs in stats.items()}
+        observed = collect_channel_stats(model, data, requests, spatial=True, **stream)
+        means = {n: m if (m := obs.mean_map()) is not None else obs.mean() for n, obs in observed.items()}
         model = run_passes(model, [CorrectBias(means, per_channel=per_channel)], progress=progress).model
     return model
 

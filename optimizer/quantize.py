@@ -237,7 +237,8 @@ def quantize(
             "bias correction needs calibration data (calib= / --calib) or BatchNorm statistics before a "
             "layer (the model has none that apply): pass calib, or bias_correction=False"
         )
-    advanced: dict[str, object] = {}
+    advanced_stats: dict[str, int] = {}
+    advanced_notes: list[str] = []  # run_passes prefixes each with its pass name
     if equalize or (bias_correction and calib is not None) or smoothquant is not None:  # onnxpress.advanced
         from onnxpress.advanced import prepare_for_quantize
 
@@ -251,11 +252,9 @@ def quantize(
             batch_size=batch_size,
             max_samples=max_samples,
             progress=progress,
-            stats=advanced,
+            stats=advanced_stats,
+            notes=advanced_notes,
         )
-    advanced_notes = tuple(note for key, notes in advanced.items() if key.endswith(".notes")
-                           for note in notes)  # fmt: skip  (run_passes prefixes each with its pass name)
-    advanced_stats = {k: v for k, v in advanced.items() if isinstance(v, int)}
 
     if codebook is not None:  # weight-only k-means codebooks (onnxpress.advanced, issue 10)
         from onnxpress.advanced import codebook_weights
@@ -347,7 +346,7 @@ def quantize(
         size_before=size_before,
         size_after=result.model.ByteSize(),
         stats={**advanced_stats, **result.stats},
-        notes=advanced_notes,
+        notes=tuple(advanced_notes),
     )
 
 

@@ -61,7 +61,7 @@ class MatMulBiasToOutputRank:
             bias = add.inputs[idx]
             values = np.asarray(bias.values)
             n = values.size
-            if values.ndim > 2 or values.shape[-1] != n or (isinstance(shape[-1], int) and shape[-1] != n):
+            if values.ndim > 2 or values.shape[-1] != n or shape[-1] != n:
                 continue
             bias.values = values.reshape((1,) * (len(shape) - 1) + (n,))
             reshaped += 1

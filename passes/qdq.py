@@ -317,7 +317,7 @@ def _is_float_var(t: gs.Tensor) -> bool:
 def _maybe_float(t: gs.Tensor) -> bool:
     """A tensor of a floating-point (or unknown) element type."""
     if isinstance(t, gs.Constant):
-        return np.issubdtype(np.asarray(t.values).dtype, np.floating)
+        return _is_float_const(t)
     return t.dtype is None or np.issubdtype(np.dtype(t.dtype), np.floating)
 
 

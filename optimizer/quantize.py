@@ -36,6 +36,7 @@ from onnxpress.model_io import (
     normalize_model,
     save_model,
 )
+from onnxpress.passes.flatten_tokens import FlattenTokens
 from onnxpress.passes.global_pool import ReduceMeanToGlobalPool
 from onnxpress.passes.matmul_bias import MatMulBiasToOutputRank
 from onnxpress.passes.matmul_to_gemm import MatMulAddToGemm
@@ -295,6 +296,9 @@ def quantize(
             # spatial-mean heads as GlobalAveragePool: onnxruntime fuses DQ -> pool -> Q (passes/global_pool.py)
             pre.append(ReduceMeanToGlobalPool())
         if any(n.op_type == "MatMul" for n in cleaned.graph.node):
+            # token-wise transformer regions on [rows, features], so their dense layers are rank 2
+            # and the next pass makes them Gemms with an int32 bias (passes/flatten_tokens.py)
+            pre.append(FlattenTokens(skip=lambda node: selection.reason(node) is not None))
             # rank-2 MatMul + bias as Gemm: an int32 bias and QGemm, float output or not (passes/matmul_to_gemm.py)
             pre.append(MatMulAddToGemm(skip=lambda node: selection.reason(node) is not None))
         if pre:

@@ -145,6 +145,11 @@ def run(args: argparse.Namespace) -> int:
         why = [n for n in result.notes if n.startswith("equalize_cross_layer: ")]
         print(f"cross-layer equalization: {pairs} layer pair(s) equalized"
               + (f"; none found ({why[0][len('equalize_cross_layer: '):]})" if not pairs and why else ""))
+    flat = result.stats.get("flatten_tokens.layers", 0)
+    if flat:
+        print(f"ran {result.stats.get('flatten_tokens.regions', 0)} token-wise region(s) on [rows, features] "
+              f"({flat} dense layers; {result.stats.get('flatten_tokens.reshapes_added', 0)} Reshape(s) added), "
+              "so their bias Adds go into the integer kernels")
     gemms = result.stats.get("matmul_add_to_gemm.fused", 0)
     if gemms:
         print(f"fused {gemms} rank-2 MatMul + bias Add into Gemm (same values; an int32 bias and one integer "

@@ -35,6 +35,7 @@ and sequence) are left alone: the way back would need ``Shape`` arithmetic at ev
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 
@@ -67,8 +68,6 @@ def _rows(t: object) -> tuple | None:
     lead = shape[:-1]
     if any(not (isinstance(d, int) and d > 0) and not (isinstance(d, str) and d) for d in lead):
         return None  # unknown dims: two tensors could not be told to have the same rows
-    if sum(not isinstance(d, int) for d in lead) > 1:
-        return None  # the way back needs all dims but one known
     return tuple(lead)
 
 
@@ -144,12 +143,55 @@ def _replace_input(node: gs.Node, old: gs.Tensor, new: gs.Tensor) -> None:
             node.inputs[i] = new
 
 
-def _reshape_target(node: gs.Node) -> bool:
-    """A Reshape whose result depends only on its input's element count (constant target, no copied dims)."""
-    if node.op != "Reshape" or len(node.inputs) != 2 or not isinstance(node.inputs[1], gs.Constant):
+# ops through which a Reshape target carries only what flows into them: dims read by Shape (> 0 for a
+# non-empty tensor) and constants; no arithmetic that could make a 0 (a 0 would copy an input dim)
+_TARGET_FLOW = frozenset({"Concat", "Unsqueeze", "Squeeze", "Gather", "Slice", "Cast", "Identity"})
+
+
+def _no_copied_dims(t: gs.Tensor, depth: int = 0) -> bool:
+    """Whether a Reshape target holds no 0 (constant without zeros, or built from Shape dims and such)."""
+    if isinstance(t, gs.Constant):
+        return not np.any(np.asarray(t.values) == 0)
+    if depth > 8 or not t.inputs:
         return False
-    target = np.asarray(node.inputs[1].values)
-    return bool(int(node.attrs.get("allowzero", 0)) == 1 or not np.any(target == 0))
+    node = t.inputs[0]
+    if node.op == "Shape":
+        return True
+    if node.op not in _TARGET_FLOW:
+        return False
+    values = node.inputs if node.op == "Concat" else node.inputs[:1]
+    return all(_no_copied_dims(x, depth + 1) for x in values)
+
+
+def _reshape_reader(node: gs.Node, t: gs.Tensor) -> bool:
+    """A Reshape of ``t`` whose result depends only on its element count: it can read the rank-2 tensor."""
+    if node.op != "Reshape" or len(node.inputs) != 2 or node.inputs[0] is not t:
+        return False
+    return int(node.attrs.get("allowzero", 0)) == 1 or _no_copied_dims(node.inputs[1])
+
+
+def _leading_dims_reader(node: gs.Node, rank: int) -> bool:
+    """A Shape read only at leading dims (Gather of constant indices < rank - 1): any same-rows tensor will do."""
+    if node.op != "Shape" or "start" in node.attrs or "end" in node.attrs:
+        return False
+    for c in node.outputs[0].outputs:
+        if c.op != "Gather" or int(c.attrs.get("axis", 0)) != 0 or not isinstance(c.inputs[1], gs.Constant):
+            return False
+        idx = np.asarray(c.inputs[1].values).reshape(-1)
+        if idx.size == 0 or np.any((idx >= rank - 1) | (idx < -rank) | (idx == -1)):
+            return False
+    return bool(node.outputs[0].outputs)
+
+
+@dataclasses.dataclass
+class _Plan:
+    """What rewriting one region takes (see ``FlattenTokens._plan``)."""
+
+    entries: list[tuple[gs.Variable, bool]]  # (tensor, its producing Reshape takes [-1, d] in place)
+    exits: list[tuple[gs.Variable, list[gs.Node], list[gs.Node]]]  # (tensor, readers needing rank 3, Shape readers)
+    reference: gs.Variable | None  # a rank >= 3 entry of the same rows, for Shape readers and dynamic targets
+    dynamic: bool  # more than one dynamic leading dim: the way back is built from Shape(reference)
+    cost: int  # nodes added
 
 
 class FlattenTokens:
@@ -170,28 +212,27 @@ class FlattenTokens:
         """No preconditions."""
 
     def __call__(self, graph: gs.Graph) -> PassResult:
-        """Rewrite every region that pays; counts ``regions``, ``layers`` and ``reshapes_added``."""
+        """Rewrite every region that pays; counts ``regions``, ``layers`` and ``nodes_added``."""
         opset = int(getattr(graph, "opset", None) or 17)
         member = {id(n): n for n in graph.nodes if _row_wise(n, opset) is None}
-        regions = self._regions(graph, member)
-        outputs = {id(t) for t in graph.outputs}
+        order = {id(n): i for i, n in enumerate(graph.nodes)}
         fresh = fresh_names(graph_names(graph))
         done = layers = added = 0
-        for nodes in regions:
+        for nodes in self._regions(graph, member):
             ids = {id(n) for n in nodes}
             gain = sum(1 for n in nodes if n.op == "MatMul" and constant_bias_add(n) is not None
                        and (self.skip is None or not self.skip(n)))
-            entries, exits, cost = self._boundary(nodes, ids, outputs)
-            if gain < self.min_layers or gain <= cost:
-                log.debug("flatten_tokens: region of %d nodes declined (%d layers, %d reshapes)",
-                          len(nodes), gain, cost)
+            plan = self._plan(graph, nodes, ids, order)
+            if plan is None or gain < self.min_layers or gain <= plan.cost:
+                log.debug("flatten_tokens: region of %d nodes declined (%d layers, %s nodes to add)",
+                          len(nodes), gain, "no way back" if plan is None else plan.cost)
                 continue
-            added += self._rewrite(graph, nodes, ids, entries, exits, fresh)
+            added += self._rewrite(graph, nodes, ids, plan, fresh)
             done += 1
             layers += gain
         if done:
             graph.cleanup().toposort()
-        return PassResult(graph, done > 0, {"regions": done, "layers": layers, "reshapes_added": added})
+        return PassResult(graph, done > 0, {"regions": done, "layers": layers, "nodes_added": added})
 
     @staticmethod
     def _regions(graph: gs.Graph, member: dict[int, gs.Node]) -> list[list[gs.Node]]:
@@ -206,13 +247,12 @@ class FlattenTokens:
 
         for node in member.values():
             for t in node.inputs:
-                if isinstance(t, gs.Variable) and t.inputs and id(t.inputs[0]) in member:
-                    parent[find(id(t.inputs[0]))] = find(id(node))
-            for t in node.inputs:  # two members reading the same entry tensor share it
-                if isinstance(t, gs.Variable):
-                    for other in t.outputs:
-                        if id(other) in member and other is not node:
-                            parent[find(id(other))] = find(id(node))
+                if not isinstance(t, gs.Variable):
+                    continue
+                # joined through a tensor one member produces, or an entry two members read
+                for other in [*t.inputs, *t.outputs]:
+                    if id(other) in member and other is not node:
+                        parent[find(id(other))] = find(id(node))
         groups: dict[int, list[gs.Node]] = {}
         for node in graph.nodes:
             if id(node) in member:
@@ -220,37 +260,48 @@ class FlattenTokens:
         return list(groups.values())
 
     @staticmethod
-    def _boundary(nodes: list[gs.Node], ids: set[int], outputs: set[int]):
-        """Entry tensors (with whether their producer's target can be rewritten), exit tensors, Reshapes needed."""
+    def _plan(graph: gs.Graph, nodes: list[gs.Node], ids: set[int], order: dict[int, int]) -> _Plan | None:
+        """Entries, exits and what the way back needs; None when it cannot be built."""
+        outputs = {id(t) for t in graph.outputs}
+        lead = _rows(nodes[0].outputs[0])
+        rank = len(lead) + 1
+        dynamic = sum(not isinstance(d, int) for d in lead) > 1
         entries: dict[int, tuple[gs.Variable, bool]] = {}
-        exits: dict[int, gs.Variable] = {}
-        cost = 0
+        exits = []
         for node in nodes:
             for t in node.inputs:
-                if not isinstance(t, gs.Variable) or id(t) in entries:
-                    continue
-                if t.inputs and id(t.inputs[0]) in ids:
-                    continue
-                in_place = (bool(t.inputs) and _reshape_target(t.inputs[0]) and id(t) not in outputs
-                            and all(id(c) in ids for c in t.outputs))
-                entries[id(t)] = (t, in_place)
-                cost += not in_place
-            for t in node.outputs[:1]:
-                outside = [c for c in t.outputs if id(c) not in ids]
-                if id(t) in outputs or outside:
-                    exits[id(t)] = t
-                    cost += id(t) in outputs or any(not _reshape_target(c) for c in outside)
-        return entries, exits, cost
+                if isinstance(t, gs.Variable) and id(t) not in entries and not (t.inputs and id(t.inputs[0]) in ids):
+                    # a Reshape made it and only members read it: that Reshape can target [-1, d] itself
+                    in_place = (bool(t.inputs) and t.inputs[0].op == "Reshape" and id(t) not in outputs
+                                and all(id(c) in ids for c in t.outputs))
+                    entries[id(t)] = (t, in_place)
+            t = node.outputs[0]
+            outside = [c for c in t.outputs if id(c) not in ids]
+            shapes = [c for c in outside if _leading_dims_reader(c, rank)]
+            need = [c for c in outside if c not in shapes and not _reshape_reader(c, t)]
+            if need or shapes or id(t) in outputs:
+                exits.append((t, need, shapes))
+        backs = [t for t, need, _ in exits if need or id(t) in outputs]
+        need_reference = any(shapes for _, _, shapes in exits) or (dynamic and backs)
+        reference = None
+        if need_reference:
+            first = min(entries.values(), key=lambda e: order.get(id(e[0].inputs[0]), -1) if e[0].inputs else -1)
+            reference = first[0]
+            entries[id(reference)] = (reference, False)  # it must stay rank 3
+        cost = sum(not in_place for _, in_place in entries.values()) + len(backs)
+        if dynamic and backs:
+            cost += 2 + len({int(t.shape[-1]) for t in backs})  # Shape, Gather, a Concat per width
+        return _Plan(list(entries.values()), exits, reference, dynamic, cost)
 
     @staticmethod
-    def _rewrite(graph: gs.Graph, nodes: list[gs.Node], ids: set[int], entries, exits, fresh) -> int:
+    def _rewrite(graph: gs.Graph, nodes: list[gs.Node], ids: set[int], plan: _Plan, fresh) -> int:
         added = 0
         width = {}  # id(tensor) -> last dim, read before any shape changes
         for node in nodes:
             for t in list(node.inputs) + list(node.outputs[:1]):
                 if isinstance(t, gs.Variable):
                     width[id(t)] = int(t.shape[-1])
-        for t, in_place in entries.values():
+        for t, in_place in plan.entries:
             d = width[id(t)]
             flat_shape = gs.Constant(fresh(f"{t.name}_rows_shape"), np.array([-1, d], np.int64))
             if in_place:
@@ -263,19 +314,41 @@ class FlattenTokens:
             for c in list(t.outputs):
                 if id(c) in ids:
                     _replace_input(c, t, flat)
-        graph_outputs = {id(t): i for i, t in enumerate(graph.outputs)}
-        back: dict[int, tuple[gs.Variable, list]] = {}
-        for t in exits.values():
-            back[id(t)] = (t, list(t.shape))
+        shapes = {id(t): list(t.shape) for t, _, _ in plan.exits}
         for node in nodes:
             y = node.outputs[0]
             y.shape = [None, width[id(y)]]
             FlattenTokens._fit_node(node, fresh)
-        for t, shape in back.values():
-            outside = [c for c in t.outputs if id(c) not in ids and not _reshape_target(c)]
-            if not outside and id(t) not in graph_outputs:
-                continue  # read only by Reshapes with constant targets: they take the rank-2 tensor
-            target = np.array([d if isinstance(d, int) else -1 for d in shape], np.int64)
+        graph_outputs = {id(t): i for i, t in enumerate(graph.outputs)}
+        leading: gs.Variable | None = None
+        targets: dict[int, gs.Tensor] = {}
+        for t, need, shape_readers in plan.exits:
+            for c in shape_readers:
+                _replace_input(c, t, plan.reference)
+            if not need and id(t) not in graph_outputs:
+                continue  # read only by Reshapes that need no input dims, and by Shapes now of the reference
+            shape, d = shapes[id(t)], width[id(t)]
+            if d not in targets:
+                if not plan.dynamic:
+                    targets[d] = gs.Constant(fresh(f"{t.name}_tokens_shape"),
+                                             np.array([x if isinstance(x, int) else -1 for x in shape], np.int64))
+                else:
+                    if leading is None:  # Shape(reference)[:-1], once per region
+                        dims = gs.Variable(fresh(f"{plan.reference.name}_shape"), dtype=np.int64)
+                        leading = gs.Variable(fresh(f"{plan.reference.name}_leading"), dtype=np.int64)
+                        idx = gs.Constant(fresh(f"{plan.reference.name}_leading_idx"),
+                                          np.arange(len(shape) - 1, dtype=np.int64))
+                        graph.nodes += [gs.Node("Shape", fresh(f"{plan.reference.name}_shape"),
+                                                inputs=[plan.reference], outputs=[dims]),
+                                        gs.Node("Gather", fresh(f"{plan.reference.name}_leading"),
+                                                inputs=[dims, idx], outputs=[leading], attrs={"axis": 0})]
+                        added += 2
+                    targets[d] = gs.Variable(fresh(f"tokens_{d}_shape"), dtype=np.int64)
+                    graph.nodes.append(gs.Node("Concat", fresh(f"tokens_{d}_shape"), attrs={"axis": 0},
+                                               inputs=[leading, gs.Constant(fresh(f"width_{d}"),
+                                                                            np.array([d], np.int64))],
+                                               outputs=[targets[d]]))
+                    added += 1
             if id(t) in graph_outputs:
                 name = t.name
                 t.name = fresh(f"{name}_rows")
@@ -283,11 +356,9 @@ class FlattenTokens:
                 graph.outputs[graph_outputs[id(t)]] = out
             else:
                 out = gs.Variable(fresh(f"{t.name}_tokens"), dtype=t.dtype, shape=shape)
-            graph.nodes.append(gs.Node("Reshape", fresh(f"{t.name}_to_tokens"),
-                                       inputs=[t, gs.Constant(fresh(f"{t.name}_tokens_shape"), target)],
-                                       outputs=[out]))
+            graph.nodes.append(gs.Node("Reshape", fresh(f"{t.name}_to_tokens"), inputs=[t, targets[d]], outputs=[out]))
             added += 1
-            for c in outside:
+            for c in need:
                 _replace_input(c, t, out)
         return added
 

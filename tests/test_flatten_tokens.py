@@ -22,11 +22,13 @@ S, D, F = 4, 8, 16
 
 
 def _encoder(batch: int | str = "batch", seq: int | str = S, *, layers: int = 1, pos: bool = True,
-             mean_read: bool = False, opset: int = graphs.OPSET, seed: int = 0) -> onnx.ModelProto:
+             mean_read: bool = False, opset: int = graphs.OPSET, seed: int = 0,
+             traced_heads: bool = False) -> onnx.ModelProto:
     """A pre-LN encoder block stack on X[batch, S, D], head Y = mean over tokens, and the heads Q.
 
         X -> Add(pos[1,S,D]) -> h
-        per layer:  h -> LN -> MatMul(Wq) + bq -> Reshape[-1,S,2,D/2] -> Q_i   (a graph output)
+        per layer:  h -> LN -> MatMul(Wq) + bq -> Reshape[-1,S,2,D/2] -> Q_i   (a graph output; with
+                    traced_heads the target is Concat(Shape(q)[0], Shape(q)[1], 2, D/2), as TorchScript writes it)
                     h -> LN -> MatMul(W1) + b1 -> GELU (Div, Erf, Add, Mul, Mul) -> MatMul(W2) + b2 -> Add(h) -> h
         h -> ReduceMean(last axis, keepdims) -> Sub -> ... (an RMS-style norm written out) -> ReduceMean(axis 1) -> Y
     """
@@ -51,11 +53,25 @@ def _encoder(batch: int | str = "batch", seq: int | str = S, *, layers: int = 1,
         inits[f"W1_{i}"] = (r.standard_normal((D, F)) / np.sqrt(D)).astype(np.float32)
         inits[f"W2_{i}"] = (r.standard_normal((F, D)) / np.sqrt(F)).astype(np.float32)
         ln_out = [f"ln{i}"] + ([f"ln{i}_mean"] if mean_read and i == 0 else [])
+        if traced_heads:
+            inits.update({"zero": np.array(0, np.int64), "one_i": np.array(1, np.int64),
+                          "ax0": np.array([0], np.int64), "rest": np.array([2, D // 2], np.int64)})
+            traced = [helper.make_node("Shape", [f"q{i}_b"], [f"q{i}_shape"]),
+                      helper.make_node("Gather", [f"q{i}_shape", "zero"], [f"q{i}_n"]),
+                      helper.make_node("Shape", [f"q{i}_b"], [f"q{i}_shape2"]),
+                      helper.make_node("Gather", [f"q{i}_shape2", "one_i"], [f"q{i}_s"]),
+                      helper.make_node("Unsqueeze", [f"q{i}_n", "ax0"], [f"q{i}_n1"]),
+                      helper.make_node("Unsqueeze", [f"q{i}_s", "ax0"], [f"q{i}_s1"]),
+                      helper.make_node("Concat", [f"q{i}_n1", f"q{i}_s1", "rest"], [f"heads{i}"], axis=0)]
+        else:
+            traced = []
         nodes += [
             helper.make_node("LayerNormalization", [h, f"ln{i}_g", f"ln{i}_b"], ln_out, axis=-1, name=f"ln{i}"),
             helper.make_node("MatMul", [f"ln{i}", f"Wq{i}"], [f"q{i}_mm"], name=f"q{i}"),
             helper.make_node("Add", [f"q{i}_mm", f"bq{i}"], [f"q{i}_b"], name=f"q{i}_bias"),
-            helper.make_node("Reshape", [f"q{i}_b", "heads"], [f"Q{i}"], name=f"q{i}_heads"),
+            *traced,
+            helper.make_node("Reshape", [f"q{i}_b", f"heads{i}" if traced_heads else "heads"], [f"Q{i}"],
+                             name=f"q{i}_heads"),
             helper.make_node("MatMul", [f"ln{i}", f"W1_{i}"], [f"f{i}_mm"], name=f"ffn1_{i}"),
             helper.make_node("Add", [f"f{i}_mm", f"b1_{i}"], [f"f{i}_b"], name=f"ffn1_{i}_bias"),
             helper.make_node("Div", [f"f{i}_b", "sqrt2"], [f"g{i}_d"]),
@@ -113,7 +129,7 @@ def test_encoder_runs_on_rows_with_the_same_outputs() -> None:
     model = _encoder(layers=2)
     result = _flatten(model)
     assert result.stats["flatten_tokens.regions"] == 1 and result.stats["flatten_tokens.layers"] == 6
-    assert result.stats["flatten_tokens.reshapes_added"] == 2  # into rows; back to T, which the mean also reads
+    assert result.stats["flatten_tokens.nodes_added"] == 2  # into rows; back to T, which the mean also reads
     graph_outputs = [(o.name, len(o.type.tensor_type.shape.dim)) for o in result.model.graph.output]
     assert graph_outputs == [("Y", 2), ("T", 3), ("Q0", 4), ("Q1", 4)]
     shapes = {vi.name: len(vi.type.tensor_type.shape.dim) for vi in infer_shapes(result.model).graph.value_info}
@@ -133,7 +149,8 @@ def test_reductions_with_axes_as_inputs_opset_18() -> None:
     ("why", "kwargs", "flatten"),
     [
         ("fewer dense layers (3) than min_layers", {"layers": 1}, {"min_layers": 4}),
-        ("two dynamic dims (batch and sequence)", {"layers": 2, "seq": "seq", "pos": False}, {}),
+        ("costs 7 nodes (two dynamic dims, heads copying dims with 0) for 6 bias Adds",
+         {"layers": 2, "seq": "seq", "pos": False}, {}),
         ("every dense layer excluded", {"layers": 2}, {"skip": lambda node: node.op == "MatMul"}),
     ],
 )
@@ -216,7 +233,7 @@ def test_cli_says_what_it_flattened(tmp_path: Path, capsys: pytest.CaptureFixtur
     np.savez(data, X=np.concatenate([_feed(4, seed=s)["X"] for s in range(4)]))
     assert main(["quantize", str(src), "-o", str(out), "--calib", str(data), "-q"]) == 0
     said = capsys.readouterr().out
-    assert "ran 1 token-wise region(s) on [rows, features] (6 dense layers; 2 Reshape(s) added)" in said
+    assert "ran 1 token-wise region(s) on [rows, features] (6 dense layers; 2 node(s) added)" in said
     assert "fused 6 rank-2 MatMul + bias Add into Gemm" in said
 
 
@@ -244,3 +261,32 @@ def test_softmax_without_axis_is_row_wise_only_from_opset_13(opset: int, softmax
     shapes = {vi.name: len(vi.type.tensor_type.shape.dim) for vi in infer_shapes(result.model).graph.value_info}
     assert shapes["sm"] == softmax_rank
     _same(model, result.model)
+
+
+def test_two_dynamic_dims_go_back_through_the_shape_of_an_entry() -> None:
+    """Batch and sequence dynamic: the way back is Reshape(Concat(Shape(X)[:2], [d])), built once per width."""
+    model = _encoder(seq="seq", pos=False, layers=3)
+    result = _flatten(model)
+    assert result.stats["flatten_tokens.layers"] == 9
+    ops = [n.op_type for n in result.model.graph.node]
+    assert ops.count("Shape") == 1 and ops.count("Concat") == 1  # one width (D) leaves the region
+    for length in (3, 6):
+        x = {"X": graphs.rng(length).standard_normal((2, length, D)).astype(np.float32)}
+        for w, g in zip(graphs.run(model, x), graphs.run(result.model, x), strict=True):
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("seq", [S, "seq"])
+def test_traced_heads_read_the_shape_of_an_entry_and_take_rank_2(seq: int | str) -> None:
+    """TorchScript style: Shape(q)[0], Shape(q)[1] now read the entry; the computed target has no 0: no way back."""
+    model = _encoder(seq=seq, pos=False, layers=2, traced_heads=True)
+    result = _flatten(model)
+    assert result.stats["flatten_tokens.layers"] == 6
+    graph = result.model.graph
+    assert {n.input[0] for n in graph.node if n.op_type == "Shape"} == {"X"}
+    # X into rows; T back (by a constant target, or with a dynamic sequence Shape, Gather, Concat first)
+    assert result.stats["flatten_tokens.nodes_added"] == (2 if seq == S else 5)
+    for length in (2, 5) if seq == "seq" else (S,):
+        x = {"X": graphs.rng(length).standard_normal((3, length, D)).astype(np.float32)}
+        for w, g in zip(graphs.run(model, x), graphs.run(result.model, x), strict=True):
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)

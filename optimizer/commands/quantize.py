@@ -148,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
     flat = result.stats.get("flatten_tokens.layers", 0)
     if flat:
         print(f"ran {result.stats.get('flatten_tokens.regions', 0)} token-wise region(s) on [rows, features] "
-              f"({flat} dense layers; {result.stats.get('flatten_tokens.reshapes_added', 0)} Reshape(s) added), "
+              f"({flat} dense layers; {result.stats.get('flatten_tokens.nodes_added', 0)} node(s) added), "
               "so their bias Adds go into the integer kernels")
     gemms = result.stats.get("matmul_add_to_gemm.fused", 0)
     if gemms:

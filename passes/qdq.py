@@ -596,6 +596,10 @@ class InsertQDQ:
                 end = ends[nid][0]
                 if id(end) in graph_outputs or not any(id(c) in quantized for c in end.outputs):
                     continue
+                prod = n.inputs[0].inputs[0] if n.inputs and n.inputs[0].inputs else None
+                if n.op == "MaxPool" and prod is not None and host_of.get(id(prod), id(prod)) in float_convs:
+                    reasons[nid] = "reads a float Conv: pooled in float (blocked layout), quantized after the pool"
+                    continue
                 why = eligible(n)
                 if why:
                     reasons[nid] = why
@@ -676,8 +680,10 @@ class InsertQDQ:
         ``Min/Max(t, c)`` that ``EqualizeCrossLayer(clip="split")`` puts after a Relu). Nothing else is
         touched, so no quantized producer loses its fusion. Measured (2 threads, batch 64, fp32 = 1): MobileNet stem +
         first depthwise float 0.50-0.58 vs 0.83-0.89 all int8; a lone stem before deep convs gains
-        nothing (ResNet 0.28-0.31 vs 0.25-0.32, and 0.47 vs 0.35 at batch 1), and before a MaxPool
-        it loses (ConcatNet 0.48 vs 0.28: onnxruntime moves the Q above the pool and runs it NCHW uint8).
+        nothing (ResNet 0.28-0.31 vs 0.25-0.32, and 0.47 vs 0.35 at batch 1). A shallow input Conv whose
+        output only goes through a downsampling MaxPool stays float too, and so does the pool (see
+        ``_POOL_BARRIER``): the float-to-int8 handover then happens on a quarter of the values
+        (ConcatNet, 2 threads: 0.480 -> 0.337 at batch 64, 0.547 -> 0.454 at batch 1, +2.85 dB).
         """
         if n.op != "Conv" or not self.min_conv_depth or _conv_depth(n) >= self.min_conv_depth:
             return None
@@ -693,6 +699,9 @@ class InsertQDQ:
             while end is not None and len(end.outputs) == 1 and _bounded_input(end.outputs[0]) is end:
                 end = end.outputs[0].outputs[0]
             consumers = end.outputs if end is not None else []
+            if consumers and all(c.op == "MaxPool" and _downsamples(c) for c in consumers):
+                return (f"reduction depth {_conv_depth(n)} < {self.min_conv_depth} at the input, before a pool: "
+                        "fp32 conv and pool, quantized after the pool")
             if not consumers or not all(
                 c.op == "Conv" and isinstance(c.inputs[1], gs.Constant) and _conv_depth(c) < self.min_conv_depth
                 for c in consumers
@@ -844,7 +853,12 @@ class InsertQDQ:
             scale, zp = qp_consts(name, qp)
             q_out = gs.Variable(fresh(f"{name}_q"), dtype=qp.zero_point.dtype, shape=t.shape)
             dq_out = gs.Variable(fresh(f"{name}_dq"), dtype=np.float32, shape=t.shape)
-            q_node = gs.Node("QuantizeLinear", fresh(f"{name}_Q"), attrs(qp), [t, scale, zp], [q_out])
+            q_in = t
+            prod = t.inputs[0] if t.inputs else None
+            if prod is not None and prod.op == "MaxPool" and id(prod) not in quantized and qp.axis is None:
+                q_in = gs.Variable(fresh(f"{name}_kept_float"), dtype=np.float32, shape=t.shape)
+                new_nodes.append(_pool_barrier(t, q_in, qp, fresh))
+            q_node = gs.Node("QuantizeLinear", fresh(f"{name}_Q"), attrs(qp), [q_in, scale, zp], [q_out])
             dq_node = gs.Node("DequantizeLinear", fresh(f"{name}_DQ"), attrs(qp), [q_out, scale, zp], [dq_out])
             consumers = [c for c in t.outputs if c is not q_node]
             redirect_all = name in produced_by_quantized
@@ -1088,6 +1102,27 @@ def _bounded_input(node: gs.Node) -> gs.Tensor | None:
     if len(var) != 1 or not any(_is_float_const(x) for x in node.inputs):
         return None
     return var[0]
+
+
+def _downsamples(pool: gs.Node) -> bool:
+    """A pool with strides of product >= 4 (2x2): it leaves at most a quarter of the values."""
+    return int(np.prod(pool.attrs.get("strides", [1]))) >= 4
+
+
+# onnxruntime's QDQ propagation moves a Q that follows a MaxPool above it, so the pool would run on
+# uint8 in NCHW (ConcatNet stem at batch 64: 1920 us, against a float pool fused into the blocked
+# layout). A Max between them stops that: Max(x, c) with c the real value of the lowest quantized
+# level changes nothing Q can see (below c, Q saturates to that level anyway), and onnxruntime
+# neither removes it nor moves a Q through it (tests/test_qdq.py checks both).
+_POOL_BARRIER = "Max"
+
+
+def _pool_barrier(t: gs.Variable, out: gs.Variable, qp: QParams, fresh) -> gs.Node:
+    """``out = Max(t, lowest level of qp)``: the float pool's output as its Q will see it."""
+    qmin = np.iinfo(np.asarray(qp.zero_point).dtype).min
+    low = np.asarray((float(qmin) - float(np.asarray(qp.zero_point))) * float(np.asarray(qp.scale)), np.float32)
+    return gs.Node(_POOL_BARRIER, fresh(f"{t.name}_floor"), inputs=[t, gs.Constant(fresh(f"{t.name}_floor_c"), low)],
+                   outputs=[out])
 
 
 def _conv_depth(conv: gs.Node) -> int:

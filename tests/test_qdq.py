@@ -593,6 +593,73 @@ def _assert_float_frontier(model: onnx.ModelProto, tmp_path: Path) -> None:
     assert sqnr_db(run(model, x)[0], run(q, x)[0]) > 30
 
 
+def _pooled_stem(strides: int = 2) -> onnx.ModelProto:
+    """X[N,1,16,16] -> stem Conv(1->16, 3x3) -> Relu -> MaxPool(2x2, stride) -> Conv(16->16) -> Relu -> Conv -> Y."""
+    r = rng(21)
+    inits = {"Ws": r.standard_normal((16, 1, 3, 3)).astype(np.float32),
+             "W1": (r.standard_normal((16, 16, 3, 3)) * 0.2).astype(np.float32),
+             "W2": (r.standard_normal((16, 16, 3, 3)) * 0.2).astype(np.float32)}
+    nodes = [
+        helper.make_node("Conv", ["X", "Ws"], ["s"], name="stem", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["s"], ["sr"]),
+        helper.make_node("MaxPool", ["sr"], ["p"], name="pool", kernel_shape=[2, 2], strides=[strides, strides]),
+        helper.make_node("Conv", ["p", "W1"], ["c1"], name="c1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "W2"], ["Y"], name="c2", pads=[1, 1, 1, 1]),
+    ]
+    side = 16 // strides if strides > 1 else 15
+    return make_model(nodes, [("X", ["N", 1, 16, 16])], [("Y", ["N", 16, side, side])], inits)
+
+
+def test_shallow_stem_before_a_downsampling_pool_stays_float_with_the_pool(tmp_path: Path) -> None:
+    """The stem and its MaxPool run in float; the Q after the pool sits behind a Max that onnxruntime keeps."""
+    model = _pooled_stem()
+    x = feeds_for(model)
+    p, q = quantize_graph(model, x)
+    dec = {d.name: d for d in p.decisions}
+    assert not dec["stem"].quantized and "before a pool" in dec["stem"].reason
+    assert not dec["pool"].quantized and "pooled in float" in dec["pool"].reason
+    assert dec["c1"].quantized and dec["c2"].quantized
+    assert [n.op_type for n in q.graph.node].count("Max") == 1
+    opt = optimized_ops(q, tmp_path)
+    assert opt.index("MaxPool") < opt.index("QuantizeLinear")  # the pool is float: before the first Q
+    assert opt.count("QLinearConv") == 1  # c1 (c2 feeds the graph output)
+    assert sqnr_db(run(model, x)[0], run(q, x)[0]) > 30
+
+
+def test_pool_barrier_is_what_keeps_the_pool_float_and_changes_no_value(tmp_path: Path) -> None:
+    """Without the Max onnxruntime moves the Q above the pool (a uint8 pool); with it the outputs are identical."""
+    model = _pooled_stem()
+    x = feeds_for(model)
+    _, q = quantize_graph(model, x)
+    barrier = next(n for n in q.graph.node if n.op_type == "Max")
+    low = numpy_helper.to_array(next(i for i in q.graph.initializer if i.name == barrier.input[1]))
+    q_node = next(n for n in q.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == barrier.output[0])
+    scale = numpy_helper.to_array(next(i for i in q.graph.initializer if i.name == q_node.input[1]))
+    zp = numpy_helper.to_array(next(i for i in q.graph.initializer if i.name == q_node.input[2]))
+    assert float(low) == pytest.approx((0 - int(zp)) * float(scale))  # the real value of uint8 level 0
+    bare = onnx.ModelProto()
+    bare.CopyFrom(q)
+    for n in bare.graph.node:
+        if n.op_type == "QuantizeLinear" and n.input[0] == barrier.output[0]:
+            n.input[0] = barrier.input[0]
+    keep = [n for n in bare.graph.node if n.op_type != "Max"]
+    del bare.graph.node[:]
+    bare.graph.node.extend(keep)
+    opt = optimized_ops(bare, tmp_path)
+    assert opt.index("QuantizeLinear") < opt.index("MaxPool")  # onnxruntime moved the Q above the pool
+    for w, g in zip(run(bare, x), run(q, x), strict=True):
+        np.testing.assert_array_equal(g, w)
+
+
+def test_pool_that_does_not_downsample_leaves_the_shallow_stem_quantized() -> None:
+    """A stride-1 pool keeps every value: the handover would not shrink, so the stem is quantized as before."""
+    model = _pooled_stem(strides=1)
+    p, _ = quantize_graph(model, feeds_for(model))
+    dec = {d.name: d for d in p.decisions}
+    assert dec["stem"].quantized and dec["pool"].quantized
+
+
 def test_join_of_quantized_outputs_is_quantized(tmp_path: Path) -> None:
     """An Add of two quantized Conv outputs becomes QLinearAdd even when only float ops follow it."""
     r = rng(16)

@@ -1,6 +1,7 @@
 """Advanced post-training methods, side by side in one run (onnxruntime CPU, test split logits).
 
     python bench/advanced_ptq.py [--models models] [--method mse] [--max-samples 500] [--sections abc]
+                                 [--int8-method rtn]
 
 A. Depthwise CNN (mobilenet), int8 weights **per tensor**, uint8 activations: plain QDQ vs +BC vs
    +CLE (clip='skip' | 'split' exact | 'relu' lossy: Nagel et al.'s ReLU6 -> ReLU) vs +CLE+BC.
@@ -189,7 +190,7 @@ def section_a(args, models: Path, calib: Path, x: np.ndarray, labels: np.ndarray
     plain_db = plain_w = None
     for name, model, pairs, bc in variants:
         q = quantize(model, calib=str(calib), method=args.method, per_channel=False, max_samples=args.max_samples,
-                     bias_correction=bc)
+                     bias_correction=bc, int8_method=args.int8_method)
         yq = logits(q.model, x)
         w_model = advanced.correct_bias(model, str(calib), per_channel=False, max_samples=args.max_samples).model
         yw = logits(weight_only(w_model if bc else model, per_channel=False), x)
@@ -204,7 +205,7 @@ def section_a(args, models: Path, calib: Path, x: np.ndarray, labels: np.ndarray
                          f"{accuracy(act, labels):.4f}"])
     for bc in (False, True):
         per_ch = quantize(base, calib=str(calib), method=args.method, per_channel=True, max_samples=args.max_samples,
-                          bias_correction=bc)
+                          bias_correction=bc, int8_method=args.int8_method)
         yc = logits(per_ch.model, x)
         yw = sqnr(ref, logits(weight_only(base, per_channel=True), x)) if not bc else float("nan")
         rows.append([f"(per-channel int8{' +BC' if bc else ''}, for reference)", "-", f"{sqnr(ref, yc):.2f}",
@@ -291,7 +292,8 @@ def section_b(args, models: Path, calib: Path, x: np.ndarray, labels: np.ndarray
                 model, smoothed = res.model, str(res.stats["smoothquant.smoothed"])
                 y_float = logits(model, x)
                 assert np.max(np.abs(y_float - ref)) <= 1e-4 * np.max(np.abs(ref)), "SmoothQuant changed float logits"
-            q = quantize(model, calib=str(calib), method=args.method, per_channel=True, max_samples=args.max_samples)
+            q = quantize(model, calib=str(calib), method=args.method, per_channel=True, max_samples=args.max_samples,
+                         int8_method=args.int8_method)
             yq = logits(q.model, x)
             rows.append([label, "plain" if alpha is None else f"SmoothQuant a={alpha}", smoothed,
                          f"{sqnr(ref, yq):.2f}", f"{accuracy(yq, labels):.4f}"])
@@ -404,6 +406,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-samples", type=int, default=500, help="calibration samples")
     ap.add_argument("--repeats", type=int, default=30, help="timing repeats (interleaved)")
     ap.add_argument("--sections", default="abc", help="which sections to run (subset of 'abc')")
+    ap.add_argument("--int8-method", default="rtn", choices=("rtn", "gptq"),
+                    help="int8 weight rounding of sections A and B (rtn: the rounding their comparisons were "
+                         "published with; quantize's default with data is gptq)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)
     models = Path(args.models)

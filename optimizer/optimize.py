@@ -292,7 +292,8 @@ def measure_float_penalties(m0: onnx.ModelProto, calib: object, space: SearchSpa
     def late() -> bool:
         return deadline is not None and time.monotonic() > deadline
 
-    base = quantize(m0, calib=calib, method=method, max_samples=256, bias_correction=False)  # timed only
+    base = quantize(m0, calib=calib, method=method, max_samples=256, bias_correction=False,
+                    int8_method="rtn")  # timed only
     models = [base.model]
     for lay in tqdm(space.layers, desc="float penalties", unit="layer", disable=not progress):
         if late():

@@ -19,6 +19,9 @@ when a layer was split by ``lowrank`` both its factor nodes stay float. ``quanti
 ``quantize.weights: "int4"`` instead makes the step weight-only (every eligible MatMul/Gemm not in
 ``exclude`` to ``MatMulNBits``, no QDQ at all). ``quantize.bias_correction`` (default true, as in
 ``onnxpress quantize``) corrects the int8 layers' biases on the calibration data; int4 steps ignore it.
+``quantize.int8_method`` is "rtn" (round to nearest) unless a recipe says "gptq": recipes written before
+the field existed build the same bytes, and the search, which builds dozens of candidates, does not pay
+the extra pass over the data for each (``onnxpress quantize`` defaults to "gptq" with data).
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ _KEYS: dict[str, dict[str, Any]] = {
         "activations": "uint8",
         "per_channel": True,
         "bias_correction": True,
+        "int8_method": "rtn",
         "max_samples": 256,
         "batch_size": 64,
     },
@@ -142,6 +146,8 @@ def validate_recipe(recipe: Mapping[str, Any]) -> dict[str, Any]:
                 raise _bad(where, f"activations must be uint8 or int8, got {full['activations']!r}")
             if not isinstance(full["bias_correction"], bool):
                 raise _bad(where, f"bias_correction must be true or false, got {full['bias_correction']!r}")
+            if full["int8_method"] not in ("rtn", "gptq"):
+                raise _bad(where, f"int8_method must be rtn or gptq, got {full['int8_method']!r}")
         if name == "finetune":
             for key in ("lr", "temperature"):
                 if isinstance(full[key], bool) or not isinstance(full[key], (int, float)) or not full[key] > 0:
@@ -338,6 +344,7 @@ def apply_recipe(
                                int4_layers=step["int4_layers"],
                                activations=step["activations"], per_channel=step["per_channel"],
                                bias_correction=step["bias_correction"] and step["weights"] == "int8",
+                               int8_method=step["int8_method"] if step["weights"] == "int8" else None,
                                max_samples=step["max_samples"], batch_size=step["batch_size"],
                                progress=progress).model
     return current

@@ -58,6 +58,7 @@ __all__ = [
     "StoreConstantsInt8",
     "dequantize_blocks",
     "gptq_blocks",
+    "gptq_rows",
     "quantize_blocks",
     "store_constants_int8",
 ]
@@ -236,6 +237,80 @@ def gptq_blocks(
     if symmetric:
         return (out - 8).astype(np.int8), scale, None
     return out.astype(np.uint8), scale, zero
+
+
+def gptq_rows(
+    rows: np.ndarray,
+    scale: np.ndarray | float,
+    hessian: np.ndarray,
+    *,
+    qmax: int = 127,
+    damp: float = 0.01,
+    act_order: bool = True,
+) -> np.ndarray:
+    """GPTQ rounding of weight rows onto symmetric uniform grids: integer codes ``k`` with ``rows ~ scale * k``.
+
+    The int8 counterpart of :func:`gptq_blocks` (written by hand for the same reason): the grid of
+    row ``c`` is ``scale[c] * k`` for ``k`` in ``[-qmax, qmax]`` (per-channel int8 as InsertQDQ
+    stores it, zero point 0); only which level each weight takes changes, chosen column by column
+    so that the error already made is spread over the columns not yet rounded, minimising
+    ``tr(Δ H Δᵀ)`` (the layer's output error on inputs with second moments ``H``) instead of ``|Δ|²``.
+
+    Args:
+        rows: ``[C, M]`` float weights, one output channel per row, columns in ``hessian``'s order.
+        scale: ``[C]`` per-row steps, or one step for every row.
+        hessian: ``E[x xᵀ]`` of the layer's input, ``[M, M]``, or ``[C, M, M]`` with one per row (a
+            depthwise conv, each channel reading its own input channel).
+        qmax: largest code magnitude.
+        damp: added to the diagonal, as a fraction of its mean.
+        act_order: round the columns with the largest ``H_jj`` first.
+
+    Returns:
+        ``[C, M]`` int64 codes in ``[-qmax, qmax]``.
+
+    Raises:
+        ValueError: shapes that do not fit, a non-finite ``hessian``, or one not positive definite
+            even with 100x damping.
+    """
+    w = np.asarray(rows, np.float64)
+    c, m = w.shape
+    s = np.broadcast_to(np.asarray(scale, np.float64), (c,)).copy()
+    s[s <= 0] = 1.0  # an all-zero row: every code is 0 whatever the step
+    h = np.asarray(hessian, np.float64)
+    if h.shape == (c, m, m) and h.shape != (m, m):
+        return np.concatenate([gptq_rows(w[i : i + 1], s[i : i + 1], h[i], qmax=qmax, damp=damp,
+                                         act_order=act_order) for i in range(c)])
+    if h.shape != (m, m):
+        raise ValueError(f"input second moment has shape {h.shape}, the rows need ({m}, {m}) or ({c}, {m}, {m})")
+    if not np.all(np.isfinite(h)):
+        raise ValueError("input second moment contains NaN or inf")
+    h = (h + h.T) / 2
+    dead = np.diag(h) <= 0  # an input that was always 0: rounded to nearest, nothing to compensate
+    h[dead, :] = 0.0
+    h[:, dead] = 0.0
+    h[dead, dead] = 1.0
+    order = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(m)
+    h = h[np.ix_(order, order)]
+    mean_diag = float(np.mean(np.diag(h)))
+    upper = None
+    for factor in (1.0, 10.0, 100.0):
+        try:
+            upper = np.linalg.cholesky(np.linalg.inv(h + np.eye(m) * damp * factor * mean_diag)).T  # Uᵀ U = H⁻¹
+            break
+        except np.linalg.LinAlgError:
+            continue
+    if upper is None:
+        raise ValueError("input second moment is not positive definite even with 100x damping")
+    work = w[:, order].copy()
+    codes = np.empty((c, m), np.int64)
+    for j in range(m):
+        k = np.clip(np.rint(work[:, j] / s), -qmax, qmax)
+        codes[:, j] = k
+        err = (work[:, j] - k * s) / upper[j, j]
+        work[:, j + 1 :] -= np.outer(err, upper[j, j + 1 :])
+    out = np.empty_like(codes)
+    out[:, order] = codes
+    return out
 
 
 def _pack_zero_points(zero: np.ndarray) -> np.ndarray:

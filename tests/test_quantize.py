@@ -303,8 +303,10 @@ def test_bias_correction_is_on_by_default_with_calibration_data() -> None:
     calib = [{"input": np.load(MODELS / "digits32_calib.npz")["input"][:128]}]
     test = {"input": np.load(MODELS / "digits32_test.npz")["input"][:200]}
     ref = run(onnx.load(src), test)[0]
-    plain = onnxpress.quantize(src, calib=calib, bias_correction=False)
-    default = onnxpress.quantize(src, calib=calib)
+    # rounded to nearest on both sides: GPTQ rounding (the default with data) already takes most of the
+    # weights' mean shift, and a table alone has no data for it
+    plain = onnxpress.quantize(src, calib=calib, bias_correction=False, int8_method="rtn")
+    default = onnxpress.quantize(src, calib=calib, int8_method="rtn")
     from_table = onnxpress.quantize(src, table=plain.table)
     gain = sqnr_db(ref, run(default.model, test)[0]) - sqnr_db(ref, run(plain.model, test)[0])
     assert gain > 2.0, gain

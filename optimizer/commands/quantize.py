@@ -50,6 +50,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "or rtn (round to nearest, no data; the default without --calib)",
     )
     p.add_argument(
+        "--int8-method",
+        default=None,
+        choices=("gptq", "rtn"),
+        help="int8 weight rounding: gptq (error-compensating, from --calib; the default when --calib is "
+        "given) or rtn (round to nearest; the default without --calib). Same scales and kernels",
+    )
+    p.add_argument(
         "--exclude",
         nargs="*",
         default=[],
@@ -126,6 +133,7 @@ def run(args: argparse.Namespace) -> int:
         codebook=args.codebook,
         int4_method=args.int4_method,
         int4_layers=args.int4_layers,
+        int8_method=args.int8_method,
     )
     counts = collections.Counter(d.op for d in result.quantized)
     floats = collections.Counter(d.op for d in result.kept_float)
@@ -161,6 +169,9 @@ def run(args: argparse.Namespace) -> int:
     if args.weights == "int4" and args.codebook is None:
         gptq = result.stats.get("quantize_weights_int4.weights_int4_gptq", 0)
         kind += f" ({gptq} of {result.stats.get('quantize_weights_int4.weights_int4', 0)} layers GPTQ-rounded)"
+    elif args.codebook is None:
+        weights = result.stats.get("insert_qdq.weights_quantized", 0)
+        kind += f" ({result.stats.get('insert_qdq.weights_gptq', 0)} of {weights} weights GPTQ-rounded)"
     if args.codebook is not None:
         kind = f"{args.codebook}-bit codebook weights (weight-only)"
     print(

@@ -137,6 +137,37 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
         return copy.deepcopy(model)
 
 
+def infer_shapes_thoroughly(model: onnx.ModelProto) -> onnx.ModelProto:
+    """:func:`infer_shapes`, or onnxruntime's symbolic shape inference where that knows more.
+
+    onnx's inference (even with data propagation) gives no shape past a ``Reshape`` whose target is
+    computed from ``Shape`` dims at opset < 17 (``Unsqueeze`` with axes as an input): TorchScript
+    exports of transformers lose every shape from their first such Reshape on. onnxruntime's
+    ``SymbolicShapeInference`` (shipped with onnxruntime, in memory, no files) follows those with
+    symbolic dims. Its result is used when it shapes more node outputs; any failure keeps onnx's.
+    """
+    base = infer_shapes(model)
+    if _approx_size(model) >= _EXTERNAL_DATA_THRESHOLD:
+        return base
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        symbolic = SymbolicShapeInference.infer_shapes(copy.deepcopy(model), auto_merge=True)
+    except Exception as exc:  # noqa: BLE001 -- a best-effort second opinion; onnx's shapes stand
+        log.debug("symbolic shape inference failed: %s", exc)
+        return base
+    if symbolic is None or _shaped_outputs(symbolic) <= _shaped_outputs(base):
+        return base
+    return symbolic
+
+
+def _shaped_outputs(model: onnx.ModelProto) -> int:
+    """How many node outputs have a known rank in ``model``'s value_info (or as graph outputs)."""
+    ranked = {vi.name for vi in [*model.graph.value_info, *model.graph.output]
+              if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape")}
+    return sum(1 for n in model.graph.node for o in n.output if o in ranked)
+
+
 def default_opset(model: onnx.ModelProto) -> int:
     """The opset version of the default (``ai.onnx``) domain."""
     for imp in model.opset_import:

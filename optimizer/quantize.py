@@ -32,6 +32,7 @@ from onnxpress.model_io import (
     check_model,
     check_output_path,
     infer_shapes,
+    infer_shapes_thoroughly,
     load_model,
     normalize_model,
     save_model,
@@ -325,7 +326,9 @@ def quantize(
             # rank-2 MatMul + bias as Gemm: an int32 bias and QGemm, float output or not (passes/matmul_to_gemm.py)
             pre.append(MatMulAddToGemm(skip=lambda node: selection.reason(node) is not None))
         if pre:
-            prepared = run_passes(infer_shapes(cleaned), pre)
+            # onnxruntime's symbolic inference where onnx's stops (TorchScript reshapes): FlattenTokens
+            # and MatMulAddToGemm decide on ranks
+            prepared = run_passes(infer_shapes_thoroughly(cleaned), pre)
             cleaned, pre_stats = prepared.model, dict(prepared.stats)
         used_table = _resolve_table(cleaned, calib, table, method, ovs, max_samples, batch_size, progress)
         hessians = None

@@ -290,3 +290,38 @@ def test_traced_heads_read_the_shape_of_an_entry_and_take_rank_2(seq: int | str)
         x = {"X": graphs.rng(length).standard_normal((3, length, D)).astype(np.float32)}
         for w, g in zip(graphs.run(model, x), graphs.run(result.model, x), strict=True):
             np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+
+
+def _traced_reshape() -> onnx.ModelProto:
+    """X[batch, 32] -> Reshape(Concat(Unsqueeze(Shape(X)[0]), [4, 8])) -> r -> MatMul(W) -> Y (opset 13, as traced)."""
+    inits = {"zero": np.array(0, np.int64), "ax0": np.array([0], np.int64), "rest": np.array([4, 8], np.int64),
+             "W": np.ones((8, 6), np.float32)}
+    nodes = [helper.make_node("Shape", ["X"], ["s"]), helper.make_node("Gather", ["s", "zero"], ["n"]),
+             helper.make_node("Unsqueeze", ["n", "ax0"], ["n1"]),
+             helper.make_node("Concat", ["n1", "rest"], ["t"], axis=0),
+             helper.make_node("Reshape", ["X", "t"], ["r"]), helper.make_node("MatMul", ["r", "W"], ["Y"])]
+    return graphs.make_model(nodes, [("X", ["batch", 32])], [("Y", ["batch", 4, 6])], inits, opset=13)
+
+
+def _rank(model: onnx.ModelProto, name: str) -> int | None:
+    for vi in model.graph.value_info:
+        if vi.name == name and vi.type.tensor_type.HasField("shape"):
+            return len(vi.type.tensor_type.shape.dim) or None
+    return None
+
+
+def test_symbolic_inference_shapes_what_onnx_leaves_after_a_traced_reshape(monkeypatch: pytest.MonkeyPatch) -> None:
+    """At opset 13 onnx's inference stops at a Reshape built from Shape dims; onnxruntime's symbolic one does not."""
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    from onnxpress.model_io import infer_shapes_thoroughly
+
+    model = _traced_reshape()
+    assert _rank(infer_shapes(model), "r") is None
+    assert _rank(infer_shapes_thoroughly(model), "r") == 3
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("unsupported op")
+
+    monkeypatch.setattr(SymbolicShapeInference, "infer_shapes", staticmethod(fail))  # onnx's result stands
+    assert infer_shapes_thoroughly(model).SerializeToString() == infer_shapes(model).SerializeToString()

@@ -55,6 +55,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxpress.passes.base import PassResult, unique_name
+from onnxpress.passes.weight_only import gptq_factor
 
 __all__ = ["CodebookWeights", "KMeansResult", "gptq_assign", "kmeans_1d", "weight_channel_axis"]
 
@@ -152,11 +153,7 @@ def gptq_assign(w: np.ndarray, levels: np.ndarray, hessian: np.ndarray, *, damp:
         return np.concatenate([gptq_assign(w[i : i + 1], levels[i : i + 1], h[i], damp=damp) for i in range(c)])
     if h.shape != (m, m):
         raise ValueError(f"hessian must be [{m}, {m}] or [{c}, {m}, {m}], got {h.shape}")
-    h = h.copy()
-    dead = np.diag(h) <= 0
-    h[dead, dead] = 1.0
-    h[np.diag_indices(m)] += damp * float(np.mean(np.diag(h)))
-    u = np.linalg.cholesky(np.linalg.inv(h)).T
+    _, u = gptq_factor(h, damp, act_order=False)  # columns in their own order
     w = w.copy()
     idx = np.zeros((c, m), np.int64)
     rows = np.arange(c)

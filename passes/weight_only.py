@@ -58,6 +58,7 @@ __all__ = [
     "StoreConstantsInt8",
     "dequantize_blocks",
     "gptq_blocks",
+    "gptq_factor",
     "gptq_rows",
     "quantize_blocks",
     "store_constants_int8",
@@ -204,25 +205,8 @@ def gptq_blocks(
     work = np.zeros((k_pad, n), np.float64)
     work[:k] = w
     hp = np.zeros((k_pad, k_pad), np.float64)
-    hp[:k, :k] = (h + h.T) / 2
-    diag = np.diag(hp).copy()
-    dead = diag <= 0  # an input that was always 0 (or padding): rounded to nearest, nothing to compensate
-    hp[dead, :] = 0.0
-    hp[:, dead] = 0.0
-    hp[dead, dead] = 1.0
-    order = np.argsort(-np.diag(hp), kind="stable") if act_order else np.arange(k_pad)
-    hp = hp[np.ix_(order, order)]
-    mean_diag = float(np.mean(np.diag(hp)))
-    upper = None
-    for factor in (1.0, 10.0, 100.0):
-        try:
-            lam = np.eye(k_pad) * damp * factor * mean_diag
-            upper = np.linalg.cholesky(np.linalg.inv(hp + lam)).T  # Uᵀ U = H⁻¹
-            break
-        except np.linalg.LinAlgError:
-            continue
-    if upper is None:
-        raise ValueError("input second moment is not positive definite even with 100x damping")
+    hp[:k, :k] = h  # the padding rows are dead inputs
+    order, upper = gptq_factor(hp, damp, act_order)
     work = work[order]
     row_scale = scale.astype(np.float64)[order // block_size]  # [K_pad, N]: each row's block scale
     row_zero = zero_f[order // block_size]
@@ -237,6 +221,30 @@ def gptq_blocks(
     if symmetric:
         return (out - 8).astype(np.int8), scale, None
     return out.astype(np.uint8), scale, zero
+
+
+def gptq_factor(h: np.ndarray, damp: float, act_order: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The column order and the upper Cholesky factor ``U`` (``Uᵀ U = (H + λI)⁻¹``, in that order) GPTQ needs.
+
+    ``H`` is symmetrised; an input that was always 0 (or padding) gets a unit diagonal and no coupling,
+    so its column is rounded to nearest with nothing to compensate. ``λ`` is ``damp`` times the mean
+    diagonal, raised 10x and 100x when the inverse is not positive definite.
+    """
+    h = (np.asarray(h, np.float64) + np.asarray(h, np.float64).T) / 2
+    m = h.shape[0]
+    dead = np.diag(h) <= 0
+    h[dead, :] = 0.0
+    h[:, dead] = 0.0
+    h[dead, dead] = 1.0
+    order = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(m)
+    h = h[np.ix_(order, order)]
+    mean_diag = float(np.mean(np.diag(h)))
+    for factor in (1.0, 10.0, 100.0):
+        try:
+            return order, np.linalg.cholesky(np.linalg.inv(h + np.eye(m) * damp * factor * mean_diag)).T
+        except np.linalg.LinAlgError:
+            continue
+    raise ValueError("input second moment is not positive definite even with 100x damping")
 
 
 def gptq_rows(
@@ -284,23 +292,7 @@ def gptq_rows(
         raise ValueError(f"input second moment has shape {h.shape}, the rows need ({m}, {m}) or ({c}, {m}, {m})")
     if not np.all(np.isfinite(h)):
         raise ValueError("input second moment contains NaN or inf")
-    h = (h + h.T) / 2
-    dead = np.diag(h) <= 0  # an input that was always 0: rounded to nearest, nothing to compensate
-    h[dead, :] = 0.0
-    h[:, dead] = 0.0
-    h[dead, dead] = 1.0
-    order = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(m)
-    h = h[np.ix_(order, order)]
-    mean_diag = float(np.mean(np.diag(h)))
-    upper = None
-    for factor in (1.0, 10.0, 100.0):
-        try:
-            upper = np.linalg.cholesky(np.linalg.inv(h + np.eye(m) * damp * factor * mean_diag)).T  # Uᵀ U = H⁻¹
-            break
-        except np.linalg.LinAlgError:
-            continue
-    if upper is None:
-        raise ValueError("input second moment is not positive definite even with 100x damping")
+    order, upper = gptq_factor(h, damp, act_order)
     work = w[:, order].copy()
     codes = np.empty((c, m), np.int64)
     for j in range(m):

@@ -325,3 +325,23 @@ def test_symbolic_inference_shapes_what_onnx_leaves_after_a_traced_reshape(monke
 
     monkeypatch.setattr(SymbolicShapeInference, "infer_shapes", staticmethod(fail))  # onnx's result stands
     assert infer_shapes_thoroughly(model).SerializeToString() == infer_shapes(model).SerializeToString()
+
+
+def test_region_tensor_read_inside_a_subgraph_goes_back_for_it() -> None:
+    """An If branch reading h0 from the outer scope gets the rank-3 tensor back; every output unchanged."""
+    from onnx import TensorProto, numpy_helper
+
+    model = _encoder(layers=2)
+    g = model.graph
+    branches = {
+        name: helper.make_graph([helper.make_node("ReduceSum", ["h0", "ax1"], [f"{name}_out"], keepdims=0)], name,
+                                [], [helper.make_tensor_value_info(f"{name}_out", TensorProto.FLOAT, None)])
+        for name in ("then", "else")
+    }
+    g.initializer.extend([numpy_helper.from_array(np.array([1], np.int64), "ax1"),
+                          numpy_helper.from_array(np.array(True), "cond")])
+    g.node.append(helper.make_node("If", ["cond"], ["Z"], then_branch=branches["then"], else_branch=branches["else"]))
+    g.output.append(helper.make_tensor_value_info("Z", TensorProto.FLOAT, ["batch", D]))
+    result = _flatten(model)
+    assert result.stats["flatten_tokens.nodes_added"] == 3  # into rows, back to T, back to h0 for the If
+    _same(model, result.model)

@@ -236,9 +236,9 @@ class FlattenTokens:
             gain = sum(1 for n in nodes if n.op == "MatMul" and constant_bias_add(n) is not None
                        and (self.skip is None or not self.skip(n)))
             plan = self._plan(graph, nodes, ids, order)
-            if plan is None or gain < self.min_layers or gain <= plan.cost:
-                log.debug("flatten_tokens: region of %d nodes declined (%d layers, %s nodes to add)",
-                          len(nodes), gain, "no way back" if plan is None else plan.cost)
+            if gain < self.min_layers or gain <= plan.cost:
+                log.debug("flatten_tokens: region of %d nodes declined (%d layers, %d nodes to add)",
+                          len(nodes), gain, plan.cost)
                 continue
             added += self._rewrite(graph, nodes, ids, plan, fresh)
             done += 1
@@ -273,8 +273,8 @@ class FlattenTokens:
         return list(groups.values())
 
     @staticmethod
-    def _plan(graph: gs.Graph, nodes: list[gs.Node], ids: set[int], order: dict[int, int]) -> _Plan | None:
-        """Entries, exits and what the way back needs; None when it cannot be built."""
+    def _plan(graph: gs.Graph, nodes: list[gs.Node], ids: set[int], order: dict[int, int]) -> _Plan:
+        """Entries, exits, what the way back needs and how many nodes the rewrite adds."""
         outputs = {id(t) for t in graph.outputs}
         lead = _rows(nodes[0].outputs[0])
         rank = len(lead) + 1

@@ -18,6 +18,7 @@ constants a QDQ pass could quantize). See the pass modules for the maths.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from typing import Any, Literal
@@ -29,6 +30,8 @@ from onnxpress.driver import TransformResult, transform
 from onnxpress.errors import CalibrationError, OnnxpressError
 from onnxpress.model_io import ModelSource, check_output_path, load_model, normalize_model
 from onnxpress.pipeline import cleanup_passes, import_graph, run_passes
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "ChannelStatsObserver",
@@ -252,6 +255,18 @@ def _moment_observer(node: Any) -> InputMomentObserver | str:
     return InputMomentObserver(kind, w.shape[2:], pads, strides, name=node.inputs[0].name)
 
 
+def _moment_bytes(node: Any) -> int:
+    """Bytes of a layer's input second moment in float64 (``K²``, or ``C (kH kW)²`` for a depthwise conv)."""
+    w = np.asarray(node.inputs[1].values)
+    if node.op in ("Gemm", "MatMul"):
+        k = w.shape[1] if node.op == "Gemm" and int(node.attrs.get("transB", 0)) else w.shape[0]
+        return 8 * k * k
+    taps = int(np.prod(w.shape[2:]))
+    if int(node.attrs.get("group", 1)) != 1:
+        return 8 * w.shape[0] * taps * taps
+    return 8 * (w.shape[1] * taps) ** 2
+
+
 def collect_layer_hessians(
     model: onnx.ModelProto,
     data: Any,
@@ -260,11 +275,15 @@ def collect_layer_hessians(
     batch_size: int = 64,
     max_samples: int | None = 128,
     progress: bool = False,
+    max_bytes: int | None = None,
 ) -> dict[str, np.ndarray]:
     """E[x x^T] of the inputs of each Conv/Gemm/MatMul weight (``{weight name: H}``), for GPTQ-style rounding.
 
     Weights read by more than one layer, below ``min_elements``, or of layers ``InputMomentObserver``
-    does not handle (dilated/grouped convs, Gemm transA) get none.
+    does not handle (dilated/grouped convs, Gemm transA) get none. With ``max_bytes``, layers are
+    taken in graph order while their moments (float64, ``K²`` each; ``C k²`` for a depthwise conv)
+    fit in it together; the others get none (a warning says how many): the moments of a large model
+    would not fit in memory at once.
 
     Raises:
         DataError: the data does not fit the model.
@@ -278,6 +297,7 @@ def collect_layer_hessians(
     graph = import_graph(model)
     wanted: dict[str, InputMomentObserver] = {}
     fanout: dict[str, _Fanout] = {}
+    used = skipped = 0
     for node in graph.nodes:
         if node.op not in ("Conv", "Gemm", "MatMul") or len(node.inputs) < 2:
             continue
@@ -287,8 +307,16 @@ def collect_layer_hessians(
         obs = _moment_observer(node)
         if isinstance(obs, str):
             continue
+        size = _moment_bytes(node)
+        if max_bytes is not None and used + size > max_bytes:
+            skipped += 1
+            continue
+        used += size
         wanted[w.name] = obs
         fanout.setdefault(node.inputs[0].name, _Fanout()).observers.append(obs)
+    if skipped:
+        log.warning("input moments of %d layer(s) left out: with them the moments would take more than "
+                    "%.0f MB (they are rounded to nearest)", skipped, max_bytes / 2**20)
     if not wanted:
         return {}
     reader = open_data(data, model, max_samples=max_samples)

@@ -45,7 +45,10 @@ from onnxpress.passes.qdq import ACTIVATION_TYPES, CompactQDQ, InsertQDQ, NodeDe
 from onnxpress.passes.weight_only import INT4_METHODS, QuantizeWeightsInt4, StoreConstantsInt8
 from onnxpress.pipeline import PipelineResult, cleanup_passes, import_graph, run_passes
 
-__all__ = ["BIAS_CORRECTION_SAMPLES", "DEFAULT_METHOD", "GPTQ_SAMPLES", "INT8_METHODS", "QuantizeResult", "quantize"]
+__all__ = [
+    "BIAS_CORRECTION_SAMPLES", "DEFAULT_METHOD", "GPTQ_MEMORY_BYTES", "GPTQ_SAMPLES", "INT8_METHODS", "QuantizeResult",
+    "quantize",
+]
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +61,11 @@ INT8_METHODS = ("rtn", "gptq")
 
 GPTQ_SAMPLES = 256
 """Calibration samples whose layer inputs give ``int8_method="gptq"`` its second moments."""
+
+GPTQ_MEMORY_BYTES = 1 << 30
+"""Memory the GPTQ input moments may take together (float64 ``K x K`` per layer: a 4096-wide layer
+takes 128 MB); layers past it, in graph order, are rounded to nearest (a warning, and the CLI's
+"N of M weights GPTQ-rounded", say how many)."""
 
 BIAS_CORRECTION_SAMPLES = 128
 """Calibration samples bias correction reads (one pass per corrected layer). On the reference models
@@ -343,7 +351,7 @@ def quantize(
 
             n = GPTQ_SAMPLES if max_samples is None else min(max_samples, GPTQ_SAMPLES)
             hessians = collect_layer_hessians(cleaned, calib, min_elements=0, batch_size=batch_size, max_samples=n,
-                                              progress=progress)
+                                              progress=progress, max_bytes=GPTQ_MEMORY_BYTES)
         try:
             qdq = InsertQDQ(
                 used_table,

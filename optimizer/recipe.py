@@ -345,14 +345,14 @@ def apply_recipe(
                 # the layers' input moments depend on the model before quantize only: candidates that
                 # differ in precision alone share them (keyed like the low-rank moments)
                 from onnxpress.advanced import collect_layer_hessians
-                from onnxpress.quantize import GPTQ_SAMPLES
+                from onnxpress.quantize import GPTQ_MEMORY_BYTES, GPTQ_SAMPLES
 
                 n = min(step["max_samples"] or GPTQ_SAMPLES, GPTQ_SAMPLES)
                 cache_key = f"{model_digest(current)}|hessians|{n}|{step['batch_size']}"
                 hessians = moments_cache.get(cache_key) if moments_cache is not None else None
                 if hessians is None:
                     hessians = collect_layer_hessians(current, calib, min_elements=0, batch_size=step["batch_size"],
-                                                      max_samples=n, progress=progress)
+                                                      max_samples=n, progress=progress, max_bytes=GPTQ_MEMORY_BYTES)
                     if moments_cache is not None:
                         moments_cache[cache_key] = hessians
             current = quantize(current, calib=calib, method=step["method"], exclude=exclude, weights=step["weights"],

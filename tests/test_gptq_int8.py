@@ -155,3 +155,23 @@ def test_cli_says_how_many_weights_gptq_rounded(tmp_path: Path, capsys: pytest.C
     assert main(["quantize", str(src), "-o", str(tmp_path / "b.onnx"), "--calib", str(data), "-q",
                  "--int8-method", "rtn"]) == 0
     assert "(0 of 2 weights GPTQ-rounded)" in capsys.readouterr().out
+
+
+def test_moments_past_the_memory_budget_are_left_out_and_rounded_to_nearest(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """fc1's moment takes 48² x 8 = 18432 bytes, fc2's 64² x 8 = 32768: a 20000-byte budget keeps fc1 only."""
+    import importlib
+
+    from onnxpress.advanced import collect_layer_hessians
+
+    q = importlib.import_module("onnxpress.quantize")  # the module (the package's `quantize` is the function)
+
+    model = _mlp()
+    calib = [{"X": _correlated(64, 48, s)} for s in range(4)]
+    assert sorted(collect_layer_hessians(model, calib, min_elements=0)) == ["W1", "W2"]
+    assert sorted(collect_layer_hessians(model, calib, min_elements=0, max_bytes=20_000)) == ["W1"]
+    assert "input moments of 1 layer(s) left out" in caplog.text
+    monkeypatch.setattr(q, "GPTQ_MEMORY_BYTES", 20_000)
+    result = onnxpress.quantize(model, calib=calib, bias_correction=False)
+    assert result.stats["insert_qdq.weights_gptq"] == 1 and result.stats["insert_qdq.weights_quantized"] == 2

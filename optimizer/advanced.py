@@ -39,6 +39,7 @@ __all__ = [
     "codebook_weights",
     "collect_channel_stats",
     "collect_layer_hessians",
+    "moment_flops",
     "InputMomentObserver",
     "absorb_high_bias",
     "correct_bias",
@@ -173,21 +174,36 @@ class InputMomentObserver:
         pads: (top, left, bottom, right) for convs.
         strides: (sH, sW) for convs.
         name: tensor name, for errors.
+        rows_per_sample: use at most this many rows (conv output positions, or tokens) of each
+            sample, evenly spaced and the same for every sample (so batch splits do not matter);
+            None uses all. A 224x224 ResNet-18 took 48 s for the moments of 64 samples with all.
     """
 
-    def __init__(self, kind: str, kernel=(1, 1), pads=(0, 0, 0, 0), strides=(1, 1), *, name: str = "tensor") -> None:
+    def __init__(self, kind: str, kernel=(1, 1), pads=(0, 0, 0, 0), strides=(1, 1), *, name: str = "tensor",
+                 rows_per_sample: int | None = None) -> None:
         self.kind, self.name = kind, name
         self.kernel, self.pads, self.strides = tuple(kernel), tuple(pads), tuple(strides)
+        self.rows_per_sample = rows_per_sample
         self.total: np.ndarray | None = None
         self.count = 0
 
+    def _picked(self, rows: int) -> np.ndarray | None:
+        """Evenly spaced row indices of one sample, or None for all of them."""
+        if self.rows_per_sample is None or rows <= self.rows_per_sample:
+            return None
+        return np.unique(np.linspace(0, rows - 1, self.rows_per_sample).round().astype(np.int64))
+
     def _patches(self, x: np.ndarray) -> np.ndarray:
-        """[rows, C, kH * kW] patches of an NCHW batch."""
+        """[rows, C, kH * kW] patches of an NCHW batch (only the picked positions of each sample)."""
         from numpy.lib.stride_tricks import sliding_window_view
 
         t, left, b, r = self.pads
         x = np.pad(x, ((0, 0), (0, 0), (t, b), (left, r)))
         v = sliding_window_view(x, self.kernel, axis=(2, 3))[:, :, :: self.strides[0], :: self.strides[1]]
+        picked = self._picked(v.shape[2] * v.shape[3])
+        if picked is not None:  # [n, C, R, kH, kW]: only those positions are copied out of the view
+            oh, ow = np.divmod(picked, v.shape[3])
+            return v[:, :, oh, ow].transpose(0, 2, 1, 3, 4).reshape(-1, x.shape[1], self.kernel[0] * self.kernel[1])
         return v.transpose(0, 2, 3, 1, 4, 5).reshape(-1, x.shape[1], self.kernel[0] * self.kernel[1])
 
     def update(self, x: np.ndarray) -> None:
@@ -196,7 +212,9 @@ class InputMomentObserver:
         if not np.all(np.isfinite(x)):
             raise CalibrationError(f"tensor {self.name!r} has NaN/inf values on the calibration data")
         if self.kind == "dense":
-            rows = x.reshape(-1, x.shape[-1])
+            per_sample = x.reshape(x.shape[0], -1, x.shape[-1]) if x.ndim > 2 else x[:, None, :]
+            picked = self._picked(per_sample.shape[1])
+            rows = (per_sample if picked is None else per_sample[:, picked]).reshape(-1, x.shape[-1])
             self._add(rows.T @ rows, rows.shape[0])
             return
         step = max(1, 4096 // max(1, int(np.prod(x.shape[2:]))))  # ~4096 patch rows at a time
@@ -234,13 +252,13 @@ class _Fanout:
             o.update(x)
 
 
-def _moment_observer(node: Any) -> InputMomentObserver | str:
+def _moment_observer(node: Any, rows_per_sample: int | None = None) -> InputMomentObserver | str:
     """The observer for a layer's input moments, or why the layer has none."""
     w = node.inputs[1].values
     if node.op in ("Gemm", "MatMul"):
         if node.op == "Gemm" and int(node.attrs.get("transA", 0)):
             return "Gemm with transA=1"
-        return InputMomentObserver("dense", name=node.inputs[0].name)
+        return InputMomentObserver("dense", name=node.inputs[0].name, rows_per_sample=rows_per_sample)
     if w.ndim != 4 or node.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET"):
         return "not a 2-D conv with explicit pads"
     if any(int(d) != 1 for d in node.attrs.get("dilations", [1, 1])):
@@ -252,7 +270,8 @@ def _moment_observer(node: Any) -> InputMomentObserver | str:
     pads = (pads[0], pads[1], pads[2], pads[3])
     strides = tuple(int(s) for s in node.attrs.get("strides", [1, 1]))
     kind = "conv" if group == 1 else "depthwise"
-    return InputMomentObserver(kind, w.shape[2:], pads, strides, name=node.inputs[0].name)
+    return InputMomentObserver(kind, w.shape[2:], pads, strides, name=node.inputs[0].name,
+                               rows_per_sample=rows_per_sample)
 
 
 def _moment_bytes(node: Any) -> int:
@@ -267,6 +286,36 @@ def _moment_bytes(node: Any) -> int:
     return 8 * (w.shape[1] * taps) ** 2
 
 
+def moment_flops(model: onnx.ModelProto, *, samples: int, rows_per_sample: int | None = None,
+                 min_elements: int = 0) -> float:
+    """Multiply-adds ``collect_layer_hessians`` will spend on the layers it observes.
+
+    Per layer, the rows it sees (``samples`` x output positions or tokens, at most ``rows_per_sample``
+    each) times ``K²``. Positions come from inferred shapes; an unknown one counts as
+    ``rows_per_sample`` (or 1 without a cap).
+    """
+    import onnx_graphsurgeon as gs
+
+    from onnxpress.model_io import infer_shapes
+
+    graph = import_graph(infer_shapes(model))
+    total = 0.0
+    for node in graph.nodes:
+        if node.op not in ("Conv", "Gemm", "MatMul") or len(node.inputs) < 2:
+            continue
+        w = node.inputs[1]
+        if not isinstance(w, gs.Constant) or w.values.size < min_elements or len(w.outputs) != 1:
+            continue
+        if isinstance(_moment_observer(node), str):
+            continue
+        shape = (node.outputs[0].shape or [])[2:] if node.op == "Conv" else (node.inputs[0].shape or [])[1:-1]
+        known = all(isinstance(d, int) for d in shape)
+        positions = int(np.prod(shape)) if known else (rows_per_sample or 1)
+        rows = samples * (positions if rows_per_sample is None else min(positions, rows_per_sample))
+        total += rows * _moment_bytes(node) / 8
+    return total
+
+
 def collect_layer_hessians(
     model: onnx.ModelProto,
     data: Any,
@@ -276,6 +325,7 @@ def collect_layer_hessians(
     max_samples: int | None = 128,
     progress: bool = False,
     max_bytes: int | None = None,
+    rows_per_sample: int | None = None,
 ) -> dict[str, np.ndarray]:
     """E[x x^T] of the inputs of each Conv/Gemm/MatMul weight (``{weight name: H}``), for GPTQ-style rounding.
 
@@ -283,7 +333,7 @@ def collect_layer_hessians(
     does not handle (dilated/grouped convs, Gemm transA) get none. With ``max_bytes``, layers are
     taken in graph order while their moments (float64, ``K²`` each; ``C k²`` for a depthwise conv)
     fit in it together; the others get none (a warning says how many): the moments of a large model
-    would not fit in memory at once.
+    would not fit in memory at once. ``rows_per_sample``: see ``InputMomentObserver``.
 
     Raises:
         DataError: the data does not fit the model.
@@ -304,7 +354,7 @@ def collect_layer_hessians(
         w = node.inputs[1]
         if not isinstance(w, gs.Constant) or w.values.size < min_elements or len(w.outputs) != 1:
             continue
-        obs = _moment_observer(node)
+        obs = _moment_observer(node, rows_per_sample)
         if isinstance(obs, str):
             continue
         size = _moment_bytes(node)

@@ -46,8 +46,9 @@ from onnxpress.passes.weight_only import INT4_METHODS, QuantizeWeightsInt4, Stor
 from onnxpress.pipeline import PipelineResult, cleanup_passes, import_graph, run_passes
 
 __all__ = [
-    "BIAS_CORRECTION_SAMPLES", "DEFAULT_METHOD", "GPTQ_MEMORY_BYTES", "GPTQ_SAMPLES", "INT8_METHODS", "QuantizeResult",
-    "quantize",
+    "BIAS_CORRECTION_SAMPLES", "DEFAULT_METHOD", "GPTQ_AUTO_FLOPS", "GPTQ_MEMORY_BYTES", "GPTQ_ROWS_PER_SAMPLE",
+    "GPTQ_SAMPLES",
+    "INT8_METHODS", "QuantizeResult", "gptq_moments", "quantize",
 ]
 
 log = logging.getLogger(__name__)
@@ -59,8 +60,19 @@ WEIGHT_TYPES = ("int8", "int4")
 
 INT8_METHODS = ("rtn", "gptq")
 
-GPTQ_SAMPLES = 256
+GPTQ_SAMPLES = 128
 """Calibration samples whose layer inputs give ``int8_method="gptq"`` its second moments."""
+
+GPTQ_ROWS_PER_SAMPLE = 32
+"""Rows (conv output positions, tokens) of each sample that enter the GPTQ input moments, evenly
+spaced: with all of them a 224x224 ResNet-18's moments took 48 s for 64 samples."""
+
+GPTQ_AUTO_FLOPS = 40e9
+"""By default (``int8_method=None``) GPTQ runs when its input moments cost at most this many multiply-adds
+(``advanced.moment_flops``): 0.3-9e9 on the reference models (GPTQ adds 0.4-1.1 s there), 2.3e10 on a
+4-layer BERT-style encoder (d = 256, 32 tokens counted for its dynamic sequence), 3.8e11 on a 224x224
+ResNet-18, where GPTQ took 85 s beside 20 s for the rest of quantize; such models are rounded to nearest
+unless ``int8_method="gptq"`` asks for it."""
 
 GPTQ_MEMORY_BYTES = 1 << 30
 """Memory the GPTQ input moments may take together (float64 ``K x K`` per layer: a 4096-wide layer
@@ -213,9 +225,10 @@ def quantize(
         int8_method: how int8 QDQ weights are rounded: "gptq" (error-compensating, from each layer's
             input second moment on at most ``GPTQ_SAMPLES`` calibration samples; needs ``calib``) or
             "rtn" (to nearest). The same grid, scales and kernels either way. Default: "gptq" when
-            ``calib`` is given, else "rtn". Test-split logit SQNR of the reference models, rtn -> gptq
-            (bias correction on): resnet 41.93 -> 43.47 dB, mobilenet 38.06 -> 38.17, concat 45.18 ->
-            46.78, transformer 42.03 -> 43.13, for one more pass over the data (+0.7-1.8 s here).
+            ``calib`` is given and its input moments are cheap (``GPTQ_AUTO_FLOPS``), else "rtn" (and a
+            note says so). Test-split logit SQNR of the reference models, rtn -> gptq (bias correction
+            on): resnet 41.93 -> 43.47 dB, mobilenet 38.06 -> 38.08, concat 45.18 -> 46.70,
+            transformer 42.03 -> 43.16, for one more pass over the data (+0.4-1.1 s here).
         hessians: with "gptq", input second moments by weight name measured before (``onnxpress.advanced.
             collect_layer_hessians`` on this model and ``calib``) instead of that pass: recipes reuse
             them across candidates that differ only in precision. Layers missing from it are rounded
@@ -247,8 +260,6 @@ def quantize(
             "int8_method='gptq' needs calibration data for the layers' input moments: pass calib= "
             "(an .npz of inputs), or int8_method='rtn' (round to nearest)"
         )
-    if int8_method is None:  # the default: error-compensating rounding wherever there are data for it
-        int8_method = "gptq" if calib is not None and weights == "int8" and codebook is None else "rtn"
     if int4_layers and (weights != "int8" or codebook is not None):
         raise OnnxpressError("int4_layers mixes 4-bit layers into an int8 model: use it with weights='int8'")
     if activations not in ACTIVATION_TYPES:
@@ -344,14 +355,12 @@ def quantize(
             prepared = run_passes(infer_shapes_thoroughly(cleaned), pre)
             cleaned, pre_stats = prepared.model, dict(prepared.stats)
         used_table = _resolve_table(cleaned, calib, table, method, ovs, max_samples, batch_size, progress)
+        if int8_method is None:  # the default: GPTQ rounding where there are data and its moments are cheap
+            int8_method = _default_int8_method(cleaned, calib, weights, codebook, max_samples, advanced_notes)
         if int8_method != "gptq":
             hessians = None
         elif hessians is None:
-            from onnxpress.advanced import collect_layer_hessians
-
-            n = GPTQ_SAMPLES if max_samples is None else min(max_samples, GPTQ_SAMPLES)
-            hessians = collect_layer_hessians(cleaned, calib, min_elements=0, batch_size=batch_size, max_samples=n,
-                                              progress=progress, max_bytes=GPTQ_MEMORY_BYTES)
+            hessians = gptq_moments(cleaned, calib, batch_size=batch_size, max_samples=max_samples, progress=progress)
         try:
             qdq = InsertQDQ(
                 used_table,
@@ -400,6 +409,33 @@ def quantize(
         stats={**advanced_stats, **result.stats},
         notes=tuple(advanced_notes),
     )
+
+
+def _default_int8_method(model: onnx.ModelProto, calib: object, weights: str, codebook: int | None,
+                         max_samples: int | None, notes: list[str]) -> str:
+    """"gptq" with data when its input moments cost at most ``GPTQ_AUTO_FLOPS``, else "rtn" (with a note why)."""
+    if calib is None or weights != "int8" or codebook is not None:
+        return "rtn"
+    from onnxpress.advanced import moment_flops
+
+    n = GPTQ_SAMPLES if max_samples is None else min(max_samples, GPTQ_SAMPLES)
+    cost = moment_flops(model, samples=n, rows_per_sample=GPTQ_ROWS_PER_SAMPLE)
+    if cost <= GPTQ_AUTO_FLOPS:
+        return "gptq"
+    notes.append(f"gptq: int8 weights rounded to nearest: GPTQ's input moments would take {cost / 1e9:.0f}e9 "
+                 f"multiply-adds here (the default allows {GPTQ_AUTO_FLOPS / 1e9:.0f}e9); int8_method='gptq' "
+                 "(--int8-method gptq) runs it anyway")
+    return "rtn"
+
+
+def gptq_moments(model: onnx.ModelProto, calib: object, *, batch_size: int = 64, max_samples: int | None = None,
+                 progress: bool = False) -> dict[str, object]:
+    """The input second moments ``int8_method="gptq"`` rounds with, by weight name (``GPTQ_*`` bounds)."""
+    from onnxpress.advanced import collect_layer_hessians
+
+    n = GPTQ_SAMPLES if max_samples is None else min(max_samples, GPTQ_SAMPLES)
+    return collect_layer_hessians(model, calib, min_elements=0, batch_size=batch_size, max_samples=n, progress=progress,
+                                  max_bytes=GPTQ_MEMORY_BYTES, rows_per_sample=GPTQ_ROWS_PER_SAMPLE)
 
 
 def _bn_input_means(model: onnx.ModelProto) -> dict[str, object]:

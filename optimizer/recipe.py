@@ -19,9 +19,10 @@ when a layer was split by ``lowrank`` both its factor nodes stay float. ``quanti
 ``quantize.weights: "int4"`` instead makes the step weight-only (every eligible MatMul/Gemm not in
 ``exclude`` to ``MatMulNBits``, no QDQ at all). ``quantize.bias_correction`` (default true, as in
 ``onnxpress quantize``) corrects the int8 layers' biases on the calibration data; int4 steps ignore it.
-``quantize.int8_method`` is "rtn" (round to nearest) unless a recipe says "gptq" (what ``onnxpress
-quantize`` does with data, and what the search writes): recipes written before the field existed build
-the same bytes. With a ``moments_cache`` the GPTQ input moments are measured once per pre-quantize model.
+``quantize.int8_method`` is "rtn" (round to nearest) unless a recipe says "gptq": recipes written before
+the field existed build the same bytes, and the search, which builds dozens of candidates, does not pay
+GPTQ for each (``onnxpress quantize`` uses it by default where it is cheap). With a ``moments_cache`` the
+GPTQ input moments are measured once per pre-quantize model.
 """
 
 from __future__ import annotations
@@ -344,15 +345,13 @@ def apply_recipe(
             if step["int8_method"] == "gptq" and step["weights"] == "int8":
                 # the layers' input moments depend on the model before quantize only: candidates that
                 # differ in precision alone share them (keyed like the low-rank moments)
-                from onnxpress.advanced import collect_layer_hessians
-                from onnxpress.quantize import GPTQ_MEMORY_BYTES, GPTQ_SAMPLES
+                from onnxpress.quantize import gptq_moments
 
-                n = min(step["max_samples"] or GPTQ_SAMPLES, GPTQ_SAMPLES)
-                cache_key = f"{model_digest(current)}|hessians|{n}|{step['batch_size']}"
+                cache_key = f"{model_digest(current)}|hessians|{step['max_samples']}|{step['batch_size']}"
                 hessians = moments_cache.get(cache_key) if moments_cache is not None else None
                 if hessians is None:
-                    hessians = collect_layer_hessians(current, calib, min_elements=0, batch_size=step["batch_size"],
-                                                      max_samples=n, progress=progress, max_bytes=GPTQ_MEMORY_BYTES)
+                    hessians = gptq_moments(current, calib, batch_size=step["batch_size"],
+                                            max_samples=step["max_samples"], progress=progress)
                     if moments_cache is not None:
                         moments_cache[cache_key] = hessians
             current = quantize(current, calib=calib, method=step["method"], exclude=exclude, weights=step["weights"],

@@ -223,6 +223,10 @@ def gptq_blocks(
     return out.astype(np.uint8), scale, zero
 
 
+GPTQ_BLOCK = 128
+"""Columns :func:`gptq_rows` rounds before it passes their errors on to the rest in one product."""
+
+
 def gptq_factor(h: np.ndarray, damp: float, act_order: bool) -> tuple[np.ndarray, np.ndarray]:
     """The column order and the upper Cholesky factor ``U`` (``Uᵀ U = (H + λI)⁻¹``, in that order) GPTQ needs.
 
@@ -295,11 +299,19 @@ def gptq_rows(
     order, upper = gptq_factor(h, damp, act_order)
     work = w[:, order].copy()
     codes = np.empty((c, m), np.int64)
-    for j in range(m):
-        k = np.clip(np.rint(work[:, j] / s), -qmax, qmax)
-        codes[:, j] = k
-        err = (work[:, j] - k * s) / upper[j, j]
-        work[:, j + 1 :] -= np.outer(err, upper[j, j + 1 :])
+    # lazy batches (Frantar et al. 2022, section 3): a block of columns is rounded with updates inside the
+    # block only, then the columns after it take the block's errors in one matrix product -- the same
+    # arithmetic as updating every later column after each one, without sweeping C x M per column
+    for b0 in range(0, m, GPTQ_BLOCK):
+        b1 = min(b0 + GPTQ_BLOCK, m)
+        errors = np.empty((c, b1 - b0))
+        for j in range(b0, b1):
+            k = np.clip(np.rint(work[:, j] / s), -qmax, qmax)
+            codes[:, j] = k
+            err = (work[:, j] - k * s) / upper[j, j]
+            errors[:, j - b0] = err
+            work[:, j + 1 : b1] -= np.outer(err, upper[j, j + 1 : b1])
+        work[:, b1:] -= errors @ upper[b0:b1, b1:]
     out = np.empty_like(codes)
     out[:, order] = codes
     return out

@@ -175,3 +175,32 @@ def test_moments_past_the_memory_budget_are_left_out_and_rounded_to_nearest(
     monkeypatch.setattr(q, "GPTQ_MEMORY_BYTES", 20_000)
     result = onnxpress.quantize(model, calib=calib, bias_correction=False)
     assert result.stats["insert_qdq.weights_gptq"] == 1 and result.stats["insert_qdq.weights_quantized"] == 2
+
+
+def test_default_rounds_to_nearest_where_the_moments_would_be_expensive(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Past GPTQ_AUTO_FLOPS the default is round-to-nearest, with a note; asking for gptq still runs it."""
+    import importlib
+
+    from onnxpress.advanced import moment_flops
+    from onnxpress.cli import main
+
+    q = importlib.import_module("onnxpress.quantize")
+    model = _mlp()
+    calib = [{"X": _correlated(64, 48, s)} for s in range(4)]
+    # a rank-2 input gives one row per sample: samples x (48² + 64²) multiply-adds
+    assert moment_flops(model, samples=256, rows_per_sample=32) == 256 * (48 * 48 + 64 * 64)
+    monkeypatch.setattr(q, "GPTQ_AUTO_FLOPS", 1000.0)
+    cheap_only = onnxpress.quantize(model, calib=calib, bias_correction=False)
+    assert cheap_only.stats["insert_qdq.weights_gptq"] == 0
+    assert any(n.startswith("gptq: int8 weights rounded to nearest") for n in cheap_only.notes)
+    forced = onnxpress.quantize(model, calib=calib, bias_correction=False, int8_method="gptq")
+    assert forced.stats["insert_qdq.weights_gptq"] == 2 and not any(n.startswith("gptq: ") for n in forced.notes)
+    src, data = tmp_path / "mlp.onnx", tmp_path / "calib.npz"
+    onnx.save(model, src)
+    np.savez(data, X=np.concatenate([c["X"] for c in calib]))
+    assert main(["quantize", str(src), "-o", str(tmp_path / "a.onnx"), "--calib", str(data), "-q"]) == 0
+    said = capsys.readouterr().out
+    assert "int8 weights rounded to nearest: GPTQ's input moments would take" in said
+    assert "(0 of 2 weights GPTQ-rounded)" in said

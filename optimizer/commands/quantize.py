@@ -153,6 +153,9 @@ def run(args: argparse.Namespace) -> int:
         why = [n for n in result.notes if n.startswith("equalize_cross_layer: ")]
         print(f"cross-layer equalization: {pairs} layer pair(s) equalized"
               + (f"; none found ({why[0][len('equalize_cross_layer: '):]})" if not pairs and why else ""))
+    for note in result.notes:
+        if note.startswith("gptq: "):
+            print(note[len("gptq: "):])
     flat = result.stats.get("flatten_tokens.layers", 0)
     if flat:
         print(f"ran {result.stats.get('flatten_tokens.regions', 0)} token-wise region(s) on [rows, features] "

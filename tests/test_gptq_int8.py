@@ -204,3 +204,23 @@ def test_default_rounds_to_nearest_where_the_moments_would_be_expensive(
     said = capsys.readouterr().out
     assert "int8 weights rounded to nearest: GPTQ's input moments would take" in said
     assert "(0 of 2 weights GPTQ-rounded)" in said
+
+
+def test_lazy_batches_make_the_same_choices_as_updating_after_every_column() -> None:
+    """gptq_rows passes a block's errors on in one product; a plain per-column loop (written here) agrees."""
+    from onnxpress.passes.weight_only import GPTQ_BLOCK, gptq_factor
+
+    m = 2 * GPTQ_BLOCK + 37  # three blocks, the last one short
+    x = _correlated(4 * m, m, 5).astype(np.float64)
+    h = x.T @ x / len(x)
+    w = graphs.rng(6).standard_normal((12, m)) * 0.1
+    s = np.abs(w).max(axis=1) / 127
+    order, upper = gptq_factor(h, 0.01, act_order=False)
+    work, want = w[:, order].copy(), np.empty((12, m), np.int64)
+    for j in range(m):
+        k = np.clip(np.rint(work[:, j] / s), -127, 127)
+        want[:, j] = k
+        work[:, j + 1 :] -= np.outer((work[:, j] - k * s) / upper[j, j], upper[j, j + 1 :])
+    ref = np.empty_like(want)
+    ref[:, order] = want
+    np.testing.assert_array_equal(gptq_rows(w, s, h, act_order=False), ref)

@@ -286,6 +286,21 @@ def _moment_bytes(node: Any) -> int:
     return 8 * (w.shape[1] * taps) ** 2
 
 
+def _moment_layers(graph: Any, min_elements: int, rows_per_sample: int | None):
+    """(layer, observer) of each Conv/Gemm/MatMul whose own constant weight (>= ``min_elements``) gets moments."""
+    import onnx_graphsurgeon as gs
+
+    for node in graph.nodes:
+        if node.op not in ("Conv", "Gemm", "MatMul") or len(node.inputs) < 2:
+            continue
+        w = node.inputs[1]
+        if not isinstance(w, gs.Constant) or w.values.size < min_elements or len(w.outputs) != 1:
+            continue
+        obs = _moment_observer(node, rows_per_sample)
+        if not isinstance(obs, str):
+            yield node, obs
+
+
 def moment_flops(model: onnx.ModelProto, *, samples: int, rows_per_sample: int | None = None,
                  min_elements: int = 0) -> float:
     """Multiply-adds ``collect_layer_hessians`` will spend on the layers it observes.
@@ -294,20 +309,10 @@ def moment_flops(model: onnx.ModelProto, *, samples: int, rows_per_sample: int |
     each) times ``K²``. Positions come from inferred shapes; an unknown one counts as
     ``rows_per_sample`` (or 1 without a cap).
     """
-    import onnx_graphsurgeon as gs
-
     from onnxpress.model_io import infer_shapes
 
-    graph = import_graph(infer_shapes(model))
     total = 0.0
-    for node in graph.nodes:
-        if node.op not in ("Conv", "Gemm", "MatMul") or len(node.inputs) < 2:
-            continue
-        w = node.inputs[1]
-        if not isinstance(w, gs.Constant) or w.values.size < min_elements or len(w.outputs) != 1:
-            continue
-        if isinstance(_moment_observer(node), str):
-            continue
+    for node, _ in _moment_layers(import_graph(infer_shapes(model)), min_elements, rows_per_sample):
         shape = (node.outputs[0].shape or [])[2:] if node.op == "Conv" else (node.inputs[0].shape or [])[1:-1]
         known = all(isinstance(d, int) for d in shape)
         positions = int(np.prod(shape)) if known else (rows_per_sample or 1)
@@ -339,8 +344,6 @@ def collect_layer_hessians(
         DataError: the data does not fit the model.
         CalibrationError: no samples, or non-finite values.
     """
-    import onnx_graphsurgeon as gs
-
     from onnxpress.calibration.collect import collect_statistics
     from onnxpress.calibration.readers import open_data
 
@@ -348,15 +351,8 @@ def collect_layer_hessians(
     wanted: dict[str, InputMomentObserver] = {}
     fanout: dict[str, _Fanout] = {}
     used = skipped = 0
-    for node in graph.nodes:
-        if node.op not in ("Conv", "Gemm", "MatMul") or len(node.inputs) < 2:
-            continue
+    for node, obs in _moment_layers(graph, min_elements, rows_per_sample):
         w = node.inputs[1]
-        if not isinstance(w, gs.Constant) or w.values.size < min_elements or len(w.outputs) != 1:
-            continue
-        obs = _moment_observer(node, rows_per_sample)
-        if isinstance(obs, str):
-            continue
         size = _moment_bytes(node)
         if max_bytes is not None and used + size > max_bytes:
             skipped += 1

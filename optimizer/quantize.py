@@ -338,6 +338,14 @@ def quantize(
                 cleaned, int4_layers, calib, block_size, int4_method, batch_size, max_samples, progress
             )
             cleaned = int4_result.model
+        # GPTQ's input moments on the graph as exported: after FlattenTokens a token is a row of its own,
+        # which neither the cost estimate nor the per-sample row cap would see (the weights keep their names)
+        if int8_method is None:  # the default: GPTQ rounding where there are data and its moments are cheap
+            int8_method = _default_int8_method(cleaned, calib, weights, codebook, max_samples, advanced_notes)
+        if int8_method != "gptq":
+            hessians = None
+        elif hessians is None:
+            hessians = gptq_moments(cleaned, calib, batch_size=batch_size, max_samples=max_samples, progress=progress)
         pre_stats: dict[str, int] = {}  # counters of the passes before InsertQDQ
         pre = []
         if any(n.op_type == "ReduceMean" for n in cleaned.graph.node):
@@ -355,12 +363,6 @@ def quantize(
             prepared = run_passes(infer_shapes_thoroughly(cleaned), pre)
             cleaned, pre_stats = prepared.model, dict(prepared.stats)
         used_table = _resolve_table(cleaned, calib, table, method, ovs, max_samples, batch_size, progress)
-        if int8_method is None:  # the default: GPTQ rounding where there are data and its moments are cheap
-            int8_method = _default_int8_method(cleaned, calib, weights, codebook, max_samples, advanced_notes)
-        if int8_method != "gptq":
-            hessians = None
-        elif hessians is None:
-            hessians = gptq_moments(cleaned, calib, batch_size=batch_size, max_samples=max_samples, progress=progress)
         try:
             qdq = InsertQDQ(
                 used_table,

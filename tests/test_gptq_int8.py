@@ -224,3 +224,19 @@ def test_lazy_batches_make_the_same_choices_as_updating_after_every_column() -> 
     ref = np.empty_like(want)
     ref[:, order] = want
     np.testing.assert_array_equal(gptq_rows(w, s, h, act_order=False), ref)
+
+
+def test_cost_counts_every_token_before_the_rows_are_flattened(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rule and the moments read the exported graph: 4 tokens x (8² + 8² + 16²) x 2 layers per sample
+    (flattened, a token would look like a sample of one row, 4x cheaper)."""
+    import importlib
+
+    from onnxpress.advanced import moment_flops
+    from tests.test_flatten_tokens import _encoder, _feed
+
+    q = importlib.import_module("onnxpress.quantize")
+    model = _encoder(batch=2, layers=2)
+    assert moment_flops(model, samples=1, rows_per_sample=32) == 4 * (64 + 64 + 256) * 2
+    monkeypatch.setattr(q, "GPTQ_AUTO_FLOPS", 128 * 4 * (64 + 64 + 256) * 2 - 1)  # just below it, 128 samples
+    result = onnxpress.quantize(model, calib=[_feed(2, seed=s) for s in range(4)], bias_correction=False)
+    assert result.stats["flatten_tokens.layers"] == 6 and result.stats["insert_qdq.weights_gptq"] == 0

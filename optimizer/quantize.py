@@ -48,7 +48,7 @@ from onnxpress.pipeline import PipelineResult, cleanup_passes, import_graph, run
 __all__ = [
     "BIAS_CORRECTION_SAMPLES", "DEFAULT_METHOD", "GPTQ_AUTO_FLOPS", "GPTQ_MEMORY_BYTES", "GPTQ_ROWS_PER_SAMPLE",
     "GPTQ_SAMPLES",
-    "INT8_METHODS", "QuantizeResult", "gptq_moments", "quantize",
+    "INT8_METHODS", "QuantizeResult", "default_int8_method", "gptq_moments", "quantize",
 ]
 
 log = logging.getLogger(__name__)
@@ -173,6 +173,7 @@ def quantize(
     int4_layers: Iterable[str] = (),
     int8_method: str | None = None,
     hessians: Mapping[str, object] | None = None,
+    gptq_cache: dict | None = None,
 ) -> QuantizeResult:
     """Quantize ``model`` for onnxruntime's CPU integer kernels (or 4-bit weight-only).
 
@@ -233,6 +234,8 @@ def quantize(
             collect_layer_hessians`` on this model and ``calib``) instead of that pass: recipes reuse
             them across candidates that differ only in precision. Layers missing from it are rounded
             to nearest.
+        gptq_cache: a dict shared across calls (recipes, the search): GPTQ codes of a weight seen before
+            with the same values, scales and moments object are reused instead of recomputed.
 
     Raises:
         OnnxpressError: bad option (names it and the choices), no calibration data, unreadable table.
@@ -341,7 +344,9 @@ def quantize(
         # GPTQ's input moments on the graph as exported: after FlattenTokens a token is a row of its own,
         # which neither the cost estimate nor the per-sample row cap would see (the weights keep their names)
         if int8_method is None:  # the default: GPTQ rounding where there are data and its moments are cheap
-            int8_method = _default_int8_method(cleaned, calib, weights, codebook, max_samples, advanced_notes)
+            int8_method, why = default_int8_method(cleaned, calib, weights=weights, codebook=codebook,
+                                                   max_samples=max_samples)
+            advanced_notes.extend([why] if why else [])
         if int8_method != "gptq":
             hessians = None
         elif hessians is None:
@@ -372,6 +377,7 @@ def quantize(
                 overrides=ovs,
                 quantize_ops=quantize_ops,
                 hessians=hessians,
+                gptq_cache=gptq_cache,
             )
         except ValueError as exc:
             raise OnnxpressError(str(exc)) from None
@@ -413,21 +419,24 @@ def quantize(
     )
 
 
-def _default_int8_method(model: onnx.ModelProto, calib: object, weights: str, codebook: int | None,
-                         max_samples: int | None, notes: list[str]) -> str:
-    """"gptq" with data when its input moments cost at most ``GPTQ_AUTO_FLOPS``, else "rtn" (with a note why)."""
+def default_int8_method(model: onnx.ModelProto, calib: object, *, weights: str = "int8", codebook: int | None = None,
+                        max_samples: int | None = None) -> tuple[str, str | None]:
+    """``quantize``'s default int8 rounding for ``model`` and its data, and why not GPTQ when it was the cost.
+
+    ("gptq", None) with data when GPTQ's input moments cost at most ``GPTQ_AUTO_FLOPS``, else
+    ("rtn", a note naming the cost), or ("rtn", None) without data or int8 QDQ weights.
+    """
     if calib is None or weights != "int8" or codebook is not None:
-        return "rtn"
+        return "rtn", None
     from onnxpress.advanced import moment_flops
 
     n = GPTQ_SAMPLES if max_samples is None else min(max_samples, GPTQ_SAMPLES)
     cost = moment_flops(model, samples=n, rows_per_sample=GPTQ_ROWS_PER_SAMPLE)
     if cost <= GPTQ_AUTO_FLOPS:
-        return "gptq"
-    notes.append(f"gptq: int8 weights rounded to nearest: GPTQ's input moments would take {cost / 1e9:.0f}e9 "
-                 f"multiply-adds here (the default allows {GPTQ_AUTO_FLOPS / 1e9:.0f}e9); int8_method='gptq' "
-                 "(--int8-method gptq) runs it anyway")
-    return "rtn"
+        return "gptq", None
+    return "rtn", (f"gptq: int8 weights rounded to nearest: GPTQ's input moments would take {cost / 1e9:.0f}e9 "
+                   f"multiply-adds here (the default allows {GPTQ_AUTO_FLOPS / 1e9:.0f}e9); int8_method='gptq' "
+                   "(--int8-method gptq) runs it anyway")
 
 
 def gptq_moments(model: onnx.ModelProto, calib: object, *, batch_size: int = 64, max_samples: int | None = None,

@@ -19,10 +19,11 @@ when a layer was split by ``lowrank`` both its factor nodes stay float. ``quanti
 ``quantize.weights: "int4"`` instead makes the step weight-only (every eligible MatMul/Gemm not in
 ``exclude`` to ``MatMulNBits``, no QDQ at all). ``quantize.bias_correction`` (default true, as in
 ``onnxpress quantize``) corrects the int8 layers' biases on the calibration data; int4 steps ignore it.
-``quantize.int8_method`` is "rtn" (round to nearest) unless a recipe says "gptq": recipes written before
-the field existed build the same bytes, and the search, which builds dozens of candidates, does not pay
-GPTQ for each (``onnxpress quantize`` uses it by default where it is cheap). With a ``moments_cache`` the
-GPTQ input moments are measured once per pre-quantize model.
+``quantize.int8_method`` is "rtn" (round to nearest) unless a recipe says "gptq" or "auto" (``onnxpress
+quantize``'s default: GPTQ where its input moments are cheap, decided on the model before the step; what
+the search writes): recipes written before the field existed build the same bytes. With a
+``moments_cache`` the GPTQ input moments are measured once per pre-quantize model and the codes of
+unchanged weights are reused.
 """
 
 from __future__ import annotations
@@ -147,8 +148,8 @@ def validate_recipe(recipe: Mapping[str, Any]) -> dict[str, Any]:
                 raise _bad(where, f"activations must be uint8 or int8, got {full['activations']!r}")
             if not isinstance(full["bias_correction"], bool):
                 raise _bad(where, f"bias_correction must be true or false, got {full['bias_correction']!r}")
-            if full["int8_method"] not in ("rtn", "gptq"):
-                raise _bad(where, f"int8_method must be rtn or gptq, got {full['int8_method']!r}")
+            if full["int8_method"] not in ("rtn", "gptq", "auto"):
+                raise _bad(where, f"int8_method must be rtn, gptq or auto, got {full['int8_method']!r}")
         if name == "finetune":
             for key in ("lr", "temperature"):
                 if isinstance(full[key], bool) or not isinstance(full[key], (int, float)) or not full[key] > 0:
@@ -341,10 +342,15 @@ def apply_recipe(
             from onnxpress.quantize import quantize
 
             exclude = [item for key in step["exclude"] for item in split_names(key)]
-            hessians = None
-            if step["int8_method"] == "gptq" and step["weights"] == "int8":
+            hessians, int8_method = None, step["int8_method"] if step["weights"] == "int8" else None
+            if int8_method == "auto":  # quantize's default rule, decided on this model
+                from onnxpress.quantize import default_int8_method
+
+                int8_method, _ = default_int8_method(current, calib, max_samples=step["max_samples"])
+            if int8_method == "gptq":
                 # the layers' input moments depend on the model before quantize only: candidates that
-                # differ in precision alone share them (keyed like the low-rank moments)
+                # differ in precision alone share them (keyed like the low-rank moments), and the codes
+                # of unchanged weights too
                 from onnxpress.quantize import gptq_moments
 
                 cache_key = f"{model_digest(current)}|hessians|{step['max_samples']}|{step['batch_size']}"
@@ -358,8 +364,8 @@ def apply_recipe(
                                int4_layers=step["int4_layers"],
                                activations=step["activations"], per_channel=step["per_channel"],
                                bias_correction=step["bias_correction"] and step["weights"] == "int8",
-                               int8_method=step["int8_method"] if step["weights"] == "int8" else None,
-                               hessians=hessians,
+                               int8_method=int8_method, hessians=hessians,
+                               gptq_cache=None if moments_cache is None else moments_cache.setdefault("gptq codes", {}),
                                max_samples=step["max_samples"], batch_size=step["batch_size"],
                                progress=progress).model
     return current

@@ -478,7 +478,9 @@ class SearchSpace:
             steps.append({"pass": "finetune", "epochs": finetune_epochs, "patience": finetune_epochs})
         if any(q in ("int8", "int4") for q in quant):
             exclude = sorted(lay.key for lay, q in zip(self.layers, quant, strict=True) if q == "fp32")
-            step = {"pass": "quantize", "method": method, "exclude": exclude, "max_samples": calib_samples}
+            # int8 rounding as onnxpress quantize's default: GPTQ where its input moments are cheap
+            step = {"pass": "quantize", "method": method, "exclude": exclude, "max_samples": calib_samples,
+                    "int8_method": "auto"}
             four = sorted(lay.key for lay, q in zip(self.layers, quant, strict=True) if q == "int4")
             if four and "int8" not in quant:
                 # weight-only: no int8 layer, so no QDQ either (with int4_layers the int8 pass would still

@@ -240,3 +240,31 @@ def test_cost_counts_every_token_before_the_rows_are_flattened(monkeypatch: pyte
     monkeypatch.setattr(q, "GPTQ_AUTO_FLOPS", 128 * 4 * (64 + 64 + 256) * 2 - 1)  # just below it, 128 samples
     result = onnxpress.quantize(model, calib=[_feed(2, seed=s) for s in range(4)], bias_correction=False)
     assert result.stats["flatten_tokens.layers"] == 6 and result.stats["insert_qdq.weights_gptq"] == 0
+
+
+def test_auto_recipes_follow_quantize_and_share_codes_across_candidates(monkeypatch: pytest.MonkeyPatch,
+                                                                        tmp_path: Path) -> None:
+    """"auto" builds quantize's default bytes; a second candidate reuses the moments and the codes."""
+    import importlib
+
+    from onnxpress.passes import qdq
+
+    model = _mlp()
+    data = tmp_path / "calib.npz"
+    np.savez(data, X=np.concatenate([_correlated(64, 48, s) for s in range(4)]))
+    step = {"pass": "quantize", "bias_correction": False, "int8_method": "auto"}
+    cache: dict = {}
+    first = apply_recipe(model, {"version": 1, "steps": [step]}, str(data), moments_cache=cache)
+    direct = onnxpress.quantize(model, calib=str(data), bias_correction=False, max_samples=256)
+    assert first.SerializeToString() == direct.model.SerializeToString()
+    calls = []
+    real = qdq.gptq_rows
+    monkeypatch.setattr(qdq, "gptq_rows", lambda *a, **k: calls.append(1) or real(*a, **k))
+    fc2_float = apply_recipe(model, {"version": 1, "steps": [{**step, "exclude": ["fc2"]}]}, str(data),
+                             moments_cache=cache)
+    assert not calls and fc2_float.SerializeToString() != first.SerializeToString()  # fc1's codes came from the cache
+    q = importlib.import_module("onnxpress.quantize")
+    monkeypatch.setattr(q, "GPTQ_AUTO_FLOPS", 1.0)  # too expensive now: auto rounds to nearest, as quantize would
+    rtn = apply_recipe(model, {"version": 1, "steps": [step]}, str(data))
+    plain = onnxpress.quantize(model, calib=str(data), bias_correction=False, max_samples=256, int8_method="rtn")
+    assert rtn.SerializeToString() == plain.model.SerializeToString()

@@ -37,7 +37,7 @@ RECIPE = {"version": 1, "steps": [
     ({"version": 1, "steps": [{"pass": "quantize", "weights": "int2"}]}, "weights must be int8 or int4"),
     ({"version": 1, "steps": [{"pass": "quantize", "weights": "int4", "int4_layers": ["fc1"]}]},
      "'int4_layers' is for int8 models"),
-    ({"version": 1, "steps": [{"pass": "quantize", "int8_method": "awq"}]}, "int8_method must be rtn or gptq"),
+    ({"version": 1, "steps": [{"pass": "quantize", "int8_method": "awq"}]}, "int8_method must be rtn, gptq or auto"),
     ({"version": 1, "steps": [{"pass": "cleanup"}], "extra": 1}, "unknown top-level"),
 ])
 def test_invalid_recipes_are_named(recipe, match):

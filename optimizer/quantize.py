@@ -69,7 +69,7 @@ spaced: with all of them a 224x224 ResNet-18's moments took 48 s for 64 samples.
 
 GPTQ_AUTO_FLOPS = 40e9
 """By default (``int8_method=None``) GPTQ runs when its input moments cost at most this many multiply-adds
-(``advanced.moment_flops``): 0.3-9e9 on the reference models (GPTQ adds 0.4-1.1 s there), 2.3e10 on a
+(``advanced.moment_flops``): 0.3-9e9 on the reference models (GPTQ adds 0.2-1.6 s there), 2.3e10 on a
 4-layer BERT-style encoder (d = 256, 32 tokens counted for its dynamic sequence), 3.8e11 on a 224x224
 ResNet-18, where GPTQ took 85 s beside 20 s for the rest of quantize; such models are rounded to nearest
 unless ``int8_method="gptq"`` asks for it."""
@@ -229,7 +229,7 @@ def quantize(
             ``calib`` is given and its input moments are cheap (``GPTQ_AUTO_FLOPS``), else "rtn" (and a
             note says so). Test-split logit SQNR of the reference models, rtn -> gptq (bias correction
             on): resnet 41.93 -> 43.47 dB, mobilenet 38.06 -> 38.08, concat 45.18 -> 46.70,
-            transformer 42.03 -> 43.16, for one more pass over the data (+0.4-1.1 s here).
+            transformer 42.03 -> 43.16, for one more pass over the data (+0.2-1.6 s here).
         hessians: with "gptq", input second moments by weight name measured before (``onnxpress.advanced.
             collect_layer_hessians`` on this model and ``calib``) instead of that pass: recipes reuse
             them across candidates that differ only in precision. Layers missing from it are rounded

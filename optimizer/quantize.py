@@ -430,8 +430,7 @@ def default_int8_method(model: onnx.ModelProto, calib: object, *, weights: str =
         return "rtn", None
     from onnxpress.advanced import moment_flops
 
-    n = GPTQ_SAMPLES if max_samples is None else min(max_samples, GPTQ_SAMPLES)
-    cost = moment_flops(model, samples=n, rows_per_sample=GPTQ_ROWS_PER_SAMPLE)
+    cost = moment_flops(model, samples=_gptq_samples(max_samples), rows_per_sample=GPTQ_ROWS_PER_SAMPLE)
     if cost <= GPTQ_AUTO_FLOPS:
         return "gptq", None
     return "rtn", (f"gptq: int8 weights rounded to nearest: GPTQ's input moments would take {cost / 1e9:.0f}e9 "
@@ -444,9 +443,14 @@ def gptq_moments(model: onnx.ModelProto, calib: object, *, batch_size: int = 64,
     """The input second moments ``int8_method="gptq"`` rounds with, by weight name (``GPTQ_*`` bounds)."""
     from onnxpress.advanced import collect_layer_hessians
 
-    n = GPTQ_SAMPLES if max_samples is None else min(max_samples, GPTQ_SAMPLES)
-    return collect_layer_hessians(model, calib, min_elements=0, batch_size=batch_size, max_samples=n, progress=progress,
+    return collect_layer_hessians(model, calib, min_elements=0, batch_size=batch_size,
+                                  max_samples=_gptq_samples(max_samples), progress=progress,
                                   max_bytes=GPTQ_MEMORY_BYTES, rows_per_sample=GPTQ_ROWS_PER_SAMPLE)
+
+
+def _gptq_samples(max_samples: int | None) -> int:
+    """Samples the GPTQ moments read (and the cost rule counts): ``GPTQ_SAMPLES``, or fewer if asked."""
+    return GPTQ_SAMPLES if max_samples is None else min(max_samples, GPTQ_SAMPLES)
 
 
 def _bn_input_means(model: onnx.ModelProto) -> dict[str, object]:

@@ -54,7 +54,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         choices=("gptq", "rtn"),
         help="int8 weight rounding: gptq (error-compensating, from --calib; the default when --calib is "
-        "given) or rtn (round to nearest; the default without --calib). Same scales and kernels",
+        "given and its input moments are cheap) or rtn (round to nearest; the default otherwise, with a "
+        "line saying why when it was the cost). Same scales and kernels",
     )
     p.add_argument(
         "--exclude",

@@ -285,7 +285,42 @@ def test_depthwise_and_grouped_conv(tmp_path: Path) -> None:
     _, q = quantize_graph(model, x, min_conv_depth=0)  # quantize even the shallow depthwise conv
     assert sqnr_db(run(model, x)[0], run(q, x)[0]) > 30
     opt = optimized_ops(q, tmp_path)
-    assert opt.count("QLinearConv") == 1  # the last conv feeds a graph output and stays float-out
+    assert opt.count("QLinearConv") == 2  # the last one too: its output Q/DQ sits on the graph output
+
+
+def test_conv_on_a_graph_output_gets_an_int8_kernel(tmp_path: Path) -> None:
+    """A Conv (+Relu) ending on a graph output is quantized there too, under the output's own name.
+
+    onnxruntime has no integer Conv with a float output: without the Q/DQ it ran the Conv as a float
+    FusedConv on dequantized weights, slower than the fp32 original. Another reader of that tensor
+    reads the dequantized values, so every reader sees the same numbers as the graph output.
+    """
+    r = rng(41)
+    inits = {
+        "W1": r.standard_normal((8, 8, 3, 3)).astype(np.float32) * 0.2,
+        "W2": r.standard_normal((8, 8, 3, 3)).astype(np.float32) * 0.2,
+        "B2": r.standard_normal(8).astype(np.float32),
+    }
+    nodes = [
+        helper.make_node("Conv", ["X", "W1"], ["h"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["h"], ["r"]),
+        helper.make_node("Conv", ["r", "W2", "B2"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["Y"]),
+        helper.make_node("GlobalMaxPool", ["Y"], ["M"]),
+    ]
+    model = make_model(nodes, [("X", ["N", 8, 6, 6])], [("Y", ["N", 8, 6, 6]), ("M", ["N", 8, 1, 1])], inits)
+    x = feeds_for(model)
+    _, q = quantize_graph(model, x)
+    onnx.checker.check_model(q, full_check=True)
+    assert [o.name for o in q.graph.output] == ["Y", "M"]
+    assert q.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    producers = {o: n for n in q.graph.node for o in n.output}
+    assert producers["Y"].op_type == "DequantizeLinear"
+    assert producers[producers["M"].input[0]].op_type == "DequantizeLinear"  # the other reader: same values
+    assert optimized_ops(q, tmp_path).count("QLinearConv") == 2
+    ref, out = run(model, x), run(q, x)
+    assert sqnr_db(ref[0], out[0]) > 30
+    np.testing.assert_array_equal(out[1], out[0].max(axis=(2, 3), keepdims=True))
 
 
 def test_shared_tensor_gets_one_q_and_one_dq() -> None:
@@ -589,7 +624,7 @@ def _assert_float_frontier(model: onnx.ModelProto, tmp_path: Path) -> None:
     assert not dec["stem"].quantized and "reduction depth 9" in dec["stem"].reason
     assert not dec["dw1"].quantized and "reduction depth 9" in dec["dw1"].reason
     assert dec["pw1"].quantized and dec["dw2"].quantized and dec["pw2"].quantized
-    assert optimized_ops(q, tmp_path).count("QLinearConv") == 2  # pw1, dw2 (pw2 feeds the graph output)
+    assert optimized_ops(q, tmp_path).count("QLinearConv") == 3  # pw1, dw2, pw2 (Q/DQ on the graph output)
     assert sqnr_db(run(model, x)[0], run(q, x)[0]) > 30
 
 
@@ -623,7 +658,7 @@ def test_shallow_stem_before_a_downsampling_pool_stays_float_with_the_pool(tmp_p
     assert [n.op_type for n in q.graph.node].count("Max") == 1
     opt = optimized_ops(q, tmp_path)
     assert opt.index("MaxPool") < opt.index("QuantizeLinear")  # the pool is float: before the first Q
-    assert opt.count("QLinearConv") == 1  # c1 (c2 feeds the graph output)
+    assert opt.count("QLinearConv") == 2  # c1 and c2 (Q/DQ on the graph output)
     assert sqnr_db(run(model, x)[0], run(q, x)[0]) > 30
 
 
@@ -723,7 +758,7 @@ def test_split_relu6_is_rounded_once_on_the_min_grid(tmp_path: Path) -> None:
     s_r2, _, _ = _q_params_of(q_two, "r")
     assert s_r2 > 2 * s_m  # on its own the Relu output has a much wider range than the bounded one
     opt = optimized_ops(q, tmp_path)
-    assert opt.count("QLinearConv") == 1 and "Relu" not in opt  # c2 feeds the graph output: float out
+    assert opt.count("QLinearConv") == 2 and "Relu" not in opt  # c2 too: Q/DQ on the graph output
     # The re-quantization after the Min moves a value by at most one step, and only next to the bound:
     # compared with quantizing min(relu(a), c) once on the same grid (a: the quantized model's conv output).
     probe = onnx.ModelProto()

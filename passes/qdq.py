@@ -599,7 +599,8 @@ class InsertQDQ:
         for nid in roles:  # topological order
             n = by_id[nid]
             if n.op in WEIGHTED_OPS:
-                why = eligible(n) or self._shallow_reason(n, host_of, float_convs, ends_of)
+                why = (eligible(n) or self._shallow_reason(n, host_of, float_convs, ends_of)
+                       or self._narrow_input_reason(n, roles, ends_of, host_of))
                 if why:
                     reasons[nid] = why
                     if n.op == "Conv":
@@ -733,6 +734,36 @@ class InsertQDQ:
                 return None
         return f"reduction depth {_conv_depth(n)} < {self.min_conv_depth} at the input: fp32 kernel is faster here"
 
+    def _narrow_input_reason(
+        self, n: gs.Node, roles: dict[int, list[tuple[int, str]]], ends_of: dict[int, gs.Tensor],
+        host_of: dict[int, int],
+    ) -> str | None:
+        """Keep a Conv on the float input float when its input channels are not a multiple of 4 (RGB stems).
+
+        onnxruntime 1.32's NHWC int8 conv is slow for such channel counts on this x86 box. A 3-conv
+        32-channel net at batch 32 with its stem float vs int8 (fp32 = 1, 1 / 2 threads): C_in 1, 2, 3, 6:
+        0.44 / 0.54 vs 0.52-0.65 / 0.70-0.80, even with a 7x7 stride-2 RGB stem (0.54 / 0.62 vs 0.59 / 0.75);
+        C_in 4: a tie; C_in 8, 12, 16: int8 is faster. A U-Net (RGB stem feeding a conv and a skip Concat):
+        0.59 -> 0.53 (1 thread), 0.84 -> 0.74 (2 threads) at batch 32, better at batches 1 and 8 too.
+        A stem whose output a residual Add or Mul reads stays int8: the Add would then meet a float NCHW
+        input, and onnxruntime wraps it in transposes (ResNet at batch 1: 0.47 vs 0.35 with the stem int8).
+        Only plain convs (group 1) whose input arrives float anyway (a graph input, or an op left float).
+        A 1-channel stem is left to ``_shallow_reason`` (measured on the reference digit models); in the
+        3-conv net above it too was faster float, which that rule does not cover yet.
+        """
+        if n.op != "Conv" or not self.min_conv_depth or int(n.attrs.get("group", 1)) != 1:
+            return None
+        w = np.asarray(n.inputs[1].values)
+        if w.ndim < 3 or w.shape[1] % 4 == 0 or w.shape[1] == 1:  # 1 channel: _shallow_reason's rules
+            return None
+        prod = n.inputs[0].inputs[0] if n.inputs[0].inputs else None
+        if prod is not None and host_of.get(id(prod), id(prod)) in roles:  # through a fused Relu to its Conv
+            return None
+        end = ends_of.get(id(n))
+        if end is None or any(c.op in BINARY_OPS for c in end.outputs):
+            return None
+        return f"{w.shape[1]} input channels (not a multiple of 4) at the input: fp32 kernel is faster here"
+
     def _missing_reason(self, name: str) -> str:
         if self._act_dtype(name) is None:
             return f"tensor {name!r} kept float by override"
@@ -765,7 +796,17 @@ class InsertQDQ:
                         lo, hi = ranges[end.name]
                         ranges[end.name] = (max(lo, lo_b), min(hi, hi_b))
                         clip_bounds[end.name] = (lo_b, hi_b)
-        # Concat: every input and the output share one range, so QLinearConcat only copies.
+        # Concat: every input and the output share one range, so QLinearConcat only copies. Except an
+        # input that a quantized producer's fused Relu (or Clip from >= 0) ends while the shared range goes
+        # below 0: with a zero point above the grid's bottom the Q no longer does the Relu's work, the Relu
+        # stays between the Conv and its Q, and onnxruntime runs that Conv in float on dequantized inputs.
+        # Such an input keeps its own range; QLinearConcat requantizes it (a U-Net's encoder conv feeding
+        # a skip Concat beside a ConvTranspose: 549 us float vs ~90 us as QLinearConv at batch 32).
+        rectified = {
+            end.name
+            for nid, (end, chain) in ends.items()
+            if nid in quantized and any(c.op == "Relu" or (c.op == "Clip" and _clip_bounds(c)[0] >= 0) for c in chain)
+        }
         for n in nodes:
             if id(n) in quantized and n.op == "Concat":
                 names = [n.inputs[i].name for i, role in roles[id(n)] if role == "act"] + [n.outputs[0].name]
@@ -774,6 +815,8 @@ class InsertQDQ:
                     common = (min(r[0] for r in own), max(r[1] for r in own))
                     for x in names:
                         if x in ranges and not self._has_range_override(x):
+                            if x in rectified and common[0] < 0 <= ranges[x][0]:
+                                continue
                             ranges[x] = common
         params: dict[str, QParams] = {}
         for name, (lo, hi) in ranges.items():

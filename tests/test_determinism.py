@@ -35,10 +35,10 @@ def _sha(path: Path) -> str:
 
 @pytest.fixture
 def setup(tmp_path):
-    """X[N,3,8,8] -> Conv -> BN -> Relu -> Conv -> Y, and 100 samples in calib.npz."""
+    """X[N,4,8,8] -> Conv -> BN -> Relu -> Conv -> Y, and 100 samples in calib.npz."""
     model = tmp_path / "model.onnx"
-    save_model(two_convs(), model)
-    x = graphs.rng(7).standard_normal((100, 3, 8, 8)).astype(np.float32)
+    save_model(two_convs(c_in=4), model)  # 4 channels: a 3-channel input conv stays float (a speed rule)
+    x = graphs.rng(7).standard_normal((100, 4, 8, 8)).astype(np.float32)
     np.savez(tmp_path / "calib.npz", X=x)
     return tmp_path, model, x
 

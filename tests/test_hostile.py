@@ -117,9 +117,9 @@ class Hostile:
     needs_data: bool = False
 
 
-def two_convs(c_out: int = 8) -> onnx.ModelProto:
-    """X[N,3,8,8] -> Conv -> BatchNormalization -> Relu -> Conv(W2[4,c_out,1,1]) -> Y[N,4,8,8]: prunable."""
-    first = graphs.conv_bn_relu(c_out=c_out)
+def two_convs(c_out: int = 8, c_in: int = 3) -> onnx.ModelProto:
+    """X[N,c_in,8,8] -> Conv -> BatchNormalization -> Relu -> Conv(W2[4,c_out,1,1]) -> Y[N,4,8,8]: prunable."""
+    first = graphs.conv_bn_relu(c_in=c_in, c_out=c_out)
     w2 = graphs.rng(9).standard_normal((4, c_out, 1, 1)).astype(np.float32)
     first.graph.node[-1].output[0] = "h"
     first.graph.node.append(onnx.helper.make_node("Conv", ["h", "W2"], ["Y"]))

@@ -254,7 +254,7 @@ def test_weight_axes_per_op(tmp_path: Path) -> None:
     ]
     model = make_model(nodes, [("X", ["N", 2, 2, 2])], [("Y", ["N", 6])], inits)
     x = feeds_for(model)
-    _, q = quantize_graph(model, x)
+    _, q = quantize_graph(model, x, min_conv_depth=0)  # every conv, even the narrow input one
     producers = {o: n for n in q.graph.node for o in n.output}
     expect = {"conv": 0, "convT": 1, "gemm": 0, "gemm2": 1, "matmul": 1}
     for node in q.graph.node:
@@ -387,7 +387,7 @@ def test_scale_keeping_ops_reuse_input_params(tmp_path: Path) -> None:
     ]
     model = make_model(nodes, [("X", [2, 3, 8, 8])], [("Y", [2, 16, 6])], inits)
     x = feeds_for(model)
-    _, q = quantize_graph(model, x)
+    _, q = quantize_graph(model, x, min_conv_depth=0)  # every conv, even the narrow input one
     params = quantize_params(q)
     assert params["c"] == params["m"] == params["rs"] == params["t"]
     assert sqnr_db(run(model, x)[0], run(q, x)[0]) > 30
@@ -546,7 +546,7 @@ def test_sigmoid_resize_averagepool(tmp_path: Path) -> None:
     ]
     model = make_model(nodes, [("X", [2, 3, 8, 8])], [("Y", [2, 4, 8, 8])], inits)
     x = feeds_for(model)
-    p, q = quantize_graph(model, x)
+    p, q = quantize_graph(model, x, min_conv_depth=0)  # every conv, even the narrow input one
     assert all(d.quantized for d in p.decisions)
     assert sqnr_db(run(model, x)[0], run(q, x)[0]) > 25
     opt = optimized_ops(q, tmp_path)
@@ -842,3 +842,78 @@ def test_op_on_a_float_constant_says_so() -> None:
     model = infer_shapes(make_model(nodes, [("X", [2, 6, 8])], [("Y", [2, 6, 4])], inits))
     p, _ = quantize_graph(model, feeds_for(model))
     assert {d.name: d.reason for d in p.decisions}["cut"] == "input is a constant (nothing to quantize at run time)"
+
+
+def _narrow_stem(c_in: int, residual: bool = False) -> onnx.ModelProto:
+    """X[N,c_in,8,8] -> stem Conv(->8) -> Relu -> c1 Conv(8->6) -> Relu -> c2 Conv(6->8) [-> Add(stem out)] -> Y."""
+    r = rng(51)
+    inits = {"Ws": (r.standard_normal((8, c_in, 3, 3)) * 0.3).astype(np.float32),
+             "W1": (r.standard_normal((6, 8, 3, 3)) * 0.2).astype(np.float32),
+             "W2": (r.standard_normal((8, 6, 3, 3)) * 0.2).astype(np.float32)}
+    nodes = [
+        helper.make_node("Conv", ["X", "Ws"], ["s"], name="stem", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["s"], ["sr"]),
+        helper.make_node("Conv", ["sr", "W1"], ["c1"], name="c1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "W2"], ["c2" if residual else "Y"], name="c2", pads=[1, 1, 1, 1]),
+    ]
+    if residual:
+        nodes.append(helper.make_node("Add", ["c2", "sr"], ["Y"], name="add"))
+    return make_model(nodes, [("X", ["N", c_in, 8, 8])], [("Y", ["N", 8, 8, 8])], inits)
+
+
+@pytest.mark.parametrize("c_in", [2, 3, 6])
+def test_input_conv_with_channels_not_a_multiple_of_4_stays_float(tmp_path: Path, c_in: int) -> None:
+    """An RGB-like stem runs faster in fp32 than as onnxruntime's NHWC int8 conv: it stays float. c2 has 6
+    input channels too, but it reads the quantized c1, so it is still an int8 kernel."""
+    model = _narrow_stem(c_in)
+    x = feeds_for(model)
+    p, q = quantize_graph(model, x)
+    dec = {d.name: d for d in p.decisions}
+    assert not dec["stem"].quantized and "not a multiple of 4" in dec["stem"].reason
+    assert dec["c1"].quantized and dec["c2"].quantized  # c2 has 6 input channels but reads a quantized conv
+    assert optimized_ops(q, tmp_path).count("QLinearConv") == 2
+    assert sqnr_db(run(model, x)[0], run(q, x)[0]) > 30
+    _, every = quantize_graph(model, x, min_conv_depth=0)  # the rule is off with the shallow-conv one
+    assert optimized_ops(every, tmp_path).count("QLinearConv") == 3
+
+
+@pytest.mark.parametrize(("c_in", "residual"), [(4, False), (8, False), (3, True), (1, False)])
+def test_input_conv_stays_int8_where_the_narrow_rule_does_not_apply(c_in: int, residual: bool) -> None:
+    """4 or 8 input channels; a stem a residual Add reads (the Add would meet a float NCHW tensor);
+    1 channel (left to the shallow-conv rules): the stem is quantized."""
+    model = _narrow_stem(c_in, residual)
+    p, _ = quantize_graph(model, feeds_for(model))
+    assert {d.name: d for d in p.decisions}["stem"].quantized
+
+
+def _relu_and_signed_concat() -> onnx.ModelProto:
+    """X -> a Conv -> Relu (>= 0) and b Conv (signed) -> Concat -> c Conv -> Relu -> Y (a U-Net skip join)."""
+    r = rng(52)
+    inits = {"Wa": (r.standard_normal((8, 8, 3, 3)) * 0.2).astype(np.float32),
+             "Wb": (r.standard_normal((8, 8, 3, 3)) * 0.2).astype(np.float32),
+             "Wc": (r.standard_normal((8, 16, 3, 3)) * 0.2).astype(np.float32)}
+    nodes = [
+        helper.make_node("Conv", ["X", "Wa"], ["a"], name="a", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["a"], ["ar"]),
+        helper.make_node("Conv", ["X", "Wb"], ["b"], name="b", pads=[1, 1, 1, 1]),
+        helper.make_node("Concat", ["ar", "b"], ["cat"], name="cat", axis=1),
+        helper.make_node("Conv", ["cat", "Wc"], ["c"], name="c", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["Y"]),
+    ]
+    return make_model(nodes, [("X", ["N", 8, 8, 8])], [("Y", ["N", 8, 8, 8])], inits)
+
+
+def test_relu_input_of_a_signed_concat_keeps_its_own_range(tmp_path: Path) -> None:
+    """Concat inputs share the output's range, except a fused Relu's output when that range goes below 0:
+    its Q keeps zero point 0 and does the Relu's work, so the Conv before it stays an integer kernel
+    (QLinearConcat requantizes that input); outputs stay close."""
+    model = _relu_and_signed_concat()
+    x = feeds_for(model)
+    _, q = quantize_graph(model, x)
+    params = quantize_params(q)
+    assert params["ar"][1] == 0 and params["b"][1] > 0  # own [0, max] grid vs the signed shared one
+    assert params["b"] == params["cat"] and params["ar"][0] < params["cat"][0]
+    opt = optimized_ops(q, tmp_path)
+    assert opt.count("QLinearConv") == 3 and "Relu" not in opt and "QLinearConcat" in opt
+    assert sqnr_db(run(model, x)[0], run(q, x)[0]) > 30

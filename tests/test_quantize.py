@@ -18,14 +18,18 @@ from tests.test_qdq import MODELS, feeds_for, minmax_table, optimized_ops, resid
 
 
 def constant_weight_cnn(opset: int = 11) -> onnx.ModelProto:
-    """X[N,3,8,8] -> Conv(Constant W, B) -> BN -> Relu -> Conv(Constant W2) -> Relu -> GAP -> Y[N,16,1,1]."""
+    """X[N,4,8,8] -> Conv(Constant W, B) -> BN -> Relu -> Conv(Constant W2) -> Relu -> GAP -> Y[N,16,1,1].
+
+    Four input channels: a 3-channel input conv would stay float (a speed rule), and this model wants both
+    convs quantized.
+    """
     r = rng(11)
 
     def const(name: str, value: np.ndarray) -> onnx.NodeProto:
         return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(value, name))
 
     nodes = [
-        const("W", (r.standard_normal((32, 3, 3, 3)) * 0.3).astype(np.float32)),
+        const("W", (r.standard_normal((32, 4, 3, 3)) * 0.3).astype(np.float32)),
         const("B", r.standard_normal(32).astype(np.float32)),
         const("gamma", r.uniform(0.5, 1.5, 32).astype(np.float32)),
         const("beta", r.standard_normal(32).astype(np.float32)),
@@ -39,7 +43,7 @@ def constant_weight_cnn(opset: int = 11) -> onnx.ModelProto:
         helper.make_node("Relu", ["c2"], ["r2"]),
         helper.make_node("GlobalAveragePool", ["r2"], ["Y"]),
     ]
-    return make_model(nodes, [("X", ["N", 3, 8, 8])], [("Y", ["N", 16, 1, 1])], opset=opset)
+    return make_model(nodes, [("X", ["N", 4, 8, 8])], [("Y", ["N", 16, 1, 1])], opset=opset)
 
 
 def digest(path: Path) -> str:

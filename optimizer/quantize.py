@@ -195,8 +195,8 @@ def quantize(
         overrides: per-tensor ``{"dtype": "uint8"|"int8"|"float", "range": (lo, hi),
             "per_channel": bool, "method": "minmax"|...}``.
         quantize_ops: ops that stay float by default to quantize anyway ("LayerNormalization", "HardSigmoid",
-            "Softmax", "MatMul" for the MatMuls of two activations, attention's, and "Gelu" for the Mul/Add
-            nodes of a GELU written out around Erf/Tanh).
+            "Softmax", "MatMul" for the MatMuls of two activations, attention's, "Gelu" for the Mul/Add
+            nodes of a GELU written out around Erf/Tanh, and "SiLU" for the Sigmoid and Mul of ``x * sigmoid(x)``).
         max_samples: calibrate on at most this many samples.
         batch_size: calibration batch size.
         progress: progress bars.

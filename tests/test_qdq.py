@@ -917,3 +917,39 @@ def test_relu_input_of_a_signed_concat_keeps_its_own_range(tmp_path: Path) -> No
     opt = optimized_ops(q, tmp_path)
     assert opt.count("QLinearConv") == 3 and "Relu" not in opt and "QLinearConcat" in opt
     assert sqnr_db(run(model, x)[0], run(q, x)[0]) > 30
+
+
+def _silu_cnn() -> onnx.ModelProto:
+    """X[N,3,8,8] -> stem Conv -> SiLU -> c1 Conv -> SiLU -> c2 Conv -> Y (x * Sigmoid(x) written out)."""
+    r = rng(53)
+    inits = {"Ws": (r.standard_normal((8, 3, 3, 3)) * 0.3).astype(np.float32),
+             "W1": (r.standard_normal((8, 8, 3, 3)) * 0.2).astype(np.float32),
+             "W2": (r.standard_normal((8, 8, 3, 3)) * 0.2).astype(np.float32)}
+    nodes = [
+        helper.make_node("Conv", ["X", "Ws"], ["s"], name="stem", pads=[1, 1, 1, 1]),
+        helper.make_node("Sigmoid", ["s"], ["ss"], name="sig0"),
+        helper.make_node("Mul", ["s", "ss"], ["a0"], name="mul0"),
+        helper.make_node("Conv", ["a0", "W1"], ["c1"], name="c1", pads=[1, 1, 1, 1]),
+        helper.make_node("Sigmoid", ["c1"], ["cs"], name="sig1"),
+        helper.make_node("Mul", ["cs", "c1"], ["a1"], name="mul1"),
+        helper.make_node("Conv", ["a1", "W2"], ["Y"], name="c2", pads=[1, 1, 1, 1]),
+    ]
+    return make_model(nodes, [("X", ["N", 3, 8, 8])], [("Y", ["N", 8, 8, 8])], inits)
+
+
+def test_silu_on_a_float_tensor_stays_float_and_fuses(tmp_path: Path) -> None:
+    """Behind the float RGB stem, x * Sigmoid(x) stays float (onnxruntime fuses it into QuickGelu); behind
+    an int8 Conv it is quantized (there the fusion fails on the duplicated DQs); quantize_ops={"SiLU"}
+    quantizes both."""
+    model = _silu_cnn()
+    x = feeds_for(model)
+    p, q = quantize_graph(model, x)
+    dec = {d.name: d for d in p.decisions}
+    assert not dec["stem"].quantized
+    assert not dec["sig0"].quantized and not dec["mul0"].quantized and "SiLU" in dec["mul0"].reason
+    assert dec["sig1"].quantized and dec["mul1"].quantized
+    opt = optimized_ops(q, tmp_path)
+    assert opt.count("QuickGelu") == 1 and opt.count("QLinearMul") == 1 and opt.count("QLinearConv") == 2
+    assert sqnr_db(run(model, x)[0], run(q, x)[0]) > 30
+    p_all, _ = quantize_graph(model, x, quantize_ops={"SiLU"})
+    assert all(d.quantized for d in p_all.decisions if d.name in ("sig0", "mul0"))

@@ -68,9 +68,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--quantize-ops",
         nargs="*",
         default=[],
-        choices=("LayerNormalization", "HardSigmoid", "Softmax", "MatMul", "Gelu"),
+        choices=("LayerNormalization", "HardSigmoid", "Softmax", "MatMul", "Gelu", "SiLU"),
         help="ops kept float by default to quantize anyway (MatMul: the MatMuls of two activations, attention's; "
-        "Gelu: the Mul/Add nodes of a GELU written out around Erf/Tanh)",
+        "Gelu: the Mul/Add nodes of a GELU written out around Erf/Tanh; SiLU: x*sigmoid(x) on a float tensor)",
     )
     p.add_argument("--max-samples", type=int, default=None, help="calibrate on at most N samples")
     # issue 10 (onnxpress.advanced): float rewrites before calibration, or codebook weights instead of QDQ

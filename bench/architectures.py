@@ -1,0 +1,226 @@
+"""Architectures the reference models do not cover, side by side: onnxpress vs onnxruntime's quantize_static.
+
+The reference models are digit classifiers with a 1-channel input. Users bring other shapes, and those
+meet other onnxruntime kernels and fusions. This bench builds five small networks with torch (random
+weights, seed 0, BatchNorm statistics drawn at random so that folding them matters), exports them
+(TorchScript exporter, opset 17, dynamic batch) and quantizes each with:
+
+- ``ort-default``: ``quantize_static`` with its defaults (QDQ, per-tensor, int8 activations, MinMax);
+- ``ort-best``: per-channel int8 weights, uint8 activations, MinMax;
+- ``onnxpress``: ``onnxpress.quantize`` with its defaults.
+
+The networks:
+
+- ``unet``: RGB stem, strided convs, ConvTranspose, bilinear Resize, skip Concats, Sigmoid output;
+- ``detector``: Conv+SiLU backbone (x * sigmoid(x) written out) and two 1x1 heads, one through Softmax;
+- ``mbconv``: EfficientNet-style blocks (1x1 expand + SiLU, depthwise + SiLU, squeeze-excite with a
+  Sigmoid gate, 1x1 project, residual Add);
+- ``mnv3``: MobileNetV3-style blocks (HardSwish, depthwise, squeeze-excite with HardSigmoid);
+- ``audio``: Conv1d + BatchNorm + grouped Conv1d, a GRU, mean over time, Linear.
+
+Columns: per-output logit SQNR against fp32 (the lowest over outputs, dB) on 64 held-out random
+inputs, and latency relative to fp32 at batch 1 and 32 (2 threads, spinning off, every session timed
+in rotation within each repeat, medians: ``bench/quantize.py``'s ``latency_ratios``). Calibration: 64
+seeded standard-normal inputs. onnxruntime's quantizer runs in a temporary folder (it drops files
+into the current one). Needs torch (``pip install -e .[torch]``).
+
+    python bench/architectures.py [--models unet detector mbconv mnv3 audio] [--repeats 20]
+
+Seventh session (2026-11-30, quiet 2-core box, ``--repeats 20``, 40 s), onnxpress latency at batch 1 / 32
+before (the session's first commit) -> after its quantize changes, SQNR after (lowest output):
+
+- unet: 1.03 / 0.96 -> 0.76 / 0.77, 63.4 dB (onnxruntime best 0.88 / 0.86, 56.0 dB; default 1.19 / 1.16).
+  Two encoder convs had run float on dequantized inputs: one ended on a graph output without a Q
+  (``_GRAPH_OUTPUT_OPS``), one had its Relu kept in front of the Q by a skip Concat's signed shared
+  range; and the RGB stem is faster in fp32 (``_narrow_input_reason``).
+- detector: 1.33 / 1.36 -> 1.03 / 0.88, 40.7 dB (best 1.39 / 1.38, 39.4 dB): float RGB stem, and the SiLU
+  after it left to onnxruntime's float QuickGelu fusion (``SILU_REASON``).
+- mbconv: 1.27 / 1.29 -> 1.21 / 1.17, 47.9 dB (best 1.67 / 1.47, 43.3 dB). Still slower than fp32: the
+  squeeze-excite gate Mul runs onnxruntime's general-broadcast QLinearMul (707 us at batch 32 against
+  142 us in float NCHW; as a float Mul on the NHWC tensor between DQ and Q it took 417 us + 438 us of DQ/Q,
+  worse), and the int8 SiLU costs about what the fused float one does.
+- mnv3: 1.16 / 1.60 -> 1.12 / 1.49, 47.9 dB (best 1.56 / 1.75, 43.3 dB): HardSwish has no integer kernel and
+  runs as float HardSigmoid + Mul between DQ and Q, where fp32 fuses it into the Conv.
+- audio: 0.99 / 0.76 -> 1.01 / 0.76, 44.8 dB (best 0.87 / 0.75, 42.7 dB): the GRU stays float; its weights
+  are stored int8 (``constants_int8_min_size``) and dequantized at every run, 10 us of ~110 us at batch 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import quantize as qbench  # noqa: E402  (bench/quantize.py: the anchor's runner and the timing loop)
+
+import onnxpress  # noqa: E402
+from onnxpress.reporting import format_table  # noqa: E402
+from onnxpress.runtime import make_session  # noqa: E402
+
+MODELS = ("unet", "detector", "mbconv", "mnv3", "audio")
+
+
+def _nets():
+    """The torch modules, defined here so that importing this file does not need torch."""
+    import torch
+    from torch import nn
+    from torch.nn import functional as F  # noqa: N812
+
+    def cbr(c_in: int, c_out: int, stride: int = 1, act: type = nn.ReLU) -> nn.Sequential:
+        return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride, 1), nn.BatchNorm2d(c_out), act())
+
+    class SiLU(nn.Module):  # written out, as many exporters leave it
+        def forward(self, x):
+            return x * torch.sigmoid(x)
+
+    class UNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.e1, self.e2, self.e3 = cbr(3, 16), cbr(16, 32, 2), cbr(32, 64, 2)
+            self.up = nn.ConvTranspose2d(64, 32, 2, stride=2)
+            self.d1, self.d2 = cbr(64, 32), cbr(48, 16)
+            self.head = nn.Conv2d(16, 2, 1)
+
+        def forward(self, x):
+            a = self.e1(x)
+            b = self.e2(a)
+            d = self.d1(torch.cat([self.up(self.e3(b)), b], 1))
+            d = F.interpolate(d, scale_factor=2.0, mode="bilinear", align_corners=False)
+            return torch.sigmoid(self.head(self.d2(torch.cat([d, a], 1))))
+
+    class Detector(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(cbr(3, 16, 2, SiLU), cbr(16, 32, 2, SiLU), cbr(32, 32, 1, SiLU))
+            self.cls, self.box = nn.Conv2d(32, 5, 1), nn.Conv2d(32, 4, 1)
+
+        def forward(self, x):
+            f = self.body(x)
+            return self.cls(f).flatten(2).transpose(1, 2).softmax(-1), self.box(f).flatten(2).transpose(1, 2)
+
+    class SE(nn.Module):
+        def __init__(self, c: int, gate: type, act: type):
+            super().__init__()
+            self.fc1, self.fc2, self.act, self.gate = nn.Conv2d(c, c // 4, 1), nn.Conv2d(c // 4, c, 1), act(), gate()
+
+        def forward(self, x):
+            return x * self.gate(self.fc2(self.act(self.fc1(x.mean((2, 3), keepdim=True)))))
+
+    class Block(nn.Module):
+        def __init__(self, c: int, act: type, gate: type):
+            super().__init__()
+            e = 4 * c
+            self.body = nn.Sequential(
+                nn.Conv2d(c, e, 1), nn.BatchNorm2d(e), act(),
+                nn.Conv2d(e, e, 3, 1, 1, groups=e), nn.BatchNorm2d(e), act(),
+                SE(e, gate, act), nn.Conv2d(e, c, 1), nn.BatchNorm2d(c))
+
+        def forward(self, x):
+            return x + self.body(x)
+
+    class Mobile(nn.Module):
+        def __init__(self, act: type, gate: type):
+            super().__init__()
+            self.stem = cbr(3, 16, 2, act)
+            self.blocks = nn.Sequential(Block(16, act, gate), nn.Conv2d(16, 32, 3, 2, 1), act(),
+                                        Block(32, act, gate), Block(32, act, gate))
+            self.fc = nn.Linear(32, 10)
+
+        def forward(self, x):
+            return self.fc(self.blocks(self.stem(x)).mean((2, 3)))
+
+    class Audio(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Sequential(nn.Conv1d(40, 64, 5, padding=2), nn.BatchNorm1d(64), nn.ReLU(),
+                                      nn.Conv1d(64, 64, 3, padding=1, groups=4), nn.ReLU())
+            self.gru = nn.GRU(64, 48, batch_first=True)
+            self.fc = nn.Linear(48, 12)
+
+        def forward(self, x):
+            out, _ = self.gru(self.conv(x).transpose(1, 2))
+            return self.fc(out.mean(1))
+
+    return {
+        "unet": (UNet, (3, 32, 32), ["out"]),
+        "detector": (Detector, (3, 64, 64), ["scores", "boxes"]),
+        "mbconv": (lambda: Mobile(SiLU, nn.Sigmoid), (3, 64, 64), ["logits"]),
+        "mnv3": (lambda: Mobile(nn.Hardswish, nn.Hardsigmoid), (3, 64, 64), ["logits"]),
+        "audio": (Audio, (40, 50), ["logits"]),
+    }
+
+
+def build(name: str, work: Path) -> tuple[Path, tuple[int, ...]]:
+    """Export network ``name`` with seeded random weights and BatchNorm statistics; its path and input shape."""
+    import torch
+
+    cls, shape, outputs = _nets()[name]
+    torch.manual_seed(0)
+    net = cls().eval()
+    g = torch.Generator().manual_seed(1)
+    for mod in net.modules():
+        if isinstance(mod, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
+            mod.running_mean.copy_(torch.rand(mod.num_features, generator=g) - 0.5)
+            mod.running_var.copy_(torch.rand(mod.num_features, generator=g) * 1.5 + 0.5)
+    path = work / f"{name}.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (torch.randn(2, *shape),), str(path), input_names=["input"], output_names=outputs,
+                          dynamic_axes={"input": {0: "batch"}}, opset_version=17, dynamo=False)
+    return path, shape
+
+
+def outputs(sess, x: np.ndarray, batch: int = 32) -> list[np.ndarray]:
+    """Every output of ``sess`` over ``x`` (batched)."""
+    parts = [sess.run(None, {"input": x[i : i + batch]}) for i in range(0, len(x), batch)]
+    return [np.concatenate(col) for col in zip(*parts, strict=True)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--repeats", type=int, default=20)
+    args = parser.parse_args(argv)
+    from onnxruntime.quantization import CalibrationMethod, QuantType
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        for name in args.models:
+            src, shape = build(name, work)
+            r = np.random.default_rng(2)
+            calib = r.standard_normal((64, *shape)).astype(np.float32)
+            test_x = r.standard_normal((64, *shape)).astype(np.float32)
+            ours = work / f"{name}_ours.onnx"
+            onnxpress.quantize(str(src), str(ours), calib=[{"input": calib}])
+            paths: dict[str, Path | str] = {"fp32": src, "onnxpress": ours}
+            paths["ort-default"] = qbench.ort_quantize(src, calib, work, "ortdef", reader_batch=16)
+            paths["ort-best"] = qbench.ort_quantize(src, calib, work, "ortbest", reader_batch=16, per_channel=True,
+                                                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                                                    calibrate_method=CalibrationMethod.MinMax)
+            ok = {k: p for k, p in paths.items() if isinstance(p, Path)}
+            sessions = {k: make_session(str(p), threads=2) for k, p in ok.items()}
+            ref = outputs(sessions["fp32"], test_x)
+            lat = {b: qbench.latency_ratios(sessions, test_x, b, args.repeats) for b in (1, 32)}
+            for k, p in paths.items():
+                if k not in ok:
+                    rows.append([name, k, f"failed: {p}", "-", "-"])
+                    continue
+                got = outputs(sessions[k], test_x)
+                sq = "-" if k == "fp32" else f"{min(qbench.sqnr_db(a, b) for a, b in zip(ref, got, strict=True)):.2f}"
+                rows.append([name, k, sq, f"{lat[1][k]:.3f}", f"{lat[32][k]:.3f}"])
+            print(f"{name}: done", file=sys.stderr)
+    print(format_table(["model", "config", "SQNR dB (lowest output)", "lat b1", "lat b32"], rows))
+    print(f"latency relative to fp32, 2 threads, {args.repeats} interleaved repeats")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

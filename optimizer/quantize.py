@@ -20,8 +20,9 @@ import copy
 import dataclasses
 import logging
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import onnx
 
@@ -45,6 +46,9 @@ from onnxpress.passes.qdq import ACTIVATION_TYPES, CompactQDQ, InsertQDQ, NodeDe
 from onnxpress.passes.weight_only import INT4_METHODS, QuantizeWeightsInt4, StoreConstantsInt8
 from onnxpress.pipeline import PipelineResult, cleanup_passes, import_graph, run_passes
 
+if TYPE_CHECKING:
+    from onnxpress.range_search import RangeSearch
+
 __all__ = [
     "BIAS_CORRECTION_SAMPLES", "DEFAULT_METHOD", "GPTQ_AUTO_FLOPS", "GPTQ_MEMORY_BYTES", "GPTQ_ROWS_PER_SAMPLE",
     "GPTQ_SAMPLES",
@@ -54,6 +58,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DEFAULT_METHOD = "mse"
+AUTO_START = "mse"  # method="auto" starts every tensor here and moves it where the outputs get closer
 """Default calibration method (see bench/quantize.py for the comparison that chose it)."""
 
 WEIGHT_TYPES = ("int8", "int4")
@@ -185,7 +190,9 @@ def quantize(
             onnxruntime CalibrationDataReader); needed for int8 unless ``table`` is given; with
             int4 weights it makes the rounding data-aware (``int4_method``).
         table: a CalibrationTable or the path of one saved with ``CalibrationTable.save``.
-        method: calibration method: "kl", "minmax", "percentile" or "mse".
+        method: calibration method: "kl", "minmax", "percentile" or "mse"; or "auto": per tensor, the one of
+            the four whose range gives the closest outputs on the first calibration samples (a greedy pass
+            over the tensors, one onnxruntime run per trial; ``onnxpress.range_search``). Needs ``calib``.
         per_channel: per-output-channel weight scales (else per tensor).
         activations: "uint8" (asymmetric; x86 integer kernels) or "int8" (symmetric; TensorRT).
         weights: "int8" (QDQ, weights and activations) or "int4" (blockwise weight-only MatMul/Gemm).
@@ -253,6 +260,11 @@ def quantize(
         raise CalibrationError(
             "int4_method='gptq' needs calibration data for the layers' input moments: pass calib= "
             "(an .npz of inputs), or int4_method='rtn' (round to nearest, no data)"
+        )
+    if method == "auto" and (calib is None or weights != "int8" or codebook is not None):
+        raise CalibrationError(
+            "method='auto' chooses each activation's range on calibration data, for int8 QDQ: pass calib= "
+            "(and int8 weights), or name one method (mse, kl, percentile, minmax)"
         )
     if int8_method is not None and int8_method not in INT8_METHODS:
         raise OnnxpressError(f"int8_method must be one of {', '.join(INT8_METHODS)}, got {int8_method!r}")
@@ -367,20 +379,21 @@ def quantize(
             # and MatMulAddToGemm decide on ranks
             prepared = run_passes(infer_shapes_thoroughly(cleaned), pre)
             cleaned, pre_stats = prepared.model, dict(prepared.stats)
-        used_table = _resolve_table(cleaned, calib, table, method, ovs, max_samples, batch_size, progress)
-        try:
-            qdq = InsertQDQ(
-                used_table,
-                per_channel=per_channel,
-                activations=activations,
-                exclude=selection,
-                overrides=ovs,
-                quantize_ops=quantize_ops,
-                hessians=hessians,
-                gptq_cache=gptq_cache,
-            )
-        except ValueError as exc:
-            raise OnnxpressError(str(exc)) from None
+        start = AUTO_START if method == "auto" else method
+        used_table = _resolve_table(cleaned, calib, table, start, ovs, max_samples, batch_size, progress)
+
+        def make_qdq(tab: CalibrationTable) -> InsertQDQ:
+            try:
+                return InsertQDQ(tab, per_channel=per_channel, activations=activations, exclude=selection,
+                                 overrides=ovs, quantize_ops=quantize_ops, hessians=hessians, gptq_cache=gptq_cache)
+            except ValueError as exc:
+                raise OnnxpressError(str(exc)) from None
+
+        if method == "auto":  # per tensor, the method whose range gives the closest outputs (range_search.py)
+            searched = _auto_ranges(cleaned, calib, used_table, make_qdq, ovs, max_samples, batch_size, progress)
+            used_table = searched.table
+            advanced_notes.append(searched.summary())
+        qdq = make_qdq(used_table)
         if bias_correction and calib is None:  # analytic: E[x] from the BatchNorms the cleanup folded
             cleaned = _correct_bias_analytic(infer_shapes(cleaned), qdq, bn_means, per_channel)
         elif bias_correction:  # onnxpress.advanced (issue 10): only the layers this pass quantizes
@@ -566,6 +579,39 @@ def _refuse_half_precision(model: onnx.ModelProto) -> None:
             "quantizes float32 models, which onnxruntime's CPU integer kernels take. Export it in float32 "
             "(torch: call model.float() before torch.onnx.export) and quantize that"
         )
+
+
+def _auto_ranges(
+    model: onnx.ModelProto,
+    calib: object,
+    table: CalibrationTable,
+    make_qdq: Callable[[CalibrationTable], InsertQDQ],
+    overrides: Mapping[str, TensorOverride],
+    max_samples: int | None,
+    batch_size: int,
+    progress: bool,
+) -> RangeSearch:
+    """``method="auto"``: search each tensor's range method on the first calibration samples."""
+    from onnxpress.range_search import scoring_feeds, search_ranges
+    from onnxpress.sensitivity import run_outputs
+
+    if not table.histograms:
+        raise CalibrationError(
+            "method='auto' picks among the ranges of each tensor's histogram, and this table has none "
+            "(a minmax table, or one saved without histograms): calibrate with calib= instead of table="
+        )
+    feeds = scoring_feeds(model, calib, max_samples, batch_size)
+    shaped = infer_shapes(model)
+
+    def build(tab: CalibrationTable) -> onnx.ModelProto:  # no bias correction: the ranking is what counts
+        return run_passes(shaped, [make_qdq(tab), MatMulBiasToOutputRank()]).model
+
+    return search_ranges(
+        table, build, lambda m: run_outputs(m, feeds), run_outputs(model, feeds),
+        skip=[n for n, o in overrides.items() if o.range is not None],
+        bits=int(table.meta.get("bits", 8)), percentile=float(table.meta.get("percentile", 99.99)),
+        progress=progress,
+    )  # fmt: skip
 
 
 def _resolve_table(

@@ -382,10 +382,12 @@ def quantize(
         start = AUTO_START if method == "auto" else method
         used_table = _resolve_table(cleaned, calib, table, start, ovs, max_samples, batch_size, progress)
 
+        codes = {} if gptq_cache is None else gptq_cache  # GPTQ rounds each weight once across auto's trials
+
         def make_qdq(tab: CalibrationTable) -> InsertQDQ:
             try:
                 return InsertQDQ(tab, per_channel=per_channel, activations=activations, exclude=selection,
-                                 overrides=ovs, quantize_ops=quantize_ops, hessians=hessians, gptq_cache=gptq_cache)
+                                 overrides=ovs, quantize_ops=quantize_ops, hessians=hessians, gptq_cache=codes)
             except ValueError as exc:
                 raise OnnxpressError(str(exc)) from None
 

@@ -130,8 +130,8 @@ def validate_recipe(recipe: Mapping[str, Any]) -> dict[str, Any]:
                 if isinstance(r, bool) or not isinstance(r, int) or r < 1:
                     raise _bad(where, f"rank for layer {key!r} must be an integer >= 1, got {r!r}")
         if name == "quantize":
-            if full["method"] not in ("kl", "minmax", "percentile", "mse"):
-                raise _bad(where, f"method must be kl, minmax, percentile or mse, got {full['method']!r}")
+            if full["method"] not in ("kl", "minmax", "percentile", "mse", "auto"):
+                raise _bad(where, f"method must be kl, minmax, percentile, mse or auto, got {full['method']!r}")
             if not isinstance(full["exclude"], list) or not all(isinstance(x, str) for x in full["exclude"]):
                 raise _bad(where, "'exclude' must be a list of layer names")
             four = full["int4_layers"]

@@ -91,3 +91,28 @@ def test_cli_method_auto(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     np.savez(data, X=rng(62).standard_normal((32, 3, 8, 8)).astype(np.float32))
     assert main(["quantize", str(path), "-o", str(tmp_path / "q.onnx"), "--calib", str(data), "--method", "auto"]) == 0
     assert "auto ranges: " in capsys.readouterr().out
+
+
+def test_optimize_keeps_the_auto_ranges_variant_only_when_it_measures_better(tmp_path: Path) -> None:
+    """The chosen candidate rebuilt with method="auto": same graph, recipe says auto, kept iff closer."""
+    from onnxpress.optimize import _Evaluator, _with_auto_ranges
+    from onnxpress.recipe import apply_recipe, prepare
+    from onnxpress.search import Candidate
+
+    m0 = prepare(residual_cnn())
+    r = rng(63)  # binary pixels with rare bright ones
+    pixels = (r.random((64, 3, 8, 8)) < 0.5).astype(np.float32)
+    pixels[r.random(pixels.shape) < 0.003] = 6.0
+    x = {"X": pixels}
+    ev = _Evaluator(m0, m0.ByteSize(), [x], [x], None, False)
+    recipe = {"version": 1, "steps": [{"pass": "quantize", "method": "mse", "max_samples": 64}]}
+    chosen = Candidate(picks=(0,), est_cost=0.0, est_sqnr=0.0, recipe=recipe, feasible=True, note="uniform int8")
+    built = apply_recipe(m0, recipe, [x], prepared=True)
+    ev.measure_fidelity(chosen, built)
+    got, model = _with_auto_ranges(chosen, built, ev)
+    assert got.recipe["steps"][0]["method"] == "auto" and got.note.endswith("+ auto ranges")
+    assert got.sqnr_db > chosen.sqnr_db
+    assert [n.op_type for n in model.graph.node] == [n.op_type for n in built.graph.node]
+    assert apply_recipe(m0, got.recipe, [x], prepared=True).SerializeToString() == model.SerializeToString()
+    worse = Candidate(picks=(0,), est_cost=0.0, est_sqnr=0.0, recipe=recipe, feasible=True, sqnr_db=1e9)
+    assert _with_auto_ranges(worse, built, ev)[0] is worse  # a variant that measures lower is not taken

@@ -31,6 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="epochs of a probe fine-tune ranking in-budget structures (default none: most budget first)")
     p.add_argument("--latency-threads", type=positive_int, default=1,
                    help="onnxruntime threads when timing candidates (the latency budget holds there; default 1)")
+    p.add_argument("--no-auto-ranges", dest="auto_ranges", action="store_false",
+                   help="keep the chosen model's mse activation ranges (default: rebuild it with each tensor's range "
+                        "method picked on the calibration outputs, kept if it measures better; same graph and cost)")
     add_common(p)
     p.set_defaults(func=run)
 
@@ -44,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
         budget=args.budget or ["latency=0.5"], max_drop=args.max_drop, recipe=args.recipe, report=args.report,
         time_limit=args.time_limit, cache_dir=args.cache_dir, finetune=args.finetune,
         finetune_epochs=args.finetune_epochs, probe_epochs=args.probe_epochs, latency_threads=args.latency_threads,
-        progress=progress_enabled(args),
+        auto_ranges=args.auto_ranges, progress=progress_enabled(args),
     )
     rows = []
     for c in result.candidates:

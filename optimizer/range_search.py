@@ -9,7 +9,7 @@ model's output SQNR on the calibration samples rises by more than ``MIN_GAIN_DB`
 
 Measured (``onnxpress quantize --method auto`` against the default mse, logit SQNR on the held-out digits
 test split, 2026-11-30): resnet 43.47 -> 45.39 dB, mobilenet 38.08 -> 38.25, concat 46.72 -> 47.20,
-transformer 43.16 -> 43.19 (top-1 agreement 1.0000 -> 0.9972 there: one of 360 digits), in 11-16 s
+transformer 43.16 -> 43.19 (top-1 agreement 1.0000 -> 0.9972 there: one of 360 digits), in 8-16 s
 against 3-4 s (63-111 trials; each is one InsertQDQ run, GPTQ codes cached, and one onnxruntime run over
 ``SAMPLES`` calibration samples). Same graph, same kernels: the latency does not change.
 

@@ -844,12 +844,15 @@ def test_op_on_a_float_constant_says_so() -> None:
     assert {d.name: d.reason for d in p.decisions}["cut"] == "input is a constant (nothing to quantize at run time)"
 
 
+def _weights(seed: int, **shapes: tuple[tuple[int, ...], float]) -> dict[str, np.ndarray]:
+    """Seeded float32 standard-normal weights, ``name=(shape, scale)``."""
+    r = rng(seed)
+    return {k: (r.standard_normal(shape) * scale).astype(np.float32) for k, (shape, scale) in shapes.items()}
+
+
 def _narrow_stem(c_in: int, residual: bool = False) -> onnx.ModelProto:
     """X[N,c_in,8,8] -> stem Conv(->8) -> Relu -> c1 Conv(8->6) -> Relu -> c2 Conv(6->8) [-> Add(stem out)] -> Y."""
-    r = rng(51)
-    inits = {"Ws": (r.standard_normal((8, c_in, 3, 3)) * 0.3).astype(np.float32),
-             "W1": (r.standard_normal((6, 8, 3, 3)) * 0.2).astype(np.float32),
-             "W2": (r.standard_normal((8, 6, 3, 3)) * 0.2).astype(np.float32)}
+    inits = _weights(51, Ws=((8, c_in, 3, 3), 0.3), W1=((6, 8, 3, 3), 0.2), W2=((8, 6, 3, 3), 0.2))
     nodes = [
         helper.make_node("Conv", ["X", "Ws"], ["s"], name="stem", pads=[1, 1, 1, 1]),
         helper.make_node("Relu", ["s"], ["sr"]),
@@ -889,10 +892,7 @@ def test_input_conv_stays_int8_where_the_narrow_rule_does_not_apply(c_in: int, r
 
 def _relu_and_signed_concat() -> onnx.ModelProto:
     """X -> a Conv -> Relu (>= 0) and b Conv (signed) -> Concat -> c Conv -> Relu -> Y (a U-Net skip join)."""
-    r = rng(52)
-    inits = {"Wa": (r.standard_normal((8, 8, 3, 3)) * 0.2).astype(np.float32),
-             "Wb": (r.standard_normal((8, 8, 3, 3)) * 0.2).astype(np.float32),
-             "Wc": (r.standard_normal((8, 16, 3, 3)) * 0.2).astype(np.float32)}
+    inits = _weights(52, Wa=((8, 8, 3, 3), 0.2), Wb=((8, 8, 3, 3), 0.2), Wc=((8, 16, 3, 3), 0.2))
     nodes = [
         helper.make_node("Conv", ["X", "Wa"], ["a"], name="a", pads=[1, 1, 1, 1]),
         helper.make_node("Relu", ["a"], ["ar"]),
@@ -921,10 +921,7 @@ def test_relu_input_of_a_signed_concat_keeps_its_own_range(tmp_path: Path) -> No
 
 def _silu_cnn() -> onnx.ModelProto:
     """X[N,3,8,8] -> stem Conv -> SiLU -> c1 Conv -> SiLU -> c2 Conv -> Y (x * Sigmoid(x) written out)."""
-    r = rng(53)
-    inits = {"Ws": (r.standard_normal((8, 3, 3, 3)) * 0.3).astype(np.float32),
-             "W1": (r.standard_normal((8, 8, 3, 3)) * 0.2).astype(np.float32),
-             "W2": (r.standard_normal((8, 8, 3, 3)) * 0.2).astype(np.float32)}
+    inits = _weights(53, Ws=((8, 3, 3, 3), 0.3), W1=((8, 8, 3, 3), 0.2), W2=((8, 8, 3, 3), 0.2))
     nodes = [
         helper.make_node("Conv", ["X", "Ws"], ["s"], name="stem", pads=[1, 1, 1, 1]),
         helper.make_node("Sigmoid", ["s"], ["ss"], name="sig0"),

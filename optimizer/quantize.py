@@ -22,7 +22,6 @@ import logging
 import os
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import onnx
 
@@ -45,9 +44,8 @@ from onnxpress.passes.matmul_to_gemm import MatMulAddToGemm
 from onnxpress.passes.qdq import ACTIVATION_TYPES, CompactQDQ, InsertQDQ, NodeDecision, Selection, TensorOverride
 from onnxpress.passes.weight_only import INT4_METHODS, QuantizeWeightsInt4, StoreConstantsInt8
 from onnxpress.pipeline import PipelineResult, cleanup_passes, import_graph, run_passes
-
-if TYPE_CHECKING:
-    from onnxpress.range_search import RangeSearch
+from onnxpress.range_search import METHODS as AUTO_METHODS
+from onnxpress.range_search import RangeSearch, scoring_feeds, search_ranges
 
 __all__ = [
     "BIAS_CORRECTION_SAMPLES", "DEFAULT_METHOD", "GPTQ_AUTO_FLOPS", "GPTQ_MEMORY_BYTES", "GPTQ_ROWS_PER_SAMPLE",
@@ -58,7 +56,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DEFAULT_METHOD = "mse"
-AUTO_START = "mse"  # method="auto" starts every tensor here and moves it where the outputs get closer
 """Default calibration method (see bench/quantize.py for the comparison that chose it)."""
 
 WEIGHT_TYPES = ("int8", "int4")
@@ -379,7 +376,7 @@ def quantize(
             # and MatMulAddToGemm decide on ranks
             prepared = run_passes(infer_shapes_thoroughly(cleaned), pre)
             cleaned, pre_stats = prepared.model, dict(prepared.stats)
-        start = AUTO_START if method == "auto" else method
+        start = AUTO_METHODS[0] if method == "auto" else method  # auto: every tensor starts at the first method
         used_table = _resolve_table(cleaned, calib, table, start, ovs, max_samples, batch_size, progress)
 
         codes = {} if gptq_cache is None else gptq_cache  # GPTQ rounds each weight once across auto's trials
@@ -594,7 +591,6 @@ def _auto_ranges(
     progress: bool,
 ) -> RangeSearch:
     """``method="auto"``: search each tensor's range method on the first calibration samples."""
-    from onnxpress.range_search import scoring_feeds, search_ranges
     from onnxpress.sensitivity import run_outputs
 
     if not table.histograms:

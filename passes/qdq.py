@@ -138,6 +138,7 @@ _GELU_OPS = frozenset({"Div", "Mul", "Add", "Sub", "Pow"})
 # The same for a LayerNormalization (opset < 17 exports) or RMSNorm written out: the elementwise tail
 # after its Sqrt (``/ sqrt(var + eps) * gamma + beta``). Quantized, its Mul/Add keep onnxruntime from
 # fusing the chain into LayerNormalization / SimplifiedLayerNormalization.
+NORM_REASON = "part of a normalization written out (.. Sqrt -> Div -> Mul -> Add): onnxruntime fuses it; kept float"
 # x * Sigmoid(x) (SiLU / Swish, EfficientNet and YOLO activations) on a float tensor (after a float Conv):
 # onnxruntime fuses it into one float QuickGelu kernel, so it stays float there. A detection backbone of
 # three Conv+SiLU blocks at batch 32 (1 thread): behind its float RGB stem the first SiLU took 238 us as
@@ -145,7 +146,6 @@ _GELU_OPS = frozenset({"Div", "Mul", "Add", "Sub", "Pow"})
 # SiLU float). After an int8 Conv the SiLU stays int8: onnxruntime gives the Sigmoid and the Mul a DQ each,
 # the fusion fails, and float Sigmoid + Mul + 2 DQ + Q took 165 us against 118 us in int8.
 SILU_REASON = "part of a SiLU x*sigmoid(x): onnxruntime fuses it into one float kernel (QuickGelu); kept float"
-NORM_REASON = "part of a normalization written out (.. Sqrt -> Div -> Mul -> Add): onnxruntime fuses it; kept float"
 SCALE_KEEPING_OPS = frozenset(
     {"MaxPool", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Resize", "Slice", "Expand", "Tile"}
 )
@@ -417,7 +417,6 @@ class InsertQDQ:
         self.quantize_silu = "SiLU" in extra
         self.quantize_norm = "LayerNormalization" in extra  # the op, and the tails of written-out ones
         self.unary_ops = UNARY_OPS | frozenset(extra - chains)
-        self._silu: dict[int, gs.Tensor] = {}
         self.min_conv_depth = min_conv_depth
         self.quantize_joins = quantize_joins
         self.share_bound_grid = share_bound_grid
@@ -554,7 +553,7 @@ class InsertQDQ:
         candidates = WEIGHTED_OPS | BINARY_OPS | VARIADIC_OPS | self.unary_ops | SCALE_KEEPING_OPS | FLOAT_BY_DEFAULT
         gelu = set() if self.quantize_gelu else gelu_chain_nodes(graph)
         norm = set() if self.quantize_norm else norm_chain_nodes(graph)
-        self._silu = silu = {} if self.quantize_silu else silu_nodes(graph)
+        silu = {} if self.quantize_silu else silu_nodes(graph)
         for node in nodes:
             if node.op not in candidates or node.domain not in (None, "", "ai.onnx"):
                 continue
@@ -613,7 +612,7 @@ class InsertQDQ:
             n = by_id[nid]
             if n.op in WEIGHTED_OPS:
                 why = (eligible(n) or self._shallow_reason(n, host_of, float_convs, ends_of)
-                       or self._narrow_input_reason(n, roles, ends_of, host_of))
+                       or self._narrow_input_reason(n, roles, ends_of, host_of, silu))
                 if why:
                     reasons[nid] = why
                     if n.op == "Conv":
@@ -754,7 +753,7 @@ class InsertQDQ:
 
     def _narrow_input_reason(
         self, n: gs.Node, roles: dict[int, list[tuple[int, str]]], ends_of: dict[int, gs.Tensor],
-        host_of: dict[int, int],
+        host_of: dict[int, int], silu: Mapping[int, gs.Tensor],
     ) -> str | None:
         """Keep a Conv on the float input float when its input channels are not a multiple of 4 (RGB stems).
 
@@ -778,7 +777,7 @@ class InsertQDQ:
         if prod is not None and host_of.get(id(prod), id(prod)) in roles:  # through a fused Relu to its Conv
             return None
         end = ends_of.get(id(n))
-        if end is None or any(c.op in BINARY_OPS and id(c) not in self._silu for c in end.outputs):
+        if end is None or any(c.op in BINARY_OPS and id(c) not in silu for c in end.outputs):  # a SiLU's Mul is fine
             return None
         return f"{w.shape[1]} input channels (not a multiple of 4) at the input: fp32 kernel is faster here"
 

@@ -596,7 +596,8 @@ def _auto_ranges(
     if not table.histograms:
         raise CalibrationError(
             "method='auto' picks among the ranges of each tensor's histogram, and this table has none "
-            "(a minmax table, or one saved without histograms): calibrate with calib= instead of table="
+            "(a minmax table, or one saved without histograms): drop table= / --table and let calib= / --calib "
+            "calibrate, or save the table from a histogram method (mse, kl, percentile)"
         )
     feeds = scoring_feeds(model, calib, max_samples, batch_size)
     shaped = infer_shapes(model)

@@ -116,3 +116,15 @@ def test_optimize_keeps_the_auto_ranges_variant_only_when_it_measures_better(tmp
     assert apply_recipe(m0, got.recipe, [x], prepared=True).SerializeToString() == model.SerializeToString()
     worse = Candidate(picks=(0,), est_cost=0.0, est_sqnr=0.0, recipe=recipe, feasible=True, sqnr_db=1e9)
     assert _with_auto_ranges(worse, built, ev)[0] is worse  # a variant that measures lower is not taken
+
+
+def test_auto_with_a_minmax_table_says_what_to_do(tmp_path: Path) -> None:
+    """A saved minmax table has no histograms to pick from: a CalibrationError naming the way out."""
+    model = residual_cnn()
+    x = feeds_for(model, n=32)
+    path = onnxpress.calibrate(model, [x], method="minmax").save(tmp_path / "t.npz")
+    with pytest.raises(CalibrationError, match="histogram method"):
+        onnxpress.quantize(model, calib=[x], table=path, method="auto")
+    saved = onnxpress.calibrate(model, [x], method="mse").save(tmp_path / "h.npz")
+    res = onnxpress.quantize(model, calib=[x], table=saved, method="auto")  # a histogram table works
+    assert any(n.startswith("auto ranges: ") for n in res.notes)

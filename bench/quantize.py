@@ -5,7 +5,8 @@ and, when present, ``resnet_opset11`` / ``resnet_constants``), in one run:
 
 - ``ort-default``: ``quantize_static`` in QDQ format with its defaults (per-tensor, QInt8 activations, MinMax);
 - ``ort-best``: per-channel, QUInt8 activations, the better (by logit SQNR) of MinMax and Percentile;
-- ``onnxpress``: ``onnxpress.quantize`` with its defaults (and ``--methods`` to compare calibrations);
+- ``onnxpress``: ``onnxpress.quantize`` with its defaults (``--compare-methods`` to compare calibrations,
+  ``--auto`` for ``--method auto`` beside the default);
 - ``onnxpress-int4``: weight-only int4 with its default rounding given calibration data (GPTQ), and
   ``onnxpress-int4[rtn]`` with round-to-nearest (what it does without data) (transformer only).
 
@@ -209,11 +210,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default="", help="comma-separated model names (default: all present)")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--compare-methods", action="store_true", help="onnxpress with kl, minmax, percentile and mse")
+    ap.add_argument("--auto", action="store_true", help="also onnxpress --method auto (each tensor's range method "
+                    "chosen on the calibration outputs; same graph, so the same latency as the default)")
     ap.add_argument("--block-size", type=int, default=None, help="int4 block size (default: quantize's default)")
     args = ap.parse_args(argv)
     from onnxpress.quantize import DEFAULT_METHOD
 
     args.methods = ["kl", "minmax", "percentile", "mse"] if args.compare_methods else [DEFAULT_METHOD]
+    args.methods += ["auto"] if args.auto else []
     logging.basicConfig(level=logging.ERROR)
     folder = Path(args.models).resolve()
     calib = np.load(folder / "digits32_calib.npz")["input"]

@@ -103,14 +103,16 @@ def search_ranges(
     trials = 0
     for names in tqdm(list(groups.values()), desc="auto ranges", unit="tensor", disable=not progress, leave=False):
         hist = table.histograms[names[0]]
+        tried = {(current.ranges[names[0]].min, current.ranges[names[0]].max)}
         for method in METHODS[1:]:
             try:
                 r = range_from_histogram(hist, method, bits=bits, percentile=percentile, name=names[0])
             except CalibrationError:
                 continue
             now = current.ranges[names[0]]
-            if (r.min, r.max) == (now.min, now.max):
+            if (r.min, r.max) in tried:  # the same range as the current one or as a method tried before
                 continue
+            tried.add((r.min, r.max))
             trial = CalibrationTable(ranges=dict(current.ranges), excluded=current.excluded,
                                      histograms=current.histograms, meta=current.meta)
             for n in names:

@@ -419,3 +419,16 @@ def test_half_precision_model_gets_a_clear_error(tmp_path: Path, capsys: pytest.
     assert main(["quantize", str(src), "-o", str(tmp_path / "q.onnx"), "--calib", str(tmp_path / "d.npz"), "-q"]) == 2
     err = capsys.readouterr().err
     assert "float16" in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "q.onnx").exists()
+
+
+def test_cli_says_a_quantized_convtranspose_runs_in_float(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """onnxruntime's CPU provider has no integer ConvTranspose: the CLI says its int8 weights are storage only."""
+    w = rng(71).standard_normal((8, 8, 2, 2)).astype(np.float32)
+    nodes = [helper.make_node("ConvTranspose", ["X", "W"], ["t"], strides=[2, 2]),
+             helper.make_node("Relu", ["t"], ["Y"])]
+    model = make_model(nodes, [("X", ["N", 8, 4, 4])], [("Y", ["N", 8, 8, 8])], {"W": w})
+    path, data = tmp_path / "m.onnx", tmp_path / "d.npz"
+    onnx.save(model, path)
+    np.savez(data, X=rng(72).standard_normal((16, 8, 4, 4)).astype(np.float32))
+    assert main(["quantize", str(path), "-o", str(tmp_path / "q.onnx"), "--calib", str(data)]) == 0
+    assert "1 ConvTranspose quantized for storage" in capsys.readouterr().out

@@ -170,6 +170,9 @@ def run(args: argparse.Namespace) -> int:
     if gemms:
         print(f"fused {gemms} rank-2 MatMul + bias Add into Gemm (same values; an int32 bias and one integer "
               "kernel in onnxruntime)")
+    if counts.get("ConvTranspose"):  # measured: a U-Net's up-convolution ran as a float ConvTranspose either way
+        print(f"{counts['ConvTranspose']} ConvTranspose quantized for storage: onnxruntime's CPU provider has no "
+              "integer ConvTranspose and dequantizes its int8 weights at run time (smaller file, float speed)")
     print_kept_float(result.kept_float, verbose=args.verbose)
     for name, why in sorted(result.excluded_tensors.items()):
         print(f"no range  {name}: {why}")

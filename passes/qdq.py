@@ -693,10 +693,18 @@ class InsertQDQ:
 
     @staticmethod
     def _add_joins(by_id, roles, ends, reasons, quantized, host_of, graph_outputs, eligible) -> None:
-        """Quantize Add/Mul whose activation inputs are all outputs of quantized nodes anyway."""
+        """Quantize Add/Mul (and GlobalAveragePool) whose activation inputs all come from quantized nodes anyway.
+
+        The pool's output, not its input, is then what gets dequantized (and, in onnxruntime's NHWC int8
+        region, transposed back): a pooled vector instead of the whole feature map. The pruned ResNet of
+        ``bench/recipes/resnet_prune_ft_int8.json`` (classifier float): 0.305 -> 0.292x fp32 at 2 threads,
+        0.192 -> 0.190x at 1, the same 6.93 dB logit SQNR.
+        """
         for nid in roles:
             n = by_id[nid]
-            if n.op not in BINARY_OPS or nid in quantized or nid in reasons or id(ends[nid][0]) in graph_outputs:
+            if n.op not in BINARY_OPS and n.op != "GlobalAveragePool":
+                continue
+            if nid in quantized or nid in reasons or id(ends[nid][0]) in graph_outputs:
                 continue
             ok = True
             for i, role in roles[nid]:

@@ -950,3 +950,26 @@ def test_silu_on_a_float_tensor_stays_float_and_fuses(tmp_path: Path) -> None:
     assert sqnr_db(run(model, x)[0], run(q, x)[0]) > 30
     p_all, _ = quantize_graph(model, x, quantize_ops={"SiLU"})
     assert all(d.quantized for d in p_all.decisions if d.name in ("sig0", "mul0"))
+
+
+def test_pool_before_a_float_head_is_quantized_so_the_dequantize_is_small(tmp_path: Path) -> None:
+    """Conv -> Add (int8) -> GlobalAveragePool -> Flatten -> Gemm kept float: the pool still runs as
+    QLinearGlobalAveragePool, so the DQ (and onnxruntime's transpose out of NHWC) acts on the pooled vector."""
+    inits = _weights(54, W1=((8, 8, 3, 3), 0.2), W2=((8, 8, 3, 3), 0.2), Wf=((10, 8), 0.3))
+    nodes = [
+        helper.make_node("Conv", ["X", "W1"], ["c1"], name="c1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "W2"], ["c2"], name="c2", pads=[1, 1, 1, 1]),
+        helper.make_node("Add", ["c2", "r1"], ["a"], name="add"),
+        helper.make_node("GlobalAveragePool", ["a"], ["g"], name="gap"),
+        helper.make_node("Flatten", ["g"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "Wf"], ["Y"], name="fc", transB=1),
+    ]
+    model = make_model(nodes, [("X", ["N", 8, 6, 6])], [("Y", ["N", 10])], inits)
+    x = feeds_for(model)
+    p, q = quantize_graph(model, x, exclude=Selection(nodes=frozenset({"fc"})))
+    dec = {d.name: d for d in p.decisions}
+    assert not dec["fc"].quantized and dec["gap"].quantized and dec["add"].quantized
+    opt = optimized_ops(q, tmp_path)
+    assert "QLinearGlobalAveragePool" in opt and "GlobalAveragePool" not in opt
+    assert sqnr_db(run(model, x)[0], run(q, x)[0]) > 30

@@ -697,8 +697,8 @@ class InsertQDQ:
 
         The pool's output, not its input, is then what gets dequantized (and, in onnxruntime's NHWC int8
         region, transposed back): a pooled vector instead of the whole feature map. The pruned ResNet of
-        ``bench/recipes/resnet_prune_ft_int8.json`` (classifier float): 0.305 -> 0.292x fp32 at 2 threads,
-        0.192 -> 0.190x at 1, the same 6.93 dB logit SQNR.
+        ``bench/recipes/resnet_prune_ft_int8.json`` (classifier float), fp32 = 1, four interleaved runs: 2 threads
+        0.255-0.305 -> 0.250-0.292 (2-4% faster in each run), 1 thread a tie; the same 6.93 dB logit SQNR.
         """
         for nid in roles:
             n = by_id[nid]

@@ -973,3 +973,41 @@ def test_pool_before_a_float_head_is_quantized_so_the_dequantize_is_small(tmp_pa
     opt = optimized_ops(q, tmp_path)
     assert "QLinearGlobalAveragePool" in opt and "GlobalAveragePool" not in opt
     assert sqnr_db(run(model, x)[0], run(q, x)[0]) > 30
+
+
+def _grouped_middle(per_group: int, groups: int) -> onnx.ModelProto:
+    """X -> c0 Conv(->C) -> Relu -> g Conv(C->C, groups) -> Relu -> c2 Conv(C->16) -> Y; C = per_group * groups."""
+    c = per_group * groups
+    inits = _weights(55, W0=((c, 16, 3, 3), 0.2), Wg=((c, per_group, 3, 3), 0.3), W2=((16, c, 3, 3), 0.2))
+    nodes = [
+        helper.make_node("Conv", ["X", "W0"], ["c0"], name="c0", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c0"], ["r0"]),
+        helper.make_node("Conv", ["r0", "Wg"], ["g"], name="g", pads=[1, 1, 1, 1], group=groups),
+        helper.make_node("Relu", ["g"], ["rg"]),
+        helper.make_node("Conv", ["rg", "W2"], ["Y"], name="c2", pads=[1, 1, 1, 1]),
+    ]
+    return make_model(nodes, [("X", ["N", 16, 8, 8])], [("Y", ["N", 16, 8, 8])], inits)
+
+
+@pytest.mark.parametrize("per_group", [2, 4, 8])
+def test_narrow_grouped_conv_stays_float_between_int8_neighbours(tmp_path: Path, per_group: int) -> None:
+    """A grouped conv with < 16 channels per group is kept float, and stays float in onnxruntime: its DQ is
+    per channel, which onnxruntime's weight quantization (per-tensor DQ inputs only) leaves alone."""
+    model = _grouped_middle(per_group, 4)
+    x = feeds_for(model)
+    p, q = quantize_graph(model, x)
+    dec = {d.name: d for d in p.decisions}
+    assert not dec["g"].quantized and "per group" in dec["g"].reason and dec["c0"].quantized and dec["c2"].quantized
+    g_in = next(n for n in q.graph.node if n.name == "g").input[0]
+    dq = next(n for n in q.graph.node if g_in in n.output)
+    assert dq.op_type == "DequantizeLinear" and {a.name: a.i for a in dq.attribute}["axis"] == 1
+    assert optimized_ops(q, tmp_path).count("QLinearConv") == 2  # c0 and c2; g runs as a float conv
+    assert sqnr_db(run(model, x)[0], run(q, x)[0]) > 30
+
+
+def test_wide_grouped_conv_is_quantized(tmp_path: Path) -> None:
+    """16 channels per group: the integer kernel wins there, all three convs are QLinearConv."""
+    model = _grouped_middle(16, 2)
+    p, q = quantize_graph(model, feeds_for(model))
+    assert all(d.quantized for d in p.decisions if d.op == "Conv")
+    assert optimized_ops(q, tmp_path).count("QLinearConv") == 3

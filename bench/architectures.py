@@ -1,7 +1,7 @@
 """Architectures the reference models do not cover, side by side: onnxpress vs onnxruntime's quantize_static.
 
 The reference models are digit classifiers with a 1-channel input. Users bring other shapes, and those
-meet other onnxruntime kernels and fusions. This bench builds five small networks with torch (random
+meet other onnxruntime kernels and fusions. This bench builds six small networks with torch (random
 weights, seed 0, BatchNorm statistics drawn at random so that folding them matters), exports them
 (TorchScript exporter, opset 17, dynamic batch) and quantizes each with:
 
@@ -16,6 +16,7 @@ The networks:
 - ``mbconv``: EfficientNet-style blocks (1x1 expand + SiLU, depthwise + SiLU, squeeze-excite with a
   Sigmoid gate, 1x1 project, residual Add);
 - ``mnv3``: MobileNetV3-style blocks (HardSwish, depthwise, squeeze-excite with HardSigmoid);
+- ``resnext``: ResNeXt-style bottlenecks whose 3x3 conv has 32 groups of 4 or 8 channels, residual Adds;
 - ``audio``: Conv1d + BatchNorm + grouped Conv1d, a GRU, mean over time, Linear.
 
 Columns: per-output logit SQNR against fp32 (the lowest over outputs, dB) on 64 held-out random
@@ -24,7 +25,7 @@ in rotation within each repeat, medians: ``bench/quantize.py``'s ``latency_ratio
 seeded standard-normal inputs. onnxruntime's quantizer runs in a temporary folder (it drops files
 into the current one). Needs torch (``pip install -e .[torch]``).
 
-    python bench/architectures.py [--models unet detector mbconv mnv3 audio] [--repeats 20]
+    python bench/architectures.py [--models unet detector mbconv mnv3 resnext audio] [--repeats 20]
 
 Seventh session (2026-11-30, quiet 2-core box, ``--repeats 20``, 40 s), onnxpress latency at batch 1 / 32
 before (the session's first commit) -> after its quantize changes, SQNR after (lowest output):
@@ -41,6 +42,9 @@ before (the session's first commit) -> after its quantize changes, SQNR after (l
   worse), and the int8 SiLU costs about what the fused float one does.
 - mnv3: 1.16 / 1.60 -> 1.12 / 1.49, 47.9 dB (best 1.56 / 1.75, 43.3 dB): HardSwish has no integer kernel and
   runs as float HardSigmoid + Mul between DQ and Q, where fp32 fuses it into the Conv.
+- resnext (added later that session): 1.66 / 1.90 -> 0.85 / 0.97, 52.1 dB (best 1.65-1.71 / 1.87-1.94, 43.8 dB):
+  its 32-group 3x3 convs (4 and 8 channels per group) ran as onnxruntime's int8 grouped conv; they now
+  stay float (``_narrow_group_reason``), as fast as in fp32, where they take most of the time too.
 - audio: 0.99 / 0.76 -> 1.01 / 0.76, 44.8 dB (best 0.87 / 0.75, 42.7 dB): the GRU stays float; its weights
   are stored int8 (``constants_int8_min_size``) and dequantized at every run, 10 us of ~110 us at batch 1.
 """
@@ -64,7 +68,7 @@ import onnxpress  # noqa: E402
 from onnxpress.reporting import format_table  # noqa: E402
 from onnxpress.runtime import make_session  # noqa: E402
 
-MODELS = ("unet", "detector", "mbconv", "mnv3", "audio")
+MODELS = ("unet", "detector", "mbconv", "mnv3", "resnext", "audio")
 
 
 def _nets():
@@ -136,6 +140,28 @@ def _nets():
         def forward(self, x):
             return self.fc(self.blocks(self.stem(x)).mean((2, 3)))
 
+    class NeXtBlock(nn.Module):
+        def __init__(self, c: int, d: int, groups: int):
+            super().__init__()
+            self.body = nn.Sequential(
+                nn.Conv2d(c, d, 1), nn.BatchNorm2d(d), nn.ReLU(),
+                nn.Conv2d(d, d, 3, 1, 1, groups=groups), nn.BatchNorm2d(d), nn.ReLU(),
+                nn.Conv2d(d, c, 1), nn.BatchNorm2d(c))
+
+        def forward(self, x):
+            return torch.relu(x + self.body(x))
+
+    class ResNeXt(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = cbr(3, 32, 2)
+            self.blocks = nn.Sequential(NeXtBlock(32, 128, 32), NeXtBlock(32, 128, 32), cbr(32, 64, 2),
+                                        NeXtBlock(64, 256, 32))
+            self.fc = nn.Linear(64, 10)
+
+        def forward(self, x):
+            return self.fc(self.blocks(self.stem(x)).mean((2, 3)))
+
     class Audio(nn.Module):
         def __init__(self):
             super().__init__()
@@ -153,6 +179,7 @@ def _nets():
         "detector": (Detector, (3, 64, 64), ["scores", "boxes"]),
         "mbconv": (lambda: Mobile(SiLU, nn.Sigmoid), (3, 64, 64), ["logits"]),
         "mnv3": (lambda: Mobile(nn.Hardswish, nn.Hardsigmoid), (3, 64, 64), ["logits"]),
+        "resnext": (ResNeXt, (3, 64, 64), ["logits"]),
         "audio": (Audio, (40, 50), ["logits"]),
     }
 

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from onnx import helper, numpy_helper
 
-from onnxpress.passes.qdq import CompactQDQ, InsertQDQ, Selection
+from onnxpress.passes.qdq import CompactQDQ, InsertQDQ
 from onnxpress.pipeline import run_passes
 from onnxpress.runtime import make_session
 from tests.fuzz import cnn_models, sample_input
@@ -160,11 +160,13 @@ def test_symmetric_int8_keeps_the_clip() -> None:
 
 
 def test_activation_read_by_a_float_node_is_kept() -> None:
-    """A Relu whose output also feeds an excluded (float) node is not absorbed."""
+    """A Relu whose output also feeds a float node (not through its Q/DQ) is not absorbed."""
     model = relu6_cnn()
     x = feeds_for(model)
-    # exclude the depthwise conv: relu1's output then feeds the float Conv directly
-    _, q = quantize_graph(model, x, exclude=Selection(nodes=frozenset({"dw"})))
+    _, q = quantize_graph(model, x)
+    # a second graph output reading relu1's output directly: that reader needs the Relu
+    q.graph.node.append(helper.make_node("Neg", ["r1"], ["side"], name="side"))
+    q.graph.output.append(helper.make_tensor_value_info("side", onnx.TensorProto.FLOAT, ["N", 16, 8, 8]))
     small, stats = compact(q)
     assert "relu1" in {n.name for n in small.graph.node}
     assert stats["activations_absorbed"] == 2  # relu6 and relu3 feed only their Qs

@@ -802,9 +802,9 @@ class InsertQDQ:
         """
         if n.op != "Conv" or not self.min_conv_depth:
             return None
-        group = int(n.attrs.get("group", 1))
-        per_group = int(np.asarray(n.inputs[1].values).shape[1]) if np.asarray(n.inputs[1].values).ndim > 1 else 0
-        if group == 1 or per_group == 1 or per_group >= 16:
+        w = np.asarray(n.inputs[1].values)
+        per_group = int(w.shape[1]) if w.ndim > 1 else 0
+        if int(n.attrs.get("group", 1)) == 1 or per_group == 1 or per_group >= 16:
             return None
         return f"grouped conv with {per_group} input channels per group: onnxruntime's int8 kernel is slower here"
 

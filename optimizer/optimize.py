@@ -213,7 +213,7 @@ def _with_auto_ranges(chosen: Candidate, built: onnx.ModelProto, ev: _Evaluator)
         return chosen, built
     variant = dataclasses.replace(chosen, recipe=recipe, note=chosen.note + " + auto ranges")
     ev.measure_fidelity(variant, model)
-    variant.size_ratio = model.ByteSize() / ev.original_bytes
+    ev.measure_cost(variant, model)
     log.info("auto ranges: SQNR %.2f -> %.2f dB", chosen.sqnr_db or -math.inf, variant.sqnr_db or -math.inf)
     if pick_best([chosen, variant], None if ev.labels is None else len(ev.labels)) is variant:
         return variant, model

@@ -27,6 +27,7 @@ import onnx
 from onnxpress.calibration.observers import range_from_histogram
 from onnxpress.calibration.table import CalibrationTable
 from onnxpress.errors import CalibrationError
+from onnxpress.prune import sqnr_db
 
 __all__ = ["METHODS", "MIN_GAIN_DB", "SAMPLES", "RangeSearch", "scoring_feeds", "search_ranges"]
 
@@ -59,11 +60,6 @@ class RangeSearch:
         return (f"auto ranges: {len(self.chosen)} of {self.tensors} tensors moved off {METHODS[0]} "
                 f"({self.trials} trials; calibration SQNR {self.sqnr_before:.2f} -> {self.sqnr_after:.2f} dB)"
                 + (f": {moved}" if moved else ""))
-
-
-def _sqnr_db(ref: np.ndarray, out: np.ndarray) -> float:
-    noise = float(np.sum((ref - out) ** 2))
-    return float(10.0 * np.log10(float(np.sum(ref**2)) / noise)) if noise > 0 else float("inf")
 
 
 def search_ranges(
@@ -102,7 +98,7 @@ def search_ranges(
             groups.setdefault(id(hist), []).append(name)
     current = CalibrationTable(ranges=dict(table.ranges), excluded=dict(table.excluded),
                                histograms=dict(table.histograms), meta={**table.meta, "method": "auto"})
-    best = before = _sqnr_db(reference, run(build(current)))
+    best = before = sqnr_db(reference, run(build(current)))
     chosen: dict[str, str] = {}
     trials = 0
     for names in tqdm(list(groups.values()), desc="auto ranges", unit="tensor", disable=not progress, leave=False):
@@ -122,7 +118,7 @@ def search_ranges(
             for n in names:
                 trial.ranges[n] = dataclasses.replace(r, samples=now.samples)
             trials += 1
-            score = _sqnr_db(reference, run(build(trial)))
+            score = sqnr_db(reference, run(build(trial)))
             if score > best + MIN_GAIN_DB:
                 best, current = score, trial
                 chosen.update(dict.fromkeys(names, method))

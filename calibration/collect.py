@@ -78,7 +78,7 @@ def _inferred(model: onnx.ModelProto, inferred: onnx.ModelProto | None) -> onnx.
         return inferred
     from onnxpress.model_io import infer_shapes
 
-    return infer_shapes(model)
+    return infer_shapes(model, weights=False)
 
 
 def _elem_types(model: onnx.ModelProto, inferred: onnx.ModelProto | None = None) -> dict[str, int]:
@@ -201,8 +201,16 @@ def value_aliases(model: onnx.ModelProto, names: Iterable[str]) -> dict[str, str
     return root
 
 
-def _expose(model: onnx.ModelProto, names: Sequence[str], types: _Types) -> tuple[onnx.ModelProto, list[str]]:
-    """A copy of ``model`` with ``names`` added as graph outputs; returns it and the fetch list."""
+def _expose(
+    model: onnx.ModelProto, names: Sequence[str], types: _Types
+) -> tuple[onnx.ModelProto, list[str], list[onnx.TensorProto]]:
+    """A copy of ``model`` with ``names`` added as graph outputs, the fetch list, and left-out initializers.
+
+    A model too large to serialise is copied without its big initializers (``split_large``), which are
+    returned for the session to take from memory: the weights are not copied for it.
+    """
+    from onnxpress.model_io import is_large, split_large
+
     g = model.graph
     graph_inputs = {i.name for i in g.input}
     produced = {o for n in g.node for o in n.output if o}
@@ -213,8 +221,11 @@ def _expose(model: onnx.ModelProto, names: Sequence[str], types: _Types) -> tupl
             f"tensor(s) {', '.join(map(repr, unknown[:5]))} are not produced by any node nor graph inputs; "
             "observe activations only (weights are not calibrated)"
         )
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+    if is_large(model):
+        out, big = split_large(model)
+    else:
+        out, big = onnx.ModelProto(), []
+        out.CopyFrom(model)
     fetch = []
     for name in names:
         if name in graph_inputs:
@@ -224,7 +235,7 @@ def _expose(model: onnx.ModelProto, names: Sequence[str], types: _Types) -> tupl
             continue
         elem = types.get(name, (onnx.TensorProto.FLOAT, None))[0]
         out.graph.output.append(onnx.helper.make_tensor_value_info(name, elem, None))
-    return out, fetch
+    return out, fetch, big
 
 
 def _batch_is_dynamic(model: onnx.ModelProto) -> bool:
@@ -378,8 +389,9 @@ def collect_statistics(
             raise CalibrationError(f"observer for {name!r} has no update(x) method")
     names = list(observers)
     types = _value_types(model, inferred)
-    exposed, fetch = _expose(model, names, types)
-    session = make_session(exposed, threads=threads, what="model with calibration outputs")
+    exposed, fetch, big = _expose(model, names, types)
+    session = make_session(exposed, threads=threads, what="model with calibration outputs", initializers=big)
+    del exposed, big
     input_names = {i.name for i in session.get_inputs()}
     dynamic = _batch_is_dynamic(model)
     per_sample = bytes_per_sample(model, names, types)

@@ -26,6 +26,8 @@ import os
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
+import onnx
+
 from onnxpress.calibration.collect import (
     DEFAULT_BUDGET_MB,
     batch_major_tensors,
@@ -37,7 +39,7 @@ from onnxpress.calibration.histogram import DEFAULT_BINS
 from onnxpress.calibration.observers import METHODS, HistogramObserver, MinMaxObserver, make_observer
 from onnxpress.calibration.table import CalibrationTable, TensorRange
 from onnxpress.errors import CalibrationError
-from onnxpress.model_io import ModelSource, infer_shapes, load_model
+from onnxpress.model_io import ModelSource, check_model, infer_shapes, is_large, load_model
 
 __all__ = ["DEFAULT_HISTOGRAM_VALUES_PER_SAMPLE", "calibrate"]
 
@@ -97,8 +99,11 @@ def calibrate(
     """
     if method not in METHODS:
         raise CalibrationError(f"unknown calibration method {method!r}; choose one of {', '.join(METHODS)}")
-    m = load_model(model)
-    inferred = infer_shapes(m)  # once, for the selection, the batch axes and the collector
+    # calibration only reads the model: a large ModelProto (a caller's working copy) is checked, not copied
+    m = model if isinstance(model, onnx.ModelProto) and is_large(model) else load_model(model)
+    if m is model:
+        check_model(m, where="the given ModelProto")
+    inferred = infer_shapes(m, weights=False)  # once, for the selection, the batch axes and the collector
     names = list(tensors) if tensors is not None else select_tensors(m, op_types, inferred=inferred)
     if not names:
         raise CalibrationError("the model has no float activations to calibrate for the chosen op types")

@@ -34,10 +34,13 @@ __all__ = [
     "check_output_path",
     "default_opset",
     "infer_shapes",
+    "is_large",
     "load_model",
+    "model_bytes",
     "model_digest",
     "normalize_model",
     "save_model",
+    "split_large",
 ]
 
 log = logging.getLogger(__name__)
@@ -47,6 +50,10 @@ ModelSource = Union[str, "os.PathLike[str]", onnx.ModelProto]
 
 # Protobuf refuses to serialise a message of 2 GiB or more; stay clear of the edge.
 _EXTERNAL_DATA_THRESHOLD = int(1.8 * 2**30)
+# Initializers of at least this many bytes are set aside when a model is too large to serialise (see
+# ``split_large``): every shape or index tensor a checker, shape inference or onnxruntime's constant
+# folding reads is far smaller, and what is left serialises in a few MB however large the weights are.
+_SET_ASIDE_BYTES = 1 << 16
 
 
 def load_model(source: str | os.PathLike[str] | onnx.ModelProto, *, check: bool = True) -> onnx.ModelProto:
@@ -115,26 +122,121 @@ def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
         raise ModelLoadError(f"cannot read external data of {path}: {_first_line(exc)}") from None
 
 
+def is_large(model: onnx.ModelProto) -> bool:
+    """True when ``model`` is too large for protobuf to serialise (about 1.8 GiB of initializers or more)."""
+    return _approx_size(model) >= _EXTERNAL_DATA_THRESHOLD
+
+
+def model_bytes(model: onnx.ModelProto) -> int:
+    """The model's serialised size in bytes.
+
+    For a model too large to serialise: its light copy's size plus its big initializers' values (each
+    tensor's few header bytes left out).
+    """
+    if not is_large(model):
+        return model.ByteSize()
+    light, big = split_large(model)
+    return light.ByteSize() + sum(_tensor_bytes(t) for t in big)
+
+
+def split_large(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[onnx.TensorProto]]:
+    """``(light, big)``: a copy of ``model`` without its big top-level initializers, and those (not copied).
+
+    onnx's checker and shape inference and onnxruntime's session all take a model as one serialised
+    protobuf, which cannot exceed 2 GiB. The light copy can: each caller gives the big initializers back
+    in its own way (as typed graph inputs to the checker and to shape inference, as in-memory external
+    data to onnxruntime). Initializers inside subgraphs stay in the light copy.
+    """
+    light = onnx.ModelProto()
+    for field, value in model.ListFields():
+        if field.name != "graph":
+            _copy_field(light, field, value)
+    big = []
+    for field, value in model.graph.ListFields():
+        if field.name != "initializer":
+            _copy_field(light.graph, field, value)
+            continue
+        for tensor in value:
+            if _tensor_bytes(tensor) >= _SET_ASIDE_BYTES:
+                big.append(tensor)
+            else:
+                light.graph.initializer.append(tensor)
+    return light, big
+
+
+def _copy_field(dst: object, field: object, value: object) -> None:
+    """Copy one protobuf field (as ``ListFields`` yields it) onto ``dst``."""
+    if field.is_repeated:  # type: ignore[attr-defined]
+        getattr(dst, field.name).extend(value)  # type: ignore[attr-defined]
+    elif field.message_type is not None:  # type: ignore[attr-defined]
+        getattr(dst, field.name).CopyFrom(value)  # type: ignore[attr-defined]
+    else:
+        setattr(dst, field.name, value)  # type: ignore[attr-defined]
+
+
+def _tensor_bytes(tensor: onnx.TensorProto) -> int:
+    """Bytes of a tensor's values from its shape and type (reading ``raw_data`` would copy it)."""
+    if tensor.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
+        return tensor.ByteSize()
+    count = 1
+    for d in tensor.dims:
+        count *= d
+    return count * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+
+
+def _with_big_as_inputs(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """The light copy of a large model with each big initializer declared as a typed, shaped graph input.
+
+    Returns the model and its number of real inputs (the declared ones follow them).
+    """
+    light, big = split_large(model)
+    real = len(light.graph.input)
+    listed = {i.name for i in light.graph.input}  # IR < 4 lists initializers as inputs too
+    light.graph.input.extend(
+        onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in big if t.name not in listed
+    )
+    return light, real
+
+
 def check_model(model: onnx.ModelProto, *, where: str = "model") -> None:
-    """Run ``onnx.checker`` with full check (shape inference included); raise ModelLoadError."""
+    """Run ``onnx.checker`` with full check (shape inference included); raise ModelLoadError.
+
+    A model too large to serialise is checked without its big initializers, each declared as a graph
+    input of its type and shape instead (:func:`split_large`).
+    """
     try:
-        if _approx_size(model) < _EXTERNAL_DATA_THRESHOLD:
-            onnx.checker.check_model(model, full_check=True)
-        else:  # the in-memory checker cannot take >2 GiB; check structure without shape inference
-            onnx.checker.check_model(model, full_check=False)
+        if is_large(model):
+            model = _with_big_as_inputs(model)[0]
+        onnx.checker.check_model(model, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, ValueError) as exc:
         raise ModelLoadError(f"{where} fails onnx.checker: {_first_line(exc)}") from None
 
 
-def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Return a copy with inferred value_info; the model unchanged when inference cannot run."""
-    if _approx_size(model) >= _EXTERNAL_DATA_THRESHOLD:
-        return copy.deepcopy(model)
+def infer_shapes(model: onnx.ModelProto, *, weights: bool = True) -> onnx.ModelProto:
+    """Return a copy with inferred value_info; the model unchanged when inference cannot run.
+
+    A model too large to serialise is inferred without its big initializers (declared as graph inputs
+    of their type and shape, :func:`split_large`), which are then put back in their order; with
+    ``weights=False`` they are left out (for callers that only read types and shapes: no copy of the
+    weights).
+    """
+    if not is_large(model):
+        try:
+            return onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+        except (onnx.shape_inference.InferenceError, ValueError) as exc:
+            log.debug("shape inference failed: %s", exc)
+            return copy.deepcopy(model)
+    light, real = _with_big_as_inputs(model)
     try:
-        return onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+        out = onnx.shape_inference.infer_shapes(light, strict_mode=False, data_prop=True)
     except (onnx.shape_inference.InferenceError, ValueError) as exc:
         log.debug("shape inference failed: %s", exc)
-        return copy.deepcopy(model)
+        out = light
+    del out.graph.input[real:]
+    if weights:
+        del out.graph.initializer[:]
+        out.graph.initializer.extend(model.graph.initializer)
+    return out
 
 
 def infer_shapes_thoroughly(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -147,7 +249,7 @@ def infer_shapes_thoroughly(model: onnx.ModelProto) -> onnx.ModelProto:
     symbolic dims. Its result is used when it shapes more node outputs; any failure keeps onnx's.
     """
     base = infer_shapes(model)
-    if _approx_size(model) >= _EXTERNAL_DATA_THRESHOLD:
+    if is_large(model):
         return base
     try:
         from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
@@ -261,9 +363,12 @@ def _constants_to_initializers(graph: onnx.GraphProto) -> int:
 
 
 def model_digest(model: onnx.ModelProto) -> str:
-    """A stable hex digest of the model's serialised bytes (for caches)."""
+    """A stable hex digest of the model's serialised bytes (for caches).
+
+    A model too large to serialise is hashed without its big initializers, whose bytes are hashed one by one.
+    """
     h = hashlib.sha256()
-    h.update(model.SerializeToString(deterministic=True) if _approx_size(model) < _EXTERNAL_DATA_THRESHOLD else b"")
+    h.update((split_large(model)[0] if is_large(model) else model).SerializeToString(deterministic=True))
     for init in model.graph.initializer:
         h.update(init.name.encode())
         h.update(init.raw_data)
@@ -317,7 +422,7 @@ def save_model(
     """
     out = check_output_path(path)
     if external_data is None:
-        external_data = _approx_size(model) >= _EXTERNAL_DATA_THRESHOLD
+        external_data = is_large(model)
     try:
         scratch = Path(tempfile.mkdtemp(prefix=".onnxpress-", dir=out.parent))
     except OSError as exc:
@@ -359,10 +464,7 @@ def save_model(
 
 def _approx_size(model: onnx.ModelProto) -> int:
     """Bytes of initializer data plus a margin; cheap, and safe to call on >2 GiB models."""
-    total = 0
-    for init in model.graph.initializer:
-        total += len(init.raw_data) or init.ByteSize()
-    return total + 1_000_000
+    return sum(_tensor_bytes(init) for init in model.graph.initializer) + 1_000_000
 
 
 def _first_line(exc: BaseException) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import gc
 import logging
 from collections.abc import Sequence
 
@@ -18,6 +19,7 @@ import onnx_graphsurgeon as gs
 from tqdm.auto import tqdm
 
 from onnxpress.errors import OnnxpressError, PassError, UnsupportedModelError
+from onnxpress.model_io import is_large
 from onnxpress.passes.base import GraphPass, quiet_graphsurgeon
 
 __all__ = ["PipelineResult", "cleanup_passes", "export_graph", "import_graph", "run_passes"]
@@ -147,8 +149,15 @@ def run_passes(
     if not any(stats.get(f"{name}.modified") for name in history):
         # Nothing changed: hand back the input itself rather than a graphsurgeon round trip,
         # which can only lose information (optional types, value_info, attribute order).
-        return PipelineResult(copy.deepcopy(model), stats, tuple(history), tuple(notes))
-    return PipelineResult(export_graph(graph, model), stats, tuple(history), tuple(notes))
+        out = copy.deepcopy(model)
+    else:
+        out = export_graph(graph, model)
+    if is_large(model):
+        # a graphsurgeon graph is a web of reference cycles (nodes <-> tensors): its weight arrays wait for the
+        # cycle collector, which counts objects, not bytes; a 2.4 GB model's held several copies at once
+        graph = result = None
+        gc.collect()
+    return PipelineResult(out, stats, tuple(history), tuple(notes))
 
 
 def cleanup_passes() -> list[GraphPass]:

@@ -33,7 +33,9 @@ from onnxpress.model_io import (
     check_output_path,
     infer_shapes,
     infer_shapes_thoroughly,
+    is_large,
     load_model,
+    model_bytes,
     normalize_model,
     save_model,
 )
@@ -281,14 +283,16 @@ def quantize(
     if output is not None:
         check_output_path(output, [model, calib, table])  # never overwrite the data or table
     original = load_model(model)
-    size_before = original.ByteSize()
+    size_before = model_bytes(original)
     proto = normalize_model(original, min_opset=13)
+    del original  # each copy of a large model's weights held at once costs gigabytes
     cleaned = run_passes(proto, cleanup_passes(), progress=progress).model
     _refuse_half_precision(cleaned)
     # BatchNorm statistics matter only for data-free bias correction of int8 layers, read before cleanup folds them
     analytic = (calib is None and bias_correction is not False and weights == "int8" and codebook is None
                 and not equalize and smoothquant is None)
     bn_means = _bn_input_means(proto) if analytic else {}
+    del proto
     if bias_correction is None:  # the default: on wherever it can run (int8 QDQ with data or BN statistics)
         bias_correction = (calib is not None or bool(bn_means)) and weights == "int8" and codebook is None
     if bias_correction and (weights != "int8" or codebook is not None):
@@ -374,7 +378,7 @@ def quantize(
         if pre:
             # onnxruntime's symbolic inference where onnx's stops (TorchScript reshapes): FlattenTokens
             # and MatMulAddToGemm decide on ranks
-            prepared = run_passes(infer_shapes_thoroughly(cleaned), pre)
+            prepared = run_passes(_shaped(cleaned, thoroughly=True), pre)
             cleaned, pre_stats = prepared.model, dict(prepared.stats)
         start = AUTO_METHODS[0] if method == "auto" else method  # auto: every tensor starts at the first method
         used_table = _resolve_table(cleaned, calib, table, start, ovs, max_samples, batch_size, progress)
@@ -394,13 +398,13 @@ def quantize(
             advanced_notes.append(searched.summary())
         qdq = make_qdq(used_table)
         if bias_correction and calib is None:  # analytic: E[x] from the BatchNorms the cleanup folded
-            cleaned = _correct_bias_analytic(infer_shapes(cleaned), qdq, bn_means, per_channel)
+            cleaned = _correct_bias_analytic(_shaped(cleaned), qdq, bn_means, per_channel)
         elif bias_correction:  # onnxpress.advanced (issue 10): only the layers this pass quantizes
             from onnxpress.advanced import correct_bias_for_qdq
 
             bc_samples = BIAS_CORRECTION_SAMPLES if max_samples is None else min(max_samples, BIAS_CORRECTION_SAMPLES)
             cleaned = correct_bias_for_qdq(  # dtypes on every tensor, as for the real InsertQDQ run below
-                infer_shapes(cleaned), qdq, calib, batch_size=batch_size, max_samples=bc_samples, progress=progress
+                _shaped(cleaned), qdq, calib, batch_size=batch_size, max_samples=bc_samples, progress=progress
             )
         tail = [] if constants_int8_min_size is None else [StoreConstantsInt8(min_size=constants_int8_min_size)]
         # dtypes on every tensor: InsertQDQ quantizes float32 activations only
@@ -408,7 +412,7 @@ def quantize(
             tail.append(CompactQDQ())
         # MatMulBiasToOutputRank: keeps onnxruntime from turning a fixed-shape int8 MatMul + bias into a
         # float Gemm (passes/matmul_bias.py)
-        result = run_passes(infer_shapes(cleaned), [qdq, MatMulBiasToOutputRank(), *tail], progress=progress)
+        result = run_passes(_shaped(cleaned), [qdq, MatMulBiasToOutputRank(), *tail], progress=progress)
         decisions = list(qdq.decisions)
         excluded = dict(used_table.excluded)
         if int4_result is not None:  # the MatMulNBits nodes InsertQDQ left float are the int4 layers
@@ -425,7 +429,7 @@ def quantize(
         excluded_tensors=excluded,
         table=used_table,
         size_before=size_before,
-        size_after=result.model.ByteSize(),
+        size_after=model_bytes(result.model),
         stats={**advanced_stats, **result.stats},
         notes=tuple(advanced_notes),
     )
@@ -463,6 +467,21 @@ def gptq_moments(model: onnx.ModelProto, calib: object, *, batch_size: int = 64,
 def _gptq_samples(max_samples: int | None) -> int:
     """Samples the GPTQ moments read (and the cost rule counts): ``GPTQ_SAMPLES``, or fewer if asked."""
     return GPTQ_SAMPLES if max_samples is None else min(max_samples, GPTQ_SAMPLES)
+
+
+def _shaped(model: onnx.ModelProto, *, thoroughly: bool = False) -> onnx.ModelProto:
+    """``infer_shapes(model)`` (or ``infer_shapes_thoroughly``), or in place for a model too large to serialise.
+
+    Such a model gets the inferred types and shapes written into it: it is quantize's private working
+    copy, and a copy of its weights would cost gigabytes (inference runs on the light copy either way).
+    """
+    if not is_large(model):
+        return infer_shapes_thoroughly(model) if thoroughly else infer_shapes(model)
+    light = infer_shapes(model, weights=False)
+    for field in ("value_info", "output"):
+        del getattr(model.graph, field)[:]
+        getattr(model.graph, field).extend(getattr(light.graph, field))
+    return model
 
 
 def _bn_input_means(model: onnx.ModelProto) -> dict[str, object]:

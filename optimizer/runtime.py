@@ -9,8 +9,10 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 import onnx
 import onnxruntime as ort
+from onnx import numpy_helper
 
 from onnxpress.errors import UnsupportedModelError
+from onnxpress.model_io import is_large, split_large
 
 __all__ = ["make_session", "time_interleaved"]
 
@@ -29,11 +31,14 @@ def make_session(
     optimization: str = "all",
     optimized_model_path: str | None = None,
     what: str = "model",
+    initializers: Sequence[onnx.TensorProto] = (),
 ) -> ort.InferenceSession:
     """Build a CPU InferenceSession from a ModelProto (in memory, no file) or a path.
 
     Thread spinning is turned off so that two sessions timed side by side on few cores do not steal
-    each other's cores.
+    each other's cores. A model too large to serialise (over ~1.8 GiB of weights) is handed over without
+    its big initializers, which onnxruntime takes from memory; so are ``initializers``, which complete a
+    model built without them (``split_large``'s light copy).
 
     Raises:
         UnsupportedModelError: onnxruntime cannot load the model (its first message line is kept).
@@ -48,12 +53,58 @@ def make_session(
         opts.inter_op_num_threads = 1
     if optimized_model_path:
         opts.optimized_model_filepath = optimized_model_path
+    handed_over: list[np.ndarray] = []  # OrtValues view these arrays: alive until the session has copied them
+    if isinstance(model, onnx.ModelProto) and (initializers or is_large(model)):
+        model = _in_memory_initializers(model, initializers, opts, handed_over)
     src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
     try:
         return ort.InferenceSession(src, sess_options=opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/NotImplemented types
         first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         raise UnsupportedModelError(f"onnxruntime cannot load the {what}: {first}") from None
+
+
+_IN_MEMORY = "onnxpress-in-memory"
+
+
+def _in_memory_initializers(
+    model: onnx.ModelProto,
+    initializers: Sequence[onnx.TensorProto],
+    opts: ort.SessionOptions,
+    arrays: list[np.ndarray],
+) -> onnx.ModelProto:
+    """A light model whose big initializers onnxruntime takes from memory (no file is written).
+
+    The big initializers of a model too large to serialise (:func:`onnxpress.model_io.split_large`), and
+    ``initializers``, become external-data references that are never read; their values go to
+    ``SessionOptions.add_external_initializers``, which replaces such references before the graph is
+    optimised and copies the data (onnxruntime's documentation: the buffers may be freed once the
+    session is built). The values are appended to ``arrays``, which the caller keeps until then (an
+    OrtValue made from a numpy array does not keep it alive).
+    """
+    light, big = split_large(model) if is_large(model) else (model, [])
+    if big or initializers:
+        light = light if big else _copy(light)
+    values = []
+    for tensor in [*big, *initializers]:
+        array = np.ascontiguousarray(numpy_helper.to_array(tensor))
+        stub = light.graph.initializer.add()
+        stub.name, stub.data_type = tensor.name, tensor.data_type
+        stub.dims.extend(tensor.dims)
+        stub.data_location = onnx.TensorProto.EXTERNAL
+        for key, value in (("location", _IN_MEMORY), ("offset", "0"), ("length", str(array.nbytes))):
+            entry = stub.external_data.add()
+            entry.key, entry.value = key, value
+        arrays.append(array)
+        values.append(ort.OrtValue.ortvalue_from_numpy(array))
+    opts.add_external_initializers([t.name for t in [*big, *initializers]], values)
+    return light
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    return out
 
 
 def time_interleaved(

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from onnxpress.calibration.readers import DataSource, load_labels, model_inputs, open_data
 from onnxpress.errors import DataError, OutputError, ValidationError
-from onnxpress.model_io import ModelSource, check_output_path, load_model
+from onnxpress.model_io import ModelSource, check_output_path, load_model, model_bytes
 from onnxpress.reporting import format_table, op_histogram
 from onnxpress.runtime import make_session, time_interleaved
 
@@ -337,7 +337,7 @@ class _Accumulator:
 def model_size(source: ModelSource) -> int:
     """Bytes on disk of a model file plus its external data files; serialized size of a ModelProto."""
     if isinstance(source, onnx.ModelProto):
-        return source.ByteSize()
+        return model_bytes(source)
     path = Path(source)
     total = path.stat().st_size
     skeleton = onnx.load(str(path), load_external_data=False)

@@ -1,0 +1,155 @@
+"""Models too large for protobuf (>2 GiB): every step takes them, without files and without copies of the weights.
+
+A real one takes ~10 GB of memory and a minute per step (``bench/large_model.py`` runs one of 2.4 GB); here the
+size limit is lowered so that the reference models take the same code path, which must give the very same
+results as the ordinary one.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+import onnxpress
+from onnxpress import model_io
+from onnxpress.errors import ModelLoadError
+from onnxpress.model_io import check_model, infer_shapes, is_large, load_model, model_bytes, split_large
+from onnxpress.runtime import make_session
+from tests.graphs import make_model, rng
+from tests.test_qdq import MODELS
+
+CALIB = MODELS / "digits32_calib.npz"
+
+
+@pytest.fixture
+def large(monkeypatch):
+    """Every model of more than 32 KB of weights counts as too large; initializers of 1 KB or more are set aside."""
+    monkeypatch.setattr(model_io, "_EXTERNAL_DATA_THRESHOLD", 1_000_000 + 32_768)
+    monkeypatch.setattr(model_io, "_SET_ASIDE_BYTES", 1024)
+
+
+def _mlp() -> onnx.ModelProto:
+    """X[N,64] -> MatMul(W1 64x128) -> Relu -> Reshape([-1,128]) -> Gemm(W2, b) -> Y[N,10]; 38 KB of weights."""
+    r = rng(3)
+    inits = {
+        "W1": r.standard_normal((64, 128)).astype(np.float32) * 0.1,
+        "shape": np.array([-1, 128], dtype=np.int64),
+        "W2": r.standard_normal((10, 128)).astype(np.float32) * 0.1,
+        "b": r.standard_normal(10).astype(np.float32),
+    }
+    nodes = [
+        helper.make_node("MatMul", ["X", "W1"], ["h"]),
+        helper.make_node("Relu", ["h"], ["r"]),
+        helper.make_node("Reshape", ["r", "shape"], ["f"]),
+        helper.make_node("Gemm", ["f", "W2", "b"], ["Y"], transB=1),
+    ]
+    return make_model(nodes, [("X", ["N", 64])], [("Y", ["N", 10])], inits)
+
+
+def test_split_sets_aside_only_the_big_initializers(large):
+    model = _mlp()
+    assert is_large(model)
+    light, big = split_large(model)
+    assert [t.name for t in big] == ["W1", "W2"]
+    assert [t.name for t in light.graph.initializer] == ["shape", "b"]
+    assert list(light.graph.node) == list(model.graph.node)
+    assert light.opset_import == model.opset_import and light.ir_version == model.ir_version
+    assert big == [model.graph.initializer[0], model.graph.initializer[2]]  # unchanged
+    assert len(model.graph.initializer) == 4  # the model itself is untouched
+
+
+def test_model_bytes_matches_the_serialised_size(large):
+    model = _mlp()
+    exact = model.ByteSize()  # still possible at this size
+    # each set-aside tensor's header (name, dims, type: < 32 bytes) is not counted
+    assert exact - 2 * 32 <= model_bytes(model) <= exact
+
+
+def test_session_takes_big_initializers_from_memory(large, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    model = _mlp()
+    x = rng(4).standard_normal((5, 64)).astype(np.float32)
+    with pytest.MonkeyPatch.context() as small:
+        small.setattr(model_io, "_EXTERNAL_DATA_THRESHOLD", 1 << 40)
+        want = make_session(model).run(None, {"X": x})[0]
+    session = make_session(model)
+    np.testing.assert_array_equal(session.run(None, {"X": x})[0], want)
+    assert os.listdir(tmp_path) == []  # nothing written, not even the external-data name it refers to
+    assert len(model.graph.initializer) == 4 and model.graph.initializer[0].data_location == onnx.TensorProto.DEFAULT
+
+
+def test_check_and_shape_inference_see_big_initializers_as_typed_values(large):
+    model = _mlp()
+    check_model(model)
+    shaped = infer_shapes(model)
+    assert [t.name for t in shaped.graph.initializer] == ["W1", "shape", "W2", "b"]  # order kept
+    assert [i.name for i in shaped.graph.input] == ["X"]
+    types = {vi.name: [d.dim_value or d.dim_param for d in vi.type.tensor_type.shape.dim]
+             for vi in shaped.graph.value_info}
+    assert types["h"] == ["N", 128] and types["f"][1] == 128  # through the Reshape's (small) shape tensor
+    light = infer_shapes(model, weights=False)
+    assert [t.name for t in light.graph.initializer] == ["shape", "b"]
+    assert list(light.graph.value_info) == list(shaped.graph.value_info)
+
+    broken = _mlp()
+    broken.graph.node[3].input[1] = "W3"  # no such value
+    with pytest.raises(ModelLoadError, match="W3"):
+        check_model(broken)
+    wrong = _mlp()
+    wrong.graph.initializer[0].dims[0] = 32  # MatMul [N,64] x [32,128]: shape inference must object
+    with pytest.raises(ModelLoadError):
+        check_model(wrong)
+
+
+def _quantized(src, out, **kwargs):
+    calib = [{"input": np.load(CALIB)["input"][:64]}]
+    return onnxpress.quantize(str(src), str(out), calib=calib, progress=False, **kwargs)
+
+
+def _same_model(a: onnx.ModelProto, b: onnx.ModelProto) -> None:
+    assert list(a.graph.node) == list(b.graph.node)
+    assert [t.name for t in a.graph.initializer] == [t.name for t in b.graph.initializer]
+    for x, y in zip(a.graph.initializer, b.graph.initializer, strict=True):
+        np.testing.assert_array_equal(numpy_helper.to_array(x), numpy_helper.to_array(y))
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs"), [("resnet", {}), ("transformer", {}), ("transformer", {"weights": "int4"})]
+)
+def test_quantize_a_large_model_gives_the_ordinary_result(tmp_path, monkeypatch, name, kwargs):
+    plain = _quantized(MODELS / f"{name}.onnx", tmp_path / "plain.onnx", **kwargs)
+    monkeypatch.setattr(model_io, "_EXTERNAL_DATA_THRESHOLD", 1_000_000 + 4096)  # every reference model is large
+    monkeypatch.setattr(model_io, "_SET_ASIDE_BYTES", 1024)
+    out = tmp_path / "large" / "q.onnx"
+    out.parent.mkdir()
+    big = _quantized(MODELS / f"{name}.onnx", out, **kwargs)
+    assert sorted(os.listdir(out.parent)) == ["q.onnx", "q.onnx.data"]  # written with external data, nothing else
+    _same_model(load_model(out), load_model(tmp_path / "plain.onnx"))
+    assert big.size_before == pytest.approx(plain.size_before, rel=1e-3)
+    assert big.size_after == pytest.approx(plain.size_after, rel=1e-2)
+
+
+def test_calibrate_a_large_model_gives_the_same_ranges(monkeypatch):
+    data = [{"input": np.load(CALIB)["input"][:64]}]
+    want = onnxpress.calibrate(str(MODELS / "mobilenet.onnx"), data, method="kl")
+    monkeypatch.setattr(model_io, "_EXTERNAL_DATA_THRESHOLD", 1_000_000 + 4096)
+    monkeypatch.setattr(model_io, "_SET_ASIDE_BYTES", 1024)
+    model = load_model(MODELS / "mobilenet.onnx")
+    got = onnxpress.calibrate(model, data, method="kl")
+    assert got.ranges.keys() == want.ranges.keys()
+    assert all((got.ranges[k].min, got.ranges[k].max) == (want.ranges[k].min, want.ranges[k].max) for k in want.ranges)
+    assert len(model.graph.output) == 1  # the caller's model is not given the calibration outputs
+
+
+def test_big_initializers_listed_as_inputs_too(large):
+    """IR < 4 exports list every initializer as a graph input as well."""
+    model = _mlp()
+    model.graph.input.append(helper.make_tensor_value_info("W1", onnx.TensorProto.FLOAT, [64, 128]))
+    check_model(model)
+    assert [i.name for i in infer_shapes(model).graph.input] == ["X", "W1"]
+    x = rng(5).standard_normal((2, 64)).astype(np.float32)
+    assert make_session(model).run(None, {"X": x})[0].shape == (2, 10)

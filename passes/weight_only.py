@@ -4,11 +4,15 @@ A constant weight ``W[K, N]`` is cut along K into blocks of ``B`` rows; each blo
 ``n`` gets its own scale (symmetric, zero point 8 in unsigned storage)::
 
     s[n, b] = argmin_{s in S} || W[bB:(b+1)B, n] - s * clip(round(W / s), -8, 7) ||^2,
-    S = {max|W_block| / 7 * f : f in a grid over [0.6, 1]}      (f = 1 is plain max scaling)
+    S = {-m / 8 * f : f in a grid over [0.6, 1]},  m = the block's value of largest magnitude
     q = clip(round(W / s), -8, 7) + 8  in [0, 15],  two per byte (low nibble = even row)
 
-so every element satisfies ``|W - s (q - 8)| <= s / 2`` inside the block's clipped range (round to
-nearest, "rtn"). With the input second moment ``H = E[x xᵀ]`` of the layer (calibration data), the
+(f = 1 maps ``m`` to exactly -8, as onnxruntime's own MatMulNBits quantizer does; the scale is negative
+when ``m`` is positive, which the kernel takes as it is), so every element satisfies
+``|W - s (q - 8)| <= |s| / 2`` inside the block's clipped range (round to nearest, "rtn"). Measured
+against the former ``max|W| / 7 * f`` grid (block 32, logit SQNR): reference transformer 27.8 -> 29.1 dB
+round to nearest, 40.4 -> 41.0 with GPTQ; a 2-layer 8192-wide random ReLU MLP 17.1 -> 18.8 dB
+(onnxruntime's quantizer 18.4). With the input second moment ``H = E[x xᵀ]`` of the layer (calibration data), the
 rounding is GPTQ-style error compensation instead ("gptq"): the scales are the same per-block MSE
 ones, but the rows are rounded one at a time (in order of decreasing ``H_ii``) and each row's rounding
 error is spread over the rows not yet rounded so as to minimise the expected output error::
@@ -84,23 +88,48 @@ def quantize_blocks(w: np.ndarray, block_size: int, *, search: bool = True) -> t
     padded = np.zeros((nb * block_size, n), np.float32)
     padded[:k] = w
     blocks = padded.reshape(nb, block_size, n)
-    amax = np.abs(blocks).max(axis=1)  # [nb, n]
-    base = np.where(amax > 0, amax / 7.0, 1.0).astype(np.float32)
-    if search:
-        best_err = np.full(base.shape, np.inf, np.float64)
-        best = base.copy()
-        for f in _GRID:
-            s = base * f
-            q = np.clip(np.rint(blocks / s[:, None, :]), -8, 7)
-            err = ((q * s[:, None, :] - blocks) ** 2).sum(axis=1)
-            better = err < best_err
-            best_err = np.where(better, err, best_err)
-            best = np.where(better, s, best)
-        scale = best.astype(np.float32)
-    else:
-        scale = base
+    # the block's largest-magnitude value maps to -8, so it uses the grid's 16th level (a negative scale
+    # when that value is positive): against max|W| / 7, 1.0 dB more weight SQNR and half the bias of the
+    # rounding errors summed over K, which ReLU inputs (mean > 0) turn into output error
+    extreme = np.take_along_axis(blocks, np.abs(blocks).argmax(axis=1)[:, None, :], axis=1)[:, 0, :]  # [nb, n]
+    base = np.where(extreme != 0, extreme / -8.0, 1.0).astype(np.float32)
+    scale = _search_scales(blocks, base) if search else base
     q = np.clip(np.rint(blocks / scale[:, None, :]), -8, 7).astype(np.int8)
     return q.reshape(nb * block_size, n), scale
+
+
+_SEARCH_CHUNK = 1 << 18
+"""Values per column chunk of the scale search: its work array (1 MB) stays in cache over the grid's 21 passes."""
+
+
+def _search_scales(blocks: np.ndarray, base: np.ndarray) -> np.ndarray:
+    """Per block and column, the scale ``base * f`` (``f`` in ``_GRID``) with the least squared rounding error.
+
+    Column chunk by chunk, in place: the whole-matrix version spent 6.1 s on one 8192 x 8192 weight,
+    streaming six full-size temporaries through memory per grid point.
+    """
+    nb, size, n = blocks.shape
+    step = max(1, _SEARCH_CHUNK // (nb * size))
+    scale = base.copy()
+    work = np.empty((nb, size, min(step, n)), np.float32)
+    for c0 in range(0, n, step):
+        chunk = np.ascontiguousarray(blocks[:, :, c0 : c0 + step])
+        t = work[:, :, : chunk.shape[2]]
+        b0 = base[:, c0 : c0 + step]
+        best_err = np.full(b0.shape, np.inf, np.float32)
+        for f in _GRID:
+            s = b0 * f
+            np.divide(chunk, s[:, None, :], out=t)
+            np.rint(t, out=t)
+            np.clip(t, -8, 7, out=t)
+            t *= s[:, None, :]
+            t -= chunk
+            np.square(t, out=t)
+            err = t.sum(axis=1)
+            better = err < best_err
+            best_err[better] = err[better]
+            scale[:, c0 : c0 + step][better] = s[better]
+    return scale
 
 
 def dequantize_blocks(q: np.ndarray, scale: np.ndarray, k: int) -> np.ndarray:

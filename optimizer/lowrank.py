@@ -12,7 +12,6 @@ arrays. See :mod:`onnxpress.passes.low_rank` for the maths and the rank selectio
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 import os
@@ -28,7 +27,14 @@ import onnx_graphsurgeon as gs
 from onnxpress.calibration.moments import PatchSecondMomentObserver, SecondMomentObserver
 from onnxpress.driver import transform
 from onnxpress.errors import CalibrationError, UnsupportedModelError
-from onnxpress.model_io import ModelSource, check_output_path, infer_shapes, load_model, normalize_model
+from onnxpress.model_io import (
+    ModelSource,
+    check_output_path,
+    infer_shapes,
+    load_model,
+    normalize_model,
+    shape_only_copy,
+)
 from onnxpress.passes.flops import count_params
 from onnxpress.passes.low_rank import (
     LayerReport,
@@ -174,7 +180,7 @@ def _prepare(model: ModelSource, progress: bool) -> onnx.ModelProto:
 
 def _concrete_shapes(model: onnx.ModelProto, batch: int) -> dict[str, tuple[int | None, ...]]:
     """Tensor shapes from onnx shape inference once the graph inputs' symbolic leading dim is ``batch``."""
-    model = copy.deepcopy(model)
+    model = shape_only_copy(model)  # a large model without its weights
     for vi in model.graph.input:
         dims = vi.type.tensor_type.shape.dim
         if len(dims) and not dims[0].HasField("dim_value"):

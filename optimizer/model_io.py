@@ -40,6 +40,7 @@ __all__ = [
     "model_digest",
     "normalize_model",
     "save_model",
+    "shape_only_copy",
     "split_large",
 ]
 
@@ -182,6 +183,15 @@ def _tensor_bytes(tensor: onnx.TensorProto) -> int:
     for d in tensor.dims:
         count *= d
     return count * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+
+
+def shape_only_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` for shape inference, which serialises whatever the model's size.
+
+    A model too large to serialise is copied without its big initializers, each declared as a graph
+    input of its type and shape instead (they follow the real inputs); others are copied whole.
+    """
+    return _with_big_as_inputs(model)[0] if is_large(model) else copy.deepcopy(model)
 
 
 def _with_big_as_inputs(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:

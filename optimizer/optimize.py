@@ -48,8 +48,8 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxpress.errors import DataError, OnnxpressError
-from onnxpress.model_io import ModelSource, check_output_path, load_model, save_model
+from onnxpress.errors import DataError, OnnxpressError, UnsupportedModelError
+from onnxpress.model_io import ModelSource, check_output_path, is_large, load_model, model_bytes, save_model
 from onnxpress.passes.flops import count_macs
 from onnxpress.prune import sqnr_db
 from onnxpress.recipe import apply_recipe, load_recipe, prepare, save_recipe, validate_recipe
@@ -469,6 +469,11 @@ def optimize(
     if max_drop is not None and (labels is None or max_drop < 0):
         raise OnnxpressError("--max-drop needs labels (--labels) and a value >= 0 (accuracy points)")
     original = load_model(model)
+    if is_large(original):
+        raise UnsupportedModelError(
+            f"optimize builds, runs and times many candidates of the model; one over protobuf's 2 GiB "
+            f"({model_bytes(original) / 2**30:.1f} GiB) is not supported: run quantize, prune or lowrank on it"
+        )
     m0 = prepare(original)
     lat_ref = m0 if latency_reference is None else load_model(latency_reference)
     ref_bytes = lat_ref.SerializeToString()

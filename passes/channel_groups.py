@@ -37,6 +37,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from onnxpress.model_io import is_large, shape_only_copy
 from onnxpress.passes.base import unique_name
 
 __all__ = [
@@ -280,6 +281,7 @@ def _infer_shapes(graph: gs.Graph) -> dict[str, tuple[int | None, ...] | None]:
             shapes[t.name] = tuple(d if isinstance(d, int) and d >= 0 else None for d in t.shape)
     try:
         model = gs.export_onnx(graph.copy(), do_type_check=False)
+        model = shape_only_copy(model) if is_large(model) else model  # over 2 GiB: without its weights
         inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
     except Exception as exc:  # inference is best effort; unknown shapes freeze the affected groups
         log.debug("shape inference failed: %s", exc)

@@ -17,7 +17,6 @@ Nodes are named ``node.name`` or, when empty, by their first output.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterable
 
 import numpy as np
@@ -26,6 +25,7 @@ import onnx_graphsurgeon as gs
 from onnx import TensorProto
 
 from onnxpress.errors import UnsupportedModelError
+from onnxpress.model_io import model_bytes, shape_only_copy
 
 __all__ = ["MAC_OPS", "count_macs", "count_params", "model_size_bytes", "node_key"]
 
@@ -68,7 +68,7 @@ def _unique_keys(nodes: Iterable[onnx.NodeProto]) -> list[str]:
 
 
 def _shapes(model: onnx.ModelProto, batch: int) -> dict[str, tuple[int | None, ...]]:
-    model = copy.deepcopy(model)
+    model = shape_only_copy(model)  # a large model without its weights
     inits = {i.name for i in model.graph.initializer}
     for vi in model.graph.input:
         if vi.name in inits or not vi.type.tensor_type.HasField("shape"):
@@ -170,4 +170,4 @@ def count_params(model: onnx.ModelProto | gs.Graph) -> dict[str, int]:
 
 def model_size_bytes(model: onnx.ModelProto | gs.Graph) -> int:
     """Serialised size of the model in bytes (initializers included)."""
-    return _as_model(model).ByteSize()
+    return model_bytes(_as_model(model))

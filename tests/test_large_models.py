@@ -16,7 +16,7 @@ from onnx import helper, numpy_helper
 
 import onnxpress
 from onnxpress import model_io
-from onnxpress.errors import ModelLoadError
+from onnxpress.errors import ModelLoadError, UnsupportedModelError
 from onnxpress.model_io import check_model, infer_shapes, is_large, load_model, model_bytes, split_large
 from onnxpress.runtime import make_session
 from tests.graphs import make_model, rng
@@ -25,11 +25,41 @@ from tests.test_qdq import MODELS
 CALIB = MODELS / "digits32_calib.npz"
 
 
+def _lower_the_limit(monkeypatch, weight_bytes: int) -> None:
+    """Models of more than ``weight_bytes`` of weights count as too large, and protobuf's limit is simulated.
+
+    Initializers of 1 KB or more are set aside. onnx's checker and shape inference and onnxruntime's session
+    refuse a model (or its bytes) at that size, as they refuse one over 2 GiB, so every path that would
+    serialise a large model whole fails here as it would there.
+    """
+    import onnxruntime as ort
+
+    limit = 1_000_000 + weight_bytes
+    monkeypatch.setattr(model_io, "_EXTERNAL_DATA_THRESHOLD", limit)
+    monkeypatch.setattr(model_io, "_SET_ASIDE_BYTES", 1024)
+
+    def whole(model: onnx.ModelProto) -> bool:  # large, and its big initializers still in it
+        inline = [t for t in model.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL]
+        return model_io._approx_size(model) >= limit and any(model_io._tensor_bytes(t) >= 1024 for t in inline)
+
+    def refusing(real, what):
+        def call(model, *args, **kwargs):
+            proto = onnx.load_from_string(model) if isinstance(model, bytes) else model
+            if isinstance(proto, onnx.ModelProto) and whole(proto):
+                raise ValueError(f"{what}: model exceeds the (simulated) 2 GiB protobuf limit")
+            return real(model, *args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(onnx.checker, "check_model", refusing(onnx.checker.check_model, "checker"))
+    monkeypatch.setattr(onnx.shape_inference, "infer_shapes", refusing(onnx.shape_inference.infer_shapes, "inference"))
+    monkeypatch.setattr(ort, "InferenceSession", refusing(ort.InferenceSession, "onnxruntime"))
+
+
 @pytest.fixture
 def large(monkeypatch):
-    """Every model of more than 32 KB of weights counts as too large; initializers of 1 KB or more are set aside."""
-    monkeypatch.setattr(model_io, "_EXTERNAL_DATA_THRESHOLD", 1_000_000 + 32_768)
-    monkeypatch.setattr(model_io, "_SET_ASIDE_BYTES", 1024)
+    """Call it on a model built beforehand: every model of more than 32 KB of weights is too large from then on."""
+    return lambda: _lower_the_limit(monkeypatch, 32_768)
 
 
 def _mlp() -> onnx.ModelProto:
@@ -52,6 +82,7 @@ def _mlp() -> onnx.ModelProto:
 
 def test_split_sets_aside_only_the_big_initializers(large):
     model = _mlp()
+    large()
     assert is_large(model)
     light, big = split_large(model)
     assert [t.name for t in big] == ["W1", "W2"]
@@ -64,6 +95,7 @@ def test_split_sets_aside_only_the_big_initializers(large):
 
 def test_model_bytes_matches_the_serialised_size(large):
     model = _mlp()
+    large()
     exact = model.ByteSize()  # still possible at this size
     # each set-aside tensor's header (name, dims, type: < 32 bytes) is not counted
     assert exact - 2 * 32 <= model_bytes(model) <= exact
@@ -73,9 +105,8 @@ def test_session_takes_big_initializers_from_memory(large, tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)
     model = _mlp()
     x = rng(4).standard_normal((5, 64)).astype(np.float32)
-    with pytest.MonkeyPatch.context() as small:
-        small.setattr(model_io, "_EXTERNAL_DATA_THRESHOLD", 1 << 40)
-        want = make_session(model).run(None, {"X": x})[0]
+    want = make_session(model).run(None, {"X": x})[0]
+    large()
     session = make_session(model)
     np.testing.assert_array_equal(session.run(None, {"X": x})[0], want)
     assert os.listdir(tmp_path) == []  # nothing written, not even the external-data name it refers to
@@ -83,7 +114,8 @@ def test_session_takes_big_initializers_from_memory(large, tmp_path, monkeypatch
 
 
 def test_check_and_shape_inference_see_big_initializers_as_typed_values(large):
-    model = _mlp()
+    model, broken, wrong = _mlp(), _mlp(), _mlp()
+    large()
     check_model(model)
     shaped = infer_shapes(model)
     assert [t.name for t in shaped.graph.initializer] == ["W1", "shape", "W2", "b"]  # order kept
@@ -95,11 +127,9 @@ def test_check_and_shape_inference_see_big_initializers_as_typed_values(large):
     assert [t.name for t in light.graph.initializer] == ["shape", "b"]
     assert list(light.graph.value_info) == list(shaped.graph.value_info)
 
-    broken = _mlp()
     broken.graph.node[3].input[1] = "W3"  # no such value
     with pytest.raises(ModelLoadError, match="W3"):
         check_model(broken)
-    wrong = _mlp()
     wrong.graph.initializer[0].dims[0] = 32  # MatMul [N,64] x [32,128]: shape inference must object
     with pytest.raises(ModelLoadError):
         check_model(wrong)
@@ -122,8 +152,7 @@ def _same_model(a: onnx.ModelProto, b: onnx.ModelProto) -> None:
 )
 def test_quantize_a_large_model_gives_the_ordinary_result(tmp_path, monkeypatch, name, kwargs):
     plain = _quantized(MODELS / f"{name}.onnx", tmp_path / "plain.onnx", **kwargs)
-    monkeypatch.setattr(model_io, "_EXTERNAL_DATA_THRESHOLD", 1_000_000 + 4096)  # every reference model is large
-    monkeypatch.setattr(model_io, "_SET_ASIDE_BYTES", 1024)
+    _lower_the_limit(monkeypatch, 4096)  # every reference model is large
     out = tmp_path / "large" / "q.onnx"
     out.parent.mkdir()
     big = _quantized(MODELS / f"{name}.onnx", out, **kwargs)
@@ -136,8 +165,7 @@ def test_quantize_a_large_model_gives_the_ordinary_result(tmp_path, monkeypatch,
 def test_calibrate_a_large_model_gives_the_same_ranges(monkeypatch):
     data = [{"input": np.load(CALIB)["input"][:64]}]
     want = onnxpress.calibrate(str(MODELS / "mobilenet.onnx"), data, method="kl")
-    monkeypatch.setattr(model_io, "_EXTERNAL_DATA_THRESHOLD", 1_000_000 + 4096)
-    monkeypatch.setattr(model_io, "_SET_ASIDE_BYTES", 1024)
+    _lower_the_limit(monkeypatch, 4096)
     model = load_model(MODELS / "mobilenet.onnx")
     got = onnxpress.calibrate(model, data, method="kl")
     assert got.ranges.keys() == want.ranges.keys()
@@ -149,7 +177,29 @@ def test_big_initializers_listed_as_inputs_too(large):
     """IR < 4 exports list every initializer as a graph input as well."""
     model = _mlp()
     model.graph.input.append(helper.make_tensor_value_info("W1", onnx.TensorProto.FLOAT, [64, 128]))
+    large()
     check_model(model)
     assert [i.name for i in infer_shapes(model).graph.input] == ["X", "W1"]
     x = rng(5).standard_normal((2, 64)).astype(np.float32)
     assert make_session(model).run(None, {"X": x})[0].shape == (2, 10)
+
+
+@pytest.mark.parametrize("step", ["lowrank", "prune"])
+def test_lowrank_and_prune_a_large_model_give_the_ordinary_result(tmp_path, monkeypatch, step):
+    def run(out):
+        if step == "lowrank":
+            return onnxpress.lowrank(str(MODELS / "transformer.onnx"), str(out), flops=0.5)
+        return onnxpress.prune(str(MODELS / "resnet.onnx"), str(out), ratio=0.5)
+
+    run(tmp_path / "plain.onnx")
+    _lower_the_limit(monkeypatch, 4096)
+    run(tmp_path / "large.onnx")
+    assert (tmp_path / "large.onnx.data").is_file()  # the large path ran (its output has external data)
+    _same_model(load_model(tmp_path / "large.onnx"), load_model(tmp_path / "plain.onnx"))
+
+
+def test_optimize_refuses_a_large_model_clearly(tmp_path, monkeypatch):
+    _lower_the_limit(monkeypatch, 4096)
+    with pytest.raises(UnsupportedModelError, match="over protobuf's 2 GiB"):
+        onnxpress.optimize(str(MODELS / "resnet.onnx"), str(tmp_path / "o.onnx"), calib=str(CALIB))
+    assert os.listdir(tmp_path) == []

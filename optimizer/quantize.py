@@ -284,7 +284,7 @@ def quantize(
         check_output_path(output, [model, calib, table])  # never overwrite the data or table
     original = load_model(model)
     size_before = model_bytes(original)
-    proto = normalize_model(original, min_opset=13)
+    proto = normalize_model(original, min_opset=13, in_place=True)  # original is load_model's private copy
     del original  # each copy of a large model's weights held at once costs gigabytes
     cleaned = run_passes(proto, cleanup_passes(), progress=progress).model
     _refuse_half_precision(cleaned)

@@ -28,9 +28,9 @@ CALIB = MODELS / "digits32_calib.npz"
 def _lower_the_limit(monkeypatch, weight_bytes: int) -> None:
     """Models of more than ``weight_bytes`` of weights count as too large, and protobuf's limit is simulated.
 
-    Initializers of 1 KB or more are set aside. onnx's checker and shape inference and onnxruntime's session
-    refuse a model (or its bytes) at that size, as they refuse one over 2 GiB, so every path that would
-    serialise a large model whole fails here as it would there.
+    Initializers of 1 KB or more are set aside. onnx's checker, shape inference and version converter and
+    onnxruntime's session refuse a model (or its bytes) at that size, as they refuse one over 2 GiB, so every
+    path that would serialise a large model whole fails here as it would there.
     """
     import onnxruntime as ort
 
@@ -54,6 +54,8 @@ def _lower_the_limit(monkeypatch, weight_bytes: int) -> None:
     monkeypatch.setattr(onnx.checker, "check_model", refusing(onnx.checker.check_model, "checker"))
     monkeypatch.setattr(onnx.shape_inference, "infer_shapes", refusing(onnx.shape_inference.infer_shapes, "inference"))
     monkeypatch.setattr(ort, "InferenceSession", refusing(ort.InferenceSession, "onnxruntime"))
+    monkeypatch.setattr(onnx.version_converter, "convert_version", refusing(onnx.version_converter.convert_version,
+                                                                            "version converter"))
 
 
 @pytest.fixture
@@ -148,7 +150,8 @@ def _same_model(a: onnx.ModelProto, b: onnx.ModelProto) -> None:
 
 
 @pytest.mark.parametrize(
-    ("name", "kwargs"), [("resnet", {}), ("transformer", {}), ("transformer", {"weights": "int4"})]
+    ("name", "kwargs"),
+    [("resnet", {}), ("resnet_opset11", {}), ("transformer", {}), ("transformer", {"weights": "int4"})],
 )
 def test_quantize_a_large_model_gives_the_ordinary_result(tmp_path, monkeypatch, name, kwargs):
     plain = _quantized(MODELS / f"{name}.onnx", tmp_path / "plain.onnx", **kwargs)

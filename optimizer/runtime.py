@@ -82,9 +82,7 @@ def _in_memory_initializers(
     session is built). The values are appended to ``arrays``, which the caller keeps until then (an
     OrtValue made from a numpy array does not keep it alive).
     """
-    light, big = split_large(model) if is_large(model) else (model, [])
-    if big or initializers:
-        light = light if big else _copy(light)
+    light, big = split_large(model) if is_large(model) else (_copy(model), [])
     values = []
     for tensor in [*big, *initializers]:
         array = np.ascontiguousarray(numpy_helper.to_array(tensor))

@@ -352,6 +352,7 @@ def collect_statistics(
     memory_budget_mb: float | None = DEFAULT_BUDGET_MB,
     threads: int | None = None,
     inferred: onnx.ModelProto | None = None,
+    external_data_folder: str | None = None,
 ) -> int:
     """Run ``model`` over ``data`` once and stream each observed tensor into its observer.
 
@@ -370,6 +371,8 @@ def collect_statistics(
         threads: onnxruntime intra-op threads (``None``: its default, one per core).
         inferred: ``model`` after :func:`onnxpress.model_io.infer_shapes`, when the caller has it
             (shape inference is not repeated).
+        external_data_folder: where the data files of ``model``'s external tensors are, when it was
+            loaded without them (onnxruntime reads them from there).
 
     Returns:
         The number of samples run.
@@ -390,7 +393,8 @@ def collect_statistics(
     names = list(observers)
     types = _value_types(model, inferred)
     exposed, fetch, big = _expose(model, names, types)
-    session = make_session(exposed, threads=threads, what="model with calibration outputs", initializers=big)
+    session = make_session(exposed, threads=threads, what="model with calibration outputs", initializers=big,
+                           external_data_folder=external_data_folder)
     del exposed, big
     input_names = {i.name for i in session.get_inputs()}
     dynamic = _batch_is_dynamic(model)

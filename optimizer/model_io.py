@@ -42,6 +42,7 @@ __all__ = [
     "save_model",
     "shape_only_copy",
     "split_large",
+    "uses_external_data",
 ]
 
 log = logging.getLogger(__name__)
@@ -57,12 +58,17 @@ _EXTERNAL_DATA_THRESHOLD = int(1.8 * 2**30)
 _SET_ASIDE_BYTES = 1 << 16
 
 
-def load_model(source: str | os.PathLike[str] | onnx.ModelProto, *, check: bool = True) -> onnx.ModelProto:
+def load_model(
+    source: str | os.PathLike[str] | onnx.ModelProto, *, check: bool = True, external_data: bool = True
+) -> onnx.ModelProto:
     """Load a model from a path or copy a ``ModelProto``; never returns the caller's object.
 
     Args:
         source: path to an ``.onnx`` file (external data is resolved beside it) or a ModelProto.
         check: run ``onnx.checker`` (full check) on the loaded model.
+        external_data: read a file's external data into the model; ``False`` checks it (present, inside
+            the model's folder, long enough) but leaves the tensors as references to it, for callers
+            that only run the model (onnxruntime reads them itself: ``make_session(external_data_folder=)``).
 
     Raises:
         ModelLoadError: the file is missing, a folder, empty, not an ONNX model, its external data
@@ -84,16 +90,35 @@ def load_model(source: str | os.PathLike[str] | onnx.ModelProto, *, check: bool 
             model = onnx.load(str(path), load_external_data=False)
         except (DecodeError, RuntimeError, ValueError) as exc:
             raise ModelLoadError(f"{path} is not a valid ONNX model ({_first_line(exc)})") from None
-        _load_external_data(model, path)
+        _check_external_data(model, path)
+        if external_data:
+            _load_external_data(model, path)
     if model.ir_version == 0 or not model.HasField("graph") or not model.opset_import:
         raise ModelLoadError(f"{where} is not an ONNX model (no graph, IR version or opset)")
-    if check:
+    if check and not external_data and not isinstance(source, onnx.ModelProto) and uses_external_data(model):
+        _check_file(path)  # the in-memory checker would look for the data files in the working folder
+    elif check:
         check_model(model, where=where)
     return model
 
 
-def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
-    """Resolve external tensors beside ``path`` with a clear error for missing/short files."""
+def _check_file(path: Path) -> None:
+    """``onnx.checker`` (full check) on a model file whose tensors stay in their external data files."""
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, ValueError) as exc:
+        raise ModelLoadError(f"{path} fails onnx.checker: {_first_line(exc)}") from None
+
+
+def uses_external_data(model: onnx.ModelProto) -> bool:
+    """True when some tensor of ``model`` still refers to an external data file."""
+    return any(
+        onnx.external_data_helper.uses_external_data(t) for t in onnx.external_data_helper._get_all_tensors(model)
+    )
+
+
+def _check_external_data(model: onnx.ModelProto, path: Path) -> None:
+    """Check the external tensors beside ``path``, with a clear error for missing/short/outside files."""
     base = path.parent
     for tensor in onnx.external_data_helper._get_all_tensors(model):
         if not onnx.external_data_helper.uses_external_data(tensor):
@@ -117,8 +142,12 @@ def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
                 f"external data file {data_path.name} is truncated: tensor {tensor.name!r} needs bytes "
                 f"up to {needed}, file has {data_path.stat().st_size}"
             )
+
+
+def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
+    """Read the (checked) external tensors beside ``path`` into ``model``."""
     try:
-        onnx.load_external_data_for_model(model, str(base))
+        onnx.load_external_data_for_model(model, str(path.parent))
     except (OSError, ValueError, onnx.checker.ValidationError) as exc:
         raise ModelLoadError(f"cannot read external data of {path}: {_first_line(exc)}") from None
 
@@ -177,6 +206,8 @@ def _copy_field(dst: object, field: object, value: object) -> None:
 
 def _tensor_bytes(tensor: onnx.TensorProto) -> int:
     """Bytes of a tensor's values from its shape and type (reading ``raw_data`` would copy it)."""
+    if tensor.data_location == onnx.TensorProto.EXTERNAL:
+        return 0  # a reference to a file: a few bytes in the model
     if tensor.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
         return tensor.ByteSize()
     count = 1

@@ -32,13 +32,16 @@ def make_session(
     optimized_model_path: str | None = None,
     what: str = "model",
     initializers: Sequence[onnx.TensorProto] = (),
+    external_data_folder: str | os.PathLike[str] | None = None,
 ) -> ort.InferenceSession:
     """Build a CPU InferenceSession from a ModelProto (in memory, no file) or a path.
 
     Thread spinning is turned off so that two sessions timed side by side on few cores do not steal
     each other's cores. A model too large to serialise (over ~1.8 GiB of weights) is handed over without
     its big initializers, which onnxruntime takes from memory; so are ``initializers``, which complete a
-    model built without them (``split_large``'s light copy).
+    model built without them (``split_large``'s light copy). ``external_data_folder``: where the data files
+    of a ModelProto's external tensors are (``load_model(path, external_data=False)`` keeps them as
+    references; onnxruntime then reads them itself, memory-mapped, instead of from our copy).
 
     Raises:
         UnsupportedModelError: onnxruntime cannot load the model (its first message line is kept).
@@ -53,6 +56,8 @@ def make_session(
         opts.inter_op_num_threads = 1
     if optimized_model_path:
         opts.optimized_model_filepath = optimized_model_path
+    if external_data_folder is not None:
+        opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(external_data_folder))
     handed_over: list[np.ndarray] = []  # OrtValues view these arrays: alive until the session has copied them
     if isinstance(model, onnx.ModelProto) and (initializers or is_large(model)):
         model = _in_memory_initializers(model, initializers, opts, handed_over)

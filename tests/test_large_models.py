@@ -206,3 +206,27 @@ def test_optimize_refuses_a_large_model_clearly(tmp_path, monkeypatch):
     with pytest.raises(UnsupportedModelError, match="over protobuf's 2 GiB"):
         onnxpress.optimize(str(MODELS / "resnet.onnx"), str(tmp_path / "o.onnx"), calib=str(CALIB))
     assert os.listdir(tmp_path) == []
+
+
+def test_calibrate_leaves_a_files_external_data_to_onnxruntime(tmp_path, monkeypatch):
+    """A model file's external data is checked, not read by us: onnxruntime maps it (2.25 GiB: 7.4 -> 2.7 GB peak)."""
+    from onnxpress.model_io import save_model
+
+    data = [{"input": np.load(CALIB)["input"][:64]}]
+    want = onnxpress.calibrate(str(MODELS / "resnet.onnx"), data, method="mse")
+    (tmp_path / "m").mkdir()
+    path = save_model(load_model(MODELS / "resnet.onnx"), tmp_path / "m" / "ext.onnx", external_data=True)
+    assert (tmp_path / "m" / "ext.onnx.data").is_file()
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("external data read into the model")
+
+    monkeypatch.setattr(onnx, "load_external_data_for_model", no_reading)
+    monkeypatch.chdir(tmp_path)  # not the model's folder
+    got = onnxpress.calibrate(str(path), data, method="mse")
+    assert all((got.ranges[k].min, got.ranges[k].max) == (want.ranges[k].min, want.ranges[k].max) for k in want.ranges)
+    assert sorted(os.listdir(tmp_path / "m")) == ["ext.onnx", "ext.onnx.data"]
+
+    (tmp_path / "m" / "ext.onnx.data").write_bytes(b"\0" * 10)  # truncated: still a clear error, before any run
+    with pytest.raises(ModelLoadError, match="truncated"):
+        onnxpress.calibrate(str(path), data, method="mse")

@@ -56,9 +56,9 @@ def run(args: argparse.Namespace) -> int:
     from onnxpress.model_io import check_output_path, load_model
 
     check_output_path(args.output, [args.model, args.data])
-    model = load_model(args.model)
+    model = load_model(args.model, external_data=False)  # the graph, for the summary; calibrate reads the file
     table = calibrate(
-        model,
+        args.model,
         args.data,
         method=args.method,
         bits=args.bits,

@@ -5,6 +5,8 @@ external data) in a temporary folder, then runs each job in a fresh child proces
 own), from an empty working folder:
 
 - ``ours calibrate``: ``onnxpress.calibrate(model, data, method="kl")``;
+- ``ort calibrate``: ``create_calibrator`` (MinMax, quantize_static's default; ``use_external_data_format=True``),
+  ``collect_data``, ``compute_data``, from its default augmented-model path (the working folder);
 - ``ours int8``: ``onnxpress.quantize(model, out, calib=data)`` (defaults: QDQ, per-channel int8 weights,
   uint8 activations);
 - ``ort int8``: ``quantize_static`` in QDQ format, per-channel, uint8 activations, MinMax, with
@@ -34,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-JOBS = ("ours calibrate", "ours int8", "ort int8", "ours int4", "ort int4")
+JOBS = ("ours calibrate", "ort calibrate", "ours int8", "ort int8", "ours int4", "ort int4")
 
 
 def build(folder: Path, layers: int, dim: int) -> Path:
@@ -71,6 +73,21 @@ def _hwm_mb() -> float:
     raise RuntimeError("no VmHWM")
 
 
+def _reader(calib: np.ndarray) -> object:
+    """onnxruntime's usual data reader: one sample per call."""
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.i = 0
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            self.i += 1
+            return {"input": calib[self.i - 1 : self.i]} if self.i <= len(calib) else None
+
+    return Reader()
+
+
 def child(job: str, folder: str, workdir: str) -> None:
     """Run one job from ``workdir``; print a JSON line."""
     import onnxruntime  # noqa: F401  (imported before the clock starts, like onnxpress)
@@ -91,18 +108,17 @@ def child(job: str, folder: str, workdir: str) -> None:
             onnxpress.quantize(str(src), str(out), calib=[{"input": calib}])
         elif job == "ours int4":
             onnxpress.quantize(str(src), str(out), weights="int4", block_size=32)
+        elif job == "ort calibrate":
+            from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
+
+            cal = create_calibrator(str(src), calibrate_method=CalibrationMethod.MinMax, use_external_data_format=True)
+            cal.collect_data(_reader(calib))
+            cal.compute_data()
+            out = None
         elif job == "ort int8":
-            from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+            from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
-            class Reader(CalibrationDataReader):
-                def __init__(self) -> None:
-                    self.i = 0
-
-                def get_next(self) -> dict[str, np.ndarray] | None:
-                    self.i += 1
-                    return {"input": calib[self.i - 1 : self.i]} if self.i <= len(calib) else None
-
-            quantize_static(str(src), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+            quantize_static(str(src), str(out), _reader(calib), quant_format=QuantFormat.QDQ, per_channel=True,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                             use_external_data_format=True)  # fmt: skip
         elif job == "ort int4":

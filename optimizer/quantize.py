@@ -224,8 +224,9 @@ def quantize(
             ``calib`` the indices are chosen GPTQ-style against each layer's output error.
         int4_method: how int4 weights are rounded: "gptq" (error-compensating, from each layer's
             input second moment on ``calib``; needs it) or "rtn" (round to nearest, no data).
-            Default: "gptq" when ``calib`` is given, else "rtn". On the reference transformer
-            (block 64) logit SQNR 26.0 -> 40.2 dB at the same size (bench/quantize.py).
+            Default: "gptq" when ``calib`` is given and its input moments fit in ``GPTQ_MEMORY_BYTES``
+            (a note says when they do not), else "rtn". On the reference transformer (block 64) logit
+            SQNR 26.2 -> 40.2 dB at the same size (bench/quantize.py).
         int4_layers: with ``weights="int8"``: MatMul/Gemm layers (node names, or first output names
             for unnamed nodes) whose constant 2-D weights become 4-bit ``MatMulNBits`` first (GPTQ
             rounding from ``calib``); the rest of the model is then calibrated and quantized to int8 QDQ.
@@ -332,7 +333,16 @@ def quantize(
         used_table, excluded = None, {}
     elif weights == "int4":
         hessians = None
-        if (int4_method or ("gptq" if calib is not None else "rtn")) == "gptq":
+        method4 = int4_method or ("gptq" if calib is not None else "rtn")
+        need = _int4_moment_bytes(cleaned) if int4_method is None and method4 == "gptq" else 0
+        if need > GPTQ_MEMORY_BYTES:  # the default gives way where GPTQ's moments would not fit (large models)
+            method4 = "rtn"
+            advanced_notes.append(
+                f"gptq: int4 weights rounded to nearest: GPTQ's input moments would take {need / 2**30:.1f} GiB "
+                f"here (the default allows {GPTQ_MEMORY_BYTES / 2**30:.0f} GiB); int4_method='gptq' "
+                "(--int4-method gptq) runs it anyway"
+            )
+        if method4 == "gptq":
             from onnxpress.lowrank import collect_moments
 
             hessians = collect_moments(
@@ -467,6 +477,24 @@ def gptq_moments(model: onnx.ModelProto, calib: object, *, batch_size: int = 64,
 def _gptq_samples(max_samples: int | None) -> int:
     """Samples the GPTQ moments read (and the cost rule counts): ``GPTQ_SAMPLES``, or fewer if asked."""
     return GPTQ_SAMPLES if max_samples is None else min(max_samples, GPTQ_SAMPLES)
+
+
+def _int4_moment_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of the float64 ``K x K`` input moments int4 GPTQ collects.
+
+    One per input of a MatMul/Gemm with a constant 2-D weight (the 2.25 GiB model of
+    ``bench/large_model.py``: 4.5 GiB).
+    """
+    dims = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    per_input: dict[str, int] = {}
+    for node in model.graph.node:
+        if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2 or len(dims.get(node.input[1], ())) != 2:
+            continue
+        rows, cols = dims[node.input[1]]
+        trans_b = any(a.name == "transB" and a.i for a in node.attribute)
+        k = cols if node.op_type == "Gemm" and trans_b else rows
+        per_input[node.input[0]] = max(per_input.get(node.input[0], 0), 8 * k * k)
+    return sum(per_input.values())
 
 
 def _shaped(model: onnx.ModelProto, *, thoroughly: bool = False) -> onnx.ModelProto:

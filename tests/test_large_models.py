@@ -230,3 +230,17 @@ def test_calibrate_leaves_a_files_external_data_to_onnxruntime(tmp_path, monkeyp
     (tmp_path / "m" / "ext.onnx.data").write_bytes(b"\0" * 10)  # truncated: still a clear error, before any run
     with pytest.raises(ModelLoadError, match="truncated"):
         onnxpress.calibrate(str(path), data, method="mse")
+
+
+def test_int4_gptq_gives_way_by_default_when_its_moments_would_not_fit(tmp_path, monkeypatch):
+    import sys
+
+    src = MODELS / "transformer.onnx"
+    _quantized(src, tmp_path / "rtn.onnx", weights="int4", int4_method="rtn")
+    monkeypatch.setattr(sys.modules["onnxpress.quantize"], "GPTQ_MEMORY_BYTES", 1 << 16)  # it needs 4.9 MiB
+    default = _quantized(src, tmp_path / "default.onnx", weights="int4")
+    assert any("GPTQ's input moments would take" in n for n in default.notes)
+    _same_model(load_model(tmp_path / "default.onnx"), load_model(tmp_path / "rtn.onnx"))
+    forced = _quantized(src, tmp_path / "forced.onnx", weights="int4", int4_method="gptq")
+    assert not any("would take" in n for n in forced.notes)
+    assert forced.stats["quantize_weights_int4.weights_int4_gptq"] > 0

@@ -362,7 +362,8 @@ def _convert_version(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
     upgraded = onnx.version_converter.convert_version(light, opset)
     del upgraded.graph.input[real:]
     by_name = {t.name: t for t in upgraded.graph.initializer}
-    added = [t for t in upgraded.graph.initializer if t.name not in {i.name for i in model.graph.initializer}]
+    before = {t.name for t in model.graph.initializer}
+    added = [t for t in upgraded.graph.initializer if t.name not in before]
     order = [by_name.get(t.name, t) for t in model.graph.initializer] + added  # the big ones in their places
     del upgraded.graph.initializer[:]
     upgraded.graph.initializer.extend(order)

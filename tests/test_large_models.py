@@ -245,3 +245,19 @@ def test_int4_gptq_gives_way_by_default_when_its_moments_would_not_fit(tmp_path,
     forced = _quantized(src, tmp_path / "forced.onnx", weights="int4", int4_method="gptq")
     assert not any("would take" in n for n in forced.notes)
     assert forced.stats["quantize_weights_int4.weights_int4_gptq"] > 0
+
+
+def test_validate_leaves_model_files_external_data_to_onnxruntime(tmp_path, monkeypatch):
+    from onnxpress.model_io import save_model
+    from onnxpress.validate import validate
+
+    test = str(MODELS / "digits32_test.npz")
+    ext = save_model(load_model(MODELS / "resnet.onnx"), tmp_path / "ext.onnx", external_data=True)
+    want = validate(str(MODELS / "resnet.onnx"), str(MODELS / "mobilenet.onnx"), test, latency=False)
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("external data read into the model")
+
+    monkeypatch.setattr(onnx, "load_external_data_for_model", no_reading)
+    got = validate(str(ext), str(MODELS / "mobilenet.onnx"), test, latency=False)
+    assert [o.sqnr_db for o in got.outputs] == [o.sqnr_db for o in want.outputs]

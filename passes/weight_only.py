@@ -102,8 +102,10 @@ def quantize_blocks(w: np.ndarray, block_size: int, *, search: bool = True) -> t
         chunk = np.ascontiguousarray(blocks[:, :, c0 : c0 + step])
         t = work[:, :, : chunk.shape[2]]
         # the block's largest-magnitude value maps to -8, so it uses the grid's 16th level (a negative scale
-        # when that value is positive): against max|W| / 7, 1.0 dB more weight SQNR and half the bias of the
-        # rounding errors summed over K, which ReLU inputs (mean > 0) turn into output error
+        # when that value is positive). Measured on an 8192 x 8192 Gaussian weight, block 32: weight SQNR 21.3 dB
+        # against 20.3 for max|W| / 7 (21.3 after that grid's MSE search, whose clipping left the rounding
+        # errors summed over K twice as large: 0.131 vs 0.069 per column), the bias ReLU inputs (mean > 0)
+        # turn into output error
         hi, lo = chunk.max(axis=1), chunk.min(axis=1)
         extreme = np.where(-lo > hi, lo, hi)
         base = np.where(extreme != 0, extreme / -8.0, 1.0).astype(np.float32)
@@ -251,7 +253,7 @@ def gptq_blocks(
     row_zero = zero_f[order // block_size]
     codes = np.empty((k_pad, n), np.float64)
     # lazy batches, as in gptq_rows: updates inside a block of rows, then one product for the rows after it
-    # (a 4096 x 4096 weight: 40.6 s with every later row updated after each row, 14 x less memory traffic now)
+    # (a 4096 x 4096 weight: 40.6 s -> 6.2 s against updating every later row after each row; same codes)
     for b0 in range(0, k_pad, GPTQ_BLOCK):
         b1 = min(b0 + GPTQ_BLOCK, k_pad)
         errors = np.empty((b1 - b0, n))

@@ -129,6 +129,7 @@ def collect_moments(
     batch_size: int = 64,
     max_samples: int | None = 512,
     progress: bool = False,
+    requests: Mapping[str, MomentSpec] | None = None,
 ) -> dict[str, np.ndarray]:
     """Input second moments ``E[x xᵀ]`` of every splittable layer of ``model``, keyed by layer key.
 
@@ -144,6 +145,8 @@ def collect_moments(
         batch_size: samples per inference batch.
         max_samples: stop after this many samples (``None``: all).
         progress: show a progress bar.
+        requests: the moments to collect (layer key -> spec) instead of every splittable layer's
+            (``moment_requests``, which reads every weight in float64).
 
     Raises:
         DataError: the data does not fit the model.
@@ -152,8 +155,8 @@ def collect_moments(
     from onnxpress.calibration.collect import collect_statistics
     from onnxpress.calibration.readers import open_data
 
-    graph = import_graph(model)
-    requests = moment_requests(graph, ops)
+    if requests is None:
+        requests = moment_requests(import_graph(model), ops)
     by_spec: dict[MomentSpec, SecondMomentObserver] = {}
     for spec in requests.values():
         if spec not in by_spec:

@@ -334,26 +334,44 @@ def quantize(
     elif weights == "int4":
         hessians = None
         method4 = int4_method or ("gptq" if calib is not None else "rtn")
-        need = _int4_moment_bytes(cleaned) if int4_method is None and method4 == "gptq" else 0
-        if need > GPTQ_MEMORY_BYTES:  # the default gives way where GPTQ's moments would not fit (large models)
+        need = _int4_moment_bytes(cleaned) if method4 == "gptq" else 0
+        if int4_method is None and need > GPTQ_MEMORY_BYTES:  # the default gives way (large models)
             method4 = "rtn"
             advanced_notes.append(
-                f"gptq: int4 weights rounded to nearest: GPTQ's input moments would take {need / 2**30:.1f} GiB "
-                f"here (the default allows {GPTQ_MEMORY_BYTES / 2**30:.0f} GiB); int4_method='gptq' "
-                "(--int4-method gptq) runs it anyway"
+                f"gptq: int4 weights rounded to nearest: GPTQ's input moments would take {_size_text(need)} "
+                f"here (the default allows {_size_text(GPTQ_MEMORY_BYTES)}); int4_method='gptq' "
+                "(--int4-method gptq) runs it anyway, in rounds of layers whose moments fit"
             )
-        if method4 == "gptq":
+        start4, round_stats, round_notes, handled = cleaned, {}, [], None
+        if method4 == "gptq" and need > GPTQ_MEMORY_BYTES:
+            try:
+                start4, round_stats, round_notes, handled = _int4_gptq_rounds(
+                    cleaned, calib, block_size=block_size, exclude=selection.nodes, batch_size=batch_size,
+                    max_samples=max_samples, progress=progress,
+                )  # fmt: skip
+            except ValueError as exc:
+                raise OnnxpressError(str(exc)) from None
+            advanced_notes.append(f"gptq: int4 GPTQ ran in {round_stats.pop('rounds')} rounds of layers whose "
+                                  f"input moments fit in {_size_text(GPTQ_MEMORY_BYTES)} ({_size_text(need)} "
+                                  "at once)")  # fmt: skip
+        elif method4 == "gptq":
             from onnxpress.lowrank import collect_moments
 
             hessians = collect_moments(
                 cleaned, calib, ops=("MatMul", "Gemm"), batch_size=batch_size, max_samples=max_samples,
                 progress=progress,
             )  # fmt: skip
+        # after GPTQ rounds, this pass takes the other layers only: it declines them or rounds them, and
+        # stores the constants
+        rest = None if handled is None else frozenset(k for _, k in _node_keys(start4)) - handled
         try:
-            int4 = QuantizeWeightsInt4(block_size=block_size, exclude=selection.nodes, hessians=hessians)
+            int4 = QuantizeWeightsInt4(block_size=block_size, exclude=selection.nodes, hessians=hessians, only=rest)
         except ValueError as exc:
             raise OnnxpressError(str(exc)) from None
-        result = run_passes(cleaned, [int4], progress=progress)
+        result = run_passes(start4, [int4], progress=progress)
+        if handled is not None:
+            merged = {k: round_stats.get(k, 0) + result.stats.get(k, 0) for k in {*round_stats, *result.stats}}
+            result = dataclasses.replace(result, stats=merged, notes=(*round_notes, *result.notes))
         decisions = _int4_decisions(cleaned, result.notes)
         used_table = None
         excluded: dict[str, str] = {}
@@ -477,6 +495,71 @@ def gptq_moments(model: onnx.ModelProto, calib: object, *, batch_size: int = 64,
 def _gptq_samples(max_samples: int | None) -> int:
     """Samples the GPTQ moments read (and the cost rule counts): ``GPTQ_SAMPLES``, or fewer if asked."""
     return GPTQ_SAMPLES if max_samples is None else min(max_samples, GPTQ_SAMPLES)
+
+
+def _int4_gptq_rounds(
+    model: onnx.ModelProto, calib: object, *, block_size: int, exclude: frozenset[str], batch_size: int,
+    max_samples: int | None, progress: bool,
+) -> tuple[onnx.ModelProto, dict[str, int], list[str], frozenset[str]]:
+    """int4 GPTQ of every constant-weight MatMul/Gemm, in rounds whose input moments fit ``GPTQ_MEMORY_BYTES``.
+
+    Layers are taken in graph order; each round measures its layers' moments on the model with the earlier
+    rounds already 4-bit (sequential, as GPTQ itself runs over a network's blocks), rounds them, and frees the
+    moments. A layer whose moment alone is larger gets a round of its own. Returns the model, the summed pass
+    counters (plus ``rounds``), the notes and the keys of the layers the rounds took. Each round is one more
+    pass over the data.
+    """
+    from onnxpress.lowrank import collect_moments
+    from onnxpress.passes.low_rank import MomentSpec
+
+    dims = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    rounds: list[dict[str, MomentSpec]] = [{}]
+    used, inputs = 0, set()
+    for node, key in _node_keys(model):
+        weight = dims.get(node.input[1], ()) if node.op_type in ("MatMul", "Gemm") and len(node.input) > 1 else ()
+        if len(weight) != 2 or node.name in exclude:
+            continue
+        attrs = {a.name: a.i for a in node.attribute}
+        k = weight[1] if node.op_type == "Gemm" and attrs.get("transB") else weight[0]
+        size = 0 if node.input[0] in inputs else 8 * k * k
+        if rounds[-1] and used + size > GPTQ_MEMORY_BYTES:
+            rounds.append({})
+            used, inputs = 0, set()
+            size = 8 * k * k
+        axis = 0 if node.op_type == "Gemm" and attrs.get("transA") else -1
+        rounds[-1][key] = MomentSpec(node.input[0], axis)
+        used += size
+        inputs.add(node.input[0])
+    current, stats, notes = model, {"rounds": 0}, []
+    handled = frozenset(key for r in rounds for key in r)
+    for requests in [r for r in rounds if r]:
+        hessians = collect_moments(current, calib, requests=requests, batch_size=batch_size,
+                                   max_samples=max_samples, progress=progress)  # fmt: skip
+        step = QuantizeWeightsInt4(block_size=block_size, exclude=exclude, hessians=hessians,
+                                   only=frozenset(requests), constants_int8_min_size=None)  # fmt: skip
+        del hessians  # the pass holds them until it has run
+        done = run_passes(current, [step], progress=progress)
+        current = done.model
+        for name, value in done.stats.items():
+            stats[name] = stats.get(name, 0) + value
+        notes.extend(done.notes)
+        stats["rounds"] += 1
+    return current, stats, notes, handled
+
+
+def _node_keys(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, str]]:
+    """Each node with its layer key, as ``passes.low_rank.layer_keys`` gives them on the imported graph."""
+    seen: dict[str, int] = {}
+    out = []
+    for node in model.graph.node:
+        key = node.name or (node.output[0] if node.output else node.op_type)
+        seen[key] = seen.get(key, -1) + 1
+        out.append((node, f"{key}#{seen[key]}" if seen[key] else key))
+    return out
+
+
+def _size_text(nbytes: float) -> str:
+    return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.0f} MiB"
 
 
 def _int4_moment_bytes(model: onnx.ModelProto) -> int:

@@ -406,6 +406,7 @@ class QuantizeWeightsInt4:
             Layers found here are rounded by :func:`gptq_blocks`, the others to nearest.
         damp: GPTQ diagonal damping, as a fraction of the mean of ``diag H``.
         act_order: GPTQ rounds the inputs with the largest second moment first.
+        only: rewrite only the layers with these keys (``None``: every eligible one).
     """
 
     name = "quantize_weights_int4"
@@ -423,6 +424,7 @@ class QuantizeWeightsInt4:
         hessians: Mapping[str, np.ndarray] | None = None,
         damp: float = 0.01,
         act_order: bool = True,
+        only: frozenset[str] | None = None,
     ) -> None:
         if block_size < 16 or block_size & (block_size - 1):
             raise ValueError(f"block_size must be a power of two >= 16, got {block_size}")
@@ -438,6 +440,7 @@ class QuantizeWeightsInt4:
         self.hessians = dict(hessians or {})
         self.damp = float(damp)
         self.act_order = act_order
+        self.only = None if only is None else frozenset(only)
 
     def requires(self, graph: gs.Graph) -> None:
         """No preconditions (MatMulNBits lives in the com.microsoft domain)."""
@@ -469,6 +472,8 @@ class QuantizeWeightsInt4:
         keys = layer_keys(graph)
 
         for node in [n for n in graph.nodes if n.op in ("MatMul", "Gemm") and n.domain in (None, "", "ai.onnx")]:
+            if self.only is not None and keys[id(node)] not in self.only:
+                continue  # another round's layer (quantize's GPTQ rounds): left as it is, without a note
             why = self._decline(node)
             if why:
                 notes.append(f"{node.name or node.outputs[0].name} ({node.op}): float ({why})")

@@ -261,3 +261,26 @@ def test_validate_leaves_model_files_external_data_to_onnxruntime(tmp_path, monk
     monkeypatch.setattr(onnx, "load_external_data_for_model", no_reading)
     got = validate(str(ext), str(MODELS / "mobilenet.onnx"), test, latency=False)
     assert [o.sqnr_db for o in got.outputs] == [o.sqnr_db for o in want.outputs]
+
+
+def test_explicit_int4_gptq_runs_in_rounds_when_its_moments_would_not_fit(tmp_path, monkeypatch):
+    import sys
+
+    from tests.test_qdq import sqnr_db
+
+    src = MODELS / "transformer.onnx"
+    x = {"input": np.load(MODELS / "digits32_test.npz")["input"][:200]}
+    ref = make_session(str(src)).run(None, x)[0]
+    once = _quantized(src, tmp_path / "once.onnx", weights="int4", int4_method="gptq")
+    monkeypatch.setattr(sys.modules["onnxpress.quantize"], "GPTQ_MEMORY_BYTES", 1 << 20)  # it needs 4.9 MiB
+    rounds = _quantized(src, tmp_path / "rounds.onnx", weights="int4", int4_method="gptq")
+    note = [n for n in rounds.notes if "rounds of layers" in n]
+    assert note and int(note[0].split(" in ")[1].split()[0]) >= 5
+    for key in ("weights_int4", "weights_int4_gptq", "weights_int8", "constants_int8"):
+        assert rounds.stats[f"quantize_weights_int4.{key}"] == once.stats[f"quantize_weights_int4.{key}"], key
+    assert [d.quantized for d in rounds.quantized + rounds.kept_float] == [
+        d.quantized for d in once.quantized + once.kept_float
+    ]
+    got = [sqnr_db(make_session(str(tmp_path / f"{name}.onnx")).run(None, x)[0], ref) for name in ("once", "rounds")]
+    # each round's moments come from the model with the earlier rounds 4-bit: as faithful, not the same codes
+    assert got[1] > got[0] - 1.0 and got[1] > 35.0, got

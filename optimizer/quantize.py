@@ -539,6 +539,7 @@ def _int4_gptq_rounds(
                                    only=frozenset(requests), constants_int8_min_size=None)  # fmt: skip
         del hessians  # the pass holds them until it has run
         done = run_passes(current, [step], progress=progress)
+        del step  # this round's moments go before the next round's are collected
         current = done.model
         for name, value in done.stats.items():
             stats[name] = stats.get(name, 0) + value

@@ -104,10 +104,11 @@ def calibrate(
     # and a file's external data stays in its file, which onnxruntime maps itself (bench/large_model.py,
     # 2.25 GiB of weights: calibrate 9.9-12.3 s -> 2.0 s, peak memory 7.09 -> 2.59 GB)
     folder = None
-    if isinstance(model, onnx.ModelProto):
-        m = model if is_large(model) else load_model(model)
-        if m is model:
-            check_model(m, where="the given ModelProto")
+    if isinstance(model, onnx.ModelProto) and is_large(model):
+        check_model(model, where="the given ModelProto")
+        m = model
+    elif isinstance(model, onnx.ModelProto):
+        m = load_model(model)
     else:
         m = load_model(model, external_data=False)
         folder = str(Path(model).resolve().parent) if uses_external_data(m) else None

@@ -40,6 +40,7 @@ from onnxpress.model_io import (
     save_model,
 )
 from onnxpress.passes.flatten_tokens import FlattenTokens
+from onnxpress.passes.flops import unique_keys
 from onnxpress.passes.global_pool import ReduceMeanToGlobalPool
 from onnxpress.passes.matmul_bias import MatMulBiasToOutputRank
 from onnxpress.passes.matmul_to_gemm import MatMulAddToGemm
@@ -363,7 +364,7 @@ def quantize(
             )  # fmt: skip
         # after GPTQ rounds, this pass takes the other layers only: it declines them or rounds them, and
         # stores the constants
-        rest = None if handled is None else frozenset(k for _, k in _node_keys(start4)) - handled
+        rest = None if handled is None else frozenset(unique_keys(start4.graph.node)) - handled
         try:
             int4 = QuantizeWeightsInt4(block_size=block_size, exclude=selection.nodes, hessians=hessians, only=rest)
         except ValueError as exc:
@@ -512,21 +513,16 @@ def _int4_gptq_rounds(
     from onnxpress.lowrank import collect_moments
     from onnxpress.passes.low_rank import MomentSpec
 
-    dims = {t.name: tuple(t.dims) for t in model.graph.initializer}
     rounds: list[dict[str, MomentSpec]] = [{}]
     used, inputs = 0, set()
-    for node, key in _node_keys(model):
-        weight = dims.get(node.input[1], ()) if node.op_type in ("MatMul", "Gemm") and len(node.input) > 1 else ()
-        if len(weight) != 2 or node.name in exclude:
+    for node, key, k, axis in _int4_layers(model):
+        if node.name in exclude:
             continue
-        attrs = {a.name: a.i for a in node.attribute}
-        k = weight[1] if node.op_type == "Gemm" and attrs.get("transB") else weight[0]
         size = 0 if node.input[0] in inputs else 8 * k * k
         if rounds[-1] and used + size > GPTQ_MEMORY_BYTES:
             rounds.append({})
             used, inputs = 0, set()
             size = 8 * k * k
-        axis = 0 if node.op_type == "Gemm" and attrs.get("transA") else -1
         rounds[-1][key] = MomentSpec(node.input[0], axis)
         used += size
         inputs.add(node.input[0])
@@ -548,14 +544,17 @@ def _int4_gptq_rounds(
     return current, stats, notes, handled
 
 
-def _node_keys(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, str]]:
-    """Each node with its layer key, as ``passes.low_rank.layer_keys`` gives them on the imported graph."""
-    seen: dict[str, int] = {}
+def _int4_layers(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, str, int, int]]:
+    """``(node, layer key, K, feature axis)`` of each MatMul/Gemm with a constant 2-D weight, in graph order."""
+    dims = {t.name: tuple(t.dims) for t in model.graph.initializer}
     out = []
-    for node in model.graph.node:
-        key = node.name or (node.output[0] if node.output else node.op_type)
-        seen[key] = seen.get(key, -1) + 1
-        out.append((node, f"{key}#{seen[key]}" if seen[key] else key))
+    for node, key in zip(model.graph.node, unique_keys(model.graph.node), strict=True):
+        weight = dims.get(node.input[1], ()) if node.op_type in ("MatMul", "Gemm") and len(node.input) > 1 else ()
+        if len(weight) != 2:
+            continue
+        attrs = {a.name: a.i for a in node.attribute}
+        k = weight[1] if node.op_type == "Gemm" and attrs.get("transB") else weight[0]
+        out.append((node, key, k, 0 if node.op_type == "Gemm" and attrs.get("transA") else -1))
     return out
 
 
@@ -569,14 +568,8 @@ def _int4_moment_bytes(model: onnx.ModelProto) -> int:
     One per input of a MatMul/Gemm with a constant 2-D weight (the 2.25 GiB model of
     ``bench/large_model.py``: 4.5 GiB).
     """
-    dims = {t.name: tuple(t.dims) for t in model.graph.initializer}
     per_input: dict[str, int] = {}
-    for node in model.graph.node:
-        if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2 or len(dims.get(node.input[1], ())) != 2:
-            continue
-        rows, cols = dims[node.input[1]]
-        trans_b = any(a.name == "transB" and a.i for a in node.attribute)
-        k = cols if node.op_type == "Gemm" and trans_b else rows
+    for node, _, k, _ in _int4_layers(model):
         per_input[node.input[0]] = max(per_input.get(node.input[0], 0), 8 * k * k)
     return sum(per_input.values())
 

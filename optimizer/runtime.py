@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -87,7 +88,7 @@ def _in_memory_initializers(
     session is built). The values are appended to ``arrays``, which the caller keeps until then (an
     OrtValue made from a numpy array does not keep it alive).
     """
-    light, big = split_large(model) if is_large(model) else (_copy(model), [])
+    light, big = split_large(model) if is_large(model) else (copy.deepcopy(model), [])
     values = []
     for tensor in [*big, *initializers]:
         array = np.ascontiguousarray(numpy_helper.to_array(tensor))
@@ -102,12 +103,6 @@ def _in_memory_initializers(
         values.append(ort.OrtValue.ortvalue_from_numpy(array))
     opts.add_external_initializers([t.name for t in [*big, *initializers]], values)
     return light
-
-
-def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    return out
 
 
 def time_interleaved(

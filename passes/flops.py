@@ -27,7 +27,7 @@ from onnx import TensorProto
 from onnxpress.errors import UnsupportedModelError
 from onnxpress.model_io import model_bytes, shape_only_copy
 
-__all__ = ["MAC_OPS", "count_macs", "count_params", "model_size_bytes", "node_key"]
+__all__ = ["MAC_OPS", "count_macs", "count_params", "model_size_bytes", "node_key", "unique_keys"]
 
 MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 """Op types whose multiply-accumulates are counted."""
@@ -53,7 +53,8 @@ def _as_model(model: onnx.ModelProto | gs.Graph) -> onnx.ModelProto:
     raise TypeError(f"expected an onnx.ModelProto or onnx_graphsurgeon.Graph, got {type(model).__name__}")
 
 
-def _unique_keys(nodes: Iterable[onnx.NodeProto]) -> list[str]:
+def unique_keys(nodes: Iterable[onnx.NodeProto]) -> list[str]:
+    """Each node's :func:`node_key`, repeats made unique with ``#k`` (the keys ``layer_keys`` gives a graph)."""
     seen: dict[str, int] = {}
     keys = []
     for node in nodes:
@@ -113,7 +114,7 @@ def count_macs(model: onnx.ModelProto | gs.Graph, *, batch: int = 1) -> dict[str
     proto = _as_model(model)
     shapes = _shapes(proto, batch)
     out: dict[str, int] = {}
-    for key, node in zip(_unique_keys(proto.graph.node), proto.graph.node, strict=True):
+    for key, node in zip(unique_keys(proto.graph.node), proto.graph.node, strict=True):
         if node.op_type not in MAC_OPS or node.domain not in ("", "ai.onnx"):
             continue
         needed = [shapes.get(node.input[0]), shapes.get(node.input[1]), shapes.get(node.output[0])]
@@ -154,7 +155,7 @@ def count_params(model: onnx.ModelProto | gs.Graph) -> dict[str, int]:
     }
     out: dict[str, int] = {}
     claimed: set[str] = set()
-    for key, node in zip(_unique_keys(proto.graph.node), proto.graph.node, strict=True):
+    for key, node in zip(unique_keys(proto.graph.node), proto.graph.node, strict=True):
         total = 0
         for name in node.input:
             if name in sizes and name not in claimed:

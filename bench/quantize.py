@@ -88,8 +88,9 @@ def sqnr_db(ref: np.ndarray, out: np.ndarray) -> float:
     return float(10 * np.log10(np.sum(ref.astype(np.float64) ** 2) / noise)) if noise > 0 else float("inf")
 
 
-def latency_ratios(sessions: dict[str, object], x: np.ndarray, batch: int, repeats: int) -> dict[str, float]:
-    """Median over repeats of (session time / fp32 time in the same repeat); sessions rotate within a repeat.
+def latency_ratios(sessions: dict[str, object], x: np.ndarray, batch: int, repeats: int,
+                   reference: str = "fp32") -> dict[str, float]:
+    """Median over repeats of (session time / ``reference`` time in the same repeat); sessions rotate in a repeat.
 
     Each measurement runs the session enough times to take ~40 ms at fp32 speed, so scheduler noise
     on a shared machine averages out; the per-repeat ratio cancels slow drifts of the machine load.
@@ -101,7 +102,7 @@ def latency_ratios(sessions: dict[str, object], x: np.ndarray, batch: int, repea
             s.run(None, feed)
     t0 = time.perf_counter()
     for _ in range(5):
-        sessions["fp32"].run(None, feed)
+        sessions[reference].run(None, feed)
     inner = max(2, int(0.04 / ((time.perf_counter() - t0) / 5)))
     ratios: dict[str, list[float]] = {n: [] for n in names}
     for rep in range(repeats):
@@ -114,7 +115,7 @@ def latency_ratios(sessions: dict[str, object], x: np.ndarray, batch: int, repea
                 s.run(None, feed)
             took[n] = time.perf_counter() - t0
         for n in names:
-            ratios[n].append(took[n] / took["fp32"])
+            ratios[n].append(took[n] / took[reference])
     return {n: float(np.median(v)) for n, v in ratios.items()}
 
 

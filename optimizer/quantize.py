@@ -47,6 +47,7 @@ from onnxpress.passes.matmul_to_gemm import MatMulAddToGemm
 from onnxpress.passes.qdq import ACTIVATION_TYPES, CompactQDQ, InsertQDQ, NodeDecision, Selection, TensorOverride
 from onnxpress.passes.weight_only import INT4_METHODS, QuantizeWeightsInt4, StoreConstantsInt8
 from onnxpress.pipeline import PipelineResult, cleanup_passes, import_graph, run_passes
+from onnxpress.precision import half_precision_layers, store_float16, upcast_float16
 from onnxpress.range_search import METHODS as AUTO_METHODS
 from onnxpress.range_search import RangeSearch, scoring_feeds, search_ranges
 
@@ -289,7 +290,7 @@ def quantize(
     proto = normalize_model(original, min_opset=13, in_place=True)  # original is load_model's private copy
     del original  # each copy of a large model's weights held at once costs gigabytes
     cleaned = run_passes(proto, cleanup_passes(), progress=progress).model
-    _refuse_half_precision(cleaned)
+    cleaned, half_note = _float32_inside(cleaned, progress)
     # BatchNorm statistics matter only for data-free bias correction of int8 layers, read before cleanup folds them
     analytic = (calib is None and bias_correction is not False and weights == "int8" and codebook is None
                 and not equalize and smoothquant is None)
@@ -305,7 +306,7 @@ def quantize(
             "layer (the model has none that apply): pass calib, or bias_correction=False"
         )
     advanced_stats: dict[str, int] = {}
-    advanced_notes: list[str] = []  # run_passes prefixes each with its pass name
+    advanced_notes: list[str] = [half_note] if half_note else []  # run_passes prefixes each with its pass name
     if equalize or (bias_correction and calib is not None) or smoothquant is not None:  # onnxpress.advanced
         from onnxpress.advanced import prepare_for_quantize
 
@@ -448,6 +449,8 @@ def quantize(
             decisions = [d for d in decisions if d.op != "MatMulNBits"] + int4_done
             pre_stats = {**int4_result.stats, **pre_stats}
         result = dataclasses.replace(result, stats={**pre_stats, **result.stats})
+    if half_note and (stored := store_float16(result.model)):  # what stayed float keeps the export's bytes
+        advanced_notes.append(f"float16: {stored} constants of float layers stored as float16 again (exact)")
     check_model(result.model, where="the quantized model")
     written = save_model(result.model, output) if output is not None else None
     return QuantizeResult(
@@ -681,27 +684,34 @@ def _int4_decisions(model: onnx.ModelProto, notes: Iterable[str]) -> list[NodeDe
     return out
 
 
-_HALF = {onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.BFLOAT16: "bfloat16"}
+def _float32_inside(model: onnx.ModelProto, progress: bool) -> tuple[onnx.ModelProto, str | None]:
+    """A float16 export computed in float32 inside (float16 inputs/outputs kept), with a note; bfloat16 refused.
 
-
-def _refuse_half_precision(model: onnx.ModelProto) -> None:
-    """A model whose layers all compute in float16/bfloat16 gets a clear error instead of a no-op.
-
-    Every pass quantizes float32 layers (what onnxruntime's CPU integer kernels sit between); on a half
-    precision export it found nothing to do and wrote the model back unchanged (1.04x the size).
+    Every pass quantizes float32 layers, which onnxruntime's CPU integer kernels sit between; on a half
+    precision export they found nothing to do (it used to be written back unchanged). float16 layers are
+    upcast (:func:`onnxpress.precision.upcast_float16`; exact, and onnxruntime's CPU provider runs most
+    float16 ops through Casts to float32 anyway) and the cleanup passes run again on the result.
 
     Raises:
-        UnsupportedModelError: every Conv/Gemm/MatMul weight initializer is float16 or bfloat16.
+        UnsupportedModelError: the Conv/Gemm/MatMul weights are all bfloat16 (no numpy dtype to calibrate with,
+            no onnxruntime CPU Conv).
     """
-    inits = {i.name: i.data_type for i in model.graph.initializer}
-    kinds = [inits[n.input[1]] for n in model.graph.node
-             if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") and len(n.input) > 1 and n.input[1] in inits]
-    if kinds and all(k in _HALF for k in kinds):
+    kinds = half_precision_layers(model)
+    if kinds and set(kinds) == {onnx.TensorProto.BFLOAT16}:
         raise UnsupportedModelError(
-            f"the model computes in {_HALF[kinds[0]]} (its {len(kinds)} Conv/Gemm/MatMul weights are): onnxpress "
-            "quantizes float32 models, which onnxruntime's CPU integer kernels take. Export it in float32 "
-            "(torch: call model.float() before torch.onnx.export) and quantize that"
+            f"the model computes in bfloat16 (its {kinds[onnx.TensorProto.BFLOAT16]} Conv/Gemm/MatMul weights are): "
+            "onnxpress quantizes float32 and float16 models, which onnxruntime's CPU integer kernels take. Export "
+            "it in float32 (torch: call model.float() before torch.onnx.export) and quantize that"
         )
+    if onnx.TensorProto.FLOAT16 not in kinds:
+        return model, None
+    upcast, info = upcast_float16(model)
+    upcast = run_passes(upcast, cleanup_passes(), progress=progress).model
+    kept = ", ".join([*info.inputs, *info.outputs][:6]) + (" ..." if len(info.inputs) + len(info.outputs) > 6 else "")
+    note = (f"float16: the model computes in float16 ({kinds[onnx.TensorProto.FLOAT16]} layers): quantized in "
+            f"float32 inside ({info.tensors} constants upcast, exactly)"
+            + (f"; its float16 inputs and outputs stay float16 ({kept})" if kept else ""))
+    return upcast, note
 
 
 def _auto_ranges(

@@ -741,6 +741,8 @@ class InsertQDQ:
         while prod is not None and _bounded_input(prod) is not None:  # through CLE's per-channel Min/Max
             t = _bounded_input(prod)
             prod = t.inputs[0] if t.inputs else None
+        if prod is not None and prod.op == "Cast" and not prod.inputs[0].inputs:
+            prod = None  # a Cast of a graph input (a float16 export computed in float32) is still the input
         if prod is not None:
             if host_of.get(id(prod), id(prod)) not in float_convs:
                 return None

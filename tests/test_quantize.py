@@ -402,23 +402,30 @@ def test_cli_groups_nodes_left_float_by_op_and_reason(tmp_path: Path, capsys: py
                                                         "float  c1 (Conv): excluded by name"]  # fmt: skip
 
 
-def test_half_precision_model_gets_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """A float16 export had nothing quantized and was written back unchanged; now it is refused with the fix."""
+def test_float16_model_is_quantized_with_its_float16_interface(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A float16 export had nothing quantized and was written back unchanged, then was refused; now it is
+    quantized in float32 inside (onnxpress.precision), takes and gives float16, and the CLI says so."""
     r = rng(41)
-    w = numpy_helper.from_array(r.standard_normal((4, 8)).astype(np.float16), "W")
+    w = numpy_helper.from_array(r.standard_normal((64, 32)).astype(np.float16), "W")
     graph = helper.make_graph([helper.make_node("MatMul", ["X", "W"], ["Y"], name="fc")], "half",
-                              [helper.make_tensor_value_info("X", onnx.TensorProto.FLOAT16, ["n", 4])],
-                              [helper.make_tensor_value_info("Y", onnx.TensorProto.FLOAT16, ["n", 8])], [w])
+                              [helper.make_tensor_value_info("X", onnx.TensorProto.FLOAT16, ["n", 64])],
+                              [helper.make_tensor_value_info("Y", onnx.TensorProto.FLOAT16, ["n", 32])], [w])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    x = r.standard_normal((8, 4)).astype(np.float16)
-    with pytest.raises(OnnxpressError, match=r"computes in float16 .* Export it in float32"):
-        onnxpress.quantize(model, calib=[{"X": x}])
+    x = r.standard_normal((16, 64)).astype(np.float16)
+    result = onnxpress.quantize(model, calib=[{"X": x}])
+    assert [d.op for d in result.quantized] == ["MatMul"]
+    assert [v.type.tensor_type.elem_type for v in [*result.model.graph.input, *result.model.graph.output]] == [
+        onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT16]
+    want = run(model, {"X": x})[0].astype(np.float32)
+    got = run(result.model, {"X": x})[0]
+    assert got.dtype == np.float16 and sqnr_db(got.astype(np.float32), want) >= 30.0
     src = tmp_path / "half.onnx"
     onnx.save(model, src)
     np.savez(tmp_path / "d.npz", X=x)
-    assert main(["quantize", str(src), "-o", str(tmp_path / "q.onnx"), "--calib", str(tmp_path / "d.npz"), "-q"]) == 2
-    err = capsys.readouterr().err
-    assert "float16" in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "q.onnx").exists()
+    assert main(["quantize", str(src), "-o", str(tmp_path / "q.onnx"), "--calib", str(tmp_path / "d.npz")]) == 0
+    out = capsys.readouterr().out
+    assert "the model computes in float16 (1 layers): quantized in float32 inside" in out
+    assert "its float16 inputs and outputs stay float16 (X, Y)" in out
 
 
 def test_cli_says_a_quantized_convtranspose_runs_in_float(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -157,8 +157,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"cross-layer equalization: {pairs} layer pair(s) equalized"
               + (f"; none found ({why[0][len('equalize_cross_layer: '):]})" if not pairs and why else ""))
     for note in result.notes:
-        if note.startswith("gptq: "):
-            print(note[len("gptq: "):])
+        if note.startswith(("gptq: ", "float16: ")):
+            print(note.split(": ", 1)[1])
         elif note.startswith("auto ranges: "):
             print(note)
     flat = result.stats.get("flatten_tokens.layers", 0)

@@ -46,7 +46,16 @@ import onnx
 
 from onnxpress.errors import DataError, UnsupportedModelError
 
-__all__ = ["DataReader", "DataSource", "InputSpec", "check_feed", "load_labels", "model_inputs", "open_data"]
+__all__ = [
+    "DataReader",
+    "DataSource",
+    "InputSpec",
+    "check_feed",
+    "load_labels",
+    "model_inputs",
+    "open_data",
+    "symbolic_sizes",
+]
 
 log = logging.getLogger(__name__)
 
@@ -612,3 +621,30 @@ def load_labels(source: str | os.PathLike[str] | np.ndarray, key: str = "labels"
     if labels.dtype.kind not in "iu":
         raise DataError(f"{where}: labels must be integers (class indices), got dtype {labels.dtype}")
     return labels.astype(np.int64)
+
+
+def symbolic_sizes(model: onnx.ModelProto, data: DataSource | None = None,
+                   given: Mapping[str, int] | None = None) -> dict[str, int]:
+    """Sizes of the model inputs' symbolic dimensions beyond axis 0: ``given``, then the first sample of ``data``.
+
+    Keyed as :func:`onnxpress.passes.flops.symbolic_input_dims` keys them: the dimension's name, or
+    ``"<input>:<axis>"`` for an unnamed one (a name shared by several inputs takes its first size).
+    ``data`` is read (one sample) only for a dimension ``given`` leaves out.
+
+    Raises:
+        DataError: as :func:`open_data` and its batches do.
+    """
+    sizes = {str(k): int(v) for k, v in (given or {}).items()}
+    wanted = [(s.name, axis, d if isinstance(d, str) else f"{s.name}:{axis}")
+              for s in model_inputs(model) if s.shape is not None
+              for axis, d in enumerate(s.shape) if axis and not isinstance(d, int)]
+    if data is None or all(key in sizes for _, _, key in wanted):
+        return sizes
+    batches = open_data(data, model, max_samples=1).batches(1)
+    try:
+        feed = next(batches)
+    finally:
+        batches.close()
+    for name, axis, key in wanted:
+        sizes.setdefault(key, int(feed[name].shape[axis]))
+    return sizes

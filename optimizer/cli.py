@@ -89,6 +89,20 @@ def bounded_float(low: float, high: float, *, include_low: bool, include_high: b
     return parse
 
 
+def add_dims(parser: argparse.ArgumentParser) -> None:
+    """``--dim NAME=SIZE`` (repeatable): sizes of symbolic input dimensions for counting MACs."""
+    parser.add_argument("--dim", action="append", type=_dim, default=[], metavar="NAME=SIZE", dest="dims",
+                        help="size of a symbolic input dimension beyond the batch (a sequence length), for counting "
+                             "MACs; by its name, or INPUT:AXIS when unnamed. Default: the first calibration sample's")
+
+
+def _dim(text: str) -> tuple[str, int]:
+    name, eq, size = text.rpartition("=")
+    if not eq or not name or not size.isdigit() or int(size) < 1:
+        raise argparse.ArgumentTypeError(f"expected NAME=SIZE with a positive integer size, got {text!r}")
+    return name, int(size)
+
+
 def progress_enabled(args: argparse.Namespace) -> bool:
     """Progress bars unless ``--quiet`` or stderr is not a terminal."""
     return not getattr(args, "quiet", False) and sys.stderr.isatty()

@@ -25,6 +25,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxpress.calibration.moments import PatchSecondMomentObserver, SecondMomentObserver
+from onnxpress.calibration.readers import symbolic_sizes
 from onnxpress.driver import transform
 from onnxpress.errors import CalibrationError, UnsupportedModelError
 from onnxpress.model_io import (
@@ -35,7 +36,7 @@ from onnxpress.model_io import (
     normalize_model,
     shape_only_copy,
 )
-from onnxpress.passes.flops import count_params
+from onnxpress.passes.flops import assume_input_dims, count_params, scoped_input_dims
 from onnxpress.passes.low_rank import (
     LayerReport,
     MomentSpec,
@@ -308,6 +309,7 @@ def measure_latency(
     return out
 
 
+@scoped_input_dims
 def lowrank(
     model: ModelSource,
     output: str | os.PathLike[str] | None = None,
@@ -329,6 +331,7 @@ def lowrank(
     latency_step: str = "time",
     latency_batch: int = 64,
     threads: int | None = 1,
+    dims: Mapping[str, int] | None = None,
     progress: bool = False,
 ) -> LowRankResult:
     """Split Gemm/MatMul and Conv layers into two (or three, Tucker-2) low-rank layers.
@@ -363,6 +366,8 @@ def lowrank(
             least loss per MAC saved (as without a table) among the splits measured faster.
         latency_batch: batch size the layers are timed at.
         threads: onnxruntime intra-op threads for the timing.
+        dims: sizes of the inputs' symbolic dimensions beyond the batch (a sequence length), by name or
+            ``"<input>:<axis>"``, for counting MACs; those left out come from the first sample of ``calib``.
         progress: show progress bars.
 
     Raises:
@@ -384,6 +389,7 @@ def lowrank(
     proto = normalize_model(load_model(model))
     # shapes on every tensor: the pass reads conv input sizes (Tucker-2 cost) from them
     cleaned = _prepare(proto, progress)
+    assume_input_dims(symbolic_sizes(cleaned, calib, dims))  # MACs per sample at that sequence length / size
     if by_latency:
         split.latency = measure_latency(cleaned, batch=latency_batch, threads=threads, multiple=multiple,
                                         conv_method=conv_method, ops=ops, joint=joint, progress=progress)

@@ -48,9 +48,10 @@ from typing import Any
 import numpy as np
 import onnx
 
+from onnxpress.calibration.readers import symbolic_sizes
 from onnxpress.errors import DataError, OnnxpressError, UnsupportedModelError
 from onnxpress.model_io import ModelSource, check_output_path, is_large, load_model, model_bytes, save_model
-from onnxpress.passes.flops import count_macs
+from onnxpress.passes.flops import assume_input_dims, count_macs, scoped_input_dims
 from onnxpress.prune import sqnr_db
 from onnxpress.recipe import apply_recipe, load_recipe, prepare, save_recipe, validate_recipe
 from onnxpress.search import Budget, Candidate, SearchSpace, measure_latency, pareto_front, parse_budget
@@ -352,6 +353,7 @@ def measure_float_penalties(m0: onnx.ModelProto, calib: object, space: SearchSpa
     return penalties
 
 
+@scoped_input_dims
 def optimize(
     model: ModelSource,
     output: str | os.PathLike[str],
@@ -381,6 +383,7 @@ def optimize(
     float_penalties: bool = True,
     latency_reference: ModelSource | None = None,
     auto_ranges: bool = True,
+    dims: Mapping[str, int] | None = None,
     progress: bool = False,
 ) -> OptimizeResult:
     """Search per-layer int8/fp32 × low-rank × per-group pruning options under a budget and write the best model found.
@@ -453,6 +456,9 @@ def optimize(
             picked per tensor (quantize ``method="auto"``, ``onnxpress.range_search``) and keep that if it
             measures better on the evaluation data with the same graph (same kernels, so the same cost);
             the recipe then says ``"method": "auto"``. Seconds to tens of seconds on the reference models.
+        dims: sizes of the inputs' symbolic dimensions beyond the batch (a sequence length), by name or
+            ``"<input>:<axis>"``, for counting MACs (``flops`` budgets, the report); those left out come
+            from the first sample of ``calib``.
         progress: progress bars.
 
     Raises:
@@ -475,6 +481,7 @@ def optimize(
             f"({model_bytes(original) / 2**30:.1f} GiB) is not supported: run quantize, prune or lowrank on it"
         )
     m0 = prepare(original)
+    assume_input_dims(symbolic_sizes(m0, calib, dims))  # MACs per sample at the calibration data's sizes
     lat_ref = m0 if latency_reference is None else load_model(latency_reference)
     ref_bytes = lat_ref.SerializeToString()
     same_as_ref: dict[tuple[int, ...], bool] = {}

@@ -25,9 +25,18 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from onnxpress.calibration.readers import symbolic_sizes
 from onnxpress.errors import CalibrationError, OnnxpressError
 from onnxpress.model_io import ModelSource, check_model, check_output_path, load_model, normalize_model, save_model
-from onnxpress.passes.flops import MAC_OPS, count_macs, count_params, model_size_bytes, node_key
+from onnxpress.passes.flops import (
+    MAC_OPS,
+    assume_input_dims,
+    count_macs,
+    count_params,
+    model_size_bytes,
+    node_key,
+    scoped_input_dims,
+)
 from onnxpress.passes.fold import FoldConstants
 from onnxpress.passes.prune_channels import CRITERIA, PruneChannels, PruneZeroChannels, activation_targets
 from onnxpress.pipeline import PipelineResult, run_passes
@@ -188,6 +197,7 @@ class PruneResult:
     size_bytes: tuple[int, int]
 
 
+@scoped_input_dims
 def prune(
     model: ModelSource,
     output: str | os.PathLike[str] | None = None,
@@ -200,6 +210,7 @@ def prune(
     compensate: bool = False,
     max_samples: int = 256,
     batch_size: int = 64,
+    dims: Mapping[str, int] | None = None,
     progress: bool = False,
 ) -> PruneResult:
     """Prune channels: always the exactly removable ones, then (with ``ratio``) the least important.
@@ -215,6 +226,8 @@ def prune(
         compensate: fold each removed channel's mean (measured on ``calib``) into its consumers' biases.
         max_samples: calibration samples for ``act``.
         batch_size: samples per inference call for ``act``.
+        dims: sizes of the inputs' symbolic dimensions beyond the batch (a sequence length), by name or
+            ``"<input>:<axis>"``, for the MAC columns; those left out come from the first sample of ``calib``.
         progress: progress bars.
 
     Raises:
@@ -232,6 +245,7 @@ def prune(
     if output is not None:
         check_output_path(output, [model, calib])  # calib: only when it is a path (never overwrite the data)
     original = normalize_model(load_model(model))
+    assume_input_dims(symbolic_sizes(original, calib, dims))  # the report's MACs per sample at those sizes
     # FoldConstants first: exporters leave weights behind Identity/Constant nodes that hide them.
     exact = run_passes(original, [FoldConstants(), PruneZeroChannels()], progress=progress)
     stats, notes = dict(exact.stats), list(exact.notes)
@@ -298,6 +312,7 @@ def _outputs(model: onnx.ModelProto, feeds: Sequence[dict[str, np.ndarray]]) -> 
     return [np.concatenate(o) for o in outs]
 
 
+@scoped_input_dims
 def sensitivity_scan(
     model: ModelSource,
     data: object,
@@ -329,6 +344,7 @@ def sensitivity_scan(
     from onnxpress.passes.channel_groups import analyze_channels
 
     proto = run_passes(normalize_model(load_model(model)), [FoldConstants()]).model
+    assume_input_dims(symbolic_sizes(proto, data))
     feeds = _feeds(proto, data, max_samples, batch_size)
     reference = _outputs(proto, feeds)
     acts = None

@@ -13,11 +13,21 @@ first node (in graph order) that reads it, so ``sum(count_params(m).values())`` 
 parameter count. Integer constants (shapes, axes) are not parameters.
 
 Nodes are named ``node.name`` or, when empty, by their first output.
+
+Other symbolic input dimensions (a transformer's sequence length, an image size left dynamic) have no
+per-sample value: they take the sizes given as ``dims`` (keyed by the dimension's name, or
+``"<input>:<axis>"`` for an unnamed one), or those set for the current call of an entry point
+(:func:`assume_input_dims`, which ``lowrank``, ``prune`` and ``optimize`` fill from ``dims=`` and their
+calibration data); a MAC count that still depends on one is refused with both ways to give it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextvars
+import functools
+import types
+from collections.abc import Callable, Iterable, Mapping
+from typing import TypeVar
 
 import numpy as np
 import onnx
@@ -27,7 +37,17 @@ from onnx import TensorProto
 from onnxpress.errors import UnsupportedModelError
 from onnxpress.model_io import model_bytes, shape_only_copy
 
-__all__ = ["MAC_OPS", "count_macs", "count_params", "model_size_bytes", "node_key", "unique_keys"]
+__all__ = [
+    "MAC_OPS",
+    "assume_input_dims",
+    "count_macs",
+    "count_params",
+    "model_size_bytes",
+    "node_key",
+    "scoped_input_dims",
+    "symbolic_input_dims",
+    "unique_keys",
+]
 
 MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 """Op types whose multiply-accumulates are counted."""
@@ -68,16 +88,60 @@ def unique_keys(nodes: Iterable[onnx.NodeProto]) -> list[str]:
     return keys
 
 
-def _shapes(model: onnx.ModelProto, batch: int) -> dict[str, tuple[int | None, ...]]:
+_DIMS: contextvars.ContextVar[Mapping[str, int]] = contextvars.ContextVar(
+    "onnxpress_input_dims", default=types.MappingProxyType({})
+)
+_F = TypeVar("_F", bound=Callable)
+
+
+def assume_input_dims(dims: Mapping[str, int] | None) -> None:
+    """Set the sizes :func:`count_macs` gives symbolic input dimensions, until the enclosing call ends.
+
+    The enclosing call is the innermost :func:`scoped_input_dims` function (outside one, until reset).
+    """
+    _DIMS.set(types.MappingProxyType({str(k): int(v) for k, v in (dims or {}).items()}))
+
+
+def scoped_input_dims(fn: _F) -> _F:
+    """Run ``fn`` in a copy of the current context: the sizes it sets with :func:`assume_input_dims` end with it."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        return contextvars.copy_context().run(fn, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def symbolic_input_dims(model: onnx.ModelProto) -> dict[str, tuple[str, int]]:
+    """``{key: (input, axis)}`` of the graph inputs' dimensions beyond axis 0 without a static size.
+
+    The key is the dimension's name (``dim_param``), or ``"<input>:<axis>"`` when it has none; a name
+    shared by several inputs is listed once (its first place).
+    """
+    inits = {i.name for i in model.graph.initializer}
+    out: dict[str, tuple[str, int]] = {}
+    for vi in model.graph.input:
+        if vi.name in inits or not vi.type.tensor_type.HasField("shape"):
+            continue
+        for axis, d in enumerate(vi.type.tensor_type.shape.dim):
+            if axis and not d.HasField("dim_value"):
+                out.setdefault(d.dim_param or f"{vi.name}:{axis}", (vi.name, axis))
+    return out
+
+
+def _shapes(model: onnx.ModelProto, batch: int, sizes: Mapping[str, int]) -> dict[str, tuple[int | None, ...]]:
     model = shape_only_copy(model)  # a large model without its weights
     inits = {i.name for i in model.graph.initializer}
     for vi in model.graph.input:
         if vi.name in inits or not vi.type.tensor_type.HasField("shape"):
             continue
-        dims = vi.type.tensor_type.shape.dim
-        if len(dims) and not dims[0].HasField("dim_value"):
-            dims[0].Clear()
-            dims[0].dim_value = batch
+        for axis, d in enumerate(vi.type.tensor_type.shape.dim):
+            if d.HasField("dim_value"):
+                continue
+            size = batch if axis == 0 else sizes.get(d.dim_param or f"{vi.name}:{axis}")
+            if size is not None:
+                d.Clear()
+                d.dim_value = size
     del model.graph.value_info[:]
     try:
         inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
@@ -98,12 +162,15 @@ def _known(shape: tuple[int | None, ...] | None) -> bool:
     return shape is not None and all(d is not None for d in shape)
 
 
-def count_macs(model: onnx.ModelProto | gs.Graph, *, batch: int = 1) -> dict[str, int]:
+def count_macs(model: onnx.ModelProto | gs.Graph, *, batch: int = 1,
+               dims: Mapping[str, int] | None = None) -> dict[str, int]:
     """Multiply-accumulates of every Conv / ConvTranspose / Gemm / MatMul node (see module docstring).
 
     Args:
         model: a ModelProto or an onnx-graphsurgeon Graph (neither is modified).
         batch: value given to a symbolic leading dimension of the graph inputs.
+        dims: sizes of the other symbolic input dimensions (:func:`symbolic_input_dims` keys); ``None``:
+            those of :func:`assume_input_dims`, if any.
 
     Returns:
         node key (:func:`node_key`, made unique with ``#k``) -> MACs, in graph order.
@@ -112,13 +179,21 @@ def count_macs(model: onnx.ModelProto | gs.Graph, *, batch: int = 1) -> dict[str
         UnsupportedModelError: a counted node's shapes cannot be inferred (names the node).
     """
     proto = _as_model(model)
-    shapes = _shapes(proto, batch)
+    sizes = _DIMS.get() if dims is None else dims
+    shapes = _shapes(proto, batch, sizes)
     out: dict[str, int] = {}
     for key, node in zip(unique_keys(proto.graph.node), proto.graph.node, strict=True):
         if node.op_type not in MAC_OPS or node.domain not in ("", "ai.onnx"):
             continue
         needed = [shapes.get(node.input[0]), shapes.get(node.input[1]), shapes.get(node.output[0])]
         if not all(_known(s) for s in needed):
+            open_dims = [f"{k} ({i} axis {a})" for k, (i, a) in symbolic_input_dims(proto).items() if k not in sizes]
+            if open_dims:
+                raise UnsupportedModelError(
+                    f"cannot count MACs of {node.op_type} {key!r}: its shapes depend on the inputs' symbolic "
+                    f"dimension(s) {', '.join(open_dims)}; give their sizes (--dim NAME=SIZE, dims={{NAME: SIZE}}) "
+                    "or calibration data, whose first sample sets them"
+                )
             raise UnsupportedModelError(
                 f"cannot count MACs of {node.op_type} {key!r}: its shapes are unknown after shape inference; "
                 "give the model static shapes apart from the batch"

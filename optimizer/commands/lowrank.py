@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from onnxpress.cli import add_common, bounded_float, positive_int, progress_enabled
+from onnxpress.cli import add_common, add_dims, bounded_float, positive_int, progress_enabled
 
 _fraction = bounded_float(0.0, 1.0, include_low=False, include_high=True, what="a fraction")
 
@@ -36,6 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "saved among the splits measured faster (macs)")
     p.add_argument("--latency-batch", type=positive_int, default=64, help="batch size the layers are timed at")
     p.add_argument("--threads", type=positive_int, default=1, help="onnxruntime threads for the timing")
+    add_dims(p)
     add_common(p)
     p.set_defaults(func=run)
 
@@ -64,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
         latency_step=args.latency_step,
         latency_batch=args.latency_batch,
         threads=args.threads,
+        dims=dict(args.dims),
         progress=progress_enabled(args),
     )
     print(result.table())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from onnxpress.cli import add_common, positive_int, progress_enabled
+from onnxpress.cli import add_common, add_dims, positive_int, progress_enabled
 from onnxpress.reporting import format_table
 
 
@@ -34,6 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-auto-ranges", dest="auto_ranges", action="store_false",
                    help="keep the chosen model's mse activation ranges (default: rebuild it with each tensor's range "
                         "method picked on the calibration outputs, kept if it measures better; same graph and cost)")
+    add_dims(p)
     add_common(p)
     p.set_defaults(func=run)
 
@@ -47,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
         budget=args.budget or ["latency=0.5"], max_drop=args.max_drop, recipe=args.recipe, report=args.report,
         time_limit=args.time_limit, cache_dir=args.cache_dir, finetune=args.finetune,
         finetune_epochs=args.finetune_epochs, probe_epochs=args.probe_epochs, latency_threads=args.latency_threads,
-        auto_ranges=args.auto_ranges, progress=progress_enabled(args),
+        auto_ranges=args.auto_ranges, dims=dict(args.dims), progress=progress_enabled(args),
     )
     rows = []
     for c in result.candidates:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from onnxpress.cli import add_common, bounded_float, positive_int, progress_enabled
+from onnxpress.cli import add_common, add_dims, bounded_float, positive_int, progress_enabled
 from onnxpress.passes.prune_channels import CRITERIA
 from onnxpress.reporting import format_table
 
@@ -32,6 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--multiple", type=positive_int, default=1, help="round kept channels per group to a multiple")
     p.add_argument("--max-samples", type=positive_int, default=256, help="calibration samples for act (default 256)")
+    add_dims(p)
     add_common(p)
     p.set_defaults(func=run)
 
@@ -58,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
         calib=args.calib,
         compensate=args.compensate,
         max_samples=args.max_samples,
+        dims=dict(args.dims),
         progress=progress_enabled(args),
     )
     header = ["layer", "op", "params before", "params after", "MACs before", "MACs after", "MACs ratio"]
@@ -69,6 +71,8 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(header, rows))
     before, after = result.size_bytes
     print(f"size: {before:,} -> {after:,} bytes ({after / before:.3f}x); MACs are per sample")
+    if result.total.macs_before is None:
+        print("MACs n/a: they depend on input dimensions without a size; give them with --dim NAME=SIZE (or --calib)")
     removed = result.stats.get("prune_zero_channels.channels_removed", 0)
     lossy = result.stats.get("prune_channels.channels_removed", 0)
     how = f"{lossy} by importance ({args.criterion})" if args.ratio else "none by importance (no --ratio)"

@@ -1,0 +1,111 @@
+"""Models whose inputs keep symbolic dimensions beyond the batch (a sequence length): MACs at given sizes.
+
+LLM-style exports keep ``[batch, seq]`` dynamic; ``lowrank``, ``prune`` and ``optimize`` count MACs per
+sample and used to refuse them ("give the model static shapes"). The sizes now come from ``dims`` /
+``--dim NAME=SIZE``, else from the first calibration sample.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import onnxpress
+from onnxpress.calibration.readers import symbolic_sizes
+from onnxpress.cli import main
+from onnxpress.errors import UnsupportedModelError
+from onnxpress.passes.flops import assume_input_dims, count_macs, scoped_input_dims, symbolic_input_dims
+from tests import graphs
+
+D, F = 16, 32
+
+
+def token_mlp(seq: str | int = "t", *, unnamed: bool = False) -> onnx.ModelProto:
+    """X[b, seq, 16] -> MatMul(W1[16,32]) -> Relu -> MatMul(W2[32,16]) -> Y[b, seq, 16] (seq symbolic)."""
+    r = graphs.rng(5)
+    w1 = numpy_helper.from_array(r.standard_normal((D, F)).astype(np.float32) / 4, "W1")
+    w2 = numpy_helper.from_array(r.standard_normal((F, D)).astype(np.float32) / 6, "W2")
+    x = helper.make_tensor_value_info("X", TensorProto.FLOAT, ["b", seq, D])
+    if unnamed:
+        x.type.tensor_type.shape.dim[1].Clear()
+    nodes = [helper.make_node("MatMul", ["X", "W1"], ["h"], name="up"), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "W2"], ["Y"], name="down")]
+    y = helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["b", seq, D])
+    g = helper.make_graph(nodes, "g", [x], [y], [w1, w2])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(m, full_check=True)
+    return m
+
+
+def _data(path, n: int = 24, seq: int = 10):
+    np.savez(path, X=graphs.rng(6).standard_normal((n, seq, D)).astype(np.float32))
+    return path
+
+
+def test_macs_at_given_sizes_and_a_clear_error_without():
+    model = token_mlp()
+    assert symbolic_input_dims(model) == {"t": ("X", 1)}
+    assert count_macs(model, dims={"t": 7}) == {"up": 7 * D * F, "down": 7 * F * D}
+    with pytest.raises(UnsupportedModelError, match=r"symbolic dimension\(s\) t \(X axis 1\).*--dim NAME=SIZE"):
+        count_macs(model)
+    unnamed = token_mlp(unnamed=True)
+    assert symbolic_input_dims(unnamed) == {"X:1": ("X", 1)}
+    assert count_macs(unnamed, dims={"X:1": 3})["up"] == 3 * D * F
+
+
+def test_assumed_sizes_end_with_the_scoped_call():
+    model = token_mlp()
+
+    @scoped_input_dims
+    def inside(size: int) -> int:
+        assume_input_dims({"t": size})
+        return count_macs(model)["up"]
+
+    assert inside(5) == 5 * D * F
+    with pytest.raises(UnsupportedModelError):  # nothing leaked out of the call
+        count_macs(model)
+    assert count_macs(model, dims={"t": 2})["up"] == 2 * D * F  # explicit dims win
+
+
+def test_symbolic_sizes_come_from_given_then_the_first_sample(tmp_path):
+    model = token_mlp()
+    data = _data(tmp_path / "d.npz", seq=11)
+    assert symbolic_sizes(model, data) == {"t": 11}
+    assert symbolic_sizes(model, tmp_path / "missing.npz", {"t": 4}) == {"t": 4}  # nothing left to read
+    assert symbolic_sizes(token_mlp(seq=9), tmp_path / "missing.npz") == {}  # static: no data read
+    assert symbolic_sizes(token_mlp(unnamed=True), data) == {"X:1": 11}
+
+
+def test_lowrank_takes_the_sequence_length_from_the_data_or_dims(tmp_path):
+    model = token_mlp()
+    data = _data(tmp_path / "d.npz", seq=10)
+    aware = onnxpress.lowrank(model, flops=0.6, calib=data)
+    assert aware.macs_before == 10 * 2 * D * F and aware.macs_after <= 0.6 * aware.macs_before
+    plain = onnxpress.lowrank(model, rank=4, dims={"t": 3})
+    assert plain.macs_before == 3 * 2 * D * F
+    x = {"X": graphs.rng(7).standard_normal((2, 13, D)).astype(np.float32)}  # any length still runs
+    assert graphs.run(aware.model, x)[0].shape == (2, 13, D)
+    with pytest.raises(UnsupportedModelError, match="--dim NAME=SIZE"):
+        onnxpress.lowrank(model, rank=4)
+
+
+def test_cli_dim_for_lowrank_prune_and_optimize(tmp_path, capsys):
+    src = tmp_path / "m.onnx"
+    onnx.save(token_mlp(), src)
+    data = _data(tmp_path / "d.npz")
+    assert main(["lowrank", str(src), "-o", str(tmp_path / "l.onnx"), "--rank", "4", "--dim", "t=8", "-q"]) == 0
+    assert f"{8 * 2 * D * F:,} ->" in capsys.readouterr().out
+    assert main(["prune", str(src), "-o", str(tmp_path / "p.onnx"), "--ratio", "0.25", "-q"]) == 0
+    assert "MACs n/a: they depend on input dimensions without a size; give them with --dim" in capsys.readouterr().out
+    assert main(["prune", str(src), "-o", str(tmp_path / "p.onnx"), "--ratio", "0.25", "--dim", "t=8", "-q"]) == 0
+    assert f"{8 * D * F:,}" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # argparse's usage error
+        main(["lowrank", str(src), "-o", str(tmp_path / "l.onnx"), "--rank", "4", "--dim", "t=x"])
+    assert "expected NAME=SIZE with a positive integer size" in capsys.readouterr().err
+    out = tmp_path / "o.onnx"
+    assert main(["optimize", str(src), "-o", str(out), "--calib", str(data), "--budget", "flops=0.7",
+                 "--time-limit", "60", "-q"]) == 0  # fmt: skip
+    assert out.exists()
+    onnx.checker.check_model(onnx.load(out), full_check=True)

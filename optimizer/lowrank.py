@@ -34,9 +34,8 @@ from onnxpress.model_io import (
     infer_shapes,
     load_model,
     normalize_model,
-    shape_only_copy,
 )
-from onnxpress.passes.flops import assume_input_dims, count_params, scoped_input_dims
+from onnxpress.passes.flops import assume_input_dims, count_params, scoped_input_dims, shapes_at
 from onnxpress.passes.low_rank import (
     LayerReport,
     MomentSpec,
@@ -182,24 +181,6 @@ def _prepare(model: ModelSource, progress: bool) -> onnx.ModelProto:
     return infer_shapes(run_passes(proto, cleanup_passes(), progress=progress).model)
 
 
-def _concrete_shapes(model: onnx.ModelProto, batch: int) -> dict[str, tuple[int | None, ...]]:
-    """Tensor shapes from onnx shape inference once the graph inputs' symbolic leading dim is ``batch``."""
-    model = shape_only_copy(model)  # a large model without its weights
-    for vi in model.graph.input:
-        dims = vi.type.tensor_type.shape.dim
-        if len(dims) and not dims[0].HasField("dim_value"):
-            dims[0].Clear()
-            dims[0].dim_value = batch
-    del model.graph.value_info[:]
-    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
-    shapes: dict[str, tuple[int | None, ...]] = {}
-    for vi in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
-        if vi.type.tensor_type.HasField("shape"):
-            shapes[vi.name] = tuple(d.dim_value if d.HasField("dim_value") else None
-                                    for d in vi.type.tensor_type.shape.dim)
-    return shapes
-
-
 def _layer_model(nodes: Sequence[gs.Node], x_shape: tuple[int, ...], opset: int) -> onnx.ModelProto:
     """``x -> node_i(W_i, b_i) -> y_i``: the layer (or a joint unit's layers, sharing ``x``) alone, for timing."""
     dtype = nodes[0].inputs[1].values.dtype
@@ -264,7 +245,7 @@ def measure_latency(
     if batch < 1 or rounds < 1 or multiple < 1:
         raise ValueError(f"batch, rounds and multiple must be >= 1, got {batch}, {rounds}, {multiple}")
     cleaned = _prepare(model, progress=False)
-    shapes = _concrete_shapes(cleaned, batch)
+    shapes = shapes_at(cleaned, batch)  # the other symbolic dims at the sizes assumed for this call
     opset = next((o.version for o in cleaned.opset_import if o.domain in ("", "ai.onnx")), 13)
     graph = import_graph(cleaned)
     layers = candidate_layers(graph, tuple(ops))
@@ -279,8 +260,8 @@ def measure_latency(
         x_shape = shapes.get(node.inputs[0].name)
         if x_shape is None or any(d is None or d < 1 for d in x_shape):
             raise UnsupportedModelError(
-                f"cannot time layer {key!r}: its input shape is unknown at batch {batch}; give the model "
-                "static shapes apart from the batch"
+                f"cannot time layer {key!r}: its input shape is unknown at batch {batch}; give the sizes of "
+                "the inputs' symbolic dimensions (--dim NAME=SIZE, dims={NAME: SIZE}, or calibration data)"
             )
         w = node.inputs[1].values
         sig = (x_shape, str(w.dtype), *(

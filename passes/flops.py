@@ -45,6 +45,7 @@ __all__ = [
     "model_size_bytes",
     "node_key",
     "scoped_input_dims",
+    "shapes_at",
     "symbolic_input_dims",
     "unique_keys",
 ]
@@ -129,7 +130,17 @@ def symbolic_input_dims(model: onnx.ModelProto) -> dict[str, tuple[str, int]]:
     return out
 
 
-def _shapes(model: onnx.ModelProto, batch: int, sizes: Mapping[str, int]) -> dict[str, tuple[int | None, ...]]:
+def shapes_at(model: onnx.ModelProto, batch: int = 1,
+              dims: Mapping[str, int] | None = None) -> dict[str, tuple[int | None, ...]]:
+    """Every tensor's shape (``None`` for an unknown dim) at batch ``batch``.
+
+    The inputs' symbolic leading dimension takes ``batch``, the others ``dims`` (``None``: those of
+    :func:`assume_input_dims`).
+
+    Raises:
+        UnsupportedModelError: onnx's shape inference fails.
+    """
+    sizes = _DIMS.get() if dims is None else dims
     model = shape_only_copy(model)  # a large model without its weights
     inits = {i.name for i in model.graph.initializer}
     for vi in model.graph.input:
@@ -180,7 +191,7 @@ def count_macs(model: onnx.ModelProto | gs.Graph, *, batch: int = 1,
     """
     proto = _as_model(model)
     sizes = _DIMS.get() if dims is None else dims
-    shapes = _shapes(proto, batch, sizes)
+    shapes = shapes_at(proto, batch, sizes)
     out: dict[str, int] = {}
     for key, node in zip(unique_keys(proto.graph.node), proto.graph.node, strict=True):
         if node.op_type not in MAC_OPS or node.domain not in ("", "ai.onnx"):

@@ -91,6 +91,23 @@ def test_lowrank_takes_the_sequence_length_from_the_data_or_dims(tmp_path):
         onnxpress.lowrank(model, rank=4)
 
 
+def test_layers_are_timed_at_the_assumed_sequence_length():
+    """lowrank --by-latency times each layer alone on an input of the assumed size."""
+    from onnxpress.lowrank import measure_latency
+
+    model = token_mlp()
+
+    @scoped_input_dims
+    def timed(dims):
+        assume_input_dims(dims)
+        return measure_latency(model, batch=2, rounds=1)
+
+    table = timed({"t": 10})
+    assert set(table) == {"up", "down"} and all(t[None] > 0 for t in table.values())
+    with pytest.raises(UnsupportedModelError, match=r"cannot time layer 'up'.*--dim NAME=SIZE"):
+        timed({})
+
+
 def test_cli_dim_for_lowrank_prune_and_optimize(tmp_path, capsys):
     src = tmp_path / "m.onnx"
     onnx.save(token_mlp(), src)

@@ -7,6 +7,8 @@ and, when present, ``resnet_opset11`` / ``resnet_constants``), in one run:
 - ``ort-best``: per-channel, QUInt8 activations, the better (by logit SQNR) of MinMax and Percentile;
 - ``onnxpress``: ``onnxpress.quantize`` with its defaults (``--compare-methods`` to compare calibrations,
   ``--auto`` for ``--method auto`` beside the default);
+- ``ort-dynamic`` / ``onnxpress-dynamic`` (transformer only): no calibration data: onnxruntime's
+  ``quantize_dynamic`` (per channel) and ``onnxpress.quantize`` without ``calib`` (dynamic activations);
 - ``onnxpress-int4``: weight-only int4 with its default rounding given calibration data (GPTQ), and
   ``onnxpress-int4[rtn]`` with round-to-nearest (what it does without data) (transformer only).
 
@@ -143,6 +145,16 @@ def bench_model(name: str, folder: Path, calib: np.ndarray, test_x: np.ndarray, 
             except onnxpress.OnnxpressError as exc:
                 candidates[f"onnxpress[{method}]"] = f"{type(exc).__name__}: {exc}"
         if name == "transformer":
+            # no calibration data: onnxruntime's quantize_dynamic (per channel, its best) vs quantize's default then
+            from onnxruntime.quantization import quantize_dynamic
+
+            out = work / f"{name}_ort_dynamic.onnx"
+            with _in_dir(str(work)):
+                quantize_dynamic(str(src), str(out), per_channel=True)
+            candidates["ort-dynamic"] = out
+            out = work / f"{name}_onnxpress_dynamic.onnx"
+            onnxpress.quantize(src, out)  # no calib: dynamic activations
+            candidates["onnxpress-dynamic"] = out
             extra = {} if args.block_size is None else {"block_size": args.block_size}
             # default with calibration data: GPTQ rounding; [rtn]: round to nearest, as without data
             for tag, kw in (("onnxpress-int4", {}), ("onnxpress-int4[rtn]", {"int4_method": "rtn"})):
@@ -181,6 +193,7 @@ def bench_model(name: str, folder: Path, calib: np.ndarray, test_x: np.ndarray, 
         lat64 = latency_ratios(timed, test_x, 64, args.repeats)
         size0 = src.stat().st_size
         order = ["fp32", "ort-default", "ort-best"] + [k for k in candidates if k.startswith("onnxpress")]
+        order += [k for k in candidates if k == "ort-dynamic"]
         for tag in order:
             path = candidates[tag]
             label = best_label if tag == "ort-best" else tag

@@ -39,6 +39,7 @@ from onnxpress.model_io import (
     normalize_model,
     save_model,
 )
+from onnxpress.passes.dynamic_quant import QuantizeDynamic
 from onnxpress.passes.flatten_tokens import FlattenTokens
 from onnxpress.passes.flops import unique_keys
 from onnxpress.passes.global_pool import ReduceMeanToGlobalPool
@@ -160,7 +161,7 @@ def quantize(
     table: CalibrationTable | str | os.PathLike[str] | None = None,
     method: str = DEFAULT_METHOD,
     per_channel: bool = True,
-    activations: str = "uint8",
+    activations: str | None = None,
     weights: str = "int8",
     block_size: int = 64,
     exclude: Selection | Iterable[str] = (),
@@ -195,7 +196,11 @@ def quantize(
             the four whose range gives the closest outputs on the first calibration samples (a greedy pass
             over the tensors, one onnxruntime run per trial; ``onnxpress.range_search``). Needs ``calib``.
         per_channel: per-output-channel weight scales (else per tensor).
-        activations: "uint8" (asymmetric; x86 integer kernels) or "int8" (symmetric; TensorRT).
+        activations: "uint8" (asymmetric; x86 integer kernels), "int8" (symmetric; TensorRT) or "dynamic"
+            (quantized at run time by onnxruntime, no calibration data: MatMul/Gemm layers only,
+            ``passes/dynamic_quant.py``). Default: "uint8"; "dynamic" when neither ``calib`` nor ``table`` is
+            given for int8 weights and the model has no Conv/ConvTranspose layer (a note says so; a model
+            with convolutions still asks for data, since dynamic int8 convs run slower than float).
         weights: "int8" (QDQ, weights and activations) or "int4" (blockwise weight-only MatMul/Gemm).
         block_size: rows per scale block for int4 (64: the size/accuracy balance measured in bench/quantize.py;
             with GPTQ rounding, 128 measured the same logit SQNR on the transformer at 0.141x instead of 0.148x).
@@ -279,8 +284,17 @@ def quantize(
         )
     if int4_layers and (weights != "int8" or codebook is not None):
         raise OnnxpressError("int4_layers mixes 4-bit layers into an int8 model: use it with weights='int8'")
-    if activations not in ACTIVATION_TYPES:
-        raise OnnxpressError(f"activations must be one of {', '.join(ACTIVATION_TYPES)}, got {activations!r}")
+    if activations is not None and activations not in (*ACTIVATION_TYPES, "dynamic"):
+        raise OnnxpressError(f"activations must be one of {', '.join(ACTIVATION_TYPES)} or dynamic, "
+                             f"got {activations!r}")
+    dynamic_why = None
+    if activations is None:
+        activations = "uint8"
+        if calib is None and table is None and weights == "int8" and codebook is None and not int4_layers:
+            dynamic_why = "no calibration data"  # decided below, once the model shows whether it has convolutions
+    elif activations == "dynamic":
+        _check_dynamic_options(calib, table, weights, codebook, int4_layers, method, equalize, smoothquant,
+                               bias_correction, int8_method)
     selection = _as_selection(exclude)
     ovs = _as_overrides(overrides)
     if output is not None:
@@ -291,13 +305,16 @@ def quantize(
     del original  # each copy of a large model's weights held at once costs gigabytes
     cleaned = run_passes(proto, cleanup_passes(), progress=progress).model
     cleaned, half_note = _float32_inside(cleaned, progress)
+    if dynamic_why and not any(n.op_type in ("Conv", "ConvTranspose") for n in cleaned.graph.node):
+        activations = "dynamic"
     # BatchNorm statistics matter only for data-free bias correction of int8 layers, read before cleanup folds them
     analytic = (calib is None and bias_correction is not False and weights == "int8" and codebook is None
-                and not equalize and smoothquant is None)
+                and not equalize and smoothquant is None and activations != "dynamic")
     bn_means = _bn_input_means(proto) if analytic else {}
     del proto
     if bias_correction is None:  # the default: on wherever it can run (int8 QDQ with data or BN statistics)
-        bias_correction = (calib is not None or bool(bn_means)) and weights == "int8" and codebook is None
+        bias_correction = ((calib is not None or bool(bn_means)) and weights == "int8" and codebook is None
+                           and activations != "dynamic")
     if bias_correction and (weights != "int8" or codebook is not None):
         raise OnnxpressError("bias correction is for int8 weights; drop it with int4 or codebook weights")
     if bias_correction and calib is None and not bn_means:
@@ -307,6 +324,9 @@ def quantize(
         )
     advanced_stats: dict[str, int] = {}
     advanced_notes: list[str] = [half_note] if half_note else []  # run_passes prefixes each with its pass name
+    if activations == "dynamic" and dynamic_why:
+        advanced_notes.append("dynamic: no calibration data: activations are quantized at run time (dynamic int8 "
+                              "MatMul/Gemm); calibration data (--calib) gives static int8, faster and more faithful")
     if equalize or (bias_correction and calib is not None) or smoothquant is not None:  # onnxpress.advanced
         from onnxpress.advanced import prepare_for_quantize
 
@@ -324,7 +344,12 @@ def quantize(
             notes=advanced_notes,
         )
 
-    if codebook is not None:  # weight-only k-means codebooks (onnxpress.advanced, issue 10)
+    if activations == "dynamic":  # int8 weights, activations quantized by onnxruntime at run time
+        dyn = QuantizeDynamic(per_channel=per_channel, exclude=selection)
+        tail = [] if constants_int8_min_size is None else [StoreConstantsInt8(min_size=constants_int8_min_size)]
+        result = run_passes(_shaped(cleaned), [dyn, *tail], progress=progress)
+        decisions, used_table, excluded = list(dyn.decisions), None, {}
+    elif codebook is not None:  # weight-only k-means codebooks (onnxpress.advanced, issue 10)
         from onnxpress.advanced import codebook_weights
 
         # with calibration data the indices are chosen against each layer's output error (GPTQ-style), as
@@ -684,6 +709,19 @@ def _int4_decisions(model: onnx.ModelProto, notes: Iterable[str]) -> list[NodeDe
     return out
 
 
+def _check_dynamic_options(calib, table, weights, codebook, int4_layers, method, equalize, smoothquant,
+                           bias_correction, int8_method) -> None:
+    """Dynamic activations take no calibration: refuse the options that need it, naming each."""
+    if calib is not None or table is not None:
+        raise OnnxpressError("activations='dynamic' takes no calibration data or table (onnxruntime quantizes the "
+                             "activations at run time): drop calib/table, or choose activations 'uint8' or 'int8'")
+    if weights != "int8" or codebook is not None or int4_layers:
+        raise OnnxpressError("activations='dynamic' is for int8 weights: drop int4, codebook and int4_layers")
+    if (method == "auto" or equalize or smoothquant is not None or bias_correction or int8_method == "gptq"):
+        raise OnnxpressError("activations='dynamic' has no calibration data for method='auto', equalize, "
+                             "smoothquant, bias correction or int8_method='gptq'; drop them")
+
+
 def _float32_inside(model: onnx.ModelProto, progress: bool) -> tuple[onnx.ModelProto, str | None]:
     """A float16 export computed in float32 inside (float16 inputs/outputs kept), with a note; bfloat16 refused.
 
@@ -764,7 +802,8 @@ def _resolve_table(
     elif calib is None:
         raise CalibrationError(
             "int8 quantization needs calibration data: pass calib= (an .npz of inputs) or table= "
-            "(a saved calibration table); or use weights='int4' (weight-only, no data needed)"
+            "(a saved calibration table); or use weights='int4' (weight-only, no data needed), or "
+            "activations='dynamic' (no data; MatMul/Gemm layers only, convolutions stay float)"
         )
     else:
         from onnxpress.calibrate import calibrate

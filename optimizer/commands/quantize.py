@@ -29,9 +29,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--per-tensor", action="store_true", help="one scale per weight tensor (default: per channel)")
     p.add_argument(
         "--activations",
-        default="uint8",
-        choices=("uint8", "int8"),
-        help="uint8 asymmetric (onnxruntime x86 integer kernels, default) or int8 symmetric (TensorRT)",
+        default=None,
+        choices=("uint8", "int8", "dynamic"),
+        help="uint8 asymmetric (onnxruntime x86 integer kernels, default), int8 symmetric (TensorRT), or dynamic "
+        "(quantized at run time, no --calib: MatMul/Gemm only; the default without data for models without convs)",
     )
     p.add_argument(
         "--weights", default="int8", choices=("int8", "int4"), help="int8 QDQ, or int4 weight-only MatMul/Gemm"
@@ -157,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"cross-layer equalization: {pairs} layer pair(s) equalized"
               + (f"; none found ({why[0][len('equalize_cross_layer: '):]})" if not pairs and why else ""))
     for note in result.notes:
-        if note.startswith(("gptq: ", "float16: ")):
+        if note.startswith(("gptq: ", "float16: ", "dynamic: ")):
             print(note.split(": ", 1)[1])
         elif note.startswith("auto ranges: "):
             print(note)
@@ -176,8 +177,10 @@ def run(args: argparse.Namespace) -> int:
     print_kept_float(result.kept_float, verbose=args.verbose)
     for name, why in sorted(result.excluded_tensors.items()):
         print(f"no range  {name}: {why}")
-    kind = "int4 weight-only" if args.weights == "int4" else f"int8 weights, {args.activations} activations"
-    if args.weights == "int4" and args.codebook is None:
+    kind = "int4 weight-only" if args.weights == "int4" else f"int8 weights, {args.activations or 'uint8'} activations"
+    if result.stats.get("quantize_dynamic.layers"):
+        kind = f"int8 weights, dynamic activations ({result.stats['quantize_dynamic.layers']} MatMul/Gemm layers)"
+    elif args.weights == "int4" and args.codebook is None:
         gptq = result.stats.get("quantize_weights_int4.weights_int4_gptq", 0)
         kind += f" ({gptq} of {result.stats.get('quantize_weights_int4.weights_int4', 0)} layers GPTQ-rounded)"
     elif args.codebook is None:

@@ -1,0 +1,140 @@
+"""Dynamic int8 for MatMul/Gemm: int8 weights, activations quantized at run time (no calibration data).
+
+Each MatMul/Gemm with a constant 2-D float32 weight becomes the standard ONNX integer pattern, which
+onnxruntime's CPU provider fuses into ``DynamicQuantizeMatMul`` (or ``MatMulIntegerToFloat`` where
+one quantized input feeds several layers, as attention's Q, K and V)::
+
+    x -> MatMul(W[K, N]) (+ b) -> y
+    ==>
+    x -> DynamicQuantizeLinear -> (x_q uint8, s_x, z_x)          (once per input tensor, shared)
+    MatMulInteger(x_q, W_q int8 [K, N], z_x, 0) -> int32 -> Cast(float) -> Mul(s_x * s_w) (-> Add(b)) -> y
+
+``DynamicQuantizeLinear`` takes each call's exact min/max (uint8, asymmetric, the range widened to
+include 0); the weights are symmetric int8, per output column (``s_w[n] = max|W[:, n]| / 127``) or per
+tensor, rounded to nearest (``weight_qparams``: the same grid as ``InsertQDQ``'s weights).
+
+Why this form and not Q/DQ: a QDQ ``DynamicQuantizeLinear -> DequantizeLinear -> MatMul`` also fuses,
+but onnxruntime first merges a 2-D MatMul and its bias Add (and any Gemm) into a float Gemm, which has
+no dynamic integer kernel: the layer then ran in float on dequantized weights (measured here: the
+optimized graph kept ``DequantizeLinear`` x 2 + ``Gemm``). The integer pattern above is what
+onnxruntime's own ``quantize_dynamic`` writes and fuses in every case.
+
+Left float, with a reason: a weight that is not a float32 constant of rank 2, a Gemm with ``transA``
+or ``alpha``/``beta`` other than 1 or a non-constant bias, a reduction depth ``K`` below
+``min_depth`` (the integer kernel does not pay for short dot products), excluded nodes, and every
+other op (convolutions: a dynamic int8 conv measured 6.8x slower than fp32 on the reference ResNet
+with onnxruntime's ``quantize_dynamic``; they need calibration data for static QDQ).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxpress.passes.base import PassResult, fresh_names, graph_names
+from onnxpress.passes.qdq import NodeDecision, Selection, quantize_array, weight_qparams
+
+__all__ = ["QuantizeDynamic"]
+
+
+class QuantizeDynamic:
+    """Rewrite MatMul/Gemm layers to dynamic int8 (see the module docstring).
+
+    Args:
+        per_channel: one weight scale per output column (else one per tensor).
+        min_depth: layers whose reduction depth ``K`` is below this stay float.
+        exclude: nodes kept float (``Selection``: names, op types, a name pattern).
+
+    After a call, ``decisions`` holds one :class:`NodeDecision` per MatMul/Gemm.
+    """
+
+    name = "quantize_dynamic"
+
+    def __init__(self, *, per_channel: bool = True, min_depth: int = 16, exclude: Selection | None = None) -> None:
+        if min_depth < 1:
+            raise ValueError(f"min_depth must be >= 1, got {min_depth}")
+        self.per_channel = per_channel
+        self.min_depth = int(min_depth)
+        self.exclude = exclude or Selection()
+        self.decisions: list[NodeDecision] = []
+
+    def requires(self, graph: gs.Graph) -> None:
+        """Needs opset >= 11 (DynamicQuantizeLinear); every normalised model has 13 or more."""
+
+    def _reason(self, node: gs.Node) -> str | None:
+        why = self.exclude.reason(node)
+        if why:
+            return why
+        if len(node.inputs) < 2 or not isinstance(node.inputs[1], gs.Constant):
+            return "weight is not a constant"
+        w = np.asarray(node.inputs[1].values)
+        if w.dtype != np.float32 or w.ndim != 2:
+            return "weight is not a 2-D float32 constant"
+        if node.op == "Gemm":
+            a = node.attrs
+            if int(a.get("transA", 0)) or float(a.get("alpha", 1.0)) != 1.0 or float(a.get("beta", 1.0)) != 1.0:
+                return "Gemm with transA or alpha/beta other than 1"
+            if len(node.inputs) > 2 and node.inputs[2].name and not isinstance(node.inputs[2], gs.Constant):
+                return "bias is not a constant"
+        k = w.shape[1] if node.op == "Gemm" and int(node.attrs.get("transB", 0)) else w.shape[0]
+        if k < self.min_depth:
+            return f"reduction depth {k} < {self.min_depth}: fp32 kernel is faster here"
+        return None
+
+    def __call__(self, graph: gs.Graph) -> PassResult:
+        """Rewrite every eligible layer; the others keep their float kernels."""
+        self.decisions = []
+        fresh = fresh_names(graph_names(graph))
+        quantized_inputs: dict[str, tuple[gs.Variable, gs.Variable, gs.Variable]] = {}
+        weights: dict[tuple[str, bool], tuple[gs.Constant, gs.Constant, gs.Constant]] = {}
+        new_nodes: list[gs.Node] = []
+        for node in [n for n in graph.nodes if n.op in ("MatMul", "Gemm")]:
+            label = node.name or node.outputs[0].name
+            why = self._reason(node)
+            if why is not None:
+                self.decisions.append(NodeDecision(label, node.op, False, why))
+                continue
+            x, w_const, y = node.inputs[0], node.inputs[1], node.outputs[0]
+            trans_b = node.op == "Gemm" and bool(int(node.attrs.get("transB", 0)))
+            key = (w_const.name, trans_b)
+            if key not in weights:
+                w = np.asarray(w_const.values, np.float32)
+                w = np.ascontiguousarray(w.T) if trans_b else w  # [K, N]
+                qp = weight_qparams(w, 1 if self.per_channel else None)
+                weights[key] = (
+                    gs.Constant(fresh(w_const.name + "_dq"), quantize_array(w, qp)),
+                    gs.Constant(fresh(w_const.name + "_dq_zero"), np.zeros(qp.scale.shape, np.int8)),
+                    gs.Constant(fresh(w_const.name + "_dq_scale"), qp.scale.astype(np.float32)),
+                )
+            w_q, w_zero, w_scale = weights[key]
+            if x.name not in quantized_inputs:
+                xq = gs.Variable(fresh(x.name + "_dq"), dtype=np.uint8)
+                xs = gs.Variable(fresh(x.name + "_dq_scale"), dtype=np.float32, shape=[])
+                xz = gs.Variable(fresh(x.name + "_dq_zero"), dtype=np.uint8, shape=[])
+                new_nodes.append(gs.Node("DynamicQuantizeLinear", fresh(x.name + "_DynamicQuantize"),
+                                         inputs=[x], outputs=[xq, xs, xz]))
+                quantized_inputs[x.name] = (xq, xs, xz)
+            xq, xs, xz = quantized_inputs[x.name]
+            acc = gs.Variable(fresh(label + "_int32"), dtype=np.int32)
+            accf = gs.Variable(fresh(label + "_float"), dtype=np.float32)
+            scale = gs.Variable(fresh(label + "_scale"), dtype=np.float32)
+            bias = node.inputs[2] if node.op == "Gemm" and len(node.inputs) > 2 and node.inputs[2].name else None
+            pre = y if bias is None else gs.Variable(fresh(label + "_nobias"), dtype=np.float32)
+            node.outputs.clear()  # y is produced by the last node below
+            node.inputs.clear()
+            new_nodes += [
+                gs.Node("MatMulInteger", fresh(label + "_MatMulInteger"), inputs=[xq, w_q, xz, w_zero], outputs=[acc]),
+                gs.Node("Cast", fresh(label + "_Cast"), attrs={"to": 1}, inputs=[acc], outputs=[accf]),
+                gs.Node("Mul", fresh(label + "_scales"), inputs=[xs, w_scale], outputs=[scale]),
+                gs.Node("Mul", fresh(label + "_Mul"), inputs=[accf, scale], outputs=[pre]),
+            ]
+            if bias is not None:
+                new_nodes.append(gs.Node("Add", fresh(label + "_bias"), inputs=[pre, bias], outputs=[y]))
+            self.decisions.append(NodeDecision(label, node.op, True))
+        graph.nodes.extend(new_nodes)
+        graph.cleanup().toposort()
+        quantized = sum(d.quantized for d in self.decisions)
+        stats = {"layers": quantized, "kept_float": len(self.decisions) - quantized,
+                 "activations": len(quantized_inputs)}
+        notes = tuple(f"{d.name} ({d.op}): float ({d.reason})" for d in self.decisions if not d.quantized)
+        return PassResult(graph, quantized > 0, stats, notes)

@@ -61,7 +61,7 @@ import onnx
 
 from onnxpress.errors import DataError, OnnxpressError
 from onnxpress.model_io import model_digest
-from onnxpress.passes.flops import count_macs, count_params
+from onnxpress.passes.flops import assumed_input_dims, count_macs, count_params
 from onnxpress.prune import sqnr_db
 
 __all__ = [
@@ -381,6 +381,8 @@ def analyze_sensitivity(
               "prune_multiple": prune_multiple, "latency": latency, "int8": quantize, "int4": int4, "method": method,
               "calib": calib_samples,
               "moments": moment_samples, "multiple": multiple, "v": CACHE_VERSION}
+    if assumed_input_dims():  # MACs counted at these sizes of the inputs' symbolic dimensions (a sequence length)
+        config["dims"] = assumed_input_dims()
     key = hashlib.sha256(
         f"{model_digest(model)}|{_data_digest(feeds)}|{json.dumps(config, sort_keys=True)}".encode()
     ).hexdigest()[:20]

@@ -40,6 +40,7 @@ from onnxpress.model_io import model_bytes, shape_only_copy
 __all__ = [
     "MAC_OPS",
     "assume_input_dims",
+    "assumed_input_dims",
     "count_macs",
     "count_params",
     "model_size_bytes",
@@ -101,6 +102,11 @@ def assume_input_dims(dims: Mapping[str, int] | None) -> None:
     The enclosing call is the innermost :func:`scoped_input_dims` function (outside one, until reset).
     """
     _DIMS.set(types.MappingProxyType({str(k): int(v) for k, v in (dims or {}).items()}))
+
+
+def assumed_input_dims() -> dict[str, int]:
+    """The sizes :func:`assume_input_dims` set for the current call (``{}`` when none)."""
+    return dict(_DIMS.get())
 
 
 def scoped_input_dims(fn: _F) -> _F:

@@ -121,8 +121,10 @@ def test_cli_dim_for_lowrank_prune_and_optimize(tmp_path, capsys):
     with pytest.raises(SystemExit):  # argparse's usage error
         main(["lowrank", str(src), "-o", str(tmp_path / "l.onnx"), "--rank", "4", "--dim", "t=x"])
     assert "expected NAME=SIZE with a positive integer size" in capsys.readouterr().err
-    out = tmp_path / "o.onnx"
-    assert main(["optimize", str(src), "-o", str(out), "--calib", str(data), "--budget", "flops=0.7",
-                 "--time-limit", "60", "-q"]) == 0  # fmt: skip
-    assert out.exists()
-    onnx.checker.check_model(onnx.load(out), full_check=True)
+    cache = tmp_path / "cache"
+    for dim in ([], ["--dim", "t=4"]):  # the calibration sample's length (10), then 4
+        out = tmp_path / f"o{len(dim)}.onnx"
+        assert main(["optimize", str(src), "-o", str(out), "--calib", str(data), "--budget", "flops=0.7",
+                     "--time-limit", "60", "--cache-dir", str(cache), "-q", *dim]) == 0  # fmt: skip
+        onnx.checker.check_model(onnx.load(out), full_check=True)
+    assert len(list(cache.glob("sensitivity-*.json"))) == 2  # MACs at another length are not reused

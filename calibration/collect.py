@@ -33,8 +33,11 @@ __all__ = [
     "batch_major_tensors",
     "bytes_per_sample",
     "collect_statistics",
+    "constant_values",
+    "exposed_model",
     "select_tensors",
     "value_aliases",
+    "value_types",
 ]
 
 log = logging.getLogger(__name__)
@@ -58,7 +61,7 @@ _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorPro
 _Types = dict[str, tuple[int, "tuple[int | None, ...] | None"]]
 
 
-def _value_types(model: onnx.ModelProto, inferred: onnx.ModelProto | None = None) -> _Types:
+def value_types(model: onnx.ModelProto, inferred: onnx.ModelProto | None = None) -> _Types:
     """``name -> (element type, dims or None)`` of every typed value, after shape inference."""
     g = _inferred(model, inferred).graph
     types: dict[str, tuple[int, tuple[int | None, ...] | None]] = {}
@@ -83,13 +86,13 @@ def _inferred(model: onnx.ModelProto, inferred: onnx.ModelProto | None) -> onnx.
 
 def _elem_types(model: onnx.ModelProto, inferred: onnx.ModelProto | None = None) -> dict[str, int]:
     """Element type of every typed value (inputs, outputs, value_info, initializers)."""
-    return {name: t for name, (t, _) in _value_types(model, inferred).items()}
+    return {name: t for name, (t, _) in value_types(model, inferred).items()}
 
 
 def bytes_per_sample(model: onnx.ModelProto, names: Sequence[str], types: _Types | None = None) -> int | None:
     """Bytes one sample of the tensors ``names`` takes (axis 0 = batch); None if a shape is unknown."""
     total = 0
-    types = _value_types(model) if types is None else types
+    types = value_types(model) if types is None else types
     for name in names:
         elem, dims = types.get(name, (0, None))
         if not elem or dims is None or not dims or any(d is None for d in dims[1:]):
@@ -138,7 +141,7 @@ def batch_major_tensors(
     return out
 
 
-def _constant_values(g: onnx.GraphProto) -> set[str]:
+def constant_values(g: onnx.GraphProto) -> set[str]:
     """Initializers and values computed from them alone (``Constant``, ``Identity(W)``, ...)."""
     inputs = {i.name for i in g.input}
     constants = {i.name for i in g.initializer} - inputs
@@ -168,7 +171,7 @@ def select_tensors(
     wanted_ops = DEFAULT_OP_TYPES if op_types is None else frozenset(op_types)
     g = model.graph
     types = _elem_types(model, inferred)
-    constants = _constant_values(g)
+    constants = constant_values(g)
     names: dict[str, None] = {}
     for node in g.node:
         if node.op_type not in wanted_ops:
@@ -201,7 +204,7 @@ def value_aliases(model: onnx.ModelProto, names: Iterable[str]) -> dict[str, str
     return root
 
 
-def _expose(
+def exposed_model(
     model: onnx.ModelProto, names: Sequence[str], types: _Types
 ) -> tuple[onnx.ModelProto, list[str], list[onnx.TensorProto]]:
     """A copy of ``model`` with ``names`` added as graph outputs, the fetch list, and left-out initializers.
@@ -391,8 +394,8 @@ def collect_statistics(
         if not callable(getattr(obs, "update", None)):
             raise CalibrationError(f"observer for {name!r} has no update(x) method")
     names = list(observers)
-    types = _value_types(model, inferred)
-    exposed, fetch, big = _expose(model, names, types)
+    types = value_types(model, inferred)
+    exposed, fetch, big = exposed_model(model, names, types)
     session = make_session(exposed, threads=threads, what="model with calibration outputs", initializers=big,
                            external_data_folder=external_data_folder)
     del exposed, big

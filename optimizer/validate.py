@@ -42,7 +42,7 @@ from onnxpress.model_io import ModelSource, check_output_path, load_model, model
 from onnxpress.reporting import format_table, op_histogram
 from onnxpress.runtime import make_session, time_interleaved
 
-__all__ = ["LatencyStats", "OutputComparison", "ValidationReport", "model_size", "validate"]
+__all__ = ["LatencyStats", "OutputComparison", "TensorComparison", "ValidationReport", "model_size", "validate"]
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,29 @@ class OutputComparison:
     top1_agreement: float | None = None
     reference_accuracy: float | None = None
     candidate_accuracy: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorComparison:
+    """One intermediate tensor present in both models (``validate(layers=True)``).
+
+    Attributes:
+        name: the tensor's name (the same in both graphs).
+        op: the op type that produces it in the reference.
+        sqnr_db: SQNR of the candidate's values against the reference's.
+        added_db: the SQNR of the noise this node adds: ``-10 log10(n - max n_in)``, where ``n`` is this
+            tensor's noise-to-signal power ratio and ``n_in`` its compared inputs' (0 for graph inputs);
+            ``+inf`` when it adds none. The lowest values are where the candidate loses precision: a
+            quantized layer, or an op whose output is small where its input is (Gelu and Softmax on noisy
+            inputs: the same noise is a larger share of a smaller signal).
+        max_abs_error: largest ``|r - c|``.
+    """
+
+    name: str
+    op: str
+    sqnr_db: float
+    added_db: float
+    max_abs_error: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +127,10 @@ class ValidationReport:
         reference_ops: op type -> count in the reference's main graph.
         candidate_ops: op type -> count in the candidate's main graph.
         data: how the data was given (its path, or "<list>" etc. for in-memory data).
+        layers: with ``layers=True``, every intermediate float tensor both graphs produce under the same
+            name and shape, in the reference's graph order (:class:`TensorComparison`).
+        layer_samples: samples the per-tensor comparison ran on.
+        layers_skipped: tensors of the same name left out because their shapes differ (a pruned layer).
     """
 
     reference: str
@@ -123,6 +150,9 @@ class ValidationReport:
     reference_ops: Mapping[str, int]
     candidate_ops: Mapping[str, int]
     data: str = ""
+    layers: tuple[TensorComparison, ...] = ()
+    layer_samples: int = 0
+    layers_skipped: int = 0
 
     def output(self, name: str) -> OutputComparison:
         """The comparison of output ``name``."""
@@ -189,6 +219,8 @@ class ValidationReport:
             rows.append(row)
         lines.append(format_table(header, rows))
         lines.append("")
+        if self.layer_samples:
+            lines.extend(self._format_layers())
         rows = []
         if self.reference_latency is not None and self.candidate_latency is not None:
             rows.append([
@@ -212,6 +244,21 @@ class ValidationReport:
         rows.append(["total", str(sum(self.reference_ops.values())), str(sum(self.candidate_ops.values()))])
         lines.append(format_table(["op", "reference", "candidate"], rows))
         return "\n".join(lines)
+
+    def _format_layers(self, shown: int = 10) -> list[str]:
+        worst = sorted(self.layers, key=lambda t: t.added_db)[:shown]
+        skipped = f"; {self.layers_skipped} left out (shapes differ)" if self.layers_skipped else ""
+        rows = [[t.name, t.op, _fmt(t.sqnr_db, ".2f"), _fmt(t.added_db, ".2f"), f"{t.max_abs_error:.3g}"]
+                for t in worst]
+        head = f"per tensor, first {self.layer_samples} samples: {len(self.layers)} tensors compared{skipped}"
+        if not worst:
+            return [head, ""]
+        return [
+            f"{head}; the {len(worst)} that add the most noise (added: SQNR of the noise each node adds; --json "
+            "lists all)",
+            format_table(["tensor", "op", "SQNR dB", "added dB", "max abs err"], rows),
+            "",
+        ]
 
     def require(
         self,
@@ -406,6 +453,8 @@ def validate(
     threads: int | None = None,
     latency: bool = True,
     max_samples: int | None = None,
+    layers: bool = False,
+    layer_samples: int = 64,
     progress: bool = False,
 ) -> ValidationReport:
     """Run both models on onnxruntime over ``data`` and measure how far the candidate is from the reference.
@@ -421,6 +470,12 @@ def validate(
         threads: intra-op threads of both sessions; ``None`` keeps onnxruntime's default.
         latency: measure latency.
         max_samples: compare on at most this many samples.
+        layers: also compare every intermediate float tensor both graphs produce under the same name and
+            shape, on the first ``layer_samples`` samples, and find where the candidate adds the most noise
+            (:class:`TensorComparison`). The tensors become extra outputs of both models, so onnxruntime
+            runs the candidate's Q/DQ pairs as float arithmetic there instead of fusing them into integer
+            kernels: the same values up to the kernels' rounding (as onnxruntime's own ``qdq_loss_debug``).
+        layer_samples: samples for ``layers``.
         progress: show a progress bar over the samples.
 
     Returns:
@@ -489,6 +544,13 @@ def validate(
         ref_times, cand_times = time_interleaved([ref_sess, cand_sess], first_batch, repeats, warmup=_WARMUP)
         ref_lat, cand_lat = _stats(ref_times), _stats(cand_times)
         ratio = _ratio(cand_lat.median_ms, ref_lat.median_ms)
+    compared: tuple[TensorComparison, ...] = ()
+    layer_seen = skipped = 0
+    if layers:
+        compared, layer_seen, skipped = _compare_tensors(
+            reference, candidate, ref_model, cand_model, open_data(data, ref_model, max_samples=layer_samples),
+            min(batch_size, 16), threads,
+        )  # fmt: skip
     ref_bytes, cand_bytes = model_size(reference), model_size(candidate)
     return ValidationReport(
         reference=_describe(reference),
@@ -508,4 +570,62 @@ def validate(
         reference_ops=op_histogram(ref_model),
         candidate_ops=op_histogram(cand_model),
         data=str(data) if isinstance(data, (str, os.PathLike)) else f"<{type(data).__name__}>",
+        layers=compared,
+        layer_samples=layer_seen,
+        layers_skipped=skipped,
     )
+
+
+def _compare_tensors(reference: ModelSource, candidate: ModelSource, ref_model: onnx.ModelProto,
+                     cand_model: onnx.ModelProto, reader: Any, batch: int,
+                     threads: int | None) -> tuple[tuple[TensorComparison, ...], int, int]:
+    """Per-tensor comparison for ``validate(layers=True)``: (comparisons, samples, tensors skipped)."""
+    from onnxpress.calibration.collect import constant_values, exposed_model, value_types
+
+    ref_types, cand_types = value_types(ref_model), value_types(cand_model)
+    constants = constant_values(ref_model.graph)
+    outputs = {o.name for o in ref_model.graph.output}
+    cand_produced = {o for n in cand_model.graph.node for o in n.output if o}
+    producer: dict[str, onnx.NodeProto] = {}
+    names: list[str] = []
+    for node in ref_model.graph.node:
+        for name in node.output:
+            if (name and name in cand_produced and name not in outputs and name not in constants
+                    and ref_types.get(name, (0,))[0] == onnx.TensorProto.FLOAT
+                    and cand_types.get(name, (0,))[0] == onnx.TensorProto.FLOAT):
+                names.append(name)
+                producer[name] = node
+    if not names:
+        return (), 0, 0
+
+    def session(source: ModelSource, model: onnx.ModelProto, types: Any, what: str) -> tuple[Any, list[str]]:
+        exposed, fetch, big = exposed_model(model, names, types)
+        folder = None if isinstance(source, onnx.ModelProto) else str(Path(source).resolve().parent)
+        return make_session(exposed, threads=threads, what=what, initializers=big, external_data_folder=folder), fetch
+
+    ref_sess, fetch = session(reference, ref_model, ref_types, "reference model with tensor outputs")
+    cand_sess, _ = session(candidate, cand_model, cand_types, "candidate model with tensor outputs")
+    accs = {name: _Accumulator(name) for name in fetch}
+    differ: set[str] = set()
+    seen = 0
+    for feed in reader.batches(batch):
+        ref_out = _run(ref_sess, fetch, feed, "reference", seen)
+        cand_out = _run(cand_sess, fetch, feed, "candidate", seen)
+        for name, r, c in zip(fetch, ref_out, cand_out, strict=True):
+            if name in differ or np.shape(r) != np.shape(c):
+                differ.add(name)
+                continue
+            accs[name].update(np.asarray(r), np.asarray(c), None)
+        seen += next((a.shape[0] for a in feed.values() if a.ndim), 1)
+    noise = {name: (acc.err_sq / acc.ref_sq if acc.ref_sq > 0 else (0.0 if acc.err_sq == 0 else math.inf))
+             for name, acc in accs.items() if name not in differ}
+    out = []
+    for name in fetch:
+        if name in differ:
+            continue
+        upstream = max((noise[i] for i in producer[name].input if i in noise), default=0.0)
+        added = noise[name] - upstream
+        res = accs[name].result(False)
+        added_db = math.inf if added <= 0 else (-math.inf if math.isinf(added) else -10.0 * math.log10(added))
+        out.append(TensorComparison(name, producer[name].op_type, res.sqnr_db, added_db, res.max_abs_error))
+    return tuple(out), seen, len(differ)

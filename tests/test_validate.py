@@ -243,3 +243,56 @@ def test_bn_fold_on_the_reference_resnet_is_within_1e_5():
     (logits,) = report.outputs
     assert logits.max_abs_error <= 1e-5 and logits.top1_agreement == 1.0
     assert report.reference_ops["BatchNormalization"] == 9 and "BatchNormalization" not in report.candidate_ops
+
+
+def _chain() -> onnx.ModelProto:
+    """X[N,8] -> Gemm(W1) -> Relu -> a -> Gemm(W2) -> b -> Relu -> c -> Gemm(W3) -> Y."""
+    r = graphs.rng(21)
+    nodes = [helper.make_node("Gemm", ["X", "W1"], ["g1"], name="fc1"), helper.make_node("Relu", ["g1"], ["a"]),
+             helper.make_node("Gemm", ["a", "W2"], ["b"], name="fc2"), helper.make_node("Relu", ["b"], ["c"]),
+             helper.make_node("Gemm", ["c", "W3"], ["Y"], name="fc3")]
+    inits = {k: r.standard_normal(s).astype(np.float32) / 3 for k, s in (("W1", (8, 16)), ("W2", (16, 16)),
+                                                                          ("W3", (16, 4)))}
+    return graphs.make_model(nodes, [("X", ["N", 8])], [("Y", ["N", 4])], inits)
+
+
+def test_layers_find_the_one_changed_layer():
+    """Only fc2's weight is perturbed: tensors before it are exact, and fc2's output is where the noise enters."""
+    model = _chain()
+    cand = onnx.ModelProto()
+    cand.CopyFrom(model)
+    for i, init in enumerate(cand.graph.initializer):
+        if init.name == "W2":
+            w = numpy_helper.to_array(init)
+            cand.graph.initializer[i].CopyFrom(numpy_helper.from_array(w + 0.01 * graphs.rng(3).standard_normal(w.shape)
+                                                                       .astype(np.float32), "W2"))
+    report = validate(model, cand, [{"X": _x(40)}], latency=False, layers=True, layer_samples=32)
+    assert report.layer_samples == 32 and report.layers_skipped == 0
+    by_name = {t.name: t for t in report.layers}
+    assert list(by_name) == ["g1", "a", "b", "c"]  # graph order; Y is an output (compared above)
+    assert by_name["g1"].sqnr_db == by_name["a"].sqnr_db == math.inf and by_name["a"].added_db == math.inf
+    assert math.isfinite(by_name["b"].sqnr_db) and by_name["b"].op == "Gemm"
+    assert min(report.layers, key=lambda t: t.added_db).name == "b"  # noise enters at fc2
+    assert by_name["b"].added_db == pytest.approx(by_name["b"].sqnr_db)  # its input was exact
+    assert "the 4 that add the most noise" in report.format()
+    assert report.to_dict()["layers"][2]["name"] == "b"
+    same = validate(model, model, [{"X": _x(8)}], latency=False, layers=True)
+    assert all(t.sqnr_db == math.inf and t.added_db == math.inf for t in same.layers)
+
+
+def test_layers_leave_out_tensors_whose_shapes_differ(tmp_path, capsys):
+    """A pruned candidate: every hidden tensor has fewer channels there, so all four are left out (counted)."""
+    from onnxpress.cli import main
+    from onnxpress.prune import prune
+
+    model = _chain()
+    src, pruned = tmp_path / "m.onnx", tmp_path / "p.onnx"
+    onnx.save(model, src)
+    prune(model, pruned, ratio=0.25, scope="layer")
+    np.savez(tmp_path / "d.npz", X=_x(16))
+    assert main(["validate", str(src), str(pruned), "--data", str(tmp_path / "d.npz"), "--no-latency", "--layers",
+                 "--layer-samples", "8", "--json", str(tmp_path / "r.json")]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "per tensor, first 8 samples: 0 tensors compared; 4 left out (shapes differ)" in out
+    record = json.loads((tmp_path / "r.json").read_text())
+    assert record["layers_skipped"] == 4 and record["layers"] == []

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from onnxpress.cli import add_common, progress_enabled
+from onnxpress.cli import add_common, positive_int, progress_enabled
 from onnxpress.model_io import check_output_path
 
 
@@ -29,6 +29,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-abs-error", type=float, help="fail (exit 2) when an output's max abs error is larger")
     p.add_argument("--min-sqnr", type=float, help="fail (exit 2) when an output's SQNR in dB is lower")
     p.add_argument("--min-agreement", type=float, help="fail (exit 2) when a top-1 agreement is lower")
+    p.add_argument("--layers", action="store_true",
+                   help="also compare every intermediate tensor both models produce under the same name and show "
+                        "where the candidate adds the most noise (Q/DQ pairs run as float arithmetic there)")
+    p.add_argument("--layer-samples", type=positive_int, default=64, help="samples for --layers (default 64)")
     add_common(p)
     p.set_defaults(func=run)
 
@@ -49,6 +53,8 @@ def run(args: argparse.Namespace) -> int:
         threads=args.threads,
         latency=not args.no_latency,
         max_samples=args.max_samples,
+        layers=args.layers,
+        layer_samples=args.layer_samples,
         progress=progress_enabled(args),
     )
     print(report.format())

@@ -284,3 +284,23 @@ def test_explicit_int4_gptq_runs_in_rounds_when_its_moments_would_not_fit(tmp_pa
     got = [sqnr_db(make_session(str(tmp_path / f"{name}.onnx")).run(None, x)[0], ref) for name in ("once", "rounds")]
     # each round's moments come from the model with the earlier rounds 4-bit: as faithful, not the same codes
     assert got[1] > got[0] - 1.0 and got[1] > 35.0, got
+
+
+@pytest.mark.parametrize("kind", ["float16", "dynamic"])
+def test_float16_and_dynamic_quantize_of_a_large_model_give_the_ordinary_result(tmp_path, monkeypatch, kind):
+    """A float16 export (upcast inside) and the no-data dynamic path take the large-model path unchanged."""
+    from tests.test_precision import _half_export
+
+    if kind == "float16":
+        src = tmp_path / "half.onnx"
+        onnx.save(_half_export(MODELS / "resnet.onnx"), src)
+        kwargs = {"calib": [{"input": np.load(CALIB)["input"][:64].astype(np.float16)}]}
+    else:
+        src, kwargs = MODELS / "transformer.onnx", {}
+    plain = onnxpress.quantize(str(src), str(tmp_path / "plain.onnx"), **kwargs)
+    _lower_the_limit(monkeypatch, 4096)
+    out = tmp_path / "large" / "q.onnx"
+    out.parent.mkdir()
+    big = onnxpress.quantize(str(src), str(out), **kwargs)
+    _same_model(load_model(out), load_model(tmp_path / "plain.onnx"))
+    assert big.notes == plain.notes and [d.name for d in big.quantized] == [d.name for d in plain.quantized]

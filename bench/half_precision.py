@@ -23,7 +23,6 @@ temporary folder (it drops files into the current one).
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import tempfile
 import warnings
@@ -39,7 +38,6 @@ import quantize as qbench  # noqa: E402  (bench/quantize.py: the anchor's runner
 
 import onnxpress  # noqa: E402
 from onnxpress.reporting import format_table  # noqa: E402
-from onnxpress.runtime import make_session  # noqa: E402
 
 MODELS = ("resnet", "mobilenet", "concat", "transformer")
 
@@ -86,11 +84,11 @@ def bench_model(name: str, folder: Path, calib: np.ndarray, test_x: np.ndarray, 
         for tag, path in candidates.items():
             if isinstance(path, str):
                 continue
-            try:
-                sessions[tag] = make_session(str(path), threads=2)
-            except onnxpress.OnnxpressError as exc:
-                candidates[tag] = str(exc)
+            session = qbench.session_or_error(path)
+            if isinstance(session, str):
+                candidates[tag] = session
                 continue
+            sessions[tag] = session
             feed_x = test_x if tag == "fp32" else test16
             outputs[tag] = qbench.logits(sessions[tag], feed_x).astype(np.float64)
         x_for = {tag: (test_x if tag == "fp32" else test16) for tag in sessions}
@@ -133,21 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default="", help="comma-separated model names (default: all present)")
     ap.add_argument("--repeats", type=int, default=15)
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.ERROR)
-    folder = Path(args.models).resolve()
-    calib = np.load(folder / "digits32_calib.npz")["input"]
-    test = np.load(folder / "digits32_test.npz")
-    test_x, labels = test["input"], test["labels"]
-    names = [n for n in (args.only.split(",") if args.only else MODELS) if (folder / f"{n}.onnx").exists()]
-    if not names:
-        print(f"no reference models in {folder}", file=sys.stderr)
+    rows = qbench.run_models(bench_model, MODELS, args)
+    if rows is None:
         return 2
-    rows: list[list] = []
-    for name in names:
-        rows += bench_model(name, folder, calib, test_x, labels, args)
-        print(f"done {name}", file=sys.stderr, flush=True)
-    header = ["model", "config", "SQNR dB", "top-1 agree", "accuracy", "lat b1", "lat b64", "size"]
-    print(format_table(header, rows))
+    print(format_table(qbench.HEADER, rows))
     print(f"SQNR, agreement, latency and size against the float16 export; {args.repeats} interleaved repeats, "
           f"2 threads; onnx {onnx.__version__}")
     return 0

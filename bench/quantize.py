@@ -81,6 +81,14 @@ def ort_quantize(src: Path, calib: np.ndarray, work: Path, tag: str, reader_batc
     return out
 
 
+def session_or_error(path: Path) -> object | str:
+    """A 2-thread onnxruntime session of ``path``, or the text of why it does not load."""
+    try:
+        return make_session(str(path), threads=2)
+    except onnxpress.OnnxpressError as exc:
+        return str(exc)
+
+
 def logits(sess, x: np.ndarray, batch: int = 100) -> np.ndarray:
     return np.concatenate([sess.run(None, {"input": x[i : i + batch]})[0] for i in range(0, len(x), batch)])
 
@@ -166,13 +174,13 @@ def bench_model(name: str, folder: Path, calib: np.ndarray, test_x: np.ndarray, 
         for tag, path in list(candidates.items()) + [(f"ort-best[{m}]", p) for m, p in ort_best.items()]:
             if isinstance(path, str):
                 continue
-            try:
-                sessions[tag] = make_session(str(path), threads=2)
-            except onnxpress.OnnxpressError as exc:
-                candidates[tag] = str(exc)
+            session = session_or_error(path)
+            if isinstance(session, str):
+                candidates[tag] = session
                 if tag.startswith("ort-best["):
-                    ort_best[tag[9:-1]] = str(exc)
+                    ort_best[tag[9:-1]] = session
                 continue
+            sessions[tag] = session
             outputs[tag] = logits(sessions[tag], test_x)
         ref = outputs["fp32"]
         # ORT's best config: the better of MinMax / Percentile by logit SQNR.
@@ -232,23 +240,34 @@ def main(argv: list[str] | None = None) -> int:
 
     args.methods = ["kl", "minmax", "percentile", "mse"] if args.compare_methods else [DEFAULT_METHOD]
     args.methods += ["auto"] if args.auto else []
+    rows = run_models(bench_model, MODELS, args)
+    if rows is None:
+        return 2
+    print(format_table(HEADER, rows))
+    print(f"latency and size relative to fp32; {args.repeats} interleaved repeats, 2 threads; onnx {onnx.__version__}")
+    return 0
+
+
+HEADER = ["model", "config", "SQNR dB", "top-1 agree", "accuracy", "lat b1", "lat b64", "size"]
+
+
+def run_models(bench, models: tuple[str, ...], args) -> list[list] | None:
+    """``bench(name, folder, calib, test_x, labels, args)`` rows for each model of ``args.only`` (default:
+    ``models``) present in ``args.models``; None (and a message) when there is none."""
     logging.basicConfig(level=logging.ERROR)
     folder = Path(args.models).resolve()
     calib = np.load(folder / "digits32_calib.npz")["input"]
     test = np.load(folder / "digits32_test.npz")
     test_x, labels = test["input"], test["labels"]
-    names = [n for n in (args.only.split(",") if args.only else MODELS) if (folder / f"{n}.onnx").exists()]
+    names = [n for n in (args.only.split(",") if args.only else models) if (folder / f"{n}.onnx").exists()]
     if not names:
         print(f"no reference models in {folder}", file=sys.stderr)
-        return 2
+        return None
     rows: list[list] = []
     for name in names:
-        rows += bench_model(name, folder, calib, test_x, labels, args)
+        rows += bench(name, folder, calib, test_x, labels, args)
         print(f"done {name}", file=sys.stderr, flush=True)
-    header = ["model", "config", "SQNR dB", "top-1 agree", "accuracy", "lat b1", "lat b64", "size"]
-    print(format_table(header, rows))
-    print(f"latency and size relative to fp32; {args.repeats} interleaved repeats, 2 threads; onnx {onnx.__version__}")
-    return 0
+    return rows
 
 
 if __name__ == "__main__":

@@ -449,8 +449,8 @@ class QuantizeWeightsInt4:
         if node.name in self.exclude:
             return "excluded by name"
         w = node.inputs[1] if len(node.inputs) > 1 else None
-        if not isinstance(w, gs.Constant) or not np.issubdtype(np.asarray(w.values).dtype, np.float32):
-            return "weight is not a float32 constant"
+        if not isinstance(w, gs.Constant) or np.asarray(w.values).dtype not in (np.float32, np.float16):
+            return "weight is not a float32 or float16 constant"
         if np.asarray(w.values).ndim != 2:
             return "weight is not 2-D"
         if np.asarray(w.values).size < self.min_size:
@@ -480,6 +480,9 @@ class QuantizeWeightsInt4:
                 log.debug("int4 declines %s: %s", node.name, why)
                 continue
             w_t = node.inputs[1]
+            # a float16 layer keeps float16 activations: its scales and bias are float16 too (MatMulNBits
+            # takes T1 = float16; the rounding itself runs in float32)
+            dtype = np.asarray(w_t.values).dtype
             w = np.asarray(w_t.values, np.float32)
             if w.size < self.int8_below:
                 node.inputs[1] = _int8_weight(w_t, node, fresh, graph)
@@ -491,7 +494,8 @@ class QuantizeWeightsInt4:
                     w = w.T
                 w = w * np.float32(node.attrs.get("alpha", 1.0))
                 if len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].name:
-                    bias = np.asarray(node.inputs[2].values, np.float32) * np.float32(node.attrs.get("beta", 1.0))
+                    bias = (np.asarray(node.inputs[2].values, np.float32) * np.float32(node.attrs.get("beta", 1.0))
+                            ).astype(dtype)
             k, n = w.shape
             # A weight with fewer rows than a block gets the smallest block that covers it (no padding bytes).
             block = min(self.block_size, max(16, 1 << (k - 1).bit_length()))
@@ -499,9 +503,10 @@ class QuantizeWeightsInt4:
             gptq += keys[id(node)] in self.hessians
             zeros = None if zero is None else _pack_zero_points(zero)
             packed, scales = _pack(q, scale, block)
+            scales = scales.astype(dtype)
             base = w_t.name
             y = node.outputs[0]
-            mm_out = y if bias is None else gs.Variable(fresh(f"{y.name}_nobias"), dtype=np.float32)
+            mm_out = y if bias is None else gs.Variable(fresh(f"{y.name}_nobias"), dtype=dtype)
             new = gs.Node(
                 "MatMulNBits",
                 fresh(f"{node.name or base}_int4"),
@@ -627,6 +632,7 @@ def _int8_weight(w_t: gs.Constant, node: gs.Node, fresh, graph: gs.Graph) -> gs.
     """Symmetric int8 per output channel (axis 1 of MatMul's [K, N]; Gemm by transB) behind a DequantizeLinear."""
     from onnxpress.passes.qdq import quantize_array, weight_qparams
 
+    dtype = np.asarray(w_t.values).dtype
     w = np.asarray(w_t.values, np.float32)
     axis = 0 if node.op == "Gemm" and int(node.attrs.get("transB", 0)) else 1
     qp = weight_qparams(w, axis)
@@ -637,4 +643,8 @@ def _int8_weight(w_t: gs.Constant, node: gs.Node, fresh, graph: gs.Graph) -> gs.
     ]
     out = gs.Variable(fresh(f"{w_t.name}_dq"), dtype=np.float32, shape=list(w.shape))
     graph.nodes.append(gs.Node("DequantizeLinear", fresh(f"{w_t.name}_DQ"), {"axis": axis}, inputs, [out]))
+    if dtype == np.float16:  # a float16 layer: DequantizeLinear gives float16 only from opset 19 on
+        half = gs.Variable(fresh(f"{w_t.name}_dq16"), dtype=np.float16, shape=list(w.shape))
+        graph.nodes.append(gs.Node("Cast", fresh(f"{w_t.name}_Cast"), {"to": 10}, [out], [half]))
+        return half
     return out

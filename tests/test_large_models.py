@@ -286,18 +286,22 @@ def test_explicit_int4_gptq_runs_in_rounds_when_its_moments_would_not_fit(tmp_pa
     assert got[1] > got[0] - 1.0 and got[1] > 35.0, got
 
 
-@pytest.mark.parametrize("kind", ["float16", "dynamic"])
+@pytest.mark.parametrize("kind", ["float16", "float16-int4", "dynamic"])
 def test_float16_and_dynamic_quantize_of_a_large_model_give_the_ordinary_result(tmp_path, monkeypatch, kind):
-    """A float16 export (upcast inside) and the no-data dynamic path take the large-model path unchanged."""
+    """A float16 export (upcast inside) and the no-data dynamic path take the large-model path unchanged; a
+    large float16 export with int4 weights keeps computing in float16 by default (no float32 copy)."""
     from tests.test_precision import _half_export
 
-    if kind == "float16":
+    if kind.startswith("float16"):
         src = tmp_path / "half.onnx"
-        onnx.save(_half_export(MODELS / "resnet.onnx"), src)
+        name = "resnet" if kind == "float16" else "transformer"
+        onnx.save(_half_export(MODELS / f"{name}.onnx"), src)
         kwargs = {"calib": [{"input": np.load(CALIB)["input"][:64].astype(np.float16)}]}
+        kwargs.update({"weights": "int4"} if kind == "float16-int4" else {})
     else:
         src, kwargs = MODELS / "transformer.onnx", {}
-    plain = onnxpress.quantize(str(src), str(tmp_path / "plain.onnx"), **kwargs)
+    plain = onnxpress.quantize(str(src), str(tmp_path / "plain.onnx"),
+                               **kwargs, **({"keep_float16": True} if kind == "float16-int4" else {}))
     _lower_the_limit(monkeypatch, 4096)
     out = tmp_path / "large" / "q.onnx"
     out.parent.mkdir()

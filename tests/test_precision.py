@@ -168,3 +168,29 @@ def test_quantize_a_float16_export(tmp_path, name):
     assert sqnr_db(got.astype(np.float32), want.astype(np.float32)) >= 33.0  # 35-44 dB on the whole test split
     assert (got.argmax(1) == want.argmax(1)).mean() >= 0.99
     assert out.stat().st_size <= 0.55 * src.stat().st_size  # int8 weights against float16 ones: ~0.50
+
+
+def test_int4_can_keep_a_float16_export_in_float16(tmp_path):
+    """keep_float16: MatMulNBits with float16 scales on the float16 activations, no float32 weight copy; by
+    default (a small model) the export is computed in float32 inside instead, which runs faster on CPU."""
+    half = _half_export(MODELS / "transformer.onnx")
+    with np.load(MODELS / "digits32_calib.npz") as d:
+        calib = [{"input": d["input"][:128].astype(np.float16)}]
+    with np.load(MODELS / "digits32_test.npz") as d:
+        x = d["input"][:128].astype(np.float16)
+    want = graphs.run(half, {"input": x})[0].astype(np.float32)
+    kept = onnxpress.quantize(half, calib=calib, weights="int4", keep_float16=True)
+    assert any("keeps doing so: 4-bit weights with float16 scales" in n for n in kept.notes)
+    nbits = [n for n in kept.model.graph.node if n.op_type == "MatMulNBits"]
+    inits = {i.name: i for i in kept.model.graph.initializer}
+    assert len(nbits) == 12 and all(inits[n.input[2]].data_type == F16 for n in nbits)  # float16 scales
+    assert not [i for i in kept.model.graph.initializer if i.data_type == TensorProto.FLOAT and len(i.dims) == 2
+                and min(i.dims) > 16]  # no float32 copy of a weight matrix  # fmt: skip
+    onnx.checker.check_model(kept.model, full_check=True)
+    got = graphs.run(kept.model, {"input": x})[0]
+    assert got.dtype == np.float16 and sqnr_db(got.astype(np.float32), want) >= 35.0  # 39.8 dB on the test split
+    default = onnxpress.quantize(half, calib=calib, weights="int4")
+    assert any("quantized in float32 inside" in n for n in default.notes)
+    assert sqnr_db(graphs.run(default.model, {"input": x})[0].astype(np.float32), want) >= 35.0
+    with pytest.raises(onnxpress.OnnxpressError, match="keep_float16 is for int4 weight-only"):
+        onnxpress.quantize(half, calib=calib, keep_float16=True)

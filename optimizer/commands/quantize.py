@@ -38,6 +38,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--weights", default="int8", choices=("int8", "int4"), help="int8 QDQ, or int4 weight-only MatMul/Gemm"
     )
     p.add_argument("--block-size", type=int, default=64, help="int4 block size (power of two >= 16; default 64)")
+    p.add_argument("--keep-float16", action="store_true", default=None,
+                   help="with --weights int4: keep a float16 export computing in float16 (no float32 copy of the "
+                        "weights; slower on CPU). Default: only for models over 2 GiB")
     p.add_argument(
         "--int4-layers",
         nargs="*",
@@ -126,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
         per_channel=not args.per_tensor,
         activations=args.activations,
         weights=args.weights,
+        keep_float16=args.keep_float16,
         block_size=args.block_size,
         exclude=args.exclude,
         quantize_ops=args.quantize_ops,

@@ -177,3 +177,17 @@ def test_asymmetric_blocks_match_the_kernel() -> None:
     assert np.mean(np.abs(back - w) <= step / 2 * (1 + 1e-5)) > 0.95  # all but the clipped tails
     x = r.standard_normal((5, 40)).astype(np.float32)
     np.testing.assert_allclose(run(q, {"X": x})[0], x @ back, rtol=1e-5, atol=1e-4)
+
+
+def test_threaded_rounding_gives_the_same_codes(monkeypatch):
+    """A weight large enough to be rounded on one thread per core gets the codes of the one-thread path."""
+    from onnxpress.passes import weight_only
+
+    w = np.random.default_rng(8).standard_normal((256, 1536)).astype(np.float32)
+    monkeypatch.setattr(weight_only, "_THREADED_FROM", 1)
+    monkeypatch.setattr(weight_only.os, "cpu_count", lambda: 3)  # more threads than this box, uneven chunks
+    threaded = weight_only.quantize_blocks(w, 32)
+    monkeypatch.setattr(weight_only, "_THREADED_FROM", 1 << 62)
+    single = weight_only.quantize_blocks(w, 32)
+    np.testing.assert_array_equal(threaded[0], single[0])
+    np.testing.assert_array_equal(threaded[1], single[1])

@@ -245,6 +245,55 @@ class ValidationReport:
         lines.append(format_table(["op", "reference", "candidate"], rows))
         return "\n".join(lines)
 
+    def plot_layers(self, path: str | os.PathLike[str], *, marked: int = 5) -> Path:
+        """Write a PNG of each compared tensor's SQNR in graph order, the ``marked`` worst adders labelled.
+
+        Needs ``validate(layers=True)``. Written atomically (a temp file beside it, then renamed).
+
+        Raises:
+            ValidationError: the report has no per-tensor comparison.
+            OutputError: the path cannot be written (or is one of the inputs).
+        """
+        if not self.layers:
+            raise ValidationError("no per-tensor comparison to plot: run validate with layers=True (--layers)")
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        inputs = [m for m in (self.reference, self.candidate, self.data) if m and not m.startswith("<")]
+        out = check_output_path(path, inputs)
+        cap = 100.0  # exact tensors (inf dB) drawn at the top
+        x = np.arange(len(self.layers))
+        sqnr = [min(t.sqnr_db, cap) for t in self.layers]
+        added = [min(t.added_db, cap) for t in self.layers]
+        fig, ax = plt.subplots(figsize=(max(7.0, 0.12 * len(x) + 4), 4.2))
+        ax.plot(x, sqnr, "-o", ms=3, label="SQNR of the tensor (dB)")
+        ax.plot(x, added, "s", ms=4, alpha=0.7, label="SQNR of the noise its node adds (dB)")
+        for t in sorted(self.layers, key=lambda t: t.added_db)[:marked]:
+            i = self.layers.index(t)
+            ax.annotate(f"{t.name} ({t.op})", (i, min(t.added_db, cap)), fontsize=7, rotation=30,
+                        xytext=(4, -14), textcoords="offset points")
+        ax.set_xlabel(f"intermediate tensors in graph order ({len(x)}; exact ones drawn at {cap:g} dB)")
+        ax.set_ylabel("dB (lower = more error)")
+        ax.set_title(f"{Path(self.candidate).name} against {Path(self.reference).name}, "
+                     f"first {self.layer_samples} samples", fontsize=9)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        tmp = None
+        try:
+            with tempfile.NamedTemporaryFile(dir=out.parent, prefix=".onnxpress-", suffix=".png", delete=False) as fh:
+                tmp = fh.name
+            fig.savefig(tmp, dpi=90, format="png")
+            os.replace(tmp, out)
+        except OSError as exc:
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
+            raise OutputError(f"cannot write {out}: {exc.strerror or exc}") from None
+        finally:
+            plt.close(fig)
+        return out
+
     def _format_layers(self, shown: int = 10) -> list[str]:
         worst = sorted(self.layers, key=lambda t: t.added_db)[:shown]
         skipped = f"; {self.layers_skipped} left out (shapes differ)" if self.layers_skipped else ""

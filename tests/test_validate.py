@@ -256,7 +256,7 @@ def _chain() -> onnx.ModelProto:
     return graphs.make_model(nodes, [("X", ["N", 8])], [("Y", ["N", 4])], inits)
 
 
-def test_layers_find_the_one_changed_layer():
+def test_layers_find_the_one_changed_layer(tmp_path):
     """Only fc2's weight is perturbed: tensors before it are exact, and fc2's output is where the noise enters."""
     model = _chain()
     cand = onnx.ModelProto()
@@ -278,6 +278,10 @@ def test_layers_find_the_one_changed_layer():
     assert report.to_dict()["layers"][2]["name"] == "b"
     same = validate(model, model, [{"X": _x(8)}], latency=False, layers=True)
     assert all(t.sqnr_db == math.inf and t.added_db == math.inf for t in same.layers)
+    png = report.plot_layers(tmp_path / "layers.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and sorted(p.name for p in tmp_path.iterdir()) == ["layers.png"]
+    with pytest.raises(ValidationError, match="layers=True"):
+        validate(model, model, [{"X": _x(8)}], latency=False).plot_layers(tmp_path / "none.png")
 
 
 def test_layers_leave_out_tensors_whose_shapes_differ(tmp_path, capsys):
@@ -296,3 +300,5 @@ def test_layers_leave_out_tensors_whose_shapes_differ(tmp_path, capsys):
     assert "per tensor, first 8 samples: 0 tensors compared; 4 left out (shapes differ)" in out
     record = json.loads((tmp_path / "r.json").read_text())
     assert record["layers_skipped"] == 4 and record["layers"] == []
+    assert main(["validate", str(src), str(pruned), "--data", str(tmp_path / "d.npz"), "--plot", "p.png"]) == 2
+    assert "--plot draws the per-tensor comparison: add --layers" in capsys.readouterr().err

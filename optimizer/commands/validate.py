@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from onnxpress.cli import add_common, positive_int, progress_enabled
 from onnxpress.model_io import check_output_path
@@ -33,6 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="also compare every intermediate tensor both models produce under the same name and show "
                         "where the candidate adds the most noise (Q/DQ pairs run as float arithmetic there)")
     p.add_argument("--layer-samples", type=positive_int, default=64, help="samples for --layers (default 64)")
+    p.add_argument("--plot", metavar="PNG", help="with --layers: also draw each tensor's SQNR in graph order")
     add_common(p)
     p.set_defaults(func=run)
 
@@ -41,8 +43,13 @@ def run(args: argparse.Namespace) -> int:
     """Validate, print the table, write the JSON record, then apply the thresholds."""
     from onnxpress.validate import validate
 
-    if args.json:
-        check_output_path(args.json, [p for p in (args.reference, args.candidate, args.data, args.labels) if p])
+    inputs = [p for p in (args.reference, args.candidate, args.data, args.labels) if p]
+    if args.plot and not args.layers:
+        print("onnxpress validate: error: --plot draws the per-tensor comparison: add --layers", file=sys.stderr)
+        return 2
+    for out in (args.json, args.plot):
+        if out:
+            check_output_path(out, inputs)
     report = validate(
         args.reference,
         args.candidate,
@@ -60,5 +67,7 @@ def run(args: argparse.Namespace) -> int:
     print(report.format())
     if args.json:
         print(f"wrote {report.write_json(args.json)}")
+    if args.plot:
+        print(f"wrote {report.plot_layers(args.plot)}")
     report.require(max_abs_error=args.max_abs_error, min_sqnr_db=args.min_sqnr, min_agreement=args.min_agreement)
     return 0

@@ -213,15 +213,16 @@ def store_float16(model: onnx.ModelProto, *, min_elements: int = 64) -> int:
     After :func:`upcast_float16` the layers a pass left float hold float16 values in float32 (twice the
     bytes of the export they came from); this gives the bytes back without changing a value.
     onnxruntime folds the ``Cast`` of a constant when it builds the session, so the layers run as before.
-    Left alone: initializers below ``min_elements``, those read by a Q/DQ node (their scales), inside a
-    subgraph or as a graph input/output, and any value that float16 would round. Modifies ``model`` in
+    Left alone: initializers below ``min_elements``, those read by a Q/DQ node (their scales) or by an op
+    outside the standard domain (``MatMulNBits``), inside a subgraph or as a graph input/output, and any
+    value that float16 would round. Modifies ``model`` in
     place and returns how many initializers it stores as float16.
     """
     g = model.graph
     boundary = {v.name for v in g.input} | {v.name for v in g.output}
     typed, nested = set(), set()
     for node in g.node:
-        if node.op_type in _KEEP_TYPED:
+        if node.op_type in _KEEP_TYPED or node.domain not in ("", "ai.onnx"):  # MatMulNBits reads its own scales
             typed.update(node.input)
         for attr in node.attribute:
             for sub in _subgraphs(attr):

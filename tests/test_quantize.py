@@ -439,3 +439,24 @@ def test_cli_says_a_quantized_convtranspose_runs_in_float(tmp_path: Path, capsys
     np.savez(data, X=rng(72).standard_normal((16, 8, 4, 4)).astype(np.float32))
     assert main(["quantize", str(path), "-o", str(tmp_path / "q.onnx"), "--calib", str(data)]) == 0
     assert "1 ConvTranspose quantized for storage" in capsys.readouterr().out
+
+
+def test_cli_checks_the_written_models_latency(tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch) -> None:
+    """After writing, the CLI times both models on the first calibration batch and warns when it got slower."""
+    from onnxpress import runtime
+    from onnxpress.commands import quantize as command
+
+    src, data, out = tmp_path / "m.onnx", tmp_path / "d.npz", tmp_path / "q.onnx"
+    onnx.save(residual_cnn(), src)
+    np.savez(data, X=rng(5).standard_normal((8, 3, 8, 8)).astype(np.float32))
+    assert main(["quantize", str(src), "-o", str(out), "--calib", str(data), "-q"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("latency "))
+    assert "x the original (first calibration batch of 8, 10 interleaved runs each" in line
+    assert main(["quantize", str(src), "-o", str(out), "--calib", str(data), "-q", "--no-latency-check"]) == 0
+    assert "latency" not in capsys.readouterr().out
+    monkeypatch.setattr(runtime, "time_interleaved", lambda sessions, feed, rounds, warmup: [[1.0] * 3, [1.5] * 3])
+    assert command.latency_check(str(src), str(out), str(data)) == pytest.approx(1.5)
+    text = capsys.readouterr().out
+    assert "latency 1.50x the original" in text and "warning: the quantized model ran slower than the original" in text
+    monkeypatch.setattr(command, "LATENCY_CHECK_MAX_BYTES", 10)
+    assert command.latency_check(str(src), str(out), str(data)) is None  # too large to time: skipped

@@ -93,6 +93,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "(weight-only, replaces QDQ)")
     p.add_argument("-v", "--verbose", action="store_true",
                    help="list every node left in float (default: one line per op and reason, a few names each)")
+    p.add_argument("--no-latency-check", dest="latency_check", action="store_false",
+                   help="skip the quick latency check of the written model against the original (on the first "
+                        "calibration batch)")
     add_common(p)
     p.set_defaults(func=run)
 
@@ -196,4 +199,48 @@ def run(args: argparse.Namespace) -> int:
         f"{kind}: size {result.size_before / 1e6:.3f} MB -> {result.size_after / 1e6:.3f} MB "
         f"({result.size_ratio:.3f}x); wrote {result.output}"
     )
+    if args.latency_check and args.calib is not None:
+        latency_check(args.model, result.output, args.calib)
     return 0
+
+
+LATENCY_CHECK_MAX_BYTES = 1 << 30
+"""Models larger than this (with their external data) are not timed after quantizing: loading takes long."""
+
+
+def latency_check(original: str, written: str, calib: str, *, batch: int = 32, rounds: int = 10) -> float | None:
+    """Time the written model against the original on the first calibration batch and print the ratio.
+
+    A quantized model can run slower than its original where onnxruntime lacks integer kernels for its
+    ops (EfficientNet-style SiLU and squeeze-excite gates measured 1.17x fp32); a user should not learn
+    that in production. Interleaved medians of ``rounds`` runs each, default threads; ``onnxpress
+    validate`` measures it properly. Returns the ratio (None when skipped).
+    """
+    import statistics
+
+    import onnx
+
+    from onnxpress.calibration.readers import open_data
+    from onnxpress.model_io import load_model
+    from onnxpress.runtime import make_session, time_interleaved
+    from onnxpress.validate import model_size
+
+    if model_size(original) + model_size(written) > LATENCY_CHECK_MAX_BYTES:
+        return None
+    graph: onnx.ModelProto = load_model(original, external_data=False)
+    batches = open_data(calib, graph).batches(batch)
+    try:
+        feed = next(batches)
+    finally:
+        batches.close()
+    sessions = [make_session(original, what="original model"), make_session(written, what="quantized model")]
+    ref, cand = time_interleaved(sessions, feed, rounds, warmup=2)
+    ratio = statistics.median(cand) / statistics.median(ref)
+    n = next((a.shape[0] for a in feed.values() if a.ndim), 1)
+    print(f"latency {ratio:.2f}x the original (first calibration batch of {n}, {rounds} interleaved runs each; "
+          "onnxpress validate measures it on your data)")
+    if ratio > 1.0:
+        print("warning: the quantized model ran slower than the original here: onnxruntime has no fast integer "
+              "kernel for some of its ops; onnxpress validate --layers and onnxpress optimize (per-layer int8 or "
+              "float under a latency budget) help find which")
+    return ratio

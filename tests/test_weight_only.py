@@ -191,3 +191,48 @@ def test_threaded_rounding_gives_the_same_codes(monkeypatch):
     single = weight_only.quantize_blocks(w, 32)
     np.testing.assert_array_equal(threaded[0], single[0])
     np.testing.assert_array_equal(threaded[1], single[1])
+
+
+def _embedding_model() -> onnx.ModelProto:
+    """ids[N, T] -> Gather(E[300, 16]) -> e; e + P[T=4, 16] -> h; h -> MatMul(W[16, 8]) -> Add(b[8]) -> Y."""
+    r = rng(30)
+    table = r.standard_normal((300, 16)).astype(np.float32) * np.linspace(0.1, 3.0, 300, dtype=np.float32)[:, None]
+    inits = {"E": table, "P": r.standard_normal((4, 16)).astype(np.float32),
+             "W": r.standard_normal((16, 8)).astype(np.float32), "b": r.standard_normal(8).astype(np.float32)}
+    nodes = [helper.make_node("Gather", ["E", "ids"], ["e"], axis=0), helper.make_node("Add", ["e", "P"], ["h"]),
+             helper.make_node("MatMul", ["h", "W"], ["m"]), helper.make_node("Add", ["m", "b"], ["Y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, ["N", 4])],
+                              [helper.make_tensor_value_info("Y", onnx.TensorProto.FLOAT, ["N", 4, 8])],
+                              [onnx.numpy_helper.from_array(v, k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+@pytest.mark.parametrize("keep_biases", [False, True])
+def test_embedding_rows_get_a_scale_each_and_biases_can_stay_float(keep_biases):
+    """An embedding table is stored int8 per row and dequantized after the lookup (only the rows looked up);
+    with keep_biases a MatMul's bias Add keeps its float constant."""
+    from onnxpress.passes.weight_only import StoreConstantsInt8
+
+    model = _embedding_model()
+    ids = rng(31).integers(0, 300, (5, 4)).astype(np.int64)
+    out = run_passes(model, [StoreConstantsInt8(min_size=8, keep_biases=keep_biases)]).model
+    onnx.checker.check_model(out, full_check=True)
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in out.graph.initializer}
+    table = onnx.numpy_helper.to_array(model.graph.initializer[0])
+    q_name = next(n for n in inits if n.startswith("E_rows_q"))
+    assert inits[q_name].dtype == np.int8 and inits[q_name].shape == (300, 16) and "E" not in inits
+    gathered = [n for n in out.graph.node if n.op_type == "Gather"]
+    assert {g.input[0] for g in gathered} == {q_name, next(n for n in inits if n.startswith("E_rows_s"))}
+    assert not any(n.op_type == "DequantizeLinear" and n.input[0] == q_name for n in out.graph.node)
+    # each row within half its own step: rows of small range keep their precision
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(out)
+    exposed.graph.output.append(helper.make_tensor_value_info("e", onnx.TensorProto.FLOAT, None))
+    e = run(exposed, {"ids": ids})[1]
+    step = np.abs(table).max(axis=1) / 127
+    assert np.all(np.abs(e - table[ids]) <= step[ids][..., None] / 2 * (1 + 1e-6))
+    assert ("b" in inits and inits["b"].dtype == np.float32) == keep_biases
+    ref, got = run(model, {"ids": ids})[0], run(out, {"ids": ids})[0]
+    assert np.abs(got - ref).max() < 0.1 * np.abs(ref).max()

@@ -87,6 +87,8 @@ class TensorComparison:
             quantized layer, or an op whose output is small where its input is (Gelu and Softmax on noisy
             inputs: the same noise is a larger share of a smaller signal).
         max_abs_error: largest ``|r - c|``.
+
+    Values that are not finite in either model (an attention mask's -inf) are left out of the sums.
     """
 
     name: str
@@ -664,7 +666,9 @@ def _compare_tensors(reference: ModelSource, candidate: ModelSource, ref_model: 
             if name in differ or np.shape(r) != np.shape(c):
                 differ.add(name)
                 continue
-            accs[name].update(np.asarray(r), np.asarray(c), None)
+            r, c = np.asarray(r).ravel(), np.asarray(c).ravel()
+            finite = np.isfinite(r) & np.isfinite(c)  # an attention mask's -inf: compared where both are finite
+            accs[name].update(r[finite], c[finite], None)
         seen += next((a.shape[0] for a in feed.values() if a.ndim), 1)
     noise = {name: (acc.err_sq / acc.ref_sq if acc.ref_sq > 0 else (0.0 if acc.err_sq == 0 else math.inf))
              for name, acc in accs.items() if name not in differ}

@@ -302,3 +302,18 @@ def test_layers_leave_out_tensors_whose_shapes_differ(tmp_path, capsys):
     assert record["layers_skipped"] == 4 and record["layers"] == []
     assert main(["validate", str(src), str(pruned), "--data", str(tmp_path / "d.npz"), "--plot", "p.png"]) == 2
     assert "--plot draws the per-tensor comparison: add --layers" in capsys.readouterr().err
+
+
+def test_layers_compare_masked_tensors_where_both_are_finite():
+    """An attention-style -inf mask: the masked tensor is exact (inf dB) instead of NaN; the change is found."""
+    r = graphs.rng(4)
+    mask = np.where(np.arange(8) < 6, 0.0, -np.inf).astype(np.float32)
+    nodes = [helper.make_node("Add", ["X", "M"], ["masked"]), helper.make_node("Softmax", ["masked"], ["p"], axis=-1),
+             helper.make_node("MatMul", ["p", "W"], ["Y"])]
+    w = r.standard_normal((8, 4)).astype(np.float32)
+    model = graphs.make_model(nodes, [("X", ["N", 8])], [("Y", ["N", 4])], {"M": mask, "W": w})
+    cand = graphs.make_model(nodes, [("X", ["N", 8])], [("Y", ["N", 4])], {"M": mask, "W": w * 1.01})
+    report = validate(model, cand, [{"X": _x(16)}], latency=False, layers=True)
+    by_name = {t.name: t for t in report.layers}
+    assert by_name["masked"].sqnr_db == math.inf and by_name["p"].sqnr_db == math.inf
+    assert not any(math.isnan(t.sqnr_db) or math.isnan(t.added_db) for t in report.layers)

@@ -156,3 +156,12 @@ def test_dynamic_refuses_options_that_need_data():
         onnxpress.quantize(model, activations="dynamic", smoothquant=0.5)
     conv = onnxpress.quantize(residual_cnn(), activations="dynamic")  # asked for: convolutions stay float
     assert {d.op for d in conv.quantized} <= {"MatMul", "Gemm"}
+
+
+def test_without_data_a_model_with_nothing_to_quantize_says_so(tmp_path, capsys):
+    """No MatMul/Gemm and no data: the CLI says that no layer was quantized (and writes the model as it was)."""
+    src, out = tmp_path / "m.onnx", tmp_path / "q.onnx"
+    onnx.save(make_model([helper.make_node("Relu", ["X"], ["Y"])], [("X", ["N", 4])], [("Y", ["N", 4])]), src)
+    assert main(["quantize", str(src), "-o", str(out), "-q"]) == 0
+    assert "int8 weights, dynamic activations (0 MatMul/Gemm layers)" in capsys.readouterr().out
+    assert [n.op_type for n in onnx.load(out).graph.node] == ["Relu"]

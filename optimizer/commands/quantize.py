@@ -185,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
     for name, why in sorted(result.excluded_tensors.items()):
         print(f"no range  {name}: {why}")
     kind = "int4 weight-only" if args.weights == "int4" else f"int8 weights, {args.activations or 'uint8'} activations"
-    if result.stats.get("quantize_dynamic.layers"):
+    if "quantize_dynamic.layers" in result.stats:
         kind = f"int8 weights, dynamic activations ({result.stats['quantize_dynamic.layers']} MatMul/Gemm layers)"
     elif args.weights == "int4" and args.codebook is None:
         gptq = result.stats.get("quantize_weights_int4.weights_int4_gptq", 0)

@@ -10,7 +10,9 @@ Rows per model:
 - ``fp32``: the original float32 model (the precision the export gave up);
 - ``ort-default``: ``quantize_static`` (QDQ) with its defaults on the float16 export, float16 calibration data;
 - ``ort-best``: per-channel, QUInt8 activations, MinMax (its best config in ``bench/quantize.py``);
-- ``onnxpress``: ``onnxpress.quantize`` with its defaults (float32 inside, float16 inputs/outputs).
+- ``onnxpress``: ``onnxpress.quantize`` with its defaults (float32 inside, float16 inputs/outputs);
+- ``onnxpress int4`` / ``onnxpress int4 keep-float16`` (transformer): 4-bit weight-only (GPTQ) through
+  float32 inside, or kept in float16 (``keep_float16=True``: MatMulNBits with float16 scales).
 
 Columns: logit SQNR against the float16 export on the digits test split, top-1 agreement with it,
 accuracy, latency relative to it at batch 1 and 64 (2 threads, every session timed in rotation,
@@ -74,12 +76,17 @@ def bench_model(name: str, folder: Path, calib: np.ndarray, test_x: np.ndarray, 
             half, calib16, work, "best", calibrate_method=CalibrationMethod.MinMax, per_channel=True,
             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
         )  # fmt: skip
-        ours = work / f"{name}_onnxpress.onnx"
-        try:
-            onnxpress.quantize(half, ours, calib=work / "calib16.npz")
-            candidates["onnxpress"] = ours
-        except onnxpress.OnnxpressError as exc:
-            candidates["onnxpress"] = f"{type(exc).__name__}: {exc}"
+        variants = {"onnxpress": {}}
+        if name == "transformer":  # 4-bit weights: through float32 inside (the default here) or kept float16
+            variants.update({"onnxpress int4": {"weights": "int4"},
+                             "onnxpress int4 keep-float16": {"weights": "int4", "keep_float16": True}})
+        for tag, kwargs in variants.items():
+            ours = work / f"{name}_{tag.replace(' ', '_')}.onnx"
+            try:
+                onnxpress.quantize(half, ours, calib=work / "calib16.npz", **kwargs)
+                candidates[tag] = ours
+            except onnxpress.OnnxpressError as exc:
+                candidates[tag] = f"{type(exc).__name__}: {exc}"
         sessions, outputs = {}, {}
         for tag, path in candidates.items():
             if isinstance(path, str):

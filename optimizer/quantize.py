@@ -302,6 +302,10 @@ def quantize(
     elif activations == "dynamic":
         _check_dynamic_options(calib, table, weights, codebook, int4_layers, method, equalize, smoothquant,
                                bias_correction, int8_method)
+    weight_only4 = weights == "int4" and codebook is None and not int4_layers
+    if keep_float16 and not weight_only4:
+        raise OnnxpressError("keep_float16 is for int4 weight-only quantization: int8 layers need float32 around "
+                             "them (onnxruntime's integer kernels); drop it")
     selection = _as_selection(exclude)
     ovs = _as_overrides(overrides)
     if output is not None:
@@ -311,10 +315,6 @@ def quantize(
     proto = normalize_model(original, min_opset=13, in_place=True)  # original is load_model's private copy
     del original  # each copy of a large model's weights held at once costs gigabytes
     cleaned = run_passes(proto, cleanup_passes(), progress=progress).model
-    weight_only4 = weights == "int4" and codebook is None and not int4_layers
-    if keep_float16 and not weight_only4:
-        raise OnnxpressError("keep_float16 is for int4 weight-only quantization: int8 layers need float32 around "
-                             "them (onnxruntime's integer kernels); drop it")
     # int4 weight-only can keep a float16 export in float16 (MatMulNBits takes it): no float32 copy of a large one
     keep = weight_only4 and (keep_float16 if keep_float16 is not None else is_large(cleaned))
     cleaned, half_note = _float32_inside(cleaned, progress, keep=keep)

@@ -627,6 +627,10 @@ def validate(
     )
 
 
+_FLOATS = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE}
+"""Tensor types ``layers`` compares (a float16 export against its float32-inside quantized model too)."""
+
+
 def _compare_tensors(reference: ModelSource, candidate: ModelSource, ref_model: onnx.ModelProto,
                      cand_model: onnx.ModelProto, reader: Any, batch: int,
                      threads: int | None) -> tuple[tuple[TensorComparison, ...], int, int]:
@@ -637,15 +641,10 @@ def _compare_tensors(reference: ModelSource, candidate: ModelSource, ref_model: 
     constants = constant_values(ref_model.graph)
     outputs = {o.name for o in ref_model.graph.output}
     cand_produced = {o for n in cand_model.graph.node for o in n.output if o}
-    producer: dict[str, onnx.NodeProto] = {}
-    names: list[str] = []
-    for node in ref_model.graph.node:
-        for name in node.output:
-            if (name and name in cand_produced and name not in outputs and name not in constants
-                    and ref_types.get(name, (0,))[0] == onnx.TensorProto.FLOAT
-                    and cand_types.get(name, (0,))[0] == onnx.TensorProto.FLOAT):
-                names.append(name)
-                producer[name] = node
+    producer: dict[str, onnx.NodeProto] = {o: node for node in ref_model.graph.node for o in node.output if o}
+    names = [name for node in ref_model.graph.node for name in node.output
+             if name and name in cand_produced and name not in outputs and name not in constants
+             and ref_types.get(name, (0,))[0] in _FLOATS and cand_types.get(name, (0,))[0] in _FLOATS]
     if not names:
         return (), 0, 0
 
@@ -666,18 +665,33 @@ def _compare_tensors(reference: ModelSource, candidate: ModelSource, ref_model: 
             if name in differ or np.shape(r) != np.shape(c):
                 differ.add(name)
                 continue
-            r, c = np.asarray(r).ravel(), np.asarray(c).ravel()
+            r, c = np.asarray(r, np.float64).ravel(), np.asarray(c, np.float64).ravel()
             finite = np.isfinite(r) & np.isfinite(c)  # an attention mask's -inf: compared where both are finite
             accs[name].update(r[finite], c[finite], None)
         seen += next((a.shape[0] for a in feed.values() if a.ndim), 1)
     noise = {name: (acc.err_sq / acc.ref_sq if acc.ref_sq > 0 else (0.0 if acc.err_sq == 0 else math.inf))
              for name, acc in accs.items() if name not in differ}
+    inherited: dict[str, float] = {}
+
+    def upstream(tensor: str) -> float:
+        """The noise ratio reaching ``tensor`` (0 at graph inputs).
+
+        A compared tensor's own; else the worst of its producer's inputs, through tensors the candidate does
+        not have (a Relu its kernel absorbed, say).
+        """
+        if tensor in noise:
+            return noise[tensor]
+        if tensor not in inherited:
+            node = producer.get(tensor)
+            inherited[tensor] = 0.0  # set first: a valid graph has no cycle, but the recursion stays bounded
+            inherited[tensor] = max((upstream(i) for i in node.input if i), default=0.0) if node else 0.0
+        return inherited[tensor]
+
     out = []
     for name in fetch:
         if name in differ:
             continue
-        upstream = max((noise[i] for i in producer[name].input if i in noise), default=0.0)
-        added = noise[name] - upstream
+        added = noise[name] - max((upstream(i) for i in producer[name].input if i), default=0.0)
         res = accs[name].result(False)
         added_db = math.inf if added <= 0 else (-math.inf if math.isinf(added) else -10.0 * math.log10(added))
         out.append(TensorComparison(name, producer[name].op_type, res.sqnr_db, added_db, res.max_abs_error))

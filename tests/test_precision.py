@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -171,6 +172,9 @@ def test_quantize_a_float16_export(tmp_path, name):
     assert sqnr_db(got.astype(np.float32), want.astype(np.float32)) >= 33.0  # 35-44 dB on the whole test split
     assert (got.argmax(1) == want.argmax(1)).mean() >= 0.99
     assert out.stat().st_size <= 0.55 * src.stat().st_size  # int8 weights against float16 ones: ~0.50
+    # validate --layers compares the float16 export's tensors with the quantized model's float32 ones
+    layers = onnxpress.validate(src, out, [{"input": x[:16]}], latency=False, layers=True).layers
+    assert len(layers) >= 9 and all(math.isfinite(t.sqnr_db) or t.sqnr_db == math.inf for t in layers)
 
 
 def test_int4_can_keep_a_float16_export_in_float16(tmp_path):

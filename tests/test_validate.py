@@ -317,3 +317,23 @@ def test_layers_compare_masked_tensors_where_both_are_finite():
     by_name = {t.name: t for t in report.layers}
     assert by_name["masked"].sqnr_db == math.inf and by_name["p"].sqnr_db == math.inf
     assert not any(math.isnan(t.sqnr_db) or math.isnan(t.added_db) for t in report.layers)
+
+
+def test_layers_carry_noise_through_tensors_the_candidate_lacks():
+    """The candidate's Relu output has another name (as when a kernel absorbs it): fc2 inherits fc1's noise
+    through it instead of being charged with all of it."""
+    model = _chain()
+    cand = onnx.ModelProto()
+    cand.CopyFrom(model)
+    for node in cand.graph.node:
+        node.input[:] = ["a_renamed" if i == "a" else i for i in node.input]
+        node.output[:] = ["a_renamed" if o == "a" else o for o in node.output]
+    for i, init in enumerate(cand.graph.initializer):
+        if init.name == "W1":
+            w = numpy_helper.to_array(init)
+            cand.graph.initializer[i].CopyFrom(numpy_helper.from_array(w * 1.01, "W1"))
+    report = validate(model, cand, [{"X": _x(32)}], latency=False, layers=True)
+    by_name = {t.name: t for t in report.layers}
+    assert set(by_name) == {"g1", "b", "c"}  # "a" is not in the candidate
+    assert math.isfinite(by_name["g1"].added_db) and by_name["g1"].added_db == pytest.approx(by_name["g1"].sqnr_db)
+    assert by_name["b"].added_db > by_name["b"].sqnr_db + 10  # fc2 itself is exact: little or nothing added there

@@ -236,9 +236,30 @@ def exposed_model(
         fetch.append(name)
         if name in existing:
             continue
-        elem = types.get(name, (onnx.TensorProto.FLOAT, None))[0]
+        elem = types[name][0] if name in types else _guessed_type(g, name, types)
         out.graph.output.append(onnx.helper.make_tensor_value_info(name, elem, None))
     return out, fetch, big
+
+
+def _guessed_type(g: onnx.GraphProto, name: str, types: _Types) -> int:
+    """The element type of a value that shape inference left untyped.
+
+    That of its producer's first float input (looked up the same way when it is untyped too), else float32.
+    onnx's inference stops at contrib ops (``MatMulNBits``), and a float16 model's values after one are float16,
+    not the float32 a guess would say (onnxruntime refuses an output declared with the wrong type).
+    """
+    producer = {o: node for node in g.node for o in node.output if o}
+    seen: set[str] = set()
+    todo = [name]
+    while todo:
+        node = producer.get(todo.pop(0))
+        for i in node.input if node is not None else []:
+            if types.get(i, (0,))[0] in _FLOAT_TYPES:
+                return types[i][0]
+            if i and i not in types and i not in seen:
+                seen.add(i)
+                todo.append(i)
+    return onnx.TensorProto.FLOAT
 
 
 def _batch_is_dynamic(model: onnx.ModelProto) -> bool:

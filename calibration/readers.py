@@ -628,23 +628,23 @@ def symbolic_sizes(model: onnx.ModelProto, data: DataSource | None = None,
     """Sizes of the model inputs' symbolic dimensions beyond axis 0: ``given``, then the first sample of ``data``.
 
     Keyed as :func:`onnxpress.passes.flops.symbolic_input_dims` keys them: the dimension's name, or
-    ``"<input>:<axis>"`` for an unnamed one (a name shared by several inputs takes its first size).
+    ``"<input>:<axis>"`` for an unnamed one (a name shared by several inputs takes its first place's size).
     ``data`` is read (one sample) only for a dimension ``given`` leaves out.
 
     Raises:
         DataError: as :func:`open_data` and its batches do.
     """
+    from onnxpress.passes.flops import symbolic_input_dims  # the keys count_macs reads
+
     sizes = {str(k): int(v) for k, v in (given or {}).items()}
-    wanted = [(s.name, axis, d if isinstance(d, str) else f"{s.name}:{axis}")
-              for s in model_inputs(model) if s.shape is not None
-              for axis, d in enumerate(s.shape) if axis and not isinstance(d, int)]
-    if data is None or all(key in sizes for _, _, key in wanted):
+    wanted = symbolic_input_dims(model)
+    if data is None or all(key in sizes for key in wanted):
         return sizes
     batches = open_data(data, model, max_samples=1).batches(1)
     try:
         feed = next(batches)
     finally:
         batches.close()
-    for name, axis, key in wanted:
+    for key, (name, axis) in wanted.items():
         sizes.setdefault(key, int(feed[name].shape[axis]))
     return sizes

@@ -230,25 +230,27 @@ def exposed_model(
         out, big = onnx.ModelProto(), []
         out.CopyFrom(model)
     fetch = []
+    producer: dict[str, onnx.NodeProto] | None = None  # built once, for the first value left untyped
     for name in names:
         if name in graph_inputs:
             continue
         fetch.append(name)
         if name in existing:
             continue
-        elem = types[name][0] if name in types else _guessed_type(g, name, types)
+        if name not in types and producer is None:
+            producer = {o: node for node in g.node for o in node.output if o}
+        elem = types[name][0] if name in types else _guessed_type(producer, name, types)
         out.graph.output.append(onnx.helper.make_tensor_value_info(name, elem, None))
     return out, fetch, big
 
 
-def _guessed_type(g: onnx.GraphProto, name: str, types: _Types) -> int:
+def _guessed_type(producer: Mapping[str, onnx.NodeProto], name: str, types: _Types) -> int:
     """The element type of a value that shape inference left untyped.
 
     That of its producer's first float input (looked up the same way when it is untyped too), else float32.
     onnx's inference stops at contrib ops (``MatMulNBits``), and a float16 model's values after one are float16,
     not the float32 a guess would say (onnxruntime refuses an output declared with the wrong type).
     """
-    producer = {o: node for node in g.node for o in node.output if o}
     seen: set[str] = set()
     todo = [name]
     while todo:

@@ -32,6 +32,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from onnxpress.passes.base import fresh_names
+
 __all__ = ["HalfPrecision", "half_precision_layers", "store_float16", "upcast_float16"]
 
 _F16, _F32 = TensorProto.FLOAT16, TensorProto.FLOAT
@@ -73,23 +75,24 @@ def upcast_float16(model: onnx.ModelProto) -> tuple[onnx.ModelProto, HalfPrecisi
     out.CopyFrom(model)
     g = out.graph
     counter = [0]
-    taken = _names(g)
+    fresh = fresh_names(_names(g))
     rename: dict[str, str] = {}
     casts_in = []
+    initializers = {i.name for i in g.initializer}
     for vi in g.input:
-        if vi.type.tensor_type.elem_type == _F16 and vi.name not in {i.name for i in g.initializer}:
-            inner = _fresh(vi.name + _SUFFIX, taken)
+        if vi.type.tensor_type.elem_type == _F16 and vi.name not in initializers:
+            inner = fresh(vi.name + _SUFFIX)
             rename[vi.name] = inner
-            casts_in.append(helper.make_node("Cast", [vi.name], [inner], to=_F32, name=_fresh("cast_in", taken)))
+            casts_in.append(helper.make_node("Cast", [vi.name], [inner], to=_F32, name=fresh("cast_in")))
     in_names = {vi.name for vi in g.input}
     half_out = [vo.type.tensor_type.elem_type == _F16 for vo in g.output]
     casts_out, outputs = [], []
     for vo in g.output:
         if vo.type.tensor_type.elem_type != _F16 or vo.name in in_names:  # a passed-through input stays float16
             continue
-        inner = _fresh(vo.name + _SUFFIX, taken)
+        inner = fresh(vo.name + _SUFFIX)
         outputs.append((vo.name, inner))
-        casts_out.append(helper.make_node("Cast", [inner], [vo.name], to=_F16, name=_fresh("cast_out", taken)))
+        casts_out.append(helper.make_node("Cast", [inner], [vo.name], to=_F16, name=fresh("cast_out")))
     # the producer of an output (node, initializer) now writes inner; every reader of it reads inner
     produced = {name: inner for name, inner in outputs}
     _rename_graph(g, {**rename, **produced}, produced, top=True)
@@ -111,20 +114,12 @@ def upcast_float16(model: onnx.ModelProto) -> tuple[onnx.ModelProto, HalfPrecisi
 
 
 def _names(g: onnx.GraphProto) -> set[str]:
+    """Every node and tensor name of the main graph (what a new name must avoid)."""
     taken = {n.name for n in g.node} | {i.name for i in g.initializer} | {v.name for v in g.input}
     for n in g.node:
         taken.update(n.input)
         taken.update(n.output)
     return taken
-
-
-def _fresh(base: str, taken: set[str]) -> str:
-    name, k = base, 0
-    while name in taken:
-        k += 1
-        name = f"{base}_{k}"
-    taken.add(name)
-    return name
 
 
 def _rename_graph(g: onnx.GraphProto, readers: dict[str, str], producers: dict[str, str], *, top: bool) -> None:
@@ -227,7 +222,7 @@ def store_float16(model: onnx.ModelProto, *, min_elements: int = 64) -> int:
         for attr in node.attribute:
             for sub in _subgraphs(attr):
                 nested.update(_read_in(sub))
-    taken = _names(g)
+    fresh = fresh_names(_names(g))
     casts, stored = [], 0
     for init in g.initializer:
         if (init.data_type != _F32 or init.name in boundary or init.name in typed or init.name in nested
@@ -238,8 +233,8 @@ def store_float16(model: onnx.ModelProto, *, min_elements: int = 64) -> int:
         if not np.array_equal(half.astype(np.float32), values, equal_nan=True):
             continue
         name = init.name
-        init.CopyFrom(numpy_helper.from_array(half, _fresh(name + "__f16", taken)))
-        casts.append(helper.make_node("Cast", [init.name], [name], to=_F32, name=_fresh(name + "__cast", taken)))
+        init.CopyFrom(numpy_helper.from_array(half, fresh(name + "__f16")))
+        casts.append(helper.make_node("Cast", [init.name], [name], to=_F32, name=fresh(name + "__cast")))
         stored += 1
     if casts:
         nodes = casts + list(g.node)

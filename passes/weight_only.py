@@ -630,12 +630,12 @@ def store_constants_int8(graph: gs.Graph, min_size: int, fresh, *, exclude: froz
                 # scales). A DequantizeLinear of the whole table ran at every call (a 2000 x 256 table took a
                 # BERT-style encoder from 0.68 to 0.75x fp32 at batch 1), and one scale for all rows cost it
                 # 37.8 -> 34.4 dB of logit SQNR
-                if t.name not in rows_of:
-                    amax = np.abs(values).max(axis=1, keepdims=True)
-                    row_scale = np.where(amax > 0, amax / 127, 1.0).astype(np.float32)
-                    q_rows = np.clip(np.rint(values / row_scale), -127, 127).astype(np.int8)
-                    rows_of[t.name] = (gs.Constant(fresh(f"{t.name}_rows_q"), q_rows),
-                                       gs.Constant(fresh(f"{t.name}_rows_s"), row_scale))
+                if t.name not in rows_of:  # symmetric int8 per row: the per-channel grid of the layers' weights
+                    from onnxpress.passes.qdq import quantize_array, weight_qparams
+
+                    qp = weight_qparams(values, 0)
+                    rows_of[t.name] = (gs.Constant(fresh(f"{t.name}_rows_q"), quantize_array(values, qp)),
+                                       gs.Constant(fresh(f"{t.name}_rows_s"), qp.scale.reshape(-1, 1)))
                 table, scales = rows_of[t.name]
                 y = node.outputs[0]
                 picked = gs.Variable(fresh(f"{y.name}_q"), dtype=np.int8)

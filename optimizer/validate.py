@@ -178,15 +178,23 @@ class ValidationReport:
             OutputError: the folder is missing or not writable, the path is a folder, or it is one of
                 the two models or the data file.
         """
+        text = self.to_json() + "\n"
+        return self._write_atomically(path, ".json", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+    def _write_atomically(self, path: str | os.PathLike[str], suffix: str, write: Any) -> Path:
+        """``write(temp path)`` into a temp file beside ``path``, then rename it over ``path``.
+
+        Raises:
+            OutputError: the folder is missing or not writable, the path is a folder, or it is one of
+                the two models or the data file.
+        """
         inputs = [m for m in (self.reference, self.candidate, self.data) if m and not m.startswith("<")]
         out = check_output_path(path, inputs)
         tmp = None
         try:
-            with tempfile.NamedTemporaryFile(
-                "w", dir=out.parent, prefix=".onnxpress-", suffix=".json", delete=False, encoding="utf-8"
-            ) as fh:
+            with tempfile.NamedTemporaryFile(dir=out.parent, prefix=".onnxpress-", suffix=suffix, delete=False) as fh:
                 tmp = fh.name
-                fh.write(self.to_json() + "\n")
+            write(tmp)
             os.replace(tmp, out)
         except OSError as exc:
             if tmp is not None:
@@ -263,8 +271,6 @@ class ValidationReport:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        inputs = [m for m in (self.reference, self.candidate, self.data) if m and not m.startswith("<")]
-        out = check_output_path(path, inputs)
         cap = 100.0  # exact tensors (inf dB) drawn at the top
         x = np.arange(len(self.layers))
         sqnr = [min(t.sqnr_db, cap) for t in self.layers]
@@ -272,8 +278,7 @@ class ValidationReport:
         fig, ax = plt.subplots(figsize=(max(7.0, 0.12 * len(x) + 4), 4.2))
         ax.plot(x, sqnr, "-o", ms=3, label="SQNR of the tensor (dB)")
         ax.plot(x, added, "s", ms=4, alpha=0.7, label="SQNR of the noise its node adds (dB)")
-        for t in sorted(self.layers, key=lambda t: t.added_db)[:marked]:
-            i = self.layers.index(t)
+        for i, t in sorted(enumerate(self.layers), key=lambda it: it[1].added_db)[:marked]:
             ax.annotate(f"{t.name} ({t.op})", (i, min(t.added_db, cap)), fontsize=7, rotation=30,
                         xytext=(4, -14), textcoords="offset points")
         ax.set_xlabel(f"intermediate tensors in graph order ({len(x)}; exact ones drawn at {cap:g} dB)")
@@ -282,19 +287,10 @@ class ValidationReport:
                      f"first {self.layer_samples} samples", fontsize=9)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        tmp = None
         try:
-            with tempfile.NamedTemporaryFile(dir=out.parent, prefix=".onnxpress-", suffix=".png", delete=False) as fh:
-                tmp = fh.name
-            fig.savefig(tmp, dpi=90, format="png")
-            os.replace(tmp, out)
-        except OSError as exc:
-            if tmp is not None:
-                Path(tmp).unlink(missing_ok=True)
-            raise OutputError(f"cannot write {out}: {exc.strerror or exc}") from None
+            return self._write_atomically(path, ".png", lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
         finally:
             plt.close(fig)
-        return out
 
     def _format_layers(self, shown: int = 10) -> list[str]:
         worst = sorted(self.layers, key=lambda t: t.added_db)[:shown]

@@ -317,7 +317,7 @@ def quantize(
     cleaned = run_passes(proto, cleanup_passes(), progress=progress).model
     # int4 weight-only can keep a float16 export in float16 (MatMulNBits takes it): no float32 copy of a large one
     keep = weight_only4 and (keep_float16 if keep_float16 is not None else is_large(cleaned))
-    cleaned, half_note = _float32_inside(cleaned, progress, keep=keep)
+    cleaned, half_note = _float32_inside(cleaned, keep=keep)
     if dynamic_why and not any(n.op_type in ("Conv", "ConvTranspose") for n in cleaned.graph.node):
         activations = "dynamic"
     # BatchNorm statistics matter only for data-free bias correction of int8 layers, read before cleanup folds them
@@ -738,14 +738,15 @@ def _check_dynamic_options(calib, table, weights, codebook, int4_layers, method,
                              "smoothquant, bias correction or int8_method='gptq'; drop them")
 
 
-def _float32_inside(model: onnx.ModelProto, progress: bool, *,
-                    keep: bool = False) -> tuple[onnx.ModelProto, str | None]:
+def _float32_inside(model: onnx.ModelProto, *, keep: bool = False) -> tuple[onnx.ModelProto, str | None]:
     """A float16 export computed in float32 inside (float16 inputs/outputs kept), with a note; bfloat16 refused.
 
     Every pass quantizes float32 layers, which onnxruntime's CPU integer kernels sit between; on a half
     precision export they found nothing to do (it used to be written back unchanged). float16 layers are
     upcast (:func:`onnxpress.precision.upcast_float16`; exact, and onnxruntime's CPU provider runs most
-    float16 ops through Casts to float32 anyway) and the cleanup passes run again on the result.
+    float16 ops through Casts to float32 anyway). The cleanup passes are not run again: the model was
+    cleaned in float16, and the upcast adds nothing to fold (the float16 exports of the four reference
+    models quantize to the same bytes either way).
 
     With ``keep`` (int4 weight-only) a float16 model is returned as it is, with a note: ``MatMulNBits``
     takes float16 activations and scales, and a large export is not copied to float32.
@@ -766,8 +767,7 @@ def _float32_inside(model: onnx.ModelProto, progress: bool, *,
     if keep:
         return model, (f"float16: the model computes in float16 ({kinds[onnx.TensorProto.FLOAT16]} layers) and keeps "
                        "doing so: 4-bit weights with float16 scales")
-    upcast, info = upcast_float16(model)
-    upcast = run_passes(upcast, cleanup_passes(), progress=progress).model
+    upcast, info = upcast_float16(model)  # on the cleaned model: the rewrite leaves nothing new to fold
     kept = ", ".join([*info.inputs, *info.outputs][:6]) + (" ..." if len(info.inputs) + len(info.outputs) > 6 else "")
     note = (f"float16: the model computes in float16 ({kinds[onnx.TensorProto.FLOAT16]} layers): quantized in "
             f"float32 inside ({info.tensors} constants upcast, exactly)"

@@ -51,6 +51,7 @@ __all__ = [
     "DataSource",
     "InputSpec",
     "check_feed",
+    "first_batch",
     "load_labels",
     "model_inputs",
     "open_data",
@@ -640,11 +641,20 @@ def symbolic_sizes(model: onnx.ModelProto, data: DataSource | None = None,
     wanted = symbolic_input_dims(model)
     if data is None or all(key in sizes for key in wanted):
         return sizes
-    batches = open_data(data, model, max_samples=1).batches(1)
-    try:
-        feed = next(batches)
-    finally:
-        batches.close()
+    feed = first_batch(data, model, 1)
     for key, (name, axis) in wanted.items():
         sizes.setdefault(key, int(feed[name].shape[axis]))
     return sizes
+
+
+def first_batch(data: DataSource, model: onnx.ModelProto, batch_size: int) -> dict[str, np.ndarray]:
+    """The first validated feed of ``data`` (at most ``batch_size`` samples); only that much is read.
+
+    Raises:
+        DataError: as :func:`open_data` and its batches do.
+    """
+    batches = open_data(data, model, max_samples=batch_size).batches(batch_size)
+    try:
+        return next(batches)
+    finally:
+        batches.close()

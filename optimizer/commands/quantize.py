@@ -218,21 +218,14 @@ def latency_check(original: str, written: str, calib: str, *, batch: int = 32, r
     """
     import statistics
 
-    import onnx
-
-    from onnxpress.calibration.readers import open_data
+    from onnxpress.calibration.readers import first_batch
     from onnxpress.model_io import load_model
     from onnxpress.runtime import make_session, time_interleaved
     from onnxpress.validate import model_size
 
     if model_size(original) + model_size(written) > LATENCY_CHECK_MAX_BYTES:
         return None
-    graph: onnx.ModelProto = load_model(original, external_data=False)
-    batches = open_data(calib, graph).batches(batch)
-    try:
-        feed = next(batches)
-    finally:
-        batches.close()
+    feed = first_batch(calib, load_model(original, external_data=False), batch)
     sessions = [make_session(original, what="original model"), make_session(written, what="quantized model")]
     ref, cand = time_interleaved(sessions, feed, rounds, warmup=2)
     ratio = statistics.median(cand) / statistics.median(ref)

@@ -1,14 +1,16 @@
 """Side-by-side quantization bench: onnxruntime's quantize_static vs onnxpress.quantize.
 
-For every reference model in ``--models`` (``resnet``, ``mobilenet``, ``concat``, ``transformer``
-and, when present, ``resnet_opset11`` / ``resnet_constants``), in one run:
+For every reference model in ``--models`` (``resnet``, ``mobilenet``, ``concat``, ``transformer``,
+``lstm`` and, when present, ``resnet_opset11`` / ``resnet_constants``), in one run:
 
 - ``ort-default``: ``quantize_static`` in QDQ format with its defaults (per-tensor, QInt8 activations, MinMax);
 - ``ort-best``: per-channel, QUInt8 activations, the better (by logit SQNR) of MinMax and Percentile;
 - ``onnxpress``: ``onnxpress.quantize`` with its defaults (``--compare-methods`` to compare calibrations,
   ``--auto`` for ``--method auto`` beside the default);
-- ``ort-dynamic`` / ``onnxpress-dynamic`` (transformer only): no calibration data: onnxruntime's
+- ``ort-dynamic`` / ``onnxpress-dynamic`` (transformer and lstm): no calibration data: onnxruntime's
   ``quantize_dynamic`` (per channel) and ``onnxpress.quantize`` without ``calib`` (dynamic activations);
+  ``ort-dynamic[pre]`` (lstm): ``quant_pre_process`` first, which folds the Concat that builds the LSTM's
+  weights in the dynamo export (``quantize_dynamic`` alone leaves that LSTM float);
 - ``onnxpress-int4``: weight-only int4 with its default rounding given calibration data (GPTQ), and
   ``onnxpress-int4[rtn]`` with round-to-nearest (what it does without data) (transformer only).
 
@@ -38,7 +40,7 @@ import onnxpress
 from onnxpress.reporting import format_table
 from onnxpress.runtime import make_session
 
-MODELS = ("resnet", "mobilenet", "concat", "transformer", "resnet_opset11", "resnet_constants")
+MODELS = ("resnet", "mobilenet", "concat", "transformer", "lstm", "resnet_opset11", "resnet_constants")
 
 
 @contextlib.contextmanager
@@ -152,7 +154,7 @@ def bench_model(name: str, folder: Path, calib: np.ndarray, test_x: np.ndarray, 
                 candidates[f"onnxpress[{method}]" if len(args.methods) > 1 else "onnxpress"] = out
             except onnxpress.OnnxpressError as exc:
                 candidates[f"onnxpress[{method}]"] = f"{type(exc).__name__}: {exc}"
-        if name == "transformer":
+        if name in ("transformer", "lstm"):
             # no calibration data: onnxruntime's quantize_dynamic (per channel, its best) vs quantize's default then
             from onnxruntime.quantization import quantize_dynamic
 
@@ -160,9 +162,18 @@ def bench_model(name: str, folder: Path, calib: np.ndarray, test_x: np.ndarray, 
             with _in_dir(str(work)):
                 quantize_dynamic(str(src), str(out), per_channel=True)
             candidates["ort-dynamic"] = out
+            if name == "lstm":  # the dynamo export builds W and R with Concat: quantize_dynamic skips the LSTM
+                from onnxruntime.quantization.shape_inference import quant_pre_process  # folds them first
+
+                pre, out = work / f"{name}_pre.onnx", work / f"{name}_ort_dynamic_pre.onnx"
+                with _in_dir(str(work)):
+                    quant_pre_process(str(src), str(pre))
+                    quantize_dynamic(str(pre), str(out), per_channel=True)
+                candidates["ort-dynamic[pre]"] = out
             out = work / f"{name}_onnxpress_dynamic.onnx"
             onnxpress.quantize(src, out)  # no calib: dynamic activations
             candidates["onnxpress-dynamic"] = out
+        if name == "transformer":
             extra = {} if args.block_size is None else {"block_size": args.block_size}
             # default with calibration data: GPTQ rounding; [rtn]: round to nearest, as without data
             for tag, kw in (("onnxpress-int4", {}), ("onnxpress-int4[rtn]", {"int4_method": "rtn"})):
@@ -201,7 +212,7 @@ def bench_model(name: str, folder: Path, calib: np.ndarray, test_x: np.ndarray, 
         lat64 = latency_ratios(timed, test_x, 64, args.repeats)
         size0 = src.stat().st_size
         order = ["fp32", "ort-default", "ort-best"] + [k for k in candidates if k.startswith("onnxpress")]
-        order += [k for k in candidates if k == "ort-dynamic"]
+        order += [k for k in candidates if k.startswith("ort-dynamic")]
         for tag in order:
             path = candidates[tag]
             label = best_label if tag == "ort-best" else tag

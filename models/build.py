@@ -46,6 +46,7 @@ CONFIGS: dict[str, TrainConfig] = {
     "mobilenet": TrainConfig(epochs=20, lr=3e-3),
     "concat": TrainConfig(epochs=15, lr=3e-3),
     "transformer": TrainConfig(epochs=30, lr=1.5e-3, weight_decay=0.05),
+    "lstm": TrainConfig(epochs=20, lr=3e-3),
 }
 
 

@@ -1,4 +1,4 @@
-"""The four reference networks; every one maps ``input`` [B,1,32,32] to ``logits`` [B,10].
+"""The five reference networks; every one maps ``input`` [B,1,32,32] to ``logits`` [B,10].
 
 - ``ResNet``: Conv-BN-ReLU stem, residual blocks ``relu(bn(conv(relu(bn(conv(x))))) + s(x))``
   where ``s`` is the identity or, for the downsampling blocks, a strided 1x1 Conv+BN projection;
@@ -11,6 +11,9 @@
 - ``Transformer``: 4x4 patches of the 32x32 image (64 tokens x 16 features, patched inside the
   model with Reshape/Transpose), Linear embedding, learned positional embedding, two pre-norm
   encoder layers written by hand (MatMul, LayerNormalization, Softmax, Gelu), mean-pool, Linear.
+- ``RowLSTM``: the image's 32 rows read as a sequence (32 steps x 32 features) by a bidirectional
+  ``nn.LSTM`` (exported as one ONNX ``LSTM``), mean over time, Linear: the recurrent model of speech
+  and sequence exports, whose weights sit in the LSTM op rather than in MatMul/Gemm.
 
 Why 4x4 patches and not the 8 rows: the 32x32 image is a bilinear upsampling of the 8x8 digit,
 so a 4x4 patch is one original pixel plus its interpolated neighbourhood. That gives 64 tokens,
@@ -25,7 +28,7 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["NETS", "ConcatNet", "MobileNet", "ResNet", "Transformer", "count_macs"]
+__all__ = ["NETS", "ConcatNet", "MobileNet", "ResNet", "RowLSTM", "Transformer", "count_macs"]
 
 NUM_CLASSES = 10
 
@@ -181,16 +184,30 @@ class Transformer(nn.Module):
         return self.fc(self.norm(x).mean(dim=1))
 
 
+class RowLSTM(nn.Module):
+    """The 32 image rows as 32 time steps of 32 features -> bidirectional LSTM(128) -> mean over time -> Linear."""
+
+    def __init__(self, hidden: int = 128) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(32, hidden, batch_first=True, bidirectional=True)
+        self.fc = nn.Linear(2 * hidden, NUM_CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        y, _ = self.lstm(x.reshape(x.shape[0], 32, 32))
+        return self.fc(y.mean(dim=1))
+
+
 NETS: dict[str, type[nn.Module]] = {
     "resnet": ResNet,
     "mobilenet": MobileNet,
     "concat": ConcatNet,
     "transformer": Transformer,
+    "lstm": RowLSTM,
 }
 
 
 def count_macs(model: nn.Module, example: torch.Tensor) -> int:
-    """Multiply-accumulates per sample of Conv2d, Linear and attention MatMuls (others ignored)."""
+    """Multiply-accumulates per sample of Conv2d, Linear, one-layer LSTMs and attention MatMuls (others ignored)."""
     total = 0
 
     def conv_hook(m: nn.Conv2d, _inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
@@ -201,6 +218,13 @@ def count_macs(model: nn.Module, example: torch.Tensor) -> int:
     def linear_hook(m: nn.Linear, _inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
         nonlocal total
         total += out[0].numel() * m.in_features
+
+    def lstm_hook(m: nn.LSTM, inp: tuple[torch.Tensor, ...], _out: object) -> None:
+        nonlocal total
+        steps = inp[0].shape[1] if m.batch_first else inp[0].shape[0]
+        directions = 2 if m.bidirectional else 1
+        per_step = 4 * m.hidden_size * (m.input_size + m.hidden_size)  # W x and R h, four gates (one layer)
+        total += steps * directions * per_step
 
     def attn_hook(m: SelfAttention, inp: tuple[torch.Tensor, ...], _out: torch.Tensor) -> None:
         nonlocal total
@@ -215,6 +239,10 @@ def count_macs(model: nn.Module, example: torch.Tensor) -> int:
             hooks.append(m.register_forward_hook(linear_hook))
         elif isinstance(m, SelfAttention):
             hooks.append(m.register_forward_hook(attn_hook))
+        elif isinstance(m, nn.LSTM):
+            if m.num_layers != 1:
+                raise ValueError("count_macs counts one-layer LSTMs")
+            hooks.append(m.register_forward_hook(lstm_hook))
     try:
         with torch.no_grad():
             model(example[:1])

@@ -39,7 +39,7 @@ from onnxpress.model_io import (
     normalize_model,
     save_model,
 )
-from onnxpress.passes.dynamic_quant import QuantizeDynamic
+from onnxpress.passes.dynamic_quant import QuantizeDynamic, QuantizeLSTMDynamic
 from onnxpress.passes.flatten_tokens import FlattenTokens
 from onnxpress.passes.flops import unique_keys
 from onnxpress.passes.global_pool import ReduceMeanToGlobalPool
@@ -198,11 +198,14 @@ def quantize(
             over the tensors, one onnxruntime run per trial; ``onnxpress.range_search``). Needs ``calib``.
         per_channel: per-output-channel weight scales (else per tensor).
         activations: "uint8" (asymmetric; x86 integer kernels), "int8" (symmetric; TensorRT) or "dynamic"
-            (quantized at run time by onnxruntime, no calibration data: MatMul/Gemm layers only,
+            (quantized at run time by onnxruntime, no calibration data: MatMul/Gemm and LSTM layers only,
             ``passes/dynamic_quant.py``). Default: "uint8"; "dynamic" when neither ``calib`` nor ``table`` is
             given for int8 weights and the model has no Conv/ConvTranspose layer (a note says so; a model
             with convolutions still asks for data, since dynamic int8 convs run slower than float).
-        weights: "int8" (QDQ, weights and activations) or "int4" (blockwise weight-only MatMul/Gemm).
+        weights: "int8" (QDQ, weights and activations) or "int4" (blockwise weight-only MatMul/Gemm). With
+            either, an LSTM with constant weights becomes onnxruntime's DynamicQuantizeLSTM (int8 weights, its
+            input and hidden state quantized at run time: QDQ has no integer recurrent kernel); exclude
+            ``op:LSTM`` to keep it float.
         block_size: rows per scale block for int4 (64: the size/accuracy balance measured in bench/quantize.py;
             with GPTQ rounding, 128 measured the same logit SQNR on the transformer at 0.141x instead of 0.148x).
         exclude: node names, ``op:<OpType>`` or ``re:<regex on node names>`` to keep float.
@@ -339,7 +342,8 @@ def quantize(
     advanced_notes: list[str] = [half_note] if half_note else []  # run_passes prefixes each with its pass name
     if activations == "dynamic" and dynamic_why:
         advanced_notes.append("dynamic: no calibration data: activations are quantized at run time (dynamic int8 "
-                              "MatMul/Gemm); calibration data (--calib) gives static int8, faster and more faithful")
+                              "MatMul/Gemm and LSTM); calibration data (--calib) gives static int8, faster and more "
+                              "faithful")
     if equalize or (bias_correction and calib is not None) or smoothquant is not None:  # onnxpress.advanced
         from onnxpress.advanced import prepare_for_quantize
 
@@ -363,8 +367,9 @@ def quantize(
         # and the biases (behind an Add) stored int8 cost a BERT-style encoder 37.8 -> 34.1 dB
         head = [] if constants_int8_min_size is None else [StoreConstantsInt8(min_size=constants_int8_min_size,
                                                                               keep_biases=True)]
-        result = run_passes(_shaped(cleaned), [*head, dyn], progress=progress)
-        decisions, used_table, excluded = list(dyn.decisions), None, {}
+        lstm = QuantizeLSTMDynamic(per_channel=per_channel, exclude=selection)
+        result = run_passes(_shaped(cleaned), [lstm, *head, dyn], progress=progress)
+        decisions, used_table, excluded = [*dyn.decisions, *lstm.decisions], None, {}
     elif codebook is not None:  # weight-only k-means codebooks (onnxpress.advanced, issue 10)
         from onnxpress.advanced import codebook_weights
 
@@ -411,11 +416,12 @@ def quantize(
             int4 = QuantizeWeightsInt4(block_size=block_size, exclude=selection.nodes, hessians=hessians, only=rest)
         except ValueError as exc:
             raise OnnxpressError(str(exc)) from None
-        result = run_passes(start4, [int4], progress=progress)
+        lstm = QuantizeLSTMDynamic(per_channel=per_channel, exclude=selection)  # int8: onnxruntime has no int4 LSTM
+        result = run_passes(start4, [lstm, int4], progress=progress)
         if handled is not None:
             merged = {k: round_stats.get(k, 0) + result.stats.get(k, 0) for k in {*round_stats, *result.stats}}
             result = dataclasses.replace(result, stats=merged, notes=(*round_notes, *result.notes))
-        decisions = _int4_decisions(cleaned, result.notes)
+        decisions = [*_int4_decisions(cleaned, result.notes), *lstm.decisions]
         used_table = None
         excluded: dict[str, str] = {}
     else:
@@ -483,8 +489,10 @@ def quantize(
             tail.append(CompactQDQ())
         # MatMulBiasToOutputRank: keeps onnxruntime from turning a fixed-shape int8 MatMul + bias into a
         # float Gemm (passes/matmul_bias.py)
-        result = run_passes(_shaped(cleaned), [qdq, MatMulBiasToOutputRank(), *tail], progress=progress)
-        decisions = list(qdq.decisions)
+        # LSTMs: int8 weights in onnxruntime's DynamicQuantizeLSTM (QDQ has no recurrent integer kernel)
+        lstm = QuantizeLSTMDynamic(per_channel=per_channel, exclude=selection)
+        result = run_passes(_shaped(cleaned), [qdq, MatMulBiasToOutputRank(), lstm, *tail], progress=progress)
+        decisions = [*qdq.decisions, *lstm.decisions]
         excluded = dict(used_table.excluded)
         if int4_result is not None:  # the MatMulNBits nodes InsertQDQ left float are the int4 layers
             decisions = [d for d in decisions if d.op != "MatMulNBits"] + int4_done
@@ -826,7 +834,7 @@ def _resolve_table(
         raise CalibrationError(
             "int8 quantization needs calibration data: pass calib= (an .npz of inputs) or table= "
             "(a saved calibration table); or use weights='int4' (weight-only, no data needed), or "
-            "activations='dynamic' (no data; MatMul/Gemm layers only, convolutions stay float)"
+            "activations='dynamic' (no data; MatMul/Gemm and LSTM layers only, convolutions stay float)"
         )
     else:
         from onnxpress.calibrate import calibrate

@@ -24,6 +24,15 @@ or ``alpha``/``beta`` other than 1 or a non-constant bias, a reduction depth ``K
 ``min_depth`` (the integer kernel does not pay for short dot products), excluded nodes, and every
 other op (convolutions: a dynamic int8 conv measured 6.8x slower than fp32 on the reference ResNet
 with onnxruntime's ``quantize_dynamic``; they need calibration data for static QDQ).
+
+Recurrent layers (:class:`QuantizeLSTMDynamic`): an ``LSTM`` with constant float32 ``W`` and ``R`` becomes
+onnxruntime's ``com.microsoft.DynamicQuantizeLSTM``, which takes the same inputs and attributes with int8
+``W``/``R`` transposed to ``[directions, input, 4*hidden]`` plus their scales and zero points; it quantizes
+``X`` and the hidden state at each step itself. The weights get one symmetric scale per gate channel
+(``[directions, 4*hidden]``; per direction with ``per_channel=False``, which is what onnxruntime's
+``quantize_dynamic`` writes). ONNX has no integer recurrent op, and onnxruntime has none for GRU or RNN, so
+those stay float. Measured on a 2-layer bidirectional LSTM (80 -> 256, random weights, 100 steps):
+0.41x / 0.36x fp32 latency at batch 1 / 16, 39.7 dB output SQNR per direction against 42.8 dB per channel.
 """
 
 from __future__ import annotations
@@ -34,7 +43,7 @@ import onnx_graphsurgeon as gs
 from onnxpress.passes.base import PassResult, fresh_names, graph_names
 from onnxpress.passes.qdq import NodeDecision, Selection, quantize_array, weight_qparams
 
-__all__ = ["QuantizeDynamic"]
+__all__ = ["QuantizeDynamic", "QuantizeLSTMDynamic"]
 
 
 class QuantizeDynamic:
@@ -138,3 +147,83 @@ class QuantizeDynamic:
                  "activations": len(quantized_inputs)}
         notes = tuple(f"{d.name} ({d.op}): float ({d.reason})" for d in self.decisions if not d.quantized)
         return PassResult(graph, quantized > 0, stats, notes)
+
+
+class QuantizeLSTMDynamic:
+    """Rewrite ``LSTM`` layers to onnxruntime's ``DynamicQuantizeLSTM`` (see the module docstring).
+
+    Args:
+        per_channel: one weight scale per gate channel (else one per direction).
+        exclude: nodes kept float (``Selection``: names, op types, a name pattern).
+
+    After a call, ``decisions`` holds one :class:`NodeDecision` per LSTM.
+    """
+
+    name = "quantize_lstm_dynamic"
+
+    def __init__(self, *, per_channel: bool = True, exclude: Selection | None = None) -> None:
+        self.per_channel = per_channel
+        self.exclude = exclude or Selection()
+        self.decisions: list[NodeDecision] = []
+
+    def requires(self, graph: gs.Graph) -> None:
+        """No preconditions (the op is in onnxruntime's com.microsoft domain, opset 1)."""
+
+    def _reason(self, node: gs.Node) -> str | None:
+        why = self.exclude.reason(node)
+        if why:
+            return why
+        if int(node.attrs.get("layout", 0)) != 0:
+            return "layout=1 (batch first): onnxruntime's DynamicQuantizeLSTM has no layout attribute"
+        for i, what in ((1, "W"), (2, "R")):
+            t = node.inputs[i] if len(node.inputs) > i else None
+            if not isinstance(t, gs.Constant):
+                return f"{what} is not a constant"
+            values = np.asarray(t.values)
+            if values.dtype != np.float32 or values.ndim != 3:
+                return f"{what} is not a 3-D float32 constant"
+        return None
+
+    def _quantized(self, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``w`` ``[D, 4H, K]`` -> int8 ``[D, K, 4H]`` and scales ``[D, 4H]`` (or ``[D]``), symmetric."""
+        d = w.shape[0]
+        rows = w.reshape(d * w.shape[1], -1) if self.per_channel else w.reshape(d, -1)
+        qp = weight_qparams(rows, 0)
+        q = quantize_array(rows, qp).reshape(w.shape)
+        scale = qp.scale.reshape(d, w.shape[1]) if self.per_channel else qp.scale
+        return np.ascontiguousarray(q.transpose(0, 2, 1)), scale.astype(np.float32)
+
+    def __call__(self, graph: gs.Graph) -> PassResult:
+        """Rewrite every eligible LSTM; the others stay float."""
+        self.decisions = []
+        fresh = fresh_names(graph_names(graph))
+        packed: dict[str, tuple[gs.Constant, gs.Constant, gs.Constant]] = {}  # by weight name (shared weights)
+        for node in [n for n in graph.nodes if n.op == "LSTM"]:
+            label = node.name or node.outputs[0].name
+            why = self._reason(node)
+            if why is not None:
+                self.decisions.append(NodeDecision(label, node.op, False, why))
+                continue
+            extra = []
+            for i in (1, 2):
+                w_const = node.inputs[i]
+                if w_const.name not in packed:
+                    q, scale = self._quantized(np.asarray(w_const.values, np.float32))
+                    packed[w_const.name] = (
+                        gs.Constant(fresh(w_const.name + "_dq"), q),
+                        gs.Constant(fresh(w_const.name + "_dq_scale"), scale),
+                        gs.Constant(fresh(w_const.name + "_dq_zero"), np.zeros(scale.shape, np.int8)),
+                    )
+                q_const, s_const, z_const = packed[w_const.name]
+                node.inputs[i] = q_const
+                extra += [s_const, z_const]
+            absent = gs.Variable.empty()
+            node.inputs.extend([absent] * (8 - len(node.inputs)))  # B .. P, then the four scale inputs
+            node.inputs.extend(extra)
+            node.op, node.domain = "DynamicQuantizeLSTM", "com.microsoft"
+            node.attrs.pop("layout", None)
+            self.decisions.append(NodeDecision(label, "LSTM", True))
+        graph.cleanup()
+        quantized = sum(d.quantized for d in self.decisions)
+        notes = tuple(f"{d.name} (LSTM): float ({d.reason})" for d in self.decisions if not d.quantized)
+        return PassResult(graph, quantized > 0, {"lstm_layers": quantized}, notes)

@@ -1,4 +1,4 @@
-"""MACs and parameter accounting for Conv, ConvTranspose, Gemm and MatMul.
+"""MACs and parameter accounting for Conv, ConvTranspose, Gemm, MatMul and the recurrent ops.
 
 Multiply-accumulates per node, from shapes that onnx shape inference gives once the graph inputs'
 symbolic batch dimension is set to ``batch`` (1 by default, so the count is per sample)::
@@ -7,6 +7,11 @@ symbolic batch dimension is set to ``batch`` (1 by default, so the count is per 
     ConvTranspose  X[N, C, *in]        MACs = N * C * prod(in) * (O / group) * prod(kernel)
     Gemm           A[M, K] B[K, N]     MACs = M * N * K
     MatMul         A[..., M, K] B[..., K, N] -> Y[..., M, N]    MACs = prod(Y) * K
+    LSTM/GRU/RNN   X[T, B, I], D directions, hidden H             MACs = T * B * D * G * H * (I + H)
+
+where ``G`` is the number of gates (LSTM 4, GRU 3, RNN 1; onnxruntime's ``DynamicQuantizeLSTM`` counts as
+the LSTM it replaces, so quantizing does not read as fewer MACs). The element-wise gate arithmetic is not
+counted, as a Conv's bias and activation are not.
 
 Parameters are the elements of floating-point initializers, each counted once and attributed to the
 first node (in graph order) that reads it, so ``sum(count_params(m).values())`` is the model's
@@ -52,6 +57,8 @@ __all__ = [
 ]
 
 MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+# recurrent ops, counted but not layers any pass splits or prunes: (domain, op) -> gates per step
+_RECURRENT_GATES = {("", "LSTM"): 4, ("", "GRU"): 3, ("", "RNN"): 1, ("com.microsoft", "DynamicQuantizeLSTM"): 4}
 """Op types whose multiply-accumulates are counted."""
 
 _FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
@@ -136,12 +143,14 @@ def symbolic_input_dims(model: onnx.ModelProto) -> dict[str, tuple[str, int]]:
     return out
 
 
-def shapes_at(model: onnx.ModelProto, batch: int = 1,
-              dims: Mapping[str, int] | None = None) -> dict[str, tuple[int | None, ...]]:
+def shapes_at(model: onnx.ModelProto, batch: int = 1, dims: Mapping[str, int] | None = None, *,
+              thoroughly: bool = False) -> dict[str, tuple[int | None, ...]]:
     """Every tensor's shape (``None`` for an unknown dim) at batch ``batch``.
 
     The inputs' symbolic leading dimension takes ``batch``, the others ``dims`` (``None``: those of
-    :func:`assume_input_dims`).
+    :func:`assume_input_dims`). ``thoroughly``: also onnxruntime's symbolic inference, whose shape is
+    taken where it knows more dims (a dynamo export that reshapes to a ``Shape`` * ``Shape`` product
+    loses onnx's shapes there, data propagation or not).
 
     Raises:
         UnsupportedModelError: onnx's shape inference fails.
@@ -172,7 +181,31 @@ def shapes_at(model: onnx.ModelProto, batch: int = 1,
             shapes[vi.name] = tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim)
     for init in g.initializer:
         shapes[init.name] = tuple(init.dims)
+    for name, shape in (_symbolic_shapes(model) if thoroughly else {}).items():
+        known = shapes.get(name)
+        if known is None or sum(d is not None for d in shape) > sum(d is not None for d in known):
+            shapes[name] = shape
     return shapes
+
+
+def _symbolic_shapes(model: onnx.ModelProto) -> dict[str, tuple[int | None, ...]]:
+    """Shapes from onnxruntime's ``SymbolicShapeInference`` (in memory); empty where it fails."""
+    import copy
+    import logging
+
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        inferred = SymbolicShapeInference.infer_shapes(copy.deepcopy(model), auto_merge=True)
+    except Exception as exc:  # noqa: BLE001 -- a best-effort second opinion; onnx's shapes stand
+        logging.getLogger(__name__).debug("symbolic shape inference failed: %s", exc)
+        return {}
+    out = {}
+    for vi in [*inferred.graph.value_info, *inferred.graph.output] if inferred is not None else []:
+        tt = vi.type.tensor_type
+        if tt.HasField("shape"):
+            out[vi.name] = tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim)
+    return out
 
 
 def _known(shape: tuple[int | None, ...] | None) -> bool:
@@ -181,7 +214,7 @@ def _known(shape: tuple[int | None, ...] | None) -> bool:
 
 def count_macs(model: onnx.ModelProto | gs.Graph, *, batch: int = 1,
                dims: Mapping[str, int] | None = None) -> dict[str, int]:
-    """Multiply-accumulates of every Conv / ConvTranspose / Gemm / MatMul node (see module docstring).
+    """Multiply-accumulates of every Conv / ConvTranspose / Gemm / MatMul / recurrent node (module docstring).
 
     Args:
         model: a ModelProto or an onnx-graphsurgeon Graph (neither is modified).
@@ -197,12 +230,17 @@ def count_macs(model: onnx.ModelProto | gs.Graph, *, batch: int = 1,
     """
     proto = _as_model(model)
     sizes = _DIMS.get() if dims is None else dims
-    shapes = shapes_at(proto, batch, sizes)
+    shapes, thorough = shapes_at(proto, batch, sizes), False
     out: dict[str, int] = {}
     for key, node in zip(unique_keys(proto.graph.node), proto.graph.node, strict=True):
-        if node.op_type not in MAC_OPS or node.domain not in ("", "ai.onnx"):
+        gates = _RECURRENT_GATES.get((node.domain or "", node.op_type))
+        if gates is None and (node.op_type not in MAC_OPS or node.domain not in ("", "ai.onnx")):
             continue
-        needed = [shapes.get(node.input[0]), shapes.get(node.input[1]), shapes.get(node.output[0])]
+        names = [node.input[0], node.input[1]] + ([] if gates else [node.output[0]])  # a recurrent op: Y_h alone
+        needed = [shapes.get(n) for n in names]
+        if not all(_known(s) for s in needed) and not thorough:  # the slower second opinion, once, when needed
+            shapes, thorough = shapes_at(proto, batch, sizes, thoroughly=True), True
+            needed = [shapes.get(n) for n in names]
         if not all(_known(s) for s in needed):
             open_dims = [f"{k} ({i} axis {a})" for k, (i, a) in symbolic_input_dims(proto).items() if k not in sizes]
             if open_dims:
@@ -215,8 +253,14 @@ def count_macs(model: onnx.ModelProto | gs.Graph, *, batch: int = 1,
                 f"cannot count MACs of {node.op_type} {key!r}: its shapes are unknown after shape inference; "
                 "give the model static shapes apart from the batch"
             )
-        x, w, y = needed
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if gates:
+            x, w = needed
+            steps_batch = x[0] * x[1]  # [T, B, I], or [B, T, I] with layout=1
+            hidden = int(attrs["hidden_size"])
+            out[key] = steps_batch * w[0] * gates * hidden * (x[2] + hidden)
+            continue
+        x, w, y = needed
         if node.op_type == "Conv":
             group = int(attrs.get("group", 1))
             out[key] = int(np.prod(y, dtype=np.int64)) * (x[1] // group) * int(np.prod(w[2:], dtype=np.int64))

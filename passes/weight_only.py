@@ -588,7 +588,9 @@ def _with_ms_domain(graph: gs.Graph):
     return domains
 
 
-_WEIGHT_CONSUMERS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "MatMulNBits"})
+# an LSTM's W and R are QuantizeLSTMDynamic's decision as a layer's weights are InsertQDQ's (an excluded LSTM stays
+# float); DynamicQuantizeLSTM's bias and scales stay float, as onnxruntime's own quantize_dynamic keeps them
+_WEIGHT_CONSUMERS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "MatMulNBits", "LSTM", "DynamicQuantizeLSTM"})
 _QDQ_OPS = frozenset({"DequantizeLinear", "QuantizeLinear"})
 
 
@@ -596,8 +598,8 @@ def store_constants_int8(graph: gs.Graph, min_size: int, fresh, *, exclude: froz
                          keep_biases: bool = False) -> int:
     """Store float32 constants of ``min_size``+ elements as int8 + one symmetric scale + DequantizeLinear.
 
-    Weights of Conv/Gemm/MatMul (their quantization is InsertQDQ's or QuantizeWeightsInt4's
-    decision, so a layer kept float stays float) and Q/DQ parameters are left alone.
+    Weights of Conv/Gemm/MatMul/LSTM (their quantization is InsertQDQ's, QuantizeWeightsInt4's or
+    QuantizeLSTMDynamic's decision, so a layer kept float stays float) and Q/DQ parameters are left alone.
     ``s = max|c| / 127``, ``|c - s q| <= s/2``. A 2-D table read by ``Gather`` (axis 0: an embedding) gets a
     scale per row instead and is dequantized after the gather, so only the rows looked up are converted.
     Returns the number of constants rewritten.

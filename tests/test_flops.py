@@ -85,9 +85,9 @@ def test_unknown_shapes_are_a_clear_error():
         count_macs(model)
 
 
-@pytest.mark.parametrize("name", ["resnet", "mobilenet", "concat", "transformer"])
+@pytest.mark.parametrize("name", ["resnet", "mobilenet", "concat", "transformer", "lstm"])
 def test_reference_models_match_the_torch_counter(name):
-    """Conv/Linear MACs of each exported reference model equal models.nets.count_macs on the torch module."""
+    """Conv/Linear/LSTM MACs of each exported reference model equal models.nets.count_macs on the torch module."""
     path = MODELS / f"{name}.onnx"
     if not path.exists():
         pytest.skip(f"{path} not built yet")
@@ -100,3 +100,28 @@ def test_reference_models_match_the_torch_counter(name):
     expected = torch_macs(net, torch.zeros(1, 1, 32, 32))
     got = sum(count_macs(load_model(path)).values())
     assert got == expected
+
+
+@pytest.mark.parametrize(("op", "gates", "direction", "layout"), [
+    ("LSTM", 4, "bidirectional", 0), ("LSTM", 4, "forward", 1), ("GRU", 3, "forward", 0), ("RNN", 1, "reverse", 0),
+])  # fmt: skip
+def test_recurrent_macs_by_hand(op, gates, direction, layout):
+    """T steps x B sequences x D directions x G gates x H x (I + H): W x and R h at every step."""
+    t, b, i, h = 12, 3, 16, 32
+    d = 2 if direction == "bidirectional" else 1
+    attrs = {"hidden_size": h, "direction": direction, **({"layout": 1} if layout else {})}
+    node = helper.make_node(op, ["X", "W", "R"], ["", "Y_h"], name="rnn", **attrs)
+    init = {"W": np.zeros((d, gates * h, i), np.float32), "R": np.zeros((d, gates * h, h), np.float32)}
+    x_shape, h_shape = ([b, t, i], [b, d, h]) if layout else ([t, b, i], [d, b, h])
+    model = make_model([node], [("X", x_shape)], [("Y_h", h_shape)], init)
+    assert count_macs(model) == {"rnn": t * b * d * gates * h * (i + h)}
+
+
+def test_quantized_lstm_counts_as_the_lstm_it_replaces():
+    from onnxpress.passes.dynamic_quant import QuantizeLSTMDynamic
+    from onnxpress.pipeline import run_passes
+    from tests.test_lstm_quant import lstm_model
+
+    model = lstm_model()
+    quantized = run_passes(model, [QuantizeLSTMDynamic()]).model
+    assert count_macs(quantized) == count_macs(model) == {"lstm": 12 * 3 * 2 * 4 * 32 * (16 + 32)}

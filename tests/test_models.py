@@ -16,7 +16,7 @@ import onnxruntime as ort
 import pytest
 
 MODELS_DIR = pathlib.Path(__file__).resolve().parent.parent / "models"
-NAMES = ("resnet", "mobilenet", "concat", "transformer", "resnet_opset11", "resnet_constants")
+NAMES = ("resnet", "mobilenet", "concat", "transformer", "lstm", "resnet_opset11", "resnet_constants")
 VARIANTS = ("resnet_opset11", "resnet_constants")
 MIN_ACCURACY = 0.95
 ACCURACY_SLACK = 0.005  # half a point

@@ -181,6 +181,9 @@ def run(args: argparse.Namespace) -> int:
     if counts.get("ConvTranspose"):  # measured: a U-Net's up-convolution ran as a float ConvTranspose either way
         print(f"{counts['ConvTranspose']} ConvTranspose quantized for storage: onnxruntime's CPU provider has no "
               "integer ConvTranspose and dequantizes its int8 weights at run time (smaller file, float speed)")
+    if lstms := result.stats.get("quantize_lstm_dynamic.lstm_layers", 0):
+        print(f"{lstms} LSTM as onnxruntime's DynamicQuantizeLSTM: int8 weights, input and hidden state quantized "
+              "at run time (ONNX has no integer recurrent op)")
     print_kept_float(result.kept_float, verbose=args.verbose)
     for name, why in sorted(result.excluded_tensors.items()):
         print(f"no range  {name}: {why}")

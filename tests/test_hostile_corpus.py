@@ -144,7 +144,6 @@ EXACT = {"cleanup", "prune-exact"}  # outputs within float rounding of the origi
 QUANT_SQNR_DB = 25.0  # int8 QDQ of two convs on 6 samples (measured 35-40 dB); see tests/conformance.py
 
 _BF16 = (UnsupportedModelError, r"onnxruntime cannot load .*Could not find an implementation for Conv\(22\)")
-_NO_SHAPES = (UnsupportedModelError, r"cannot count MACs of Conv '\w+': its shapes are unknown after shape inference")
 _NO_SIZES = (UnsupportedModelError, r"cannot count MACs of Conv '\w+': its shapes depend on the inputs' symbolic "
              r"dimension\(s\) C \(X axis 1\), H \(X axis 2\), W \(X axis 3\); give their sizes \(--dim NAME=SIZE")
 
@@ -159,7 +158,6 @@ EXPECT: dict[tuple[str, str], object] = {
     ("bf16", "quantize"): (UnsupportedModelError, r"computes in bfloat16 .*Export it in float32"),
     ("bf16", "validate"): (DataError, r"'X' has dtype float32, the model expects X: bfloat16"),
     ("dynamic", "lowrank"): _NO_SIZES,
-    ("loop", "lowrank"): _NO_SHAPES,
 }
 
 

@@ -292,16 +292,36 @@ def infer_shapes_thoroughly(model: onnx.ModelProto) -> onnx.ModelProto:
     base = infer_shapes(model)
     if is_large(model):
         return base
-    try:
-        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-
-        symbolic = SymbolicShapeInference.infer_shapes(copy.deepcopy(model), auto_merge=True)
-    except Exception as exc:  # noqa: BLE001 -- a best-effort second opinion; onnx's shapes stand
-        log.debug("symbolic shape inference failed: %s", exc)
-        return base
-    if symbolic is None or _shaped_outputs(symbolic) <= _shaped_outputs(base):
+    symbolic, complete = symbolic_shape_inference(model)
+    if symbolic is None or not complete or _shaped_outputs(symbolic) <= _shaped_outputs(base):
         return base
     return symbolic
+
+
+def symbolic_shape_inference(model: onnx.ModelProto) -> tuple[onnx.ModelProto | None, bool]:
+    """Run onnxruntime's ``SymbolicShapeInference`` on a copy of ``model`` in memory: (inferred model, complete?).
+
+    Its public ``infer_shapes`` saves ``sym_shape_infer_temp.onnx`` and an external-data file into the
+    current folder whenever some shape stays unknown (onnxruntime 1.32; seen beside a user's model after
+    ``optimize`` on an LSTM export) and then raises; so its four steps are driven here, which keeps the
+    partial result too. ``(None, False)`` when onnxruntime is missing, its API changed, or inference fails.
+    """
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference, get_opset
+
+        opset = get_opset(model)
+        if not opset or opset < 7:
+            return None, False
+        inference = SymbolicShapeInference(2**31 - 1, True, False, 0)  # int_max, auto_merge, guess rank, verbose
+        inference._preprocess(copy.deepcopy(model))
+        complete = False
+        while inference.run_:
+            complete = inference._infer_impl()
+        inference._update_output_from_vi()
+        return inference.out_mp_, bool(complete)
+    except Exception as exc:  # noqa: BLE001 -- a best-effort second opinion; onnx's shapes stand
+        log.debug("symbolic shape inference failed: %s", exc)
+        return None, False
 
 
 def _shaped_outputs(model: onnx.ModelProto) -> int:

@@ -40,7 +40,7 @@ import onnx_graphsurgeon as gs
 from onnx import TensorProto
 
 from onnxpress.errors import UnsupportedModelError
-from onnxpress.model_io import model_bytes, shape_only_copy
+from onnxpress.model_io import model_bytes, shape_only_copy, symbolic_shape_inference
 
 __all__ = [
     "MAC_OPS",
@@ -156,7 +156,7 @@ def shapes_at(model: onnx.ModelProto, batch: int = 1, dims: Mapping[str, int] | 
         UnsupportedModelError: onnx's shape inference fails.
     """
     sizes = _DIMS.get() if dims is None else dims
-    model = shape_only_copy(model)  # a large model without its weights
+    model = _standard_recurrent(shape_only_copy(model))  # a large model without its weights
     inits = {i.name for i in model.graph.initializer}
     for vi in model.graph.input:
         if vi.name in inits or not vi.type.tensor_type.HasField("shape"):
@@ -188,18 +188,32 @@ def shapes_at(model: onnx.ModelProto, batch: int = 1, dims: Mapping[str, int] | 
     return shapes
 
 
+def _standard_recurrent(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` (a private copy) with each ``DynamicQuantizeLSTM`` as the ``LSTM`` it was, for shape inference only.
+
+    Neither onnx nor onnxruntime's symbolic inference knows the contrib op, and every shape after it (the
+    classifier's) was lost. An LSTM's output shapes follow from ``X`` and its attributes; its W and R
+    here are a placeholder (the int8 ones are transposed and of another type).
+    """
+    quantized = [n for n in model.graph.node if n.op_type == "DynamicQuantizeLSTM" and n.domain == "com.microsoft"]
+    if not quantized:
+        return model
+    placeholder = "__onnxpress_shape_placeholder"
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.zeros((1, 1, 1), np.float32), placeholder))
+    for node in quantized:
+        inputs = list(node.input[:8])
+        inputs[1] = inputs[2] = placeholder
+        while inputs and not inputs[-1]:
+            inputs.pop()
+        node.op_type, node.domain = "LSTM", ""
+        del node.input[:]
+        node.input.extend(inputs)
+    return model
+
+
 def _symbolic_shapes(model: onnx.ModelProto) -> dict[str, tuple[int | None, ...]]:
-    """Shapes from onnxruntime's ``SymbolicShapeInference`` (in memory); empty where it fails."""
-    import copy
-    import logging
-
-    try:
-        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-
-        inferred = SymbolicShapeInference.infer_shapes(copy.deepcopy(model), auto_merge=True)
-    except Exception as exc:  # noqa: BLE001 -- a best-effort second opinion; onnx's shapes stand
-        logging.getLogger(__name__).debug("symbolic shape inference failed: %s", exc)
-        return {}
+    """Shapes from onnxruntime's symbolic inference, complete or not; empty where it fails."""
+    inferred, _ = symbolic_shape_inference(model)
     out = {}
     for vi in [*inferred.graph.value_info, *inferred.graph.output] if inferred is not None else []:
         tt = vi.type.tensor_type

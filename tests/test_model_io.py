@@ -89,3 +89,23 @@ def test_normalize_moves_constant_weights_and_upgrades_opset():
     x = np.arange(8, dtype=np.float32).reshape(2, 4)
     np.testing.assert_array_equal(graphs.run(norm, {"X": x})[0], x)
     assert default_opset(model) == 11  # the input is untouched
+
+
+def test_symbolic_shape_inference_leaves_no_file_when_it_is_incomplete(tmp_path, monkeypatch):
+    """onnxruntime's public ``infer_shapes`` saves sym_shape_infer_temp.onnx (+ external data) into the current
+    folder when a shape stays unknown, here after an op it does not know; ours returns the partial model."""
+    from onnx import TensorProto
+
+    from onnxpress.model_io import symbolic_shape_inference
+
+    nodes = [helper.make_node("Relu", ["X"], ["Y"]), helper.make_node("Foo", ["X"], ["h"], domain="custom.domain")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", 4])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None),
+                               helper.make_tensor_value_info("h", TensorProto.FLOAT, None)])  # fmt: skip
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("custom.domain", 1)]
+    model = helper.make_model(graph, opset_imports=opsets)
+    monkeypatch.chdir(tmp_path)
+    inferred, complete = symbolic_shape_inference(model)
+    assert not complete and list(tmp_path.iterdir()) == []
+    shape = {o.name: o.type.tensor_type.shape for o in inferred.graph.output}["Y"]
+    assert [d.dim_param or d.dim_value for d in shape.dim] == ["N", 4]  # what it inferred before, it kept

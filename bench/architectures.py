@@ -1,13 +1,15 @@
 """Architectures the reference models do not cover, side by side: onnxpress vs onnxruntime's quantize_static.
 
 The reference models are digit classifiers with a 1-channel input. Users bring other shapes, and those
-meet other onnxruntime kernels and fusions. This bench builds six small networks with torch (random
+meet other onnxruntime kernels and fusions. This bench builds nine small networks with torch (random
 weights, seed 0, BatchNorm statistics drawn at random so that folding them matters), exports them
 (TorchScript exporter, opset 17, dynamic batch) and quantizes each with:
 
 - ``ort-default``: ``quantize_static`` with its defaults (QDQ, per-tensor, int8 activations, MinMax);
 - ``ort-best``: per-channel int8 weights, uint8 activations, MinMax;
-- ``onnxpress``: ``onnxpress.quantize`` with its defaults.
+- ``onnxpress``: ``onnxpress.quantize`` with its defaults;
+- ``onnxpress cleanup (fp32)``: ``onnxpress.cleanup`` alone (tenth session): the exact float rewrites every
+  pipeline starts with (constant and BatchNorm folding, PRelu as LeakyRelu or Relu + slope * Min).
 
 The networks:
 
@@ -20,6 +22,10 @@ The networks:
 - ``audio``: Conv1d + BatchNorm + grouped Conv1d, a GRU, mean over time, Linear.
 - ``crnn``: text-line recognition (tenth session): three Conv-BN-ReLU + MaxPool stages on a 32 x 128 line,
   its 32 columns as time steps of a bidirectional LSTM, a per-step Linear and log-softmax.
+- ``face``: an iresnet-style face embedder (tenth session): BN-Conv-BN-PReLU(64)-Conv-BN residual blocks at
+  56 x 56, mean-pool, a 128-d embedding.
+- ``separator``: a Conv-TasNet-style source separator (tenth session): strided Conv1d encoder, dilated depthwise
+  blocks with a one-slope PReLU and GroupNorm, sigmoid masks, ConvTranspose1d decoder, on 4000 samples.
 
 Columns: per-output logit SQNR against fp32 (the lowest over outputs, dB) on 64 held-out random
 inputs, and latency relative to fp32 at batch 1 and 32 (2 threads, spinning off, every session timed
@@ -27,7 +33,8 @@ in rotation within each repeat, medians: ``bench/quantize.py``'s ``latency_ratio
 seeded standard-normal inputs. onnxruntime's quantizer runs in a temporary folder (it drops files
 into the current one). Needs torch (``pip install -e .[torch]``).
 
-    python bench/architectures.py [--models unet detector mbconv mnv3 resnext audio crnn] [--repeats 20]
+    python bench/architectures.py [--models unet detector mbconv mnv3 resnext audio crnn face separator]
+        [--repeats 20]
 
 Seventh session (2026-11-30, quiet 2-core box, ``--repeats 20``, 40 s), onnxpress latency at batch 1 / 32
 before (the session's first commit) -> after its quantize changes, SQNR after (lowest output):
@@ -75,7 +82,7 @@ import onnxpress  # noqa: E402
 from onnxpress.reporting import format_table  # noqa: E402
 from onnxpress.runtime import make_session  # noqa: E402
 
-MODELS = ("unet", "detector", "mbconv", "mnv3", "resnext", "audio", "crnn")
+MODELS = ("unet", "detector", "mbconv", "mnv3", "resnext", "audio", "crnn", "face", "separator")
 
 
 def _nets():
@@ -195,6 +202,40 @@ def _nets():
             out, _ = self.lstm(seq)
             return self.fc(out).log_softmax(-1)
 
+    class FaceNet(nn.Module):  # iresnet-style face embedder: BN-Conv-BN-PReLU(C)-Conv-BN blocks, identity adds
+        def __init__(self, c: int = 64):
+            super().__init__()
+            self.stem = nn.Sequential(nn.Conv2d(3, c, 3, 1, 1, bias=False), nn.BatchNorm2d(c), nn.PReLU(c))
+            self.blocks = nn.ModuleList(
+                nn.Sequential(nn.BatchNorm2d(c), nn.Conv2d(c, c, 3, 1, 1, bias=False), nn.BatchNorm2d(c), nn.PReLU(c),
+                              nn.Conv2d(c, c, 3, 1, 1, bias=False), nn.BatchNorm2d(c)) for _ in range(4))
+            self.fc = nn.Linear(c, 128)
+
+        def forward(self, x):
+            h = self.stem(x)
+            for block in self.blocks:
+                h = h + block(h)
+            return self.fc(h.mean((2, 3)))
+
+    class Separator(nn.Module):  # Conv-TasNet-style: encoder, dilated depthwise blocks with PReLU + GroupNorm, masks
+        def __init__(self):
+            super().__init__()
+            self.enc = nn.Conv1d(1, 64, 16, stride=8, bias=False)
+            self.blocks = nn.ModuleList(
+                nn.Sequential(nn.Conv1d(64, 128, 1), nn.PReLU(), nn.GroupNorm(1, 128),
+                              nn.Conv1d(128, 128, 3, padding=2**i, dilation=2**i, groups=128), nn.PReLU(),
+                              nn.GroupNorm(1, 128), nn.Conv1d(128, 64, 1)) for i in range(4))
+            self.mask = nn.Conv1d(64, 128, 1)
+            self.dec = nn.ConvTranspose1d(64, 1, 16, stride=8, bias=False)
+
+        def forward(self, x):
+            e = self.enc(x)
+            h = e
+            for block in self.blocks:
+                h = h + block(h)
+            m = torch.sigmoid(self.mask(h)).reshape(x.shape[0], 2, 64, -1)
+            return self.dec((e.unsqueeze(1) * m).reshape(-1, 64, e.shape[-1])).reshape(x.shape[0], 2, -1)
+
     return {
         "unet": (UNet, (3, 32, 32), ["out"]),
         "detector": (Detector, (3, 64, 64), ["scores", "boxes"]),
@@ -203,6 +244,8 @@ def _nets():
         "resnext": (ResNeXt, (3, 64, 64), ["logits"]),
         "audio": (Audio, (40, 50), ["logits"]),
         "crnn": (CRNN, (1, 32, 128), ["log_probs"]),
+        "face": (FaceNet, (3, 56, 56), ["embedding"]),
+        "separator": (Separator, (1, 4000), ["sources"]),
     }
 
 
@@ -249,7 +292,9 @@ def main(argv: list[str] | None = None) -> int:
             test_x = r.standard_normal((64, *shape)).astype(np.float32)
             ours = work / f"{name}_ours.onnx"
             onnxpress.quantize(str(src), str(ours), calib=[{"input": calib}])
-            paths: dict[str, Path | str] = {"fp32": src, "onnxpress": ours}
+            cleaned = work / f"{name}_cleanup.onnx"  # the exact rewrites alone (float): what quantizing adds on top
+            onnxpress.cleanup(str(src), str(cleaned))
+            paths: dict[str, Path | str] = {"fp32": src, "onnxpress cleanup (fp32)": cleaned, "onnxpress": ours}
             paths["ort-default"] = qbench.ort_quantize(src, calib, work, "ortdef", reader_batch=16)
             paths["ort-best"] = qbench.ort_quantize(src, calib, work, "ortbest", reader_batch=16, per_channel=True,
                                                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,

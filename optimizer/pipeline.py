@@ -161,7 +161,8 @@ def run_passes(
 
 
 def cleanup_passes() -> list[GraphPass]:
-    """The passes every pipeline starts with: fold constants, then fold BatchNormalization."""
+    """The passes every pipeline starts with: fold constants, fold BatchNormalization, PRelu as faster ops."""
     from onnxpress.passes.fold import FoldBatchNorm, FoldConstants
+    from onnxpress.passes.prelu import RewritePRelu
 
-    return [FoldConstants(), FoldBatchNorm()]
+    return [FoldConstants(), FoldBatchNorm(), RewritePRelu()]

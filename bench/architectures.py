@@ -61,6 +61,15 @@ before (the session's first commit) -> after its quantize changes, SQNR after (l
 - crnn (tenth session): 0.64 / 0.53, 74.3 dB on the log-probabilities (onnxruntime best 0.92 / 0.83, 70.3 dB;
   default 0.99 / 0.98): its LSTM runs as DynamicQuantizeLSTM; kept float (``exclude=["op:LSTM"]``, a script
   not kept) 0.91 / 0.71 at 0.90x size against 0.26x, probability SQNR 64.2 against 62.8 dB.
+- Tenth session, ``--models face separator crnn audio --repeats 20``, after the PRelu rewrite
+  (``passes/prelu.py``), batch 1 / 32, lowest-output SQNR:
+  - face: cleanup alone 0.90 / 0.95 (bit-identical), onnxpress 0.44 / 0.51, 46.5 dB (0.64 / 0.64 with the
+    PRelu kept); onnxruntime best 0.62 / 0.62, 42.0 dB; default 0.67 / 0.74, 41.9 dB.
+  - separator: cleanup alone 0.42 / 0.43 (its eight one-slope PRelu as LeakyRelu), onnxpress 0.38 / 0.48,
+    31.9 dB; onnxruntime best 0.93 / 1.11, 29.4 dB; default 1.09 / 1.31. At batch 32 the float cleanup beats
+    the int8 model (its GroupNorms stay float between Q/DQ); ``onnxpress quantize`` now says so when it sees it.
+  - crnn: onnxpress 0.57 / 0.50, 74.3 dB; best 0.90 / 0.77; cleanup alone 1.01 / 1.00.
+  - audio: onnxpress 0.86 / 0.75, 46.0 dB; best 0.87 / 0.74; cleanup alone 1.00 / 1.00.
 """
 
 from __future__ import annotations

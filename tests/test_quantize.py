@@ -454,9 +454,18 @@ def test_cli_checks_the_written_models_latency(tmp_path: Path, capsys: pytest.Ca
     assert "x the original (first calibration batch of 8, 10 interleaved runs each" in line
     assert main(["quantize", str(src), "-o", str(out), "--calib", str(data), "-q", "--no-latency-check"]) == 0
     assert "latency" not in capsys.readouterr().out
-    monkeypatch.setattr(runtime, "time_interleaved", lambda sessions, feed, rounds, warmup: [[1.0] * 3, [1.5] * 3])
+    timings = [[1.0] * 3, [1.5] * 3, [0.4] * 3]  # original, quantized, cleaned float (when timed)
+    monkeypatch.setattr(runtime, "time_interleaved", lambda sessions, feed, rounds, warmup: timings[: len(sessions)])
     assert command.latency_check(str(src), str(out), str(data)) == pytest.approx(1.5)
     text = capsys.readouterr().out
     assert "latency 1.50x the original" in text and "warning: the quantized model ran slower than the original" in text
+    # a PRelu that cleanup rewrites: the float model it writes is timed too, and named when it ran faster
+    prelu = make_model([helper.make_node("PRelu", ["X", "s"], ["Y"])], [("X", ["N", 3, 8, 8])],
+                       [("Y", ["N", 3, 8, 8])], {"s": np.full((3, 1, 1), 0.2, np.float32)})  # fmt: skip
+    onnx.save(prelu, src)
+    timings[1] = [0.5] * 3
+    assert command.latency_check(str(src), str(out), str(data)) == pytest.approx(0.5)
+    assert "the float model that onnxpress cleanup writes (exact rewrites, no quantization) ran 0.40x here, faster " \
+           "than the quantized one" in capsys.readouterr().out
     monkeypatch.setattr(command, "LATENCY_CHECK_MAX_BYTES", 10)
     assert command.latency_check(str(src), str(out), str(data)) is None  # too large to time: skipped

@@ -5,7 +5,9 @@ kind users quantize without data:
 
 - ``bert``: a 4-layer ``nn.TransformerEncoder`` (d = 256, 4 heads, GELU), a 2000-word embedding, a learned
   positional table, token ids and a padding mask as inputs, a 2-class head on the first token;
-- ``decoder``: a 2-layer RMSNorm / causal SDPA / SwiGLU decoder over a 512-word vocabulary (opset 18).
+- ``decoder``: a 2-layer RMSNorm / causal SDPA / SwiGLU decoder over a 512-word vocabulary (opset 18);
+- ``einsum`` (tenth session): a 2-layer encoder (d = 256) whose QKV, output and MLP projections are
+  ``torch.einsum`` with weight tensors, as einops-style code writes them (they export as ONNX ``Einsum``).
 
 Rows: ``fp32``; ``ort-dynamic`` / ``ort-dynamic[pc]``: ``quantize_dynamic`` per tensor (its default) and per
 channel; ``onnxpress``: ``onnxpress.quantize`` without ``calib`` (dynamic activations, per-channel weights).
@@ -13,7 +15,7 @@ Columns: logit SQNR against fp32 on 64 held-out sequences of 32 tokens (batches 
 fp32 at batch 1 and 16 (2 threads, interleaved medians), file size relative to fp32. onnxruntime's quantizer
 runs in a temporary folder. Needs torch (``pip install -e .[torch]``).
 
-    python bench/no_data.py [--models bert decoder] [--repeats 30]
+    python bench/no_data.py [--models bert decoder einsum] [--repeats 30]
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import onnxpress  # noqa: E402
 from onnxpress.reporting import format_table  # noqa: E402
 from onnxpress.runtime import make_session, time_interleaved  # noqa: E402
 
-MODELS = ("bert", "decoder")
+MODELS = ("bert", "decoder", "einsum")
 
 
 def build(name: str, out: Path) -> dict[str, np.ndarray]:
@@ -67,7 +69,7 @@ def build(name: str, out: Path) -> dict[str, np.ndarray]:
         mask = np.ones((64, 32), np.int64)
         mask[32:, 24:] = 0  # half the sequences padded
         feed = {"ids": ids, "mask": mask}
-    else:
+    elif name == "decoder":
         class Block(nn.Module):
             def __init__(self, d: int = 128, heads: int = 4, hidden: int = 344):
                 super().__init__()
@@ -99,6 +101,36 @@ def build(name: str, out: Path) -> dict[str, np.ndarray]:
                 return self.head(self.norm(x))
 
         model, names = Decoder().eval(), ["ids"]
+        example = (torch.randint(0, 512, (2, 16)),)
+        feed = {"ids": rng.integers(0, 512, (64, 32)).astype(np.int64)}
+    else:  # einsum: an encoder whose projections are einsums with weight tensors, as einops-style code writes them
+        class EinsumBlock(nn.Module):
+            def __init__(self, d: int = 256, heads: int = 4, ffn: int = 1024):
+                super().__init__()
+                self.qkv = nn.Parameter(torch.randn(d, 3, heads, d // heads) / d**0.5)
+                self.o = nn.Parameter(torch.randn(heads, d // heads, d) / d**0.5)
+                self.w1 = nn.Parameter(torch.randn(d, ffn) / d**0.5)
+                self.w2 = nn.Parameter(torch.randn(ffn, d) / ffn**0.5)
+                self.n1, self.n2 = nn.LayerNorm(d), nn.LayerNorm(d)
+
+            def forward(self, x):
+                q, k, v = torch.einsum("btd,dshk->sbhtk", self.n1(x), self.qkv)
+                a = torch.softmax(torch.einsum("bhtk,bhsk->bhts", q, k) / q.shape[-1] ** 0.5, -1)
+                x = x + torch.einsum("bhtk,hkd->btd", torch.einsum("bhts,bhsk->bhtk", a, v), self.o)
+                h = torch.relu(torch.einsum("btd,df->btf", self.n2(x), self.w1))
+                return x + torch.einsum("btf,fd->btd", h, self.w2)
+
+        class EinsumEncoder(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.embed = nn.Embedding(512, 256)
+                self.blocks = nn.Sequential(EinsumBlock(), EinsumBlock())
+                self.head = nn.Linear(256, 2)
+
+            def forward(self, ids):
+                return self.head(self.blocks(self.embed(ids)).mean(1))
+
+        model, names = EinsumEncoder().eval(), ["ids"]
         example = (torch.randint(0, 512, (2, 16)),)
         feed = {"ids": rng.integers(0, 512, (64, 32)).astype(np.int64)}
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq", max=128)

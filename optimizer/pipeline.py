@@ -161,8 +161,12 @@ def run_passes(
 
 
 def cleanup_passes() -> list[GraphPass]:
-    """The passes every pipeline starts with: fold constants, fold BatchNormalization, PRelu as faster ops."""
+    """The exact passes every pipeline starts with.
+
+    Fold constants, projection Einsums as MatMul, fold BatchNormalization, PRelu as faster ops.
+    """
+    from onnxpress.passes.einsum import EinsumToMatMul
     from onnxpress.passes.fold import FoldBatchNorm, FoldConstants
     from onnxpress.passes.prelu import RewritePRelu
 
-    return [FoldConstants(), FoldBatchNorm(), RewritePRelu()]
+    return [FoldConstants(), EinsumToMatMul(), FoldBatchNorm(), RewritePRelu()]

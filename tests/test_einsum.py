@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from onnx import helper
 
 import onnxpress
@@ -93,3 +95,32 @@ def test_quantize_takes_an_einsum_projection(tmp_path):
     for q in (dynamic.model, static.model):
         got = run(q, {"X": x[:3]})[0]
         assert 10 * np.log10(np.sum(ref**2) / np.sum((ref - got) ** 2)) >= 30
+
+
+@st.composite
+def projections(draw):
+    """An equation x,W->out with 0-2 batch, 1-2 contracted and 1-2 free indices, each operand in a random order."""
+    letters = iter("abcdefg")
+    batch = [next(letters) for _ in range(draw(st.integers(0, 2)))]
+    contracted = [next(letters) for _ in range(draw(st.integers(1, 2)))]
+    free = [next(letters) for _ in range(draw(st.integers(1, 2)))]
+    x_sub = "".join(draw(st.permutations(batch + contracted)))
+    w_sub = "".join(draw(st.permutations(contracted + free)))
+    out = "".join(draw(st.permutations(batch + free)))
+    weight_first = draw(st.booleans())
+    sizes = {i: draw(st.integers(1, 4)) for i in batch + contracted + free}
+    return (f"{w_sub},{x_sub}->{out}" if weight_first else f"{x_sub},{w_sub}->{out}"), weight_first, sizes
+
+
+@settings(max_examples=40, deadline=None)
+@given(projections())
+def test_random_projection_einsums_match_onnxruntime(case):
+    equation, weight_first, sizes = case
+    model = einsum_model(equation, weight_first, sizes=sizes)
+    result = run_passes(model, [EinsumToMatMul()])
+    assert result.stats["einsum_to_matmul.rewritten"] == 1
+    x_in = model.graph.input[0].type.tensor_type.shape.dim
+    x = rng(2).standard_normal([d.dim_value for d in x_in]).astype(np.float32)
+    ref, got = run(model, {"X": x})[0], run(result.model, {"X": x})[0]
+    assert got.shape == ref.shape
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * max(np.abs(ref).max(), 1.0))

@@ -554,11 +554,14 @@ class QuantizeWeightsInt4:
             done += 1
         consts = 0
         if self.constants_int8_min_size is not None:
-            consts = store_constants_int8(graph, self.constants_int8_min_size, fresh, exclude=self.exclude)
+            consts, halves = store_constants_int8(graph, self.constants_int8_min_size, fresh, exclude=self.exclude)
+        else:
+            halves = 0
         if done:
             graph.import_domains = _with_ms_domain(graph)
-        stats = {"weights_int4": done, "weights_int4_gptq": gptq, "weights_int8": int8, "constants_int8": consts}
-        return PassResult(graph, done + int8 + consts > 0, stats, tuple(notes))
+        stats = {"weights_int4": done, "weights_int4_gptq": gptq, "weights_int8": int8, "constants_int8": consts,
+                 "constants_float16": halves}  # fmt: skip
+        return PassResult(graph, done + int8 + consts + halves > 0, stats, tuple(notes))
 
 
     def _round(self, w: np.ndarray, block: int, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -600,7 +603,7 @@ _QDQ_OPS = frozenset({"DequantizeLinear", "QuantizeLinear"})
 
 
 def store_constants_int8(graph: gs.Graph, min_size: int, fresh, *, exclude: frozenset[str] = frozenset(),
-                         keep_biases: bool = False) -> int:
+                         keep_biases: bool = False) -> tuple[int, int]:
     """Store float32 constants of ``min_size``+ elements as int8 + one symmetric scale + DequantizeLinear.
 
     GRU/RNN weights (no integer kernel; see ``_HALF_STORED``) are stored float16 behind a Cast instead.
@@ -608,7 +611,7 @@ def store_constants_int8(graph: gs.Graph, min_size: int, fresh, *, exclude: froz
     QuantizeLSTMDynamic's decision, so a layer kept float stays float) and Q/DQ parameters are left alone.
     ``s = max|c| / 127``, ``|c - s q| <= s/2``. A 2-D table read by ``Gather`` (axis 0: an embedding) gets a
     scale per row instead and is dequantized after the gather, so only the rows looked up are converted.
-    Returns the number of constants rewritten.
+    Returns the numbers of constants stored int8 and stored float16.
     """
     stored: dict[str, tuple[gs.Constant, gs.Constant]] = {}
     stored_half: dict[str, gs.Variable] = {}  # recurrent weights: float16 behind a Cast
@@ -676,7 +679,7 @@ def store_constants_int8(graph: gs.Graph, min_size: int, fresh, *, exclude: froz
                 graph.nodes.append(gs.Node("DequantizeLinear", fresh(f"{t.name}_DQ"), {}, [q_const, s_const], [out]))
                 dequantized[t.name] = out
             node.inputs[i] = dequantized[t.name]
-    return len(set(stored) | set(rows_of) | set(stored_half))
+    return len(set(stored) | set(rows_of)), len(stored_half)
 
 
 def _store_float16_inputs(graph: gs.Graph, node: gs.Node, min_size: int, fresh, exclude: frozenset[str],
@@ -721,8 +724,9 @@ class StoreConstantsInt8:
         """Rewrite the constants in place; count them."""
         fresh = fresh_names(graph_names(graph))
 
-        n = store_constants_int8(graph, self.min_size, fresh, exclude=self.exclude, keep_biases=self.keep_biases)
-        return PassResult(graph, n > 0, {"constants_int8": n})
+        n, halves = store_constants_int8(graph, self.min_size, fresh, exclude=self.exclude,
+                                         keep_biases=self.keep_biases)  # fmt: skip
+        return PassResult(graph, n + halves > 0, {"constants_int8": n, "constants_float16": halves})
 
 
 def _int8_weight(w_t: gs.Constant, node: gs.Node, fresh, graph: gs.Graph) -> gs.Variable:

@@ -201,7 +201,10 @@ def test_gru_and_rnn_weights_are_stored_float16_behind_a_cast_onnxruntime_folds(
     big[0, 0, 0] = 1e5  # beyond float16
     node = helper.make_node(op, ["X", "W", "R"], ["Y"], hidden_size=H, name="rec")
     model = make_model([node], [("X", [T, B, F])], [("Y", [T, 1, B, H])], {"W": w, "R": big})
-    out = run_passes(model, [StoreConstantsInt8(min_size=16)]).model
+    result = run_passes(model, [StoreConstantsInt8(min_size=16)])
+    assert result.stats["store_constants_int8.constants_float16"] == 1
+    assert result.stats["store_constants_int8.constants_int8"] == 0
+    out = result.model
     consts = {i.name: numpy_helper.to_array(i) for i in out.graph.initializer}
     (rec,) = [n for n in out.graph.node if n.op_type == op]
     (cast,) = [n for n in out.graph.node if n.op_type == "Cast"]

@@ -38,7 +38,7 @@ __all__ = ["EinsumToMatMul", "einsum_plan"]
 def einsum_plan(equation: str, weight_shape: tuple[int, ...], weight_first: bool) -> dict[str, object] | None:
     """How ``equation`` (x and a constant weight) becomes a MatMul, or None when it is not that form.
 
-    Returns ``x_perm`` (None: identity), ``x_rank``, ``keep`` (batch axes of x kept by the Reshape),
+    Returns ``x_perm`` (None: identity), ``keep`` (batch axes of x kept by the Reshape),
     ``contracted`` sizes, ``w_perm`` (weight axes: contracted, then free, in output order), ``free``
     sizes, ``out_perm`` (None: identity), ``ellipsis``.
     """
@@ -80,7 +80,6 @@ def einsum_plan(equation: str, weight_shape: tuple[int, ...], weight_first: bool
     out_perm = [produced.index(i) for i in out]
     return {
         "x_perm": x_perm,
-        "x_rank": len(x_sub),
         "keep": len(batch),
         "contracted": [size[i] for i in contracted],
         "w_perm": w_perm,

@@ -57,9 +57,10 @@ __all__ = [
 ]
 
 MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+"""Op types whose multiply-accumulates are counted (and which the passes split or prune)."""
+
 # recurrent ops, counted but not layers any pass splits or prunes: (domain, op) -> gates per step
 _RECURRENT_GATES = {("", "LSTM"): 4, ("", "GRU"): 3, ("", "RNN"): 1, ("com.microsoft", "DynamicQuantizeLSTM"): 4}
-"""Op types whose multiply-accumulates are counted."""
 
 _FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
 

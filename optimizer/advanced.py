@@ -825,11 +825,53 @@ def correct_bias_for_qdq(
     for label, _, post, axis, ref in tqdm(targets, desc="bias correction", unit="layer", disable=not progress):
         quantized = run_passes(current, [qdq]).model
         got = ChannelStatsObserver(axis, name=post)
-        collect_statistics(quantized, feeds, {post: got}, batch_size=batch_size)
+        # only the nodes that compute `post`: onnxruntime runs every node of a session whatever it fetches, and
+        # the layers after this one cannot change it (the same nodes, so the same values; ResNet-50-style net,
+        # 53 layers, 32 samples: the correction took 35 s of a 39 s quantize run)
+        collect_statistics(upstream_of(quantized, post), feeds, {post: got}, batch_size=batch_size)
         slope = ref.slope.mean()
         delta = np.where(slope >= min_slope, (ref.post.mean() - got.mean()) / np.maximum(slope, min_slope), 0.0)
         current = run_passes(current, [_ShiftBias(label, delta)]).model
     return current
+
+
+def upstream_of(model: onnx.ModelProto, name: str) -> onnx.ModelProto:
+    """``model`` cut down to the nodes that ``name`` depends on, graph inputs kept.
+
+    ``name`` is the only output when it had a value_info, else there is none (``collect_statistics``
+    exposes it). A walk back over producers, by hand: ``onnx.utils.Extractor`` would run shape inference over the whole
+    model on every call, and this runs once per corrected layer. A node with subgraphs brings the outer
+    names its bodies read.
+    """
+    from onnxpress.precision import _read_in, _subgraphs
+
+    g = model.graph
+    producer = {o: n for n in g.node for o in n.output if o}
+    needed, stack, kept = set(), [name], set()
+    while stack:
+        t = stack.pop()
+        if t in needed:
+            continue
+        needed.add(t)
+        node = producer.get(t)
+        if node is None or id(node) in kept:
+            continue
+        kept.add(id(node))
+        stack.extend(i for i in node.input if i)
+        for attr in node.attribute:
+            for sub in _subgraphs(attr):
+                stack.extend(_read_in(sub))
+    out = onnx.ModelProto(ir_version=model.ir_version)  # the fields a session reads; only the kept weights copied
+    out.opset_import.extend(model.opset_import)
+    out.functions.extend(model.functions)
+    sub = out.graph
+    sub.name = g.name
+    sub.node.extend(n for n in g.node if id(n) in kept)
+    sub.initializer.extend(t for t in g.initializer if t.name in needed)
+    sub.input.extend(g.input)
+    sub.value_info.extend(g.value_info)
+    sub.output.extend(vi for vi in [*g.value_info, *g.output] if vi.name == name)
+    return out
 
 
 class _ShiftBias:

@@ -178,3 +178,33 @@ def test_a_layer_without_bias_gets_one():
     before = np.abs(_channel_means(graphs.run(run_passes(model, [qdq]).model, calib[0])[0]) - ref).mean()
     after = np.abs(_channel_means(graphs.run(run_passes(corrected, [qdq]).model, calib[0])[0]) - ref).mean()
     assert after < before / 4, (before, after)
+
+
+def test_upstream_of_keeps_exactly_what_a_tensor_needs():
+    """Bias correction runs each layer's check on the nodes its tensor depends on: same values, less work."""
+    from onnx import TensorProto, helper
+
+    r = graphs.rng(9)
+    then = helper.make_graph([helper.make_node("Mul", ["a", "k"], ["t_out"])], "then", [],
+                             [helper.make_tensor_value_info("t_out", TensorProto.FLOAT, None)])  # fmt: skip
+    other = helper.make_graph([helper.make_node("Neg", ["a"], ["e_out"])], "else", [],
+                              [helper.make_tensor_value_info("e_out", TensorProto.FLOAT, None)])  # fmt: skip
+    nodes = [helper.make_node("MatMul", ["X", "W1"], ["a"]),
+             helper.make_node("If", ["flag"], ["b"], then_branch=then, else_branch=other),  # reads a and k outside
+             helper.make_node("Relu", ["b"], ["c"]),
+             helper.make_node("MatMul", ["c", "W2"], ["Y"])]  # after c: not needed for it
+    init = {"W1": r.standard_normal((4, 5)).astype(np.float32), "W2": r.standard_normal((5, 3)).astype(np.float32),
+            "k": np.float32(2.0), "flag": np.array(True)}  # fmt: skip
+    model = graphs.make_model(nodes, [("X", ["N", 4])], [("Y", ["N", 3])], init)
+    cut = advanced.upstream_of(model, "c")
+    assert [n.op_type for n in cut.graph.node] == ["MatMul", "If", "Relu"]
+    assert sorted(t.name for t in cut.graph.initializer) == ["W1", "flag", "k"]
+    x = r.standard_normal((6, 4)).astype(np.float32)
+    expect = np.maximum(x @ init["W1"] * 2.0, 0)
+    assert not cut.graph.output  # c had no value_info: the caller (collect_statistics) exposes it
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(model)
+    for m in (exposed, cut):
+        m.graph.output.append(helper.make_tensor_value_info("c", TensorProto.FLOAT, None))
+    np.testing.assert_array_equal(graphs.run(exposed, {"X": x})[1], graphs.run(cut, {"X": x})[0])
+    np.testing.assert_allclose(graphs.run(cut, {"X": x})[0], expect, rtol=1e-6)

@@ -46,7 +46,23 @@ from onnxpress.passes.qdq import NodeDecision, Selection, quantize_array, weight
 __all__ = ["QuantizeDynamic", "QuantizeLSTMDynamic"]
 
 
-class QuantizeDynamic:
+class _DynamicRewrite:
+    """What both dynamic rewrites share: the weight-scale choice, the exclusions and the per-node decisions."""
+
+    def __init__(self, *, per_channel: bool, exclude: Selection | None) -> None:
+        self.per_channel = per_channel
+        self.exclude = exclude or Selection()
+        self.decisions: list[NodeDecision] = []
+
+    def requires(self, graph: gs.Graph) -> None:
+        """No preconditions.
+
+        DynamicQuantizeLinear needs opset 11 (every normalised model has 13 or more); DynamicQuantizeLSTM
+        is in onnxruntime's com.microsoft domain.
+        """
+
+
+class QuantizeDynamic(_DynamicRewrite):
     """Rewrite MatMul/Gemm layers to dynamic int8 (see the module docstring).
 
     Args:
@@ -62,13 +78,8 @@ class QuantizeDynamic:
     def __init__(self, *, per_channel: bool = True, min_depth: int = 16, exclude: Selection | None = None) -> None:
         if min_depth < 1:
             raise ValueError(f"min_depth must be >= 1, got {min_depth}")
-        self.per_channel = per_channel
+        super().__init__(per_channel=per_channel, exclude=exclude)
         self.min_depth = int(min_depth)
-        self.exclude = exclude or Selection()
-        self.decisions: list[NodeDecision] = []
-
-    def requires(self, graph: gs.Graph) -> None:
-        """Needs opset >= 11 (DynamicQuantizeLinear); every normalised model has 13 or more."""
 
     def _reason(self, node: gs.Node) -> str | None:
         why = self.exclude.reason(node)
@@ -149,7 +160,7 @@ class QuantizeDynamic:
         return PassResult(graph, quantized > 0, stats, notes)
 
 
-class QuantizeLSTMDynamic:
+class QuantizeLSTMDynamic(_DynamicRewrite):
     """Rewrite ``LSTM`` layers to onnxruntime's ``DynamicQuantizeLSTM`` (see the module docstring).
 
     Args:
@@ -162,12 +173,7 @@ class QuantizeLSTMDynamic:
     name = "quantize_lstm_dynamic"
 
     def __init__(self, *, per_channel: bool = True, exclude: Selection | None = None) -> None:
-        self.per_channel = per_channel
-        self.exclude = exclude or Selection()
-        self.decisions: list[NodeDecision] = []
-
-    def requires(self, graph: gs.Graph) -> None:
-        """No preconditions (the op is in onnxruntime's com.microsoft domain, opset 1)."""
+        super().__init__(per_channel=per_channel, exclude=exclude)
 
     def _reason(self, node: gs.Node) -> str | None:
         why = self.exclude.reason(node)

@@ -57,12 +57,14 @@ class HalfPrecision:
 
 
 def half_precision_layers(model: onnx.ModelProto) -> dict[int, int]:
-    """``{elem type: count}`` of the Conv/ConvTranspose/Gemm/MatMul weight initializers of the main graph."""
+    """``{elem type: count}`` of the Conv/ConvTranspose/Gemm/MatMul/Einsum weight initializers of the main graph."""
     inits = {i.name: i.data_type for i in model.graph.initializer}
     out: dict[int, int] = {}
     for n in model.graph.node:
         if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") and len(n.input) > 1 and n.input[1] in inits:
             out[inits[n.input[1]]] = out.get(inits[n.input[1]], 0) + 1
+        elif n.op_type == "Einsum" and (weight := next((i for i in n.input if i in inits), None)) is not None:
+            out[inits[weight]] = out.get(inits[weight], 0) + 1  # a projection written as einsum (passes/einsum.py)
     return out
 
 

@@ -40,11 +40,13 @@ from onnxpress.model_io import (
     save_model,
 )
 from onnxpress.passes.dynamic_quant import QuantizeDynamic, QuantizeLSTMDynamic
+from onnxpress.passes.einsum import EinsumToMatMul
 from onnxpress.passes.flatten_tokens import FlattenTokens
 from onnxpress.passes.flops import unique_keys
 from onnxpress.passes.global_pool import ReduceMeanToGlobalPool
 from onnxpress.passes.matmul_bias import MatMulBiasToOutputRank
 from onnxpress.passes.matmul_to_gemm import MatMulAddToGemm
+from onnxpress.passes.prelu import RewritePRelu
 from onnxpress.passes.qdq import ACTIVATION_TYPES, CompactQDQ, InsertQDQ, NodeDecision, Selection, TensorOverride
 from onnxpress.passes.weight_only import INT4_METHODS, QuantizeWeightsInt4, StoreConstantsInt8
 from onnxpress.pipeline import PipelineResult, cleanup_passes, import_graph, run_passes
@@ -321,6 +323,8 @@ def quantize(
     # int4 weight-only can keep a float16 export in float16 (MatMulNBits takes it): no float32 copy of a large one
     keep = weight_only4 and (keep_float16 if keep_float16 is not None else is_large(cleaned))
     cleaned, half_note = _float32_inside(cleaned, keep=keep)
+    if half_note and not keep:  # the rewrites that take float32 constants only, now that the export computes in it
+        cleaned = run_passes(cleaned, [EinsumToMatMul(), RewritePRelu()]).model
     if dynamic_why and not any(n.op_type in ("Conv", "ConvTranspose") for n in cleaned.graph.node):
         activations = "dynamic"
     # BatchNorm statistics matter only for data-free bias correction of int8 layers, read before cleanup folds them

@@ -87,3 +87,24 @@ def test_cleanup_and_quantize_take_it(tmp_path):
     np.savez(tmp_path / "calib.npz", X=x)
     quantized = onnxpress.quantize(model, calib=tmp_path / "calib.npz").model
     assert "QLinearLeakyRelu" in _fused_ops(quantized, tmp_path)
+
+
+def test_a_float16_export_gets_the_rewrites_too(tmp_path):
+    """Cleanup runs before quantize computes a float16 export in float32: the rewrites that take float32 slopes
+    and weights run again then, so its PRelu and Einsum are rewritten as a float32 export's are."""
+    from onnx import TensorProto, numpy_helper
+
+    from tests.test_einsum import einsum_model
+
+    for model, op in ((conv_prelu(np.linspace(0.1, 0.8, 8, dtype=np.float32).reshape(8, 1)), "PRelu"),
+                      (einsum_model("btd,dhk->bthk", sizes={"d": 32, "k": 16}), "Einsum")):  # fmt: skip
+        g = model.graph
+        for i, init in enumerate(g.initializer):
+            g.initializer[i].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float16),
+                                                              init.name))  # fmt: skip
+        for vi in [*g.input, *g.output]:
+            vi.type.tensor_type.elem_type = TensorProto.FLOAT16
+        x_dims = [d.dim_value or 3 for d in g.input[0].type.tensor_type.shape.dim]
+        np.savez(tmp_path / "calib.npz", X=rng(6).standard_normal([63, *x_dims[1:]]).astype(np.float16))
+        quantized = onnxpress.quantize(model, calib=tmp_path / "calib.npz").model
+        assert op not in {n.op_type for n in quantized.graph.node}

@@ -323,7 +323,8 @@ def quantize(
     # int4 weight-only can keep a float16 export in float16 (MatMulNBits takes it): no float32 copy of a large one
     keep = weight_only4 and (keep_float16 if keep_float16 is not None else is_large(cleaned))
     cleaned, half_note = _float32_inside(cleaned, keep=keep)
-    if half_note and not keep:  # the rewrites that take float32 constants only, now that the export computes in it
+    if half_note and not keep and any(n.op_type in ("Einsum", "PRelu") for n in cleaned.graph.node):
+        # the rewrites that take float32 constants only, now that the export computes in float32
         cleaned = run_passes(cleaned, [EinsumToMatMul(), RewritePRelu()]).model
     if dynamic_why and not any(n.op_type in ("Conv", "ConvTranspose") for n in cleaned.graph.node):
         activations = "dynamic"

@@ -28,10 +28,11 @@ The networks:
   blocks with a one-slope PReLU and GroupNorm, sigmoid masks, ConvTranspose1d decoder, on 4000 samples.
 
 Columns: per-output logit SQNR against fp32 (the lowest over outputs, dB) on 64 held-out random
-inputs, and latency relative to fp32 at batch 1 and 32 (2 threads, spinning off, every session timed
-in rotation within each repeat, medians: ``bench/quantize.py``'s ``latency_ratios``). Calibration: 64
-seeded standard-normal inputs. onnxruntime's quantizer runs in a temporary folder (it drops files
-into the current one). Needs torch (``pip install -e .[torch]``).
+inputs, file size relative to fp32 (tenth session), and latency relative to fp32 at batch 1 and 32
+(2 threads, spinning off, every session timed in rotation within each repeat, medians:
+``bench/quantize.py``'s ``latency_ratios``). Calibration: 64 seeded standard-normal inputs.
+onnxruntime's quantizer runs in a temporary folder (it drops files into the current one). Needs torch
+(``pip install -e .[torch]``).
 
     python bench/architectures.py [--models unet detector mbconv mnv3 resnext audio crnn face separator]
         [--repeats 20]
@@ -314,14 +315,15 @@ def main(argv: list[str] | None = None) -> int:
             lat = {b: qbench.latency_ratios(sessions, test_x, b, args.repeats) for b in (1, 32)}
             for k, p in paths.items():
                 if k not in ok:
-                    rows.append([name, k, f"failed: {p}", "-", "-"])
+                    rows.append([name, k, f"failed: {p}", "-", "-", "-"])
                     continue
                 got = outputs(sessions[k], test_x)
                 sq = "-" if k == "fp32" else f"{min(qbench.sqnr_db(a, b) for a, b in zip(ref, got, strict=True)):.2f}"
-                rows.append([name, k, sq, f"{lat[1][k]:.3f}", f"{lat[32][k]:.3f}"])
+                size = ok[k].stat().st_size / src.stat().st_size
+                rows.append([name, k, sq, f"{lat[1][k]:.3f}", f"{lat[32][k]:.3f}", f"{size:.3f}"])
             print(f"{name}: done", file=sys.stderr)
-    print(format_table(["model", "config", "SQNR dB (lowest output)", "lat b1", "lat b32"], rows))
-    print(f"latency relative to fp32, 2 threads, {args.repeats} interleaved repeats")
+    print(format_table(["model", "config", "SQNR dB (lowest output)", "lat b1", "lat b32", "size"], rows))
+    print(f"latency and file size relative to fp32, 2 threads, {args.repeats} interleaved repeats")
     return 0
 
 

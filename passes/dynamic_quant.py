@@ -180,7 +180,7 @@ class QuantizeLSTMDynamic(_DynamicRewrite):
         if why:
             return why
         if int(node.attrs.get("layout", 0)) != 0:
-            return "layout=1 (batch first): onnxruntime's DynamicQuantizeLSTM has no layout attribute"
+            return "layout=1 (batch first): onnxruntime runs no LSTM with it, float or int8"
         for i, what in ((1, "W"), (2, "R")):
             t = node.inputs[i] if len(node.inputs) > i else None
             if not isinstance(t, gs.Constant):

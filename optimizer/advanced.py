@@ -843,7 +843,7 @@ def upstream_of(model: onnx.ModelProto, name: str) -> onnx.ModelProto:
     model on every call, and this runs once per corrected layer. A node with subgraphs brings the outer
     names its bodies read.
     """
-    from onnxpress.precision import _read_in, _subgraphs
+    from onnxpress.model_io import names_read, subgraphs
 
     g = model.graph
     producer = {o: n for n in g.node for o in n.output if o}
@@ -859,8 +859,8 @@ def upstream_of(model: onnx.ModelProto, name: str) -> onnx.ModelProto:
         kept.add(id(node))
         stack.extend(i for i in node.input if i)
         for attr in node.attribute:
-            for sub in _subgraphs(attr):
-                stack.extend(_read_in(sub))
+            for sub in subgraphs(attr):
+                stack.extend(names_read(sub))
     out = onnx.ModelProto(ir_version=model.ir_version)  # the fields a session reads; only the kept weights copied
     out.opset_import.extend(model.opset_import)
     out.functions.extend(model.functions)

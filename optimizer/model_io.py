@@ -38,10 +38,13 @@ __all__ = [
     "load_model",
     "model_bytes",
     "model_digest",
+    "names_read",
     "normalize_model",
     "save_model",
     "shape_only_copy",
     "split_large",
+    "subgraphs",
+    "symbolic_shape_inference",
     "uses_external_data",
 ]
 
@@ -313,7 +316,7 @@ def symbolic_shape_inference(model: onnx.ModelProto) -> tuple[onnx.ModelProto | 
         if not opset or opset < 7:
             return None, False
         inference = SymbolicShapeInference(2**31 - 1, True, False, 0)  # int_max, auto_merge, guess rank, verbose
-        inference._preprocess(copy.deepcopy(model))
+        inference._preprocess(model)  # it copies the model first (out_mp_), so no copy of ours
         complete = False
         while inference.run_:
             complete = inference._infer_impl()
@@ -329,6 +332,26 @@ def _shaped_outputs(model: onnx.ModelProto) -> int:
     ranked = {vi.name for vi in [*model.graph.value_info, *model.graph.output]
               if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape")}
     return sum(1 for n in model.graph.node for o in n.output if o in ranked)
+
+
+def subgraphs(attr: onnx.AttributeProto) -> list[onnx.GraphProto]:
+    """The graphs an attribute holds (an If branch, a Loop/Scan body), else ``[]``."""
+    if attr.type == onnx.AttributeProto.GRAPH:
+        return [attr.g]
+    if attr.type == onnx.AttributeProto.GRAPHS:
+        return list(attr.graphs)
+    return []
+
+
+def names_read(g: onnx.GraphProto) -> set[str]:
+    """Every name a node of ``g`` or of its subgraphs reads (a body's reads of the outer scope among them)."""
+    out = set()
+    for node in g.node:
+        out.update(node.input)
+        for attr in node.attribute:
+            for sub in subgraphs(attr):
+                out.update(names_read(sub))
+    return out
 
 
 def default_opset(model: onnx.ModelProto) -> int:

@@ -19,7 +19,7 @@ import onnx_graphsurgeon as gs
 from tqdm.auto import tqdm
 
 from onnxpress.errors import OnnxpressError, PassError, UnsupportedModelError
-from onnxpress.model_io import is_large
+from onnxpress.model_io import is_large, subgraphs
 from onnxpress.passes.base import GraphPass, quiet_graphsurgeon
 
 __all__ = ["PipelineResult", "cleanup_passes", "export_graph", "import_graph", "run_passes"]
@@ -74,8 +74,7 @@ def _shadowed_names(graph: onnx.GraphProto, outer: frozenset[str] = frozenset())
     scope = frozenset(outer | defined)
     for node in graph.node:
         for attr in node.attribute:
-            subgraphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
-            for sub in subgraphs:
+            for sub in subgraphs(attr):
                 found = _shadowed_names(sub, scope)
                 if found:
                     return found

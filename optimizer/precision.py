@@ -32,6 +32,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from onnxpress.model_io import names_read, subgraphs
 from onnxpress.passes.base import fresh_names
 
 __all__ = ["HalfPrecision", "half_precision_layers", "store_float16", "upcast_float16"]
@@ -139,21 +140,13 @@ def _rename_graph(g: onnx.GraphProto, readers: dict[str, str], producers: dict[s
         if top:
             node.output[:] = [producers.get(name, name) for name in node.output]
         for attr in node.attribute:
-            for sub in _subgraphs(attr):
+            for sub in subgraphs(attr):
                 _rename_graph(sub, readers, {}, top=False)
     if top:
         for init in g.initializer:
             init.name = producers.get(init.name, init.name)
         for vi in g.value_info:
             vi.name = producers.get(vi.name, readers.get(vi.name, vi.name))
-
-
-def _subgraphs(attr: onnx.AttributeProto) -> list[onnx.GraphProto]:
-    if attr.type == onnx.AttributeProto.GRAPH:
-        return [attr.g]
-    if attr.type == onnx.AttributeProto.GRAPHS:
-        return list(attr.graphs)
-    return []
 
 
 def _upcast_graph(g: onnx.GraphProto, counter: list[int]) -> None:
@@ -176,7 +169,7 @@ def _upcast_node(node: onnx.NodeProto, counter: list[int]) -> None:
             attr.i = _F32
         elif attr.type == onnx.AttributeProto.TYPE_PROTO:
             _upcast_type(attr.tp)
-        for sub in _subgraphs(attr):
+        for sub in subgraphs(attr):
             _upcast_graph(sub, counter)
 
 
@@ -222,8 +215,8 @@ def store_float16(model: onnx.ModelProto, *, min_elements: int = 64) -> int:
         if node.op_type in _KEEP_TYPED or node.domain not in ("", "ai.onnx"):  # MatMulNBits reads its own scales
             typed.update(node.input)
         for attr in node.attribute:
-            for sub in _subgraphs(attr):
-                nested.update(_read_in(sub))
+            for sub in subgraphs(attr):
+                nested.update(names_read(sub))
     fresh = fresh_names(_names(g))
     casts, stored = [], 0
     for init in g.initializer:
@@ -244,13 +237,3 @@ def store_float16(model: onnx.ModelProto, *, min_elements: int = 64) -> int:
         g.node.extend(nodes)
     return stored
 
-
-def _read_in(g: onnx.GraphProto) -> set[str]:
-    """Every name a node of ``g`` or of its subgraphs reads."""
-    out = set()
-    for node in g.node:
-        out.update(node.input)
-        for attr in node.attribute:
-            for sub in _subgraphs(attr):
-                out.update(_read_in(sub))
-    return out

@@ -144,20 +144,26 @@ def symbolic_input_dims(model: onnx.ModelProto) -> dict[str, tuple[str, int]]:
     return out
 
 
-def shapes_at(model: onnx.ModelProto, batch: int = 1, dims: Mapping[str, int] | None = None, *,
-              thoroughly: bool = False) -> dict[str, tuple[int | None, ...]]:
-    """Every tensor's shape (``None`` for an unknown dim) at batch ``batch``.
+def shapes_at(model: onnx.ModelProto, batch: int = 1,
+              dims: Mapping[str, int] | None = None) -> dict[str, tuple[int | None, ...]]:
+    """Every tensor's shape (``None`` for an unknown dim) at batch ``batch``, from onnx's shape inference.
 
     The inputs' symbolic leading dimension takes ``batch``, the others ``dims`` (``None``: those of
-    :func:`assume_input_dims`). ``thoroughly``: also onnxruntime's symbolic inference, whose shape is
-    taken where it knows more dims (a dynamo export that reshapes to a ``Shape`` * ``Shape`` product
-    loses onnx's shapes there, data propagation or not).
+    :func:`assume_input_dims`).
 
     Raises:
         UnsupportedModelError: onnx's shape inference fails.
     """
-    sizes = _DIMS.get() if dims is None else dims
-    model = _standard_recurrent(shape_only_copy(model))  # a large model without its weights
+    return _onnx_shapes(_sized_copy(model, batch, _DIMS.get() if dims is None else dims))
+
+
+def _sized_copy(model: onnx.ModelProto, batch: int, sizes: Mapping[str, int]) -> onnx.ModelProto:
+    """A copy of ``model`` for shape inference (a large model without its weights).
+
+    Its symbolic input dims take ``batch`` and ``sizes``, its value_info is dropped, and quantized LSTMs read
+    as LSTMs.
+    """
+    model = _standard_recurrent(shape_only_copy(model))
     inits = {i.name for i in model.graph.initializer}
     for vi in model.graph.input:
         if vi.name in inits or not vi.type.tensor_type.HasField("shape"):
@@ -170,8 +176,13 @@ def shapes_at(model: onnx.ModelProto, batch: int = 1, dims: Mapping[str, int] | 
                 d.Clear()
                 d.dim_value = size
     del model.graph.value_info[:]
+    return model
+
+
+def _onnx_shapes(sized: onnx.ModelProto) -> dict[str, tuple[int | None, ...]]:
+    """Shapes onnx's inference gives ``sized`` (a :func:`_sized_copy`), initializers' included."""
     try:
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(sized, strict_mode=False, data_prop=True)
     except (onnx.shape_inference.InferenceError, ValueError) as exc:
         raise UnsupportedModelError(f"cannot count MACs: shape inference fails ({exc})") from None
     shapes: dict[str, tuple[int | None, ...]] = {}
@@ -182,11 +193,19 @@ def shapes_at(model: onnx.ModelProto, batch: int = 1, dims: Mapping[str, int] | 
             shapes[vi.name] = tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim)
     for init in g.initializer:
         shapes[init.name] = tuple(init.dims)
-    for name, shape in (_symbolic_shapes(model) if thoroughly else {}).items():
+    return shapes
+
+
+def _add_symbolic_shapes(shapes: dict[str, tuple[int | None, ...]], sized: onnx.ModelProto) -> None:
+    """Take onnxruntime's symbolic inference's shape where it knows more dims than onnx's.
+
+    A dynamo export that reshapes to a ``Shape`` * ``Shape`` product loses onnx's shapes there, data
+    propagation or not.
+    """
+    for name, shape in _symbolic_shapes(sized).items():
         known = shapes.get(name)
         if known is None or sum(d is not None for d in shape) > sum(d is not None for d in known):
             shapes[name] = shape
-    return shapes
 
 
 def _standard_recurrent(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -245,7 +264,8 @@ def count_macs(model: onnx.ModelProto | gs.Graph, *, batch: int = 1,
     """
     proto = _as_model(model)
     sizes = _DIMS.get() if dims is None else dims
-    shapes, thorough = shapes_at(proto, batch, sizes), False
+    sized = _sized_copy(proto, batch, sizes)
+    shapes, thorough = _onnx_shapes(sized), False
     out: dict[str, int] = {}
     for key, node in zip(unique_keys(proto.graph.node), proto.graph.node, strict=True):
         gates = _RECURRENT_GATES.get((node.domain or "", node.op_type))
@@ -254,7 +274,8 @@ def count_macs(model: onnx.ModelProto | gs.Graph, *, batch: int = 1,
         names = [node.input[0], node.input[1]] + ([] if gates else [node.output[0]])  # a recurrent op: Y_h alone
         needed = [shapes.get(n) for n in names]
         if not all(_known(s) for s in needed) and not thorough:  # the slower second opinion, once, when needed
-            shapes, thorough = shapes_at(proto, batch, sizes, thoroughly=True), True
+            _add_symbolic_shapes(shapes, sized)
+            thorough = True
             needed = [shapes.get(n) for n in names]
         if not all(_known(s) for s in needed):
             open_dims = [f"{k} ({i} axis {a})" for k, (i, a) in symbolic_input_dims(proto).items() if k not in sizes]

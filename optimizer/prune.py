@@ -198,6 +198,16 @@ class PruneResult:
     size_bytes: tuple[int, int]
 
 
+def _before_pruning() -> list:
+    """The passes prune and its sensitivity scan start with.
+
+    Not the whole cleanup: the ``bn`` criterion reads BatchNormalization. FoldConstants: exporters leave
+    weights behind Identity/Constant nodes that hide them. RewritePRelu: the channel analysis follows a
+    per-channel PRelu as Relu + slope * Min(x, 0) (faster too).
+    """
+    return [FoldConstants(), RewritePRelu()]
+
+
 @scoped_input_dims
 def prune(
     model: ModelSource,
@@ -247,9 +257,7 @@ def prune(
         check_output_path(output, [model, calib])  # calib: only when it is a path (never overwrite the data)
     original = normalize_model(load_model(model))
     assume_input_dims(symbolic_sizes(original, calib, dims))  # the report's MACs per sample at those sizes
-    # FoldConstants first: exporters leave weights behind Identity/Constant nodes that hide them; RewritePRelu:
-    # the channel analysis follows a per-channel PRelu as Relu + slope * Min(x, 0) (and it runs faster so)
-    exact = run_passes(original, [FoldConstants(), RewritePRelu(), PruneZeroChannels()], progress=progress)
+    exact = run_passes(original, [*_before_pruning(), PruneZeroChannels()], progress=progress)
     stats, notes = dict(exact.stats), list(exact.notes)
     pruned = exact.model
     if ratio is not None and ratio > 0:
@@ -345,7 +353,7 @@ def sensitivity_scan(
 
     from onnxpress.passes.channel_groups import analyze_channels
 
-    proto = run_passes(normalize_model(load_model(model)), [FoldConstants(), RewritePRelu()]).model
+    proto = run_passes(normalize_model(load_model(model)), _before_pruning()).model
     assume_input_dims(symbolic_sizes(proto, data))
     feeds = _feeds(proto, data, max_samples, batch_size)
     reference = _outputs(proto, feeds)

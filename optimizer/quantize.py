@@ -323,9 +323,6 @@ def quantize(
     # int4 weight-only can keep a float16 export in float16 (MatMulNBits takes it): no float32 copy of a large one
     keep = weight_only4 and (keep_float16 if keep_float16 is not None else is_large(cleaned))
     cleaned, half_note = _float32_inside(cleaned, keep=keep)
-    if half_note and not keep and any(n.op_type in ("Einsum", "PRelu") for n in cleaned.graph.node):
-        # the rewrites that take float32 constants only, now that the export computes in float32
-        cleaned = run_passes(cleaned, [EinsumToMatMul(), RewritePRelu()]).model
     if dynamic_why and not any(n.op_type in ("Conv", "ConvTranspose") for n in cleaned.graph.node):
         activations = "dynamic"
     # BatchNorm statistics matter only for data-free bias correction of int8 layers, read before cleanup folds them
@@ -366,13 +363,15 @@ def quantize(
             notes=advanced_notes,
         )
 
+    # LSTMs: int8 weights in onnxruntime's DynamicQuantizeLSTM, whatever the other layers get (QDQ has no recurrent
+    # integer kernel, and onnxruntime no int4 one); the codebook path leaves them float
+    lstm = QuantizeLSTMDynamic(per_channel=per_channel, exclude=selection)
     if activations == "dynamic":  # int8 weights, activations quantized by onnxruntime at run time
         dyn = QuantizeDynamic(per_channel=per_channel, exclude=selection)
         # the other constants first, the layers' biases kept float: QuantizeDynamic's weight scales (behind a Mul)
         # and the biases (behind an Add) stored int8 cost a BERT-style encoder 37.8 -> 34.1 dB
         head = [] if constants_int8_min_size is None else [StoreConstantsInt8(min_size=constants_int8_min_size,
                                                                               keep_biases=True)]
-        lstm = QuantizeLSTMDynamic(per_channel=per_channel, exclude=selection)
         result = run_passes(_shaped(cleaned), [lstm, *head, dyn], progress=progress)
         decisions, used_table, excluded = [*dyn.decisions, *lstm.decisions], None, {}
     elif codebook is not None:  # weight-only k-means codebooks (onnxpress.advanced, issue 10)
@@ -421,7 +420,6 @@ def quantize(
             int4 = QuantizeWeightsInt4(block_size=block_size, exclude=selection.nodes, hessians=hessians, only=rest)
         except ValueError as exc:
             raise OnnxpressError(str(exc)) from None
-        lstm = QuantizeLSTMDynamic(per_channel=per_channel, exclude=selection)  # int8: onnxruntime has no int4 LSTM
         result = run_passes(start4, [lstm, int4], progress=progress)
         if handled is not None:
             merged = {k: round_stats.get(k, 0) + result.stats.get(k, 0) for k in {*round_stats, *result.stats}}
@@ -494,8 +492,6 @@ def quantize(
             tail.append(CompactQDQ())
         # MatMulBiasToOutputRank: keeps onnxruntime from turning a fixed-shape int8 MatMul + bias into a
         # float Gemm (passes/matmul_bias.py)
-        # LSTMs: int8 weights in onnxruntime's DynamicQuantizeLSTM (QDQ has no recurrent integer kernel)
-        lstm = QuantizeLSTMDynamic(per_channel=per_channel, exclude=selection)
         result = run_passes(_shaped(cleaned), [qdq, MatMulBiasToOutputRank(), lstm, *tail], progress=progress)
         decisions = [*qdq.decisions, *lstm.decisions]
         excluded = dict(used_table.excluded)
@@ -759,7 +755,8 @@ def _float32_inside(model: onnx.ModelProto, *, keep: bool = False) -> tuple[onnx
     upcast (:func:`onnxpress.precision.upcast_float16`; exact, and onnxruntime's CPU provider runs most
     float16 ops through Casts to float32 anyway). The cleanup passes are not run again: the model was
     cleaned in float16, and the upcast adds nothing to fold (the float16 exports of the four reference
-    models quantize to the same bytes either way).
+    models quantize to the same bytes either way); only the Einsum and PRelu rewrites, which take float32
+    constants alone, run again where the graph has one.
 
     With ``keep`` (int4 weight-only) a float16 model is returned as it is, with a note: ``MatMulNBits``
     takes float16 activations and scales, and a large export is not copied to float32.
@@ -781,6 +778,9 @@ def _float32_inside(model: onnx.ModelProto, *, keep: bool = False) -> tuple[onnx
         return model, (f"float16: the model computes in float16 ({kinds[onnx.TensorProto.FLOAT16]} layers) and keeps "
                        "doing so: 4-bit weights with float16 scales")
     upcast, info = upcast_float16(model)  # on the cleaned model: the rewrite leaves nothing new to fold
+    if any(n.op_type in ("Einsum", "PRelu") for n in upcast.graph.node):
+        # the cleanup's rewrites that take float32 constants only, now that the export computes in float32
+        upcast = run_passes(upcast, [EinsumToMatMul(), RewritePRelu()]).model
     kept = ", ".join([*info.inputs, *info.outputs][:6]) + (" ..." if len(info.inputs) + len(info.outputs) > 6 else "")
     note = (f"float16: the model computes in float16 ({kinds[onnx.TensorProto.FLOAT16]} layers): quantized in "
             f"float32 inside ({info.tensors} constants upcast, exactly)"

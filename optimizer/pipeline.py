@@ -162,10 +162,11 @@ def run_passes(
 def cleanup_passes() -> list[GraphPass]:
     """The exact passes every pipeline starts with.
 
-    Fold constants, projection Einsums as MatMul, fold BatchNormalization, PRelu as faster ops.
+    Fold constants, projection Einsums as MatMul, fold BatchNormalization, PRelu as faster ops, and
+    store equal weights once (FoldBatchNorm gives a shared weight a copy per BatchNorm).
     """
     from onnxpress.passes.einsum import EinsumToMatMul
-    from onnxpress.passes.fold import FoldBatchNorm, FoldConstants
+    from onnxpress.passes.fold import FoldBatchNorm, FoldConstants, ShareConstants
     from onnxpress.passes.prelu import RewritePRelu
 
-    return [FoldConstants(), EinsumToMatMul(), FoldBatchNorm(), RewritePRelu()]
+    return [FoldConstants(), EinsumToMatMul(), FoldBatchNorm(), RewritePRelu(), ShareConstants()]

@@ -477,8 +477,6 @@ class QuantizeWeightsInt4:
             return "weight is not 2-D"
         if np.asarray(w.values).size < self.min_size:
             return f"weight smaller than {self.min_size} elements"
-        if len(w.outputs) > 1:
-            return "weight shared with another node"
         if node.op == "Gemm":
             if int(node.attrs.get("transA", 0)):
                 return "Gemm with transA"
@@ -492,6 +490,10 @@ class QuantizeWeightsInt4:
         done, int8, gptq, notes = 0, 0, 0, []
         fresh = fresh_names(graph_names(graph))
         keys = layer_keys(graph)
+        # a weight that several layers read (tied or cloned layers) is packed once, by its name and how the
+        # layers read it, and rounded to nearest: GPTQ's input moments are one layer's
+        packed_of: dict[tuple, tuple[list[gs.Constant], int, int, int]] = {}
+        int8_of: dict[tuple, gs.Variable] = {}
 
         for node in [n for n in graph.nodes if n.op in ("MatMul", "Gemm") and n.domain in (None, "", "ai.onnx")]:
             if self.only is not None and keys[id(node)] not in self.only:
@@ -505,40 +507,49 @@ class QuantizeWeightsInt4:
             # a float16 layer keeps float16 activations: its scales and bias are float16 too (MatMulNBits
             # takes T1 = float16; the rounding itself runs in float32)
             dtype = np.asarray(w_t.values).dtype
+            shared = len(w_t.outputs) > 1
+            gemm = node.op == "Gemm"
+            read_as = (w_t.name, gemm and int(node.attrs.get("transB", 0)),
+                       float(node.attrs.get("alpha", 1.0)) if gemm else 1.0)
             w = np.asarray(w_t.values, np.float32)
             if w.size < self.int8_below:
-                node.inputs[1] = _int8_weight(w_t, node, fresh, graph)
-                int8 += 1
+                if read_as not in int8_of:
+                    int8_of[read_as] = _int8_weight(w_t, node, fresh, graph)
+                    int8 += 1
+                node.inputs[1] = int8_of[read_as]
                 continue
             bias = None
-            if node.op == "Gemm":
-                if int(node.attrs.get("transB", 0)):
-                    w = w.T
-                w = w * np.float32(node.attrs.get("alpha", 1.0))
-                if len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].name:
-                    bias = (np.asarray(node.inputs[2].values, np.float32) * np.float32(node.attrs.get("beta", 1.0))
-                            ).astype(dtype)
-            k, n = w.shape
-            # A weight with fewer rows than a block gets the smallest block that covers it (no padding bytes).
-            block = min(self.block_size, max(16, 1 << (k - 1).bit_length()))
-            q, scale, zero = self._round(w, block, keys[id(node)])
-            gptq += keys[id(node)] in self.hessians
-            zeros = None if zero is None else _pack_zero_points(zero)
-            packed, scales = _pack(q, scale, block)
-            scales = scales.astype(dtype)
+            if gemm and len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].name:
+                bias = (np.asarray(node.inputs[2].values, np.float32) * np.float32(node.attrs.get("beta", 1.0))
+                        ).astype(dtype)
             base = w_t.name
+            if read_as not in packed_of:
+                if gemm:
+                    if int(node.attrs.get("transB", 0)):
+                        w = w.T
+                    w = w * np.float32(node.attrs.get("alpha", 1.0))
+                k, n = w.shape
+                # A weight with fewer rows than a block gets the smallest block that covers it (no padding bytes).
+                block = min(self.block_size, max(16, 1 << (k - 1).bit_length()))
+                key = None if shared else keys[id(node)]
+                q, scale, zero = self._round(w, block, key)
+                gptq += key in self.hessians
+                zeros = None if zero is None else _pack_zero_points(zero)
+                packed, scales = _pack(q, scale, block)
+                stored = [
+                    gs.Constant(fresh(f"{base}_int4"), packed),
+                    gs.Constant(fresh(f"{base}_scales"), scales.astype(dtype)),
+                    *([] if zeros is None else [gs.Constant(fresh(f"{base}_zero_points"), zeros)]),
+                ]
+                packed_of[read_as] = (stored, k, n, block)
+            stored, k, n, block = packed_of[read_as]
             y = node.outputs[0]
             mm_out = y if bias is None else gs.Variable(fresh(f"{y.name}_nobias"), dtype=dtype)
             new = gs.Node(
                 "MatMulNBits",
                 fresh(f"{node.name or base}_int4"),
                 {"K": int(k), "N": int(n), "bits": 4, "block_size": block, "accuracy_level": 0},
-                [
-                    node.inputs[0],
-                    gs.Constant(fresh(f"{base}_int4"), packed),
-                    gs.Constant(fresh(f"{base}_scales"), scales),
-                    *([] if zeros is None else [gs.Constant(fresh(f"{base}_zero_points"), zeros)]),
-                ],
+                [node.inputs[0], *stored],
                 [mm_out],
                 domain="com.microsoft",
             )
@@ -564,7 +575,7 @@ class QuantizeWeightsInt4:
         return PassResult(graph, done + int8 + consts + halves > 0, stats, tuple(notes))
 
 
-    def _round(self, w: np.ndarray, block: int, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    def _round(self, w: np.ndarray, block: int, key: str | None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """``(q, scale, zero)`` of one weight: GPTQ when its input moment is known, else round to nearest."""
         h = self.hessians.get(key)
         if h is not None:

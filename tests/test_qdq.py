@@ -893,6 +893,28 @@ def test_input_conv_stays_int8_where_the_narrow_rule_does_not_apply(c_in: int, r
     assert {d.name: d for d in p.decisions}["stem"].quantized
 
 
+@pytest.mark.parametrize(("kernel", "quantized"), [(8, True), (4, False)])
+def test_patchify_stem_stays_int8_from_depth_192(tmp_path: Path, kernel: int, quantized: bool) -> None:
+    """An RGB patchify stem (stride = kernel, ViT's 16x16) with 3 * k * k >= 192 is an int8 conv (faster there,
+    see ``_narrow_input_reason``); ConvNeXt's 4x4 (depth 48) stays float under the narrow-input rule."""
+    inits = _weights(53, Wp=((16, 3, kernel, kernel), 0.1), W1=((16, 16, 3, 3), 0.2))
+    nodes = [
+        helper.make_node("Conv", ["X", "Wp"], ["p"], name="stem", strides=[kernel, kernel]),
+        helper.make_node("Relu", ["p"], ["pr"]),
+        helper.make_node("Conv", ["pr", "W1"], ["Y"], name="c1", pads=[1, 1, 1, 1]),
+    ]
+    side = 32 // kernel
+    model = make_model(nodes, [("X", ["N", 3, 32, 32])], [("Y", ["N", 16, side, side])], inits)
+    x = feeds_for(model)
+    p, q = quantize_graph(model, x)
+    stem = {d.name: d for d in p.decisions}["stem"]
+    assert stem.quantized is quantized
+    if not quantized:
+        assert "not a multiple of 4" in stem.reason
+    assert optimized_ops(q, tmp_path).count("QLinearConv") == 1 + quantized
+    assert sqnr_db(run(model, x)[0], run(q, x)[0]) > 30
+
+
 def _relu_and_signed_concat() -> onnx.ModelProto:
     """X -> a Conv -> Relu (>= 0) and b Conv (signed) -> Concat -> c Conv -> Relu -> Y (a U-Net skip join)."""
     inits = _weights(52, Wa=((8, 8, 3, 3), 0.2), Wb=((8, 8, 3, 3), 0.2), Wc=((8, 16, 3, 3), 0.2))

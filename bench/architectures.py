@@ -1,7 +1,7 @@
 """Architectures the reference models do not cover, side by side: onnxpress vs onnxruntime's quantize_static.
 
 The reference models are digit classifiers with a 1-channel input. Users bring other shapes, and those
-meet other onnxruntime kernels and fusions. This bench builds nine small networks with torch (random
+meet other onnxruntime kernels and fusions. This bench builds twelve small networks with torch (random
 weights, seed 0, BatchNorm statistics drawn at random so that folding them matters), exports them
 (TorchScript exporter, opset 17, dynamic batch) and quantizes each with:
 
@@ -26,6 +26,13 @@ The networks:
   56 x 56, mean-pool, a 128-d embedding.
 - ``separator``: a Conv-TasNet-style source separator (tenth session): strided Conv1d encoder, dilated depthwise
   blocks with a one-slope PReLU and GroupNorm, sigmoid masks, ConvTranspose1d decoder, on 4000 samples.
+- ``vit``: a ViT (eleventh session): 16x16 patch conv on 224 x 224 RGB, [CLS] token and learned positions, four
+  pre-norm encoder layers (dim 192, 3 heads, GELU MLP), LayerNorm, Linear on [CLS];
+- ``vit_tied``: the same built with ``nn.TransformerEncoder``, whose layers are deep copies of one: with random
+  weights they are equal, and TorchScript stores each weight once behind one Identity per layer (the layout
+  of tied weights: ALBERT, siamese branches);
+- ``convnext``: ConvNeXt-style (eleventh session): 4x4 patchify stem + channels-last LayerNorm, blocks of
+  depthwise 7x7, LayerNorm over channels (permuted), Linear-GELU-Linear, layer scale, residual; a 2x2 downsample.
 
 Columns: per-output logit SQNR against fp32 (the lowest over outputs, dB) on 64 held-out random
 inputs, file size relative to fp32 (tenth session), and latency relative to fp32 at batch 1 and 32
@@ -71,6 +78,12 @@ before (the session's first commit) -> after its quantize changes, SQNR after (l
     the int8 model (its GroupNorms stay float between Q/DQ); ``onnxpress quantize`` now says so when it sees it.
   - crnn: onnxpress 0.57 / 0.50, 74.3 dB; best 0.90 / 0.77; cleanup alone 1.01 / 1.00.
   - audio: onnxpress 0.86 / 0.75, 46.0 dB; best 0.87 / 0.74; cleanup alone 1.00 / 1.00.
+- Eleventh session, ``--models vit vit_tied convnext --repeats 20`` (112 s), batch 1 / 32, SQNR, size:
+  - vit: onnxpress 0.74 / 0.72, 31.8 dB, 0.266; onnxruntime best 0.97 / 0.82, 11.7 dB, 0.286; default 1.61 / 1.73.
+  - vit_tied: onnxpress 0.74 / 0.72, 33.7 dB, 0.293; best 1.55 / 0.98, 11.7 dB, 0.356. Before this session's
+    fixes (a script on the same export): 0.97x the float file (the cleanup copied each tied weight per layer,
+    then quantizing kept one int8 copy per layer) and the patch conv float (0.46x once the copies were shared).
+  - convnext: onnxpress 0.85 / 0.91, 36.1 dB, 0.292; best 1.22 / 1.27, 31.3 dB; default 2.29 / 3.14.
 """
 
 from __future__ import annotations
@@ -92,7 +105,8 @@ import onnxpress  # noqa: E402
 from onnxpress.reporting import format_table  # noqa: E402
 from onnxpress.runtime import make_session  # noqa: E402
 
-MODELS = ("unet", "detector", "mbconv", "mnv3", "resnext", "audio", "crnn", "face", "separator")
+MODELS = ("unet", "detector", "mbconv", "mnv3", "resnext", "audio", "crnn", "face", "separator", "vit", "vit_tied",
+          "convnext")
 
 
 def _nets():
@@ -246,6 +260,57 @@ def _nets():
             m = torch.sigmoid(self.mask(h)).reshape(x.shape[0], 2, 64, -1)
             return self.dec((e.unsqueeze(1) * m).reshape(-1, 64, e.shape[-1])).reshape(x.shape[0], 2, -1)
 
+    class ViT(nn.Module):  # patch-16 stem, [CLS] + learned positions, pre-norm encoder layers, head on [CLS]
+        def __init__(self, tied: bool = False, dim: int = 192, depth: int = 4, heads: int = 3):
+            super().__init__()
+            self.patch = nn.Conv2d(3, dim, 16, 16)
+            self.cls = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+            self.pos = nn.Parameter(torch.randn(1, 197, dim) * 0.02)
+
+            def layer():
+                return nn.TransformerEncoderLayer(dim, heads, 4 * dim, 0.0, activation="gelu", batch_first=True,
+                                                  norm_first=True)
+            # tied: nn.TransformerEncoder's deep copies of one layer, equal weights that TorchScript stores once
+            # behind an Identity per reader; else layers of their own, as a trained ViT has
+            self.enc = (nn.TransformerEncoder(layer(), depth) if tied
+                        else nn.Sequential(*[layer() for _ in range(depth)]))
+            self.norm, self.fc = nn.LayerNorm(dim), nn.Linear(dim, 10)
+
+        def forward(self, x):
+            t = self.patch(x).flatten(2).transpose(1, 2)
+            t = torch.cat([self.cls.expand(t.shape[0], -1, -1), t], 1) + self.pos
+            return self.fc(self.norm(self.enc(t))[:, 0])
+
+    class ChannelsLastNorm(nn.Module):
+        def __init__(self, c: int):
+            super().__init__()
+            self.ln = nn.LayerNorm(c)
+
+        def forward(self, x):
+            return self.ln(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+    class ConvNeXtBlock(nn.Module):  # ConvNeXt: depthwise 7x7, LayerNorm over channels, Linear-GELU-Linear, layer scale
+        def __init__(self, c: int):
+            super().__init__()
+            self.dw, self.ln = nn.Conv2d(c, c, 7, padding=3, groups=c), nn.LayerNorm(c)
+            self.pw1, self.pw2 = nn.Linear(c, 4 * c), nn.Linear(4 * c, c)
+            self.gamma = nn.Parameter(torch.full((c,), 0.5))
+
+        def forward(self, x):
+            y = self.pw2(F.gelu(self.pw1(self.ln(self.dw(x).permute(0, 2, 3, 1))))) * self.gamma
+            return x + y.permute(0, 3, 1, 2)
+
+    class ConvNeXt(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Sequential(nn.Conv2d(3, 48, 4, 4), ChannelsLastNorm(48))
+            self.stages = nn.Sequential(ConvNeXtBlock(48), ConvNeXtBlock(48), ChannelsLastNorm(48),
+                                        nn.Conv2d(48, 96, 2, 2), ConvNeXtBlock(96), ConvNeXtBlock(96))
+            self.head = nn.Sequential(nn.LayerNorm(96), nn.Linear(96, 10))
+
+        def forward(self, x):
+            return self.head(self.stages(self.stem(x)).mean((2, 3)))
+
     return {
         "unet": (UNet, (3, 32, 32), ["out"]),
         "detector": (Detector, (3, 64, 64), ["scores", "boxes"]),
@@ -256,6 +321,9 @@ def _nets():
         "crnn": (CRNN, (1, 32, 128), ["log_probs"]),
         "face": (FaceNet, (3, 56, 56), ["embedding"]),
         "separator": (Separator, (1, 4000), ["sources"]),
+        "vit": (ViT, (3, 224, 224), ["logits"]),
+        "vit_tied": (lambda: ViT(tied=True), (3, 224, 224), ["logits"]),
+        "convnext": (ConvNeXt, (3, 64, 64), ["logits"]),
     }
 
 

@@ -290,11 +290,16 @@ def _moment_layers(graph: Any, min_elements: int, rows_per_sample: int | None):
     """(layer, observer) of each Conv/Gemm/MatMul whose own constant weight (>= ``min_elements``) gets moments."""
     import onnx_graphsurgeon as gs
 
+    from onnxpress.passes.fold import transposed_twins
+
+    # a weight equal to another constant's transpose (a tied embedding's output layer) is rounded to nearest,
+    # as the embedding's rows are, so that ShareTransposedConstants can store the two once
+    twins = {id(t) for pair in transposed_twins(graph) for t in pair}
     for node in graph.nodes:
         if node.op not in ("Conv", "Gemm", "MatMul") or len(node.inputs) < 2:
             continue
         w = node.inputs[1]
-        if not isinstance(w, gs.Constant) or w.values.size < min_elements or len(w.outputs) != 1:
+        if not isinstance(w, gs.Constant) or w.values.size < min_elements or len(w.outputs) != 1 or id(w) in twins:
             continue
         obs = _moment_observer(node, rows_per_sample)
         if not isinstance(obs, str):
@@ -334,8 +339,9 @@ def collect_layer_hessians(
 ) -> dict[str, np.ndarray]:
     """E[x x^T] of the inputs of each Conv/Gemm/MatMul weight (``{weight name: H}``), for GPTQ-style rounding.
 
-    Weights read by more than one layer, below ``min_elements``, or of layers ``InputMomentObserver``
-    does not handle (dilated/grouped convs, Gemm transA) get none. With ``max_bytes``, layers are
+    Weights read by more than one layer, below ``min_elements``, equal to another constant's transpose
+    (a tied embedding's output layer), or of layers ``InputMomentObserver`` does not handle
+    (dilated/grouped convs, Gemm transA) get none. With ``max_bytes``, layers are
     taken in graph order while their moments (float64, ``K²`` each; ``C k²`` for a depthwise conv)
     fit in it together; the others get none (a warning says how many): the moments of a large model
     would not fit in memory at once. ``rows_per_sample``: see ``InputMomentObserver``.

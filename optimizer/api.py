@@ -6,6 +6,7 @@ import os
 
 from onnxpress.driver import TransformResult, transform
 from onnxpress.model_io import ModelSource
+from onnxpress.passes.fold import ShareTransposedConstants
 from onnxpress.pipeline import cleanup_passes
 
 __all__ = ["cleanup"]
@@ -19,6 +20,9 @@ def cleanup(
 ) -> TransformResult:
     """Fold constants (and ``Constant``-node weights) and BatchNormalization; exact in float.
 
+    A folded constant that equals another one's transpose (a tied embedding's ``Transpose(W)``) is kept as
+    that Transpose, so the file does not store the weight twice.
+
     Args:
         model: path or ModelProto (never modified).
         output: where to write the result (atomically, checked); ``None`` to only return it.
@@ -26,4 +30,4 @@ def cleanup(
     """
     # No opset upgrade here: these passes work at any opset, and onnx's version converter can
     # change meaning (onnx's Scan-8 conformance case breaks when upgraded to Scan-9+).
-    return transform(model, cleanup_passes(), output, min_opset=None, progress=progress)
+    return transform(model, [*cleanup_passes(), ShareTransposedConstants()], output, min_opset=None, progress=progress)

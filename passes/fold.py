@@ -37,7 +37,15 @@ import onnx_graphsurgeon as gs
 
 from onnxpress.passes.base import PassResult, quiet_graphsurgeon, unique_name
 
-__all__ = ["SHARE_MIN_ELEMENTS", "FoldBatchNorm", "FoldConstants", "ShareConstants", "share_identical_constants"]
+__all__ = [
+    "SHARE_MIN_ELEMENTS",
+    "FoldBatchNorm",
+    "FoldConstants",
+    "ShareConstants",
+    "ShareTransposedConstants",
+    "share_identical_constants",
+    "transposed_twins",
+]
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +135,91 @@ def share_identical_constants(graph: gs.Graph, min_elements: int = SHARE_MIN_ELE
                 node.inputs[i] = target[id(t)]
     log.debug("shared %d identical constants", len(target))
     return len(target)
+
+
+def _probe(values: np.ndarray, transposed: bool = False) -> bytes:
+    """16 values at fixed positions of ``values`` (of ``values.T`` laid out in C order if ``transposed``)."""
+    n = values.size
+    pos = np.arange(0, n, max(1, n // 16))[:16]
+    if not transposed:
+        return values.reshape(-1)[pos].tobytes()
+    rows = values.shape[0]  # values.T is [cols, rows]: its flat index i is values.T[i // rows, i % rows]
+    return values[pos % rows, pos // rows].tobytes()
+
+
+def _digest(values: np.ndarray) -> bytes:
+    return hashlib.blake2b(np.ascontiguousarray(values).tobytes(), digest_size=16).digest()
+
+
+def transposed_twins(graph: gs.Graph, min_elements: int = SHARE_MIN_ELEMENTS) -> list[tuple[gs.Constant, gs.Constant]]:
+    """Pairs ``(a, b)`` of 2-D constants read by nodes of ``graph`` with ``b == a.T``, ``a`` first in node order.
+
+    Same dtype, at least ``min_elements`` values, each constant in one pair at most. A tied embedding: the token
+    table ``W`` that a Gather reads and the ``W.T`` that constant folding made of the output layer's
+    ``Transpose(W)``.
+    """
+    own = {id(n) for n in graph.nodes}
+    outputs = {id(t) for t in graph.outputs}
+    consts: list[gs.Constant] = []
+    seen: set[int] = set()
+    for node in graph.nodes:
+        for t in node.inputs:
+            if isinstance(t, gs.Constant) and id(t) not in seen and id(t) not in outputs:
+                seen.add(id(t))
+                v = np.asarray(t.values)
+                if v.ndim == 2 and v.size >= min_elements and v.shape[0] != 1 and v.shape[1] != 1 \
+                        and all(id(c) in own for c in t.outputs):
+                    consts.append(t)
+    by_probe: dict[tuple, list[gs.Constant]] = {}
+    for t in consts:
+        v = np.asarray(t.values)
+        by_probe.setdefault((v.dtype.str, v.shape, _probe(v)), []).append(t)
+    pairs, used = [], set()
+    for b in consts:
+        vb = np.asarray(b.values)
+        for a in by_probe.get((vb.dtype.str, vb.shape[::-1], _probe(vb, transposed=True)), []):
+            if a is b or id(a) in used or id(b) in used:
+                continue
+            if _digest(np.asarray(a.values)) == _digest(vb.T):
+                first, second = (a, b) if consts.index(a) < consts.index(b) else (b, a)
+                pairs.append((first, second))
+                used.update((id(a), id(b)))
+                break
+    return pairs
+
+
+class ShareTransposedConstants:
+    """Store a constant that equals another's transpose as ``Transpose(other)`` (written once; folded at load).
+
+    Run last, on the finished model: a tied embedding's output layer then reads ``Transpose(W)`` (as the dynamo
+    export wrote it) instead of a second copy of ``W``. onnxruntime folds the Transpose of an initializer when it
+    loads the model (before its Q/DQ fusions), so the kernels are the same; only the file is smaller. The int8
+    case needs both tensors rounded alike (round to nearest per row: the embedding's rows and the output layer's
+    per-channel weight have the same grid), which is why GPTQ leaves such weights out (``transposed_twins``).
+    """
+
+    name = "share_transposed_constants"
+
+    def __init__(self, min_elements: int = SHARE_MIN_ELEMENTS) -> None:
+        self.min_elements = min_elements
+
+    def requires(self, graph: gs.Graph) -> None:
+        """No preconditions."""
+
+    def __call__(self, graph: gs.Graph) -> PassResult:
+        """Replace the second of each pair by a Transpose of the first; count them."""
+        pairs = transposed_twins(graph, self.min_elements)
+        for a, b in pairs:
+            t = gs.Variable(unique_name(graph, f"{a.name}_T"), dtype=np.asarray(a.values).dtype, shape=list(b.shape))
+            node = gs.Node("Transpose", unique_name(graph, f"{a.name}_Transpose"), {"perm": [1, 0]}, [a], [t])
+            for reader in list(b.outputs):
+                for i, x in enumerate(reader.inputs):
+                    if x is b:
+                        reader.inputs[i] = t
+            graph.nodes.append(node)
+        if pairs:
+            graph.toposort()
+        return PassResult(graph, bool(pairs), {"constants_transposed": len(pairs)})
 
 
 def _constant_nodes_to_tensors(graph: gs.Graph) -> None:

@@ -70,3 +70,75 @@ def test_tied_weight_is_packed_once_in_int4() -> None:
     assert _values_of(q, np.uint8) < 128 * 128
     assert _values_of(q, np.float32) < 128 * 128 / 16
     assert _sqnr(run(model, {"X": x})[0], run(q, {"X": x})[0]) > 15
+
+
+def tied_embedding(vocab: int = 300, dim: int = 32) -> onnx.ModelProto:
+    """ids -> Gather(W) -> MatMul(Wh) + Relu -> MatMul(Transpose(W)) -> logits: a language model's tied embedding
+    and output layer, as torch's dynamo exporter writes it (the token table once, a Transpose node to the head)."""
+    r = rng(21)
+    inits = {"W": (r.standard_normal((vocab, dim)) * 0.5).astype(np.float32),
+             "Wh": (r.standard_normal((dim, dim)) / np.sqrt(dim)).astype(np.float32)}
+    nodes = [
+        helper.make_node("Gather", ["W", "ids"], ["e"], name="embed"),
+        helper.make_node("MatMul", ["e", "Wh"], ["h"], name="hidden"),
+        helper.make_node("Relu", ["h"], ["hr"]),
+        helper.make_node("Transpose", ["W"], ["WT"], perm=[1, 0]),
+        helper.make_node("MatMul", ["hr", "WT"], ["logits"], name="head"),
+    ]
+    graph = helper.make_graph(
+        nodes, "lm", [helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, ["B", "T"])],
+        [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["B", "T", vocab])],
+        [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_cleanup_does_not_store_a_tied_embedding_twice() -> None:
+    """Folding Transpose(W) made a second float copy (the dynamo GPT-style export: 0.66M -> 0.92M values); the
+    cleanup keeps it a Transpose of the one table, and the outputs are bit-identical."""
+    model = tied_embedding()
+    ids = {"ids": rng(22).integers(0, 300, (4, 9)).astype(np.int64)}
+    out = onnxpress.cleanup(model).model
+    assert sum(numpy_helper.to_array(t).size for t in out.graph.initializer) == 300 * 32 + 32 * 32
+    np.testing.assert_array_equal(run(out, ids)[0], run(model, ids)[0])
+
+
+@pytest.mark.parametrize("activations", ["uint8", "dynamic"])
+def test_tied_embedding_is_one_int8_table(tmp_path, activations: str) -> None:
+    """int8: the token table's int8 rows and the output layer's int8 weight are one tensor (the head reads its
+    Transpose, which onnxruntime folds at load), the head still runs as an integer MatMul, and the head's weight
+    is rounded to nearest (GPTQ would round it apart from the table's rows)."""
+    from onnxpress.runtime import make_session
+
+    model = tied_embedding()
+    ids = {"ids": rng(23).integers(0, 300, (8, 12)).astype(np.int64)}
+    calib = None if activations == "dynamic" else [{"ids": rng(24).integers(0, 300, (64, 12)).astype(np.int64)}]
+    q = onnxpress.quantize(model, calib=calib, activations=activations).model
+    assert _tensors_of(q, np.int8, 300 * 32) == 1
+    assert _values_of(q, np.float32) < 300 * 32 / 8
+    assert [a.name for n in q.graph.node if n.op_type == "Transpose" for a in n.attribute] == ["perm"]
+    path = tmp_path / "opt.onnx"
+    make_session(q, optimized_model_path=str(path))
+    fused = [n.op_type for n in onnx.load(str(path)).graph.node]
+    integer = {"MatMulIntegerToFloat", "QLinearMatMul", "DynamicQuantizeMatMul"}
+    assert sum(op in integer for op in fused) == 2 and "Transpose" not in fused
+    assert _sqnr(run(model, ids)[0], run(q, ids)[0]) > 30
+
+
+def test_transposed_twins_need_exact_equality() -> None:
+    """A constant equal to another's transpose pairs with it; one differing in a single value does not."""
+    import onnx_graphsurgeon as gs
+
+    from onnxpress.passes.fold import transposed_twins
+
+    a = rng(25).standard_normal((48, 40)).astype(np.float32)
+    near = a.T.copy()
+    near[3, 7] += np.float32(1e-6)
+    graph = gs.Graph(nodes=[], inputs=[], outputs=[])
+    x = gs.Variable("x", np.float32, [4, 48])
+    ta, tb, tn = gs.Constant("A", a), gs.Constant("B", np.ascontiguousarray(a.T)), gs.Constant("N", near)
+    y1 = gs.Variable("y1", np.float32)
+    graph.nodes = [gs.Node("MatMul", inputs=[x, ta], outputs=[y1]),
+                   gs.Node("MatMul", inputs=[y1, tn], outputs=[gs.Variable("y2", np.float32)]),
+                   gs.Node("Gather", inputs=[tb, gs.Variable("i", np.int64)], outputs=[gs.Variable("y3", np.float32)])]
+    pairs = transposed_twins(graph)
+    assert [(p.name, q.name) for p, q in pairs] == [("A", "B")]

@@ -494,6 +494,8 @@ class QuantizeWeightsInt4:
         # layers read it, and rounded to nearest: GPTQ's input moments are one layer's
         packed_of: dict[tuple, tuple[list[gs.Constant], int, int, int]] = {}
         int8_of: dict[tuple, gs.Variable] = {}
+        tables = _embedding_tables(graph, self.min_size)
+        tied_gathers: list[tuple[gs.Node, list[gs.Constant], int]] = []  # (Gather, its packed weight, block)
 
         for node in [n for n in graph.nodes if n.op in ("MatMul", "Gemm") and n.domain in (None, "", "ai.onnx")]:
             if self.only is not None and keys[id(node)] not in self.only:
@@ -531,17 +533,21 @@ class QuantizeWeightsInt4:
                 k, n = w.shape
                 # A weight with fewer rows than a block gets the smallest block that covers it (no padding bytes).
                 block = min(self.block_size, max(16, 1 << (k - 1).bit_length()))
+                gathers = _tied_gathers(tables, w, block) if self.symmetric and dtype == np.float32 else []
                 key = None if shared else keys[id(node)]
                 q, scale, zero = self._round(w, block, key)
                 gptq += key in self.hessians
                 zeros = None if zero is None else _pack_zero_points(zero)
                 packed, scales = _pack(q, scale, block)
+                if gathers:  # [N, blocks]: the shape GatherBlockQuantized needs, which MatMulNBits takes too
+                    scales = scales.reshape(n, -1)
                 stored = [
                     gs.Constant(fresh(f"{base}_int4"), packed),
                     gs.Constant(fresh(f"{base}_scales"), scales.astype(dtype)),
                     *([] if zeros is None else [gs.Constant(fresh(f"{base}_zero_points"), zeros)]),
                 ]
                 packed_of[read_as] = (stored, k, n, block)
+                tied_gathers += [(g, stored, block) for g in gathers]
             stored, k, n, block = packed_of[read_as]
             y = node.outputs[0]
             mm_out = y if bias is None else gs.Variable(fresh(f"{y.name}_nobias"), dtype=dtype)
@@ -563,6 +569,8 @@ class QuantizeWeightsInt4:
                     )
                 )
             done += 1
+        for gather, stored, block in tied_gathers:
+            _gather_packed(graph, gather, stored, block, fresh)
         consts = 0
         if self.constants_int8_min_size is not None:
             consts, halves = store_constants_int8(graph, self.constants_int8_min_size, fresh, exclude=self.exclude)
@@ -571,7 +579,7 @@ class QuantizeWeightsInt4:
         if done:
             graph.import_domains = _with_ms_domain(graph)
         stats = {"weights_int4": done, "weights_int4_gptq": gptq, "weights_int8": int8, "constants_int8": consts,
-                 "constants_float16": halves}  # fmt: skip
+                 "constants_float16": halves, "embeddings_tied_int4": len(tied_gathers)}  # fmt: skip
         return PassResult(graph, done + int8 + consts + halves > 0, stats, tuple(notes))
 
 
@@ -760,3 +768,54 @@ def _int8_weight(w_t: gs.Constant, node: gs.Node, fresh, graph: gs.Graph) -> gs.
         graph.nodes.append(gs.Node("Cast", fresh(f"{w_t.name}_Cast"), {"to": 10}, [out], [half]))
         return half
     return out
+
+
+def _embedding_tables(graph: gs.Graph, min_size: int) -> dict[tuple[int, int], list[gs.Node]]:
+    """Gathers of rows (axis 0) from a 2-D float32 constant table of at least ``min_size`` values, by table shape."""
+    tables: dict[tuple[int, int], list[gs.Node]] = {}
+    for node in graph.nodes:
+        if node.op != "Gather" or int(node.attrs.get("axis", 0)) != 0 or not isinstance(node.inputs[0], gs.Constant):
+            continue
+        t = np.asarray(node.inputs[0].values)
+        if t.ndim == 2 and t.dtype == np.float32 and t.size >= min_size:
+            tables.setdefault(t.shape, []).append(node)
+    return tables
+
+
+def _tied_gathers(tables: dict[tuple[int, int], list[gs.Node]], w: np.ndarray, block: int) -> list[gs.Node]:
+    """The Gathers whose table is ``w.T`` (``w`` [K, N], the layer's orientation): a tied embedding.
+
+    Only when K is a whole number of blocks, so that the packed [N, blocks, block/2] weight is the table's
+    [N, K/2] rows with no padding.
+    """
+    k, n = w.shape
+    candidates = tables.get((n, k), [])
+    if not candidates or k % block:
+        return []
+    wt = np.ascontiguousarray(w.T)
+    return [g for g in candidates if np.array_equal(np.asarray(g.inputs[0].values), wt)]
+
+
+def _gather_packed(graph: gs.Graph, gather: gs.Node, stored: list[gs.Constant], block: int, fresh) -> None:
+    """Make ``gather`` read its rows from the output layer's packed 4-bit weight (``GatherBlockQuantized``).
+
+    The table is then stored once, as 4-bit blocks: MatMulNBits reads ``B`` [N, blocks, block/2], the gather a
+    Reshape of it to [N, K/2] (which onnxruntime folds at load), both with the [N, blocks] scales. Each row comes
+    back exactly as the output layer's weight column dequantizes (zero point 8, low nibble first). Those are the
+    head's GPTQ codes where it has input moments: on a GPT-style export (vocab 2000, dim 128, random weights)
+    logit SQNR read 19.49 dB with them against 19.08 rounding both to nearest; the untied int8 table with the
+    GPTQ head read 21.90 dB at 0.238x the float file, against 0.142x tied.
+    """
+    packed, scales = stored[0], stored[1]
+    n, blocks, half = np.asarray(packed.values).shape
+    rows = gs.Variable(fresh(f"{packed.name}_rows"), dtype=np.uint8, shape=[n, blocks * half])
+    shape = gs.Constant(fresh(f"{packed.name}_rows_shape"), np.array([n, blocks * half], np.int64))
+    graph.nodes.append(gs.Node("Reshape", fresh(f"{packed.name}_Reshape_rows"), {}, [packed, shape], [rows]))
+    table = gather.inputs[0]
+    gather.op = "GatherBlockQuantized"
+    gather.domain = "com.microsoft"
+    gather.attrs = {"gather_axis": 0, "quantize_axis": 1, "block_size": int(block), "bits": 4}
+    ids = gather.inputs[1]
+    gather.inputs.clear()
+    gather.inputs.extend([rows, ids, scales])
+    log.debug("Gather %s reads the packed 4-bit weight instead of %s", gather.name, table.name)

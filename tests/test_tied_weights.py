@@ -142,3 +142,29 @@ def test_transposed_twins_need_exact_equality() -> None:
                    gs.Node("Gather", inputs=[tb, gs.Variable("i", np.int64)], outputs=[gs.Variable("y3", np.float32)])]
     pairs = transposed_twins(graph)
     assert [(p.name, q.name) for p, q in pairs] == [("A", "B")]
+
+
+@pytest.mark.parametrize("with_data", [False, True])
+def test_tied_embedding_is_one_int4_table(with_data: bool) -> None:
+    """int4: the token table is the head's packed 4-bit weight, read by onnxruntime's GatherBlockQuantized (a
+    Reshape of it) and by MatMulNBits, so it is stored once as 4-bit blocks; each gathered row is exactly the
+    head's weight column as MatMulNBits stores it (unpacked here: low nibble first, zero point 8)."""
+    model = tied_embedding(vocab=300, dim=64)
+    model.graph.output.append(helper.make_tensor_value_info("e", onnx.TensorProto.FLOAT, ["B", "T", 64]))
+    ids = {"ids": rng(26).integers(0, 300, (6, 10)).astype(np.int64)}
+    calib = [{"ids": rng(27).integers(0, 300, (64, 10)).astype(np.int64)}] if with_data else None
+    res = onnxpress.quantize(model, calib=calib, weights="int4")
+    q = res.model
+    ops = [n.op_type for n in q.graph.node]
+    assert "GatherBlockQuantized" in ops and "Gather" not in ops
+    assert res.stats["quantize_weights_int4.embeddings_tied_int4"] == 1
+    assert _tensors_of(q, np.uint8, 300 * 64 // 2) == 1
+    assert _values_of(q, np.float32) < 300 * 64 / 8
+    got, ref = run(q, ids), run(model, ids)
+    head = next(n for n in q.graph.node if n.op_type == "MatMulNBits" and helper.get_node_attr_value(n, "N") == 300)
+    inits = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer}
+    packed, scales = inits[head.input[1]], inits[head.input[2]].reshape(300, -1)
+    nibbles = np.stack([packed & 15, packed >> 4], axis=-1).reshape(300, scales.shape[1], -1).astype(np.float32)
+    columns = ((nibbles - 8) * scales[:, :, None]).reshape(300, 64)
+    np.testing.assert_array_equal(got[1], columns[ids["ids"]])
+    assert _sqnr(ref[1], got[1]) > 15 and _sqnr(ref[0], got[0]) > 12

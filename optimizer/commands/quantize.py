@@ -188,6 +188,12 @@ def run(args: argparse.Namespace) -> int:
     if lstms := result.stats.get("quantize_lstm_dynamic.lstm_layers", 0):
         print(f"{lstms} LSTM as onnxruntime's DynamicQuantizeLSTM: int8 weights, input and hidden state quantized "
               "at run time (ONNX has no integer recurrent op)")
+    if tied := result.stats.get("quantize_weights_int4.embeddings_tied_int4", 0):
+        print(f"{tied} token table(s) equal to the output layer's weight (tied embeddings): stored once, as that "
+              "layer's 4-bit blocks, read by onnxruntime's GatherBlockQuantized")
+    if tied := result.stats.get("share_transposed_constants.constants_transposed", 0):
+        print(f"{tied} weight(s) equal to another's transpose (tied embeddings): stored once, the other read "
+              "through a Transpose that onnxruntime folds at load")
     print_kept_float(result.kept_float, verbose=args.verbose)
     for name, why in sorted(result.excluded_tensors.items()):
         print(f"no range  {name}: {why}")

@@ -52,7 +52,10 @@ from onnxpress.calibration.readers import symbolic_sizes
 from onnxpress.errors import DataError, OnnxpressError, UnsupportedModelError
 from onnxpress.model_io import ModelSource, check_output_path, is_large, load_model, model_bytes, save_model
 from onnxpress.passes.flops import assume_input_dims, count_macs, scoped_input_dims
+from onnxpress.passes.weight_only import StoreConstantsInt8
+from onnxpress.pipeline import run_passes
 from onnxpress.prune import sqnr_db
+from onnxpress.quantize import CONSTANTS_INT8_MIN_SIZE
 from onnxpress.recipe import apply_recipe, load_recipe, prepare, save_recipe, validate_recipe
 from onnxpress.search import Budget, Candidate, SearchSpace, measure_latency, pareto_front, parse_budget
 from onnxpress.sensitivity import SensitivityResult, analyze_sensitivity, read_feeds, run_outputs
@@ -219,6 +222,25 @@ def _with_auto_ranges(chosen: Candidate, built: onnx.ModelProto, ev: _Evaluator)
     if pick_best([chosen, variant], None if ev.labels is None else len(ev.labels)) is variant:
         return variant, model
     return chosen, built
+
+
+def _tied_tables(model: onnx.ModelProto) -> dict[str, tuple[int, int]]:
+    """Per layer key, the (stored, int8) bytes of the token table its weight is tied to (equal, transposed)."""
+    from onnxpress.passes.fold import transposed_twins
+    from onnxpress.passes.low_rank import layer_keys
+    from onnxpress.pipeline import import_graph
+
+    graph = import_graph(model)
+    keys = layer_keys(graph)
+    out: dict[str, int] = {}
+    for a, b in transposed_twins(graph):
+        for table, weight in ((a, b), (b, a)):
+            if all(c.op == "Gather" for c in table.outputs):
+                for layer in weight.outputs:
+                    if layer.op in ("MatMul", "Gemm") and id(layer) in keys:
+                        values = np.asarray(table.values)
+                        out[keys[id(layer)]] = (int(values.nbytes), int(values.size))
+    return out
 
 
 def free_float_picks(space: SearchSpace, picks: tuple[int, ...], tolerance: float = 0.01) -> tuple[int, ...]:
@@ -529,7 +551,10 @@ def optimize(
                                prune_multiple=prune_multiple, latency=time_options and bud.kind == "latency",
                                method=method, max_samples=sensitivity_samples,
                                cache_dir=cache_dir, progress=progress, deadline=deadline)
-    space = SearchSpace(sens, m0.ByteSize(), prune_multiple=prune_multiple)
+    # the constants quantize stores int8 whatever the layers take (a token table): a fixed term of the size estimate
+    stored = run_passes(m0, [StoreConstantsInt8(min_size=CONSTANTS_INT8_MIN_SIZE)]).model
+    space = SearchSpace(sens, m0.ByteSize(), prune_multiple=prune_multiple,
+                        fixed_bytes=stored.ByteSize() - m0.ByteSize(), tied_tables=_tied_tables(m0))
     # pruning's noise is measured before any fine-tune; with one, also search assuming most of it recovers
     discounts = (1.0, 0.1, 0.01, 0.001) if finetune and space.groups else (1.0,)
     probe = probe_epochs or 0

@@ -73,6 +73,9 @@ INT8_METHODS = ("rtn", "gptq")
 GPTQ_SAMPLES = 128
 """Calibration samples whose layer inputs give ``int8_method="gptq"`` its second moments."""
 
+CONSTANTS_INT8_MIN_SIZE = 1024
+"""Other float constants of at least this many values (token tables, positional embeddings) are stored int8."""
+
 GPTQ_ROWS_PER_SAMPLE = 32
 """Rows (conv output positions, tokens) of each sample that enter the GPTQ input moments, evenly
 spaced: with all of them a 224x224 ResNet-18's moments took 48 s for 64 samples."""
@@ -173,7 +176,7 @@ def quantize(
     max_samples: int | None = None,
     batch_size: int = 64,
     progress: bool = False,
-    constants_int8_min_size: int | None = 1024,
+    constants_int8_min_size: int | None = CONSTANTS_INT8_MIN_SIZE,
     equalize: str | None = None,
     bias_correction: bool | None = None,
     compact: bool = True,

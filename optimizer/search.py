@@ -159,15 +159,28 @@ class SearchSpace:
         quantize: offer int8 (and int4 where ``sens`` measured it).
         prune: offer the channel-pruning options of the table.
         prune_multiple: the multiple the table's prune options were rounded to (written into recipes).
+        fixed_bytes: bytes every quantized candidate gains or loses whatever its layers take: the other
+            constants quantize stores int8 (a token table, a positional embedding). Without it the size
+            estimate counted a GPT-style model's float token table as kept in every candidate, and the
+            search cut layers to make up for it (size=0.2 chose a 19.8 dB candidate where 33.5 dB fit).
+        tied_tables: per layer key, the float and int8 bytes of the token table its weight is tied to (equal,
+            transposed). Quantized, the layer and the table are one tensor (``ShareTransposedConstants``,
+            int4's ``GatherBlockQuantized``), so the table's int8 rows in ``fixed_bytes`` go too; the int4
+            option's measured bytes already dropped the float table (sensitivity builds the tie), which
+            ``fixed_bytes`` counts once. Without this a GPT-style model's 4-bit head looked 8x cheaper than
+            its int8 one and a size=0.2 search chose it (19.8 dB) where int8 for the head, int4 elsewhere,
+            read 34.4 dB at 0.199.
     """
 
     def __init__(self, sens: SensitivityResult, model_bytes: int, *, int8_latency: float = 0.5,
-                 quantize: bool = True, prune: bool = True, prune_multiple: int = 8) -> None:
+                 quantize: bool = True, prune: bool = True, prune_multiple: int = 8, fixed_bytes: int = 0,
+                 tied_tables: Mapping[str, tuple[int, int]] | None = None) -> None:
         self.layers = [lay for lay in sens.layers if lay.macs > 0 or lay.params > 0]
         self.total_macs = max(sum(lay.macs for lay in self.layers), 1)
         self.prune_multiple = prune_multiple
         self.prune_discount = 1.0  # δ: assumed fraction of pruning's noise left after a fine-tune
         self.model_bytes = model_bytes
+        self.fixed_bytes = fixed_bytes
         self.rho = int8_latency
         self.scale = dict.fromkeys(BUDGET_KINDS, 1.0)  # measured / estimated, updated from built candidates
         self.offset = dict.fromkeys(BUDGET_KINDS, 0.0)  # cost = offset + scale · estimate (fit_cost: offset 0)
@@ -176,11 +189,13 @@ class SearchSpace:
             q = sens.score(lay.key, "int8", "int8") if quantize else None
             ranks = [s for s in sens.scores if s.layer == lay.key and s.family == "rank"]
             opts = [LayerChoice("fp32", None, 0.0, lay.macs, lay.params)]
+            table_f32, table_i8 = (tied_tables or {}).get(lay.key, (0, 0))
             if q is not None:
-                opts.append(LayerChoice("int8", None, nsr(q.sqnr_db), lay.macs, lay.params, q.bytes_delta))
+                opts.append(LayerChoice("int8", None, nsr(q.sqnr_db), lay.macs, lay.params, q.bytes_delta - table_i8))
             q4 = sens.score(lay.key, "int4", "int4") if quantize else None
             if q4 is not None:
-                opts.append(LayerChoice("int4", None, nsr(q4.sqnr_db), lay.macs, lay.params, q4.bytes_delta))
+                opts.append(LayerChoice("int4", None, nsr(q4.sqnr_db), lay.macs, lay.params,
+                                        q4.bytes_delta + table_f32 - table_i8))
             for s in ranks:
                 # a measured split: the layer's MACs share minus the fp32 latency the split saved (may be < 0)
                 share = None if s.latency_ratio is None else lay.macs / self.total_macs - (1.0 - s.latency_ratio)
@@ -250,7 +265,7 @@ class SearchSpace:
             return w_macs * macs + w_acts * acts + penalty
         if kind != "size" and self._coupled:
             return float(self._kept_macs(picks).sum()) / self.total_macs
-        base = 1.0 if kind == "size" else 0.0
+        base = 1.0 + self.fixed_bytes / self.model_bytes if kind == "size" else 0.0
         total = base + sum(self.layer_cost(kind, self.options[i][j]) for i, j in enumerate(picks))
         if kind == "latency" and self.float_penalty is not None:  # timed options: a float layer costs what it measured
             for i, j in enumerate(picks[:len(self.layers)]):

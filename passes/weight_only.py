@@ -471,7 +471,9 @@ class QuantizeWeightsInt4:
         if node.name in self.exclude:
             return "excluded by name"
         w = node.inputs[1] if len(node.inputs) > 1 else None
-        if not isinstance(w, gs.Constant) or np.asarray(w.values).dtype not in (np.float32, np.float16):
+        if not isinstance(w, gs.Constant):
+            return "both operands are activations (attention): no weight to store in 4 bits"
+        if np.asarray(w.values).dtype not in (np.float32, np.float16):
             return "weight is not a float32 or float16 constant"
         if np.asarray(w.values).ndim != 2:
             return "weight is not 2-D"

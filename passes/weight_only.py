@@ -472,7 +472,7 @@ class QuantizeWeightsInt4:
             return "excluded by name"
         w = node.inputs[1] if len(node.inputs) > 1 else None
         if not isinstance(w, gs.Constant):
-            return "both operands are activations (attention): no weight to store in 4 bits"
+            return "weight is not a constant (attention's second operand, or a graph input): nothing to store in 4 bits"
         if np.asarray(w.values).dtype not in (np.float32, np.float16):
             return "weight is not a float32 or float16 constant"
         if np.asarray(w.values).ndim != 2:

@@ -295,15 +295,40 @@ def _moment_layers(graph: Any, min_elements: int, rows_per_sample: int | None):
     # a weight equal to another constant's transpose (a tied embedding's output layer) is rounded to nearest,
     # as the embedding's rows are, so that ShareTransposedConstants can store the two once
     twins = {id(t) for pair in transposed_twins(graph) for t in pair}
+    shared: dict[int, InputMomentObserver | None] = {}
     for node in graph.nodes:
         if node.op not in ("Conv", "Gemm", "MatMul") or len(node.inputs) < 2:
             continue
         w = node.inputs[1]
-        if not isinstance(w, gs.Constant) or w.values.size < min_elements or len(w.outputs) != 1 or id(w) in twins:
+        if not isinstance(w, gs.Constant) or w.values.size < min_elements or id(w) in twins:
             continue
         obs = _moment_observer(node, rows_per_sample)
-        if not isinstance(obs, str):
-            yield node, obs
+        if isinstance(obs, str):
+            continue
+        if len(w.outputs) != 1:
+            # a weight several layers read (cloned or tied layers) is rounded once: against the moments of all
+            # its layers' inputs together (the summed output error), when they all read it alike
+            if id(w) not in shared:
+                shared[id(w)] = obs if _reads_alike(w, rows_per_sample) else None
+            if shared[id(w)] is None:
+                continue
+            obs = shared[id(w)]
+        yield node, obs
+
+
+def _reads_alike(w: Any, rows_per_sample: int | None) -> bool:
+    """Every reader of ``w`` is a layer that reads it as its weight with the same input moment layout."""
+    configs = set()
+    for reader in w.outputs:
+        if reader.op not in ("Conv", "Gemm", "MatMul") or len(reader.inputs) < 2 or reader.inputs[1] is not w \
+                or any(t is w for t in reader.inputs[2:]) or reader.inputs[0] is w:
+            return False
+        obs = _moment_observer(reader, rows_per_sample)
+        if isinstance(obs, str):
+            return False
+        trans = int(reader.attrs.get("transB", 0)) if reader.op == "Gemm" else 0
+        configs.add((reader.op == "Conv", obs.kind, obs.kernel, obs.pads, obs.strides, trans))
+    return len(configs) == 1
 
 
 def moment_flops(model: onnx.ModelProto, *, samples: int, rows_per_sample: int | None = None,
@@ -339,8 +364,9 @@ def collect_layer_hessians(
 ) -> dict[str, np.ndarray]:
     """E[x x^T] of the inputs of each Conv/Gemm/MatMul weight (``{weight name: H}``), for GPTQ-style rounding.
 
-    Weights read by more than one layer, below ``min_elements``, equal to another constant's transpose
-    (a tied embedding's output layer), or of layers ``InputMomentObserver`` does not handle
+    A weight read by several layers gets one moment, over all their inputs, when they read it alike (the
+    same op and input layout); otherwise none. Weights below ``min_elements``, equal to another constant's
+    transpose (a tied embedding's output layer), or of layers ``InputMomentObserver`` does not handle
     (dilated/grouped convs, Gemm transA) get none. With ``max_bytes``, layers are
     taken in graph order while their moments (float64, ``K²`` each; ``C k²`` for a depthwise conv)
     fit in it together; the others get none (a warning says how many): the moments of a large model
@@ -359,7 +385,7 @@ def collect_layer_hessians(
     used = skipped = 0
     for node, obs in _moment_layers(graph, min_elements, rows_per_sample):
         w = node.inputs[1]
-        size = _moment_bytes(node)
+        size = 0 if w.name in wanted else _moment_bytes(node)  # a shared weight's one moment counts once
         if max_bytes is not None and used + size > max_bytes:
             skipped += 1
             continue

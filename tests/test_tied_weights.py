@@ -203,3 +203,23 @@ def test_size_search_counts_a_tied_table_once(tmp_path) -> None:
     step = res.recipe["steps"][-1]
     assert "head" not in (step.get("int4_layers") or []) and "head" not in step.get("exclude", [])
     assert res.chosen.sqnr_db > 25.5
+
+
+def test_shared_weight_gets_the_moment_of_all_its_inputs() -> None:
+    """GPTQ's input moment of a weight two MatMuls read is E[x xᵀ] over both layers' input rows together (the
+    summed output error of the two layers); before, a shared weight got none and was rounded to nearest."""
+    from onnxpress.advanced import collect_layer_hessians
+
+    r = rng(41)
+    w = r.standard_normal((64, 32)).astype(np.float32)  # >= SHARE_MIN_ELEMENTS: the cleanup keeps it one tensor
+    nodes = [helper.make_node("Identity", ["W"], ["Wa"]), helper.make_node("Identity", ["W"], ["Wb"]),
+             helper.make_node("MatMul", ["A", "Wa"], ["ya"], name="a"),
+             helper.make_node("MatMul", ["B", "Wb"], ["yb"], name="b"), helper.make_node("Add", ["ya", "yb"], ["Y"])]
+    model = onnxpress.cleanup(make_model(nodes, [("A", ["N", 64]), ("B", ["N", 64])], [("Y", ["N", 32])],
+                                         {"W": w})).model
+    a = r.standard_normal((40, 64)).astype(np.float32)
+    b = (r.standard_normal((40, 64)) * 3 + 1).astype(np.float32)
+    h = collect_layer_hessians(model, [{"A": a, "B": b}], min_elements=0)
+    (name,) = [t.name for t in model.graph.initializer]
+    expected = (a.T.astype(np.float64) @ a + b.T.astype(np.float64) @ b) / 80
+    np.testing.assert_allclose(h[name], expected, rtol=1e-6)

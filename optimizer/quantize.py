@@ -43,7 +43,7 @@ from onnxpress.passes.dynamic_quant import QuantizeDynamic, QuantizeLSTMDynamic
 from onnxpress.passes.einsum import EinsumToMatMul
 from onnxpress.passes.flatten_tokens import FlattenTokens
 from onnxpress.passes.flops import unique_keys
-from onnxpress.passes.fold import ShareTransposedConstants
+from onnxpress.passes.fold import ShareConstants, ShareTransposedConstants
 from onnxpress.passes.global_pool import ReduceMeanToGlobalPool
 from onnxpress.passes.matmul_bias import MatMulBiasToOutputRank
 from onnxpress.passes.matmul_to_gemm import MatMulAddToGemm
@@ -376,7 +376,10 @@ def quantize(
         # and the biases (behind an Add) stored int8 cost a BERT-style encoder 37.8 -> 34.1 dB
         head = [] if constants_int8_min_size is None else [StoreConstantsInt8(min_size=constants_int8_min_size,
                                                                               keep_biases=True)]
-        result = run_passes(_shaped(cleaned), [lstm, *head, dyn, ShareTransposedConstants()], progress=progress)
+        # then once more: a token table that an output layer also read (tied, Gemm transB=1) is only the Gather's
+        # now; its int8 rows equal that layer's int8 weight (or its transpose), and the two are stored once
+        result = run_passes(_shaped(cleaned), [lstm, *head, dyn, *head, ShareConstants(), ShareTransposedConstants()],
+                            progress=progress)
         decisions, used_table, excluded = [*dyn.decisions, *lstm.decisions], None, {}
     elif codebook is not None:  # weight-only k-means codebooks (onnxpress.advanced, issue 10)
         from onnxpress.advanced import codebook_weights
@@ -496,9 +499,10 @@ def quantize(
             tail.append(CompactQDQ())
         # MatMulBiasToOutputRank: keeps onnxruntime from turning a fixed-shape int8 MatMul + bias into a
         # float Gemm (passes/matmul_bias.py)
-        # ShareTransposedConstants: a tied embedding and its output layer, both int8, stored once
-        result = run_passes(_shaped(cleaned), [qdq, MatMulBiasToOutputRank(), lstm, *tail, ShareTransposedConstants()],
-                            progress=progress)
+        # ShareConstants / ShareTransposedConstants: a tied embedding and its output layer, both int8 (the table's
+        # rows equal to the layer's weight, or to its transpose), stored once
+        result = run_passes(_shaped(cleaned), [qdq, MatMulBiasToOutputRank(), lstm, *tail, ShareConstants(),
+                                               ShareTransposedConstants()], progress=progress)
         decisions = [*qdq.decisions, *lstm.decisions]
         excluded = dict(used_table.excluded)
         if int4_result is not None:  # the MatMulNBits nodes InsertQDQ left float are the int4 layers

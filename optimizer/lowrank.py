@@ -36,6 +36,7 @@ from onnxpress.model_io import (
     normalize_model,
 )
 from onnxpress.passes.flops import assume_input_dims, count_params, scoped_input_dims, shapes_at
+from onnxpress.passes.fold import ShareTransposedConstants
 from onnxpress.passes.low_rank import (
     LayerReport,
     MomentSpec,
@@ -378,7 +379,8 @@ def lowrank(
         moments = collect_moments(cleaned, calib, ops=ops, batch_size=batch_size, max_samples=max_samples,
                                   progress=progress)
     split.moments = dict(moments or {})
-    result = transform(cleaned, [split], output, progress=progress)
+    # ShareTransposedConstants: a tied token table and an output layer left whole, stored once
+    result = transform(cleaned, [split, ShareTransposedConstants()], output, progress=progress)
     seconds = None
     if split.latency is not None:
         timed = [(split.latency[lay.key], lay.rank) for lay in split.report if lay.key in split.latency]

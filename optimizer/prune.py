@@ -37,7 +37,7 @@ from onnxpress.passes.flops import (
     node_key,
     scoped_input_dims,
 )
-from onnxpress.passes.fold import FoldConstants
+from onnxpress.passes.fold import FoldConstants, ShareTransposedConstants
 from onnxpress.passes.prelu import RewritePRelu
 from onnxpress.passes.prune_channels import CRITERIA, PruneChannels, PruneZeroChannels, activation_targets
 from onnxpress.pipeline import PipelineResult, run_passes
@@ -274,6 +274,8 @@ def prune(
         stats.update(lossy.stats)
         notes.extend(lossy.notes)
         pruned = lossy.model
+    # a tied token table and its output layer's weight (folded from Transpose(W), pruned alike): stored once
+    pruned = run_passes(pruned, [ShareTransposedConstants()]).model
     check_model(pruned, where="the pruned model")
     written = save_model(pruned, output) if output is not None else None
     layers, total, sizes = cost_report(original, pruned)

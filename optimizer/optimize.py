@@ -232,7 +232,7 @@ def _tied_tables(model: onnx.ModelProto) -> dict[str, tuple[int, int]]:
 
     graph = import_graph(model)
     keys = layer_keys(graph)
-    out: dict[str, int] = {}
+    out: dict[str, tuple[int, int]] = {}
     for a, b in transposed_twins(graph):
         for table, weight in ((a, b), (b, a)):
             if all(c.op == "Gather" for c in table.outputs):

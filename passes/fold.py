@@ -21,6 +21,10 @@ folds a shared weight into a private copy per BatchNorm (equal copies when the B
 a siamese net). Small constants (shapes, axes, a LayerNorm's ones) are left alone: merging them saves
 nothing and would make per-layer rewrites of them copy-on-write for no gain.
 
+ShareTransposedConstants, run on finished models (quantize, prune, lowrank and the cleanup command), keeps
+a constant equal to another's transpose as ``Transpose(other)``: a language model's token table tied to its
+output layer, which dynamo writes as ``Transpose(W)`` and folding turns into a second copy.
+
 FoldConstants uses onnx-graphsurgeon's ``fold_constants`` (which evaluates constant subgraphs with
 onnxruntime) rather than a folder of our own: it is well kept and folding is not where this
 project adds value. Its shape folding (``fold_shapes``) is off: on onnx's conformance cases it
@@ -94,6 +98,10 @@ class ShareConstants:
         return PassResult(graph, shared > 0, {"constants_shared": shared})
 
 
+def _digest(values: np.ndarray) -> bytes:
+    return hashlib.blake2b(np.ascontiguousarray(values).tobytes(), digest_size=16).digest()
+
+
 def share_identical_constants(graph: gs.Graph, min_elements: int = SHARE_MIN_ELEMENTS) -> int:
     """Point every reader of a constant equal to an earlier one (dtype, shape, bytes) at that one.
 
@@ -123,8 +131,7 @@ def share_identical_constants(graph: gs.Graph, min_elements: int = SHARE_MIN_ELE
             continue
         first: dict[bytes, gs.Constant] = {}
         for t in members:
-            digest = hashlib.blake2b(np.ascontiguousarray(t.values).tobytes(), digest_size=16).digest()
-            kept = first.setdefault(digest, t)
+            kept = first.setdefault(_digest(np.asarray(t.values)), t)
             if kept is not t:
                 target[id(t)] = kept
     if not target:
@@ -145,10 +152,6 @@ def _probe(values: np.ndarray, transposed: bool = False) -> bytes:
         return values.reshape(-1)[pos].tobytes()
     rows = values.shape[0]  # values.T is [cols, rows]: its flat index i is values.T[i // rows, i % rows]
     return values[pos % rows, pos // rows].tobytes()
-
-
-def _digest(values: np.ndarray) -> bytes:
-    return hashlib.blake2b(np.ascontiguousarray(values).tobytes(), digest_size=16).digest()
 
 
 def transposed_twins(graph: gs.Graph, min_elements: int = SHARE_MIN_ELEMENTS) -> list[tuple[gs.Constant, gs.Constant]]:

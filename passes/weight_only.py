@@ -624,7 +624,7 @@ _QDQ_OPS = frozenset({"DequantizeLinear", "QuantizeLinear"})
 
 
 def store_constants_int8(graph: gs.Graph, min_size: int, fresh, *, exclude: frozenset[str] = frozenset(),
-                         keep_biases: bool = False) -> tuple[int, int]:
+                         keep_biases: bool = False, tables_only: bool = False) -> tuple[int, int]:
     """Store float32 constants of ``min_size``+ elements as int8 + one symmetric scale + DequantizeLinear.
 
     GRU/RNN weights (no integer kernel; see ``_HALF_STORED``) are stored float16 behind a Cast instead.
@@ -632,6 +632,7 @@ def store_constants_int8(graph: gs.Graph, min_size: int, fresh, *, exclude: froz
     QuantizeLSTMDynamic's decision, so a layer kept float stays float) and Q/DQ parameters are left alone.
     ``s = max|c| / 127``, ``|c - s q| <= s/2``. A 2-D table read by ``Gather`` (axis 0: an embedding) gets a
     scale per row instead and is dequantized after the gather, so only the rows looked up are converted.
+    ``tables_only``: only such tables (a second run after a layer pass, for a table it no longer reads).
     Returns the numbers of constants stored int8 and stored float16.
     """
     stored: dict[str, tuple[gs.Constant, gs.Constant]] = {}
@@ -648,6 +649,8 @@ def store_constants_int8(graph: gs.Graph, min_size: int, fresh, *, exclude: froz
         if len(readers) == 1 and readers[0].op == "Add":
             biases.update(id(t) for t in readers[0].inputs if isinstance(t, gs.Constant))
     for node in list(graph.nodes):
+        if tables_only and node.op != "Gather":
+            continue
         if node.op in _HALF_STORED:
             _store_float16_inputs(graph, node, min_size, fresh, exclude, stored_half)
             continue
@@ -661,7 +664,10 @@ def store_constants_int8(graph: gs.Graph, min_size: int, fresh, *, exclude: froz
             values = np.asarray(t.values)
             if values.dtype != np.float32 or values.size < min_size:
                 continue
-            if node.op == "Gather" and i == 0 and values.ndim == 2 and int(node.attrs.get("axis", 0)) == 0:
+            table = node.op == "Gather" and i == 0 and values.ndim == 2 and int(node.attrs.get("axis", 0)) == 0
+            if tables_only and not table:
+                continue
+            if table:
                 # an embedding table: int8 rows with a scale each, gathered, then dequantized (Cast * the gathered
                 # scales). A DequantizeLinear of the whole table ran at every call (a 2000 x 256 table took a
                 # BERT-style encoder from 0.68 to 0.75x fp32 at batch 1), and one scale for all rows cost it
@@ -728,15 +734,17 @@ class StoreConstantsInt8:
         min_size: constants with fewer elements stay float.
         exclude: constant names that stay float.
         keep_biases: the constant of a MatMul layer's bias Add stays float.
+        tables_only: store embedding tables only (see store_constants_int8).
     """
 
     name = "store_constants_int8"
 
     def __init__(self, *, min_size: int = 1024, exclude: frozenset[str] = frozenset(), keep_biases: bool = False,
-                 ) -> None:
+                 tables_only: bool = False) -> None:
         self.min_size = min_size
         self.exclude = frozenset(exclude)
         self.keep_biases = keep_biases
+        self.tables_only = tables_only
 
     def requires(self, graph: gs.Graph) -> None:
         """No preconditions."""
@@ -746,7 +754,7 @@ class StoreConstantsInt8:
         fresh = fresh_names(graph_names(graph))
 
         n, halves = store_constants_int8(graph, self.min_size, fresh, exclude=self.exclude,
-                                         keep_biases=self.keep_biases)  # fmt: skip
+                                         keep_biases=self.keep_biases, tables_only=self.tables_only)  # fmt: skip
         return PassResult(graph, n + halves > 0, {"constants_int8": n, "constants_float16": halves})
 
 

@@ -23,15 +23,52 @@ so memory is ``n²`` whatever the number of samples, and two observers merge exa
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from onnxpress.errors import CalibrationError
 
-__all__ = ["PatchSecondMomentObserver", "SecondMomentObserver"]
+__all__ = ["PatchSecondMomentObserver", "SecondMomentObserver", "conv_patches"]
 
 _CHUNK_ROWS = 1 << 16  # rows per float64 XᵀX product: bounds the temporary copy to ~rows·n·8 bytes
+
+
+def conv_patches(
+    x: np.ndarray,
+    kernel: Sequence[int],
+    strides: Sequence[int],
+    pads: Sequence[int],
+    dilations: Sequence[int],
+    pick: Callable[[int], np.ndarray | None] | None = None,
+) -> np.ndarray:
+    """The im2col patches of a conv input ``[N, C, *spatial]`` (1-, 2- or 3-D): ``[rows, C, prod(kernel)]``.
+
+    One row per output position of each sample (``N · prod(out)`` rows, sample-major), or only the
+    flat output positions ``pick(prod(out))`` of each sample (``None``: all). ``pads`` are ONNX's: the begins of every
+    spatial axis, then their ends. A dilated window is the dense window of span ``(k - 1) d + 1``
+    read every ``d`` values, and the strides step the window positions: both are views, so only the
+    returned patches are copied.
+
+    Raises:
+        CalibrationError: the padded input is smaller than the kernel's span.
+    """
+    from numpy.lib.stride_tricks import sliding_window_view
+
+    nd = len(kernel)
+    x = np.pad(x, [(0, 0), (0, 0)] + [(int(pads[i]), int(pads[i + nd])) for i in range(nd)])
+    span = tuple((int(k) - 1) * int(d) + 1 for k, d in zip(kernel, dilations, strict=True))
+    if any(x.shape[2 + i] < span[i] for i in range(nd)):
+        raise CalibrationError(f"conv input {x.shape} (padded) is smaller than the kernel's span {span}")
+    v = sliding_window_view(x, span, axis=tuple(range(2, 2 + nd)))  # [N, C, *positions, *span]
+    v = v[(slice(None), slice(None), *(slice(None, None, int(s)) for s in strides),
+           *(slice(None, None, int(d)) for d in dilations))]  # [N, C, *out positions, *kernel]
+    taps = int(np.prod(kernel))
+    picked = pick(int(np.prod(v.shape[2 : 2 + nd]))) if pick is not None else None
+    if picked is not None:  # adjacent index arrays keep their place: [N, C, R, *kernel]
+        v = v[(slice(None), slice(None), *np.unravel_index(picked, v.shape[2 : 2 + nd]))]
+        return v.transpose(0, 2, 1, *range(3, 3 + nd)).reshape(-1, x.shape[1], taps)
+    return v.transpose(0, *range(2, 2 + nd), 1, *range(2 + nd, 2 + 2 * nd)).reshape(-1, x.shape[1], taps)
 
 
 class SecondMomentObserver:
@@ -133,13 +170,8 @@ class PatchSecondMomentObserver(SecondMomentObserver):
             self._add(self._patch_rows(x[start : start + step]))
 
     def _patch_rows(self, x: np.ndarray) -> np.ndarray:
-        (kh, kw), (sh, sw), (dh, dw) = self.kernel, self.strides, self.dilations
-        top, left, bottom, right = self.pads
-        xp = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))
-        eh, ew = (kh - 1) * dh + 1, (kw - 1) * dw + 1
-        if xp.shape[2] < eh or xp.shape[3] < ew:
-            raise CalibrationError(f"{self.name}: input {x.shape} is smaller than the kernel extent {(eh, ew)}")
-        win = np.lib.stride_tricks.sliding_window_view(xp, (eh, ew), axis=(2, 3))
-        win = win[:, :, ::sh, ::sw, ::dh, ::dw]  # [N, C, Ho, Wo, kh, kw]
-        n, c, ho, wo = win.shape[:4]
-        return win.transpose(0, 2, 3, 1, 4, 5).reshape(n * ho * wo, c * kh * kw)
+        try:
+            p = conv_patches(x, self.kernel, self.strides, self.pads, self.dilations)
+        except CalibrationError as exc:
+            raise CalibrationError(f"{self.name}: {exc}") from None
+        return p.reshape(p.shape[0], -1)

@@ -133,8 +133,8 @@ def gptq_assign(w: np.ndarray, levels: np.ndarray, hessian: np.ndarray, *, damp:
     Args:
         w: [C, M] weight rows (one output channel each; M in the order of ``hessian``).
         levels: [C, k] the values row c may take (codebook times channel scale, or an integer grid).
-        hessian: [M, M] second moments of the inputs shared by every row, or [C, M, M], one per row
-            (a depthwise conv: each channel reads its own input channel).
+        hessian: [M, M] second moments of the inputs shared by every row, or [G, M, M], one per group of
+            C / G consecutive rows (a grouped conv; a depthwise conv has one per channel).
         damp: added to the diagonal, as a fraction of its mean (keeps the inverse well conditioned).
 
     Returns:
@@ -149,10 +149,12 @@ def gptq_assign(w: np.ndarray, levels: np.ndarray, hessian: np.ndarray, *, damp:
     c, m = w.shape
     if levels.ndim != 2 or levels.shape[0] != c:
         raise ValueError(f"levels must be [{c}, k], got {levels.shape}")
-    if h.shape == (c, m, m) and h.shape != (m, m):
-        return np.concatenate([gptq_assign(w[i : i + 1], levels[i : i + 1], h[i], damp=damp) for i in range(c)])
+    if h.ndim == 3 and h.shape[1:] == (m, m) and h.shape[0] and c % h.shape[0] == 0:
+        per = c // h.shape[0]
+        return np.concatenate([gptq_assign(w[g * per : (g + 1) * per], levels[g * per : (g + 1) * per], h[g], damp=damp)
+                               for g in range(h.shape[0])])
     if h.shape != (m, m):
-        raise ValueError(f"hessian must be [{m}, {m}] or [{c}, {m}, {m}], got {h.shape}")
+        raise ValueError(f"hessian must be [{m}, {m}] or [G, {m}, {m}] with G dividing {c}, got {h.shape}")
     _, u = gptq_factor(h, damp, act_order=False)  # columns in their own order
     w = w.copy()
     idx = np.zeros((c, m), np.int64)

@@ -341,8 +341,9 @@ def gptq_rows(
     Args:
         rows: ``[C, M]`` float weights, one output channel per row, columns in ``hessian``'s order.
         scale: ``[C]`` per-row steps, or one step for every row.
-        hessian: ``E[x xᵀ]`` of the layer's input, ``[M, M]``, or ``[C, M, M]`` with one per row (a
-            depthwise conv, each channel reading its own input channel).
+        hessian: ``E[x xᵀ]`` of the layer's input, ``[M, M]``, or ``[G, M, M]`` with one per group of
+            ``C / G`` consecutive rows (a grouped conv, each group reading its own input channels; a
+            depthwise conv: one per channel).
         qmax: largest code magnitude.
         damp: added to the diagonal, as a fraction of its mean.
         act_order: round the columns with the largest ``H_jj`` first.
@@ -359,11 +360,13 @@ def gptq_rows(
     s = np.broadcast_to(np.asarray(scale, np.float64), (c,)).copy()
     s[s <= 0] = 1.0  # an all-zero row: every code is 0 whatever the step
     h = np.asarray(hessian, np.float64)
-    if h.shape == (c, m, m) and h.shape != (m, m):
-        return np.concatenate([gptq_rows(w[i : i + 1], s[i : i + 1], h[i], qmax=qmax, damp=damp,
-                                         act_order=act_order) for i in range(c)])
+    if h.ndim == 3 and h.shape[1:] == (m, m) and h.shape[0] and c % h.shape[0] == 0:
+        per = c // h.shape[0]
+        return np.concatenate([gptq_rows(w[g * per : (g + 1) * per], s[g * per : (g + 1) * per], h[g], qmax=qmax,
+                                         damp=damp, act_order=act_order) for g in range(h.shape[0])])
     if h.shape != (m, m):
-        raise ValueError(f"input second moment has shape {h.shape}, the rows need ({m}, {m}) or ({c}, {m}, {m})")
+        raise ValueError(f"input second moment has shape {h.shape}, the rows need ({m}, {m}) or (G, {m}, {m}) "
+                         f"with G dividing {c}")
     if not np.all(np.isfinite(h)):
         raise ValueError("input second moment contains NaN or inf")
     order, upper = gptq_factor(h, damp, act_order)

@@ -291,28 +291,76 @@ def test_gptq_assign_lowers_the_output_error_not_the_weight_error():
         gptq_assign(w, levels, h[:5, :5])
 
 
-@pytest.mark.parametrize(("group", "pads", "strides"), [(1, [1, 1, 1, 1], [1, 1]), (1, [0, 1, 1, 0], [2, 2]),
-                                                         (4, [1, 1, 1, 1], [2, 1])])
-def test_input_moments_give_the_conv_output_energy(group, pads, strides):
-    """w_o^T H w_o = mean of y_o^2 over samples and positions, y = Conv(x, W) on onnxruntime (depthwise: one
-    H per channel): the patches are in the weight's own order."""
-    from onnxpress.advanced import InputMomentObserver
+@pytest.mark.parametrize(
+    ("spatial", "kernel", "group", "pads", "strides", "dilations"),
+    [
+        ((7, 6), (3, 3), 1, [1, 1, 1, 1], [1, 1], [1, 1]),
+        ((7, 6), (3, 3), 1, [0, 1, 1, 0], [2, 2], [1, 1]),
+        ((7, 6), (3, 3), 4, [1, 1, 1, 1], [2, 1], [1, 1]),  # depthwise
+        ((7, 6), (3, 2), 2, [2, 0, 1, 1], [1, 2], [2, 1]),  # grouped, dilated
+        ((9, 7), (3, 3), 1, [2, 2, 2, 2], [1, 1], [2, 3]),  # dilated
+        ((20,), (3,), 1, [4, 0], [1], [2]),  # 1-D, causal padding (a TCN)
+        ((20,), (5,), 2, [2, 2], [3], [1]),  # 1-D grouped, strided
+        ((5, 4, 6), (3, 2, 3), 1, [1, 0, 1, 1, 1, 0], [1, 2, 1], [1, 1, 2]),  # 3-D
+    ],
+)
+def test_input_moments_give_the_conv_output_energy(spatial, kernel, group, pads, strides, dilations):
+    """w_o^T H_g w_o = mean of y_o^2 over samples and positions, y = Conv(x, W) on onnxruntime, for 1-, 2- and
+    3-D convs with strides, pads, dilations and groups (one H per group): the patches are in the weight's own
+    order."""
+    from onnxpress.advanced import _moment_observer, import_graph
 
     r = graphs.rng(10)
-    w = r.standard_normal((4, 4 // group, 3, 3)).astype(np.float32)
-    node = helper.make_node("Conv", ["X", "W"], ["Y"], group=group, pads=pads, strides=strides)
-    out_hw = [(7 + pads[0] + pads[2] - 3) // strides[0] + 1, (6 + pads[1] + pads[3] - 3) // strides[1] + 1]
-    model = graphs.make_model([node], [("X", ["N", 4, 7, 6])], [("Y", ["N", 4, *out_hw])], {"W": w})
-    x = r.standard_normal((5, 4, 7, 6)).astype(np.float32)
+    w = r.standard_normal((4, 4 // group, *kernel)).astype(np.float32)
+    node = helper.make_node("Conv", ["X", "W"], ["Y"], group=group, pads=pads, strides=strides, dilations=dilations)
+    nd = len(spatial)
+    out = [(spatial[i] + pads[i] + pads[i + nd] - (kernel[i] - 1) * dilations[i] - 1) // strides[i] + 1
+           for i in range(nd)]
+    model = graphs.make_model([node], [("X", ["N", 4, *spatial])], [("Y", ["N", 4, *out])], {"W": w})
+    x = r.standard_normal((5, 4, *spatial)).astype(np.float32)
     y = graphs.run(model, {"X": x})[0].astype(np.float64)
-    obs = InputMomentObserver("conv" if group == 1 else "depthwise", (3, 3), (pads[0], pads[1], pads[2], pads[3]),
-                              strides)
+    obs = _moment_observer(import_graph(model).nodes[0])
     obs.update(x[:2])
     obs.update(x[2:])
     h = obs.hessian()
     rows = w.reshape(4, -1).astype(np.float64)
-    energy = np.einsum("om,omk,ok->o", rows, h, rows) if group != 1 else np.einsum("om,mk,ok->o", rows, h, rows)
-    np.testing.assert_allclose(energy, np.mean(y**2, axis=(0, 2, 3)), rtol=1e-5)
+    if group == 1:
+        energy = np.einsum("om,mk,ok->o", rows, h, rows)
+    else:
+        assert h.shape == (group, rows.shape[1], rows.shape[1])
+        energy = np.einsum("om,omk,ok->o", rows, np.repeat(h, 4 // group, axis=0), rows)
+    np.testing.assert_allclose(energy, np.mean(y**2, axis=(0, *range(2, 2 + nd))), rtol=1e-5)
+
+
+def test_depthwise_moments_keep_their_kind():
+    """The "depthwise" kind (one group per input channel, taken from the data) equals "grouped" with G = C."""
+    from onnxpress.advanced import InputMomentObserver
+
+    x = graphs.rng(11).standard_normal((3, 4, 6, 5))
+    a = InputMomentObserver("depthwise", (3, 3), (1, 1, 1, 1), (1, 1))
+    b = InputMomentObserver("grouped", (3, 3), (1, 1, 1, 1), (1, 1), groups=4)
+    a.update(x)
+    b.update(x)
+    np.testing.assert_allclose(a.hessian(), b.hessian())
+    assert a.hessian().shape == (4, 9, 9)
+
+
+@pytest.mark.parametrize(("kernel", "pads", "strides", "dilations"),
+                         [((3,), (4, 0), (1,), (2,)), ((3, 3), (2, 2, 2, 2), (1, 1), (2, 3)),
+                          ((3, 2, 3), (1, 0, 1, 1, 1, 0), (1, 2, 1), (1, 1, 2))])
+def test_moments_on_some_positions_take_those_patches(kernel, pads, strides, dilations):
+    """rows_per_sample: the same evenly spaced output positions of every sample, in 1-, 2- and 3-D."""
+    from onnxpress.advanced import InputMomentObserver
+
+    x = graphs.rng(12).standard_normal((3, 4, *(9, 7, 6)[: len(kernel)]))
+    every = InputMomentObserver("conv", kernel, pads, strides, dilations=dilations)
+    some = InputMomentObserver("conv", kernel, pads, strides, dilations=dilations, rows_per_sample=5)
+    patches = every._patches(x).reshape(3, -1, 4 * int(np.prod(kernel)))
+    picked = some._picked(patches.shape[1])
+    assert picked is not None and len(picked) == 5
+    some.update(x)
+    rows = patches[:, picked].reshape(-1, patches.shape[2])
+    np.testing.assert_allclose(some.hessian(), rows.T @ rows / len(rows))
 
 
 def test_codebook_error_feedback_lowers_the_layer_output_error():

@@ -57,17 +57,22 @@ def test_correlated_inputs_lower_the_layer_output_error(seed: int) -> None:
     assert _output_error(w, codes, s, h) < 0.8 * _output_error(w, rtn, s, h)
 
 
-def test_one_moment_per_row_is_each_row_on_its_own() -> None:
-    """A depthwise conv's [C, M, M] moments: row c is rounded against its own H_c."""
+@pytest.mark.parametrize("per_group", [1, 2])
+def test_one_moment_per_group_is_each_group_on_its_own(per_group: int) -> None:
+    """A grouped conv's [G, M, M] moments: the C / G consecutive rows of group g are rounded against H_g (a
+    depthwise conv: one row per group)."""
     r = graphs.rng(7)
     hs = np.stack([(lambda a: a.T @ a / 64)(_correlated(64, 9, i).astype(np.float64)) for i in range(3)])
-    w = r.standard_normal((3, 9))
+    w = r.standard_normal((3 * per_group, 9))
     s = np.abs(w).max(axis=1) / 127
     together = gptq_rows(w, s, hs)
-    apart = np.concatenate([gptq_rows(w[i : i + 1], s[i : i + 1], hs[i]) for i in range(3)])
+    apart = np.concatenate([gptq_rows(w[g * per_group : (g + 1) * per_group], s[g * per_group : (g + 1) * per_group],
+                                      hs[g]) for g in range(3)])
     np.testing.assert_array_equal(together, apart)
     with pytest.raises(ValueError, match="second moment has shape"):
         gptq_rows(w, s, np.eye(5))
+    with pytest.raises(ValueError, match="G dividing"):
+        gptq_rows(w[:2], s[:2], hs)
 
 
 def _mlp(seed: int = 3) -> onnx.ModelProto:
@@ -107,6 +112,47 @@ def test_quantize_default_with_data_is_gptq_on_the_same_grid() -> None:
     assert err["gptq"] < 0.8 * err["rtn"], err
     from_table = onnxpress.quantize(model, table=rtn.table, bias_correction=False)  # no data: round to nearest
     assert from_table.stats["insert_qdq.weights_gptq"] == 0
+
+
+def _conv1d_model(seed: int = 5) -> onnx.ModelProto:
+    """X[N, 8, 40] -> causal dilated Conv1d(8 -> 32, k=3, d=2) -> Relu -> grouped Conv1d(32 -> 32, k=3, 2 groups)."""
+    r = graphs.rng(seed)
+    inits = {"W1": (r.standard_normal((32, 8, 3)) / 5).astype(np.float32),
+             "b1": (r.standard_normal(32) * 0.1).astype(np.float32),
+             "W2": (r.standard_normal((32, 16, 3)) / 7).astype(np.float32)}
+    nodes = [helper.make_node("Conv", ["X", "W1", "b1"], ["h"], dilations=[2], pads=[4, 0], name="causal"),
+             helper.make_node("Relu", ["h"], ["hr"]),
+             helper.make_node("Conv", ["hr", "W2"], ["Y"], group=2, pads=[1, 1], name="grouped")]
+    return graphs.make_model(nodes, [("X", ["N", 8, 40])], [("Y", ["N", 32, 40])], inits)
+
+
+def _smooth(n: int, seed: int) -> np.ndarray:
+    """Random walks along time: neighbouring taps are correlated, as in audio or sensor signals."""
+    return (np.cumsum(graphs.rng(seed).standard_normal((n, 8, 40)), axis=2) / 4).astype(np.float32)
+
+
+def test_dilated_and_grouped_1d_convs_are_gptq_rounded() -> None:
+    """1-D, dilated and grouped convs get input moments too: both weights GPTQ-rounded on rtn's scales, and the
+    model on their dequantized weights (float activations) errs 2.6x less than on rtn's on held-out data
+    (measured 1.63 vs 4.24); at least 1.5x asserted."""
+    model = _conv1d_model()
+    calib = [{"X": _smooth(64, 1)}]
+    held_out = {"X": _smooth(128, 2)}
+    ref = graphs.run(model, held_out)[0].astype(np.float64)
+    err = {}
+    for method in ("rtn", "gptq"):
+        q = onnxpress.quantize(model, calib=calib, bias_correction=False, int8_method=method)
+        assert q.stats["insert_qdq.weights_gptq"] == (2 if method == "gptq" else 0)
+        assert q.stats["insert_qdq.weights_quantized"] == 2
+        (c1, s1), (c2, s2) = _int8_weights(q.model)
+        rebuilt = onnx.ModelProto()
+        rebuilt.CopyFrom(model)
+        dequantized = {"W1": c1 * s1[:, None, None], "W2": c2 * s2[:, None, None]}
+        for init in rebuilt.graph.initializer:
+            if init.name in dequantized:
+                init.CopyFrom(numpy_helper.from_array(dequantized[init.name].astype(np.float32), init.name))
+        err[method] = float(np.sum((graphs.run(rebuilt, held_out)[0] - ref) ** 2))
+    assert err["gptq"] < err["rtn"] / 1.5, err
 
 
 @pytest.mark.parametrize(("kwargs", "error", "match"), [

@@ -34,6 +34,7 @@ from onnxpress.model_io import (
     infer_shapes,
     load_model,
     normalize_model,
+    refuse_quantized,
 )
 from onnxpress.passes.flops import assume_input_dims, count_params, scoped_input_dims, shapes_at
 from onnxpress.passes.fold import ShareTransposedConstants
@@ -368,7 +369,9 @@ def lowrank(
         raise ValueError("give calib= or moments=, not both")
     if output is not None:
         check_output_path(output, [model, calib])  # never overwrite the calibration data
-    proto = normalize_model(load_model(model))
+    proto = load_model(model)
+    refuse_quantized(proto, "lowrank")
+    proto = normalize_model(proto, in_place=True)
     # shapes on every tensor: the pass reads conv input sizes (Tucker-2 cost) from them
     cleaned = _prepare(proto, progress)
     assume_input_dims(symbolic_sizes(cleaned, calib, dims))  # MACs per sample at that sequence length / size

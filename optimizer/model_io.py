@@ -354,6 +354,44 @@ def names_read(g: onnx.GraphProto) -> set[str]:
     return out
 
 
+QUANTIZED_OPS = frozenset({
+    "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger",  # ai.onnx
+    "MatMulNBits", "GatherBlockQuantized", "DynamicQuantizeLSTM", "DynamicQuantizeMatMul",  # com.microsoft
+    "MatMulIntegerToFloat", "QGemm", "QAttention", "QEmbedLayerNormalization",
+})
+"""Ops that only a quantized model holds (with every ``QLinear*`` op): see :func:`refuse_quantized`."""
+
+
+def refuse_quantized(model: onnx.ModelProto, command: str) -> None:
+    """Raise when ``model`` is already quantized: ``command`` (quantize, prune, ...) starts from a float model.
+
+    Run on a QDQ model, quantize would calibrate the dequantized values and quantize them a second time
+    (an onnxruntime-quantized export came out 1.6x slower), and pruning and low-rank see no constant weight
+    behind a DequantizeLinear. onnxruntime's quantizer gives no such warning.
+
+    Raises:
+        UnsupportedModelError: names the quantized ops found and what to run instead.
+    """
+    found: dict[str, int] = {}
+
+    def visit(g: onnx.GraphProto) -> None:
+        for node in g.node:
+            if node.op_type in QUANTIZED_OPS or node.op_type.startswith("QLinear"):
+                found[node.op_type] = found.get(node.op_type, 0) + 1
+            for attr in node.attribute:
+                for sub in subgraphs(attr):
+                    visit(sub)
+
+    visit(model.graph)
+    if found:
+        ops = ", ".join(f"{n} x {op}" for op, n in sorted(found.items(), key=lambda kv: -kv[1]))
+        raise UnsupportedModelError(
+            f"the model is already quantized ({ops}); onnxpress {command} starts from a float model: run it on "
+            "the float model this one was made from (onnxpress validate compares the two; onnxpress finetune "
+            "trains a quantized model further)"
+        )
+
+
 def default_opset(model: onnx.ModelProto) -> int:
     """The opset version of the default (``ai.onnx``) domain."""
     for imp in model.opset_import:

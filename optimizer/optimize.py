@@ -50,7 +50,15 @@ import onnx
 
 from onnxpress.calibration.readers import symbolic_sizes
 from onnxpress.errors import DataError, OnnxpressError, UnsupportedModelError
-from onnxpress.model_io import ModelSource, check_output_path, is_large, load_model, model_bytes, save_model
+from onnxpress.model_io import (
+    ModelSource,
+    check_output_path,
+    is_large,
+    load_model,
+    model_bytes,
+    refuse_quantized,
+    save_model,
+)
 from onnxpress.passes.flops import assume_input_dims, count_macs, scoped_input_dims
 from onnxpress.passes.weight_only import StoreConstantsInt8
 from onnxpress.pipeline import run_passes
@@ -497,6 +505,7 @@ def optimize(
     if max_drop is not None and (labels is None or max_drop < 0):
         raise OnnxpressError("--max-drop needs labels (--labels) and a value >= 0 (accuracy points)")
     original = load_model(model)
+    refuse_quantized(original, "optimize")
     if is_large(original):
         raise UnsupportedModelError(
             f"optimize builds, runs and times many candidates of the model; one over protobuf's 2 GiB "

@@ -27,7 +27,15 @@ import onnx_graphsurgeon as gs
 
 from onnxpress.calibration.readers import symbolic_sizes
 from onnxpress.errors import CalibrationError, OnnxpressError
-from onnxpress.model_io import ModelSource, check_model, check_output_path, load_model, normalize_model, save_model
+from onnxpress.model_io import (
+    ModelSource,
+    check_model,
+    check_output_path,
+    load_model,
+    normalize_model,
+    refuse_quantized,
+    save_model,
+)
 from onnxpress.passes.flops import (
     MAC_OPS,
     assume_input_dims,
@@ -255,7 +263,9 @@ def prune(
             raise CalibrationError("mean compensation needs calibration data (--calib DATA)")
     if output is not None:
         check_output_path(output, [model, calib])  # calib: only when it is a path (never overwrite the data)
-    original = normalize_model(load_model(model))
+    original = load_model(model)
+    refuse_quantized(original, "prune")
+    original = normalize_model(original, in_place=True)
     assume_input_dims(symbolic_sizes(original, calib, dims))  # the report's MACs per sample at those sizes
     exact = run_passes(original, [*_before_pruning(), PruneZeroChannels()], progress=progress)
     stats, notes = dict(exact.stats), list(exact.notes)

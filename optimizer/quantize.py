@@ -37,6 +37,7 @@ from onnxpress.model_io import (
     load_model,
     model_bytes,
     normalize_model,
+    refuse_quantized,
     save_model,
 )
 from onnxpress.passes.dynamic_quant import QuantizeDynamic, QuantizeLSTMDynamic
@@ -320,6 +321,7 @@ def quantize(
     if output is not None:
         check_output_path(output, [model, calib, table])  # never overwrite the data or table
     original = load_model(model)
+    refuse_quantized(original, "quantize")
     size_before = model_bytes(original)
     proto = normalize_model(original, min_opset=13, in_place=True)  # original is load_model's private copy
     del original  # each copy of a large model's weights held at once costs gigabytes

@@ -91,6 +91,58 @@ def test_normalize_moves_constant_weights_and_upgrades_opset():
     assert default_opset(model) == 11  # the input is untouched
 
 
+def _resize_model(op: str, opset: int, mode: str, scales, computed: bool = False) -> onnx.ModelProto:
+    """X[1, 2, 6, 7] -> Upsample-9 / Resize-10 with constant scales (or scales computed as Identity(S))."""
+    nodes = [helper.make_node(op, ["X", "s"], ["Y"], mode=mode)]
+    inits = {"S" if computed else "s": np.array(scales, np.float32)}
+    if computed:
+        nodes.insert(0, helper.make_node("Identity", ["S"], ["s"]))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("X", onnx.TensorProto.FLOAT, [1, 2, 6, 7])],
+                              [helper.make_tensor_value_info("Y", onnx.TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    return model
+
+
+@pytest.mark.parametrize(("op", "opset", "mode", "scales"), [
+    ("Upsample", 9, "linear", [1, 1, 2, 2]), ("Upsample", 9, "linear", [1, 1, 2.5, 1.5]),
+    ("Upsample", 9, "nearest", [1, 1, 2.5, 1.5]), ("Upsample", 9, "nearest", [1, 1, 3, 3]),
+    ("Resize", 10, "linear", [1, 1, 0.6, 0.75]), ("Resize", 10, "linear", [1, 1, 2, 0.5]),
+    ("Resize", 10, "nearest", [1, 1, 0.6, 0.75]), ("Resize", 10, "nearest", [1, 1, 2.5, 1.5]),
+])
+def test_upgrade_keeps_what_upsample_and_resize_10_compute(op, opset, mode, scales):
+    """onnx's version converter gives the Resize it makes Resize-11's half_pixel grid; before opset 11 the grid was
+    asymmetric (and nearest rounded down scaling up, up scaling down): the upgraded model computes the same."""
+    model = _resize_model(op, opset, mode, scales)
+    x = graphs.rng(0).standard_normal((1, 2, 6, 7)).astype(np.float32)
+    norm = normalize_model(model, min_opset=13)
+    assert default_opset(norm) == 13 and [n.op_type for n in norm.graph.node] == ["Resize"]
+    np.testing.assert_array_equal(graphs.run(norm, {"X": x})[0], graphs.run(model, {"X": x})[0])
+    plain = onnx.version_converter.convert_version(model, 13)  # what the converter alone gives: off for linear
+    if mode == "linear":
+        assert not np.allclose(graphs.run(plain, {"X": x})[0], graphs.run(model, {"X": x})[0], atol=1e-3)
+
+
+@pytest.mark.parametrize(("scales", "computed", "message"), [
+    ([1, 1, 2, 0.6], False, r"nearest Resize 'Y' \(scales \[1\.0, 1\.0, 2\.0, 0\.6"),
+    ([1, 1, 2, 2], True, r"nearest Resize 'Y' \(computed scales\)"),
+])
+def test_an_upgrade_that_cannot_keep_a_nearest_resize_is_refused(scales, computed, message):
+    from onnxpress.errors import UnsupportedModelError
+
+    with pytest.raises(UnsupportedModelError, match=message + r".*re-export it with opset >= 13"):
+        normalize_model(_resize_model("Resize", 10, "nearest", scales, computed), min_opset=13)
+
+
+def test_computed_upsample_scales_are_scaling_up():
+    """Upsample's scales are >= 1 by its spec: computed ones round down, as onnxruntime's Upsample-9 does."""
+    model = _resize_model("Upsample", 9, "nearest", [1, 1, 2.5, 1.5], computed=True)
+    x = graphs.rng(1).standard_normal((1, 2, 6, 7)).astype(np.float32)
+    np.testing.assert_array_equal(graphs.run(normalize_model(model, min_opset=13), {"X": x})[0],
+                                  graphs.run(model, {"X": x})[0])
+
+
 def test_symbolic_shape_inference_leaves_no_file_when_it_is_incomplete(tmp_path, monkeypatch):
     """onnxruntime's public ``infer_shapes`` saves sym_shape_infer_temp.onnx (+ external data) into the current
     folder when a shape stays unknown, here after an op it does not know; ours returns the partial model."""

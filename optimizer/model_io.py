@@ -416,6 +416,8 @@ def normalize_model(model: onnx.ModelProto, *, min_opset: int | None = 13, in_pl
     if min_opset is not None and has_default_domain:
         current = default_opset(model)
         if current < min_opset:
+            if current < 13 <= min_opset:
+                _hardmax_on_rows(model)
             try:
                 upgraded = _convert_version(model, min_opset)
             except Exception as exc:  # the converter raises bare RuntimeError/IndexError on failure
@@ -450,6 +452,34 @@ def _graphs(g: onnx.GraphProto) -> list[onnx.GraphProto]:
             for sub in subgraphs(attr):
                 out.extend(_graphs(sub))
     return out
+
+
+def _hardmax_on_rows(model: onnx.ModelProto) -> None:
+    """Rewrite each Hardmax of opset < 13 as Flatten -> Hardmax(axis=1) -> Reshape (in place, exact).
+
+    Before opset 13, Hardmax(axis=a) took the arg-max over all axes from ``a`` on (the input coerced to 2-D);
+    from 13 on, over axis ``a`` alone. onnx's version converter wraps Softmax and LogSoftmax to keep their
+    meaning but only renumbers Hardmax: [2, 3, 4] with axis 1 gave a different one-hot (measured on
+    onnxruntime). On the 2-D Flatten output both meanings agree, so the upgrade keeps this form exact.
+    """
+    for g in _graphs(model.graph):
+        nodes = []
+        for node in g.node:
+            axis = next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 1)
+            if node.op_type != "Hardmax" or node.domain not in ("", "ai.onnx") or axis == -1:
+                nodes.append(node)
+                continue
+            x, y = node.input[0], node.output[0]
+            base = node.name or y
+            flat, shape, out = f"{base}__rows", f"{base}__shape", f"{base}__row_hardmax"
+            nodes += [
+                onnx.helper.make_node("Flatten", [x], [flat], axis=axis, name=f"{base}__flatten"),
+                onnx.helper.make_node("Hardmax", [flat], [out], axis=1, name=node.name),
+                onnx.helper.make_node("Shape", [x], [shape], name=f"{base}__shape_of_input"),
+                onnx.helper.make_node("Reshape", [out, shape], [y], name=f"{base}__reshape"),
+            ]
+        del g.node[:]
+        g.node.extend(nodes)
 
 
 def _resize_as_before(upgraded: onnx.ModelProto, current: int, target: int, *, from_resize: bool) -> None:

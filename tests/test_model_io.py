@@ -143,6 +143,48 @@ def test_computed_upsample_scales_are_scaling_up():
                                   graphs.run(model, {"X": x})[0])
 
 
+def _old(op: str, opset: int, shape: list[int], inits: dict | None = None, outputs=("Y",), **attrs) -> onnx.ModelProto:
+    node = helper.make_node(op, ["X", *(inits or {})], list(outputs), **attrs)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("X", onnx.TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info(outputs[0], onnx.TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(np.asarray(v), k) for k, v in (inits or {}).items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 7
+    return model
+
+
+_R = graphs.rng(4)
+OLD_OPS = {  # ops whose attributes, inputs or meaning changed between their opset and 13
+    "Hardmax-11 axis 1": _old("Hardmax", 11, [2, 3, 4], axis=1),
+    "Hardmax-9 default axis": _old("Hardmax", 9, [2, 3, 4]),
+    "Softmax-11 axis 1": _old("Softmax", 11, [2, 3, 4], axis=1),
+    "LogSoftmax-9 default axis": _old("LogSoftmax", 9, [2, 3, 4]),
+    "Clip-6": _old("Clip", 9, [2, 3, 4], min=-0.5, max=0.7),
+    "Pad-2 reflect": _old("Pad", 9, [2, 3, 4], mode="reflect", pads=[0, 1, 2, 0, 0, 1]),
+    "Slice-1": _old("Slice", 9, [2, 3, 4], starts=[1, -3], ends=[3, 100], axes=[1, 2]),
+    "TopK-1": _old("TopK", 9, [2, 3, 4], outputs=("Y", "I"), k=2, axis=2),
+    "Upsample-7 linear": _old("Upsample", 7, [2, 3, 4], mode="linear", scales=[1.0, 2.0, 1.5]),
+    "Split-2": _old("Split", 9, [2, 3, 4], outputs=("Y", "Z"), axis=2, split=[1, 3]),
+    "ReduceMean-1": _old("ReduceMean", 9, [2, 3, 4], axes=[1], keepdims=0),
+    "AveragePool-7": _old("AveragePool", 9, [2, 3, 4], kernel_shape=[3], pads=[1, 1], count_include_pad=1),
+    "Flatten-9": _old("Flatten", 9, [2, 3, 4], axis=2),
+    "Gemm-9": _old("Gemm", 9, [2, 4], {"W": _R.standard_normal((5, 4)).astype(np.float32),
+                                       "C": _R.standard_normal(5).astype(np.float32)}, transB=1, alpha=0.5, beta=2.0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OLD_OPS))
+def test_upgrade_to_13_computes_what_the_old_opset_did(name):
+    """Every output equal on onnxruntime before and after normalize_model's upgrade to opset 13."""
+    model = OLD_OPS[name]
+    x = graphs.rng(5).standard_normal([d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim])
+    feeds = {"X": x.astype(np.float32)}
+    norm = normalize_model(model, min_opset=13)
+    assert default_opset(norm) == 13
+    for a, b in zip(graphs.run(model, feeds), graphs.run(norm, feeds), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_symbolic_shape_inference_leaves_no_file_when_it_is_incomplete(tmp_path, monkeypatch):
     """onnxruntime's public ``infer_shapes`` saves sym_shape_infer_temp.onnx (+ external data) into the current
     folder when a shape stays unknown, here after an op it does not know; ours returns the partial model."""

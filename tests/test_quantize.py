@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 
 import numpy as np
@@ -441,6 +442,23 @@ def test_cli_says_a_quantized_convtranspose_runs_in_float(tmp_path: Path, capsys
     assert "1 ConvTranspose quantized for storage" in capsys.readouterr().out
 
 
+def test_fidelity_line_warns_when_the_outputs_drift(capsys: pytest.CaptureFixture[str]) -> None:
+    """SQNR over the float outputs and top-1 agreement of 2-D logits; a warning below 20 dB; outputs of other
+    shapes or integer types are left out."""
+    from onnxpress.commands.quantize import _fidelity_line
+
+    logits = rng(3).standard_normal((40, 10)).astype(np.float32)
+    ids = np.arange(40)
+    _fidelity_line([logits, ids], [logits + 0.01 * logits.std(), ids + 1])
+    text = capsys.readouterr().out
+    assert text.startswith("fidelity 40.0 dB SQNR over the float outputs, top-1 agreement ") and "warning" not in text
+    _fidelity_line([logits], [logits + 0.3 * rng(4).standard_normal(logits.shape).astype(np.float32)])
+    text = capsys.readouterr().out
+    assert re.match(r"fidelity 10\.\d dB", text) and "warning: below 20 dB" in text
+    _fidelity_line([logits], [logits[:5]])
+    assert capsys.readouterr().out == ""
+
+
 def test_cli_checks_the_written_models_latency(tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch) -> None:
     """After writing, the CLI times both models on the first calibration batch and warns when it got slower."""
     from onnxpress import runtime
@@ -450,8 +468,13 @@ def test_cli_checks_the_written_models_latency(tmp_path: Path, capsys: pytest.Ca
     onnx.save(residual_cnn(), src)
     np.savez(data, X=rng(5).standard_normal((8, 3, 8, 8)).astype(np.float32))
     assert main(["quantize", str(src), "-o", str(out), "--calib", str(data), "-q"]) == 0
-    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("latency "))
+    printed = capsys.readouterr().out.splitlines()
+    line = next(x for x in printed if x.startswith("latency "))
     assert "x the original (first calibration batch of 8, 10 interleaved runs each" in line
+    fidelity = next(x for x in printed if x.startswith("fidelity "))
+    assert re.fullmatch(r"fidelity \d+\.\d dB SQNR over the float outputs, top-1 agreement 100\.0% on that batch "
+                        r"\(onnxpress validate .*\)", fidelity), fidelity
+    assert float(fidelity.split()[1]) > 25 and not any(x.startswith("warning: below") for x in printed)
     assert main(["quantize", str(src), "-o", str(out), "--calib", str(data), "-q", "--no-latency-check"]) == 0
     assert "latency" not in capsys.readouterr().out
     timings = [[1.0] * 3, [1.5] * 3, [0.4] * 3]  # original, quantized, cleaned float (when timed)

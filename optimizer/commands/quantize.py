@@ -222,7 +222,7 @@ LATENCY_CHECK_MAX_BYTES = 1 << 30
 
 
 def latency_check(original: str, written: str, calib: str, *, batch: int = 32, rounds: int = 10) -> float | None:
-    """Time the written model against the original on the first calibration batch and print the ratio.
+    """Time the written model against the original on the first calibration batch; print the ratio and fidelity.
 
     A quantized model can run slower than its original where onnxruntime lacks integer kernels for its
     ops (EfficientNet-style SiLU and squeeze-excite gates measured 1.17x fp32); a user should not learn
@@ -251,6 +251,7 @@ def latency_check(original: str, written: str, calib: str, *, batch: int = 32, r
     n = next((a.shape[0] for a in feed.values() if a.ndim), 1)
     print(f"latency {ratio:.2f}x the original (first calibration batch of {n}, {rounds} interleaved runs each; "
           "onnxpress validate measures it on your data)")
+    _fidelity_line(sessions[0].run(None, feed), sessions[1].run(None, feed))
     if ratio > 1.0:
         print("warning: the quantized model ran slower than the original here: onnxruntime has no fast integer "
               "kernel for some of its ops; onnxpress validate --layers and onnxpress optimize (per-layer int8 or "
@@ -262,6 +263,33 @@ def latency_check(original: str, written: str, calib: str, *, batch: int = 32, r
                   f"{float_ratio:.2f}x here, faster than the quantized one; onnxpress optimize keeps layers float "
                   "where int8 does not pay")
     return ratio
+
+
+LOW_SQNR_DB = 20.0
+"""Below this logit SQNR on the calibration batch the CLI warns: quantized models of the reference nets and of
+the exports tried read 25-55 dB there, and the silent opset-upgrade bug fixed in the twelfth session read 7.9."""
+
+
+def _fidelity_line(reference: list, candidate: list) -> None:
+    """Print the SQNR of the float outputs (concatenated) and the top-1 agreement of the first, when 2-D."""
+    import numpy as np
+
+    from onnxpress.prune import sqnr_db
+
+    pairs = [(r, c) for r, c in zip(reference, candidate, strict=False)
+             if getattr(r, "dtype", None) is not None and r.dtype.kind == "f" and r.shape == c.shape]
+    if not pairs:
+        return
+    db = sqnr_db(np.concatenate([r.ravel() for r, _ in pairs]), np.concatenate([c.ravel() for _, c in pairs]))
+    first = pairs[0][0]
+    agree = ""
+    if first.ndim == 2 and first.shape[1] > 1:
+        agree = f", top-1 agreement {np.mean(first.argmax(1) == pairs[0][1].argmax(1)):.1%}"
+    print(f"fidelity {db:.1f} dB SQNR over the float outputs{agree} on that batch (onnxpress validate measures it "
+          "on held-out data)")
+    if db < LOW_SQNR_DB:
+        print(f"warning: below {LOW_SQNR_DB:g} dB the quantized model's outputs are far from the original's; "
+              "onnxpress validate --layers shows where the noise enters, and --exclude keeps those layers float")
 
 
 def _rewritten_float_model(model: onnx.ModelProto) -> onnx.ModelProto | None:

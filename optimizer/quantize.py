@@ -323,9 +323,12 @@ def quantize(
     original = load_model(model)
     refuse_quantized(original, "quantize")
     size_before = model_bytes(original)
+    upgrading = _upgrade_check_source(original, calib)
     proto = normalize_model(original, min_opset=13, in_place=True)  # original is load_model's private copy
     del original  # each copy of a large model's weights held at once costs gigabytes
     cleaned = run_passes(proto, cleanup_passes(), progress=progress).model
+    if upgrading is not None:
+        _check_upgrade(*upgrading, cleaned, calib)
     # int4 weight-only can keep a float16 export in float16 (MatMulNBits takes it): no float32 copy of a large one
     keep = weight_only4 and (keep_float16 if keep_float16 is not None else is_large(cleaned))
     cleaned, half_note = _float32_inside(cleaned, keep=keep)
@@ -760,6 +763,60 @@ def _check_dynamic_options(calib, table, weights, codebook, int4_layers, method,
     if (method == "auto" or equalize or smoothquant is not None or bias_correction or int8_method == "gptq"):
         raise OnnxpressError("activations='dynamic' has no calibration data for method='auto', equalize, "
                              "smoothquant, bias correction or int8_method='gptq'; drop them")
+
+
+UPGRADE_MIN_SQNR_DB = 60.0
+"""An opset upgrade plus the exact cleanup must leave the float outputs this close (folding BatchNorm moves
+them by ~1e-7 relative, over 100 dB); the Resize grid bug fixed in the twelfth session read ~10 dB."""
+
+_RANDOM_OPS = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
+                         "Bernoulli"})
+
+
+def _upgrade_check_source(model: onnx.ModelProto, calib: object) -> tuple[bytes, int] | None:
+    """``(serialized model, its opset)`` when quantize will upgrade it and can check that on ``calib``, else None.
+
+    Checked: models below opset 13 (onnx's version converter has changed what models compute: Resize before
+    opset 11, Hardmax before 13, both now kept exact), with re-readable data (a path or a list of feeds), not
+    over 2 GiB, and without random ops (their outputs differ between runs anyway).
+    """
+    from onnxpress.model_io import default_opset
+
+    if calib is None or not isinstance(calib, (str, os.PathLike, list, tuple)) or is_large(model):
+        return None
+    if not any(imp.domain in ("", "ai.onnx") for imp in model.opset_import) or default_opset(model) >= 13:
+        return None
+    if any(n.op_type in _RANDOM_OPS for n in model.graph.node):
+        return None
+    return model.SerializeToString(), default_opset(model)
+
+
+def _check_upgrade(before: bytes, opset: int, after: onnx.ModelProto, calib: object, batch: int = 8) -> None:
+    """Refuse when the upgraded, cleaned model's float outputs differ from the original's on the first samples.
+
+    Raises:
+        UnsupportedModelError: names the output, its SQNR and the fix (re-export at opset >= 13).
+    """
+    import numpy as np
+
+    from onnxpress.calibration.readers import first_batch
+    from onnxpress.prune import sqnr_db
+    from onnxpress.runtime import make_session
+
+    feed = first_batch(calib, after, batch)
+    ref = make_session(onnx.load_model_from_string(before), what="original model").run(None, feed)
+    new = make_session(after, what="upgraded model").run(None, feed)
+    for info, r, c in zip(after.graph.output, ref, new, strict=False):
+        if np.asarray(r).dtype.kind != "f" or np.shape(r) != np.shape(c):
+            continue
+        db = sqnr_db(r, c)
+        if db < UPGRADE_MIN_SQNR_DB:
+            raise UnsupportedModelError(
+                f"upgrading the model from opset {opset} to 13 (what per-channel int8 needs) changed its output "
+                f"{info.name!r} on the calibration data ({db:.1f} dB SQNR against the original, before any "
+                "quantization): onnx's version converter does not keep one of its ops exact; re-export the model "
+                "with opset >= 13"
+            )
 
 
 def _float32_inside(model: onnx.ModelProto, *, keep: bool = False) -> tuple[onnx.ModelProto, str | None]:

@@ -185,6 +185,31 @@ def test_upgrade_to_13_computes_what_the_old_opset_did(name):
         np.testing.assert_array_equal(a, b)
 
 
+def test_quantize_refuses_an_upgrade_that_changes_the_outputs(monkeypatch, tmp_path):
+    """Should the version converter change what an old model computes (here: the Resize fix switched off),
+    quantize compares the upgraded float model with the original on the first calibration samples and stops."""
+    import onnxpress
+    import onnxpress.model_io as mio
+    from onnxpress.errors import UnsupportedModelError
+
+    w = graphs.rng(6).standard_normal((8, 2, 3, 3)).astype(np.float32)
+    nodes = [helper.make_node("Upsample", ["X", "s"], ["u"], mode="linear"),
+             helper.make_node("Conv", ["u", "W"], ["Y"], pads=[1, 1, 1, 1])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("X", onnx.TensorProto.FLOAT, ["N", 2, 6, 7])],
+                              [helper.make_tensor_value_info("Y", onnx.TensorProto.FLOAT, ["N", 8, 12, 14])],
+                              [numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "s"),
+                               numpy_helper.from_array(w, "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 9)])
+    model.ir_version = 7
+    data = tmp_path / "d.npz"
+    np.savez(data, X=graphs.rng(7).standard_normal((16, 2, 6, 7)).astype(np.float32))
+    onnxpress.quantize(model, calib=str(data))  # exact upgrade: quantized
+    monkeypatch.setattr(mio, "_resize_as_before", lambda *args, **kwargs: None)
+    with pytest.raises(UnsupportedModelError, match=r"upgrading the model from opset 9 to 13 .* changed its output 'Y' "
+                                                     r"on the calibration data \(\d+\.\d dB SQNR .*re-export"):
+        onnxpress.quantize(model, calib=str(data))
+
+
 def test_symbolic_shape_inference_leaves_no_file_when_it_is_incomplete(tmp_path, monkeypatch):
     """onnxruntime's public ``infer_shapes`` saves sym_shape_infer_temp.onnx (+ external data) into the current
     folder when a shape stays unknown, here after an op it does not know; ours returns the partial model."""

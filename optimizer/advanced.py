@@ -163,8 +163,8 @@ def collect_channel_stats(
 class InputMomentObserver:
     """Running E[x x^T] of the vectors one layer's weight rows multiply: features, or conv patches.
 
-    Gemm/MatMul: x [..., K] gives rows of K features. Conv (1-, 2- or 3-D, any strides, dilations and
-    explicit pads): the im2col patches [C_in * prod(kernel)] in the weight's (channel, taps) order; a
+    Gemm/MatMul: x [..., K] gives rows of K features. Conv (1-, 2- or 3-D, any strides, dilations, pads
+    and auto_pad): the im2col patches [C_in * prod(kernel)] in the weight's (channel, taps) order; a
     grouped conv has one moment matrix per group, over its own input channels ([G, C_in/G * taps, ...]:
     a depthwise conv is the case C_in/G = 1). Only the sum and the count are kept; patches are formed a
     few samples at a time.
@@ -173,6 +173,7 @@ class InputMomentObserver:
         kind: "dense", "conv", "grouped" or "depthwise" (grouped with one group per input channel).
         kernel: the kernel's spatial shape, e.g. (kH, kW), for convs.
         pads: ONNX pads for convs: the begins of every spatial axis, then their ends.
+        auto_pad: ONNX's auto_pad; SAME_UPPER / SAME_LOWER / VALID set the pads from each batch's shape.
         strides: per spatial axis, for convs.
         dilations: per spatial axis, for convs (default 1).
         groups: for "grouped".
@@ -183,9 +184,10 @@ class InputMomentObserver:
     """
 
     def __init__(self, kind: str, kernel=(1, 1), pads=(0, 0, 0, 0), strides=(1, 1), *, dilations=None, groups: int = 1,
-                 name: str = "tensor", rows_per_sample: int | None = None) -> None:
+                 auto_pad: str = "NOTSET", name: str = "tensor", rows_per_sample: int | None = None) -> None:
         self.kind, self.name = kind, name
         self.kernel, self.pads, self.strides = tuple(kernel), tuple(pads), tuple(strides)
+        self.auto_pad = auto_pad
         self.dilations = tuple(dilations) if dilations is not None else (1,) * len(self.kernel)
         self.groups = int(groups)
         self.rows_per_sample = rows_per_sample
@@ -202,7 +204,22 @@ class InputMomentObserver:
         """[rows, C, taps] patches of an N-C-spatial batch (only the picked positions of each sample)."""
         from onnxpress.calibration.moments import conv_patches
 
-        return conv_patches(x, self.kernel, self.strides, self.pads, self.dilations, self._picked)
+        return conv_patches(x, self.kernel, self.strides, self._pads_for(x.shape[2:]), self.dilations, self._picked)
+
+    def _pads_for(self, spatial: tuple[int, ...]) -> tuple[int, ...]:
+        """The explicit pads, or those ``auto_pad`` gives an input of this spatial shape.
+
+        ONNX's rule: SAME pads so that ``out = ceil(in / stride)``, the odd one at the end for SAME_UPPER, at the
+        start for SAME_LOWER; VALID pads nothing.
+        """
+        if self.auto_pad in ("NOTSET", ""):
+            return self.pads
+        if self.auto_pad == "VALID":
+            return (0,) * (2 * len(spatial))
+        totals = [max((-(-n // s) - 1) * s + (k - 1) * d + 1 - n, 0)
+                  for n, k, s, d in zip(spatial, self.kernel, self.strides, self.dilations, strict=True)]
+        small, large = [t // 2 for t in totals], [t - t // 2 for t in totals]
+        return tuple(small + large) if self.auto_pad == "SAME_UPPER" else tuple(large + small)
 
     def update(self, x: np.ndarray) -> None:
         """Accumulate one batch."""
@@ -259,15 +276,18 @@ def _moment_observer(node: Any, rows_per_sample: int | None = None) -> InputMome
         if node.op == "Gemm" and int(node.attrs.get("transA", 0)):
             return "Gemm with transA=1"
         return InputMomentObserver("dense", name=node.inputs[0].name, rows_per_sample=rows_per_sample)
-    if w.ndim < 3 or node.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET"):
-        return "not a conv with explicit pads"
+    auto_pad = node.attrs.get("auto_pad", "NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
+    if w.ndim < 3 or auto_pad not in ("NOTSET", "", "VALID", "SAME_UPPER", "SAME_LOWER"):
+        return "not a conv"
     nd = w.ndim - 2
     pads = tuple(int(p) for p in node.attrs.get("pads", [0] * (2 * nd)))
     strides = tuple(int(s) for s in node.attrs.get("strides", [1] * nd))
     dilations = tuple(int(d) for d in node.attrs.get("dilations", [1] * nd))
     group = int(node.attrs.get("group", 1))
     return InputMomentObserver("conv" if group == 1 else "grouped", w.shape[2:], pads, strides, dilations=dilations,
-                               groups=group, name=node.inputs[0].name, rows_per_sample=rows_per_sample)
+                               groups=group, auto_pad=auto_pad, name=node.inputs[0].name,
+                               rows_per_sample=rows_per_sample)
 
 
 def _moment_bytes(node: Any) -> int:
@@ -321,8 +341,8 @@ def _reads_alike(w: Any, rows_per_sample: int | None) -> bool:
         if isinstance(obs, str):
             return False
         trans = int(reader.attrs.get("transB", 0)) if reader.op == "Gemm" else 0
-        configs.add((reader.op == "Conv", obs.kind, obs.kernel, obs.pads, obs.strides, obs.dilations, obs.groups,
-                     trans))
+        configs.add((reader.op == "Conv", obs.kind, obs.kernel, obs.pads, obs.auto_pad, obs.strides, obs.dilations,
+                     obs.groups, trans))
     return len(configs) == 1
 
 
@@ -362,7 +382,7 @@ def collect_layer_hessians(
     A weight read by several layers gets one moment, over all their inputs, when they read it alike (the
     same op and input layout); otherwise none. Weights below ``min_elements``, equal to another constant's
     transpose (a tied embedding's output layer), or of layers ``InputMomentObserver`` does not handle
-    (convs with ``auto_pad``, Gemm transA) get none. With ``max_bytes``, layers are
+    (Gemm transA) get none. With ``max_bytes``, layers are
     taken in graph order while their moments (float64, ``K²`` each; ``G (K/G)²`` for a grouped conv)
     fit in it together; the others get none (a warning says how many): the moments of a large model
     would not fit in memory at once. ``rows_per_sample``: see ``InputMomentObserver``.

@@ -332,6 +332,30 @@ def test_input_moments_give_the_conv_output_energy(spatial, kernel, group, pads,
     np.testing.assert_allclose(energy, np.mean(y**2, axis=(0, *range(2, 2 + nd))), rtol=1e-5)
 
 
+@pytest.mark.parametrize(("spatial", "kernel", "auto_pad", "strides", "dilations"), [
+    ((7, 6), (3, 3), "SAME_UPPER", [2, 2], [1, 1]),
+    ((7, 6), (4, 3), "SAME_LOWER", [2, 1], [1, 1]),  # onnxruntime runs SAME only without dilation
+    ((7, 6), (3, 3), "VALID", [2, 2], [1, 1]),
+    ((21,), (4,), "SAME_UPPER", [3], [1]),
+    ((21,), (3,), "VALID", [1], [2]),
+])
+def test_auto_pad_moments_give_the_conv_output_energy(spatial, kernel, auto_pad, strides, dilations):
+    """auto_pad (tf2onnx's SAME/VALID convs): the pads follow from each batch's shape, as onnxruntime sets them."""
+    from onnxpress.advanced import _moment_observer, import_graph
+
+    r = graphs.rng(13)
+    w = r.standard_normal((4, 3, *kernel)).astype(np.float32)
+    node = helper.make_node("Conv", ["X", "W"], ["Y"], auto_pad=auto_pad, strides=strides, dilations=dilations)
+    model = graphs.make_model([node], [("X", ["N", 3, *spatial])], [("Y", ["N", 4] + ["?"] * len(spatial))], {"W": w})
+    x = r.standard_normal((5, 3, *spatial)).astype(np.float32)
+    y = graphs.run(model, {"X": x})[0].astype(np.float64)
+    obs = _moment_observer(import_graph(model).nodes[0])
+    obs.update(x)
+    rows = w.reshape(4, -1).astype(np.float64)
+    energy = np.einsum("om,mk,ok->o", rows, obs.hessian(), rows)
+    np.testing.assert_allclose(energy, np.mean(y**2, axis=(0, *range(2, 2 + len(spatial)))), rtol=1e-5)
+
+
 def test_depthwise_moments_keep_their_kind():
     """The "depthwise" kind (one group per input channel, taken from the data) equals "grouped" with G = C."""
     from onnxpress.advanced import InputMomentObserver

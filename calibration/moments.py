@@ -11,9 +11,9 @@ so memory is ``n²`` whatever the number of samples, and two observers merge exa
 
 - :class:`SecondMomentObserver`: the features lie on one axis of the observed tensor (``-1`` for
   MatMul/Gemm inputs, ``0`` for ``Gemm(transA=1)``); every other axis indexes positions.
-- :class:`PatchSecondMomentObserver`: the features of a 2-D Conv are its unfolded input patches
+- :class:`PatchSecondMomentObserver`: the features of a Conv are its unfolded input patches
   (im2col): for each output pixel, the ``C_in · kh · kw`` values under the (dilated, strided,
-  zero-padded) kernel, flattened in the weight's ``[C_in, kh, kw]`` order::
+  zero-padded) kernel, flattened in the weight's ``[C_in, kh, kw]`` order (1-D and 3-D alike)::
 
       x[N, C, H, W] --pad--> windows[N, Ho, Wo, C, kh, kw] --> X[N·Ho·Wo, C·kh·kw]
 
@@ -29,9 +29,32 @@ import numpy as np
 
 from onnxpress.errors import CalibrationError
 
-__all__ = ["PatchSecondMomentObserver", "SecondMomentObserver", "conv_patches"]
+__all__ = ["PatchSecondMomentObserver", "SecondMomentObserver", "conv_pads", "conv_patches"]
 
 _CHUNK_ROWS = 1 << 16  # rows per float64 XᵀX product: bounds the temporary copy to ~rows·n·8 bytes
+
+
+def conv_pads(
+    spatial: Sequence[int],
+    kernel: Sequence[int],
+    strides: Sequence[int],
+    pads: Sequence[int],
+    dilations: Sequence[int],
+    auto_pad: str = "NOTSET",
+) -> tuple[int, ...]:
+    """A conv's explicit pads for an input of this spatial shape: ``pads``, or what ``auto_pad`` gives.
+
+    ONNX's rule: SAME_UPPER / SAME_LOWER pad so that ``out = ceil(in / stride)``, the odd one at the end for
+    SAME_UPPER and at the start for SAME_LOWER (tf2onnx writes these); VALID pads nothing.
+    """
+    if auto_pad in ("NOTSET", ""):
+        return tuple(int(p) for p in pads)
+    if auto_pad == "VALID":
+        return (0,) * (2 * len(spatial))
+    totals = [max((-(-int(n) // int(s)) - 1) * int(s) + (int(k) - 1) * int(d) + 1 - int(n), 0)
+              for n, k, s, d in zip(spatial, kernel, strides, dilations, strict=True)]
+    small, large = [t // 2 for t in totals], [t - t // 2 for t in totals]
+    return tuple(small + large) if auto_pad == "SAME_UPPER" else tuple(large + small)
 
 
 def conv_patches(
@@ -41,14 +64,15 @@ def conv_patches(
     pads: Sequence[int],
     dilations: Sequence[int],
     pick: Callable[[int], np.ndarray | None] | None = None,
+    auto_pad: str = "NOTSET",
 ) -> np.ndarray:
     """The im2col patches of a conv input ``[N, C, *spatial]`` (1-, 2- or 3-D): ``[rows, C, prod(kernel)]``.
 
     One row per output position of each sample (``N · prod(out)`` rows, sample-major), or only the
-    flat output positions ``pick(prod(out))`` of each sample (``None``: all). ``pads`` are ONNX's: the begins of every
-    spatial axis, then their ends. A dilated window is the dense window of span ``(k - 1) d + 1``
-    read every ``d`` values, and the strides step the window positions: both are views, so only the
-    returned patches are copied.
+    flat output positions ``pick(prod(out))`` of each sample (``None``: all). ``pads`` are ONNX's: the
+    begins of every spatial axis, then their ends (or ``auto_pad``'s, :func:`conv_pads`). A dilated
+    window is the dense window of span ``(k - 1) d + 1`` read every ``d`` values, and the strides step
+    the window positions: both are views, so only the returned patches are copied.
 
     Raises:
         CalibrationError: the padded input is smaller than the kernel's span.
@@ -56,6 +80,7 @@ def conv_patches(
     from numpy.lib.stride_tricks import sliding_window_view
 
     nd = len(kernel)
+    pads = conv_pads(x.shape[2:], kernel, strides, pads, dilations, auto_pad)
     x = np.pad(x, [(0, 0), (0, 0)] + [(int(pads[i]), int(pads[i + nd])) for i in range(nd)])
     span = tuple((int(k) - 1) * int(d) + 1 for k, d in zip(kernel, dilations, strict=True))
     if any(x.shape[2 + i] < span[i] for i in range(nd)):
@@ -132,13 +157,14 @@ class SecondMomentObserver:
 
 
 class PatchSecondMomentObserver(SecondMomentObserver):
-    """``E[p pᵀ]`` over the im2col patches ``p`` of a 2-D Conv input ``[N, C, H, W]``.
+    """``E[p pᵀ]`` over the im2col patches ``p`` of a Conv input ``[N, C, *spatial]`` (1-, 2- or 3-D).
 
     Args:
-        kernel: ``(kh, kw)``.
-        strides: ``(sh, sw)``; default 1.
-        pads: ``(top, left, bottom, right)`` as in ONNX; default 0.
-        dilations: ``(dh, dw)``; default 1.
+        kernel: the kernel's spatial shape, e.g. ``(kh, kw)``.
+        strides: per spatial axis; default 1.
+        pads: ONNX's pads, e.g. ``(top, left, bottom, right)``; default 0.
+        dilations: per spatial axis; default 1.
+        auto_pad: ONNX's auto_pad (SAME_UPPER / SAME_LOWER / VALID set the pads from each batch's shape).
         name: what the observer watches, for error messages.
     """
 
@@ -149,29 +175,31 @@ class PatchSecondMomentObserver(SecondMomentObserver):
         pads: Sequence[int] | None = None,
         dilations: Sequence[int] | None = None,
         *,
+        auto_pad: str = "NOTSET",
         name: str = "tensor",
     ) -> None:
         super().__init__(axis=-1, name=name)
-        if len(kernel) != 2:
-            raise CalibrationError(f"{name}: patch moments are implemented for 2-D convs only (kernel {tuple(kernel)})")
+        nd = len(kernel)
         self.kernel = tuple(int(k) for k in kernel)
-        self.strides = tuple(int(s) for s in (strides or (1, 1)))
-        self.pads = tuple(int(p) for p in (pads or (0, 0, 0, 0)))
-        self.dilations = tuple(int(d) for d in (dilations or (1, 1)))
+        self.strides = tuple(int(s) for s in (strides or (1,) * nd))
+        self.pads = tuple(int(p) for p in (pads or (0,) * (2 * nd)))
+        self.dilations = tuple(int(d) for d in (dilations or (1,) * nd))
+        self.auto_pad = auto_pad
 
     def update(self, x: np.ndarray) -> None:
-        """Unfold ``x`` [N, C, H, W] into patches and add their outer products (a few samples at a time)."""
+        """Unfold ``x`` [N, C, *spatial] into patches and add their outer products (a few samples at a time)."""
         x = np.asarray(x)
-        if x.ndim != 4:
-            raise CalibrationError(f"{self.name}: expected a [N, C, H, W] conv input, got shape {x.shape}")
-        per_sample = self._patch_rows(x[:1]).shape[0] * x.shape[1] * self.kernel[0] * self.kernel[1]
+        if x.ndim != 2 + len(self.kernel):
+            raise CalibrationError(f"{self.name}: expected a conv input of rank {2 + len(self.kernel)} "
+                                   f"[N, C, *spatial], got shape {x.shape}")
+        per_sample = self._patch_rows(x[:1]).shape[0] * x.shape[1] * int(np.prod(self.kernel))
         step = max(1, (_CHUNK_ROWS * 64) // max(per_sample, 1))
         for start in range(0, x.shape[0], step):
             self._add(self._patch_rows(x[start : start + step]))
 
     def _patch_rows(self, x: np.ndarray) -> np.ndarray:
         try:
-            p = conv_patches(x, self.kernel, self.strides, self.pads, self.dilations)
+            p = conv_patches(x, self.kernel, self.strides, self.pads, self.dilations, auto_pad=self.auto_pad)
         except CalibrationError as exc:
             raise CalibrationError(f"{self.name}: {exc}") from None
         return p.reshape(p.shape[0], -1)

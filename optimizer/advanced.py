@@ -204,22 +204,7 @@ class InputMomentObserver:
         """[rows, C, taps] patches of an N-C-spatial batch (only the picked positions of each sample)."""
         from onnxpress.calibration.moments import conv_patches
 
-        return conv_patches(x, self.kernel, self.strides, self._pads_for(x.shape[2:]), self.dilations, self._picked)
-
-    def _pads_for(self, spatial: tuple[int, ...]) -> tuple[int, ...]:
-        """The explicit pads, or those ``auto_pad`` gives an input of this spatial shape.
-
-        ONNX's rule: SAME pads so that ``out = ceil(in / stride)``, the odd one at the end for SAME_UPPER, at the
-        start for SAME_LOWER; VALID pads nothing.
-        """
-        if self.auto_pad in ("NOTSET", ""):
-            return self.pads
-        if self.auto_pad == "VALID":
-            return (0,) * (2 * len(spatial))
-        totals = [max((-(-n // s) - 1) * s + (k - 1) * d + 1 - n, 0)
-                  for n, k, s, d in zip(spatial, self.kernel, self.strides, self.dilations, strict=True)]
-        small, large = [t // 2 for t in totals], [t - t // 2 for t in totals]
-        return tuple(small + large) if self.auto_pad == "SAME_UPPER" else tuple(large + small)
+        return conv_patches(x, self.kernel, self.strides, self.pads, self.dilations, self._picked, self.auto_pad)
 
     def update(self, x: np.ndarray) -> None:
         """Accumulate one batch."""

@@ -120,7 +120,8 @@ class _Fanout:
 def _observer(spec: MomentSpec) -> SecondMomentObserver:
     if spec.axis is not None:
         return SecondMomentObserver(spec.axis, name=spec.tensor)
-    return PatchSecondMomentObserver(spec.kernel, spec.strides, spec.pads, spec.dilations, name=spec.tensor)
+    return PatchSecondMomentObserver(spec.kernel, spec.strides, spec.pads, spec.dilations, auto_pad=spec.auto_pad,
+                                     name=spec.tensor)
 
 
 def collect_moments(
@@ -136,8 +137,7 @@ def collect_moments(
     """Input second moments ``E[x xᵀ]`` of every splittable layer of ``model``, keyed by layer key.
 
     One observer per distinct (tensor, geometry); all of them filled in a single streamed pass of
-    ``collect_statistics`` over ``data``. Conv layers whose geometry the patch observer does not
-    handles (not 2-D, ``auto_pad=SAME_*``) are left out by ``moment_requests`` (they get the plain SVD).
+    ``collect_statistics`` over ``data`` (1-, 2- and 3-D convs, with explicit pads or ``auto_pad``).
 
     Args:
         model: the model the pass will run on (same tensor names).

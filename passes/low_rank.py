@@ -132,7 +132,7 @@ class MomentSpec:
     Attributes:
         tensor: the layer's input tensor.
         axis: feature axis for Gemm/MatMul (``-1``, or ``0`` for ``Gemm(transA=1)``); ``None`` for Conv.
-        kernel, strides, pads, dilations: Conv patch geometry (im2col); empty for Gemm/MatMul.
+        kernel, strides, pads, dilations, auto_pad: Conv patch geometry (im2col); empty for Gemm/MatMul.
     """
 
     tensor: str
@@ -141,6 +141,7 @@ class MomentSpec:
     strides: tuple[int, ...] = ()
     pads: tuple[int, ...] = ()
     dilations: tuple[int, ...] = ()
+    auto_pad: str = "NOTSET"
 
 
 @dataclasses.dataclass
@@ -248,7 +249,9 @@ def _conv_spec(node: gs.Node, tensor: str, wshape: tuple[int, ...]) -> MomentSpe
     strides = tuple(int(s) for s in node.attrs.get("strides", [1] * nd))
     pads = tuple(int(p) for p in node.attrs.get("pads", [0] * (2 * nd)))
     dil = tuple(int(d) for d in node.attrs.get("dilations", [1] * nd))
-    return MomentSpec(tensor, None, kernel, strides, pads, dil)
+    auto_pad = node.attrs.get("auto_pad", "NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
+    return MomentSpec(tensor, None, kernel, strides, pads, dil, auto_pad)
 
 
 def _collect(graph: gs.Graph, ops: Sequence[str], macs: Mapping[str, int] | None):
@@ -315,12 +318,7 @@ def moment_requests(graph: gs.Graph, ops: Sequence[str] = _OPS) -> dict[str, Mom
     (for a grouped Conv: all ``C_in · kh · kw`` patch features, in the weight's flattening order).
     """
     layers, _ = _collect(graph, ops, None)
-    return {
-        layer.key: layer.spec
-        for layer in layers
-        if layer.spec.axis is not None
-        or (len(layer.spec.kernel) == 2 and str(layer.node.attrs.get("auto_pad", "NOTSET")) in ("NOTSET", "VALID"))
-    }
+    return {layer.key: layer.spec for layer in layers}
 
 
 def _sibling_key(lay: _Layer) -> tuple[object, ...] | None:

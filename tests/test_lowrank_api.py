@@ -13,6 +13,7 @@ import onnxpress
 from onnxpress.calibration.moments import PatchSecondMomentObserver, SecondMomentObserver
 from onnxpress.cli import main
 from onnxpress.errors import CalibrationError, DataError, ModelLoadError
+from onnxpress.prune import sqnr_db
 from tests import graphs
 
 # ---------------------------------------------------------------------------------------------
@@ -63,6 +64,62 @@ def test_patch_moment_matches_conv_output_energy_on_onnxruntime():
     wf = w.reshape(m, -1).astype(np.float64)
     expected = np.mean(np.sum(y**2, axis=1))  # E_positions ‖W p‖²
     assert np.trace(wf @ obs.compute() @ wf.T) == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize(("spatial", "kernel", "attrs"), [
+    ((20,), (3,), {"dilations": [2], "pads": [4, 0]}),  # 1-D, causal (a TCN)
+    ((5, 6, 4), (3, 2, 3), {"strides": [1, 2, 1], "pads": [1, 0, 1, 1, 1, 0]}),  # 3-D
+    ((9, 10), (3, 3), {"strides": [2, 2], "auto_pad": "SAME_UPPER"}),  # tf2onnx's SAME
+    ((9, 10), (4, 3), {"strides": [2, 1], "auto_pad": "SAME_LOWER"}),
+])
+def test_patch_moment_of_1d_3d_and_auto_pad_convs(spatial, kernel, attrs):
+    """The same identity for 1-D and 3-D convs and auto_pad ones (the pads follow from each batch's shape)."""
+    r = graphs.rng(2)
+    c, m = 3, 5
+    w = r.standard_normal((m, c, *kernel)).astype(np.float32)
+    model = graphs.make_model([helper.make_node("Conv", ["X", "W"], ["Y"], **attrs)],
+                              [("X", ["N", c, *spatial])], [("Y", ["N", m] + ["?"] * len(spatial))], {"W": w})
+    x = r.standard_normal((4, c, *spatial)).astype(np.float32)
+    obs = PatchSecondMomentObserver(kernel, attrs.get("strides"), attrs.get("pads"), attrs.get("dilations"),
+                                    auto_pad=attrs.get("auto_pad", "NOTSET"))
+    obs.update(x[:1])
+    obs.update(x[1:])
+    y = graphs.run(model, {"X": x})[0].astype(np.float64)
+    assert obs.count == 4 * int(np.prod(y.shape[2:]))
+    wf = w.reshape(m, -1).astype(np.float64)
+    assert np.trace(wf @ obs.compute() @ wf.T) == pytest.approx(np.mean(np.sum(y**2, axis=1)), rel=1e-5)
+
+
+def test_data_aware_split_of_1d_convs_beats_plain_svd():
+    """A dilated 1-D conv stack on correlated signals: at 60% of the MACs the whitened split reads 15.2 dB against
+    plain SVD's 2.6 (before, 1-D convs got the plain SVD either way; +6 dB asserted); at full rank it is exact."""
+    r = graphs.rng(3)
+    inits, nodes, x = {}, [], "X"
+    for i, d in enumerate((1, 2, 4)):
+        inits[f"W{i}"] = (r.standard_normal((32, 32 if i else 16, 3)) / 6).astype(np.float32)
+        nodes += [helper.make_node("Conv", [x, f"W{i}"], [f"c{i}"], dilations=[d], pads=[2 * d, 0]),
+                  helper.make_node("Relu", [f"c{i}"], [f"a{i}"])]
+        x = f"a{i}"
+    nodes[-1].output[0] = "Y"
+    model = graphs.make_model(nodes, [("X", ["N", 16, 40])], [("Y", ["N", 32, 40])], inits)
+    mix = r.standard_normal((16, 4))
+    signal = lambda n, seed: (np.einsum("cs,nst->nct", mix, np.cumsum(  # noqa: E731
+        graphs.rng(seed).standard_normal((n, 4, 40)), axis=2)) / 4).astype(np.float32)
+    calib, test = [{"X": signal(64, 10)}], {"X": signal(64, 11)}
+    ref = graphs.run(model, test)[0]
+    db = {k: sqnr_db(ref, graphs.run(onnxpress.lowrank(model, flops=0.6, calib=c).model, test)[0])
+          for k, c in (("plain", None), ("data", calib))}
+    assert db["data"] > db["plain"] + 6, db
+    from onnxpress.lowrank import collect_moments
+    from onnxpress.passes.low_rank import SplitConvLowRank
+    from onnxpress.pipeline import run_passes
+
+    moments = collect_moments(model, calib)
+    assert len(moments) == 3  # every 1-D conv has its patch moment
+    split = SplitConvLowRank(rank=96, only_if_cheaper=False, moments=moments)
+    full = run_passes(model, [split]).model
+    assert {lay.method for lay in split.report} == {"whitened-svd"}
+    np.testing.assert_allclose(graphs.run(full, test)[0], ref, atol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------

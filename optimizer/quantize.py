@@ -16,6 +16,7 @@ The result says what was quantized, what stayed float and why, and the sizes bef
 
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 import logging
@@ -329,6 +330,14 @@ def quantize(
     cleaned = run_passes(proto, cleanup_passes(), progress=progress).model
     if upgrading is not None:
         _check_upgrade(*upgrading, cleaned, calib)
+    if weight_only4 and not _int4_layers(cleaned):
+        layers = collections.Counter(n.op_type for n in cleaned.graph.node if n.op_type in ("Conv", "ConvTranspose",
+                                                                                              "MatMul", "Gemm", "LSTM"))
+        found = ", ".join(f"{n} x {op}" for op, n in layers.most_common()) or "no Conv, MatMul or Gemm"
+        raise UnsupportedModelError(
+            f"weights='int4' is weight-only for MatMul/Gemm layers with a constant 2-D weight, and this model has "
+            f"none ({found}); quantize it int8 (the default) instead"
+        )
     # int4 weight-only can keep a float16 export in float16 (MatMulNBits takes it): no float32 copy of a large one
     keep = weight_only4 and (keep_float16 if keep_float16 is not None else is_large(cleaned))
     cleaned, half_note = _float32_inside(cleaned, keep=keep)

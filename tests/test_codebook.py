@@ -16,7 +16,8 @@ from tests import graphs
 
 def _rebuilt_weight(model: onnx.ModelProto, node_index: int = 0) -> np.ndarray:
     """The weight the rewritten layer reads, computed by onnxruntime (exposed as an extra output)."""
-    name = model.graph.node[[i for i, n in enumerate(model.graph.node) if n.op_type in ("Conv", "Gemm", "MatMul")][
+    layers = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+    name = model.graph.node[[i for i, n in enumerate(model.graph.node) if n.op_type in layers][
         node_index
     ]].input[1]
     probe = onnx.ModelProto()
@@ -114,6 +115,30 @@ def test_gemm_both_layouts(trans_b):
     rows = w if trans_b else w.T  # output channels first
     expected = sum(kmeans_1d(rows[j : j + 4], 16).sse for j in range(0, 12, 4))
     assert float(np.sum((w.astype(np.float64) - w_hat) ** 2)) == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("group", [1, 2])
+def test_conv_transpose_weights_take_codebooks_per_output_channel(group):
+    """ConvTranspose W[C_in, C_out / group, k, k] (no integer kernel in onnxruntime, so int8 only stores it):
+    its output channels lie on axis 1, each group of them with its own codebook; the layer runs on the rebuilt
+    weight, which reconstruct() gives too."""
+    import onnx_graphsurgeon as gs
+
+    r = graphs.rng(8)
+    w = r.standard_normal((8, 12 // group, 4, 4)).astype(np.float32)
+    node = helper.make_node("ConvTranspose", ["X", "W"], ["Y"], strides=[2, 2], pads=[1, 1, 1, 1], group=group)
+    model = graphs.make_model([node], [("X", ["N", 8, 5, 5])], [("Y", ["N", 12, 10, 10])], {"W": w})
+    pass_ = CodebookWeights(bits=3, group_size=2, channel_scale=False, keep_gain=False)
+    result = run_passes(model, [pass_])
+    assert result.stats["codebook_weights.weights"] == 1
+    w_hat = _rebuilt_weight(result.model)
+    expected = sum(kmeans_1d(w[:, j : j + 2], 8).sse for j in range(0, w.shape[1], 2))
+    assert float(np.sum((w.astype(np.float64) - w_hat) ** 2)) == pytest.approx(expected, rel=1e-5)
+    assert all(np.unique(w_hat[:, j : j + 2]).size <= 8 for j in range(0, w.shape[1], 2))
+    np.testing.assert_array_equal(pass_.reconstruct(gs.import_onnx(model).nodes[0], w), w_hat)
+    x = graphs.rng(9).standard_normal((2, 8, 5, 5)).astype(np.float32)
+    rebuilt = graphs.make_model([node], [("X", ["N", 8, 5, 5])], [("Y", ["N", 12, 10, 10])], {"W": w_hat})
+    np.testing.assert_allclose(graphs.run(result.model, {"X": x})[0], graphs.run(rebuilt, {"X": x})[0], atol=1e-5)
 
 
 @pytest.mark.parametrize(("bits", "pack", "max_ratio"), [(4, True, 0.125 + 0.02), (4, False, 0.25 + 0.02),

@@ -442,6 +442,19 @@ def test_cli_says_a_quantized_convtranspose_runs_in_float(tmp_path: Path, capsys
     assert "1 ConvTranspose quantized for storage" in capsys.readouterr().out
 
 
+def test_int4_on_a_model_without_matmul_or_gemm_is_refused(tmp_path: Path) -> None:
+    """int4 is weight-only for MatMul/Gemm: on a CNN it quantized nothing and wrote the model back at 1.000x."""
+    from onnxpress.errors import UnsupportedModelError
+
+    out = tmp_path / "q.onnx"
+    from tests.graphs import conv_bn_relu
+
+    with pytest.raises(UnsupportedModelError, match=r"weight-only for MatMul/Gemm .* none \(1 x Conv\); quantize it "
+                                                     r"int8 \(the default\) instead"):
+        onnxpress.quantize(conv_bn_relu(), out, weights="int4")
+    assert not out.exists()
+
+
 def test_fidelity_line_warns_when_the_outputs_drift(capsys: pytest.CaptureFixture[str]) -> None:
     """SQNR over the float outputs and top-1 agreement of 2-D logits; a warning below 20 dB; outputs of other
     shapes or integer types are left out."""

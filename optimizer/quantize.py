@@ -398,6 +398,12 @@ def quantize(
         result = run_passes(_shaped(cleaned), [lstm, *head, dyn, *tables, ShareConstants(),
                                                ShareTransposedConstants()], progress=progress)
         decisions, used_table, excluded = [*dyn.decisions, *lstm.decisions], None, {}
+        convs = sum(n.op_type in ("Conv", "ConvTranspose") for n in cleaned.graph.node)
+        if convs and not any(d.quantized for d in decisions):  # the model is written as it was (a U-Net: 1.003x)
+            advanced_notes.append(
+                f"dynamic: no layer was quantized: dynamic int8 takes MatMul/Gemm and LSTM layers only, and this "
+                f"model's {convs} convolution(s) need calibration data for int8 (--calib)"
+            )
     elif codebook is not None:  # weight-only k-means codebooks (onnxpress.advanced, issue 10)
         from onnxpress.advanced import codebook_weights
 

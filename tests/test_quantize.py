@@ -443,7 +443,8 @@ def test_cli_says_a_quantized_convtranspose_runs_in_float(tmp_path: Path, capsys
 
 
 def test_int4_on_a_model_without_matmul_or_gemm_is_refused(tmp_path: Path) -> None:
-    """int4 is weight-only for MatMul/Gemm: on a CNN it quantized nothing and wrote the model back at 1.000x."""
+    """int4 weight-only takes MatMul/Gemm layers only: on a CNN it quantized nothing and wrote the model back at
+    1.000x; now refused. Dynamic int8 (as the no-data default does) writes it as it was, with a note saying why."""
     from onnxpress.errors import UnsupportedModelError
 
     out = tmp_path / "q.onnx"
@@ -453,6 +454,9 @@ def test_int4_on_a_model_without_matmul_or_gemm_is_refused(tmp_path: Path) -> No
                                                      r"int8 \(the default\) instead"):
         onnxpress.quantize(conv_bn_relu(), out, weights="int4")
     assert not out.exists()
+    dynamic = onnxpress.quantize(conv_bn_relu(), activations="dynamic")  # written as it was, and said so
+    assert any(n.startswith("dynamic: no layer was quantized: dynamic int8 takes MatMul/Gemm and LSTM layers only, "
+                            "and this model's 1 convolution(s) need calibration data") for n in dynamic.notes)
 
 
 def test_fidelity_line_warns_when_the_outputs_drift(capsys: pytest.CaptureFixture[str]) -> None:

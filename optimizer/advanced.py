@@ -958,7 +958,7 @@ def codebook_weights(
     result = run_passes(model, [pass_], progress=progress)
     decisions = []
     for node in model.graph.node:
-        if node.op_type in ("Conv", "Gemm", "MatMul") and len(node.input) > 1:
+        if node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") and len(node.input) > 1:
             done = node.input[1] in pass_.objective
             why = "" if done else next((n.split("(", 1)[-1].rstrip(")") for n in result.notes if node.input[1] in n),
                                        "weight is not a float initializer")

@@ -182,7 +182,7 @@ def run(args: argparse.Namespace) -> int:
     if gemms:
         print(f"fused {gemms} rank-2 MatMul + bias Add into Gemm (same values; an int32 bias and one integer "
               "kernel in onnxruntime)")
-    if counts.get("ConvTranspose"):  # measured: a U-Net's up-convolution ran as a float ConvTranspose either way
+    if counts.get("ConvTranspose") and args.codebook is None:  # a U-Net's up-convolution ran float either way
         print(f"{counts['ConvTranspose']} ConvTranspose quantized for storage: onnxruntime's CPU provider has no "
               "integer ConvTranspose and dequantizes its int8 weights at run time (smaller file, float speed)")
     if lstms := result.stats.get("quantize_lstm_dynamic.lstm_layers", 0):

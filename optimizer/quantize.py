@@ -190,6 +190,7 @@ def quantize(
     hessians: Mapping[str, object] | None = None,
     gptq_cache: dict | None = None,
     keep_float16: bool | None = None,
+    codebook_layers: Iterable[str] = (),
 ) -> QuantizeResult:
     """Quantize ``model`` for onnxruntime's CPU integer kernels (or 4-bit weight-only).
 
@@ -249,6 +250,11 @@ def quantize(
         int4_layers: with ``weights="int8"``: MatMul/Gemm layers (node names, or first output names
             for unnamed nodes) whose constant 2-D weights become 4-bit ``MatMulNBits`` first (GPTQ
             rounding from ``calib``); the rest of the model is then calibrated and quantized to int8 QDQ.
+        codebook_layers: with ``weights="int8"``: layers (Conv, ConvTranspose, Gemm, MatMul; node names, or
+            first output names) kept float for compute but stored as ``CODEBOOK_LAYER_BITS``-bit codebook indices
+            (``passes/codebook.py``; GPTQ-assigned with the int8 layers' input moments when those are measured);
+            the rest is quantized int8 as usual. ``optimize``'s size searches offer it per layer: a smaller file
+            than int8 at float speed.
         int8_method: how int8 QDQ weights are rounded: "gptq" (error-compensating, from each layer's
             input second moment on at most ``GPTQ_SAMPLES`` calibration samples; needs ``calib``) or
             "rtn" (to nearest). The same grid, scales and kernels either way. Default: "gptq" when
@@ -275,6 +281,10 @@ def quantize(
         OutputError: ``output`` cannot be written or is the input.
     """
     int4_layers = [int4_layers] if isinstance(int4_layers, str) else list(int4_layers)
+    codebook_layers = [codebook_layers] if isinstance(codebook_layers, str) else list(codebook_layers)
+    if codebook_layers and (weights != "int8" or codebook is not None or activations == "dynamic"):
+        raise OnnxpressError("codebook_layers mixes codebook layers into an int8 QDQ model: use it with "
+                             "weights='int8', static activations and no codebook=")
     if weights not in WEIGHT_TYPES:
         raise OnnxpressError(f"weights must be one of {', '.join(WEIGHT_TYPES)}, got {weights!r}")
     if int4_method is not None and int4_method not in INT4_METHODS:
@@ -318,6 +328,11 @@ def quantize(
         raise OnnxpressError("keep_float16 is for int4 weight-only quantization: int8 layers need float32 around "
                              "them (onnxruntime's integer kernels); drop it")
     selection = _as_selection(exclude)
+    if codebook_layers:  # float for InsertQDQ (and the passes before it), codebook indices at the end
+        both = sorted(set(codebook_layers) & selection.nodes)
+        if both:
+            raise OnnxpressError(f"layers {both[:5]} are both excluded (float) and in codebook_layers; keep one")
+        selection = dataclasses.replace(selection, nodes=selection.nodes | frozenset(codebook_layers))
     ovs = _as_overrides(overrides)
     if output is not None:
         check_output_path(output, [model, calib, table])  # never overwrite the data or table
@@ -527,6 +542,8 @@ def quantize(
         result = run_passes(_shaped(cleaned), [qdq, MatMulBiasToOutputRank(), lstm, *tail, ShareConstants(),
                                                ShareTransposedConstants()], progress=progress)
         decisions = [*qdq.decisions, *lstm.decisions]
+        if codebook_layers:
+            result, decisions = _codebook_layers_last(result, decisions, codebook_layers, hessians)
         excluded = dict(used_table.excluded)
         if int4_result is not None:  # the MatMulNBits nodes InsertQDQ left float are the int4 layers
             decisions = [d for d in decisions if d.op != "MatMulNBits"] + int4_done
@@ -628,6 +645,40 @@ def _int4_gptq_rounds(
         notes.extend(done.notes)
         stats["rounds"] += 1
     return current, stats, notes, handled
+
+
+CODEBOOK_LAYER_BITS = 4
+"""Index width of ``codebook_layers`` (two indices a byte, a 16-level codebook and a scale per channel)."""
+
+
+def _codebook_layers_last(result: PipelineResult, decisions: list, layers: list[str],
+                          hessians: Mapping[str, object] | None) -> tuple[PipelineResult, list]:
+    """Store ``layers``' float weights (InsertQDQ left them float) as codebook indices; their decisions say so.
+
+    Raises:
+        OnnxpressError: a named layer is not in the model or took no codebook (its weight is not a float
+            constant of at least the pass's minimum size).
+    """
+    from onnxpress.passes.codebook import CodebookWeights
+    from onnxpress.passes.qdq import NodeDecision
+
+    names = {n.name or n.output[0]: n for n in result.model.graph.node}
+    unknown = [k for k in layers if k not in names]
+    if unknown:
+        raise OnnxpressError(f"codebook_layers {unknown[:5]} are not layers of the model; give node names "
+                             "(or first output names of unnamed nodes)")
+    cb = CodebookWeights(bits=CODEBOOK_LAYER_BITS, layers=layers, hessians=hessians)  # type: ignore[arg-type]
+    done = run_passes(result.model, [cb])
+    taken = {k for k in layers if names[k].input[1] in cb.objective}
+    refused = sorted(set(layers) - taken)
+    if refused:
+        raise OnnxpressError(f"codebook_layers cannot take codebook weights: {', '.join(refused[:5])} (a weight "
+                             "that is not a float constant, or one too small); drop them from codebook_layers")
+    stats = {**result.stats, **{k: v for k, v in done.stats.items() if k.startswith("codebook_weights.")}}
+    kept = [d for d in decisions if d.name not in taken]
+    ops = {k: names[k].op_type for k in taken}
+    mixed = kept + [NodeDecision(k, ops[k], True, f"{CODEBOOK_LAYER_BITS}-bit codebook weights") for k in sorted(taken)]
+    return dataclasses.replace(done, stats=stats, notes=(*result.notes, *done.notes)), mixed
 
 
 def _int4_layers(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, str, int, int]]:

@@ -16,6 +16,8 @@ calibration subset, graph passes with stable names), so applying a recipe twice 
 bytes; ``tests/test_recipe.py`` checks it. ``quantize.exclude`` names *layers of the input model*:
 when a layer was split by ``lowrank`` both its factor nodes stay float. ``quantize.int4_layers``
 (MatMul/Gemm node names) get 4-bit weight-only ``MatMulNBits`` before the rest is quantized to int8;
+``quantize.codebook_layers`` (layer node names) stay float for compute, their weights stored as 4-bit codebook
+indices after the rest is quantized to int8;
 ``quantize.weights: "int4"`` instead makes the step weight-only (every eligible MatMul/Gemm not in
 ``exclude`` to ``MatMulNBits``, no QDQ at all). ``quantize.bias_correction`` (default true, as in
 ``onnxpress quantize``) corrects the int8 layers' biases on the calibration data; int4 steps ignore it.
@@ -62,6 +64,7 @@ _KEYS: dict[str, dict[str, Any]] = {
         "weights": "int8",
         "exclude": [],
         "int4_layers": [],
+        "codebook_layers": [],
         "activations": "uint8",
         "per_channel": True,
         "bias_correction": True,
@@ -144,6 +147,14 @@ def validate_recipe(recipe: Mapping[str, Any]) -> dict[str, Any]:
                 raise _bad(where, f"weights must be int8 or int4, got {full['weights']!r}")
             if full["weights"] == "int4" and four:
                 raise _bad(where, "'int4_layers' is for int8 models; with weights 'int4' every eligible layer is int4")
+            books = full["codebook_layers"]
+            if not isinstance(books, list) or not all(isinstance(x, str) for x in books):
+                raise _bad(where, "'codebook_layers' must be a list of layer names")
+            both = sorted(set(books) & (set(full["exclude"]) | set(four)))
+            if both:
+                raise _bad(where, f"layers {both} are in 'codebook_layers' and in 'exclude' or 'int4_layers'; keep one")
+            if full["weights"] == "int4" and books:
+                raise _bad(where, "'codebook_layers' is for int8 models")
             if full["activations"] not in ("uint8", "int8"):
                 raise _bad(where, f"activations must be uint8 or int8, got {full['activations']!r}")
             if not isinstance(full["bias_correction"], bool):
@@ -361,7 +372,7 @@ def apply_recipe(
                     if moments_cache is not None:
                         moments_cache[cache_key] = hessians
             current = quantize(current, calib=calib, method=step["method"], exclude=exclude, weights=step["weights"],
-                               int4_layers=step["int4_layers"],
+                               int4_layers=step["int4_layers"], codebook_layers=step["codebook_layers"],
                                activations=step["activations"], per_channel=step["per_channel"],
                                bias_correction=step["bias_correction"] and step["weights"] == "int8",
                                int8_method=int8_method, hessians=hessians,

@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -215,6 +215,8 @@ class CodebookWeights:
             SQNR mobilenet / resnet / transformer: 18.27 / 18.72 / 24.12 -> 22.01 / 28.12 / 34.10 dB
             (500 calibration samples); per-channel int4 given the same GPTQ + gain: 20.50 / 28.20 / 32.23.
         damp: GPTQ diagonal damping, as a fraction of the mean of H's diagonal.
+        layers: only the weights of these layers (node names, else first output names); None: every layer.
+            ``onnxpress.quantize(codebook_layers=...)`` mixes such layers into an int8 model.
 
     After a call, ``objective`` maps each rewritten weight name to its k-means objective (sum of
     squared reconstruction errors over all its groups; of the normalised weights W_c / max|W_c|
@@ -235,6 +237,7 @@ class CodebookWeights:
         keep_gain: bool = True,
         hessians: Mapping[str, np.ndarray] | None = None,
         damp: float = 0.01,
+        layers: Iterable[str] | None = None,
     ):
         if not 1 <= int(bits) <= 8:
             raise ValueError(f"bits must be in 1..8 (uint8 indices), got {bits}")
@@ -251,6 +254,7 @@ class CodebookWeights:
         self.keep_gain = keep_gain and not preserve_norm
         self.hessians = dict(hessians or {})
         self.damp = float(damp)
+        self.layers = None if layers is None else frozenset(layers)
         self.objective: dict[str, float] = {}
 
     def requires(self, graph: gs.Graph) -> None:
@@ -261,6 +265,8 @@ class CodebookWeights:
         notes = []
         for node in graph.nodes:
             if node.op not in _LAYERS or len(node.inputs) < 2:
+                continue
+            if self.layers is not None and (node.name or node.outputs[0].name) not in self.layers:
                 continue
             w = node.inputs[1]
             if not isinstance(w, gs.Constant) or w.values.dtype != np.float32:

@@ -558,6 +558,7 @@ def optimize(
         rank_fractions = () if no_split else (0.5, 0.25)
     sens = analyze_sensitivity(m0, calib, rank_fractions=rank_fractions, prune_ratios=prune_ratios,
                                prune_multiple=prune_multiple, latency=time_options and bud.kind == "latency",
+                               codebook=any(b.kind == "size" for b in budgets),
                                method=method, max_samples=sensitivity_samples,
                                cache_dir=cache_dir, progress=progress, deadline=deadline)
     # the constants quantize stores int8 whatever the layers take (a token table): a fixed term of the size estimate

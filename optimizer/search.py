@@ -64,7 +64,7 @@ log = logging.getLogger(__name__)
 
 BUDGET_KINDS = ("latency", "size", "flops")
 
-FLOAT_RATE = ("fp32", "int4")
+FLOAT_RATE = ("fp32", "int4", "cb4")
 """Layer options whose MACs run at the float rate in the latency estimate (MatMulNBits: float activations)."""
 
 LATENCY_PRIOR = (0.7, 0.3)
@@ -109,7 +109,7 @@ def parse_budget(text: str | Budget) -> Budget:
 class LayerChoice:
     """One option of one layer with its estimated costs and noise."""
 
-    quant: str  # "fp32" | "int8" | "int4" | "group" (a channel-group slot: macs = -MACs saved)
+    quant: str  # "fp32" | "int8" | "int4" | "cb4" | "group" (a channel-group slot: macs = -MACs saved)
     rank: int | None
     nsr: float
     macs: int
@@ -196,6 +196,9 @@ class SearchSpace:
             if q4 is not None:
                 opts.append(LayerChoice("int4", None, nsr(q4.sqnr_db), lay.macs, lay.params,
                                         q4.bytes_delta + table_f32 - table_i8))
+            cb = sens.score(lay.key, "codebook", "cb4") if quantize else None
+            if cb is not None:  # float kernel on 4-bit codebook weights: smaller than int8, at fp32 speed
+                opts.append(LayerChoice("cb4", None, nsr(cb.sqnr_db), lay.macs, lay.params, cb.bytes_delta))
             for s in ranks:
                 # a measured split: the layer's MACs share minus the fp32 latency the split saved (may be < 0)
                 share = None if s.latency_ratio is None else lay.macs / self.total_macs - (1.0 - s.latency_ratio)
@@ -491,13 +494,16 @@ class SearchSpace:
         if (ranks or ratios) and finetune_epochs:
             # no early stop: a deeply pruned model sits on a plateau for several epochs before it recovers
             steps.append({"pass": "finetune", "epochs": finetune_epochs, "patience": finetune_epochs})
-        if any(q in ("int8", "int4") for q in quant):
+        if any(q in ("int8", "int4", "cb4") for q in quant):
             exclude = sorted(lay.key for lay, q in zip(self.layers, quant, strict=True) if q == "fp32")
+            books = sorted(lay.key for lay, q in zip(self.layers, quant, strict=True) if q == "cb4")
             # int8 rounding as onnxpress quantize's default: GPTQ where its input moments are cheap
             step = {"pass": "quantize", "method": method, "exclude": exclude, "max_samples": calib_samples,
                     "int8_method": "auto"}
             four = sorted(lay.key for lay, q in zip(self.layers, quant, strict=True) if q == "int4")
-            if four and "int8" not in quant:
+            if books:  # float kernels on codebook weights, after the int8 layers are quantized
+                step["codebook_layers"] = books
+            if four and "int8" not in quant and not books:
                 # weight-only: no int8 layer, so no QDQ either (with int4_layers the int8 pass would still
                 # quantize the activation x activation attention MatMuls, which are no layers here: the
                 # reference transformer read 35.5 dB that way, 42.6 with them float)

@@ -108,7 +108,7 @@ class LayerInfo:
 
 @dataclasses.dataclass(frozen=True)
 class OptionScore:
-    """Output SQNR when only ``layer`` takes ``option`` (``family`` int8 | int4 | rank | prune).
+    """Output SQNR when only ``layer`` takes ``option`` (``family`` int8 | int4 | codebook | rank | prune).
 
     For ``prune`` rows ``layer`` is a channel group, ``ratio`` the ratio asked for, ``units_removed``
     what the pass removed, and ``macs_after``/``params_after`` are sums over the table's layers.
@@ -243,6 +243,23 @@ def roundtrip_bytes(model: onnx.ModelProto) -> int:
     return export_graph(import_graph(model).cleanup().toposort(), model).ByteSize()
 
 
+CODEBOOK_MIN_WEIGHTS = 1024
+"""Smallest weight (elements) offered the cb4 option: below it the rebuild's nodes cost about what the codes save."""
+
+
+def codebook_layers(model: onnx.ModelProto) -> list[str]:
+    """Keys of the Conv/Gemm/MatMul layers with a constant float weight of at least ``CODEBOOK_MIN_WEIGHTS``."""
+    inits = {i.name: i for i in model.graph.initializer}
+    out = []
+    for node in model.graph.node:
+        if node.op_type not in ("Conv", "Gemm", "MatMul") or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
+            continue
+        w = inits.get(node.input[1])
+        if w is not None and w.data_type == onnx.TensorProto.FLOAT and math.prod(w.dims) >= CODEBOOK_MIN_WEIGHTS:
+            out.append(node.name or node.output[0])
+    return out
+
+
 def int4_layers(model: onnx.ModelProto) -> list[str]:
     """Names of the MatMul/Gemm nodes that can take 4-bit weights (constant 2-D float >= INT4_MIN_WEIGHTS).
 
@@ -327,6 +344,7 @@ def analyze_sensitivity(
     prune_multiple: int = 8,
     quantize: bool = True,
     int4: bool = True,
+    codebook: bool = False,
     latency: bool = False,
     method: str = "mse",
     max_samples: int = 64,
@@ -347,6 +365,9 @@ def analyze_sensitivity(
         prune_multiple: kept channel counts rounded to a multiple of this (as the recipe's prune step).
         quantize: measure the int8 option.
         int4: measure the int4 weight-only option of eligible MatMul/Gemm layers (:func:`int4_layers`).
+        codebook: measure the ``cb4`` option of layers with at least ``CODEBOOK_MIN_WEIGHTS`` weights: a float
+            kernel on 4-bit codebook weights (``quantize(codebook_layers=)``), GPTQ-assigned with the layer's
+            input moment where it fits. ``optimize`` asks for it under a size budget.
         latency: also time every rank and prune candidate against the model (onnxruntime, one thread,
             one batch of the sensitivity data, interleaved rounds; see ``search.measure_latency``).
         method: calibration method for the int8 option.
@@ -368,9 +389,11 @@ def analyze_sensitivity(
 
     from onnxpress.calibrate import calibrate
     from onnxpress.lowrank import collect_moments
+    from onnxpress.passes.codebook import CodebookWeights
     from onnxpress.passes.qdq import InsertQDQ, Selection
     from onnxpress.passes.weight_only import QuantizeWeightsInt4
     from onnxpress.pipeline import run_passes
+    from onnxpress.quantize import CODEBOOK_LAYER_BITS
     from onnxpress.recipe import FixedRanks
 
     if max_samples < 1:
@@ -381,6 +404,8 @@ def analyze_sensitivity(
               "prune_multiple": prune_multiple, "latency": latency, "int8": quantize, "int4": int4, "method": method,
               "calib": calib_samples,
               "moments": moment_samples, "multiple": multiple, "v": CACHE_VERSION}
+    if codebook:  # only then: earlier caches stay valid
+        config["codebook"] = True
     if assumed_input_dims():  # MACs counted at these sizes of the inputs' symbolic dimensions (a sequence length)
         config["dims"] = assumed_input_dims()
     key = hashlib.sha256(
@@ -405,11 +430,15 @@ def analyze_sensitivity(
     names = [n.name for n in model.graph.node if n.name]
     jobs: list[tuple[LayerInfo | str, str, float | None]] = []
     four = set(int4_layers(model)) if int4 else set()
+    books = set(codebook_layers(model)) if codebook else set()
+    weight_of = {n.name or n.output[0]: n.input[1] for n in model.graph.node if len(n.input) > 1}
     for lay in layers:
         if quantize:
             jobs.append((lay, "int8", None))
         if lay.key in four:
             jobs.append((lay, "int4", None))
+        if lay.key in books:
+            jobs.append((lay, "codebook", None))
         if lay.full_rank > 1:
             jobs.extend((lay, "rank", r) for r in rank_options(lay.full_rank, rank_fractions, multiple))
     if prune_ratios:
@@ -419,7 +448,7 @@ def analyze_sensitivity(
     table = moments = None
     if quantize and layers:
         table = calibrate(model, calib, method=method, max_samples=calib_samples)
-    if any(fam in ("rank", "int4") for _, fam, _ in jobs):
+    if any(fam in ("rank", "int4", "codebook") for _, fam, _ in jobs):
         moments = collect_moments(model, calib, max_samples=moment_samples)
     measured: dict[int, tuple[OptionScore, onnx.ModelProto | None]] = {}  # job -> (score, candidate to time)
     skipped = 0
@@ -466,6 +495,18 @@ def analyze_sensitivity(
                 continue
             cand = done.model
             macs_after, params_after, option = lay.macs, lay.params, "int4"
+        elif fam == "codebook":
+            w = weight_of[lay.key]
+            h = (moments or {}).get(lay.key)
+            width = math.prod(next(i.dims for i in model.graph.initializer if i.name == w)[1:]) \
+                if lay.op == "Conv" else None
+            fits = h is not None and (width is None or h.shape[-1] == width)  # a grouped conv's moment spans groups
+            cb = CodebookWeights(bits=CODEBOOK_LAYER_BITS, layers=[lay.key], hessians={w: h} if fits else None)
+            cand = run_passes(model, [cb]).model
+            if w not in cb.objective:
+                log.info("layer %s declined by the codebook pass; cb4 option dropped", lay.key)
+                continue
+            macs_after, params_after, option = lay.macs, lay.params, f"cb{CODEBOOK_LAYER_BITS}"
         else:
             split = FixedRanks({lay.key: r}, moments={k: v for k, v in (moments or {}).items() if k == lay.key})
             cand = run_passes(model, [split]).model

@@ -224,7 +224,8 @@ def test_latency_budget_search_measures_float_penalties(setup, monkeypatch):
 
 
 def test_size_search_mixes_int4_and_int8_and_its_recipe_rebuilds_byte_for_byte(tmp_path):
-    """tiny_mlp at size=0.2 (int8 everywhere measures ~0.3): the search puts MatMuls at int4; the recipe rebuilds it."""
+    """tiny_mlp at size=0.2 (int8 everywhere measures ~0.3): the search puts MatMuls at 4 bits; the recipe rebuilds
+    it."""
     from tests.test_sensitivity import tiny_mlp
 
     onnx.save(tiny_mlp(), tmp_path / "m.onnx")
@@ -234,7 +235,9 @@ def test_size_search_mixes_int4_and_int8_and_its_recipe_rebuilds_byte_for_byte(t
     int8 = next(c for c in res.candidates if c.note == "uniform int8")
     assert int8.size_ratio > 0.2 and res.feasible and res.chosen.size_ratio <= 0.2
     step = next(s for s in res.recipe["steps"] if s["pass"] == "quantize")
-    assert step["int4_layers"] and set(step["int4_layers"]) <= {"mm1", "mm2"}
+    # 4-bit weights on the MatMuls: int4 (MatMulNBits) or, since the twelfth session, codebooks (25.3 vs 24.8 dB)
+    four_bit = step["int4_layers"] + step["codebook_layers"]
+    assert four_bit and set(four_bit) <= {"mm1", "mm2"}
     built = onnx.load(tmp_path / "a.onnx")
     assert [n.op_type for n in built.graph.node].count("MatMulNBits") == len(step["int4_layers"])
     assert res.chosen.sqnr_db > 20.0
@@ -243,6 +246,55 @@ def test_size_search_mixes_int4_and_int8_and_its_recipe_rebuilds_byte_for_byte(t
     again = optimize(tmp_path / "m.onnx", tmp_path / "b.onnx", calib=data, recipe=res.recipe_path, eval_samples=32)
     assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
     assert again.chosen.sqnr_db == pytest.approx(res.chosen.sqnr_db)
+
+
+def _conv_net() -> onnx.ModelProto:
+    """X[N,8,12,12] -> Conv 3x3 (32) -> Relu -> Conv 3x3 (32) -> Relu -> GlobalAveragePool -> Gemm(10)."""
+    from onnx import helper
+
+    from tests import graphs
+
+    r = graphs.rng(0)
+    inits = {"W1": (r.standard_normal((32, 8, 3, 3)) / 8).astype(np.float32),
+             "B1": (0.1 * r.standard_normal(32)).astype(np.float32),
+             "W2": (r.standard_normal((32, 32, 3, 3)) / 17).astype(np.float32),
+             "B2": (0.1 * r.standard_normal(32)).astype(np.float32),
+             "W3": (r.standard_normal((10, 32)) / 6).astype(np.float32), "B3": np.zeros(10, np.float32)}
+    nodes = [helper.make_node("Conv", ["X", "W1", "B1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+             helper.make_node("Relu", ["c1"], ["a1"]),
+             helper.make_node("Conv", ["a1", "W2", "B2"], ["c2"], pads=[1, 1, 1, 1], name="conv2"),
+             helper.make_node("Relu", ["c2"], ["a2"]),
+             helper.make_node("GlobalAveragePool", ["a2"], ["g"]), helper.make_node("Flatten", ["g"], ["f"]),
+             helper.make_node("Gemm", ["f", "W3", "B3"], ["Y"], transB=1, name="fc")]
+    return graphs.make_model(nodes, [("X", ["N", 8, 12, 12])], [("Y", ["N", 10])], inits)
+
+
+def test_size_search_stores_convs_as_codebooks_and_its_recipe_rebuilds_byte_for_byte(tmp_path, monkeypatch):
+    """A CNN has no int4 option (MatMul/Gemm only): at size=0.2 (int8 everywhere ~0.29) the search chose a rank cut
+    at 9.8 dB; with the cb4 option (float kernels on 4-bit codebook weights) it keeps both convs whole at 30.9 dB.
+    Latency budgets are not offered the option (it is fp32 speed)."""
+    from tests import graphs
+
+    onnx.save(_conv_net(), tmp_path / "m.onnx")
+    x = np.cumsum(graphs.rng(1).standard_normal((96, 8, 12, 12)), axis=3).astype(np.float32) / 3
+    np.savez(tmp_path / "d.npz", X=x)
+    data = str(tmp_path / "d.npz")
+    res = optimize(tmp_path / "m.onnx", tmp_path / "a.onnx", calib=data, budget="size=0.2", cache_dir=tmp_path / "c",
+                   eval_samples=32, sensitivity_samples=16)
+    assert res.feasible and res.chosen.size_ratio <= 0.2
+    step = next(s for s in res.recipe["steps"] if s["pass"] == "quantize")
+    assert set(step["codebook_layers"]) == {"conv1", "conv2"}
+    assert res.chosen.sqnr_db > 25.0
+    again = optimize(tmp_path / "m.onnx", tmp_path / "b.onnx", calib=data, recipe=res.recipe_path, eval_samples=32)
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+    assert again.chosen.sqnr_db == pytest.approx(res.chosen.sqnr_db)
+    module = importlib.import_module("onnxpress.optimize")
+    asked = []
+    real = module.analyze_sensitivity
+    monkeypatch.setattr(module, "analyze_sensitivity", lambda *a, **k: asked.append(k["codebook"]) or real(*a, **k))
+    optimize(tmp_path / "m.onnx", tmp_path / "c.onnx", calib=data, budget="flops=0.8", cache_dir=tmp_path / "c",
+             eval_samples=32, sensitivity_samples=16)
+    assert asked == [False]
 
 
 def test_pick_best_breaks_accuracy_ties_within_one_standard_error_by_sqnr() -> None:

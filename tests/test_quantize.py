@@ -442,7 +442,7 @@ def test_cli_says_a_quantized_convtranspose_runs_in_float(tmp_path: Path, capsys
     assert "1 ConvTranspose quantized for storage" in capsys.readouterr().out
 
 
-def test_codebook_layers_mix_codebook_weights_into_an_int8_model(tmp_path: Path) -> None:
+def test_codebook_layers_mix_codebook_weights_into_an_int8_model(tmp_path: Path, capsys) -> None:
     """codebook_layers: the named conv keeps a float kernel on 4-bit codebook weights (at most 16 levels per output
     channel), the others are int8 QDQ as before; a recipe step with the field builds the same bytes; bad names
     and a layer both excluded and listed are refused."""
@@ -472,6 +472,12 @@ def test_codebook_layers_mix_codebook_weights_into_an_int8_model(tmp_path: Path)
     recipe = {"version": 1, "steps": [{"pass": "quantize", "codebook_layers": ["conv2"], "bias_correction": True,
                                        "int8_method": "auto"}]}
     assert apply_recipe(model, recipe, str(data)).SerializeToString() == mixed.model.SerializeToString()
+    src, out = tmp_path / "m.onnx", tmp_path / "q.onnx"
+    onnx.save(model, src)
+    assert main(["quantize", str(src), "-o", str(out), "--calib", str(data), "--codebook-layers", "conv2", "-q",
+                 "--no-latency-check", "--max-samples", "256"]) == 0
+    assert out.read_bytes() == mixed.model.SerializeToString()
+    assert "1 layer(s) as 4-bit codebook weights on float kernels" in capsys.readouterr().out
     with pytest.raises(OnnxpressError, match=r"codebook_layers \['nope'\] are not layers of the model"):
         onnxpress.quantize(model, calib=str(data), codebook_layers=["nope"])
     with pytest.raises(OnnxpressError, match=r"both excluded \(float\) and in codebook_layers"):

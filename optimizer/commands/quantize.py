@@ -53,6 +53,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="with int8 weights: these MatMul/Gemm layers get 4-bit weights (MatMulNBits), the rest int8 QDQ",
     )
     p.add_argument(
+        "--codebook-layers",
+        nargs="*",
+        default=[],
+        metavar="NODE",
+        help="with int8 weights: these Conv/Gemm/MatMul layers keep float kernels on 4-bit codebook weights "
+        "(smaller than int8, float speed), the rest int8 QDQ",
+    )
+    p.add_argument(
         "--int4-method",
         default=None,
         choices=("gptq", "rtn"),
@@ -149,6 +157,7 @@ def run(args: argparse.Namespace) -> int:
         int4_method=args.int4_method,
         int4_layers=args.int4_layers,
         int8_method=args.int8_method,
+        codebook_layers=args.codebook_layers,
     )
     counts = collections.Counter(d.op for d in result.quantized)
     floats = collections.Counter(d.op for d in result.kept_float)
@@ -208,6 +217,8 @@ def run(args: argparse.Namespace) -> int:
         kind += f" ({result.stats.get('insert_qdq.weights_gptq', 0)} of {weights} weights GPTQ-rounded)"
     if args.codebook is not None:
         kind = f"{args.codebook}-bit codebook weights (weight-only)"
+    elif books := result.stats.get("codebook_weights.weights", 0):
+        kind += f", {books} layer(s) as 4-bit codebook weights on float kernels"
     print(
         f"{kind}: size {result.size_before / 1e6:.3f} MB -> {result.size_after / 1e6:.3f} MB "
         f"({result.size_ratio:.3f}x); wrote {result.output}"

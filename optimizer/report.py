@@ -69,11 +69,11 @@ def _sensitivity_png(result: OptimizeResult, path: Path) -> None:
     labels_per_family = {f: [] for f in families}
     for fam, opt in options:
         labels_per_family[fam].append(opt)
-    # bars: int8, int4, and the two rank options per layer by order (ranks differ per layer)
+    # bars: int8, int4, cb4, and the two rank options per layer by order (ranks differ per layer)
     series: list[tuple[str, list[float]]] = []
-    for fam in ("int8", "int4"):  # int4 weights: only the MatMul/Gemm layers that offer it have a bar
-        if fam in families:
-            series.append((fam, [_score(sens, lay.key, fam, 0) for lay in sens.layers]))
+    for fam, label in (("int8", "int8"), ("int4", "int4"), ("codebook", "cb4 (4-bit codebook weights)")):
+        if fam in families:  # int4 / cb4: only the layers that offer it have a bar
+            series.append((label, [_score(sens, lay.key, fam, 0) for lay in sens.layers]))
     depth = max((sum(1 for s in sens.scores if s.layer == lay.key and s.family == "rank") for lay in sens.layers),
                 default=0)
     for k in range(depth):

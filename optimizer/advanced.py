@@ -261,17 +261,16 @@ def _moment_observer(node: Any, rows_per_sample: int | None = None) -> InputMome
         if node.op == "Gemm" and int(node.attrs.get("transA", 0)):
             return "Gemm with transA=1"
         return InputMomentObserver("dense", name=node.inputs[0].name, rows_per_sample=rows_per_sample)
-    auto_pad = node.attrs.get("auto_pad", "NOTSET")
-    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
-    if w.ndim < 3 or auto_pad not in ("NOTSET", "", "VALID", "SAME_UPPER", "SAME_LOWER"):
+    from onnxpress.passes.low_rank import conv_spec
+
+    if w.ndim < 3:
         return "not a conv"
-    nd = w.ndim - 2
-    pads = tuple(int(p) for p in node.attrs.get("pads", [0] * (2 * nd)))
-    strides = tuple(int(s) for s in node.attrs.get("strides", [1] * nd))
-    dilations = tuple(int(d) for d in node.attrs.get("dilations", [1] * nd))
+    spec = conv_spec(node, node.inputs[0].name, w.shape)
+    if spec.auto_pad not in ("NOTSET", "", "VALID", "SAME_UPPER", "SAME_LOWER"):
+        return "not a conv"
     group = int(node.attrs.get("group", 1))
-    return InputMomentObserver("conv" if group == 1 else "grouped", w.shape[2:], pads, strides, dilations=dilations,
-                               groups=group, auto_pad=auto_pad, name=node.inputs[0].name,
+    return InputMomentObserver("conv" if group == 1 else "grouped", spec.kernel, spec.pads, spec.strides,
+                               dilations=spec.dilations, groups=group, auto_pad=spec.auto_pad, name=spec.tensor,
                                rows_per_sample=rows_per_sample)
 
 

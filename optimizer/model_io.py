@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import collections
 import copy
 import hashlib
 import logging
@@ -345,13 +346,7 @@ def subgraphs(attr: onnx.AttributeProto) -> list[onnx.GraphProto]:
 
 def names_read(g: onnx.GraphProto) -> set[str]:
     """Every name a node of ``g`` or of its subgraphs reads (a body's reads of the outer scope among them)."""
-    out = set()
-    for node in g.node:
-        out.update(node.input)
-        for attr in node.attribute:
-            for sub in subgraphs(attr):
-                out.update(names_read(sub))
-    return out
+    return {name for sub in _graphs(g) for node in sub.node for name in node.input}
 
 
 QUANTIZED_OPS = frozenset({
@@ -372,19 +367,10 @@ def refuse_quantized(model: onnx.ModelProto, command: str) -> None:
     Raises:
         UnsupportedModelError: names the quantized ops found and what to run instead.
     """
-    found: dict[str, int] = {}
-
-    def visit(g: onnx.GraphProto) -> None:
-        for node in g.node:
-            if node.op_type in QUANTIZED_OPS or node.op_type.startswith("QLinear"):
-                found[node.op_type] = found.get(node.op_type, 0) + 1
-            for attr in node.attribute:
-                for sub in subgraphs(attr):
-                    visit(sub)
-
-    visit(model.graph)
+    found = collections.Counter(n.op_type for g in _graphs(model.graph) for n in g.node
+                                if n.op_type in QUANTIZED_OPS or n.op_type.startswith("QLinear"))
     if found:
-        ops = ", ".join(f"{n} x {op}" for op, n in sorted(found.items(), key=lambda kv: -kv[1]))
+        ops = ", ".join(f"{n} x {op}" for op, n in found.most_common())
         raise UnsupportedModelError(
             f"the model is already quantized ({ops}); onnxpress {command} starts from a float model: run it on "
             "the float model this one was made from (onnxpress validate compares the two; onnxpress finetune "

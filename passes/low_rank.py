@@ -81,6 +81,7 @@ from onnxpress.passes.base import PassResult, unique_name
 from onnxpress.passes.flops import count_macs
 
 __all__ = [
+    "conv_spec",
     "LayerReport",
     "MomentSpec",
     "SplitConvLowRank",
@@ -243,7 +244,8 @@ def _decline(graph: gs.Graph, node: gs.Node) -> str | None:
     return None
 
 
-def _conv_spec(node: gs.Node, tensor: str, wshape: tuple[int, ...]) -> MomentSpec:
+def conv_spec(node: gs.Node, tensor: str, wshape: tuple[int, ...]) -> MomentSpec:
+    """A Conv's patch geometry (kernel, strides, pads, dilations, auto_pad) read from its attributes."""
     nd = len(wshape) - 2
     kernel = tuple(int(k) for k in node.attrs.get("kernel_shape", wshape[2:]))
     strides = tuple(int(s) for s in node.attrs.get("strides", [1] * nd))
@@ -280,7 +282,7 @@ def _collect(graph: gs.Graph, ops: Sequence[str], macs: Mapping[str, int] | None
         if node.op == "Conv":
             g = int(node.attrs.get("group", 1))
             mats = list(w.reshape(g, w.shape[0] // g, -1))
-            spec = _conv_spec(node, x.name, w.shape)
+            spec = conv_spec(node, x.name, w.shape)
         else:
             g = 1
             # y = W x: Gemm's B is [N, K] = W with transB, else [K, N] = Wᵀ; MatMul's B is [K, N]

@@ -218,7 +218,9 @@ def run(args: argparse.Namespace) -> int:
     if args.codebook is not None:
         kind = f"{args.codebook}-bit codebook weights (weight-only)"
     elif books := result.stats.get("codebook_weights.weights", 0):
-        kind += f", {books} layer(s) as 4-bit codebook weights on float kernels"
+        from onnxpress.quantize import CODEBOOK_LAYER_BITS
+
+        kind += f", {books} layer(s) as {CODEBOOK_LAYER_BITS}-bit codebook weights on float kernels"
     print(
         f"{kind}: size {result.size_before / 1e6:.3f} MB -> {result.size_after / 1e6:.3f} MB "
         f"({result.size_ratio:.3f}x); wrote {result.output}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 __all__ = [
     "CalibrationError",
     "DataError",
+    "DeviceError",
     "ModelLoadError",
     "OnnxpressError",
     "OutputError",
@@ -33,6 +34,10 @@ class UnsupportedModelError(OnnxpressError):
 
 class DataError(OnnxpressError):
     """Sample data does not fit the model: names, ranks, shapes, dtypes, NaN/inf or no samples."""
+
+
+class DeviceError(OnnxpressError):
+    """The compute device asked for (``--device cuda``) is not a device or not present on this machine."""
 
 
 class CalibrationError(OnnxpressError):

@@ -89,6 +89,7 @@ def finetune(
     qat: bool = False,
     calibration: Any = None,
     threads: int | None = None,
+    device: str = "cpu",
     exporter: str = "dynamo",
     progress: bool = False,
 ) -> FinetuneResult:
@@ -119,6 +120,10 @@ def finetune(
         qat: quantization-aware fine-tune with learned scales; the result is a QDQ model.
         calibration: a ``CalibrationTable`` initialising the QAT scales (else ranges are measured).
         threads: torch threads while training (None keeps torch's setting).
+        device: where torch trains: ``"cpu"`` (default), ``"cuda"``, ``"cuda:N"``, or ``"auto"`` (CUDA
+            when torch sees a GPU). The teacher, the export and the checks run on the CPU
+            (onnxruntime) either way. Seeded runs repeat on one device; a GPU run's weights differ from
+            a CPU run's by float rounding.
         exporter: for the float path, ``"dynamo"`` (torch.onnx.export, the default), ``"torchscript"``,
             or ``"writeback"``: copy the trained weights into the student's own graph, which keeps
             every node and tensor name (torch.onnx renames nodes) for steps that address layers by name.
@@ -127,6 +132,7 @@ def finetune(
     Raises:
         UnsupportedModelError: torch is missing, or the student has ops the bridge cannot run.
         DataError: data/labels do not fit the student, or there is nothing to learn from.
+        DeviceError: ``device`` is not a device, or CUDA is asked for and torch sees none.
         ValidationError: the exported model does not match the fine-tuned module within 1e-4.
         OutputError: ``output`` cannot be written.
     """
@@ -138,6 +144,7 @@ def finetune(
     from onnxpress.bridge.convert import OnnxModule
     from onnxpress.bridge.export import validate_against_module
 
+    train_device = tr.resolve_device(device)  # before any work: a missing GPU is a one-line error
     if output is not None:
         check_output_path(output, [student, teacher, data, labels])  # never overwrite inputs or data
     if data is None:
@@ -176,7 +183,7 @@ def finetune(
     before = _predict(module, arrays) if plan is not None else _run_onnx(student_proto, arrays)
     history = tr.train_student(
         module, student_proto, arrays, teacher_logits, label_arr, config,
-        teacher_model=teacher_proto, threads=threads, progress=progress,
+        teacher_model=teacher_proto, threads=threads, device=train_device, progress=progress,
     )  # fmt: skip
     history = dataclasses.replace(history, teacher_seconds=teacher_seconds)
     after = _predict(module, arrays) if plan is not None else None

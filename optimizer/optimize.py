@@ -408,6 +408,7 @@ def optimize(
     seed: int = 0,
     finetune: bool = False,
     finetune_epochs: int = 60,
+    finetune_device: str = "cpu",
     probe_epochs: int | None = None,
     latency_threads: int = 1,
     float_penalties: bool = True,
@@ -465,6 +466,9 @@ def optimize(
         finetune_epochs: epochs of that fine-tune (60: on the 500-sample calibration set of the reference
             ResNet, the searched structure at 0.33x MACs ended 1.1 points below the original on the test
             split after 30 epochs and 0.3 points above it after 60).
+        finetune_device: where torch trains (``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"auto"``); written
+            into the recipe's finetune step, since a GPU-trained model differs from a CPU-trained one
+            by float rounding and a recipe rebuilds byte for byte on the device it names.
         probe_epochs: epochs of the probe fine-tune that ranks the in-budget structures before the best
             get the full one. Default none: on the reference ResNet 6- and 10-epoch probes (of 30) left
             every in-budget structure at chance accuracy (0.10-0.16) while the full fine-tune brought one
@@ -504,6 +508,10 @@ def optimize(
         log.info("labels taken from the 'labels' key of %s", eval_data)
     if max_drop is not None and (labels is None or max_drop < 0):
         raise OnnxpressError("--max-drop needs labels (--labels) and a value >= 0 (accuracy points)")
+    if finetune and recipe is None and finetune_device != "cpu":
+        from onnxpress.bridge.train import resolve_device
+
+        resolve_device(finetune_device)  # a missing GPU is a one-line error now, not after the sensitivity scan
     original = load_model(model)
     refuse_quantized(original, "optimize")
     if is_large(original):
@@ -576,7 +584,8 @@ def optimize(
             if c.picks == picks:
                 return c
         c = space.candidate(bud.kind, picks)
-        c.recipe = space.recipe(picks, method=method, finetune_epochs=finetune_epochs if finetune else None)
+        c.recipe = space.recipe(picks, method=method, finetune_epochs=finetune_epochs if finetune else None,
+                                finetune_device=finetune_device)
         c.note = note
         return c
 

@@ -58,7 +58,7 @@ _KEYS: dict[str, dict[str, Any]] = {
     "prune": {"ratio": None, "criterion": "l2", "multiple": 1},
     "lowrank": {"ranks": None, "data_aware": True, "max_samples": 64, "batch_size": 64},
     "finetune": {"epochs": 6, "lr": 1e-3, "temperature": 4.0, "seed": 0, "max_samples": None, "batch_size": 64,
-                 "patience": 3},
+                 "patience": 3, "device": "cpu"},
     "quantize": {
         "method": "mse",
         "weights": "int8",
@@ -167,6 +167,8 @@ def validate_recipe(recipe: Mapping[str, Any]) -> dict[str, Any]:
                     raise _bad(where, f"{key} must be a positive number, got {full[key]!r}")
             if isinstance(full["seed"], bool) or not isinstance(full["seed"], int):
                 raise _bad(where, f"seed must be an integer, got {full['seed']!r}")
+            if not isinstance(full["device"], str) or not re.fullmatch(r"cpu|auto|cuda(:\d+)?", full["device"]):
+                raise _bad(where, f"device must be cpu, cuda, cuda:N or auto, got {full['device']!r}")
         for key in ("max_samples", "batch_size", "multiple", "epochs", "patience"):
             if key == "max_samples" and name == "finetune" and full[key] is None:
                 continue
@@ -260,7 +262,8 @@ def finetune_in_place(
     the module through torch.onnx, which renames every node, and later steps (``quantize.exclude``)
     name layers; the bridge's writeback export (``OnnxModule.state_to_onnx``, as ``finetune(...,
     exporter="writeback")``) copies the trained initializers into the same graph and keeps every name. Training
-    runs on one torch thread with ``seed``, so the result is reproducible on one machine.
+    runs with ``seed`` on one torch thread (CPU) or on the step's ``device``, so the result is reproducible on
+    one machine.
     """
     from onnxpress.bridge import train as tr
     from onnxpress.bridge.convert import OnnxModule
@@ -272,7 +275,8 @@ def finetune_in_place(
     config = tr.FinetuneConfig(epochs=step["epochs"], lr=step["lr"], batch_size=step["batch_size"],
                                temperature=step["temperature"], hard_weight=0.0, soft_weight=1.0, seed=step["seed"],
                                patience=step["patience"])
-    tr.train_student(module, student, arrays, logits, None, config, threads=1, progress=progress)
+    tr.train_student(module, student, arrays, logits, None, config, threads=1, device=step["device"],
+                     progress=progress)
     return module.state_to_onnx(student)  # the bridge's writeback export: same graph, trained weights
 
 

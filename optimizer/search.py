@@ -471,7 +471,8 @@ class SearchSpace:
         return tuple(picks)
 
     def recipe(self, picks: Sequence[int], *, method: str = "mse", calib_samples: int = 256,
-               moment_samples: int = 64, finetune_epochs: int | None = None) -> dict[str, Any]:
+               moment_samples: int = 64, finetune_epochs: int | None = None,
+               finetune_device: str = "cpu") -> dict[str, Any]:
         """The recipe that builds an assignment.
 
         Steps: prune, lowrank, finetune (when something was pruned or split), quantize. One fine-tune
@@ -493,7 +494,8 @@ class SearchSpace:
             steps.append({"pass": "lowrank", "ranks": dict(sorted(ranks.items())), "max_samples": moment_samples})
         if (ranks or ratios) and finetune_epochs:
             # no early stop: a deeply pruned model sits on a plateau for several epochs before it recovers
-            steps.append({"pass": "finetune", "epochs": finetune_epochs, "patience": finetune_epochs})
+            steps.append({"pass": "finetune", "epochs": finetune_epochs, "patience": finetune_epochs,
+                          "device": finetune_device})
         if any(q in ("int8", "int4", "cb4") for q in quant):
             exclude = sorted(lay.key for lay, q in zip(self.layers, quant, strict=True) if q == "fp32")
             books = sorted(lay.key for lay, q in zip(self.layers, quant, strict=True) if q == "cb4")

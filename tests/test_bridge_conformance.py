@@ -26,16 +26,14 @@ KNOWN_GAPS = {
 }  # fmt: skip
 
 
-def _feed(a):
+def _feed(a, device="cpu"):
     a = np.asarray(a)
-    if a.dtype.kind == "f" and a.dtype != np.float16:
-        return torch.from_numpy(np.array(a))
-    if a.dtype.kind == "b":
-        return torch.from_numpy(np.array(a))
+    if (a.dtype.kind == "f" and a.dtype != np.float16) or a.dtype.kind == "b":
+        return torch.from_numpy(np.array(a)).to(device)
     return a  # integer inputs stay host values, as integer initializers do
 
 
-def _outcomes():
+def _outcomes(device="cpu"):
     from onnx.backend.test.case.node import collect_testcases
 
     with warnings.catch_warnings():
@@ -48,9 +46,9 @@ def _outcomes():
             continue
         inputs, expected = case.data_sets[0]
         try:
-            mod = OnnxModule(case.model)
+            mod = OnnxModule(case.model).to(device)
             with torch.no_grad():
-                got = mod.evaluate([_feed(a) for a in inputs], mod.output_names)
+                got = [g.cpu() for g in mod.evaluate([_feed(a, device) for a in inputs], mod.output_names)]
         except OnnxpressError:
             out[case.name] = "rejected"
             continue
@@ -68,9 +66,16 @@ def _outcomes():
 
 
 @pytest.mark.slow  # builds ~1,900 case models (~20 s on 2 busy cores)
-def test_conformance_cases_match_or_are_refused():
+@pytest.mark.parametrize("device", ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
+def test_conformance_cases_match_or_are_refused(device):
+    """On the CPU, and on CUDA where torch sees a GPU (host constants must follow the graph there)."""
     torch.set_num_threads(1)
-    outcomes = _outcomes()
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # full float32, as the cases
+    try:
+        outcomes = _outcomes(device)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
     counts = collections.Counter(v.split(":")[0] for v in outcomes.values())
     assert counts["ok"] >= 350, counts
     bad = {k: v for k, v in outcomes.items() if v not in ("ok", "rejected") and k not in KNOWN_GAPS}

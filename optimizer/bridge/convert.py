@@ -34,6 +34,7 @@ Semantics kept deliberately simple:
 from __future__ import annotations
 
 import collections
+import contextvars
 import logging
 import math
 import re
@@ -47,7 +48,7 @@ import torch.nn.functional as F
 from onnx import numpy_helper
 from torch import nn
 
-from onnxpress.errors import UnsupportedModelError
+from onnxpress.errors import DataError, UnsupportedModelError
 from onnxpress.model_io import ModelSource, default_opset, load_model, normalize_model
 
 __all__ = ["SUPPORTED_OPS", "OnnxModule", "onnx_to_torch"]
@@ -110,6 +111,17 @@ def _host(values: Iterable[Any]) -> np.ndarray:
     return np.asarray(items, dtype=object)
 
 
+# The device the running graph's tensors live on, set by ``OnnxModule.evaluate`` for the duration of
+# one run: host constants (numpy) that become tensor operands go there. None = the CPU.
+_DEVICE: contextvars.ContextVar[torch.device | None] = contextvars.ContextVar("onnxpress_bridge_device", default=None)
+
+
+def _on_device(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (made on the CPU from host data) on the running graph's device."""
+    device = _DEVICE.get()
+    return t if device is None else t.to(device)
+
+
 def _t(v: Value, like: torch.Tensor | None = None) -> torch.Tensor:
     """A torch tensor from a value (host arrays of concrete numbers only)."""
     if isinstance(v, torch.Tensor):
@@ -117,7 +129,7 @@ def _t(v: Value, like: torch.Tensor | None = None) -> torch.Tensor:
     arr = np.asarray(v)
     if arr.dtype == object:
         raise UnsupportedModelError("a symbolic shape value is used as tensor data; not supported")
-    t = torch.from_numpy(np.array(arr, copy=True))
+    t = _on_device(torch.from_numpy(np.array(arr, copy=True)))
     if like is not None and like.is_floating_point() and not t.is_floating_point():
         t = t.to(like.dtype)
     return t
@@ -555,7 +567,7 @@ def _constant_of_shape(ctx: _Ctx, inputs: list[Value]) -> list[Value]:
     shape = _ints(inputs[0])
     if all(isinstance(s, int) for s in shape) and value.dtype.kind != "f":
         return [np.full(shape, value.reshape(-1)[0], dtype=value.dtype)]
-    return [torch.full(shape, float(value.reshape(-1)[0]), dtype=torch.float32)]
+    return [_on_device(torch.full(shape, float(value.reshape(-1)[0]), dtype=torch.float32))]
 
 
 def _expand(ctx: _Ctx, inputs: list[Value]) -> list[Value]:
@@ -607,7 +619,7 @@ def _qparams(ctx: _Ctx, inputs: list[Value], x: torch.Tensor) -> tuple[torch.Ten
     if ctx.get("block_size") or ctx.get("output_dtype") or zp_arr.dtype.kind not in "iu":
         raise UnsupportedModelError(f"{ctx.op_type} {ctx.name!r}: only (u)int8/16/32 per-tensor/per-axis is supported")
     qmin, qmax = _QRANGE.get(onnx.helper.np_dtype_to_tensor_dtype(zp_arr.dtype), (0, 255))
-    zp = torch.from_numpy(zp_arr.astype(np.float32))
+    zp = torch.from_numpy(zp_arr.astype(np.float32)).to(x.device)
     if scale.requires_grad:  # a learned (LSQ) scale: keep it positive, scale its gradient
         per_scale = max(1, x.numel() // max(1, scale.numel()))
         scale = _grad_scale(scale.abs().clamp_min(1e-12), 1.0 / math.sqrt(per_scale * min(qmax, 2**15)))
@@ -731,7 +743,7 @@ def _resize_nearest(ctx: _Ctx, x: torch.Tensor, kwargs: Mapping[str, Any], coord
         else:
             src = (r + 0.5) / scale
         index = np.clip(rounding(src), 0, size_in - 1).astype(np.int64)
-        x = x.index_select(axis, torch.from_numpy(index))
+        x = x.index_select(axis, torch.from_numpy(index).to(x.device))
     return x
 
 
@@ -862,16 +874,37 @@ class OnnxModule(nn.Module):
             env[name] = getattr(self, key)
         env.update(zip(self.input_names, feeds, strict=True))
         env[""] = None
-        for ctx, ins, outs in self._nodes:
-            args = [env[i] for i in ins]
-            while args and args[-1] is None:  # trailing optional inputs
-                args.pop()
-            results = OPS[ctx.op_type](ctx, args)
-            env.update(zip(outs, results, strict=True))
-        missing = [w for w in wanted if w not in env]
-        if missing:
-            raise UnsupportedModelError(f"no value named {missing[0]!r} in the graph")
-        return [_t(env[w]) for w in wanted]
+        device = self._device(feeds)
+        token = _DEVICE.set(None if device.type == "cpu" else device)
+        try:
+            for ctx, ins, outs in self._nodes:
+                args = [env[i] for i in ins]
+                while args and args[-1] is None:  # trailing optional inputs
+                    args.pop()
+                results = OPS[ctx.op_type](ctx, args)
+                env.update(zip(outs, results, strict=True))
+            missing = [w for w in wanted if w not in env]
+            if missing:
+                raise UnsupportedModelError(f"no value named {missing[0]!r} in the graph")
+            return [_t(env[w]) for w in wanted]
+        finally:
+            _DEVICE.reset(token)
+
+    def _device(self, feeds: Sequence[Any]) -> torch.device:
+        """Where this run's tensors live: the weights' device, else the first tensor feed's.
+
+        Raises:
+            DataError: a tensor feed is on another device than the weights.
+        """
+        weights = next(iter(self.parameters()), None)
+        if weights is None:
+            weights = next(iter(self.buffers()), None)
+        tensors = [f for f in feeds if isinstance(f, torch.Tensor)]
+        device = weights.device if weights is not None else (tensors[0].device if tensors else torch.device("cpu"))
+        stray = [f.device for f in tensors if f.device != device]
+        if stray:
+            raise DataError(f"an input is on {stray[0]} but the module runs on {device}; move the inputs there")
+        return device
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """Graph outputs for positional inputs (one tensor when the graph has one output)."""

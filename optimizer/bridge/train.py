@@ -43,6 +43,7 @@ import copy
 import dataclasses
 import logging
 import math
+import os
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -54,12 +55,13 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from onnxpress.bridge.convert import OnnxModule
-from onnxpress.errors import DataError, UnsupportedModelError
+from onnxpress.errors import DataError, DeviceError, UnsupportedModelError
 from onnxpress.runtime import make_session
 
 __all__ = [
     "FinetuneConfig",
     "FinetuneHistory",
+    "resolve_device",
     "distillation_loss",
     "load_arrays",
     "load_label_array",
@@ -317,19 +319,54 @@ def sparsity_penalty(module: OnnxModule, model: onnx.ModelProto) -> torch.Tensor
     return torch.stack(terms).sum()
 
 
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The torch device to train on: ``"cpu"``, ``"cuda"``, ``"cuda:N"``, or ``"auto"`` (CUDA if present).
+
+    Raises:
+        DeviceError: the name is not a device, or CUDA is asked for and torch sees no CUDA device.
+    """
+    if device is None or (isinstance(device, str) and device.strip().lower() == "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise DeviceError(f"device {device!r} is not a torch device ({exc}); use cpu, cuda, cuda:N or auto") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise DeviceError(f"device {device!r}: the fine-tune bridge trains on cpu or cuda; use one of those")
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not count:
+            raise DeviceError(
+                f"device {device!r} asked for, but this torch ({torch.__version__}) sees no CUDA device; "
+                "use device='cpu', or install a CUDA build of torch on a machine with a GPU"
+            )
+        if dev.index is not None and dev.index >= count:
+            raise DeviceError(f"device {device!r}: torch sees {count} CUDA device(s), numbered from 0")
+    return dev
+
+
 @contextlib.contextmanager
-def _deterministic(seed: int, threads: int | None) -> Iterator[None]:
-    """Seed torch, force deterministic kernels (and a thread count) for a block; restore after."""
+def _deterministic(seed: int, threads: int | None, device: torch.device | None = None) -> Iterator[None]:
+    """Seed torch, force deterministic kernels (and a thread count) for a block; restore after.
+
+    On CUDA, cuBLAS is deterministic only with a fixed workspace (``CUBLAS_WORKSPACE_CONFIG``, set
+    here unless the user set it), and an op with no deterministic CUDA kernel warns instead of
+    failing (``warn_only``): the run still trains, and the warning names the op.
+    """
     was_deterministic = torch.are_deterministic_algorithms_enabled()
+    was_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     old_threads = torch.get_num_threads()
+    cuda = device is not None and device.type == "cuda"
+    if cuda:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.manual_seed(seed)
-    torch.use_deterministic_algorithms(True)
+    torch.use_deterministic_algorithms(True, warn_only=cuda)
     if threads:
         torch.set_num_threads(threads)
     try:
         yield
     finally:
-        torch.use_deterministic_algorithms(was_deterministic)
+        torch.use_deterministic_algorithms(was_deterministic, warn_only=was_warn_only)
         torch.set_num_threads(old_threads)
 
 
@@ -344,9 +381,14 @@ def train_student(
     *,
     teacher_model: onnx.ModelProto | None = None,
     threads: int | None = None,
+    device: str | torch.device | None = "cpu",
     progress: bool = False,
 ) -> FinetuneHistory:
     """Fine-tune ``student`` in place; on return it holds the weights of the best validation epoch.
+
+    Training runs on ``device``; the samples and the teacher's logits go there once per epoch and
+    the batches are cut there. On return the student is back on the CPU, where export and
+    onnxruntime validation run.
 
     Args:
         student: the converted student.
@@ -357,11 +399,14 @@ def train_student(
         config: hyper-parameters.
         teacher_model: needed only for feature distillation (teacher values per batch).
         threads: torch threads during training (None keeps torch's setting).
+        device: ``"cpu"`` (default), ``"cuda"``, ``"cuda:N"`` or ``"auto"`` (see :func:`resolve_device`).
         progress: tqdm bar over steps with the running loss.
 
     Raises:
         DataError: neither teacher logits nor labels; too few samples for a validation split.
+        DeviceError: ``device`` is not available.
     """
+    dev = resolve_device(device)
     if teacher_logits is None and labels is None:
         raise DataError("nothing to learn from: give a teacher model, labels, or both")
     n = len(next(iter(arrays.values())))
@@ -389,36 +434,42 @@ def train_student(
     order = rng.permutation(n)
     val_idx, train_idx = np.sort(order[:n_val]), order[n_val:]
     t_all = None if teacher_logits is None else np.ascontiguousarray(teacher_logits, np.float32)
-    y_all = None if labels is None else torch.from_numpy(labels)
+    y_all = None if labels is None else torch.from_numpy(labels).to(dev)
     hard_w = config.hard_weight if y_all is not None else 0.0
     soft_w = config.soft_weight if t_all is not None else 0.0
     wanted = [student.output_names[0]] + [s for s, _ in feature_pairs]
     x_train = {k: np.ascontiguousarray(arrays[k][train_idx]) for k in student.input_names}
     x_val = {k: np.ascontiguousarray(arrays[k][val_idx]) for k in student.input_names}
-    t_train = None if t_all is None else torch.from_numpy(t_all[train_idx])
-    t_val = None if t_all is None else torch.from_numpy(t_all[val_idx])
-    y_train = None if y_all is None else y_all[torch.from_numpy(train_idx)]
-    y_val = None if y_all is None else y_all[torch.from_numpy(val_idx)]
+    t_train = None if t_all is None else torch.from_numpy(t_all[train_idx]).to(dev)
+    t_val = None if t_all is None else torch.from_numpy(t_all[val_idx]).to(dev)
+    y_train = None if y_all is None else y_all[torch.from_numpy(train_idx).to(dev)]
+    y_val = None if y_all is None else y_all[torch.from_numpy(val_idx).to(dev)]
 
-    def epoch_data() -> tuple[dict[str, np.ndarray], torch.Tensor | None]:
-        """The training split for one epoch: shifted copies (teacher re-run on them once) or as is."""
+    def on_device(xs: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        return {k: torch.from_numpy(xs[k]).to(dev) for k in student.input_names}
+
+    x_val_t = on_device(x_val)
+
+    def epoch_data() -> tuple[dict[str, np.ndarray], dict[str, torch.Tensor], torch.Tensor | None]:
+        """The training split for one epoch, on the host and on the device: shifted copies or as is."""
         if not shift:
-            return x_train, t_train
+            return x_train, on_device(x_train), t_train
         xs = {k: shift_images(a, shift, aug_rng) if a.ndim == 4 else a for k, a in x_train.items()}
         if logit_session is None:
-            return xs, None
+            return xs, on_device(xs), None
         out = logit_session.get_outputs()[0].name
         z = [
             logit_session.run([out], {k: a[s : s + 256] for k, a in xs.items()})[0]
             for s in range(0, len(train_idx), 256)
         ]
-        return xs, torch.from_numpy(np.concatenate(z).astype(np.float32))
+        return xs, on_device(xs), torch.from_numpy(np.concatenate(z).astype(np.float32)).to(dev)
 
     def batch_loss(
-        xs: Mapping[str, np.ndarray], pos: np.ndarray, z_t_all: torch.Tensor | None, y_all_: torch.Tensor | None
-    ) -> torch.Tensor:
-        it = torch.from_numpy(pos)
-        outs = student.evaluate([torch.from_numpy(xs[k])[it] for k in student.input_names], wanted)
+        xs: Mapping[str, np.ndarray], xt: Mapping[str, torch.Tensor], pos: np.ndarray,
+        z_t_all: torch.Tensor | None, y_all_: torch.Tensor | None,
+    ) -> torch.Tensor:  # fmt: skip
+        it = torch.from_numpy(pos).to(dev)
+        outs = student.evaluate([xt[k][it] for k in student.input_names], wanted)
         z_s = outs[0]
         z_t = z_t_all[it] if z_t_all is not None else z_s.detach()
         y = y_all_[it] if y_all_ is not None else None
@@ -434,7 +485,7 @@ def train_student(
                         f"feature pair shapes differ: student {tuple(f_s.shape)} vs teacher {f_t.shape}; "
                         "distil only values whose shapes the compression kept"
                     )
-                loss = loss + config.feature_weight * F.mse_loss(f_s, torch.from_numpy(f_t))
+                loss = loss + config.feature_weight * F.mse_loss(f_s, torch.from_numpy(f_t).to(dev))
         if config.sparsity:
             loss = loss + config.sparsity * sparsity_penalty(student, student_model)
         return loss
@@ -447,14 +498,15 @@ def train_student(
         with torch.no_grad():
             for s in range(0, n_val, 256):
                 pos = np.arange(s, min(s + 256, n_val))
-                total += float(batch_loss(x_val, pos, t_val, y_val)) * len(pos)
+                total += float(batch_loss(x_val, x_val_t, pos, t_val, y_val)) * len(pos)
         return total / n_val
 
     train_hist: list[float] = []
     val_hist: list[float] = []
     steps_per_epoch = -(-len(train_idx) // config.batch_size)
     start = time.perf_counter()
-    with _deterministic(config.seed, threads):
+    student.to(dev)
+    with _deterministic(config.seed, threads, dev):
         params = [p for p in student.parameters() if p.requires_grad]
         opt = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
         total_steps = max(1, config.epochs * steps_per_epoch)
@@ -468,11 +520,11 @@ def train_student(
         for epoch in range(1, config.epochs + 1):
             student.train()
             perm = rng.permutation(len(train_idx))
-            xs, z_t = epoch_data()
+            xs, xt, z_t = epoch_data()
             running = 0.0
             for s in range(0, len(perm), config.batch_size):
                 idx = perm[s : s + config.batch_size]
-                loss = batch_loss(xs, idx, z_t, y_train)
+                loss = batch_loss(xs, xt, idx, z_t, y_train)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -494,6 +546,7 @@ def train_student(
                     break
         bar.close()
         student.load_state_dict(best_state)
+    student.to("cpu")
     student.eval()
     return FinetuneHistory(
         tuple(train_hist), tuple(val_hist), best_epoch, stopped, len(train_idx), n_val, 0.0,

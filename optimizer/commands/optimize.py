@@ -27,6 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--finetune", action="store_true",
                    help="distil the original into each pruned or split candidate on --calib, then quantize (torch)")
     p.add_argument("--finetune-epochs", type=positive_int, default=60, help="epochs of that fine-tune (default 60)")
+    p.add_argument("--finetune-device", default="cpu",
+                   help="where that fine-tune trains: cpu (default), cuda, cuda:N, or auto (recorded in the recipe)")
     p.add_argument("--probe-epochs", type=positive_int,
                    help="epochs of a probe fine-tune ranking in-budget structures (default none: most budget first)")
     p.add_argument("--latency-threads", type=positive_int, default=1,
@@ -47,7 +49,8 @@ def run(args: argparse.Namespace) -> int:
         args.model, args.output, calib=args.calib, eval_data=args.eval_data, labels=args.labels,
         budget=args.budget or ["latency=0.5"], max_drop=args.max_drop, recipe=args.recipe, report=args.report,
         time_limit=args.time_limit, cache_dir=args.cache_dir, finetune=args.finetune,
-        finetune_epochs=args.finetune_epochs, probe_epochs=args.probe_epochs, latency_threads=args.latency_threads,
+        finetune_epochs=args.finetune_epochs, finetune_device=args.finetune_device, probe_epochs=args.probe_epochs,
+        latency_threads=args.latency_threads,
         auto_ranges=args.auto_ranges, dims=dict(args.dims), progress=progress_enabled(args),
     )
     rows = []

@@ -276,6 +276,29 @@ def test_float16_initializer_is_refused():
         OnnxModule(model)
 
 
+@pytest.mark.parametrize("as_constant", [False, True])
+def test_float8_weights_are_refused_by_name(as_constant):
+    """DequantizeLinear(W: float8e4m3fn, s) -> Conv: a float8 model is refused, not a TypeError from torch."""
+    w = helper.make_tensor("W", TensorProto.FLOAT8E4M3FN, [2, 1, 1, 1], [1.0, -0.5])
+    nodes = [
+        helper.make_node("DequantizeLinear", ["W", "s"], ["wd"], axis=0),
+        helper.make_node("Conv", ["X", "wd"], ["Y"]),
+    ]
+    inits = [numpy_helper.from_array(np.array([0.5, 0.25], np.float32), "s")]
+    if as_constant:
+        nodes.insert(0, helper.make_node("Constant", [], ["W"], value=w))
+    else:
+        inits.append(w)
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, 1, 2, 2])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1, 2, 2, 2])], inits,
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+    with pytest.raises(UnsupportedModelError, match="float8|FLOAT8"):
+        mod = OnnxModule(model)
+        mod.evaluate([torch.ones(1, 1, 2, 2)], mod.output_names)
+
+
 def test_input_model_is_not_modified(tmp_path):
     model = tiny_cnn()
     before = model.SerializeToString()

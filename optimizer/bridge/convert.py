@@ -129,7 +129,10 @@ def _t(v: Value, like: torch.Tensor | None = None) -> torch.Tensor:
     arr = np.asarray(v)
     if arr.dtype == object:
         raise UnsupportedModelError("a symbolic shape value is used as tensor data; not supported")
-    t = _on_device(torch.from_numpy(np.array(arr, copy=True)))
+    try:
+        t = _on_device(torch.from_numpy(np.array(arr, copy=True)))
+    except TypeError:  # float8 / 4-bit (ml_dtypes) values, e.g. from a Constant node
+        raise UnsupportedModelError(f"a {arr.dtype} value is used as tensor data; torch cannot hold it") from None
     if like is not None and like.is_floating_point() and not t.is_floating_point():
         t = t.to(like.dtype)
     return t
@@ -816,6 +819,13 @@ class OnnxModule(nn.Module):
                     "the bridge fine-tunes float32 models — convert the model to float32 first"
                 )
             else:
+                try:  # float8 / 4-bit types (ml_dtypes) have no torch tensor: refuse by name, not deep in a run
+                    torch.from_numpy(np.empty(0, dtype=arr.dtype))
+                except TypeError:
+                    raise UnsupportedModelError(
+                        f"initializer {init.name!r} is {onnx.TensorProto.DataType.Name(init.data_type)}, which torch "
+                        "cannot hold; the bridge fine-tunes float32 models with at most int8 Q/DQ"
+                    ) from None
                 self._host[init.name] = arr
         self._nodes = [(_Ctx(n, self.opset), list(n.input), list(n.output)) for n in graph.node]
 

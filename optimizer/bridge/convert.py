@@ -65,7 +65,10 @@ _FROZEN_INPUTS = {
     ("QuantizeLinear", 1), ("QuantizeLinear", 2), ("DequantizeLinear", 1), ("DequantizeLinear", 2),
     ("BatchNormalization", 3), ("BatchNormalization", 4),
 }  # fmt: skip
-_WEIGHT_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization", "LayerNormalization", "PRelu"}
+_WEIGHT_OPS = {
+    "Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization", "LayerNormalization", "PRelu",
+    "InstanceNormalization", "Einsum",
+}  # fmt: skip
 _QRANGE = {
     onnx.TensorProto.UINT8: (0, 255), onnx.TensorProto.INT8: (-128, 127),
     onnx.TensorProto.UINT16: (0, 65535), onnx.TensorProto.INT16: (-32768, 32767),
@@ -518,12 +521,29 @@ def _slice(ctx: _Ctx, inputs: list[Value]) -> list[Value]:
     axes = list(range(len(starts))) if axes is None else [_norm_axis(int(a), rank) for a in axes]
     steps = [1] * len(starts) if steps is None else steps
     index: list[Any] = [slice(None)] * rank
+    backwards: list[tuple[int, slice]] = []
+    big = 2**62
     for start, end, axis, step in zip(starts, ends, axes, steps, strict=True):
-        if step <= 0:
-            raise UnsupportedModelError(f"Slice {ctx.name!r} with step {step}; only positive steps are supported")
-        big = 2**62
-        index[axis] = slice(max(min(start, big), -big), max(min(end, big), -big), step)
-    return [x[tuple(index)]]
+        if step == 0:
+            raise UnsupportedModelError(f"Slice {ctx.name!r} with step 0 is invalid ONNX")
+        window = slice(max(min(start, big), -big), max(min(end, big), -big), step)
+        if step > 0:
+            index[axis] = window
+        else:
+            backwards.append((axis, window))
+    out = x[tuple(index)]
+    for axis, window in backwards:  # torch has no negative steps: gather the indices ONNX's clamping gives
+        size = out.shape[axis]
+        if not isinstance(size, (int, np.integer)):
+            raise UnsupportedModelError(f"Slice {ctx.name!r}: a negative step over a symbolic size is not supported")
+        first = min(max(window.start + size if window.start < 0 else window.start, 0), size - 1)
+        stop = min(max(window.stop + size if window.stop < 0 else window.stop, -1), size - 1)
+        picks = np.arange(first, stop, window.step, dtype=np.int64)
+        if _is_host(out):
+            out = np.take(out, picks, axis=axis)
+        else:
+            out = out.index_select(axis, torch.from_numpy(picks).to(out.device))
+    return [out]
 
 
 def _gather(ctx: _Ctx, inputs: list[Value]) -> list[Value]:
@@ -670,46 +690,306 @@ OPS: dict[str, OpFn] = {
     "Expand": _expand, "Where": _where, "Identity": _identity, "Dropout": _dropout,
     "QuantizeLinear": _quantize, "DequantizeLinear": _dequantize,
 }  # fmt: skip
-SUPPORTED_OPS: frozenset[str] = frozenset(OPS) | {"Resize"}
+
+
+# ----------------------------------------------------------------------------- more ops (real exports)
+# U-Nets and separators normalise per instance; GPT/T5/LLaMA exports build causal masks and relative
+# positions from Range, Trilu, Mod and comparisons; TCNs pad explicitly and normalise weights with
+# ReduceL2. Each runs on host values too (shape arithmetic), and onnx's node cases check them all.
+def _instance_norm(ctx: _Ctx, inputs: list[Value]) -> list[Value]:
+    x, scale, bias = (_t(v) for v in inputs[:3])
+    return [F.instance_norm(x, weight=scale, bias=bias, eps=float(ctx.get("epsilon", 1e-5)))]
+
+
+def _reduce_more(kind: str, axes_input_from: int) -> OpFn:
+    """ReduceL1 / ReduceL2 / ReduceSumSquare / ReduceLogSumExp / ReduceProd (empty axes as ONNX says)."""
+
+    def op(ctx: _Ctx, inputs: list[Value]) -> list[Value]:
+        x = _t(inputs[0])
+        axes = _axes(ctx, inputs, 1) if ctx.opset >= axes_input_from else ctx.get("axes")
+        keep = bool(ctx.get("keepdims", 1))
+        if not axes:
+            if ctx.get("noop_with_empty_axes", 0):
+                return [x]
+            axes = list(range(x.dim()))
+        dims = tuple(_norm_axis(int(a), x.dim()) for a in axes)
+        if 0 in [x.shape[d] for d in dims]:
+            raise UnsupportedModelError(f"{ctx.op_type} {ctx.name!r} over an empty axis; not supported")
+        if kind == "l1":
+            return [x.abs().sum(dim=dims, keepdim=keep)]
+        if kind == "l2":
+            return [torch.sqrt((x * x).sum(dim=dims, keepdim=keep))]
+        if kind == "sumsquare":
+            return [(x * x).sum(dim=dims, keepdim=keep)]
+        if kind == "logsumexp":
+            return [torch.logsumexp(x, dim=dims, keepdim=keep)]
+        y = x
+        for d in sorted(dims, reverse=True):
+            y = y.prod(dim=d, keepdim=keep)
+        return [y]
+
+    return op
+
+
+def _pad(ctx: _Ctx, inputs: list[Value]) -> list[Value]:
+    x = _t(inputs[0])
+    mode = ctx.get("mode", "constant")
+    if ctx.opset < 11:
+        pads, value, axes = list(ctx.get("pads")), float(ctx.get("value", 0.0)), None
+    else:
+        pads = [int(p) for p in _ints(inputs[1])]
+        value_v = _opt(inputs, 2)
+        value = 0.0 if value_v is None or _static(value_v).size == 0 else float(_static(value_v).reshape(-1)[0])
+        axes_v = _opt(inputs, 3)
+        axes = None if axes_v is None else [_norm_axis(int(a), x.dim()) for a in _ints(axes_v)]
+    axes = list(range(x.dim())) if axes is None else axes
+    n = len(axes)
+    if len(pads) != 2 * n:
+        raise UnsupportedModelError(f"Pad {ctx.name!r}: {len(pads)} pads for {n} axes")
+    if mode == "constant":
+        spec: list[int] = []  # F.pad takes (begin, end) pairs from the last axis backwards
+        for d in range(x.dim() - 1, -1, -1):
+            k = axes.index(d) if d in axes else None
+            spec += [0, 0] if k is None else [pads[k], pads[k + n]]
+        if not x.is_floating_point() and value != int(value):
+            raise UnsupportedModelError(f"Pad {ctx.name!r}: a fractional value pads an integer tensor")
+        return [F.pad(x, spec, value=value if x.is_floating_point() else int(value))]
+    if mode not in ("reflect", "edge", "wrap"):
+        raise UnsupportedModelError(f"Pad {ctx.name!r}: mode {mode!r} is not supported")
+    for k, d in enumerate(axes):  # edge/reflect/wrap as an index map per axis; negative pads crop first
+        begin, end = pads[k], pads[k + n]
+        if begin < 0 or end < 0:
+            x = x.narrow(d, max(-begin, 0), x.shape[d] - max(-begin, 0) - max(-end, 0))
+            begin, end = max(begin, 0), max(end, 0)
+        if not begin and not end:
+            continue  # untouched axes may be symbolic (the batch)
+        size = x.shape[d]
+        src = np.arange(-begin, size + end)
+        if mode == "edge":
+            src = np.clip(src, 0, size - 1)
+        elif mode == "wrap":
+            src = np.mod(src, size)
+        else:
+            if size < 2 and (begin or end):
+                raise UnsupportedModelError(f"Pad {ctx.name!r}: reflect needs at least 2 values on axis {d}")
+            period = 2 * (size - 1) if size > 1 else 1
+            src = np.mod(src, period)
+            src = np.where(src >= size, period - src, src)
+        x = x.index_select(d, torch.from_numpy(src.astype(np.int64)).to(x.device))
+    return [x]
+
+
+def _range(ctx: _Ctx, inputs: list[Value]) -> list[Value]:
+    start, limit, delta = inputs
+    if all(_is_host(v) for v in inputs) and all(np.asarray(v).dtype != object for v in inputs):
+        a, b, c = (np.asarray(v).reshape(()) for v in inputs)
+        count = max(int(np.ceil((b - a) / c)), 0)
+        return [(a + c * np.arange(count)).astype(np.result_type(a, b, c))]
+    if all(_is_host(v) for v in inputs):  # a symbolic limit: a tensor of that length
+        a, b, c = (np.asarray(v).reshape(()).item() for v in inputs)
+        return [_on_device(torch.arange(a, b, c))]
+    a, b, c = (_t(v).reshape(()) for v in inputs)
+    return [torch.arange(a.item(), b.item(), c.item(), dtype=a.dtype, device=a.device)]
+
+
+def _trilu(ctx: _Ctx, inputs: list[Value]) -> list[Value]:
+    x = inputs[0]
+    k_v = _opt(inputs, 1)
+    k = 0 if k_v is None else int(np.asarray(_static(k_v)).reshape(-1)[0])
+    upper = bool(ctx.get("upper", 1))
+    if _is_host(x):
+        return [np.triu(x, k) if upper else np.tril(x, k)]
+    return [torch.triu(x, k) if upper else torch.tril(x, k)]
+
+
+def _mod(ctx: _Ctx, inputs: list[Value]) -> list[Value]:
+    a, b = inputs
+    fmod = bool(ctx.get("fmod", 0))
+    if not fmod and any(np.asarray(v).dtype.kind == "f" if _is_host(v) else v.is_floating_point() for v in (a, b)):
+        raise UnsupportedModelError(f"Mod {ctx.name!r}: a float Mod with fmod=0 is not supported; export with fmod=1")
+    if _is_host(a) and _is_host(b):
+        return [np.asarray(np.fmod(a, b) if fmod else np.mod(a, b))]
+    a = _t(a, _t(b) if not _is_host(b) else None)
+    b = _t(b, a)
+    return [torch.fmod(a, b) if fmod else torch.remainder(a, b)]
+
+
+def _tile(ctx: _Ctx, inputs: list[Value]) -> list[Value]:
+    x, reps = inputs[0], [int(r) for r in _ints(inputs[1])]
+    if _is_host(x):
+        return [np.tile(x, reps)]
+    return [x.repeat(*reps)]
+
+
+def _einsum(ctx: _Ctx, inputs: list[Value]) -> list[Value]:
+    equation = str(ctx.get("equation")).replace(" ", "")
+    if any(_is_host(v) and np.asarray(v).dtype.kind not in "biuf" for v in inputs):
+        raise UnsupportedModelError(f"Einsum {ctx.name!r} on {np.asarray(inputs[0]).dtype} values is not supported")
+    if all(_is_host(v) for v in inputs):
+        return [np.asarray(np.einsum(equation, *inputs))]
+    tensors = [_t(v) for v in inputs]
+    if not all(t.is_floating_point() for t in tensors):
+        raise UnsupportedModelError(f"Einsum {ctx.name!r} on integer tensors is not supported")
+    return [torch.einsum(equation, *tensors)]
+
+
+def _gather_elements(ctx: _Ctx, inputs: list[Value]) -> list[Value]:
+    data, idx = inputs
+    axis = int(ctx.get("axis", 0))
+    if _is_host(data) and _is_host(idx):
+        idx = np.asarray(idx).astype(np.int64)
+        axis = _norm_axis(axis, np.ndim(data))
+        return [np.take_along_axis(data, np.where(idx < 0, idx + np.shape(data)[axis], idx), axis=axis)]
+    data = _t(data)
+    axis = _norm_axis(axis, data.dim())
+    index = _t(idx).long().to(data.device)
+    return [torch.gather(data, axis, torch.where(index < 0, index + data.shape[axis], index))]
+
+
+def _cumsum(ctx: _Ctx, inputs: list[Value]) -> list[Value]:
+    x = inputs[0]
+    axis = int(np.asarray(_static(inputs[1])).reshape(-1)[0])
+    exclusive, reverse = bool(ctx.get("exclusive", 0)), bool(ctx.get("reverse", 0))
+    if _is_host(x):
+        if x.dtype == object:
+            raise UnsupportedModelError(f"CumSum {ctx.name!r} over symbolic sizes is not supported")
+        x = torch.from_numpy(np.array(x))
+        return [_cumsum_t(x, axis, exclusive, reverse).numpy()]
+    return [_cumsum_t(x, axis, exclusive, reverse)]
+
+
+def _cumsum_t(x: torch.Tensor, axis: int, exclusive: bool, reverse: bool) -> torch.Tensor:
+    axis = _norm_axis(axis, x.dim())
+    y = torch.flip(x, [axis]) if reverse else x
+    out = torch.cumsum(y, dim=axis).to(x.dtype)
+    if exclusive:
+        out = out - y
+    return torch.flip(out, [axis]) if reverse else out
+
+
+def _logical(fn_host: Callable[[Any, Any], Any], fn: Callable[[Any, Any], Any]) -> OpFn:
+    return _binary(fn_host, lambda a, b: fn(a.bool(), b.bool()))
+
+
+OPS.update({
+    "InstanceNormalization": _instance_norm,
+    "ReduceL1": _reduce_more("l1", 18), "ReduceL2": _reduce_more("l2", 18),
+    "ReduceSumSquare": _reduce_more("sumsquare", 18), "ReduceLogSumExp": _reduce_more("logsumexp", 18),
+    "ReduceProd": _reduce_more("prod", 18),
+    "Pad": _pad, "Range": _range, "Trilu": _trilu, "Mod": _mod, "Tile": _tile, "Einsum": _einsum,
+    "GatherElements": _gather_elements, "CumSum": _cumsum,
+    "Greater": _binary(np.greater, torch.gt), "Less": _binary(np.less, torch.lt),
+    "GreaterOrEqual": _binary(np.greater_equal, torch.ge), "LessOrEqual": _binary(np.less_equal, torch.le),
+    "And": _logical(np.logical_and, torch.logical_and), "Or": _logical(np.logical_or, torch.logical_or),
+    "Xor": _logical(np.logical_xor, torch.logical_xor),
+    "Not": lambda ctx, inputs: [np.logical_not(inputs[0]) if _is_host(inputs[0]) else torch.logical_not(inputs[0])],
+    "Floor": _unary(torch.floor), "Ceil": _unary(torch.ceil), "Round": _unary(torch.round),
+    "Sin": _unary(torch.sin), "Cos": _unary(torch.cos), "Sign": _unary(torch.sign),
+    "Mish": _unary(F.mish), "Softsign": _unary(F.softsign),
+})  # fmt: skip
+SUPPORTED_OPS: frozenset[str] = frozenset(OPS) | {"Resize", "Upsample"}
 
 
 def _resize(ctx: _Ctx, inputs: list[Value]) -> list[Value]:
     x = _t(inputs[0])
     mode = ctx.get("mode", "nearest")
-    coord = ctx.get("coordinate_transformation_mode", "half_pixel")
     policy = ctx.get("keep_aspect_ratio_policy", "stretch")
     if ctx.get("antialias", 0) or ctx.get("axes") is not None or policy != "stretch":
         raise UnsupportedModelError(f"Resize {ctx.name!r}: antialias/axes/keep_aspect_ratio_policy are not supported")
+    if ctx.opset < 11:  # Resize-10: always the asymmetric grid, nearest rounding as onnxruntime's (see below)
+        coord, nearest = "asymmetric", None
+    else:
+        coord = ctx.get("coordinate_transformation_mode", "half_pixel")
+        nearest = ctx.get("nearest_mode", "round_prefer_floor")
     scales_v = _opt(inputs, 2) if ctx.opset >= 11 else _opt(inputs, 1)
     sizes_v = _opt(inputs, 3)
-    spatial = x.dim() - 2
     kwargs: dict[str, Any] = {}
     if sizes_v is not None and _static(sizes_v).size:
         sizes = _ints(sizes_v)
         kwargs["size"] = [int(s) for s in sizes[2:]]
     else:
-        scales = [float(s) for s in _static(scales_v).reshape(-1)]
-        if scales[:2] != [1.0, 1.0]:
-            raise UnsupportedModelError(f"Resize {ctx.name!r} scales batch/channel dims; not supported")
-        kwargs["scale_factor"] = scales[2:]
+        kwargs["scale_factor"] = _spatial_scales(ctx, _static(scales_v))
         kwargs["recompute_scale_factor"] = False
+    return [_resize_apply(ctx, x, mode, coord, nearest, kwargs)]
+
+
+def _upsample(ctx: _Ctx, inputs: list[Value]) -> list[Value]:
+    """Upsample-7/9: Resize on the asymmetric grid (scales from the attribute, or input 1 from opset 9)."""
+    x = _t(inputs[0])
+    scales = np.asarray(ctx.get("scales") if ctx.opset < 9 else _static(inputs[1]), dtype=np.float64)
+    mode = {"bilinear": "linear"}.get(ctx.get("mode", "nearest"), ctx.get("mode", "nearest"))
+    kwargs = {"scale_factor": _spatial_scales(ctx, scales), "recompute_scale_factor": False}
+    return [_resize_apply(ctx, x, mode, "asymmetric", None, kwargs)]
+
+
+def _spatial_scales(ctx: _Ctx, scales: np.ndarray) -> list[float]:
+    values = [float(v) for v in np.asarray(scales).reshape(-1)]
+    if values[:2] != [1.0, 1.0]:
+        raise UnsupportedModelError(f"{ctx.op_type} {ctx.name!r} scales batch/channel dims; not supported")
+    return values[2:]
+
+
+def _resize_apply(
+    ctx: _Ctx, x: torch.Tensor, mode: str, coord: str, nearest: str | None, kwargs: Mapping[str, Any]
+) -> torch.Tensor:
+    """Resize ``x`` over its spatial axes.
+
+    ``nearest=None`` is the rounding before opset 11, which onnxruntime takes as floor when every scale
+    is >= 1 and ceil when every one is <= 1 (``upsamplebase.h``; ``onnxpress.model_io``'s opset upgrade
+    writes the same); a mix has no equivalent and is refused.
+    """
+    spatial = x.dim() - 2
+    if "size" in kwargs:
+        out_sizes = [int(o) for o in kwargs["size"]]
+    else:
+        out_sizes = [math.floor(int(d) * f) for d, f in zip(x.shape[2:], kwargs["scale_factor"], strict=True)]
     if mode == "nearest":
-        return [_resize_nearest(ctx, x, kwargs, coord)]
+        if nearest is None:
+            factors = [o / int(d) for o, d in zip(out_sizes, x.shape[2:], strict=True)] if "size" in kwargs else list(
+                kwargs["scale_factor"])  # fmt: skip
+            if all(f >= 1 for f in factors):
+                nearest = "floor"
+            elif all(f <= 1 for f in factors):
+                nearest = "ceil"
+            else:
+                raise UnsupportedModelError(f"{ctx.op_type} {ctx.name!r}: nearest up along one axis and down along "
+                                            "another (before opset 11) is not supported")  # fmt: skip
+        return _resize_nearest(ctx, x, kwargs, coord, nearest)
     if mode == "linear" and spatial in (1, 2, 3):
-        if "size" in kwargs:
-            out_sizes = kwargs["size"]
-        else:
-            out_sizes = [math.floor(int(d) * f) for d, f in zip(x.shape[2:], kwargs["scale_factor"], strict=True)]
         if coord in ("align_corners", "pytorch_half_pixel") and any(o == 1 for o in out_sizes):
             raise UnsupportedModelError(f"Resize {ctx.name!r}: {coord} to an output size of 1 is not supported")
         torch_mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[spatial]
         if coord in ("half_pixel", "pytorch_half_pixel"):
-            return [F.interpolate(x, mode=torch_mode, align_corners=False, **kwargs)]
+            return F.interpolate(x, mode=torch_mode, align_corners=False, **kwargs)
         if coord == "align_corners":
-            return [F.interpolate(x, mode=torch_mode, align_corners=True, **kwargs)]
+            return F.interpolate(x, mode=torch_mode, align_corners=True, **kwargs)
+        if coord == "asymmetric":
+            return _linear_asymmetric(x, kwargs, out_sizes)
     raise UnsupportedModelError(
-        f"Resize {ctx.name!r}: mode={mode} coordinate_transformation_mode={coord} is not supported"
+        f"{ctx.op_type} {ctx.name!r}: mode={mode} coordinate_transformation_mode={coord} is not supported"
     )
+
+
+def _linear_asymmetric(x: torch.Tensor, kwargs: Mapping[str, Any], out_sizes: Sequence[int]) -> torch.Tensor:
+    """Linear interpolation on ``x_in = x_out / scale`` (clamped to the last pixel), one spatial axis at a time.
+
+    torch's ``interpolate`` has no asymmetric grid; a separable blend of two gathered neighbours is exact
+    for (bi/tri)linear, which is a product of 1-D linear interpolations.
+    """
+    for k, size_out in enumerate(out_sizes):
+        axis = k + 2
+        size_in = int(x.shape[axis])
+        scale = size_out / size_in if "size" in kwargs else float(kwargs["scale_factor"][k])
+        src = np.clip(np.arange(size_out, dtype=np.float64) / scale, 0, size_in - 1)
+        lo = np.floor(src).astype(np.int64)
+        hi = np.minimum(lo + 1, size_in - 1)
+        shape = [1] * x.dim()
+        shape[axis] = size_out
+        w = torch.from_numpy((src - lo).astype(np.float32)).to(device=x.device, dtype=x.dtype).reshape(shape)
+        a = x.index_select(axis, torch.from_numpy(lo).to(x.device))
+        b = x.index_select(axis, torch.from_numpy(hi).to(x.device))
+        x = a + (b - a) * w
+    return x
 
 
 _NEAREST = {
@@ -720,9 +1000,11 @@ _NEAREST = {
 }
 
 
-def _resize_nearest(ctx: _Ctx, x: torch.Tensor, kwargs: Mapping[str, Any], coord: str) -> torch.Tensor:
+def _resize_nearest(
+    ctx: _Ctx, x: torch.Tensor, kwargs: Mapping[str, Any], coord: str, nearest: str
+) -> torch.Tensor:
     """Nearest Resize by gathering precomputed source indices per spatial axis (static sizes)."""
-    rounding = _NEAREST.get(ctx.get("nearest_mode", "round_prefer_floor"))
+    rounding = _NEAREST.get(nearest)
     if rounding is None or coord not in ("half_pixel", "pytorch_half_pixel", "align_corners", "asymmetric",
                                          "tf_half_pixel_for_nn"):  # fmt: skip
         raise UnsupportedModelError(f"Resize {ctx.name!r}: nearest with {coord} is not supported")
@@ -751,6 +1033,7 @@ def _resize_nearest(ctx: _Ctx, x: torch.Tensor, kwargs: Mapping[str, Any], coord
 
 
 OPS["Resize"] = _resize
+OPS["Upsample"] = _upsample
 
 
 # ----------------------------------------------------------------------------- the module

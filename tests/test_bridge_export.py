@@ -169,3 +169,27 @@ def test_qat_scales_after_clip_stay_inside_the_clip_range(tmp_path):
     make_session(out, optimized_model_path=str(optimized))
     ops = collections.Counter(n.op_type for n in onnx.load(str(optimized)).graph.node)
     assert ops["QLinearConv"] == 2 and ops["Clip"] == 0, ops
+
+
+def test_dynamo_export_of_a_model_whose_output_name_torch_also_generates():
+    """X -> Conv -> Relu -> Reshape -> "relu": torch.onnx also names the Relu's own output "relu".
+
+    With ``output_names=["relu"]`` torch 2.13 wrote two values named "relu" (a cycle that onnx-graphsurgeon
+    refused; pytorch/pytorch#158094): a dynamo-exported separator could not be fine-tuned with the default
+    exporter. The export is now a valid model equal to the module.
+    """
+    from onnx import helper
+
+    from tests.graphs import make_model
+
+    w = np.random.default_rng(0).standard_normal((4, 1, 3, 3)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["X", "W"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("Reshape", ["r", "shape"], ["relu"])]  # fmt: skip
+    model = make_model(nodes, [("X", ["N", 1, 6, 6])], [("relu", ["N", 144])], {"W": w, "shape": np.array([-1, 144])})
+    mod = _perturbed_module(model)
+    out = export_module(mod, model, [tiny_data(4)[:, :, :6, :6]])
+    onnx.checker.check_model(out)
+    names = collections.Counter(o for n in out.graph.node for o in n.output)
+    assert max(names.values()) == 1 and [o.name for o in out.graph.output] == ["relu"]
+    x = tiny_data(3, seed=5)[:, :, :6, :6]
+    assert validate_against_module(out, mod, {"X": x}) <= 1e-4

@@ -88,7 +88,12 @@ def export_module(
         "external_data": False,
     }
     if exporter == "dynamo":
-        kwargs.update(dynamo=True, dynamic_shapes=_dynamic_shapes(like, module.input_names), verbose=False)
+        # torch.onnx (dynamo) names a graph output after output_names without checking that its own value
+        # names are free: a re-export of a dynamo model whose output is "view_2" produced two "view_2"
+        # values (a cycle; pytorch/pytorch#158094, #168211, still in torch 2.13). Export under names no
+        # generated value can take and rename afterwards (_rename_outputs)
+        kwargs.update(dynamo=True, dynamic_shapes=_dynamic_shapes(like, module.input_names), verbose=False,
+                      output_names=[f"onnxpress.output.{i}" for i in range(len(module.output_names))])  # fmt: skip
     elif exporter == "torchscript":
         axes = {}
         for inp in like.graph.input:
@@ -116,12 +121,36 @@ def export_module(
         raise UnsupportedModelError(f"torch.onnx.export ({exporter}) failed: {first}") from None
     finally:
         torch_onnx_log.setLevel(old_level)
+    if exporter == "dynamo":
+        _rename_outputs(proto, dict(zip(kwargs["output_names"], module.output_names, strict=True)))
     _restore_names(proto, module)
     proto = normalize_model(proto, min_opset=None)
     if cleanup:
         proto = run_passes(proto, cleanup_passes()).model
     proto.producer_name = "onnxpress.finetune"
     return proto
+
+
+def _rename_outputs(proto: onnx.ModelProto, names: Mapping[str, str]) -> None:
+    """Give the graph outputs their wanted names (in place), first moving any value that holds one aside."""
+    graph = proto.graph
+    values = {o for n in graph.node for o in n.output} | {i.name for i in graph.input} | {
+        i.name for i in graph.initializer}  # fmt: skip
+    aside: dict[str, str] = {}
+    for wanted in names.values():
+        if wanted in values and wanted not in names:
+            k = 1
+            while f"{wanted}.{k}" in values:
+                k += 1
+            aside[wanted] = f"{wanted}.{k}"
+            values.add(aside[wanted])
+    rename = {**aside, **names}
+    for node in graph.node:
+        node.input[:] = [rename.get(n, n) for n in node.input]
+        node.output[:] = [rename.get(n, n) for n in node.output]
+    for seq in (graph.input, graph.output, graph.value_info, graph.initializer):
+        for item in seq:
+            item.name = rename.get(item.name, item.name)
 
 
 def _restore_names(proto: onnx.ModelProto, module: OnnxModule) -> None:

@@ -26,7 +26,7 @@ import onnx
 from onnxpress.errors import UnsupportedModelError
 from onnxpress.model_io import ModelSource, check_output_path, load_model, normalize_model, save_model
 
-__all__ = ["FinetuneResult", "finetune", "sqnr_db"]
+__all__ = ["FinetuneResult", "finetune", "kl_nats", "sqnr_db"]
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,8 @@ class FinetuneResult:
         export_max_diff: max |Δ| between the written model on onnxruntime and the fine-tuned module
             (≤ 1e-4 for float exports; QAT exports are held to SQNR ≥ ``QAT_MIN_SQNR_DB`` instead).
         metrics: teacher agreement before/after on the data given (``sqnr_db_before/after``,
-            ``accuracy_before/after`` when labels are given, ``teacher_accuracy``); the float path
+            ``kl_before/after``: mean KL(teacher ‖ student) of the softmax over the last axis in nats,
+            ``agreement_after``, ``accuracy_before/after`` when labels are given, ``teacher_accuracy``); the float path
             measures them on onnxruntime (student as given, written model), QAT on the module.
     """
 
@@ -63,6 +64,16 @@ def sqnr_db(reference: np.ndarray, candidate: np.ndarray) -> float:
     noise = float(np.sum((ref - candidate.astype(np.float64)) ** 2))
     signal = float(np.sum(ref**2))
     return float("inf") if noise == 0 else 10.0 * float(np.log10(signal / noise))
+
+
+def kl_nats(teacher: np.ndarray, student: np.ndarray) -> float:
+    """Mean ``KL(softmax(teacher) ‖ softmax(student))`` over the last axis, in nats (float64)."""
+    t, s = teacher.astype(np.float64), student.astype(np.float64)
+    log_t = t - t.max(-1, keepdims=True)
+    log_t -= np.log(np.exp(log_t).sum(-1, keepdims=True))
+    log_s = s - s.max(-1, keepdims=True)
+    log_s -= np.log(np.exp(log_s).sum(-1, keepdims=True))
+    return float(np.mean(np.sum(np.exp(log_t) * (log_t - log_s), axis=-1)))
 
 
 def finetune(
@@ -161,6 +172,14 @@ def finetune(
     arrays = tr.load_arrays(data, student_proto, max_samples=max_samples)
     n = len(next(iter(arrays.values())))
     label_arr = None if labels is None else tr.load_label_array(labels, n)
+    if label_arr is not None and len(student_proto.graph.output[0].type.tensor_type.shape.dim) not in (0, 2):
+        from onnxpress.errors import DataError
+
+        raise DataError(
+            "labels are one class per sample, for [samples, classes] logits; this model's first output has "
+            f"rank {len(student_proto.graph.output[0].type.tensor_type.shape.dim)}: fine-tune it without labels "
+            "(distillation from the teacher alone)"
+        )
 
     start = time.perf_counter()
     teacher_logits = None
@@ -203,12 +222,16 @@ def finetune(
     if teacher_logits is not None:
         metrics["sqnr_db_before"] = sqnr_db(teacher_logits, before)
         metrics["sqnr_db_after"] = sqnr_db(teacher_logits, after)
-        metrics["agreement_after"] = float(np.mean(teacher_logits.argmax(1) == after.argmax(1)))
+        metrics["agreement_after"] = float(np.mean(teacher_logits.argmax(-1) == after.argmax(-1)))
+        # what distillation minimises (at T = 1): the logits' SQNR can fall while the distributions meet
+        # (a language model's low-rank student: KL 6.76 -> 0.26 nats while its SQNR went 4.3 -> 0.8 dB)
+        metrics["kl_before"] = kl_nats(teacher_logits, before)
+        metrics["kl_after"] = kl_nats(teacher_logits, after)
     if label_arr is not None:
-        metrics["accuracy_before"] = float(np.mean(before.argmax(1) == label_arr))
-        metrics["accuracy_after"] = float(np.mean(after.argmax(1) == label_arr))
+        metrics["accuracy_before"] = float(np.mean(before.argmax(-1) == label_arr))
+        metrics["accuracy_after"] = float(np.mean(after.argmax(-1) == label_arr))
         if teacher_logits is not None:
-            metrics["teacher_accuracy"] = float(np.mean(teacher_logits.argmax(1) == label_arr))
+            metrics["teacher_accuracy"] = float(np.mean(teacher_logits.argmax(-1) == label_arr))
     written = save_model(model, output) if output is not None else None
     return FinetuneResult(model, written, history, diff, metrics)
 

@@ -173,3 +173,15 @@ def test_cuda_recipe_finetune_rebuilds_byte_for_byte(files):
     a = apply_recipe(files["teacher"], recipe, str(files["data"]))
     b = apply_recipe(files["teacher"], json.loads(json.dumps(recipe)), str(files["data"]))
     assert _digest(a) == _digest(b)
+
+
+@needs_cuda
+def test_cuda_finetune_of_a_token_model():
+    """int64 token ids go to the GPU with the batches; the student's softmax meets the teacher's."""
+    from tests.test_finetune import _token_model
+
+    ids = np.random.default_rng(3).integers(0, 50, (128, 6)).astype(np.int64)
+    res = onnxpress.finetune(_token_model(0, noise=0.5), _token_model(0), {"ids": ids}, epochs=8, lr=3e-2,
+                             batch_size=32, exporter="writeback", device="cuda")  # fmt: skip
+    assert res.export_max_diff <= 1e-4
+    assert res.metrics["kl_after"] < 0.25 * res.metrics["kl_before"]

@@ -120,3 +120,64 @@ def test_cli_finetune_rejects_out_of_range_numbers(files, tmp_path, capsys, flag
               flag, value])  # fmt: skip
     assert exit_info.value.code == 2
     assert flag in capsys.readouterr().err
+
+
+def _token_model(seed: int, noise: float = 0.0, per_token: bool = False) -> onnx.ModelProto:
+    """ids [N, 6] int64 -> Gather(E [50, 8]) -> ReduceMean over tokens -> Gemm -> logits [N, 5].
+
+    ``per_token``: Gather -> MatMul -> logits [N, 6, 50] (a language model's next-token scores).
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    r = np.random.default_rng(seed)
+    e = r.standard_normal((50, 8)).astype(np.float32)
+    w = r.standard_normal((8, 50 if per_token else 5)).astype(np.float32)
+    e, w = e + noise * r.standard_normal(e.shape).astype(np.float32), w + noise * r.standard_normal(w.shape).astype(
+        np.float32)  # fmt: skip
+    if per_token:
+        nodes = [helper.make_node("Gather", ["E", "ids"], ["h"]), helper.make_node("MatMul", ["h", "W"], ["logits"])]
+        out_shape = ["N", 6, 50]
+    else:
+        nodes = [helper.make_node("Gather", ["E", "ids"], ["h"]),
+                 helper.make_node("ReduceMean", ["h", "axes"], ["m"], keepdims=0),
+                 helper.make_node("MatMul", ["m", "W"], ["logits"])]  # fmt: skip
+        out_shape = ["N", 5]
+    inits = [numpy_helper.from_array(e, "E"), numpy_helper.from_array(w, "W"),
+             numpy_helper.from_array(np.array([1], np.int64), "axes")]  # fmt: skip
+    graph = helper.make_graph(nodes, "tokens", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", 6])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, out_shape)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+@pytest.mark.parametrize("exporter", ["writeback", "dynamo"])
+def test_finetune_takes_token_ids(exporter):
+    """A token model (int64 ids into an embedding): distillation brings the student's softmax to the teacher's."""
+    ids = np.random.default_rng(3).integers(0, 50, (128, 6)).astype(np.int64)
+    res = onnxpress.finetune(_token_model(0, noise=0.5), _token_model(0), {"ids": ids}, epochs=8, lr=3e-2,
+                             batch_size=32, threads=1, exporter=exporter)  # fmt: skip
+    m = res.metrics
+    assert res.export_max_diff <= 1e-4
+    assert m["kl_after"] < 0.25 * m["kl_before"]  # 0.168 -> 0.013 nats when written
+    assert m["agreement_after"] > 0.5
+    assert [i.type.tensor_type.elem_type for i in res.model.graph.input] == [onnx.TensorProto.INT64]
+
+
+def test_finetune_token_data_errors():
+    ids = np.random.default_rng(3).integers(0, 50, (32, 6))
+    with pytest.raises(DataError, match="'ids' is float64 but the model takes int64"):
+        onnxpress.finetune(_token_model(0, 0.5), _token_model(0), {"ids": ids.astype(np.float64)}, epochs=1)
+    with pytest.raises(DataError, match="'input' is int64 but the model takes float"):
+        onnxpress.finetune(tiny_cnn(noise=0.5), tiny_cnn(), {"input": np.zeros((8, 1, 8, 8), np.int64)}, epochs=1)
+    lm = _token_model(0, 0.5, per_token=True)
+    with pytest.raises(DataError, match="fine-tune it without labels"):
+        onnxpress.finetune(lm, _token_model(0, per_token=True), {"ids": ids}, labels=np.zeros(32, np.int64), epochs=1)
+
+
+def test_kl_nats():
+    from onnxpress.finetune import kl_nats
+
+    z = np.array([[2.0, 0.0], [0.0, 0.0]])
+    assert kl_nats(z, z) == pytest.approx(0.0, abs=1e-12)
+    p = np.exp(2) / (np.exp(2) + 1)  # KL(softmax([2, 0]) || [1/2, 1/2]) = p log 2p + (1-p) log 2(1-p)
+    want = 0.5 * (p * np.log(2 * p) + (1 - p) * np.log(2 * (1 - p)))
+    assert kl_nats(z, np.zeros((2, 2))) == pytest.approx(want, rel=1e-12)

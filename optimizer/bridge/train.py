@@ -147,10 +147,13 @@ def load_arrays(data: Any, model: onnx.ModelProto, *, max_samples: int | None = 
     """All samples of ``data`` as one array per model input (samples on axis 0).
 
     ``data`` is anything ``onnxpress.calibration.readers.open_data`` accepts (an ``.npz`` path, a
-    folder, an iterable of feed dicts, a ``DataReader``); a mapping of arrays is used directly.
+    folder, an iterable of feed dicts, a ``DataReader``); a mapping of arrays is used directly. Float
+    inputs come back as float32; integer and bool inputs (token ids, masks) in the type the model
+    declares for them.
 
     Raises:
-        DataError: no samples, or inputs missing/not float/with different sample counts.
+        DataError: no samples, inputs missing, integer data for a float input (or float data for an
+            integer one), NaN/inf, or different sample counts.
     """
     init = {i.name for i in model.graph.initializer}
     names = [i.name for i in model.graph.input if i.name not in init]
@@ -177,14 +180,22 @@ def load_arrays(data: Any, model: onnx.ModelProto, *, max_samples: int | None = 
     counts = {n: len(a) for n, a in arrays.items()}
     if len(set(counts.values())) != 1:
         raise DataError(f"inputs have different sample counts {counts}; give one sample per row of every input")
+    declared = {i.name: i.type.tensor_type.elem_type for i in model.graph.input}
+    dtypes: dict[str, Any] = {}
     for n, a in arrays.items():
-        if a.dtype.kind != "f":
-            raise DataError(f"input {n!r} is {a.dtype}; the fine-tune bridge needs float inputs")
-        if not np.isfinite(a).all():
+        want = declared.get(n, onnx.TensorProto.FLOAT)
+        takes_float = want in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16)
+        if takes_float != (a.dtype.kind == "f") or (not takes_float and a.dtype.kind not in "iub"):
+            raise DataError(
+                f"input {n!r} is {a.dtype} but the model takes {onnx.TensorProto.DataType.Name(want).lower()}; "
+                "give data of that kind"
+            )
+        if takes_float and not np.isfinite(a).all():
             raise DataError(f"input {n!r} holds NaN or inf; clean the data first")
+        dtypes[n] = np.float32 if takes_float else onnx.helper.tensor_dtype_to_np_dtype(want)
     if max_samples is not None:
         arrays = {n: a[:max_samples] for n, a in arrays.items()}
-    return {n: np.ascontiguousarray(a, dtype=np.float32) for n, a in arrays.items()}
+    return {n: np.ascontiguousarray(a, dtype=dtypes[n]) for n, a in arrays.items()}
 
 
 def _fallback_feeds(data: Any) -> Iterator[Mapping[str, np.ndarray]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 
@@ -66,8 +67,38 @@ def make_session(
     try:
         return ort.InferenceSession(src, sess_options=opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/NotImplemented types
-        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        first = ort_message(exc)
+        if "IR version" in first:
+            first += f" (onnxruntime {ort.__version__}: upgrade it, or save the model with a lower ir_version)"
         raise UnsupportedModelError(f"onnxruntime cannot load the {what}: {first}") from None
+
+
+def ort_message(exc: BaseException, limit: int = 300) -> str:
+    """The first line of an onnxruntime error without its C++ source location and function signature.
+
+    onnxruntime writes ``[ONNXRuntimeError] : 1 : FAIL : /onnxruntime_src/.../model.cc:256
+    onnxruntime::Model::Model(onnx::ModelProto&&, ...) Unsupported model IR version: 12, max ...``: the
+    location and signature took 250 of the 300 characters kept, and cut the reason off.
+    """
+    text = str(exc).strip()
+    if not text:
+        return type(exc).__name__
+    line = text.splitlines()[0]
+    found = re.match(r"(\[ONNXRuntimeError\] : \d+ : \w+ : )\S+\.(?:cc|h|cpp):\d+ (.*)$", line)
+    if found:
+        rest, depth, cut = found.group(2), 0, None
+        for i, ch in enumerate(rest):  # skip the function signature: up to its balanced closing parenthesis
+            if ch == "(":
+                depth += 1
+            elif ch == ")":
+                depth -= 1
+                if depth == 0:
+                    cut = i + 1
+                    break
+            elif ch == " " and depth == 0 and "(" not in rest[:i]:
+                break  # no signature (a plain message follows the location)
+        line = found.group(1) + (rest[cut:].strip() if cut is not None else rest)
+    return line[:limit]
 
 
 _IN_MEMORY = "onnxpress-in-memory"

@@ -146,7 +146,7 @@ def _token_model(seed: int, noise: float = 0.0, per_token: bool = False) -> onnx
              numpy_helper.from_array(np.array([1], np.int64), "axes")]  # fmt: skip
     graph = helper.make_graph(nodes, "tokens", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", 6])],
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, out_shape)], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=8)  # older runtimes load it
 
 
 @pytest.mark.parametrize("exporter", ["writeback", "dynamo"])

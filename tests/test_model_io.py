@@ -9,7 +9,7 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
-from onnxpress.errors import ModelLoadError, OutputError
+from onnxpress.errors import ModelLoadError, OutputError, UnsupportedModelError
 from onnxpress.model_io import default_opset, load_model, normalize_model, save_model
 from tests import graphs
 
@@ -228,3 +228,22 @@ def test_symbolic_shape_inference_leaves_no_file_when_it_is_incomplete(tmp_path,
     assert not complete and list(tmp_path.iterdir()) == []
     shape = {o.name: o.type.tensor_type.shape for o in inferred.graph.output}["Y"]
     assert [d.dim_param or d.dim_value for d in shape.dim] == ["N", 4]  # what it inferred before, it kept
+
+
+def test_onnxruntime_errors_keep_the_reason_not_the_cpp_signature():
+    """onnxruntime 1.30 refusing an IR-12 model: the reason sat behind 250 characters of C++ and was cut."""
+    from onnxpress.runtime import make_session, ort_message
+
+    raw = ("[ONNXRuntimeError] : 1 : FAIL : /onnxruntime_src/onnxruntime/core/graph/model.cc:202 onnxruntime::Model::"
+           "Model(onnx::ModelProto&&, const onnxruntime::PathString&, const onnxruntime::IOnnxRuntimeOpSchemaRegistry"
+           "List*, const onnxruntime::logging::Logger&, const onnxruntime::ModelOptions&) Unsupported model IR "
+           "version: 12, max supported IR version: 11")  # fmt: skip
+    assert ort_message(RuntimeError(raw)) == (
+        "[ONNXRuntimeError] : 1 : FAIL : Unsupported model IR version: 12, max supported IR version: 11"
+    )
+    plain = "[ONNXRuntimeError] : 7 : INVALID_PROTOBUF : Failed to load model because protobuf parsing failed."
+    assert ort_message(RuntimeError(plain)) == plain
+    model = graphs.gemm()
+    model.ir_version = 99  # past what any onnxruntime knows
+    with pytest.raises(UnsupportedModelError, match=r"max supported IR version: \d+ \(onnxruntime .*: upgrade it"):
+        make_session(model)

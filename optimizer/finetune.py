@@ -101,7 +101,7 @@ def finetune(
     calibration: Any = None,
     threads: int | None = None,
     device: str = "cpu",
-    exporter: str = "dynamo",
+    exporter: str = "auto",
     progress: bool = False,
 ) -> FinetuneResult:
     """Fine-tune ``student`` with distillation from ``teacher`` (and labels if given); export to ONNX.
@@ -135,9 +135,11 @@ def finetune(
             when torch sees a GPU). The teacher, the export and the checks run on the CPU
             (onnxruntime) either way. Seeded runs repeat on one device; a GPU run's weights differ from
             a CPU run's by float rounding.
-        exporter: for the float path, ``"dynamo"`` (torch.onnx.export, the default), ``"torchscript"``,
-            or ``"writeback"``: copy the trained weights into the student's own graph, which keeps
-            every node and tensor name (torch.onnx renames nodes) for steps that address layers by name.
+        exporter: for the float path, ``"dynamo"`` (torch.onnx.export), ``"torchscript"``, or
+            ``"writeback"``: copy the trained weights into the student's own graph, which keeps every
+            node and tensor name (torch.onnx renames nodes) for steps that address layers by name.
+            ``"auto"`` (default): writeback when the student has LSTM/GRU layers (torch.onnx unrolls
+            them, see ``RECURRENT_OPS``), dynamo otherwise.
         progress: progress bar with the loss.
 
     Raises:
@@ -156,6 +158,8 @@ def finetune(
     from onnxpress.bridge.export import validate_against_module
 
     train_device = tr.resolve_device(device)  # before any work: a missing GPU is a one-line error
+    if exporter not in ("auto", "dynamo", "torchscript", "writeback"):
+        raise ValueError(f"exporter must be auto, dynamo, torchscript or writeback, not {exporter!r}")
     if output is not None:
         check_output_path(output, [student, teacher, data, labels])  # never overwrite inputs or data
     if data is None:
@@ -236,8 +240,16 @@ def finetune(
     return FinetuneResult(model, written, history, diff, metrics)
 
 
+RECURRENT_OPS = frozenset({"LSTM", "GRU"})
+"""With ``exporter="auto"`` a student holding these is written back into its own graph: torch.onnx unrolls
+them (the reference LSTM model: 46 nodes became 918, 1.14x the original's latency against 1.01x)."""
+
+
 def _float_export(module: Any, student: onnx.ModelProto, example: list[np.ndarray], exporter: str) -> onnx.ModelProto:
     """The fine-tuned float model: re-exported by torch, or the student graph with the new weights."""
+    if exporter == "auto":
+        exporter = "writeback" if any(n.op_type in RECURRENT_OPS for n in student.graph.node) else "dynamo"
+        log.info("fine-tune export: %s", exporter)
     if exporter == "writeback":
         return module.state_to_onnx(student)
     from onnxpress.bridge.export import export_module

@@ -520,6 +520,12 @@ def optimize(
             f"({model_bytes(original) / 2**30:.1f} GiB) is not supported: run quantize, prune or lowrank on it"
         )
     m0 = prepare(original)
+    if finetune:
+        try:
+            from onnxpress.bridge.convert import OnnxModule
+        except ImportError:
+            raise UnsupportedModelError("--finetune needs torch: pip install 'onnxpress[torch]'") from None
+        OnnxModule.check_ops(m0.graph)  # an op the bridge cannot run fails now, not after the search
     assume_input_dims(symbolic_sizes(m0, calib, dims))  # MACs per sample at the calibration data's sizes
     lat_ref = m0 if latency_reference is None else load_model(latency_reference)
     ref_bytes = lat_ref.SerializeToString()

@@ -308,14 +308,14 @@ def test_input_model_is_not_modified(tmp_path):
     assert model.SerializeToString() == before
 
 
-REFERENCE = ["resnet", "mobilenet", "concat", "transformer", "resnet_opset11", "resnet_constants"]
+REFERENCE = ["resnet", "mobilenet", "concat", "transformer", "lstm", "resnet_opset11", "resnet_constants"]
 
 
 def _reference_model(name: str, tmp_path: Path) -> Path:
     path = MODELS / f"{name}.onnx"
     if path.exists():
         return path
-    if name not in ("resnet", "mobilenet", "concat", "transformer") or os.environ.get("ONNXPRESS_NO_EXPORT"):
+    if name not in ("resnet", "mobilenet", "concat", "transformer", "lstm") or os.environ.get("ONNXPRESS_NO_EXPORT"):
         pytest.skip(f"models/{name}.onnx not built yet")
     from models.nets import NETS  # untrained stand-in with the same graph, exported here
 
@@ -426,3 +426,49 @@ def test_mod_tile_cumsum_gather_elements_einsum_reduce_l2():
     model = make_model(nodes, [("X", [2, 4])], [("Y", None)], inits, opset=18)
     _check(model, {"X": _x(2, 4)})
     assert "W" in OnnxModule(model).param_names  # the Einsum's weight trains
+
+
+def _rnn_model(op: str, hidden: int = 5, seq: int = 4, batch: int = 3, size: int = 6, **attrs) -> onnx.ModelProto:
+    """X [seq, batch, size] (layout 1: [batch, seq, size]) -> LSTM/GRU(W, R, B[, initial states, P]) -> Y, Y_h."""
+    gates = 4 if op == "LSTM" else 3
+    dirs = 2 if attrs.get("direction") == "bidirectional" else 1
+    r = rng(11)
+    inits = {"W": r.standard_normal((dirs, gates * hidden, size)).astype(np.float32) * 0.5,
+             "R": r.standard_normal((dirs, gates * hidden, hidden)).astype(np.float32) * 0.5,
+             "B": r.standard_normal((dirs, 2 * gates * hidden)).astype(np.float32) * 0.5,
+             "h0": r.standard_normal((dirs, batch, hidden)).astype(np.float32)}  # fmt: skip
+    names = ["X", "W", "R", "B", "", "h0"]
+    if op == "LSTM":
+        inits.update(c0=r.standard_normal((dirs, batch, hidden)).astype(np.float32),
+                     P=r.standard_normal((dirs, 3 * hidden)).astype(np.float32))  # fmt: skip
+        names += ["c0", "P"]
+    if attrs.get("layout"):
+        inits["h0"] = np.ascontiguousarray(inits["h0"].transpose(1, 0, 2))
+        if op == "LSTM":
+            inits["c0"] = np.ascontiguousarray(inits["c0"].transpose(1, 0, 2))
+    node = helper.make_node(op, names, ["Y", "Y_h"], hidden_size=hidden, **attrs)
+    x_shape = [batch, seq, size] if attrs.get("layout") else [seq, batch, size]
+    return make_model([node], [("X", x_shape)], [("Y", None), ("Y_h", None)], inits, opset=14)
+
+
+@pytest.mark.parametrize("op, attrs", [
+    ("LSTM", {}), ("LSTM", dict(direction="bidirectional", clip=0.7)), ("LSTM", dict(direction="reverse")),
+    ("GRU", {}), ("GRU", dict(linear_before_reset=1, direction="bidirectional")), ("GRU", dict(clip=0.5)),
+])  # fmt: skip
+def test_lstm_gru_match_onnxruntime(op, attrs):
+    """Peepholes, initial states, clip and both directions, against onnxruntime (which refuses layout=1:
+    onnx's batchwise node cases check that in tests/test_bridge_conformance.py)."""
+    model = _rnn_model(op, **attrs)
+    shape = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    _check(model, {"X": _x(*shape, seed=4)})
+    assert {"W", "R", "B"} <= set(OnnxModule(model).param_names)  # the recurrent weights train
+
+
+def test_rnn_with_shorter_sequence_lens_is_refused():
+    """GRU with sequence_lens [4, 2, 4] on a length-4 batch: padding-aware unrolling is not built; refused by name."""
+    model = _rnn_model("GRU")
+    node = model.graph.node[0]
+    node.input[4] = "lens"
+    model.graph.initializer.append(numpy_helper.from_array(np.array([4, 2, 4], np.int32), "lens"))
+    with pytest.raises(UnsupportedModelError, match="sequence_lens shorter than the sequence"):
+        OnnxModule(model).evaluate([torch.zeros(4, 3, 6)], ["Y"])

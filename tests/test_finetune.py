@@ -181,3 +181,21 @@ def test_kl_nats():
     p = np.exp(2) / (np.exp(2) + 1)  # KL(softmax([2, 0]) || [1/2, 1/2]) = p log 2p + (1-p) log 2(1-p)
     want = 0.5 * (p * np.log(2 * p) + (1 - p) * np.log(2 * (1 - p)))
     assert kl_nats(z, np.zeros((2, 2))) == pytest.approx(want, rel=1e-12)
+
+
+def test_finetune_of_the_lstm_reference_model_keeps_its_lstm():
+    """exporter="auto" writes an LSTM student back into its own graph (torch.onnx would unroll it)."""
+    from pathlib import Path
+
+    teacher = onnx.load(str(Path(__file__).resolve().parents[1] / "models" / "lstm.onnx"))
+    student = onnx.ModelProto()
+    student.CopyFrom(teacher)
+    w = next(i for i in student.graph.initializer if i.name == "lstm.weight_ih_l0")  # sliced into the LSTM's W
+    r = np.random.default_rng(0)
+    arr = onnx.numpy_helper.to_array(w)
+    w.CopyFrom(onnx.numpy_helper.from_array(arr + 0.3 * r.standard_normal(arr.shape).astype(np.float32), w.name))
+    x = np.load(Path(__file__).resolve().parents[1] / "models" / "digits32.npz")["calib_input"][:96]
+    res = onnxpress.finetune(student, teacher, {"input": x}, epochs=3, lr=3e-3, batch_size=16, threads=1)
+    assert [n.op_type for n in res.model.graph.node] == [n.op_type for n in student.graph.node]
+    assert res.export_max_diff <= 1e-4
+    assert res.metrics["kl_after"] < res.metrics["kl_before"]

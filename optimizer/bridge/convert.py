@@ -17,7 +17,7 @@ one of our dependencies), and with a stub torchvision it still fails on every re
 export: ``NotImplementedError: Converter is not implemented (ReduceMean, version=18)`` for the three
 CNNs and ``(Reshape, version=19)`` for the transformer. Our own interpreter covers the ops our
 reference models and passes produce and those of the exports we tried (U-Nets, separators, TCNs,
-GPT/LLaMA/T5/BERT/ViT/Whisper-style transformers; 541 of onnx's node cases match, the rest are refused
+GPT/LLaMA/T5/BERT/ViT/Whisper-style transformers, LSTM/GRU models; 555 of onnx's node cases match, the rest are refused
 by name), runs on the CPU or a CUDA device, keeps the ONNX initializer names (so
 fine-tuned weights map back 1:1), and is traceable by ``torch.export`` because every shape-like
 value (int initializers, ``Shape`` outputs, axes) lives on the host as numpy/Python values
@@ -69,7 +69,7 @@ _FROZEN_INPUTS = {
 }  # fmt: skip
 _WEIGHT_OPS = {
     "Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization", "LayerNormalization", "PRelu",
-    "InstanceNormalization", "Einsum",
+    "InstanceNormalization", "Einsum", "LSTM", "GRU",
 }  # fmt: skip
 _QRANGE = {
     onnx.TensorProto.UINT8: (0, 255), onnx.TensorProto.INT8: (-128, 127),
@@ -869,6 +869,122 @@ def _cumsum_t(x: torch.Tensor, axis: int, exclusive: bool, reverse: bool) -> tor
     return torch.flip(out, [axis]) if reverse else out
 
 
+# Recurrent layers: the ONNX equations unrolled over the (static) time axis in Python, so autograd
+# trains W, R, B (and LSTM peepholes) as they are stored; torch's nn.LSTM/nn.GRU would need the gates
+# reordered (ONNX: i,o,f,c and z,r,h) and have no peepholes, clip or GRU linear_before_reset=0.
+_RNN_ACT: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "Sigmoid": torch.sigmoid, "Tanh": torch.tanh, "Relu": torch.relu,
+}  # fmt: skip
+
+
+def _rnn_setup(ctx: _Ctx, inputs: list[Value], gates: int, acts: int) -> dict[str, Any]:
+    """What LSTM and GRU share: layout, directions, activations, the per-direction weights and states."""
+    x = _t(inputs[0])
+    layout = int(ctx.get("layout", 0))
+    if layout:
+        x = x.transpose(0, 1)  # [seq, batch, input] inside
+    directions = {"forward": [False], "reverse": [True], "bidirectional": [False, True]}.get(
+        ctx.get("direction", "forward"))  # fmt: skip
+    names = ctx.get("activations") or (["Sigmoid", "Tanh", "Tanh"] if gates == 4 else ["Sigmoid", "Tanh"])
+    if directions is None or ctx.get("activation_alpha") or ctx.get("activation_beta") or any(
+            a not in _RNN_ACT for a in names):  # fmt: skip
+        raise UnsupportedModelError(f"{ctx.op_type} {ctx.name!r}: direction/activations not supported")
+    seq_lens = _opt(inputs, 4)
+    if seq_lens is not None and _static(seq_lens).size and not isinstance(x.shape[0], int):
+        raise UnsupportedModelError(f"{ctx.op_type} {ctx.name!r}: sequence_lens with a symbolic length")
+    if seq_lens is not None and _static(seq_lens).size and (np.asarray(_static(seq_lens)) != x.shape[0]).any():
+        raise UnsupportedModelError(f"{ctx.op_type} {ctx.name!r}: sequence_lens shorter than the sequence")
+    if not isinstance(x.shape[0], int):
+        raise UnsupportedModelError(f"{ctx.op_type} {ctx.name!r}: a symbolic sequence length cannot be unrolled")
+    w, r = _t(inputs[1]), _t(inputs[2])
+    hidden = int(r.shape[-1])
+    b = _opt(inputs, 3)
+    b = torch.zeros(len(directions), 2 * gates * hidden, dtype=x.dtype, device=x.device) if b is None else _t(b)
+    h0, c0 = _opt(inputs, 5), _opt(inputs, 6) if gates == 4 else None
+    acts_per_dir = [names[i * acts : (i + 1) * acts] or names[:acts] for i in range(len(directions))]
+    clip = ctx.get("clip")
+    return dict(x=x, layout=layout, directions=directions, w=w, r=r, b=b, hidden=hidden, h0=h0, c0=c0,
+                acts=[[_RNN_ACT[a] for a in group] for group in acts_per_dir],
+                clip=None if clip is None else float(clip))  # fmt: skip
+
+
+def _rnn_outputs(ctx: _Ctx, ys: list[list[torch.Tensor]], finals: list[list[torch.Tensor]], layout: int) -> list:
+    """Y [seq, dirs, batch, hidden] (layout 1: [batch, seq, dirs, hidden]) and the final states."""
+    y = torch.stack([torch.stack(seq) for seq in ys], dim=1)
+    states = [torch.stack(list(s)) for s in zip(*finals, strict=True)]  # [dirs, batch, hidden] each
+    if layout:
+        y = y.permute(2, 0, 1, 3)
+        states = [s.transpose(0, 1) for s in states]
+    return [y, *states][: ctx.num_outputs]
+
+
+def _lstm(ctx: _Ctx, inputs: list[Value]) -> list[Value]:
+    if ctx.get("input_forget", 0):
+        raise UnsupportedModelError(f"LSTM {ctx.name!r}: input_forget is not supported")
+    st = _rnn_setup(ctx, inputs, gates=4, acts=3)
+    x, n, clip = st["x"], st["hidden"], st["clip"]
+    p = _opt(inputs, 7)
+    ys, finals = [], []
+    for d, backwards in enumerate(st["directions"]):
+        f, g, h_act = st["acts"][d]
+        w, r, b = st["w"][d], st["r"][d], st["b"][d]
+        bias = b[: 4 * n] + b[4 * n :]
+        peep = None if p is None else _t(p)[d]
+        h = x.new_zeros(x.shape[1], n) if st["h0"] is None else _t(st["h0"])[d]
+        c = x.new_zeros(x.shape[1], n) if st["c0"] is None else _t(st["c0"])[d]
+        xw = torch.matmul(x, w.t()) + bias  # all steps' input projections at once: [seq, batch, 4n]
+        out = [None] * x.shape[0]
+        for t in (range(x.shape[0] - 1, -1, -1) if backwards else range(x.shape[0])):
+            zi, zo, zf, zc = (xw[t] + h @ r.t()).split(n, dim=-1)
+            if peep is not None:
+                zi, zf = zi + peep[:n] * c, zf + peep[2 * n :] * c
+            if clip is not None:  # clip bounds every activation's input
+                zi, zf, zc = zi.clamp(-clip, clip), zf.clamp(-clip, clip), zc.clamp(-clip, clip)
+            i, fg, cand = f(zi), f(zf), g(zc)
+            c = fg * c + i * cand
+            if peep is not None:
+                zo = zo + peep[n : 2 * n] * c
+            if clip is not None:
+                zo = zo.clamp(-clip, clip)
+            h = f(zo) * h_act(c)
+            out[t] = h
+        ys.append(out)
+        finals.append([h, c])
+    return _rnn_outputs(ctx, ys, finals, st["layout"])
+
+
+def _gru(ctx: _Ctx, inputs: list[Value]) -> list[Value]:
+    st = _rnn_setup(ctx, inputs, gates=3, acts=2)
+    x, n, clip = st["x"], st["hidden"], st["clip"]
+    before_reset = bool(ctx.get("linear_before_reset", 0))
+    ys, finals = [], []
+    for d, backwards in enumerate(st["directions"]):
+        f, g = st["acts"][d]
+        w, r, b = st["w"][d], st["r"][d], st["b"][d]
+        wb, rb = b[: 3 * n], b[3 * n :]
+        h = x.new_zeros(x.shape[1], n) if st["h0"] is None else _t(st["h0"])[d]
+        xw = torch.matmul(x, w.t()) + wb  # [seq, batch, 3n]
+        out = [None] * x.shape[0]
+        for t in (range(x.shape[0] - 1, -1, -1) if backwards else range(x.shape[0])):
+            xz, xr, xh = xw[t].split(n, dim=-1)
+            hz, hr = (h @ r[: 2 * n].t() + rb[: 2 * n]).split(n, dim=-1)
+            zz, zr = xz + hz, xr + hr
+            if clip is not None:
+                zz, zr = zz.clamp(-clip, clip), zr.clamp(-clip, clip)
+            zt, rt = f(zz), f(zr)
+            if before_reset:
+                zh = xh + rt * (h @ r[2 * n :].t() + rb[2 * n :])
+            else:
+                zh = xh + (rt * h) @ r[2 * n :].t() + rb[2 * n :]
+            if clip is not None:
+                zh = zh.clamp(-clip, clip)
+            h = (1 - zt) * g(zh) + zt * h
+            out[t] = h
+        ys.append(out)
+        finals.append([h])
+    return _rnn_outputs(ctx, ys, finals, st["layout"])
+
+
 def _logical(fn_host: Callable[[Any, Any], Any], fn: Callable[[Any, Any], Any]) -> OpFn:
     return _binary(fn_host, lambda a, b: fn(a.bool(), b.bool()))
 
@@ -879,7 +995,7 @@ OPS.update({
     "ReduceSumSquare": _reduce_more("sumsquare", 18), "ReduceLogSumExp": _reduce_more("logsumexp", 18),
     "ReduceProd": _reduce_more("prod", 18),
     "Pad": _pad, "Range": _range, "Trilu": _trilu, "Mod": _mod, "Tile": _tile, "Einsum": _einsum,
-    "GatherElements": _gather_elements, "CumSum": _cumsum,
+    "GatherElements": _gather_elements, "CumSum": _cumsum, "LSTM": _lstm, "GRU": _gru,
     "Greater": _binary(np.greater, torch.gt), "Less": _binary(np.less, torch.lt),
     "GreaterOrEqual": _binary(np.greater_equal, torch.ge), "LessOrEqual": _binary(np.less_equal, torch.le),
     "And": _logical(np.logical_and, torch.logical_and), "Or": _logical(np.logical_or, torch.logical_or),
@@ -1076,7 +1192,7 @@ class OnnxModule(nn.Module):
         init_names = {i.name for i in graph.initializer}
         self.input_names: tuple[str, ...] = tuple(i.name for i in graph.input if i.name not in init_names)
         self.output_names: tuple[str, ...] = tuple(o.name for o in graph.output)
-        self._check_ops(graph)
+        self.check_ops(graph)
         frozen, static = self._frozen_initializers(graph, learn_scales)
         frozen -= set(trainable)
         self.params = nn.ParameterDict()
@@ -1115,7 +1231,8 @@ class OnnxModule(nn.Module):
         self._nodes = [(_Ctx(n, self.opset), list(n.input), list(n.output)) for n in graph.node]
 
     @staticmethod
-    def _check_ops(graph: onnx.GraphProto) -> None:
+    def check_ops(graph: onnx.GraphProto) -> None:
+        """Raise UnsupportedModelError naming the ops of ``graph`` the bridge cannot run."""
         bad = collections.Counter(
             (n.domain or "ai.onnx") + "::" + n.op_type
             for n in graph.node
@@ -1124,7 +1241,8 @@ class OnnxModule(nn.Module):
         if bad:
             listed = ", ".join(f"{k} x{v}" for k, v in sorted(bad.items()))
             raise UnsupportedModelError(
-                f"the fine-tune bridge cannot run these ops: {listed}; supported: {', '.join(sorted(OPS))}"
+                f"the fine-tune bridge cannot run these ops: {listed} (it runs {len(SUPPORTED_OPS)} ONNX ops, "
+                "listed in onnxpress.bridge.convert.SUPPORTED_OPS)"
             )
 
     @staticmethod
@@ -1177,7 +1295,7 @@ class OnnxModule(nn.Module):
                 while args and args[-1] is None:  # trailing optional inputs
                     args.pop()
                 results = OPS[ctx.op_type](ctx, args)
-                env.update(zip(outs, results, strict=True))
+                env.update((o, v) for o, v in zip(outs, results, strict=True) if o)  # "" = an output left out
             missing = [w for w in wanted if w not in env]
             if missing:
                 raise UnsupportedModelError(f"no value named {missing[0]!r} in the graph")

@@ -39,6 +39,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=positive_int, help="torch threads while training")
     p.add_argument("--device", default="cpu",
                    help="where torch trains: cpu (default), cuda, cuda:N, or auto (cuda when torch sees a GPU)")
+    p.add_argument("--exporter", choices=["auto", "dynamo", "torchscript", "writeback"], default="auto",
+                   help="how the float model goes back to ONNX: torch.onnx (dynamo|torchscript), or writeback: the "
+                        "trained weights into the student's own graph (auto, the default: writeback for LSTM/GRU "
+                        "models, which torch.onnx unrolls; dynamo otherwise)")  # fmt: skip
     p.add_argument("--qat", action="store_true", help="quantization-aware fine-tune; writes an int8 QDQ model")
     p.add_argument("--calibration", help="calibration table for --qat (default: calibrate on --data)")
     add_common(p)
@@ -59,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
         temperature=args.temperature, lr=args.lr, batch_size=args.batch_size, hard_weight=args.hard_weight,
         soft_weight=args.soft_weight, sparsity=args.sparsity, val_fraction=args.val_fraction,
         patience=args.patience, seed=args.seed, augment_shift=args.augment_shift, max_samples=args.max_samples,
-        qat=args.qat, calibration=table, threads=args.threads, device=args.device, progress=progress_enabled(args),
+        qat=args.qat, calibration=table, threads=args.threads, device=args.device, exporter=args.exporter,
+        progress=progress_enabled(args),
     )  # fmt: skip
     h = result.history
     rows = [[key, f"{value:.4f}"] for key, value in sorted(result.metrics.items())]

@@ -24,7 +24,7 @@ from onnxpress.cli import main  # noqa: E402
 from onnxpress.errors import DataError, DeviceError, OnnxpressError  # noqa: E402
 from onnxpress.recipe import validate_recipe  # noqa: E402
 from tests.graphs import run  # noqa: E402
-from tests.test_bridge_graphs import tiny_cnn, tiny_data  # noqa: E402
+from tests.test_bridge_graphs import tiny_cnn  # noqa: E402
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 HAS_CUDA = torch.cuda.is_available()
@@ -38,17 +38,6 @@ def _digest(model: onnx.ModelProto) -> str:
     return hashlib.sha256(model.SerializeToString()).hexdigest()
 
 
-@pytest.fixture()
-def files(tmp_path):
-    teacher, student = tiny_cnn(gain=4.0), tiny_cnn(noise=0.5, gain=4.0)
-    paths = {"teacher": tmp_path / "teacher.onnx", "student": tmp_path / "student.onnx", "data": tmp_path / "d.npz"}
-    onnx.save(teacher, str(paths["teacher"]))
-    onnx.save(student, str(paths["student"]))
-    x = tiny_data(96)
-    np.savez(paths["data"], input=x, labels=run(teacher, {"input": x})[0].argmax(1))
-    return paths
-
-
 # ----------------------------------------------------------------------------- names and refusals
 def test_resolve_device_names():
     assert resolve_device("cpu") == torch.device("cpu")
@@ -60,30 +49,31 @@ def test_resolve_device_names():
 
 
 @no_cuda
-def test_cuda_without_a_gpu_is_a_clear_error(files, tmp_path):
+def test_cuda_without_a_gpu_is_a_clear_error(kd_files, tmp_path):
     with pytest.raises(DeviceError, match="sees no CUDA device; use device='cpu'"):
         resolve_device("cuda:0")
     out = tmp_path / "out.onnx"
     with pytest.raises(DeviceError, match="no CUDA device"):
-        onnxpress.finetune(files["student"], files["teacher"], str(files["data"]), out, device="cuda", epochs=1)
+        onnxpress.finetune(kd_files["student"], kd_files["teacher"], str(kd_files["data"]), out, device="cuda",
+                           epochs=1)  # fmt: skip
     assert not out.exists()
 
 
 @no_cuda
-def test_cli_device_refusal_is_one_line(files, tmp_path, capsys):
+def test_cli_device_refusal_is_one_line(kd_files, tmp_path, capsys):
     out = tmp_path / "out.onnx"
-    code = main(["finetune", str(files["student"]), "--teacher", str(files["teacher"]), "--data", str(files["data"]),
-                 "-o", str(out), "--device", "cuda", "--quiet"])  # fmt: skip
+    code = main(["finetune", str(kd_files["student"]), "--teacher", str(kd_files["teacher"]), "--data",
+                 str(kd_files["data"]), "-o", str(out), "--device", "cuda", "--quiet"])  # fmt: skip
     err = capsys.readouterr().err
     assert code == 2 and "no CUDA device" in err and "Traceback" not in err
     assert not out.exists()
 
 
 @no_cuda
-def test_optimize_refuses_a_missing_gpu_before_searching(files, tmp_path):
+def test_optimize_refuses_a_missing_gpu_before_searching(kd_files, tmp_path):
     before = sorted(p.name for p in tmp_path.iterdir())
     with pytest.raises(DeviceError, match="no CUDA device"):
-        onnxpress.optimize(files["teacher"], tmp_path / "o.onnx", calib=str(files["data"]), budget="flops=0.5",
+        onnxpress.optimize(kd_files["teacher"], tmp_path / "o.onnx", calib=str(kd_files["data"]), budget="flops=0.5",
                            finetune=True, finetune_device="cuda")  # fmt: skip
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
 
@@ -104,10 +94,10 @@ def test_a_feed_on_another_device_is_named():
         mod.evaluate([torch.empty(2, 1, 8, 8, device="meta")], mod.output_names)
 
 
-def test_training_on_cpu_leaves_the_module_on_cpu(files):
-    res = onnxpress.finetune(files["student"], files["teacher"], str(files["data"]), epochs=1, batch_size=32,
+def test_training_on_cpu_leaves_the_module_on_cpu(kd_files):
+    res = onnxpress.finetune(kd_files["student"], kd_files["teacher"], str(kd_files["data"]), epochs=1, batch_size=32,
                              device="cpu", exporter="writeback", val_fraction=0.0)  # fmt: skip
-    again = onnxpress.finetune(files["student"], files["teacher"], str(files["data"]), epochs=1, batch_size=32,
+    again = onnxpress.finetune(kd_files["student"], kd_files["teacher"], str(kd_files["data"]), epochs=1, batch_size=32,
                                exporter="writeback", val_fraction=0.0)  # fmt: skip
     assert _digest(res.model) == _digest(again.model)  # "cpu" is the default: the same bytes
 
@@ -140,12 +130,12 @@ class _no_tf32:
 
 
 @needs_cuda
-def test_cuda_finetune_repeats_and_agrees_with_cpu(files, tmp_path):
-    kw = dict(labels=str(files["data"]), epochs=6, lr=3e-3, batch_size=16, seed=0, exporter="writeback")
-    gpu = onnxpress.finetune(files["student"], files["teacher"], str(files["data"]), tmp_path / "g.onnx",
+def test_cuda_finetune_repeats_and_agrees_with_cpu(kd_files, tmp_path):
+    kw = dict(labels=str(kd_files["data"]), epochs=6, lr=3e-3, batch_size=16, seed=0, exporter="writeback")
+    gpu = onnxpress.finetune(kd_files["student"], kd_files["teacher"], str(kd_files["data"]), tmp_path / "g.onnx",
                              device="cuda", **kw)  # fmt: skip
-    gpu2 = onnxpress.finetune(files["student"], files["teacher"], str(files["data"]), device="cuda", **kw)
-    cpu = onnxpress.finetune(files["student"], files["teacher"], str(files["data"]), device="cpu", **kw)
+    gpu2 = onnxpress.finetune(kd_files["student"], kd_files["teacher"], str(kd_files["data"]), device="cuda", **kw)
+    cpu = onnxpress.finetune(kd_files["student"], kd_files["teacher"], str(kd_files["data"]), device="cpu", **kw)
     assert _digest(gpu.model) == _digest(gpu2.model)  # seeded: a CUDA run repeats byte for byte
     assert gpu.export_max_diff <= 1e-4
     m_g, m_c = gpu.metrics, cpu.metrics
@@ -156,8 +146,8 @@ def test_cuda_finetune_repeats_and_agrees_with_cpu(files, tmp_path):
 
 
 @needs_cuda
-def test_cuda_qat_writes_a_valid_qdq_model(files, tmp_path):
-    res = onnxpress.finetune(files["student"], files["teacher"], str(files["data"]), tmp_path / "q.onnx",
+def test_cuda_qat_writes_a_valid_qdq_model(kd_files, tmp_path):
+    res = onnxpress.finetune(kd_files["student"], kd_files["teacher"], str(kd_files["data"]), tmp_path / "q.onnx",
                              epochs=2, batch_size=16, qat=True, val_fraction=0.0, device="cuda")  # fmt: skip
     ops = {n.op_type for n in onnx.load(str(tmp_path / "q.onnx")).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
@@ -165,13 +155,13 @@ def test_cuda_qat_writes_a_valid_qdq_model(files, tmp_path):
 
 
 @needs_cuda
-def test_cuda_recipe_finetune_rebuilds_byte_for_byte(files):
+def test_cuda_recipe_finetune_rebuilds_byte_for_byte(kd_files):
     from onnxpress.recipe import apply_recipe
 
     steps = [{"pass": "prune", "ratio": 0.25}, {"pass": "finetune", "epochs": 2, "device": "cuda"}]
     recipe = {"version": 1, "steps": steps}
-    a = apply_recipe(files["teacher"], recipe, str(files["data"]))
-    b = apply_recipe(files["teacher"], json.loads(json.dumps(recipe)), str(files["data"]))
+    a = apply_recipe(kd_files["teacher"], recipe, str(kd_files["data"]))
+    b = apply_recipe(kd_files["teacher"], json.loads(json.dumps(recipe)), str(kd_files["data"]))
     assert _digest(a) == _digest(b)
 
 

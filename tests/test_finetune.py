@@ -1,4 +1,4 @@
-"""onnxpress.finetune and ``onnxpress finetune``: end to end on a tiny CNN (files under tmp_path)."""
+"""onnxpress.finetune and ``onnxpress finetune``: end to end on a tiny CNN (the kd_files fixture of conftest.py)."""
 
 from __future__ import annotations
 
@@ -17,28 +17,17 @@ from tests.graphs import run  # noqa: E402
 from tests.test_bridge_graphs import tiny_cnn, tiny_data  # noqa: E402
 
 
-@pytest.fixture()
-def files(tmp_path):
-    teacher, student = tiny_cnn(gain=4.0), tiny_cnn(noise=0.5, gain=4.0)
-    paths = {"teacher": tmp_path / "teacher.onnx", "student": tmp_path / "student.onnx", "data": tmp_path / "d.npz"}
-    onnx.save(teacher, str(paths["teacher"]))
-    onnx.save(student, str(paths["student"]))
-    x = tiny_data(96)
-    labels = run(teacher, {"input": x})[0].argmax(1)  # the teacher is right by construction
-    np.savez(paths["data"], input=x, labels=labels)
-    return paths
-
-
 def _digest(path):
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_finetune_api_recovers_teacher_and_writes_a_valid_model(files, tmp_path):
-    before = {k: _digest(v) for k, v in files.items()}
+def test_finetune_api_recovers_teacher_and_writes_a_valid_model(kd_files, tmp_path):
+    before = {k: _digest(v) for k, v in kd_files.items()}
     out = tmp_path / "out.onnx"
-    res = onnxpress.finetune(files["student"], files["teacher"], str(files["data"]), out, labels=str(files["data"]),
-                             epochs=6, lr=3e-3, batch_size=16, threads=1, seed=0)  # fmt: skip
-    assert {k: _digest(v) for k, v in files.items()} == before  # inputs untouched
+    res = onnxpress.finetune(kd_files["student"], kd_files["teacher"], str(kd_files["data"]), out,
+                             labels=str(kd_files["data"]), epochs=6, lr=3e-3, batch_size=16, threads=1,
+                             seed=0)  # fmt: skip
+    assert {k: _digest(v) for k, v in kd_files.items()} == before  # inputs untouched
     assert res.output == out and out.exists()
     assert res.export_max_diff <= 1e-4
     m = res.metrics
@@ -47,48 +36,49 @@ def test_finetune_api_recovers_teacher_and_writes_a_valid_model(files, tmp_path)
     assert m["teacher_accuracy"] == 1.0
     # the written model on onnxruntime is closer to the teacher than the student was
     x = tiny_data(40, seed=9)
-    t = run(onnx.load(str(files["teacher"])), {"input": x})[0]
+    t = run(onnx.load(str(kd_files["teacher"])), {"input": x})[0]
     err = lambda z: float(np.mean((z - t) ** 2))  # noqa: E731
-    assert err(run(onnx.load(str(out)), {"input": x})[0]) < err(run(onnx.load(str(files["student"])), {"input": x})[0])
+    student = onnx.load(str(kd_files["student"]))
+    assert err(run(onnx.load(str(out)), {"input": x})[0]) < err(run(student, {"input": x})[0])
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out.onnx", "teacher.onnx", "student.onnx", "d.npz"])
 
 
-def test_finetune_qat_writes_qdq_model(files, tmp_path):
+def test_finetune_qat_writes_qdq_model(kd_files, tmp_path):
     out = tmp_path / "qat.onnx"
-    res = onnxpress.finetune(files["student"], files["teacher"], str(files["data"]), out, epochs=2, lr=1e-3,
+    res = onnxpress.finetune(kd_files["student"], kd_files["teacher"], str(kd_files["data"]), out, epochs=2, lr=1e-3,
                              batch_size=16, threads=1, qat=True, val_fraction=0.0)  # fmt: skip
     ops = {n.op_type for n in onnx.load(str(out)).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops
     assert res.export_max_diff <= 1e-4
 
 
-def test_finetune_errors(files, tmp_path):
+def test_finetune_errors(kd_files, tmp_path):
     with pytest.raises(DataError, match="nothing to learn"):
-        onnxpress.finetune(files["student"], None, str(files["data"]), epochs=1)
+        onnxpress.finetune(kd_files["student"], None, str(kd_files["data"]), epochs=1)
     with pytest.raises(ModelLoadError):
-        onnxpress.finetune(tmp_path / "missing.onnx", files["teacher"], str(files["data"]), epochs=1)
+        onnxpress.finetune(tmp_path / "missing.onnx", kd_files["teacher"], str(kd_files["data"]), epochs=1)
     with pytest.raises(DataError):
-        onnxpress.finetune(files["student"], files["teacher"], {"wrong": tiny_data(4)}, epochs=1)
+        onnxpress.finetune(kd_files["student"], kd_files["teacher"], {"wrong": tiny_data(4)}, epochs=1)
 
 
-def test_cli_finetune(files, tmp_path, capsys):
+def test_cli_finetune(kd_files, tmp_path, capsys):
     out = tmp_path / "cli.onnx"
-    rc = main(["finetune", str(files["student"]), "--teacher", str(files["teacher"]), "--data", str(files["data"]),
-               "--labels", str(files["data"]), "-o", str(out), "--epochs", "2", "--threads", "1",
-               "--augment-shift", "1", "-q"])  # fmt: skip
+    rc = main(["finetune", str(kd_files["student"]), "--teacher", str(kd_files["teacher"]), "--data",
+               str(kd_files["data"]), "--labels", str(kd_files["data"]), "-o", str(out), "--epochs", "2",
+               "--threads", "1", "--augment-shift", "1", "-q"])  # fmt: skip
     assert rc == 0 and out.exists()
     printed = capsys.readouterr().out
     assert "sqnr_db_after" in printed and "wrote" in printed
-    rc = main(["finetune", str(files["student"]), "--teacher", str(tmp_path / "nope.onnx"), "--data",
-               str(files["data"]), "-o", str(tmp_path / "x.onnx")])  # fmt: skip
+    rc = main(["finetune", str(kd_files["student"]), "--teacher", str(tmp_path / "nope.onnx"), "--data",
+               str(kd_files["data"]), "-o", str(tmp_path / "x.onnx")])  # fmt: skip
     assert rc == 2
     assert "onnxpress: error:" in capsys.readouterr().err
 
 
-def test_finetune_writeback_keeps_the_student_graph(files):
+def test_finetune_writeback_keeps_the_student_graph(kd_files):
     """exporter="writeback": same nodes and names as the student, new weights, equal to the module."""
-    student = onnx.load(str(files["student"]))
-    res = onnxpress.finetune(student, files["teacher"], str(files["data"]), epochs=2, lr=3e-3, batch_size=16,
+    student = onnx.load(str(kd_files["student"]))
+    res = onnxpress.finetune(student, kd_files["teacher"], str(kd_files["data"]), epochs=2, lr=3e-3, batch_size=16,
                              threads=1, exporter="writeback")  # fmt: skip
     assert [(n.op_type, n.name, list(n.input)) for n in res.model.graph.node] == [
         (n.op_type, n.name, list(n.input)) for n in student.graph.node
@@ -97,11 +87,11 @@ def test_finetune_writeback_keeps_the_student_graph(files):
     assert res.metrics["sqnr_db_after"] > res.metrics["sqnr_db_before"]
 
 
-def test_finetune_augment_shift_is_deterministic_and_used(files):
+def test_finetune_augment_shift_is_deterministic_and_used(kd_files):
     """augment_shift trains on shifted copies: same seed -> same weights; shift 0 vs 1 -> different weights."""
 
     def weights(shift):
-        res = onnxpress.finetune(files["student"], files["teacher"], str(files["data"]), epochs=1, lr=3e-3,
+        res = onnxpress.finetune(kd_files["student"], kd_files["teacher"], str(kd_files["data"]), epochs=1, lr=3e-3,
                                  batch_size=16, threads=1, exporter="writeback", augment_shift=shift)  # fmt: skip
         assert res.export_max_diff <= 1e-4
         return {i.name: onnx.numpy_helper.to_array(i) for i in res.model.graph.initializer}
@@ -113,10 +103,10 @@ def test_finetune_augment_shift_is_deterministic_and_used(files):
 
 @pytest.mark.parametrize("flag, value", [("--augment-shift", "-1"), ("--lr", "0"), ("--val-fraction", "0.7"),
                                          ("--epochs", "-2"), ("--batch-size", "0")])  # fmt: skip
-def test_cli_finetune_rejects_out_of_range_numbers(files, tmp_path, capsys, flag, value):
+def test_cli_finetune_rejects_out_of_range_numbers(kd_files, tmp_path, capsys, flag, value):
     """A bad number is an argparse error (exit 2, names the flag), never a traceback from the config."""
     with pytest.raises(SystemExit) as exit_info:
-        main(["finetune", str(files["student"]), "--data", str(files["data"]), "-o", str(tmp_path / "x.onnx"),
+        main(["finetune", str(kd_files["student"]), "--data", str(kd_files["data"]), "-o", str(tmp_path / "x.onnx"),
               flag, value])  # fmt: skip
     assert exit_info.value.code == 2
     assert flag in capsys.readouterr().err

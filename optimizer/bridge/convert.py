@@ -17,7 +17,7 @@ one of our dependencies), and with a stub torchvision it still fails on every re
 export: ``NotImplementedError: Converter is not implemented (ReduceMean, version=18)`` for the three
 CNNs and ``(Reshape, version=19)`` for the transformer. Our own interpreter covers the ops our
 reference models and passes produce and those of the exports we tried (U-Nets, separators, TCNs,
-GPT/LLaMA/T5/BERT/ViT/Whisper-style transformers, LSTM/GRU models; 555 of onnx's node cases match, the rest are refused
+GPT/LLaMA/T5/BERT/ViT/Whisper-style transformers, LSTM/GRU models; 560 of onnx's node cases match, the rest are refused
 by name), runs on the CPU or a CUDA device, keeps the ONNX initializer names (so
 fine-tuned weights map back 1:1), and is traceable by ``torch.export`` because every shape-like
 value (int initializers, ``Shape`` outputs, axes) lives on the host as numpy/Python values
@@ -373,6 +373,8 @@ def _softmax(fn: Callable[..., torch.Tensor]) -> OpFn:
 
 
 def _reduce(kind: str, axes_input_from: int) -> OpFn:
+    """Reduce{Mean,Sum,Max,Min,L1,L2,SumSquare,LogSumExp,Prod}; axes from the input from ``axes_input_from`` on."""
+
     def op(ctx: _Ctx, inputs: list[Value]) -> list[Value]:
         x = _t(inputs[0])
         axes = _axes(ctx, inputs, 1) if ctx.opset >= axes_input_from else ctx.get("axes")
@@ -382,13 +384,21 @@ def _reduce(kind: str, axes_input_from: int) -> OpFn:
                 return [x]
             axes = list(range(x.dim()))
         dims = tuple(_norm_axis(int(a), x.dim()) for a in axes)
-        if kind == "mean":
-            return [x.mean(dim=dims, keepdim=keep)]
-        if kind == "sum":
-            return [x.sum(dim=dims, keepdim=keep)]
-        if kind == "max":
-            return [x.amax(dim=dims, keepdim=keep)]
-        return [x.amin(dim=dims, keepdim=keep)]
+        if kind in ("max", "min") and 0 in [x.shape[d] for d in dims]:
+            raise UnsupportedModelError(f"{ctx.op_type} {ctx.name!r} over an empty axis; not supported")
+        if kind == "prod":
+            for d in sorted(dims, reverse=True):
+                x = x.prod(dim=d, keepdim=keep)
+            return [x]
+        reduce = {
+            "mean": lambda: x.mean(dim=dims, keepdim=keep), "sum": lambda: x.sum(dim=dims, keepdim=keep),
+            "max": lambda: x.amax(dim=dims, keepdim=keep), "min": lambda: x.amin(dim=dims, keepdim=keep),
+            "l1": lambda: x.abs().sum(dim=dims, keepdim=keep),
+            "l2": lambda: torch.sqrt((x * x).sum(dim=dims, keepdim=keep)),
+            "sumsquare": lambda: (x * x).sum(dim=dims, keepdim=keep),
+            "logsumexp": lambda: torch.logsumexp(x, dim=dims, keepdim=keep),
+        }  # fmt: skip
+        return [reduce[kind]()]
 
     return op
 
@@ -703,36 +713,6 @@ def _instance_norm(ctx: _Ctx, inputs: list[Value]) -> list[Value]:
     return [F.instance_norm(x, weight=scale, bias=bias, eps=float(ctx.get("epsilon", 1e-5)))]
 
 
-def _reduce_more(kind: str, axes_input_from: int) -> OpFn:
-    """ReduceL1 / ReduceL2 / ReduceSumSquare / ReduceLogSumExp / ReduceProd (empty axes as ONNX says)."""
-
-    def op(ctx: _Ctx, inputs: list[Value]) -> list[Value]:
-        x = _t(inputs[0])
-        axes = _axes(ctx, inputs, 1) if ctx.opset >= axes_input_from else ctx.get("axes")
-        keep = bool(ctx.get("keepdims", 1))
-        if not axes:
-            if ctx.get("noop_with_empty_axes", 0):
-                return [x]
-            axes = list(range(x.dim()))
-        dims = tuple(_norm_axis(int(a), x.dim()) for a in axes)
-        if 0 in [x.shape[d] for d in dims]:
-            raise UnsupportedModelError(f"{ctx.op_type} {ctx.name!r} over an empty axis; not supported")
-        if kind == "l1":
-            return [x.abs().sum(dim=dims, keepdim=keep)]
-        if kind == "l2":
-            return [torch.sqrt((x * x).sum(dim=dims, keepdim=keep))]
-        if kind == "sumsquare":
-            return [(x * x).sum(dim=dims, keepdim=keep)]
-        if kind == "logsumexp":
-            return [torch.logsumexp(x, dim=dims, keepdim=keep)]
-        y = x
-        for d in sorted(dims, reverse=True):
-            y = y.prod(dim=d, keepdim=keep)
-        return [y]
-
-    return op
-
-
 def _pad(ctx: _Ctx, inputs: list[Value]) -> list[Value]:
     x = _t(inputs[0])
     mode = ctx.get("mode", "constant")
@@ -991,9 +971,8 @@ def _logical(fn_host: Callable[[Any, Any], Any], fn: Callable[[Any, Any], Any]) 
 
 OPS.update({
     "InstanceNormalization": _instance_norm,
-    "ReduceL1": _reduce_more("l1", 18), "ReduceL2": _reduce_more("l2", 18),
-    "ReduceSumSquare": _reduce_more("sumsquare", 18), "ReduceLogSumExp": _reduce_more("logsumexp", 18),
-    "ReduceProd": _reduce_more("prod", 18),
+    "ReduceL1": _reduce("l1", 18), "ReduceL2": _reduce("l2", 18), "ReduceSumSquare": _reduce("sumsquare", 18),
+    "ReduceLogSumExp": _reduce("logsumexp", 18), "ReduceProd": _reduce("prod", 18),
     "Pad": _pad, "Range": _range, "Trilu": _trilu, "Mod": _mod, "Tile": _tile, "Einsum": _einsum,
     "GatherElements": _gather_elements, "CumSum": _cumsum, "LSTM": _lstm, "GRU": _gru,
     "Greater": _binary(np.greater, torch.gt), "Less": _binary(np.less, torch.lt),

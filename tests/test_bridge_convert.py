@@ -472,3 +472,21 @@ def test_rnn_with_shorter_sequence_lens_is_refused():
     model.graph.initializer.append(numpy_helper.from_array(np.array([4, 2, 4], np.int32), "lens"))
     with pytest.raises(UnsupportedModelError, match="sequence_lens shorter than the sequence"):
         OnnxModule(model).evaluate([torch.zeros(4, 3, 6)], ["Y"])
+
+
+def test_size_arithmetic_with_floor_stays_on_the_host():
+    """Shape -> Cast(float) -> Mul(0.5) -> Floor -> Cast(int64) -> Reshape: TorchScript's way of sizing an
+    interpolation. Floor on a host value used to make a tensor, and Reshape then refused "shape computed from
+    tensor data"."""
+    nodes = [
+        helper.make_node("Shape", ["X"], ["s"]),
+        helper.make_node("Cast", ["s"], ["sf"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["sf", "half"], ["h"]),
+        helper.make_node("Floor", ["h"], ["fl"]),
+        helper.make_node("Ceil", ["h"], ["ce"]),
+        helper.make_node("Add", ["fl", "ce"], ["both"]),
+        helper.make_node("Cast", ["both"], ["shape"], to=TensorProto.INT64),
+        helper.make_node("Reshape", ["X", "shape"], ["Y"]),
+    ]
+    model = make_model(nodes, [("X", [2, 3, 4])], [("Y", None)], {"half": np.array(0.5, np.float32)})
+    _check(model, {"X": _x(2, 3, 4)})

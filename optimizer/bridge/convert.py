@@ -195,8 +195,16 @@ def _div(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.div(a, b, rounding_mode="trunc")
 
 
-def _unary(fn: Callable[[torch.Tensor], torch.Tensor]) -> OpFn:
-    return lambda ctx, inputs: [fn(_t(inputs[0]))]
+def _unary(fn: Callable[[torch.Tensor], torch.Tensor], host: Callable[[Any], Any] | None = None) -> OpFn:
+    """``fn`` on tensors; with ``host``, numpy's version keeps host values (shape arithmetic) on the host."""
+
+    def op(ctx: _Ctx, inputs: list[Value]) -> list[Value]:
+        x = inputs[0]
+        if host is not None and _is_host(x) and x.dtype != object:
+            return [np.asarray(host(x)).astype(x.dtype)]
+        return [fn(_t(x))]
+
+    return op
 
 
 def _variadic(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> OpFn:
@@ -689,7 +697,7 @@ OPS: dict[str, OpFn] = {
     "ReduceMax": _reduce("max", 18), "ReduceMin": _reduce("min", 18),
     "Relu": _unary(torch.relu), "Sigmoid": _unary(torch.sigmoid), "Tanh": _unary(torch.tanh),
     "Erf": _unary(torch.erf), "Sqrt": _unary(torch.sqrt), "Exp": _unary(torch.exp), "Log": _unary(torch.log),
-    "Neg": _unary(torch.neg), "Abs": _unary(torch.abs), "Reciprocal": _unary(torch.reciprocal),
+    "Neg": _unary(torch.neg, np.negative), "Abs": _unary(torch.abs, np.abs), "Reciprocal": _unary(torch.reciprocal),
     "Softplus": _unary(F.softplus), "HardSwish": _unary(F.hardswish),
     "Clip": _clip, "Gelu": _gelu, "HardSigmoid": _hard_sigmoid, "LeakyRelu": _leaky_relu, "PRelu": _prelu,
     "Add": _binary(np.add, torch.add), "Sub": _binary(np.subtract, torch.sub),
@@ -980,8 +988,8 @@ OPS.update({
     "And": _logical(np.logical_and, torch.logical_and), "Or": _logical(np.logical_or, torch.logical_or),
     "Xor": _logical(np.logical_xor, torch.logical_xor),
     "Not": lambda ctx, inputs: [np.logical_not(inputs[0]) if _is_host(inputs[0]) else torch.logical_not(inputs[0])],
-    "Floor": _unary(torch.floor), "Ceil": _unary(torch.ceil), "Round": _unary(torch.round),
-    "Sin": _unary(torch.sin), "Cos": _unary(torch.cos), "Sign": _unary(torch.sign),
+    "Floor": _unary(torch.floor, np.floor), "Ceil": _unary(torch.ceil, np.ceil), "Round": _unary(torch.round, np.round),
+    "Sin": _unary(torch.sin), "Cos": _unary(torch.cos), "Sign": _unary(torch.sign, np.sign),
     "Mish": _unary(F.mish), "Softsign": _unary(F.softsign),
 })  # fmt: skip
 SUPPORTED_OPS: frozenset[str] = frozenset(OPS) | {"Resize", "Upsample"}

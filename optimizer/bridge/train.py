@@ -61,10 +61,10 @@ from onnxpress.runtime import make_session
 __all__ = [
     "FinetuneConfig",
     "FinetuneHistory",
-    "resolve_device",
     "distillation_loss",
     "load_arrays",
     "load_label_array",
+    "resolve_device",
     "run_teacher",
     "shift_images",
     "sparsity_penalty",

@@ -17,8 +17,8 @@ one of our dependencies), and with a stub torchvision it still fails on every re
 export: ``NotImplementedError: Converter is not implemented (ReduceMean, version=18)`` for the three
 CNNs and ``(Reshape, version=19)`` for the transformer. Our own interpreter covers the ops our
 reference models and passes produce and those of the exports we tried (U-Nets, separators, TCNs,
-GPT/LLaMA/T5/BERT/ViT/Whisper-style transformers, LSTM/GRU models; 560 of onnx's node cases match, the rest are refused
-by name), runs on the CPU or a CUDA device, keeps the ONNX initializer names (so
+GPT/LLaMA/T5/BERT/ViT/Whisper-style transformers, LSTM/GRU models; 560 of onnx's node cases match,
+the rest are refused by name), runs on the CPU or a CUDA device, keeps the ONNX initializer names (so
 fine-tuned weights map back 1:1), and is traceable by ``torch.export`` because every shape-like
 value (int initializers, ``Shape`` outputs, axes) lives on the host as numpy/Python values
 (``SymInt`` for a dynamic batch), never as a tensor whose data the tracer would have to read.

@@ -490,3 +490,40 @@ def test_size_arithmetic_with_floor_stays_on_the_host():
     ]
     model = make_model(nodes, [("X", [2, 3, 4])], [("Y", None)], {"half": np.array(0.5, np.float32)})
     _check(model, {"X": _x(2, 3, 4)})
+
+
+@pytest.mark.parametrize("mode", ["DCR", "CRD"])
+def test_pixel_shuffle_round_trip_and_activations(mode):
+    """Conv -> DepthToSpace (PixelShuffle) -> Elu/Selu/Celu/ThresholdedRelu -> SpaceToDepth -> cubic Resize."""
+    w = rng(5).standard_normal((8, 2, 3, 3)).astype(np.float32)
+    nodes = [
+        helper.make_node("Conv", ["X", "W"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("DepthToSpace", ["c"], ["d"], blocksize=2, mode=mode),
+        helper.make_node("Elu", ["d"], ["e1"], alpha=0.7), helper.make_node("Selu", ["e1"], ["e2"]),
+        helper.make_node("Celu", ["e2"], ["e3"], alpha=1.3),
+        helper.make_node("ThresholdedRelu", ["e3"], ["e4"], alpha=0.1),
+        helper.make_node("SpaceToDepth", ["e4"], ["s"], blocksize=2),
+        helper.make_node("Resize", ["s", "", "sc"], ["Y"], mode="cubic"),
+    ]  # fmt: skip
+    model = make_model(nodes, [("X", [2, 2, 5, 5])], [("Y", None)],
+                       {"W": w, "sc": np.array([1, 1, 1.6, 1.6], np.float32)})  # fmt: skip
+    _check(model, {"X": _x(2, 2, 5, 5)})
+
+
+def test_argmax_topk_and_scatters_match_onnxruntime():
+    """Detection/segmentation heads: ArgMax, TopK (ties by the lower index), ScatterElements, ScatterND (add)."""
+    x = np.array([[3, 1, 3, 2, 2, 0], [1, 1, 1, 1, 1, 1]], np.float32)  # ties on purpose
+    nodes = [
+        helper.make_node("ArgMax", ["X"], ["am"], axis=1, keepdims=1),
+        helper.make_node("Cast", ["am"], ["amf"], to=TensorProto.FLOAT),
+        helper.make_node("TopK", ["X", "k"], ["tv", "ti"], axis=1),
+        helper.make_node("Cast", ["ti"], ["tif"], to=TensorProto.FLOAT),
+        helper.make_node("ScatterElements", ["X", "ei", "eu"], ["se"], axis=1),
+        helper.make_node("ScatterND", ["se", "ni", "nu"], ["sn"], reduction="add"),
+        helper.make_node("Concat", ["amf", "tv", "tif", "sn"], ["Y"], axis=1),
+    ]
+    inits = {"k": np.array([3], np.int64), "ei": np.array([[0, -1], [2, 3]], np.int64),
+             "eu": np.array([[9, 8], [7, 6]], np.float32), "ni": np.array([[0, 1], [1, 0], [0, 1]], np.int64),
+             "nu": np.array([0.5, 0.25, 2.0], np.float32)}  # fmt: skip
+    model = make_model(nodes, [("X", [2, 6])], [("Y", None)], inits, opset=18)
+    _check(model, {"X": x})

@@ -17,7 +17,7 @@ one of our dependencies), and with a stub torchvision it still fails on every re
 export: ``NotImplementedError: Converter is not implemented (ReduceMean, version=18)`` for the three
 CNNs and ``(Reshape, version=19)`` for the transformer. Our own interpreter covers the ops our
 reference models and passes produce and those of the exports we tried (U-Nets, separators, TCNs,
-GPT/LLaMA/T5/BERT/ViT/Whisper-style transformers, LSTM/GRU models; 560 of onnx's node cases match,
+GPT/LLaMA/T5/BERT/ViT/Whisper-style transformers, LSTM/GRU models; 629 of onnx's node cases match,
 the rest are refused by name), runs on the CPU or a CUDA device, keeps the ONNX initializer names (so
 fine-tuned weights map back 1:1), and is traceable by ``torch.export`` because every shape-like
 value (int initializers, ``Shape`` outputs, axes) lives on the host as numpy/Python values
@@ -973,6 +973,94 @@ def _gru(ctx: _Ctx, inputs: list[Value]) -> list[Value]:
     return _rnn_outputs(ctx, ys, finals, st["layout"])
 
 
+def _depth_to_space(ctx: _Ctx, inputs: list[Value]) -> list[Value]:
+    x, b = _t(inputs[0]), int(ctx.get("blocksize"))
+    n, c, h, w = x.shape
+    if ctx.get("mode", "DCR") == "DCR":  # depth-column-row: the block index is the outer channel factor
+        y = x.reshape(n, b, b, c // (b * b), h, w).permute(0, 3, 4, 1, 5, 2)
+    else:  # CRD, as torch's pixel_shuffle
+        y = x.reshape(n, c // (b * b), b, b, h, w).permute(0, 1, 4, 2, 5, 3)
+    return [y.reshape(n, c // (b * b), h * b, w * b)]
+
+
+def _space_to_depth(ctx: _Ctx, inputs: list[Value]) -> list[Value]:
+    x, b = _t(inputs[0]), int(ctx.get("blocksize"))
+    n, c, h, w = x.shape
+    y = x.reshape(n, c, h // b, b, w // b, b)
+    y = y.permute(0, 3, 5, 1, 2, 4) if ctx.get("mode", "DCR") == "DCR" else y.permute(0, 1, 3, 5, 2, 4)
+    return [y.reshape(n, c * b * b, h // b, w // b)]
+
+
+def _elu_family(ctx: _Ctx, inputs: list[Value]) -> list[Value]:
+    """Elu, Selu, Celu and ThresholdedRelu with ONNX's attribute defaults."""
+    x = _t(inputs[0])
+    if ctx.op_type == "Elu":
+        return [F.elu(x, alpha=float(ctx.get("alpha", 1.0)))]
+    if ctx.op_type == "Selu":
+        alpha = float(ctx.get("alpha", 1.67326319217681884765625))
+        gamma = float(ctx.get("gamma", 1.05070102214813232421875))
+        return [gamma * torch.where(x > 0, x, alpha * torch.expm1(x))]
+    if ctx.op_type == "Celu":
+        alpha = float(ctx.get("alpha", 1.0))
+        return [torch.clamp(x, min=0) + torch.clamp(alpha * torch.expm1(x / alpha), max=0)]
+    return [torch.where(x > float(ctx.get("alpha", 1.0)), x, torch.zeros_like(x))]
+
+
+def _arg_extreme(ctx: _Ctx, inputs: list[Value]) -> list[Value]:
+    """ArgMax / ArgMin (int64; ties: the first index, or the last with select_last_index)."""
+    x = inputs[0]
+    axis, keep, last = int(ctx.get("axis", 0)), bool(ctx.get("keepdims", 1)), bool(ctx.get("select_last_index", 0))
+    if _is_host(x):
+        a = np.asarray(x)
+        axis = _norm_axis(axis, a.ndim)
+        a = np.flip(a, axis) if last else a
+        idx = (np.argmax if ctx.op_type == "ArgMax" else np.argmin)(a, axis=axis)
+        idx = a.shape[axis] - 1 - idx if last else idx
+        return [np.expand_dims(idx, axis).astype(np.int64) if keep else idx.astype(np.int64)]
+    t = _t(x)
+    axis = _norm_axis(axis, t.dim())
+    t = torch.flip(t, [axis]) if last else t
+    idx = (torch.argmax if ctx.op_type == "ArgMax" else torch.argmin)(t, dim=axis, keepdim=keep)
+    return [t.shape[axis] - 1 - idx if last else idx]
+
+
+def _topk(ctx: _Ctx, inputs: list[Value]) -> list[Value]:
+    x = _t(inputs[0])
+    k = int(np.asarray(_static(inputs[1])).reshape(-1)[0]) if ctx.opset >= 10 else int(ctx.get("k"))
+    axis = _norm_axis(int(ctx.get("axis", -1)), x.dim())
+    largest, ordered = bool(ctx.get("largest", 1)), bool(ctx.get("sorted", 1))
+    if not ordered or x.dtype in (torch.uint16, torch.uint32, torch.uint64):
+        raise UnsupportedModelError(f"TopK {ctx.name!r}: sorted=0 or {x.dtype} input is not supported")
+    # ONNX breaks ties by the lower index; a stable sort does that, torch.topk does not promise it
+    order = torch.sort(x, dim=axis, descending=largest, stable=True).indices.narrow(axis, 0, k)
+    return [torch.gather(x, axis, order), order]
+
+
+def _scatter_elements(ctx: _Ctx, inputs: list[Value]) -> list[Value]:
+    data, idx, updates = _t(inputs[0]), _t(inputs[1]).long(), _t(inputs[2])
+    axis = _norm_axis(int(ctx.get("axis", 0)), data.dim())
+    idx = torch.where(idx < 0, idx + data.shape[axis], idx)
+    reduction = ctx.get("reduction", "none")
+    if reduction == "none":
+        return [data.scatter(axis, idx, updates.to(data.dtype))]
+    how = {"add": "sum", "mul": "prod", "max": "amax", "min": "amin"}.get(reduction)
+    if how is None:
+        raise UnsupportedModelError(f"ScatterElements {ctx.name!r}: reduction {reduction!r} is not supported")
+    return [data.scatter_reduce(axis, idx, updates.to(data.dtype), reduce=how, include_self=True)]
+
+
+def _scatter_nd(ctx: _Ctx, inputs: list[Value]) -> list[Value]:
+    data, idx, updates = _t(inputs[0]), _t(inputs[1]).long(), _t(inputs[2])
+    reduction = ctx.get("reduction", "none")
+    if reduction not in ("none", "add"):
+        raise UnsupportedModelError(f"ScatterND {ctx.name!r}: reduction {reduction!r} is not supported")
+    k = idx.shape[-1]
+    where = tuple(
+        torch.where(idx[..., i] < 0, idx[..., i] + data.shape[i], idx[..., i]) for i in range(k)
+    )  # fmt: skip
+    return [data.index_put(where, updates.to(data.dtype), accumulate=reduction == "add")]
+
+
 def _logical(fn_host: Callable[[Any, Any], Any], fn: Callable[[Any, Any], Any]) -> OpFn:
     return _binary(fn_host, lambda a, b: fn(a.bool(), b.bool()))
 
@@ -983,6 +1071,9 @@ OPS.update({
     "ReduceLogSumExp": _reduce("logsumexp", 18), "ReduceProd": _reduce("prod", 18),
     "Pad": _pad, "Range": _range, "Trilu": _trilu, "Mod": _mod, "Tile": _tile, "Einsum": _einsum,
     "GatherElements": _gather_elements, "CumSum": _cumsum, "LSTM": _lstm, "GRU": _gru,
+    "DepthToSpace": _depth_to_space, "SpaceToDepth": _space_to_depth, "Elu": _elu_family, "Selu": _elu_family,
+    "Celu": _elu_family, "ThresholdedRelu": _elu_family, "ArgMax": _arg_extreme, "ArgMin": _arg_extreme,
+    "TopK": _topk, "ScatterElements": _scatter_elements, "ScatterND": _scatter_nd,
     "Greater": _binary(np.greater, torch.gt), "Less": _binary(np.less, torch.lt),
     "GreaterOrEqual": _binary(np.greater_equal, torch.ge), "LessOrEqual": _binary(np.less_equal, torch.le),
     "And": _logical(np.logical_and, torch.logical_and), "Or": _logical(np.logical_or, torch.logical_or),
@@ -1070,6 +1161,14 @@ def _resize_apply(
             return F.interpolate(x, mode=torch_mode, align_corners=True, **kwargs)
         if coord == "asymmetric":
             return _linear_asymmetric(x, kwargs, out_sizes)
+    if mode == "cubic" and spatial == 2 and float(ctx.get("cubic_coeff_a", -0.75)) == -0.75 and not ctx.get(
+            "exclude_outside", 0) and coord in ("half_pixel", "pytorch_half_pixel", "align_corners"):  # fmt: skip
+        # torch's bicubic is Keys' kernel with a = -0.75 and edge-clamped taps, as onnxruntime's default cubic
+        if coord in ("align_corners", "pytorch_half_pixel") and any(o == 1 for o in out_sizes):
+            raise UnsupportedModelError(f"Resize {ctx.name!r}: {coord} to an output size of 1 is not supported")
+        if coord == "align_corners":  # the grid comes from the sizes alone
+            return F.interpolate(x, size=out_sizes, mode="bicubic", align_corners=True)
+        return F.interpolate(x, mode="bicubic", align_corners=False, **kwargs)
     raise UnsupportedModelError(
         f"{ctx.op_type} {ctx.name!r}: mode={mode} coordinate_transformation_mode={coord} is not supported"
     )

@@ -139,7 +139,7 @@ def finetune(
             ``"writeback"``: copy the trained weights into the student's own graph, which keeps every
             node and tensor name (torch.onnx renames nodes) for steps that address layers by name.
             ``"auto"`` (default): writeback when the student has LSTM/GRU layers (torch.onnx unrolls
-            them, see ``RECURRENT_OPS``), dynamo otherwise.
+            them, see ``RECURRENT_OPS``) or when torch.onnx cannot export it (logged), dynamo otherwise.
         progress: progress bar with the loss.
 
     Raises:
@@ -248,8 +248,15 @@ them (the reference LSTM model: 46 nodes became 918, 1.14x the original's latenc
 def _float_export(module: Any, student: onnx.ModelProto, example: list[np.ndarray], exporter: str) -> onnx.ModelProto:
     """The fine-tuned float model: re-exported by torch, or the student graph with the new weights."""
     if exporter == "auto":
-        exporter = "writeback" if any(n.op_type in RECURRENT_OPS for n in student.graph.node) else "dynamo"
-        log.info("fine-tune export: %s", exporter)
+        if any(n.op_type in RECURRENT_OPS for n in student.graph.node):
+            return module.state_to_onnx(student)
+        from onnxpress.bridge.export import export_module
+
+        try:
+            return export_module(module, student, example, exporter="dynamo")
+        except UnsupportedModelError as exc:  # torch.onnx cannot export some ops (a stable sort, ...)
+            log.warning("%s; writing the trained weights back into the student's graph instead", exc)
+            return module.state_to_onnx(student)
     if exporter == "writeback":
         return module.state_to_onnx(student)
     from onnxpress.bridge.export import export_module

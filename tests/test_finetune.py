@@ -189,3 +189,51 @@ def test_finetune_of_the_lstm_reference_model_keeps_its_lstm():
     assert [n.op_type for n in res.model.graph.node] == [n.op_type for n in student.graph.node]
     assert res.export_max_diff <= 1e-4
     assert res.metrics["kl_after"] < res.metrics["kl_before"]
+
+
+def test_finetune_refuses_students_it_cannot_train():
+    """No trainable weights, or an output that is an index (ArgMax): one clear error each, not a torch crash."""
+    from onnx import helper
+
+    from onnxpress.errors import UnsupportedModelError
+    from tests.graphs import make_model
+
+    x = {"input": tiny_data(8)}
+    no_weights = make_model([helper.make_node("Relu", ["input"], ["y"])], [("input", ["N", 1, 8, 8])],
+                            [("y", ["N", 1, 8, 8])])  # fmt: skip
+    with pytest.raises(UnsupportedModelError, match="no trainable float weights"):
+        onnxpress.finetune(no_weights, no_weights, x, epochs=1)
+    index = tiny_cnn()
+    logits = index.graph.output[0].name
+    index.graph.node.extend([helper.make_node("ArgMax", [logits], ["cls"], axis=1),
+                             helper.make_node("Cast", ["cls"], ["clsf"], to=onnx.TensorProto.FLOAT)])  # fmt: skip
+    index.graph.output.pop()
+    index.graph.output.append(helper.make_tensor_value_info("clsf", onnx.TensorProto.FLOAT, ["N", 1]))
+    with pytest.raises(UnsupportedModelError, match="does not depend on its weights through differentiable ops"):
+        onnxpress.finetune(index, index, x, epochs=1)
+
+
+def test_auto_export_falls_back_to_writeback(kd_files, monkeypatch, caplog):
+    """exporter="auto": when torch.onnx cannot export the module, the trained weights go into the student graph."""
+    from onnxpress.bridge import export as export_mod
+    from onnxpress.errors import UnsupportedModelError
+
+    def refuse(*args, **kwargs):
+        raise UnsupportedModelError("torch.onnx.export (dynamo) failed: No ONNX function found for aten.sort.stable")
+
+    monkeypatch.setattr(export_mod, "export_module", refuse)
+    res = onnxpress.finetune(kd_files["student"], kd_files["teacher"], str(kd_files["data"]), epochs=1, threads=1)
+    student = onnx.load(str(kd_files["student"]))
+    assert [n.name for n in res.model.graph.node] == [n.name for n in student.graph.node]
+    assert res.export_max_diff <= 1e-4
+    assert "writing the trained weights back" in caplog.text
+
+
+def test_torch_export_errors_are_one_clean_line():
+    from onnxpress.bridge.export import _torch_reason
+
+    exc = RuntimeError("Failed to convert. \x1b[96mThis is step 3/3\x1b[0m of exporting\n- hint\n\n"
+                       "## Exception summary\n\n<class 'DispatchError'>: No ONNX function found for aten.sort.stable\n"
+                       "more")  # fmt: skip
+    assert _torch_reason(exc) == ("Failed to convert. This is step 3/3 of exporting <class 'DispatchError'>: "
+                                  "No ONNX function found for aten.sort.stable")  # fmt: skip

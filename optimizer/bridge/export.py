@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import re
 import warnings
 from collections.abc import Mapping, Sequence
 
@@ -117,8 +118,7 @@ def export_module(
                 torch.onnx.export(module, args, buffer, **kwargs)
                 proto = onnx.load_from_string(buffer.getvalue())
     except Exception as exc:  # torch raises many exporter-internal types
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-        raise UnsupportedModelError(f"torch.onnx.export ({exporter}) failed: {first}") from None
+        raise UnsupportedModelError(f"torch.onnx.export ({exporter}) failed: {_torch_reason(exc)}") from None
     finally:
         torch_onnx_log.setLevel(old_level)
     if exporter == "dynamo":
@@ -129,6 +129,20 @@ def export_module(
         proto = run_passes(proto, cleanup_passes()).model
     proto.producer_name = "onnxpress.finetune"
     return proto
+
+
+def _torch_reason(exc: BaseException, limit: int = 300) -> str:
+    """torch.onnx's first message line without colour codes, plus the line its "Exception summary" starts with."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    reason = lines[0]
+    if "## Exception summary" in lines:
+        after = lines[lines.index("## Exception summary") + 1 :]
+        if after:
+            reason += " " + after[0]
+    return reason[:limit]
 
 
 def _rename_outputs(proto: onnx.ModelProto, names: Mapping[str, str]) -> None:

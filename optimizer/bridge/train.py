@@ -516,9 +516,19 @@ def train_student(
     val_hist: list[float] = []
     steps_per_epoch = -(-len(train_idx) // config.batch_size)
     start = time.perf_counter()
+    params = [p for p in student.parameters() if p.requires_grad]
+    if not params:
+        raise UnsupportedModelError("the student has no trainable float weights (Conv/Gemm/MatMul/norm parameters)")
     student.to(dev)
     with _deterministic(config.seed, threads, dev):
-        params = [p for p in student.parameters() if p.requires_grad]
+        few = min(2, len(train_idx))  # one tiny forward: does the loss reach the weights at all?
+        probe = batch_loss(x_train, on_device({k: v[:few] for k, v in x_train.items()}), np.arange(few),
+                           None if t_train is None else t_train[:few], None if y_train is None else y_train[:few])
+        if not probe.requires_grad:
+            raise UnsupportedModelError(
+                f"the student's first output {student.output_names[0]!r} does not depend on its weights through "
+                "differentiable ops (an ArgMax or TopK index, a Cast to int); fine-tune a model that outputs logits"
+            )
         opt = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
         total_steps = max(1, config.epochs * steps_per_epoch)
         sched = torch.optim.lr_scheduler.LambdaLR(

@@ -511,7 +511,9 @@ def optimize(
     if finetune and recipe is None and finetune_device != "cpu":
         from onnxpress.bridge.train import resolve_device
 
-        resolve_device(finetune_device)  # a missing GPU is a one-line error now, not after the sensitivity scan
+        # a missing GPU is a one-line error now, not after the sensitivity scan; "auto" is written into the
+        # recipe as the device it chose here, so the recipe says where its bytes came from
+        finetune_device = str(resolve_device(finetune_device))
     original = load_model(model)
     refuse_quantized(original, "optimize")
     if is_large(original):

@@ -100,8 +100,12 @@ def test_finetune_recipe_reproduces_bytes_and_recovers(setup):
     """With --finetune the split candidates are distilled before quantization; the recipe still rebuilds the bytes."""
     model, data, tmp = setup
     res = optimize(model, tmp / "a.onnx", calib=data, budget="flops=0.6", cache_dir=tmp / "c", eval_samples=32,
-                   sensitivity_samples=16, finetune=True, finetune_epochs=2, shortlist=2, prune_ratios=())
+                   sensitivity_samples=16, finetune=True, finetune_epochs=2, shortlist=2, prune_ratios=(),
+                   finetune_device="auto")  # fmt: skip
     steps = [s["pass"] for s in res.recipe["steps"]]
+    torch = pytest.importorskip("torch")
+    # "auto" is recorded as the device it chose, so the recipe rebuilds the same bytes on a like machine
+    assert res.recipe["steps"][steps.index("finetune")]["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
     assert "lowrank" in steps and "finetune" in steps  # fine-tune after every structural step, before quantize
     assert max(steps.index(p) for p in ("prune", "lowrank") if p in steps) < steps.index("finetune")
     assert steps[-1] == "quantize" or "quantize" not in steps

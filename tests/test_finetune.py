@@ -237,3 +237,28 @@ def test_torch_export_errors_are_one_clean_line():
                        "more")  # fmt: skip
     assert _torch_reason(exc) == ("Failed to convert. This is step 3/3 of exporting <class 'DispatchError'>: "
                                   "No ONNX function found for aten.sort.stable")  # fmt: skip
+
+
+def test_qat_export_is_held_to_how_well_onnxruntime_follows_the_untrained_module(kd_files, monkeypatch):
+    """The QAT floor is min(35 dB, the PTQ graph's own agreement with its module - 6 dB): a deep U-Net's
+    untrained QDQ graph already differs from its fake-quant module by 28.5 dB of rounding flips."""
+    from onnxpress.bridge import export as export_mod
+    from onnxpress.finetune import QAT_FLIP_MARGIN_DB, QAT_MIN_SQNR_DB
+
+    seen = {}
+    real_validate, real_agreement = export_mod.validate_against_module, export_mod.module_agreement_db
+
+    def agreement(*args, **kwargs):
+        seen["baseline"] = real_agreement(*args, **kwargs)
+        return 30.0  # as if flips had piled up
+
+    def validate(*args, min_sqnr_db=None, **kwargs):
+        seen["floor"] = min_sqnr_db
+        return real_validate(*args, min_sqnr_db=min_sqnr_db, **kwargs)
+
+    monkeypatch.setattr(export_mod, "module_agreement_db", agreement)
+    monkeypatch.setattr(export_mod, "validate_against_module", validate)
+    onnxpress.finetune(kd_files["student"], kd_files["teacher"], str(kd_files["data"]), epochs=1, qat=True,
+                       val_fraction=0.0, threads=1)  # fmt: skip
+    assert seen["floor"] == pytest.approx(30.0 - QAT_FLIP_MARGIN_DB)
+    assert seen["baseline"] > QAT_MIN_SQNR_DB  # the tiny CNN itself follows its module closely

@@ -226,3 +226,12 @@ def test_augmentation_errors():
         train_student(OnnxModule(student_model), student_model, flat, logits, None, cfg, teacher_model=teacher)
     with pytest.raises(ValueError, match="augment_shift"):
         FinetuneConfig(augment_shift=-1)
+
+
+def test_distillation_loss_over_a_class_axis_and_mse():
+    """class_axis=1 on [N, C, H, W] equals the same logits with C moved last; mse is the plain mean square."""
+    zs, zt = torch.randn(2, 5, 3, 4, dtype=torch.float64), torch.randn(2, 5, 3, 4, dtype=torch.float64)
+    moved = distillation_loss(zs.movedim(1, -1), zt.movedim(1, -1), temperature=2.0)
+    assert float(distillation_loss(zs, zt, temperature=2.0, class_axis=1)) == pytest.approx(float(moved), rel=1e-12)
+    mse = distillation_loss(zs, zt, distill="mse", temperature=2.0)
+    assert float(mse) == pytest.approx(float(((zs - zt) ** 2).mean()), rel=1e-12)

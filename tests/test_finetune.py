@@ -262,3 +262,32 @@ def test_qat_export_is_held_to_how_well_onnxruntime_follows_the_untrained_module
                        val_fraction=0.0, threads=1)  # fmt: skip
     assert seen["floor"] == pytest.approx(30.0 - QAT_FLIP_MARGIN_DB)
     assert seen["baseline"] > QAT_MIN_SQNR_DB  # the tiny CNN itself follows its module closely
+
+
+def _image_model(noise: float = 0.0) -> onnx.ModelProto:
+    """A denoiser / segmenter head: X [N, 1, 8, 8] -> Conv 3x3 (4) -> Relu -> Conv 1x1 (3) -> Y [N, 3, 8, 8]."""
+    from onnx import helper
+
+    from tests.graphs import make_model
+
+    r = np.random.default_rng(7)
+    w1 = r.standard_normal((4, 1, 3, 3)).astype(np.float32)
+    w2 = r.standard_normal((3, 4, 1, 1)).astype(np.float32)
+    w1 += noise * r.standard_normal(w1.shape).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["input", "w1"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"]), helper.make_node("Conv", ["r", "w2"], ["y"])]  # fmt: skip
+    return make_model(nodes, [("input", ["N", 1, 8, 8])], [("y", ["N", 3, 8, 8])], {"w1": w1, "w2": w2})
+
+
+def test_dense_outputs_are_distilled_by_mse_and_segmentation_by_a_class_axis():
+    """auto: a [N, C, H, W] output is regressed (MSE), with no softmax metrics; kl over class_axis=1 for maps."""
+    x = {"input": tiny_data(96)}
+    dense = onnxpress.finetune(_image_model(0.5), _image_model(), x, epochs=4, lr=1e-2, batch_size=16, threads=1)
+    assert dense.metrics["sqnr_db_after"] > dense.metrics["sqnr_db_before"] + 3
+    assert "kl_after" not in dense.metrics and "agreement_after" not in dense.metrics
+    seg = onnxpress.finetune(_image_model(0.5), _image_model(), x, epochs=4, lr=1e-2, batch_size=16, threads=1,
+                             distill="kl", class_axis=1)  # fmt: skip
+    assert seg.metrics["kl_after"] < seg.metrics["kl_before"]
+    assert 0 <= seg.metrics["agreement_after"] <= 1
+    with pytest.raises(ValueError, match="distill must be auto, kl or mse"):
+        onnxpress.finetune(_image_model(0.5), _image_model(), x, distill="l1")

@@ -11,7 +11,12 @@ The loss for student logits ``z_s``, teacher logits ``z_t``, labels ``y`` and te
 ``KL(p_t ‖ p_s)`` is ``F.kl_div(log p_s, p_t, reduction="batchmean")``: torch's convention (input
 = student log-probabilities, target = teacher probabilities), i.e. the teacher is the reference
 distribution. ``T²`` keeps the soft gradients' scale independent of ``T`` (Hinton et al.). Without
-labels the hard term is dropped.
+labels the hard term is dropped. The softmax runs over ``class_axis`` (the last axis by default:
+``[N, classes]`` logits, a language model's ``[N, T, vocab]``; 1 for segmentation ``[N, C, H, W]``).
+
+``distill="mse"`` replaces the soft term by ``mean((z_s − z_t)²)``: for dense outputs that are not
+class scores (a denoising U-Net's image, a separator's waveform, a super-resolution model's pixels),
+where a softmax over any axis is meaningless.
 
 Data flow::
 
@@ -94,6 +99,8 @@ class FinetuneConfig:
         seed: seeds the split, the shuffling, the augmentation and torch.
         augment_shift: largest pixel shift of the per-epoch translation augmentation of image
             inputs (0 = off); with a teacher, its logits are recomputed for the shifted copies.
+        distill: ``"kl"`` (softened softmax over ``class_axis``) or ``"mse"`` (dense outputs).
+        class_axis: the axis of class scores for ``"kl"`` and the label cross-entropy.
     """
 
     epochs: int = 10
@@ -110,6 +117,8 @@ class FinetuneConfig:
     patience: int = 3
     seed: int = 0
     augment_shift: int = 0
+    distill: str = "kl"
+    class_axis: int = -1
 
     def __post_init__(self) -> None:
         checks = {
@@ -122,6 +131,7 @@ class FinetuneConfig:
             "val_fraction must be in [0, 0.5]": 0 <= self.val_fraction <= 0.5,
             "patience must be >= 1": self.patience >= 1,
             "augment_shift must be >= 0": self.augment_shift >= 0,
+            "distill must be kl or mse": self.distill in ("kl", "mse"),
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
@@ -302,13 +312,21 @@ def distillation_loss(
     temperature: float = 4.0,
     hard_weight: float = 1.0,
     soft_weight: float = 1.0,
+    distill: str = "kl",
+    class_axis: int = -1,
 ) -> torch.Tensor:
-    """``λ_hard·CE(z_s, y) + λ_soft·T²·KL(softmax(z_t/T) ‖ softmax(z_s/T))`` (batch mean)."""
+    """``λ_hard·CE(z_s, y) + λ_soft·T²·KL(softmax(z_t/T) ‖ softmax(z_s/T))`` (batch mean).
+
+    The softmax runs over ``class_axis``; with ``distill="mse"`` the soft term is ``mean((z_s − z_t)²)``.
+    """
     t = temperature
-    soft = F.kl_div(
-        F.log_softmax(student_logits / t, dim=-1), F.log_softmax(teacher_logits / t, dim=-1),
-        reduction="batchmean", log_target=True,
-    ) * (t * t)  # fmt: skip
+    if distill == "mse":
+        soft = F.mse_loss(student_logits, teacher_logits)
+    else:
+        s_z, t_z = student_logits.movedim(class_axis, -1), teacher_logits.movedim(class_axis, -1)
+        soft = F.kl_div(
+            F.log_softmax(s_z / t, dim=-1), F.log_softmax(t_z / t, dim=-1), reduction="batchmean", log_target=True,
+        ) * (t * t)  # fmt: skip
     loss = soft_weight * soft
     if labels is not None and hard_weight:
         loss = loss + hard_weight * F.cross_entropy(student_logits, labels)
@@ -485,7 +503,8 @@ def train_student(
         z_t = z_t_all[it] if z_t_all is not None else z_s.detach()
         y = y_all_[it] if y_all_ is not None else None
         loss = distillation_loss(
-            z_s, z_t, y, temperature=config.temperature, hard_weight=hard_w, soft_weight=soft_w
+            z_s, z_t, y, temperature=config.temperature, hard_weight=hard_w, soft_weight=soft_w,
+            distill=config.distill, class_axis=config.class_axis,
         )
         if feature_pairs:
             feeds = {k: xs[k][pos] for k in student.input_names}

@@ -39,6 +39,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=positive_int, help="torch threads while training")
     p.add_argument("--device", default="cpu",
                    help="where torch trains: cpu (default), cuda, cuda:N, or auto (cuda when torch sees a GPU)")
+    p.add_argument("--distill", choices=["auto", "kl", "mse"], default="auto",
+                   help="the soft term: kl (softmax over --class-axis: class logits, token scores, segmentation "
+                        "maps), mse (images, waveforms), or auto (the default: mse for outputs of 4+ dimensions)")
+    p.add_argument("--class-axis", type=int, default=-1, help="axis of the class scores for kl (default -1)")
     p.add_argument("--exporter", choices=["auto", "dynamo", "torchscript", "writeback"], default="auto",
                    help="how the float model goes back to ONNX: torch.onnx (dynamo|torchscript), or writeback: the "
                         "trained weights into the student's own graph (auto, the default: writeback for LSTM/GRU "
@@ -63,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
         temperature=args.temperature, lr=args.lr, batch_size=args.batch_size, hard_weight=args.hard_weight,
         soft_weight=args.soft_weight, sparsity=args.sparsity, val_fraction=args.val_fraction,
         patience=args.patience, seed=args.seed, augment_shift=args.augment_shift, max_samples=args.max_samples,
+        distill=args.distill, class_axis=args.class_axis,
         qat=args.qat, calibration=table, threads=args.threads, device=args.device, exporter=args.exporter,
         progress=progress_enabled(args),
     )  # fmt: skip

@@ -274,7 +274,7 @@ def finetune_in_place(
     module = OnnxModule(student)
     config = tr.FinetuneConfig(epochs=step["epochs"], lr=step["lr"], batch_size=step["batch_size"],
                                temperature=step["temperature"], hard_weight=0.0, soft_weight=1.0, seed=step["seed"],
-                               patience=step["patience"], distill="mse" if logits.ndim >= 4 else "kl")  # fmt: skip
+                               patience=step["patience"])
     tr.train_student(module, student, arrays, logits, None, config, threads=1, device=step["device"],
                      progress=progress)
     return module.state_to_onnx(student)  # the bridge's writeback export: same graph, trained weights

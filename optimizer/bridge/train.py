@@ -14,9 +14,8 @@ distribution. ``T²`` keeps the soft gradients' scale independent of ``T`` (Hint
 labels the hard term is dropped. The softmax runs over ``class_axis`` (the last axis by default:
 ``[N, classes]`` logits, a language model's ``[N, T, vocab]``; 1 for segmentation ``[N, C, H, W]``).
 
-``distill="mse"`` replaces the soft term by ``mean((z_s − z_t)²)``: for dense outputs that are not
-class scores (a denoising U-Net's image, a separator's waveform, a super-resolution model's pixels),
-where a softmax over any axis is meaningless.
+``distill="mse"`` replaces the soft term by ``mean((z_s − z_t)²)``, the outputs regressed as they are
+(``onnxpress.finetune``'s docstring says why the softmax stays the default for image outputs too).
 
 Data flow::
 

@@ -39,9 +39,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=positive_int, help="torch threads while training")
     p.add_argument("--device", default="cpu",
                    help="where torch trains: cpu (default), cuda, cuda:N, or auto (cuda when torch sees a GPU)")
-    p.add_argument("--distill", choices=["auto", "kl", "mse"], default="auto",
-                   help="the soft term: kl (softmax over --class-axis: class logits, token scores, segmentation "
-                        "maps), mse (images, waveforms), or auto (the default: mse for outputs of 4+ dimensions)")
+    p.add_argument("--distill", choices=["kl", "mse"], default="kl",
+                   help="the soft term: kl (the default: the softened softmax over --class-axis) or mse (the "
+                        "outputs regressed as they are)")
     p.add_argument("--class-axis", type=int, default=-1, help="axis of the class scores for kl (default -1)")
     p.add_argument("--exporter", choices=["auto", "dynamo", "torchscript", "writeback"], default="auto",
                    help="how the float model goes back to ONNX: torch.onnx (dynamo|torchscript), or writeback: the "

@@ -292,3 +292,18 @@ def test_mse_distillation_and_segmentation_by_a_class_axis():
     assert 0 <= seg.metrics["agreement_after"] <= 1
     with pytest.raises(ValueError, match="distill must be kl or mse"):
         onnxpress.finetune(_image_model(0.5), _image_model(), x, distill="l1")
+
+
+def test_cli_feature_distillation(kd_files, tmp_path, capsys):
+    """--feature S=T adds an MSE term on a named intermediate value; a malformed pair is a one-line error."""
+    hidden = next(n.output[0] for n in onnx.load(str(kd_files["student"])).graph.node if n.op_type == "Relu")
+    out = tmp_path / "f.onnx"
+    common = ["finetune", str(kd_files["student"]), "--teacher", str(kd_files["teacher"]), "--data",
+              str(kd_files["data"]), "--epochs", "1", "--threads", "1", "-q"]  # fmt: skip
+    assert main([*common, "-o", str(out), "--feature", f"{hidden}={hidden}", "--feature-weight", "0.5"]) == 0
+    assert out.exists()
+    assert main([*common, "-o", str(tmp_path / "g.onnx"), "--feature", "no-equals-sign"]) == 2
+    assert "--feature takes STUDENT=TEACHER" in capsys.readouterr().err
+    assert main([*common, "-o", str(tmp_path / "plain.onnx")]) == 0
+    weights = lambda p: [onnx.numpy_helper.to_array(i) for i in onnx.load(str(p)).graph.initializer]  # noqa: E731
+    assert any(not np.array_equal(a, b) for a, b in zip(weights(out), weights(tmp_path / "plain.onnx"), strict=True))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from onnxpress.cli import add_common, bounded_float, non_negative_int, positive_int, progress_enabled
+from onnxpress.errors import OnnxpressError
 from onnxpress.reporting import format_table
 
 _POSITIVE = bounded_float(0.0, float("inf"), include_low=False, include_high=False, what="a positive number")
@@ -29,6 +30,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=positive_int, default=64, help="samples per step (default 64)")
     p.add_argument("--hard-weight", type=_WEIGHT, default=1.0, help="weight of the label cross-entropy (default 1)")
     p.add_argument("--soft-weight", type=_WEIGHT, default=1.0, help="weight of the distillation term (default 1)")
+    p.add_argument("--feature", action="append", default=[], metavar="STUDENT=TEACHER",
+                   help="also distil the student's value STUDENT towards the teacher's TEACHER by MSE (same shape; "
+                        "repeat for more pairs; weighted by --feature-weight)")
+    p.add_argument("--feature-weight", type=_WEIGHT, default=1.0,
+                   help="weight of the feature term when --feature is given (default 1)")
     p.add_argument("--sparsity", type=_WEIGHT, default=0.0, help="L1 weight on BN scales / channel norms (default 0)")
     p.add_argument("--val-fraction", type=_FRACTION, default=0.1, help="held out for early stopping (default 0.1)")
     p.add_argument("--patience", type=positive_int, default=3, help="epochs without improvement before stopping")
@@ -57,6 +63,12 @@ def run(args: argparse.Namespace) -> int:
     """Fine-tune and print what changed."""
     from onnxpress.finetune import finetune
 
+    features = {}
+    for pair in args.feature:
+        student_name, sep, teacher_name = pair.partition("=")
+        if not sep or not student_name or not teacher_name:
+            raise OnnxpressError(f"--feature takes STUDENT=TEACHER value names, got {pair!r}")
+        features[student_name] = teacher_name
     table = None
     if args.calibration:
         from onnxpress.calibration.table import CalibrationTable
@@ -67,7 +79,8 @@ def run(args: argparse.Namespace) -> int:
         temperature=args.temperature, lr=args.lr, batch_size=args.batch_size, hard_weight=args.hard_weight,
         soft_weight=args.soft_weight, sparsity=args.sparsity, val_fraction=args.val_fraction,
         patience=args.patience, seed=args.seed, augment_shift=args.augment_shift, max_samples=args.max_samples,
-        distill=args.distill, class_axis=args.class_axis,
+        distill=args.distill, class_axis=args.class_axis, features=features,
+        feature_weight=args.feature_weight if features else 0.0,
         qat=args.qat, calibration=table, threads=args.threads, device=args.device, exporter=args.exporter,
         progress=progress_enabled(args),
     )  # fmt: skip

@@ -50,7 +50,7 @@ def test_resolve_device_names():
 
 @no_cuda
 def test_cuda_without_a_gpu_is_a_clear_error(kd_files, tmp_path):
-    with pytest.raises(DeviceError, match="sees no CUDA device; use device='cpu'"):
+    with pytest.raises(DeviceError, match="sees no CUDA device; train on cpu"):
         resolve_device("cuda:0")
     out = tmp_path / "out.onnx"
     with pytest.raises(DeviceError, match="no CUDA device"):

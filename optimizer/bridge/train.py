@@ -366,7 +366,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         if not count:
             raise DeviceError(
                 f"device {device!r} asked for, but this torch ({torch.__version__}) sees no CUDA device; "
-                "use device='cpu', or install a CUDA build of torch on a machine with a GPU"
+                "train on cpu (device='cpu', --device cpu), or install a CUDA build of torch on a machine with a GPU"
             )
         if dev.index is not None and dev.index >= count:
             raise DeviceError(f"device {device!r}: torch sees {count} CUDA device(s), numbered from 0")

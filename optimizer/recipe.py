@@ -311,6 +311,12 @@ def apply_recipe(
     from onnxpress.passes.prune_channels import PruneChannels
 
     checked = validate_recipe(recipe)
+    devices = {s["device"] for s in checked["steps"] if s["pass"] == "finetune"} - {"cpu"}
+    if devices:
+        from onnxpress.bridge.train import resolve_device
+
+        for device in sorted(devices):
+            resolve_device(device)  # a recipe made on a GPU fails here, not after its prune and split steps
     current = load_model(model) if prepared else prepare(model)
     teacher = current
     for i, step in enumerate(checked["steps"]):

@@ -175,3 +175,13 @@ def test_cuda_finetune_of_a_token_model():
                              batch_size=32, exporter="writeback", device="cuda")  # fmt: skip
     assert res.export_max_diff <= 1e-4
     assert res.metrics["kl_after"] < 0.25 * res.metrics["kl_before"]
+
+
+@no_cuda
+def test_a_recipe_made_on_a_gpu_is_refused_before_its_first_step(kd_files, monkeypatch):
+    from onnxpress import recipe as recipe_mod
+
+    steps = [{"pass": "prune", "ratio": 0.25}, {"pass": "finetune", "epochs": 1, "device": "cuda"}]
+    monkeypatch.setattr(recipe_mod, "prepare", lambda *a, **k: pytest.fail("the model was prepared first"))
+    with pytest.raises(DeviceError, match="no CUDA device"):
+        recipe_mod.apply_recipe(kd_files["teacher"], {"version": 1, "steps": steps}, str(kd_files["data"]))

@@ -1031,7 +1031,8 @@ def _topk(ctx: _Ctx, inputs: list[Value]) -> list[Value]:
     largest, ordered = bool(ctx.get("largest", 1)), bool(ctx.get("sorted", 1))
     if not ordered or x.dtype in (torch.uint16, torch.uint32, torch.uint64):
         raise UnsupportedModelError(f"TopK {ctx.name!r}: sorted=0 or {x.dtype} input is not supported")
-    if torch.compiler.is_exporting():  # torch.onnx has no stable sort; its TopK is ONNX's, with ONNX's ties
+    exporting = getattr(torch.compiler, "is_exporting", lambda: False)()  # older torch: sort (auto falls back)
+    if exporting:  # torch.onnx has no stable sort; its TopK is ONNX's, with ONNX's ties
         return list(torch.topk(x, k, dim=axis, largest=largest, sorted=True))
     # ONNX breaks ties by the lower index; a stable sort does that, torch.topk does not promise it
     order = torch.sort(x, dim=axis, descending=largest, stable=True).indices.narrow(axis, 0, k)

@@ -33,6 +33,7 @@ from onnxpress.bridge.convert import OnnxModule
 from onnxpress.errors import UnsupportedModelError, ValidationError
 from onnxpress.model_io import normalize_model
 from onnxpress.pipeline import cleanup_passes, run_passes
+from onnxpress.prune import sqnr_db
 from onnxpress.runtime import make_session
 
 __all__ = ["export_module", "max_abs_diff", "validate_against_module"]
@@ -201,12 +202,8 @@ def _against_module(
     with torch.no_grad():
         want = module.eval().evaluate([torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in module.input_names],
                                       module.output_names)  # fmt: skip
-    rows = []
-    for name, g, w in zip(module.output_names, got, want, strict=True):
-        ref = w.numpy().astype(np.float64)
-        noise = float(np.sum((ref - g.astype(np.float64)) ** 2))
-        rows.append((name, g, w.numpy(), np.inf if noise == 0 else float(10 * np.log10(float(np.sum(ref**2)) / noise))))
-    return rows
+    return [(name, g, w.numpy(), sqnr_db(w.numpy(), g)) for name, g, w in zip(module.output_names, got, want,
+                                                                                strict=True)]  # fmt: skip
 
 
 def module_agreement_db(model: onnx.ModelProto, module: OnnxModule, feeds: Mapping[str, np.ndarray]) -> float:

@@ -476,12 +476,12 @@ def train_student(
     def on_device(xs: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
         return {k: torch.from_numpy(xs[k]).to(dev) for k in student.input_names}
 
-    x_val_t = on_device(x_val)
+    x_train_t, x_val_t = on_device(x_train), on_device(x_val)  # once: an unshifted epoch reuses them
 
     def epoch_data() -> tuple[dict[str, np.ndarray], dict[str, torch.Tensor], torch.Tensor | None]:
         """The training split for one epoch, on the host and on the device: shifted copies or as is."""
         if not shift:
-            return x_train, on_device(x_train), t_train
+            return x_train, x_train_t, t_train
         xs = {k: shift_images(a, shift, aug_rng) if a.ndim == 4 else a for k, a in x_train.items()}
         if logit_session is None:
             return xs, on_device(xs), None
@@ -540,8 +540,7 @@ def train_student(
     student.to(dev)
     with _deterministic(config.seed, threads, dev):
         few = min(2, len(train_idx))  # one tiny forward: does the loss reach the weights at all?
-        probe = batch_loss(x_train, on_device({k: v[:few] for k, v in x_train.items()}), np.arange(few),
-                           None if t_train is None else t_train[:few], None if y_train is None else y_train[:few])
+        probe = batch_loss(x_train, x_train_t, np.arange(few), t_train, y_train)
         if not probe.requires_grad:
             raise UnsupportedModelError(
                 f"the student's first output {student.output_names[0]!r} does not depend on its weights through "

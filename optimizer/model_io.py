@@ -23,6 +23,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Union
 
+import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
 from onnx import numpy_helper
@@ -468,6 +469,20 @@ def _hardmax_on_rows(model: onnx.ModelProto) -> None:
         g.node.extend(nodes)
 
 
+def nearest_mode_before_opset11(scales: Iterable[float]) -> str | None:
+    """How nearest Resize-10 / Upsample rounded on onnxruntime (``upsamplebase.h``; the ONNX spec is silent).
+
+    ``"floor"`` when every scale is >= 1, ``"ceil"`` when every one is <= 1, None for a mix: no nearest mode
+    of opset 11 or later rounds like that.
+    """
+    values = np.asarray(scales, dtype=np.float64)
+    if (values >= 1).all():
+        return "floor"
+    if (values <= 1).all():
+        return "ceil"
+    return None
+
+
 def _resize_as_before(upgraded: onnx.ModelProto, current: int, target: int, *, from_resize: bool) -> None:
     """Give the Resize nodes made from Upsample-7/9 and Resize-10 the sampling grid they had (in place).
 
@@ -496,12 +511,11 @@ def _resize_as_before(upgraded: onnx.ModelProto, current: int, target: int, *, f
             if mode == b"nearest":
                 name = node.input[2] if len(node.input) > 2 else ""
                 scales = numpy_helper.to_array(consts[name]) if name in consts else None
+                rounding = nearest_mode_before_opset11(scales) if scales is not None else None
                 if scales is None and not from_resize:
                     settings["nearest_mode"] = "floor"  # only Upsample made these: its scales are >= 1
-                elif scales is not None and (scales >= 1).all():
-                    settings["nearest_mode"] = "floor"
-                elif scales is not None and (scales <= 1).all():
-                    settings["nearest_mode"] = "ceil"
+                elif rounding is not None:
+                    settings["nearest_mode"] = rounding
                 else:
                     why = "computed scales" if scales is None else f"scales {scales.tolist()}"
                     raise UnsupportedModelError(

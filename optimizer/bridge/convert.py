@@ -51,7 +51,13 @@ from onnx import numpy_helper
 from torch import nn
 
 from onnxpress.errors import DataError, UnsupportedModelError
-from onnxpress.model_io import ModelSource, default_opset, load_model, normalize_model
+from onnxpress.model_io import (
+    ModelSource,
+    default_opset,
+    load_model,
+    nearest_mode_before_opset11,
+    normalize_model,
+)
 
 __all__ = ["SUPPORTED_OPS", "OnnxModule", "onnx_to_torch"]
 
@@ -119,6 +125,11 @@ def _host(values: Iterable[Any]) -> np.ndarray:
 # The device the running graph's tensors live on, set by ``OnnxModule.evaluate`` for the duration of
 # one run: host constants (numpy) that become tensor operands go there. None = the CPU.
 _DEVICE: contextvars.ContextVar[torch.device | None] = contextvars.ContextVar("onnxpress_bridge_device", default=None)
+
+
+def _take(x: torch.Tensor, axis: int, index: np.ndarray) -> torch.Tensor:
+    """``x`` along ``axis`` at the host-computed positions ``index`` (a resize grid, a pad map, a reversed slice)."""
+    return x.index_select(axis, torch.from_numpy(np.asarray(index, dtype=np.int64)).to(x.device))
 
 
 def _on_device(t: torch.Tensor) -> torch.Tensor:
@@ -559,10 +570,7 @@ def _slice(ctx: _Ctx, inputs: list[Value]) -> list[Value]:
         first = min(max(window.start + size if window.start < 0 else window.start, 0), size - 1)
         stop = min(max(window.stop + size if window.stop < 0 else window.stop, -1), size - 1)
         picks = np.arange(first, stop, window.step, dtype=np.int64)
-        if _is_host(out):
-            out = np.take(out, picks, axis=axis)
-        else:
-            out = out.index_select(axis, torch.from_numpy(picks).to(out.device))
+        out = np.take(out, picks, axis=axis) if _is_host(out) else _take(out, axis, picks)
     return [out]
 
 
@@ -760,12 +768,12 @@ def _pad(ctx: _Ctx, inputs: list[Value]) -> list[Value]:
         elif mode == "wrap":
             src = np.mod(src, size)
         else:
-            if size < 2 and (begin or end):
+            if size < 2:
                 raise UnsupportedModelError(f"Pad {ctx.name!r}: reflect needs at least 2 values on axis {d}")
-            period = 2 * (size - 1) if size > 1 else 1
+            period = 2 * (size - 1)
             src = np.mod(src, period)
             src = np.where(src >= size, period - src, src)
-        x = x.index_select(d, torch.from_numpy(src.astype(np.int64)).to(x.device))
+        x = _take(x, d, src)
     return [x]
 
 
@@ -877,13 +885,11 @@ def _rnn_setup(ctx: _Ctx, inputs: list[Value], gates: int, acts: int) -> dict[st
     if directions is None or ctx.get("activation_alpha") or ctx.get("activation_beta") or any(
             a not in _RNN_ACT for a in names):  # fmt: skip
         raise UnsupportedModelError(f"{ctx.op_type} {ctx.name!r}: direction/activations not supported")
-    seq_lens = _opt(inputs, 4)
-    if seq_lens is not None and _static(seq_lens).size and not isinstance(x.shape[0], int):
-        raise UnsupportedModelError(f"{ctx.op_type} {ctx.name!r}: sequence_lens with a symbolic length")
-    if seq_lens is not None and _static(seq_lens).size and (np.asarray(_static(seq_lens)) != x.shape[0]).any():
-        raise UnsupportedModelError(f"{ctx.op_type} {ctx.name!r}: sequence_lens shorter than the sequence")
     if not isinstance(x.shape[0], int):
         raise UnsupportedModelError(f"{ctx.op_type} {ctx.name!r}: a symbolic sequence length cannot be unrolled")
+    seq_lens = _opt(inputs, 4)
+    if seq_lens is not None and (np.asarray(_static(seq_lens)) != x.shape[0]).any():
+        raise UnsupportedModelError(f"{ctx.op_type} {ctx.name!r}: sequence_lens shorter than the sequence")
     w, r = _t(inputs[1]), _t(inputs[2])
     hidden = int(r.shape[-1])
     b = _opt(inputs, 3)
@@ -1133,9 +1139,8 @@ def _resize_apply(
 ) -> torch.Tensor:
     """Resize ``x`` over its spatial axes.
 
-    ``nearest=None`` is the rounding before opset 11, which onnxruntime takes as floor when every scale
-    is >= 1 and ceil when every one is <= 1 (``upsamplebase.h``; ``onnxpress.model_io``'s opset upgrade
-    writes the same); a mix has no equivalent and is refused.
+    ``nearest=None`` is the rounding before opset 11 (``model_io.nearest_mode_before_opset11``, which the
+    opset upgrade writes too); a mix of up- and down-scaling has no equivalent and is refused.
     """
     spatial = x.dim() - 2
     if "size" in kwargs:
@@ -1146,17 +1151,14 @@ def _resize_apply(
         if nearest is None:
             factors = [o / int(d) for o, d in zip(out_sizes, x.shape[2:], strict=True)] if "size" in kwargs else list(
                 kwargs["scale_factor"])  # fmt: skip
-            if all(f >= 1 for f in factors):
-                nearest = "floor"
-            elif all(f <= 1 for f in factors):
-                nearest = "ceil"
-            else:
+            nearest = nearest_mode_before_opset11(factors)
+            if nearest is None:
                 raise UnsupportedModelError(f"{ctx.op_type} {ctx.name!r}: nearest up along one axis and down along "
                                             "another (before opset 11) is not supported")  # fmt: skip
         return _resize_nearest(ctx, x, kwargs, coord, nearest)
+    if mode in ("linear", "cubic") and coord in ("align_corners", "pytorch_half_pixel") and 1 in out_sizes:
+        raise UnsupportedModelError(f"Resize {ctx.name!r}: {coord} to an output size of 1 is not supported")
     if mode == "linear" and spatial in (1, 2, 3):
-        if coord in ("align_corners", "pytorch_half_pixel") and any(o == 1 for o in out_sizes):
-            raise UnsupportedModelError(f"Resize {ctx.name!r}: {coord} to an output size of 1 is not supported")
         torch_mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[spatial]
         if coord in ("half_pixel", "pytorch_half_pixel"):
             return F.interpolate(x, mode=torch_mode, align_corners=False, **kwargs)
@@ -1167,8 +1169,6 @@ def _resize_apply(
     if mode == "cubic" and spatial == 2 and float(ctx.get("cubic_coeff_a", -0.75)) == -0.75 and not ctx.get(
             "exclude_outside", 0) and coord in ("half_pixel", "pytorch_half_pixel", "align_corners"):  # fmt: skip
         # torch's bicubic is Keys' kernel with a = -0.75 and edge-clamped taps, as onnxruntime's default cubic
-        if coord in ("align_corners", "pytorch_half_pixel") and any(o == 1 for o in out_sizes):
-            raise UnsupportedModelError(f"Resize {ctx.name!r}: {coord} to an output size of 1 is not supported")
         if coord == "align_corners":  # the grid comes from the sizes alone
             return F.interpolate(x, size=out_sizes, mode="bicubic", align_corners=True)
         return F.interpolate(x, mode="bicubic", align_corners=False, **kwargs)
@@ -1193,8 +1193,7 @@ def _linear_asymmetric(x: torch.Tensor, kwargs: Mapping[str, Any], out_sizes: Se
         shape = [1] * x.dim()
         shape[axis] = size_out
         w = torch.from_numpy((src - lo).astype(np.float32)).to(device=x.device, dtype=x.dtype).reshape(shape)
-        a = x.index_select(axis, torch.from_numpy(lo).to(x.device))
-        b = x.index_select(axis, torch.from_numpy(hi).to(x.device))
+        a, b = _take(x, axis, lo), _take(x, axis, hi)
         x = a + (b - a) * w
     return x
 
@@ -1235,7 +1234,7 @@ def _resize_nearest(
         else:
             src = (r + 0.5) / scale
         index = np.clip(rounding(src), 0, size_in - 1).astype(np.int64)
-        x = x.index_select(axis, torch.from_numpy(index).to(x.device))
+        x = _take(x, axis, index)
     return x
 
 

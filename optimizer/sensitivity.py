@@ -432,6 +432,7 @@ def analyze_sensitivity(
     four = set(int4_layers(model)) if int4 else set()
     books = set(codebook_layers(model)) if codebook else set()
     weight_of = {n.name or n.output[0]: n.input[1] for n in model.graph.node if len(n.input) > 1}
+    dims_of = {i.name: tuple(i.dims) for i in model.graph.initializer}
     for lay in layers:
         if quantize:
             jobs.append((lay, "int8", None))
@@ -498,8 +499,7 @@ def analyze_sensitivity(
         elif fam == "codebook":
             w = weight_of[lay.key]
             h = (moments or {}).get(lay.key)
-            width = math.prod(next(i.dims for i in model.graph.initializer if i.name == w)[1:]) \
-                if lay.op == "Conv" else None
+            width = math.prod(dims_of[w][1:]) if lay.op == "Conv" else None
             fits = h is not None and (width is None or h.shape[-1] == width)  # a grouped conv's moment spans groups
             cb = CodebookWeights(bits=CODEBOOK_LAYER_BITS, layers=[lay.key], hessians={w: h} if fits else None)
             cand = run_passes(model, [cb]).model

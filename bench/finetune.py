@@ -1,5 +1,7 @@
 """Fine-tune bridge on the reference CNNs: recover a ≤ 50%-MACs student by KD vs hard labels; QAT vs PTQ.
 
+``--names`` with no name runs only part 2 (QAT).
+
 Part 1, per CNN: the teacher is cut to at most ``--macs`` (default 0.5) of its MACs by
 ``onnxpress.prune`` (global ratio 0.1 of channels by mean |activation| on the calibration set,
 multiples of 8, removed channels' means folded into the next biases) followed by
@@ -44,9 +46,12 @@ QAT (the same QDQ graph, scales initialised from the same table and learned with
 fine-tuned by KD from the float model, 4 epochs on the 500 calibration digits). Its lr and λ_hard
 were chosen by the SQNR to the float model on the selection split (``--select``): PTQ 32.2 dB; QAT
 lr 1e-4 / 3e-5 x λ_hard 0.5 / 0: 30.4, 32.2, 31.8, 33.2 dB, so lr 3e-5 and no label term (the
-labels pull the int8 model away from the float model it should reproduce). SQNR vs the float model
-and accuracy on the test split are measured on onnxruntime with all optimisations, and the integer
-kernels it fused are counted.
+labels pull the int8 model away from the float model it should reproduce). Re-selected on 2026-12-01
+after the scales' learning rate became 0.01x the weights' (``bridge.qat.SCALE_LR_FACTOR``): PTQ 31.2;
+QAT 32.0, 33.1, 31.1, 33.3 dB, the same choice. Then, with the same settings, QAT of two models that
+are already quantized, each in its own graph: ``onnxpress quantize``'s default output and onnxruntime's
+``quantize_static`` with its defaults. SQNR vs the float model and accuracy on the test split are
+measured on onnxruntime with all optimisations, and the integer kernels it fused are counted.
 
 Run:  python bench/finetune.py [--names resnet mobilenet concat] [--epochs 8] [--seeds 0 1 2] [--select]
       [--teacher-speed] [--threads-check]
@@ -200,13 +205,39 @@ def _qat_inputs(path: Path, calib: np.ndarray) -> tuple[onnx.ModelProto, object,
     return teacher, table, prepare_qat(teacher, {"input": calib}, table=table).ptq
 
 
-def run_qat(teacher, table, x, y, args, lr: float, hard_weight: float) -> tuple[onnx.ModelProto, str]:
-    """QAT of the float model distilled from itself; returns the QDQ model and 'wall / cpu'."""
+def _ort_default_qdq(teacher: onnx.ModelProto, calib: np.ndarray) -> onnx.ModelProto:
+    """onnxruntime's ``quantize_static`` with its defaults (QDQ, int8 activations, per-tensor, MinMax)."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.feeds = iter([{"input": calib[i : i + 1]} for i in range(len(calib))])
+
+        def get_next(self):
+            return next(self.feeds, None)
+
+    with tempfile.TemporaryDirectory(prefix="onnxpress-bench-") as tmp:  # it writes scratch files beside it
+        src, out = Path(tmp) / "float.onnx", Path(tmp) / "int8.onnx"
+        onnx.save(teacher, str(src))
+        cwd = os.getcwd()
+        os.chdir(tmp)
+        try:
+            quantize_static(str(src), str(out), Reader(), quant_format=QuantFormat.QDQ)
+        finally:
+            os.chdir(cwd)
+        return onnx.load(str(out))
+
+
+def run_qat(student, table, x, y, args, lr: float, hard_weight: float, teacher=None) -> tuple[onnx.ModelProto, str]:
+    """QAT of ``student`` (the float model, or a quantized one) distilled from ``teacher`` (default: the student).
+
+    Returns the QDQ model and 'wall / cpu'.
+    """
     import onnxpress
 
     start, cpu = time.perf_counter(), time.process_time()
     res = onnxpress.finetune(
-        teacher, teacher, {"input": x}, None, labels=y, epochs=args.qat_epochs, lr=lr,
+        student, student if teacher is None else teacher, {"input": x}, None, labels=y, epochs=args.qat_epochs, lr=lr,
         temperature=args.temperature, hard_weight=hard_weight, qat=True, calibration=table,
         val_fraction=0.1, seed=0, threads=args.threads,
     )  # fmt: skip
@@ -375,11 +406,18 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901
         return 0
     teacher, table, ptq = _qat_inputs(path, calib)
     qat_model, qat_wall = run_qat(teacher, table, x_train, y_train, args, args.qat_lr, args.qat_hard_weight)
+    variants = [("int8 PTQ (KL)", ptq, None), ("int8 QAT (LSQ + KD)", qat_model, qat_wall)]
+    # QAT of models that are already quantized, in their own graphs (the same settings)
+    ours = onnxpress.quantize(teacher, calib=[{"input": calib}], progress=False).model
+    for label, quantized in (("onnxpress quantize", ours), ("onnxruntime quantize_static defaults",
+                                                             _ort_default_qdq(teacher, calib))):  # fmt: skip
+        tuned, wall = run_qat(quantized, None, x_train, y_train, args, args.qat_lr, args.qat_hard_weight, teacher)
+        variants += [(label, quantized, None), (f"{label} + QAT in its graph", tuned, wall)]
     t_logits = _logits(make_session(teacher), x_test)
     q_rows = [[args.qat_model + " float", f"{np.mean(t_logits.argmax(1) == y_test):.4f}", "-", "-", "-"]]
     with tempfile.TemporaryDirectory(prefix="onnxpress-bench-") as tmp:
-        for label, model, wall in [("int8 PTQ (KL)", ptq, None), ("int8 QAT (LSQ + KD)", qat_model, qat_wall)]:
-            opt_path = f"{tmp}/{label[:8].replace(' ', '_')}.onnx"
+        for k, (label, model, wall) in enumerate(variants):
+            opt_path = f"{tmp}/variant{k}.onnx"
             session = make_session(model, optimized_model_path=opt_path)
             z = _logits(session, x_test)
             fused = collections.Counter(n.op_type for n in onnx.load(opt_path).graph.node)

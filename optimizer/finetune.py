@@ -24,7 +24,14 @@ import numpy as np
 import onnx
 
 from onnxpress.errors import UnsupportedModelError
-from onnxpress.model_io import ModelSource, check_output_path, load_model, normalize_model, save_model
+from onnxpress.model_io import (
+    ModelSource,
+    check_output_path,
+    load_model,
+    normalize_model,
+    quantized_ops,
+    save_model,
+)
 from onnxpress.prune import sqnr_db  # re-exported: the bench scripts and users read it from here
 
 __all__ = ["FinetuneResult", "finetune", "kl_nats", "sqnr_db"]
@@ -136,8 +143,12 @@ def finetune(
             the untrained student's 8.2 dB), so kl stays the default for every kind of output.
         class_axis: the class axis for ``"kl"`` and the metrics (default: the last).
         max_samples: use at most this many samples.
-        qat: quantization-aware fine-tune with learned scales; the result is a QDQ model.
-        calibration: a ``CalibrationTable`` initialising the QAT scales (else ranges are measured).
+        qat: quantization-aware fine-tune with learned scales; the result is a QDQ model. A student
+            that is already quantized (QDQ: ``onnxpress quantize``'s or onnxruntime's output) is always
+            fine-tuned this way, in its own graph, starting from its own weights and scales, and comes
+            back with every node and name it had.
+        calibration: a ``CalibrationTable`` initialising the QAT scales of a float student (else ranges
+            are measured).
         threads: torch threads while training (None keeps torch's setting).
         device: where torch trains: ``"cpu"`` (default), ``"cuda"``, ``"cuda:N"``, or ``"auto"`` (CUDA
             when torch sees a GPU). The teacher, the export and the checks run on the CPU
@@ -180,7 +191,11 @@ def finetune(
         sparsity=sparsity, val_fraction=val_fraction, patience=patience, seed=seed, augment_shift=augment_shift,
         distill=distill, class_axis=class_axis,
     )  # fmt: skip
-    student_proto = normalize_model(load_model(student), min_opset=13 if qat else None)
+    student_proto = load_model(student)
+    if not qat and quantized_ops(student_proto):  # its integer weights train only behind their fake-quant
+        log.info("the student is quantized: fine-tuning it quantization-aware, in its own graph")
+        qat = True
+    student_proto = normalize_model(student_proto, min_opset=13 if qat else None)
     teacher_proto = None if teacher is None else load_model(teacher)
     arrays = tr.load_arrays(data, student_proto, max_samples=max_samples)
     n = len(next(iter(arrays.values())))

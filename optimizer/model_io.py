@@ -358,6 +358,12 @@ QUANTIZED_OPS = frozenset({
 """Ops that only a quantized model holds (with every ``QLinear*`` op): see :func:`refuse_quantized`."""
 
 
+def quantized_ops(model: onnx.ModelProto) -> collections.Counter[str]:
+    """How many nodes of each quantized op type (:data:`QUANTIZED_OPS`, ``QLinear*``) the model holds, subgraphs too."""
+    return collections.Counter(n.op_type for g in _graphs(model.graph) for n in g.node
+                               if n.op_type in QUANTIZED_OPS or n.op_type.startswith("QLinear"))
+
+
 def refuse_quantized(model: onnx.ModelProto, command: str) -> None:
     """Raise when ``model`` is already quantized: ``command`` (quantize, prune, ...) starts from a float model.
 
@@ -368,8 +374,7 @@ def refuse_quantized(model: onnx.ModelProto, command: str) -> None:
     Raises:
         UnsupportedModelError: names the quantized ops found and what to run instead.
     """
-    found = collections.Counter(n.op_type for g in _graphs(model.graph) for n in g.node
-                                if n.op_type in QUANTIZED_OPS or n.op_type.startswith("QLinear"))
+    found = quantized_ops(model)
     if found:
         ops = ", ".join(f"{n} x {op}" for op, n in found.most_common())
         raise UnsupportedModelError(

@@ -1261,6 +1261,8 @@ class OnnxModule(nn.Module):
         input_names: graph input names, in the order ``forward`` takes them.
         output_names: graph output names, in the order ``forward`` returns them.
         param_names: ONNX initializer name → attribute key in ``self.params`` (trainable weights).
+        lr_factors: ONNX initializer name → factor on the learning rate of that parameter when the
+            bridge trains the module (default 1; QAT sets it for the quantization scales).
     """
 
     def __init__(
@@ -1285,6 +1287,7 @@ class OnnxModule(nn.Module):
         frozen -= set(trainable)
         self.params = nn.ParameterDict()
         self.param_names: dict[str, str] = {}
+        self.lr_factors: dict[str, float] = {}
         self._buffer_names: dict[str, str] = {}
         self._host: dict[str, np.ndarray] = {}
         used: set[str] = set()

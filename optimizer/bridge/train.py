@@ -546,7 +546,12 @@ def train_student(
                 f"the student's first output {student.output_names[0]!r} does not depend on its weights through "
                 "differentiable ops (an ArgMax or TopK index, a Cast to int); fine-tune a model that outputs logits"
             )
-        opt = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+        factor = {id(p): student.lr_factors.get(name, 1.0) for name, p in student.named_onnx_parameters()}
+        by_factor: dict[float, list] = {}  # one Adam group per learning-rate factor (QAT's scales: 0.01)
+        for p in params:
+            by_factor.setdefault(factor.get(id(p), 1.0), []).append(p)
+        groups = [{"params": ps, "lr": config.lr * f} for f, ps in by_factor.items()]
+        opt = torch.optim.Adam(groups, lr=config.lr, weight_decay=config.weight_decay)
         total_steps = max(1, config.epochs * steps_per_epoch)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps))

@@ -53,7 +53,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="how the float model goes back to ONNX: torch.onnx (dynamo|torchscript), or writeback: the "
                         "trained weights into the student's own graph (auto, the default: writeback for LSTM/GRU "
                         "models, which torch.onnx unrolls; dynamo otherwise)")  # fmt: skip
-    p.add_argument("--qat", action="store_true", help="quantization-aware fine-tune; writes an int8 QDQ model")
+    p.add_argument("--qat", action="store_true",
+                   help="quantization-aware fine-tune; writes an int8 QDQ model (a student that is already "
+                        "quantized, QDQ, is always fine-tuned this way, in its own graph)")  # fmt: skip
     p.add_argument("--calibration", help="calibration table for --qat (default: calibrate on --data)")
     add_common(p)
     p.set_defaults(func=run)

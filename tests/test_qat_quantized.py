@@ -1,0 +1,224 @@
+"""Fine-tuning a model that is already quantized: QAT in the student's own QDQ graph.
+
+``onnxpress finetune`` takes ``onnxpress quantize``'s output or onnxruntime's QDQ output as the student: its
+integer weights and scales start the QAT, so before training the module is the given model, and the
+written model keeps every node and name (only values change). What QAT cannot train is refused by name.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+pytest.importorskip("torch")
+
+import onnxpress  # noqa: E402
+from onnxpress.bridge.qat import _private_bias_scales, prepare_qat  # noqa: E402
+from onnxpress.cli import main  # noqa: E402
+from onnxpress.errors import UnsupportedModelError  # noqa: E402
+from onnxpress.prune import sqnr_db  # noqa: E402
+from tests.graphs import make_model, rng, run  # noqa: E402
+
+
+def wide_cnn(seed: int = 0, noise: float = 0.0) -> onnx.ModelProto:
+    """input[N,1,8,8] -> Conv(16) -> Relu -> Conv(32, s2) -> Relu -> GAP -> Flatten -> Gemm -> logits[N,10].
+
+    Layers of 16+ channels, so that ``CompactQDQ`` stores their biases as int16 + Cast and their bias
+    scales as Mul(s_x, s_w), as ``onnxpress quantize`` writes them. ``noise`` perturbs every weight by
+    ``noise·std(W)`` (a stand-in for a lossy compression before quantizing).
+    """
+    r = rng(seed)
+    w = {
+        "c1.weight": r.standard_normal((16, 1, 3, 3)) * 0.5,
+        "c1.bias": r.standard_normal(16) * 0.1,
+        "c2.weight": r.standard_normal((32, 16, 3, 3)) * 0.12,
+        "c2.bias": r.standard_normal(32) * 0.1,
+        "fc.weight": r.standard_normal((10, 32)) * 1.5,
+        "fc.bias": r.standard_normal(10) * 0.1,
+    }
+    if noise:
+        pr = rng(seed + 100)
+        w = {k: v + noise * v.std() * pr.standard_normal(v.shape) for k, v in w.items()}
+    nodes = [
+        helper.make_node("Conv", ["input", "c1.weight", "c1.bias"], ["a1"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["a1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "c2.weight", "c2.bias"], ["a2"], pads=[1, 1, 1, 1], strides=[2, 2]),
+        helper.make_node("Relu", ["a2"], ["r2"]),
+        helper.make_node("GlobalAveragePool", ["r2"], ["p"]),
+        helper.make_node("Flatten", ["p"], ["f"]),
+        helper.make_node("Gemm", ["f", "fc.weight", "fc.bias"], ["logits"], transB=1),
+    ]
+    weights = {k: v.astype(np.float32) for k, v in w.items()}
+    return make_model(nodes, [("input", ["batch", 1, 8, 8])], [("logits", ["batch", 10])], weights, opset=17)
+
+
+def data(n: int, seed: int) -> np.ndarray:
+    return rng(seed).standard_normal((n, 1, 8, 8)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """teacher.onnx (float), ours.onnx (onnxpress quantize, compact storage), ort.onnx (onnxruntime QDQ of a
+    perturbed copy: a compressed, quantized student), d.npz."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+    d = tmp_path_factory.mktemp("qat_quantized")
+    paths = {k: d / f"{k}.onnx" for k in ("teacher", "ours", "ort")}
+    onnx.save(wide_cnn(), str(paths["teacher"]))
+    x = data(256, seed=1)
+    paths["data"] = d / "d.npz"
+    np.savez(paths["data"], input=x)
+    onnxpress.quantize(paths["teacher"], paths["ours"], calib=str(paths["data"]), progress=False)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.feeds = iter([{"input": x[i : i + 1]} for i in range(64)])
+
+        def get_next(self):
+            return next(self.feeds, None)
+
+    # onnxruntime's defaults (int8 activations, per-tensor weights) on a perturbed copy of the teacher
+    perturbed = d / "perturbed.onnx"
+    onnx.save(wide_cnn(noise=0.3), str(perturbed))
+    quantize_static(str(perturbed), str(paths["ort"]), Reader(), quant_format=QuantFormat.QDQ)
+    return paths
+
+
+def _structure(model: onnx.ModelProto) -> list[tuple]:
+    return [(n.op_type, n.name, tuple(n.input), tuple(n.output)) for n in model.graph.node]
+
+
+def _initializers(model: onnx.ModelProto) -> dict[str, tuple[str, bytes]]:
+    arrays = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    return {name: (a.dtype.str, a.tobytes()) for name, a in arrays.items()}
+
+
+def test_onnxpress_output_is_stored_compactly(files):
+    """The premise of the tests below: biases int16 behind Cast, bias scales as Mul of the two scales."""
+    ops = collections.Counter(n.op_type for n in onnx.load(str(files["ours"])).graph.node)
+    assert ops["Cast"] >= 2 and ops["Mul"] >= 2, ops
+
+
+def test_untrained_round_trip_writes_the_student_back_unchanged(files):
+    """No epoch: the written model is the student, value for value and node for node."""
+    student = onnx.load(str(files["ours"]))
+    res = onnxpress.finetune(files["ours"], files["teacher"], str(files["data"]), epochs=0, threads=1)
+    assert _structure(res.model) == _structure(student)
+    assert _initializers(res.model) == _initializers(student)
+    assert res.metrics["sqnr_db_before"] == res.metrics["sqnr_db_after"]
+
+
+def test_module_starts_as_the_quantized_student(files):
+    """Before training the QAT module computes the given QDQ model (onnxruntime, no optimisations)."""
+    import torch
+
+    x = data(32, seed=5)
+    for key in ("ours", "ort"):
+        student = onnx.load(str(files[key]))
+        plan = prepare_qat(student, {"input": x})
+        with torch.no_grad():
+            got = plan.module(torch.from_numpy(x)).numpy()
+        want = run(student, {"input": x})[0]
+        assert sqnr_db(want, got) > 50, key  # equal up to a rare one-step rounding flip between the two runtimes
+        assert len(plan.weights) == 3 and len(plan.biases) == 3, key
+
+
+def test_qat_pulls_an_onnxruntime_qdq_student_to_its_teacher_in_place(files, tmp_path):
+    """A perturbed model quantized by onnxruntime gets closer to the float teacher; nothing but values move."""
+    student = onnx.load(str(files["ort"]))
+    out = tmp_path / "tuned.onnx"
+    res = onnxpress.finetune(files["ort"], files["teacher"], str(files["data"]), out, epochs=8, lr=1e-3,
+                             distill="mse", batch_size=32, threads=1)  # fmt: skip
+    tuned = onnx.load(str(out))
+    onnx.checker.check_model(tuned, full_check=True)
+    assert _structure(tuned) == _structure(student)
+    held_out = data(200, seed=11)
+    teacher = run(onnx.load(str(files["teacher"])), {"input": held_out})[0]
+    before = sqnr_db(teacher, run(student, {"input": held_out})[0])
+    after = sqnr_db(teacher, run(tuned, {"input": held_out})[0])
+    assert after > before + 1.0, (before, after)
+    assert res.history.best_epoch > 0
+
+
+def test_bias_learned_past_int16_is_widened_not_wrapped(files):
+    """A bias stored as int16 + Cast whose learned value needs more bits is written as int32."""
+    import torch
+
+    student = onnx.load(str(files["ours"]))
+    x = data(16, seed=3)
+    plan = prepare_qat(student, {"input": x})
+    stored = {i.name: numpy_helper.to_array(i) for i in student.graph.initializer}
+    bias = next(b for b in plan.biases if stored[b.q_name].dtype == np.int16)
+    with torch.no_grad():
+        param = plan.module.initializer(bias.float_name)
+        param.mul_(1000.0)  # far past what int16 holds at this scale
+        want = plan.module(torch.from_numpy(x)).numpy()
+    out = plan.export()
+    written = {i.name: numpy_helper.to_array(i) for i in out.graph.initializer}[bias.q_name]
+    assert written.dtype == np.int32 and np.abs(written).max() > np.iinfo(np.int16).max
+    onnx.checker.check_model(out, full_check=True)
+    assert sqnr_db(want, run(out, {"input": x})[0]) > 40
+
+
+def test_shared_bias_scales_come_apart():
+    """Two int32 biases reading one scale constant get one scale each (QAT learns s_x * s_w per bias)."""
+    q = np.arange(4, dtype=np.int32)
+    inits = [numpy_helper.from_array(q, "b0"), numpy_helper.from_array(q + 1, "b1"),
+             numpy_helper.from_array(np.float32(0.5), "s")]  # fmt: skip
+    nodes = [helper.make_node("DequantizeLinear", ["b0", "s"], ["y0"]),
+             helper.make_node("DequantizeLinear", ["b1", "s"], ["y1"]),
+             helper.make_node("Add", ["y0", "y1"], ["y"])]  # fmt: skip
+    graph = helper.make_graph(nodes, "g", [], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    out = _private_bias_scales(model)
+    scales = [n.input[1] for n in out.graph.node if n.op_type == "DequantizeLinear"]
+    assert len(set(scales)) == 2
+    np.testing.assert_array_equal(run(out, {})[0], run(model, {})[0])
+    assert [n.input[1] for n in model.graph.node if n.op_type == "DequantizeLinear"] == ["s", "s"]  # input untouched
+
+
+def test_what_qat_cannot_train_is_refused_by_name(files, tmp_path):
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+    x = data(16, seed=2)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.feeds = iter([{"input": x[i : i + 1]} for i in range(len(x))])
+
+        def get_next(self):
+            return next(self.feeds, None)
+
+    qop = tmp_path / "qop.onnx"  # onnxruntime's operator format: integer kernels, nothing to fake-quantize
+    quantize_static(str(files["teacher"]), str(qop), Reader(), quant_format=QuantFormat.QOperator)
+    with pytest.raises(UnsupportedModelError, match="QLinearConv"):
+        onnxpress.finetune(qop, files["teacher"], str(files["data"]), epochs=1)
+
+    w = numpy_helper.from_array(np.zeros((8, 4), np.int8).reshape(8, 4), "w_q")  # 4 blocks of 2 along axis 0
+    nodes = [helper.make_node("DequantizeLinear", ["w_q", "s"], ["w"], axis=0, block_size=2),
+             helper.make_node("MatMul", ["x", "w"], ["y"])]  # fmt: skip
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])],
+                              [w, numpy_helper.from_array(np.ones((4, 4), np.float32), "s")])  # fmt: skip
+    blockwise = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    with pytest.raises(UnsupportedModelError, match="blockwise"):
+        prepare_qat(blockwise, {"x": np.ones((2, 8), np.float32)})
+
+    from onnxpress.calibration.table import CalibrationTable
+
+    table = CalibrationTable.from_ranges({"input": (-1.0, 1.0)})
+    with pytest.raises(UnsupportedModelError, match="already quantized"):
+        onnxpress.finetune(files["ours"], files["teacher"], str(files["data"]), epochs=1, qat=True, calibration=table)
+
+
+def test_cli_fine_tunes_a_quantized_model(files, tmp_path, capsys):
+    out = tmp_path / "cli.onnx"
+    code = main(["finetune", str(files["ours"]), "--teacher", str(files["teacher"]), "--data", str(files["data"]),
+                 "-o", str(out), "--epochs", "1", "--threads", "1", "-q"])  # fmt: skip
+    assert code == 0 and out.exists()
+    assert "wrote" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cli.onnx"]

@@ -222,3 +222,32 @@ def test_cli_fine_tunes_a_quantized_model(files, tmp_path, capsys):
     assert code == 0 and out.exists()
     assert "wrote" in capsys.readouterr().out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cli.onnx"]
+
+
+def test_a_quantized_scalar_stays_a_constant(tmp_path):
+    """onnxruntime quantizes a Mul's scalar constant (attention's 1/sqrt(d)) like a weight: it is kept, not trained."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+    r = rng(4)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Mul", ["h", "c"], ["m"]),
+             helper.make_node("MatMul", ["m", "w2"], ["y"])]  # fmt: skip
+    weights = {"w": r.standard_normal((8, 16)).astype(np.float32), "c": np.float32(0.17),
+               "w2": r.standard_normal((16, 4)).astype(np.float32)}  # fmt: skip
+    teacher = make_model(nodes, [("x", ["n", 8])], [("y", ["n", 4])], weights, opset=17)
+    src, student = tmp_path / "float.onnx", tmp_path / "int8.onnx"
+    onnx.save(teacher, str(src))
+    x = r.standard_normal((64, 8)).astype(np.float32)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.feeds = iter([{"x": x[i : i + 1]} for i in range(16)])
+
+        def get_next(self):
+            return next(self.feeds, None)
+
+    quantize_static(str(src), str(student), Reader(), quant_format=QuantFormat.QDQ)
+    inits = onnx.load(str(student)).graph.initializer
+    scalars = [i.name for i in inits if not i.dims and i.data_type == TensorProto.INT8]
+    assert any(name.startswith("c") for name in scalars), scalars  # the premise: the scalar was quantized
+    res = onnxpress.finetune(student, src, {"x": x}, epochs=1, threads=1)
+    assert _structure(res.model) == _structure(onnx.load(str(student)))

@@ -326,6 +326,8 @@ def _trainable_twin(
             node.input[0], node.input[1] = qb, s_b
             biases.append(_Bias(fname, src, ptq_scale, x_dq.input[1], w_dq.input[1]))
             continue
+        if q.size <= 1:  # a quantized scalar (onnxruntime quantizes attention's 1/sqrt(d)): a constant, not trained
+            continue
         float_w = _match_original(deq, scale, originals.get(tuple(q.shape), []))
         fname = fresh(src + "_float")
         g.initializer.append(numpy_helper.from_array(float_w, fname))

@@ -205,29 +205,6 @@ def _qat_inputs(path: Path, calib: np.ndarray) -> tuple[onnx.ModelProto, object,
     return teacher, table, prepare_qat(teacher, {"input": calib}, table=table).ptq
 
 
-def _ort_default_qdq(teacher: onnx.ModelProto, calib: np.ndarray) -> onnx.ModelProto:
-    """onnxruntime's ``quantize_static`` with its defaults (QDQ, int8 activations, per-tensor, MinMax)."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.feeds = iter([{"input": calib[i : i + 1]} for i in range(len(calib))])
-
-        def get_next(self):
-            return next(self.feeds, None)
-
-    with tempfile.TemporaryDirectory(prefix="onnxpress-bench-") as tmp:  # it writes scratch files beside it
-        src, out = Path(tmp) / "float.onnx", Path(tmp) / "int8.onnx"
-        onnx.save(teacher, str(src))
-        cwd = os.getcwd()
-        os.chdir(tmp)
-        try:
-            quantize_static(str(src), str(out), Reader(), quant_format=QuantFormat.QDQ)
-        finally:
-            os.chdir(cwd)
-        return onnx.load(str(out))
-
-
 def run_qat(student, table, x, y, args, lr: float, hard_weight: float, teacher=None) -> tuple[onnx.ModelProto, str]:
     """QAT of ``student`` (the float model, or a quantized one) distilled from ``teacher`` (default: the student).
 
@@ -408,9 +385,17 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901
     qat_model, qat_wall = run_qat(teacher, table, x_train, y_train, args, args.qat_lr, args.qat_hard_weight)
     variants = [("int8 PTQ (KL)", ptq, None), ("int8 QAT (LSQ + KD)", qat_model, qat_wall)]
     # QAT of models that are already quantized, in their own graphs (the same settings)
+    sys.path.insert(0, str(ROOT / "bench"))
+    import quantize as qbench  # bench/quantize.py: onnxruntime's quantizer as its ort-default row runs it
+
     ours = onnxpress.quantize(teacher, calib=[{"input": calib}], progress=False).model
-    for label, quantized in (("onnxpress quantize", ours), ("onnxruntime quantize_static defaults",
-                                                             _ort_default_qdq(teacher, calib))):  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="onnxpress-bench-") as tmp:
+        ort_path = qbench.ort_quantize(path, calib, Path(tmp), "ort-default")  # bench/quantize.py's ort-default row
+        quantized_by_ort = [] if isinstance(ort_path, str) else [("onnxruntime quantize_static defaults",
+                                                                   onnx.load(str(ort_path)))]  # fmt: skip
+        if isinstance(ort_path, str):
+            print(f"note: onnxruntime's quantize_static failed ({ort_path}); its rows skipped")
+    for label, quantized in [("onnxpress quantize", ours), *quantized_by_ort]:
         tuned, wall = run_qat(quantized, None, x_train, y_train, args, args.qat_lr, args.qat_hard_weight, teacher)
         variants += [(label, quantized, None), (f"{label} + QAT in its graph", tuned, wall)]
     t_logits = _logits(make_session(teacher), x_test)

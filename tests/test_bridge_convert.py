@@ -527,3 +527,26 @@ def test_argmax_topk_and_scatters_match_onnxruntime():
              "nu": np.array([0.5, 0.25, 2.0], np.float32)}  # fmt: skip
     model = make_model(nodes, [("X", [2, 6])], [("Y", None)], inits, opset=18)
     _check(model, {"X": x})
+
+
+def test_float16_constants_behind_cast_are_held_when_asked():
+    """X + Cast(W: float16) -> Y with ``narrow_constants``: W is a float32 constant (exact), not a parameter."""
+    w = numpy_helper.from_array(np.array([0.5, -1.25], np.float16), "W")
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["W"], ["w32"], to=TensorProto.FLOAT), helper.make_node("Add", ["X", "w32"], ["Y"])],
+        "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [2])], [w],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    mod = OnnxModule(model, narrow_constants=True)
+    assert not list(mod.named_onnx_parameters())
+    x = np.array([1.0, 2.0], np.float32)
+    with torch.no_grad():
+        np.testing.assert_array_equal(mod(torch.from_numpy(x)).numpy(), run(model, {"X": x})[0])
+    read_directly = helper.make_graph(
+        [helper.make_node("Add", ["X", "W"], ["Y"])], "g",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT16, [2])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT16, [2])], [w],
+    )  # fmt: skip
+    with pytest.raises(UnsupportedModelError, match="float32"):
+        OnnxModule(helper.make_model(read_directly, opset_imports=[helper.make_opsetid("", 17)]), narrow_constants=True)

@@ -251,3 +251,29 @@ def test_a_quantized_scalar_stays_a_constant(tmp_path):
     assert any(name.startswith("c") for name in scalars), scalars  # the premise: the scalar was quantized
     res = onnxpress.finetune(student, src, {"x": x}, epochs=1, threads=1)
     assert _structure(res.model) == _structure(onnx.load(str(student)))
+
+
+def test_float16_stored_gru_weights_are_kept_while_the_rest_trains(tmp_path):
+    """``onnxpress quantize`` stores GRU weights as float16 + Cast (no integer kernel): QAT keeps them as they are."""
+    r = rng(6)
+    steps, features, hidden = 5, 32, 32  # W and R of 3072 values: above the storage threshold
+    nodes = [helper.make_node("Transpose", ["x"], ["xt"], perm=[1, 0, 2]),  # [N, T, F] -> [T, N, F]
+             helper.make_node("GRU", ["xt", "W", "R"], ["y"], hidden_size=hidden),
+             helper.make_node("Squeeze", ["y", "axis1"], ["ys"]),
+             helper.make_node("Transpose", ["ys"], ["h"], perm=[1, 0, 2]),
+             helper.make_node("MatMul", ["h", "head"], ["logits"])]  # fmt: skip
+    weights = {"W": (r.standard_normal((1, 3 * hidden, features)) * 0.3).astype(np.float32),
+               "R": (r.standard_normal((1, 3 * hidden, hidden)) * 0.3).astype(np.float32),
+               "axis1": np.array([1], np.int64),
+               "head": (r.standard_normal((hidden, 24)) * 0.5).astype(np.float32)}  # fmt: skip
+    teacher = make_model(nodes, [("x", ["n", steps, features])], [("logits", ["n", steps, 24])], weights, opset=17)
+    src, student = tmp_path / "float.onnx", tmp_path / "int8.onnx"
+    onnx.save(teacher, str(src))
+    feeds = {"x": r.standard_normal((48, steps, features)).astype(np.float32)}
+    onnxpress.quantize(src, student, calib=[feeds], progress=False)
+    quantized = onnx.load(str(student))
+    assert any(i.data_type == TensorProto.FLOAT16 for i in quantized.graph.initializer)  # the premise
+    res = onnxpress.finetune(student, src, feeds, epochs=1, batch_size=8, threads=1)
+    assert _structure(res.model) == _structure(quantized)
+    narrow = {i.name: i.raw_data for i in quantized.graph.initializer if i.data_type == TensorProto.FLOAT16}
+    assert {i.name: i.raw_data for i in res.model.graph.initializer if i.name in narrow} == narrow

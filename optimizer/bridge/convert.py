@@ -1254,6 +1254,23 @@ def _safe_key(name: str, used: set[str]) -> str:
     return key
 
 
+def _read_as_float32(graph: onnx.GraphProto) -> set[str]:
+    """The float16/bfloat16 initializers that only ``Cast(to=FLOAT)`` nodes read.
+
+    Weights stored narrow to save space (``onnxpress quantize`` stores a float GRU's weights so); the
+    bridge holds them as float32 constants (exact) and does not train them.
+    """
+    narrow = {i.name for i in graph.initializer if i.data_type in (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)}
+    readers: dict[str, list[onnx.NodeProto]] = collections.defaultdict(list)
+    for node in graph.node:
+        for name in node.input:
+            if name in narrow:
+                readers[name].append(node)
+    to_float = onnx.TensorProto.FLOAT
+    return {name for name, nodes in readers.items()
+            if all(n.op_type == "Cast" and any(a.name == "to" and a.i == to_float for a in n.attribute) for n in nodes)}
+
+
 class OnnxModule(nn.Module):
     """Runs an ONNX graph with torch ops; float weights are trainable parameters.
 
@@ -1266,7 +1283,12 @@ class OnnxModule(nn.Module):
     """
 
     def __init__(
-        self, model: onnx.ModelProto, *, learn_scales: bool = False, trainable: Iterable[str] = ()
+        self,
+        model: onnx.ModelProto,
+        *,
+        learn_scales: bool = False,
+        trainable: Iterable[str] = (),
+        narrow_constants: bool = False,
     ) -> None:
         """Build the module.
 
@@ -1275,6 +1297,10 @@ class OnnxModule(nn.Module):
             learn_scales: make QuantizeLinear/DequantizeLinear scales trainable (QAT, LSQ-style).
             trainable: float initializers that are trainable whatever their role (e.g. QAT scales
                 read through a ``Min`` cap).
+            narrow_constants: hold float16/bfloat16 initializers that only ``Cast(to=FLOAT)`` reads as
+                float32 constants, not trained (a quantized model's float-left GRU weights are stored so);
+                otherwise such a model is refused (a float model stored in half precision: its weights
+                are what a fine-tune should train).
         """
         super().__init__()
         graph = model.graph
@@ -1285,6 +1311,9 @@ class OnnxModule(nn.Module):
         self.check_ops(graph)
         frozen, static = self._frozen_initializers(graph, learn_scales)
         frozen -= set(trainable)
+        widened = _read_as_float32(graph) if narrow_constants else set()
+        if widened:
+            log.info("%d float16-stored weights (read through Cast) are kept as they are, not trained", len(widened))
         self.params = nn.ParameterDict()
         self.param_names: dict[str, str] = {}
         self.lr_factors: dict[str, float] = {}
@@ -1305,6 +1334,10 @@ class OnnxModule(nn.Module):
                 else:
                     self.params[key] = nn.Parameter(tensor)
                     self.param_names[init.name] = key
+            elif init.data_type in (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16) and init.name in widened:
+                key = _safe_key(init.name, used)  # stored narrow, read as float32 (exact): a constant, not trained
+                self.register_buffer(key, torch.from_numpy(arr.astype(np.float32)))
+                self._buffer_names[init.name] = key
             elif init.data_type in (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16):
                 raise UnsupportedModelError(
                     f"initializer {init.name!r} is {onnx.TensorProto.DataType.Name(init.data_type)}; "

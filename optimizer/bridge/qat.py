@@ -214,7 +214,7 @@ def prepare_qat(
             if originals is None else "the QDQ pass quantized no weights; nothing for QAT to learn"
         )
     scales = set(ties) | {w.scale for w in weights}
-    module = OnnxModule(qat, learn_scales=True, trainable=scales)
+    module = OnnxModule(qat, learn_scales=True, trainable=scales, narrow_constants=originals is None)
     module.lr_factors = dict.fromkeys(scales, SCALE_LR_FACTOR)
     log.info("QAT: %d weights, %d biases, %d activation scales", len(weights), len(biases), len(ties))
     return QATPlan(ptq, qat, module, weights, biases, ties, caps)

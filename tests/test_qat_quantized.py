@@ -277,3 +277,24 @@ def test_float16_stored_gru_weights_are_kept_while_the_rest_trains(tmp_path):
     assert _structure(res.model) == _structure(quantized)
     narrow = {i.name: i.raw_data for i in quantized.graph.initializer if i.data_type == TensorProto.FLOAT16}
     assert {i.name: i.raw_data for i in res.model.graph.initializer if i.name in narrow} == narrow
+
+
+def test_default_learning_rate_is_smaller_for_qat(files, monkeypatch):
+    """A quantized student starts near its teacher: QAT's default lr is 1e-4, a float fine-tune's 1e-3."""
+    from onnxpress.bridge import train
+    from onnxpress.finetune import FLOAT_LR, QAT_LR
+
+    seen = []
+    config = train.FinetuneConfig
+
+    def spy(**kw):
+        seen.append(kw["lr"])
+        return config(**kw)
+
+    monkeypatch.setattr(train, "FinetuneConfig", spy)
+    onnxpress.finetune(files["ours"], files["teacher"], str(files["data"]), epochs=0, threads=1)
+    onnxpress.finetune(files["teacher"], files["teacher"], str(files["data"]), epochs=0, threads=1,
+                       exporter="writeback")  # fmt: skip
+    onnxpress.finetune(files["ours"], files["teacher"], str(files["data"]), epochs=0, threads=1, lr=3e-3)
+    assert seen == [QAT_LR, FLOAT_LR, 3e-3]
+    assert QAT_LR < FLOAT_LR

@@ -26,7 +26,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", required=True, help="where to write the fine-tuned model")
     p.add_argument("--epochs", type=non_negative_int, default=10, help="passes over the data (default 10)")
     p.add_argument("--temperature", type=_POSITIVE, default=4.0, help="distillation temperature T (default 4)")
-    p.add_argument("--lr", type=_POSITIVE, default=1e-3, help="Adam learning rate (default 1e-3)")
+    p.add_argument("--lr", type=_POSITIVE, default=None,
+                   help="Adam learning rate (default 1e-3; 1e-4 with --qat or a quantized student)")  # fmt: skip
     p.add_argument("--batch-size", type=positive_int, default=64, help="samples per step (default 64)")
     p.add_argument("--hard-weight", type=_WEIGHT, default=1.0, help="weight of the label cross-entropy (default 1)")
     p.add_argument("--soft-weight", type=_WEIGHT, default=1.0, help="weight of the distillation term (default 1)")

@@ -70,6 +70,8 @@ class FinetuneResult:
             ``kl_before/after``: mean KL(teacher ‖ student) of the softmax over the last axis in nats,
             ``agreement_after``, ``accuracy_before/after`` when labels are given, ``teacher_accuracy``); the float path
             measures them on onnxruntime (student as given, written model), QAT on the module.
+        mode: ``"float"``, ``"qat"`` (a float student quantized, then trained quantization-aware) or
+            ``"qat in its own graph"`` (a student that was already quantized).
     """
 
     model: onnx.ModelProto
@@ -77,6 +79,7 @@ class FinetuneResult:
     history: Any
     export_max_diff: float
     metrics: dict[str, float]
+    mode: str = "float"
 
 
 def kl_nats(teacher: np.ndarray, student: np.ndarray, axis: int = -1) -> float:
@@ -194,7 +197,8 @@ def finetune(
 
         raise DataError("finetune needs data: give data=<.npz path, folder or feeds>")
     student_proto = load_model(student)
-    if not qat and quantized_ops(student_proto):  # its integer weights train only behind their fake-quant
+    quantized = bool(quantized_ops(student_proto))
+    if quantized and not qat:  # its integer weights train only behind their fake-quant
         log.info("the student is quantized: fine-tuning it quantization-aware, in its own graph")
         qat = True
     student_proto = normalize_model(student_proto, min_opset=13 if qat else None)
@@ -275,7 +279,8 @@ def finetune(
         if teacher_logits is not None:
             metrics["teacher_accuracy"] = float(np.mean(teacher_logits.argmax(-1) == label_arr))
     written = save_model(model, output) if output is not None else None
-    return FinetuneResult(model, written, history, diff, metrics)
+    mode = "qat in its own graph" if quantized else "qat" if qat else "float"
+    return FinetuneResult(model, written, history, diff, metrics, mode)
 
 
 RECURRENT_OPS = frozenset({"LSTM", "GRU"})

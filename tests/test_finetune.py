@@ -28,7 +28,7 @@ def test_finetune_api_recovers_teacher_and_writes_a_valid_model(kd_files, tmp_pa
                              labels=str(kd_files["data"]), epochs=6, lr=3e-3, batch_size=16, threads=1,
                              seed=0)  # fmt: skip
     assert {k: _digest(v) for k, v in kd_files.items()} == before  # inputs untouched
-    assert res.output == out and out.exists()
+    assert res.output == out and out.exists() and res.mode == "float"
     assert res.export_max_diff <= 1e-4
     m = res.metrics
     assert m["sqnr_db_after"] > m["sqnr_db_before"] + 1.0
@@ -50,6 +50,7 @@ def test_finetune_qat_writes_qdq_model(kd_files, tmp_path):
     ops = {n.op_type for n in onnx.load(str(out)).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops
     assert res.export_max_diff <= 1e-4
+    assert res.mode == "qat"
 
 
 def test_finetune_errors(kd_files, tmp_path):

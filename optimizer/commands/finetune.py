@@ -89,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
     )  # fmt: skip
     h = result.history
     rows = [[key, f"{value:.4f}"] for key, value in sorted(result.metrics.items())]
+    rows.insert(0, ["fine-tune", result.mode])
     rows.append(["epochs run / kept", f"{len(h.train_loss)} / {h.best_epoch}"])
     rows.append(["export max |diff| vs module", f"{result.export_max_diff:.2e}"])
     print(format_table(["what", "value"], rows))

@@ -300,3 +300,13 @@ def test_default_learning_rate_is_smaller_for_qat(files, monkeypatch):
     onnxpress.finetune(files["ours"], files["teacher"], str(files["data"]), epochs=0, threads=1, lr=3e-3)
     assert seen == [QAT_LR, FLOAT_LR, 3e-3]
     assert QAT_LR < FLOAT_LR
+
+
+def test_qat_of_a_float_model_starts_from_what_quantize_ships(files):
+    """``--qat`` on a float student: ``onnxpress quantize`` first, then that graph trains; untrained, it is that."""
+    x = np.load(files["data"])["input"]
+    shipped = onnxpress.quantize(files["teacher"], calib=[{"input": x}], progress=False).model
+    res = onnxpress.finetune(files["teacher"], files["teacher"], str(files["data"]), epochs=0, qat=True, threads=1)
+    assert res.mode == "qat"
+    assert _structure(res.model) == _structure(shipped)
+    assert _initializers(res.model) == _initializers(shipped)

@@ -55,9 +55,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "trained weights into the student's own graph (auto, the default: writeback for LSTM/GRU "
                         "models, which torch.onnx unrolls; dynamo otherwise)")  # fmt: skip
     p.add_argument("--qat", action="store_true",
-                   help="quantization-aware fine-tune; writes an int8 QDQ model (a student that is already "
-                        "quantized, QDQ, is always fine-tuned this way, in its own graph)")  # fmt: skip
-    p.add_argument("--calibration", help="calibration table for --qat (default: calibrate on --data)")
+                   help="quantization-aware fine-tune: quantize with onnxpress quantize, then train that int8 QDQ "
+                        "graph (a student that is already quantized, QDQ, is always fine-tuned this way, in its "
+                        "own graph)")  # fmt: skip
+    p.add_argument("--calibration",
+                   help="calibration table for the quantize step of --qat on a float model (default: calibrate "
+                        "on --data)")  # fmt: skip
     add_common(p)
     p.set_defaults(func=run)
 

@@ -34,7 +34,7 @@ from onnxpress.model_io import (
 )
 from onnxpress.prune import sqnr_db  # re-exported: the bench scripts and users read it from here
 
-__all__ = ["FLOAT_LR", "QAT_LR", "FinetuneResult", "finetune", "kl_nats", "sqnr_db"]
+__all__ = ["FLOAT_LR", "QAT_LR", "FinetuneResult", "finetune", "kl_nats", "sqnr_db", "stored_weights"]
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +175,9 @@ def finetune(
             ``"writeback"``: copy the trained weights into the student's own graph, which keeps every
             node and tensor name (torch.onnx renames nodes) for steps that address layers by name.
             ``"auto"`` (default): writeback when the student has LSTM/GRU layers (torch.onnx unrolls
-            them, see ``RECURRENT_OPS``) or when torch.onnx cannot export it (logged), dynamo otherwise.
+            them, see ``RECURRENT_OPS``), rebuilds weights from a compact storage (:func:`stored_weights`:
+            torch.onnx would store them in float) or when torch.onnx cannot export it (logged), dynamo
+            otherwise.
         progress: progress bar with the loss.
 
     Raises:
@@ -248,7 +250,9 @@ def finetune(
         if not quantized:  # start from what onnxpress quantize ships, then train that graph (see QAT_START)
             from onnxpress.quantize import quantize
 
-            start_model = quantize(student_proto, calib=[dict(arrays)], table=calibration, progress=False).model
+            # LSTMs stay float: quantize makes them DynamicQuantizeLSTM, which has no fake-quant twin to train
+            start_model = quantize(student_proto, calib=[dict(arrays)], table=calibration, exclude=["op:LSTM"],
+                                   progress=False).model  # fmt: skip
         plan = prepare_qat(start_model, arrays)
         module = plan.module  # its outputs before training are the PTQ model's
     else:
@@ -303,10 +307,36 @@ RECURRENT_OPS = frozenset({"LSTM", "GRU"})
 them (the reference LSTM model: 46 nodes became 918, 1.14x the original's latency against 1.01x)."""
 
 
+_LAYOUT_OPS = frozenset({"Identity", "Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten"})
+_WEIGHT_READERS = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1, "Gather": 0}
+
+
+def stored_weights(model: onnx.ModelProto) -> list[str]:
+    """Layer weights the graph rebuilds from a compact storage (a codebook, float16 + Cast), by reader node name.
+
+    A weight read by Conv/ConvTranspose/Gemm/MatMul (or a Gather's table) that is computed from initializers
+    alone through more than layout ops. torch.onnx would write the computed float weight instead (a codebook
+    ResNet's fine-tune came out 6.8x the student's file), so ``exporter="auto"`` writes the trained values back
+    into the student's graph, which keeps the storage.
+    """
+    constant = {i.name for i in model.graph.initializer}
+    rebuilt: set[str] = set()
+    for node in model.graph.node:
+        if node.input and all(not name or name in constant for name in node.input):
+            constant.update(node.output)
+            if node.op_type not in _LAYOUT_OPS or any(name in rebuilt for name in node.input):
+                rebuilt.update(node.output)
+        elif node.op_type == "Constant":
+            constant.update(node.output)
+    return [node.name or node.output[0] for node in model.graph.node
+            if node.op_type in _WEIGHT_READERS and len(node.input) > _WEIGHT_READERS[node.op_type]
+            and node.input[_WEIGHT_READERS[node.op_type]] in rebuilt]
+
+
 def _float_export(module: Any, student: onnx.ModelProto, example: list[np.ndarray], exporter: str) -> onnx.ModelProto:
     """The fine-tuned float model: re-exported by torch, or the student graph with the new weights."""
     if exporter == "auto":
-        if any(n.op_type in RECURRENT_OPS for n in student.graph.node):
+        if any(n.op_type in RECURRENT_OPS for n in student.graph.node) or stored_weights(student):
             return module.state_to_onnx(student)
         from onnxpress.bridge.export import export_module
 

@@ -310,3 +310,84 @@ def test_qat_of_a_float_model_starts_from_what_quantize_ships(files):
     assert res.mode == "qat"
     assert _structure(res.model) == _structure(shipped)
     assert _initializers(res.model) == _initializers(shipped)
+
+
+def _recurrent_classifier(op: str, hidden: int = 32, features: int = 32, steps: int = 5) -> onnx.ModelProto:
+    """x[N, T, F] -> Transpose -> LSTM/GRU -> Squeeze -> Transpose -> MatMul -> logits[N, T, 24]."""
+    r = rng(6)
+    gates = 4 if op == "LSTM" else 3
+    nodes = [helper.make_node("Transpose", ["x"], ["xt"], perm=[1, 0, 2]),  # [N, T, F] -> [T, N, F]
+             helper.make_node(op, ["xt", "W", "R"], ["y"], hidden_size=hidden),
+             helper.make_node("Squeeze", ["y", "axis1"], ["ys"]),
+             helper.make_node("Transpose", ["ys"], ["h"], perm=[1, 0, 2]),
+             helper.make_node("MatMul", ["h", "head"], ["logits"])]  # fmt: skip
+    weights = {"W": (r.standard_normal((1, gates * hidden, features)) * 0.3).astype(np.float32),
+               "R": (r.standard_normal((1, gates * hidden, hidden)) * 0.3).astype(np.float32),
+               "axis1": np.array([1], np.int64),
+               "head": (r.standard_normal((hidden, 24)) * 0.5).astype(np.float32)}  # fmt: skip
+    return make_model(nodes, [("x", ["n", steps, features])], [("logits", ["n", steps, 24])], weights, opset=17)
+
+
+def test_qat_of_a_float_lstm_model_keeps_the_lstm_float(tmp_path):
+    """quantize makes an LSTM onnxruntime's DynamicQuantizeLSTM, which QAT cannot train: ``--qat`` keeps it float."""
+    teacher = _recurrent_classifier("LSTM")
+    src = tmp_path / "float.onnx"
+    onnx.save(teacher, str(src))
+    feeds = {"x": rng(2).standard_normal((48, 5, 32)).astype(np.float32)}
+    assert "DynamicQuantizeLSTM" in {n.op_type for n in onnxpress.quantize(src, calib=[feeds]).model.graph.node}
+    res = onnxpress.finetune(src, src, feeds, epochs=1, batch_size=8, qat=True, threads=1)
+    ops = collections.Counter(n.op_type for n in res.model.graph.node)
+    assert res.mode == "qat" and ops["LSTM"] == 1 and ops["DequantizeLinear"] >= 1, ops
+
+
+def test_float_weights_behind_quantizelinear_train(tmp_path):
+    """onnxruntime quantizes weights held in Constant nodes like activations (Q -> DQ of a float constant): those
+    float weights train behind their fake-quant, and the model keeps its structure."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+    teacher = wide_cnn()
+    g = teacher.graph
+    consts = [helper.make_node("Constant", [], [i.name], value=i) for i in g.initializer]
+    del g.initializer[:]
+    nodes = consts + list(g.node)
+    del g.node[:]
+    g.node.extend(nodes)
+    src, student = tmp_path / "float.onnx", tmp_path / "int8.onnx"
+    onnx.save(teacher, str(src))
+    x = data(64, seed=1)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.feeds = iter([{"input": x[i : i + 1]} for i in range(16)])
+
+        def get_next(self):
+            return next(self.feeds, None)
+
+    quantize_static(str(src), str(student), Reader(), quant_format=QuantFormat.QDQ)
+    before = onnx.load(str(student))
+    assert not any(i.data_type == TensorProto.INT8 and len(i.dims) == 4 for i in before.graph.initializer)  # premise
+    res = onnxpress.finetune(student, src, {"input": x}, epochs=2, lr=1e-3, val_fraction=0.0, threads=1)
+    assert res.mode == "qat in its own graph"
+    ops = lambda m: [n.op_type for n in m.graph.node if n.op_type != "Constant"]  # noqa: E731
+    assert ops(res.model) == ops(before)  # the Constant nodes became initializers (as quantize does), nothing else
+    held = {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in before.graph.node if n.op_type == "Constant"}
+    trained = {i.name: numpy_helper.to_array(i) for i in res.model.graph.initializer if i.name in held}
+    assert trained.keys() == held.keys()
+    assert any(not np.array_equal(trained[k], held[k]) for k in ("c1.weight", "c2.weight", "fc.weight"))
+
+
+def test_codebook_weights_fine_tune_in_their_storage(tmp_path, files):
+    """A codebook model rebuilds its weights from 4-bit indices (BitShift, GatherElements): its levels fine-tune and
+    are written back into the same graph, not re-exported as float weights (6.8x the file on the ResNet)."""
+    from onnxpress.finetune import stored_weights
+
+    student = tmp_path / "cb.onnx"
+    onnxpress.quantize(files["teacher"], student, codebook=4, progress=False)
+    model = onnx.load(str(student))
+    assert "BitShift" in {n.op_type for n in model.graph.node} and stored_weights(model)
+    assert not stored_weights(onnx.load(str(files["teacher"])))
+    res = onnxpress.finetune(student, files["teacher"], str(files["data"]), epochs=2, lr=1e-3, val_fraction=0.0,
+                             threads=1)  # fmt: skip
+    assert res.mode == "float" and res.export_max_diff <= 1e-4
+    assert [n.op_type for n in res.model.graph.node] == [n.op_type for n in model.graph.node]
+    assert res.model.ByteSize() <= model.ByteSize() * 1.01

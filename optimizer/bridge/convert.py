@@ -17,7 +17,7 @@ one of our dependencies), and with a stub torchvision it still fails on every re
 export: ``NotImplementedError: Converter is not implemented (ReduceMean, version=18)`` for the three
 CNNs and ``(Reshape, version=19)`` for the transformer. Our own interpreter covers the ops our
 reference models and passes produce and those of the exports we tried (U-Nets, separators, TCNs,
-GPT/LLaMA/T5/BERT/ViT/Whisper-style transformers, LSTM/GRU models; 629 of onnx's node cases match,
+GPT/LLaMA/T5/BERT/ViT/Whisper-style transformers, LSTM/GRU models; 657 of onnx's node cases match,
 the rest are refused by name), runs on the CPU or a CUDA device, keeps the ONNX initializer names (so
 fine-tuned weights map back 1:1), and is traceable by ``torch.export`` because every shape-like
 value (int initializers, ``Shape`` outputs, axes) lives on the host as numpy/Python values
@@ -812,6 +812,18 @@ def _mod(ctx: _Ctx, inputs: list[Value]) -> list[Value]:
     return [torch.fmod(a, b) if fmod else torch.remainder(a, b)]
 
 
+def _bit_shift(ctx: _Ctx, inputs: list[Value]) -> list[Value]:
+    """Integer shift in the input's type (bits shifted out are lost): a codebook model unpacks 4-bit indices so."""
+    x, y = inputs
+    right = ctx.get("direction") == "RIGHT"
+    if _is_host(x) and _is_host(y):
+        x, y = np.asarray(x), np.asarray(y)
+        return [(np.right_shift(x, y) if right else np.left_shift(x, y)).astype(x.dtype)]
+    a = _t(x, _t(y) if not _is_host(y) else None)
+    b = _t(y, a)
+    return [torch.bitwise_right_shift(a, b) if right else torch.bitwise_left_shift(a, b)]
+
+
 def _tile(ctx: _Ctx, inputs: list[Value]) -> list[Value]:
     x, reps = inputs[0], [int(r) for r in _ints(inputs[1])]
     if _is_host(x):
@@ -1078,7 +1090,8 @@ OPS.update({
     "InstanceNormalization": _instance_norm,
     "ReduceL1": _reduce("l1", 18), "ReduceL2": _reduce("l2", 18), "ReduceSumSquare": _reduce("sumsquare", 18),
     "ReduceLogSumExp": _reduce("logsumexp", 18), "ReduceProd": _reduce("prod", 18),
-    "Pad": _pad, "Range": _range, "Trilu": _trilu, "Mod": _mod, "Tile": _tile, "Einsum": _einsum,
+    "Pad": _pad, "Range": _range, "Trilu": _trilu, "Mod": _mod, "BitShift": _bit_shift, "Tile": _tile,
+    "Einsum": _einsum,
     "GatherElements": _gather_elements, "CumSum": _cumsum, "LSTM": _lstm, "GRU": _gru,
     "DepthToSpace": _depth_to_space, "SpaceToDepth": _space_to_depth, "Elu": _elu_family, "Selu": _elu_family,
     "Celu": _elu_family, "ThresholdedRelu": _elu_family, "ArgMax": _arg_extreme, "ArgMin": _arg_extreme,

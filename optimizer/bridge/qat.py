@@ -208,11 +208,8 @@ def prepare_qat(
         ptq = run_passes(student, [InsertQDQ(table, per_channel=per_channel, activations="uint8")]).model
         originals = student
     qat, weights, biases, ties, caps = _trainable_twin(ptq, originals)
-    if not weights:
-        raise UnsupportedModelError(
-            "the student has no quantized weight (DequantizeLinear of an integer constant); nothing for QAT to learn"
-            if originals is None else "the QDQ pass quantized no weights; nothing for QAT to learn"
-        )
+    # no integer weight is fine: float weights behind a QuantizeLinear (onnxruntime's output for weights held in
+    # Constant nodes) and a codebook's levels train too; a student with nothing to train is refused by the trainer
     scales = set(ties) | {w.scale for w in weights}
     module = OnnxModule(qat, learn_scales=True, trainable=scales, narrow_constants=originals is None)
     module.lr_factors = dict.fromkeys(scales, SCALE_LR_FACTOR)
@@ -239,7 +236,7 @@ def check_trainable_qdq(model: onnx.ModelProto) -> None:
         ops = ", ".join(f"{n} x {op}" for op, n in sorted(other.items()))
         raise UnsupportedModelError(
             f"QAT trains QuantizeLinear/DequantizeLinear models; this one holds {ops}: fine-tune the float model "
-            "with --qat, or quantize it with onnxpress quantize (QDQ) first"
+            "with --qat instead (it quantizes what QAT can train, and trains an LSTM in float)"
         )
     types = {i.name: i.data_type for i in model.graph.initializer}
     for vi in (*model.graph.value_info, *model.graph.input, *model.graph.output):

@@ -60,6 +60,15 @@ def test_export_keeps_names_and_batch_is_dynamic(exported):
     onnx.checker.check_model(out, full_check=True)
 
 
+def test_export_carries_no_trace_of_the_interpreter(exported):
+    """torch.onnx's dynamo exporter tags every node with its Python stack and FX node (our interpreter's frames and
+    file paths): dropped, they were most of what a re-export added to a small model's file."""
+    _, _, out = exported
+    keys = {p.key for n in out.graph.node for p in n.metadata_props}
+    assert not {k for k in keys if k.startswith("pkg.torch.") or k == "namespace"}, keys
+    assert "convert.py" not in out.SerializeToString().decode("latin-1")
+
+
 def test_validate_against_module_raises_on_mismatch(exported):
     model, mod, out = exported
     feeds = {"input": tiny_data(4)}

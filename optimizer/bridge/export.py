@@ -125,6 +125,7 @@ def export_module(
     if exporter == "dynamo":
         _rename_outputs(proto, dict(zip(kwargs["output_names"], module.output_names, strict=True)))
     _restore_names(proto, module)
+    _drop_trace_metadata(proto)
     proto = normalize_model(proto, min_opset=None)
     if cleanup:
         proto = run_passes(proto, cleanup_passes()).model
@@ -166,6 +167,20 @@ def _rename_outputs(proto: onnx.ModelProto, names: Mapping[str, str]) -> None:
     for seq in (graph.input, graph.output, graph.value_info, graph.initializer):
         for item in seq:
             item.name = rename.get(item.name, item.name)
+
+
+def _drop_trace_metadata(proto: onnx.ModelProto) -> None:
+    """Remove the trace of the export from every node.
+
+    The dynamo exporter records each node's Python stack, FX node and name scope (``pkg.torch.onnx.*``,
+    ``namespace``), which here name the interpreter's own frames and file paths, not the user's model: 27.5 of
+    the 38 KB a re-exported 0.2 MB EfficientNet-style CNN gained.
+    """
+    for node in proto.graph.node:
+        keep = [p for p in node.metadata_props if not (p.key.startswith("pkg.torch.") or p.key == "namespace")]
+        if len(keep) != len(node.metadata_props):
+            del node.metadata_props[:]
+            node.metadata_props.extend(keep)
 
 
 def _restore_names(proto: onnx.ModelProto, module: OnnxModule) -> None:

@@ -75,6 +75,18 @@ class _Bias:
 
 
 @dataclasses.dataclass
+class _Packed:
+    """A ``MatMulNBits`` weight: trained as a float ``[N * blocks, block]`` behind a blockwise fake-quant."""
+
+    float_name: str  # trainable float initializer in the QAT graph, [N * blocks, block]
+    b_name: str  # packed uint8 initializer of the student, [N, blocks, block / 2]
+    scale_name: str  # the student's scales initializer, [N * blocks]
+    scale: str  # trainable |scales| in the QAT graph
+    zero_point: np.ndarray  # uint8 [N * blocks] the QAT graph uses (see ``flipped``)
+    flipped: np.ndarray  # bool [N * blocks]: a negative stored scale, trained as |s| with codes 15 - q
+
+
+@dataclasses.dataclass
 class QATPlan:
     """The PTQ graph, its trainable twin, and how to write learned values back.
 
@@ -91,6 +103,7 @@ class QATPlan:
     biases: list[_Bias]
     ties: dict[str, list[str]]  # representative scale name → every PTQ scale initializer it stands for
     caps: dict[str, float]  # representative scale name → largest value keeping it inside a Clip's range
+    packed: list[_Packed] = dataclasses.field(default_factory=list)  # MatMulNBits weights
 
     def export(self, module: OnnxModule | None = None) -> onnx.ModelProto:
         """The PTQ graph with the learned weights, biases and scales written in."""
@@ -125,6 +138,15 @@ class QATPlan:
             if b.scale in inits:  # else the graph computes it: Mul(s_x, s_w) of the scales written here
                 shape = _init_shape(self.ptq, b.scale)
                 values[b.scale] = (s_b.reshape(shape) if s_b.size == math.prod(shape) else np.broadcast_to(s_b, shape))
+        for p in self.packed:
+            s = learned(p.scale)
+            w = module.initializer(p.float_name).detach().cpu().numpy().astype(np.float32)
+            q = np.clip(np.rint(w / s[:, None]) + p.zero_point[:, None], 0, 15).astype(np.uint8)
+            q = np.where(p.flipped[:, None], 15 - q, q).astype(np.uint8)
+            shape = _init_shape(self.ptq, p.b_name)  # [N, blocks, block / 2]
+            q = q.reshape(shape[0], shape[1], -1)
+            values[p.b_name] = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
+            values[p.scale_name] = np.where(p.flipped, -s, s).reshape(_init_shape(self.ptq, p.scale_name))
         for name, param in module.named_onnx_parameters():  # float weights of layers PTQ left float
             if name in inits and name not in values and inits[name].data_type == onnx.TensorProto.FLOAT:
                 values[name] = param.detach().cpu().numpy()
@@ -208,13 +230,14 @@ def prepare_qat(
         ptq = run_passes(student, [InsertQDQ(table, per_channel=per_channel, activations="uint8")]).model
         originals = student
     qat, weights, biases, ties, caps = _trainable_twin(ptq, originals)
+    packed = _unpack_nbits(qat)
     # no integer weight is fine: float weights behind a QuantizeLinear (onnxruntime's output for weights held in
     # Constant nodes) and a codebook's levels train too; a student with nothing to train is refused by the trainer
-    scales = set(ties) | {w.scale for w in weights}
+    scales = set(ties) | {w.scale for w in weights} | {p.scale for p in packed}
     module = OnnxModule(qat, learn_scales=True, trainable=scales, narrow_constants=originals is None)
     module.lr_factors = dict.fromkeys(scales, SCALE_LR_FACTOR)
     log.info("QAT: %d weights, %d biases, %d activation scales", len(weights), len(biases), len(ties))
-    return QATPlan(ptq, qat, module, weights, biases, ties, caps)
+    return QATPlan(ptq, qat, module, weights, biases, ties, caps, packed)
 
 
 _TRAINABLE_INTEGERS = frozenset({onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT16,
@@ -224,14 +247,26 @@ _TRAINABLE_INTEGERS = frozenset({onnx.TensorProto.INT8, onnx.TensorProto.UINT8, 
 def check_trainable_qdq(model: onnx.ModelProto) -> None:
     """Raise unless every quantized op of ``model`` is a QuantizeLinear/DequantizeLinear QAT can train.
 
-    QAT trains per-tensor and per-channel Q/DQ of 8/16-bit integers (and int32 biases). Integer-kernel ops
-    (QLinearConv, MatMulInteger, ...), 4-bit weight-only ops (MatMulNBits), dynamic quantization and
-    blockwise or 4-bit/float8 Q/DQ have no trainable twin here: the message names them.
+    QAT trains per-tensor and per-channel Q/DQ of 8/16-bit integers (and int32 biases) and 4-bit
+    ``MatMulNBits`` weights (uint8 zero points or none, no ``g_idx``). Integer-kernel ops (QLinearConv,
+    MatMulInteger, ...), dynamic quantization (DynamicQuantizeLSTM, ...) and blockwise or 4-bit/float8 Q/DQ
+    have no trainable twin here: the message names them.
 
     Raises:
         UnsupportedModelError: naming the ops or values and what to do instead.
     """
-    other = {op: n for op, n in quantized_ops(model).items() if op not in ("QuantizeLinear", "DequantizeLinear")}
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits":
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            zp = node.input[3] if len(node.input) > 3 else ""
+            zp_float = any(i.name == zp and i.data_type != onnx.TensorProto.UINT8 for i in model.graph.initializer)
+            if attrs.get("bits", 4) != 4 or (len(node.input) > 4 and node.input[4]) or zp_float:
+                raise UnsupportedModelError(
+                    f"MatMulNBits {node.name!r}: QAT trains 4-bit weights with uint8 zero points and no g_idx; "
+                    "fine-tune the float model, then quantize"
+                )
+    trainable = ("QuantizeLinear", "DequantizeLinear", "MatMulNBits")
+    other = {op: n for op, n in quantized_ops(model).items() if op not in trainable}
     if other:
         ops = ", ".join(f"{n} x {op}" for op, n in sorted(other.items()))
         raise UnsupportedModelError(
@@ -404,6 +439,87 @@ def _cap_clip_scales(
                 if name in rename:
                     node.input[i] = rename[name]
     return caps
+
+
+def _unpack_nbits(qat: onnx.ModelProto) -> list[_Packed]:
+    """Replace each 4-bit ``MatMulNBits`` of the QAT graph by a trainable float weight behind a blockwise fake-quant.
+
+    onnxruntime's layout: ``B`` uint8 ``[N, blocks, block/2]`` (low nibble first), ``scales [N * blocks]``,
+    optional packed uint8 zero points (else 8), optional bias; ``Y = A · Wᵀ (+ bias)`` with
+    ``W[n, k] = (q[n, k] - z[n, b]) · s[n, b]``. In the QAT graph (standard ops, so the interpreter's
+    straight-through QuantizeLinear does the rounding)::
+
+        W[N*blocks, block] ─ Max(-z·s) ─ Min((15 - z)·s) ─ Q(s, z, axis 0) ─ DQ ─ Reshape[N, K] ─ Transpose ─┐
+        A ───────────────────────────────────────────────────────────────────────────────────────── MatMul ─ (+ bias)
+
+    The clip keeps every code in [0, 15] (QuantizeLinear would clamp to uint8's range). A block stored with a
+    negative scale (``passes.weight_only`` maps a block's largest magnitude to code 0 so) trains as ``|s|`` with
+    zero point ``15 - z`` and codes ``15 - q``: the same values, and the interpreter's learned scales stay positive.
+    """
+    g = qat.graph
+    inits = {i.name: i for i in g.initializer}
+    fresh = fresh_names(set(inits) | {o for n in g.node for o in n.output} | {n.name for n in g.node})
+    packed: list[_Packed] = []
+    nodes: list[onnx.NodeProto] = []
+    for node in g.node:
+        if node.op_type != "MatMulNBits":
+            nodes.append(node)
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        k, n, block = int(attrs["K"]), int(attrs["N"]), int(attrs["block_size"])
+        b = numpy_helper.to_array(inits[node.input[1]])
+        scale = numpy_helper.to_array(inits[node.input[2]]).reshape(-1).astype(np.float32)
+        blocks = b.shape[1]
+        zp = np.full(n * blocks, 8, np.uint8)
+        if len(node.input) > 3 and node.input[3]:
+            z = numpy_helper.to_array(inits[node.input[3]]).reshape(n, -1)
+            zp = np.stack([z & 0x0F, z >> 4], axis=2).reshape(n, -1)[:, :blocks].reshape(-1).astype(np.uint8)
+        codes = np.stack([b & 0x0F, b >> 4], axis=3).reshape(n * blocks, block)
+        w0 = ((codes.astype(np.float32) - zp[:, None]) * scale[:, None]).astype(np.float32)
+        flipped = scale < 0
+        zp = np.where(flipped, 15 - zp, zp).astype(np.uint8)
+        name = node.name or node.output[0]
+        w_name, z_name, s_name = fresh(name + "_weight_float"), fresh(name + "_zero_point"), fresh(name + "_scale")
+        lo_c, hi_c, shape_c, nk = (fresh(name + suffix) for suffix in ("_lo", "_hi", "_col", "_nk"))
+        g.initializer.extend([
+            numpy_helper.from_array(w0, w_name), numpy_helper.from_array(zp, z_name),
+            numpy_helper.from_array(np.abs(scale), s_name),
+            numpy_helper.from_array(-zp.astype(np.float32)[:, None], lo_c),
+            numpy_helper.from_array((15.0 - zp.astype(np.float32))[:, None], hi_c),
+            numpy_helper.from_array(np.array([-1, 1], np.int64), shape_c),
+            numpy_helper.from_array(np.array([n, blocks * block], np.int64), nk),
+        ])  # fmt: skip
+        steps = ("col", "lo", "hi", "max", "min", "q", "dq", "w", "wk", "wt")
+        t = {key: fresh(f"{name}_{key}") for key in steps}
+        nodes += [
+            helper.make_node("Reshape", [s_name, shape_c], [t["col"]]),
+            helper.make_node("Mul", [t["col"], lo_c], [t["lo"]]),
+            helper.make_node("Mul", [t["col"], hi_c], [t["hi"]]),
+            helper.make_node("Max", [w_name, t["lo"]], [t["max"]]),
+            helper.make_node("Min", [t["max"], t["hi"]], [t["min"]]),
+            helper.make_node("QuantizeLinear", [t["min"], s_name, z_name], [t["q"]], axis=0),
+            helper.make_node("DequantizeLinear", [t["q"], s_name, z_name], [t["dq"]], axis=0),
+            helper.make_node("Reshape", [t["dq"], nk], [t["w"]]),
+        ]
+        weight = t["w"]
+        if blocks * block != k:  # the last block is padded with zeros
+            starts, ends, axes = (fresh(name + x) for x in ("_starts", "_ends", "_axes"))
+            g.initializer.extend([numpy_helper.from_array(np.array([0], np.int64), starts),
+                                  numpy_helper.from_array(np.array([k], np.int64), ends),
+                                  numpy_helper.from_array(np.array([1], np.int64), axes)])  # fmt: skip
+            nodes.append(helper.make_node("Slice", [weight, starts, ends, axes], [t["wk"]]))
+            weight = t["wk"]
+        nodes.append(helper.make_node("Transpose", [weight], [t["wt"]], perm=[1, 0]))
+        bias = node.input[5] if len(node.input) > 5 and node.input[5] else None
+        out = fresh(name + "_matmul") if bias else node.output[0]
+        nodes.append(helper.make_node("MatMul", [node.input[0], t["wt"]], [out], name=fresh(name)))
+        if bias:
+            nodes.append(helper.make_node("Add", [out, bias], [node.output[0]]))
+        packed.append(_Packed(w_name, node.input[1], node.input[2], s_name, zp, flipped))
+    if packed:
+        del g.node[:]
+        g.node.extend(nodes)
+    return packed
 
 
 def _private_bias_scales(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -270,8 +270,9 @@ def check_trainable_qdq(model: onnx.ModelProto) -> None:
     if other:
         ops = ", ".join(f"{n} x {op}" for op, n in sorted(other.items()))
         raise UnsupportedModelError(
-            f"QAT trains QuantizeLinear/DequantizeLinear models; this one holds {ops}: fine-tune the float model "
-            "with --qat instead (it quantizes what QAT can train, and trains an LSTM in float)"
+            f"QAT trains QuantizeLinear/DequantizeLinear and 4-bit MatMulNBits models; this one holds {ops}: "
+            "fine-tune the float model instead (--qat quantizes it to int8 QDQ first, an LSTM staying float; or "
+            "fine-tune it in float, then quantize)"
         )
     types = {i.name: i.data_type for i in model.graph.initializer}
     for vi in (*model.graph.value_info, *model.graph.input, *model.graph.output):

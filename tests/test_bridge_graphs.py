@@ -9,20 +9,23 @@ from onnx import helper, numpy_helper
 from tests.graphs import make_model, rng
 
 
-def tiny_cnn(seed: int = 0, noise: float = 0.0, gain: float = 1.0) -> onnx.ModelProto:
+def tiny_cnn(seed: int = 0, noise: float = 0.0, gain: float = 1.0, widths: tuple[int, int] = (4, 8),
+             classes: int = 5) -> onnx.ModelProto:  # fmt: skip
     """input[N,1,8,8] -> Conv(4,3x3,p1) -> Relu -> Conv(8,3x3,s2,p1) -> Relu -> GAP -> Flatten -> Gemm -> logits[N,5].
 
     ``noise`` perturbs every weight by ``noise·std(W)`` (a stand-in for a lossy compression); ``gain``
-    scales the last layer so that logits are confident.
+    scales the last layer so that logits are confident. ``widths`` and ``classes`` change the 4 / 8 conv
+    channels and the 5 classes (the second conv's weights shrink with its fan-in).
     """
     r = rng(seed)
+    c1, c2 = widths
     w = {
-        "c1.weight": r.standard_normal((4, 1, 3, 3)) * 0.6,
-        "c1.bias": r.standard_normal(4) * 0.1,
-        "c2.weight": r.standard_normal((8, 4, 3, 3)) * 0.3,
-        "c2.bias": r.standard_normal(8) * 0.1,
-        "fc.weight": r.standard_normal((5, 8)) * gain,
-        "fc.bias": r.standard_normal(5) * 0.1,
+        "c1.weight": r.standard_normal((c1, 1, 3, 3)) * 0.6,
+        "c1.bias": r.standard_normal(c1) * 0.1,
+        "c2.weight": r.standard_normal((c2, c1, 3, 3)) * 0.3 * (4 / c1) ** 0.5,
+        "c2.bias": r.standard_normal(c2) * 0.1,
+        "fc.weight": r.standard_normal((classes, c2)) * gain,
+        "fc.bias": r.standard_normal(classes) * 0.1,
     }
     if noise:
         pr = rng(seed + 100)
@@ -37,7 +40,7 @@ def tiny_cnn(seed: int = 0, noise: float = 0.0, gain: float = 1.0) -> onnx.Model
         helper.make_node("Flatten", ["p"], ["f"]),
         helper.make_node("Gemm", ["f", "fc.weight", "fc.bias"], ["logits"], transB=1),
     ]
-    return make_model(nodes, [("input", ["batch", 1, 8, 8])], [("logits", ["batch", 5])], w, opset=17)
+    return make_model(nodes, [("input", ["batch", 1, 8, 8])], [("logits", ["batch", classes])], w, opset=17)
 
 
 def tiny_data(n: int = 96, seed: int = 1) -> np.ndarray:

@@ -22,38 +22,30 @@ from onnxpress.cli import main  # noqa: E402
 from onnxpress.errors import UnsupportedModelError  # noqa: E402
 from onnxpress.prune import sqnr_db  # noqa: E402
 from tests.graphs import make_model, rng, run  # noqa: E402
+from tests.test_bridge_graphs import tiny_cnn  # noqa: E402
 
 
 def wide_cnn(seed: int = 0, noise: float = 0.0) -> onnx.ModelProto:
-    """input[N,1,8,8] -> Conv(16) -> Relu -> Conv(32, s2) -> Relu -> GAP -> Flatten -> Gemm -> logits[N,10].
+    """The bridge's tiny CNN at 16 / 32 channels and 10 classes.
 
     Layers of 16+ channels, so that ``CompactQDQ`` stores their biases as int16 + Cast and their bias
-    scales as Mul(s_x, s_w), as ``onnxpress quantize`` writes them. ``noise`` perturbs every weight by
-    ``noise·std(W)`` (a stand-in for a lossy compression before quantizing).
+    scales as Mul(s_x, s_w), as ``onnxpress quantize`` writes them. ``noise``: see ``tiny_cnn``.
     """
-    r = rng(seed)
-    w = {
-        "c1.weight": r.standard_normal((16, 1, 3, 3)) * 0.5,
-        "c1.bias": r.standard_normal(16) * 0.1,
-        "c2.weight": r.standard_normal((32, 16, 3, 3)) * 0.12,
-        "c2.bias": r.standard_normal(32) * 0.1,
-        "fc.weight": r.standard_normal((10, 32)) * 1.5,
-        "fc.bias": r.standard_normal(10) * 0.1,
-    }
-    if noise:
-        pr = rng(seed + 100)
-        w = {k: v + noise * v.std() * pr.standard_normal(v.shape) for k, v in w.items()}
-    nodes = [
-        helper.make_node("Conv", ["input", "c1.weight", "c1.bias"], ["a1"], pads=[1, 1, 1, 1]),
-        helper.make_node("Relu", ["a1"], ["r1"]),
-        helper.make_node("Conv", ["r1", "c2.weight", "c2.bias"], ["a2"], pads=[1, 1, 1, 1], strides=[2, 2]),
-        helper.make_node("Relu", ["a2"], ["r2"]),
-        helper.make_node("GlobalAveragePool", ["r2"], ["p"]),
-        helper.make_node("Flatten", ["p"], ["f"]),
-        helper.make_node("Gemm", ["f", "fc.weight", "fc.bias"], ["logits"], transB=1),
-    ]
-    weights = {k: v.astype(np.float32) for k, v in w.items()}
-    return make_model(nodes, [("input", ["batch", 1, 8, 8])], [("logits", ["batch", 10])], weights, opset=17)
+    return tiny_cnn(seed, noise, gain=1.5, widths=(16, 32), classes=10)
+
+
+def ort_qdq(src, dst, feeds: list[dict], fmt: str = "QDQ") -> None:
+    """onnxruntime's ``quantize_static`` with its defaults (one feed per call), in ``fmt`` (QDQ or QOperator)."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.feeds = iter(feeds)
+
+        def get_next(self):
+            return next(self.feeds, None)
+
+    quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat[fmt])
 
 
 def data(n: int, seed: int) -> np.ndarray:
@@ -64,8 +56,6 @@ def data(n: int, seed: int) -> np.ndarray:
 def files(tmp_path_factory):
     """teacher.onnx (float), ours.onnx (onnxpress quantize, compact storage), ort.onnx (onnxruntime QDQ of a
     perturbed copy: a compressed, quantized student), d.npz."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
-
     d = tmp_path_factory.mktemp("qat_quantized")
     paths = {k: d / f"{k}.onnx" for k in ("teacher", "ours", "ort")}
     onnx.save(wide_cnn(), str(paths["teacher"]))
@@ -74,17 +64,11 @@ def files(tmp_path_factory):
     np.savez(paths["data"], input=x)
     onnxpress.quantize(paths["teacher"], paths["ours"], calib=str(paths["data"]), progress=False)
 
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.feeds = iter([{"input": x[i : i + 1]} for i in range(64)])
-
-        def get_next(self):
-            return next(self.feeds, None)
 
     # onnxruntime's defaults (int8 activations, per-tensor weights) on a perturbed copy of the teacher
     perturbed = d / "perturbed.onnx"
     onnx.save(wide_cnn(noise=0.3), str(perturbed))
-    quantize_static(str(perturbed), str(paths["ort"]), Reader(), quant_format=QuantFormat.QDQ)
+    ort_qdq(perturbed, paths["ort"], [{"input": x[i : i + 1]} for i in range(64)])
     return paths
 
 
@@ -183,19 +167,9 @@ def test_shared_bias_scales_come_apart():
 
 
 def test_what_qat_cannot_train_is_refused_by_name(files, tmp_path):
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
-
     x = data(16, seed=2)
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.feeds = iter([{"input": x[i : i + 1]} for i in range(len(x))])
-
-        def get_next(self):
-            return next(self.feeds, None)
-
     qop = tmp_path / "qop.onnx"  # onnxruntime's operator format: integer kernels, nothing to fake-quantize
-    quantize_static(str(files["teacher"]), str(qop), Reader(), quant_format=QuantFormat.QOperator)
+    ort_qdq(files["teacher"], qop, [{"input": x[i : i + 1]} for i in range(len(x))], fmt="QOperator")
     with pytest.raises(UnsupportedModelError, match="QLinearConv"):
         onnxpress.finetune(qop, files["teacher"], str(files["data"]), epochs=1)
 
@@ -228,8 +202,6 @@ def test_cli_fine_tunes_a_quantized_model(files, tmp_path, capsys):
 
 def test_a_quantized_scalar_stays_a_constant(tmp_path):
     """onnxruntime quantizes a Mul's scalar constant (attention's 1/sqrt(d)) like a weight: it is kept, not trained."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
-
     r = rng(4)
     nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Mul", ["h", "c"], ["m"]),
              helper.make_node("MatMul", ["m", "w2"], ["y"])]  # fmt: skip
@@ -239,15 +211,7 @@ def test_a_quantized_scalar_stays_a_constant(tmp_path):
     src, student = tmp_path / "float.onnx", tmp_path / "int8.onnx"
     onnx.save(teacher, str(src))
     x = r.standard_normal((64, 8)).astype(np.float32)
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.feeds = iter([{"x": x[i : i + 1]} for i in range(16)])
-
-        def get_next(self):
-            return next(self.feeds, None)
-
-    quantize_static(str(src), str(student), Reader(), quant_format=QuantFormat.QDQ)
+    ort_qdq(src, student, [{"x": x[i : i + 1]} for i in range(16)])
     inits = onnx.load(str(student)).graph.initializer
     scalars = [i.name for i in inits if not i.dims and i.data_type == TensorProto.INT8]
     assert any(name.startswith("c") for name in scalars), scalars  # the premise: the scalar was quantized
@@ -343,8 +307,6 @@ def test_qat_of_a_float_lstm_model_keeps_the_lstm_float(tmp_path):
 def test_float_weights_behind_quantizelinear_train(tmp_path):
     """onnxruntime quantizes weights held in Constant nodes like activations (Q -> DQ of a float constant): those
     float weights train behind their fake-quant, and the model keeps its structure."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
-
     teacher = wide_cnn()
     g = teacher.graph
     consts = [helper.make_node("Constant", [], [i.name], value=i) for i in g.initializer]
@@ -355,15 +317,7 @@ def test_float_weights_behind_quantizelinear_train(tmp_path):
     src, student = tmp_path / "float.onnx", tmp_path / "int8.onnx"
     onnx.save(teacher, str(src))
     x = data(64, seed=1)
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.feeds = iter([{"input": x[i : i + 1]} for i in range(16)])
-
-        def get_next(self):
-            return next(self.feeds, None)
-
-    quantize_static(str(src), str(student), Reader(), quant_format=QuantFormat.QDQ)
+    ort_qdq(src, student, [{"input": x[i : i + 1]} for i in range(16)])
     before = onnx.load(str(student))
     assert not any(i.data_type == TensorProto.INT8 and len(i.dims) == 4 for i in before.graph.initializer)  # premise
     res = onnxpress.finetune(student, src, {"input": x}, epochs=2, lr=1e-3, val_fraction=0.0, threads=1)

@@ -46,12 +46,6 @@ QAT_LR = 1e-4
 epoch 0 on onnxruntime's default QDQ MobileNet / ResNet (10 epochs, CLI defaults otherwise); at 1e-4 the
 calibration-set SQNR went 26.2 -> 31.9 / 36.6 -> 40.6 dB, at 3e-5 to 31.2 / 39.8."""
 
-QAT_START = "onnxpress quantize"
-"""What QAT of a float student starts from: ``onnxpress quantize``'s default output (GPTQ weights, bias
-correction, the layers it leaves float, compact storage), trained in that graph. Until the fourteenth session
-it started from a bare ``InsertQDQ`` graph, which ships worse than ``quantize`` alone: on the depthwise CNN
-(``bench/finetune.py``) that PTQ read 31.2 dB and its QAT 33.3 dB, against 38.1 dB for ``quantize``."""
-
 QAT_MIN_SQNR_DB = 35.0
 """A QAT export must reproduce the fake-quantized module's outputs at least this well (see
 ``onnxpress.bridge.export.validate_against_module``), or within ``QAT_FLIP_MARGIN_DB`` of how well
@@ -206,10 +200,6 @@ def finetune(
         raise DataError("finetune needs data: give data=<.npz path, folder or feeds>")
     student_proto = load_model(student)
     quantized = bool(quantized_ops(student_proto))
-    if quantized and calibration is not None:
-        raise UnsupportedModelError(
-            "the student is already quantized: its own scales start the QAT; a calibration table is for a float student"
-        )
     if quantized and not qat:  # its integer weights train only behind their fake-quant
         log.info("the student is quantized: fine-tuning it quantization-aware, in its own graph")
         qat = True
@@ -246,14 +236,7 @@ def finetune(
     if qat:
         from onnxpress.bridge.qat import prepare_qat
 
-        start_model = student_proto
-        if not quantized:  # start from what onnxpress quantize ships, then train that graph (see QAT_START)
-            from onnxpress.quantize import quantize
-
-            # LSTMs stay float: quantize makes them DynamicQuantizeLSTM, which has no fake-quant twin to train
-            start_model = quantize(student_proto, calib=[dict(arrays)], table=calibration, exclude=["op:LSTM"],
-                                   progress=False).model  # fmt: skip
-        plan = prepare_qat(start_model, arrays)
+        plan = prepare_qat(student_proto, arrays, table=calibration)  # a float student: quantize's model
         module = plan.module  # its outputs before training are the PTQ model's
     else:
         module = OnnxModule(student_proto)

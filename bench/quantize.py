@@ -203,7 +203,9 @@ def bench_model(name: str, folder: Path, calib: np.ndarray, test_x: np.ndarray, 
             outputs["ort-best"] = outputs[f"ort-best[{m}]"]
             best_label = f"ort-best ({m})"
         else:
-            candidates["ort-best"] = "; ".join(str(p)[:60] for p in ort_best.values())
+            # each config's reason once, whole: the first 60 characters were "onnxruntime cannot load the model:
+            # [ONNXRuntimeError] : 10 :", without onnxruntime's reason
+            candidates["ort-best"] = "; ".join(dict.fromkeys(str(p) for p in ort_best.values()))
             best_label = "ort-best"
         for m in ort_best:
             sessions.pop(f"ort-best[{m}]", None)

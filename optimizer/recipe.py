@@ -25,7 +25,10 @@ indices after the rest is quantized to int8;
 quantize``'s default: GPTQ where its input moments are cheap, decided on the model before the step; what
 the search writes): recipes written before the field existed build the same bytes. With a
 ``moments_cache`` the GPTQ input moments are measured once per pre-quantize model and the codes of
-unchanged weights are reused.
+unchanged weights are reused. A ``qat`` step (after a quantize step) trains the quantized model
+quantization-aware in its own graph (``onnxpress.finetune`` of a QDQ / MatMulNBits student: MSE distillation
+from the recipe's input model, seeded, one torch thread on the CPU), so it rebuilds the same bytes too;
+``optimize --finetune`` appends one when it measures closer.
 """
 
 from __future__ import annotations
@@ -59,6 +62,10 @@ _KEYS: dict[str, dict[str, Any]] = {
     "lowrank": {"ranks": None, "data_aware": True, "max_samples": 64, "batch_size": 64},
     "finetune": {"epochs": 6, "lr": 1e-3, "temperature": 4.0, "seed": 0, "max_samples": None, "batch_size": 64,
                  "patience": 3, "device": "cpu"},
+    # QAT of the quantized model in its own graph (``onnxpress.finetune`` on a QDQ/MatMulNBits student): MSE
+    # distillation from the recipe's input model, the held-out 10% keeping epoch 0 when nothing beats it
+    "qat": {"epochs": 6, "lr": 1e-4, "distill": "mse", "seed": 0, "max_samples": None, "batch_size": 64,
+            "patience": 3, "device": "cpu"},
     "quantize": {
         "method": "mse",
         "weights": "int8",
@@ -161,8 +168,15 @@ def validate_recipe(recipe: Mapping[str, Any]) -> dict[str, Any]:
                 raise _bad(where, f"bias_correction must be true or false, got {full['bias_correction']!r}")
             if full["int8_method"] not in ("rtn", "gptq", "auto"):
                 raise _bad(where, f"int8_method must be rtn, gptq or auto, got {full['int8_method']!r}")
-        if name == "finetune":
+        if name == "qat":
+            if not any(s.get("pass") == "quantize" for s in out):
+                raise _bad(where, "a qat step trains a quantized model: put a quantize step before it")
+            if full["distill"] not in ("kl", "mse"):
+                raise _bad(where, f"distill must be kl or mse, got {full['distill']!r}")
+        if name in ("finetune", "qat"):
             for key in ("lr", "temperature"):
+                if key not in full:
+                    continue
                 if isinstance(full[key], bool) or not isinstance(full[key], (int, float)) or not full[key] > 0:
                     raise _bad(where, f"{key} must be a positive number, got {full[key]!r}")
             if isinstance(full["seed"], bool) or not isinstance(full["seed"], int):
@@ -170,7 +184,7 @@ def validate_recipe(recipe: Mapping[str, Any]) -> dict[str, Any]:
             if not isinstance(full["device"], str) or not re.fullmatch(r"cpu|auto|cuda(:\d+)?", full["device"]):
                 raise _bad(where, f"device must be cpu, cuda, cuda:N or auto, got {full['device']!r}")
         for key in ("max_samples", "batch_size", "multiple", "epochs", "patience"):
-            if key == "max_samples" and name == "finetune" and full[key] is None:
+            if key == "max_samples" and name in ("finetune", "qat") and full[key] is None:
                 continue
             if key in full and (isinstance(full[key], bool) or not isinstance(full[key], int) or full[key] < 1):
                 raise _bad(where, f"{key} must be an integer >= 1, got {full[key]!r}")
@@ -311,7 +325,7 @@ def apply_recipe(
     from onnxpress.passes.prune_channels import PruneChannels
 
     checked = validate_recipe(recipe)
-    devices = {s["device"] for s in checked["steps"] if s["pass"] == "finetune"} - {"cpu"}
+    devices = {s["device"] for s in checked["steps"] if s["pass"] in ("finetune", "qat")} - {"cpu"}
     if devices:
         from onnxpress.bridge.train import resolve_device
 
@@ -357,6 +371,15 @@ def apply_recipe(
                 current = finetune_in_place(current, teacher, calib, step, progress=progress)
                 if key is not None:
                     finetune_cache[key] = copy.deepcopy(current)
+        elif name == "qat":
+            if calib is None:
+                raise OnnxpressError(f"recipe step {i + 1} (qat) needs training data (--calib)")
+            from onnxpress.finetune import finetune
+
+            current = finetune(current, teacher, calib, epochs=step["epochs"], lr=step["lr"], distill=step["distill"],
+                               seed=step["seed"], max_samples=step["max_samples"], batch_size=step["batch_size"],
+                               patience=step["patience"], hard_weight=0.0, threads=1, device=step["device"],
+                               progress=progress).model  # fmt: skip
         elif name == "quantize":
             if calib is None:
                 raise OnnxpressError(f"recipe step {i + 1} (quantize) needs calibration data (--calib)")

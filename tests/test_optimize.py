@@ -384,3 +384,22 @@ def test_penalty_loops_take_fewer_rounds_only_on_slow_models(setup, monkeypatch)
     assert opt_mod._repeats_within(m0, feed, 27, 30, 1) == 30  # a tiny model: every round fits
     monkeypatch.setattr(opt_mod, "PENALTY_LOOP_SECONDS", 1e-9)
     assert opt_mod._repeats_within(m0, feed, 27, 30, 1) == 8  # nothing fits: the floor
+
+
+def test_finetune_tries_qat_on_the_chosen_quantized_model(setup, caplog):
+    """With --finetune a quantized choice is also trained quantization-aware in its own graph; the QAT model is kept
+    only if it measures closer (here it did not), and the recipe rebuilds the written bytes either way."""
+    import logging
+
+    pytest.importorskip("torch")
+    model, data, tmp = setup
+    with caplog.at_level(logging.INFO, logger="onnxpress.optimize"):
+        res = optimize(model, tmp / "a.onnx", calib=data, budget="size=0.7", cache_dir=tmp / "c", eval_samples=32,
+                       sensitivity_samples=16, finetune=True, finetune_epochs=1, shortlist=2,
+                       prune_ratios=())  # fmt: skip
+    steps = [s["pass"] for s in res.recipe["steps"]]
+    assert res.feasible and "quantize" in steps
+    assert any(r.getMessage().startswith("QAT: SQNR") for r in caplog.records)
+    assert ("qat" in steps) == res.chosen.note.endswith("+ QAT")
+    optimize(model, tmp / "b.onnx", calib=data, recipe=res.recipe_path, eval_samples=32)
+    assert (tmp / "a.onnx").read_bytes() == (tmp / "b.onnx").read_bytes()

@@ -182,3 +182,33 @@ def test_finetune_cache_reuses_one_fine_tune_and_builds_the_same_bytes(tmp_path,
     cached = [apply_recipe(model, r, data, prepared=True, finetune_cache=cache).SerializeToString() for r in (a, b)]
     assert calls == [1] and len(cache) == 1
     assert cached == plain and plain[0] != plain[1]
+
+
+def test_qat_step_is_finetune_of_the_quantized_model(tmp_path, torch_one_thread):
+    """quantize -> qat equals onnxpress.finetune of the quantized model (QAT in its own graph) with the step's settings,
+    bit for bit, twice; the 4-bit MatMulNBits model keeps its graph."""
+    pytest.importorskip("torch")
+    from onnxpress.finetune import finetune
+
+    data = tiny_data(tmp_path / "d.npz")
+    model = prepare(tiny_mlp())
+    quant = {"pass": "quantize", "weights": "int4", "exclude": [], "max_samples": 32}
+    qat = {"pass": "qat", "epochs": 2, "lr": 1e-3, "batch_size": 16}
+    quantized = apply_recipe(model, {"version": 1, "steps": [quant]}, data, prepared=True)
+    tuned = apply_recipe(model, {"version": 1, "steps": [quant, qat]}, data, prepared=True)
+    ref = finetune(quantized, model, data, epochs=2, lr=1e-3, distill="mse", seed=0, batch_size=16, hard_weight=0.0,
+                   threads=1).model  # fmt: skip
+    assert tuned.SerializeToString() == ref.SerializeToString()
+    assert [n.op_type for n in tuned.graph.node] == [n.op_type for n in quantized.graph.node]
+    again = apply_recipe(model, {"version": 1, "steps": [quant, qat]}, data, prepared=True)
+    assert again.SerializeToString() == tuned.SerializeToString()
+
+
+@pytest.mark.parametrize(("steps", "message"), [
+    ([{"pass": "qat"}], "quantize step before it"),
+    ([{"pass": "quantize"}, {"pass": "qat", "distill": "l1"}], "distill must be kl or mse"),
+    ([{"pass": "quantize"}, {"pass": "qat", "lr": 0}], "lr must be a positive number"),
+])  # fmt: skip
+def test_qat_step_is_checked(steps, message):
+    with pytest.raises(OnnxpressError, match=message):
+        validate_recipe({"version": 1, "steps": steps})

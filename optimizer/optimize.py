@@ -162,8 +162,8 @@ class _Evaluator:
         return model
 
     def build_structure(self, cand: Candidate) -> onnx.ModelProto:
-        """The candidate without its fine-tune step: the same graph and tensor shapes, so the same cost."""
-        steps = [s for s in cand.recipe["steps"] if s["pass"] != "finetune"]
+        """The candidate without its fine-tune steps: the same graph and tensor shapes, so the same cost."""
+        steps = [s for s in cand.recipe["steps"] if s["pass"] not in ("finetune", "qat")]
         model = apply_recipe(self.m0, {**cand.recipe, "steps": steps}, self.calib, prepared=True,
                              moments_cache=self.moments)
         self.structures[cand.picks] = model
@@ -179,8 +179,8 @@ class _Evaluator:
         cand.size_ratio = model.ByteSize() / self.original_bytes
         if any(n.op_type == "MatMulNBits" for n in model.graph.node):
             # onnx's shape inference stops at MatMulNBits (com.microsoft), and quantizing changes no
-            # MACs: count them on the candidate's structure (its recipe without quantize and finetune)
-            steps = [s for s in cand.recipe["steps"] if s["pass"] not in ("quantize", "finetune")]
+            # MACs: count them on the candidate's structure (its recipe without quantize, finetune and qat)
+            steps = [s for s in cand.recipe["steps"] if s["pass"] not in ("quantize", "finetune", "qat")]
             model = apply_recipe(self.m0, {**cand.recipe, "steps": steps}, self.calib, prepared=True,
                                  moments_cache=self.moments) if steps else self.m0
         cand.flops_ratio = sum(count_macs(model).values()) / self.macs0

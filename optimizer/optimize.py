@@ -222,14 +222,21 @@ def _with_auto_ranges(chosen: Candidate, built: onnx.ModelProto, ev: _Evaluator)
     if len(at) != 1:
         return chosen, built
     recipe = {**chosen.recipe, "steps": [{**s, "method": "auto"} if i == at[0] else s for i, s in enumerate(steps)]}
+    return _kept_if_closer(chosen, built, ev, recipe, "auto ranges")
+
+
+def _kept_if_closer(
+    chosen: Candidate, built: onnx.ModelProto, ev: _Evaluator, recipe: dict[str, Any], what: str
+) -> tuple[Candidate, onnx.ModelProto]:
+    """``chosen`` rebuilt from ``recipe`` (the same graph, so the same kernels and cost), if it measures closer."""
     model = apply_recipe(ev.m0, recipe, ev.calib, prepared=True, moments_cache=ev.moments, finetune_cache=ev.tuned)
     if not _same_graph(model, built):
-        log.info("auto ranges changed the graph; kept the searched ranges")
+        log.info("%s changed the graph; kept the model without it", what)
         return chosen, built
-    variant = dataclasses.replace(chosen, recipe=recipe, note=chosen.note + " + auto ranges")
+    variant = dataclasses.replace(chosen, recipe=recipe, note=f"{chosen.note} + {what}")
     ev.measure_fidelity(variant, model)
     ev.measure_cost(variant, model)
-    log.info("auto ranges: SQNR %.2f -> %.2f dB", chosen.sqnr_db or -math.inf, variant.sqnr_db or -math.inf)
+    log.info("%s: SQNR %.2f -> %.2f dB", what, chosen.sqnr_db or -math.inf, variant.sqnr_db or -math.inf)
     if pick_best([chosen, variant], None if ev.labels is None else len(ev.labels)) is variant:
         return variant, model
     return chosen, built
@@ -249,17 +256,7 @@ def _with_qat(
     if not any(s["pass"] == "quantize" for s in steps) or any(s["pass"] == "qat" for s in steps):
         return chosen, built
     recipe = {**chosen.recipe, "steps": [*steps, {"pass": "qat", "device": device}]}
-    model = apply_recipe(ev.m0, recipe, ev.calib, prepared=True, moments_cache=ev.moments, finetune_cache=ev.tuned)
-    if not _same_graph(model, built):
-        log.info("QAT changed the graph; kept the model without it")
-        return chosen, built
-    variant = dataclasses.replace(chosen, recipe=recipe, note=chosen.note + " + QAT")
-    ev.measure_fidelity(variant, model)
-    ev.measure_cost(variant, model)
-    log.info("QAT: SQNR %.2f -> %.2f dB", chosen.sqnr_db or -math.inf, variant.sqnr_db or -math.inf)
-    if pick_best([chosen, variant], None if ev.labels is None else len(ev.labels)) is variant:
-        return variant, model
-    return chosen, built
+    return _kept_if_closer(chosen, built, ev, recipe, "QAT")
 
 
 def _tied_tables(model: onnx.ModelProto) -> dict[str, tuple[int, int]]:

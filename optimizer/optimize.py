@@ -249,7 +249,7 @@ def _with_qat(
 
     The recipe gains a ``qat`` step after its quantize step (MSE distillation from the original, 6 epochs at
     lr 1e-4). QAT changes values, not the graph, so latency and size stay; it is kept when it measures better
-    on the evaluation data (``pick_best``). The reference transformer's int4 model went 40.17 -> 44.18 dB this
+    on the evaluation data (``pick_best``). The reference transformer's int4 model went 40.17 -> 44.11 dB this
     way (``bench/finetune.py``); on the reference CNNs' int8 models no epoch beat the PTQ model.
     """
     steps = chosen.recipe["steps"]

@@ -425,3 +425,60 @@ def test_int4_with_zero_points_round_trips():
     with_g_idx.graph.initializer.append(numpy_helper.from_array(np.zeros(64, np.int32), "g"))
     with pytest.raises(UnsupportedModelError, match="g_idx"):
         prepare_qat(with_g_idx, {"x": x})
+
+
+def _tied_lm(noise: float = 0.0) -> onnx.ModelProto:
+    """ids[N, 8] -> Gather(table[256, 64]) -> MatMul(64x64) -> Relu -> MatMul(Transpose(table)) -> logits (tied)."""
+    r = rng(3)
+    table = (r.standard_normal((256, 64)) * 0.5).astype(np.float32)
+    w1 = (r.standard_normal((64, 64)) * 0.2).astype(np.float32)
+    if noise:
+        pr = rng(103)
+        table = (table + noise * table.std() * pr.standard_normal(table.shape)).astype(np.float32)
+        w1 = (w1 + noise * w1.std() * pr.standard_normal(w1.shape)).astype(np.float32)
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["e"]), helper.make_node("MatMul", ["e", "w1"], ["h"]),
+             helper.make_node("Relu", ["h"], ["r"]), helper.make_node("Transpose", ["table"], ["tt"], perm=[1, 0]),
+             helper.make_node("MatMul", ["r", "tt"], ["logits"])]  # fmt: skip
+    graph = helper.make_graph(nodes, "lm", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["n", 8])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 8, 256])],
+                              [numpy_helper.from_array(table, "table"), numpy_helper.from_array(w1, "w1")])  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_tied_int4_token_table_trains_as_one_weight(tmp_path):
+    """``quantize --weights int4`` ties the token table to the 4-bit output layer (GatherBlockQuantized reads the
+    head's packed weight): QAT gathers rows of the head's trained weight, so the two stay one; the untrained export
+    is byte-identical and training pulls a perturbed student toward its teacher on held-out tokens."""
+    import torch
+
+    ids = rng(0).integers(0, 256, (256, 8)).astype(np.int64)
+    student = onnxpress.quantize(_tied_lm(noise=0.3), calib=[{"ids": ids}], weights="int4", progress=False).model
+    ops = collections.Counter(n.op_type for n in student.graph.node)
+    assert ops["GatherBlockQuantized"] == 1 and ops["MatMulNBits"] == 2  # the premise: a tied 4-bit table
+    plan = prepare_qat(student, {"ids": ids[:16]})
+    with torch.no_grad():
+        got = plan.module(torch.from_numpy(ids[:16])).numpy()
+    np.testing.assert_allclose(got, run(student, {"ids": ids[:16]})[0], atol=1e-4, rtol=0)
+    assert _initializers(plan.export()) == _initializers(student)
+    teacher = tmp_path / "lm.onnx"
+    onnx.save(_tied_lm(), str(teacher))
+    res = onnxpress.finetune(student, teacher, {"ids": ids}, epochs=20, lr=3e-3, distill="mse", batch_size=32,
+                             threads=1)  # fmt: skip
+    assert _structure(res.model) == _structure(student)
+    held_out = rng(9).integers(0, 256, (64, 8)).astype(np.int64)
+    want = run(_tied_lm(), {"ids": held_out})[0]
+    before, after = (sqnr_db(want, run(m, {"ids": held_out})[0]) for m in (student, res.model))
+    assert after > before + 1.0, (before, after)
+
+
+def test_an_untied_4bit_table_is_refused():
+    """A GatherBlockQuantized that does not read a MatMulNBits weight has no trainable twin here."""
+    ids = rng(0).integers(0, 256, (64, 8)).astype(np.int64)
+    student = onnxpress.quantize(_tied_lm(), calib=[{"ids": ids}], weights="int4", progress=False).model
+    for node in student.graph.node:
+        if node.op_type == "GatherBlockQuantized":
+            node.input[2] = "w1_scales"  # another layer's scales: no longer the head's weight
+    with pytest.raises(UnsupportedModelError, match="table of its own"):
+        prepare_qat(student, {"ids": ids})

@@ -248,8 +248,9 @@ _TRAINABLE_INTEGERS = frozenset({onnx.TensorProto.INT8, onnx.TensorProto.UINT8, 
 def check_trainable_qdq(model: onnx.ModelProto) -> None:
     """Raise unless every quantized op of ``model`` is a QuantizeLinear/DequantizeLinear QAT can train.
 
-    QAT trains per-tensor and per-channel Q/DQ of 8/16-bit integers (and int32 biases) and 4-bit
-    ``MatMulNBits`` weights (uint8 zero points or none, no ``g_idx``). Integer-kernel ops (QLinearConv,
+    QAT trains per-tensor and per-channel Q/DQ of 8/16-bit integers (and int32 biases), 4-bit
+    ``MatMulNBits`` weights (uint8 zero points or none, no ``g_idx``) and a ``GatherBlockQuantized`` token table
+    tied to one of them (an untied one is refused when the twin is built). Integer-kernel ops (QLinearConv,
     MatMulInteger, ...), dynamic quantization (DynamicQuantizeLSTM, ...) and blockwise or 4-bit/float8 Q/DQ
     have no trainable twin here: the message names them.
 
@@ -266,7 +267,7 @@ def check_trainable_qdq(model: onnx.ModelProto) -> None:
                     f"MatMulNBits {node.name!r}: QAT trains 4-bit weights with uint8 zero points and no g_idx; "
                     "fine-tune the float model, then quantize"
                 )
-    trainable = ("QuantizeLinear", "DequantizeLinear", "MatMulNBits")
+    trainable = ("QuantizeLinear", "DequantizeLinear", "MatMulNBits", "GatherBlockQuantized")
     other = {op: n for op, n in quantized_ops(model).items() if op not in trainable}
     if other:
         ops = ", ".join(f"{n} x {op}" for op, n in sorted(other.items()))
@@ -456,7 +457,9 @@ def _unpack_nbits(qat: onnx.ModelProto) -> list[_Packed]:
     inits = {i.name: i for i in g.initializer}
     fresh = fresh_names(set(inits) | {o for n in g.node for o in n.output} | {n.name for n in g.node})
     packed: list[_Packed] = []
+    weights: list[onnx.NodeProto] = []  # the fake-quant chains read initializers only: they go first
     nodes: list[onnx.NodeProto] = []
+    rebuilt: dict[str, tuple[str, str]] = {}  # packed B -> (float [N, K] weight, scales), for tied gathers
     for node in g.node:
         if node.op_type != "MatMulNBits":
             nodes.append(node)
@@ -476,21 +479,25 @@ def _unpack_nbits(qat: onnx.ModelProto) -> list[_Packed]:
         zp = np.where(flipped, 15 - zp, zp).astype(np.uint8)
         name = node.name or node.output[0]
         w_name, z_name, s_name = fresh(name + "_weight_float"), fresh(name + "_zero_point"), fresh(name + "_scale")
+        # the code bounds -z and 15 - z are integers (int8 initializers cast on the host): a float initializer
+        # would be a trainable parameter of the module, and the clip would drift from what the export packs
         lo_c, hi_c, shape_c, nk = (fresh(name + suffix) for suffix in ("_lo", "_hi", "_col", "_nk"))
         g.initializer.extend([
             numpy_helper.from_array(w0, w_name), numpy_helper.from_array(zp, z_name),
             numpy_helper.from_array(np.abs(scale), s_name),
-            numpy_helper.from_array(-zp.astype(np.float32)[:, None], lo_c),
-            numpy_helper.from_array((15.0 - zp.astype(np.float32))[:, None], hi_c),
+            numpy_helper.from_array((-zp.astype(np.int16))[:, None].astype(np.int8), lo_c),
+            numpy_helper.from_array((15 - zp.astype(np.int16))[:, None].astype(np.int8), hi_c),
             numpy_helper.from_array(np.array([-1, 1], np.int64), shape_c),
             numpy_helper.from_array(np.array([n, blocks * block], np.int64), nk),
         ])  # fmt: skip
-        steps = ("col", "lo", "hi", "max", "min", "q", "dq", "w", "wk", "wt")
+        steps = ("col", "lof", "hif", "lo", "hi", "max", "min", "q", "dq", "w", "wk", "wt")
         t = {key: fresh(f"{name}_{key}") for key in steps}
-        nodes += [
+        weights += [
             helper.make_node("Reshape", [s_name, shape_c], [t["col"]]),
-            helper.make_node("Mul", [t["col"], lo_c], [t["lo"]]),
-            helper.make_node("Mul", [t["col"], hi_c], [t["hi"]]),
+            helper.make_node("Cast", [lo_c], [t["lof"]], to=onnx.TensorProto.FLOAT),
+            helper.make_node("Cast", [hi_c], [t["hif"]], to=onnx.TensorProto.FLOAT),
+            helper.make_node("Mul", [t["col"], t["lof"]], [t["lo"]]),
+            helper.make_node("Mul", [t["col"], t["hif"]], [t["hi"]]),
             helper.make_node("Max", [w_name, t["lo"]], [t["max"]]),
             helper.make_node("Min", [t["max"], t["hi"]], [t["min"]]),
             helper.make_node("QuantizeLinear", [t["min"], s_name, z_name], [t["q"]], axis=0),
@@ -503,8 +510,9 @@ def _unpack_nbits(qat: onnx.ModelProto) -> list[_Packed]:
             g.initializer.extend([numpy_helper.from_array(np.array([0], np.int64), starts),
                                   numpy_helper.from_array(np.array([k], np.int64), ends),
                                   numpy_helper.from_array(np.array([1], np.int64), axes)])  # fmt: skip
-            nodes.append(helper.make_node("Slice", [weight, starts, ends, axes], [t["wk"]]))
+            weights.append(helper.make_node("Slice", [weight, starts, ends, axes], [t["wk"]]))
             weight = t["wk"]
+        rebuilt[node.input[1]] = (weight, node.input[2])
         nodes.append(helper.make_node("Transpose", [weight], [t["wt"]], perm=[1, 0]))
         bias = node.input[5] if len(node.input) > 5 and node.input[5] else None
         out = fresh(name + "_matmul") if bias else node.output[0]
@@ -512,10 +520,37 @@ def _unpack_nbits(qat: onnx.ModelProto) -> list[_Packed]:
         if bias:
             nodes.append(helper.make_node("Add", [out, bias], [node.output[0]]))
         packed.append(_Packed(w_name, node.input[1], node.input[2], s_name, zp, flipped))
-    if packed:
+    gathers = [n for n in nodes if n.op_type == "GatherBlockQuantized"]
+    if packed or gathers:
+        producer = {o: n for n in nodes for o in n.output}
+        nodes = [_tied_gather(n, rebuilt, producer) if n.op_type == "GatherBlockQuantized" else n for n in nodes]
         del g.node[:]
-        g.node.extend(nodes)
+        g.node.extend(weights + nodes)
+        read = {name for n in g.node for name in n.input} | {o.name for o in g.output}
+        unused = [i for i in g.initializer if i.name not in read]  # the packed weights and scales replaced here
+        for init in unused:
+            g.initializer.remove(init)
     return packed
+
+
+def _tied_gather(node: onnx.NodeProto, rebuilt: Mapping[str, tuple[str, str]],
+                 producer: Mapping[str, onnx.NodeProto]) -> onnx.NodeProto:  # fmt: skip
+    """A ``GatherBlockQuantized`` reading a 4-bit output layer's packed weight, as a Gather of its trained weight.
+
+    ``onnxpress quantize`` ties a language model's token table to its 4-bit output layer so; gathering rows of
+    that layer's float weight (behind its fake-quant) keeps the two one weight while it trains.
+
+    Raises:
+        UnsupportedModelError: a 4-bit table of its own (not tied to a MatMulNBits weight).
+    """
+    rows = producer.get(node.input[0])
+    source = rows.input[0] if rows is not None and rows.op_type == "Reshape" else node.input[0]
+    if source not in rebuilt or node.input[2] != rebuilt[source][1]:
+        raise UnsupportedModelError(
+            f"GatherBlockQuantized {node.name!r} has a 4-bit table of its own; QAT trains one tied to a 4-bit "
+            "output layer: fine-tune the float model, then quantize"
+        )
+    return helper.make_node("Gather", [rebuilt[source][0], node.input[1]], list(node.output), name=node.name, axis=0)
 
 
 def _private_bias_scales(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -379,6 +379,11 @@ def test_int4_matmulnbits_student_round_trips_and_trains(tmp_path, method):
     assert packed >= 1  # the premise (the small second weight may stay float)
     plan = prepare_qat(student, {"x": x})
     assert len(plan.packed) == packed
+    # trained: the twins' float weights and scales and the student's own float weights, never the code bounds
+    student_floats = {i.name for i in student.graph.initializer if i.data_type == TensorProto.FLOAT}
+    twins = {n for p in plan.packed for n in (p.float_name, p.scale)}
+    twins |= {n for w in plan.weights for n in (w.float_name, w.scale)} | {b.float_name for b in plan.biases}
+    assert {name for name, _ in plan.module.named_onnx_parameters()} <= twins | set(plan.ties) | student_floats
     with torch.no_grad():
         got = plan.module(torch.from_numpy(x[:32])).numpy()
     np.testing.assert_allclose(got, run(student, {"x": x[:32]})[0], atol=1e-4, rtol=0)

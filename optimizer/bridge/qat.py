@@ -38,6 +38,7 @@ from onnxpress.bridge.convert import OnnxModule
 from onnxpress.errors import UnsupportedModelError
 from onnxpress.model_io import normalize_model, quantized_ops
 from onnxpress.passes.base import fresh_names
+from onnxpress.passes.weight_only import _pack
 
 __all__ = ["SCALE_LR_FACTOR", "QATPlan", "check_trainable_qdq", "prepare_qat"]
 
@@ -143,9 +144,9 @@ class QATPlan:
             w = module.initializer(p.float_name).detach().cpu().numpy().astype(np.float32)
             q = np.clip(np.rint(w / s[:, None]) + p.zero_point[:, None], 0, 15).astype(np.uint8)
             q = np.where(p.flipped[:, None], 15 - q, q).astype(np.uint8)
-            shape = _init_shape(self.ptq, p.b_name)  # [N, blocks, block / 2]
-            q = q.reshape(shape[0], shape[1], -1)
-            values[p.b_name] = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
+            n, blocks = _init_shape(self.ptq, p.b_name)[:2]  # B is [N, blocks, block / 2]
+            # the quantizer's own MatMulNBits packing, from its [K, N] codes and [blocks, N] scales
+            values[p.b_name], _ = _pack(q.reshape(n, -1).T, s.reshape(n, blocks).T, q.shape[1])
             values[p.scale_name] = np.where(p.flipped, -s, s).reshape(_init_shape(self.ptq, p.scale_name))
         for name, param in module.named_onnx_parameters():  # float weights of layers PTQ left float
             if name in inits and name not in values and inits[name].data_type == onnx.TensorProto.FLOAT:
@@ -257,11 +258,14 @@ def check_trainable_qdq(model: onnx.ModelProto) -> None:
     Raises:
         UnsupportedModelError: naming the ops or values and what to do instead.
     """
+    types = {i.name: i.data_type for i in model.graph.initializer}
+    for vi in (*model.graph.value_info, *model.graph.input, *model.graph.output):
+        types.setdefault(vi.name, vi.type.tensor_type.elem_type)
     for node in model.graph.node:
         if node.op_type == "MatMulNBits":
             attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
             zp = node.input[3] if len(node.input) > 3 else ""
-            zp_float = any(i.name == zp and i.data_type != onnx.TensorProto.UINT8 for i in model.graph.initializer)
+            zp_float = bool(zp) and types.get(zp, onnx.TensorProto.UINT8) != onnx.TensorProto.UINT8
             if attrs.get("bits", 4) != 4 or (len(node.input) > 4 and node.input[4]) or zp_float:
                 raise UnsupportedModelError(
                     f"MatMulNBits {node.name!r}: QAT trains 4-bit weights with uint8 zero points and no g_idx; "
@@ -276,9 +280,6 @@ def check_trainable_qdq(model: onnx.ModelProto) -> None:
             "fine-tune the float model instead (--qat quantizes it to int8 QDQ first, an LSTM staying float; or "
             "fine-tune it in float, then quantize)"
         )
-    types = {i.name: i.data_type for i in model.graph.initializer}
-    for vi in (*model.graph.value_info, *model.graph.input, *model.graph.output):
-        types.setdefault(vi.name, vi.type.tensor_type.elem_type)
     for node in model.graph.node:
         if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
             continue

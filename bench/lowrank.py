@@ -12,6 +12,10 @@ batch ``--batch``; the original and all split sessions are timed interleaved in 
 (order rotated every repeat); the ratio is of the medians, then the median of the per-round
 ratios (runs next to each other in time), then the ratio of median CPU times (blind to waiting
 for a core, the bulk of the noise on a shared machine).
+``onnxpress.lowrank`` runs a transformer's token-wise ops on ``[rows, features]`` after splitting
+(``flatten_tokens``, exact; ``--keep-ranks`` turns it off here): the ``flattened orig`` column times the
+original with only that rewrite, and ``aware / flattened`` divides the data-aware split's latency by it,
+which is what the split alone buys.
 ``--profile`` also prints where the time goes (onnxruntime profile, all optimisations, by op type,
 with the candidate layers and their factors as one row) for the original and the split models.
 
@@ -34,7 +38,8 @@ import onnxruntime as ort
 
 import onnxpress
 from onnxpress.lowrank import collect_moments, measure_latency
-from onnxpress.model_io import load_model, normalize_model
+from onnxpress.model_io import infer_shapes_thoroughly, load_model, normalize_model
+from onnxpress.passes.flatten_tokens import FlattenTokens
 from onnxpress.pipeline import cleanup_passes, run_passes
 from onnxpress.reporting import format_table
 from onnxpress.runtime import make_session
@@ -122,6 +127,11 @@ def op_breakdown(models: dict, keys: set[str], x: np.ndarray, threads: int, repe
     return out
 
 
+def flattened_original(cleaned):
+    """The cleaned-up original with only the exact token-wise ``[rows, features]`` rewrite lowrank ends with."""
+    return run_passes(infer_shapes_thoroughly(cleaned), [FlattenTokens()]).model
+
+
 def latency_bound(model, keys: set[str], keep: float, x: np.ndarray, threads: int, repeats: int = 10) -> float:
     """Latency ratio if only the split layers got faster, in proportion to their MACs.
 
@@ -163,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models-dir", default=str(ROOT / "models"))
     p.add_argument("--latency-step", choices=["time", "macs"], default="time",
                    help="latency rows: greedy steps by loss per second saved, or per MAC among faster splits")
+    p.add_argument("--keep-ranks", action="store_true",
+                   help="lowrank(flatten_tokens=False): keep the graph's tensor ranks (output before session 15)")
     p.add_argument("--profile", action="store_true", help="also print kernel time by op type (onnxruntime profile)")
     p.add_argument("--selects", nargs="+", choices=SELECTS, default=list(SELECTS),
                    help="rank selections to build and time (all in one interleaved loop)")
@@ -203,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
                 built[select] = [
                     onnxpress.lowrank(original, flops=budget, multiple=args.multiple, conv_method=args.conv_method,
                                       moments=mom, latency=lat, latency_step=args.latency_step,
-                                      joint="joint" in select)
+                                      joint="joint" in select, flatten_tokens=not args.keep_ranks)
                     for mom in (None, moments)
                 ]
             if candidates is None:
@@ -214,9 +226,11 @@ def main(argv: list[str] | None = None) -> int:
             sessions = [make_session(r.model, threads=args.threads) for r in results]
             if floor is None:  # every unit at the smallest grid rank: no rank choice is faster (nor much worse)
                 floor = onnxpress.lowrank(original, rank=args.multiple, multiple=args.multiple,
-                                          conv_method=args.conv_method, joint=any("joint" in s for s in args.selects))
+                                          conv_method=args.conv_method, joint=any("joint" in s for s in args.selects),
+                                          flatten_tokens=not args.keep_ranks)
             sessions.append(make_session(floor.model, threads=args.threads))
-            outputs = [logits(s, x_test) for s in sessions]
+            sessions.append(make_session(flattened_original(cleaned), threads=args.threads))
+            outputs = [logits(s, x_test) for s in sessions[:-1]]
             med, paired, cpu = interleaved_latency_stats([ref_sess, *sessions], x_lat, args.repeats)
             # the candidate layers must shed (1 - budget) of the whole model's MACs
             keep = 1 - (1 - budget) * built[args.selects[0]][0].macs_before / candidates[1]
@@ -235,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"{med[i_plain]:.3f} / {med[i_aware]:.3f}",
                     f"{paired[i_plain]:.3f} / {paired[i_aware]:.3f}",
                     f"{cpu[i_plain]:.3f} / {cpu[i_aware]:.3f}",
-                    f"{bound:.3f}", f"{cpu[-1]:.3f} ({floor.macs_after / floor.macs_before:.2f})",
+                    f"{bound:.3f}", f"{cpu[-2]:.3f} ({floor.macs_after / floor.macs_before:.2f})",
+                    f"{med[-1]:.3f}", f"{med[i_aware] / med[-1]:.3f}",
                     f"{len(plain.model.SerializeToString()) / size_ref:.3f} / "
                     f"{len(aware.model.SerializeToString()) / size_ref:.3f}",
                 ])
@@ -247,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"layer timing {t_latency:.1f}s", file=sys.stderr)
     header = ["model", "budget", "ranks by", "MACs plain/aware", "SQNR plain", "SQNR aware", "gain dB", "acc orig",
               "acc plain", "acc aware", "latency plain/aware", "paired", "CPU time", "latency bound",
-              "floor CPU (MACs)",
+              "floor CPU (MACs)", "flattened orig", "aware / flattened",
               "size plain/aware"]
     print(format_table(header, rows))
     print(f"(test split {len(x_test)} samples; calib {len(calib)}; multiple {args.multiple}; latency batch "
@@ -256,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
           " per run (blind to waiting for a core);\n latency bound: the ratio if the split layers' time fell in"
           " proportion to their MACs and the"
           " rest stayed (from an onnxruntime profile of the original, graph optimisations off);\n floor: CPU-time ratio"
-          f" of the model with every unit at rank {args.multiple} (its MACs ratio in brackets), same loop)")
+          f" of the model with every unit at rank {args.multiple} (its MACs ratio in brackets), same loop;\n"
+          " flattened orig: the original with only the token-wise [rows, features] rewrite, median ratio, same loop)")
     for name, per_model in profiles:
         ops = sorted({op for b in per_model.values() for op in b}, key=lambda op: -per_model["original"].get(op, 0))
         total0 = sum(per_model["original"].values())

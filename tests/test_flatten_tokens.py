@@ -345,3 +345,43 @@ def test_region_tensor_read_inside_a_subgraph_goes_back_for_it() -> None:
     result = _flatten(model)
     assert result.stats["flatten_tokens.nodes_added"] == 3  # into rows, back to T, back to h0 for the If
     _same(model, result.model)
+
+
+def _lowrank(model: onnx.ModelProto, rank: int = 2, **kwargs):
+    import onnxpress
+
+    return onnxpress.lowrank(model, rank=rank, **kwargs)
+
+
+def test_lowrank_runs_its_split_encoder_on_rows_with_the_same_outputs() -> None:
+    """lowrank ends with FlattenTokens: the split model's outputs are unchanged, its LayerNorms now read rows."""
+    model = _encoder(layers=2)
+    flat, kept = _lowrank(model), _lowrank(model, flatten_tokens=False)
+    assert all(lay.rank == 2 for lay in flat.layers if lay.full_rank)
+    assert flat.flattened == 6 and kept.flattened == 0
+    onnx.checker.check_model(flat.model, full_check=True)
+    _same(kept.model, flat.model)
+    assert _rank(infer_shapes(flat.model), "ln0") == 2 and _rank(infer_shapes(kept.model), "ln0") == 3
+    assert flat.macs_after == kept.macs_after  # the ranks are chosen on the graph as given
+
+
+def test_lowrank_that_splits_nothing_keeps_the_graph_as_it_is() -> None:
+    """rank 8 of an 8x8 weight saves nothing: no layer is split, so no Reshape is added either."""
+    model = _encoder(layers=1)
+    result = _lowrank(model, rank=8)
+    assert result.flattened == 0
+    assert [n.op_type for n in result.model.graph.node].count("Reshape") == 1  # the heads' own
+
+
+def test_cli_lowrank_says_it_ran_on_rows_unless_asked_to_keep_ranks(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from onnxpress.cli import main
+
+    src = tmp_path / "enc.onnx"
+    onnx.save(_encoder(layers=2), str(src))
+    assert main(["lowrank", str(src), "-o", str(tmp_path / "a.onnx"), "--rank", "2", "-q"]) == 0
+    assert "ran the token-wise region on [rows, features] (6 dense layers" in capsys.readouterr().out
+    assert main(["lowrank", str(src), "-o", str(tmp_path / "b.onnx"), "--rank", "2", "--keep-ranks", "-q"]) == 0
+    assert "token-wise" not in capsys.readouterr().out
+    _same(onnx.load(tmp_path / "b.onnx"), onnx.load(tmp_path / "a.onnx"))

@@ -36,6 +36,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "saved among the splits measured faster (macs)")
     p.add_argument("--latency-batch", type=positive_int, default=64, help="batch size the layers are timed at")
     p.add_argument("--threads", type=positive_int, default=1, help="onnxruntime threads for the timing")
+    p.add_argument("--keep-ranks", action="store_true",
+                   help="keep the graph's tensor ranks (do not run a transformer's token-wise ops on [rows, features])")
     add_dims(p)
     add_common(p)
     p.set_defaults(func=run)
@@ -66,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
         latency_batch=args.latency_batch,
         threads=args.threads,
         dims=dict(args.dims),
+        flatten_tokens=not args.keep_ranks,
         progress=progress_enabled(args),
     )
     print(result.table())
@@ -73,5 +76,8 @@ def run(args: argparse.Namespace) -> int:
         before, after = result.layer_seconds
         print(f"timed layers at batch {args.latency_batch}, {args.threads} thread(s): {before * 1e3:.2f} ms -> "
               f"{after * 1e3:.2f} ms ({after / before:.3f})")
+    if result.flattened:
+        print(f"ran the token-wise region on [rows, features] ({result.flattened} dense layers; "
+              "onnxruntime's rank-2 LayerNorm/GELU kernels are faster here; --keep-ranks to skip)")
     print(f"{'data-aware (whitened)' if result.data_aware else 'plain'} SVD; wrote {result.output}")
     return 0

@@ -120,8 +120,43 @@ def _score(sens: Any, layer: str, family: str, index: int) -> float | None:
     return min(v, 100.0) if math.isfinite(v) else 100.0
 
 
+def _constant(t: Any) -> np.ndarray | None:
+    """The value of a graphsurgeon tensor that is an initializer or a ``Constant`` node's output, else None."""
+    import onnx_graphsurgeon as gs
+
+    if isinstance(t, gs.Constant):
+        return np.asarray(t.values)
+    if t is not None and len(t.inputs) == 1 and t.inputs[0].op == "Constant":
+        value = t.inputs[0].attrs.get("value")
+        return None if value is None else np.asarray(value.values)
+    return None
+
+
+def shipped_ranges(model: onnx.ModelProto) -> dict[str, tuple[float, float]]:
+    """``{tensor: (lo, hi)}``: the range each per-tensor ``QuantizeLinear`` of ``model`` maps onto its integers.
+
+    ``lo = (qmin - z) s`` and ``hi = (qmax - z) s``: what the written model does, whichever method chose it
+    (``method="auto"`` picks one per tensor) and whatever ran after calibration.
+    """
+    from onnxpress.pipeline import import_graph
+
+    ranges: dict[str, tuple[float, float]] = {}
+    for node in import_graph(model).nodes:
+        if node.op != "QuantizeLinear" or len(node.inputs) < 2:
+            continue
+        scale = _constant(node.inputs[1])
+        zero = _constant(node.inputs[2]) if len(node.inputs) > 2 else np.zeros((), np.uint8)
+        if scale is None or zero is None or scale.size != 1 or zero.size != 1 or zero.dtype.kind not in "iu":
+            continue
+        info = np.iinfo(zero.dtype)
+        s, z = float(scale.reshape(())), int(zero.reshape(()))
+        ranges.setdefault(node.inputs[0].name, ((info.min - z) * s, (info.max - z) * s))
+    return ranges
+
+
 def _histograms_png(result: OptimizeResult, m0: onnx.ModelProto, calib: object, path: Path, top: int = 4) -> list[dict]:
     from onnxpress.calibrate import calibrate
+    from onnxpress.range_search import METHODS as AUTO_METHODS
 
     plt = _plt()
     sens = result.sensitivity
@@ -129,32 +164,59 @@ def _histograms_png(result: OptimizeResult, m0: onnx.ModelProto, calib: object, 
     inputs = {n.name: n.input[0] for n in m0.graph.node if n.name}
     tensors = [(s.layer, inputs[s.layer], s.sqnr_db) for s in int8 if s.layer in inputs]
     method = next((st.get("method", "mse") for st in result.recipe["steps"] if st["pass"] == "quantize"), "mse")
+    # "auto" chose a method per tensor: the histograms come from the first candidate's calibration, and the
+    # range drawn is the one the written model quantizes with (also for the other methods, when it has it)
+    binned = AUTO_METHODS[0] if method == "auto" else method
+    shipped = shipped_ranges(result.model)
+    producer = {o: n for n in m0.graph.node for o in n.output}
+
+    def written_range(tensor: str) -> tuple[float, float] | None:
+        """The written model's range of ``tensor``, or of the input of the Relu/Clip that made it.
+
+        A QDQ model quantizes a Conv's output and drops the Relu, whose clipping the range's floor does.
+        """
+        for _ in range(4):
+            if tensor in shipped:
+                return shipped[tensor]
+            node = producer.get(tensor)
+            if node is None or node.op_type not in ("Relu", "Clip"):
+                return None
+            tensor = node.input[0]
+        return None
+
     rows = []
     fig, axes = plt.subplots(1, max(len(tensors), 1), figsize=(4 * max(len(tensors), 1), 3.2), squeeze=False)
     if tensors:
-        table = calibrate(m0, calib, method=method, tensors=[t for _, t, _ in tensors], max_samples=256)
+        table = calibrate(m0, calib, method=binned, tensors=[t for _, t, _ in tensors], max_samples=256)
         for ax, (layer, tensor, sq) in zip(axes[0], tensors, strict=False):
             hist = table.histograms.get(tensor)
-            rng = table.ranges.get(tensor)
-            if hist is None or rng is None or hist.counts is None:
+            calibrated = table.ranges.get(tensor)
+            if hist is None or calibrated is None or hist.counts is None:
                 ax.set_title(f"{tensor}: no histogram")
                 continue
+            written = written_range(tensor)
+            lo, hi = written if written is not None else (calibrated.min, calibrated.max)
             w = hist.width
             centers = (np.arange(-hist.size, hist.size) + 0.5) * w
             keep = hist.counts > 0
             ax.bar(centers[keep], hist.counts[keep], width=w, color="tab:blue")
             ax.set_yscale("log")
-            ax.axvline(rng.min, color="red", ls="--", label=f"range [{rng.min:.3g}, {rng.max:.3g}]")
-            ax.axvline(rng.max, color="red", ls="--")
+            where = "written model" if written is not None else binned
+            ax.axvline(lo, color="red", ls="--", label=f"range [{lo:.3g}, {hi:.3g}] ({where})")
+            ax.axvline(hi, color="red", ls="--")
             ax.set_title(f"{layer} input\nint8 alone: {sq:.1f} dB", fontsize=8)
             ax.legend(fontsize=7)
             summary = table.summary(tensor)
-            rows.append({"layer": layer, "tensor": tensor, "int8_sqnr_db": sq, "min": rng.min, "max": rng.max,
-                         "amax": summary.amax, "clipped_fraction": summary.clipped_fraction})
+            outside = (centers < lo) | (centers > hi)  # to a bin: the share of values the range clips
+            clipped = float(hist.counts[outside].sum() / max(int(hist.counts.sum()), 1))
+            rows.append({"layer": layer, "tensor": tensor, "int8_sqnr_db": sq, "min": lo, "max": hi,
+                         "range_from": where, "amax": summary.amax, "clipped_fraction": clipped})
     else:
         axes[0][0].set_title("no int8 option measured")
     structural = any(st["pass"] in ("prune", "lowrank", "finetune") for st in result.recipe["steps"])
-    fig.suptitle(f"Calibration histograms ({method}) of the most int8-sensitive layer inputs, original model"
+    fig.suptitle(f"Calibration histograms ({binned}"
+                 + (", the written model's per-tensor ranges" if method == "auto" else "")
+                 + ") of the most int8-sensitive layer inputs, original model"
                  + (" (the recipe prunes/splits/fine-tunes first: its quantize step's ranges differ)"
                     if structural else ""), fontsize=9)
     fig.tight_layout()

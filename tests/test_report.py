@@ -34,3 +34,31 @@ def test_report_has_all_images_and_records(tmp_path, monkeypatch):
     assert len(record["sensitivity"]["scores"]) == len(res.sensitivity.scores)
     assert any(s["family"] == "prune" for s in record["sensitivity"]["scores"])  # drawn as a second panel
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "d.npz", "out", "rep"]  # nothing in the cwd
+
+
+def test_histograms_of_an_auto_ranges_recipe_mark_the_written_models_ranges(tmp_path):
+    """A recipe whose quantize step says method "auto" (optimize keeps it when closer) is drawn too.
+
+    The report used to calibrate with method="auto", which calibrate does not know: optimize wrote the
+    model, then failed in the report. The range drawn is the one the written model's QuantizeLinear uses.
+    """
+    import dataclasses
+
+    from onnxpress.quantize import quantize
+    from onnxpress.report import _histograms_png, shipped_ranges
+
+    data = tiny_data(tmp_path / "d.npz")
+    (tmp_path / "out").mkdir()
+    res = optimize(tiny_cnn(), tmp_path / "out" / "m.onnx", calib=data, budget="flops=0.6",
+                   cache_dir=tmp_path / "c", eval_samples=32, sensitivity_samples=16)
+    auto = quantize(tiny_cnn(), calib=data, method="auto").model
+    steps = [{"pass": "quantize", "method": "auto"}]
+    rows = _histograms_png(dataclasses.replace(res, model=auto, recipe={**res.recipe, "steps": steps}),
+                           tiny_cnn(), data, tmp_path / "h.png")
+    assert (tmp_path / "h.png").read_bytes().startswith(b"\x89PNG") and rows
+    shipped = shipped_ranges(auto)
+    relu_input = {n.output[0]: n.input[0] for n in tiny_cnn().graph.node if n.op_type == "Relu"}
+    for row in rows:  # a Relu output's range is its Conv's: the QDQ model drops the Relu
+        assert row["range_from"] == "written model"
+        assert (row["min"], row["max"]) == shipped[relu_input.get(row["tensor"], row["tensor"])]
+        assert 0.0 <= row["clipped_fraction"] < 0.5 and row["max"] > 0

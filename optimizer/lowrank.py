@@ -362,7 +362,8 @@ def lowrank(
         flatten_tokens: when layers were split, run the transformer's token-wise region on
             ``[rows, features]`` afterwards (:class:`~onnxpress.passes.flatten_tokens.FlattenTokens`,
             exact): onnxruntime then runs its LayerNorms, GELUs and residual Adds as rank-2 kernels
-            instead of the fused rank-3 ``SkipLayerNormalization`` / ``BiasGelu``, which are slower here.
+            instead of the fused rank-3 ``SkipLayerNormalization`` / ``BiasGelu``, which are slower here
+            (see that pass's docstring).
             The reference transformer at a 0.5 MACs budget (batch 64, 1 thread, fp32 = 1): 0.69 -> 0.59;
             the same rewrite alone takes the original to 0.92 (``bench/lowrank.py``'s ``flattened`` column).
             The ranks are chosen first, on the graph as given.

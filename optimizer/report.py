@@ -154,6 +154,11 @@ def shipped_ranges(model: onnx.ModelProto) -> dict[str, tuple[float, float]]:
     return ranges
 
 
+_RANGE_KEEPING = frozenset({"Relu", "Clip", "MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze",
+                            "Identity"})
+"""Ops whose output a QDQ model takes from its quantized input: the report looks through them for a range."""
+
+
 def _histograms_png(result: OptimizeResult, m0: onnx.ModelProto, calib: object, path: Path, top: int = 4) -> list[dict]:
     from onnxpress.calibrate import calibrate
     from onnxpress.range_search import METHODS as AUTO_METHODS
@@ -170,16 +175,25 @@ def _histograms_png(result: OptimizeResult, m0: onnx.ModelProto, calib: object, 
     shipped = shipped_ranges(result.model)
     producer = {o: n for n in m0.graph.node for o in n.output}
 
-    def written_range(tensor: str) -> tuple[float, float] | None:
-        """The written model's range of ``tensor``, or of the input of the Relu/Clip that made it.
+    read_in_written = {i for n in result.model.graph.node for i in n.input}
+    # a bound the written model puts before the Q (quantize's Max(t, floor) where a float Relu was dropped)
+    bounded = {n.input[0]: n.output[0] for n in result.model.graph.node
+               if n.op_type in ("Max", "Min", "Relu", "Clip") and n.output and n.output[0] in shipped}
 
-        A QDQ model quantizes a Conv's output and drops the Relu, whose clipping the range's floor does.
+    def written_range(tensor: str) -> tuple[float, float] | None:
+        """The written model's range of ``tensor``, or of the input of the range-keeping ops that made it.
+
+        A QDQ model quantizes a Conv's output and drops the Relu, whose clipping the range's floor does,
+        and a MaxPool or a reshape reads its input's quantized values, so the range is found there; a
+        bound (Max/Min/Relu/Clip) the written model inserts right before its Q is looked through too.
         """
-        for _ in range(4):
+        for _ in range(8):
             if tensor in shipped:
                 return shipped[tensor]
+            if tensor in bounded:
+                return shipped[bounded[tensor]]
             node = producer.get(tensor)
-            if node is None or node.op_type not in ("Relu", "Clip"):
+            if node is None or node.op_type not in _RANGE_KEEPING:
                 return None
             tensor = node.input[0]
         return None
@@ -201,7 +215,10 @@ def _histograms_png(result: OptimizeResult, m0: onnx.ModelProto, calib: object, 
             keep = hist.counts > 0
             ax.bar(centers[keep], hist.counts[keep], width=w, color="tab:blue")
             ax.set_yscale("log")
-            where = "written model" if written is not None else binned
+            if written is not None:
+                where = "written model"
+            else:  # not quantized where the written model reads it under this name: a layer kept float
+                where = f"{binned}; float in the written model" if tensor in read_in_written else binned
             ax.axvline(lo, color="red", ls="--", label=f"range [{lo:.3g}, {hi:.3g}] ({where})")
             ax.axvline(hi, color="red", ls="--")
             ax.set_title(f"{layer} input\nint8 alone: {sq:.1f} dB", fontsize=8)

@@ -62,3 +62,30 @@ def test_histograms_of_an_auto_ranges_recipe_mark_the_written_models_ranges(tmp_
         assert row["range_from"] == "written model"
         assert (row["min"], row["max"]) == shipped[relu_input.get(row["tensor"], row["tensor"])]
         assert 0.0 <= row["clipped_fraction"] < 0.5 and row["max"] > 0
+
+
+def test_histograms_find_the_written_range_through_relu_pool_and_floor_or_say_float(tmp_path):
+    """concat: stem Conv -> Relu -> MaxPool stays float; quantize puts a Max floor and the Q after the pool.
+
+    The pool's output (the next convs' input) gets that Q's range; the graph input, read by the float
+    stem, is labelled float in the written model.
+    """
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    import onnx
+
+    from onnxpress.quantize import quantize
+    from onnxpress.report import _histograms_png, shipped_ranges
+
+    models = Path(__file__).resolve().parent.parent / "models"
+    m0 = onnx.load(models / "concat.onnx")
+    q = quantize(m0, calib=models / "digits32_calib.npz", max_samples=64).model
+    scores = [SimpleNamespace(layer=name, family="int8", sqnr_db=40.0 + i)
+              for i, name in enumerate(("node_Conv_126", "node_Conv_124"))]
+    result = SimpleNamespace(sensitivity=SimpleNamespace(scores=scores), model=q,  # the fields the panel reads
+                             recipe={"steps": [{"pass": "quantize", "method": "mse"}]})
+    rows = {r["tensor"]: r for r in _histograms_png(result, m0, models / "digits32_calib.npz", tmp_path / "h.png")}
+    assert (rows["max_pool2d"]["min"], rows["max_pool2d"]["max"]) == shipped_ranges(q)["max_pool2d_kept_float"]
+    assert rows["max_pool2d"]["range_from"] == "written model"
+    assert rows["input"]["range_from"] == "mse; float in the written model"

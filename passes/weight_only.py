@@ -408,6 +408,18 @@ def _pack(q: np.ndarray, scale: np.ndarray, block_size: int) -> tuple[np.ndarray
     return np.ascontiguousarray(packed), np.ascontiguousarray(scale.T.reshape(-1))
 
 
+def _unpack(b: np.ndarray) -> np.ndarray:
+    """The codes of :func:`_pack`'s ``B`` (uint8 [N, blocks, block/2], low nibble first): uint8 [N, blocks, block]."""
+    n, blocks, half = b.shape
+    return np.stack([b & 0x0F, b >> 4], axis=3).reshape(n, blocks, 2 * half)
+
+
+def _unpack_zero_points(zero: np.ndarray, n: int, blocks: int) -> np.ndarray:
+    """The uint8 [N, blocks] zero points of :func:`_pack_zero_points`'s packed [N * ceil(blocks / 2)]."""
+    z = np.asarray(zero).reshape(n, -1)
+    return np.stack([z & 0x0F, z >> 4], axis=2).reshape(n, -1)[:, :blocks].astype(np.uint8)
+
+
 class QuantizeWeightsInt4:
     """Replace MatMul/Gemm with constant 2-D weights by 4-bit ``MatMulNBits`` (weight-only).
 

@@ -236,3 +236,16 @@ def test_embedding_rows_get_a_scale_each_and_biases_can_stay_float(keep_biases):
     assert ("b" in inits and inits["b"].dtype == np.float32) == keep_biases
     ref, got = run(model, {"ids": ids})[0], run(out, {"ids": ids})[0]
     assert np.abs(got - ref).max() < 0.1 * np.abs(ref).max()
+
+
+def test_unpack_inverts_the_matmulnbits_packing_of_codes_and_zero_points():
+    """QAT reads MatMulNBits weights back through these: codes [K, N] -> B [N, blocks, block/2] -> codes."""
+    from onnxpress.passes.weight_only import _pack, _pack_zero_points, _unpack, _unpack_zero_points
+
+    r = np.random.default_rng(0)
+    n, blocks, block = 5, 3, 16
+    q = r.integers(0, 16, (blocks * block, n)).astype(np.uint8)
+    b, _ = _pack(q, np.ones((blocks, n), np.float32), block)
+    assert np.array_equal(_unpack(b), q.T.reshape(n, blocks, block))
+    zero = r.integers(0, 16, (blocks, n)).astype(np.uint8)  # an odd block count pads the last byte
+    assert np.array_equal(_unpack_zero_points(_pack_zero_points(zero), n, blocks), zero.T)

@@ -38,7 +38,7 @@ from onnxpress.bridge.convert import OnnxModule
 from onnxpress.errors import UnsupportedModelError
 from onnxpress.model_io import normalize_model, quantized_ops
 from onnxpress.passes.base import fresh_names
-from onnxpress.passes.weight_only import _pack
+from onnxpress.passes.weight_only import _pack, _unpack, _unpack_zero_points
 
 __all__ = ["SCALE_LR_FACTOR", "QATPlan", "check_trainable_qdq", "prepare_qat"]
 
@@ -472,9 +472,8 @@ def _unpack_nbits(qat: onnx.ModelProto) -> list[_Packed]:
         blocks = b.shape[1]
         zp = np.full(n * blocks, 8, np.uint8)
         if len(node.input) > 3 and node.input[3]:
-            z = numpy_helper.to_array(inits[node.input[3]]).reshape(n, -1)
-            zp = np.stack([z & 0x0F, z >> 4], axis=2).reshape(n, -1)[:, :blocks].reshape(-1).astype(np.uint8)
-        codes = np.stack([b & 0x0F, b >> 4], axis=3).reshape(n * blocks, block)
+            zp = _unpack_zero_points(numpy_helper.to_array(inits[node.input[3]]), n, blocks).reshape(-1)
+        codes = _unpack(b).reshape(n * blocks, block)
         w0 = ((codes.astype(np.float32) - zp[:, None]) * scale[:, None]).astype(np.float32)
         flipped = scale < 0
         zp = np.where(flipped, 15 - zp, zp).astype(np.uint8)

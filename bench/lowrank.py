@@ -37,9 +37,8 @@ import numpy as np
 import onnxruntime as ort
 
 import onnxpress
-from onnxpress.lowrank import collect_moments, measure_latency
-from onnxpress.model_io import infer_shapes_thoroughly, load_model, normalize_model
-from onnxpress.passes.flatten_tokens import FlattenTokens
+from onnxpress.lowrank import collect_moments, measure_latency, tokens_on_rows
+from onnxpress.model_io import load_model, normalize_model
 from onnxpress.pipeline import cleanup_passes, run_passes
 from onnxpress.reporting import format_table
 from onnxpress.runtime import make_session
@@ -125,11 +124,6 @@ def op_breakdown(models: dict, keys: set[str], x: np.ndarray, threads: int, repe
                     per_op["split layers" if split else ev["args"].get("op_name", "?")] += ev["dur"] / repeats
             out[label] = dict(per_op)
     return out
-
-
-def flattened_original(cleaned):
-    """The cleaned-up original with only the exact token-wise ``[rows, features]`` rewrite lowrank ends with."""
-    return run_passes(infer_shapes_thoroughly(cleaned), [FlattenTokens()]).model
 
 
 def latency_bound(model, keys: set[str], keep: float, x: np.ndarray, threads: int, repeats: int = 10) -> float:
@@ -229,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
                                           conv_method=args.conv_method, joint=any("joint" in s for s in args.selects),
                                           flatten_tokens=not args.keep_ranks)
             sessions.append(make_session(floor.model, threads=args.threads))
-            sessions.append(make_session(flattened_original(cleaned), threads=args.threads))
+            sessions.append(make_session(tokens_on_rows(cleaned).model, threads=args.threads))
             outputs = [logits(s, x_test) for s in sessions[:-1]]
             med, paired, cpu = interleaved_latency_stats([ref_sess, *sessions], x_lat, args.repeats)
             # the candidate layers must shed (1 - budget) of the whole model's MACs

@@ -50,12 +50,12 @@ from onnxpress.passes.low_rank import (
     joint_units,
     moment_requests,
 )
-from onnxpress.pipeline import cleanup_passes, import_graph, run_passes
+from onnxpress.pipeline import PipelineResult, cleanup_passes, import_graph, run_passes
 from onnxpress.reporting import format_table
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LowRankResult", "collect_moments", "lowrank", "measure_latency"]
+__all__ = ["LowRankResult", "collect_moments", "lowrank", "measure_latency", "tokens_on_rows"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,6 +182,14 @@ def collect_moments(
     if not seen:
         raise CalibrationError("calibration data yielded no samples; give at least one sample")
     return {key: by_spec[spec].compute() for key, spec in requests.items() if spec in by_spec}
+
+
+def tokens_on_rows(model: onnx.ModelProto) -> PipelineResult:
+    """``model`` with its transformer's token-wise region on ``[rows, features]`` (exact; ``FlattenTokens``).
+
+    What ``lowrank(flatten_tokens=True)`` ends with; ``bench/lowrank.py`` times the original with it alone.
+    """
+    return run_passes(infer_shapes_thoroughly(model), [FlattenTokens()])
 
 
 def _prepare(model: ModelSource, progress: bool) -> onnx.ModelProto:
@@ -404,7 +412,7 @@ def lowrank(
     if flatten_tokens and any(lay.rank is not None and lay.skipped is None for lay in split.report):
         # after the split, so the ranks and the MACs per sample are those of the graph as given
         # (flattened, a token would count as a sample of its own)
-        flat = run_passes(infer_shapes_thoroughly(model), [FlattenTokens()])
+        flat = tokens_on_rows(model)
         flattened = int(flat.stats.get("flatten_tokens.layers", 0))
         if flattened:
             model, notes = flat.model, (*notes, *flat.notes)

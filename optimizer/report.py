@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from onnxpress.errors import OutputError
 from onnxpress.reporting import format_table
@@ -120,37 +121,28 @@ def _score(sens: Any, layer: str, family: str, index: int) -> float | None:
     return min(v, 100.0) if math.isfinite(v) else 100.0
 
 
-def _constant(t: Any) -> np.ndarray | None:
-    """The value of a graphsurgeon tensor that is an initializer or a ``Constant`` node's output, else None."""
-    import onnx_graphsurgeon as gs
-
-    if isinstance(t, gs.Constant):
-        return np.asarray(t.values)
-    if t is not None and len(t.inputs) == 1 and t.inputs[0].op == "Constant":
-        value = t.inputs[0].attrs.get("value")
-        return None if value is None else np.asarray(value.values)
-    return None
-
-
 def shipped_ranges(model: onnx.ModelProto) -> dict[str, tuple[float, float]]:
     """``{tensor: (lo, hi)}``: the range each per-tensor ``QuantizeLinear`` of ``model`` maps onto its integers.
 
     ``lo = (qmin - z) s`` and ``hi = (qmax - z) s``: what the written model does, whichever method chose it
-    (``method="auto"`` picks one per tensor) and whatever ran after calibration.
+    (``method="auto"`` picks one per tensor) and whatever ran after calibration. Scales and zero points are
+    initializers in every model onnxpress writes (``normalize_model`` turns Constant nodes into them).
     """
-    from onnxpress.pipeline import import_graph
-
+    inits = {i.name: i for i in model.graph.initializer}
     ranges: dict[str, tuple[float, float]] = {}
-    for node in import_graph(model).nodes:
-        if node.op != "QuantizeLinear" or len(node.inputs) < 2:
+    for node in model.graph.node:
+        if node.op_type != "QuantizeLinear" or len(node.input) < 2 or node.input[1] not in inits:
             continue
-        scale = _constant(node.inputs[1])
-        zero = _constant(node.inputs[2]) if len(node.inputs) > 2 else np.zeros((), np.uint8)
-        if scale is None or zero is None or scale.size != 1 or zero.size != 1 or zero.dtype.kind not in "iu":
+        scale = numpy_helper.to_array(inits[node.input[1]])
+        has_zero = len(node.input) > 2 and node.input[2]
+        if has_zero and node.input[2] not in inits:
+            continue
+        zero = numpy_helper.to_array(inits[node.input[2]]) if has_zero else np.zeros((), np.uint8)
+        if scale.size != 1 or zero.size != 1 or zero.dtype.kind not in "iu":
             continue
         info = np.iinfo(zero.dtype)
         s, z = float(scale.reshape(())), int(zero.reshape(()))
-        ranges.setdefault(node.inputs[0].name, ((info.min - z) * s, (info.max - z) * s))
+        ranges.setdefault(node.input[0], ((info.min - z) * s, (info.max - z) * s))
     return ranges
 
 
@@ -223,11 +215,10 @@ def _histograms_png(result: OptimizeResult, m0: onnx.ModelProto, calib: object, 
             ax.axvline(hi, color="red", ls="--")
             ax.set_title(f"{layer} input\nint8 alone: {sq:.1f} dB", fontsize=8)
             ax.legend(fontsize=7)
-            summary = table.summary(tensor)
             outside = (centers < lo) | (centers > hi)  # to a bin: the share of values the range clips
             clipped = float(hist.counts[outside].sum() / max(int(hist.counts.sum()), 1))
             rows.append({"layer": layer, "tensor": tensor, "int8_sqnr_db": sq, "min": lo, "max": hi,
-                         "range_from": where, "amax": summary.amax, "clipped_fraction": clipped})
+                         "range_from": where, "amax": hist.amax, "clipped_fraction": clipped})
     else:
         axes[0][0].set_title("no int8 option measured")
     structural = any(st["pass"] in ("prune", "lowrank", "finetune") for st in result.recipe["steps"])

@@ -67,7 +67,7 @@ from onnxpress.passes.weight_only import StoreConstantsInt8
 from onnxpress.pipeline import run_passes
 from onnxpress.prune import sqnr_db
 from onnxpress.quantize import CONSTANTS_INT8_MIN_SIZE
-from onnxpress.recipe import apply_recipe, load_recipe, prepare, save_recipe, validate_recipe
+from onnxpress.recipe import TRAINING_PASSES, apply_recipe, load_recipe, prepare, save_recipe, validate_recipe
 from onnxpress.search import Budget, Candidate, SearchSpace, measure_latency, pareto_front, parse_budget
 from onnxpress.sensitivity import SensitivityResult, analyze_sensitivity, read_feeds, run_outputs
 
@@ -163,7 +163,7 @@ class _Evaluator:
 
     def build_structure(self, cand: Candidate) -> onnx.ModelProto:
         """The candidate without its fine-tune steps: the same graph and tensor shapes, so the same cost."""
-        steps = [s for s in cand.recipe["steps"] if s["pass"] not in ("finetune", "qat")]
+        steps = [s for s in cand.recipe["steps"] if s["pass"] not in TRAINING_PASSES]
         model = apply_recipe(self.m0, {**cand.recipe, "steps": steps}, self.calib, prepared=True,
                              moments_cache=self.moments)
         self.structures[cand.picks] = model
@@ -180,7 +180,7 @@ class _Evaluator:
         if any(n.op_type == "MatMulNBits" for n in model.graph.node):
             # onnx's shape inference stops at MatMulNBits (com.microsoft), and quantizing changes no
             # MACs: count them on the candidate's structure (its recipe without quantize, finetune and qat)
-            steps = [s for s in cand.recipe["steps"] if s["pass"] not in ("quantize", "finetune", "qat")]
+            steps = [s for s in cand.recipe["steps"] if s["pass"] != "quantize" and s["pass"] not in TRAINING_PASSES]
             model = apply_recipe(self.m0, {**cand.recipe, "steps": steps}, self.calib, prepared=True,
                                  moments_cache=self.moments) if steps else self.m0
         cand.flops_ratio = sum(count_macs(model).values()) / self.macs0

@@ -49,13 +49,19 @@ from onnxpress.model_io import ModelSource, infer_shapes, load_model, model_dige
 from onnxpress.passes.low_rank import SplitLowRank
 from onnxpress.pipeline import cleanup_passes, run_passes
 
-__all__ = ["RECIPE_VERSION", "STEPS", "FixedRanks", "apply_recipe", "load_recipe", "save_recipe", "validate_recipe"]
+__all__ = [
+    "RECIPE_VERSION", "STEPS", "TRAINING_PASSES", "FixedRanks", "apply_recipe", "load_recipe", "save_recipe",
+    "validate_recipe",
+]
 
 log = logging.getLogger(__name__)
 
 RECIPE_VERSION = 1
 
 # step name -> {key: (checker, default)}
+TRAINING_PASSES = frozenset({"finetune", "qat"})
+"""Steps that train (torch): they change values, not the graph, and take a ``device``."""
+
 _KEYS: dict[str, dict[str, Any]] = {
     "cleanup": {},
     "prune": {"ratio": None, "criterion": "l2", "multiple": 1},
@@ -173,7 +179,7 @@ def validate_recipe(recipe: Mapping[str, Any]) -> dict[str, Any]:
                 raise _bad(where, "a qat step trains a quantized model: put a quantize step before it")
             if full["distill"] not in ("kl", "mse"):
                 raise _bad(where, f"distill must be kl or mse, got {full['distill']!r}")
-        if name in ("finetune", "qat"):
+        if name in TRAINING_PASSES:
             for key in ("lr", "temperature"):
                 if key not in full:
                     continue
@@ -184,7 +190,7 @@ def validate_recipe(recipe: Mapping[str, Any]) -> dict[str, Any]:
             if not isinstance(full["device"], str) or not re.fullmatch(r"cpu|auto|cuda(:\d+)?", full["device"]):
                 raise _bad(where, f"device must be cpu, cuda, cuda:N or auto, got {full['device']!r}")
         for key in ("max_samples", "batch_size", "multiple", "epochs", "patience"):
-            if key == "max_samples" and name in ("finetune", "qat") and full[key] is None:
+            if key == "max_samples" and name in TRAINING_PASSES and full[key] is None:
                 continue
             if key in full and (isinstance(full[key], bool) or not isinstance(full[key], int) or full[key] < 1):
                 raise _bad(where, f"{key} must be an integer >= 1, got {full[key]!r}")
@@ -325,7 +331,7 @@ def apply_recipe(
     from onnxpress.passes.prune_channels import PruneChannels
 
     checked = validate_recipe(recipe)
-    devices = {s["device"] for s in checked["steps"] if s["pass"] in ("finetune", "qat")} - {"cpu"}
+    devices = {s["device"] for s in checked["steps"] if s["pass"] in TRAINING_PASSES} - {"cpu"}
     if devices:
         from onnxpress.bridge.train import resolve_device
 

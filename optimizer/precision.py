@@ -33,7 +33,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxpress.model_io import names_read, subgraphs
-from onnxpress.passes.base import fresh_names
+from onnxpress.passes.base import fresh_names, proto_names
 
 __all__ = ["HalfPrecision", "half_precision_layers", "store_float16", "upcast_float16"]
 
@@ -78,7 +78,7 @@ def upcast_float16(model: onnx.ModelProto) -> tuple[onnx.ModelProto, HalfPrecisi
     out.CopyFrom(model)
     g = out.graph
     counter = [0]
-    fresh = fresh_names(_names(g))
+    fresh = fresh_names(proto_names(g))
     rename: dict[str, str] = {}
     casts_in = []
     initializers = {i.name for i in g.initializer}
@@ -114,15 +114,6 @@ def upcast_float16(model: onnx.ModelProto) -> tuple[onnx.ModelProto, HalfPrecisi
     g.node.extend(nodes)
     info = HalfPrecision(tuple(rename), tuple(name for name, _ in outputs), counter[0])
     return out, info
-
-
-def _names(g: onnx.GraphProto) -> set[str]:
-    """Every node and tensor name of the main graph (what a new name must avoid)."""
-    taken = {n.name for n in g.node} | {i.name for i in g.initializer} | {v.name for v in g.input}
-    for n in g.node:
-        taken.update(n.input)
-        taken.update(n.output)
-    return taken
 
 
 def _rename_graph(g: onnx.GraphProto, readers: dict[str, str], producers: dict[str, str], *, top: bool) -> None:
@@ -217,7 +208,7 @@ def store_float16(model: onnx.ModelProto, *, min_elements: int = 64) -> int:
         for attr in node.attribute:
             for sub in subgraphs(attr):
                 nested.update(names_read(sub))
-    fresh = fresh_names(_names(g))
+    fresh = fresh_names(proto_names(g))
     casts, stored = [], 0
     for init in g.initializer:
         if (init.data_type != _F32 or init.name in boundary or init.name in typed or init.name in nested

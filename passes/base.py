@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Protocol, runtime_checkable
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "fresh_names",
     "graph_names",
     "is_float_constant",
+    "proto_names",
     "quiet_graphsurgeon",
     "unique_name",
 ]
@@ -108,6 +110,15 @@ def graph_names(graph: gs.Graph) -> set[str]:
     names = set(graph.tensors().keys())
     names.update(node.name for node in graph.nodes if node.name)
     return names
+
+
+def proto_names(g: onnx.GraphProto) -> set[str]:
+    """Every node and tensor name of an ONNX main graph (what a new name must avoid): ``graph_names`` for protos."""
+    taken = {n.name for n in g.node} | {i.name for i in g.initializer} | {v.name for v in g.input}
+    for n in g.node:
+        taken.update(n.input)
+        taken.update(n.output)
+    return taken
 
 
 @contextlib.contextmanager

@@ -37,7 +37,7 @@ from onnx import helper, numpy_helper
 from onnxpress.bridge.convert import OnnxModule
 from onnxpress.errors import UnsupportedModelError
 from onnxpress.model_io import normalize_model, quantized_ops
-from onnxpress.passes.base import fresh_names
+from onnxpress.passes.base import fresh_names, proto_names
 from onnxpress.passes.weight_only import _pack, _unpack, _unpack_zero_points
 
 __all__ = ["SCALE_LR_FACTOR", "QATPlan", "check_trainable_qdq", "prepare_qat"]
@@ -307,7 +307,7 @@ def _trainable_twin(
     qat.CopyFrom(ptq)
     g = qat.graph
     inits = {i.name: i for i in g.initializer}
-    fresh = fresh_names(set(inits) | {o for n in g.node for o in n.output} | {n.name for n in g.node})
+    fresh = fresh_names(proto_names(g))
 
     producer = {o: n for n in g.node for o in n.output}
     consumers = collections.defaultdict(list)
@@ -456,7 +456,7 @@ def _unpack_nbits(qat: onnx.ModelProto) -> list[_Packed]:
     """
     g = qat.graph
     inits = {i.name: i for i in g.initializer}
-    fresh = fresh_names(set(inits) | {o for n in g.node for o in n.output} | {n.name for n in g.node})
+    fresh = fresh_names(proto_names(g))
     packed: list[_Packed] = []
     weights: list[onnx.NodeProto] = []  # the fake-quant chains read initializers only: they go first
     nodes: list[onnx.NodeProto] = []
@@ -565,7 +565,7 @@ def _private_bias_scales(model: onnx.ModelProto) -> onnx.ModelProto:
     inits = {i.name: i for i in g.initializer}
     producer = {o: n for n in g.node for o in n.output}
     readers = collections.Counter(name for n in g.node for name in n.input)
-    fresh = fresh_names(set(inits) | set(readers) | set(producer) | {n.name for n in g.node})
+    fresh = fresh_names(proto_names(g))
     for node in g.node:
         if node.op_type != "DequantizeLinear" or len(node.input) < 2 or readers[node.input[1]] < 2:
             continue

@@ -119,6 +119,9 @@ class HistogramObserver:
         if method not in METHODS:
             raise CalibrationError(f"unknown calibration method {method!r}; choose one of {', '.join(METHODS)}")
         quantized_bins(bits, True)  # validates bits
+        if method == "percentile" and not (isinstance(percentile, (int, float)) and 0 < percentile <= 100):
+            raise CalibrationError(f"percentile must be in (0, 100], got {percentile!r}; 99.99 keeps all but the "
+                                   "largest 0.01% of |x|")
         if method == "kl" and bins < 2**bits:
             raise CalibrationError(f"kl needs at least 2**bits = {2**bits} histogram bins, got {bins}")
         self.method = method

@@ -22,8 +22,8 @@ static (say 1) makes feeds go out as stored (and an ``.npz`` is sliced into piec
 size). ``batch_size=None`` yields feeds as stored (an ``.npz`` as one feed).
 
 Checks, each a :class:`DataError` naming the input and what the model expects: missing names,
-rank, static dimensions, dtype, NaN/inf, and no samples at all. Dtypes must match exactly, with
-one exception chosen on purpose: an integer array is widened to a wider integer type the model
+rank, static dimensions, dtype, NaN, and no samples at all (+-inf passes: attention masks). Dtypes
+must match exactly, with one exception chosen on purpose: an integer array is widened to a wider integer type the model
 expects when the cast is lossless (``int32`` token ids into an ``int64`` input). Floats are never
 cast (``float64`` into a ``float32`` input is an error that says how to convert), because a silent
 down-cast would hide a preprocessing mismatch.
@@ -164,11 +164,16 @@ def _check_shape(name: str, shape: tuple[int, ...], spec: InputSpec, where: str,
         raise DataError(f"{where}: input {name!r} has no samples (shape {list(shape)})")
 
 
-def _check_finite(name: str, arr: np.ndarray, where: str, offset: int) -> None:
-    if arr.dtype.kind in "fc" and not np.isfinite(arr).all():
-        bad = np.argwhere(~np.isfinite(arr))[0]
+def _check_not_nan(name: str, arr: np.ndarray, where: str, offset: int) -> None:
+    """Refuse NaN in a float input.
+
+    +-inf passes: an additive attention mask holds -inf by design, and calibration reports such a
+    tensor and leaves it out of quantization (``table.excluded``).
+    """
+    if arr.dtype.kind in "fc" and np.isnan(arr).any():
+        bad = np.argwhere(np.isnan(arr))[0]
         at = f"sample {offset + int(bad[0])}" if arr.ndim else "the scalar"
-        raise DataError(f"{where}: input {name!r} holds NaN or inf (first at {at}); clean or drop those samples")
+        raise DataError(f"{where}: input {name!r} holds NaN (first at {at}); clean or drop those samples")
 
 
 def check_feed(
@@ -186,7 +191,7 @@ def check_feed(
         offset: index of the feed's first sample in the whole source, for error messages.
 
     Raises:
-        DataError: not a mapping, a missing input, wrong rank/static dimension/dtype, no samples, NaN/inf.
+        DataError: not a mapping, a missing input, wrong rank/static dimension/dtype, no samples, NaN.
     """
     if not isinstance(feed, Mapping):
         raise DataError(f"{where}: expected a dict of input name -> array, got {type(feed).__name__}")
@@ -205,7 +210,7 @@ def check_feed(
         if _check_dtype(spec.name, arr.dtype, spec, where):
             arr = arr.astype(spec.dtype)
         _check_shape(spec.name, arr.shape, spec, where, axis0=True)
-        _check_finite(spec.name, arr, where, offset)
+        _check_not_nan(spec.name, arr, where, offset)
         out[spec.name] = arr
     return out
 
@@ -552,7 +557,7 @@ def open_data(source: DataSource, model: onnx.ModelProto, *, max_samples: int | 
 
     Raises:
         DataError: the path is missing or unreadable, names/rank/static dims/dtype do not fit, or the
-            ``.npz``/folder is empty. Problems inside streamed feeds (NaN/inf, a bad file in a folder,
+            ``.npz``/folder is empty. Problems inside streamed feeds (NaN, a bad file in a folder,
             a bad dict) are raised while iterating ``batches()``.
         UnsupportedModelError: a model input is not a tensor.
     """

@@ -22,6 +22,7 @@ import json
 import math
 import os
 import tempfile
+import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from onnxpress.errors import CalibrationError
+from onnxpress.model_io import move_into_place
 
 if TYPE_CHECKING:
     from onnxpress.calibration.histogram import Histogram
@@ -156,7 +158,7 @@ class CalibrationTable:
         try:
             with os.fdopen(fd, "wb") as f:
                 np.savez_compressed(f, **arrays)
-            os.replace(tmp, out)
+            move_into_place(tmp, out)
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
@@ -174,13 +176,20 @@ class CalibrationTable:
         p = Path(path)
         if not p.is_file():
             raise CalibrationError(f"calibration table {p} not found")
+        with open(p, "rb") as f:
+            magic = f.read(4)
+        if magic != b"PK\x03\x04":  # an .npz is a zip archive; numpy's own error speaks of pickles
+            raise CalibrationError(
+                f"{p} is not an onnxpress calibration table (not an .npz archive); give the file that "
+                "`onnxpress calibrate -o TABLE.npz` or CalibrationTable.save wrote"
+            )
         try:
             with np.load(p, allow_pickle=False) as z:
                 if "header" not in z:
                     raise CalibrationError(f"{p} is not an onnxpress calibration table (no header)")
                 header = json.loads(z["header"].tobytes().decode())
                 counts = {k: z[k] for k in z.files if k != "header"}
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, zipfile.BadZipFile) as exc:  # a zip cut short is a BadZipFile
             raise CalibrationError(f"cannot read calibration table {p}: {exc}") from None
         if header.get("format") != TABLE_FORMAT:
             raise CalibrationError(f"{p} is not an onnxpress calibration table (format {header.get('format')!r})")
@@ -217,10 +226,11 @@ class CalibrationTable:
         (union of ranges). A tensor excluded in any shard stays excluded; samples add up.
 
         Raises:
-            CalibrationError: no tables, different tensor sets, mixed methods, or a non-minmax merge
-                without histograms.
+            CalibrationError: no tables, different tensor sets, mixed methods, an unknown method,
+                shards calibrated with a different setting the method reads (``bits`` for kl/mse,
+                ``percentile``), or a non-minmax merge without histograms.
         """
-        from onnxpress.calibration.observers import range_from_histogram
+        from onnxpress.calibration.observers import METHODS, range_from_histogram
 
         if not tables:
             raise CalibrationError("merge needs at least one table")
@@ -232,10 +242,22 @@ class CalibrationTable:
                 diff = sorted(names ^ other)[:5]
                 raise CalibrationError(f"tables cover different tensors (e.g. {diff}); calibrate the same model")
         methods = {r.method for t in tables for r in t.ranges.values()}
+        if method is not None and method not in METHODS:
+            raise CalibrationError(f"unknown calibration method {method!r}; choose one of {', '.join(METHODS)}")
         if method is None:
             if len(methods) > 1:
                 raise CalibrationError(f"tables mix methods {sorted(methods)}; pass method= to merge")
             method = methods.pop() if methods else "minmax"
+        # the range rule reads these settings: shards that disagree have no one merged range
+        for key, default in {"kl": [("bits", 8)], "mse": [("bits", 8)], "percentile": [("percentile", 99.99)]}.get(
+            method, []
+        ):
+            seen = {t.meta.get(key, default) for t in tables}
+            if len(seen) > 1:
+                raise CalibrationError(
+                    f"tables were calibrated with different {key} ({', '.join(map(str, sorted(seen)))}); "
+                    f"calibrate every shard with the same {key}, or merge tables of one setting"
+                )
         bits = int(first.meta.get("bits", 8))
         percentile = float(first.meta.get("percentile", 99.99))
         excluded: dict[str, str] = {}

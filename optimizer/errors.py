@@ -33,7 +33,7 @@ class UnsupportedModelError(OnnxpressError):
 
 
 class DataError(OnnxpressError):
-    """Sample data does not fit the model: names, ranks, shapes, dtypes, NaN/inf or no samples."""
+    """Sample data does not fit the model: names, ranks, shapes, dtypes, NaN or no samples."""
 
 
 class DeviceError(OnnxpressError):

@@ -40,6 +40,7 @@ __all__ = [
     "load_model",
     "model_bytes",
     "model_digest",
+    "move_into_place",
     "names_read",
     "normalize_model",
     "save_model",
@@ -639,6 +640,18 @@ def check_output_path(output: str | os.PathLike[str], inputs: Iterable[str | os.
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputError(f"cannot write {out}: no permission to write in {parent}")
     return out
+
+
+def move_into_place(tmp: str | os.PathLike[str], out: str | os.PathLike[str]) -> None:
+    """Rename the finished scratch file ``tmp`` over ``out``, with the mode a plain ``open`` would give.
+
+    ``tempfile.mkstemp`` creates files readable by their owner only (0600); an output renamed from
+    one would keep that, so a table or report written for other users or workers could not be read.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, out)
 
 
 def save_model(

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from onnxpress.calibration.readers import DataSource, load_labels, model_inputs, open_data
 from onnxpress.errors import DataError, OutputError, ValidationError
-from onnxpress.model_io import ModelSource, check_output_path, load_model, model_bytes
+from onnxpress.model_io import ModelSource, check_output_path, load_model, model_bytes, move_into_place
 from onnxpress.reporting import format_table, op_histogram
 from onnxpress.runtime import make_session, time_interleaved
 
@@ -195,7 +195,7 @@ class ValidationReport:
             with tempfile.NamedTemporaryFile(dir=out.parent, prefix=".onnxpress-", suffix=suffix, delete=False) as fh:
                 tmp = fh.name
             write(tmp)
-            os.replace(tmp, out)
+            move_into_place(tmp, out)
         except OSError as exc:
             if tmp is not None:
                 Path(tmp).unlink(missing_ok=True)

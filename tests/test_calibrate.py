@@ -65,6 +65,30 @@ def test_infinite_mask_is_excluded_not_crashed_on() -> None:
         table["s"]
 
 
+def test_infinite_mask_fed_as_an_input_is_excluded_not_refused(tmp_path) -> None:
+    """The mask is a model input (as exporters give it) holding -inf: calibrate and quantize report it."""
+    model = make_model(
+        [helper.make_node("Add", ["X", "M"], ["s"]), helper.make_node("Softmax", ["s"], ["p"], axis=-1),
+         helper.make_node("MatMul", ["p", "W"], ["Y"])],
+        [("X", ["N", 4]), ("M", ["N", 4])],
+        [("Y", ["N", 4])],
+        {"W": rng(2).standard_normal((4, 4)).astype(np.float32)},
+    )
+    r = rng(1)
+    mask = np.zeros((16, 4), np.float32)
+    mask[:, 2] = -np.inf
+    data = {"X": r.standard_normal((16, 4)).astype(np.float32), "M": mask}
+    table = onnxpress.calibrate(model, [data], method="kl")
+    assert "infinite" in table.excluded["M"] and "infinite" in table.excluded["s"]
+    assert "X" in table and "p" in table
+    np.savez(tmp_path / "calib.npz", **data)
+    result = onnxpress.quantize(model, tmp_path / "q.onnx", calib=tmp_path / "calib.npz")
+    assert {"M", "s"} <= set(result.excluded_tensors)
+    (want,) = run(model, data)
+    (got,) = run(result.model, data)
+    assert np.abs(got - want).max() < 0.05 * np.abs(want).max()  # p's range is [0, 1]: a coarse bound
+
+
 def test_max_samples_and_tensor_choice() -> None:
     table = onnxpress.calibrate(conv_bn_relu(), feeds(), method="minmax", tensors=["c"], max_samples=5)
     assert list(table) == ["c"] and table["c"].samples == 5
@@ -77,6 +101,22 @@ def test_bad_arguments_raise_our_errors() -> None:
         onnxpress.calibrate(conv_bn_relu(), feeds(), bins=1000)
     with pytest.raises(CalibrationError, match="not produced by any node"):
         onnxpress.calibrate(conv_bn_relu(), feeds(), tensors=["nope"])
+    with pytest.raises(CalibrationError, match=r"percentile must be in \(0, 100\], got 101"):
+        onnxpress.calibrate(conv_bn_relu(), feeds(), method="percentile", percentile=101)
+
+
+@pytest.mark.parametrize("percentile", [99.0, 100.0])
+def test_percentile_setting_reaches_the_ranges(percentile: float) -> None:
+    table = onnxpress.calibrate(conv_bn_relu(), feeds(), method="percentile", percentile=percentile)
+    (y,) = run(conv_bn_relu(), {"X": np.concatenate([d["X"] for d in feeds()])})
+    values = np.sort(y.ravel())  # Y >= 0: |x| is x
+    kth = float(values[int(np.ceil(percentile / 100 * values.size)) - 1])  # the smallest with >= p% at or below
+    w = 2.0 ** table.histograms["Y"].exp
+    want = min(float(values[-1]), (np.floor(kth / w) + 1) * w)  # the right edge of its bin, at most max|x|
+    assert table["Y"].max == pytest.approx(want, abs=1e-6)
+    if percentile < 100:
+        assert table["Y"].max < float(values[-1])
+    assert table.meta["percentile"] == percentile
 
 
 def test_cli_writes_a_loadable_table(tmp_path, capsys) -> None:
@@ -102,6 +142,12 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, capsys) -> None:
     assert rc == 2
     err = capsys.readouterr().err
     assert err.startswith("onnxpress: error:") and "missing.npz" in err and err.count("\n") == 1
+    assert not (tmp_path / "t.npz").exists()
+    np.savez(tmp_path / "data.npz", X=np.concatenate([d["X"] for d in feeds(4)]))
+    rc = main(["calibrate", str(model_path), "--data", str(tmp_path / "data.npz"), "-o", str(tmp_path / "t.npz"),
+               "--method", "percentile", "--percentile", "0"])
+    assert rc == 2  # refused before the run, not an empty table
+    assert "percentile must be in (0, 100], got 0" in capsys.readouterr().err
     assert not (tmp_path / "t.npz").exists()
 
 

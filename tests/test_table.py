@@ -74,10 +74,41 @@ def test_load_refuses_newer_versions_and_other_files(tmp_path) -> None:
     with pytest.raises(CalibrationError, match="not found"):
         CalibrationTable.load(tmp_path / "missing.npz")
     (tmp_path / "junk.npz").write_bytes(b"junk")
-    with pytest.raises(CalibrationError, match="cannot read"):
+    with pytest.raises(CalibrationError, match=r"junk.npz is not an onnxpress calibration table \(not an .npz"):
         CalibrationTable.load(tmp_path / "junk.npz")
+    np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)  # no pickle hint
+    with pytest.raises(CalibrationError, match=r"not an .npz archive\); give the file that `onnxpress calibrate"):
+        CalibrationTable.load(tmp_path / "objects.npy")
+    (tmp_path / "cut.npz").write_bytes(path.read_bytes()[:200])  # a zip cut short
+    with pytest.raises(CalibrationError, match="cannot read calibration table"):
+        CalibrationTable.load(tmp_path / "cut.npz")
     with pytest.raises(OutputError):
         table_from(data()).save(tmp_path / "no" / "such" / "t.npz")
+
+
+def test_saved_table_has_the_mode_a_plain_open_gives(tmp_path) -> None:
+    import os
+
+    old = os.umask(0o022)
+    try:
+        path = table_from(data()).save(tmp_path / "t.npz")
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644  # a scratch file's 0600 would lock out other workers
+
+
+def test_merge_refuses_unknown_methods_and_shards_of_other_settings() -> None:
+    a, b = table_from(data(0)), table_from(data(1))
+    with pytest.raises(CalibrationError, match="unknown calibration method 'kll'"):
+        CalibrationTable.merge(a, b, method="kll")
+    b.meta["bits"] = 4
+    with pytest.raises(CalibrationError, match=r"different bits \(4, 8\)"):
+        CalibrationTable.merge(a, b)
+    assert CalibrationTable.merge(a, b, method="minmax")["a"].method == "minmax"  # minmax reads no bits
+    b.meta["bits"], b.meta["percentile"] = 8, 99.9
+    assert CalibrationTable.merge(a, b).meta["merged_from"] == 2  # kl reads no percentile
+    with pytest.raises(CalibrationError, match=r"different percentile \(99.9, 99.99\)"):
+        CalibrationTable.merge(a, b, method="percentile")
 
 
 @pytest.mark.parametrize("method", ["kl", "mse", "percentile", "minmax"])

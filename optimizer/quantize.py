@@ -21,7 +21,7 @@ import copy
 import dataclasses
 import logging
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 import onnx
@@ -144,6 +144,61 @@ def _as_selection(exclude: Selection | Iterable[str]) -> Selection:
         return Selection.from_strings(exclude)
     except ValueError as exc:
         raise OnnxpressError(str(exc)) from None
+
+
+def _check_selection(models: Sequence[onnx.ModelProto], selection: Selection) -> None:
+    """Refuse excluded node names that match no node of ``models`` (the model as given and cleaned).
+
+    A typo would quantize the layer the user meant to keep float. An op type the model lacks is fine
+    (one exclude list for many models), and so is a ``re:`` pattern that matches nothing: the
+    recipes name a layer's low-rank factors by pattern whether or not the layer was split.
+
+    Raises:
+        OnnxpressError: names the entries and some of the model's node names.
+    """
+    names = {n.name for m in models for n in m.graph.node if n.name}
+    missing = sorted(selection.nodes - names)
+    if missing:
+        some = sorted(names)[:8]
+        raise OnnxpressError(f"exclude {missing[:5]} matches no node of the model; its node names look like {some}"
+                             f"{' ...' if len(names) > 8 else ''} (op:TYPE excludes an op type, re:PATTERN a name "
+                             "pattern)")
+
+
+TABLE_FOREIGN_SHARE = 0.25
+"""A table of which at least this share of tensors the model lacks is refused as another model's."""
+
+
+def _tensor_names(model: onnx.ModelProto) -> set[str]:
+    """The graph's input and initializer names and every node output name."""
+    g = model.graph
+    return {i.name for i in g.input} | {i.name for i in g.initializer} | {o for n in g.node for o in n.output}
+
+
+def _check_table_fits(table: CalibrationTable, present: set[str]) -> list[str]:
+    """Refuse a calibration table written for another model; note the tensors a table has that the model lacks.
+
+    The names of different exports overlap (``relu``, ``view``, ``conv``): a table of another model would
+    lend its ranges to the tensors that happen to share a name, so the check is on the tensors the table
+    has that the model lacks (``present``: the tensors of the model as given and as prepared).
+
+    Raises:
+        CalibrationError: at least ``TABLE_FOREIGN_SHARE`` of the table's tensors are not in the model.
+    """
+    calibrated = set(table.ranges) | set(table.excluded)
+    if not calibrated:
+        return []
+    foreign = sorted(calibrated - present)
+    if len(foreign) >= TABLE_FOREIGN_SHARE * len(calibrated):
+        raise CalibrationError(
+            f"the calibration table does not fit this model: {len(foreign)} of its {len(calibrated)} tensors "
+            f"(e.g. {foreign[:4]}) are not in the model; calibrate this model (onnxpress calibrate, or calib= / "
+            "--calib instead of a table)"
+        )
+    if foreign:
+        return [f"table: {len(foreign)} of the table's {len(calibrated)} tensors are not in the model "
+                f"(e.g. {foreign[:3]}); their ranges are unused"]
+    return []
 
 
 def _as_overrides(overrides: Mapping[str, TensorOverride | Mapping[str, object]] | None) -> dict[str, TensorOverride]:
@@ -287,6 +342,18 @@ def quantize(
                              "weights='int8', static activations and no codebook=")
     if weights not in WEIGHT_TYPES:
         raise OnnxpressError(f"weights must be one of {', '.join(WEIGHT_TYPES)}, got {weights!r}")
+    # options that the chosen weights would ignore are refused, not dropped without a word
+    if codebook is not None and weights != "int8":
+        raise OnnxpressError(f"codebook={codebook} replaces the linear weights and sets their bits itself: drop "
+                             f"weights={weights!r} (--weights)")
+    if weights == "int4" and codebook is None and not int4_layers:
+        if not per_channel:
+            raise OnnxpressError("per_channel=False (--per-tensor) is for int8 weights: int4 weights take one scale "
+                                 "per block of block_size values (--block-size); drop it")
+        if activations is not None:
+            raise OnnxpressError(f"weights='int4' is weight-only: activations stay float, so activations="
+                                 f"{activations!r} (--activations) has nothing to set; drop it, or use int4_layers "
+                                 "(--int4-layers) for 4-bit layers in an int8 model")
     if int4_method is not None and int4_method not in INT4_METHODS:
         raise OnnxpressError(f"int4_method must be one of {', '.join(INT4_METHODS)}, got {int4_method!r}")
     if int4_method is not None and (weights != "int4" or codebook is not None) and not int4_layers:
@@ -327,7 +394,7 @@ def quantize(
     if keep_float16 and not weight_only4:
         raise OnnxpressError("keep_float16 is for int4 weight-only quantization: int8 layers need float32 around "
                              "them (onnxruntime's integer kernels); drop it")
-    selection = _as_selection(exclude)
+    selection = asked = _as_selection(exclude)
     if codebook_layers:  # float for InsertQDQ (and the passes before it), codebook indices at the end
         both = sorted(set(codebook_layers) & selection.nodes)
         if both:
@@ -343,6 +410,14 @@ def quantize(
     proto = normalize_model(original, min_opset=13, in_place=True)  # original is load_model's private copy
     del original  # each copy of a large model's weights held at once costs gigabytes
     cleaned = run_passes(proto, cleanup_passes(), progress=progress).model
+    _check_selection([proto, cleaned], asked)  # the user's names, or the cleaned graph's (recipes)
+    unknown = sorted(set(ovs) - _tensor_names(proto) - _tensor_names(cleaned))
+    if unknown:  # a typo would leave the tensor with the setting it was meant to lose
+        raise OnnxpressError(f"overrides name tensors the model does not have: {unknown[:5]}; give tensor names "
+                             "(node outputs or graph inputs)")
+    if table is not None and not isinstance(table, CalibrationTable):
+        table = CalibrationTable.load(table)
+    given = set() if table is None else _tensor_names(proto)  # the table may name tensors cleanup folded away
     if upgrading is not None:
         _check_upgrade(*upgrading, cleaned, calib)
     if weight_only4 and not _int4_layers(cleaned):
@@ -506,6 +581,8 @@ def quantize(
             prepared = run_passes(_shaped(cleaned, thoroughly=True), pre)
             cleaned, pre_stats = prepared.model, dict(prepared.stats)
         start = AUTO_METHODS[0] if method == "auto" else method  # auto: every tensor starts at the first method
+        if table is not None:  # on the graph the ranges are for: after FlattenTokens' row tensors exist
+            advanced_notes.extend(_check_table_fits(table, given | _tensor_names(cleaned)))
         used_table = _resolve_table(cleaned, calib, table, start, ovs, max_samples, batch_size, progress)
 
         codes = {} if gptq_cache is None else gptq_cache  # GPTQ rounds each weight once across auto's trials

@@ -101,6 +101,40 @@ def test_exclude_and_report(tmp_path: Path) -> None:
     assert "excluded op type Gemm" in why["fc"] and "excluded by name" in why["conv2"]
 
 
+def test_exclude_names_that_match_no_node_are_refused() -> None:
+    """A typo in a name would quantize the layer meant to stay float; op types and patterns may match nothing."""
+    model = residual_cnn()
+    table = minmax_table(model, feeds_for(model))
+    with pytest.raises(OnnxpressError, match=r"exclude \['conv9'\] matches no node of the model; its node names"):
+        onnxpress.quantize(model, table=table, exclude=["conv9", "conv2"])
+    res = onnxpress.quantize(model, table=table, exclude=["op:LSTM", "re:^nothing_", "conv2"])
+    assert {d.name for d in res.kept_float} == {"conv2"}
+
+
+def test_options_the_weights_would_ignore_are_refused() -> None:
+    model = residual_cnn()
+    with pytest.raises(OnnxpressError, match="codebook=4 replaces the linear weights"):
+        onnxpress.quantize(model, weights="int4", codebook=4)
+    with pytest.raises(OnnxpressError, match=r"per_channel=False \(--per-tensor\) is for int8 weights"):
+        onnxpress.quantize(model, weights="int4", per_channel=False)
+    with pytest.raises(OnnxpressError, match="weights='int4' is weight-only: activations stay float"):
+        onnxpress.quantize(model, weights="int4", activations="int8")
+
+
+def test_a_table_of_another_model_is_refused(tmp_path: Path) -> None:
+    """Exports share tensor names (X, r, Y): the check is on the table's tensors the model lacks."""
+    other = constant_weight_cnn()
+    table = minmax_table(other, feeds_for(other))
+    model = residual_cnn()
+    assert set(table.ranges) & {o for n in model.graph.node for o in n.output}  # some names do overlap
+    with pytest.raises(CalibrationError, match=r"the calibration table does not fit this model: \d+ of its"):
+        onnxpress.quantize(model, table=table)
+    own = minmax_table(model, feeds_for(model))
+    own.ranges["left_over"] = own.ranges["X"]  # one tensor the model lacks (an edited export): a note
+    res = onnxpress.quantize(model, table=own)
+    assert any("1 of the table's" in n and "left_over" in n for n in res.notes)
+
+
 def test_non_finite_tensor_is_excluded_and_reported() -> None:
     """A -inf mask added before Softmax: calibration excludes it, Softmax stays float, reason reported."""
     r = rng(12)
@@ -156,6 +190,8 @@ def test_errors_are_typed() -> None:
         onnxpress.quantize(model, activations="fp8")
     with pytest.raises(OnnxpressError, match="bad override"):
         onnxpress.quantize(model, table=minmax_table(model, feeds_for(model)), overrides={"X": {"dtype": "int16"}})
+    with pytest.raises(OnnxpressError, match=r"overrides name tensors the model does not have: \['nope'\]"):
+        onnxpress.quantize(model, table=minmax_table(model, feeds_for(model)), overrides={"nope": {"dtype": "float"}})
     with pytest.raises(OnnxpressError, match="invalid exclude pattern"):
         onnxpress.quantize(model, exclude=["re:("])
     with pytest.raises(OnnxpressError, match="block_size"):

@@ -644,6 +644,11 @@ def symbolic_sizes(model: onnx.ModelProto, data: DataSource | None = None,
 
     sizes = {str(k): int(v) for k, v in (given or {}).items()}
     wanted = symbolic_input_dims(model)
+    unknown = sorted(set(sizes) - set(wanted))
+    if unknown:  # a typo would count MACs at the first sample's size without a word
+        names = sorted(wanted) or ["none: every input dimension beyond the batch is fixed"]
+        raise DataError(f"--dim / dims name(s) {unknown} are not symbolic input dimensions of the model; "
+                        f"it has {names}")
     if data is None or all(key in sizes for key in wanted):
         return sizes
     feed = first_batch(data, model, 1)

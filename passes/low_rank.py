@@ -729,7 +729,8 @@ class SplitLowRank:
             )
             raise UnsupportedModelError(
                 f"MACs budget {self.flops:.3f} of the model cannot be met: {how} leaves {floor:.3f}; "
-                "raise the budget" + (", select by MACs" if self.latency is not None else " or lower --multiple")
+                "raise the budget" + (", select by MACs" if self.latency is not None
+                                      else " or lower --multiple" if self.multiple > 1 else "")
             )
         for ch, opts, at in zip(choices, options, current, strict=True):
             ch.rank = opts[at][3]

@@ -236,6 +236,15 @@ def test_cli_lowrank_prints_the_per_layer_table(tmp_path, capsys):
     assert out.is_file()
 
 
+def test_cli_lowrank_says_tucker_convs_were_split_plain_with_data(tmp_path, capsys):
+    src, out, data = tmp_path / "m.onnx", tmp_path / "o.onnx", tmp_path / "calib.npz"
+    src.write_bytes(small_cnn().SerializeToString())
+    np.savez(data, X=_inputs(3, 32))
+    assert main(["lowrank", str(src), "-o", str(out), "--energy", "0.9", "--calib", str(data), "--tucker", "-q"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "plain Tucker-2 for" in last and "conv(s) (weight energy)" in last  # not "data-aware" alone
+
+
 def test_cli_lowrank_errors_are_one_line(tmp_path, capsys):
     assert main(["lowrank", str(tmp_path / "missing.onnx"), "-o", str(tmp_path / "o.onnx"), "--rank", "2"]) == 2
     err = capsys.readouterr().err

@@ -15,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 import onnxpress
 from onnxpress.calibration.readers import symbolic_sizes
 from onnxpress.cli import main
-from onnxpress.errors import UnsupportedModelError
+from onnxpress.errors import DataError, UnsupportedModelError
 from onnxpress.passes.flops import assume_input_dims, count_macs, scoped_input_dims, symbolic_input_dims
 from tests import graphs
 
@@ -76,6 +76,11 @@ def test_symbolic_sizes_come_from_given_then_the_first_sample(tmp_path):
     assert symbolic_sizes(model, tmp_path / "missing.npz", {"t": 4}) == {"t": 4}  # nothing left to read
     assert symbolic_sizes(token_mlp(seq=9), tmp_path / "missing.npz") == {}  # static: no data read
     assert symbolic_sizes(token_mlp(unnamed=True), data) == {"X:1": 11}
+    with pytest.raises(DataError, match=r"name\(s\) \['tt'\] are not symbolic input dimensions of the model; "
+                                         r"it has \['t'\]"):
+        symbolic_sizes(model, data, {"tt": 4})  # a typo would count MACs at the sample's length silently
+    with pytest.raises(DataError, match="every input dimension beyond the batch is fixed"):
+        symbolic_sizes(token_mlp(seq=9), data, {"t": 4})
 
 
 def test_lowrank_takes_the_sequence_length_from_the_data_or_dims(tmp_path):

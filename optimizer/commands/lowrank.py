@@ -79,5 +79,11 @@ def run(args: argparse.Namespace) -> int:
     if result.flattened:
         print(f"ran the token-wise region on [rows, features] ({result.flattened} dense layers; "
               "onnxruntime's rank-2 LayerNorm/GELU kernels are faster here; --keep-ranks to skip)")
-    print(f"{'data-aware (whitened)' if result.data_aware else 'plain'} SVD; wrote {result.output}")
+    plain_tucker = sum("tucker2 is plain" in n for n in result.notes)
+    how = "data-aware (whitened)" if result.data_aware else "plain"
+    if result.data_aware and plain_tucker:  # Tucker-2 reads no moments: say which layers the data steered
+        how += f" SVD for Gemm/MatMul/channel splits; plain Tucker-2 for {plain_tucker} conv(s) (weight energy)"
+    else:
+        how += " SVD"
+    print(f"{how}; wrote {result.output}")
     return 0

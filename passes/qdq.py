@@ -244,9 +244,24 @@ def weight_qparams(w: np.ndarray, axis: int | None, *, bits: int = 8) -> QParams
     return QParams(scale, np.zeros(scale.shape, zp_type), axis if scale.ndim else None)
 
 
-def bias_qparams(x_scale: np.ndarray, w: QParams, n_out: int) -> QParams:
-    """int32 bias parameters ``s_b = s_x * s_w`` (per channel when the weight is), zero point 0."""
-    s_w = np.broadcast_to(w.scale.astype(np.float32), (n_out,)) if w.scale.ndim else w.scale
+def bias_qparams(x_scale: np.ndarray, w: QParams, n_out: int, *, group: int = 1) -> QParams:
+    """int32 bias parameters ``s_b = s_x * s_w`` (per channel when the weight is), zero point 0.
+
+    Each output channel's bias gets the scale of its own channel's weight. A grouped ConvTranspose's
+    weight is ``[C_in, C_out / group, k...]``: its per-channel scale (axis 1) has ``C_out / group``
+    entries, and entry ``j`` is the scale of output channel ``g * C_out / group + j`` of every group
+    ``g`` (onnxruntime's reference ConvTranspose reads ``W[g * C_in / group + c, j]`` for that channel),
+    so the bias scale is the weight scale repeated ``group`` times.
+
+    Raises:
+        ValueError: a per-channel weight scale whose length times ``group`` is not ``n_out``.
+    """
+    if w.scale.ndim and w.scale.size * group != n_out:
+        raise ValueError(
+            f"bias of {n_out} channels does not match a per-channel weight scale of {w.scale.size} entries"
+            f" x {group} group(s)"
+        )
+    s_w = np.tile(w.scale.astype(np.float32).reshape(-1), group) if w.scale.ndim else w.scale
     scale = (np.float32(x_scale) * s_w).astype(np.float32)
     axis = 0 if scale.ndim else None
     return QParams(scale, np.zeros(scale.shape, np.int32), axis)
@@ -356,7 +371,12 @@ class InsertQDQ:
         overrides: per-tensor dtype / range / per-channel choices.
         quantize_ops: ops from ``FLOAT_BY_DEFAULT`` to quantize anyway (e.g. {"Softmax"}), "MatMul" to
             quantize the MatMuls whose operands are both activations as well, and "Gelu" the Mul/Add nodes
-            of a GELU written out (``gelu_chain_nodes``).
+            of a GELU written out (``gelu_chain_nodes``). An opted-in op is then placed like any other
+            unary op: quantized where a quantized node reads its output, and left float (its reason says
+            so) where none does. HardSigmoid and LayerNormalization have no integer kernel on the CPU
+            provider, so between two quantized nodes (Conv -> HardSigmoid -> Conv) the graph is the same
+            either way, DQ -> HardSigmoid -> Q; the opt-in adds a Q/DQ on an input that would stay float
+            (a graph input, a float op's output), for runtimes that fuse that unit.
         min_conv_depth: a Conv whose dot products are shorter than this (``C_in/group * kH * kW``)
             stays float when its input is float anyway (a 1-channel stem, a depthwise conv after it):
             onnxruntime's fp32 kernel beats the int8 one there (mobilenet stem + first depthwise
@@ -685,6 +705,10 @@ class InsertQDQ:
                 self.decisions.append(NodeDecision(label, n.op, True))
             elif nid in reasons or nid in roles:
                 why = reasons.get(nid, "its output feeds no quantized node")
+                if nid not in reasons and n.op in FLOAT_BY_DEFAULT:
+                    # opted in, and still float: say that the opt-in was seen, or it looks ignored (a
+                    # HardSigmoid feeding a Mul before a float conv showed no change and no word why)
+                    why += f" (opted in by quantize_ops, {n.op} is quantized only where a quantized node reads it)"
                 if n.op in SCALE_KEEPING_OPS and nid not in reasons:
                     continue  # a float Reshape between float ops is not worth a report line
                 self.decisions.append(NodeDecision(label, n.op, False, why))
@@ -1046,7 +1070,9 @@ class InsertQDQ:
                 if x_qp is None or w_qp is None:
                     continue  # input or weight left float: bias stays float
                 b = np.asarray(n.inputs[i].values, np.float32).reshape(-1)
-                b_qp = bias_qparams(x_qp.scale, w_qp, b.size)
+                # only ConvTranspose's per-channel weight scale repeats over groups (Conv's weight is [C_out, ...])
+                group = int(n.attrs.get("group", 1)) if n.op == "ConvTranspose" and w_qp.axis is not None else 1
+                b_qp = bias_qparams(x_qp.scale, w_qp, b.size, group=group)
                 q = np.rint(b.astype(np.float64) / b_qp.scale.astype(np.float64))
                 if np.any(np.abs(q) > _INT32_MAX):
                     log.debug("bias of %s overflows int32; left float", n.name)

@@ -21,6 +21,7 @@ from onnxpress.passes.qdq import (
     Selection,
     TensorOverride,
     activation_qparams,
+    bias_qparams,
     dequantize_array,
     quantize_array,
     weight_qparams,
@@ -1036,3 +1037,138 @@ def test_wide_grouped_conv_is_quantized(tmp_path: Path) -> None:
     p, q = quantize_graph(model, feeds_for(model))
     assert all(d.quantized for d in p.decisions if d.op == "Conv")
     assert optimized_ops(q, tmp_path).count("QLinearConv") == 3
+
+
+def _grouped_conv_transpose(group: int, bias: bool) -> onnx.ModelProto:
+    """X -> c0 Conv(4->16) -> Relu -> up ConvTranspose(16->8, stride 2, group) [+ B] -> Relu -> c2 Conv(8->8) -> Y.
+
+    Each group's weights get their own magnitude, so the per-channel scales (axis 1, shared by the groups)
+    differ from slot to slot and a bias scale taken from the wrong slot would show.
+    """
+    inits = _weights(61, W0=((16, 4, 3, 3), 0.2), Wt=((16, 8 // group, 2, 2), 0.2), W2=((8, 8, 3, 3), 0.2))
+    inits["Wt"] *= np.linspace(0.25, 2.0, 8 // group, dtype=np.float32)[None, :, None, None]
+    up_in = ["r0", "Wt"]
+    if bias:
+        inits["B"] = (rng(62).standard_normal(8) * 0.3).astype(np.float32)
+        up_in.append("B")
+    nodes = [
+        helper.make_node("Conv", ["X", "W0"], ["c0"], name="c0", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c0"], ["r0"]),
+        helper.make_node("ConvTranspose", up_in, ["t"], name="up", strides=[2, 2], group=group),
+        helper.make_node("Relu", ["t"], ["rt"]),
+        helper.make_node("Conv", ["rt", "W2"], ["Y"], name="c2", pads=[1, 1, 1, 1]),
+    ]
+    return make_model(nodes, [("X", ["N", 4, 6, 6])], [("Y", ["N", 8, 12, 12])], inits)
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("group", [1, 2, 4])
+def test_grouped_conv_transpose_is_quantized(group: int, bias: bool, per_channel: bool) -> None:
+    """A grouped ConvTranspose with a bias quantizes (it failed: its per-channel weight scale has C_out/group
+    entries, the bias C_out), and each output channel's int32 bias has s_x * s_w of its own channel.
+
+    W is [C_in, C_out/group, k, k]: output channel g * C_out/group + j of every group g is computed with
+    W[:, j], so the per-channel (axis 1) weight scale is shared by the groups and the bias scale is that
+    scale tiled ``group`` times (checked against onnxruntime's own ConvTranspose on integer inputs while
+    fixing this). onnxruntime has no integer ConvTranspose: it runs in float on the dequantized values.
+    """
+    model = _grouped_conv_transpose(group, bias)
+    x = feeds_for(model)
+    p, q = quantize_graph(model, x, per_channel=per_channel)
+    assert {d.name: d.quantized for d in p.decisions}["up"]
+    producers = {o: n for n in q.graph.node for o in n.output}
+    inits = {i.name: numpy_helper.to_array(i) for i in q.graph.initializer}
+    up = next(n for n in q.graph.node if n.name == "up")
+    dq_x, dq_w = producers[up.input[0]], producers[up.input[1]]
+    s_x, s_w = inits[dq_x.input[1]], inits[dq_w.input[1]]
+    assert s_w.shape == ((8 // group,) if per_channel else ())
+    if bias:
+        dq_b = producers[up.input[2]]
+        b_q, s_b = inits[dq_b.input[0]], inits[dq_b.input[1]]
+        assert dq_b.op_type == "DequantizeLinear" and b_q.dtype == np.int32 and b_q.shape == (8,)
+        expect = np.float32(s_x) * (np.tile(s_w, group) if per_channel else s_w)
+        np.testing.assert_allclose(s_b, expect, rtol=1e-7)
+        if per_channel:
+            assert {a.name: a.i for a in dq_b.attribute}["axis"] == 0
+        b = numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "B"))
+        assert np.all(np.abs(b_q.astype(np.float64) * s_b - b) <= s_b / 2 * (1 + 1e-6))
+    else:
+        assert len(up.input) == 2
+    ref = run(model, x)[0]
+    # 30.7-33.4 dB measured over the twelve cases (per tensor lowest: the groups' magnitudes differ 8x)
+    assert sqnr_db(ref, run(q, x)[0]) > 28
+    assert sqnr_db(ref, run(q, x, optimize=True)[0]) > 28  # the same once onnxruntime has optimized it
+
+
+def test_bias_params_refuse_a_channel_count_the_weight_scale_does_not_cover() -> None:
+    """A per-channel weight scale must cover the bias exactly, group by group, not be broadcast over it."""
+    w = weight_qparams(rng(63).standard_normal((16, 4, 2, 2)).astype(np.float32), 1)
+    assert bias_qparams(np.float32(0.5), w, 8, group=2).scale.shape == (8,)
+    with pytest.raises(ValueError, match="does not match a per-channel weight scale"):
+        bias_qparams(np.float32(0.5), w, 8)
+
+
+def _hard_sigmoid_net(*, stem: bool = True, mul: bool = False) -> onnx.ModelProto:
+    """X -> [c1 Conv(8->16) ->] HardSigmoid -> [Mul(its input) ->] c2 Conv(16->16) -> Y (``mul``: the Mul is Y)."""
+    inits = _weights(64, W1=((16, 8, 3, 3), 0.2), W2=((16, 16, 3, 3), 0.2))
+    nodes = [helper.make_node("Conv", ["X", "W1"], ["c1"], name="c1", pads=[1, 1, 1, 1])] if stem else []
+    x = "c1" if stem else "X"
+    nodes.append(helper.make_node("HardSigmoid", [x], ["hs"], name="hsig", alpha=0.2, beta=0.5))
+    if mul:  # hard swish, x * HardSigmoid(x), on a graph output: no quantized node reads it
+        nodes.append(helper.make_node("Mul", [x, "hs"], ["Y"], name="mul"))
+        return make_model(nodes, [("X", ["N", 8, 6, 6])], [("Y", ["N", 16, 6, 6])], {"W1": inits["W1"]})
+    nodes.append(helper.make_node("Conv", ["hs", "W2"], ["Y"], name="c2", pads=[1, 1, 1, 1]))
+    c_in = 8 if stem else 16
+    kept = inits if stem else {"W2": inits["W2"]}
+    return make_model(nodes, [("X", ["N", c_in, 6, 6])], [("Y", ["N", 16, 6, 6])], kept)
+
+
+def _reader_dq_and_writer_q(model: onnx.ModelProto, name: str) -> tuple[str, str]:
+    """Op types of the producer of node ``name``'s input and of the one consumer of its output."""
+    node = next(n for n in model.graph.node if n.name == name)
+    producers = {o: n for n in model.graph.node for o in n.output}
+    readers = [n for n in model.graph.node if node.output[0] in n.input]
+    assert len(readers) == 1
+    return producers[node.input[0]].op_type if node.input[0] in producers else "", readers[0].op_type
+
+
+def test_hard_sigmoid_is_float_by_default_and_can_be_opted_in(tmp_path: Path) -> None:
+    """Conv -> HardSigmoid -> Conv: float by default, with its reason; quantize_ops={"HardSigmoid"} marks it
+    quantized, DQ -> HardSigmoid -> Q. onnxruntime has no integer HardSigmoid: it runs in float either way,
+    and between two quantized convs the graph is the same (the convs already put a DQ before it and a Q
+    after it); the opt-in adds a Q/DQ only on an input that would stay float (here a graph input)."""
+    model = _hard_sigmoid_net()
+    x = feeds_for(model)
+    ref = run(model, x)[0]
+    p, q = quantize_graph(model, x)
+    dec = {d.name: d for d in p.decisions}
+    assert not dec["hsig"].quantized and dec["hsig"].reason == "no integer kernel on CPU; kept float"
+    assert dec["c1"].quantized and dec["c2"].quantized
+    opt = optimized_ops(q, tmp_path)
+    assert opt.count("QLinearConv") == 2 and "HardSigmoid" in opt
+    assert sqnr_db(ref, run(q, x)[0]) > 30  # 37.5 dB measured, the same opted in
+
+    p_in, q_in = quantize_graph(model, x, quantize_ops={"HardSigmoid"})
+    assert all(d.quantized for d in p_in.decisions)
+    assert _reader_dq_and_writer_q(q_in, "hsig") == ("DequantizeLinear", "QuantizeLinear")
+    assert ops(q_in) == ops(q)  # no integer kernel: nothing for the opt-in to change between int8 convs
+    assert sqnr_db(ref, run(q_in, x)[0]) > 30
+
+    # on a graph input the opt-in is what puts the Q/DQ before it
+    bare = _hard_sigmoid_net(stem=False)
+    x = feeds_for(bare)
+    _, q = quantize_graph(bare, x)
+    _, q_in = quantize_graph(bare, x, quantize_ops={"HardSigmoid"})
+    assert _reader_dq_and_writer_q(q, "hsig") == ("", "QuantizeLinear")
+    assert _reader_dq_and_writer_q(q_in, "hsig") == ("DequantizeLinear", "QuantizeLinear")
+    assert sqnr_db(run(bare, x)[0], run(q_in, x)[0]) > 30  # 39.2 dB measured
+
+
+def test_opted_in_hard_sigmoid_that_no_quantized_node_reads_says_why_it_stayed_float() -> None:
+    """Opted in, a HardSigmoid is quantized only where a quantized node reads it (like any unary op): in a hard
+    swish on the graph output it stays float, and its reason says the opt-in was seen (it looked ignored)."""
+    model = _hard_sigmoid_net(mul=True)
+    p, _ = quantize_graph(model, feeds_for(model), quantize_ops={"HardSigmoid"})
+    reason = {d.name: d for d in p.decisions}["hsig"].reason
+    assert reason.startswith("its output feeds no quantized node") and "opted in by quantize_ops" in reason

@@ -208,6 +208,28 @@ def test_method_override_from_histograms() -> None:
     assert res.table.ranges["r1"].max == pytest.approx(float(minmax_table(model, x)["r1"].max), rel=1e-6)
 
 
+def test_cli_override_reaches_the_tensors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--override TENSOR:KEY=VALUE: the same model as overrides= in the API; bad settings are usage errors."""
+    model = residual_cnn()
+    src, out, data = tmp_path / "m.onnx", tmp_path / "q.onnx", tmp_path / "calib.npz"
+    onnx.save(model, src)
+    x = feeds_for(model, n=16)["X"]
+    np.savez(data, X=x)
+    assert main(["quantize", str(src), "-o", str(out), "--calib", str(data), "--method", "kl", "-q",
+                 "--override", "r1:method=minmax", "--override", "c2:dtype=float", "--override", "mp:range=0:4"]) == 0
+    want = onnxpress.quantize(model, calib=data, method="kl",
+                              overrides={"r1": {"method": "minmax"}, "c2": {"dtype": "float"}, "mp": {"range": (0, 4)}})
+    assert onnx.load(out).SerializeToString() == want.model.SerializeToString()
+    assert want.table.ranges["r1"].method == "minmax"
+    plain = onnxpress.quantize(model, calib=data, method="kl")
+    assert plain.model.SerializeToString() != want.model.SerializeToString()  # the overrides changed the model
+    capsys.readouterr()
+    for bad in ("r1", "r1:bits=4", "mp:range=4", "w:per_channel=maybe"):
+        with pytest.raises(SystemExit):
+            main(["quantize", str(src), "-o", str(out), "--calib", str(data), "--override", bad])
+        assert "--override" in capsys.readouterr().err
+
+
 def test_cli_quantize(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """The command prints quantized/float counts and sizes; errors print one line and exit 2."""
     model = residual_cnn()

@@ -83,6 +83,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="keep float: node names, op:<OpType> or re:<regex on node names>",
     )
     p.add_argument(
+        "--override",
+        action="append",
+        type=_override,
+        default=[],
+        metavar="TENSOR:KEY=VALUE[,KEY=VALUE]",
+        dest="overrides",
+        help="per-tensor setting (repeatable): dtype=uint8|int8|float, method=kl|minmax|percentile|mse, "
+        "range=LO:HI, per_channel=true|false (weights); e.g. --override logits:dtype=float "
+        "--override attn_out:method=percentile",
+    )
+    p.add_argument(
         "--quantize-ops",
         nargs="*",
         default=[],
@@ -131,6 +142,48 @@ def print_kept_float(decisions, *, verbose: bool = False, names: int = 3) -> Non
         print(f"float  {len(members)} x {op}: {reason}: {shown}")
 
 
+_OVERRIDE_KEYS = ("dtype", "method", "range", "per_channel")
+
+
+def _merged(items: list[tuple[str, dict[str, object]]]) -> dict[str, dict[str, object]]:
+    """One settings dict per tensor (a later --override of the same key wins)."""
+    out: dict[str, dict[str, object]] = {}
+    for name, settings in items:
+        out.setdefault(name, {}).update(settings)
+    return out
+
+
+def _override(text: str) -> tuple[str, dict[str, object]]:
+    """Parse ``TENSOR:KEY=VALUE[,KEY=VALUE]`` (the tensor name may hold ``:``; the first ``:KEY=`` splits)."""
+    import re
+
+    match = re.fullmatch(rf"(.+?):((?:{'|'.join(_OVERRIDE_KEYS)})=.*)", text)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"expected TENSOR:KEY=VALUE with KEY one of {', '.join(_OVERRIDE_KEYS)}, "
+                                         f"got {text!r}")
+    name, settings = match.groups()
+    out: dict[str, object] = {}
+    for item in settings.split(","):
+        key, eq, value = item.partition("=")
+        if not eq or key not in _OVERRIDE_KEYS:
+            raise argparse.ArgumentTypeError(f"bad setting {item!r} in {text!r}: keys are {', '.join(_OVERRIDE_KEYS)}")
+        if key == "range":
+            lo, sep, hi = value.partition(":")
+            try:
+                out[key] = (float(lo), float(hi))
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"range must be LO:HI (two numbers), got {value!r}") from None
+            if not sep:
+                raise argparse.ArgumentTypeError(f"range must be LO:HI (two numbers), got {value!r}")
+        elif key == "per_channel":
+            if value.lower() not in ("true", "false"):
+                raise argparse.ArgumentTypeError(f"per_channel must be true or false, got {value!r}")
+            out[key] = value.lower() == "true"
+        else:
+            out[key] = value
+    return name, out
+
+
 def run(args: argparse.Namespace) -> int:
     """Quantize and print what was quantized, what stayed float and why, and the sizes."""
     from onnxpress.quantize import quantize
@@ -147,6 +200,7 @@ def run(args: argparse.Namespace) -> int:
         keep_float16=args.keep_float16,
         block_size=args.block_size,
         exclude=args.exclude,
+        overrides=_merged(args.overrides),
         quantize_ops=args.quantize_ops,
         max_samples=args.max_samples,
         progress=progress_enabled(args),

@@ -44,7 +44,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -69,10 +69,17 @@ from onnxpress.prune import sqnr_db
 from onnxpress.quantize import CONSTANTS_INT8_MIN_SIZE
 from onnxpress.recipe import TRAINING_PASSES, apply_recipe, load_recipe, prepare, save_recipe, validate_recipe
 from onnxpress.search import Budget, Candidate, SearchSpace, measure_latency, pareto_front, parse_budget
-from onnxpress.sensitivity import SensitivityResult, analyze_sensitivity, read_feeds, run_outputs
+from onnxpress.sensitivity import SensitivityResult, analyze_sensitivity, read_feeds, run_output_arrays
+
+Metric = Callable[[list[np.ndarray], np.ndarray], float]
+"""A user fidelity metric: ``metric(outputs, labels) -> float``, higher is better.
+
+``outputs`` holds the candidate's outputs in the graph's output order, each concatenated over the
+evaluation samples along axis 0; ``labels`` the evaluation labels (the first as many as samples).
+"""
 
 __all__ = [
-    "OptimizeResult", "free_float_picks", "measure_float_penalties", "optimize", "pick_best", "retimed_ratio",
+    "Metric", "OptimizeResult", "free_float_picks", "measure_float_penalties", "optimize", "pick_best", "retimed_ratio",
 ]
 
 log = logging.getLogger(__name__)
@@ -93,8 +100,11 @@ class OptimizeResult:
         feasible: whether the chosen model meets the budget and max-drop as measured.
         sensitivity: the per-layer table (None with a recipe).
         labels: per layer option chosen.
-        reference_accuracy: accuracy of the original on the evaluation data (with labels).
+        reference_accuracy: accuracy of the original on the evaluation data (with labels), or the value of
+            the user ``metric`` (``Candidate.accuracy`` holds the same measure for each candidate).
         timed_out: the time limit stopped the search early.
+        metric_name: what ``reference_accuracy``/``accuracy`` measure: ``"top-1 accuracy (first output)"``,
+            the user metric's name, or None without labels.
     """
 
     model: onnx.ModelProto
@@ -111,6 +121,7 @@ class OptimizeResult:
     reference_accuracy: float | None
     timed_out: bool
     budgets: list[Budget] = dataclasses.field(default_factory=list)
+    metric_name: str | None = None
 
 
 def _npz_has_labels(source: object) -> bool:
@@ -139,21 +150,53 @@ class _Evaluator:
     """Builds candidates from recipes and measures fidelity, size and MACs against M0."""
 
     def __init__(self, m0: onnx.ModelProto, original_bytes: int, calib: object, feeds: list[dict[str, np.ndarray]],
-                 labels: np.ndarray | None, progress: bool) -> None:
+                 labels: np.ndarray | None, progress: bool, metric: Metric | None = None) -> None:
         self.m0, self.original_bytes, self.calib, self.feeds = m0, original_bytes, calib, feeds
-        self.reference = run_outputs(m0, feeds)
         self.labels = labels
+        self.metric = metric
         self.macs0 = max(sum(count_macs(m0).values()), 1)
         self.moments: dict[str, Any] = {}
         self.tuned: dict[str, onnx.ModelProto] = {}  # fine-tuned models: recipes that differ after it reuse one
         self.models: dict[tuple[int, ...], onnx.ModelProto] = {}  # built from the full recipe
         self.structures: dict[tuple[int, ...], onnx.ModelProto] = {}  # built without the fine-tune step
         self.progress = progress
-        self.ref_accuracy = self._accuracy(self.reference) if labels is not None else None
+        arrays = run_output_arrays(m0, feeds)
+        self.reference = _flat(arrays)
+        self.ref_accuracy = self._accuracy(arrays) if labels is not None else None
 
-    def _accuracy(self, flat: np.ndarray) -> float:
-        logits = flat.reshape(len(self.labels), -1)
-        return float((logits.argmax(1) == self.labels).mean())
+    @property
+    def metric_name(self) -> str | None:
+        """What ``accuracy`` measures (None without labels)."""
+        if self.labels is None:
+            return None
+        if self.metric is None:
+            return "top-1 accuracy (first output)"
+        return getattr(self.metric, "__name__", None) or type(self.metric).__name__
+
+    def _accuracy(self, arrays: list[list[np.ndarray]]) -> float:
+        """The user metric, or top-1 accuracy of the first graph output read as ``[samples, classes]``.
+
+        Only the first output: flattening every output together into rows (as before) mixed a second
+        output's values into the first one's rows and took the argmax over both.
+        """
+        if self.metric is not None:
+            return _user_metric(self.metric, arrays, self.labels)
+        rows = []
+        for feed, outs in zip(self.feeds, arrays, strict=True):
+            n = next(iter(feed.values())).shape[0]
+            first = np.asarray(outs[0])
+            if n == 0 or first.size % n:
+                raise DataError(
+                    f"accuracy reads the model's first output as [samples, classes]; its shape {list(first.shape)} "
+                    f"does not split into {n} samples: pass optimize(metric=...) to score these outputs"
+                )
+            rows.append(first.reshape(n, -1))
+        return float((np.concatenate(rows).argmax(1) == self.labels).mean())
+
+    def best(self, cands: Sequence[Candidate]) -> Candidate:
+        """:func:`pick_best` with the evaluation data's labels (a user metric: no binomial tie)."""
+        n = None if self.labels is None else len(self.labels)
+        return pick_best(cands, n, binomial=self.metric is None)
 
     def build(self, cand: Candidate) -> onnx.ModelProto:
         model = apply_recipe(self.m0, cand.recipe, self.calib, prepared=True, moments_cache=self.moments,
@@ -186,15 +229,48 @@ class _Evaluator:
         cand.flops_ratio = sum(count_macs(model).values()) / self.macs0
 
     def measure_fidelity(self, cand: Candidate, model: onnx.ModelProto) -> None:
-        outs = run_outputs(model, self.feeds)
-        cand.sqnr_db = sqnr_db(self.reference, outs)
+        arrays = run_output_arrays(model, self.feeds)  # one run for both SQNR and the accuracy/metric
+        cand.sqnr_db = sqnr_db(self.reference, _flat(arrays))
         if self.labels is not None:
-            cand.accuracy = self._accuracy(outs)
+            cand.accuracy = self._accuracy(arrays)
 
     def measure(self, cand: Candidate) -> None:
         model = self.models.get(cand.picks) or self.build(cand)
         self.measure_fidelity(cand, model)
         self.measure_cost(cand, model)
+
+
+def _flat(arrays: list[list[np.ndarray]]) -> np.ndarray:
+    """Every output over every feed, flattened and concatenated (float64): what ``run_outputs`` returns."""
+    return np.concatenate([np.asarray(v, dtype=np.float64).ravel() for outs in arrays for v in outs])
+
+
+def _user_metric(metric: Metric, arrays: list[list[np.ndarray]], labels: np.ndarray) -> float:
+    """``metric`` on the outputs per graph output (concatenated over the feeds on axis 0) and the labels.
+
+    Raises:
+        DataError: an output cannot be concatenated over the samples (no axis 0, or other axes differ).
+        OnnxpressError: the metric returned something that is not a finite number.
+    """
+    outputs = []
+    for k in range(len(arrays[0])):
+        parts = [np.asarray(outs[k]) for outs in arrays]
+        try:
+            outputs.append(parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0))
+        except ValueError:
+            raise DataError(
+                f"output {k} of the model cannot be joined over the evaluation batches on axis 0 (shapes "
+                f"{[list(x.shape) for x in parts[:3]]}); the metric receives each output with its samples on axis 0"
+            ) from None
+    value = metric(outputs, labels)
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise OnnxpressError(f"the metric returned {type(value).__name__}; it must return a number "
+                             "(higher is better)") from None
+    if not math.isfinite(value):
+        raise OnnxpressError(f"the metric returned {value}; it must return a finite number (higher is better)")
+    return value
 
 
 def _same_graph(a: onnx.ModelProto, b: onnx.ModelProto) -> bool:
@@ -237,7 +313,7 @@ def _kept_if_closer(
     ev.measure_fidelity(variant, model)
     ev.measure_cost(variant, model)
     log.info("%s: SQNR %.2f -> %.2f dB", what, chosen.sqnr_db or -math.inf, variant.sqnr_db or -math.inf)
-    if pick_best([chosen, variant], None if ev.labels is None else len(ev.labels)) is variant:
+    if ev.best([chosen, variant]) is variant:
         return variant, model
     return chosen, built
 
@@ -318,12 +394,13 @@ def retimed_ratio(times: Sequence[float]) -> float:
     return max(float(np.median(ordered)), ordered[-1] / (1.0 + LATENCY_NOISE))
 
 
-def pick_best(candidates: Sequence[Candidate], n_labels: int | None) -> Candidate:
+def pick_best(candidates: Sequence[Candidate], n_labels: int | None, *, binomial: bool = True) -> Candidate:
     """The candidate with the best fidelity: highest SQNR, or with labels the highest accuracy.
 
     Accuracies within one binomial standard error of the best (at least one sample) count as a tie
     that SQNR breaks. On the 360 test digits one sample is 0.28 points; ranking by accuracy alone once preferred a 20 dB
     candidate to a 29 dB one for a single digit, a difference the data cannot resolve.
+    ``binomial=False`` (a user metric, whose noise we cannot know): only equal values tie.
     """
     def sqnr(c: Candidate) -> float:
         return c.sqnr_db if c.sqnr_db is not None else -math.inf
@@ -332,7 +409,7 @@ def pick_best(candidates: Sequence[Candidate], n_labels: int | None) -> Candidat
     if n_labels is None or not scored:
         return max(candidates, key=sqnr)
     top = max(c.accuracy for c in scored)
-    tol = max(math.sqrt(top * (1.0 - top) / n_labels), 1.0 / n_labels)
+    tol = max(math.sqrt(top * (1.0 - top) / n_labels), 1.0 / n_labels) if binomial else 0.0
     return max((c for c in scored if c.accuracy >= top - tol - 1e-12), key=sqnr)
 
 
@@ -418,6 +495,7 @@ def optimize(
     calib: object,
     eval_data: object | None = None,
     labels: object | None = None,
+    metric: Metric | None = None,
     budget: str | Budget | Sequence[str | Budget] = "latency=0.5",
     max_drop: float | None = None,
     recipe: str | os.PathLike[str] | Mapping[str, Any] | None = None,
@@ -456,15 +534,24 @@ def optimize(
         calib: calibration data (anything ``open_data`` accepts).
         eval_data: data the candidates are compared on (default: the calibration data).
         labels: class labels for ``eval_data`` (``.npy``/``.npz``/array); accuracy then ranks candidates.
-            Default: the ``labels`` key of ``eval_data`` when it is an ``.npz`` that has one.
+            Default: the ``labels`` key of ``eval_data`` when it is an ``.npz`` that has one. Accuracy is top-1
+            of the model's *first* output read as ``[samples, classes]`` (other outputs are not scored; give
+            ``metric`` for those). With ``metric``, an array is passed to it as given (any dtype or shape,
+            samples on axis 0); a file still holds class indices.
+        metric: ``metric(outputs, labels) -> float``, higher is better (:data:`Metric`): scores each candidate
+            (and the original) on the evaluation data in place of accuracy: it ranks candidates, ``max_drop``
+            applies to it, and the report shows it. ``outputs`` lists the candidate's outputs in graph order,
+            each concatenated over the samples on axis 0. Needs ``labels``. Unlike accuracy, values that differ
+            at all are not a tie (the noise of a user metric is unknown); equal values are broken by SQNR.
         budget: ``latency=F`` (measured onnxruntime latency ratio), ``size=F`` or ``flops=F``; or a list
             of them, one per kind: the search plans against the first, and a candidate is feasible when
             every one holds as measured (``["latency=0.2", "size=0.1"]``).
-        max_drop: largest accepted accuracy drop in points (needs labels).
+        max_drop: largest accepted accuracy drop in points (needs labels): ``100 * (reference - candidate)``.
+            With ``metric`` the same formula on its values, so points of a metric in [0, 1] like accuracy.
         recipe: apply this recipe instead of searching.
         report: folder for ``report.md``, ``report.json`` and the PNGs.
-        time_limit: seconds for the whole run. Each phase stops at its next step once it has passed and
-            the best model so far is written: the sensitivity analysis measures every layer's int8
+        time_limit: seconds for the whole run (> 0; None: no limit). Each phase stops at its next step once it
+            has passed and the best model so far is written: the sensitivity analysis measures every layer's int8
             option (the uniform int8 baseline) and then other options while time remains, the float
             penalties are skipped when they cannot finish, and the search rounds stop. A run cut
             short says so (``timed_out``). Fine-tuning and the last measurements of the chosen model
@@ -524,18 +611,26 @@ def optimize(
         progress: progress bars.
 
     Raises:
-        OnnxpressError: bad budget/recipe/max_drop; DataError for data or labels that do not fit.
+        OnnxpressError: bad budget/recipe/max_drop/time_limit, a metric without labels or that returns no
+            finite number; DataError for data or labels that do not fit.
     """
     from tqdm.auto import tqdm
 
     start = time.monotonic()
-    deadline = start + time_limit if time_limit else None
+    if time_limit is not None and not time_limit > 0:  # NaN fails this too
+        # 0 read as "no limit" and a negative one stopped at once and wrote a model over the budget
+        raise OnnxpressError(f"--time-limit must be a positive number of seconds, got {time_limit}; "
+                             "leave it out for no limit")
+    deadline = start + time_limit if time_limit is not None else None
     out = check_output_path(output, [model, calib, eval_data, labels, recipe, latency_reference])
     if labels is None and eval_data is not None and _npz_has_labels(eval_data):
         labels = eval_data  # an evaluation .npz that carries its labels (the readers ignore the extra key)
         log.info("labels taken from the 'labels' key of %s", eval_data)
     if max_drop is not None and (labels is None or max_drop < 0):
         raise OnnxpressError("--max-drop needs labels (--labels) and a value >= 0 (accuracy points)")
+    if metric is not None and (labels is None or not callable(metric)):
+        raise OnnxpressError("metric must be a callable metric(outputs, labels) -> float and needs labels "
+                             "(labels=, or an evaluation .npz with a 'labels' key)")
     if finetune and recipe is None and finetune_device != "cpu":
         from onnxpress.bridge.train import resolve_device
 
@@ -567,11 +662,16 @@ def optimize(
         from onnxpress.calibration.readers import load_labels
 
         n = sum(next(iter(f.values())).shape[0] for f in feeds)
-        label_array = np.asarray(load_labels(labels)).reshape(-1)
+        if metric is not None and isinstance(labels, np.ndarray):
+            label_array = labels  # the user's metric reads them: any dtype or shape, samples on axis 0
+            if label_array.ndim == 0:
+                raise DataError("labels for the metric must have the samples on axis 0, got a scalar")
+        else:
+            label_array = np.asarray(load_labels(labels)).reshape(-1)
         if label_array.shape[0] < n:
             raise DataError(f"labels hold {label_array.shape[0]} entries but the evaluation data has {n} samples")
         label_array = label_array[:n]
-    ev = _Evaluator(m0, original.ByteSize(), calib, feeds, label_array, progress)
+    ev = _Evaluator(m0, original.ByteSize(), calib, feeds, label_array, progress, metric)
 
     if recipe is not None:
         checked = load_recipe(recipe)
@@ -582,11 +682,12 @@ def optimize(
         save_model(built, out)
         path = save_recipe(checked, _recipe_path(out)) if Path(str(recipe)) != _recipe_path(out) else _recipe_path(out)
         result = OptimizeResult(built, out, checked, path, cand, [cand], [], None, True, None, {},
-                                ev.ref_accuracy, False)
+                                ev.ref_accuracy, False, metric_name=ev.metric_name)
         if report is not None:
             from onnxpress.report import write_report
 
-            write_report(report, result, m0, calib, feeds, threads=latency_threads)
+            write_report(report, result, m0, calib, feeds, threads=latency_threads, cache_dir=cache_dir,
+                         sensitivity_samples=sensitivity_samples)  # no search: int8 sensitivity for the images
         return result
 
     budgets = [parse_budget(b) for b in (budget if isinstance(budget, (list, tuple)) else [budget])]
@@ -833,7 +934,7 @@ def optimize(
         log.info("%s: latency %s", variant.note, ", ".join(f"{t:.3f}" for t in times))
         variant.latency_ratio = retimed_ratio(times)
         variant.feasible = ok(variant)
-        if variant.feasible and pick_best([best, variant], None if ev.labels is None else len(ev.labels)) is variant:
+        if variant.feasible and ev.best([best, variant]) is variant:
             return variant
         return best
 
@@ -854,7 +955,7 @@ def optimize(
         c.feasible = ok(c) if c.picks in ev.models else None
     feasible = [c for c in candidates if c.feasible]
     if feasible:
-        chosen = pick_best(feasible, None if ev.labels is None else len(ev.labels))
+        chosen = ev.best(feasible)
     else:
         judged = [c for c in candidates if c.picks in ev.models] if max_drop is not None else []
         near = [c for c in judged if (ev.ref_accuracy - c.accuracy) * 100 <= max_drop + 1e-9] or candidates
@@ -884,6 +985,7 @@ def optimize(
         built, out, recipe_out, path, chosen, candidates,
         pareto_front([c for c in candidates if c.feasible is not None], bud.kind), bud,  # final numbers only
         bool(chosen.feasible), sens, space.describe(chosen.picks), ev.ref_accuracy, timed_out, budgets,
+        ev.metric_name,
     )
     if report is not None:
         from onnxpress.report import write_report

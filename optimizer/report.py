@@ -7,6 +7,10 @@
     pareto.png       measured candidates: fidelity vs the budget's cost, Pareto front, chosen point
     validation table before/after (in report.md): SQNR, accuracy, latency, size of the chosen model
 
+With ``--recipe`` no search runs: the int8 option of every layer is measured for the report (cached like
+the search's table), so sensitivity.png (int8 bars only) and histograms.png are drawn; pareto.png has no
+candidates to plot and is left out, which report.md and report.json (``images_absent``) say with the reason.
+
 Plots use matplotlib's Agg backend (no display needed); nothing is written outside ``DIR``.
 """
 
@@ -56,9 +60,11 @@ def _plt() -> Any:
     return plt
 
 
-def _sensitivity_png(result: OptimizeResult, path: Path) -> None:
+def _sensitivity_png(result: OptimizeResult, path: Path, sens: Any = None) -> None:
+    """Bars per layer and option of ``sens`` (default the search's table); without a search, int8 only."""
     plt = _plt()
-    sens = result.sensitivity
+    searched = result.sensitivity is not None
+    sens = sens if sens is not None else result.sensitivity
     groups = list(dict.fromkeys(s.layer for s in sens.scores if s.family == "prune"))
     width_in = max(6, 0.9 * max(len(sens.layers), len(groups)) + 2)
     if groups:
@@ -88,7 +94,8 @@ def _sensitivity_png(result: OptimizeResult, path: Path) -> None:
     ax.set_xticklabels([f"{lay.key}\n{result.choices.get(lay.key, '')}" for lay in sens.layers],
                        rotation=60, ha="right", fontsize=7)
     ax.set_ylabel("output SQNR with only this layer changed (dB)")
-    ax.set_title("Per-layer sensitivity (higher = safer); second label line = chosen option")
+    ax.set_title("Per-layer sensitivity (higher = safer); second label line = chosen option" if searched else
+                 "Per-layer int8 sensitivity (higher = safer)\na recipe run measures no other option")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     if groups:  # pruning is per channel group (one group spans the layers that share its channels)
         ratios = sorted({s.ratio for s in sens.scores if s.family == "prune"})
@@ -151,16 +158,18 @@ _RANGE_KEEPING = frozenset({"Relu", "Clip", "MaxPool", "Reshape", "Flatten", "Tr
 """Ops whose output a QDQ model takes from its quantized input: the report looks through them for a range."""
 
 
-def _histograms_png(result: OptimizeResult, m0: onnx.ModelProto, calib: object, path: Path, top: int = 4) -> list[dict]:
+def _histograms_png(result: OptimizeResult, m0: onnx.ModelProto, calib: object, path: Path, top: int = 4,
+                    sens: Any = None) -> list[dict]:
+    """Histograms of the inputs of the ``top`` most int8-sensitive layers of ``sens`` (default the search's)."""
     from onnxpress.calibrate import calibrate
     from onnxpress.range_search import METHODS as AUTO_METHODS
 
     plt = _plt()
-    sens = result.sensitivity
+    sens = sens if sens is not None else result.sensitivity
     int8 = sorted((s for s in sens.scores if s.family == "int8"), key=lambda s: s.sqnr_db)[:top]
     inputs = {n.name: n.input[0] for n in m0.graph.node if n.name}
     tensors = [(s.layer, inputs[s.layer], s.sqnr_db) for s in int8 if s.layer in inputs]
-    method = next((st.get("method", "mse") for st in result.recipe["steps"] if st["pass"] == "quantize"), "mse")
+    method = _recipe_method(result)
     # "auto" chose a method per tensor: the histograms come from the first candidate's calibration, and the
     # range drawn is the one the written model quantizes with (also for the other methods, when it has it)
     binned = AUTO_METHODS[0] if method == "auto" else method
@@ -233,6 +242,26 @@ def _histograms_png(result: OptimizeResult, m0: onnx.ModelProto, calib: object, 
     return rows
 
 
+def _recipe_method(result: Any) -> str:
+    """The calibration method of the recipe's quantize step (``"mse"`` when it has none)."""
+    return next((st.get("method", "mse") for st in result.recipe["steps"] if st["pass"] == "quantize"), "mse")
+
+
+def _int8_sensitivity(result: OptimizeResult, m0: onnx.ModelProto, calib: object, cache_dir: Any,
+                      samples: int) -> Any:
+    """Without a search (``--recipe``): the int8 option of every layer alone, cached like the search's table.
+
+    It draws the sensitivity bars and chooses which histograms to draw, by the same measure as after a search.
+    """
+    from onnxpress.range_search import METHODS as AUTO_METHODS
+    from onnxpress.sensitivity import analyze_sensitivity
+
+    method = _recipe_method(result)
+    return analyze_sensitivity(m0, calib, rank_fractions=(), prune_ratios=(), int4=False, codebook=False,
+                               method=AUTO_METHODS[0] if method == "auto" else method, max_samples=samples,
+                               cache_dir=cache_dir)
+
+
 def _pareto_png(result: OptimizeResult, path: Path) -> None:
     plt = _plt()
     kind = result.budget.kind
@@ -275,6 +304,13 @@ def _candidate_dict(c: Any) -> dict[str, Any]:
                                               "flops_ratio", "est_cost", "est_sqnr", "feasible")}
 
 
+def _metric_label(name: str | None) -> str:
+    """The before/after row name of the label-based measure: top-1 accuracy or the user's metric."""
+    if name is None or name.startswith("top-1"):
+        return name or "accuracy"
+    return f"metric: {name}"
+
+
 def _threads_text(threads: int | None) -> str:
     if threads is None:
         return "onnxruntime's default threads"
@@ -289,8 +325,14 @@ def write_report(
     feeds: Sequence[dict[str, np.ndarray]],
     *,
     threads: int | None = 1,
+    cache_dir: str | os.PathLike[str] | None = None,
+    sensitivity_samples: int = 64,
 ) -> Path:
     """Write ``report.md``, ``report.json`` and the PNGs into ``folder`` (created if missing).
+
+    Without a search (``result.sensitivity`` is None: a recipe was applied) the int8 sensitivity of every
+    layer is measured on ``sensitivity_samples`` samples (cached in ``cache_dir``, as ``analyze_sensitivity``)
+    for sensitivity.png and histograms.png; pareto.png is not drawn and report.md says why.
 
     The before/after latency is measured at ``threads`` (the search's ``latency_threads``, what the
     budget was judged at) and again at onnxruntime's default thread count: a small int8 model gains
@@ -311,10 +353,13 @@ def write_report(
     val_default = validate(m0, result.model, list(feeds), repeats=10) if threads is not None else val
     o = val.outputs[0]
     c = result.chosen
+    user_metric = result.metric_name is not None and not result.metric_name.startswith("top-1")
+    acc_spec = ".4g" if user_metric else ".3f"  # a user metric's scale is unknown: significant digits
     rows = [
         ["SQNR (dB)", "inf", _fmt(o.sqnr_db, ".2f")],
         ["top-1 agreement", "1.000", _fmt(o.top1_agreement)],
-        ["accuracy", _fmt(result.reference_accuracy), _fmt(c.accuracy if c else None)],
+        [_metric_label(result.metric_name), _fmt(result.reference_accuracy, acc_spec),
+         _fmt(c.accuracy if c else None, acc_spec)],
         [f"latency (ms, median, {_threads_text(threads)})",
          _fmt(val.reference_latency.median_ms if val.reference_latency else None, ".2f"),
          _fmt(val.candidate_latency.median_ms if val.candidate_latency else None, ".2f")],
@@ -325,13 +370,21 @@ def write_report(
         ["size ratio", "1.000", _fmt(val.size_ratio)],
         ["MACs ratio", "1.000", _fmt(c.flops_ratio if c else None)],
     ]
-    written = []
-    hist_rows: list[dict] = []
-    if result.sensitivity is not None:
-        _sensitivity_png(result, out / "sensitivity.png")
-        hist_rows = _histograms_png(result, m0, calib, out / "histograms.png")
+    sens = result.sensitivity
+    absent: dict[str, str] = {}  # image -> why it is not drawn
+    if sens is None:
+        sens = _int8_sensitivity(result, m0, calib, cache_dir, sensitivity_samples)
+        absent["pareto.png"] = ("no search ran (a recipe was applied): one model, no candidates or Pareto front to "
+                                "plot; run optimize without --recipe for it")
+    if not any(s.family == "int8" for s in sens.scores):
+        absent["sensitivity.png"] = ("no layer has an int8 option (no Conv/Gemm/MatMul with a constant weight "
+                                     "that InsertQDQ quantizes)")
+    if "sensitivity.png" not in absent:
+        _sensitivity_png(result, out / "sensitivity.png", sens)
+    hist_rows = _histograms_png(result, m0, calib, out / "histograms.png", sens=sens)
+    if "pareto.png" not in absent:
         _pareto_png(result, out / "pareto.png")
-        written = list(IMAGES)
+    written = [name for name in IMAGES if name not in absent]
     md = ["# onnxpress optimize report", ""]
     if result.budget is not None:
         md += [f"Budget: `{result.budget.kind}={result.budget.value:g}`; chosen model "
@@ -343,14 +396,20 @@ def write_report(
     if result.choices:
         md += ["## Chosen option per layer", "", "```",
                format_table(["layer", "option"], [[k, v] for k, v in result.choices.items()]), "```", ""]
-    if written:
-        md += ["## Per-layer sensitivity", "", "![sensitivity](sensitivity.png)", "",
-               "## Calibration histograms of the most sensitive tensors", "", "![histograms](histograms.png)", "",
-               "## Candidates and Pareto front", "", "![pareto](pareto.png)", "", "```",
+    if "sensitivity.png" in written:
+        md += ["## Per-layer sensitivity", ""]
+        if result.sensitivity is None:
+            md += ["int8 of each layer alone, measured for this report: a recipe run searches no other option.", ""]
+        md += ["![sensitivity](sensitivity.png)", ""]
+    md += ["## Calibration histograms of the most sensitive tensors", "", "![histograms](histograms.png)", ""]
+    if "pareto.png" in written:
+        md += ["## Candidates and Pareto front", "", "![pareto](pareto.png)", "", "```",
                format_table(["candidate", "SQNR dB", "acc", "latency", "size", "MACs", "within budget"],
                             [[x.note, _fmt(x.sqnr_db, ".2f"), _fmt(x.accuracy), _fmt(x.latency_ratio),
                               _fmt(x.size_ratio), _fmt(x.flops_ratio), str(x.feasible)] for x in result.candidates]),
                "```", ""]
+    if absent:
+        md += ["## Images not written", "", *(f"- `{name}`: {why}." for name, why in absent.items()), ""]
     try:
         (out / "report.md").write_text("\n".join(md), encoding="utf-8")
         record = {
@@ -367,7 +426,9 @@ def write_report(
             "pareto": [_candidate_dict(x) for x in result.pareto],
             "sensitivity": None if result.sensitivity is None else result.sensitivity.to_dict(),
             "histograms": hist_rows,
+            "metric": result.metric_name,
             "images": written,
+            "images_absent": absent,
         }
         (out / "report.json").write_text(json.dumps(record, indent=2, default=_num), encoding="utf-8")
     except OSError as exc:

@@ -39,8 +39,9 @@ on the reference CNNs that is a few tens of small runs. Noise is assumed additiv
 (``NSR = 10^(-SQNR/10)`` summed), which the search uses as its fidelity estimate and then checks
 by measuring the real candidates.
 
-Results are cached as JSON in ``cache_dir`` under a key of the model's digest, the data's digest
-and the options; the default folder is ``~/.cache/onnxpress`` (never the current folder).
+Results are cached as JSON in ``cache_dir`` under a key of the model's digest, the digest of every
+sample any phase reads (the first ``max(max_samples, calib_samples, moment_samples)``) and the options;
+the default folder is ``~/.cache/onnxpress`` (never the current folder).
 """
 
 from __future__ import annotations
@@ -76,12 +77,13 @@ __all__ = [
     "nsr",
     "prune_groups",
     "read_feeds",
+    "run_output_arrays",
     "run_outputs",
 ]
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 7
+CACHE_VERSION = 8  # 8: the data digest covers the range and moment samples too
 
 INT4_MIN_WEIGHTS = 4096
 """Smallest weight (elements) offered the int4 option: smaller ones cost little and can dominate the error."""
@@ -192,23 +194,50 @@ def read_feeds(
 
 def run_outputs(model: onnx.ModelProto, feeds: Sequence[Mapping[str, np.ndarray]]) -> np.ndarray:
     """Every output of ``model`` over ``feeds``, flattened and concatenated (float64)."""
+    parts = [np.asarray(v, dtype=np.float64).ravel() for outs in run_output_arrays(model, feeds) for v in outs]
+    return np.concatenate(parts)
+
+
+def run_output_arrays(model: onnx.ModelProto, feeds: Sequence[Mapping[str, np.ndarray]]) -> list[list[np.ndarray]]:
+    """The outputs of ``model`` per feed, each a list in the graph's output order (as onnxruntime returns them)."""
     from onnxpress.runtime import make_session
 
     session = make_session(model, optimization="basic", what="candidate model")
     names = [o.name for o in session.get_outputs()]
-    parts = [np.asarray(v, dtype=np.float64).ravel() for feed in feeds for v in session.run(names, dict(feed))]
-    return np.concatenate(parts)
+    return [list(session.run(names, dict(feed))) for feed in feeds]
 
 
-def _data_digest(feeds: Sequence[Mapping[str, np.ndarray]]) -> str:
+def _feeds_and_digest(
+    model: onnx.ModelProto, data: object, keep: int, digest_samples: int, batch_size: int = 64
+) -> tuple[list[dict[str, np.ndarray]], str]:
+    """The first ``keep`` samples of ``data`` as batches (as :func:`read_feeds`), and a digest of more of them.
+
+    The digest covers the first ``max(keep, digest_samples)`` samples, every sample the analysis reads: the
+    int8 ranges come from ``calib_samples`` (256) and the moments from ``moment_samples``, not only from the
+    SQNR samples. Keyed on the first 64 alone, a data file equal in those but different after them was served
+    the other file's cached table. One streamed read does both (a one-shot source is read once here, as
+    before), holding one batch beyond ``keep`` at a time.
+    """
+    from onnxpress.calibration.readers import open_data
+
+    if isinstance(data, list):
+        data = list(data)
     h = hashlib.sha256()
-    for feed in feeds:
+    feeds: list[dict[str, np.ndarray]] = []
+    kept = 0
+    for feed in open_data(data, model, max_samples=max(keep, digest_samples)).batches(batch_size):
         for name in sorted(feed):
             arr = np.ascontiguousarray(feed[name])
-            h.update(name.encode())
-            h.update(str(arr.shape).encode())
+            h.update(f"{name}|{arr.dtype.str}|{arr.shape}".encode())
             h.update(arr.tobytes())
-    return h.hexdigest()[:16]
+        n = next(iter(feed.values())).shape[0]
+        if kept < keep:
+            take = min(n, keep - kept)  # samples on axis 0 of every input (the readers' convention)
+            feeds.append(feed if take == n else {k: v[:take] for k, v in feed.items()})
+            kept += take
+    if not feeds:
+        raise DataError("the data yielded no samples; give at least one sample")
+    return feeds, h.hexdigest()[:16]
 
 
 def layer_infos(model: onnx.ModelProto) -> list[LayerInfo]:
@@ -398,18 +427,19 @@ def analyze_sensitivity(
 
     if max_samples < 1:
         raise OnnxpressError(f"sensitivity needs at least one sample, got max_samples={max_samples}")
-    feeds = read_feeds(model, calib, max_samples)
+    # the key covers every sample any phase reads (SQNR, ranges, moments) and every setting that changes a score
+    feeds, data_digest = _feeds_and_digest(model, calib, max_samples, max(calib_samples, moment_samples))
     samples = sum(next(iter(f.values())).shape[0] for f in feeds)
     config = {"ranks": list(rank_fractions), "prune": [float(r) for r in prune_ratios],
               "prune_multiple": prune_multiple, "latency": latency, "int8": quantize, "int4": int4, "method": method,
-              "calib": calib_samples,
+              "samples": max_samples, "calib": calib_samples,
               "moments": moment_samples, "multiple": multiple, "v": CACHE_VERSION}
     if codebook:  # only then: earlier caches stay valid
         config["codebook"] = True
     if assumed_input_dims():  # MACs counted at these sizes of the inputs' symbolic dimensions (a sequence length)
         config["dims"] = assumed_input_dims()
     key = hashlib.sha256(
-        f"{model_digest(model)}|{_data_digest(feeds)}|{json.dumps(config, sort_keys=True)}".encode()
+        f"{model_digest(model)}|{data_digest}|{json.dumps(config, sort_keys=True)}".encode()
     ).hexdigest()[:20]
     cache_file = None
     if cache_dir is not False:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 
 import numpy as np
 import onnx
@@ -445,3 +446,97 @@ def test_macs_of_an_int4_model_with_a_qat_step_are_counted_on_its_structure(tmp_
     cand = types.SimpleNamespace(recipe=recipe, size_ratio=None, flops_ratio=None)
     ev.measure_cost(cand, model)
     assert cand.flops_ratio == pytest.approx(1.0) and cand.size_ratio < 0.5
+
+
+@pytest.mark.parametrize("limit", [0.0, -5.0, float("nan")])
+def test_time_limit_must_be_positive(setup, limit):
+    """0 used to mean no limit and a negative limit stopped at once, writing a model over the budget."""
+    model, data, tmp = setup
+    with pytest.raises(OnnxpressError, match="positive number of seconds"):
+        optimize(model, tmp / "o.onnx", calib=data, budget="flops=0.6", time_limit=limit, cache_dir=tmp / "c")
+    assert not (tmp / "o.onnx").exists()
+
+
+@pytest.mark.parametrize("text", ["0", "-5", "nan", "soon"])
+def test_cli_refuses_a_time_limit_that_is_not_positive(setup, capsys, text):
+    model, data, tmp = setup
+    with pytest.raises(SystemExit) as exit_info:
+        main(["optimize", str(model), "-o", str(tmp / "o.onnx"), "--calib", str(data), f"--time-limit={text}", "-q"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--time-limit" in err and "positive number of seconds" in err
+    assert not (tmp / "o.onnx").exists()
+
+
+def two_output_cnn() -> onnx.ModelProto:
+    """tiny_cnn with a second output ``aux`` = -3 * logits after ``logits`` (a flat mix of both misleads argmax)."""
+    from onnx import helper, numpy_helper
+
+    model = tiny_cnn()
+    model.graph.initializer.append(numpy_helper.from_array(np.array(-3.0, np.float32), "k"))
+    model.graph.node.append(helper.make_node("Mul", ["logits", "k"], ["aux"], name="aux"))
+    model.graph.output.append(helper.make_tensor_value_info("aux", onnx.TensorProto.FLOAT, ["N", 10]))
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def test_accuracy_reads_the_first_output_only(tmp_path):
+    """Two outputs: top-1 accuracy is that of the first, ``[samples, classes]``; the second is not mixed in.
+
+    All outputs used to be flattened together and reshaped to ``(len(labels), -1)``: rows mixed samples
+    and outputs, and the original scored 0.5 against its own argmax here.
+    """
+    import onnxruntime as ort
+
+    onnx.save(two_output_cnn(), tmp_path / "m.onnx")
+    data = tiny_data(tmp_path / "d.npz")
+    x = np.load(data)["input"][:32]
+    labels = ort.InferenceSession(str(tmp_path / "m.onnx")).run(["logits"], {"input": x})[0].argmax(1)
+    res = optimize(tmp_path / "m.onnx", tmp_path / "q.onnx", calib=data, labels=labels, eval_samples=32,
+                   recipe={"version": 1, "steps": [{"pass": "quantize"}]})
+    assert res.reference_accuracy == 1.0 and res.metric_name == "top-1 accuracy (first output)"
+    logits, aux = ort.InferenceSession(str(tmp_path / "q.onnx")).run(["logits", "aux"], {"input": x})
+    assert res.chosen.accuracy == pytest.approx(float((logits.argmax(1) == labels).mean()))
+    assert res.chosen.accuracy > 0.8 and aux.shape == (32, 10)
+
+
+def test_user_metric_scores_candidates_in_place_of_accuracy(tmp_path):
+    """A user metric on every output (here: minus the MSE of the first output to target logits, float labels
+    of shape [N, 10], passed as given) ranks the candidates, bounds max-drop, and is named in the result."""
+    import onnxruntime as ort
+
+    onnx.save(two_output_cnn(), tmp_path / "m.onnx")
+    data = tiny_data(tmp_path / "d.npz")
+    x = np.load(data)["input"]
+    target = ort.InferenceSession(str(tmp_path / "m.onnx")).run(["logits"], {"input": x})[0]
+    seen = []
+
+    def neg_mse(outputs: list[np.ndarray], labels: np.ndarray) -> float:
+        seen.append(([o.shape for o in outputs], labels.shape))
+        return -float(np.mean((outputs[0] - labels) ** 2))
+
+    res = optimize(tmp_path / "m.onnx", tmp_path / "o.onnx", calib=data, labels=target, metric=neg_mse,
+                   max_drop=0.5, budget="flops=0.8", time_limit=60, cache_dir=tmp_path / "c", eval_samples=32,
+                   sensitivity_samples=16)
+    assert seen and all(s == ([(32, 10), (32, 10)], (32, 10)) for s in seen)  # per output, labels as given
+    assert res.reference_accuracy == pytest.approx(0.0, abs=1e-9) and res.metric_name == "neg_mse"
+    for c in res.candidates:
+        if c.feasible is not None:  # judged: within the budget and no more than 0.005 below the original
+            drop_ok = (res.reference_accuracy - c.accuracy) * 100 <= 0.5 + 1e-9
+            assert c.feasible == (c.flops_ratio <= 0.8 + 1e-9 and drop_ok)
+    feasible = [c for c in res.candidates if c.feasible]
+    assert res.feasible and res.chosen.accuracy == max(c.accuracy for c in feasible)
+    with pytest.raises(OnnxpressError, match="needs labels"):
+        optimize(tmp_path / "m.onnx", tmp_path / "p.onnx", calib=data, metric=neg_mse, budget="flops=0.8")
+    with pytest.raises(OnnxpressError, match="finite number"):
+        optimize(tmp_path / "m.onnx", tmp_path / "p.onnx", calib=data, labels=target, metric=lambda o, y: math.nan,
+                 recipe={"version": 1, "steps": [{"pass": "quantize"}]}, eval_samples=8)
+
+
+def test_pick_best_with_a_user_metric_takes_the_highest_value() -> None:
+    """A user metric's noise is unknown: no binomial tie, so a slightly higher value wins over a higher SQNR."""
+    a = Candidate(picks=(0,), est_cost=0.0, est_sqnr=0.0, sqnr_db=20.0, accuracy=0.500)
+    b = Candidate(picks=(1,), est_cost=0.0, est_sqnr=0.0, sqnr_db=29.0, accuracy=0.499)
+    assert pick_best([a, b], 360).picks == (1,)  # accuracy: within one standard error, SQNR decides
+    assert pick_best([a, b], 360, binomial=False).picks == (0,)
+    c = Candidate(picks=(2,), est_cost=0.0, est_sqnr=0.0, sqnr_db=30.0, accuracy=0.500)
+    assert pick_best([a, b, c], 360, binomial=False).picks == (2,)  # equal values: SQNR breaks the tie

@@ -89,3 +89,35 @@ def test_histograms_find_the_written_range_through_relu_pool_and_floor_or_say_fl
     assert (rows["max_pool2d"]["min"], rows["max_pool2d"]["max"]) == shipped_ranges(q)["max_pool2d_kept_float"]
     assert rows["max_pool2d"]["range_from"] == "written model"
     assert rows["input"]["range_from"] == "mse; float in the written model"
+
+
+def test_report_of_a_recipe_draws_what_needs_no_search_and_says_what_is_absent(tmp_path, monkeypatch, capsys):
+    """``--recipe`` with ``--report``: no search ran, so the int8 sensitivity is measured for the report (bars and
+    the histograms' choice of tensors); the Pareto plot has no candidates, and report.md says so and why."""
+    import onnx
+
+    from onnxpress.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    tiny_data(tmp_path / "d.npz")
+    onnx.save(tiny_cnn(), tmp_path / "m.onnx")
+    (tmp_path / "r.json").write_text(json.dumps({"version": 1, "steps": [{"pass": "quantize"}]}))
+    rc = main(["optimize", "m.onnx", "-o", "q.onnx", "--calib", "d.npz", "--recipe", "r.json", "--report", "rep",
+               "--cache-dir", "c", "-q"])
+    assert rc == 0, capsys.readouterr().err
+    rep = tmp_path / "rep"
+    drawn = ["histograms.png", "sensitivity.png"]
+    assert sorted(p.name for p in rep.iterdir()) == sorted([*drawn, "report.json", "report.md"])
+    for name in drawn:
+        blob = (rep / name).read_bytes()
+        assert blob.startswith(b"\x89PNG\r\n\x1a\n") and len(blob) > 5000, name
+    md = (rep / "report.md").read_text()
+    assert "](histograms.png)" in md and "](sensitivity.png)" in md and "](pareto.png)" not in md
+    assert "## Images not written" in md and "`pareto.png`: no search ran (a recipe was applied)" in md
+    record = json.loads((rep / "report.json").read_text())
+    assert record["images"] == ["sensitivity.png", "histograms.png"] and list(record["images_absent"]) == ["pareto.png"]
+    rows = record["histograms"]
+    assert rows and all(r["range_from"] == "written model" for r in rows)  # the recipe's int8 ranges, marked
+    assert record["sensitivity"] is None  # no search table: the int8 bars are the report's own measurement
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "d.npz", "m.onnx", "q.onnx", "q.recipe.json", "r.json",
+                                                          "rep"]

@@ -105,6 +105,35 @@ def test_cache_hit_and_location(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "d.npz"]  # nothing else in the cwd
 
 
+def test_cache_key_covers_every_sample_the_ranges_and_moments_read(tmp_path):
+    """Data equal in the SQNR samples but different after them is a cache miss (the int8 ranges read 256).
+
+    The key used to hash only the first ``max_samples``: a file equal in those was served the other file's
+    table. Samples past every count the analysis reads (here 48) change nothing, so they still hit.
+    """
+    model = prepare(tiny_cnn())
+    x = np.random.default_rng(1).standard_normal((96, 1, 8, 8)).astype(np.float32)
+    np.savez(tmp_path / "a.npz", input=x)
+    later = x.copy()
+    later[16:] *= 8.0  # only beyond the 16 SQNR samples: wider activation ranges, coarser int8 steps
+    np.savez(tmp_path / "b.npz", input=later)
+    past = x.copy()
+    past[48:] *= 8.0  # beyond calib_samples and moment_samples below: read by no phase
+    np.savez(tmp_path / "c.npz", input=past)
+    kw = {"cache_dir": tmp_path / "cache", "max_samples": 16, "calib_samples": 48, "moment_samples": 32,
+          "rank_fractions": (0.5,), "prune_ratios": ()}
+    first = analyze_sensitivity(model, tmp_path / "a.npz", **kw)
+    changed = analyze_sensitivity(model, tmp_path / "b.npz", **kw)
+    assert not changed.cached and changed.key != first.key
+    int8 = {s.layer: s.sqnr_db for s in first.scores if s.family == "int8"}
+    assert any(s.sqnr_db != pytest.approx(int8[s.layer]) for s in changed.scores if s.family == "int8")
+    same = analyze_sensitivity(model, tmp_path / "c.npz", **kw)
+    assert same.cached and same.key == first.key and same.scores == first.scores
+    # the settings that change what is read or measured are in the key too
+    assert not analyze_sensitivity(model, tmp_path / "a.npz", **{**kw, "calib_samples": 64}).cached
+    assert not analyze_sensitivity(model, tmp_path / "a.npz", **{**kw, "max_samples": 8}).cached
+
+
 def test_nsr_and_rank_options():
     assert nsr(math.inf) == 0.0 and nsr(20.0) == pytest.approx(0.01)
     assert rank_options(16, (0.5, 0.25)) == [8, 4]

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-from onnxpress.cli import add_common, add_dims, positive_int, progress_enabled
+from onnxpress.cli import add_common, add_dims, bounded_float, positive_int, progress_enabled
 from onnxpress.reporting import format_table
+
+# 0 used to read as "no limit" and a negative limit stopped at once: refused here, before any work
+_SECONDS = bounded_float(0.0, float("inf"), include_low=False, include_high=False, what="a positive number of seconds")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -22,7 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-drop", type=float, help="largest accepted accuracy drop in points (needs --labels)")
     p.add_argument("--recipe", help="apply this recipe (JSON) instead of searching")
     p.add_argument("--report", help="folder for report.md, report.json and PNGs")
-    p.add_argument("--time-limit", type=float, help="seconds; keep the best model found when reached")
+    p.add_argument("--time-limit", type=_SECONDS,
+                   help="seconds (> 0; default no limit); keep the best model found when reached")
     p.add_argument("--cache-dir", help="sensitivity cache folder (default ~/.cache/onnxpress)")
     p.add_argument("--finetune", action="store_true",
                    help="distil the original into each pruned or split candidate on --calib, then quantize (torch)")

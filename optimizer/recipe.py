@@ -19,16 +19,25 @@ when a layer was split by ``lowrank`` both its factor nodes stay float. ``quanti
 ``quantize.codebook_layers`` (layer node names) stay float for compute, their weights stored as 4-bit codebook
 indices after the rest is quantized to int8;
 ``quantize.weights: "int4"`` instead makes the step weight-only (every eligible MatMul/Gemm not in
-``exclude`` to ``MatMulNBits``, no QDQ at all). ``quantize.bias_correction`` (default true, as in
-``onnxpress quantize``) corrects the int8 layers' biases on the calibration data; int4 steps ignore it.
-``quantize.int8_method`` is "rtn" (round to nearest) unless a recipe says "gptq" or "auto" (``onnxpress
-quantize``'s default: GPTQ where its input moments are cheap, decided on the model before the step; what
-the search writes): recipes written before the field existed build the same bytes. With a
-``moments_cache`` the GPTQ input moments are measured once per pre-quantize model and the codes of
+``exclude`` to ``MatMulNBits``, no QDQ at all). ``quantize.bias_correction`` (default true, as in ``onnxpress
+quantize``) corrects the int8 layers' biases on the calibration data; int4 and codebook steps ignore it, and
+``activations`` and ``int8_method`` too. ``quantize.int8_method`` is "rtn" (round to nearest) unless a recipe
+says "gptq" or "auto" (``onnxpress quantize``'s default: GPTQ where its input moments are cheap, decided on the
+model before the step; what the search writes): recipes written before the field existed build the same bytes.
+With a ``moments_cache`` the GPTQ input moments are measured once per pre-quantize model and the codes of
 unchanged weights are reused. A ``qat`` step (after a quantize step) trains the quantized model
 quantization-aware in its own graph (``onnxpress.finetune`` of a QDQ / MatMulNBits student: MSE distillation
 from the recipe's input model, seeded, one torch thread on the CPU), so it rebuilds the same bytes too;
-``optimize --finetune`` appends one when it measures closer.
+``optimize --finetune`` appends one when it measures closer. ``quantize.equalize`` ("split", "skip" or "relu"),
+``quantize.smoothquant`` (alpha) and ``quantize.codebook`` (bits) are ``onnxpress quantize``'s ``--equalize``,
+``--smoothquant`` and ``--codebook`` (null: off); a codebook step is weight-only, so it takes no ``exclude``,
+``int4_layers``, ``codebook_layers`` or int4 weights.
+
+Names are checked against the model at their step, as the steps before it left it (``prune`` groups
+after its constant folding, ``lowrank`` layer keys as the split sees them, ``quantize.exclude`` node
+names or a split layer's factors): a name that matches nothing, or a rank above the layer's full rank,
+is refused rather than built into a model that ignores it. After a ``prune`` step a rank may reach the
+layer's full rank before pruning (the search picks ranks on the unpruned model); it leaves the layer whole.
 """
 
 from __future__ import annotations
@@ -38,15 +47,18 @@ import json
 import logging
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import onnx
+import onnx_graphsurgeon as gs
 
 from onnxpress.errors import OnnxpressError
 from onnxpress.model_io import ModelSource, infer_shapes, load_model, model_digest, normalize_model
+from onnxpress.passes.channel_groups import analyze_channels
 from onnxpress.passes.low_rank import SplitLowRank
+from onnxpress.passes.prune_channels import PruneChannels
 from onnxpress.pipeline import cleanup_passes, run_passes
 
 __all__ = [
@@ -82,6 +94,10 @@ _KEYS: dict[str, dict[str, Any]] = {
         "per_channel": True,
         "bias_correction": True,
         "int8_method": "rtn",
+        # issue 10: onnxpress quantize's --equalize MODE, --smoothquant ALPHA and --codebook BITS
+        "equalize": None,
+        "smoothquant": None,
+        "codebook": None,
         "max_samples": 256,
         "batch_size": 64,
     },
@@ -99,6 +115,34 @@ def _check_fraction_map(where: str, value: Any) -> None:
     for name, r in items:
         if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 <= float(r) < 1.0:
             raise _bad(where, f"ratio for {name!r} must be a number in [0, 1), got {r!r}")
+
+
+def _check_float_rewrites(where: str, step: Mapping[str, Any]) -> None:
+    """A quantize step's ``equalize`` / ``smoothquant`` / ``codebook`` (``onnxpress.quantize``'s arguments, issue 10).
+
+    ``codebook`` is weight-only (k-means indices for every layer instead of QDQ), so the int8/int4 fields it would
+    leave unused are refused rather than dropped without a word.
+    """
+    if step["equalize"] not in (None, "split", "skip", "relu"):
+        raise _bad(where, f"equalize must be split, skip or relu (or null: none), got {step['equalize']!r}")
+    alpha = step["smoothquant"]
+    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))
+                              or not 0.0 <= float(alpha) <= 1.0):
+        raise _bad(where, f"smoothquant is the SmoothQuant alpha, a number in [0, 1] (or null: none), got {alpha!r}")
+    bits = step["codebook"]
+    if bits is None:
+        return
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
+        raise _bad(where, f"codebook is the index width, an integer in 1..8 (or null: none), got {bits!r}")
+    unused = [f"{key}={step[key]!r}" for key, default in (("weights", "int8"), ("int4_layers", []),
+                                                         ("codebook_layers", []), ("exclude", []))
+              if step[key] != default]
+    unused += [f"{key}={step[key]!r}" for key, bad in (("method", "auto"), ("int8_method", "gptq"),
+                                                       ("int8_method", "auto")) if step[key] == bad]
+    if unused:
+        raise _bad(where, f"codebook={bits} stores every layer's weights as codebook indices instead of int8/int4 "
+                          f"(no QDQ, no layer kept float), so {', '.join(unused)} would not apply; drop "
+                          f"{'it' if len(unused) == 1 else 'them'}, or drop codebook")
 
 
 def validate_recipe(recipe: Mapping[str, Any]) -> dict[str, Any]:
@@ -174,6 +218,7 @@ def validate_recipe(recipe: Mapping[str, Any]) -> dict[str, Any]:
                 raise _bad(where, f"bias_correction must be true or false, got {full['bias_correction']!r}")
             if full["int8_method"] not in ("rtn", "gptq", "auto"):
                 raise _bad(where, f"int8_method must be rtn, gptq or auto, got {full['int8_method']!r}")
+            _check_float_rewrites(where, full)
         if name == "qat":
             if not any(s.get("pass") == "quantize" for s in out):
                 raise _bad(where, "a qat step trains a quantized model: put a quantize step before it")
@@ -261,6 +306,114 @@ class FixedRanks(SplitLowRank):
                 ch.rank = None
 
 
+def _some(names: Sequence[str], k: int = 6) -> str:
+    """A few names as an error's hint: ``a, b, c, ... (N in all)``."""
+    names = list(names)
+    if not names:
+        return "none"
+    return ", ".join(names[:k]) + (f", ... ({len(names)} in all)" if len(names) > k else "")
+
+
+_FOREIGN = ("a recipe names the layers of the model it was written for, as its steps before this one leave them: "
+            "is this another model's recipe?")
+
+
+class _NamedGroupsPrune(PruneChannels):
+    """``PruneChannels`` that refuses ratios for channel groups the graph it runs on lacks or cannot prune.
+
+    The pass itself skips a group it does not find (the sensitivity probes one group of many), so a
+    recipe written for another model would reproduce an unpruned one without a word.
+    """
+
+    def __init__(self, where: str, ratio: float | Mapping[str, float], **kwargs: Any) -> None:
+        """``where``: the recipe step, for the message; the rest as ``PruneChannels``."""
+        super().__init__(ratio, **kwargs)
+        self.where = where
+
+    def requires(self, graph: gs.Graph) -> None:
+        """Refuse named groups that are not in the graph, or that have fewer than two free channel units."""
+        if not isinstance(self.ratio, Mapping):
+            return
+        # the groups the pass will see: the graph after FoldConstants, as the search's sensitivity named them
+        analysis = analyze_channels(graph)
+        frozen = analysis.frozen_units()
+        groups = {g.name: g for g in analysis.groups()}
+        prunable = [name for name, g in groups.items() if sum(u not in frozen for u in g.units) >= 2]
+        bad = []
+        for name in self.ratio:
+            if name not in groups:
+                bad.append(f"{name!r} (no such group)")
+            elif name not in prunable:
+                why = "; ".join(groups[name].frozen) or "fewer than two channel units"
+                bad.append(f"{name!r} (nothing to prune: {why})")
+        if bad:
+            raise _bad(self.where, f"ratio names channel groups this model cannot prune: {', '.join(bad)}; its "
+                                   f"prunable groups: {_some(prunable)} (onnxpress.sensitivity.prune_groups lists "
+                                   f"them); {_FOREIGN}")
+
+
+def _check_ranks(where: str, ranks: Mapping[str, int], split: FixedRanks, unpruned: onnx.ModelProto | None) -> None:
+    """Refuse ranks the split left whole because their layer is not splittable here or the rank is too large.
+
+    ``split`` has run on the model at this step: its report names every layer it could split (with the
+    full rank, ``min(m, n)`` of the weight per group) and every Conv/Gemm/MatMul it declined (with why).
+    A rank at or above a layer's full rank leaves it whole (the full rank, exactly); above the full rank
+    it is refused, except where an earlier prune step shrank the layer: the search picks ranks on the
+    unpruned model (``unpruned``, the model before the recipe's first prune step), so a rank up to the
+    layer's full rank there leaves a pruned layer whole.
+    """
+    full = {r.key: r.full_rank for r in split.report if r.full_rank}  # a declined layer reports 0
+    declined = {r.key: r.skipped for r in split.report if r.key not in full}
+    unknown = [k for k in ranks if k not in full]
+    if unknown:
+        named = [f"{k!r} ({declined[k]})" if k in declined else f"{k!r} (no Conv/Gemm/MatMul of that name)"
+                 for k in unknown]
+        raise _bad(where, f"ranks name layers the low-rank pass cannot split in this model: {', '.join(named)}; "
+                          f"its splittable layers: {_some(list(full))}; {_FOREIGN}")
+    bound = full
+    if unpruned is not None and any(r > full[k] for k, r in ranks.items()):
+        from onnxpress.sensitivity import layer_infos
+
+        before = {lay.key: lay.full_rank for lay in layer_infos(unpruned)}
+        bound = {k: max(v, before.get(k, 0)) for k, v in full.items()}
+    over = [f"{k!r}: {r} > {bound[k]}" for k, r in ranks.items() if r > bound[k]]
+    if over:
+        raise _bad(where, f"ranks above the layer's full rank (min(m, n) of its weight, per group"
+                          f"{'; before the prune step for a pruned layer' if unpruned is not None else ''}): "
+                          f"{', '.join(over)}; give at most the full rank (which leaves the layer whole)")
+
+
+def _check_exclude(where: str, model: onnx.ModelProto, exclude: Sequence[str]) -> None:
+    """Refuse ``exclude`` items that match no node of ``model`` (the model at the quantize step).
+
+    A plain item is a layer name: it matches the node of that name or, once ``lowrank`` split the layer,
+    its factor nodes (``split_names``, as the step resolves it). ``re:PATTERN`` must match some node
+    name; ``op:TYPE`` may name an op type the model lacks (one list for many models).
+    """
+    names = [n.name for n in model.graph.node if n.name]
+    present = set(names)
+    bad = []
+    for item in exclude:
+        if item.startswith("op:"):
+            continue
+        if item.startswith("re:"):
+            try:
+                pattern = re.compile(item[3:])
+            except re.error as exc:
+                raise _bad(where, f"exclude pattern {item!r} is not a valid regular expression: {exc}") from None
+            if not any(pattern.search(n) for n in names):
+                bad.append(item)
+        elif item not in present:  # a split layer's factor nodes, by the pattern the step excludes them with
+            factors = re.compile(split_names(item)[1][3:])
+            if not any(factors.search(n) for n in names):
+                bad.append(item)
+    if bad:
+        layers = [n.name for n in model.graph.node if n.name and n.op_type in ("Conv", "ConvTranspose", "Gemm",
+                                                                                "MatMul")]
+        raise _bad(where, f"exclude {bad} matches no node of this model; its layers: {_some(layers or names)} "
+                          f"(op:TYPE excludes an op type, re:PATTERN node names by a regular expression); {_FOREIGN}")
+
+
 def split_names(key: str) -> list[str]:
     """Quantize-exclude items covering layer ``key`` and the factor nodes ``lowrank`` makes from it."""
     base = key.replace("/", "_").strip("_") or "layer"
@@ -325,10 +478,11 @@ def apply_recipe(
             single-threaded, so a recipe that differs only after it builds the same bytes either way).
 
     Raises:
-        OnnxpressError: an invalid recipe, or a step that needs ``calib`` without it; errors of the passes.
+        OnnxpressError: an invalid recipe; a step that needs ``calib`` without it; a layer, channel group or
+            excluded node the model lacks at that step, or a rank above a layer's full rank (each named, with
+            some of the model's names); errors of the passes.
     """
     from onnxpress.passes.fold import FoldConstants
-    from onnxpress.passes.prune_channels import PruneChannels
 
     checked = validate_recipe(recipe)
     devices = {s["device"] for s in checked["steps"] if s["pass"] in TRAINING_PASSES} - {"cpu"}
@@ -339,13 +493,17 @@ def apply_recipe(
             resolve_device(device)  # a recipe made on a GPU fails here, not after its prune and split steps
     current = load_model(model) if prepared else prepare(model)
     teacher = current
+    unpruned = None  # the model before the first prune step: the search's ranks are of its layers
     for i, step in enumerate(checked["steps"]):
         name = step["pass"]
+        # names in a step (layers, channel groups) are checked against the model as the steps before left it
+        where = f"step {i + 1} ({name})"
         if name == "cleanup":
             current = run_passes(current, cleanup_passes(), progress=progress).model
         elif name == "prune":
-            passes = [FoldConstants(), PruneChannels(step["ratio"], criterion=step["criterion"],
-                                                     multiple=step["multiple"])]
+            unpruned = current if unpruned is None else unpruned
+            passes = [FoldConstants(), _NamedGroupsPrune(where, step["ratio"], criterion=step["criterion"],
+                                                         multiple=step["multiple"])]
             current = infer_shapes(run_passes(current, passes, progress=progress).model)
         elif name == "lowrank":
             moments = None
@@ -364,7 +522,9 @@ def apply_recipe(
                     moments_cache[cache_key] = moments
                 moments = {k: v for k, v in moments.items() if k in step["ranks"]}
             split = FixedRanks(step["ranks"], moments=moments)
-            current = infer_shapes(run_passes(current, [split], progress=progress).model)
+            done = run_passes(current, [split], progress=progress).model
+            _check_ranks(where, step["ranks"], split, unpruned)  # on split.report: the layers as the pass saw them
+            current = infer_shapes(done)
         elif name == "finetune":
             if calib is None:
                 raise OnnxpressError(f"recipe step {i + 1} (finetune) needs training data (--calib)")
@@ -391,8 +551,14 @@ def apply_recipe(
                 raise OnnxpressError(f"recipe step {i + 1} (quantize) needs calibration data (--calib)")
             from onnxpress.quantize import quantize
 
-            exclude = [item for key in step["exclude"] for item in split_names(key)]
-            hessians, int8_method = None, step["int8_method"] if step["weights"] == "int8" else None
+            _check_exclude(where, current, step["exclude"])
+            # a split layer is excluded by its factors' pattern alone (quantize refuses names no node has)
+            nodes = {n.name for n in current.graph.node}
+            exclude = [item for key in step["exclude"] for item in split_names(key) if item != key or key in nodes]
+            # int8 QDQ's own settings go to quantize only for an int8 QDQ step: it refuses what int4 or codebook
+            # weights would ignore (validate_recipe fills in every default, so they are always there)
+            qdq = step["weights"] == "int8" and step["codebook"] is None
+            hessians, int8_method = None, step["int8_method"] if qdq else None
             if int8_method == "auto":  # quantize's default rule, decided on this model
                 from onnxpress.quantize import default_int8_method
 
@@ -412,8 +578,9 @@ def apply_recipe(
                         moments_cache[cache_key] = hessians
             current = quantize(current, calib=calib, method=step["method"], exclude=exclude, weights=step["weights"],
                                int4_layers=step["int4_layers"], codebook_layers=step["codebook_layers"],
-                               activations=step["activations"], per_channel=step["per_channel"],
-                               bias_correction=step["bias_correction"] and step["weights"] == "int8",
+                               activations=step["activations"] if qdq else None, per_channel=step["per_channel"],
+                               bias_correction=step["bias_correction"] and qdq, equalize=step["equalize"],
+                               smoothquant=step["smoothquant"], codebook=step["codebook"],
                                int8_method=int8_method, hessians=hessians,
                                gptq_cache=None if moments_cache is None else moments_cache.setdefault("gptq codes", {}),
                                max_samples=step["max_samples"], batch_size=step["batch_size"],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -38,6 +39,14 @@ RECIPE = {"version": 1, "steps": [
     ({"version": 1, "steps": [{"pass": "quantize", "weights": "int4", "int4_layers": ["fc1"]}]},
      "'int4_layers' is for int8 models"),
     ({"version": 1, "steps": [{"pass": "quantize", "int8_method": "awq"}]}, "int8_method must be rtn, gptq or auto"),
+    ({"version": 1, "steps": [{"pass": "quantize", "equalize": True}]}, "equalize must be split, skip or relu"),
+    ({"version": 1, "steps": [{"pass": "quantize", "smoothquant": 1.5}]}, r"SmoothQuant alpha, a number in \[0, 1\]"),
+    ({"version": 1, "steps": [{"pass": "quantize", "codebook": 9}]}, "integer in 1..8"),
+    ({"version": 1, "steps": [{"pass": "quantize", "codebook": True}]}, "integer in 1..8"),
+    ({"version": 1, "steps": [{"pass": "quantize", "codebook": 4, "weights": "int4"}]},
+     r"so weights='int4' would not apply"),
+    ({"version": 1, "steps": [{"pass": "quantize", "codebook": 4, "exclude": ["fc1"], "int8_method": "gptq"}]},
+     r"exclude=\['fc1'\], int8_method='gptq' would not apply; drop them"),
     ({"version": 1, "steps": [{"pass": "cleanup"}], "extra": 1}, "unknown top-level"),
 ])
 def test_invalid_recipes_are_named(recipe, match):
@@ -84,7 +93,7 @@ def test_full_rank_is_exact_and_low_rank_is_bounded(tmp_path):
     model = prepare(tiny_cnn())
     feeds = read_feeds(model, data, 64)
     ref = run_outputs(model, feeds)
-    same = apply_recipe(model, {"version": 1, "steps": [{"pass": "lowrank", "ranks": {"conv2": 72}}]}, data,
+    same = apply_recipe(model, {"version": 1, "steps": [{"pass": "lowrank", "ranks": {"conv2": 16}}]}, data,
                         prepared=True)
     np.testing.assert_allclose(run_outputs(same, feeds), ref, atol=1e-5)
     half = apply_recipe(model, {"version": 1, "steps": [{"pass": "lowrank", "ranks": {"fc1": 8}}]}, data,
@@ -212,3 +221,65 @@ def test_qat_step_is_finetune_of_the_quantized_model(tmp_path, torch_one_thread)
 def test_qat_step_is_checked(steps, message):
     with pytest.raises(OnnxpressError, match=message):
         validate_recipe({"version": 1, "steps": steps})
+
+
+@pytest.mark.parametrize(("step", "message"), [
+    ({"pass": "lowrank", "ranks": {"nonexistent_layer": 4, "relu1": 2, "conv2": 4}},
+     r"'nonexistent_layer' \(no Conv/Gemm/MatMul of that name\), 'relu1' \(no Conv/Gemm/MatMul of that name\); "
+     r"its splittable layers: conv1, conv2, fc1, fc2; .*another model's recipe"),
+    ({"pass": "lowrank", "ranks": {"conv2": 100000, "fc1": 17, "conv1": 8}},
+     r"above the layer's full rank .*: 'conv2': 100000 > 16, 'fc1': 17 > 16; give at most"),
+    ({"pass": "prune", "ratio": {"nogroup": 0.5, "conv2": 0.5, "fc2": 0.5}},
+     r"'nogroup' \(no such group\), 'fc2' \(nothing to prune: reaches graph output logits\); "
+     r"its prunable groups: conv1, conv2, fc1 "),
+    ({"pass": "quantize", "exclude": ["nolayer", "op:Softmax", "conv1", "re:^nomatch", "re:^fc"]},
+     r"exclude \['nolayer', 're:\^nomatch'\] matches no node of this model; its layers: conv1, conv2, fc1, fc2 "),
+    ({"pass": "quantize", "exclude": ["re:(("]}, "exclude pattern 're:\\(\\(' is not a valid regular expression"),
+])  # fmt: skip
+def test_names_the_model_lacks_are_refused(tmp_path, step, message):
+    """A recipe written for another model names layers, channel groups or ranks this one lacks: refused, every
+    such name listed with a few real ones, instead of a silently unchanged (or partly changed) model."""
+    data = tiny_data(tmp_path / "d.npz")
+    with pytest.raises(OnnxpressError, match=message):
+        apply_recipe(prepare(tiny_cnn()), {"version": 1, "steps": [step]}, data, prepared=True)
+
+
+def test_names_are_those_of_the_model_at_their_step(tmp_path):
+    """Names are checked on the model as the steps before left it: a low-rank factor can be excluded after the
+    split only; after a prune step a rank up to the layer's unpruned full rank leaves it whole (the search picks
+    ranks on the unpruned model), one above that is refused."""
+    data = tiny_data(tmp_path / "d.npz")
+    model = prepare(tiny_cnn())
+    split = {"pass": "lowrank", "ranks": {"conv2": 8}}
+    factor = {"pass": "quantize", "method": "minmax", "exclude": ["conv2_lowrank_conv"], "max_samples": 16}
+    built = apply_recipe(model, {"version": 1, "steps": [split, factor]}, data, prepared=True)
+    dq_outputs = {o for n in built.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    assert next(n for n in built.graph.node if n.name == "conv2_lowrank_conv").input[1] not in dq_outputs
+    with pytest.raises(OnnxpressError, match=r"exclude \['conv2_lowrank_conv'\] matches no node"):
+        apply_recipe(model, {"version": 1, "steps": [factor]}, data, prepared=True)
+    prune = {"pass": "prune", "ratio": {"conv2": 0.5}}  # conv2 keeps 8 of 16 outputs: full rank 16 -> 8
+    pruned = apply_recipe(model, {"version": 1, "steps": [prune]}, data, prepared=True)
+    whole = apply_recipe(model, {"version": 1, "steps": [prune, {"pass": "lowrank", "ranks": {"conv2": 16}}]}, data,
+                         prepared=True)
+    assert whole.SerializeToString() == pruned.SerializeToString()
+    with pytest.raises(OnnxpressError, match=r"before the prune step for a pruned layer\): 'conv2': 17 > 16"):
+        apply_recipe(model, {"version": 1, "steps": [prune, {"pass": "lowrank", "ranks": {"conv2": 17}}]}, data,
+                     prepared=True)
+
+
+@pytest.mark.parametrize(("name", "key", "value", "stat"), [
+    ("mobilenet", "equalize", "split", "equalize_cross_layer.pairs"),
+    ("transformer", "smoothquant", 0.5, "smoothquant.smoothed"),
+    ("mobilenet", "codebook", 4, "codebook_weights.weights"),
+])  # fmt: skip
+def test_quantize_step_float_rewrites_are_quantizes(name, key, value, stat):
+    """quantize.equalize / smoothquant / codebook (issue 10: optimize --recipe can rebuild them) build the bytes of
+    onnxpress.quantize with that argument and the step's other settings; the reference did rewrite something."""
+    import onnxpress
+
+    root = Path(__file__).resolve().parent.parent
+    model, calib = root / "models" / f"{name}.onnx", str(root / "models" / "digits32_calib.npz")
+    ref = onnxpress.quantize(model, calib=calib, max_samples=32, int8_method="rtn", **{key: value})
+    assert ref.stats[stat] > 0
+    recipe = load_recipe({"version": 1, "steps": [{"pass": "quantize", key: value, "max_samples": 32}]})
+    assert apply_recipe(model, recipe, calib).SerializeToString() == ref.model.SerializeToString()

@@ -8,7 +8,7 @@ import pytest
 from onnx import helper
 
 from onnxpress.calibration.collect import collect_statistics, select_tensors
-from onnxpress.calibration.observers import MinMaxObserver
+from onnxpress.calibration.observers import MinMaxObserver, make_observer
 from onnxpress.errors import CalibrationError, DataError
 from tests.graphs import conv_bn_relu, gemm, make_model, rng, run
 
@@ -122,8 +122,12 @@ def test_observer_errors_propagate_from_the_worker_thread() -> None:
         collect_statistics(conv_bn_relu(), feeds(3), {"Y": Broken()}, batch_size=1)
 
 
-def test_memory_does_not_grow_with_samples() -> None:
-    """Peak Python-side allocation (numpy is traced) for 400 samples is that of 40 samples."""
+@pytest.mark.parametrize("method", ["minmax", "kl"])
+def test_memory_does_not_grow_with_samples(method: str) -> None:
+    """Peak Python-side allocation (numpy is traced) for 400 samples is that of 40 samples.
+
+    KL too: its histograms are a fixed number of bins, whatever the sample count.
+    """
     import tracemalloc
 
     def stream(n: int):
@@ -133,7 +137,7 @@ def test_memory_does_not_grow_with_samples() -> None:
 
     peaks = []
     for n in (40, 400):
-        obs = {name: MinMaxObserver() for name in ("X", "c", "bn", "Y")}
+        obs = {name: make_observer(method, name) for name in ("X", "c", "bn", "Y")}
         tracemalloc.start()
         collect_statistics(conv_bn_relu(), stream(n), obs, batch_size=8)
         peaks.append(tracemalloc.get_traced_memory()[1])

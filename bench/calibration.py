@@ -33,8 +33,9 @@ bench, so the /ORT-Ent ratios compared a median with one sample.)
 
 Data: the 500 digits calibration images; N=2000 repeats them with light augmentation (integer
 shifts of up to 2 pixels and Gaussian noise of 0.05, seeded). Run: ``python bench/calibration.py``
-(4 models, N = 100/500/2000 for ours, 100/500 for ORT, 3 runs each: ~8 min on the shared 2-core box;
-``--quick``: resnet only, N=100 and 500, one run each: ~40 s).
+(4 models, N = 100/500/2000 for ours and ORT, 3 runs each: 10.5 min on the shared 2-core box, of which ORT
+at N=2000 is about a third; its Entropy calibrator then holds 2.1-6.2 GB (``--ort-sizes 100,500`` leaves it
+out); ``--quick``: resnet only, N=100 and 500, one run each: ~40 s).
 """
 
 from __future__ import annotations

@@ -47,6 +47,7 @@ from onnxpress.passes.flatten_tokens import FlattenTokens
 from onnxpress.passes.flops import unique_keys
 from onnxpress.passes.fold import ShareConstants, ShareTransposedConstants
 from onnxpress.passes.global_pool import ReduceMeanToGlobalPool
+from onnxpress.passes.leading_mean import LeadingMeanAsMatMul
 from onnxpress.passes.matmul_bias import MatMulBiasToOutputRank
 from onnxpress.passes.matmul_to_gemm import MatMulAddToGemm
 from onnxpress.passes.prelu import RewritePRelu
@@ -350,7 +351,7 @@ def quantize(
         if not per_channel:
             raise OnnxpressError("per_channel=False (--per-tensor) is for int8 weights: int4 weights take one scale "
                                  "per block of block_size values (--block-size); drop it")
-        if activations is not None:
+        if activations is not None and activations != "dynamic":  # dynamic has its own message below
             raise OnnxpressError(f"weights='int4' is weight-only: activations stay float, so activations="
                                  f"{activations!r} (--activations) has nothing to set; drop it, or use int4_layers "
                                  "(--int4-layers) for 4-bit layers in an int8 model")
@@ -485,7 +486,7 @@ def quantize(
         # second full run would store QuantizeDynamic's weight scales too: 37.24 -> 36.91 dB on a GPT-style export)
         tables = [] if constants_int8_min_size is None else [StoreConstantsInt8(min_size=constants_int8_min_size,
                                                                                 tables_only=True)]
-        result = run_passes(_shaped(cleaned), [lstm, *head, dyn, *tables, ShareConstants(),
+        result = run_passes(_shaped(cleaned), [lstm, *head, dyn, *tables, LeadingMeanAsMatMul(), ShareConstants(),
                                                ShareTransposedConstants()], progress=progress)
         decisions, used_table, excluded = [*dyn.decisions, *lstm.decisions], None, {}
         convs = sum(n.op_type in ("Conv", "ConvTranspose") for n in cleaned.graph.node)
@@ -616,8 +617,10 @@ def quantize(
         # float Gemm (passes/matmul_bias.py)
         # ShareConstants / ShareTransposedConstants: a tied embedding and its output layer, both int8 (the table's
         # rows equal to the layer's weight, or to its transpose), stored once
-        result = run_passes(_shaped(cleaned), [qdq, MatMulBiasToOutputRank(), lstm, *tail, ShareConstants(),
-                                               ShareTransposedConstants()], progress=progress)
+        # LeadingMeanAsMatMul: a float mean over leading axes (a recurrent net's mean over time), which onnxruntime
+        # runs 15x slower on two threads, as one MatMul (passes/leading_mean.py; after InsertQDQ, which it leaves be)
+        result = run_passes(_shaped(cleaned), [qdq, MatMulBiasToOutputRank(), lstm, LeadingMeanAsMatMul(), *tail,
+                                               ShareConstants(), ShareTransposedConstants()], progress=progress)
         decisions = [*qdq.decisions, *lstm.decisions]
         if codebook_layers:
             result, decisions = _codebook_layers_last(result, decisions, codebook_layers, hessians)

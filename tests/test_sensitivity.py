@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -263,3 +265,103 @@ def test_int4_option_for_a_large_enough_matmul(tmp_path):
     q4, q8 = sens.score("fc1", "int4", "int4"), sens.score("fc1", "int8", "int8")
     assert q4 is not None and q8 is not None and q4.sqnr_db < q8.sqnr_db
     assert sens.score("fc2", "int4", "int4") is None  # 640 weights: too small
+
+
+def _whole_and_reused(model, data, monkeypatch, **kw):
+    """Scores of ``analyze_sensitivity`` run whole (``REUSE_BUDGET = 0``) and reusing activations, and the runs."""
+    import onnxpress.sensitivity as sens
+
+    build, caches = sens._Reuse.build, []
+
+    def keep(cls, *args, **kwargs):
+        caches.append(build(*args, **kwargs))
+        return caches[-1]
+
+    monkeypatch.setattr(sens._Reuse, "build", classmethod(keep))
+    reused = analyze_sensitivity(model, data, cache_dir=False, **kw)
+    monkeypatch.setattr(sens, "REUSE_BUDGET", 0)
+    whole = analyze_sensitivity(model, data, cache_dir=False, **kw)
+    assert caches[0] is not None and caches[1] is None
+    assert [(s.layer, s.option) for s in reused.scores] == [(s.layer, s.option) for s in whole.scores]
+    return whole, reused, caches[0].runs
+
+
+def test_reused_activations_give_the_whole_runs_scores(tmp_path, monkeypatch):
+    """Every family (int8, rank, prune; int4 on the MLP) scores the same when candidates run only what they change.
+
+    The tolerance is 0.01 dB (onnxruntime could fuse differently across the cut); here they agree to the bit.
+    """
+    data = tiny_data(tmp_path / "d.npz")
+    for model in (prepare(tiny_cnn()), prepare(tiny_mlp())):
+        whole, reused, runs = _whole_and_reused(model, data, monkeypatch, max_samples=32)
+        assert {s.family for s in reused.scores} >= {"int8", "rank"}
+        for w, r in zip(whole.scores, reused.scores, strict=True):
+            assert r.sqnr_db == pytest.approx(w.sqnr_db, abs=0.01), (r.layer, r.option)
+            assert dataclasses.replace(r, sqnr_db=w.sqnr_db) == w  # the rest of the row is untouched
+        assert runs["partial"] > 0 and runs["partial"] + runs["whole"] == len(reused.scores)
+        monkeypatch.undo()
+
+
+def test_only_the_changed_part_of_a_candidate_runs(tmp_path):
+    """The part that runs: what differs from the reference (matched by structure, not names) and downstream."""
+    from onnxpress.calibrate import calibrate
+    from onnxpress.passes.qdq import InsertQDQ, Selection
+    from onnxpress.pipeline import run_passes
+    from onnxpress.sensitivity import _Reuse, value_keys
+
+    model = prepare(tiny_cnn())
+    data = tiny_data(tmp_path / "d.npz")
+    feeds = read_feeds(model, data, 40, batch_size=16)  # batches of 16, 16, 8: the part's batch dim stays open
+    reuse = _Reuse.build(model, feeds)
+    assert reuse is not None and _Reuse.build(model, feeds, budget=500_000) is None  # 40 samples x 12.7 kB: over
+    # int8 of conv2: its Q/DQ nodes, conv2 and everything after, fed relu1's output from the reference run
+    others = frozenset(n.name for n in model.graph.node if n.name != "conv2")
+    qdq = run_passes(model, [InsertQDQ(calibrate(model, data, max_samples=64), exclude=Selection(nodes=others))])
+    changed, frontier, _ = reuse.plan(qdq.model)
+    assert frontier == ["r1"] and "conv2" in changed and "fc2" in changed and not {"conv1", "relu1"} & set(changed)
+    # every node and value renamed, fc2's weight halved: only fc2 runs (from fc1's Relu); the renames do not count
+    cand = onnx.ModelProto()
+    cand.CopyFrom(model)
+    del cand.graph.value_info[:]
+    kept = {"input", "logits"}
+    for node in cand.graph.node:
+        node.name = "x_" + node.name
+        node.input[:] = [i if i in kept else "x_" + i for i in node.input]
+        node.output[:] = [o if o in kept else "x_" + o for o in node.output]
+    for init in cand.graph.initializer:
+        arr = numpy_helper.to_array(init) * (0.5 if init.name == "w4" else 1.0)
+        init.CopyFrom(numpy_helper.from_array(arr.astype(np.float32), "x_" + init.name))
+    assert reuse.plan(cand)[:2] == (["x_fc2"], ["x_r3"])
+    for c in (qdq.model, cand):
+        assert np.array_equal(reuse.outputs(c), run_outputs(c, feeds))
+    # conv1 changed: the part would read only the graph input, so the candidate runs whole
+    first = onnx.ModelProto()
+    first.CopyFrom(model)
+    w1 = next(i for i in first.graph.initializer if i.name == "w1")
+    w1.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w1) * 0.5, "w1"))
+    assert reuse.plan(first) is None
+    runs = dict(reuse.runs)
+    assert np.array_equal(reuse.outputs(first), run_outputs(first, feeds))
+    assert reuse.runs == {"partial": runs["partial"], "whole": runs["whole"] + 1}
+    # a subgraph reads outer values by name, which the keys do not cover: no keys, no reuse
+    branch = helper.make_graph([helper.make_node("Identity", ["r1"], ["b"])], "b", [],
+                               [helper.make_tensor_value_info("b", TensorProto.FLOAT, None)])
+    nested = onnx.ModelProto()
+    nested.CopyFrom(model)
+    nested.graph.node.append(helper.make_node("If", ["cond"], ["unused"], then_branch=branch, else_branch=branch))
+    assert value_keys(nested) is None and value_keys(model) is not None
+
+
+REFERENCE_MODELS = Path(__file__).resolve().parent.parent / "models"
+
+
+@pytest.mark.skipif(not (REFERENCE_MODELS / "mobilenet.onnx").exists(), reason="reference models not built")
+def test_reused_activations_on_a_reference_model(monkeypatch):
+    """mobilenet (int8, rank 0.5, prune 0.5 on 64 samples): the scores of the partial runs are the whole runs'."""
+    model = prepare(REFERENCE_MODELS / "mobilenet.onnx")
+    whole, reused, runs = _whole_and_reused(model, REFERENCE_MODELS / "digits32_calib.npz", monkeypatch,
+                                            rank_fractions=(0.5,), prune_ratios=(0.5,))
+    worst = max(0.0 if r.sqnr_db == w.sqnr_db else abs(r.sqnr_db - w.sqnr_db)  # inf == inf: no difference
+                for w, r in zip(whole.scores, reused.scores, strict=True))
+    assert worst <= 0.01
+    assert runs["partial"] >= len(reused.scores) - 4  # the first conv's options and its group's prune run whole

@@ -634,6 +634,7 @@ def analyze_sensitivity(
     base_bytes = roundtrip_bytes(model)
     reference = run_outputs(model, feeds)
     reuse = _Reuse.build(model, feeds)  # the reference's values: candidates run only what they change
+    factors: dict[tuple[object, ...], object] = {}  # FixedRanks' factorisations, keyed by layer, method, weights
     names = [n.name for n in model.graph.node if n.name]
     jobs: list[tuple[LayerInfo | str, str, float | None]] = []
     four = set(int4_layers(model)) if int4 else set()
@@ -716,6 +717,7 @@ def analyze_sensitivity(
             macs_after, params_after, option = lay.macs, lay.params, f"cb{CODEBOOK_LAYER_BITS}"
         else:
             split = FixedRanks({lay.key: r}, moments={k: v for k, v in (moments or {}).items() if k == lay.key})
+            split.reuse_factors = factors  # each layer's SVD once across the rank candidates (same factors)
             cand = run_passes(model, [split]).model
             rep = next((x for x in split.report if x.key == lay.key and x.rank is not None), None)
             if rep is None:

@@ -22,24 +22,28 @@ static (say 1) makes feeds go out as stored (and an ``.npz`` is sliced into piec
 size). ``batch_size=None`` yields feeds as stored (an ``.npz`` as one feed).
 
 Checks, each a :class:`DataError` naming the input and what the model expects: missing names,
-rank, static dimensions, dtype, NaN, and no samples at all (+-inf passes: attention masks). Dtypes
-must match exactly, with one exception chosen on purpose: an integer array is widened to a wider integer type the model
-expects when the cast is lossless (``int32`` token ids into an ``int64`` input). Floats are never
-cast (``float64`` into a ``float32`` input is an error that says how to convert), because a silent
+rank, static dimensions, dtype, NaN or inf (calibrate and quantize take +-inf: attention masks;
+:func:`infinite_values_allowed`), and no samples at all. Dtypes must match exactly, with one
+exception chosen on purpose: an integer array is widened to a wider integer type the model expects
+when the cast is lossless (``int32`` token ids into an ``int64`` input). Floats are never cast
+(``float64`` into a ``float32`` input is an error that says how to convert), because a silent
 down-cast would hide a preprocessing mismatch.
 """
 
 from __future__ import annotations
 
 import abc
+import contextlib
+import contextvars
 import copy
 import dataclasses
+import functools
 import logging
 import os
 import zipfile
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, TypeVar, Union
 
 import numpy as np
 import onnx
@@ -164,16 +168,47 @@ def _check_shape(name: str, shape: tuple[int, ...], spec: InputSpec, where: str,
         raise DataError(f"{where}: input {name!r} has no samples (shape {list(shape)})")
 
 
-def _check_not_nan(name: str, arr: np.ndarray, where: str, offset: int) -> None:
-    """Refuse NaN in a float input.
+_T = TypeVar("_T")
+_INFINITE_OK: contextvars.ContextVar[bool] = contextvars.ContextVar("onnxpress_infinite_inputs_ok", default=False)
 
-    +-inf passes: an additive attention mask holds -inf by design, and calibration reports such a
-    tensor and leaves it out of quantization (``table.excluded``).
+
+@contextlib.contextmanager
+def infinite_values_allowed() -> Iterator[None]:
+    """Within this block, float inputs may hold +-inf (NaN is still refused).
+
+    An additive attention mask fed as an input holds -inf by design; calibration reports such a tensor
+    and leaves it out of quantization (``table.excluded``), so :func:`onnxpress.calibrate` and
+    :func:`onnxpress.quantize` read their data inside this block. Everywhere else (validate, prune,
+    lowrank, finetune) an infinite input is corrupted data: those refuse it by name.
     """
-    if arr.dtype.kind in "fc" and np.isnan(arr).any():
-        bad = np.argwhere(np.isnan(arr))[0]
-        at = f"sample {offset + int(bad[0])}" if arr.ndim else "the scalar"
-        raise DataError(f"{where}: input {name!r} holds NaN (first at {at}); clean or drop those samples")
+    token = _INFINITE_OK.set(True)
+    try:
+        yield
+    finally:
+        _INFINITE_OK.reset(token)
+
+
+def accepts_infinite_inputs(fn: Callable[..., _T]) -> Callable[..., _T]:
+    """Run ``fn`` inside :func:`infinite_values_allowed`."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: object, **kwargs: object) -> _T:
+        with infinite_values_allowed():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def _check_finite(name: str, arr: np.ndarray, where: str, offset: int) -> None:
+    if arr.dtype.kind not in "fc":
+        return
+    bad = np.isnan(arr) if _INFINITE_OK.get() else ~np.isfinite(arr)
+    if bad.any():
+        first = np.argwhere(bad)[0]
+        at = f"sample {offset + int(first[0])}" if arr.ndim else "the scalar"
+        what = "NaN" if _INFINITE_OK.get() else "NaN or inf"
+        hint = "" if _INFINITE_OK.get() else " (an attention mask's -inf is taken by calibrate and quantize)"
+        raise DataError(f"{where}: input {name!r} holds {what} (first at {at}); clean or drop those samples{hint}")
 
 
 def check_feed(
@@ -191,7 +226,8 @@ def check_feed(
         offset: index of the feed's first sample in the whole source, for error messages.
 
     Raises:
-        DataError: not a mapping, a missing input, wrong rank/static dimension/dtype, no samples, NaN.
+        DataError: not a mapping, a missing input, wrong rank/static dimension/dtype, no samples, NaN (or inf outside
+            :func:`infinite_values_allowed`).
     """
     if not isinstance(feed, Mapping):
         raise DataError(f"{where}: expected a dict of input name -> array, got {type(feed).__name__}")
@@ -210,7 +246,7 @@ def check_feed(
         if _check_dtype(spec.name, arr.dtype, spec, where):
             arr = arr.astype(spec.dtype)
         _check_shape(spec.name, arr.shape, spec, where, axis0=True)
-        _check_not_nan(spec.name, arr, where, offset)
+        _check_finite(spec.name, arr, where, offset)
         out[spec.name] = arr
     return out
 
@@ -557,7 +593,7 @@ def open_data(source: DataSource, model: onnx.ModelProto, *, max_samples: int | 
 
     Raises:
         DataError: the path is missing or unreadable, names/rank/static dims/dtype do not fit, or the
-            ``.npz``/folder is empty. Problems inside streamed feeds (NaN, a bad file in a folder,
+            ``.npz``/folder is empty. Problems inside streamed feeds (NaN/inf, a bad file in a folder,
             a bad dict) are raised while iterating ``batches()``.
         UnsupportedModelError: a model input is not a tensor.
     """
@@ -644,7 +680,8 @@ def symbolic_sizes(model: onnx.ModelProto, data: DataSource | None = None,
 
     sizes = {str(k): int(v) for k, v in (given or {}).items()}
     wanted = symbolic_input_dims(model)
-    unknown = sorted(set(sizes) - set(wanted))
+    batch = {d.dim_param for vi in model.graph.input for d in vi.type.tensor_type.shape.dim[:1] if d.dim_param}
+    unknown = sorted(set(sizes) - set(wanted) - batch)  # a batch name is harmless: MACs are per sample
     if unknown:  # a typo would count MACs at the first sample's size without a word
         names = sorted(wanted) or ["none: every input dimension beyond the batch is fixed"]
         raise DataError(f"--dim / dims name(s) {unknown} are not symbolic input dimensions of the model; "

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import onnx
 
+from onnxpress.calibration.readers import accepts_infinite_inputs
 from onnxpress.calibration.table import CalibrationTable
 from onnxpress.errors import CalibrationError, OnnxpressError, UnsupportedModelError
 from onnxpress.model_io import (
@@ -217,6 +218,7 @@ def _as_overrides(overrides: Mapping[str, TensorOverride | Mapping[str, object]]
     return out
 
 
+@accepts_infinite_inputs  # an attention mask fed as an input holds -inf: reported, left float
 def quantize(
     model: ModelSource,
     output: str | os.PathLike[str] | None = None,

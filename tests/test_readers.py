@@ -9,7 +9,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from onnxpress.calibration.readers import load_labels, model_inputs, open_data
+from onnxpress.calibration.readers import infinite_values_allowed, load_labels, model_inputs, open_data
 from onnxpress.errors import DataError, UnsupportedModelError
 from tests import graphs
 
@@ -230,23 +230,30 @@ def test_npz_misfits_fail_when_opened(tmp_path, arrays, message):
         open_data(_write(tmp_path, **arrays), graphs.gemm())
 
 
-def test_nan_names_the_input_and_sample(tmp_path):
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_values_name_the_input_and_sample(tmp_path, bad):
     x = _x(10)
-    x[7, 3] = np.nan
+    x[7, 3] = bad
     reader = open_data(_write(tmp_path, X=x), graphs.gemm())
-    with pytest.raises(DataError, match=r"'X' holds NaN \(first at sample 7\)"):
+    with pytest.raises(DataError, match=r"'X' holds NaN or inf \(first at sample 7\); clean or drop those samples "
+                                        r"\(an attention mask's -inf is taken by calibrate and quantize\)"):
         list(reader.batches(4))
 
 
 @pytest.mark.parametrize("inf", [np.inf, -np.inf])
-def test_infinite_values_pass_through(tmp_path, inf):
+def test_infinite_values_pass_where_allowed_and_nan_never(tmp_path, inf):
     # an additive attention mask holds -inf on purpose; calibration reports such a tensor instead
     x = _x(10)
     x[7, 3] = inf
-    reader = open_data(_write(tmp_path, X=x), graphs.gemm())
-    got = np.concatenate([b["X"] for b in reader.batches(4)])
-    assert got[7, 3] == inf
-    np.testing.assert_array_equal(got, x)
+    with infinite_values_allowed():
+        got = np.concatenate([b["X"] for b in open_data(_write(tmp_path, X=x), graphs.gemm()).batches(4)])
+        assert got[7, 3] == inf
+        np.testing.assert_array_equal(got, x)
+        x[8, 0] = np.nan
+        with pytest.raises(DataError, match=r"'X' holds NaN \(first at sample 8\); clean or drop those samples$"):
+            list(open_data(_write(tmp_path, X=x), graphs.gemm()).batches(4))
+    with pytest.raises(DataError, match="holds NaN or inf"):  # the block ended
+        list(open_data(_write(tmp_path, X=x), graphs.gemm()).batches(4))
 
 
 @pytest.mark.parametrize(

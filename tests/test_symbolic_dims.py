@@ -79,6 +79,7 @@ def test_symbolic_sizes_come_from_given_then_the_first_sample(tmp_path):
     with pytest.raises(DataError, match=r"name\(s\) \['tt'\] are not symbolic input dimensions of the model; "
                                          r"it has \['t'\]"):
         symbolic_sizes(model, data, {"tt": 4})  # a typo would count MACs at the sample's length silently
+    assert symbolic_sizes(model, data, {"b": 8, "t": 4}) == {"b": 8, "t": 4}  # the batch's name: harmless
     with pytest.raises(DataError, match="every input dimension beyond the batch is fixed"):
         symbolic_sizes(token_mlp(seq=9), data, {"t": 4})
 

@@ -132,3 +132,21 @@ def quiet_graphsurgeon() -> Iterator[None]:
         yield
     finally:
         G_LOGGER.severity = old
+
+
+def reduce_axes(node: gs.Node, rank: int) -> list[int] | str:
+    """A Reduce* node's reduced axes, sorted in ``0..rank-1``, or why they cannot be read.
+
+    Its axes are an attribute before opset 18 (13 for ReduceSum) and a constant input after.
+    """
+    if int(node.attrs.get("noop_with_empty_axes", 0)):
+        return "noop_with_empty_axes"
+    if len(node.inputs) > 1 and node.inputs[1] is not None and node.inputs[1].name:
+        if not isinstance(node.inputs[1], gs.Constant):
+            return "axes are computed at run time"
+        axes = np.asarray(node.inputs[1].values).ravel().tolist()
+    else:
+        axes = node.attrs.get("axes")
+    if not axes:
+        return "reduces every axis"
+    return sorted({int(a) % rank for a in axes})

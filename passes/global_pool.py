@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxpress.passes.base import PassResult, fresh_names, graph_names
+from onnxpress.passes.base import PassResult, fresh_names, graph_names, reduce_axes
 
 __all__ = ["ReduceMeanToGlobalPool"]
 
@@ -69,15 +69,10 @@ def _decline_reason(node: gs.Node) -> str | None:
         # rank 3 [batch, seq, features]: a mean over the last axis is most often a LayerNorm written out
         # (opset < 17 exports), which onnxruntime fuses only while it stays a ReduceMean
         return "input rank unknown or below 4"
-    if len(node.inputs) > 1 and node.inputs[1] is not None and node.inputs[1].name:
-        if not isinstance(node.inputs[1], gs.Constant):
-            return "axes are computed at run time"
-        axes = np.asarray(node.inputs[1].values).ravel().tolist()
-    else:
-        axes = node.attrs.get("axes")
-    if not axes:
-        return "reduces every axis"
-    if sorted(int(a) % rank for a in axes) != list(range(2, rank)):
+    axes = reduce_axes(node, rank)
+    if isinstance(axes, str):
+        return axes
+    if axes != list(range(2, rank)):
         return f"axes {list(axes)} are not the spatial axes 2..{rank - 1}"
     if not int(node.attrs.get("keepdims", 1)) and rank != 4:
         return "keepdims=0 on a rank other than 4"

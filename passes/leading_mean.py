@@ -33,7 +33,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxpress.passes.base import PassResult, fresh_names, graph_names
+from onnxpress.passes.base import PassResult, fresh_names, graph_names, reduce_axes
 
 __all__ = ["LeadingMeanAsMatMul"]
 
@@ -81,21 +81,6 @@ class LeadingMeanAsMatMul:
         return PassResult(graph, rewritten > 0, {"rewritten": rewritten}, tuple(notes))
 
 
-def _axes(node: gs.Node, rank: int) -> list[int] | str:
-    """The reduced axes in ``0..rank-1``, or why they cannot be read."""
-    if int(node.attrs.get("noop_with_empty_axes", 0)):
-        return "noop_with_empty_axes"
-    if len(node.inputs) > 1 and node.inputs[1] is not None and node.inputs[1].name:
-        if not isinstance(node.inputs[1], gs.Constant):
-            return "axes computed at run time"
-        axes = np.asarray(node.inputs[1].values).ravel().tolist()
-    else:
-        axes = node.attrs.get("axes")
-    if not axes:
-        return "reduces every axis"
-    return sorted({int(a) % rank for a in axes})
-
-
 def _plan(node: gs.Node) -> tuple[gs.Tensor, int, list[int]] | str:
     """``(source, T, output shape with -1)`` for a rewrite of ``node``, or why not ("" when it is no candidate).
 
@@ -106,7 +91,7 @@ def _plan(node: gs.Node) -> tuple[gs.Tensor, int, list[int]] | str:
     if x.dtype is None or np.dtype(x.dtype) != np.float32 or x.shape is None:
         return ""  # not a known float32 tensor: nothing to say (most graphs have many such reductions)
     rank = len(x.shape)
-    axes = _axes(node, rank)
+    axes = reduce_axes(node, rank)
     if isinstance(axes, str):
         return ""
     source, source_axes = x, axes

@@ -468,14 +468,12 @@ def measure_float_penalties(m0: onnx.ModelProto, calib: object, space: SearchSpa
     base = quantize(m0, calib=calib, method=method, max_samples=256, bias_correction=False,
                     int8_method="rtn")  # timed only
     models = [base.model]
+    names = {n.name for n in m0.graph.node}  # a layer key that names no node (an unnamed one's output) is left out
     for lay in tqdm(space.layers, desc="float penalties", unit="layer", disable=not progress):
         if late():
             log.warning("time limit: float penalties not measured (no layer is proposed as a free float layer)")
             return None
-        # by name: a layer key that is no node name (an unnamed node's output) would be refused by quantize
-        names = {n.name for n in m0.graph.node}
-        models.append(quantize(m0, table=base.table, method=method,
-                               exclude=[x for x in split_names(lay.key) if x != lay.key or x in names]).model)
+        models.append(quantize(m0, table=base.table, method=method, exclude=split_names(lay.key, names)).model)
     ref = m0 if reference is None else reference
     repeats = _repeats_within(models[0], feed, len(models) + 1, repeats, threads)
     per_loop: list[list[float]] = []

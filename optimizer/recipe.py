@@ -47,7 +47,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -414,10 +414,15 @@ def _check_exclude(where: str, model: onnx.ModelProto, exclude: Sequence[str]) -
                           f"(op:TYPE excludes an op type, re:PATTERN node names by a regular expression); {_FOREIGN}")
 
 
-def split_names(key: str) -> list[str]:
-    """Quantize-exclude items covering layer ``key`` and the factor nodes ``lowrank`` makes from it."""
+def split_names(key: str, present: Collection[str] | None = None) -> list[str]:
+    """Quantize-exclude items covering layer ``key`` and the factor nodes ``lowrank`` makes from it.
+
+    With ``present`` (the node names of the model quantize gets) a ``key`` that names no node there (the
+    layer was split, or it is an unnamed node's output) is left out: quantize refuses names no node has.
+    """
     base = key.replace("/", "_").strip("_") or "layer"
-    return [key, f"re:^{re.escape(base)}_(lowrank|tucker)"]
+    pattern = f"re:^{re.escape(base)}_(lowrank|tucker)"
+    return [pattern] if present is not None and key not in present else [key, pattern]
 
 
 def prepare(model: ModelSource) -> onnx.ModelProto:
@@ -552,9 +557,8 @@ def apply_recipe(
             from onnxpress.quantize import quantize
 
             _check_exclude(where, current, step["exclude"])
-            # a split layer is excluded by its factors' pattern alone (quantize refuses names no node has)
             nodes = {n.name for n in current.graph.node}
-            exclude = [item for key in step["exclude"] for item in split_names(key) if item != key or key in nodes]
+            exclude = [item for key in step["exclude"] for item in split_names(key, nodes)]
             # int8 QDQ's own settings go to quantize only for an int8 QDQ step: it refuses what int4 or codebook
             # weights would ignore (validate_recipe fills in every default, so they are always there)
             qdq = step["weights"] == "int8" and step["codebook"] is None

@@ -64,13 +64,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import numbers
 import threading
 
 import numpy as np
 
 from onnxpress.errors import CalibrationError
 
-__all__ = ["Histogram", "mse_bin", "percentile_bin", "sample_positions"]
+__all__ = ["Histogram", "check_percentile", "mse_bin", "percentile_bin", "sample_positions"]
 
 DEFAULT_BINS = 2048
 
@@ -511,14 +512,24 @@ def _coarsen(counts: np.ndarray, shift: int, size: int) -> np.ndarray:
     return out
 
 
+def check_percentile(percentile: object) -> None:
+    """Refuse a percentile outside (0, 100].
+
+    Raises:
+        CalibrationError: names the value and what 99.99 means.
+    """
+    if isinstance(percentile, bool) or not isinstance(percentile, numbers.Real) or not 0 < percentile <= 100:
+        raise CalibrationError(f"percentile must be in (0, 100], got {percentile!r}; 99.99 keeps all but the "
+                               "largest 0.01% of |x|")
+
+
 def percentile_bin(magnitude: np.ndarray, percentile: float) -> int:
     """Smallest ``i >= 1`` such that bins ``[0, i)`` hold at least ``percentile`` % of the values.
 
     Raises:
         CalibrationError: ``percentile`` is outside (0, 100] or the histogram is empty.
     """
-    if not 0.0 < percentile <= 100.0:
-        raise CalibrationError(f"percentile must be in (0, 100], got {percentile}")
+    check_percentile(percentile)
     total = int(magnitude.sum())
     if total == 0:
         raise CalibrationError("empty histogram")

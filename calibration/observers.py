@@ -26,7 +26,14 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from onnxpress.calibration.histogram import DEFAULT_BINS, Histogram, check_observed, mse_bin, percentile_bin
+from onnxpress.calibration.histogram import (
+    DEFAULT_BINS,
+    Histogram,
+    check_observed,
+    check_percentile,
+    mse_bin,
+    percentile_bin,
+)
 from onnxpress.calibration.kl import flatten_zero_spike, kl_bin, quantized_bins
 from onnxpress.calibration.table import TensorRange
 from onnxpress.errors import CalibrationError
@@ -119,9 +126,8 @@ class HistogramObserver:
         if method not in METHODS:
             raise CalibrationError(f"unknown calibration method {method!r}; choose one of {', '.join(METHODS)}")
         quantized_bins(bits, True)  # validates bits
-        if method == "percentile" and not (isinstance(percentile, (int, float)) and 0 < percentile <= 100):
-            raise CalibrationError(f"percentile must be in (0, 100], got {percentile!r}; 99.99 keeps all but the "
-                                   "largest 0.01% of |x|")
+        if method == "percentile":  # before any data is read, not after the run
+            check_percentile(percentile)
         if method == "kl" and bins < 2**bits:
             raise CalibrationError(f"kl needs at least 2**bits = {2**bits} histogram bins, got {bins}")
         self.method = method

@@ -202,12 +202,13 @@ def accepts_infinite_inputs(fn: Callable[..., _T]) -> Callable[..., _T]:
 def _check_finite(name: str, arr: np.ndarray, where: str, offset: int) -> None:
     if arr.dtype.kind not in "fc":
         return
-    bad = np.isnan(arr) if _INFINITE_OK.get() else ~np.isfinite(arr)
+    inf_ok = _INFINITE_OK.get()
+    bad = np.isnan(arr) if inf_ok else ~np.isfinite(arr)
     if bad.any():
         first = np.argwhere(bad)[0]
         at = f"sample {offset + int(first[0])}" if arr.ndim else "the scalar"
-        what = "NaN" if _INFINITE_OK.get() else "NaN or inf"
-        hint = "" if _INFINITE_OK.get() else " (an attention mask's -inf is taken by calibrate and quantize)"
+        what, hint = ("NaN", "") if inf_ok else ("NaN or inf", " (an attention mask's -inf is taken by calibrate and "
+                                                              "quantize)")
         raise DataError(f"{where}: input {name!r} holds {what} (first at {at}); clean or drop those samples{hint}")
 
 

@@ -69,6 +69,10 @@ class TensorRange:
         return max(abs(self.min), abs(self.max))
 
 
+_READS = {"kl": ("bits", 8), "mse": ("bits", 8), "percentile": ("percentile", 99.99)}
+"""Per method, the table setting (``meta`` key, default) its range rule reads besides the histogram."""
+
+
 @dataclasses.dataclass
 class CalibrationTable:
     """Mapping of tensor name → :class:`TensorRange`, plus which tensors were left out and why."""
@@ -176,14 +180,14 @@ class CalibrationTable:
         p = Path(path)
         if not p.is_file():
             raise CalibrationError(f"calibration table {p} not found")
-        with open(p, "rb") as f:
-            magic = f.read(4)
-        if magic != b"PK\x03\x04":  # an .npz is a zip archive; numpy's own error speaks of pickles
-            raise CalibrationError(
-                f"{p} is not an onnxpress calibration table (not an .npz archive); give the file that "
-                "`onnxpress calibrate -o TABLE.npz` or CalibrationTable.save wrote"
-            )
         try:
+            with open(p, "rb") as f:
+                magic = f.read(4)
+            if magic != b"PK\x03\x04":  # an .npz is a zip archive; numpy's own error speaks of pickles
+                raise CalibrationError(
+                    f"{p} is not an onnxpress calibration table (not an .npz archive); give the file that "
+                    "`onnxpress calibrate -o TABLE.npz` or CalibrationTable.save wrote"
+                )
             with np.load(p, allow_pickle=False) as z:
                 if "header" not in z:
                     raise CalibrationError(f"{p} is not an onnxpress calibration table (no header)")
@@ -248,16 +252,14 @@ class CalibrationTable:
             if len(methods) > 1:
                 raise CalibrationError(f"tables mix methods {sorted(methods)}; pass method= to merge")
             method = methods.pop() if methods else "minmax"
-        # the range rule reads these settings: shards that disagree have no one merged range
-        for key, default in {"kl": [("bits", 8)], "mse": [("bits", 8)], "percentile": [("percentile", 99.99)]}.get(
-            method, []
-        ):
-            seen = {t.meta.get(key, default) for t in tables}
-            if len(seen) > 1:
-                raise CalibrationError(
-                    f"tables were calibrated with different {key} ({', '.join(map(str, sorted(seen)))}); "
-                    f"calibrate every shard with the same {key}, or merge tables of one setting"
-                )
+        # the setting the range rule reads (minmax reads none): shards that disagree have no one merged range
+        key, default = _READS.get(method, (None, None))
+        seen = {t.meta.get(key, default) for t in tables} if key else set()
+        if len(seen) > 1:
+            raise CalibrationError(
+                f"tables were calibrated with different {key} ({', '.join(map(str, sorted(seen)))}); "
+                f"calibrate every shard with the same {key}, or merge tables of one setting"
+            )
         bits = int(first.meta.get("bits", 8))
         percentile = float(first.meta.get("percentile", 99.99))
         excluded: dict[str, str] = {}

@@ -414,13 +414,13 @@ def quantize(
     del original  # each copy of a large model's weights held at once costs gigabytes
     cleaned = run_passes(proto, cleanup_passes(), progress=progress).model
     _check_selection([proto, cleaned], asked)  # the user's names, or the cleaned graph's (recipes)
-    unknown = sorted(set(ovs) - _tensor_names(proto) - _tensor_names(cleaned))
+    given = _tensor_names(proto)  # overrides and a table may name tensors cleanup folded away
+    unknown = sorted(set(ovs) - given - _tensor_names(cleaned))
     if unknown:  # a typo would leave the tensor with the setting it was meant to lose
         raise OnnxpressError(f"overrides name tensors the model does not have: {unknown[:5]}; give tensor names "
                              "(node outputs or graph inputs)")
     if table is not None and not isinstance(table, CalibrationTable):
         table = CalibrationTable.load(table)
-    given = set() if table is None else _tensor_names(proto)  # the table may name tensors cleanup folded away
     if upgrading is not None:
         _check_upgrade(*upgrading, cleaned, calib)
     if weight_only4 and not _int4_layers(cleaned):
@@ -1044,17 +1044,16 @@ def _auto_ranges(
 def _resolve_table(
     model: onnx.ModelProto,
     calib: object | None,
-    table: CalibrationTable | str | os.PathLike[str] | None,
+    table: CalibrationTable | None,
     method: str,
     overrides: Mapping[str, TensorOverride],
     max_samples: int | None,
     batch_size: int,
     progress: bool,
 ) -> CalibrationTable:
-    if isinstance(table, CalibrationTable):
+    """The table given (``quantize`` loaded a path early, to check it fits), or one calibrated on ``calib``."""
+    if table is not None:
         result = table
-    elif table is not None:
-        result = CalibrationTable.load(table)
     elif calib is None:
         raise CalibrationError(
             "int8 quantization needs calibration data: pass calib= (an .npz of inputs) or table= "

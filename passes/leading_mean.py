@@ -101,8 +101,8 @@ def _plan(node: gs.Node) -> tuple[gs.Tensor, int, list[int]] | str:
         kept = [perm[i] for i in range(rank) if i not in axes]
         if kept == sorted(kept):  # the other axes keep their order: no transpose left on the output
             source, source_axes = producer.inputs[0], sorted(perm[a] for a in axes)
-    if source_axes != list(range(len(source_axes))):
-        return ""  # not leading axes: onnxruntime reduces these as fast as the product
+    if source_axes != list(range(len(source_axes))) or len(source_axes) == rank:
+        return ""  # not leading axes (onnxruntime reduces these as fast as the product), or every axis
     if source.shape is None or len(source.shape) != rank:
         return "input shape unknown"
     dims = [source.shape[a] for a in source_axes]
@@ -114,6 +114,4 @@ def _plan(node: gs.Node) -> tuple[gs.Tensor, int, list[int]] | str:
     target = [d if isinstance(d, int) and d >= 0 else -1 for d in out]
     if target.count(-1) > 1:
         return "more than one dynamic output dimension"
-    if len(source_axes) == rank:
-        return ""
     return source, int(np.prod(dims)), target

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import re
 from typing import TYPE_CHECKING
 
 from onnxpress.cli import add_common, progress_enabled
@@ -155,8 +156,6 @@ def _merged(items: list[tuple[str, dict[str, object]]]) -> dict[str, dict[str, o
 
 def _override(text: str) -> tuple[str, dict[str, object]]:
     """Parse ``TENSOR:KEY=VALUE[,KEY=VALUE]`` (the tensor name may hold ``:``; the first ``:KEY=`` splits)."""
-    import re
-
     match = re.fullmatch(rf"(.+?):((?:{'|'.join(_OVERRIDE_KEYS)})=.*)", text)
     if match is None:
         raise argparse.ArgumentTypeError(f"expected TENSOR:KEY=VALUE with KEY one of {', '.join(_OVERRIDE_KEYS)}, "

@@ -72,6 +72,9 @@ DEFAULT_METHOD = "mse"
 
 WEIGHT_TYPES = ("int8", "int4")
 
+INT4_BLOCK_SIZE = 64
+"""Default rows per scale block of int4 weights (``block_size``)."""
+
 INT8_METHODS = ("rtn", "gptq")
 
 GPTQ_SAMPLES = 128
@@ -229,7 +232,7 @@ def quantize(
     per_channel: bool = True,
     activations: str | None = None,
     weights: str = "int8",
-    block_size: int = 64,
+    block_size: int | None = None,
     exclude: Selection | Iterable[str] = (),
     overrides: Mapping[str, TensorOverride | Mapping[str, object]] | None = None,
     quantize_ops: Iterable[str] = (),
@@ -273,8 +276,10 @@ def quantize(
             either, an LSTM with constant weights becomes onnxruntime's DynamicQuantizeLSTM (int8 weights, its
             input and hidden state quantized at run time: QDQ has no integer recurrent kernel); exclude
             ``op:LSTM`` to keep it float.
-        block_size: rows per scale block for int4 (64: the size/accuracy balance measured in bench/quantize.py;
-            with GPTQ rounding, 128 measured the same logit SQNR on the transformer at 0.141x instead of 0.148x).
+        block_size: rows per scale block for int4 weights (``weights="int4"`` or ``int4_layers``); default
+            ``INT4_BLOCK_SIZE`` = 64: the size/accuracy balance measured in bench/quantize.py (with GPTQ rounding, 128
+            measured the same logit SQNR on the transformer at 0.141x instead of 0.148x). Refused where no layer
+            gets int4 weights: it would change nothing.
         exclude: node names, ``op:<OpType>`` or ``re:<regex on node names>`` to keep float.
         overrides: per-tensor ``{"dtype": "uint8"|"int8"|"float", "range": (lo, hi),
             "per_channel": bool, "method": "minmax"|...}``.
@@ -382,6 +387,12 @@ def quantize(
         )
     if int4_layers and (weights != "int8" or codebook is not None):
         raise OnnxpressError("int4_layers mixes 4-bit layers into an int8 model: use it with weights='int8'")
+    if block_size is not None and (codebook is not None or (weights == "int8" and not int4_layers)):
+        raise OnnxpressError(f"block_size={block_size} (--block-size) sets the scale blocks of int4 weights, and no "
+                             "layer gets int4 weights here: drop it, or add weights='int4' (--weights int4) or "
+                             "int4_layers (--int4-layers)")
+    if block_size is None:
+        block_size = INT4_BLOCK_SIZE
     if activations is not None and activations not in (*ACTIVATION_TYPES, "dynamic"):
         raise OnnxpressError(f"activations must be one of {', '.join(ACTIVATION_TYPES)} or dynamic, "
                              f"got {activations!r}")

@@ -100,10 +100,6 @@ CACHE_VERSION = 8  # 8: the data digest covers the range and moment samples too
 INT4_MIN_WEIGHTS = 4096
 """Smallest weight (elements) offered the int4 option: smaller ones cost little and can dominate the error."""
 
-INT4_BLOCK = 64
-"""Block size of the int4 option (``onnxpress.quantize``'s default, which the recipe step uses)."""
-
-
 def nsr(sqnr: float) -> float:
     """Noise-to-signal power ratio of an SQNR in dB (0 for +inf)."""
     return 0.0 if math.isinf(sqnr) and sqnr > 0 else 10.0 ** (-sqnr / 10.0)
@@ -600,7 +596,7 @@ def analyze_sensitivity(
     from onnxpress.passes.qdq import InsertQDQ, Selection
     from onnxpress.passes.weight_only import QuantizeWeightsInt4
     from onnxpress.pipeline import run_passes
-    from onnxpress.quantize import CODEBOOK_LAYER_BITS
+    from onnxpress.quantize import CODEBOOK_LAYER_BITS, INT4_BLOCK_SIZE  # the recipe step's block size too
     from onnxpress.recipe import FixedRanks
 
     if max_samples < 1:
@@ -697,7 +693,7 @@ def analyze_sensitivity(
             macs_after, params_after, option = lay.macs, lay.params, "int8"
         elif fam == "int4":
             pass4 = QuantizeWeightsInt4(
-                block_size=INT4_BLOCK, exclude=frozenset(n for n in names if n != lay.key), int8_below=0,
+                block_size=INT4_BLOCK_SIZE, exclude=frozenset(n for n in names if n != lay.key), int8_below=0,
                 constants_int8_min_size=None, hessians={k: v for k, v in (moments or {}).items() if k == lay.key},
             )  # fmt: skip
             done = run_passes(model, [pass4])

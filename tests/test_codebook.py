@@ -183,6 +183,9 @@ def test_quantize_codebook_flag(tmp_path, capsys):
     assert "codebook" in capsys.readouterr().out
     assert main(["quantize", str(src), "-o", str(out), "--codebook", "12"]) == 2
     assert "bits must be in 1..8" in capsys.readouterr().err
+    # --block-size is for int4 weights: with a codebook it would change nothing, so it is refused, not dropped
+    assert main(["quantize", str(src), "-o", str(out), "--codebook", "4", "--block-size", "32"]) == 2
+    assert "sets the scale blocks of int4 weights" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("which", ["conv", "matmul"])

@@ -119,6 +119,10 @@ def test_options_the_weights_would_ignore_are_refused() -> None:
         onnxpress.quantize(model, weights="int4", per_channel=False)
     with pytest.raises(OnnxpressError, match="weights='int4' is weight-only: activations stay float"):
         onnxpress.quantize(model, weights="int4", activations="int8")
+    # no layer gets int4 weights, so a block size would change nothing
+    for kwargs in ({}, {"codebook": 4}):
+        with pytest.raises(OnnxpressError, match=r"block_size=32 \(--block-size\) sets the scale blocks of int4"):
+            onnxpress.quantize(model, block_size=32, **kwargs)
 
 
 def test_a_table_of_another_model_is_refused(tmp_path: Path) -> None:

@@ -42,7 +42,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--weights", default="int8", choices=("int8", "int4"), help="int8 QDQ, or int4 weight-only MatMul/Gemm"
     )
-    p.add_argument("--block-size", type=int, default=64, help="int4 block size (power of two >= 16; default 64)")
+    p.add_argument("--block-size", type=int, default=None,
+                   help="int4 block size (power of two >= 16; default 64); only with --weights int4 or --int4-layers")
     p.add_argument("--keep-float16", action="store_true", default=None,
                    help="with --weights int4: keep a float16 export computing in float16 (no float32 copy of the "
                         "weights; slower on CPU). Default: only for models over 2 GiB")

@@ -209,3 +209,24 @@ def test_dynamo_export_of_a_model_whose_output_name_torch_also_generates():
     assert max(names.values()) == 1 and [o.name for o in out.graph.output] == ["relu"]
     x = tiny_data(3, seed=5)[:, :, :6, :6]
     assert validate_against_module(out, mod, {"X": x}) <= 1e-4
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_layer_norm_exports_with_either_exporter(exporter):
+    """LayerNormalization's normalized shape comes from its scale: a traced one exported as a Gather that
+    the torchscript exporter refused (every transformer failed with --exporter torchscript)."""
+    from onnx import helper
+
+    from tests.graphs import make_model, rng
+
+    r = rng(7)
+    inits = {"W": r.standard_normal((6, 6)).astype(np.float32), "g": r.uniform(0.5, 1.5, 6).astype(np.float32),
+             "b": r.standard_normal(6).astype(np.float32)}  # fmt: skip
+    nodes = [helper.make_node("MatMul", ["X", "W"], ["a"]),
+             helper.make_node("LayerNormalization", ["a", "g", "b"], ["Y"], axis=-1, epsilon=1e-5)]  # fmt: skip
+    model = make_model(nodes, [("X", ["N", 4, 6])], [("Y", ["N", 4, 6])], inits)
+    module = OnnxModule(model)
+    x = r.standard_normal((3, 4, 6)).astype(np.float32)
+    exported = export_module(module, model, [x[:2]], exporter=exporter)
+    onnx.checker.check_model(exported, full_check=True)
+    assert validate_against_module(exported, module, {"X": x}) <= 1e-5

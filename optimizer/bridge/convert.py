@@ -369,8 +369,10 @@ def _layer_norm(ctx: _Ctx, inputs: list[Value]) -> list[Value]:
     bias = _opt(inputs, 2)
     axis = _norm_axis(int(ctx.get("axis", -1)), x.dim())
     eps = float(ctx.get("epsilon", 1e-5))
-    shape = tuple(x.shape[axis:])
-    if tuple(scale.shape) == shape and (bias is None or tuple(_t(bias).shape) == shape):
+    # normalized_shape from the scale (a weight: plain ints), not from x: under the torchscript tracer x's sizes
+    # are traced values, and a traced normalized_shape exports as a Gather the exporter then refuses
+    shape = tuple(int(d) for d in scale.shape)
+    if tuple(x.shape[axis:]) == shape and (bias is None or tuple(_t(bias).shape) == shape):
         return [F.layer_norm(x, shape, scale, None if bias is None else _t(bias), eps)]
     dims = tuple(range(axis, x.dim()))
     mean = x.mean(dim=dims, keepdim=True)

@@ -127,7 +127,9 @@ def finetune(
 
     Args:
         student: the compressed model (path or ModelProto; never modified).
-        teacher: the original model; ``None`` trains on ``labels`` only.
+        teacher: the original model; ``None`` trains on ``labels`` only. It must take the student's inputs
+            (same names). The soft term distils the first output of each (a second output, an auxiliary
+            head, trains only through what it shares with the first; ``features`` can add it).
         data: training inputs (``.npz`` path, folder, iterable of feeds, DataReader, or a mapping of
             arrays keyed by input name).
         output: where to write the result (atomically, checked); ``None`` to only return it.
@@ -213,6 +215,8 @@ def finetune(
         distill=distill, class_axis=class_axis,
     )  # fmt: skip
     teacher_proto = None if teacher is None else load_model(teacher)
+    if teacher_proto is not None:
+        tr.check_same_inputs(student_proto, teacher_proto)
     arrays = tr.load_arrays(data, student_proto, max_samples=max_samples)
     n = len(next(iter(arrays.values())))
     label_arr = None if labels is None else tr.load_label_array(labels, n)
@@ -244,6 +248,8 @@ def finetune(
     # after): 2.5-20x faster than the torch module and the numbers of the delivered file; QAT's
     # "before" is the fake-quantized module (the PTQ model's outputs), so it stays in torch
     before = _predict(module, arrays) if plan is not None else _run_onnx(student_proto, arrays)
+    if label_arr is not None:
+        tr.check_label_range(label_arr, before, class_axis)
     check = {k: v[: min(len(v), 64)] for k, v in arrays.items()}
     floor_db = None
     if plan is not None:  # how closely onnxruntime follows this fake-quantized module before any training

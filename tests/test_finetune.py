@@ -62,6 +62,31 @@ def test_finetune_errors(kd_files, tmp_path):
         onnxpress.finetune(kd_files["student"], kd_files["teacher"], {"wrong": tiny_data(4)}, epochs=1)
 
 
+def test_labels_outside_the_classes_and_a_teacher_with_other_inputs_are_refused(kd_files, tmp_path, capsys):
+    """Both ended in a torch / onnxruntime traceback (exit 1); now one line that names the problem, exit 2."""
+    classes = run(onnx.load(str(kd_files["teacher"])), {"input": tiny_data(1)})[0].shape[1]
+    student, teacher, data = (str(kd_files[k]) for k in ("student", "teacher", "data"))
+    labels = np.zeros(96, np.int64)
+    labels[5] = classes
+    with pytest.raises(DataError, match=rf"label {classes} \(sample 5\) is not a class of this model: .* "
+                                        rf"labels run 0..{classes - 1}"):
+        onnxpress.finetune(student, teacher, data, labels=labels, epochs=1)
+    labels[5] = -1
+    with pytest.raises(DataError, match=r"label -1 is negative \(sample 5\)"):
+        onnxpress.finetune(student, teacher, data, labels=labels, epochs=1)
+    other = onnx.load(str(kd_files["teacher"]))
+    other.graph.input[0].name = "image"
+    for n in other.graph.node:
+        n.input[:] = ["image" if i == "input" else i for i in n.input]
+    onnx.save(other, str(tmp_path / "other.onnx"))
+    with pytest.raises(DataError, match=r"the teacher's inputs \['image'\] differ from the student's \['input'\]"):
+        onnxpress.finetune(student, str(tmp_path / "other.onnx"), data, epochs=1)
+    assert main(["finetune", student, "--teacher", str(tmp_path / "other.onnx"), "--data", data, "-o",
+                 str(tmp_path / "x.onnx"), "-q"]) == 2  # fmt: skip
+    assert "differ from the student's" in capsys.readouterr().err
+    assert not (tmp_path / "x.onnx").exists()
+
+
 def test_cli_finetune(kd_files, tmp_path, capsys):
     out = tmp_path / "cli.onnx"
     rc = main(["finetune", str(kd_files["student"]), "--teacher", str(kd_files["teacher"]), "--data",

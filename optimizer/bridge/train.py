@@ -64,6 +64,8 @@ from onnxpress.runtime import make_session
 
 __all__ = [
     "FinetuneConfig",
+    "check_label_range",
+    "check_same_inputs",
     "FinetuneHistory",
     "distillation_loss",
     "load_arrays",
@@ -223,7 +225,7 @@ def load_label_array(labels: Any, count: int) -> np.ndarray:
     """Integer class labels from an array, an ``.npy`` or an ``.npz`` (key ``labels``).
 
     Raises:
-        DataError: not 1-D integers, or not one label per sample.
+        DataError: not 1-D integers, a negative label, or not one label per sample.
     """
     if isinstance(labels, np.ndarray):
         arr = labels
@@ -243,7 +245,41 @@ def load_label_array(labels: Any, count: int) -> np.ndarray:
         raise DataError(f"labels must be a 1-D integer array, got {arr.dtype} with shape {arr.shape}")
     if len(arr) < count:
         raise DataError(f"{len(arr)} labels for {count} samples; give one label per sample")
-    return arr[:count].astype(np.int64)
+    arr = arr[:count].astype(np.int64)
+    if arr.size and arr.min() < 0:
+        raise DataError(f"labels must be class indices 0, 1, ...; label {int(arr.min())} is negative (sample "
+                        f"{int(np.argmin(arr))})")
+    return arr
+
+
+def check_label_range(labels: np.ndarray, logits: np.ndarray, class_axis: int = -1) -> None:
+    """Refuse a label that is not a class of ``logits`` (``[samples, classes]``): the loss would index past it.
+
+    Raises:
+        DataError: a label ``>= classes``, naming it and its sample.
+    """
+    classes = logits.shape[class_axis]
+    if labels.size and int(labels.max()) >= classes:
+        worst = int(np.argmax(labels))
+        raise DataError(f"label {int(labels[worst])} (sample {worst}) is not a class of this model: its first output "
+                        f"has {classes} classes, so labels run 0..{classes - 1}; check the labels file")
+
+
+def check_same_inputs(student: onnx.ModelProto, teacher: onnx.ModelProto) -> None:
+    """Refuse a teacher that cannot read the student's data: both must take the same named inputs.
+
+    Raises:
+        DataError: the graph inputs (initializers aside) differ by name.
+    """
+    def names(m: onnx.ModelProto) -> list[str]:
+        inits = {i.name for i in m.graph.initializer}
+        return [i.name for i in m.graph.input if i.name not in inits]
+
+    s_in, t_in = names(student), names(teacher)
+    if set(s_in) != set(t_in):
+        raise DataError(f"the teacher's inputs {t_in} differ from the student's {s_in}: the teacher is run on the "
+                        "student's data, so both must take the same named inputs (a teacher exported from the "
+                        "same network with the same input names)")
 
 
 # ----------------------------------------------------------------------------- teacher
@@ -440,7 +476,8 @@ def train_student(
     n = len(next(iter(arrays.values())))
     n_val = int(round(n * config.val_fraction)) if config.val_fraction else 0
     if config.val_fraction and (n_val < 1 or n - n_val < 1):
-        raise DataError(f"{n} samples are too few for a validation split of {config.val_fraction}; set val_fraction=0")
+        raise DataError(f"{n} samples are too few for a validation split of {config.val_fraction}; "
+                        "set val_fraction=0 (--val-fraction 0)")
     feature_pairs = list(config.features.items()) if config.feature_weight else []
     if feature_pairs and teacher_model is None:
         raise DataError("feature distillation needs the teacher model")

@@ -20,7 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="fine-tune a compressed model with distillation from the original (needs onnxpress[torch])",
     )
     p.add_argument("student", help="compressed .onnx model to fine-tune (never modified)")
-    p.add_argument("--teacher", help="original .onnx model to distil from")
+    p.add_argument("--teacher", help="original .onnx model to distil from (same inputs; its first output is the "
+                                     "distillation target)")
     p.add_argument("--data", required=True, help="training inputs: .npz (keyed by input name) or a folder of .npz")
     p.add_argument("--labels", help="class labels: .npy, or .npz with key 'labels' (may be the --data file)")
     p.add_argument("-o", "--output", required=True, help="where to write the fine-tuned model")

@@ -252,7 +252,8 @@ class ChannelAnalysis:
                     ok = False
                     break
                 if not c.fold_exact:
-                    ok, why = False, f"constant channel into {c.kind} {_node_name(c.node)} with zero padding"
+                    where = "with zero padding" if c.kind == "Conv" else "without a bias to fold it into"
+                    ok, why = False, f"constant channel into {c.kind} {_node_name(c.node)} {where}"
                     break
             if ok:
                 removable.add(root)
@@ -588,6 +589,9 @@ class _Walker:
         if not all(_const(p) and np.asarray(p.values).shape == (len(x.ids),) for p in params):
             self.freeze(x, f"BatchNormalization {_node_name(node)} has non-constant or odd-shaped parameters")
             return
+        if any(len(p.outputs) != 1 for p in params):  # slicing one reader's copy would add parameters
+            self.freeze(x, f"BatchNormalization {_node_name(node)} shares its parameters with another node")
+            return
         gamma, beta, mean, var = (np.asarray(p.values, dtype=np.float64) for p in params)
         eps = float(node.attrs.get("epsilon", 1e-5))
         values = gamma * (x.values - mean) / np.sqrt(var + eps) + beta
@@ -641,6 +645,9 @@ class _Walker:
                 self.freeze(lay, f"{node.op} {_node_name(node)} constant does not match the channels")
                 return
             if ax >= 0 and c.shape[ax] == n and n > 1:
+                if len(other.outputs) != 1:  # a sliced copy beside the kept original adds parameters
+                    self.freeze(lay, f"{node.op} {_node_name(node)} shares its per-channel constant {other.name!r}")
+                    return
                 self.a.params.append(ParamSlice(node, 1 - index, ax, lay.ids))
             per_channel = all(d == 1 for k, d in enumerate(c.shape) if k != ax) and c.size in (1, n)
             cvec = np.broadcast_to(c.reshape(-1), (n,)) if per_channel else None

@@ -155,3 +155,22 @@ def test_weights_behind_identity_are_folded_first():
     assert not alone.modified and any("weights are computed" in n for n in alone.notes)
     result = onnxpress.prune(model, ratio=0.5)
     assert result.stats["prune_channels.channels_removed"] == 8
+
+
+def test_a_prelu_rewrite_is_reported_even_when_nothing_goes():
+    """prune rewrites a per-channel PRelu (exact, faster) before the analysis: with no channel removed the
+    file still changes (a few more nodes), so the result says why instead of printing only "0 removed"."""
+    from onnx import helper
+
+    r = graphs.rng(3)
+    inits = {"W": r.standard_normal((4, 3, 3, 3)).astype(np.float32),
+             "slope": r.uniform(0.1, 0.3, (4, 1, 1)).astype(np.float32)}  # fmt: skip
+    nodes = [helper.make_node("Conv", ["X", "W"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("PRelu", ["c", "slope"], ["Y"])]  # fmt: skip
+    model = graphs.make_model(nodes, [("X", ["N", 3, 8, 8])], [("Y", ["N", 4, 8, 8])], inits)
+    result = onnxpress.prune(model)
+    assert result.stats["prune_zero_channels.channels_removed"] == 0
+    assert "PRelu" not in {n.op_type for n in result.model.graph.node}
+    assert any(n.startswith("rewrite_prelu: 1 PRelu rewritten") and "exact" in n for n in result.notes)
+    x = r.standard_normal((2, 3, 8, 8)).astype(np.float32)
+    np.testing.assert_array_equal(graphs.run(result.model, {"X": x})[0], graphs.run(model, {"X": x})[0])

@@ -598,3 +598,38 @@ def test_constant_channel_folds_into_gemm_without_bias_and_split_gets_sizes():
     assert onnx.numpy_helper.to_array(sizes).tolist() == [2, 3]
     x = graphs.rng(10).standard_normal((2, 3, 8, 8)).astype(F32)
     np.testing.assert_allclose(graphs.run(result.model, {"X": x})[0], graphs.run(model, {"X": x})[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("op", ["BatchNormalization", "Mul"])
+def test_a_shared_per_channel_constant_keeps_its_channels(op):
+    """Two branches read one BN parameter set (or one per-channel Mul scale): removing branch a's zero channel
+    would need a sliced copy beside the kept original, 56 -> 63 parameters for BN. It stays, and says why;
+    with private constants it goes."""
+    for shared in (True, False):
+        r = graphs.rng(5)
+        wa, wb = _w(r, 4, 3, 1, 1), _w(r, 4, 3, 1, 1)
+        wa[1] = 0
+        inits = {"Wa": wa, "Wb": wb, "Wc": _w(r, 2, 4, 1, 1), "Wd": _w(r, 2, 4, 1, 1)}
+        names = {}
+        for branch in ("a", "b"):
+            key = "p" if shared else f"p{branch}"
+            if op == "BatchNormalization":
+                inits.update(_bn(graphs.rng(6), key, 4))
+                names[branch] = _bn_node(key, f"c{branch}", f"n{branch}")
+            else:
+                inits[key] = graphs.rng(6).uniform(0.5, 1.5, (1, 4, 1, 1)).astype(F32)
+                names[branch] = helper.make_node("Mul", [f"c{branch}", key], [f"n{branch}"])
+        nodes = [
+            helper.make_node("Conv", ["X", "Wa"], ["ca"]), names["a"], helper.make_node("Conv", ["na", "Wc"], ["ya"]),
+            helper.make_node("Conv", ["X", "Wb"], ["cb"]), names["b"], helper.make_node("Conv", ["nb", "Wd"], ["yb"]),
+            helper.make_node("Add", ["ya", "yb"], ["Y"]),
+        ]
+        model = make_model(nodes, [("X", ["N", 3, 8, 8])], [("Y", ["N", 2, 8, 8])], inits)
+        result = run_passes(model, [PruneZeroChannels()])
+        assert result.stats["prune_zero_channels.channels_removed"] == (0 if shared else 1)
+        assert sum(count_params(result.model).values()) <= sum(count_params(model).values()) - (0 if shared else 5)
+        if shared:
+            reasons = [why for g in analyze_channels(gs.import_onnx(model)).groups() for why in g.frozen]
+            assert any("shares its" in why for why in reasons), reasons
+        x = graphs.rng(2).standard_normal((2, 3, 8, 8)).astype(F32)
+        np.testing.assert_allclose(graphs.run(result.model, {"X": x})[0], graphs.run(model, {"X": x})[0], atol=1e-5)

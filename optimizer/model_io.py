@@ -624,12 +624,22 @@ def check_output_path(output: str | os.PathLike[str], inputs: Iterable[str | os.
         OutputError: the folder is missing or not writable, the path is a folder, or it equals an input.
     """
     out = Path(output)
+    # the written model's weights may go to <output>.data beside it (save_model, large models): that must not
+    # be an input's file either
+    written = [out, out.with_name(out.name + ".data")]
     for src in inputs:
-        if not isinstance(src, (str, os.PathLike)):
+        if not isinstance(src, (str, os.PathLike)) or not Path(src).is_file():
             continue
-        if Path(src).exists() and out.exists() and out.resolve() == Path(src).resolve():
-            what = "the input model" if Path(src).suffix == ".onnx" else "an input file (it would be overwritten)"
-            raise OutputError(f"output path {out} is {what}; write the result to another path")
+        for target in written:
+            if target.exists() and target.resolve() == Path(src).resolve():
+                what = "the input model" if Path(src).suffix == ".onnx" else "an input file (it would be overwritten)"
+                raise OutputError(f"output path {out} {'is' if target is out else 'writes'} {what}"
+                                  f"{'' if target is out else f' ({target.name})'}; write the result to another path")
+        for data in _external_files(Path(src)) if any(t.exists() for t in written) else ():
+            for target in written:
+                if target.exists() and target.resolve() == data.resolve():
+                    raise OutputError(f"output path {out} would overwrite {data.name}, the external weights of "
+                                      f"the input model {src}; write the result to another path")
     if out.is_dir():
         raise OutputError(f"output path {out} is a folder; give a file name such as {out / 'model.onnx'}")
     parent = out.parent if str(out.parent) else Path(".")
@@ -640,6 +650,22 @@ def check_output_path(output: str | os.PathLike[str], inputs: Iterable[str | os.
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputError(f"cannot write {out}: no permission to write in {parent}")
     return out
+
+
+def _external_files(path: Path) -> list[Path]:
+    """The external-data files an ``.onnx`` file's tensors point to (read without its weights); [] for others."""
+    if path.suffix.lower() != ".onnx":
+        return []
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - not a readable model: loading it later says why
+        return []
+    found = {
+        onnx.external_data_helper.ExternalDataInfo(t).location
+        for t in onnx.external_data_helper._get_all_tensors(proto)
+        if onnx.external_data_helper.uses_external_data(t)
+    }
+    return [path.parent / loc for loc in sorted(found) if loc]
 
 
 def move_into_place(tmp: str | os.PathLike[str], out: str | os.PathLike[str]) -> None:

@@ -373,6 +373,12 @@ HOSTILE = [
         OutputError,
         r"output path .*model\.onnx is the input model",
     ),
+    Hostile(
+        "output is the input's external data",
+        lambda p: (_external_data(p), setattr(p, "output", p.model.parent / "ext.onnx.data")),
+        OutputError,
+        r"output path .*ext\.onnx\.data would overwrite ext\.onnx\.data, the external weights of the input model",
+    ),
 ]
 if os.geteuid() != 0:  # root may write anywhere; the parent-is-a-file row covers "no permission" there
     HOSTILE.append(Hostile("read-only folder", _read_only_folder, OutputError, r"no permission to write in .*ro"))
@@ -457,7 +463,8 @@ def test_cli(tmp_path, capsys, cmd, bad):
 
 @pytest.mark.parametrize(("cmd", "bad"), ROWS)
 def test_api(tmp_path, cmd, bad):
-    if bad.name in ("output is the input model", "output is the data file") and not cmd.api_guards_input_path:
+    if (bad.name in ("output is the input model", "output is the data file", "output is the input's external data")
+            and not cmd.api_guards_input_path):
         pytest.skip("the API cannot know the input path here (the CLI row checks it)")
     paths = _setup(tmp_path, cmd, bad)
     before = _snapshot(tmp_path)

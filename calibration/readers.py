@@ -40,6 +40,7 @@ import dataclasses
 import functools
 import logging
 import os
+import weakref
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -537,6 +538,22 @@ class _FolderReader(DataReader):
             yield checked
 
 
+_READ_ONCE: weakref.WeakSet = weakref.WeakSet()  # one-shot sources (generators) some reader has started
+
+
+def _mark_read(source: object) -> None:
+    """Remember that ``source`` was read: a later reader of a spent generator says so instead of "no samples"."""
+    with contextlib.suppress(TypeError):  # not weak-referenceable (a list iterator): the reader's own count only
+        _READ_ONCE.add(source)
+
+
+def _was_read(source: object) -> bool:
+    try:
+        return source in _READ_ONCE
+    except TypeError:
+        return False
+
+
 class _IterableReader(DataReader):
     """An iterable of feed dicts, or an onnxruntime ``CalibrationDataReader`` (``get_next()`` until None)."""
 
@@ -547,7 +564,7 @@ class _IterableReader(DataReader):
         self._obj = source
         self._ort = ort_reader
         self._one_shot = ort_reader or iter(source) is source
-        self._passes = 0
+        self._passes = [0]  # shared by the copies open_data makes for max_samples: they read the same source
 
     def _count(self) -> int | None:
         if self._one_shot or not isinstance(self._obj, Sequence):
@@ -565,7 +582,7 @@ class _IterableReader(DataReader):
             yield from self._obj
 
     def _feeds(self, chunk: int | None) -> Iterator[dict[str, np.ndarray]]:
-        if self._passes and self._one_shot:
+        if self._one_shot and (self._passes[0] or _was_read(self._obj)):
             if self._ort and callable(getattr(self._obj, "rewind", None)):
                 self._obj.rewind()
             else:
@@ -573,7 +590,8 @@ class _IterableReader(DataReader):
                     f"the {self._source} was already read once and cannot be rewound; "
                     "pass a list of feeds (or a reader with rewind()) to read it again"
                 )
-        self._passes += 1
+        self._passes[0] += 1
+        _mark_read(self._obj)
         offset = 0
         for index, item in enumerate(self._items()):
             feed = check_feed(item, self._specs, f"feed {index} of the {self._source}", offset=offset)

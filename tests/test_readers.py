@@ -280,6 +280,12 @@ def test_generator_can_only_be_read_once():
     assert len(list(reader.batches(8))) == 1
     with pytest.raises(DataError, match="already read once"):
         list(reader.batches(8))
+    # a second reader of the same spent generator (a command that reads its data twice opens it twice; so
+    # does a max_samples copy) says so too, instead of "holds no samples"
+    gen = ({"X": _x(2)} for _ in range(2))
+    assert len(list(open_data(gen, graphs.gemm()).batches(8))) == 1
+    with pytest.raises(DataError, match="generator was already read once and cannot be rewound"):
+        list(open_data(gen, graphs.gemm(), max_samples=2).batches(8))
 
 
 @pytest.mark.parametrize(

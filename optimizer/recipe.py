@@ -256,6 +256,9 @@ def load_recipe(source: str | os.PathLike[str] | Mapping[str, Any]) -> dict[str,
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise OnnxpressError(f"cannot read recipe {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise OnnxpressError(f"recipe {path} is not a text file (JSON or YAML); give the recipe that optimize "
+                             "wrote (recipe.json beside its model)") from None
     if path.suffix.lower() in (".yaml", ".yml"):
         try:
             import yaml

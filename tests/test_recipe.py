@@ -63,6 +63,9 @@ def test_file_round_trip_and_bad_files(tmp_path):
         load_recipe(tmp_path / "bad.json")
     with pytest.raises(OnnxpressError, match="cannot read recipe"):
         load_recipe(tmp_path / "missing.json")
+    (tmp_path / "d.npz").write_bytes(b"PK\x03\x04\xff\xfe binary")  # a data file given by mistake
+    with pytest.raises(OnnxpressError, match=r"recipe .*d\.npz is not a text file \(JSON or YAML\)"):
+        load_recipe(tmp_path / "d.npz")
 
 
 def test_apply_is_deterministic_and_never_modifies_input(tmp_path):

@@ -212,6 +212,8 @@ class InputMomentObserver:
         if not np.all(np.isfinite(x)):
             raise CalibrationError(f"tensor {self.name!r} has NaN/inf values on the calibration data")
         if self.kind == "dense":
+            if x.ndim == 1:  # a vector-matrix MatMul (a model input without a batch axis): one row
+                x = x[None, :]
             per_sample = x.reshape(x.shape[0], -1, x.shape[-1]) if x.ndim > 2 else x[:, None, :]
             picked = self._picked(per_sample.shape[1])
             rows = (per_sample if picked is None else per_sample[:, picked]).reshape(-1, x.shape[-1])

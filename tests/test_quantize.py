@@ -615,3 +615,16 @@ def test_cli_checks_the_written_models_latency(tmp_path: Path, capsys: pytest.Ca
            "than the quantized one" in capsys.readouterr().out
     monkeypatch.setattr(command, "LATENCY_CHECK_MAX_BYTES", 10)
     assert command.latency_check(str(src), str(out), str(data)) is None  # too large to time: skipped
+
+
+def test_a_model_input_without_a_batch_axis_is_quantized():
+    """x[8] @ W[8, 16] (a vector-matrix MatMul): GPTQ's input moments took every input as [samples, ...] and
+    crashed on the rank-1 tensor; one vector is one row."""
+    r = rng(11)
+    inits = {"W": r.standard_normal((8, 16)).astype(np.float32)}
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["a"]), helper.make_node("Relu", ["a"], ["y"])]
+    model = make_model(nodes, [("x", [8])], [("y", [16])], inits)
+    x = r.standard_normal(8).astype(np.float32)
+    res = onnxpress.quantize(model, calib=[{"x": x}])
+    assert "QuantizeLinear" in {n.op_type for n in res.model.graph.node}
+    assert sqnr_db(run(model, {"x": x})[0], run(res.model, {"x": x})[0]) > 30

@@ -60,6 +60,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import math
 import re
 from collections.abc import Iterable, Mapping
 
@@ -287,6 +288,13 @@ class TensorOverride:
     def __post_init__(self) -> None:
         if self.dtype is not None and self.dtype not in (*ACTIVATION_TYPES, "float"):
             raise ValueError(f"override dtype must be uint8, int8 or float, got {self.dtype!r}")
+        if self.range is not None:  # a reversed or non-finite range would quantize to garbage without a word
+            try:
+                lo, hi = (float(v) for v in self.range)
+            except (TypeError, ValueError):
+                raise ValueError(f"override range must be two numbers (min, max), got {self.range!r}") from None
+            if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+                raise ValueError(f"override range must be finite with min < max, got ({lo:g}, {hi:g})")
 
 
 @dataclasses.dataclass(frozen=True)

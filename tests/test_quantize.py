@@ -196,6 +196,10 @@ def test_errors_are_typed() -> None:
         onnxpress.quantize(model, table=minmax_table(model, feeds_for(model)), overrides={"X": {"dtype": "int16"}})
     with pytest.raises(OnnxpressError, match=r"overrides name tensors the model does not have: \['nope'\]"):
         onnxpress.quantize(model, table=minmax_table(model, feeds_for(model)), overrides={"nope": {"dtype": "float"}})
+    table = minmax_table(model, feeds_for(model))
+    for bad in ((5.0, 1.0), (1.0, 1.0), (float("nan"), 1.0), (float("-inf"), float("inf")), ("a", 1)):
+        with pytest.raises(OnnxpressError, match=r"bad override for tensor 'X': override range must be"):
+            onnxpress.quantize(model, table=table, overrides={"X": {"range": bad}})
     with pytest.raises(OnnxpressError, match="invalid exclude pattern"):
         onnxpress.quantize(model, exclude=["re:("])
     with pytest.raises(OnnxpressError, match="block_size"):

@@ -69,7 +69,13 @@ from onnxpress.prune import sqnr_db
 from onnxpress.quantize import CONSTANTS_INT8_MIN_SIZE
 from onnxpress.recipe import TRAINING_PASSES, apply_recipe, load_recipe, prepare, save_recipe, validate_recipe
 from onnxpress.search import Budget, Candidate, SearchSpace, measure_latency, pareto_front, parse_budget
-from onnxpress.sensitivity import SensitivityResult, analyze_sensitivity, read_feeds, run_output_arrays
+from onnxpress.sensitivity import (
+    SensitivityResult,
+    analyze_sensitivity,
+    flat_outputs,
+    read_feeds,
+    run_output_arrays,
+)
 
 Metric = Callable[[list[np.ndarray], np.ndarray], float]
 """A user fidelity metric: ``metric(outputs, labels) -> float``, higher is better.
@@ -161,7 +167,7 @@ class _Evaluator:
         self.structures: dict[tuple[int, ...], onnx.ModelProto] = {}  # built without the fine-tune step
         self.progress = progress
         arrays = run_output_arrays(m0, feeds)
-        self.reference = _flat(arrays)
+        self.reference = flat_outputs(arrays)
         self.ref_accuracy = self._accuracy(arrays) if labels is not None else None
 
     @property
@@ -230,7 +236,7 @@ class _Evaluator:
 
     def measure_fidelity(self, cand: Candidate, model: onnx.ModelProto) -> None:
         arrays = run_output_arrays(model, self.feeds)  # one run for both SQNR and the accuracy/metric
-        cand.sqnr_db = sqnr_db(self.reference, _flat(arrays))
+        cand.sqnr_db = sqnr_db(self.reference, flat_outputs(arrays))
         if self.labels is not None:
             cand.accuracy = self._accuracy(arrays)
 
@@ -238,11 +244,6 @@ class _Evaluator:
         model = self.models.get(cand.picks) or self.build(cand)
         self.measure_fidelity(cand, model)
         self.measure_cost(cand, model)
-
-
-def _flat(arrays: list[list[np.ndarray]]) -> np.ndarray:
-    """Every output over every feed, flattened and concatenated (float64): what ``run_outputs`` returns."""
-    return np.concatenate([np.asarray(v, dtype=np.float64).ravel() for outs in arrays for v in outs])
 
 
 def _user_metric(metric: Metric, arrays: list[list[np.ndarray]], labels: np.ndarray) -> float:

@@ -85,6 +85,7 @@ __all__ = [
     "SensitivityResult",
     "analyze_sensitivity",
     "default_cache_dir",
+    "flat_outputs",
     "int4_layers",
     "nsr",
     "prune_groups",
@@ -192,8 +193,6 @@ def read_feeds(
     """The first ``max_samples`` samples of ``data`` as validated batches (read once, reused)."""
     from onnxpress.calibration.readers import open_data
 
-    if isinstance(data, list):
-        data = list(data)
     feeds = list(open_data(data, model, max_samples=max_samples).batches(batch_size))
     if not feeds:
         raise DataError("the data yielded no samples; give at least one sample")
@@ -202,8 +201,12 @@ def read_feeds(
 
 def run_outputs(model: onnx.ModelProto, feeds: Sequence[Mapping[str, np.ndarray]]) -> np.ndarray:
     """Every output of ``model`` over ``feeds``, flattened and concatenated (float64)."""
-    parts = [np.asarray(v, dtype=np.float64).ravel() for outs in run_output_arrays(model, feeds) for v in outs]
-    return np.concatenate(parts)
+    return flat_outputs(run_output_arrays(model, feeds))
+
+
+def flat_outputs(arrays: Sequence[Sequence[np.ndarray]]) -> np.ndarray:
+    """Outputs per feed (as :func:`run_output_arrays` returns them) as one flat float64 vector: what SQNR compares."""
+    return np.concatenate([np.asarray(v, dtype=np.float64).ravel() for outs in arrays for v in outs])
 
 
 def run_output_arrays(model: onnx.ModelProto, feeds: Sequence[Mapping[str, np.ndarray]]) -> list[list[np.ndarray]]:
@@ -328,8 +331,7 @@ class _Reuse:
 
     def outputs(self, cand: onnx.ModelProto) -> np.ndarray:
         """What ``run_outputs(cand, feeds)`` returns, running only the nodes whose values differ from the reference."""
-        parts = [np.asarray(v, dtype=np.float64).ravel() for outs in self._output_arrays(cand) for v in outs]
-        return np.concatenate(parts)
+        return flat_outputs(self._output_arrays(cand))
 
     def plan(self, cand: onnx.ModelProto) -> tuple[list[str], list[str], dict[str, str]] | None:
         """What of ``cand`` runs: (changed nodes, frontier, values that are the reference's); None: all of it.
@@ -394,8 +396,6 @@ def _feeds_and_digest(
     """
     from onnxpress.calibration.readers import open_data
 
-    if isinstance(data, list):
-        data = list(data)
     h = hashlib.sha256()
     feeds: list[dict[str, np.ndarray]] = []
     kept = 0

@@ -624,22 +624,22 @@ def check_output_path(output: str | os.PathLike[str], inputs: Iterable[str | os.
         OutputError: the folder is missing or not writable, the path is a folder, or it equals an input.
     """
     out = Path(output)
-    # the written model's weights may go to <output>.data beside it (save_model, large models): that must not
-    # be an input's file either
-    written = [out, out.with_name(out.name + ".data")]
+    # what writing would replace: the output, and the <output>.data a large model's weights go to (save_model);
+    # only existing files can be an input's (its external weights read only then, without the weights)
+    existing = {t.resolve(): t for t in (out, out.with_name(out.name + ".data")) if t.exists()}
     for src in inputs:
-        if not isinstance(src, (str, os.PathLike)) or not Path(src).is_file():
+        if not existing or not isinstance(src, (str, os.PathLike)) or not Path(src).is_file():
             continue
-        for target in written:
-            if target.exists() and target.resolve() == Path(src).resolve():
-                what = "the input model" if Path(src).suffix == ".onnx" else "an input file (it would be overwritten)"
-                raise OutputError(f"output path {out} {'is' if target is out else 'writes'} {what}"
-                                  f"{'' if target is out else f' ({target.name})'}; write the result to another path")
-        for data in _external_files(Path(src)) if any(t.exists() for t in written) else ():
-            for target in written:
-                if target.exists() and target.resolve() == data.resolve():
-                    raise OutputError(f"output path {out} would overwrite {data.name}, the external weights of "
-                                      f"the input model {src}; write the result to another path")
+        for i, path in enumerate([Path(src), *_external_files(Path(src))]):
+            target = existing.get(path.resolve())
+            if target is None:
+                continue
+            if i:
+                raise OutputError(f"output path {out} would overwrite {path.name}, the external weights of "
+                                  f"the input model {src}; write the result to another path")
+            what = "the input model" if path.suffix == ".onnx" else "an input file (it would be overwritten)"
+            raise OutputError(f"output path {out} {'is' if target == out else 'writes'} {what}"
+                              f"{'' if target == out else f' ({target.name})'}; write the result to another path")
     if out.is_dir():
         raise OutputError(f"output path {out} is a folder; give a file name such as {out / 'model.onnx'}")
     parent = out.parent if str(out.parent) else Path(".")

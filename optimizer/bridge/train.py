@@ -270,12 +270,11 @@ def check_same_inputs(student: onnx.ModelProto, teacher: onnx.ModelProto) -> Non
 
     Raises:
         DataError: the graph inputs (initializers aside) differ by name.
+        UnsupportedModelError: an input is not a tensor (as the data readers refuse it).
     """
-    def names(m: onnx.ModelProto) -> list[str]:
-        inits = {i.name for i in m.graph.initializer}
-        return [i.name for i in m.graph.input if i.name not in inits]
+    from onnxpress.calibration.readers import model_inputs
 
-    s_in, t_in = names(student), names(teacher)
+    s_in, t_in = ([spec.name for spec in model_inputs(m)] for m in (student, teacher))
     if set(s_in) != set(t_in):
         raise DataError(f"the teacher's inputs {t_in} differ from the student's {s_in}: the teacher is run on the "
                         "student's data, so both must take the same named inputs (a teacher exported from the "

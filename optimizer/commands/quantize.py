@@ -168,13 +168,11 @@ def _override(text: str) -> tuple[str, dict[str, object]]:
         if not eq or key not in _OVERRIDE_KEYS:
             raise argparse.ArgumentTypeError(f"bad setting {item!r} in {text!r}: keys are {', '.join(_OVERRIDE_KEYS)}")
         if key == "range":
-            lo, sep, hi = value.partition(":")
+            lo, _, hi = value.partition(":")  # without ":" hi is "" and float() refuses it
             try:
                 out[key] = (float(lo), float(hi))
             except ValueError:
                 raise argparse.ArgumentTypeError(f"range must be LO:HI (two numbers), got {value!r}") from None
-            if not sep:
-                raise argparse.ArgumentTypeError(f"range must be LO:HI (two numbers), got {value!r}")
         elif key == "per_channel":
             if value.lower() not in ("true", "false"):
                 raise argparse.ArgumentTypeError(f"per_channel must be true or false, got {value!r}")

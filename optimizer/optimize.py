@@ -474,7 +474,7 @@ def measure_float_penalties(m0: onnx.ModelProto, calib: object, space: SearchSpa
         if late():
             log.warning("time limit: float penalties not measured (no layer is proposed as a free float layer)")
             return None
-        models.append(quantize(m0, table=base.table, method=method, exclude=split_names(lay.key, names)).model)
+        models.append(quantize(m0, table=base.table, exclude=split_names(lay.key, names)).model)
     ref = m0 if reference is None else reference
     repeats = _repeats_within(models[0], feed, len(models) + 1, repeats, threads)
     per_loop: list[list[float]] = []

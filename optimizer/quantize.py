@@ -228,7 +228,7 @@ def quantize(
     *,
     calib: object | None = None,
     table: CalibrationTable | str | os.PathLike[str] | None = None,
-    method: str = DEFAULT_METHOD,
+    method: str | None = None,
     per_channel: bool = True,
     activations: str | None = None,
     weights: str = "int8",
@@ -266,6 +266,9 @@ def quantize(
         method: calibration method: "kl", "minmax", "percentile" or "mse"; or "auto": per tensor, the one of
             the four whose range gives the closest outputs on the first calibration samples (a greedy pass
             over the tensors, one onnxruntime run per trial; ``onnxpress.range_search``). Needs ``calib``.
+            Default (None): ``DEFAULT_METHOD`` on ``calib``, or the table's own ranges; named with a table
+            that keeps histograms, the table's ranges are recomputed with it (refused without histograms,
+            and where nothing is calibrated: int4 weight-only, codebook, dynamic activations).
         per_channel: per-output-channel weight scales (else per tensor).
         activations: "uint8" (asymmetric; x86 integer kernels), "int8" (symmetric; TensorRT) or "dynamic"
             (quantized at run time by onnxruntime, no calibration data: MatMul/Gemm and LSTM layers only,
@@ -365,28 +368,32 @@ def quantize(
     if int4_method is not None and int4_method not in INT4_METHODS:
         raise OnnxpressError(f"int4_method must be one of {', '.join(INT4_METHODS)}, got {int4_method!r}")
     if int4_method is not None and (weights != "int4" or codebook is not None) and not int4_layers:
-        raise OnnxpressError("int4_method is for weights='int4' (without codebook); drop it or set weights='int4'")
+        raise OnnxpressError("int4_method (--int4-method) is for weights='int4' (without codebook); drop it or set "
+                             "weights='int4' (--weights int4)")
     if int4_method == "gptq" and calib is None:
         raise CalibrationError(
-            "int4_method='gptq' needs calibration data for the layers' input moments: pass calib= "
+            "int4_method='gptq' needs calibration data for the layers' input moments: pass calib= (--calib) "
             "(an .npz of inputs), or int4_method='rtn' (round to nearest, no data)"
         )
+    method_asked, method = method, DEFAULT_METHOD if method is None else method
     if method == "auto" and (calib is None or weights != "int8" or codebook is not None):
         raise CalibrationError(
-            "method='auto' chooses each activation's range on calibration data, for int8 QDQ: pass calib= "
-            "(and int8 weights), or name one method (mse, kl, percentile, minmax)"
+            "method='auto' (--method auto) chooses each activation's range on calibration data, for int8 QDQ: "
+            "pass calib= (--calib) and int8 weights, or name one method (mse, kl, percentile, minmax)"
         )
     if int8_method is not None and int8_method not in INT8_METHODS:
         raise OnnxpressError(f"int8_method must be one of {', '.join(INT8_METHODS)}, got {int8_method!r}")
     if int8_method == "gptq" and (weights != "int8" or codebook is not None):
-        raise OnnxpressError("int8_method='gptq' is for int8 QDQ weights; drop it with int4 or codebook weights")
+        raise OnnxpressError("int8_method='gptq' (--int8-method gptq) is for int8 QDQ weights; drop it with int4 "
+                             "or codebook weights")
     if int8_method == "gptq" and calib is None:
         raise CalibrationError(
-            "int8_method='gptq' needs calibration data for the layers' input moments: pass calib= "
+            "int8_method='gptq' needs calibration data for the layers' input moments: pass calib= (--calib) "
             "(an .npz of inputs), or int8_method='rtn' (round to nearest)"
         )
     if int4_layers and (weights != "int8" or codebook is not None):
-        raise OnnxpressError("int4_layers mixes 4-bit layers into an int8 model: use it with weights='int8'")
+        raise OnnxpressError("int4_layers (--int4-layers) mixes 4-bit layers into an int8 model: use it with "
+                             "weights='int8'")
     if block_size is not None and (codebook is not None or (weights == "int8" and not int4_layers)):
         raise OnnxpressError(f"block_size={block_size} (--block-size) sets the scale blocks of int4 weights, and no "
                              "layer gets int4 weights here: drop it, or add weights='int4' (--weights int4) or "
@@ -405,9 +412,22 @@ def quantize(
         _check_dynamic_options(calib, table, weights, codebook, int4_layers, method, equalize, smoothquant,
                                bias_correction, int8_method)
     weight_only4 = weights == "int4" and codebook is None and not int4_layers
+    uncalibrated = ("weights='int4' is weight-only (activations stay float)" if weight_only4 else
+                    "codebook weights are weight-only (activations stay float)" if codebook is not None else
+                    "activations='dynamic' are quantized at run time" if activations == "dynamic" else None)
+    if uncalibrated and method_asked is not None:  # the range rule would be ignored without a word
+        raise OnnxpressError(f"method={method_asked!r} (--method) chooses the calibrated int8 activation ranges, and "
+                             f"{uncalibrated}: nothing is calibrated; drop it")
+    if uncalibrated and overrides:
+        raise OnnxpressError(f"overrides (--override) set the int8 QDQ ranges, dtypes and weight scales of tensors, "
+                             f"and {uncalibrated}: they would have no effect; drop them")
+    if (method_asked is not None or overrides) and calib is None and table is None and not uncalibrated:
+        what = f"method={method_asked!r} (--method)" if method_asked is not None else "overrides (--override)"
+        raise CalibrationError(f"{what} set int8 activation ranges, which come from calibration data: pass calib= "
+                               "(--calib) or a calibration table (table= / --table)")
     if keep_float16 and not weight_only4:
-        raise OnnxpressError("keep_float16 is for int4 weight-only quantization: int8 layers need float32 around "
-                             "them (onnxruntime's integer kernels); drop it")
+        raise OnnxpressError("keep_float16 (--keep-float16) is for int4 weight-only quantization: int8 layers need "
+                             "float32 around them (onnxruntime's integer kernels); drop it")
     selection = asked = _as_selection(exclude)
     if codebook_layers:  # float for InsertQDQ (and the passes before it), codebook indices at the end
         both = sorted(set(codebook_layers) & selection.nodes)
@@ -432,6 +452,8 @@ def quantize(
                              "(node outputs or graph inputs)")
     if table is not None and not isinstance(table, CalibrationTable):
         table = CalibrationTable.load(table)
+    if table is not None and method_asked not in (None, "auto", table.meta.get("method")):
+        table = _table_with_method(table, method_asked)
     if upgrading is not None:
         _check_upgrade(*upgrading, cleaned, calib)
     if weight_only4 and not _int4_layers(cleaned):
@@ -638,6 +660,13 @@ def quantize(
         if codebook_layers:
             result, decisions = _codebook_layers_last(result, decisions, codebook_layers, hessians)
         excluded = dict(used_table.excluded)
+        idle = sorted(n for n, ov in ovs.items() if n not in qdq.quantized_tensors and ov.dtype != "float")
+        if idle:  # a graph output, a tensor of float ops, or one the rewrites before InsertQDQ replaced
+            advanced_notes.append(
+                f"override: no effect on {', '.join(map(repr, idle[:5]))}{' ...' if len(idle) > 5 else ''}: "
+                f"{'this tensor is' if len(idle) == 1 else 'these tensors are'} not quantized in the written model "
+                "(a graph output, or no quantized node reads it; see the float nodes and why)"
+            )
         if int4_result is not None:  # the MatMulNBits nodes InsertQDQ left float are the int4 layers
             decisions = [d for d in decisions if d.op != "MatMulNBits"] + int4_done
             pre_stats = {**int4_result.stats, **pre_stats}
@@ -1050,6 +1079,18 @@ def _auto_ranges(
         bits=int(table.meta.get("bits", 8)), percentile=float(table.meta.get("percentile", 99.99)),
         progress=progress,
     )  # fmt: skip
+
+
+def _table_with_method(table: CalibrationTable, method: str) -> CalibrationTable:
+    """``table``'s ranges recomputed with ``method`` from its histograms (a table of bare ranges cannot be)."""
+    bare = sorted(n for n in table.ranges if n not in table.histograms)
+    if bare:
+        raise CalibrationError(
+            f"the table holds {table.meta.get('method', 'its')} ranges without histograms ({len(bare)} tensors, "
+            f"e.g. {bare[0]!r}), so method={method!r} (--method) cannot be applied to it: calibrate with that "
+            f"method (onnxpress calibrate --method {method}), or drop the method to use the table's ranges"
+        )
+    return CalibrationTable.merge(table, method=method)
 
 
 def _resolve_table(

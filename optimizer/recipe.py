@@ -583,7 +583,8 @@ def apply_recipe(
                                             max_samples=step["max_samples"], progress=progress)
                     if moments_cache is not None:
                         moments_cache[cache_key] = hessians
-            current = quantize(current, calib=calib, method=step["method"], exclude=exclude, weights=step["weights"],
+            current = quantize(current, calib=calib, method=step["method"] if qdq else None, exclude=exclude,
+                               weights=step["weights"],
                                int4_layers=step["int4_layers"], codebook_layers=step["codebook_layers"],
                                activations=step["activations"] if qdq else None, per_channel=step["per_channel"],
                                bias_correction=step["bias_correction"] and qdq, equalize=step["equalize"],

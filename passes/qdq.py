@@ -435,6 +435,7 @@ class InsertQDQ:
         self.activations = activations
         self.exclude = exclude or Selection()
         self.overrides = dict(overrides or {})
+        self.quantized_tensors: set[str] = set()  # activations and weights the last run quantized (by name)
         extra = set(quantize_ops)
         chains = {"MatMul", "Gelu", "SiLU"}
         unknown = extra - FLOAT_BY_DEFAULT - chains
@@ -989,6 +990,7 @@ class InsertQDQ:
         fresh = fresh_names(graph_names(graph))
 
         tensors = graph.tensors()
+        self.quantized_tensors = set()
         dq_of: dict[str, gs.Variable] = {}
         dq_params: dict[int, QParams] = {}
         new_nodes: list[gs.Node] = []
@@ -1062,6 +1064,7 @@ class InsertQDQ:
                         dq = self._const_dq(t.name, wq, qp, fresh, new_nodes, omit_zero=n.op == "Conv")
                         w_cache[key] = (dq, qp)
                         weights += 1
+                        self.quantized_tensors.add(t.name)
                     n.inputs[i], w_qp = w_cache[key]
                 elif role == "const":
                     vals = np.asarray(t.values, np.float32)
@@ -1089,6 +1092,7 @@ class InsertQDQ:
                 n.inputs[i] = self._const_dq(n.inputs[i].name, q_b, b_qp, fresh, new_nodes, omit_zero=n.op == "Conv")
                 biases += 1
         graph.nodes.extend(new_nodes)
+        self.quantized_tensors.update(dq_of)
         return {
             "activations_quantized": len(dq_of),
             "weights_quantized": weights,

@@ -199,7 +199,7 @@ def test_int4_can_keep_a_float16_export_in_float16(tmp_path):
     default = onnxpress.quantize(half, calib=calib, weights="int4")
     assert any("quantized in float32 inside" in n for n in default.notes)
     assert sqnr_db(graphs.run(default.model, {"input": x})[0].astype(np.float32), want) >= 35.0
-    with pytest.raises(onnxpress.OnnxpressError, match="keep_float16 is for int4 weight-only"):
+    with pytest.raises(onnxpress.OnnxpressError, match=r"keep_float16 \(--keep-float16\) is for int4 weight-only"):
         onnxpress.quantize(half, calib=calib, keep_float16=True)
 
 

@@ -632,3 +632,56 @@ def test_a_model_input_without_a_batch_axis_is_quantized():
     res = onnxpress.quantize(model, calib=[{"x": x}])
     assert "QuantizeLinear" in {n.op_type for n in res.model.graph.node}
     assert sqnr_db(run(model, {"x": x})[0], run(res.model, {"x": x})[0]) > 30
+
+
+def test_an_override_that_changes_nothing_is_named() -> None:
+    """An override on a tensor that stays float (the graph output) has no effect: a note names it."""
+    model = residual_cnn()
+    x = feeds_for(model, n=16)
+    plain = onnxpress.quantize(model, calib=[x])
+    res = onnxpress.quantize(model, calib=[x], overrides={"Y": {"range": (-1.0, 1.0)}, "r1": {"range": (0.0, 4.0)}})
+    idle = [n for n in res.notes if n.startswith("override: ")]
+    assert len(idle) == 1 and "'Y'" in idle[0] and "'r1'" not in idle[0], res.notes
+    assert res.model.SerializeToString() != plain.model.SerializeToString()  # r1's range took effect
+    # asking for float where the tensor is float anyway is what was asked: no note
+    kept = onnxpress.quantize(model, calib=[x], overrides={"Y": {"dtype": "float"}})
+    assert not [n for n in kept.notes if n.startswith("override: ")]
+
+
+def test_method_and_overrides_where_nothing_is_calibrated_are_refused() -> None:
+    """int4 weight-only, dynamic activations, no data: a named method or an override would do nothing."""
+    model, cnn = two_matmuls(), residual_cnn()
+    x = feeds_for(model)
+    with pytest.raises(OnnxpressError, match=r"method='kl' \(--method\) .*weights='int4' is weight-only"):
+        onnxpress.quantize(model, weights="int4", method="kl", calib=[x])
+    with pytest.raises(OnnxpressError, match=r"overrides \(--override\) .*activations='dynamic'"):
+        onnxpress.quantize(model, activations="dynamic", overrides={"X": {"dtype": "int8"}})
+    with pytest.raises(CalibrationError, match=r"method='minmax' \(--method\) set int8 activation ranges.*--calib"):
+        onnxpress.quantize(cnn, method="minmax")
+    with pytest.raises(CalibrationError, match=r"overrides \(--override\) set int8 activation ranges"):
+        onnxpress.quantize(model, overrides={"X": {"range": (-1.0, 1.0)}})
+
+
+def test_a_method_named_with_a_table_recomputes_its_ranges_from_the_histograms(tmp_path: Path) -> None:
+    """--table T --method M: M's ranges from T's histograms (the same as calibrating with M); bare ranges refused."""
+    model = residual_cnn()
+    x = feeds_for(model, n=32)
+    kl = onnxpress.calibrate(model, [x], method="kl")
+    direct = onnxpress.calibrate(model, [x], method="percentile")
+    res = onnxpress.quantize(model, table=kl, method="percentile")
+    assert res.table.meta["method"] == "percentile"
+    for name, r in direct.ranges.items():
+        assert (res.table[name].min, res.table[name].max) == pytest.approx((r.min, r.max), rel=1e-6), name
+    moved = [n for n in direct.ranges if abs(direct[n].max - kl[n].max) > 1e-3 * abs(kl[n].max)]
+    assert moved  # the two methods differ here, so the test can see which one was used
+    same = onnxpress.quantize(model, table=kl)  # no method: the table's ranges as they are
+    assert same.table[moved[0]].max == pytest.approx(kl[moved[0]].max)
+    with pytest.raises(CalibrationError, match=r"ranges without histograms .* method='kl' \(--method\)"):
+        onnxpress.quantize(model, table=minmax_table(model, x), method="kl")
+    src, data, path = tmp_path / "m.onnx", tmp_path / "calib.npz", tmp_path / "t.npz"
+    onnx.save(model, src)
+    np.savez(data, X=x["X"])
+    kl.save(path)
+    assert main(["quantize", str(src), "-o", str(tmp_path / "q.onnx"), "--table", str(path), "--method",
+                 "percentile", "-q"]) == 0
+    assert onnx.load(tmp_path / "q.onnx").SerializeToString() == res.model.SerializeToString()

@@ -196,7 +196,7 @@ def test_quantize_api_int4_method_errors(tmp_path: Path) -> None:
         onnxpress.quantize(model, weights="int4", int4_method="gptq")
     with pytest.raises(OnnxpressError, match="int4_method must be one of gptq, rtn"):
         onnxpress.quantize(model, weights="int4", int4_method="awq")
-    with pytest.raises(OnnxpressError, match="int4_method is for weights='int4'"):
+    with pytest.raises(OnnxpressError, match=r"int4_method \(--int4-method\) is for weights='int4'"):
         onnxpress.quantize(model, weights="int8", int4_method="rtn", calib=x)
 
 

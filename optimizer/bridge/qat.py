@@ -225,9 +225,9 @@ def prepare_qat(
                 "a float student"
             )
     else:
-        from onnxpress.quantize import DEFAULT_METHOD, quantize
+        from onnxpress.quantize import quantize
 
-        student = quantize(student, calib=[dict(arrays)], table=table, method=calibration_method or DEFAULT_METHOD,
+        student = quantize(student, calib=[dict(arrays)], table=table, method=calibration_method,
                            per_channel=per_channel, exclude=["op:LSTM"], progress=False).model  # fmt: skip
     check_trainable_qdq(student)
     ptq = _private_bias_scales(student)

@@ -25,9 +25,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--table", help="a calibration table saved by 'onnxpress calibrate' (instead of --calib)")
     p.add_argument(
         "--method",
-        default=DEFAULT_METHOD,
+        default=None,
         choices=("kl", "minmax", "percentile", "mse", "auto"),
-        help=f"calibration method (default {DEFAULT_METHOD}); auto: per tensor the one whose range gives the "
+        help=f"calibration method (default {DEFAULT_METHOD}; with --table, its ranges as they are, or recomputed from "
+        "its histograms with the method named); auto: per tensor the one whose range gives the "
         "closest outputs on the first 256 calibration samples (one onnxruntime run per trial: seconds on small "
         "models)",
     )
@@ -232,7 +233,7 @@ def run(args: argparse.Namespace) -> int:
     for note in result.notes:
         if note.startswith(("gptq: ", "float16: ", "dynamic: ")):
             print(note.split(": ", 1)[1])
-        elif note.startswith("auto ranges: "):
+        elif note.startswith(("auto ranges: ", "override: ")):
             print(note)
     flat = result.stats.get("flatten_tokens.layers", 0)
     if flat:

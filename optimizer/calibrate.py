@@ -64,9 +64,9 @@ def calibrate(
     method: str = "kl",
     tensors: Sequence[str] | None = None,
     op_types: Iterable[str] | None = None,
-    bits: int = 8,
-    bins: int = DEFAULT_BINS,
-    percentile: float = 99.99,
+    bits: int | None = None,
+    bins: int | None = None,
+    percentile: float | None = None,
     batch_size: int = 64,
     max_samples: int | None = None,
     progress: bool = False,
@@ -82,9 +82,10 @@ def calibrate(
         method: ``"kl"`` (TensorRT-style entropy), ``"minmax"``, ``"percentile"`` or ``"mse"``.
         tensors: the tensors to calibrate; default: inputs/outputs of the ops in ``op_types``.
         op_types: op types whose float inputs/outputs are calibrated (default: the quantizable ones).
-        bits: quantization bit width the search assumes (8: 256 levels).
-        bins: minimum histogram resolution (a power of two; histogram methods only).
-        percentile: for ``method="percentile"``, the percentile of ``|x|`` kept.
+        bits: quantization bit width the search assumes (default 8: 256 levels; ``kl`` and ``mse`` only).
+        bins: minimum histogram resolution (a power of two, default ``DEFAULT_BINS``; histogram methods only).
+        percentile: for ``method="percentile"``, the percentile of ``|x|`` kept (default 99.99);
+            refused with another method, which would ignore it.
         batch_size: samples per inference call (when the model's batch dimension is dynamic).
         max_samples: use at most this many samples.
         progress: show a progress bar.
@@ -102,6 +103,16 @@ def calibrate(
     """
     if method not in METHODS:
         raise CalibrationError(f"unknown calibration method {method!r}; choose one of {', '.join(METHODS)}")
+    # a setting the method does not read would be ignored without a word
+    unread = [f"{key}={value:g} (--{key})" for key, value, readers in (
+        ("percentile", percentile, ("percentile",)), ("bins", bins, ("kl", "mse", "percentile")),
+        ("bits", bits, ("kl", "mse"))) if value is not None and method not in readers]
+    if unread:
+        raise CalibrationError(f"method={method!r} does not read {' or '.join(unread)}: drop "
+                               f"{'it' if len(unread) == 1 else 'them'}, or choose a method that does")
+    bits = 8 if bits is None else bits
+    bins = DEFAULT_BINS if bins is None else bins
+    percentile = 99.99 if percentile is None else percentile
     # calibration only runs the model: a large ModelProto (a caller's working copy) is checked, not copied,
     # and a file's external data stays in its file, which onnxruntime maps itself (bench/large_model.py,
     # 2.25 GiB of weights: calibrate 9.9-12.3 s -> 2.0 s, peak memory 7.09 -> 2.59 GB)

@@ -255,6 +255,15 @@ def prune(
     """
     if criterion not in CRITERIA:
         raise ValueError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
+    if not ratio:  # exact removal only: the settings of pruning by importance would be ignored without a word
+        unread = [text for text, given in ((f"criterion={criterion!r} (--criterion)", criterion != "l2"),
+                                           (f"scope={scope!r} (--scope)", scope != "global"),
+                                           (f"multiple={multiple} (--multiple)", multiple != 1),
+                                           ("compensate (--compensate)", compensate)) if given]
+        if unread:
+            raise OnnxpressError(f"{', '.join(unread)} set{'s' if len(unread) == 1 else ''} how channels are pruned "
+                                 f"by importance, and without a ratio > 0 (--ratio R) only exactly removable "
+                                 f"channels go: add a ratio, or drop {'it' if len(unread) == 1 else 'them'}")
     if ratio is not None:
         PruneChannels(ratio, criterion=criterion, scope=scope, multiple=multiple)  # validates the arguments
         if criterion in ("act", "contrib") and calib is None:

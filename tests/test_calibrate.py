@@ -103,6 +103,13 @@ def test_bad_arguments_raise_our_errors() -> None:
         onnxpress.calibrate(conv_bn_relu(), feeds(), tensors=["nope"])
     with pytest.raises(CalibrationError, match=r"percentile must be in \(0, 100\], got 101"):
         onnxpress.calibrate(conv_bn_relu(), feeds(), method="percentile", percentile=101)
+    # a setting the method does not read is refused, not ignored
+    with pytest.raises(CalibrationError, match=r"method='kl' does not read percentile=99 \(--percentile\)"):
+        onnxpress.calibrate(conv_bn_relu(), feeds(), method="kl", percentile=99)
+    with pytest.raises(CalibrationError, match=r"method='minmax' does not read bins=512 \(--bins\) or bits=4"):
+        onnxpress.calibrate(conv_bn_relu(), feeds(), method="minmax", bins=512, bits=4)
+    with pytest.raises(CalibrationError, match=r"method='percentile' does not read bits=4"):
+        onnxpress.calibrate(conv_bn_relu(), feeds(), method="percentile", bits=4)
 
 
 @pytest.mark.parametrize("percentile", [99.0, 100.0])

@@ -174,3 +174,16 @@ def test_a_prelu_rewrite_is_reported_even_when_nothing_goes():
     assert any(n.startswith("rewrite_prelu: 1 PRelu rewritten") and "exact" in n for n in result.notes)
     x = r.standard_normal((2, 3, 8, 8)).astype(np.float32)
     np.testing.assert_array_equal(graphs.run(result.model, {"X": x})[0], graphs.run(model, {"X": x})[0])
+
+
+def test_settings_of_pruning_by_importance_without_a_ratio_are_refused(files, tmp_path, capsys):
+    """--compensate, --criterion, --scope, --multiple do nothing in exact (zero-only) mode: refused, nothing written."""
+    model, path, calib = files
+    for kwargs in ({"compensate": True, "calib": str(calib)}, {"criterion": "act", "calib": str(calib)},
+                   {"scope": "layer"}, {"multiple": 8}, {"ratio": 0.0, "compensate": True, "calib": str(calib)}):
+        with pytest.raises(onnxpress.OnnxpressError, match=r"without a ratio > 0 \(--ratio R\)"):
+            onnxpress.prune(model, **kwargs)
+    out = tmp_path / "p.onnx"
+    assert main(["prune", str(path), "-o", str(out), "--compensate", "--calib", str(calib)]) == 2
+    assert "compensate (--compensate)" in capsys.readouterr().err and not out.exists()
+    assert onnxpress.prune(model, ratio=0.3, compensate=True, calib=str(calib)).stats  # with a ratio it runs

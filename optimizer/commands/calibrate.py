@@ -17,9 +17,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, help=".npz of inputs (samples on axis 0) or a folder of .npz feeds")
     p.add_argument("-o", "--output", required=True, help="where to write the calibration table (.npz)")
     p.add_argument("--method", default="kl", choices=("kl", "minmax", "percentile", "mse"), help="range rule")
-    p.add_argument("--percentile", type=float, default=99.99, help="percentile of |x| kept (--method percentile)")
-    p.add_argument("--bins", type=int, default=2048, help="minimum histogram resolution, a power of two")
-    p.add_argument("--bits", type=int, default=8, help="quantization bit width the search assumes")
+    p.add_argument("--percentile", type=float, help="percentile of |x| kept (--method percentile; default 99.99)")
+    p.add_argument("--bins", type=int, help="minimum histogram resolution, a power of two (not --method minmax; "
+                   "default 2048)")
+    p.add_argument("--bits", type=int, help="quantization bit width the search assumes (--method kl or mse; "
+                   "default 8)")
     p.add_argument("--max-samples", type=int, default=None, help="use at most N samples")
     p.add_argument("--batch", type=int, default=64, help="samples per inference call")
     add_common(p)

@@ -230,3 +230,29 @@ def test_layer_norm_exports_with_either_exporter(exporter):
     exported = export_module(module, model, [x[:2]], exporter=exporter)
     onnx.checker.check_model(exported, full_check=True)
     assert validate_against_module(exported, module, {"X": x}) <= 1e-5
+
+
+def test_what_torch_writes_to_stderr_during_an_export_stays_out_of_the_terminal(monkeypatch, capfd, caplog) -> None:
+    """torch's C++ side prints IR to fd 2 when an export fails: the user sees our one line, -vv the dump."""
+    import logging
+    import os
+
+    import torch
+
+    from onnxpress.errors import UnsupportedModelError
+
+    model = tiny_cnn()
+    module = OnnxModule(model)
+
+    def failing_export(*args, **kwargs):
+        os.write(2, b"graph(%input : Float(2, 1, 8, 8)):\n  %1 : Float = onnx::Conv(%input)\n")
+        raise RuntimeError("Unsupported: ONNX export of operator foo")
+
+    monkeypatch.setattr(torch.onnx, "export", failing_export)
+    failed = pytest.raises(UnsupportedModelError, match="torch.onnx.export \\(torchscript\\) failed: Unsupported")
+    with caplog.at_level(logging.DEBUG, logger="onnxpress.bridge.export"), failed:
+        export_module(module, model, [tiny_data()[0][:2]], exporter="torchscript")
+    assert "onnx::Conv" not in capfd.readouterr().err
+    assert "onnx::Conv" in caplog.text  # kept for -vv
+    os.write(2, b"after\n")  # fd 2 is the terminal again
+    assert capfd.readouterr().err == "after\n"

@@ -21,9 +21,12 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 import re
+import sys
+import tempfile
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -109,7 +112,7 @@ def export_module(
     old_level = torch_onnx_log.level
     torch_onnx_log.setLevel(logging.ERROR)
     try:
-        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        with contextlib.redirect_stdout(io.StringIO()), _stderr_to_log(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if exporter == "dynamo":
                 program = torch.onnx.export(module, args, **kwargs)
@@ -131,6 +134,35 @@ def export_module(
         proto = run_passes(proto, cleanup_passes()).model
     proto.producer_name = "onnxpress.finetune"
     return proto
+
+
+@contextlib.contextmanager
+def _stderr_to_log() -> Iterator[None]:
+    """File descriptor 2 into an unlinked temporary file for the block, then into the debug log.
+
+    torch's TorchScript exporter writes its IR graph and diagnostics to the process's stderr from C++,
+    past ``sys.stderr``: a failed export printed a page of IR before our one-line error. The text is
+    kept at debug level (``-vv`` shows it); the temporary file lives in the system's temp folder.
+    """
+    try:
+        saved = os.dup(2)
+    except OSError:  # no fd 2 (an embedded interpreter): nothing to capture
+        yield
+        return
+    with tempfile.TemporaryFile() as tmp:
+        sys.stderr.flush()
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(Exception):
+                sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            text = tmp.read().decode("utf-8", "replace").strip()
+            if text:
+                log.debug("torch.onnx.export wrote to stderr:\n%s", text)
 
 
 def _torch_reason(exc: BaseException, limit: int = 300) -> str:

@@ -422,8 +422,8 @@ def quantize(
         raise OnnxpressError(f"overrides (--override) set the int8 QDQ ranges, dtypes and weight scales of tensors, "
                              f"and {uncalibrated}: they would have no effect; drop them")
     if (method_asked is not None or overrides) and calib is None and table is None and not uncalibrated:
-        what = f"method={method_asked!r} (--method)" if method_asked is not None else "overrides (--override)"
-        raise CalibrationError(f"{what} set int8 activation ranges, which come from calibration data: pass calib= "
+        what = f"method={method_asked!r} (--method) sets" if method_asked is not None else "overrides (--override) set"
+        raise CalibrationError(f"{what} int8 activation ranges, which come from calibration data: pass calib= "
                                "(--calib) or a calibration table (table= / --table)")
     if keep_float16 and not weight_only4:
         raise OnnxpressError("keep_float16 (--keep-float16) is for int4 weight-only quantization: int8 layers need "

@@ -656,7 +656,7 @@ def test_method_and_overrides_where_nothing_is_calibrated_are_refused() -> None:
         onnxpress.quantize(model, weights="int4", method="kl", calib=[x])
     with pytest.raises(OnnxpressError, match=r"overrides \(--override\) .*activations='dynamic'"):
         onnxpress.quantize(model, activations="dynamic", overrides={"X": {"dtype": "int8"}})
-    with pytest.raises(CalibrationError, match=r"method='minmax' \(--method\) set int8 activation ranges.*--calib"):
+    with pytest.raises(CalibrationError, match=r"method='minmax' \(--method\) sets int8 activation ranges.*--calib"):
         onnxpress.quantize(cnn, method="minmax")
     with pytest.raises(CalibrationError, match=r"overrides \(--override\) set int8 activation ranges"):
         onnxpress.quantize(model, overrides={"X": {"range": (-1.0, 1.0)}})

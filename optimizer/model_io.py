@@ -749,4 +749,17 @@ def _approx_size(model: onnx.ModelProto) -> int:
 
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]
+    return text.splitlines()[0][:300] + external_small_tensors_hint(text)
+
+
+EXTERNAL_SMALL_TENSORS = "Cannot parse data from external tensors"
+"""What onnx's shape inference and onnxruntime say of a shape input (Reshape's shape, ReduceMean's axes) kept in
+external data: a legal file (``onnx.save(..., size_threshold=0)``) that neither reads."""
+
+
+def external_small_tensors_hint(text: str) -> str:
+    """What to do when ``text`` is the complaint about small tensors in external data, else ""."""
+    if EXTERNAL_SMALL_TENSORS not in text:
+        return ""
+    return ("; the model keeps small tensors (shapes, axes) in its external data file, which onnx's checker and "
+            "onnxruntime cannot read there: onnxpress cleanup MODEL -o FIXED.onnx writes them into the model")

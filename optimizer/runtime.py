@@ -14,7 +14,7 @@ import onnxruntime as ort
 from onnx import numpy_helper
 
 from onnxpress.errors import UnsupportedModelError
-from onnxpress.model_io import is_large, split_large
+from onnxpress.model_io import external_small_tensors_hint, is_large, split_large
 
 __all__ = ["make_session", "time_interleaved"]
 
@@ -70,6 +70,7 @@ def make_session(
         first = ort_message(exc)
         if "IR version" in first:
             first += f" (onnxruntime {ort.__version__}: upgrade it, or save the model with a lower ir_version)"
+        first += external_small_tensors_hint(first)
         raise UnsupportedModelError(f"onnxruntime cannot load the {what}: {first}") from None
 
 

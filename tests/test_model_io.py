@@ -247,3 +247,39 @@ def test_onnxruntime_errors_keep_the_reason_not_the_cpp_signature():
     model.ir_version = 99  # past what any onnxruntime knows
     with pytest.raises(UnsupportedModelError, match=r"max supported IR version: \d+ \(onnxruntime .*: upgrade it"):
         make_session(model)
+
+
+def _reshape_matmul() -> onnx.ModelProto:
+    """X[N, 2, 8] -> Reshape([-1, 16]) -> MatMul(W[16, 4]) + b -> Y: a shape input onnxruntime must read at load."""
+    r = np.random.default_rng(0)
+    nodes = [helper.make_node("Reshape", ["X", "shape"], ["flat"]), helper.make_node("MatMul", ["flat", "W"], ["mm"]),
+             helper.make_node("Add", ["mm", "b"], ["Y"])]
+    inits = [numpy_helper.from_array(np.array([-1, 16], np.int64), "shape"),
+             numpy_helper.from_array(r.standard_normal((16, 4)).astype(np.float32), "W"),
+             numpy_helper.from_array(r.standard_normal(4).astype(np.float32), "b")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("X", onnx.TensorProto.FLOAT, ["N", 2, 8])],
+                              [helper.make_tensor_value_info("Y", onnx.TensorProto.FLOAT, ["N", 4])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_small_tensors_in_external_data_get_a_way_out(tmp_path, capsys) -> None:
+    """Every tensor external (size_threshold=0): onnxruntime cannot read the shape; errors say to run cleanup,
+    which writes a model that loads, and quantize's latency check times the cleaned original instead."""
+    from onnxpress.cli import main
+    from onnxpress.runtime import make_session
+
+    src = tmp_path / "all.onnx"
+    onnx.save(_reshape_matmul(), src, save_as_external_data=True, all_tensors_to_one_file=True, location="all.data",
+              size_threshold=0)
+    data = tmp_path / "calib.npz"
+    np.savez(data, X=np.random.default_rng(1).standard_normal((8, 2, 8)).astype(np.float32))
+    with pytest.raises(UnsupportedModelError, match="onnxpress cleanup MODEL -o FIXED.onnx"):
+        make_session(str(src))
+    assert main(["validate", str(src), str(src), "--data", str(data)]) == 2
+    assert "onnxpress cleanup MODEL -o FIXED.onnx" in capsys.readouterr().err
+    assert main(["cleanup", str(src), "-o", str(tmp_path / "fixed.onnx")]) == 0
+    make_session(str(tmp_path / "fixed.onnx"))  # loads
+    assert main(["quantize", str(src), "-o", str(tmp_path / "q.onnx"), "--calib", str(data), "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "the latency check times the original after onnxpress cleanup instead" in out and "latency " in out
+    make_session(str(tmp_path / "q.onnx"))

@@ -1108,9 +1108,10 @@ def _resolve_table(
         result = table
     elif calib is None:
         raise CalibrationError(
-            "int8 quantization needs calibration data: pass calib= (an .npz of inputs) or table= "
-            "(a saved calibration table); or use weights='int4' (weight-only, no data needed), or "
-            "activations='dynamic' (no data; MatMul/Gemm and LSTM layers only, convolutions stay float)"
+            "int8 quantization needs calibration data: pass calib= / --calib (an .npz of inputs) or table= / --table "
+            "(a saved calibration table); or use weights='int4' / --weights int4 (weight-only, no data needed), or "
+            "activations='dynamic' / --activations dynamic (no data; MatMul/Gemm and LSTM layers only, convolutions "
+            "stay float)"
         )
     else:
         from onnxpress.calibrate import calibrate

@@ -324,7 +324,8 @@ def shift_images(x: np.ndarray, shift: int, rng: np.random.Generator) -> np.ndar
         DataError: ``x`` is not 4-D, or ``shift`` is not smaller than its height and width.
     """
     if x.ndim != 4:
-        raise DataError(f"shift augmentation needs images [N, C, H, W]; got shape {x.shape}; set augment_shift=0")
+        raise DataError(f"shift augmentation needs images [N, C, H, W]; got shape {x.shape}; "
+                        "set augment_shift=0 (--augment-shift 0)")
     n, c, h, w = x.shape
     if shift >= min(h, w):
         raise DataError(f"augment_shift={shift} is not smaller than the image size {h}x{w}; use a smaller shift")
@@ -483,7 +484,8 @@ def train_student(
     shift = config.augment_shift
     if shift and not any(a.ndim == 4 for a in arrays.values()):
         shapes = {k: a.shape for k, a in arrays.items()}
-        raise DataError(f"augment_shift needs an image input [N, C, H, W]; inputs are {shapes}; set augment_shift=0")
+        raise DataError(f"augment_shift needs an image input [N, C, H, W]; inputs are {shapes}; "
+                        "set augment_shift=0 (--augment-shift 0)")
     if shift and teacher_logits is not None and teacher_model is None:
         raise DataError("distilling on shifted samples needs the teacher model to label them; pass teacher_model")
     feature_session = (

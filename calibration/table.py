@@ -129,7 +129,7 @@ class CalibrationTable:
         """
         from onnxpress.model_io import check_output_path
 
-        out = check_output_path(path)
+        out = check_output_path(path, example="table.npz")
         arrays: dict[str, np.ndarray] = {}
         hists: dict[str, dict[str, Any]] = {}
         for k, (name, h) in enumerate(sorted(self.histograms.items())):

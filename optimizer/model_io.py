@@ -617,13 +617,21 @@ def model_digest(model: onnx.ModelProto) -> str:
     return h.hexdigest()[:16]
 
 
-def check_output_path(output: str | os.PathLike[str], inputs: Iterable[str | os.PathLike[str] | object] = ()) -> Path:
+def check_output_path(
+    output: str | os.PathLike[str],
+    inputs: Iterable[str | os.PathLike[str] | object] = (),
+    example: str = "model.onnx",
+) -> Path:
     """Check that ``output`` can be written and is none of ``inputs``; return it as a Path.
+
+    ``example`` is the file name the error for a folder suggests (``table.npz`` for a calibration table).
 
     Raises:
         OutputError: the folder is missing or not writable, the path is a folder, or it equals an input.
     """
     out = Path(output)
+    if out.is_dir() or not out.name:  # first: "." or "/" has no name to put ".data" beside
+        raise OutputError(f"output path {out} is a folder; give a file name such as {out / example}")
     # what writing would replace: the output, and the <output>.data a large model's weights go to (save_model);
     # only existing files can be an input's (its external weights read only then, without the weights)
     existing = {t.resolve(): t for t in (out, out.with_name(out.name + ".data")) if t.exists()}
@@ -640,8 +648,6 @@ def check_output_path(output: str | os.PathLike[str], inputs: Iterable[str | os.
             what = "the input model" if path.suffix == ".onnx" else "an input file (it would be overwritten)"
             raise OutputError(f"output path {out} {'is' if target == out else 'writes'} {what}"
                               f"{'' if target == out else f' ({target.name})'}; write the result to another path")
-    if out.is_dir():
-        raise OutputError(f"output path {out} is a folder; give a file name such as {out / 'model.onnx'}")
     parent = out.parent if str(out.parent) else Path(".")
     if parent.exists() and not parent.is_dir():
         raise OutputError(f"cannot write {out}: {parent} is a file, not a folder")

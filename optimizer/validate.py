@@ -189,7 +189,7 @@ class ValidationReport:
                 the two models or the data file.
         """
         inputs = [m for m in (self.reference, self.candidate, self.data) if m and not m.startswith("<")]
-        out = check_output_path(path, inputs)
+        out = check_output_path(path, inputs, example="report" + suffix)
         tmp = None
         try:
             with tempfile.NamedTemporaryFile(dir=out.parent, prefix=".onnxpress-", suffix=suffix, delete=False) as fh:

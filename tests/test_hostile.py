@@ -360,6 +360,12 @@ HOSTILE = [
         OutputError,
         r"output path .*work is a folder; give a file name",
     ),
+    Hostile(  # "." has no name: the ".data" beside it was once a ValueError traceback
+        "output is the current folder",
+        lambda p: setattr(p, "output", Path(".")),
+        OutputError,
+        r"output path \. is a folder; give a file name such as \w+\.\w+",
+    ),
     Hostile(
         "output is the data file",
         lambda p: setattr(p, "output", p.data),
@@ -449,7 +455,8 @@ def _snapshot(root: Path) -> dict[str, str]:
 
 
 @pytest.mark.parametrize(("cmd", "bad"), ROWS)
-def test_cli(tmp_path, capsys, cmd, bad):
+def test_cli(tmp_path, capsys, monkeypatch, cmd, bad):
+    monkeypatch.chdir(tmp_path)  # "." is tmp_path, and a scratch file left in the current folder shows below
     paths = _setup(tmp_path, cmd, bad)
     before = _snapshot(tmp_path)
     status = main(cmd.argv(paths))
@@ -462,7 +469,8 @@ def test_cli(tmp_path, capsys, cmd, bad):
 
 
 @pytest.mark.parametrize(("cmd", "bad"), ROWS)
-def test_api(tmp_path, cmd, bad):
+def test_api(tmp_path, monkeypatch, cmd, bad):
+    monkeypatch.chdir(tmp_path)
     if (bad.name in ("output is the input model", "output is the data file", "output is the input's external data")
             and not cmd.api_guards_input_path):
         pytest.skip("the API cannot know the input path here (the CLI row checks it)")

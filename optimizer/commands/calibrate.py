@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     from onnxpress.calibrate import calibrate
     from onnxpress.model_io import check_output_path, load_model
 
-    check_output_path(args.output, [args.model, args.data])
+    check_output_path(args.output, [args.model, args.data], example="table.npz")
     model = load_model(args.model, external_data=False)  # the graph, for the summary; calibrate reads the file
     table = calibrate(
         args.model,

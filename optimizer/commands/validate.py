@@ -47,9 +47,9 @@ def run(args: argparse.Namespace) -> int:
     if args.plot and not args.layers:
         print("onnxpress validate: error: --plot draws the per-tensor comparison: add --layers", file=sys.stderr)
         return 2
-    for out in (args.json, args.plot):
+    for out, example in ((args.json, "report.json"), (args.plot, "layers.png")):
         if out:
-            check_output_path(out, inputs)
+            check_output_path(out, inputs, example)
     report = validate(
         args.reference,
         args.candidate,

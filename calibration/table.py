@@ -175,8 +175,6 @@ class CalibrationTable:
         Raises:
             CalibrationError: missing/unreadable file, not a calibration table, newer version.
         """
-        from onnxpress.calibration.histogram import Histogram
-
         p = Path(path)
         if not p.is_file():
             raise CalibrationError(f"calibration table {p} not found")
@@ -195,27 +193,49 @@ class CalibrationTable:
                 counts = {k: z[k] for k in z.files if k != "header"}
         except (OSError, ValueError, zipfile.BadZipFile) as exc:  # a zip cut short is a BadZipFile
             raise CalibrationError(f"cannot read calibration table {p}: {exc}") from None
-        if header.get("format") != TABLE_FORMAT:
-            raise CalibrationError(f"{p} is not an onnxpress calibration table (format {header.get('format')!r})")
+        if not isinstance(header, dict) or header.get("format") != TABLE_FORMAT:
+            what = header.get("format") if isinstance(header, dict) else header
+            raise CalibrationError(f"{p} is not an onnxpress calibration table (format {what!r})")
         version = header.get("version")
         if not isinstance(version, int) or version > TABLE_VERSION:
             raise CalibrationError(
                 f"{p} has table version {version}; this onnxpress reads up to {TABLE_VERSION}: upgrade onnxpress"
             )
-        ranges = {n: TensorRange(**r) for n, r in header["ranges"].items()}
+        try:
+            return cls._from_header(header, counts, version)
+        except (KeyError, TypeError, AttributeError, ValueError, CalibrationError) as exc:
+            # a header edited by hand or written by something else: one message, not a traceback from the parser
+            what = f"missing field {exc}" if isinstance(exc, KeyError) else str(exc)
+            raise CalibrationError(
+                f"calibration table {p} is damaged ({what}); calibrate again with `onnxpress calibrate`"
+            ) from None
+
+    @classmethod
+    def _from_header(cls, header: dict[str, Any], counts: dict[str, np.ndarray], version: int) -> CalibrationTable:
+        """The table a checked header and its count arrays describe (KeyError/TypeError/ValueError when damaged)."""
+        from onnxpress.calibration.histogram import Histogram
+
+        ranges = {str(n): TensorRange(float(r["min"]), float(r["max"]), str(r.get("method", "manual")),
+                                      int(r.get("samples", 0)))
+                  for n, r in header["ranges"].items()}
         hists = {}
         for name, h in header.get("histograms", {}).items():
-            hists[name] = Histogram(
-                size=h["size"],
-                exp=h["exp"],
-                counts=counts[h["key"]].astype(np.int64) if h["key"] in counts else None,
-                zeros_pending=h["zeros_pending"],
+            size, exp = int(h["size"]), h["exp"]
+            arr = counts.get(h["key"])
+            if exp is not None and (arr is None or arr.shape != (2 * size,)):
+                # a histogram that saw values has 2*size counts; a missing array would load as empty
+                raise ValueError(f"the bin counts of {name!r} are missing or the wrong size")
+            hists[str(name)] = Histogram(
+                size=size,
+                exp=None if exp is None else int(exp),
+                counts=None if exp is None else arr.astype(np.int64),
+                zeros_pending=int(h["zeros_pending"]),
                 min=math.inf if h["min"] is None else float(h["min"]),
                 max=-math.inf if h["max"] is None else float(h["max"]),
-                count=h["count"],
-                nan=h["nan"],
-                posinf=h["posinf"],
-                neginf=h["neginf"],
+                count=int(h["count"]),
+                nan=int(h["nan"]),
+                posinf=int(h["posinf"]),
+                neginf=int(h["neginf"]),
                 values_per_sample=h.get("values_per_sample"),  # absent in tables written before it existed
             )
         return cls(ranges, dict(header.get("excluded", {})), version, hists, dict(header.get("meta", {})))

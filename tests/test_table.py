@@ -86,6 +86,35 @@ def test_load_refuses_newer_versions_and_other_files(tmp_path) -> None:
         table_from(data()).save(tmp_path / "no" / "such" / "t.npz")
 
 
+def _rewrite(src, dst, edit, drop: str | None = None) -> None:
+    """Copy table ``src`` to ``dst``: ``edit(header)`` applied (in place, or what it returns), ``drop`` left out."""
+    with np.load(src) as z:
+        arrays = {k: z[k] for k in z.files if k != drop}
+    header = json.loads(arrays["header"].tobytes())
+    new = edit(header)
+    header = header if new is None else new
+    arrays["header"] = np.frombuffer(json.dumps(header).encode(), np.uint8)
+    np.savez(dst, **arrays)
+
+
+@pytest.mark.parametrize(("edit", "drop", "match"), [
+    (lambda h: h.__delitem__("ranges"), None, "missing field 'ranges'"),
+    (lambda h: h["ranges"].update(a=[0, 1]), None, "damaged"),  # a list where an object belongs
+    (lambda h: h["ranges"].update(a={"min": 2.0, "max": 1.0}), None, r"range min 2\.0 > max 1\.0"),
+    (lambda h: h["histograms"]["a"].update(size="big"), None, "damaged"),
+    (lambda h: h["histograms"]["a"].__delitem__("count"), None, "missing field 'count'"),
+    (lambda h: h.update(excluded=["mask"]), None, "damaged"),
+    (lambda h: ["not", "a", "header"], None, "not an onnxpress calibration table"),
+    (lambda h: None, "h0", r"the bin counts of 'a' are missing"),  # loaded as an empty histogram before
+])
+def test_a_damaged_header_is_one_clear_error(tmp_path, edit, drop, match) -> None:
+    path = table_from(data()).save(tmp_path / "t.npz")
+    _rewrite(path, tmp_path / "bad.npz", edit, drop)
+    with pytest.raises(CalibrationError, match=match) as err:
+        CalibrationTable.load(tmp_path / "bad.npz")
+    assert "bad.npz" in str(err.value)
+
+
 def test_saved_table_has_the_mode_a_plain_open_gives(tmp_path) -> None:
     import os
 

@@ -168,7 +168,7 @@ def validate_recipe(recipe: Mapping[str, Any]) -> dict[str, Any]:
         if not isinstance(step, Mapping) or "pass" not in step:
             raise _bad(where, "each step must be an object with a 'pass' key")
         name = step["pass"]
-        if name not in _KEYS:
+        if not isinstance(name, str) or name not in _KEYS:
             raise _bad(where, f"unknown pass {name!r}; known passes: {', '.join(STEPS)}")
         allowed = _KEYS[name]
         extra = sorted(set(step) - {"pass", *allowed})
@@ -186,6 +186,8 @@ def validate_recipe(recipe: Mapping[str, Any]) -> dict[str, Any]:
             ranks = full["ranks"]
             if not isinstance(ranks, Mapping) or not ranks:
                 raise _bad(where, "needs 'ranks': {layer name: rank (integer >= 1)}")
+            if not isinstance(full["data_aware"], bool):
+                raise _bad(where, f"data_aware must be true or false, got {full['data_aware']!r}")
             for key, r in ranks.items():
                 if isinstance(r, bool) or not isinstance(r, int) or r < 1:
                     raise _bad(where, f"rank for layer {key!r} must be an integer >= 1, got {r!r}")
@@ -214,8 +216,9 @@ def validate_recipe(recipe: Mapping[str, Any]) -> dict[str, Any]:
                 raise _bad(where, "'codebook_layers' is for int8 models")
             if full["activations"] not in ("uint8", "int8"):
                 raise _bad(where, f"activations must be uint8 or int8, got {full['activations']!r}")
-            if not isinstance(full["bias_correction"], bool):
-                raise _bad(where, f"bias_correction must be true or false, got {full['bias_correction']!r}")
+            for key in ("bias_correction", "per_channel"):
+                if not isinstance(full[key], bool):
+                    raise _bad(where, f"{key} must be true or false, got {full[key]!r}")
             if full["int8_method"] not in ("rtn", "gptq", "auto"):
                 raise _bad(where, f"int8_method must be rtn, gptq or auto, got {full['int8_method']!r}")
             _check_float_rewrites(where, full)

@@ -25,6 +25,10 @@ RECIPE = {"version": 1, "steps": [
     ({"version": 2, "steps": [{"pass": "cleanup"}]}, "version must be 1"),
     ({"version": 1, "steps": []}, "non-empty list"),
     ({"version": 1, "steps": [{"pass": "sparsify"}]}, "unknown pass 'sparsify'"),
+    ({"version": 1, "steps": [{"pass": ["prune"]}]}, r"unknown pass \['prune'\]"),  # was a TypeError (unhashable)
+    ({"version": 1, "steps": [{"pass": "quantize", "per_channel": "no"}]}, "per_channel must be true or false"),
+    ({"version": 1, "steps": [{"pass": "lowrank", "ranks": {"a": 2}, "data_aware": 0}]},
+     "data_aware must be true or false"),
     ({"version": 1, "steps": [{"pass": "lowrank", "ranks": {"a": 0}}]}, "integer >= 1"),
     ({"version": 1, "steps": [{"pass": "lowrank"}]}, "needs 'ranks'"),
     ({"version": 1, "steps": [{"pass": "prune", "ratio": 1.5}]}, r"in \[0, 1\)"),

@@ -178,6 +178,12 @@ def calibrate(
             log.warning("excluded %s: %s", name, result)
             continue
         table.ranges[name] = dataclasses.replace(result, samples=samples)
+    if not table.ranges:  # e.g. one +inf pixel: it reaches every layer, and an empty table quantizes nothing
+        first = next(iter(table.excluded))
+        raise CalibrationError(
+            f"no tensor got a range: all {len(names)} were left out ({first}: {table.excluded[first]}); a NaN or "
+            "infinite value in the data reaches every layer after it: remove the samples that hold one"
+        )
     return table
 
 

@@ -21,6 +21,7 @@ import copy
 import dataclasses
 import logging
 import os
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -204,6 +205,27 @@ def _check_table_fits(table: CalibrationTable, present: set[str]) -> list[str]:
         return [f"table: {len(foreign)} of the table's {len(calibrated)} tensors are not in the model "
                 f"(e.g. {foreign[:3]}); their ranges are unused"]
     return []
+
+
+def _refuse_nothing_quantized(decisions: Sequence[NodeDecision], int4_done: Sequence[NodeDecision],
+                                        codebook_layers: object) -> None:
+    """Refuse an int8 model in which no layer was quantized because the table had no range for them.
+
+    Written, it would be the float model under a new name (a table whose every tensor held NaN/inf, or one
+    of another export); excluding every layer on purpose is not refused.
+
+    Raises:
+        CalibrationError: no layer quantized, and at least one for want of a range.
+    """
+    if not decisions or int4_done or codebook_layers or any(d.quantized for d in decisions):
+        return
+    # the reasons InsertQDQ._missing_reason gives
+    missing = [d for d in decisions if re.search(r"has no (usable|calibrated) range", d.reason)]
+    if missing:
+        raise CalibrationError(
+            f"no layer was quantized: {len(missing)} of {len(decisions)} read a tensor the calibration has no range "
+            f"for ({missing[0].name}: {missing[0].reason}); calibrate this model on data without NaN/inf values"
+        )
 
 
 def _as_overrides(overrides: Mapping[str, TensorOverride | Mapping[str, object]] | None) -> dict[str, TensorOverride]:
@@ -660,6 +682,7 @@ def quantize(
         if codebook_layers:
             result, decisions = _codebook_layers_last(result, decisions, codebook_layers, hessians)
         excluded = dict(used_table.excluded)
+        _refuse_nothing_quantized(decisions, int4_done, codebook_layers)
         idle = sorted(n for n, ov in ovs.items() if n not in qdq.quantized_tensors and ov.dtype != "float")
         if idle:  # a graph output, a tensor of float ops, or one the rewrites before InsertQDQ replaced
             advanced_notes.append(

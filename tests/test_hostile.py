@@ -413,15 +413,15 @@ def _inf_data_paths(tmp_path: Path) -> Paths:
     return _setup(tmp_path, cmd, next(b for b in HOSTILE if b.name == "inf data"))
 
 
-def test_inf_data_is_reported_by_calibrate(tmp_path, capsys):
-    """-inf in an input: every tensor it reaches is listed as excluded (as a mask's would be), not refused."""
+def test_inf_data_that_reaches_every_tensor_stops_calibrate(tmp_path, capsys):
+    """-inf in an input is taken (a mask's is; test_calibrate has one), but a table left with no range is refused."""
     paths = _inf_data_paths(tmp_path)
-    assert main(["calibrate", str(paths.model), "--data", str(paths.data), "-o", str(paths.output), "-q"]) == 0
-    out = capsys.readouterr().out
-    assert "excluded X: X holds infinite values (192 x -inf" in out  # sample 2, all of it
-    from onnxpress.calibration.table import CalibrationTable
-
-    assert set(CalibrationTable.load(paths.output).excluded) >= {"X", "h"}
+    before = _snapshot(tmp_path)
+    assert main(["calibrate", str(paths.model), "--data", str(paths.data), "-o", str(paths.output), "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("onnxpress: error: no tensor got a range: all"), err
+    assert "(X: X holds infinite values (192 x -inf" in err[0]  # sample 2, all of it
+    assert _snapshot(tmp_path) == before  # no empty table written
 
 
 def test_inf_data_stops_quantize_with_the_tensor_it_reached(tmp_path, capsys):

@@ -163,6 +163,21 @@ def test_non_finite_tensor_is_excluded_and_reported() -> None:
     assert np.all(np.isfinite(out)) and sqnr_db(ref, out) > 20
 
 
+def test_a_table_that_leaves_every_layer_without_a_range_is_refused() -> None:
+    """One +inf pixel reaches every layer: the model written would be the float one under a new name."""
+    from onnxpress.calibration.table import CalibrationTable
+
+    model = residual_cnn()
+    table = minmax_table(model, feeds_for(model))
+    empty = CalibrationTable({}, {n: "n holds 3 NaN values next to 10 finite ones; left out" for n in table.ranges})
+    with pytest.raises(CalibrationError, match=r"no layer was quantized: \d+ of \d+ read a tensor the calibration "
+                                               r"has no range for \(\w+: tensor '\w+' has no usable range \(n holds 3"):
+        onnxpress.quantize(model, table=empty)
+    layers = [n.name for n in model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
+    res = onnxpress.quantize(model, table=table, exclude=layers)  # every layer float on purpose: taken
+    assert not res.quantized and res.kept_float
+
+
 def test_int4_weight_only() -> None:
     """weights='int4': MatMul/Gemm become MatMulNBits, no calibration needed, size drops below 0.2x."""
     r = rng(13)

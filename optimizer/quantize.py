@@ -476,6 +476,8 @@ def quantize(
         table = CalibrationTable.load(table)
     if table is not None and method_asked not in (None, "auto", table.meta.get("method")):
         table = _table_with_method(table, method_asked)
+    if table is not None:
+        _check_table_for_int8(table, equalize, smoothquant)
     if upgrading is not None:
         _check_upgrade(*upgrading, cleaned, calib)
     if weight_only4 and not _int4_layers(cleaned):
@@ -1114,6 +1116,28 @@ def _table_with_method(table: CalibrationTable, method: str) -> CalibrationTable
             f"method (onnxpress calibrate --method {method}), or drop the method to use the table's ranges"
         )
     return CalibrationTable.merge(table, method=method)
+
+
+def _check_table_for_int8(table: CalibrationTable, equalize: str | None, smoothquant: float | None) -> None:
+    """Refuse a table whose ranges would not fit the int8 activations of the model quantize builds.
+
+    Raises:
+        CalibrationError: a float rewrite (equalize, smoothquant) rescales the activations after the table was
+            measured, or its kl/mse ranges were searched for another bit width (calibrate --bits).
+    """
+    if equalize or smoothquant is not None:  # the ranges of the rescaled channels: 2-10x off
+        what = "equalize (--equalize)" if equalize else "smoothquant (--smoothquant)"
+        raise CalibrationError(
+            f"{what} rescales activations the table's ranges were measured on, so they would not fit the rewritten "
+            "model: pass calib= / --calib instead of a table (quantize calibrates after the rewrite)"
+        )
+    bits = table.meta.get("bits", 8)
+    searched = sorted({r.method for r in table.ranges.values()} & {"kl", "mse"})
+    if bits != 8 and searched:  # a 4-bit search clips far inside the range 8-bit levels would cover
+        raise CalibrationError(
+            f"the table's {'/'.join(searched)} ranges were searched for {bits}-bit values (calibrate --bits {bits}) "
+            "and quantize's activations are 8-bit: calibrate with --bits 8 (the default)"
+        )
 
 
 def _resolve_table(

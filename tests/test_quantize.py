@@ -178,6 +178,20 @@ def test_a_table_that_leaves_every_layer_without_a_range_is_refused() -> None:
     assert not res.quantized and res.kept_float
 
 
+def test_a_table_that_would_not_fit_the_int8_model_is_refused() -> None:
+    """Ranges measured before a float rewrite, or searched for 4-bit values, would clip the int8 model."""
+    model = residual_cnn()
+    x = feeds_for(model)
+    table = onnxpress.calibrate(model, [x], method="mse")
+    for kwargs in ({"equalize": "split"}, {"smoothquant": 0.5, "calib": [x]}):
+        with pytest.raises(CalibrationError, match=r"rescales activations the table's ranges were measured on"):
+            onnxpress.quantize(model, table=table, **kwargs)
+    four = onnxpress.calibrate(model, [x], method="mse", bits=4)
+    with pytest.raises(CalibrationError, match=r"mse ranges were searched for 4-bit values \(calibrate --bits 4\)"):
+        onnxpress.quantize(model, table=four)
+    assert onnxpress.quantize(model, table=four, method="minmax").quantized  # minmax reads no bit width
+
+
 def test_int4_weight_only() -> None:
     """weights='int4': MatMul/Gemm become MatMulNBits, no calibration needed, size drops below 0.2x."""
     r = rng(13)

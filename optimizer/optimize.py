@@ -489,6 +489,36 @@ def measure_float_penalties(m0: onnx.ModelProto, calib: object, space: SearchSpa
     return penalties
 
 
+DEFAULT_FINETUNE_EPOCHS = 60
+"""``optimize(finetune=True)``'s epochs when ``finetune_epochs`` is not given (see ``optimize``)."""
+
+
+def _check_search_options(with_recipe: bool, **given: Any) -> None:
+    """Refuse options that would be ignored: search options beside a recipe, fine-tune options without a fine-tune.
+
+    ``given``: the arguments as passed (None: not given; ``finetune`` and ``auto_ranges`` at their defaults
+    False and True are not given).
+
+    Raises:
+        OnnxpressError: naming the options and the flags they come from.
+    """
+    flags = {"budget": "--budget", "max_drop": "--max-drop", "time_limit": "--time-limit", "finetune": "--finetune",
+             "finetune_epochs": "--finetune-epochs", "finetune_device": "--finetune-device",
+             "probe_epochs": "--probe-epochs", "auto_ranges": "--no-auto-ranges"}
+    asked = [k for k, v in given.items() if (v is True if k == "finetune" else v is False if k == "auto_ranges"
+                                              else v is not None)]
+    named = ", ".join(f"{k}{'=False' if k == 'auto_ranges' else ''} ({flags[k]})" for k in asked)
+    if with_recipe and asked:
+        raise OnnxpressError(f"a recipe is applied as written, so {named} would not apply (they steer the search): "
+                             f"drop {'it' if len(asked) == 1 else 'them'}, or drop the recipe to search")
+    tuning = [k for k in asked if k in ("finetune_epochs", "finetune_device", "probe_epochs")]
+    if tuning and not given["finetune"]:
+        named = ", ".join(f"{k} ({flags[k]})" for k in tuning)
+        verb, obj = ("sets", "it") if len(tuning) == 1 else ("set", "them")
+        raise OnnxpressError(f"{named} {verb} up the fine-tune, which runs only with finetune=True (--finetune): "
+                             f"add that, or drop {obj}")
+
+
 @scoped_input_dims
 def optimize(
     model: ModelSource,
@@ -498,7 +528,7 @@ def optimize(
     eval_data: object | None = None,
     labels: object | None = None,
     metric: Metric | None = None,
-    budget: str | Budget | Sequence[str | Budget] = "latency=0.5",
+    budget: str | Budget | Sequence[str | Budget] | None = None,
     max_drop: float | None = None,
     recipe: str | os.PathLike[str] | Mapping[str, Any] | None = None,
     report: str | os.PathLike[str] | None = None,
@@ -514,8 +544,8 @@ def optimize(
     shortlist: int = 4,
     seed: int = 0,
     finetune: bool = False,
-    finetune_epochs: int = 60,
-    finetune_device: str = "cpu",
+    finetune_epochs: int | None = None,
+    finetune_device: str | None = None,
     probe_epochs: int | None = None,
     latency_threads: int = 1,
     float_penalties: bool = True,
@@ -547,10 +577,11 @@ def optimize(
             at all are not a tie (the noise of a user metric is unknown); equal values are broken by SQNR.
         budget: ``latency=F`` (measured onnxruntime latency ratio), ``size=F`` or ``flops=F``; or a list
             of them, one per kind: the search plans against the first, and a candidate is feasible when
-            every one holds as measured (``["latency=0.2", "size=0.1"]``).
+            every one holds as measured (``["latency=0.2", "size=0.1"]``). Default ``latency=0.5``.
         max_drop: largest accepted accuracy drop in points (needs labels): ``100 * (reference - candidate)``.
             With ``metric`` the same formula on its values, so points of a metric in [0, 1] like accuracy.
-        recipe: apply this recipe instead of searching.
+        recipe: apply this recipe instead of searching; the search's options (``budget``, ``max_drop``,
+            ``time_limit``, ``finetune`` and its settings, ``auto_ranges=False``) are then refused, not ignored.
         report: folder for ``report.md``, ``report.json`` and the PNGs.
         time_limit: seconds for the whole run (> 0; None: no limit). Each phase stops at its next step once it
             has passed and the best model so far is written: the sensitivity analysis measures every layer's int8
@@ -580,10 +611,10 @@ def optimize(
             is quantized; candidates (and ``max_drop``) are measured after the fine-tune (needs torch).
             The search then also tries assuming the fine-tune removes 90% / 99% / 99.9% of pruning's noise.
             A quantized choice is then also trained quantization-aware (a ``qat`` recipe step), kept if closer.
-        finetune_epochs: epochs of that fine-tune (60: on the 500-sample calibration set of the reference
+        finetune_epochs: epochs of that fine-tune (default 60: on the 500-sample calibration set of the reference
             ResNet, the searched structure at 0.33x MACs ended 1.1 points below the original on the test
             split after 30 epochs and 0.3 points above it after 60).
-        finetune_device: where torch trains (``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"auto"``); written
+        finetune_device: where torch trains (``"cpu"``, the default, ``"cuda"``, ``"cuda:N"``, ``"auto"``); written
             into the recipe's finetune step, since a GPU-trained model differs from a CPU-trained one
             by float rounding and a recipe rebuilds byte for byte on the device it names.
         probe_epochs: epochs of the probe fine-tune that ranks the in-budget structures before the best
@@ -613,8 +644,9 @@ def optimize(
         progress: progress bars.
 
     Raises:
-        OnnxpressError: bad budget/recipe/max_drop/time_limit, a metric without labels or that returns no
-            finite number; DataError for data or labels that do not fit.
+        OnnxpressError: bad budget/recipe/max_drop/time_limit, a search option with a recipe, a fine-tune
+            setting without ``finetune``, a metric without labels or that returns no finite number;
+            DataError for data or labels that do not fit.
     """
     from tqdm.auto import tqdm
 
@@ -624,15 +656,21 @@ def optimize(
         raise OnnxpressError(f"--time-limit must be a positive number of seconds, got {time_limit}; "
                              "leave it out for no limit")
     deadline = start + time_limit if time_limit is not None else None
+    _check_search_options(recipe is not None, budget=budget, max_drop=max_drop, time_limit=time_limit,
+                          finetune=finetune, finetune_epochs=finetune_epochs, finetune_device=finetune_device,
+                          probe_epochs=probe_epochs, auto_ranges=auto_ranges)
     out = check_output_path(output, [model, calib, eval_data, labels, recipe, latency_reference])
     if labels is None and eval_data is not None and _npz_has_labels(eval_data):
         labels = eval_data  # an evaluation .npz that carries its labels (the readers ignore the extra key)
         log.info("labels taken from the 'labels' key of %s", eval_data)
-    if max_drop is not None and (labels is None or max_drop < 0):
-        raise OnnxpressError("--max-drop needs labels (--labels) and a value >= 0 (accuracy points)")
+    if max_drop is not None and (labels is None or not 0 <= max_drop < math.inf):  # NaN fails this too
+        raise OnnxpressError("--max-drop needs labels (--labels) and a finite value >= 0 (accuracy points)")
     if metric is not None and (labels is None or not callable(metric)):
         raise OnnxpressError("metric must be a callable metric(outputs, labels) -> float and needs labels "
                              "(labels=, or an evaluation .npz with a 'labels' key)")
+    finetune_epochs = DEFAULT_FINETUNE_EPOCHS if finetune_epochs is None else finetune_epochs
+    finetune_device = "cpu" if finetune_device is None else finetune_device
+    budget = "latency=0.5" if budget is None else budget
     if finetune and recipe is None and finetune_device != "cpu":
         from onnxpress.bridge.train import resolve_device
 

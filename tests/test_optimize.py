@@ -53,9 +53,19 @@ def test_cli_search_and_recipe(setup, capsys):
     (["--budget", "speed=0.3"], "budget kind"),
     (["--max-drop", "1"], "needs labels"),
     (["--recipe", "missing.json"], "cannot read recipe"),
+    # search options beside a recipe, fine-tune settings without --finetune: refused, they were ignored
+    (["--recipe", "r.json", "--budget", "size=0.3", "--time-limit", "5"],
+     "a recipe is applied as written, so budget (--budget), time_limit (--time-limit) would not apply"),
+    (["--recipe", "r.json", "--no-auto-ranges"], "auto_ranges=False (--no-auto-ranges) would not apply"),
+    (["--finetune-epochs", "3"], "finetune_epochs (--finetune-epochs) sets up the fine-tune, which runs only with "
+                                 "finetune=True (--finetune): add that, or drop it"),
+    (["--probe-epochs", "1", "--finetune-device", "cpu"], "finetune_device (--finetune-device), probe_epochs"),
+    (["--labels", "d.npz", "--max-drop", "nan"], "a finite value >= 0"),
+    (["--labels", "d.npz", "--max-drop", "inf"], "a finite value >= 0"),
 ])
 def test_cli_errors_are_one_line(setup, capsys, extra, match):
     model, data, tmp = setup
+    extra = [str(tmp / a) if a in ("r.json", "d.npz") else a for a in extra]
     rc = main(["optimize", str(model), "-o", str(tmp / "o.onnx"), "--calib", str(data), "-q", *extra])
     err = capsys.readouterr().err
     assert rc == 2 and match in err and "Traceback" not in err and len(err.strip().splitlines()) == 1

@@ -23,15 +23,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="latency=F | size=F | flops=F (fraction of the original; default latency=0.5); repeat to "
                         "add constraints: the search plans against the first, every one must hold")
     p.add_argument("--max-drop", type=float, help="largest accepted accuracy drop in points (needs --labels)")
-    p.add_argument("--recipe", help="apply this recipe (JSON) instead of searching")
+    p.add_argument("--recipe", help="apply this recipe (JSON) instead of searching (no search options with it)")
     p.add_argument("--report", help="folder for report.md, report.json and PNGs")
     p.add_argument("--time-limit", type=_SECONDS,
                    help="seconds (> 0; default no limit); keep the best model found when reached")
     p.add_argument("--cache-dir", help="sensitivity cache folder (default ~/.cache/onnxpress)")
     p.add_argument("--finetune", action="store_true",
                    help="distil the original into each pruned or split candidate on --calib, then quantize (torch)")
-    p.add_argument("--finetune-epochs", type=positive_int, default=60, help="epochs of that fine-tune (default 60)")
-    p.add_argument("--finetune-device", default="cpu",
+    p.add_argument("--finetune-epochs", type=positive_int, help="epochs of that fine-tune (default 60)")
+    p.add_argument("--finetune-device",
                    help="where that fine-tune trains: cpu (default), cuda, cuda:N, or auto (recorded in the recipe)")
     p.add_argument("--probe-epochs", type=positive_int,
                    help="epochs of a probe fine-tune ranking in-budget structures (default none: most budget first)")
@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
 
     result = optimize(
         args.model, args.output, calib=args.calib, eval_data=args.eval_data, labels=args.labels,
-        budget=args.budget or ["latency=0.5"], max_drop=args.max_drop, recipe=args.recipe, report=args.report,
+        budget=args.budget, max_drop=args.max_drop, recipe=args.recipe, report=args.report,
         time_limit=args.time_limit, cache_dir=args.cache_dir, finetune=args.finetune,
         finetune_epochs=args.finetune_epochs, finetune_device=args.finetune_device, probe_epochs=args.probe_epochs,
         latency_threads=args.latency_threads,

@@ -128,6 +128,26 @@ class OptimizeResult:
     timed_out: bool
     budgets: list[Budget] = dataclasses.field(default_factory=list)
     metric_name: str | None = None
+    max_drop: float | None = None
+
+    def verdict(self) -> str:
+        """Each budget and the max-drop, with the chosen model's measured value and whether it holds.
+
+        ``"latency=0.5 (measured 0.431: met), size=0.1 (measured 0.252: NOT met)"``; "" with a recipe.
+        """
+        c = self.chosen
+        if c is None or not self.budgets:
+            return ""
+        parts = []
+        for b in self.budgets:
+            got = c.cost(b.kind)
+            held = "not measured" if got is None else "met" if got <= b.value + 1e-9 else "NOT met"
+            parts.append(f"{b.kind}={b.value:g} ({'' if got is None else f'measured {got:.3f}: '}{held})")
+        if self.max_drop is not None and self.reference_accuracy is not None and c.accuracy is not None:
+            drop = (self.reference_accuracy - c.accuracy) * 100
+            held = "met" if drop <= self.max_drop + 1e-9 else "NOT met"
+            parts.append(f"max-drop {self.max_drop:g} points (measured {drop:.2f}: {held})")
+        return ", ".join(parts)
 
 
 def _npz_has_labels(source: object) -> bool:
@@ -1000,8 +1020,10 @@ def optimize(
         judged = [c for c in candidates if c.picks in ev.models] if max_drop is not None else []
         near = [c for c in judged if (ev.ref_accuracy - c.accuracy) * 100 <= max_drop + 1e-9] or candidates
         chosen = min(near, key=lambda c: (c.cost(bud.kind) or math.inf, -fidelity(c)[1]))
-        log.warning("no measured candidate meets %s=%.3f%s; writing the cheapest one found",
-                    bud.kind, bud.value, f" and max-drop {max_drop}" if max_drop is not None else "")
+        log.warning("no measured candidate meets %s%s; writing the cheapest one %s",
+                    ", ".join(f"{b.kind}={b.value:g}" for b in budgets),
+                    f" within max-drop {max_drop:g}" if max_drop is not None else "",
+                    "within max-drop" if max_drop is not None and near is not candidates else "found")
     if chosen.feasible and timed and space.float_penalty is not None:
         chosen = polish(chosen)
     if chosen.picks not in ev.models:  # over the budget, so not fine-tuned yet: build what the recipe says
@@ -1025,7 +1047,7 @@ def optimize(
         built, out, recipe_out, path, chosen, candidates,
         pareto_front([c for c in candidates if c.feasible is not None], bud.kind), bud,  # final numbers only
         bool(chosen.feasible), sens, space.describe(chosen.picks), ev.ref_accuracy, timed_out, budgets,
-        ev.metric_name,
+        ev.metric_name, max_drop,
     )
     if report is not None:
         from onnxpress.report import write_report

@@ -387,9 +387,9 @@ def write_report(
     written = [name for name in IMAGES if name not in absent]
     md = ["# onnxpress optimize report", ""]
     if result.budget is not None:
-        md += [f"Budget: `{result.budget.kind}={result.budget.value:g}`; chosen model "
-               f"{'meets' if result.feasible else 'does NOT meet'} it as measured"
-               + (" (time limit reached)" if result.timed_out else "") + ".", ""]
+        every = "all" if len(result.budgets) > 1 or result.max_drop is not None else "it"
+        md += [f"Budget: {result.verdict()}; chosen model {'meets' if result.feasible else 'does NOT meet'} "
+               f"{every} as measured" + (" (time limit reached)" if result.timed_out else "") + ".", ""]
     md += [f"Recipe: `{result.recipe_path.name}` (rebuilds the model byte for byte with `--recipe`).", ""]
     md += ["## Before / after (validation on the evaluation data)", "", "```",
            format_table(["", "original", "optimized"], rows), "```", ""]
@@ -414,6 +414,8 @@ def write_report(
         (out / "report.md").write_text("\n".join(md), encoding="utf-8")
         record = {
             "budget": None if result.budget is None else {"kind": result.budget.kind, "value": result.budget.value},
+            "budgets": [{"kind": b.kind, "value": b.value} for b in result.budgets],
+            "max_drop": result.max_drop,
             "feasible": result.feasible,
             "timed_out": result.timed_out,
             "output": str(result.output),

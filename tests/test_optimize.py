@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import json
 import math
+import re
 
 import numpy as np
 import onnx
@@ -105,6 +106,22 @@ def test_max_drop_with_labels(setup):
         assert c.feasible == (c.flops_ratio <= 0.8 + 1e-9 and drop <= 1e-9)
     if res.feasible:
         assert res.chosen.accuracy >= res.reference_accuracy
+
+
+def test_every_budget_is_named_with_its_measured_value_when_one_is_missed(setup, capsys):
+    """Two budgets, the second out of reach: the warning and the report name both, each with its verdict."""
+    model, data, tmp = setup
+    rc = main(["optimize", str(model), "-o", str(tmp / "o.onnx"), "--calib", str(data), "--budget", "flops=0.9",
+               "--budget", "size=0.01", "--cache-dir", str(tmp / "c"), "--report", str(tmp / "rep"), "-q"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    line = next(x for x in out.splitlines() if x.startswith("warning: no candidate met every budget"))
+    assert re.search(r"wrote the cheapest found: flops=0\.9 \(measured 0\.\d+: met\), size=0\.01 \(measured "
+                     r"0\.\d+: NOT met\)$", line), line
+    report = (tmp / "rep" / "report.md").read_text()
+    assert line.split(": ", 1)[1].split("found: ")[1] in report and "does NOT meet all as measured" in report
+    assert json.loads((tmp / "rep" / "report.json").read_text())["budgets"] == [
+        {"kind": "flops", "value": 0.9}, {"kind": "size", "value": 0.01}]
 
 
 def test_finetune_recipe_reproduces_bytes_and_recovers(setup):

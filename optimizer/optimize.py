@@ -680,6 +680,16 @@ def optimize(
                           finetune=finetune, finetune_epochs=finetune_epochs, finetune_device=finetune_device,
                           probe_epochs=probe_epochs, auto_ranges=auto_ranges)
     out = check_output_path(output, [model, calib, eval_data, labels, recipe, latency_reference])
+    # the recipe beside it and the report folder fail now, not after the search wrote the model
+    sidecar = _recipe_path(out)
+    given_sidecar = isinstance(recipe, (str, os.PathLike)) and Path(recipe).resolve() == sidecar.resolve()
+    if not given_sidecar:
+        check_output_path(sidecar, [model, calib, eval_data, labels, recipe, latency_reference],
+                          example="model.recipe.json")
+    if report is not None:
+        from onnxpress.report import check_report_folder
+
+        check_report_folder(report)
     if labels is None and eval_data is not None and _npz_has_labels(eval_data):
         labels = eval_data  # an evaluation .npz that carries its labels (the readers ignore the extra key)
         log.info("labels taken from the 'labels' key of %s", eval_data)
@@ -740,7 +750,7 @@ def optimize(
         ev.models[()] = built
         ev.measure(cand)
         save_model(built, out)
-        path = save_recipe(checked, _recipe_path(out)) if Path(str(recipe)) != _recipe_path(out) else _recipe_path(out)
+        path = sidecar if given_sidecar else save_recipe(checked, sidecar)  # never rewrite the recipe given
         result = OptimizeResult(built, out, checked, path, cand, [cand], [], None, True, None, {},
                                 ev.ref_accuracy, False, metric_name=ev.metric_name)
         if report is not None:
@@ -1042,7 +1052,7 @@ def optimize(
             candidates.append(chosen)
     save_model(built, out)
     recipe_out = validate_recipe(chosen.recipe)  # every default written out
-    path = save_recipe(recipe_out, _recipe_path(out))
+    path = save_recipe(recipe_out, sidecar)
     result = OptimizeResult(
         built, out, recipe_out, path, chosen, candidates,
         pareto_front([c for c in candidates if c.feasible is not None], bud.kind), bud,  # final numbers only

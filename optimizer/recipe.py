@@ -47,6 +47,7 @@ import json
 import logging
 import os
 import re
+import tempfile
 from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -55,7 +56,15 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxpress.errors import OnnxpressError
-from onnxpress.model_io import ModelSource, infer_shapes, load_model, model_digest, normalize_model
+from onnxpress.model_io import (
+    ModelSource,
+    check_output_path,
+    infer_shapes,
+    load_model,
+    model_digest,
+    move_into_place,
+    normalize_model,
+)
 from onnxpress.passes.channel_groups import analyze_channels
 from onnxpress.passes.low_rank import SplitLowRank
 from onnxpress.passes.prune_channels import PruneChannels
@@ -282,13 +291,18 @@ def load_recipe(source: str | os.PathLike[str] | Mapping[str, Any]) -> dict[str,
 def save_recipe(recipe: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
     """Validate and write a recipe as indented, key-sorted JSON (atomically)."""
     checked = validate_recipe(recipe)
-    out = Path(path)
-    tmp = out.with_name(f".{out.name}.tmp")
+    out = check_output_path(path, example="model.recipe.json")
+    tmp = None
     try:
-        tmp.write_text(json.dumps(checked, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        os.replace(tmp, out)
+        fd, tmp = tempfile.mkstemp(prefix=".onnxpress-", suffix=".json", dir=out.parent)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(json.dumps(checked, indent=2, sort_keys=True) + "\n")
+        move_into_place(tmp, out)
     except OSError as exc:
         raise OnnxpressError(f"cannot write recipe {out}: {exc.strerror or exc}") from None
+    finally:
+        if tmp is not None and os.path.exists(tmp):  # no scratch file left beside it
+            os.unlink(tmp)
     return out
 
 

@@ -317,6 +317,25 @@ def _threads_text(threads: int | None) -> str:
     return f"{threads} thread{'s' if threads != 1 else ''}"
 
 
+def check_report_folder(folder: str | os.PathLike[str]) -> Path:
+    """Check, before any work, that ``write_report`` will be able to create and write ``folder``.
+
+    Raises:
+        OutputError: it is a file, or the folder (or the nearest existing one above it) is not writable.
+    """
+    out = Path(folder)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"report folder {out} is a file; give a folder (it gets report.md, report.json and PNGs)")
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputError(f"cannot create report folder {out}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write report folder {out}: no permission to write in {existing}")
+    return out
+
+
 def write_report(
     folder: str | os.PathLike[str],
     result: OptimizeResult,

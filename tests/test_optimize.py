@@ -80,6 +80,31 @@ def test_bad_recipe_file(setup):
     assert not (tmp / "o.onnx").exists()
 
 
+def test_the_recipe_beside_the_output_and_the_report_folder_are_checked_before_any_work(setup):
+    from onnxpress.errors import OutputError
+
+    model, data, tmp = setup
+    (tmp / "o.recipe.json").mkdir()  # where the recipe would go
+    with pytest.raises(OutputError, match=r"o\.recipe\.json is a folder; give a file name such as"):
+        optimize(model, tmp / "o.onnx", calib=data, budget="flops=0.6")
+    (tmp / "rep").write_text("a file")
+    with pytest.raises(OutputError, match=r"report folder .*rep is a file"):
+        optimize(model, tmp / "p.onnx", calib=data, budget="flops=0.6", report=tmp / "rep")
+    assert sorted(p.name for p in tmp.iterdir()) == ["d.npz", "m.onnx", "o.recipe.json", "rep"]
+
+
+def test_a_recipe_given_where_its_copy_would_go_is_not_rewritten(setup, monkeypatch):
+    """--recipe /abs/o.recipe.json -o o.onnx: the same file by another spelling is read, never rewritten."""
+    model, data, tmp = setup
+    monkeypatch.chdir(tmp)
+    recipe = tmp / "o.recipe.json"
+    recipe.write_text(json.dumps({"version": 1, "steps": [{"pass": "quantize", "method": "minmax"}]}))
+    before = recipe.read_bytes()
+    res = optimize(model, "o.onnx", calib=data, recipe=recipe.resolve(), eval_samples=16)
+    assert recipe.read_bytes() == before and res.recipe_path.resolve() == recipe.resolve()
+    assert sorted(p.name for p in tmp.iterdir()) == ["d.npz", "m.onnx", "o.onnx", "o.recipe.json"]
+
+
 def test_time_limit_still_writes_the_best_so_far(setup):
     model, data, tmp = setup
     res = optimize(model, tmp / "o.onnx", calib=data, budget="flops=0.6", time_limit=1e-6, cache_dir=tmp / "c",

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import collections
 import hashlib
+import re
 
 import numpy as np
 import onnx
@@ -240,9 +242,29 @@ def test_cli_lowrank_says_tucker_convs_were_split_plain_with_data(tmp_path, caps
     src, out, data = tmp_path / "m.onnx", tmp_path / "o.onnx", tmp_path / "calib.npz"
     src.write_bytes(small_cnn().SerializeToString())
     np.savez(data, X=_inputs(3, 32))
-    assert main(["lowrank", str(src), "-o", str(out), "--energy", "0.9", "--calib", str(data), "--tucker", "-q"]) == 0
-    last = capsys.readouterr().out.strip().splitlines()[-1]
-    assert "plain Tucker-2 for" in last and "conv(s) (weight energy)" in last  # not "data-aware" alone
+    assert main(["lowrank", str(src), "-o", str(out), "--energy", "0.7", "--calib", str(data), "--tucker", "-q"]) == 0
+    text = capsys.readouterr().out.strip().splitlines()
+    methods = collections.Counter(w for line in text for w in line.split()[-1:] if w in ("tucker2", "whitened-svd"))
+    last = text[-1]
+    # the summary counts what the table's method column says, not "data-aware" for all
+    assert f"plain Tucker-2 for {methods['tucker2']} layer(s)" in last and methods["tucker2"] > 0, text
+    assert "Tucker-2 keeps weight energy" in last
+    assert main(["lowrank", str(src), "-o", str(out), "--energy", "0.7", "--tucker", "-q"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]  # no data: was "plain SVD" with Tucker-2 splits
+    assert re.match(r"(plain SVD for \d+ layer\(s\), )?plain Tucker-2 for \d+ layer\(s\); wrote", last), last
+
+
+@pytest.mark.parametrize(("extra", "match"), [
+    (["--threads", "2"], "--threads sets up the layer timing of --by-latency: add it, or drop it"),
+    (["--latency-batch", "8", "--latency-step", "macs"], "--latency-step, --latency-batch set up the layer timing"),
+    (["--max-samples", "8"], "--max-samples caps the --calib samples of the data-aware SVD: add --calib"),
+])
+def test_cli_lowrank_refuses_options_that_would_be_ignored(tmp_path, capsys, extra, match):
+    src, out = tmp_path / "m.onnx", tmp_path / "o.onnx"
+    src.write_bytes(small_cnn().SerializeToString())
+    assert main(["lowrank", str(src), "-o", str(out), "--energy", "0.9", "-q", *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and match in err[0] and not out.exists()
 
 
 def test_cli_lowrank_errors_are_one_line(tmp_path, capsys):

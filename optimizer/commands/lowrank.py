@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import collections
 
 from onnxpress.cli import add_common, add_dims, bounded_float, positive_int, progress_enabled
 
@@ -24,18 +25,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calib", help="calibration data (.npz or folder of .npz) for the data-aware (whitened) SVD")
     p.add_argument("--multiple", type=positive_int, default=1, help="round ranks up to a multiple of this")
     p.add_argument("--tucker", action="store_true", help="Tucker-2 (1x1, kxk core, 1x1) for Convs")
-    p.add_argument("--max-samples", type=positive_int, default=512, help="calibration samples to use")
+    p.add_argument("--max-samples", type=positive_int, help="calibration samples to use (default 512)")
     p.add_argument("--joint", action="store_true",
                    help="split sibling Gemm/MatMul layers that read the same input (attention Q/K/V) as one unit "
                         "with a shared first factor (one SVD of their stacked weights)")
     p.add_argument("--by-latency", action="store_true",
                    help="with --flops: time each layer and its splits on onnxruntime first and spend the MACs "
                         "budget where it saves the most time (splits that are not faster are not used)")
-    p.add_argument("--latency-step", choices=["time", "macs"], default="time",
+    p.add_argument("--latency-step", choices=["time", "macs"],
                    help="with --by-latency: rank the greedy's steps by loss per second saved (time) or per MAC "
-                        "saved among the splits measured faster (macs)")
-    p.add_argument("--latency-batch", type=positive_int, default=64, help="batch size the layers are timed at")
-    p.add_argument("--threads", type=positive_int, default=1, help="onnxruntime threads for the timing")
+                        "saved among the splits measured faster (macs); default time")
+    p.add_argument("--latency-batch", type=positive_int,
+                   help="with --by-latency: batch size the layers are timed at (default 64)")
+    p.add_argument("--threads", type=positive_int, help="with --by-latency: onnxruntime threads for the timing "
+                                                        "(default 1)")
     p.add_argument("--keep-ranks", action="store_true",
                    help="keep the graph's tensor ranks (do not run a transformer's token-wise ops on [rows, features])")
     add_dims(p)
@@ -52,6 +55,18 @@ def run(args: argparse.Namespace) -> int:
     if args.by_latency and args.flops is None:
         print("onnxpress lowrank: error: --by-latency steers a --flops budget; give --flops", file=sys.stderr)
         return 2
+    # options that would be ignored without a word (their defaults are None so that a given one shows)
+    timing = [flag for flag, value in (("--latency-step", args.latency_step), ("--latency-batch", args.latency_batch),
+                                       ("--threads", args.threads)) if value is not None]
+    if timing and not args.by_latency:
+        print(f"onnxpress lowrank: error: {', '.join(timing)} set{'s' if len(timing) == 1 else ''} up the layer "
+              f"timing of --by-latency: add it, or drop {'it' if len(timing) == 1 else 'them'}", file=sys.stderr)
+        return 2
+    if args.max_samples is not None and args.calib is None:
+        print("onnxpress lowrank: error: --max-samples caps the --calib samples of the data-aware SVD: add --calib, "
+              "or drop it", file=sys.stderr)
+        return 2
+    step, batch, threads = args.latency_step or "time", args.latency_batch or 64, args.threads or 1
     result = lowrank(
         args.model,
         args.output,
@@ -61,12 +76,12 @@ def run(args: argparse.Namespace) -> int:
         calib=args.calib,
         multiple=args.multiple,
         conv_method="tucker2" if args.tucker else "channel",
-        max_samples=args.max_samples,
+        max_samples=512 if args.max_samples is None else args.max_samples,
         joint=args.joint,
         by_latency=args.by_latency,
-        latency_step=args.latency_step,
-        latency_batch=args.latency_batch,
-        threads=args.threads,
+        latency_step=step,
+        latency_batch=batch,
+        threads=threads,
         dims=dict(args.dims),
         flatten_tokens=not args.keep_ranks,
         progress=progress_enabled(args),
@@ -74,16 +89,16 @@ def run(args: argparse.Namespace) -> int:
     print(result.table())
     if result.layer_seconds is not None:
         before, after = result.layer_seconds
-        print(f"timed layers at batch {args.latency_batch}, {args.threads} thread(s): {before * 1e3:.2f} ms -> "
+        print(f"timed layers at batch {batch}, {threads} thread(s): {before * 1e3:.2f} ms -> "
               f"{after * 1e3:.2f} ms ({after / before:.3f})")
     if result.flattened:
         print(f"ran the token-wise region on [rows, features] ({result.flattened} dense layers; "
               "onnxruntime's rank-2 LayerNorm/GELU kernels are faster here; --keep-ranks to skip)")
-    plain_tucker = sum("tucker2 is plain" in n for n in result.notes)
-    how = "data-aware (whitened)" if result.data_aware else "plain"
-    if result.data_aware and plain_tucker:  # Tucker-2 reads no moments: say which layers the data steered
-        how += f" SVD for Gemm/MatMul/channel splits; plain Tucker-2 for {plain_tucker} conv(s) (weight energy)"
-    else:
-        how += " SVD"
+    # how the layers that were split were factored (the table's method column, counted)
+    methods = collections.Counter(lay.method for lay in result.layers if lay.skipped is None)
+    names = {"svd": "plain SVD", "whitened-svd": "data-aware (whitened) SVD", "tucker2": "plain Tucker-2"}
+    how = ", ".join(f"{names.get(m, m)} for {n} layer(s)" for m, n in sorted(methods.items())) or "no layer split"
+    if result.data_aware and methods.get("tucker2"):  # Tucker-2 reads no moments: say so where the data was given
+        how += " (Tucker-2 keeps weight energy; the calibration data steers the SVD splits)"
     print(f"{how}; wrote {result.output}")
     return 0

@@ -6,7 +6,8 @@ minimises the k-means objective (1-D, exact Lloyd iterations on sorted values)::
     min_{C, idx}  sum_i (W_i - C[idx_i])^2,      |C| = 2^b,  b <= 8
 
     W[float32] -> Conv               ==>
-    idx[uint8, b <= 4: two per byte] -> (Mod, BitShift, Concat, Slice) -> Cast(int32) -> Reshape[G, M]
+    idx[uint8, packed: 8 per byte at b = 1, 4 at b = 2, 2 at b = 3-4] -> (BitShift, Mod, Concat or Reshape,
+        Slice) -> Cast(int32) -> Reshape[G, M]
         -> GatherElements(C[G, 2^b], axis=1) -> Reshape -> (Transpose) -> W' -> Conv
 
 With ``group_size`` = g, every g output channels share one codebook (G = channels / g); otherwise
@@ -23,7 +24,7 @@ each output channel's scale (each group's codebook without ``channel_scale``) is
     g_c = <W_c, W_c> / <R_c, W_c>          so that  <g_c R_c, W_c> = ||W_c||^2
 
 (the rebuilt channel's projection onto the original is the original; no extra bytes).
-Storage is b bits per weight (for b <= 4, two indices share a byte;
+Storage is b bits per weight (8, 4 or 2 indices share a byte at b = 1, 2 or 3-4;
 for 4 < b <= 8 one byte each) plus G * 2^b floats (plus one float per output channel with
 ``channel_scale``, the default), against 32 bits per weight in float.
 
@@ -190,7 +191,7 @@ class CodebookWeights:
         bits: index width b (1..8); 2^b centroids per codebook.
         group_size: output channels per codebook; ``None`` for one codebook per layer.
         min_elements: leave weights with fewer elements float (a codebook would not pay).
-        pack: store two 4-bit (or narrower) indices per byte.
+        pack: store 8 / 4 / 2 indices per byte at 1 / 2 / 3-4 bits.
         channel_scale: divide each output channel by its max |W| first and store that scale
             (32 bits per channel, as per-channel linear int4 does), so channels of small range keep
             their relative precision; the codebook then holds normalised levels in [-1, 1]. On by
@@ -283,9 +284,12 @@ class CodebookWeights:
                 found[w.name][1].append(node)
             else:
                 found[w.name] = (w, [node], axis)
-        for name, (w, _readers, _axis) in list(found.items()):
+        for name, (w, readers, _axis) in list(found.items()):
             if any(r.op not in _LAYERS or r.inputs[1] is not w for r in w.outputs):
                 notes.append(f"{name}: kept float (also read as something other than a layer weight)")
+                del found[name]
+            elif len(readers) < len(w.outputs):  # a tied weight one of whose layers is left out stays float
+                notes.append(f"{name}: kept float (shared with a layer left out)")
                 del found[name]
         return found, notes
 
@@ -388,17 +392,30 @@ class CodebookWeights:
 
         flat = idx.reshape(-1)
         n = flat.size
+        lane = 1 if self.bits == 1 else 2 if self.bits == 2 else 4  # 3 bits take a nibble: bytes split evenly
         if self.pack and self.bits <= 4:
-            half = (n + 1) // 2
-            padded = np.zeros(2 * half, np.uint8)
+            # 8 / lane indices per byte, lane-major: index i of segment k sits at bits [k*lane, (k+1)*lane) of
+            # byte i, so every lane comes out of one shift and one modulus
+            per = 8 // lane
+            seg = -(-n // per)
+            padded = np.zeros(per * seg, np.uint8)
             padded[:n] = flat
-            packed = (padded[:half] | (padded[half:] << 4)).astype(np.uint8)
-            stored = const("codes_packed", packed)
-            lo, hi = var("lo", np.uint8), var("hi", np.uint8)
+            lanes = padded.reshape(per, seg).astype(np.uint16)
+            packed = sum((lanes[k] << (k * lane)) for k in range(per)).astype(np.uint8)
             both, cut = var("codes2", np.uint8), var("codes", np.uint8)
-            node("Mod", [stored, const("sixteen", np.uint8(16))], [lo], fmod=0)
-            node("BitShift", [stored, const("four", np.uint8(4))], [hi], direction="RIGHT")
-            node("Concat", [lo, hi], [both], axis=0)
+            if per == 2:  # nibbles, as before (the 4-bit models' bytes unchanged)
+                stored = const("codes_packed", packed)
+                lo, hi = var("lo", np.uint8), var("hi", np.uint8)
+                node("Mod", [stored, const("sixteen", np.uint8(16))], [lo], fmod=0)
+                node("BitShift", [stored, const("four", np.uint8(4))], [hi], direction="RIGHT")
+                node("Concat", [lo, hi], [both], axis=0)
+            else:  # all lanes in one broadcast shift and modulus: [1, seg] >> [per, 1], then flattened lane-major
+                stored = const("codes_packed", packed.reshape(1, seg))
+                shifted, masked = var("lanes", np.uint8), var("lanes_masked", np.uint8)
+                shifts = const("shifts", (np.arange(per) * lane).astype(np.uint8).reshape(per, 1))
+                node("BitShift", [stored, shifts], [shifted], direction="RIGHT")
+                node("Mod", [shifted, const("modulus", np.uint8(1 << lane))], [masked], fmod=0)
+                node("Reshape", [masked, const("flat", np.array([-1], np.int64))], [both])
             node("Slice", [both, const("start", np.array([0], np.int64)), const("end", np.array([n], np.int64))], [cut])
             codes = cut
             nbytes = packed.nbytes + book.nbytes

@@ -151,6 +151,21 @@ def test_stored_size_shrinks(bits, pack, max_ratio):
     assert stored < max_ratio * original + 400  # + protobuf headers of the small constants
 
 
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+def test_narrow_indices_pack_more_per_byte_and_rebuild_exactly(bits):
+    """8 / 4 / 2 / 2 indices per byte at 1 / 2 / 3 / 4 bits; the packed rebuild equals the unpacked one bit for bit.
+
+    7747 weights (not a multiple of 8) exercise the padding of the last byte's lanes.
+    """
+    model = matmul_model(k=127, n=61)
+    packed = run_passes(model, [CodebookWeights(bits=bits, channel_scale=False)]).model
+    plain = run_passes(model, [CodebookWeights(bits=bits, pack=False, channel_scale=False)]).model
+    np.testing.assert_array_equal(_rebuilt_weight(packed), _rebuilt_weight(plain))
+    codes = next(i for i in packed.graph.initializer if i.name.endswith("codes_packed"))
+    per_byte = {1: 8, 2: 4, 3: 2, 4: 2}[bits]
+    assert int(np.prod(codes.dims)) == -(-127 * 61 // per_byte)
+
+
 def test_small_weights_and_bad_settings():
     result = run_passes(graphs.gemm(), [CodebookWeights(bits=4)])  # W has 48 elements < 256
     assert not result.modified and "elements" in result.notes[0]

@@ -936,8 +936,11 @@ def codebook_weights(
     progress: bool = False,
     data: Any = None,
     max_samples: int | None = 128,
+    exclude: Any = None,
 ):
     """Run CodebookWeights on a cleaned model; return the pipeline result and one decision per layer.
+
+    ``exclude`` (a ``passes.qdq.Selection``) keeps the layers it names float, as ``quantize(exclude=)`` does.
 
     With ``data`` the indices are chosen GPTQ-style against each layer's output error
     (``collect_layer_hessians`` on at most ``max_samples`` samples; see ``codebook(error_feedback=)``).
@@ -949,8 +952,13 @@ def codebook_weights(
     from onnxpress.passes.codebook import CodebookWeights
     from onnxpress.passes.qdq import NodeDecision
 
+    layers = {n.name or n.output[0]: n for n in model.graph.node
+              if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") and len(n.input) > 1}
+    left_out = {} if exclude is None else {k: why for k, n in layers.items()
+                                           if (why := exclude.reason_of(n.name, n.op_type))}
     try:
-        pass_ = CodebookWeights(bits=bits, group_size=group_size)
+        pass_ = CodebookWeights(bits=bits, group_size=group_size,
+                                layers=[k for k in layers if k not in left_out] if left_out else None)
     except ValueError as exc:
         raise OnnxpressError(str(exc)) from None
     if data is not None:
@@ -960,8 +968,10 @@ def codebook_weights(
     decisions = []
     for node in model.graph.node:
         if node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") and len(node.input) > 1:
+            key = node.name or node.output[0]
             done = node.input[1] in pass_.objective
-            why = "" if done else next((n.split("(", 1)[-1].rstrip(")") for n in result.notes if node.input[1] in n),
-                                       "weight is not a float initializer")
-            decisions.append(NodeDecision(node.name or node.output[0], node.op_type, done, why))
+            why = "" if done else left_out.get(key) or next(
+                (n.split("(", 1)[-1].rstrip(")") for n in result.notes if node.input[1] in n),
+                "weight is not a float initializer")
+            decisions.append(NodeDecision(key, node.op_type, done, why))
     return result, decisions

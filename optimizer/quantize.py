@@ -152,6 +152,23 @@ def _as_selection(exclude: Selection | Iterable[str]) -> Selection:
         raise OnnxpressError(str(exc)) from None
 
 
+def _check_layers_not_excluded(models: Sequence[onnx.ModelProto], selection: Selection, int4_layers: Sequence[str],
+                               codebook_layers: Sequence[str]) -> None:
+    """Refuse layers named for int4 or codebook weights that ``exclude`` keeps float (by name, op:, re:).
+
+    Raises:
+        OnnxpressError: naming the layers, the option and why the exclusion takes them.
+    """
+    ops = {n.name or n.output[0]: n.op_type for m in models for n in m.graph.node}
+    for option, flag, names in (("int4_layers", "--int4-layers", int4_layers),
+                                ("codebook_layers", "--codebook-layers", codebook_layers)):
+        both = {name: why for name in names if (why := selection.reason_of(name, ops.get(name, "")))}
+        if both:
+            first = next(iter(both))
+            raise OnnxpressError(f"layers {sorted(both)[:5]} are in {option} ({flag}) and kept float by exclude "
+                                 f"(--exclude; {first}: {both[first]}): keep one")
+
+
 def _check_selection(models: Sequence[onnx.ModelProto], selection: Selection) -> None:
     """Refuse excluded node names that match no node of ``models`` (the model as given and cleaned).
 
@@ -387,6 +404,17 @@ def quantize(
             raise OnnxpressError(f"weights='int4' is weight-only: activations stay float, so activations="
                                  f"{activations!r} (--activations) has nothing to set; drop it, or use int4_layers "
                                  "(--int4-layers) for 4-bit layers in an int8 model")
+    if codebook is not None or (weights == "int4" and not int4_layers):  # weight-only: no QDQ, no table read
+        what = f"codebook={codebook} (--codebook)" if codebook is not None else "weights='int4' (--weights int4)"
+        unused = [name for name, given in (
+            ("per_channel=False (--per-tensor)", codebook is not None and not per_channel),
+            (f"activations={activations!r} (--activations)",
+             codebook is not None and activations is not None and activations != "dynamic"),
+            ("table (--table)", table is not None), ("quantize_ops (--quantize-ops)", bool(list(quantize_ops))),
+        ) if given]
+        if unused:
+            raise OnnxpressError(f"{what} is weight-only (no QDQ; activations stay float), so {', '.join(unused)} "
+                                 f"would not apply: drop {'it' if len(unused) == 1 else 'them'}")
     if int4_method is not None and int4_method not in INT4_METHODS:
         raise OnnxpressError(f"int4_method must be one of {', '.join(INT4_METHODS)}, got {int4_method!r}")
     if int4_method is not None and (weights != "int4" or codebook is not None) and not int4_layers:
@@ -452,9 +480,6 @@ def quantize(
                              "float32 around them (onnxruntime's integer kernels); drop it")
     selection = asked = _as_selection(exclude)
     if codebook_layers:  # float for InsertQDQ (and the passes before it), codebook indices at the end
-        both = sorted(set(codebook_layers) & selection.nodes)
-        if both:
-            raise OnnxpressError(f"layers {both[:5]} are both excluded (float) and in codebook_layers; keep one")
         selection = dataclasses.replace(selection, nodes=selection.nodes | frozenset(codebook_layers))
     ovs = _as_overrides(overrides)
     if output is not None:
@@ -467,6 +492,7 @@ def quantize(
     del original  # each copy of a large model's weights held at once costs gigabytes
     cleaned = run_passes(proto, cleanup_passes(), progress=progress).model
     _check_selection([proto, cleaned], asked)  # the user's names, or the cleaned graph's (recipes)
+    _check_layers_not_excluded([proto, cleaned], asked, int4_layers, codebook_layers)
     given = _tensor_names(proto)  # overrides and a table may name tensors cleanup folded away
     unknown = sorted(set(ovs) - given - _tensor_names(cleaned))
     if unknown:  # a typo would leave the tensor with the setting it was meant to lose
@@ -560,7 +586,7 @@ def quantize(
         # with calibration data the indices are chosen against each layer's output error (GPTQ-style), as
         # int4 weights are: mobilenet / resnet / transformer 4-bit logit SQNR 18.3 / 18.7 / 24.1 -> 22.0 / 28.1 /
         # 34.1 dB (bench/advanced_ptq.py)
-        result, decisions = codebook_weights(cleaned, codebook, progress=progress, data=calib,
+        result, decisions = codebook_weights(cleaned, codebook, progress=progress, data=calib, exclude=selection,
                                              max_samples=128 if max_samples is None else min(max_samples, 128))
         used_table, excluded = None, {}
     elif weights == "int4":
@@ -574,11 +600,13 @@ def quantize(
                 f"here (the default allows {_size_text(GPTQ_MEMORY_BYTES)}); int4_method='gptq' "
                 "(--int4-method gptq) runs it anyway, in rounds of layers whose moments fit"
             )
+        # the node names the selection keeps float, its op:TYPE and re:PATTERN items resolved (they were dropped)
+        left_out = frozenset(n.name for n in cleaned.graph.node if n.name and selection.reason_of(n.name, n.op_type))
         start4, round_stats, round_notes, handled = cleaned, {}, [], None
         if method4 == "gptq" and need > GPTQ_MEMORY_BYTES:
             try:
                 start4, round_stats, round_notes, handled = _int4_gptq_rounds(
-                    cleaned, calib, block_size=block_size, exclude=selection.nodes, batch_size=batch_size,
+                    cleaned, calib, block_size=block_size, exclude=left_out, batch_size=batch_size,
                     max_samples=max_samples, progress=progress,
                 )  # fmt: skip
             except ValueError as exc:
@@ -597,7 +625,7 @@ def quantize(
         # stores the constants
         rest = None if handled is None else frozenset(unique_keys(start4.graph.node)) - handled
         try:
-            int4 = QuantizeWeightsInt4(block_size=block_size, exclude=selection.nodes, hessians=hessians, only=rest)
+            int4 = QuantizeWeightsInt4(block_size=block_size, exclude=left_out, hessians=hessians, only=rest)
         except ValueError as exc:
             raise OnnxpressError(str(exc)) from None
         result = run_passes(start4, [lstm, int4], progress=progress)

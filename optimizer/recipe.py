@@ -30,8 +30,8 @@ quantization-aware in its own graph (``onnxpress.finetune`` of a QDQ / MatMulNBi
 from the recipe's input model, seeded, one torch thread on the CPU), so it rebuilds the same bytes too;
 ``optimize --finetune`` appends one when it measures closer. ``quantize.equalize`` ("split", "skip" or "relu"),
 ``quantize.smoothquant`` (alpha) and ``quantize.codebook`` (bits) are ``onnxpress quantize``'s ``--equalize``,
-``--smoothquant`` and ``--codebook`` (null: off); a codebook step is weight-only, so it takes no ``exclude``,
-``int4_layers``, ``codebook_layers`` or int4 weights.
+``--smoothquant`` and ``--codebook`` (null: off); a codebook step is weight-only, so it takes no
+``int4_layers``, ``codebook_layers`` or int4 weights (its ``exclude`` layers stay float).
 
 Names are checked against the model at their step, as the steps before it left it (``prune`` groups
 after its constant folding, ``lowrank`` layer keys as the split sees them, ``quantize.exclude`` node
@@ -144,13 +144,13 @@ def _check_float_rewrites(where: str, step: Mapping[str, Any]) -> None:
     if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
         raise _bad(where, f"codebook is the index width, an integer in 1..8 (or null: none), got {bits!r}")
     unused = [f"{key}={step[key]!r}" for key, default in (("weights", "int8"), ("int4_layers", []),
-                                                         ("codebook_layers", []), ("exclude", []))
+                                                         ("codebook_layers", []))
               if step[key] != default]
     unused += [f"{key}={step[key]!r}" for key, bad in (("method", "auto"), ("int8_method", "gptq"),
                                                        ("int8_method", "auto")) if step[key] == bad]
     if unused:
         raise _bad(where, f"codebook={bits} stores every layer's weights as codebook indices instead of int8/int4 "
-                          f"(no QDQ, no layer kept float), so {', '.join(unused)} would not apply; drop "
+                          f"(no QDQ), so {', '.join(unused)} would not apply; drop "
                           f"{'it' if len(unused) == 1 else 'them'}, or drop codebook")
 
 

@@ -326,11 +326,15 @@ class Selection:
 
     def reason(self, node: gs.Node) -> str | None:
         """Why ``node`` is excluded, or None."""
-        if node.name and node.name in self.nodes:
+        return self.reason_of(node.name, node.op)
+
+    def reason_of(self, name: str, op: str) -> str | None:
+        """Why a node named ``name`` of type ``op`` is excluded, or None (for onnx's NodeProto too)."""
+        if name and name in self.nodes:
             return "excluded by name"
-        if node.op in self.op_types:
-            return f"excluded op type {node.op}"
-        if self.pattern and node.name and re.search(self.pattern, node.name):
+        if op in self.op_types:
+            return f"excluded op type {op}"
+        if self.pattern and name and re.search(self.pattern, name):
             return f"excluded by pattern {self.pattern!r}"
         return None
 

@@ -192,6 +192,47 @@ def test_a_table_that_would_not_fit_the_int8_model_is_refused() -> None:
     assert onnxpress.quantize(model, table=four, method="minmax").quantized  # minmax reads no bit width
 
 
+def two_dense_layers() -> onnx.ModelProto:
+    """X[N,256] -> MatMul fc1 (256x256) -> Relu -> MatMul fc2 (256x128) -> Y: two int4/codebook-eligible layers."""
+    r = rng(21)
+    inits = {"W1": (r.standard_normal((256, 256)) * 0.1).astype(np.float32),
+             "W2": (r.standard_normal((256, 128)) * 0.1).astype(np.float32)}
+    nodes = [helper.make_node("MatMul", ["X", "W1"], ["h"], name="fc1"), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "W2"], ["Y"], name="fc2")]
+    return make_model(nodes, [("X", ["N", 256])], [("Y", ["N", 128])], inits)
+
+
+@pytest.mark.parametrize("exclude", [["fc1"], ["re:^fc1$"]])
+def test_weight_only_paths_keep_what_exclude_names_float(exclude) -> None:
+    """int4 and codebook weights honour node names and re: patterns (int4 dropped op:/re:, codebook all of them)."""
+    model = two_dense_layers()
+    for kwargs, new_op in (({"weights": "int4"}, "MatMulNBits"), ({"codebook": 4}, "BitShift")):
+        res = onnxpress.quantize(model, exclude=exclude, **kwargs)
+        assert [d.name for d in res.quantized] == ["fc2"], kwargs
+        assert [d.name for d in res.kept_float] == ["fc1"] and "excluded" in res.kept_float[0].reason
+        ops = [n.op_type for n in res.model.graph.node]
+        assert "MatMul" in ops and new_op in ops  # fc1 still a float MatMul on its float weight
+        assert any(i.name == "W1" and i.data_type == onnx.TensorProto.FLOAT for i in res.model.graph.initializer)
+    res = onnxpress.quantize(model, weights="int4", exclude=["op:MatMul"])
+    assert not res.quantized
+
+
+def test_weight_only_refuses_what_it_would_not_read() -> None:
+    model = two_dense_layers()
+    table = minmax_table(model, feeds_for(model))
+    for kwargs, named in (({"codebook": 4, "per_channel": False}, r"per_channel=False \(--per-tensor\)"),
+                          ({"codebook": 4, "activations": "int8"}, r"activations='int8' \(--activations\)"),
+                          ({"codebook": 4, "table": table}, r"table \(--table\)"),
+                          ({"weights": "int4", "table": table, "quantize_ops": ["Softmax"]},
+                           r"table \(--table\), quantize_ops \(--quantize-ops\) would not apply: drop them")):
+        with pytest.raises(OnnxpressError, match=r"is weight-only \(no QDQ; activations stay float\), so " + named):
+            onnxpress.quantize(model, **kwargs)
+    x = feeds_for(model)
+    with pytest.raises(OnnxpressError, match=r"layers \['fc1'\] are in int4_layers \(--int4-layers\) and kept float "
+                                             r"by exclude \(--exclude; fc1: excluded op type MatMul\)"):
+        onnxpress.quantize(model, calib=[x], int4_layers=["fc1"], exclude=["op:MatMul"])
+
+
 def test_int4_weight_only() -> None:
     """weights='int4': MatMul/Gemm become MatMulNBits, no calibration needed, size drops below 0.2x."""
     r = rng(13)
@@ -575,7 +616,7 @@ def test_codebook_layers_mix_codebook_weights_into_an_int8_model(tmp_path: Path,
     assert "1 layer(s) as 4-bit codebook weights on float kernels" in capsys.readouterr().out
     with pytest.raises(OnnxpressError, match=r"codebook_layers \['nope'\] are not layers of the model"):
         onnxpress.quantize(model, calib=str(data), codebook_layers=["nope"])
-    with pytest.raises(OnnxpressError, match=r"both excluded \(float\) and in codebook_layers"):
+    with pytest.raises(OnnxpressError, match=r"are in codebook_layers \(--codebook-layers\) and kept float by exclude"):
         onnxpress.quantize(model, calib=str(data), codebook_layers=["conv2"], exclude=["conv2"])
     with pytest.raises(OnnxpressError, match="codebook_layers mixes codebook layers into an int8 QDQ model"):
         onnxpress.quantize(model, calib=str(data), codebook_layers=["conv2"], weights="int4")

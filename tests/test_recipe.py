@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 
 from onnxpress.errors import OnnxpressError
@@ -49,8 +50,8 @@ RECIPE = {"version": 1, "steps": [
     ({"version": 1, "steps": [{"pass": "quantize", "codebook": True}]}, "integer in 1..8"),
     ({"version": 1, "steps": [{"pass": "quantize", "codebook": 4, "weights": "int4"}]},
      r"so weights='int4' would not apply"),
-    ({"version": 1, "steps": [{"pass": "quantize", "codebook": 4, "exclude": ["fc1"], "int8_method": "gptq"}]},
-     r"exclude=\['fc1'\], int8_method='gptq' would not apply; drop them"),
+    ({"version": 1, "steps": [{"pass": "quantize", "codebook": 4, "int4_layers": ["fc1"], "int8_method": "gptq"}]},
+     r"int4_layers=\['fc1'\], int8_method='gptq' would not apply; drop them"),
     ({"version": 1, "steps": [{"pass": "cleanup"}], "extra": 1}, "unknown top-level"),
 ])
 def test_invalid_recipes_are_named(recipe, match):
@@ -70,6 +71,14 @@ def test_file_round_trip_and_bad_files(tmp_path):
     (tmp_path / "d.npz").write_bytes(b"PK\x03\x04\xff\xfe binary")  # a data file given by mistake
     with pytest.raises(OnnxpressError, match=r"recipe .*d\.npz is not a text file \(JSON or YAML\)"):
         load_recipe(tmp_path / "d.npz")
+
+
+def test_a_codebook_step_keeps_its_excluded_layers_float(tmp_path):
+    model = tiny_cnn()
+    recipe = {"version": 1, "steps": [{"pass": "quantize", "codebook": 4, "exclude": ["fc1"]}]}
+    built = apply_recipe(model, recipe, tiny_data(tmp_path / "d.npz"))
+    floats = {i.name for i in built.graph.initializer if i.data_type == onnx.TensorProto.FLOAT}
+    assert "w3" in floats and "w2" not in floats  # fc1's weight as it was; conv2's as codebook indices
 
 
 def test_apply_is_deterministic_and_never_modifies_input(tmp_path):

@@ -116,7 +116,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="SmoothQuant with this alpha (0..1) before calibration")
     p.add_argument("--codebook", type=int, default=None, metavar="BITS",
                    help="k-means codebook weights, 2^BITS levels per layer on channel-normalised weights "
-                   "(weight-only, replaces QDQ)")
+                   "(weight-only, replaces QDQ; BITS 1..8, indices packed 8/4/2 per byte at 1/2/3-4 bits)")
     p.add_argument("-v", "--verbose", action="store_true",
                    help="list every node left in float (default: one line per op and reason, a few names each)")
     p.add_argument("--no-latency-check", dest="latency_check", action="store_false",
@@ -263,11 +263,12 @@ def run(args: argparse.Namespace) -> int:
     if "quantize_dynamic.layers" in result.stats:
         kind = f"int8 weights, dynamic activations ({result.stats['quantize_dynamic.layers']} MatMul/Gemm layers)"
     elif args.weights == "int4" and args.codebook is None:
-        gptq = result.stats.get("quantize_weights_int4.weights_int4_gptq", 0)
-        kind += f" ({gptq} of {result.stats.get('quantize_weights_int4.weights_int4', 0)} layers GPTQ-rounded)"
+        gptq, n4 = (result.stats.get(f"quantize_weights_int4.weights_int4{k}", 0) for k in ("_gptq", ""))
+        kind += f" ({gptq} of {n4} layers GPTQ-rounded)" if n4 else " (no layer quantized; see the float ones above)"
     elif args.codebook is None:
         weights = result.stats.get("insert_qdq.weights_quantized", 0)
-        kind += f" ({result.stats.get('insert_qdq.weights_gptq', 0)} of {weights} weights GPTQ-rounded)"
+        kind += (f" ({result.stats.get('insert_qdq.weights_gptq', 0)} of {weights} weights GPTQ-rounded)" if weights
+                 else " (no weight quantized; the float layers above say why)")
     if args.codebook is not None:
         kind = f"{args.codebook}-bit codebook weights (weight-only)"
     elif books := result.stats.get("codebook_weights.weights", 0):

@@ -152,6 +152,30 @@ def _as_selection(exclude: Selection | Iterable[str]) -> Selection:
         raise OnnxpressError(str(exc)) from None
 
 
+def _check_override_keys(ovs: Mapping[str, TensorOverride], constants: set[str]) -> None:
+    """Refuse override keys the tensor does not take (they changed nothing, without a word).
+
+    A weight (a constant) takes ``per_channel`` only: its int8 scale comes from its values, symmetric; an
+    activation takes ``dtype``, ``range`` and ``method``, one scale per tensor.
+
+    Raises:
+        OnnxpressError: naming each tensor and key.
+    """
+    bad = []
+    for name, ov in ovs.items():
+        if name in constants:
+            keys = [k for k in ("range", "method") if getattr(ov, k) is not None] + (["dtype"] if ov.dtype else [])
+            if keys:
+                bad.append(f"{name!r} is a weight and takes per_channel only, not {', '.join(keys)}"
+                           + (" (to keep its layer float, exclude the layer: --exclude NODE)" if ov.dtype == "float"
+                              else ""))
+        elif ov.per_channel is not None:
+            bad.append(f"{name!r} is an activation (one scale per tensor) and takes dtype, range and method, "
+                       "not per_channel")
+    if bad:
+        raise OnnxpressError(f"overrides (--override) that would change nothing: {'; '.join(bad[:3])}; drop them")
+
+
 def _check_layers_not_excluded(models: Sequence[onnx.ModelProto], selection: Selection, int4_layers: Sequence[str],
                                codebook_layers: Sequence[str]) -> None:
     """Refuse layers named for int4 or codebook weights that ``exclude`` keeps float (by name, op:, re:).
@@ -498,6 +522,7 @@ def quantize(
     if unknown:  # a typo would leave the tensor with the setting it was meant to lose
         raise OnnxpressError(f"overrides name tensors the model does not have: {unknown[:5]}; give tensor names "
                              "(node outputs or graph inputs)")
+    _check_override_keys(ovs, {i.name for m in (proto, cleaned) for i in m.graph.initializer})
     if table is not None and not isinstance(table, CalibrationTable):
         table = CalibrationTable.load(table)
     if table is not None and method_asked not in (None, "auto", table.meta.get("method")):

@@ -718,6 +718,19 @@ def test_an_override_that_changes_nothing_is_named() -> None:
     assert not [n for n in kept.notes if n.startswith("override: ")]
 
 
+@pytest.mark.parametrize(("override", "match"), [
+    ({"W1": {"dtype": "float"}}, r"'W1' is a weight and takes per_channel only, not dtype \(to keep its layer float"),
+    ({"W1": {"range": (-1.0, 1.0), "method": "kl"}}, r"'W1' is a weight and takes per_channel only, not range, method"),
+    ({"r1": {"per_channel": False}}, r"'r1' is an activation \(one scale per tensor\) and takes dtype, range and "
+                                     r"method, not per_channel"),
+])
+def test_override_keys_the_tensor_does_not_take_are_refused(override, match) -> None:
+    """They changed no byte of the model (a weight's scale comes from its values; an activation has one scale)."""
+    model = residual_cnn()
+    with pytest.raises(OnnxpressError, match=r"overrides \(--override\) that would change nothing: " + match):
+        onnxpress.quantize(model, calib=[feeds_for(model)], overrides=override)
+
+
 def test_method_and_overrides_where_nothing_is_calibrated_are_refused() -> None:
     """int4 weight-only, dynamic activations, no data: a named method or an override would do nothing."""
     model, cnn = two_matmuls(), residual_cnn()

@@ -93,7 +93,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="TENSOR:KEY=VALUE[,KEY=VALUE]",
         dest="overrides",
         help="per-tensor setting (repeatable): dtype=uint8|int8|float, method=kl|minmax|percentile|mse, "
-        "range=LO:HI, per_channel=true|false (weights); e.g. --override logits:dtype=float "
+        "range=LO:HI (activations), per_channel=true|false (weights); e.g. --override logits:dtype=float "
         "--override attn_out:method=percentile",
     )
     p.add_argument(

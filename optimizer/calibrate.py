@@ -40,7 +40,7 @@ from onnxpress.calibration.histogram import DEFAULT_BINS
 from onnxpress.calibration.observers import METHODS, HistogramObserver, MinMaxObserver, make_observer
 from onnxpress.calibration.readers import accepts_infinite_inputs
 from onnxpress.calibration.table import CalibrationTable, TensorRange
-from onnxpress.errors import CalibrationError
+from onnxpress.errors import CalibrationError, check_argument_types
 from onnxpress.model_io import ModelSource, check_model, infer_shapes, is_large, load_model, uses_external_data
 
 __all__ = ["DEFAULT_HISTOGRAM_VALUES_PER_SAMPLE", "calibrate"]
@@ -101,6 +101,9 @@ def calibrate(
         CalibrationError: unknown method or bad settings, no samples, unknown tensor names.
         DataError: the data does not fit the model.
     """
+    check_argument_types("calibrate", flags={"progress": progress},
+                         counts={"bits": bits, "bins": bins, "batch_size": batch_size, "max_samples": max_samples},
+                         numbers={"percentile": percentile, "memory_budget_mb": memory_budget_mb})
     if method not in METHODS:
         raise CalibrationError(f"unknown calibration method {method!r}; choose one of {', '.join(METHODS)}")
     # a setting the method does not read would be ignored without a word

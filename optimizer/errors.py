@@ -9,6 +9,7 @@ from __future__ import annotations
 
 __all__ = [
     "CalibrationError",
+    "check_argument_types",
     "DataError",
     "DeviceError",
     "ModelLoadError",
@@ -54,3 +55,40 @@ class ValidationError(OnnxpressError):
 
 class OutputError(OnnxpressError):
     """An output path cannot be written (missing folder, no permission, equal to an input)."""
+
+
+def check_argument_types(
+    where: str,
+    *,
+    flags: dict[str, object] | None = None,
+    counts: dict[str, object] | None = None,
+    numbers: dict[str, object] | None = None,
+) -> None:
+    """Refuse API arguments of the wrong type before they reach numpy or are read as true or false.
+
+    ``per_channel="no"`` was taken as True (a non-empty string), ``max_samples=2.5`` ended in a TypeError from
+    deep inside a reader. The CLI's parsers already give the right types; this guards the Python API.
+
+    Args:
+        where: the function, for the message (``"quantize"``).
+        flags: arguments that must be ``True``, ``False`` or ``None``.
+        counts: arguments that must be an ``int`` (not a bool) >= 1, or ``None``.
+        numbers: arguments that must be an ``int`` or ``float`` (not a bool), or ``None``.
+
+    Raises:
+        OnnxpressError: naming the first argument of the wrong type and its value.
+    """
+    import numbers as kinds
+
+    import numpy as np
+
+    truth = (bool, np.bool_)
+    for name, value in (flags or {}).items():
+        if value is not None and not isinstance(value, truth):
+            raise OnnxpressError(f"{where}: {name} must be True or False, got {value!r}")
+    for name, value in (counts or {}).items():  # numpy integers are integers
+        if value is not None and (isinstance(value, truth) or not isinstance(value, kinds.Integral) or value < 1):
+            raise OnnxpressError(f"{where}: {name} must be an integer >= 1, got {value!r}")
+    for name, value in (numbers or {}).items():
+        if value is not None and (isinstance(value, truth) or not isinstance(value, kinds.Real)):
+            raise OnnxpressError(f"{where}: {name} must be a number, got {value!r}")

@@ -27,7 +27,7 @@ import onnx_graphsurgeon as gs
 from onnxpress.calibration.moments import PatchSecondMomentObserver, SecondMomentObserver
 from onnxpress.calibration.readers import symbolic_sizes
 from onnxpress.driver import transform
-from onnxpress.errors import CalibrationError, UnsupportedModelError
+from onnxpress.errors import CalibrationError, UnsupportedModelError, check_argument_types
 from onnxpress.model_io import (
     ModelSource,
     check_model,
@@ -380,7 +380,13 @@ def lowrank(
     Raises:
         ValueError: not exactly one of rank/energy/flops, or a value out of range.
         OutputError, ModelLoadError, DataError, CalibrationError, UnsupportedModelError: as named.
+        OnnxpressError: an argument of the wrong type (``joint="yes"``, ``max_samples=2.5``).
     """
+    check_argument_types("lowrank", flags={"joint": joint, "by_latency": by_latency, "flatten_tokens": flatten_tokens,
+                                           "progress": progress},
+                         counts={"multiple": multiple, "batch_size": batch_size, "max_samples": max_samples,
+                                 "latency_batch": latency_batch, "threads": threads},
+                         numbers={"energy": energy, "flops": flops, "ridge": ridge})
     ops = tuple(ops)
     if by_latency and latency is not None:
         raise ValueError("give by_latency=True or latency=, not both")

@@ -52,7 +52,7 @@ import numpy as np
 import onnx
 
 from onnxpress.calibration.readers import symbolic_sizes
-from onnxpress.errors import DataError, OnnxpressError, UnsupportedModelError
+from onnxpress.errors import DataError, OnnxpressError, UnsupportedModelError, check_argument_types
 from onnxpress.model_io import (
     ModelSource,
     check_output_path,
@@ -671,6 +671,14 @@ def optimize(
     from tqdm.auto import tqdm
 
     start = time.monotonic()
+    check_argument_types("optimize", flags={"finetune": finetune, "time_options": time_options,
+                                            "float_penalties": float_penalties, "auto_ranges": auto_ranges,
+                                            "progress": progress},
+                         counts={"prune_multiple": prune_multiple, "sensitivity_samples": sensitivity_samples,
+                                 "eval_samples": eval_samples, "shortlist": shortlist,
+                                 "finetune_epochs": finetune_epochs, "probe_epochs": probe_epochs,
+                                 "latency_threads": latency_threads},
+                         numbers={"max_drop": max_drop, "time_limit": time_limit})
     if time_limit is not None and not time_limit > 0:  # NaN fails this too
         # 0 read as "no limit" and a negative one stopped at once and wrote a model over the budget
         raise OnnxpressError(f"--time-limit must be a positive number of seconds, got {time_limit}; "

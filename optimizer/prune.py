@@ -26,7 +26,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxpress.calibration.readers import symbolic_sizes
-from onnxpress.errors import CalibrationError, OnnxpressError
+from onnxpress.errors import CalibrationError, OnnxpressError, check_argument_types
 from onnxpress.model_io import (
     ModelSource,
     check_model,
@@ -252,7 +252,10 @@ def prune(
     Raises:
         CalibrationError: ``act`` or ``compensate`` without ``calib``. Errors of loading, passes, saving.
         ValueError: a ratio outside [0, 1), an unknown criterion or scope.
+        OnnxpressError: an argument of the wrong type (``compensate="yes"``, ``max_samples=2.5``).
     """
+    check_argument_types("prune", flags={"compensate": compensate, "progress": progress},
+                         counts={"multiple": multiple, "max_samples": max_samples, "batch_size": batch_size})
     if criterion not in CRITERIA:
         raise ValueError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
     if not ratio:  # exact removal only: the settings of pruning by importance would be ignored without a word

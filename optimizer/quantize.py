@@ -29,7 +29,7 @@ import onnx
 
 from onnxpress.calibration.readers import accepts_infinite_inputs
 from onnxpress.calibration.table import CalibrationTable
-from onnxpress.errors import CalibrationError, OnnxpressError, UnsupportedModelError
+from onnxpress.errors import CalibrationError, OnnxpressError, UnsupportedModelError, check_argument_types
 from onnxpress.model_io import (
     ModelSource,
     check_model,
@@ -409,6 +409,10 @@ def quantize(
         CalibrationError / DataError: from calibration.
         OutputError: ``output`` cannot be written or is the input.
     """
+    check_argument_types("quantize", flags={"per_channel": per_channel, "progress": progress, "compact": compact,
+                                            "bias_correction": bias_correction, "keep_float16": keep_float16},
+                         counts={"max_samples": max_samples, "batch_size": batch_size, "codebook": codebook},
+                         numbers={"smoothquant": smoothquant})
     int4_layers = [int4_layers] if isinstance(int4_layers, str) else list(int4_layers)
     codebook_layers = [codebook_layers] if isinstance(codebook_layers, str) else list(codebook_layers)
     if codebook_layers and (weights != "int8" or codebook is not None or activations == "dynamic"):

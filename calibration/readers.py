@@ -301,6 +301,11 @@ class DataReader(abc.ABC):
             return None
         return total if self._max_samples is None else min(total, self._max_samples)
 
+    @property
+    def total_samples(self) -> int | None:
+        """Samples in the source before ``max_samples`` (labels must match all of them), or ``None`` when unknown."""
+        return self._count()
+
     def _count(self) -> int | None:
         return None
 

@@ -62,6 +62,8 @@ class OutputComparison:
         top1_agreement: share of samples whose argmax agrees (classifier outputs only).
         reference_accuracy: reference top-1 accuracy against the labels (classifier outputs with labels).
         candidate_accuracy: candidate top-1 accuracy against the labels.
+        nonfinite: candidate values that are NaN or infinite where the reference's are finite (then
+            ``max_abs_error`` is NaN or inf and ``sqnr_db`` -inf: such a candidate fails every threshold).
     """
 
     name: str
@@ -71,6 +73,7 @@ class OutputComparison:
     top1_agreement: float | None = None
     reference_accuracy: float | None = None
     candidate_accuracy: float | None = None
+    nonfinite: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,7 +91,8 @@ class TensorComparison:
             inputs: the same noise is a larger share of a smaller signal).
         max_abs_error: largest ``|r - c|``.
 
-    Values that are not finite in either model (an attention mask's -inf) are left out of the sums.
+    Values that are not finite in the reference (an attention mask's -inf) are left out of the sums; a
+    candidate value that is NaN or infinite where the reference's is finite counts as an infinite error.
     """
 
     name: str
@@ -228,6 +232,10 @@ class ValidationReport:
             row += [_fmt(o.reference_accuracy, ".4f"), _fmt(o.candidate_accuracy, ".4f")] if has_acc else []
             rows.append(row)
         lines.append(format_table(header, rows))
+        for o in self.outputs:
+            if o.nonfinite:
+                lines.append(f"candidate output {o.name!r} holds {o.nonfinite} NaN/inf value(s) where the reference's "
+                             "are finite")
         lines.append("")
         if self.layer_samples:
             lines.extend(self._format_layers())
@@ -317,8 +325,15 @@ class ValidationReport:
         """Raise when an output is further off than allowed (for scripts and CI gates).
 
         Raises:
-            ValidationError: names the first output that fails and by how much.
+            ValidationError: names the first output that fails and by how much; ``min_agreement`` where no
+                output is a classifier's (it would hold for any candidate).
         """
+        if min_agreement is not None and all(o.top1_agreement is None for o in self.outputs):
+            names = ", ".join(repr(o.name) for o in self.outputs)
+            raise ValidationError(
+                f"no output is a classifier's ([batch, classes]: {names}), so top-1 agreement is not measured: drop "
+                "min_agreement (--min-agreement), or gate on max_abs_error / min_sqnr_db (--max-abs-error, --min-sqnr)"
+            )
         for o in self.outputs:
             if max_abs_error is not None and not o.max_abs_error <= max_abs_error:
                 raise ValidationError(
@@ -373,6 +388,7 @@ class _Accumulator:
         self.ref_correct = 0
         self.cand_correct = 0
         self.rows = 0
+        self.nonfinite = 0
 
     def update(self, ref: np.ndarray, cand: np.ndarray, labels: np.ndarray | None) -> None:
         if ref.shape != cand.shape:
@@ -383,7 +399,10 @@ class _Accumulator:
         c = cand.astype(np.float64, copy=False).ravel()
         diff = r - c
         if diff.size:
-            self.max_abs = max(self.max_abs, float(np.max(np.abs(diff))))
+            worst = float(np.max(np.abs(diff)))
+            if math.isnan(worst) or worst > self.max_abs:  # NaN sticks (Python's max would drop it)
+                self.max_abs = worst
+            self.nonfinite += int(np.count_nonzero(np.isfinite(r) & ~np.isfinite(c)))
         self.ref_sq += float(r @ r)
         self.cand_sq += float(c @ c)
         self.err_sq += float(diff @ diff)
@@ -408,7 +427,9 @@ class _Accumulator:
                 self.cand_correct += int(np.sum(c_top == labels))
 
     def result(self, with_labels: bool) -> OutputComparison:
-        if self.err_sq == 0.0:
+        if not math.isfinite(self.err_sq):  # the candidate gave NaN or inf
+            sqnr = -math.inf
+        elif self.err_sq == 0.0:
             sqnr = math.inf
         elif self.ref_sq == 0.0:
             sqnr = -math.inf
@@ -425,7 +446,7 @@ class _Accumulator:
             top1 = self.agree / self.rows
             if with_labels:
                 ref_acc, cand_acc = self.ref_correct / self.rows, self.cand_correct / self.rows
-        return OutputComparison(self.name, self.max_abs, sqnr, cosine, top1, ref_acc, cand_acc)
+        return OutputComparison(self.name, self.max_abs, sqnr, cosine, top1, ref_acc, cand_acc, self.nonfinite)
 
 
 def model_size(source: ModelSource) -> int:
@@ -522,7 +543,7 @@ def validate(
             (:class:`TensorComparison`). The tensors become extra outputs of both models, so onnxruntime
             runs the candidate's Q/DQ pairs as float arithmetic there instead of fusing them into integer
             kernels: the same values up to the kernels' rounding (as onnxruntime's own ``qdq_loss_debug``).
-        layer_samples: samples for ``layers``.
+        layer_samples: samples for ``layers`` (at most ``max_samples``).
         progress: show a progress bar over the samples.
 
     Returns:
@@ -556,6 +577,11 @@ def validate(
             labels = data
             log.info("using the labels stored in %s", data)
     label_array = load_labels(labels) if labels is not None else None
+    if labels is None and isinstance(data, (str, os.PathLike)) and Path(data).is_dir():
+        label_array = _folder_labels(Path(data))  # the help's "default: 'labels' in --data" for a folder too
+    total = reader.total_samples
+    if label_array is not None and total is not None and label_array.shape[0] != total:  # before any run
+        raise DataError(f"the labels hold {label_array.shape[0]} entries but the data has {total} samples")
 
     def session_source(source: ModelSource, loaded: onnx.ModelProto) -> Any:
         return loaded if isinstance(source, onnx.ModelProto) else str(source)
@@ -595,7 +621,8 @@ def validate(
     layer_seen = skipped = 0
     if layers:
         compared, layer_seen, skipped = _compare_tensors(
-            reference, candidate, ref_model, cand_model, open_data(data, ref_model, max_samples=layer_samples),
+            reference, candidate, ref_model, cand_model,
+            open_data(data, ref_model, max_samples=min(layer_samples, max_samples or layer_samples)),
             min(batch_size, 16), threads,
         )  # fmt: skip
     ref_bytes, cand_bytes = model_size(reference), model_size(candidate)
@@ -625,6 +652,30 @@ def validate(
 
 _FLOATS = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE}
 """Tensor types ``layers`` compares (a float16 export against its float32-inside quantized model too)."""
+
+
+def _folder_labels(folder: Path) -> np.ndarray | None:
+    """The ``labels`` arrays of a folder of ``.npz`` feeds, joined in the order the folder reader reads them.
+
+    Raises:
+        DataError: some files hold labels and others do not.
+    """
+    files = sorted(p for p in folder.iterdir() if p.suffix == ".npz" and p.is_file())
+    parts = []
+    for path in files:
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                if "labels" in npz.files:
+                    parts.append(np.asarray(npz["labels"]).reshape(-1))
+        except (ValueError, OSError, zipfile.BadZipFile, EOFError):
+            return None  # the reader reports an unreadable feed by name
+    if not parts:
+        return None
+    if len(parts) != len(files):
+        raise DataError(f"{len(parts)} of the {len(files)} .npz files in {folder} hold 'labels': give them in every "
+                        "file, or pass --labels")
+    log.info("using the labels stored in the .npz files of %s", folder)
+    return load_labels(np.concatenate(parts))
 
 
 def _compare_tensors(reference: ModelSource, candidate: ModelSource, ref_model: onnx.ModelProto,
@@ -662,10 +713,11 @@ def _compare_tensors(reference: ModelSource, candidate: ModelSource, ref_model: 
                 differ.add(name)
                 continue
             r, c = np.asarray(r, np.float64).ravel(), np.asarray(c, np.float64).ravel()
-            finite = np.isfinite(r) & np.isfinite(c)  # an attention mask's -inf: compared where both are finite
+            finite = np.isfinite(r)  # an attention mask's -inf left out; the candidate's NaN/inf there counts
             accs[name].update(r[finite], c[finite], None)
         seen += next((a.shape[0] for a in feed.values() if a.ndim), 1)
-    noise = {name: (acc.err_sq / acc.ref_sq if acc.ref_sq > 0 else (0.0 if acc.err_sq == 0 else math.inf))
+    noise = {name: (math.inf if not math.isfinite(acc.err_sq) else acc.err_sq / acc.ref_sq if acc.ref_sq > 0
+                    else (0.0 if acc.err_sq == 0 else math.inf))
              for name, acc in accs.items() if name not in differ}
     inherited: dict[str, float] = {}
 
@@ -687,7 +739,8 @@ def _compare_tensors(reference: ModelSource, candidate: ModelSource, ref_model: 
     for name in fetch:
         if name in differ:
             continue
-        added = noise[name] - max((upstream(i) for i in producer[name].input if i), default=0.0)
+        up = max((upstream(i) for i in producer[name].input if i), default=0.0)
+        added = 0.0 if math.isinf(up) else noise[name] - up  # after a NaN/inf input: nothing more to measure
         res = accs[name].result(False)
         added_db = math.inf if added <= 0 else (-math.inf if math.isinf(added) else -10.0 * math.log10(added))
         out.append(TensorComparison(name, producer[name].op_type, res.sqnr_db, added_db, res.max_abs_error))

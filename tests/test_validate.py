@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -337,3 +338,90 @@ def test_layers_carry_noise_through_tensors_the_candidate_lacks():
     assert set(by_name) == {"g1", "b", "c"}  # "a" is not in the candidate
     assert math.isfinite(by_name["g1"].added_db) and by_name["g1"].added_db == pytest.approx(by_name["g1"].sqnr_db)
     assert by_name["b"].added_db > by_name["b"].sqnr_db + 10  # fc2 itself is exact: little or nothing added there
+
+
+def _sqrt_twice(model: onnx.ModelProto, tensor: str) -> onnx.ModelProto:
+    """``model`` with ``tensor`` rebuilt as sqrt(t) * sqrt(t): equal where t >= 0, NaN where t < 0."""
+    cand = onnx.ModelProto()
+    cand.CopyFrom(model)
+    nodes = list(cand.graph.node)
+    at = next(i for i, n in enumerate(nodes) if tensor in n.output)
+    nodes[at].output[:] = [f"{tensor}_raw" if o == tensor else o for o in nodes[at].output]
+    nodes[at + 1:at + 1] = [helper.make_node("Sqrt", [f"{tensor}_raw"], [f"{tensor}_root"]),
+                            helper.make_node("Mul", [f"{tensor}_root", f"{tensor}_root"], [tensor])]
+    del cand.graph.node[:]
+    cand.graph.node.extend(nodes)
+    return cand
+
+
+def test_a_candidate_that_outputs_nan_fails_every_gate_and_is_named():
+    """Python's max dropped NaN: max abs err read 0 and --max-abs-error passed a broken model."""
+    model = graphs.gemm()
+    cand = _sqrt_twice(model, "Y")
+    report = validate(model, cand, [{"X": _x(40)}], latency=False)
+    (out,) = report.outputs
+    assert math.isnan(out.max_abs_error) and out.sqnr_db == -math.inf and out.nonfinite > 0
+    assert f"candidate output 'Y' holds {out.nonfinite} NaN/inf value(s) where the reference's are finite" in (
+        report.format())
+    with pytest.raises(ValidationError, match=r"max abs error nan exceeds the allowed 0\.001"):
+        report.require(max_abs_error=1e-3)
+    with pytest.raises(ValidationError, match=r"SQNR -inf dB is below"):
+        report.require(min_sqnr_db=0)
+
+
+def test_layers_charge_a_tensor_that_turns_nan_in_the_candidate():
+    """Values finite in the reference and NaN in the candidate were left out, so the tensor read as exact."""
+    model = _chain()
+    report = validate(model, _sqrt_twice(model, "b"), [{"X": _x(40)}], latency=False, layers=True)
+    by_name = {t.name: t for t in report.layers}
+    assert by_name["a"].sqnr_db == math.inf  # before the change: exact
+    assert by_name["b"].sqnr_db == -math.inf and by_name["b"].added_db == -math.inf and math.isnan(
+        by_name["b"].max_abs_error)
+    assert min(report.layers, key=lambda t: t.added_db).name == "b"  # where it goes wrong
+    assert by_name["c"].added_db == math.inf  # after it: nothing more to measure, no NaN in the table
+
+
+def test_min_agreement_without_a_classifier_output_is_refused():
+    model = graphs.make_model([helper.make_node("Unsqueeze", ["X", "axes"], ["Z"])], [("X", ["N", 8])],
+                              [("Z", ["N", 8, 1])], {"axes": np.array([2], np.int64)})
+    report = validate(model, model, [{"X": _x(4)}], latency=False)
+    with pytest.raises(ValidationError, match=r"no output is a classifier's .*'Z'.* drop min_agreement"):
+        report.require(min_agreement=0.99)
+
+
+def test_labels_are_checked_against_all_the_data_and_read_from_a_folder(tmp_path):
+    np.savez(tmp_path / "d.npz", X=_x(30))
+    with pytest.raises(DataError, match="labels hold 60 entries but the data has 30 samples"):  # was taken with a cap
+        validate(graphs.gemm(), graphs.gemm(), tmp_path / "d.npz", labels=np.zeros(60, np.int64), max_samples=10,
+                 latency=False)
+    (tmp_path / "feeds").mkdir()
+    for i in range(3):
+        np.savez(tmp_path / "feeds" / f"{i}.npz", X=_x(5, seed=i), labels=np.arange(5) % 6)
+    (out,) = validate(graphs.gemm(), graphs.gemm(), tmp_path / "feeds", latency=False).outputs
+    assert out.reference_accuracy is not None and out.candidate_accuracy == out.reference_accuracy
+    np.savez(tmp_path / "feeds" / "3.npz", X=_x(5))
+    with pytest.raises(DataError, match=r"3 of the 4 \.npz files in .*feeds hold 'labels'"):
+        validate(graphs.gemm(), graphs.gemm(), tmp_path / "feeds", latency=False)
+
+
+@pytest.mark.parametrize(("extra", "match"), [
+    (["--json", "r.json", "--plot", "r.json", "--layers"], r"--json and --plot name the same file"),
+    (["--repeats", "5", "--no-latency"], r"--repeats sets the latency runs, which --no-latency skips"),
+    (["--layer-samples", "8"], r"--layer-samples sets the per-tensor comparison's samples: add --layers"),
+    (["--min-agreement", "99"], r"--min-agreement: expected a fraction in \[0, 1\], got 99"),
+    (["--max-abs-error", "nan"], r"--max-abs-error: expected a number in \[0, inf\), got nan"),
+    (["--batch", "0"], r"--batch: expected a positive integer"),
+])
+def test_cli_refuses_gates_and_options_that_could_not_hold_before_any_work(tmp_path, capsys, monkeypatch, extra,
+                                                                           match):
+    monkeypatch.chdir(tmp_path)
+    onnx.save(graphs.gemm(), tmp_path / "m.onnx")
+    np.savez(tmp_path / "d.npz", X=_x(8))
+    from onnxpress.cli import main
+
+    try:
+        rc = main(["validate", "m.onnx", "m.onnx", "--data", "d.npz", *extra])
+    except SystemExit as exc:  # argparse's own refusals
+        rc = exc.code
+    assert rc == 2 and re.search(match, capsys.readouterr().err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.npz", "m.onnx"]

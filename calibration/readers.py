@@ -705,11 +705,12 @@ def symbolic_sizes(model: onnx.ModelProto, data: DataSource | None = None,
     sizes = {str(k): int(v) for k, v in (given or {}).items()}
     wanted = symbolic_input_dims(model)
     batch = {d.dim_param for vi in model.graph.input for d in vi.type.tensor_type.shape.dim[:1] if d.dim_param}
-    unknown = sorted(set(sizes) - set(wanted) - batch)  # a batch name is harmless: MACs are per sample
+    unknown = sorted(set(sizes) - set(wanted))
     if unknown:  # a typo would count MACs at the first sample's size without a word
-        names = sorted(wanted) or ["none: every input dimension beyond the batch is fixed"]
-        raise DataError(f"--dim / dims name(s) {unknown} are not symbolic input dimensions of the model; "
-                        f"it has {names}")
+        has = f"it has {sorted(wanted)}" if wanted else "it has none (every input dimension beyond the batch is fixed)"
+        what = ("the batch dimension (MACs are counted per sample, so its size changes nothing)"
+                if set(unknown) <= batch else "not symbolic input dimensions of the model")
+        raise DataError(f"--dim / dims name(s) {unknown}: {what}; {has}")
     if data is None or all(key in sizes for key in wanted):
         return sizes
     feed = first_batch(data, model, 1)

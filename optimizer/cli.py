@@ -96,6 +96,16 @@ def add_dims(parser: argparse.ArgumentParser) -> None:
                              "MACs; by its name, or INPUT:AXIS when unnamed. Default: the first calibration sample's")
 
 
+def dims_of(args: argparse.Namespace) -> dict[str, int]:
+    """The ``--dim`` sizes as a dict; one name given two different sizes is an error, not the last one kept."""
+    out: dict[str, int] = {}
+    for name, size in args.dims:
+        if out.get(name, size) != size:
+            raise OnnxpressError(f"--dim {name} is given twice, as {out[name]} and {size}: give it once")
+        out[name] = size
+    return out
+
+
 def _dim(text: str) -> tuple[str, int]:
     name, eq, size = text.rpartition("=")
     if not eq or not name or not size.isdigit() or int(size) < 1:

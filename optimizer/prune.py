@@ -278,6 +278,15 @@ def prune(
     original = load_model(model)
     refuse_quantized(original, "prune")
     original = normalize_model(original, in_place=True)
+    if calib is not None:  # read only by the data-driven criteria, --compensate, or for symbolic dimensions' sizes
+        from onnxpress.passes.flops import symbolic_input_dims
+
+        by_data = bool(ratio) and (criterion in ("act", "contrib") or compensate)
+        if not by_data and all(key in (dims or {}) for key in symbolic_input_dims(original)):
+            raise OnnxpressError(
+                "calib (--calib) is read by criterion 'act' or 'contrib', by compensate (--compensate) and for the "
+                "sizes of symbolic input dimensions, and this run has none of them: drop it"
+            )
     assume_input_dims(symbolic_sizes(original, calib, dims))  # the report's MACs per sample at those sizes
     exact = run_passes(original, [*_before_pruning(), PruneZeroChannels()], progress=progress)
     stats, notes = dict(exact.stats), list(exact.notes)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import onnx
@@ -127,7 +128,7 @@ def test_mean_compensation_raises_sqnr(tmp_path):
     np.savez(calib, X=graphs.rng(0).standard_normal((64, 3, 8, 8)).astype(np.float32))
     x = graphs.rng(1).standard_normal((32, 3, 8, 8)).astype(np.float32)
     ref = graphs.run(model, {"X": x})[0]
-    plain = onnxpress.prune(model, ratio=0.5, calib=calib).model
+    plain = onnxpress.prune(model, ratio=0.5).model  # l2 reads no data (calib would be refused)
     comp = onnxpress.prune(model, ratio=0.5, calib=calib, compensate=True).model
     s_plain = sqnr_db(ref, graphs.run(plain, {"X": x})[0])
     s_comp = sqnr_db(ref, graphs.run(comp, {"X": x})[0])
@@ -187,3 +188,28 @@ def test_settings_of_pruning_by_importance_without_a_ratio_are_refused(files, tm
     assert main(["prune", str(path), "-o", str(out), "--compensate", "--calib", str(calib)]) == 2
     assert "compensate (--compensate)" in capsys.readouterr().err and not out.exists()
     assert onnxpress.prune(model, ratio=0.3, compensate=True, calib=str(calib)).stats  # with a ratio it runs
+
+
+@pytest.mark.parametrize(("extra", "match"), [
+    # each was taken without a word (a --calib that does not exist too)
+    (["--calib", "missing.npz"], r"calib \(--calib\) is read by criterion 'act' or 'contrib', by compensate"),
+    (["--ratio", "0.3", "--calib", "calib.npz"], r"calib \(--calib\) is read by"),
+    (["--ratio", "0.3", "--max-samples", "5"], r"--max-samples caps the samples of --criterion act/contrib"),
+    (["--dim", "N=4"], r"name\(s\) \['N'\]: the batch dimension"),
+    (["--ratio", "0.3", "--dim", "t=4", "--dim", "t=7"], r"--dim t is given twice, as 4 and 7"),
+])
+def test_cli_refuses_what_the_run_would_not_read(files, tmp_path, capsys, monkeypatch, extra, match):
+    _, path, _ = files
+    monkeypatch.chdir(tmp_path)
+    assert main(["prune", str(path), "-o", "p.onnx", "-q", *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.search(match, err[0]), err
+    assert not (tmp_path / "p.onnx").exists()
+
+
+def test_cli_warns_when_a_ratio_removes_no_channel(files, tmp_path, capsys):
+    _, path, _ = files
+    assert main(["prune", str(path), "-o", str(tmp_path / "p.onnx"), "--ratio", "0.3", "--multiple", "1000", "-q"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"warning: --ratio 0\.3 removed no channel: of \d+ prunable channels, the ratio rounded to none "
+                     r"per group \(each group keeps a multiple of --multiple 1000\)", out), out

@@ -76,11 +76,13 @@ def test_symbolic_sizes_come_from_given_then_the_first_sample(tmp_path):
     assert symbolic_sizes(model, tmp_path / "missing.npz", {"t": 4}) == {"t": 4}  # nothing left to read
     assert symbolic_sizes(token_mlp(seq=9), tmp_path / "missing.npz") == {}  # static: no data read
     assert symbolic_sizes(token_mlp(unnamed=True), data) == {"X:1": 11}
-    with pytest.raises(DataError, match=r"name\(s\) \['tt'\] are not symbolic input dimensions of the model; "
+    with pytest.raises(DataError, match=r"name\(s\) \['tt'\]: not symbolic input dimensions of the model; "
                                          r"it has \['t'\]"):
         symbolic_sizes(model, data, {"tt": 4})  # a typo would count MACs at the sample's length silently
-    assert symbolic_sizes(model, data, {"b": 8, "t": 4}) == {"b": 8, "t": 4}  # the batch's name: harmless
-    with pytest.raises(DataError, match="every input dimension beyond the batch is fixed"):
+    with pytest.raises(DataError, match=r"\['b'\]: the batch dimension \(MACs are counted per sample, so its size "
+                                         r"changes nothing\)"):
+        symbolic_sizes(model, data, {"b": 8, "t": 4})  # taken without a word before
+    with pytest.raises(DataError, match=r"it has none \(every input dimension beyond the batch is fixed\)"):
         symbolic_sizes(token_mlp(seq=9), data, {"t": 4})
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import collections
 
-from onnxpress.cli import add_common, add_dims, bounded_float, positive_int, progress_enabled
+from onnxpress.cli import add_common, add_dims, bounded_float, dims_of, positive_int, progress_enabled
 
 _fraction = bounded_float(0.0, 1.0, include_low=False, include_high=True, what="a fraction")
 
@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
         latency_step=step,
         latency_batch=batch,
         threads=threads,
-        dims=dict(args.dims),
+        dims=dims_of(args),
         flatten_tokens=not args.keep_ranks,
         progress=progress_enabled(args),
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from onnxpress.cli import add_common, add_dims, bounded_float, positive_int, progress_enabled
+from onnxpress.cli import add_common, add_dims, bounded_float, dims_of, positive_int, progress_enabled
 from onnxpress.reporting import format_table
 
 # 0 used to read as "no limit" and a negative limit stopped at once: refused here, before any work
@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
         time_limit=args.time_limit, cache_dir=args.cache_dir, finetune=args.finetune,
         finetune_epochs=args.finetune_epochs, finetune_device=args.finetune_device, probe_epochs=args.probe_epochs,
         latency_threads=args.latency_threads,
-        auto_ranges=args.auto_ranges, dims=dict(args.dims), progress=progress_enabled(args),
+        auto_ranges=args.auto_ranges, dims=dims_of(args), progress=progress_enabled(args),
     )
     rows = []
     for c in result.candidates:

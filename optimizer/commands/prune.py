@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
-from onnxpress.cli import add_common, add_dims, bounded_float, positive_int, progress_enabled
+from onnxpress.cli import add_common, add_dims, bounded_float, dims_of, positive_int, progress_enabled
 from onnxpress.passes.prune_channels import CRITERIA
 from onnxpress.reporting import format_table
 
@@ -31,7 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--compensate", action="store_true", help="fold removed channels' means (from --calib) into the next biases"
     )
     p.add_argument("--multiple", type=positive_int, default=1, help="round kept channels per group to a multiple")
-    p.add_argument("--max-samples", type=positive_int, default=256, help="calibration samples for act (default 256)")
+    p.add_argument("--max-samples", type=positive_int,
+                   help="calibration samples for act/contrib/--compensate (default 256)")
     add_dims(p)
     add_common(p)
     p.set_defaults(func=run)
@@ -49,6 +51,10 @@ def run(args: argparse.Namespace) -> int:
     """Prune and print params, MACs and size before/after per layer and in total."""
     from onnxpress.prune import prune
 
+    if args.max_samples is not None and not (args.ratio and (args.criterion in ("act", "contrib") or args.compensate)):
+        print("onnxpress prune: error: --max-samples caps the samples of --criterion act/contrib or --compensate "
+              "(with --ratio > 0): add them, or drop it", file=sys.stderr)
+        return 2
     result = prune(
         args.model,
         args.output,
@@ -58,8 +64,8 @@ def run(args: argparse.Namespace) -> int:
         multiple=args.multiple,
         calib=args.calib,
         compensate=args.compensate,
-        max_samples=args.max_samples,
-        dims=dict(args.dims),
+        max_samples=256 if args.max_samples is None else args.max_samples,
+        dims=dims_of(args),
         progress=progress_enabled(args),
     )
     header = ["layer", "op", "params before", "params after", "MACs before", "MACs after", "MACs ratio"]
@@ -75,9 +81,19 @@ def run(args: argparse.Namespace) -> int:
         print("MACs n/a: they depend on input dimensions without a size; give them with --dim NAME=SIZE (or --calib)")
     removed = result.stats.get("prune_zero_channels.channels_removed", 0)
     lossy = result.stats.get("prune_channels.channels_removed", 0)
-    how = f"{lossy} by importance ({args.criterion})" if args.ratio else "none by importance (no --ratio)"
+    how = (f"{lossy} by importance ({args.criterion})" if args.ratio else
+           f"none by importance ({'--ratio 0' if args.ratio == 0 else 'no --ratio'})")
     print(f"channels removed: {removed} exactly (zero or unused), {how}")
+    if folded := result.stats.get("fold_constants.nodes_removed", 0):  # the size changes without a channel gone
+        print(f"folded {folded} node(s) that compute constants into initializers (exact)")
     for note in result.notes:
         print(f"note: {note}")
+    if args.ratio and not lossy:  # asked for a ratio and got nothing: say why
+        prunable = result.stats.get("prune_channels.prunable_channels", 0)
+        why = ("no channel group of this model can be pruned (an LSTM's or a graph output's channels stay; the "
+               "notes say which)" if not prunable else
+               f"of {prunable} prunable channels, the ratio rounded to none per group"
+               + (f" (each group keeps a multiple of --multiple {args.multiple})" if args.multiple > 1 else ""))
+        print(f"warning: --ratio {args.ratio:g} removed no channel: {why}")
     print(f"wrote {result.output}")
     return 0

@@ -119,7 +119,8 @@ class ValidationReport:
         candidate: how the candidate was given.
         samples: samples compared.
         outputs: one comparison per reference output, in graph order.
-        batch_size: samples per run (also the latency batch, unless the data held fewer).
+        batch_size: the most samples one run took: the batch asked for, or fewer where the reference's batch is
+            fixed or the data held fewer (also the latency batch).
         latency_batch: samples in the timed batch (0 when latency was not measured).
         threads: intra-op threads of both sessions (``None``: onnxruntime's default).
         repeats: timed runs per model.
@@ -212,7 +213,7 @@ class ValidationReport:
         lines = [
             f"reference: {self.reference}",
             f"candidate: {self.candidate}",
-            f"{self.samples} samples, batch {self.batch_size}, threads {threads}",
+            f"{self.samples} sample{'' if self.samples == 1 else 's'}, batch {self.batch_size}, threads {threads}",
         ]
         if self.reference_latency is not None:
             lines.append(
@@ -263,6 +264,13 @@ class ValidationReport:
         lines.append(format_table(["op", "reference", "candidate"], rows))
         return "\n".join(lines)
 
+    def why_no_layers(self) -> str:
+        """Why a per-tensor comparison that ran compared no tensor."""
+        if self.layers_skipped:
+            return (f"the {self.layers_skipped} tensors both models have differ in shape (a pruned or split "
+                    "candidate), so none was compared")
+        return "the two models share no intermediate float tensor by name"
+
     def plot_layers(self, path: str | os.PathLike[str], *, marked: int = 5) -> Path:
         """Write a PNG of each compared tensor's SQNR in graph order, the ``marked`` worst adders labelled.
 
@@ -272,6 +280,8 @@ class ValidationReport:
             ValidationError: the report has no per-tensor comparison.
             OutputError: the path cannot be written (or is one of the inputs).
         """
+        if not self.layers and self.layer_samples:
+            raise ValidationError(f"no tensor to plot: {self.why_no_layers()}")
         if not self.layers:
             raise ValidationError("no per-tensor comparison to plot: run validate with layers=True (--layers)")
         import matplotlib
@@ -471,8 +481,11 @@ def _describe(source: ModelSource) -> str:
     return _PROTO if isinstance(source, onnx.ModelProto) else str(source)
 
 
-def _check_interfaces(reference: onnx.ModelProto, candidate: onnx.ModelProto) -> tuple[str, ...]:
-    """Same inputs (names and dtypes) and every reference output in the candidate; return output names."""
+def _check_interfaces(reference: onnx.ModelProto, candidate: onnx.ModelProto, batch_size: int) -> tuple[str, ...]:
+    """Same inputs (names, dtypes, sizes the candidate fixes) and every reference output in the candidate.
+
+    Returns the output names. A candidate's fixed batch passes when ``batch_size`` is that batch.
+    """
     ref_in = {s.name: s for s in model_inputs(reference)}
     cand_in = {s.name: s for s in model_inputs(candidate)}
     if set(ref_in) != set(cand_in):
@@ -485,6 +498,17 @@ def _check_interfaces(reference: onnx.ModelProto, candidate: onnx.ModelProto) ->
             raise ValidationError(
                 f"input {name!r}: the candidate expects {cand_in[name].dtype}, the reference {spec.dtype}"
             )
+        cand = cand_in[name]
+        if spec.shape is not None and cand.shape is not None and len(spec.shape) == len(cand.shape):
+            for axis, (r, c) in enumerate(zip(spec.shape, cand.shape, strict=True)):
+                if isinstance(c, int) and r != c and not (axis == 0 and c == batch_size):
+                    # onnxruntime would refuse the reference's feeds mid-run, in a message cut to its first line
+                    fix = f": compare at that batch, batch_size={c} (--batch {c})" if axis == 0 else ""
+                    raise ValidationError(
+                        f"input {name!r}: the candidate fixes axis {axis} to {c} where the reference takes "
+                        f"{'any size' if not isinstance(r, int) else r} ({cand.describe()} against "
+                        f"{spec.describe()}){fix}"
+                    )
     ref_out = tuple(o.name for o in reference.graph.output)
     cand_out = {o.name for o in candidate.graph.output}
     for name in ref_out:
@@ -565,7 +589,7 @@ def validate(
     # external data is not read here too (the 2.25 GiB model against its int8 version: peak 7.2 -> 4.8 GB)
     ref_model = load_model(reference, external_data=False)
     cand_model = load_model(candidate, external_data=False)
-    out_names = _check_interfaces(ref_model, cand_model)
+    out_names = _check_interfaces(ref_model, cand_model, batch_size)
     reader = open_data(data, ref_model, max_samples=max_samples)
     if labels is None and isinstance(data, (str, os.PathLike)) and Path(data).is_file():
         try:
@@ -589,11 +613,12 @@ def validate(
     ref_sess = make_session(session_source(reference, ref_model), threads=threads, what="reference model")
     cand_sess = make_session(session_source(candidate, cand_model), threads=threads, what="candidate model")
     accs = [_Accumulator(name) for name in out_names]
-    seen = 0
+    seen = used_batch = 0
     first_batch = None
     with tqdm(total=reader.num_samples, desc="validate", unit="sample", disable=not progress) as bar:
         for feed in reader.batches(batch_size):
             n = next((a.shape[0] for a in feed.values() if a.ndim), 1)
+            used_batch = max(used_batch, n)
             if first_batch is None:
                 first_batch = feed
             batch_labels = None
@@ -631,7 +656,7 @@ def validate(
         candidate=_describe(candidate),
         samples=seen,
         outputs=outputs,
-        batch_size=batch_size,
+        batch_size=used_batch or batch_size,  # what ran: a fixed-batch reference's feeds are split to its batch
         latency_batch=latency_batch,
         threads=threads,
         repeats=repeats if latency else 0,

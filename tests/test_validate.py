@@ -303,6 +303,11 @@ def test_layers_leave_out_tensors_whose_shapes_differ(tmp_path, capsys):
     assert record["layers_skipped"] == 4 and record["layers"] == []
     assert main(["validate", str(src), str(pruned), "--data", str(tmp_path / "d.npz"), "--plot", "p.png"]) == 2
     assert "--plot draws the per-tensor comparison: add --layers" in capsys.readouterr().err
+    # --layers given and nothing comparable: a warning after the report (the gates still run), no PNG
+    assert main(["validate", str(src), str(pruned), "--data", str(tmp_path / "d.npz"), "--no-latency", "--layers",
+                 "--plot", str(tmp_path / "p.png")]) == 0
+    assert ("warning: no " + str(tmp_path / "p.png") + " written: the 4 tensors both models have differ in shape"
+            in capsys.readouterr().out) and not (tmp_path / "p.png").exists()
 
 
 def test_layers_compare_masked_tensors_where_both_are_finite():
@@ -425,3 +430,18 @@ def test_cli_refuses_gates_and_options_that_could_not_hold_before_any_work(tmp_p
         rc = exc.code
     assert rc == 2 and re.search(match, capsys.readouterr().err)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.npz", "m.onnx"]
+
+
+def test_fixed_batches_are_named_and_the_batch_shown_is_the_one_that_ran(tmp_path):
+    fixed = graphs.make_model([helper.make_node("Gemm", ["X", "W"], ["Y"])], [("X", [1, 8])], [("Y", [1, 6])],
+                              {"W": numpy_helper.to_array(graphs.gemm().graph.initializer[0])})
+    assert [d.dim_value for d in fixed.graph.input[0].type.tensor_type.shape.dim] == [1, 8]
+    # a fixed-batch candidate: named before any run (onnxruntime's message was cut to its first line)
+    with pytest.raises(ValidationError, match=r"input 'X': the candidate fixes axis 0 to 1 where the reference takes "
+                                              r"any size .*batch_size=1 \(--batch 1\)"):
+        validate(graphs.gemm(), fixed, [{"X": _x(8)}], latency=False)
+    assert validate(graphs.gemm(), fixed, [{"X": _x(8)}], latency=False, batch_size=1).samples == 8
+    # a fixed-batch reference: its feeds go one sample at a time, and the header says so
+    np.savez(tmp_path / "d.npz", X=_x(8))
+    report = validate(fixed, graphs.gemm(), tmp_path / "d.npz", latency=False, batch_size=32)
+    assert report.batch_size == 1 and "8 samples, batch 1," in report.format()

@@ -84,7 +84,9 @@ def run(args: argparse.Namespace) -> int:
     print(report.format())
     if args.json:
         print(f"wrote {report.write_json(args.json)}")
-    if args.plot:
+    if args.plot and not report.layers:  # the comparison ran and found no tensor to draw: the gates still apply
+        print(f"warning: no {args.plot} written: {report.why_no_layers()}")
+    elif args.plot:
         print(f"wrote {report.plot_layers(args.plot)}")
     report.require(max_abs_error=args.max_abs_error, min_sqnr_db=args.min_sqnr, min_agreement=args.min_agreement)
     return 0

@@ -677,7 +677,10 @@ def load_labels(source: str | os.PathLike[str] | np.ndarray, key: str = "labels"
             else:
                 labels = np.asarray(loaded)
         except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
-            raise DataError(f"{path} is not a readable .npy/.npz file ({exc})") from None
+            # numpy reads any other file as a pickle and advises unpickling it: not advice to pass on
+            why = "not an .npy or .npz file" if "allow_pickle" in str(exc) else str(exc)
+            raise DataError(f"{path} is not a readable .npy/.npz file ({why}); labels are an .npy array of class "
+                            f"indices or an .npz with key {key!r}") from None
     if labels.ndim == 2 and labels.shape[1] == 1:
         labels = labels[:, 0]
     if labels.ndim != 1 or labels.size == 0:

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxpress.errors import UnsupportedModelError
+from onnxpress.errors import DataError, OnnxpressError, UnsupportedModelError
 from onnxpress.model_io import (
     ModelSource,
     check_output_path,
@@ -161,7 +161,8 @@ def finetune(
             is trained. A student that is already quantized (QDQ: ``onnxpress quantize``'s or onnxruntime's
             output) is always fine-tuned this way, in its own graph, starting from its own weights and
             scales, and comes back with every node and name it had.
-        calibration: a ``CalibrationTable`` for that quantize step (else ranges are measured on ``data``).
+        calibration: a ``CalibrationTable`` for that quantize step, or the path of one (else ranges are
+            measured on ``data``).
         threads: torch threads while training (None keeps torch's setting).
         device: where torch trains: ``"cpu"`` (default), ``"cuda"``, ``"cuda:N"``, or ``"auto"`` (CUDA
             when torch sees a GPU). The teacher, the export and the checks run on the CPU
@@ -180,7 +181,8 @@ def finetune(
         UnsupportedModelError: torch is missing, or the student has ops the bridge cannot run.
         DataError: data/labels do not fit the student, or there is nothing to learn from.
         DeviceError: ``device`` is not a device, or CUDA is asked for and torch sees none.
-        ValidationError: the exported model does not match the fine-tuned module within 1e-4.
+        ValidationError: the exported model does not match the fine-tuned module within 1e-4 of its outputs' scale,
+            or training diverged (the module's outputs are not finite).
         OutputError: ``output`` cannot be written.
     """
     try:
@@ -194,35 +196,67 @@ def finetune(
     train_device = tr.resolve_device(device)  # before any work: a missing GPU is a one-line error
     if exporter not in ("auto", "dynamo", "torchscript", "writeback"):
         raise ValueError(f"exporter must be auto, dynamo, torchscript or writeback, not {exporter!r}")
-    if output is not None:
-        check_output_path(output, [student, teacher, data, labels])  # never overwrite inputs or data
+    if output is not None:  # never overwrite inputs, data or the table
+        check_output_path(output, [student, teacher, data, labels, calibration])
     if data is None:
-        from onnxpress.errors import DataError
-
         raise DataError("finetune needs data: give data=<.npz path, folder or feeds>")
     student_proto = load_model(student)
     quantized = bool(quantized_ops(student_proto))
     if quantized and not qat:  # its integer weights train only behind their fake-quant
         log.info("the student is quantized: fine-tuning it quantization-aware, in its own graph")
         qat = True
+    # settings this run would not read: refused, not ignored
+    if exporter != "auto" and qat:
+        raise OnnxpressError(f"exporter={exporter!r} (--exporter) sets how a float model goes back to ONNX, and a "
+                             "quantization-aware run writes its own QDQ graph: drop it")
+    if calibration is not None and not qat:
+        raise OnnxpressError("calibration (--calibration) is the table of the quantize step of qat=True (--qat) on "
+                             "a float student: add that, or drop it")
+    if isinstance(calibration, (str, os.PathLike)):
+        from onnxpress.calibration.table import CalibrationTable
+
+        calibration = CalibrationTable.load(calibration)
+    cores = os.cpu_count() or 1
+    if threads is not None and threads > cores:  # torch hung at 10000 threads and crashed at 100000
+        raise OnnxpressError(f"threads (--threads) {threads} is more than this machine's {cores} cores: give at "
+                             f"most {cores}")
+    active = [term for term, on in (("labels", labels is not None and hard_weight > 0),
+                                    ("teacher", teacher is not None and soft_weight > 0),
+                                    ("features", bool(features) and feature_weight > 0)) if on]
+    if not active and (labels is not None or teacher is not None):
+        raise OnnxpressError("every loss term has weight 0 (hard_weight / --hard-weight for the labels, soft_weight / "
+                             "--soft-weight for the teacher): nothing would be trained")
     student_proto = normalize_model(student_proto, min_opset=13 if qat else None)
     if lr is None:
         lr = QAT_LR if qat else FLOAT_LR
-    config = tr.FinetuneConfig(
-        epochs=epochs, lr=lr, batch_size=batch_size, temperature=temperature, hard_weight=hard_weight,
-        soft_weight=soft_weight, feature_weight=feature_weight, features=dict(features or {}),
-        sparsity=sparsity, val_fraction=val_fraction, patience=patience, seed=seed, augment_shift=augment_shift,
-        distill=distill, class_axis=class_axis,
-    )  # fmt: skip
+    try:
+        config = tr.FinetuneConfig(
+            epochs=epochs, lr=lr, batch_size=batch_size, temperature=temperature, hard_weight=hard_weight,
+            soft_weight=soft_weight, feature_weight=feature_weight, features=dict(features or {}),
+            sparsity=sparsity, val_fraction=val_fraction, patience=patience, seed=seed, augment_shift=augment_shift,
+            distill=distill, class_axis=class_axis,
+        )  # fmt: skip
+    except ValueError as exc:  # a setting out of range: one line naming it, before any data is read
+        raise OnnxpressError(f"finetune: {exc}") from None
+    rank = _first_output_rank(student_proto)
+    reads_axis = teacher is not None and distill == "kl" or labels is not None  # the kl term and the labels
+    if rank and reads_axis and (not -rank <= class_axis < rank or class_axis % rank == 0 and rank >= 2):
+        valid = ", ".join(map(str, [*range(1, rank), *range(1 - rank, 0)]))
+        raise OnnxpressError(f"class_axis (--class-axis) {class_axis} is not a class axis of the first output "
+                             f"(rank {rank}, axis 0 holds the samples): give one of {valid}")
     teacher_proto = None if teacher is None else load_model(teacher)
     if teacher_proto is not None:
         tr.check_same_inputs(student_proto, teacher_proto)
     arrays = tr.load_arrays(data, student_proto, max_samples=max_samples)
     n = len(next(iter(arrays.values())))
-    label_arr = None if labels is None else tr.load_label_array(labels, n)
-    if label_arr is not None and len(student_proto.graph.output[0].type.tensor_type.shape.dim) not in (0, 2):
-        from onnxpress.errors import DataError
+    total = n
+    countable = not isinstance(data, Mapping) and not hasattr(data, "batches")
+    if labels is not None and max_samples is not None and countable:
+        from onnxpress.calibration.readers import open_data
 
+        total = open_data(data, student_proto, max_samples=None).total_samples  # None: an iterable, not counted
+    label_arr = None if labels is None else tr.load_label_array(labels, n, total)
+    if label_arr is not None and len(student_proto.graph.output[0].type.tensor_type.shape.dim) not in (0, 2):
         raise DataError(
             "labels are one class per sample, for [samples, classes] logits; this model's first output has "
             f"rank {len(student_proto.graph.output[0].type.tensor_type.shape.dim)}: fine-tune it without labels "
@@ -248,6 +282,10 @@ def finetune(
     # after): 2.5-20x faster than the torch module and the numbers of the delivered file; QAT's
     # "before" is the fake-quantized module (the PTQ model's outputs), so it stays in torch
     before = _predict(module, arrays) if plan is not None else _run_onnx(student_proto, arrays)
+    if teacher_logits is not None and teacher_logits.shape != before.shape:  # torch's kl_div would say it
+        raise DataError(f"the teacher's first output is {list(teacher_logits.shape)} on the data and the student's "
+                        f"{list(before.shape)}: distillation needs the same shape (the model the student was made "
+                        "from)")
     if label_arr is not None:
         tr.check_label_range(label_arr, before, class_axis)
     check = {k: v[: min(len(v), 64)] for k, v in arrays.items()}
@@ -289,6 +327,12 @@ def finetune(
     written = save_model(model, output) if output is not None else None
     mode = "qat in its own graph" if quantized else "qat" if qat else "float"
     return FinetuneResult(model, written, history, diff, metrics, mode)
+
+
+def _first_output_rank(model: onnx.ModelProto) -> int | None:
+    """The rank of the model's first output as declared, or None when its shape is not given."""
+    t = model.graph.output[0].type.tensor_type
+    return len(t.shape.dim) if t.HasField("shape") else None
 
 
 RECURRENT_OPS = frozenset({"LSTM", "GRU"})

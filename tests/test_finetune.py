@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 
 import numpy as np
 import onnx
@@ -12,7 +13,7 @@ pytest.importorskip("torch")
 
 import onnxpress  # noqa: E402
 from onnxpress.cli import main  # noqa: E402
-from onnxpress.errors import DataError, ModelLoadError  # noqa: E402
+from onnxpress.errors import DataError, ModelLoadError, OnnxpressError  # noqa: E402
 from tests.graphs import run  # noqa: E402
 from tests.test_bridge_graphs import tiny_cnn, tiny_data  # noqa: E402
 
@@ -316,7 +317,7 @@ def test_mse_distillation_and_segmentation_by_a_class_axis():
                              class_axis=1)  # fmt: skip
     assert seg.metrics["kl_after"] < seg.metrics["kl_before"]
     assert 0 <= seg.metrics["agreement_after"] <= 1
-    with pytest.raises(ValueError, match="distill must be kl or mse"):
+    with pytest.raises(OnnxpressError, match="finetune: distill must be kl or mse"):
         onnxpress.finetune(_image_model(0.5), _image_model(), x, distill="l1")
 
 
@@ -333,3 +334,59 @@ def test_cli_feature_distillation(kd_files, tmp_path, capsys):
     assert main([*common, "-o", str(tmp_path / "plain.onnx")]) == 0
     weights = lambda p: [onnx.numpy_helper.to_array(i) for i in onnx.load(str(p)).graph.initializer]  # noqa: E731
     assert any(not np.array_equal(a, b) for a, b in zip(weights(out), weights(tmp_path / "plain.onnx"), strict=True))
+
+
+@pytest.mark.parametrize(("extra", "match"), [
+    # settings this run would not read: each wrote the same bytes as a run without it
+    (["--hard-weight", "5"], r"--hard-weight weighs the label term: add --labels"),
+    (["--distill", "mse", "--temperature", "9"], r"--temperature softens the kl term, and --distill mse reads none"),
+    (["--val-fraction", "0", "--patience", "1"], r"--patience stops on the validation split"),
+    (["--feature-weight", "2"], r"--feature-weight weighs the --feature pairs: add one"),
+    (["--qat", "--exporter", "torchscript"], r"exporter='torchscript' \(--exporter\) sets how a float model goes back"),
+    (["--calibration", "t.npz"], r"calibration \(--calibration\) is the table of the quantize step of qat=True"),
+    (["--labels", "d.npz", "--hard-weight", "0", "--soft-weight", "0"], r"every loss term has weight 0"),
+    # values that ended in tracebacks from numpy, torch or the loss
+    (["--seed", "99999999999999999999"], r"seed must be an integer in 0\.\.2\*\*63-1"),
+    (["--class-axis", "5"], r"class_axis \(--class-axis\) 5 is not a class axis of the first output \(rank 2"),
+    (["--class-axis", "0"], r"axis 0 holds the samples\): give one of 1, -1"),
+    (["--threads", "100000"], r"threads \(--threads\) 100000 is more than this machine's \d+ cores"),
+])
+def test_cli_finetune_refuses_settings_it_would_not_read_or_could_not_take(kd_files, tmp_path, capsys, monkeypatch,
+                                                                          extra, match):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "t.npz").write_bytes(b"")  # a --calibration path; refused before it is read
+    before = sorted(p.name for p in tmp_path.iterdir())
+    rc = main(["finetune", "student.onnx", "--teacher", "teacher.onnx", "--data", "d.npz", "-o", "o.onnx", "-q",
+               "--epochs", "1", *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and re.search(match, err[0]), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_finetune_refuses_a_teacher_of_other_shapes_and_an_output_over_the_calibration_table(kd_files, tmp_path,
+                                                                                              capsys):
+    from tests.test_bridge_graphs import tiny_cnn
+
+    other = tiny_cnn(gain=4.0)
+    other.graph.input[0].type.tensor_type.shape.dim[2].dim_value = 16  # a teacher of 16x16 images
+    with pytest.raises(DataError, match=r"the teacher's input input: float32\[.*16.*\] does not take the student's"):
+        onnxpress.finetune(kd_files["student"], other, str(kd_files["data"]), epochs=1)
+    table = tmp_path / "table.npz"
+    onnxpress.calibrate(kd_files["student"], str(kd_files["data"])).save(table)
+    before = table.read_bytes()
+    assert main(["finetune", str(kd_files["student"]), "--teacher", str(kd_files["teacher"]), "--data",
+                 str(kd_files["data"]), "--qat", "--calibration", str(table), "-o", str(table), "-q"]) == 2
+    assert "is an input file (it would be overwritten)" in capsys.readouterr().err and table.read_bytes() == before
+
+
+def test_labels_of_another_count_than_the_data_are_refused_not_cut(kd_files):
+    labels = np.load(kd_files["data"])["labels"]
+    with pytest.raises(DataError, match=r"192 labels for 96 samples"):
+        onnxpress.finetune(kd_files["student"], kd_files["teacher"], str(kd_files["data"]), labels=np.tile(labels, 2),
+                           epochs=0)
+    with pytest.raises(DataError, match=r"192 labels for 96 samples"):  # also when max_samples reads fewer
+        onnxpress.finetune(kd_files["student"], kd_files["teacher"], str(kd_files["data"]), labels=np.tile(labels, 2),
+                           epochs=0, max_samples=32)
+    res = onnxpress.finetune(kd_files["student"], kd_files["teacher"], str(kd_files["data"]), labels=labels[:32],
+                             epochs=0, max_samples=32)  # one per sample read: taken
+    assert "accuracy_after" in res.metrics

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import math
 import os
 import re
 import sys
@@ -272,17 +273,23 @@ def validate_against_module(
         model: the exported model.
         module: the module it was exported from.
         feeds: inputs by name.
-        atol: largest allowed absolute difference (float exports).
+        atol: largest allowed difference (float exports), relative to the outputs' scale: ``atol·max(1, max|y|)``
+            (float32 rounds logits near 1000 to 1.2e-4 steps, so an absolute bound refused a correct export).
         min_sqnr_db: instead of ``atol``, the smallest allowed ``10·log10(Σy² / Σ(y − ŷ)²)``. Used for
             quantized exports: a ~1e-7 float difference upstream of a QuantizeLinear (torch and
             onnxruntime convolutions round differently) flips a value sitting on a rounding boundary
             by one step, so equality within ``atol`` is not a property such a model can have.
 
     Raises:
-        ValidationError: an output is further off than allowed (names it and by how much).
+        ValidationError: an output is further off than allowed (names it and by how much), or the module's own
+            outputs are not finite (training diverged).
     """
     worst = 0.0
     for name, g, w, sqnr in _against_module(model, module, feeds):
+        scale = float(np.max(np.abs(w))) if np.size(w) else 0.0
+        if not math.isfinite(scale):  # not an export problem: the trained weights are
+            raise ValidationError(f"the fine-tuned module's output {name!r} holds NaN or inf: training diverged; "
+                                  "lower the learning rate (lr=, --lr)")
         diff = max_abs_diff([g], [w])
         worst = max(worst, diff)
         if min_sqnr_db is not None:
@@ -291,9 +298,10 @@ def validate_against_module(
                     f"exported output {name!r} matches the fine-tuned module at only {sqnr:.1f} dB SQNR "
                     f"(< {min_sqnr_db:g} dB, max |diff| {diff:.3g}); report the model"
                 )
-        elif not diff <= atol:
+        elif not diff <= atol * max(1.0, scale):
             raise ValidationError(
-                f"exported output {name!r} differs from the fine-tuned module by {diff:.3g} (> {atol:g}); "
-                "export with exporter='torchscript' or report the model"
+                f"exported output {name!r} differs from the fine-tuned module by {diff:.3g} (> {atol:g} x "
+                f"{max(1.0, scale):.3g}, its scale); try another exporter (exporter= / --exporter torchscript or "
+                "writeback), or report the model"
             )
     return worst

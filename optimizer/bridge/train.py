@@ -122,11 +122,15 @@ class FinetuneConfig:
     class_axis: int = -1
 
     def __post_init__(self) -> None:
+        seed_ok = isinstance(self.seed, int) and not isinstance(self.seed, bool) and 0 <= self.seed < 2**63
         checks = {
             "epochs must be >= 0": self.epochs >= 0,
-            "lr must be > 0": self.lr > 0,
+            # an infinite lr or temperature trains nothing (the loss is NaN or 0) and still writes a model
+            "lr must be a finite number > 0": 0 < self.lr < math.inf,
             "batch_size must be >= 1": self.batch_size >= 1,
-            "temperature must be > 0": self.temperature > 0,
+            "temperature must be a finite number > 0": 0 < self.temperature < math.inf,
+            # numpy and torch take seeds in 0..2**63-1: others ended in their ValueError tracebacks
+            "seed must be an integer in 0..2**63-1": seed_ok,
             "loss weights must be >= 0": min(self.hard_weight, self.soft_weight, self.feature_weight, self.sparsity)
             >= 0,
             "val_fraction must be in [0, 0.5]": 0 <= self.val_fraction <= 0.5,
@@ -221,8 +225,11 @@ def _fallback_feeds(data: Any) -> Iterator[Mapping[str, np.ndarray]]:
     yield from data
 
 
-def load_label_array(labels: Any, count: int) -> np.ndarray:
-    """Integer class labels from an array, an ``.npy`` or an ``.npz`` (key ``labels``).
+def load_label_array(labels: Any, count: int, total: int | None = None) -> np.ndarray:
+    """Integer class labels from an array, an ``.npy`` or an ``.npz`` (key ``labels``), for the first ``count``.
+
+    ``total``: the samples the data holds before a ``max_samples`` cap (None: unknown); the labels must be one
+    per sample read or per sample of all of them: another count (a longer file) usually belongs to other data.
 
     Raises:
         DataError: not 1-D integers, a negative label, or not one label per sample.
@@ -243,8 +250,9 @@ def load_label_array(labels: Any, count: int) -> np.ndarray:
     arr = np.asarray(arr)
     if arr.ndim != 1 or arr.dtype.kind not in "iu":
         raise DataError(f"labels must be a 1-D integer array, got {arr.dtype} with shape {arr.shape}")
-    if len(arr) < count:
-        raise DataError(f"{len(arr)} labels for {count} samples; give one label per sample")
+    if len(arr) < count or total is not None and len(arr) not in (count, total):
+        raise DataError(f"{len(arr)} labels for {count if total is None else total} samples; give one label per "
+                        "sample")
     arr = arr[:count].astype(np.int64)
     if arr.size and arr.min() < 0:
         raise DataError(f"labels must be class indices 0, 1, ...; label {int(arr.min())} is negative (sample "
@@ -269,16 +277,25 @@ def check_same_inputs(student: onnx.ModelProto, teacher: onnx.ModelProto) -> Non
     """Refuse a teacher that cannot read the student's data: both must take the same named inputs.
 
     Raises:
-        DataError: the graph inputs (initializers aside) differ by name.
+        DataError: the graph inputs (initializers aside) differ by name, rank or a size both fix.
         UnsupportedModelError: an input is not a tensor (as the data readers refuse it).
     """
     from onnxpress.calibration.readers import model_inputs
 
-    s_in, t_in = ([spec.name for spec in model_inputs(m)] for m in (student, teacher))
+    s_specs, t_specs = ({spec.name: spec for spec in model_inputs(m)} for m in (student, teacher))
+    s_in, t_in = list(s_specs), list(t_specs)
     if set(s_in) != set(t_in):
         raise DataError(f"the teacher's inputs {t_in} differ from the student's {s_in}: the teacher is run on the "
                         "student's data, so both must take the same named inputs (a teacher exported from the "
                         "same network with the same input names)")
+    for name, s in s_specs.items():  # sizes both fix: onnxruntime would refuse the data in the teacher mid-run
+        t = t_specs[name]
+        if s.shape is None or t.shape is None:
+            continue
+        if len(s.shape) != len(t.shape) or any(
+                isinstance(a, int) and isinstance(b, int) and a != b for a, b in zip(s.shape, t.shape, strict=True)):
+            raise DataError(f"the teacher's input {t.describe()} does not take the student's {s.describe()}: "
+                            "distill from the model the student was made from")
 
 
 # ----------------------------------------------------------------------------- teacher

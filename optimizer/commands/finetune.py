@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from onnxpress.cli import add_common, bounded_float, non_negative_int, positive_int, progress_enabled
+from onnxpress.cli import add_common, bounded_float, int_at_least, non_negative_int, positive_int, progress_enabled
 from onnxpress.errors import OnnxpressError
 from onnxpress.reporting import format_table
 
@@ -26,31 +26,33 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--labels", help="class labels: .npy, or .npz with key 'labels' (may be the --data file)")
     p.add_argument("-o", "--output", required=True, help="where to write the fine-tuned model")
     p.add_argument("--epochs", type=non_negative_int, default=10, help="passes over the data (default 10)")
-    p.add_argument("--temperature", type=_POSITIVE, default=4.0, help="distillation temperature T (default 4)")
+    p.add_argument("--temperature", type=_POSITIVE, help="distillation temperature T of --distill kl (default 4)")
     p.add_argument("--lr", type=_POSITIVE, default=None,
                    help="Adam learning rate (default 1e-3; 1e-4 with --qat or a quantized student)")  # fmt: skip
     p.add_argument("--batch-size", type=positive_int, default=64, help="samples per step (default 64)")
-    p.add_argument("--hard-weight", type=_WEIGHT, default=1.0, help="weight of the label cross-entropy (default 1)")
-    p.add_argument("--soft-weight", type=_WEIGHT, default=1.0, help="weight of the distillation term (default 1)")
+    p.add_argument("--hard-weight", type=_WEIGHT, help="weight of the label cross-entropy (default 1)")
+    p.add_argument("--soft-weight", type=_WEIGHT, help="weight of the distillation term (default 1)")
     p.add_argument("--feature", action="append", default=[], metavar="STUDENT=TEACHER",
                    help="also distil the student's value STUDENT towards the teacher's TEACHER by MSE (same shape; "
                         "repeat for more pairs; weighted by --feature-weight)")
-    p.add_argument("--feature-weight", type=_WEIGHT, default=1.0,
+    p.add_argument("--feature-weight", type=_WEIGHT,
                    help="weight of the feature term when --feature is given (default 1)")
     p.add_argument("--sparsity", type=_WEIGHT, default=0.0, help="L1 weight on BN scales / channel norms (default 0)")
     p.add_argument("--val-fraction", type=_FRACTION, default=0.1, help="held out for early stopping (default 0.1)")
-    p.add_argument("--patience", type=positive_int, default=3, help="epochs without improvement before stopping")
-    p.add_argument("--seed", type=int, default=0, help="seed of split, shuffling and torch (default 0)")
+    p.add_argument("--patience", type=positive_int,
+                   help="epochs without a validation improvement before stopping (default 3)")
+    p.add_argument("--seed", type=int_at_least(0, "a seed >= 0"), default=0,
+                   help="seed of split, shuffling and torch (default 0)")
     p.add_argument("--augment-shift", type=non_negative_int, default=0,
                    help="shift images by up to this many pixels each epoch (default 0 = off)")  # fmt: skip
     p.add_argument("--max-samples", type=positive_int, help="use at most this many samples")
     p.add_argument("--threads", type=positive_int, help="torch threads while training")
     p.add_argument("--device", default="cpu",
                    help="where torch trains: cpu (default), cuda, cuda:N, or auto (cuda when torch sees a GPU)")
-    p.add_argument("--distill", choices=["kl", "mse"], default="kl",
+    p.add_argument("--distill", choices=["kl", "mse"],
                    help="the soft term: kl (the default: the softened softmax over --class-axis) or mse (the "
                         "outputs regressed as they are)")
-    p.add_argument("--class-axis", type=int, default=-1, help="axis of the class scores for kl (default -1)")
+    p.add_argument("--class-axis", type=int, help="axis of the class scores for kl and the labels (default -1)")
     p.add_argument("--exporter", choices=["auto", "dynamo", "torchscript", "writeback"], default="auto",
                    help="how the float model goes back to ONNX: torch.onnx (dynamo|torchscript), or writeback: the "
                         "trained weights into the student's own graph (auto, the default: writeback for LSTM/GRU "
@@ -76,19 +78,16 @@ def run(args: argparse.Namespace) -> int:
         if not sep or not student_name or not teacher_name:
             raise OnnxpressError(f"--feature takes STUDENT=TEACHER value names, got {pair!r}")
         features[student_name] = teacher_name
-    table = None
-    if args.calibration:
-        from onnxpress.calibration.table import CalibrationTable
-
-        table = CalibrationTable.load(args.calibration)
+    _refuse_unread(args, features)
     result = finetune(
         args.student, args.teacher, args.data, args.output, labels=args.labels, epochs=args.epochs,
-        temperature=args.temperature, lr=args.lr, batch_size=args.batch_size, hard_weight=args.hard_weight,
-        soft_weight=args.soft_weight, sparsity=args.sparsity, val_fraction=args.val_fraction,
-        patience=args.patience, seed=args.seed, augment_shift=args.augment_shift, max_samples=args.max_samples,
-        distill=args.distill, class_axis=args.class_axis, features=features,
-        feature_weight=args.feature_weight if features else 0.0,
-        qat=args.qat, calibration=table, threads=args.threads, device=args.device, exporter=args.exporter,
+        temperature=_or(args.temperature, 4.0), lr=args.lr, batch_size=args.batch_size,
+        hard_weight=_or(args.hard_weight, 1.0), soft_weight=_or(args.soft_weight, 1.0), sparsity=args.sparsity,
+        val_fraction=args.val_fraction, patience=_or(args.patience, 3), seed=args.seed,
+        augment_shift=args.augment_shift, max_samples=args.max_samples, distill=_or(args.distill, "kl"),
+        class_axis=_or(args.class_axis, -1), features=features,
+        feature_weight=_or(args.feature_weight, 1.0) if features else 0.0,
+        qat=args.qat, calibration=args.calibration, threads=args.threads, device=args.device, exporter=args.exporter,
         progress=progress_enabled(args),
     )  # fmt: skip
     h = result.history
@@ -97,5 +96,41 @@ def run(args: argparse.Namespace) -> int:
     rows.append(["epochs run / kept", f"{len(h.train_loss)} / {h.best_epoch}"])
     rows.append(["export max |diff| vs module", f"{result.export_max_diff:.2e}"])
     print(format_table(["what", "value"], rows))
+    if len(h.train_loss) and not h.best_epoch:  # the student comes back as it was given
+        print("warning: no epoch improved on the student (validation loss), so the written model is the student "
+              "as given: a smaller --lr (or more data) may help")
     print(f"wrote {result.output}")
     return 0
+
+
+def _or(value, default):
+    """``value``, or ``default`` when the option was not given (None: so that a given one shows)."""
+    return default if value is None else value
+
+
+def _refuse_unread(args: argparse.Namespace, features: dict[str, str]) -> None:
+    """Refuse loss and stopping options this run's terms would not read (they changed no byte of the model).
+
+    Raises:
+        OnnxpressError: naming the option and what it needs.
+    """
+    mse = args.distill == "mse"
+    refusals = [
+        ("--hard-weight weighs the label term: add --labels, or drop it",
+         args.hard_weight is not None and not args.labels),
+        ("--soft-weight, --temperature and --distill set the distillation from --teacher: add it, or drop them",
+         not args.teacher and any(v is not None for v in (args.soft_weight, args.temperature, args.distill))),
+        ("--temperature softens the kl term, and --distill mse reads none: drop it",
+         mse and args.temperature is not None),
+        ("--class-axis is the class axis of the kl term and the labels, and --distill mse without --labels reads "
+         "neither: drop it", mse and not args.labels and args.class_axis is not None),
+        ("--patience stops on the validation split, and --val-fraction 0 holds none: drop one",
+         args.val_fraction == 0 and args.patience is not None),
+        ("--feature-weight weighs the --feature pairs: add one, or drop it",
+         args.feature_weight is not None and not features),
+        ("--feature-weight 0 drops every --feature pair: give a weight > 0, or drop them",
+         bool(features) and args.feature_weight == 0),
+    ]
+    for message, refused in refusals:
+        if refused:
+            raise OnnxpressError(message)

@@ -567,7 +567,7 @@ def optimize(
     finetune_epochs: int | None = None,
     finetune_device: str | None = None,
     probe_epochs: int | None = None,
-    latency_threads: int = 1,
+    latency_threads: int | None = None,
     float_penalties: bool = True,
     latency_reference: ModelSource | None = None,
     auto_ranges: bool = True,
@@ -643,7 +643,7 @@ def optimize(
             of them to 0.988 (those probes still stopped early after 3 epochs without progress, which the
             searched recipes no longer do; probes without early stopping were not re-measured). Without
             a probe the in-budget structures are fully fine-tuned in order of the budget they use.
-        latency_threads: onnxruntime intra-op threads when timing candidates against the original
+        latency_threads: onnxruntime intra-op threads when timing candidates against the original (default 1)
             (the latency budget holds at this thread count; small pruned models gain less from a
             second thread than the original does, so their ratio is higher at 2 threads).
         float_penalties: with a latency budget, time the int8 model with each layer left float
@@ -687,6 +687,14 @@ def optimize(
     _check_search_options(recipe is not None, budget=budget, max_drop=max_drop, time_limit=time_limit,
                           finetune=finetune, finetune_epochs=finetune_epochs, finetune_device=finetune_device,
                           probe_epochs=probe_epochs, auto_ranges=auto_ranges)
+    if recipe is not None and report is None:  # with a recipe they serve the report's timings and sensitivity only
+        unread = [f"{k} ({flag})" for k, flag, v in (("latency_threads", "--latency-threads", latency_threads),
+                                                     ("cache_dir", "--cache-dir", cache_dir)) if v is not None]
+        if unread:
+            one = len(unread) == 1
+            raise OnnxpressError(f"with a recipe, {', '.join(unread)} serve{'s' if one else ''} the report (report=, "
+                                 f"--report) only: add it, or drop {'it' if one else 'them'}")
+    latency_threads = 1 if latency_threads is None else latency_threads
     out = check_output_path(output, [model, calib, eval_data, labels, recipe, latency_reference])
     # the recipe beside it and the report folder fail now, not after the search wrote the model
     sidecar = _recipe_path(out)
@@ -746,8 +754,14 @@ def optimize(
                 raise DataError("labels for the metric must have the samples on axis 0, got a scalar")
         else:
             label_array = np.asarray(load_labels(labels)).reshape(-1)
-        if label_array.shape[0] < n:
-            raise DataError(f"labels hold {label_array.shape[0]} entries but the evaluation data has {n} samples")
+        from onnxpress.calibration.readers import open_data
+
+        # one label per sample evaluated, or per sample of all the data (eval_samples may read fewer); another
+        # count (a longer file) belongs to other data
+        total = None if metric is not None else open_data(data, m0).total_samples
+        if label_array.shape[0] < n or total is not None and label_array.shape[0] not in (n, total):
+            raise DataError(f"labels hold {label_array.shape[0]} entries but the evaluation data has "
+                            f"{n if total is None else total} samples")
         label_array = label_array[:n]
     ev = _Evaluator(m0, original.ByteSize(), calib, feeds, label_array, progress, metric)
 

@@ -45,6 +45,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import os
 import re
 import tempfile
@@ -163,7 +164,7 @@ def validate_recipe(recipe: Mapping[str, Any]) -> dict[str, Any]:
     if not isinstance(recipe, Mapping):
         raise OnnxpressError(f"a recipe must be a JSON object with 'version' and 'steps', got {type(recipe).__name__}")
     version = recipe.get("version")
-    if version != RECIPE_VERSION:
+    if version != RECIPE_VERSION or isinstance(version, bool):  # True == 1 in Python
         raise OnnxpressError(f"recipe version must be {RECIPE_VERSION}, got {version!r}")
     unknown = sorted(set(recipe) - {"version", "steps", "meta"})
     if unknown:
@@ -197,6 +198,11 @@ def validate_recipe(recipe: Mapping[str, Any]) -> dict[str, Any]:
                 raise _bad(where, "needs 'ranks': {layer name: rank (integer >= 1)}")
             if not isinstance(full["data_aware"], bool):
                 raise _bad(where, f"data_aware must be true or false, got {full['data_aware']!r}")
+            unread = [f"{k}={full[k]!r}" for k in ("max_samples", "batch_size")
+                      if not full["data_aware"] and full[k] != _KEYS["lowrank"][k]]
+            if unread:
+                raise _bad(where, f"data_aware false splits by the weights alone, so {', '.join(unread)} would not "
+                                  f"apply: drop {'it' if len(unread) == 1 else 'them'}")
             for key, r in ranks.items():
                 if isinstance(r, bool) or not isinstance(r, int) or r < 1:
                     raise _bad(where, f"rank for layer {key!r} must be an integer >= 1, got {r!r}")
@@ -215,6 +221,14 @@ def validate_recipe(recipe: Mapping[str, Any]) -> dict[str, Any]:
                 raise _bad(where, f"weights must be int8 or int4, got {full['weights']!r}")
             if full["weights"] == "int4" and four:
                 raise _bad(where, "'int4_layers' is for int8 models; with weights 'int4' every eligible layer is int4")
+            if full["weights"] == "int4" and full["codebook"] is None:  # weight-only: the int8 settings go unread
+                # (int8_method "auto", which the search writes into every step, reads as "none of this model's")
+                unread = [f"{k}={full[k]!r}" for k, default in _KEYS["quantize"].items()
+                          if k in ("method", "activations", "per_channel", "bias_correction")
+                          and full[k] != default] + (["int8_method='gptq'"] if full["int8_method"] == "gptq" else [])
+                if unread:
+                    raise _bad(where, f"weights 'int4' is weight-only (activations stay float), so {', '.join(unread)} "
+                                      f"would not apply: drop {'it' if len(unread) == 1 else 'them'}")
             books = full["codebook_layers"]
             if not isinstance(books, list) or not all(isinstance(x, str) for x in books):
                 raise _bad(where, "'codebook_layers' must be a list of layer names")
@@ -231,6 +245,11 @@ def validate_recipe(recipe: Mapping[str, Any]) -> dict[str, Any]:
             if full["int8_method"] not in ("rtn", "gptq", "auto"):
                 raise _bad(where, f"int8_method must be rtn, gptq or auto, got {full['int8_method']!r}")
             _check_float_rewrites(where, full)
+        if any(s["pass"] == "quantize" for s in out) and name != "qat":
+            # a quantized graph: prune and lowrank find no float layer, finetune trains two, cleanup folds the
+            # bias correction's Casts into float constants (a larger file), and quantize refuses it
+            raise _bad(where, f"a {name} step after a quantize step would work on the quantized model: put it "
+                              "before the quantize step (a qat step trains the quantized model)")
         if name == "qat":
             if not any(s.get("pass") == "quantize" for s in out):
                 raise _bad(where, "a qat step trains a quantized model: put a quantize step before it")
@@ -240,10 +259,14 @@ def validate_recipe(recipe: Mapping[str, Any]) -> dict[str, Any]:
             for key in ("lr", "temperature"):
                 if key not in full:
                     continue
-                if isinstance(full[key], bool) or not isinstance(full[key], (int, float)) or not full[key] > 0:
-                    raise _bad(where, f"{key} must be a positive number, got {full[key]!r}")
-            if isinstance(full["seed"], bool) or not isinstance(full["seed"], int):
-                raise _bad(where, f"seed must be an integer, got {full['seed']!r}")
+                if (isinstance(full[key], bool) or not isinstance(full[key], (int, float))
+                        or not 0 < full[key] < math.inf):  # Infinity trained nothing and was written back as JSON
+                    raise _bad(where, f"{key} must be a finite positive number, got {full[key]!r}")
+            if isinstance(full["seed"], bool) or not isinstance(full["seed"], int) or not 0 <= full["seed"] < 2**63:
+                raise _bad(where, f"seed must be an integer in 0..2**63-1, got {full['seed']!r}")
+            if full["max_samples"] is not None and isinstance(full["max_samples"], int) and full["max_samples"] < 6:
+                raise _bad(where, f"max_samples {full['max_samples']} leaves no sample for the 10% validation split "
+                                  "that picks the epoch kept: give at least 6, or null (all)")
             if not isinstance(full["device"], str) or not re.fullmatch(r"cpu|auto|cuda(:\d+)?", full["device"]):
                 raise _bad(where, f"device must be cpu, cuda, cuda:N or auto, got {full['device']!r}")
         for key in ("max_samples", "batch_size", "multiple", "epochs", "patience"):

@@ -12,7 +12,7 @@ import onnx
 import pytest
 
 from onnxpress.cli import main
-from onnxpress.errors import OnnxpressError
+from onnxpress.errors import DataError, OnnxpressError
 from onnxpress.optimize import LATENCY_NOISE, optimize, pick_best, retimed_ratio
 from onnxpress.search import Candidate
 from tests.test_sensitivity import tiny_cnn, tiny_data
@@ -58,6 +58,8 @@ def test_cli_search_and_recipe(setup, capsys):
     (["--recipe", "r.json", "--budget", "size=0.3", "--time-limit", "5"],
      "a recipe is applied as written, so budget (--budget), time_limit (--time-limit) would not apply"),
     (["--recipe", "r.json", "--no-auto-ranges"], "auto_ranges=False (--no-auto-ranges) would not apply"),
+    (["--recipe", "r.json", "--latency-threads", "2"], "with a recipe, latency_threads (--latency-threads) serves the "
+                                                       "report (report=, --report) only: add it, or drop it"),
     (["--finetune-epochs", "3"], "finetune_epochs (--finetune-epochs) sets up the fine-tune, which runs only with "
                                  "finetune=True (--finetune): add that, or drop it"),
     (["--probe-epochs", "1", "--finetune-device", "cpu"], "finetune_device (--finetune-device), probe_epochs"),
@@ -592,3 +594,11 @@ def test_pick_best_with_a_user_metric_takes_the_highest_value() -> None:
     assert pick_best([a, b], 360, binomial=False).picks == (0,)
     c = Candidate(picks=(2,), est_cost=0.0, est_sqnr=0.0, sqnr_db=30.0, accuracy=0.500)
     assert pick_best([a, b, c], 360, binomial=False).picks == (2,)  # equal values: SQNR breaks the tie
+
+
+def test_labels_of_another_count_than_the_evaluation_data_are_refused(setup):
+    model, data, tmp = setup
+    labels = np.load(data)["labels"]
+    with pytest.raises(DataError, match=rf"labels hold {2 * len(labels)} entries but the evaluation data has "
+                                        rf"{len(labels)} samples"):
+        optimize(model, tmp / "o.onnx", calib=data, labels=np.tile(labels, 2), budget="flops=0.8", eval_samples=16)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ RECIPE = {"version": 1, "steps": [
 @pytest.mark.parametrize(("recipe", "match"), [
     ([], "JSON object"),
     ({"version": 2, "steps": [{"pass": "cleanup"}]}, "version must be 1"),
+    ({"version": True, "steps": [{"pass": "cleanup"}]}, "version must be 1, got True"),
     ({"version": 1, "steps": []}, "non-empty list"),
     ({"version": 1, "steps": [{"pass": "sparsify"}]}, "unknown pass 'sparsify'"),
     ({"version": 1, "steps": [{"pass": ["prune"]}]}, r"unknown pass \['prune'\]"),  # was a TypeError (unhashable)
@@ -232,7 +234,19 @@ def test_qat_step_is_finetune_of_the_quantized_model(tmp_path, torch_one_thread)
 @pytest.mark.parametrize(("steps", "message"), [
     ([{"pass": "qat"}], "quantize step before it"),
     ([{"pass": "quantize"}, {"pass": "qat", "distill": "l1"}], "distill must be kl or mse"),
-    ([{"pass": "quantize"}, {"pass": "qat", "lr": 0}], "lr must be a positive number"),
+    ([{"pass": "quantize"}, {"pass": "qat", "lr": 0}], "lr must be a finite positive number"),
+    ([{"pass": "quantize"}, {"pass": "qat", "lr": math.inf}], r"lr must be a finite positive number, got inf"),
+    ([{"pass": "finetune", "temperature": math.inf}], r"temperature must be a finite positive number"),
+    ([{"pass": "finetune", "seed": -1}], r"seed must be an integer in 0\.\.2\*\*63-1"),
+    ([{"pass": "finetune", "max_samples": 5}], r"max_samples 5 leaves no sample for the 10% validation split"),
+    # after a quantize step only qat: the others found no float layer or grew the file, without a word
+    ([{"pass": "quantize"}, {"pass": "finetune"}], r"step 2 \(finetune\): a finetune step after a quantize step"),
+    ([{"pass": "quantize"}, {"pass": "prune", "ratio": 0.3}], r"a prune step after a quantize step"),
+    ([{"pass": "quantize"}, {"pass": "quantize"}], r"step 2 \(quantize\): a quantize step after a quantize step"),
+    ([{"pass": "quantize", "weights": "int4", "method": "kl", "bias_correction": False}],
+     r"weights 'int4' is weight-only \(activations stay float\), so method='kl', bias_correction=False would not"),
+    ([{"pass": "lowrank", "ranks": {"a": 2}, "data_aware": False, "max_samples": 7}],
+     r"data_aware false splits by the weights alone, so max_samples=7 would not apply"),
 ])  # fmt: skip
 def test_qat_step_is_checked(steps, message):
     with pytest.raises(OnnxpressError, match=message):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from onnxpress.cli import add_common, add_dims, bounded_float, dims_of, positive_int, progress_enabled
 from onnxpress.reporting import format_table
@@ -35,7 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="where that fine-tune trains: cpu (default), cuda, cuda:N, or auto (recorded in the recipe)")
     p.add_argument("--probe-epochs", type=positive_int,
                    help="epochs of a probe fine-tune ranking in-budget structures (default none: most budget first)")
-    p.add_argument("--latency-threads", type=positive_int, default=1,
+    p.add_argument("--latency-threads", type=positive_int,
                    help="onnxruntime threads when timing candidates (the latency budget holds there; default 1)")
     p.add_argument("--no-auto-ranges", dest="auto_ranges", action="store_false",
                    help="keep the chosen model's mse activation ranges (default: rebuild it with each tensor's range "
@@ -75,5 +76,8 @@ def run(args: argparse.Namespace) -> int:
     if result.timed_out:
         print(f"time limit of {args.time_limit:g} s reached: the best of the candidates above (a longer limit "
               "searches further)")
-    print(f"wrote {result.output} and {result.recipe_path}")
+    if args.recipe and Path(args.recipe).resolve() == result.recipe_path.resolve():  # kept as given
+        print(f"wrote {result.output}; its recipe is the one given, {result.recipe_path}")
+    else:
+        print(f"wrote {result.output} and {result.recipe_path}")
     return 0

@@ -249,7 +249,7 @@ def _check_table_fits(table: CalibrationTable, present: set[str]) -> list[str]:
 
 
 def _refuse_nothing_quantized(decisions: Sequence[NodeDecision], int4_done: Sequence[NodeDecision],
-                                        codebook_layers: object) -> None:
+                              codebook_layers: object) -> None:
     """Refuse an int8 model in which no layer was quantized because the table had no range for them.
 
     Written, it would be the float model under a new name (a table whose every tensor held NaN/inf, or one
@@ -414,6 +414,7 @@ def quantize(
                          counts={"max_samples": max_samples, "batch_size": batch_size, "codebook": codebook},
                          numbers={"smoothquant": smoothquant})
     int4_layers = [int4_layers] if isinstance(int4_layers, str) else list(int4_layers)
+    quantize_ops = (quantize_ops,) if isinstance(quantize_ops, str) else tuple(quantize_ops)  # read more than once
     codebook_layers = [codebook_layers] if isinstance(codebook_layers, str) else list(codebook_layers)
     if codebook_layers and (weights != "int8" or codebook is not None or activations == "dynamic"):
         raise OnnxpressError("codebook_layers mixes codebook layers into an int8 QDQ model: use it with "
@@ -438,7 +439,7 @@ def quantize(
             ("per_channel=False (--per-tensor)", codebook is not None and not per_channel),
             (f"activations={activations!r} (--activations)",
              codebook is not None and activations is not None and activations != "dynamic"),
-            ("table (--table)", table is not None), ("quantize_ops (--quantize-ops)", bool(list(quantize_ops))),
+            ("table (--table)", table is not None), ("quantize_ops (--quantize-ops)", bool(quantize_ops)),
         ) if given]
         if unused:
             raise OnnxpressError(f"{what} is weight-only (no QDQ; activations stay float), so {', '.join(unused)} "

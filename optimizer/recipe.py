@@ -33,6 +33,9 @@ from the recipe's input model, seeded, one torch thread on the CPU), so it rebui
 ``--smoothquant`` and ``--codebook`` (null: off); a codebook step is weight-only, so it takes no
 ``int4_layers``, ``codebook_layers`` or int4 weights (its ``exclude`` layers stay float).
 
+Only a ``qat`` step may follow a ``quantize`` step (the others would find a quantized graph: no float layer to
+prune or split, two to fine-tune, bias-correction constants to fold into a larger file).
+
 Names are checked against the model at their step, as the steps before it left it (``prune`` groups
 after its constant folding, ``lowrank`` layer keys as the split sees them, ``quantize.exclude`` node
 names or a split layer's factors): a name that matches nothing, or a rank above the layer's full rank,

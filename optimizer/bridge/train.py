@@ -493,11 +493,11 @@ def train_student(
     n = len(next(iter(arrays.values())))
     n_val = int(round(n * config.val_fraction)) if config.val_fraction else 0
     if config.val_fraction and (n_val < 1 or n - n_val < 1):
-        raise DataError(f"{n} samples are too few for a validation split of {config.val_fraction}; "
-                        "set val_fraction=0 (--val-fraction 0)")
+        raise DataError(f"{n} samples are too few for a validation split of {config.val_fraction}: give more "
+                        "samples, or --val-fraction 0 (val_fraction=0) to keep the last epoch without one")
     feature_pairs = list(config.features.items()) if config.feature_weight else []
     if feature_pairs and teacher_model is None:
-        raise DataError("feature distillation needs the teacher model")
+        raise DataError("feature distillation (--feature) needs the teacher model: add --teacher (teacher=)")
     shift = config.augment_shift
     if shift and not any(a.ndim == 4 for a in arrays.values()):
         shapes = {k: a.shape for k, a in arrays.items()}

@@ -45,6 +45,7 @@ layer's full rank before pruning (the search picks ranks on the unpruned model);
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -52,7 +53,7 @@ import math
 import os
 import re
 import tempfile
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -504,6 +505,17 @@ def finetune_in_place(
     return module.state_to_onnx(student)  # the bridge's writeback export: same graph, trained weights
 
 
+@contextlib.contextmanager
+def _in_step(where: str) -> Iterator[None]:
+    """Prefix an error raised inside a recipe step with ``recipe step N (pass):`` (its own type kept)."""
+    try:
+        yield
+    except OnnxpressError as exc:
+        if str(exc).startswith("recipe "):
+            raise
+        raise type(exc)(f"recipe {where}: {exc}") from None
+
+
 def apply_recipe(
     model: ModelSource,
     recipe: Mapping[str, Any],
@@ -549,91 +561,95 @@ def apply_recipe(
         name = step["pass"]
         # names in a step (layers, channel groups) are checked against the model as the steps before left it
         where = f"step {i + 1} ({name})"
-        if name == "cleanup":
-            current = run_passes(current, cleanup_passes(), progress=progress).model
-        elif name == "prune":
-            unpruned = current if unpruned is None else unpruned
-            passes = [FoldConstants(), _NamedGroupsPrune(where, step["ratio"], criterion=step["criterion"],
-                                                         multiple=step["multiple"])]
-            current = infer_shapes(run_passes(current, passes, progress=progress).model)
-        elif name == "lowrank":
-            moments = None
-            cache_key = f"{model_digest(current)}|{step['max_samples']}|{step['batch_size']}"
-            cached = moments_cache.get(cache_key) if moments_cache is not None else None
-            if cached is not None and step["data_aware"]:
-                moments = {k: v for k, v in cached.items() if k in step["ranks"]}
-            elif step["data_aware"]:
-                if calib is None:
-                    raise OnnxpressError(f"recipe step {i + 1} (lowrank, data_aware) needs calibration data (--calib)")
-                from onnxpress.lowrank import collect_moments
+        with _in_step(where):  # an error inside a step names the step
+            if name == "cleanup":
+                current = run_passes(current, cleanup_passes(), progress=progress).model
+            elif name == "prune":
+                unpruned = current if unpruned is None else unpruned
+                passes = [FoldConstants(), _NamedGroupsPrune(where, step["ratio"], criterion=step["criterion"],
+                                                             multiple=step["multiple"])]
+                current = infer_shapes(run_passes(current, passes, progress=progress).model)
+            elif name == "lowrank":
+                moments = None
+                cache_key = f"{model_digest(current)}|{step['max_samples']}|{step['batch_size']}"
+                cached = moments_cache.get(cache_key) if moments_cache is not None else None
+                if cached is not None and step["data_aware"]:
+                    moments = {k: v for k, v in cached.items() if k in step["ranks"]}
+                elif step["data_aware"]:
+                    if calib is None:
+                        raise OnnxpressError(f"recipe step {i + 1} (lowrank, data_aware) needs calibration data "
+                                             "(--calib)")
+                    from onnxpress.lowrank import collect_moments
 
-                moments = collect_moments(current, calib, batch_size=step["batch_size"],
-                                          max_samples=step["max_samples"], progress=progress)
-                if moments_cache is not None:
-                    moments_cache[cache_key] = moments
-                moments = {k: v for k, v in moments.items() if k in step["ranks"]}
-            split = FixedRanks(step["ranks"], moments=moments)
-            done = run_passes(current, [split], progress=progress).model
-            _check_ranks(where, step["ranks"], split, unpruned)  # on split.report: the layers as the pass saw them
-            current = infer_shapes(done)
-        elif name == "finetune":
-            if calib is None:
-                raise OnnxpressError(f"recipe step {i + 1} (finetune) needs training data (--calib)")
-            key = None  # digests only when there is a cache to look in
-            if finetune_cache is not None:
-                key = f"{model_digest(current)}|{model_digest(teacher)}|{json.dumps(step, sort_keys=True)}"
-            if key is not None and key in finetune_cache:
-                current = copy.deepcopy(finetune_cache[key])
-            else:
-                current = finetune_in_place(current, teacher, calib, step, progress=progress)
-                if key is not None:
-                    finetune_cache[key] = copy.deepcopy(current)
-        elif name == "qat":
-            if calib is None:
-                raise OnnxpressError(f"recipe step {i + 1} (qat) needs training data (--calib)")
-            from onnxpress.finetune import finetune
-
-            current = finetune(current, teacher, calib, epochs=step["epochs"], lr=step["lr"], distill=step["distill"],
-                               seed=step["seed"], max_samples=step["max_samples"], batch_size=step["batch_size"],
-                               patience=step["patience"], hard_weight=0.0, threads=1, device=step["device"],
-                               progress=progress).model  # fmt: skip
-        elif name == "quantize":
-            if calib is None:
-                raise OnnxpressError(f"recipe step {i + 1} (quantize) needs calibration data (--calib)")
-            from onnxpress.quantize import quantize
-
-            _check_exclude(where, current, step["exclude"])
-            nodes = {n.name for n in current.graph.node}
-            exclude = [item for key in step["exclude"] for item in split_names(key, nodes)]
-            # int8 QDQ's own settings go to quantize only for an int8 QDQ step: it refuses what int4 or codebook
-            # weights would ignore (validate_recipe fills in every default, so they are always there)
-            qdq = step["weights"] == "int8" and step["codebook"] is None
-            hessians, int8_method = None, step["int8_method"] if qdq else None
-            if int8_method == "auto":  # quantize's default rule, decided on this model
-                from onnxpress.quantize import default_int8_method
-
-                int8_method, _ = default_int8_method(current, calib, max_samples=step["max_samples"])
-            if int8_method == "gptq":
-                # the layers' input moments depend on the model before quantize only: candidates that
-                # differ in precision alone share them (keyed like the low-rank moments), and the codes
-                # of unchanged weights too
-                from onnxpress.quantize import gptq_moments
-
-                cache_key = f"{model_digest(current)}|hessians|{step['max_samples']}|{step['batch_size']}"
-                hessians = moments_cache.get(cache_key) if moments_cache is not None else None
-                if hessians is None:
-                    hessians = gptq_moments(current, calib, batch_size=step["batch_size"],
-                                            max_samples=step["max_samples"], progress=progress)
+                    moments = collect_moments(current, calib, batch_size=step["batch_size"],
+                                              max_samples=step["max_samples"], progress=progress)
                     if moments_cache is not None:
-                        moments_cache[cache_key] = hessians
-            current = quantize(current, calib=calib, method=step["method"] if qdq else None, exclude=exclude,
-                               weights=step["weights"],
-                               int4_layers=step["int4_layers"], codebook_layers=step["codebook_layers"],
-                               activations=step["activations"] if qdq else None, per_channel=step["per_channel"],
-                               bias_correction=step["bias_correction"] and qdq, equalize=step["equalize"],
-                               smoothquant=step["smoothquant"], codebook=step["codebook"],
-                               int8_method=int8_method, hessians=hessians,
-                               gptq_cache=None if moments_cache is None else moments_cache.setdefault("gptq codes", {}),
-                               max_samples=step["max_samples"], batch_size=step["batch_size"],
-                               progress=progress).model
+                        moments_cache[cache_key] = moments
+                    moments = {k: v for k, v in moments.items() if k in step["ranks"]}
+                split = FixedRanks(step["ranks"], moments=moments)
+                done = run_passes(current, [split], progress=progress).model
+                _check_ranks(where, step["ranks"], split, unpruned)  # on split.report: the layers as the pass saw them
+                current = infer_shapes(done)
+            elif name == "finetune":
+                if calib is None:
+                    raise OnnxpressError(f"recipe step {i + 1} (finetune) needs training data (--calib)")
+                key = None  # digests only when there is a cache to look in
+                if finetune_cache is not None:
+                    key = f"{model_digest(current)}|{model_digest(teacher)}|{json.dumps(step, sort_keys=True)}"
+                if key is not None and key in finetune_cache:
+                    current = copy.deepcopy(finetune_cache[key])
+                else:
+                    current = finetune_in_place(current, teacher, calib, step, progress=progress)
+                    if key is not None:
+                        finetune_cache[key] = copy.deepcopy(current)
+            elif name == "qat":
+                if calib is None:
+                    raise OnnxpressError(f"recipe step {i + 1} (qat) needs training data (--calib)")
+                from onnxpress.finetune import finetune
+
+                current = finetune(current, teacher, calib, epochs=step["epochs"], lr=step["lr"],
+                                   distill=step["distill"], seed=step["seed"], max_samples=step["max_samples"],
+                                   batch_size=step["batch_size"],
+                                   patience=step["patience"], hard_weight=0.0, threads=1, device=step["device"],
+                                   progress=progress).model  # fmt: skip
+            elif name == "quantize":
+                if calib is None:
+                    raise OnnxpressError(f"recipe step {i + 1} (quantize) needs calibration data (--calib)")
+                from onnxpress.quantize import quantize
+
+                _check_exclude(where, current, step["exclude"])
+                nodes = {n.name for n in current.graph.node}
+                exclude = [item for key in step["exclude"] for item in split_names(key, nodes)]
+                # int8 QDQ's own settings go to quantize only for an int8 QDQ step: it refuses what int4 or codebook
+                # weights would ignore (validate_recipe fills in every default, so they are always there)
+                qdq = step["weights"] == "int8" and step["codebook"] is None
+                hessians, int8_method = None, step["int8_method"] if qdq else None
+                if int8_method == "auto":  # quantize's default rule, decided on this model
+                    from onnxpress.quantize import default_int8_method
+
+                    int8_method, _ = default_int8_method(current, calib, max_samples=step["max_samples"])
+                if int8_method == "gptq":
+                    # the layers' input moments depend on the model before quantize only: candidates that
+                    # differ in precision alone share them (keyed like the low-rank moments), and the codes
+                    # of unchanged weights too
+                    from onnxpress.quantize import gptq_moments
+
+                    cache_key = f"{model_digest(current)}|hessians|{step['max_samples']}|{step['batch_size']}"
+                    hessians = moments_cache.get(cache_key) if moments_cache is not None else None
+                    if hessians is None:
+                        hessians = gptq_moments(current, calib, batch_size=step["batch_size"],
+                                                max_samples=step["max_samples"], progress=progress)
+                        if moments_cache is not None:
+                            moments_cache[cache_key] = hessians
+                current = quantize(current, calib=calib, method=step["method"] if qdq else None, exclude=exclude,
+                                   weights=step["weights"],
+                                   int4_layers=step["int4_layers"], codebook_layers=step["codebook_layers"],
+                                   activations=step["activations"] if qdq else None, per_channel=step["per_channel"],
+                                   bias_correction=step["bias_correction"] and qdq, equalize=step["equalize"],
+                                   smoothquant=step["smoothquant"], codebook=step["codebook"],
+                                   int8_method=int8_method, hessians=hessians,
+                                   gptq_cache=(None if moments_cache is None
+                                               else moments_cache.setdefault("gptq codes", {})),
+                                   max_samples=step["max_samples"], batch_size=step["batch_size"],
+                                   progress=progress).model
     return current

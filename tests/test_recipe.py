@@ -313,3 +313,14 @@ def test_quantize_step_float_rewrites_are_quantizes(name, key, value, stat):
     assert ref.stats[stat] > 0
     recipe = load_recipe({"version": 1, "steps": [{"pass": "quantize", key: value, "max_samples": 32}]})
     assert apply_recipe(model, recipe, calib).SerializeToString() == ref.model.SerializeToString()
+
+
+def test_an_error_inside_a_step_names_the_step(tmp_path):
+    """A step that fails on the data (too few samples for its validation split) says which step it was."""
+    pytest.importorskip("torch")
+    from onnxpress.errors import DataError
+
+    data = tiny_data(tmp_path / "d.npz", n=4)
+    with pytest.raises(DataError, match=r"^recipe step 2 \(finetune\): 4 samples are too few for a validation split"):
+        apply_recipe(tiny_cnn(), {"version": 1, "steps": [{"pass": "cleanup"}, {"pass": "finetune", "epochs": 1}]},
+                     data)

@@ -75,7 +75,10 @@ def run(args: argparse.Namespace) -> int:
         for r in (*result.layers, result.total)
     ]
     print(format_table(header, rows))
-    before, after = result.size_bytes
+    from onnxpress.validate import model_size
+
+    # the files on disk (with external data), not the normalised model's serialised size
+    before, after = model_size(args.model), model_size(result.output)
     print(f"size: {before:,} -> {after:,} bytes ({after / before:.3f}x); MACs are per sample")
     if result.total.macs_before is None:
         print("MACs n/a: they depend on input dimensions without a size; give them with --dim NAME=SIZE (or --calib)")

@@ -635,7 +635,7 @@ def check_output_path(
     # what writing would replace: the output, and the <output>.data a large model's weights go to (save_model);
     # only existing files can be an input's (its external weights read only then, without the weights)
     existing = {t.resolve(): t for t in (out, out.with_name(out.name + ".data")) if t.exists()}
-    for src in inputs:
+    for k, src in enumerate(inputs):
         if not existing or not isinstance(src, (str, os.PathLike)) or not Path(src).is_file():
             continue
         for i, path in enumerate([Path(src), *_external_files(Path(src))]):
@@ -645,7 +645,9 @@ def check_output_path(
             if i:
                 raise OutputError(f"output path {out} would overwrite {path.name}, the external weights of "
                                   f"the input model {src}; write the result to another path")
-            what = "the input model" if path.suffix == ".onnx" else "an input file (it would be overwritten)"
+            # the first input is the model the command works on; a later .onnx is another one it reads (a teacher)
+            what = ("an input file (it would be overwritten)" if path.suffix != ".onnx" else "the input model"
+                    if k == 0 else f"an input model ({path.name}, which the command reads)")
             raise OutputError(f"output path {out} {'is' if target == out else 'writes'} {what}"
                               f"{'' if target == out else f' ({target.name})'}; write the result to another path")
     parent = out.parent if str(out.parent) else Path(".")

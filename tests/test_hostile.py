@@ -377,7 +377,8 @@ HOSTILE = [
         "output is the input model",
         lambda p: setattr(p, "output", p.model),
         OutputError,
-        r"output path .*model\.onnx is the input model",
+        # "an input model (model.onnx, ...)" where the hostile model is another one the command reads (a candidate)
+        r"output path .*model\.onnx is (the|an) input model",
     ),
     Hostile(
         "output is the input's external data",

@@ -283,3 +283,15 @@ def test_small_tensors_in_external_data_get_a_way_out(tmp_path, capsys) -> None:
     out = capsys.readouterr().out
     assert "the latency check times the original after onnxpress cleanup instead" in out and "latency " in out
     make_session(str(tmp_path / "q.onnx"))
+
+
+def test_an_output_over_a_second_input_model_names_it(tmp_path):
+    """The model worked on is "the input model"; another one read (a teacher, a candidate) is named as such."""
+    from onnxpress.model_io import check_output_path
+
+    for name in ("student.onnx", "teacher.onnx"):
+        save_model(graphs.gemm(), tmp_path / name)
+    with pytest.raises(OutputError, match=r"student\.onnx is the input model;"):
+        check_output_path(tmp_path / "student.onnx", [tmp_path / "student.onnx", tmp_path / "teacher.onnx"])
+    with pytest.raises(OutputError, match=r"teacher\.onnx is an input model \(teacher\.onnx, which the command "):
+        check_output_path(tmp_path / "teacher.onnx", [tmp_path / "student.onnx", tmp_path / "teacher.onnx"])

@@ -119,6 +119,9 @@ _KEYS: dict[str, dict[str, Any]] = {
 STEPS = tuple(_KEYS)
 """Known step names."""
 
+MIN_TRAINING_SAMPLES = 6
+"""A training step holds 10% of its samples out to pick the epoch kept: at least one, and one to train on."""
+
 
 def _bad(where: str, what: str) -> OnnxpressError:
     return OnnxpressError(f"recipe {where}: {what}")
@@ -268,9 +271,10 @@ def validate_recipe(recipe: Mapping[str, Any]) -> dict[str, Any]:
                     raise _bad(where, f"{key} must be a finite positive number, got {full[key]!r}")
             if isinstance(full["seed"], bool) or not isinstance(full["seed"], int) or not 0 <= full["seed"] < 2**63:
                 raise _bad(where, f"seed must be an integer in 0..2**63-1, got {full['seed']!r}")
-            if full["max_samples"] is not None and isinstance(full["max_samples"], int) and full["max_samples"] < 6:
+            if (full["max_samples"] is not None and isinstance(full["max_samples"], int)
+                    and full["max_samples"] < MIN_TRAINING_SAMPLES):
                 raise _bad(where, f"max_samples {full['max_samples']} leaves no sample for the 10% validation split "
-                                  "that picks the epoch kept: give at least 6, or null (all)")
+                                  f"that picks the epoch kept: give at least {MIN_TRAINING_SAMPLES}, or null (all)")
             if not isinstance(full["device"], str) or not re.fullmatch(r"cpu|auto|cuda(:\d+)?", full["device"]):
                 raise _bad(where, f"device must be cpu, cuda, cuda:N or auto, got {full['device']!r}")
         for key in ("max_samples", "batch_size", "multiple", "epochs", "patience"):
@@ -505,6 +509,23 @@ def finetune_in_place(
     return module.state_to_onnx(student)  # the bridge's writeback export: same graph, trained weights
 
 
+def _check_training_samples(model: onnx.ModelProto, calib: object, step: Mapping[str, Any]) -> None:
+    """Refuse training data too small for the validation split, before a step loads it (a recipe sets no split).
+
+    Raises:
+        DataError: the data (capped by the step's ``max_samples``) holds fewer than ``MIN_TRAINING_SAMPLES``.
+    """
+    from onnxpress.calibration.readers import open_data
+    from onnxpress.errors import DataError
+
+    total = open_data(calib, model).total_samples  # None for an iterable: train_student's own check then
+    cap = step["max_samples"]
+    n = total if cap is None or total is None else min(total, cap)
+    if n is not None and n < MIN_TRAINING_SAMPLES:
+        raise DataError(f"the training data holds {n} sample(s); a {step['pass']} step holds 10% out to pick the "
+                        f"epoch kept and needs at least {MIN_TRAINING_SAMPLES}: give more samples (--calib)")
+
+
 @contextlib.contextmanager
 def _in_step(where: str) -> Iterator[None]:
     """Prefix an error raised inside a recipe step with ``recipe step N (pass):`` (its own type kept)."""
@@ -593,6 +614,7 @@ def apply_recipe(
             elif name == "finetune":
                 if calib is None:
                     raise OnnxpressError(f"recipe step {i + 1} (finetune) needs training data (--calib)")
+                _check_training_samples(current, calib, step)
                 key = None  # digests only when there is a cache to look in
                 if finetune_cache is not None:
                     key = f"{model_digest(current)}|{model_digest(teacher)}|{json.dumps(step, sort_keys=True)}"
@@ -605,6 +627,7 @@ def apply_recipe(
             elif name == "qat":
                 if calib is None:
                     raise OnnxpressError(f"recipe step {i + 1} (qat) needs training data (--calib)")
+                _check_training_samples(current, calib, step)
                 from onnxpress.finetune import finetune
 
                 current = finetune(current, teacher, calib, epochs=step["epochs"], lr=step["lr"],

@@ -321,6 +321,7 @@ def test_an_error_inside_a_step_names_the_step(tmp_path):
     from onnxpress.errors import DataError
 
     data = tiny_data(tmp_path / "d.npz", n=4)
-    with pytest.raises(DataError, match=r"^recipe step 2 \(finetune\): 4 samples are too few for a validation split"):
+    with pytest.raises(DataError, match=r"^recipe step 2 \(finetune\): the training data holds 4 sample\(s\); a "
+                                        r"finetune step holds 10% out .* needs at least 6: give more samples"):
         apply_recipe(tiny_cnn(), {"version": 1, "steps": [{"pass": "cleanup"}, {"pass": "finetune", "epochs": 1}]},
                      data)

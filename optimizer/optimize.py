@@ -130,6 +130,13 @@ class OptimizeResult:
     metric_name: str | None = None
     max_drop: float | None = None
 
+    def max_drop_kept(self) -> bool | None:
+        """Whether the chosen model's accuracy drop is within ``max_drop`` (None: no max-drop or no accuracy)."""
+        c = self.chosen
+        if self.max_drop is None or c is None or c.accuracy is None or self.reference_accuracy is None:
+            return None
+        return _holds(drop_points(self.reference_accuracy, c.accuracy), self.max_drop)
+
     def verdict(self) -> str:
         """Each budget and the max-drop, with the chosen model's measured value and whether it holds.
 
@@ -141,13 +148,23 @@ class OptimizeResult:
         parts = []
         for b in self.budgets:
             got = c.cost(b.kind)
-            held = "not measured" if got is None else "met" if got <= b.value + 1e-9 else "NOT met"
+            held = "not measured" if got is None else "met" if _holds(got, b.value) else "NOT met"
             parts.append(f"{b.kind}={b.value:g} ({'' if got is None else f'measured {got:.3f}: '}{held})")
-        if self.max_drop is not None and self.reference_accuracy is not None and c.accuracy is not None:
-            drop = (self.reference_accuracy - c.accuracy) * 100
-            held = "met" if drop <= self.max_drop + 1e-9 else "NOT met"
-            parts.append(f"max-drop {self.max_drop:g} points (measured {drop:.2f}: {held})")
+        kept = self.max_drop_kept()
+        if kept is not None:
+            drop = drop_points(self.reference_accuracy, c.accuracy)
+            parts.append(f"max-drop {self.max_drop:g} points (measured {drop:.2f}: {'met' if kept else 'NOT met'})")
         return ", ".join(parts)
+
+
+def drop_points(reference: float, accuracy: float) -> float:
+    """The accuracy drop ``max_drop`` bounds, in points: ``100 * (reference - candidate)``."""
+    return (reference - accuracy) * 100
+
+
+def _holds(value: float, bound: float) -> bool:
+    """``value <= bound`` as every budget and max-drop check reads it (1e-9 of slack for float ratios)."""
+    return value <= bound + 1e-9
 
 
 def _npz_has_labels(source: object) -> bool:
@@ -822,7 +839,7 @@ def optimize(
         return any(step["pass"] == "finetune" for step in c.recipe["steps"])
 
     def fits(c: Candidate) -> bool:
-        return all((c.cost(b.kind) or math.inf) <= b.value + 1e-9 for b in budgets)
+        return all(_holds(c.cost(b.kind) or math.inf, b.value) for b in budgets)
 
     def evaluate(batch: list[Candidate]) -> None:
         """Measure cost on each candidate's graph; fidelity right away only for those without a fine-tune.
@@ -966,7 +983,7 @@ def optimize(
         """
         lat = next((b.value for b in budgets if b.kind == "latency"), None)
         near = [c for c in candidates[1:] if lat is not None and c.latency_ratio is not None
-                and c.latency_ratio <= lat * 1.15 and all((c.cost(b.kind) or math.inf) <= b.value + 1e-9
+                and c.latency_ratio <= lat * 1.15 and all(_holds(c.cost(b.kind) or math.inf, b.value)
                                                            for b in budgets if b.kind != "latency")]
         if not near:
             return
@@ -1033,7 +1050,7 @@ def optimize(
     def ok(c: Candidate) -> bool:
         within = fits(c)
         if max_drop is not None and c.accuracy is not None and ev.ref_accuracy is not None:
-            within = within and (ev.ref_accuracy - c.accuracy) * 100 <= max_drop + 1e-9
+            within = within and _holds(drop_points(ev.ref_accuracy, c.accuracy), max_drop)
         return within
 
     def fidelity(c: Candidate) -> tuple[float, float]:
@@ -1050,7 +1067,7 @@ def optimize(
         chosen = ev.best(feasible)
     else:
         judged = [c for c in candidates if c.picks in ev.models] if max_drop is not None else []
-        near = [c for c in judged if (ev.ref_accuracy - c.accuracy) * 100 <= max_drop + 1e-9] or candidates
+        near = [c for c in judged if _holds(drop_points(ev.ref_accuracy, c.accuracy), max_drop)] or candidates
         chosen = min(near, key=lambda c: (c.cost(bud.kind) or math.inf, -fidelity(c)[1]))
         log.warning("no measured candidate meets %s%s; writing the cheapest one %s",
                     ", ".join(f"{b.kind}={b.value:g}" for b in budgets),

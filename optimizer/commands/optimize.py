@@ -68,9 +68,7 @@ def run(args: argparse.Namespace) -> int:
                      "*" if c is result.chosen else ""])
     print(format_table(["candidate", "SQNR dB", "accuracy", "latency", "size", "MACs", "chosen"], rows))
     if result.budget is not None and not result.feasible:
-        c, ref = result.chosen, result.reference_accuracy
-        kept = (args.max_drop is not None and c is not None and c.accuracy is not None and ref is not None
-                and (ref - c.accuracy) * 100 <= args.max_drop + 1e-9)
+        kept = result.max_drop_kept()
         print(f"warning: no candidate met every budget{' and --max-drop' if args.max_drop is not None else ''}; "
               f"wrote the cheapest {'within --max-drop' if kept else 'found'}: {result.verdict()}")
     if result.timed_out:

@@ -530,24 +530,33 @@ DEFAULT_FINETUNE_EPOCHS = 60
 """``optimize(finetune=True)``'s epochs when ``finetune_epochs`` is not given (see ``optimize``)."""
 
 
-def _check_search_options(with_recipe: bool, **given: Any) -> None:
+def _check_search_options(with_recipe: bool, with_report: bool, **given: Any) -> None:
     """Refuse options that would be ignored: search options beside a recipe, fine-tune options without a fine-tune.
 
     ``given``: the arguments as passed (None: not given; ``finetune`` and ``auto_ranges`` at their defaults
-    False and True are not given).
+    False and True are not given). ``latency_threads`` and ``cache_dir`` also serve the report, so a recipe
+    takes them with one.
 
     Raises:
         OnnxpressError: naming the options and the flags they come from.
     """
     flags = {"budget": "--budget", "max_drop": "--max-drop", "time_limit": "--time-limit", "finetune": "--finetune",
              "finetune_epochs": "--finetune-epochs", "finetune_device": "--finetune-device",
-             "probe_epochs": "--probe-epochs", "auto_ranges": "--no-auto-ranges"}
+             "probe_epochs": "--probe-epochs", "auto_ranges": "--no-auto-ranges",
+             "latency_threads": "--latency-threads", "cache_dir": "--cache-dir"}
     asked = [k for k, v in given.items() if (v is True if k == "finetune" else v is False if k == "auto_ranges"
                                               else v is not None)]
-    named = ", ".join(f"{k}{'=False' if k == 'auto_ranges' else ''} ({flags[k]})" for k in asked)
-    if with_recipe and asked:
+    for_report = [k for k in asked if k in ("latency_threads", "cache_dir")]
+    searching = [k for k in asked if k not in for_report]
+    named = ", ".join(f"{k}{'=False' if k == 'auto_ranges' else ''} ({flags[k]})" for k in searching)
+    if with_recipe and searching:
         raise OnnxpressError(f"a recipe is applied as written, so {named} would not apply (they steer the search): "
-                             f"drop {'it' if len(asked) == 1 else 'them'}, or drop the recipe to search")
+                             f"drop {'it' if len(searching) == 1 else 'them'}, or drop the recipe to search")
+    if with_recipe and for_report and not with_report:
+        one = len(for_report) == 1
+        named = ", ".join(f"{k} ({flags[k]})" for k in for_report)
+        raise OnnxpressError(f"with a recipe, {named} serve{'s' if one else ''} the report (report=, --report) only: "
+                             f"add it, or drop {'it' if one else 'them'}")
     tuning = [k for k in asked if k in ("finetune_epochs", "finetune_device", "probe_epochs")]
     if tuning and not given["finetune"]:
         named = ", ".join(f"{k} ({flags[k]})" for k in tuning)
@@ -701,16 +710,10 @@ def optimize(
         raise OnnxpressError(f"--time-limit must be a positive number of seconds, got {time_limit}; "
                              "leave it out for no limit")
     deadline = start + time_limit if time_limit is not None else None
-    _check_search_options(recipe is not None, budget=budget, max_drop=max_drop, time_limit=time_limit,
-                          finetune=finetune, finetune_epochs=finetune_epochs, finetune_device=finetune_device,
-                          probe_epochs=probe_epochs, auto_ranges=auto_ranges)
-    if recipe is not None and report is None:  # with a recipe they serve the report's timings and sensitivity only
-        unread = [f"{k} ({flag})" for k, flag, v in (("latency_threads", "--latency-threads", latency_threads),
-                                                     ("cache_dir", "--cache-dir", cache_dir)) if v is not None]
-        if unread:
-            one = len(unread) == 1
-            raise OnnxpressError(f"with a recipe, {', '.join(unread)} serve{'s' if one else ''} the report (report=, "
-                                 f"--report) only: add it, or drop {'it' if one else 'them'}")
+    _check_search_options(recipe is not None, report is not None, budget=budget, max_drop=max_drop,
+                          time_limit=time_limit, finetune=finetune, finetune_epochs=finetune_epochs,
+                          finetune_device=finetune_device, probe_epochs=probe_epochs, auto_ranges=auto_ranges,
+                          latency_threads=latency_threads, cache_dir=cache_dir)
     latency_threads = 1 if latency_threads is None else latency_threads
     out = check_output_path(output, [model, calib, eval_data, labels, recipe, latency_reference])
     # the recipe beside it and the report folder fail now, not after the search wrote the model

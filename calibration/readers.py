@@ -59,6 +59,7 @@ __all__ = [
     "first_batch",
     "load_labels",
     "model_inputs",
+    "npz_files",
     "open_data",
     "symbolic_sizes",
 ]
@@ -505,12 +506,17 @@ class _NpyStream:
         self._fp.close()
 
 
+def npz_files(folder: Path) -> list[Path]:
+    """The ``.npz`` feeds of a data folder, in the order the folder reader reads them (by name)."""
+    return sorted(p for p in folder.iterdir() if p.suffix == ".npz" and p.is_file())
+
+
 class _FolderReader(DataReader):
     """A folder of ``.npz`` files, each one complete feed; one file in memory at a time, name order."""
 
     def __init__(self, folder: Path, specs: Sequence[InputSpec], max_samples: int | None) -> None:
         super().__init__(specs, str(folder), max_samples)
-        self._files = sorted(p for p in folder.iterdir() if p.suffix == ".npz" and p.is_file())
+        self._files = npz_files(folder)
         if not self._files:
             raise DataError(f"data folder {folder} has no .npz files; the model expects {_expects(self._specs)}")
         self._counted: int | None = None

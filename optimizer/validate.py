@@ -36,7 +36,7 @@ import numpy as np
 import onnx
 from tqdm.auto import tqdm
 
-from onnxpress.calibration.readers import DataSource, load_labels, model_inputs, open_data
+from onnxpress.calibration.readers import DataSource, load_labels, model_inputs, npz_files, open_data
 from onnxpress.errors import DataError, OutputError, ValidationError
 from onnxpress.model_io import ModelSource, check_output_path, load_model, model_bytes, move_into_place
 from onnxpress.reporting import format_table, op_histogram
@@ -685,7 +685,7 @@ def _folder_labels(folder: Path) -> np.ndarray | None:
     Raises:
         DataError: some files hold labels and others do not.
     """
-    files = sorted(p for p in folder.iterdir() if p.suffix == ".npz" and p.is_file())
+    files = npz_files(folder)
     parts = []
     for path in files:
         try:

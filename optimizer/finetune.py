@@ -220,10 +220,9 @@ def finetune(
     if threads is not None and threads > cores:  # torch hung at 10000 threads and crashed at 100000
         raise OnnxpressError(f"threads (--threads) {threads} is more than this machine's {cores} cores: give at "
                              f"most {cores}")
-    active = [term for term, on in (("labels", labels is not None and hard_weight > 0),
-                                    ("teacher", teacher is not None and soft_weight > 0),
-                                    ("features", bool(features) and feature_weight > 0)) if on]
-    if not active and (labels is not None or teacher is not None):
+    trains = ((labels is not None and hard_weight > 0) or (teacher is not None and soft_weight > 0)
+              or (bool(features) and feature_weight > 0))
+    if not trains and (labels is not None or teacher is not None):
         raise OnnxpressError("every loss term has weight 0 (hard_weight / --hard-weight for the labels, soft_weight / "
                              "--soft-weight for the teacher): nothing would be trained")
     student_proto = normalize_model(student_proto, min_opset=13 if qat else None)
@@ -256,10 +255,10 @@ def finetune(
 
         total = open_data(data, student_proto, max_samples=None).total_samples  # None: an iterable, not counted
     label_arr = None if labels is None else tr.load_label_array(labels, n, total)
-    if label_arr is not None and len(student_proto.graph.output[0].type.tensor_type.shape.dim) not in (0, 2):
+    if label_arr is not None and rank not in (None, 0, 2):
         raise DataError(
             "labels are one class per sample, for [samples, classes] logits; this model's first output has "
-            f"rank {len(student_proto.graph.output[0].type.tensor_type.shape.dim)}: fine-tune it without labels "
+            f"rank {rank}: fine-tune it without labels "
             "(distillation from the teacher alone)"
         )
 

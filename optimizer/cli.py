@@ -96,6 +96,12 @@ def add_dims(parser: argparse.ArgumentParser) -> None:
                              "MACs; by its name, or INPUT:AXIS when unnamed. Default: the first calibration sample's")
 
 
+def usage_error(command: str, message: str) -> int:
+    """Print a refusal of the command line itself as argparse words its own, and return the exit status 2."""
+    print(f"onnxpress {command}: error: {message}", file=sys.stderr)
+    return 2
+
+
 def dims_of(args: argparse.Namespace) -> dict[str, int]:
     """The ``--dim`` sizes as a dict; one name given two different sizes is an error, not the last one kept."""
     out: dict[str, int] = {}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import collections
 
-from onnxpress.cli import add_common, add_dims, bounded_float, dims_of, positive_int, progress_enabled
+from onnxpress.cli import add_common, add_dims, bounded_float, dims_of, positive_int, progress_enabled, usage_error
 
 _fraction = bounded_float(0.0, 1.0, include_low=False, include_high=True, what="a fraction")
 
@@ -48,24 +48,19 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Split and print the per-layer table."""
-    import sys
-
     from onnxpress.lowrank import lowrank
 
     if args.by_latency and args.flops is None:
-        print("onnxpress lowrank: error: --by-latency steers a --flops budget; give --flops", file=sys.stderr)
-        return 2
+        return usage_error("lowrank", "--by-latency steers a --flops budget; give --flops")
     # options that would be ignored without a word (their defaults are None so that a given one shows)
     timing = [flag for flag, value in (("--latency-step", args.latency_step), ("--latency-batch", args.latency_batch),
                                        ("--threads", args.threads)) if value is not None]
     if timing and not args.by_latency:
-        print(f"onnxpress lowrank: error: {', '.join(timing)} set{'s' if len(timing) == 1 else ''} up the layer "
-              f"timing of --by-latency: add it, or drop {'it' if len(timing) == 1 else 'them'}", file=sys.stderr)
-        return 2
+        return usage_error("lowrank", f"{', '.join(timing)} set{'s' if len(timing) == 1 else ''} up the layer "
+                                      f"timing of --by-latency: add it, or drop {'it' if len(timing) == 1 else 'them'}")
     if args.max_samples is not None and args.calib is None:
-        print("onnxpress lowrank: error: --max-samples caps the --calib samples of the data-aware SVD: add --calib, "
-              "or drop it", file=sys.stderr)
-        return 2
+        return usage_error("lowrank", "--max-samples caps the --calib samples of the data-aware SVD: add --calib, "
+                                      "or drop it")
     step, batch, threads = args.latency_step or "time", args.latency_batch or 64, args.threads or 1
     result = lowrank(
         args.model,

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
-from onnxpress.cli import add_common, add_dims, bounded_float, dims_of, positive_int, progress_enabled
+from onnxpress.cli import add_common, add_dims, bounded_float, dims_of, positive_int, progress_enabled, usage_error
 from onnxpress.passes.prune_channels import CRITERIA
 from onnxpress.reporting import format_table
 
@@ -52,9 +51,8 @@ def run(args: argparse.Namespace) -> int:
     from onnxpress.prune import prune
 
     if args.max_samples is not None and not (args.ratio and (args.criterion in ("act", "contrib") or args.compensate)):
-        print("onnxpress prune: error: --max-samples caps the samples of --criterion act/contrib or --compensate "
-              "(with --ratio > 0): add them, or drop it", file=sys.stderr)
-        return 2
+        return usage_error("prune", "--max-samples caps the samples of --criterion act/contrib or --compensate "
+                                    "(with --ratio > 0): add them, or drop it")
     result = prune(
         args.model,
         args.output,

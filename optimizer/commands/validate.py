@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
-from onnxpress.cli import add_common, bounded_float, positive_int, progress_enabled
+from onnxpress.cli import add_common, bounded_float, positive_int, progress_enabled, usage_error
 from onnxpress.model_io import check_output_path
 
 # gates a typo could make impossible (--min-agreement 99: a percentage) or meaningless (nan): refused up front
@@ -62,8 +61,7 @@ def run(args: argparse.Namespace) -> int:
                  args.json and args.plot and os.path.abspath(args.json) == os.path.abspath(args.plot))]
     for message, refused in refusals:
         if refused:
-            print(f"onnxpress validate: error: {message}", file=sys.stderr)
-            return 2
+            return usage_error("validate", message)
     for out, example in ((args.json, "report.json"), (args.plot, "layers.png")):
         if out:
             check_output_path(out, inputs, example)

@@ -631,7 +631,7 @@ def prepare_for_quantize(
     model: onnx.ModelProto,
     data: Any,
     *,
-    equalize: Literal["skip", "split", "relu"] | None = None,
+    equalize: Literal["skip", "split", "relu", "activations"] | None = None,
     smoothquant: float | None = None,
     bias_correction: bool = False,
     per_channel: bool = True,
@@ -642,6 +642,9 @@ def prepare_for_quantize(
     notes: list[str] | None = None,
 ) -> onnx.ModelProto:
     """The float rewrites that go before InsertQDQ, in order: CLE, SmoothQuant, bias correction.
+
+    ``equalize="activations"`` is the data-aware activation-range equalization
+    (``onnxpress.passes.equalize_activations``) in place of CLE; it needs ``data``.
 
     ``stats`` and ``notes``, when given, receive the CLE and SmoothQuant passes' counters
     (``"smoothquant.smoothed"``, ...) and notes (why an activation or a layer pair was declined).
@@ -658,10 +661,11 @@ def prepare_for_quantize(
     from onnxpress.passes.equalize import EqualizeCrossLayer
     from onnxpress.passes.smoothquant import SmoothQuant, smoothquant_targets
 
-    if (smoothquant is not None or bias_correction) and data is None:
-        raise CalibrationError("SmoothQuant and bias correction need calibration data (calib= / --calib)")
+    if (smoothquant is not None or bias_correction or equalize == "activations") and data is None:
+        raise CalibrationError("SmoothQuant, bias correction and equalize='activations' need calibration data "
+                               "(calib= / --calib)")
     try:
-        cle = EqualizeCrossLayer(clip=equalize) if equalize else None
+        cle = EqualizeCrossLayer(clip=equalize) if equalize and equalize != "activations" else None
         smooth = SmoothQuant({}, alpha=smoothquant) if smoothquant is not None else None
     except ValueError as exc:
         raise OnnxpressError(str(exc)) from None
@@ -674,6 +678,13 @@ def prepare_for_quantize(
             notes.extend(result.notes)
         return result.model
 
+    if equalize == "activations":
+        from onnxpress.passes.equalize_activations import EqualizeActivations, activation_pairs
+
+        pairs, _ = activation_pairs(import_graph(model))
+        observed = collect_channel_stats(model, data, {p.second.inputs[0].name: 1 for p in pairs}, **stream)
+        absmax = {name: obs.max_abs() for name, obs in observed.items()}
+        model = record(run_passes(model, [EqualizeActivations(absmax)], progress=progress))
     if cle is not None:
         model = record(run_passes(model, [cle], progress=progress))
         if data is not None:  # Nagel et al.'s order: CLE, then absorb what the Relus never cut (exact on data)

@@ -359,6 +359,11 @@ def quantize(
             least this many elements are stored int8 with one scale (``|error| <= s/2``); None: keep them.
         equalize: cross-layer equalization before calibration: "split" (exact; ReLU6 becomes Relu + Min),
             "skip" (pairs joined by ReLU6 left alone) or "relu" (ReLU6 -> Relu, lossy); see onnxpress.advanced.
+            Or "activations": each layer pair's activation channels stretched towards the largest one, from
+            their ranges on ``calib``, so the per-tensor activation grid serves every channel
+            (``onnxpress.passes.equalize_activations``; exact for the quantized model, needs per-channel
+            weights). Logit SQNR on the test split, default -> activations: mobilenet 38.08 -> 39.61 dB,
+            resnet 43.47 -> 43.75, concat 46.72 -> 46.64; the transformer and LSTM have no such pair.
         bias_correction: correct each quantized layer's bias for the output shift measured on the W8A8
             model, layer by layer, on at most ``BIAS_CORRECTION_SAMPLES`` calibration samples; with a
             table and no ``calib``, analytically from the BatchNorm statistics (β, γ) before each layer
@@ -460,6 +465,14 @@ def quantize(
             "method='auto' (--method auto) chooses each activation's range on calibration data, for int8 QDQ: "
             "pass calib= (--calib) and int8 weights, or name one method (mse, kl, percentile, minmax)"
         )
+    if equalize == "activations" and (codebook is not None or (weights == "int4" and not int4_layers)):
+        raise OnnxpressError("equalize='activations' (--equalize activations) evens out the channels of the int8 "
+                             "activation grid, and weight-only weights leave activations float: drop it")
+    if equalize == "activations" and not per_channel:
+        raise OnnxpressError("equalize='activations' (--equalize activations) moves each activation channel's range "
+                             "into the weights of the layers beside it, which only per-channel weight scales take "
+                             "for free: drop per_channel=False (--per-tensor), or use equalize='split' for "
+                             "per-tensor weights")
     if int8_method is not None and int8_method not in INT8_METHODS:
         raise OnnxpressError(f"int8_method must be one of {', '.join(INT8_METHODS)}, got {int8_method!r}")
     if int8_method == "gptq" and (weights != "int8" or codebook is not None):

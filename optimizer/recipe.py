@@ -28,9 +28,9 @@ With a ``moments_cache`` the GPTQ input moments are measured once per pre-quanti
 unchanged weights are reused. A ``qat`` step (after a quantize step) trains the quantized model
 quantization-aware in its own graph (``onnxpress.finetune`` of a QDQ / MatMulNBits student: MSE distillation
 from the recipe's input model, seeded, one torch thread on the CPU), so it rebuilds the same bytes too;
-``optimize --finetune`` appends one when it measures closer. ``quantize.equalize`` ("split", "skip" or "relu"),
-``quantize.smoothquant`` (alpha) and ``quantize.codebook`` (bits) are ``onnxpress quantize``'s ``--equalize``,
-``--smoothquant`` and ``--codebook`` (null: off); a codebook step is weight-only, so it takes no
+``optimize --finetune`` appends one when it measures closer. ``quantize.equalize`` ("split", "skip", "relu" or
+"activations"), ``quantize.smoothquant`` (alpha) and ``quantize.codebook`` (bits) are ``onnxpress quantize``'s
+``--equalize``, ``--smoothquant`` and ``--codebook`` (null: off); a codebook step is weight-only, so it takes no
 ``int4_layers``, ``codebook_layers`` or int4 weights (its ``exclude`` layers stay float).
 
 Only a ``qat`` step may follow a ``quantize`` step (the others would find a quantized graph: no float layer to
@@ -140,8 +140,9 @@ def _check_float_rewrites(where: str, step: Mapping[str, Any]) -> None:
     ``codebook`` is weight-only (k-means indices for every layer instead of QDQ), so the int8/int4 fields it would
     leave unused are refused rather than dropped without a word.
     """
-    if step["equalize"] not in (None, "split", "skip", "relu"):
-        raise _bad(where, f"equalize must be split, skip or relu (or null: none), got {step['equalize']!r}")
+    if step["equalize"] not in (None, "split", "skip", "relu", "activations"):
+        raise _bad(where, f"equalize must be split, skip, relu or activations (or null: none), got "
+                          f"{step['equalize']!r}")
     alpha = step["smoothquant"]
     if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))
                               or not 0.0 <= float(alpha) <= 1.0):

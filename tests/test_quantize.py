@@ -183,7 +183,8 @@ def test_a_table_that_would_not_fit_the_int8_model_is_refused() -> None:
     model = residual_cnn()
     x = feeds_for(model)
     table = onnxpress.calibrate(model, [x], method="mse")
-    for kwargs in ({"equalize": "split"}, {"smoothquant": 0.5, "calib": [x]}):
+    for kwargs in ({"equalize": "split"}, {"equalize": "activations", "calib": [x]},
+                   {"smoothquant": 0.5, "calib": [x]}):
         with pytest.raises(CalibrationError, match=r"rescales activations the table's ranges were measured on"):
             onnxpress.quantize(model, table=table, **kwargs)
     four = onnxpress.calibrate(model, [x], method="mse", bits=4)

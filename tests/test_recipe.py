@@ -46,7 +46,7 @@ RECIPE = {"version": 1, "steps": [
     ({"version": 1, "steps": [{"pass": "quantize", "weights": "int4", "int4_layers": ["fc1"]}]},
      "'int4_layers' is for int8 models"),
     ({"version": 1, "steps": [{"pass": "quantize", "int8_method": "awq"}]}, "int8_method must be rtn, gptq or auto"),
-    ({"version": 1, "steps": [{"pass": "quantize", "equalize": True}]}, "equalize must be split, skip or relu"),
+    ({"version": 1, "steps": [{"pass": "quantize", "equalize": True}]}, "equalize must be split, skip, relu or"),
     ({"version": 1, "steps": [{"pass": "quantize", "smoothquant": 1.5}]}, r"SmoothQuant alpha, a number in \[0, 1\]"),
     ({"version": 1, "steps": [{"pass": "quantize", "codebook": 9}]}, "integer in 1..8"),
     ({"version": 1, "steps": [{"pass": "quantize", "codebook": True}]}, "integer in 1..8"),
@@ -299,6 +299,7 @@ def test_names_are_those_of_the_model_at_their_step(tmp_path):
 
 @pytest.mark.parametrize(("name", "key", "value", "stat"), [
     ("mobilenet", "equalize", "split", "equalize_cross_layer.pairs"),
+    ("mobilenet", "equalize", "activations", "equalize_activations.pairs"),
     ("transformer", "smoothquant", 0.5, "smoothquant.smoothed"),
     ("mobilenet", "codebook", 4, "codebook_weights.weights"),
 ])  # fmt: skip

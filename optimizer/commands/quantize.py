@@ -106,8 +106,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--max-samples", type=int, default=None, help="calibrate on at most N samples")
     # issue 10 (onnxpress.advanced): float rewrites before calibration, or codebook weights instead of QDQ
-    p.add_argument("--equalize", nargs="?", const="split", default=None, choices=("split", "skip", "relu"),
-                   help="cross-layer equalization first (default mode split: exact, ReLU6 -> Relu + Min)")
+    p.add_argument("--equalize", nargs="?", const="split", default=None,
+                   choices=("split", "skip", "relu", "activations"),
+                   help="cross-layer equalization first (default mode split: exact, ReLU6 -> Relu + Min); "
+                   "activations: stretch each activation's channels to one range from --calib (per-channel weights)")
     p.add_argument("--bias-correction", action=argparse.BooleanOptionalAction, default=None,
                    help="correct biases for the output shift measured on the quantized model, or with --table "
                    "alone from the BatchNorm statistics before each layer (default: on for int8 where either "
@@ -226,10 +228,13 @@ def run(args: argparse.Namespace) -> int:
         why = [n for n in result.notes if n.startswith("smoothquant: ")]
         print(line + (f"; none could be ({why[0][len('smoothquant: '):]})" if not smoothed and why else ""))
     if args.equalize is not None:
-        pairs = result.stats.get("equalize_cross_layer.pairs", 0)
-        why = [n for n in result.notes if n.startswith("equalize_cross_layer: ")]
-        print(f"cross-layer equalization: {pairs} layer pair(s) equalized"
-              + (f"; none found ({why[0][len('equalize_cross_layer: '):]})" if not pairs and why else ""))
+        key, what = (("equalize_activations", "activation-range equalization") if args.equalize == "activations"
+                     else ("equalize_cross_layer", "cross-layer equalization"))
+        pairs = result.stats.get(f"{key}.pairs", 0)
+        why = [n for n in result.notes if n.startswith(f"{key}: ")]
+        none = (f"; none found ({why[0][len(key) + 2:]})" if why else
+                "; the model has no two Conv (or Gemm) layers joined only by Relu, LeakyRelu or ReLU6-like Clips")
+        print(f"{what}: {pairs} layer pair(s) equalized" + (none if not pairs else ""))
     for note in result.notes:
         if note.startswith(("gptq: ", "float16: ", "dynamic: ")):
             print(note.split(": ", 1)[1])

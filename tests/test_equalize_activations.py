@@ -1,0 +1,179 @@
+"""EqualizeActivations: exact through Relu, exact for the quantized model through ReLU6, and worth it on data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from onnx import helper
+
+import onnxpress
+from onnxpress.errors import CalibrationError, OnnxpressError
+from onnxpress.passes.equalize_activations import EqualizeActivations, activation_pairs
+from onnxpress.pipeline import run_passes
+from tests import graphs
+from tests.test_equalize import _assert_same, _intermediate, pw_dw_pw
+
+MODELS = Path(__file__).resolve().parent.parent / "models"
+
+
+def _absmax(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Per-channel max |x| (axis 1) of every pair's activation, as calibration would measure it."""
+    pairs, _ = activation_pairs(gs.import_onnx(model))
+    out = {}
+    for p in pairs:
+        name = p.second.inputs[0].name
+        v = _intermediate(model, name, feeds)
+        out[name] = np.abs(np.moveaxis(v, 1, 0).reshape(v.shape[1], -1)).max(axis=1)
+    return out
+
+
+def _channel_max(v: np.ndarray) -> np.ndarray:
+    return np.moveaxis(v, 1, 0).reshape(v.shape[1], -1).max(axis=1)
+
+
+def test_relu_chain_is_exact_and_stretches_channels_to_one_range():
+    model = pw_dw_pw("Relu")
+    before = model.SerializeToString()
+    x = graphs.rng(1).standard_normal((3, 4, 6, 6)).astype(np.float32)
+    absmax = _absmax(model, {"X": x})
+    result = run_passes(model, [EqualizeActivations(absmax)])
+    assert model.SerializeToString() == before  # input untouched
+    assert result.stats["equalize_activations.pairs"] == 2
+    _assert_same(model, result.model, {"X": x})
+    # pw1 -> dw: the depthwise conv reads one channel per output, so alpha is 1: every channel ends at the max
+    a1 = _channel_max(_intermediate(result.model, "a1", {"X": x}))
+    dead = _channel_max(_intermediate(model, "a1", {"X": x})) == 0  # a channel that is always 0 stays as it is
+    assert dead.sum() == 1 and np.all(a1[dead] == 0)
+    np.testing.assert_allclose(a1[~dead], a1.max(), rtol=1e-4)
+    # dw -> pw2 mixes channels: alpha 0.5 halves the log-spread of the channel maxima
+    a2_before, a2_after = (_channel_max(_intermediate(m, "a2", {"X": x})) for m in (model, result.model))
+    live = a2_before > 0
+    np.testing.assert_allclose(np.ptp(np.log(a2_after[live])), 0.5 * np.ptp(np.log(a2_before[live])), rtol=1e-3)
+    assert np.isclose(a2_after.max(), a2_before.max(), rtol=1e-5)  # the largest channel keeps its range
+
+
+def test_relu6_is_exact_on_the_calibration_data_and_for_the_quantized_model_beyond_it():
+    """Clip(0, 6) keeps its bound: on the data it was measured on the outputs are unchanged; beyond it, the
+    activation is the exactly equalized one clipped at 6, which the int8 grid (range within [0, 6]) clips anyway."""
+    model = pw_dw_pw("Clip")
+    x = (0.5 * graphs.rng(4).standard_normal((4, 4, 6, 6))).astype(np.float32)  # channel maxima 1.75 ... 6
+    absmax = _absmax(model, {"X": x})
+    assert max(float(v.max()) for v in absmax.values()) == pytest.approx(6.0)  # some units saturate at 6
+    eq = EqualizeActivations(absmax)
+    result = run_passes(model, [eq])
+    assert result.stats["equalize_activations.pairs"] == 2
+    assert [n.op_type for n in result.model.graph.node].count("Clip") == 2  # no Min/Max nodes added
+    _assert_same(model, result.model, {"X": x})
+
+    big = (30 * graphs.rng(5).standard_normal((2, 4, 6, 6))).astype(np.float32)  # far beyond the calibration data
+    pairs, _ = activation_pairs(gs.import_onnx(model))
+    s = eq.scales(pairs[0])
+    assert s is not None and np.all(s <= 1.0) and s.max() == 1.0
+    c1 = _intermediate(model, "c1", {"X": big})  # pw1's output before the clip
+    exact = np.minimum(np.maximum(c1 / s.reshape(1, -1, 1, 1), 0.0), 6.0 / s.reshape(1, -1, 1, 1))
+    ours = _intermediate(result.model, "a1", {"X": big})
+    np.testing.assert_allclose(ours, np.minimum(exact, 6.0), rtol=1e-5, atol=1e-5)
+    assert np.any(exact > 6.0)  # the case where the float models differ is exercised
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    g1=st.sampled_from([1, 2, 4]),
+    g2=st.sampled_from([1, 2, 4, 8]),
+    k=st.sampled_from([1, 3]),
+    act=st.sampled_from(["Relu", "LeakyRelu"]),
+    seed=st.integers(0, 2**16),
+)
+def test_grouped_conv_pairs_are_exact(g1, g2, k, act, seed):
+    """Conv(groups g1) -> act -> Conv(groups g2, k x k): exact in float for every grouping (8 channels)."""
+    r = graphs.rng(seed)
+    c = 8
+    inits = {
+        "W1": (r.standard_normal((c, 4 // g1 if g1 <= 4 else 1, 1, 1))
+               * np.exp(r.uniform(-2, 2, c)).reshape(-1, 1, 1, 1)).astype(np.float32),
+        "B1": r.standard_normal(c).astype(np.float32),
+        "W2": r.standard_normal((6 if g2 == 1 else 8, c // g2, k, k)).astype(np.float32),
+    }
+    nodes = [
+        helper.make_node("Conv", ["X", "W1", "B1"], ["c1"], name="first", group=g1),
+        helper.make_node(act, ["c1"], ["a1"]),
+        helper.make_node("Conv", ["a1", "W2"], ["Y"], name="second", group=g2, pads=[k // 2] * 4),
+    ]
+    out_c = inits["W2"].shape[0]
+    model = graphs.make_model(nodes, [("X", ["N", 4, 5, 5])], [("Y", ["N", out_c, 5, 5])], inits)
+    x = r.standard_normal((2, 4, 5, 5)).astype(np.float32)
+    result = run_passes(model, [EqualizeActivations(_absmax(model, {"X": x}))])
+    assert result.stats["equalize_activations.pairs"] == 1
+    _assert_same(model, result.model, {"X": x})
+
+
+def test_declines_with_a_reason():
+    model = pw_dw_pw("Clip")
+    g = gs.import_onnx(model)
+    for node in g.nodes:
+        if node.op == "Clip":
+            node.inputs[1] = gs.Constant(f"{node.name}_lo", np.array(-1.0, np.float32))
+    shifted = gs.export_onnx(g)
+    result = run_passes(shifted, [EqualizeActivations({})])
+    assert not result.modified and result.stats["equalize_activations.pairs"] == 0
+    assert any("not [0, hi]" in n for n in result.notes)
+    relu = pw_dw_pw("Relu")
+    result = run_passes(relu, [EqualizeActivations({})])  # no statistics
+    assert not result.modified
+    assert sum("no calibration statistics" in n for n in result.notes) == 2
+
+
+def test_quantize_gains_on_the_depthwise_cnn():
+    """MobileNet's ReLU6 channels span 0.75-6: stretched, the uint8 grid serves each; >= +1 dB on held-out digits
+    (measured 38.08 -> 39.61 dB), with the same kernels and within 1% of the file size."""
+    test = np.load(MODELS / "digits32_test.npz")["input"]
+    ref = graphs.run(onnx.load(MODELS / "mobilenet.onnx"), {"input": test})[0]
+
+    def sqnr(model: onnx.ModelProto) -> float:
+        y = graphs.run(model, {"input": test})[0].astype(np.float64)
+        return float(10 * np.log10(np.sum(ref.astype(np.float64) ** 2) / np.sum((y - ref) ** 2)))
+
+    calib = str(MODELS / "digits32_calib.npz")
+    plain = onnxpress.quantize(str(MODELS / "mobilenet.onnx"), calib=calib)
+    stretched = onnxpress.quantize(str(MODELS / "mobilenet.onnx"), calib=calib, equalize="activations")
+    assert stretched.stats["equalize_activations.pairs"] == 12
+    assert sqnr(stretched.model) >= sqnr(plain.model) + 1.0
+    # the same kernels (Cast nodes only widen int16-stored biases: a stretched channel's bias may need int32)
+    ops = [sorted(n.op_type for n in m.graph.node if n.op_type != "Cast") for m in (plain.model, stretched.model)]
+    assert ops[0] == ops[1]
+    sizes = [len(m.SerializeToString()) for m in (plain.model, stretched.model)]
+    assert abs(sizes[1] / sizes[0] - 1) < 0.01
+
+
+def test_quantize_refuses_what_it_cannot_do():
+    src = str(MODELS / "mobilenet.onnx")
+    calib = str(MODELS / "digits32_calib.npz")
+    with pytest.raises(OnnxpressError, match="per-channel weight scales"):
+        onnxpress.quantize(src, calib=calib, equalize="activations", per_channel=False)
+    with pytest.raises(OnnxpressError, match="weight-only"):
+        onnxpress.quantize(src, calib=calib, equalize="activations", codebook=4)
+    with pytest.raises(CalibrationError, match="equalize='activations' need calibration data"):
+        onnxpress.quantize(src, equalize="activations")
+
+
+def test_cli_says_how_many_pairs_it_equalized(tmp_path, capsys):
+    from onnxpress.cli import main
+
+    src, out = tmp_path / "m.onnx", tmp_path / "q.onnx"
+    onnx.save(pw_dw_pw("Clip", c=16), str(src))
+    np.savez(tmp_path / "calib.npz", X=(0.5 * graphs.rng(3).standard_normal((32, 4, 6, 6))).astype(np.float32))
+    argv = ["quantize", str(src), "-o", str(out), "--calib", str(tmp_path / "calib.npz"), "--equalize", "activations"]
+    assert main(argv) == 0 and out.exists()
+    assert "activation-range equalization: 2 layer pair(s) equalized" in capsys.readouterr().out
+    onnx.save(graphs.gemm(), str(src))  # one layer: no pair
+    np.savez(tmp_path / "calib.npz", X=graphs.rng(3).standard_normal((8, 8)).astype(np.float32))
+    assert main(argv) == 0
+    assert "0 layer pair(s) equalized; the model has no two Conv (or Gemm) layers" in capsys.readouterr().out
+    assert main([*argv, "--per-tensor"]) == 2
+    assert "per-channel weight scales" in capsys.readouterr().err

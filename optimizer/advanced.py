@@ -640,11 +640,13 @@ def prepare_for_quantize(
     progress: bool = False,
     stats: dict[str, int] | None = None,
     notes: list[str] | None = None,
+    stretch_only: set[str] | None = None,
 ) -> onnx.ModelProto:
     """The float rewrites that go before InsertQDQ, in order: CLE, SmoothQuant, bias correction.
 
     ``equalize="activations"`` is the data-aware activation-range equalization
-    (``onnxpress.passes.equalize_activations``) in place of CLE; it needs ``data``.
+    (``onnxpress.passes.equalize_activations``) in place of CLE; it needs ``data``, and with ``stretch_only``
+    it rescales only the pairs whose activation is in it (those the quantizer will quantize).
 
     ``stats`` and ``notes``, when given, receive the CLE and SmoothQuant passes' counters
     (``"smoothquant.smoothed"``, ...) and notes (why an activation or a layer pair was declined).
@@ -682,9 +684,11 @@ def prepare_for_quantize(
         from onnxpress.passes.equalize_activations import EqualizeActivations, activation_pairs
 
         pairs, _ = activation_pairs(import_graph(model))
-        observed = collect_channel_stats(model, data, {p.second.inputs[0].name: 1 for p in pairs}, **stream)
+        names = [p.second.inputs[0].name for p in pairs]
+        names = [n for n in names if stretch_only is None or n in stretch_only]
+        observed = collect_channel_stats(model, data, dict.fromkeys(names, 1), **stream) if names else {}
         absmax = {name: obs.max_abs() for name, obs in observed.items()}
-        model = record(run_passes(model, [EqualizeActivations(absmax)], progress=progress))
+        model = record(run_passes(model, [EqualizeActivations(absmax, only=stretch_only)], progress=progress))
     if cle is not None:
         model = record(run_passes(model, [cle], progress=progress))
         if data is not None:  # Nagel et al.'s order: CLE, then absorb what the Relus never cut (exact on data)

@@ -45,7 +45,7 @@ Written by hand (our edge): no library equalizes activation ranges across ONNX l
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -112,12 +112,15 @@ class EqualizeActivations:
             input, channels on axis 1 for Conv and on the last axis for Gemm), from calibration.
         strength: ``alpha`` where the second layer mixes input channels (``1`` where it does not).
         min_scale: lower bound on ``s_c``.
+        only: the activations to stretch (``None``: every pair's). ``onnxpress.quantize`` passes those its
+            QDQ pass will quantize: where both layers stay float, stretching buys nothing, and the kept Clip
+            bound would change the float model above the calibrated ranges.
     """
 
     name = "equalize_activations"
 
     def __init__(self, absmax: Mapping[str, np.ndarray], *, strength: float = DEFAULT_STRENGTH,
-                 min_scale: float = MIN_SCALE) -> None:
+                 min_scale: float = MIN_SCALE, only: Iterable[str] | None = None) -> None:
         if not 0.0 <= strength <= 1.0:
             raise ValueError(f"strength must be in [0, 1], not {strength}")
         if not 0.0 < min_scale <= 1.0:
@@ -125,6 +128,7 @@ class EqualizeActivations:
         self.absmax = {k: np.asarray(v, np.float64).reshape(-1) for k, v in absmax.items()}
         self.strength = strength
         self.min_scale = min_scale
+        self.only = None if only is None else frozenset(only)
 
     def requires(self, graph: gs.Graph) -> None:
         """No preconditions (pairs without statistics are declined one by one)."""
@@ -146,6 +150,9 @@ class EqualizeActivations:
         done = 0
         stretched = []
         for pair in pairs:
+            if self.only is not None and pair.second.inputs[0].name not in self.only:
+                notes.append(f"{pair.describe()}: not equalized (its activation stays float)")
+                continue
             s = self.scales(pair)
             if s is None:
                 notes.append(f"{pair.describe()}: not equalized (no calibration statistics for its activation)")

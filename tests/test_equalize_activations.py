@@ -131,7 +131,7 @@ def test_declines_with_a_reason():
 
 def test_quantize_gains_on_the_depthwise_cnn():
     """MobileNet's ReLU6 channels span 0.75-6: stretched, the uint8 grid serves each; >= +1 dB on held-out digits
-    (measured 38.08 -> 39.61 dB), with the same kernels and within 1% of the file size."""
+    (measured 38.08 -> 39.47 dB), with the same kernels and within 1% of the file size."""
     test = np.load(MODELS / "digits32_test.npz")["input"]
     ref = graphs.run(onnx.load(MODELS / "mobilenet.onnx"), {"input": test})[0]
 
@@ -142,7 +142,9 @@ def test_quantize_gains_on_the_depthwise_cnn():
     calib = str(MODELS / "digits32_calib.npz")
     plain = onnxpress.quantize(str(MODELS / "mobilenet.onnx"), calib=calib)
     stretched = onnxpress.quantize(str(MODELS / "mobilenet.onnx"), calib=calib, equalize="activations")
-    assert stretched.stats["equalize_activations.pairs"] == 12
+    assert stretched.stats["equalize_activations.pairs"] == 11  # the float stem -> first depthwise pair is left be
+    assert any("node_Conv_220 -> Clip -> node_Conv_222: not equalized (its activation stays float)" in n
+               for n in stretched.notes)
     assert sqnr(stretched.model) >= sqnr(plain.model) + 1.0
     # the same kernels (Cast nodes only widen int16-stored biases: a stretched channel's bias may need int32)
     ops = [sorted(n.op_type for n in m.graph.node if n.op_type != "Cast") for m in (plain.model, stretched.model)]
@@ -170,7 +172,8 @@ def test_cli_says_how_many_pairs_it_equalized(tmp_path, capsys):
     np.savez(tmp_path / "calib.npz", X=(0.5 * graphs.rng(3).standard_normal((32, 4, 6, 6))).astype(np.float32))
     argv = ["quantize", str(src), "-o", str(out), "--calib", str(tmp_path / "calib.npz"), "--equalize", "activations"]
     assert main(argv) == 0 and out.exists()
-    assert "activation-range equalization: 2 layer pair(s) equalized" in capsys.readouterr().out
+    # pw1 and the depthwise conv are shallow convs at the input (kept float): only dw -> pw2's activation is int8
+    assert "activation-range equalization: 1 layer pair(s) equalized" in capsys.readouterr().out
     onnx.save(graphs.gemm(), str(src))  # one layer: no pair
     np.savez(tmp_path / "calib.npz", X=graphs.rng(3).standard_normal((8, 8)).astype(np.float32))
     assert main(argv) == 0

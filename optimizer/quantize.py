@@ -937,7 +937,8 @@ def _quantized_activations(model: onnx.ModelProto, **qdq: object) -> set[str]:
     """The activations InsertQDQ (with ``qdq``'s settings) quantizes in ``model``: a dry run on a copy.
 
     Every float activation gets the range [-1, 1] and weights are rounded to nearest: which tensors are
-    quantized follows from the graph and the settings, not from the ranges. Equalizing activations only pays
+    quantized follows from the graph and the settings, not from the ranges. Tensors with a range override are
+    left out. Equalizing activations only pays
     on these (``passes/equalize_activations.py``): where both layers of a pair stay float (MobileNet's stem and
     first depthwise conv), stretching would only change the float model beyond the calibrated ranges.
     """
@@ -947,7 +948,9 @@ def _quantized_activations(model: onnx.ModelProto, **qdq: object) -> set[str]:
     names = select_tensors(shaped, inferred=shaped)
     dry = InsertQDQ(CalibrationTable.from_ranges({n: (-1.0, 1.0) for n in names}), **qdq)  # type: ignore[arg-type]
     run_passes(shaped, [dry])
-    return set(dry.quantized_tensors)
+    # a range set by hand may reach past a kept Clip bound, where the exact bound would let values through
+    by_hand = {n for n, ov in dry.overrides.items() if ov.range is not None}
+    return set(dry.quantized_tensors) - by_hand
 
 
 def _shaped(model: onnx.ModelProto, *, thoroughly: bool = False) -> onnx.ModelProto:

@@ -151,7 +151,8 @@ class EqualizeActivations:
         stretched = []
         for pair in pairs:
             if self.only is not None and pair.second.inputs[0].name not in self.only:
-                notes.append(f"{pair.describe()}: not equalized (its activation stays float)")
+                notes.append(f"{pair.describe()}: not equalized (its activation gets no calibrated int8 range: it "
+                             "stays float or has a range override)")
                 continue
             s = self.scales(pair)
             if s is None:

@@ -1,6 +1,6 @@
 """Advanced post-training methods, side by side in one run (onnxruntime CPU, test split logits).
 
-    python bench/advanced_ptq.py [--models models] [--method mse] [--max-samples 500] [--sections abc]
+    python bench/advanced_ptq.py [--models models] [--method mse] [--max-samples 500] [--sections abcd]
                                  [--int8-method rtn]
 
 A. Depthwise CNN (mobilenet), int8 weights **per tensor**, uint8 activations: plain QDQ vs +BC vs
@@ -21,6 +21,10 @@ C. Weights only (activations float): k-means codebooks (4 and 6 bits per layer; 
    bits per weight each really costs (indices + codebooks / scales); plus the codebook model's file
    size and its onnxruntime cost (session creation and batch-64 latency against float, interleaved
    medians, one thread, spinning off).
+
+D. Activation-range equalization (``onnxpress.quantize(..., equalize="activations")``) on the three CNNs,
+   each beside the same quantize call without it, under the default settings and six variations (method,
+   activation type, calibration samples, no bias correction with round-to-nearest weights).
 
 SQNR = 10 log10(sum y^2 / sum (y - y_hat)^2) of the logits against the float model.
 
@@ -399,13 +403,45 @@ def section_c(args, models: Path, calib: Path, x: np.ndarray, labels: np.ndarray
               f"session creation {create_ratio:.2f}x, batch-64 latency {run_ratio:.2f}x float\n")
 
 
+SECTION_D_SETTINGS = (
+    ("defaults", {}),
+    ("method minmax", {"method": "minmax"}),
+    ("method percentile", {"method": "percentile"}),
+    ("activations int8", {"activations": "int8"}),
+    ("max_samples 128", {"max_samples": 128}),
+    ("max_samples 32", {"max_samples": 32}),
+    ("no bias correction, rtn", {"bias_correction": False, "int8_method": "rtn"}),
+)
+
+
+def section_d(args, models: Path, calib: Path, x: np.ndarray, labels: np.ndarray) -> None:
+    """Activation-range equalization (quantize equalize="activations") against the same settings without it."""
+    rows = []
+    for name in ("mobilenet", "resnet", "concat"):
+        path = models / f"{name}.onnx"
+        if not path.exists():
+            print(f"D. {name} skipped: {path} not found")
+            continue
+        ref = logits(cleaned(path), x)
+        for label, kwargs in SECTION_D_SETTINGS:
+            got = []
+            for eq in (None, "activations"):
+                res = quantize(str(path), calib=str(calib), equalize=eq, **kwargs)
+                got.append(logits(res.model, x))
+            a, b = sqnr(ref, got[0]), sqnr(ref, got[1])
+            rows.append([name, label, f"{a:.2f}", f"{b:.2f}", f"{b - a:+.2f}", f"{accuracy(got[1], labels):.4f}"])
+    print("D. activation-range equalization (onnxpress.quantize, int8 per-channel weights, logit SQNR on the test "
+          "split): without vs with equalize='activations', every other setting as named")
+    print(format_table(["model", "settings", "SQNR dB", "SQNR dB equalized", "gain", "acc equalized"], rows))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default=str(ROOT / "models"), help="folder with the reference models and data")
     ap.add_argument("--method", default=DEFAULT_METHOD, help="activation calibration method for the QDQ rows")
     ap.add_argument("--max-samples", type=int, default=500, help="calibration samples")
     ap.add_argument("--repeats", type=int, default=30, help="timing repeats (interleaved)")
-    ap.add_argument("--sections", default="abc", help="which sections to run (subset of 'abc')")
+    ap.add_argument("--sections", default="abcd", help="which sections to run (subset of 'abcd')")
     ap.add_argument("--int8-method", default="rtn", choices=("rtn", "gptq"),
                     help="int8 weight rounding of sections A and B (rtn: the rounding their comparisons were "
                          "published with; quantize's default with data is gptq)")
@@ -424,6 +460,8 @@ def main(argv: list[str] | None = None) -> int:
         section_b(args, models, calib, x, labels)
     if "c" in args.sections:
         section_c(args, models, calib, x, labels)
+    if "d" in args.sections:
+        section_d(args, models, calib, x, labels)
     return 0
 
 

@@ -940,12 +940,15 @@ def _quantized_activations(model: onnx.ModelProto, **qdq: object) -> set[str]:
 
     Every float activation gets the range [-1, 1] and weights are rounded to nearest: which tensors are
     quantized follows from the graph and the settings, not from the ranges. Tensors with a range override are
-    left out. Equalizing activations only pays
-    on these (``passes/equalize_activations.py``): where both layers of a pair stay float (MobileNet's stem and
-    first depthwise conv), stretching would only change the float model beyond the calibrated ranges.
+    left out. Equalizing activations only pays on these (``passes/equalize_activations.py``): where both layers
+    of a pair stay float (MobileNet's stem and first depthwise conv), stretching would only change the float
+    model beyond the calibrated ranges. No dry run (an empty set) when the model has no layer pair to equalize.
     """
     from onnxpress.calibration.collect import select_tensors
+    from onnxpress.passes.equalize_activations import activation_pairs
 
+    if not activation_pairs(import_graph(model))[0]:
+        return set()
     shaped = infer_shapes(model)
     names = select_tensors(shaped, inferred=shaped)
     dry = InsertQDQ(CalibrationTable.from_ranges({n: (-1.0, 1.0) for n in names}), **qdq)  # type: ignore[arg-type]

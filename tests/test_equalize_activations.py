@@ -180,3 +180,30 @@ def test_cli_says_how_many_pairs_it_equalized(tmp_path, capsys):
     assert "0 layer pair(s) equalized; the model has no two Conv (or Gemm) layers" in capsys.readouterr().out
     assert main([*argv, "--per-tensor"]) == 2
     assert "per-channel weight scales" in capsys.readouterr().err
+
+
+def test_optimize_keeps_the_equalized_variant_only_when_it_measures_better_on_enough_data():
+    """The chosen int8 candidate rebuilt with equalize="activations": same kernels, recipe says so, kept iff closer
+    on held-out data; not tried when the candidates are compared on fewer calibration samples than
+    EQUALIZE_MIN_SAMPLES (there it would measure closer whatever it clips elsewhere)."""
+    from onnxpress.optimize import EQUALIZE_MIN_SAMPLES, _Evaluator, _same_graph, _with_equalized_activations
+    from onnxpress.recipe import apply_recipe, prepare
+    from onnxpress.search import Candidate
+
+    m0 = prepare(onnx.load(MODELS / "mobilenet.onnx"))
+    calib = str(MODELS / "digits32_calib.npz")
+    held_out = [{"input": np.load(MODELS / "digits32_test.npz")["input"][:128]}]
+    ev = _Evaluator(m0, m0.ByteSize(), calib, held_out, None, False)
+    recipe = {"version": 1, "steps": [{"pass": "quantize", "method": "mse", "max_samples": 256}]}
+    chosen = Candidate(picks=(0,), est_cost=0.0, est_sqnr=0.0, recipe=recipe, feasible=True, note="uniform int8")
+    built = apply_recipe(m0, recipe, calib, prepared=True)
+    ev.measure_fidelity(chosen, built)
+    got, model = _with_equalized_activations(chosen, built, ev, held_out=True, calib_samples=500)
+    assert got.recipe["steps"][0]["equalize"] == "activations" and got.note.endswith("+ equalized activations")
+    assert got.sqnr_db > chosen.sqnr_db + 0.5
+    assert _same_graph(model, built)
+    assert apply_recipe(m0, got.recipe, calib, prepared=True).SerializeToString() == model.SerializeToString()
+    worse = Candidate(picks=(0,), est_cost=0.0, est_sqnr=0.0, recipe=recipe, feasible=True, sqnr_db=1e9)
+    assert _with_equalized_activations(worse, built, ev, held_out=True, calib_samples=500)[0] is worse
+    few = _with_equalized_activations(chosen, built, ev, held_out=False, calib_samples=EQUALIZE_MIN_SAMPLES - 1)
+    assert few[0] is chosen and few[1] is built

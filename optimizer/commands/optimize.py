@@ -40,7 +40,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="onnxruntime threads when timing candidates (the latency budget holds there; default 1)")
     p.add_argument("--no-auto-ranges", dest="auto_ranges", action="store_false",
                    help="keep the chosen model's mse activation ranges (default: rebuild it with each tensor's range "
-                        "method picked on the calibration outputs, kept if it measures better; same graph and cost)")
+                        "method picked on the calibration outputs, then with its activation channels equalized, each "
+                        "kept if it measures better; same kernels and cost)")
     add_dims(p)
     add_common(p)
     p.set_defaults(func=run)

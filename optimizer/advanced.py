@@ -74,6 +74,7 @@ class ChannelStatsObserver:
         self.map_lost = False
         self.count = 0
         self.batch_count = 0
+        self.samples = 0  # along axis 0
 
     def update(self, x: np.ndarray) -> None:
         """Accumulate one batch."""
@@ -89,6 +90,7 @@ class ChannelStatsObserver:
         self.absmax = m if self.absmax is None else np.maximum(self.absmax, m)
         self.minval = lo if self.minval is None else np.minimum(self.minval, lo)
         self.count += rows.shape[0]
+        self.samples += int(x.shape[0]) if x.ndim else 1
         if self.spatial and not self.map_lost and x.ndim >= 3:
             per_position = x.sum(axis=0, dtype=np.float64)
             if self.map_total is None:
@@ -681,7 +683,7 @@ def prepare_for_quantize(
         return result.model
 
     if equalize == "activations":
-        from onnxpress.passes.equalize_activations import EqualizeActivations, activation_pairs
+        from onnxpress.passes.equalize_activations import MIN_SAMPLES, EqualizeActivations, activation_pairs
 
         pairs, _ = activation_pairs(import_graph(model))
         names = [p.second.inputs[0].name for p in pairs]
@@ -689,6 +691,15 @@ def prepare_for_quantize(
         observed = collect_channel_stats(model, data, dict.fromkeys(names, 1), **stream) if names else {}
         absmax = {name: obs.max_abs() for name, obs in observed.items()}
         model = record(run_passes(model, [EqualizeActivations(absmax, only=stretch_only)], progress=progress))
+        seen = min((obs.samples for obs in observed.values()), default=None)
+        if seen is not None and seen < MIN_SAMPLES:
+            warning = (f"equalize_activations: measured on {seen} calibration sample(s): with fewer than {MIN_SAMPLES} "
+                       "a channel's maximum is underestimated and the int8 grid clips its stretched tail on other "
+                       "data (MobileNet, held-out SQNR: -2.9 dB at 32 samples, -19 dB at 4); give more samples, or "
+                       "drop --equalize activations")
+            log.warning(warning)
+            if notes is not None:
+                notes.append(warning)
     if cle is not None:
         model = record(run_passes(model, [cle], progress=progress))
         if data is not None:  # Nagel et al.'s order: CLE, then absorb what the Relus never cut (exact on data)

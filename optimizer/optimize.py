@@ -62,6 +62,7 @@ from onnxpress.model_io import (
     refuse_quantized,
     save_model,
 )
+from onnxpress.passes.equalize_activations import MIN_SAMPLES as EQUALIZE_MIN_SAMPLES
 from onnxpress.passes.flops import assume_input_dims, count_macs, scoped_input_dims
 from onnxpress.passes.weight_only import StoreConstantsInt8
 from onnxpress.pipeline import run_passes
@@ -346,19 +347,15 @@ def _with_auto_ranges(chosen: Candidate, built: onnx.ModelProto, ev: _Evaluator)
     return _kept_if_closer(chosen, built, ev, recipe, "auto ranges")
 
 
-EQUALIZE_MIN_SAMPLES = 128
-"""Fewest calibration samples with which the equalized variant is tried when the candidates are compared on the
-calibration data itself: there it measures closer whatever the tail it clips on other data (on 32 samples
-MobileNet read +1 dB on them and -2.9 dB on the test split; 128 samples: +0.5 to +0.8 dB on the test split)."""
-
-
 def _with_equalized_activations(chosen: Candidate, built: onnx.ModelProto, ev: _Evaluator, *, held_out: bool,
                                 calib_samples: int | None) -> tuple[Candidate, onnx.ModelProto]:
     """The chosen model with its activation channels equalized (quantize ``equalize="activations"``), if closer.
 
     Same kernels (only weights, biases and ranges change), so the same cost; kept when it measures better on
     the evaluation data (``pick_best``). Tried when the evaluation data is held out from calibration, or the
-    calibration data has at least ``EQUALIZE_MIN_SAMPLES`` samples. Test-split SQNR of uniform int8 on the
+    calibration data has at least ``EQUALIZE_MIN_SAMPLES`` samples: compared on the calibration data itself, it
+    measures closer whatever tail it clips on other data (on 32 samples MobileNet read +1 dB there and -2.9 dB
+    on the test split). Test-split SQNR of uniform int8 on the
     reference MobileNet: 38.08 -> 39.47 dB (``bench/advanced_ptq.py`` section D, where it also loses on 32
     samples or without bias correction: so it is measured, not assumed).
     """

@@ -470,6 +470,9 @@ def quantize(
     if equalize == "activations" and (codebook is not None or (weights == "int4" and not int4_layers)):
         raise OnnxpressError("equalize='activations' (--equalize activations) evens out the channels of the int8 "
                              "activation grid, and weight-only weights leave activations float: drop it")
+    if equalize == "activations" and calib is None:  # before the default picks dynamic activations for it
+        raise CalibrationError("equalize='activations' (--equalize activations) stretches each activation's channels "
+                               "by their ranges on calibration data: pass calib= (--calib)")
     if equalize == "activations" and not per_channel:
         raise OnnxpressError("equalize='activations' (--equalize activations) moves each activation channel's range "
                              "into the weights of the layers beside it, which only per-channel weight scales take "
@@ -537,6 +540,12 @@ def quantize(
     cleaned = run_passes(proto, cleanup_passes(), progress=progress).model
     _check_selection([proto, cleaned], asked)  # the user's names, or the cleaned graph's (recipes)
     _check_layers_not_excluded([proto, cleaned], asked, int4_layers, codebook_layers)
+    per_tensor = sorted(n for n, ov in ovs.items() if ov.per_channel is False)
+    if equalize == "activations" and per_tensor:
+        raise OnnxpressError(f"equalize='activations' (--equalize activations) moves activation ranges into "
+                             f"per-channel weight scales, and overrides make {', '.join(map(repr, per_tensor[:3]))} "
+                             "per tensor: "
+                             "drop those per_channel overrides, or equalize='activations'")
     given = _tensor_names(proto)  # overrides and a table may name tensors cleanup folded away
     unknown = sorted(set(ovs) - given - _tensor_names(cleaned))
     if unknown:  # a typo would leave the tensor with the setting it was meant to lose
@@ -588,7 +597,10 @@ def quantize(
     if equalize or (bias_correction and calib is not None) or smoothquant is not None:  # onnxpress.advanced
         from onnxpress.advanced import prepare_for_quantize
 
-        stretch = (_quantized_activations(cleaned, per_channel=per_channel, activations=activations, exclude=selection,
+        # the int4 layers leave InsertQDQ's hands too: their inputs get no int8 grid from them
+        stretch = (_quantized_activations(cleaned, per_channel=per_channel, activations=activations,
+                                          exclude=dataclasses.replace(selection,
+                                                                      nodes=selection.nodes | frozenset(int4_layers)),
                                           overrides=ovs, quantize_ops=quantize_ops)
                    if equalize == "activations" else None)
         cleaned = prepare_for_quantize(

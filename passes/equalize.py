@@ -300,10 +300,10 @@ def _scale_pair(pair: Pair, s: np.ndarray) -> None:
             continue
         bound = _bound_input(node)
         values = bound.values.astype(np.float64)
-        if values.ndim < len(full):  # scalar or [1]: make it per channel
-            values = np.broadcast_to(values, full)
+        if values.ndim < len(full):  # scalar, [1] or [W]: make it per channel (a valid model's bound broadcasts)
+            values = np.broadcast_to(values, np.broadcast_shapes(values.shape, full))
         axis = values.ndim - len(full)  # channel axis of a right-aligned broadcast over [N, C, ...]
-        factor = inv.reshape((1,) * axis + full)
+        factor = inv.reshape((1,) * max(axis, 0) + full)
         _set_const(node, node.inputs.index(bound), values * factor)
     scale_inputs(pair.second, s)
 

@@ -68,7 +68,7 @@ import onnx_graphsurgeon as gs
 from onnxpress.passes.base import PassResult
 from onnxpress.passes.equalize import Pair, _scale_pair, find_pairs, in_channels
 
-__all__ = ["EqualizeActivations", "activation_pairs"]
+__all__ = ["MIN_SAMPLES", "EqualizeActivations", "activation_pairs"]
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +77,11 @@ DEFAULT_STRENGTH = 0.5
 
 Measured on the reference models (logit SQNR gain over the default quantize, test split): mobilenet
 +1.19 / +1.38 / +0.93 dB at 0.25 / 0.5 / 1.0, resnet +0.52 at both 0.25 and 0.5, concat +0.12 / -0.09."""
+
+MIN_SAMPLES = 128
+"""Fewest calibration samples the channel maxima are trusted from: below it ``onnxpress.quantize`` warns, and
+``onnxpress.optimize`` tries the pass only on held-out evaluation data. MobileNet, held-out logit SQNR without ->
+with: 38.10 -> 38.94 dB at 128 samples, 37.94 -> 35.05 at 32, 36.37 -> 17.05 at 4."""
 
 MIN_SCALE = 1.0 / 64
 """Smallest ``s_c``: a channel that is nearly always zero is stretched at most 64-fold (its weights in

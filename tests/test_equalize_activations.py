@@ -14,6 +14,7 @@ from onnx import helper
 
 import onnxpress
 from onnxpress.errors import CalibrationError, OnnxpressError
+from onnxpress.passes.equalize import EqualizeCrossLayer
 from onnxpress.passes.equalize_activations import EqualizeActivations, activation_pairs
 from onnxpress.pipeline import run_passes
 from tests import graphs
@@ -160,7 +161,7 @@ def test_quantize_refuses_what_it_cannot_do():
         onnxpress.quantize(src, calib=calib, equalize="activations", per_channel=False)
     with pytest.raises(OnnxpressError, match="weight-only"):
         onnxpress.quantize(src, calib=calib, equalize="activations", codebook=4)
-    with pytest.raises(CalibrationError, match="equalize='activations' need calibration data"):
+    with pytest.raises(CalibrationError, match="ranges on calibration data: pass calib"):
         onnxpress.quantize(src, equalize="activations")
 
 
@@ -207,3 +208,68 @@ def test_optimize_keeps_the_equalized_variant_only_when_it_measures_better_on_en
     assert _with_equalized_activations(worse, built, ev, held_out=True, calib_samples=500)[0] is worse
     few = _with_equalized_activations(chosen, built, ev, held_out=False, calib_samples=EQUALIZE_MIN_SAMPLES - 1)
     assert few[0] is chosen and few[1] is built
+
+
+def _gemm_chain() -> onnx.ModelProto:
+    """X[N,24] -> Gemm(g1) -> Clip(0,6) -> Gemm(g2) -> Relu -> Gemm(g3) -> Y[N,10]; g1's channels span 2 decades."""
+    r = graphs.rng(7)
+    spread = 10 ** np.linspace(-1.5, 0.5, 32)
+    inits = {"W1": (r.standard_normal((32, 24)) / 5 * spread[:, None]).astype(np.float32),
+             "B1": (0.1 * r.standard_normal(32)).astype(np.float32), "lo": np.float32(0.0), "hi": np.float32(6.0),
+             "W2": (r.standard_normal((32, 32)) / 6).astype(np.float32), "B2": np.zeros(32, np.float32),
+             "W3": (r.standard_normal((10, 32)) / 6).astype(np.float32), "B3": np.zeros(10, np.float32)}
+    nodes = [helper.make_node("Gemm", ["X", "W1", "B1"], ["g1"], name="g1", transB=1),
+             helper.make_node("Clip", ["g1", "lo", "hi"], ["a1"], name="clip"),
+             helper.make_node("Gemm", ["a1", "W2", "B2"], ["g2"], name="g2", transB=1),
+             helper.make_node("Relu", ["g2"], ["a2"], name="relu"),
+             helper.make_node("Gemm", ["a2", "W3", "B3"], ["Y"], name="g3", transB=1)]
+    return graphs.make_model(nodes, [("X", ["N", 24])], [("Y", ["N", 10])], inits)
+
+
+def test_a_layer_pair_next_to_an_int4_layer_is_left_be():
+    """g2 as a 4-bit MatMulNBits layer reads a1 in float: no int8 grid clips a1, so g1 -> Clip -> g2 is declined
+    (only g2 -> Relu -> g3 is stretched), and without calib the refusal comes first, before the no-data default
+    would choose dynamic activations for this Conv-free model."""
+    model = _gemm_chain()
+    calib = [{"X": graphs.rng(8).standard_normal((256, 24)).astype(np.float32)}]
+    res = onnxpress.quantize(model, calib=calib, int4_layers=["g2"], equalize="activations")
+    # g2 -> Relu -> g3 is still stretched: g3 (int8) quantizes a2, and g2's 4-bit blocks lie within one output
+    # channel each, so scaling its output channels is free there too
+    assert res.stats["equalize_activations.pairs"] == 1
+    assert any("g1 -> Clip -> g2: not equalized (its activation gets no calibrated int8 range" in n for n in res.notes)
+    with pytest.raises(CalibrationError, match=r"stretches each activation's channels by their ranges on calibration"):
+        onnxpress.quantize(model, equalize="activations")
+
+
+def test_a_min_bound_that_broadcasts_over_width_is_scaled_exactly():
+    """Relu -> Min(x, bound[W]) between two convs: the bound becomes [C, 1, W] (it was refused with a numpy error)."""
+    c, w = 8, 6
+    r = graphs.rng(9)
+
+    def chain(bound: np.ndarray) -> onnx.ModelProto:
+        inits = {"W1": r.standard_normal((c, 3, 3, 3)).astype(np.float32), "W2": r.standard_normal((4, c, 3, 3))
+                 .astype(np.float32), "bound": bound.astype(np.float32)}
+        nodes = [helper.make_node("Conv", ["X", "W1"], ["c1"], name="conv1", pads=[1] * 4),
+                 helper.make_node("Relu", ["c1"], ["r1"]),
+                 helper.make_node("Min", ["r1", "bound"], ["a1"], name="min"),
+                 helper.make_node("Conv", ["a1", "W2"], ["Y"], name="conv2", pads=[1] * 4)]
+        return graphs.make_model(nodes, [("X", ["N", 3, 5, w])], [("Y", ["N", 4, 5, w])], inits)
+
+    x = r.standard_normal((4, 3, 5, w)).astype(np.float32)
+    model = chain(np.linspace(1.0, 2.0, w))  # [W]: one bound per column
+    result = run_passes(model, [EqualizeActivations(_absmax(model, {"X": x}))])
+    assert result.stats["equalize_activations.pairs"] == 1
+    _assert_same(model, result.model, {"X": x})
+    for eq in (EqualizeCrossLayer(clip="split"), EqualizeActivations(_absmax(model, {"X": x}))):  # shared code
+        _assert_same(model, run_passes(model, [eq]).model, {"X": x})
+
+
+def test_few_calibration_samples_warn_and_per_tensor_overrides_are_refused(caplog):
+    src, calib = str(MODELS / "mobilenet.onnx"), str(MODELS / "digits32_calib.npz")
+    with caplog.at_level("WARNING"):
+        res = onnxpress.quantize(src, calib=calib, equalize="activations", max_samples=16)
+    assert any("measured on 16 calibration sample(s): with fewer than 128" in n for n in res.notes)
+    assert "give more samples" in caplog.text
+    weight = next(i.name for i in onnx.load(src).graph.initializer if i.name.endswith("weight"))
+    with pytest.raises(OnnxpressError, match=r"overrides make .* per tensor"):
+        onnxpress.quantize(src, calib=calib, equalize="activations", overrides={weight: {"per_channel": False}})

@@ -104,7 +104,8 @@ def _clip_reason(pair: Pair) -> str | None:
             continue
         lo, hi = _clip_bounds(node)
         if lo != 0.0 or (hi is not None and hi <= 0.0):
-            return f"{node.name or 'Clip'} clips to [{lo}, {hi}], not [0, hi] (ReLU6-like)"
+            low = "no lower bound" if lo is None or lo <= -1e38 else f"lower bound {lo:g}"
+            return f"{node.name or 'Clip'} has {low}, not a Clip(0, hi) (ReLU6-like)"
     return None
 
 

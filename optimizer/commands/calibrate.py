@@ -16,7 +16,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", help="input .onnx model (never modified)")
     p.add_argument("--data", required=True, help=".npz of inputs (samples on axis 0) or a folder of .npz feeds")
     p.add_argument("-o", "--output", required=True, help="where to write the calibration table (.npz)")
-    p.add_argument("--method", default="kl", choices=("kl", "minmax", "percentile", "mse"), help="range rule")
+    p.add_argument("--method", default="mse", choices=("kl", "minmax", "percentile", "mse"),
+                   help="range rule (default mse, as quantize's; kl: TensorRT-style entropy search)")
     p.add_argument("--percentile", type=float, help="percentile of |x| kept (--method percentile; default 99.99)")
     p.add_argument("--bins", type=int, help="minimum histogram resolution, a power of two (not --method minmax; "
                    "default 2048)")

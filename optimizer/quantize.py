@@ -693,7 +693,7 @@ def quantize(
         if handled is not None:
             merged = {k: round_stats.get(k, 0) + result.stats.get(k, 0) for k in {*round_stats, *result.stats}}
             result = dataclasses.replace(result, stats=merged, notes=(*round_notes, *result.notes))
-        decisions = [*_int4_decisions(cleaned, result.notes), *lstm.decisions]
+        decisions = [*_int4_decisions(cleaned, result.notes, convs=True), *lstm.decisions]
         used_table = None
         excluded: dict[str, str] = {}
     else:
@@ -1061,8 +1061,11 @@ def _int4_layers_first(
     return result, decisions
 
 
-def _int4_decisions(model: onnx.ModelProto, notes: Iterable[str]) -> list[NodeDecision]:
-    """Per-node decisions of the int4 pass from its notes (declined nodes) and the graph."""
+def _int4_decisions(model: onnx.ModelProto, notes: Iterable[str], *, convs: bool = False) -> list[NodeDecision]:
+    """Per-node decisions of the int4 pass from its notes (declined nodes) and the graph.
+
+    ``convs``: the model's convolutions too, as float (whole-model int4 leaves them as they are).
+    """
     declined: dict[str, NodeDecision] = {}
     for note in notes:
         text = note.split(": ", 1)[1] if ": " in note else note
@@ -1074,6 +1077,9 @@ def _int4_decisions(model: onnx.ModelProto, notes: Iterable[str]) -> list[NodeDe
         if n.op_type in ("MatMul", "Gemm"):
             label = n.name or n.output[0]
             out.append(declined.get(label, NodeDecision(label, n.op_type, True)))
+        elif convs and n.op_type in ("Conv", "ConvTranspose"):  # named, so the summary does not hide them
+            out.append(NodeDecision(n.name or n.output[0], n.op_type, False,
+                                    "int4 weight-only takes MatMul/Gemm layers; int8 (the default) quantizes convs"))
     return out
 
 

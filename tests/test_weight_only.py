@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
@@ -249,3 +251,14 @@ def test_unpack_inverts_the_matmulnbits_packing_of_codes_and_zero_points():
     assert np.array_equal(_unpack(b), q.T.reshape(n, blocks, block))
     zero = r.integers(0, 16, (blocks, n)).astype(np.uint8)  # an odd block count pads the last byte
     assert np.array_equal(_unpack_zero_points(_pack_zero_points(zero), n, blocks), zero.T)
+
+
+def test_whole_model_int4_names_the_convs_it_leaves_float(tmp_path, capsys):
+    """--weights int4 on a CNN: the convs are listed as float with the reason, not left out of the table."""
+    from onnxpress.cli import main
+
+    model = Path(__file__).resolve().parent.parent / "models" / "resnet.onnx"
+    assert main(["quantize", str(model), "-o", str(tmp_path / "q.onnx"), "--weights", "int4"]) == 0
+    out = capsys.readouterr().out
+    assert "float  9 x Conv: int4 weight-only takes MatMul/Gemm layers" in out
+    assert "no layer took 4-bit weights: MatMul/Gemm weights of 4096 elements or more do" in out

@@ -273,7 +273,8 @@ def run(args: argparse.Namespace) -> int:
         kind = f"int8 weights, dynamic activations ({result.stats['quantize_dynamic.layers']} MatMul/Gemm layers)"
     elif args.weights == "int4" and args.codebook is None:
         gptq, n4 = (result.stats.get(f"quantize_weights_int4.weights_int4{k}", 0) for k in ("_gptq", ""))
-        kind += f" ({gptq} of {n4} layers GPTQ-rounded)" if n4 else " (no layer quantized; see the float ones above)"
+        kind += (f" ({gptq} of {n4} layers GPTQ-rounded)" if n4 else
+                 " (no layer took 4-bit weights: MatMul/Gemm weights of 4096 elements or more do; see above)")
     elif args.codebook is None:
         weights = result.stats.get("insert_qdq.weights_quantized", 0)
         kind += (f" ({result.stats.get('insert_qdq.weights_gptq', 0)} of {weights} weights GPTQ-rounded)" if weights

@@ -311,13 +311,14 @@ class ValidationReport:
             plt.close(fig)
 
     def _format_layers(self, shown: int = 10) -> list[str]:
-        worst = sorted(self.layers, key=lambda t: t.added_db)[:shown]
+        # a node that adds no noise (added dB +inf: a reshape of a noisy tensor) is no answer to "where": left out
+        worst = sorted((t for t in self.layers if t.added_db != math.inf), key=lambda t: t.added_db)[:shown]
         skipped = f"; {self.layers_skipped} left out (shapes differ)" if self.layers_skipped else ""
         rows = [[t.name, t.op, _fmt(t.sqnr_db, ".2f"), _fmt(t.added_db, ".2f"), f"{t.max_abs_error:.3g}"]
                 for t in worst]
         head = f"per tensor, first {self.layer_samples} samples: {len(self.layers)} tensors compared{skipped}"
         if not worst:
-            return [head, ""]
+            return [head + ("; no node adds noise" if self.layers else ""), ""]
         return [
             f"{head}; the {len(worst)} that add the most noise (added: SQNR of the noise each node adds; --json "
             "lists all)",

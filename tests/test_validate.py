@@ -275,10 +275,12 @@ def test_layers_find_the_one_changed_layer(tmp_path):
     assert math.isfinite(by_name["b"].sqnr_db) and by_name["b"].op == "Gemm"
     assert min(report.layers, key=lambda t: t.added_db).name == "b"  # noise enters at fc2
     assert by_name["b"].added_db == pytest.approx(by_name["b"].sqnr_db)  # its input was exact
-    assert "the 4 that add the most noise" in report.format()
+    text = report.format()  # g1 and a add no noise (exact): not listed among those that add the most
+    assert "the 2 that add the most noise" in text and "\ng1 " not in text and "\na " not in text
     assert report.to_dict()["layers"][2]["name"] == "b"
     same = validate(model, model, [{"X": _x(8)}], latency=False, layers=True)
     assert all(t.sqnr_db == math.inf and t.added_db == math.inf for t in same.layers)
+    assert "4 tensors compared; no node adds noise" in same.format()
     png = report.plot_layers(tmp_path / "layers.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and sorted(p.name for p in tmp_path.iterdir()) == ["layers.png"]
     with pytest.raises(ValidationError, match="layers=True"):

@@ -199,6 +199,8 @@ def _histograms_png(result: OptimizeResult, m0: onnx.ModelProto, calib: object, 
             tensor = node.input[0]
         return None
 
+    # equalized channels are rescaled in the written model: its ranges are in other units than these values
+    rescaled = any(st["pass"] == "quantize" and st.get("equalize") for st in result.recipe["steps"])
     rows = []
     fig, axes = plt.subplots(1, max(len(tensors), 1), figsize=(4 * max(len(tensors), 1), 3.2), squeeze=False)
     if tensors:
@@ -227,7 +229,8 @@ def _histograms_png(result: OptimizeResult, m0: onnx.ModelProto, calib: object, 
             outside = (centers < lo) | (centers > hi)  # to a bin: the share of values the range clips
             clipped = float(hist.counts[outside].sum() / max(int(hist.counts.sum()), 1))
             rows.append({"layer": layer, "tensor": tensor, "int8_sqnr_db": sq, "min": lo, "max": hi,
-                         "range_from": where, "amax": hist.amax, "clipped_fraction": clipped})
+                         "range_from": where, "amax": hist.amax, "clipped_fraction": clipped,
+                         "rescaled_in_written_model": rescaled})
     else:
         axes[0][0].set_title("no int8 option measured")
     structural = any(st["pass"] in ("prune", "lowrank", "finetune") for st in result.recipe["steps"])
@@ -235,7 +238,9 @@ def _histograms_png(result: OptimizeResult, m0: onnx.ModelProto, calib: object, 
                  + (", the written model's per-tensor ranges" if method == "auto" else "")
                  + ") of the most int8-sensitive layer inputs, original model"
                  + (" (the recipe prunes/splits/fine-tunes first: its quantize step's ranges differ)"
-                    if structural else ""), fontsize=9)
+                    if structural else "")
+                 + ("\n(the recipe equalizes layer pairs: the written model's tensors are rescaled per channel, "
+                    "its ranges are not in these histograms' units)" if rescaled else ""), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

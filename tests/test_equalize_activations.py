@@ -273,3 +273,20 @@ def test_few_calibration_samples_warn_and_per_tensor_overrides_are_refused(caplo
     weight = next(i.name for i in onnx.load(src).graph.initializer if i.name.endswith("weight"))
     with pytest.raises(OnnxpressError, match=r"overrides make .* per tensor"):
         onnxpress.quantize(src, calib=calib, equalize="activations", overrides={weight: {"per_channel": False}})
+
+
+def test_the_report_says_its_histograms_are_not_in_the_equalized_models_units(tmp_path):
+    """optimize --recipe with an equalizing quantize step: report.json marks each histogram row rescaled (the PNG's
+    title says so too), since the written model's ranges are those of the stretched tensors."""
+    import json
+
+    from onnxpress.cli import main
+
+    recipe = tmp_path / "r.json"
+    recipe.write_text(json.dumps({"version": 1, "steps": [{"pass": "quantize", "equalize": "activations",
+                                                           "max_samples": 128}]}))
+    data = str(MODELS / "digits32_calib.npz")
+    assert main(["optimize", str(MODELS / "mobilenet.onnx"), "-o", str(tmp_path / "m.onnx"), "--calib", data,
+                 "--recipe", str(recipe), "--report", str(tmp_path / "rep"), "-q"]) == 0
+    rows = json.loads((tmp_path / "rep" / "report.json").read_text())["histograms"]
+    assert rows and all(r["rescaled_in_written_model"] for r in rows)

@@ -355,9 +355,9 @@ def _with_equalized_activations(chosen: Candidate, built: onnx.ModelProto, ev: _
     the evaluation data (``pick_best``). Tried when the evaluation data is held out from calibration, or the
     calibration data has at least ``EQUALIZE_MIN_SAMPLES`` samples: compared on the calibration data itself, it
     measures closer whatever tail it clips on other data (on 32 samples MobileNet read +1 dB there and -2.9 dB
-    on the test split). Test-split SQNR of uniform int8 on the
-    reference MobileNet: 38.08 -> 39.47 dB (``bench/advanced_ptq.py`` section D, where it also loses on 32
-    samples or without bias correction: so it is measured, not assumed).
+    on the test split). Test-split SQNR of uniform int8 on the reference MobileNet: 38.08 -> 39.47 dB
+    (``bench/advanced_ptq.py`` section D, where it also loses on 32 samples or without bias correction: so it
+    is measured, not assumed).
     """
     if not held_out and (calib_samples is None or calib_samples < EQUALIZE_MIN_SAMPLES):
         return chosen, built

@@ -201,6 +201,7 @@ class _Evaluator:
         self.macs0 = max(sum(count_macs(m0).values()), 1)
         self.moments: dict[str, Any] = {}
         self.tuned: dict[str, onnx.ModelProto] = {}  # fine-tuned models: recipes that differ after it reuse one
+        self.declined: list[Candidate] = []  # polish variants measured and not kept (shown in the candidates table)
         self.models: dict[tuple[int, ...], onnx.ModelProto] = {}  # built from the full recipe
         self.structures: dict[tuple[int, ...], onnx.ModelProto] = {}  # built without the fine-tune step
         self.progress = progress
@@ -386,6 +387,8 @@ def _kept_if_closer(
     log.info("%s: SQNR %.2f -> %.2f dB", what, chosen.sqnr_db or -math.inf, variant.sqnr_db or -math.inf)
     if ev.best([chosen, variant]) is variant:
         return variant, model
+    variant.note += " (not kept: measured no closer)"
+    ev.declined.append(variant)
     return chosen, built
 
 
@@ -1135,6 +1138,7 @@ def optimize(
         chosen, built = _with_qat(chosen, built, ev, finetune_device)
         if chosen is not searched:
             candidates.append(chosen)
+    candidates.extend(ev.declined)  # tried and measured, so listed: a user sees QAT or auto ranges were tried
     save_model(built, out)
     recipe_out = validate_recipe(chosen.recipe)  # every default written out
     path = save_recipe(recipe_out, sidecar)

@@ -206,6 +206,7 @@ def test_optimize_keeps_the_equalized_variant_only_when_it_measures_better_on_en
     assert apply_recipe(m0, got.recipe, calib, prepared=True).SerializeToString() == model.SerializeToString()
     worse = Candidate(picks=(0,), est_cost=0.0, est_sqnr=0.0, recipe=recipe, feasible=True, sqnr_db=1e9)
     assert _with_equalized_activations(worse, built, ev, held_out=True, calib_samples=500)[0] is worse
+    assert ev.declined[-1].note.endswith("+ equalized activations (not kept: measured no closer)")  # listed
     few = _with_equalized_activations(chosen, built, ev, held_out=False, calib_samples=EQUALIZE_MIN_SAMPLES - 1)
     assert few[0] is chosen and few[1] is built
 

@@ -544,8 +544,7 @@ def quantize(
     if equalize == "activations" and per_tensor:
         raise OnnxpressError(f"equalize='activations' (--equalize activations) moves activation ranges into "
                              f"per-channel weight scales, and overrides make {', '.join(map(repr, per_tensor[:3]))} "
-                             "per tensor: "
-                             "drop those per_channel overrides, or equalize='activations'")
+                             "per tensor: drop those per_channel overrides, or equalize='activations'")
     given = _tensor_names(proto)  # overrides and a table may name tensors cleanup folded away
     unknown = sorted(set(ovs) - given - _tensor_names(cleaned))
     if unknown:  # a typo would leave the tensor with the setting it was meant to lose

@@ -303,7 +303,7 @@ def _scale_pair(pair: Pair, s: np.ndarray) -> None:
         if values.ndim < len(full):  # scalar, [1] or [W]: make it per channel (a valid model's bound broadcasts)
             values = np.broadcast_to(values, np.broadcast_shapes(values.shape, full))
         axis = values.ndim - len(full)  # channel axis of a right-aligned broadcast over [N, C, ...]
-        factor = inv.reshape((1,) * max(axis, 0) + full)
+        factor = inv.reshape((1,) * axis + full)
         _set_const(node, node.inputs.index(bound), values * factor)
     scale_inputs(pair.second, s)
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 import numpy as np
@@ -642,13 +642,14 @@ def prepare_for_quantize(
     progress: bool = False,
     stats: dict[str, int] | None = None,
     notes: list[str] | None = None,
-    stretch_only: set[str] | None = None,
+    stretch_only: Callable[[onnx.ModelProto], set[str]] | None = None,
 ) -> onnx.ModelProto:
     """The float rewrites that go before InsertQDQ, in order: CLE, SmoothQuant, bias correction.
 
     ``equalize="activations"`` is the data-aware activation-range equalization
     (``onnxpress.passes.equalize_activations``) in place of CLE; it needs ``data``, and with ``stretch_only``
-    it rescales only the pairs whose activation is in it (those the quantizer will quantize).
+    (called on the model when it has a pair) it rescales only the pairs whose activation is in the set that
+    returns (those the quantizer will quantize).
 
     ``stats`` and ``notes``, when given, receive the CLE and SmoothQuant passes' counters
     (``"smoothquant.smoothed"``, ...) and notes (why an activation or a layer pair was declined).
@@ -687,10 +688,11 @@ def prepare_for_quantize(
 
         pairs, _ = activation_pairs(import_graph(model))
         names = [p.second.inputs[0].name for p in pairs]
-        names = [n for n in names if stretch_only is None or n in stretch_only]
+        only = stretch_only(model) if stretch_only is not None and names else None
+        names = [n for n in names if only is None or n in only]
         observed = collect_channel_stats(model, data, dict.fromkeys(names, 1), **stream) if names else {}
         absmax = {name: obs.max_abs() for name, obs in observed.items()}
-        model = record(run_passes(model, [EqualizeActivations(absmax, only=stretch_only)], progress=progress))
+        model = record(run_passes(model, [EqualizeActivations(absmax, only=only)], progress=progress))
         seen = min((obs.samples for obs in observed.values()), default=None)
         if seen is not None and seen < MIN_SAMPLES:
             warning = (f"equalize_activations: measured on {seen} calibration sample(s): with fewer than {MIN_SAMPLES} "

@@ -19,6 +19,7 @@ from __future__ import annotations
 import collections
 import copy
 import dataclasses
+import functools
 import logging
 import os
 import re
@@ -597,10 +598,10 @@ def quantize(
         from onnxpress.advanced import prepare_for_quantize
 
         # the int4 layers leave InsertQDQ's hands too: their inputs get no int8 grid from them
-        stretch = (_quantized_activations(cleaned, per_channel=per_channel, activations=activations,
-                                          exclude=dataclasses.replace(selection,
-                                                                      nodes=selection.nodes | frozenset(int4_layers)),
-                                          overrides=ovs, quantize_ops=quantize_ops)
+        stretch = (functools.partial(_quantized_activations, per_channel=per_channel, activations=activations,
+                                     exclude=dataclasses.replace(selection,
+                                                                 nodes=selection.nodes | frozenset(int4_layers)),
+                                     overrides=ovs, quantize_ops=quantize_ops)
                    if equalize == "activations" else None)
         cleaned = prepare_for_quantize(
             cleaned,
@@ -953,13 +954,10 @@ def _quantized_activations(model: onnx.ModelProto, **qdq: object) -> set[str]:
     quantized follows from the graph and the settings, not from the ranges. Tensors with a range override are
     left out. Equalizing activations only pays on these (``passes/equalize_activations.py``): where both layers
     of a pair stay float (MobileNet's stem and first depthwise conv), stretching would only change the float
-    model beyond the calibrated ranges. No dry run (an empty set) when the model has no layer pair to equalize.
+    model beyond the calibrated ranges. ``prepare_for_quantize`` calls it only on a model with a pair to equalize.
     """
     from onnxpress.calibration.collect import select_tensors
-    from onnxpress.passes.equalize_activations import activation_pairs
 
-    if not activation_pairs(import_graph(model))[0]:
-        return set()
     shaped = infer_shapes(model)
     names = select_tensors(shaped, inferred=shaped)
     dry = InsertQDQ(CalibrationTable.from_ranges({n: (-1.0, 1.0) for n in names}), **qdq)  # type: ignore[arg-type]

@@ -339,13 +339,19 @@ def _with_auto_ranges(chosen: Candidate, built: onnx.ModelProto, ev: _Evaluator)
     uniform int8 went 43.47 -> 45.39 dB test SQNR with ``--method auto`` (``onnxpress.range_search``); a
     search whose winner ties uniform int8 on latency then wins on fidelity at the same cost.
     """
-    steps = chosen.recipe["steps"]
+    recipe = _int8_step_changed(chosen.recipe, {"method": "auto"}, lambda s: s.get("method") != "auto")
+    return (chosen, built) if recipe is None else _kept_if_closer(chosen, built, ev, recipe, "auto ranges")
+
+
+def _int8_step_changed(recipe: dict[str, Any], change: Mapping[str, Any],
+                       also: Callable[[Mapping[str, Any]], bool]) -> dict[str, Any] | None:
+    """``recipe`` with ``change`` written into its one int8 QDQ quantize step (that ``also`` accepts), or None."""
+    steps = recipe["steps"]
     at = [i for i, s in enumerate(steps) if s["pass"] == "quantize" and s.get("weights", "int8") == "int8"
-          and s.get("codebook") is None and s.get("method") != "auto"]
+          and s.get("codebook") is None and also(s)]
     if len(at) != 1:
-        return chosen, built
-    recipe = {**chosen.recipe, "steps": [{**s, "method": "auto"} if i == at[0] else s for i, s in enumerate(steps)]}
-    return _kept_if_closer(chosen, built, ev, recipe, "auto ranges")
+        return None
+    return {**recipe, "steps": [{**s, **change} if i == at[0] else s for i, s in enumerate(steps)]}
 
 
 def _with_equalized_activations(chosen: Candidate, built: onnx.ModelProto, ev: _Evaluator, *, held_out: bool,
@@ -362,15 +368,10 @@ def _with_equalized_activations(chosen: Candidate, built: onnx.ModelProto, ev: _
     """
     if not held_out and (calib_samples is None or calib_samples < EQUALIZE_MIN_SAMPLES):
         return chosen, built
-    steps = chosen.recipe["steps"]
-    at = [i for i, s in enumerate(steps) if s["pass"] == "quantize" and s.get("weights", "int8") == "int8"
-          and s.get("codebook") is None and s.get("equalize") is None and s.get("smoothquant") is None
-          and s.get("per_channel", True)]
-    if len(at) != 1:
-        return chosen, built
-    recipe = {**chosen.recipe, "steps": [{**s, "equalize": "activations"} if i == at[0] else s
-                                         for i, s in enumerate(steps)]}
-    return _kept_if_closer(chosen, built, ev, recipe, "equalized activations")
+    recipe = _int8_step_changed(chosen.recipe, {"equalize": "activations"},
+                                lambda s: s.get("equalize") is None and s.get("smoothquant") is None
+                                and s.get("per_channel", True))
+    return (chosen, built) if recipe is None else _kept_if_closer(chosen, built, ev, recipe, "equalized activations")
 
 
 def _kept_if_closer(
@@ -1129,8 +1130,9 @@ def optimize(
         searched = chosen
         from onnxpress.calibration.readers import open_data
 
-        chosen, built = _with_equalized_activations(chosen, built, ev, held_out=eval_data is not None,
-                                                    calib_samples=open_data(calib, m0).total_samples)
+        held_out = eval_data is not None  # the calibration data's size matters only when compared on it
+        samples = None if held_out else open_data(calib, m0).total_samples
+        chosen, built = _with_equalized_activations(chosen, built, ev, held_out=held_out, calib_samples=samples)
         if chosen is not searched:
             candidates.append(chosen)
     if chosen.feasible and finetune and (deadline is None or time.monotonic() < deadline):

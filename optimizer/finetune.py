@@ -34,7 +34,7 @@ from onnxpress.model_io import (
 )
 from onnxpress.prune import sqnr_db  # re-exported: the bench scripts and users read it from here
 
-__all__ = ["FLOAT_LR", "QAT_LR", "FinetuneResult", "finetune", "kl_nats", "sqnr_db", "stored_weights"]
+__all__ = ["FLOAT_LR", "QAT_BATCH_SIZE", "QAT_LR", "FinetuneResult", "finetune", "kl_nats", "sqnr_db", "stored_weights"]
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,10 @@ QAT_LR = 1e-4
 """Default learning rate of QAT: the quantized model starts close to its teacher, and at 1e-3 no epoch beat
 epoch 0 on onnxruntime's default QDQ MobileNet / ResNet (10 epochs, CLI defaults otherwise); at 1e-4 the
 calibration-set SQNR went 26.2 -> 31.9 / 36.6 -> 40.6 dB, at 3e-5 to 31.2 / 39.8."""
+
+QAT_BATCH_SIZE = 64
+"""Default batch of QAT, at which ``QAT_LR`` and the QAT epochs were chosen. A float fine-tune's default
+follows the data instead (``bridge.train.default_batch_size``: 16 on 450 training samples)."""
 
 QAT_MIN_SQNR_DB = 35.0
 """A QAT export must reproduce the fake-quantized module's outputs at least this well (see
@@ -103,7 +107,7 @@ def finetune(
     epochs: int = 10,
     temperature: float = 4.0,
     lr: float | None = None,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     hard_weight: float = 1.0,
     soft_weight: float = 1.0,
     features: Mapping[str, str] | None = None,
@@ -137,7 +141,9 @@ def finetune(
         epochs: passes over the training split.
         temperature: distillation temperature ``T``.
         lr: Adam learning rate (cosine-decayed); default 1e-3, and 1e-4 for QAT (``QAT_LR``).
-        batch_size: samples per step.
+        batch_size: samples per step. Default: ``QAT_BATCH_SIZE`` (64) with ``qat``, else by the size of the
+            training split (:func:`onnxpress.bridge.train.default_batch_size`: 64 from 1,792 samples, 32 from
+            896, else 16; 64 left a pruned student under-trained on 450 samples, 7 steps an epoch).
         hard_weight: weight of the label cross-entropy (only with labels).
         soft_weight: weight of ``T²·KL(teacher ‖ student)``.
         features: student value name → teacher value name, distilled with MSE.
@@ -228,6 +234,8 @@ def finetune(
     student_proto = normalize_model(student_proto, min_opset=13 if qat else None)
     if lr is None:
         lr = QAT_LR if qat else FLOAT_LR
+    if batch_size is None and qat:
+        batch_size = QAT_BATCH_SIZE
     try:
         config = tr.FinetuneConfig(
             epochs=epochs, lr=lr, batch_size=batch_size, temperature=temperature, hard_weight=hard_weight,

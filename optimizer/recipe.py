@@ -92,7 +92,8 @@ _KEYS: dict[str, dict[str, Any]] = {
     "cleanup": {},
     "prune": {"ratio": None, "criterion": "l2", "multiple": 1},
     "lowrank": {"ranks": None, "data_aware": True, "max_samples": 64, "batch_size": 64},
-    "finetune": {"epochs": 6, "lr": 1e-3, "temperature": 4.0, "seed": 0, "max_samples": None, "batch_size": 64,
+    # batch_size null: by the training samples (bridge.train.default_batch_size: 16 on 450 of them)
+    "finetune": {"epochs": 6, "lr": 1e-3, "temperature": 4.0, "seed": 0, "max_samples": None, "batch_size": None,
                  "patience": 3, "device": "cpu"},
     # QAT of the quantized model in its own graph (``onnxpress.finetune`` on a QDQ/MatMulNBits student): MSE
     # distillation from the recipe's input model, the held-out 10% keeping epoch 0 when nothing beats it
@@ -279,7 +280,8 @@ def validate_recipe(recipe: Mapping[str, Any]) -> dict[str, Any]:
             if not isinstance(full["device"], str) or not re.fullmatch(r"cpu|auto|cuda(:\d+)?", full["device"]):
                 raise _bad(where, f"device must be cpu, cuda, cuda:N or auto, got {full['device']!r}")
         for key in ("max_samples", "batch_size", "multiple", "epochs", "patience"):
-            if key == "max_samples" and name in TRAINING_PASSES and full[key] is None:
+            if (key == "max_samples" and name in TRAINING_PASSES or key == "batch_size" and name == "finetune") \
+                    and full[key] is None:
                 continue
             if key in full and (isinstance(full[key], bool) or not isinstance(full[key], int) or full[key] < 1):
                 raise _bad(where, f"{key} must be an integer >= 1, got {full[key]!r}")

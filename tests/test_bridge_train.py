@@ -11,6 +11,7 @@ from onnxpress.bridge import train as train_module  # noqa: E402
 from onnxpress.bridge.convert import OnnxModule  # noqa: E402
 from onnxpress.bridge.train import (  # noqa: E402
     FinetuneConfig,
+    default_batch_size,
     distillation_loss,
     load_arrays,
     load_label_array,
@@ -104,6 +105,25 @@ def test_early_stopping_keeps_the_best_epoch():
     assert len(h.val_loss) < 6
     best = [h.val_loss[h.best_epoch - 1]] if h.best_epoch else []
     assert all(v >= min([*best, *h.val_loss]) for v in h.val_loss)
+
+
+@pytest.mark.parametrize(("samples", "batch"), [(1, 16), (450, 16), (895, 16), (896, 32), (1791, 32), (1792, 64),
+                                                (10**6, 64)])
+def test_default_batch_size_gives_small_data_enough_steps(samples, batch):
+    """16..64, a power of two, and at least 28 steps an epoch whenever a batch above 16 is chosen."""
+    assert default_batch_size(samples) == batch
+    assert batch == 16 or samples // batch >= 28
+
+
+def test_unset_batch_size_follows_the_training_split():
+    """No batch_size: the run takes default_batch_size of its training samples (48 - 12 held out: 16 a step)."""
+    _, student_model, arrays, logits = _setup(48)
+    h = train_student(OnnxModule(student_model), student_model, arrays, logits, None,
+                      FinetuneConfig(epochs=1, val_fraction=0.25))
+    assert (h.train_samples, h.batch_size) == (36, 16)
+    h = train_student(OnnxModule(student_model), student_model, arrays, logits, None,
+                      FinetuneConfig(epochs=1, val_fraction=0.25, batch_size=5))
+    assert h.batch_size == 5
 
 
 def test_hard_labels_only_and_nothing_to_learn():

@@ -238,6 +238,8 @@ def test_qat_step_is_finetune_of_the_quantized_model(tmp_path, torch_one_thread)
     ([{"pass": "quantize"}, {"pass": "qat", "lr": math.inf}], r"lr must be a finite positive number, got inf"),
     ([{"pass": "finetune", "temperature": math.inf}], r"temperature must be a finite positive number"),
     ([{"pass": "finetune", "seed": -1}], r"seed must be an integer in 0\.\.2\*\*63-1"),
+    ([{"pass": "finetune", "batch_size": 0}], r"batch_size must be an integer >= 1, got 0"),
+    ([{"pass": "quantize"}, {"pass": "qat", "batch_size": None}], r"batch_size must be an integer >= 1, got None"),
     ([{"pass": "finetune", "max_samples": 5}], r"max_samples 5 leaves no sample for the 10% validation split"),
     # after a quantize step only qat: the others found no float layer or grew the file, without a word
     ([{"pass": "quantize"}, {"pass": "finetune"}], r"step 2 \(finetune\): a finetune step after a quantize step"),
@@ -251,6 +253,14 @@ def test_qat_step_is_finetune_of_the_quantized_model(tmp_path, torch_one_thread)
 def test_qat_step_is_checked(steps, message):
     with pytest.raises(OnnxpressError, match=message):
         validate_recipe({"version": 1, "steps": steps})
+
+
+def test_finetune_batch_size_defaults_to_the_data_rule():
+    """A finetune step's batch is null (bridge.train.default_batch_size of the samples) unless given; qat keeps 64."""
+    steps = validate_recipe({"version": 1, "steps": [{"pass": "finetune"}, {"pass": "quantize"}, {"pass": "qat"}]})
+    assert [s["batch_size"] for s in steps["steps"]] == [None, 64, 64]
+    given = validate_recipe({"version": 1, "steps": [{"pass": "finetune", "batch_size": 8}]})
+    assert given["steps"][0]["batch_size"] == 8
 
 
 @pytest.mark.parametrize(("step", "message"), [

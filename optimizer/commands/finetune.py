@@ -29,7 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=_POSITIVE, help="distillation temperature T of --distill kl (default 4)")
     p.add_argument("--lr", type=_POSITIVE, default=None,
                    help="Adam learning rate (default 1e-3; 1e-4 with --qat or a quantized student)")  # fmt: skip
-    p.add_argument("--batch-size", type=positive_int, default=64, help="samples per step (default 64)")
+    p.add_argument("--batch-size", type=positive_int, default=None,
+                   help="samples per step (default: 64 with --qat; else 16, 32 or 64 by the training samples, "
+                        "64 from 1792)")  # fmt: skip
     p.add_argument("--hard-weight", type=_WEIGHT, help="weight of the label cross-entropy (default 1)")
     p.add_argument("--soft-weight", type=_WEIGHT, help="weight of the distillation term (default 1)")
     p.add_argument("--feature", action="append", default=[], metavar="STUDENT=TEACHER",
@@ -94,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
     rows = [[key, f"{value:.4f}"] for key, value in sorted(result.metrics.items())]
     rows.insert(0, ["fine-tune", result.mode])
     rows.append(["epochs run / kept", f"{len(h.train_loss)} / {h.best_epoch}"])
+    rows.append(["samples train / held out, per step", f"{h.train_samples} / {h.val_samples}, {h.batch_size}"])
     rows.append(["export max |diff| vs module", f"{result.export_max_diff:.2e}"])
     print(format_table(["what", "value"], rows))
     if len(h.train_loss) and not h.best_epoch:  # the student comes back as it was given

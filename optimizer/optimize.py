@@ -696,7 +696,9 @@ def optimize(
             A quantized choice is then also trained quantization-aware (a ``qat`` recipe step), kept if closer.
         finetune_epochs: epochs of that fine-tune (default 60: on the 500-sample calibration set of the reference
             ResNet, the searched structure at 0.33x MACs ended 1.1 points below the original on the test
-            split after 30 epochs and 0.3 points above it after 60).
+            split after 30 epochs and 0.3 points above it after 60, at 64 samples a step; at the batch the fine-tune
+            now takes there, 16, ResNet with 62.5% of its channels pruned reads 0.980 after 30 epochs and 0.990
+            after 60 on the 937 training digits outside the calibration set).
         finetune_device: where torch trains (``"cpu"``, the default, ``"cuda"``, ``"cuda:N"``, ``"auto"``); written
             into the recipe's finetune step, since a GPU-trained model differs from a CPU-trained one
             by float rounding and a recipe rebuilds byte for byte on the device it names.

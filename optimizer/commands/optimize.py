@@ -11,10 +11,16 @@ from onnxpress.reporting import format_table
 # 0 used to read as "no limit" and a negative limit stopped at once: refused here, before any work
 _SECONDS = bounded_float(0.0, float("inf"), include_low=False, include_high=False, what="a positive number of seconds")
 
+MISSED_BUDGET = 3
+"""Exit status when the model written (the best found) misses a --budget or --max-drop."""
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``optimize`` subcommand."""
-    p = sub.add_parser("optimize", help="search per-layer int8/fp32 x pruning x low-rank options under a budget")
+    p = sub.add_parser("optimize", help="search per-layer int8/fp32 x pruning x low-rank options under a budget",
+                       epilog=f"exit status: 0 the model written meets every budget (and --max-drop); "
+                              f"{MISSED_BUDGET} it is the best found but misses one (named in a warning); 2 an error, "
+                              "nothing written")
     p.add_argument("model", help="input .onnx model (never modified)")
     p.add_argument("-o", "--output", required=True, help="where to write the best model (its recipe goes beside it)")
     p.add_argument("--calib", required=True, help="calibration inputs (.npz or folder of .npz)")
@@ -79,4 +85,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {result.output}; its recipe is the one given, {result.recipe_path}")
     else:
         print(f"wrote {result.output} and {result.recipe_path}")
-    return 0
+    # the model is written either way (the best found), but a script running `optimize && deploy` must not take
+    # a model over its budget for one within it: a status of its own, apart from 2 (nothing written)
+    return MISSED_BUDGET if result.budget is not None and not result.feasible else 0

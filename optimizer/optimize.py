@@ -436,7 +436,7 @@ each such int8 layer of its winner float, one at a time, keeping it only when th
 loops side by side) and is no less faithful.
 
 Pruning changes which kernel is faster: the reference ResNet's 1-input-channel stem measured a penalty of 0.012-0.041
-on the full int8 model in five searches (above ``free_float_picks``' 0.01, so the winner kept it int8), while in the
+on the full int8 model in four searches (above ``free_float_picks``' 0.01, so the winner kept it int8), while in the
 winner, 62.5% pruned + fine-tuned + int8, it ran 0.199 / 0.202 / 0.195x with the stem int8 and 0.186 / 0.190 /
 0.180x float (same accuracy); its last conv (0.012-0.014) read 0.21x float against 0.21-0.22x int8 in the same
 loops, so one at a time. In a search the difference was within the noise (a greedy pruned mix: 0.203 / 0.201 / 0.199

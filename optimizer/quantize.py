@@ -53,6 +53,7 @@ from onnxpress.passes.global_pool import ReduceMeanToGlobalPool
 from onnxpress.passes.leading_mean import LeadingMeanAsMatMul
 from onnxpress.passes.matmul_bias import MatMulBiasToOutputRank
 from onnxpress.passes.matmul_to_gemm import MatMulAddToGemm
+from onnxpress.passes.pad_input_channels import PadInputChannels
 from onnxpress.passes.prelu import RewritePRelu
 from onnxpress.passes.qdq import ACTIVATION_TYPES, CompactQDQ, InsertQDQ, NodeDecision, Selection, TensorOverride
 from onnxpress.passes.weight_only import INT4_METHODS, QuantizeWeightsInt4, StoreConstantsInt8
@@ -767,8 +768,10 @@ def quantize(
         # rows equal to the layer's weight, or to its transpose), stored once
         # LeadingMeanAsMatMul: a float mean over leading axes (a recurrent net's mean over time), which onnxruntime
         # runs 15x slower on two threads, as one MatMul (passes/leading_mean.py; after InsertQDQ, which it leaves be)
-        result = run_passes(_shaped(cleaned), [qdq, MatMulBiasToOutputRank(), lstm, LeadingMeanAsMatMul(), *tail,
-                                               ShareConstants(), ShareTransposedConstants()], progress=progress)
+        # PadInputChannels: an int8 input conv of 1-3 channels (a grayscale ResNet stem) on onnxruntime's fast kernel
+        result = run_passes(_shaped(cleaned), [qdq, PadInputChannels(), MatMulBiasToOutputRank(), lstm,
+                                               LeadingMeanAsMatMul(), *tail, ShareConstants(),
+                                               ShareTransposedConstants()], progress=progress)
         decisions = [*qdq.decisions, *lstm.decisions]
         if codebook_layers:
             result, decisions = _codebook_layers_last(result, decisions, codebook_layers, hessians)

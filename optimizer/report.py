@@ -136,6 +136,10 @@ def shipped_ranges(model: onnx.ModelProto) -> dict[str, tuple[float, float]]:
     initializers in every model onnxpress writes (``normalize_model`` turns Constant nodes into them).
     """
     inits = {i.name: i for i in model.graph.initializer}
+    # a zero Pad before a QuantizeLinear (passes/pad_input_channels.py: a stem's input padded to 4 channels) adds
+    # zeros, which every quantized range holds: the range is its input's too
+    unpadded = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "Pad" and len(n.input) < 3
+                and all(a.name != "mode" or a.s in (b"", b"constant") for a in n.attribute)}
     ranges: dict[str, tuple[float, float]] = {}
     for node in model.graph.node:
         if node.op_type != "QuantizeLinear" or len(node.input) < 2 or node.input[1] not in inits:
@@ -149,7 +153,7 @@ def shipped_ranges(model: onnx.ModelProto) -> dict[str, tuple[float, float]]:
             continue
         info = np.iinfo(zero.dtype)
         s, z = float(scale.reshape(())), int(zero.reshape(()))
-        ranges.setdefault(node.input[0], ((info.min - z) * s, (info.max - z) * s))
+        ranges.setdefault(unpadded.get(node.input[0], node.input[0]), ((info.min - z) * s, (info.max - z) * s))
     return ranges
 
 

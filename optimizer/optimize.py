@@ -86,8 +86,8 @@ evaluation samples along axis 0; ``labels`` the evaluation labels (the first as 
 """
 
 __all__ = [
-    "NEAR_FREE_PENALTY", "Metric", "OptimizeResult", "free_float_picks", "measure_float_penalties", "near_free_layers",
-    "optimize", "pick_best", "retimed_ratio",
+    "FREE_PENALTY", "NEAR_FREE_PENALTY", "Metric", "OptimizeResult", "free_float_picks", "measure_float_penalties",
+    "near_free_layers", "optimize", "pick_best", "retimed_ratio",
 ]
 
 log = logging.getLogger(__name__)
@@ -430,6 +430,9 @@ def _tied_tables(model: onnx.ModelProto) -> dict[str, tuple[int, int]]:
     return out
 
 
+FREE_PENALTY = 0.01
+"""Float penalty up to which a layer counts as free in float (:func:`free_float_picks`)."""
+
 NEAR_FREE_PENALTY = 0.05
 """Float penalty (of the original's latency, measured on the unpruned int8 model) up to which ``optimize`` also tries
 each such int8 layer of its winner float, one at a time, keeping it only when the winner then times no slower (three
@@ -445,11 +448,19 @@ the winner keeps the int8 layer unless the float one measures no slower. Also tr
 before the fine-tune: no pick changed in that run, and the extra structures crowd the shortlist; not kept."""
 
 
-def near_free_layers(space: SearchSpace, picks: tuple[int, ...], low: float = 0.01,
+def near_free_layers(space: SearchSpace, picks: tuple[int, ...], low: float = FREE_PENALTY,
                      high: float = NEAR_FREE_PENALTY) -> list[tuple[int, ...]]:
     """``picks`` with one int8 layer set to fp32 (same rank), for each whose float penalty is in ``(low, high]``.
 
-    Ordered by penalty, lowest first; a layer with no fp32 option at its rank is left out.
+    Ordered by penalty, lowest first (:func:`_float_options`).
+    """
+    return [(*picks[:i], j, *picks[i + 1 :]) for i, j in _float_options(space, picks, low, high)]
+
+
+def _float_options(space: SearchSpace, picks: tuple[int, ...], low: float, high: float) -> list[tuple[int, int]]:
+    """``(layer i, its fp32 option j at the same rank)`` per int8 layer whose float penalty is in ``(low, high]``.
+
+    Lowest penalty first; none before penalties are measured; a layer with no fp32 option at its rank is left out.
     """
     if space.float_penalty is None:
         return []
@@ -461,30 +472,19 @@ def near_free_layers(space: SearchSpace, picks: tuple[int, ...], low: float = 0.
             continue
         j = next((j for j, o in enumerate(space.options[i]) if o.quant == "fp32" and o.rank == cur.rank), None)
         if j is not None:
-            found.append((penalty, i, (*picks[:i], j, *picks[i + 1 :])))
-    return [p for _, _, p in sorted(found)]
+            found.append((penalty, i, j))
+    return [(i, j) for _, i, j in sorted(found)]
 
 
-def _flipped(space: SearchSpace, picks: tuple[int, ...], base: tuple[int, ...]) -> str:
-    """The keys of the layers whose option differs between ``picks`` and ``base`` (for candidate notes)."""
-    return ", ".join(lay.key for lay, a, b in zip(space.layers, picks, base, strict=False) if a != b)
-
-
-def free_float_picks(space: SearchSpace, picks: tuple[int, ...], tolerance: float = 0.01) -> tuple[int, ...]:
+def free_float_picks(space: SearchSpace, picks: tuple[int, ...], tolerance: float = FREE_PENALTY) -> tuple[int, ...]:
     """``picks`` with every int8 layer whose measured float penalty is at most ``tolerance`` set to fp32, same rank.
 
     The tolerance (1% of the original's latency) is about the timing noise of one penalty; penalties are
     clipped at 0, so a layer that is really as fast in float reads 0 to ~0.01. The caller times the result.
     """
     out = list(picks)
-    for i in range(len(space.layers)):
-        cur = space.options[i][out[i]]
-        penalty = space.float_penalty[i] if space.float_penalty is not None else None
-        if cur.quant != "int8" or penalty is None or penalty > tolerance:
-            continue
-        j = next((j for j, o in enumerate(space.options[i]) if o.quant == "fp32" and o.rank == cur.rank), None)
-        if j is not None:
-            out[i] = j
+    for i, j in _float_options(space, picks, -math.inf, tolerance):
+        out[i] = j
     return tuple(out)
 
 
@@ -1127,13 +1127,11 @@ def optimize(
             variant.feasible = ok(variant)
             if variant.feasible and ev.best([best, variant]) is variant:
                 best = variant
-        original = best.picks
-        for near in near_free_layers(space, best.picks)[:2]:  # NEAR_FREE_PENALTY: float only where no slower
+        for i, j in _float_options(space, best.picks, FREE_PENALTY, NEAR_FREE_PENALTY)[:2]:  # float where no slower
             if deadline is not None and time.monotonic() > deadline:
                 break
-            # that one layer flipped on the current choice (which may hold the one before it float by now)
-            picks = tuple(n if n != o else b for n, o, b in zip(near, original, best.picks, strict=True))
-            variant = built_variant(picks, f"{best.note} + {_flipped(space, picks, best.picks)} float")
+            picks = (*best.picks[:i], j, *best.picks[i + 1 :])  # on the current choice (it may hold the one before)
+            variant = built_variant(picks, f"{best.note} + {space.layers[i].key} float")
             pairs = [time_ratios([best, variant]) for _ in range(3)]  # side by side: is it faster?
             log.info("%s: latency %s (without it %s)", variant.note, ", ".join(f"{v:.3f}" for _, v in pairs),
                      ", ".join(f"{b:.3f}" for b, _ in pairs))

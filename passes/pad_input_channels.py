@@ -29,6 +29,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxpress.passes.base import PassResult, fresh_names, graph_names
+from onnxpress.passes.qdq import _dq_of
 
 __all__ = ["PadInputChannels"]
 
@@ -54,16 +55,15 @@ class PadInputChannels:
             if found is None:
                 continue
             q, w_const, w_dq = found
-            x = q.inputs[0]
-            extra = WIDTH - w_const.values.shape[1]
-            pads = np.zeros(2 * len(w_const.values.shape), np.int64)
-            pads[len(w_const.values.shape) + 1] = extra  # end of axis 1 (channels)
+            x, w = q.inputs[0], w_const.values
+            extra = WIDTH - w.shape[1]
+            pads = np.zeros(2 * w.ndim, np.int64)
+            pads[w.ndim + 1] = extra  # end of axis 1 (channels)
             wide = gs.Variable(fresh(f"{x.name}_{WIDTH}ch"), dtype=x.dtype)
             graph.nodes.append(gs.Node("Pad", fresh(f"{conv.name or x.name}_pad_channels"),
                                        inputs=[x, gs.Constant(fresh(f"{x.name}_channel_pads"), pads)],
                                        outputs=[wide]))
             q.inputs[0] = wide
-            w = w_const.values
             zeros = np.zeros((w.shape[0], extra, *w.shape[2:]), w.dtype)
             w_dq.inputs[0] = gs.Constant(fresh(f"{w_const.name}_{WIDTH}ch"), np.concatenate([w, zeros], axis=1))
             padded += 1
@@ -76,16 +76,16 @@ def _match(conv: gs.Node, graph_inputs: set[int]) -> tuple[gs.Node, gs.Constant,
     """``(Q of the input, int8 weight constant, weight DQ)`` when ``conv`` is eligible, else None."""
     if int(conv.attrs.get("group", 1)) != 1 or len(conv.inputs) < 2:
         return None
-    dq = conv.inputs[0].inputs[0] if conv.inputs[0].inputs else None
-    if dq is None or dq.op != "DequantizeLinear" or len(conv.inputs[0].outputs) != 1:
+    dq = _dq_of(conv.inputs[0])
+    if dq is None or len(conv.inputs[0].outputs) != 1:
         return None
     q = dq.inputs[0].inputs[0] if dq.inputs[0].inputs else None
     if q is None or q.op != "QuantizeLinear" or len(dq.inputs[0].outputs) != 1:
         return None
     if id(q.inputs[0]) not in graph_inputs:
         return None
-    w_dq = conv.inputs[1].inputs[0] if conv.inputs[1].inputs else None
-    if w_dq is None or w_dq.op != "DequantizeLinear" or len(conv.inputs[1].outputs) != 1:
+    w_dq = _dq_of(conv.inputs[1])
+    if w_dq is None or len(conv.inputs[1].outputs) != 1:
         return None
     w = w_dq.inputs[0]
     if not isinstance(w, gs.Constant) or len(w.outputs) != 1:

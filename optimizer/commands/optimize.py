@@ -74,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
                      f"{c.flops_ratio:.3f}" if c.flops_ratio is not None else "-",
                      "*" if c is result.chosen else ""])
     print(format_table(["candidate", "SQNR dB", "accuracy", "latency", "size", "MACs", "chosen"], rows))
-    if result.budget is not None and not result.feasible:
+    missed = result.budget is not None and not result.feasible
+    if missed:
         kept = result.max_drop_kept()
         print(f"warning: no candidate met every budget{' and --max-drop' if args.max_drop is not None else ''}; "
               f"wrote the cheapest {'within --max-drop' if kept else 'found'}: {result.verdict()}")
@@ -87,4 +88,4 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {result.output} and {result.recipe_path}")
     # the model is written either way (the best found), but a script running `optimize && deploy` must not take
     # a model over its budget for one within it: a status of its own, apart from 2 (nothing written)
-    return MISSED_BUDGET if result.budget is not None and not result.feasible else 0
+    return MISSED_BUDGET if missed else 0

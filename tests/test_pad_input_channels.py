@@ -117,3 +117,14 @@ def test_other_convs_are_left_alone(model, why):
     res = run_passes(model, [PadInputChannels()])
     assert res.stats["pad_input_channels.convs"] == 0, why
     assert "Pad" not in {n.op_type for n in res.model.graph.node}, why
+
+
+def test_cli_quantize_says_it_padded_the_stem(tmp_path, capsys):
+    """The quantize command names the padded stem (the only rewrite the op table does not show)."""
+    from onnxpress.cli import main
+
+    out = tmp_path / "q.onnx"
+    assert main(["quantize", str(MODELS / "resnet.onnx"), "-o", str(out), "--calib", CALIB, "-q"]) == 0
+    said = capsys.readouterr().out
+    assert "padded the input of 1 int8 input conv(s) to 4 channels" in said
+    assert [n.op_type for n in onnx.load(out).graph.node].count("Pad") == 1

@@ -222,6 +222,9 @@ def run(args: argparse.Namespace) -> int:
     if pools:
         print(f"rewrote {pools} spatial-mean ReduceMean as GlobalAveragePool (same values; an integer pool in "
               "onnxruntime)")
+    if padded := result.stats.get("pad_input_channels.convs", 0):
+        print(f"padded the input of {padded} int8 input conv(s) to 4 channels with zeros (same values; onnxruntime's "
+              "integer conv is slow on 1-3 input channels)")
     if args.smoothquant is not None:
         smoothed = result.stats.get("smoothquant.smoothed", 0)
         line = f"SmoothQuant (alpha {args.smoothquant:g}): {smoothed} activation(s) smoothed"

@@ -24,7 +24,10 @@ without labels (with labels ``optimize`` ranks by accuracy first, and on the 360
 sample once preferred a 20 dB candidate to a 29 dB one at the same budget).
 
 For the residual CNN a last row applies the hand-written recipe ``bench/recipes/resnet_prune_ft_int8.json``
-(the point the search should find by itself).
+(the point the search should find by itself). Its stem is int8 since the twenty-second session: padded to
+4 input channels (``passes/pad_input_channels.py``) it runs 0.215x against 0.273-0.280x with the stem float
+(batch 64, 1 thread, interleaved; the seventh session's code builds the same 0.273x model on today's box,
+where it read 0.189x then).
 
 Latency: onnxruntime CPU (all graph optimisations, spinning off), batch 64, at 1 intra-op thread
 (what the search's budget is measured at, ``latency_threads=1``) and at 2 (issue 4's setting);

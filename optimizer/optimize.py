@@ -510,6 +510,19 @@ def retimed_ratio(times: Sequence[float]) -> float:
     return max(float(np.median(ordered)), ordered[-1] / (1.0 + LATENCY_NOISE))
 
 
+CONFIRM_LOOPS = 3
+CONFIRM_ROUNDS = 40
+"""The written model is timed alone beside the latency reference in this many loops of this many rounds, unscaled.
+
+In-search timings are scaled to the uniform int8 baseline's first ratio (it removes the drift between loops,
+but a baseline read 3% low moves every candidate with it), and the search picks the most faithful model under
+the budget, so its pick sits at the budget. Timed again the way a user (and ``bench/optimize.py``) times it,
+the reference ResNet's target pick (a greedy prune mix + KD + int8, 1 thread, budget 0.2) read 0.210x
+(0.202-0.212) while the search had it within 0.2: the pick is confirmed that way, and the next best is
+taken when the median misses (seconds: ~6 s for a batch-64 CNN).
+"""
+
+
 def pick_best(candidates: Sequence[Candidate], n_labels: int | None, *, binomial: bool = True) -> Candidate:
     """The candidate with the best fidelity: highest SQNR, or with labels the highest accuracy.
 
@@ -843,6 +856,7 @@ def optimize(
     lat_ref = m0 if latency_reference is None else load_model(latency_reference)
     ref_bytes = lat_ref.SerializeToString()
     same_as_ref: dict[tuple[int, ...], bool] = {}
+    over_budget: set[tuple[int, ...]] = set()  # picks whose written model timed over the budget (confirm)
     data = eval_data if eval_data is not None else calib
     feeds = read_feeds(m0, data, eval_samples)
     label_array = None
@@ -1153,7 +1167,7 @@ def optimize(
         return variant
 
     def ok(c: Candidate) -> bool:
-        within = fits(c)
+        within = fits(c) and c.picks not in over_budget
         if max_drop is not None and c.accuracy is not None and ev.ref_accuracy is not None:
             within = within and _holds(drop_points(ev.ref_accuracy, c.accuracy), max_drop)
         return within
@@ -1165,21 +1179,56 @@ def optimize(
         retime()
     if finetune:
         judge()
-    for c in candidates:  # judged on what its full recipe builds; a probe or an un-tuned graph is not judged
-        c.feasible = ok(c) if c.picks in ev.models else None
-    feasible = [c for c in candidates if c.feasible]
-    if feasible:
-        chosen = ev.best(feasible)
-    else:
+    def confirm(c: Candidate) -> bool:
+        """Whether ``c``'s built model meets the latency budget timed alone beside the reference (``CONFIRM_LOOPS``).
+
+        Unscaled, in loops of its own, as a user times the written model; the median counts and becomes its
+        latency. A model with the reference's graph runs its kernels (ratio 1, not timed); past the deadline
+        the search's own timing stands.
+        """
+        lat = next((b.value for b in budgets if b.kind == "latency"), None)
+        if lat is None or not timed:
+            return True
+        model = ev.models[c.picks]
+        if is_reference(c) or _same_graph(model, lat_ref):
+            ratios = [1.0]
+        elif deadline is not None and time.monotonic() > deadline:
+            log.info("%s: past the time limit, its latency not confirmed (%.3f in the search)", c.note, c.latency_ratio)
+            return True
+        else:
+            ratios = [measure_latency(lat_ref, [model], feeds[0], repeats=CONFIRM_ROUNDS, threads=latency_threads)[0]
+                      for _ in range(CONFIRM_LOOPS)]
+            log.info("%s: latency alone beside the reference %s (%.3f in the search)", c.note,
+                     ", ".join(f"{r:.3f}" for r in ratios), c.latency_ratio)
+        c.latency_ratio = float(np.median(ratios))
+        if _holds(c.latency_ratio, lat):
+            return True
+        over_budget.add(c.picks)
+        c.feasible = False
+        log.info("%s measured %.3f over the latency budget %g; taking the next best", c.note, c.latency_ratio, lat)
+        return False
+
+    def choose() -> Candidate:
+        """The best feasible candidate, or (none) the cheapest within max-drop, with a warning."""
+        feasible = [c for c in candidates if c.feasible]
+        if feasible:
+            return ev.best(feasible)
         judged = [c for c in candidates if c.picks in ev.models] if max_drop is not None else []
         near = [c for c in judged if _holds(drop_points(ev.ref_accuracy, c.accuracy), max_drop)] or candidates
-        chosen = min(near, key=lambda c: (c.cost(bud.kind) or math.inf, -fidelity(c)[1]))
         log.warning("no measured candidate meets %s%s; writing the cheapest one %s",
                     ", ".join(f"{b.kind}={b.value:g}" for b in budgets),
                     f" within max-drop {max_drop:g}" if max_drop is not None else "",
                     "within max-drop" if max_drop is not None and near is not candidates else "found")
-    if chosen.feasible and timed and space.float_penalty is not None:
-        chosen = polish(chosen)
+        return min(near, key=lambda c: (c.cost(bud.kind) or math.inf, -fidelity(c)[1]))
+
+    for c in candidates:  # judged on what its full recipe builds; a probe or an un-tuned graph is not judged
+        c.feasible = ok(c) if c.picks in ev.models else None
+    while True:  # each confirmation that fails removes one candidate: this ends
+        chosen = choose()
+        if chosen.feasible and timed and space.float_penalty is not None:
+            chosen = polish(chosen)
+        if not chosen.feasible or confirm(chosen):
+            break
     if chosen.picks not in ev.models:  # over the budget, so not fine-tuned yet: build what the recipe says
         ev.measure(chosen)
         chosen.note = chosen.note.replace(UNTUNED, "").split(" [fidelity after")[0]

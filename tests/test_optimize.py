@@ -606,6 +606,32 @@ def test_labels_of_another_count_than_the_evaluation_data_are_refused(setup):
         optimize(model, tmp / "o.onnx", calib=data, labels=np.tile(labels, 2), budget="flops=0.8", eval_samples=16)
 
 
+def test_the_pick_is_timed_again_alone_and_the_next_best_taken_when_it_misses(setup, monkeypatch):
+    """The search times every candidate at 0.5 of the original, but its first pick, timed again alone beside the
+    original (``CONFIRM_LOOPS`` loops of ``CONFIRM_ROUNDS``), reads 0.97 against a 0.95 budget: it is written as
+    infeasible, and the next best, which confirms, is chosen."""
+    opt = importlib.import_module("onnxpress.optimize")
+    confirmed: list[onnx.ModelProto] = []
+
+    def fake_latency(ref, models, feed, *, repeats=15, threads=1):
+        if repeats != opt.CONFIRM_ROUNDS:
+            return [0.5] * len(models)
+        confirmed.append(models[0])
+        return [0.97 if confirmed[0] is models[0] else 0.5]
+
+    monkeypatch.setattr(opt, "measure_latency", fake_latency)
+    model, data, tmp = setup
+    res = optimize(model, tmp / "o.onnx", calib=data, budget="latency=0.95", cache_dir=tmp / "c", eval_samples=32,
+                   sensitivity_samples=16, float_penalties=False)
+    assert len(confirmed) == 2 * opt.CONFIRM_LOOPS  # the first pick's loops, then the second's
+    assert all(m is confirmed[0] for m in confirmed[: opt.CONFIRM_LOOPS])
+    assert all(m is confirmed[-1] for m in confirmed[opt.CONFIRM_LOOPS :]) and confirmed[-1] is not confirmed[0]
+    missed = [c for c in res.candidates if c.latency_ratio == pytest.approx(0.97)]
+    assert len(missed) == 1 and missed[0].feasible is False and res.chosen is not missed[0]
+    assert res.feasible and res.chosen.latency_ratio == 0.5
+    assert opt._same_graph(onnx.load(tmp / "o.onnx"), confirmed[-1])  # the one confirmed (its ranges may be tuned)
+
+
 @pytest.mark.parametrize("float_is_faster", [True, False])
 def test_near_free_layers_are_kept_float_only_when_the_winner_times_no_slower(setup, monkeypatch, float_is_faster):
     """Penalties of 0.02 (above the free 0.01, within NEAR_FREE_PENALTY): polish tries each such layer float, side by

@@ -272,13 +272,29 @@ def _int8_sensitivity(result: OptimizeResult, m0: onnx.ModelProto, calib: object
 
 
 def _pareto_png(result: OptimizeResult, path: Path) -> None:
+    """Fidelity against cost of every measured candidate; the baseline, the front and the chosen one numbered.
+
+    The numbered points are named in a key under the axes, not beside them: a search leaves several variants
+    of its pick at one point (+ a float layer, + QAT, auto ranges not kept), whose names written beside the
+    points overprinted each other into one unreadable line.
+    """
     plt = _plt()
     kind = result.budget.kind
-    fig, ax = plt.subplots(figsize=(6, 4))
     pts = [c for c in result.candidates if c.cost(kind) is not None and c.sqnr_db is not None]
     untuned = [c for c in pts if "before fine-tune" in c.note]  # never fine-tuned (see optimize)
     probed = [c for c in pts if "probe fine-tune" in c.note]  # after a short probe, not the full fine-tune
     done = [c for c in pts if c not in untuned and c not in probed]
+    front = result.pareto
+    named: list[Any] = []
+    for c in [*done[:1], *front, result.chosen]:  # the first measured is the uniform baseline
+        if c is not None and c.cost(kind) is not None and c.sqnr_db is not None and all(c is not n for n in named):
+            named.append(c)
+    named.sort(key=lambda c: (c.cost(kind), -c.sqnr_db))
+    key = [f"{i}: {c.note} ({kind} {c.cost(kind):.3f}, {c.sqnr_db:.2f} dB)" + ("  <- chosen" if c is result.chosen
+                                                                                 else "")
+           for i, c in enumerate(named, 1)]
+    key_inches = 0.16 * len(key) + 0.3
+    fig, ax = plt.subplots(figsize=(7, 4 + key_inches))
     ax.scatter([c.cost(kind) for c in done], [min(c.sqnr_db, 100) for c in done], color="grey", label="measured")
     if untuned:
         ax.scatter([c.cost(kind) for c in untuned], [min(c.sqnr_db, 100) for c in untuned], facecolors="none",
@@ -286,24 +302,23 @@ def _pareto_png(result: OptimizeResult, path: Path) -> None:
     if probed:
         ax.scatter([c.cost(kind) for c in probed], [min(c.sqnr_db, 100) for c in probed], marker="^",
                    facecolors="none", edgecolors="tab:orange", label="after a probe fine-tune")
-    xs = [c.cost(kind) for c in pts] or [0.0]
-    middle = (min(xs) + max(xs)) / 2
-    for c in done:  # baselines and the chosen one; un-tuned structures stay unlabelled (they crowd the axis)
-        if c.note.startswith("uniform") or c is result.chosen:
-            x = c.cost(kind)  # labels right of the middle end at their point, so they stay inside the axes
-            ax.annotate(c.note, (x, min(c.sqnr_db, 100)), fontsize=7, ha="right" if x > middle else "left",
-                        xytext=(-4 if x > middle else 4, 2), textcoords="offset points")
-    front = result.pareto
     ax.plot([c.cost(kind) for c in front], [min(c.sqnr_db, 100) for c in front], "b-o", label="Pareto front")
     if result.chosen is not None and result.chosen.cost(kind) is not None:
         ax.scatter([result.chosen.cost(kind)], [min(result.chosen.sqnr_db, 100)], s=160, marker="*", color="red",
                    label="chosen", zorder=5)
+    at: dict[tuple[float, float], int] = {}  # numbers at one point go side by side
+    for i, c in enumerate(named, 1):
+        xy = (c.cost(kind), min(c.sqnr_db, 100))
+        k = at[xy] = at.get(xy, -1) + 1
+        ax.annotate(str(i), xy, fontsize=8, xytext=(8 + 9 * k, 4), textcoords="offset points")  # clear of the star
     ax.axvline(result.budget.value, color="red", ls=":", label=f"budget {kind}={result.budget.value:g}")
     ax.set_xlabel(f"{kind} ratio (candidate / original)")
     ax.set_ylabel("output SQNR vs original (dB)")
     ax.set_title("Candidates: fidelity vs cost")
     ax.legend(fontsize=8)
-    fig.tight_layout()
+    height = 4 + key_inches
+    fig.tight_layout(rect=(0, key_inches / height, 1, 1))
+    fig.text(0.02, 0.02 / height, "\n".join(key), fontsize=7, va="bottom", ha="left", family="monospace")
     fig.savefig(path, dpi=90)
     plt.close(fig)
 

@@ -9,7 +9,9 @@ With a latency budget the search first times the int8 model with each layer left
 a float layer inside an int8 chain costs what that measured, not its MACs (see ``onnxpress.search``).
 Every later timing loop includes the uniform int8 baseline and is scaled to its first ratio, and the
 candidates near the budget are timed twice more (the median counts, and no timing may pass the budget by
-more than the 1% noise of one loop: ``retimed_ratio``).
+more than the 1% noise of one loop: ``retimed_ratio``). The pick is then timed alone beside the reference in
+``CONFIRM_LOOPS`` unscaled loops, as a user times the written model; when their median misses the budget the
+next best is taken.
 
 With ``finetune`` (distillation after pruning/splitting, before quantizing) a fine-tune changes
 weights, not the graph, so cost and fidelity are measured in two stages::

@@ -41,6 +41,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                                                         "(default 1)")
     p.add_argument("--keep-ranks", action="store_true",
                    help="keep the graph's tensor ranks (do not run a transformer's token-wise ops on [rows, features])")
+    p.add_argument("--keep-bias", action="store_true",
+                   help="leave each split layer's bias as an addition over its output (do not fold it into the "
+                        "second factor behind a column of ones)")
     add_dims(p)
     add_common(p)
     p.set_defaults(func=run)
@@ -79,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
         threads=threads,
         dims=dims_of(args),
         flatten_tokens=not args.keep_ranks,
+        fold_bias=not args.keep_bias,
         progress=progress_enabled(args),
     )
     print(result.table())
@@ -89,6 +93,9 @@ def run(args: argparse.Namespace) -> int:
     if result.flattened:
         print(f"ran the token-wise region on [rows, features] ({result.flattened} dense layers; "
               "onnxruntime's rank-2 LayerNorm/GELU kernels are faster here; --keep-ranks to skip)")
+    if result.biases_folded:
+        print(f"folded the bias of {result.biases_folded} split layer(s) into the second factor behind a column of "
+              "ones (exact; onnxruntime then adds no bias over the wide output; --keep-bias to skip)")
     # how the layers that were split were factored (the table's method column, counted)
     methods = collections.Counter(lay.method for lay in result.layers if lay.skipped is None)
     names = {"svd": "plain SVD", "whitened-svd": "data-aware (whitened) SVD", "tucker2": "plain Tucker-2"}

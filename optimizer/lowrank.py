@@ -467,8 +467,12 @@ def lowrank(
         need = sum(added for _, added in _foldable_layers(split.report))
         limit = flops * split.macs[0]
         if need and split.macs[1] + need > limit and limit - need > 0:
+            kept = result, split.report, split.macs
             split.flops = (limit - need) / split.macs[0]
-            result = transform(cleaned, [split, ShareTransposedConstants()], None, progress=progress)
+            try:
+                result = transform(cleaned, [split, ShareTransposedConstants()], None, progress=progress)
+            except UnsupportedModelError:  # near the floor of the ranks: keep the split, fold the columns that fit
+                result, split.report, split.macs = kept
             split.flops = flops
     model, flattened, notes = result.model, 0, result.pipeline.notes
     if flatten_tokens and any(lay.rank is not None and lay.skipped is None for lay in split.report):

@@ -139,3 +139,19 @@ def test_cli_lowrank_says_it_folded_the_biases_unless_asked_to_keep_them(tmp_pat
     shapes = [sorted(tuple(i.dims) for i in onnx.load(tmp_path / f).graph.initializer if len(i.dims) == 2)
               for f in ("a.onnx", "b.onnx")]
     assert shapes == [[(5, 64), (64, 5)], [(4, 64), (64, 4)]]  # [V; b] behind [U, 0]; the plain rank-4 factors
+
+
+def test_near_the_floor_of_the_ranks_lowrank_keeps_its_split_and_folds_what_fits():
+    """At 0.17 of the transformer's MACs (every layer at rank 8 leaves 0.165) no room for the columns can be made by
+    splitting again: the split stands, two columns fit, the others are named as left."""
+    from pathlib import Path
+
+    import onnxpress
+
+    model = Path(__file__).resolve().parents[1] / "models" / "transformer.onnx"
+    res = onnxpress.lowrank(str(model), flops=0.17, multiple=8)
+    assert res.macs_after <= 0.17 * res.macs_before
+    left = [n for n in res.notes if "bias left on the wide output" in n]
+    assert res.biases_folded >= 1 and left
+    assert res.biases_folded + len(left) == sum(1 for lay in res.layers if lay.rank is not None and lay.skipped is None
+                                                and lay.shape[0] >= MIN_RATIO * (lay.rank + 1))

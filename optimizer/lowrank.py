@@ -39,7 +39,7 @@ from onnxpress.model_io import (
     refuse_quantized,
     save_model,
 )
-from onnxpress.passes.factor_bias import MIN_RATIO, FoldBiasIntoFactor
+from onnxpress.passes.factor_bias import MIN_RATIO, FoldBiasIntoFactor, foldable
 from onnxpress.passes.flatten_tokens import FlattenTokens
 from onnxpress.passes.flops import assume_input_dims, count_params, scoped_input_dims, shapes_at
 from onnxpress.passes.fold import ShareTransposedConstants
@@ -310,13 +310,15 @@ def measure_latency(
     return out
 
 
-def _foldable_layers(reports: Sequence[LayerReport]) -> list[tuple[LayerReport, int]]:
-    """Split dense layers wide enough for ``FoldBiasIntoFactor``, widest for their rank first.
+def _foldable_layers(model: onnx.ModelProto, reports: Sequence[LayerReport]) -> list[tuple[LayerReport, int]]:
+    """Split dense layers of ``model`` with a bias to fold and wide enough for ``FoldBiasIntoFactor``, widest first.
 
-    Each with the MACs per sample its column of ones adds (``rows * N``: ``macs_before / n``).
+    Each with the MACs per sample its column of ones adds (``rows * N``: ``macs_before / n``). A layer without a
+    bias (a LLaMA-style projection) has nothing to fold and is not listed, so it claims no room in the budget.
     """
+    with_bias = {second.name or second.outputs[0].name for _, second, _, _ in foldable(import_graph(model))}
     picks = [lay for lay in reports if lay.rank is not None and lay.skipped is None and lay.op != "Conv"
-             and not lay.members and lay.shape[0] >= MIN_RATIO * (lay.rank + 1)]
+             and not lay.members and lay.key in with_bias and lay.shape[0] >= MIN_RATIO * (lay.rank + 1)]
     picks.sort(key=lambda lay: -lay.shape[0] / (lay.rank + 1))
     return [(lay, lay.macs_before // max(lay.shape[1], 1)) for lay in picks]
 
@@ -330,7 +332,7 @@ def _fold_biases(model: onnx.ModelProto, reports: tuple[LayerReport, ...], macs_
     """
     chosen: dict[str, int] = {}
     notes: list[str] = []
-    for lay, added in _foldable_layers(reports):
+    for lay, added in _foldable_layers(model, reports):
         if limit is not None and macs_after + sum(chosen.values()) + added > limit:
             notes.append(f"{lay.key}: bias left on the wide output (its column of ones would take the MACs "
                          "over the budget)")
@@ -464,7 +466,7 @@ def lowrank(
         # the bias columns add MACs (rows * N per folded layer): split again within the budget less those, so that
         # every layer wide enough gets its column (a 0.5 budget left room for 4 of the transformer's 8: 0.678x
         # instead of 0.631x)
-        need = sum(added for _, added in _foldable_layers(split.report))
+        need = sum(added for _, added in _foldable_layers(result.model, split.report))
         limit = flops * split.macs[0]
         if need and split.macs[1] + need > limit and limit - need > 0:
             kept = result, split.report, split.macs

@@ -155,3 +155,21 @@ def test_near_the_floor_of_the_ranks_lowrank_keeps_its_split_and_folds_what_fits
     assert res.biases_folded >= 1 and left
     assert res.biases_folded + len(left) == sum(1 for lay in res.layers if lay.rank is not None and lay.skipped is None
                                                 and lay.shape[0] >= MIN_RATIO * (lay.rank + 1))
+
+
+def test_bias_free_layers_claim_no_room_in_the_budget():
+    """LLaMA-style projections have no bias: nothing to fold, so lowrank splits exactly as with fold_bias=False."""
+    import onnxpress
+
+    g = graphs.rng(2)
+    model = graphs.make_model(
+        [helper.make_node("MatMul", ["X", "W1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+         helper.make_node("MatMul", ["r", "W2"], ["Y"])],
+        [("X", ["batch", 64])], [("Y", ["batch", 64])],
+        {"W1": g.standard_normal((64, 256)).astype(np.float32), "W2": g.standard_normal((256, 64)).astype(np.float32)},
+    )
+    folded = onnxpress.lowrank(model, flops=0.5)
+    plain = onnxpress.lowrank(model, flops=0.5, fold_bias=False)
+    assert folded.biases_folded == 0 and not [n for n in folded.notes if "bias left" in n]
+    assert [lay.rank for lay in folded.layers] == [lay.rank for lay in plain.layers]
+    assert folded.model.SerializeToString() == plain.model.SerializeToString()

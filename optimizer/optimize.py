@@ -89,7 +89,7 @@ evaluation samples along axis 0; ``labels`` the evaluation labels (the first as 
 
 __all__ = [
     "FREE_PENALTY", "NEAR_FREE_PENALTY", "Metric", "OptimizeResult", "free_float_picks", "measure_float_penalties",
-    "near_free_layers", "optimize", "pick_best", "retimed_ratio",
+    "optimize", "pick_best", "retimed_ratio",
 ]
 
 log = logging.getLogger(__name__)
@@ -448,15 +448,6 @@ loops, so one at a time. In a search the difference was within the noise (a gree
 float vs 0.203 / 0.199 / 0.203 int8; the 62.5%-pruned structure 0.195 / 0.195 / 0.204 vs 0.193 / 0.192 / 0.196), so
 the winner keeps the int8 layer unless the float one measures no slower. Also tried on every structured baseline
 before the fine-tune: no pick changed in that run, and the extra structures crowd the shortlist; not kept."""
-
-
-def near_free_layers(space: SearchSpace, picks: tuple[int, ...], low: float = FREE_PENALTY,
-                     high: float = NEAR_FREE_PENALTY) -> list[tuple[int, ...]]:
-    """``picks`` with one int8 layer set to fp32 (same rank), for each whose float penalty is in ``(low, high]``.
-
-    Ordered by penalty, lowest first (:func:`_float_options`).
-    """
-    return [(*picks[:i], j, *picks[i + 1 :]) for i, j in _float_options(space, picks, low, high)]
 
 
 def _float_options(space: SearchSpace, picks: tuple[int, ...], low: float, high: float) -> list[tuple[int, int]]:

@@ -298,20 +298,25 @@ def test_free_float_picks_sets_zero_penalty_int8_layers_to_fp32_at_the_same_rank
     assert after[0] == before[0].replace("int8", "fp32") and after[1] == before[1]
 
 
-def test_near_free_layers_flips_one_layer_at_a_time_lowest_penalty_first():
-    """Each int8 layer with a penalty in (0.01, NEAR_FREE_PENALTY] gives one variant with only it fp32, same rank."""
-    from onnxpress.optimize import NEAR_FREE_PENALTY, near_free_layers
+def test_near_free_options_flip_one_layer_at_a_time_lowest_penalty_first():
+    """Each int8 layer with a penalty in (0.01, NEAR_FREE_PENALTY] gives one variant with only it fp32, same rank
+    (what optimize's polish tries, one at a time)."""
+    from onnxpress.optimize import FREE_PENALTY, NEAR_FREE_PENALTY, _float_options
+
+    def near_free(space, picks):  # polish's variants: one layer flipped each
+        return [(*picks[:i], j, *picks[i + 1 :]) for i, j in _float_options(space, picks, FREE_PENALTY,
+                                                                             NEAR_FREE_PENALTY)]
 
     space = SearchSpace(_sens(), model_bytes=2000, int8_latency=0.5)
     labels = lambda picks: [space.options[i][j].label for i, j in enumerate(picks[: len(space.layers)])]  # noqa: E731
     int8 = space.uniform("int8")
-    assert near_free_layers(space, int8) == []  # nothing measured
+    assert near_free(space, int8) == []  # nothing measured
     space.float_penalty = [NEAR_FREE_PENALTY, 0.02]
-    assert [labels(p) for p in near_free_layers(space, int8)] == [["int8", "fp32"], ["fp32", "int8"]]
+    assert [labels(p) for p in near_free(space, int8)] == [["int8", "fp32"], ["fp32", "int8"]]
     space.float_penalty = [0.01, NEAR_FREE_PENALTY + 1e-6]  # free (polish's first step) and too costly: none
-    assert near_free_layers(space, int8) == []
+    assert near_free(space, int8) == []
     space.float_penalty = [0.02, 0.02]
     ranked = space.uniform("int8", 0.5)
-    for variant in near_free_layers(space, ranked):
+    for variant in near_free(space, ranked):
         changed = [i for i, (a, b) in enumerate(zip(variant, ranked, strict=True)) if a != b]
         assert len(changed) == 1 and labels(variant)[changed[0]] == labels(ranked)[changed[0]].replace("int8", "fp32")

@@ -39,14 +39,6 @@ MIN_RATIO = 3.0
 """Fold a pair when its output width ``N`` is at least this many times ``r + 1`` (measured above)."""
 
 
-def _consumers(graph: gs.Graph) -> dict[int, list[gs.Node]]:
-    readers: dict[int, list[gs.Node]] = {}
-    for n in graph.nodes:
-        for t in n.inputs:
-            readers.setdefault(id(t), []).append(n)
-    return readers
-
-
 def _bias_vector(t: gs.Tensor, n: int) -> np.ndarray | None:
     """The bias as a length-``n`` vector when ``t`` is a constant that varies along the last axis only."""
     if not isinstance(t, gs.Constant):
@@ -71,7 +63,6 @@ Pair = tuple[gs.Node, gs.Node, "gs.Node | None", np.ndarray]
 
 def foldable(graph: gs.Graph) -> list[Pair]:
     """Every ``(first, second, bias Add or None, bias)`` pair the pass can fold (any output width)."""
-    readers = _consumers(graph)
     outputs = {id(t) for t in graph.outputs}
     found = []
     for second in graph.nodes:
@@ -79,7 +70,7 @@ def foldable(graph: gs.Graph) -> list[Pair]:
             continue
         v = _weight(second)
         t = second.inputs[0]
-        if v is None or id(t) in outputs or len(readers.get(id(t), [])) != 1 or not t.inputs:
+        if v is None or id(t) in outputs or len(t.outputs) != 1 or not t.inputs:  # a tensor's outputs: its readers
             continue
         first = t.inputs[0]
         u = _weight(first) if first.op in ("MatMul", "Gemm") else None
@@ -97,7 +88,7 @@ def foldable(graph: gs.Graph) -> list[Pair]:
             found.append((first, second, None, c * float(second.attrs.get("beta", 1.0))))
             continue
         y = second.outputs[0]
-        adds = readers.get(id(y), [])
+        adds = y.outputs
         if id(y) in outputs or len(adds) != 1 or adds[0].op != "Add":
             continue
         other = [i for i in adds[0].inputs if i is not y]

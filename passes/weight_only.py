@@ -22,7 +22,9 @@ error is spread over the rows not yet rounded so as to minimise the expected out
                                                          W[j > i] -= U[i, j] / U[i, i] · (w_i - ŵ_i)
 
 which leaves every stored value on the same grid (the kernel and the packing do not change). On the
-reference transformer (block 64) this raises logit SQNR from 26.0 to 40.2 dB (bench/quantize.py).
+reference transformer (block 64) this raises logit SQNR from 26.0 to 40.2 dB (bench/quantize.py). The
+block scales are then refitted to the chosen codes (least squares on the same objective, codes fixed):
+40.99 / 40.17 / 41.18 -> 42.43 / 41.49 / 41.45 dB at block 32 / 64 / 128.
 
 Activations
 stay float; onnxruntime's ``MatMulNBits`` (com.microsoft) dequantizes the blocks on the fly. A weight
@@ -67,6 +69,7 @@ __all__ = [
     "gptq_factor",
     "gptq_rows",
     "quantize_blocks",
+    "refit_block_scales",
     "store_constants_int8",
 ]
 
@@ -226,12 +229,15 @@ def gptq_blocks(
     search: bool = True,
     damp: float = 0.01,
     act_order: bool = True,
+    refit: int = 1,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """GPTQ-style rounding of ``w[K, N]`` onto the blockwise int4 grid of :func:`quantize_blocks`.
 
-    The scales (and zero points when not ``symmetric``) are those of the round-to-nearest functions,
+    The scales (and zero points when not ``symmetric``) start as those of the round-to-nearest functions,
     fixed from ``w`` before any update ("static groups"), so the result packs exactly like theirs;
-    only which grid point each element takes changes, chosen to minimise ``tr(Δᵀ H Δ)``.
+    which grid point each element takes is chosen to minimise ``tr(Δᵀ H Δ)``. Then (``refit`` times)
+    the scales are refitted to those codes under the same objective (:func:`refit_block_scales`;
+    zero points stay), and codes rounded again on the new scales before any further refit.
 
     Written by hand in numpy (no GPTQ library): it is the core of our int4 accuracy.
 
@@ -243,6 +249,9 @@ def gptq_blocks(
         search: MSE search of the block scales (as in :func:`quantize_blocks`).
         damp: added to the diagonal, as a fraction of its mean (regularises a singular ``H``).
         act_order: round the rows with the largest ``H_ii`` first (their errors get compensated most).
+        refit: rounds of scale refitting after the rounding (0: the round-to-nearest scales, unchanged).
+            One by default: on the reference transformer two gave -0.6 / +0.3 / +0.2 dB more at block
+            32 / 64 / 128 than one, three less again at 128.
 
     Returns:
         ``(q, scale, zero)`` as :func:`quantize_blocks` (``zero`` None) or
@@ -265,13 +274,29 @@ def gptq_blocks(
         q0, scale, zero = quantize_blocks_asym(w, block_size, search=search)
         zero_f = zero.astype(np.float64)
     k_pad = q0.shape[0]
-    work = np.zeros((k_pad, n), np.float64)
-    work[:k] = w
     hp = np.zeros((k_pad, k_pad), np.float64)
     hp[:k, :k] = h  # the padding rows are dead inputs
     order, upper = gptq_factor(hp, damp, act_order)
+    codes = _gptq_codes(w, upper, order, scale.astype(np.float64), zero_f, block_size)
+    for r in range(refit):
+        scale = refit_block_scales(w, codes - zero_f.repeat(block_size, axis=0), scale, hp, block_size)
+        if r + 1 < refit:
+            codes = _gptq_codes(w, upper, order, scale.astype(np.float64), zero_f, block_size)
+    if symmetric:
+        return (codes - 8).astype(np.int8), scale, None
+    return codes.astype(np.uint8), scale, zero
+
+
+def _gptq_codes(
+    w: np.ndarray, upper: np.ndarray, order: np.ndarray, scale: np.ndarray, zero_f: np.ndarray, block_size: int
+) -> np.ndarray:
+    """GPTQ's codes in [0, 15] (``[K_pad, N]`` float, rows in their own order) for fixed block scales and zeros."""
+    k, n = w.shape
+    k_pad = upper.shape[0]
+    work = np.zeros((k_pad, n), np.float64)
+    work[:k] = w
     work = work[order]
-    row_scale = scale.astype(np.float64)[order // block_size]  # [K_pad, N]: each row's block scale
+    row_scale = scale[order // block_size]  # [K_pad, N]: each row's block scale
     row_zero = zero_f[order // block_size]
     codes = np.empty((k_pad, n), np.float64)
     # lazy batches, as in gptq_rows: updates inside a block of rows, then one product for the rows after it
@@ -288,9 +313,95 @@ def gptq_blocks(
         work[b1:] -= upper[b0:b1, b1:].T @ errors
     out = np.empty_like(codes)
     out[order] = codes
-    if symmetric:
-        return (out - 8).astype(np.int8), scale, None
-    return out.astype(np.uint8), scale, zero
+    return out
+
+
+REFIT_ITERATIONS = 2
+"""Conjugate-gradient steps of :func:`refit_block_scales`."""
+
+_REFIT_CHUNK = 1 << 22
+"""Values of the ``[K_pad, columns]`` work arrays :func:`refit_block_scales` holds at once (32 MB in float64)."""
+
+
+def refit_block_scales(
+    w: np.ndarray,
+    centred: np.ndarray,
+    scale: np.ndarray,
+    hessian: np.ndarray,
+    block_size: int,
+    *,
+    iterations: int = REFIT_ITERATIONS,
+) -> np.ndarray:
+    """Block scales that lower ``tr(Δᵀ H Δ)`` for fixed integer codes, ``Δ = W - Ŵ``, column by column.
+
+    GPTQ picks each code for scales fixed in advance from the weights alone; once the codes are
+    chosen, the best scales for them solve a small least-squares problem per output column ``n``
+    (``Ŵ[:, n] = Σ_b s_b q_b``, ``q_b`` the column's centred codes in block ``b``, zero elsewhere)::
+
+        A s = c,   A[b, b'] = q_bᵀ H q_b',   c[b] = q_bᵀ H w
+
+    Building every ``A`` costs ``K·N·(K / block)`` memory traffic (13 s beside GPTQ's 9 s on a
+    4096 x 4096 weight), so it is solved by conjugate gradients from the current scales instead, with
+    the diagonal blocks ``q_bᵀ H_bb q_b`` as preconditioner: each step is one product ``H (Q̃ p)`` for all
+    columns at once. Every step lowers each column's objective (CG on a positive semi-definite
+    quadratic); on random 512-4096 square weights 2 steps reach the exact solution's objective to 1e-4 and 4 to 1e-9.
+    Reference transformer, logit SQNR at block 32 / 64 / 128: 40.99 / 40.17 / 41.18 -> 42.43 / 41.49 /
+    41.45 dB (42.56 / 41.47 / 41.45 with the exact solution). Written by hand: it is part of our int4
+    rounding (no library fits scales to GPTQ codes).
+
+    Args:
+        w: float weight ``[K, N]``.
+        centred: codes minus zero point, ``[K_pad, N]`` (``K_pad`` a multiple of ``block_size``).
+        scale: current scales ``[K_pad / block_size, N]``.
+        hessian: ``E[x xᵀ]``, ``[K_pad, K_pad]`` (zero rows for padding).
+        block_size: rows per scale block.
+        iterations: conjugate-gradient steps.
+
+    Returns:
+        float32 scales, the shape of ``scale``.
+    """
+    k, n = w.shape
+    nb = scale.shape[0]
+    k_pad = nb * block_size
+    out = np.array(scale, np.float32, copy=True)
+    h32 = np.asarray(hessian, np.float32)  # the products in float32: half the time, errors ~1e-7 of A
+    diag = [np.asarray(hessian[b * block_size : (b + 1) * block_size, b * block_size : (b + 1) * block_size],
+                       np.float64) for b in range(nb)]
+    step = max(1, _REFIT_CHUNK // k_pad)
+    for c0 in range(0, n, step):
+        c1 = min(n, c0 + step)
+        qb = np.asarray(centred[:, c0:c1], np.float64).reshape(nb, block_size, -1)
+
+        def a_times(x: np.ndarray, qb: np.ndarray = qb) -> np.ndarray:  # Q̃ᵀ H x for x [K_pad, C]: [nb, C]
+            hx = (h32 @ x.astype(np.float32)).astype(np.float64)
+            return np.einsum("bic,bic->bc", qb, hx.reshape(nb, block_size, -1))
+
+        def spread(s: np.ndarray, qb: np.ndarray = qb) -> np.ndarray:  # Q̃ s: [K_pad, C]
+            return (qb * s[:, None, :]).reshape(k_pad, -1)
+
+        precond = np.stack([np.einsum("ic,ic->c", qb[b], diag[b] @ qb[b]) for b in range(nb)])
+        precond = np.where(precond > 0, precond, 1.0)
+        s = out[:, c0:c1].astype(np.float64)
+        wc = np.zeros((k_pad, c1 - c0))
+        wc[:k] = w[:, c0:c1]
+        r = a_times(wc - spread(s))  # c - A s
+        z = r / precond
+        p = z.copy()
+        rz = np.sum(r * z, axis=0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            for _ in range(iterations):
+                ap = a_times(spread(p))
+                curv = np.sum(p * ap, axis=0)
+                alpha = np.where(curv > 0, rz / np.where(curv > 0, curv, 1.0), 0.0)
+                s += alpha * p
+                r -= alpha * ap
+                z = r / precond
+                rz_next = np.sum(r * z, axis=0)
+                p = z + np.where(rz > 0, rz_next / np.where(rz > 0, rz, 1.0), 0.0) * p
+                rz = rz_next
+        ok = np.all(np.isfinite(s), axis=0)
+        out[:, c0:c1] = np.where(ok[None, :], s, out[:, c0:c1]).astype(np.float32)
+    return out
 
 
 GPTQ_BLOCK = 128

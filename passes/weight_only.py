@@ -278,6 +278,8 @@ def gptq_blocks(
     hp[:k, :k] = h  # the padding rows are dead inputs
     order, upper = gptq_factor(hp, damp, act_order)
     codes = _gptq_codes(w, upper, order, scale.astype(np.float64), zero_f, block_size)
+    if refit <= 1:
+        del upper  # [K_pad, K_pad] float64: the refit's float32 copy of H takes its place at the peak
     for r in range(refit):
         scale = refit_block_scales(w, codes - zero_f.repeat(block_size, axis=0), scale, hp, block_size)
         if r + 1 < refit:

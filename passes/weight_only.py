@@ -345,9 +345,9 @@ def refit_block_scales(
     Building every ``A`` costs ``K·N·(K / block)`` memory traffic (13 s beside GPTQ's 9 s on a
     4096 x 4096 weight), so it is solved by conjugate gradients from the current scales instead, with
     the diagonal blocks ``q_bᵀ H_bb q_b`` as preconditioner: each step is one product ``H (Q̃ p)`` for all
-    columns at once (2 steps: 2-3 s on that weight, where GPTQ itself takes 9 s). Every step lowers each column's objective (CG on a
-    positive semi-definite quadratic); on random 512-4096 square weights 2 steps reach the exact
-    solution's objective to 1e-4 and 4 to 1e-9.
+    columns at once (2 steps: 2-3 s on that weight, where GPTQ itself takes 9 s). Every step lowers
+    each column's objective (CG on a positive semi-definite quadratic); on random 512-4096 square
+    weights 2 steps reach the exact solution's objective to 1e-4 and 4 to 1e-9.
     Reference transformer, logit SQNR at block 32 / 64 / 128: 40.99 / 40.17 / 41.18 -> 42.43 / 41.49 /
     41.45 dB (42.56 / 41.47 / 41.45 with the exact solution). Written by hand: it is part of our int4
     rounding (no library fits scales to GPTQ codes).

@@ -292,7 +292,7 @@ def gptq_blocks(
 def _gptq_codes(
     w: np.ndarray, upper: np.ndarray, order: np.ndarray, scale: np.ndarray, zero_f: np.ndarray, block_size: int
 ) -> np.ndarray:
-    """GPTQ's codes in [0, 15] (``[K_pad, N]`` float, rows in their own order) for fixed block scales and zeros."""
+    """GPTQ's codes in [0, 15] (``[K_pad, N]`` float, rows in the weight's order) for fixed block scales and zeros."""
     k, n = w.shape
     k_pad = upper.shape[0]
     work = np.zeros((k_pad, n), np.float64)

@@ -695,10 +695,10 @@ def prepare_for_quantize(
         model = record(run_passes(model, [EqualizeActivations(absmax, only=only)], progress=progress))
         seen = min((obs.samples for obs in observed.values()), default=None)
         if seen is not None and seen < MIN_SAMPLES:
-            warning = (f"equalize_activations: measured on {seen} calibration sample(s): with fewer than {MIN_SAMPLES} "
-                       "a channel's maximum is underestimated and the int8 grid clips its stretched tail on other "
-                       "data (MobileNet, held-out SQNR: -2.9 dB at 32 samples, -19 dB at 4); give more samples, or "
-                       "drop --equalize activations")
+            warning = (f"equalize_activations warning: measured on {seen} calibration sample(s): with fewer than "
+                       f"{MIN_SAMPLES} a channel's maximum is underestimated and the int8 grid clips its stretched "
+                       "tail on other data (MobileNet, held-out SQNR: -2.9 dB at 32 samples, -19 dB at 4); give more "
+                       "samples, or drop --equalize activations")
             log.warning(warning)
             if notes is not None:
                 notes.append(warning)

@@ -238,10 +238,9 @@ def run(args: argparse.Namespace) -> int:
         none = (f"; none found ({why[0][len(key) + 2:]})" if why else
                 "; the model has no two Conv (or Gemm) layers joined only by Relu, LeakyRelu or ReLU6-like Clips")
         print(f"{what}: {pairs} layer pair(s) equalized" + (none if not pairs else ""))
-        if args.verbose:  # each pair left as it was (too few samples to trust the ranges: logged as a warning)
+        if args.verbose:  # each pair left as it was (a too-few-samples warning is logged, under its own prefix)
             for note in why if pairs else why[1:]:
-                if "calibration sample(s)" not in note:
-                    print("  " + note[len(key) + 2:])
+                print("  " + note[len(key) + 2:])
     for note in result.notes:
         if note.startswith(("gptq: ", "float16: ", "dynamic: ")):
             print(note.split(": ", 1)[1])

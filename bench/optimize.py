@@ -52,7 +52,7 @@ from pathlib import Path
 
 import numpy as np
 
-from onnxpress.optimize import LATENCY_NOISE, _same_graph, optimize
+from onnxpress.optimize import LATENCY_NOISE, optimize, same_kernels
 from onnxpress.passes.flops import count_macs
 from onnxpress.prune import sqnr_db
 from onnxpress.recipe import apply_recipe, load_recipe, prepare
@@ -138,7 +138,7 @@ def bench(name: str, repeats: int, budget: float | None, report: Path | None, ca
     for label, uni in pairs.items():
         # the two models compared, head to head in one loop (each row above was timed in a loop of its own beside
         # the original: one graph timed twice that way read 0.393 and 0.383, so rows 3% apart there can tie)
-        head = None if _same_graph(models[label], models[uni]) else [
+        head = None if same_kernels(models[label], models[uni]) else [
             measure_latency(models[uni], [models[label]], latency_feed, repeats=repeats, threads=1)[0]
             for _ in range(spread)]
         verdicts.append(_dominance(name, label, uni, sqnr, head, lat1))

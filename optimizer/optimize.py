@@ -89,7 +89,7 @@ evaluation samples along axis 0; ``labels`` the evaluation labels (the first as 
 
 __all__ = [
     "FREE_PENALTY", "NEAR_FREE_PENALTY", "Metric", "OptimizeResult", "free_float_picks", "measure_float_penalties",
-    "optimize", "pick_best", "retimed_ratio",
+    "optimize", "pick_best", "retimed_ratio", "same_kernels",
 ]
 
 log = logging.getLogger(__name__)
@@ -320,8 +320,10 @@ _BIAS_STORAGE = {onnx.TensorProto.INT16: onnx.TensorProto.INT32}
 """CompactQDQ stores an int32 bias that fits in int16 as int16 plus a Cast: the same kernel either way."""
 
 
-def _same_graph(a: onnx.ModelProto, b: onnx.ModelProto) -> bool:
+def same_kernels(a: onnx.ModelProto, b: onnx.ModelProto) -> bool:
     """Same nodes (op types, in order) and the same non-scalar initializers (type and shape): the same kernels.
+
+    So the two models cost the same to run and store (the search and bench/optimize.py reuse a timing on it).
 
     Scalars are left out: two tensors whose ranges come out equal share one scale constant. So are the Cast
     nodes and int16 types of biases stored narrow (``_BIAS_STORAGE``): rescaled channels can make a bias
@@ -382,7 +384,7 @@ def _kept_if_closer(
 ) -> tuple[Candidate, onnx.ModelProto]:
     """``chosen`` rebuilt from ``recipe`` (the same graph, so the same kernels and cost), if it measures closer."""
     model = apply_recipe(ev.m0, recipe, ev.calib, prepared=True, moments_cache=ev.moments, finetune_cache=ev.tuned)
-    if not _same_graph(model, built):
+    if not same_kernels(model, built):
         log.info("%s changed the graph; kept the model without it", what)
         return chosen, built
     variant = dataclasses.replace(chosen, recipe=recipe, note=f"{chosen.note} + {what}")
@@ -1183,7 +1185,7 @@ def optimize(
         if lat is None or not timed:
             return True
         model = ev.models[c.picks]
-        if is_reference(c) or _same_graph(model, lat_ref):
+        if is_reference(c) or same_kernels(model, lat_ref):
             ratios = [1.0]
         elif deadline is not None and time.monotonic() > deadline:
             log.info("%s: past the time limit, its latency not confirmed (%.3f in the search)", c.note, c.latency_ratio)

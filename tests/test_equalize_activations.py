@@ -191,7 +191,7 @@ def test_optimize_keeps_the_equalized_variant_only_when_it_measures_better_on_en
     """The chosen int8 candidate rebuilt with equalize="activations": same kernels, recipe says so, kept iff closer
     on held-out data; not tried when the candidates are compared on fewer calibration samples than
     EQUALIZE_MIN_SAMPLES (there it would measure closer whatever it clips elsewhere)."""
-    from onnxpress.optimize import EQUALIZE_MIN_SAMPLES, _Evaluator, _same_graph, _with_equalized_activations
+    from onnxpress.optimize import EQUALIZE_MIN_SAMPLES, _Evaluator, _with_equalized_activations, same_kernels
     from onnxpress.recipe import apply_recipe, prepare
     from onnxpress.search import Candidate
 
@@ -206,7 +206,7 @@ def test_optimize_keeps_the_equalized_variant_only_when_it_measures_better_on_en
     got, model = _with_equalized_activations(chosen, built, ev, held_out=True, calib_samples=500)
     assert got.recipe["steps"][0]["equalize"] == "activations" and got.note.endswith("+ equalized activations")
     assert got.sqnr_db > chosen.sqnr_db + 0.5
-    assert _same_graph(model, built)
+    assert same_kernels(model, built)
     assert apply_recipe(m0, got.recipe, calib, prepared=True).SerializeToString() == model.SerializeToString()
     worse = Candidate(picks=(0,), est_cost=0.0, est_sqnr=0.0, recipe=recipe, feasible=True, sqnr_db=1e9)
     assert _with_equalized_activations(worse, built, ev, held_out=True, calib_samples=500)[0] is worse

@@ -630,7 +630,7 @@ def test_the_pick_is_timed_again_alone_and_the_next_best_taken_when_it_misses(se
     missed = [c for c in res.candidates if c.latency_ratio == pytest.approx(0.97)]
     assert len(missed) == 1 and missed[0].feasible is False and res.chosen is not missed[0]
     assert res.feasible and res.chosen.latency_ratio == 0.5
-    assert opt._same_graph(onnx.load(tmp / "o.onnx"), confirmed[-1])  # the one confirmed (its ranges may be tuned)
+    assert opt.same_kernels(onnx.load(tmp / "o.onnx"), confirmed[-1])  # the one confirmed (its ranges may be tuned)
 
 
 @pytest.mark.parametrize("float_is_faster", [True, False])
@@ -654,3 +654,31 @@ def test_near_free_layers_are_kept_float_only_when_the_winner_times_no_slower(se
     # one layer flipped each time, on the choice as it stands (a pair the search built before keeps its own note)
     assert tried and all(note.count(",") == 0 for note in tried), tried
     assert res.feasible and (" float" in res.chosen.note) == float_is_faster, res.chosen.note
+
+
+def test_same_kernels_compares_ops_and_tensor_shapes_not_values():
+    """Scales (scalars) and weight values may differ; an op, a weight's shape or type may not, except an int32
+    bias stored as int16 plus a Cast (CompactQDQ's narrow storage: the same integer kernel)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from onnxpress.optimize import same_kernels
+    from tests import graphs
+
+    def model(w, scale=0.5, op="Relu", bias_type=np.int32):
+        bias = numpy_helper.from_array(np.arange(4, dtype=bias_type), "B")
+        nodes = [helper.make_node("Mul", ["X", "S"], ["xs"]), helper.make_node("MatMul", ["xs", "W"], ["y0"])]
+        if bias_type == np.int16:
+            nodes.append(helper.make_node("Cast", ["B"], ["b32"], to=TensorProto.INT32))
+        nodes += [helper.make_node("Cast", ["b32" if bias_type == np.int16 else "B"], ["bf"], to=TensorProto.FLOAT),
+                  helper.make_node("Add", ["y0", "bf"], ["y1"]), helper.make_node(op, ["y1"], ["Y"])]
+        inits = [numpy_helper.from_array(np.float32(scale), "S"), numpy_helper.from_array(w, "W"), bias]
+        io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("X", "Y")]
+        return helper.make_model(helper.make_graph(nodes, "g", io[:1], io[1:], inits))  # not run: not checked
+
+    w = graphs.rng(0).standard_normal((3, 4)).astype(np.float32)
+    base = model(w)
+    assert same_kernels(base, model(2 * w, scale=0.25))
+    assert same_kernels(base, model(w, bias_type=np.int16))
+    assert not same_kernels(base, model(w, op="Sigmoid"))
+    assert not same_kernels(base, model(w.astype(np.float16)))
+    assert not same_kernels(base, model(np.zeros((3, 5), np.float32)))

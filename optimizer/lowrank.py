@@ -265,10 +265,11 @@ def measure_latency(
     if batch < 1 or rounds < 1 or multiple < 1:
         raise ValueError(f"batch, rounds and multiple must be >= 1, got {batch}, {rounds}, {multiple}")
     cleaned = _prepare(model, progress=False)
-    shapes = shapes_at(cleaned, batch)  # the other symbolic dims at the sizes assumed for this call
     opset = next((o.version for o in cleaned.opset_import if o.domain in ("", "ai.onnx")), 13)
     graph = import_graph(cleaned)
     layers = candidate_layers(graph, tuple(ops))
+    # the other symbolic dims at the sizes assumed for this call
+    shapes = shapes_at(cleaned, batch, need=[node.inputs[0].name for node in layers.values()])
     units: dict[str, list[gs.Node]] = {key: [node] for key, node in layers.items()}
     if joint:
         units.update({key: [layers[k] for k in members] for key, members in joint_units(graph, tuple(ops)).items()})

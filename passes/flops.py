@@ -144,17 +144,23 @@ def symbolic_input_dims(model: onnx.ModelProto) -> dict[str, tuple[str, int]]:
     return out
 
 
-def shapes_at(model: onnx.ModelProto, batch: int = 1,
-              dims: Mapping[str, int] | None = None) -> dict[str, tuple[int | None, ...]]:
+def shapes_at(model: onnx.ModelProto, batch: int = 1, dims: Mapping[str, int] | None = None, *,
+              need: Iterable[str] = ()) -> dict[str, tuple[int | None, ...]]:
     """Every tensor's shape (``None`` for an unknown dim) at batch ``batch``, from onnx's shape inference.
 
     The inputs' symbolic leading dimension takes ``batch``, the others ``dims`` (``None``: those of
-    :func:`assume_input_dims`).
+    :func:`assume_input_dims`). Where a tensor named in ``need`` is left incomplete, onnxruntime's symbolic
+    inference fills in what it knows, as :func:`count_macs` does (a legacy export of
+    ``scaled_dot_product_attention`` loses onnx's shapes after its Reshape).
 
     Raises:
         UnsupportedModelError: onnx's shape inference fails.
     """
-    return _onnx_shapes(_sized_copy(model, batch, _DIMS.get() if dims is None else dims))
+    sized = _sized_copy(model, batch, _DIMS.get() if dims is None else dims)
+    shapes = _onnx_shapes(sized)
+    if not all(_known(shapes.get(name)) for name in need):
+        _add_symbolic_shapes(shapes, sized)
+    return shapes
 
 
 def _sized_copy(model: onnx.ModelProto, batch: int, sizes: Mapping[str, int]) -> onnx.ModelProto:

@@ -10,7 +10,7 @@ import onnxpress
 from onnxpress.cli import main
 from onnxpress.errors import UnsupportedModelError
 from onnxpress.lowrank import measure_latency
-from onnxpress.passes.flops import count_macs
+from onnxpress.passes.flops import count_macs, shapes_at
 from onnxpress.passes.low_rank import SplitLowRank
 from onnxpress.pipeline import run_passes
 from tests import graphs
@@ -111,6 +111,32 @@ def test_measure_latency_times_every_candidate_once_per_shape():
     assert set(table["h"]) == {None, 16, 32, 48, 64}
     assert table["h"] == table["Y"]
     assert all(np.isfinite(v) and v > 0 for v in table["h"].values())
+
+
+def _expanded_constant():
+    """C[1,64] expanded to [b, 64] through the Shape -> Concat -> Equal -> Where chain a legacy torch export of
+    ``cls.expand(B, -1, -1)`` writes -> MatMul(W[64,64]) -> Y. onnx's inference loses the MatMul input's batch;
+    onnxruntime's symbolic inference does not."""
+
+    nodes = [helper.make_node("Shape", ["X"], ["s"]), helper.make_node("Gather", ["s", "zero"], ["n"], axis=0),
+             helper.make_node("Unsqueeze", ["n", "axes"], ["n1"]),
+             helper.make_node("Concat", ["n1", "minus1"], ["target"], axis=0),
+             helper.make_node("Equal", ["target", "minus1s"], ["auto"]),
+             helper.make_node("Where", ["auto", "ones", "target"], ["shape"]),
+             helper.make_node("Expand", ["C", "shape"], ["cx"]), helper.make_node("MatMul", ["cx", "W"], ["Y"])]
+    inits = {"zero": np.array(0, np.int64), "axes": np.array([0], np.int64), "minus1": np.array([-1], np.int64),
+             "minus1s": np.array([-1, -1], np.int64), "ones": np.array([1, 1], np.int64),
+             "C": np.ones((1, 64), np.float32), "W": graphs.rng(4).standard_normal((64, 64)).astype(np.float32)}
+    model = graphs.make_model(nodes, [("X", ["b", 64])], [("Y", ["b", 64])], inits)
+    assert shapes_at(model, 2)["cx"] == (None, 64) and shapes_at(model, 2, need=["cx"])["cx"] == (2, 64)
+    return model
+
+
+def test_measure_latency_takes_onnxruntimes_shapes_where_onnx_loses_them():
+    """A legacy export of scaled_dot_product_attention (cls token expanded to the batch) once failed here with
+    "its input shape is unknown at batch 64" though count_macs, and so lowrank without timing, read the shape."""
+    table = measure_latency(_expanded_constant(), batch=2, threads=1, multiple=16, rounds=1)
+    assert set(table) == {"Y"} and all(np.isfinite(v) and v > 0 for v in table["Y"].values())
 
 
 def _wide_matmul():

@@ -145,12 +145,53 @@ def test_every_budget_is_named_with_its_measured_value_when_one_is_missed(setup,
     out = capsys.readouterr().out
     assert rc == 3 and (tmp / "o.onnx").is_file()  # written, but the status tells a script it missed
     line = next(x for x in out.splitlines() if x.startswith("warning: no candidate met every budget"))
-    assert re.search(r"wrote the cheapest found: flops=0\.9 \(measured 0\.\d+: met\), size=0\.01 \(measured "
-                     r"0\.\d+: NOT met\)$", line), line
+    assert re.search(r"wrote the cheapest of at least 20 dB SQNR: flops=0\.9 \(measured 0\.\d+: met\), size=0\.01 "
+                     r"\(measured 0\.\d+: NOT met\)$", line), line
     report = (tmp / "rep" / "report.md").read_text()
-    assert line.split(": ", 1)[1].split("found: ")[1] in report and "does NOT meet all as measured" in report
+    assert line.split(": ", 1)[1].split("SQNR: ")[1] in report and "does NOT meet all as measured" in report
+    assert f"{importlib.import_module('onnxpress.optimize').USABLE_SQNR_DB:g} dB" in line  # the epilog's too
     assert json.loads((tmp / "rep" / "report.json").read_text())["budgets"] == [
         {"kind": "flops", "value": 0.9}, {"kind": "size", "value": 0.01}]
+
+
+def test_an_unmet_budget_writes_the_cheapest_candidate_of_a_usable_sqnr(setup, monkeypatch):
+    """No max-drop and no candidate within size=0.05: the cheapest of those with SQNR >= USABLE_SQNR_DB is
+    written (a ViT once got a -1.55 dB model this way, beside a 32.6 dB one), the cheapest of all only when none is."""
+    opt = importlib.import_module("onnxpress.optimize")
+    model, data, tmp = setup
+    kw = {"calib": data, "budget": "size=0.05", "cache_dir": tmp / "c", "eval_samples": 32, "sensitivity_samples": 16}
+
+    def cheapest(cands):
+        return min(c.size_ratio for c in cands)
+
+    first = optimize(model, tmp / "a.onnx", **kw)
+    usable = [c for c in first.candidates if c.sqnr_db >= opt.USABLE_SQNR_DB]
+    assert not first.feasible and usable and first.chosen.size_ratio == cheapest(usable)
+    assert cheapest(first.candidates) < first.chosen.size_ratio  # a cheaper one, below the floor, was passed over
+    floor = min(c.sqnr_db for c in first.candidates if c.size_ratio == cheapest(first.candidates)) + 0.01
+    monkeypatch.setattr(opt, "USABLE_SQNR_DB", floor)  # only the cheapest falls below it
+    res = optimize(model, tmp / "b.onnx", **kw)
+    usable = [c for c in res.candidates if c.sqnr_db >= floor]
+    assert res.chosen.sqnr_db >= floor and res.chosen.size_ratio == cheapest(usable) > cheapest(res.candidates)
+    monkeypatch.setattr(opt, "USABLE_SQNR_DB", math.inf)  # none usable
+    res = optimize(model, tmp / "c.onnx", **kw)
+    assert res.chosen.size_ratio == cheapest(res.candidates)
+
+
+def test_a_met_budget_with_far_outputs_is_written_with_a_warning(setup, caplog):
+    """flops=0.3 is met on the tiny CNN only by candidates whose outputs are far off: exit 0, but said."""
+    model, data, tmp = setup
+    with caplog.at_level("WARNING"):
+        res = optimize(model, tmp / "o.onnx", calib=data, budget="flops=0.3", cache_dir=tmp / "c", eval_samples=32,
+                       sensitivity_samples=16)
+    assert res.feasible and res.chosen.sqnr_db < importlib.import_module("onnxpress.optimize").USABLE_SQNR_DB
+    db = res.chosen.sqnr_db
+    assert f"meets flops=0.3 but its outputs are far from the original's (SQNR {db:.1f} dB" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        res = optimize(model, tmp / "o.onnx", calib=data, budget="size=0.7", cache_dir=tmp / "c", eval_samples=32,
+                       sensitivity_samples=16)
+    assert res.feasible and "far from the original" not in caplog.text
 
 
 def test_finetune_recipe_reproduces_bytes_and_recovers(setup):

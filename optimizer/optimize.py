@@ -720,8 +720,9 @@ def optimize(
             each concatenated over the samples on axis 0. Needs ``labels``. Unlike accuracy, values that differ
             at all are not a tie (the noise of a user metric is unknown); equal values are broken by SQNR.
         budget: ``latency=F`` (measured onnxruntime latency ratio), ``size=F`` or ``flops=F``; or a list
-            of them, one per kind: the search plans against the first, and a candidate is feasible when
-            every one holds as measured (``["latency=0.2", "size=0.1"]``). Default ``latency=0.5``.
+            of them, one per kind: the search plans against all of them (the first steers the neighbours it
+            also builds and the Pareto front), and a candidate is feasible when every one holds as measured
+            (``["latency=0.2", "size=0.1"]``). Default ``latency=0.5``.
         max_drop: largest accepted accuracy drop in points (needs labels): ``100 * (reference - candidate)``.
             With ``metric`` the same formula on its values, so points of a metric in [0, 1] like accuracy.
         recipe: apply this recipe instead of searching; the search's options (``budget``, ``max_drop``,
@@ -908,7 +909,8 @@ def optimize(
     budgets = [parse_budget(b) for b in (budget if isinstance(budget, (list, tuple)) else [budget])]
     if not budgets or len({b.kind for b in budgets}) != len(budgets):
         raise OnnxpressError("give one budget per kind, e.g. --budget latency=0.2 --budget size=0.1")
-    bud = budgets[0]  # the search plans against the first; every one must hold as measured
+    bud = budgets[0]  # the search plans against every one (this one steers the neighbours and the Pareto front)
+    also = [(b.kind, b.value) for b in budgets[1:]]
     timed = any(b.kind == "latency" for b in budgets)
     if prune_ratios is None:
         prune_ratios = FINE_PRUNE_RATIOS if finetune else (0.25, 0.5, 0.75)
@@ -1005,7 +1007,7 @@ def optimize(
         # read the 2-core box's load of that moment: ±3% on MobileNet ratios)
         base = candidates[0]
         base.latency_ratio = float(np.median([base.latency_ratio] + [time_ratios([base])[0] for _ in range(2)]))
-    if bud.kind == "latency" and candidates[0].latency_ratio:
+    if timed and candidates[0].latency_ratio:  # a latency budget, first or not: the search plans against each
         space.rho = candidates[0].latency_ratio
         if float_penalties and any(o.quant == "int8" for opts in space.options for o in opts):
             space.float_penalty = measure_float_penalties(m0, calib, space, feeds[0], method=method,
@@ -1030,10 +1032,10 @@ def optimize(
         searched: tuple[int, ...] | None = None
         for delta in discounts:
             space.prune_discount = delta
-            greedy = space.greedy(bud.kind, limit)
+            greedy = space.greedy(bud.kind, limit, also=also)
             if greedy is None:
                 continue
-            refined = space.refine(bud.kind, limit, greedy, seed=seed + round_, deadline=deadline)
+            refined = space.refine(bud.kind, limit, greedy, seed=seed + round_, deadline=deadline, also=also)
             tag = "" if delta == 1.0 else f" (prune noise x{delta:g})"
             searched = refined if delta == 1.0 else searched
             batch += [make(refined, "searched" + tag), make(greedy, "greedy" + tag)]
@@ -1042,7 +1044,7 @@ def optimize(
             log.warning("no assignment fits %s=%.3f by the estimate; keeping the best measured", bud.kind, limit)
             break
         for f in (0.8, 1.25):  # neighbours of the budget, for the Pareto front
-            near = space.greedy(bud.kind, min(limit * f, 1.0))
+            near = space.greedy(bud.kind, min(limit * f, 1.0), also=also)
             if near is not None:
                 batch.append(make(near, f"greedy at {f:g}x budget"))
         if finetune and space.groups:
@@ -1074,7 +1076,8 @@ def optimize(
             # greedy) is no reason to stop: the corrected estimate's next pick uses more of the budget
             break
         # the estimate missed: correct it by the measured / estimated ratio of the candidates nearest the budget
-        space.fit_cost(bud.kind, [(c.picks, c.cost(bud.kind)) for c in candidates], near=bud.value)
+        for b in budgets:
+            space.fit_cost(b.kind, [(c.picks, c.cost(b.kind)) for c in candidates], near=b.value)
         log.info("%s estimate corrected by %.3f", bud.kind, space.scale[bud.kind])
 
     def retime() -> None:

@@ -7,7 +7,8 @@ and each prunable channel group ``g`` one ratio ``p_g ∈ {0} ∪ prune ratios``
 a group spans several layers). The search solves, approximately::
 
     max  fidelity(o)          fidelity ≈ -10 log10 Σ [NSR_l(q_l) + NSR_l(r_l) + δ·NSR_g(p_g)]   (additive)
-    s.t. cost(o) ≤ budget     cost: flops  = Σ_l MACs_l(r_l)·Π_g κ_l,g(p_g) / Σ MACs_l
+    s.t. cost(o) ≤ budget     (each budget given: flops, size, latency)
+                              cost: flops  = Σ_l MACs_l(r_l)·Π_g κ_l,g(p_g) / Σ MACs_l
                                     size   = 1 + Σ Δbytes(o) / bytes    (Δ measured per option alone)
                                     latency = w_m·ρ·Σ_l K_l / Σ MACs_l,   K_l = MACs_l(r_l)·Π_g κ_l,g(p_g)
                                               + w_a·ρ·(1 - Σ_g α_g(p_g))
@@ -363,11 +364,20 @@ class SearchSpace:
 
     # -- greedy + local search ---------------------------------------------------------------
     def greedy(self, kind: str, budget: float, start: Sequence[int] | None = None,
-               frozen: frozenset[int] = frozenset()) -> tuple[int, ...] | None:
-        """Least ΔNSR per cost saved until the estimate fits ``budget``; None when it cannot."""
+               frozen: frozenset[int] = frozenset(), *,
+               also: Sequence[tuple[str, float]] = ()) -> tuple[int, ...] | None:
+        """Least ΔNSR per cost saved until the estimate fits ``budget`` (and each ``(kind, budget)`` of ``also``).
+
+        With several budgets a move's saving is the sum, over the budgets not yet met, of what it saves of each
+        relative to that budget; a move may not raise the cost of a budget not yet met, nor take a met one over
+        it. So every move lowers what is left to save and no assignment comes back: the loop ends. With one
+        budget this is the plain ratio ΔNSR / Δcost. (Planning against the first budget alone once left a
+        flops=0.8, size=0.4 search with pruned float models and unpruned int8 ones, none within both.)
+        """
+        limits = [(kind, budget), *also]
         picks = list(start) if start is not None else [0] * len(self.options)
-        cost = self.cost(kind, picks)
-        while cost > budget + 1e-12:
+        costs = [self.cost(k, picks) for k, _ in limits]
+        while any(c > b + 1e-12 for c, (_, b) in zip(costs, limits, strict=True)):
             best = None
             for i, opts in enumerate(self.options):
                 if i in frozen:
@@ -376,7 +386,18 @@ class SearchSpace:
                 for j, o in enumerate(opts):
                     if j == picks[i]:
                         continue
-                    saved = cost - self.cost(kind, picks[:i] + [j] + picks[i + 1:])
+                    trial = picks[:i] + [j] + picks[i + 1:]
+                    saved = 0.0
+                    for c, (k, b) in zip(costs, limits, strict=True):
+                        new = self.cost(k, trial)
+                        if c > b + 1e-12:
+                            if new > c + 1e-15:
+                                saved = -math.inf
+                                break
+                            saved += (c - new) / b if also else c - new
+                        elif new > b + 1e-12:
+                            saved = -math.inf
+                            break
                     if saved <= 1e-15:
                         continue
                     score = max(self._nsr(o) - self._nsr(cur), 0.0) / saved
@@ -386,12 +407,13 @@ class SearchSpace:
                 return None
             _, i, j = best
             picks[i] = j
-            cost = self.cost(kind, picks)
+            costs = [self.cost(k, picks) for k, _ in limits]
         return tuple(picks)
 
     def refine(self, kind: str, budget: float, picks: Sequence[int], *, iterations: int = 200,
-               seed: int = 0, deadline: float | None = None) -> tuple[int, ...]:
-        """Local search: upgrade one layer (less noise), re-fit the budget greedily, keep improvements."""
+               seed: int = 0, deadline: float | None = None,
+               also: Sequence[tuple[str, float]] = ()) -> tuple[int, ...]:
+        """Local search: upgrade one layer (less noise), re-fit the budget(s) greedily, keep improvements."""
         rng = random.Random(seed)
         best = tuple(picks)
         best_nsr = sum(self._nsr(self.options[i][j]) for i, j in enumerate(best))
@@ -405,7 +427,7 @@ class SearchSpace:
                 continue
             trial = list(best)
             trial[i] = rng.choice(better)
-            fitted = self.greedy(kind, budget, trial, frozen=frozenset({i}))
+            fitted = self.greedy(kind, budget, trial, frozen=frozenset({i}), also=also)
             if fitted is None:
                 continue
             total = sum(self._nsr(self.options[k][j]) for k, j in enumerate(fitted))

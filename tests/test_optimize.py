@@ -194,6 +194,16 @@ def test_a_met_budget_with_far_outputs_is_written_with_a_warning(setup, caplog):
     assert res.feasible and "far from the original" not in caplog.text
 
 
+@pytest.mark.parametrize("budgets", [["flops=0.8", "size=0.6"], ["size=0.6", "flops=0.8"]])
+def test_the_search_plans_against_every_budget(setup, budgets):
+    """Planned against the first budget alone, neither order found a model within both (int8 alone is 0.55 size but
+    1.18 MACs with its padded stem; pruning alone keeps float's size): the search now plans against both."""
+    model, data, tmp = setup
+    res = optimize(model, tmp / "o.onnx", calib=data, budget=budgets, cache_dir=tmp / "c", eval_samples=32,
+                   sensitivity_samples=16)
+    assert res.feasible and res.chosen.flops_ratio <= 0.8 and res.chosen.size_ratio <= 0.6
+
+
 def test_finetune_recipe_reproduces_bytes_and_recovers(setup):
     """With --finetune the split candidates are distilled before quantization; the recipe still rebuilds the bytes."""
     model, data, tmp = setup

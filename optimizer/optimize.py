@@ -1032,10 +1032,15 @@ def optimize(
         searched: tuple[int, ...] | None = None
         for delta in discounts:
             space.prune_discount = delta
-            greedy = space.greedy(bud.kind, limit, also=also)
+            joint = also
+            greedy = space.greedy(bud.kind, limit, also=joint)
+            if greedy is None and also:  # not all at once by the estimate: the first budget alone, as the next best
+                log.info("no assignment fits every budget by the estimate; planning against %s alone", bud.kind)
+                joint = []
+                greedy = space.greedy(bud.kind, limit)
             if greedy is None:
                 continue
-            refined = space.refine(bud.kind, limit, greedy, seed=seed + round_, deadline=deadline, also=also)
+            refined = space.refine(bud.kind, limit, greedy, seed=seed + round_, deadline=deadline, also=joint)
             tag = "" if delta == 1.0 else f" (prune noise x{delta:g})"
             searched = refined if delta == 1.0 else searched
             batch += [make(refined, "searched" + tag), make(greedy, "greedy" + tag)]
@@ -1045,6 +1050,8 @@ def optimize(
             break
         for f in (0.8, 1.25):  # neighbours of the budget, for the Pareto front
             near = space.greedy(bud.kind, min(limit * f, 1.0), also=also)
+            if near is None and also:
+                near = space.greedy(bud.kind, min(limit * f, 1.0))
             if near is not None:
                 batch.append(make(near, f"greedy at {f:g}x budget"))
         if finetune and space.groups:

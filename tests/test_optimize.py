@@ -138,15 +138,16 @@ def test_max_drop_with_labels(setup):
 
 
 def test_every_budget_is_named_with_its_measured_value_when_one_is_missed(setup, capsys):
-    """Two budgets, the second out of reach: the warning and the report name both, each with its verdict."""
+    """Two budgets, the second out of reach: the warning and the report name both, each with its verdict (the
+    search plans against both, so the flops one may be missed too by the model written)."""
     model, data, tmp = setup
     rc = main(["optimize", str(model), "-o", str(tmp / "o.onnx"), "--calib", str(data), "--budget", "flops=0.9",
                "--budget", "size=0.01", "--cache-dir", str(tmp / "c"), "--report", str(tmp / "rep"), "-q"])
     out = capsys.readouterr().out
     assert rc == 3 and (tmp / "o.onnx").is_file()  # written, but the status tells a script it missed
     line = next(x for x in out.splitlines() if x.startswith("warning: no candidate met every budget"))
-    assert re.search(r"wrote the cheapest of at least 20 dB SQNR: flops=0\.9 \(measured 0\.\d+: met\), size=0\.01 "
-                     r"\(measured 0\.\d+: NOT met\)$", line), line
+    assert re.search(r"wrote the cheapest of at least 20 dB SQNR: flops=0\.9 \(measured \d\.\d+: (NOT )?met\), "
+                     r"size=0\.01 \(measured 0\.\d+: NOT met\)$", line), line
     report = (tmp / "rep" / "report.md").read_text()
     assert line.split(": ", 1)[1].split("SQNR: ")[1] in report and "does NOT meet all as measured" in report
     assert f"{importlib.import_module('onnxpress.optimize').USABLE_SQNR_DB:g} dB" in line  # the epilog's too

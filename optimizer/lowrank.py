@@ -76,6 +76,9 @@ class LowRankResult:
         flattened: dense layers whose token-wise region now runs on ``[rows, features]``
             (``flatten_tokens``; 0 when none).
         biases_folded: split dense layers whose bias rides in the second factor (``fold_bias``; 0 when none).
+        macs_per_position: the MACs could not be counted per sample (a symbolic input dimension, such as a
+            sequence length, without a size: give ``dims`` or ``calib``) and no budget needed them, so every MACs
+            figure is per output position of its layer, the totals summed over the candidate layers only.
     """
 
     model: onnx.ModelProto
@@ -90,6 +93,7 @@ class LowRankResult:
     layer_seconds: tuple[float, float] | None = None
     flattened: int = 0
     biases_folded: int = 0
+    macs_per_position: bool = False
 
     def table(self) -> str:
         """Per-layer rank, energy kept, MACs and params before → after, and a total row."""
@@ -108,8 +112,13 @@ class LowRankResult:
                      f"({self.macs_after / max(self.macs_before, 1):.3f})",
                      f"{self.params_before:,} -> {self.params_after:,} "
                      f"({self.params_after / max(self.params_before, 1):.3f})", ""])
-        header = ["layer", "op", "m x n", "rank", "energy", "MACs/sample", "params", "method or why kept"]
-        return format_table(header, rows)
+        header = ["layer", "op", "m x n", "rank", "energy", "MACs/position" if self.macs_per_position else
+                  "MACs/sample", "params", "method or why kept"]
+        table = format_table(header, rows)
+        if self.macs_per_position:
+            table += ("\nMACs per output position of each layer, summed over these layers: the inputs' symbolic "
+                      "dimensions have no size (give --dim NAME=SIZE or --calib for MACs per sample)")
+        return table
 
 
 def _params(model: onnx.ModelProto) -> int:
@@ -411,6 +420,8 @@ def lowrank(
         threads: onnxruntime intra-op threads for the timing.
         dims: sizes of the inputs' symbolic dimensions beyond the batch (a sequence length), by name or
             ``"<input>:<axis>"``, for counting MACs; those left out come from the first sample of ``calib``.
+            Without either, ``rank`` and ``energy`` still work, with MACs per output position
+            (``LowRankResult.macs_per_position``); ``flops`` and ``by_latency`` need the sizes.
         fold_bias: move each split dense layer's bias into its second factor behind a column of ones
             (:class:`~onnxpress.passes.factor_bias.FoldBiasIntoFactor`, exact), where the output is at least
             ``MIN_RATIO`` times wider than the rank and, with ``flops``, the budget has room for the ``rows * N``
@@ -499,5 +510,5 @@ def lowrank(
         seconds = (sum(t[None] for t, _ in timed), sum(t[r] for t, r in timed))
     return LowRankResult(
         model, written, reports, split.macs[0], macs_after, _params(proto),
-        _params(model), notes, bool(split.moments), seconds, flattened, folded,
+        _params(model), notes, bool(split.moments), seconds, flattened, folded, split.macs_per_position,
     )

@@ -582,6 +582,9 @@ class SplitLowRank:
         self.reuse_factors: dict[tuple[object, ...], object] | None = None
         self.report: tuple[LayerReport, ...] = ()
         self.macs: tuple[int, int] = (0, 0)
+        # set by a call whose MACs could not be counted per sample (a symbolic sequence length without a size) and
+        # that needed no budget: every MACs figure is then per output position of its layer
+        self.macs_per_position = False
 
     def requires(self, graph: gs.Graph) -> None:
         """No preconditions (unsupported layers are declined one by one)."""
@@ -752,9 +755,19 @@ class SplitLowRank:
 
     def __call__(self, graph: gs.Graph) -> PassResult:
         """Choose ranks, split the chosen layers, and record :attr:`report` and :attr:`macs`."""
-        macs = count_macs(graph)
-        total = sum(macs.values())
+        self.macs_per_position = False
+        try:
+            macs: dict[str, int] | None = count_macs(graph)
+        except UnsupportedModelError as exc:
+            if self.flops is not None or self.latency is not None:
+                raise
+            # rank / energy choose each layer by itself, and whether a split saves MACs is the same per output
+            # position as per sample (so `lowrank --energy` on a BERT export with a dynamic sequence axis needs no
+            # --dim); only the totals lose their meaning, and the report says so
+            log.info("MACs counted per output position: %s", exc)
+            macs, self.macs_per_position = None, True
         layers, declined = _collect(graph, self.ops, macs)
+        total = sum(macs.values()) if macs is not None else sum(lay.macs for lay in layers)
         if self.joint:
             layers = _join(layers)
         notes = [f"{key}: kept ({why})" for key, _, why in declined]

@@ -95,8 +95,15 @@ def test_lowrank_takes_the_sequence_length_from_the_data_or_dims(tmp_path):
     assert plain.macs_before == 3 * 2 * D * F
     x = {"X": graphs.rng(7).standard_normal((2, 13, D)).astype(np.float32)}  # any length still runs
     assert graphs.run(aware.model, x)[0].shape == (2, 13, D)
-    with pytest.raises(UnsupportedModelError, match="--dim NAME=SIZE"):
-        onnxpress.lowrank(model, rank=4)
+    assert not plain.macs_per_position and "MACs/sample" in plain.table()
+    # a rank or energy choice needs no size: MACs are then counted per output position, and said to be
+    per_position = onnxpress.lowrank(model, rank=4)
+    assert per_position.macs_per_position and per_position.macs_before == 2 * D * F
+    assert [lay.macs_before for lay in per_position.layers] == [D * F, F * D]
+    assert "MACs/position" in per_position.table() and "give --dim NAME=SIZE or --calib" in per_position.table()
+    np.testing.assert_array_equal(graphs.run(per_position.model, x)[0], graphs.run(plain.model, x)[0])  # same split
+    with pytest.raises(UnsupportedModelError, match="--dim NAME=SIZE"):  # a MACs budget does need the size
+        onnxpress.lowrank(model, flops=0.6)
 
 
 def test_layers_are_timed_at_the_assumed_sequence_length():

@@ -433,10 +433,34 @@ class _Factors:
         return a_list, b_list
 
 
+def _gram_svd(w: np.ndarray, c: np.ndarray, ridge: float) -> tuple[np.ndarray, np.ndarray]:
+    """Left singular vectors and singular values of ``W (C + ridge·(tr C / n)·I)^½`` for a wide ``W`` (m < n).
+
+    ``T Tᵀ = W (C + λI) Wᵀ`` is only m × m: its eigenvectors are ``T``'s left singular vectors and its
+    eigenvalues their squared singular values, and that is all the whitened factors use (``A = U_r``,
+    ``B = U_rᵀ W``). A classifier after a Flatten (W 10 × 4096) took 20 s in the 4096² ``eigh`` of
+    :func:`_sqrt_psd`; this costs two products with C. (The Gram form squares the condition number, so
+    the smallest singular values lose relative precision: they only enter the dropped energy, where an
+    error of ε·s_1² is nothing.)
+    """
+    c = (c + c.T) / 2
+    lam = ridge * max(float(np.trace(c)) / c.shape[0], np.finfo(np.float64).tiny)
+    g = w @ (c @ w.T) + lam * (w @ w.T)
+    vals, vecs = np.linalg.eigh((g + g.T) / 2)
+    order = np.argsort(vals)[::-1]
+    return vecs[:, order], np.sqrt(np.clip(vals[order], 0.0, None))
+
+
 def _svd(mats: list[np.ndarray], moment: np.ndarray | None, ridge: float) -> _Factors:
     us, ss, vts = [], [], []
     n = mats[0].shape[1]
     for gi, w in enumerate(mats):
+        if moment is not None and w.shape[0] < n:  # wide: only U and S are used, from the m x m Gram matrix
+            u, s = _gram_svd(w, moment[gi * n : (gi + 1) * n, gi * n : (gi + 1) * n], ridge)
+            us.append(u)
+            ss.append(s)
+            vts.append(np.zeros((0, n)))
+            continue
         target = w
         if moment is not None:
             block = moment[gi * n : (gi + 1) * n, gi * n : (gi + 1) * n]

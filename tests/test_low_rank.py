@@ -404,6 +404,27 @@ def test_joint_loss_is_the_sum_of_the_members_noise_to_signal_ratios():
             assert fac.loss(rank) == pytest.approx(want, rel=1e-6)
 
 
+@pytest.mark.parametrize(("m", "n"), [(3, 40), (12, 64), (63, 64)])
+def test_wide_whitened_factors_from_the_gram_matrix_equal_the_svd_of_w_times_c_half(m, n):
+    """A wide layer (m < n) takes U and S from eigh(W (C + λI) Wᵀ); the reference is the SVD of W (C + λI)^½, with
+    the square root from the eigendecomposition of C (rank deficient: a quarter of the inputs always zero)."""
+    from onnxpress.passes.low_rank import _svd
+
+    r = graphs.rng(m)
+    x = r.standard_normal((5 * n, n)) * np.exp(r.standard_normal(n))
+    x[:, : n // 4] = 0.0
+    moment = x.T @ x / len(x)
+    w = r.standard_normal((m, n))
+    vals, vecs = np.linalg.eigh(moment + 1e-3 * np.trace(moment) / n * np.eye(n))
+    u, s, _ = np.linalg.svd(w @ ((vecs * np.sqrt(np.clip(vals, 0, None))) @ vecs.T), full_matrices=False)
+    fac = _svd([w], moment, 1e-3)
+    np.testing.assert_allclose(fac.s[0], s, rtol=1e-9, atol=1e-12 * s[0])
+    for rank in (1, max(1, m // 2), m):
+        (a,), (b,) = fac.factors(rank)
+        np.testing.assert_allclose(a @ b, u[:, :rank] @ u[:, :rank].T @ w, atol=1e-9 * np.abs(w).max())
+        assert fac.kept(rank) == pytest.approx(float(np.sum(s[:rank] ** 2) / np.sum(s**2)), rel=1e-9)
+
+
 def test_joint_budget_is_met_on_the_graph_and_beats_separate_splits_here():
     """Three 32->32 siblings on one rank-12 input subspace plus noise, 50% MACs: separately r <= 8, jointly 12."""
     r = graphs.rng(7)

@@ -407,7 +407,7 @@ def collect_statistics(
         CalibrationError: an observed name is not an activation of the model; no samples.
         DataError: onnxruntime rejects a feed (names the reason).
     """
-    from onnxpress.runtime import make_session
+    from onnxpress.runtime import make_session, quiet_run_options
 
     if batch_size < 1:
         raise CalibrationError(f"batch_size must be >= 1, got {batch_size}")
@@ -432,6 +432,7 @@ def collect_statistics(
             batch_size = fitted
     total = max_samples if max_samples is not None else getattr(data, "num_samples", None)
     seen = 0
+    quiet = quiet_run_options()  # a failed batch becomes our DataError, which carries onnxruntime's message
     pending: Future[None] | None = None
     with (
         ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnxpress-observe") as pool,
@@ -448,7 +449,7 @@ def collect_statistics(
             feed = {k: v for k, v in feed.items() if k in input_names}
             try:
                 # run([]) would return every graph output; observing only inputs needs no run
-                values = session.run(fetch, feed) if fetch else []
+                values = session.run(fetch, feed, quiet) if fetch else []
             except Exception as exc:  # onnxruntime raises its own InvalidArgument/Fail types
                 msg = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
                 raise DataError(f"onnxruntime rejected a calibration batch: {msg}") from None

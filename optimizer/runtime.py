@@ -16,7 +16,18 @@ from onnx import numpy_helper
 from onnxpress.errors import UnsupportedModelError
 from onnxpress.model_io import external_small_tensors_hint, is_large, split_large
 
-__all__ = ["make_session", "time_interleaved"]
+__all__ = ["make_session", "quiet_run_options", "time_interleaved"]
+
+
+def quiet_run_options() -> ort.RunOptions:
+    """Run options that keep onnxruntime's own error line (red, on stderr) out of a failed run.
+
+    For a caller that turns the exception into its own one-line error, which repeats the message: a
+    calibration batch with a token id out of the embedding's range printed it twice.
+    """
+    opts = ort.RunOptions()
+    opts.log_severity_level = 4
+    return opts
 
 _LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,

@@ -40,7 +40,7 @@ from onnxpress.calibration.readers import DataSource, load_labels, model_inputs,
 from onnxpress.errors import DataError, OutputError, ValidationError
 from onnxpress.model_io import ModelSource, check_output_path, load_model, model_bytes, move_into_place
 from onnxpress.reporting import format_table, op_histogram
-from onnxpress.runtime import make_session, time_interleaved
+from onnxpress.runtime import make_session, quiet_run_options, time_interleaved
 
 __all__ = ["LatencyStats", "OutputComparison", "TensorComparison", "ValidationReport", "model_size", "validate"]
 
@@ -522,7 +522,7 @@ def _check_interfaces(reference: onnx.ModelProto, candidate: onnx.ModelProto, ba
 
 def _run(session: Any, names: Sequence[str], feed: Mapping[str, np.ndarray], which: str, start: int) -> list:
     try:
-        return session.run(list(names), dict(feed))
+        return session.run(list(names), dict(feed), quiet_run_options())
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidArgument types
         first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         raise ValidationError(

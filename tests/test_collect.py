@@ -113,6 +113,29 @@ def test_errors_name_the_problem() -> None:
         collect_statistics(model, feeds(2), {"Y": MinMaxObserver()}, batch_size=0)
 
 
+def test_a_batch_onnxruntime_rejects_is_said_once_in_our_words(capfd) -> None:
+    """A token id past the embedding table: onnxruntime also printed its own red error line on stderr (fd 2)
+    before our DataError carried the same message; calibration and validation now run quietly."""
+    from onnx import TensorProto, numpy_helper
+
+    from onnxpress.validate import validate
+
+    table = numpy_helper.from_array(rng(1).standard_normal((10, 8)).astype(np.float32), "T")
+    graph = helper.make_graph([helper.make_node("Gather", ["T", "ids"], ["e"]),
+                               helper.make_node("ReduceMean", ["e"], ["Y"], axes=[1], keepdims=0)], "g",
+                              [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", 4])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["N", 8])], [table])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    onnx.checker.check_model(model, full_check=True)
+    bad = [{"ids": np.array([[1, 2, 3, 50]], np.int64)}]
+    capfd.readouterr()
+    with pytest.raises(DataError, match="onnxruntime rejected a calibration batch: .*out of data bounds"):
+        collect_statistics(model, bad, {"Y": MinMaxObserver()})
+    with pytest.raises(Exception, match="failed to run the reference model .*out of data bounds"):
+        validate(model, model, bad, latency=False)
+    assert "onnxruntime" not in capfd.readouterr().err
+
+
 def test_observer_errors_propagate_from_the_worker_thread() -> None:
     class Broken:
         def update(self, x: np.ndarray) -> None:

@@ -144,20 +144,18 @@ EXACT = {"cleanup", "prune-exact"}  # outputs within float rounding of the origi
 QUANT_SQNR_DB = 25.0  # int8 QDQ of two convs on 6 samples (measured 35-40 dB); see tests/conformance.py
 
 _BF16 = (UnsupportedModelError, r"onnxruntime cannot load .*Could not find an implementation for Conv\(22\)")
-_NO_SIZES = (UnsupportedModelError, r"cannot count MACs of Conv '\w+': its shapes depend on the inputs' symbolic "
-             r"dimension\(s\) C \(X axis 1\), H \(X axis 2\), W \(X axis 3\); give their sizes \(--dim NAME=SIZE")
 
 EXPECT: dict[tuple[str, str], object] = {
     # Choices: an upgradeable old opset, float16, control flow with weights inside subgraphs and fully
     # dynamic shapes are valid models that every command processes; bfloat16 has no onnxruntime CPU
-    # Conv, so every command declines it cleanly; lowrank needs sizes for MAC counts and says how to give them.
+    # Conv, so every command declines it cleanly; lowrank --energy runs on the fully dynamic model with MACs counted
+    # per output position (it once declined it for want of sizes).
     # quantize computes a float16 model in float32 inside, its float16 inputs and outputs kept
     # (onnxpress.precision); bfloat16 it refuses with the fix.
     **{("bf16", c): _BF16 for c in COMMANDS},
     ("bf16", "calibrate"): (DataError, r"'X' has dtype float32, the model expects X: bfloat16"),
     ("bf16", "quantize"): (UnsupportedModelError, r"computes in bfloat16 .*Export it in float32"),
     ("bf16", "validate"): (DataError, r"'X' has dtype float32, the model expects X: bfloat16"),
-    ("dynamic", "lowrank"): _NO_SIZES,
 }
 
 

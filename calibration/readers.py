@@ -381,7 +381,12 @@ class DataReader(abc.ABC):
         if pending:
             yield flush()
         if seen == 0:
-            raise DataError(f"{self._source} holds no samples; the model expects {_expects(self._specs)}")
+            raise DataError(f"{self._source} holds no samples; the model expects {_expects(self._specs)}"
+                            f"{self._empty_hint()}")
+
+    def _empty_hint(self) -> str:
+        """What to add to "holds no samples" (a reason it may be empty)."""
+        return ""
 
 
 class _NpzReader(DataReader):
@@ -591,6 +596,14 @@ class _IterableReader(DataReader):
                 yield item
         else:
             yield from self._obj
+
+    def _empty_hint(self) -> str:
+        # a list iterator or map object cannot be remembered as read (no weak reference), so a second read of one
+        # lands here; a generator is caught before, with its own message
+        if self._one_shot and not self._ort:
+            return ("; an iterator is spent after one read, and this call may read its data more than once (quantize "
+                    "reads it for the ranges, then for bias correction): pass a list of feeds instead")
+        return ""
 
     def _feeds(self, chunk: int | None) -> Iterator[dict[str, np.ndarray]]:
         if self._one_shot and (self._passes[0] or _was_read(self._obj)):

@@ -288,6 +288,23 @@ def test_generator_can_only_be_read_once():
         list(open_data(gen, graphs.gemm(), max_samples=2).batches(8))
 
 
+def test_a_spent_list_iterator_or_map_says_why_it_may_be_empty():
+    """A list iterator or map cannot be weakly referenced, so it is not remembered as read: its second reader
+    finds it empty, and the error says that an iterator is spent after one read (it once said only "no samples")."""
+    import onnxpress
+
+    feeds = [{"X": _x(2)} for _ in range(2)]
+    for spent in (iter(feeds), map(dict, feeds)):
+        assert len(list(open_data(spent, graphs.gemm()).batches(8))) == 1
+        with pytest.raises(DataError, match=r"holds no samples; .*an iterator is spent after one read.*pass a list"):
+            list(open_data(spent, graphs.gemm()).batches(8))
+    with pytest.raises(DataError, match="an iterator is spent after one read"):  # quantize reads its data twice
+        onnxpress.quantize(graphs.gemm(), calib=iter(feeds))
+    onnxpress.quantize(graphs.gemm(), calib=feeds)  # the list it names works
+    with pytest.raises(DataError, match=r"holds no samples; the model expects X: float32\[\w+,8\]$"):
+        list(open_data([], graphs.gemm()).batches(8))  # an empty list is just empty
+
+
 @pytest.mark.parametrize(
     ("make", "message"),
     [

@@ -8,8 +8,10 @@ The CLI only parses arguments and calls the same Python API users call. Each sub
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -143,6 +145,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("onnxpress: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `onnxpress validate ... | head`: the reader left; stop quietly, as a shell tool does
+        with contextlib.suppress(OSError, ValueError):  # and keep the interpreter's exit flush from failing again
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, the status a shell reports for a writer whose pipe was closed
 
 
 if __name__ == "__main__":

@@ -75,6 +75,25 @@ def test_cleanup_then_validate_end_to_end(tmp_path, capsys):
     assert len(err) == 1 and re.match(r"onnxpress: error: output 'Y': max abs error \S+ exceeds the allowed 0", err[0])
 
 
+def test_a_closed_stdout_stops_quietly_with_the_sigpipe_status(tmp_path):
+    """`onnxpress validate ... | head -3` once ended in a BrokenPipeError traceback (status 1). Here the reader is
+    gone before the first line: no traceback, status 141 (128 + SIGPIPE), as a shell tool."""
+    import onnx
+
+    from tests import graphs
+
+    onnx.save(graphs.gemm(), tmp_path / "g.onnx")
+    np.savez(tmp_path / "g.npz", X=np.ones((4, 8), np.float32))
+    argv = ["validate", str(tmp_path / "g.onnx"), str(tmp_path / "g.onnx"), "--data", str(tmp_path / "g.npz"),
+            "--no-latency"]
+    proc = subprocess.Popen([sys.executable, "-m", "onnxpress", *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    proc.stderr.close()
+    assert proc.wait(timeout=120) == 141 and "Traceback" not in err and "BrokenPipe" not in err, err
+
+
 def test_python_m_onnxpress_version():
     done = subprocess.run(
         [sys.executable, "-m", "onnxpress", "--version"], capture_output=True, text=True, timeout=120, check=False

@@ -34,7 +34,8 @@ from onnxpress.model_io import (
 )
 from onnxpress.prune import sqnr_db  # re-exported: the bench scripts and users read it from here
 
-__all__ = ["FLOAT_LR", "QAT_BATCH_SIZE", "QAT_LR", "FinetuneResult", "finetune", "kl_nats", "sqnr_db", "stored_weights"]
+__all__ = ["FLOAT_LR", "QAT_BATCH_SIZE", "QAT_LR", "FinetuneResult", "check_dynamic_batch", "finetune", "kl_nats",
+           "sqnr_db", "stored_weights"]
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,25 @@ def kl_nats(teacher: np.ndarray, student: np.ndarray, axis: int = -1) -> float:
     log_s = s - s.max(-1, keepdims=True)
     log_s -= np.log(np.exp(log_s).sum(-1, keepdims=True))
     return float(np.mean(np.sum(np.exp(log_t) * (log_t - log_s), axis=-1)))
+
+
+def check_dynamic_batch(model: onnx.ModelProto | None, which: str) -> None:
+    """Training runs batches of samples (and the teacher's logits are computed in batches): a fixed batch refused.
+
+    A model exported with batch 1 and no dynamic axis once failed deep in onnxruntime ("Got: 64 Expected: 1");
+    its Reshapes may hold that batch too, so it is not simply relabelled.
+    """
+    if model is None:
+        return
+    inits = {i.name for i in model.graph.initializer}
+    for vi in model.graph.input:
+        dims = vi.type.tensor_type.shape.dim
+        if vi.name not in inits and dims and dims[0].HasField("dim_value"):
+            raise UnsupportedModelError(
+                f"finetune trains on batches of samples, and the {which}'s input {vi.name!r} has a fixed batch of "
+                f"{dims[0].dim_value} (axis 0): export it with a dynamic batch axis, e.g. torch.onnx.export(..., "
+                f"dynamic_axes={{{vi.name!r}: {{0: 'batch'}}}}), then make the student from that export"
+            )
 
 
 def finetune(
@@ -254,6 +274,8 @@ def finetune(
     teacher_proto = None if teacher is None else load_model(teacher)
     if teacher_proto is not None:
         tr.check_same_inputs(student_proto, teacher_proto)
+    for which, proto in (("student", student_proto), ("teacher", teacher_proto)):
+        check_dynamic_batch(proto, which)
     arrays = tr.load_arrays(data, student_proto, max_samples=max_samples)
     n = len(next(iter(arrays.values())))
     total = n

@@ -860,6 +860,9 @@ def optimize(
         except ImportError:
             raise UnsupportedModelError("--finetune needs torch: pip install 'onnxpress[torch]'") from None
         OnnxModule.check_ops(m0.graph)  # an op the bridge cannot run fails now, not after the search
+        from onnxpress.finetune import check_dynamic_batch
+
+        check_dynamic_batch(m0, "model")  # so does a fixed batch, which the training cannot run
     assume_input_dims(symbolic_sizes(m0, calib, dims))  # MACs per sample at the calibration data's sizes
     lat_ref = m0 if latency_reference is None else load_model(latency_reference)
     ref_bytes = lat_ref.SerializeToString()

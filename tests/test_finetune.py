@@ -240,6 +240,23 @@ def test_finetune_refuses_students_it_cannot_train():
         onnxpress.finetune(index, index, x, epochs=1)
 
 
+def test_a_fixed_batch_is_refused_with_the_export_fix(tmp_path):
+    """A model exported with batch 1 and no dynamic axis failed in onnxruntime's teacher run ("Got: 64 Expected:
+    1"); finetune and optimize --finetune now name the input and the re-export that fixes it."""
+    from onnxpress.errors import UnsupportedModelError
+
+    fixed = tiny_cnn()
+    fixed.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
+    x = {"input": tiny_data(8)}
+    for student, teacher in ((fixed, None), (tiny_cnn(), fixed)):
+        with pytest.raises(UnsupportedModelError, match=r"input 'input' has a fixed batch of 1 \(axis 0\): export "
+                                                        r"it with a dynamic batch axis, e\.g\. torch\.onnx\.export"):
+            onnxpress.finetune(student, teacher, x, labels=np.zeros(8, np.int64), epochs=1)
+    np.savez(tmp_path / "d.npz", input=tiny_data(8))
+    with pytest.raises(UnsupportedModelError, match="model's input 'input' has a fixed batch of 1"):
+        onnxpress.optimize(fixed, tmp_path / "o.onnx", calib=tmp_path / "d.npz", finetune=True)
+
+
 def test_auto_export_falls_back_to_writeback(kd_files, monkeypatch, caplog):
     """exporter="auto": when torch.onnx cannot export the module, the trained weights go into the student graph."""
     from onnxpress.bridge import export as export_mod

@@ -131,7 +131,7 @@ def finetune(
     hard_weight: float = 1.0,
     soft_weight: float = 1.0,
     features: Mapping[str, str] | None = None,
-    feature_weight: float = 0.0,
+    feature_weight: float | None = None,
     sparsity: float = 0.0,
     val_fraction: float = 0.1,
     patience: int = 3,
@@ -167,7 +167,8 @@ def finetune(
         hard_weight: weight of the label cross-entropy (only with labels).
         soft_weight: weight of ``T²·KL(teacher ‖ student)``.
         features: student value name → teacher value name, distilled with MSE.
-        feature_weight: weight of the feature term.
+        feature_weight: weight of the feature term (``None``: 1 with ``features``, as ``--feature-weight``; 0 with
+            ``features`` is refused: it would drop every pair unread).
         sparsity: weight of the L1 penalty on BN scales / Conv channel norms.
         val_fraction: held out for early stopping.
         patience: epochs without validation improvement before stopping.
@@ -246,6 +247,10 @@ def finetune(
     if threads is not None and threads > cores:  # torch hung at 10000 threads and crashed at 100000
         raise OnnxpressError(f"threads (--threads) {threads} is more than this machine's {cores} cores: give at "
                              f"most {cores}")
+    if features and feature_weight is not None and feature_weight == 0:  # the API once dropped them this way unread
+        raise OnnxpressError("feature_weight 0 drops every features pair: give a weight > 0, or drop them")
+    if feature_weight is None:
+        feature_weight = 1.0 if features else 0.0
     trains = ((labels is not None and hard_weight > 0) or (teacher is not None and soft_weight > 0)
               or (bool(features) and feature_weight > 0))
     if not trains and (labels is not None or teacher is not None):

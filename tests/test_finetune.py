@@ -353,6 +353,23 @@ def test_cli_feature_distillation(kd_files, tmp_path, capsys):
     assert any(not np.array_equal(a, b) for a, b in zip(weights(out), weights(tmp_path / "plain.onnx"), strict=True))
 
 
+def test_api_features_are_used_by_default_as_on_the_cli(kd_files):
+    """features= in the API once defaulted to weight 0: the pairs were dropped unread (an unknown name passed, and
+    the weights came out as without them). Now weight 1, as --feature; an explicit 0 is refused."""
+    from onnxpress.errors import UnsupportedModelError
+
+    student, teacher, data = (str(kd_files[k]) for k in ("student", "teacher", "data"))
+    hidden = next(n.output[0] for n in onnx.load(student).graph.node if n.op_type == "Relu")
+    with pytest.raises(UnsupportedModelError, match="the teacher has no value named 'no_such_value'"):
+        onnxpress.finetune(student, teacher, data, epochs=1, threads=1, features={"no_such_value": "no_such_value"})
+    with pytest.raises(OnnxpressError, match="feature_weight 0 drops every features pair"):
+        onnxpress.finetune(student, teacher, data, epochs=1, threads=1, features={hidden: hidden}, feature_weight=0)
+    plain = onnxpress.finetune(student, teacher, data, epochs=1, threads=1)
+    paired = onnxpress.finetune(student, teacher, data, epochs=1, threads=1, features={hidden: hidden})
+    weights = lambda m: [onnx.numpy_helper.to_array(i) for i in m.graph.initializer]  # noqa: E731
+    assert any(not np.array_equal(a, b) for a, b in zip(weights(paired.model), weights(plain.model), strict=True))
+
+
 @pytest.mark.parametrize(("extra", "match"), [
     # settings this run would not read: each wrote the same bytes as a run without it
     (["--hard-weight", "5"], r"--hard-weight weighs the label term: add --labels"),

@@ -184,7 +184,7 @@ def select_tensors(
 
 
 # Ops whose first output holds exactly the values of their first input (same multiset).
-_VALUE_PRESERVING = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Transpose", "Dropout"})
+VALUE_PRESERVING = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Transpose", "Dropout"})
 
 
 def value_aliases(model: onnx.ModelProto, names: Iterable[str]) -> dict[str, str]:
@@ -196,7 +196,7 @@ def value_aliases(model: onnx.ModelProto, names: Iterable[str]) -> dict[str, str
     wanted = set(names)
     root: dict[str, str] = {n: n for n in wanted}
     for node in model.graph.node:
-        if node.op_type not in _VALUE_PRESERVING or not node.input or not node.output:
+        if node.op_type not in VALUE_PRESERVING or not node.input or not node.output:
             continue
         src, dst = node.input[0], node.output[0]
         if src in wanted and dst in wanted:

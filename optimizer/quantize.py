@@ -1258,6 +1258,36 @@ def _check_table_for_int8(table: CalibrationTable, equalize: str | None, smoothq
         )
 
 
+def _with_preserved_inputs(model: onnx.ModelProto, table: CalibrationTable) -> CalibrationTable:
+    """``table`` plus the range (and histogram) of each tensor it lacks that holds the values of one it has.
+
+    That is, the input of a value-preserving op (Flatten, Reshape, ...) whose output the table has. quantize's own
+    exact rewrites make such tensors (``ReduceMeanToGlobalPool``'s ``<name>_pooled`` before the Flatten back to
+    ``<name>``): a table calibrated on the model as given never saw them, and ``--table`` left the pool and its
+    Flatten float where ``--calib`` quantized them.
+    """
+    from onnxpress.calibration.collect import VALUE_PRESERVING
+
+    constants = {i.name for i in model.graph.initializer} | {o for n in model.graph.node if n.op_type == "Constant"
+                                                               for o in n.output}
+    added: dict[str, str] = {}
+    for node in reversed(model.graph.node):  # outputs first: a chain of them takes the range back to its start
+        if node.op_type in VALUE_PRESERVING and node.input and node.output:
+            src, dst = node.input[0], node.output[0]
+            root = added.get(dst, dst)
+            if src not in table.ranges and src not in table.excluded and src not in constants and root in table.ranges:
+                added[src] = root
+    if not added:
+        return table
+    out = dataclasses.replace(table, ranges=dict(table.ranges), histograms=dict(table.histograms))
+    for name, root in added.items():
+        out.ranges[name] = table.ranges[root]
+        if root in table.histograms:
+            out.histograms[name] = table.histograms[root]
+    log.debug("ranges of %d tensors taken over from the value-preserving ops they feed: %s", len(added), added)
+    return out
+
+
 def _resolve_table(
     model: onnx.ModelProto,
     calib: object | None,
@@ -1270,7 +1300,7 @@ def _resolve_table(
 ) -> CalibrationTable:
     """The table given (``quantize`` loaded a path early, to check it fits), or one calibrated on ``calib``."""
     if table is not None:
-        result = table
+        result = _with_preserved_inputs(model, table)
     elif calib is None:
         raise CalibrationError(
             "int8 quantization needs calibration data: pass calib= / --calib (an .npz of inputs) or table= / --table "

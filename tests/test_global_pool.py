@@ -122,6 +122,25 @@ def test_quantized_torch_style_head_runs_as_an_integer_pool(tmp_path):
     assert 10 * np.log10((want**2).sum() / ((got - want) ** 2).sum()) > 30
 
 
+def test_a_table_calibrated_on_the_model_as_given_quantizes_the_pool_too(tmp_path):
+    """The pool's output is a tensor the rewrite makes (``m_pooled``, then Flatten to ``m``): a table from
+    ``calibrate`` on the model as given lacks it, and ``table=`` left the pool float where ``calib=`` did not.
+    It takes ``m``'s range (the same values)."""
+    import onnxpress
+    from tests.test_qdq import optimized_ops
+
+    model, x = _torch_style_head()
+    table = onnxpress.calibrate(model, [{"X": x}])
+    assert not [k for k in table.ranges if k.endswith("_pooled")]
+    by_calib = onnxpress.quantize(model, calib=[{"X": x}], bias_correction=False, int8_method="rtn")
+    by_table = onnxpress.quantize(model, table=table, bias_correction=False)
+    assert [d.name for d in by_table.kept_float] == [d.name for d in by_calib.kept_float]
+    assert by_table.table.ranges["m_pooled"] == table.ranges["m"]
+    assert "QLinearGlobalAveragePool" in optimized_ops(by_table.model, tmp_path)
+    ops = lambda m: sorted(n.op_type for n in m.graph.node)  # noqa: E731
+    assert ops(by_table.model) == ops(by_calib.model)
+
+
 def test_cli_quantize_says_it_rewrote_the_mean(tmp_path, capsys):
     from onnxpress.cli import main
 

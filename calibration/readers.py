@@ -548,7 +548,10 @@ class _FolderReader(DataReader):
                     feed = {k: npz[k] for k in self.input_names if k in npz.files}
                     extra = {k: None for k in npz.files if k not in self.input_names}
             except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
-                raise DataError(f"{path} is not a readable .npz file ({exc})") from None
+                # numpy reads a file that is not a zip archive as a pickle and refuses it "when allow_pickle=False",
+                # advice that would not help here (a text file named .npz in the folder)
+                why = "not a zip archive of arrays" if "allow_pickle" in str(exc) else str(exc)
+                raise DataError(f"{path} is not a readable .npz file ({why})") from None
             checked = check_feed({**extra, **feed}, self._specs, str(path), offset=offset)
             offset += _samples(checked)
             yield checked

@@ -13,6 +13,7 @@ from onnxpress.api import cleanup
 from onnxpress.calibrate import calibrate
 from onnxpress.driver import TransformResult, transform
 from onnxpress.errors import (
+    ArgumentError,
     CalibrationError,
     DataError,
     ModelLoadError,
@@ -34,6 +35,7 @@ from onnxpress.validate import ValidationReport, validate
 __version__ = "0.1.0"
 
 __all__ = [
+    "ArgumentError",
     "CalibrationError",
     "DataError",
     "FinetuneResult",

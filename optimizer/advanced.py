@@ -27,7 +27,7 @@ import numpy as np
 import onnx
 
 from onnxpress.driver import TransformResult, transform
-from onnxpress.errors import CalibrationError, OnnxpressError
+from onnxpress.errors import ArgumentError, CalibrationError, OnnxpressError
 from onnxpress.model_io import ModelSource, check_output_path, load_model, normalize_model
 from onnxpress.pipeline import cleanup_passes, import_graph, run_passes
 
@@ -513,7 +513,7 @@ def smoothquant(
     from onnxpress.passes.smoothquant import SmoothQuant, smoothquant_targets
 
     if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], not {alpha}")
+        raise ArgumentError(f"alpha must be in [0, 1], not {alpha}")
     proto = _prepare(model, output, data)
     names = smoothquant_targets(import_graph(proto))
     stats = collect_channel_stats(proto, data, {n: -1 for n in names}, batch_size=batch_size,

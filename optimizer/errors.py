@@ -8,6 +8,7 @@ else that escapes is a bug and keeps its traceback.
 from __future__ import annotations
 
 __all__ = [
+    "ArgumentError",
     "CalibrationError",
     "check_argument_types",
     "DataError",
@@ -23,6 +24,13 @@ __all__ = [
 
 class OnnxpressError(Exception):
     """Base class of every error onnxpress raises on purpose."""
+
+
+class ArgumentError(OnnxpressError, ValueError):
+    """An argument of the Python API is out of its range or conflicts with another (``lowrank(rank=0)``).
+
+    Also a ``ValueError``, what Python code expects of a bad value (and what these raised before they were typed).
+    """
 
 
 class ModelLoadError(OnnxpressError):

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxpress.errors import DataError, OnnxpressError, UnsupportedModelError
+from onnxpress.errors import ArgumentError, DataError, OnnxpressError, UnsupportedModelError
 from onnxpress.model_io import (
     ModelSource,
     check_output_path,
@@ -222,7 +222,7 @@ def finetune(
 
     train_device = tr.resolve_device(device)  # before any work: a missing GPU is a one-line error
     if exporter not in ("auto", "dynamo", "torchscript", "writeback"):
-        raise ValueError(f"exporter must be auto, dynamo, torchscript or writeback, not {exporter!r}")
+        raise ArgumentError(f"exporter must be auto, dynamo, torchscript or writeback, not {exporter!r}")
     if output is not None:  # never overwrite inputs, data or the table
         check_output_path(output, [student, teacher, data, labels, calibration])
     if data is None:

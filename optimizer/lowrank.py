@@ -27,7 +27,7 @@ import onnx_graphsurgeon as gs
 from onnxpress.calibration.moments import PatchSecondMomentObserver, SecondMomentObserver
 from onnxpress.calibration.readers import symbolic_sizes
 from onnxpress.driver import transform
-from onnxpress.errors import CalibrationError, UnsupportedModelError, check_argument_types
+from onnxpress.errors import ArgumentError, CalibrationError, UnsupportedModelError, check_argument_types
 from onnxpress.model_io import (
     ModelSource,
     check_model,
@@ -272,7 +272,7 @@ def measure_latency(
     from onnxpress.runtime import make_session, time_interleaved
 
     if batch < 1 or rounds < 1 or multiple < 1:
-        raise ValueError(f"batch, rounds and multiple must be >= 1, got {batch}, {rounds}, {multiple}")
+        raise ArgumentError(f"batch, rounds and multiple must be >= 1, got {batch}, {rounds}, {multiple}")
     cleaned = _prepare(model, progress=False)
     opset = next((o.version for o in cleaned.opset_import if o.domain in ("", "ai.onnx")), 13)
     graph = import_graph(cleaned)
@@ -449,14 +449,14 @@ def lowrank(
                          numbers={"energy": energy, "flops": flops, "ridge": ridge})
     ops = tuple(ops)
     if by_latency and latency is not None:
-        raise ValueError("give by_latency=True or latency=, not both")
+        raise ArgumentError("give by_latency=True or latency=, not both")
     if (by_latency or latency is not None) and flops is None:
-        raise ValueError("by_latency/latency= only steer a flops= budget; give flops= too")
+        raise ArgumentError("by_latency/latency= only steer a flops= budget; give flops= too")
     split = SplitLowRank(rank=rank, energy=energy, flops=flops, multiple=multiple, ridge=ridge,
                          conv_method=conv_method, ops=ops, latency=latency,
                          latency_step=latency_step, joint=joint)  # validates the arguments before any work
     if calib is not None and moments is not None:
-        raise ValueError("give calib= or moments=, not both")
+        raise ArgumentError("give calib= or moments=, not both")
     if output is not None:
         check_output_path(output, [model, calib])  # never overwrite the calibration data
     proto = load_model(model)

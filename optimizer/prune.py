@@ -26,7 +26,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxpress.calibration.readers import symbolic_sizes
-from onnxpress.errors import CalibrationError, OnnxpressError, check_argument_types
+from onnxpress.errors import ArgumentError, CalibrationError, OnnxpressError, check_argument_types
 from onnxpress.model_io import (
     ModelSource,
     check_model,
@@ -258,7 +258,7 @@ def prune(
     check_argument_types("prune", flags={"compensate": compensate, "progress": progress},
                          counts={"multiple": multiple, "max_samples": max_samples, "batch_size": batch_size})
     if criterion not in CRITERIA:
-        raise ValueError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
+        raise ArgumentError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
     if not ratio:  # exact removal only: the settings of pruning by importance would be ignored without a word
         unread = [text for text, given in ((f"criterion={criterion!r} (--criterion)", criterion != "l2"),
                                            (f"scope={scope!r} (--scope)", scope != "global"),
@@ -404,7 +404,7 @@ def sensitivity_scan(
     if groups is not None:
         unknown = sorted(set(groups) - set(names))
         if unknown:
-            raise ValueError(f"no prunable channel group named {unknown}; prunable groups: {names}")
+            raise ArgumentError(f"no prunable channel group named {unknown}; prunable groups: {names}")
         names = [n for n in names if n in set(groups)]
     macs_before = sum(count_macs(proto).values())
     rows = []

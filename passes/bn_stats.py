@@ -26,6 +26,8 @@ import math
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxpress.errors import ArgumentError
+
 __all__ = ["activation_means", "bn_moments", "preactivation_floors", "rectified_mean"]
 
 _SQRT2 = math.sqrt(2.0)
@@ -107,5 +109,5 @@ def activation_means(graph: gs.Graph) -> dict[str, np.ndarray]:
 def preactivation_floors(graph: gs.Graph, k: float = 3.0) -> dict[str, np.ndarray]:
     """``{BN output name: β − k |γ|}``: per-channel values the BN output falls below with probability Φ(−k)."""
     if not k > 0:
-        raise ValueError(f"k must be > 0 standard deviations, got {k!r}")
+        raise ArgumentError(f"k must be > 0 standard deviations, got {k!r}")
     return {name: beta - k * s for name, (beta, s) in bn_moments(graph).items()}

@@ -55,6 +55,7 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxpress.errors import ArgumentError
 from onnxpress.passes.base import PassResult, unique_name
 from onnxpress.passes.weight_only import gptq_factor
 
@@ -103,7 +104,7 @@ def kmeans_1d(values: np.ndarray, k: int, *, max_iterations: int = 100) -> KMean
     if x.size == 0:
         raise ValueError("cannot cluster an empty array")
     if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
+        raise ArgumentError(f"k must be >= 1, got {k}")
     xs = np.sort(x, kind="stable")
     distinct = np.unique(xs)
     candidates = [distinct]
@@ -241,15 +242,15 @@ class CodebookWeights:
         layers: Iterable[str] | None = None,
     ):
         if not 1 <= int(bits) <= 8:
-            raise ValueError(f"bits must be in 1..8 (uint8 indices), got {bits}")
+            raise ArgumentError(f"bits must be in 1..8 (uint8 indices), got {bits}")
         if group_size is not None and group_size < 1:
-            raise ValueError(f"group_size must be >= 1 or None, got {group_size}")
+            raise ArgumentError(f"group_size must be >= 1 or None, got {group_size}")
         self.bits = int(bits)
         self.group_size = group_size
         self.min_elements = int(min_elements)
         self.pack = pack
         if preserve_norm and not channel_scale:
-            raise ValueError("preserve_norm rescales the per-channel scales: it needs channel_scale=True")
+            raise ArgumentError("preserve_norm rescales the per-channel scales: it needs channel_scale=True")
         self.channel_scale = channel_scale
         self.preserve_norm = preserve_norm
         self.keep_gain = keep_gain and not preserve_norm

@@ -40,6 +40,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxpress.errors import ArgumentError
 from onnxpress.passes.base import PassResult, fresh_names, graph_names
 from onnxpress.passes.qdq import NodeDecision, Selection, quantize_array, weight_qparams
 
@@ -77,7 +78,7 @@ class QuantizeDynamic(_DynamicRewrite):
 
     def __init__(self, *, per_channel: bool = True, min_depth: int = 16, exclude: Selection | None = None) -> None:
         if min_depth < 1:
-            raise ValueError(f"min_depth must be >= 1, got {min_depth}")
+            raise ArgumentError(f"min_depth must be >= 1, got {min_depth}")
         super().__init__(per_channel=per_channel, exclude=exclude)
         self.min_depth = int(min_depth)
 

@@ -41,6 +41,7 @@ from typing import Literal
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxpress.errors import ArgumentError
 from onnxpress.passes.base import PassResult, is_float_constant, unique_name
 
 __all__ = ["EqualizeCrossLayer", "find_pairs"]
@@ -342,11 +343,11 @@ class EqualizeCrossLayer:
         strength: float = 1.0,
     ) -> None:
         if clip not in ("skip", "split", "relu"):
-            raise ValueError(f"clip must be 'skip', 'split' or 'relu', not {clip!r}")
+            raise ArgumentError(f"clip must be 'skip', 'split' or 'relu', not {clip!r}")
         if max_iterations < 1:
-            raise ValueError("max_iterations must be >= 1")
+            raise ArgumentError("max_iterations must be >= 1")
         if not 0.0 <= strength <= 1.0:
-            raise ValueError(f"strength must be in [0, 1], not {strength}")
+            raise ArgumentError(f"strength must be in [0, 1], not {strength}")
         self.clip = clip
         self.strength = strength
         self.max_iterations = max_iterations

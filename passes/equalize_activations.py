@@ -65,6 +65,7 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxpress.errors import ArgumentError
 from onnxpress.passes.base import PassResult
 from onnxpress.passes.equalize import Pair, _clip_bounds, _scale_pair, find_pairs, in_channels
 
@@ -142,9 +143,9 @@ class EqualizeActivations:
     def __init__(self, absmax: Mapping[str, np.ndarray], *, strength: float = DEFAULT_STRENGTH,
                  min_scale: float = MIN_SCALE, only: Iterable[str] | None = None) -> None:
         if not 0.0 <= strength <= 1.0:
-            raise ValueError(f"strength must be in [0, 1], not {strength}")
+            raise ArgumentError(f"strength must be in [0, 1], not {strength}")
         if not 0.0 < min_scale <= 1.0:
-            raise ValueError(f"min_scale must be in (0, 1], not {min_scale}")
+            raise ArgumentError(f"min_scale must be in (0, 1], not {min_scale}")
         self.absmax = {k: np.asarray(v, np.float64).reshape(-1) for k, v in absmax.items()}
         self.strength = strength
         self.min_scale = min_scale

@@ -76,7 +76,7 @@ from typing import Any
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxpress.errors import UnsupportedModelError
+from onnxpress.errors import ArgumentError, UnsupportedModelError
 from onnxpress.passes.base import PassResult, unique_name
 from onnxpress.passes.flops import count_macs
 
@@ -568,28 +568,28 @@ class SplitLowRank:
         joint: bool = False,
     ) -> None:
         if sum(v is not None for v in (rank, energy, flops)) != 1:
-            raise ValueError("give exactly one of rank=, energy= or flops=")
+            raise ArgumentError("give exactly one of rank=, energy= or flops=")
         if rank is not None and rank < 1:
-            raise ValueError(f"rank must be >= 1, got {rank}")
+            raise ArgumentError(f"rank must be >= 1, got {rank}")
         if energy is not None and not 0.0 < energy <= 1.0:
-            raise ValueError(f"energy must be in (0, 1], got {energy}")
+            raise ArgumentError(f"energy must be in (0, 1], got {energy}")
         if flops is not None and not 0.0 < flops <= 1.0:
-            raise ValueError(f"flops must be a fraction in (0, 1], got {flops}")
+            raise ArgumentError(f"flops must be a fraction in (0, 1], got {flops}")
         if multiple < 1:
-            raise ValueError(f"multiple must be >= 1, got {multiple}")
+            raise ArgumentError(f"multiple must be >= 1, got {multiple}")
         if conv_method not in ("channel", "tucker2"):
-            raise ValueError(f"conv_method must be 'channel' or 'tucker2', got {conv_method!r}")
+            raise ArgumentError(f"conv_method must be 'channel' or 'tucker2', got {conv_method!r}")
         if ridge < 0:
-            raise ValueError(f"ridge must be >= 0, got {ridge}")
+            raise ArgumentError(f"ridge must be >= 0, got {ridge}")
         if latency_step not in ("time", "macs"):
-            raise ValueError(f"latency_step must be 'time' or 'macs', got {latency_step!r}")
+            raise ArgumentError(f"latency_step must be 'time' or 'macs', got {latency_step!r}")
         if latency is not None and flops is None:
-            raise ValueError("latency= only steers the flops= budget; give flops= too")
+            raise ArgumentError("latency= only steers the flops= budget; give flops= too")
         if latency is not None:
             for key, table in latency.items():
                 bad = [v for v in table.values() if not (np.isfinite(v) and v > 0)]
                 if bad:
-                    raise ValueError(f"latency for layer {key!r} must be positive finite seconds, got {bad[0]!r}")
+                    raise ArgumentError(f"latency for layer {key!r} must be positive finite seconds, got {bad[0]!r}")
         self.rank, self.energy, self.flops = rank, energy, flops
         self.multiple = int(multiple)
         self.moments = dict(moments or {})

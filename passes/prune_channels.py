@@ -37,7 +37,7 @@ from collections.abc import Mapping
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxpress.errors import CalibrationError, UnsupportedModelError
+from onnxpress.errors import ArgumentError, CalibrationError, UnsupportedModelError
 from onnxpress.passes.base import PassResult
 from onnxpress.passes.channel_groups import ChannelAnalysis, ChannelGroup, analyze_channels, remove_units
 
@@ -92,7 +92,7 @@ def unit_importance(
         CalibrationError: ``act`` without the statistics of a tensor a consumer reads.
     """
     if criterion not in CRITERIA:
-        raise ValueError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
+        raise ArgumentError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
     score = np.zeros(len(analysis.parent))
     if criterion in ("l1", "l2"):
         for s in analysis.sources:
@@ -175,13 +175,13 @@ class PruneChannels:
         """Check and keep the configuration."""
         ratios = ratio.values() if isinstance(ratio, Mapping) else [ratio]
         if any(not (0.0 <= float(r) < 1.0) for r in ratios):
-            raise ValueError(f"pruning ratio must be in [0, 1), got {ratio!r}")
+            raise ArgumentError(f"pruning ratio must be in [0, 1), got {ratio!r}")
         if criterion not in CRITERIA:
-            raise ValueError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
+            raise ArgumentError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
         if scope not in ("global", "layer"):
-            raise ValueError(f"scope must be 'global' or 'layer', got {scope!r}")
+            raise ArgumentError(f"scope must be 'global' or 'layer', got {scope!r}")
         if int(multiple) < 1:
-            raise ValueError(f"multiple must be >= 1, got {multiple!r}")
+            raise ArgumentError(f"multiple must be >= 1, got {multiple!r}")
         self.ratio = ratio
         self.criterion = criterion
         self.scope = scope

@@ -69,7 +69,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxpress.calibration.table import CalibrationTable
-from onnxpress.errors import UnsupportedModelError
+from onnxpress.errors import ArgumentError, UnsupportedModelError
 from onnxpress.passes.base import PassResult, fresh_names, graph_names
 from onnxpress.passes.codebook import weight_channel_axis
 from onnxpress.passes.weight_only import gptq_rows
@@ -211,7 +211,7 @@ def activation_qparams(lo: float, hi: float, dtype: str = "uint8") -> QParams:
         ValueError: unknown dtype, or a range of zero width (nothing to quantize).
     """
     if dtype not in ACTIVATION_TYPES:
-        raise ValueError(f"activation type must be one of {sorted(ACTIVATION_TYPES)}, got {dtype!r}")
+        raise ArgumentError(f"activation type must be one of {sorted(ACTIVATION_TYPES)}, got {dtype!r}")
     np_type, qmin, qmax = ACTIVATION_TYPES[dtype]
     lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
     if hi - lo <= 0.0:
@@ -287,14 +287,14 @@ class TensorOverride:
 
     def __post_init__(self) -> None:
         if self.dtype is not None and self.dtype not in (*ACTIVATION_TYPES, "float"):
-            raise ValueError(f"override dtype must be uint8, int8 or float, got {self.dtype!r}")
+            raise ArgumentError(f"override dtype must be uint8, int8 or float, got {self.dtype!r}")
         if self.range is not None:  # a reversed or non-finite range would quantize to garbage without a word
             try:
                 lo, hi = (float(v) for v in self.range)
             except (TypeError, ValueError):
-                raise ValueError(f"override range must be two numbers (min, max), got {self.range!r}") from None
+                raise ArgumentError(f"override range must be two numbers (min, max), got {self.range!r}") from None
             if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
-                raise ValueError(f"override range must be finite with min < max, got ({lo:g}, {hi:g})")
+                raise ArgumentError(f"override range must be finite with min < max, got ({lo:g}, {hi:g})")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -321,7 +321,7 @@ class Selection:
             try:
                 re.compile(pattern)
             except re.error as exc:
-                raise ValueError(f"invalid exclude pattern {pattern!r}: {exc}") from None
+                raise ArgumentError(f"invalid exclude pattern {pattern!r}: {exc}") from None
         return cls(frozenset(nodes), frozenset(ops), pattern)
 
     def reason(self, node: gs.Node) -> str | None:
@@ -433,7 +433,7 @@ class InsertQDQ:
         gptq_cache: dict | None = None,
     ) -> None:
         if activations not in ACTIVATION_TYPES:
-            raise ValueError(f"activations must be one of {sorted(ACTIVATION_TYPES)}, got {activations!r}")
+            raise ArgumentError(f"activations must be one of {sorted(ACTIVATION_TYPES)}, got {activations!r}")
         self.table = table
         self.per_channel = per_channel
         self.activations = activations
@@ -444,7 +444,7 @@ class InsertQDQ:
         chains = {"MatMul", "Gelu", "SiLU"}
         unknown = extra - FLOAT_BY_DEFAULT - chains
         if unknown:
-            raise ValueError(
+            raise ArgumentError(
                 f"quantize_ops accepts only {sorted(FLOAT_BY_DEFAULT | chains)}, got {sorted(unknown)}"
             )
         self.activation_matmuls = "MatMul" in extra

@@ -28,6 +28,7 @@ from collections.abc import Mapping
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxpress.errors import ArgumentError
 from onnxpress.passes.base import PassResult, is_float_constant, unique_name
 
 __all__ = ["SmoothQuant", "smoothquant_targets"]
@@ -182,7 +183,7 @@ class SmoothQuant:
 
     def __init__(self, act_absmax: Mapping[str, np.ndarray], alpha: float = 0.5, max_scale: float = 1e4) -> None:
         if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], not {alpha}")
+            raise ArgumentError(f"alpha must be in [0, 1], not {alpha}")
         self.act_absmax = {k: np.asarray(v, dtype=np.float64).reshape(-1) for k, v in act_absmax.items()}
         self.alpha = float(alpha)
         self.max_scale = float(max_scale)

@@ -56,7 +56,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxpress.errors import CalibrationError
+from onnxpress.errors import ArgumentError, CalibrationError
 from onnxpress.passes.base import PassResult, fresh_names, graph_names
 from onnxpress.passes.low_rank import layer_keys
 
@@ -578,7 +578,7 @@ class QuantizeWeightsInt4:
         only: frozenset[str] | None = None,
     ) -> None:
         if block_size < 16 or block_size & (block_size - 1):
-            raise ValueError(f"block_size must be a power of two >= 16, got {block_size}")
+            raise ArgumentError(f"block_size must be a power of two >= 16, got {block_size}")
         self.block_size = block_size
         self.exclude = frozenset(exclude)
         self.min_size = min_size
@@ -587,7 +587,7 @@ class QuantizeWeightsInt4:
         self.int8_below = int8_below
         self.symmetric = symmetric
         if not damp > 0:
-            raise ValueError(f"damp must be > 0, got {damp}")
+            raise ArgumentError(f"damp must be > 0, got {damp}")
         self.hessians = dict(hessians or {})
         self.damp = float(damp)
         self.act_order = act_order

@@ -32,3 +32,23 @@ def test_numpy_scalars_are_the_types_they_hold():
         check_argument_types("f", counts={"n": np.float64(3)})
     model = residual_cnn()
     assert onnxpress.quantize(model, calib=[feeds_for(model)], max_samples=np.int64(8)).quantized
+
+
+@pytest.mark.parametrize(("call", "match"), [
+    # values out of range: a plain ValueError escaped the API before (the CLI checks these itself)
+    (lambda m, x: onnxpress.lowrank(m), r"give exactly one of rank=, energy= or flops="),
+    (lambda m, x: onnxpress.lowrank(m, rank=0), r"rank must be >= 1, got 0"),
+    (lambda m, x: onnxpress.lowrank(m, flops=1.5), r"flops must be a fraction in \(0, 1\], got 1\.5"),
+    (lambda m, x: onnxpress.lowrank(m, energy=2), r"energy must be in \(0, 1\], got 2"),
+    (lambda m, x: onnxpress.prune(m, ratio=1.0), r"pruning ratio must be in \[0, 1\), got 1\.0"),
+    (lambda m, x: onnxpress.prune(m, ratio=0.5, criterion="xx"), r"unknown criterion 'xx'"),
+    (lambda m, x: onnxpress.equalize(m, clip="bad"), r"clip must be 'skip', 'split' or 'relu', not 'bad'"),
+    (lambda m, x: onnxpress.finetune(m, m, [x], exporter="xx"), r"exporter must be auto, dynamo, torchscript"),
+])
+def test_values_out_of_range_are_typed_errors_and_still_value_errors(call, match):
+    from onnxpress.errors import ArgumentError
+
+    model = residual_cnn()
+    with pytest.raises(ArgumentError, match=match) as info:
+        call(model, feeds_for(model))
+    assert isinstance(info.value, OnnxpressError) and isinstance(info.value, ValueError)

@@ -1024,6 +1024,18 @@ def optimize(
     if bud.kind != "latency":  # int4 layers run at fp32 speed: baselines for size and MACs budgets only
         mixes = [(space.uniform_int4(rest), f"uniform int4 + {rest}") for rest in ("fp32", "int8")]
         evaluate([make(p, note) for p, note in mixes if p is not None and p != candidates[0].picks])
+
+    def plan(at: float) -> tuple[tuple[int, ...] | None, Sequence[tuple[str, float]]]:
+        """The greedy's picks for the first budget at ``at`` and every other one, and the budgets it planned for.
+
+        When no assignment fits them all by the estimate: the first alone (the next best; the measured check of
+        every budget still decides).
+        """
+        picks = space.greedy(bud.kind, at, also=also)
+        if picks is None and also:
+            return space.greedy(bud.kind, at), []
+        return picks, also
+
     limit = bud.value
     timed_out = False
     want = shortlist  # with a fine-tune: structures within the measured budget wanted before judging
@@ -1035,12 +1047,9 @@ def optimize(
         searched: tuple[int, ...] | None = None
         for delta in discounts:
             space.prune_discount = delta
-            joint = also
-            greedy = space.greedy(bud.kind, limit, also=joint)
-            if greedy is None and also:  # not all at once by the estimate: the first budget alone, as the next best
+            greedy, joint = plan(limit)
+            if joint is not also:
                 log.info("no assignment fits every budget by the estimate; planning against %s alone", bud.kind)
-                joint = []
-                greedy = space.greedy(bud.kind, limit)
             if greedy is None:
                 continue
             refined = space.refine(bud.kind, limit, greedy, seed=seed + round_, deadline=deadline, also=joint)
@@ -1052,9 +1061,7 @@ def optimize(
             log.warning("no assignment fits %s=%.3f by the estimate; keeping the best measured", bud.kind, limit)
             break
         for f in (0.8, 1.25):  # neighbours of the budget, for the Pareto front
-            near = space.greedy(bud.kind, min(limit * f, 1.0), also=also)
-            if near is None and also:
-                near = space.greedy(bud.kind, min(limit * f, 1.0))
+            near, _ = plan(min(limit * f, 1.0))
             if near is not None:
                 batch.append(make(near, f"greedy at {f:g}x budget"))
         if finetune and space.groups:

@@ -248,16 +248,23 @@ class CalibrationTable:
         Histograms are summed exactly and each range recomputed with ``method`` (default: the
         method the shards used); tables without histograms can only be merged as ``minmax``
         (union of ranges). A tensor excluded in any shard stays excluded; samples add up.
+        The tables come one by one (``merge(t1, t2)``) or as one list or tuple (``merge([t1, t2])``).
 
         Raises:
-            CalibrationError: no tables, different tensor sets, mixed methods, an unknown method,
-                shards calibrated with a different setting the method reads (``bits`` for kl/mse,
-                ``percentile``), or a non-minmax merge without histograms.
+            CalibrationError: no tables, something that is not a table, different tensor sets, mixed methods,
+                an unknown method, shards calibrated with a different setting the method reads (``bits`` for
+                kl/mse, ``percentile``), or a non-minmax merge without histograms.
         """
         from onnxpress.calibration.observers import METHODS, range_from_histogram
 
+        if len(tables) == 1 and isinstance(tables[0], list | tuple):  # merge([t1, t2]) reads as merge(t1, t2)
+            tables = tuple(tables[0])
         if not tables:
             raise CalibrationError("merge needs at least one table")
+        for t in tables:
+            if not isinstance(t, CalibrationTable):
+                raise CalibrationError(f"merge takes CalibrationTables (CalibrationTable.load(path) reads one), "
+                                       f"got a {type(t).__name__}")
         first = tables[0]
         names = set(first.ranges) | set(first.excluded)
         for t in tables[1:]:

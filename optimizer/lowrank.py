@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import numbers
 import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -27,7 +28,13 @@ import onnx_graphsurgeon as gs
 from onnxpress.calibration.moments import PatchSecondMomentObserver, SecondMomentObserver
 from onnxpress.calibration.readers import symbolic_sizes
 from onnxpress.driver import transform
-from onnxpress.errors import ArgumentError, CalibrationError, UnsupportedModelError, check_argument_types
+from onnxpress.errors import (
+    ArgumentError,
+    CalibrationError,
+    OnnxpressError,
+    UnsupportedModelError,
+    check_argument_types,
+)
 from onnxpress.model_io import (
     ModelSource,
     check_model,
@@ -447,6 +454,8 @@ def lowrank(
                          counts={"multiple": multiple, "batch_size": batch_size, "max_samples": max_samples,
                                  "latency_batch": latency_batch, "threads": threads},
                          numbers={"energy": energy, "flops": flops, "ridge": ridge})
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, numbers.Integral)):  # 0 is a range error
+        raise OnnxpressError(f"lowrank: rank must be an integer, got {rank!r}")
     ops = tuple(ops)
     if by_latency and latency is not None:
         raise ArgumentError("give by_latency=True or latency=, not both")

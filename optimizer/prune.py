@@ -253,10 +253,11 @@ def prune(
     Raises:
         CalibrationError: ``act`` or ``compensate`` without ``calib``. Errors of loading, passes, saving.
         ValueError: a ratio outside [0, 1), an unknown criterion or scope.
-        OnnxpressError: an argument of the wrong type (``compensate="yes"``, ``max_samples=2.5``).
+        OnnxpressError: an argument of the wrong type (``compensate="yes"``, ``max_samples=2.5``, ``ratio="0.5"``).
     """
     check_argument_types("prune", flags={"compensate": compensate, "progress": progress},
-                         counts={"multiple": multiple, "max_samples": max_samples, "batch_size": batch_size})
+                         counts={"multiple": multiple, "max_samples": max_samples, "batch_size": batch_size},
+                         numbers={"ratio": ratio})
     if criterion not in CRITERIA:
         raise ArgumentError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
     if not ratio:  # exact removal only: the settings of pruning by importance would be ignored without a word

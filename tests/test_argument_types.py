@@ -19,6 +19,8 @@ from tests.test_qdq import feeds_for, residual_cnn
     (lambda m, x: onnxpress.calibrate(m, [x], bits=8.0), r"calibrate: bits must be an integer >= 1, got 8\.0"),
     (lambda m, x: onnxpress.prune(m, calib=[x], ratio=0.5, compensate=1), r"prune: compensate must be True or False"),
     (lambda m, x: onnxpress.lowrank(m, rank=2, joint="yes"), r"lowrank: joint must be True or False"),
+    (lambda m, x: onnxpress.lowrank(m, rank="4"), r"lowrank: rank must be an integer, got '4'"),
+    (lambda m, x: onnxpress.prune(m, ratio="0.5"), r"prune: ratio must be a number, got '0\.5'"),  # TypeError at '>'
 ])
 def test_wrong_types_are_named(call, match):
     model = residual_cnn()

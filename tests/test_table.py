@@ -152,6 +152,13 @@ def test_merging_shards_equals_calibrating_everything(method: str) -> None:
     assert merged.meta["merged_from"] == 2
 
 
+def test_merge_takes_a_list_of_tables_and_refuses_what_is_not_one(tmp_path) -> None:
+    a, b = table_from(data(0)), table_from(data(1))
+    assert CalibrationTable.merge([a, b]).ranges == CalibrationTable.merge(a, b).ranges  # an AttributeError before
+    with pytest.raises(CalibrationError, match=r"merge takes CalibrationTables .* got a PosixPath"):
+        CalibrationTable.merge(a, a.save(tmp_path / "a.npz"))
+
+
 def test_merge_without_histograms_only_as_minmax() -> None:
     a = CalibrationTable.from_ranges({"x": (-1.0, 2.0)}, method="minmax")
     b = CalibrationTable.from_ranges({"x": (-3.0, 1.0)}, method="minmax")

@@ -905,8 +905,9 @@ def optimize(
         if report is not None:
             from onnxpress.report import write_report
 
+            # no search: int8 sensitivity for the images
             write_report(report, result, m0, calib, feeds, threads=latency_threads, cache_dir=cache_dir,
-                         sensitivity_samples=sensitivity_samples)  # no search: int8 sensitivity for the images
+                         sensitivity_samples=sensitivity_samples, original_bytes=ev.original_bytes)
         return result
 
     budgets = [parse_budget(b) for b in (budget if isinstance(budget, (list, tuple)) else [budget])]
@@ -1299,6 +1300,6 @@ def optimize(
     if report is not None:
         from onnxpress.report import write_report
 
-        write_report(report, result, m0, calib, feeds, threads=latency_threads)
+        write_report(report, result, m0, calib, feeds, threads=latency_threads, original_bytes=ev.original_bytes)
     log.info("optimize done in %.1f s", time.monotonic() - start)
     return result

@@ -28,6 +28,9 @@ def test_report_has_all_images_and_records(tmp_path, monkeypatch):
     assert record["chosen"]["flops_ratio"] <= 0.6 and record["histograms"]
     # the before/after table comes from onnxpress.validate on the same samples (full ORT optimisations)
     assert abs(record["validation"]["outputs"][0]["sqnr_db"] - record["chosen"]["sqnr_db"]) < 0.5
+    # sizes against the model as given, as the candidates table divides (its cleaned graph made 0.543 of 0.546)
+    assert record["validation"]["size_ratio"] == record["chosen"]["size_ratio"]
+    assert record["validation"]["reference_bytes"] == tiny_cnn().ByteSize()
     # latency at the budget's thread count (the search's latency_threads, 1) and at onnxruntime's default
     assert record["validation"]["threads"] == 1 and record["validation_default_threads"]["threads"] is None
     assert "latency ratio (1 thread, as the budget; re-timed for this report" in md

@@ -264,16 +264,22 @@ def _guessed_type(producer: Mapping[str, onnx.NodeProto], name: str, types: _Typ
     return onnx.TensorProto.FLOAT
 
 
-def _batch_is_dynamic(model: onnx.ModelProto) -> bool:
-    """True when every graph input has a first dimension that is not a fixed number."""
+def fixed_batch_inputs(model: onnx.ModelProto) -> list[tuple[str, int | None]]:
+    """``(name, size)`` of each graph input whose first dimension is a fixed number (``None``: a scalar input)."""
     inits = {i.name for i in model.graph.initializer}
+    fixed = []
     for vi in model.graph.input:
         if vi.name in inits:
             continue
         dims = vi.type.tensor_type.shape.dim
         if not dims or dims[0].HasField("dim_value"):
-            return False
-    return True
+            fixed.append((vi.name, dims[0].dim_value if dims else None))
+    return fixed
+
+
+def _batch_is_dynamic(model: onnx.ModelProto) -> bool:
+    """True when every graph input has a first dimension that is not a fixed number."""
+    return not fixed_batch_inputs(model)
 
 
 def _samples_in(feed: Mapping[str, np.ndarray]) -> int:

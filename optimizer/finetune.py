@@ -106,14 +106,14 @@ def check_dynamic_batch(model: onnx.ModelProto | None, which: str) -> None:
     """
     if model is None:
         return
-    inits = {i.name for i in model.graph.initializer}
-    for vi in model.graph.input:
-        dims = vi.type.tensor_type.shape.dim
-        if vi.name not in inits and dims and dims[0].HasField("dim_value"):
+    from onnxpress.calibration.collect import fixed_batch_inputs
+
+    for name, size in fixed_batch_inputs(model):
+        if size is not None:  # a scalar input has no batch axis to fix
             raise UnsupportedModelError(
-                f"finetune trains on batches of samples, and the {which}'s input {vi.name!r} has a fixed batch of "
-                f"{dims[0].dim_value} (axis 0): export it with a dynamic batch axis, e.g. torch.onnx.export(..., "
-                f"dynamic_axes={{{vi.name!r}: {{0: 'batch'}}}}), then make the student from that export"
+                f"finetune trains on batches of samples, and the {which}'s input {name!r} has a fixed batch of "
+                f"{size} (axis 0): export it with a dynamic batch axis, e.g. torch.onnx.export(..., "
+                f"dynamic_axes={{{name!r}: {{0: 'batch'}}}}), then make the student from that export"
             )
 
 

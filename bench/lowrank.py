@@ -13,9 +13,10 @@ batch ``--batch``; the original and all split sessions are timed interleaved in 
 ratios (runs next to each other in time), then the ratio of median CPU times (blind to waiting
 for a core, the bulk of the noise on a shared machine).
 ``onnxpress.lowrank`` runs a transformer's token-wise ops on ``[rows, features]`` after splitting
-(``flatten_tokens``, exact; ``--keep-ranks`` turns it off here): the ``flattened orig`` column times the
-original with only that rewrite, and ``aware / flattened`` divides the data-aware split's latency by it,
-which is what the split alone buys.
+(``flatten_tokens``, exact; ``--keep-ranks`` turns it off here) and runs attention as onnxruntime's
+``MultiHeadAttention`` (``fuse_attention``, exact to float rounding; ``--keep-attention``): the
+``rewritten orig`` column times the original with only those rewrites, and ``aware / rewritten`` divides
+the data-aware split's latency by it, which is what the split alone buys.
 ``--profile`` also prints where the time goes (onnxruntime profile, all optimisations, by op type,
 with the candidate layers and their factors as one row) for the original and the split models.
 
@@ -39,6 +40,7 @@ import onnxruntime as ort
 import onnxpress
 from onnxpress.lowrank import collect_moments, measure_latency, tokens_on_rows
 from onnxpress.model_io import load_model, normalize_model
+from onnxpress.passes.fuse_attention import FuseAttention
 from onnxpress.pipeline import cleanup_passes, run_passes
 from onnxpress.reporting import format_table
 from onnxpress.runtime import make_session
@@ -167,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models-dir", default=str(ROOT / "models"))
     p.add_argument("--latency-step", choices=["time", "macs"], default="time",
                    help="latency rows: greedy steps by loss per second saved, or per MAC among faster splits")
+    p.add_argument("--keep-attention", action="store_true",
+                   help="lowrank(fuse_attention=False): keep attention as the graph's ops (output before session 25)")
     p.add_argument("--keep-ranks", action="store_true",
                    help="lowrank(flatten_tokens=False): keep the graph's tensor ranks (output before session 15)")
     p.add_argument("--profile", action="store_true", help="also print kernel time by op type (onnxruntime profile)")
@@ -209,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
                 built[select] = [
                     onnxpress.lowrank(original, flops=budget, multiple=args.multiple, conv_method=args.conv_method,
                                       moments=mom, latency=lat, latency_step=args.latency_step,
-                                      joint="joint" in select, flatten_tokens=not args.keep_ranks)
+                                      joint="joint" in select, flatten_tokens=not args.keep_ranks,
+                                      fuse_attention=not args.keep_attention)
                     for mom in (None, moments)
                 ]
             if candidates is None:
@@ -221,9 +226,13 @@ def main(argv: list[str] | None = None) -> int:
             if floor is None:  # every unit at the smallest grid rank: no rank choice is faster (nor much worse)
                 floor = onnxpress.lowrank(original, rank=args.multiple, multiple=args.multiple,
                                           conv_method=args.conv_method, joint=any("joint" in s for s in args.selects),
-                                          flatten_tokens=not args.keep_ranks)
+                                          flatten_tokens=not args.keep_ranks,
+                                          fuse_attention=not args.keep_attention)
             sessions.append(make_session(floor.model, threads=args.threads))
-            sessions.append(make_session(tokens_on_rows(cleaned).model, threads=args.threads))
+            rewritten = cleaned if args.keep_ranks else tokens_on_rows(cleaned).model
+            if not args.keep_attention:
+                rewritten = run_passes(rewritten, [FuseAttention()]).model
+            sessions.append(make_session(rewritten, threads=args.threads))
             outputs = [logits(s, x_test) for s in sessions[:-1]]
             med, paired, cpu = interleaved_latency_stats([ref_sess, *sessions], x_lat, args.repeats)
             # the candidate layers must shed (1 - budget) of the whole model's MACs
@@ -256,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"layer timing {t_latency:.1f}s", file=sys.stderr)
     header = ["model", "budget", "ranks by", "MACs plain/aware", "SQNR plain", "SQNR aware", "gain dB", "acc orig",
               "acc plain", "acc aware", "latency plain/aware", "paired", "CPU time", "latency bound",
-              "floor CPU (MACs)", "flattened orig", "aware / flattened",
+              "floor CPU (MACs)", "rewritten orig", "aware / rewritten",
               "size plain/aware"]
     print(format_table(header, rows))
     print(f"(test split {len(x_test)} samples; calib {len(calib)}; multiple {args.multiple}; latency batch "
@@ -266,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
           " proportion to their MACs and the"
           " rest stayed (from an onnxruntime profile of the original, graph optimisations off);\n floor: CPU-time ratio"
           f" of the model with every unit at rank {args.multiple} (its MACs ratio in brackets), same loop;\n"
-          " flattened orig: the original with only the token-wise [rows, features] rewrite, median ratio, same loop)")
+          " rewritten orig: the original with only the exact rewrites lowrank ends with (token-wise [rows, features],"
+          " fused attention), median ratio, same loop)")
     for name, per_model in profiles:
         ops = sorted({op for b in per_model.values() for op in b}, key=lambda op: -per_model["original"].get(op, 0))
         total0 = sum(per_model["original"].values())

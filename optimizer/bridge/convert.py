@@ -87,10 +87,11 @@ _QRANGE = {
 class _Ctx:
     """What an op function sees of its node: attributes, opset, input count."""
 
-    __slots__ = ("attrs", "name", "num_outputs", "op_type", "opset")
+    __slots__ = ("attrs", "contrib", "name", "num_outputs", "op_type", "opset")
 
     def __init__(self, node: onnx.NodeProto, opset: int) -> None:
         self.op_type = node.op_type
+        self.contrib = node.domain == "com.microsoft"  # an onnxruntime op (CONTRIB_OPS)
         self.name = node.name or node.output[0]
         self.opset = opset
         self.num_outputs = len(node.output)
@@ -1110,6 +1111,33 @@ OPS.update({
 SUPPORTED_OPS: frozenset[str] = frozenset(OPS) | {"Resize", "Upsample"}
 
 
+def _multi_head_attention(ctx: _Ctx, inputs: list[Value]) -> list[Value]:
+    """com.microsoft MultiHeadAttention with separate 3-D query, key and value, as ``lowrank`` writes it.
+
+    softmax(scale q kᵀ) v per head (passes/fuse_attention.py). Bias, masks and past state are refused.
+    """
+    if len(inputs) != 3:
+        raise UnsupportedModelError(f"node {ctx.name!r}: the bridge runs MultiHeadAttention with query, key and "
+                                    "value only (no bias, mask or past state)")
+    q, k, v = (_t(x) for x in inputs)
+    heads = int(ctx.get("num_heads"))
+    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
+        raise UnsupportedModelError(f"node {ctx.name!r}: the bridge runs MultiHeadAttention on [batch, sequence, "
+                                    "hidden] inputs only")
+
+    def split(x: torch.Tensor) -> torch.Tensor:  # [B, S, H*d] -> [B, H, S, d]
+        return x.reshape(x.shape[0], x.shape[1], heads, x.shape[2] // heads).transpose(1, 2)
+
+    scale = float(ctx.get("scale", 0.0)) or 1.0 / math.sqrt(q.shape[2] // heads)
+    weights = torch.softmax(split(q) @ split(k).transpose(-1, -2) * scale, dim=-1)
+    out = (weights @ split(v)).transpose(1, 2)
+    return [out.reshape(out.shape[0], out.shape[1], -1)]
+
+
+# onnxruntime's own ops (domain com.microsoft) the bridge runs: those onnxpress itself writes
+CONTRIB_OPS: dict[str, OpFn] = {"MultiHeadAttention": _multi_head_attention}
+
+
 def _resize(ctx: _Ctx, inputs: list[Value]) -> list[Value]:
     x = _t(inputs[0])
     mode = ctx.get("mode", "nearest")
@@ -1375,7 +1403,8 @@ class OnnxModule(nn.Module):
         bad = collections.Counter(
             (n.domain or "ai.onnx") + "::" + n.op_type
             for n in graph.node
-            if n.domain not in ("", "ai.onnx") or n.op_type not in OPS
+            if (n.op_type not in CONTRIB_OPS if n.domain == "com.microsoft"
+                else n.domain not in ("", "ai.onnx") or n.op_type not in OPS)
         )
         if bad:
             listed = ", ".join(f"{k} x{v}" for k, v in sorted(bad.items()))
@@ -1433,7 +1462,7 @@ class OnnxModule(nn.Module):
                 args = [env[i] for i in ins]
                 while args and args[-1] is None:  # trailing optional inputs
                     args.pop()
-                results = OPS[ctx.op_type](ctx, args)
+                results = (CONTRIB_OPS if ctx.contrib else OPS)[ctx.op_type](ctx, args)
                 env.update((o, v) for o, v in zip(outs, results, strict=True) if o)  # "" = an output left out
             missing = [w for w in wanted if w not in env]
             if missing:

@@ -41,6 +41,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                                                         "(default 1)")
     p.add_argument("--keep-ranks", action="store_true",
                    help="keep the graph's tensor ranks (do not run a transformer's token-wise ops on [rows, features])")
+    p.add_argument("--keep-attention", action="store_true",
+                   help="keep attention as the graph's own ops (do not run it as onnxruntime's MultiHeadAttention, "
+                        "which other runtimes do not know)")
     p.add_argument("--keep-bias", action="store_true",
                    help="leave each split layer's bias as an addition over its output (do not fold it into the "
                         "second factor behind a column of ones)")
@@ -82,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
         threads=threads,
         dims=dims_of(args),
         flatten_tokens=not args.keep_ranks,
+        fuse_attention=not args.keep_attention,
         fold_bias=not args.keep_bias,
         progress=progress_enabled(args),
     )
@@ -93,6 +97,9 @@ def run(args: argparse.Namespace) -> int:
     if result.flattened:
         print(f"ran the token-wise region on [rows, features] ({result.flattened} dense layers; "
               "onnxruntime's rank-2 LayerNorm/GELU kernels are faster here; --keep-ranks to skip)")
+    if result.attention_fused:
+        print(f"ran {result.attention_fused} attention block(s) as onnxruntime's MultiHeadAttention (exact to float "
+              "rounding; an onnxruntime-only node: --keep-attention to keep the graph's ops)")
     if result.biases_folded:
         print(f"folded the bias of {result.biases_folded} split layer(s) into the second factor behind a column of "
               "ones (exact; onnxruntime then adds no bias over the wide output; --keep-bias to skip)")

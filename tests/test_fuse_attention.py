@@ -1,0 +1,178 @@
+"""FuseAttention: scaled dot-product attention chains become onnxruntime's MultiHeadAttention, exactly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import onnxpress
+from onnxpress.model_io import infer_shapes
+from onnxpress.passes.fuse_attention import FuseAttention
+from onnxpress.pipeline import run_passes
+from tests import graphs
+
+S, D, H = 5, 8, 2
+MODELS = Path(__file__).resolve().parents[1] / "models"
+
+
+def attention(scale: str = "mul", keys: str = "one", mask: bool = False, seq: int | str = S, softmax_read: bool = False,
+              out_perm: tuple[int, ...] = (0, 2, 1, 3), typed: bool = True) -> onnx.ModelProto:
+    """X[batch, seq, D] -> Q/K/V projections -> heads -> softmax(c q kᵀ) v -> merged heads -> output projection.
+
+    scale: "mul" (scores * c), "mul_first" (c * scores), "div" (scores / sqrt(d)), "none".
+    keys: "one" (Transpose[0,2,3,1] of the head split) or "two" (Transpose[0,2,1,3] then [0,1,3,2]).
+    """
+    r = graphs.rng(1)
+    d = D // H
+    inits = {f"w{n}": (r.standard_normal((D, D)) / np.sqrt(D)).astype(np.float32) for n in "qkvo"}
+    inits.update({f"b{n}": 0.1 * r.standard_normal(D).astype(np.float32) for n in "qkv"})
+    inits["heads"] = np.array([0, 0, H, d], np.int64)  # 0: copy batch and sequence (a dynamic seq works)
+    inits["merged"] = np.array([0, 0, D], np.int64)
+    inits["c"] = np.array(1 / np.sqrt(d) if scale != "div" else np.sqrt(d), np.float32)
+    inits["bias"] = np.where(np.arange(S) > 2, -1e4, 0).astype(np.float32)
+    nodes = []
+    for n in "qkv":
+        nodes += [helper.make_node("MatMul", ["x", f"w{n}"], [f"{n}0"]),
+                  helper.make_node("Add", [f"{n}0", f"b{n}"], [f"{n}1"]),
+                  helper.make_node("Reshape", [f"{n}1", "heads"], [f"{n}h"])]
+    nodes.append(helper.make_node("Transpose", ["qh"], ["qt"], perm=[0, 2, 1, 3]))
+    nodes.append(helper.make_node("Transpose", ["vh"], ["vt"], perm=[0, 2, 1, 3]))
+    if keys == "one":
+        nodes.append(helper.make_node("Transpose", ["kh"], ["kt"], perm=[0, 2, 3, 1]))
+    else:
+        nodes += [helper.make_node("Transpose", ["kh"], ["kt0"], perm=[0, 2, 1, 3]),
+                  helper.make_node("Transpose", ["kt0"], ["kt"], perm=[0, 1, 3, 2])]
+    nodes.append(helper.make_node("MatMul", ["qt", "kt"], ["qk"]))
+    scores = "qk"
+    if scale != "none":
+        nodes.append({"mul": helper.make_node("Mul", ["qk", "c"], ["s0"]),
+                      "mul_first": helper.make_node("Mul", ["c", "qk"], ["s0"]),
+                      "div": helper.make_node("Div", ["qk", "c"], ["s0"])}[scale])
+        scores = "s0"
+    if mask:
+        nodes.append(helper.make_node("Add", [scores, "bias"], ["s1"]))
+        scores = "s1"
+    nodes += [helper.make_node("Softmax", [scores], ["p"], axis=-1),
+              helper.make_node("MatMul", ["p", "vt"], ["a"]),
+              helper.make_node("Transpose", ["a"], ["at"], perm=list(out_perm)),
+              helper.make_node("Reshape", ["at", "merged"], ["m"]),
+              helper.make_node("MatMul", ["m", "wo"], ["y"])]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", seq, D])]
+    if softmax_read:
+        outputs.append(helper.make_tensor_value_info("p", TensorProto.FLOAT, ["batch", H, seq, seq]))
+    graph = helper.make_graph(nodes, "attention", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                                 ["batch", seq, D])],
+                              outputs, [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", graphs.OPSET)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return infer_shapes(model) if typed else model  # the pass reads the tensor types (lowrank infers them first)
+
+
+def _feeds(batch: int = 3, seq: int = S) -> dict[str, np.ndarray]:
+    return {"x": graphs.rng(7).standard_normal((batch, seq, D)).astype(np.float32)}
+
+
+def _ops(model: onnx.ModelProto) -> list[str]:
+    return [n.op_type for n in model.graph.node]
+
+
+@pytest.mark.parametrize(("scale", "keys"), [("mul", "one"), ("mul_first", "one"), ("div", "one"),
+                                             ("none", "one"), ("mul", "two")])
+def test_attention_runs_as_one_node_with_the_same_outputs(scale, keys) -> None:
+    model = attention(scale, keys)
+    res = run_passes(model, [FuseAttention()])
+    assert res.stats["fuse_attention.fused"] == 1 and not res.notes
+    ops = _ops(res.model)
+    assert ops.count("MultiHeadAttention") == 1 and "Softmax" not in ops and "Transpose" not in ops
+    node = next(n for n in res.model.graph.node if n.op_type == "MultiHeadAttention")
+    assert node.domain == "com.microsoft"
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    want = 1.0 if scale == "none" else 1 / np.sqrt(D // H)
+    assert attrs["num_heads"] == H and attrs["scale"] == pytest.approx(want, rel=1e-6)
+    onnx.checker.check_model(res.model, full_check=True)
+    for feeds in (_feeds(), _feeds(batch=1)):
+        (want_y,), (got_y,) = graphs.run(model, feeds), graphs.run(res.model, feeds, optimize=True)
+        np.testing.assert_allclose(got_y, want_y, rtol=1e-5, atol=1e-5)
+
+
+def test_a_dynamic_sequence_length_is_fused_and_runs_at_any_length() -> None:
+    model = attention(seq="seq")
+    res = run_passes(model, [FuseAttention()])
+    assert res.stats["fuse_attention.fused"] == 1
+    for seq in (2, 7):
+        feeds = _feeds(seq=seq)
+        np.testing.assert_allclose(graphs.run(res.model, feeds)[0], graphs.run(model, feeds)[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("kwargs", "note"), [
+    ({"mask": True}, "a mask or bias is added to the scores"),
+    ({"out_perm": (0, 2, 3, 1)}, "the heads are laid out otherwise"),  # [B, S, d, H]: merged otherwise
+    ({"softmax_read": True}, None),  # the probabilities are a graph output: the chain must stay
+    ({"typed": False}, "the tensor types are not known"),
+])
+def test_what_is_not_plain_attention_is_left_as_it_is(kwargs, note) -> None:
+    model = attention(**kwargs)
+    res = run_passes(model, [FuseAttention()])
+    assert res.stats["fuse_attention.fused"] == 0 and "MultiHeadAttention" not in _ops(res.model)
+    assert _ops(res.model) == _ops(model)
+    if note is not None:
+        assert len(res.notes) == 1 and note in res.notes[0]
+
+
+def test_lowrank_fuses_the_reference_transformers_attention_exactly(tmp_path, capsys) -> None:
+    """lowrank ends with the fusion (2 blocks); the split is the same, and --keep-attention keeps the ops."""
+    src = MODELS / "transformer.onnx"
+    x = np.load(MODELS / "digits32_test.npz")["input"][:64]
+    fused = onnxpress.lowrank(str(src), rank=16)
+    kept = onnxpress.lowrank(str(src), rank=16, fuse_attention=False)
+    assert fused.attention_fused == 2 and kept.attention_fused == 0
+    assert _ops(fused.model).count("MultiHeadAttention") == 2 and "MultiHeadAttention" not in _ops(kept.model)
+    assert [lay.rank for lay in fused.layers] == [lay.rank for lay in kept.layers]
+    a = graphs.run(fused.model, {"input": x}, optimize=True)[0]
+    b = graphs.run(kept.model, {"input": x}, optimize=True)[0]
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+    from onnxpress.cli import main
+
+    assert main(["lowrank", str(src), "-o", str(tmp_path / "k.onnx"), "--rank", "16", "--keep-attention"]) == 0
+    assert "MultiHeadAttention" not in capsys.readouterr().out
+    assert "MultiHeadAttention" not in _ops(onnx.load(str(tmp_path / "k.onnx")))
+    assert main(["lowrank", str(src), "-o", str(tmp_path / "f.onnx"), "--rank", "16"]) == 0
+    assert "ran 2 attention block(s) as onnxruntime's MultiHeadAttention" in capsys.readouterr().out
+
+
+def test_a_softmax_over_a_dense_layer_is_no_attention_and_gets_no_note() -> None:
+    w = graphs.rng(2).standard_normal((D, 4)).astype(np.float32)
+    model = graphs.make_model([helper.make_node("MatMul", ["x", "w"], ["z"]),
+                               helper.make_node("Add", ["z", "b"], ["s"]),
+                               helper.make_node("Softmax", ["s"], ["y"], axis=-1)],
+                              [("x", ["batch", D])], [("y", ["batch", 4])], {"w": w, "b": np.ones(4, np.float32)})
+    res = run_passes(infer_shapes(model), [FuseAttention()])
+    assert res.stats["fuse_attention.fused"] == 0 and res.notes == () and _ops(res.model) == _ops(model)
+
+
+def test_the_finetune_bridge_runs_the_fused_node_and_a_lowrank_student_trains(tmp_path) -> None:
+    """lowrank -> finetune is a natural chain: the bridge runs MultiHeadAttention as ONNX's ops would."""
+    torch = pytest.importorskip("torch")
+    from onnxpress.bridge.convert import OnnxModule
+
+    fused = run_passes(attention("div"), [FuseAttention()]).model
+    feeds = _feeds()
+    mod = OnnxModule(fused).eval()
+    with torch.no_grad():
+        (got,) = mod.evaluate([torch.from_numpy(feeds["x"])], mod.output_names)
+    np.testing.assert_allclose(got.numpy(), graphs.run(fused, feeds)[0], rtol=1e-5, atol=1e-5)
+
+    x = np.load(MODELS / "digits32_calib.npz")["input"][:64]
+    student = onnxpress.lowrank(str(MODELS / "transformer.onnx"), rank=16).model
+    assert "MultiHeadAttention" in _ops(student)
+    res = onnxpress.finetune(student, str(MODELS / "transformer.onnx"), [{"input": x}], tmp_path / "s.onnx",
+                             epochs=1, seed=0)
+    onnx.checker.check_model(onnx.load(str(tmp_path / "s.onnx")), full_check=True)
+    assert res.mode == "float" and res.export_max_diff <= 1e-4  # the written model runs as the module trained
+    assert res.metrics["sqnr_db_after"] > res.metrics["sqnr_db_before"]  # 5.06 -> 7.81 dB (plain SVD, rank 16)

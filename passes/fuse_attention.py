@@ -6,7 +6,9 @@ keys and values (``Reshape`` to ``[B, S, H, d]``)::
     s = Softmax(Mul(MatMul(Transpose[0,2,1,3](q), Transpose[0,2,3,1](k)), c))     (or Div by c, or no scale)
     y = Transpose[0,2,1,3](MatMul(s, Transpose[0,2,1,3](v)))
 
-(``k`` may also be ``Transpose[0,2,1,3]`` then ``Transpose[0,1,3,2]``; without a ``Mul``/``Div`` the
+(``k`` may also be ``Transpose[0,2,1,3]`` then ``Transpose[0,1,3,2]``, or, as torch's dynamo export writes
+``scaled_dot_product_attention``, ``Transpose[0,2,1,3]``, ``Reshape[B*H, L, d]``, ``Transpose[0,2,1]``,
+``Reshape[B, H, d, L]``; scalar ``Mul``s on ``q`` and ``k`` multiply into the scale, and without any the
 scale is 1). This pass replaces the whole chain by one ``com.microsoft.MultiHeadAttention`` node
 (``num_heads = H``, ``scale = c`` or ``1 / c``) that reads ``q``, ``k`` and ``v`` as ``[B, S, H*d]``
 (a ``Reshape[0, 0, -1]`` of the head split, free in onnxruntime) and writes ``[B, S, H*d]``, which a
@@ -48,6 +50,16 @@ def _only_reader(t: gs.Tensor, kept: frozenset[int]) -> gs.Node | None:
     return t.outputs[0] if len(t.outputs) == 1 and id(t) not in kept else None
 
 
+def _data_reader(t: gs.Tensor, kept: frozenset[int]) -> gs.Node | None:
+    """The single node reading ``t``'s values, besides ``Shape`` nodes.
+
+    The dynamo SDPA export reads the keys' shape to build its Reshape targets; those die with the chain (or
+    keep its old nodes alive, which stays exact).
+    """
+    data = [n for n in t.outputs if n.op != "Shape"]
+    return data[0] if len(data) == 1 and id(t) not in kept else None
+
+
 def _producer(t: gs.Tensor) -> gs.Node | None:
     return t.inputs[0] if len(t.inputs) == 1 else None
 
@@ -76,6 +88,46 @@ def _head_shape(split: gs.Tensor) -> tuple[int, int] | None:
         if target.size == 4 and target[2] > 0 and target[3] > 0:
             return int(target[2]), int(target[3])
     return None
+
+
+def _peel_scale(t: gs.Tensor, kept: frozenset[int]) -> tuple[gs.Tensor, float, list[gs.Node]]:
+    """``(x, c, [Mul])`` when ``t = x * c`` (a scalar constant, as SDPA exports scale q and k), else ``(t, 1, [])``."""
+    node = _producer(t)
+    if node is not None and node.op == "Mul" and _only_reader(t, kept) is not None:
+        for i in (0, 1):
+            c = _scalar(node.inputs[1 - i])
+            if c is not None and c != 0.0 and np.isfinite(c):
+                return node.inputs[i], c, [node]
+    return t, 1.0, []
+
+
+def _key_split(t: gs.Tensor) -> tuple[gs.Tensor | None, list[gs.Node]]:
+    """The ``[B, L, H, d]`` head split under transposed keys ``[B, H, d, L]``, and the nodes between, first to last.
+
+    Three layouts: ``Transpose[0,2,3,1]``; ``Transpose[0,2,1,3]`` then ``Transpose[0,1,3,2]``; and the dynamo
+    SDPA export's ``Transpose[0,2,1,3]`` -> ``Reshape[B*H, L, d]`` -> ``Transpose[0,2,1]`` -> ``Reshape[B, H, d, L]``
+    (its shapes are checked by :func:`_folds_heads`).
+    """
+    node = _producer(t)
+    if _perm(node) == [0, 2, 3, 1]:
+        return node.inputs[0], [node]
+    if _perm(node) == [0, 1, 3, 2] and _perm(_producer(node.inputs[0])) == _HEADS_FIRST:
+        inner = _producer(node.inputs[0])
+        return inner.inputs[0], [inner, node]
+    if node is not None and node.op == "Reshape":
+        t2 = _producer(node.inputs[0])
+        r1 = _producer(t2.inputs[0]) if _perm(t2) == [0, 2, 1] else None
+        t1 = _producer(r1.inputs[0]) if r1 is not None and r1.op == "Reshape" else None
+        if _perm(t1) == _HEADS_FIRST:
+            return t1.inputs[0], [t1, r1, t2, node]
+    return None, []
+
+
+def _folds_heads(chain: list[gs.Node], heads: int, size: int) -> bool:
+    """Whether the SDPA key chain's Reshapes are ``[B*H, L, d]`` and ``[B, H, d, L]`` (known shapes only)."""
+    folded, back = chain[1].outputs[0].shape, chain[3].outputs[0].shape
+    return (folded is not None and len(folded) == 3 and folded[2] == size
+            and back is not None and len(back) == 4 and back[1] == heads and back[2] == size)
 
 
 def _scores_of_heads(node: gs.Node | None) -> bool:
@@ -140,7 +192,10 @@ class FuseAttention:
         av = _only_reader(softmax.outputs[0], kept)
         if av is None or av.op != "MatMul" or av.inputs[0] is not softmax.outputs[0]:
             return ""
-        tq, tk, tv = _producer(qk.inputs[0]), _producer(qk.inputs[1]), _producer(av.inputs[1])
+        q_in, scale_q, q_muls = _peel_scale(qk.inputs[0], kept)
+        k_in, scale_k, k_muls = _peel_scale(qk.inputs[1], kept)
+        scale *= scale_q * scale_k
+        tq, tv = _producer(q_in), _producer(av.inputs[1])
         if _perm(tq) is None:
             return ""
         out = _only_reader(av.outputs[0], kept)
@@ -150,21 +205,18 @@ class FuseAttention:
             return "the heads are laid out otherwise"
         if axis not in (-1, 3):
             return f"softmax over axis {axis}"
-        k_split = None
-        if _perm(tk) == [0, 2, 3, 1]:
-            k_split = tk.inputs[0]
-        elif _perm(tk) == [0, 1, 3, 2] and _perm(_producer(tk.inputs[0])) == _HEADS_FIRST:
-            inner = _producer(tk.inputs[0])
-            if _only_reader(inner.outputs[0], kept) is tk:
-                k_split = inner.inputs[0]
+        k_split, k_chain = _key_split(k_in)
         if k_split is None:
             return "the keys are laid out otherwise"
-        if any(_only_reader(t.outputs[0], kept) is not reader for t, reader in ((tq, qk), (tk, qk), (tv, av))):
+        chains = ([tq, *q_muls, qk], [*k_chain, *k_muls, qk], [tv, av])
+        if any(_data_reader(a.outputs[0], kept) is not b for c in chains for a, b in zip(c, c[1:], strict=False)):
             return "a transposed head split is read elsewhere too"
         splits = (tq.inputs[0], k_split, tv.inputs[0])
         heads = [_head_shape(s) for s in splits]
         if any(h is None for h in heads) or len({h[0] for h in heads}) != 1 or heads[0][1] != heads[1][1]:
             return "the number of heads or the head size is not known"
+        if len(k_chain) == 4 and not _folds_heads(k_chain, *heads[1]):
+            return "the keys are laid out otherwise"
         dtypes = {t.dtype for t in (*splits, softmax.outputs[0]) if t.dtype is not None}
         if not dtypes:  # onnxruntime's CPU kernel is float32 only: a float16 graph must not get it
             return "the tensor types are not known (infer shapes first)"

@@ -24,7 +24,8 @@ def attention(scale: str = "mul", keys: str = "one", mask: bool = False, seq: in
     """X[batch, seq, D] -> Q/K/V projections -> heads -> softmax(c q kᵀ) v -> merged heads -> output projection.
 
     scale: "mul" (scores * c), "mul_first" (c * scores), "div" (scores / sqrt(d)), "none".
-    keys: "one" (Transpose[0,2,3,1] of the head split) or "two" (Transpose[0,2,1,3] then [0,1,3,2]).
+    keys: "one" (Transpose[0,2,3,1] of the head split), "two" (Transpose[0,2,1,3] then [0,1,3,2]) or "sdpa"
+    (Transpose[0,2,1,3], Reshape[-1, S, d], Transpose[0,2,1], Reshape[-1, H, d, S], and sqrt(c) on q and k).
     """
     r = graphs.rng(1)
     d = D // H
@@ -39,10 +40,19 @@ def attention(scale: str = "mul", keys: str = "one", mask: bool = False, seq: in
         nodes += [helper.make_node("MatMul", ["x", f"w{n}"], [f"{n}0"]),
                   helper.make_node("Add", [f"{n}0", f"b{n}"], [f"{n}1"]),
                   helper.make_node("Reshape", [f"{n}1", "heads"], [f"{n}h"])]
-    nodes.append(helper.make_node("Transpose", ["qh"], ["qt"], perm=[0, 2, 1, 3]))
+    nodes.append(helper.make_node("Transpose", ["qh"], ["qt0" if keys == "sdpa" else "qt"], perm=[0, 2, 1, 3]))
     nodes.append(helper.make_node("Transpose", ["vh"], ["vt"], perm=[0, 2, 1, 3]))
     if keys == "one":
         nodes.append(helper.make_node("Transpose", ["kh"], ["kt"], perm=[0, 2, 3, 1]))
+    elif keys == "sdpa":  # torch's dynamo export of scaled_dot_product_attention: q and k scaled by sqrt(c) each
+        inits["fold"], inits["unfold"] = np.array([-1, S, d], np.int64), np.array([-1, H, d, S], np.int64)
+        inits["root"] = np.sqrt(inits["c"]).astype(np.float32)
+        nodes += [helper.make_node("Transpose", ["kh"], ["kt0"], perm=[0, 2, 1, 3]),
+                  helper.make_node("Reshape", ["kt0", "fold"], ["kt1"]),
+                  helper.make_node("Transpose", ["kt1"], ["kt2"], perm=[0, 2, 1]),
+                  helper.make_node("Reshape", ["kt2", "unfold"], ["kt3"]),
+                  helper.make_node("Mul", ["kt3", "root"], ["kt"]),
+                  helper.make_node("Mul", ["qt0", "root"], ["qt"])]
     else:
         nodes += [helper.make_node("Transpose", ["kh"], ["kt0"], perm=[0, 2, 1, 3]),
                   helper.make_node("Transpose", ["kt0"], ["kt"], perm=[0, 1, 3, 2])]
@@ -82,7 +92,7 @@ def _ops(model: onnx.ModelProto) -> list[str]:
 
 
 @pytest.mark.parametrize(("scale", "keys"), [("mul", "one"), ("mul_first", "one"), ("div", "one"),
-                                             ("none", "one"), ("mul", "two")])
+                                             ("none", "one"), ("mul", "two"), ("none", "sdpa")])
 def test_attention_runs_as_one_node_with_the_same_outputs(scale, keys) -> None:
     model = attention(scale, keys)
     res = run_passes(model, [FuseAttention()])
@@ -92,7 +102,7 @@ def test_attention_runs_as_one_node_with_the_same_outputs(scale, keys) -> None:
     node = next(n for n in res.model.graph.node if n.op_type == "MultiHeadAttention")
     assert node.domain == "com.microsoft"
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    want = 1.0 if scale == "none" else 1 / np.sqrt(D // H)
+    want = 1.0 if scale == "none" and keys != "sdpa" else 1 / np.sqrt(D // H)
     assert attrs["num_heads"] == H and attrs["scale"] == pytest.approx(want, rel=1e-6)
     onnx.checker.check_model(res.model, full_check=True)
     for feeds in (_feeds(), _feeds(batch=1)):

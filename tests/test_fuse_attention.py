@@ -91,6 +91,12 @@ def _ops(model: onnx.ModelProto) -> list[str]:
     return [n.op_type for n in model.graph.node]
 
 
+def _weights_dequantized(model: onnx.ModelProto) -> int:
+    """DequantizeLinear nodes of 2-D int8 initializers: the quantized dense layers' weights."""
+    matrices = {i.name for i in model.graph.initializer if len(i.dims) == 2}
+    return sum(n.op_type == "DequantizeLinear" and n.input[0] in matrices for n in model.graph.node)
+
+
 @pytest.mark.parametrize(("scale", "keys"), [("mul", "one"), ("mul_first", "one"), ("div", "one"),
                                              ("none", "one"), ("mul", "two"), ("none", "sdpa")])
 def test_attention_runs_as_one_node_with_the_same_outputs(scale, keys) -> None:
@@ -186,3 +192,29 @@ def test_the_finetune_bridge_runs_the_fused_node_and_a_lowrank_student_trains(tm
     onnx.checker.check_model(onnx.load(str(tmp_path / "s.onnx")), full_check=True)
     assert res.mode == "float" and res.export_max_diff <= 1e-4  # the written model runs as the module trained
     assert res.metrics["sqnr_db_after"] > res.metrics["sqnr_db_before"]  # 5.06 -> 7.81 dB (plain SVD, rank 16)
+
+
+def test_quantize_runs_attention_fused_in_float_unless_asked_to_quantize_it(tmp_path, capsys) -> None:
+    """int8: the projections are quantized as before, attention runs fused; quantize_ops MatMul keeps the chain."""
+    src = str(MODELS / "transformer.onnx")
+    calib = np.load(MODELS / "digits32_calib.npz")["input"][:64]
+    x = np.load(MODELS / "digits32_test.npz")["input"][:128]
+    fused = onnxpress.quantize(src, calib=[{"input": calib}], max_samples=64)
+    kept = onnxpress.quantize(src, calib=[{"input": calib}], max_samples=64, fuse_attention=False)
+    assert fused.stats["fuse_attention.fused"] == 2 and _ops(fused.model).count("MultiHeadAttention") == 2
+    assert "MultiHeadAttention" not in _ops(kept.model)
+    assert _weights_dequantized(fused.model) == _weights_dequantized(kept.model) == 14  # embedding, 2 x 6, head
+    a = graphs.run(fused.model, {"input": x}, optimize=True)[0]
+    b = graphs.run(kept.model, {"input": x}, optimize=True)[0]
+    # the same int8 model: float rounding in attention flips a few roundings of the next QuantizeLinear (one step)
+    assert 10 * np.log10(np.sum(b.astype(np.float64) ** 2) / np.sum((a - b).astype(np.float64) ** 2)) > 45
+    asked = onnxpress.quantize(src, calib=[{"input": calib}], max_samples=64, quantize_ops=["MatMul"])
+    assert "MultiHeadAttention" not in _ops(asked.model)
+
+    from onnxpress.cli import main
+
+    np.savez(tmp_path / "c.npz", input=calib)
+    assert main(["quantize", src, "-o", str(tmp_path / "q.onnx"), "--calib", str(tmp_path / "c.npz"),
+                 "--keep-attention", "--no-latency-check"]) == 0
+    assert "MultiHeadAttention" not in capsys.readouterr().out
+    assert "MultiHeadAttention" not in _ops(onnx.load(str(tmp_path / "q.onnx")))

@@ -96,6 +96,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "range=LO:HI (activations), per_channel=true|false (weights); e.g. --override logits:dtype=float "
         "--override attn_out:method=percentile",
     )
+    p.add_argument("--keep-attention", action="store_true",
+                   help="keep attention as the graph's own ops (do not run it as onnxruntime's MultiHeadAttention, "
+                        "which other runtimes do not know)")
     p.add_argument(
         "--quantize-ops",
         nargs="*",
@@ -213,6 +216,7 @@ def run(args: argparse.Namespace) -> int:
         int4_layers=args.int4_layers,
         int8_method=args.int8_method,
         codebook_layers=args.codebook_layers,
+        fuse_attention=not args.keep_attention,
     )
     counts = collections.Counter(d.op for d in result.quantized)
     floats = collections.Counter(d.op for d in result.kept_float)
@@ -251,6 +255,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"ran {result.stats.get('flatten_tokens.regions', 0)} token-wise region(s) on [rows, features] "
               f"({flat} dense layers; {result.stats.get('flatten_tokens.nodes_added', 0)} node(s) added), "
               "so their bias Adds go into the integer kernels")
+    attention = result.stats.get("fuse_attention.fused", 0)
+    if attention:
+        print(f"ran {attention} attention block(s) as onnxruntime's MultiHeadAttention, in float as attention stays "
+              "(exact to float rounding; an onnxruntime-only node: --keep-attention to keep the graph's ops)")
     gemms = result.stats.get("matmul_add_to_gemm.fused", 0)
     if gemms:
         print(f"fused {gemms} rank-2 MatMul + bias Add into Gemm (same values; an int32 bias and one integer "

@@ -1021,7 +1021,9 @@ class InsertQDQ:
             if prod is not None and prod.op == "MaxPool" and id(prod) not in quantized and qp.axis is None:
                 q_in = gs.Variable(fresh(f"{name}_kept_float"), dtype=np.float32, shape=t.shape)
                 new_nodes.append(_pool_barrier(t, q_in, qp, fresh))
-            if t in graph.outputs:  # the DQ output becomes the graph output, under its name and type
+            # the DQ output becomes the graph output, under its name and type; a graph input passed through as an
+            # output stays the output as it is (renaming it renamed the model's input: inp -> inp_float)
+            if t in graph.outputs and t not in graph.inputs:
                 pos = graph.outputs.index(t)
                 t.name = fresh(f"{name}_float")
                 dq_out = gs.Variable(name, dtype=t.dtype or np.float32, shape=t.shape)

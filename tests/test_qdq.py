@@ -1172,3 +1172,23 @@ def test_opted_in_hard_sigmoid_that_no_quantized_node_reads_says_why_it_stayed_f
     p, _ = quantize_graph(model, feeds_for(model), quantize_ops={"HardSigmoid"})
     reason = {d.name: d for d in p.decisions}["hsig"].reason
     assert reason.startswith("its output feeds no quantized node") and "opted in by quantize_ops" in reason
+
+
+def test_a_graph_input_that_is_also_an_output_keeps_its_name_and_its_values() -> None:
+    """The input was renamed 'inp_float' to give its name to the DQ output: the model lost its input 'inp'."""
+    import onnxpress
+
+    r = rng(3)
+    model = make_model([helper.make_node("MatMul", ["inp", "w0"], ["a"]), helper.make_node("Relu", ["a"], ["h"]),
+                        helper.make_node("MatMul", ["h", "w1"], ["logits"])],
+                       [("inp", ["N", 16])], [("logits", ["N", 10]), ("inp", ["N", 16])],
+                       {"w0": r.standard_normal((16, 32)).astype(np.float32),
+                        "w1": r.standard_normal((32, 10)).astype(np.float32)})
+    x = r.standard_normal((32, 16)).astype(np.float32)
+    res = onnxpress.quantize(model, calib=[{"inp": x}])
+    assert [i.name for i in res.model.graph.input] == ["inp"]
+    assert [o.name for o in res.model.graph.output] == ["logits", "inp"]
+    assert "MatMulInteger" in ops(res.model) or "QuantizeLinear" in ops(res.model)
+    logits, passed = run(res.model, {"inp": x})
+    np.testing.assert_array_equal(passed, x)  # the float input itself, not its int8 rounding
+    assert sqnr_db(run(model, {"inp": x})[0], logits) > 30

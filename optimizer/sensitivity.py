@@ -205,8 +205,16 @@ def run_outputs(model: onnx.ModelProto, feeds: Sequence[Mapping[str, np.ndarray]
 
 
 def flat_outputs(arrays: Sequence[Sequence[np.ndarray]]) -> np.ndarray:
-    """Outputs per feed (as :func:`run_output_arrays` returns them) as one flat float64 vector: what SQNR compares."""
-    return np.concatenate([np.asarray(v, dtype=np.float64).ravel() for outs in arrays for v in outs])
+    """Outputs per feed (as :func:`run_output_arrays` returns them) as one flat float64 vector: what SQNR compares.
+
+    Only the floating-point outputs, as ``quantize`` and ``validate`` measure SQNR: integer outputs (TopK
+    indices, ArgMax) added their large, exactly kept values to the signal (a model measured 82.3 dB here against
+    61-62 dB per float output in ``validate``). A model whose every output is an integer keeps them all.
+    """
+    floats = [[v for v in outs if np.issubdtype(np.asarray(v).dtype, np.floating)] for outs in arrays]
+    if not any(floats):
+        floats = arrays
+    return np.concatenate([np.asarray(v, dtype=np.float64).ravel() for outs in floats for v in outs])
 
 
 def run_output_arrays(model: onnx.ModelProto, feeds: Sequence[Mapping[str, np.ndarray]]) -> list[list[np.ndarray]]:

@@ -365,3 +365,12 @@ def test_reused_activations_on_a_reference_model(monkeypatch):
                 for w, r in zip(whole.scores, reused.scores, strict=True))
     assert worst <= 0.01
     assert runs["partial"] >= len(reused.scores) - 4  # the first conv's options and its group's prune run whole
+
+
+def test_output_sqnr_reads_the_float_outputs_only():
+    """Integer outputs (TopK indices) added their exactly kept values to the signal: optimize read 82 dB there."""
+    from onnxpress.sensitivity import flat_outputs
+
+    logits, indices = np.array([[1.0, -2.0]]), np.array([[1000, 2000]], np.int64)
+    assert flat_outputs([[logits, indices], [logits, indices]]).tolist() == [1.0, -2.0, 1.0, -2.0]
+    assert flat_outputs([[indices]]).tolist() == [1000.0, 2000.0]  # nothing else to compare

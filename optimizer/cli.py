@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import importlib
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 
 from onnxpress.errors import OnnxpressError
@@ -137,19 +140,49 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    # SIGTERM (kill, a job scheduler's timeout) unwinds like Ctrl-C, so the scratch files beside the output are
+    # removed: it used to end the process where it stood, leaving .onnxpress-*/ with a partial model
+    previous = _handle_sigterm()
     try:
         return int(args.func(args) or 0)
     except OnnxpressError as exc:
         print(f"onnxpress: error: {exc}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("onnxpress: terminated", file=sys.stderr)
+        return 143  # 128 + SIGTERM
     except KeyboardInterrupt:
         print("onnxpress: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:
+        if exc.errno != errno.ENAMETOOLONG:
+            raise
+        # a path component over the file system's limit (255 bytes), in any path a command was given
+        print(f"onnxpress: error: file name too long: {exc.filename or exc}; use a shorter name", file=sys.stderr)
+        return 2
     except BrokenPipeError:  # `onnxpress validate ... | head`: the reader left; stop quietly, as a shell tool does
         with contextlib.suppress(OSError, ValueError):  # and keep the interpreter's exit flush from failing again
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, sys.stdout.fileno())
         return 141  # 128 + SIGPIPE, the status a shell reports for a writer whose pipe was closed
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program stands; a KeyboardInterrupt, so every cleanup for Ctrl-C runs for it."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+def _handle_sigterm() -> object | None:
+    """Install the SIGTERM handler (main thread only: ``main`` may run in a test's worker thread); the old one."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _raise_terminated)
 
 
 if __name__ == "__main__":

@@ -630,11 +630,18 @@ def check_output_path(
         OutputError: the folder is missing or not writable, the path is a folder, or it equals an input.
     """
     out = Path(output)
+    if len(out.name.encode()) > _NAME_MAX:  # Path.exists() raised "File name too long" from deep inside
+        raise OutputError(f"output file name {out.name[:40]}... is {len(out.name.encode())} bytes long; file systems "
+                          f"take at most {_NAME_MAX}: use a shorter name")
     if out.is_dir() or not out.name:  # first: "." or "/" has no name to put ".data" beside
         raise OutputError(f"output path {out} is a folder; give a file name such as {out / example}")
+    if out.exists() and not out.is_file():  # renaming the result over /dev/null or a FIFO replaced the device
+        raise OutputError(f"output path {out} is not a regular file (a device, pipe or socket); the result is "
+                          "written to a scratch file and renamed into place: give a file path")
     # what writing would replace: the output, and the <output>.data a large model's weights go to (save_model);
     # only existing files can be an input's (its external weights read only then, without the weights)
-    existing = {t.resolve(): t for t in (out, out.with_name(out.name + ".data")) if t.exists()}
+    data = out.with_name(out.name + ".data")
+    existing = {t.resolve(): t for t in (out, data) if len(t.name.encode()) <= _NAME_MAX and t.exists()}
     for k, src in enumerate(inputs):
         if not existing or not isinstance(src, (str, os.PathLike)) or not Path(src).is_file():
             continue
@@ -658,6 +665,9 @@ def check_output_path(
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputError(f"cannot write {out}: no permission to write in {parent}")
     return out
+
+
+_NAME_MAX = 255  # bytes in one path component on Linux file systems (ext4, xfs, tmpfs), and on macOS
 
 
 def _external_files(path: Path) -> list[Path]:

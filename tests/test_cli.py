@@ -100,3 +100,45 @@ def test_python_m_onnxpress_version():
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == f"onnxpress {onnxpress.__version__}"
+
+
+def test_sigterm_unwinds_like_ctrl_c_and_leaves_no_scratch_beside_the_output(tmp_path):
+    """SIGTERM ended the process where it stood: .onnxpress-*/ with a partial model stayed beside the output."""
+    import onnx
+
+    from tests import graphs
+
+    onnx.save(graphs.gemm(), tmp_path / "g.onnx")
+    (tmp_path / "out").mkdir()
+    # the signal arrives while the scratch model is being checked, as a scheduler's timeout would
+    script = (
+        "import os, signal, sys, onnx\n"
+        "import onnxpress.model_io as io\n"
+        "real = onnx.checker.check_model\n"
+        "def check(*a, **k):\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    return real(*a, **k)\n"
+        "io.onnx.checker.check_model = check\n"
+        "from onnxpress.cli import main\n"
+        f"sys.exit(main(['cleanup', {str(tmp_path / 'g.onnx')!r}, '-o', {str(tmp_path / 'out' / 'c.onnx')!r}]))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 143 and done.stderr.strip().splitlines()[-1] == "onnxpress: terminated", done.stderr
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_a_device_output_and_names_too_long_are_one_line_each(tmp_path, capsys):
+    """-o /dev/null replaced the device with a regular file (root); a 260-byte name was a raw OSError traceback."""
+    import onnx
+
+    from tests import graphs
+
+    onnx.save(graphs.gemm(), tmp_path / "g.onnx")
+    assert main(["cleanup", str(tmp_path / "g.onnx"), "-o", "/dev/null"]) == 2
+    assert "is not a regular file" in capsys.readouterr().err
+    assert main(["cleanup", str(tmp_path / "g.onnx"), "-o", str(tmp_path / ("b" * 260 + ".onnx"))]) == 2
+    assert "265 bytes long; file systems take at most 255" in capsys.readouterr().err
+    assert main(["cleanup", str(tmp_path / ("c" * 300 + ".onnx")), "-o", str(tmp_path / "x.onnx")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("onnxpress: error: file name too long: ")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.onnx"]

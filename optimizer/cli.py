@@ -154,17 +154,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("onnxpress: interrupted", file=sys.stderr)
         return 130
-    except OSError as exc:
-        if exc.errno != errno.ENAMETOOLONG:
-            raise
-        # a path component over the file system's limit (255 bytes), in any path a command was given
-        print(f"onnxpress: error: file name too long: {exc.filename or exc}; use a shorter name", file=sys.stderr)
-        return 2
     except BrokenPipeError:  # `onnxpress validate ... | head`: the reader left; stop quietly, as a shell tool does
         with contextlib.suppress(OSError, ValueError):  # and keep the interpreter's exit flush from failing again
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, sys.stdout.fileno())
         return 141  # 128 + SIGPIPE, the status a shell reports for a writer whose pipe was closed
+    except OSError as exc:  # after BrokenPipeError, one of them
+        if exc.errno != errno.ENAMETOOLONG:
+            raise
+        # a path component over the file system's limit (255 bytes), in any path a command was given
+        print(f"onnxpress: error: file name too long: {exc.filename or exc}; use a shorter name", file=sys.stderr)
+        return 2
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

@@ -128,14 +128,21 @@ def test_sigterm_unwinds_like_ctrl_c_and_leaves_no_scratch_beside_the_output(tmp
 
 
 def test_a_device_output_and_names_too_long_are_one_line_each(tmp_path, capsys):
-    """-o /dev/null replaced the device with a regular file (root); a 260-byte name was a raw OSError traceback."""
+    """-o /dev/null replaced the device with a regular file (root); a 260-byte name was a raw OSError traceback.
+
+    A FIFO stands for the device here: a regression must not replace the machine's /dev/null.
+    """
+    import os
+
     import onnx
 
     from tests import graphs
 
     onnx.save(graphs.gemm(), tmp_path / "g.onnx")
-    assert main(["cleanup", str(tmp_path / "g.onnx"), "-o", "/dev/null"]) == 2
-    assert "is not a regular file" in capsys.readouterr().err
+    os.mkfifo(tmp_path / "pipe.onnx")
+    assert main(["cleanup", str(tmp_path / "g.onnx"), "-o", str(tmp_path / "pipe.onnx")]) == 2
+    assert "is not a regular file" in capsys.readouterr().err and (tmp_path / "pipe.onnx").is_fifo()
+    (tmp_path / "pipe.onnx").unlink()
     assert main(["cleanup", str(tmp_path / "g.onnx"), "-o", str(tmp_path / ("b" * 260 + ".onnx"))]) == 2
     assert "265 bytes long; file systems take at most 255" in capsys.readouterr().err
     assert main(["cleanup", str(tmp_path / ("c" * 300 + ".onnx")), "-o", str(tmp_path / "x.onnx")]) == 2

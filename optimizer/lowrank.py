@@ -334,22 +334,27 @@ def measure_latency(
 def _foldable_layers(model: onnx.ModelProto, reports: Sequence[LayerReport]) -> list[tuple[LayerReport, int]]:
     """Split dense layers of ``model`` with a bias to fold and wide enough for ``FoldBiasIntoFactor``, widest first.
 
-    Each with the MACs per sample its column of ones adds (``rows * N``: ``macs_before / n``). A layer without a
-    bias (a LLaMA-style projection) has nothing to fold and is not listed, so it claims no room in the budget.
+    Each with the MACs per sample its column of ones adds: ``rows * N`` in the second factor and ``rows * n`` in
+    the first, whose new weight column is zeros that the kernel multiplies all the same (``macs_before / n +
+    macs_before / N``; only the first term was counted, so the table read 800 MACs where the graph does 864). A layer
+    without a bias (a LLaMA-style projection) has nothing to fold and is not listed, so it claims no room in the
+    budget.
     """
     with_bias = {second.name or second.outputs[0].name for _, second, _, _ in foldable(import_graph(model))}
     picks = [lay for lay in reports if lay.rank is not None and lay.skipped is None and lay.op != "Conv"
              and not lay.members and lay.key in with_bias and lay.shape[0] >= MIN_RATIO * (lay.rank + 1)]
     picks.sort(key=lambda lay: -lay.shape[0] / (lay.rank + 1))
-    return [(lay, lay.macs_before // max(lay.shape[1], 1)) for lay in picks]
+    return [(lay, lay.macs_before // max(lay.shape[1], 1) + lay.macs_before // max(lay.shape[0], 1)) for lay in picks]
 
 
 def _fold_biases(model: onnx.ModelProto, reports: tuple[LayerReport, ...], macs_after: int,
                  limit: float | None) -> tuple[onnx.ModelProto, tuple[LayerReport, ...], int, tuple[str, ...]]:
     """``FoldBiasIntoFactor`` on the split dense layers wide enough, widest first while ``limit`` MACs allow.
 
-    A layer's new column costs ``rows * N`` MACs per sample, ``macs_before / n`` of its report (``n`` inputs).
-    Returns the model, the reports with those MACs added, the new total and a note per layer left for the budget.
+    A layer's new column costs ``rows * (N + n)`` MACs per sample (:func:`_foldable_layers`) and ``n + r + 1``
+    parameters (the first factor's zero column and its bias; the second factor's bias becomes a weight row).
+    Returns the model, the reports with those MACs and parameters added, the new total and a note per layer left
+    for the budget.
     """
     chosen: dict[str, int] = {}
     notes: list[str] = []
@@ -365,8 +370,9 @@ def _fold_biases(model: onnx.ModelProto, reports: tuple[LayerReport, ...], macs_
     result = run_passes(model, [fold])
     done = set(fold.folded)  # a layer without a constant bias has nothing to fold and costs nothing
     check_model(result.model, where="the rewritten model")
-    reports = tuple(dataclasses.replace(lay, macs_after=lay.macs_after + chosen[lay.key]) if lay.key in done else lay
-                    for lay in reports)
+    reports = tuple(dataclasses.replace(lay, macs_after=lay.macs_after + chosen[lay.key],
+                                        params_after=lay.params_after + lay.shape[1] + lay.rank + 1)
+                    if lay.key in done else lay for lay in reports)
     return result.model, reports, macs_after + sum(chosen[k] for k in done), tuple(notes)
 
 

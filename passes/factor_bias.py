@@ -20,8 +20,9 @@ Matched: a second factor ``MatMul(t, V)`` whose output only an ``Add`` of a cons
 the last axis only), or ``Gemm(t, V, C)`` with ``transA`` 0, ``alpha`` 1 and ``C`` of ``N`` elements; its
 input ``t`` read by it alone (a joint unit's shared first factor is left), made by ``MatMul(x, U)`` or a
 ``Gemm(x, U)`` without ``C``; ``U`` and ``V`` 2-D constants of one float type. The new column costs ``rows * N``
-MACs in the second factor (the bias additions, now counted as MACs): ``lowrank`` folds only the pairs that
-keep the model within its MACs budget (``names``).
+MACs in the second factor (the bias additions, now counted as MACs) and ``rows * n`` in the first (its zero
+weight column is multiplied all the same): ``lowrank`` folds only the pairs that keep the model within its MACs
+budget (``names``).
 """
 
 from __future__ import annotations

@@ -173,3 +173,25 @@ def test_bias_free_layers_claim_no_room_in_the_budget():
     assert folded.biases_folded == 0 and not [n for n in folded.notes if "bias left" in n]
     assert [lay.rank for lay in folded.layers] == [lay.rank for lay in plain.layers]
     assert folded.model.SerializeToString() == plain.model.SerializeToString()
+
+
+def test_the_lowrank_table_counts_the_folded_pairs_as_the_written_graph_computes():
+    """x[64] -> Gemm(32) -> Relu -> Gemm(10) at rank 8: the fold's zero column in the first factor is multiplied too.
+
+    The row read 2,048 -> 800 MACs and 2,080 -> 800 params where the graph holds 576 + 288 MACs and 873 params.
+    """
+    import onnxpress
+    from onnxpress.passes.flops import count_macs, count_params
+
+    r = graphs.rng(4)
+    model = graphs.make_model(
+        [helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], name="fc1"), helper.make_node("Relu", ["h"], ["a"]),
+         helper.make_node("Gemm", ["a", "w2", "b2"], ["y"], name="fc2")],
+        [("x", ["batch", 64])], [("y", ["batch", 10])],
+        {"w1": r.standard_normal((64, 32)).astype(np.float32), "b1": r.standard_normal(32).astype(np.float32),
+         "w2": r.standard_normal((32, 10)).astype(np.float32), "b2": r.standard_normal(10).astype(np.float32)})
+    res = onnxpress.lowrank(model, rank=8)
+    fc1 = next(lay for lay in res.layers if lay.key == "fc1")
+    assert res.biases_folded == 1 and fc1.macs_after == 64 * 9 + 9 * 32 and fc1.params_after == 64 * 9 + 9 + 9 * 32
+    assert res.macs_after == sum(count_macs(res.model).values()) == 64 * 9 + 9 * 32 + 32 * 10
+    assert res.params_after == sum(count_params(res.model).values()) == sum(lay.params_after for lay in res.layers)

@@ -13,13 +13,14 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import copy
 import hashlib
 import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Union
 
@@ -696,6 +697,27 @@ def move_into_place(tmp: str | os.PathLike[str], out: str | os.PathLike[str]) ->
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)
     os.replace(tmp, out)
+
+
+def write_atomically(path: str | os.PathLike[str], write: Callable[[Path], object]) -> Path:
+    """``write(temp path)`` into a scratch file beside ``path`` (same suffix), then rename it over ``path``.
+
+    An interrupted or failed write leaves neither a truncated ``path`` nor the scratch file (a report's PNG cut
+    by Ctrl-C was 124 bytes of an 81 KB image). The caller checks ``path`` first (:func:`check_output_path`).
+
+    Raises:
+        OSError: from ``write`` or the rename (the scratch file is removed).
+    """
+    out = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".onnxpress-", suffix=out.suffix)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        move_into_place(tmp, out)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+    return out
 
 
 def save_model(

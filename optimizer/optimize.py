@@ -898,7 +898,6 @@ def optimize(
         cand = Candidate((), math.nan, math.nan, recipe=checked)
         ev.models[()] = built
         ev.measure(cand)
-        save_model(built, out)
         path = sidecar if given_sidecar else save_recipe(checked, sidecar)  # never rewrite the recipe given
         result = OptimizeResult(built, out, checked, path, cand, [cand], [], None, True, None, {},
                                 ev.ref_accuracy, False, metric_name=ev.metric_name)
@@ -908,6 +907,7 @@ def optimize(
             # no search: int8 sensitivity for the images
             write_report(report, result, m0, calib, feeds, threads=latency_threads, cache_dir=cache_dir,
                          sensitivity_samples=sensitivity_samples, original_bytes=ev.original_bytes)
+        save_model(built, out)  # last (see the search's end below)
         return result
 
     budgets = [parse_budget(b) for b in (budget if isinstance(budget, (list, tuple)) else [budget])]
@@ -1288,7 +1288,6 @@ def optimize(
         log.warning("the model written meets %s but its outputs are far from the original's (SQNR %.1f dB, below "
                     "%g): check its accuracy (--labels, --max-drop) or relax the budget",
                     ", ".join(f"{b.kind}={b.value:g}" for b in budgets), chosen.sqnr_db, USABLE_SQNR_DB)
-    save_model(built, out)
     recipe_out = validate_recipe(chosen.recipe)  # every default written out
     path = save_recipe(recipe_out, sidecar)
     result = OptimizeResult(
@@ -1301,5 +1300,8 @@ def optimize(
         from onnxpress.report import write_report
 
         write_report(report, result, m0, calib, feeds, threads=latency_threads, original_bytes=ev.original_bytes)
+    # the model last: once it is in place, its recipe and report are too (an interrupt during the report left the
+    # model without them, and a run stopped by Ctrl-C looked finished)
+    save_model(built, out)
     log.info("optimize done in %.1f s", time.monotonic() - start)
     return result

@@ -30,6 +30,7 @@ import onnx
 from onnx import numpy_helper
 
 from onnxpress.errors import OutputError
+from onnxpress.model_io import write_atomically
 from onnxpress.reporting import format_table
 
 if TYPE_CHECKING:
@@ -115,7 +116,7 @@ def _sensitivity_png(result: OptimizeResult, path: Path, sens: Any = None) -> No
                       "ratio removes nothing new after rounding)", fontsize=9)
         gax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
     plt.close(fig)
 
 
@@ -247,7 +248,7 @@ def _histograms_png(result: OptimizeResult, m0: onnx.ModelProto, calib: object, 
                  + ("\n(the recipe equalizes layer pairs: the written model's tensors are rescaled per channel, "
                     "its ranges are not in these histograms' units)" if rescaled else ""), fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
     plt.close(fig)
     return rows
 
@@ -320,7 +321,7 @@ def _pareto_png(result: OptimizeResult, path: Path) -> None:
     height = 4 + key_inches
     fig.tight_layout(rect=(0, key_inches / height, 1, 1))
     fig.text(0.02, 0.02 / height, "\n".join(key), fontsize=7, va="bottom", ha="left", family="monospace")
-    fig.savefig(path, dpi=90)
+    write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
     plt.close(fig)
 
 
@@ -467,7 +468,7 @@ def write_report(
     if absent:
         md += ["## Images not written", "", *(f"- `{name}`: {why}." for name, why in absent.items()), ""]
     try:
-        (out / "report.md").write_text("\n".join(md), encoding="utf-8")
+        write_atomically(out / "report.md", lambda tmp: tmp.write_text("\n".join(md), encoding="utf-8"))
         record = {
             "budget": None if result.budget is None else {"kind": result.budget.kind, "value": result.budget.value},
             "budgets": [{"kind": b.kind, "value": b.value} for b in result.budgets],
@@ -488,7 +489,8 @@ def write_report(
             "images": written,
             "images_absent": absent,
         }
-        (out / "report.json").write_text(json.dumps(record, indent=2, default=_num), encoding="utf-8")
+        text = json.dumps(record, indent=2, default=_num)
+        write_atomically(out / "report.json", lambda tmp: tmp.write_text(text, encoding="utf-8"))
     except OSError as exc:
         raise OutputError(f"cannot write the report in {out}: {exc.strerror or exc}") from None
     return out

@@ -295,3 +295,21 @@ def test_an_output_over_a_second_input_model_names_it(tmp_path):
         check_output_path(tmp_path / "student.onnx", [tmp_path / "student.onnx", tmp_path / "teacher.onnx"])
     with pytest.raises(OutputError, match=r"teacher\.onnx is an input model \(teacher\.onnx, which the command "):
         check_output_path(tmp_path / "teacher.onnx", [tmp_path / "student.onnx", tmp_path / "teacher.onnx"])
+
+
+def test_write_atomically_leaves_the_old_file_and_no_scratch_when_the_write_fails(tmp_path):
+    """The report's PNGs and texts go through it: Ctrl-C during savefig left a 124-byte PNG."""
+    from onnxpress.model_io import write_atomically
+
+    out = tmp_path / "a.png"
+    out.write_bytes(b"old")
+
+    def broken(tmp):
+        tmp.write_bytes(b"partial")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_atomically(out, broken)
+    assert out.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["a.png"]
+    assert write_atomically(out, lambda tmp: tmp.write_bytes(b"new")) == out and out.read_bytes() == b"new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png"]

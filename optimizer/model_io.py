@@ -435,7 +435,32 @@ def normalize_model(model: onnx.ModelProto, *, min_opset: int | None = 13, in_pl
             log.info("upgraded opset %d -> %d", current, min_opset)
             model = upgraded
             _constants_to_initializers(model.graph)
+    _initializers_off_inputs(model)  # after the version converter, which wants IR 3's listed
+    # IR 3 requires every initializer among the inputs; the opset in use may need a newer IR too (13: IR 7)
+    needed = onnx.helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
+    model.ir_version = max(model.ir_version, 4, needed)
     return model
+
+
+def _initializers_off_inputs(model: onnx.ModelProto) -> None:
+    """Take initializers off the graph's inputs (in place): the passes treat them as constant weights.
+
+    IR 3 (opset <= 8 exporters, torch's ``keep_initializers_as_inputs``) lists every initializer as an input;
+    IR >= 4 allows it to mark a weight a caller may override. graphsurgeon dropped them from the inputs of every
+    model a pass wrote, and an IR-3 model then failed the checker ("in initializer but not in graph input"). They
+    leave the inputs here, once, with a warning where the model marks them overridable (IR >= 4).
+    """
+    inits = {i.name for i in model.graph.initializer}
+    listed = [vi.name for vi in model.graph.input if vi.name in inits]
+    if not listed:
+        return
+    if model.ir_version >= 4:
+        log.warning("%d initializer(s) are also graph inputs (%s%s): onnxpress treats them as constant weights, and "
+                    "the models it writes do not take them as inputs", len(listed), ", ".join(listed[:3]),
+                    ", ..." if len(listed) > 3 else "")
+    keep = [vi for vi in model.graph.input if vi.name not in inits]
+    del model.graph.input[:]
+    model.graph.input.extend(keep)
 
 
 def _graphs(g: onnx.GraphProto) -> list[onnx.GraphProto]:

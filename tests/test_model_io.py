@@ -313,3 +313,41 @@ def test_write_atomically_leaves_the_old_file_and_no_scratch_when_the_write_fail
     assert out.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["a.png"]
     assert write_atomically(out, lambda tmp: tmp.write_bytes(b"new")) == out and out.read_bytes() == b"new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png"]
+
+
+def _with_initializers_as_inputs(ir: int, opset: int) -> onnx.ModelProto:
+    from onnx import TensorProto
+
+    r = np.random.default_rng(5)
+    w0, w1 = r.standard_normal((8, 16)).astype(np.float32), r.standard_normal((16, 4)).astype(np.float32)
+    vi = helper.make_tensor_value_info
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w0"], ["a"]), helper.make_node("Relu", ["a"], ["h"]),
+         helper.make_node("MatMul", ["h", "w1"], ["y"])], "g",
+        [vi("x", TensorProto.FLOAT, ["N", 8]), vi("w0", TensorProto.FLOAT, [8, 16]),
+         vi("w1", TensorProto.FLOAT, [16, 4])],
+        [vi("y", TensorProto.FLOAT, ["N", 4])], [numpy_helper.from_array(w0, "w0"), numpy_helper.from_array(w1, "w1")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = ir
+    onnx.checker.check_model(model)
+    return model
+
+
+def test_initializers_listed_as_inputs_leave_the_inputs_and_ir3_models_go_through_every_command(tmp_path, caplog):
+    """An IR-3 export (every initializer an input) failed exact prune and lowrank ("w0 in initializer but not in
+    graph input"); an IR >= 4 overridable weight silently left the inputs of quantize's output."""
+    import onnxpress
+
+    old = _with_initializers_as_inputs(3, 7)
+    norm = normalize_model(old)
+    assert [i.name for i in norm.graph.input] == ["x"] and norm.ir_version >= 7
+    onnx.checker.check_model(norm, full_check=True)
+    x = {"x": np.random.default_rng(6).standard_normal((4, 8)).astype(np.float32)}
+    want = graphs.run(old, x)[0]
+    for res in (onnxpress.prune(old), onnxpress.lowrank(old, rank=4)):
+        onnx.checker.check_model(res.model, full_check=True)
+        assert [i.name for i in res.model.graph.input] == ["x"]
+    np.testing.assert_allclose(graphs.run(onnxpress.prune(old).model, x)[0], want, rtol=1e-5, atol=1e-5)
+    assert not [r for r in caplog.records if "also graph inputs" in r.getMessage()]  # IR 3 lists them all: no news
+    normalize_model(_with_initializers_as_inputs(8, 13))
+    assert [r for r in caplog.records if "2 initializer(s) are also graph inputs (w0, w1)" in r.getMessage()]

@@ -280,6 +280,7 @@ def prune(
     original = load_model(model)
     refuse_quantized(original, "prune")
     original = normalize_model(original, in_place=True)
+    _outputs_kept_apart(original)
     if calib is not None:  # read only by the data-driven criteria, --compensate, or for symbolic dimensions' sizes
         from onnxpress.passes.flops import symbolic_input_dims
 
@@ -317,6 +318,31 @@ def prune(
     written = save_model(pruned, output) if output is not None else None
     layers, total, sizes = cost_report(original, pruned)
     return PruneResult(pruned, written, stats, tuple(notes), tuple(layers), total, sizes)
+
+
+def _outputs_kept_apart(model: onnx.ModelProto) -> None:
+    """Give the layers that read an initializer which is also a graph output a copy of it (in place).
+
+    Pruning slices a weight where it is stored, so a weight that is also an output changed the model's output
+    shape (w1 [32, 10] came out [16, 10]). The output keeps the original; the layers read the copy.
+    """
+    outputs = {o.name for o in model.graph.output}
+    inits = {i.name: i for i in model.graph.initializer}
+    shared = [name for name in outputs if name in inits and any(name in n.input for n in model.graph.node)]
+    if not shared:
+        return
+    from onnxpress.passes.base import proto_names
+
+    taken = proto_names(model.graph)
+    for name in shared:
+        copy_name = next(f"{name}_weight{'' if i == 0 else f'_{i}'}" for i in range(len(taken) + 1)
+                         if f"{name}_weight{'' if i == 0 else f'_{i}'}" not in taken)
+        taken.add(copy_name)
+        weight = model.graph.initializer.add()
+        weight.CopyFrom(inits[name])
+        weight.name = copy_name
+        for node in model.graph.node:
+            node.input[:] = [copy_name if x == name else x for x in node.input]
 
 
 def sqnr_db(reference: np.ndarray, candidate: np.ndarray) -> float:

@@ -213,3 +213,21 @@ def test_cli_warns_when_a_ratio_removes_no_channel(files, tmp_path, capsys):
     out = capsys.readouterr().out
     assert re.search(r"warning: --ratio 0\.3 removed no channel: of \d+ prunable channels, the ratio rounded to none "
                      r"per group \(each group keeps a multiple of --multiple 1000\)", out), out
+
+
+def test_a_weight_that_is_also_a_graph_output_keeps_its_shape_as_an_output():
+    """Pruning sliced the stored weight, so the output w1 came out [16, 10] instead of [32, 10]."""
+    from onnx import helper
+
+    from tests import graphs
+
+    r = graphs.rng(8)
+    w0, w1 = r.standard_normal((16, 32)).astype(np.float32), r.standard_normal((32, 10)).astype(np.float32)
+    model = graphs.make_model([helper.make_node("MatMul", ["x", "w0"], ["a"]),
+                               helper.make_node("Relu", ["a"], ["h"]), helper.make_node("MatMul", ["h", "w1"], ["y"])],
+                              [("x", ["N", 16])], [("y", ["N", 10]), ("w1", [32, 10])], {"w0": w0, "w1": w1})
+    res = onnxpress.prune(model, ratio=0.5)
+    x = r.standard_normal((4, 16)).astype(np.float32)
+    y, w_out = graphs.run(res.model, {"x": x})
+    np.testing.assert_array_equal(w_out, w1)
+    assert sum(len(i.dims) == 2 and i.dims[0] < 32 for i in res.model.graph.initializer if i.name != "w1")  # pruned

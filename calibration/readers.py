@@ -436,6 +436,12 @@ class _NpzReader(DataReader):
                 where = str(self._path)
                 if dtype.hasobject:
                     raise DataError(f"{where}: array {spec.name!r} holds Python objects; save numeric arrays")
+                if spec.shape is not None and not spec.shape:  # either form of the array was refused, each way
+                    raise DataError(
+                        f"{where}: input {spec.name!r} is a scalar in the model (rank 0), with no sample axis for "
+                        f"one .npz to stream; give a folder of .npz feeds (one per inference call, {spec.name!r} a "
+                        "0-d array in each) or, in Python, a list of feed dicts"
+                    )
                 if not shape:
                     raise DataError(
                         f"{where}: array {spec.name!r} is a scalar; samples go on axis 0 ({spec.describe()})"

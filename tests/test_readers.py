@@ -364,3 +364,21 @@ def test_open_data_on_a_reader_limits_a_copy(tmp_path):
     assert limited.num_samples == 3 and reader.num_samples == 10
     np.testing.assert_array_equal(_concat(limited.batches(2)), _x(10)[:3])
     assert open_data(({"X": _x(1)} for _ in range(3)), graphs.gemm()).num_samples is None
+
+
+def test_a_scalar_model_input_names_the_forms_that_feed_it(tmp_path):
+    """A rank-0 input refused a per-sample array ("expects rank 0") and a 0-d one ("samples go on axis 0") alike."""
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["x", "n"], ["y"])], "s",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4]), helper.make_tensor_value_info(
+            "n", TensorProto.FLOAT, [])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = np.ones((8, 4), np.float32)
+    for n in (np.float32(2), np.full(8, 2, np.float32)):
+        np.savez(tmp_path / "one.npz", x=x, n=n)
+        with pytest.raises(DataError, match=r"input 'n' is a scalar in the model \(rank 0\).*give a folder of \.npz"):
+            list(open_data(str(tmp_path / "one.npz"), model).batches())
+    (tmp_path / "feeds").mkdir()
+    np.savez(tmp_path / "feeds" / "a.npz", x=x, n=np.float32(2))
+    (feed,) = list(open_data(str(tmp_path / "feeds"), model).batches())
+    assert feed["n"].shape == () and feed["x"].shape == (8, 4)

@@ -170,14 +170,21 @@ def select_tensors(
     """
     wanted_ops = DEFAULT_OP_TYPES if op_types is None else frozenset(op_types)
     g = model.graph
-    types = _elem_types(model, inferred)
+    full = value_types(model, inferred)
+    types = {name: t for name, (t, _) in full.items()}
     constants = constant_values(g)
+    producer = {o: n for n in g.node for o in n.output}
     names: dict[str, None] = {}
     for node in g.node:
         if node.op_type not in wanted_ops:
             continue
         for name in list(node.input) + list(node.output):
-            if name and name not in constants and types.get(name) in _FLOAT_TYPES:
+            if not name or name in constants:
+                continue
+            # onnx's inference stops at onnxruntime's own ops (a model saved after its graph optimisations:
+            # FusedConv): a value after one is typed as its producer's float inputs are, as the runner exposes it
+            elem = types.get(name) or _guessed_type(producer, name, full, default=0)
+            if elem in _FLOAT_TYPES:
                 names[name] = None
     graph_inputs = [i.name for i in g.input if i.name in names]
     return graph_inputs + [n for n in names if n not in set(graph_inputs)]
@@ -244,10 +251,11 @@ def exposed_model(
     return out, fetch, big
 
 
-def _guessed_type(producer: Mapping[str, onnx.NodeProto], name: str, types: _Types) -> int:
+def _guessed_type(producer: Mapping[str, onnx.NodeProto], name: str, types: _Types,
+                  default: int = onnx.TensorProto.FLOAT) -> int:
     """The element type of a value that shape inference left untyped.
 
-    That of its producer's first float input (looked up the same way when it is untyped too), else float32.
+    That of its producer's first float input (looked up the same way when it is untyped too), else ``default``.
     onnx's inference stops at contrib ops (``MatMulNBits``), and a float16 model's values after one are float16,
     not the float32 a guess would say (onnxruntime refuses an output declared with the wrong type).
     """
@@ -261,7 +269,7 @@ def _guessed_type(producer: Mapping[str, onnx.NodeProto], name: str, types: _Typ
             if i and i not in types and i not in seen:
                 seen.add(i)
                 todo.append(i)
-    return onnx.TensorProto.FLOAT
+    return default
 
 
 def fixed_batch_inputs(model: onnx.ModelProto) -> list[tuple[str, int | None]]:

@@ -599,6 +599,14 @@ def quantize(
         )
     advanced_stats: dict[str, int] = {}
     advanced_notes: list[str] = [half_note] if half_note else []  # run_passes prefixes each with its pass name
+    foreign = collections.Counter(f"{n.domain}::{n.op_type}" for n in cleaned.graph.node
+                                  if n.domain not in ("", "ai.onnx"))
+    if foreign:  # passed through in float, and the table of ops lists them nowhere
+        advanced_notes.append(
+            "float: kept float, no QDQ form: " + ", ".join(f"{k} x{v}" for k, v in sorted(foreign.items()))
+            + (" (onnxruntime's own fused ops: a model saved after its graph optimisations; quantize the model as "
+               "exported instead, so that those layers are quantized too)"
+               if any(k.startswith("com.microsoft::") for k in foreign) else ""))
     if activations == "dynamic" and dynamic_why:
         advanced_notes.append("dynamic: no calibration data: activations are quantized at run time (dynamic int8 "
                               "MatMul/Gemm and LSTM); calibration data (--calib) gives static int8, faster and more "

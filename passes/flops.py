@@ -291,6 +291,13 @@ def count_macs(model: onnx.ModelProto | gs.Graph, *, batch: int = 1,
                     f"dimension(s) {', '.join(open_dims)}; give their sizes (--dim NAME=SIZE, dims={{NAME: SIZE}}) "
                     "or calibration data, whose first sample sets them"
                 )
+            foreign = sorted({f"{n.domain}::{n.op_type}" for n in proto.graph.node if n.domain not in ("", "ai.onnx")})
+            if foreign:  # the usual cause: a model saved after onnxruntime's graph optimisations (FusedConv)
+                raise UnsupportedModelError(
+                    f"cannot count MACs of {node.op_type} {key!r}: shape inference stops at the model's "
+                    f"{', '.join(foreign[:3])} node(s), which are not ONNX ops; give the model as exported (before "
+                    "onnxruntime's graph optimisations fused its layers)"
+                )
             raise UnsupportedModelError(
                 f"cannot count MACs of {node.op_type} {key!r}: its shapes are unknown after shape inference; "
                 "give the model static shapes apart from the batch"

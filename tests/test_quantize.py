@@ -769,3 +769,26 @@ def test_a_method_named_with_a_table_recomputes_its_ranges_from_the_histograms(t
     assert main(["quantize", str(src), "-o", str(tmp_path / "q.onnx"), "--table", str(path), "--method",
                  "percentile", "-q"]) == 0
     assert onnx.load(tmp_path / "q.onnx").SerializeToString() == res.model.SerializeToString()
+
+
+def test_a_model_saved_after_onnxruntimes_optimisations_is_quantized_around_its_fused_ops(tmp_path):
+    """FusedConv stopped onnx's shape inference: the tensors after it went uncalibrated and quantize blamed
+    NaN/inf values in the data; lowrank asked for static shapes the model had."""
+    import onnxruntime as ort
+
+    from onnxpress.errors import UnsupportedModelError
+    from tests.test_qdq import feeds_for, residual_cnn
+
+    model = residual_cnn()
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    opts.optimized_model_filepath = str(tmp_path / "fused.onnx")
+    ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    fused = onnx.load(str(tmp_path / "fused.onnx"))
+    assert any(n.op_type == "FusedConv" for n in fused.graph.node)
+    feeds = feeds_for(model)
+    res = onnxpress.quantize(fused, calib=[feeds])
+    assert any(n.startswith("float: kept float, no QDQ form: com.microsoft::FusedConv x") for n in res.notes)
+    assert any(n.op_type == "QuantizeLinear" for n in res.model.graph.node)
+    with pytest.raises(UnsupportedModelError, match=r"stops at the model's com\.microsoft::FusedConv"):
+        onnxpress.lowrank(fused, flops=0.5)

@@ -248,7 +248,7 @@ def run(args: argparse.Namespace) -> int:
     for note in result.notes:
         if note.startswith(("gptq: ", "float16: ", "dynamic: ")):
             print(note.split(": ", 1)[1])
-        elif note.startswith(("auto ranges: ", "override: ", "table: ")):
+        elif note.startswith(("auto ranges: ", "override: ", "table: ", "float: ")):
             print(note)
     flat = result.stats.get("flatten_tokens.layers", 0)
     if flat:

@@ -81,6 +81,29 @@ def _shadowed_names(graph: onnx.GraphProto, outer: frozenset[str] = frozenset())
     return None
 
 
+def _drop_shadowing_initializers(graph: onnx.GraphProto, outer: frozenset[str] = frozenset()) -> None:
+    """Remove, from every subgraph, initializers named like a value of an enclosing scope (in place).
+
+    graphsurgeon writes an outer constant that a subgraph reads (an If branch's MatMul by the main graph's ``W``)
+    into that subgraph as an initializer of the same name: the same values, but a name the next import refuses as
+    shadowed ("a subgraph reuses the outer tensor name 'W'"). The subgraph reads the outer one without it. A model
+    that shadowed a name itself was refused on import, so every such copy here is graphsurgeon's.
+    """
+    defined = {v.name for v in graph.input} | {i.name for i in graph.initializer}
+    defined |= {o for n in graph.node for o in n.output if o}
+    if outer:
+        keep = [i for i in graph.initializer if i.name not in outer]
+        if len(keep) < len(graph.initializer):
+            del graph.initializer[:]
+            graph.initializer.extend(keep)
+            defined = {v.name for v in graph.input} | {i.name for i in keep} | {o for n in graph.node for o in n.output}
+    scope = frozenset(outer | defined)
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in subgraphs(attr):
+                _drop_shadowing_initializers(sub, scope)
+
+
 def export_graph(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
     """Export ``graph`` to a ModelProto, keeping ``like``'s IR version, producer and metadata."""
     try:
@@ -93,8 +116,10 @@ def export_graph(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
     model.ir_version = max(like.ir_version, 7) if like.ir_version else model.ir_version
     model.producer_name = like.producer_name or "onnxpress"
     model.producer_version = like.producer_version
+    model.doc_string, model.domain, model.model_version = like.doc_string, like.domain, like.model_version
     del model.metadata_props[:]
     model.metadata_props.extend(like.metadata_props)
+    _drop_shadowing_initializers(model.graph)
     # graphsurgeon writes every shape it has seen as value_info, including ones that folding made
     # stale; keep only the value_info the input model declared, and let shape inference do the rest.
     declared = {vi.name for vi in like.graph.value_info}

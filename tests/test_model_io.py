@@ -351,3 +351,32 @@ def test_initializers_listed_as_inputs_leave_the_inputs_and_ir3_models_go_throug
     assert not [r for r in caplog.records if "also graph inputs" in r.getMessage()]  # IR 3 lists them all: no news
     normalize_model(_with_initializers_as_inputs(8, 13))
     assert [r for r in caplog.records if "2 initializer(s) are also graph inputs (w0, w1)" in r.getMessage()]
+
+
+def test_a_weight_read_inside_an_if_branch_survives_two_rounds_of_passes_and_the_model_keeps_its_metadata():
+    """graphsurgeon wrote the outer W into the branch as an initializer of the same name, which the next import
+    refused as shadowed ('a subgraph reuses the outer tensor name'); doc_string and model_version were dropped."""
+    import onnxpress
+    from onnxpress.pipeline import cleanup_passes, run_passes
+
+    r = np.random.default_rng(9)
+    vi = helper.make_tensor_value_info
+    then = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["t"])], "then", [],
+                             [vi("t", onnx.TensorProto.FLOAT, None)])
+    other = helper.make_graph([helper.make_node("Relu", ["x"], ["e"])], "else", [],
+                              [vi("e", onnx.TensorProto.FLOAT, None)])
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["inp", "W"], ["x"]), helper.make_node("ReduceSum", ["inp"], ["s"], keepdims=0),
+         helper.make_node("Greater", ["s", "zero"], ["c"]),
+         helper.make_node("If", ["c"], ["y"], then_branch=then, else_branch=other),
+         helper.make_node("MatMul", ["y", "w1"], ["z"])],
+        "g", [vi("inp", onnx.TensorProto.FLOAT, ["N", 16])], [vi("z", onnx.TensorProto.FLOAT, ["N", 10])],
+        [numpy_helper.from_array(r.standard_normal((16, 16)).astype(np.float32), "W"),
+         numpy_helper.from_array(r.standard_normal((16, 10)).astype(np.float32), "w1"),
+         numpy_helper.from_array(np.array(0, np.float32), "zero")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], doc_string="mine", model_version=7)
+    once = run_passes(model, cleanup_passes()).model
+    twice = onnxpress.lowrank(once, rank=4).model  # splits w1, then imports its graph again: refused before
+    assert (twice.doc_string, twice.model_version) == ("mine", 7)
+    x = {"inp": r.standard_normal((3, 16)).astype(np.float32)}
+    assert graphs.run(twice, x)[0].shape == (3, 10)  # a rank-4 split: not exact

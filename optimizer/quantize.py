@@ -741,7 +741,8 @@ def quantize(
             pre.append(FlattenTokens(skip=lambda node: selection.reason(node) is not None))
             # rank-2 MatMul + bias as Gemm: an int32 bias and QGemm, float output or not (passes/matmul_to_gemm.py)
             pre.append(MatMulAddToGemm(skip=lambda node: selection.reason(node) is not None))
-        if fuse_attention and not {"MatMul", "Softmax"} & set(quantize_ops):
+        if (fuse_attention and not {"MatMul", "Softmax"} & set(quantize_ops)
+                and any(n.op_type == "Softmax" for n in cleaned.graph.node)):
             # attention as onnxruntime's MultiHeadAttention: its MatMuls and Softmax stay float anyway, and
             # the fused kernel is faster (passes/fuse_attention.py)
             pre.append(FuseAttention())

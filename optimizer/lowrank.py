@@ -451,7 +451,8 @@ def lowrank(
             instead of the fused rank-3 ``SkipLayerNormalization`` / ``BiasGelu``, which are slower here
             (see that pass's docstring).
             The reference transformer at a 0.5 MACs budget (batch 64, 1 thread, fp32 = 1): 0.69 -> 0.59;
-            the same rewrite alone takes the original to 0.92 (``bench/lowrank.py``'s ``flattened`` column).
+            the same rewrite alone takes the original to 0.92 (``bench/lowrank.py``'s ``rewritten orig`` column,
+            which now fuses attention too).
             The ranks are chosen first, on the graph as given.
         fuse_attention: when layers were split, run each scaled dot-product attention chain as
             onnxruntime's ``com.microsoft.MultiHeadAttention`` afterwards

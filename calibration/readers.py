@@ -251,7 +251,30 @@ def check_feed(
         _check_shape(spec.name, arr.shape, spec, where, axis0=True)
         _check_finite(spec.name, arr, where, offset)
         out[spec.name] = arr
+    _check_named_dims(out, specs, where)
     return out
+
+
+def _check_named_dims(feed: Mapping[str, np.ndarray], specs: Sequence[InputSpec], where: str) -> None:
+    """Inputs that name one symbolic dimension (``input_ids`` and ``attention_mask`` on ``seq``) agree on its size.
+
+    onnxruntime failed such a feed deep inside a kernel ("BroadcastIterator::Init axis == 1 || axis == largest
+    was false") with no word on which inputs disagreed.
+    """
+    seen: dict[str, tuple[str, int, int]] = {}
+    for spec in specs:
+        if spec.shape is None or spec.name not in feed:
+            continue
+        for axis, dim in enumerate(spec.shape):
+            if not isinstance(dim, str) or axis >= feed[spec.name].ndim:
+                continue
+            size = int(feed[spec.name].shape[axis])
+            first = seen.setdefault(dim, (spec.name, axis, size))
+            if first[2] != size:
+                raise DataError(
+                    f"{where}: inputs {first[0]!r} and {spec.name!r} share the dimension {dim!r} but have "
+                    f"{first[2]} (axis {first[1]}) and {size} (axis {axis}); give them the same size there"
+                )
 
 
 def _samples(feed: Mapping[str, np.ndarray]) -> int:

@@ -382,3 +382,19 @@ def test_a_scalar_model_input_names_the_forms_that_feed_it(tmp_path):
     np.savez(tmp_path / "feeds" / "a.npz", x=x, n=np.float32(2))
     (feed,) = list(open_data(str(tmp_path / "feeds"), model).batches())
     assert feed["n"].shape == () and feed["x"].shape == (8, 4)
+
+
+def test_inputs_that_share_a_named_dimension_must_agree_on_its_size():
+    """input_ids [batch, seq] and attention_mask [batch, seq] of 12 and 8 tokens failed inside onnxruntime."""
+    vi = helper.make_tensor_value_info
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["ids", "mask"], ["y"])], "g",
+        [vi("ids", TensorProto.FLOAT, ["batch", "seq"]), vi("mask", TensorProto.FLOAT, ["batch", "seq"])],
+        [vi("y", TensorProto.FLOAT, ["batch", "seq"])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    ok = {"ids": np.ones((2, 12), np.float32), "mask": np.ones((2, 12), np.float32)}
+    assert len(list(open_data([ok], model).batches())) == 1
+    bad = {"ids": np.ones((2, 12), np.float32), "mask": np.ones((2, 8), np.float32)}
+    with pytest.raises(DataError, match=r"inputs 'ids' and 'mask' share the dimension 'seq' but have 12 \(axis 1\) "
+                                        r"and 8 \(axis 1\)"):
+        list(open_data([bad], model).batches())

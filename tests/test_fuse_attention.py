@@ -218,3 +218,14 @@ def test_quantize_runs_attention_fused_in_float_unless_asked_to_quantize_it(tmp_
                  "--keep-attention", "--no-latency-check"]) == 0
     assert "MultiHeadAttention" not in capsys.readouterr().out
     assert "MultiHeadAttention" not in _ops(onnx.load(str(tmp_path / "q.onnx")))
+
+
+def test_int4_weight_only_runs_attention_fused_too() -> None:
+    src = str(MODELS / "transformer.onnx")
+    x = np.load(MODELS / "digits32_test.npz")["input"][:64]
+    fused = onnxpress.quantize(src, weights="int4")
+    kept = onnxpress.quantize(src, weights="int4", fuse_attention=False)
+    assert _ops(fused.model).count("MultiHeadAttention") == 2 and "MultiHeadAttention" not in _ops(kept.model)
+    a = graphs.run(fused.model, {"input": x}, optimize=True)[0]
+    b = graphs.run(kept.model, {"input": x}, optimize=True)[0]
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)  # weight-only: no rounding of activations to flip

@@ -414,7 +414,8 @@ def quantize(
             reference transformer's float16 export: 1.13 / 1.15x its latency at batch 1 / 64 against
             0.89 / 0.85x through float32, 39.8 vs 40.0 dB). Default (None): keep for int4 when the model is
             over protobuf's 2 GiB, upcast otherwise.
-        fuse_attention: int8 and int4: run each scaled dot-product attention as onnxruntime's ``MultiHeadAttention``
+        fuse_attention: int8 (static or dynamic) and int4: run each scaled dot-product attention as onnxruntime's
+            ``MultiHeadAttention``
             (:class:`~onnxpress.passes.fuse_attention.FuseAttention`, exact to float rounding); its MatMuls and
             Softmax stay float either way (unless ``quantize_ops`` names them: then it is not run). The reference
             transformer against fp32, the same 43.2 dB, quiet box: 1 thread 0.524 -> 0.479x at batch 64,
@@ -652,8 +653,11 @@ def quantize(
         # second full run would store QuantizeDynamic's weight scales too: 37.24 -> 36.91 dB on a GPT-style export)
         tables = [] if constants_int8_min_size is None else [StoreConstantsInt8(min_size=constants_int8_min_size,
                                                                                 tables_only=True)]
-        result = run_passes(_shaped(cleaned), [lstm, *head, dyn, *tables, LeadingMeanAsMatMul(), ShareConstants(),
-                                               ShareTransposedConstants()], progress=progress)
+        # attention fused as in the static paths (the pass reads the tensor types: onnxruntime's inference too)
+        fuse = [FuseAttention()] if fuse_attention and any(n.op_type == "Softmax" for n in cleaned.graph.node) else []
+        result = run_passes(_shaped(cleaned, thoroughly=bool(fuse)),
+                            [*fuse, lstm, *head, dyn, *tables, LeadingMeanAsMatMul(), ShareConstants(),
+                             ShareTransposedConstants()], progress=progress)
         decisions, used_table, excluded = [*dyn.decisions, *lstm.decisions], None, {}
         convs = sum(n.op_type in ("Conv", "ConvTranspose") for n in cleaned.graph.node)
         if convs and not any(d.quantized for d in decisions):  # the model is written as it was (a U-Net: 1.003x)

@@ -229,3 +229,14 @@ def test_int4_weight_only_runs_attention_fused_too() -> None:
     a = graphs.run(fused.model, {"input": x}, optimize=True)[0]
     b = graphs.run(kept.model, {"input": x}, optimize=True)[0]
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)  # weight-only: no rounding of activations to flip
+
+
+def test_dynamic_int8_runs_attention_fused_too() -> None:
+    src = str(MODELS / "transformer.onnx")
+    x = np.load(MODELS / "digits32_test.npz")["input"][:64]
+    fused = onnxpress.quantize(src, activations="dynamic")
+    kept = onnxpress.quantize(src, activations="dynamic", fuse_attention=False)
+    assert _ops(fused.model).count("MultiHeadAttention") == 2 and "MultiHeadAttention" not in _ops(kept.model)
+    a = graphs.run(fused.model, {"input": x}, optimize=True)[0]
+    b = graphs.run(kept.model, {"input": x}, optimize=True)[0]
+    assert 10 * np.log10(np.sum(b.astype(np.float64) ** 2) / np.sum((a - b).astype(np.float64) ** 2)) > 45

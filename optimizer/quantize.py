@@ -124,7 +124,8 @@ class QuantizeResult:
         size_after: serialized bytes of the result.
         stats: pass counters (``"insert_qdq.nodes_quantized"``, ...).
         notes: why the float rewrites asked for (``equalize``, ``smoothquant``) declined what they
-            declined, one line each, prefixed by the pass name (``"smoothquant: <tensor>: not smoothed (...)"``).
+            declined, one line each, prefixed by the pass name (``"smoothquant: <tensor>: not smoothed (...)"``),
+            and attention that looked fusable but stays as the graph's ops (``"fuse_attention: <softmax>: ..."``).
     """
 
     model: onnx.ModelProto
@@ -603,6 +604,7 @@ def quantize(
         )
     advanced_stats: dict[str, int] = {}
     advanced_notes: list[str] = [half_note] if half_note else []  # run_passes prefixes each with its pass name
+    attention_notes: list[str] = []  # attention left unfused, and why ("fuse_attention: <softmax>: ...")
     foreign = collections.Counter(f"{n.domain}::{n.op_type}" for n in cleaned.graph.node
                                   if n.domain not in ("", "ai.onnx"))
     if foreign:  # passed through in float, and the table of ops lists them nowhere
@@ -658,6 +660,7 @@ def quantize(
         result = run_passes(_shaped(cleaned, thoroughly=bool(fuse)),
                             [*fuse, lstm, *head, dyn, *tables, LeadingMeanAsMatMul(), ShareConstants(),
                              ShareTransposedConstants()], progress=progress)
+        attention_notes.extend(n for n in result.notes if n.startswith("fuse_attention: "))
         decisions, used_table, excluded = [*dyn.decisions, *lstm.decisions], None, {}
         convs = sum(n.op_type in ("Conv", "ConvTranspose") for n in cleaned.graph.node)
         if convs and not any(d.quantized for d in decisions):  # the model is written as it was (a U-Net: 1.003x)
@@ -719,6 +722,7 @@ def quantize(
             # docstring for what it measured)
             start4, passes4 = _shaped(start4, thoroughly=True), [FuseAttention(), *passes4]
         result = run_passes(start4, passes4, progress=progress)
+        attention_notes.extend(n for n in result.notes if n.startswith("fuse_attention: "))
         if handled is not None:
             merged = {k: round_stats.get(k, 0) + result.stats.get(k, 0) for k in {*round_stats, *result.stats}}
             result = dataclasses.replace(result, stats=merged, notes=(*round_notes, *result.notes))
@@ -763,6 +767,7 @@ def quantize(
             # and MatMulAddToGemm decide on ranks
             prepared = run_passes(_shaped(cleaned, thoroughly=True), pre)
             cleaned, pre_stats = prepared.model, dict(prepared.stats)
+            attention_notes.extend(n for n in prepared.notes if n.startswith("fuse_attention: "))
         start = AUTO_METHODS[0] if method == "auto" else method  # auto: every tensor starts at the first method
         if table is not None:  # on the graph the ranges are for: after FlattenTokens' row tensors exist
             advanced_notes.extend(_check_table_fits(table, given | _tensor_names(cleaned)))
@@ -835,7 +840,7 @@ def quantize(
         size_before=size_before,
         size_after=model_bytes(result.model),
         stats={**advanced_stats, **result.stats},
-        notes=tuple(advanced_notes),
+        notes=(*advanced_notes, *attention_notes),
     )
 
 

@@ -22,11 +22,12 @@ a loaded 2-core box): the original 1.0 -> 0.90-0.92x; its 0.5-MACs low-rank spli
 0.585-0.613x; at batch 1 0.634-0.670 -> 0.606-0.634x; at 2 threads 0.623-0.713 -> 0.584-0.665x.
 
 Left as they are, with a note: attention with a mask or bias added to the scores (an ``Add``
-before the Softmax), other permutations, heads that are not known integers, non-float32
-tensors (or tensors whose type is unknown: run shape inference first, as ``lowrank`` does), and chains
-whose intermediate tensors are read elsewhere. The node is onnxruntime's
-own (domain ``com.microsoft``): other runtimes do not know it, which is why ``lowrank`` offers to
-keep the graph's ops (``--keep-attention``).
+before the Softmax), queries, keys and values whose batch sizes are not known to be equal (a fixed
+``[1, L, D]`` context that ``MatMul`` broadcasts over batched queries), other permutations, heads
+that are not known integers, non-float32 tensors (or tensors whose type is unknown: run shape
+inference first, as ``lowrank`` does), and chains whose intermediate tensors are read elsewhere.
+The node is onnxruntime's own (domain ``com.microsoft``): other runtimes do not know it, which is
+why ``lowrank`` offers to keep the graph's ops (``--keep-attention``).
 """
 
 from __future__ import annotations
@@ -121,6 +122,16 @@ def _key_split(t: gs.Tensor) -> tuple[gs.Tensor | None, list[gs.Node]]:
         if _perm(t1) == _HEADS_FIRST:
             return t1.inputs[0], [t1, r1, t2, node]
     return None, []
+
+
+def _same_batch(splits: tuple[gs.Tensor, ...]) -> bool:
+    """Whether the head splits' batch dimensions are known to be one: the same number or the same symbolic name.
+
+    ``MatMul`` broadcasts its batch dimensions, so cross-attention over a fixed ``[1, L, D]`` context with batched
+    queries runs as exported; onnxruntime's MultiHeadAttention refuses query and key batches that differ.
+    """
+    batches = [s.shape[0] if s.shape is not None and len(s.shape) == 4 else None for s in splits]
+    return batches[0] is not None and batches[0] != -1 and all(b == batches[0] for b in batches)
 
 
 def _folds_heads(chain: list[gs.Node], heads: int, size: int) -> bool:
@@ -222,6 +233,9 @@ class FuseAttention:
             return "the tensor types are not known (infer shapes first)"
         if any(np.dtype(d) != np.float32 for d in dtypes):
             return "not float32"
+        if not _same_batch(splits):
+            return ("the queries, keys and values may differ in batch size, which MatMul broadcasts and the fused "
+                    "node does not")
         return {"splits": splits, "heads": heads[0][0], "v_size": heads[2][1], "scale": scale,
                 "out": out.outputs[0], "inner": (qk, scores, softmax, av, out)}
 

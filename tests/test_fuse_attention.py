@@ -20,12 +20,15 @@ MODELS = Path(__file__).resolve().parents[1] / "models"
 
 
 def attention(scale: str = "mul", keys: str = "one", mask: bool = False, seq: int | str = S, softmax_read: bool = False,
-              out_perm: tuple[int, ...] = (0, 2, 1, 3), typed: bool = True) -> onnx.ModelProto:
+              out_perm: tuple[int, ...] = (0, 2, 1, 3), typed: bool = True,
+              context: int | str | None = None) -> onnx.ModelProto:
     """X[batch, seq, D] -> Q/K/V projections -> heads -> softmax(c q kᵀ) v -> merged heads -> output projection.
 
     scale: "mul" (scores * c), "mul_first" (c * scores), "div" (scores / sqrt(d)), "none".
     keys: "one" (Transpose[0,2,3,1] of the head split), "two" (Transpose[0,2,1,3] then [0,1,3,2]) or "sdpa"
     (Transpose[0,2,1,3], Reshape[-1, S, d], Transpose[0,2,1], Reshape[-1, H, d, S], and sqrt(c) on q and k).
+    context: the batch dimension of a second input ``ctx[context, L, D]`` (L = S + 1) that keys and values read
+    (cross-attention), else they read ``x``.
     """
     r = graphs.rng(1)
     d = D // H
@@ -37,7 +40,7 @@ def attention(scale: str = "mul", keys: str = "one", mask: bool = False, seq: in
     inits["bias"] = np.where(np.arange(S) > 2, -1e4, 0).astype(np.float32)
     nodes = []
     for n in "qkv":
-        nodes += [helper.make_node("MatMul", ["x", f"w{n}"], [f"{n}0"]),
+        nodes += [helper.make_node("MatMul", ["x" if n == "q" or context is None else "ctx", f"w{n}"], [f"{n}0"]),
                   helper.make_node("Add", [f"{n}0", f"b{n}"], [f"{n}1"]),
                   helper.make_node("Reshape", [f"{n}1", "heads"], [f"{n}h"])]
     nodes.append(helper.make_node("Transpose", ["qh"], ["qt0" if keys == "sdpa" else "qt"], perm=[0, 2, 1, 3]))
@@ -74,17 +77,23 @@ def attention(scale: str = "mul", keys: str = "one", mask: bool = False, seq: in
     outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", seq, D])]
     if softmax_read:
         outputs.append(helper.make_tensor_value_info("p", TensorProto.FLOAT, ["batch", H, seq, seq]))
-    graph = helper.make_graph(nodes, "attention", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
-                                                                                 ["batch", seq, D])],
-                              outputs, [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", seq, D])]
+    if context is not None:
+        inputs.append(helper.make_tensor_value_info("ctx", TensorProto.FLOAT, [context, S + 1, D]))
+    graph = helper.make_graph(nodes, "attention", inputs, outputs,
+                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", graphs.OPSET)])
     model.ir_version = 8
     onnx.checker.check_model(model, full_check=True)
     return infer_shapes(model) if typed else model  # the pass reads the tensor types (lowrank infers them first)
 
 
-def _feeds(batch: int = 3, seq: int = S) -> dict[str, np.ndarray]:
-    return {"x": graphs.rng(7).standard_normal((batch, seq, D)).astype(np.float32)}
+def _feeds(batch: int = 3, seq: int = S, context: int | None = None) -> dict[str, np.ndarray]:
+    r = graphs.rng(7)
+    feeds = {"x": r.standard_normal((batch, seq, D)).astype(np.float32)}
+    if context is not None:
+        feeds["ctx"] = r.standard_normal((context, S + 1, D)).astype(np.float32)
+    return feeds
 
 
 def _ops(model: onnx.ModelProto) -> list[str]:
@@ -138,6 +147,35 @@ def test_what_is_not_plain_attention_is_left_as_it_is(kwargs, note) -> None:
     assert _ops(res.model) == _ops(model)
     if note is not None:
         assert len(res.notes) == 1 and note in res.notes[0]
+
+
+def test_cross_attention_is_fused_only_where_queries_and_keys_share_the_batch(tmp_path, capsys) -> None:
+    """A fixed [1, L, D] context that MatMul broadcasts over batched queries stays as it is: onnxruntime's
+    MultiHeadAttention refuses query and key batches that differ (the fused model failed at batch 3)."""
+    same = attention(context="batch")
+    res = run_passes(same, [FuseAttention()])
+    assert res.stats["fuse_attention.fused"] == 1 and not res.notes
+    feeds = _feeds(context=3)
+    np.testing.assert_allclose(graphs.run(res.model, feeds)[0], graphs.run(same, feeds)[0], rtol=1e-5, atol=1e-5)
+
+    shared = attention(context=1)
+    res = run_passes(shared, [FuseAttention()])
+    assert res.stats["fuse_attention.fused"] == 0 and _ops(res.model) == _ops(shared)
+    assert len(res.notes) == 1 and "may differ in batch size" in res.notes[0]
+    feeds = _feeds(context=1)
+    np.testing.assert_allclose(graphs.run(res.model, feeds)[0], graphs.run(shared, feeds)[0], rtol=1e-6, atol=1e-6)
+
+    # quantize keeps the note and prints it (it had dropped the pass's notes)
+    done = onnxpress.quantize(shared, activations="dynamic")
+    assert "MultiHeadAttention" not in _ops(done.model)
+    assert [n for n in done.notes if n.startswith("fuse_attention: ") and "batch size" in n]
+    graphs.run(done.model, feeds)
+    onnx.save(shared, str(tmp_path / "cross.onnx"))
+    from onnxpress.cli import main
+
+    assert main(["quantize", str(tmp_path / "cross.onnx"), "-o", str(tmp_path / "q.onnx"), "--activations",
+                 "dynamic"]) == 0
+    assert "attention kept as it is (the queries, keys and values may differ in batch size" in capsys.readouterr().out
 
 
 def test_lowrank_fuses_the_reference_transformers_attention_exactly(tmp_path, capsys) -> None:

@@ -8,8 +8,13 @@ keys and values (``Reshape`` to ``[B, S, H, d]``)::
 
 (``k`` may also be ``Transpose[0,2,1,3]`` then ``Transpose[0,1,3,2]``, or, as torch's dynamo export writes
 ``scaled_dot_product_attention``, ``Transpose[0,2,1,3]``, ``Reshape[B*H, L, d]``, ``Transpose[0,2,1]``,
-``Reshape[B, H, d, L]``; scalar ``Mul``s on ``q`` and ``k`` multiply into the scale, and without any the
-scale is 1). This pass replaces the whole chain by one ``com.microsoft.MultiHeadAttention`` node
+``Reshape[B, H, d, L]``; scalar ``Mul``s on ``q`` and ``k`` multiply into the scale, also where the scalar is
+computed from the head size at run time, as torch's TorchScript export writes ``scaled_dot_product_attention``;
+without any the scale is 1). A mask on the scaled scores, ``s + m`` (``m`` float, rank <= 4: BERT's padding
+mask, a causal mask, SDPA's float ``attn_mask``) or ``Where(c, fill, s)`` with a fill of -inf or <= -1e30
+(``masked_fill``), becomes the node's ``attention_bias``, broadcast to ``[B|1, H|1, S, L]`` as the kernel wants
+it (``Unsqueeze`` and ``Expand``; for ``Where``, ``Where(c, fill, 0)``, the same floats after the softmax since
+such a fill swamps any score). This pass replaces the whole chain by one ``com.microsoft.MultiHeadAttention`` node
 (``num_heads = H``, ``scale = c`` or ``1 / c``) that reads ``q``, ``k`` and ``v`` as ``[B, S, H*d]``
 (a ``Reshape[0, 0, -1]`` of the head split, free in onnxruntime) and writes ``[B, S, H*d]``, which a
 ``Reshape[0, 0, H, d]`` turns back into ``y``. The same arithmetic (softmax(c q kᵀ) v per head),
@@ -21,8 +26,9 @@ kernel does it in one. Measured on the reference transformer (batch 64, 1 thread
 a loaded 2-core box): the original 1.0 -> 0.90-0.92x; its 0.5-MACs low-rank split 0.613-0.649x ->
 0.585-0.613x; at batch 1 0.634-0.670 -> 0.606-0.634x; at 2 threads 0.623-0.713 -> 0.584-0.665x.
 
-Left as they are, with a note: attention with a mask or bias added to the scores (an ``Add``
-before the Softmax), queries, keys and values whose batch sizes are not known to be equal (a fixed
+Left as they are, with a note: a mask added before the scale, a ``Where`` fill that does not swamp the
+scores, probabilities read elsewhere too (torch's SDPA with a boolean mask zeroes fully masked rows, where the
+node would give NaN), queries, keys and values whose batch sizes are not known to be equal (a fixed
 ``[1, L, D]`` context that ``MatMul`` broadcasts over batched queries), other permutations, heads
 that are not known integers, non-float32 tensors (or tensors whose type is unknown: run shape
 inference first, as ``lowrank`` does), and chains whose intermediate tensors are read elsewhere.
@@ -36,6 +42,7 @@ import logging
 
 import numpy as np
 import onnx_graphsurgeon as gs
+from onnx import helper as onnx_helper
 
 from onnxpress.passes.base import PassResult, fresh_names, graph_names
 
@@ -72,9 +79,70 @@ def _perm(node: gs.Node | None) -> list[int] | None:
 
 
 def _scalar(t: gs.Tensor) -> float | None:
-    """The value of a constant holding one number, else None."""
-    if isinstance(t, gs.Constant) and t.values.size == 1 and np.issubdtype(t.values.dtype, np.floating):
-        return float(np.asarray(t.values).reshape(-1)[0])
+    """The value of a tensor holding one float known before run time, else None.
+
+    A constant, or a small computation on constants and known dimensions: torch's TorchScript export of
+    ``scaled_dot_product_attention`` multiplies q and k by ``Sqrt(Cast(1 / Sqrt(Cast(Slice(Shape(q), -1)))))``.
+    """
+    value = _static(t)
+    if value is not None and value.size == 1 and np.issubdtype(value.dtype, np.floating):
+        return float(value.reshape(-1)[0])
+    return None
+
+
+# The ops _static evaluates. Written here rather than through onnx's constant folding or a reference
+# evaluator because the values hang off Shape nodes of tensors whose other dimensions are symbolic: only the
+# dimensions the Slice keeps need to be known.
+_UNARY = {"Sqrt": np.sqrt, "Reciprocal": np.reciprocal, "Neg": np.negative}
+_BINARY = {"Div": np.divide, "Mul": np.multiply, "Add": np.add, "Sub": np.subtract, "Pow": np.power}
+
+
+def _static(t: gs.Tensor, depth: int = 12) -> np.ndarray | None:
+    """``t``'s value where constants and known dimensions fix it, else None.
+
+    An object array may hold None for the unknown dimensions of a ``Shape``, until a ``Slice``/``Gather`` keeps
+    only known ones.
+    """
+    if isinstance(t, gs.Constant):
+        return np.asarray(t.values)
+    node = _producer(t)
+    if node is None or depth == 0:
+        return None
+    if node.op == "Constant":
+        value = node.attrs.get("value")
+        return np.asarray(value.values) if isinstance(value, gs.Constant) else None
+    if node.op == "Shape":
+        shape = node.inputs[0].shape
+        if shape is None:
+            return None
+        dims = [d if isinstance(d, int) and d >= 0 else None for d in shape]
+        dims = dims[int(node.attrs.get("start", 0)):node.attrs.get("end")]
+        return np.array(dims, dtype=object if None in dims else np.int64)
+    args = [_static(i, depth - 1) for i in node.inputs]
+    if any(a is None for a in args[:1]):
+        return None
+    x = args[0]
+    if node.op in ("Slice", "Gather"):
+        if any(a is None or a.dtype == object for a in args[1:]) or x.ndim != 1:
+            return None
+        if node.op == "Gather":
+            out = np.asarray(x[args[1]], dtype=x.dtype)
+        else:
+            starts, ends = args[1], args[2]
+            steps = args[4] if len(args) > 4 else np.ones_like(starts)
+            if (len(args) > 3 and list(args[3]) not in ([0], [-1])) or starts.size != 1:
+                return None
+            out = x[int(starts[0]):int(max(min(ends[0], 2**62), -(2**62))):int(steps[0])]
+        return out if out.dtype != object or any(d is None for d in out.reshape(-1)) else out.astype(np.int64)
+    if x.dtype == object or any(a is None or a.dtype == object for a in args):
+        return None
+    if node.op == "Cast":
+        return x.astype(onnx_helper.tensor_dtype_to_np_dtype(int(node.attrs["to"])))
+    if node.op in _UNARY:
+        return _UNARY[node.op](x)
+    if node.op in _BINARY and len(args) == 2:
+        with np.errstate(all="ignore"):
+            return _BINARY[node.op](x, args[1]).astype(np.result_type(x, args[1]))
     return None
 
 
@@ -142,10 +210,54 @@ def _folds_heads(chain: list[gs.Node], heads: int, size: int) -> bool:
 
 
 def _scores_of_heads(node: gs.Node | None) -> bool:
-    """Whether ``node`` makes attention scores: a MatMul of two Transposes, or a scalar Mul/Div of one."""
+    """Whether ``node`` makes attention scores: a MatMul of two head layouts, or a scalar Mul/Div of one.
+
+    A head layout is a Transpose or Reshape output, maybe times a scalar.
+    """
     if node is not None and node.op in ("Mul", "Div"):
-        node = _producer(node.inputs[0])
-    return node is not None and node.op == "MatMul" and all(_perm(_producer(t)) is not None for t in node.inputs)
+        node = _producer(node.inputs[0] if _scalar(node.inputs[0]) is None else node.inputs[1])
+    if node is None or node.op != "MatMul":
+        return False
+    heads = [_producer(_peel_scale(t, frozenset())[0]) for t in node.inputs]
+    return all(n is not None and n.op in ("Transpose", "Reshape") for n in heads)
+
+
+# A fill at or below this (or -inf) swamps any score: Where(mask, fill, s) and s + Where(mask, fill, 0) are the same
+# floats, and their softmaxes too, fully masked rows included (all equal to the fill either way).
+_SWAMPING_FILL = -1e30
+
+
+def _mask(node: gs.Node, kept: frozenset[int]) -> tuple[gs.Tensor, tuple] | str | None:
+    """``(scores, mask)`` when ``node`` masks attention scores, else why not ('' for no attention, None for no mask).
+
+    ``mask`` is ``("add", t)`` for ``scores + t`` (t float32, rank <= 4), or ``("where", cond, fill, fill_where_true)``
+    for ``Where(cond, fill, scores)`` or ``Where(cond, scores, fill)`` with a swamping fill (-inf, or <= -1e30).
+    """
+    if node.op == "Add":
+        found = [(t, o) for t, o in zip(node.inputs, node.inputs[::-1], strict=True)
+                 if _scores_of_heads(_producer(t)) and _only_reader(t, kept) is node]
+        if not found:
+            return "a mask or bias is added to the scores" if any(
+                _scores_of_heads(_producer(t)) for t in node.inputs) else ""
+        scores, mask = found[0]
+        if mask.dtype is None or np.dtype(mask.dtype) != np.float32:
+            return "the mask added to the scores is not float32"
+        if mask.shape is None or len(mask.shape) > 4:
+            return "the mask added to the scores has no known rank of at most 4"
+        return scores, ("add", mask)
+    if node.op == "Where":
+        cond, a, b = node.inputs
+        for scores, fill in ((b, a), (a, b)):
+            if _scores_of_heads(_producer(scores)) and _only_reader(scores, kept) is node:
+                value = _scalar(fill)
+                if value is None or not value <= _SWAMPING_FILL:
+                    return "the scores are masked with a fill that does not swamp them (-inf or <= -1e30 does)"
+                if cond.shape is None or len(cond.shape) > 4:
+                    return "the mask has no known rank of at most 4"
+                # Where(c, fill, s) keeps s where c is false: the bias is fill where c is true
+                return scores, ("where", cond, np.float32(value), scores is b)
+        return None
+    return None
 
 
 class FuseAttention:
@@ -180,9 +292,15 @@ class FuseAttention:
     def _match(softmax: gs.Node, kept: frozenset[int]) -> dict | str:
         """The chain around ``softmax`` as a plan, or why not ('' where it is no attention at all)."""
         axis = int(softmax.attrs.get("axis", -1))
-        scores = _producer(softmax.inputs[0])
+        scores, mask, reader = _producer(softmax.inputs[0]), None, softmax
+        if scores is not None and scores.op in ("Add", "Where") and _only_reader(softmax.inputs[0], kept) is softmax:
+            found = _mask(scores, kept)
+            if found is None or isinstance(found, str):
+                return found or ""
+            reader, (t, mask) = scores, found
+            scores = _producer(t)
         scale, qk = 1.0, scores
-        if scores is not None and scores.op in ("Mul", "Div") and _only_reader(scores.outputs[0], kept) is softmax:
+        if scores is not None and scores.op in ("Mul", "Div") and _only_reader(scores.outputs[0], kept) is reader:
             if _scalar(scores.inputs[1]) is not None:
                 c, qk = _scalar(scores.inputs[1]), _producer(scores.inputs[0])
             elif scores.op == "Mul" and _scalar(scores.inputs[0]) is not None:
@@ -192,15 +310,20 @@ class FuseAttention:
             if not c or not np.isfinite(c):
                 return ""
             scale = c if scores.op == "Mul" else 1.0 / c
-        elif scores is not None and scores.op == "Add":
+        elif scores is not None and scores.op == "Add":  # a second Add: masks added one after the other
             if any(_scores_of_heads(_producer(t)) for t in scores.inputs):
                 return "a mask or bias is added to the scores"
             return ""
+        if qk is not None and qk.op == "Add" and any(_scores_of_heads(_producer(t)) for t in qk.inputs):
+            return "a mask or bias is added to the scores before they are scaled"
         if qk is None or qk.op != "MatMul":
             return ""
-        if _only_reader(qk.outputs[0], kept) is not (softmax if qk is scores else scores):
+        if _only_reader(qk.outputs[0], kept) is not (reader if qk is scores else scores):
             return ""
         av = _only_reader(softmax.outputs[0], kept)
+        if av is None and _scores_of_heads(qk):
+            # torch's SDPA with a boolean mask zeroes fully masked rows (IsNaN -> Where) where the node gives NaN
+            return "the attention probabilities are read by more than the value MatMul"
         if av is None or av.op != "MatMul" or av.inputs[0] is not softmax.outputs[0]:
             return ""
         q_in, scale_q, q_muls = _peel_scale(qk.inputs[0], kept)
@@ -224,8 +347,11 @@ class FuseAttention:
             return "a transposed head split is read elsewhere too"
         splits = (tq.inputs[0], k_split, tv.inputs[0])
         heads = [_head_shape(s) for s in splits]
-        if any(h is None for h in heads) or len({h[0] for h in heads}) != 1 or heads[0][1] != heads[1][1]:
+        if any(h is None for h in heads):
             return "the number of heads or the head size is not known"
+        if len({h[0] for h in heads}) != 1 or heads[0][1] != heads[1][1]:
+            return (f"queries, keys and values have {' / '.join(str(h[0]) for h in heads)} heads of "
+                    f"{' / '.join(str(h[1]) for h in heads)}: the fused node wants one number of heads")
         if len(k_chain) == 4 and not _folds_heads(k_chain, *heads[1]):
             return "the keys are laid out otherwise"
         dtypes = {t.dtype for t in (*splits, softmax.outputs[0]) if t.dtype is not None}
@@ -236,8 +362,13 @@ class FuseAttention:
         if not _same_batch(splits):
             return ("the queries, keys and values may differ in batch size, which MatMul broadcasts and the fused "
                     "node does not")
-        return {"splits": splits, "heads": heads[0][0], "v_size": heads[2][1], "scale": scale,
-                "out": out.outputs[0], "inner": (qk, scores, softmax, av, out)}
+        if mask is not None:
+            shape = [1] * (4 - len(mask[1].shape)) + list(mask[1].shape)
+            if shape[0] not in (1, splits[0].shape[0]) or shape[1] not in (1, heads[0][0]):
+                return "the mask's batch or head dimension is not known to be 1 or the queries'"
+        return {"splits": splits, "heads": heads[0][0], "v_size": heads[2][1], "scale": scale, "mask": mask,
+                "out": out.outputs[0], "inner": (qk, scores, softmax, av, out),
+                "transposes": [n for n in (tq, tv, *k_chain) if n.op == "Transpose"]}
 
     @staticmethod
     def _rewrite(graph: gs.Graph, plan: dict, fresh) -> None:
@@ -249,6 +380,8 @@ class FuseAttention:
             graph.nodes.append(gs.Node("Reshape", name=fresh(f"{split.name}_{role}_reshape"),
                                        inputs=[split, to_rows], outputs=[t]))
             inputs.append(t)
+        if plan["mask"] is not None:
+            inputs += [gs.Variable.empty(), gs.Variable.empty(), FuseAttention._bias(graph, plan, fresh)]
         y = plan["out"]
         merged = gs.Variable(fresh(f"{y.name}_merged"), dtype=np.float32,
                              shape=None if y.shape is None else [*y.shape[:2], heads * v_size])
@@ -258,5 +391,69 @@ class FuseAttention:
         back = gs.Constant(fresh("attention_heads"), np.array([0, 0, heads, v_size], np.int64))
         producer = plan["inner"][-1]
         producer.outputs.clear()  # the old chain loses its output and is cleaned up
+        for transpose in plan["transposes"]:  # shapes read off the chain (dynamo's masks, reshape targets)
+            FuseAttention._shape_before(graph, transpose, fresh)
         graph.nodes.append(gs.Node("Reshape", name=fresh(f"{y.name}_split"), inputs=[merged, back], outputs=[y]))
-        log.debug("fuse_attention: %s (%d heads, scale %g)", y.name, heads, plan["scale"])
+        log.debug("fuse_attention: %s (%d heads, scale %g, mask %s)", y.name, heads, plan["scale"],
+                  None if plan["mask"] is None else plan["mask"][0])
+
+    @staticmethod
+    def _shape_before(graph: gs.Graph, transpose: gs.Node, fresh) -> None:
+        """Read each ``Shape`` of ``transpose``'s output as the permuted shape of its input.
+
+        ``Shape(Transpose[p](x)) = Gather(Shape(x), p)``, so the Transpose itself dies with the chain.
+        """
+        for shape in [n for n in transpose.outputs[0].outputs if n.op == "Shape"]:
+            whole = gs.Variable(fresh(f"{shape.name}_input"), dtype=np.int64)
+            perm = gs.Constant(fresh(f"{shape.name}_perm"), np.array(_perm(transpose), np.int64))
+            permuted = gs.Variable(fresh(f"{shape.name}_permuted"), dtype=np.int64)
+            out = shape.outputs[0]
+            start, end = int(shape.attrs.get("start", 0)), shape.attrs.get("end")
+            nodes = [gs.Node("Shape", name=fresh(shape.name), inputs=[transpose.inputs[0]], outputs=[whole]),
+                     gs.Node("Gather", name=fresh(f"{shape.name}_gather"), inputs=[whole, perm],
+                             outputs=[permuted], attrs={"axis": 0})]
+            if start != 0 or end is not None:
+                bounds = [gs.Constant(fresh(f"{shape.name}_start"), np.array([start], np.int64)),
+                          gs.Constant(fresh(f"{shape.name}_end"),
+                                      np.array([np.iinfo(np.int64).max if end is None else int(end)], np.int64))]
+                nodes.append(gs.Node("Slice", name=fresh(f"{shape.name}_slice"), inputs=[permuted, *bounds],
+                                     outputs=[out]))
+            else:
+                nodes[-1].outputs = [out]
+            shape.outputs.clear()
+            graph.nodes.extend(nodes)
+
+    @staticmethod
+    def _bias(graph: gs.Graph, plan: dict, fresh) -> gs.Tensor:
+        """The mask as MultiHeadAttention's ``attention_bias``, ``[B or 1, H or 1, S, L]``.
+
+        The kernel broadcasts the first two dimensions only, where the graph's Add broadcast all four.
+        """
+        kind, mask = plan["mask"][0], plan["mask"][1]
+
+        def node(op: str, inputs: list, dtype, **attrs) -> gs.Variable:
+            out = gs.Variable(fresh(f"attention_bias_{op.lower()}"), dtype=dtype)
+            graph.nodes.append(gs.Node(op, name=fresh(f"attention_bias_{op.lower()}"), inputs=inputs, outputs=[out],
+                                       attrs=attrs))
+            return out
+
+        rank = len(mask.shape)
+        if kind == "where":  # fill where the scores were replaced, 0 where they were kept
+            fill = gs.Constant(fresh("attention_fill"), np.array(plan["mask"][2], np.float32))
+            zero = gs.Constant(fresh("attention_zero"), np.array(0, np.float32))
+            mask = node("Where", [mask, fill, zero] if plan["mask"][3] else [mask, zero, fill], np.float32)
+        if rank < 4:
+            mask = node("Unsqueeze", [mask, gs.Constant(fresh("attention_axes"), np.arange(4 - rank, dtype=np.int64))],
+                        np.float32)
+        q_split, k_split = plan["splits"][0], plan["splits"][1]
+        rows, cols = q_split.shape[1], k_split.shape[1]
+        if isinstance(rows, int) and isinstance(cols, int) and rows > 0 and cols > 0:
+            target = gs.Constant(fresh("attention_bias_shape"), np.array([1, 1, rows, cols], np.int64))
+        else:  # the sequence lengths at run time
+            one = gs.Constant(fresh("attention_one"), np.array([1], np.int64))
+            two = gs.Constant(fresh("attention_two"), np.array([2], np.int64))
+            lengths = [node("Slice", [node("Shape", [split], np.int64), one, two], np.int64)
+                       for split in (q_split, k_split)]
+            target = node("Concat", [gs.Constant(fresh("attention_ones"), np.array([1, 1], np.int64)), *lengths],
+                          np.int64, axis=0)
+        return node("Expand", [mask, target], np.float32)

@@ -19,14 +19,20 @@ S, D, H = 5, 8, 2
 MODELS = Path(__file__).resolve().parents[1] / "models"
 
 
-def attention(scale: str = "mul", keys: str = "one", mask: bool = False, seq: int | str = S, softmax_read: bool = False,
+def attention(scale: str = "mul", keys: str = "one", mask: str | None = None, seq: int | str = S,
+              softmax_read: bool = False,
               out_perm: tuple[int, ...] = (0, 2, 1, 3), typed: bool = True,
               context: int | str | None = None) -> onnx.ModelProto:
     """X[batch, seq, D] -> Q/K/V projections -> heads -> softmax(c q kᵀ) v -> merged heads -> output projection.
 
     scale: "mul" (scores * c), "mul_first" (c * scores), "div" (scores / sqrt(d)), "none".
-    keys: "one" (Transpose[0,2,3,1] of the head split), "two" (Transpose[0,2,1,3] then [0,1,3,2]) or "sdpa"
-    (Transpose[0,2,1,3], Reshape[-1, S, d], Transpose[0,2,1], Reshape[-1, H, d, S], and sqrt(c) on q and k).
+    keys: "one" (Transpose[0,2,3,1] of the head split), "two" (Transpose[0,2,1,3] then [0,1,3,2]), "sdpa"
+    (Transpose[0,2,1,3], Reshape[-1, S, d], Transpose[0,2,1], Reshape[-1, H, d, S], and sqrt(c) on q and k) or
+    "script" (Transpose[0,2,3,1], and q and k each times ``Sqrt(1 / Sqrt(Cast(Slice(Shape(q), -1))))`` as torch's
+    TorchScript export writes scaled_dot_product_attention).
+    mask: "const" (scores + a constant [S] bias), "input" (+ an input ``pad[batch, 1, 1, seq]``), "where" /
+    "where_keep" (``Where(pad, -inf, scores)`` / ``Where(pad, scores, -inf)``, pad a bool input),
+    "where_small" (a fill of -1e4), "before_scale" (``(qk + bias) * c``).
     context: the batch dimension of a second input ``ctx[context, L, D]`` (L = S + 1) that keys and values read
     (cross-attention), else they read ``x``.
     """
@@ -43,7 +49,8 @@ def attention(scale: str = "mul", keys: str = "one", mask: bool = False, seq: in
         nodes += [helper.make_node("MatMul", ["x" if n == "q" or context is None else "ctx", f"w{n}"], [f"{n}0"]),
                   helper.make_node("Add", [f"{n}0", f"b{n}"], [f"{n}1"]),
                   helper.make_node("Reshape", [f"{n}1", "heads"], [f"{n}h"])]
-    nodes.append(helper.make_node("Transpose", ["qh"], ["qt0" if keys == "sdpa" else "qt"], perm=[0, 2, 1, 3]))
+    nodes.append(helper.make_node("Transpose", ["qh"], ["qt0" if keys in ("sdpa", "script") else "qt"],
+                                  perm=[0, 2, 1, 3]))
     nodes.append(helper.make_node("Transpose", ["vh"], ["vt"], perm=[0, 2, 1, 3]))
     if keys == "one":
         nodes.append(helper.make_node("Transpose", ["kh"], ["kt"], perm=[0, 2, 3, 1]))
@@ -56,18 +63,41 @@ def attention(scale: str = "mul", keys: str = "one", mask: bool = False, seq: in
                   helper.make_node("Reshape", ["kt2", "unfold"], ["kt3"]),
                   helper.make_node("Mul", ["kt3", "root"], ["kt"]),
                   helper.make_node("Mul", ["qt0", "root"], ["qt"])]
+    elif keys == "script":  # the scale from the head size at run time, its square root on q and on k
+        inits.update({"last": np.array([-1], np.int64), "end": np.array([2**62], np.int64),
+                      "one": np.array(1, np.float32)})
+        nodes += [helper.make_node("Transpose", ["kh"], ["kt0"], perm=[0, 2, 3, 1]),
+                  helper.make_node("Shape", ["qt0"], ["qs"]),
+                  helper.make_node("Slice", ["qs", "last", "end"], ["qd"]),
+                  helper.make_node("Cast", ["qd"], ["qdf"], to=TensorProto.FLOAT),
+                  helper.make_node("Sqrt", ["qdf"], ["qdr"]),
+                  helper.make_node("Div", ["one", "qdr"], ["sc"]),
+                  helper.make_node("Sqrt", ["sc"], ["scr"]),
+                  helper.make_node("Mul", ["qt0", "scr"], ["qt"]),
+                  helper.make_node("Mul", ["kt0", "scr"], ["kt"])]
     else:
         nodes += [helper.make_node("Transpose", ["kh"], ["kt0"], perm=[0, 2, 1, 3]),
                   helper.make_node("Transpose", ["kt0"], ["kt"], perm=[0, 1, 3, 2])]
     nodes.append(helper.make_node("MatMul", ["qt", "kt"], ["qk"]))
     scores = "qk"
+    if mask == "before_scale":
+        nodes.append(helper.make_node("Add", ["qk", "bias"], ["qkb"]))
+        scores = "qkb"
     if scale != "none":
-        nodes.append({"mul": helper.make_node("Mul", ["qk", "c"], ["s0"]),
-                      "mul_first": helper.make_node("Mul", ["c", "qk"], ["s0"]),
-                      "div": helper.make_node("Div", ["qk", "c"], ["s0"])}[scale])
+        nodes.append({"mul": helper.make_node("Mul", [scores, "c"], ["s0"]),
+                      "mul_first": helper.make_node("Mul", ["c", scores], ["s0"]),
+                      "div": helper.make_node("Div", [scores, "c"], ["s0"])}[scale])
         scores = "s0"
-    if mask:
-        nodes.append(helper.make_node("Add", [scores, "bias"], ["s1"]))
+    if mask is not None and mask.startswith("where"):
+        inits["fill"] = np.array(-1e4 if mask == "where_small" else -np.inf, np.float32)
+    if mask in ("const", "input"):
+        nodes.append(helper.make_node("Add", [scores, "bias" if mask == "const" else "pad"], ["s1"]))
+        scores = "s1"
+    elif mask in ("where", "where_small"):
+        nodes.append(helper.make_node("Where", ["pad", "fill", scores], ["s1"]))
+        scores = "s1"
+    elif mask == "where_keep":
+        nodes.append(helper.make_node("Where", ["pad", scores, "fill"], ["s1"]))
         scores = "s1"
     nodes += [helper.make_node("Softmax", [scores], ["p"], axis=-1),
               helper.make_node("MatMul", ["p", "vt"], ["a"]),
@@ -80,6 +110,9 @@ def attention(scale: str = "mul", keys: str = "one", mask: bool = False, seq: in
     inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", seq, D])]
     if context is not None:
         inputs.append(helper.make_tensor_value_info("ctx", TensorProto.FLOAT, [context, S + 1, D]))
+    if mask in ("input", "where", "where_keep", "where_small"):
+        inputs.append(helper.make_tensor_value_info("pad", TensorProto.FLOAT if mask == "input" else TensorProto.BOOL,
+                                                    ["batch", 1, 1, seq]))
     graph = helper.make_graph(nodes, "attention", inputs, outputs,
                               [numpy_helper.from_array(v, k) for k, v in inits.items()])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", graphs.OPSET)])
@@ -88,11 +121,15 @@ def attention(scale: str = "mul", keys: str = "one", mask: bool = False, seq: in
     return infer_shapes(model) if typed else model  # the pass reads the tensor types (lowrank infers them first)
 
 
-def _feeds(batch: int = 3, seq: int = S, context: int | None = None) -> dict[str, np.ndarray]:
+def _feeds(batch: int = 3, seq: int = S, context: int | None = None, mask: str | None = None) -> dict[str, np.ndarray]:
     r = graphs.rng(7)
     feeds = {"x": r.standard_normal((batch, seq, D)).astype(np.float32)}
     if context is not None:
         feeds["ctx"] = r.standard_normal((context, S + 1, D)).astype(np.float32)
+    if mask in ("input", "where", "where_keep", "where_small"):
+        padded = np.arange(seq)[None, :] >= np.array([seq, 2, 1][:batch] + [seq] * max(0, batch - 3))[:, None]
+        masked = padded if mask != "where_keep" else ~padded  # where_keep keeps the scores where m is true
+        feeds["pad"] = (np.where(masked, -1e4, 0).astype(np.float32) if mask == "input" else masked)[:, None, None, :]
     return feeds
 
 
@@ -107,7 +144,7 @@ def _weights_dequantized(model: onnx.ModelProto) -> int:
 
 
 @pytest.mark.parametrize(("scale", "keys"), [("mul", "one"), ("mul_first", "one"), ("div", "one"),
-                                             ("none", "one"), ("mul", "two"), ("none", "sdpa")])
+                                             ("none", "one"), ("mul", "two"), ("none", "sdpa"), ("none", "script")])
 def test_attention_runs_as_one_node_with_the_same_outputs(scale, keys) -> None:
     model = attention(scale, keys)
     res = run_passes(model, [FuseAttention()])
@@ -117,7 +154,7 @@ def test_attention_runs_as_one_node_with_the_same_outputs(scale, keys) -> None:
     node = next(n for n in res.model.graph.node if n.op_type == "MultiHeadAttention")
     assert node.domain == "com.microsoft"
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    want = 1.0 if scale == "none" and keys != "sdpa" else 1 / np.sqrt(D // H)
+    want = 1.0 if scale == "none" and keys not in ("sdpa", "script") else 1 / np.sqrt(D // H)
     assert attrs["num_heads"] == H and attrs["scale"] == pytest.approx(want, rel=1e-6)
     onnx.checker.check_model(res.model, full_check=True)
     for feeds in (_feeds(), _feeds(batch=1)):
@@ -135,9 +172,10 @@ def test_a_dynamic_sequence_length_is_fused_and_runs_at_any_length() -> None:
 
 
 @pytest.mark.parametrize(("kwargs", "note"), [
-    ({"mask": True}, "a mask or bias is added to the scores"),
+    ({"mask": "before_scale"}, "a mask or bias is added to the scores before they are scaled"),
+    ({"mask": "where_small"}, "a fill that does not swamp them"),
     ({"out_perm": (0, 2, 3, 1)}, "the heads are laid out otherwise"),  # [B, S, d, H]: merged otherwise
-    ({"softmax_read": True}, None),  # the probabilities are a graph output: the chain must stay
+    ({"softmax_read": True}, "read by more than the value MatMul"),  # a graph output: the chain must stay
     ({"typed": False}, "the tensor types are not known"),
 ])
 def test_what_is_not_plain_attention_is_left_as_it_is(kwargs, note) -> None:
@@ -147,6 +185,31 @@ def test_what_is_not_plain_attention_is_left_as_it_is(kwargs, note) -> None:
     assert _ops(res.model) == _ops(model)
     if note is not None:
         assert len(res.notes) == 1 and note in res.notes[0]
+
+
+@pytest.mark.parametrize("mask", ["const", "input", "where", "where_keep"])
+@pytest.mark.parametrize("seq", [S, "seq"])
+def test_a_mask_on_the_scores_becomes_the_fused_nodes_attention_bias(mask, seq) -> None:
+    """scores + mask (constant or an input) and Where(m, -inf, scores): the mask broadcast to [B|1, H|1, S, L]
+    as the kernel wants it (a constant at known lengths, an Expand at run time); padded keys and the rows of a
+    query that sees one key only agree to float rounding."""
+    model = attention(mask=mask, seq=seq)
+    res = run_passes(model, [FuseAttention()])
+    assert res.stats["fuse_attention.fused"] == 1 and not res.notes
+    ops = _ops(res.model)
+    assert ops.count("MultiHeadAttention") == 1 and "Softmax" not in ops and "Transpose" not in ops
+    node = next(n for n in res.model.graph.node if n.op_type == "MultiHeadAttention")
+    assert len(node.input) == 6 and node.input[3] == node.input[4] == ""  # attention_bias, no bias or padding mask
+    onnx.checker.check_model(res.model, full_check=True)
+    for lengths in ((3, S), (2, S), (1, S)) + (((3, 2), (2, 7)) if seq == "seq" and mask != "const" else ()):
+        feeds = _feeds(batch=lengths[0], seq=lengths[1], mask=mask)
+        (want_y,), (got_y,) = graphs.run(model, feeds), graphs.run(res.model, feeds, optimize=True)
+        np.testing.assert_allclose(got_y, want_y, rtol=1e-5, atol=1e-5)
+        if mask != "const":  # the mask is used: without it the outputs differ
+            free = {**feeds, "pad": np.zeros_like(feeds["pad"]) if mask == "input" else feeds["pad"] & False}
+            if mask == "where_keep":
+                free["pad"] = ~free["pad"]
+            assert np.abs(graphs.run(res.model, free)[0] - got_y).max() > 1e-2 or lengths[0] == 1
 
 
 def test_cross_attention_is_fused_only_where_queries_and_keys_share_the_batch(tmp_path, capsys) -> None:
@@ -215,12 +278,14 @@ def test_the_finetune_bridge_runs_the_fused_node_and_a_lowrank_student_trains(tm
     torch = pytest.importorskip("torch")
     from onnxpress.bridge.convert import OnnxModule
 
-    fused = run_passes(attention("div"), [FuseAttention()]).model
-    feeds = _feeds()
-    mod = OnnxModule(fused).eval()
-    with torch.no_grad():
-        (got,) = mod.evaluate([torch.from_numpy(feeds["x"])], mod.output_names)
-    np.testing.assert_allclose(got.numpy(), graphs.run(fused, feeds)[0], rtol=1e-5, atol=1e-5)
+    for mask in (None, "input", "where"):  # with a mask, it is the node's attention_bias
+        fused = run_passes(attention("div", mask=mask), [FuseAttention()]).model
+        assert "MultiHeadAttention" in _ops(fused)
+        feeds = _feeds(mask=mask)
+        mod = OnnxModule(fused).eval()
+        with torch.no_grad():
+            (got,) = mod.evaluate([torch.from_numpy(feeds[n]) for n in mod.input_names], mod.output_names)
+        np.testing.assert_allclose(got.numpy(), graphs.run(fused, feeds)[0], rtol=1e-5, atol=1e-5)
 
     x = np.load(MODELS / "digits32_calib.npz")["input"][:64]
     student = onnxpress.lowrank(str(MODELS / "transformer.onnx"), rank=16).model

@@ -1114,12 +1114,14 @@ SUPPORTED_OPS: frozenset[str] = frozenset(OPS) | {"Resize", "Upsample"}
 def _multi_head_attention(ctx: _Ctx, inputs: list[Value]) -> list[Value]:
     """com.microsoft MultiHeadAttention with separate 3-D query, key and value, as ``lowrank`` writes it.
 
-    softmax(scale q kᵀ) v per head (passes/fuse_attention.py). Bias, masks and past state are refused.
+    softmax(scale q kᵀ + attention_bias) v per head (passes/fuse_attention.py). The projection bias, the key
+    padding mask and past state are refused.
     """
-    if len(inputs) != 3:
-        raise UnsupportedModelError(f"node {ctx.name!r}: the bridge runs MultiHeadAttention with query, key and "
-                                    "value only (no bias, mask or past state)")
-    q, k, v = (_t(x) for x in inputs)
+    if len(inputs) not in (3, 6) or any(x is not None for x in inputs[3:5]):
+        raise UnsupportedModelError(f"node {ctx.name!r}: the bridge runs MultiHeadAttention with query, key, "
+                                    "value and attention_bias only (no projection bias, padding mask or past state)")
+    q, k, v = (_t(x) for x in inputs[:3])
+    bias = _t(inputs[5]) if len(inputs) == 6 else None
     heads = int(ctx.get("num_heads"))
     if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
         raise UnsupportedModelError(f"node {ctx.name!r}: the bridge runs MultiHeadAttention on [batch, sequence, "
@@ -1129,7 +1131,8 @@ def _multi_head_attention(ctx: _Ctx, inputs: list[Value]) -> list[Value]:
         return x.reshape(x.shape[0], x.shape[1], heads, x.shape[2] // heads).transpose(1, 2)
 
     scale = float(ctx.get("scale", 0.0)) or 1.0 / math.sqrt(q.shape[2] // heads)
-    weights = torch.softmax(split(q) @ split(k).transpose(-1, -2) * scale, dim=-1)
+    scores = split(q) @ split(k).transpose(-1, -2) * scale
+    weights = torch.softmax(scores if bias is None else scores + bias, dim=-1)
     out = (weights @ split(v)).transpose(1, 2)
     return [out.reshape(out.shape[0], out.shape[1], -1)]
 

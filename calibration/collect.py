@@ -457,9 +457,13 @@ def collect_statistics(
             if max_samples is not None and seen + n > max_samples:
                 keep = max_samples - seen
                 if not dynamic and keep < n:
-                    break
-                feed = {k: v[:keep] for k, v in feed.items()}
-                n = keep
+                    if seen:
+                        break
+                    # a fixed-batch model's first feed is taken whole even when it holds more samples than the
+                    # limit (as the readers do): cut, it would not run; skipped, nothing would be observed
+                else:
+                    feed = {k: v[:keep] for k, v in feed.items()}
+                    n = keep
             feed = {k: v for k, v in feed.items() if k in input_names}
             try:
                 # run([]) would return every graph output; observing only inputs needs no run

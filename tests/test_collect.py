@@ -82,6 +82,21 @@ def test_fixed_batch_dimension_feeds_one_by_one() -> None:
     assert obs["Y"].shapes == [(1, 6)] * 5
 
 
+def test_a_fixed_batch_larger_than_max_samples_is_taken_whole() -> None:
+    """X[512,8] (a fixed batch of 512 rows) with max_samples=256: the first feed cannot be cut, and is run
+    whole rather than skipped (quantize's GPTQ moments read 256 samples: 'no calibration samples' before)."""
+    r = rng(4)
+    model = make_model([helper.make_node("Gemm", ["X", "W"], ["Y"])], [("X", [512, 8])], [("Y", [512, 6])],
+                       {"W": r.standard_normal((8, 6)).astype(np.float32)})
+    obs = {"Y": Recorder()}
+    data = [{"X": r.standard_normal((512, 8)).astype(np.float32)} for _ in range(2)]
+    assert collect_statistics(model, data, obs, batch_size=64, max_samples=256) == 512
+    assert obs["Y"].shapes == [(512, 6)]
+    import onnxpress
+
+    assert onnxpress.quantize(model, calib=data[:1]).stats["insert_qdq.nodes_quantized"] == 1
+
+
 def test_select_tensors_skips_weights_and_values_computed_from_them() -> None:
     """X -> Conv(Identity(W)) -> c -> Relu -> Y; Identity(W) is a weight, not an activation."""
     r = rng(3)

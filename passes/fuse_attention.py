@@ -227,28 +227,67 @@ def _scores_of_heads(node: gs.Node | None) -> bool:
 _SWAMPING_FILL = -1e30
 
 
+_SHAPE_KEEPING = frozenset({"Cast", "Equal", "Not", "Less", "Greater", "LessOrEqual", "GreaterOrEqual", "Where", "Mul",
+                            "Add", "Sub", "Div", "Neg", "Identity"})
+
+
+def _dim(t: gs.Tensor, axis: int, depth: int = 8) -> int | str | None:
+    """Dimension ``axis`` of ``t``: from its shape, else through the ops that keep it.
+
+    A TorchScript export slices a causal mask off a ``[1, 1, N, N]`` buffer with run-time ends, and onnx's
+    inference then loses every dimension of the slice, the untouched leading ones included.
+    """
+    shape = t.shape
+    if shape is None or axis >= len(shape):
+        return None
+    known = shape[axis] if isinstance(shape[axis], int | str) and shape[axis] != -1 else None
+    if known is not None and not str(known).startswith("unk__"):  # onnxruntime's inference names unknowns unk__N
+        return known
+    node = _producer(t)
+    source = None
+    if node is not None and depth > 0 and node.op == "Slice" and len(node.inputs) > 3:
+        axes = _static(node.inputs[3])
+        if axes is not None and axes.dtype != object and axis not in {int(a) % len(shape) for a in axes.reshape(-1)}:
+            source = node.inputs[0]
+    elif node is not None and depth > 0 and node.op in _SHAPE_KEEPING:
+        # elementwise: the one input of the output's rank, the others single numbers
+        full = [i for i in node.inputs if not (isinstance(i, gs.Constant) and i.values.size == 1)]
+        if len(full) == 1 and full[0].shape is not None and len(full[0].shape) == len(shape):
+            source = full[0]
+    traced = None if source is None else _dim(source, axis, depth - 1)
+    return known if traced is None else traced
+
+
+def _scored(t: gs.Tensor, depth: int = 4) -> bool:
+    """Whether ``t`` is attention scores: made by :func:`_scores_of_heads`, or those scores masked (Add/Sub/Where)."""
+    node = _producer(t)
+    if node is None:
+        return False
+    if _scores_of_heads(node):
+        return True
+    return depth > 0 and node.op in ("Add", "Sub", "Where") and any(_scored(i, depth - 1) for i in node.inputs)
+
+
 def _mask(node: gs.Node, kept: frozenset[int]) -> tuple[gs.Tensor, tuple] | str | None:
     """``(scores, mask)`` when ``node`` masks attention scores, else why not ('' for no attention, None for no mask).
 
-    ``mask`` is ``("add", t)`` for ``scores + t`` (t float32, rank <= 4), or ``("where", cond, fill, fill_where_true)``
-    for ``Where(cond, fill, scores)`` or ``Where(cond, scores, fill)`` with a swamping fill (-inf, or <= -1e30).
+    ``mask`` is ``("add", t)`` for ``scores + t``, ``("sub", t)`` for ``scores - t`` (t of rank <= 4), or
+    ``("where", cond, fill, fill_where_true)`` for ``Where(cond, fill, scores)`` or ``Where(cond, scores, fill)``
+    with a swamping fill (-inf, or <= -1e30). ``scores`` may be masked scores themselves (masks one after another).
     """
-    if node.op == "Add":
-        found = [(t, o) for t, o in zip(node.inputs, node.inputs[::-1], strict=True)
-                 if _scores_of_heads(_producer(t)) and _only_reader(t, kept) is node]
+    if node.op in ("Add", "Sub"):
+        sides = list(zip(node.inputs, node.inputs[::-1], strict=True))[: 1 if node.op == "Sub" else 2]
+        found = [(t, o) for t, o in sides if _scored(t) and _only_reader(t, kept) is node]
         if not found:
-            return "a mask or bias is added to the scores" if any(
-                _scores_of_heads(_producer(t)) for t in node.inputs) else ""
+            return "a mask or bias is added to the scores" if any(_scored(t) for t in node.inputs) else None
         scores, mask = found[0]
-        if mask.dtype is None or np.dtype(mask.dtype) != np.float32:
-            return "the mask added to the scores is not float32"
         if mask.shape is None or len(mask.shape) > 4:
             return "the mask added to the scores has no known rank of at most 4"
-        return scores, ("add", mask)
+        return scores, (node.op.lower(), mask)
     if node.op == "Where":
         cond, a, b = node.inputs
         for scores, fill in ((b, a), (a, b)):
-            if _scores_of_heads(_producer(scores)) and _only_reader(scores, kept) is node:
+            if _scored(scores) and _only_reader(scores, kept) is node:
                 value = _scalar(fill)
                 if value is None or not value <= _SWAMPING_FILL:
                     return "the scores are masked with a fill that does not swamp them (-inf or <= -1e30 does)"
@@ -292,13 +331,18 @@ class FuseAttention:
     def _match(softmax: gs.Node, kept: frozenset[int]) -> dict | str:
         """The chain around ``softmax`` as a plan, or why not ('' where it is no attention at all)."""
         axis = int(softmax.attrs.get("axis", -1))
-        scores, mask, reader = _producer(softmax.inputs[0]), None, softmax
-        if scores is not None and scores.op in ("Add", "Where") and _only_reader(softmax.inputs[0], kept) is softmax:
-            found = _mask(scores, kept)
+        masks, reader, t = [], softmax, softmax.inputs[0]
+        while (node := _producer(t)) is not None and node.op in ("Add", "Sub", "Where") and len(masks) < 8:
+            found = _mask(node, kept) if _only_reader(t, kept) is reader else None
             if found is None or isinstance(found, str):
-                return found or ""
-            reader, (t, mask) = scores, found
-            scores = _producer(t)
+                if found is None and masks:
+                    return ""
+                if found is None:
+                    break
+                return found
+            reader, (t, mask) = node, found
+            masks.append(mask)
+        scores = _producer(t)
         scale, qk = 1.0, scores
         if scores is not None and scores.op in ("Mul", "Div") and _only_reader(scores.outputs[0], kept) is reader:
             if _scalar(scores.inputs[1]) is not None:
@@ -306,16 +350,13 @@ class FuseAttention:
             elif scores.op == "Mul" and _scalar(scores.inputs[0]) is not None:
                 c, qk = _scalar(scores.inputs[0]), _producer(scores.inputs[1])
             else:
-                return ""
+                return "the scores are scaled by a tensor, not by one number" if any(
+                    _scored(i) for i in scores.inputs) else ""
             if not c or not np.isfinite(c):
                 return ""
             scale = c if scores.op == "Mul" else 1.0 / c
-        elif scores is not None and scores.op == "Add":  # a second Add: masks added one after the other
-            if any(_scores_of_heads(_producer(t)) for t in scores.inputs):
-                return "a mask or bias is added to the scores"
-            return ""
-        if qk is not None and qk.op == "Add" and any(_scores_of_heads(_producer(t)) for t in qk.inputs):
-            return "a mask or bias is added to the scores before they are scaled"
+        if qk is not None and qk.op in ("Add", "Sub", "Where") and any(_scored(i) for i in qk.inputs):
+            return "a mask or bias is applied to the scores before they are scaled"
         if qk is None or qk.op != "MatMul":
             return ""
         if _only_reader(qk.outputs[0], kept) is not (reader if qk is scores else scores):
@@ -332,7 +373,7 @@ class FuseAttention:
         tq, tv = _producer(q_in), _producer(av.inputs[1])
         if _perm(tq) is None:
             return ""
-        out = _only_reader(av.outputs[0], kept)
+        out = _data_reader(av.outputs[0], kept)  # a Shape may read it (a later reshape's target)
         if out is None:
             return "the attention's output is read before its heads are merged"
         if _perm(tq) != _HEADS_FIRST or _perm(tv) != _HEADS_FIRST or _perm(out) != _HEADS_FIRST:
@@ -362,11 +403,14 @@ class FuseAttention:
         if not _same_batch(splits):
             return ("the queries, keys and values may differ in batch size, which MatMul broadcasts and the fused "
                     "node does not")
-        if mask is not None:
-            shape = [1] * (4 - len(mask[1].shape)) + list(mask[1].shape)
-            if shape[0] not in (1, splits[0].shape[0]) or shape[1] not in (1, heads[0][0]):
+        for mask in masks:
+            if mask[0] != "where" and (mask[1].dtype is None or np.dtype(mask[1].dtype) != np.float32):
+                return "the mask added to the scores is not float32"
+            lead = 4 - len(mask[1].shape)  # the leading dimensions Add broadcasts as 1
+            batch, head = (1 if axis < lead else _dim(mask[1], axis - lead) for axis in (0, 1))
+            if batch not in (1, splits[0].shape[0]) or head not in (1, heads[0][0]):
                 return "the mask's batch or head dimension is not known to be 1 or the queries'"
-        return {"splits": splits, "heads": heads[0][0], "v_size": heads[2][1], "scale": scale, "mask": mask,
+        return {"splits": splits, "heads": heads[0][0], "v_size": heads[2][1], "scale": scale, "masks": masks,
                 "out": out.outputs[0], "inner": (qk, scores, softmax, av, out),
                 "transposes": [n for n in (tq, tv, *k_chain) if n.op == "Transpose"]}
 
@@ -380,7 +424,7 @@ class FuseAttention:
             graph.nodes.append(gs.Node("Reshape", name=fresh(f"{split.name}_{role}_reshape"),
                                        inputs=[split, to_rows], outputs=[t]))
             inputs.append(t)
-        if plan["mask"] is not None:
+        if plan["masks"]:
             inputs += [gs.Variable.empty(), gs.Variable.empty(), FuseAttention._bias(graph, plan, fresh)]
         y = plan["out"]
         merged = gs.Variable(fresh(f"{y.name}_merged"), dtype=np.float32,
@@ -392,25 +436,27 @@ class FuseAttention:
         producer = plan["inner"][-1]
         producer.outputs.clear()  # the old chain loses its output and is cleaned up
         for transpose in plan["transposes"]:  # shapes read off the chain (dynamo's masks, reshape targets)
-            FuseAttention._shape_before(graph, transpose, fresh)
+            FuseAttention._shape_of(graph, transpose.outputs[0], transpose.inputs[0], _perm(transpose), fresh)
+        # the head-first output (a TorchScript export reads its shape for the merge): y transposed back
+        FuseAttention._shape_of(graph, plan["inner"][3].outputs[0], y, _HEADS_FIRST, fresh)
         graph.nodes.append(gs.Node("Reshape", name=fresh(f"{y.name}_split"), inputs=[merged, back], outputs=[y]))
-        log.debug("fuse_attention: %s (%d heads, scale %g, mask %s)", y.name, heads, plan["scale"],
-                  None if plan["mask"] is None else plan["mask"][0])
+        log.debug("fuse_attention: %s (%d heads, scale %g, masks %s)", y.name, heads, plan["scale"],
+                  [m[0] for m in plan["masks"]])
 
     @staticmethod
-    def _shape_before(graph: gs.Graph, transpose: gs.Node, fresh) -> None:
-        """Read each ``Shape`` of ``transpose``'s output as the permuted shape of its input.
+    def _shape_of(graph: gs.Graph, tensor: gs.Tensor, source: gs.Tensor, perm: list[int], fresh) -> None:
+        """Read each ``Shape`` of ``tensor`` (``Transpose[perm](source)`` in value) off ``source``.
 
-        ``Shape(Transpose[p](x)) = Gather(Shape(x), p)``, so the Transpose itself dies with the chain.
+        ``Shape(Transpose[p](x)) = Gather(Shape(x), p)``, so the chain's nodes die with it.
         """
-        for shape in [n for n in transpose.outputs[0].outputs if n.op == "Shape"]:
+        for shape in [n for n in tensor.outputs if n.op == "Shape"]:
             whole = gs.Variable(fresh(f"{shape.name}_input"), dtype=np.int64)
-            perm = gs.Constant(fresh(f"{shape.name}_perm"), np.array(_perm(transpose), np.int64))
+            perm_t = gs.Constant(fresh(f"{shape.name}_perm"), np.array(perm, np.int64))
             permuted = gs.Variable(fresh(f"{shape.name}_permuted"), dtype=np.int64)
             out = shape.outputs[0]
             start, end = int(shape.attrs.get("start", 0)), shape.attrs.get("end")
-            nodes = [gs.Node("Shape", name=fresh(shape.name), inputs=[transpose.inputs[0]], outputs=[whole]),
-                     gs.Node("Gather", name=fresh(f"{shape.name}_gather"), inputs=[whole, perm],
+            nodes = [gs.Node("Shape", name=fresh(shape.name), inputs=[source], outputs=[whole]),
+                     gs.Node("Gather", name=fresh(f"{shape.name}_gather"), inputs=[whole, perm_t],
                              outputs=[permuted], attrs={"axis": 0})]
             if start != 0 or end is not None:
                 bounds = [gs.Constant(fresh(f"{shape.name}_start"), np.array([start], np.int64)),
@@ -429,21 +475,27 @@ class FuseAttention:
 
         The kernel broadcasts the first two dimensions only, where the graph's Add broadcast all four.
         """
-        kind, mask = plan["mask"][0], plan["mask"][1]
-
         def node(op: str, inputs: list, dtype, **attrs) -> gs.Variable:
             out = gs.Variable(fresh(f"attention_bias_{op.lower()}"), dtype=dtype)
             graph.nodes.append(gs.Node(op, name=fresh(f"attention_bias_{op.lower()}"), inputs=inputs, outputs=[out],
                                        attrs=attrs))
             return out
 
-        rank = len(mask.shape)
-        if kind == "where":  # fill where the scores were replaced, 0 where they were kept
-            fill = gs.Constant(fresh("attention_fill"), np.array(plan["mask"][2], np.float32))
-            zero = gs.Constant(fresh("attention_zero"), np.array(0, np.float32))
-            mask = node("Where", [mask, fill, zero] if plan["mask"][3] else [mask, zero, fill], np.float32)
+        parts = []
+        for kind, mask, *where in plan["masks"]:
+            if kind == "where":  # fill where the scores were replaced, 0 where they were kept
+                fill = gs.Constant(fresh("attention_fill"), np.array(where[0], np.float32))
+                zero = gs.Constant(fresh("attention_zero"), np.array(0, np.float32))
+                mask = node("Where", [mask, fill, zero] if where[1] else [mask, zero, fill], np.float32)
+            elif kind == "sub":
+                mask = node("Neg", [mask], np.float32)
+            parts.append(mask)
+        bias = parts[0]
+        for part in parts[1:]:  # masks one after another add up (a -inf stays -inf)
+            bias = node("Add", [bias, part], np.float32)
+        rank = max(len(m[1].shape) for m in plan["masks"])
         if rank < 4:
-            mask = node("Unsqueeze", [mask, gs.Constant(fresh("attention_axes"), np.arange(4 - rank, dtype=np.int64))],
+            bias = node("Unsqueeze", [bias, gs.Constant(fresh("attention_axes"), np.arange(4 - rank, dtype=np.int64))],
                         np.float32)
         q_split, k_split = plan["splits"][0], plan["splits"][1]
         rows, cols = q_split.shape[1], k_split.shape[1]
@@ -456,4 +508,4 @@ class FuseAttention:
                        for split in (q_split, k_split)]
             target = node("Concat", [gs.Constant(fresh("attention_ones"), np.array([1, 1], np.int64)), *lengths],
                           np.int64, axis=0)
-        return node("Expand", [mask, target], np.float32)
+        return node("Expand", [bias, target], np.float32)

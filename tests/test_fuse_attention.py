@@ -22,7 +22,7 @@ MODELS = Path(__file__).resolve().parents[1] / "models"
 def attention(scale: str = "mul", keys: str = "one", mask: str | None = None, seq: int | str = S,
               softmax_read: bool = False,
               out_perm: tuple[int, ...] = (0, 2, 1, 3), typed: bool = True,
-              context: int | str | None = None) -> onnx.ModelProto:
+              context: int | str | None = None, merge_by_shape: bool = False) -> onnx.ModelProto:
     """X[batch, seq, D] -> Q/K/V projections -> heads -> softmax(c q kᵀ) v -> merged heads -> output projection.
 
     scale: "mul" (scores * c), "mul_first" (c * scores), "div" (scores / sqrt(d)), "none".
@@ -32,7 +32,11 @@ def attention(scale: str = "mul", keys: str = "one", mask: str | None = None, se
     TorchScript export writes scaled_dot_product_attention).
     mask: "const" (scores + a constant [S] bias), "input" (+ an input ``pad[batch, 1, 1, seq]``), "where" /
     "where_keep" (``Where(pad, -inf, scores)`` / ``Where(pad, scores, -inf)``, pad a bool input),
-    "where_small" (a fill of -1e4), "before_scale" (``(qk + bias) * c``).
+    "where_small" (a fill of -1e4), "before_scale" (``(qk + bias) * c``), "sub" (``scores - pad``), "causal_pad"
+    (``Where`` of a causal mask sliced off a constant [1, 1, 8, 8] buffer to the run-time length, then ``+ pad``:
+    onnx's inference loses the slice's dimensions) or "temperature" (scores times a [1, H, 1, 1] tensor).
+    merge_by_shape: the head merge's target from ``Shape`` of the attention's head-first output, as a TorchScript
+    export of ``B, _, S, _ = a.shape`` writes it.
     context: the batch dimension of a second input ``ctx[context, L, D]`` (L = S + 1) that keys and values read
     (cross-attention), else they read ``x``.
     """
@@ -99,19 +103,47 @@ def attention(scale: str = "mul", keys: str = "one", mask: str | None = None, se
     elif mask == "where_keep":
         nodes.append(helper.make_node("Where", ["pad", scores, "fill"], ["s1"]))
         scores = "s1"
+    elif mask == "sub":
+        nodes.append(helper.make_node("Sub", [scores, "pad"], ["s1"]))
+        scores = "s1"
+    elif mask == "causal_pad":
+        inits.update({"tril": np.tril(np.ones((1, 1, 8, 8), bool)), "fill": np.array(-np.inf, np.float32),
+                      "zero": np.array([0], np.int64), "axes": np.array([2, 3], np.int64)})
+        nodes += [helper.make_node("Shape", ["x"], ["xs"]),
+                  helper.make_node("Slice", ["xs", "one_", "two_"], ["len"]),
+                  helper.make_node("Concat", ["len", "len"], ["ends"], axis=0),
+                  helper.make_node("Concat", ["zero", "zero"], ["starts"], axis=0),
+                  helper.make_node("Slice", ["tril", "starts", "ends", "axes"], ["causal"]),
+                  helper.make_node("Not", ["causal"], ["future"]),
+                  helper.make_node("Where", ["future", "fill", scores], ["s1"]),
+                  helper.make_node("Add", ["s1", "pad"], ["s2"])]
+        inits.update({"one_": np.array([1], np.int64), "two_": np.array([2], np.int64)})
+        scores = "s2"
+    elif mask == "temperature":
+        inits["temp"] = np.linspace(0.5, 2, H, dtype=np.float32).reshape(1, H, 1, 1)
+        nodes.append(helper.make_node("Mul", [scores, "temp"], ["s1"]))
+        scores = "s1"
     nodes += [helper.make_node("Softmax", [scores], ["p"], axis=-1),
               helper.make_node("MatMul", ["p", "vt"], ["a"]),
               helper.make_node("Transpose", ["a"], ["at"], perm=list(out_perm)),
-              helper.make_node("Reshape", ["at", "merged"], ["m"]),
+              helper.make_node("Reshape", ["at", "merge_to" if merge_by_shape else "merged"], ["m"]),
               helper.make_node("MatMul", ["m", "wo"], ["y"])]
+    if merge_by_shape:  # after the MatMul that makes a, before the merge
+        inits.update({"b0": np.array([0], np.int64), "b1": np.array([1], np.int64), "s2": np.array([2], np.int64),
+                      "s3": np.array([3], np.int64), "width": np.array([D], np.int64)})
+        nodes[-3:-3] = [helper.make_node("Shape", ["a"], ["as"]),
+                        helper.make_node("Slice", ["as", "b0", "b1"], ["ab"]),
+                        helper.make_node("Slice", ["as", "s2", "s3"], ["asq"]),
+                        helper.make_node("Concat", ["ab", "asq", "width"], ["merge_to"], axis=0)]
     outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", seq, D])]
     if softmax_read:
         outputs.append(helper.make_tensor_value_info("p", TensorProto.FLOAT, ["batch", H, seq, seq]))
     inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", seq, D])]
     if context is not None:
         inputs.append(helper.make_tensor_value_info("ctx", TensorProto.FLOAT, [context, S + 1, D]))
-    if mask in ("input", "where", "where_keep", "where_small"):
-        inputs.append(helper.make_tensor_value_info("pad", TensorProto.FLOAT if mask == "input" else TensorProto.BOOL,
+    if mask in ("input", "where", "where_keep", "where_small", "sub", "causal_pad"):
+        inputs.append(helper.make_tensor_value_info("pad", TensorProto.BOOL if mask.startswith("where") else
+                                                    TensorProto.FLOAT,
                                                     ["batch", 1, 1, seq]))
     graph = helper.make_graph(nodes, "attention", inputs, outputs,
                               [numpy_helper.from_array(v, k) for k, v in inits.items()])
@@ -126,10 +158,12 @@ def _feeds(batch: int = 3, seq: int = S, context: int | None = None, mask: str |
     feeds = {"x": r.standard_normal((batch, seq, D)).astype(np.float32)}
     if context is not None:
         feeds["ctx"] = r.standard_normal((context, S + 1, D)).astype(np.float32)
-    if mask in ("input", "where", "where_keep", "where_small"):
+    if mask in ("input", "where", "where_keep", "where_small", "sub", "causal_pad"):
         padded = np.arange(seq)[None, :] >= np.array([seq, 2, 1][:batch] + [seq] * max(0, batch - 3))[:, None]
         masked = padded if mask != "where_keep" else ~padded  # where_keep keeps the scores where m is true
-        feeds["pad"] = (np.where(masked, -1e4, 0).astype(np.float32) if mask == "input" else masked)[:, None, None, :]
+        value = {"sub": 1e4, "causal_pad": -np.inf}.get(mask, -1e4)
+        feeds["pad"] = (masked if mask.startswith("where") else
+                        np.where(masked, value, 0).astype(np.float32))[:, None, None, :]
     return feeds
 
 
@@ -162,18 +196,22 @@ def test_attention_runs_as_one_node_with_the_same_outputs(scale, keys) -> None:
         np.testing.assert_allclose(got_y, want_y, rtol=1e-5, atol=1e-5)
 
 
-def test_a_dynamic_sequence_length_is_fused_and_runs_at_any_length() -> None:
-    model = attention(seq="seq")
+@pytest.mark.parametrize("merge_by_shape", [False, True])
+def test_a_dynamic_sequence_length_is_fused_and_runs_at_any_length(merge_by_shape) -> None:
+    """Also where the head merge reads the attention's shape (it is read off the fused output instead)."""
+    model = attention(seq="seq", merge_by_shape=merge_by_shape)
     res = run_passes(model, [FuseAttention()])
-    assert res.stats["fuse_attention.fused"] == 1
+    assert res.stats["fuse_attention.fused"] == 1 and not res.notes
+    assert "MatMul" in _ops(res.model) and "Softmax" not in _ops(res.model) and "Transpose" not in _ops(res.model)
     for seq in (2, 7):
         feeds = _feeds(seq=seq)
         np.testing.assert_allclose(graphs.run(res.model, feeds)[0], graphs.run(model, feeds)[0], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(("kwargs", "note"), [
-    ({"mask": "before_scale"}, "a mask or bias is added to the scores before they are scaled"),
+    ({"mask": "before_scale"}, "a mask or bias is applied to the scores before they are scaled"),
     ({"mask": "where_small"}, "a fill that does not swamp them"),
+    ({"mask": "temperature"}, "the scores are scaled by a tensor, not by one number"),
     ({"out_perm": (0, 2, 3, 1)}, "the heads are laid out otherwise"),  # [B, S, d, H]: merged otherwise
     ({"softmax_read": True}, "read by more than the value MatMul"),  # a graph output: the chain must stay
     ({"typed": False}, "the tensor types are not known"),
@@ -187,7 +225,7 @@ def test_what_is_not_plain_attention_is_left_as_it_is(kwargs, note) -> None:
         assert len(res.notes) == 1 and note in res.notes[0]
 
 
-@pytest.mark.parametrize("mask", ["const", "input", "where", "where_keep"])
+@pytest.mark.parametrize("mask", ["const", "input", "where", "where_keep", "sub", "causal_pad"])
 @pytest.mark.parametrize("seq", [S, "seq"])
 def test_a_mask_on_the_scores_becomes_the_fused_nodes_attention_bias(mask, seq) -> None:
     """scores + mask (constant or an input) and Where(m, -inf, scores): the mask broadcast to [B|1, H|1, S, L]
@@ -206,7 +244,7 @@ def test_a_mask_on_the_scores_becomes_the_fused_nodes_attention_bias(mask, seq) 
         (want_y,), (got_y,) = graphs.run(model, feeds), graphs.run(res.model, feeds, optimize=True)
         np.testing.assert_allclose(got_y, want_y, rtol=1e-5, atol=1e-5)
         if mask != "const":  # the mask is used: without it the outputs differ
-            free = {**feeds, "pad": np.zeros_like(feeds["pad"]) if mask == "input" else feeds["pad"] & False}
+            free = {**feeds, "pad": feeds["pad"] & False if mask.startswith("where") else np.zeros_like(feeds["pad"])}
             if mask == "where_keep":
                 free["pad"] = ~free["pad"]
             assert np.abs(graphs.run(res.model, free)[0] - got_y).max() > 1e-2 or lengths[0] == 1

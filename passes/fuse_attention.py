@@ -100,8 +100,9 @@ _BINARY = {"Div": np.divide, "Mul": np.multiply, "Add": np.add, "Sub": np.subtra
 def _static(t: gs.Tensor, depth: int = 12) -> np.ndarray | None:
     """``t``'s value where constants and known dimensions fix it, else None.
 
-    An object array may hold None for the unknown dimensions of a ``Shape``, until a ``Slice``/``Gather`` keeps
-    only known ones.
+    Shape arithmetic may give an object array: symbolic dimension names as strings, None for unknown ones
+    (onnxruntime's ``unk__N`` included), until a ``Slice``/``Gather`` keeps only numbers. Arithmetic on such
+    arrays gives None.
     """
     if isinstance(t, gs.Constant):
         return np.asarray(t.values)
@@ -115,9 +116,9 @@ def _static(t: gs.Tensor, depth: int = 12) -> np.ndarray | None:
         shape = node.inputs[0].shape
         if shape is None:
             return None
-        dims = [d if isinstance(d, int) and d >= 0 else None for d in shape]
-        dims = dims[int(node.attrs.get("start", 0)):node.attrs.get("end")]
-        return np.array(dims, dtype=object if None in dims else np.int64)
+        dims = [d if (isinstance(d, int) and d >= 0) or (isinstance(d, str) and not d.startswith("unk__"))
+                else _dim(node.inputs[0], axis, depth - 1, named=True) for axis, d in enumerate(shape)]
+        return _numbers_if_known(np.array(dims[int(node.attrs.get("start", 0)):node.attrs.get("end")], dtype=object))
     args = [_static(i, depth - 1) for i in node.inputs]
     if any(a is None for a in args[:1]):
         return None
@@ -133,7 +134,12 @@ def _static(t: gs.Tensor, depth: int = 12) -> np.ndarray | None:
             if (len(args) > 3 and list(args[3]) not in ([0], [-1])) or starts.size != 1:
                 return None
             out = x[int(starts[0]):int(max(min(ends[0], 2**62), -(2**62))):int(steps[0])]
-        return out if out.dtype != object or any(d is None for d in out.reshape(-1)) else out.astype(np.int64)
+        return _numbers_if_known(out)
+    if node.op == "Concat" and all(a is not None and a.ndim == 1 for a in args):
+        return _numbers_if_known(np.concatenate([a.astype(object) for a in args]))
+    if node.op == "Unsqueeze" and x.ndim == 0 and len(args) > 1 and args[1] is not None and list(args[1]) in ([0],
+                                                                                                          [-1]):
+        return x.reshape(1)
     if x.dtype == object or any(a is None or a.dtype == object for a in args):
         return None
     if node.op == "Cast":
@@ -144,6 +150,13 @@ def _static(t: gs.Tensor, depth: int = 12) -> np.ndarray | None:
         with np.errstate(all="ignore"):
             return _BINARY[node.op](x, args[1]).astype(np.result_type(x, args[1]))
     return None
+
+
+def _numbers_if_known(x: np.ndarray) -> np.ndarray:
+    """``x`` as int64 when it holds numbers only, else as it is (an object array of dimensions)."""
+    if x.dtype == object and all(isinstance(d, int | np.integer) for d in x.reshape(-1)):
+        return x.astype(np.int64)
+    return x
 
 
 def _head_shape(split: gs.Tensor) -> tuple[int, int] | None:
@@ -198,8 +211,8 @@ def _same_batch(splits: tuple[gs.Tensor, ...]) -> bool:
     ``MatMul`` broadcasts its batch dimensions, so cross-attention over a fixed ``[1, L, D]`` context with batched
     queries runs as exported; onnxruntime's MultiHeadAttention refuses query and key batches that differ.
     """
-    batches = [s.shape[0] if s.shape is not None and len(s.shape) == 4 else None for s in splits]
-    return batches[0] is not None and batches[0] != -1 and all(b == batches[0] for b in batches)
+    batches = [_dim(s, 0) if s.shape is not None and len(s.shape) == 4 else None for s in splits]
+    return batches[0] is not None and all(b == batches[0] for b in batches)
 
 
 def _folds_heads(chain: list[gs.Node], heads: int, size: int) -> bool:
@@ -227,15 +240,47 @@ def _scores_of_heads(node: gs.Node | None) -> bool:
 _SWAMPING_FILL = -1e30
 
 
-_SHAPE_KEEPING = frozenset({"Cast", "Equal", "Not", "Less", "Greater", "LessOrEqual", "GreaterOrEqual", "Where", "Mul",
-                            "Add", "Sub", "Div", "Neg", "Identity"})
+# Ops whose output dimensions are their inputs' broadcast (numpy rules; a LayerNormalization's scale and bias
+# broadcast over the rows, a Clip's bounds are single numbers)
+_SHAPE_KEEPING = frozenset({
+    "Abs", "Add", "And", "Cast", "Clip", "Div", "Dropout", "Equal", "Erf", "Exp", "Gelu", "Greater", "GreaterOrEqual",
+    "HardSigmoid", "HardSwish", "Identity", "IsInf", "IsNaN", "LayerNormalization", "LeakyRelu", "Less", "LessOrEqual",
+    "Log", "Max", "Min", "Mod", "Mul", "Neg", "Not", "Or", "Pow", "Reciprocal", "Relu", "Sigmoid", "Sin", "Cos",
+    "Softmax", "Sqrt", "Sub", "Tanh", "Where", "Xor",
+})
 
 
-def _dim(t: gs.Tensor, axis: int, depth: int = 8) -> int | str | None:
+# _dim's answers during one pass: (tensor, answer, depth left when asked), by (id, axis, named). Cleared per
+# call; a rewrite changes no tensor's dimensions, and the entry keeps its tensor alive so that ids stay unique.
+_DIMS: dict[tuple[int, int, bool], tuple[gs.Tensor, int | str | None, int]] = {}
+
+
+def _dim(t: gs.Tensor, axis: int, depth: int = 96, *, named: bool = False) -> int | str | None:
+    """Dimension ``axis`` of ``t`` (memoized: residual Adds join two paths at every block).
+
+    A known answer holds whatever the depth; an unknown one only for searches no deeper than the one that
+    found it.
+    """
+    key = (id(t), axis, named)
+    seen = _DIMS.get(key)
+    if seen is not None and seen[0] is t and (_definite(seen[1]) or seen[2] >= depth):
+        return seen[1]
+    answer = _traced_dim(t, axis, depth, named=named)
+    _DIMS[key] = (t, answer, depth)
+    return answer
+
+
+def _definite(d: int | str | None) -> bool:
+    return d is not None and not str(d).startswith("unk__")
+
+
+def _traced_dim(t: gs.Tensor, axis: int, depth: int, *, named: bool = False) -> int | str | None:
     """Dimension ``axis`` of ``t``: from its shape, else through the ops that keep it.
 
     A TorchScript export slices a causal mask off a ``[1, 1, N, N]`` buffer with run-time ends, and onnx's
-    inference then loses every dimension of the slice, the untouched leading ones included.
+    inference then loses every dimension of the slice, the untouched leading ones included; onnxruntime's
+    loses the batch of ``embedding + position[:, :S]`` (it cannot tell that the slice's first dimension is 1)
+    and of the Reshapes after it. ``named``: None rather than an ``unk__N`` name that tracing did not replace.
     """
     shape = t.shape
     if shape is None or axis >= len(shape):
@@ -243,17 +288,58 @@ def _dim(t: gs.Tensor, axis: int, depth: int = 8) -> int | str | None:
     known = shape[axis] if isinstance(shape[axis], int | str) and shape[axis] != -1 else None
     if known is not None and not str(known).startswith("unk__"):  # onnxruntime's inference names unknowns unk__N
         return known
+    if named:
+        known = None
     node = _producer(t)
     source = None
     if node is not None and depth > 0 and node.op == "Slice" and len(node.inputs) > 3:
         axes = _static(node.inputs[3])
         if axes is not None and axes.dtype != object and axis not in {int(a) % len(shape) for a in axes.reshape(-1)}:
             source = node.inputs[0]
+    elif node is not None and depth > 0 and node.op == "Reshape" and not node.attrs.get("allowzero", 0):
+        target = _static(node.inputs[1], depth - 1)
+        if target is not None and target.shape == (len(shape),):
+            value = target[axis]
+            if isinstance(value, str) or (isinstance(value, int | np.integer) and value > 0):
+                return int(value) if not isinstance(value, str) else value
+            if isinstance(value, int | np.integer) and value == 0:  # 0 copies the input's dimension
+                source = node.inputs[0]
+    elif node is not None and depth > 0 and node.op == "Transpose" and _perm(node) is not None:
+        return _dim(node.inputs[0], _perm(node)[axis], depth - 1, named=named) or known
+    elif node is not None and depth > 0 and node.op == "MultiHeadAttention" and axis < 2:  # [B, S, .] as the query
+        source = node.inputs[0]
+    elif node is not None and depth > 0 and node.op in ("MatMul", "Gemm"):
+        a, b = node.inputs[0], node.inputs[1]
+        if a.shape is None or b.shape is None or len(a.shape) < 2 or len(b.shape) < 2 or (
+                node.op == "Gemm" and (node.attrs.get("transA", 0) or node.attrs.get("transB", 0))):
+            return known
+        if axis == len(shape) - 1:
+            traced = _dim(b, len(b.shape) - 1, depth - 1, named=True)
+            return known if traced is None else traced
+        if axis == len(shape) - 2:
+            traced = _dim(a, len(a.shape) - 2, depth - 1, named=True)
+            return known if traced is None else traced
+        dims = set()
+        for i in (a, b):  # the batch dimensions broadcast
+            offset = axis - (len(shape) - len(i.shape))
+            dims.add(1 if offset < 0 else _dim(i, offset, depth - 1, named=True))
+        others = dims - {1}
+        if None not in others and len(others) <= 1:
+            return others.pop() if others else 1
     elif node is not None and depth > 0 and node.op in _SHAPE_KEEPING:
-        # elementwise: the one input of the output's rank, the others single numbers
-        full = [i for i in node.inputs if not (isinstance(i, gs.Constant) and i.values.size == 1)]
-        if len(full) == 1 and full[0].shape is not None and len(full[0].shape) == len(shape):
-            source = full[0]
+        # elementwise, broadcasting: the inputs' dimensions aligned from the right; 1s give way to the others
+        dims = set()
+        for i in node.inputs:
+            if not i.name:  # an optional input left out
+                continue
+            value = _static(i, 2) if i.shape is None else None  # a Constant node's output has no shape
+            rank = len(i.shape) if i.shape is not None else None if value is None else value.ndim
+            offset = None if rank is None else axis - (len(shape) - rank)
+            dims.add(None if offset is None else 1 if offset < 0 else
+                     int(value.shape[offset]) if value is not None else _dim(i, offset, depth - 1, named=True))
+        others = dims - {1}
+        if None not in others and len(others) <= 1:
+            return others.pop() if others else 1
     traced = None if source is None else _dim(source, axis, depth - 1)
     return known if traced is None else traced
 
@@ -314,6 +400,7 @@ class FuseAttention:
         """Fuse every chain that matches (module docstring)."""
         fresh = fresh_names(graph_names(graph))
         fused, notes = 0, []
+        _DIMS.clear()
         kept = frozenset(id(t) for t in graph.outputs)  # a chain tensor that is a graph output must stay
         for softmax in [n for n in graph.nodes if n.op == "Softmax"]:
             plan = self._match(softmax, kept)
@@ -323,6 +410,7 @@ class FuseAttention:
                 continue
             self._rewrite(graph, plan, fresh)
             fused += 1
+        _DIMS.clear()
         if fused:
             graph.cleanup().toposort()
         return PassResult(graph, fused > 0, {"fused": fused}, tuple(notes))
@@ -408,7 +496,7 @@ class FuseAttention:
                 return "the mask added to the scores is not float32"
             lead = 4 - len(mask[1].shape)  # the leading dimensions Add broadcasts as 1
             batch, head = (1 if axis < lead else _dim(mask[1], axis - lead) for axis in (0, 1))
-            if batch not in (1, splits[0].shape[0]) or head not in (1, heads[0][0]):
+            if batch not in (1, splits[0].shape[0], _dim(splits[0], 0)) or head not in (1, heads[0][0]):
                 return "the mask's batch or head dimension is not known to be 1 or the queries'"
         return {"splits": splits, "heads": heads[0][0], "v_size": heads[2][1], "scale": scale, "masks": masks,
                 "out": out.outputs[0], "inner": (qk, scores, softmax, av, out),

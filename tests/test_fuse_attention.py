@@ -10,7 +10,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxpress
-from onnxpress.model_io import infer_shapes
+from onnxpress.model_io import infer_shapes, infer_shapes_thoroughly
 from onnxpress.passes.fuse_attention import FuseAttention
 from onnxpress.pipeline import run_passes
 from tests import graphs
@@ -381,3 +381,60 @@ def test_dynamic_int8_runs_attention_fused_too() -> None:
     a = graphs.run(fused.model, {"input": x}, optimize=True)[0]
     b = graphs.run(kept.model, {"input": x}, optimize=True)[0]
     assert 10 * np.log10(np.sum(b.astype(np.float64) ** 2) / np.sum((a - b).astype(np.float64) ** 2)) > 45
+
+
+def test_a_torchscript_bert_with_a_padding_mask_fuses_every_block(tmp_path) -> None:
+    """TorchScript export of a 2-layer BERT-style encoder: onnxruntime's inference loses the batch after
+    ``embedding + position[:, :S]`` (unk__N), the head splits' Reshape targets come from Shape arithmetic and the
+    mask is ``(1 - m[:, None, None, :]) * finfo.min``; the batch is traced to the inputs' and both blocks fuse."""
+    torch = pytest.importorskip("torch")
+    import warnings
+
+    torch.manual_seed(0)
+    d, heads, seq = 32, 4, 8
+
+    class Layer(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.qkv = torch.nn.ModuleList(torch.nn.Linear(d, d) for _ in range(3))
+            self.out, self.norm = torch.nn.Linear(d, d), torch.nn.LayerNorm(d)
+            self.ffn = torch.nn.Sequential(torch.nn.Linear(d, 2 * d), torch.nn.GELU(), torch.nn.Linear(2 * d, d))
+
+        def forward(self, x, bias):
+            b, s, _ = x.shape
+            q, k, v = (lin(x).reshape(b, s, heads, d // heads).transpose(1, 2) for lin in self.qkv)
+            a = torch.softmax(q @ k.transpose(-1, -2) / (d // heads) ** 0.5 + bias, -1) @ v
+            x = self.norm(x + self.out(a.transpose(1, 2).reshape(b, s, d)))
+            return x + self.ffn(x)
+
+    class Bert(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed, self.pos = torch.nn.Embedding(50, d), torch.nn.Parameter(torch.randn(1, seq, d) * 0.1)
+            self.layers = torch.nn.ModuleList(Layer() for _ in range(2))
+
+        def forward(self, ids, mask):
+            bias = (1.0 - mask[:, None, None, :]) * torch.finfo(torch.float32).min
+            x = self.embed(ids) + self.pos[:, : ids.shape[1]]
+            for layer in self.layers:
+                x = layer(x, bias)
+            return x
+
+    path = tmp_path / "bert.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Bert().eval(), (torch.zeros(2, seq, dtype=torch.long), torch.ones(2, seq)), str(path),
+                          dynamo=False, opset_version=17, input_names=["ids", "mask"],
+                          dynamic_axes={"ids": {0: "b"}, "mask": {0: "b"}})
+    done = onnxpress.quantize(str(path), activations="dynamic")
+    assert done.stats["fuse_attention.fused"] == 2 and not [n for n in done.notes if "fuse_attention" in n]
+    fused = run_passes(infer_shapes_thoroughly(onnx.load(str(path))), [FuseAttention()])
+    assert fused.stats["fuse_attention.fused"] == 2
+    r = graphs.rng(3)
+    for batch in (1, 3):
+        mask = np.ones((batch, seq), np.float32)
+        mask[-1, 3:] = 0  # the last sample is padded after 3 tokens
+        feeds = {"ids": r.integers(0, 50, (batch, seq)).astype(np.int64), "mask": mask}
+        np.testing.assert_allclose(graphs.run(fused.model, feeds)[0], graphs.run(onnx.load(str(path)), feeds)[0],
+                                   rtol=1e-5, atol=1e-5)
+        graphs.run(done.model, feeds)

@@ -228,11 +228,15 @@ def test_what_is_not_plain_attention_is_left_as_it_is(kwargs, note) -> None:
 @pytest.mark.parametrize("mask", ["const", "input", "where", "where_keep", "sub", "causal_pad"])
 @pytest.mark.parametrize("seq", [S, "seq"])
 def test_a_mask_on_the_scores_becomes_the_fused_nodes_attention_bias(mask, seq) -> None:
-    """scores + mask (constant or an input) and Where(m, -inf, scores): the mask broadcast to [B|1, H|1, S, L]
-    as the kernel wants it (a constant at known lengths, an Expand at run time); padded keys and the rows of a
-    query that sees one key only agree to float rounding."""
+    """With masks=True, scores + mask (constant or an input), scores - mask, Where(m, -inf, scores) and masks one
+    after another: the mask broadcast to [B|1, H|1, S, L] as the kernel wants it (a constant at known lengths,
+    an Expand at run time); padded keys and the rows of a query that sees one key only agree to float rounding.
+    By default masked attention stays as it is, with a note (the kernel is no faster with a mask)."""
     model = attention(mask=mask, seq=seq)
-    res = run_passes(model, [FuseAttention()])
+    kept = run_passes(model, [FuseAttention()])
+    assert kept.stats["fuse_attention.fused"] == 0 and _ops(kept.model) == _ops(model)
+    assert len(kept.notes) == 1 and "a mask is applied to the scores" in kept.notes[0]
+    res = run_passes(model, [FuseAttention(masks=True)])
     assert res.stats["fuse_attention.fused"] == 1 and not res.notes
     ops = _ops(res.model)
     assert ops.count("MultiHeadAttention") == 1 and "Softmax" not in ops and "Transpose" not in ops
@@ -317,7 +321,7 @@ def test_the_finetune_bridge_runs_the_fused_node_and_a_lowrank_student_trains(tm
     from onnxpress.bridge.convert import OnnxModule
 
     for mask in (None, "input", "where"):  # with a mask, it is the node's attention_bias
-        fused = run_passes(attention("div", mask=mask), [FuseAttention()]).model
+        fused = run_passes(attention("div", mask=mask), [FuseAttention(masks=True)]).model
         assert "MultiHeadAttention" in _ops(fused)
         feeds = _feeds(mask=mask)
         mod = OnnxModule(fused).eval()
@@ -386,7 +390,8 @@ def test_dynamic_int8_runs_attention_fused_too() -> None:
 def test_a_torchscript_bert_with_a_padding_mask_fuses_every_block(tmp_path) -> None:
     """TorchScript export of a 2-layer BERT-style encoder: onnxruntime's inference loses the batch after
     ``embedding + position[:, :S]`` (unk__N), the head splits' Reshape targets come from Shape arithmetic and the
-    mask is ``(1 - m[:, None, None, :]) * finfo.min``; the batch is traced to the inputs' and both blocks fuse."""
+    mask is ``(1 - m[:, None, None, :]) * finfo.min``; the batch is traced to the inputs' and both blocks fuse
+    (with masks=True; quantize leaves masked attention as it is, with a note per block)."""
     torch = pytest.importorskip("torch")
     import warnings
 
@@ -426,9 +431,10 @@ def test_a_torchscript_bert_with_a_padding_mask_fuses_every_block(tmp_path) -> N
         torch.onnx.export(Bert().eval(), (torch.zeros(2, seq, dtype=torch.long), torch.ones(2, seq)), str(path),
                           dynamo=False, opset_version=17, input_names=["ids", "mask"],
                           dynamic_axes={"ids": {0: "b"}, "mask": {0: "b"}})
-    done = onnxpress.quantize(str(path), activations="dynamic")
-    assert done.stats["fuse_attention.fused"] == 2 and not [n for n in done.notes if "fuse_attention" in n]
-    fused = run_passes(infer_shapes_thoroughly(onnx.load(str(path))), [FuseAttention()])
+    done = onnxpress.quantize(str(path), activations="dynamic")  # masked: kept by default
+    assert done.stats["fuse_attention.fused"] == 0
+    assert len([n for n in done.notes if "a mask is applied to the scores" in n]) == 2
+    fused = run_passes(infer_shapes_thoroughly(onnx.load(str(path))), [FuseAttention(masks=True)])
     assert fused.stats["fuse_attention.fused"] == 2
     r = graphs.rng(3)
     for batch in (1, 3):

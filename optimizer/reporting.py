@@ -32,3 +32,21 @@ def op_histogram(model: onnx.ModelProto) -> dict[str, int]:
 def node_count(model: onnx.ModelProto) -> int:
     """Number of nodes in the main graph."""
     return len(model.graph.node)
+
+
+def attention_lines(notes: Sequence[str]) -> list[str]:
+    """The ``fuse_attention`` notes among ``notes``, one line per reason (a 12-layer encoder gives one, not 12).
+
+    Each note reads ``"fuse_attention: <softmax>: attention kept as it is (<why>)"``.
+    """
+    marker = ": attention kept as it is ("
+    reasons: dict[str, list[str]] = {}
+    for note in notes:
+        if note.startswith("fuse_attention: ") and marker in note:
+            where, why = note[len("fuse_attention: "):].split(marker, 1)
+            reasons.setdefault(why[:-1] if why.endswith(")") else why, []).append(where)
+    lines = []
+    for why, where in reasons.items():
+        names = ", ".join(where[:3]) + (f" and {len(where) - 3} more" if len(where) > 3 else "")
+        lines.append(f"attention kept as the graph's ops at {len(where)} Softmax node(s) ({names}): {why}")
+    return lines

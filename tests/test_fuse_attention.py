@@ -280,7 +280,8 @@ def test_cross_attention_is_fused_only_where_queries_and_keys_share_the_batch(tm
 
     assert main(["quantize", str(tmp_path / "cross.onnx"), "-o", str(tmp_path / "q.onnx"), "--activations",
                  "dynamic"]) == 0
-    assert "attention kept as it is (the queries, keys and values may differ in batch size" in capsys.readouterr().out
+    assert ("attention kept as the graph's ops at 1 Softmax node(s) (p): the queries, keys and values may differ in "
+            "batch size") in capsys.readouterr().out
 
 
 def test_lowrank_fuses_the_reference_transformers_attention_exactly(tmp_path, capsys) -> None:
@@ -434,6 +435,10 @@ def test_a_torchscript_bert_with_a_padding_mask_fuses_every_block(tmp_path) -> N
     done = onnxpress.quantize(str(path), activations="dynamic")  # masked: kept by default
     assert done.stats["fuse_attention.fused"] == 0
     assert len([n for n in done.notes if "a mask is applied to the scores" in n]) == 2
+    from onnxpress.reporting import attention_lines
+
+    (line,) = attention_lines(done.notes)  # the CLI prints one line per reason
+    assert line.startswith("attention kept as the graph's ops at 2 Softmax node(s) (/layers.0/Softmax, ")
     fused = run_passes(infer_shapes_thoroughly(onnx.load(str(path))), [FuseAttention(masks=True)])
     assert fused.stats["fuse_attention.fused"] == 2
     r = graphs.rng(3)

@@ -6,6 +6,7 @@ import argparse
 import collections
 
 from onnxpress.cli import add_common, add_dims, bounded_float, dims_of, positive_int, progress_enabled, usage_error
+from onnxpress.reporting import attention_lines
 
 _fraction = bounded_float(0.0, 1.0, include_low=False, include_high=True, what="a fraction")
 
@@ -100,9 +101,8 @@ def run(args: argparse.Namespace) -> int:
     if result.attention_fused:
         print(f"ran {result.attention_fused} attention block(s) as onnxruntime's MultiHeadAttention (exact to float "
               "rounding; an onnxruntime-only node: --keep-attention to keep the graph's ops)")
-    for note in result.notes:  # attention that looked fusable and was left, and why
-        if note.startswith("fuse_attention: "):
-            print(note.split(": ", 1)[1])
+    for line in attention_lines(result.notes):  # attention that looked fusable and was left, and why
+        print(line)
     if result.biases_folded:
         print(f"folded the bias of {result.biases_folded} split layer(s) into the second factor behind a column of "
               "ones (exact; onnxruntime then adds no bias over the wide output; --keep-bias to skip)")

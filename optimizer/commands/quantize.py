@@ -8,7 +8,7 @@ import re
 from typing import TYPE_CHECKING
 
 from onnxpress.cli import add_common, progress_enabled
-from onnxpress.reporting import format_table
+from onnxpress.reporting import attention_lines, format_table
 
 if TYPE_CHECKING:
     import onnx
@@ -259,9 +259,8 @@ def run(args: argparse.Namespace) -> int:
     if attention:
         print(f"ran {attention} attention block(s) as onnxruntime's MultiHeadAttention, in float as attention stays "
               "(exact to float rounding; an onnxruntime-only node: --keep-attention to keep the graph's ops)")
-    for note in result.notes:  # attention that looked fusable and was left, and why
-        if note.startswith("fuse_attention: "):
-            print(note.split(": ", 1)[1])
+    for line in attention_lines(result.notes):  # attention that looked fusable and was left, and why
+        print(line)
     gemms = result.stats.get("matmul_add_to_gemm.fused", 0)
     if gemms:
         print(f"fused {gemms} rank-2 MatMul + bias Add into Gemm (same values; an int32 bias and one integer "

@@ -20,6 +20,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Union
@@ -804,7 +805,34 @@ def save_model(
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     log.info("wrote %s", out)
+    _warn_stale_scratch(out.parent)
     return out
+
+
+STALE_SCRATCH_SECONDS = 3600  # older scratch entries are not a run still writing
+
+
+def _warn_stale_scratch(folder: Path) -> None:
+    """Warn about ``.onnxpress-*`` scratch entries an hour old or more in ``folder``.
+
+    A run killed with SIGKILL (or a machine that went down) cannot remove its scratch. They are only named, never
+    removed: another run may share the folder, and a user's file is not ours to delete on a guess.
+    """
+    now = time.time()
+
+    def touched(entry: Path) -> float:  # a folder's own time stays put while a file inside it grows
+        inside = [c.lstat().st_mtime for c in entry.iterdir()] if entry.is_dir() and not entry.is_symlink() else []
+        return max([entry.lstat().st_mtime, *inside])
+
+    try:
+        stale = sorted(p.name for p in folder.glob(".onnxpress-*") if now - touched(p) >= STALE_SCRATCH_SECONDS)
+    except OSError:
+        return
+    if stale:
+        log.warning("%s holds %d scratch entr%s an hour old or more, left by an interrupted onnxpress run (%s%s): "
+                    "unless another run is writing there, delete %s", folder, len(stale),
+                    "y" if len(stale) == 1 else "ies", ", ".join(stale[:3]), " ..." if len(stale) > 3 else "",
+                    "it" if len(stale) == 1 else "them")
 
 
 def _approx_size(model: onnx.ModelProto) -> int:

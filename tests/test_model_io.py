@@ -70,6 +70,30 @@ def test_save_is_atomic_and_leaves_no_scratch(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.onnx"]
 
 
+def test_scratch_an_interrupted_run_left_is_named_and_kept(tmp_path, caplog):
+    """SIGKILL cannot be caught: its .onnxpress-*/ stays. A later save names entries an hour old (never deletes
+    them: another run may be writing), and says nothing of fresh ones or of a folder whose file is still growing."""
+    old = tmp_path / ".onnxpress-abc123"
+    old.mkdir()
+    (old / "m.onnx").write_bytes(b"partial")
+    growing = tmp_path / ".onnxpress-def456"
+    growing.mkdir()
+    (growing / "m.onnx").write_bytes(b"still being written")
+    hour_ago = os.path.getmtime(old) - 3700
+    for p in (old, old / "m.onnx", growing):
+        os.utime(p, (hour_ago, hour_ago))
+    with caplog.at_level("WARNING", logger="onnxpress.model_io"):
+        save_model(graphs.gemm(), tmp_path / "a.onnx")
+    (record,) = [r for r in caplog.records if "scratch" in r.getMessage()]
+    assert "1 scratch entry an hour old or more" in record.getMessage() and ".onnxpress-abc123" in record.getMessage()
+    assert "def456" not in record.getMessage()
+    assert old.exists() and growing.exists()  # named, not removed
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="onnxpress.model_io"):
+        save_model(graphs.gemm(), tmp_path / "b.onnx")  # the next save names it again: it is still there
+    assert len([r for r in caplog.records if "scratch" in r.getMessage()]) == 1
+
+
 def test_unwritable_outputs(tmp_path):
     with pytest.raises(OutputError, match="does not exist"):
         save_model(graphs.gemm(), tmp_path / "nope" / "m.onnx")

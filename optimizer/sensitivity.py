@@ -402,19 +402,21 @@ def _feeds_and_digest(
     the other file's cached table. One streamed read does both (a one-shot source is read once here, as
     before), holding one batch beyond ``keep`` at a time.
     """
+    from onnxpress.calibration.collect import fixed_batch_inputs
     from onnxpress.calibration.readers import open_data
 
     h = hashlib.sha256()
     feeds: list[dict[str, np.ndarray]] = []
     kept = 0
+    whole = bool(fixed_batch_inputs(model))  # a fixed batch runs whole or not at all: it cannot be cut
     for feed in open_data(data, model, max_samples=max(keep, digest_samples)).batches(batch_size):
         for name in sorted(feed):
             arr = np.ascontiguousarray(feed[name])
             h.update(f"{name}|{arr.dtype.str}|{arr.shape}".encode())
             h.update(arr.tobytes())
-        n = next(iter(feed.values())).shape[0]
+        n = next(iter(feed.values())).shape[0] if np.ndim(next(iter(feed.values()))) else 1
         if kept < keep:
-            take = min(n, keep - kept)  # samples on axis 0 of every input (the readers' convention)
+            take = n if whole else min(n, keep - kept)  # samples on axis 0 of every input (the readers' convention)
             feeds.append(feed if take == n else {k: v[:take] for k, v in feed.items()})
             kept += take
     if not feeds:

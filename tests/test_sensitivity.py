@@ -374,3 +374,18 @@ def test_output_sqnr_reads_the_float_outputs_only():
     logits, indices = np.array([[1.0, -2.0]]), np.array([[1000, 2000]], np.int64)
     assert flat_outputs([[logits, indices], [logits, indices]]).tolist() == [1.0, -2.0, 1.0, -2.0]
     assert flat_outputs([[indices]]).tolist() == [1000.0, 2000.0]  # nothing else to compare
+
+
+def test_a_fixed_batch_larger_than_the_samples_kept_is_read_whole() -> None:
+    """X[100, 8] fixed: sensitivity keeps 64 samples for its SQNR runs, and cut the feed to 64 rows, which
+    onnxruntime refused inside optimize ("Got: 64 Expected: 100", a traceback)."""
+    from onnxpress.sensitivity import _feeds_and_digest, run_outputs
+    from tests.graphs import gemm
+
+    model = gemm()
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 100  # a fixed batch of 100
+    model.graph.output[0].type.tensor_type.shape.dim[0].dim_value = 100
+    data = [{"X": np.random.default_rng(0).standard_normal((100, 8)).astype(np.float32)} for _ in range(3)]
+    feeds, _ = _feeds_and_digest(model, data, 64, 256)
+    assert [f["X"].shape for f in feeds] == [(100, 8)]
+    assert run_outputs(model, feeds).shape[0] == 100 * 6  # runs (Y is [100, 6])

@@ -437,10 +437,30 @@ def normalize_model(model: onnx.ModelProto, *, min_opset: int | None = 13, in_pl
             model = upgraded
             _constants_to_initializers(model.graph)
     _initializers_off_inputs(model)  # after the version converter, which wants IR 3's listed
+    _name_unnamed_nodes(model.graph)
     # IR 3 requires every initializer among the inputs; the opset in use may need a newer IR too (13: IR 7)
     needed = onnx.helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
     model.ir_version = max(model.ir_version, 4, needed)
     return model
+
+
+def _name_unnamed_nodes(graph: onnx.GraphProto) -> None:
+    """Name each unnamed node of ``graph`` after its first output (in place; unique among the node names).
+
+    Layers are keyed ``node.name or node.output[0]`` (sensitivity, the search, recipes), and ``exclude`` matches
+    node names: an unnamed Conv keyed by its output ``a`` was excluded by a recipe that quantize then refused
+    ("exclude ['a'] matches no node"). Named after that key, the two agree.
+    """
+    taken = {n.name for n in graph.node if n.name}
+    for node in graph.node:
+        if node.name:
+            continue
+        base = next((o for o in node.output if o), "") or node.op_type
+        name, k = base, 1
+        while name in taken:
+            name, k = f"{base}_{k}", k + 1
+        node.name = name
+        taken.add(name)
 
 
 def _initializers_off_inputs(model: onnx.ModelProto) -> None:

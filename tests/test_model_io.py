@@ -404,3 +404,26 @@ def test_a_weight_read_inside_an_if_branch_survives_two_rounds_of_passes_and_the
     assert (twice.doc_string, twice.model_version) == ("mine", 7)
     x = {"inp": r.standard_normal((3, 16)).astype(np.float32)}
     assert graphs.run(twice, x)[0].shape == (3, 10)  # a rank-4 split: not exact
+
+
+def test_unnamed_nodes_are_named_after_their_first_output_and_excluded_by_it():
+    """Layers are keyed ``node.name or node.output[0]`` (the search, recipes); exclude matches node names, so an
+    optimize recipe excluding an unnamed Conv by its output 'a' was refused by its own quantize step."""
+    import onnxpress
+
+    model = graphs.conv_bn_relu()
+    for node in model.graph.node:
+        node.name = ""
+    model.graph.node[1].name = model.graph.node[0].output[0]  # a taken name: the unnamed node gets a suffix
+    out = normalize_model(model)
+    names = [n.name for n in out.graph.node]
+    assert all(names) and len(set(names)) == len(names)
+    assert names[0] == model.graph.node[0].output[0] + "_1" and names[2] == model.graph.node[2].output[0]
+    assert [n.name for n in model.graph.node][0] == ""  # the given model is not modified
+
+    conv_out = model.graph.node[0].output[0]
+    model.graph.node[1].name = ""
+    data = [{"X": graphs.rng(1).standard_normal((8, 3, 8, 8)).astype(np.float32)}]
+    done = onnxpress.quantize(model, calib=data, exclude=[conv_out])
+    assert [d.name for d in done.kept_float if d.op == "Conv"] == [conv_out]
+    assert not [d for d in done.quantized if d.op == "Conv"]

@@ -421,8 +421,18 @@ class _NpzReader(DataReader):
         headers = self._headers()
         lengths = {name: shape[0] for name, (shape, _, _) in headers.items()}
         if len(set(lengths.values())) > 1:
-            raise DataError(f"{path}: inputs hold different numbers of samples on axis 0: {lengths}")
+            raise DataError(f"{path}: inputs hold different numbers of samples on axis 0: {lengths}; one .npz holds "
+                            "samples on axis 0 of every input, so inputs of different fixed sizes there (or an input "
+                            "shared by every sample) need a folder of .npz files or a list of feed dicts, one per "
+                            "model call")
         self._n = next(iter(lengths.values())) if lengths else 0
+        fixed = {s.shape[0] for s in self._specs if not s.dynamic_axis0}  # type: ignore[index]
+        if len(fixed) > 1:  # slices of one step cannot fit them all
+            raise DataError(
+                f"{path}: the model's inputs have different fixed sizes on axis 0 "
+                f"({', '.join(s.describe() for s in self._specs if not s.dynamic_axis0)}), which one .npz cannot "
+                "feed; give a folder of .npz files or a list of feed dicts, one per model call"
+            )
         for spec in self._specs:
             if not spec.dynamic_axis0 and self._n % spec.shape[0]:  # type: ignore[index]
                 raise DataError(

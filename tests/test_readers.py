@@ -326,8 +326,21 @@ def test_unsupported_source_types():
 
 
 def test_npz_inputs_with_different_sample_counts(tmp_path):
-    with pytest.raises(DataError, match="different numbers of samples"):
+    with pytest.raises(DataError, match="different numbers of samples.*a folder of .npz files or a list of feed"):
         open_data(_write(tmp_path, A=_x(3, 3), B=_x(4, 3)), two_inputs())
+
+
+def test_npz_cannot_feed_inputs_of_two_fixed_batches_and_says_what_can(tmp_path):
+    """A[8,3] and B[4,3]: equal sample counts in the .npz then failed on B's slice of 8 rows ("axis 0 must be
+    4"), the message before asked for equal counts: the two contradicted each other."""
+    model = graphs.make_model([helper.make_node("ReduceSum", ["A"], ["Y"], keepdims=0),
+                               helper.make_node("ReduceSum", ["B"], ["Z"], keepdims=0)],
+                              [("A", [8, 3]), ("B", [4, 3])], [("Y", []), ("Z", [])])
+    with pytest.raises(DataError, match=r"different fixed sizes on axis 0 \(A: float32\[8,3\], B: float32\[4,3\]\).*"
+                                        "a folder of .npz files or a list of feed dicts"):
+        open_data(_write(tmp_path, A=_x(16, 3), B=_x(16, 3)), model)
+    feeds = [{"A": _x(8, 3), "B": _x(4, 3)}] * 2  # what works: one feed per model call
+    assert len(list(open_data(feeds, model).batches(64))) == 2
 
 
 # --- labels ---------------------------------------------------------------------------------------

@@ -256,7 +256,7 @@ def finetune(
     if not trains and (labels is not None or teacher is not None):
         raise OnnxpressError("every loss term has weight 0 (hard_weight / --hard-weight for the labels, soft_weight / "
                              "--soft-weight for the teacher): nothing would be trained")
-    student_proto = normalize_model(student_proto, min_opset=13 if qat else None)
+    student_proto = normalize_model(student_proto, min_opset=13 if qat else None, name_nodes=False)
     if lr is None:
         lr = QAT_LR if qat else FLOAT_LR
     if batch_size is None and qat:

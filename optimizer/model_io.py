@@ -395,12 +395,14 @@ def default_opset(model: onnx.ModelProto) -> int:
     raise UnsupportedModelError("model imports no ai.onnx opset")
 
 
-def normalize_model(model: onnx.ModelProto, *, min_opset: int | None = 13, in_place: bool = False) -> onnx.ModelProto:
-    """Return a normalised copy: Constant-node weights as initializers, opset >= ``min_opset``.
+def normalize_model(model: onnx.ModelProto, *, min_opset: int | None = 13, in_place: bool = False,
+                    name_nodes: bool = True) -> onnx.ModelProto:
+    """Return a normalised copy: Constant-node weights as initializers, opset >= ``min_opset``, nodes named.
 
     ``in_place``: normalise ``model`` itself (a caller's private working copy; spares a copy of the
     weights, 2.3 s and 2.4 GB on a 2.4 GB model). A model too large to serialise is upgraded without
-    its big initializers (:func:`split_large`), which are put back afterwards.
+    its big initializers (:func:`split_large`), which are put back afterwards. ``name_nodes``: name unnamed
+    nodes after their first output (off where a graph is written back as it came: the fine-tune bridge).
 
     Raises:
         UnsupportedModelError: the opset cannot be upgraded (names the versions and the reason).
@@ -437,7 +439,8 @@ def normalize_model(model: onnx.ModelProto, *, min_opset: int | None = 13, in_pl
             model = upgraded
             _constants_to_initializers(model.graph)
     _initializers_off_inputs(model)  # after the version converter, which wants IR 3's listed
-    _name_unnamed_nodes(model.graph)
+    if name_nodes:
+        _name_unnamed_nodes(model.graph)
     # IR 3 requires every initializer among the inputs; the opset in use may need a newer IR too (13: IR 7)
     needed = onnx.helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
     model.ir_version = max(model.ir_version, 4, needed)

@@ -342,7 +342,7 @@ def _traced_dim(t: gs.Tensor, axis: int, depth: int, *, named: bool = False) -> 
         others = dims - {1}
         if None not in others and len(others) <= 1:
             return others.pop() if others else 1
-    traced = None if source is None else _dim(source, axis, depth - 1)
+    traced = None if source is None else _dim(source, axis, depth - 1, named=named)
     return known if traced is None else traced
 
 

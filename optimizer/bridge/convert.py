@@ -1512,6 +1512,6 @@ def onnx_to_torch(model: ModelSource) -> OnnxModule:
     Raises:
         UnsupportedModelError: the graph has ops, dtypes or attributes the bridge does not run.
     """
-    proto = normalize_model(load_model(model), min_opset=None)
+    proto = normalize_model(load_model(model), min_opset=None, name_nodes=False)
     return OnnxModule(proto)
 

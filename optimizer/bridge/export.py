@@ -130,7 +130,7 @@ def export_module(
         _rename_outputs(proto, dict(zip(kwargs["output_names"], module.output_names, strict=True)))
     _restore_names(proto, module)
     _drop_trace_metadata(proto)
-    proto = normalize_model(proto, min_opset=None)
+    proto = normalize_model(proto, min_opset=None, name_nodes=False)
     if cleanup:
         proto = run_passes(proto, cleanup_passes()).model
     proto.producer_name = "onnxpress.finetune"

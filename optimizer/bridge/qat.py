@@ -217,7 +217,7 @@ def prepare_qat(
         UnsupportedModelError: the interpreter cannot run the model, a quantized student holds what QAT cannot
             train, or a table is given for a quantized student.
     """
-    student = normalize_model(student, min_opset=13)
+    student = normalize_model(student, min_opset=13, name_nodes=False)
     if quantized_ops(student):
         if table is not None:
             raise UnsupportedModelError(

@@ -83,7 +83,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         nargs="*",
         default=[],
         metavar="NODE",
-        help="keep float: node names, op:<OpType> or re:<regex on node names>",
+        help="keep float: node names (an unnamed node goes by its first output's name), op:<OpType> or "
+             "re:<regex on node names>",
     )
     p.add_argument(
         "--override",

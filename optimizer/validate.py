@@ -138,6 +138,7 @@ class ValidationReport:
             name and shape, in the reference's graph order (:class:`TensorComparison`).
         layer_samples: samples the per-tensor comparison ran on.
         layers_skipped: tensors of the same name left out because their shapes differ (a pruned layer).
+        max_samples: the limit asked for (``samples`` exceeds it where a fixed batch cannot be cut).
     """
 
     reference: str
@@ -160,6 +161,7 @@ class ValidationReport:
     layers: tuple[TensorComparison, ...] = ()
     layer_samples: int = 0
     layers_skipped: int = 0
+    max_samples: int | None = None
 
     def output(self, name: str) -> OutputComparison:
         """The comparison of output ``name``."""
@@ -213,7 +215,9 @@ class ValidationReport:
         lines = [
             f"reference: {self.reference}",
             f"candidate: {self.candidate}",
-            f"{self.samples} sample{'' if self.samples == 1 else 's'}, batch {self.batch_size}, threads {threads}",
+            f"{self.samples} sample{'' if self.samples == 1 else 's'}, batch {self.batch_size}, threads {threads}"
+            + (f" (over --max-samples {self.max_samples}: the reference's fixed batch of {self.batch_size} runs whole)"
+               if self.max_samples is not None and self.samples > self.max_samples else ""),
         ]
         if self.reference_latency is not None:
             lines.append(
@@ -673,6 +677,7 @@ def validate(
         layers=compared,
         layer_samples=layer_seen,
         layers_skipped=skipped,
+        max_samples=max_samples,
     )
 
 

@@ -447,3 +447,18 @@ def test_fixed_batches_are_named_and_the_batch_shown_is_the_one_that_ran(tmp_pat
     np.savez(tmp_path / "d.npz", X=_x(8))
     report = validate(fixed, graphs.gemm(), tmp_path / "d.npz", latency=False, batch_size=32)
     assert report.batch_size == 1 and "8 samples, batch 1," in report.format()
+
+
+def test_a_fixed_batch_over_max_samples_is_compared_whole_and_said_so():
+    """X[100, 8] fixed, --max-samples 30: the first batch runs whole (it cannot be cut) and the header said
+    "100 samples" with no word on the limit."""
+    model = graphs.gemm()
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 100
+    model.graph.output[0].type.tensor_type.shape.dim[0].dim_value = 100
+    data = [{"X": graphs.rng(2).standard_normal((100, 8)).astype(np.float32)} for _ in range(2)]
+    report = validate(model, model, data, max_samples=30, latency=False)
+    assert report.samples == 100 and report.max_samples == 30
+    assert ("100 samples, batch 100, threads default (over --max-samples 30: the reference's fixed batch of 100 "
+            "runs whole)") in report.format()
+    plain = validate(model, model, data, latency=False)
+    assert plain.samples == 200 and "over --max-samples" not in plain.format()

@@ -660,7 +660,7 @@ def quantize(
         result = run_passes(_shaped(cleaned, thoroughly=bool(fuse)),
                             [*fuse, lstm, *head, dyn, *tables, LeadingMeanAsMatMul(), ShareConstants(),
                              ShareTransposedConstants()], progress=progress)
-        attention_notes.extend(n for n in result.notes if n.startswith("fuse_attention: "))
+        attention_notes.extend(_attention_notes(result.notes))
         decisions, used_table, excluded = [*dyn.decisions, *lstm.decisions], None, {}
         convs = sum(n.op_type in ("Conv", "ConvTranspose") for n in cleaned.graph.node)
         if convs and not any(d.quantized for d in decisions):  # the model is written as it was (a U-Net: 1.003x)
@@ -722,7 +722,7 @@ def quantize(
             # docstring for what it measured)
             start4, passes4 = _shaped(start4, thoroughly=True), [FuseAttention(), *passes4]
         result = run_passes(start4, passes4, progress=progress)
-        attention_notes.extend(n for n in result.notes if n.startswith("fuse_attention: "))
+        attention_notes.extend(_attention_notes(result.notes))
         if handled is not None:
             merged = {k: round_stats.get(k, 0) + result.stats.get(k, 0) for k in {*round_stats, *result.stats}}
             result = dataclasses.replace(result, stats=merged, notes=(*round_notes, *result.notes))
@@ -767,7 +767,7 @@ def quantize(
             # and MatMulAddToGemm decide on ranks
             prepared = run_passes(_shaped(cleaned, thoroughly=True), pre)
             cleaned, pre_stats = prepared.model, dict(prepared.stats)
-            attention_notes.extend(n for n in prepared.notes if n.startswith("fuse_attention: "))
+            attention_notes.extend(_attention_notes(prepared.notes))
         start = AUTO_METHODS[0] if method == "auto" else method  # auto: every tensor starts at the first method
         if table is not None:  # on the graph the ranges are for: after FlattenTokens' row tensors exist
             advanced_notes.extend(_check_table_fits(table, given | _tensor_names(cleaned)))
@@ -842,6 +842,11 @@ def quantize(
         stats={**advanced_stats, **result.stats},
         notes=(*advanced_notes, *attention_notes),
     )
+
+
+def _attention_notes(notes: Iterable[str]) -> list[str]:
+    """The notes of FuseAttention among a pipeline's (``run_passes`` prefixes each with its pass's name)."""
+    return [n for n in notes if n.startswith(f"{FuseAttention.name}: ")]
 
 
 def default_int8_method(model: onnx.ModelProto, calib: object, *, weights: str = "int8", codebook: int | None = None,

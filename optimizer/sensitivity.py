@@ -402,7 +402,7 @@ def _feeds_and_digest(
     the other file's cached table. One streamed read does both (a one-shot source is read once here, as
     before), holding one batch beyond ``keep`` at a time.
     """
-    from onnxpress.calibration.collect import fixed_batch_inputs
+    from onnxpress.calibration.collect import _samples_in, fixed_batch_inputs
     from onnxpress.calibration.readers import open_data
 
     h = hashlib.sha256()
@@ -414,7 +414,7 @@ def _feeds_and_digest(
             arr = np.ascontiguousarray(feed[name])
             h.update(f"{name}|{arr.dtype.str}|{arr.shape}".encode())
             h.update(arr.tobytes())
-        n = next(iter(feed.values())).shape[0] if np.ndim(next(iter(feed.values()))) else 1
+        n = _samples_in(feed)
         if kept < keep:
             take = n if whole else min(n, keep - kept)  # samples on axis 0 of every input (the readers' convention)
             feeds.append(feed if take == n else {k: v[:take] for k, v in feed.items()})

@@ -118,7 +118,7 @@ def _static(t: gs.Tensor, depth: int = 12) -> np.ndarray | None:
         shape = node.inputs[0].shape
         if shape is None:
             return None
-        dims = [d if (isinstance(d, int) and d >= 0) or (isinstance(d, str) and not d.startswith("unk__"))
+        dims = [d if (isinstance(d, int) and d >= 0) or (isinstance(d, str) and _definite(d))
                 else _dim(node.inputs[0], axis, depth - 1, named=True) for axis, d in enumerate(shape)]
         return _numbers_if_known(np.array(dims[int(node.attrs.get("start", 0)):node.attrs.get("end")], dtype=object))
     args = [_static(i, depth - 1) for i in node.inputs]
@@ -273,6 +273,7 @@ def _dim(t: gs.Tensor, axis: int, depth: int = 96, *, named: bool = False) -> in
 
 
 def _definite(d: int | str | None) -> bool:
+    """Whether ``d`` is a dimension, not None or an onnxruntime ``unk__N`` name (unknown)."""
     return d is not None and not str(d).startswith("unk__")
 
 
@@ -288,7 +289,7 @@ def _traced_dim(t: gs.Tensor, axis: int, depth: int, *, named: bool = False) -> 
     if shape is None or axis >= len(shape):
         return None
     known = shape[axis] if isinstance(shape[axis], int | str) and shape[axis] != -1 else None
-    if known is not None and not str(known).startswith("unk__"):  # onnxruntime's inference names unknowns unk__N
+    if _definite(known):  # onnxruntime's inference names unknowns unk__N
         return known
     if named:
         known = None
@@ -325,9 +326,8 @@ def _traced_dim(t: gs.Tensor, axis: int, depth: int, *, named: bool = False) -> 
         for i in (a, b):  # the batch dimensions broadcast
             offset = axis - (len(shape) - len(i.shape))
             dims.add(1 if offset < 0 else _dim(i, offset, depth - 1, named=True))
-        others = dims - {1}
-        if None not in others and len(others) <= 1:
-            return others.pop() if others else 1
+        if (joined := _broadcast(dims)) is not None:
+            return joined
     elif node is not None and depth > 0 and node.op in _SHAPE_KEEPING:
         # elementwise, broadcasting: the inputs' dimensions aligned from the right; 1s give way to the others
         dims = set()
@@ -339,11 +339,18 @@ def _traced_dim(t: gs.Tensor, axis: int, depth: int, *, named: bool = False) -> 
             offset = None if rank is None else axis - (len(shape) - rank)
             dims.add(None if offset is None else 1 if offset < 0 else
                      int(value.shape[offset]) if value is not None else _dim(i, offset, depth - 1, named=True))
-        others = dims - {1}
-        if None not in others and len(others) <= 1:
-            return others.pop() if others else 1
+        if (joined := _broadcast(dims)) is not None:
+            return joined
     traced = None if source is None else _dim(source, axis, depth - 1, named=named)
     return known if traced is None else traced
+
+
+def _broadcast(dims: set[int | str | None]) -> int | str | None:
+    """The broadcast of the inputs' dimensions along one axis: 1s give way to the one other, else None."""
+    others = dims - {1}
+    if None in others or len(others) > 1:
+        return None
+    return others.pop() if others else 1
 
 
 def _scored(t: gs.Tensor, depth: int = 4) -> bool:
@@ -428,18 +435,18 @@ class FuseAttention:
         return PassResult(graph, fused > 0, {"fused": fused}, tuple(notes))
 
     @staticmethod
-    def _match(softmax: gs.Node, kept: frozenset[int], *, masks: bool = True) -> dict | str:
+    def _match(softmax: gs.Node, kept: frozenset[int], *, masks: bool = False) -> dict | str:
         """The chain around ``softmax`` as a plan, or why not ('' where it is no attention at all)."""
         axis = int(softmax.attrs.get("axis", -1))
         fuse_masked, masks, reader, t = masks, [], softmax, softmax.inputs[0]
         while (node := _producer(t)) is not None and node.op in ("Add", "Sub", "Where") and len(masks) < 8:
             found = _mask(node, kept) if _only_reader(t, kept) is reader else None
-            if found is None or isinstance(found, str):
-                if found is None and masks:
-                    return ""
-                if found is None:
-                    break
+            if isinstance(found, str):
                 return found
+            if found is None:
+                if masks:  # masked scores that are then added to something else
+                    return ""
+                break
             reader, (t, mask) = node, found
             masks.append(mask)
         scores = _producer(t)

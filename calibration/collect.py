@@ -108,9 +108,10 @@ def batch_major_tensors(
     """The tensors of ``names`` whose axis 0 is the graph inputs' batch axis (so axis 0 = samples).
 
     After shape inference, a tensor qualifies when its first dimension is the same symbol as the
-    first dimension of every graph input (``batch``), or the same number when that is fixed. A
+    sample-axis dimension of every graph input (``batch``; axis 0, or axis 1 of a sequence-first input:
+    :func:`~onnxpress.calibration.readers.sample_axes`), or the same number when that is fixed. A
     Reshape that folds the batch into another axis, a Transpose that moves it, or an unknown shape
-    does not qualify. Graph inputs qualify by definition.
+    does not qualify. Graph inputs whose samples are on axis 0 qualify by definition.
 
     Args:
         model: the model (not modified).
@@ -118,20 +119,23 @@ def batch_major_tensors(
         inferred: ``model`` after :func:`onnxpress.model_io.infer_shapes`, when the caller has it
             (shape inference is not repeated).
     """
+    from onnxpress.calibration.readers import sample_axes
+
     g = _inferred(model, inferred).graph
     inits = {i.name for i in g.initializer}
+    axes = sample_axes(model)
 
-    def first_dim(vi: onnx.ValueInfoProto) -> str | int | None:
+    def first_dim(vi: onnx.ValueInfoProto, axis: int = 0) -> str | int | None:
         tt = vi.type.tensor_type
-        if not vi.type.HasField("tensor_type") or not tt.HasField("shape") or not tt.shape.dim:
+        if not vi.type.HasField("tensor_type") or not tt.HasField("shape") or len(tt.shape.dim) <= axis:
             return None
-        d = tt.shape.dim[0]
+        d = tt.shape.dim[axis]
         return d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
 
     inputs = [vi for vi in g.input if vi.name not in inits]
-    batch = {first_dim(vi) for vi in inputs}
+    batch = {first_dim(vi, axes.get(vi.name, 0)) for vi in inputs}
     wanted = set(names)
-    out = {vi.name for vi in inputs if vi.name in wanted}
+    out = {vi.name for vi in inputs if vi.name in wanted and not axes.get(vi.name)}
     if len(batch) != 1 or None in batch:
         return out
     (axis,) = batch
@@ -273,69 +277,91 @@ def _guessed_type(producer: Mapping[str, onnx.NodeProto], name: str, types: _Typ
 
 
 def fixed_batch_inputs(model: onnx.ModelProto) -> list[tuple[str, int | None]]:
-    """``(name, size)`` of each graph input whose first dimension is a fixed number (``None``: a scalar input)."""
+    """``(name, size)`` of each graph input whose sample axis has a fixed size (``None``: a scalar input).
+
+    The sample axis is axis 0, or the one :func:`~onnxpress.calibration.readers.sample_axes` finds.
+    """
+    from onnxpress.calibration.readers import sample_axes
+
     inits = {i.name for i in model.graph.initializer}
+    axes = sample_axes(model)
     fixed = []
     for vi in model.graph.input:
         if vi.name in inits:
             continue
         dims = vi.type.tensor_type.shape.dim
-        if not dims or dims[0].HasField("dim_value"):
-            fixed.append((vi.name, dims[0].dim_value if dims else None))
+        axis = axes.get(vi.name, 0)
+        if len(dims) <= axis or dims[axis].HasField("dim_value"):
+            fixed.append((vi.name, dims[axis].dim_value if len(dims) > axis else None))
     return fixed
 
 
 def _batch_is_dynamic(model: onnx.ModelProto) -> bool:
-    """True when every graph input has a first dimension that is not a fixed number."""
+    """True when every graph input has a sample axis whose size is not a fixed number."""
     return not fixed_batch_inputs(model)
 
 
-def _samples_in(feed: Mapping[str, np.ndarray]) -> int:
-    """Samples in a feed: the first dimension of its first array (1 for scalars)."""
-    first = next(iter(feed.values()))
-    return int(first.shape[0]) if np.ndim(first) else 1
+def _samples_in(feed: Mapping[str, np.ndarray], axes: Mapping[str, int] | None = None) -> int:
+    """Samples in a feed: the sample axis (``axes``, default 0) of its first array (1 for scalars)."""
+    from onnxpress.calibration.readers import samples_in
+
+    return samples_in(feed, axes)
 
 
-def _pieces(feeds: Iterable[Mapping[str, np.ndarray]], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-    """Feeds as arrays, each cut into slices of at most ``batch_size`` samples along axis 0."""
+def _pieces(feeds: Iterable[Mapping[str, np.ndarray]], batch_size: int,
+            axes: Mapping[str, int]) -> Iterator[dict[str, np.ndarray]]:
+    """Feeds as arrays, each cut into slices of at most ``batch_size`` samples along the sample axis."""
+    from onnxpress.calibration.readers import take_samples
+
     for feed in feeds:
         if not isinstance(feed, Mapping) or not feed:
             raise DataError(f"calibration data must yield non-empty dicts of input name -> array, got {type(feed)}")
         feed = {k: np.asarray(v) for k, v in feed.items()}
-        n = _samples_in(feed)
-        if n <= batch_size or any(np.ndim(v) == 0 or v.shape[0] != n for v in feed.values()):
+        n = _samples_in(feed, axes)
+        if n <= batch_size or any(np.ndim(v) <= axes.get(k, 0) or v.shape[axes.get(k, 0)] != n
+                                  for k, v in feed.items()):
             yield feed
             continue
         for start in range(0, n, batch_size):
-            yield {k: v[start : start + batch_size] for k, v in feed.items()}
+            yield take_samples(feed, start, start + batch_size, axes)
 
 
-def _stack(feeds: Iterable[Mapping[str, np.ndarray]], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-    """Concatenate consecutive feeds along axis 0 up to ``batch_size`` samples when shapes allow."""
+def _stack(feeds: Iterable[Mapping[str, np.ndarray]], batch_size: int,
+           axes: Mapping[str, int] | None = None) -> Iterator[dict[str, np.ndarray]]:
+    """Concatenate consecutive feeds along the sample axis up to ``batch_size`` samples when shapes allow."""
+    from onnxpress.calibration.readers import join_samples
+
+    axes = axes or {}
     pending: list[Mapping[str, np.ndarray]] = []
     count = 0
+
+    def rest(k: str, v: np.ndarray) -> tuple[int, ...]:
+        a = axes.get(k, 0)
+        return v.shape[:a] + v.shape[a + 1 :]
 
     def flush() -> dict[str, np.ndarray]:
         if len(pending) == 1:
             return dict(pending[0])
-        return {k: np.concatenate([p[k] for p in pending], axis=0) for k in pending[0]}
+        return join_samples(pending, axes)
 
-    for feed in _pieces(feeds, batch_size):
+    for feed in _pieces(feeds, batch_size, axes):
         if pending:
             ref = pending[0]
             fits = feed.keys() == ref.keys() and all(
-                np.ndim(v) >= 1 and v.shape[1:] == ref[k].shape[1:] and v.dtype == ref[k].dtype for k, v in feed.items()
+                np.ndim(v) > axes.get(k, 0) and rest(k, v) == rest(k, ref[k]) and v.dtype == ref[k].dtype
+                for k, v in feed.items()
             )
-            if not fits or count + _samples_in(feed) > batch_size:
+            if not fits or count + _samples_in(feed, axes) > batch_size:
                 yield flush()
                 pending, count = [], 0
         pending.append(feed)
-        count += _samples_in(feed)
+        count += _samples_in(feed, axes)
     if pending:
         yield flush()
 
 
-def _feeds(data: object, batch_size: int, dynamic: bool) -> Iterator[dict[str, np.ndarray]]:
+def _feeds(data: object, batch_size: int, dynamic: bool,
+           axes: Mapping[str, int] | None = None) -> Iterator[dict[str, np.ndarray]]:
     """Batches from a ``DataReader`` (has ``batches``) or a plain iterable of feed dicts."""
     batches = getattr(data, "batches", None)
     if callable(batches):
@@ -344,7 +370,7 @@ def _feeds(data: object, batch_size: int, dynamic: bool) -> Iterator[dict[str, n
     if isinstance(data, Mapping):
         data = [data]
     if dynamic:
-        yield from _stack(data, batch_size)  # type: ignore[arg-type]
+        yield from _stack(data, batch_size, axes)  # type: ignore[arg-type]
     else:
         for feed in data:  # type: ignore[union-attr]
             yield {k: np.asarray(v) for k, v in feed.items()}
@@ -437,7 +463,10 @@ def collect_statistics(
                            external_data_folder=external_data_folder)
     del exposed, big
     input_names = {i.name for i in session.get_inputs()}
+    from onnxpress.calibration.readers import sample_axes, take_samples
+
     dynamic = _batch_is_dynamic(model)
+    axes = sample_axes(model)
     per_sample = bytes_per_sample(model, names, types)
     if dynamic and memory_budget_mb is not None and per_sample:
         fitted = max(1, int(memory_budget_mb * 2**20 // per_sample))
@@ -452,8 +481,8 @@ def collect_statistics(
         ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnxpress-observe") as pool,
         _progress_bar(total, progress) as bar,
     ):
-        for feed in _feeds(data, batch_size, dynamic):
-            n = _samples_in(feed)
+        for feed in _feeds(data, batch_size, dynamic, axes):
+            n = _samples_in(feed, axes)
             if max_samples is not None and seen + n > max_samples:
                 keep = max_samples - seen
                 if not dynamic and keep < n:
@@ -462,7 +491,7 @@ def collect_statistics(
                     # a fixed-batch model's first feed is taken whole even when it holds more samples than the
                     # limit (as the readers do): cut, it would not run; skipped, nothing would be observed
                 else:
-                    feed = {k: v[:keep] for k, v in feed.items()}
+                    feed = take_samples(feed, 0, keep, axes)
                     n = keep
             feed = {k: v for k, v in feed.items() if k in input_names}
             try:

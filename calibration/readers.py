@@ -1,6 +1,7 @@
 """Sample-data readers: four kinds of source behind one streaming interface.
 
-A *feed* maps every model input name to an array whose axis 0 counts samples. Each source is read
+A *feed* maps every model input name to an array whose sample axis counts samples: axis 0, or the axis
+:func:`sample_axes` finds for a sequence-first input (``[seq, batch, d]``: axis 1). Each source is read
 lazily and every feed is validated against the model's inputs (graph inputs minus initializers)
 before anyone sees it::
 
@@ -11,13 +12,13 @@ before anyone sees it::
     iterable of {name: array} dicts     one feed plus one batch being assembled
     onnxruntime CalibrationDataReader   the same, through ``get_next()`` until ``None``
 
-Batching concatenates consecutive feeds along axis 0,
+Batching concatenates consecutive feeds along the sample axis (axis 0 below),
 
     batch = concat_0(feed_i, ..., feed_j)   with   n_i + ... + n_j <= batch_size,
 
-while every input's shape beyond axis 0 stays the same and axis 0 of every input is dynamic
-(a symbolic or unknown dimension). Batches are filled to exactly ``batch_size``, slicing a feed
-across two batches where needed; a shape change closes the batch early. An input whose axis 0 is
+while every input's shape beyond the sample axis stays the same and the sample axis of every input is
+dynamic (a symbolic or unknown dimension). Batches are filled to exactly ``batch_size``, slicing a feed
+across two batches where needed; a shape change closes the batch early. An input whose sample axis is
 static (say 1) makes feeds go out as stored (and an ``.npz`` is sliced into pieces of exactly that
 size). ``batch_size=None`` yields feeds as stored (an ``.npz`` as one feed).
 
@@ -61,6 +62,8 @@ __all__ = [
     "model_inputs",
     "npz_files",
     "open_data",
+    "sample_axes",
+    "samples_in",
     "symbolic_sizes",
 ]
 
@@ -87,11 +90,21 @@ class InputSpec:
     name: str
     dtype: np.dtype
     shape: tuple[Dim, ...] | None
+    sample_axis: int = 0
 
     @property
-    def dynamic_axis0(self) -> bool:
-        """Whether axis 0 can take any size (so feeds may be stacked or sliced along it)."""
-        return self.shape is None or (len(self.shape) > 0 and not isinstance(self.shape[0], int))
+    def dynamic_samples(self) -> bool:
+        """Whether the sample axis can take any size (so feeds may be stacked or sliced along it)."""
+        return self.shape is None or (len(self.shape) > self.sample_axis
+                                      and not isinstance(self.shape[self.sample_axis], int))
+
+    @property
+    def fixed_samples(self) -> int | None:
+        """The static size of the sample axis, or ``None`` when it is dynamic (or the input is a scalar)."""
+        if self.shape is None or len(self.shape) <= self.sample_axis:
+            return None
+        dim = self.shape[self.sample_axis]
+        return dim if isinstance(dim, int) else None
 
     def describe(self) -> str:
         """``input: float32[batch,1,32,32]``."""
@@ -100,7 +113,7 @@ class InputSpec:
 
 
 def model_inputs(model: onnx.ModelProto) -> tuple[InputSpec, ...]:
-    """The inputs a feed must provide: graph inputs that are not initializers.
+    """The inputs a feed must provide: graph inputs that are not initializers, with their sample axes.
 
     Raises:
         UnsupportedModelError: an input is not a tensor (sequence, map, optional) or has an
@@ -135,7 +148,103 @@ def model_inputs(model: onnx.ModelProto) -> tuple[InputSpec, ...]:
                     dims.append(None)
             shape = tuple(dims)
         specs.append(InputSpec(value.name, dtype, shape))
-    return tuple(specs)
+    axes = sample_axes(model)
+    return tuple(dataclasses.replace(s, sample_axis=axes[s.name]) if axes.get(s.name) else s for s in specs)
+
+
+# Sample axes. Hand-written because no library says where a graph's batch axis is: onnxruntime's own quantizer
+# assumes axis 0 and joins sequences end to end on a sequence-first model.
+_RNNS = frozenset({"RNN", "GRU", "LSTM"})
+_SAME_AXES = frozenset({
+    "Identity", "Cast", "Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", "Tanh", "Sigmoid", "HardSigmoid",
+    "HardSwish", "Softplus", "Softsign", "Gelu", "Erf", "Neg", "Abs", "Exp", "Log", "Sqrt", "Reciprocal", "Floor",
+    "Ceil", "Round", "Sign", "Clip", "Dropout", "Mish", "LayerNormalization",
+})  # fmt: skip  (output axis k is input 0's axis k)
+_ELEMENTWISE = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min"})
+
+
+def _batch_like(dim: Dim) -> bool:
+    """A symbolic dimension whose name reads as a batch: ``batch``, ``batch_size``, ``N``, ``B``, ``bs``."""
+    return isinstance(dim, str) and ("batch" in dim.lower() or dim.lower() in ("n", "b", "bs"))
+
+
+def sample_axes(model: onnx.ModelProto) -> dict[str, int]:
+    """``{graph input: axis}`` for every input whose samples are not on axis 0 (sequence-first inputs).
+
+    Two rules, the first that speaks wins:
+
+    1. Structure. An ``RNN``/``GRU``/``LSTM`` node with ``layout=0`` (the default, torch's ``batch_first=False``)
+       holds the batch on axis 1 of ``X`` and of its initial states. That axis is traced back to a graph input
+       through ops that keep axes in place (activations, elementwise ops with a constant operand, ``x @ W``) and
+       through ``Transpose``, which moves it: torch's ``batch_first=True`` export transposes a ``[B, S, D]``
+       input into the node, so that input keeps axis 0. A trace that meets any other op concludes nothing.
+    2. Names. A symbolic dimension named like a batch (``batch``, ``batch_size``, ``N``, ``B``, ``bs``) on an
+       axis other than 0, where axis 0 is not named so: ``[seq, batch, d]``.
+
+    Everything else keeps axis 0. Readers stack, cut and count samples along this axis, so a sequence is never
+    joined to the next one or cut in time.
+    """
+    g = model.graph
+    ranks = {init.name: len(init.dims) for init in g.initializer}
+    for node in g.node:
+        if node.op_type == "Constant" and node.output:
+            value = next((a.t for a in node.attribute if a.name == "value"), None)
+            ranks[node.output[0]] = len(value.dims) if value is not None else 0
+    inputs = {vi.name: vi for vi in g.input if vi.name not in ranks}
+    producer = {o: node for node in g.node for o in node.output if o}
+    found: dict[str, int] = {}
+    for node in g.node:
+        if node.op_type not in _RNNS or node.domain not in ("", "ai.onnx"):
+            continue
+        layout = next((a.i for a in node.attribute if a.name == "layout"), 0)
+        for index in (0, 5, 6) if node.op_type == "LSTM" else (0, 5):
+            if index < len(node.input) and node.input[index]:
+                hit = _trace_axis(node.input[index], 0 if layout else 1, producer, ranks, inputs)
+                if hit is not None:
+                    found.setdefault(*hit)
+    for name, vi in inputs.items():
+        if name in found or not vi.type.tensor_type.HasField("shape"):
+            continue
+        dims = [d.dim_param or None for d in vi.type.tensor_type.shape.dim]
+        named = [k for k, d in enumerate(dims) if _batch_like(d)]
+        if len(dims) >= 2 and not _batch_like(dims[0]) and len(named) == 1:
+            found[name] = named[0]
+    return {name: axis for name, axis in found.items() if axis}
+
+
+def _trace_axis(name: str, axis: int, producer: Mapping[str, onnx.NodeProto], ranks: Mapping[str, int],
+                inputs: Mapping[str, onnx.ValueInfoProto]) -> tuple[str, int] | None:
+    """``(graph input, axis)`` that axis ``axis`` of ``name`` comes from, or ``None`` (see :func:`sample_axes`)."""
+    widest = 0  # the highest rank of a constant broadcast on the way: a higher one than the input's shifts axes
+    contracted = False  # x @ W on the way: the last axis is not carried through
+    for _ in range(256):
+        if name in inputs:
+            tt = inputs[name].type.tensor_type
+            if tt.HasField("shape"):
+                rank = len(tt.shape.dim)
+                if axis >= rank - contracted or widest > rank:
+                    return None
+            return name, axis
+        node = producer.get(name)
+        if node is None or node.domain not in ("", "ai.onnx"):
+            return None
+        if node.op_type == "Transpose":
+            perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+            if perm is None or axis >= len(perm):
+                return None
+            name, axis = node.input[0], perm[axis]
+        elif node.op_type in _SAME_AXES:
+            name = node.input[0]
+        elif node.op_type in _ELEMENTWISE or node.op_type == "MatMul":
+            variable = [t for t in node.input if t not in ranks]
+            if len(variable) != 1 or (node.op_type == "MatMul" and variable[0] != node.input[0]):
+                return None
+            widest = max([widest] + [ranks[t] for t in node.input if t in ranks])
+            contracted = contracted or node.op_type == "MatMul"
+            name = variable[0]
+        else:
+            return None
+    return None
 
 
 def _expects(specs: Sequence[InputSpec]) -> str:
@@ -152,21 +261,21 @@ def _check_dtype(name: str, dtype: np.dtype, spec: InputSpec, where: str) -> boo
     raise DataError(f"{where}: input {name!r} has dtype {dtype}, the model expects {spec.describe()}{hint}")
 
 
-def _check_shape(name: str, shape: tuple[int, ...], spec: InputSpec, where: str, *, axis0: bool) -> None:
-    """Rank and static dimensions (axis 0 only when ``axis0``); axis 0 must not be empty."""
+def _check_shape(name: str, shape: tuple[int, ...], spec: InputSpec, where: str, *, sample_dim: bool) -> None:
+    """Rank and static dimensions (the sample axis's only when ``sample_dim``); the sample axis must not be empty."""
     if spec.shape is not None:
         if len(shape) != len(spec.shape):
             raise DataError(
                 f"{where}: input {name!r} has shape {list(shape)} (rank {len(shape)}), the model expects rank "
-                f"{len(spec.shape)}: {spec.describe()}, samples on axis 0"
+                f"{len(spec.shape)}: {spec.describe()}, samples on axis {spec.sample_axis}"
             )
         for axis, (got, want) in enumerate(zip(shape, spec.shape, strict=True)):
-            if isinstance(want, int) and got != want and (axis > 0 or axis0):
+            if isinstance(want, int) and got != want and (axis != spec.sample_axis or sample_dim):
                 raise DataError(
                     f"{where}: input {name!r} has shape {list(shape)}, the model expects {spec.describe()} "
                     f"(axis {axis} must be {want})"
                 )
-    if len(shape) > 0 and shape[0] == 0:
+    if len(shape) > spec.sample_axis and shape[spec.sample_axis] == 0:
         raise DataError(f"{where}: input {name!r} has no samples (shape {list(shape)})")
 
 
@@ -201,14 +310,14 @@ def accepts_infinite_inputs(fn: Callable[..., _T]) -> Callable[..., _T]:
     return wrapper
 
 
-def _check_finite(name: str, arr: np.ndarray, where: str, offset: int) -> None:
+def _check_finite(name: str, arr: np.ndarray, where: str, offset: int, axis: int = 0) -> None:
     if arr.dtype.kind not in "fc":
         return
     inf_ok = _INFINITE_OK.get()
     bad = np.isnan(arr) if inf_ok else ~np.isfinite(arr)
     if bad.any():
         first = np.argwhere(bad)[0]
-        at = f"sample {offset + int(first[0])}" if arr.ndim else "the scalar"
+        at = f"sample {offset + int(first[axis])}" if arr.ndim > axis else "the scalar"
         what, hint = ("NaN", "") if inf_ok else ("NaN or inf", " (an attention mask's -inf is taken by calibrate and "
                                                               "quantize)")
         raise DataError(f"{where}: input {name!r} holds {what} (first at {at}); clean or drop those samples{hint}")
@@ -248,8 +357,8 @@ def check_feed(
             raise DataError(f"{where}: input {spec.name!r} is not an array ({exc})") from None
         if _check_dtype(spec.name, arr.dtype, spec, where):
             arr = arr.astype(spec.dtype)
-        _check_shape(spec.name, arr.shape, spec, where, axis0=True)
-        _check_finite(spec.name, arr, where, offset)
+        _check_shape(spec.name, arr.shape, spec, where, sample_dim=True)
+        _check_finite(spec.name, arr, where, offset, spec.sample_axis)
         out[spec.name] = arr
     _check_named_dims(out, specs, where)
     return out
@@ -277,24 +386,50 @@ def _check_named_dims(feed: Mapping[str, np.ndarray], specs: Sequence[InputSpec]
                 )
 
 
-def _samples(feed: Mapping[str, np.ndarray]) -> int:
-    """Samples in a feed: axis 0 of its first input of rank >= 1 (a feed of scalars counts 1)."""
-    for arr in feed.values():
-        if arr.ndim:
-            return int(arr.shape[0])
+def samples_in(feed: Mapping[str, np.ndarray], axes: Mapping[str, int] | None = None) -> int:
+    """Samples in a feed: the sample axis (``axes``, default 0) of its first input that has one (else 1)."""
+    for name, arr in feed.items():
+        axis = axes.get(name, 0) if axes else 0
+        if np.ndim(arr) > axis:
+            return int(np.shape(arr)[axis])
     return 1
 
 
+def take_samples(feed: Mapping[str, np.ndarray], start: int, stop: int,
+                 axes: Mapping[str, int] | None = None) -> dict[str, np.ndarray]:
+    """Samples ``start:stop`` of every input of ``feed``, along each input's sample axis (a view)."""
+    out = {}
+    for name, arr in feed.items():
+        axis = axes.get(name, 0) if axes else 0
+        out[name] = arr[(slice(None),) * axis + (slice(start, stop),)]
+    return out
+
+
+def join_samples(feeds: Sequence[Mapping[str, np.ndarray]],
+                 axes: Mapping[str, int] | None = None) -> dict[str, np.ndarray]:
+    """Feeds concatenated along each input's sample axis."""
+    return {k: np.concatenate([f[k] for f in feeds], axis=axes.get(k, 0) if axes else 0) for k in feeds[0]}
+
+
+def _axes(specs: Sequence[InputSpec]) -> dict[str, int]:
+    return {s.name: s.sample_axis for s in specs if s.sample_axis}
+
+
+def _samples(feed: Mapping[str, np.ndarray], specs: Sequence[InputSpec]) -> int:
+    return samples_in(feed, _axes(specs))
+
+
 def _stackable(feed: Mapping[str, np.ndarray], specs: Sequence[InputSpec]) -> bool:
-    """Feeds can be concatenated/sliced when every input has a dynamic axis 0 of the same length."""
-    if not all(s.dynamic_axis0 for s in specs):
+    """Feeds can be concatenated/sliced when every input has a dynamic sample axis of the same length."""
+    if not all(s.dynamic_samples for s in specs):
         return False
-    sizes = {arr.shape[0] if arr.ndim else None for arr in feed.values()}
+    sizes = {feed[s.name].shape[s.sample_axis] if feed[s.name].ndim > s.sample_axis else None for s in specs}
     return len(sizes) == 1 and None not in sizes
 
 
-def _slice(feed: Mapping[str, np.ndarray], start: int, stop: int) -> dict[str, np.ndarray]:
-    return {k: v[start:stop] for k, v in feed.items()}
+def _rest(arr: np.ndarray, axis: int) -> tuple[int, ...]:
+    """``arr``'s shape without its sample axis."""
+    return arr.shape[:axis] + arr.shape[axis + 1 :]
 
 
 class DataReader(abc.ABC):
@@ -338,7 +473,7 @@ class DataReader(abc.ABC):
         """Validated feeds in source order; ``chunk`` is a hint for sources that slice (``.npz``)."""
 
     def batches(self, batch_size: int | None = None) -> Iterator[dict[str, np.ndarray]]:
-        """Yield validated feeds, concatenated along axis 0 up to ``batch_size`` samples when shapes allow.
+        """Yield validated feeds, joined along the sample axis up to ``batch_size`` samples when shapes allow.
 
         Args:
             batch_size: most samples per feed; ``None`` yields feeds as stored.
@@ -358,6 +493,7 @@ class DataReader(abc.ABC):
         self, feeds: Iterator[dict[str, np.ndarray]], batch_size: int | None
     ) -> Iterator[dict[str, np.ndarray]]:
         limit = self._max_samples
+        axes = _axes(self._specs)
         seen = 0
         pending: list[dict[str, np.ndarray]] = []
         pending_n = 0
@@ -365,19 +501,16 @@ class DataReader(abc.ABC):
 
         def flush() -> dict[str, np.ndarray]:
             nonlocal pending, pending_n, pending_key
-            if len(pending) == 1:
-                out = pending[0]
-            else:
-                out = {k: np.concatenate([f[k] for f in pending], axis=0) for k in pending[0]}
+            out = pending[0] if len(pending) == 1 else join_samples(pending, axes)
             pending, pending_n, pending_key = [], 0, None
             return out
 
         for feed in feeds:
-            n = _samples(feed)
+            n = _samples(feed, self._specs)
             stackable = _stackable(feed, self._specs)
             if limit is not None and seen + n > limit:
                 if stackable:
-                    feed, n = _slice(feed, 0, limit - seen), limit - seen
+                    feed, n = take_samples(feed, 0, limit - seen, axes), limit - seen
                 elif seen:
                     break  # an indivisible feed would overshoot the limit
                 # else: the first feed is taken whole even when it is larger than the limit
@@ -387,13 +520,13 @@ class DataReader(abc.ABC):
                     yield flush()
                 yield feed
             else:
-                key = tuple(a.shape[1:] for a in feed.values())
+                key = tuple(_rest(a, axes.get(k, 0)) for k, a in feed.items())
                 if pending and key != pending_key:
                     yield flush()
                 start = 0
                 while start < n:  # fill the pending batch up to batch_size, slicing the feed as needed
                     take = min(n - start, batch_size - pending_n)
-                    pending.append(feed if take == n else _slice(feed, start, start + take))
+                    pending.append(feed if take == n else take_samples(feed, start, start + take, axes))
                     pending_n += take
                     pending_key = key
                     start += take
@@ -413,31 +546,36 @@ class DataReader(abc.ABC):
 
 
 class _NpzReader(DataReader):
-    """One ``.npz`` whose arrays (keyed by input name) hold samples on axis 0; streamed in slices."""
+    """One ``.npz`` whose arrays (keyed by input name) hold samples on their sample axis; streamed in slices.
+
+    An array whose sample axis is not 0 (a sequence-first input) is read whole: its samples are not contiguous.
+    """
 
     def __init__(self, path: Path, specs: Sequence[InputSpec], max_samples: int | None) -> None:
         super().__init__(specs, str(path), max_samples)
         self._path = path
         headers = self._headers()
-        lengths = {name: shape[0] for name, (shape, _, _) in headers.items()}
+        axes = _axes(self._specs)
+        lengths = {name: shape[axes.get(name, 0)] for name, (shape, _, _) in headers.items()}
         if len(set(lengths.values())) > 1:
-            raise DataError(f"{path}: inputs hold different numbers of samples on axis 0: {lengths}; one .npz holds "
-                            "samples on axis 0 of every input, so inputs of different fixed sizes there (or an input "
-                            "shared by every sample) need a folder of .npz files or a list of feed dicts, one per "
-                            "model call")
+            where = "on axis 0" if not axes else "on their sample axes " + str({s.name: s.sample_axis for s in specs})
+            raise DataError(f"{path}: inputs hold different numbers of samples {where}: {lengths}; one .npz holds "
+                            "samples on that axis of every input, so inputs of different fixed sizes there (or an "
+                            "input shared by every sample) need a folder of .npz files or a list of feed dicts, one "
+                            "per model call")
         self._n = next(iter(lengths.values())) if lengths else 0
-        fixed = {s.shape[0] for s in self._specs if not s.dynamic_axis0}  # type: ignore[index]
+        fixed = {s.fixed_samples for s in self._specs if not s.dynamic_samples}
         if len(fixed) > 1:  # slices of one step cannot fit them all
             raise DataError(
-                f"{path}: the model's inputs have different fixed sizes on axis 0 "
-                f"({', '.join(s.describe() for s in self._specs if not s.dynamic_axis0)}), which one .npz cannot "
+                f"{path}: the model's inputs have different fixed sizes on {'their sample axes' if axes else 'axis 0'} "
+                f"({', '.join(s.describe() for s in self._specs if not s.dynamic_samples)}), which one .npz cannot "
                 "feed; give a folder of .npz files or a list of feed dicts, one per model call"
             )
         for spec in self._specs:
-            if not spec.dynamic_axis0 and self._n % spec.shape[0]:  # type: ignore[index]
+            if not spec.dynamic_samples and spec.fixed_samples and self._n % spec.fixed_samples:
                 raise DataError(
                     f"{path}: input {spec.name!r} holds {self._n} samples, not a multiple of the model's fixed "
-                    f"axis 0 ({spec.describe()})"
+                    f"axis {spec.sample_axis} ({spec.describe()})"
                 )
 
     def _count(self) -> int | None:
@@ -475,17 +613,18 @@ class _NpzReader(DataReader):
                         f"one .npz to stream; give a folder of .npz feeds (one per inference call, {spec.name!r} a "
                         "0-d array in each) or, in Python, a list of feed dicts"
                     )
-                if not shape:
+                if len(shape) <= spec.sample_axis:
                     raise DataError(
-                        f"{where}: array {spec.name!r} is a scalar; samples go on axis 0 ({spec.describe()})"
+                        f"{where}: array {spec.name!r} is a scalar; samples go on axis {spec.sample_axis} "
+                        f"({spec.describe()})"
                     )
                 _check_dtype(spec.name, dtype, spec, where)
-                _check_shape(spec.name, shape, spec, where, axis0=False)
+                _check_shape(spec.name, shape, spec, where, sample_dim=False)
                 out[spec.name] = (shape, fortran, dtype)
         return out
 
     def _feeds(self, chunk: int | None) -> Iterator[dict[str, np.ndarray]]:
-        fixed = [s.shape[0] for s in self._specs if not s.dynamic_axis0]  # type: ignore[index]
+        fixed = [s.fixed_samples for s in self._specs if not s.dynamic_samples and s.fixed_samples]
         step = fixed[0] if fixed else (chunk or self._n)
         if self._max_samples is not None and not fixed:
             step = min(step, self._max_samples)
@@ -494,7 +633,7 @@ class _NpzReader(DataReader):
             streams = {}
             try:
                 for spec in self._specs:
-                    streams[spec.name] = _NpyStream(zf, spec.name + ".npy", *headers[spec.name])
+                    streams[spec.name] = _NpyStream(zf, spec.name + ".npy", *headers[spec.name], axis=spec.sample_axis)
                 for start in range(0, self._n, step):
                     stop = min(self._n, start + step)
                     where = f"{self._path} (samples {start}..{stop - 1})"
@@ -513,18 +652,25 @@ def _read_npy_header(fp: Any) -> tuple[tuple[int, ...], bool, np.dtype]:
 
 
 class _NpyStream:
-    """Read an ``.npy`` member of a zip archive a few rows at a time (C order), or whole (Fortran order)."""
+    """Read an ``.npy`` member of a zip archive a few samples at a time.
 
-    def __init__(self, zf: zipfile.ZipFile, member: str, shape: tuple[int, ...], fortran: bool, dtype: np.dtype):
-        self._shape, self._dtype = shape, dtype
+    C order with samples on axis 0 streams rows; Fortran order, or samples on another axis, reads the array
+    whole (its samples are not contiguous). ``read(k)`` returns the next ``k`` samples along ``axis``.
+    """
+
+    def __init__(self, zf: zipfile.ZipFile, member: str, shape: tuple[int, ...], fortran: bool, dtype: np.dtype,
+                 axis: int = 0):
+        self._shape, self._dtype, self._axis = shape, dtype, axis
         self._fp = zf.open(member)
         _read_npy_header(self._fp)
         self._whole: np.ndarray | None = None
         self._pos = 0
-        if fortran:  # rare (np.save of an F-contiguous array); rows are not contiguous, so read it whole
+        if fortran or axis:  # rare (np.save of an F-contiguous array, a sequence-first input): rows are not
+            # contiguous, so read it whole
             count = int(np.prod(shape))
             raw = self._read_exact(count * dtype.itemsize)
-            self._whole = np.frombuffer(raw, dtype=dtype).reshape(shape[::-1]).transpose()
+            flat = np.frombuffer(raw, dtype=dtype)
+            self._whole = flat.reshape(shape[::-1]).transpose() if fortran else flat.reshape(shape)
 
     def _read_exact(self, nbytes: int) -> bytearray:
         buf = bytearray(nbytes)
@@ -538,7 +684,7 @@ class _NpyStream:
 
     def read(self, rows: int) -> np.ndarray:
         if self._whole is not None:
-            out = self._whole[self._pos : self._pos + rows]
+            out = self._whole[(slice(None),) * self._axis + (slice(self._pos, self._pos + rows),)]
         else:
             row_shape = self._shape[1:]
             nbytes = rows * int(np.prod(row_shape, dtype=np.int64)) * self._dtype.itemsize
@@ -568,14 +714,14 @@ class _FolderReader(DataReader):
     def _count(self) -> int | None:
         if self._counted is None and self._specs:
             total = 0
-            first = self._specs[0].name + ".npy"
+            first, axis = self._specs[0].name + ".npy", self._specs[0].sample_axis
             for path in self._files:
                 try:
                     with zipfile.ZipFile(path) as zf, zf.open(first) as fp:
                         shape = _read_npy_header(fp)[0]
                 except (KeyError, ValueError, OSError, zipfile.BadZipFile, EOFError):
                     return None  # a bad file is reported with a clear error when it is read
-                total += shape[0] if shape else 1
+                total += shape[axis] if len(shape) > axis else 1
             self._counted = total
         return self._counted
 
@@ -592,7 +738,7 @@ class _FolderReader(DataReader):
                 why = "not a zip archive of arrays" if "allow_pickle" in str(exc) else str(exc)
                 raise DataError(f"{path} is not a readable .npz file ({why})") from None
             checked = check_feed({**extra, **feed}, self._specs, str(path), offset=offset)
-            offset += _samples(checked)
+            offset += _samples(checked, self._specs)
             yield checked
 
 
@@ -628,7 +774,10 @@ class _IterableReader(DataReader):
         if self._one_shot or not isinstance(self._obj, Sequence):
             return None
         try:
-            return sum(int(np.shape(feed[self.input_names[0]])[0]) for feed in self._obj) if self._specs else None
+            if not self._specs:
+                return None
+            first, axes = self.input_names[0], _axes(self._specs)
+            return sum(samples_in({first: feed[first]}, axes) for feed in self._obj)
         except (KeyError, IndexError, TypeError, ValueError):
             return None  # reported with a clear error when the feed is read
 
@@ -661,7 +810,7 @@ class _IterableReader(DataReader):
         offset = 0
         for index, item in enumerate(self._items()):
             feed = check_feed(item, self._specs, f"feed {index} of the {self._source}", offset=offset)
-            offset += _samples(feed)
+            offset += _samples(feed, self._specs)
             yield feed
 
 

@@ -229,9 +229,12 @@ class _Evaluator:
         """
         if self.metric is not None:
             return _user_metric(self.metric, arrays, self.labels)
+        from onnxpress.calibration.readers import sample_axes, samples_in
+
         rows = []
+        axes = sample_axes(self.m0)
         for feed, outs in zip(self.feeds, arrays, strict=True):
-            n = next(iter(feed.values())).shape[0]
+            n = samples_in(feed, axes)
             first = np.asarray(outs[0])
             if n == 0 or first.size % n:
                 raise DataError(
@@ -873,9 +876,10 @@ def optimize(
     feeds = read_feeds(m0, data, eval_samples)
     label_array = None
     if labels is not None:
-        from onnxpress.calibration.readers import load_labels
+        from onnxpress.calibration.readers import load_labels, sample_axes, samples_in
 
-        n = sum(next(iter(f.values())).shape[0] for f in feeds)
+        axes = sample_axes(m0)
+        n = sum(samples_in(f, axes) for f in feeds)
         if metric is not None and isinstance(labels, np.ndarray):
             label_array = labels  # the user's metric reads them: any dtype or shape, samples on axis 0
             if label_array.ndim == 0:

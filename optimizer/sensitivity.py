@@ -329,8 +329,11 @@ class _Reuse:
         if keys is None:
             log.info("sensitivity: the model has subgraphs or is unsorted; every candidate runs whole")
             return None
+        from onnxpress.calibration.readers import sample_axes, samples_in
+
         per = bytes_per_sample(model, [o for n in model.graph.node for o in n.output if o])
-        samples = sum(next(iter(f.values())).shape[0] for f in feeds)
+        axes = sample_axes(model)
+        samples = sum(samples_in(f, axes) for f in feeds)
         if per is None or per * samples > budget:
             log.info("sensitivity: every candidate runs whole (reference values: %s bytes a sample x %d, budget %d)",
                      per, samples, budget)
@@ -402,22 +405,23 @@ def _feeds_and_digest(
     the other file's cached table. One streamed read does both (a one-shot source is read once here, as
     before), holding one batch beyond ``keep`` at a time.
     """
-    from onnxpress.calibration.collect import _samples_in, fixed_batch_inputs
-    from onnxpress.calibration.readers import open_data
+    from onnxpress.calibration.collect import fixed_batch_inputs
+    from onnxpress.calibration.readers import open_data, sample_axes, samples_in, take_samples
 
     h = hashlib.sha256()
     feeds: list[dict[str, np.ndarray]] = []
     kept = 0
     whole = bool(fixed_batch_inputs(model))  # a fixed batch runs whole or not at all: it cannot be cut
+    axes = sample_axes(model)
     for feed in open_data(data, model, max_samples=max(keep, digest_samples)).batches(batch_size):
         for name in sorted(feed):
             arr = np.ascontiguousarray(feed[name])
             h.update(f"{name}|{arr.dtype.str}|{arr.shape}".encode())
             h.update(arr.tobytes())
-        n = _samples_in(feed)
+        n = samples_in(feed, axes)
         if kept < keep:
-            take = n if whole else min(n, keep - kept)  # samples on axis 0 of every input (the readers' convention)
-            feeds.append(feed if take == n else {k: v[:take] for k, v in feed.items()})
+            take = n if whole else min(n, keep - kept)  # along every input's sample axis (the readers' convention)
+            feeds.append(feed if take == n else take_samples(feed, 0, take, axes))
             kept += take
     if not feeds:
         raise DataError("the data yielded no samples; give at least one sample")
@@ -613,7 +617,10 @@ def analyze_sensitivity(
         raise OnnxpressError(f"sensitivity needs at least one sample, got max_samples={max_samples}")
     # the key covers every sample any phase reads (SQNR, ranges, moments) and every setting that changes a score
     feeds, data_digest = _feeds_and_digest(model, calib, max_samples, max(calib_samples, moment_samples))
-    samples = sum(next(iter(f.values())).shape[0] for f in feeds)
+    from onnxpress.calibration.readers import sample_axes, samples_in
+
+    axes = sample_axes(model)
+    samples = sum(samples_in(f, axes) for f in feeds)
     config = {"ranks": list(rank_fractions), "prune": [float(r) for r in prune_ratios],
               "prune_multiple": prune_multiple, "latency": latency, "int8": quantize, "int4": int4, "method": method,
               "samples": max_samples, "calib": calib_samples,

@@ -36,7 +36,15 @@ import numpy as np
 import onnx
 from tqdm.auto import tqdm
 
-from onnxpress.calibration.readers import DataSource, load_labels, model_inputs, npz_files, open_data
+from onnxpress.calibration.readers import (
+    DataSource,
+    load_labels,
+    model_inputs,
+    npz_files,
+    open_data,
+    sample_axes,
+    samples_in,
+)
 from onnxpress.errors import DataError, OutputError, ValidationError
 from onnxpress.model_io import ModelSource, check_output_path, load_model, model_bytes, move_into_place
 from onnxpress.reporting import format_table, op_histogram
@@ -596,6 +604,7 @@ def validate(
     cand_model = load_model(candidate, external_data=False)
     out_names = _check_interfaces(ref_model, cand_model, batch_size)
     reader = open_data(data, ref_model, max_samples=max_samples)
+    axes = sample_axes(ref_model)
     if labels is None and isinstance(data, (str, os.PathLike)) and Path(data).is_file():
         try:
             with zipfile.ZipFile(data) as zf:
@@ -622,7 +631,7 @@ def validate(
     first_batch = None
     with tqdm(total=reader.num_samples, desc="validate", unit="sample", disable=not progress) as bar:
         for feed in reader.batches(batch_size):
-            n = next((a.shape[0] for a in feed.values() if a.ndim), 1)
+            n = samples_in(feed, axes)
             used_batch = max(used_batch, n)
             if first_batch is None:
                 first_batch = feed
@@ -643,7 +652,7 @@ def validate(
     ref_lat = cand_lat = ratio = None
     latency_batch = 0
     if latency and first_batch is not None:
-        latency_batch = next((a.shape[0] for a in first_batch.values() if a.ndim), 1)
+        latency_batch = samples_in(first_batch, axes)
         ref_times, cand_times = time_interleaved([ref_sess, cand_sess], first_batch, repeats, warmup=_WARMUP)
         ref_lat, cand_lat = _stats(ref_times), _stats(cand_times)
         ratio = _ratio(cand_lat.median_ms, ref_lat.median_ms)
@@ -736,6 +745,7 @@ def _compare_tensors(reference: ModelSource, candidate: ModelSource, ref_model: 
     accs = {name: _Accumulator(name) for name in fetch}
     differ: set[str] = set()
     seen = 0
+    axes = sample_axes(ref_model)
     for feed in reader.batches(batch):
         ref_out = _run(ref_sess, fetch, feed, "reference", seen)
         cand_out = _run(cand_sess, fetch, feed, "candidate", seen)
@@ -746,7 +756,7 @@ def _compare_tensors(reference: ModelSource, candidate: ModelSource, ref_model: 
             r, c = np.asarray(r, np.float64).ravel(), np.asarray(c, np.float64).ravel()
             finite = np.isfinite(r)  # an attention mask's -inf left out; the candidate's NaN/inf there counts
             accs[name].update(r[finite], c[finite], None)
-        seen += next((a.shape[0] for a in feed.values() if a.ndim), 1)
+        seen += samples_in(feed, axes)
     noise = {name: (math.inf if not math.isfinite(acc.err_sq) else acc.err_sq / acc.ref_sq if acc.ref_sq > 0
                     else (0.0 if acc.err_sq == 0 else math.inf))
              for name, acc in accs.items() if name not in differ}

@@ -321,7 +321,7 @@ def latency_check(original: str, written: str, calib: str, *, batch: int = 32, r
     """
     import statistics
 
-    from onnxpress.calibration.readers import first_batch
+    from onnxpress.calibration.readers import first_batch, sample_axes, samples_in
     from onnxpress.model_io import load_model
     from onnxpress.runtime import make_session, time_interleaved
     from onnxpress.validate import model_size
@@ -347,7 +347,7 @@ def latency_check(original: str, written: str, calib: str, *, batch: int = 32, r
         sessions.append(make_session(cleaned, what="cleaned model"))
     times = time_interleaved(sessions, feed, rounds, warmup=2)
     ratio = statistics.median(times[1]) / statistics.median(times[0])
-    n = next((a.shape[0] for a in feed.values() if a.ndim), 1)
+    n = samples_in(feed, sample_axes(source))
     print(f"latency {ratio:.2f}x the original (first calibration batch of {n}, {rounds} interleaved runs each; "
           "onnxpress validate measures it on your data)")
     _fidelity_line(sessions[0].run(None, feed), sessions[1].run(None, feed))

@@ -1,0 +1,146 @@
+"""Sequence-first inputs (``[seq, batch, d]``, torch's RNN default): samples are counted, joined and cut on axis 1.
+
+Before, every reader and the calibration runner took axis 0 as the sample axis. On a sequence-first model that
+joined sequences end to end in time and cut them into ``batch_size``-step pieces: a running sum over time was
+calibrated at a third of its range at the default batch size, and at another value at another batch size.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import onnxpress
+from onnxpress.calibration.collect import batch_major_tensors, fixed_batch_inputs
+from onnxpress.calibration.readers import model_inputs, open_data, sample_axes
+
+from . import graphs
+
+D, H = 4, 6
+
+
+def gru_cumsum(*, layout: int = 0, transpose: bool = False, dims=("seq", "batch", D), via_linear: bool = True):
+    """x -> [Linear -> Relu] -> [Transpose] -> GRU -> Y[:, 0] -> CumSum over time -> y (a sequence-first model)."""
+    r = graphs.rng(3)
+    nodes, inits = [], {}
+    src = "x"
+    if via_linear:  # torch's Linear export: MatMul, then Add with the bias first, then the activation
+        inits["W0"] = r.standard_normal((D, D)).astype(np.float32)
+        inits["b0"] = r.standard_normal(D).astype(np.float32)
+        nodes += [helper.make_node("MatMul", ["x", "W0"], ["m"]), helper.make_node("Add", ["b0", "m"], ["a"]),
+                  helper.make_node("Relu", ["a"], ["r"])]
+        src = "r"
+    if transpose:
+        nodes.append(helper.make_node("Transpose", [src], ["t"], perm=[1, 0, 2]))
+        src = "t"
+    inits["W"] = (r.standard_normal((1, 3 * H, D)) * 0.5).astype(np.float32)
+    inits["R"] = (r.standard_normal((1, 3 * H, H)) * 0.5).astype(np.float32)
+    inits["B"] = (r.standard_normal((1, 6 * H)) * 0.1).astype(np.float32)
+    nodes.append(helper.make_node("GRU", [src, "W", "R", "B"], ["Y"], hidden_size=H, layout=layout))
+    time_axis = 1 if layout else 0
+    inits["one"] = np.array([1 + layout], np.int64)
+    inits["axis"] = np.array(time_axis, np.int64)
+    nodes += [helper.make_node("Squeeze", ["Y", "one"], ["s"]),  # drop num_directions
+              helper.make_node("CumSum", ["s", "axis"], ["y"])]
+    out_dims = ["seq", "batch", H] if not layout else ["batch", "seq", H]
+    return graphs.make_model(nodes, [("x", list(dims))], [("y", out_dims)], inits, opset=17)
+
+
+def test_sample_axes_from_the_rnn_layout_and_from_dimension_names():
+    assert sample_axes(gru_cumsum()) == {"x": 1}
+    assert sample_axes(gru_cumsum(dims=("T", "B2", D))) == {"x": 1}  # no batch name: the GRU says so
+    # torch's batch_first=True export transposes a [B, S, D] input into a layout-0 GRU: that input keeps axis 0
+    assert sample_axes(gru_cumsum(transpose=True, dims=("batch", "seq", D))) == {}
+    assert sample_axes(gru_cumsum(layout=1, dims=("batch", "seq", D))) == {}
+    # names alone, with no RNN: [seq, batch, d] (nn.MultiheadAttention's layout); axis 0 named as a batch wins
+    for dims, want in [(["seq", "batch", D], {"X": 1}), (["T", "N", D], {"X": 1}), (["N", "C", 8], {}),
+                       (["batch", "seq", D], {}), (["seq", D], {}), (["seq", "len", D], {})]:
+        model = graphs.make_model([helper.make_node("Relu", ["X"], ["Y"])], [("X", dims)], [("Y", dims)])
+        assert sample_axes(model) == want, dims
+    # the shipped batch-first LSTM (Transpose into the node) and the CNNs keep axis 0
+    for name in ("lstm", "mobilenet", "transformer"):
+        assert sample_axes(onnx.load(f"models/{name}.onnx")) == {}
+
+
+def test_a_trace_through_an_op_that_moves_axes_concludes_nothing():
+    model = gru_cumsum(dims=("T", "B2", D))
+    g = model.graph
+    # a Reshape between the input and the GRU could put anything anywhere
+    g.node.insert(0, helper.make_node("Reshape", ["x", "shape"], ["x2"]))
+    g.initializer.append(numpy_helper.from_array(np.array([0, 0, D], np.int64), "shape"))
+    g.node[1].input[0] = "x2"
+    onnx.checker.check_model(model)
+    assert sample_axes(model) == {}
+
+
+def test_readers_join_count_and_cut_sequences_on_the_batch_axis(tmp_path):
+    model = gru_cumsum()
+    assert [s.sample_axis for s in model_inputs(model)] == [1]
+    r = graphs.rng(0)
+    feeds = [{"x": r.standard_normal((7, n, D)).astype(np.float32)} for n in (1, 2, 3)]
+    reader = open_data(feeds, model)
+    assert reader.num_samples == 6  # not 21 time steps
+    got = list(reader.batches(4))
+    assert [b["x"].shape for b in got] == [(7, 4, D), (7, 2, D)]  # time intact, batches filled on axis 1
+    np.testing.assert_array_equal(np.concatenate([b["x"] for b in got], axis=1),
+                                  np.concatenate([f["x"] for f in feeds], axis=1))
+    assert [b["x"].shape for b in open_data(feeds, model, max_samples=2).batches(64)] == [(7, 2, D)]
+    # one .npz of sequence-first arrays, sliced on axis 1
+    whole = np.concatenate([f["x"] for f in feeds], axis=1)
+    np.savez(tmp_path / "d.npz", x=whole)
+    reader = open_data(tmp_path / "d.npz", model)
+    assert reader.num_samples == 6
+    got = list(reader.batches(4))
+    assert [b["x"].shape for b in got] == [(7, 4, D), (7, 2, D)]
+    np.testing.assert_array_equal(np.concatenate([b["x"] for b in got], axis=1), whole)
+    # a fixed batch on axis 1 runs as stored, and the runner knows it is fixed
+    fixed = gru_cumsum(dims=("seq", 2, D))
+    assert fixed_batch_inputs(fixed) == [("x", 2)]
+    assert fixed_batch_inputs(model) == []
+
+
+def test_calibration_of_a_running_sum_over_time_does_not_depend_on_the_batch_size():
+    model = gru_cumsum()
+    r = graphs.rng(1)
+    feeds = [{"x": r.standard_normal((40, 1, D)).astype(np.float32)} for _ in range(9)]
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    truth = max(float(np.abs(sess.run(None, f)[0]).max()) for f in feeds)  # each sequence on its own
+    for method in ("minmax", "kl"):
+        ranges = []
+        for batch_size in (1, 4, 64):
+            table = onnxpress.calibrate(model, feeds, method=method, batch_size=batch_size, tensors=["x", "s", "y"])
+            ranges.append({k: (v.min, v.max) for k, v in table.ranges.items()})
+            if method == "minmax":
+                assert max(-table.ranges["y"].min, table.ranges["y"].max) == pytest.approx(truth, rel=1e-5)
+        assert ranges[0] == ranges[1] == ranges[2], method
+    # the activations hold the batch on axis 1: none is subsampled per axis-0 row (those are time steps)
+    assert batch_major_tensors(model, ["x", "s", "y"]) == set()
+
+
+def test_validate_and_max_samples_count_sequences(tmp_path):
+    model = gru_cumsum()
+    r = graphs.rng(2)
+    feeds = [{"x": r.standard_normal((30, 2, D)).astype(np.float32)} for _ in range(3)]
+    report = onnxpress.validate(model, model, feeds, latency=False)
+    assert report.samples == 6
+    report = onnxpress.validate(model, model, feeds, latency=False, max_samples=3)
+    assert report.samples == 3
+
+
+def test_a_model_input_with_a_fixed_mask_beside_a_sequence_first_input():
+    """A second input on axis 0 (lengths per sequence, ``[batch]``) beside x on axis 1: joined in step."""
+    model = gru_cumsum()
+    g = model.graph
+    g.input.append(helper.make_tensor_value_info("w", TensorProto.FLOAT, ["batch", 1]))
+    g.node.append(helper.make_node("Identity", ["w"], ["w_out"]))
+    g.output.append(helper.make_tensor_value_info("w_out", TensorProto.FLOAT, ["batch", 1]))
+    onnx.checker.check_model(model)
+    assert sample_axes(model) == {"x": 1}
+    r = graphs.rng(4)
+    feeds = [{"x": r.standard_normal((5, n, D)).astype(np.float32), "w": np.full((n, 1), i, np.float32)}
+             for i, n in enumerate((2, 3))]
+    (batch,) = open_data(feeds, model).batches(8)
+    assert batch["x"].shape == (5, 5, D) and batch["w"][:, 0].tolist() == [0, 0, 1, 1, 1]

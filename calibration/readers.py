@@ -62,6 +62,7 @@ __all__ = [
     "model_inputs",
     "npz_files",
     "open_data",
+    "output_sample_axes",
     "sample_axes",
     "samples_in",
     "symbolic_sizes",
@@ -175,21 +176,28 @@ def sample_axes(model: onnx.ModelProto) -> dict[str, int]:
 
     1. Structure. An ``RNN``/``GRU``/``LSTM`` node with ``layout=0`` (the default, torch's ``batch_first=False``)
        holds the batch on axis 1 of ``X`` and of its initial states. That axis is traced back to a graph input
-       through ops that keep axes in place (activations, elementwise ops with a constant operand, ``x @ W``) and
-       through ``Transpose``, which moves it: torch's ``batch_first=True`` export transposes a ``[B, S, D]``
-       input into the node, so that input keeps axis 0. A trace that meets any other op concludes nothing.
+       through ops that keep axes in place (activations, elementwise ops with a constant operand, ``x @ W``, an
+       embedding lookup ``Gather(table, ids)``, a ``Slice`` of other axes: torch slices a stacked ``h0`` per
+       layer) and through ``Transpose``, which moves it: torch's ``batch_first=True`` export transposes a
+       ``[B, S, D]`` input into the node, so that input keeps axis 0. A trace that meets any other op concludes
+       nothing. Another input that names the found dimension the same (``h0[layers, n, h]`` beside
+       ``x[seq, n, d]``) takes the axis where it has that name.
     2. Names. A symbolic dimension named like a batch (``batch``, ``batch_size``, ``N``, ``B``, ``bs``) on an
-       axis other than 0, where axis 0 is not named so: ``[seq, batch, d]``.
+       axis other than 0, where axis 0 is symbolic too and not named so: ``[seq, batch, d]``. A fixed axis 0
+       (a point cloud ``[1, N, 3]``) keeps it: the fixed axis is the batch there.
 
     Everything else keeps axis 0. Readers stack, cut and count samples along this axis, so a sequence is never
     joined to the next one or cut in time.
     """
     g = model.graph
     ranks = {init.name: len(init.dims) for init in g.initializer}
+    values = {init.name: init for init in g.initializer if len(init.dims) <= 1}  # Slice starts/axes, read lazily
     for node in g.node:
         if node.op_type == "Constant" and node.output:
             value = next((a.t for a in node.attribute if a.name == "value"), None)
             ranks[node.output[0]] = len(value.dims) if value is not None else 0
+            if value is not None and len(value.dims) <= 1:
+                values[node.output[0]] = value
     inputs = {vi.name: vi for vi in g.input if vi.name not in ranks}
     producer = {o: node for node in g.node for o in node.output if o}
     found: dict[str, int] = {}
@@ -199,20 +207,45 @@ def sample_axes(model: onnx.ModelProto) -> dict[str, int]:
         layout = next((a.i for a in node.attribute if a.name == "layout"), 0)
         for index in (0, 5, 6) if node.op_type == "LSTM" else (0, 5):
             if index < len(node.input) and node.input[index]:
-                hit = _trace_axis(node.input[index], 0 if layout else 1, producer, ranks, inputs)
+                hit = _trace_axis(node.input[index], 0 if layout else 1, producer, ranks, values, inputs)
                 if hit is not None:
                     found.setdefault(*hit)
-    for name, vi in inputs.items():
-        if name in found or not vi.type.tensor_type.HasField("shape"):
+    dims = {name: [d.dim_param or d.dim_value or None for d in vi.type.tensor_type.shape.dim]
+            for name, vi in inputs.items() if vi.type.tensor_type.HasField("shape")}
+    shared = {dims[name][axis] for name, axis in found.items()
+              if name in dims and axis < len(dims[name]) and isinstance(dims[name][axis], str)}
+    for name, shape in dims.items():
+        if name in found:
             continue
-        dims = [d.dim_param or None for d in vi.type.tensor_type.shape.dim]
-        named = [k for k, d in enumerate(dims) if _batch_like(d)]
-        if len(dims) >= 2 and not _batch_like(dims[0]) and len(named) == 1:
+        same = [k for k, d in enumerate(shape) if d in shared]
+        named = [k for k, d in enumerate(shape) if _batch_like(d)]
+        if len(same) == 1:
+            found[name] = same[0]
+        elif len(shape) >= 2 and isinstance(shape[0], str) and not _batch_like(shape[0]) and len(named) == 1:
             found[name] = named[0]
     return {name: axis for name, axis in found.items() if axis}
 
 
+def output_sample_axes(model: onnx.ModelProto) -> list[int]:
+    """Per graph output, the axis that holds the samples.
+
+    0, or where a sequence-first model's output names the batch dimension of its inputs' sample axes
+    (``y[seq, batch, h]``: 1).
+    """
+    axes = sample_axes(model)
+    if not axes:
+        return [0] * len(model.graph.output)
+    batch = {vi.type.tensor_type.shape.dim[axes[vi.name]].dim_param for vi in model.graph.input
+             if vi.name in axes and len(vi.type.tensor_type.shape.dim) > axes[vi.name]} - {""}
+    out = []
+    for vi in model.graph.output:
+        dims = [d.dim_param for d in vi.type.tensor_type.shape.dim]
+        out.append(next((k for k, d in enumerate(dims) if d in batch), 0))
+    return out
+
+
 def _trace_axis(name: str, axis: int, producer: Mapping[str, onnx.NodeProto], ranks: Mapping[str, int],
+                values: Mapping[str, onnx.TensorProto],
                 inputs: Mapping[str, onnx.ValueInfoProto]) -> tuple[str, int] | None:
     """``(graph input, axis)`` that axis ``axis`` of ``name`` comes from, or ``None`` (see :func:`sample_axes`)."""
     widest = 0  # the highest rank of a constant broadcast on the way: a higher one than the input's shifts axes
@@ -235,6 +268,16 @@ def _trace_axis(name: str, axis: int, producer: Mapping[str, onnx.NodeProto], ra
             name, axis = node.input[0], perm[axis]
         elif node.op_type in _SAME_AXES:
             name = node.input[0]
+        elif node.op_type == "Gather":  # an embedding: table[ids] has the axes of ids, then the table's rows
+            gather_axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+            if gather_axis != 0 or node.input[0] not in ranks or node.input[1] in ranks:
+                return None
+            name = node.input[1]
+        elif node.op_type == "Slice":  # passes when the traced axis is not one of those sliced
+            sliced = _sliced_axes(node, values)
+            if sliced is None or axis in sliced:
+                return None
+            name = node.input[0]
         elif node.op_type in _ELEMENTWISE or node.op_type == "MatMul":
             variable = [t for t in node.input if t not in ranks]
             if len(variable) != 1 or (node.op_type == "MatMul" and variable[0] != node.input[0]):
@@ -245,6 +288,26 @@ def _trace_axis(name: str, axis: int, producer: Mapping[str, onnx.NodeProto], ra
         else:
             return None
     return None
+
+
+def _sliced_axes(node: onnx.NodeProto, values: Mapping[str, onnx.TensorProto]) -> set[int] | None:
+    """The axes a ``Slice`` cuts, when they are constant and non-negative; ``None`` otherwise."""
+    attrs = {a.name: list(a.ints) for a in node.attribute}
+    if "starts" in attrs:  # opset < 10: attributes
+        axes = attrs.get("axes", list(range(len(attrs["starts"]))))
+    else:
+        def const(index: int) -> list[int] | None:
+            if index >= len(node.input) or not node.input[index]:
+                return None
+            tensor = values.get(node.input[index])
+            return None if tensor is None else [int(v) for v in onnx.numpy_helper.to_array(tensor).ravel()]
+
+        starts, axes = const(1), const(3)
+        if axes is None:
+            if starts is None or (len(node.input) > 3 and node.input[3]):
+                return None
+            axes = list(range(len(starts)))
+    return None if any(a < 0 for a in axes) else set(axes)
 
 
 def _expects(specs: Sequence[InputSpec]) -> str:
@@ -818,8 +881,9 @@ def open_data(source: DataSource, model: onnx.ModelProto, *, max_samples: int | 
     """Open sample data for ``model`` from any supported source.
 
     Args:
-        source: an ``.npz`` path (arrays keyed by input name, samples on axis 0; other keys such as
-            ``labels`` are ignored), a folder of ``.npz`` files each holding one complete feed, an
+        source: an ``.npz`` path (arrays keyed by input name, samples on axis 0 or, for a sequence-first
+            input, axis 1: :func:`sample_axes`; other keys such as ``labels`` are ignored), a folder of
+            ``.npz`` files each holding one complete feed, an
             iterable of ``{input name: array}`` dicts, an onnxruntime ``CalibrationDataReader``, or a
             :class:`DataReader` (returned as is, limited to ``max_samples``).
         model: the model the feeds are for; its graph inputs minus initializers are what feeds provide.

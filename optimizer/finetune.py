@@ -107,7 +107,19 @@ def check_dynamic_batch(model: onnx.ModelProto | None, which: str) -> None:
     if model is None:
         return
     from onnxpress.calibration.collect import fixed_batch_inputs
+    from onnxpress.calibration.readers import sample_axes
 
+    # The training loop gathers, shuffles and splits samples on axis 0 (inputs and the teacher's outputs alike); on a
+    # sequence-first input that trained on time steps: a GRU distilled from itself fell from exact to 14.4 dB.
+    axes = sample_axes(model)
+    if axes:
+        name, axis = next(iter(axes.items()))
+        raise UnsupportedModelError(
+            f"finetune trains on samples on axis 0, and the {which}'s input {name!r} holds its samples on axis {axis} "
+            "(sequence-first, [seq, batch, ...]); export the model batch-first (e.g. nn.GRU/nn.LSTM(batch_first="
+            "True), input [batch, seq, ...]) to fine-tune it. calibrate, quantize, validate, prune and lowrank take "
+            "it as it is"
+        )
     for name, size in fixed_batch_inputs(model):
         if size is not None:  # a scalar input has no batch axis to fix
             raise UnsupportedModelError(

@@ -228,7 +228,9 @@ class _Evaluator:
         output's values into the first one's rows and took the argmax over both.
         """
         if self.metric is not None:
-            return _user_metric(self.metric, arrays, self.labels)
+            from onnxpress.calibration.readers import output_sample_axes
+
+            return _user_metric(self.metric, arrays, self.labels, output_sample_axes(self.m0))
         from onnxpress.calibration.readers import sample_axes, samples_in
 
         rows = []
@@ -291,22 +293,28 @@ class _Evaluator:
         self.measure_cost(cand, model)
 
 
-def _user_metric(metric: Metric, arrays: list[list[np.ndarray]], labels: np.ndarray) -> float:
-    """``metric`` on the outputs per graph output (concatenated over the feeds on axis 0) and the labels.
+def _user_metric(metric: Metric, arrays: list[list[np.ndarray]], labels: np.ndarray,
+                 axes: Sequence[int] | None = None) -> float:
+    """``metric`` on the outputs per graph output (concatenated over the feeds on their sample axes) and the labels.
+
+    An output's sample axis (``axes``) is 0, or 1 for a sequence-first output ``[seq, batch, ...]``
+    (:func:`onnxpress.calibration.readers.output_sample_axes`); the metric gets the outputs in the model's layout.
 
     Raises:
-        DataError: an output cannot be concatenated over the samples (no axis 0, or other axes differ).
+        DataError: an output cannot be concatenated over the samples (no such axis, or other axes differ).
         OnnxpressError: the metric returned something that is not a finite number.
     """
     outputs = []
     for k in range(len(arrays[0])):
         parts = [np.asarray(outs[k]) for outs in arrays]
+        axis = axes[k] if axes and k < len(axes) else 0
         try:
-            outputs.append(parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0))
-        except ValueError:
+            outputs.append(parts[0] if len(parts) == 1 else np.concatenate(parts, axis=axis))
+        except (ValueError, np.exceptions.AxisError):
             raise DataError(
-                f"output {k} of the model cannot be joined over the evaluation batches on axis 0 (shapes "
-                f"{[list(x.shape) for x in parts[:3]]}); the metric receives each output with its samples on axis 0"
+                f"output {k} of the model cannot be joined over the evaluation batches on axis {axis} (shapes "
+                f"{[list(x.shape) for x in parts[:3]]}); the metric receives each output with its samples on axis "
+                f"{axis}"
             ) from None
     value = metric(outputs, labels)
     try:

@@ -384,7 +384,8 @@ def _outputs(model: onnx.ModelProto, feeds: Sequence[dict[str, np.ndarray]]) -> 
     for feed in feeds:
         for i, value in enumerate(session.run(names, feed)):
             outs[i].append(value)
-    return [np.concatenate(o) for o in outs]
+    return [np.concatenate([v.ravel() for v in o]) for o in outs]  # only compared as flat values (SQNR): batches of
+    # a sequence-first output ([seq, batch, ...]) differ beyond axis 0
 
 
 @scoped_input_dims

@@ -514,9 +514,10 @@ def _check_interfaces(reference: onnx.ModelProto, candidate: onnx.ModelProto, ba
         cand = cand_in[name]
         if spec.shape is not None and cand.shape is not None and len(spec.shape) == len(cand.shape):
             for axis, (r, c) in enumerate(zip(spec.shape, cand.shape, strict=True)):
-                if isinstance(c, int) and r != c and not (axis == 0 and c == batch_size):
+                samples = axis == spec.sample_axis
+                if isinstance(c, int) and r != c and not (samples and c == batch_size):
                     # onnxruntime would refuse the reference's feeds mid-run, in a message cut to its first line
-                    fix = f": compare at that batch, batch_size={c} (--batch {c})" if axis == 0 else ""
+                    fix = f": compare at that batch, batch_size={c} (--batch {c})" if samples else ""
                     raise ValidationError(
                         f"input {name!r}: the candidate fixes axis {axis} to {c} where the reference takes "
                         f"{'any size' if not isinstance(r, int) else r} ({cand.describe()} against "

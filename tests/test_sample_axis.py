@@ -144,3 +144,87 @@ def test_a_model_input_with_a_fixed_mask_beside_a_sequence_first_input():
              for i, n in enumerate((2, 3))]
     (batch,) = open_data(feeds, model).batches(8)
     assert batch["x"].shape == (5, 5, D) and batch["w"][:, 0].tolist() == [0, 0, 1, 1, 1]
+
+
+def _gru_inits(r, d_in):
+    return {"W": (r.standard_normal((1, 3 * H, d_in)) * 0.5).astype(np.float32),
+            "R": (r.standard_normal((1, 3 * H, H)) * 0.5).astype(np.float32)}
+
+
+def test_detection_through_an_embedding_and_a_sliced_initial_state_and_a_shared_name():
+    """Token ids into an embedding, and a two-layer h0 that torch slices per layer: both found on axis 1."""
+    r = graphs.rng(5)
+    inits = {"table": r.standard_normal((11, D)).astype(np.float32), **_gru_inits(r, D),
+             "s0": np.array([0], np.int64), "s1": np.array([1], np.int64)}
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["e"]),
+             helper.make_node("Slice", ["h0", "s0", "s1", "s0"], ["h0_0"]),  # layer 0's state: axis 0 cut
+             helper.make_node("GRU", ["e", "W", "R", "", "", "h0_0"], ["Y"], hidden_size=H)]
+    graph = helper.make_graph(
+        nodes, "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["T", "M"]),
+         helper.make_tensor_value_info("h0", TensorProto.FLOAT, [2, "M", H]),
+         helper.make_tensor_value_info("mask", TensorProto.FLOAT, ["M", "T"])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["T", 1, "M", H])],
+        [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    # ids and h0 from the GRU; the unused mask shares the dimension name M (its axis 0 stays)
+    assert sample_axes(model) == {"ids": 1, "h0": 1}
+    assert fixed_batch_inputs(model) == []  # h0's fixed 2 is its layer axis, not a fixed batch
+    # a Slice of the traced axis itself concludes nothing for h0 (M is then only shared by name)
+    nodes[1] = helper.make_node("Slice", ["h0", "s0", "s1", "s1"], ["h0_0"])
+    graph.ClearField("node")
+    graph.node.extend(nodes)
+    assert sample_axes(model) == {"ids": 1, "h0": 1}
+
+
+def test_a_fixed_axis_0_keeps_the_samples_there_whatever_the_names():
+    """A batch-1 point cloud ``[1, N, 3]`` (N points): its fixed axis 0 is the batch; N is not."""
+    for dims, want in [([1, "N", 3], {}), ([1, "batch", 3], {}), (["seq", "N", 3], {"X": 1})]:
+        model = graphs.make_model([helper.make_node("Relu", ["X"], ["Y"])], [("X", dims)], [("Y", dims)])
+        assert sample_axes(model) == want, dims
+
+
+def test_finetune_refuses_a_sequence_first_model_by_name():
+    pytest.importorskip("torch")
+    from onnxpress.errors import UnsupportedModelError
+
+    model = gru_cumsum()
+    feeds = [{"x": graphs.rng(0).standard_normal((9, 4, D)).astype(np.float32)}]
+    with pytest.raises(UnsupportedModelError, match=r"input 'x' holds its samples on axis 1 \(sequence-first.*"
+                                                    r"batch_first=True"):
+        onnxpress.finetune(model, model, feeds, epochs=1)
+
+
+def test_validate_takes_a_candidate_fixed_on_the_batch_axis_at_that_batch():
+    model = gru_cumsum()
+    fixed = gru_cumsum(dims=("seq", 3, D))
+    feeds = [{"x": graphs.rng(6).standard_normal((9, 6, D)).astype(np.float32)}]
+    from onnxpress.errors import ValidationError
+
+    with pytest.raises(ValidationError, match=r"fixes axis 1 to 3 .*--batch 3"):
+        onnxpress.validate(model, fixed, feeds, latency=False, batch_size=4)
+    report = onnxpress.validate(model, fixed, feeds, latency=False, batch_size=3)
+    assert report.samples == 6 and report.outputs[0].max_abs_error == 0.0
+
+
+def test_a_metric_gets_sequence_first_outputs_joined_on_their_batch_axis():
+    from onnxpress.calibration.readers import output_sample_axes
+    from onnxpress.optimize import _user_metric
+
+    model = gru_cumsum()
+    assert output_sample_axes(model) == [1]
+    got = []
+    parts = [[np.zeros((9, n, H), np.float32)] for n in (4, 2)]
+    _user_metric(lambda outs, labels: got.append(outs[0].shape) or 1.0, parts, np.zeros(6), output_sample_axes(model))
+    assert got == [(9, 6, H)]
+
+
+def test_the_prune_scan_compares_sequence_first_outputs_of_batches_of_different_sizes():
+    """Its reference outputs were joined on axis 0: [9, 4, H] and [9, 2, H] raised numpy's ValueError."""
+    model = gru_cumsum()
+    r = graphs.rng(7)
+    feeds = [{"x": r.standard_normal((9, n, D)).astype(np.float32)} for n in (4, 2)]
+    rows = onnxpress.sensitivity_scan(model, feeds, batch_size=4)
+    assert isinstance(rows, list)

@@ -21,7 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("quantize", help="int8 QDQ quantization from calibration data (or int4 weight-only)")
     p.add_argument("model", help="input .onnx model (never modified)")
     p.add_argument("-o", "--output", required=True, help="where to write the quantized model")
-    p.add_argument("--calib", help=".npz of inputs (samples on axis 0) or a folder of .npz feeds")
+    p.add_argument("--calib", help=".npz of inputs (samples on axis 0; axis 1 of a sequence-first "
+                   "[seq, batch, ...] input) or a folder of .npz feeds")
     p.add_argument("--table", help="a calibration table saved by 'onnxpress calibrate' (instead of --calib)")
     p.add_argument(
         "--method",

@@ -968,7 +968,7 @@ def load_labels(source: str | os.PathLike[str] | np.ndarray, key: str = "labels"
 
 def symbolic_sizes(model: onnx.ModelProto, data: DataSource | None = None,
                    given: Mapping[str, int] | None = None) -> dict[str, int]:
-    """Sizes of the model inputs' symbolic dimensions beyond axis 0: ``given``, then the first sample of ``data``.
+    """Sizes of the model inputs' symbolic dimensions but the batch axis: ``given``, then the first sample of ``data``.
 
     Keyed as :func:`onnxpress.passes.flops.symbolic_input_dims` keys them: the dimension's name, or
     ``"<input>:<axis>"`` for an unnamed one (a name shared by several inputs takes its first place's size).
@@ -981,7 +981,9 @@ def symbolic_sizes(model: onnx.ModelProto, data: DataSource | None = None,
 
     sizes = {str(k): int(v) for k, v in (given or {}).items()}
     wanted = symbolic_input_dims(model)
-    batch = {d.dim_param for vi in model.graph.input for d in vi.type.tensor_type.shape.dim[:1] if d.dim_param}
+    axes = sample_axes(model)
+    batch = {d.dim_param for vi in model.graph.input
+             for d in vi.type.tensor_type.shape.dim[axes.get(vi.name, 0):][:1] if d.dim_param}
     unknown = sorted(set(sizes) - set(wanted))
     if unknown:  # a typo would count MACs at the first sample's size without a word
         has = f"it has {sorted(wanted)}" if wanted else "it has none (every input dimension beyond the batch is fixed)"

@@ -128,18 +128,23 @@ def scoped_input_dims(fn: _F) -> _F:
 
 
 def symbolic_input_dims(model: onnx.ModelProto) -> dict[str, tuple[str, int]]:
-    """``{key: (input, axis)}`` of the graph inputs' dimensions beyond axis 0 without a static size.
+    """``{key: (input, axis)}`` of the graph inputs' dimensions without a static size, the batch axis left out.
 
-    The key is the dimension's name (``dim_param``), or ``"<input>:<axis>"`` when it has none; a name
-    shared by several inputs is listed once (its first place).
+    The batch axis is axis 0, or axis 1 of a sequence-first input (``[seq, batch, d]``:
+    :func:`onnxpress.calibration.readers.sample_axes`), whose ``seq`` is then listed. The key is the
+    dimension's name (``dim_param``), or ``"<input>:<axis>"`` when it has none; a name shared by several inputs
+    is listed once (its first place).
     """
+    from onnxpress.calibration.readers import sample_axes  # the readers' notion of the batch axis
+
     inits = {i.name for i in model.graph.initializer}
+    samples = sample_axes(model)
     out: dict[str, tuple[str, int]] = {}
     for vi in model.graph.input:
         if vi.name in inits or not vi.type.tensor_type.HasField("shape"):
             continue
         for axis, d in enumerate(vi.type.tensor_type.shape.dim):
-            if axis and not d.HasField("dim_value"):
+            if axis != samples.get(vi.name, 0) and not d.HasField("dim_value"):
                 out.setdefault(d.dim_param or f"{vi.name}:{axis}", (vi.name, axis))
     return out
 
@@ -148,9 +153,9 @@ def shapes_at(model: onnx.ModelProto, batch: int = 1, dims: Mapping[str, int] | 
               need: Iterable[str] = ()) -> dict[str, tuple[int | None, ...]]:
     """Every tensor's shape (``None`` for an unknown dim) at batch ``batch``, from onnx's shape inference.
 
-    The inputs' symbolic leading dimension takes ``batch``, the others ``dims`` (``None``: those of
-    :func:`assume_input_dims`). Where a tensor named in ``need`` is left incomplete, onnxruntime's symbolic
-    inference fills in what it knows, as :func:`count_macs` does (a legacy export of
+    The inputs' symbolic batch dimension (axis 0, or 1 of a sequence-first input) takes ``batch``, the others
+    ``dims`` (``None``: those of :func:`assume_input_dims`). Where a tensor named in ``need`` is left incomplete,
+    onnxruntime's symbolic inference fills in what it knows, as :func:`count_macs` does (a legacy export of
     ``scaled_dot_product_attention`` loses onnx's shapes after its Reshape).
 
     Raises:
@@ -169,6 +174,9 @@ def _sized_copy(model: onnx.ModelProto, batch: int, sizes: Mapping[str, int]) ->
     Its symbolic input dims take ``batch`` and ``sizes``, its value_info is dropped, and quantized LSTMs read
     as LSTMs.
     """
+    from onnxpress.calibration.readers import sample_axes
+
+    samples = sample_axes(model)
     model = _standard_recurrent(shape_only_copy(model))
     inits = {i.name for i in model.graph.initializer}
     for vi in model.graph.input:
@@ -177,7 +185,7 @@ def _sized_copy(model: onnx.ModelProto, batch: int, sizes: Mapping[str, int]) ->
         for axis, d in enumerate(vi.type.tensor_type.shape.dim):
             if d.HasField("dim_value"):
                 continue
-            size = batch if axis == 0 else sizes.get(d.dim_param or f"{vi.name}:{axis}")
+            size = batch if axis == samples.get(vi.name, 0) else sizes.get(d.dim_param or f"{vi.name}:{axis}")
             if size is not None:
                 d.Clear()
                 d.dim_value = size

@@ -228,3 +228,24 @@ def test_the_prune_scan_compares_sequence_first_outputs_of_batches_of_different_
     feeds = [{"x": r.standard_normal((9, n, D)).astype(np.float32)} for n in (4, 2)]
     rows = onnxpress.sensitivity_scan(model, feeds, batch_size=4)
     assert isinstance(rows, list)
+
+
+def test_macs_are_counted_per_sequence_as_for_the_batch_first_export():
+    """The batch axis takes the per-sample size and ``seq`` is a dimension to size: before, ``seq`` was read as
+    the batch and counting failed, asking for the size of ``batch``."""
+    from onnxpress.calibration.readers import symbolic_sizes
+    from onnxpress.passes.flops import count_macs, scoped_input_dims, symbolic_input_dims
+
+    first, batch_first = gru_cumsum(), gru_cumsum(transpose=True, dims=("batch", "seq", D))
+    assert symbolic_input_dims(first) == {"seq": ("x", 0)}
+    feeds = [{"x": np.zeros((40, 3, D), np.float32)}]
+    assert symbolic_sizes(first, feeds) == {"seq": 40}
+
+    @scoped_input_dims
+    def macs(model):
+        from onnxpress.passes.flops import assume_input_dims
+
+        assume_input_dims({"seq": 40})
+        return sum(count_macs(model).values())
+
+    assert macs(first) == macs(batch_first) > 0

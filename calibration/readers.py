@@ -50,7 +50,7 @@ from typing import Any, TypeVar, Union
 import numpy as np
 import onnx
 
-from onnxpress.errors import DataError, UnsupportedModelError
+from onnxpress.errors import ArgumentError, DataError, UnsupportedModelError
 
 __all__ = [
     "DataReader",
@@ -64,6 +64,7 @@ __all__ = [
     "open_data",
     "output_sample_axes",
     "sample_axes",
+    "samples_on",
     "samples_in",
     "symbolic_sizes",
 ]
@@ -164,6 +165,33 @@ _SAME_AXES = frozenset({
 _ELEMENTWISE = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min"})
 
 
+_GIVEN_AXES: contextvars.ContextVar[Mapping[str, int] | None] = contextvars.ContextVar("onnxpress_sample_axes",
+                                                                                      default=None)
+
+
+@contextlib.contextmanager
+def samples_on(axes: Mapping[str, int]) -> Iterator[None]:
+    """Within this block, the named model inputs hold their samples on the given axes, whatever is detected.
+
+    For a sequence-first model that :func:`sample_axes` cannot tell (no RNN, dimensions not named like a batch):
+    ``with onnxpress.samples_on({"x": 1}): onnxpress.quantize(...)``; the CLI's ``--sample-axis x=1``. An axis
+    of 0 turns a detection off.
+
+    Raises:
+        ArgumentError: a name that is not a string, or an axis that is not an integer >= 0.
+    """
+    checked: dict[str, int] = {}
+    for name, axis in dict(axes).items():
+        if not isinstance(name, str) or isinstance(axis, bool) or not isinstance(axis, int) or axis < 0:
+            raise ArgumentError(f"sample axes map input names to axes >= 0 (--sample-axis x=1), got {name!r}: {axis!r}")
+        checked[name] = axis
+    token = _GIVEN_AXES.set(checked)
+    try:
+        yield
+    finally:
+        _GIVEN_AXES.reset(token)
+
+
 def _batch_like(dim: Dim) -> bool:
     """A symbolic dimension whose name reads as a batch: ``batch``, ``batch_size``, ``N``, ``B``, ``bs``."""
     return isinstance(dim, str) and ("batch" in dim.lower() or dim.lower() in ("n", "b", "bs"))
@@ -186,8 +214,8 @@ def sample_axes(model: onnx.ModelProto) -> dict[str, int]:
        axis other than 0, where axis 0 is symbolic too and not named so: ``[seq, batch, d]``. A fixed axis 0
        (a point cloud ``[1, N, 3]``) keeps it: the fixed axis is the batch there.
 
-    Everything else keeps axis 0. Readers stack, cut and count samples along this axis, so a sequence is never
-    joined to the next one or cut in time.
+    :func:`samples_on` (``--sample-axis``) overrides both. Everything else keeps axis 0. Readers stack, cut and
+    count samples along this axis, so a sequence is never joined to the next one or cut in time.
     """
     g = model.graph
     ranks = {init.name: len(init.dims) for init in g.initializer}
@@ -223,6 +251,17 @@ def sample_axes(model: onnx.ModelProto) -> dict[str, int]:
             found[name] = same[0]
         elif len(shape) >= 2 and isinstance(shape[0], str) and not _batch_like(shape[0]) and len(named) == 1:
             found[name] = named[0]
+    given = _GIVEN_AXES.get()
+    if given:
+        unknown = sorted(set(given) - set(inputs))
+        if unknown:
+            raise ArgumentError(f"sample axis given for {unknown}, which the model does not take as inputs; its "
+                                f"inputs: {sorted(inputs)}")
+        for name, axis in given.items():
+            tt = inputs[name].type.tensor_type
+            if tt.HasField("shape") and axis >= max(len(tt.shape.dim), 1):
+                raise ArgumentError(f"sample axis {axis} of input {name!r}: it has rank {len(tt.shape.dim)}")
+            found[name] = axis
     return {name: axis for name, axis in found.items() if axis}
 
 

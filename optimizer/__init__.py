@@ -11,6 +11,7 @@ from __future__ import annotations
 from onnxpress.advanced import absorb_high_bias, codebook, correct_bias, equalize, smoothquant
 from onnxpress.api import cleanup
 from onnxpress.calibrate import calibrate
+from onnxpress.calibration.readers import samples_on
 from onnxpress.driver import TransformResult, transform
 from onnxpress.errors import (
     ArgumentError,
@@ -65,6 +66,7 @@ __all__ = [
     "prune",
     "quantize",
     "run_passes",
+    "samples_on",
     "save_model",
     "sensitivity_scan",
     "smoothquant",

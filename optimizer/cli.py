@@ -54,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
 def add_common(parser: argparse.ArgumentParser) -> None:
     """Options every subcommand shares."""
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--sample-axis", action="append", type=_sample_axis, default=[], metavar="INPUT=AXIS",
+                        dest="sample_axes", help="the axis of INPUT that holds the samples, where onnxpress cannot "
+                        "tell (a sequence-first [seq, batch, ...] input: x=1; found by itself for an RNN's input or "
+                        "a dimension named batch); repeatable")
 
 
 def int_at_least(minimum: int, what: str):
@@ -117,6 +121,13 @@ def dims_of(args: argparse.Namespace) -> dict[str, int]:
     return out
 
 
+def _sample_axis(text: str) -> tuple[str, int]:
+    name, sep, axis = text.rpartition("=")
+    if not sep or not name or not axis.isdigit():
+        raise argparse.ArgumentTypeError(f"expected INPUT=AXIS with an axis >= 0, got {text!r}")
+    return name, int(axis)
+
+
 def _dim(text: str) -> tuple[str, int]:
     name, eq, size = text.rpartition("=")
     if not eq or not name or not size.isdigit() or int(size) < 1:
@@ -143,8 +154,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     # SIGTERM (kill, a job scheduler's timeout) unwinds like Ctrl-C, so the scratch files beside the output are
     # removed: it used to end the process where it stood, leaving .onnxpress-*/ with a partial model
     previous = _handle_sigterm()
+    from onnxpress.calibration.readers import samples_on
+
     try:
-        return int(args.func(args) or 0)
+        with samples_on(dict(getattr(args, "sample_axes", []))):
+            return int(args.func(args) or 0)
     except OnnxpressError as exc:
         print(f"onnxpress: error: {exc}", file=sys.stderr)
         return 2

@@ -249,3 +249,49 @@ def test_macs_are_counted_per_sequence_as_for_the_batch_first_export():
         return sum(count_macs(model).values())
 
     assert macs(first) == macs(batch_first) > 0
+
+
+def test_a_sample_axis_the_graph_does_not_tell_can_be_given(tmp_path):
+    """Dimensions named L and M, no RNN: nothing to detect; ``samples_on`` / ``--sample-axis`` say it."""
+    from onnxpress.calibration.readers import samples_on
+    from onnxpress.cli import main
+    from onnxpress.errors import ArgumentError
+
+    r = graphs.rng(8)
+    inits = {"c": np.array(0, np.int64), "one": np.ones(D, np.float32)}
+    nodes = [helper.make_node("CumSum", ["X", "c"], ["s"]), helper.make_node("Mul", ["s", "one"], ["Y"])]
+    model = graphs.make_model(nodes, [("X", ["L", "M", D])], [("Y", ["L", "M", D])], inits)
+    assert sample_axes(model) == {}
+    with samples_on({"X": 1}):
+        assert sample_axes(model) == {"X": 1}
+        assert [s.sample_axis for s in model_inputs(model)] == [1]
+    assert sample_axes(gru_cumsum()) == {"x": 1}
+    with samples_on({"x": 0}):  # 0 turns a detection off
+        assert sample_axes(gru_cumsum()) == {}
+    with samples_on({"Q": 1}), pytest.raises(ArgumentError, match=r"\['Q'\].*its inputs: \['X'\]"):
+        sample_axes(model)
+    with samples_on({"X": 3}), pytest.raises(ArgumentError, match="sample axis 3 of input 'X': it has rank 3"):
+        sample_axes(model)
+    with pytest.raises(ArgumentError, match="axes >= 0"), samples_on({"X": -1}):
+        pass
+    # a running sum over L: calibrated per sequence only when the axis is given
+    feeds = [{"X": r.standard_normal((30, 1, D)).astype(np.float32)} for _ in range(4)]
+    truth = max(float(np.abs(np.cumsum(f["X"], axis=0)).max()) for f in feeds)
+
+    def amax(batch_size):
+        table = onnxpress.calibrate(model, feeds, method="minmax", batch_size=batch_size, tensors=["s"])
+        return max(-table.ranges["s"].min, table.ranges["s"].max)
+
+    assert amax(64) != pytest.approx(truth, rel=1e-5)  # joined in time: 120 steps summed
+    with samples_on({"X": 1}):
+        assert amax(64) == pytest.approx(truth, rel=1e-5) and amax(2) == pytest.approx(truth, rel=1e-5)
+    # the CLI flag, on every command
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    np.savez(tmp_path / "d.npz", X=np.concatenate([f["X"] for f in feeds], axis=1))
+    assert main(["calibrate", str(path), "--data", str(tmp_path / "d.npz"), "-o", str(tmp_path / "t.npz"),
+                 "--method", "minmax", "--sample-axis", "X=1", "-q"]) == 0
+    from onnxpress.calibration.table import CalibrationTable
+
+    table = CalibrationTable.load(tmp_path / "t.npz")
+    assert max(-table.ranges["s"].min, table.ranges["s"].max) == pytest.approx(truth, rel=1e-5)

@@ -40,6 +40,7 @@ import copy
 import dataclasses
 import functools
 import logging
+import numbers
 import os
 import weakref
 import zipfile
@@ -157,6 +158,8 @@ def model_inputs(model: onnx.ModelProto) -> tuple[InputSpec, ...]:
 # Sample axes. Hand-written because no library says where a graph's batch axis is: onnxruntime's own quantizer
 # assumes axis 0 and joins sequences end to end on a sequence-first model.
 _RNNS = frozenset({"RNN", "GRU", "LSTM"})
+_CONTRIB_RNNS = frozenset({"DynamicQuantizeLSTM"})  # onnxruntime's int8 LSTM (quantize's): LSTM's inputs, seq-first
+_PASS_QDQ = frozenset({"QuantizeLinear", "DequantizeLinear"})  # a QDQ model's activations: axes kept
 _SAME_AXES = frozenset({
     "Identity", "Cast", "Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", "Tanh", "Sigmoid", "HardSigmoid",
     "HardSwish", "Softplus", "Softsign", "Gelu", "Erf", "Neg", "Abs", "Exp", "Log", "Sqrt", "Reciprocal", "Floor",
@@ -182,9 +185,9 @@ def samples_on(axes: Mapping[str, int]) -> Iterator[None]:
     """
     checked: dict[str, int] = {}
     for name, axis in dict(axes).items():
-        if not isinstance(name, str) or isinstance(axis, bool) or not isinstance(axis, int) or axis < 0:
+        if not isinstance(name, str) or isinstance(axis, bool) or not isinstance(axis, numbers.Integral) or axis < 0:
             raise ArgumentError(f"sample axes map input names to axes >= 0 (--sample-axis x=1), got {name!r}: {axis!r}")
-        checked[name] = axis
+        checked[name] = int(axis)
     token = _GIVEN_AXES.set(checked)
     try:
         yield
@@ -226,14 +229,17 @@ def sample_axes(model: onnx.ModelProto) -> dict[str, int]:
             ranks[node.output[0]] = len(value.dims) if value is not None else 0
             if value is not None and len(value.dims) <= 1:
                 values[node.output[0]] = value
+        elif node.op_type == "DequantizeLinear" and node.input and node.input[0] in ranks:  # a QDQ weight
+            ranks[node.output[0]] = ranks[node.input[0]]
     inputs = {vi.name: vi for vi in g.input if vi.name not in ranks}
     producer = {o: node for node in g.node for o in node.output if o}
     found: dict[str, int] = {}
     for node in g.node:
-        if node.op_type not in _RNNS or node.domain not in ("", "ai.onnx"):
+        standard = node.op_type in _RNNS and node.domain in ("", "ai.onnx")
+        if not standard and not (node.op_type in _CONTRIB_RNNS and node.domain == "com.microsoft"):
             continue
         layout = next((a.i for a in node.attribute if a.name == "layout"), 0)
-        for index in (0, 5, 6) if node.op_type == "LSTM" else (0, 5):
+        for index in (0, 5) if node.op_type in ("RNN", "GRU") else (0, 5, 6):
             if index < len(node.input) and node.input[index]:
                 hit = _trace_axis(node.input[index], 0 if layout else 1, producer, ranks, values, inputs)
                 if hit is not None:
@@ -300,6 +306,9 @@ def _trace_axis(name: str, axis: int, producer: Mapping[str, onnx.NodeProto], ra
         node = producer.get(name)
         if node is None or node.domain not in ("", "ai.onnx"):
             return None
+        if node.op_type in _PASS_QDQ and node.input[0] not in ranks:
+            name = node.input[0]
+            continue
         if node.op_type == "Transpose":
             perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
             if perm is None or axis >= len(perm):
@@ -463,7 +472,26 @@ def check_feed(
         _check_finite(spec.name, arr, where, offset, spec.sample_axis)
         out[spec.name] = arr
     _check_named_dims(out, specs, where)
+    _check_sample_counts(out, specs, where)
     return out
+
+
+def _check_sample_counts(feed: Mapping[str, np.ndarray], specs: Sequence[InputSpec], where: str) -> None:
+    """Inputs with dynamic sample axes hold as many samples, where one of them is not on axis 0.
+
+    Only then: a model whose inputs all take axis 0 may have a second dynamic axis 0 that is not a batch (boxes),
+    and its feeds run as stored. But ``x[seq, batch]`` told ``--sample-axis x=0`` beside ``h0[layers, batch]`` ran
+    20 time steps as 20 samples beside 24 sequences, without a word.
+    """
+    if all(s.sample_axis == 0 for s in specs):
+        return
+    counts = {s.name: int(feed[s.name].shape[s.sample_axis]) for s in specs
+              if s.dynamic_samples and s.name in feed and feed[s.name].ndim > s.sample_axis}
+    if len(set(counts.values())) > 1:
+        axes = ", ".join(f"{s.name}: axis {s.sample_axis}" for s in specs if s.name in counts)
+        raise DataError(f"{where}: the inputs hold different numbers of samples on their sample axes ({axes}): "
+                        f"{counts}; give every input the same samples, or say where they are with --sample-axis "
+                        "INPUT=AXIS (onnxpress.samples_on in Python)")
 
 
 def _check_named_dims(feed: Mapping[str, np.ndarray], specs: Sequence[InputSpec], where: str) -> None:

@@ -121,6 +121,16 @@ def dims_of(args: argparse.Namespace) -> dict[str, int]:
     return out
 
 
+def _sample_axes_of(args: argparse.Namespace) -> dict[str, int]:
+    """The ``--sample-axis`` axes as a dict; one input given two different axes is an error, as for ``--dim``."""
+    axes: dict[str, int] = {}
+    for name, axis in getattr(args, "sample_axes", []):
+        if axes.get(name, axis) != axis:
+            raise OnnxpressError(f"--sample-axis {name} is given twice, as {axes[name]} and {axis}: give it once")
+        axes[name] = axis
+    return axes
+
+
 def _sample_axis(text: str) -> tuple[str, int]:
     name, sep, axis = text.rpartition("=")
     if not sep or not name or not axis.isdigit():
@@ -157,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from onnxpress.calibration.readers import samples_on
 
     try:
-        with samples_on(dict(getattr(args, "sample_axes", []))):
+        with samples_on(_sample_axes_of(args)):
             return int(args.func(args) or 0)
     except OnnxpressError as exc:
         print(f"onnxpress: error: {exc}", file=sys.stderr)

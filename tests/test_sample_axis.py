@@ -295,3 +295,61 @@ def test_a_sample_axis_the_graph_does_not_tell_can_be_given(tmp_path):
 
     table = CalibrationTable.load(tmp_path / "t.npz")
     assert max(-table.ranges["s"].min, table.ranges["s"].max) == pytest.approx(truth, rel=1e-5)
+
+
+def lstm_h0(dims=("T", "M")):
+    """x[T, M, D], h0/c0[1, M, H] -> LSTM -> Squeeze -> s -> Mul -> y (anonymous dimensions: only the LSTM tells)."""
+    r = graphs.rng(9)
+    t, m = dims
+    inits = {"W": (r.standard_normal((1, 4 * H, D)) * 0.5).astype(np.float32),
+             "R": (r.standard_normal((1, 4 * H, H)) * 0.5).astype(np.float32),
+             "one": np.array([1], np.int64), "g": np.full(H, 2.0, np.float32)}
+    nodes = [helper.make_node("LSTM", ["x", "W", "R", "", "", "h0", "c0"], ["Y"], hidden_size=H),
+             helper.make_node("Squeeze", ["Y", "one"], ["s"]), helper.make_node("Mul", ["s", "g"], ["y"])]
+    return graphs.make_model(nodes, [("x", [t, m, D]), ("h0", [1, m, H]), ("c0", [1, m, H])],
+                             [("y", [t, m, H])], inits, opset=17)
+
+
+def test_quantized_models_keep_their_sample_axes_and_validate_compares_past_the_lstm():
+    """quantize's int8 LSTM is onnxruntime's DynamicQuantizeLSTM, and a QDQ model puts Q/DQ on the way: detection
+    lost both (h0 then read as a fixed batch of 1), and --layers compared nothing after the contrib op."""
+    model = lstm_h0()
+    assert sample_axes(model) == {"x": 1, "h0": 1, "c0": 1}
+    q = onnxpress.quantize(model).model  # no data: DynamicQuantizeLSTM
+    assert any(n.op_type == "DynamicQuantizeLSTM" for n in q.graph.node)
+    assert sample_axes(q) == {"x": 1, "h0": 1, "c0": 1}
+    r = graphs.rng(10)
+    feeds = [{"x": r.standard_normal((6, 3, D)).astype(np.float32),
+              "h0": r.standard_normal((1, 3, H)).astype(np.float32),
+              "c0": r.standard_normal((1, 3, H)).astype(np.float32)}]
+    del q.graph.value_info[:]  # as a model saved elsewhere may come: onnx's inference then stops at the contrib op
+    report = onnxpress.validate(model, q, feeds, latency=False, layers=True)
+    assert report.samples == 3 and report.layer_samples == 3
+    assert {"Y", "s"} <= {t.name for t in report.layers}  # values after the contrib op, which onnx cannot type
+    # a static QDQ model: x -> Q -> DQ -> MatMul(DQ(W)) -> ... -> GRU
+    static = onnxpress.quantize(gru_cumsum(dims=("T", "B2", D)), calib=[{"x": np.ones((5, 2, D), np.float32)}]).model
+    assert any(n.op_type == "DequantizeLinear" for n in static.graph.node)
+    assert sample_axes(static) == {"x": 1}
+
+
+def test_inputs_on_different_axes_must_hold_as_many_samples():
+    from onnxpress.calibration.readers import samples_on
+    from onnxpress.errors import DataError
+
+    model = lstm_h0()
+    feeds = [{"x": np.zeros((6, 3, D), np.float32), "h0": np.zeros((1, 3, H), np.float32),
+              "c0": np.zeros((1, 3, H), np.float32)}]
+    assert open_data(feeds, model).num_samples == 3
+    with samples_on({"x": 0}), pytest.raises(DataError, match=r"different numbers of samples.*x: axis 0, h0: axis 1"):
+        list(open_data(feeds, model).batches(8))
+
+
+def test_the_cli_refuses_one_input_given_two_sample_axes(tmp_path, capsys):
+    from onnxpress.cli import main
+
+    path = tmp_path / "m.onnx"
+    onnx.save(gru_cumsum(), path)
+    np.savez(tmp_path / "d.npz", x=np.zeros((5, 2, D), np.float32))
+    assert main(["calibrate", str(path), "--data", str(tmp_path / "d.npz"), "-o", str(tmp_path / "t.npz"),
+                 "--sample-axis", "x=1", "--sample-axis", "x=0", "-q"]) == 2
+    assert "--sample-axis x is given twice, as 1 and 0" in capsys.readouterr().err

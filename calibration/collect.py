@@ -499,7 +499,9 @@ def collect_statistics(
                 values = session.run(fetch, feed, quiet) if fetch else []
             except Exception as exc:  # onnxruntime raises its own InvalidArgument/Fail types
                 msg = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-                raise DataError(f"onnxruntime rejected a calibration batch: {msg}") from None
+                from onnxpress.calibration.readers import sample_axis_hint
+
+                raise DataError(f"onnxruntime rejected a calibration batch: {msg}{sample_axis_hint(model)}") from None
             if pending is not None:
                 pending.result()  # the previous batch is observed (re-raises its error)
             batch = list(zip(fetch, values, strict=True)) + [(k, feed[k]) for k in names if k in feed]

@@ -65,6 +65,7 @@ __all__ = [
     "open_data",
     "output_sample_axes",
     "sample_axes",
+    "sample_axis_hint",
     "samples_on",
     "samples_in",
     "symbolic_sizes",
@@ -269,6 +270,23 @@ def sample_axes(model: onnx.ModelProto) -> dict[str, int]:
                 raise ArgumentError(f"sample axis {axis} of input {name!r}: it has rank {len(tt.shape.dim)}")
             found[name] = axis
     return {name: axis for name, axis in found.items() if axis}
+
+
+def sample_axis_hint(model: onnx.ModelProto) -> str:
+    """What to add to an onnxruntime failure on a batch, where a sequence-first input may have gone undetected.
+
+    An input of rank >= 3 whose first two dimensions are both dynamic, the first not named like a batch, and no
+    sample axis found or given: batches joined on axis 0 may be sequences joined in time, and a traced export's
+    fixed Reshapes then fail deep inside.
+    """
+    if sample_axes(model):
+        return ""
+    for spec in model_inputs(model):
+        if (spec.shape is not None and len(spec.shape) >= 3 and not any(isinstance(d, int) for d in spec.shape[:2])
+                and not _batch_like(spec.shape[0])):
+            return (f"; if {spec.name!r} holds its samples on axis 1 (sequence-first, [seq, batch, ...]), say so: "
+                    f"--sample-axis {spec.name}=1 (onnxpress.samples_on({{{spec.name!r}: 1}}) in Python)")
+    return ""
 
 
 def output_sample_axes(model: onnx.ModelProto) -> list[int]:

@@ -353,3 +353,19 @@ def test_the_cli_refuses_one_input_given_two_sample_axes(tmp_path, capsys):
     assert main(["calibrate", str(path), "--data", str(tmp_path / "d.npz"), "-o", str(tmp_path / "t.npz"),
                  "--sample-axis", "x=1", "--sample-axis", "x=0", "-q"]) == 2
     assert "--sample-axis x is given twice, as 1 and 0" in capsys.readouterr().err
+
+
+def test_an_onnxruntime_failure_on_a_batch_suggests_the_flag_where_the_axis_may_be_missed():
+    from onnxpress.errors import DataError, ValidationError
+
+    inits = {"shape": np.array([3, 1, D], np.int64)}  # a traced export's fixed Reshape
+    nodes = [helper.make_node("Reshape", ["X", "shape"], ["r"]), helper.make_node("Relu", ["r"], ["Y"])]
+    feeds = [{"X": np.ones((3, 1, D), np.float32)} for _ in range(2)]
+    for dims, hinted in [(["L", "M", D], True), (["batch", "seq", D], False)]:
+        model = graphs.make_model(nodes, [("X", dims)], [("Y", [3, 1, D])], inits)
+        with pytest.raises(DataError, match="rejected a calibration batch") as info:
+            onnxpress.calibrate(model, feeds, method="minmax")
+        assert ("--sample-axis X=1" in str(info.value)) == hinted
+        with pytest.raises(ValidationError, match="failed to run the reference") as info:
+            onnxpress.validate(model, model, feeds, latency=False)
+        assert ("--sample-axis X=1" in str(info.value)) == hinted

@@ -366,7 +366,9 @@ def _sliced_axes(node: onnx.NodeProto, values: Mapping[str, onnx.TensorProto]) -
             if index >= len(node.input) or not node.input[index]:
                 return None
             tensor = values.get(node.input[index])
-            return None if tensor is None else [int(v) for v in onnx.numpy_helper.to_array(tensor).ravel()]
+            if tensor is None or tensor.data_location == onnx.TensorProto.EXTERNAL:  # not loaded: no conclusion
+                return None
+            return [int(v) for v in onnx.numpy_helper.to_array(tensor).ravel()]
 
         starts, axes = const(1), const(3)
         if axes is None:

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from onnxpress.calibration.readers import sample_axes
 from onnxpress.errors import ArgumentError, DataError, OnnxpressError, UnsupportedModelError
 from onnxpress.model_io import (
     ModelSource,
@@ -98,7 +99,7 @@ def kl_nats(teacher: np.ndarray, student: np.ndarray, axis: int = -1) -> float:
     return float(np.mean(np.sum(np.exp(log_t) * (log_t - log_s), axis=-1)))
 
 
-def check_dynamic_batch(model: onnx.ModelProto | None, which: str) -> None:
+def check_dynamic_batch(model: onnx.ModelProto | None, which: str, *, sequence_first: bool = False) -> None:
     """Training runs batches of samples (and the teacher's logits are computed in batches): a fixed batch refused.
 
     A model exported with batch 1 and no dynamic axis once failed deep in onnxruntime ("Got: 64 Expected: 1");
@@ -107,18 +108,17 @@ def check_dynamic_batch(model: onnx.ModelProto | None, which: str) -> None:
     if model is None:
         return
     from onnxpress.calibration.collect import fixed_batch_inputs
-    from onnxpress.calibration.readers import sample_axes
 
     # The training loop gathers, shuffles and splits samples on axis 0 (inputs and the teacher's outputs alike); on a
     # sequence-first input that trained on time steps: a GRU distilled from itself fell from exact to 14.4 dB.
     axes = sample_axes(model)
-    if axes:
+    if axes and not sequence_first:
         name, axis = next(iter(axes.items()))
         raise UnsupportedModelError(
-            f"finetune trains on samples on axis 0, and the {which}'s input {name!r} holds its samples on axis {axis} "
-            "(sequence-first, [seq, batch, ...]); export the model batch-first (e.g. nn.GRU/nn.LSTM(batch_first="
-            "True), input [batch, seq, ...]) to fine-tune it. calibrate, quantize, validate, prune and lowrank take "
-            "it as it is"
+            f"this fine-tune trains on samples on axis 0, and the {which}'s input {name!r} holds its samples on axis "
+            f"{axis} (sequence-first, [seq, batch, ...]); a float `onnxpress finetune` takes it, QAT and optimize "
+            "--finetune do not: export the model batch-first (e.g. nn.GRU/nn.LSTM(batch_first=True), input "
+            "[batch, seq, ...]) for those"
         )
     for name, size in fixed_batch_inputs(model):
         if size is not None:  # a scalar input has no batch axis to fix
@@ -282,7 +282,7 @@ def finetune(
         )  # fmt: skip
     except ValueError as exc:  # a setting out of range: one line naming it, before any data is read
         raise OnnxpressError(f"finetune: {exc}") from None
-    rank = _first_output_rank(student_proto)
+    rank = _first_output_rank(batch_first_view(student_proto) if sample_axes(student_proto) else student_proto)
     reads_axis = teacher is not None and distill == "kl" or labels is not None  # the kl term and the labels
     if rank and reads_axis and (not -rank <= class_axis < rank or class_axis % rank == 0 and rank >= 2):
         valid = ", ".join(map(str, [*range(1, rank), *range(1 - rank, 0)]))
@@ -292,8 +292,13 @@ def finetune(
     if teacher_proto is not None:
         tr.check_same_inputs(student_proto, teacher_proto)
     for which, proto in (("student", student_proto), ("teacher", teacher_proto)):
-        check_dynamic_batch(proto, which)
-    arrays = tr.load_arrays(data, student_proto, max_samples=max_samples)
+        check_dynamic_batch(proto, which, sequence_first=not qat)
+    arrays = tr.load_arrays(data, student_proto, max_samples=max_samples)  # samples moved to axis 0
+    seq_student = None  # a sequence-first student: trained through a batch-first view, written back into its graph
+    if sample_axes(student_proto):
+        seq_student = student_proto
+        student_proto = batch_first_view(student_proto)
+        teacher_proto = None if teacher_proto is None else batch_first_view(teacher_proto)
     n = len(next(iter(arrays.values())))
     total = n
     countable = not isinstance(data, Mapping) and not hasattr(data, "batches")
@@ -348,12 +353,16 @@ def finetune(
     example = {k: v[: min(len(v), 4)] if len(v) >= 2 else np.concatenate([v, v]) for k, v in arrays.items()}
     if plan is not None:
         model = plan.export(module)
+    elif seq_student is not None:  # the view's weights are the student's: written back into its own graph
+        model = module.state_to_onnx(student_proto)
     else:
         model = _float_export(module, student_proto, [example[k] for k in module.input_names], exporter)
     # a quantized export reproduces the module up to one-step rounding flips: bounded by SQNR instead
     diff = validate_against_module(model, module, check, min_sqnr_db=floor_db)
 
     after = _run_onnx(model, arrays)
+    if seq_student is not None:
+        model = module.state_to_onnx(seq_student)
     metrics: dict[str, float] = {}
     if teacher_logits is not None:
         metrics["sqnr_db_before"] = sqnr_db(teacher_logits, before)
@@ -372,6 +381,73 @@ def finetune(
     written = save_model(model, output) if output is not None else None
     mode = "qat in its own graph" if quantized else "qat" if qat else "float"
     return FinetuneResult(model, written, history, diff, metrics, mode)
+
+
+def batch_first_view(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with every sequence-first input and output transposed to hold its samples on axis 0.
+
+    The training loop gathers, shuffles and splits samples on axis 0 (inputs, the teacher's outputs, the labels);
+    a sequence-first GRU trained that way learned from time steps (distilled from itself it fell from exact to
+    14.4 dB). The view feeds each such input ``[batch, seq, ...]`` through a Transpose into the untouched graph, and
+    moves each output's batch axis (:func:`~onnxpress.calibration.readers.output_sample_axes`) to the front. Its
+    initializers are the model's, so the trained weights go back into the model's own graph by name.
+
+    Raises:
+        UnsupportedModelError: an output to move has no declared rank.
+    """
+    from onnxpress.calibration.readers import output_sample_axes
+
+    in_axes = sample_axes(model)
+    out_axes = dict(zip([o.name for o in model.graph.output], output_sample_axes(model), strict=True))
+    view = onnx.ModelProto()
+    view.CopyFrom(model)
+    g = view.graph
+    renamed: dict[str, str] = {}
+    front: list[onnx.NodeProto] = []
+    for vi in g.input:
+        axis = in_axes.get(vi.name, 0)
+        dims = vi.type.tensor_type.shape.dim
+        if not axis or len(dims) <= axis:
+            continue
+        inner = renamed[vi.name] = f"{vi.name}__seq_first"
+        order = [axis] + [j for j in range(len(dims)) if j != axis]  # the view's axis i is the model's order[i]
+        perm = [order.index(j) for j in range(len(dims))]  # and back: Transpose output axis j reads input perm[j]
+        front.append(onnx.helper.make_node("Transpose", [vi.name], [inner], perm=perm, name=f"{inner}_view"))
+        _reorder(dims, order)
+    back: list[onnx.NodeProto] = []
+    for vi in g.output:
+        axis = out_axes.get(vi.name, 0)
+        if not axis:
+            continue
+        if not vi.type.tensor_type.HasField("shape"):
+            raise UnsupportedModelError(f"output {vi.name!r} of the sequence-first model has no declared rank; the "
+                                        "fine-tune cannot move its batch axis")
+        dims = vi.type.tensor_type.shape.dim
+        inner = renamed[vi.name] = f"{vi.name}__seq_first"
+        order = [axis] + [j for j in range(len(dims)) if j != axis]
+        back.append(onnx.helper.make_node("Transpose", [inner], [vi.name], perm=order, name=f"{inner}_view"))
+        _reorder(dims, order)
+    for node in g.node:
+        for i, name in enumerate(node.input):
+            if name in renamed:
+                node.input[i] = renamed[name]
+        for i, name in enumerate(node.output):
+            if name in renamed:
+                node.output[i] = renamed[name]
+    nodes = front + list(g.node) + back
+    del g.node[:]
+    g.node.extend(nodes)
+    del g.value_info[:]
+    return view
+
+
+def _reorder(dims: Any, order: list[int]) -> None:
+    """Reorder a repeated shape field in place: position ``i`` takes the dimension at ``order[i]``."""
+    copies = [onnx.TensorShapeProto.Dimension() for _ in order]
+    for copy, j in zip(copies, order, strict=True):
+        copy.CopyFrom(dims[j])
+    del dims[:]
+    dims.extend(copies)
 
 
 def _first_output_rank(model: onnx.ModelProto) -> int | None:

@@ -183,6 +183,10 @@ class FinetuneHistory:
 def load_arrays(data: Any, model: onnx.ModelProto, *, max_samples: int | None = None) -> dict[str, np.ndarray]:
     """All samples of ``data`` as one array per model input (samples on axis 0).
 
+    A sequence-first input (``[seq, batch, ...]``, :func:`onnxpress.calibration.readers.sample_axes`) is joined
+    on its sample axis and comes back with that axis moved to the front, as
+    :func:`onnxpress.finetune.batch_first_view` takes it.
+
     ``data`` is anything ``onnxpress.calibration.readers.open_data`` accepts (an ``.npz`` path, a
     folder, an iterable of feed dicts, a ``DataReader``); a mapping of arrays is used directly. Float
     inputs come back as float32; integer and bool inputs (token ids, masks) in the type the model
@@ -213,7 +217,13 @@ def load_arrays(data: Any, model: onnx.ModelProto, *, max_samples: int | None = 
             parts[n].append(np.asarray(feed[n]))
     if not parts[names[0]]:
         raise DataError("data holds no samples; give at least one sample per model input")
-    arrays = {n: np.concatenate(v, axis=0) for n, v in parts.items()}
+    try:
+        from onnxpress.calibration.readers import sample_axes
+    except ImportError:
+        axes: dict[str, int] = {}
+    else:
+        axes = sample_axes(model)
+    arrays = {n: np.moveaxis(np.concatenate(v, axis=axes.get(n, 0)), axes.get(n, 0), 0) for n, v in parts.items()}
     counts = {n: len(a) for n, a in arrays.items()}
     if len(set(counts.values())) != 1:
         raise DataError(f"inputs have different sample counts {counts}; give one sample per row of every input")

@@ -393,3 +393,16 @@ def test_an_onnxruntime_failure_on_a_batch_suggests_the_flag_where_the_axis_may_
         with pytest.raises(ValidationError, match="failed to run the reference") as info:
             onnxpress.validate(model, model, feeds, latency=False)
         assert ("--sample-axis X=1" in str(info.value)) == hinted
+
+
+def test_finetune_names_feeds_of_different_lengths_instead_of_numpys_error():
+    """Batch-first or sequence-first, feeds of 20 and 15 steps raised numpy's concatenate ValueError."""
+    pytest.importorskip("torch")
+    from onnxpress.errors import DataError
+
+    r = graphs.rng(12)
+    for model, shape in [(gru_cumsum(), lambda t: (t, 3, D)),
+                         (gru_cumsum(transpose=True, dims=("batch", "seq", D)), lambda t: (3, t, D))]:
+        feeds = [{"x": r.standard_normal(shape(t)).astype(np.float32)} for t in (20, 15)]
+        with pytest.raises(DataError, match=r"input 'x': .*differ beyond the sample axis .*pad or crop"):
+            onnxpress.finetune(model, model, feeds, epochs=1)

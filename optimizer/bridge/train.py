@@ -223,7 +223,18 @@ def load_arrays(data: Any, model: onnx.ModelProto, *, max_samples: int | None = 
         axes: dict[str, int] = {}
     else:
         axes = sample_axes(model)
-    arrays = {n: np.moveaxis(np.concatenate(v, axis=axes.get(n, 0)), axes.get(n, 0), 0) for n, v in parts.items()}
+    arrays = {}
+    for n, v in parts.items():
+        axis = axes.get(n, 0)
+        try:
+            arrays[n] = np.moveaxis(np.concatenate(v, axis=axis), axis, 0)
+        except ValueError:  # numpy's own words named no input and no way out
+            shapes = sorted({tuple(a.shape) for a in v})[:3]
+            raise DataError(
+                f"input {n!r}: the fine-tune holds all samples of an input in one array, and the feeds differ beyond "
+                f"the sample axis (axis {axis}; shapes {[list(s) for s in shapes]}, a sequence length, say): pad or "
+                "crop them to one shape"
+            ) from None
     counts = {n: len(a) for n, a in arrays.items()}
     if len(set(counts.values())) != 1:
         raise DataError(f"inputs have different sample counts {counts}; give one sample per row of every input")

@@ -305,7 +305,8 @@ def finetune(
     if labels is not None and max_samples is not None and countable:
         from onnxpress.calibration.readers import open_data
 
-        total = open_data(data, student_proto, max_samples=None).total_samples  # None: an iterable, not counted
+        # the student as given: the batch-first view's axis 0 is a sequence-first input's time axis
+        total = open_data(data, seq_student or student_proto, max_samples=None).total_samples  # None: not counted
     label_arr = None if labels is None else tr.load_label_array(labels, n, total)
     if label_arr is not None and rank not in (None, 0, 2):
         raise DataError(

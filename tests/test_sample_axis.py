@@ -406,3 +406,33 @@ def test_finetune_names_feeds_of_different_lengths_instead_of_numpys_error():
         feeds = [{"x": r.standard_normal(shape(t)).astype(np.float32)} for t in (20, 15)]
         with pytest.raises(DataError, match=r"input 'x': .*differ beyond the sample axis .*pad or crop"):
             onnxpress.finetune(model, model, feeds, epochs=1)
+
+
+def test_finetune_counts_labels_against_sequences_under_max_samples_and_names_a_failing_teacher():
+    pytest.importorskip("torch")
+    from onnxpress.errors import DataError
+
+    r = graphs.rng(13)
+    inits = {"one": np.array([0], np.int64), "w": r.standard_normal((H, 3)).astype(np.float32)}
+    model = gru_cumsum()
+    g = model.graph  # a classifier head on the last step: y[seq, batch, H] -> logits[batch, 3]
+    g.node.extend([helper.make_node("Gather", ["y", "last"], ["h"], axis=0),
+                   helper.make_node("MatMul", ["h", "w"], ["logits"])])
+    g.initializer.extend([numpy_helper.from_array(np.array(-1, np.int64), "last"),
+                          numpy_helper.from_array(inits["w"], "w")])
+    del g.output[:]
+    g.output.append(helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 3]))
+    onnx.checker.check_model(model)
+    x = r.standard_normal((9, 12, D)).astype(np.float32)
+    labels = np.arange(12) % 3
+    # 12 labels for 12 sequences; under max_samples the reader counted the view's axis 0 (9 time steps) before
+    result = onnxpress.finetune(model, None, [{"x": x}], labels=labels, max_samples=8, epochs=1, val_fraction=0.25)
+    assert result.history.train_samples + result.history.val_samples == 8
+    broken = onnx.ModelProto()
+    broken.CopyFrom(gru_cumsum())
+    broken.graph.node.append(helper.make_node("Reshape", ["y", "fixed"], ["bad"]))
+    broken.graph.initializer.append(numpy_helper.from_array(np.array([7, -1], np.int64), "fixed"))
+    del broken.graph.output[:]
+    broken.graph.output.append(helper.make_tensor_value_info("bad", TensorProto.FLOAT, [7, "rest"]))
+    with pytest.raises(DataError, match=r"onnxruntime failed to run the teacher on samples 0\.\.11"):
+        onnxpress.finetune(gru_cumsum(), broken, [{"x": x}], epochs=1)

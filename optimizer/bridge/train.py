@@ -369,7 +369,13 @@ def run_teacher(
     chunks: list[list[np.ndarray]] = [[] for _ in names]
     for start in range(0, n, batch_size):
         feed = {k: v[start : start + batch_size] for k, v in arrays.items()}
-        for store, value in zip(chunks, session.run(list(names), feed), strict=True):
+        try:
+            values = session.run(list(names), feed)
+        except Exception as exc:  # onnxruntime's own Fail/InvalidArgument types: a traceback before
+            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            stop = min(n, start + batch_size) - 1
+            raise DataError(f"onnxruntime failed to run the teacher on samples {start}..{stop}: {first}") from None
+        for store, value in zip(chunks, values, strict=True):
             store.append(value)
     return [np.concatenate(c, axis=0) for c in chunks]
 

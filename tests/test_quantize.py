@@ -669,6 +669,8 @@ def test_cli_checks_the_written_models_latency(tmp_path: Path, capsys: pytest.Ca
     printed = capsys.readouterr().out.splitlines()
     line = next(x for x in printed if x.startswith("latency "))
     assert "x the original (first calibration batch of 8, 10 interleaved runs each" in line
+    assert main(["quantize", str(src), "-o", str(out), "--calib", str(data), "--max-samples", "5", "-q"]) == 0
+    assert "(first calibration batch of 5," in capsys.readouterr().out  # within --max-samples
     fidelity = next(x for x in printed if x.startswith("fidelity "))
     assert re.fullmatch(r"fidelity \d+\.\d dB SQNR over the float outputs, top-1 agreement 100\.0% on that batch "
                         r"\(onnxpress validate .*\)", fidelity), fidelity

@@ -304,7 +304,9 @@ def run(args: argparse.Namespace) -> int:
         f"({result.size_ratio:.3f}x); wrote {result.output}"
     )
     if args.latency_check and args.calib is not None:
-        latency_check(args.model, result.output, args.calib)
+        # within --max-samples: the check once timed 24 samples of a run told to read 10
+        latency_check(args.model, result.output, args.calib,
+                      batch=32 if args.max_samples is None else min(32, args.max_samples))
     return 0
 
 

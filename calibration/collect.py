@@ -301,23 +301,16 @@ def _batch_is_dynamic(model: onnx.ModelProto) -> bool:
     return not fixed_batch_inputs(model)
 
 
-def _samples_in(feed: Mapping[str, np.ndarray], axes: Mapping[str, int] | None = None) -> int:
-    """Samples in a feed: the sample axis (``axes``, default 0) of its first array (1 for scalars)."""
-    from onnxpress.calibration.readers import samples_in
-
-    return samples_in(feed, axes)
-
-
 def _pieces(feeds: Iterable[Mapping[str, np.ndarray]], batch_size: int,
             axes: Mapping[str, int]) -> Iterator[dict[str, np.ndarray]]:
     """Feeds as arrays, each cut into slices of at most ``batch_size`` samples along the sample axis."""
-    from onnxpress.calibration.readers import take_samples
+    from onnxpress.calibration.readers import samples_in, take_samples
 
     for feed in feeds:
         if not isinstance(feed, Mapping) or not feed:
             raise DataError(f"calibration data must yield non-empty dicts of input name -> array, got {type(feed)}")
         feed = {k: np.asarray(v) for k, v in feed.items()}
-        n = _samples_in(feed, axes)
+        n = samples_in(feed, axes)
         if n <= batch_size or any(np.ndim(v) <= axes.get(k, 0) or v.shape[axes.get(k, 0)] != n
                                   for k, v in feed.items()):
             yield feed
@@ -329,15 +322,11 @@ def _pieces(feeds: Iterable[Mapping[str, np.ndarray]], batch_size: int,
 def _stack(feeds: Iterable[Mapping[str, np.ndarray]], batch_size: int,
            axes: Mapping[str, int] | None = None) -> Iterator[dict[str, np.ndarray]]:
     """Concatenate consecutive feeds along the sample axis up to ``batch_size`` samples when shapes allow."""
-    from onnxpress.calibration.readers import join_samples
+    from onnxpress.calibration.readers import _rest, join_samples, samples_in
 
     axes = axes or {}
     pending: list[Mapping[str, np.ndarray]] = []
     count = 0
-
-    def rest(k: str, v: np.ndarray) -> tuple[int, ...]:
-        a = axes.get(k, 0)
-        return v.shape[:a] + v.shape[a + 1 :]
 
     def flush() -> dict[str, np.ndarray]:
         if len(pending) == 1:
@@ -348,14 +337,15 @@ def _stack(feeds: Iterable[Mapping[str, np.ndarray]], batch_size: int,
         if pending:
             ref = pending[0]
             fits = feed.keys() == ref.keys() and all(
-                np.ndim(v) > axes.get(k, 0) and rest(k, v) == rest(k, ref[k]) and v.dtype == ref[k].dtype
+                np.ndim(v) > axes.get(k, 0) and _rest(v, axes.get(k, 0)) == _rest(ref[k], axes.get(k, 0))
+                and v.dtype == ref[k].dtype
                 for k, v in feed.items()
             )
-            if not fits or count + _samples_in(feed, axes) > batch_size:
+            if not fits or count + samples_in(feed, axes) > batch_size:
                 yield flush()
                 pending, count = [], 0
         pending.append(feed)
-        count += _samples_in(feed, axes)
+        count += samples_in(feed, axes)
     if pending:
         yield flush()
 
@@ -463,7 +453,7 @@ def collect_statistics(
                            external_data_folder=external_data_folder)
     del exposed, big
     input_names = {i.name for i in session.get_inputs()}
-    from onnxpress.calibration.readers import sample_axes, take_samples
+    from onnxpress.calibration.readers import sample_axes, samples_in, take_samples
 
     dynamic = _batch_is_dynamic(model)
     axes = sample_axes(model)
@@ -482,7 +472,7 @@ def collect_statistics(
         _progress_bar(total, progress) as bar,
     ):
         for feed in _feeds(data, batch_size, dynamic, axes):
-            n = _samples_in(feed, axes)
+            n = samples_in(feed, axes)
             if max_samples is not None and seen + n > max_samples:
                 keep = max_samples - seen
                 if not dynamic and keep < n:

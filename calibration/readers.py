@@ -714,15 +714,15 @@ class _NpzReader(DataReader):
                             "input shared by every sample) need a folder of .npz files or a list of feed dicts, one "
                             "per model call")
         self._n = next(iter(lengths.values())) if lengths else 0
-        fixed = {s.fixed_samples for s in self._specs if not s.dynamic_samples}
+        fixed = {s.fixed_samples for s in self._specs if s.fixed_samples}
         if len(fixed) > 1:  # slices of one step cannot fit them all
             raise DataError(
                 f"{path}: the model's inputs have different fixed sizes on {'their sample axes' if axes else 'axis 0'} "
-                f"({', '.join(s.describe() for s in self._specs if not s.dynamic_samples)}), which one .npz cannot "
+                f"({', '.join(s.describe() for s in self._specs if s.fixed_samples)}), which one .npz cannot "
                 "feed; give a folder of .npz files or a list of feed dicts, one per model call"
             )
         for spec in self._specs:
-            if not spec.dynamic_samples and spec.fixed_samples and self._n % spec.fixed_samples:
+            if spec.fixed_samples and self._n % spec.fixed_samples:
                 raise DataError(
                     f"{path}: input {spec.name!r} holds {self._n} samples, not a multiple of the model's fixed "
                     f"axis {spec.sample_axis} ({spec.describe()})"
@@ -774,7 +774,7 @@ class _NpzReader(DataReader):
         return out
 
     def _feeds(self, chunk: int | None) -> Iterator[dict[str, np.ndarray]]:
-        fixed = [s.fixed_samples for s in self._specs if not s.dynamic_samples and s.fixed_samples]
+        fixed = [s.fixed_samples for s in self._specs if s.fixed_samples]
         step = fixed[0] if fixed else (chunk or self._n)
         if self._max_samples is not None and not fixed:
             step = min(step, self._max_samples)

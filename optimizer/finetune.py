@@ -282,7 +282,9 @@ def finetune(
         )  # fmt: skip
     except ValueError as exc:  # a setting out of range: one line naming it, before any data is read
         raise OnnxpressError(f"finetune: {exc}") from None
-    rank = _first_output_rank(batch_first_view(student_proto) if sample_axes(student_proto) else student_proto)
+    # a sequence-first student trains through a batch-first view, built once here (see batch_first_view)
+    view = batch_first_view(student_proto) if sample_axes(student_proto) else None
+    rank = _first_output_rank(student_proto if view is None else view)
     reads_axis = teacher is not None and distill == "kl" or labels is not None  # the kl term and the labels
     if rank and reads_axis and (not -rank <= class_axis < rank or class_axis % rank == 0 and rank >= 2):
         valid = ", ".join(map(str, [*range(1, rank), *range(1 - rank, 0)]))
@@ -294,10 +296,9 @@ def finetune(
     for which, proto in (("student", student_proto), ("teacher", teacher_proto)):
         check_dynamic_batch(proto, which, sequence_first=not qat)
     arrays = tr.load_arrays(data, student_proto, max_samples=max_samples)  # samples moved to axis 0
-    seq_student = None  # a sequence-first student: trained through a batch-first view, written back into its graph
-    if sample_axes(student_proto):
-        seq_student = student_proto
-        student_proto = batch_first_view(student_proto)
+    seq_student = None  # a sequence-first student: trained through its view, written back into its own graph
+    if view is not None:
+        seq_student, student_proto = student_proto, view
         teacher_proto = None if teacher_proto is None else batch_first_view(teacher_proto)
     n = len(next(iter(arrays.values())))
     total = n

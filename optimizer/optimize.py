@@ -208,6 +208,10 @@ class _Evaluator:
         self.models: dict[tuple[int, ...], onnx.ModelProto] = {}  # built from the full recipe
         self.structures: dict[tuple[int, ...], onnx.ModelProto] = {}  # built without the fine-tune step
         self.progress = progress
+        from onnxpress.calibration.readers import output_sample_axes, sample_axes
+
+        # read once: every candidate is scored on M0's feeds, whose layout does not change
+        self.sample_axes, self.output_axes = sample_axes(m0), output_sample_axes(m0)
         arrays = run_output_arrays(m0, feeds)
         self.reference = flat_outputs(arrays)
         self.ref_accuracy = self._accuracy(arrays) if labels is not None else None
@@ -228,15 +232,12 @@ class _Evaluator:
         output's values into the first one's rows and took the argmax over both.
         """
         if self.metric is not None:
-            from onnxpress.calibration.readers import output_sample_axes
-
-            return _user_metric(self.metric, arrays, self.labels, output_sample_axes(self.m0))
-        from onnxpress.calibration.readers import sample_axes, samples_in
+            return _user_metric(self.metric, arrays, self.labels, self.output_axes)
+        from onnxpress.calibration.readers import samples_in
 
         rows = []
-        axes = sample_axes(self.m0)
         for feed, outs in zip(self.feeds, arrays, strict=True):
-            n = samples_in(feed, axes)
+            n = samples_in(feed, self.sample_axes)
             first = np.asarray(outs[0])
             if n == 0 or first.size % n:
                 raise DataError(

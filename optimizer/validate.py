@@ -535,13 +535,14 @@ def _check_interfaces(reference: onnx.ModelProto, candidate: onnx.ModelProto, ba
 
 
 def _run(session: Any, names: Sequence[str], feed: Mapping[str, np.ndarray], which: str, start: int,
-         hint: str = "") -> list:
+         model: onnx.ModelProto | None = None) -> list:
     try:
         return session.run(list(names), dict(feed), quiet_run_options())
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidArgument types
         first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         raise ValidationError(
-            f"onnxruntime failed to run the {which} model on the batch at sample {start}: {first}{hint}"
+            f"onnxruntime failed to run the {which} model on the batch at sample {start}: {first}"
+            f"{'' if model is None else sample_axis_hint(model)}"  # read only on failure: it walks the graph
         ) from None
 
 
@@ -608,7 +609,6 @@ def validate(
     out_names = _check_interfaces(ref_model, cand_model, batch_size)
     reader = open_data(data, ref_model, max_samples=max_samples)
     axes = sample_axes(ref_model)
-    hint = sample_axis_hint(ref_model)
     if labels is None and isinstance(data, (str, os.PathLike)) and Path(data).is_file():
         try:
             with zipfile.ZipFile(data) as zf:
@@ -642,8 +642,8 @@ def validate(
             batch_labels = None
             if label_array is not None and seen + n <= label_array.shape[0]:
                 batch_labels = label_array[seen : seen + n]
-            ref_out = _run(ref_sess, out_names, feed, "reference", seen, hint)
-            cand_out = _run(cand_sess, out_names, feed, "candidate", seen, hint)
+            ref_out = _run(ref_sess, out_names, feed, "reference", seen, ref_model)
+            cand_out = _run(cand_sess, out_names, feed, "candidate", seen, ref_model)
             for acc, r, c in zip(accs, ref_out, cand_out, strict=True):
                 acc.update(np.asarray(r), np.asarray(c), batch_labels)
             seen += n

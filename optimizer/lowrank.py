@@ -59,6 +59,7 @@ from onnxpress.passes.low_rank import (
     joint_units,
     moment_requests,
 )
+from onnxpress.passes.merge_reshapes import MergeReshapes
 from onnxpress.pipeline import PipelineResult, cleanup_passes, import_graph, run_passes
 from onnxpress.reporting import format_table
 
@@ -532,7 +533,7 @@ def lowrank(
         notes, folded = (*notes, *folded_notes), sum(a is not b for a, b in zip(before, reports, strict=True))
     fused = 0
     if fuse_attention and any(lay.rank is not None and lay.skipped is None for lay in split.report):
-        attention = run_passes(infer_shapes_thoroughly(model), [FuseAttention()])
+        attention = run_passes(infer_shapes_thoroughly(model), [FuseAttention(), MergeReshapes()])
         fused = int(attention.stats.get("fuse_attention.fused", 0))
         notes = (*notes, *attention.notes)
         if fused:

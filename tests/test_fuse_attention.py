@@ -345,7 +345,7 @@ def test_quantize_runs_attention_fused_in_float_unless_asked_to_quantize_it(tmp_
     src = str(MODELS / "transformer.onnx")
     calib = np.load(MODELS / "digits32_calib.npz")["input"][:64]
     x = np.load(MODELS / "digits32_test.npz")["input"][:128]
-    fused = onnxpress.quantize(src, calib=[{"input": calib}], max_samples=64)
+    fused = onnxpress.quantize(src, calib=[{"input": calib}], max_samples=64, quantized_attention=False)
     kept = onnxpress.quantize(src, calib=[{"input": calib}], max_samples=64, fuse_attention=False)
     assert fused.stats["fuse_attention.fused"] == 2 and _ops(fused.model).count("MultiHeadAttention") == 2
     assert "MultiHeadAttention" not in _ops(kept.model)
@@ -354,6 +354,9 @@ def test_quantize_runs_attention_fused_in_float_unless_asked_to_quantize_it(tmp_
     b = graphs.run(kept.model, {"input": x}, optimize=True)[0]
     # the same int8 model: float rounding in attention flips a few roundings of the next QuantizeLinear (one step)
     assert 10 * np.log10(np.sum(b.astype(np.float64) ** 2) / np.sum((a - b).astype(np.float64) ** 2)) > 45
+    # by default the int8 projections run inside QAttention with the attention (tests/test_quantized_attention.py)
+    default = onnxpress.quantize(src, calib=[{"input": calib}], max_samples=64)
+    assert _ops(default.model).count("QAttention") == 2 and "MultiHeadAttention" not in _ops(default.model)
     asked = onnxpress.quantize(src, calib=[{"input": calib}], max_samples=64, quantize_ops=["MatMul"])
     assert "MultiHeadAttention" not in _ops(asked.model)
 

@@ -136,8 +136,9 @@ def test_float_matmul_and_shared_bias_are_not_touched() -> None:
 def test_reference_transformer_exported_with_a_fixed_batch_runs_every_weight_matmul_in_int8(tmp_path: Path) -> None:
     """The transformer with batch fixed to 1 (many exports fix it): no float Gemm, no weight DequantizeLinear.
 
-    Its 12 token-wise dense layers are flattened to rank 2 and run as QGemm (passes/flatten_tokens.py);
-    the patch embedding (its region has one layer) keeps rank 3 and its bias reshaped here.
+    Its 12 token-wise dense layers are flattened to rank 2 and run as QGemm (passes/flatten_tokens.py), the
+    query/key/value projections inside QAttention (passes/quantized_attention.py); the patch embedding (its
+    region has one layer) keeps rank 3 and its bias reshaped here.
     """
     model = onnx.load(str(Path(__file__).resolve().parents[1] / "models" / "transformer.onnx"))
     for vi in (model.graph.input[0], model.graph.output[0]):
@@ -148,7 +149,8 @@ def test_reference_transformer_exported_with_a_fixed_batch_runs_every_weight_mat
     assert result.stats["flatten_tokens.layers"] == 12 and result.stats["matmul_add_to_gemm.fused"] == 12
     assert result.stats["matmul_bias_rank.reshaped"] == 1
     opt = optimized_ops(result.model, tmp_path)
-    assert "Gemm" not in opt and opt.count("MatMulIntegerToFloat") == 1 and opt.count("QGemm") == 13
+    assert "Gemm" not in opt and opt.count("MatMulIntegerToFloat") == 1 and opt.count("QGemm") == 7
+    assert opt.count("QAttention") == 2
     assert opt.count("DequantizeLinear") <= 1  # the one before the float head, none on weights
 
 

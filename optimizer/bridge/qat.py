@@ -227,8 +227,10 @@ def prepare_qat(
     else:
         from onnxpress.quantize import quantize
 
+        # quantized_attention=False: the bridge trains int8 Gemms behind Q/DQ, not onnxruntime's QAttention
         student = quantize(student, calib=[dict(arrays)], table=table, method=calibration_method,
-                           per_channel=per_channel, exclude=["op:LSTM"], progress=False).model  # fmt: skip
+                           per_channel=per_channel, exclude=["op:LSTM"], quantized_attention=False,
+                           progress=False).model  # fmt: skip
     check_trainable_qdq(student)
     ptq = _private_bias_scales(student)
     qat, weights, biases, ties, caps = _trainable_twin(ptq)

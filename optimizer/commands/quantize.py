@@ -258,9 +258,13 @@ def run(args: argparse.Namespace) -> int:
               f"({flat} dense layers; {result.stats.get('flatten_tokens.nodes_added', 0)} node(s) added), "
               "so their bias Adds go into the integer kernels")
     attention = result.stats.get("fuse_attention.fused", 0)
+    int8_attention = result.stats.get("quantized_attention.fused", 0)
     if attention:
         print(f"ran {attention} attention block(s) as onnxruntime's MultiHeadAttention, in float as attention stays "
               "(exact to float rounding; an onnxruntime-only node: --keep-attention to keep the graph's ops)")
+    if int8_attention:
+        print(f"ran {int8_attention} of them with their int8 query/key/value projections as one onnxruntime "
+              "QAttention (the same int8 weights; one kernel instead of four)")
     for line in attention_lines(result.notes):  # attention that looked fusable and was left, and why
         print(line)
     gemms = result.stats.get("matmul_add_to_gemm.fused", 0)

@@ -82,3 +82,13 @@ def test_int8_activations_and_the_option_off_keep_multiheadattention() -> None:
     for kwargs in ({"activations": "int8"}, {"quantized_attention": False}):
         result = onnxpress.quantize(model, calib=calib, **kwargs)
         assert "QAttention" not in _ops(result.model) and _ops(result.model).count("MultiHeadAttention") == 1
+
+
+def test_qat_names_qattention_and_the_option_that_writes_trainable_gemms() -> None:
+    from onnxpress.bridge.qat import check_trainable_qdq
+    from onnxpress.errors import UnsupportedModelError
+
+    model, calib = attention(), [_feeds(batch=3)]
+    with pytest.raises(UnsupportedModelError, match=r"1 x QAttention.*--keep-attention, or quantized_attention=False"):
+        check_trainable_qdq(onnxpress.quantize(model, calib=calib).model)
+    check_trainable_qdq(onnxpress.quantize(model, calib=calib, quantized_attention=False).model)  # no error

@@ -277,10 +277,14 @@ def check_trainable_qdq(model: onnx.ModelProto) -> None:
     other = {op: n for op, n in quantized_ops(model).items() if op not in trainable}
     if other:
         ops = ", ".join(f"{n} x {op}" for op, n in sorted(other.items()))
+        # onnxpress quantize's own int8 attention: the same int8 model with Gemms is one option away
+        attention = "" if "QAttention" not in other else (
+            " (onnxpress quantize writes QAttention for attention; with --keep-attention, or "
+            "quantized_attention=False, it writes Q/DQ Gemms that QAT trains)")
         raise UnsupportedModelError(
             f"QAT trains QuantizeLinear/DequantizeLinear and 4-bit MatMulNBits models; this one holds {ops}: "
             "fine-tune the float model instead (--qat quantizes it to int8 QDQ first, an LSTM staying float; or "
-            "fine-tune it in float, then quantize)"
+            f"fine-tune it in float, then quantize){attention}"
         )
     for node in model.graph.node:
         if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):

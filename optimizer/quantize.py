@@ -427,8 +427,8 @@ def quantize(
             (with two other jobs running: 0.486 -> 0.408x and 0.696 -> 0.644x). Other runtimes do not know the
             node: ``False`` keeps the ops. int4 weight-only (2 threads, another job running): 1.071 -> 1.020x at
             batch 64, 1.022 -> 0.992x at batch 1, 41.06 dB either way.
-        quantized_attention: static int8 with uint8 activations: a fused attention whose query, key and value
-            projections are int8 Gemms of one tensor runs with them as onnxruntime's ``QAttention``
+        quantized_attention: int8 with uint8 or dynamic activations: a fused attention whose query, key and value
+            projections are int8 layers of one tensor runs with them as onnxruntime's ``QAttention``
             (:class:`~onnxpress.passes.quantized_attention.FuseQuantizedAttention`: the same int8 weights and
             biases, outputs equal to float rounding): the reference transformer 0.62 -> 0.58x fp32 at batch 1,
             within noise at batch 64. ``False`` keeps the Gemms and ``MultiHeadAttention`` (QAT trains those).
@@ -667,8 +667,11 @@ def quantize(
         # attention fused as in the static paths (the pass reads the tensor types: onnxruntime's inference too)
         fuse = ([FuseAttention(), MergeReshapes()]
                 if fuse_attention and any(n.op_type == "Softmax" for n in cleaned.graph.node) else [])
+        # the fused attention's int8 projections and the attention as one QAttention, its input quantized at run time
+        # (passes/quantized_attention.py)
+        qattention = [FuseQuantizedAttention()] if fuse and quantized_attention else []
         result = run_passes(_shaped(cleaned, thoroughly=bool(fuse)),
-                            [*fuse, lstm, *head, dyn, *tables, LeadingMeanAsMatMul(), ShareConstants(),
+                            [*fuse, lstm, *head, dyn, *tables, *qattention, LeadingMeanAsMatMul(), ShareConstants(),
                              ShareTransposedConstants()], progress=progress)
         attention_notes.extend(_attention_notes(result.notes))
         decisions, used_table, excluded = [*dyn.decisions, *lstm.decisions], None, {}

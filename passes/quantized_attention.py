@@ -6,7 +6,9 @@ After ``FuseAttention`` and ``InsertQDQ`` an attention block of a token-wise (``
                      -> Gemm(DQ(W_k), DQ(b_k)) -> Reshape[-1, S, N] -> key   --+-> MultiHeadAttention -> y
                      -> Gemm(DQ(W_v), DQ(b_v)) -> Reshape[-1, S, N] -> value --+
 
-(or, where the tokens stay ``[B, S, K]``, ``Reshape[0, 0, -1](Add(MatMul(DQ(x_q), DQ(W)), b))`` each).
+(or, where the tokens stay ``[B, S, K]``, ``Reshape[0, 0, -1](Add(MatMul(DQ(x_q), DQ(W)), b))`` each; or, from
+``quantize``'s dynamic int8, ``Add(Cast(MatMulInteger(x_q, W)) * (s_x * s_w), b)`` with ``x_q, s_x, z_x`` the outputs
+of one ``DynamicQuantizeLinear``, which QAttention then reads at run time).
 
 onnxruntime runs that as three ``QGemm`` kernels with float outputs and one ``MultiHeadAttention``. Its
 ``com.microsoft.QAttention`` computes the same three integer products, ``(x_q - z_x) (W - z_w) s_x s_w + b``,
@@ -22,8 +24,10 @@ its SQNR against the float model reads 43.17 dB against 43.16 (the quantization 
 
 Why: one kernel instead of four, and one pass over ``x_q``. Measured on the reference transformer (2 threads,
 interleaved against the float model, the bench's session options): 0.62 -> 0.58x fp32 at batch 1 in five
-runs; at batch 64 within noise (0.63 either way: onnxruntime's QAttention multiplies ``q kᵀ`` with its
-plain attention path, where MultiHeadAttention has a flash kernel, and that eats the saving).
+runs; at batch 64 within noise (0.653 -> 0.639 in 60 paired repeats: onnxruntime's QAttention multiplies
+``q kᵀ`` with its plain attention path, where MultiHeadAttention has a flash kernel, and that eats the saving).
+Dynamic int8: 0.633 / 0.662 / 0.758 -> 0.597 / 0.620 / 0.650x at batch 1, at batch 64 0.621 -> 0.635 (60 paired
+repeats), 41.36 dB either way.
 
 Left as they are (debug log says why): attention with a mask or a bias, queries, keys and values that differ
 in width or read different inputs, int8 activations (the CPU kernel takes uint8), non-zero weight zero points,
@@ -81,8 +85,7 @@ def _match(mha: gs.Node, outputs: set[int]) -> dict | str:
         if isinstance(found, str):
             return found
         projections.append(found)
-    x_dq = {id(p["x"]) for p in projections}
-    if len(x_dq) != 1:
+    if len({tuple(map(id, p["source"])) for p in projections}) != 1:
         return "queries, keys and values are projections of different tensors"
     widths = {p["w"].shape[1] for p in projections}
     seqs = {p["seq"] for p in projections}
@@ -91,8 +94,9 @@ def _match(mha: gs.Node, outputs: set[int]) -> dict | str:
     heads = int(mha.attrs.get("num_heads", 0))
     if heads <= 0 or projections[0]["w"].shape[1] % heads:
         return "the number of heads does not divide the width"
-    dq = projections[0]["x"].inputs[0]
-    x_q, s_x, z_x = (*dq.inputs, None)[:3]
+    x_q, s_x, z_x = projections[0]["source"]
+    if x_q.inputs and x_q.inputs[0].op == "DynamicQuantizeLinear":  # uint8, per tensor, at run time
+        return {"projections": projections, "x_q": x_q, "s_x": s_x, "z_x": z_x}
     if not isinstance(s_x, gs.Constant) or (z_x is not None and not isinstance(z_x, gs.Constant)):
         return "the input's scale or zero point is not a constant"
     dtype = np.asarray(z_x.values).dtype if z_x is not None else x_q.dtype  # without one, QuantizeLinear gives uint8
@@ -119,26 +123,37 @@ def _projection(t: gs.Tensor, outputs: set[int]) -> dict | str:
     if len(made.inputs) != 1 or len(made.outputs) != 1 or id(made) in outputs:
         return "a projection is read elsewhere too"
     layer = made.inputs[0]
-    if layer.op == "Gemm" and len(s) == 3 and s[0] == -1 and s[1] > 0:
+    # [-1, S, N]: the input viewed as [-1, S, K] gives the same rows (a dense layer is token-wise); [0, 0, -1 | N]
+    # of a [B, S, N] output: the input is [B, S, K] already
+    seq = s[1] if len(s) == 3 and s[0] == -1 and s[1] > 0 else None
+    if len(s) != 3 or (seq is None and s[:2] != [0, 0]):
+        return "a query, key or value is not a [-1, S, N] or [0, 0, -1] view"
+    if layer.op == "Gemm" and seq is not None:
         if (int(layer.attrs.get("transA", 0)) or float(layer.attrs.get("alpha", 1.0)) != 1.0
                 or float(layer.attrs.get("beta", 1.0)) != 1.0):
             return "a projection Gemm has transA, alpha or beta"
-        x, w_dq, trans_b, seq = layer.inputs[0], layer.inputs[1], bool(int(layer.attrs.get("transB", 0))), s[1]
+        x, w_dq, trans_b = layer.inputs[0], layer.inputs[1], bool(int(layer.attrs.get("transB", 0)))
         bias_t = layer.inputs[2] if len(layer.inputs) > 2 else None
-    elif layer.op in ("Add", "MatMul") and len(s) == 3 and s[:2] == [0, 0]:
+    elif layer.op in ("Add", "MatMul", "Mul"):
         matmul, bias_t = layer, None
         if layer.op == "Add":
-            found = [i for i, u in enumerate(layer.inputs) if u.inputs and u.inputs[0].op == "MatMul"]
+            found = [i for i, u in enumerate(layer.inputs) if u.inputs and u.inputs[0].op in ("MatMul", "Mul")]
             if len(found) != 1 or len(layer.inputs[found[0]].outputs) != 1:
                 return "a projection's bias Add does not read a MatMul"
             matmul, bias_t = layer.inputs[found[0]].inputs[0], layer.inputs[1 - found[0]]
-        x, w_dq, trans_b, seq = matmul.inputs[0], matmul.inputs[1], False, None
-        if x.shape is None or len(x.shape) != 3:
-            return "a projection's input is not known to be [batch, sequence, features]"
+        if matmul.op == "Mul":  # quantize's dynamic int8: Cast(MatMulInteger(x_q, W)) * (s_x * s_w)
+            return _dynamic_projection(matmul, bias_t, s, seq)
+        if matmul.op != "MatMul":
+            return "a projection is not a MatMul"
+        x, w_dq, trans_b = matmul.inputs[0], matmul.inputs[1], False
     else:
-        return "a query, key or value is not a [-1, S, N] view of a Gemm or a [0, 0, -1] view of a MatMul"
+        return "a query, key or value is not a view of a Gemm or MatMul"
+    if seq is None and (x.shape is None or len(x.shape) != 3):
+        return "a projection's input is not known to be [batch, sequence, features]"
     if not x.inputs or x.inputs[0].op != "DequantizeLinear":
         return "a projection's input is not quantized"
+    dq = x.inputs[0]
+    source = (*dq.inputs[:2], dq.inputs[2] if len(dq.inputs) > 2 and dq.inputs[2].name else None)
     weight = _int8_weight(w_dq, trans_b)
     if isinstance(weight, str):
         return weight
@@ -149,7 +164,39 @@ def _projection(t: gs.Tensor, outputs: set[int]) -> dict | str:
     bias = _bias(bias_t, n)
     if isinstance(bias, str):
         return bias
-    return {"x": x, "w": w, "scale": scale, "bias": bias, "seq": seq}
+    return {"source": source, "w": w, "scale": scale, "bias": bias, "seq": seq}
+
+
+def _dynamic_projection(mul: gs.Node, bias_t: gs.Tensor | None, view: list[int], seq: int | None) -> dict | str:
+    """``Mul(Cast(MatMulInteger(x_q, W, z_x, z_w)), Mul(s_x, s_w))`` of ``DynamicQuantizeLinear(x)``: its pieces."""
+    cast = next((u.inputs[0] for u in mul.inputs if u.inputs and u.inputs[0].op == "Cast"), None)
+    scales = next((u.inputs[0] for u in mul.inputs if u.inputs and u.inputs[0].op == "Mul"), None)
+    if cast is None or scales is None or not cast.inputs[0].inputs or cast.inputs[0].inputs[0].op != "MatMulInteger":
+        return "a projection is not an integer MatMul"
+    integer = cast.inputs[0].inputs[0]
+    if len(integer.inputs) != 4 or any(len(u.outputs) != 1 for u in (cast.inputs[0], cast.outputs[0])):
+        return "a projection's integer MatMul has no zero points or is read elsewhere too"
+    x_q, q, z_x, z_w = integer.inputs
+    if seq is None and (x_q.shape is None or len(x_q.shape) != 3):
+        return "a projection's input is not known to be [batch, sequence, features]"
+    made = x_q.inputs[0] if x_q.inputs else None
+    if made is None or made.op != "DynamicQuantizeLinear" or made.outputs[2] is not z_x:
+        return "a projection's input is not quantized by DynamicQuantizeLinear"
+    s_x = made.outputs[1]
+    s_w = [u for u in scales.inputs if u is not s_x]
+    if len(s_w) != 1 or len(scales.inputs) != 2 or not isinstance(s_w[0], gs.Constant):
+        return "a projection's scale is not the input's times a constant"
+    if not isinstance(q, gs.Constant) or not isinstance(z_w, gs.Constant) or np.any(np.asarray(z_w.values) != 0):
+        return "a projection's weight is not an int8 constant with zero points 0"
+    w = np.asarray(q.values)
+    scale = np.asarray(s_w[0].values, np.float32).ravel()
+    if w.dtype != np.int8 or w.ndim != 2 or scale.size not in (1, w.shape[1]) or view[2] not in (-1, w.shape[1]):
+        return "a projection's weight is not a 2-D int8 constant quantized per column"
+    bias = _bias(bias_t, w.shape[1])
+    if isinstance(bias, str):
+        return bias
+    return {"source": (x_q, s_x, z_x), "w": w, "scale": np.broadcast_to(scale, (w.shape[1],)).astype(np.float32),
+            "bias": bias, "seq": seq}
 
 
 def _int8_weight(t: gs.Tensor, trans_b: bool) -> tuple[np.ndarray, np.ndarray] | str:

@@ -124,7 +124,7 @@ def test_excluded_and_unsupported_layers_stay_float():
 
 def test_quantize_without_data_goes_dynamic_on_a_transformer(tmp_path, capsys):
     """The reference transformer with no calibration data: dynamic int8, as onnxruntime's quantize_dynamic
-    (41.48 dB per channel there, the same kernels: DynamicQuantizeMatMul / MatMulIntegerToFloat)."""
+    (41.48 dB per channel there, the same kernels: DynamicQuantizeMatMul / MatMulIntegerToFloat, and QAttention)."""
     src = MODELS / "transformer.onnx"
     out = tmp_path / "q.onnx"
     assert main(["quantize", str(src), "-o", str(out), "-q"]) == 0
@@ -138,7 +138,9 @@ def test_quantize_without_data_goes_dynamic_on_a_transformer(tmp_path, capsys):
     assert (got.argmax(1) == ref.argmax(1)).mean() >= 0.995
     assert out.stat().st_size <= 0.27 * src.stat().st_size
     fused = _fused_ops(onnx.load(out), tmp_path)
-    assert fused.count("DynamicQuantizeMatMul") + fused.count("MatMulIntegerToFloat") == 14
+    # 8 integer MatMuls; the attention blocks' query/key/value projections run inside 2 QAttention
+    assert fused.count("DynamicQuantizeMatMul") + fused.count("MatMulIntegerToFloat") == 8
+    assert fused.count("QAttention") == 2
 
 
 def test_without_data_a_model_with_convolutions_still_asks_for_it():

@@ -62,6 +62,19 @@ def test_the_reference_transformer_runs_its_projections_in_qattention_with_the_s
     assert (a.argmax(1) == b.argmax(1)).all()
 
 
+def test_dynamic_int8_runs_its_projections_in_qattention_too() -> None:
+    """No data: the input is quantized at run time (DynamicQuantizeLinear) and QAttention reads its scale."""
+    src = str(MODELS / "transformer.onnx")
+    x = np.load(MODELS / "digits32_test.npz")["input"][:128]
+    fused = onnxpress.quantize(src, activations="dynamic")
+    gemms = onnxpress.quantize(src, activations="dynamic", quantized_attention=False)
+    assert fused.stats["quantized_attention.fused"] == 2 and "MultiHeadAttention" not in _ops(fused.model)
+    assert _ops(gemms.model).count("MatMulInteger") == _ops(fused.model).count("MatMulInteger") + 6
+    a = graphs.run(fused.model, {"input": x}, optimize=True)[0]
+    b = graphs.run(gemms.model, {"input": x}, optimize=True)[0]
+    assert _sqnr(b, a) > 50 and (a.argmax(1) == b.argmax(1)).all()
+
+
 @pytest.mark.parametrize("scale", ["mul", "div", "none"])
 def test_a_small_attention_block_gives_the_same_outputs_through_qattention(scale) -> None:
     """x[B, S, D] -> q/k/v projections -> attention -> output projection: QAttention takes each scale attribute."""

@@ -75,8 +75,8 @@ class FuseQuantizedAttention:
 
 def _match(mha: gs.Node, outputs: set[int]) -> dict | str:
     """The pieces of the rewrite, or why ``mha`` stays."""
-    if len(mha.inputs) != 3 or any(not t.name for t in mha.inputs):
-        return "a mask, bias or cache input"
+    if len(mha.inputs) != 3 or any(not t.name for t in mha.inputs) or len(mha.outputs) != 1:
+        return "a mask, bias or cache input or output"
     if int(mha.attrs.get("unidirectional", 0)):
         return "unidirectional"
     projections = []

@@ -75,10 +75,12 @@ def test_dynamic_int8_runs_its_projections_in_qattention_too() -> None:
     assert _sqnr(b, a) > 50 and (a.argmax(1) == b.argmax(1)).all()
 
 
-@pytest.mark.parametrize("scale", ["mul", "div", "none"])
-def test_a_small_attention_block_gives_the_same_outputs_through_qattention(scale) -> None:
-    """x[B, S, D] -> q/k/v projections -> attention -> output projection: QAttention takes each scale attribute."""
-    model = attention(scale=scale)
+@pytest.mark.parametrize("kwargs", [{"scale": "mul"}, {"scale": "div"}, {"scale": "none"}, {"keys": "two"},
+                                    {"keys": "sdpa"}, {"keys": "script"}, {"merge_by_shape": True}, {"seq": "S"}])
+def test_a_small_attention_block_gives_the_same_outputs_through_qattention(kwargs) -> None:
+    """x[B, S, D] -> q/k/v projections -> attention -> output projection, as each exporter writes it (the scale,
+    the keys' layout, a dynamic sequence, torch's SDPA and TorchScript forms): one QAttention, the same outputs."""
+    model = attention(**kwargs)
     calib = [_feeds(batch=3)]
     fused = onnxpress.quantize(model, calib=calib)
     gemms = onnxpress.quantize(model, calib=calib, quantized_attention=False)

@@ -22,6 +22,11 @@ opset 18 for ReduceMean and 13 for ReduceSum, an input after), ``noop_with_empty
 reduced axes, after looking through a ``Transpose`` before it (which stays if anything else reads it),
 are the leading axes ``0 .. k-1`` of that transpose's input, with static sizes, and leave the other
 axes in their order.
+Over axis 0 of ``Reshape(Transpose(Y))`` with the Transpose keeping axis 0 in front and the Reshape keeping its
+size (a bidirectional LSTM's ``Y[T, 2, B, H] -> Transpose(0, 2, 1, 3) -> Reshape[T, B, 2H]``), the mean reads ``Y``
+itself and the Transpose follows it on a ``[2, B, H]`` tensor: the reference LSTM at batch 64 (2 threads, fp32 = 1,
+paired) 0.639 / 0.668 / 0.644 -> 0.603 / 0.602 / 0.584, at batch 1 about 3% faster (the Reshape's Shape arithmetic
+goes too), 49.77 dB either way.
 The output shape must be known up to one dynamic dimension (it is the final Reshape's target, with
 ``-1`` there). Reductions over other axes are left alone: over a trailing axis the product is far
 slower (spatial means of ``[64, 256, 8, 8]``: 134 us as ReduceMean, 4.3 ms as MatMul), and over
@@ -58,7 +63,7 @@ class LeadingMeanAsMatMul:
                 if plan:
                     notes.append(f"{node.name or node.outputs[0].name}: kept ({plan})")
                 continue
-            source, steps, target = plan
+            source, steps, target, moved = plan
             y = node.outputs[0]
             base = node.name or y.name
             rows = gs.Variable(fresh(f"{y.name}_rows"), dtype=np.float32)
@@ -70,10 +75,21 @@ class LeadingMeanAsMatMul:
                         outputs=[rows]),
                 gs.Node("MatMul", fresh(f"{base}_as_matmul"),
                         inputs=[gs.Constant(fresh(f"{base}_weights"), weight), rows], outputs=[summed]),
+            ])
+            if moved is not None:  # the mean of the time-major tensor, then its (now T times smaller) transpose
+                inner, perm = moved
+                shaped, turned = (gs.Variable(fresh(f"{y.name}_{s}"), dtype=np.float32) for s in ("mean", "turned"))
+                graph.nodes.extend([
+                    gs.Node("Reshape", fresh(f"{base}_unflatten"), outputs=[shaped],
+                            inputs=[summed, gs.Constant(fresh(f"{base}_mean_shape"), np.array(inner, np.int64))]),
+                    gs.Node("Transpose", fresh(f"{base}_transpose"), attrs={"perm": perm}, inputs=[shaped],
+                            outputs=[turned]),
+                ])
+                summed = turned
+            graph.nodes.append(
                 gs.Node("Reshape", fresh(f"{base}_to_output"),
                         inputs=[summed, gs.Constant(fresh(f"{base}_output_shape"), np.array(target, np.int64))],
-                        outputs=[y]),
-            ])
+                        outputs=[y]))
             node.outputs = []  # the reduction (and a Transpose only it read) is gone in cleanup
             rewritten += 1
         if rewritten:
@@ -81,11 +97,12 @@ class LeadingMeanAsMatMul:
         return PassResult(graph, rewritten > 0, {"rewritten": rewritten}, tuple(notes))
 
 
-def _plan(node: gs.Node) -> tuple[gs.Tensor, int, list[int]] | str:
-    """``(source, T, output shape with -1)`` for a rewrite of ``node``, or why not ("" when it is no candidate).
+def _plan(node: gs.Node) -> tuple[gs.Tensor, int, list[int], tuple[list[int], list[int]] | None] | str:
+    """``(source, T, output shape with -1, moved)`` for a rewrite of ``node``, or why not ("" when no candidate).
 
     ``source`` is the tensor whose leading axes are reduced (the input, or the input of the Transpose that made
-    it), ``T`` the number of values averaged per output element.
+    it), ``T`` the number of values averaged per output element. ``moved`` is ``(shape, perm)`` where the mean
+    is taken before a time-major Transpose instead (:func:`_before_transpose`), else None.
     """
     x = node.inputs[0]
     if x.dtype is None or np.dtype(x.dtype) != np.float32 or x.shape is None:
@@ -114,4 +131,37 @@ def _plan(node: gs.Node) -> tuple[gs.Tensor, int, list[int]] | str:
     target = [d if isinstance(d, int) and d >= 0 else -1 for d in out]
     if target.count(-1) > 1:
         return "more than one dynamic output dimension"
-    return source, int(np.prod(dims)), target
+    moved = _before_transpose(source) if len(source_axes) == 1 else None
+    if moved is not None:
+        return moved[0], int(np.prod(dims)), target, moved[1:]
+    return source, int(np.prod(dims)), target, None
+
+
+def _before_transpose(x: gs.Tensor) -> tuple[gs.Tensor, list[int], list[int]] | None:
+    """``(y, shape, perm)`` where ``x = Reshape(Transpose(y, p))`` keeps axis 0 in front, else None.
+
+    A bidirectional LSTM's ``Y[T, 2, B, H] -> Transpose(0, 2, 1, 3) -> Reshape[T, B, 2H]``. The mean over axis 0
+    commutes with the Transpose, so it can read ``y`` (its own rows, ``[T, -1]``) and the Transpose move after it,
+    onto a tensor ``T`` times smaller (``shape``: ``y``'s other dimensions, one unknown as -1; ``perm``: ``p``
+    without axis 0).
+    The Reshape must keep axis 0 (its first dimension equal to ``y``'s static ``T``), so that each time step
+    stays one block of values. Measured on the reference LSTM (batch 64, 2 threads): the Transpose took
+    287 of ~4300 us. The Transpose and Reshape stay if anything else reads them.
+    """
+    reshape = x.inputs[0] if x.inputs else None
+    if reshape is None or reshape.op != "Reshape" or not reshape.inputs[0].inputs:
+        return None
+    transpose = reshape.inputs[0].inputs[0]
+    if transpose.op != "Transpose":
+        return None
+    y = transpose.inputs[0]
+    if y.shape is None or x.shape is None or len(y.shape) < 3:
+        return None
+    perm = [int(p) for p in transpose.attrs.get("perm", list(range(len(y.shape) - 1, -1, -1)))]
+    steps = y.shape[0]
+    if perm[0] != 0 or not isinstance(steps, int) or steps <= 0 or x.shape[0] != steps:
+        return None
+    inner = [d if isinstance(d, int) and d > 0 else -1 for d in y.shape[1:]]
+    if inner.count(-1) > 1:
+        return None
+    return y, inner, [p - 1 for p in perm[1:]]

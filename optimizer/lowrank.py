@@ -50,7 +50,6 @@ from onnxpress.passes.factor_bias import MIN_RATIO, FoldBiasIntoFactor, foldable
 from onnxpress.passes.flatten_tokens import FlattenTokens
 from onnxpress.passes.flops import assume_input_dims, count_params, scoped_input_dims, shapes_at
 from onnxpress.passes.fold import ShareTransposedConstants
-from onnxpress.passes.fuse_attention import FuseAttention
 from onnxpress.passes.low_rank import (
     LayerReport,
     MomentSpec,
@@ -59,8 +58,7 @@ from onnxpress.passes.low_rank import (
     joint_units,
     moment_requests,
 )
-from onnxpress.passes.merge_reshapes import MergeReshapes
-from onnxpress.pipeline import PipelineResult, cleanup_passes, import_graph, run_passes
+from onnxpress.pipeline import PipelineResult, attention_passes, cleanup_passes, import_graph, run_passes
 from onnxpress.reporting import format_table
 
 log = logging.getLogger(__name__)
@@ -533,7 +531,7 @@ def lowrank(
         notes, folded = (*notes, *folded_notes), sum(a is not b for a, b in zip(before, reports, strict=True))
     fused = 0
     if fuse_attention and any(lay.rank is not None and lay.skipped is None for lay in split.report):
-        attention = run_passes(infer_shapes_thoroughly(model), [FuseAttention(), MergeReshapes()])
+        attention = run_passes(infer_shapes_thoroughly(model), attention_passes())
         fused = int(attention.stats.get("fuse_attention.fused", 0))
         notes = (*notes, *attention.notes)
         if fused:

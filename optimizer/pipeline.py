@@ -195,3 +195,15 @@ def cleanup_passes() -> list[GraphPass]:
     from onnxpress.passes.prelu import RewritePRelu
 
     return [FoldConstants(), EinsumToMatMul(), FoldBatchNorm(), RewritePRelu(), ShareConstants()]
+
+
+def attention_passes() -> list[GraphPass]:
+    """Run scaled dot-product attention as onnxruntime's ``MultiHeadAttention`` (exact to float rounding).
+
+    ``FuseAttention``, then ``MergeReshapes`` on the Reshape pairs it leaves around each fused node: the one
+    ``[-1, S, N]`` view per projection that ``FuseQuantizedAttention`` matches after quantization.
+    """
+    from onnxpress.passes.fuse_attention import FuseAttention
+    from onnxpress.passes.merge_reshapes import MergeReshapes
+
+    return [FuseAttention(), MergeReshapes()]

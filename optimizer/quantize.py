@@ -54,13 +54,12 @@ from onnxpress.passes.global_pool import ReduceMeanToGlobalPool
 from onnxpress.passes.leading_mean import LeadingMeanAsMatMul
 from onnxpress.passes.matmul_bias import MatMulBiasToOutputRank
 from onnxpress.passes.matmul_to_gemm import MatMulAddToGemm
-from onnxpress.passes.merge_reshapes import MergeReshapes
 from onnxpress.passes.pad_input_channels import PadInputChannels
 from onnxpress.passes.prelu import RewritePRelu
 from onnxpress.passes.qdq import ACTIVATION_TYPES, CompactQDQ, InsertQDQ, NodeDecision, Selection, TensorOverride
 from onnxpress.passes.quantized_attention import FuseQuantizedAttention
 from onnxpress.passes.weight_only import INT4_METHODS, QuantizeWeightsInt4, StoreConstantsInt8
-from onnxpress.pipeline import PipelineResult, cleanup_passes, import_graph, run_passes
+from onnxpress.pipeline import PipelineResult, attention_passes, cleanup_passes, import_graph, run_passes
 from onnxpress.precision import half_precision_layers, store_float16, upcast_float16
 from onnxpress.range_search import METHODS as AUTO_METHODS
 from onnxpress.range_search import RangeSearch, scoring_feeds, search_ranges
@@ -665,8 +664,7 @@ def quantize(
         tables = [] if constants_int8_min_size is None else [StoreConstantsInt8(min_size=constants_int8_min_size,
                                                                                 tables_only=True)]
         # attention fused as in the static paths (the pass reads the tensor types: onnxruntime's inference too)
-        fuse = ([FuseAttention(), MergeReshapes()]
-                if fuse_attention and any(n.op_type == "Softmax" for n in cleaned.graph.node) else [])
+        fuse = attention_passes() if fuse_attention and any(n.op_type == "Softmax" for n in cleaned.graph.node) else []
         # the fused attention's int8 projections and the attention as one QAttention, its input quantized at run time
         # (passes/quantized_attention.py)
         qattention = [FuseQuantizedAttention()] if fuse and quantized_attention else []
@@ -733,7 +731,7 @@ def quantize(
         if fuse_attention and any(n.op_type == "Softmax" for n in start4.graph.node):
             # attention as onnxruntime's MultiHeadAttention here too (the pass reads the tensor types; see the
             # docstring for what it measured)
-            start4, passes4 = _shaped(start4, thoroughly=True), [FuseAttention(), MergeReshapes(), *passes4]
+            start4, passes4 = _shaped(start4, thoroughly=True), [*attention_passes(), *passes4]
         result = run_passes(start4, passes4, progress=progress)
         attention_notes.extend(_attention_notes(result.notes))
         if handled is not None:
@@ -775,7 +773,7 @@ def quantize(
             # attention as onnxruntime's MultiHeadAttention: its MatMuls and Softmax stay float anyway, and
             # the fused kernel is faster (passes/fuse_attention.py); the Reshape pairs it leaves become one each
             # (passes/merge_reshapes.py)
-            pre.extend([FuseAttention(), MergeReshapes()])
+            pre.extend(attention_passes())
         if pre:
             # onnxruntime's symbolic inference where onnx's stops (TorchScript reshapes): FlattenTokens
             # and MatMulAddToGemm decide on ranks
@@ -811,9 +809,9 @@ def quantize(
                 _shaped(cleaned), qdq, calib, batch_size=batch_size, max_samples=bc_samples, progress=progress
             )
         tail = [] if constants_int8_min_size is None else [StoreConstantsInt8(min_size=constants_int8_min_size)]
-        if quantized_attention and pre_stats.get("fuse_attention.fused", 0) and activations == "uint8":
+        if quantized_attention and pre_stats.get("fuse_attention.fused", 0):
             # the fused attention's int8 projections and the attention as one QAttention, its float bias made here
-            # after the float constants went int8 (passes/quantized_attention.py)
+            # after the float constants went int8 (passes/quantized_attention.py; it leaves int8 activations be)
             tail.append(FuseQuantizedAttention())
         # dtypes on every tensor: InsertQDQ quantizes float32 activations only
         if compact:  # exact storage rewrites (bit-identical outputs, same fused kernels, fewer bytes)

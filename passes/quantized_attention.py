@@ -44,6 +44,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxpress.passes.base import PassResult, fresh_names, graph_names
+from onnxpress.passes.qdq import _dq_of, _present  # the QDQ graph's own readers (pad_input_channels shares them)
 
 __all__ = ["FuseQuantizedAttention"]
 
@@ -150,10 +151,9 @@ def _projection(t: gs.Tensor, outputs: set[int]) -> dict | str:
         return "a query, key or value is not a view of a Gemm or MatMul"
     if seq is None and (x.shape is None or len(x.shape) != 3):
         return "a projection's input is not known to be [batch, sequence, features]"
-    if not x.inputs or x.inputs[0].op != "DequantizeLinear":
+    source = _dq_inputs(x)
+    if source is None:
         return "a projection's input is not quantized"
-    dq = x.inputs[0]
-    source = (*dq.inputs[:2], dq.inputs[2] if len(dq.inputs) > 2 and dq.inputs[2].name else None)
     weight = _int8_weight(w_dq, trans_b)
     if isinstance(weight, str):
         return weight
@@ -186,7 +186,7 @@ def _dynamic_projection(mul: gs.Node, bias_t: gs.Tensor | None, view: list[int],
     s_w = [u for u in scales.inputs if u is not s_x]
     if len(s_w) != 1 or len(scales.inputs) != 2 or not isinstance(s_w[0], gs.Constant):
         return "a projection's scale is not the input's times a constant"
-    if not isinstance(q, gs.Constant) or not isinstance(z_w, gs.Constant) or np.any(np.asarray(z_w.values) != 0):
+    if not isinstance(q, gs.Constant) or not _zero(z_w):
         return "a projection's weight is not an int8 constant with zero points 0"
     w = np.asarray(q.values)
     scale = np.asarray(s_w[0].values, np.float32).ravel()
@@ -201,18 +201,18 @@ def _dynamic_projection(mul: gs.Node, bias_t: gs.Tensor | None, view: list[int],
 
 def _int8_weight(t: gs.Tensor, trans_b: bool) -> tuple[np.ndarray, np.ndarray] | str:
     """The int8 ``[K, N]`` weight and its ``[N]`` scales behind ``DQ(t)``, else why not."""
-    if not t.inputs or t.inputs[0].op != "DequantizeLinear":
+    parts = _dq_inputs(t)
+    if parts is None:
         return "a projection's weight is not quantized"
-    dq = t.inputs[0]
-    q, scale = dq.inputs[0], dq.inputs[1]
-    zp = dq.inputs[2] if len(dq.inputs) > 2 and dq.inputs[2].name else None
+    q, scale, zp = parts
     if not isinstance(q, gs.Constant) or not isinstance(scale, gs.Constant):
         return "a projection's weight is not a constant"
     w = np.asarray(q.values)
     if w.dtype != np.int8 or w.ndim != 2:
         return "a projection's weight is not a 2-D int8 constant"
-    if zp is not None and (not isinstance(zp, gs.Constant) or np.any(np.asarray(zp.values) != 0)):
+    if not _zero(zp):
         return "a projection's weight has a non-zero zero point"
+    dq = t.inputs[0]
     s = np.asarray(scale.values, np.float32)
     if trans_b:
         w = w.T
@@ -228,17 +228,29 @@ def _bias(t: gs.Tensor | None, n: int) -> np.ndarray | str:
     if isinstance(t, gs.Constant):
         b = np.asarray(t.values)
         return b.astype(np.float32).ravel() if b.dtype.kind == "f" and b.size == n else "a bias of another shape"
-    if not t.inputs or t.inputs[0].op != "DequantizeLinear":
+    parts = _dq_inputs(t)
+    if parts is None:
         return "a projection's bias is computed at run time"
-    dq = t.inputs[0]
-    q, scale = dq.inputs[0], dq.inputs[1]
-    zp = dq.inputs[2] if len(dq.inputs) > 2 and dq.inputs[2].name else None
+    q, scale, zp = parts
     if not isinstance(q, gs.Constant) or not isinstance(scale, gs.Constant) or np.asarray(q.values).size != n:
         return "a projection's bias is not a constant"
-    if zp is not None and (not isinstance(zp, gs.Constant) or np.any(np.asarray(zp.values) != 0)):
+    if not _zero(zp):
         return "a projection's bias has a non-zero zero point"
     values = np.asarray(q.values).astype(np.float64).ravel() * np.asarray(scale.values, np.float64).ravel()
     return values.astype(np.float32)
+
+
+def _dq_inputs(t: gs.Tensor) -> tuple[gs.Tensor, gs.Tensor, gs.Tensor | None] | None:
+    """``(x, scale, zero point or None)`` of the DequantizeLinear that makes ``t``, else None."""
+    dq = _dq_of(t)
+    if dq is None:
+        return None
+    return dq.inputs[0], dq.inputs[1], dq.inputs[2] if len(dq.inputs) > 2 and _present(dq.inputs[2]) else None
+
+
+def _zero(zp: gs.Tensor | None) -> bool:
+    """Whether a zero point is absent or a constant of zeros."""
+    return zp is None or (isinstance(zp, gs.Constant) and not np.any(np.asarray(zp.values)))
 
 
 def _rewrite(graph: gs.Graph, mha: gs.Node, plan: dict, fresh) -> None:

@@ -11,6 +11,7 @@ from onnx import numpy_helper
 
 import onnxpress
 from tests import graphs
+from tests.conformance import sqnr_db
 from tests.test_fuse_attention import _feeds, attention
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
@@ -18,11 +19,6 @@ MODELS = Path(__file__).resolve().parents[1] / "models"
 
 def _ops(model: onnx.ModelProto) -> list[str]:
     return [n.op_type for n in model.graph.node]
-
-
-def _sqnr(ref: np.ndarray, out: np.ndarray) -> float:
-    noise = np.sum((ref - out).astype(np.float64) ** 2)
-    return float("inf") if noise == 0 else float(10 * np.log10(np.sum(ref.astype(np.float64) ** 2) / noise))
 
 
 def _projection_weights(model: onnx.ModelProto) -> list[np.ndarray]:
@@ -57,8 +53,8 @@ def test_the_reference_transformer_runs_its_projections_in_qattention_with_the_s
     b = graphs.run(gemms.model, {"input": x}, optimize=True)[0]
     # float rounding apart (the bias added in float, another attention kernel) they are the same model; against
     # the float model the quantization noise is ~40 dB
-    assert _sqnr(b, a) > 50
-    assert abs(_sqnr(ref, a) - _sqnr(ref, b)) < 0.1
+    assert sqnr_db(a, b) > 50
+    assert abs(sqnr_db(a, ref) - sqnr_db(b, ref)) < 0.1
     assert (a.argmax(1) == b.argmax(1)).all()
 
 
@@ -72,7 +68,7 @@ def test_dynamic_int8_runs_its_projections_in_qattention_too() -> None:
     assert _ops(gemms.model).count("MatMulInteger") == _ops(fused.model).count("MatMulInteger") + 6
     a = graphs.run(fused.model, {"input": x}, optimize=True)[0]
     b = graphs.run(gemms.model, {"input": x}, optimize=True)[0]
-    assert _sqnr(b, a) > 50 and (a.argmax(1) == b.argmax(1)).all()
+    assert sqnr_db(a, b) > 50 and (a.argmax(1) == b.argmax(1)).all()
 
 
 @pytest.mark.parametrize("kwargs", [{"scale": "mul"}, {"scale": "div"}, {"scale": "none"}, {"keys": "two"},
@@ -89,7 +85,7 @@ def test_a_small_attention_block_gives_the_same_outputs_through_qattention(kwarg
     feeds = _feeds(batch=3)
     a = graphs.run(fused.model, feeds, optimize=True)[0]
     b = graphs.run(gemms.model, feeds, optimize=True)[0]
-    assert _sqnr(b, a) > 45
+    assert sqnr_db(a, b) > 45
 
 
 def test_int8_activations_and_the_option_off_keep_multiheadattention() -> None:

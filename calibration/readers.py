@@ -58,6 +58,7 @@ __all__ = [
     "DataSource",
     "InputSpec",
     "check_feed",
+    "check_given_axes",
     "first_batch",
     "load_labels",
     "model_inputs",
@@ -260,16 +261,36 @@ def sample_axes(model: onnx.ModelProto) -> dict[str, int]:
             found[name] = named[0]
     given = _GIVEN_AXES.get()
     if given:
-        unknown = sorted(set(given) - set(inputs))
-        if unknown:
-            raise ArgumentError(f"sample axis given for {unknown}, which the model does not take as inputs; its "
-                                f"inputs: {sorted(inputs)}")
-        for name, axis in given.items():
-            tt = inputs[name].type.tensor_type
-            if tt.HasField("shape") and axis >= max(len(tt.shape.dim), 1):
-                raise ArgumentError(f"sample axis {axis} of input {name!r}: it has rank {len(tt.shape.dim)}")
-            found[name] = axis
+        check_given_axes(model, given)
+        found.update(given)
     return {name: axis for name, axis in found.items() if axis}
+
+
+def check_given_axes(model: onnx.ModelProto, given: Mapping[str, int] | None = None) -> None:
+    """Refuse sample axes for inputs the model does not take, or past an input's rank.
+
+    ``given`` defaults to the axes of :func:`samples_on`.
+
+    :func:`sample_axes` checks them where data is read; the CLI calls this before a command runs, so that a
+    misspelt ``--sample-axis`` is refused by commands that read no data as well (cleanup, dynamic quantize).
+
+    Raises:
+        ArgumentError: an unknown input name, or an axis >= the input's rank.
+    """
+    given = _GIVEN_AXES.get() if given is None else given
+    if not given:
+        return
+    g = model.graph
+    weights = {init.name for init in g.initializer}
+    inputs = {vi.name: vi for vi in g.input if vi.name not in weights}
+    unknown = sorted(set(given) - set(inputs))
+    if unknown:
+        raise ArgumentError(f"sample axis given for {unknown}, which the model does not take as inputs; its "
+                            f"inputs: {sorted(inputs)}")
+    for name, axis in given.items():
+        tt = inputs[name].type.tensor_type
+        if tt.HasField("shape") and axis >= max(len(tt.shape.dim), 1):
+            raise ArgumentError(f"sample axis {axis} of input {name!r}: it has rank {len(tt.shape.dim)}")
 
 
 def sample_axis_hint(model: onnx.ModelProto) -> str:

@@ -131,6 +131,30 @@ def _sample_axes_of(args: argparse.Namespace) -> dict[str, int]:
     return axes
 
 
+def _check_sample_axis_names(args: argparse.Namespace) -> None:
+    """Refuse ``--sample-axis`` names the command's model does not take, before the command runs.
+
+    Only commands that read data consulted the axes, so ``cleanup`` or a dynamic ``quantize`` took a misspelt
+    name without a word. The model is parsed once more for this (its external data is not read); a file that
+    does not load is left to the command, which says why.
+    """
+    if not getattr(args, "sample_axes", None):
+        return
+    paths = [getattr(args, a, None) for a in ("model", "student", "reference")]
+    path = next((p for p in paths if isinstance(p, str)), None)
+    if path is None or not os.path.isfile(path):
+        return
+    import onnx
+
+    from onnxpress.calibration.readers import check_given_axes
+
+    try:
+        model = onnx.load(path, load_external_data=False)
+    except Exception:  # noqa: BLE001 -- not a model: the command's own loading says what is wrong
+        return
+    check_given_axes(model)
+
+
 def _sample_axis(text: str) -> tuple[str, int]:
     name, sep, axis = text.rpartition("=")
     if not sep or not name or not axis.isdigit():
@@ -168,6 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         with samples_on(_sample_axes_of(args)):
+            _check_sample_axis_names(args)
             return int(args.func(args) or 0)
     except OnnxpressError as exc:
         print(f"onnxpress: error: {exc}", file=sys.stderr)

@@ -379,6 +379,24 @@ def test_the_cli_refuses_one_input_given_two_sample_axes(tmp_path, capsys):
     assert "--sample-axis x is given twice, as 1 and 0" in capsys.readouterr().err
 
 
+def test_the_cli_refuses_an_unknown_sample_axis_name_also_where_no_data_is_read(tmp_path, capsys):
+    """cleanup and a dynamic quantize read no data, and took --sample-axis Q=1 without a word."""
+    from onnxpress.cli import main
+
+    path = tmp_path / "m.onnx"
+    onnx.save(gru_cumsum(), path)
+    before = set(tmp_path.iterdir())
+    for command in (["cleanup"], ["quantize"]):
+        out = tmp_path / f"{command[0]}.onnx"
+        assert main([*command, str(path), "-o", str(out), "--sample-axis", "Q=1", "-q"]) == 2
+        assert "sample axis given for ['Q'], which the model does not take as inputs; its inputs: ['x']" in \
+            capsys.readouterr().err
+        assert main([*command, str(path), "-o", str(out), "--sample-axis", "x=3", "-q"]) == 2
+        assert "sample axis 3 of input 'x': it has rank 3" in capsys.readouterr().err
+    assert set(tmp_path.iterdir()) == before  # refused before anything was written
+    assert main(["cleanup", str(path), "-o", str(tmp_path / "ok.onnx"), "--sample-axis", "x=1", "-q"]) == 0
+
+
 def test_an_onnxruntime_failure_on_a_batch_suggests_the_flag_where_the_axis_may_be_missed():
     from onnxpress.errors import DataError, ValidationError
 

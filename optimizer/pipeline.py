@@ -187,14 +187,17 @@ def run_passes(
 def cleanup_passes() -> list[GraphPass]:
     """The exact passes every pipeline starts with.
 
-    Fold constants, projection Einsums as MatMul, fold BatchNormalization, PRelu as faster ops, and
-    store equal weights once (FoldBatchNorm gives a shared weight a copy per BatchNorm).
+    Fold constants, projection Einsums as MatMul, fold BatchNormalization, PRelu as faster ops, store
+    equal weights once (FoldBatchNorm gives a shared weight a copy per BatchNorm), and leave out recurrent
+    layers' initial states that are zero by construction (ONNX's default).
     """
     from onnxpress.passes.einsum import EinsumToMatMul
     from onnxpress.passes.fold import FoldBatchNorm, FoldConstants, ShareConstants
     from onnxpress.passes.prelu import RewritePRelu
+    from onnxpress.passes.zero_states import DropZeroInitialStates
 
-    return [FoldConstants(), EinsumToMatMul(), FoldBatchNorm(), RewritePRelu(), ShareConstants()]
+    return [FoldConstants(), EinsumToMatMul(), FoldBatchNorm(), RewritePRelu(), ShareConstants(),
+            DropZeroInitialStates()]
 
 
 def attention_passes() -> list[GraphPass]:

@@ -722,9 +722,10 @@ class _NpzReader(DataReader):
     An array whose sample axis is not 0 (a sequence-first input) is read whole: its samples are not contiguous.
     """
 
-    def __init__(self, path: Path, specs: Sequence[InputSpec], max_samples: int | None) -> None:
+    def __init__(self, path: Path, specs: Sequence[InputSpec], max_samples: int | None, *, lone: bool = False) -> None:
         super().__init__(specs, str(path), max_samples)
         self._path = path
+        self._lone = lone  # a lone .npy holding the one input's samples (see _LoneNpy)
         headers = self._headers()
         axes = _axes(self._specs)
         lengths = {name: shape[axes.get(name, 0)] for name, (shape, _, _) in headers.items()}
@@ -752,7 +753,9 @@ class _NpzReader(DataReader):
     def _count(self) -> int | None:
         return self._n
 
-    def _open(self) -> zipfile.ZipFile:
+    def _open(self) -> zipfile.ZipFile | _LoneNpy:
+        if self._lone:
+            return _LoneNpy(self._path, self._specs[0].name)
         try:
             return zipfile.ZipFile(self._path)
         except (zipfile.BadZipFile, OSError) as exc:
@@ -815,6 +818,41 @@ class _NpzReader(DataReader):
                     s.close()
 
 
+class _LoneNpy:
+    """A lone ``.npy`` file seen as a one-member archive (``{input}.npy``).
+
+    ``_NpzReader`` then checks and streams it exactly as it does an ``.npz`` member: ``np.save("calib.npy", x)``
+    for a one-input model.
+    """
+
+    def __init__(self, path: Path, name: str) -> None:
+        self._path, self._member = path, name + ".npy"
+
+    def namelist(self) -> list[str]:
+        return [self._member]
+
+    def open(self, member: str) -> Any:
+        return open(self._path, "rb")  # noqa: SIM115 -- closed by the caller, as zipfile's members are
+
+    def __enter__(self) -> _LoneNpy:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+NPY_MAGIC = b"\x93NUMPY"
+
+
+def _is_npy(path: Path) -> bool:
+    """Whether the file starts as an ``.npy`` does (whatever its name)."""
+    try:
+        with open(path, "rb") as fp:
+            return fp.read(len(NPY_MAGIC)) == NPY_MAGIC
+    except OSError:
+        return False
+
+
 def _read_npy_header(fp: Any) -> tuple[tuple[int, ...], bool, np.dtype]:
     version = np.lib.format.read_magic(fp)
     if version == (1, 0):
@@ -849,7 +887,7 @@ class _NpyStream:
         while got < nbytes:
             n = self._fp.readinto(view[got:])
             if not n:
-                raise DataError(f"array {self._fp.name!r} ends early: the .npz archive is truncated")
+                raise DataError(f"array {self._fp.name!r} ends early: the file is truncated")
             got += n
         return buf
 
@@ -990,7 +1028,8 @@ def open_data(source: DataSource, model: onnx.ModelProto, *, max_samples: int | 
 
     Args:
         source: an ``.npz`` path (arrays keyed by input name, samples on axis 0 or, for a sequence-first
-            input, axis 1: :func:`sample_axes`; other keys such as ``labels`` are ignored), a folder of
+            input, axis 1: :func:`sample_axes`; other keys such as ``labels`` are ignored), an ``.npy`` path
+            (the samples of a model with one input), a folder of
             ``.npz`` files each holding one complete feed, an
             iterable of ``{input name: array}`` dicts, an onnxruntime ``CalibrationDataReader``, or a
             :class:`DataReader` (returned as is, limited to ``max_samples``).
@@ -1018,7 +1057,13 @@ def open_data(source: DataSource, model: onnx.ModelProto, *, max_samples: int | 
         if path.is_dir():
             return _FolderReader(path, specs, max_samples)
         if not path.exists():
-            raise DataError(f"data not found: {path} (expected an .npz file or a folder of .npz files)")
+            raise DataError(f"data not found: {path} (expected an .npz file, a folder of .npz files, or an .npy for a one-input model)")
+        if _is_npy(path):
+            if len(specs) != 1:
+                names = ", ".join(f"{s.name}=..." for s in specs)
+                raise DataError(f"{path} is one .npy array, and the model takes {len(specs)} inputs "
+                                f"({_expects(specs)}); save them together: np.savez(path, {names})")
+            return _NpzReader(path, specs, max_samples, lone=True)
         return _NpzReader(path, specs, max_samples)
     if isinstance(source, (bytes, Mapping, np.ndarray)):
         raise DataError(

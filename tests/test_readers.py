@@ -207,6 +207,42 @@ def test_npz_is_streamed_not_loaded_whole(tmp_path):
     assert peak < 2_000_000, f"peak {peak} bytes while streaming an 8 MB archive in batches of 32"
 
 
+@pytest.mark.parametrize("fortran", [False, True])
+def test_a_lone_npy_feeds_a_one_input_model_streamed_like_an_npz_member(tmp_path, fortran):
+    """np.save("calib.npy", x): the samples of a model with one input, whatever the file is called."""
+    x = _x(10)
+    np.save(tmp_path / "d.npy", np.asfortranarray(x) if fortran else x)
+    (tmp_path / "d.npy").rename(tmp_path / "calib.data")  # told apart by its contents, not its name
+    reader = open_data(tmp_path / "calib.data", graphs.gemm(), max_samples=7)
+    assert reader.num_samples == 7 and reader.total_samples == 10
+    assert [len(b["X"]) for b in reader.batches(3)] == [3, 3, 1]
+    np.testing.assert_array_equal(_concat(reader.batches(3)), x[:7])
+    big = graphs.rng(0).standard_normal((200_000, 8)).astype(np.float32)  # 6.4 MB
+    np.save(tmp_path / "big.npy", big)
+    tracemalloc.start()
+    total = sum(len(b["X"]) for b in open_data(tmp_path / "big.npy", graphs.gemm()).batches(32))
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert total == 200_000 and peak < big.nbytes / 4, f"peak {peak} bytes for a {big.nbytes}-byte .npy"
+
+
+def test_a_lone_npy_is_refused_with_what_to_do_where_it_cannot_feed_the_model(tmp_path):
+    np.save(tmp_path / "d.npy", _x(4, 3))
+    with pytest.raises(DataError, match=r"is one \.npy array, and the model takes 2 inputs .* "
+                                        r"np\.savez\(path, A=\.\.\., B=\.\.\.\)"):
+        open_data(tmp_path / "d.npy", two_inputs())
+    np.save(tmp_path / "d.npy", _x(4).astype(np.float64))
+    with pytest.raises(DataError, match=r"'X' has dtype float64.*astype\(np.float32\)"):
+        open_data(tmp_path / "d.npy", graphs.gemm())
+    np.save(tmp_path / "d.npy", _x(4, k=5))
+    with pytest.raises(DataError, match=r"'X' has shape \[4, 5\].*axis 1 must be 8"):
+        open_data(tmp_path / "d.npy", graphs.gemm())
+    np.save(tmp_path / "d.npy", _x(400))
+    (tmp_path / "d.npy").write_bytes((tmp_path / "d.npy").read_bytes()[:-1000])
+    with pytest.raises(DataError, match="ends early: the file is truncated"):
+        list(open_data(tmp_path / "d.npy", graphs.gemm()).batches(64))
+
+
 # --- errors ---------------------------------------------------------------------------------------
 
 

@@ -15,7 +15,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("calibrate", help="calibrate activation ranges (KL, minmax, percentile, MSE) into a table")
     p.add_argument("model", help="input .onnx model (never modified)")
     p.add_argument("--data", required=True, help=".npz of inputs (samples on axis 0; axis 1 of a sequence-first "
-                   "[seq, batch, ...] input) or a folder of .npz feeds")
+                   "[seq, batch, ...] input), a folder of .npz feeds, or one .npy for a one-input model")
     p.add_argument("-o", "--output", required=True, help="where to write the calibration table (.npz)")
     p.add_argument("--method", default="mse", choices=("kl", "minmax", "percentile", "mse"),
                    help="range rule (default mse, as quantize's; kl: TensorRT-style entropy search)")

@@ -22,7 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("student", help="compressed .onnx model to fine-tune (never modified)")
     p.add_argument("--teacher", help="original .onnx model to distil from (same inputs; its first output is the "
                                      "distillation target)")
-    p.add_argument("--data", required=True, help="training inputs: .npz (keyed by input name) or a folder of .npz")
+    p.add_argument("--data", required=True, help="training inputs: .npz (keyed by input name), a folder of .npz, "
+                   "or one .npy for a one-input model")
     p.add_argument("--labels", help="class labels: .npy, or .npz with key 'labels' (may be the --data file)")
     p.add_argument("-o", "--output", required=True, help="where to write the fine-tuned model")
     p.add_argument("--epochs", type=non_negative_int, default=10, help="passes over the data (default 10)")

@@ -23,7 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     how.add_argument("--rank", type=positive_int, help="the same rank for every layer")
     how.add_argument("--energy", type=_fraction, help="keep this fraction of each layer's spectral energy")
     how.add_argument("--flops", type=_fraction, help="whole-model MACs budget as a fraction of the original")
-    p.add_argument("--calib", help="calibration data (.npz or folder of .npz) for the data-aware (whitened) SVD")
+    p.add_argument("--calib", help="calibration data (.npz, folder of .npz, or .npy for one input) for the "
+                   "data-aware (whitened) SVD")
     p.add_argument("--multiple", type=positive_int, default=1, help="round ranks up to a multiple of this")
     p.add_argument("--tucker", action="store_true", help="Tucker-2 (1x1, kxk core, 1x1) for Convs")
     p.add_argument("--max-samples", type=positive_int, help="calibration samples to use (default 512)")

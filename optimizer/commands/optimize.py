@@ -27,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                               "2 an error, nothing written")
     p.add_argument("model", help="input .onnx model (never modified)")
     p.add_argument("-o", "--output", required=True, help="where to write the best model (its recipe goes beside it)")
-    p.add_argument("--calib", required=True, help="calibration inputs (.npz or folder of .npz)")
+    p.add_argument("--calib", required=True, help="calibration inputs (.npz, folder of .npz, or .npy for one input)")
     p.add_argument("--eval", dest="eval_data", help="evaluation inputs (default: the calibration data)")
     p.add_argument("--labels", help="labels for --eval (.npy or .npz with key 'labels')")
     p.add_argument("--budget", action="append",

@@ -26,7 +26,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     mode.add_argument("--ratio", type=_ratio, help="fraction of prunable channels to remove, in [0, 1)")
     p.add_argument("--criterion", choices=CRITERIA, default="l2", help="channel importance (default l2)")
     p.add_argument("--scope", choices=("global", "layer"), default="global", help="one threshold or one per group")
-    p.add_argument("--calib", metavar="DATA", help="calibration data (.npz or folder) for act/contrib/--compensate")
+    p.add_argument("--calib", metavar="DATA",
+                   help="calibration data (.npz, folder, or .npy) for act/contrib/--compensate")
     p.add_argument(
         "--compensate", action="store_true", help="fold removed channels' means (from --calib) into the next biases"
     )

@@ -22,7 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", help="input .onnx model (never modified)")
     p.add_argument("-o", "--output", required=True, help="where to write the quantized model")
     p.add_argument("--calib", help=".npz of inputs (samples on axis 0; axis 1 of a sequence-first "
-                   "[seq, batch, ...] input) or a folder of .npz feeds")
+                   "[seq, batch, ...] input), a folder of .npz feeds, or one .npy for a one-input model")
     p.add_argument("--table", help="a calibration table saved by 'onnxpress calibrate' (instead of --calib)")
     p.add_argument(
         "--method",

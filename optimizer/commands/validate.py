@@ -24,7 +24,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("reference", help="the reference .onnx model")
     p.add_argument("candidate", help="the candidate .onnx model (same inputs, every reference output)")
-    p.add_argument("--data", required=True, help=".npz (arrays keyed by input name) or a folder of .npz feeds")
+    p.add_argument("--data", required=True, help=".npz (arrays keyed by input name), a folder of .npz feeds, "
+                   "or one .npy for a one-input model")
     p.add_argument("--labels", help="class labels (.npy, or .npz with key 'labels'); default: 'labels' in --data")
     p.add_argument("--json", metavar="OUT", help="also write the report as JSON to OUT (atomically)")
     p.add_argument("--batch", type=positive_int, default=64, help="samples per run and for latency (default 64)")

@@ -1057,7 +1057,8 @@ def open_data(source: DataSource, model: onnx.ModelProto, *, max_samples: int | 
         if path.is_dir():
             return _FolderReader(path, specs, max_samples)
         if not path.exists():
-            raise DataError(f"data not found: {path} (expected an .npz file, a folder of .npz files, or an .npy for a one-input model)")
+            raise DataError(f"data not found: {path} (expected an .npz file, a folder of .npz files, or an .npy for "
+                            "a one-input model)")
         if _is_npy(path):
             if len(specs) != 1:
                 names = ", ".join(f"{s.name}=..." for s in specs)

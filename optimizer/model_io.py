@@ -16,14 +16,16 @@ import collections
 import contextlib
 import copy
 import hashlib
+import importlib.util
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Union
+from typing import Any, Union
 
 import numpy as np
 import onnx
@@ -315,7 +317,8 @@ def symbolic_shape_inference(model: onnx.ModelProto) -> tuple[onnx.ModelProto | 
     partial result too. ``(None, False)`` when onnxruntime is missing, its API changed, or inference fails.
     """
     try:
-        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference, get_opset
+        module = _symbolic_shape_infer()
+        SymbolicShapeInference, get_opset = module.SymbolicShapeInference, module.get_opset  # noqa: N806
 
         opset = get_opset(model)
         if not opset or opset < 7:
@@ -330,6 +333,30 @@ def symbolic_shape_inference(model: onnx.ModelProto) -> tuple[onnx.ModelProto | 
     except Exception as exc:  # noqa: BLE001 -- a best-effort second opinion; onnx's shapes stand
         log.debug("symbolic shape inference failed: %s", exc)
         return None, False
+
+
+def _symbolic_shape_infer() -> Any:
+    """The module ``onnxruntime/tools/symbolic_shape_infer.py``, loaded without the ``onnxruntime.tools`` package.
+
+    That package's ``__init__`` imports torch whenever torch is installed (for an export helper we do not use):
+    1.4 s of a 5 s ``onnxpress quantize`` of the reference ResNet went to it. The module itself imports only
+    onnx, numpy, sympy and packaging, so its file is loaded on its own (once; under a private name).
+    """
+    if "onnxruntime.tools.symbolic_shape_infer" in sys.modules:  # imported the usual way already: the same code
+        return sys.modules["onnxruntime.tools.symbolic_shape_infer"]
+    name = "onnxpress._ort_symbolic_shape_infer"
+    if name not in sys.modules:
+        spec = importlib.util.find_spec("onnxruntime")
+        path = Path(spec.origin).parent / "tools" / "symbolic_shape_infer.py" if spec and spec.origin else None
+        if path is None or not path.is_file():
+            from onnxruntime.tools import symbolic_shape_infer  # a layout we do not know: the usual import
+
+            return symbolic_shape_infer
+        file_spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(file_spec)
+        file_spec.loader.exec_module(module)
+        sys.modules[name] = module
+    return sys.modules[name]
 
 
 def _shaped_outputs(model: onnx.ModelProto) -> int:

@@ -132,10 +132,12 @@ def batch_major_tensors(
         d = tt.shape.dim[axis]
         return d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
 
-    inputs = [vi for vi in g.input if vi.name not in inits]
+    inputs = [vi for vi in g.input if vi.name not in inits and axes.get(vi.name, 0) is not None]
+    if not inputs:  # no input has a sample axis: each run is one sample, no tensor is batch-major
+        return set()
     batch = {first_dim(vi, axes.get(vi.name, 0)) for vi in inputs}
     wanted = set(names)
-    out = {vi.name for vi in inputs if vi.name in wanted and not axes.get(vi.name)}
+    out = {vi.name for vi in inputs if vi.name in wanted and axes.get(vi.name, 0) == 0}
     if len(batch) != 1 or None in batch:
         return out
     (axis,) = batch
@@ -277,9 +279,10 @@ def _guessed_type(producer: Mapping[str, onnx.NodeProto], name: str, types: _Typ
 
 
 def fixed_batch_inputs(model: onnx.ModelProto) -> list[tuple[str, int | None]]:
-    """``(name, size)`` of each graph input whose sample axis has a fixed size (``None``: a scalar input).
+    """``(name, size)`` of each graph input whose sample axis has a fixed size.
 
-    The sample axis is axis 0, or the one :func:`~onnxpress.calibration.readers.sample_axes` finds.
+    ``size`` is ``None`` for a scalar input, or one without a sample axis. The sample axis is axis 0, or the one
+    :func:`~onnxpress.calibration.readers.sample_axes` finds.
     """
     from onnxpress.calibration.readers import sample_axes
 
@@ -291,7 +294,9 @@ def fixed_batch_inputs(model: onnx.ModelProto) -> list[tuple[str, int | None]]:
             continue
         dims = vi.type.tensor_type.shape.dim
         axis = axes.get(vi.name, 0)
-        if len(dims) <= axis or dims[axis].HasField("dim_value"):
+        if axis is None:
+            fixed.append((vi.name, None))
+        elif len(dims) <= axis or dims[axis].HasField("dim_value"):
             fixed.append((vi.name, dims[axis].dim_value if len(dims) > axis else None))
     return fixed
 
@@ -302,8 +307,11 @@ def _batch_is_dynamic(model: onnx.ModelProto) -> bool:
 
 
 def _pieces(feeds: Iterable[Mapping[str, np.ndarray]], batch_size: int,
-            axes: Mapping[str, int]) -> Iterator[dict[str, np.ndarray]]:
-    """Feeds as arrays, each cut into slices of at most ``batch_size`` samples along the sample axis."""
+            axes: Mapping[str, int | None]) -> Iterator[dict[str, np.ndarray]]:
+    """Feeds as arrays, each cut into slices of at most ``batch_size`` samples along the sample axis.
+
+    A feed with an input that has no sample axis is one sample: it is never cut.
+    """
     from onnxpress.calibration.readers import samples_in, take_samples
 
     for feed in feeds:
@@ -311,8 +319,8 @@ def _pieces(feeds: Iterable[Mapping[str, np.ndarray]], batch_size: int,
             raise DataError(f"calibration data must yield non-empty dicts of input name -> array, got {type(feed)}")
         feed = {k: np.asarray(v) for k, v in feed.items()}
         n = samples_in(feed, axes)
-        if n <= batch_size or any(np.ndim(v) <= axes.get(k, 0) or v.shape[axes.get(k, 0)] != n
-                                  for k, v in feed.items()):
+        if n <= batch_size or any(axes.get(k, 0) is None or np.ndim(v) <= axes.get(k, 0)
+                                  or v.shape[axes.get(k, 0)] != n for k, v in feed.items()):
             yield feed
             continue
         for start in range(0, n, batch_size):
@@ -320,7 +328,7 @@ def _pieces(feeds: Iterable[Mapping[str, np.ndarray]], batch_size: int,
 
 
 def _stack(feeds: Iterable[Mapping[str, np.ndarray]], batch_size: int,
-           axes: Mapping[str, int] | None = None) -> Iterator[dict[str, np.ndarray]]:
+           axes: Mapping[str, int | None] | None = None) -> Iterator[dict[str, np.ndarray]]:
     """Concatenate consecutive feeds along the sample axis up to ``batch_size`` samples when shapes allow."""
     from onnxpress.calibration.readers import _rest, join_samples, samples_in
 
@@ -337,7 +345,8 @@ def _stack(feeds: Iterable[Mapping[str, np.ndarray]], batch_size: int,
         if pending:
             ref = pending[0]
             fits = feed.keys() == ref.keys() and all(
-                np.ndim(v) > axes.get(k, 0) and _rest(v, axes.get(k, 0)) == _rest(ref[k], axes.get(k, 0))
+                axes.get(k, 0) is not None and np.ndim(v) > axes.get(k, 0)
+                and _rest(v, axes.get(k, 0)) == _rest(ref[k], axes.get(k, 0))
                 and v.dtype == ref[k].dtype
                 for k, v in feed.items()
             )

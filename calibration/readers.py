@@ -90,23 +90,27 @@ class InputSpec:
         dtype: numpy dtype of the tensor element type.
         shape: per-axis static size (int), symbolic name (str) or unknown (None); ``None`` when
             even the rank is unknown.
+        sample_axis: the axis that holds the samples, or ``None`` for an input without one (one feed is one
+            sample, never stacked with another or cut: :func:`sample_axes`).
     """
 
     name: str
     dtype: np.dtype
     shape: tuple[Dim, ...] | None
-    sample_axis: int = 0
+    sample_axis: int | None = 0
 
     @property
     def dynamic_samples(self) -> bool:
         """Whether the sample axis can take any size (so feeds may be stacked or sliced along it)."""
+        if self.sample_axis is None:
+            return False
         return self.shape is None or (len(self.shape) > self.sample_axis
                                       and not isinstance(self.shape[self.sample_axis], int))
 
     @property
     def fixed_samples(self) -> int | None:
-        """The static size of the sample axis, or ``None`` when it is dynamic (or the input is a scalar)."""
-        if self.shape is None or len(self.shape) <= self.sample_axis:
+        """The static size of the sample axis, or ``None`` when it is dynamic, absent, or the input is a scalar."""
+        if self.shape is None or self.sample_axis is None or len(self.shape) <= self.sample_axis:
             return None
         dim = self.shape[self.sample_axis]
         return dim if isinstance(dim, int) else None
@@ -154,7 +158,7 @@ def model_inputs(model: onnx.ModelProto) -> tuple[InputSpec, ...]:
             shape = tuple(dims)
         specs.append(InputSpec(value.name, dtype, shape))
     axes = sample_axes(model)
-    return tuple(dataclasses.replace(s, sample_axis=axes[s.name]) if axes.get(s.name) else s for s in specs)
+    return tuple(dataclasses.replace(s, sample_axis=axes[s.name]) if s.name in axes else s for s in specs)
 
 
 # Sample axes. Hand-written because no library says where a graph's batch axis is: onnxruntime's own quantizer
@@ -175,20 +179,26 @@ _GIVEN_AXES: contextvars.ContextVar[Mapping[str, int] | None] = contextvars.Cont
 
 
 @contextlib.contextmanager
-def samples_on(axes: Mapping[str, int]) -> Iterator[None]:
+def samples_on(axes: Mapping[str, int | None]) -> Iterator[None]:
     """Within this block, the named model inputs hold their samples on the given axes, whatever is detected.
 
     For a sequence-first model that :func:`sample_axes` cannot tell (no RNN, dimensions not named like a batch):
     ``with onnxpress.samples_on({"x": 1}): onnxpress.quantize(...)``; the CLI's ``--sample-axis x=1``. An axis
-    of 0 turns a detection off.
+    of 0 turns a detection off. ``None`` says the input has no sample axis (``--sample-axis x=none``): a model
+    exported for one sample, ``x[3, 224, 224]``; each feed is then one sample, and an ``.npz`` stacks them on a
+    new axis 0.
 
     Raises:
-        ArgumentError: a name that is not a string, or an axis that is not an integer >= 0.
+        ArgumentError: a name that is not a string, or an axis that is neither ``None`` nor an integer >= 0.
     """
-    checked: dict[str, int] = {}
+    checked: dict[str, int | None] = {}
     for name, axis in dict(axes).items():
+        if axis is None and isinstance(name, str):
+            checked[name] = None
+            continue
         if not isinstance(name, str) or isinstance(axis, bool) or not isinstance(axis, numbers.Integral) or axis < 0:
-            raise ArgumentError(f"sample axes map input names to axes >= 0 (--sample-axis x=1), got {name!r}: {axis!r}")
+            raise ArgumentError(f"sample axes map input names to axes >= 0 or None (--sample-axis x=1, x=none), got "
+                                f"{name!r}: {axis!r}")
         checked[name] = int(axis)
     token = _GIVEN_AXES.set(checked)
     try:
@@ -202,10 +212,11 @@ def _batch_like(dim: Dim) -> bool:
     return isinstance(dim, str) and ("batch" in dim.lower() or dim.lower() in ("n", "b", "bs"))
 
 
-def sample_axes(model: onnx.ModelProto) -> dict[str, int]:
-    """``{graph input: axis}`` for every input whose samples are not on axis 0 (sequence-first inputs).
+def sample_axes(model: onnx.ModelProto) -> dict[str, int | None]:
+    """``{graph input: axis}`` for every input whose samples are not on axis 0.
 
-    Two rules, the first that speaks wins:
+    Sequence-first inputs get their axis, inputs without a sample axis ``None``. Three rules, the first that speaks
+    wins:
 
     1. Structure. An ``RNN``/``GRU``/``LSTM`` node with ``layout=0`` (the default, torch's ``batch_first=False``)
        holds the batch on axis 1 of ``X`` and of its initial states. That axis is traced back to a graph input
@@ -219,7 +230,13 @@ def sample_axes(model: onnx.ModelProto) -> dict[str, int]:
        axis other than 0, where axis 0 is symbolic too and not named so: ``[seq, batch, d]``. A fixed axis 0
        (a point cloud ``[1, N, 3]``) keeps it: the fixed axis is the batch there.
 
-    :func:`samples_on` (``--sample-axis``) overrides both. Everything else keeps axis 0. Readers stack, cut and
+    3. No sample axis (``None``): an input of rank 1 whose dimension is not a batch -- not named like one, and
+       neither the symbol nor the fixed size of a higher-rank input's sample axis. A waveform ``x[T]`` or the
+       token ids ``ids[S]`` of a model exported for one sample: each feed is one sample, never joined to the next
+       or cut (they were cut into runs of 64 values and counted as that many samples). A rank-1 input beside a
+       batched one that shares its dimension (``lengths[batch]`` beside ``x[batch, T]``) keeps axis 0.
+
+    :func:`samples_on` (``--sample-axis``) overrides them. Everything else keeps axis 0. Readers stack, cut and
     count samples along this axis, so a sequence is never joined to the next one or cut in time.
     """
     g = model.graph
@@ -259,14 +276,19 @@ def sample_axes(model: onnx.ModelProto) -> dict[str, int]:
             found[name] = same[0]
         elif len(shape) >= 2 and isinstance(shape[0], str) and not _batch_like(shape[0]) and len(named) == 1:
             found[name] = named[0]
+    batches = {shape[found.get(name, 0)] for name, shape in dims.items() if len(shape) >= 2}
+    for name, shape in dims.items():  # rule 3
+        if name not in found and len(shape) == 1 and shape[0] is not None and not _batch_like(shape[0]) \
+                and shape[0] not in batches:
+            found[name] = None
     given = _GIVEN_AXES.get()
     if given:
         check_given_axes(model, given)
         found.update(given)
-    return {name: axis for name, axis in found.items() if axis}
+    return {name: axis for name, axis in found.items() if axis != 0}
 
 
-def check_given_axes(model: onnx.ModelProto, given: Mapping[str, int] | None = None) -> None:
+def check_given_axes(model: onnx.ModelProto, given: Mapping[str, int | None] | None = None) -> None:
     """Refuse sample axes for inputs the model does not take, or past an input's rank.
 
     ``given`` defaults to the axes of :func:`samples_on`.
@@ -289,7 +311,7 @@ def check_given_axes(model: onnx.ModelProto, given: Mapping[str, int] | None = N
                             f"inputs: {sorted(inputs)}")
     for name, axis in given.items():
         tt = inputs[name].type.tensor_type
-        if tt.HasField("shape") and axis >= max(len(tt.shape.dim), 1):
+        if axis is not None and tt.HasField("shape") and axis >= max(len(tt.shape.dim), 1):
             raise ArgumentError(f"sample axis {axis} of input {name!r}: it has rank {len(tt.shape.dim)}")
 
 
@@ -310,17 +332,22 @@ def sample_axis_hint(model: onnx.ModelProto) -> str:
     return ""
 
 
-def output_sample_axes(model: onnx.ModelProto) -> list[int]:
+def output_sample_axes(model: onnx.ModelProto) -> list[int | None]:
     """Per graph output, the axis that holds the samples.
 
     0, or where a sequence-first model's output names the batch dimension of its inputs' sample axes
-    (``y[seq, batch, h]``: 1).
+    (``y[seq, batch, h]``: 1); ``None`` for every output of a model none of whose inputs has a sample axis
+    (each run is one sample).
     """
     axes = sample_axes(model)
     if not axes:
         return [0] * len(model.graph.output)
+    weights = {init.name for init in model.graph.initializer}
+    fed = [vi.name for vi in model.graph.input if vi.name not in weights]
+    if fed and all(name in axes and axes[name] is None for name in fed):
+        return [None] * len(model.graph.output)
     batch = {vi.type.tensor_type.shape.dim[axes[vi.name]].dim_param for vi in model.graph.input
-             if vi.name in axes and len(vi.type.tensor_type.shape.dim) > axes[vi.name]} - {""}
+             if axes.get(vi.name) is not None and len(vi.type.tensor_type.shape.dim) > axes[vi.name]} - {""}
     out = []
     for vi in model.graph.output:
         dims = [d.dim_param for d in vi.type.tensor_type.shape.dim]
@@ -417,9 +444,10 @@ def _check_shape(name: str, shape: tuple[int, ...], spec: InputSpec, where: str,
     """Rank and static dimensions (the sample axis's only when ``sample_dim``); the sample axis must not be empty."""
     if spec.shape is not None:
         if len(shape) != len(spec.shape):
+            on = "one sample per feed" if spec.sample_axis is None else f"samples on axis {spec.sample_axis}"
             raise DataError(
                 f"{where}: input {name!r} has shape {list(shape)} (rank {len(shape)}), the model expects rank "
-                f"{len(spec.shape)}: {spec.describe()}, samples on axis {spec.sample_axis}"
+                f"{len(spec.shape)}: {spec.describe()}, {on}"
             )
         for axis, (got, want) in enumerate(zip(shape, spec.shape, strict=True)):
             if isinstance(want, int) and got != want and (axis != spec.sample_axis or sample_dim):
@@ -427,7 +455,7 @@ def _check_shape(name: str, shape: tuple[int, ...], spec: InputSpec, where: str,
                     f"{where}: input {name!r} has shape {list(shape)}, the model expects {spec.describe()} "
                     f"(axis {axis} must be {want})"
                 )
-    if len(shape) > spec.sample_axis and shape[spec.sample_axis] == 0:
+    if spec.sample_axis is not None and len(shape) > spec.sample_axis and shape[spec.sample_axis] == 0:
         raise DataError(f"{where}: input {name!r} has no samples (shape {list(shape)})")
 
 
@@ -462,14 +490,15 @@ def accepts_infinite_inputs(fn: Callable[..., _T]) -> Callable[..., _T]:
     return wrapper
 
 
-def _check_finite(name: str, arr: np.ndarray, where: str, offset: int, axis: int = 0) -> None:
+def _check_finite(name: str, arr: np.ndarray, where: str, offset: int, axis: int | None = 0) -> None:
     if arr.dtype.kind not in "fc":
         return
     inf_ok = _INFINITE_OK.get()
     bad = np.isnan(arr) if inf_ok else ~np.isfinite(arr)
     if bad.any():
         first = np.argwhere(bad)[0]
-        at = f"sample {offset + int(first[axis])}" if arr.ndim > axis else "the scalar"
+        at = (f"sample {offset}" if axis is None else f"sample {offset + int(first[axis])}" if arr.ndim > axis
+              else "the scalar")
         what, hint = ("NaN", "") if inf_ok else ("NaN or inf", " (an attention mask's -inf is taken by calibrate and "
                                                               "quantize)")
         raise DataError(f"{where}: input {name!r} holds {what} (first at {at}); clean or drop those samples{hint}")
@@ -557,33 +586,42 @@ def _check_named_dims(feed: Mapping[str, np.ndarray], specs: Sequence[InputSpec]
                 )
 
 
-def samples_in(feed: Mapping[str, np.ndarray], axes: Mapping[str, int] | None = None) -> int:
+def samples_in(feed: Mapping[str, np.ndarray], axes: Mapping[str, int | None] | None = None) -> int:
     """Samples in a feed: the sample axis (``axes``, default 0) of its first input that has one (else 1)."""
     for name, arr in feed.items():
         axis = axes.get(name, 0) if axes else 0
-        if np.ndim(arr) > axis:
+        if axis is not None and np.ndim(arr) > axis:
             return int(np.shape(arr)[axis])
     return 1
 
 
 def take_samples(feed: Mapping[str, np.ndarray], start: int, stop: int,
-                 axes: Mapping[str, int] | None = None) -> dict[str, np.ndarray]:
-    """Samples ``start:stop`` of every input of ``feed``, along each input's sample axis (a view)."""
+                 axes: Mapping[str, int | None] | None = None) -> dict[str, np.ndarray]:
+    """Samples ``start:stop`` of every input of ``feed``, along each input's sample axis (a view).
+
+    An input without a sample axis goes with every sample, whole.
+    """
     out = {}
     for name, arr in feed.items():
         axis = axes.get(name, 0) if axes else 0
-        out[name] = arr[(slice(None),) * axis + (slice(start, stop),)]
+        out[name] = arr if axis is None else arr[(slice(None),) * axis + (slice(start, stop),)]
     return out
 
 
 def join_samples(feeds: Sequence[Mapping[str, np.ndarray]],
-                 axes: Mapping[str, int] | None = None) -> dict[str, np.ndarray]:
-    """Feeds concatenated along each input's sample axis."""
-    return {k: np.concatenate([f[k] for f in feeds], axis=axes.get(k, 0) if axes else 0) for k in feeds[0]}
+                 axes: Mapping[str, int | None] | None = None) -> dict[str, np.ndarray]:
+    """Feeds concatenated along each input's sample axis (every input must have one)."""
+    out = {}
+    for k in feeds[0]:
+        axis = axes.get(k, 0) if axes else 0
+        if axis is None:
+            raise ValueError(f"input {k!r} has no sample axis: its feeds cannot be joined")
+        out[k] = np.concatenate([f[k] for f in feeds], axis=axis)
+    return out
 
 
-def _axes(specs: Sequence[InputSpec]) -> dict[str, int]:
-    return {s.name: s.sample_axis for s in specs if s.sample_axis}
+def _axes(specs: Sequence[InputSpec]) -> dict[str, int | None]:
+    return {s.name: s.sample_axis for s in specs if s.sample_axis != 0}
 
 
 def _samples(feed: Mapping[str, np.ndarray], specs: Sequence[InputSpec]) -> int:
@@ -598,9 +636,9 @@ def _stackable(feed: Mapping[str, np.ndarray], specs: Sequence[InputSpec]) -> bo
     return len(sizes) == 1 and None not in sizes
 
 
-def _rest(arr: np.ndarray, axis: int) -> tuple[int, ...]:
-    """``arr``'s shape without its sample axis."""
-    return arr.shape[:axis] + arr.shape[axis + 1 :]
+def _rest(arr: np.ndarray, axis: int | None) -> tuple[int, ...]:
+    """``arr``'s shape without its sample axis (all of it when it has none)."""
+    return arr.shape if axis is None else arr.shape[:axis] + arr.shape[axis + 1 :]
 
 
 class DataReader(abc.ABC):
@@ -720,6 +758,7 @@ class _NpzReader(DataReader):
     """One ``.npz`` whose arrays (keyed by input name) hold samples on their sample axis; streamed in slices.
 
     An array whose sample axis is not 0 (a sequence-first input) is read whole: its samples are not contiguous.
+    An input without a sample axis has its samples stacked on a new axis 0 (``[N, *shape]``), fed one at a time.
     """
 
     def __init__(self, path: Path, specs: Sequence[InputSpec], max_samples: int | None, *, lone: bool = False) -> None:
@@ -728,7 +767,7 @@ class _NpzReader(DataReader):
         self._lone = lone  # a lone .npy holding the one input's samples (see _LoneNpy)
         headers = self._headers()
         axes = _axes(self._specs)
-        lengths = {name: shape[axes.get(name, 0)] for name, (shape, _, _) in headers.items()}
+        lengths = {name: shape[_stored_axis(axes.get(name, 0))] for name, (shape, _, _) in headers.items()}
         if len(set(lengths.values())) > 1:
             where = "on axis 0" if not axes else "on their sample axes " + str({s.name: s.sample_axis for s in specs})
             raise DataError(f"{path}: inputs hold different numbers of samples {where}: {lengths}; one .npz holds "
@@ -742,6 +781,12 @@ class _NpzReader(DataReader):
                 f"{path}: the model's inputs have different fixed sizes on {'their sample axes' if axes else 'axis 0'} "
                 f"({', '.join(s.describe() for s in self._specs if s.fixed_samples)}), which one .npz cannot "
                 "feed; give a folder of .npz files or a list of feed dicts, one per model call"
+            )
+        if fixed and any(s.sample_axis is None for s in self._specs):
+            raise DataError(
+                f"{path}: the model has inputs with a fixed batch and inputs with no sample axis "
+                f"({_expects(self._specs)}), which one .npz cannot feed; give a folder of .npz files or a list of "
+                "feed dicts, one per model call"
             )
         for spec in self._specs:
             if spec.fixed_samples and self._n % spec.fixed_samples:
@@ -781,25 +826,38 @@ class _NpzReader(DataReader):
                 where = str(self._path)
                 if dtype.hasobject:
                     raise DataError(f"{where}: array {spec.name!r} holds Python objects; save numeric arrays")
-                if spec.shape is not None and not spec.shape:  # either form of the array was refused, each way
+                if spec.shape is not None and not spec.shape and spec.sample_axis is not None:  # refused each way
                     raise DataError(
                         f"{where}: input {spec.name!r} is a scalar in the model (rank 0), with no sample axis for "
                         f"one .npz to stream; give a folder of .npz feeds (one per inference call, {spec.name!r} a "
                         "0-d array in each) or, in Python, a list of feed dicts"
                     )
+                _check_dtype(spec.name, dtype, spec, where)
+                if spec.sample_axis is None:  # samples stacked on a new axis 0
+                    rank = None if spec.shape is None else len(spec.shape) + 1
+                    if len(shape) != rank and rank is not None or not shape:
+                        raise DataError(
+                            f"{where}: array {spec.name!r} has shape {list(shape)}; {spec.name!r} has no sample axis "
+                            f"({spec.describe()}), so an .npz stacks its samples on a new axis 0: rank {rank}"
+                        )
+                    if shape[0] == 0:
+                        raise DataError(f"{where}: input {spec.name!r} has no samples (shape {list(shape)})")
+                    _check_shape(spec.name, shape[1:], spec, where, sample_dim=True)
+                    out[spec.name] = (shape, fortran, dtype)
+                    continue
                 if len(shape) <= spec.sample_axis:
                     raise DataError(
                         f"{where}: array {spec.name!r} is a scalar; samples go on axis {spec.sample_axis} "
                         f"({spec.describe()})"
                     )
-                _check_dtype(spec.name, dtype, spec, where)
                 _check_shape(spec.name, shape, spec, where, sample_dim=False)
                 out[spec.name] = (shape, fortran, dtype)
         return out
 
     def _feeds(self, chunk: int | None) -> Iterator[dict[str, np.ndarray]]:
         fixed = [s.fixed_samples for s in self._specs if s.fixed_samples]
-        step = fixed[0] if fixed else (chunk or self._n)
+        single = {s.name for s in self._specs if s.sample_axis is None}  # one sample per feed, stored [N, ...]
+        step = 1 if single else fixed[0] if fixed else (chunk or self._n)
         if self._max_samples is not None and not fixed:
             step = min(step, self._max_samples)
         headers = self._headers()
@@ -807,15 +865,25 @@ class _NpzReader(DataReader):
             streams = {}
             try:
                 for spec in self._specs:
-                    streams[spec.name] = _NpyStream(zf, spec.name + ".npy", *headers[spec.name], axis=spec.sample_axis)
+                    streams[spec.name] = _NpyStream(zf, spec.name + ".npy", *headers[spec.name],
+                                                    axis=_stored_axis(spec.sample_axis))
                 for start in range(0, self._n, step):
                     stop = min(self._n, start + step)
                     where = f"{self._path} (samples {start}..{stop - 1})"
                     feed = {name: s.read(stop - start) for name, s in streams.items()}
+                    feed = {name: a[0] if name in single else a for name, a in feed.items()}
                     yield check_feed(feed, self._specs, where, offset=start)
             finally:
                 for s in streams.values():
                     s.close()
+
+
+def _stored_axis(axis: int | None) -> int:
+    """The axis of an ``.npz`` array that holds the samples.
+
+    The input's sample axis, or the new axis 0 that stacks the samples of an input without one.
+    """
+    return 0 if axis is None else axis
 
 
 class _LoneNpy:
@@ -930,7 +998,7 @@ class _FolderReader(DataReader):
                         shape = _read_npy_header(fp)[0]
                 except (KeyError, ValueError, OSError, zipfile.BadZipFile, EOFError):
                     return None  # a bad file is reported with a clear error when it is read
-                total += shape[axis] if len(shape) > axis else 1
+                total += 1 if axis is None else shape[axis] if len(shape) > axis else 1
             self._counted = total
         return self._counted
 
@@ -1136,7 +1204,7 @@ def symbolic_sizes(model: onnx.ModelProto, data: DataSource | None = None,
     sizes = {str(k): int(v) for k, v in (given or {}).items()}
     wanted = symbolic_input_dims(model)
     axes = sample_axes(model)
-    batch = {d.dim_param for vi in model.graph.input
+    batch = {d.dim_param for vi in model.graph.input if axes.get(vi.name, 0) is not None
              for d in vi.type.tensor_type.shape.dim[axes.get(vi.name, 0):][:1] if d.dim_param}
     unknown = sorted(set(sizes) - set(wanted))
     if unknown:  # a typo would count MACs at the first sample's size without a word

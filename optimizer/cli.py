@@ -57,7 +57,8 @@ def add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sample-axis", action="append", type=_sample_axis, default=[], metavar="INPUT=AXIS",
                         dest="sample_axes", help="the axis of INPUT that holds the samples, where onnxpress cannot "
                         "tell (a sequence-first [seq, batch, ...] input: x=1; found by itself for an RNN's input or "
-                        "a dimension named batch); repeatable")
+                        "a dimension named batch), or none for an input exported for one sample (x[3,224,224]: each "
+                        "feed is one sample; an .npz stacks them on a new axis 0); repeatable")
 
 
 def int_at_least(minimum: int, what: str):
@@ -121,9 +122,9 @@ def dims_of(args: argparse.Namespace) -> dict[str, int]:
     return out
 
 
-def _sample_axes_of(args: argparse.Namespace) -> dict[str, int]:
+def _sample_axes_of(args: argparse.Namespace) -> dict[str, int | None]:
     """The ``--sample-axis`` axes as a dict; one input given two different axes is an error, as for ``--dim``."""
-    axes: dict[str, int] = {}
+    axes: dict[str, int | None] = {}
     for name, axis in getattr(args, "sample_axes", []):
         if axes.get(name, axis) != axis:
             raise OnnxpressError(f"--sample-axis {name} is given twice, as {axes[name]} and {axis}: give it once")
@@ -155,10 +156,12 @@ def _check_sample_axis_names(args: argparse.Namespace) -> None:
     check_given_axes(model)
 
 
-def _sample_axis(text: str) -> tuple[str, int]:
+def _sample_axis(text: str) -> tuple[str, int | None]:
     name, sep, axis = text.rpartition("=")
+    if sep and name and axis.lower() == "none":  # no sample axis: one sample per run
+        return name, None
     if not sep or not name or not axis.isdigit():
-        raise argparse.ArgumentTypeError(f"expected INPUT=AXIS with an axis >= 0, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected INPUT=AXIS with an axis >= 0 or none, got {text!r}")
     return name, int(axis)
 
 

@@ -112,6 +112,14 @@ def check_dynamic_batch(model: onnx.ModelProto | None, which: str, *, sequence_f
     # The training loop gathers, shuffles and splits samples on axis 0 (inputs and the teacher's outputs alike); on a
     # sequence-first input that trained on time steps: a GRU distilled from itself fell from exact to 14.4 dB.
     axes = sample_axes(model)
+    single = [name for name, axis in axes.items() if axis is None]
+    if single:
+        raise UnsupportedModelError(
+            f"finetune trains on batches of samples, and the {which}'s input {single[0]!r} has no sample axis (the "
+            f"model takes one sample per run): export it with a batch axis, e.g. torch.onnx.export(model, "
+            f"x.unsqueeze(0), ..., dynamic_axes={{{single[0]!r}: {{0: 'batch'}}}}), then make the student from that "
+            "export"
+        )
     if axes and not sequence_first:
         name, axis = next(iter(axes.items()))
         raise UnsupportedModelError(

@@ -295,11 +295,12 @@ class _Evaluator:
 
 
 def _user_metric(metric: Metric, arrays: list[list[np.ndarray]], labels: np.ndarray,
-                 axes: Sequence[int] | None = None) -> float:
+                 axes: Sequence[int | None] | None = None) -> float:
     """``metric`` on the outputs per graph output (concatenated over the feeds on their sample axes) and the labels.
 
     An output's sample axis (``axes``) is 0, or 1 for a sequence-first output ``[seq, batch, ...]``
     (:func:`onnxpress.calibration.readers.output_sample_axes`); the metric gets the outputs in the model's layout.
+    The outputs of a model without a sample axis (``None``: one sample per run) are stacked on a new axis 0.
 
     Raises:
         DataError: an output cannot be concatenated over the samples (no such axis, or other axes differ).
@@ -310,12 +311,21 @@ def _user_metric(metric: Metric, arrays: list[list[np.ndarray]], labels: np.ndar
         parts = [np.asarray(outs[k]) for outs in arrays]
         axis = axes[k] if axes and k < len(axes) else 0
         try:
-            outputs.append(parts[0] if len(parts) == 1 else np.concatenate(parts, axis=axis))
+            if axis is None:
+                outputs.append(np.stack(parts))
+            else:
+                outputs.append(parts[0] if len(parts) == 1 else np.concatenate(parts, axis=axis))
         except (ValueError, np.exceptions.AxisError):
+            shapes = [list(x.shape) for x in parts[:3]]
+            if axis is None:
+                raise DataError(
+                    f"output {k} of the model cannot be stacked over the evaluation samples (shapes {shapes}): the "
+                    "model has no sample axis, so the metric receives each output stacked on a new axis 0, which "
+                    "needs one shape"
+                ) from None
             raise DataError(
                 f"output {k} of the model cannot be joined over the evaluation batches on axis {axis} (shapes "
-                f"{[list(x.shape) for x in parts[:3]]}); the metric receives each output with its samples on axis "
-                f"{axis}"
+                f"{shapes}); the metric receives each output with its samples on axis {axis}"
             ) from None
     value = metric(outputs, labels)
     try:

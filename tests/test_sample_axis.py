@@ -454,3 +454,103 @@ def test_finetune_counts_labels_against_sequences_under_max_samples_and_names_a_
     broken.graph.output.append(helper.make_tensor_value_info("bad", TensorProto.FLOAT, [7, "rest"]))
     with pytest.raises(DataError, match=r"onnxruntime failed to run the teacher on samples 0\.\.11"):
         onnxpress.finetune(gru_cumsum(), broken, [{"x": x}], epochs=1)
+
+
+# --- inputs without a sample axis -------------------------------------------------------------------------------
+
+
+def waveform(dim="T") -> onnx.ModelProto:
+    """x[T] -> Unsqueeze[1, 1, T] -> Conv1d(8 taps) -> ReduceMax over time -> y[1, 4]: a model for one waveform."""
+    r = graphs.rng(11)
+    inits = {"axes": np.array([0, 1], np.int64), "W": (r.standard_normal((4, 1, 8)) * 0.5).astype(np.float32),
+             "time": np.array([2], np.int64)}
+    nodes = [helper.make_node("Unsqueeze", ["x", "axes"], ["u"]), helper.make_node("Conv", ["u", "W"], ["c"]),
+             helper.make_node("ReduceMax", ["c", "time"], ["y"], keepdims=0)]
+    return graphs.make_model(nodes, [("x", [dim])], [("y", [1, 4])], inits, opset=18)
+
+
+def test_a_rank_one_input_whose_dimension_is_no_batch_has_no_sample_axis():
+    assert sample_axes(waveform()) == {"x": None}
+    assert sample_axes(waveform(64)) == {"x": None}  # a fixed vector: one sample, not 64 of them
+    for batch in ("batch", "N", "bs"):  # named like a batch: a batch of scalars
+        assert sample_axes(waveform(batch)) == {}
+    two = [("x", ["batch", 5]), ("lengths", ["batch"]), ("t", [8]), ("z", [8, 5])]
+    nodes = [helper.make_node("Identity", [n], [f"{n}_out"]) for n, _ in two]
+    model = graphs.make_model(nodes, two, [(f"{n}_out", s) for n, s in two])
+    assert sample_axes(model) == {}  # lengths shares x's batch, t the fixed batch of z
+    one = [("ids", ["S"]), ("mask", ["S"])]
+    model = graphs.make_model([helper.make_node("Add", ["ids", "mask"], ["y"])], one, [("y", ["S"])])
+    assert sample_axes(model) == {"ids": None, "mask": None}
+    assert [s.sample_axis for s in model_inputs(model)] == [None, None]
+    with onnxpress.samples_on({"x": 0}):  # the user says it is a batch after all
+        assert sample_axes(waveform()) == {}
+    image = graphs.conv_bn_relu()  # X[N, 3, 8, 8]
+    name = image.graph.input[0].name
+    with onnxpress.samples_on({name: None}):
+        assert sample_axes(image) == {name: None}
+
+
+def test_waveforms_are_fed_whole_and_counted_one_each():
+    """Four waveforms of 16000 and 12000 values went in as runs of 64 values, counted as 56000 samples."""
+    r = graphs.rng(12)
+    feeds = [{"x": r.standard_normal(n).astype(np.float32)} for n in (16000, 12000, 16000, 12000)]
+    reader = open_data(feeds, waveform())
+    assert reader.num_samples == 4
+    assert [b["x"].shape for b in reader.batches(64)] == [(16000,), (12000,), (16000,), (12000,)]
+    assert [b["x"].shape for b in open_data(feeds, waveform(), max_samples=3).batches(64)] == [(16000,), (12000,),
+                                                                                              (16000,)]
+    table = onnxpress.calibrate(waveform(), feeds, method="minmax", tensors=["c"])
+    assert table.meta["samples"] == 4
+    sess = ort.InferenceSession(waveform().SerializeToString(), providers=["CPUExecutionProvider"])
+    assert max(float(sess.run(None, f)[0].max()) for f in feeds) == pytest.approx(table.ranges["c"].max, rel=1e-6)
+    assert batch_major_tensors(waveform(), ["x", "c"]) == set()  # no tensor holds samples on an axis
+    assert fixed_batch_inputs(waveform()) == [("x", None)]
+
+
+def test_an_npz_stacks_the_samples_of_an_input_without_a_sample_axis_on_a_new_axis(tmp_path):
+    from onnxpress.errors import DataError
+
+    x = graphs.rng(13).standard_normal((20, 64)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x)
+    reader = open_data(tmp_path / "d.npz", waveform(64), max_samples=5)
+    assert reader.total_samples == 20 and reader.num_samples == 5
+    out = [b["x"] for b in reader.batches(64)]
+    assert [a.shape for a in out] == [(64,)] * 5
+    np.testing.assert_array_equal(np.stack(out), x[:5])
+    np.savez(tmp_path / "one.npz", x=x[0])
+    with pytest.raises(DataError, match=r"'x' has no sample axis .* stacks its samples on a new axis 0: rank 2"):
+        open_data(tmp_path / "one.npz", waveform(64))
+    np.savez(tmp_path / "bad.npz", x=x[:, :32])
+    with pytest.raises(DataError, match="axis 0 must be 64"):
+        open_data(tmp_path / "bad.npz", waveform(64))
+
+
+def test_the_cli_takes_none_for_a_model_exported_for_one_image(tmp_path):
+    """x[3, 8, 8] with no batch axis: its fixed axis 0 read as 3 samples per feed; --sample-axis x=none says so."""
+    from onnxpress.calibration.table import CalibrationTable
+    from onnxpress.cli import main
+
+    model = graphs.conv_bn_relu()
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1  # a batch of 1 ...
+    nodes = [helper.make_node("Unsqueeze", ["img", "zero"], [model.graph.input[0].name]), *model.graph.node]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("img", TensorProto.FLOAT, [3, 8, 8])],
+                              list(model.graph.output),
+                              [*model.graph.initializer, numpy_helper.from_array(np.array([0], np.int64), "zero")])
+    single = helper.make_model(graph, opset_imports=list(model.opset_import))  # ... of an image fed without one
+    single.ir_version = 8
+    onnx.save(single, tmp_path / "m.onnx")
+    np.savez(tmp_path / "d.npz", img=graphs.rng(14).standard_normal((10, 3, 8, 8)).astype(np.float32))
+    out = str(tmp_path / "t.npz")
+    with pytest.raises(onnxpress.OnnxpressError, match="rank 3"):
+        onnxpress.calibrate(single, str(tmp_path / "d.npz"))  # read as samples on axis 0 of [3, 8, 8]
+    assert main(["calibrate", str(tmp_path / "m.onnx"), "--data", str(tmp_path / "d.npz"), "-o", out,
+                 "--method", "minmax", "--sample-axis", "img=none", "-q"]) == 0
+    assert CalibrationTable.load(out).meta["samples"] == 10
+
+
+def test_finetune_refuses_an_input_without_a_sample_axis_by_name():
+    from onnxpress.errors import UnsupportedModelError
+    from onnxpress.finetune import check_dynamic_batch
+
+    with pytest.raises(UnsupportedModelError, match=r"input 'x' has no sample axis .* dynamic_axes=\{'x'"):
+        check_dynamic_batch(waveform(), "student", sequence_first=True)

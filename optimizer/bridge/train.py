@@ -226,6 +226,8 @@ def load_arrays(data: Any, model: onnx.ModelProto, *, max_samples: int | None = 
     arrays = {}
     for n, v in parts.items():
         axis = axes.get(n, 0)
+        if axis is None:  # finetune refuses such a model first (check_dynamic_batch); a direct call too
+            raise DataError(f"input {n!r} has no sample axis (one sample per run): training needs a batch axis")
         try:
             arrays[n] = np.moveaxis(np.concatenate(v, axis=axis), axis, 0)
         except ValueError:  # numpy's own words named no input and no way out

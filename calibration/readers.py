@@ -835,7 +835,7 @@ class _NpzReader(DataReader):
                 _check_dtype(spec.name, dtype, spec, where)
                 if spec.sample_axis is None:  # samples stacked on a new axis 0
                     rank = None if spec.shape is None else len(spec.shape) + 1
-                    if len(shape) != rank and rank is not None or not shape:
+                    if not shape or (rank is not None and len(shape) != rank):
                         raise DataError(
                             f"{where}: array {spec.name!r} has shape {list(shape)}; {spec.name!r} has no sample axis "
                             f"({spec.describe()}), so an .npz stacks its samples on a new axis 0: rank {rank}"

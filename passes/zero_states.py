@@ -30,7 +30,8 @@ from onnxpress.passes.base import PassResult
 __all__ = ["DropZeroInitialStates", "is_zero_by_construction"]
 
 _STATE_INPUTS = {"LSTM": (5, 6), "GRU": (5,), "RNN": (5,)}
-_MOVES_VALUES = frozenset({"Slice", "Reshape", "Squeeze", "Unsqueeze", "Transpose", "Identity", "Cast", "Flatten"})
+_FROM_INPUT_0 = frozenset({"Slice", "Reshape", "Squeeze", "Unsqueeze", "Transpose", "Identity", "Cast", "Flatten",
+                           "Expand", "Tile", "Gather"})  # every output value is one of input 0's values
 _DEPTH = 16  # producers followed back at most (exporters put two or three ops between the zeros and the layer)
 
 
@@ -46,9 +47,7 @@ def is_zero_by_construction(t: gs.Tensor, depth: int = _DEPTH) -> bool:
         value = node.attrs.get("value")
         values = np.asarray(value.values) if isinstance(value, gs.Constant) else np.zeros(1)
         return not np.any(values)
-    if node.op in ("Expand", "Tile") or node.op in _MOVES_VALUES:
-        return bool(node.inputs) and is_zero_by_construction(node.inputs[0], depth - 1)
-    if node.op == "Gather":
+    if node.op in _FROM_INPUT_0:
         return bool(node.inputs) and is_zero_by_construction(node.inputs[0], depth - 1)
     if node.op == "Concat":
         return bool(node.inputs) and all(is_zero_by_construction(x, depth - 1) for x in node.inputs)

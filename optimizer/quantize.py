@@ -51,6 +51,7 @@ from onnxpress.passes.flops import unique_keys
 from onnxpress.passes.fold import ShareConstants, ShareTransposedConstants
 from onnxpress.passes.fuse_attention import FuseAttention
 from onnxpress.passes.global_pool import ReduceMeanToGlobalPool
+from onnxpress.passes.int4_storage import PackInt4Weights
 from onnxpress.passes.leading_mean import LeadingMeanAsMatMul
 from onnxpress.passes.matmul_bias import MatMulBiasToOutputRank
 from onnxpress.passes.matmul_to_gemm import MatMulAddToGemm
@@ -455,14 +456,23 @@ def quantize(
     if codebook is not None and weights != "int8":
         raise OnnxpressError(f"codebook={codebook} replaces the linear weights and sets their bits itself: drop "
                              f"weights={weights!r} (--weights)")
-    if weights == "int4" and codebook is None and not int4_layers:
+    # int4 weights with static int8 activations (asked for by name): 4-bit codes on onnxruntime's int8 kernels,
+    # stored two to a byte (passes/int4_storage.py); from here on the int8 QDQ path with weight_bits=4
+    weight_bits = 8
+    if weights == "int4" and codebook is None and not int4_layers and activations in ACTIVATION_TYPES:
+        w4 = f"weights='int4' with activations={activations!r} (--weights int4 --activations {activations})"
         if not per_channel:
-            raise OnnxpressError("per_channel=False (--per-tensor) is for int8 weights: int4 weights take one scale "
-                                 "per block of block_size values (--block-size); drop it")
-        if activations is not None and activations != "dynamic":  # dynamic has its own message below
-            raise OnnxpressError(f"weights='int4' is weight-only: activations stay float, so activations="
-                                 f"{activations!r} (--activations) has nothing to set; drop it, or use int4_layers "
-                                 "(--int4-layers) for 4-bit layers in an int8 model")
+            raise OnnxpressError(f"{w4} takes one scale per output channel: drop per_channel=False (--per-tensor)")
+        if block_size is not None:
+            raise OnnxpressError(f"{w4} takes one scale per output channel, not blocks: drop block_size "
+                                 "(--block-size), or drop activations for int4 weight-only MatMulNBits")
+        if int4_method is not None:
+            raise OnnxpressError(f"{w4} rounds its 4-bit codes as int8 weights are rounded: use int8_method "
+                                 "(--int8-method gptq|rtn) instead of int4_method (--int4-method)")
+        weights, weight_bits = "int8", 4
+    if weights == "int4" and codebook is None and not int4_layers and not per_channel:  # weight-only int4
+        raise OnnxpressError("per_channel=False (--per-tensor) is for int8 weights: int4 weights take one scale "
+                             "per block of block_size values (--block-size); drop it")
     if codebook is not None or (weights == "int4" and not int4_layers):  # weight-only: no QDQ, no table read
         what = f"codebook={codebook} (--codebook)" if codebook is not None else "weights='int4' (--weights int4)"
         unused = [name for name, given in (
@@ -790,7 +800,8 @@ def quantize(
         def make_qdq(tab: CalibrationTable) -> InsertQDQ:
             try:
                 return InsertQDQ(tab, per_channel=per_channel, activations=activations, exclude=selection,
-                                 overrides=ovs, quantize_ops=quantize_ops, hessians=hessians, gptq_cache=codes)
+                                 overrides=ovs, quantize_ops=quantize_ops, hessians=hessians, gptq_cache=codes,
+                                 weight_bits=weight_bits)
             except ValueError as exc:
                 raise OnnxpressError(str(exc)) from None
 
@@ -816,6 +827,8 @@ def quantize(
         # dtypes on every tensor: InsertQDQ quantizes float32 activations only
         if compact:  # exact storage rewrites (bit-identical outputs, same fused kernels, fewer bytes)
             tail.append(CompactQDQ())
+            if weight_bits == 4:  # the 4-bit codes two to a byte, rebuilt at load (passes/int4_storage.py)
+                tail.append(PackInt4Weights())
         # MatMulBiasToOutputRank: keeps onnxruntime from turning a fixed-shape int8 MatMul + bias into a
         # float Gemm (passes/matmul_bias.py)
         # ShareConstants / ShareTransposedConstants: a tied embedding and its output layer, both int8 (the table's

@@ -105,6 +105,9 @@ ACTIVATION_TYPES: dict[str, tuple[type[np.integer], int, int]] = {
 _INT32_MAX = 2**31 - 1
 PATCH_DEPTH = 192
 """A patchify stem conv on a narrow float input stays int8 from this dot-product length (``_narrow_input_reason``)."""
+FOUR_BIT_MIN_ELEMENTS = 4096
+"""With ``weight_bits=4``, weights of fewer elements keep 8-bit codes (as int4 weight-only keeps them int8): their
+bytes are few, and a stem or a depthwise conv loses the most from 16 levels."""
 
 WEIGHTED_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 BINARY_OPS = frozenset({"Add", "Mul"})
@@ -411,6 +414,11 @@ class InsertQDQ:
         gptq_cache: where GPTQ codes are kept between calls (by weight name, axis and a digest of the
             values, for the same moments object); a dict of this pass's own by default, so that bias
             correction's repeated runs reuse them. Pass one dict to several passes to share it.
+        weight_bits: 4 gives weights of at least ``four_bit_min_elements`` 4-bit codes, ``k`` in ``[-7, 7]``
+            with ``s = max|W_c| / 7`` per channel, stored in the int8 initializer onnxruntime's integer kernels
+            read (the same kernels: W4A8 on int8 ones); ``PackInt4Weights`` then stores them two to a byte. The
+            names of those initializers are in ``four_bit_weights`` after a call.
+        four_bit_min_elements: smallest weight given 4-bit codes with ``weight_bits=4``.
 
     After a call, ``decisions`` lists every candidate node and whether it was quantized.
     """
@@ -431,9 +439,13 @@ class InsertQDQ:
         share_bound_grid: bool = True,
         hessians: Mapping[str, np.ndarray] | None = None,
         gptq_cache: dict | None = None,
+        weight_bits: int = 8,
+        four_bit_min_elements: int = FOUR_BIT_MIN_ELEMENTS,
     ) -> None:
         if activations not in ACTIVATION_TYPES:
             raise ArgumentError(f"activations must be one of {sorted(ACTIVATION_TYPES)}, got {activations!r}")
+        if weight_bits not in (4, 8):
+            raise ArgumentError(f"weight_bits must be 8 or 4, got {weight_bits!r}")
         self.table = table
         self.per_channel = per_channel
         self.activations = activations
@@ -458,6 +470,9 @@ class InsertQDQ:
         self.bound_grids_shared = 0
         self.hessians = dict(hessians or {})
         self._gptq_cache: dict = {} if gptq_cache is None else gptq_cache
+        self.weight_bits = weight_bits
+        self.four_bit_min_elements = int(four_bit_min_elements)
+        self.four_bit_weights: set[str] = set()  # the int8 initializers the last run filled with 4-bit codes
         self.decisions: list[NodeDecision] = []
 
     # ------------------------------------------------------------------ requires
@@ -579,6 +594,7 @@ class InsertQDQ:
     def __call__(self, graph: gs.Graph) -> PassResult:
         """Plan which nodes and tensors to quantize, then insert the Q/DQ nodes."""
         graph.toposort()
+        self.four_bit_weights.clear()  # cleared, not replaced: PackInt4Weights may hold this set
         graph_outputs = {id(t) for t in graph.outputs}
         nodes = list(graph.nodes)
         roles: dict[int, list[tuple[int, str]]] = {}
@@ -1063,11 +1079,16 @@ class InsertQDQ:
                     key = (t.name, axis)
                     if key not in w_cache:
                         w = np.asarray(t.values, np.float32)
-                        qp = weight_qparams(w, axis)
-                        wq = self._gptq_codes(n, t.name, w, qp)
+                        bits = 4 if self.weight_bits == 4 and w.size >= self.four_bit_min_elements else 8
+                        qp = weight_qparams(w, axis, bits=bits)
+                        wq = self._gptq_codes(n, t.name, w, qp, qmax=2 ** (bits - 1) - 1)
                         gptq += wq is not None
                         wq = quantize_array(w, qp) if wq is None else wq
+                        if bits == 4:
+                            wq = np.clip(wq, -7, 7)  # quantize_array clips to int8's range
                         dq = self._const_dq(t.name, wq, qp, fresh, new_nodes, omit_zero=n.op == "Conv")
+                        if bits == 4:
+                            self.four_bit_weights.add(dq.inputs[0].inputs[0].name)
                         w_cache[key] = (dq, qp)
                         weights += 1
                         self.quantized_tensors.add(t.name)
@@ -1102,6 +1123,7 @@ class InsertQDQ:
         return {
             "activations_quantized": len(dq_of),
             "weights_quantized": weights,
+            "weights_4bit": len(self.four_bit_weights),
             "weights_gptq": gptq,
             "biases_quantized": biases,
             "constants_quantized": consts,
@@ -1113,8 +1135,8 @@ class InsertQDQ:
             return ov.per_channel
         return self.per_channel
 
-    def _gptq_codes(self, node: gs.Node, name: str, w: np.ndarray, qp: QParams) -> np.ndarray | None:
-        """GPTQ int8 codes of a Conv/Gemm/MatMul weight with a known input moment, else None (round to nearest)."""
+    def _gptq_codes(self, node: gs.Node, name: str, w: np.ndarray, qp: QParams, qmax: int = 127) -> np.ndarray | None:
+        """GPTQ codes in ``[-qmax, qmax]`` of a Conv/Gemm/MatMul weight with a known input moment, else None."""
         h = self.hessians.get(name)
         if h is None or node.op not in ("Conv", "Gemm", "MatMul") or w.ndim < 2:
             return None
@@ -1127,11 +1149,11 @@ class InsertQDQ:
             return None
         # the weights may differ between calls (and between models, with a shared cache): key on their bytes;
         # the scales follow from them
-        key = (name, qp.axis, hashlib.blake2b(w.tobytes(), digest_size=16).digest())
+        key = (name, qp.axis, qmax, hashlib.blake2b(w.tobytes(), digest_size=16).digest())
         hit = self._gptq_cache.get(key)
         if hit is None or hit[0] is not h:
             scale = np.asarray(qp.scale, np.float64)
-            codes = gptq_rows(rows, scale if qp.axis is not None else float(scale), h, qmax=127, act_order=False)
+            codes = gptq_rows(rows, scale if qp.axis is not None else float(scale), h, qmax=qmax, act_order=False)
             hit = (h, np.moveaxis(codes.reshape(moved.shape), 0, layout).astype(np.int8))
             self._gptq_cache[key] = hit
         return hit[1]

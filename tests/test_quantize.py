@@ -117,8 +117,13 @@ def test_options_the_weights_would_ignore_are_refused() -> None:
         onnxpress.quantize(model, weights="int4", codebook=4)
     with pytest.raises(OnnxpressError, match=r"per_channel=False \(--per-tensor\) is for int8 weights"):
         onnxpress.quantize(model, weights="int4", per_channel=False)
-    with pytest.raises(OnnxpressError, match="weights='int4' is weight-only: activations stay float"):
-        onnxpress.quantize(model, weights="int4", activations="int8")
+    w4a8 = r"weights='int4' with activations='int8' \(--weights int4 --activations int8\) "
+    for kwargs, message in (({"per_channel": False}, "takes one scale per output channel: drop per_channel"),
+                            ({"block_size": 32}, "takes one scale per output channel, not blocks: drop block_size"),
+                            ({"int4_method": "rtn"}, "rounds its 4-bit codes as int8 weights are rounded: use "
+                                                     "int8_method")):
+        with pytest.raises(OnnxpressError, match=w4a8 + message):
+            onnxpress.quantize(model, weights="int4", activations="int8", **kwargs)
     # no layer gets int4 weights, so a block size would change nothing
     for kwargs in ({}, {"codebook": 4}):
         with pytest.raises(OnnxpressError, match=r"block_size=32 \(--block-size\) sets the scale blocks of int4"):

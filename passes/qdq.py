@@ -594,7 +594,7 @@ class InsertQDQ:
     def __call__(self, graph: gs.Graph) -> PassResult:
         """Plan which nodes and tensors to quantize, then insert the Q/DQ nodes."""
         graph.toposort()
-        self.four_bit_weights.clear()  # cleared, not replaced: PackInt4Weights may hold this set
+        self.four_bit_weights.clear()  # this run's only (bias correction runs the pass once per layer)
         graph_outputs = {id(t) for t in graph.outputs}
         nodes = list(graph.nodes)
         roles: dict[int, list[tuple[int, str]]] = {}

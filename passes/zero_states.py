@@ -63,7 +63,7 @@ class DropZeroInitialStates:
         """No preconditions."""
 
     def __call__(self, graph: gs.Graph) -> PassResult:
-        """Replace each zero initial state by the empty input; the graph's cleanup drops what built it."""
+        """Replace each zero initial state by the empty input; the pipeline's cleanup drops what built it."""
         dropped = 0
         notes = []
         for node in graph.nodes:
@@ -72,14 +72,9 @@ class DropZeroInitialStates:
             for index in _STATE_INPUTS[node.op]:
                 if index >= len(node.inputs):
                     continue
-                state = node.inputs[index]
-                if isinstance(state, gs.Variable) and not state.name:  # already left out
-                    continue
-                if not is_zero_by_construction(state):
+                if not is_zero_by_construction(node.inputs[index]):  # an input left out has no producer: False
                     continue
                 node.inputs[index] = gs.Variable.empty()
                 dropped += 1
                 notes.append(f"{node.name}: initial state {index} is zero by construction, left to ONNX's default")
-        if dropped:
-            graph.cleanup().toposort()
         return PassResult(graph, bool(dropped), {"states": dropped}, tuple(notes))

@@ -289,15 +289,12 @@ def run(args: argparse.Namespace) -> int:
     for name, why in sorted(result.excluded_tensors.items()):
         print(f"no range  {name}: {why}")
     kind = "int4 weight-only" if args.weights == "int4" else f"int8 weights, {args.activations or 'uint8'} activations"
-    w4a8 = args.weights == "int4" and args.activations in ("uint8", "int8")
-    if w4a8:
-        kind = f"int4 weights on int8 kernels, {args.activations} activations"
     if "quantize_dynamic.layers" in result.stats:
         kind = f"int8 weights, dynamic activations ({result.stats['quantize_dynamic.layers']} MatMul/Gemm layers)"
-    elif w4a8:
+    elif args.weights == "int4" and args.activations in ("uint8", "int8"):  # W4A8: quantize's rule for it
         weights, four = (result.stats.get(f"insert_qdq.weights_{k}", 0) for k in ("quantized", "4bit"))
-        kind += (f" ({four} of {weights} weights 4-bit, the rest 8-bit under 4096 elements; "
-                 f"{result.stats.get('insert_qdq.weights_gptq', 0)} GPTQ-rounded)")
+        kind = (f"int4 weights on int8 kernels, {args.activations} activations ({four} of {weights} weights 4-bit, "
+                f"the rest 8-bit under 4096 elements; {result.stats.get('insert_qdq.weights_gptq', 0)} GPTQ-rounded)")
     elif args.weights == "int4" and args.codebook is None:
         gptq, n4 = (result.stats.get(f"quantize_weights_int4.weights_int4{k}", 0) for k in ("_gptq", ""))
         kind += (f" ({gptq} of {n4} layers GPTQ-rounded)" if n4 else

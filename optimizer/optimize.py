@@ -274,9 +274,11 @@ class _Evaluator:
 
     def measure_cost(self, cand: Candidate, model: onnx.ModelProto) -> None:
         cand.size_ratio = model.ByteSize() / self.original_bytes
-        if any(n.op_type == "MatMulNBits" for n in model.graph.node):
-            # onnx's shape inference stops at MatMulNBits (com.microsoft), and quantizing changes no
-            # MACs: count them on the candidate's structure (its recipe without quantize, finetune and qat)
+        if any(n.op_type in STRUCTURE_MAC_OPS and n.domain == "com.microsoft" for n in model.graph.node):
+            # shape inference stops at these contrib ops (the int8 transformer's QAttention made the MACs of its
+            # uniform int8 baseline uncountable), and the fused attention hides the MatMuls the original counts;
+            # quantizing changes no MACs: count them on the candidate's structure (its recipe without quantize,
+            # finetune and qat)
             steps = [s for s in cand.recipe["steps"] if s["pass"] != "quantize" and s["pass"] not in TRAINING_PASSES]
             model = apply_recipe(self.m0, {**cand.recipe, "steps": steps}, self.calib, prepared=True,
                                  moments_cache=self.moments) if steps else self.m0
@@ -292,6 +294,10 @@ class _Evaluator:
         model = self.models.get(cand.picks) or self.build(cand)
         self.measure_fidelity(cand, model)
         self.measure_cost(cand, model)
+
+
+STRUCTURE_MAC_OPS = frozenset({"MatMulNBits", "QAttention", "MultiHeadAttention", "Attention"})
+"""onnxruntime contrib ops a quantized candidate may hold (``com.microsoft``): its MACs are counted on its structure."""
 
 
 def _user_metric(metric: Metric, arrays: list[list[np.ndarray]], labels: np.ndarray,

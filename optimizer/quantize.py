@@ -21,9 +21,10 @@ import copy
 import dataclasses
 import functools
 import logging
+import math
 import os
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 
 import onnx
@@ -57,7 +58,15 @@ from onnxpress.passes.matmul_bias import MatMulBiasToOutputRank
 from onnxpress.passes.matmul_to_gemm import MatMulAddToGemm
 from onnxpress.passes.pad_input_channels import PadInputChannels
 from onnxpress.passes.prelu import RewritePRelu
-from onnxpress.passes.qdq import ACTIVATION_TYPES, CompactQDQ, InsertQDQ, NodeDecision, Selection, TensorOverride
+from onnxpress.passes.qdq import (
+    ACTIVATION_TYPES,
+    FOUR_BIT_MIN_ELEMENTS,
+    CompactQDQ,
+    InsertQDQ,
+    NodeDecision,
+    Selection,
+    TensorOverride,
+)
 from onnxpress.passes.quantized_attention import FuseQuantizedAttention
 from onnxpress.passes.weight_only import INT4_METHODS, QuantizeWeightsInt4, StoreConstantsInt8
 from onnxpress.pipeline import PipelineResult, attention_passes, cleanup_passes, import_graph, run_passes
@@ -183,15 +192,16 @@ def _check_override_keys(ovs: Mapping[str, TensorOverride], constants: set[str])
 
 
 def _check_layers_not_excluded(models: Sequence[onnx.ModelProto], selection: Selection, int4_layers: Sequence[str],
-                               codebook_layers: Sequence[str]) -> None:
-    """Refuse layers named for int4 or codebook weights that ``exclude`` keeps float (by name, op:, re:).
+                               codebook_layers: Sequence[str], w4a8_layers: Sequence[str] = ()) -> None:
+    """Refuse layers named for int4, codebook or W4A8 weights that ``exclude`` keeps float (by name, op:, re:).
 
     Raises:
         OnnxpressError: naming the layers, the option and why the exclusion takes them.
     """
     ops = {n.name or n.output[0]: n.op_type for m in models for n in m.graph.node}
     for option, flag, names in (("int4_layers", "--int4-layers", int4_layers),
-                                ("codebook_layers", "--codebook-layers", codebook_layers)):
+                                ("codebook_layers", "--codebook-layers", codebook_layers),
+                                ("w4a8_layers", "--w4a8-layers", w4a8_layers)):
         both = {name: why for name in names if (why := selection.reason_of(name, ops.get(name, "")))}
         if both:
             first = next(iter(both))
@@ -321,6 +331,7 @@ def quantize(
     gptq_cache: dict | None = None,
     keep_float16: bool | None = None,
     codebook_layers: Iterable[str] = (),
+    w4a8_layers: Iterable[str] = (),
     fuse_attention: bool = True,
     quantized_attention: bool = True,
 ) -> QuantizeResult:
@@ -403,6 +414,10 @@ def quantize(
             (``passes/codebook.py``; GPTQ-assigned with the int8 layers' input moments when those are measured);
             the rest is quantized int8 as usual. ``optimize``'s size searches offer it per layer: a smaller file
             than int8 at float speed.
+        w4a8_layers: with ``weights="int8"`` and static activations: layers (Conv, ConvTranspose, Gemm, MatMul;
+            node names, or first output names) whose weights, of ``FOUR_BIT_MIN_ELEMENTS`` or more, take the 4-bit
+            codes of W4A8 on their int8 kernels (stored two to a byte when ``compact``); the other layers keep
+            8-bit codes. ``optimize``'s size searches offer it per layer: nearly int4's size at int8's speed.
         int8_method: how int8 QDQ weights are rounded: "gptq" (error-compensating, from each layer's
             input second moment on at most ``GPTQ_SAMPLES`` calibration samples; needs ``calib``) or
             "rtn" (to nearest). The same grid, scales and kernels either way. Default: "gptq" when
@@ -451,6 +466,15 @@ def quantize(
     int4_layers = [int4_layers] if isinstance(int4_layers, str) else list(int4_layers)
     quantize_ops = (quantize_ops,) if isinstance(quantize_ops, str) else tuple(quantize_ops)  # read more than once
     codebook_layers = [codebook_layers] if isinstance(codebook_layers, str) else list(codebook_layers)
+    w4a8_layers = [w4a8_layers] if isinstance(w4a8_layers, str) else list(w4a8_layers)
+    if w4a8_layers and (weights != "int8" or codebook is not None or activations == "dynamic" or not per_channel):
+        raise OnnxpressError("w4a8_layers (--w4a8-layers) gives some int8 layers 4-bit weight codes: use it with "
+                             "weights='int8', static activations, per-channel scales and no codebook= (or "
+                             "weights='int4' with activations='uint8' for every large layer)")
+    mixed = sorted(set(w4a8_layers) & (set(int4_layers) | set(codebook_layers)))
+    if mixed:
+        raise OnnxpressError(f"layers {mixed[:5]} are in w4a8_layers (--w4a8-layers) and in int4_layers or "
+                             "codebook_layers; keep one")
     if codebook_layers and (weights != "int8" or codebook is not None or activations == "dynamic"):
         raise OnnxpressError("codebook_layers mixes codebook layers into an int8 QDQ model: use it with "
                              "weights='int8', static activations and no codebook=")
@@ -474,6 +498,9 @@ def quantize(
             raise OnnxpressError(f"{w4} rounds its 4-bit codes as int8 weights are rounded: use int8_method "
                                  "(--int8-method gptq|rtn) instead of int4_method (--int4-method)")
         weights, weight_bits = "int8", 4
+    four_bit_layers = None  # with weight_bits=4: every weight of FOUR_BIT_MIN_ELEMENTS or more
+    if w4a8_layers:
+        weight_bits, four_bit_layers = 4, frozenset(w4a8_layers)
     if weights == "int4" and codebook is None and not int4_layers and not per_channel:  # weight-only int4
         raise OnnxpressError("per_channel=False (--per-tensor) is for int8 weights: int4 weights take one scale "
                              "per block of block_size values (--block-size); drop it")
@@ -576,7 +603,8 @@ def quantize(
     del original  # each copy of a large model's weights held at once costs gigabytes
     cleaned = run_passes(proto, cleanup_passes(), progress=progress).model
     _check_selection([proto, cleaned], asked)  # the user's names, or the cleaned graph's (recipes)
-    _check_layers_not_excluded([proto, cleaned], asked, int4_layers, codebook_layers)
+    _check_layers_not_excluded([proto, cleaned], asked, int4_layers, codebook_layers, w4a8_layers)
+    _check_w4a8_layers(w4a8_layers, cleaned)
     per_tensor = sorted(n for n, ov in ovs.items() if ov.per_channel is False)
     if equalize == "activations" and per_tensor:
         raise OnnxpressError(f"equalize='activations' (--equalize activations) moves activation ranges into "
@@ -805,7 +833,7 @@ def quantize(
             try:
                 return InsertQDQ(tab, per_channel=per_channel, activations=activations, exclude=selection,
                                  overrides=ovs, quantize_ops=quantize_ops, hessians=hessians, gptq_cache=codes,
-                                 weight_bits=weight_bits)
+                                 weight_bits=weight_bits, four_bit_layers=four_bit_layers)
             except ValueError as exc:
                 raise OnnxpressError(str(exc)) from None
 
@@ -844,6 +872,8 @@ def quantize(
                                                LeadingMeanAsMatMul(), *tail, ShareConstants(),
                                                ShareTransposedConstants()], progress=progress)
         decisions = [*qdq.decisions, *lstm.decisions]
+        if four_bit_layers is not None:
+            _check_w4a8_layers(w4a8_layers, cleaned, qdq.four_bit_layers_done)
         if codebook_layers:
             result, decisions = _codebook_layers_last(result, decisions, codebook_layers, hessians)
         excluded = dict(used_table.excluded)
@@ -960,6 +990,40 @@ def _int4_gptq_rounds(
         notes.extend(done.notes)
         stats["rounds"] += 1
     return current, stats, notes, handled
+
+
+def _check_w4a8_layers(asked: Sequence[str], model: onnx.ModelProto, done: Collection[str] | None = None) -> None:
+    """Refuse ``w4a8_layers`` that cannot take (before InsertQDQ) or took (``done``, after it) no 4-bit codes.
+
+    Before: each must be a Conv/ConvTranspose/Gemm/MatMul of ``model`` with a constant weight of
+    ``FOUR_BIT_MIN_ELEMENTS`` or more. After: each must be among the layers InsertQDQ gave 4-bit codes.
+
+    Raises:
+        OnnxpressError: the layers and the reason of the first.
+    """
+    nodes = {n.name or n.output[0]: n for n in model.graph.node}
+    sizes = {i.name: math.prod(i.dims) for i in model.graph.initializer}
+
+    def why(key: str) -> str | None:
+        node = nodes.get(key)
+        if node is None:
+            return "is not a node of the model (give node names, or first output names of unnamed nodes)"
+        if node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+            return f"is a {node.op_type}, not a Conv/ConvTranspose/Gemm/MatMul layer"
+        size = sizes.get(node.input[1]) if len(node.input) > 1 else None
+        if size is None:
+            return "has no constant weight"
+        if size < FOUR_BIT_MIN_ELEMENTS:
+            return f"has a weight of {size} elements, and 4-bit codes go to weights of {FOUR_BIT_MIN_ELEMENTS}+"
+        if done is not None and key not in done:
+            return "was kept float by the int8 pass (its line among the float layers says why)"
+        return None
+
+    refused = {k: reason for k in dict.fromkeys(asked) if (reason := why(k))}
+    if refused:
+        first = next(iter(refused))
+        raise OnnxpressError(f"w4a8_layers (--w4a8-layers) {list(refused)[:5]} cannot take 4-bit weight codes: "
+                             f"{first} {refused[first]}; drop them")
 
 
 CODEBOOK_LAYER_BITS = 4

@@ -18,7 +18,8 @@ when a layer was split by ``lowrank`` both its factor nodes stay float. ``quanti
 (MatMul/Gemm node names) get 4-bit weight-only ``MatMulNBits`` before the rest is quantized to int8;
 ``quantize.codebook_layers`` (layer node names) stay float for compute, their weights stored as 4-bit codebook
 indices after the rest is quantized to int8;
-``quantize.weights: "int4"`` instead makes the step weight-only (every eligible MatMul/Gemm not in
+``quantize.w4a8_layers`` (layer node names) keep int8 kernels on 4-bit weight codes (W4A8, stored two to a
+byte); ``quantize.weights: "int4"`` instead makes the step weight-only (every eligible MatMul/Gemm not in
 ``exclude`` to ``MatMulNBits``, no QDQ at all). ``quantize.bias_correction`` (default true, as in ``onnxpress
 quantize``) corrects the int8 layers' biases on the calibration data; int4 and codebook steps ignore it, and
 ``activations`` and ``int8_method`` too. ``quantize.int8_method`` is "rtn" (round to nearest) unless a recipe
@@ -31,7 +32,7 @@ from the recipe's input model, seeded, one torch thread on the CPU), so it rebui
 ``optimize --finetune`` appends one when it measures closer. ``quantize.equalize`` ("split", "skip", "relu" or
 "activations"), ``quantize.smoothquant`` (alpha) and ``quantize.codebook`` (bits) are ``onnxpress quantize``'s
 ``--equalize``, ``--smoothquant`` and ``--codebook`` (null: off); a codebook step is weight-only, so it takes no
-``int4_layers``, ``codebook_layers`` or int4 weights (its ``exclude`` layers stay float).
+``int4_layers``, ``codebook_layers``, ``w4a8_layers`` or int4 weights (its ``exclude`` layers stay float).
 
 Only a ``qat`` step may follow a ``quantize`` step (the others would find a quantized graph: no float layer to
 prune or split, two to fine-tune, bias-correction constants to fold into a larger file).
@@ -105,6 +106,7 @@ _KEYS: dict[str, dict[str, Any]] = {
         "exclude": [],
         "int4_layers": [],
         "codebook_layers": [],
+        "w4a8_layers": [],
         "activations": "uint8",
         "per_channel": True,
         "bias_correction": True,
@@ -154,7 +156,7 @@ def _check_float_rewrites(where: str, step: Mapping[str, Any]) -> None:
     if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
         raise _bad(where, f"codebook is the index width, an integer in 1..8 (or null: none), got {bits!r}")
     unused = [f"{key}={step[key]!r}" for key, default in (("weights", "int8"), ("int4_layers", []),
-                                                         ("codebook_layers", []))
+                                                         ("codebook_layers", []), ("w4a8_layers", []))
               if step[key] != default]
     unused += [f"{key}={step[key]!r}" for key, bad in (("method", "auto"), ("int8_method", "gptq"),
                                                        ("int8_method", "auto")) if step[key] == bad]
@@ -246,6 +248,15 @@ def validate_recipe(recipe: Mapping[str, Any]) -> dict[str, Any]:
                 raise _bad(where, f"layers {both} are in 'codebook_layers' and in 'exclude' or 'int4_layers'; keep one")
             if full["weights"] == "int4" and books:
                 raise _bad(where, "'codebook_layers' is for int8 models")
+            w4a8 = full["w4a8_layers"]
+            if not isinstance(w4a8, list) or not all(isinstance(x, str) for x in w4a8):
+                raise _bad(where, "'w4a8_layers' must be a list of layer names")
+            both = sorted(set(w4a8) & (set(full["exclude"]) | set(four) | set(books)))
+            if both:
+                raise _bad(where, f"layers {both} are in 'w4a8_layers' and in 'exclude', 'int4_layers' or "
+                                  "'codebook_layers'; keep one")
+            if w4a8 and (full["weights"] != "int8" or not full["per_channel"]):
+                raise _bad(where, "'w4a8_layers' gives layers of an int8 model (per-channel scales) 4-bit weight codes")
             if full["activations"] not in ("uint8", "int8"):
                 raise _bad(where, f"activations must be uint8 or int8, got {full['activations']!r}")
             for key in ("bias_correction", "per_channel"):
@@ -670,6 +681,7 @@ def apply_recipe(
                 current = quantize(current, calib=calib, method=step["method"] if qdq else None, exclude=exclude,
                                    weights=step["weights"],
                                    int4_layers=step["int4_layers"], codebook_layers=step["codebook_layers"],
+                                   w4a8_layers=step["w4a8_layers"],
                                    activations=step["activations"] if qdq else None, per_channel=step["per_channel"],
                                    bias_correction=step["bias_correction"] and qdq, equalize=step["equalize"],
                                    smoothquant=step["smoothquant"], codebook=step["codebook"],

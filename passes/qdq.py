@@ -417,8 +417,12 @@ class InsertQDQ:
         weight_bits: 4 gives weights of at least ``four_bit_min_elements`` 4-bit codes, ``k`` in ``[-7, 7]``
             with ``s = max|W_c| / 7`` per channel, stored in the int8 initializer onnxruntime's integer kernels
             read (the same kernels: W4A8 on int8 ones); ``PackInt4Weights`` then stores them two to a byte. The
-            names of those initializers are in ``four_bit_weights`` after a call.
+            names of those initializers are in ``four_bit_weights`` after a call, the layers that read them (node
+            name, or first output name) in ``four_bit_layers_done``.
         four_bit_min_elements: smallest weight given 4-bit codes with ``weight_bits=4``.
+        four_bit_layers: with ``weight_bits=4``, only the weights of these layers (node names, or first output
+            names) get 4-bit codes, the rest 8-bit ones (``optimize``'s per-layer W4A8 choice); None: every weight
+            of ``four_bit_min_elements`` or more.
 
     After a call, ``decisions`` lists every candidate node and whether it was quantized.
     """
@@ -441,11 +445,14 @@ class InsertQDQ:
         gptq_cache: dict | None = None,
         weight_bits: int = 8,
         four_bit_min_elements: int = FOUR_BIT_MIN_ELEMENTS,
+        four_bit_layers: Iterable[str] | None = None,
     ) -> None:
         if activations not in ACTIVATION_TYPES:
             raise ArgumentError(f"activations must be one of {sorted(ACTIVATION_TYPES)}, got {activations!r}")
         if weight_bits not in (4, 8):
             raise ArgumentError(f"weight_bits must be 8 or 4, got {weight_bits!r}")
+        if four_bit_layers is not None and weight_bits != 4:
+            raise ArgumentError("four_bit_layers names the layers of weight_bits=4; it needs weight_bits=4")
         self.table = table
         self.per_channel = per_channel
         self.activations = activations
@@ -472,7 +479,9 @@ class InsertQDQ:
         self._gptq_cache: dict = {} if gptq_cache is None else gptq_cache
         self.weight_bits = weight_bits
         self.four_bit_min_elements = int(four_bit_min_elements)
+        self.four_bit_layers = None if four_bit_layers is None else frozenset(four_bit_layers)
         self.four_bit_weights: set[str] = set()  # the int8 initializers the last run filled with 4-bit codes
+        self.four_bit_layers_done: set[str] = set()  # the layers (node name, or first output) that read them
         self.decisions: list[NodeDecision] = []
 
     # ------------------------------------------------------------------ requires
@@ -594,6 +603,7 @@ class InsertQDQ:
     def __call__(self, graph: gs.Graph) -> PassResult:
         """Plan which nodes and tensors to quantize, then insert the Q/DQ nodes."""
         graph.toposort()
+        self.four_bit_layers_done.clear()
         self.four_bit_weights.clear()  # this run's only (bias correction runs the pass once per layer)
         graph_outputs = {id(t) for t in graph.outputs}
         nodes = list(graph.nodes)
@@ -1066,7 +1076,7 @@ class InsertQDQ:
             new_nodes += [q_node, dq_node]
 
         weights = biases = consts = gptq = 0
-        w_cache: dict[tuple[str, int | None], tuple[gs.Variable, QParams]] = {}
+        w_cache: dict[tuple[str, int | None, int], tuple[gs.Variable, QParams]] = {}
         for n in nodes:
             nid = id(n)
             if nid not in quantized:
@@ -1076,10 +1086,12 @@ class InsertQDQ:
                 t = n.inputs[i]
                 if role == "weight":
                     axis = self._weight_axis(n, i, t) if self._per_channel(t.name) else None
-                    key = (t.name, axis)
+                    bits = 4 if (self.weight_bits == 4 and math.prod(t.shape) >= self.four_bit_min_elements
+                                 and (self.four_bit_layers is None
+                                      or (n.name or n.outputs[0].name) in self.four_bit_layers)) else 8
+                    key = (t.name, axis, bits)
                     if key not in w_cache:
                         w = np.asarray(t.values, np.float32)
-                        bits = 4 if self.weight_bits == 4 and w.size >= self.four_bit_min_elements else 8
                         qp = weight_qparams(w, axis, bits=bits)
                         wq = self._gptq_codes(n, t.name, w, qp, qmax=2 ** (bits - 1) - 1)
                         gptq += wq is not None
@@ -1092,6 +1104,8 @@ class InsertQDQ:
                         w_cache[key] = (dq, qp)
                         weights += 1
                         self.quantized_tensors.add(t.name)
+                    if bits == 4:
+                        self.four_bit_layers_done.add(n.name or n.outputs[0].name)
                     n.inputs[i], w_qp = w_cache[key]
                 elif role == "const":
                     vals = np.asarray(t.values, np.float32)

@@ -54,6 +54,13 @@ RECIPE = {"version": 1, "steps": [
      r"so weights='int4' would not apply"),
     ({"version": 1, "steps": [{"pass": "quantize", "codebook": 4, "int4_layers": ["fc1"], "int8_method": "gptq"}]},
      r"int4_layers=\['fc1'\], int8_method='gptq' would not apply; drop them"),
+    ({"version": 1, "steps": [{"pass": "quantize", "w4a8_layers": "conv2"}]}, "'w4a8_layers' must be a list"),
+    ({"version": 1, "steps": [{"pass": "quantize", "w4a8_layers": ["conv2"], "exclude": ["conv2"]}]},
+     r"\['conv2'\] are in 'w4a8_layers' and in 'exclude'"),
+    ({"version": 1, "steps": [{"pass": "quantize", "w4a8_layers": ["conv2"], "weights": "int4"}]},
+     "'w4a8_layers' gives layers of an int8 model"),
+    ({"version": 1, "steps": [{"pass": "quantize", "w4a8_layers": ["conv2"], "codebook": 4}]},
+     r"w4a8_layers=\['conv2'\] would not apply"),
     ({"version": 1, "steps": [{"pass": "cleanup"}], "extra": 1}, "unknown top-level"),
 ])
 def test_invalid_recipes_are_named(recipe, match):

@@ -67,6 +67,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         "(smaller than int8, float speed), the rest int8 QDQ",
     )
     p.add_argument(
+        "--w4a8-layers",
+        nargs="*",
+        default=[],
+        metavar="NODE",
+        help="with int8 weights: these layers' int8 kernels read 4-bit weight codes (weights of 4096+ elements, "
+        "stored two to a byte; W4A8), the rest 8-bit ones",
+    )
+    p.add_argument(
         "--int4-method",
         default=None,
         choices=("gptq", "rtn"),
@@ -220,6 +228,7 @@ def run(args: argparse.Namespace) -> int:
         int4_layers=args.int4_layers,
         int8_method=args.int8_method,
         codebook_layers=args.codebook_layers,
+        w4a8_layers=args.w4a8_layers,
         fuse_attention=not args.keep_attention,
     )
     counts = collections.Counter(d.op for d in result.quantized)
@@ -303,6 +312,8 @@ def run(args: argparse.Namespace) -> int:
         weights = result.stats.get("insert_qdq.weights_quantized", 0)
         kind += (f" ({result.stats.get('insert_qdq.weights_gptq', 0)} of {weights} weights GPTQ-rounded)" if weights
                  else " (no weight quantized; the float layers above say why)")
+        if four := result.stats.get("insert_qdq.weights_4bit", 0):
+            kind += f", {four} layer weight(s) with 4-bit codes (W4A8)"
     if args.codebook is not None:
         kind = f"{args.codebook}-bit codebook weights (weight-only)"
     elif books := result.stats.get("codebook_weights.weights", 0):

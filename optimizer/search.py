@@ -68,6 +68,9 @@ BUDGET_KINDS = ("latency", "size", "flops")
 FLOAT_RATE = ("fp32", "int4", "cb4")
 """Layer options whose MACs run at the float rate in the latency estimate (MatMulNBits: float activations)."""
 
+INT8_RATE = ("int8", "w4a8", "group")
+"""Options whose MACs run at the int8 rate ρ (W4A8: the same int8 kernels, its 4-bit codes rebuilt at load)."""
+
 LATENCY_PRIOR = (0.7, 0.3)
 """Latency weights (int8 MACs, activation elements) before any candidate is timed: on the reference
 ResNet (int8, 1 thread, batch 64) pruned models took ~0.08 + 0.29 x their MACs share, i.e. about a
@@ -110,7 +113,7 @@ def parse_budget(text: str | Budget) -> Budget:
 class LayerChoice:
     """One option of one layer with its estimated costs and noise."""
 
-    quant: str  # "fp32" | "int8" | "int4" | "cb4" | "group" (a channel-group slot: macs = -MACs saved)
+    quant: str  # "fp32" | "int8" | "w4a8" | "int4" | "cb4" | "group" (a channel-group slot: macs = -MACs saved)
     rank: int | None
     nsr: float
     macs: int
@@ -180,6 +183,7 @@ class SearchSpace:
         self.total_macs = max(sum(lay.macs for lay in self.layers), 1)
         self.prune_multiple = prune_multiple
         self.prune_discount = 1.0  # δ: assumed fraction of pruning's noise left after a fine-tune
+        self.skip_quant: frozenset[str] = frozenset()  # option kinds greedy and refine do not move a layer to
         self.model_bytes = model_bytes
         self.fixed_bytes = fixed_bytes
         self.rho = int8_latency
@@ -197,6 +201,10 @@ class SearchSpace:
             if q4 is not None:
                 opts.append(LayerChoice("int4", None, nsr(q4.sqnr_db), lay.macs, lay.params,
                                         q4.bytes_delta + table_f32 - table_i8))
+            w4 = sens.score(lay.key, "w4a8", "w4a8") if quantize else None
+            if w4 is not None:  # int8 kernels on 4-bit weight codes: int8's speed at nearly int4's size
+                # (a tied table is not shared with 4-bit codes, which the rebuild subgraph computes: it stays int8)
+                opts.append(LayerChoice("w4a8", None, nsr(w4.sqnr_db), lay.macs, lay.params, w4.bytes_delta))
             cb = sens.score(lay.key, "codebook", "cb4") if quantize else None
             if cb is not None:  # float kernel on 4-bit codebook weights: smaller than int8, at fp32 speed
                 opts.append(LayerChoice("cb4", None, nsr(cb.sqnr_db), lay.macs, lay.params, cb.bytes_delta))
@@ -250,7 +258,7 @@ class SearchSpace:
         if kind == "size":
             return c.bytes_delta / self.model_bytes
         share = c.macs / self.total_macs if c.lat_share is None else c.lat_share
-        return share * (self.rho if c.quant in ("int8", "group") else 1.0)
+        return share * (self.rho if c.quant in INT8_RATE else 1.0)
 
     def cost(self, kind: str, picks: Sequence[int]) -> float:
         """Estimated ``kind`` ratio of an assignment."""
@@ -384,7 +392,7 @@ class SearchSpace:
                     continue
                 cur = opts[picks[i]]
                 for j, o in enumerate(opts):
-                    if j == picks[i]:
+                    if j == picks[i] or o.quant in self.skip_quant:
                         continue
                     trial = picks[:i] + [j] + picks[i + 1:]
                     saved = 0.0
@@ -422,7 +430,8 @@ class SearchSpace:
                 break
             i = rng.randrange(len(self.options))
             cur = self.options[i][best[i]]
-            better = [j for j, o in enumerate(self.options[i]) if self._nsr(o) < self._nsr(cur)]
+            better = [j for j, o in enumerate(self.options[i])
+                      if self._nsr(o) < self._nsr(cur) and o.quant not in self.skip_quant]
             if not better:
                 continue
             trial = list(best)
@@ -434,6 +443,10 @@ class SearchSpace:
             if total < best_nsr - 1e-15:
                 best, best_nsr = fitted, total
         return best
+
+    def offers(self, quant: str) -> bool:
+        """Whether some layer has an option of kind ``quant``."""
+        return any(o.quant == quant for opts in self.options[:len(self.layers)] for o in opts)
 
     def uniform(self, quant: str, rank_fraction: float | None = None) -> tuple[int, ...]:
         """The option index per layer closest to a uniform setting (for baselines)."""
@@ -456,13 +469,21 @@ class SearchSpace:
         (see :meth:`recipe`), they measured 42.8 and 35.2 dB at 0.154 and 0.152 of the size, where the
         greedy's size=0.2 pick read 36.3 dB at 0.199).
         """
-        if not any(o.quant == "int4" for opts in self.options[:len(self.layers)] for o in opts):
+        return self.uniform_where("int4", rest)
+
+    def uniform_where(self, quant: str, rest: str = "int8") -> tuple[int, ...] | None:
+        """``quant`` (full rank) on every layer that offers it, ``rest`` elsewhere; None when no layer offers it.
+
+        ``uniform_where("w4a8")`` is ``quantize(weights="int4", activations="uint8")``: 4-bit codes wherever
+        the weight is large enough, int8 elsewhere.
+        """
+        if not self.offers(quant):
             return None
         picks = []
         for opts in self.options[:len(self.layers)]:
-            four = next((j for j, o in enumerate(opts) if o.quant == "int4"), None)
+            want = next((j for j, o in enumerate(opts) if o.quant == quant and o.rank is None), None)
             other = next((j for j, o in enumerate(opts) if o.quant == rest and o.rank is None), 0)
-            picks.append(other if four is None else four)
+            picks.append(other if want is None else want)
         return tuple(picks) + (0,) * len(self.groups)
 
     def is_stream(self, group: int) -> bool:
@@ -518,7 +539,7 @@ class SearchSpace:
             # no early stop: a deeply pruned model sits on a plateau for several epochs before it recovers
             steps.append({"pass": "finetune", "epochs": finetune_epochs, "patience": finetune_epochs,
                           "device": finetune_device})
-        if any(q in ("int8", "int4", "cb4") for q in quant):
+        if any(q in ("int8", "w4a8", "int4", "cb4") for q in quant):
             exclude = sorted(lay.key for lay, q in zip(self.layers, quant, strict=True) if q == "fp32")
             books = sorted(lay.key for lay, q in zip(self.layers, quant, strict=True) if q == "cb4")
             # int8 rounding as onnxpress quantize's default: GPTQ where its input moments are cheap
@@ -527,7 +548,10 @@ class SearchSpace:
             four = sorted(lay.key for lay, q in zip(self.layers, quant, strict=True) if q == "int4")
             if books:  # float kernels on codebook weights, after the int8 layers are quantized
                 step["codebook_layers"] = books
-            if four and "int8" not in quant and not books:
+            w4a8 = sorted(lay.key for lay, q in zip(self.layers, quant, strict=True) if q == "w4a8")
+            if w4a8:  # int8 layers whose kernels read 4-bit weight codes
+                step["w4a8_layers"] = w4a8
+            if four and "int8" not in quant and not books and not w4a8:
                 # weight-only: no int8 layer, so no QDQ either (with int4_layers the int8 pass would still
                 # quantize the activation x activation attention MatMuls, which are no layers here: the
                 # reference transformer read 35.5 dB that way, 42.6 with them float)

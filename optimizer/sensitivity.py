@@ -6,6 +6,7 @@ For every MAC layer ``l`` (Conv/Gemm/MatMul of the cleaned model) and option ``o
     SQNR(l, o) = 10 log10( Σ y² / Σ (y - y_l,o)² )     y = M(x), over the sensitivity samples
 
     cleaned M ──┬── calibrate once (table) ──► InsertQDQ(only l) ──► run ──► SQNR(l, int8)
+                │                          └─► InsertQDQ(only l, 4-bit codes, GPTQ) ──► run ──► SQNR(l, w4a8)
                 ├── E[x xᵀ] once (moments) ──► FixedRanks({l: r}) ──► run ──► SQNR(l, rank r)
                 │                          └─► QuantizeWeightsInt4(only l, GPTQ) ──► run ──► SQNR(l, int4)
                 └── PruneChannels({g: ρ}, multiple=8) (the recipe's prune step) ──► run ──► SQNR(g, prune ρ)
@@ -92,6 +93,7 @@ __all__ = [
     "read_feeds",
     "run_output_arrays",
     "run_outputs",
+    "w4a8_layers",
 ]
 
 log = logging.getLogger(__name__)
@@ -119,7 +121,7 @@ class LayerInfo:
 
 @dataclasses.dataclass(frozen=True)
 class OptionScore:
-    """Output SQNR when only ``layer`` takes ``option`` (``family`` int8 | int4 | codebook | rank | prune).
+    """Output SQNR when only ``layer`` takes ``option`` (``family`` int8 | int4 | codebook | w4a8 | rank | prune).
 
     For ``prune`` rows ``layer`` is a channel group, ``ratio`` the ratio asked for, ``units_removed``
     what the pass removed, and ``macs_after``/``params_after`` are sums over the table's layers.
@@ -477,6 +479,21 @@ def codebook_layers(model: onnx.ModelProto) -> list[str]:
     return out
 
 
+def w4a8_layers(model: onnx.ModelProto) -> list[str]:
+    """Keys of the Conv/Gemm/MatMul layers whose constant float weight can take W4A8's 4-bit codes (4096+ elements)."""
+    from onnxpress.passes.qdq import FOUR_BIT_MIN_ELEMENTS
+
+    inits = {i.name: i for i in model.graph.initializer}
+    out = []
+    for node in model.graph.node:
+        if node.op_type not in ("Conv", "Gemm", "MatMul") or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
+            continue
+        w = inits.get(node.input[1])
+        if w is not None and w.data_type == onnx.TensorProto.FLOAT and math.prod(w.dims) >= FOUR_BIT_MIN_ELEMENTS:
+            out.append(node.name or node.output[0])
+    return out
+
+
 def int4_layers(model: onnx.ModelProto) -> list[str]:
     """Names of the MatMul/Gemm nodes that can take 4-bit weights (constant 2-D float >= INT4_MIN_WEIGHTS).
 
@@ -562,6 +579,7 @@ def analyze_sensitivity(
     quantize: bool = True,
     int4: bool = True,
     codebook: bool = False,
+    w4a8: bool = False,
     latency: bool = False,
     method: str = "mse",
     max_samples: int = 64,
@@ -585,6 +603,10 @@ def analyze_sensitivity(
         codebook: measure the ``cb4`` option of layers with at least ``CODEBOOK_MIN_WEIGHTS`` weights: a float
             kernel on 4-bit codebook weights (``quantize(codebook_layers=)``), GPTQ-assigned with the layer's
             input moment where it fits. ``optimize`` asks for it under a size budget.
+        w4a8: measure the ``w4a8`` option of layers with a weight of ``FOUR_BIT_MIN_ELEMENTS`` or more: the int8
+            layer with 4-bit weight codes (``quantize(w4a8_layers=)``), GPTQ-rounded where ``quantize``'s default
+            int8 rounding would be, its bytes measured stored two to a byte. ``optimize`` asks for it under a size
+            budget.
         latency: also time every rank and prune candidate against the model (onnxruntime, one thread,
             one batch of the sensitivity data, interleaved rounds; see ``search.measure_latency``).
         method: calibration method for the int8 option.
@@ -607,10 +629,16 @@ def analyze_sensitivity(
     from onnxpress.calibrate import calibrate
     from onnxpress.lowrank import collect_moments
     from onnxpress.passes.codebook import CodebookWeights
+    from onnxpress.passes.int4_storage import PackInt4Weights
     from onnxpress.passes.qdq import InsertQDQ, Selection
     from onnxpress.passes.weight_only import QuantizeWeightsInt4
     from onnxpress.pipeline import run_passes
-    from onnxpress.quantize import CODEBOOK_LAYER_BITS, INT4_BLOCK_SIZE  # the recipe step's block size too
+    from onnxpress.quantize import (  # the recipe step's block size too
+        CODEBOOK_LAYER_BITS,
+        INT4_BLOCK_SIZE,
+        default_int8_method,
+        gptq_moments,
+    )
     from onnxpress.recipe import FixedRanks
 
     if max_samples < 1:
@@ -627,6 +655,8 @@ def analyze_sensitivity(
               "moments": moment_samples, "multiple": multiple, "v": CACHE_VERSION}
     if codebook:  # only then: earlier caches stay valid
         config["codebook"] = True
+    if w4a8:
+        config["w4a8"] = True
     if assumed_input_dims():  # MACs counted at these sizes of the inputs' symbolic dimensions (a sequence length)
         config["dims"] = assumed_input_dims()
     key = hashlib.sha256(
@@ -654,6 +684,7 @@ def analyze_sensitivity(
     jobs: list[tuple[LayerInfo | str, str, float | None]] = []
     four = set(int4_layers(model)) if int4 else set()
     books = set(codebook_layers(model)) if codebook else set()
+    fours = set(w4a8_layers(model)) if w4a8 else set()
     weight_of = {n.name or n.output[0]: n.input[1] for n in model.graph.node if len(n.input) > 1}
     dims_of = {i.name: tuple(i.dims) for i in model.graph.initializer}
     for lay in layers:
@@ -663,6 +694,8 @@ def analyze_sensitivity(
             jobs.append((lay, "int4", None))
         if lay.key in books:
             jobs.append((lay, "codebook", None))
+        if quantize and lay.key in fours:
+            jobs.append((lay, "w4a8", None))
         if lay.full_rank > 1:
             jobs.extend((lay, "rank", r) for r in rank_options(lay.full_rank, rank_fractions, multiple))
     if prune_ratios:
@@ -674,6 +707,9 @@ def analyze_sensitivity(
         table = calibrate(model, calib, method=method, max_samples=calib_samples)
     if any(fam in ("rank", "int4", "codebook") for _, fam, _ in jobs):
         moments = collect_moments(model, calib, max_samples=moment_samples)
+    w4a8_moments = None  # by weight name; GPTQ where the recipe's int8_method "auto" would round with it
+    if fours and default_int8_method(model, calib, max_samples=calib_samples)[0] == "gptq":
+        w4a8_moments = gptq_moments(model, calib, max_samples=calib_samples)
     measured: dict[int, tuple[OptionScore, onnx.ModelProto | None]] = {}  # job -> (score, candidate to time)
     skipped = 0
     # int8 first (the baseline needs every layer's), then the rest in their order; results keep job order
@@ -708,6 +744,15 @@ def analyze_sensitivity(
                 log.info("layer %s is not quantized by InsertQDQ; int8 option dropped", lay.key)
                 continue
             macs_after, params_after, option = lay.macs, lay.params, "int8"
+        elif fam == "w4a8":
+            others = frozenset(n for n in names if n != lay.key)
+            qdq = InsertQDQ(table, exclude=Selection(nodes=others), weight_bits=4, four_bit_layers=[lay.key],
+                            hessians=w4a8_moments)
+            cand = run_passes(model, [qdq, PackInt4Weights()]).model  # packed: the bytes the recipe's model has
+            if lay.key not in qdq.four_bit_layers_done:
+                log.info("layer %s took no 4-bit codes; w4a8 option dropped", lay.key)
+                continue
+            macs_after, params_after, option = lay.macs, lay.params, "w4a8"
         elif fam == "int4":
             pass4 = QuantizeWeightsInt4(
                 block_size=INT4_BLOCK_SIZE, exclude=frozenset(n for n in names if n != lay.key), int8_below=0,

@@ -294,6 +294,40 @@ def test_int4_is_picked_only_when_the_size_budget_needs_it():
     assert no_quant.uniform_int4() is None and SearchSpace(_sens(), model_bytes=2000).uniform_int4() is None
 
 
+def test_w4a8_is_an_int8_speed_option_that_buys_size():
+    """A's w4a8 option (4-bit codes on the int8 kernel) costs int8's latency and nearly int4's bytes."""
+    base = _sens_with_int4()
+    sens = SensitivityResult(base.layers, base.scores + (OptionScore("A", "w4a8", "w4a8", 36.0, 4000, 4000, None,
+                                                                     -13500),), 8, "k48")
+    space = SearchSpace(sens, model_bytes=20000)
+    assert [o.label for o in space.options[0]] == ["fp32", "int8", "int4", "w4a8"]
+    fp32, int8, int4, w4a8 = (space.cost("latency", (j, 1)) for j in range(4))
+    assert w4a8 == pytest.approx(int8) and int4 == pytest.approx(fp32) and int8 < fp32
+    # size 0.2 and latency at int8's: only w4a8 for A fits both (int4 runs at the float rate)
+    lat = space.cost("latency", (1, 1))
+    picks = space.greedy("size", 0.2, also=[("latency", lat + 1e-9)])
+    assert space.describe(picks) == {"A": "w4a8", "B": "int8"}
+    step = space.recipe(picks)["steps"][-1]
+    assert step["w4a8_layers"] == ["A"] and "int4_layers" not in step and "weights" not in step
+    assert "w4a8_layers" not in space.recipe(space.uniform("int8"))["steps"][-1]
+    assert space.describe(space.uniform_where("w4a8")) == {"A": "w4a8", "B": "int8"}
+    assert SearchSpace(base, model_bytes=20000).uniform_where("w4a8") is None
+    assert space.offers("w4a8") and not SearchSpace(base, model_bytes=20000).offers("w4a8")
+
+
+def test_skipped_option_kinds_are_never_moved_to():
+    """int4 (float kernels) scores better than w4a8 for A, so size=0.2 takes it; with int4 skipped, w4a8."""
+    base = _sens_with_int4()
+    sens = SensitivityResult(base.layers, base.scores + (OptionScore("A", "w4a8", "w4a8", 33.0, 4000, 4000, None,
+                                                                     -13500),), 8, "k48")
+    space = SearchSpace(sens, model_bytes=20000)
+    assert space.describe(space.greedy("size", 0.2)) == {"A": "int4", "B": "int8"}
+    space.skip_quant = frozenset({"int4", "cb4"})
+    picks = space.greedy("size", 0.2)
+    assert space.describe(picks) == {"A": "w4a8", "B": "int8"}
+    assert space.describe(space.refine("size", 0.2, picks, iterations=50)) == {"A": "w4a8", "B": "int8"}
+
+
 def test_free_float_picks_sets_zero_penalty_int8_layers_to_fp32_at_the_same_rank():
     """Only int8 layers whose measured float penalty is <= 0 flip to fp32; ranks and other layers stay."""
     from onnxpress.optimize import free_float_picks

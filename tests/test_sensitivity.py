@@ -267,6 +267,25 @@ def test_int4_option_for_a_large_enough_matmul(tmp_path):
     assert sens.score("fc2", "int4", "int4") is None  # 640 weights: too small
 
 
+def test_w4a8_option_for_large_weights_on_request(tmp_path):
+    """The reference ResNet's seven convs of 4096+ weights get a w4a8 score (noisier than int8, fewer bytes, the
+    layer's model built as the recipe builds it); its stem, 1x1 shortcut and classifier do not."""
+    models = Path(__file__).resolve().parents[1] / "models"
+    model = prepare(models / "resnet.onnx")
+    calib = models / "digits32_calib.npz"
+    sens = analyze_sensitivity(model, calib, cache_dir=False, max_samples=16, calib_samples=64, rank_fractions=(),
+                               prune_ratios=(), w4a8=True)
+    four = {s.layer: s for s in sens.scores if s.family == "w4a8"}
+    assert sorted(four) == ["node_Conv_140", "node_Conv_142", "node_Conv_144", "node_Conv_146", "node_Conv_150",
+                            "node_Conv_152", "node_Conv_154"]
+    for key, s in four.items():
+        q8 = sens.score(key, "int8", "int8")
+        assert s.sqnr_db < q8.sqnr_db and s.bytes_delta < q8.bytes_delta
+    plain = analyze_sensitivity(model, calib, cache_dir=False, max_samples=16, calib_samples=64, rank_fractions=(),
+                                prune_ratios=())
+    assert not any(s.family == "w4a8" for s in plain.scores)
+
+
 def _whole_and_reused(model, data, monkeypatch, **kw):
     """Scores of ``analyze_sensitivity`` run whole (``REUSE_BUDGET = 0``) and reusing activations, and the runs."""
     import onnxpress.sensitivity as sens

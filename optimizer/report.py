@@ -78,10 +78,11 @@ def _sensitivity_png(result: OptimizeResult, path: Path, sens: Any = None) -> No
     labels_per_family = {f: [] for f in families}
     for fam, opt in options:
         labels_per_family[fam].append(opt)
-    # bars: int8, int4, cb4, and the two rank options per layer by order (ranks differ per layer)
+    # bars: int8, w4a8, int4, cb4, and the two rank options per layer by order (ranks differ per layer)
     series: list[tuple[str, list[float]]] = []
-    for fam, label in (("int8", "int8"), ("int4", "int4"), ("codebook", "cb4 (4-bit codebook weights)")):
-        if fam in families:  # int4 / cb4: only the layers that offer it have a bar
+    for fam, label in (("int8", "int8"), ("w4a8", "w4a8 (int8 kernel, 4-bit weight codes)"), ("int4", "int4"),
+                       ("codebook", "cb4 (4-bit codebook weights)")):
+        if fam in families:  # w4a8 / int4 / cb4: only the layers that offer it have a bar
             series.append((label, [_score(sens, lay.key, fam, 0) for lay in sens.layers]))
     depth = max((sum(1 for s in sens.scores if s.layer == lay.key and s.family == "rank") for lay in sens.layers),
                 default=0)
@@ -116,7 +117,7 @@ def _sensitivity_png(result: OptimizeResult, path: Path, sens: Any = None) -> No
                       "ratio removes nothing new after rounding)", fontsize=9)
         gax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
-    write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
+    write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=90, format="png", bbox_inches="tight"))
     plt.close(fig)
 
 

@@ -230,8 +230,9 @@ def sample_axes(model: onnx.ModelProto) -> dict[str, int | None]:
        axis other than 0, where axis 0 is symbolic too and not named so: ``[seq, batch, d]``. A fixed axis 0
        (a point cloud ``[1, N, 3]``) keeps it: the fixed axis is the batch there.
 
-    3. No sample axis (``None``): an input of rank 1 whose dimension is not a batch -- not named like one, and
-       neither the symbol nor the fixed size of a higher-rank input's sample axis. A waveform ``x[T]`` or the
+    3. No sample axis (``None``): a scalar input (rank 0), and an input of rank 1 whose dimension is not a batch --
+       not named like one, and neither the symbol nor the fixed size of a higher-rank input's sample axis. A
+       scalar's ``.npz`` array is one 0-d value for every feed or ``[N]`` values, one a feed. A waveform ``x[T]`` or the
        token ids ``ids[S]`` of a model exported for one sample: each feed is one sample, never joined to the next
        or cut (they were cut into runs of 64 values and counted as that many samples). A rank-1 input beside a
        batched one that shares its dimension (``lengths[batch]`` beside ``x[batch, T]``) keeps axis 0.
@@ -277,9 +278,9 @@ def sample_axes(model: onnx.ModelProto) -> dict[str, int | None]:
         elif len(shape) >= 2 and isinstance(shape[0], str) and not _batch_like(shape[0]) and len(named) == 1:
             found[name] = named[0]
     batches = {shape[found.get(name, 0)] for name, shape in dims.items() if len(shape) >= 2}
-    for name, shape in dims.items():  # rule 3
-        if name not in found and len(shape) == 1 and shape[0] is not None and not _batch_like(shape[0]) \
-                and shape[0] not in batches:
+    for name, shape in dims.items():  # rule 3 (a scalar input has no axis at all)
+        if name not in found and (not shape or (len(shape) == 1 and shape[0] is not None
+                                                and not _batch_like(shape[0]) and shape[0] not in batches)):
             found[name] = None
     given = _GIVEN_AXES.get()
     if given:
@@ -758,7 +759,9 @@ class _NpzReader(DataReader):
     """One ``.npz`` whose arrays (keyed by input name) hold samples on their sample axis; streamed in slices.
 
     An array whose sample axis is not 0 (a sequence-first input) is read whole: its samples are not contiguous.
-    An input without a sample axis has its samples stacked on a new axis 0 (``[N, *shape]``), fed one at a time.
+    An input without a sample axis has its samples stacked on a new axis 0 (``[N, *shape]``), fed one at a time;
+    or one array of the input's own shape (a 0-d array for a scalar input: a temperature, a fixed mask), which goes
+    with every feed while the other inputs are batched as usual.
     """
 
     def __init__(self, path: Path, specs: Sequence[InputSpec], max_samples: int | None, *, lone: bool = False) -> None:
@@ -767,14 +770,16 @@ class _NpzReader(DataReader):
         self._lone = lone  # a lone .npy holding the one input's samples (see _LoneNpy)
         headers = self._headers()
         axes = _axes(self._specs)
-        lengths = {name: shape[_stored_axis(axes.get(name, 0))] for name, (shape, _, _) in headers.items()}
+        self._shared = _shared_inputs(self._specs, headers)
+        lengths = {name: shape[_stored_axis(axes.get(name, 0))] for name, (shape, _, _) in headers.items()
+                   if name not in self._shared}
         if len(set(lengths.values())) > 1:
             where = "on axis 0" if not axes else "on their sample axes " + str({s.name: s.sample_axis for s in specs})
             raise DataError(f"{path}: inputs hold different numbers of samples {where}: {lengths}; one .npz holds "
                             "samples on that axis of every input, so inputs of different fixed sizes there (or an "
                             "input shared by every sample) need a folder of .npz files or a list of feed dicts, one "
                             "per model call")
-        self._n = next(iter(lengths.values())) if lengths else 0
+        self._n = next(iter(lengths.values())) if lengths else 1 if self._shared else 0  # all shared: one feed
         fixed = {s.fixed_samples for s in self._specs if s.fixed_samples}
         if len(fixed) > 1:  # slices of one step cannot fit them all
             raise DataError(
@@ -782,7 +787,7 @@ class _NpzReader(DataReader):
                 f"({', '.join(s.describe() for s in self._specs if s.fixed_samples)}), which one .npz cannot "
                 "feed; give a folder of .npz files or a list of feed dicts, one per model call"
             )
-        if fixed and any(s.sample_axis is None for s in self._specs):
+        if fixed and any(s.sample_axis is None and s.name not in self._shared for s in self._specs):
             raise DataError(
                 f"{path}: the model has inputs with a fixed batch and inputs with no sample axis "
                 f"({_expects(self._specs)}), which one .npz cannot feed; give a folder of .npz files or a list of "
@@ -826,19 +831,20 @@ class _NpzReader(DataReader):
                 where = str(self._path)
                 if dtype.hasobject:
                     raise DataError(f"{where}: array {spec.name!r} holds Python objects; save numeric arrays")
-                if spec.shape is not None and not spec.shape and spec.sample_axis is not None:  # refused each way
-                    raise DataError(
-                        f"{where}: input {spec.name!r} is a scalar in the model (rank 0), with no sample axis for "
-                        f"one .npz to stream; give a folder of .npz feeds (one per inference call, {spec.name!r} a "
-                        "0-d array in each) or, in Python, a list of feed dicts"
-                    )
                 _check_dtype(spec.name, dtype, spec, where)
+                if spec.sample_axis is None and spec.shape is not None and len(shape) == len(spec.shape):
+                    # the input's own shape: one value that goes with every feed (a temperature, a fixed mask)
+                    _check_shape(spec.name, shape, spec, where, sample_dim=True)
+                    out[spec.name] = (shape, fortran, dtype)
+                    continue
                 if spec.sample_axis is None:  # samples stacked on a new axis 0
                     rank = None if spec.shape is None else len(spec.shape) + 1
                     if not shape or (rank is not None and len(shape) != rank):
                         raise DataError(
                             f"{where}: array {spec.name!r} has shape {list(shape)}; {spec.name!r} has no sample axis "
-                            f"({spec.describe()}), so an .npz stacks its samples on a new axis 0: rank {rank}"
+                            f"({spec.describe()}), so an .npz holds its samples stacked on a new axis 0 (rank "
+                            f"{rank}), or one value of its own rank ({rank - 1 if rank else '?'}) that goes with "
+                            "every feed"
                         )
                     if shape[0] == 0:
                         raise DataError(f"{where}: input {spec.name!r} has no samples (shape {list(shape)})")
@@ -856,7 +862,8 @@ class _NpzReader(DataReader):
 
     def _feeds(self, chunk: int | None) -> Iterator[dict[str, np.ndarray]]:
         fixed = [s.fixed_samples for s in self._specs if s.fixed_samples]
-        single = {s.name for s in self._specs if s.sample_axis is None}  # one sample per feed, stored [N, ...]
+        # one sample per feed, stored [N, ...]; a shared input goes whole with every feed
+        single = {s.name for s in self._specs if s.sample_axis is None and s.name not in self._shared}
         step = 1 if single else fixed[0] if fixed else (chunk or self._n)
         if self._max_samples is not None and not fixed:
             step = min(step, self._max_samples)
@@ -864,18 +871,33 @@ class _NpzReader(DataReader):
         with self._open() as zf:
             streams = {}
             try:
+                shared = {}
                 for spec in self._specs:
-                    streams[spec.name] = _NpyStream(zf, spec.name + ".npy", *headers[spec.name],
-                                                    axis=_stored_axis(spec.sample_axis))
+                    stream = _NpyStream(zf, spec.name + ".npy", *headers[spec.name],
+                                        axis=_stored_axis(spec.sample_axis))
+                    if spec.name in self._shared:
+                        with contextlib.closing(stream):
+                            shared[spec.name] = stream.read_all()
+                    else:
+                        streams[spec.name] = stream
                 for start in range(0, self._n, step):
                     stop = min(self._n, start + step)
                     where = f"{self._path} (samples {start}..{stop - 1})"
                     feed = {name: s.read(stop - start) for name, s in streams.items()}
                     feed = {name: a[0] if name in single else a for name, a in feed.items()}
+                    feed = {spec.name: shared[spec.name] if spec.name in shared else feed[spec.name]
+                            for spec in self._specs}
                     yield check_feed(feed, self._specs, where, offset=start)
             finally:
                 for s in streams.values():
                     s.close()
+
+
+def _shared_inputs(specs: Sequence[InputSpec],
+                   headers: Mapping[str, tuple[tuple[int, ...], bool, np.dtype]]) -> frozenset[str]:
+    """Inputs without a sample axis whose ``.npz`` array has the input's own rank: one value for every feed."""
+    return frozenset(s.name for s in specs if s.sample_axis is None and s.shape is not None
+                     and len(headers[s.name][0]) == len(s.shape))
 
 
 def _stored_axis(axis: int | None) -> int:
@@ -968,6 +990,13 @@ class _NpyStream:
             out = np.frombuffer(self._read_exact(nbytes), dtype=self._dtype).reshape((rows, *row_shape))
         self._pos += rows
         return out
+
+    def read_all(self) -> np.ndarray:
+        """The whole array, in its own shape (a 0-d one too)."""
+        if self._whole is not None:
+            return self._whole
+        count = int(np.prod(self._shape, dtype=np.int64))
+        return np.frombuffer(self._read_exact(count * self._dtype.itemsize), dtype=self._dtype).reshape(self._shape)
 
     def close(self) -> None:
         self._fp.close()

@@ -113,6 +113,14 @@ def check_dynamic_batch(model: onnx.ModelProto | None, which: str, *, sequence_f
     # sequence-first input that trained on time steps: a GRU distilled from itself fell from exact to 14.4 dB.
     axes = sample_axes(model)
     single = [name for name, axis in axes.items() if axis is None]
+    scalars = [vi.name for vi in model.graph.input if vi.name in single and vi.type.tensor_type.HasField("shape")
+               and not vi.type.tensor_type.shape.dim]
+    if scalars:
+        raise UnsupportedModelError(
+            f"finetune trains on batches of samples, and the {which}'s input {scalars[0]!r} is a scalar (rank 0), "
+            f"with no sample axis: make it a constant of the model, or export it with one value per sample "
+            f"({scalars[0]}[batch])"
+        )
     if single:
         raise UnsupportedModelError(
             f"finetune trains on batches of samples, and the {which}'s input {single[0]!r} has no sample axis (the "

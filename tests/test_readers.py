@@ -9,7 +9,13 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from onnxpress.calibration.readers import infinite_values_allowed, load_labels, model_inputs, open_data
+from onnxpress.calibration.readers import (
+    infinite_values_allowed,
+    load_labels,
+    model_inputs,
+    open_data,
+    sample_axes,
+)
 from onnxpress.errors import DataError, UnsupportedModelError
 from tests import graphs
 
@@ -415,18 +421,28 @@ def test_open_data_on_a_reader_limits_a_copy(tmp_path):
     assert open_data(({"X": _x(1)} for _ in range(3)), graphs.gemm()).num_samples is None
 
 
-def test_a_scalar_model_input_names_the_forms_that_feed_it(tmp_path):
-    """A rank-0 input refused a per-sample array ("expects rank 0") and a 0-d one ("samples go on axis 0") alike."""
+def test_a_scalar_model_input_takes_one_value_or_one_per_sample(tmp_path):
+    """A rank-0 input has no sample axis: a 0-d array goes with every batch of the other inputs, an [N] one gives
+    each sample its own value (one a feed). Both were refused ("give a folder of .npz") before."""
     graph = helper.make_graph(
         [helper.make_node("Mul", ["x", "n"], ["y"])], "s",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4]), helper.make_tensor_value_info(
             "n", TensorProto.FLOAT, [])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    x = np.ones((8, 4), np.float32)
-    for n in (np.float32(2), np.full(8, 2, np.float32)):
-        np.savez(tmp_path / "one.npz", x=x, n=n)
-        with pytest.raises(DataError, match=r"input 'n' is a scalar in the model \(rank 0\).*give a folder of \.npz"):
-            list(open_data(str(tmp_path / "one.npz"), model).batches())
+    assert sample_axes(model) == {"n": None}
+    x = np.arange(32, dtype=np.float32).reshape(8, 4)
+    np.savez(tmp_path / "one.npz", x=x, n=np.float32(2))
+    reader = open_data(str(tmp_path / "one.npz"), model)
+    feeds = list(reader.batches(5))
+    assert reader.total_samples == 8 and [f["x"].shape for f in feeds] == [(5, 4), (3, 4)]
+    assert all(f["n"].shape == () and f["n"] == 2 for f in feeds)
+    np.savez(tmp_path / "each.npz", x=x, n=np.arange(8, dtype=np.float32))
+    feeds = list(open_data(str(tmp_path / "each.npz"), model).batches(5))
+    assert [f["x"].shape for f in feeds] == [(1, 4)] * 8 and [float(f["n"]) for f in feeds] == list(range(8))
+    np.savez(tmp_path / "bad.npz", x=x, n=np.ones((8, 2), np.float32))
+    with pytest.raises(DataError, match=r"'n' has no sample axis .*stacked on a new axis 0 \(rank 1\), or one value "
+                                        r"of its own rank \(0\)"):
+        open_data(str(tmp_path / "bad.npz"), model)
     (tmp_path / "feeds").mkdir()
     np.savez(tmp_path / "feeds" / "a.npz", x=x, n=np.float32(2))
     (feed,) = list(open_data(str(tmp_path / "feeds"), model).batches())

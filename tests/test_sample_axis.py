@@ -517,9 +517,14 @@ def test_an_npz_stacks_the_samples_of_an_input_without_a_sample_axis_on_a_new_ax
     out = [b["x"] for b in reader.batches(64)]
     assert [a.shape for a in out] == [(64,)] * 5
     np.testing.assert_array_equal(np.stack(out), x[:5])
-    np.savez(tmp_path / "one.npz", x=x[0])
-    with pytest.raises(DataError, match=r"'x' has no sample axis .* stacks its samples on a new axis 0: rank 2"):
-        open_data(tmp_path / "one.npz", waveform(64))
+    np.savez(tmp_path / "one.npz", x=x[0])  # the input's own shape: one sample, fed as it is
+    one = open_data(tmp_path / "one.npz", waveform(64))
+    (only,) = list(one.batches(64))
+    assert one.total_samples == 1 and only["x"].shape == (64,)
+    np.testing.assert_array_equal(only["x"], x[0])
+    np.savez(tmp_path / "deep.npz", x=x[None])
+    with pytest.raises(DataError, match=r"'x' has no sample axis .* stacked on a new axis 0 \(rank 2\)"):
+        open_data(tmp_path / "deep.npz", waveform(64))
     np.savez(tmp_path / "bad.npz", x=x[:, :32])
     with pytest.raises(DataError, match="axis 0 must be 64"):
         open_data(tmp_path / "bad.npz", waveform(64))
@@ -554,3 +559,19 @@ def test_finetune_refuses_an_input_without_a_sample_axis_by_name():
 
     with pytest.raises(UnsupportedModelError, match=r"input 'x' has no sample axis .* dynamic_axes=\{'x'"):
         check_dynamic_batch(waveform(), "student", sequence_first=True)
+
+
+def test_finetune_refuses_a_scalar_input_saying_what_to_do():
+    from onnx import TensorProto, helper
+
+    from onnxpress.errors import UnsupportedModelError
+    from onnxpress.finetune import check_dynamic_batch
+
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["x", "t"], ["y"])], "s",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4]),
+         helper.make_tensor_value_info("t", TensorProto.FLOAT, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(UnsupportedModelError, match=r"input 't' is a scalar \(rank 0\).*make it a constant"):
+        check_dynamic_batch(model, "student", sequence_first=True)

@@ -12,7 +12,8 @@ the original at batch 64 on one thread (interleaved, medians over ``--repeats`` 
 
 A size budget offers each layer int8, W4A8 (the int8 kernel on 4-bit codes), int4 weight-only (MatMul/Gemm)
 and 4-bit codebook weights (float kernels), ranks and channel pruning; it plans once with all of them and once
-on int8 kernels only (from uniform int8; no fp32, int4 or codebook layer), and measures both.
+by precision alone on int8 kernels (from uniform int8, W4A8 where bytes must go; no fp32, int4 or codebook layer,
+no split or pruning), and measures both.
 
     python bench/optimize_size.py [--models resnet mobilenet concat transformer] [--budgets 0.15 0.2]
 """

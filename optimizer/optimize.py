@@ -31,9 +31,9 @@ channel group at one ratio, and the same with residual streams at half of it. Un
 budget, a model with MatMul/Gemm layers offered int4 (4-bit weight-only, ``quantize.int4_layers``)
 also gets two baselines: int4 on all of them with the other layers fp32, or int8. A size budget also
 offers W4A8 per layer (``quantize.w4a8_layers``: the int8 kernel on 4-bit weight codes, at int8's speed),
-with W4A8 on every layer that takes it as a baseline, and plans once more on int8 kernels only (from uniform
-int8, never a float kernel: fp32, int4 weight-only, codebook): "searched at int8 speed". Its estimate is first
-corrected by the baselines' measured sizes.
+with W4A8 on every layer that takes it as a baseline, and plans once more by precision alone on int8 kernels
+(from uniform int8, W4A8 where bytes must go; no float kernel, split or pruning): "searched at int8 speed". Its
+estimate is first corrected by the baselines' measured sizes.
 MACs of a model with MatMulNBits or onnxruntime's fused attention are counted on its structure (onnx's shape
 inference stops at those contrib ops).
 
@@ -308,6 +308,8 @@ class _Evaluator:
         self.measure_fidelity(cand, model)
         self.measure_cost(cand, model)
 
+
+FAST_PLAN_SKIPS = frozenset({"rank", "group"})
 
 STRUCTURE_MAC_OPS = frozenset({"MatMulNBits", "QAttention", "MultiHeadAttention", "Attention"})
 """onnxruntime contrib ops a quantized candidate may hold (``com.microsoft``): its MACs are counted on its structure."""
@@ -1115,12 +1117,13 @@ def optimize(
             batch += [make(refined, "searched" + tag), make(greedy, "greedy" + tag)]
         space.prune_discount = 1.0
         if fast_plan:
-            # the plan again on int8 kernels only: from uniform int8, W4A8 (or a rank, a pruned group) where bytes
-            # must go, never a float kernel (fp32, int4 weight-only, codebook). The per-layer codebook scores,
-            # measured with float activations, beat W4A8's and the plan took them, though the models measured
-            # worse: the reference ResNet at size=0.2 read 38.4 dB that way, int8 with W4A8 on its largest conv
-            # 43.0 dB at 0.196; and float layers, cheap in bytes, took its latency from 0.32 to 0.55x
-            space.skip_quant = frozenset(FLOAT_RATE)
+            # the plan again by precision alone on int8 kernels: from uniform int8, W4A8 where bytes must go; never
+            # a float kernel (fp32, int4 weight-only, codebook), a split or a pruned group. The per-layer codebook
+            # scores, measured with float activations, beat W4A8's and the plan took them, though the models
+            # measured worse: the reference ResNet at size=0.2 read 38.4 dB that way, int8 with W4A8 on its largest
+            # conv 43.0 dB at 0.196; float layers, cheap in bytes, took its latency from 0.32 to 0.55x; and a split
+            # the estimate liked read 34.4 dB where W4A8 alone read 39.2 (size=0.15 with latency=0.45)
+            space.skip_quant = frozenset(FLOAT_RATE) | FAST_PLAN_SKIPS
             int8 = space.uniform("int8")
             fast = space.greedy(bud.kind, limit, int8, also=also)
             joint = also if fast is not None else ()

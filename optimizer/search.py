@@ -183,7 +183,8 @@ class SearchSpace:
         self.total_macs = max(sum(lay.macs for lay in self.layers), 1)
         self.prune_multiple = prune_multiple
         self.prune_discount = 1.0  # δ: assumed fraction of pruning's noise left after a fine-tune
-        self.skip_quant: frozenset[str] = frozenset()  # option kinds greedy and refine do not move a layer to
+        # option kinds greedy and refine do not move a slot to ("rank": a split layer; "group": a pruned group)
+        self.skip_quant: frozenset[str] = frozenset()
         self.model_bytes = model_bytes
         self.fixed_bytes = fixed_bytes
         self.rho = int8_latency
@@ -246,6 +247,10 @@ class SearchSpace:
     def slots(self) -> list[str]:
         """Slot keys: the MAC layers, then ``group <name>`` per channel group (a group is named after a layer)."""
         return [lay.key for lay in self.layers] + [f"group {g}" for g in self.groups]
+
+    def _skipped(self, c: LayerChoice) -> bool:
+        """Whether ``skip_quant`` keeps greedy and refine from moving to option ``c``."""
+        return c.quant in self.skip_quant or (c.rank is not None and "rank" in self.skip_quant)
 
     def _nsr(self, c: LayerChoice) -> float:
         return c.nsr * self.prune_discount if c.quant == "group" else c.nsr
@@ -392,7 +397,7 @@ class SearchSpace:
                     continue
                 cur = opts[picks[i]]
                 for j, o in enumerate(opts):
-                    if j == picks[i] or o.quant in self.skip_quant:
+                    if j == picks[i] or self._skipped(o):
                         continue
                     trial = picks[:i] + [j] + picks[i + 1:]
                     saved = 0.0
@@ -431,7 +436,7 @@ class SearchSpace:
             i = rng.randrange(len(self.options))
             cur = self.options[i][best[i]]
             better = [j for j, o in enumerate(self.options[i])
-                      if self._nsr(o) < self._nsr(cur) and o.quant not in self.skip_quant]
+                      if self._nsr(o) < self._nsr(cur) and not self._skipped(o)]
             if not better:
                 continue
             trial = list(best)

@@ -466,32 +466,29 @@ CODEBOOK_MIN_WEIGHTS = 1024
 """Smallest weight (elements) offered the cb4 option: below it the rebuild's nodes cost about what the codes save."""
 
 
-def codebook_layers(model: onnx.ModelProto) -> list[str]:
-    """Keys of the Conv/Gemm/MatMul layers with a constant float weight of at least ``CODEBOOK_MIN_WEIGHTS``."""
+def _layers_with_weights(model: onnx.ModelProto, min_elements: int) -> list[str]:
+    """Keys of the Conv/Gemm/MatMul layers with a constant float weight of at least ``min_elements``."""
     inits = {i.name: i for i in model.graph.initializer}
     out = []
     for node in model.graph.node:
         if node.op_type not in ("Conv", "Gemm", "MatMul") or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
             continue
         w = inits.get(node.input[1])
-        if w is not None and w.data_type == onnx.TensorProto.FLOAT and math.prod(w.dims) >= CODEBOOK_MIN_WEIGHTS:
+        if w is not None and w.data_type == onnx.TensorProto.FLOAT and math.prod(w.dims) >= min_elements:
             out.append(node.name or node.output[0])
     return out
+
+
+def codebook_layers(model: onnx.ModelProto) -> list[str]:
+    """Keys of the Conv/Gemm/MatMul layers with a constant float weight of at least ``CODEBOOK_MIN_WEIGHTS``."""
+    return _layers_with_weights(model, CODEBOOK_MIN_WEIGHTS)
 
 
 def w4a8_layers(model: onnx.ModelProto) -> list[str]:
     """Keys of the Conv/Gemm/MatMul layers whose constant float weight can take W4A8's 4-bit codes (4096+ elements)."""
     from onnxpress.passes.qdq import FOUR_BIT_MIN_ELEMENTS
 
-    inits = {i.name: i for i in model.graph.initializer}
-    out = []
-    for node in model.graph.node:
-        if node.op_type not in ("Conv", "Gemm", "MatMul") or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
-            continue
-        w = inits.get(node.input[1])
-        if w is not None and w.data_type == onnx.TensorProto.FLOAT and math.prod(w.dims) >= FOUR_BIT_MIN_ELEMENTS:
-            out.append(node.name or node.output[0])
-    return out
+    return _layers_with_weights(model, FOUR_BIT_MIN_ELEMENTS)
 
 
 def int4_layers(model: onnx.ModelProto) -> list[str]:

@@ -316,13 +316,16 @@ def test_w4a8_is_an_int8_speed_option_that_buys_size():
 
 
 def test_skipped_option_kinds_are_never_moved_to():
-    """int4 (float kernels) scores better than w4a8 for A, so size=0.2 takes it; with int4 skipped, w4a8."""
+    """int4 (float kernels) scores better than w4a8 for A, and a split of A better still, so size=0.2 takes the
+    split; with splits skipped int4, with int4 skipped too w4a8."""
     base = _sens_with_int4()
-    sens = SensitivityResult(base.layers, base.scores + (OptionScore("A", "w4a8", "w4a8", 33.0, 4000, 4000, None,
-                                                                     -13500),), 8, "k48")
-    space = SearchSpace(sens, model_bytes=20000)
+    extra = (OptionScore("A", "w4a8", "w4a8", 33.0, 4000, 4000, None, -13500),
+             OptionScore("A", "rank", "rank10", 45.0, 2000, 2000, 10, -10000))
+    space = SearchSpace(SensitivityResult(base.layers, base.scores + extra, 8, "k48"), model_bytes=20000)
+    assert space.describe(space.greedy("size", 0.2))["A"] == "int8+r10"
+    space.skip_quant = frozenset({"rank"})
     assert space.describe(space.greedy("size", 0.2)) == {"A": "int4", "B": "int8"}
-    space.skip_quant = frozenset({"int4", "cb4"})
+    space.skip_quant = frozenset({"int4", "cb4", "rank"})
     picks = space.greedy("size", 0.2)
     assert space.describe(picks) == {"A": "w4a8", "B": "int8"}
     assert space.describe(space.refine("size", 0.2, picks, iterations=50)) == {"A": "w4a8", "B": "int8"}

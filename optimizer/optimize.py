@@ -310,6 +310,7 @@ class _Evaluator:
 
 
 FAST_PLAN_SKIPS = frozenset({"rank", "group"})
+"""Besides the float-kernel options, what the "searched at int8 speed" plan never moves to: splits, pruned groups."""
 
 STRUCTURE_MAC_OPS = frozenset({"MatMulNBits", "QAttention", "MultiHeadAttention", "Attention"})
 """onnxruntime contrib ops a quantized candidate may hold (``com.microsoft``): its MACs are counted on its structure."""
@@ -1094,8 +1095,7 @@ def optimize(
             # W4A8 0.162 for 0.136) and its size=0.15 plan at int8 speed measured 0.126 with a layer split
             space.fit_cost("size", [(c.picks, c.size_ratio) for c in candidates], near=b.value)
     limit = bud.value
-    fast_plan = (any(b.kind == "size" for b in budgets) and space.offers("w4a8")
-                 and any(space.offers(q) for q in FLOAT_RATE if q != "fp32"))
+    fast_plan = any(b.kind == "size" for b in budgets) and space.offers("w4a8")
     timed_out = False
     want = shortlist  # with a fine-tune: structures within the measured budget wanted before judging
     for round_ in range(4 if finetune else 3):

@@ -62,9 +62,11 @@ def bench(name: str, budgets: list[float], repeats: int, work: Path) -> list[lis
         calib = d["input"].astype(np.float32)
     with np.load(test_path) as d:
         x, labels = d["input"].astype(np.float32), d["labels"]
+    from onnxruntime.quantization import QuantType
+
     built: dict[str, Path | str] = {}
     built["onnxruntime int8 (best)"] = ort_quantize(src, calib, work, "ort_best", per_channel=True,
-                                                    activation_type=_uint8(), weight_type=_int8())
+                                                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
     onnxpress.quantize(src, work / f"{name}_int8.onnx", calib=calib_path)
     built["onnxpress int8"] = work / f"{name}_int8.onnx"
     onnxpress.quantize(src, work / f"{name}_w4a8.onnx", calib=calib_path, weights="int4", activations="uint8")
@@ -96,18 +98,6 @@ def bench(name: str, budgets: list[float], repeats: int, work: Path) -> list[lis
         rows.append([name, label, f"{sqnr_db(ref, out):.2f}", f"{float((out.argmax(1) == labels).mean()):.4f}",
                      f"{size:.3f}", f"{ratios[label]:.3f}", within, picked.get(label, "")])
     return rows
-
-
-def _uint8():
-    from onnxruntime.quantization import QuantType
-
-    return QuantType.QUInt8
-
-
-def _int8():
-    from onnxruntime.quantization import QuantType
-
-    return QuantType.QInt8
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -832,8 +832,7 @@ class _NpzReader(DataReader):
                 if dtype.hasobject:
                     raise DataError(f"{where}: array {spec.name!r} holds Python objects; save numeric arrays")
                 _check_dtype(spec.name, dtype, spec, where)
-                if spec.sample_axis is None and spec.shape is not None and len(shape) == len(spec.shape):
-                    # the input's own shape: one value that goes with every feed (a temperature, a fixed mask)
+                if _is_shared(spec, shape):  # the input's own shape: one value for every feed (a temperature)
                     _check_shape(spec.name, shape, spec, where, sample_dim=True)
                     out[spec.name] = (shape, fortran, dtype)
                     continue
@@ -883,21 +882,32 @@ class _NpzReader(DataReader):
                 for start in range(0, self._n, step):
                     stop = min(self._n, start + step)
                     where = f"{self._path} (samples {start}..{stop - 1})"
-                    feed = {name: s.read(stop - start) for name, s in streams.items()}
-                    feed = {name: a[0] if name in single else a for name, a in feed.items()}
-                    feed = {spec.name: shared[spec.name] if spec.name in shared else feed[spec.name]
-                            for spec in self._specs}
+                    feed = {}
+                    for spec in self._specs:  # in the model's input order
+                        if spec.name in shared:
+                            feed[spec.name] = shared[spec.name]
+                        else:
+                            rows = streams[spec.name].read(stop - start)
+                            feed[spec.name] = rows[0] if spec.name in single else rows
                     yield check_feed(feed, self._specs, where, offset=start)
             finally:
                 for s in streams.values():
                     s.close()
 
 
+def _is_shared(spec: InputSpec, stored: tuple[int, ...]) -> bool:
+    """Whether an ``.npz`` array of shape ``stored`` is one value for every feed.
+
+    So it is when the input has no sample axis and the array has the input's own rank (not the rank + 1 of samples
+    stacked on a new axis 0).
+    """
+    return spec.sample_axis is None and spec.shape is not None and len(stored) == len(spec.shape)
+
+
 def _shared_inputs(specs: Sequence[InputSpec],
                    headers: Mapping[str, tuple[tuple[int, ...], bool, np.dtype]]) -> frozenset[str]:
-    """Inputs without a sample axis whose ``.npz`` array has the input's own rank: one value for every feed."""
-    return frozenset(s.name for s in specs if s.sample_axis is None and s.shape is not None
-                     and len(headers[s.name][0]) == len(s.shape))
+    """The inputs whose ``.npz`` array goes whole with every feed (:func:`_is_shared`)."""
+    return frozenset(s.name for s in specs if _is_shared(s, headers[s.name][0]))
 
 
 def _stored_axis(axis: int | None) -> int:

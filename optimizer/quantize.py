@@ -61,6 +61,7 @@ from onnxpress.passes.prelu import RewritePRelu
 from onnxpress.passes.qdq import (
     ACTIVATION_TYPES,
     FOUR_BIT_MIN_ELEMENTS,
+    WEIGHTED_OPS,
     CompactQDQ,
     InsertQDQ,
     NodeDecision,
@@ -1008,8 +1009,8 @@ def _check_w4a8_layers(asked: Sequence[str], model: onnx.ModelProto, done: Colle
         node = nodes.get(key)
         if node is None:
             return "is not a node of the model (give node names, or first output names of unnamed nodes)"
-        if node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
-            return f"is a {node.op_type}, not a Conv/ConvTranspose/Gemm/MatMul layer"
+        if node.op_type not in WEIGHTED_OPS:
+            return f"is a {node.op_type}, not a {'/'.join(sorted(WEIGHTED_OPS))} layer"
         size = sizes.get(node.input[1]) if len(node.input) > 1 else None
         if size is None:
             return "has no constant weight"

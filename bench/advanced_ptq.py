@@ -41,8 +41,8 @@ equal treatment (both GPTQ) only +1.5 / -0.1 / +1.9: near the Lloyd-Max limit fo
 (normalised per channel they are close to uniform, kurtosis 2.0-4.7; per layer k-means lowers the
 weight MSE of max-scaled int4 by 0.75-1.95 dB). 2026-12-03: with the codebook and channel scales fitted to
 each layer's output for GPTQ's indices and GPTQ run again on them (CodebookWeights refit=1, now the default),
-the codebook reads 21.89 / 31.87 / 37.07 dB; int4 given the same scale refit 20.38 / 26.15 / 35.22; the
-codebook over the better int4 row +1.38 / +3.67 / +1.85 dB.
+the codebook reads 21.89 / 31.87 / 37.14 dB; int4 given the same scale refit 20.38 / 26.15 / 35.22; the
+codebook over the better int4 row +1.38 / +3.67 / +1.92 dB.
 """
 
 from __future__ import annotations

@@ -650,8 +650,8 @@ def analyze_sensitivity(
               "prune_multiple": prune_multiple, "latency": latency, "int8": quantize, "int4": int4, "method": method,
               "samples": max_samples, "calib": calib_samples,
               "moments": moment_samples, "multiple": multiple, "v": CACHE_VERSION}
-    if codebook:  # only then: earlier caches stay valid
-        config["codebook"] = True
+    if codebook:  # only then: earlier caches stay valid. 2: the codebooks are fitted to the layer outputs (refit)
+        config["codebook"] = 2
     if w4a8:
         config["w4a8"] = True
     if assumed_input_dims():  # MACs counted at these sizes of the inputs' symbolic dimensions (a sequence length)

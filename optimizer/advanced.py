@@ -977,11 +977,11 @@ def codebook_weights(
         OnnxpressError: bits outside 1..8 or a bad group size.
         CalibrationError: data that yields no samples or non-finite values.
     """
-    from onnxpress.passes.codebook import CodebookWeights
+    from onnxpress.passes.codebook import WEIGHT_INPUTS, CodebookWeights
     from onnxpress.passes.qdq import NodeDecision
 
     layers = {n.name or n.output[0]: n for n in model.graph.node
-              if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") and len(n.input) > 1}
+              if n.op_type in WEIGHT_INPUTS and len(n.input) > 1}
     left_out = {} if exclude is None else {k: why for k, n in layers.items()
                                            if (why := exclude.reason_of(n.name, n.op_type))}
     try:
@@ -995,9 +995,10 @@ def codebook_weights(
     result = run_passes(model, [pass_], progress=progress)
     decisions = []
     for node in model.graph.node:
-        if node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") and len(node.input) > 1:
+        if node.op_type in WEIGHT_INPUTS and len(node.input) > 1:
             key = node.name or node.output[0]
-            done = node.input[1] in pass_.objective
+            weights = [node.input[i] for i in WEIGHT_INPUTS[node.op_type] if i < len(node.input)]
+            done = any(w in pass_.objective for w in weights)
             why = "" if done else left_out.get(key) or next(
                 (n.split("(", 1)[-1].rstrip(")") for n in result.notes if node.input[1] in n),
                 "weight is not a float initializer")

@@ -1,7 +1,8 @@
 """Codebook (non-uniform) weights: k-means with 2^b centroids per layer or per channel group.
 
-Each weight W of a Conv/Gemm/MatMul is replaced by indices into a small float codebook C that
-minimises the k-means objective (1-D, exact Lloyd iterations on sorted values)::
+Each weight W of a Conv/ConvTranspose/Gemm/MatMul (and the W and R of an LSTM/GRU/RNN) is replaced by indices
+into a small float codebook C that minimises the k-means objective (1-D, exact Lloyd iterations on sorted
+values)::
 
     min_{C, idx}  sum_i (W_i - C[idx_i])^2,      |C| = 2^b,  b <= 8
 
@@ -286,15 +287,22 @@ def refit_codebook(
     return books, (s if fit_scales else None)
 
 
-_LAYERS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-"""The ops whose weight (input 1) the pass stores as codes: onnxruntime has no integer ConvTranspose, so a
+WEIGHT_INPUTS = {"Conv": (1,), "ConvTranspose": (1,), "Gemm": (1,), "MatMul": (1,), "LSTM": (1, 2), "GRU": (1, 2),
+                 "RNN": (1, 2)}
+"""The ops whose weights (these inputs) the pass stores as codes. onnxruntime has no integer ConvTranspose, so a
 codebook is the one way to shrink a decoder's upsampling weights below int8's storage (a U-Net's 64x64x4x4
-ConvTranspose kept 256 KB float, 54% of its 4-bit file)."""
+ConvTranspose kept 256 KB float, 54% of its 4-bit file); it has no integer GRU or RNN, and its integer LSTM
+(DynamicQuantizeLSTM) stores 8 bits, so a recurrent net's input and recurrence weights (W, R) -- most of its
+bytes -- shrink further only here (the reference LSTM's 4-bit file was 0.94x its float one with them left float)."""
 
 
 def weight_channel_axis(node: gs.Node, w: np.ndarray) -> int:
-    """The output-channel axis of a layer's weight (Conv 0, ConvTranspose 1, Gemm by transB, MatMul last)."""
-    if node.op == "ConvTranspose":  # [C_in, C_out / group, k...]: with groups, axis 1 spans the same slot of each
+    """The output-channel axis of a layer's weight.
+
+    Conv 0; ConvTranspose 1 ([C_in, C_out / group, k...]: with groups, axis 1 spans the same slot of each); Gemm by
+    transB; MatMul last; the gate units of a recurrent W / R ([directions, gates * hidden, inputs]) 1.
+    """
+    if node.op in ("ConvTranspose", "LSTM", "GRU", "RNN"):
         return 1
     if node.op == "Gemm":
         return 0 if int(node.attrs.get("transB", 0)) else 1
@@ -304,7 +312,7 @@ def weight_channel_axis(node: gs.Node, w: np.ndarray) -> int:
 
 
 class CodebookWeights:
-    """Store Conv/ConvTranspose/Gemm/MatMul weights as b-bit indices into k-means codebooks.
+    """Store Conv/ConvTranspose/Gemm/MatMul weights (and LSTM/GRU/RNN W and R) as b-bit indices into k-means codebooks.
 
     Args:
         bits: index width b (1..8); 2^b centroids per codebook.
@@ -392,34 +400,41 @@ class CodebookWeights:
     def requires(self, graph: gs.Graph) -> None:
         """No preconditions (opset >= 11 for BitShift holds for every normalised model)."""
 
-    def _targets(self, graph: gs.Graph) -> tuple[dict[str, tuple[gs.Constant, list[gs.Node], int]], list[str]]:
-        found: dict[str, tuple[gs.Constant, list[gs.Node], int]] = {}
+    def _targets(
+        self, graph: gs.Graph
+    ) -> tuple[dict[str, tuple[gs.Constant, list[tuple[gs.Node, int]], int]], list[str]]:
+        """Each weight to store as codes: (its constant, the (layer, input slot) pairs that read it, channel axis)."""
+        found: dict[str, tuple[gs.Constant, list[tuple[gs.Node, int]], int]] = {}
         notes = []
+        dropped: set[str] = set()
         for node in graph.nodes:
-            if node.op not in _LAYERS or len(node.inputs) < 2:
+            if node.op not in WEIGHT_INPUTS:
                 continue
             if self.layers is not None and (node.name or node.outputs[0].name) not in self.layers:
                 continue
-            w = node.inputs[1]
-            if not isinstance(w, gs.Constant) or w.values.dtype != np.float32:
-                continue
-            if w.values.size < self.min_elements:
-                notes.append(f"{w.name}: kept float ({w.values.size} < {self.min_elements} elements)")
-                continue
-            axis = weight_channel_axis(node, w.values)
-            if w.name in found:
-                if found[w.name][2] != axis:
-                    notes.append(f"{w.name}: kept float (shared with different channel axes)")
-                    del found[w.name]
+            for slot in WEIGHT_INPUTS[node.op]:
+                w = node.inputs[slot] if len(node.inputs) > slot else None
+                if not isinstance(w, gs.Constant) or w.values.dtype != np.float32 or w.name in dropped:
                     continue
-                found[w.name][1].append(node)
-            else:
-                found[w.name] = (w, [node], axis)
+                if w.values.size < self.min_elements:
+                    notes.append(f"{w.name}: kept float ({w.values.size} < {self.min_elements} elements)")
+                    continue
+                axis = weight_channel_axis(node, w.values)
+                if w.name in found:
+                    if found[w.name][2] != axis:
+                        notes.append(f"{w.name}: kept float (shared with different channel axes)")
+                        del found[w.name]
+                        dropped.add(w.name)
+                        continue
+                    found[w.name][1].append((node, slot))
+                else:
+                    found[w.name] = (w, [(node, slot)], axis)
         for name, (w, readers, _axis) in list(found.items()):
-            if any(r.op not in _LAYERS or r.inputs[1] is not w for r in w.outputs):
+            uses = [(r, i) for r in w.outputs for i, t in enumerate(r.inputs) if t is w]
+            if any(i not in WEIGHT_INPUTS.get(r.op, ()) for r, i in uses):
                 notes.append(f"{name}: kept float (also read as something other than a layer weight)")
                 del found[name]
-            elif len(readers) < len(w.outputs):  # a tied weight one of whose layers is left out stays float
+            elif len(readers) < len(uses):  # a tied weight one of whose layers is left out stays float
                 notes.append(f"{name}: kept float (shared with a layer left out)")
                 del found[name]
         return found, notes
@@ -437,8 +452,8 @@ class CodebookWeights:
                 notes.append(f"{name}: kept float ({channels} channels not divisible by group_size {g})")
                 continue
             rebuilt, nbytes, sse = self._rewrite(graph, name, w, axis, channels // g, self.hessians.get(name))
-            for r in readers:
-                r.inputs[1] = rebuilt
+            for r, slot in readers:
+                r.inputs[slot] = rebuilt
             self.objective[name] = sse
             before += w.nbytes
             after += nbytes

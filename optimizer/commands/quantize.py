@@ -133,7 +133,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="SmoothQuant with this alpha (0..1) before calibration")
     p.add_argument("--codebook", type=int, default=None, metavar="BITS",
                    help="k-means codebook weights, 2^BITS levels per layer on channel-normalised weights "
-                   "(weight-only, replaces QDQ; BITS 1..8, indices packed 8/4/2 per byte at 1/2/3-4 bits)")
+                   "(weight-only, replaces QDQ; Conv/Gemm/MatMul and LSTM/GRU/RNN weights; BITS 1..8, indices "
+                   "packed 8/4/2 per byte at 1/2/3-4 bits; with --calib fitted to each layer's output)")
     p.add_argument("-v", "--verbose", action="store_true",
                    help="list every node left in float (default: one line per op and reason, a few names each)")
     p.add_argument("--no-latency-check", dest="latency_check", action="store_false",

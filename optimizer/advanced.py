@@ -247,6 +247,74 @@ class InputMomentObserver:
         return self.total / self.count
 
 
+class RecurrentMomentObserver:
+    """E[v vᵀ] of what an LSTM/GRU/RNN's weights multiply: its input X (for W) or its hidden states Y (for R).
+
+    ``CodebookWeights`` rounds a recurrent weight one gate unit at a time over both directions
+    (``[directions, gates * hidden, inputs]`` with the unit axis first: a row is direction 0's inputs,
+    then direction 1's), so the moment is block-diagonal with one block per direction: X's own moment
+    repeated for W; for R, each direction's hidden states (Y's ``[T, D, B, H]``, ``[B, T, D, H]`` with
+    ``layout=1``). R multiplies ``h_{t-1}``; Y holds ``h_t`` for every step, so the first state (zero or
+    the given one) is left out and the last one counted instead.
+    """
+
+    def __init__(self, directions: int, *, hidden: bool, layout: int = 0, name: str = "tensor") -> None:
+        self.directions = int(directions)
+        self.hidden = hidden
+        self.layout = int(layout)
+        self.name = name
+        self.total: np.ndarray | None = None
+        self.count = 0
+
+    def update(self, x: np.ndarray) -> None:
+        """Add one batch of X or Y."""
+        x = np.asarray(x, np.float64)
+        if self.hidden:  # one moment per direction: [D, rows, H]
+            by_dir = np.moveaxis(x, 2 if self.layout else 1, 0)
+            rows = by_dir.reshape(self.directions, -1, x.shape[-1])
+            part = rows.transpose(0, 2, 1) @ rows
+            n = rows.shape[1]
+        else:
+            rows = x.reshape(-1, x.shape[-1])
+            part, n = rows.T @ rows, rows.shape[0]
+        self.total = part if self.total is None else self.total + part
+        self.count += n
+
+    def hessian(self) -> np.ndarray:
+        """The block-diagonal ``[D * K, D * K]`` moment (see the class docstring).
+
+        Raises:
+            CalibrationError: nothing observed.
+        """
+        if self.total is None or not self.count:
+            raise CalibrationError(f"no values observed for tensor {self.name!r}")
+        blocks = self.total / self.count
+        if not self.hidden:
+            blocks = np.broadcast_to(blocks, (self.directions, *blocks.shape))
+        k = blocks.shape[-1]
+        out = np.zeros((self.directions * k, self.directions * k))
+        for d in range(self.directions):
+            out[d * k : (d + 1) * k, d * k : (d + 1) * k] = blocks[d]
+        return out
+
+
+def _recurrent_moment_layers(graph: Any, min_elements: int):
+    """(weight, tensor observed, observer) for the W and R of each LSTM/GRU/RNN with constant weights."""
+    import onnx_graphsurgeon as gs
+
+    for node in graph.nodes:
+        if node.op not in ("LSTM", "GRU", "RNN") or len(node.inputs) < 3:
+            continue
+        directions = 2 if node.attrs.get("direction", "forward") == "bidirectional" else 1
+        layout = int(node.attrs.get("layout", 0))
+        for slot, tensor in ((1, node.inputs[0]), (2, node.outputs[0] if node.outputs else None)):
+            w = node.inputs[slot]
+            if (tensor is None or not tensor.name or not isinstance(w, gs.Constant) or w.values.size < min_elements
+                    or len(w.outputs) != 1):
+                continue
+            yield w, tensor, RecurrentMomentObserver(directions, hidden=slot == 2, layout=layout, name=tensor.name)
+
+
 class _Fanout:
     """One tensor observed by several observers (two layers reading the same input)."""
 
@@ -364,8 +432,12 @@ def collect_layer_hessians(
     progress: bool = False,
     max_bytes: int | None = None,
     rows_per_sample: int | None = None,
+    recurrent: bool = False,
 ) -> dict[str, np.ndarray]:
     """E[x x^T] of the inputs of each Conv/Gemm/MatMul weight (``{weight name: H}``), for GPTQ-style rounding.
+
+    With ``recurrent``, also the moments of LSTM/GRU/RNN W and R (:class:`RecurrentMomentObserver`; the
+    codebook pass is the one that reads them).
 
     A weight read by several layers gets one moment, over all their inputs, when they read it alike (the
     same op and input layout); otherwise none. Weights below ``min_elements``, equal to another constant's
@@ -395,6 +467,14 @@ def collect_layer_hessians(
         used += size
         wanted[w.name] = obs
         fanout.setdefault(node.inputs[0].name, _Fanout()).observers.append(obs)
+    for w, tensor, obs in _recurrent_moment_layers(graph, min_elements) if recurrent else ():
+        size = 8 * (obs.directions * w.values.shape[-1]) ** 2
+        if max_bytes is not None and used + size > max_bytes:
+            skipped += 1
+            continue
+        used += size
+        wanted[w.name] = obs
+        fanout.setdefault(tensor.name, _Fanout()).observers.append(obs)
     if skipped:
         log.warning("input moments of %d layer(s) left out: with them the moments would take more than "
                     "%.0f MB (they are rounded to nearest)", skipped, max_bytes / 2**20)
@@ -616,7 +696,7 @@ def codebook(
     proto = _prepare(model, output, data)
     if error_feedback:
         pass_.hessians = collect_layer_hessians(proto, data, min_elements=min_elements, batch_size=batch_size,
-                                                max_samples=max_samples, progress=progress)
+                                                max_samples=max_samples, progress=progress, recurrent=True)
     passes: list[Any] = [pass_]
     if bias_correction:
         if data is None:
@@ -991,7 +1071,7 @@ def codebook_weights(
         raise OnnxpressError(str(exc)) from None
     if data is not None:
         pass_.hessians = collect_layer_hessians(model, data, min_elements=pass_.min_elements,
-                                                max_samples=max_samples, progress=progress)
+                                                max_samples=max_samples, progress=progress, recurrent=True)
     result = run_passes(model, [pass_], progress=progress)
     decisions = []
     for node in model.graph.node:

@@ -401,9 +401,9 @@ def quantize(
             constants, int16 biases, short names); outputs are bit-identical either way.
         smoothquant: SmoothQuant alpha in [0, 1] for MatMul/Gemm after LayerNorm/Gemm (needs calib).
         codebook: store weights as BITS-bit k-means codebook indices instead (weight-only, no QDQ; Conv, Gemm,
-            MatMul and ConvTranspose weights and the W and R of LSTM/GRU/RNN nodes); with ``calib`` the indices of
-            Conv/Gemm/MatMul weights are chosen GPTQ-style against each layer's output error and the codebooks
-            fitted to it (``passes/codebook.py``, ``refit``).
+            MatMul and ConvTranspose weights and the W and R of LSTM/GRU/RNN nodes); with ``calib`` the indices are
+            chosen GPTQ-style against each layer's output error and the codebooks fitted to it (``passes/codebook.py``,
+            ``refit``; ConvTranspose weights take the nearest level).
         int4_method: how int4 weights are rounded: "gptq" (error-compensating, from each layer's
             input second moment on ``calib``; needs it) or "rtn" (round to nearest, no data).
             Default: "gptq" when ``calib`` is given and its input moments fit in ``GPTQ_MEMORY_BYTES``

@@ -432,12 +432,12 @@ def collect_layer_hessians(
     progress: bool = False,
     max_bytes: int | None = None,
     rows_per_sample: int | None = None,
-    recurrent: bool = False,
+    recurrent: bool | Literal["only"] = False,
 ) -> dict[str, np.ndarray]:
     """E[x x^T] of the inputs of each Conv/Gemm/MatMul weight (``{weight name: H}``), for GPTQ-style rounding.
 
     With ``recurrent``, also the moments of LSTM/GRU/RNN W and R (:class:`RecurrentMomentObserver`; the
-    codebook pass is the one that reads them).
+    codebook pass is the one that reads them); ``"only"``: those alone.
 
     A weight read by several layers gets one moment, over all their inputs, when they read it alike (the
     same op and input layout); otherwise none. Weights below ``min_elements``, equal to another constant's
@@ -458,7 +458,7 @@ def collect_layer_hessians(
     wanted: dict[str, InputMomentObserver] = {}
     fanout: dict[str, _Fanout] = {}
     used = skipped = 0
-    for node, obs in _moment_layers(graph, min_elements, rows_per_sample):
+    for node, obs in _moment_layers(graph, min_elements, rows_per_sample) if recurrent != "only" else ():
         w = node.inputs[1]
         size = 0 if w.name in wanted else _moment_bytes(node)  # a shared weight's one moment counts once
         if max_bytes is not None and used + size > max_bytes:

@@ -412,9 +412,10 @@ def quantize(
         int4_layers: with ``weights="int8"``: MatMul/Gemm layers (node names, or first output names
             for unnamed nodes) whose constant 2-D weights become 4-bit ``MatMulNBits`` first (GPTQ
             rounding from ``calib``); the rest of the model is then calibrated and quantized to int8 QDQ.
-        codebook_layers: with ``weights="int8"``: layers (Conv, ConvTranspose, Gemm, MatMul; node names, or
-            first output names) kept float for compute but stored as ``CODEBOOK_LAYER_BITS``-bit codebook indices
-            (``passes/codebook.py``; GPTQ-assigned with the int8 layers' input moments when those are measured);
+        codebook_layers: with ``weights="int8"``: layers (Conv, ConvTranspose, Gemm, MatMul, LSTM, GRU, RNN; node
+            names, or first output names) kept float for compute but stored as ``CODEBOOK_LAYER_BITS``-bit codebook
+            indices (``passes/codebook.py``; GPTQ-assigned with the int8 layers' input moments when those are
+            measured, a recurrent layer's on the moments of its input and hidden states in the int8 model);
             the rest is quantized int8 as usual. ``optimize``'s size searches offer it per layer: a smaller file
             than int8 at float speed.
         w4a8_layers: with ``weights="int8"`` and static activations: layers (Conv, ConvTranspose, Gemm, MatMul;
@@ -878,6 +879,13 @@ def quantize(
         if four_bit_layers is not None:
             _check_w4a8_layers(w4a8_layers, cleaned, qdq.four_bit_layers_done)
         if codebook_layers:
+            recurrent = {n.input[1] for n in result.model.graph.node
+                         if n.op_type in ("LSTM", "GRU", "RNN") and (n.name or n.output[0]) in codebook_layers}
+            if recurrent and calib is not None:  # their W and R take GPTQ codes on what they multiply in this model
+                from onnxpress.advanced import collect_layer_hessians
+
+                hessians = {**(hessians or {}), **collect_layer_hessians(
+                    result.model, calib, recurrent="only", batch_size=batch_size, max_samples=max_samples)}
             result, decisions = _codebook_layers_last(result, decisions, codebook_layers, hessians)
         excluded = dict(used_table.excluded)
         _refuse_nothing_quantized(decisions, int4_done, codebook_layers)

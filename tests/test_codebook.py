@@ -712,7 +712,7 @@ def test_recurrent_codebooks_with_data_lower_the_output_error(op, direction):
     assert _sqnr(ref, got(fed.model)) > _sqnr(ref, got(plain)) + 1.5  # measured +2.2 / +2.3 dB
 
 
-def test_an_lstm_named_in_codebook_layers_takes_data_aware_codes_in_an_int8_model(tmp_path, monkeypatch):
+def test_an_lstm_named_in_codebook_layers_takes_data_aware_codes_in_an_int8_model(tmp_path, monkeypatch, capsys):
     """quantize(codebook_layers=[the LSTM]): no DynamicQuantizeLSTM; its W and R become 4-bit codes, GPTQ-rounded on
     the moments of its input and hidden states in the int8 model, closer than nearest-level codes of the same size
     (reference LSTM: 29.65 -> 38.89 dB at 0.142x)."""
@@ -735,3 +735,10 @@ def test_an_lstm_named_in_codebook_layers_takes_data_aware_codes_in_an_int8_mode
     assert plain.model.ByteSize() == res.model.ByteSize()
     fed, nearest = (_sqnr(ref, graphs.run(r.model, {"X": held})[0]) for r in (res, plain))
     assert fed > nearest + 1  # measured 20.36 against 18.26 dB
+    from onnxpress.cli import main
+
+    np.savez(tmp_path / "calib.npz", X=np.concatenate([f["X"] for f in calib], axis=1))
+    capsys.readouterr()
+    assert main(["quantize", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "q.onnx"), "--calib",
+                 str(tmp_path / "calib.npz"), "--codebook-layers", "lstm", "--no-latency-check"]) == 0
+    assert "1 layer(s) as 4-bit codebook weights" in capsys.readouterr().out  # one LSTM, two weights (W and R)

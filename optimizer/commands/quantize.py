@@ -63,8 +63,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         nargs="*",
         default=[],
         metavar="NODE",
-        help="with int8 weights: these Conv/Gemm/MatMul layers keep float kernels on 4-bit codebook weights "
-        "(smaller than int8, float speed), the rest int8 QDQ",
+        help="with int8 weights: these Conv/Gemm/MatMul (or LSTM/GRU/RNN) layers keep float kernels on 4-bit "
+        "codebook weights (smaller than int8, float speed), the rest int8 QDQ",
     )
     p.add_argument(
         "--w4a8-layers",
@@ -317,7 +317,7 @@ def run(args: argparse.Namespace) -> int:
             kind += f", {four} layer weight(s) with 4-bit codes (W4A8)"
     if args.codebook is not None:
         kind = f"{args.codebook}-bit codebook weights (weight-only)"
-    elif books := result.stats.get("codebook_weights.weights", 0):
+    elif books := sum(d.reason.endswith("-bit codebook weights") for d in result.quantized):
         from onnxpress.quantize import CODEBOOK_LAYER_BITS
 
         kind += f", {books} layer(s) as {CODEBOOK_LAYER_BITS}-bit codebook weights on float kernels"

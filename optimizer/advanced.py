@@ -247,7 +247,7 @@ class InputMomentObserver:
         return self.total / self.count
 
 
-class RecurrentMomentObserver:
+class RecurrentMomentObserver(InputMomentObserver):
     """E[v vᵀ] of what an LSTM/GRU/RNN's weights multiply: its input X (for W) or its hidden states Y (for R).
 
     ``CodebookWeights`` rounds a recurrent weight one gate unit at a time over both directions
@@ -259,12 +259,10 @@ class RecurrentMomentObserver:
     """
 
     def __init__(self, directions: int, *, hidden: bool, layout: int = 0, name: str = "tensor") -> None:
+        super().__init__("dense", name=name)
         self.directions = int(directions)
         self.hidden = hidden
         self.layout = int(layout)
-        self.name = name
-        self.total: np.ndarray | None = None
-        self.count = 0
 
     def update(self, x: np.ndarray) -> None:
         """Add one batch of X or Y."""
@@ -277,8 +275,7 @@ class RecurrentMomentObserver:
         else:
             rows = x.reshape(-1, x.shape[-1])
             part, n = rows.T @ rows, rows.shape[0]
-        self.total = part if self.total is None else self.total + part
-        self.count += n
+        self._add(part, n)
 
     def hessian(self) -> np.ndarray:
         """The block-diagonal ``[D * K, D * K]`` moment (see the class docstring).
@@ -286,9 +283,7 @@ class RecurrentMomentObserver:
         Raises:
             CalibrationError: nothing observed.
         """
-        if self.total is None or not self.count:
-            raise CalibrationError(f"no values observed for tensor {self.name!r}")
-        blocks = self.total / self.count
+        blocks = super().hessian()
         if not self.hidden:
             blocks = np.broadcast_to(blocks, (self.directions, *blocks.shape))
         k = blocks.shape[-1]

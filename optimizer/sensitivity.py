@@ -430,14 +430,22 @@ def _feeds_and_digest(
     return feeds, h.hexdigest()[:16]
 
 
-def layer_infos(model: onnx.ModelProto) -> list[LayerInfo]:
-    """MAC layers of ``model`` in graph order (Conv/Gemm/MatMul with a constant weight)."""
+def layer_infos(model: onnx.ModelProto, *, recurrent: bool = False) -> list[LayerInfo]:
+    """MAC layers of ``model`` in graph order (Conv/Gemm/MatMul with a constant weight).
+
+    ``recurrent``: also LSTMs with constant W and R (int8 is onnxruntime's DynamicQuantizeLSTM; a size search
+    offers their weights as codebooks). GRU and RNN stay out: no integer kernel, and an int8 model already stores
+    their weights in float16.
+    """
     macs = count_macs(model)
     params = count_params(model)
     inits = {i.name: tuple(i.dims) for i in model.graph.initializer}
     out = []
     for node in model.graph.node:
         key = node.name or node.output[0]
+        if recurrent and node.op_type == "LSTM" and len(node.input) > 2 and {*node.input[1:3]} <= inits.keys():
+            out.append(LayerInfo(key, node.op_type, int(macs.get(key, 0)), int(params.get(key, 0)), 0))
+            continue
         if node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.input) < 2 or node.input[1] not in inits:
             continue
         dims = inits[node.input[1]]
@@ -480,8 +488,16 @@ def _layers_with_weights(model: onnx.ModelProto, min_elements: int) -> list[str]
 
 
 def codebook_layers(model: onnx.ModelProto) -> list[str]:
-    """Keys of the Conv/Gemm/MatMul layers with a constant float weight of at least ``CODEBOOK_MIN_WEIGHTS``."""
-    return _layers_with_weights(model, CODEBOOK_MIN_WEIGHTS)
+    """Keys of the layers offered the cb4 option.
+
+    Conv/Gemm/MatMul layers with a constant float weight of at least ``CODEBOOK_MIN_WEIGHTS``, and the LSTMs whose
+    W has that many.
+    """
+    inits = {i.name: i for i in model.graph.initializer}
+    lstms = [node.name or node.output[0] for node in model.graph.node
+             if node.op_type == "LSTM" and len(node.input) > 2 and (w := inits.get(node.input[1])) is not None
+             and w.data_type == onnx.TensorProto.FLOAT and math.prod(w.dims) >= CODEBOOK_MIN_WEIGHTS]
+    return _layers_with_weights(model, CODEBOOK_MIN_WEIGHTS) + lstms
 
 
 def w4a8_layers(model: onnx.ModelProto) -> list[str]:
@@ -623,9 +639,11 @@ def analyze_sensitivity(
     """
     from tqdm.auto import tqdm
 
+    from onnxpress.advanced import collect_layer_hessians
     from onnxpress.calibrate import calibrate
     from onnxpress.lowrank import collect_moments
     from onnxpress.passes.codebook import CodebookWeights
+    from onnxpress.passes.dynamic_quant import QuantizeLSTMDynamic
     from onnxpress.passes.int4_storage import PackInt4Weights
     from onnxpress.passes.qdq import InsertQDQ, Selection
     from onnxpress.passes.weight_only import QuantizeWeightsInt4
@@ -650,8 +668,8 @@ def analyze_sensitivity(
               "prune_multiple": prune_multiple, "latency": latency, "int8": quantize, "int4": int4, "method": method,
               "samples": max_samples, "calib": calib_samples,
               "moments": moment_samples, "multiple": multiple, "v": CACHE_VERSION}
-    if codebook:  # only then: earlier caches stay valid. 2: the codebooks are fitted to the layer outputs (refit)
-        config["codebook"] = 2
+    if codebook:  # only then: earlier caches stay valid. 2: the codebooks are fitted to the layer outputs (refit);
+        config["codebook"] = 3  # 3: LSTMs are layers too (int8 and cb4 options)
     if w4a8:
         config["w4a8"] = True
     if assumed_input_dims():  # MACs counted at these sizes of the inputs' symbolic dimensions (a sequence length)
@@ -672,7 +690,7 @@ def analyze_sensitivity(
                 log.info("sensitivity from cache %s", cache_file)
                 return result
 
-    layers = layer_infos(model)
+    layers = layer_infos(model, recurrent=codebook)
     base_bytes = roundtrip_bytes(model)
     reference = run_outputs(model, feeds)
     reuse = _Reuse.build(model, feeds)  # the reference's values: candidates run only what they change
@@ -707,6 +725,7 @@ def analyze_sensitivity(
     w4a8_moments = None  # by weight name; GPTQ where the recipe's int8_method "auto" would round with it
     if fours and default_int8_method(model, calib, max_samples=calib_samples)[0] == "gptq":
         w4a8_moments = gptq_moments(model, calib, max_samples=calib_samples)
+    recurrent_moments = None  # an LSTM's W / R moments, by weight name, when its codebook option is measured
     measured: dict[int, tuple[OptionScore, onnx.ModelProto | None]] = {}  # job -> (score, candidate to time)
     skipped = 0
     # int8 first (the baseline needs every layer's), then the rest in their order; results keep job order
@@ -732,7 +751,13 @@ def analyze_sensitivity(
                                    layer_macs={x.key: int(macs.get(x.key, 0)) for x in layers},
                                    acts_removed=1.0 - activation_elements(cand) / acts0 if acts0 else None), cand)
             continue
-        if fam == "int8":
+        if fam == "int8" and lay.op == "LSTM":  # onnxruntime's DynamicQuantizeLSTM, as quantize builds it
+            lstm = QuantizeLSTMDynamic(exclude=Selection(nodes=frozenset(n for n in names if n != lay.key)))
+            cand = run_passes(model, [lstm]).model
+            if not any(d.quantized for d in lstm.decisions):
+                continue
+            macs_after, params_after, option = lay.macs, lay.params, "int8"
+        elif fam == "int8":
             others = frozenset(n for n in names if n != lay.key)
             qdq = InsertQDQ(table, exclude=Selection(nodes=others))
             cand = run_passes(model, [qdq]).model
@@ -761,6 +786,14 @@ def analyze_sensitivity(
                 continue
             cand = done.model
             macs_after, params_after, option = lay.macs, lay.params, "int4"
+        elif fam == "codebook" and lay.op == "LSTM":  # W and R, GPTQ-rounded on its input / hidden-state moments
+            if recurrent_moments is None:
+                recurrent_moments = collect_layer_hessians(model, calib, recurrent="only", max_samples=moment_samples)
+            cb = CodebookWeights(bits=CODEBOOK_LAYER_BITS, layers=[lay.key], hessians=recurrent_moments)
+            cand = run_passes(model, [cb]).model
+            if weight_of[lay.key] not in cb.objective:
+                continue
+            macs_after, params_after, option = lay.macs, lay.params, f"cb{CODEBOOK_LAYER_BITS}"
         elif fam == "codebook":
             w = weight_of[lay.key]
             h = (moments or {}).get(lay.key)

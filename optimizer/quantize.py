@@ -45,6 +45,7 @@ from onnxpress.model_io import (
     refuse_quantized,
     save_model,
 )
+from onnxpress.passes.codebook import WEIGHT_INPUTS
 from onnxpress.passes.dynamic_quant import QuantizeDynamic, QuantizeLSTMDynamic
 from onnxpress.passes.einsum import EinsumToMatMul
 from onnxpress.passes.flatten_tokens import FlattenTokens
@@ -855,7 +856,11 @@ def quantize(
             cleaned = correct_bias_for_qdq(  # dtypes on every tensor, as for the real InsertQDQ run below
                 _shaped(cleaned), qdq, calib, batch_size=batch_size, max_samples=bc_samples, progress=progress
             )
-        tail = [] if constants_int8_min_size is None else [StoreConstantsInt8(min_size=constants_int8_min_size)]
+        # the codebook layers' weights stay float32 for the codebook pass at the end (a GRU's went float16 here)
+        coded = frozenset(n.input[i] for n in cleaned.graph.node if (n.name or n.output[0]) in codebook_layers
+                          for i in WEIGHT_INPUTS.get(n.op_type, ()) if i < len(n.input))
+        tail = [] if constants_int8_min_size is None else [StoreConstantsInt8(min_size=constants_int8_min_size,
+                                                                              exclude=coded)]
         if quantized_attention and pre_stats.get("fuse_attention.fused", 0):
             # the fused attention's int8 projections and the attention as one QAttention, its float bias made here
             # after the float constants went int8 (passes/quantized_attention.py; it leaves int8 activations be)

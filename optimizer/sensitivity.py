@@ -433,9 +433,9 @@ def _feeds_and_digest(
 def layer_infos(model: onnx.ModelProto, *, recurrent: bool = False) -> list[LayerInfo]:
     """MAC layers of ``model`` in graph order (Conv/Gemm/MatMul with a constant weight).
 
-    ``recurrent``: also LSTMs with constant W and R (int8 is onnxruntime's DynamicQuantizeLSTM; a size search
-    offers their weights as codebooks). GRU and RNN stay out: no integer kernel, and an int8 model already stores
-    their weights in float16.
+    ``recurrent``: also LSTMs, GRUs and RNNs with constant W and R (a size search offers their weights as
+    codebooks). An LSTM's int8 is onnxruntime's DynamicQuantizeLSTM; a GRU's or RNN's "int8" is what an int8
+    model does with them (no integer kernel: float16 weights, float kernel).
     """
     macs = count_macs(model)
     params = count_params(model)
@@ -443,7 +443,7 @@ def layer_infos(model: onnx.ModelProto, *, recurrent: bool = False) -> list[Laye
     out = []
     for node in model.graph.node:
         key = node.name or node.output[0]
-        if recurrent and node.op_type == "LSTM" and len(node.input) > 2 and {*node.input[1:3]} <= inits.keys():
+        if recurrent and node.op_type in _RECURRENT and len(node.input) > 2 and {*node.input[1:3]} <= inits.keys():
             out.append(LayerInfo(key, node.op_type, int(macs.get(key, 0)), int(params.get(key, 0)), 0))
             continue
         if node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.input) < 2 or node.input[1] not in inits:
@@ -487,17 +487,20 @@ def _layers_with_weights(model: onnx.ModelProto, min_elements: int) -> list[str]
     return out
 
 
+_RECURRENT = ("LSTM", "GRU", "RNN")
+
+
 def codebook_layers(model: onnx.ModelProto) -> list[str]:
     """Keys of the layers offered the cb4 option.
 
-    Conv/Gemm/MatMul layers with a constant float weight of at least ``CODEBOOK_MIN_WEIGHTS``, and the LSTMs whose
-    W has that many.
+    Conv/Gemm/MatMul layers with a constant float weight of at least ``CODEBOOK_MIN_WEIGHTS``, and the LSTMs, GRUs
+    and RNNs whose W has that many.
     """
     inits = {i.name: i for i in model.graph.initializer}
-    lstms = [node.name or node.output[0] for node in model.graph.node
-             if node.op_type == "LSTM" and len(node.input) > 2 and (w := inits.get(node.input[1])) is not None
-             and w.data_type == onnx.TensorProto.FLOAT and math.prod(w.dims) >= CODEBOOK_MIN_WEIGHTS]
-    return _layers_with_weights(model, CODEBOOK_MIN_WEIGHTS) + lstms
+    recurrent = [node.name or node.output[0] for node in model.graph.node
+                 if node.op_type in _RECURRENT and len(node.input) > 2 and (w := inits.get(node.input[1])) is not None
+                 and w.data_type == onnx.TensorProto.FLOAT and math.prod(w.dims) >= CODEBOOK_MIN_WEIGHTS]
+    return _layers_with_weights(model, CODEBOOK_MIN_WEIGHTS) + recurrent
 
 
 def w4a8_layers(model: onnx.ModelProto) -> list[str]:
@@ -646,10 +649,11 @@ def analyze_sensitivity(
     from onnxpress.passes.dynamic_quant import QuantizeLSTMDynamic
     from onnxpress.passes.int4_storage import PackInt4Weights
     from onnxpress.passes.qdq import InsertQDQ, Selection
-    from onnxpress.passes.weight_only import QuantizeWeightsInt4
+    from onnxpress.passes.weight_only import QuantizeWeightsInt4, StoreConstantsInt8
     from onnxpress.pipeline import run_passes
     from onnxpress.quantize import (  # the recipe step's block size too
         CODEBOOK_LAYER_BITS,
+        CONSTANTS_INT8_MIN_SIZE,
         INT4_BLOCK_SIZE,
         default_int8_method,
         gptq_moments,
@@ -669,7 +673,7 @@ def analyze_sensitivity(
               "samples": max_samples, "calib": calib_samples,
               "moments": moment_samples, "multiple": multiple, "v": CACHE_VERSION}
     if codebook:  # only then: earlier caches stay valid. 2: the codebooks are fitted to the layer outputs (refit);
-        config["codebook"] = 3  # 3: LSTMs are layers too (int8 and cb4 options)
+        config["codebook"] = 4  # 3: LSTMs are layers too (int8 and cb4 options); 4: GRUs and RNNs too
     if w4a8:
         config["w4a8"] = True
     if assumed_input_dims():  # MACs counted at these sizes of the inputs' symbolic dimensions (a sequence length)
@@ -701,6 +705,7 @@ def analyze_sensitivity(
     books = set(codebook_layers(model)) if codebook else set()
     fours = set(w4a8_layers(model)) if w4a8 else set()
     weight_of = {n.name or n.output[0]: n.input[1] for n in model.graph.node if len(n.input) > 1}
+    recurrence_of = {n.name or n.output[0]: n.input[2] for n in model.graph.node if n.op_type in _RECURRENT}
     dims_of = {i.name: tuple(i.dims) for i in model.graph.initializer}
     for lay in layers:
         if quantize:
@@ -718,7 +723,7 @@ def analyze_sensitivity(
     removed_seen: dict[str, set[int]] = {}
     acts0 = activation_elements(model) if prune_ratios else 0
     table = moments = None
-    if quantize and layers:
+    if quantize and any(lay.op not in _RECURRENT for lay in layers):  # a recurrent int8 needs no ranges
         table = calibrate(model, calib, method=method, max_samples=calib_samples)
     if any(fam in ("rank", "int4", "codebook") for _, fam, _ in jobs):
         moments = collect_moments(model, calib, max_samples=moment_samples)
@@ -757,6 +762,12 @@ def analyze_sensitivity(
             if not any(d.quantized for d in lstm.decisions):
                 continue
             macs_after, params_after, option = lay.macs, lay.params, "int8"
+        elif fam == "int8" and lay.op in _RECURRENT:  # no integer kernel: an int8 model stores W and R in float16
+            mine = {weight_of[lay.key], recurrence_of[lay.key]}
+            store = StoreConstantsInt8(min_size=CONSTANTS_INT8_MIN_SIZE,
+                                       exclude=frozenset(i.name for i in model.graph.initializer) - mine)
+            cand = run_passes(model, [store]).model
+            macs_after, params_after, option = lay.macs, lay.params, "int8"
         elif fam == "int8":
             others = frozenset(n for n in names if n != lay.key)
             qdq = InsertQDQ(table, exclude=Selection(nodes=others))
@@ -786,7 +797,7 @@ def analyze_sensitivity(
                 continue
             cand = done.model
             macs_after, params_after, option = lay.macs, lay.params, "int4"
-        elif fam == "codebook" and lay.op == "LSTM":  # W and R, GPTQ-rounded on its input / hidden-state moments
+        elif fam == "codebook" and lay.op in _RECURRENT:  # W and R, GPTQ-rounded on input / hidden-state moments
             if recurrent_moments is None:
                 recurrent_moments = collect_layer_hessians(model, calib, recurrent="only", max_samples=moment_samples)
             cb = CodebookWeights(bits=CODEBOOK_LAYER_BITS, layers=[lay.key], hessians=recurrent_moments)

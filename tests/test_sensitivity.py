@@ -408,3 +408,23 @@ def test_a_fixed_batch_larger_than_the_samples_kept_is_read_whole() -> None:
     feeds, _ = _feeds_and_digest(model, data, 64, 256)
     assert [f["X"].shape for f in feeds] == [(100, 8)]
     assert run_outputs(model, feeds).shape[0] == 100 * 6  # runs (Y is [100, 6])
+
+
+@pytest.mark.parametrize("op", ["LSTM", "GRU"])
+def test_a_size_scan_lists_recurrent_layers_with_int8_and_codebook_options(op):
+    """With the codebook option, an LSTM / GRU is a layer of the scan: int8 (an LSTM's DynamicQuantizeLSTM, a GRU's
+    float16 weights) and cb4 (its W and R coded), cb4 the smaller; without it (latency searches) it is not listed."""
+    from tests.graphs import rng
+    from tests.test_codebook import _recurrent_model
+
+    model = _recurrent_model(op, "forward")
+    data = [{"X": rng(s).standard_normal((10, 8, 16)).astype(np.float32)} for s in range(60, 64)]
+    sens = analyze_sensitivity(model, data, cache_dir=False, max_samples=16, codebook=True, rank_fractions=(),
+                               prune_ratios=())  # fmt: skip
+    assert [(lay.key, lay.op) for lay in sens.layers] == [("rec", op)]
+    rows = {s.option: s for s in sens.scores if s.layer == "rec"}
+    assert set(rows) == {"int8", "cb4"}
+    assert rows["cb4"].bytes_delta < rows["int8"].bytes_delta < 0
+    assert rows["cb4"].sqnr_db > 15 and rows["int8"].sqnr_db > rows["cb4"].sqnr_db
+    plain = analyze_sensitivity(model, data, cache_dir=False, max_samples=16, rank_fractions=(), prune_ratios=())
+    assert not plain.layers

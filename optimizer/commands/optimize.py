@@ -34,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="latency=F | size=F | flops=F (fraction of the original; default latency=0.5); repeat to "
                         "add constraints: the search plans against every one, and every one must hold as measured; "
                         "a size budget also offers W4A8 (int8 kernels on 4-bit weight codes), int4 and codebook "
-                        "layers (an LSTM's weights too), and plans once on int8 kernels only")
+                        "layers (recurrent weights too), and plans once on int8 kernels only")
     p.add_argument("--max-drop", type=float, help="largest accepted accuracy drop in points (needs --labels)")
     p.add_argument("--recipe", help="apply this recipe (JSON) instead of searching (no search options with it)")
     p.add_argument("--report", help="folder for report.md, report.json and PNGs")

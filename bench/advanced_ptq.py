@@ -138,10 +138,11 @@ def int4_gptq(hessians, refit: int = 0):
         s = np.where(s > 0, s, 1.0)
         grid = np.arange(-7.0, 8.0)[None, :]
         idx = gptq_assign(rows, s[:, None] * grid, h)
-        for last in [False] * refit + [True] * bool(refit):
+        for _ in range(refit):
             _, s = refit_codebook(rows, idx, grid, s, h, fit_books=False)
-            if not last:
-                idx = gptq_assign(rows, s[:, None] * grid, h)
+            idx = gptq_assign(rows, s[:, None] * grid, h)
+        if refit:  # the scales for the final indices
+            _, s = refit_codebook(rows, idx, grid, s, h, fit_books=False)
         rec = s[:, None] * grid[0][idx]
         hw = hessian_times(rows, h)
         dot = np.sum(rec * hw, axis=1)

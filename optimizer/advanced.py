@@ -297,8 +297,10 @@ def _recurrent_moment_layers(graph: Any, min_elements: int):
     """(weight, tensor observed, observer) for the W and R of each LSTM/GRU/RNN with constant weights."""
     import onnx_graphsurgeon as gs
 
+    from onnxpress.passes.codebook import RECURRENT_OPS
+
     for node in graph.nodes:
-        if node.op not in ("LSTM", "GRU", "RNN") or len(node.inputs) < 3:
+        if node.op not in RECURRENT_OPS or len(node.inputs) < 3:
             continue
         directions = 2 if node.attrs.get("direction", "forward") == "bidirectional" else 1
         layout = int(node.attrs.get("layout", 0))

@@ -45,7 +45,7 @@ from onnxpress.model_io import (
     refuse_quantized,
     save_model,
 )
-from onnxpress.passes.codebook import WEIGHT_INPUTS
+from onnxpress.passes.codebook import RECURRENT_OPS, WEIGHT_INPUTS
 from onnxpress.passes.dynamic_quant import QuantizeDynamic, QuantizeLSTMDynamic
 from onnxpress.passes.einsum import EinsumToMatMul
 from onnxpress.passes.flatten_tokens import FlattenTokens
@@ -884,8 +884,8 @@ def quantize(
         if four_bit_layers is not None:
             _check_w4a8_layers(w4a8_layers, cleaned, qdq.four_bit_layers_done)
         if codebook_layers:
-            recurrent = {n.input[1] for n in result.model.graph.node
-                         if n.op_type in ("LSTM", "GRU", "RNN") and (n.name or n.output[0]) in codebook_layers}
+            recurrent = any(n.op_type in RECURRENT_OPS and (n.name or n.output[0]) in codebook_layers
+                            for n in result.model.graph.node)
             if recurrent and calib is not None:  # their W and R take GPTQ codes on what they multiply in this model
                 from onnxpress.advanced import collect_layer_hessians
 
@@ -1069,7 +1069,8 @@ def _codebook_layers_last(result: PipelineResult, decisions: list, layers: list[
     if refused:
         raise OnnxpressError(f"codebook_layers cannot take codebook weights: {', '.join(refused[:5])} (a weight "
                              "that is not a float constant, or one too small); drop them from codebook_layers")
-    stats = {**result.stats, **{k: v for k, v in done.stats.items() if k.startswith("codebook_weights.")}}
+    stats = {**result.stats, **{k: v for k, v in done.stats.items() if k.startswith("codebook_weights.")},
+             "codebook_weights.layers": len(taken)}  # an LSTM's W and R: two weights, one layer
     kept = [d for d in decisions if d.name not in taken]
     ops = {k: names[k].op_type for k in taken}
     mixed = kept + [NodeDecision(k, ops[k], True, f"{CODEBOOK_LAYER_BITS}-bit codebook weights") for k in sorted(taken)]

@@ -75,6 +75,7 @@ import onnx
 
 from onnxpress.errors import DataError, OnnxpressError
 from onnxpress.model_io import model_digest
+from onnxpress.passes.codebook import RECURRENT_OPS
 from onnxpress.passes.flops import assumed_input_dims, count_macs, count_params
 from onnxpress.prune import sqnr_db
 
@@ -443,7 +444,7 @@ def layer_infos(model: onnx.ModelProto, *, recurrent: bool = False) -> list[Laye
     out = []
     for node in model.graph.node:
         key = node.name or node.output[0]
-        if recurrent and node.op_type in _RECURRENT and len(node.input) > 2 and {*node.input[1:3]} <= inits.keys():
+        if recurrent and node.op_type in RECURRENT_OPS and len(node.input) > 2 and {*node.input[1:3]} <= inits.keys():
             out.append(LayerInfo(key, node.op_type, int(macs.get(key, 0)), int(params.get(key, 0)), 0))
             continue
         if node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.input) < 2 or node.input[1] not in inits:
@@ -487,9 +488,6 @@ def _layers_with_weights(model: onnx.ModelProto, min_elements: int) -> list[str]
     return out
 
 
-_RECURRENT = ("LSTM", "GRU", "RNN")
-
-
 def codebook_layers(model: onnx.ModelProto) -> list[str]:
     """Keys of the layers offered the cb4 option.
 
@@ -498,8 +496,9 @@ def codebook_layers(model: onnx.ModelProto) -> list[str]:
     """
     inits = {i.name: i for i in model.graph.initializer}
     recurrent = [node.name or node.output[0] for node in model.graph.node
-                 if node.op_type in _RECURRENT and len(node.input) > 2 and (w := inits.get(node.input[1])) is not None
-                 and w.data_type == onnx.TensorProto.FLOAT and math.prod(w.dims) >= CODEBOOK_MIN_WEIGHTS]
+                 if node.op_type in RECURRENT_OPS and len(node.input) > 2
+                 and (w := inits.get(node.input[1])) is not None and w.data_type == onnx.TensorProto.FLOAT
+                 and math.prod(w.dims) >= CODEBOOK_MIN_WEIGHTS]
     return _layers_with_weights(model, CODEBOOK_MIN_WEIGHTS) + recurrent
 
 
@@ -705,7 +704,7 @@ def analyze_sensitivity(
     books = set(codebook_layers(model)) if codebook else set()
     fours = set(w4a8_layers(model)) if w4a8 else set()
     weight_of = {n.name or n.output[0]: n.input[1] for n in model.graph.node if len(n.input) > 1}
-    recurrence_of = {n.name or n.output[0]: n.input[2] for n in model.graph.node if n.op_type in _RECURRENT}
+    recurrence_of = {n.name or n.output[0]: n.input[2] for n in model.graph.node if n.op_type in RECURRENT_OPS}
     dims_of = {i.name: tuple(i.dims) for i in model.graph.initializer}
     for lay in layers:
         if quantize:
@@ -723,7 +722,7 @@ def analyze_sensitivity(
     removed_seen: dict[str, set[int]] = {}
     acts0 = activation_elements(model) if prune_ratios else 0
     table = moments = None
-    if quantize and any(lay.op not in _RECURRENT for lay in layers):  # a recurrent int8 needs no ranges
+    if quantize and any(lay.op not in RECURRENT_OPS for lay in layers):  # a recurrent int8 needs no ranges
         table = calibrate(model, calib, method=method, max_samples=calib_samples)
     if any(fam in ("rank", "int4", "codebook") for _, fam, _ in jobs):
         moments = collect_moments(model, calib, max_samples=moment_samples)
@@ -762,7 +761,7 @@ def analyze_sensitivity(
             if not any(d.quantized for d in lstm.decisions):
                 continue
             macs_after, params_after, option = lay.macs, lay.params, "int8"
-        elif fam == "int8" and lay.op in _RECURRENT:  # no integer kernel: an int8 model stores W and R in float16
+        elif fam == "int8" and lay.op in RECURRENT_OPS:  # no integer kernel: an int8 model stores W and R in float16
             mine = {weight_of[lay.key], recurrence_of[lay.key]}
             store = StoreConstantsInt8(min_size=CONSTANTS_INT8_MIN_SIZE,
                                        exclude=frozenset(i.name for i in model.graph.initializer) - mine)
@@ -797,7 +796,7 @@ def analyze_sensitivity(
                 continue
             cand = done.model
             macs_after, params_after, option = lay.macs, lay.params, "int4"
-        elif fam == "codebook" and lay.op in _RECURRENT:  # W and R, GPTQ-rounded on input / hidden-state moments
+        elif fam == "codebook" and lay.op in RECURRENT_OPS:  # W and R, GPTQ-rounded on input / hidden-state moments
             if recurrent_moments is None:
                 recurrent_moments = collect_layer_hessians(model, calib, recurrent="only", max_samples=moment_samples)
             cb = CodebookWeights(bits=CODEBOOK_LAYER_BITS, layers=[lay.key], hessians=recurrent_moments)

@@ -60,8 +60,8 @@ from onnxpress.errors import ArgumentError
 from onnxpress.passes.base import PassResult, unique_name
 from onnxpress.passes.weight_only import gptq_factor
 
-__all__ = ["CodebookWeights", "KMeansResult", "gptq_assign", "hessian_times", "kmeans_1d", "refit_codebook",
-           "weight_channel_axis"]
+__all__ = ["RECURRENT_OPS", "WEIGHT_INPUTS", "CodebookWeights", "KMeansResult", "gptq_assign", "hessian_times",
+           "kmeans_1d", "refit_codebook", "weight_channel_axis"]
 
 log = logging.getLogger(__name__)
 
@@ -287,8 +287,10 @@ def refit_codebook(
     return books, (s if fit_scales else None)
 
 
-WEIGHT_INPUTS = {"Conv": (1,), "ConvTranspose": (1,), "Gemm": (1,), "MatMul": (1,), "LSTM": (1, 2), "GRU": (1, 2),
-                 "RNN": (1, 2)}
+RECURRENT_OPS = ("LSTM", "GRU", "RNN")
+"""Recurrent ops whose input and recurrence weights (W, R) the pass codes, one row per gate unit."""
+
+WEIGHT_INPUTS = dict.fromkeys(("Conv", "ConvTranspose", "Gemm", "MatMul"), (1,)) | dict.fromkeys(RECURRENT_OPS, (1, 2))
 """The ops whose weights (these inputs) the pass stores as codes. onnxruntime has no integer ConvTranspose, so a
 codebook is the one way to shrink a decoder's upsampling weights below int8's storage (a U-Net's 64x64x4x4
 ConvTranspose kept 256 KB float, 54% of its 4-bit file); it has no integer GRU or RNN, and its integer LSTM
@@ -302,7 +304,7 @@ def weight_channel_axis(node: gs.Node, w: np.ndarray) -> int:
     Conv 0; ConvTranspose 1 ([C_in, C_out / group, k...]: with groups, axis 1 spans the same slot of each); Gemm by
     transB; MatMul last; the gate units of a recurrent W / R ([directions, gates * hidden, inputs]) 1.
     """
-    if node.op in ("ConvTranspose", "LSTM", "GRU", "RNN"):
+    if node.op == "ConvTranspose" or node.op in RECURRENT_OPS:
         return 1
     if node.op == "Gemm":
         return 0 if int(node.attrs.get("transB", 0)) else 1

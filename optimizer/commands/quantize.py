@@ -317,7 +317,7 @@ def run(args: argparse.Namespace) -> int:
             kind += f", {four} layer weight(s) with 4-bit codes (W4A8)"
     if args.codebook is not None:
         kind = f"{args.codebook}-bit codebook weights (weight-only)"
-    elif books := sum(d.reason.endswith("-bit codebook weights") for d in result.quantized):
+    elif books := result.stats.get("codebook_weights.layers", 0):
         from onnxpress.quantize import CODEBOOK_LAYER_BITS
 
         kind += f", {books} layer(s) as {CODEBOOK_LAYER_BITS}-bit codebook weights on float kernels"

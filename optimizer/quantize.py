@@ -53,6 +53,7 @@ from onnxpress.passes.flops import unique_keys
 from onnxpress.passes.fold import ShareConstants, ShareTransposedConstants
 from onnxpress.passes.fuse_attention import FuseAttention
 from onnxpress.passes.global_pool import ReduceMeanToGlobalPool
+from onnxpress.passes.hard_activations import IntegerHardActivations
 from onnxpress.passes.int4_storage import PackInt4Weights
 from onnxpress.passes.leading_mean import LeadingMeanAsMatMul
 from onnxpress.passes.matmul_bias import MatMulBiasToOutputRank
@@ -264,6 +265,21 @@ def _check_table_fits(table: CalibrationTable, present: set[str]) -> list[str]:
         return [f"table: {len(foreign)} of the table's {len(calibrated)} tensors are not in the model "
                 f"(e.g. {foreign[:3]}); their ranges are unused"]
     return []
+
+
+def _hard_activation_decisions(decisions: list[NodeDecision], rewritten: list[tuple[str, str]]) -> list[NodeDecision]:
+    """``decisions`` with the HardSwish / HardSigmoid nodes IntegerHardActivations rewrote marked quantized.
+
+    InsertQDQ leaves a HardSigmoid float (no integer kernel of its own) and does not list a HardSwish (an op it
+    does not know); after the rewrite both run as onnxruntime's integer Add (+ Mul).
+    """
+    if not rewritten:
+        return decisions
+    done = dict(rewritten)
+    out = [NodeDecision(d.name, d.op, True) if done.get(d.name) == d.op else d for d in decisions]
+    listed = {d.name for d in out}
+    out.extend(NodeDecision(name, op, True) for name, op in rewritten if name not in listed)
+    return out
 
 
 def _refuse_nothing_quantized(decisions: Sequence[NodeDecision], int4_done: Sequence[NodeDecision],
@@ -877,10 +893,13 @@ def quantize(
         # LeadingMeanAsMatMul: a float mean over leading axes (a recurrent net's mean over time), which onnxruntime
         # runs 15x slower on two threads, as one MatMul (passes/leading_mean.py; after InsertQDQ, which it leaves be)
         # PadInputChannels: an int8 input conv of 1-3 channels (a grayscale ResNet stem) on onnxruntime's fast kernel
-        result = run_passes(_shaped(cleaned), [qdq, PadInputChannels(), MatMulBiasToOutputRank(), lstm,
+        # IntegerHardActivations: HardSwish / HardSigmoid between uint8 Q/DQ as integer Add (+ Mul) kernels
+        # (passes/hard_activations.py; onnxruntime has no integer kernel of its own for them)
+        hard = IntegerHardActivations(exclude=selection)
+        result = run_passes(_shaped(cleaned), [qdq, hard, PadInputChannels(), MatMulBiasToOutputRank(), lstm,
                                                LeadingMeanAsMatMul(), *tail, ShareConstants(),
                                                ShareTransposedConstants()], progress=progress)
-        decisions = [*qdq.decisions, *lstm.decisions]
+        decisions = _hard_activation_decisions([*qdq.decisions, *lstm.decisions], hard.rewritten)
         if four_bit_layers is not None:
             _check_w4a8_layers(w4a8_layers, cleaned, qdq.four_bit_layers_done)
         if codebook_layers:

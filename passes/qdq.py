@@ -42,9 +42,10 @@ The placement follows what onnxruntime's CPU provider fuses (``QDQSelectorAction
 A node is quantized when it can be (not excluded, float, every activation input has a range) and
 either it carries weights (Conv, ConvTranspose, Gemm, MatMul) or its output feeds a quantized node;
 so a residual Add whose consumers are all float stays float. LayerNormalization and HardSigmoid (no
-integer kernel on the CPU provider) and Softmax (QLinearSoftmax ~10x slower than float Softmax here)
-stay float unless asked (``quantize_ops``), and so does a MatMul of two activations (attention's
-``Q.K^T`` and ``P.V``: no faster in int8 here, and 5 dB of logit SQNR lost on the reference
+integer kernel on the CPU provider; ``IntegerHardActivations``, run after this pass, turns a HardSigmoid or
+HardSwish between uint8 Q/DQ into onnxruntime's integer Add / Mul) and Softmax (QLinearSoftmax ~10x slower
+than float Softmax here) stay float unless asked (``quantize_ops``), and so does a MatMul of two activations
+(attention's ``Q.K^T`` and ``P.V``: no faster in int8 here, and 5 dB of logit SQNR lost on the reference
 transformer; ``quantize_ops`` "MatMul" opts in), and so do the Mul/Add nodes of a GELU written out
 around Erf/Tanh (onnxruntime fuses the float chain into one Gelu; ``quantize_ops`` "Gelu" opts in).
 Unknown ops pass through untouched.

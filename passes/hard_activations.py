@@ -116,7 +116,8 @@ def _sandwich(node: gs.Node, outputs: set[int]) -> tuple[float, int, gs.Node] | 
     scale = _scalar(dq.inputs[1] if len(dq.inputs) > 1 else None, np.float32)
     zero = _scalar(dq.inputs[2], np.uint8) if len(dq.inputs) > 2 and dq.inputs[2].name else None
     if scale is None or zero is None or not isinstance(dq.inputs[0], gs.Variable):
-        return "its input is not a per-tensor uint8 DequantizeLinear (int8 activations: no zero point to clip at)"
+        return ("its input is not a per-tensor uint8 DequantizeLinear with a float32 scale (int8 activations: "
+                "no zero point to clip at)")
     if id(y) in outputs or len(y.outputs) != 1 or y.outputs[0].op != "QuantizeLinear":
         return "its output is a graph output or is read by other nodes than one QuantizeLinear"
     q = y.outputs[0]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import onnx
 import pytest
@@ -187,3 +189,18 @@ def test_quantize_runs_hardswish_and_hardsigmoid_as_integer_kernels():
     got = sqnr(graphs.run(result.model, {"X": x[48:]}, optimize=True)[0])
     base = sqnr(graphs.run(kept.model, {"X": x[48:]}, optimize=True)[0])
     assert got > 30 and got >= base - 1.0, (got, base)  # the 8-bit gate costs at most a dB against float activations
+
+
+def test_cli_says_what_it_ran_as_integer_kernels(tmp_path, capsys):
+    from onnxpress.cli import main
+    from onnxpress.model_io import save_model
+
+    model, x = _mobile_block()
+    src = save_model(model, tmp_path / "m.onnx")
+    np.savez(tmp_path / "calib.npz", X=x[:32])
+    argv = ["quantize", str(src), "-o", str(tmp_path / "q.onnx"), "--calib", str(tmp_path / "calib.npz"),
+            "--no-latency-check", "-q"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "ran 2 HardSwish and 1 HardSigmoid as onnxruntime's integer Add + Mul" in out, out
+    assert re.search(r"^HardSwish\s+2\s+0$", out, flags=re.MULTILINE), out

@@ -240,6 +240,11 @@ def run(args: argparse.Namespace) -> int:
     if pools:
         print(f"rewrote {pools} spatial-mean ReduceMean as GlobalAveragePool (same values; an integer pool in "
               "onnxruntime)")
+    swish, sigmoid = (result.stats.get(f"integer_hard_activations.{k}", 0) for k in ("hardswish", "hardsigmoid"))
+    if swish or sigmoid:
+        what = " and ".join(f"{n} {op}" for n, op in ((swish, "HardSwish"), (sigmoid, "HardSigmoid")) if n)
+        print(f"ran {what} as onnxruntime's integer Add{' + Mul' if swish else ''} (no integer kernel of their own"
+              f"{'; each HardSwish gate rounded to 8 bits' if swish else ''})")
     if padded := result.stats.get("pad_input_channels.convs", 0):
         print(f"padded the input of {padded} int8 input conv(s) to 4 channels with zeros (same values; onnxruntime's "
               "integer conv is slow on 1-3 input channels)")

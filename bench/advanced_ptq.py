@@ -188,17 +188,27 @@ def logits_exact(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
     return np.concatenate([sess.run(None, {"input": x[i : i + 128]})[0] for i in range(0, len(x), 128)])
 
 
-def section_a(args, models: Path, calib: Path, x: np.ndarray, labels: np.ndarray) -> None:
-    path = models / "mobilenet.onnx"
+def reference(models: Path, name: str, x: np.ndarray, label: str,
+              end: str = "") -> tuple[Path, onnx.ModelProto, np.ndarray] | None:
+    """Reference model ``name``: its path, the model cleaned and its float logits on ``x``; None when the file is
+    missing (the section's ``label`` says it skipped)."""
+    path = models / f"{name}.onnx"
     if not path.exists():
-        print(f"A. skipped: {path} not found\n")
+        print(f"{label} skipped: {path} not found{end}")
+        return None
+    base = cleaned(path)
+    return path, base, logits(base, x)
+
+
+def section_a(args, models: Path, calib: Path, x: np.ndarray, labels: np.ndarray) -> None:
+    found = reference(models, "mobilenet", x, "A.", end="\n")
+    if found is None:
         return
     from onnxpress import calibrate
     from onnxpress.passes.equalize import EqualizeCrossLayer
     from onnxpress.passes.qdq import InsertQDQ
 
-    base = cleaned(path)
-    ref = logits(base, x)
+    _, base, ref = found
     # (name, float model, pairs, bias correction). The QDQ column is onnxpress.quantize(per_channel=False,
     # bias_correction=...): BC measured on the W8A8 model itself, only the layers InsertQDQ quantizes. The W-only
     # column rounds every weight in float (activations float) and corrects with the analytic (W - Q(W)) E[x].
@@ -300,12 +310,10 @@ def with_outliers(model: onnx.ModelProto, factor: float = 30.0, channels: int = 
 
 
 def section_b(args, models: Path, calib: Path, x: np.ndarray, labels: np.ndarray) -> None:
-    path = models / "transformer.onnx"
-    if not path.exists():
-        print(f"B. skipped: {path} not found\n")
+    found = reference(models, "transformer", x, "B.", end="\n")
+    if found is None:
         return
-    base = cleaned(path)
-    ref = logits(base, x)
+    _, base, ref = found
     rows = []
     for label, model0 in (("reference", base), ("with 30x outliers", with_outliers(base))):
         y0 = logits(model0, x)
@@ -360,12 +368,10 @@ def _timing(first: onnx.ModelProto, second: onnx.ModelProto, x: np.ndarray, repe
 
 def section_c(args, models: Path, calib: Path, x: np.ndarray, labels: np.ndarray) -> None:
     for name in ("mobilenet", "resnet", "transformer"):
-        path = models / f"{name}.onnx"
-        if not path.exists():
-            print(f"C. {name} skipped: {path} not found")
+        found = reference(models, name, x, f"C. {name}")
+        if found is None:
             continue
-        base = cleaned(path)
-        ref = logits(base, x)
+        _, base, ref = found
         n, tensors, channels = weight_stats(base)
         graph = gs.import_onnx(base)
         stats = advanced.collect_channel_stats(base, str(calib), dict(bias_correction_inputs(graph)), spatial=True,
@@ -445,11 +451,10 @@ def section_d(args, models: Path, calib: Path, x: np.ndarray, labels: np.ndarray
     """Activation-range equalization (quantize equalize="activations") against the same settings without it."""
     rows = []
     for name in ("mobilenet", "resnet", "concat"):
-        path = models / f"{name}.onnx"
-        if not path.exists():
-            print(f"D. {name} skipped: {path} not found")
+        found = reference(models, name, x, f"D. {name}")
+        if found is None:
             continue
-        ref = logits(cleaned(path), x)
+        path, _, ref = found
         for label, kwargs in SECTION_D_SETTINGS:
             got = []
             for eq in (None, "activations"):
@@ -464,12 +469,11 @@ def section_d(args, models: Path, calib: Path, x: np.ndarray, labels: np.ndarray
 
 def section_e(args, models: Path, calib: Path, x: np.ndarray, labels: np.ndarray) -> None:
     """Recurrent weights as codebooks: the reference LSTM's W and R (most of its bytes), with and without data."""
-    path = models / "lstm.onnx"
-    if not path.exists():
-        print(f"E. skipped: {path} not found")
+    found = reference(models, "lstm", x, "E.")
+    if found is None:
         return
-    base = cleaned(path)
-    ref, size = logits(base, x), len(base.SerializeToString())
+    path, base, ref = found
+    size = len(base.SerializeToString())
     rows = [["float", "1.000", "inf", f"{accuracy(ref, labels):.4f}"]]
     for label, kwargs in (("int8 (quantize defaults: DynamicQuantizeLSTM)", {"calib": str(calib)}),
                           ("codebook 4-bit, nearest level (no data)", {"codebook": 4}),
